@@ -1,0 +1,5 @@
+import sys
+
+from keyden.cli.main import main
+
+sys.exit(main())

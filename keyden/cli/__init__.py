@@ -1,0 +1,1 @@
+"""The keyctl-compatible command line."""

@@ -1,0 +1,108 @@
+"""What both clients share: naming keys, turning results into values."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from keyden import errors as E
+from keyden.core.perm import describe_mask
+from keyden.protocol import Op
+
+SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
+SESSION_ENV = "KEYDEN_SESSION"
+
+
+def socket_path(path: str | None = None) -> str:
+    from keyden.server.config import default_socket_path
+
+    return path or default_socket_path()
+
+
+def session_token(session: str | None) -> str:
+    return session if session is not None else os.environ.get(SESSION_ENV, "")
+
+
+def key_id(ref) -> int | tuple[str, str]:
+    """A serial, a '@s'-style special name, or '%type:desc' (returned as (type, desc) to be found)."""
+    if hasattr(ref, "serial"):
+        return ref.serial
+    if isinstance(ref, bool):
+        raise E.EINVAL("a key reference cannot be a bool")
+    if isinstance(ref, int):
+        return ref
+    if isinstance(ref, str):
+        if ref in SPECIAL:
+            return SPECIAL[ref]
+        if ref.startswith("%"):
+            type_name, colon, desc = ref[1:].partition(":")
+            if not colon:
+                raise E.EINVAL(f"bad key reference {ref!r}: use %type:description")
+            return (type_name or "keyring", desc)
+        try:
+            return int(ref, 0)
+        except ValueError:
+            raise E.EINVAL(f"bad key reference {ref!r}") from None
+    raise E.EINVAL(f"bad key reference {ref!r}")
+
+
+@dataclass(frozen=True)
+class KeyDescription:
+    serial: int
+    type: str
+    uid: int
+    gid: int
+    perm: int
+    description: str
+
+    def keyctl(self) -> str:
+        """keyctl describe's line."""
+        return f"{self.serial:9d}: {describe_mask(self.perm)} {self.uid:5d} {self.gid:5d} {self.type}: {self.description}"
+
+    def raw(self, sep: str = ";") -> str:
+        """keyctl rdescribe's line: type;uid;gid;perm;description."""
+        return sep.join((self.type, str(self.uid), str(self.gid), f"{self.perm:08x}", self.description))
+
+
+@dataclass(frozen=True)
+class PkeyQuery:
+    supported_ops: int
+    key_size: int
+    max_data_size: int
+    max_sig_size: int
+    max_enc_size: int
+    max_dec_size: int
+
+    def keyctl(self) -> str:
+        ops = {"encrypt": 1, "decrypt": 2, "sign": 4, "verify": 8}
+        lines = [f"key_size={self.key_size}", f"max_data_size={self.max_data_size}",
+                 f"max_sig_size={self.max_sig_size}", f"max_enc_size={self.max_enc_size}",
+                 f"max_dec_size={self.max_dec_size}"]
+        lines += [f"{name}={'y' if self.supported_ops & bit else 'n'}" for name, bit in ops.items()]
+        return "\n".join(lines)
+
+
+def read_result(is_keyring: int, data: bytes) -> bytes | list[int]:
+    if is_keyring:
+        return list(struct.unpack(f"<{len(data) // 4}i", data))
+    return data
+
+
+def shape(op: Op, values: tuple, args: tuple):
+    """Turn an op's response fields into what the method returns."""
+    if op in (Op.ADD, Op.REQUEST, Op.SEARCH, Op.GET_KEYRING_ID, Op.FIND, Op.GENKEY):
+        return values[0]
+    if op is Op.READ:
+        return read_result(*values)
+    if op is Op.DESCRIBE:
+        return KeyDescription(*values)
+    if op is Op.PKEY_QUERY:
+        return PkeyQuery(*values)
+    if op in (Op.PKEY_ENCRYPT, Op.PKEY_DECRYPT, Op.PKEY_SIGN, Op.PING):
+        return values[0]
+    if op is Op.CAPABILITIES:
+        return values[0].split()
+    if not values:
+        return None
+    return values

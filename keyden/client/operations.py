@@ -1,0 +1,148 @@
+"""Every keyctl operation as a method, named after it, in keyctl's argument order.
+
+Written once for both clients: a method builds (op, fields) and hands them
+to ``self._call``, which the blocking client answers with a value and the
+asyncio client with an awaitable.  Key arguments may be serials, handles,
+'@s'-style names or '%type:description'; ``Ref`` marks them so the
+transport can resolve '%...' forms with a FIND first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keyden.protocol import MOVE_EXCL, Op
+
+
+class Ref:
+    """A key argument still to be resolved to a serial."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _bytes(data) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
+class Operations:
+    def _call(self, op: Op, *args: Any):  # pragma: no cover - provided by the transport
+        raise NotImplementedError
+
+    # keys and keyrings
+    def add(self, type: str, description: str, payload, keyring="@s", *, password: bytes | str | None = None):
+        """add_key: returns the new (or updated) key's serial."""
+        secret = _bytes(password) if password else b""
+        return self._call(Op.ADD, type, description, _bytes(payload), Ref(keyring), secret)
+
+    def newring(self, name: str, keyring="@s"):
+        return self._call(Op.ADD, "keyring", name, b"", Ref(keyring), b"")
+
+    def request(self, type: str, description: str, dest=0):
+        return self._call(Op.REQUEST, type, description, Ref(dest) if dest else 0)
+
+    def update(self, key, payload):
+        return self._call(Op.UPDATE, Ref(key), _bytes(payload))
+
+    def revoke(self, key):
+        return self._call(Op.REVOKE, Ref(key))
+
+    def invalidate(self, key):
+        return self._call(Op.INVALIDATE, Ref(key))
+
+    def clear(self, keyring):
+        return self._call(Op.CLEAR, Ref(keyring))
+
+    def link(self, key, keyring):
+        return self._call(Op.LINK, Ref(key), Ref(keyring))
+
+    def unlink(self, key, keyring):
+        return self._call(Op.UNLINK, Ref(key), Ref(keyring))
+
+    def move(self, key, from_keyring, to_keyring, force: bool = False):
+        return self._call(Op.MOVE, Ref(key), Ref(from_keyring), Ref(to_keyring), 0 if force else MOVE_EXCL)
+
+    def search(self, keyring, type: str, description: str, dest=0):
+        return self._call(Op.SEARCH, Ref(keyring), type, description, Ref(dest) if dest else 0)
+
+    def read(self, key):
+        """The payload's bytes; for a keyring, the list of linked serials."""
+        return self._call(Op.READ, Ref(key))
+
+    def describe(self, key):
+        return self._call(Op.DESCRIBE, Ref(key))
+
+    def chown(self, key, uid: int, gid: int = -1):
+        return self._call(Op.CHOWN, Ref(key), uid, gid)
+
+    def chgrp(self, key, gid: int):
+        return self._call(Op.CHOWN, Ref(key), -1, gid)
+
+    def setperm(self, key, perm: int):
+        return self._call(Op.SETPERM, Ref(key), perm)
+
+    def timeout(self, key, seconds: int):
+        """Expire the key ``seconds`` from now (0 clears the expiry)."""
+        return self._call(Op.SET_TIMEOUT, Ref(key), seconds)
+
+    def get_keyring_id(self, key, create: bool = False):
+        return self._call(Op.GET_KEYRING_ID, Ref(key), int(create))
+
+    id = get_keyring_id
+
+    def join_session(self, name: str | None = None):
+        """A new (or the named) session keyring: returns (serial, token); the token goes in KEYDEN_SESSION."""
+        return self._call(Op.JOIN_SESSION, name or "")
+
+    def leave_session(self, token: str):
+        return self._call(Op.LEAVE_SESSION, token)
+
+    def restrict_keyring(self, keyring, type: str = "", restriction: str = ""):
+        return self._call(Op.RESTRICT_KEYRING, Ref(keyring), type, restriction)
+
+    def find(self, type: str, description: str):
+        return self._call(Op.FIND, type, description)
+
+    def supports(self):
+        return self._call(Op.CAPABILITIES)
+
+    # public-key operations by serial
+    def pkey_query(self, key, info: str = ""):
+        return self._call(Op.PKEY_QUERY, Ref(key), info)
+
+    def pkey_encrypt(self, key, info: str, data):
+        return self._call(Op.PKEY_ENCRYPT, Ref(key), info, _bytes(data))
+
+    def pkey_decrypt(self, key, info: str, data):
+        return self._call(Op.PKEY_DECRYPT, Ref(key), info, _bytes(data))
+
+    def pkey_sign(self, key, info: str, data):
+        return self._call(Op.PKEY_SIGN, Ref(key), info, _bytes(data))
+
+    def pkey_verify(self, key, info: str, data, signature):
+        """Returns None if the signature is good; raises EKEYREJECTED (or EINVAL) if not."""
+        return self._call(Op.PKEY_VERIFY, Ref(key), info, _bytes(data), _bytes(signature))
+
+    def generate(self, spec: str, description: str = "", keyring="@s"):
+        """Make a key pair inside keyden ('rsa:2048', 'ec:p256', 'ed25519', ...); returns its serial."""
+        return self._call(Op.GENKEY, spec, description, Ref(keyring))
+
+    genkey = generate
+
+    def public_key_bytes(self, key):
+        """(SubjectPublicKeyInfo DER, certificate DER or b'') of an asymmetric key: public data only."""
+        return self._call(Op.PUBLIC_KEY, Ref(key))
+
+    # daemon
+    def ping(self, data: bytes = b""):
+        return self._call(Op.PING, _bytes(data))
+
+    def whoami(self):
+        """(uid, gid, pid, session keyring serial) as the daemon sees this connection."""
+        return self._call(Op.WHOAMI)
+
+    def quota(self):
+        """(keys, bytes, maxkeys, maxbytes) charged to this uid."""
+        return self._call(Op.QUOTA)

@@ -1,0 +1,162 @@
+"""The blocking client: one socket, requests answered in order, safe to share between threads."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+from typing import Any, Sequence
+
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.client import common
+from keyden.client.operations import Operations, Ref
+from keyden.protocol import Op
+
+RECV_CHUNK = 1024 * 1024
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class Client(Operations):
+    def __init__(self, socket_path: str | None = None, *, session: str | None = None,
+                 timeout: float | None = None, client_name: str = "keyden-python"):
+        self.socket_path = common.socket_path(socket_path)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
+        self._sock = sock
+        self._buf = bytearray(RECV_CHUNK)
+        self._decoder = W.FrameDecoder(1 << 31)
+        self._pending: dict[int, W.Frame] = {}
+        values = self._exchange([(Op.HELLO, (W.MIN_VERSION, W.VERSION, common.session_token(session), client_name))])[0]
+        self.version, self.max_frame, self.uid, self.gid, self.pid = values
+
+    # ------------------------------------------------------------ transport
+
+    def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True) -> list[Any]:
+        """Send every request, then collect every response (pipelined)."""
+        with self._lock:
+            ids = []
+            out = []
+            for op, args in calls:
+                rid = next(self._ids) & 0xFFFFFFFF
+                ids.append(rid)
+                out.append(W.encode_request(rid, op, *args))
+            try:
+                self._sock.sendall(b"".join(out))
+                frames = [self._wait(rid) for rid in ids]
+            except OSError as exc:
+                raise E.ECONNRESET(f"connection to keyden lost: {exc}") from None
+        results = []
+        for (op, _args), frame in zip(calls, frames):
+            if frame.status:
+                err = E.error_for_code(frame.status, W.decode_error(frame.body))
+                if raise_errors:
+                    raise err
+                results.append(err)
+            else:
+                results.append(W.response_schema(op).decode(frame.body))
+        return results
+
+    def _wait(self, rid: int) -> W.Frame:
+        view = memoryview(self._buf)
+        while rid not in self._pending:
+            for frame in self._decoder.frames():
+                self._pending[frame.request_id] = frame
+            if rid in self._pending:
+                break
+            n = self._sock.recv_into(view)
+            if n == 0:
+                raise OSError("daemon closed the connection")
+            self._decoder.feed(view[:n])
+        frame = self._pending.pop(rid)
+        if frame.status and frame.op == 0:  # connection-level error: the daemon closes
+            raise E.error_for_code(frame.status, W.decode_error(frame.body))
+        return frame
+
+    def _resolve(self, args: tuple) -> tuple:
+        out = []
+        for a in args:
+            if isinstance(a, Ref):
+                ref = common.key_id(a.value)
+                if isinstance(ref, tuple):
+                    ref = self._exchange([(Op.FIND, ref)])[0][0]
+                a = ref
+            out.append(a)
+        return tuple(out)
+
+    def _call(self, op: Op, *args: Any):
+        args = self._resolve(args)
+        values = self._exchange([(op, args)])[0]
+        return common.shape(op, values, args)
+
+    def call_many(self, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
+        """Pipeline several operations in one round trip: [('add', (...)), ('read', (k,))].
+
+        Each result is the method's value or the KeydenError it raised.
+        """
+        built = []
+        recorder = _Recorder()
+        for name, args in calls:
+            getattr(recorder, name)(*args)
+            op, raw = recorder.last
+            built.append((op, self._resolve(raw)))
+        results = self._exchange(built, raise_errors=False)
+        return [r if isinstance(r, E.KeydenError) else common.shape(op, r, args) for (op, args), r in zip(built, results)]
+
+    # --------------------------------------------------------------- handles
+
+    def key(self, serial) -> "KeyHandle":
+        from keyden.client.handles import KeyHandle
+
+        return KeyHandle(self, self._resolve((Ref(serial),))[0])
+
+    def public_key(self, key):
+        from keyden.client.handles import load_public_key
+
+        spki, _cert = self.public_key_bytes(key)
+        return load_public_key(spki)
+
+    def certificate(self, key):
+        from cryptography import x509
+
+        _spki, cert = self.public_key_bytes(key)
+        return x509.load_der_x509_certificate(cert) if cert else None
+
+    def private_key(self, key):
+        """A pyca-compatible private key object whose operations run inside keyden."""
+        from keyden.client.handles import remote_private_key
+
+        return remote_private_key(self, self._resolve((Ref(key),))[0])
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        raise TypeError("a keyden client connection cannot be pickled")
+
+
+class _Recorder(Operations):
+    """Captures the (op, fields) a method would send, for call_many."""
+
+    last: tuple
+
+    def _call(self, op, *args):
+        self.last = (op, args)

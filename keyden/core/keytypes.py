@@ -1,0 +1,152 @@
+"""Key types: what a payload may be, who may read it, how a description matches.
+
+A key type turns the bytes a client sent into the payload the daemon keeps
+(``preparse``), says what it costs against quota, and whether the payload can
+ever leave (``read``).  The registry maps the kernel's type names to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keyden import errors as E
+from keyden.core import perm as P
+
+MAX_TYPE_LEN = 31
+MAX_DESC_LEN = 4095
+MAX_USER_PAYLOAD = 32767
+
+
+class KeyType:
+    name: str = ""
+    default_perm: int = P.DEFAULT_USER
+    updatable: bool = False
+    readable: bool = False
+    is_keyring: bool = False
+    #: Whether an empty description is acceptable (it is then derived from the payload).
+    derives_description: bool = False
+
+    def check_description(self, description: str) -> None:
+        if not description and not self.derives_description:
+            raise E.EINVAL("a description is required")
+
+    def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
+        """Validate ``payload``; return (kept payload, bytes charged to quota)."""
+        raise E.EOPNOTSUPP(f"keys of type {self.name!r} cannot be instantiated with data")
+
+    def read(self, payload: Any) -> bytes:
+        raise E.EOPNOTSUPP(f"keys of type {self.name!r} cannot be read")
+
+    def default_description(self, payload: Any) -> str:
+        return ""
+
+    def matches(self, key_description: str, payload: Any, wanted: str) -> bool:
+        return key_description == wanted
+
+    def destroy(self, payload: Any) -> None:
+        """Forget the payload; wipe it where Python lets us."""
+        if isinstance(payload, bytearray):
+            payload[:] = bytes(len(payload))
+
+    def symmetric_material(self, payload: Any) -> bytes:
+        """Raw bytes for in-daemon algorithms keyed by serial (AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL)."""
+        raise E.ENOPROTOOPT(f"keys of type {self.name!r} cannot key a cipher")
+
+
+class UserType(KeyType):
+    """Arbitrary bytes, readable and updatable by whoever the perms allow."""
+
+    name = "user"
+    updatable = True
+    readable = True
+
+    def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
+        if not 0 < len(payload) <= MAX_USER_PAYLOAD:
+            raise E.EINVAL(f"{self.name} payload must be 1..{MAX_USER_PAYLOAD} bytes")
+        return bytearray(payload), len(payload)
+
+    def read(self, payload: Any) -> bytes:
+        return bytes(payload)
+
+    def symmetric_material(self, payload: Any) -> bytes:
+        return bytes(payload)
+
+
+class LogonType(UserType):
+    """Like user, but the payload never leaves the daemon."""
+
+    name = "logon"
+    default_perm = P.DEFAULT_LOGON
+    readable = False
+
+    def check_description(self, description: str) -> None:
+        subclass, colon, _ = description.partition(":")
+        if not colon or not subclass:
+            raise E.EINVAL("logon descriptions must be '<subclass>:<name>'")
+
+    def read(self, payload: Any) -> bytes:
+        raise E.EOPNOTSUPP("logon keys are never readable")
+
+
+class KeyringType(KeyType):
+    name = "keyring"
+    default_perm = P.DEFAULT_KEYRING
+    readable = True
+    is_keyring = True
+
+    def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
+        if payload:
+            raise E.EINVAL("a keyring takes no data")
+        return None, 0
+
+
+class AsymmetricType(KeyType):
+    """Public and private keys and X.509 certificates, parsed inside the daemon."""
+
+    name = "asymmetric"
+    default_perm = P.DEFAULT_ASYMMETRIC
+    derives_description = True
+
+    def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
+        from keyden.crypto import asymmetric
+
+        parsed = asymmetric.parse(bytes(payload), password=secret or None)
+        return parsed, parsed.quota_size
+
+    def default_description(self, payload: Any) -> str:
+        return payload.default_description
+
+    def matches(self, key_description: str, payload: Any, wanted: str) -> bool:
+        kind, colon, rest = wanted.partition(":")
+        if colon and kind in ("id", "ex"):
+            rest = rest.lower()
+            for key_id in payload.key_ids:
+                hexid = key_id.hex()
+                if (kind == "ex" and hexid == rest) or (kind == "id" and rest and hexid.endswith(rest)):
+                    return True
+            return False
+        return key_description == wanted
+
+    def destroy(self, payload: Any) -> None:
+        pass
+
+
+REGISTRY: dict[str, KeyType] = {t.name: t for t in (UserType(), LogonType(), KeyringType(), AsymmetricType())}
+
+KEYRING = REGISTRY["keyring"]
+
+
+def lookup(type_name: str) -> KeyType:
+    """Validate a type name the way the kernel does and return the type."""
+    if not type_name or len(type_name) > MAX_TYPE_LEN:
+        raise E.EINVAL("type names are 1..31 characters")
+    if type_name.startswith("."):
+        raise E.EPERM("types beginning with '.' are internal")
+    try:
+        return REGISTRY[type_name]
+    except KeyError:
+        raise E.ENODEV(f"unknown key type {type_name!r}") from None
+
+
+def register(key_type: KeyType) -> None:
+    REGISTRY[key_type.name] = key_type

@@ -1,0 +1,1 @@
+"""Cryptographic building blocks for keyden (thin, pure wrappers over pyca ``cryptography``)."""

@@ -1,0 +1,588 @@
+"""The kernel's "asymmetric" key type: parsed keys and the KEYCTL_PKEY_* operations.
+
+Pure code: no sockets, no key store, no asyncio.  Every primitive, padding and
+signature encoding comes from pyca ``cryptography`` (OpenSSL); this module only
+decides policy (which formats, sizes and options are accepted) and maps
+failures onto keyden's errno classes.  Whatever bytes or info strings it is
+given it raises only ``KeydenError`` subclasses, and no message ever contains
+key material.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.x509.oid import NameOID
+
+from keyden import errors as E
+
+__all__ = [
+    "OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
+    "ParsedKey", "PkeyQuery", "parse", "generate", "parse_info",
+]
+
+# KEYCTL_SUPPORTS_* bits, as in <linux/keyctl.h>.
+OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
+
+MAX_INPUT = 1 << 20          # key data larger than this is refused before any parsing
+MAX_INFO = 4096              # an info string is a short option list, never bulk data
+RSA_MIN_BITS, RSA_MAX_BITS = 2048, 4096
+ED25519_MAX_DATA = 65536     # pure Ed25519 signs the message itself, so bound it
+
+_HASHES = {
+    "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384, "sha512": hashes.SHA512, "sha3-256": hashes.SHA3_256,
+    "sha3-384": hashes.SHA3_384, "sha3-512": hashes.SHA3_512,
+}
+
+# curve -> (pyca curve class, byte length = max digest accepted, max DER signature size, default hash)
+_CURVES = {
+    "p256": (ec.SECP256R1, 32, 72, "sha256"),
+    "p384": (ec.SECP384R1, 48, 104, "sha384"),
+}
+_CURVE_BY_PYCA_NAME = {"secp256r1": "p256", "secp384r1": "p384"}
+
+# Encodings each algorithm knows (first = the kernel default when enc= is absent),
+# and the further info keys each encoding takes.
+_ENCODINGS = {"rsa": ("raw", "pkcs1", "pss", "oaep"), "ecdsa": ("x962", "p1363"), "ed25519": ("raw",)}
+_ENC_KEYS = {
+    ("rsa", "raw"): {"hash"},
+    ("rsa", "pkcs1"): {"hash"},
+    ("rsa", "pss"): {"hash", "saltlen", "mgfhash"},
+    ("rsa", "oaep"): {"hash", "mgfhash", "label"},
+    ("ecdsa", "x962"): {"hash"},
+    ("ecdsa", "p1363"): {"hash"},
+    ("ed25519", "raw"): set(),
+}
+_INFO_KEYS = frozenset({"enc", "hash", "saltlen", "mgfhash", "label"})
+_RAW_RSA = "raw RSA is not offered; use enc=pkcs1, pss or oaep"
+_BAD_SIG = "signature verification failed"
+_DECRYPT_FAILED = "decryption failed"   # one message for every failure: no padding oracle
+
+
+def _show(text: str) -> str:
+    """Quote a piece of a (non-secret) info string for a message, bounded in length."""
+    return repr(text[:32])
+
+
+def _as_bytes(value, what: str) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise E.EINVAL(f"{what} must be bytes")
+
+
+def _hash(name: str) -> hashes.HashAlgorithm:
+    try:
+        return _HASHES[name]()
+    except KeyError:
+        raise E.EINVAL(f"unsupported hash {_show(name)}; use one of {', '.join(_HASHES)}") from None
+
+
+# ---------------------------------------------------------------------------
+# info strings
+
+
+def parse_info(info: str) -> dict[str, str]:
+    """Split a kernel-style info string ("enc=pss hash=sha256") into a dict.
+
+    Grammar only (as the kernel's keyctl_pkey_params_parse): whether a value
+    makes sense for a key is checked by the operation that uses it.
+    """
+    if not isinstance(info, str):
+        raise E.EINVAL("info must be a string")
+    if len(info) > MAX_INFO:
+        raise E.EINVAL("info string too long")
+    out: dict[str, str] = {}
+    for token in re.split(r"[ \t]+", info):
+        if not token:
+            continue
+        key, sep, value = token.partition("=")
+        if not sep:
+            raise E.EINVAL(f"info token without '=': {_show(token)}")
+        if key not in _INFO_KEYS:
+            raise E.EINVAL(f"unknown info key {_show(key)}")
+        if key in out:
+            raise E.EINVAL(f"repeated info key {key}=")
+        if not value:
+            raise E.EINVAL(f"empty value for {key}=")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------
+# parsing
+
+
+def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
+    """Parse key data the way the kernel's asymmetric parsers would, plus PEM.
+
+    Recognised: X.509 certificates, PKCS#8 private keys (optionally
+    password-encrypted), traditional PEM private keys, SubjectPublicKeyInfo.
+    """
+    data = _as_bytes(data, "key data")
+    if len(data) > MAX_INPUT:
+        raise E.EINVAL("key data larger than 1 MiB")
+    if password is not None and not isinstance(password, (bytes, bytearray)):
+        raise E.EINVAL("password must be bytes")
+    password = bytes(password) if password else None   # pyca treats b"" as "no password" too
+    if not data:
+        raise E.EBADMSG("empty key data")
+    try:
+        if b"-----BEGIN" in data:
+            return _parse_pem(data, password)
+        return _parse_der(data, password)
+    except E.KeydenError:
+        raise
+    except Exception:   # last-resort net: hostile bytes must never become an internal error
+        raise E.EBADMSG("unrecognised key data") from None
+
+
+def _der_header(data: bytes, pos: int):
+    """(tag, content offset, content length) of the DER TLV at pos, or None."""
+    if pos + 2 > len(data):
+        return None
+    tag, length = data[pos], data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 1 <= size <= 4 or pos + size > len(data):
+            return None
+        length = int.from_bytes(data[pos:pos + size], "big")
+        pos += size
+    return tag, pos, length
+
+
+def _der_child_tags(data: bytes):
+    """Tags of the first two elements inside the outer DER SEQUENCE, or None.
+
+    pyca does not say which container it decoded (its DER private-key loader
+    also takes traditional PKCS#1/SEC1, its public-key loader PKCS#1), so we
+    peek at the shape to pick the one parser that applies and to keep
+    ``source`` truthful.  All real decoding is pyca's.
+    """
+    outer = _der_header(data, 0)
+    if outer is None or outer[0] != 0x30:
+        return None
+    first = _der_header(data, outer[1])
+    if first is None:
+        return None
+    second = _der_header(data, first[1] + first[2])
+    return None if second is None else (first[0], second[0])
+
+
+# (first, second) child tags -> container.  Certificate: tbs SEQUENCE, algorithm
+# SEQUENCE; PKCS#8: version INTEGER, algorithm SEQUENCE; EncryptedPrivateKeyInfo:
+# algorithm SEQUENCE, OCTET STRING; SPKI: algorithm SEQUENCE, BIT STRING.
+# Traditional DER (PKCS#1 RSAPrivateKey, SEC1) is refused, like the kernel does.
+_DER_SHAPES = {(0x30, 0x30): "x509", (0x02, 0x30): "pkcs8", (0x30, 0x04): "pkcs8-enc", (0x30, 0x03): "spki"}
+_PEM_LABELS = {
+    "CERTIFICATE": "x509", "PRIVATE KEY": "pkcs8", "ENCRYPTED PRIVATE KEY": "pkcs8-enc",
+    "RSA PRIVATE KEY": "pem", "EC PRIVATE KEY": "pem", "PUBLIC KEY": "spki",
+}
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
+
+
+def _parse_der(data: bytes, password: bytes | None) -> ParsedKey:
+    kind = _DER_SHAPES.get(_der_child_tags(data))
+    if kind is None:
+        raise E.EBADMSG("unrecognised key data")
+    return _load(kind, data, False, password, kind == "pkcs8-enc", len(data))
+
+
+def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
+    labels = _PEM_BEGIN.findall(data)
+    if len(labels) > 1:
+        raise E.EINVAL("more than one PEM block; give one key or certificate")
+    if not labels:
+        raise E.EBADMSG("malformed PEM")
+    label = re.escape(labels[0])
+    match = re.search(rb"-----BEGIN " + label + rb"-----.*?-----END " + label + rb"-----", data, re.S)
+    kind = _PEM_LABELS.get(labels[0].decode("ascii"))
+    if match is None or kind is None:
+        raise E.EBADMSG("unrecognised PEM block")
+    block = match.group(0)
+    encrypted = kind == "pkcs8-enc" or (kind == "pem" and b"Proc-Type: 4,ENCRYPTED" in block)
+    return _load(kind, block, True, password, encrypted, len(data))
+
+
+def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool, quota: int) -> ParsedKey:
+    """Run the one pyca loader for ``kind`` and turn its errors into errnos."""
+    if kind in ("x509", "spki") and password is not None:
+        raise E.EINVAL("a password was given but the data is not an encrypted private key")
+    try:
+        if kind == "x509":
+            load_cert = x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate
+            cert = load_cert(blob)
+            return _build(cert.public_key(), None, cert, "x509", quota)
+        if kind == "spki":
+            load_pub = serialization.load_pem_public_key if pem else serialization.load_der_public_key
+            return _build(load_pub(blob), None, None, "spki", quota)
+        load_priv = serialization.load_pem_private_key if pem else serialization.load_der_private_key
+        priv = load_priv(blob, password)
+    except TypeError:
+        if kind in ("x509", "spki"):
+            raise E.EBADMSG("unrecognised key data") from None
+        # pyca's TypeError means the password does not fit the key's encryptedness.
+        if password is None:
+            raise E.EBADMSG("wrong or missing password") from None
+        raise E.EINVAL("a password was given but the key is not encrypted") from None
+    except UnsupportedAlgorithm:
+        raise E.EINVAL("unsupported key algorithm or key encryption") from None
+    except ValueError:
+        if encrypted and password is not None:
+            raise E.EKEYREJECTED("wrong password, or corrupt encrypted key") from None
+        raise E.EBADMSG("unrecognised key data") from None
+    source = "pem" if kind == "pem" else "pkcs8"
+    return _build(priv.public_key(), priv, None, source, quota)
+
+
+def _serial_bytes(serial: int) -> bytes:
+    """The certificate serial as its DER INTEGER content octets (the kernel's raw_serial)."""
+    magnitude = serial if serial >= 0 else ~serial
+    return serial.to_bytes((magnitude.bit_length() + 8) // 8, "big", signed=True)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:128])
+
+
+def _cert_name(cert: x509.Certificate) -> str:
+    """Kernel-style subject label: CN, else O, else email address."""
+    for oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.EMAIL_ADDRESS):
+        attrs = cert.subject.get_attributes_for_oid(oid)
+        if attrs and isinstance(attrs[0].value, str) and attrs[0].value:
+            return _printable(attrs[0].value)
+    return "X.509"
+
+
+def _cert_skid(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
+    """Apply the algorithm/size policy and derive ids and description."""
+    if isinstance(pub, rsa.RSAPublicKey):
+        algo, curve, bits = "rsa", None, pub.key_size
+        if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
+            raise E.EINVAL(f"unsupported RSA size ({bits} bits; {RSA_MIN_BITS}..{RSA_MAX_BITS} supported)")
+        label = f"RSA-{bits}"
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        curve = _CURVE_BY_PYCA_NAME.get(pub.curve.name)
+        if curve is None:
+            raise E.EINVAL(f"unsupported EC curve {_show(pub.curve.name)}; P-256 and P-384 are supported")
+        algo, bits, label = "ecdsa", pub.curve.key_size, f"ECDSA-{curve.upper()}"
+    elif isinstance(pub, ed25519.Ed25519PublicKey):
+        algo, curve, bits, label = "ed25519", None, 256, "Ed25519"
+    else:
+        raise E.EINVAL("unsupported key algorithm; RSA, ECDSA P-256/P-384 and Ed25519 are supported")
+
+    # RFC 5280 4.2.1.2 method 1: SHA-1 of the subjectPublicKey bits.  A certificate
+    # and its private key therefore share this id.
+    spki_id = x509.SubjectKeyIdentifier.from_public_key(pub).digest
+    ids = [spki_id]
+    if cert is not None:
+        skid = _cert_skid(cert)
+        if skid and skid != spki_id:
+            ids.append(skid)
+        ids.append(_serial_bytes(cert.serial_number) + cert.issuer.public_bytes())
+        description = f"{_cert_name(cert)}: {(skid or spki_id).hex()}"
+    else:
+        half = "private" if priv is not None else "public"
+        description = f"{label} {half} key: {spki_id.hex()}"
+    return ParsedKey(
+        algo=algo, curve=curve, source=source, key_bits=bits, has_private=priv is not None,
+        certificate=cert, public_key=pub, key_ids=tuple(ids), default_description=description,
+        spki_der=pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        quota_size=quota, private=priv,
+    )
+
+
+_GENERATE = {
+    "rsa": ("rsa", 2048), "rsa:2048": ("rsa", 2048), "rsa:3072": ("rsa", 3072), "rsa:4096": ("rsa", 4096),
+    "ec:p256": ("ec", "p256"), "p256": ("ec", "p256"), "ec:p384": ("ec", "p384"), "p384": ("ec", "p384"),
+    "ed25519": ("ed25519", None),
+}
+
+
+def generate(spec: str) -> ParsedKey:
+    """Create a fresh private key inside the daemon (RSA e=65537, P-256/P-384, Ed25519)."""
+    if not isinstance(spec, str) or spec not in _GENERATE:
+        raise E.EINVAL(f"unknown key spec; use one of {', '.join(_GENERATE)}")
+    kind, arg = _GENERATE[spec]
+    if kind == "rsa":
+        priv = rsa.generate_private_key(public_exponent=65537, key_size=arg)
+    elif kind == "ec":
+        priv = ec.generate_private_key(_CURVES[arg][0]())
+    else:
+        priv = ed25519.Ed25519PrivateKey.generate()
+    # Charge what uploading the same key as PKCS#8 would have cost.
+    quota = len(priv.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return _build(priv.public_key(), priv, None, "generated", quota)
+
+
+# ---------------------------------------------------------------------------
+# the key object and its operations
+
+
+@dataclass(frozen=True)
+class PkeyQuery:
+    """KEYCTL_PKEY_QUERY result (struct keyctl_pkey_query)."""
+
+    supported_ops: int
+    key_size: int
+    max_data_size: int
+    max_sig_size: int
+    max_enc_size: int
+    max_dec_size: int
+
+
+class ParsedKey:
+    """Parsed form of an asymmetric key.  Immutable, and refuses to be pickled or copied."""
+
+    __slots__ = ("algo", "curve", "source", "key_bits", "has_private", "certificate", "public_key",
+                 "key_ids", "default_description", "spki_der", "quota_size", "_private")
+
+    def __init__(self, *, algo, curve, source, key_bits, has_private, certificate, public_key,
+                 key_ids, default_description, spki_der, quota_size, private):
+        fields = dict(algo=algo, curve=curve, source=source, key_bits=key_bits, has_private=has_private,
+                      certificate=certificate, public_key=public_key, key_ids=key_ids,
+                      default_description=default_description, spki_der=spki_der,
+                      quota_size=quota_size, _private=private)
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ParsedKey is immutable")
+
+    def __delattr__(self, name):
+        raise AttributeError("ParsedKey is immutable")
+
+    def __repr__(self) -> str:
+        half = "private" if self.has_private else "public"
+        return f"<ParsedKey {self.algo} {self.key_bits}-bit {half} from {self.source} id={self.key_ids[0].hex()}>"
+
+    def _refuse(self, *args):
+        raise TypeError("ParsedKey cannot be pickled or copied: it may hold private key material")
+
+    __reduce__ = __reduce_ex__ = __getstate__ = _refuse
+
+    def private_key_for_internal_use(self):
+        """The pyca private key, for the daemon's own use (never for clients)."""
+        if self._private is None:
+            raise E.EOPNOTSUPP("this key has no private half")
+        return self._private
+
+    # -- sizes and option checking -----------------------------------------
+
+    def _limits(self) -> PkeyQuery:
+        """The kernel's software_key_query() numbers for this key."""
+        if self.algo == "rsa":
+            ops = OP_ENCRYPT | OP_VERIFY | ((OP_DECRYPT | OP_SIGN) if self.has_private else 0)
+            size = (self.key_bits + 7) // 8
+            return PkeyQuery(ops, self.key_bits, size, size, size, size)
+        ops = OP_VERIFY | (OP_SIGN if self.has_private else 0)
+        if self.algo == "ecdsa":
+            _, data_max, sig_max, _ = _CURVES[self.curve]
+            return PkeyQuery(ops, self.key_bits, data_max, sig_max, 0, 0)
+        return PkeyQuery(ops, 256, ED25519_MAX_DATA, 64, 0, 0)
+
+    def _check_options(self, opts: dict[str, str]) -> str:
+        """Check each option against this key's algorithm; returns the encoding in force."""
+        enc = opts.get("enc", _ENCODINGS[self.algo][0])
+        if enc not in _ENCODINGS[self.algo]:
+            raise E.EINVAL(f"enc={_show(enc)} is not valid for {self.algo} keys "
+                           f"(use {', '.join(_ENCODINGS[self.algo])})")
+        allowed = _ENC_KEYS[(self.algo, enc)]
+        for key, value in opts.items():
+            if key == "enc":
+                continue
+            if key not in allowed:
+                if self.algo == "ed25519" and key == "hash":
+                    raise E.EINVAL("Ed25519 signs the message itself; hash= is not accepted")
+                raise E.EINVAL(f"{key}= does not apply to {self.algo} enc={enc}")
+            if key in ("hash", "mgfhash"):
+                _hash(value)
+            elif key == "saltlen" and not re.fullmatch(r"[0-9]{1,5}|digest|max|auto", value):
+                raise E.EINVAL("saltlen= must be an integer, 'digest', 'max' or 'auto'")
+            elif key == "label" and not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", value):
+                raise E.EINVAL("label= must be hex")
+        return enc
+
+    def _prepare(self, op: int, info: str) -> tuple[str, dict[str, str]]:
+        """Check grammar, then that this key can do ``op`` at all, then the options."""
+        opts = parse_info(info)
+        if op & (OP_ENCRYPT | OP_DECRYPT) and self.algo != "rsa":
+            raise E.EOPNOTSUPP(f"{self.algo} keys cannot encrypt or decrypt")
+        if op & (OP_SIGN | OP_DECRYPT) and not self.has_private:
+            raise E.EOPNOTSUPP("this operation needs the private key, which this key does not hold")
+        return self._check_options(opts), opts
+
+    def _rsa_padding(self, op: int, enc: str, opts: dict[str, str]):
+        """pyca padding object and hash (None for PKCS#1 v1.5 encryption) for an RSA op."""
+        if enc == "raw":
+            raise E.EOPNOTSUPP(_RAW_RSA)
+        if op in (OP_SIGN, OP_VERIFY):
+            if enc not in ("pkcs1", "pss"):
+                raise E.EINVAL(f"enc={enc} is an encryption scheme; sign/verify take pkcs1 or pss")
+            if "hash" not in opts:
+                raise E.EINVAL("hash= is required for RSA signatures")
+            h = _hash(opts["hash"])
+            if enc == "pkcs1":
+                return padding.PKCS1v15(), h
+            mgf = padding.MGF1(_hash(opts.get("mgfhash", opts["hash"])))
+            return padding.PSS(mgf=mgf, salt_length=self._salt_length(op, opts, h)), h
+        if enc not in ("pkcs1", "oaep"):
+            raise E.EINVAL(f"enc={enc} is a signature scheme; encrypt/decrypt take pkcs1 or oaep")
+        if enc == "pkcs1":
+            if "hash" in opts:
+                raise E.EINVAL("enc=pkcs1 encryption takes no hash=")
+            return padding.PKCS1v15(), None
+        hash_name = opts.get("hash", "sha256")
+        label = bytes.fromhex(opts["label"]) if "label" in opts else None
+        mgf = padding.MGF1(_hash(opts.get("mgfhash", hash_name)))
+        h = _hash(hash_name)
+        return padding.OAEP(mgf=mgf, algorithm=h, label=label), h
+
+    def _salt_length(self, op: int, opts: dict[str, str], h) -> int | object:
+        value = opts.get("saltlen", "digest")
+        if value == "max":
+            return padding.PSS.MAX_LENGTH
+        if value == "auto":
+            if op != OP_VERIFY:
+                raise E.EINVAL("saltlen=auto is only meaningful for verify")
+            return padding.PSS.AUTO
+        n = h.digest_size if value == "digest" else int(value)
+        limit = (self.key_bits + 6) // 8 - h.digest_size - 2   # emLen - hLen - 2 (RFC 8017 9.1.1)
+        if n > limit:
+            raise E.EINVAL(f"saltlen={n} is too large for this key and hash (max {limit})")
+        return n
+
+    def _sig_params(self, op: int, enc: str, opts: dict[str, str], data: bytes):
+        """(RSA padding or None, hash) for a sign/verify; ``data`` must be a digest of exactly its size."""
+        pad = None
+        if self.algo == "rsa":
+            pad, h = self._rsa_padding(op, enc, opts)
+        else:
+            _, data_max, _, default = _CURVES[self.curve]
+            h = _hash(opts.get("hash", default))
+            if h.digest_size > data_max:
+                raise E.EINVAL(f"hash={h.name} is longer than {self.curve} accepts ({data_max} bytes)")
+        if len(data) != h.digest_size:
+            raise E.EINVAL(f"data must be a {h.name} digest of {h.digest_size} bytes")
+        return pad, h
+
+    def _curve_bytes(self) -> int:
+        return _CURVES[self.curve][1]
+
+    # -- KEYCTL_PKEY_* ----------------------------------------------------
+
+    def query(self, info: str = "") -> PkeyQuery:
+        """KEYCTL_PKEY_QUERY: validates info like the kernel, then reports fixed sizes."""
+        self._check_options(parse_info(info))
+        return self._limits()
+
+    def encrypt(self, info: str, data: bytes) -> bytes:
+        """KEYCTL_PKEY_ENCRYPT with the public half (RSA only)."""
+        enc, opts = self._prepare(OP_ENCRYPT, info)
+        data = _as_bytes(data, "data")
+        pad, h = self._rsa_padding(OP_ENCRYPT, enc, opts)
+        size = self._limits().max_enc_size
+        limit = size - 11 if h is None else size - 2 * h.digest_size - 2
+        if len(data) > limit:
+            raise E.EINVAL(f"data too long for this key and padding (max {limit} bytes)")
+        try:
+            return self.public_key.encrypt(data, pad)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise E.EINVAL("encryption failed") from None
+
+    def decrypt(self, info: str, data: bytes) -> bytes:
+        """KEYCTL_PKEY_DECRYPT.  Every failure is the same EBADMSG (no padding oracle).
+
+        Note: OpenSSL answers a bad PKCS#1 v1.5 padding with implicit rejection
+        (a deterministic pseudo-random plaintext), so that case may not fail at all.
+        """
+        enc, opts = self._prepare(OP_DECRYPT, info)
+        data = _as_bytes(data, "data")
+        pad, _ = self._rsa_padding(OP_DECRYPT, enc, opts)
+        size = self._limits().max_dec_size
+        if len(data) > size:
+            raise E.EINVAL(f"ciphertext longer than the key size ({size} bytes)")
+        if len(data) != size:
+            raise E.EBADMSG(_DECRYPT_FAILED)
+        try:
+            return self._private.decrypt(data, pad)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise E.EBADMSG(_DECRYPT_FAILED) from None
+
+    def sign(self, info: str, data: bytes) -> bytes:
+        """KEYCTL_PKEY_SIGN: ``data`` is the digest (RSA, ECDSA) or the message (Ed25519)."""
+        enc, opts = self._prepare(OP_SIGN, info)
+        data = _as_bytes(data, "data")
+        priv = self._private
+        try:
+            if self.algo == "ed25519":
+                if len(data) > ED25519_MAX_DATA:
+                    raise E.EINVAL(f"Ed25519 data longer than {ED25519_MAX_DATA} bytes")
+                return priv.sign(data)
+            pad, h = self._sig_params(OP_SIGN, enc, opts, data)
+            if self.algo == "rsa":
+                return priv.sign(data, pad, utils.Prehashed(h))
+            der = priv.sign(data, ec.ECDSA(utils.Prehashed(h)))
+            if enc == "x962":
+                return der
+            r, s = utils.decode_dss_signature(der)
+            n = self._curve_bytes()
+            return r.to_bytes(n, "big") + s.to_bytes(n, "big")
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise E.EINVAL("signing failed with these parameters") from None
+
+    def verify(self, info: str, data: bytes, signature: bytes) -> None:
+        """KEYCTL_PKEY_VERIFY: returns None if good, raises EKEYREJECTED if not."""
+        enc, opts = self._prepare(OP_VERIFY, info)
+        data = _as_bytes(data, "data")
+        sig = _as_bytes(signature, "signature")
+        limits = self._limits()
+        if self.algo == "ed25519":
+            if len(data) > ED25519_MAX_DATA:
+                raise E.EINVAL(f"Ed25519 data longer than {ED25519_MAX_DATA} bytes")
+        else:
+            pad, h = self._sig_params(OP_VERIFY, enc, opts, data)
+        if len(sig) > limits.max_sig_size:
+            raise E.EINVAL(f"signature longer than {limits.max_sig_size} bytes")
+        try:
+            if self.algo == "ed25519":
+                if len(sig) != 64:
+                    raise InvalidSignature
+                self.public_key.verify(sig, data)
+            elif self.algo == "rsa":
+                if len(sig) != limits.max_sig_size:
+                    raise InvalidSignature
+                self.public_key.verify(sig, data, pad, utils.Prehashed(h))
+            else:
+                self.public_key.verify(self._ecdsa_der(enc, sig), data, ec.ECDSA(utils.Prehashed(h)))
+        except (InvalidSignature, ValueError, TypeError, OverflowError, UnsupportedAlgorithm):
+            raise E.EKEYREJECTED(_BAD_SIG) from None
+
+    def _ecdsa_der(self, enc: str, sig: bytes) -> bytes:
+        """Canonical DER signature for pyca, from x962 (strict DER) or p1363 (fixed r||s)."""
+        if enc == "p1363":
+            n = self._curve_bytes()
+            if len(sig) != 2 * n:
+                raise InvalidSignature
+            return utils.encode_dss_signature(int.from_bytes(sig[:n], "big"), int.from_bytes(sig[n:], "big"))
+        r, s = utils.decode_dss_signature(sig)
+        # Only the one DER encoding of (r, s) is accepted: no BER, no padding, no
+        # trailing bytes (signature malleability).  Signatures are public, so a
+        # plain comparison is fine here.
+        if utils.encode_dss_signature(r, s) != sig:
+            raise InvalidSignature
+        return sig

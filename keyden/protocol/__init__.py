@@ -1,0 +1,298 @@
+"""keyden's wire protocol, shared by client and server (imports neither).
+
+Every message is a frame: a 12-byte header then a body.
+
+    header = <u32 body length> <u32 request id> <u16 opcode> <u16 status>
+
+Requests carry status 0.  A response echoes the request id and opcode; status
+0 means success and the body holds the op's result fields, any other status is
+a Linux errno value and the body is one STR, the human message.  Bodies are
+the op's fields in order, each encoded by its kind (see ``Kind``).  Requests
+may be pipelined: send many, match responses by request id.  The written spec
+is docs/protocol.md; this module is the single source of truth for both ends.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from keyden import errors as E
+
+VERSION = 1
+MIN_VERSION = 1
+HEADER = struct.Struct("<IIHH")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024 + 4096
+
+
+class Op(enum.IntEnum):
+    """Opcodes.  Values are explicit and never reused."""
+
+    HELLO = 1
+    ADD = 2
+    REQUEST = 3
+    UPDATE = 4
+    REVOKE = 5
+    INVALIDATE = 6
+    CLEAR = 7
+    LINK = 8
+    UNLINK = 9
+    MOVE = 10
+    SEARCH = 11
+    READ = 12
+    DESCRIBE = 13
+    CHOWN = 14
+    SETPERM = 15
+    SET_TIMEOUT = 16
+    GET_KEYRING_ID = 17
+    JOIN_SESSION = 18
+    LEAVE_SESSION = 19
+    RESTRICT_KEYRING = 20
+    FIND = 21
+    CAPABILITIES = 22
+    PKEY_QUERY = 23
+    PKEY_ENCRYPT = 24
+    PKEY_DECRYPT = 25
+    PKEY_SIGN = 26
+    PKEY_VERIFY = 27
+    GENKEY = 28
+    PUBLIC_KEY = 29
+    PING = 30
+    WHOAMI = 31
+    QUOTA = 32
+
+
+class Kind(enum.Enum):
+    """Field encodings (all little-endian)."""
+
+    U8 = "B"
+    U16 = "H"
+    I32 = "i"
+    U32 = "I"
+    I64 = "q"
+    BYTES = "bytes"  # u32 length, then the bytes
+    STR = "str"  # u32 length, then UTF-8
+    I32S = "i32s"  # u32 count, then that many i32
+
+
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: Kind
+
+
+class Schema:
+    """An ordered list of fields with a fast encoder/decoder."""
+
+    def __init__(self, *fields: tuple[str, Kind]):
+        self.fields = tuple(Field(n, k) for n, k in fields)
+        self.names = tuple(f.name for f in self.fields)
+        fixed = all(len(f.kind.value) == 1 for f in self.fields)
+        self._struct = struct.Struct("<" + "".join(f.kind.value for f in self.fields)) if fixed else None
+        self._fixed = [struct.Struct("<" + f.kind.value) if len(f.kind.value) == 1 else None for f in self.fields]
+
+    def encode(self, values: Sequence[Any]) -> bytes:
+        if len(values) != len(self.fields):
+            raise E.EINVAL(f"expected {len(self.fields)} fields, got {len(values)}")
+        try:
+            if self._struct is not None:
+                return self._struct.pack(*values)
+            parts: list[bytes] = []
+            for f, st, v in zip(self.fields, self._fixed, values):
+                if st is not None:
+                    parts.append(st.pack(v))
+                elif f.kind is Kind.STR:
+                    b = v.encode()
+                    parts += (_U32.pack(len(b)), b)
+                elif f.kind is Kind.BYTES:
+                    parts += (_U32.pack(len(v)), v)
+                else:  # I32S
+                    parts += (_U32.pack(len(v)), struct.pack(f"<{len(v)}i", *v))
+            return b"".join(parts)
+        except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError) as exc:
+            raise E.EINVAL(f"bad field value: {exc}") from None
+
+    def decode(self, body: bytes | memoryview) -> tuple:
+        """Decode a whole body; any mismatch is EPROTO (the frame is well-delimited, its body is not)."""
+        try:
+            if self._struct is not None:
+                if len(body) != self._struct.size:
+                    raise E.EPROTO("body length does not match the operation")
+                return self._struct.unpack(body)
+            out: list[Any] = []
+            pos = 0
+            end = len(body)
+            for f, st in zip(self.fields, self._fixed):
+                if st is not None:
+                    out.append(st.unpack_from(body, pos)[0])
+                    pos += st.size
+                    continue
+                (n,) = _U32.unpack_from(body, pos)
+                pos += 4
+                if f.kind is Kind.I32S:
+                    size = 4 * n
+                    if pos + size > end:
+                        raise E.EPROTO("truncated field")
+                    out.append(list(struct.unpack_from(f"<{n}i", body, pos)))
+                else:
+                    size = n
+                    if pos + size > end:
+                        raise E.EPROTO("truncated field")
+                    raw = bytes(body[pos:pos + size])
+                    out.append(raw.decode() if f.kind is Kind.STR else raw)
+                pos += size
+            if pos != end:
+                raise E.EPROTO("trailing bytes after the last field")
+            return tuple(out)
+        except struct.error:
+            raise E.EPROTO("truncated body") from None
+        except UnicodeDecodeError:
+            raise E.EPROTO("a string field is not UTF-8") from None
+
+
+K = Kind
+_KEY = ("key", K.I32)
+_RING = ("keyring", K.I32)
+_NONE = Schema()
+
+#: op -> (request schema, response schema)
+SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
+    Op.HELLO: (Schema(("min_version", K.U16), ("max_version", K.U16), ("session", K.STR), ("client", K.STR)),
+               Schema(("version", K.U16), ("max_frame", K.U32), ("uid", K.I64), ("gid", K.I64), ("pid", K.I64))),
+    Op.ADD: (Schema(("type", K.STR), ("description", K.STR), ("payload", K.BYTES), _RING, ("secret", K.BYTES)),
+             Schema(("serial", K.I32))),
+    Op.REQUEST: (Schema(("type", K.STR), ("description", K.STR), ("dest", K.I32)), Schema(("serial", K.I32))),
+    Op.UPDATE: (Schema(_KEY, ("payload", K.BYTES)), _NONE),
+    Op.REVOKE: (Schema(_KEY), _NONE),
+    Op.INVALIDATE: (Schema(_KEY), _NONE),
+    Op.CLEAR: (Schema(_RING), _NONE),
+    Op.LINK: (Schema(_KEY, _RING), _NONE),
+    Op.UNLINK: (Schema(_KEY, _RING), _NONE),
+    Op.MOVE: (Schema(_KEY, ("from", K.I32), ("to", K.I32), ("flags", K.U32)), _NONE),
+    Op.SEARCH: (Schema(_RING, ("type", K.STR), ("description", K.STR), ("dest", K.I32)), Schema(("serial", K.I32))),
+    Op.READ: (Schema(_KEY), Schema(("is_keyring", K.U8), ("data", K.BYTES))),
+    Op.DESCRIBE: (Schema(_KEY), Schema(("serial", K.I32), ("type", K.STR), ("uid", K.I64), ("gid", K.I64), ("perm", K.U32),
+                                       ("description", K.STR))),
+    Op.CHOWN: (Schema(_KEY, ("uid", K.I64), ("gid", K.I64)), _NONE),
+    Op.SETPERM: (Schema(_KEY, ("perm", K.U32)), _NONE),
+    Op.SET_TIMEOUT: (Schema(_KEY, ("timeout", K.U32)), _NONE),
+    Op.GET_KEYRING_ID: (Schema(_KEY, ("create", K.U8)), Schema(("serial", K.I32))),
+    Op.JOIN_SESSION: (Schema(("name", K.STR)), Schema(("serial", K.I32), ("token", K.STR))),
+    Op.LEAVE_SESSION: (Schema(("token", K.STR)), _NONE),
+    Op.RESTRICT_KEYRING: (Schema(_RING, ("type", K.STR), ("restriction", K.STR)), _NONE),
+    Op.FIND: (Schema(("type", K.STR), ("description", K.STR)), Schema(("serial", K.I32))),
+    Op.CAPABILITIES: (_NONE, Schema(("names", K.STR))),
+    Op.PKEY_QUERY: (Schema(_KEY, ("info", K.STR)),
+                    Schema(("supported_ops", K.U32), ("key_size", K.U32), ("max_data_size", K.U32),
+                           ("max_sig_size", K.U32), ("max_enc_size", K.U32), ("max_dec_size", K.U32))),
+    Op.PKEY_ENCRYPT: (Schema(_KEY, ("info", K.STR), ("data", K.BYTES)), Schema(("data", K.BYTES))),
+    Op.PKEY_DECRYPT: (Schema(_KEY, ("info", K.STR), ("data", K.BYTES)), Schema(("data", K.BYTES))),
+    Op.PKEY_SIGN: (Schema(_KEY, ("info", K.STR), ("data", K.BYTES)), Schema(("signature", K.BYTES))),
+    Op.PKEY_VERIFY: (Schema(_KEY, ("info", K.STR), ("data", K.BYTES), ("signature", K.BYTES)), _NONE),
+    Op.GENKEY: (Schema(("spec", K.STR), ("description", K.STR), _RING), Schema(("serial", K.I32))),
+    Op.PUBLIC_KEY: (Schema(_KEY), Schema(("spki", K.BYTES), ("certificate", K.BYTES))),
+    Op.PING: (Schema(("data", K.BYTES)), Schema(("data", K.BYTES))),
+    Op.WHOAMI: (_NONE, Schema(("uid", K.I64), ("gid", K.I64), ("pid", K.I64), ("session", K.I32))),
+    Op.QUOTA: (_NONE, Schema(("keys", K.U32), ("bytes", K.U32), ("maxkeys", K.U32), ("maxbytes", K.U32))),
+}
+
+ERROR_SCHEMA = Schema(("message", K.STR))
+
+# MOVE flags (KEYCTL_MOVE_EXCL).
+MOVE_EXCL = 1
+
+
+def request_schema(op: int) -> Schema:
+    try:
+        return SCHEMAS[Op(op)][0]
+    except ValueError:
+        raise E.ENOSYS(f"unknown opcode {op}") from None
+
+
+def response_schema(op: int) -> Schema:
+    return SCHEMAS[Op(op)][1]
+
+
+def encode_frame(request_id: int, op: int, status: int, body: bytes) -> bytes:
+    return HEADER.pack(len(body), request_id, op, status) + body
+
+
+def encode_request(request_id: int, op: Op, *values: Any) -> bytes:
+    return encode_frame(request_id, op, 0, SCHEMAS[op][0].encode(values))
+
+
+def encode_response(request_id: int, op: int, values: Sequence[Any]) -> bytes:
+    return encode_frame(request_id, op, 0, SCHEMAS[Op(op)][1].encode(values))
+
+
+def encode_error(request_id: int, op: int, error: E.KeydenError) -> bytes:
+    return encode_frame(request_id, op, error.code, ERROR_SCHEMA.encode((error.message,)))
+
+
+@dataclass
+class Frame:
+    request_id: int
+    op: int
+    status: int
+    body: bytes | memoryview
+
+
+class FrameTooLarge(E.EMSGSIZE):  # type: ignore[misc,valid-type]
+    """Raised by the decoder: the peer announced a body over the cap; close the connection."""
+
+
+class FrameDecoder:
+    """Incremental frame parser: feed bytes, take whole frames.  Sans-IO, so it can be tested alone."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._buf += data
+
+    def frames(self) -> Iterator[Frame]:
+        buf = self._buf
+        pos = 0
+        try:
+            while len(buf) - pos >= HEADER_SIZE:
+                length, rid, op, status = HEADER.unpack_from(buf, pos)
+                if length > self.max_frame:
+                    raise FrameTooLarge(f"frame of {length} bytes exceeds the {self.max_frame}-byte cap")
+                end = pos + HEADER_SIZE + length
+                if len(buf) < end:
+                    break
+                yield Frame(rid, op, status, bytes(buf[pos + HEADER_SIZE:end]))
+                pos = end
+        finally:
+            if pos:
+                del buf[:pos]
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def needed(self) -> int:
+        """How many more bytes complete the frame in progress (for sizing reads)."""
+        if len(self._buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(self._buf)
+        (length,) = _U32.unpack_from(self._buf, 0)
+        return max(0, HEADER_SIZE + length - len(self._buf))
+
+
+def decode_error(body: bytes | memoryview) -> str:
+    try:
+        return ERROR_SCHEMA.decode(body)[0]
+    except E.KeydenError:
+        return ""
+
+
+def raise_for_status(frame: Frame) -> None:
+    if frame.status:
+        raise E.error_for_code(frame.status, decode_error(frame.body))

@@ -1,0 +1,1 @@
+"""The daemon: configuration, peer identity, hardening, request dispatch, serving."""

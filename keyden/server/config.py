@@ -1,0 +1,94 @@
+"""Daemon configuration: defaults that work with no set-up, overridable by file, env and flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from keyden import errors as E
+from keyden.core.store import StoreConfig
+from keyden.protocol import DEFAULT_MAX_FRAME
+
+DEFAULT_CONFIG_TEXT = """\
+# keyden daemon configuration (created on first start; every setting optional).
+# socket = "/run/keyden/keyden.sock"
+# max_frame = 16781312          # bytes in one frame body
+# max_connections_per_uid = 256
+# idle_timeout = 0              # seconds a silent connection may stay; 0 = forever
+# gc_interval = 5.0             # seconds between garbage-collection sweeps
+# lock_memory = true
+
+[quota]
+# maxkeys = 200                 # per non-root uid, as the kernel's key.maxkeys
+# maxbytes = 20000
+# root_maxkeys = 1000000
+# root_maxbytes = 25000000
+# gc_delay = 300                # seconds a revoked or expired key lingers
+"""
+
+
+def default_socket_path(env: dict[str, str] | None = None) -> str:
+    """--socket, else $KEYDEN_SOCKET, else $XDG_RUNTIME_DIR/keyden.sock, else /run/keyden/keyden.sock."""
+    env = os.environ if env is None else env
+    if env.get("KEYDEN_SOCKET"):
+        return env["KEYDEN_SOCKET"]
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "keyden.sock")
+    return "/run/keyden/keyden.sock"
+
+
+def default_state_dir(env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    if env.get("KEYDEN_STATE_DIR"):
+        return env["KEYDEN_STATE_DIR"]
+    if os.geteuid() == 0:
+        return "/var/lib/keyden"
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "keyden")
+
+
+@dataclass
+class ServerConfig:
+    socket: str = field(default_factory=default_socket_path)
+    state_dir: str = field(default_factory=default_state_dir)
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_connections_per_uid: int = 256
+    idle_timeout: float = 0.0
+    gc_interval: float = 5.0
+    lock_memory: bool = True
+    harden: bool = True
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    @property
+    def config_file(self) -> Path:
+        return Path(self.state_dir) / "keyden.toml"
+
+    def prepare_state_dir(self) -> None:
+        """First start: make the state directory (0700) and a commented default config."""
+        path = Path(self.state_dir)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.config_file.exists():
+            self.config_file.write_text(DEFAULT_CONFIG_TEXT)
+
+    def load_file(self, path: str | os.PathLike | None = None) -> None:
+        """Apply a TOML file's settings (unknown keys are errors, so typos do not pass silently)."""
+        path = Path(path) if path else self.config_file
+        if not path.exists():
+            return
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise E.EINVAL(f"{path}: {exc}") from None
+        quota = data.pop("quota", {})
+        _apply(self, data, path, skip={"store"})
+        _apply(self.store, quota, path)
+
+
+def _apply(target, values: dict, path, skip=()) -> None:
+    known = {f.name: f for f in fields(target) if f.name not in skip}
+    for name, value in values.items():
+        if name not in known:
+            raise E.EINVAL(f"{path}: unknown setting {name!r}")
+        setattr(target, name, type(getattr(target, name))(value))

@@ -1,0 +1,114 @@
+"""Shared fixtures: a real daemon on a temporary socket, clients with their own session keyring."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import keyden
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Daemon:
+    """A `keyden serve` subprocess on a socket in a world-traversable temp dir (other uids connect too)."""
+
+    def __init__(self, extra_config: str = "", args: tuple[str, ...] = ()):
+        self.dir = tempfile.mkdtemp(prefix="keyden-test-")
+        os.chmod(self.dir, 0o755)
+        self.socket = os.path.join(self.dir, "keyden.sock")
+        self.state_dir = os.path.join(self.dir, "state")
+        self.config = os.path.join(self.dir, "keyden.toml")
+        with open(self.config, "w") as f:
+            f.write(extra_config)
+        self.args = args
+        self.log = os.path.join(self.dir, "daemon.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Daemon":
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("KEYDEN_SESSION", None)
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keyden", "serve", "--socket", self.socket, "--state-dir", self.state_dir,
+             "--config", self.config, *self.args],
+            stdout=self._logf, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited early:\n{self.read_log()}")
+            try:
+                keyden.connect(self.socket).close()
+                return self
+            except keyden.KeydenError:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start:\n{self.read_log()}")
+
+    def read_log(self) -> str:
+        with open(self.log, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def connect(self, **kw) -> keyden.client.sync.Client:
+        return keyden.connect(self.socket, **kw)
+
+    def stop(self, sig: int | None = None) -> None:
+        if self.proc and self.proc.poll() is None:
+            if sig is None:
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_logf", None):
+            self._logf.close()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon():
+    d = Daemon().start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture
+def fresh_daemon():
+    """A daemon of the test's own, for tests that change global state or kill it."""
+    made = []
+
+    def make(extra_config: str = "", args: tuple[str, ...] = ()) -> Daemon:
+        d = Daemon(extra_config, args).start()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+@pytest.fixture
+def client(daemon):
+    """A client in a session keyring of its own, so tests do not see each other's keys."""
+    with daemon.connect() as boot:
+        _serial, token = boot.join_session()
+    c = daemon.connect(session=token)
+    c.session_token = token
+    yield c
+    try:
+        c.clear("@s")
+        c.leave_session(token)
+    except keyden.KeydenError:
+        pass
+    c.close()
