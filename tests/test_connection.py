@@ -1,0 +1,104 @@
+"""The connection handler, fed bytes directly: handshake, dispatch, errors, broken frames."""
+
+from __future__ import annotations
+
+import pytest
+
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.core.store import KeyStore
+from keyden.protocol import Op
+from keyden.server.connection import Connection
+from keyden.server.peer import Peer
+
+PEER = Peer(pid=4242, uid=1000, gid=1000, groups=frozenset(), start_time=99)
+
+
+def responses(data: bytes) -> list[W.Frame]:
+    dec = W.FrameDecoder()
+    dec.feed(data)
+    return list(dec.frames())
+
+
+def hello(conn: Connection, session: str = "") -> W.Frame:
+    (frame,) = responses(conn.receive(W.encode_request(1, Op.HELLO, 1, 1, session, "test")))
+    return frame
+
+
+@pytest.fixture
+def conn():
+    c = Connection(KeyStore(), PEER, max_frame=4096)
+    assert hello(c).status == 0
+    return c
+
+
+def test_handshake_reports_identity_from_the_peer_not_the_client():
+    c = Connection(KeyStore(), PEER)
+    frame = hello(c)
+    version, max_frame, uid, gid, pid = W.response_schema(Op.HELLO).decode(frame.body)
+    assert (version, uid, gid, pid) == (W.VERSION, 1000, 1000, 4242)
+
+
+def test_first_frame_must_be_hello():
+    c = Connection(KeyStore(), PEER)
+    (frame,) = responses(c.receive(W.encode_request(1, Op.PING, b"x")))
+    assert frame.status == E.EPROTO.code and c.closed
+
+
+def test_version_mismatch_is_refused_and_closes():
+    c = Connection(KeyStore(), PEER)
+    (frame,) = responses(c.receive(W.encode_request(1, Op.HELLO, 7, 9, "", "future")))
+    assert frame.status == E.EPROTONOSUPPORT.code and c.closed
+
+
+def test_foreign_session_token_is_refused():
+    store = KeyStore()
+    c = Connection(store, PEER)
+    (frame,) = responses(c.receive(W.encode_request(1, Op.HELLO, 1, 1, "guessed-token", "x")))
+    assert frame.status == E.EACCES.code and c.closed
+
+
+def test_pipelined_requests_answered_in_one_write(conn):
+    reqs = b"".join(W.encode_request(i, Op.PING, bytes([i])) for i in range(10, 20))
+    frames = responses(conn.receive(reqs))
+    assert [f.request_id for f in frames] == list(range(10, 20))
+    assert [W.response_schema(Op.PING).decode(f.body)[0] for f in frames] == [bytes([i]) for i in range(10, 20)]
+
+
+def test_add_read_through_bytes(conn):
+    (f,) = responses(conn.receive(W.encode_request(2, Op.ADD, "user", "k", b"secret", -3, b"")))
+    (serial,) = W.response_schema(Op.ADD).decode(f.body)
+    (f,) = responses(conn.receive(W.encode_request(3, Op.READ, serial)))
+    assert W.response_schema(Op.READ).decode(f.body) == (0, b"secret")
+
+
+def test_malformed_body_is_an_error_but_the_connection_lives(conn):
+    frames = responses(conn.receive(W.encode_frame(5, Op.READ, 0, b"\x01")))
+    assert frames[0].status == E.EPROTO.code and not conn.closed
+    (f,) = responses(conn.receive(W.encode_request(6, Op.PING, b"ok")))
+    assert f.status == 0
+
+
+def test_unknown_opcode_is_enosys(conn):
+    (f,) = responses(conn.receive(W.encode_frame(5, 777, 0, b"")))
+    assert f.status == E.ENOSYS.code and not conn.closed
+
+
+def test_oversized_frame_closes_the_connection(conn):
+    data = conn.receive(W.HEADER.pack(5000, 8, Op.PING, 0))
+    (f,) = responses(data)
+    assert f.status == E.EMSGSIZE.code and conn.closed
+    assert conn.receive(W.encode_request(9, Op.PING, b"")) == b""
+
+
+def test_internal_errors_become_generic_eio(conn, monkeypatch, caplog):
+    from keyden.server import handlers
+
+    def boom(ctx, data):
+        raise RuntimeError("secret detail 0xdeadbeef")
+
+    monkeypatch.setitem(handlers.HANDLERS, Op.PING, boom)
+    (f,) = responses(conn.receive(W.encode_request(4, Op.PING, b"")))
+    assert f.status == E.EIO.code
+    assert b"deadbeef" not in f.body and W.decode_error(f.body) == "internal error"
+    assert "secret detail" in caplog.text  # details only in the server log

@@ -1,0 +1,183 @@
+"""The daemon as a process: first start, socket, hardening, shutdown, and hostile clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import keyden
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.protocol import Op
+from keyden.server.config import default_socket_path
+
+from conftest import REPO, Daemon
+
+
+def raw_connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def recv_frames(s: socket.socket) -> list[W.Frame]:
+    dec = W.FrameDecoder()
+    frames = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return frames
+        dec.feed(data)
+        frames += list(dec.frames())
+        if frames:
+            return frames
+
+
+def test_socket_path_resolution_order():
+    assert default_socket_path({"KEYDEN_SOCKET": "/a.sock", "XDG_RUNTIME_DIR": "/x"}) == "/a.sock"
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/7"}) == "/run/user/7/keyden.sock"
+    assert default_socket_path({}) == "/run/keyden/keyden.sock"
+
+
+def test_first_start_creates_state_and_serves_on_xdg_runtime_dir(tmp_path):
+    runtime = tmp_path / "run"
+    state = tmp_path / "state" / "keyden"
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), KEYDEN_STATE_DIR=str(state), PYTHONPATH=REPO)
+    env.pop("KEYDEN_SOCKET", None)
+    runtime.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "keyden", "serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        sock = runtime / "keyden.sock"
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        with keyden.connect(str(sock)) as c:
+            assert c.read(c.add("user", "first", b"start", "@s")) == b"start"
+        assert (state / "keyden.toml").exists()
+        assert oct(state.stat().st_mode & 0o777) == "0o700"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0].decode()
+    assert proc.returncode == 0, out
+    assert not (runtime / "keyden.sock").exists(), "graceful shutdown removes the socket"
+
+
+def test_daemon_hardens_itself(daemon):
+    pid = daemon.proc.pid
+    limits = open(f"/proc/{pid}/limits").read()
+    assert re.search(r"Max core file size\s+0\s+0", limits)
+    assert "not_dumpable=True" in daemon.read_log()
+    status = open(f"/proc/{pid}/status").read()
+    vmlck = int(re.search(r"VmLck:\s+(\d+)", status).group(1))
+    assert vmlck > 0, "memory is locked (root may mlock)"
+
+
+def test_a_second_daemon_refuses_a_live_socket_and_replaces_a_stale_one(daemon, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "keyden", "serve", "--socket", daemon.socket,
+                           "--state-dir", str(tmp_path / "s")], env=env, capture_output=True, timeout=30)
+    assert proc.returncode != 0 and b"already listening" in proc.stderr
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on
+    d = Daemon(args=("--socket", str(stale)))
+    d.socket = str(stale)
+    try:
+        d.start()
+        with keyden.connect(str(stale)) as c:
+            assert c.ping(b"x") == b"x"
+    finally:
+        d.cleanup()
+
+
+def test_broken_frames_close_only_that_connection(daemon, client):
+    serial = client.add("user", "survivor", b"still here", "@s")
+    s = raw_connect(daemon.socket)
+    s.sendall(W.HEADER.pack(1 << 30, 1, Op.HELLO, 0))  # announces a 1 GiB frame
+    frames = recv_frames(s)
+    assert frames and frames[0].status == E.EMSGSIZE.code
+    assert s.recv(10) == b"", "the daemon closed the connection"
+    s.close()
+    s = raw_connect(daemon.socket)
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not our protocol at all
+    s.settimeout(5)
+    try:
+        data = s.recv(65536)
+    except socket.timeout:
+        data = b"timeout"
+    s.close()
+    assert data != b"timeout"
+    assert client.read(serial) == b"still here"
+
+
+def test_garbage_after_handshake_gets_errors_and_the_connection_survives(daemon):
+    s = raw_connect(daemon.socket)
+    s.sendall(W.encode_request(1, Op.HELLO, 1, 1, "", "raw"))
+    assert recv_frames(s)[0].status == 0
+    for rid, (op, body) in enumerate([(Op.ADD, b"\xff" * 7), (Op.READ, b""), (999, b"abc"),
+                                      (Op.DESCRIBE, b"\x01\x00\x00\x00\x00")], start=2):
+        s.sendall(W.encode_frame(rid, op, 0, body))
+        (f,) = recv_frames(s)
+        assert f.request_id == rid and f.status in (E.EPROTO.code, E.ENOSYS.code)
+    s.sendall(W.encode_request(50, Op.PING, b"alive"))
+    (f,) = recv_frames(s)
+    assert W.response_schema(Op.PING).decode(f.body) == (b"alive",)
+    s.close()
+
+
+def test_wrong_types_and_unknown_keys_get_errno_errors(client):
+    with pytest.raises(E.ENOKEY):
+        client.read(0x7FFFFFF0)
+    with pytest.raises(E.ENODEV):
+        client.add("nosuchtype", "x", b"y", "@s")
+    with pytest.raises(E.EPERM):
+        client.add(".internal", "x", b"y", "@s")
+    with pytest.raises(E.EBADMSG):
+        client.add("asymmetric", "", b"this is not a certificate", "@s")
+    with pytest.raises(E.EOPNOTSUPP):
+        client.pkey_query(client.add("user", "u", b"v", "@s"))
+    with pytest.raises(E.EINVAL):
+        client.read("@g")
+
+
+def test_many_clients_in_parallel_each_get_their_own_answers(daemon):
+    errors = []
+
+    def worker(n):
+        try:
+            with daemon.connect() as c:
+                ring = c.newring(f"par-{n}", "@s")
+                for i in range(100):
+                    k = c.add("user", f"k{i}", f"{n}:{i}".encode(), ring)
+                    assert c.read(k) == f"{n}:{i}".encode()
+                c.unlink(ring, "@s")
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
+def test_pipelined_calls_return_values_and_errors_in_order(client):
+    k = client.add("user", "p", b"pipelined", "@s")
+    results = client.call_many([("read", (k,)), ("read", (12345,)), ("describe", (k,)), ("ping", (b"z",))])
+    assert results[0] == b"pipelined"
+    assert isinstance(results[1], E.ENOKEY)
+    assert results[2].description == "p"
+    assert results[3] == b"z"
