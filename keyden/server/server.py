@@ -39,6 +39,8 @@ class Server:
         self._per_uid: Counter[int] = Counter()
         self._conn_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._shutdown_lock = threading.Lock()
+        self._shut_down = False
 
     # ------------------------------------------------------------- lifecycle
 
@@ -92,38 +94,41 @@ class Server:
             t = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True)
             t.start()
 
-    def shutdown(self) -> None:
-        """Stop accepting, close every connection, remove the socket."""
-        if self._stopping.is_set():
-            return
+    def request_stop(self) -> None:
+        """Stop accepting: safe from a signal handler; the serving thread then shuts down."""
         self._stopping.set()
         if self.listener is not None:
             try:
-                self.listener.shutdown(socket.SHUT_RDWR)
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
             except OSError:
                 pass
-            self.listener.close()
-            try:
-                os.unlink(self.config.socket)
-            except OSError:
-                pass
-        with self._conn_lock:
-            for c in list(self._conns):
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every connection, remove the socket.  Idempotent."""
+        with self._shutdown_lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
+            self.request_stop()
+            if self.listener is not None:
+                self.listener.close()
                 try:
-                    c.shutdown(socket.SHUT_RDWR)
+                    os.unlink(self.config.socket)
                 except OSError:
                     pass
-        log.info("keyden stopped")
+            with self._conn_lock:
+                for c in list(self._conns):
+                    try:
+                        c.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            log.info("keyden stopped")
 
     def run(self) -> None:
         """startup, serve until SIGTERM/SIGINT, shutdown."""
         self.startup()
-
-        def stop(signum, frame):
-            threading.Thread(target=self.shutdown, daemon=True).start()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.request_stop())
         try:
             self.serve_forever()
         finally:
