@@ -15,4 +15,10 @@ def connect(socket=None, *, session=None, timeout=None):
     return Client(socket, session=session, timeout=timeout)
 
 
-__all__ = ["connect", "KeydenError", "__version__"]
+async def aconnect(socket=None, *, session=None):
+    """Connect to the daemon and return an asyncio ``AsyncClient``."""
+    from keyden.client.aio import AsyncClient
+    return await AsyncClient.connect(socket, session=session)
+
+
+__all__ = ["connect", "aconnect", "KeydenError", "__version__"]

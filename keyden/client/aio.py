@@ -1,0 +1,200 @@
+"""The asyncio client: one connection, any number of requests in flight.
+
+Built on ``asyncio.Protocol`` rather than streams so responses are matched to
+requests by id as they arrive: every operation method (shared with the
+blocking client via ``Operations``) writes its request at once and returns an
+``asyncio.Future``, so ``asyncio.gather`` over many calls is true pipelining.
+
+    async with await keyden.client.aio.connect(path) as c:
+        serial = await c.add("user", "db:password", b"s3cret")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.client import common
+from keyden.client.handles import KeyHandle, load_public_key
+from keyden.client.operations import Operations, Ref
+from keyden.protocol import Op
+
+__all__ = ["AsyncClient", "connect"]
+
+
+def _failed(error: E.KeydenError) -> asyncio.Future:
+    """An already-failed future: errors reach the caller at ``await``, like the daemon's."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
+class _Wire(asyncio.Protocol):
+    """Bytes in, frames out to the client; connection loss reported once."""
+
+    def __init__(self, client: "AsyncClient"):
+        self.client = client
+        self.decoder = W.FrameDecoder(1 << 31)
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        try:
+            for frame in self.decoder.frames():
+                self.client._deliver(frame)
+        except E.KeydenError as exc:  # a frame we cannot delimit: the stream is lost
+            self.client._lose(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._lose(E.ECONNRESET(f"connection to keyden lost{f': {exc}' if exc else ''}"))
+
+
+class AsyncClient(Operations):
+    """Every keyctl operation as a method returning an awaitable ``asyncio.Future``.
+
+    The request is on the wire when the method returns (after a FIND for any
+    '%type:description' reference), so calls reach the daemon in call order.
+    """
+
+    def __init__(self, transport: asyncio.Transport, wire: _Wire, socket_path: str):
+        self.socket_path = socket_path
+        self._transport = transport
+        self._wire = wire
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, Op, tuple]] = {}
+        self._lost: E.KeydenError | None = None
+        self.max_frame = W.DEFAULT_MAX_FRAME
+        wire.client = self
+
+    @classmethod
+    async def connect(cls, socket_path: str | None = None, *, session: str | None = None,
+                      client_name: str = "keyden-python-asyncio") -> "AsyncClient":
+        path = common.socket_path(socket_path)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, wire = await loop.create_unix_connection(lambda: _Wire(None), path)
+        except OSError as exc:
+            raise E.ECONNRESET(f"cannot connect to keyden at {path}: {exc.strerror}") from None
+        client = cls(transport, wire, path)
+        try:
+            hello = (W.MIN_VERSION, W.VERSION, common.session_token(session), client_name)
+            client.version, client.max_frame, client.uid, client.gid, client.pid = await client._send(Op.HELLO, hello)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    # ------------------------------------------------------------ transport
+
+    def _send(self, op: Op, args: tuple) -> asyncio.Future:
+        """Write one request; the future gets the op's shaped result or its KeydenError."""
+        try:
+            if self._lost is not None:
+                raise self._lost_error()
+            rid = next(self._ids) & 0xFFFFFFFF
+            while rid == 0 or rid in self._pending:  # 0 is for connection-level errors
+                rid = next(self._ids) & 0xFFFFFFFF
+            frame = W.encode_request(rid, op, *args)
+            if len(frame) - W.HEADER_SIZE > self.max_frame:
+                raise E.EMSGSIZE(f"request of {len(frame)} bytes exceeds the daemon's {self.max_frame}-byte cap")
+        except E.KeydenError as exc:
+            return _failed(exc)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (future, op, args)
+        self._transport.write(frame)
+        return future
+
+    def _deliver(self, frame: W.Frame) -> None:
+        if frame.status and frame.op == 0:  # connection-level error: the daemon closes next
+            self._lose(E.error_for_code(frame.status, W.decode_error(frame.body)))
+            return
+        entry = self._pending.pop(frame.request_id, None)
+        if entry is None:
+            return  # answer to a request whose caller is gone
+        future, op, args = entry
+        if future.done():
+            return
+        try:
+            if frame.status:
+                raise E.error_for_code(frame.status, W.decode_error(frame.body))
+            values = W.response_schema(op).decode(frame.body)
+            future.set_result(common.shape(op, values, args))
+        except E.KeydenError as exc:
+            future.set_exception(exc)
+
+    def _lose(self, error: E.KeydenError) -> None:
+        """Fail every request in flight, and every later one, with ``error``."""
+        if self._lost is None:
+            self._lost = error
+        pending, self._pending = self._pending, {}
+        for future, _op, _args in pending.values():
+            if not future.done():
+                future.set_exception(self._lost_error())
+        self._transport.close()
+
+    def _lost_error(self) -> E.KeydenError:
+        """A fresh exception per failed request, so tracebacks do not pile up on one object."""
+        return type(self._lost)(self._lost.message)
+
+    def _call(self, op: Op, *args: Any) -> asyncio.Future:
+        try:
+            keys = [common.key_id(a.value) if isinstance(a, Ref) else a for a in args]
+        except E.KeydenError as exc:
+            return _failed(exc)
+        if not any(isinstance(k, tuple) for k in keys):
+            return self._send(op, tuple(keys))
+        return asyncio.ensure_future(self._resolve_then_send(op, keys))
+
+    async def _resolve_then_send(self, op: Op, keys: list) -> Any:
+        found = await asyncio.gather(*(self._send(Op.FIND, k) for k in keys if isinstance(k, tuple)))
+        serials = iter(found)
+        return await self._send(op, tuple(next(serials) if isinstance(k, tuple) else k for k in keys))
+
+    # --------------------------------------------------------------- handles
+
+    async def key(self, ref) -> KeyHandle:
+        """A handle for a serial, '@s'-style name or '%type:description' (found first, as the blocking client)."""
+        key = common.key_id(ref)
+        if isinstance(key, tuple):
+            key = await self._send(Op.FIND, key)
+        return KeyHandle(self, key)
+
+    async def public_key(self, key):
+        spki, _cert = await self.public_key_bytes(key)
+        return load_public_key(spki)
+
+    async def certificate(self, key):
+        from cryptography import x509
+
+        _spki, cert = await self.public_key_bytes(key)
+        return x509.load_der_x509_certificate(cert) if cert else None
+
+    def private_key(self, key):
+        raise E.EOPNOTSUPP("pyca key objects are synchronous: use a blocking client (keyden.connect) "
+                           "for private_key(), or pkey_sign/pkey_decrypt here")
+
+    # ------------------------------------------------------------ lifetime
+
+    @property
+    def closed(self) -> bool:
+        return self._lost is not None
+
+    def close(self) -> None:
+        """Close now; requests still in flight fail with ECONNRESET."""
+        self._lose(E.ECONNRESET("connection closed by the client"))
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def __reduce__(self):
+        raise TypeError("a keyden client connection cannot be pickled")
+
+
+async def connect(socket: str | None = None, *, session: str | None = None) -> AsyncClient:
+    """Connect to the daemon and return an ``AsyncClient`` (use as ``async with await connect(...)``)."""
+    return await AsyncClient.connect(socket, session=session)

@@ -1,0 +1,218 @@
+"""The asyncio client against a real daemon: operations, pipelining, errors, connection loss."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+import keyden
+from keyden import errors as E
+from keyden.client import aio
+from keyden.client.handles import KeyHandle, remote_private_key
+
+
+def run(make_coroutine, daemon, session):
+    """Run ``make_coroutine(client)`` with an async client in ``session``, on a loop of its own."""
+    async def main():
+        async with await aio.connect(daemon.socket, session=session) as client:
+            return await make_coroutine(client)
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def arun(daemon, client):
+    """Run a coroutine function with an async client sharing the sync ``client``'s private session."""
+    return lambda fn: run(fn, daemon, client.session_token)
+
+
+def test_add_read_describe_search(arun, client):
+    async def scenario(c):
+        serial = await c.add("user", "aio:first", b"first payload")
+        ring = await c.newring("aio-ring")
+        await c.link(serial, ring)
+        return (serial, ring, await c.read(serial), await c.describe("%user:aio:first"),
+                await c.search("@s", "user", "aio:first"), await c.read(ring), await c.whoami())
+
+    serial, ring, data, description, found, members, (uid, _gid, _pid, session) = arun(scenario)
+    assert data == b"first payload"
+    assert description.serial == serial and description.type == "user" and description.description == "aio:first"
+    assert found == serial and members == [serial]
+    # the sync client in the same session sees the same keys
+    assert client.read(serial) == b"first payload" and client.whoami()[3] == session
+    assert description.uid == uid
+
+
+def test_update_setperm_revoke_and_errors(arun):
+    async def scenario(c):
+        serial = await c.add("user", "aio:update", b"old")
+        await c.update("%user:aio:update", b"new")
+        updated = await c.read(serial)
+        await c.setperm(serial, 0x3f3f0000)
+        perm = (await c.describe(serial)).perm
+        await c.revoke(serial)
+        errors = []
+        for call in (lambda: c.read(serial), lambda: c.read(0x7ffffff0), lambda: c.describe("%user:aio:none"),
+                     lambda: c.read("not a reference"), lambda: c.add(".bad", "x", b"x"),
+                     lambda: c.add("user", "x", b"")):
+            try:
+                await call()
+            except E.KeydenError as exc:
+                errors.append(type(exc))
+        still_works = await c.ping(b"after errors")
+        return updated, perm, errors, still_works
+
+    updated, perm, errors, still_works = arun(scenario)
+    assert updated == b"new" and perm == 0x3f3f0000
+    assert errors == [E.EKEYREVOKED, E.ENOKEY, E.ENOKEY, E.EINVAL, E.EPERM, E.EINVAL]
+    assert still_works == b"after errors"
+
+
+def test_enokey_carries_the_daemon_message(arun):
+    async def scenario(c):
+        with pytest.raises(E.ENOKEY) as info:
+            await c.read(0x7ffffff1)
+        return info.value
+    error = arun(scenario)
+    assert error.code == 126 and str(0x7ffffff1) in error.message
+
+
+def test_200_requests_in_flight_on_one_connection(arun):
+    async def scenario(c):
+        serials = await asyncio.gather(*(c.add("user", f"aio:many:{i}", f"value {i}") for i in range(20)))
+        futures = []
+        for i in range(200):
+            if i % 10 == 9:
+                futures.append(c.read(0x7fffff00 + i))  # interleaved failures land on their own futures
+            elif i % 2:
+                futures.append(c.read(serials[i % 20]))
+            else:
+                futures.append(c.ping(f"ping {i}"))
+        in_flight = sum(not f.done() for f in futures)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return serials, in_flight, results
+
+    serials, in_flight, results = arun(scenario)
+    assert len(set(serials)) == 20
+    assert in_flight == 200  # every request was written before any answer was awaited
+    for i, result in enumerate(results):
+        if i % 10 == 9:
+            assert isinstance(result, E.ENOKEY)
+        elif i % 2:
+            assert result == f"value {i % 20}".encode()
+        else:
+            assert result == f"ping {i}".encode()
+
+
+def test_concurrent_tasks_share_one_connection(arun):
+    async def worker(c, n):
+        serial = await c.add("user", f"aio:task:{n}", f"task {n}")
+        for _ in range(5):
+            await asyncio.sleep(0)
+            assert await c.read(serial) == f"task {n}".encode()
+        return serial
+
+    async def scenario(c):
+        return await asyncio.gather(*(worker(c, n) for n in range(30)))
+
+    assert len(set(arun(scenario))) == 30
+
+
+def test_handles_and_public_keys(arun):
+    async def scenario(c):
+        serial = await c.generate("ed25519", "aio:signer")
+        handle = await c.key("%asymmetric:aio:signer")
+        signature = await handle.sign("", b"message")
+        public = await handle.public_key()
+        by_serial = await c.key(serial)
+        return serial, handle, by_serial, signature, public, await c.certificate(serial), await handle.describe()
+
+    serial, handle, by_serial, signature, public, certificate, description = arun(scenario)
+    assert isinstance(handle, KeyHandle) and handle.serial == serial and by_serial.serial == serial
+    assert isinstance(public, ed25519.Ed25519PublicKey)
+    public.verify(signature, b"message")
+    assert certificate is None and description.type == "asymmetric"
+
+
+def test_pyca_private_keys_need_the_blocking_client(arun):
+    async def scenario(c):
+        serial = await c.generate("ed25519")
+        with pytest.raises(E.EOPNOTSUPP):
+            c.private_key(serial)
+        with pytest.raises(E.EOPNOTSUPP):
+            remote_private_key(c, serial)
+        return await c.ping(b"still fine")
+    assert arun(scenario) == b"still fine"
+
+
+def test_oversized_request_is_refused_locally(arun):
+    async def scenario(c):
+        with pytest.raises(E.EMSGSIZE):
+            await c.add("asymmetric", "", b"\0" * (c.max_frame + 1))
+        return await c.ping(b"connection intact")
+    assert arun(scenario) == b"connection intact"
+
+
+def test_aconnect_and_handshake_errors(daemon):
+    async def scenario():
+        client = await keyden.aconnect(daemon.socket)
+        try:
+            assert isinstance(client, aio.AsyncClient) and client.version >= 1
+            assert await client.ping(b"hi") == b"hi"
+        finally:
+            client.close()
+        with pytest.raises(E.EACCES):
+            await aio.AsyncClient.connect(daemon.socket, session="not-a-valid-token")
+        with pytest.raises(E.ECONNRESET):
+            await aio.connect(daemon.socket + ".missing")
+    asyncio.run(scenario())
+
+
+def wait_stopped(pid: int) -> None:
+    """Block until the kernel reports the process stopped (SIGSTOP delivery is asynchronous)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "T":
+                return
+        time.sleep(0.005)
+    raise AssertionError("daemon did not stop")
+
+
+def test_connection_loss_fails_every_pending_future(fresh_daemon):
+    d = fresh_daemon()
+
+    async def scenario():
+        client = await aio.connect(d.socket)
+        assert await client.ping(b"up") == b"up"
+        d.proc.send_signal(signal.SIGSTOP)  # the daemon stops answering...
+        wait_stopped(d.proc.pid)
+        futures = [client.ping(f"{i}") for i in range(50)] + [client.read("%user:anything")]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in futures)
+        d.proc.kill()  # ...and dies with all of them in flight
+        d.proc.wait()
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        with pytest.raises(E.ECONNRESET):
+            await client.ping(b"after")
+        return results, client.closed
+
+    results, closed = asyncio.run(scenario())
+    assert closed
+    assert len(results) == 51 and all(isinstance(r, E.ECONNRESET) for r in results)
+
+
+def test_closing_the_client_fails_pending_futures(daemon):
+    async def scenario():
+        client = await aio.connect(daemon.socket)
+        futures = [client.ping(b"x") for _ in range(10)]
+        client.close()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        with pytest.raises(E.ECONNRESET):
+            await client.whoami()
+        return results
+
+    assert all(isinstance(r, E.ECONNRESET) for r in asyncio.run(scenario()))
