@@ -1,0 +1,448 @@
+"""Symmetric engines (AEAD, block cipher modes, hashes, HMAC) for keys held by the daemon.
+
+Pure code: no sockets, no key store.  The daemon hands in raw key bytes it
+holds (logon/user keys) and algorithm names spelled as the kernel crypto API
+spells them ("gcm(aes)", "hmac(sha256)", ...).  Every primitive and
+construction is pyca ``cryptography``; this module only decides policy
+(names, key/nonce/tag sizes) and maps failures onto keyden's errno classes:
+
+* unknown algorithm, or a name of the wrong kind   -> ENOENT (as the kernel)
+* wrong key/nonce/IV size, bad argument           -> EINVAL
+* AEAD authentication / HMAC verification failure -> EBADMSG, one fixed message
+* streaming asked of an AEAD pyca cannot stream   -> EOPNOTSUPP
+
+No message, repr or pickle ever carries key material or data: engines and
+contexts refuse to be pickled or copied and print only their algorithm name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as _pyca_hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from keyden import errors as E
+
+__all__ = [
+    "AlgorithmSpec", "ALGORITHMS", "MAX_HMAC_KEY", "spec", "kind",
+    "AeadEngine", "aead", "aead_stream", "skcipher", "skcipher_crypt",
+    "hash_ctx", "hmac_ctx", "digest", "hmac", "hmac_verify", "generate_key",
+]
+
+MAX_HMAC_KEY = 32767        # the largest user/logon payload: any key the daemon can hold
+_AES_KEY_SIZES = (16, 24, 32)
+_AUTH_FAILED = "authentication failed"      # the only thing a failed decrypt ever says
+_HMAC_MISMATCH = "HMAC verification failed"
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What a caller needs to know to use an algorithm; sizes in bytes.
+
+    ``key_sizes`` supports ``in`` (a tuple, or a range for HMAC).  ``nonce_size``
+    is the AEAD nonce or the skcipher IV; 0 where the kind has none.
+    """
+
+    name: str
+    kind: str                   # "aead" | "skcipher" | "hash" | "hmac"
+    key_sizes: tuple[int, ...] | range = ()
+    nonce_size: int = 0
+    tag_size: int = 0
+    digest_size: int = 0
+    block_size: int = 0
+
+
+# pyca classes behind each name, by kind.  XChaCha20-Poly1305 is absent on
+# purpose: pyca 48 does not offer it.
+_AEADS = {"gcm(aes)": AESGCM, "rfc7539(chacha20,poly1305)": ChaCha20Poly1305}
+_SKCIPHERS = {"cbc(aes)": modes.CBC, "ctr(aes)": modes.CTR}
+_HASHES = {
+    "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384, "sha512": hashes.SHA512,
+}
+_HMACS = {f"hmac({h})": _HASHES[h] for h in ("sha256", "sha384", "sha512")}
+
+
+def _build_table() -> dict[str, AlgorithmSpec]:
+    table = {
+        "gcm(aes)": AlgorithmSpec("gcm(aes)", "aead", _AES_KEY_SIZES, nonce_size=12, tag_size=16,
+                                  block_size=1),
+        "rfc7539(chacha20,poly1305)": AlgorithmSpec("rfc7539(chacha20,poly1305)", "aead", (32,),
+                                                    nonce_size=12, tag_size=16, block_size=1),
+        "cbc(aes)": AlgorithmSpec("cbc(aes)", "skcipher", _AES_KEY_SIZES, nonce_size=16, block_size=16),
+        "ctr(aes)": AlgorithmSpec("ctr(aes)", "skcipher", _AES_KEY_SIZES, nonce_size=16, block_size=1),
+    }
+    for name, cls in _HASHES.items():
+        table[name] = AlgorithmSpec(name, "hash", digest_size=cls.digest_size, block_size=cls.block_size)
+    for name, cls in _HMACS.items():
+        table[name] = AlgorithmSpec(name, "hmac", range(1, MAX_HMAC_KEY + 1), tag_size=cls.digest_size,
+                                    digest_size=cls.digest_size, block_size=cls.block_size)
+    return table
+
+
+ALGORITHMS = MappingProxyType(_build_table())
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+
+
+def spec(name: str, want_kind: str | None = None) -> AlgorithmSpec:
+    """The spec of ``name``; ENOENT if unknown or (with ``want_kind``) of another kind.
+
+    ENOENT for both, as the kernel's crypto_alloc_*() when no algorithm of
+    that name and type exists.
+    """
+    found = ALGORITHMS.get(name) if isinstance(name, str) else None
+    if found is None:
+        raise E.ENOENT(f"unknown algorithm {_show(name)}")
+    if want_kind is not None and found.kind != want_kind:
+        raise E.ENOENT(f"{found.name} is a {found.kind} algorithm, not {want_kind}")
+    return found
+
+
+def kind(name: str) -> str:
+    return spec(name).kind
+
+
+def _show(name) -> str:
+    """An algorithm name (never secret) for a message, bounded."""
+    return repr(name[:40]) if isinstance(name, str) else type(name).__name__
+
+
+def _buffer(value, what: str):
+    """A bytes-like argument as a flat byte buffer, without copying when possible.
+
+    pyca reads buffers directly, so large data is not duplicated; a memoryview
+    is flattened to bytes so that len() and slicing count bytes.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        return value
+    if isinstance(value, memoryview):
+        return value.cast("B") if value.c_contiguous else value.tobytes()
+    raise E.EINVAL(f"{what} must be bytes")
+
+
+def _key(alg: AlgorithmSpec, key) -> bytes:
+    key = bytes(_buffer(key, "key"))
+    if len(key) not in alg.key_sizes:
+        raise E.EINVAL(f"{alg.name}: wrong key length {len(key)}")
+    return key
+
+
+def _nonce(alg: AlgorithmSpec, nonce, what: str = "nonce") -> bytes:
+    nonce = bytes(_buffer(nonce, what))
+    if len(nonce) != alg.nonce_size:
+        raise E.EINVAL(f"{alg.name}: {what} must be {alg.nonce_size} bytes, not {len(nonce)}")
+    return nonce
+
+
+def _writable(out, size: int) -> memoryview:
+    """The first ``size`` bytes of a caller's output buffer, checked writable and large enough."""
+    try:
+        view = memoryview(out)
+    except TypeError:
+        raise E.EINVAL("output buffer must support the buffer protocol") from None
+    if view.readonly or not view.c_contiguous:
+        raise E.EINVAL("output buffer must be writable and contiguous")
+    view = view.cast("B")
+    if view.nbytes < size:
+        raise E.EINVAL(f"output buffer too small: {size} bytes needed")
+    return view[:size]
+
+
+class _Sealed:
+    """Holds key state: prints only the algorithm, refuses pickling and copying."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    def _refuse(self, *args):
+        raise TypeError(f"{type(self).__name__} cannot be pickled or copied: it holds key material")
+
+    __reduce__ = __reduce_ex__ = __getstate__ = __copy__ = __deepcopy__ = _refuse
+
+
+# ---------------------------------------------------------------------------
+# AEAD, one shot
+
+
+class AeadEngine(_Sealed):
+    """One AEAD key.  Output is ``ct || tag``, as the kernel's AF_ALG aead."""
+
+    __slots__ = ("name", "nonce_size", "tag_size", "_spec", "_cipher")
+
+    def __init__(self, alg: AlgorithmSpec, key: bytes):
+        self.name, self.nonce_size, self.tag_size, self._spec = alg.name, alg.nonce_size, alg.tag_size, alg
+        self._cipher = _AEADS[alg.name](key)
+
+    def encrypt(self, nonce, data, aad=b"") -> bytes:
+        nonce = _nonce(self._spec, nonce)
+        data, aad = _buffer(data, "data"), _buffer(aad, "aad")
+        try:
+            return self._cipher.encrypt(nonce, data, aad)
+        except OverflowError:
+            raise E.EINVAL("data or aad too long") from None
+
+    def decrypt(self, nonce, ct_and_tag, aad=b"") -> bytes:
+        nonce = _nonce(self._spec, nonce)
+        ct_and_tag, aad = _buffer(ct_and_tag, "ciphertext"), _buffer(aad, "aad")
+        try:
+            return self._cipher.decrypt(nonce, ct_and_tag, aad)
+        except (InvalidTag, ValueError, OverflowError):
+            raise E.EBADMSG(_AUTH_FAILED) from None
+
+    def encrypt_into(self, nonce, data, aad, out) -> int:
+        """Encrypt into the start of ``out`` (at least len(data) + tag_size bytes); returns bytes written."""
+        nonce = _nonce(self._spec, nonce)
+        data, aad = _buffer(data, "data"), _buffer(aad, "aad")
+        size = len(data) + self.tag_size
+        try:
+            return self._cipher.encrypt_into(nonce, data, aad, _writable(out, size))
+        except OverflowError:
+            raise E.EINVAL("data or aad too long") from None
+
+    def decrypt_into(self, nonce, ct_and_tag, aad, out) -> int:
+        """Decrypt into the start of ``out``; returns bytes written.
+
+        pyca writes unauthenticated plaintext into the buffer before it checks
+        the tag, so on failure the written region is zeroed before EBADMSG.
+        """
+        nonce = _nonce(self._spec, nonce)
+        ct_and_tag, aad = _buffer(ct_and_tag, "ciphertext"), _buffer(aad, "aad")
+        size = len(ct_and_tag) - self.tag_size
+        if size < 0:
+            raise E.EBADMSG(_AUTH_FAILED)
+        target = _writable(out, size)
+        try:
+            return self._cipher.decrypt_into(nonce, ct_and_tag, aad, target)
+        except (InvalidTag, ValueError, OverflowError):
+            target[:] = bytes(size)
+            raise E.EBADMSG(_AUTH_FAILED) from None
+
+    def encrypt_random_nonce(self, data, aad=b"") -> bytes:
+        """``nonce || ct || tag`` with a fresh random nonce: the caller cannot reuse one.
+
+        96-bit random nonces: keep well under 2**32 messages per key.
+        """
+        nonce = os.urandom(self.nonce_size)
+        return nonce + self.encrypt(nonce, data, aad)
+
+    def decrypt_random_nonce(self, blob, aad=b"") -> bytes:
+        blob = memoryview(_buffer(blob, "ciphertext"))
+        if len(blob) < self.nonce_size + self.tag_size:
+            raise E.EBADMSG(_AUTH_FAILED)
+        return self.decrypt(blob[:self.nonce_size], blob[self.nonce_size:], aad)
+
+
+def aead(name: str, key) -> AeadEngine:
+    alg = spec(name, "aead")
+    return AeadEngine(alg, _key(alg, key))
+
+
+# ---------------------------------------------------------------------------
+# streaming contexts (update / finalize)
+
+
+class _Stream(_Sealed):
+    """A pyca encryptor/decryptor/hash context with errors mapped and finalize enforced once."""
+
+    __slots__ = ("name", "_ctx", "_done")
+
+    def __init__(self, name: str, ctx):
+        self.name, self._ctx, self._done = name, ctx, False
+
+    def _live(self):
+        if self._done:
+            raise E.EINVAL(f"{self.name}: context already finalized")
+        return self._ctx
+
+    def update(self, data) -> bytes:
+        data = _buffer(data, "data")
+        try:
+            return self._live().update(data)
+        except (ValueError, OverflowError, AlreadyFinalized):
+            self._done = True   # e.g. GCM's 2**36-byte limit: the context is unusable now
+            raise E.EINVAL(f"{self.name}: update refused (data limit?)") from None
+
+    def _finish(self, call, *args):
+        ctx = self._live()
+        self._done = True
+        return call(ctx, *args)
+
+
+class AeadStream(_Stream):
+    """gcm(aes) in pieces.  Concatenated outputs equal the one-shot ``ct || tag``.
+
+    Decrypting releases plaintext before the tag is checked at finalize: the
+    caller must not act on (or pass on) any of it until finalize succeeds.
+    """
+
+    __slots__ = ("_decrypt", "_tag")
+
+    def __init__(self, name, ctx, decrypt: bool, tag: bytes | None):
+        super().__init__(name, ctx)
+        self._decrypt, self._tag = decrypt, tag
+
+    def finalize(self) -> bytes:
+        """Encrypt: returns the tag.  Decrypt: checks the tag given at init, returns b""."""
+        if not self._decrypt:
+            return self._finish(lambda ctx: ctx.finalize() + ctx.tag)
+        if self._tag is None:
+            raise E.EINVAL(f"{self.name}: no tag given; use finalize_with_tag")
+        return self._finish(_verify_gcm)
+
+    def finalize_with_tag(self, tag) -> bytes:
+        if not self._decrypt:
+            raise E.EINVAL(f"{self.name}: finalize_with_tag is for decryption")
+        if self._tag is not None:
+            raise E.EINVAL(f"{self.name}: the tag was already given at init")
+        tag = bytes(_buffer(tag, "tag"))
+        return self._finish(_verify_gcm, tag)
+
+
+def _verify_gcm(ctx, tag: bytes | None = None) -> bytes:
+    try:
+        return ctx.finalize() if tag is None else ctx.finalize_with_tag(_gcm_tag(tag))
+    except (InvalidTag, ValueError):
+        raise E.EBADMSG(_AUTH_FAILED) from None
+
+
+def _gcm_tag(tag: bytes) -> bytes:
+    """Only full 16-byte tags; a tag of another length is simply not authentic."""
+    if len(tag) != ALGORITHMS["gcm(aes)"].tag_size:
+        raise E.EBADMSG(_AUTH_FAILED)
+    return tag
+
+
+def aead_stream(name: str, key, nonce, aad=b"", decrypt: bool = False, tag=None) -> AeadStream:
+    """Streaming AEAD; gcm(aes) only (pyca has no streaming ChaCha20-Poly1305)."""
+    alg = spec(name, "aead")
+    if alg.name != "gcm(aes)":
+        raise E.EOPNOTSUPP("streaming is offered for gcm(aes) only; use one-shot or chunked")
+    key, nonce, aad = _key(alg, key), _nonce(alg, nonce), _buffer(aad, "aad")
+    if tag is not None:
+        if not decrypt:
+            raise E.EINVAL("a tag is only given when decrypting")
+        tag = _gcm_tag(bytes(_buffer(tag, "tag")))
+    cipher = Cipher(algorithms.AES(key), modes.GCM(nonce, tag))
+    ctx = cipher.decryptor() if decrypt else cipher.encryptor()
+    ctx.authenticate_additional_data(aad)
+    return AeadStream(alg.name, ctx, bool(decrypt), tag)
+
+
+class SkcipherStream(_Stream):
+    """cbc(aes)/ctr(aes) in pieces; no padding, as the kernel's skcipher."""
+
+    __slots__ = ()
+
+    def finalize(self) -> bytes:
+        def finish(ctx):
+            try:
+                return ctx.finalize()
+            except ValueError:
+                raise E.EINVAL(f"{self.name}: data is not a multiple of the block size") from None
+        return self._finish(finish)
+
+
+def skcipher(name: str, key, iv, decrypt: bool = False) -> SkcipherStream:
+    alg = spec(name, "skcipher")
+    key, iv = _key(alg, key), _nonce(alg, iv, "IV")
+    cipher = Cipher(algorithms.AES(key), _SKCIPHERS[alg.name](iv))
+    return SkcipherStream(alg.name, cipher.decryptor() if decrypt else cipher.encryptor())
+
+
+def skcipher_crypt(name: str, key, iv, data, decrypt: bool = False) -> bytes:
+    """One-shot skcipher; cbc(aes) data must be whole blocks (EINVAL, nothing processed)."""
+    stream = skcipher(name, key, iv, decrypt)
+    data = _buffer(data, "data")
+    block = ALGORITHMS[stream.name].block_size
+    if len(data) % block:
+        raise E.EINVAL(f"{stream.name}: data is not a multiple of the block size")
+    return stream.update(data) + stream.finalize()
+
+
+class DigestContext(_Stream):
+    """A hash or HMAC in pieces; ``finalize`` returns the digest."""
+
+    __slots__ = ()
+
+    def finalize(self) -> bytes:
+        return self._finish(lambda ctx: ctx.finalize())
+
+    def verify(self, tag) -> None:
+        """HMAC only: constant-time check of a full-length tag; mismatch -> EBADMSG."""
+        if ALGORITHMS[self.name].kind != "hmac":
+            raise E.EINVAL(f"{self.name}: verify is for HMAC")
+        tag = bytes(_buffer(tag, "tag"))
+        if len(tag) != ALGORITHMS[self.name].digest_size:
+            raise E.EINVAL(f"{self.name}: tag must be {ALGORITHMS[self.name].digest_size} bytes; "
+                           "truncated HMAC tags are not supported")
+
+        def check(ctx):
+            try:
+                ctx.verify(tag)
+            except InvalidSignature:
+                raise E.EBADMSG(_HMAC_MISMATCH) from None
+        self._finish(check)
+
+
+def hash_ctx(name: str) -> DigestContext:
+    alg = spec(name, "hash")
+    return DigestContext(alg.name, hashes.Hash(_HASHES[alg.name]()))
+
+
+def hmac_ctx(name: str, key) -> DigestContext:
+    alg = spec(name, "hmac")
+    return DigestContext(alg.name, _pyca_hmac.HMAC(_key(alg, key), _HMACS[alg.name]()))
+
+
+def digest(name: str, data) -> bytes:
+    ctx = hash_ctx(name)
+    ctx.update(data)
+    return ctx.finalize()
+
+
+def hmac(name: str, key, data) -> bytes:
+    ctx = hmac_ctx(name, key)
+    ctx.update(data)
+    return ctx.finalize()
+
+
+def hmac_verify(name: str, key, data, tag) -> None:
+    """Returns None when ``tag`` is right; EBADMSG when not; EINVAL for a truncated tag."""
+    ctx = hmac_ctx(name, key)
+    ctx.update(data)
+    ctx.verify(tag)
+
+
+# ---------------------------------------------------------------------------
+# key generation
+
+_KEY_SPEC = re.compile(r"(aes):(128|192|256)|(chacha20)|(hmac):([1-9][0-9]{2,3})")
+
+
+def generate_key(key_spec: str) -> tuple[bytes, str]:
+    """Random key for ``aes:128|192|256``, ``chacha20`` or ``hmac:N`` (N bits, 128..1024, N % 8 == 0).
+
+    Returns (key, hint): the hint ("aes256", "chacha20", "hmac512") is short
+    and safe to use as part of a key description.
+    """
+    match = _KEY_SPEC.fullmatch(key_spec) if isinstance(key_spec, str) else None
+    if match is None:
+        raise E.EINVAL(f"unknown key spec {_show(key_spec)}; use aes:128|192|256, chacha20 or hmac:BITS")
+    if match[3]:
+        return os.urandom(32), "chacha20"
+    family, bits = (match[1], int(match[2])) if match[1] else (match[4], int(match[5]))
+    if family == "hmac" and not (128 <= bits <= 1024 and bits % 8 == 0):
+        raise E.EINVAL("hmac key size must be a multiple of 8 bits in 128..1024")
+    return os.urandom(bits // 8), f"{family}{bits}"
