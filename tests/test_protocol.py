@@ -20,6 +20,8 @@ SAMPLE = {
     Kind.BYTES: b"\x00\xffpayload",
     Kind.STR: "d\u00e9scription:\u2603",
     Kind.I32S: [1, -3, 2**31 - 1],
+    Kind.U64: 2**63 + 5,
+    Kind.BYTESLIST: [b"", b"\x00one", b"two" * 50],
 }
 
 
@@ -110,6 +112,14 @@ def test_random_bodies_never_raise_anything_but_keyden_errors():
                 schema.decode(body)
             except E.KeydenError:
                 pass
+
+
+def test_byteslist_counts_cannot_outrun_the_body():
+    schema = W.request_schema(Op.BATCH)
+    body = schema.encode(("gcm(aes)", 1, 0, [], [], [b"x"]))
+    forged = body[:-9] + struct.pack("<I", 2**31) + body[-5:]
+    with pytest.raises(E.EPROTO):
+        schema.decode(forged)
 
 
 def test_unknown_opcode_is_enosys():

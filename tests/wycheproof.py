@@ -121,45 +121,66 @@ def _ed25519(key, case):
     key.verify("", case.hex("msg"), case.hex("sig"))
 
 
-# (subdir, file, group field holding the key as hex DER, check, share of groups that must run).
-# rsa_oaep_misc mixes 1024..8192-bit keys; our 2048..4096 policy skips the rest.
+@dataclass(frozen=True)
+class VectorFile:
+    """One Wycheproof file and how to run it through the KEYCTL_PKEY_* interface."""
+
+    subdir: str
+    filename: str
+    key_field: str                    # group field holding the key as hex DER
+    check: object                     # check(key, case): raises KeydenError to reject
+    min_run: float = 0.9              # share of (selected) groups that must not be skipped
+    select: object = None             # optional group predicate, to bound run time
+
+    @property
+    def id(self) -> str:
+        return self.filename[: -len("_test.json")]
+
+
 FILES = [
-    ("Signature", "rsa_signature_2048_sha256_test.json", "publicKeyDer", _rsa_pkcs1, 0.9),
-    ("Signature", "rsa_signature_3072_sha512_test.json", "publicKeyDer", _rsa_pkcs1, 0.9),
-    ("Signature", "rsa_signature_4096_sha384_test.json", "publicKeyDer", _rsa_pkcs1, 0.9),
-    ("Signature", "rsa_pss_2048_sha256_mgf1_32_test.json", "publicKeyDer", _rsa_pss, 0.9),
-    ("Signature", "rsa_pss_2048_sha256_mgf1_0_test.json", "publicKeyDer", _rsa_pss, 0.9),
-    ("Signature", "rsa_pss_2048_sha1_mgf1_20_test.json", "publicKeyDer", _rsa_pss, 0.9),
-    ("Cipher", "rsa_oaep_2048_sha256_mgf1sha256_test.json", "privateKeyPkcs8", _rsa_oaep, 0.9),
-    ("Cipher", "rsa_oaep_2048_sha256_mgf1sha1_test.json", "privateKeyPkcs8", _rsa_oaep, 0.9),
-    ("Cipher", "rsa_oaep_misc_test.json", "privateKeyPkcs8", _rsa_oaep, 0.5),
-    ("Signature", "ecdsa_secp256r1_sha256_test.json", "publicKeyDer", _ecdsa("x962"), 0.9),
-    ("Signature", "ecdsa_secp256r1_sha256_p1363_test.json", "publicKeyDer", _ecdsa("p1363"), 0.9),
-    ("Signature", "ecdsa_secp384r1_sha384_test.json", "publicKeyDer", _ecdsa("x962"), 0.9),
-    ("Signature", "ecdsa_secp384r1_sha384_p1363_test.json", "publicKeyDer", _ecdsa("p1363"), 0.9),
-    ("Signature", "ed25519_test.json", "publicKeyDer", _ed25519, 0.9),
+    VectorFile("Signature", "rsa_signature_2048_sha256_test.json", "publicKeyDer", _rsa_pkcs1),
+    VectorFile("Signature", "rsa_signature_3072_sha512_test.json", "publicKeyDer", _rsa_pkcs1),
+    VectorFile("Signature", "rsa_signature_4096_sha384_test.json", "publicKeyDer", _rsa_pkcs1),
+    VectorFile("Signature", "rsa_pss_2048_sha256_mgf1_32_test.json", "publicKeyDer", _rsa_pss),
+    VectorFile("Signature", "rsa_pss_2048_sha256_mgf1_0_test.json", "publicKeyDer", _rsa_pss),
+    VectorFile("Signature", "rsa_pss_2048_sha1_mgf1_20_test.json", "publicKeyDer", _rsa_pss),
+    VectorFile("Cipher", "rsa_oaep_2048_sha256_mgf1sha256_test.json", "privateKeyPkcs8", _rsa_oaep),
+    VectorFile("Cipher", "rsa_oaep_2048_sha256_mgf1sha1_test.json", "privateKeyPkcs8", _rsa_oaep),
+    # Mixed key sizes: 1024/1536/8192 are outside the 2048..4096 policy and skipped.  The
+    # 3072/4096-bit groups are left out only because validating 45 such private keys
+    # takes ~12 s; the 2048..4096 OAEP files above and below cover those paths.
+    VectorFile("Cipher", "rsa_oaep_misc_test.json", "privateKeyPkcs8", _rsa_oaep, min_run=0.3,
+               select=lambda group: group["keySize"] in (1024, 1536, 2048, 8192)),
+    VectorFile("Cipher", "rsa_oaep_4096_sha256_mgf1sha256_test.json", "privateKeyPkcs8", _rsa_oaep),
+    VectorFile("Signature", "ecdsa_secp256r1_sha256_test.json", "publicKeyDer", _ecdsa("x962")),
+    VectorFile("Signature", "ecdsa_secp256r1_sha256_p1363_test.json", "publicKeyDer", _ecdsa("p1363")),
+    VectorFile("Signature", "ecdsa_secp384r1_sha384_test.json", "publicKeyDer", _ecdsa("x962")),
+    VectorFile("Signature", "ecdsa_secp384r1_sha384_p1363_test.json", "publicKeyDer", _ecdsa("p1363")),
+    VectorFile("Signature", "ed25519_test.json", "publicKeyDer", _ed25519),
 ]
 
 
-def run_vectors(subdir: str, filename: str, key_field: str, check, parse, min_run: float = 0.9):
-    """Run every case of a file through ``parse`` (bytes -> key object) and ``check``.
+def run_vectors(vf: VectorFile, parse):
+    """Run every case of ``vf`` through ``parse`` (bytes -> key object) and ``vf.check``.
 
     The key object only needs ``verify(info, data, sig)`` / ``decrypt(info, data)``
     as in keyden.crypto.asymmetric.ParsedKey, so the daemon tests can pass a
     proxy that does the same over the wire.  Groups whose key ``parse`` refuses
-with an "unsupported" EINVAL (size/curve policy) are skipped, but at least
-``min_run`` of the groups must run.  Returns (counts, failure lines).
+    with an "unsupported" EINVAL (size/curve policy) are skipped, but at least
+    ``vf.min_run`` of the groups must run.  Returns (counts, failure lines).
     """
     failures: list[str] = []
     keys: dict[int, object] = {}
     skipped_groups: set[int] = set()
     groups: set[int] = set()
     counts = {"valid": 0, "invalid": 0, "acceptable": 0, "skipped": 0}
-    for case in load(subdir, filename):
+    for case in load(vf.subdir, vf.filename):
+        if vf.select is not None and not vf.select(case.group):
+            continue
         groups.add(case.group_index)
         if case.group_index not in keys and case.group_index not in skipped_groups:
             try:
-                keys[case.group_index] = parse(case.group_hex(key_field))
+                keys[case.group_index] = parse(case.group_hex(vf.key_field))
             except E.EINVAL as exc:
                 if "unsupported" not in str(exc):
                     raise
@@ -170,7 +191,7 @@ with an "unsupported" EINVAL (size/curve policy) are skipped, but at least
             continue
         counts[case.result] += 1
         try:
-            check(keys[case.group_index], case)
+            vf.check(keys[case.group_index], case)
             outcome = "accepted"
         except E.KeydenError as exc:
             outcome = f"rejected ({exc})"
@@ -182,5 +203,5 @@ with an "unsupported" EINVAL (size/curve policy) are skipped, but at least
         elif case.result == "invalid" and outcome == "accepted":
             failures.append(f"tcId {case.tc_id} (invalid, {case.comment}, {case.flags}): accepted")
     ran = len(groups) - len(skipped_groups)
-    assert ran >= min_run * len(groups), f"{filename}: only {ran} of {len(groups)} groups ran"
+    assert ran >= vf.min_run * len(groups), f"{vf.filename}: only {ran} of {len(groups)} groups ran"
     return counts, failures

@@ -10,6 +10,7 @@ key material.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 
@@ -21,10 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
 
-__all__ = [
-    "OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
-    "ParsedKey", "PkeyQuery", "parse", "generate", "parse_info",
-]
+__all__ = ["OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
+           "ParsedKey", "PkeyQuery", "parse", "generate", "parse_info"]
 
 # KEYCTL_SUPPORTS_* bits, as in <linux/keyctl.h>.
 OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
@@ -41,22 +40,15 @@ _HASHES = {
 }
 
 # curve -> (pyca curve class, byte length = max digest accepted, max DER signature size, default hash)
-_CURVES = {
-    "p256": (ec.SECP256R1, 32, 72, "sha256"),
-    "p384": (ec.SECP384R1, 48, 104, "sha384"),
-}
+_CURVES = {"p256": (ec.SECP256R1, 32, 72, "sha256"), "p384": (ec.SECP384R1, 48, 104, "sha384")}
 _CURVE_BY_PYCA_NAME = {"secp256r1": "p256", "secp384r1": "p384"}
 
 # Encodings each algorithm knows (first = the kernel default when enc= is absent),
 # and the further info keys each encoding takes.
 _ENCODINGS = {"rsa": ("raw", "pkcs1", "pss", "oaep"), "ecdsa": ("x962", "p1363"), "ed25519": ("raw",)}
 _ENC_KEYS = {
-    ("rsa", "raw"): {"hash"},
-    ("rsa", "pkcs1"): {"hash"},
-    ("rsa", "pss"): {"hash", "saltlen", "mgfhash"},
-    ("rsa", "oaep"): {"hash", "mgfhash", "label"},
-    ("ecdsa", "x962"): {"hash"},
-    ("ecdsa", "p1363"): {"hash"},
+    ("rsa", "raw"): {"hash"}, ("rsa", "pkcs1"): {"hash"}, ("rsa", "pss"): {"hash", "saltlen", "mgfhash"},
+    ("rsa", "oaep"): {"hash", "mgfhash", "label"}, ("ecdsa", "x962"): {"hash"}, ("ecdsa", "p1363"): {"hash"},
     ("ed25519", "raw"): set(),
 }
 _INFO_KEYS = frozenset({"enc", "hash", "saltlen", "mgfhash", "label"})
@@ -133,9 +125,14 @@ def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
     if not data:
         raise E.EBADMSG("empty key data")
     try:
+        kind = _DER_SHAPES.get(_der_child_tags(data))
+        if kind is not None:
+            if kind == "pkcs8-enc" and password is not None:
+                _check_kdf_cost(data)
+            return _load(kind, data, False, password, kind == "pkcs8-enc", len(data))
         if b"-----BEGIN" in data:
             return _parse_pem(data, password)
-        return _parse_der(data, password)
+        raise E.EBADMSG("unrecognised key data")
     except E.KeydenError:
         raise
     except Exception:   # last-resort net: hostile bytes must never become an internal error
@@ -154,7 +151,21 @@ def _der_header(data: bytes, pos: int):
             return None
         length = int.from_bytes(data[pos:pos + size], "big")
         pos += size
-    return tag, pos, length
+    return (tag, pos, length) if pos + length <= len(data) else None
+
+
+def _der_children(data: bytes, tlv) -> list:
+    """The first (up to 8) TLVs inside a SEQUENCE TLV; ValueError if it is not one."""
+    if tlv is None or tlv[0] != 0x30:
+        raise ValueError("not a SEQUENCE")
+    items, pos, end = [], tlv[1], tlv[1] + tlv[2]
+    while pos < end and len(items) < 8:
+        item = _der_header(data, pos)
+        if item is None:
+            raise ValueError("bad TLV")
+        items.append(item)
+        pos = item[1] + item[2]
+    return items
 
 
 def _der_child_tags(data: bytes):
@@ -165,14 +176,55 @@ def _der_child_tags(data: bytes):
     peek at the shape to pick the one parser that applies and to keep
     ``source`` truthful.  All real decoding is pyca's.
     """
-    outer = _der_header(data, 0)
-    if outer is None or outer[0] != 0x30:
+    try:
+        first, second = _der_children(data, _der_header(data, 0))[:2]
+    except ValueError:
         return None
-    first = _der_header(data, outer[1])
-    if first is None:
-        return None
-    second = _der_header(data, first[1] + first[2])
-    return None if second is None else (first[0], second[0])
+    return first[0], second[0]
+
+
+_OID_PBES2 = bytes.fromhex("2a864886f70d01050d")         # 1.2.840.113549.1.5.13
+_OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")        # 1.2.840.113549.1.5.12
+_OID_SCRYPT = bytes.fromhex("2b06010401da47040b")        # 1.3.6.1.4.1.11591.4.11
+_OID_PKCS12_PBE = bytes.fromhex("2a864886f70d010c01")    # 1.2.840.113549.1.12.1.*
+MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256; common settings are 2048..1.3M
+MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
+
+
+def _check_kdf_cost(der: bytes) -> None:
+    """Refuse an EncryptedPrivateKeyInfo whose password KDF would cost too much.
+
+    pyca runs PBKDF2 and the PKCS#12 KDF with any iteration count and scrypt
+    with no memory limit, so a few hundred bytes could pin a core for minutes
+    or allocate gigabytes inside the daemon.  Malformed input is left to pyca.
+    """
+    def raw(tlv):
+        return der[tlv[1]:tlv[1] + tlv[2]]
+
+    def integer(tlv):
+        if tlv[0] != 0x02:
+            raise ValueError("not an INTEGER")
+        return int.from_bytes(raw(tlv), "big", signed=True) if tlv[2] <= 8 else 1 << 64
+
+    try:
+        algorithm = _der_children(der, _der_children(der, _der_header(der, 0))[0])
+        oid, params = raw(algorithm[0]), algorithm[1]
+        if oid == _OID_PBES2:
+            kdf = _der_children(der, _der_children(der, params)[0])
+            kdf_params = _der_children(der, kdf[1])
+            if raw(kdf[0]) == _OID_SCRYPT:   # salt, N, r, p
+                n, r, p = (integer(t) for t in kdf_params[1:4])
+                costly = 128 * n * r * p > MAX_SCRYPT_COST
+            else:                            # PBKDF2: salt, iterations, ...
+                costly = raw(kdf[0]) == _OID_PBKDF2 and integer(kdf_params[1]) > MAX_KDF_ITERATIONS
+        elif oid.startswith(_OID_PKCS12_PBE):  # salt, iterations
+            costly = integer(_der_children(der, params)[1]) > MAX_KDF_ITERATIONS
+        else:
+            return
+    except (ValueError, IndexError):
+        return
+    if costly:
+        raise E.EINVAL("key encryption too costly to undo (KDF iterations or scrypt memory)")
 
 
 # (first, second) child tags -> container.  Certificate: tbs SEQUENCE, algorithm
@@ -187,13 +239,6 @@ _PEM_LABELS = {
 _PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
 
 
-def _parse_der(data: bytes, password: bytes | None) -> ParsedKey:
-    kind = _DER_SHAPES.get(_der_child_tags(data))
-    if kind is None:
-        raise E.EBADMSG("unrecognised key data")
-    return _load(kind, data, False, password, kind == "pkcs8-enc", len(data))
-
-
 def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
     labels = _PEM_BEGIN.findall(data)
     if len(labels) > 1:
@@ -206,6 +251,13 @@ def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
     if match is None or kind is None:
         raise E.EBADMSG("unrecognised PEM block")
     block = match.group(0)
+    if kind == "pkcs8-enc" and password is not None:
+        body = re.sub(rb"\s+", b"", b"".join(block.splitlines()[1:-1]))
+        try:
+            der = base64.b64decode(body, validate=True)
+        except ValueError:   # fail closed: never hand pyca a body the KDF check could not see
+            raise E.EBADMSG("malformed PEM") from None
+        _check_kdf_cost(der)
     encrypted = kind == "pkcs8-enc" or (kind == "pem" and b"Proc-Type: 4,ENCRYPTED" in block)
     return _load(kind, block, True, password, encrypted, len(data))
 
@@ -223,7 +275,12 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool, quota: i
             load_pub = serialization.load_pem_public_key if pem else serialization.load_der_public_key
             return _build(load_pub(blob), None, None, "spki", quota)
         load_priv = serialization.load_pem_private_key if pem else serialization.load_der_private_key
-        priv = load_priv(blob, password)
+        priv = load_priv(blob, password, unsafe_skip_rsa_key_validation=True)
+        if isinstance(priv, rsa.RSAPrivateKey):
+            # Size first: OpenSSL's key check costs seconds at 8192 bits and grows
+            # steeply.  Within policy, load again with pyca's full validation.
+            _check_rsa_bits(priv.key_size)
+            priv = load_priv(blob, password)
     except TypeError:
         if kind in ("x509", "spki"):
             raise E.EBADMSG("unrecognised key data") from None
@@ -247,32 +304,25 @@ def _serial_bytes(serial: int) -> bytes:
     return serial.to_bytes((magnitude.bit_length() + 8) // 8, "big", signed=True)
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:128])
-
-
 def _cert_name(cert: x509.Certificate) -> str:
-    """Kernel-style subject label: CN, else O, else email address."""
+    """Kernel-style subject label: CN, else O, else email address (printable, bounded)."""
     for oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.EMAIL_ADDRESS):
         attrs = cert.subject.get_attributes_for_oid(oid)
         if attrs and isinstance(attrs[0].value, str) and attrs[0].value:
-            return _printable(attrs[0].value)
+            return "".join(c if c.isprintable() else "?" for c in attrs[0].value[:128])
     return "X.509"
 
 
-def _cert_skid(cert: x509.Certificate) -> bytes | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        return None
+def _check_rsa_bits(bits: int) -> int:
+    if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
+        raise E.EINVAL(f"unsupported RSA size ({bits} bits; {RSA_MIN_BITS}..{RSA_MAX_BITS} supported)")
+    return bits
 
 
 def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
     """Apply the algorithm/size policy and derive ids and description."""
     if isinstance(pub, rsa.RSAPublicKey):
-        algo, curve, bits = "rsa", None, pub.key_size
-        if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
-            raise E.EINVAL(f"unsupported RSA size ({bits} bits; {RSA_MIN_BITS}..{RSA_MAX_BITS} supported)")
+        algo, curve, bits = "rsa", None, _check_rsa_bits(pub.key_size)
         label = f"RSA-{bits}"
     elif isinstance(pub, ec.EllipticCurvePublicKey):
         curve = _CURVE_BY_PYCA_NAME.get(pub.curve.name)
@@ -289,11 +339,15 @@ def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
     spki_id = x509.SubjectKeyIdentifier.from_public_key(pub).digest
     ids = [spki_id]
     if cert is not None:
-        skid = _cert_skid(cert)
+        try:
+            skid = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.key_identifier
+        except x509.ExtensionNotFound:
+            skid = None
         if skid and skid != spki_id:
             ids.append(skid)
         ids.append(_serial_bytes(cert.serial_number) + cert.issuer.public_bytes())
-        description = f"{_cert_name(cert)}: {(skid or spki_id).hex()}"
+        shown = skid if skid and len(skid) <= 64 else spki_id   # keep descriptions short
+        description = f"{_cert_name(cert)}: {shown.hex()}"
     else:
         half = "private" if priv is not None else "public"
         description = f"{label} {half} key: {spki_id.hex()}"
@@ -301,7 +355,7 @@ def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
         algo=algo, curve=curve, source=source, key_bits=bits, has_private=priv is not None,
         certificate=cert, public_key=pub, key_ids=tuple(ids), default_description=description,
         spki_der=pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
-        quota_size=quota, private=priv,
+        quota_size=quota, _private=priv,
     )
 
 
@@ -351,14 +405,12 @@ class ParsedKey:
     __slots__ = ("algo", "curve", "source", "key_bits", "has_private", "certificate", "public_key",
                  "key_ids", "default_description", "spki_der", "quota_size", "_private")
 
-    def __init__(self, *, algo, curve, source, key_bits, has_private, certificate, public_key,
-                 key_ids, default_description, spki_der, quota_size, private):
-        fields = dict(algo=algo, curve=curve, source=source, key_bits=key_bits, has_private=has_private,
-                      certificate=certificate, public_key=public_key, key_ids=key_ids,
-                      default_description=default_description, spki_der=spki_der,
-                      quota_size=quota_size, _private=private)
-        for name, value in fields.items():
-            object.__setattr__(self, name, value)
+    def __init__(self, **fields):
+        """Internal: built by parse()/generate(); takes every slot by name (``_private`` too)."""
+        for name in self.__slots__:
+            object.__setattr__(self, name, fields.pop(name))
+        if fields:
+            raise TypeError(f"unexpected ParsedKey fields: {sorted(fields)}")
 
     def __setattr__(self, name, value):
         raise AttributeError("ParsedKey is immutable")
@@ -467,8 +519,13 @@ class ParsedKey:
         return n
 
     def _sig_params(self, op: int, enc: str, opts: dict[str, str], data: bytes):
-        """(RSA padding or None, hash) for a sign/verify; ``data`` must be a digest of exactly its size."""
+        """(RSA padding, hash) for sign/verify, once ``data`` is checked: for RSA and
+        ECDSA it is a digest of exactly the hash's size, for Ed25519 the message."""
         pad = None
+        if self.algo == "ed25519":
+            if len(data) > ED25519_MAX_DATA:
+                raise E.EINVAL(f"Ed25519 data longer than {ED25519_MAX_DATA} bytes")
+            return None, None
         if self.algo == "rsa":
             pad, h = self._rsa_padding(op, enc, opts)
         else:
@@ -479,9 +536,6 @@ class ParsedKey:
         if len(data) != h.digest_size:
             raise E.EINVAL(f"data must be a {h.name} digest of {h.digest_size} bytes")
         return pad, h
-
-    def _curve_bytes(self) -> int:
-        return _CURVES[self.curve][1]
 
     # -- KEYCTL_PKEY_* ----------------------------------------------------
 
@@ -528,19 +582,17 @@ class ParsedKey:
         enc, opts = self._prepare(OP_SIGN, info)
         data = _as_bytes(data, "data")
         priv = self._private
+        pad, h = self._sig_params(OP_SIGN, enc, opts, data)
         try:
             if self.algo == "ed25519":
-                if len(data) > ED25519_MAX_DATA:
-                    raise E.EINVAL(f"Ed25519 data longer than {ED25519_MAX_DATA} bytes")
                 return priv.sign(data)
-            pad, h = self._sig_params(OP_SIGN, enc, opts, data)
             if self.algo == "rsa":
                 return priv.sign(data, pad, utils.Prehashed(h))
             der = priv.sign(data, ec.ECDSA(utils.Prehashed(h)))
             if enc == "x962":
                 return der
             r, s = utils.decode_dss_signature(der)
-            n = self._curve_bytes()
+            n = _CURVES[self.curve][1]
             return r.to_bytes(n, "big") + s.to_bytes(n, "big")
         except (ValueError, TypeError, UnsupportedAlgorithm):
             raise E.EINVAL("signing failed with these parameters") from None
@@ -551,11 +603,7 @@ class ParsedKey:
         data = _as_bytes(data, "data")
         sig = _as_bytes(signature, "signature")
         limits = self._limits()
-        if self.algo == "ed25519":
-            if len(data) > ED25519_MAX_DATA:
-                raise E.EINVAL(f"Ed25519 data longer than {ED25519_MAX_DATA} bytes")
-        else:
-            pad, h = self._sig_params(OP_VERIFY, enc, opts, data)
+        pad, h = self._sig_params(OP_VERIFY, enc, opts, data)
         if len(sig) > limits.max_sig_size:
             raise E.EINVAL(f"signature longer than {limits.max_sig_size} bytes")
         try:
@@ -575,7 +623,7 @@ class ParsedKey:
     def _ecdsa_der(self, enc: str, sig: bytes) -> bytes:
         """Canonical DER signature for pyca, from x962 (strict DER) or p1363 (fixed r||s)."""
         if enc == "p1363":
-            n = self._curve_bytes()
+            n = _CURVES[self.curve][1]
             if len(sig) != 2 * n:
                 raise InvalidSignature
             return utils.encode_dss_signature(int.from_bytes(sig[:n], "big"), int.from_bytes(sig[n:], "big"))

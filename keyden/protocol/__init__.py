@@ -63,6 +63,24 @@ class Op(enum.IntEnum):
     PING = 30
     WHOAMI = 31
     QUOTA = 32
+    # Session keys: agreement and key transport whose results stay inside.
+    DERIVE = 40
+    DH_COMPUTE = 41
+    DH_COMPUTE_KDF = 42
+    PKEY_DECRYPT_INTO = 43
+    # Data shoveling by key serial (AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL).
+    CIPHER = 50
+    DIGEST = 51
+    MAC = 52
+    MAC_VERIFY = 53
+    BATCH = 54
+    STREAM_INIT = 60
+    STREAM_UPDATE = 61
+    STREAM_FINAL = 62
+    STREAM_ABORT = 63
+    SHM_ATTACH = 70
+    SHM_DETACH = 71
+    SHM_CIPHER = 72
 
 
 class Kind(enum.Enum):
@@ -76,6 +94,8 @@ class Kind(enum.Enum):
     BYTES = "bytes"  # u32 length, then the bytes
     STR = "str"  # u32 length, then UTF-8
     I32S = "i32s"  # u32 count, then that many i32
+    U64 = "Q"
+    BYTESLIST = "bytes*"  # u32 count, then that many BYTES
 
 
 _U32 = struct.Struct("<I")
@@ -112,6 +132,10 @@ class Schema:
                     parts += (_U32.pack(len(b)), b)
                 elif f.kind is Kind.BYTES:
                     parts += (_U32.pack(len(v)), v)
+                elif f.kind is Kind.BYTESLIST:
+                    parts.append(_U32.pack(len(v)))
+                    for item in v:
+                        parts += (_U32.pack(len(item)), item)
                 else:  # I32S
                     parts += (_U32.pack(len(v)), struct.pack(f"<{len(v)}i", *v))
             return b"".join(parts)
@@ -140,6 +164,19 @@ class Schema:
                     if pos + size > end:
                         raise E.EPROTO("truncated field")
                     out.append(list(struct.unpack_from(f"<{n}i", body, pos)))
+                elif f.kind is Kind.BYTESLIST:
+                    if n > end - pos:  # each item needs at least its 4-byte length
+                        raise E.EPROTO("truncated field")
+                    items = []
+                    for _ in range(n):
+                        (m,) = _U32.unpack_from(body, pos)
+                        pos += 4
+                        if pos + m > end:
+                            raise E.EPROTO("truncated field")
+                        items.append(bytes(body[pos:pos + m]))
+                        pos += m
+                    out.append(items)
+                    size = 0
                 else:
                     size = n
                     if pos + size > end:
@@ -200,12 +237,44 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.PING: (Schema(("data", K.BYTES)), Schema(("data", K.BYTES))),
     Op.WHOAMI: (_NONE, Schema(("uid", K.I64), ("gid", K.I64), ("pid", K.I64), ("session", K.I32))),
     Op.QUOTA: (_NONE, Schema(("keys", K.U32), ("bytes", K.U32), ("maxkeys", K.U32), ("maxbytes", K.U32))),
+    Op.DERIVE: (Schema(("private", K.I32), ("peer", K.BYTES), ("peer_key", K.I32), ("kdf", K.STR), ("salt", K.BYTES),
+                       ("info", K.BYTES), ("length", K.U32), ("description", K.STR), _RING, ("perm", K.U32),
+                       ("timeout", K.U32)),
+                Schema(("serial", K.I32))),
+    Op.DH_COMPUTE: (Schema(("private", K.I32), ("prime", K.I32), ("base", K.I32)), Schema(("data", K.BYTES))),
+    Op.DH_COMPUTE_KDF: (Schema(("private", K.I32), ("prime", K.I32), ("base", K.I32), ("hash", K.STR),
+                               ("length", K.U32), ("otherinfo", K.BYTES)), Schema(("data", K.BYTES))),
+    Op.PKEY_DECRYPT_INTO: (Schema(_KEY, ("info", K.STR), ("data", K.BYTES), ("description", K.STR), _RING,
+                                  ("perm", K.U32)), Schema(("serial", K.I32))),
+    Op.CIPHER: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES), ("aad", K.BYTES), ("data", K.BYTES)),
+                Schema(("data", K.BYTES))),
+    Op.DIGEST: (Schema(("alg", K.STR), ("data", K.BYTES)), Schema(("digest", K.BYTES))),
+    Op.MAC: (Schema(("alg", K.STR), _KEY, ("data", K.BYTES)), Schema(("mac", K.BYTES))),
+    Op.MAC_VERIFY: (Schema(("alg", K.STR), _KEY, ("data", K.BYTES), ("mac", K.BYTES)), _NONE),
+    Op.BATCH: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("ivs", K.BYTESLIST), ("aads", K.BYTESLIST),
+                      ("items", K.BYTESLIST)),
+               Schema(("status", K.I32S), ("results", K.BYTESLIST))),
+    Op.STREAM_INIT: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES), ("aad", K.BYTES)),
+                     Schema(("stream", K.U32))),
+    Op.STREAM_UPDATE: (Schema(("stream", K.U32), ("data", K.BYTES)), Schema(("data", K.BYTES))),
+    Op.STREAM_FINAL: (Schema(("stream", K.U32), ("data", K.BYTES), ("tag", K.BYTES)),
+                      Schema(("data", K.BYTES), ("tag", K.BYTES))),
+    Op.STREAM_ABORT: (Schema(("stream", K.U32)), _NONE),
+    Op.SHM_ATTACH: (Schema(("size", K.U64)), Schema(("region", K.U32))),
+    Op.SHM_DETACH: (Schema(("region", K.U32)), _NONE),
+    Op.SHM_CIPHER: (Schema(("region", K.U32), ("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES),
+                           ("aad", K.BYTES), ("in_offset", K.U64), ("length", K.U64), ("out_offset", K.U64)),
+                    Schema(("length", K.U64), ("iv", K.BYTES))),
 }
 
 ERROR_SCHEMA = Schema(("message", K.STR))
 
 # MOVE flags (KEYCTL_MOVE_EXCL).
 MOVE_EXCL = 1
+
+# CIPHER / BATCH / STREAM_INIT / SHM_CIPHER flags.
+DECRYPT = 1  # decrypt (else encrypt); for MAC ops in BATCH: verify against the item's iv field
+RANDOM_NONCE = 2  # AEAD encrypt: keyden picks the nonce and prepends it; decrypt: take it from the front
 
 
 def request_schema(op: int) -> Schema:

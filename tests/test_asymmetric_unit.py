@@ -1,0 +1,670 @@
+"""Behaviour tests for keyden.crypto.asymmetric (the "asymmetric" key type, no daemon)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import hashlib
+import os
+import pickle
+import random
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization as S
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa, utils, x25519
+from cryptography.x509.oid import NameOID
+
+from keyden import errors as E
+from keyden.crypto import asymmetric as A
+
+try:
+    from tests import wycheproof
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    import wycheproof
+
+DER, PEM = S.Encoding.DER, S.Encoding.PEM
+NOENC = S.NoEncryption()
+
+
+# ---------------------------------------------------------------------------
+# fixtures: keys and certificates made here with pyca
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {
+        "rsa": rsa.generate_private_key(65537, 2048),
+        "p256": ec.generate_private_key(ec.SECP256R1()),
+        "p384": ec.generate_private_key(ec.SECP384R1()),
+        "ed25519": ed25519.Ed25519PrivateKey.generate(),
+    }
+
+
+def make_cert(priv, *, name=None, skid="spki", serial=None):
+    name = name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Signer")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(priv.public_key()).serial_number(serial or x509.random_serial_number())
+               .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)))
+    if skid == "spki":
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(priv.public_key()), False)
+    elif skid is not None:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier(skid), False)
+    algorithm = None if isinstance(priv, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(priv, algorithm)
+
+
+def pkcs8(priv, encoding=DER, enc=NOENC):
+    return priv.private_bytes(encoding, S.PrivateFormat.PKCS8, enc)
+
+
+def spki(priv, encoding=DER):
+    return priv.public_key().public_bytes(encoding, S.PublicFormat.SubjectPublicKeyInfo)
+
+
+def spki_id(priv):
+    return x509.SubjectKeyIdentifier.from_public_key(priv.public_key()).digest
+
+
+@pytest.fixture(scope="module")
+def parsed(keys):
+    """A ParsedKey per algorithm: private (pkcs8) and public (spki)."""
+    out = {}
+    for name, priv in keys.items():
+        out[name] = A.parse(pkcs8(priv))
+        out[name + "-pub"] = A.parse(spki(priv))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# parsing: every format
+
+
+@pytest.mark.parametrize("algo", ["rsa", "p256", "p384", "ed25519"])
+@pytest.mark.parametrize("encoding", [DER, PEM])
+def test_parse_certificate(keys, algo, encoding):
+    priv = keys[algo]
+    cert = make_cert(priv)
+    data = cert.public_bytes(encoding)
+    key = A.parse(data)
+    assert key.source == "x509" and not key.has_private
+    assert key.certificate == cert
+    assert key.algo == {"rsa": "rsa", "ed25519": "ed25519"}.get(algo, "ecdsa")
+    assert key.curve == (algo if algo in ("p256", "p384") else None)
+    assert key.key_bits == {"rsa": 2048, "p256": 256, "p384": 384, "ed25519": 256}[algo]
+    # SKID equals the SPKI id here, so it is not repeated: [spki id, serial||issuer].
+    serial = cert.serial_number.to_bytes((cert.serial_number.bit_length() + 8) // 8, "big")
+    assert key.key_ids == (spki_id(priv), serial + cert.issuer.public_bytes())
+    assert key.default_description == f"Test Signer: {spki_id(priv).hex()}"
+    assert key.spki_der == spki(priv)
+    assert key.quota_size == len(data)
+
+
+def test_certificate_with_own_skid_and_without_skid(keys):
+    priv = keys["p256"]
+    own = A.parse(make_cert(priv, skid=b"\x01\x02\x03\x04").public_bytes(DER))
+    assert own.key_ids[:2] == (spki_id(priv), b"\x01\x02\x03\x04") and len(own.key_ids) == 3
+    assert own.default_description == "Test Signer: 01020304"
+    huge = A.parse(make_cert(priv, skid=b"\x05" * 3000).public_bytes(DER))
+    assert huge.key_ids[1] == b"\x05" * 3000
+    assert huge.default_description == f"Test Signer: {spki_id(priv).hex()}"  # bounded length
+    none = A.parse(make_cert(priv, skid=None).public_bytes(DER))
+    assert none.key_ids[0] == spki_id(priv) and len(none.key_ids) == 2
+    assert none.default_description == f"Test Signer: {spki_id(priv).hex()}"
+
+
+@pytest.mark.parametrize("attrs,label", [
+    ([(NameOID.ORGANIZATION_NAME, "Acme Ltd"), (NameOID.COUNTRY_NAME, "NL")], "Acme Ltd"),
+    ([(NameOID.EMAIL_ADDRESS, "ops@example.org")], "ops@example.org"),
+    ([(NameOID.COUNTRY_NAME, "NL")], "X.509"),
+    ([(NameOID.ORGANIZATION_NAME, "Acme"), (NameOID.COMMON_NAME, "Signer\nTwo")], "Signer?Two"),
+])
+def test_certificate_description_fallbacks(keys, attrs, label):
+    name = x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])
+    key = A.parse(make_cert(keys["ed25519"], name=name).public_bytes(PEM))
+    assert key.default_description == f"{label}: {spki_id(keys['ed25519']).hex()}"
+
+
+@pytest.mark.parametrize("algo,label", [
+    ("rsa", "RSA-2048"), ("p256", "ECDSA-P256"), ("p384", "ECDSA-P384"), ("ed25519", "Ed25519"),
+])
+@pytest.mark.parametrize("encoding", [DER, PEM])
+def test_parse_pkcs8_and_spki(keys, algo, label, encoding):
+    priv = keys[algo]
+    key = A.parse(pkcs8(priv, encoding))
+    assert (key.source, key.has_private, key.certificate) == ("pkcs8", True, None)
+    assert key.key_ids == (spki_id(priv),)
+    assert key.default_description == f"{label} private key: {spki_id(priv).hex()}"
+    pub = A.parse(spki(priv, encoding))
+    assert (pub.source, pub.has_private) == ("spki", False)
+    assert pub.default_description == f"{label} public key: {spki_id(priv).hex()}"
+    assert pub.spki_der == key.spki_der == spki(priv)
+
+
+def test_certificate_and_private_key_share_spki_id(keys):
+    for priv in keys.values():
+        cert_key = A.parse(make_cert(priv, skid=b"\xaa" * 20).public_bytes(PEM))
+        priv_key = A.parse(pkcs8(priv))
+        assert cert_key.key_ids[0] == priv_key.key_ids[0]
+
+
+@pytest.mark.parametrize("encoding", [DER, PEM])
+def test_encrypted_pkcs8(keys, encoding):
+    data = pkcs8(keys["p256"], encoding, S.BestAvailableEncryption(b"s3cret"))
+    key = A.parse(data, b"s3cret")
+    assert (key.source, key.has_private, key.algo) == ("pkcs8", True, "ecdsa")
+    for missing in (None, b""):
+        with pytest.raises(E.EBADMSG, match="wrong or missing password"):
+            A.parse(data, missing)
+    with pytest.raises(E.EKEYREJECTED):
+        A.parse(data, b"wrong")
+    with pytest.raises(E.EINVAL):
+        A.parse(data, "s3cret")  # str, not bytes
+
+
+def test_password_for_unencrypted_data_is_refused(keys):
+    for data in (pkcs8(keys["rsa"]), spki(keys["rsa"]), make_cert(keys["rsa"]).public_bytes(PEM)):
+        with pytest.raises(E.EINVAL, match="password"):
+            A.parse(data, b"pw")
+
+
+@pytest.mark.parametrize("algo,label", [("rsa", "RSA PRIVATE KEY"), ("p384", "EC PRIVATE KEY")])
+def test_traditional_pem(keys, algo, label):
+    priv = keys[algo]
+    data = priv.private_bytes(PEM, S.PrivateFormat.TraditionalOpenSSL, NOENC)
+    assert data.startswith(f"-----BEGIN {label}-----".encode())
+    key = A.parse(data)
+    assert (key.source, key.has_private, key.key_ids) == ("pem", True, (spki_id(priv),))
+    encrypted = priv.private_bytes(PEM, S.PrivateFormat.TraditionalOpenSSL, S.BestAvailableEncryption(b"pw"))
+    assert A.parse(encrypted, b"pw").source == "pem"
+    with pytest.raises(E.EBADMSG, match="wrong or missing password"):
+        A.parse(encrypted)
+    with pytest.raises(E.EKEYREJECTED):
+        A.parse(encrypted, b"nope")
+    # Traditional DER is not a kernel format and is refused like garbage.
+    with pytest.raises(E.EBADMSG):
+        A.parse(priv.private_bytes(DER, S.PrivateFormat.TraditionalOpenSSL, NOENC))
+
+
+def test_pkcs1_public_key_is_not_spki(keys):
+    pub = keys["rsa"].public_key()
+    for encoding in (DER, PEM):
+        with pytest.raises(E.EBADMSG):
+            A.parse(pub.public_bytes(encoding, S.PublicFormat.PKCS1))
+
+
+def test_pem_with_surrounding_text_and_multiple_blocks(keys):
+    block = spki(keys["ed25519"], PEM)
+    data = b"Bag Attributes\n    friendlyName: x\n" + block + b"\ntrailing words\n"
+    key = A.parse(data)
+    assert key.source == "spki" and key.quota_size == len(data)
+    with pytest.raises(E.EINVAL, match="more than one PEM block"):
+        A.parse(block + make_cert(keys["ed25519"]).public_bytes(PEM))
+    with pytest.raises(E.EBADMSG):
+        A.parse(block.replace(b"PUBLIC KEY", b"OPENSSH PRIVATE KEY"))
+
+
+def test_der_that_mentions_pem_is_still_der(keys):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "-----BEGIN PUBLIC KEY-----")])
+    key = A.parse(make_cert(keys["p256"], name=name).public_bytes(DER))
+    assert key.source == "x509" and key.default_description.startswith("-----BEGIN PUBLIC KEY-----: ")
+
+
+def test_unsupported_algorithms_and_sizes():
+    cases = [
+        rsa.generate_private_key(65537, 1024),
+        ec.generate_private_key(ec.SECP521R1()),
+        ec.generate_private_key(ec.SECP256K1()),
+        ed448.Ed448PrivateKey.generate(),
+        x25519.X25519PrivateKey.generate(),
+        dsa.generate_private_key(2048),
+    ]
+    for priv in cases:
+        for data in (pkcs8(priv), spki(priv)):
+            with pytest.raises(E.EINVAL, match="unsupported"):
+                A.parse(data)
+    with pytest.raises(E.EINVAL, match="unsupported RSA size"):
+        A.parse(make_cert(cases[0]).public_bytes(DER))
+
+
+def test_huge_rsa_private_key_refused_before_validation():
+    """An 8192-bit key is refused by size without OpenSSL's multi-second key check."""
+    case = next(c for c in wycheproof.load("Cipher", "rsa_oaep_misc_test.json") if c.group["keySize"] == 8192)
+    started = time.monotonic()
+    with pytest.raises(E.EINVAL, match="unsupported RSA size"):
+        A.parse(case.group_hex("privateKeyPkcs8"))
+    assert time.monotonic() - started < 2.5  # validating it first takes ~6 s
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    n, size = len(body), (len(body).bit_length() + 7) // 8
+    head = bytes([n]) if n < 128 else bytes([0x80 | size]) + n.to_bytes(size, "big")
+    return bytes([tag]) + head + body
+
+
+def _int(v: int) -> bytes:
+    return _tlv(0x02, v.to_bytes((v.bit_length() + 8) // 8, "big"))
+
+
+def _oid(hexstr: str) -> bytes:
+    return _tlv(0x06, bytes.fromhex(hexstr))
+
+
+def _epki(kdf_oid: str, kdf_params: bytes) -> bytes:
+    """A hand-built EncryptedPrivateKeyInfo (PBES2, AES-256-CBC) with chosen KDF parameters."""
+    seq = lambda *parts: _tlv(0x30, b"".join(parts))  # noqa: E731
+    pbes2 = seq(seq(_oid(kdf_oid), kdf_params), seq(_oid("60864801650304012a"), _tlv(0x04, bytes(16))))
+    return seq(seq(_oid("2a864886f70d01050d"), pbes2), _tlv(0x04, os.urandom(64)))
+
+
+def test_costly_key_encryption_is_refused_before_running_the_kdf():
+    salt = _tlv(0x04, os.urandom(16))
+    prf = _tlv(0x30, _oid("2a864886f70d0209") + b"\x05\x00")
+    pbkdf2 = "2a864886f70d01050c"
+    scrypt = "2b06010401da47040b"
+    costly = [
+        _epki(pbkdf2, _tlv(0x30, salt + _int(1 << 31) + prf)),
+        _epki(pbkdf2, _tlv(0x30, salt + _int(1 << 80) + prf)),
+        _epki(scrypt, _tlv(0x30, salt + _int(1 << 24) + _int(8) + _int(1))),
+        _epki(scrypt, _tlv(0x30, salt + _int(1 << 14) + _int(8) + _int(1 << 20))),
+    ]
+    started = time.monotonic()
+    for der in costly:
+        pem = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n%s-----END ENCRYPTED PRIVATE KEY-----\n" % (
+            base64.encodebytes(der))
+        for data in (der, pem):
+            with pytest.raises(E.EINVAL, match="too costly"):
+                A.parse(data, b"pw")
+    assert time.monotonic() - started < 5  # running the first KDF alone would take minutes
+    # Cheap parameters get through to the (failing) decryption.
+    cheap = _epki(pbkdf2, _tlv(0x30, salt + _int(1000) + prf))
+    with pytest.raises(E.EKEYREJECTED):
+        A.parse(cheap, b"pw")
+    # A PEM body the check cannot decode is refused rather than handed to pyca unchecked.
+    with pytest.raises(E.EBADMSG, match="malformed PEM"):
+        A.parse(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMII*\n-----END ENCRYPTED PRIVATE KEY-----\n", b"pw")
+
+
+def _all_valid_encodings(keys):
+    out = []
+    for priv in keys.values():
+        out += [pkcs8(priv), pkcs8(priv, PEM), spki(priv), spki(priv, PEM),
+                make_cert(priv).public_bytes(DER), make_cert(priv).public_bytes(PEM),
+                pkcs8(priv, DER, S.BestAvailableEncryption(b"pw"))]
+    return out
+
+
+def _check_only_keyden(data, password=None):
+    try:
+        A.parse(data, password)
+    except E.KeydenError as exc:
+        msg = str(exc)
+        assert len(msg) < 200
+        if len(data) >= 16:
+            assert data[:16].hex() not in msg and data[-16:].hex() not in msg
+        return exc
+    return None
+
+
+def test_hostile_inputs_raise_only_keyden_errors(keys):
+    rng = random.Random(1234)
+    valid = _all_valid_encodings(keys)
+    inputs = [rng.randbytes(rng.randrange(1, 3000)) for _ in range(300)]
+    inputs += [b"\x30" + rng.randbytes(rng.randrange(0, 400)) for _ in range(300)]
+    inputs += [b"-----BEGIN PUBLIC KEY-----\n" + rng.randbytes(200) for _ in range(50)]
+    for data in valid:
+        step = max(1, len(data) // 60)
+        inputs += [data[:cut] for cut in range(0, len(data), step)]          # truncations
+        for _ in range(20):                                                   # bit flips
+            pos = rng.randrange(len(data))
+            inputs.append(data[:pos] + bytes([data[pos] ^ (1 << rng.randrange(8))]) + data[pos + 1:])
+        inputs.append(data + b"\x00")                                         # trailing byte
+    for data in inputs:
+        for password in (None, b"pw"):
+            _check_only_keyden(data, password)
+
+
+def test_empty_huge_and_non_bytes_inputs():
+    with pytest.raises(E.EBADMSG):
+        A.parse(b"")
+    for garbage in (b"\x00", b"hello world", b"\x30\x80\x00\x00", b"-----BEGIN", os.urandom(5000)):
+        with pytest.raises(E.EBADMSG):
+            A.parse(garbage)
+    with pytest.raises(E.EINVAL, match="1 MiB"):
+        A.parse(b"\x30" * (1536 * 1024))
+    with pytest.raises(E.EINVAL):
+        A.parse("-----BEGIN PUBLIC KEY-----")  # str, not bytes
+    assert A.parse(bytearray(spki(ed25519.Ed25519PrivateKey.generate()))).algo == "ed25519"
+
+
+def test_serial_bytes_match_der_integer_contents():
+    for value, expected in [(0, "00"), (127, "7f"), (128, "0080"), (65535, "00ffff"), (-128, "80"), (-129, "ff7f")]:
+        assert A._serial_bytes(value).hex() == expected
+
+
+# ---------------------------------------------------------------------------
+# generate
+
+
+@pytest.mark.parametrize("spec,algo,bits,curve", [
+    ("rsa", "rsa", 2048, None), ("rsa:2048", "rsa", 2048, None), ("rsa:3072", "rsa", 3072, None),
+    ("rsa:4096", "rsa", 4096, None), ("ec:p256", "ecdsa", 256, "p256"), ("p256", "ecdsa", 256, "p256"),
+    ("ec:p384", "ecdsa", 384, "p384"), ("p384", "ecdsa", 384, "p384"), ("ed25519", "ed25519", 256, None),
+])
+def test_generate(spec, algo, bits, curve):
+    key = A.generate(spec)
+    assert (key.algo, key.key_bits, key.curve, key.source, key.has_private) == (algo, bits, curve, "generated", True)
+    assert key.certificate is None and key.quota_size > 0
+    assert key.default_description.endswith(" private key: " + key.key_ids[0].hex())
+    if algo == "rsa":
+        assert key.public_key.public_numbers().e == 65537
+
+
+@pytest.mark.parametrize("spec", ["", "rsa:1024", "rsa:8192", "ec:p521", "RSA", "ed448", "x25519", None, 2048])
+def test_generate_rejects_unknown_specs(spec):
+    with pytest.raises(E.EINVAL):
+        A.generate(spec)
+
+
+# ---------------------------------------------------------------------------
+# info grammar
+
+
+def test_parse_info_grammar():
+    assert A.parse_info("") == {}
+    assert A.parse_info("  \t ") == {}
+    assert A.parse_info("enc=pss \thash=sha256  saltlen=max mgfhash=sha1 label=00ff") == {
+        "enc": "pss", "hash": "sha256", "saltlen": "max", "mgfhash": "sha1", "label": "00ff"}
+    assert A.parse_info("enc=a=b") == {"enc": "a=b"}  # value is the rest, as in the kernel
+
+
+@pytest.mark.parametrize("info,match", [
+    ("foo=bar", "unknown"), ("enc=pkcs1 enc=pss", "repeated"), ("hash=", "empty"),
+    ("enc", "without '='"), ("=sha256", "unknown"), ("Hash=sha256", "unknown"), ("x" * 5000, "too long"),
+])
+def test_parse_info_errors(info, match):
+    with pytest.raises(E.EINVAL, match=match):
+        A.parse_info(info)
+    with pytest.raises(E.EINVAL):
+        A.parse_info(b"enc=pkcs1")
+
+
+# ---------------------------------------------------------------------------
+# query
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("rsa-pub", (A.OP_ENCRYPT | A.OP_VERIFY, 2048, 256, 256, 256, 256)),
+    ("rsa", (15, 2048, 256, 256, 256, 256)),
+    ("p256-pub", (A.OP_VERIFY, 256, 32, 72, 0, 0)),
+    ("p256", (A.OP_SIGN | A.OP_VERIFY, 256, 32, 72, 0, 0)),
+    ("p384", (A.OP_SIGN | A.OP_VERIFY, 384, 48, 104, 0, 0)),
+    ("ed25519-pub", (A.OP_VERIFY, 256, 65536, 64, 0, 0)),
+    ("ed25519", (A.OP_SIGN | A.OP_VERIFY, 256, 65536, 64, 0, 0)),
+])
+def test_query(parsed, name, expected):
+    q = parsed[name].query()
+    assert (q.supported_ops, q.key_size, q.max_data_size, q.max_sig_size, q.max_enc_size, q.max_dec_size) == expected
+    assert parsed[name].query("") == q
+
+
+def test_query_validates_info(parsed):
+    assert parsed["rsa"].query("enc=pss hash=sha256").key_size == 2048
+    for name, info in [("rsa", "enc=x962"), ("p256", "enc=oaep"), ("ed25519", "hash=sha256"),
+                       ("rsa", "hash=md5"), ("rsa", "bogus=1")]:
+        with pytest.raises(E.EINVAL):
+            parsed[name].query(info)
+
+
+# ---------------------------------------------------------------------------
+# sign / verify
+
+
+def _digest(name: str, msg: bytes = b"keyden test message") -> bytes:
+    return hashlib.new(name.replace("-", "_"), msg).digest()
+
+
+@pytest.mark.parametrize("info,hash_name", [
+    ("enc=pkcs1 hash=sha256", "sha256"), ("enc=pkcs1 hash=sha1", "sha1"), ("enc=pkcs1 hash=sha512", "sha512"),
+    ("enc=pkcs1 hash=sha3-256", "sha3-256"), ("enc=pss hash=sha256", "sha256"),
+    ("enc=pss hash=sha384 saltlen=0", "sha384"), ("enc=pss hash=sha256 saltlen=max mgfhash=sha1", "sha256"),
+    ("enc=pss hash=sha512 saltlen=20", "sha512"),
+])
+def test_rsa_sign_verify(parsed, keys, info, hash_name):
+    digest = _digest(hash_name)
+    sig = parsed["rsa"].sign(info, digest)
+    assert len(sig) == 256
+    parsed["rsa"].verify(info, digest, sig)
+    parsed["rsa-pub"].verify(info, digest, sig)
+    if "pss" in info:  # PSS salts are random; auto-detection verifies any salt length
+        parsed["rsa-pub"].verify(info.replace("saltlen=max", "").replace("saltlen=0", "").replace("saltlen=20", "")
+                                 + " saltlen=auto", digest, sig)
+    with pytest.raises(E.EKEYREJECTED):
+        parsed["rsa-pub"].verify(info, _digest(hash_name, b"other"), sig)
+    with pytest.raises(E.EKEYREJECTED):
+        parsed["rsa-pub"].verify(info, digest, sig[:-1] + bytes([sig[-1] ^ 1]))
+
+
+def test_rsa_signatures_interoperate_with_pyca(keys, parsed):
+    msg = b"interop"
+    sig = parsed["rsa"].sign("enc=pkcs1 hash=sha256", _digest("sha256", msg))
+    keys["rsa"].public_key().verify(sig, msg, padding.PKCS1v15(), hashes.SHA256())
+    pss = keys["rsa"].sign(msg, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    parsed["rsa-pub"].verify("enc=pss hash=sha256", _digest("sha256", msg), pss)
+
+
+@pytest.mark.parametrize("curve", ["p256", "p384"])
+@pytest.mark.parametrize("enc", ["", "enc=x962", "enc=p1363"])
+def test_ecdsa_sign_verify(parsed, keys, curve, enc):
+    default = {"p256": "sha256", "p384": "sha384"}[curve]
+    for info, hash_name in [(enc, default), (f"{enc} hash=sha1", "sha1"), (f"{enc} hash=sha224", "sha224")]:
+        digest = _digest(hash_name)
+        sig = parsed[curve].sign(info, digest)
+        parsed[curve + "-pub"].verify(info, digest, sig)
+        if "p1363" in enc:
+            assert len(sig) == {"p256": 64, "p384": 96}[curve]
+            n = len(sig) // 2
+            der = utils.encode_dss_signature(int.from_bytes(sig[:n], "big"), int.from_bytes(sig[n:], "big"))
+        else:
+            der = sig
+        keys[curve].public_key().verify(der, digest, ec.ECDSA(utils.Prehashed(getattr(hashes, hash_name.upper())())))
+        with pytest.raises(E.EKEYREJECTED):
+            parsed[curve + "-pub"].verify(info, _digest(hash_name, b"other"), sig)
+
+
+def test_ecdsa_refuses_non_der_and_mismatched_encodings(parsed):
+    digest = _digest("sha256")
+    der = parsed["p256"].sign("enc=x962", digest)
+    assert der[0] == 0x30 and der[1] < 0x80
+    ber = b"\x30\x81" + der[1:]          # same value, long-form length: BER, not DER
+    for bad in (ber, der + b"\x00", der[:-1]):
+        # DER signatures vary in length (70..72 bytes); past max_sig_size (72) it is EINVAL.
+        with pytest.raises(E.EINVAL if len(bad) > 72 else E.EKEYREJECTED):
+            parsed["p256-pub"].verify("enc=x962", digest, bad)
+    with pytest.raises(E.EKEYREJECTED):   # a DER signature is not a p1363 one
+        parsed["p256-pub"].verify("enc=p1363", digest, der)
+    p1363 = parsed["p256"].sign("enc=p1363", digest)
+    for bad in (p1363[:-1], p1363 + b"\x00", bytes(64)):
+        with pytest.raises(E.EKEYREJECTED):
+            parsed["p256-pub"].verify("enc=p1363", digest, bad)
+
+
+def test_ed25519_sign_verify(parsed, keys):
+    for msg in (b"", b"hello", os.urandom(65536)):
+        sig = parsed["ed25519"].sign("", msg)
+        assert sig == keys["ed25519"].sign(msg)
+        parsed["ed25519-pub"].verify("enc=raw", msg, sig)
+    with pytest.raises(E.EKEYREJECTED):
+        parsed["ed25519-pub"].verify("", b"hellO", parsed["ed25519"].sign("", b"hello"))
+
+
+def test_public_key_cannot_sign_or_decrypt(parsed):
+    with pytest.raises(E.EOPNOTSUPP):
+        parsed["rsa-pub"].sign("enc=pkcs1 hash=sha256", _digest("sha256"))
+    with pytest.raises(E.EOPNOTSUPP):
+        parsed["rsa-pub"].decrypt("enc=pkcs1", bytes(256))
+    for name in ("p256-pub", "ed25519-pub"):
+        with pytest.raises(E.EOPNOTSUPP):
+            parsed[name].sign("", _digest("sha256"))
+
+
+@pytest.mark.parametrize("name", ["p256", "p384-pub", "ed25519", "ed25519-pub"])
+def test_non_rsa_keys_cannot_encrypt(parsed, name):
+    with pytest.raises(E.EOPNOTSUPP):
+        parsed[name].encrypt("", b"x")
+    with pytest.raises(E.EOPNOTSUPP):
+        parsed[name].decrypt("", b"x")
+
+
+@pytest.mark.parametrize("info", ["", "enc=raw", "hash=sha256", "enc=raw hash=sha256"])
+def test_raw_rsa_is_not_offered(parsed, info):
+    digest = _digest("sha256")
+    for call in (lambda: parsed["rsa"].sign(info, digest), lambda: parsed["rsa"].verify(info, digest, bytes(256)),
+                 lambda: parsed["rsa"].encrypt(info, b"x"), lambda: parsed["rsa"].decrypt(info, bytes(256))):
+        with pytest.raises(E.EOPNOTSUPP, match="raw RSA"):
+            call()
+
+
+# ---------------------------------------------------------------------------
+# encrypt / decrypt
+
+
+@pytest.mark.parametrize("info", [
+    "enc=pkcs1", "enc=oaep", "enc=oaep hash=sha256", "enc=oaep hash=sha1", "enc=oaep hash=sha512 mgfhash=sha1",
+    "enc=oaep label=6b657964656e", "enc=oaep hash=sha384 label=00",
+])
+def test_rsa_encrypt_decrypt(parsed, info):
+    msg = b"session key material"
+    ct = parsed["rsa-pub"].encrypt(info, msg)
+    assert len(ct) == 256
+    assert parsed["rsa"].decrypt(info, ct) == msg
+    assert parsed["rsa"].decrypt(info, parsed["rsa"].encrypt(info, b"")) == b""
+
+
+def test_oaep_interop_and_label_mismatch(keys, parsed):
+    ct = keys["rsa"].public_key().encrypt(b"m", padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"L"))
+    assert parsed["rsa"].decrypt("enc=oaep label=4c", ct) == b"m"
+    for info in ("enc=oaep", "enc=oaep label=4d", "enc=oaep hash=sha1"):
+        with pytest.raises(E.EBADMSG, match="^EBADMSG: decryption failed$"):
+            parsed["rsa"].decrypt(info, ct)
+
+
+def test_cert_public_half_encrypts_for_pkcs8_private_half(keys):
+    cert_key = A.parse(make_cert(keys["rsa"]).public_bytes(PEM))
+    ct = cert_key.encrypt("enc=oaep", b"secret")
+    assert A.parse(pkcs8(keys["rsa"], PEM)).decrypt("enc=oaep", ct) == b"secret"
+
+
+def test_size_limits(parsed):
+    rsa_key, rsa_pub = parsed["rsa"], parsed["rsa-pub"]
+    assert len(rsa_pub.encrypt("enc=pkcs1", bytes(245))) == 256
+    assert len(rsa_pub.encrypt("enc=oaep", bytes(190))) == 256
+    for info, n in [("enc=pkcs1", 246), ("enc=oaep", 191), ("enc=oaep hash=sha512", 127)]:
+        with pytest.raises(E.EINVAL, match="too long"):
+            rsa_pub.encrypt(info, bytes(n))
+    with pytest.raises(E.EINVAL):
+        rsa_key.decrypt("enc=oaep", bytes(257))
+    with pytest.raises(E.EBADMSG):
+        rsa_key.decrypt("enc=oaep", bytes(255))
+    digest = _digest("sha256")
+    for bad_digest in (digest[:-1], digest + b"\x00", b""):
+        with pytest.raises(E.EINVAL, match="digest"):
+            rsa_key.sign("enc=pkcs1 hash=sha256", bad_digest)
+        with pytest.raises(E.EINVAL, match="digest"):
+            parsed["p256"].sign("", bad_digest)
+    with pytest.raises(E.EINVAL):
+        rsa_pub.verify("enc=pkcs1 hash=sha256", digest, bytes(257))
+    with pytest.raises(E.EKEYREJECTED):
+        rsa_pub.verify("enc=pkcs1 hash=sha256", digest, bytes(255))
+    with pytest.raises(E.EINVAL, match="longer than p256"):
+        parsed["p256"].sign("hash=sha384", _digest("sha384"))
+    with pytest.raises(E.EINVAL):
+        parsed["p256-pub"].verify("", digest, b"\x30" + bytes(72))
+    with pytest.raises(E.EINVAL):
+        parsed["ed25519"].sign("", bytes(65537))
+    with pytest.raises(E.EINVAL):
+        parsed["ed25519-pub"].verify("", b"m", bytes(65))
+    with pytest.raises(E.EKEYREJECTED):
+        parsed["ed25519-pub"].verify("", b"m", bytes(63))
+
+
+@pytest.mark.parametrize("name,method,info", [
+    ("rsa", "sign", "enc=pss"),                              # hash required
+    ("rsa", "sign", "enc=pkcs1"),
+    ("rsa", "sign", "enc=oaep hash=sha256"),                 # encryption scheme for a signature
+    ("rsa", "encrypt", "enc=pss hash=sha256"),               # signature scheme for encryption
+    ("rsa", "encrypt", "enc=pkcs1 hash=sha256"),             # pkcs1 encryption takes no hash
+    ("rsa", "sign", "enc=pkcs1 hash=sha256 saltlen=32"),     # saltlen only for pss
+    ("rsa", "sign", "enc=pss hash=sha256 saltlen=auto"),     # auto only for verify
+    ("rsa", "sign", "enc=pss hash=sha256 saltlen=300"),      # longer than the key allows
+    ("rsa", "sign", "enc=pss hash=sha256 saltlen=-1"),
+    ("rsa", "sign", "enc=pss hash=sha256 saltlen=big"),
+    ("rsa", "sign", "enc=pss hash=sha256 mgfhash=md5"),
+    ("rsa", "encrypt", "enc=oaep label=xyz1"),
+    ("rsa", "encrypt", "enc=oaep label=abc"),                 # odd-length hex
+    ("rsa", "encrypt", "enc=pkcs1 label=00"),
+    ("rsa", "sign", "enc=pkcs1 hash=md5"),
+    ("rsa", "sign", "enc=pkcs1 hash=SHA256"),
+    ("p256", "sign", "enc=pkcs1"),
+    ("p256", "sign", "enc=raw"),
+    ("p256", "sign", "enc=x962 saltlen=1"),
+    ("ed25519", "sign", "hash=sha512"),
+    ("ed25519", "sign", "enc=x962"),
+    ("ed25519", "sign", "bogus=1"),
+])
+def test_option_errors(parsed, name, method, info):
+    with pytest.raises(E.EINVAL):
+        getattr(parsed[name], method)(info, _digest("sha256") if method == "sign" else b"x")
+
+
+def test_non_bytes_arguments_are_einval(parsed):
+    with pytest.raises(E.EINVAL):
+        parsed["ed25519"].sign("", "text")
+    with pytest.raises(E.EINVAL):
+        parsed["ed25519"].verify("", b"m", "sig")
+    with pytest.raises(E.EINVAL):
+        parsed["ed25519"].sign(None, b"m")
+
+
+# ---------------------------------------------------------------------------
+# the object itself: no dumping, no material in repr
+
+
+def test_pickle_and_copy_refused(parsed):
+    for key in parsed.values():
+        for dump in (pickle.dumps, copy.copy, copy.deepcopy, lambda k: k.__getstate__(), lambda k: k.__reduce__()):
+            with pytest.raises(TypeError, match="cannot be pickled"):
+                dump(key)
+
+
+def test_immutable(parsed):
+    with pytest.raises(AttributeError):
+        parsed["rsa-pub"].has_private = True
+    with pytest.raises(AttributeError):
+        del parsed["rsa"].algo
+    with pytest.raises(AttributeError):
+        parsed["rsa"].extra = 1  # __slots__: no __dict__
+    assert not hasattr(parsed["rsa"], "__dict__")
+
+
+def test_repr_shows_no_material(parsed, keys):
+    numbers = keys["rsa"].private_numbers()
+    text = repr(parsed["rsa"]) + str(parsed["rsa"])
+    for secret in (numbers.p, numbers.q, numbers.d, numbers.dmp1, numbers.dmq1, numbers.iqmp):
+        assert f"{secret:x}" not in text and str(secret) not in text
+    assert "rsa" in text and "2048" in text and "pkcs8" in text and "private" in text
+    assert parsed["rsa"].key_ids[0].hex() in text
+    ec_secret = f"{keys['p256'].private_numbers().private_value:x}"
+    assert ec_secret not in repr(parsed["p256"])
+    ed_raw = keys["ed25519"].private_bytes(S.Encoding.Raw, S.PrivateFormat.Raw, NOENC).hex()
+    assert ed_raw not in repr(parsed["ed25519"])
+
+
+def test_private_key_for_internal_use(parsed):
+    assert isinstance(parsed["rsa"].private_key_for_internal_use(), rsa.RSAPrivateKey)
+    assert isinstance(parsed["ed25519"].private_key_for_internal_use(), ed25519.Ed25519PrivateKey)
+    with pytest.raises(E.EOPNOTSUPP):
+        parsed["p256-pub"].private_key_for_internal_use()
