@@ -1,13 +1,88 @@
+"""`keyden [--socket PATH] <command> ...`: keyctl(1)'s command line, answered by the keyden daemon.
+
+Exit status as keyctl: 0 success, 1 an operation failed (``function:
+strerror`` on stderr) or the daemon is unreachable, 2 a usage error (the
+command's synopsis on stderr), 3 where keyctl uses it (``supports`` with an
+unknown capability).  The commands themselves live in ``commands``.
+"""
+
+from __future__ import annotations
+
+import os
 import sys
 
-from keyden.cli.serve import serve
+from keyden import errors as E
+from keyden.cli import commands
+from keyden.cli.support import Context, Exit, NoDaemon, Usage
+
+HELP_WORDS = ("--help", "-h")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "serve":
-        return serve(argv[1:])
-    return 2
+def _global_options(argv: list[str]) -> tuple[str | None, list[str]]:
+    """--socket PATH (or --socket=PATH) before the command; else the client's default resolution."""
+    socket = None
+    while argv:
+        if argv[0] == "--socket":
+            if len(argv) < 2:
+                raise Usage()
+            socket, argv = argv[1], argv[2:]
+        elif argv[0].startswith("--socket="):
+            socket, argv = argv[0].partition("=")[2], argv[1:]
+        else:
+            break
+    return socket, argv
+
+
+def run(argv: list[str]) -> int:
+    try:
+        socket, argv = _global_options(argv)
+    except Usage:
+        sys.stderr.write(commands.format_help())
+        return 2
+    if not argv:
+        sys.stderr.write(commands.format_help())
+        return 2
+    if argv[0] in HELP_WORDS:
+        sys.stdout.write(commands.format_help())
+        return 0
+    try:
+        command = commands.find(argv[0])
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    ctx = Context(socket)
+    try:
+        return command.handler(ctx, argv[1:]) or 0
+    except Usage:
+        sys.stderr.write(commands.format_usage(command.name))
+        return 2
+    except Exit as exc:
+        if exc.message:
+            print(exc.message, file=sys.stderr)
+        return exc.code
+    except NoDaemon as exc:
+        print(f"keyden: {exc} (is the daemon running?)", file=sys.stderr)
+        return 1
+    except E.KeydenError as exc:  # an operation without a keyctl function name to report
+        print(f"keyden: {os.strerror(exc.code)}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = run(argv)
+        sys.stdout.flush()
+        return status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`keyden list @s | head -1`): say nothing, as C's keyctl would die of SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,207 @@
+"""What every command shares: the daemon connection, keyctl's argument parsing, its error reporting.
+
+keyctl(1) reports failures in three ways, and scripts depend on the exit
+codes: a failed operation prints ``function: strerror`` and exits 1, a
+malformed command line exits 2 (after the usage, or after a specific
+message such as ``Unparsable key``), and a few commands exit 3.  The
+exceptions here carry those outcomes up to ``main``, which prints and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from keyden import errors as E
+from keyden.client.common import SPECIAL
+
+STDIN_LIMIT = 1024 * 1024  # keyctl's grab_stdin buffer
+INFO_LIMIT = 4096  # keyctl's pkey info buffer, NUL included
+
+
+class Exit(Exception):
+    """Stop with ``code``, printing ``message`` (if any) on stderr."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Usage(Exception):
+    """The command line does not fit the command: print its usage, exit 2."""
+
+
+class NoDaemon(Exception):
+    """The daemon cannot be reached at all."""
+
+
+def failure(function: str, exc: BaseException) -> Exit:
+    """keyctl's perror(function) and exit(1), for a keyden or an OS error."""
+    code = getattr(exc, "code", None) if isinstance(exc, E.KeydenError) else getattr(exc, "errno", None)
+    text = os.strerror(code) if code else str(exc)
+    return Exit(1, f"{function}: {text}")
+
+
+def call(function: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one client operation; a daemon refusal becomes keyctl's ``function: strerror``."""
+    try:
+        return method(*args, **kwargs)
+    except E.KeydenError as exc:
+        raise failure(function, exc) from None
+
+
+def strtoul(text: str, base: int = 0) -> int | None:
+    """C's strtoul with the whole string consumed: None where keyctl says 'Unparsable'.
+
+    Kept faithful (leading blanks, a sign, 0x and leading-0 octal for base 0,
+    a negative value wrapping modulo 2**64) so scripts written for keyctl
+    parse the same way; callers narrow the result to the C type they need.
+    """
+    if not text:
+        return 0  # strtoul("") converts nothing and stops at the NUL: keyctl takes it as 0
+    s = text.lstrip(" \t\n\r\f\v")
+    negative = s[:1] == "-"
+    if s[:1] in ("+", "-"):
+        s = s[1:]
+    if base in (0, 16) and s[:2].lower() == "0x" and len(s) > 2:
+        s, base = s[2:], 16
+    elif base == 0:
+        base = 8 if s[:1] == "0" and len(s) > 1 else 10
+    digits = "0123456789abcdef"[:base]
+    if not s or any(ch.lower() not in digits for ch in s):
+        return None
+    value = int(s, base)
+    if value >= 2**64:
+        value = 2**64 - 1  # strtoul saturates at ULONG_MAX
+    return (-value) % 2**64 if negative else value
+
+
+def int32(value: int) -> int:
+    """Narrow to key_serial_t (a signed 32-bit int), as a C cast does."""
+    value &= 0xFFFFFFFF
+    return value - 2**32 if value & 0x80000000 else value
+
+
+def id32(value: int) -> int:
+    """Narrow to uid_t/gid_t; (uid_t)-1 means 'leave unchanged', which keyden spells -1."""
+    value &= 0xFFFFFFFF
+    return -1 if value == 0xFFFFFFFF else value
+
+
+def number(text: str, what: str, base: int = 0) -> int:
+    """A numeric argument, or keyctl's 'Unparsable <what>' and exit 2."""
+    value = strtoul(text, base)
+    if value is None:
+        raise Exit(2, f"Unparsable {what}: '{text}'")
+    return value
+
+
+def hex_to_bytes(data: bytes) -> bytes:
+    """keyctl -x: hex pairs, whitespace ignored anywhere between them."""
+    out = bytearray()
+    compact = bytes(b for b in data if b not in b" \t\n\r\f\v")
+    for i in range(0, len(compact), 2):
+        pair = compact[i:i + 2]
+        if len(pair) < 2:
+            raise Exit(1, "Short hex doublet")
+        try:
+            out += bytes.fromhex(pair.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise Exit(1, "Bad hex doublet") from None
+    return bytes(out)
+
+
+def read_stdin() -> bytes:
+    """The whole of stdin, capped like keyctl's grab_stdin."""
+    try:
+        data = sys.stdin.buffer.read(STDIN_LIMIT + 1)
+    except OSError as exc:
+        raise failure("stdin", exc) from None
+    if len(data) > STDIN_LIMIT:
+        raise Exit(1, "Too much data read on stdin")
+    return data
+
+
+def read_file(name: str) -> bytes:
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise failure(name, exc) from None
+
+
+def pkey_info(words: list[str]) -> str:
+    """keyctl's [k=v]* words joined into the kernel's info string."""
+    for word in words:
+        if "=" not in word:
+            raise Exit(2, "Option not in key=val form")
+    info = " ".join(words)
+    if len(info.encode()) > INFO_LIMIT - 1:
+        raise Exit(2, "Too many info options")
+    return info
+
+
+def pkey_password(arg: str) -> None:
+    """keyctl accepts only '0' (no password) here; so does keyden."""
+    if arg != "0":
+        raise Exit(2, "Password passing is not yet supported")
+
+
+def write_bytes(data: bytes) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+class Context:
+    """One invocation: where the daemon is, and a connection opened on first use."""
+
+    def __init__(self, socket: str | None = None):
+        self.socket = socket
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self.connect()
+        return self._client
+
+    def connect(self, session: str | None = None):
+        import keyden
+
+        try:
+            return keyden.connect(self.socket, session=session)
+        except E.KeydenError as exc:
+            raise NoDaemon(exc.message) from None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def key(self, arg: str) -> int:
+        """keyctl's get_key_id: a number, '@x', or '%type:desc' looked up among visible keys."""
+        if arg.startswith("@"):
+            if arg not in SPECIAL:
+                raise Exit(2, f"Unknown special key: '{arg}'")
+            return SPECIAL[arg]
+        if arg.startswith("%"):
+            spec = arg[1:]
+            if spec.startswith(":"):
+                type_name, desc = "keyring", spec[1:]
+            else:
+                type_name, colon, desc = spec.partition(":")
+                if not colon:
+                    desc = ""
+            if not spec or not desc:
+                raise Exit(2, "Incorrect key-by-name spec")
+            try:
+                return self.client.find(type_name, desc)
+            except E.KeydenError:
+                raise Exit(1, f"Can't find '{type_name}:{desc}'") from None
+        value = strtoul(arg)
+        if value is None:
+            raise Exit(2, f"Unparsable key: '{arg}'")
+        return int32(value)

@@ -1,0 +1,408 @@
+"""The keyctl-compatible command line, run as a real subprocess against a real daemon.
+
+Each test runs `python -m keyden` inside the test's own session keyring
+(KEYDEN_SESSION from the ``client`` fixture) and checks keyctl's exact
+output and exit codes.  Subprocesses cost ~0.2 s each, so tests group
+related checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keyden.cli import commands
+from tests.conftest import REPO
+
+UID, GID = os.geteuid(), os.getegid()
+KEYDEN = f"{shlex.quote(sys.executable)} -m keyden"  # for shell commands run inside `keyden session`
+
+
+@dataclass
+class Result:
+    rc: int
+    stdout: bytes
+    err: str
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode()
+
+
+@pytest.fixture
+def keyden(daemon, client):
+    """Run the CLI in the test's session: keyden("add", "user", ...) -> Result."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               KEYDEN_SESSION=client.session_token)
+    env.pop("KEYDEN_SOCKET", None)
+
+    def run(*args: str, stdin: bytes = b"", session: str | None = None, socket: str | None = None) -> Result:
+        run_env = env if session is None else dict(env, KEYDEN_SESSION=session)
+        proc = subprocess.run([sys.executable, "-m", "keyden", "--socket", socket or daemon.socket, *args],
+                              input=stdin, capture_output=True, env=run_env, timeout=60)
+        return Result(proc.returncode, proc.stdout, proc.stderr.decode())
+
+    return run
+
+
+def ok(result: Result) -> str:
+    assert result.rc == 0, result.err
+    return result.out
+
+
+# ------------------------------------------------------------------ table & help
+
+
+REQUIRED = ("add padd request request2 update pupdate newring revoke invalidate clear link unlink move search "
+            "read pipe print list rlist describe rdescribe show chown chgrp setperm timeout session new_session "
+            "purge reap restrict_keyring supports id pkey_query pkey_encrypt pkey_decrypt pkey_sign pkey_verify "
+            "serve genkey").split()
+
+
+def test_help_lists_every_command_and_usage_errors_print_the_synopsis(keyden):
+    for words in (["--help"], ["help"]):
+        out = ok(keyden(*words))
+        listed = {line.split()[1] for line in out.splitlines() if line.startswith("  keyden ")}
+        assert set(REQUIRED) <= listed
+        assert {c.name for c in commands.COMMANDS} <= listed
+    bare = keyden()
+    assert bare.rc == 2 and bare.err.startswith("Format:\n") and "keyden add " in bare.err
+
+    assert ok(keyden("help", "purge")) == ("Format:\n  keyden purge <type>\n  keyden purge [-p] [-i] <type> <desc>\n"
+                                           "  keyden purge -s <type> <desc>\n")
+    wrong = keyden("describe")  # missing argument
+    assert (wrong.rc, wrong.err, wrong.out) == (2, "Format:\n  keyden describe <keyring>\n", "")
+    unknown = keyden("frobnicate", "@s")
+    assert (unknown.rc, unknown.err) == (2, "Unknown command\n")
+    ambiguous = keyden("li", "@s")  # link, list
+    assert (ambiguous.rc, ambiguous.err) == (2, "Ambiguous command\n")
+
+
+def test_daemon_not_running_is_a_clear_failure(keyden, tmp_path):
+    r = keyden("list", "@s", socket=str(tmp_path / "nothing.sock"))
+    assert r.rc == 1
+    assert "cannot connect to keyden" in r.err and "is the daemon running?" in r.err
+
+
+# ------------------------------------------------------------- output formats
+
+
+def test_add_list_rlist_describe_id(keyden, client):
+    session = client.get_keyring_id("@s")
+    assert ok(keyden("list", "@s")) == "keyring is empty\n"
+    assert ok(keyden("rlist", "@s")) == "\n"
+    foo = int(ok(keyden("add", "user", "foo", "bar", "@s")))
+    assert client.read(foo) == b"bar"
+    assert ok(keyden("list", "@s")) == f"1 key in keyring:\n{foo:9d}: --alswrv {UID:5d} {GID:5d} user: foo\n"
+    assert ok(keyden("id", "%user:foo")) == f"{foo}\n"
+
+    ring = int(ok(keyden("newring", "sub", "@s")))
+    client.setperm(foo, 0x01030000)  # possessor view, user read+view: list shows what *we* are granted
+    assert ok(keyden("list", str(session))) == (
+        f"2 keys in keyring:\n{foo:9d}: ------rv {UID:5d} {GID:5d} user: foo\n"
+        f"{ring:9d}: --alswrv {UID:5d} {GID:5d} keyring: sub\n")
+    assert ok(keyden("rlist", "@s")) == f"{foo} {ring}\n"
+    assert ok(keyden("describe", "%:sub")) == f"{ring:9d}: alswrv-----v------------ {UID:5d} {GID:5d} keyring: sub\n"
+    assert ok(keyden("rdescribe", "%user:foo")) == f"user;{UID};{GID};01030000;foo\n"
+    assert ok(keyden("rdescribe", str(foo), "|")) == f"user|{UID}|{GID}|01030000|foo\n"
+    assert ok(keyden("id", "@s")) == f"{session}\n"
+    # A unique prefix selects the command; numbers may be hex, as strtoul reads them.
+    assert ok(keyden("desc", hex(foo))) == ok(keyden("describe", str(foo)))
+    assert ok(keyden("rli", "-3")) == f"{foo} {ring}\n"  # -3 is @s
+
+
+def test_read_print_pipe_and_hex_input(keyden, client):
+    data = bytes(range(40))
+    key = int(ok(keyden("add", "-x", "user", "bin", data.hex(), "@s")))
+    assert client.read(key) == data
+    assert ok(keyden("read", str(key))) == (
+        "40 bytes of data in key:\n"
+        "00010203 04050607 08090a0b 0c0d0e0f 10111213 14151617 18191a1b 1c1d1e1f\n"
+        "20212223 24252627\n")
+    assert ok(keyden("print", str(key))) == ":hex:" + data.hex() + "\n"
+    assert keyden("pipe", str(key)).stdout == data
+
+    text = int(ok(keyden("padd", "user", "text", "@s", stdin=b"hello world")))
+    assert ok(keyden("print", str(text))) == "hello world\n"
+    ok(keyden("pupdate", "%user:text", stdin=b"line\n"))
+    assert client.read(text) == b"line\n"
+    assert ok(keyden("print", str(text))) == ":hex:6c696e650a\n"
+    ok(keyden("update", "-x", str(text), "de ad\nbe ef"))  # whitespace between hex pairs is ignored
+    assert client.read(text) == b"\xde\xad\xbe\xef"
+    ok(keyden("pupdate", "-x", str(text), stdin=b"41 42\n"))
+    assert keyden("pipe", str(text)).stdout == b"AB"
+    padded = int(ok(keyden("padd", "-x", "user", "hx", "@s", stdin=b"0001")))
+    assert client.read(padded) == b"\x00\x01"
+    bad = keyden("add", "-x", "user", "bad", "abc", "@s")
+    assert (bad.rc, bad.err) == (1, "Short hex doublet\n")
+
+
+def test_errors_are_keyctl_function_and_strerror(keyden, client):
+    missing = keyden("read", "12345")
+    assert (missing.rc, missing.out, missing.err) == (1, "", "keyctl_read_alloc: Required key not available\n")
+    r = keyden("describe", "@x")
+    assert (r.rc, r.err) == (2, "Unknown special key: '@x'\n")
+    r = keyden("describe", "abc")
+    assert (r.rc, r.err) == (2, "Unparsable key: 'abc'\n")
+    notfound = keyden("describe", "%user:nope")
+    assert (notfound.rc, notfound.err) == (1, "Can't find 'user:nope'\n")
+    assert keyden("describe", "%user").rc == 2
+    r = keyden("add", "nosuchtype", "d", "x", "@s")
+    assert (r.rc, r.err) == (1, "add_key: No such device\n")
+    r = keyden("add", "logon", "nocolon", "x", "@s")
+    assert (r.rc, r.err) == (1, "add_key: Invalid argument\n")
+    logon = int(ok(keyden("add", "logon", "svc:pw", "secret", "@s")))
+    r = keyden("print", str(logon))
+    assert (r.rc, r.err, r.out) == (1, "keyctl_read_alloc: Operation not supported\n", "")
+    r = keyden("id", "@g")
+    assert (r.rc, r.err) == (1, "keyctl_get_keyring_ID: Invalid argument\n")
+    r = keyden("setperm", str(logon), "rwx")
+    assert (r.rc, r.err) == (2, "Unparsable permissions: 'rwx'\n")
+    r = keyden("timeout", str(logon), "1x")
+    assert (r.rc, r.err) == (2, "Unparsable timeout: '1x'\n")
+
+
+# -------------------------------------------------------------------- tree
+
+
+def test_show_prints_the_session_tree(keyden, client):
+    session = client.get_keyring_id("@s")
+    ring = client.newring("ring", "@s")
+    inner = client.add("user", "inner", b"1", ring)
+    last = client.add("user", "last", b"2", "@s")
+    deep = client.newring("deep", ring)
+    leaf = client.add("user", "leaf", b"3", deep)
+
+    def line(serial, depth_text, type_name, desc):
+        return f"{serial:10d} --alswrv  {UID:5d} {GID:5d}  {depth_text}{type_name}: {desc}"
+
+    expected = ["Session Keyring",
+                line(session, "", "keyring", "_ses"),
+                line(ring, " \\_ ", "keyring", "ring"),
+                line(inner, " |   \\_ ", "user", "inner"),
+                line(deep, " |   \\_ ", "keyring", "deep"),
+                line(leaf, " |       \\_ ", "user", "leaf"),  # ring has a later sibling: its bar runs on
+                line(last, " \\_ ", "user", "last")]
+    assert ok(keyden("show")).splitlines() == expected
+    hexed = ok(keyden("show", "-x", "%:deep")).splitlines()
+    assert hexed[0] == "Keyring"
+    assert hexed[1].startswith(f"0x{deep:08x} --alswrv") and hexed[1].endswith("  keyring: deep")
+    assert hexed[2].startswith(f"0x{leaf:08x} ") and hexed[2].endswith("   \\_ user: leaf")
+
+    client.setperm(inner, 0)  # no view for anyone: show cannot describe it
+    assert f"{inner}: key inaccessible (Permission denied)" in ok(keyden("show")).splitlines()
+
+
+def test_unlink_purge_and_reap_walk_the_session_tree(keyden, client):
+    ring_a = client.newring("a", "@s")
+    ring_b = client.newring("b", "@s")
+    shared = client.add("user", "shared", b"x", ring_a)
+    client.link(shared, ring_b)
+    client.link(shared, "@s")
+    assert ok(keyden("unlink", str(shared))) == "3 links removed\n"
+    ok(keyden("link", str(client.add("user", "x", b"1", ring_a)), str(ring_b)))
+    r = keyden("unlink", "%user:x", str(ring_b))
+    assert r.rc == 0 and client.read(ring_b) == []
+    r = keyden("unlink", "%:a", str(ring_b))
+    assert (r.rc, r.err) == (1, "keyctl_unlink: No such file or directory\n")
+
+    for ring, desc in ((ring_a, "tok"), (ring_b, "TOKEN"), ("@s", "token2"), ("@s", "other")):
+        client.add("user", desc, b"v", ring)
+    assert ok(keyden("purge", "-p", "-i", "user", "tok")) == ("user 'tok'\nuser 'TOKEN'\nuser 'token2'\n"
+                                                              "purged 3 keys\n")
+    assert ok(keyden("purge", "user")) == "purged 2 keys\n"  # 'other' and 'x' in ring a
+    client.add("user", "s", b"v", ring_a)
+    client.add("user", "s", b"v", ring_b)
+    assert ok(keyden("purge", "-s", "user", "s")) == "purged 2 keys\n"
+    assert keyden("purge", "-s", "user").rc == 2
+    assert keyden("purge", "-p", "user").rc == 2
+
+    # reap removes what cannot be described for reasons other than permission: revoked, expired.
+    doomed = client.add("user", "revoked", b"v", ring_a)
+    ok(keyden("revoke", str(doomed)))
+    r = keyden("describe", str(doomed))
+    assert (r.rc, r.err) == (1, "keyctl_describe_alloc: Key has been revoked\n")
+    expiring = client.add("user", "expiring", b"v", "@s")
+    ok(keyden("timeout", str(expiring), "1"))
+    hidden = client.add("user", "hidden", b"v", "@s")
+    client.setperm(hidden, 0x3e000000)  # describable by nobody, but alive: reap must keep it
+    time.sleep(1.1)
+    assert ok(keyden("reap", "-v")) == f"Reap {doomed}\nReap {expiring}\n2 keys reaped\n"
+    assert client.read("@s") == [ring_a, ring_b, hidden]
+    assert client.read(ring_a) == []
+
+
+# -------------------------------------------------------------- attributes
+
+
+def test_setperm_chown_chgrp_timeout_move_search_request(keyden, client):
+    key = client.add("user", "k", b"v", "@s")
+    ok(keyden("setperm", str(key), "0x3f3f0000"))
+    assert client.describe(key).perm == 0x3F3F0000
+    ok(keyden("setperm", str(key), str(0x3f010000)))
+    assert client.describe(key).perm == 0x3F010000
+    ok(keyden("setperm", str(key), "07700000000"))  # a leading 0 is octal, as for strtoul
+    assert client.describe(key).perm == 0x3F000000
+    ok(keyden("setperm", str(key), "0x3f3f0000"))
+    ok(keyden("chgrp", str(key), str(GID)))
+    ok(keyden("chown", str(key), str(UID)))
+    assert (client.describe(key).uid, client.describe(key).gid) == (UID, GID)
+    r = keyden("chown", "12345", str(UID))
+    assert (r.rc, r.err) == (1, "keyctl_chown: Required key not available\n")
+    r = keyden("chown", str(key), "x")
+    assert (r.rc, r.err) == (2, "Unparsable uid: 'x'\n")
+    ok(keyden("timeout", str(key), "3600"))
+
+    ring = client.newring("dest", "@s")
+    assert ok(keyden("search", "@s", "user", "k")) == f"{key}\n"
+    assert ok(keyden("search", "@s", "user", "k", str(ring))) == f"{key}\n"
+    assert key in client.read(ring)
+    assert ok(keyden("request", "user", "k")) == f"{key}\n"
+    assert ok(keyden("request2", "user", "k", "callout info")) == f"{key}\n"
+    r = keyden("request", "user", "absent")
+    assert (r.rc, r.err) == (1, "request_key: Required key not available\n")
+
+    other = client.add("user", "k", b"w", client.newring("elsewhere", "@s"))
+    r = keyden("move", str(other), "%:elsewhere", str(ring))
+    assert (r.rc, r.err) == (1, "keyctl_move: File exists\n")
+    ok(keyden("move", "-f", str(other), "%:elsewhere", str(ring)))
+    assert other in client.read(ring) and key not in client.read(ring)
+
+    ok(keyden("invalidate", str(other)))
+    assert keyden("describe", str(other)).rc == 1
+    ok(keyden("clear", str(ring)))
+    assert client.read(ring) == []
+
+
+def test_restrict_keyring(keyden, client):
+    ring = client.newring("locked", "@s")
+    ok(keyden("restrict_keyring", str(ring)))
+    r = keyden("add", "user", "x", "y", str(ring))
+    assert (r.rc, r.err) == (1, "add_key: Operation not permitted\n")
+    r = keyden("restrict_keyring", str(ring))
+    assert (r.rc, r.err) == (1, "keyctl_restrict_keyring: File exists\n")
+    # The typed forms reach the daemon unchanged (a restriction it does not know is its call to refuse).
+    typed = keyden("restrict_keyring", "%:open", "user", "whatever")
+    assert typed.rc == 1 and typed.err.startswith("Can't find")
+    r = keyden("restrict_keyring", str(client.newring("open", "@s")), "nosuchtype", "x")
+    assert r.rc == 1 and r.err.startswith("keyctl_restrict_keyring: ")
+
+
+def test_supports(keyden, client):
+    have = set(client.supports())
+    out = ok(keyden("supports"))
+    lines = out.splitlines()
+    assert lines[0] == "have_capabilities=1"
+    assert "have_persistent_keyrings=0" in lines
+    for name in ("move_key", "key_invalidate", "restrict_keyring", "public_key"):
+        assert f"have_{name}={1 if name in have else 0}" in lines
+    assert keyden("supports", "move_key").rc == (0 if "move_key" in have else 1)
+    assert keyden("supports", "persistent_keyrings").rc == 1
+    assert keyden("supports", "no_such_capability").rc == 3
+    raw = ok(keyden("supports", "--raw")).strip()
+    assert len(raw) == 4 and int(raw[:2], 16) & 0x01
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_session_runs_a_child_that_possesses_the_session(keyden, client):
+    # Possessor-only permissions: the child can read its key only through possession of @s.
+    script = (f"k=$({KEYDEN} add user a b @s) && {KEYDEN} setperm $k 0x3f000000 && "
+              f"{KEYDEN} print %user:a && {KEYDEN} id @s && echo $k; exit 7")
+    r = keyden("session", "mysess", "sh", "-c", script)
+    assert r.rc == 7, r.err
+    payload, session_id, key = r.out.splitlines()
+    assert payload == "b"
+    assert r.err == f"Joined session keyring: {session_id}\n"
+    assert int(session_id) != client.get_keyring_id("@s")
+    # The session was left when the child exited: its keyring and key are gone.
+    gone = keyden("describe", key)
+    assert (gone.rc, gone.err) == (1, "keyctl_describe_alloc: Required key not available\n")
+
+    anon = keyden("session", "-", "sh", "-c", f"{KEYDEN} rdescribe @s")
+    assert anon.rc == 0 and anon.out.startswith("keyring;") and anon.out.endswith(";_ses\n")
+    missing = keyden("session", "-", "/nonexistent/program")
+    assert (missing.rc, missing.err.splitlines()[-1]) == (1, "/nonexistent/program: No such file or directory")
+
+
+def test_new_session_prints_serial_and_token(keyden, client):
+    serial, assignment = ok(keyden("new_session")).splitlines()
+    name, _, token = assignment.partition("=")
+    assert name == "KEYDEN_SESSION" and token
+    assert ok(keyden("id", "@s", session=token)) == f"{serial}\n"
+    key = ok(keyden("add", "user", "in-new", "v", "@s", session=token)).strip()
+    assert ok(keyden("rlist", "@s", session=token)) == f"{key}\n"
+    assert key not in ok(keyden("rlist", "@s")).split()  # the test's own session is another keyring
+    ok(keyden("leave_session", token))
+    r = keyden("leave_session", token)
+    assert (r.rc, r.err) == (1, "leave_session: Required key not available\n")
+
+
+# -------------------------------------------------------------- public keys
+
+
+def test_genkey_and_pkey_operations_through_files(keyden, client, tmp_path):
+    key = ok(keyden("genkey", "ec:p256", "signer", "@s")).strip()
+    assert ok(keyden("describe", key)).endswith(" asymmetric: signer\n")
+    assert ok(keyden("pkey_query", key, "0")) == client.pkey_query(int(key)).keyctl() + "\n"
+
+    digest = tmp_path / "digest"
+    digest.write_bytes(hashlib.sha256(b"message").digest())
+    sign = keyden("pkey_sign", key, "0", str(digest), "hash=sha256")
+    assert sign.rc == 0, sign.err
+    sig_file = tmp_path / "sig"
+    sig_file.write_bytes(sign.stdout)
+    client.public_key(int(key)).verify(sign.stdout, b"message", ec.ECDSA(hashes.SHA256()))  # independent check
+    assert ok(keyden("pkey_verify", key, "0", str(digest), str(sig_file), "hash=sha256")) == ""
+    other = tmp_path / "other"
+    other.write_bytes(hashlib.sha256(b"tampered").digest())
+    r = keyden("pkey_verify", key, "0", str(other), str(sig_file), "hash=sha256")
+    assert (r.rc, r.err) == (1, "keyctl_pkey_verify: Key was rejected by service\n")
+
+    r = keyden("pkey_sign", key, "0", str(digest), "hash")
+    assert (r.rc, r.err) == (2, "Option not in key=val form\n")
+    r = keyden("pkey_sign", key, "secret", str(digest))
+    assert (r.rc, r.err) == (2, "Password passing is not yet supported\n")
+    r = keyden("pkey_sign", key, "0", str(tmp_path / "absent"))
+    assert (r.rc, r.err) == (1, f"{tmp_path / 'absent'}: No such file or directory\n")
+    r = keyden("pkey_encrypt", key, "0", str(digest))
+    assert (r.rc, r.err) == (1, "keyctl_pkey_encrypt: Operation not supported\n")
+    assert keyden("pkey_verify", key, "0", str(digest)).rc == 2
+    r = keyden("genkey", "dsa:1024", "@s")
+    assert (r.rc, r.err) == (1, "genkey: Invalid argument\n")
+
+    rsa = ok(keyden("genkey", "rsa:2048", "@s")).strip()  # description derived by the daemon
+    assert "RSA" in ok(keyden("describe", rsa))
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"attack at dawn")
+    enc = keyden("pkey_encrypt", rsa, "0", str(plain), "enc=oaep", "hash=sha256")
+    assert enc.rc == 0 and len(enc.stdout) == 256
+    cipher = tmp_path / "cipher"
+    cipher.write_bytes(enc.stdout)
+    assert keyden("pkey_decrypt", rsa, "0", str(cipher), "enc=oaep", "hash=sha256").stdout == b"attack at dawn"
+
+
+def test_add_encrypted_pkcs8_with_password(keyden, client, tmp_path):
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.BestAvailableEncryption(b"hunter2"))
+    key = ok(keyden("add", "--password", "hunter2", "asymmetric", "mine", pem.decode(), "@s")).strip()
+    assert ok(keyden("describe", key)).endswith(" asymmetric: mine\n")
+    assert keyden("add", "--password", "wrong", "asymmetric", "mine2", pem.decode(), "@s").rc == 1
+    assert keyden("add", "asymmetric", "mine3", pem.decode(), "@s").rc == 1
+    password_file = tmp_path / "pw"
+    password_file.write_bytes(b"hunter2\n")
+    key2 = ok(keyden("padd", "--password-file", str(password_file), "asymmetric", "", "@s", stdin=pem)).strip()
+    expected_spki = private.public_key().public_bytes(serialization.Encoding.DER,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert client.public_key_bytes(int(key2))[0] == expected_spki
