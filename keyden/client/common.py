@@ -89,9 +89,15 @@ def read_result(is_keyring: int, data: bytes) -> bytes | list[int]:
     return data
 
 
+#: ops whose single response field is the method's value
+_SINGLE = {Op.ADD, Op.REQUEST, Op.SEARCH, Op.GET_KEYRING_ID, Op.FIND, Op.GENKEY, Op.PKEY_ENCRYPT, Op.PKEY_DECRYPT,
+           Op.PKEY_SIGN, Op.PING, Op.DERIVE, Op.DH_COMPUTE, Op.DH_COMPUTE_KDF, Op.PKEY_DECRYPT_INTO, Op.CIPHER,
+           Op.DIGEST, Op.MAC, Op.STREAM_UPDATE, Op.SHM_ATTACH}
+
+
 def shape(op: Op, values: tuple, args: tuple):
     """Turn an op's response fields into what the method returns."""
-    if op in (Op.ADD, Op.REQUEST, Op.SEARCH, Op.GET_KEYRING_ID, Op.FIND, Op.GENKEY):
+    if op in _SINGLE:
         return values[0]
     if op is Op.READ:
         return read_result(*values)
@@ -99,8 +105,6 @@ def shape(op: Op, values: tuple, args: tuple):
         return KeyDescription(*values)
     if op is Op.PKEY_QUERY:
         return PkeyQuery(*values)
-    if op in (Op.PKEY_ENCRYPT, Op.PKEY_DECRYPT, Op.PKEY_SIGN, Op.PING):
-        return values[0]
     if op is Op.CAPABILITIES:
         return values[0].split()
     if not values:

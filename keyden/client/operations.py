@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from keyden.protocol import MOVE_EXCL, Op
+from keyden.protocol import DECRYPT, MOVE_EXCL, RANDOM_NONCE, Op
 
 
 class Ref:
@@ -134,6 +134,64 @@ class Operations:
     def public_key_bytes(self, key):
         """(SubjectPublicKeyInfo DER, certificate DER or b'') of an asymmetric key: public data only."""
         return self._call(Op.PUBLIC_KEY, Ref(key))
+
+    # session keys: agreement and key transport whose results stay inside
+    def derive(self, private, peer=b"", *, peer_key=0, kdf: str = "hkdf-sha256", salt=b"", info=b"",
+               length: int = 32, description: str = "", keyring="@s", perm: int = 0, timeout: int = 0):
+        """ECDH/X25519 with ``private`` and the peer (public key bytes, or ``peer_key=serial``), then a KDF.
+
+        The result becomes a new logon key; only its serial comes back.
+        """
+        return self._call(Op.DERIVE, Ref(private), _bytes(peer), Ref(peer_key) if peer_key else 0, kdf,
+                          _bytes(salt), _bytes(info), length, description, Ref(keyring), perm, timeout)
+
+    def dh_compute(self, private, prime, base):
+        """KEYCTL_DH_COMPUTE: like the kernel, returns the result (``derive`` keeps it inside)."""
+        return self._call(Op.DH_COMPUTE, Ref(private), Ref(prime), Ref(base))
+
+    def dh_compute_kdf(self, private, prime, base, hash_name: str, length: int, otherinfo=b""):
+        return self._call(Op.DH_COMPUTE_KDF, Ref(private), Ref(prime), Ref(base), hash_name, length,
+                          _bytes(otherinfo))
+
+    def pkey_decrypt_into(self, key, info: str, data, description: str = "", keyring="@s", perm: int = 0):
+        """Unwrap a transported session key straight into a new logon key; returns its serial."""
+        return self._call(Op.PKEY_DECRYPT_INTO, Ref(key), info, _bytes(data), description, Ref(keyring), perm)
+
+    # data shoveling by serial (the kernel crypto API's algorithm names)
+    def cipher(self, alg: str, key, data, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):
+        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        return self._call(Op.CIPHER, alg, Ref(key) if key else 0, flags, _bytes(iv), _bytes(aad), _bytes(data))
+
+    def digest(self, alg: str, data):
+        return self._call(Op.DIGEST, alg, _bytes(data))
+
+    def mac(self, alg: str, key, data):
+        return self._call(Op.MAC, alg, Ref(key), _bytes(data))
+
+    def mac_verify(self, alg: str, key, data, mac):
+        """None if the MAC matches; EBADMSG if not."""
+        return self._call(Op.MAC_VERIFY, alg, Ref(key), _bytes(data), _bytes(mac))
+
+    def batch(self, alg: str, key, items, *, ivs=(), aads=(), decrypt: bool = False, random_nonce: bool = False):
+        """Many small items in one request: returns (statuses, outputs); status 0 or an errno per item."""
+        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, [_bytes(v) for v in ivs],
+                          [_bytes(a) for a in aads], [_bytes(i) for i in items])
+
+    def stream_init(self, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):
+        """Open a stream; returns (handle, nonce keyden chose or b'')."""
+        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        return self._call(Op.STREAM_INIT, alg, Ref(key) if key else 0, flags, _bytes(iv), _bytes(aad))
+
+    def stream_update(self, handle: int, data):
+        return self._call(Op.STREAM_UPDATE, handle, _bytes(data))
+
+    def stream_final(self, handle: int, data=b"", tag=b""):
+        """Returns (last output, tag): the AEAD tag when encrypting, or the digest/MAC."""
+        return self._call(Op.STREAM_FINAL, handle, _bytes(data), _bytes(tag))
+
+    def stream_abort(self, handle: int):
+        return self._call(Op.STREAM_ABORT, handle)
 
     # daemon
     def ping(self, data: bytes = b""):

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client import common
+from keyden.client.dataplane import Aead, Mac, SharedBuffer, Stream, send_with_fds
 from keyden.client.operations import Operations, Ref
 from keyden.protocol import Op
 
@@ -41,7 +42,8 @@ class Client(Operations):
 
     # ------------------------------------------------------------ transport
 
-    def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True) -> list[Any]:
+    def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True,
+                  fds: list[int] | None = None) -> list[Any]:
         """Send every request, then collect every response (pipelined)."""
         with self._lock:
             ids = []
@@ -51,7 +53,10 @@ class Client(Operations):
                 ids.append(rid)
                 out.append(W.encode_request(rid, op, *args))
             try:
-                self._sock.sendall(b"".join(out))
+                if fds:
+                    send_with_fds(self._sock, b"".join(out), fds)
+                else:
+                    self._sock.sendall(b"".join(out))
                 frames = [self._wait(rid) for rid in ids]
             except OSError as exc:
                 raise E.ECONNRESET(f"connection to keyden lost: {exc}") from None
@@ -98,6 +103,9 @@ class Client(Operations):
         values = self._exchange([(op, args)])[0]
         return common.shape(op, values, args)
 
+    def _call_with_fds(self, op: Op, args: tuple, fds: list[int]) -> tuple:
+        return self._exchange([(op, args)], fds=fds)[0]
+
     def call_many(self, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Pipeline several operations in one round trip: [('add', (...)), ('read', (k,))].
 
@@ -136,6 +144,26 @@ class Client(Operations):
         from keyden.client.handles import remote_private_key
 
         return remote_private_key(self, self._resolve((Ref(key),))[0])
+
+    # ---------------------------------------------------- data shoveling by serial
+
+    def aead(self, key, alg: str = "gcm(aes)") -> Aead:
+        """An object shaped like pyca's AESGCM whose key stays in keyden."""
+        return Aead(self, self._resolve((Ref(key),))[0], alg)
+
+    def hmac(self, key, alg: str = "hmac(sha256)") -> Mac:
+        return Mac(self, self._resolve((Ref(key),))[0], alg)
+
+    def hash(self, alg: str = "sha256") -> Stream:
+        """A streaming hash: update(data)..., then finalize() -> (b'', digest)."""
+        return Stream(self, alg)
+
+    def stream(self, alg: str, key=0, **kw) -> Stream:
+        return Stream(self, alg, self._resolve((Ref(key),))[0] if key else 0, **kw)
+
+    def shared_buffer(self, size: int) -> SharedBuffer:
+        """A memory region shared with the daemon for bulk operations (see SharedBuffer.cipher)."""
+        return SharedBuffer(self, size)
 
     def close(self) -> None:
         try:

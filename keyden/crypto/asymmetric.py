@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils, x25519
 from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
@@ -45,11 +45,12 @@ _CURVE_BY_PYCA_NAME = {"secp256r1": "p256", "secp384r1": "p384"}
 
 # Encodings each algorithm knows (first = the kernel default when enc= is absent),
 # and the further info keys each encoding takes.
-_ENCODINGS = {"rsa": ("raw", "pkcs1", "pss", "oaep"), "ecdsa": ("x962", "p1363"), "ed25519": ("raw",)}
+_ENCODINGS = {"rsa": ("raw", "pkcs1", "pss", "oaep"), "ecdsa": ("x962", "p1363"), "ed25519": ("raw",),
+              "x25519": ("raw",)}
 _ENC_KEYS = {
     ("rsa", "raw"): {"hash"}, ("rsa", "pkcs1"): {"hash"}, ("rsa", "pss"): {"hash", "saltlen", "mgfhash"},
     ("rsa", "oaep"): {"hash", "mgfhash", "label"}, ("ecdsa", "x962"): {"hash"}, ("ecdsa", "p1363"): {"hash"},
-    ("ed25519", "raw"): set(),
+    ("ed25519", "raw"): set(), ("x25519", "raw"): set(),
 }
 _INFO_KEYS = frozenset({"enc", "hash", "saltlen", "mgfhash", "label"})
 _RAW_RSA = "raw RSA is not offered; use enc=pkcs1, pss or oaep"
@@ -331,8 +332,10 @@ def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
         algo, bits, label = "ecdsa", pub.curve.key_size, f"ECDSA-{curve.upper()}"
     elif isinstance(pub, ed25519.Ed25519PublicKey):
         algo, curve, bits, label = "ed25519", None, 256, "Ed25519"
+    elif isinstance(pub, x25519.X25519PublicKey):
+        algo, curve, bits, label = "x25519", None, 256, "X25519"  # key agreement only (derive)
     else:
-        raise E.EINVAL("unsupported key algorithm; RSA, ECDSA P-256/P-384 and Ed25519 are supported")
+        raise E.EINVAL("unsupported key algorithm; RSA, EC P-256/P-384, Ed25519 and X25519 are supported")
 
     # RFC 5280 4.2.1.2 method 1: SHA-1 of the subjectPublicKey bits.  A certificate
     # and its private key therefore share this id.
@@ -362,7 +365,7 @@ def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
 _GENERATE = {
     "rsa": ("rsa", 2048), "rsa:2048": ("rsa", 2048), "rsa:3072": ("rsa", 3072), "rsa:4096": ("rsa", 4096),
     "ec:p256": ("ec", "p256"), "p256": ("ec", "p256"), "ec:p384": ("ec", "p384"), "p384": ("ec", "p384"),
-    "ed25519": ("ed25519", None),
+    "ed25519": ("ed25519", None), "x25519": ("x25519", None),
 }
 
 
@@ -375,6 +378,8 @@ def generate(spec: str) -> ParsedKey:
         priv = rsa.generate_private_key(public_exponent=65537, key_size=arg)
     elif kind == "ec":
         priv = ec.generate_private_key(_CURVES[arg][0]())
+    elif kind == "x25519":
+        priv = x25519.X25519PrivateKey.generate()
     else:
         priv = ed25519.Ed25519PrivateKey.generate()
     # Charge what uploading the same key as PKCS#8 would have cost.
@@ -441,6 +446,8 @@ class ParsedKey:
             ops = OP_ENCRYPT | OP_VERIFY | ((OP_DECRYPT | OP_SIGN) if self.has_private else 0)
             size = (self.key_bits + 7) // 8
             return PkeyQuery(ops, self.key_bits, size, size, size, size)
+        if self.algo == "x25519":
+            return PkeyQuery(0, 256, 0, 0, 0, 0)
         ops = OP_VERIFY | (OP_SIGN if self.has_private else 0)
         if self.algo == "ecdsa":
             _, data_max, sig_max, _ = _CURVES[self.curve]
@@ -472,6 +479,8 @@ class ParsedKey:
     def _prepare(self, op: int, info: str) -> tuple[str, dict[str, str]]:
         """Check grammar, then that this key can do ``op`` at all, then the options."""
         opts = parse_info(info)
+        if self.algo == "x25519":
+            raise E.EOPNOTSUPP("X25519 keys only agree on keys; use derive")
         if op & (OP_ENCRYPT | OP_DECRYPT) and self.algo != "rsa":
             raise E.EOPNOTSUPP(f"{self.algo} keys cannot encrypt or decrypt")
         if op & (OP_SIGN | OP_DECRYPT) and not self.has_private:

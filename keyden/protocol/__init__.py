@@ -255,7 +255,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
                       ("items", K.BYTESLIST)),
                Schema(("status", K.I32S), ("results", K.BYTESLIST))),
     Op.STREAM_INIT: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES), ("aad", K.BYTES)),
-                     Schema(("stream", K.U32))),
+                     Schema(("stream", K.U32), ("iv", K.BYTES))),
     Op.STREAM_UPDATE: (Schema(("stream", K.U32), ("data", K.BYTES)), Schema(("data", K.BYTES))),
     Op.STREAM_FINAL: (Schema(("stream", K.U32), ("data", K.BYTES), ("tag", K.BYTES)),
                       Schema(("data", K.BYTES), ("tag", K.BYTES))),

@@ -9,6 +9,7 @@ size cap) or a failed handshake closes the connection.
 from __future__ import annotations
 
 import logging
+import os
 
 from keyden import errors as E
 from keyden import protocol as W
@@ -28,8 +29,14 @@ class Connection:
         self.context: Context | None = None
         self.closed = False
 
-    def receive(self, data: bytes | memoryview) -> bytes:
-        """Feed bytes from the socket; return the bytes to send back (possibly several responses)."""
+    def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> bytes:
+        """Feed bytes (and any passed descriptors) from the socket; return the bytes to send back."""
+        if fds:
+            if self.context is None or self.closed:
+                for fd in fds:
+                    os.close(fd)
+            else:
+                self.context.take_fds(fds)
         if self.closed:
             return b""
         self.decoder.feed(data)
@@ -44,6 +51,12 @@ class Connection:
             out.append(W.encode_error(0, 0, exc))
             self.closed = True
         return b"".join(out)
+
+    def close(self) -> None:
+        """Release what the connection holds (streams, shared regions, descriptors)."""
+        self.closed = True
+        if self.context is not None:
+            self.context.close()
 
     def handle(self, frame: W.Frame) -> bytes:
         if self.context is None:

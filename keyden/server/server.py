@@ -8,6 +8,7 @@ parallel on separate cores where the work allows.
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -27,6 +28,18 @@ log = logging.getLogger("keyden.server")
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_CHUNK = 1024 * 1024
+
+
+ANCILLARY_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize * 4)
+
+
+def _passed_fds(ancdata) -> list[int]:
+    """Descriptors that came with a message (SCM_RIGHTS); anything else is ignored."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
 
 
 class Server:
@@ -153,13 +166,15 @@ class Server:
             log.warning("uid %d over its connection limit; refusing pid %d", who.uid, who.pid)
             sock.close()
             return
+        conn = Connection(self.store, who, self.config.max_frame)
         try:
-            self._pump(sock, Connection(self.store, who, self.config.max_frame))
+            self._pump(sock, conn)
         except OSError:
             pass
         except Exception:
             log.exception("connection from pid %d failed", who.pid)
         finally:
+            conn.close()
             with self._conn_lock:
                 self._conns.discard(sock)
                 self._per_uid[who.uid] -= 1
@@ -174,12 +189,15 @@ class Server:
         view = memoryview(buf)
         while not conn.closed:
             try:
-                n = sock.recv_into(view)
+                n, ancdata, _flags, _addr = sock.recvmsg_into([view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
             except socket.timeout:
                 return
+            fds = _passed_fds(ancdata) if ancdata else None
             if n == 0:
+                for fd in fds or ():
+                    os.close(fd)
                 return
-            out = conn.receive(view[:n])
+            out = conn.receive(view[:n], fds)
             if out:
                 sock.sendall(out)
 

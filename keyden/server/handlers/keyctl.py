@@ -1,44 +1,15 @@
-"""Operation handlers: decoded request fields in, response fields out.
-
-One table maps each opcode to a function of (context, *fields).  Handlers
-hold no protocol knowledge beyond field order and no socket knowledge at
-all; they translate between the wire's fields and the store's methods.
-"""
+"""keyctl's operations on keys and keyrings."""
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any, Callable
-
 from keyden import errors as E
-from keyden.core import keytypes as T
-from keyden.core.store import CAPABILITIES, Caller, KeyStore
+from keyden.core.store import CAPABILITIES
 from keyden.protocol import MOVE_EXCL, Op
-
-
-@dataclass
-class Context:
-    """What a handler may know about the request: the store, and who is calling."""
-
-    store: KeyStore
-    caller: Caller
-    pid: int
-
-
-Handler = Callable[..., tuple]
-HANDLERS: dict[Op, Handler] = {}
-
-
-def handles(op: Op):
-    def register(fn: Handler) -> Handler:
-        HANDLERS[op] = fn
-        return fn
-    return register
-
+from keyden.server.handlers import HANDLERS, handles
 
 @handles(Op.ADD)
-def _add(ctx: Context, type_name, description, payload, keyring, secret):
+def _add(ctx, type_name, description, payload, keyring, secret):
     return (ctx.store.add(ctx.caller, type_name, description, payload, keyring, secret or None),)
 
 
@@ -120,51 +91,6 @@ def _capabilities(ctx):
     return (" ".join(name for name, have in CAPABILITIES.items() if have),)
 
 
-@handles(Op.PKEY_QUERY)
-def _pkey_query(ctx, key, info):
-    q = ctx.store.asymmetric(ctx.caller, key).query(info)
-    return (q.supported_ops, q.key_size, q.max_data_size, q.max_sig_size, q.max_enc_size, q.max_dec_size)
-
-
-@handles(Op.PKEY_ENCRYPT)
-def _pkey_encrypt(ctx, key, info, data):
-    return (ctx.store.asymmetric(ctx.caller, key).encrypt(info, data),)
-
-
-@handles(Op.PKEY_DECRYPT)
-def _pkey_decrypt(ctx, key, info, data):
-    return (ctx.store.asymmetric(ctx.caller, key).decrypt(info, data),)
-
-
-@handles(Op.PKEY_SIGN)
-def _pkey_sign(ctx, key, info, data):
-    return (ctx.store.asymmetric(ctx.caller, key).sign(info, data),)
-
-
-@handles(Op.PKEY_VERIFY)
-def _pkey_verify(ctx, key, info, data, signature):
-    ctx.store.asymmetric(ctx.caller, key).verify(info, data, signature)
-    return ()
-
-
-@handles(Op.GENKEY)
-def _genkey(ctx, spec, description, keyring):
-    from keyden.crypto import asymmetric
-
-    parsed = asymmetric.generate(spec)
-    ktype = T.REGISTRY["asymmetric"]
-    return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, parsed.quota_size, keyring),)
-
-
-@handles(Op.PUBLIC_KEY)
-def _public_key(ctx, key):
-    parsed = ctx.store.asymmetric(ctx.caller, key)
-    cert = parsed.certificate
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return (parsed.spki_der, cert.public_bytes(Encoding.DER) if cert is not None else b"")
-
-
 @handles(Op.PING)
 def _ping(ctx, data):
     return (data,)
@@ -179,11 +105,3 @@ def _whoami(ctx):
 @handles(Op.QUOTA)
 def _quota(ctx):
     return ctx.store.quota_usage(ctx.caller.uid)
-
-
-def dispatch(ctx: Context, op: int, args: tuple) -> tuple:
-    try:
-        handler = HANDLERS[Op(op)]
-    except (ValueError, KeyError):
-        raise E.ENOSYS(f"unknown opcode {op}") from None
-    return handler(ctx, *args)

@@ -1,0 +1,219 @@
+"""Symmetric crypto by key serial, shaped like pyca's own classes.
+
+``client.aead(serial)`` behaves like ``AESGCM``: the key stays in keyden.
+Small calls go over the socket; large buffers go through a shared memory
+region (a sealed memfd passed once with SCM_RIGHTS and mapped by both
+sides), so bulk data is never copied through the socket.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import socket
+from typing import Iterable, Sequence
+
+from keyden import errors as E
+from keyden.crypto import symmetric
+from keyden.protocol import DECRYPT, RANDOM_NONCE, Op
+
+#: buffers at least this large go through shared memory
+BULK_THRESHOLD = 256 * 1024
+
+
+class SharedBuffer:
+    """A memfd mapped here and in the daemon.  ``view`` is the whole region."""
+
+    def __init__(self, client, size: int):
+        fd = os.memfd_create("keyden-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.region = client._call_with_fds(Op.SHM_ATTACH, (size,), [fd])[0]
+        finally:
+            os.close(fd)  # the daemon has its own copy; our mapping keeps the memory
+        self.client = client
+        self.size = size
+        self.view = memoryview(self.map)
+
+    def cipher(self, alg: str, key, in_offset: int, length: int, out_offset: int, *, iv=b"", aad=b"",
+               decrypt: bool = False, random_nonce: bool = False) -> tuple[int, bytes]:
+        """Process view[in_offset:+length] into view[out_offset:] inside keyden: (bytes written, nonce chosen)."""
+        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        return self.client._call(Op.SHM_CIPHER, self.region, alg, key, flags, bytes(iv), bytes(aad or b""),
+                                 in_offset, length, out_offset)
+
+    def close(self) -> None:
+        if self.map is None:
+            return
+        try:
+            self.client._call(Op.SHM_DETACH, self.region)
+        except E.KeydenError:
+            pass
+        self.view.release()
+        self.map.close()
+        self.map = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Aead:
+    """An AEAD key held by keyden, with pyca ``AESGCM``'s shape: encrypt(nonce, data, aad) -> ct || tag."""
+
+    def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
+        spec = symmetric.spec(alg, "aead")
+        self._client, self.serial, self.alg = client, serial, alg
+        self.nonce_size, self.tag_size = spec.nonce_size, spec.tag_size
+        self._shm: SharedBuffer | None = None
+
+    def __reduce__(self):
+        raise TypeError("an AEAD handle cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"<Aead {self.alg} key={self.serial}>"
+
+    def _bulk(self, size: int) -> SharedBuffer:
+        if self._shm is None or self._shm.size < size:
+            if self._shm is not None:
+                self._shm.close()
+            self._shm = SharedBuffer(self._client, max(size, 4 * BULK_THRESHOLD))
+        return self._shm
+
+    def _run(self, nonce, data, aad, decrypt: bool) -> bytes:
+        data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        if len(data) < BULK_THRESHOLD:
+            return self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad or b"", decrypt=decrypt)
+        n = len(data)
+        out_len = n - self.tag_size if decrypt else n + self.tag_size
+        shm = self._bulk(n + max(out_len, 0))
+        shm.view[:n] = data
+        written, _ = shm.cipher(self.alg, self.serial, 0, n, n, iv=nonce, aad=aad, decrypt=decrypt)
+        return bytes(shm.view[n:n + written])
+
+    def encrypt(self, nonce, data, associated_data=None) -> bytes:
+        return self._run(nonce, data, associated_data, False)
+
+    def decrypt(self, nonce, data, associated_data=None) -> bytes:
+        """Raises EBADMSG, with no detail, if authentication fails."""
+        return self._run(nonce, data, associated_data, True)
+
+    def encrypt_into(self, nonce, data, associated_data, buf) -> int:
+        out = self.encrypt(nonce, data, associated_data)
+        memoryview(buf)[:len(out)] = out
+        return len(out)
+
+    def decrypt_into(self, nonce, data, associated_data, buf) -> int:
+        out = self.decrypt(nonce, data, associated_data)
+        memoryview(buf)[:len(out)] = out
+        return len(out)
+
+    def encrypt_random(self, data, associated_data=None) -> bytes:
+        """keyden picks the nonce: returns nonce || ct || tag, so a nonce can never be reused by mistake."""
+        return self._client.cipher(self.alg, self.serial, data, aad=associated_data or b"", random_nonce=True)
+
+    def decrypt_random(self, blob, associated_data=None) -> bytes:
+        return self._client.cipher(self.alg, self.serial, blob, aad=associated_data or b"", decrypt=True,
+                                   random_nonce=True)
+
+    def encrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
+                      associated_data: Sequence[bytes] = ()) -> list[bytes]:
+        """Many small messages in one round trip; ``nonces=None`` lets keyden choose (nonce || ct || tag)."""
+        status, out = self._client.batch(self.alg, self.serial, items, ivs=nonces or (), aads=associated_data,
+                                         random_nonce=nonces is None)
+        return _raise_first(status, out)
+
+    def decrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
+                      associated_data: Sequence[bytes] = ()) -> list[bytes | E.KeydenError]:
+        """Per item: the plaintext, or the EBADMSG it failed with."""
+        status, out = self._client.batch(self.alg, self.serial, items, ivs=nonces or (), aads=associated_data,
+                                         decrypt=True, random_nonce=nonces is None)
+        return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+
+
+class Mac:
+    """An HMAC key held by keyden."""
+
+    def __init__(self, client, serial: int, alg: str = "hmac(sha256)"):
+        symmetric.spec(alg, "hmac")
+        self._client, self.serial, self.alg = client, serial, alg
+
+    def __reduce__(self):
+        raise TypeError("a MAC handle cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"<Mac {self.alg} key={self.serial}>"
+
+    def mac(self, data) -> bytes:
+        return self._client.mac(self.alg, self.serial, data)
+
+    def verify(self, data, tag) -> None:
+        """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
+        self._client.mac_verify(self.alg, self.serial, data, tag)
+
+    def mac_batch(self, items: Iterable[bytes]) -> list[bytes]:
+        status, out = self._client.batch(self.alg, self.serial, list(items))
+        return _raise_first(status, out)
+
+    def stream(self) -> "Stream":
+        return Stream(self._client, self.alg, self.serial)
+
+
+class Stream:
+    """Data of any size in pieces (AF_ALG with MSG_MORE): update() as often as needed, then finalize()."""
+
+    def __init__(self, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
+                 random_nonce: bool = False):
+        self._client = client
+        self.handle, self.nonce = client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
+                                                     random_nonce=random_nonce)
+        self.done = False
+
+    def update(self, data) -> bytes:
+        return self._client.stream_update(self.handle, data)
+
+    def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
+        """(last output, tag): the AEAD tag when encrypting, else the digest or MAC."""
+        self.done = True
+        return self._client.stream_final(self.handle, data, tag)
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self._client.stream_abort(self.handle)
+            except E.KeydenError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is not None:
+            self.abort()
+
+
+def _raise_first(status: list[int], out: list[bytes]) -> list[bytes]:
+    for s in status:
+        if s:
+            raise E.error_for_code(s)
+    return out
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send a frame with descriptors attached to its first byte (SCM_RIGHTS)."""
+    import array
+
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    if sent < len(data):
+        sock.sendall(data[sent:])

@@ -1,0 +1,83 @@
+"""Operation handlers: decoded request fields in, response fields out.
+
+One table maps each opcode to a function of (context, *fields).  Handlers
+know field order and nothing else of the wire, and nothing of sockets; they
+translate between the wire's fields and the store and crypto engines.
+The modules below register themselves: keyctl (keys and keyrings), pkey
+(asymmetric keys by serial), session_keys (agreement and key transport
+into new keys) and dataplane (ciphers, hashes, streams, shared memory).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from keyden import errors as E
+from keyden.core.store import Caller, KeyStore
+from keyden.protocol import Op
+
+MAX_PENDING_FDS = 4
+
+
+@dataclass
+class Context:
+    """One connection's view: the store, who is calling, and what the connection holds open."""
+
+    store: KeyStore
+    caller: Caller
+    pid: int
+    streams: dict[int, Any] = field(default_factory=dict)
+    regions: dict[int, Any] = field(default_factory=dict)
+    engines: dict[tuple, tuple] = field(default_factory=dict)
+    fds: list[int] = field(default_factory=list)
+    next_handle: int = 1
+
+    def new_handle(self) -> int:
+        self.next_handle += 1
+        return self.next_handle - 1
+
+    def take_fds(self, fds: list[int]) -> None:
+        """File descriptors that arrived with a frame (SCM_RIGHTS); extras beyond a few are closed."""
+        for fd in fds:
+            if len(self.fds) < MAX_PENDING_FDS:
+                self.fds.append(fd)
+            else:
+                os.close(fd)
+
+    def close(self) -> None:
+        """The connection ended: drop streams, unmap regions, close fds, forget cached engines."""
+        self.streams.clear()
+        self.engines.clear()
+        for region in self.regions.values():
+            region.close()
+        self.regions.clear()
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+Handler = Callable[..., tuple]
+HANDLERS: dict[Op, Handler] = {}
+
+
+def handles(op: Op) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[op] = fn
+        return fn
+    return register
+
+
+def dispatch(ctx: Context, op: int, args: tuple) -> tuple:
+    try:
+        handler = HANDLERS[Op(op)]
+    except (ValueError, KeyError):
+        raise E.ENOSYS(f"unknown opcode {op}") from None
+    return handler(ctx, *args)
+
+
+from keyden.server.handlers import dataplane, keyctl, pkey, session_keys  # noqa: E402,F401  (registration)

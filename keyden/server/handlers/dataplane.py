@@ -1,0 +1,320 @@
+"""Data shoveling by key serial: AF_ALG's operations with the key held here.
+
+Keys are user or logon keys (and keys derived or generated inside keyden);
+other types get ENOPROTOOPT, as ALG_SET_KEY_BY_KEY_SERIAL does.  Search
+permission suffices.  Three shapes: one-shot (CIPHER, DIGEST, MAC), many
+small items in one frame (BATCH), data of any size in pieces (STREAM_*),
+and buffers processed in shared memory that never crosses the socket (SHM_*).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+from typing import Callable
+
+from keyden import errors as E
+from keyden.crypto import symmetric
+from keyden.protocol import DECRYPT, RANDOM_NONCE, Op
+from keyden.server.handlers import handles
+
+MAX_CACHED_ENGINES = 64
+MAX_STREAMS = 64
+MAX_REGIONS = 8
+MAX_REGION_SIZE = 1 << 30
+MAX_BATCH = 65536
+_KNOWN_FLAGS = DECRYPT | RANDOM_NONCE
+
+
+# ---------------------------------------------------------------- key access
+
+def material(ctx, serial: int) -> bytes:
+    key = ctx.store.use(ctx.caller, serial)
+    return key.type.symmetric_material(key.payload)
+
+
+def aead_engine(ctx, alg: str, serial: int) -> symmetric.AeadEngine:
+    """The AEAD engine for (key, alg), cached per connection while the key's payload is unchanged."""
+    key = ctx.store.use(ctx.caller, serial)  # permission and state are checked on every call
+    slot = (serial, alg)
+    hit = ctx.engines.get(slot)
+    if hit is not None and hit[0] is key.payload:
+        return hit[1]
+    engine = symmetric.aead(alg, key.type.symmetric_material(key.payload))
+    if len(ctx.engines) >= MAX_CACHED_ENGINES:
+        ctx.engines.clear()
+    ctx.engines[slot] = (key.payload, engine)
+    return engine
+
+
+def _check_flags(flags: int) -> tuple[bool, bool]:
+    if flags & ~_KNOWN_FLAGS:
+        raise E.EINVAL("unknown flags")
+    return bool(flags & DECRYPT), bool(flags & RANDOM_NONCE)
+
+
+def one_shot(ctx, alg: str, serial: int, flags: int) -> Callable[[bytes, bytes, bytes], bytes]:
+    """A function (iv, aad, data) -> output for this algorithm, key and direction."""
+    decrypt, random_nonce = _check_flags(flags)
+    kind = symmetric.kind(alg)
+    if random_nonce and kind != "aead":
+        raise E.EINVAL("keyden-chosen nonces are for AEAD algorithms")
+
+    def no_aad(aad):
+        if aad:
+            raise E.EINVAL(f"{alg} takes no associated data")
+
+    if kind == "aead":
+        eng = aead_engine(ctx, alg, serial)
+        if random_nonce:
+            def run(iv, aad, data):
+                if iv:
+                    raise E.EINVAL("with a keyden-chosen nonce, send no IV")
+                return eng.decrypt_random_nonce(data, aad) if decrypt else eng.encrypt_random_nonce(data, aad)
+            return run
+        return (lambda iv, aad, data: eng.decrypt(iv, data, aad)) if decrypt else \
+               (lambda iv, aad, data: eng.encrypt(iv, data, aad))
+    if kind == "skcipher":
+        key = material(ctx, serial)
+
+        def run(iv, aad, data):
+            no_aad(aad)
+            return symmetric.skcipher_crypt(alg, key, iv, data, decrypt)
+        return run
+    if kind == "hash":
+        if serial or decrypt:
+            raise E.EINVAL(f"{alg} is a hash: no key, no direction")
+
+        def run(iv, aad, data):
+            no_aad(aad)
+            return symmetric.digest(alg, data)
+        return run
+    key = material(ctx, serial)  # hmac
+
+    def run(iv, aad, data):
+        no_aad(aad)
+        if decrypt:  # verify: the expected MAC travels in the IV field
+            symmetric.hmac_verify(alg, key, data, iv)
+            return b""
+        return symmetric.hmac(alg, key, data)
+    return run
+
+
+# ------------------------------------------------------------------ one-shot
+
+@handles(Op.CIPHER)
+def _cipher(ctx, alg, key, flags, iv, aad, data):
+    return (one_shot(ctx, alg, key, flags)(iv, aad, data),)
+
+
+@handles(Op.DIGEST)
+def _digest(ctx, alg, data):
+    if symmetric.kind(alg) != "hash":
+        raise E.EINVAL(f"{alg} is not a hash")
+    return (symmetric.digest(alg, data),)
+
+
+@handles(Op.MAC)
+def _mac(ctx, alg, key, data):
+    if symmetric.kind(alg) != "hmac":
+        raise E.EINVAL(f"{alg} is not a MAC")
+    return (symmetric.hmac(alg, material(ctx, key), data),)
+
+
+@handles(Op.MAC_VERIFY)
+def _mac_verify(ctx, alg, key, data, mac):
+    if symmetric.kind(alg) != "hmac":
+        raise E.EINVAL(f"{alg} is not a MAC")
+    symmetric.hmac_verify(alg, material(ctx, key), data, mac)
+    return ()
+
+
+@handles(Op.BATCH)
+def _batch(ctx, alg, key, flags, ivs, aads, items):
+    """Many small items, one frame: per-item status (0 or errno) and output."""
+    n = len(items)
+    if n > MAX_BATCH:
+        raise E.E2BIG(f"at most {MAX_BATCH} items per batch")
+    if ivs and len(ivs) != n or aads and len(aads) != n:
+        raise E.EINVAL("ivs and aads must be empty or have one entry per item")
+    run = one_shot(ctx, alg, key, flags)
+    status, results = [], []
+    for i, item in enumerate(items):
+        try:
+            results.append(run(ivs[i] if ivs else b"", aads[i] if aads else b"", item))
+            status.append(0)
+        except E.KeydenError as exc:
+            results.append(b"")
+            status.append(exc.code)
+    return (status, results)
+
+
+# ----------------------------------------------------------------- streaming
+
+@handles(Op.STREAM_INIT)
+def _stream_init(ctx, alg, key, flags, iv, aad):
+    """Open a stream (MSG_MORE-style): gcm(aes), cbc/ctr(aes), hashes, HMACs."""
+    decrypt, random_nonce = _check_flags(flags)
+    if len(ctx.streams) >= MAX_STREAMS:
+        raise E.EMFILE(f"at most {MAX_STREAMS} open streams per connection")
+    kind = symmetric.kind(alg)
+    if kind != "aead" and aad:
+        raise E.EINVAL(f"{alg} takes no associated data")
+    if random_nonce:
+        if kind != "aead" or decrypt or iv:
+            raise E.EINVAL("a keyden-chosen nonce is for AEAD encryption, with no IV sent")
+        iv = os.urandom(symmetric.spec(alg).nonce_size)
+    if kind == "aead":
+        stream = symmetric.aead_stream(alg, material(ctx, key), iv, aad, decrypt=decrypt)
+    elif kind == "skcipher":
+        stream = symmetric.skcipher(alg, material(ctx, key), iv, decrypt)
+    elif kind == "hash":
+        if key or iv:
+            raise E.EINVAL(f"{alg} is a hash: no key, no IV")
+        stream = symmetric.hash_ctx(alg)
+    else:
+        stream = symmetric.hmac_ctx(alg, material(ctx, key))
+    handle = ctx.new_handle()
+    ctx.streams[handle] = (kind, decrypt, stream)
+    return (handle, iv if random_nonce else b"")
+
+
+def _stream(ctx, handle):
+    try:
+        return ctx.streams[handle]
+    except KeyError:
+        raise E.EBADF(f"no open stream {handle}") from None
+
+
+@handles(Op.STREAM_UPDATE)
+def _stream_update(ctx, handle, data):
+    kind, _decrypt, stream = _stream(ctx, handle)
+    try:
+        out = stream.update(data)
+    except E.KeydenError:
+        ctx.streams.pop(handle, None)
+        raise
+    return (out if kind in ("aead", "skcipher") else b"",)
+
+
+@handles(Op.STREAM_FINAL)
+def _stream_final(ctx, handle, data, tag):
+    """Finish: returns (last output, tag).  tag is the AEAD tag, or the digest/MAC."""
+    kind, decrypt, stream = ctx.streams.pop(handle, (None, None, None))
+    if stream is None:
+        raise E.EBADF(f"no open stream {handle}")
+    out = stream.update(data) if data else b""
+    if kind == "aead":
+        if decrypt:
+            return (out + stream.finalize_with_tag(tag), b"")
+        ct_tail_and_tag = stream.finalize()
+        cut = len(ct_tail_and_tag) - 16
+        return (out + ct_tail_and_tag[:cut], ct_tail_and_tag[cut:])
+    if tag:
+        raise E.EINVAL("only AEAD decryption takes a tag")
+    if kind == "skcipher":
+        return (out + stream.finalize(), b"")
+    return (b"", stream.finalize())
+
+
+@handles(Op.STREAM_ABORT)
+def _stream_abort(ctx, handle):
+    if ctx.streams.pop(handle, None) is None:
+        raise E.EBADF(f"no open stream {handle}")
+    return ()
+
+
+# ------------------------------------------------------------- shared memory
+
+class Region:
+    """A client's sealed memfd, mapped here: bulk data is processed in it, never copied over the socket."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.size = size
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
+
+    def span(self, offset: int, length: int) -> memoryview:
+        if offset + length > self.size:
+            raise E.EINVAL("range outside the shared region")
+        return self.view[offset:offset + length]
+
+    def close(self) -> None:
+        self.view.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+def _sealed_size(fd: int) -> int:
+    """The memfd must be sealed against shrinking, or the client could make us fault (SIGBUS)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise E.EBADF("the descriptor is not a memfd (create it with MFD_ALLOW_SEALING)") from None
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise E.EPERM("seal the memfd with F_SEAL_SHRINK before attaching it")
+    return os.fstat(fd).st_size
+
+
+@handles(Op.SHM_ATTACH)
+def _shm_attach(ctx, size):
+    if not ctx.fds:
+        raise E.EBADF("send the memfd with this frame (SCM_RIGHTS)")
+    fd = ctx.fds.pop(0)
+    try:
+        if len(ctx.regions) >= MAX_REGIONS:
+            raise E.EMFILE(f"at most {MAX_REGIONS} shared regions per connection")
+        if not 0 < size <= MAX_REGION_SIZE:
+            raise E.EINVAL(f"shared regions are 1..{MAX_REGION_SIZE} bytes")
+        if _sealed_size(fd) < size:
+            raise E.EINVAL("the memfd is smaller than the size given")
+        region = Region(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    handle = ctx.new_handle()
+    ctx.regions[handle] = region
+    return (handle,)
+
+
+@handles(Op.SHM_DETACH)
+def _shm_detach(ctx, handle):
+    region = ctx.regions.pop(handle, None)
+    if region is None:
+        raise E.EBADF(f"no shared region {handle}")
+    region.close()
+    return ()
+
+
+@handles(Op.SHM_CIPHER)
+def _shm_cipher(ctx, handle, alg, key, flags, iv, aad, in_offset, length, out_offset):
+    """Process region[in_offset:+length] into region[out_offset:]; returns (bytes written, nonce used)."""
+    region = ctx.regions.get(handle)
+    if region is None:
+        raise E.EBADF(f"no shared region {handle}")
+    decrypt, random_nonce = _check_flags(flags)
+    src = region.span(in_offset, length)
+    if symmetric.kind(alg) == "aead":
+        eng = aead_engine(ctx, alg, key)
+        out_len = length - eng.tag_size if decrypt else length + eng.tag_size
+        if out_len < 0:
+            raise E.EBADMSG("authentication failed")
+        _no_overlap(in_offset, length, out_offset, out_len)
+        dst = region.span(out_offset, out_len)
+        if random_nonce:
+            if decrypt or iv:
+                raise E.EINVAL("a keyden-chosen nonce is for encryption, with no IV sent")
+            iv = os.urandom(eng.nonce_size)
+        written = eng.decrypt_into(iv, src, aad, dst) if decrypt else eng.encrypt_into(iv, src, aad, dst)
+        return (written, iv if random_nonce else b"")
+    out = one_shot(ctx, alg, key, flags)(iv, aad, src)
+    _no_overlap(in_offset, length, out_offset, len(out))
+    region.span(out_offset, len(out))[:] = out
+    return (len(out), b"")
+
+
+def _no_overlap(a: int, alen: int, b: int, blen: int) -> None:
+    if a < b + blen and b < a + alen:
+        raise E.EINVAL("input and output ranges overlap")

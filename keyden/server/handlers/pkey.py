@@ -1,0 +1,60 @@
+"""Asymmetric keys by serial: KEYCTL_PKEY_*, keys born inside keyden, public halves."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from keyden.core import keytypes as T
+from keyden.crypto import asymmetric, symmetric
+from keyden.protocol import Op
+from keyden.server.handlers import handles
+
+
+@handles(Op.PKEY_QUERY)
+def _pkey_query(ctx, key, info):
+    q = ctx.store.asymmetric(ctx.caller, key).query(info)
+    return (q.supported_ops, q.key_size, q.max_data_size, q.max_sig_size, q.max_enc_size, q.max_dec_size)
+
+
+@handles(Op.PKEY_ENCRYPT)
+def _pkey_encrypt(ctx, key, info, data):
+    return (ctx.store.asymmetric(ctx.caller, key).encrypt(info, data),)
+
+
+@handles(Op.PKEY_DECRYPT)
+def _pkey_decrypt(ctx, key, info, data):
+    return (ctx.store.asymmetric(ctx.caller, key).decrypt(info, data),)
+
+
+@handles(Op.PKEY_SIGN)
+def _pkey_sign(ctx, key, info, data):
+    return (ctx.store.asymmetric(ctx.caller, key).sign(info, data),)
+
+
+@handles(Op.PKEY_VERIFY)
+def _pkey_verify(ctx, key, info, data, signature):
+    ctx.store.asymmetric(ctx.caller, key).verify(info, data, signature)
+    return ()
+
+
+SYMMETRIC_SPECS = ("aes:", "chacha20", "hmac:")
+
+
+@handles(Op.GENKEY)
+def _genkey(ctx, spec, description, keyring):
+    """A key born inside keyden: asymmetric pairs, or random logon keys for ciphers and MACs."""
+    if spec.startswith(SYMMETRIC_SPECS):
+        material, hint = symmetric.generate_key(spec)
+        logon = T.REGISTRY["logon"]
+        value, quota = logon.preparse(material)
+        return (ctx.store.create_internal(ctx.caller, logon, description or f"keyden:{hint}", value, quota, keyring),)
+    parsed = asymmetric.generate(spec)
+    ktype = T.REGISTRY["asymmetric"]
+    return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, parsed.quota_size, keyring),)
+
+
+@handles(Op.PUBLIC_KEY)
+def _public_key(ctx, key):
+    parsed = ctx.store.asymmetric(ctx.caller, key)
+    cert = parsed.certificate
+    return (parsed.spki_der, cert.public_bytes(Encoding.DER) if cert is not None else b"")

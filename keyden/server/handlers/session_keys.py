@@ -1,0 +1,76 @@
+"""Session keys that never leave: key agreement and key transport into new logon keys.
+
+``derive`` is the custody-preserving form of the kernel's dh_compute: the
+shared secret and the derived key stay in the daemon and the caller gets a
+serial.  ``dh_compute``/``dh_compute_kdf`` are kept for compatibility and,
+like the kernel's, return their result.
+"""
+
+from __future__ import annotations
+
+from keyden import errors as E
+from keyden.core import keytypes as T
+from keyden.crypto import agreement
+from keyden.protocol import Op
+from keyden.server.handlers import handles
+
+LOGON = T.REGISTRY["logon"]
+AGREEING = ("ecdsa", "x25519")
+
+
+def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int, timeout: int) -> int:
+    """Keep derived material as a new logon key; only its serial goes back."""
+    value, quota = LOGON.preparse(material)
+    serial = ctx.store.create_internal(ctx.caller, LOGON, description or "keyden:session", value, quota, keyring)
+    if timeout:
+        ctx.store.set_timeout(ctx.caller, serial, timeout)
+    if perm:
+        ctx.store.setperm(ctx.caller, serial, perm)
+    return serial
+
+
+@handles(Op.DERIVE)
+def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, keyring, perm, timeout):
+    mine = ctx.store.asymmetric(ctx.caller, private)
+    if mine.algo not in AGREEING:
+        raise E.EOPNOTSUPP(f"{mine.algo} keys cannot agree on keys; use EC P-256/P-384 or X25519")
+    if bool(peer) == bool(peer_key):
+        raise E.EINVAL("give the peer's public key either as bytes or as a key serial")
+    their = ctx.store.asymmetric(ctx.caller, peer_key).public_key if peer_key else peer
+    shared = agreement.ecdh(mine.private_key_for_internal_use(), their)
+    if kdf.startswith("sp800-56a"):
+        if salt:
+            raise E.EINVAL("the SP 800-56A KDF takes no salt; put OtherInfo in info")
+        material = agreement.kdf(kdf, shared, length, otherinfo=info)
+    else:
+        material = agreement.kdf(kdf, shared, length, salt=salt, info=info)
+    return (store_secret(ctx, material, description, keyring, perm, timeout),)
+
+
+def _dh_inputs(ctx, private, prime, base) -> tuple[bytes, bytes, bytes]:
+    """KEYCTL_DH_COMPUTE reads three user keys the caller may read."""
+    out = []
+    for serial in (private, prime, base):
+        data = ctx.store.read(ctx.caller, serial)
+        if isinstance(data, list):
+            raise E.EINVAL("dh_compute takes user keys, not keyrings")
+        out.append(data)
+    return out[0], out[1], out[2]
+
+
+@handles(Op.DH_COMPUTE)
+def _dh_compute(ctx, private, prime, base):
+    return (agreement.dh_compute(*_dh_inputs(ctx, private, prime, base)),)
+
+
+@handles(Op.DH_COMPUTE_KDF)
+def _dh_compute_kdf(ctx, private, prime, base, hash_name, length, otherinfo):
+    shared = agreement.dh_compute(*_dh_inputs(ctx, private, prime, base))
+    return (agreement.kdf(f"sp800-56a-{hash_name}", shared, length, otherinfo=otherinfo),)
+
+
+@handles(Op.PKEY_DECRYPT_INTO)
+def _pkey_decrypt_into(ctx, key, info, data, description, keyring, perm):
+    """RSA key transport: the unwrapped session key becomes a logon key instead of a reply."""
+    material = ctx.store.asymmetric(ctx.caller, key).decrypt(info, data)
+    return (store_secret(ctx, material, description, keyring, perm, 0),)
