@@ -145,6 +145,12 @@ class Operations:
         return self._call(Op.DERIVE, Ref(private), _bytes(peer), Ref(peer_key) if peer_key else 0, kdf,
                           _bytes(salt), _bytes(info), length, description, Ref(keyring), perm, timeout)
 
+    def kdf(self, key, *, kdf: str = "hkdf-sha256", salt=b"", info=b"", length: int = 32, description: str = "",
+            keyring="@s", perm: int = 0, timeout: int = 0):
+        """A new logon key derived from a user/logon key; returns its serial."""
+        return self._call(Op.KDF, Ref(key), kdf, _bytes(salt), _bytes(info), length, description, Ref(keyring),
+                          perm, timeout)
+
     def dh_compute(self, private, prime, base):
         """KEYCTL_DH_COMPUTE: like the kernel, returns the result (``derive`` keeps it inside)."""
         return self._call(Op.DH_COMPUTE, Ref(private), Ref(prime), Ref(base))

@@ -12,9 +12,11 @@ from typing import Any
 from keyden import errors as E
 from keyden.core import perm as P
 
-MAX_TYPE_LEN = 31
-MAX_DESC_LEN = 4095
+MAX_TYPE_LEN = 31  # add_key copies the type into char[32]
+MAX_DESC_LEN = 4095  # KEY_MAX_DESC_SIZE (4096) including the NUL
 MAX_USER_PAYLOAD = 32767
+MAX_ADD_PAYLOAD = 1024 * 1024 - 1  # add_key(2) refuses more before looking at anything else
+MAX_UPDATE_PAYLOAD = 4096  # keyctl_update refuses more than PAGE_SIZE
 
 
 class KeyType:
@@ -25,6 +27,8 @@ class KeyType:
     is_keyring: bool = False
     #: Whether an empty description is acceptable (it is then derived from the payload).
     derives_description: bool = False
+    #: Whether revoking frees the payload and its quota at once (user_revoke), or it waits for destruction.
+    revoke_discards_payload: bool = False
 
     def check_description(self, description: str) -> None:
         if not description and not self.derives_description:
@@ -43,6 +47,10 @@ class KeyType:
     def matches(self, key_description: str, payload: Any, wanted: str) -> bool:
         return key_description == wanted
 
+    def search_iterates(self, wanted: str) -> bool:
+        """match_preparse: True if ``wanted`` is not a plain description, so every key must be tried."""
+        return False
+
     def destroy(self, payload: Any) -> None:
         """Forget the payload; wipe it where Python lets us."""
         if isinstance(payload, bytearray):
@@ -59,6 +67,7 @@ class UserType(KeyType):
     name = "user"
     updatable = True
     readable = True
+    revoke_discards_payload = True
 
     def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
         if not 0 < len(payload) <= MAX_USER_PAYLOAD:
@@ -122,10 +131,25 @@ class AsymmetricType(KeyType):
             rest = rest.lower()
             for key_id in payload.key_ids:
                 hexid = key_id.hex()
-                if (kind == "ex" and hexid == rest) or (kind == "id" and rest and hexid.endswith(rest)):
+                if (kind == "ex" and hexid == rest) or (kind == "id" and hexid.endswith(rest)):
                     return True
             return False
         return key_description == wanted
+
+    def search_iterates(self, wanted: str) -> bool:
+        """asymmetric_key_match_preparse: 'id:<hex tail>' and 'ex:<hex>' are matched against key IDs."""
+        if not wanted:
+            raise E.EINVAL("an asymmetric key search needs a description or key ID")
+        kind, colon, rest = wanted.partition(":")
+        if not (colon and kind in ("id", "ex")):
+            return False
+        if len(rest) % 2 or len(rest) > 510:
+            raise E.EINVAL("a key ID is an even number of hex digits")
+        try:
+            bytes.fromhex(rest)
+        except ValueError:
+            raise E.EINVAL("a key ID is an even number of hex digits") from None
+        return True
 
     def destroy(self, payload: Any) -> None:
         pass
@@ -136,16 +160,31 @@ REGISTRY: dict[str, KeyType] = {t.name: t for t in (UserType(), LogonType(), Key
 KEYRING = REGISTRY["keyring"]
 
 
-def lookup(type_name: str) -> KeyType:
-    """Validate a type name the way the kernel does and return the type."""
-    if not type_name or len(type_name) > MAX_TYPE_LEN:
+def check_type_name(type_name: str) -> None:
+    """key_get_type_from_user: 1..31 bytes, and names starting with '.' are the kernel's own."""
+    if not type_name or len(type_name.encode()) > MAX_TYPE_LEN or "\0" in type_name:
         raise E.EINVAL("type names are 1..31 characters")
     if type_name.startswith("."):
         raise E.EPERM("types beginning with '.' are internal")
+
+
+def check_description_size(description: str) -> None:
+    """strndup_user(description, KEY_MAX_DESC_SIZE): at most 4095 bytes, and a C string has no NUL."""
+    if len(description.encode()) > MAX_DESC_LEN or "\0" in description:
+        raise E.EINVAL(f"descriptions are at most {MAX_DESC_LEN} bytes without NUL")
+
+
+def lookup(type_name: str, missing: type[E.KeydenError] = E.ENODEV) -> KeyType:
+    """Validate a type name the way the kernel does and return the type.
+
+    An unknown type is ENODEV from add_key(2) but ENOKEY from request_key(2),
+    KEYCTL_SEARCH and KEYCTL_RESTRICT_KEYRING (key_type_lookup's own error).
+    """
+    check_type_name(type_name)
     try:
         return REGISTRY[type_name]
     except KeyError:
-        raise E.ENODEV(f"unknown key type {type_name!r}") from None
+        raise missing(f"unknown key type {type_name!r}") from None
 
 
 def register(key_type: KeyType) -> None:

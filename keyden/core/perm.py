@@ -1,8 +1,10 @@
-"""Key permission masks, exactly as the kernel evaluates them.
+"""Key permission masks, exactly as the kernel evaluates them (key_task_permission).
 
 Four bytes, possessor/user/group/other, six bits each.  Exactly one of
-user/group/other applies to a caller; possessor bits are added on top when
-the caller possesses the key.  root gets no bypass.
+user/group/other applies to a caller: the user byte if the caller owns the
+key, else the group byte if the key has a group, that byte is not zero and
+the caller is in the group, else the other byte.  Possessor bits are added on
+top when the caller possesses the key.  root gets no bypass.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ ALL = 0x3F
 
 POS_SHIFT, USR_SHIFT, GRP_SHIFT, OTH_SHIFT = 24, 16, 8, 0
 VALID_MASK = 0x3F3F3F3F
+NO_GID = -1  # a key without a group (the kernel's INVALID_GID): group bits never apply
 
 DEFAULT_USER = 0x3F010000
 DEFAULT_KEYRING = 0x3F010000
@@ -45,10 +48,11 @@ class Credentials:
 
 def effective(perm: int, key_uid: int, key_gid: int, cred: Credentials, possessed: bool) -> int:
     """The six-bit rights this caller has on a key with this mask and owner."""
+    group_bits = (perm >> GRP_SHIFT) & ALL
     if key_uid == cred.uid:
         rights = (perm >> USR_SHIFT) & ALL
-    elif key_gid != -1 and cred.in_group(key_gid):
-        rights = (perm >> GRP_SHIFT) & ALL
+    elif key_gid != NO_GID and group_bits and cred.in_group(key_gid):
+        rights = group_bits
     else:
         rights = (perm >> OTH_SHIFT) & ALL
     if possessed:

@@ -1,10 +1,15 @@
 """The key store: keys, keyrings, possession, quotas and garbage collection.
 
-Every method is one keyctl operation with keyctl's argument order and the
-kernel's checks, evaluated for a ``Caller``.  Pure: no sockets, no asyncio.
-The server supplies who is calling; this module decides what they may do.
-One lock guards the store; long crypto runs outside it (callers get the
-parsed payload and work on it after the lookup returns).
+Every public method is one keyctl operation with keyctl's argument order and
+the kernel's checks, in the kernel's order (security/keys/keyctl.c), evaluated
+for a ``Caller``.  Pure: no sockets, no asyncio.  The server supplies who is
+calling; this module decides what they may do.
+
+Thread safety: one ``RLock`` guards all state, and every public method holds
+it whenever it reads or changes that state.  The only work done outside it is
+parsing a client's payload (``KeyType.preparse``, slow for asymmetric keys),
+which touches nothing shared; the operation then looks everything up again
+under the lock, so nothing checked before the parse is trusted after it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from keyden import errors as E
@@ -21,11 +26,18 @@ from keyden.core import perm as P
 from keyden.core.perm import Credentials
 
 # Special key IDs (keyctl.h).
-THREAD, PROCESS, SESSION, USER, USER_SESSION, GROUP, REQKEY_AUTH = -1, -2, -3, -4, -5, -6, -7
-SPECIAL_NAMES = {"@t": THREAD, "@p": PROCESS, "@s": SESSION, "@u": USER, "@us": USER_SESSION, "@g": GROUP, "@a": REQKEY_AUTH}
+THREAD, PROCESS, SESSION, USER, USER_SESSION, GROUP, REQKEY_AUTH, REQUESTOR = -1, -2, -3, -4, -5, -6, -7, -8
+SPECIAL_NAMES = {"@t": THREAD, "@p": PROCESS, "@s": SESSION, "@u": USER, "@us": USER_SESSION, "@g": GROUP,
+                 "@a": REQKEY_AUTH}
 
+#: KEYRING_SEARCH_MAX_DEPTH: how many keyrings deep below its start a search (or cycle check) goes.
 MAX_NESTING = 6
-MAX_SERIAL = 2**31 - 1
+MIN_SERIAL, MAX_SERIAL = 3, 2**31 - 1
+#: KEYQUOTA_LINK_BYTES: what each link costs the owner of the keyring holding it.
+LINK_BYTES = 4
+
+# How a new key counts against its owner's quota (KEY_ALLOC_IN_QUOTA / _QUOTA_OVERRUN / _NOT_IN_QUOTA).
+IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
 
 # KEYCTL_CAPABILITIES bits (byte 0 / byte 1), as keyctl supports reports them.
 CAPABILITIES = {
@@ -73,40 +85,60 @@ class Key:
 
     __slots__ = (
         "serial", "type", "description", "uid", "gid", "perm", "expiry", "payload", "quota_len",
-        "revoked_at", "invalidated", "dead", "links", "parents", "pins", "restriction", "charged",
-        "ctime", "flags", "__weakref__",
+        "revoked_at", "invalidated", "dead", "links", "parents", "pins", "restriction", "charged", "ctime",
+        "__weakref__",
     )
 
     def __init__(self, serial: int, ktype: T.KeyType, description: str, uid: int, gid: int, perm: int,
-                 payload: Any, quota_len: int, charged: bool = True):
+                 payload: Any, quota_len: int, charged: bool = True, ctime: float = 0.0):
         self.serial = serial
         self.type = ktype
         self.description = description
         self.uid = uid
         self.gid = gid
         self.perm = perm
-        self.expiry = 0.0
+        self.expiry = 0.0  # 0: never
         self.payload = payload
-        self.quota_len = quota_len
-        self.revoked_at = 0.0
+        self.quota_len = quota_len  # the kernel's datalen: payload bytes, or LINK_BYTES per link of a keyring
+        self.revoked_at: float | None = None
         self.invalidated = False
         self.dead = False
         self.links: dict[tuple[str, str], Key] | None = {} if ktype.is_keyring else None
         self.parents: set[Key] = set()
-        self.pins = 0
+        self.pins = 0  # references from outside any keyring: sessions, per-uid and process keyrings
         self.restriction: Restriction | None = None
         self.charged = charged
-        self.ctime = time.time()
-        self.flags: set[str] = set()
+        self.ctime = ctime
 
     @property
     def index(self) -> tuple[str, str]:
+        """What a keyring files a key under: one key per (type, description) in each keyring."""
         return (self.type.name, self.description)
 
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def defunct(self) -> bool:
+        """Revoked or invalidated: never updated by add_key, never entered by a search."""
+        return self.revoked or self.invalidated
+
+    @property
+    def cost(self) -> int:
+        """Bytes charged to the owner: description with its NUL, plus payload (key_alloc's quotalen)."""
+        return len(self.description.encode()) + 1 + self.quota_len
+
+    def expired(self, now: float) -> bool:
+        return bool(self.expiry) and now >= self.expiry
+
     def state_error(self, now: float) -> E.KeydenError | None:
-        if self.revoked_at:
+        """key_validate: why this key may not be used, if it may not."""
+        if self.invalidated:
+            return E.ENOKEY(f"key {self.serial} has been invalidated")
+        if self.revoked:
             return E.EKEYREVOKED()
-        if self.expiry and now >= self.expiry:
+        if self.expired(now):
             return E.EKEYEXPIRED()
         return None
 
@@ -118,22 +150,31 @@ class Key:
 
 
 class Restriction:
-    """What a restricted keyring admits.  ``check`` raises to refuse a link."""
+    """What a restricted keyring admits (the kernel's key_restriction).
+
+    ``check`` sees what a link would bring in, type and payload, and raises to
+    refuse it; it runs for links, moves and add_key (even when add_key only
+    updates a key already there).  ``key`` is the key or keyring the
+    restriction trusts, if any: restriction chains must not loop.
+    """
 
     description = "unrestricted"
+    key: Key | None = None
 
-    def check(self, store: "KeyStore", keyring: Key, key: Key) -> None:  # pragma: no cover - interface
+    def check(self, store: "KeyStore", keyring: Key, ktype: T.KeyType, payload: Any) -> None:  # pragma: no cover
         raise NotImplementedError
 
 
 class DenyAll(Restriction):
+    """KEYCTL_RESTRICT_KEYRING with no type: nothing may be linked in any more."""
+
     description = "no links"
 
-    def check(self, store, keyring, key):
-        raise E.EPERM("keyring is restricted against all links")
+    def check(self, store, keyring, ktype, payload):
+        raise E.EPERM(f"keyring {keyring.serial} is restricted against all links")
 
 
-#: restriction factories by key type: (store, caller, restriction string) -> Restriction.
+#: restriction factories by key type (the type's lookup_restriction): (store, caller, restriction) -> Restriction.
 RESTRICTION_FACTORIES: dict[str, Callable[["KeyStore", Caller, str], Restriction]] = {}
 
 
@@ -162,12 +203,58 @@ class _Session:
     name: str | None = None
 
 
+@dataclass(frozen=True)
+class _Match:
+    """What a keyring search looks for (keyring_search_context's index key and match data).
+
+    A direct match looks up the one key filed under (type, description) in
+    each keyring; otherwise every key of the type is offered to the type's
+    matcher.  ``target`` makes it an identity match (possession checks).
+    """
+
+    ktype: T.KeyType
+    description: str
+    direct: bool = True
+    target: Key | None = None
+
+    @classmethod
+    def search(cls, ktype: T.KeyType, description: str) -> "_Match":
+        return cls(ktype, description, direct=not ktype.search_iterates(description))
+
+    @classmethod
+    def identity(cls, key: Key) -> "_Match":
+        return cls(key.type, key.description, target=key)
+
+    def files_under(self, key: Key) -> bool:
+        return key.type is self.ktype and key.description == self.description
+
+    def candidates(self, ring: Key) -> Iterable[Key]:
+        if self.direct:
+            key = ring.links.get((self.ktype.name, self.description))
+            return () if key is None else (key,)
+        return [k for k in ring.links.values() if k.type is self.ktype]
+
+    def matches(self, key: Key) -> bool:
+        if self.target is not None:
+            return key is self.target
+        return self.ktype.matches(key.description, key.payload, self.description)
+
+
+def _id_arg(value: int, what: str) -> int:
+    """A uid/gid argument to chown: -1 (or its 32-bit form) leaves the field alone."""
+    if value in (-1, 0xFFFFFFFF):
+        return -1
+    if not 0 <= value < 0xFFFFFFFF:
+        raise E.EINVAL(f"{what} {value} is out of range")
+    return value
+
+
 class KeyStore:
     def __init__(self, config: StoreConfig | None = None, clock: Callable[[], float] = time.time):
         self.config = config or StoreConfig()
         self.clock = clock
         self.lock = threading.RLock()
-        self._keys: dict[int, Key] = {}
+        self._keys: dict[int, Key] = {}  # creation order: find() and named sessions rely on it
         self._quota: dict[int, _Quota] = {}
         self._user_keyrings: dict[int, Key] = {}
         self._user_session_keyrings: dict[int, Key] = {}
@@ -177,13 +264,17 @@ class KeyStore:
     # ------------------------------------------------------------------ basics
 
     def __len__(self) -> int:
-        return len(self._keys)
+        with self.lock:
+            return len(self._keys)
 
     def _new_serial(self) -> int:
+        """key_alloc_serial: random, positive, at least 3, unique among live keys."""
         while True:
-            serial = secrets.randbelow(MAX_SERIAL) + 1
+            serial = MIN_SERIAL + secrets.randbelow(MAX_SERIAL - MIN_SERIAL + 1)
             if serial not in self._keys:
                 return serial
+
+    # ------------------------------------------------------------------ quota
 
     def _quota_for(self, uid: int) -> _Quota:
         return self._quota.setdefault(uid, _Quota())
@@ -192,13 +283,26 @@ class KeyStore:
         c = self.config
         return (c.root_maxkeys, c.root_maxbytes) if uid == 0 else (c.maxkeys, c.maxbytes)
 
-    def _charge(self, uid: int, nkeys: int, nbytes: int) -> None:
+    def _check_quota(self, uid: int, nkeys: int, nbytes: int) -> None:
         q = self._quota_for(uid)
         maxkeys, maxbytes = self._limits(uid)
         if (nkeys > 0 and q.keys + nkeys > maxkeys) or (nbytes > 0 and q.bytes + nbytes > maxbytes):
             raise E.EDQUOT(f"uid {uid} is over its key quota")
+
+    def _charge(self, uid: int, nkeys: int, nbytes: int, check: bool = True) -> None:
+        """Add to (or, negative, release from) a uid's usage; refuse growth past the limits if ``check``."""
+        if check:
+            self._check_quota(uid, nkeys, nbytes)
+        q = self._quota_for(uid)
         q.keys += nkeys
         q.bytes += nbytes
+
+    def _reserve(self, key: Key, datalen: int, check: bool = True) -> None:
+        """key_payload_reserve: resize what a key's payload costs its owner."""
+        delta = datalen - key.quota_len
+        if key.charged and delta:
+            self._charge(key.uid, 0, delta, check=check and delta > 0)
+        key.quota_len = datalen
 
     def quota_usage(self, uid: int) -> tuple[int, int, int, int]:
         """(keys, bytes, maxkeys, maxbytes) as /proc/key-users shows them."""
@@ -206,11 +310,15 @@ class KeyStore:
             q = self._quota_for(uid)
             return (q.keys, q.bytes, *self._limits(uid))
 
-    def _create(self, ktype: T.KeyType, description: str, cred: Credentials, perm: int, payload: Any,
-                quota_len: int, charged: bool = True) -> Key:
-        if charged:
-            self._charge(cred.uid, 1, len(description.encode()) + quota_len)
-        key = Key(self._new_serial(), ktype, description, cred.uid, cred.gid, perm, payload, quota_len, charged)
+    # --------------------------------------------------------- life and death
+
+    def _create(self, ktype: T.KeyType, description: str, owner: Credentials, perm: int, payload: Any,
+                quota_len: int, quota: str = IN_QUOTA) -> Key:
+        """key_alloc: a new key owned by ``owner``, charged to its quota, linked nowhere yet."""
+        key = Key(self._new_serial(), ktype, description, owner.uid, owner.gid, perm, payload, quota_len,
+                  charged=quota != NOT_IN_QUOTA, ctime=self.clock())
+        if key.charged:
+            self._charge(key.uid, 1, key.cost, check=quota == IN_QUOTA)
         self._keys[key.serial] = key
         return key
 
@@ -220,75 +328,167 @@ class KeyStore:
             return
         key.dead = True
         self._keys.pop(key.serial, None)
-        if key.charged:
-            q = self._quota_for(key.uid)
-            q.keys -= 1
-            q.bytes -= len(key.description.encode()) + key.quota_len
         if key.links is not None:
-            children = list(key.links.values())
-            key.links.clear()
-            for child in children:
-                self._drop_parent(child, key)
+            self._empty(key)
+        if key.charged:
+            self._charge(key.uid, -1, -key.cost, check=False)
         key.type.destroy(key.payload)
         key.payload = None
-
-    def _drop_parent(self, child: Key, parent: Key) -> None:
-        child.parents.discard(parent)
-        self._maybe_destroy(child)
 
     def _maybe_destroy(self, key: Key) -> None:
         if not key.parents and key.pins == 0:
             self._destroy(key)
 
-    def _link_raw(self, ring: Key, key: Key) -> None:
+    def _force_destroy(self, key: Key) -> None:
+        """Destroy a key however it is held: unlinked everywhere, sessions and special roles dropped."""
+        self._release_roots(key)
+        key.pins = 0
+        for parent in list(key.parents):
+            self._unlink_raw(parent, key)
+        self._destroy(key)
+
+    def _release_roots(self, key: Key) -> None:
+        for table in (self._user_keyrings, self._user_session_keyrings, self._process_keyrings):
+            for ident, ring in list(table.items()):
+                if ring is key:
+                    del table[ident]
+        for token, session in list(self._sessions.items()):
+            if session.keyring is key:
+                del self._sessions[token]
+
+    # ----------------------------------------------------------------- links
+
+    def _link_raw(self, ring: Key, key: Key, check_quota: bool = True) -> None:
+        """File ``key`` in ``ring``, displacing whatever had its type and description there."""
         old = ring.links.get(key.index)
+        if old is key:
+            return
+        if old is None:
+            self._reserve(ring, ring.quota_len + LINK_BYTES, check=check_quota)
         ring.links[key.index] = key
         key.parents.add(ring)
-        if old is not None and old is not key:
+        if old is not None:
             self._drop_parent(old, ring)
 
     def _unlink_raw(self, ring: Key, key: Key) -> None:
         if ring.links.get(key.index) is key:
             del ring.links[key.index]
+            self._reserve(ring, ring.quota_len - LINK_BYTES)
             self._drop_parent(key, ring)
+
+    def _empty(self, ring: Key) -> None:
+        """keyring_clear: drop every link; keys left unreferenced die."""
+        children = list(ring.links.values())
+        ring.links.clear()
+        self._reserve(ring, 0)
+        for child in children:
+            self._drop_parent(child, ring)
+
+    def _drop_parent(self, child: Key, parent: Key) -> None:
+        child.parents.discard(parent)
+        self._maybe_destroy(child)
+
+    def _detect_cycle(self, ring: Key, key: Key) -> None:
+        """keyring_detect_cycle: would filing keyring ``key`` in ``ring`` make a loop, or nest too deep?
+
+        Searches down from ``key`` for ``ring``, ignoring permissions and
+        states: EDEADLK if found (linking a keyring into itself included),
+        else ELOOP if ``key`` holds keyrings more than MAX_NESTING levels
+        below it.  (The kernel reports whichever its walk meets first.)
+        """
+        if key is ring:
+            raise E.EDEADLK("a keyring cannot be linked into itself")
+        deepest: dict[int, int] = {}  # a keyring reached again, less deep, can reveal nothing new
+        too_deep = False
+
+        def walk(current: Key, depth: int) -> None:
+            nonlocal too_deep
+            if current.defunct:
+                return
+            if current.links.get(ring.index) is ring:
+                raise E.EDEADLK("link would create a cycle")
+            for sub in current.links.values():
+                if sub.links is None:
+                    continue
+                if depth >= MAX_NESTING:
+                    too_deep = True
+                    return
+                if deepest.get(sub.serial, -1) >= depth + 1:
+                    continue
+                deepest[sub.serial] = depth + 1
+                walk(sub, depth + 1)
+
+        walk(key, 0)
+        if too_deep:
+            raise E.ELOOP("keyrings nested too deeply")
+
+    def _link_checked(self, ring: Key, key: Key) -> None:
+        """key_link's checks, in its order, then the link."""
+        if ring.links is None:
+            raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+        if ring.revoked:
+            raise E.EKEYREVOKED(f"keyring {ring.serial} has been revoked")
+        self._admit(ring, key.type, key.description, key.payload)
+        if key.links is not None:
+            self._detect_cycle(ring, key)
+        self._link_raw(ring, key)
+
+    def _admit(self, ring: Key, ktype: T.KeyType, description: str, payload: Any) -> None:
+        """Could ``ring`` take a key like this?  Its owner's quota for a new link, its restriction, its size."""
+        adds_link = ring.links.get((ktype.name, description)) is None
+        if adds_link and ring.charged:
+            self._check_quota(ring.uid, 0, LINK_BYTES)
+        self._check_restriction(ring, ktype, payload)
+        if adds_link and len(ring.links) >= self.config.keyring_max_links:
+            raise E.ENFILE(f"keyring {ring.serial} is full")
+
+    def _check_restriction(self, ring: Key, ktype: T.KeyType, payload: Any) -> None:
+        if ring.restriction is not None:
+            ring.restriction.check(self, ring, ktype, payload)
 
     # ------------------------------------------------------- special keyrings
 
-    def _pinned_keyring(self, description: str, cred: Credentials, perm: int) -> Key:
-        key = self._create(T.KEYRING, description, cred, perm, None, 0, charged=False)
-        key.pins += 1
-        return key
-
-    def _user_keyring(self, uid: int, gid: int) -> Key:
-        ring = self._user_keyrings.get(uid)
-        if ring is None or ring.dead:
-            ring = self._pinned_keyring(f"_uid.{uid}", Credentials(uid, gid), P.DEFAULT_UID_KEYRING)
-            self._user_keyrings[uid] = ring
+    def _pinned_keyring(self, description: str, owner: Credentials, perm: int) -> Key:
+        """A keyring the daemon holds itself: counted in its owner's quota but never refused for it."""
+        ring = self._create(T.KEYRING, description, owner, perm, None, 0, quota=QUOTA_OVERRUN)
+        ring.pins += 1
         return ring
 
-    def _user_session_keyring(self, uid: int, gid: int) -> Key:
-        ring = self._user_session_keyrings.get(uid)
-        if ring is None or ring.dead:
-            ring = self._pinned_keyring(f"_uid_ses.{uid}", Credentials(uid, gid), P.DEFAULT_UID_KEYRING)
-            self._link_raw(ring, self._user_keyring(uid, gid))
+    def _install_user_keyrings(self, uid: int) -> None:
+        """look_up_user_keyrings: ``_uid.N`` and ``_uid_ses.N`` (which links it), made on first use."""
+        owner = Credentials(uid, P.NO_GID)
+        if uid not in self._user_keyrings:
+            self._user_keyrings[uid] = self._pinned_keyring(f"_uid.{uid}", owner, P.DEFAULT_UID_KEYRING)
+        if uid not in self._user_session_keyrings:
+            ring = self._pinned_keyring(f"_uid_ses.{uid}", owner, P.DEFAULT_UID_KEYRING)
+            self._link_raw(ring, self._user_keyrings[uid], check_quota=False)
             self._user_session_keyrings[uid] = ring
-        return ring
+
+    def _user_keyring(self, uid: int) -> Key:
+        self._install_user_keyrings(uid)
+        return self._user_keyrings[uid]
+
+    def _user_session_keyring(self, uid: int, create: bool = True) -> Key | None:
+        if create:
+            self._install_user_keyrings(uid)
+        return self._user_session_keyrings.get(uid)
 
     def _process_keyring(self, caller: Caller, create: bool) -> Key | None:
         if caller.process is None:
             return None
         ring = self._process_keyrings.get(caller.process)
-        if (ring is None or ring.dead) and create:
+        if ring is None and create:
             ring = self._pinned_keyring("_pid", caller.cred, P.DEFAULT_PROCESS_KEYRING)
             self._process_keyrings[caller.process] = ring
-        return ring if ring is not None and not ring.dead else None
+        return ring
 
-    def _session_keyring(self, caller: Caller) -> Key:
+    def _session_keyring(self, caller: Caller, create: bool = True) -> Key | None:
+        """The caller's session keyring: its token's, else the user session keyring."""
         if caller.session_token:
             session = self._sessions.get(caller.session_token)
-            if session is not None and session.uid == caller.uid and not session.keyring.dead:
+            if session is not None and session.uid == caller.uid:
                 return session.keyring
-        return self._user_session_keyring(caller.uid, caller.cred.gid)
+        return self._user_session_keyring(caller.uid, create)
 
     def _special(self, caller: Caller, key_id: int, create: bool) -> Key:
         if key_id in (THREAD, PROCESS):
@@ -299,310 +499,343 @@ class KeyStore:
         if key_id == SESSION:
             return self._session_keyring(caller)
         if key_id == USER:
-            return self._user_keyring(caller.uid, caller.cred.gid)
+            return self._user_keyring(caller.uid)
         if key_id == USER_SESSION:
-            return self._user_session_keyring(caller.uid, caller.cred.gid)
-        if key_id == REQKEY_AUTH:
+            return self._user_session_keyring(caller.uid)
+        if key_id in (REQKEY_AUTH, REQUESTOR):
             raise E.ENOKEY("no request-key authorisation key")
         raise E.EINVAL(f"unsupported special key id {key_id}")
 
     def _possession_roots(self, caller: Caller) -> Iterator[Key]:
-        ring = self._process_keyring(caller, create=False)
-        if ring is not None:
-            yield ring
-        yield self._session_keyring(caller)
+        """Where possession is searched from: the process keyring, then the session keyring (never created)."""
+        for ring in (self._process_keyring(caller, create=False), self._session_keyring(caller, create=False)):
+            if ring is not None:
+                yield ring
 
-    # ----------------------------------------------------- lookup & permission
+    # ----------------------------------------------------- search & permission
 
     def _rights(self, caller: Caller, key: Key, possessed: bool) -> int:
         return P.effective(key.perm, key.uid, key.gid, caller.cred, possessed)
 
-    def _search_tree(self, caller: Caller, ring: Key, match: Callable[[Key], bool],
-                     state_errors: list | None = None, now: float | None = None,
-                     possessed: bool = True) -> Key | None:
-        """Kernel keyring search: the keys at each level first, then descend.
+    def _search(self, caller: Caller, ring: Key, possessed: bool, match: _Match, *, check_state: bool = True,
+                skip_expired: bool = False) -> tuple[Key | None, E.KeydenError | None]:
+        """keyring_search_rcu: (found key, None), or (None, why the last candidate was passed over), or (None, None).
 
-        Only keyrings granting search are entered; a match must grant search
-        too.  Possession, if the start keyring has it, carries down the path.
+        The start keyring must grant search.  At each keyring its own keys
+        are tried first, then the keyrings it holds that grant search, at most
+        MAX_NESTING levels down; revoked keyrings are not entered.  A match
+        must grant search itself.  ``possessed`` (the start keyring's) carries
+        down the whole search.
         """
-        now = self.clock() if now is None else now
-        if not (self._rights(caller, ring, possessed) & P.SEARCH):
-            return None
-        if match(ring) and ring.state_error(now) is None:
-            return ring
-        seen: set[int] = set()
+        if not self._rights(caller, ring, possessed) & P.SEARCH:
+            return None, E.EACCES(f"keyring {ring.serial} does not grant search")
+        now = self.clock()
+        last_skip: list[E.KeydenError | None] = [None]
+
+        def consider(key: Key) -> bool | None:
+            """True: found; False: a candidate passed over (reason in last_skip); None: not a candidate."""
+            if key.type is not match.ktype:
+                return None
+            if check_state:
+                if key.defunct:
+                    last_skip[0] = E.EKEYREVOKED()
+                    return False
+                if key.expired(now):
+                    if not skip_expired:
+                        last_skip[0] = E.EKEYEXPIRED()
+                    return False
+            if not match.matches(key):
+                return None
+            if not self._rights(caller, key, possessed) & P.SEARCH:
+                last_skip[0] = E.EACCES(f"key {key.serial} does not grant search")
+                return False
+            return True
+
+        if not match.direct or match.files_under(ring):
+            verdict = consider(ring)
+            if verdict is not None:
+                return (ring, None) if verdict else (None, last_skip[0])
+
+        seen: dict[int, int] = {}
 
         def walk(current: Key, depth: int) -> Key | None:
-            nested = []
-            for key in list(current.links.values()):
-                if key.dead:
-                    continue
-                if match(key):
-                    err = key.state_error(now)
-                    if err is not None:
-                        if state_errors is not None:
-                            state_errors.append(err)
-                    elif self._rights(caller, key, possessed) & P.SEARCH:
-                        return key
-                if key.links is not None:
-                    nested.append(key)
+            if current.defunct:
+                return None
+            for key in match.candidates(current):
+                if consider(key):
+                    return key
             if depth >= MAX_NESTING:
                 return None
-            for sub in nested:
-                if sub.serial in seen or sub.state_error(now) is not None:
+            for sub in list(current.links.values()):
+                if sub.links is None or not self._rights(caller, sub, possessed) & P.SEARCH:
                     continue
-                seen.add(sub.serial)
-                if self._rights(caller, sub, possessed) & P.SEARCH:
-                    found = walk(sub, depth + 1)
-                    if found is not None:
-                        return found
+                if seen.get(sub.serial, MAX_NESTING + 1) <= depth + 1:
+                    continue  # already searched from at least this high up: nothing new below
+                seen[sub.serial] = depth + 1
+                found = walk(sub, depth + 1)
+                if found is not None:
+                    return found
             return None
 
-        if ring.state_error(now) is not None:
-            return None
-        return walk(ring, 1)
+        found = walk(ring, 0)
+        return (found, None) if found is not None else (None, last_skip[0])
+
+    def _search_process_keyrings(self, caller: Caller, match: _Match, skip_expired: bool) -> Key:
+        """search_cred_keyrings_rcu: ENOKEY if any keyring searched cleanly, else the last keyring's error."""
+        searched_cleanly, error = False, None
+        for root in self._possession_roots(caller):
+            found, err = self._search(caller, root, True, match, skip_expired=skip_expired)
+            if found is not None:
+                return found
+            if err is None:
+                searched_cleanly = True
+            else:
+                error = err
+        if searched_cleanly or error is None:
+            raise E.ENOKEY(f"no {match.ktype.name} key {match.description!r} found")
+        raise error
 
     def _is_possessed(self, caller: Caller, key: Key) -> bool:
-        for root in self._possession_roots(caller):
-            if self._search_tree(caller, root, lambda k: k is key) is not None:
-                return True
-        return False
+        """Reachable by search from the caller's process or session keyring, whatever its state."""
+        match = _Match.identity(key)
+        return any(self._search(caller, root, True, match, check_state=False)[0] is not None
+                   for root in self._possession_roots(caller))
+
+    def _possessed(self, caller: Caller, key: Key, known: bool | None) -> bool:
+        return known if known is not None else self._is_possessed(caller, key)
+
+    def _permits(self, caller: Caller, key: Key, possessed: bool | None, need: int) -> bool:
+        """key_task_permission; possession is only worked out if the other bits are not enough."""
+        if self._rights(caller, key, False) & need == need:
+            return True
+        return self._possessed(caller, key, possessed) and self._rights(caller, key, True) & need == need
+
+    def _require(self, caller: Caller, key: Key, possessed: bool | None, need: int) -> None:
+        if not self._permits(caller, key, possessed, need):
+            wanted = "/".join(name for bit, name in P.NAMES.items() if need & bit)
+            raise E.EACCES(f"key {key.serial} does not grant {wanted}")
 
     def _lookup(self, caller: Caller, key_id: int, need: int = 0, *, create: bool = False,
-                partial: bool = False) -> tuple[Key, bool]:
-        """Resolve an ID to (key, possessed), checking state and permission like lookup_user_key."""
+                check_state: bool = True) -> tuple[Key, bool | None]:
+        """lookup_user_key: resolve an ID, validate its state, check ``need``.
+
+        Returns (key, possessed); possessed is True for special IDs, and None
+        for serials whose possession did not need working out.
+        """
         if not isinstance(key_id, int):
             raise E.EINVAL("key IDs are integers")
         if key_id < 0:
-            key = self._special(caller, key_id, create)
-            possessed = True
+            key, possessed = self._special(caller, key_id, create), True
         elif key_id == 0:
             raise E.EINVAL("key ID 0 names no key")
         else:
-            key = self._keys.get(key_id)
-            if key is None or key.dead:
+            key, possessed = self._keys.get(key_id), None
+            if key is None:
                 raise E.ENOKEY(f"no key with serial {key_id}")
-            possessed = None  # computed only if it can matter
-        if not partial:
+        if check_state:
             err = key.state_error(self.clock())
             if err is not None:
                 raise err
         if need:
-            rights = self._rights(caller, key, False)
-            if rights & need != need:
-                if possessed is None:
-                    possessed = self._is_possessed(caller, key)
-                if not possessed or self._rights(caller, key, True) & need != need:
-                    raise E.EACCES(f"permission denied on key {key.serial}")
-        return key, bool(possessed)
-
-    def _keyring(self, caller: Caller, ring_id: int, need: int, create: bool = True) -> Key:
-        ring, _ = self._lookup(caller, ring_id, need, create=create)
-        if ring.links is None:
-            raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
-        return ring
+            self._require(caller, key, possessed, need)
+        return key, possessed
 
     def resolve(self, caller: Caller, key_id: int, create: bool = False) -> int:
-        """KEYCTL_GET_KEYRING_ID: what serial a special ID names."""
+        """KEYCTL_GET_KEYRING_ID: what serial an ID names (search permission required)."""
         with self.lock:
-            key, _ = self._lookup(caller, key_id, 0, create=create, partial=True)
+            key, _ = self._lookup(caller, key_id, P.SEARCH, create=create)
             return key.serial
 
-    # ------------------------------------------------------------- linking
-
-    def _subtree_height(self, key: Key, depth: int = 1) -> int:
-        if key.links is None:
-            return 0
-        if depth > MAX_NESTING + 1:
-            return depth
-        best = depth
-        for child in key.links.values():
-            if child.links is not None:
-                best = max(best, self._subtree_height(child, depth + 1))
-        return best
-
-    def _reaches(self, start: Key, target: Key) -> bool:
-        stack, seen = [start], set()
-        while stack:
-            k = stack.pop()
-            if k is target:
-                return True
-            if k.links is None or k.serial in seen:
-                continue
-            seen.add(k.serial)
-            stack.extend(c for c in k.links.values() if c.links is not None)
-        return False
-
-    def _check_link(self, ring: Key, key: Key) -> None:
-        if ring.revoked_at:
-            raise E.EKEYREVOKED(f"keyring {ring.serial} has been revoked")
-        if key.links is not None:
-            if key is ring or self._reaches(key, ring):
-                raise E.EDEADLK("link would create a cycle")
-            if self._subtree_height(key) >= MAX_NESTING:
-                raise E.ELOOP("keyrings nested too deeply")
-        if ring.restriction is not None:
-            ring.restriction.check(self, ring, key)
-        if key.index not in ring.links and len(ring.links) >= self.config.keyring_max_links:
-            raise E.ENFILE(f"keyring {ring.serial} is full")
-
-    # -------------------------------------------------------------- operations
+    # ------------------------------------------------------- adding & update
 
     def add(self, caller: Caller, type_name: str, description: str, payload: bytes, keyring: int,
             secret: bytes | None = None, perm: int | None = None) -> int:
         """add_key(2): create, or update in place when the type allows, and link."""
-        ktype = T.lookup(type_name)
-        if len(description.encode()) > T.MAX_DESC_LEN:
-            raise E.EINVAL("description too long")
-        if ktype.is_keyring and payload:
-            raise E.EINVAL("a keyring takes no data")
-        ktype.check_description(description)
-        with self.lock:  # fail fast on the keyring before parsing anything
-            self._keyring(caller, keyring, P.WRITE)
+        if len(payload) > T.MAX_ADD_PAYLOAD:
+            raise E.EINVAL("payload too large")
+        T.check_type_name(type_name)
+        T.check_description_size(description)
+        if type_name == "keyring" and description.startswith("."):
+            raise E.EPERM("keyring names beginning with '.' are reserved")
+        with self.lock:  # fail fast, before parsing anything
+            ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
+            ktype = T.lookup(type_name)
+            if ring.links is None:
+                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
         value, quota_len = ktype.preparse(payload, secret)  # may be slow (asymmetric): outside the lock
         try:
             with self.lock:
-                ring, possessed = self._lookup(caller, keyring, P.WRITE, create=True)
+                ring, ring_possessed = self._lookup(caller, keyring, P.WRITE, create=True)
                 if ring.links is None:
                     raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+                description = description or ktype.default_description(value)
                 if not description:
-                    description = ktype.default_description(value)
+                    raise E.EINVAL("a description is required")
                 existing = ring.links.get((ktype.name, description))
-                if existing is not None and ktype.updatable and existing.state_error(self.clock()) is None:
-                    possessed = possessed or self._is_possessed(caller, ring)
-                    if not self._rights(caller, existing, possessed) & P.WRITE:
-                        raise E.EACCES(f"permission denied updating key {existing.serial}")
+                self._admit(ring, ktype, description, value)
+                if existing is not None and ktype.updatable and not existing.defunct:
+                    # find_key_to_update: the key counts as possessed if the keyring is.
+                    self._require(caller, existing, self._possessed(caller, ring, ring_possessed), P.WRITE)
                     self._replace_payload(existing, value, quota_len)
                     value = None
                     return existing.serial
-                key = self._create(ktype, description, caller.cred, ktype.default_perm if perm is None else perm,
-                                   value, quota_len)
-                try:
-                    self._check_link(ring, key)
-                except BaseException:
-                    self._destroy(key)
-                    raise
+                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm)
                 value = None
-                self._link_raw(ring, key)
                 return key.serial
         finally:
             if value is not None:
                 ktype.destroy(value)
 
+    def _add_new(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
+                 ring: Key, perm: int | None) -> Key:
+        """key_alloc and link, once ``_admit`` has passed: displaces any key with this type and description."""
+        ktype.check_description(description)
+        key = self._create(ktype, description, caller.cred, ktype.default_perm if perm is None else perm,
+                           value, quota_len)
+        try:
+            self._link_raw(ring, key)  # no cycle check: a new key holds no keyrings
+        except BaseException:  # the link's bytes may not fit once the key itself is charged
+            self._destroy(key)
+            raise
+        return key
+
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
                         keyring: int, perm: int | None = None) -> int:
         """Add a key whose payload the daemon made itself (generated, derived): never an update."""
-        with self.lock:
-            ring = self._keyring(caller, keyring, P.WRITE)
-            if not description:
-                description = ktype.default_description(value)
-            ktype.check_description(description)
-            key = self._create(ktype, description, caller.cred, ktype.default_perm if perm is None else perm,
-                               value, quota_len)
-            try:
-                self._check_link(ring, key)
-            except BaseException:
-                self._destroy(key)
-                raise
-            self._link_raw(ring, key)
-            return key.serial
+        try:
+            with self.lock:
+                ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
+                if ring.links is None:
+                    raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+                description = description or ktype.default_description(value)
+                T.check_description_size(description)
+                self._admit(ring, ktype, description, value)
+                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm)
+                value = None
+                return key.serial
+        finally:
+            if value is not None:
+                ktype.destroy(value)
 
     def _replace_payload(self, key: Key, value: Any, quota_len: int) -> None:
-        delta = quota_len - key.quota_len
-        if key.charged and delta > 0:
-            self._charge(key.uid, 0, delta)
-        elif key.charged:
-            self._quota_for(key.uid).bytes += delta
-        old, key.payload, key.quota_len = key.payload, value, quota_len
+        """The type's update: new payload, new quota, and (user_update) any timeout cleared."""
+        self._reserve(key, quota_len)
+        old, key.payload = key.payload, value
+        key.expiry = 0.0
         key.type.destroy(old)
 
     def update(self, caller: Caller, key_id: int, payload: bytes) -> None:
+        """KEYCTL_UPDATE: replace an updatable key's payload (at most a page of it)."""
+        if len(payload) > T.MAX_UPDATE_PAYLOAD:
+            raise E.EINVAL(f"keyctl update takes at most {T.MAX_UPDATE_PAYLOAD} bytes")
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.WRITE)
-            ktype = key.type
-        if not ktype.updatable:
-            raise E.EOPNOTSUPP(f"keys of type {ktype.name!r} cannot be updated")
-        value, quota_len = ktype.preparse(payload)
-        with self.lock:
-            key, _ = self._lookup(caller, key_id, P.WRITE)
-            self._replace_payload(key, value, quota_len)
+        if not key.type.updatable:
+            raise E.EOPNOTSUPP(f"keys of type {key.type.name!r} cannot be updated")
+        value, quota_len = key.type.preparse(payload)
+        try:
+            with self.lock:
+                again, _ = self._lookup(caller, key_id, P.WRITE)
+                if again is not key:
+                    raise E.ENOKEY(f"key {key_id} was destroyed during the update")
+                self._replace_payload(key, value, quota_len)
+                value = None
+        finally:
+            if value is not None:
+                key.type.destroy(value)
+
+    # ------------------------------------------------------ finding keys
 
     def request(self, caller: Caller, type_name: str, description: str, dest: int = 0) -> int:
         """request_key(2) without an upcall: search the caller's keyrings; ENOKEY if absent."""
-        ktype = T.lookup(type_name)
+        T.check_type_name(type_name)
+        T.check_description_size(description)
         with self.lock:
-            key = self._search_process_keyrings(caller, ktype, description)
-            if dest:
-                self._link_checked(caller, key, dest)
+            dest_ring = self._lookup(caller, dest, P.WRITE, create=True)[0] if dest else None
+            ktype = T.lookup(type_name, missing=E.ENOKEY)
+            key = self._search_process_keyrings(caller, _Match.search(ktype, description), skip_expired=True)
+            if dest_ring is not None:
+                self._require(caller, key, True, P.LINK)
+                self._link_checked(dest_ring, key)
             return key.serial
 
-    def _search_process_keyrings(self, caller: Caller, ktype: T.KeyType, description: str) -> Key:
-        errors: list[E.KeydenError] = []
-        now = self.clock()
-        for root in self._possession_roots(caller):
-            found = self._search_tree(caller, root, self._matcher(ktype, description), errors, now)
-            if found is not None:
-                return found
-        if errors:
-            raise errors[0]
-        raise E.ENOKEY(f"no {ktype.name} key {description!r} found")
-
-    @staticmethod
-    def _matcher(ktype: T.KeyType, description: str) -> Callable[[Key], bool]:
-        return lambda k: k.type is ktype and ktype.matches(k.description, k.payload, description)
-
     def search(self, caller: Caller, keyring: int, type_name: str, description: str, dest: int = 0) -> int:
-        ktype = T.lookup(type_name)
+        """KEYCTL_SEARCH: search one keyring tree; the result is possessed only if the start keyring is."""
+        T.check_type_name(type_name)
+        T.check_description_size(description)
         with self.lock:
             ring, possessed = self._lookup(caller, keyring, P.SEARCH)
-            possessed = possessed or self._is_possessed(caller, ring)
+            possessed = self._possessed(caller, ring, possessed)
+            dest_ring = self._lookup(caller, dest, P.WRITE, create=True)[0] if dest else None
+            ktype = T.lookup(type_name, missing=E.ENOKEY)
+            match = _Match.search(ktype, description)
             if ring.links is None:
                 raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
-            errors: list[E.KeydenError] = []
-            found = self._search_tree(caller, ring, self._matcher(ktype, description), errors,
-                                      possessed=possessed)
+            found, err = self._search(caller, ring, possessed, match)
             if found is None:
-                if errors:
-                    raise errors[0]
-                raise E.ENOKEY(f"no {ktype.name} key {description!r} found")
-            if dest:
-                self._link_checked(caller, found, dest)
+                raise err or E.ENOKEY(f"no {ktype.name} key {description!r} found")
+            if dest_ring is not None:
+                self._require(caller, found, possessed, P.LINK)
+                self._link_checked(dest_ring, found)
             return found.serial
 
-    def _link_checked(self, caller: Caller, key: Key, ring_id: int) -> None:
-        ring = self._keyring(caller, ring_id, P.WRITE)
-        if not self._rights(caller, key, self._is_possessed(caller, key)) & P.LINK:
-            raise E.EACCES(f"key {key.serial} does not grant link")
-        self._check_link(ring, key)
-        self._link_raw(ring, key)
+    def find(self, caller: Caller, type_name: str, description: str) -> int:
+        """keyutils' find_key_by_type_and_desc: request_key, else the first key it may view (/proc/keys order)."""
+        T.check_type_name(type_name)
+        ktype = T.lookup(type_name, missing=E.ENOKEY)
+        with self.lock:
+            try:
+                return self._search_process_keyrings(caller, _Match.search(ktype, description), True).serial
+            except E.KeydenError as exc:
+                error = exc
+            for serial in sorted(self._keys):
+                key = self._keys[serial]
+                if key.type is ktype and key.description == description and self._permits(caller, key, None, P.VIEW):
+                    return key.serial
+            raise error
+
+    # ------------------------------------------------------------- linking
 
     def link(self, caller: Caller, key_id: int, keyring: int) -> None:
+        """KEYCTL_LINK: file a key in a keyring, displacing one with the same type and description."""
         with self.lock:
+            ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
             key, _ = self._lookup(caller, key_id, P.LINK, create=True)
-            ring = self._keyring(caller, keyring, P.WRITE)
-            self._check_link(ring, key)
-            self._link_raw(ring, key)
+            self._link_checked(ring, key)
 
     def unlink(self, caller: Caller, key_id: int, keyring: int) -> None:
+        """KEYCTL_UNLINK: needs write on the keyring only; works on revoked and expired keys too."""
         with self.lock:
-            ring = self._keyring(caller, keyring, P.WRITE, create=False)
-            key, _ = self._lookup(caller, key_id, 0, partial=True)
+            ring, _ = self._lookup(caller, keyring, P.WRITE)
+            key, _ = self._lookup(caller, key_id, check_state=False)
+            if ring.links is None:
+                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
             if ring.links.get(key.index) is not key:
                 raise E.ENOENT(f"key {key.serial} is not linked into keyring {ring.serial}")
             self._unlink_raw(ring, key)
 
     def move(self, caller: Caller, key_id: int, from_ring: int, to_ring: int, exclusive: bool = True) -> None:
+        """KEYCTL_MOVE: unlink from one keyring and link into another in one step."""
         with self.lock:
-            key, _ = self._lookup(caller, key_id, P.LINK)
-            src = self._keyring(caller, from_ring, P.WRITE)
-            dst = self._keyring(caller, to_ring, P.WRITE)
-            if src.links.get(key.index) is not key:
-                raise E.ENOENT(f"key {key.serial} is not linked into keyring {src.serial}")
+            key, _ = self._lookup(caller, key_id, P.LINK, create=True)
+            src, _ = self._lookup(caller, from_ring, P.WRITE)
+            dst, _ = self._lookup(caller, to_ring, P.WRITE, create=True)
             if src is dst:
                 return
-            if exclusive and key.index in dst.links:
+            if src.links is None or dst.links is None:
+                raise E.ENOTDIR("both ends of a move must be keyrings")
+            if src.links.get(key.index) is not key:
+                raise E.ENOENT(f"key {key.serial} is not linked into keyring {src.serial}")
+            if dst.revoked:
+                raise E.EKEYREVOKED(f"keyring {dst.serial} has been revoked")
+            displaces = key.index in dst.links
+            if not displaces and dst.charged:
+                self._check_quota(dst.uid, 0, LINK_BYTES)
+            if displaces and exclusive:
                 raise E.EEXIST(f"keyring {dst.serial} already holds a {key.type.name} {key.description!r}")
-            self._check_link(dst, key)
+            self._check_restriction(dst, key.type, key.payload)
+            if key.links is not None:
+                self._detect_cycle(dst, key)
             key.pins += 1  # keep it alive between unlink and link
             try:
                 self._unlink_raw(src, key)
@@ -612,13 +845,15 @@ class KeyStore:
 
     def clear(self, caller: Caller, keyring: int) -> None:
         with self.lock:
-            ring = self._keyring(caller, keyring, P.WRITE)
-            children = list(ring.links.values())
-            ring.links.clear()
-            for child in children:
-                self._drop_parent(child, ring)
+            ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
+            if ring.links is None:
+                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            self._empty(ring)
+
+    # ------------------------------------------------------------ key state
 
     def revoke(self, caller: Caller, key_id: int) -> None:
+        """KEYCTL_REVOKE: write or setattr; a keyring is emptied, a user key's payload freed at once."""
         with self.lock:
             try:
                 key, _ = self._lookup(caller, key_id, P.WRITE)
@@ -626,46 +861,50 @@ class KeyStore:
                 key, _ = self._lookup(caller, key_id, P.SETATTR)
             key.revoked_at = self.clock()
             if key.links is not None:
-                children = list(key.links.values())
-                key.links.clear()
-                for child in children:
-                    self._drop_parent(child, key)
-            elif key.type.readable or not key.type.derives_description:
+                self._empty(key)
+            elif key.type.revoke_discards_payload:
                 key.type.destroy(key.payload)
+                key.payload = None
+                self._reserve(key, 0)
 
     def invalidate(self, caller: Caller, key_id: int) -> None:
+        """KEYCTL_INVALIDATE: search permission; the key is gone from every keyring at once."""
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SEARCH)
             key.invalidated = True
-            key.pins += 1
-            try:
-                for parent in list(key.parents):
-                    self._unlink_raw(parent, key)
-            finally:
-                key.pins -= 1
-            self._release_roots(key)
-            self._destroy(key)
+            self._force_destroy(key)
 
-    def _release_roots(self, key: Key) -> None:
-        for table in (self._user_keyrings, self._user_session_keyrings, self._process_keyrings):
-            for k, v in list(table.items()):
-                if v is key:
-                    del table[k]
-        for token, session in list(self._sessions.items()):
-            if session.keyring is key:
-                del self._sessions[token]
+    def set_timeout(self, caller: Caller, key_id: int, timeout: int) -> None:
+        """KEYCTL_SET_TIMEOUT: expire ``timeout`` seconds from now; 0 clears the timeout."""
+        if timeout < 0:
+            raise E.EINVAL("timeout must not be negative")
+        with self.lock:
+            key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
+            key.expiry = self.clock() + timeout if timeout else 0.0
+
+    # ------------------------------------------------------------ attributes
 
     def read(self, caller: Caller, key_id: int) -> bytes | list[int]:
-        """keyctl_read: payload bytes, or a keyring's serials."""
+        """keyctl_read: payload bytes, or a keyring's serials.
+
+        Possession alone suffices (the kernel's "searchable from this
+        process's keyrings" rule); state is checked last, so a revoked key
+        the caller may not read is EACCES, not EKEYREVOKED.
+        """
         with self.lock:
-            key, possessed = self._lookup(caller, key_id, 0)
-            if not self._rights(caller, key, possessed) & P.READ:
-                if not (possessed or self._is_possessed(caller, key)):
-                    raise E.EACCES(f"permission denied reading key {key.serial}")
-            if key.links is not None:
-                return [k.serial for k in key.links.values() if not k.dead]
-            if not key.type.readable:
+            try:
+                key, possessed = self._lookup(caller, key_id, check_state=False)
+            except E.KeydenError as exc:
+                raise E.ENOKEY(f"cannot look up key {key_id}: {exc.message}") from None
+            if not self._permits(caller, key, possessed, P.READ) and not self._possessed(caller, key, possessed):
+                raise E.EACCES(f"permission denied reading key {key.serial}")
+            if key.links is None and not key.type.readable:
                 raise E.EOPNOTSUPP(f"keys of type {key.type.name!r} cannot be read")
+            err = key.state_error(self.clock())
+            if err is not None:
+                raise err
+            if key.links is not None:
+                return [k.serial for k in key.links.values()]
             return key.type.read(key.payload)
 
     def describe(self, caller: Caller, key_id: int) -> Description:
@@ -674,79 +913,100 @@ class KeyStore:
             return Description(key.serial, key.type.name, key.uid, key.gid, key.perm, key.description)
 
     def chown(self, caller: Caller, key_id: int, uid: int, gid: int) -> None:
-        """KEYCTL_CHOWN: -1 leaves a field alone; only root gives a key away."""
+        """KEYCTL_CHOWN: -1 leaves a field alone.
+
+        Needs setattr.  Only root gives a key to another uid (the quota moves
+        with it) or to a group the caller is not in.
+        """
+        uid, gid = _id_arg(uid, "uid"), _id_arg(gid, "gid")
+        if uid == -1 and gid == -1:
+            return
         with self.lock:
-            key, _ = self._lookup(caller, key_id, P.SETATTR, partial=True)
-            if uid != -1 and uid != key.uid and caller.uid != 0:
-                raise E.EACCES("only root may change a key's owner")
-            if gid != -1 and gid != key.gid and caller.uid != 0:
-                if key.uid != caller.uid or not caller.cred.in_group(gid):
-                    raise E.EACCES("you may only give your own keys to a group you are in")
-            if uid != -1 and uid != key.uid:
+            key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
+            gives_away = uid != -1 and uid != key.uid
+            foreign_group = gid != -1 and gid != key.gid and not caller.cred.in_group(gid)
+            if (gives_away or foreign_group) and caller.uid != 0:
+                raise E.EACCES("only root may give a key to another user or to a group it is not in")
+            if gives_away:
                 if key.charged:
-                    size = len(key.description.encode()) + key.quota_len
-                    self._charge(uid, 1, size)
-                    old = self._quota_for(key.uid)
-                    old.keys -= 1
-                    old.bytes -= size
+                    self._charge(uid, 1, key.cost)
+                    self._charge(key.uid, -1, -key.cost, check=False)
                 key.uid = uid
             if gid != -1:
                 key.gid = gid
 
     def setperm(self, caller: Caller, key_id: int, perm: int) -> None:
+        """KEYCTL_SETPERM: needs setattr, and ownership unless the caller is root."""
         if perm & ~P.VALID_MASK:
             raise E.EINVAL("permission bits outside 0x3f3f3f3f")
         with self.lock:
-            key, _ = self._lookup(caller, key_id, P.SETATTR, partial=True)
-            if key.uid != caller.uid:
+            key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
+            if key.uid != caller.uid and caller.uid != 0:
                 raise E.EACCES("only the owner may change a key's permissions")
             key.perm = perm
 
-    def set_timeout(self, caller: Caller, key_id: int, timeout: int) -> None:
-        if timeout < 0:
-            raise E.EINVAL("timeout must not be negative")
-        with self.lock:
-            key, _ = self._lookup(caller, key_id, P.SETATTR)
-            key.expiry = self.clock() + timeout if timeout else 0.0
-
     def restrict_keyring(self, caller: Caller, keyring: int, type_name: str = "", restriction: str = "") -> None:
+        """KEYCTL_RESTRICT_KEYRING: no type refuses all further links; a type names its own rule."""
         with self.lock:
-            ring = self._keyring(caller, keyring, P.SETATTR)
+            ring, _ = self._lookup(caller, keyring, P.SETATTR)
+            if bool(type_name) != bool(restriction):
+                raise E.EINVAL("a key type and a restriction go together")
+            if type_name:
+                T.check_type_name(type_name)
+            if ring.links is None:
+                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            if not type_name:
+                rule: Restriction = DenyAll()
+            else:
+                T.lookup(type_name, missing=E.ENOKEY)
+                factory = RESTRICTION_FACTORIES.get(type_name)
+                if factory is None:
+                    raise E.ENOENT(f"keys of type {type_name!r} offer no restrictions")
+                rule = factory(self, caller, restriction)
             if ring.restriction is not None:
                 raise E.EEXIST(f"keyring {ring.serial} is already restricted")
-            if not type_name:
-                if restriction:
-                    raise E.EINVAL("a restriction needs a key type")
-                ring.restriction = DenyAll()
-                return
-            T.lookup(type_name)
-            factory = RESTRICTION_FACTORIES.get(type_name)
-            if factory is None:
-                raise E.EOPNOTSUPP(f"keys of type {type_name!r} offer no restrictions")
-            ring.restriction = factory(self, caller, restriction)
+            if self._restriction_loops(ring, rule):
+                raise E.EDEADLK("restriction would trust the keyring it restricts")
+            ring.restriction = rule
+
+    @staticmethod
+    def _restriction_loops(ring: Key, rule: Restriction | None) -> bool:
+        """keyring_detect_restriction_cycle: follow the keyrings each restriction trusts."""
+        while rule is not None and rule.key is not None and rule.key.links is not None:
+            if rule.key is ring:
+                return True
+            rule = rule.key.restriction
+        return False
+
+    # -------------------------------------------------------------- sessions
 
     def join_session(self, caller: Caller, name: str | None = None) -> tuple[int, str]:
         """KEYCTL_JOIN_SESSION_KEYRING: a new (or the named) session keyring and a token for it.
 
-        A named session is joined again by its owner, or by anyone its
-        permissions grant search to; otherwise a new keyring is made.
+        Like the kernel's find_keyring_by_name, a name joins the oldest live
+        keyring of that name that grants the caller search without
+        possession (the default 0x3f130000 does not, not even to its owner);
+        otherwise a new keyring of that name is made.  The token is how a
+        process carries its session (KEYDEN_SESSION): only its uid may use it.
         """
         with self.lock:
-            ring = None
-            if name:
-                now = self.clock()
-                for session in self._sessions.values():
-                    k = session.keyring
-                    if session.name == name and not k.dead and k.state_error(now) is None and (
-                            k.uid == caller.uid or self._rights(caller, k, False) & P.SEARCH):
-                        ring = k
-                        break
+            ring = self._keyring_by_name(caller, name) if name else None
             if ring is None:
-                ring = self._create(T.KEYRING, name or "_ses", caller.cred, P.DEFAULT_SESSION_KEYRING, None, 0)
+                ring = self._create(T.KEYRING, name or "_ses", caller.cred, P.DEFAULT_SESSION_KEYRING, None, 0,
+                                    quota=IN_QUOTA if name else QUOTA_OVERRUN)
             ring.pins += 1
             token = secrets.token_urlsafe(32)
             self._sessions[token] = _Session(ring, caller.uid, name)
             return ring.serial, token
+
+    def _keyring_by_name(self, caller: Caller, name: str) -> Key | None:
+        if name.startswith("."):
+            return None  # never published by name
+        for key in self._keys.values():
+            if key.links is not None and key.description == name and not key.defunct \
+                    and self._rights(caller, key, False) & P.SEARCH:
+                return key
+        return None
 
     def leave_session(self, caller: Caller, token: str) -> None:
         """Drop a session token; the keyring lives on only if something else holds it."""
@@ -763,23 +1023,6 @@ class KeyStore:
             s = self._sessions.get(token)
             return s is not None and s.uid == uid and not s.keyring.dead
 
-    def find(self, caller: Caller, type_name: str, description: str) -> int:
-        """Find a key by type and description among those the caller may view (keyutils' /proc/keys scan)."""
-        ktype = T.lookup(type_name)
-        with self.lock:
-            try:
-                return self._search_process_keyrings(caller, ktype, description).serial
-            except E.KeydenError:
-                pass
-            now = self.clock()
-            for key in list(self._keys.values()):
-                if key.type is ktype and ktype.matches(key.description, key.payload, description) \
-                        and key.state_error(now) is None:
-                    if self._rights(caller, key, False) & P.VIEW or (
-                            self._is_possessed(caller, key) and self._rights(caller, key, True) & P.VIEW):
-                        return key.serial
-            raise E.ENOKEY(f"no {type_name} key {description!r} found")
-
     # ----------------------------------------------------- keys used by serial
 
     def use(self, caller: Caller, key_id: int, need: int = P.SEARCH) -> Key:
@@ -789,16 +1032,17 @@ class KeyStore:
             return key
 
     def asymmetric(self, caller: Caller, key_id: int) -> Any:
-        key = self.use(caller, key_id)
-        if key.type.name != "asymmetric":
-            raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
-        return key.payload
+        """The parsed payload of an asymmetric key, for crypto done outside the lock."""
+        with self.lock:
+            key = self.use(caller, key_id)
+            if key.type.name != "asymmetric":
+                raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
+            return key.payload
 
     # ------------------------------------------------------------------ garbage
 
     def collect(self, process_alive: Callable[[int, int], bool] | None = None) -> int:
-        """Reap dead process keyrings and keys revoked/expired longer than gc_delay ago."""
-        destroyed = 0
+        """Reap dead processes' keyrings, and keys revoked or expired more than gc_delay ago."""
         with self.lock:
             before = len(self._keys)
             if process_alive is not None:
@@ -807,20 +1051,13 @@ class KeyStore:
                         del self._process_keyrings[ident]
                         ring.pins -= 1
                         self._maybe_destroy(ring)
-            now = self.clock()
-            cutoff = now - self.config.gc_delay
+            cutoff = self.clock() - self.config.gc_delay
             for key in list(self._keys.values()):
-                if key.dead:
-                    continue
-                died = key.revoked_at or (key.expiry if key.expiry and key.expiry <= now else 0)
-                if died and died <= cutoff:
-                    self._release_roots(key)
-                    key.pins = 0
-                    for parent in list(key.parents):
-                        self._unlink_raw(parent, key)
-                    self._destroy(key)
-            destroyed = before - len(self._keys)
-        return destroyed
+                died = min(t for t in (key.revoked_at, key.expiry or None, float("inf")) if t is not None)
+                if not key.dead and died <= cutoff:
+                    self._force_destroy(key)
+            return before - len(self._keys)
 
     def iter_keys(self) -> Iterable[Key]:
-        return list(self._keys.values())
+        with self.lock:
+            return list(self._keys.values())

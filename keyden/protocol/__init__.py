@@ -68,6 +68,7 @@ class Op(enum.IntEnum):
     DH_COMPUTE = 41
     DH_COMPUTE_KDF = 42
     PKEY_DECRYPT_INTO = 43
+    KDF = 44
     # Data shoveling by key serial (AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL).
     CIPHER = 50
     DIGEST = 51
@@ -246,6 +247,9 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
                                ("length", K.U32), ("otherinfo", K.BYTES)), Schema(("data", K.BYTES))),
     Op.PKEY_DECRYPT_INTO: (Schema(_KEY, ("info", K.STR), ("data", K.BYTES), ("description", K.STR), _RING,
                                   ("perm", K.U32)), Schema(("serial", K.I32))),
+    Op.KDF: (Schema(_KEY, ("kdf", K.STR), ("salt", K.BYTES), ("info", K.BYTES), ("length", K.U32),
+                    ("description", K.STR), _RING, ("perm", K.U32), ("timeout", K.U32)),
+             Schema(("serial", K.I32))),
     Op.CIPHER: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES), ("aad", K.BYTES), ("data", K.BYTES)),
                 Schema(("data", K.BYTES))),
     Op.DIGEST: (Schema(("alg", K.STR), ("data", K.BYTES)), Schema(("digest", K.BYTES))),

@@ -38,13 +38,26 @@ def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, 
         raise E.EINVAL("give the peer's public key either as bytes or as a key serial")
     their = ctx.store.asymmetric(ctx.caller, peer_key).public_key if peer_key else peer
     shared = agreement.ecdh(mine.private_key_for_internal_use(), their)
+    material = _kdf(kdf, shared, length, salt, info)
+    return (store_secret(ctx, material, description, keyring, perm, timeout),)
+
+
+def _kdf(kdf: str, secret: bytes, length: int, salt: bytes, info: bytes) -> bytes:
+    """HKDF takes salt and info; the SP 800-56A KDF takes OtherInfo, carried in ``info``."""
     if kdf.startswith("sp800-56a"):
         if salt:
             raise E.EINVAL("the SP 800-56A KDF takes no salt; put OtherInfo in info")
-        material = agreement.kdf(kdf, shared, length, otherinfo=info)
-    else:
-        material = agreement.kdf(kdf, shared, length, salt=salt, info=info)
-    return (store_secret(ctx, material, description, keyring, perm, timeout),)
+        return agreement.kdf(kdf, secret, length, otherinfo=info)
+    return agreement.kdf(kdf, secret, length, salt=salt, info=info)
+
+
+@handles(Op.KDF)
+def _kdf_from_key(ctx, key, kdf, salt, info, length, description, keyring, perm, timeout):
+    """A new key derived from a user/logon key (e.g. per-context keys from a master key)."""
+    from keyden.server.handlers.dataplane import material
+
+    derived = _kdf(kdf, material(ctx, key), length, salt, info)
+    return (store_secret(ctx, derived, description, keyring, perm, timeout),)
 
 
 def _dh_inputs(ctx, private, prime, base) -> tuple[bytes, bytes, bytes]:
