@@ -1026,10 +1026,26 @@ class KeyStore:
     # ----------------------------------------------------- keys used by serial
 
     def use(self, caller: Caller, key_id: int, need: int = P.SEARCH) -> Key:
-        """Look a key up for an in-daemon operation (pkey_*, ciphers): search permission suffices."""
+        """Look a key up for an in-daemon operation (pkey_*, ciphers): search permission suffices.
+
+        The key is live: a user or logon payload is wiped in place when the
+        key is updated, revoked or destroyed, so never read its payload
+        outside the lock; ``material`` copies it safely.
+        """
         with self.lock:
             key, _ = self._lookup(caller, key_id, need)
             return key
+
+    def material(self, caller: Caller, key_id: int) -> tuple[Any, bytes]:
+        """(version, raw key bytes) for an in-daemon cipher keyed by serial; search permission suffices.
+
+        The bytes are copied under the lock, so a concurrent update or revoke
+        cannot wipe them halfway.  ``version`` is only for ``is`` comparisons
+        (caches): it is a different object whenever the payload changes.
+        """
+        with self.lock:
+            key = self.use(caller, key_id)
+            return key.payload, key.type.symmetric_material(key.payload)
 
     def asymmetric(self, caller: Caller, key_id: int) -> Any:
         """The parsed payload of an asymmetric key, for crypto done outside the lock."""
@@ -1059,5 +1075,6 @@ class KeyStore:
             return before - len(self._keys)
 
     def iter_keys(self) -> Iterable[Key]:
+        """A snapshot of the live keys, for diagnostics: look, do not touch payloads."""
         with self.lock:
             return list(self._keys.values())

@@ -30,21 +30,21 @@ _KNOWN_FLAGS = DECRYPT | RANDOM_NONCE
 # ---------------------------------------------------------------- key access
 
 def material(ctx, serial: int) -> bytes:
-    key = ctx.store.use(ctx.caller, serial)
-    return key.type.symmetric_material(key.payload)
+    """The key's bytes, copied under the store's lock (a concurrent revoke wipes the original)."""
+    return ctx.store.material(ctx.caller, serial)[1]
 
 
 def aead_engine(ctx, alg: str, serial: int) -> symmetric.AeadEngine:
     """The AEAD engine for (key, alg), cached per connection while the key's payload is unchanged."""
-    key = ctx.store.use(ctx.caller, serial)  # permission and state are checked on every call
+    version, key = ctx.store.material(ctx.caller, serial)  # permission and state: checked every call
     slot = (serial, alg)
     hit = ctx.engines.get(slot)
-    if hit is not None and hit[0] is key.payload:
+    if hit is not None and hit[0] is version:
         return hit[1]
-    engine = symmetric.aead(alg, key.type.symmetric_material(key.payload))
+    engine = symmetric.aead(alg, key)
     if len(ctx.engines) >= MAX_CACHED_ENGINES:
         ctx.engines.clear()
-    ctx.engines[slot] = (key.payload, engine)
+    ctx.engines[slot] = (version, engine)
     return engine
 
 

@@ -1,0 +1,797 @@
+"""The pure key store against the kernel's keyctl semantics (security/keys/*.c, Linux 6.x).
+
+No daemon: a KeyStore on a fake clock, called with hand-made Callers.  Each
+test's users get their own session keyrings, as processes would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from keyden import errors as E
+from keyden.core import perm as P
+from keyden.core.perm import Credentials
+from keyden.core.store import (
+    GROUP, PROCESS, REQKEY_AUTH, REQUESTOR, SESSION, THREAD, USER, USER_SESSION, Caller, KeyStore, StoreConfig,
+)
+
+ALICE = Credentials(1000, 1000, frozenset({1000, 3000}))
+BOB = Credentials(1001, 1001, frozenset({1001, 3000}))  # shares group 3000 with alice
+CAROL = Credentials(1002, 1002, frozenset({1002}))
+ROOT = Credentials(0, 0, frozenset({0}))
+SHARED_GID = 3000
+GC_DELAY = 300.0
+_pids = itertools.count(100)
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(clock):
+    return KeyStore(StoreConfig(gc_delay=GC_DELAY), clock=clock)
+
+
+def session(store: KeyStore, cred: Credentials, name: str | None = None) -> Caller:
+    """A new process of ``cred`` in a session of its own (as the KEYDEN_SESSION token gives it)."""
+    _, token = store.join_session(Caller(cred), name)
+    return Caller(cred, process=(next(_pids), 1), session_token=token)
+
+
+def add_user(store, caller, desc="k", data=b"value", ring=SESSION, **kw) -> int:
+    return store.add(caller, "user", desc, data, ring, **kw)
+
+
+def newring(store, caller, name, parent=SESSION) -> int:
+    return store.add(caller, "keyring", name, b"", parent)
+
+
+def alive(store, caller, serial) -> bool:
+    try:
+        store.resolve(caller, serial)
+        return True
+    except E.ENOKEY:
+        return False
+
+
+@pytest.fixture
+def alice(store):
+    return session(store, ALICE)
+
+
+@pytest.fixture
+def bob(store):
+    return session(store, BOB)
+
+
+# --------------------------------------------------------------------- serials
+
+def test_serials_are_random_positive_and_unique(store):
+    root = session(store, ROOT)
+    serials = [add_user(store, root, f"k{i}") for i in range(300)]
+    assert len(set(serials)) == 300
+    assert all(3 <= s <= 2**31 - 1 for s in serials)
+    gaps = {b - a for a, b in zip(serials, serials[1:])}
+    assert len(gaps) > 250  # not a counter: consecutive serials are unrelated
+
+
+# ------------------------------------------------------------ types and payloads
+
+@pytest.mark.parametrize("type_name, desc, data, error", [
+    ("user", "k", b"", E.EINVAL),
+    ("user", "k", b"x" * 32768, E.EINVAL),
+    ("user", "", b"x", E.EINVAL),
+    ("user", "d" * 4096, b"x", E.EINVAL),
+    ("user", "nul\0inside", b"x", E.EINVAL),
+    ("logon", "noprefix", b"x", E.EINVAL),
+    ("logon", ":x", b"x", E.EINVAL),
+    ("keyring", "ring", b"data", E.EINVAL),
+    ("keyring", ".dotted", b"", E.EPERM),
+    ("", "k", b"x", E.EINVAL),
+    ("t" * 32, "k", b"x", E.EINVAL),
+    ("t" * 31, "k", b"x", E.ENODEV),
+    (".internal", "k", b"x", E.EPERM),
+    ("nosuchtype", "k", b"x", E.ENODEV),
+], ids=lambda v: repr(v)[:20])
+def test_add_rejects_what_the_kernel_rejects(store, alice, type_name, desc, data, error):
+    with pytest.raises(error):
+        store.add(alice, type_name, desc, data, SESSION)
+
+
+@pytest.mark.parametrize("type_name, desc, data, perm", [
+    ("user", "k", b"x", 0x3F010000),
+    ("user", "k", b"x" * 32767, 0x3F010000),
+    ("user", "d" * 4095, b"x", 0x3F010000),
+    ("logon", "svc:name", b"x", 0x3D010000),
+    ("keyring", "ring", b"", 0x3F010000),
+], ids=lambda v: repr(v)[:20])
+def test_add_accepts_the_limits_and_applies_default_perms(store, type_name, desc, data, perm):
+    root = session(store, ROOT)  # 32767 bytes would not fit a user's 20000-byte quota
+    key = store.add(root, type_name, desc, data, SESSION)
+    d = store.describe(root, key)
+    assert (d.type, d.uid, d.gid, d.perm, d.description) == (type_name, 0, 0, perm, desc)
+
+
+def test_logon_keys_are_never_readable_user_keys_are(store, alice):
+    logon = store.add(alice, "logon", "svc:pw", b"hunter2", SESSION)
+    with pytest.raises(E.EOPNOTSUPP):
+        store.read(alice, logon)
+    assert store.read(alice, add_user(store, alice, data=b"visible")) == b"visible"
+
+
+def test_update_rules(store, alice):
+    key = add_user(store, alice)
+    store.update(alice, key, b"new")
+    assert store.read(alice, key) == b"new"
+    with pytest.raises(E.EINVAL):
+        store.update(alice, key, b"")
+    with pytest.raises(E.EINVAL):  # keyctl_update takes at most a page
+        store.update(alice, key, b"x" * 4097)
+    store.update(alice, key, b"x" * 4096)
+    with pytest.raises(E.EOPNOTSUPP):
+        store.update(alice, newring(store, alice, "r"), b"x")
+
+
+def test_search_and_request_call_an_unknown_type_enokey(store, alice):
+    with pytest.raises(E.ENOKEY):
+        store.search(alice, SESSION, "nosuchtype", "k")
+    with pytest.raises(E.ENOKEY):
+        store.request(alice, "nosuchtype", "k")
+    with pytest.raises(E.EPERM):
+        store.search(alice, SESSION, ".internal", "k")
+
+
+# --------------------------------------------------------------- add or update
+
+def test_add_updates_a_user_key_in_place_keeping_its_serial(store, alice):
+    first = add_user(store, alice, "k", b"one")
+    assert add_user(store, alice, "k", b"two") == first
+    assert store.read(alice, first) == b"two"
+    assert store.read(alice, SESSION) == [first]
+
+
+def test_add_update_needs_write_on_the_existing_key(store, alice):
+    key = add_user(store, alice, "k", b"one")
+    store.setperm(alice, key, 0x3B010000)  # possessor all but write
+    with pytest.raises(E.EACCES):
+        add_user(store, alice, "k", b"two")
+    assert store.read(alice, key) == b"one"
+
+
+def test_add_keyring_with_an_existing_name_replaces_the_link(store, alice):
+    old = newring(store, alice, "r")
+    new = newring(store, alice, "r")
+    assert new != old
+    assert store.read(alice, SESSION) == [new]
+    assert not alive(store, alice, old)  # nothing held it any more
+
+
+def test_add_does_not_update_a_revoked_key_but_replaces_it(store, alice):
+    old = add_user(store, alice, "k", b"one")
+    store.revoke(alice, old)
+    new = add_user(store, alice, "k", b"two")
+    assert new != old and store.read(alice, SESSION) == [new]
+
+
+def test_add_updates_an_expired_key_and_clears_its_timeout(store, alice, clock):
+    key = add_user(store, alice, "k", b"one")
+    store.set_timeout(alice, key, 5)
+    clock.advance(5)
+    with pytest.raises(E.EKEYEXPIRED):
+        store.read(alice, key)
+    assert add_user(store, alice, "k", b"two") == key
+    clock.advance(1000)
+    assert store.read(alice, key) == b"two"
+
+
+# ------------------------------------------------------------------ linking
+
+def test_linking_a_keyring_into_itself_or_its_descendants_is_edeadlk(store, alice):
+    a = newring(store, alice, "a")
+    b = newring(store, alice, "b", a)
+    with pytest.raises(E.EDEADLK):
+        store.link(alice, a, a)
+    with pytest.raises(E.EDEADLK):
+        store.link(alice, a, b)
+    with pytest.raises(E.EDEADLK):
+        store.link(alice, SESSION, b)
+
+
+def nested_chain(store, caller, length) -> list[int]:
+    """Keyrings r0 > r1 > ... each holding the next; all also in the session keyring, so all possessed."""
+    chain = [newring(store, caller, f"r{i}") for i in range(length)]
+    for outer, inner in reversed(list(zip(chain, chain[1:]))):  # bottom-up: each link adds one level
+        store.link(caller, inner, outer)
+    return chain
+
+
+def test_linking_a_keyring_with_more_than_six_levels_below_it_is_eloop(store, alice):
+    chain = nested_chain(store, alice, 8)
+    target = newring(store, alice, "target")
+    store.link(alice, chain[1], target)  # r1 holds six levels of keyrings: fine
+    with pytest.raises(E.ELOOP):
+        store.link(alice, chain[0], target)  # r0 holds seven
+
+
+def test_search_goes_six_keyrings_deep_and_no_deeper(store, alice):
+    chain = nested_chain(store, alice, 8)
+    six = add_user(store, alice, "six", ring=chain[6])
+    add_user(store, alice, "seven", ring=chain[7])
+    assert store.search(alice, chain[0], "user", "six") == six
+    with pytest.raises(E.ENOKEY):
+        store.search(alice, chain[0], "user", "seven")
+
+
+def test_link_errors(store, alice):
+    key = add_user(store, alice)
+    ring = newring(store, alice, "r")
+    with pytest.raises(E.ENOTDIR):
+        store.link(alice, ring, key)
+    with pytest.raises(E.ENOKEY):
+        store.link(alice, 0x7FFFFFF0, ring)
+    with pytest.raises(E.ENOENT):
+        store.unlink(alice, key, ring)
+    with pytest.raises(E.ENOTDIR):
+        store.unlink(alice, key, key)
+    with pytest.raises(E.EINVAL):
+        store.link(alice, key, 0)
+
+
+def test_link_replaces_a_key_with_the_same_type_and_description(store, alice):
+    ring = newring(store, alice, "r")
+    first = add_user(store, alice, "same", b"1", ring=ring)
+    second = add_user(store, alice, "same", b"2")  # in the session keyring
+    store.link(alice, second, ring)
+    assert store.read(alice, ring) == [second]
+    assert not alive(store, alice, first)
+
+
+def test_move_with_and_without_exclusive(store, alice):
+    src, dst = newring(store, alice, "src"), newring(store, alice, "dst")
+    key = add_user(store, alice, "k", b"moving", ring=src)
+    occupant = add_user(store, alice, "k", b"there", ring=dst)
+    with pytest.raises(E.EEXIST):
+        store.move(alice, key, src, dst, exclusive=True)
+    store.move(alice, key, src, dst, exclusive=False)
+    assert (store.read(alice, src), store.read(alice, dst)) == ([], [key])
+    assert not alive(store, alice, occupant)
+    with pytest.raises(E.ENOENT):
+        store.move(alice, key, src, dst)
+    store.move(alice, key, dst, dst)  # same keyring: nothing to do
+
+
+def test_clear_empties_a_keyring_and_destroys_what_only_it_held(store, alice):
+    ring = newring(store, alice, "r")
+    only_here = add_user(store, alice, "a", ring=ring)
+    also_in_session = add_user(store, alice, "b")
+    store.link(alice, also_in_session, ring)
+    store.clear(alice, ring)
+    assert store.read(alice, ring) == []
+    assert not alive(store, alice, only_here) and alive(store, alice, also_in_session)
+    with pytest.raises(E.ENOTDIR):
+        store.clear(alice, also_in_session)
+
+
+def test_search_finds_nested_keys_and_links_the_result_into_dest(store, alice):
+    outer = newring(store, alice, "outer")
+    inner = newring(store, alice, "inner", outer)
+    key = add_user(store, alice, "deep", ring=inner)
+    dest = newring(store, alice, "dest")
+    assert store.search(alice, outer, "user", "deep", dest) == key
+    assert store.read(alice, dest) == [key]
+    with pytest.raises(E.ENOKEY):
+        store.search(alice, outer, "user", "absent")
+    with pytest.raises(E.ENOTDIR):
+        store.search(alice, key, "user", "deep")
+
+
+def test_search_skips_keyrings_without_search_and_refuses_keys_without_it(store, alice):
+    outer = newring(store, alice, "outer")
+    hidden = newring(store, alice, "hidden", outer)
+    add_user(store, alice, "in-hidden", ring=hidden)
+    store.setperm(alice, hidden, 0x37010000)  # everything but search
+    with pytest.raises(E.ENOKEY):
+        store.search(alice, outer, "user", "in-hidden")
+    unsearchable = add_user(store, alice, "unsearchable", ring=outer)
+    store.setperm(alice, unsearchable, 0x37010000)
+    with pytest.raises(E.EACCES):  # the kernel reports why the only match was passed over
+        store.search(alice, outer, "user", "unsearchable")
+
+
+# --------------------------------------------------------- revoke, invalidate
+
+def test_revoke_needs_write_or_setattr(store, alice):
+    writable, settable, neither = (add_user(store, alice, d) for d in "wsn")
+    store.setperm(alice, writable, 0x0D000000)  # possessor view+search+write (search: to be possessed)
+    store.setperm(alice, settable, 0x29000000)  # possessor view+search+setattr
+    store.setperm(alice, neither, 0x1B000000)  # possessor everything else
+    store.revoke(alice, writable)
+    store.revoke(alice, settable)
+    with pytest.raises(E.EACCES):
+        store.revoke(alice, neither)
+
+
+def test_a_revoked_key_is_ekeyrevoked_on_use_but_can_be_unlinked(store, alice):
+    key = add_user(store, alice, "k", b"secret")
+    ring = newring(store, alice, "r")
+    store.revoke(alice, key)
+    for use in (lambda: store.read(alice, key), lambda: store.describe(alice, key),
+                lambda: store.update(alice, key, b"x"), lambda: store.link(alice, key, ring),
+                lambda: store.revoke(alice, key), lambda: store.set_timeout(alice, key, 5),
+                lambda: store.search(alice, SESSION, "user", "k")):
+        with pytest.raises(E.EKEYREVOKED):
+            use()
+    store.unlink(alice, key, SESSION)
+    assert not alive(store, alice, key)
+
+
+def test_revoking_a_keyring_empties_it(store, alice):
+    ring = newring(store, alice, "r")
+    key = add_user(store, alice, ring=ring)
+    store.revoke(alice, ring)
+    assert not alive(store, alice, key)
+    with pytest.raises(E.EKEYREVOKED):
+        store.read(alice, ring)
+    with pytest.raises(E.EKEYREVOKED):
+        add_user(store, alice, ring=ring)
+
+
+def test_revoking_a_user_key_wipes_and_releases_its_payload(store, alice):
+    key = add_user(store, alice, "k", b"p" * 100)
+    kept = store._keys[key].payload
+    before = store.quota_usage(1000)[1]
+    store.revoke(alice, key)
+    assert bytes(kept) == bytes(100)
+    assert store.quota_usage(1000)[1] == before - 100
+
+
+def test_invalidate_removes_a_key_from_every_keyring_at_once(store, alice):
+    rings = [newring(store, alice, f"r{i}") for i in range(3)]
+    key = add_user(store, alice)
+    for ring in rings:
+        store.link(alice, key, ring)
+    keys_before = store.quota_usage(1000)[0]
+    store.invalidate(alice, key)
+    assert all(store.read(alice, ring) == [] for ring in rings)
+    assert store.read(alice, SESSION) == rings
+    with pytest.raises(E.ENOKEY):
+        store.describe(alice, key)
+    assert store.quota_usage(1000)[0] == keys_before - 1
+
+
+# ------------------------------------------------------------------ timeouts
+
+def test_timeouts_expire_keys_and_zero_clears_them(store, alice, clock):
+    key = add_user(store, alice)
+    store.set_timeout(alice, key, 10)
+    clock.advance(9)
+    assert store.read(alice, key) == b"value"
+    store.set_timeout(alice, key, 0)
+    clock.advance(100)
+    assert store.read(alice, key) == b"value"
+    store.set_timeout(alice, key, 10)
+    clock.advance(10)
+    with pytest.raises(E.EKEYEXPIRED):
+        store.read(alice, key)
+    with pytest.raises(E.EKEYEXPIRED):  # too late to lift it
+        store.set_timeout(alice, key, 0)
+
+
+def test_search_skips_expired_keys_and_says_so_if_nothing_else_matched(store, alice, clock):
+    inner = newring(store, alice, "inner")
+    expired = add_user(store, alice, "k", b"old")
+    store.set_timeout(alice, expired, 1)
+    clock.advance(1)
+    with pytest.raises(E.EKEYEXPIRED):
+        store.search(alice, SESSION, "user", "k")
+    fresh = add_user(store, alice, "k", b"new", ring=inner)
+    assert store.search(alice, SESSION, "user", "k") == fresh
+    store.unlink(alice, fresh, inner)
+    with pytest.raises(E.ENOKEY):  # request_key passes expired keys over silently
+        store.request(alice, "user", "k")
+
+
+# ------------------------------------------------------------------------ gc
+
+def test_collect_reaps_revoked_and_expired_keys_after_the_gc_delay(store, alice, clock):
+    revoked, expiring = add_user(store, alice, "r"), add_user(store, alice, "e")
+    store.revoke(alice, revoked)
+    store.set_timeout(alice, expiring, 10)
+    clock.advance(10)
+    usage = store.quota_usage(1000)
+    assert store.collect() == 0
+    assert store.read(alice, SESSION) == [revoked, expiring]
+    clock.advance(GC_DELAY)
+    assert store.collect() == 2
+    assert store.read(alice, SESSION) == []
+    assert not alive(store, alice, revoked) and not alive(store, alice, expiring)
+    revoked_cost = len("r") + 1 + 4  # revoking freed its payload already; description and link remain
+    expiring_cost = len("e") + 1 + 5 + 4
+    assert store.quota_usage(1000)[:2] == (usage[0] - 2, usage[1] - revoked_cost - expiring_cost)
+
+
+def test_collect_reaps_keyrings_of_dead_processes(store, alice):
+    ring = store.resolve(alice, PROCESS, create=True)
+    key = add_user(store, alice, ring=PROCESS)
+    assert store.collect(process_alive=lambda pid, start: True) == 0
+    assert store.collect(process_alive=lambda pid, start: (pid, start) != alice.process) == 2
+    assert not alive(store, alice, ring) and not alive(store, alice, key)
+    with pytest.raises(E.ENOKEY):
+        store.resolve(alice, PROCESS)
+
+
+def test_unreferenced_keys_die_at_once_and_free_their_quota(store, alice):
+    before = store.quota_usage(1000)
+    key = add_user(store, alice, "kk", b"12345")
+    assert store.quota_usage(1000)[:2] == (before[0] + 1, before[1] + len("kk") + 1 + 5 + 4)
+    store.unlink(alice, key, SESSION)
+    assert not alive(store, alice, key)
+    assert store.quota_usage(1000) == before
+
+
+# -------------------------------------------------------------------- quotas
+
+def test_quota_counts_keys_with_kernel_defaults(store, alice):
+    keys, _, maxkeys, maxbytes = store.quota_usage(1000)
+    assert (keys, maxkeys, maxbytes) == (1, 200, 20000)  # the session keyring itself counts
+    for i in range(199):
+        add_user(store, alice, f"k{i}", b"x")
+    with pytest.raises(E.EDQUOT):
+        add_user(store, alice, "one-too-many", b"x")
+    assert store.quota_usage(1000)[0] == 200
+
+
+def test_quota_counts_bytes_as_description_nul_payload_and_links(store, alice):
+    spare, small = newring(store, alice, "spare"), add_user(store, alice, "s", b"x")
+    used = store.quota_usage(1000)[1]
+    room = 20000 - used - 4  # the link in the session keyring costs its owner 4 bytes
+    add_user(store, alice, "big", b"x" * (room - len("big") - 1))
+    assert store.quota_usage(1000)[1] == 20000
+    with pytest.raises(E.EDQUOT):
+        add_user(store, alice, "b", b"x")
+    with pytest.raises(E.EDQUOT):  # one more link is 4 more bytes
+        store.link(alice, small, spare)
+
+
+def test_quota_limits_are_configurable_and_root_has_its_own(clock):
+    store = KeyStore(StoreConfig(maxkeys=3, maxbytes=1000, root_maxkeys=5), clock=clock)
+    alice, root = session(store, ALICE), session(store, ROOT)
+    add_user(store, alice, "a")
+    add_user(store, alice, "b")
+    with pytest.raises(E.EDQUOT):
+        add_user(store, alice, "c")
+    for name in "abcd":
+        add_user(store, root, name)
+    with pytest.raises(E.EDQUOT):
+        add_user(store, root, "e")
+    assert store.quota_usage(0)[2:] == (5, 25000000)
+
+
+def test_an_update_past_the_byte_quota_fails_and_changes_nothing(clock):
+    store = KeyStore(StoreConfig(maxbytes=100), clock=clock)
+    alice = session(store, ALICE)
+    key = add_user(store, alice, "k", b"small")
+    with pytest.raises(E.EDQUOT):
+        store.update(alice, key, b"x" * 100)
+    assert store.read(alice, key) == b"small"
+
+
+def test_chown_moves_the_quota_burden_and_needs_room_at_the_new_owner(store, alice):
+    root = session(store, ROOT)
+    key = add_user(store, alice, "kk", b"12345")
+    store.setperm(alice, key, 0x3F3F3F3F)
+    alice_before, bob_before = store.quota_usage(1000)[:2], store.quota_usage(1001)[:2]
+    store.chown(root, key, 1001, -1)
+    cost = len("kk") + 1 + 5
+    assert store.quota_usage(1000)[:2] == (alice_before[0] - 1, alice_before[1] - cost)
+    assert store.quota_usage(1001)[:2] == (bob_before[0] + 1, bob_before[1] + cost)
+    full = KeyStore(StoreConfig(maxkeys=1))
+    a, r = session(full, ALICE), session(full, ROOT)
+    with pytest.raises(E.EDQUOT):
+        full.add(a, "user", "k", b"v", SESSION)
+    k = full.add(r, "user", "k", b"v", SESSION)
+    with pytest.raises(E.EDQUOT):  # alice's session keyring already fills her quota
+        full.chown(r, k, 1000, -1)
+
+
+# --------------------------------------------------------------- permissions
+
+def test_owner_gets_only_the_user_byte(store, alice):
+    key = add_user(store, alice)
+    store.setperm(alice, key, 0x00003F3F)  # group and other everything; owner and possessor nothing
+    for denied in (lambda: store.read(alice, key), lambda: store.describe(alice, key)):
+        with pytest.raises(E.EACCES):
+            denied()
+
+
+def test_group_and_other_bytes_are_exclusive(store, alice, bob):
+    key = add_user(store, alice)
+    store.chown(alice, key, -1, SHARED_GID)
+    store.setperm(alice, key, 0x3F000102)  # group view, other read
+    carol = Caller(CAROL)
+    assert store.read(carol, key) == b"value"
+    with pytest.raises(E.EACCES):  # bob is in the group, so "other" does not apply to him
+        store.read(bob, key)
+    store.setperm(alice, key, 0x3F000200)
+    assert store.read(bob, key) == b"value"
+    with pytest.raises(E.EACCES):
+        store.read(carol, key)
+    store.setperm(alice, key, 0x3F000002)  # a group byte of zero does not count: bob is "other" again
+    assert store.read(bob, key) == b"value"
+
+
+def test_possessor_bits_count_only_when_possessed(store, alice):
+    ring = newring(store, alice, "r")
+    key = add_user(store, alice, "k", b"mine", ring=ring)
+    store.setperm(alice, key, 0x3F000000)
+    assert store.read(alice, key) == b"mine"
+    elsewhere = session(store, ALICE)  # same user, another session: does not possess it
+    with pytest.raises(E.EACCES):
+        store.read(elsewhere, key)
+    with pytest.raises(E.EACCES):
+        store.read(elsewhere, ring)  # a keyring named by serial is not possessed either
+
+
+def test_possession_alone_lets_a_key_be_read(store, alice):
+    key = add_user(store, alice, "k", b"possessed")
+    store.setperm(alice, key, 0x09000000)  # possessor view+search, no read anywhere
+    assert store.read(alice, key) == b"possessed"  # keyctl_read: "searchable from this process's keyrings"
+
+
+def test_root_has_no_bypass(store, alice):
+    key = add_user(store, alice)
+    store.setperm(alice, key, 0x01000000)
+    root = session(store, ROOT)
+    for denied in (lambda: store.read(root, key), lambda: store.describe(root, key),
+                   lambda: store.setperm(root, key, 0x3F3F3F3F), lambda: store.revoke(root, key)):
+        with pytest.raises(E.EACCES):
+            denied()
+
+
+def test_chown_and_chgrp_rules(store, alice, bob):
+    key = add_user(store, alice)
+    with pytest.raises(E.EACCES):
+        store.chown(alice, key, 1001, -1)
+    with pytest.raises(E.EACCES):
+        store.chown(alice, key, -1, 1001)  # not a group alice is in
+    store.chown(alice, key, -1, SHARED_GID)
+    store.chown(alice, key, 1000, 1000)  # no change of owner
+    store.chown(alice, key, -1, -1)
+    store.setperm(alice, key, 0x3F010020)  # everyone else may setattr
+    store.chown(bob, key, -1, 1001)  # setattr and membership suffice: no ownership needed
+    assert store.describe(alice, key).gid == 1001
+    root = session(store, ROOT)
+    store.chown(root, key, 1002, 0xFFFFFFFF)  # the 32-bit -1 leaves the group alone
+    d = store.describe(Caller(CAROL), key)
+    assert (d.uid, d.gid) == (1002, 1001)
+    with pytest.raises(E.EINVAL):
+        store.chown(root, key, 2**32, -1)
+
+
+def test_setperm_needs_setattr_and_ownership_unless_root(store, alice, bob):
+    key = add_user(store, alice)
+    with pytest.raises(E.EINVAL):
+        store.setperm(alice, key, 0x40000000)
+    store.setperm(alice, key, 0x3F010020)
+    with pytest.raises(E.EACCES):
+        store.setperm(bob, key, 0x3F3F3F3F)  # setattr, but not the owner
+    store.setperm(session(store, ROOT), key, 0x3F010000)  # root only needs setattr
+    with pytest.raises(E.EACCES):
+        store.setperm(session(store, ROOT), key, 0x3F3F3F3F)
+
+
+# ---------------------------------------------------------------- special IDs
+
+def test_special_ids(store, alice):
+    with pytest.raises(E.EINVAL):
+        store.resolve(alice, GROUP)
+    for missing in (PROCESS, THREAD, REQKEY_AUTH, REQUESTOR):
+        with pytest.raises(E.ENOKEY):
+            store.resolve(alice, missing)
+    with pytest.raises(E.EINVAL):
+        store.resolve(alice, -9)
+    process = store.resolve(alice, PROCESS, create=True)
+    assert store.resolve(alice, PROCESS) == store.resolve(alice, THREAD) == process
+    assert store.describe(alice, PROCESS).description == "_pid"
+    with pytest.raises(E.ENOKEY):  # read hides every lookup failure behind ENOKEY, as keyctl_read does
+        store.read(alice, GROUP)
+
+
+def test_without_a_session_s_is_the_user_session_keyring_which_links_the_user_keyring(store):
+    lone = Caller(ALICE, process=(next(_pids), 1))
+    session_ring, user_ring = store.resolve(lone, SESSION), store.resolve(lone, USER)
+    assert store.resolve(lone, USER_SESSION) == session_ring
+    assert store.read(lone, SESSION) == [user_ring]
+    for ring, name in ((session_ring, "_uid_ses.1000"), (user_ring, "_uid.1000")):
+        d = store.describe(lone, ring)
+        assert (d.description, d.perm, d.uid, d.gid) == (name, 0x1F3F0000, 1000, P.NO_GID)
+    key = add_user(store, lone, ring=USER)
+    assert store.request(lone, "user", "k") == key  # found through the user keyring: possessed
+
+
+# ------------------------------------------------------------------- sessions
+
+def test_anonymous_sessions_are_new_keyrings(store):
+    first, token1 = store.join_session(Caller(ALICE))
+    second, token2 = store.join_session(Caller(ALICE))
+    assert first != second and token1 != token2
+    d = store.describe(Caller(ALICE, session_token=token1), SESSION)
+    assert (d.serial, d.description, d.perm) == (first, "_ses", 0x3F130000)
+
+
+def test_named_sessions_are_joined_only_where_search_is_granted(store):
+    ring, _ = store.join_session(Caller(ALICE), "work")
+    again, _ = store.join_session(Caller(ALICE), "work")
+    assert again != ring  # 0x3f130000 grants its owner no search without possession
+    owner = Caller(ALICE, session_token=store.join_session(Caller(ALICE), "shared")[1])
+    shared = store.resolve(owner, SESSION)
+    store.setperm(owner, shared, 0x3F1B0000)  # owner may search
+    assert store.join_session(Caller(ALICE), "shared")[0] == shared
+    assert store.join_session(Caller(BOB), "shared")[0] != shared
+    store.setperm(owner, shared, 0x3F1B0008)  # anyone may search
+    assert store.join_session(Caller(BOB), "shared")[0] == shared
+
+
+def test_a_session_token_works_only_for_its_uid(store):
+    ring, token = store.join_session(Caller(ALICE))
+    assert store.session_valid(token, 1000) and not store.session_valid(token, 1001)
+    impostor = Caller(BOB, session_token=token)
+    assert store.resolve(impostor, SESSION) != ring  # falls back to bob's own user session keyring
+    with pytest.raises(E.ENOKEY):
+        store.leave_session(impostor, token)
+
+
+def test_leaving_a_session_drops_its_keyring_unless_something_holds_it(store):
+    alice = session(store, ALICE)
+    ring = store.resolve(alice, SESSION)
+    key = add_user(store, alice)
+    store.leave_session(alice, alice.session_token)
+    assert not store.session_valid(alice.session_token, 1000)
+    assert not alive(store, Caller(ALICE), ring) and not alive(store, Caller(ALICE), key)
+    with pytest.raises(E.ENOKEY):
+        store.leave_session(alice, alice.session_token)
+    kept = session(store, ALICE)
+    kept_ring = store.resolve(kept, SESSION)
+    store.link(kept, kept_ring, USER)
+    store.leave_session(kept, kept.session_token)
+    assert store.read(Caller(ALICE), USER) == [kept_ring]
+
+
+# ---------------------------------------------------------- restrict_keyring
+
+def test_restrict_keyring_without_a_type_refuses_all_later_links(store, alice):
+    ring = newring(store, alice, "locked")
+    inside = add_user(store, alice, "inside", ring=ring)
+    store.restrict_keyring(alice, ring)
+    with pytest.raises(E.EPERM):
+        store.link(alice, add_user(store, alice, "outside"), ring)
+    with pytest.raises(E.EPERM):
+        add_user(store, alice, "new", ring=ring)
+    with pytest.raises(E.EPERM):  # even an in-place update goes through the restriction
+        add_user(store, alice, "inside", b"changed", ring=ring)
+    assert store.read(alice, ring) == [inside]
+    store.unlink(alice, inside, ring)  # unlinking is not restricted
+    with pytest.raises(E.EEXIST):
+        store.restrict_keyring(alice, ring)
+
+
+@pytest.mark.parametrize("type_name, restriction, error", [
+    ("user", "", E.EINVAL),
+    ("", "builtin_trusted", E.EINVAL),
+    ("nosuchtype", "x", E.ENOKEY),
+    ("user", "x", E.ENOENT),
+    (".internal", "x", E.EPERM),
+])
+def test_restrict_keyring_argument_errors(store, alice, type_name, restriction, error):
+    with pytest.raises(error):
+        store.restrict_keyring(alice, newring(store, alice, "r"), type_name, restriction)
+
+
+def test_restrict_keyring_needs_setattr(store, alice):
+    ring = newring(store, alice, "r")
+    store.setperm(alice, ring, 0x1F010000)
+    with pytest.raises(E.EACCES):
+        store.restrict_keyring(alice, ring)
+
+
+# ------------------------------------------------------------- request, find
+
+def test_request_searches_the_callers_keyrings_and_links_into_dest(store, alice):
+    ring = newring(store, alice, "r")
+    key = add_user(store, alice, "wanted", ring=ring)
+    dest = newring(store, alice, "dest")
+    assert store.request(alice, "user", "wanted", dest) == key
+    assert store.read(alice, dest) == [key]
+    with pytest.raises(E.ENOKEY):
+        store.request(alice, "user", "absent")
+    with pytest.raises(E.ENOKEY):  # another session of alice's does not see it
+        store.request(session(store, ALICE), "user", "wanted")
+
+
+def test_find_falls_back_to_any_key_the_caller_may_view(store, alice):
+    key = add_user(store, alice, "findme")
+    elsewhere = session(store, ALICE)
+    assert store.find(elsewhere, "user", "findme") == key  # alice may view her own keys
+    with pytest.raises(E.ENOKEY):
+        store.find(session(store, CAROL), "user", "findme")  # other: no view
+
+
+# ------------------------------------------------------------ thread safety
+
+def test_material_is_a_copy_that_a_later_update_or_revoke_cannot_wipe(store, alice):
+    key = add_user(store, alice, "k", b"first key bytes")
+    version, material = store.material(alice, key)
+    store.update(alice, key, b"second")
+    assert material == b"first key bytes"
+    again, material2 = store.material(alice, key)
+    assert again is not version and material2 == b"second"
+    store.revoke(alice, key)
+    assert material2 == b"second"
+    with pytest.raises(E.EKEYREVOKED):
+        store.material(alice, key)
+    with pytest.raises(E.ENOPROTOOPT):
+        store.material(alice, newring(store, alice, "r"))
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, c, k: s.read(c, k), lambda s, c, k: s.describe(c, k), lambda s, c, k: s.update(c, k, b"x"),
+    lambda s, c, k: s.add(c, "user", "t", b"x", SESSION), lambda s, c, k: s.quota_usage(1000),
+    lambda s, c, k: s.iter_keys(), lambda s, c, k: len(s), lambda s, c, k: s.collect(),
+    lambda s, c, k: s.session_valid(c.session_token, 1000), lambda s, c, k: s.asymmetric(c, k),
+    lambda s, c, k: s.material(c, k),
+], ids=["read", "describe", "update", "add", "quota_usage", "iter_keys", "len", "collect", "session_valid",
+        "asymmetric", "material"])
+def test_public_methods_wait_for_the_store_lock(store, alice, call):
+    key = add_user(store, alice)
+    done = threading.Event()
+
+    def run():
+        try:
+            call(store, alice, key)
+        except E.KeydenError:
+            pass
+        done.set()
+
+    with store.lock:
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert not done.wait(0.05)
+    assert done.wait(5)
+    worker.join()
+
+
+def test_concurrent_adds_and_unlinks_keep_the_books_straight(store):
+    root = session(store, ROOT)
+    before = store.quota_usage(0)
+
+    def churn(n):
+        for i in range(50):
+            key = add_user(store, root, f"t{n}-{i}", b"x" * 10)
+            if i % 2:
+                store.unlink(root, key, SESSION)
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = 8 * 25
+    assert len(store.read(root, SESSION)) == kept
+    expected_bytes = before[1] + sum(len(f"t{n}-{i}") + 1 + 10 + 4 for n in range(8) for i in range(0, 50, 2))
+    assert store.quota_usage(0)[:2] == (before[0] + kept, expected_bytes)

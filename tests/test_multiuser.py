@@ -1,0 +1,436 @@
+"""Permissions and possession between real Unix users, over the real daemon.
+
+The daemon learns who is calling from SO_PEERCRED and /proc, never from the
+client, so these tests run client code in processes that really are other
+users (see users.py) and check what each may do with the others' keys.
+Expected results are keyctl(2)'s: security/keys/permission.c for the masks,
+keyctl.c for chown/setperm/read, process_keys.c for possession.
+
+Users a and b share the supplementary group ``grp``; c shares nothing.
+Each test's own keys live in session keyrings it creates, so tests do not
+see each other's keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from types import SimpleNamespace
+
+import pytest
+
+import keyden
+from keyden import errors as E
+
+try:
+    from tests.users import run_as, temporary_users
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from users import run_as, temporary_users
+
+SECRET = b"kd-secret-payload"
+POSSESSOR_ONLY = 0x3F000000
+OTHER_VIEW_READ = 0x3F010003  # possessor all, owner view, everyone else view+read
+GROUP_VIEW_READ = 0x3F010300
+OWNER_NOTHING = 0x00000303  # only group and other may view and read; not the owner, not a possessor
+OTHER_SETATTR = 0x3F010020
+OTHER_SEARCH = 0x39010008  # an asymmetric key's default, plus search for everyone else
+UID_KEYRING_PERM = 0x1F3F0000
+
+
+@pytest.fixture(scope="session")
+def users():
+    if os.geteuid() != 0:
+        pytest.fail("test_multiuser creates real Unix users (useradd) and must run as root, as CI does")
+    with temporary_users({"a": ("grp",), "b": ("grp",), "c": ()}, shared_groups=("grp",)) as (made, gids):
+        yield SimpleNamespace(**made, grp=gids["grp"])
+
+
+def outcome(call):
+    """What a client call did, in JSON terms: the error's name, or its value ('ok' for None)."""
+    try:
+        value = call()
+    except keyden.KeydenError as exc:
+        return type(exc).__name__
+    if value is None:
+        return "ok"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+def new_session(socket: str):
+    """A connection in a fresh session keyring, and the token with which other processes join it."""
+    with keyden.connect(socket) as boot:
+        _serial, token = boot.join_session()
+    return keyden.connect(socket, session=token), token
+
+
+def connect_outcome(socket: str, **kw):
+    """Whether the daemon accepts the handshake: 'ok' or the error's name."""
+    return outcome(lambda: keyden.connect(socket, **kw).close())
+
+
+# ----------------------------------------------------------------- isolation
+
+
+def test_another_users_keys_are_out_of_reach(daemon, users):
+    sock = daemon.socket
+
+    def a_makes_keys():
+        c, token = new_session(sock)
+        with c:
+            ring = c.newring("kd:iso-ring", "@s")
+            gone = c.add("user", "kd:iso-gone", SECRET, "@s")
+            c.invalidate(gone)
+            return {"token": token, "ring": ring, "key": c.add("user", "kd:iso", SECRET, ring),
+                    "asym": c.generate("ed25519", "kd:iso-asym", "@s"), "gone": gone,
+                    "whoami": c.whoami()[:2], "handshake": [c.uid, c.gid]}
+
+    a = run_as(users.a, a_makes_keys)
+    assert a["whoami"] == a["handshake"] == [users.a.uid, users.a.gid]
+
+    def b_probes():
+        key, ring, asym, gone = a["key"], a["ring"], a["asym"], a["gone"]
+        with keyden.connect(sock) as c:
+            return {
+                "whoami": c.whoami()[:2],
+                "describe": outcome(lambda: c.describe(key)),
+                "read": outcome(lambda: c.read(key)),
+                "update": outcome(lambda: c.update(key, b"stolen")),
+                "link into own session": outcome(lambda: c.link(key, "@s")),
+                "setperm": outcome(lambda: c.setperm(key, 0x3F3F3F3F)),
+                "chown to self": outcome(lambda: c.chown(key, users.b.uid)),
+                "chgrp to own group": outcome(lambda: c.chgrp(key, users.b.gid)),
+                "timeout": outcome(lambda: c.timeout(key, 1)),
+                "revoke": outcome(lambda: c.revoke(key)),
+                "invalidate": outcome(lambda: c.invalidate(key)),
+                "read ring": outcome(lambda: c.read(ring)),
+                "search ring": outcome(lambda: c.search(ring, "user", "kd:iso")),
+                "add to ring": outcome(lambda: c.add("user", "kd:planted", b"x", ring)),
+                "unlink from ring": outcome(lambda: c.unlink(key, ring)),
+                "move out of ring": outcome(lambda: c.move(key, ring, "@s")),
+                "clear ring": outcome(lambda: c.clear(ring)),
+                "search own session": outcome(lambda: c.search("@s", "user", "kd:iso")),
+                "search own user keyring": outcome(lambda: c.search("@u", "user", "kd:iso")),
+                "request": outcome(lambda: c.request("user", "kd:iso")),
+                "find": outcome(lambda: c.find("user", "kd:iso")),
+                "pkey_query": outcome(lambda: c.pkey_query(asym)),
+                "pkey_sign": outcome(lambda: c.pkey_sign(asym, "", b"message")),
+                "pkey_verify": outcome(lambda: c.pkey_verify(asym, "", b"message", bytes(64))),
+                "public key": outcome(lambda: c.public_key_bytes(asym)),
+                "describe unknown serial": outcome(lambda: c.describe(gone)),
+                "read unknown serial": outcome(lambda: c.read(gone)),
+            }
+
+    denied = {name: "EACCES" for name in (
+        "describe", "read", "update", "link into own session", "setperm", "chown to self", "chgrp to own group",
+        "timeout", "revoke", "invalidate", "read ring", "search ring", "add to ring", "unlink from ring",
+        "move out of ring", "clear ring", "pkey_query", "pkey_sign", "pkey_verify", "public key")}
+    not_found = {name: "ENOKEY" for name in (
+        "search own session", "search own user keyring", "request", "find",
+        "describe unknown serial", "read unknown serial")}
+    assert run_as(users.b, b_probes) == {"whoami": [users.b.uid, users.b.gid], **denied, **not_found}
+
+    def a_checks_nothing_changed():
+        with keyden.connect(sock, session=a["token"]) as c:
+            d = c.describe(a["key"])
+            return {"read": outcome(lambda: c.read(a["key"])), "perm": d.perm, "uid": d.uid,
+                    "ring": c.read(a["ring"])}
+
+    assert run_as(users.a, a_checks_nothing_changed) == {
+        "read": SECRET.decode(), "perm": 0x3F010000, "uid": users.a.uid, "ring": [a["key"]]}
+
+
+# ------------------------------------------------------------ granting access
+
+
+def test_other_bits_grant_access_to_every_other_user(daemon, users):
+    sock = daemon.socket
+
+    def a_shares():
+        c, _token = new_session(sock)
+        with c:
+            key = c.add("user", "kd:shared", SECRET, "@s")
+            c.setperm(key, OTHER_VIEW_READ)
+            asym = c.generate("ed25519", "kd:shared-asym", "@s")
+            c.setperm(asym, OTHER_SEARCH)
+            return key, asym
+
+    key, asym = run_as(users.a, a_shares)
+
+    def probe():
+        with keyden.connect(sock) as c:
+            d = c.describe(key)
+            return {
+                "describe": [d.uid, d.perm, d.description],
+                "read": outcome(lambda: c.read(key)),
+                "update": outcome(lambda: c.update(key, b"x")),
+                "setperm": outcome(lambda: c.setperm(key, 0x3F3F3F3F)),
+                "link": outcome(lambda: c.link(key, "@s")),
+                # pkey operations need only search; describing needs view, which is not granted
+                "pkey_query": outcome(lambda: c.pkey_query(asym).key_size),
+                "pkey_sign": outcome(lambda: len(c.pkey_sign(asym, "", b"message"))),
+                "describe asym": outcome(lambda: c.describe(asym)),
+                "read asym": outcome(lambda: c.read(asym)),
+            }
+
+    expected = {"describe": [users.a.uid, OTHER_VIEW_READ, "kd:shared"], "read": SECRET.decode(),
+                "update": "EACCES", "setperm": "EACCES", "link": "EACCES",
+                "pkey_query": 256, "pkey_sign": 64, "describe asym": "EACCES", "read asym": "EACCES"}
+    assert run_as(users.b, probe) == expected
+    assert run_as(users.c, probe) == expected
+
+
+def test_group_bits_apply_to_members_of_the_keys_group_only(daemon, users):
+    sock = daemon.socket
+
+    def a_shares_with_group():
+        c, _token = new_session(sock)
+        with c:
+            key = c.add("user", "kd:group", SECRET, "@s")
+            return {"key": key,
+                    "chgrp to a group a is not in": outcome(lambda: c.chgrp(key, users.c.gid)),
+                    "chgrp to shared group": outcome(lambda: c.chgrp(key, users.grp)),
+                    "setperm": outcome(lambda: c.setperm(key, GROUP_VIEW_READ)),
+                    "gid": c.describe(key).gid}
+
+    a = run_as(users.a, a_shares_with_group)
+    assert a == {"key": a["key"], "chgrp to a group a is not in": "EACCES", "chgrp to shared group": "ok",
+                 "setperm": "ok", "gid": users.grp}
+
+    def probe():
+        with keyden.connect(sock) as c:
+            return {"describe": outcome(lambda: c.describe(a["key"]).gid),
+                    "read": outcome(lambda: c.read(a["key"]))}
+
+    # b has grp only as a supplementary group: the daemon must take groups from /proc, not just the gid
+    assert users.grp != users.b.gid and users.grp in users.b.groups
+    assert run_as(users.b, probe) == {"describe": users.grp, "read": SECRET.decode()}
+    assert run_as(users.c, probe) == {"describe": "EACCES", "read": "EACCES"}
+
+
+def test_group_and_other_bits_do_not_apply_to_the_owner(daemon, users):
+    """Exactly one of user/group/other applies: the owner gets the user byte even if it is empty."""
+    sock = daemon.socket
+
+    def a_locks_itself_out():
+        c, _token = new_session(sock)
+        with c:
+            key = c.add("user", "kd:owner-locked", SECRET, "@s")
+            c.chgrp(key, users.grp)  # a is in this group too
+            c.setperm(key, OWNER_NOTHING)
+            return {"key": key,
+                    "describe": outcome(lambda: c.describe(key)),
+                    "read": outcome(lambda: c.read(key)),
+                    "update": outcome(lambda: c.update(key, b"x")),
+                    "setperm back": outcome(lambda: c.setperm(key, 0x3F010000))}
+
+    a = run_as(users.a, a_locks_itself_out)
+    assert a == {"key": a["key"], "describe": "EACCES", "read": "EACCES", "update": "EACCES",
+                 "setperm back": "EACCES"}
+
+    def probe():
+        with keyden.connect(sock) as c:
+            return outcome(lambda: c.read(a["key"]))
+
+    assert run_as(users.b, probe) == SECRET.decode()  # through the group byte
+    assert run_as(users.c, probe) == SECRET.decode()  # through the other byte
+
+
+# ------------------------------------------------------------------ possession
+
+
+def test_session_token_carries_possession_to_other_processes_of_the_same_user(daemon, users):
+    sock = daemon.socket
+
+    def a_makes_possessor_only_key():
+        c, token = new_session(sock)
+        with c:
+            key = c.add("user", "kd:possessed", SECRET, "@s")
+            c.setperm(key, POSSESSOR_ONLY)
+            return key, token
+
+    key, token = run_as(users.a, a_makes_possessor_only_key)
+
+    def a_with_token_in_env():
+        with keyden.connect(sock) as by_env, keyden.connect(sock, session=token) as by_arg:
+            return {"read via env": outcome(lambda: by_env.read(key)),
+                    "read via argument": outcome(lambda: by_arg.read(key)),
+                    "describe": outcome(lambda: by_env.describe(key).perm),
+                    "search @s": outcome(lambda: by_env.search("@s", "user", "kd:possessed")),
+                    "request": outcome(lambda: by_env.request("user", "kd:possessed"))}
+
+    assert run_as(users.a, a_with_token_in_env, env={"KEYDEN_SESSION": token}) == {
+        "read via env": SECRET.decode(), "read via argument": SECRET.decode(), "describe": POSSESSOR_ONLY,
+        "search @s": key, "request": key}
+
+    def without_token():
+        with keyden.connect(sock) as c:
+            return {"read": outcome(lambda: c.read(key)),
+                    "describe": outcome(lambda: c.describe(key)),
+                    "search @s": outcome(lambda: c.search("@s", "user", "kd:possessed")),
+                    "request": outcome(lambda: c.request("user", "kd:possessed"))}
+
+    unpossessed = {"read": "EACCES", "describe": "EACCES", "search @s": "ENOKEY", "request": "ENOKEY"}
+    assert run_as(users.a, without_token, env={"KEYDEN_SESSION": None}) == unpossessed
+    assert run_as(users.b, without_token, env={"KEYDEN_SESSION": None}) == unpossessed
+
+    def b_presents_a_token():
+        return {"as argument": connect_outcome(sock, session=token),
+                "in env": connect_outcome(sock)}
+
+    assert run_as(users.b, b_presents_a_token, env={"KEYDEN_SESSION": token}) == {
+        "as argument": "EACCES", "in env": "EACCES"}
+    # the token is bound to a's uid, root included
+    with pytest.raises(E.EACCES):
+        daemon.connect(session=token)
+
+
+# ------------------------------------------------------------------------ root
+
+
+def test_root_gets_no_bypass_of_the_permission_mask(daemon, users):
+    sock = daemon.socket
+
+    def a_makes_possessor_only_key():
+        c, token = new_session(sock)
+        with c:
+            key = c.add("user", "kd:not-for-root", SECRET, "@s")
+            c.setperm(key, POSSESSOR_ONLY)
+            return key, token
+
+    key, token = run_as(users.a, a_makes_possessor_only_key)
+    with daemon.connect() as root:
+        assert root.uid == 0
+        for op in (lambda: root.read(key), lambda: root.describe(key), lambda: root.update(key, b"x"),
+                   lambda: root.setperm(key, 0x3F3F3F3F), lambda: root.chown(key, 0),
+                   lambda: root.revoke(key), lambda: root.link(key, "@s")):
+            with pytest.raises(E.EACCES):
+                op()
+
+        def a_grants_setattr_and_tries_to_give_the_key_away():
+            with keyden.connect(sock, session=token) as c:
+                c.setperm(key, OTHER_SETATTR)
+                return {"chown to b": outcome(lambda: c.chown(key, users.b.uid)),
+                        "chown to self": outcome(lambda: c.chown(key, users.a.uid))}
+
+        assert run_as(users.a, a_grants_setattr_and_tries_to_give_the_key_away) == {
+            "chown to b": "EACCES", "chown to self": "ok"}
+
+        root.chown(key, users.b.uid)  # setattr from the other byte, plus root's right to give keys away
+        with pytest.raises(E.EACCES):
+            root.read(key)  # setattr is not read
+
+    def b_owns_it_now():
+        with keyden.connect(sock) as c:
+            d = c.describe(key)  # b is the owner now: the user byte grants view
+            return [d.uid, d.gid, d.perm]
+
+    assert run_as(users.b, b_owns_it_now) == [users.b.uid, users.a.gid, OTHER_SETATTR]
+
+
+# --------------------------------------------------------- per-uid user keyrings
+
+
+def test_each_uid_has_its_own_user_keyrings(daemon, users):
+    sock = daemon.socket
+
+    def own_keyrings(foreign_user_keyring=None):
+        with keyden.connect(sock) as c:
+            u, us = c.describe("@u"), c.describe("@us")
+            seen = {"@u": [u.serial, u.description, u.uid, u.perm],
+                    "@us": [us.description, us.uid], "@us links @u": u.serial in c.read("@us")}
+            if foreign_user_keyring:
+                seen["foreign @u"] = [outcome(lambda: c.describe(foreign_user_keyring)),
+                                      outcome(lambda: c.read(foreign_user_keyring)),
+                                      outcome(lambda: c.add("user", "kd:planted", b"x", foreign_user_keyring)),
+                                      outcome(lambda: c.link(foreign_user_keyring, "@s"))]
+            return seen
+
+    a = run_as(users.a, own_keyrings)
+    b = run_as(users.b, own_keyrings, a["@u"][0])
+    a_again = run_as(users.a, own_keyrings)
+    for user, seen in ((users.a, a), (users.b, b)):
+        serial = seen["@u"][0]
+        assert seen["@u"] == [serial, f"_uid.{user.uid}", user.uid, UID_KEYRING_PERM]
+        assert seen["@us"] == [f"_uid_ses.{user.uid}", user.uid] and seen["@us links @u"]
+    assert a["@u"][0] != b["@u"][0]
+    assert a_again == a  # the same keyring for every process of the uid
+    assert b["foreign @u"] == ["EACCES"] * 4
+
+
+def test_quota_is_charged_per_uid(fresh_daemon, users):
+    d = fresh_daemon("[quota]\nmaxkeys = 5\n")
+    sock = d.socket
+
+    def fill_quota():
+        with keyden.connect(sock) as c:
+            added = [outcome(lambda i=i: c.add("user", f"kd:q{i}", b"x", "@u") and "ok") for i in range(6)]
+            keys, _bytes, maxkeys, _maxbytes = c.quota()
+            return {"added": added, "keys": keys, "maxkeys": maxkeys}
+
+    # As in the kernel, the uid's own _uid.N and _uid_ses.N keyrings count: two of the five.
+    assert run_as(users.a, fill_quota) == {"added": ["ok"] * 3 + ["EDQUOT"] * 3, "keys": 5, "maxkeys": 5}
+
+    def b_adds_one():
+        with keyden.connect(sock) as c:
+            key = c.add("user", "kd:b", b"x", "@u")
+            c.setperm(key, 0x3F010020)  # other may setattr: root needs that to chown it
+            return key, c.quota()[0]
+
+    b_key, b_count = run_as(users.b, b_adds_one)
+    assert b_count == 3  # the key plus B's two per-uid keyrings
+    with d.connect() as root:
+        with pytest.raises(E.EDQUOT):
+            root.chown(b_key, users.a.uid)  # the new owner must have room for the key
+        root.chown(b_key, users.c.uid)
+
+    def count():
+        with keyden.connect(sock) as c:
+            return c.quota()[0]
+
+    assert [run_as(u, count) for u in (users.a, users.b, users.c)] == [5, 2, 1]  # the key moved to C
+
+
+# --------------------------------------------- where keyden and the kernel differ
+
+
+def test_root_with_setattr_may_set_the_mask_of_a_key_it_does_not_own(daemon, users):
+    """keyctl_setperm_key: setattr via the mask, then owner *or* CAP_SYS_ADMIN."""
+    sock = daemon.socket
+
+    def a_grants_setattr():
+        c, _token = new_session(sock)
+        with c:
+            key = c.add("user", "kd:root-setperm", SECRET, "@s")
+            c.setperm(key, OTHER_SETATTR)
+            return key
+
+    key = run_as(users.a, a_grants_setattr)
+    with daemon.connect() as root:
+        root.setperm(key, OTHER_VIEW_READ)
+        assert root.describe(key).perm == OTHER_VIEW_READ
+
+
+def test_non_owner_with_setattr_may_chgrp_to_a_group_it_is_in(daemon, users):
+    """keyctl_chown_key: a gid change is privileged only if the caller is not in the new group."""
+    sock = daemon.socket
+
+    def a_grants_setattr():
+        c, _token = new_session(sock)
+        with c:
+            key = c.add("user", "kd:b-chgrp", SECRET, "@s")
+            c.setperm(key, OTHER_SETATTR | 0x01)  # and view, to see the result
+            return key
+
+    key = run_as(users.a, a_grants_setattr)
+
+    def b_chgrps():
+        with keyden.connect(sock) as c:
+            return {"to c's group": outcome(lambda: c.chgrp(key, users.c.gid)),
+                    "to own group": outcome(lambda: c.chgrp(key, users.b.gid)),
+                    "gid": c.describe(key).gid}
+
+    assert run_as(users.b, b_chgrps) == {"to c's group": "EACCES", "to own group": "ok", "gid": users.b.gid}
