@@ -795,3 +795,24 @@ def test_concurrent_adds_and_unlinks_keep_the_books_straight(store):
     assert len(store.read(root, SESSION)) == kept
     expected_bytes = before[1] + sum(len(f"t{n}-{i}") + 1 + 10 + 4 for n in range(8) for i in range(0, 50, 2))
     assert store.quota_usage(0)[:2] == (before[0] + kept, expected_bytes)
+
+
+def test_possession_is_recomputed_after_the_tree_changes(store):
+    """Possession answers are cached; every change to links, masks or sessions must invalidate them."""
+    alice = session(store, ALICE)
+    ring = store.add(alice, "keyring", "r", b"", SESSION)
+    key = add_user(store, alice, ring=ring)
+    store.setperm(alice, key, 0x3F000000)  # possessor only
+    store.setperm(alice, ring, 0x3F3F0000)  # alice may re-link the keyring without possessing it
+    assert store.read(alice, key) == b"value"
+    store.link(alice, ring, USER)  # keeps the keyring alive, but alice's session does not reach @u
+    store.unlink(alice, ring, SESSION)
+    with pytest.raises(E.EACCES):
+        store.read(alice, key)
+    store.link(alice, ring, SESSION)
+    assert store.read(alice, key) == b"value"
+    store.setperm(alice, ring, 0x37370000)  # the keyring no longer grants search: not entered
+    with pytest.raises(E.EACCES):
+        store.read(alice, key)
+    store.setperm(alice, ring, 0x3F3F0000)
+    assert store.read(alice, key) == b"value"

@@ -205,3 +205,52 @@ def run_vectors(vf: VectorFile, parse):
     ran = len(groups) - len(skipped_groups)
     assert ran >= vf.min_run * len(groups), f"{vf.filename}: only {ran} of {len(groups)} groups ran"
     return counts, failures
+
+
+# ---------------------------------------------------------------------------
+# Verdicts for files checked case by case (outputs, not just accept/reject)
+
+
+class Tally:
+    """Outcome counts by label and failures by tcId, reported all at once at the end."""
+
+    def __init__(self, filename: str):
+        self.filename, self.counts, self.failures = filename, {}, []
+
+    def count(self, label: str) -> None:
+        self.counts[label] = self.counts.get(label, 0) + 1
+
+    def fail(self, case: Case, what: str) -> None:
+        self.failures.append(f"tcId {case.tc_id} ({case.result}, {case.comment!r}, {case.flags}): {what}")
+
+    def judge(self, case: Case, outcome, expected=None, expect_error: type[E.KeydenError] | None = None,
+              label: str = "") -> None:
+        """Judge one outcome (a value, or the exception it ended in) against the case's result.
+
+        "valid" must be accepted, "invalid" rejected, "acceptable" either way;
+        whatever is accepted must equal ``expected`` (when given), whatever is
+        rejected must be ``expect_error`` (when given), and anything but a
+        KeydenError is a failure.  Counted as "[label ]<result>-accepted|rejected".
+        """
+        prefix = f"{label}: " if label else ""
+        if isinstance(outcome, BaseException) and not isinstance(outcome, E.KeydenError):
+            self.fail(case, f"{prefix}non-Keyden {outcome!r}")
+            return
+        rejected = isinstance(outcome, E.KeydenError)
+        if case.result == "valid" and rejected:
+            self.fail(case, f"{prefix}rejected: {outcome}")
+        elif case.result == "invalid" and not rejected:
+            self.fail(case, f"{prefix}accepted")
+        elif rejected and expect_error is not None and not isinstance(outcome, expect_error):
+            self.fail(case, f"{prefix}expected {expect_error.__name__}, got {outcome}")
+        elif not rejected and expected is not None and outcome != expected:
+            self.fail(case, f"{prefix}wrong output")
+        self.count(" ".join(filter(None, (label, f"{case.result}-{'rejected' if rejected else 'accepted'}"))))
+
+    def check(self, needs: dict[str, int]) -> None:
+        """No failures, and at least ``needs[label]`` outcomes of each label (so the cases really ran)."""
+        print(self.filename, dict(sorted(self.counts.items())))    # shown with -s / on failure
+        assert not self.failures, f"{self.filename}: {len(self.failures)} failures\n" + \
+            "\n".join(self.failures[:30])
+        for label, minimum in needs.items():
+            assert self.counts.get(label, 0) >= minimum, f"{self.filename}: {label} < {minimum}: {self.counts}"

@@ -260,6 +260,9 @@ class KeyStore:
         self._user_session_keyrings: dict[int, Key] = {}
         self._process_keyrings: dict[tuple[int, int], Key] = {}
         self._sessions: dict[str, _Session] = {}
+        # Possession is a tree search; cache its answers until anything that could change one happens.
+        self._generation = 0
+        self._possession_memo: dict[tuple[Caller, int], tuple[int, bool]] = {}
 
     # ------------------------------------------------------------------ basics
 
@@ -326,6 +329,7 @@ class KeyStore:
         """Drop a key nobody references any more: free its quota, wipe its payload."""
         if key.dead:
             return
+        self._changed()
         key.dead = True
         self._keys.pop(key.serial, None)
         if key.links is not None:
@@ -354,6 +358,7 @@ class KeyStore:
                     del table[ident]
         for token, session in list(self._sessions.items()):
             if session.keyring is key:
+                self._changed()
                 del self._sessions[token]
 
     # ----------------------------------------------------------------- links
@@ -365,6 +370,7 @@ class KeyStore:
             return
         if old is None:
             self._reserve(ring, ring.quota_len + LINK_BYTES, check=check_quota)
+        self._changed()
         ring.links[key.index] = key
         key.parents.add(ring)
         if old is not None:
@@ -372,12 +378,14 @@ class KeyStore:
 
     def _unlink_raw(self, ring: Key, key: Key) -> None:
         if ring.links.get(key.index) is key:
+            self._changed()
             del ring.links[key.index]
             self._reserve(ring, ring.quota_len - LINK_BYTES)
             self._drop_parent(key, ring)
 
     def _empty(self, ring: Key) -> None:
         """keyring_clear: drop every link; keys left unreferenced die."""
+        self._changed()
         children = list(ring.links.values())
         ring.links.clear()
         self._reserve(ring, 0)
@@ -595,11 +603,23 @@ class KeyStore:
             raise E.ENOKEY(f"no {match.ktype.name} key {match.description!r} found")
         raise error
 
+    def _changed(self) -> None:
+        """Links, masks, owners or states changed: cached possession answers are stale."""
+        self._generation += 1
+
     def _is_possessed(self, caller: Caller, key: Key) -> bool:
         """Reachable by search from the caller's process or session keyring, whatever its state."""
+        memo_key = (caller, key.serial)
+        hit = self._possession_memo.get(memo_key)
+        if hit is not None and hit[0] == self._generation:
+            return hit[1]
         match = _Match.identity(key)
-        return any(self._search(caller, root, True, match, check_state=False)[0] is not None
-                   for root in self._possession_roots(caller))
+        found = any(self._search(caller, root, True, match, check_state=False)[0] is not None
+                    for root in self._possession_roots(caller))
+        if len(self._possession_memo) >= 4096:
+            self._possession_memo.clear()
+        self._possession_memo[memo_key] = (self._generation, found)
+        return found
 
     def _possessed(self, caller: Caller, key: Key, known: bool | None) -> bool:
         return known if known is not None else self._is_possessed(caller, key)
@@ -721,6 +741,7 @@ class KeyStore:
         """The type's update: new payload, new quota, and (user_update) any timeout cleared."""
         self._reserve(key, quota_len)
         old, key.payload = key.payload, value
+        self._changed()
         key.expiry = 0.0
         key.type.destroy(old)
 
@@ -859,6 +880,7 @@ class KeyStore:
                 key, _ = self._lookup(caller, key_id, P.WRITE)
             except E.EACCES:
                 key, _ = self._lookup(caller, key_id, P.SETATTR)
+            self._changed()
             key.revoked_at = self.clock()
             if key.links is not None:
                 self._empty(key)
@@ -871,6 +893,7 @@ class KeyStore:
         """KEYCTL_INVALIDATE: search permission; the key is gone from every keyring at once."""
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SEARCH)
+            self._changed()
             key.invalidated = True
             self._force_destroy(key)
 
@@ -880,6 +903,7 @@ class KeyStore:
             raise E.EINVAL("timeout must not be negative")
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
+            self._changed()
             key.expiry = self.clock() + timeout if timeout else 0.0
 
     # ------------------------------------------------------------ attributes
@@ -927,6 +951,7 @@ class KeyStore:
             foreign_group = gid != -1 and gid != key.gid and not caller.cred.in_group(gid)
             if (gives_away or foreign_group) and caller.uid != 0:
                 raise E.EACCES("only root may give a key to another user or to a group it is not in")
+            self._changed()
             if gives_away:
                 if key.charged:
                     self._charge(uid, 1, key.cost)
@@ -943,6 +968,7 @@ class KeyStore:
             key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
             if key.uid != caller.uid and caller.uid != 0:
                 raise E.EACCES("only the owner may change a key's permissions")
+            self._changed()
             key.perm = perm
 
     def restrict_keyring(self, caller: Caller, keyring: int, type_name: str = "", restriction: str = "") -> None:
@@ -996,6 +1022,7 @@ class KeyStore:
                                     quota=IN_QUOTA if name else QUOTA_OVERRUN)
             ring.pins += 1
             token = secrets.token_urlsafe(32)
+            self._changed()
             self._sessions[token] = _Session(ring, caller.uid, name)
             return ring.serial, token
 
@@ -1014,6 +1041,7 @@ class KeyStore:
             session = self._sessions.get(token)
             if session is None or session.uid != caller.uid:
                 raise E.ENOKEY("no such session")
+            self._changed()
             del self._sessions[token]
             session.keyring.pins -= 1
             self._maybe_destroy(session.keyring)
