@@ -181,3 +181,6 @@ def test_pipelined_calls_return_values_and_errors_in_order(client):
     assert isinstance(results[1], E.ENOKEY)
     assert results[2].description == "p"
     assert results[3] == b"z"
+    (derived,) = client.call_many([("kdf", (client.add("logon", "t:ikm", b"k" * 32, "@s"),),
+                                    {"length": 16, "description": "t:okm"})])
+    assert client.describe(derived).type == "logon"

@@ -106,15 +106,15 @@ class Client(Operations):
     def _call_with_fds(self, op: Op, args: tuple, fds: list[int]) -> tuple:
         return self._exchange([(op, args)], fds=fds)[0]
 
-    def call_many(self, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
-        """Pipeline several operations in one round trip: [('add', (...)), ('read', (k,))].
+    def call_many(self, calls: Sequence[tuple]) -> list[Any]:
+        """Pipeline several operations in one round trip: [('add', (...)), ('derive', (k,), {'peer_key': p})].
 
         Each result is the method's value or the KeydenError it raised.
         """
         built = []
         recorder = _Recorder()
-        for name, args in calls:
-            getattr(recorder, name)(*args)
+        for name, args, *kwargs in calls:
+            getattr(recorder, name)(*args, **(kwargs[0] if kwargs else {}))
             op, raw = recorder.last
             built.append((op, self._resolve(raw)))
         results = self._exchange(built, raise_errors=False)
