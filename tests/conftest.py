@@ -57,6 +57,14 @@ class Daemon:
     def connect(self, **kw) -> keyden.client.sync.Client:
         return keyden.connect(self.socket, **kw)
 
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """The daemon's resident memory (or VmHWM, its peak so far) from /proc/<pid>/status, in KiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field)
+
     def stop(self, sig: int | None = None) -> None:
         if self.proc and self.proc.poll() is None:
             if sig is None:

@@ -302,11 +302,11 @@ def test_supports(keyden, client):
     out = ok(keyden("supports"))
     lines = out.splitlines()
     assert lines[0] == "have_capabilities=1"
-    assert "have_persistent_keyrings=0" in lines
+    assert "have_persistent_keyrings=1" in lines
     for name in ("move_key", "key_invalidate", "restrict_keyring", "public_key"):
         assert f"have_{name}={1 if name in have else 0}" in lines
     assert keyden("supports", "move_key").rc == (0 if "move_key" in have else 1)
-    assert keyden("supports", "persistent_keyrings").rc == 1
+    assert keyden("supports", "persistent_keyrings").rc == 0
     assert keyden("supports", "no_such_capability").rc == 3
     raw = ok(keyden("supports", "--raw")).strip()
     assert len(raw) == 4 and int(raw[:2], 16) & 0x01

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from keyden import errors as E
-from keyden.cli import tree
+from keyden.cli import dataplane, persistence, tls, tree, trust
 from keyden.cli.support import (Context, Exit, Usage, call, failure, hex_to_bytes, id32, number, pkey_info,
                                 pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
@@ -105,25 +105,28 @@ def printable(data: bytes) -> bool:
 
 
 def cmd_add(ctx, args):
-    opts, args = options(args, ("-x",), ("--password", "--password-file"))
+    opts, args = options(args, ("-x", "--no-export"), ("--password", "--password-file"))
     expect(args, 4)
     data = payload(os.fsencode(args[2]), opts)
     ring = ctx.key(args[3])
-    print(call("add_key", ctx.client.add, args[0], args[1], data, ring, password=password(opts)))
+    print(call("add_key", ctx.client.add, args[0], args[1], data, ring, password=password(opts),
+               no_export=bool(opts.get("--no-export"))))
 
 
 def cmd_padd(ctx, args):
-    opts, args = options(args, ("-x",), ("--password", "--password-file"))
+    opts, args = options(args, ("-x", "--no-export"), ("--password", "--password-file"))
     expect(args, 3)
     data = payload(read_stdin(), opts)
     ring = ctx.key(args[2])
-    print(call("add_key", ctx.client.add, args[0], args[1], data, ring, password=password(opts)))
+    print(call("add_key", ctx.client.add, args[0], args[1], data, ring, password=password(opts),
+               no_export=bool(opts.get("--no-export"))))
 
 
 def cmd_genkey(ctx, args):
+    opts, args = options(args, ("--no-export",))
     expect(args, 2, 3)
     spec, desc, ring = (args[0], "", args[1]) if len(args) == 2 else args
-    print(call("genkey", ctx.client.genkey, spec, desc, ctx.key(ring)))
+    print(call("genkey", ctx.client.genkey, spec, desc, ctx.key(ring), no_export=bool(opts.get("--no-export"))))
 
 
 def _request(ctx, type_name, desc, dest):
@@ -548,7 +551,7 @@ def _pkey_transform(function: str, method: str) -> Handler:
 
 
 cmd_pkey_encrypt = _pkey_transform("keyctl_pkey_encrypt", "pkey_encrypt")
-cmd_pkey_decrypt = _pkey_transform("keyctl_pkey_decrypt", "pkey_decrypt")
+cmd_pkey_decrypt = dataplane.with_decrypt_into(_pkey_transform("keyctl_pkey_decrypt", "pkey_decrypt"))
 cmd_pkey_sign = _pkey_transform("keyctl_pkey_sign", "pkey_sign")
 
 
@@ -594,26 +597,48 @@ def cmd_help(ctx, args):
 
 COMMANDS: tuple[Command, ...] = (
     Command("--version", "", cmd_version),
-    Command("add", "[-x] [--password <pass> | --password-file <file>] <type> <desc> <data> <keyring>", cmd_add),
+    Command("aead", "encrypt|decrypt <key> [-a <alg>] [--aad <hex>] [--nonce <hex>] [-o <file>]", dataplane.cmd_aead,
+            extension=True),
+    Command("add", "[-x] [--password <pass> | --password-file <file>] [--no-export] <type> <desc> <data> <keyring>",
+            cmd_add),
     Command("chgrp", "<key> <gid>", cmd_chgrp),
     Command("chown", "<key> <uid>", cmd_chown),
+    Command("cipher", "encrypt|decrypt <key> -a <alg> --iv <hex> [-o <file>]", dataplane.cmd_cipher, extension=True),
     Command("clear", "<keyring>", cmd_clear),
+    Command("derive", f"<private> <peer_key> <keyring> {dataplane.KEY_USAGE}", dataplane.cmd_derive,
+            extension=True),
+    Command("derive", f"<private> --peer-file <file> <keyring> {dataplane.KEY_USAGE}"),
     Command("describe", "<keyring>", cmd_describe),
-    Command("genkey", "<spec> [<desc>] <keyring>", cmd_genkey, extension=True),
+    Command("dh_compute", "<private> <prime> <base>", dataplane.cmd_dh_compute),
+    Command("dh_compute_kdf", "<private> <prime> <base> <len> <hash_name>", dataplane.cmd_dh_compute_kdf),
+    Command("dh_compute_kdf_oi", "[-x] <private> <prime> <base> <len> <hash_name>", dataplane.cmd_dh_compute_kdf_oi),
+    Command("export", persistence.EXPORT_USAGE, persistence.cmd_export, extension=True),
+    Command("export", persistence.EXPORT_WRAP_USAGE),
+    Command("genkey", "[--no-export] <spec> [<desc>] <keyring>", cmd_genkey, extension=True),
+    Command("get_persistent", "<keyring> [<uid>]", persistence.cmd_get_persistent),
+    Command("hash", "<alg>", dataplane.cmd_hash, extension=True),
     Command("help", "[<command>]", cmd_help, extension=True),
+    Command("hmac", "<key> [-a <alg>]", dataplane.cmd_hmac, extension=True),
+    Command("hmac_verify", "<key> <hex_tag> [-a <alg>]", dataplane.cmd_hmac_verify, extension=True),
     Command("id", "<key>", cmd_id),
+    Command("import", persistence.IMPORT_USAGE, persistence.cmd_import, extension=True),
+    Command("init", "[--state-dir <dir>] [--config <file>] [--passphrase-file <file>]", persistence.cmd_init,
+            extension=True),
     Command("invalidate", "<key>", cmd_invalidate),
+    Command("kdf", f"<key> <keyring> {dataplane.KEY_USAGE}", dataplane.cmd_kdf, extension=True),
     Command("leave_session", "[<token>]", cmd_leave_session, extension=True),
     Command("link", "<key> <keyring>", cmd_link),
     Command("list", "<keyring>", cmd_list),
     Command("move", "[-f] <key> <from_keyring> <to_keyring>", cmd_move),
     Command("new_session", "[<name>]", cmd_new_session),
     Command("newring", "<name> <keyring>", cmd_newring),
-    Command("padd", "[-x] [--password <pass> | --password-file <file>] <type> <desc> <keyring>", cmd_padd),
+    Command("padd", "[-x] [--password <pass> | --password-file <file>] [--no-export] <type> <desc> <keyring>",
+            cmd_padd),
     Command("pipe", "<key>", cmd_pipe),
     Command("pkey_query", "<key> <pass> [k=v]*", cmd_pkey_query),
     Command("pkey_encrypt", "<key> <pass> <datafile> [k=v]*", cmd_pkey_encrypt),
     Command("pkey_decrypt", "<key> <pass> <datafile> [k=v]*", cmd_pkey_decrypt),
+    Command("pkey_decrypt", "<key> <pass> <datafile> [k=v]* --into <desc> <keyring>"),
     Command("pkey_sign", "<key> <pass> <datafile> [k=v]*", cmd_pkey_sign),
     Command("pkey_verify", "<key> <pass> <datafile> <sigfile> [k=v]*", cmd_pkey_verify),
     Command("prequest2", "<type> <desc> [<dest_keyring>]", cmd_prequest2),
@@ -625,13 +650,15 @@ COMMANDS: tuple[Command, ...] = (
     Command("rdescribe", "<keyring> [sep]", cmd_rdescribe),
     Command("read", "<key>", cmd_read),
     Command("reap", "[-v]", cmd_reap),
+    Command("rekey", "[--passphrase-file <file>]", persistence.cmd_rekey, extension=True),
     Command("request", "<type> <desc> [<dest_keyring>]", cmd_request),
     Command("request2", "<type> <desc> <info> [<dest_keyring>]", cmd_request2),
     Command("restrict_keyring", "<keyring> [<type> [<restriction>]]", cmd_restrict_keyring),
     Command("revoke", "<key>", cmd_revoke),
     Command("rlist", "<keyring>", cmd_rlist),
     Command("search", "<keyring> <type> <desc> [<dest_keyring>]", cmd_search),
-    Command("serve", "[--socket <path>] [--state-dir <dir>] [--config <file>] [--log-level <level>] [--no-harden]",
+    Command("serve", "[--socket <path>] [--state-dir <dir>] [--config <file>] [--passphrase-file <file>] "
+            "[--log-level <level>] [--no-harden]",
             cmd_serve, extension=True),
     Command("session", "", cmd_session),
     Command("session", "- [<prog> <arg1> <arg2> ...]"),
@@ -640,8 +667,14 @@ COMMANDS: tuple[Command, ...] = (
     Command("show", "[-x] [<keyring>]", cmd_show),
     Command("supports", "[<cap> | --raw]", cmd_supports),
     Command("timeout", "<key> <timeout>", cmd_timeout),
+    Command("tls-proxy", "--listen <host:port> --keyring <keyring> --forward <host:port>|unix:<path> "
+            "[--client-trust <keyring>] [--require-client-cert] [--alpn <p1,p2>] [--handshake-timeout <secs>] "
+            "[--max-connections <n>]", tls.cmd_tls_proxy, extension=True),
     Command("unlink", "<key> [<keyring>]", cmd_unlink),
     Command("update", "[-x] <key> <data>", cmd_update),
+    Command("x509_hashes", "<key>", trust.cmd_x509_hashes, extension=True),
+    Command("x509_verify", "<cert> <trust_keyring> [--chain <keyring>] [--host <name>] [--purpose server|client] "
+            "[--at <time>]", trust.cmd_x509_verify, extension=True),
 )
 
 KEY_ID_HELP = """\
@@ -685,5 +718,5 @@ def format_help() -> str:
     return ("Format:\n  keyden [--socket <path>] <command> [<args>]\n"
             + "".join(_synopsis(c) for c in COMMANDS) + "\n" + KEY_ID_HELP + "\n"
             + "keyden's own (not in keyctl): " + ", ".join(extensions)
-            + "; add/padd --password, --password-file.\n"
+            + "; add/padd --password, --password-file, --no-export; pkey_decrypt --into.\n"
             + "A unique prefix of a command name selects it.\n")

@@ -6,28 +6,47 @@ import argparse
 import logging
 import sys
 
+from keyden.persist import StartupError
 from keyden.server.config import ServerConfig
 from keyden.server.server import Server
+
+
+def add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the daemon's state is, and how its key store is unlocked (serve and init share these)."""
+    p.add_argument("--state-dir", help="state directory (created on first start)")
+    p.add_argument("--config", help="TOML config file (default: <state-dir>/keyden.toml)")
+    p.add_argument("--passphrase-file", help="derive the master key from the passphrase in this file "
+                                             "(default: $KEYDEN_PASSPHRASE_FILE; else the master key file)")
+
+
+def load_config(args: argparse.Namespace) -> ServerConfig:
+    config = ServerConfig()
+    if args.state_dir:
+        config.state_dir = args.state_dir
+    config.load_file(args.config)
+    if args.passphrase_file:
+        config.passphrase_file = args.passphrase_file
+    return config
 
 
 def serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="keyden serve", description="Run the keyden daemon.")
     p.add_argument("--socket", help="Unix socket path (default: $KEYDEN_SOCKET, $XDG_RUNTIME_DIR/keyden.sock, "
                                     "/run/keyden/keyden.sock)")
-    p.add_argument("--state-dir", help="state directory (created on first start)")
-    p.add_argument("--config", help="TOML config file (default: <state-dir>/keyden.toml)")
+    add_store_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--no-harden", action="store_true", help="skip PR_SET_DUMPABLE/mlockall (debugging only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig()
-    if args.state_dir:
-        config.state_dir = args.state_dir
-    config.load_file(args.config)
+    config = load_config(args)
     if args.socket:
         config.socket = args.socket
     if args.no_harden:
         config.harden = False
-    Server(config).run()
+    try:
+        Server(config).run()
+    except StartupError as exc:
+        print(f"keyden: not starting: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -15,6 +15,7 @@ import socket
 from typing import Iterable, Sequence
 
 from keyden import errors as E
+from keyden.client.operations import Ref
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, RANDOM_NONCE, Op
 
@@ -42,7 +43,7 @@ class SharedBuffer:
                decrypt: bool = False, random_nonce: bool = False) -> tuple[int, bytes]:
         """Process view[in_offset:+length] into view[out_offset:] inside keyden: (bytes written, nonce chosen)."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
-        return self.client._call(Op.SHM_CIPHER, self.region, alg, key, flags, bytes(iv), bytes(aad or b""),
+        return self.client._call(Op.SHM_CIPHER, self.region, alg, Ref(key), flags, bytes(iv), bytes(aad or b""),
                                  in_offset, length, out_offset)
 
     def close(self) -> None:
@@ -85,16 +86,19 @@ class Aead:
             self._shm = SharedBuffer(self._client, max(size, 4 * BULK_THRESHOLD))
         return self._shm
 
-    def _run(self, nonce, data, aad, decrypt: bool) -> bytes:
+    def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
+        """Small data over the socket, large data through shared memory; a keyden-chosen nonce is prepended."""
         data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         if len(data) < BULK_THRESHOLD:
-            return self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad or b"", decrypt=decrypt)
+            return self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad or b"", decrypt=decrypt,
+                                       random_nonce=random_nonce)
         n = len(data)
         out_len = n - self.tag_size if decrypt else n + self.tag_size
         shm = self._bulk(n + max(out_len, 0))
         shm.view[:n] = data
-        written, _ = shm.cipher(self.alg, self.serial, 0, n, n, iv=nonce, aad=aad, decrypt=decrypt)
-        return bytes(shm.view[n:n + written])
+        written, chosen = shm.cipher(self.alg, self.serial, 0, n, n, iv=nonce, aad=aad, decrypt=decrypt,
+                                     random_nonce=random_nonce)
+        return chosen + bytes(shm.view[n:n + written])
 
     def encrypt(self, nonce, data, associated_data=None) -> bytes:
         return self._run(nonce, data, associated_data, False)
@@ -115,11 +119,15 @@ class Aead:
 
     def encrypt_random(self, data, associated_data=None) -> bytes:
         """keyden picks the nonce: returns nonce || ct || tag, so a nonce can never be reused by mistake."""
-        return self._client.cipher(self.alg, self.serial, data, aad=associated_data or b"", random_nonce=True)
+        return self._run(b"", data, associated_data, False, random_nonce=True)
 
     def decrypt_random(self, blob, associated_data=None) -> bytes:
-        return self._client.cipher(self.alg, self.serial, blob, aad=associated_data or b"", decrypt=True,
-                                   random_nonce=True)
+        """Takes nonce || ct || tag, as encrypt_random makes it."""
+        blob = memoryview(blob).cast("B") if not isinstance(blob, bytes) else blob
+        if len(blob) < BULK_THRESHOLD:
+            return self._run(b"", blob, associated_data, True, random_nonce=True)
+        # shared memory takes the nonce as an IV: split it off here
+        return self._run(bytes(blob[:self.nonce_size]), memoryview(blob)[self.nonce_size:], associated_data, True)
 
     def encrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
                       associated_data: Sequence[bytes] = ()) -> list[bytes]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from keyden.protocol import DECRYPT, MOVE_EXCL, RANDOM_NONCE, Op
+from keyden.protocol import DECRYPT, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
 
 
 class Ref:
@@ -32,9 +32,12 @@ class Operations:
         raise NotImplementedError
 
     # keys and keyrings
-    def add(self, type: str, description: str, payload, keyring="@s", *, password: bytes | str | None = None):
-        """add_key: returns the new (or updated) key's serial."""
+    def add(self, type: str, description: str, payload, keyring="@s", *, password: bytes | str | None = None,
+            no_export: bool = False):
+        """add_key: returns the new (or updated) key's serial.  ``no_export``: never exportable, for good."""
         secret = _bytes(password) if password else b""
+        if no_export:
+            return self._call(Op.ADD_FLAGS, type, description, _bytes(payload), Ref(keyring), secret, NO_EXPORT)
         return self._call(Op.ADD, type, description, _bytes(payload), Ref(keyring), secret)
 
     def newring(self, name: str, keyring="@s"):
@@ -125,8 +128,10 @@ class Operations:
         """Returns None if the signature is good; raises EKEYREJECTED (or EINVAL) if not."""
         return self._call(Op.PKEY_VERIFY, Ref(key), info, _bytes(data), _bytes(signature))
 
-    def generate(self, spec: str, description: str = "", keyring="@s"):
+    def generate(self, spec: str, description: str = "", keyring="@s", *, no_export: bool = False):
         """Make a key pair inside keyden ('rsa:2048', 'ec:p256', 'ed25519', ...); returns its serial."""
+        if no_export:
+            return self._call(Op.GENKEY_FLAGS, spec, description, Ref(keyring), NO_EXPORT)
         return self._call(Op.GENKEY, spec, description, Ref(keyring))
 
     genkey = generate
@@ -198,6 +203,39 @@ class Operations:
 
     def stream_abort(self, handle: int):
         return self._call(Op.STREAM_ABORT, handle)
+
+    # persistent keyrings, export and import (docs/persistence.md)
+    def get_persistent(self, keyring="@s", uid: int = -1):
+        """KEYCTL_GET_PERSISTENT: link the uid's persistent keyring (-1: the caller's) into ``keyring``; its serial."""
+        return self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
+
+    def export(self, key, *, to_public_key=None, wrapping_key=None) -> bytes:
+        """A wrapped copy of a key or keyring tree: to a public key (PEM/DER bytes, or a key in keyden),
+        or under a wrapping key in keyden.  Never the key in the clear."""
+        if (to_public_key is None) == (wrapping_key is None):
+            raise ValueError("give exactly one of to_public_key and wrapping_key")
+        if isinstance(to_public_key, (bytes, bytearray)):
+            return self._call(Op.EXPORT, Ref(key), bytes(to_public_key), 0, 0)
+        if to_public_key is not None:
+            return self._call(Op.EXPORT, Ref(key), b"", Ref(to_public_key), 0)
+        return self._call(Op.EXPORT, Ref(key), b"", 0, Ref(wrapping_key))
+
+    def import_key(self, blob, unwrap_with, keyring="@s", *, no_export: bool = False):
+        """Make an exported key (or tree) again, as the caller's; returns the top key's serial."""
+        return self._call(Op.IMPORT, _bytes(blob), Ref(unwrap_with), Ref(keyring), NO_EXPORT if no_export else 0)
+
+    def rekey(self, passphrase=b""):
+        """Rotate the daemon's master key (root only); a passphrase store needs the new passphrase."""
+        return self._call(Op.REKEY, _bytes(passphrase))
+
+    # trust (docs/trust.md)
+    def x509_verify(self, cert, trust_keyring, chain_keyring=0, *, host: str = "", purpose: str = "", at: int = 0):
+        """Validate a certificate key up to a trust keyring: [(serial, subject)], leaf first.
+
+        Refusals are EKEYREJECTED with the reason; ``at`` is a Unix time (0: now).
+        """
+        return self._call(Op.X509_VERIFY, Ref(cert), Ref(trust_keyring), Ref(chain_keyring) if chain_keyring else 0,
+                          host, purpose, int(at))
 
     # daemon
     def ping(self, data: bytes = b""):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import threading
 from typing import Any, Sequence
 
 from keyden import errors as E
 from keyden import protocol as W
-from keyden.client import common
+from keyden.client import common, tls
 from keyden.client.dataplane import Aead, Mac, SharedBuffer, Stream, send_with_fds
 from keyden.client.operations import Operations, Ref
 from keyden.protocol import Op
@@ -37,29 +38,34 @@ class Client(Operations):
         self._buf = bytearray(RECV_CHUNK)
         self._decoder = W.FrameDecoder(1 << 31)
         self._pending: dict[int, W.Frame] = {}
+        self.max_frame = W.DEFAULT_MAX_FRAME
         values = self._exchange([(Op.HELLO, (W.MIN_VERSION, W.VERSION, common.session_token(session), client_name))])[0]
         self.version, self.max_frame, self.uid, self.gid, self.pid = values
 
     # ------------------------------------------------------------ transport
 
     def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True,
-                  fds: list[int] | None = None) -> list[Any]:
-        """Send every request, then collect every response (pipelined)."""
+                  fds: list[int] | None = None, received: list[int] | None = None) -> list[Any]:
+        """Send every request, then collect every response (pipelined); descriptors passed back go to ``received``."""
         with self._lock:
             ids = []
             out = []
             for op, args in calls:
                 rid = next(self._ids) & 0xFFFFFFFF
                 ids.append(rid)
-                out.append(W.encode_request(rid, op, *args))
+                frame = W.encode_request(rid, op, *args)
+                if len(frame) - W.HEADER_SIZE > self.max_frame:
+                    raise E.EMSGSIZE(f"request of {len(frame)} bytes exceeds the daemon's {self.max_frame}-byte "
+                                     "frame cap; use a shared buffer or a stream for bulk data")
+                out.append(frame)
             try:
                 if fds:
                     send_with_fds(self._sock, b"".join(out), fds)
                 else:
                     self._sock.sendall(b"".join(out))
-                frames = [self._wait(rid) for rid in ids]
+                frames = [self._wait(rid, received) for rid in ids]
             except OSError as exc:
-                raise E.ECONNRESET(f"connection to keyden lost: {exc}") from None
+                raise self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}") from None
         results = []
         for (op, _args), frame in zip(calls, frames):
             if frame.status:
@@ -71,14 +77,27 @@ class Client(Operations):
                 results.append(W.response_schema(op).decode(frame.body))
         return results
 
-    def _wait(self, rid: int) -> W.Frame:
+    def _farewell(self) -> E.KeydenError | None:
+        """Why the daemon closed on us, if it said so before we noticed (e.g. a connection limit)."""
+        try:
+            self._decoder.feed(self._sock.recv(RECV_CHUNK, socket.MSG_DONTWAIT))
+            for frame in self._decoder.frames():
+                if frame.status and frame.op == 0:
+                    return E.error_for_code(frame.status, W.decode_error(frame.body))
+        except (OSError, E.KeydenError):
+            pass
+        return None
+
+    def _wait(self, rid: int, received: list[int] | None = None) -> W.Frame:
         view = memoryview(self._buf)
         while rid not in self._pending:
             for frame in self._decoder.frames():
+                if frame.status and frame.op == 0:  # connection-level error (a limit, a timeout): the daemon closes
+                    raise E.error_for_code(frame.status, W.decode_error(frame.body))
                 self._pending[frame.request_id] = frame
             if rid in self._pending:
                 break
-            n = self._sock.recv_into(view)
+            n = self._sock.recv_into(view) if received is None else tls.receive_with_fds(self._sock, view, received)
             if n == 0:
                 raise OSError("daemon closed the connection")
             self._decoder.feed(view[:n])
@@ -105,6 +124,16 @@ class Client(Operations):
 
     def _call_with_fds(self, op: Op, args: tuple, fds: list[int]) -> tuple:
         return self._exchange([(op, args)], fds=fds)[0]
+
+    def _call_trading_fds(self, op: Op, args: tuple, fds: list[int]) -> tuple[tuple, list[int]]:
+        """A request that sends descriptors and gets some back (TLS_*): (response fields, received descriptors)."""
+        received: list[int] = []
+        try:
+            return self._exchange([(op, args)], fds=fds, received=received)[0], received
+        except BaseException:
+            for fd in received:
+                os.close(fd)
+            raise
 
     def call_many(self, calls: Sequence[tuple]) -> list[Any]:
         """Pipeline several operations in one round trip: [('add', (...)), ('derive', (k,), {'peer_key': p})].
@@ -160,6 +189,10 @@ class Client(Operations):
 
     def stream(self, alg: str, key=0, **kw) -> Stream:
         return Stream(self, alg, self._resolve((Ref(key),))[0] if key else 0, **kw)
+
+    # TLS with keys that stay in keyden (docs/tls.md): (plaintext socket, TlsInfo)
+    tls_accept = tls.accept
+    tls_connect = tls.connect
 
     def shared_buffer(self, size: int) -> SharedBuffer:
         """A memory region shared with the daemon for bulk operations (see SharedBuffer.cipher)."""

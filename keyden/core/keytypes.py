@@ -29,6 +29,8 @@ class KeyType:
     derives_description: bool = False
     #: Whether revoking frees the payload and its quota at once (user_revoke), or it waits for destruction.
     revoke_discards_payload: bool = False
+    #: Whether its keys are born with KEY_FLAG_KEEP (no revoke, invalidate, clear, timeout; see store).
+    keep: bool = False
 
     def check_description(self, description: str) -> None:
         if not description and not self.derives_description:

@@ -3,7 +3,9 @@
 Every public method is one keyctl operation with keyctl's argument order and
 the kernel's checks, in the kernel's order (security/keys/keyctl.c), evaluated
 for a ``Caller``.  Pure: no sockets, no asyncio.  The server supplies who is
-calling; this module decides what they may do.
+calling; this module decides what they may do.  Changes to keys under a
+persistent keyring are reported to ``journal`` (core/journal.py), which the
+server backs with the sealed database (keyden/persist).
 
 Thread safety: one ``RLock`` guards all state, and every public method holds
 it whenever it reads or changes that state.  The only work done outside it is
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core import perm as P
+from keyden.core.journal import Journal, NullJournal
 from keyden.core.perm import Credentials
 
 # Special key IDs (keyctl.h).
@@ -36,13 +39,19 @@ MIN_SERIAL, MAX_SERIAL = 3, 2**31 - 1
 #: KEYQUOTA_LINK_BYTES: what each link costs the owner of the keyring holding it.
 LINK_BYTES = 4
 
+#: Key.flags a client may set when it creates a key; set for good, never cleared.
+NO_EXPORT = 0x1
+KEY_FLAGS = NO_EXPORT
+#: The persistent keyring's mask: possessor all but setattr, owner view and read (persistent.c).
+PERSISTENT_KEYRING_PERM = 0x1F030000
+
 # How a new key counts against its owner's quota (KEY_ALLOC_IN_QUOTA / _QUOTA_OVERRUN / _NOT_IN_QUOTA).
 IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
 
 # KEYCTL_CAPABILITIES bits (byte 0 / byte 1), as keyctl supports reports them.
 CAPABILITIES = {
     "capabilities": True,
-    "persistent_keyrings": False,
+    "persistent_keyrings": True,
     "dh_compute": False,
     "public_key": True,
     "big_key_type": False,
@@ -65,6 +74,10 @@ class StoreConfig:
     root_maxbytes: int = 25000000
     gc_delay: float = 300.0
     keyring_max_links: int = 65536
+    #: /proc/sys/kernel/keys/persistent_keyring_expiry: a persistent keyring expires this long after
+    #: its last get_persistent (0: never).  The kernel's default is 3 days; keyden's is never, because
+    #: a custodian that silently drops keys nobody fetched for a while loses data.
+    persistent_keyring_expiry: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,7 @@ class Key:
     __slots__ = (
         "serial", "type", "description", "uid", "gid", "perm", "expiry", "payload", "quota_len",
         "revoked_at", "invalidated", "dead", "links", "parents", "pins", "restriction", "charged", "ctime",
-        "__weakref__",
+        "flags", "persisted", "keep", "__weakref__",
     )
 
     def __init__(self, serial: int, ktype: T.KeyType, description: str, uid: int, gid: int, perm: int,
@@ -109,6 +122,9 @@ class Key:
         self.restriction: Restriction | None = None
         self.charged = charged
         self.ctime = ctime
+        self.flags = 0  # NO_EXPORT
+        self.persisted = False  # reachable from a persistent keyring: the journal keeps it
+        self.keep = ktype.keep  # KEY_FLAG_KEEP: no revoke, invalidate, clear, timeout; kept-in-kept never unlinked
 
     @property
     def index(self) -> tuple[str, str]:
@@ -177,6 +193,15 @@ class DenyAll(Restriction):
 #: restriction factories by key type (the type's lookup_restriction): (store, caller, restriction) -> Restriction.
 RESTRICTION_FACTORIES: dict[str, Callable[["KeyStore", Caller, str], Restriction]] = {}
 
+#: checks every link, move and add_key runs before the keyring's own restriction, with the same
+#: arguments as Restriction.check (the blacklist: keyden.core.trust); each raises to refuse.
+ADMISSION_CHECKS: list[Callable[["KeyStore", "Key", T.KeyType, Any], None]] = []
+
+
+def _kept(key: "Key") -> None:
+    if key.keep:
+        raise E.EPERM(f"key {key.serial} is a system key and cannot be removed or changed")
+
 
 @dataclass
 class Description:
@@ -188,6 +213,19 @@ class Description:
     gid: int
     perm: int
     description: str
+
+
+@dataclass
+class Exported:
+    """One key of an export: a copy of what is needed to make it again elsewhere."""
+
+    type: str
+    description: str
+    perm: int
+    payload: Any  # bytes (user, logon), the parsed key (asymmetric), None (keyring)
+
+    def __repr__(self) -> str:
+        return f"<Exported {self.type}:{self.description!r}>"
 
 
 @dataclass
@@ -260,6 +298,8 @@ class KeyStore:
         self._user_session_keyrings: dict[int, Key] = {}
         self._process_keyrings: dict[tuple[int, int], Key] = {}
         self._sessions: dict[str, _Session] = {}
+        self._persistent_keyrings: dict[int, Key] = {}  # uid -> _persistent.<uid> (the kernel's register)
+        self.journal: Journal = NullJournal()
         # Possession is a tree search; cache its answers until anything that could change one happens.
         self._generation = 0
         self._possession_memo: dict[tuple[Caller, int], tuple[int, bool]] = {}
@@ -332,6 +372,9 @@ class KeyStore:
         self._changed()
         key.dead = True
         self._keys.pop(key.serial, None)
+        if key.persisted:
+            key.persisted = False
+            self.journal.on_forget(key.serial)
         if key.links is not None:
             self._empty(key)
         if key.charged:
@@ -352,7 +395,8 @@ class KeyStore:
         self._destroy(key)
 
     def _release_roots(self, key: Key) -> None:
-        for table in (self._user_keyrings, self._user_session_keyrings, self._process_keyrings):
+        for table in (self._user_keyrings, self._user_session_keyrings, self._process_keyrings,
+                      self._persistent_keyrings):
             for ident, ring in list(table.items()):
                 if ring is key:
                     del table[ident]
@@ -373,6 +417,9 @@ class KeyStore:
         self._changed()
         ring.links[key.index] = key
         key.parents.add(ring)
+        if ring.persisted:
+            self._persist_tree(key)
+            self.journal.on_link(ring, key)
         if old is not None:
             self._drop_parent(old, ring)
 
@@ -381,6 +428,8 @@ class KeyStore:
             self._changed()
             del ring.links[key.index]
             self._reserve(ring, ring.quota_len - LINK_BYTES)
+            if ring.persisted:
+                self.journal.on_unlink(ring, key)
             self._drop_parent(key, ring)
 
     def _empty(self, ring: Key) -> None:
@@ -389,12 +438,44 @@ class KeyStore:
         children = list(ring.links.values())
         ring.links.clear()
         self._reserve(ring, 0)
+        if ring.persisted:
+            self.journal.on_store(ring)
         for child in children:
             self._drop_parent(child, ring)
 
     def _drop_parent(self, child: Key, parent: Key) -> None:
         child.parents.discard(parent)
         self._maybe_destroy(child)
+        if child.persisted:
+            self._recheck_persisted(child)
+
+    # ------------------------------------------------------------ persistence
+
+    def _persist_tree(self, key: Key) -> None:
+        """``key`` is now under a persistent keyring: it and everything below it persist."""
+        if key.persisted:
+            return  # already persisting, and so is everything below it
+        key.persisted = True
+        self.journal.on_store(key)
+        if key.links is not None:
+            for child in list(key.links.values()):
+                self._persist_tree(child)
+
+    def _recheck_persisted(self, key: Key) -> None:
+        """A parent went away or stopped persisting: does ``key`` still hang under a persistent keyring?"""
+        if self._persistent_keyrings.get(key.uid) is key or any(p.persisted for p in key.parents):
+            return
+        key.persisted = False
+        self.journal.on_forget(key.serial)
+        if key.links is not None:
+            for child in list(key.links.values()):
+                if child.persisted:
+                    self._recheck_persisted(child)
+
+    def _journal(self, key: Key) -> None:
+        """A persistent key's metadata or payload changed."""
+        if key.persisted:
+            self.journal.on_store(key)
 
     def _detect_cycle(self, ring: Key, key: Key) -> None:
         """keyring_detect_cycle: would filing keyring ``key`` in ``ring`` make a loop, or nest too deep?
@@ -451,6 +532,8 @@ class KeyStore:
             raise E.ENFILE(f"keyring {ring.serial} is full")
 
     def _check_restriction(self, ring: Key, ktype: T.KeyType, payload: Any) -> None:
+        for check in ADMISSION_CHECKS:
+            check(self, ring, ktype, payload)
         if ring.restriction is not None:
             ring.restriction.check(self, ring, ktype, payload)
 
@@ -669,8 +752,13 @@ class KeyStore:
     # ------------------------------------------------------- adding & update
 
     def add(self, caller: Caller, type_name: str, description: str, payload: bytes, keyring: int,
-            secret: bytes | None = None, perm: int | None = None) -> int:
-        """add_key(2): create, or update in place when the type allows, and link."""
+            secret: bytes | None = None, perm: int | None = None, flags: int = 0) -> int:
+        """add_key(2): create, or update in place when the type allows, and link.
+
+        ``flags`` (NO_EXPORT) are set on the key for good, on an update too.
+        """
+        if flags & ~KEY_FLAGS:
+            raise E.EINVAL("unknown key flags")
         if len(payload) > T.MAX_ADD_PAYLOAD:
             raise E.EINVAL("payload too large")
         T.check_type_name(type_name)
@@ -696,10 +784,11 @@ class KeyStore:
                 if existing is not None and ktype.updatable and not existing.defunct:
                     # find_key_to_update: the key counts as possessed if the keyring is.
                     self._require(caller, existing, self._possessed(caller, ring, ring_possessed), P.WRITE)
+                    existing.flags |= flags
                     self._replace_payload(existing, value, quota_len)
                     value = None
                     return existing.serial
-                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm)
+                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags)
                 value = None
                 return key.serial
         finally:
@@ -707,11 +796,12 @@ class KeyStore:
                 ktype.destroy(value)
 
     def _add_new(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
-                 ring: Key, perm: int | None) -> Key:
+                 ring: Key, perm: int | None, flags: int = 0) -> Key:
         """key_alloc and link, once ``_admit`` has passed: displaces any key with this type and description."""
         ktype.check_description(description)
         key = self._create(ktype, description, caller.cred, ktype.default_perm if perm is None else perm,
                            value, quota_len)
+        key.flags = flags
         try:
             self._link_raw(ring, key)  # no cycle check: a new key holds no keyrings
         except BaseException:  # the link's bytes may not fit once the key itself is charged
@@ -720,8 +810,10 @@ class KeyStore:
         return key
 
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
-                        keyring: int, perm: int | None = None) -> int:
-        """Add a key whose payload the daemon made itself (generated, derived): never an update."""
+                        keyring: int, perm: int | None = None, flags: int = 0) -> int:
+        """Add a key whose payload the daemon made itself (generated, derived, imported): never an update."""
+        if flags & ~KEY_FLAGS:
+            raise E.EINVAL("unknown key flags")
         try:
             with self.lock:
                 ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
@@ -730,12 +822,36 @@ class KeyStore:
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
                 self._admit(ring, ktype, description, value)
-                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm)
+                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags)
                 value = None
                 return key.serial
         finally:
             if value is not None:
                 ktype.destroy(value)
+
+    def add_system_key(self, ktype: T.KeyType, description: str, value: Any, quota_len: int, perm: int,
+                       keyring: Key | None = None) -> Key:
+        """A key the daemon owns itself: uid 0, outside every quota, KEY_FLAG_KEEP (the kernel's system keys).
+
+        Without ``keyring`` it is pinned for the daemon's life (a system
+        keyring); with one it is admitted as any link is (restriction and
+        admission checks, no permissions) and filed there.
+        """
+        with self.lock:
+            if keyring is not None:
+                self._admit(keyring, ktype, description, value)
+            key = self._create(ktype, description, Credentials(0, 0), perm, value, quota_len, quota=NOT_IN_QUOTA)
+            key.keep = True
+            if keyring is None:
+                key.pins += 1
+            else:
+                self._link_raw(keyring, key)
+            return key
+
+    def link_system(self, keyring: Key, key: Key) -> None:
+        """key_link as the daemon itself: every check of a link but the caller's permissions."""
+        with self.lock:
+            self._link_checked(keyring, key)
 
     def _replace_payload(self, key: Key, value: Any, quota_len: int) -> None:
         """The type's update: new payload, new quota, and (user_update) any timeout cleared."""
@@ -744,6 +860,7 @@ class KeyStore:
         self._changed()
         key.expiry = 0.0
         key.type.destroy(old)
+        self._journal(key)
 
     def update(self, caller: Caller, key_id: int, payload: bytes) -> None:
         """KEYCTL_UPDATE: replace an updatable key's payload (at most a page of it)."""
@@ -833,6 +950,8 @@ class KeyStore:
                 raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
             if ring.links.get(key.index) is not key:
                 raise E.ENOENT(f"key {key.serial} is not linked into keyring {ring.serial}")
+            if ring.keep:
+                _kept(key)
             self._unlink_raw(ring, key)
 
     def move(self, caller: Caller, key_id: int, from_ring: int, to_ring: int, exclusive: bool = True) -> None:
@@ -847,6 +966,8 @@ class KeyStore:
                 raise E.ENOTDIR("both ends of a move must be keyrings")
             if src.links.get(key.index) is not key:
                 raise E.ENOENT(f"key {key.serial} is not linked into keyring {src.serial}")
+            if src.keep:
+                _kept(key)
             if dst.revoked:
                 raise E.EKEYREVOKED(f"keyring {dst.serial} has been revoked")
             displaces = key.index in dst.links
@@ -869,6 +990,7 @@ class KeyStore:
             ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
             if ring.links is None:
                 raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            _kept(ring)
             self._empty(ring)
 
     # ------------------------------------------------------------ key state
@@ -880,6 +1002,7 @@ class KeyStore:
                 key, _ = self._lookup(caller, key_id, P.WRITE)
             except E.EACCES:
                 key, _ = self._lookup(caller, key_id, P.SETATTR)
+            _kept(key)
             self._changed()
             key.revoked_at = self.clock()
             if key.links is not None:
@@ -888,11 +1011,13 @@ class KeyStore:
                 key.type.destroy(key.payload)
                 key.payload = None
                 self._reserve(key, 0)
+            self._journal(key)
 
     def invalidate(self, caller: Caller, key_id: int) -> None:
         """KEYCTL_INVALIDATE: search permission; the key is gone from every keyring at once."""
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SEARCH)
+            _kept(key)
             self._changed()
             key.invalidated = True
             self._force_destroy(key)
@@ -903,8 +1028,10 @@ class KeyStore:
             raise E.EINVAL("timeout must not be negative")
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
+            _kept(key)
             self._changed()
             key.expiry = self.clock() + timeout if timeout else 0.0
+            self._journal(key)
 
     # ------------------------------------------------------------ attributes
 
@@ -959,6 +1086,7 @@ class KeyStore:
                 key.uid = uid
             if gid != -1:
                 key.gid = gid
+            self._journal(key)
 
     def setperm(self, caller: Caller, key_id: int, perm: int) -> None:
         """KEYCTL_SETPERM: needs setattr, and ownership unless the caller is root."""
@@ -970,6 +1098,7 @@ class KeyStore:
                 raise E.EACCES("only the owner may change a key's permissions")
             self._changed()
             key.perm = perm
+            self._journal(key)
 
     def restrict_keyring(self, caller: Caller, keyring: int, type_name: str = "", restriction: str = "") -> None:
         """KEYCTL_RESTRICT_KEYRING: no type refuses all further links; a type names its own rule."""
@@ -994,6 +1123,7 @@ class KeyStore:
             if self._restriction_loops(ring, rule):
                 raise E.EDEADLK("restriction would trust the keyring it restricts")
             ring.restriction = rule
+            self._journal(ring)
 
     @staticmethod
     def _restriction_loops(ring: Key, rule: Restriction | None) -> bool:
@@ -1050,6 +1180,140 @@ class KeyStore:
         with self.lock:
             s = self._sessions.get(token)
             return s is not None and s.uid == uid and not s.keyring.dead
+
+    # ------------------------------------------------------ persistent keyrings
+
+    def get_persistent(self, caller: Caller, uid: int, dest: int) -> int:
+        """KEYCTL_GET_PERSISTENT: link a uid's persistent keyring into ``dest``; uid -1 is the caller's own.
+
+        Another uid's needs root (the kernel's CAP_SETUID check).  Made on
+        first use, owned by the uid, outside its quota; each call sets it to
+        expire persistent_keyring_expiry seconds later (persistent.c).
+        Whatever hangs under it persists through the journal.
+        """
+        uid = _id_arg(uid, "uid")
+        if uid == -1:
+            uid = caller.uid
+        elif uid != caller.uid and caller.uid != 0:
+            raise E.EPERM("only root may get another user's persistent keyring")
+        with self.lock:
+            dest_ring, _ = self._lookup(caller, dest, P.WRITE, create=True)
+            if dest_ring.links is None:
+                raise E.ENOTDIR(f"key {dest_ring.serial} is not a keyring")
+            ring = self._persistent_keyring(uid)
+            self._require(caller, ring, True, P.LINK)  # the register's reference counts as possessed
+            self._link_checked(dest_ring, ring)
+            expiry = self.config.persistent_keyring_expiry
+            self._changed()
+            ring.expiry = self.clock() + expiry if expiry else 0.0
+            self._journal(ring)
+            return ring.serial
+
+    def _persistent_keyring(self, uid: int) -> Key:
+        """key_get_persistent's register lookup: a revoked one is passed over and replaced, an expired one revived."""
+        ring = self._persistent_keyrings.get(uid)
+        if ring is not None and ring.defunct:
+            del self._persistent_keyrings[uid]
+            ring.pins -= 1
+            self._maybe_destroy(ring)
+            if ring.persisted:
+                self._recheck_persisted(ring)
+            ring = None
+        if ring is None:
+            ring = self._create(T.KEYRING, f"_persistent.{uid}", Credentials(uid, P.NO_GID), PERSISTENT_KEYRING_PERM,
+                                None, 0, quota=NOT_IN_QUOTA)
+            ring.pins += 1
+            self._persistent_keyrings[uid] = ring
+            self._persist_tree(ring)
+        return ring
+
+    def is_persistent_keyring(self, key: Key) -> bool:
+        with self.lock:
+            return self._persistent_keyrings.get(key.uid) is key
+
+    def restore(self, keys: Iterable[Key], links: Iterable[tuple[int, int]], roots: Iterable[int]) -> list[int]:
+        """Start-up: take back keys a backing store kept, with their serials, links and persistent keyrings.
+
+        Permissions and quotas are not checked again (these keys were admitted
+        once); usage is charged again.  A link that would loop or nest too
+        deep is left out.  Keys that end up under no persistent keyring are
+        dropped; their serials are returned for the caller to report.  Call
+        before serving and before attaching the journal.
+        """
+        with self.lock:
+            restored = []
+            for key in keys:
+                if key.serial in self._keys or not MIN_SERIAL <= key.serial <= MAX_SERIAL:
+                    raise E.EEXIST(f"serial {key.serial} is taken or out of range")
+                self._keys[key.serial] = key
+                restored.append(key)
+                if key.charged:
+                    self._charge(key.uid, 1, key.cost, check=False)
+            for ring_serial, key_serial in links:
+                ring, key = self._keys.get(ring_serial), self._keys.get(key_serial)
+                if ring is None or key is None or ring.links is None or key.index in ring.links:
+                    continue
+                if key.links is not None:
+                    try:
+                        self._detect_cycle(ring, key)
+                    except (E.EDEADLK, E.ELOOP):
+                        continue
+                self._link_raw(ring, key, check_quota=False)
+            for serial in roots:
+                ring = self._keys.get(serial)
+                if ring is not None and ring.links is not None and ring.uid not in self._persistent_keyrings:
+                    ring.pins += 1
+                    self._persistent_keyrings[ring.uid] = ring
+            for ring in self._persistent_keyrings.values():
+                self._persist_tree(ring)
+            orphans = [key.serial for key in restored if not key.persisted]
+            for serial in orphans:
+                key = self._keys.get(serial)
+                if key is not None:
+                    self._force_destroy(key)
+            return orphans
+
+    # ------------------------------------------------------------------ export
+
+    def export_tree(self, caller: Caller, key_id: int) -> tuple[list["Exported"], list[tuple[int, int]]]:
+        """A key, or a keyring and everything under it, copied out for wrapping (never for a reply).
+
+        Returns the keys (the one asked for first) and the links between
+        them as (keyring index, member index).  Every key needs read
+        permission by its mask (possession counts, from the first key down,
+        as in a search); the type's readability does not matter, since a
+        wrapped export is how unreadable keys move.  A key marked NO_EXPORT
+        anywhere in the tree refuses the whole export (EPERM).
+        """
+        with self.lock:
+            top, possessed = self._lookup(caller, key_id)
+            possessed = self._possessed(caller, top, possessed)
+            now = self.clock()
+            index: dict[int, int] = {}
+            out: list[Exported] = []
+            links: list[tuple[int, int]] = []
+
+            def take(key: Key, depth: int) -> int:
+                if key.serial in index:
+                    return index[key.serial]
+                err = key.state_error(now)
+                if err is not None:
+                    raise err
+                self._require(caller, key, possessed, P.READ)
+                if key.flags & NO_EXPORT:
+                    raise E.EPERM(f"key {key.serial} is marked non-exportable")
+                payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
+                index[key.serial] = len(out)
+                out.append(Exported(key.type.name, key.description, key.perm, payload))
+                if key.links is not None:
+                    if depth > MAX_NESTING:
+                        raise E.ELOOP("keyrings nested too deeply")
+                    for member in list(key.links.values()):
+                        links.append((index[key.serial], take(member, depth + 1)))
+                return index[key.serial]
+
+            take(top, 0)
+            return out, links
 
     # ----------------------------------------------------- keys used by serial
 

@@ -438,6 +438,19 @@ class ParsedKey:
             raise E.EOPNOTSUPP("this key has no private half")
         return self._private
 
+    def storage_der(self) -> bytes:
+        """DER that ``parse`` turns back into this key: unencrypted PKCS#8, else the certificate, else the SPKI.
+
+        Only for the daemon's own sealed storage and wrapped exports (the
+        original upload is not kept); never for a reply.
+        """
+        if self._private is not None:
+            return self._private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption())
+        if self.certificate is not None:
+            return self.certificate.public_bytes(serialization.Encoding.DER)
+        return self.spki_der
+
     # -- sizes and option checking -----------------------------------------
 
     def _limits(self) -> PkeyQuery:

@@ -82,6 +82,19 @@ class Op(enum.IntEnum):
     SHM_ATTACH = 70
     SHM_DETACH = 71
     SHM_CIPHER = 72
+    # Trust (docs/trust.md): X.509 path validation against trust keyrings.
+    X509_VERIFY = 80
+    # TLS inside keyden (docs/tls.md): a connected socket goes in, a plaintext socket comes back.
+    TLS_ACCEPT = 90
+    TLS_CONNECT = 91
+    TLS_ESTABLISHED = 92  # never requested: the first frame on the plaintext socket TLS_* pass back
+    # Persistent keyrings and the sealed store (docs/persistence.md).
+    GET_PERSISTENT = 100
+    EXPORT = 101
+    IMPORT = 102
+    REKEY = 103
+    ADD_FLAGS = 104
+    GENKEY_FLAGS = 105
 
 
 class Kind(enum.Enum):
@@ -269,6 +282,24 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.SHM_CIPHER: (Schema(("region", K.U32), ("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES),
                            ("aad", K.BYTES), ("in_offset", K.U64), ("length", K.U64), ("out_offset", K.U64)),
                     Schema(("length", K.U64), ("iv", K.BYTES))),
+    Op.X509_VERIFY: (Schema(("cert", K.I32), ("trust", K.I32), ("chain", K.I32), ("host", K.STR), ("purpose", K.STR),
+                            ("at", K.I64)),
+                     Schema(("serials", K.I32S), ("subjects", K.BYTESLIST))),
+    Op.TLS_ACCEPT: (Schema(_RING, ("client_trust", K.I32), ("flags", K.U32), ("alpn", K.BYTESLIST),
+                           ("timeout_ms", K.U32)), _NONE),
+    Op.TLS_CONNECT: (Schema(("server_hostname", K.STR), ("trust", K.I32), ("identity", K.I32), ("flags", K.U32),
+                            ("alpn", K.BYTESLIST), ("timeout_ms", K.U32)), _NONE),
+    Op.TLS_ESTABLISHED: (_NONE, Schema(("version", K.STR), ("cipher", K.STR), ("server_name", K.STR),
+                                       ("alpn", K.STR), ("peer_subject", K.STR), ("peer_certificate", K.BYTES))),
+    Op.GET_PERSISTENT: (Schema(("uid", K.I64), _RING), Schema(("serial", K.I32))),
+    Op.EXPORT: (Schema(_KEY, ("recipient", K.BYTES), ("recipient_key", K.I32), ("wrapping_key", K.I32)),
+                Schema(("blob", K.BYTES))),
+    Op.IMPORT: (Schema(("blob", K.BYTES), ("unwrap_with", K.I32), _RING, ("flags", K.U32)), Schema(("serial", K.I32))),
+    Op.REKEY: (Schema(("passphrase", K.BYTES)), _NONE),
+    Op.ADD_FLAGS: (Schema(("type", K.STR), ("description", K.STR), ("payload", K.BYTES), _RING, ("secret", K.BYTES),
+                          ("flags", K.U32)), Schema(("serial", K.I32))),
+    Op.GENKEY_FLAGS: (Schema(("spec", K.STR), ("description", K.STR), _RING, ("flags", K.U32)),
+                      Schema(("serial", K.I32))),
 }
 
 ERROR_SCHEMA = Schema(("message", K.STR))
@@ -279,6 +310,13 @@ MOVE_EXCL = 1
 # CIPHER / BATCH / STREAM_INIT / SHM_CIPHER flags.
 DECRYPT = 1  # decrypt (else encrypt); for MAC ops in BATCH: verify against the item's iv field
 RANDOM_NONCE = 2  # AEAD encrypt: keyden picks the nonce and prepends it; decrypt: take it from the front
+
+# Key flags (ADD_FLAGS, GENKEY_FLAGS, IMPORT): set at creation, never cleared.
+NO_EXPORT = 1  # EXPORT refuses the key, and any keyring holding it (EPERM)
+
+# TLS_ACCEPT / TLS_CONNECT flags.
+TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate the client trust keyring accepts
+TLS13_ONLY = 2  # no TLS 1.2
 
 
 def request_schema(op: int) -> Schema:

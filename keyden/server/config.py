@@ -15,10 +15,22 @@ DEFAULT_CONFIG_TEXT = """\
 # keyden daemon configuration (created on first start; every setting optional).
 # socket = "/run/keyden/keyden.sock"
 # max_frame = 16781312          # bytes in one frame body
+# max_connections = 1024        # all uids together (one thread each)
 # max_connections_per_uid = 256
-# idle_timeout = 0              # seconds a silent connection may stay; 0 = forever
+# max_in_flight = 64            # pipelined requests answered before their replies are written
+# handshake_timeout = 10        # seconds a new connection has to send its HELLO
+# idle_timeout = 0              # seconds a connection may stay silent after HELLO; 0 = forever
+# send_timeout = 600            # seconds a reply may wait on a client that does not read; then it is dropped
+# audit = "audit.log"           # JSON lines; relative to the state dir, or "/path", "stderr", "off"
+# audit_max_bytes = 67108864    # rotate the audit file to <file>.1 at this size; 0 = never
 # gc_interval = 5.0             # seconds between garbage-collection sweeps
+# ca_bundle = "/etc/ssl/certs/ca-certificates.crt"  # PEM CAs for .builtin_trusted_keys; "" = none
+# blacklist_file = ""           # lines of 'tbs:<hex>' / 'bin:<hex>' for .blacklist (docs/trust.md)
 # lock_memory = true
+# db_path = "<state_dir>/keys.db"       # persistent keyrings, sealed (docs/persistence.md)
+# master_key_file = "<state_dir>/master.key"
+# passphrase_file = ""                 # derive the master key from a passphrase instead
+# master_key_kernel = ""               # e.g. "keyden:master": also hold it in the kernel keyring
 
 [quota]
 # maxkeys = 200                 # per non-root uid, as the kernel's key.maxkeys
@@ -26,6 +38,7 @@ DEFAULT_CONFIG_TEXT = """\
 # root_maxkeys = 1000000
 # root_maxbytes = 25000000
 # gc_delay = 300                # seconds a revoked or expired key lingers
+# persistent_keyring_expiry = 0     # seconds after the last get_persistent (kernel: 259200); 0 = never
 """
 
 
@@ -37,6 +50,12 @@ def default_socket_path(env: dict[str, str] | None = None) -> str:
     if env.get("XDG_RUNTIME_DIR"):
         return os.path.join(env["XDG_RUNTIME_DIR"], "keyden.sock")
     return "/run/keyden/keyden.sock"
+
+
+def default_ca_bundle() -> str:
+    """The system's CA bundle (Debian's path) if there is one: .builtin_trusted_keys is loaded from it."""
+    path = "/etc/ssl/certs/ca-certificates.crt"
+    return path if os.path.exists(path) else ""
 
 
 def default_state_dir(env: dict[str, str] | None = None) -> str:
@@ -54,11 +73,23 @@ class ServerConfig:
     socket: str = field(default_factory=default_socket_path)
     state_dir: str = field(default_factory=default_state_dir)
     max_frame: int = DEFAULT_MAX_FRAME
+    max_connections: int = 1024
     max_connections_per_uid: int = 256
-    idle_timeout: float = 0.0
+    max_in_flight: int = 64
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 0.0  # long-lived clients (proxies, servers) are normal; the connection caps bound them
+    send_timeout: float = 600.0
+    audit: str = "audit.log"
+    audit_max_bytes: int = 64 * 1024 * 1024
     gc_interval: float = 5.0
     lock_memory: bool = True
     harden: bool = True
+    ca_bundle: str = field(default_factory=default_ca_bundle)
+    blacklist_file: str = ""
+    db_path: str = ""  # persistent keys; default <state_dir>/keys.db
+    master_key_file: str = ""  # default <state_dir>/master.key
+    passphrase_file: str = ""  # derive the master key from this passphrase instead (or $KEYDEN_PASSPHRASE_FILE)
+    master_key_kernel: str = ""  # also hold the master key in root's kernel user keyring under this description
     store: StoreConfig = field(default_factory=StoreConfig)
 
     @property

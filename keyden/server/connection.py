@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Iterator
 
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
+from keyden.server.audit import ConnectionAudit
 from keyden.server.handlers import Context, dispatch
 from keyden.server.peer import Peer
 
@@ -21,16 +23,22 @@ log = logging.getLogger("keyden.connection")
 
 
 class Connection:
-    def __init__(self, store: KeyStore, peer: Peer, max_frame: int = W.DEFAULT_MAX_FRAME):
+    def __init__(self, store: KeyStore, peer: Peer, max_frame: int = W.DEFAULT_MAX_FRAME,
+                 audit: ConnectionAudit | None = None):
         self.store = store
         self.peer = peer
         self.max_frame = max_frame
+        self.audit = audit
         self.decoder = W.FrameDecoder(max_frame)
         self.context: Context | None = None
         self.closed = False
 
     def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> bytes:
         """Feed bytes (and any passed descriptors) from the socket; return the bytes to send back."""
+        return b"".join(self.answers(data, fds))
+
+    def answers(self, data: bytes | memoryview, fds: list[int] | None = None) -> Iterator[bytes]:
+        """Like ``receive``, one response at a time: the caller may write some before the rest are made."""
         if fds:
             if self.context is None or self.closed:
                 for fd in fds:
@@ -38,19 +46,17 @@ class Connection:
             else:
                 self.context.take_fds(fds)
         if self.closed:
-            return b""
+            return
         self.decoder.feed(data)
-        out: list[bytes] = []
         try:
             for frame in self.decoder.frames():
-                out.append(self.handle(frame))
+                yield self.handle(frame)
                 if self.closed:
                     break
         except W.FrameTooLarge as exc:
             log.warning("pid %d: %s; closing", self.peer.pid, exc.message)
-            out.append(W.encode_error(0, 0, exc))
             self.closed = True
-        return b"".join(out)
+            yield W.encode_error(0, 0, exc)
 
     def close(self) -> None:
         """Release what the connection holds (streams, shared regions, descriptors)."""
@@ -61,16 +67,29 @@ class Connection:
     def handle(self, frame: W.Frame) -> bytes:
         if self.context is None:
             return self._hello(frame)
+        args = result = None
         try:
             args = W.request_schema(frame.op).decode(frame.body)
-            return W.encode_response(frame.request_id, frame.op, dispatch(self.context, frame.op, args))
+            result = dispatch(self.context, frame.op, args)
+            reply = W.encode_response(frame.request_id, frame.op, result)
         except E.KeydenError as exc:
-            return W.encode_error(frame.request_id, frame.op, exc)
+            reply, error = W.encode_error(frame.request_id, frame.op, exc), exc.code
         except Exception:  # an internal fault: generic code, details only in our log
             log.exception("pid %d: internal error in op %s", self.peer.pid, frame.op)
-            return W.encode_error(frame.request_id, frame.op, E.EIO("internal error"))
+            reply, error = W.encode_error(frame.request_id, frame.op, E.EIO("internal error")), E.EIO.code
+        else:
+            error = 0
+        if self.audit is not None:
+            self.audit.record(frame.op, args, error, result)
+        return reply
 
     def _hello(self, frame: W.Frame) -> bytes:
+        reply = self._handshake(frame)
+        if self.audit is not None:
+            self.audit.record(W.Op.HELLO, None, W.HEADER.unpack_from(reply)[3])  # the reply's status
+        return reply
+
+    def _handshake(self, frame: W.Frame) -> bytes:
         self.closed = True  # unless the handshake succeeds
         if frame.op != W.Op.HELLO:
             return W.encode_error(frame.request_id, frame.op, E.EPROTO("the first frame must be HELLO"))

@@ -32,6 +32,7 @@ class Context:
     regions: dict[int, Any] = field(default_factory=dict)
     engines: dict[tuple, tuple] = field(default_factory=dict)
     fds: list[int] = field(default_factory=list)
+    out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
     next_handle: int = 1
 
     def new_handle(self) -> int:
@@ -53,12 +54,13 @@ class Context:
         for region in self.regions.values():
             region.close()
         self.regions.clear()
-        for fd in self.fds:
+        for fd in self.fds + self.out_fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.fds.clear()
+        self.out_fds.clear()
 
 
 Handler = Callable[..., tuple]
@@ -77,7 +79,10 @@ def dispatch(ctx: Context, op: int, args: tuple) -> tuple:
         handler = HANDLERS[Op(op)]
     except (ValueError, KeyError):
         raise E.ENOSYS(f"unknown opcode {op}") from None
-    return handler(ctx, *args)
+    try:
+        return handler(ctx, *args)
+    finally:
+        ctx.store.journal.sync()  # what the request changed in persistent keyrings is on disk before the answer
 
 
-from keyden.server.handlers import dataplane, keyctl, pkey, session_keys  # noqa: E402,F401  (registration)
+from keyden.server.handlers import dataplane, keyctl, persist, pkey, session_keys, tls, trust  # noqa: E402,F401  (registration)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyden.core import keytypes as T
@@ -41,16 +43,20 @@ SYMMETRIC_SPECS = ("aes:", "chacha20", "hmac:")
 
 
 @handles(Op.GENKEY)
-def _genkey(ctx, spec, description, keyring):
+@handles(Op.GENKEY_FLAGS)
+def _genkey(ctx, spec, description, keyring, flags=0):
     """A key born inside keyden: asymmetric pairs, or random logon keys for ciphers and MACs."""
     if spec.startswith(SYMMETRIC_SPECS):
         material, hint = symmetric.generate_key(spec)
         logon = T.REGISTRY["logon"]
         value, quota = logon.preparse(material)
-        return (ctx.store.create_internal(ctx.caller, logon, description or f"keyden:{hint}", value, quota, keyring),)
+        # A unique default: a second unnamed key must not displace the first from the keyring.
+        description = description or f"keyden:{hint}-{os.urandom(4).hex()}"
+        return (ctx.store.create_internal(ctx.caller, logon, description, value, quota, keyring, flags=flags),)
     parsed = asymmetric.generate(spec)
     ktype = T.REGISTRY["asymmetric"]
-    return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, parsed.quota_size, keyring),)
+    return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, parsed.quota_size, keyring,
+                                      flags=flags),)
 
 
 @handles(Op.PUBLIC_KEY)

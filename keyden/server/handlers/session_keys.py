@@ -8,8 +8,11 @@ like the kernel's, return their result.
 
 from __future__ import annotations
 
+import os
+
 from keyden import errors as E
 from keyden.core import keytypes as T
+from keyden.core.perm import VALID_MASK
 from keyden.crypto import agreement
 from keyden.protocol import Op
 from keyden.server.handlers import handles
@@ -19,9 +22,17 @@ AGREEING = ("ecdsa", "x25519")
 
 
 def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int, timeout: int) -> int:
-    """Keep derived material as a new logon key; only its serial goes back."""
+    """Keep derived material as a new logon key; only its serial goes back.
+
+    The perm is checked before the key exists, so a bad one leaves nothing
+    behind; the default description is unique, so deriving again never
+    displaces (and destroys) an earlier session key from the keyring.
+    """
+    if perm & ~VALID_MASK:
+        raise E.EINVAL("permission bits outside 0x3f3f3f3f")
     value, quota = LOGON.preparse(material)
-    serial = ctx.store.create_internal(ctx.caller, LOGON, description or "keyden:session", value, quota, keyring)
+    description = description or f"keyden:session-{os.urandom(4).hex()}"
+    serial = ctx.store.create_internal(ctx.caller, LOGON, description, value, quota, keyring)
     if timeout:
         ctx.store.set_timeout(ctx.caller, serial, timeout)
     if perm:

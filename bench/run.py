@@ -1,0 +1,356 @@
+"""keyden's benchmarks: each one timed against a baseline measured in the same run.
+
+    python -m bench.run [--quick] [--only NAME[,NAME]] [--json FILE]
+
+Starts a private daemon, runs every registered benchmark and prints a markdown table.  A benchmark
+is one function registered with ``@benchmark("name")``: it gets a ``Context`` (socket, session,
+timing helpers) and returns a ``Row``.  Ratios are always "higher is better": baseline time /
+keyden time, i.e. keyden's speed as a fraction of the baseline's.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import keyden
+from bench.daemon import REPO, BenchDaemon
+from bench.workers import ClientPool
+
+RATIO_CONVENTION = ("ratio = baseline time / keyden time (= keyden rate / baseline rate): keyden's speed as a "
+                    "fraction of the baseline's, higher is better; met = ratio >= target")
+TABLE_HEADER = ("| benchmark | keyden | in-process baseline | ratio | target | met |\n"
+                "|---|---:|---:|---:|---:|:-:|")
+
+
+class Row(NamedTuple):
+    """One benchmark's result.  A plain 4-tuple (keyden, baseline, unit, target) works too."""
+
+    keyden: float
+    baseline: float
+    unit: str  # a time per operation ("µs") or a rate (anything ending in "/s")
+    target: float  # the ratio keyden must reach
+    note: str = ""  # what the baseline is, when the name does not say
+
+    @property
+    def is_rate(self) -> bool:
+        return self.unit.endswith("/s")
+
+    @property
+    def ratio(self) -> float:
+        return self.keyden / self.baseline if self.is_rate else self.baseline / self.keyden
+
+
+@dataclass(frozen=True)
+class Settings:
+    reps: int  # timed repetitions; every figure is their median
+    rep_seconds: float  # length of one repetition of a call loop
+    round_seconds: float  # length of one round of a client pool
+    warmup_seconds: float  # untimed calls before the repetitions
+    pingpong_round_trips: int  # per repetition of the C ping-pong floor
+
+
+FULL = Settings(reps=7, rep_seconds=0.6, round_seconds=1.0, warmup_seconds=0.3, pingpong_round_trips=20000)
+QUICK = Settings(reps=3, rep_seconds=0.15, round_seconds=0.3, warmup_seconds=0.1, pingpong_round_trips=5000)
+
+
+Sampler = Callable[[], float]  # one timed repetition -> its figure (seconds per call, or a rate)
+
+
+@dataclass
+class Context:
+    """What a benchmark gets: the daemon, a session keyring of the run's own, and timing helpers.
+
+    Figures come from samplers compared with ``paired``, which alternates keyden's repetitions with
+    the baseline's so that load from elsewhere on the machine hits both sides alike.
+    """
+
+    socket: str
+    session: str
+    settings: Settings
+    workdir: str  # a temp dir for build products, removed after the run
+
+    def connect(self) -> keyden.client.sync.Client:
+        return keyden.connect(self.socket, session=self.session)
+
+    def calls(self, fn: Callable[[], object]) -> Sampler:
+        """Seconds per ``fn()``, timed over a batch sized (on first use, the warm-up) to ~rep_seconds."""
+        s = self.settings
+        batch = 0
+
+        def sample() -> float:
+            nonlocal batch
+            if not batch:
+                calls, start = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - start) < s.warmup_seconds or calls < 3:
+                    fn()
+                    calls += 1
+                batch = max(1, round(s.rep_seconds * calls / elapsed))
+                return elapsed / calls
+            t0 = time.perf_counter()
+            for _ in itertools.repeat(None, batch):
+                fn()
+            return (time.perf_counter() - t0) / batch
+        return sample
+
+    def clients(self, n: int, method: str, *args) -> ClientPool:
+        """A pool of ``n`` client processes looping ``client.<method>(*args)``; use as a context manager."""
+        return ClientPool(n, self.socket, self.session, method, args)
+
+    def rounds(self, pool: ClientPool) -> Sampler:
+        """The pool's summed calls per second over one round."""
+        return lambda: pool.round(self.settings.round_seconds)
+
+    def paired(self, keyden_sampler: Sampler, baseline_sampler: Sampler) -> tuple[float, float]:
+        """Medians of alternating repetitions, after one discarded warm-up sample of each."""
+        keyden_sampler(), baseline_sampler()
+        samples = [(keyden_sampler(), baseline_sampler()) for _ in range(self.settings.reps)]
+        return statistics.median(k for k, _ in samples), statistics.median(b for _, b in samples)
+
+
+Benchmark = Callable[[Context], "Row | tuple"]
+#: name -> benchmark, in the order they run.
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def benchmark(name: str) -> Callable[[Benchmark], Benchmark]:
+    def register(fn: Benchmark) -> Benchmark:
+        BENCHMARKS[name] = fn
+        return fn
+    return register
+
+
+# ------------------------------------------------------------------ benchmarks
+
+@benchmark("ping")
+def ping(ctx: Context) -> Row:
+    """A tiny request's round trip vs two processes bouncing 1 byte over a socketpair."""
+    floor, how = pingpong_floor(ctx)
+    with ctx.connect() as c:
+        keyden_s, floor_s = ctx.paired(ctx.calls(lambda: c.ping(b"")), floor)
+    return Row(keyden_s * 1e6, floor_s * 1e6, "µs", 1 / 1.3, how)
+
+
+@benchmark("concurrency")
+def concurrency(ctx: Context) -> Row:
+    """8 client processes doing tiny requests vs 1: does the daemon scale past one client?"""
+    with ctx.clients(8, "ping", b"") as eight, ctx.clients(1, "ping", b"") as one:
+        rate8, rate1 = ctx.paired(ctx.rounds(eight), ctx.rounds(one))
+    return Row(rate8, rate1, "req/s", 3.0, "1 client; keyden: 8 clients")
+
+
+@benchmark("sign-rsa2048")
+def sign_rsa2048(ctx: Context) -> Row:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+    digest = hashlib.sha256(b"keyden benchmark").digest()
+    local = rsa.generate_private_key(65537, 2048)
+    scheme = (padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    with ctx.connect() as c:
+        serial = c.generate("rsa:2048", "bench-rsa2048")
+        keyden_s, local_s = ctx.paired(ctx.calls(lambda: c.pkey_sign(serial, "enc=pkcs1 hash=sha256", digest)),
+                                       ctx.calls(lambda: local.sign(digest, *scheme)))
+    return Row(keyden_s * 1e6, local_s * 1e6, "µs", 0.85, "pyca, 1 thread")
+
+
+@benchmark("sign-ed25519-8")
+def sign_ed25519_8(ctx: Context) -> Row:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    message = bytes(range(64))
+    local = ed25519.Ed25519PrivateKey.generate()
+    with ctx.connect() as c:
+        serial = c.generate("ed25519", "bench-ed25519")
+    with ctx.clients(8, "pkey_sign", serial, "", message) as pool:
+        rate, local_s = ctx.paired(ctx.rounds(pool), ctx.calls(lambda: local.sign(message)))
+    return Row(rate, 1 / local_s, "sig/s", 0.6, "pyca, 1 thread; keyden: 8 clients")
+
+
+@benchmark("tls-handshake")
+def tls_handshake(ctx: Context) -> Row:
+    """Full handshakes (TLS 1.3, ECDSA P-256, no resumption) served by keyden vs by an in-process ssl server."""
+    from bench import tls
+
+    pki = tls.Pki()
+    client_ctx = pki.client_context()
+    with ctx.connect() as c:
+        ring = c.newring("bench-tls-handshake")
+        c.add("asymmetric", "", pki.cert_pem, ring)
+        c.add("asymmetric", "", pki.key_pem, ring)
+        with tls.KeydenServer(c, ring, tls.acknowledge) as ours, \
+                tls.LocalServer(pki.local_context(), tls.acknowledge) as local:
+            keyden_s, local_s = ctx.paired(ctx.calls(lambda: tls.handshake(client_ctx, ours.port)),
+                                           ctx.calls(lambda: tls.handshake(client_ctx, local.port)))
+    return Row(1 / keyden_s, 1 / local_s, "handshakes/s", 0.7, "Python ssl server thread")
+
+
+@benchmark("tls-bulk")
+def tls_bulk(ctx: Context) -> Row:
+    """1 MiB through an established TLS connection: keyden's record layer and socketpair vs in-process ssl."""
+    from bench import tls
+
+    data = os.urandom(1 << 20)
+    pki = tls.Pki()
+    client_ctx = pki.client_context()
+    with ctx.connect() as c:
+        ring = c.newring("bench-tls-bulk")
+        c.add("asymmetric", "", pki.cert_pem, ring)
+        c.add("asymmetric", "", pki.key_pem, ring)
+        with tls.KeydenServer(c, ring, tls.sink(len(data))) as ours, \
+                tls.LocalServer(pki.local_context(), tls.sink(len(data))) as local:
+            to_keyden, to_local = tls.Sender(client_ctx, ours.port, data), tls.Sender(client_ctx, local.port, data)
+            try:
+                keyden_s, local_s = ctx.paired(ctx.calls(to_keyden), ctx.calls(to_local))
+            finally:
+                to_keyden.close()
+                to_local.close()
+    return Row(1 / keyden_s, 1 / local_s, "MiB/s", 0.5, "Python ssl server thread")
+
+
+def pingpong_floor(ctx: Context) -> tuple[Sampler, str]:
+    """Seconds per 1-byte round trip between two processes: bench/pingpong.c, or its Python twin."""
+    n = ctx.settings.pingpong_round_trips
+    here = os.path.dirname(os.path.abspath(__file__))
+    compiler = os.environ.get("CC") or shutil.which("cc")
+    exe = os.path.join(ctx.workdir, "pingpong")
+    built = compiler and subprocess.run([compiler, "-O2", "-o", exe, os.path.join(here, "pingpong.c")],
+                                        capture_output=True).returncode == 0
+    if built:
+        cmd, how = [exe, str(n), "1"], "C floor, cc -O2"
+    else:
+        cmd, how = [sys.executable, "-m", "bench.pingpong", str(n // 4), "1"], "Python floor: no C compiler"
+
+    def sample() -> float:
+        return float(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout) / 1e6
+    return sample, how
+
+
+# ----------------------------------------------------------------- reporting
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    import ssl
+
+    import cryptography
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": cpu or platform.machine(),
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "cryptography": cryptography.__version__,
+        "cryptography OpenSSL": backend.openssl_version_text(),
+        "ssl module OpenSSL": ssl.OPENSSL_VERSION,
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def busy(info: dict[str, str]) -> bool:
+    """Was the machine loaded (1-minute load average over half its CPUs) when the run started?"""
+    return float(info["load average at start"].split()[0]) > int(info["nproc"]) / 2
+
+
+def fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def table_line(name: str, row: Row) -> str:
+    baseline = f"{fmt(row.baseline)} {row.unit}" + (f" ({row.note})" if row.note else "")
+    return (f"| {name} | {fmt(row.keyden)} {row.unit} | {baseline} | {row.ratio:.2f} | ≥ {row.target:.2f} | "
+            f"{'yes' if row.ratio >= row.target else 'NO'} |")
+
+
+def render(info: dict[str, str], results: dict[str, Row | str], quick: bool) -> str:
+    lines = [f"keyden benchmarks{' (quick: figures are rough)' if quick else ''}", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    if busy(info):
+        lines += ["", "WARNING: other work was running on this machine; figures are unreliable."]
+    lines += ["", RATIO_CONVENTION, "", TABLE_HEADER]
+    for name, row in results.items():
+        lines.append(table_line(name, row) if isinstance(row, Row) else f"| {name} | error: {row} | | | | NO |")
+    return "\n".join(lines)
+
+
+def as_json(info: dict[str, str], results: dict[str, Row | str], quick: bool) -> dict:
+    def entry(row: Row | str) -> dict:
+        if not isinstance(row, Row):
+            return {"error": row}
+        return {**row._asdict(), "ratio": row.ratio, "met": row.ratio >= row.target}
+    return {"machine": info, "quick": quick, "ratio": RATIO_CONVENTION,
+            "results": {name: entry(row) for name, row in results.items()}}
+
+
+# ----------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs for a smoke test (< 20 s); rough figures")
+    p.add_argument("--only", help=f"comma-separated benchmarks to run, of: {', '.join(BENCHMARKS)}")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    args.names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(BENCHMARKS)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    return args
+
+
+def run(names: list[str], settings: Settings) -> dict[str, Row | str]:
+    results: dict[str, Row | str] = {}
+    workdir = tempfile.mkdtemp(prefix="keyden-bench-build-")
+    try:
+        with BenchDaemon() as daemon:
+            with keyden.connect(daemon.socket) as boot:
+                _serial, session = boot.join_session()
+            ctx = Context(daemon.socket, session, settings, workdir)
+            for name in names:
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                t0 = time.monotonic()
+                try:
+                    results[name] = Row(*BENCHMARKS[name](ctx))
+                except Exception as exc:
+                    traceback.print_exc()
+                    results[name] = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
+                print(f"  {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = machine()
+    results = run(args.names, QUICK if args.quick else FULL)
+    print(render(info, results, args.quick))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(as_json(info, results, args.quick), f, indent=2)
+            f.write("\n")
+    return 1 if any(not isinstance(r, Row) for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

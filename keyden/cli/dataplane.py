@@ -1,0 +1,395 @@
+"""keyden's own commands for session keys and for data processed by key serial.
+
+Session keys: ``derive`` (ECDH/X25519 then a KDF), ``kdf`` (a key from a
+key), ``pkey_decrypt ... --into`` (RSA key transport) all make a new logon
+key and print only its serial; ``dh_compute*`` are keyctl(1)'s commands and,
+like the kernel's, print their result.  Data: ``aead``, ``cipher``, ``hash``,
+``hmac`` and ``hmac_verify`` read stdin and write stdout in pieces (the
+daemon's STREAM ops), so input of any size works and the key stays inside.
+
+Conventions are commands.py's: handlers take the words after the command
+name, a refused operation is ``<function>: <strerror>`` and status 1, a
+command line that does not fit is the usage and status 2.  Options may come
+anywhere among the words; only the names a command knows are options, so a
+key written as a negative number (-3 is @s) is still a key.
+"""
+
+from __future__ import annotations
+
+import hmac as _hmac
+import itertools
+import os
+import sys
+import tempfile
+from typing import Iterator
+
+from keyden import errors as E
+from keyden.cli.support import (Context, Exit, Usage, call, failure, hex_to_bytes, number, pkey_info, pkey_password,
+                                read_file, read_stdin)
+from keyden.crypto import symmetric
+
+CHUNK = 1 << 20  # bytes per STREAM_UPDATE
+ONE_SHOT_LIMIT = 64 << 20  # AEADs pyca cannot stream (ChaCha20-Poly1305) take the whole input at once
+KEY_OPTIONS = ("--kdf", "--salt", "--info", "--length", "--desc", "--perm", "--timeout")
+KEY_USAGE = ("[--kdf <kdf>] [--salt <hex>] [--info <hex>] [--length <n>] [--desc <desc>] [--perm <mask>] "
+             "[--timeout <secs>]")
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def parse(args: list[str], valued: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """Options anywhere (``--name value`` or ``--name=value``; ``--`` ends them), and the other words in order."""
+    found: dict[str, str | None] = {}
+    words: list[str] = []
+    rest = iter(args)
+    for word in rest:
+        name, eq, value = word.partition("=")
+        if word == "--":
+            words += rest
+            break
+        if name in valued and eq:
+            found[name] = value
+        elif word in valued:
+            found[word] = next(rest, None)
+            if found[word] is None:
+                raise Usage()
+        else:
+            words.append(word)
+    return found, words
+
+
+def expect(words: list[str], *counts: int) -> None:
+    if len(words) not in counts:
+        raise Usage()
+
+
+def hex_arg(text: str) -> bytes:
+    return hex_to_bytes(os.fsencode(text))
+
+
+def new_key_options(opts: dict) -> dict:
+    """client.derive/kdf keyword arguments from --kdf, --salt, --info, --length, --desc, --perm, --timeout."""
+    out: dict[str, object] = {}
+    if "--kdf" in opts:
+        out["kdf"] = opts["--kdf"]
+    for name in ("--salt", "--info"):
+        if name in opts:
+            out[name[2:]] = hex_arg(opts[name])
+    if "--length" in opts:
+        out["length"] = number(opts["--length"], "length", 10)
+    if "--desc" in opts:
+        out["description"] = opts["--desc"]
+    if "--perm" in opts:
+        out["perm"] = number(opts["--perm"], "permissions") & 0xFFFFFFFF
+    if "--timeout" in opts:
+        out["timeout"] = number(opts["--timeout"], "timeout", 10) & 0xFFFFFFFF
+    return out
+
+
+def public_key_file(name: str) -> bytes:
+    """A peer's public key: DER SubjectPublicKeyInfo or a raw point as they are; PEM turned into DER."""
+    data = read_file(name)
+    if data.lstrip().startswith(b"-----BEGIN"):
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError):
+            return data  # the daemon refuses it with EINVAL, as any other bad peer
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return data
+
+
+def stdin_chunks() -> Iterator[bytes]:
+    while True:
+        try:
+            chunk = sys.stdin.buffer.read(CHUNK)
+        except OSError as exc:
+            raise failure("stdin", exc) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def print_result(data: bytes) -> None:
+    """keyctl's dh_compute output: a count line, then the bytes as keyctl read lays them out."""
+    from keyden.cli.commands import hexdump
+
+    print(f"{len(data)} bytes of data in result:")
+    print(hexdump(data))
+
+
+def algorithm(function: str, name: str, kind: str) -> symmetric.AlgorithmSpec:
+    """The named algorithm if it is of this kind; else ENOENT, as the kernel's crypto API says."""
+    return call(function, symmetric.spec, name, kind)
+
+
+class Output:
+    """Where results go: stdout as they come, or a file that appears only once everything succeeded.
+
+    A file is written under a temporary name in its own directory (mode 0600)
+    and renamed over the target at the end, so a decryption whose tag fails
+    leaves neither plaintext nor a truncated file behind.
+    """
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.temp = None
+        if path:
+            try:
+                fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keyden-")
+            except OSError as exc:
+                raise failure(path, exc) from None
+            self.file = os.fdopen(fd, "wb")
+        else:
+            sys.stdout.flush()
+            self.file = sys.stdout.buffer
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self.file.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise failure(self.path or "stdout", exc) from None
+
+    def __enter__(self) -> "Output":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if self.temp is None:
+            self.file.flush()
+            return
+        self.file.close()
+        if exc_type is not None:
+            os.unlink(self.temp)
+            return
+        try:
+            os.replace(self.temp, self.path)
+        except OSError as exc:
+            os.unlink(self.temp)
+            raise failure(self.path, exc) from None
+
+
+# ------------------------------------------------------------- session keys
+
+
+def cmd_derive(ctx: Context, args: list[str]) -> None:
+    opts, words = parse(args, KEY_OPTIONS + ("--peer-file",))
+    peer_file = opts.get("--peer-file")
+    expect(words, 2 if peer_file else 3)
+    private = ctx.key(words[0])
+    peer, peer_key = (public_key_file(peer_file), 0) if peer_file else (b"", ctx.key(words[1]))
+    ring = ctx.key(words[-1])
+    print(call("keyden_derive", ctx.client.derive, private, peer, peer_key=peer_key, keyring=ring,
+               **new_key_options(opts)))
+
+
+def cmd_kdf(ctx: Context, args: list[str]) -> None:
+    opts, words = parse(args, KEY_OPTIONS)
+    expect(words, 2)
+    key, ring = ctx.key(words[0]), ctx.key(words[1])
+    print(call("keyden_kdf", ctx.client.kdf, key, keyring=ring, **new_key_options(opts)))
+
+
+def cmd_dh_compute(ctx: Context, args: list[str]) -> None:
+    expect(args, 3)
+    private, prime, base = (ctx.key(a) for a in args)
+    print_result(call("keyctl_dh_compute_alloc", ctx.client.dh_compute, private, prime, base))
+
+
+def _dh_compute_kdf(ctx: Context, args: list[str], otherinfo: bytes) -> None:
+    private, prime, base = (ctx.key(a) for a in args[:3])
+    length = number(args[3], "length", 10)
+    print_result(call("keyctl_dh_compute_kdf", ctx.client.dh_compute_kdf, private, prime, base, args[4], length,
+                      otherinfo))
+
+
+def cmd_dh_compute_kdf(ctx: Context, args: list[str]) -> None:
+    expect(args, 5)
+    _dh_compute_kdf(ctx, args, b"")
+
+
+def cmd_dh_compute_kdf_oi(ctx: Context, args: list[str]) -> None:
+    """As dh_compute_kdf, with the KDF's OtherInfo read from stdin (hex with -x)."""
+    as_hex = bool(args) and args[0] == "-x"
+    if as_hex:
+        args = args[1:]
+    expect(args, 5)
+    otherinfo = read_stdin()
+    _dh_compute_kdf(ctx, args, hex_to_bytes(otherinfo) if as_hex else otherinfo)
+
+
+def with_decrypt_into(plain):
+    """pkey_decrypt as keyctl's; with ``--into <desc> <keyring>`` at the end, the plaintext (a transported
+    session key) becomes a new logon key instead of output, and its serial is printed."""
+    def cmd_pkey_decrypt(ctx: Context, args: list[str]):
+        if "--into" not in args:
+            return plain(ctx, args)
+        at = args.index("--into")
+        words, into = args[:at], args[at + 1:]
+        if len(words) < 3 or len(into) != 2:
+            raise Usage()
+        info = pkey_info(words[3:])
+        key = ctx.key(words[0])
+        pkey_password(words[1])
+        data = read_file(words[2])
+        ring = ctx.key(into[1])
+        print(call("keyden_pkey_decrypt_into", ctx.client.pkey_decrypt_into, key, info, data, into[0], ring))
+    return cmd_pkey_decrypt
+
+
+# --------------------------------------------------------------------- data
+
+
+def _direction(word: str) -> bool:
+    """True to decrypt."""
+    if word not in ("encrypt", "decrypt"):
+        raise Usage()
+    return word == "decrypt"
+
+
+def _take(chunks: Iterator[bytes], size: int) -> tuple[bytes, Iterator[bytes]]:
+    """The first ``size`` bytes of the input (fewer if it is shorter), and the rest of it."""
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= size:
+            break
+    return head[:size], itertools.chain([head[size:]], chunks)
+
+
+def _bad_message() -> Exit:
+    return failure("keyden_aead", E.EBADMSG())
+
+
+def cmd_aead(ctx: Context, args: list[str]) -> None:
+    """AEAD through keyden.  Without --nonce, encryption lets keyden choose it and writes nonce || ct || tag."""
+    opts, words = parse(args, ("-a", "--aad", "--nonce", "-o"))
+    expect(words, 2)
+    decrypt = _direction(words[0])
+    key = ctx.key(words[1])
+    spec = algorithm("keyden_aead", str(opts.get("-a", "gcm(aes)")), "aead")
+    aad = hex_arg(opts.get("--aad", ""))
+    nonce = hex_arg(opts["--nonce"]) if "--nonce" in opts else None
+    with Output(opts.get("-o")) as out:
+        if spec.name == "gcm(aes)":
+            _aead_stream(ctx, key, spec, nonce, aad, decrypt, out)
+        else:
+            _aead_one_shot(ctx, key, spec, nonce, aad, decrypt, out)
+
+
+def _aead_stream(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: bool, out: Output) -> None:
+    """gcm(aes) in pieces.  Decrypting holds back the last tag_size bytes of the input: they are the tag.
+
+    Plaintext is written before the tag is checked at the end; Output makes
+    that safe for -o files, while stdout readers must wait for our status.
+    """
+    chunks = stdin_chunks()
+    if not decrypt:
+        stream = call("keyden_aead", ctx.client.stream, spec.name, key, iv=nonce or b"", aad=aad,
+                      random_nonce=nonce is None)
+        out.write(stream.nonce)
+        for chunk in chunks:
+            out.write(call("keyden_aead", stream.update, chunk))
+        last, tag = call("keyden_aead", stream.finalize)
+        out.write(last + tag)
+        return
+    if nonce is None:
+        nonce, chunks = _take(chunks, spec.nonce_size)
+        if len(nonce) < spec.nonce_size:
+            raise _bad_message()
+    stream = call("keyden_aead", ctx.client.stream, spec.name, key, iv=nonce, aad=aad, decrypt=True)
+    held = b""
+    for chunk in chunks:
+        held += chunk
+        if len(held) > spec.tag_size:
+            out.write(call("keyden_aead", stream.update, held[:-spec.tag_size]))
+            held = held[-spec.tag_size:]
+    if len(held) < spec.tag_size:
+        raise _bad_message()
+    last, _ = call("keyden_aead", stream.finalize, b"", held)
+    out.write(last)
+
+
+def _aead_one_shot(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: bool, out: Output) -> None:
+    """AEADs that cannot stream: the whole input at once (shared memory carries it when large)."""
+    data = b"".join(_bounded(stdin_chunks(), ONE_SHOT_LIMIT))
+    aead = ctx.client.aead(key, spec.name)
+    if decrypt:
+        if nonce is None:
+            nonce, data = data[:spec.nonce_size], data[spec.nonce_size:]
+        if len(nonce) != spec.nonce_size or len(data) < spec.tag_size:
+            raise _bad_message()
+        out.write(call("keyden_aead", aead.decrypt, nonce, data, aad))
+    elif nonce is None:
+        out.write(call("keyden_aead", aead.encrypt_random, data, aad))
+    else:
+        out.write(call("keyden_aead", aead.encrypt, nonce, data, aad))
+
+
+def _bounded(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise Exit(1, f"keyden_aead: input over {limit >> 20} MiB; only gcm(aes) streams")
+        yield chunk
+
+
+def cmd_cipher(ctx: Context, args: list[str]) -> None:
+    """cbc(aes)/ctr(aes) in pieces, no padding (as the kernel's skcipher): cbc input must be whole blocks."""
+    opts, words = parse(args, ("-a", "--iv", "-o"))
+    expect(words, 2)
+    if "-a" not in opts or "--iv" not in opts:
+        raise Usage()
+    decrypt = _direction(words[0])
+    key = ctx.key(words[1])
+    spec = algorithm("keyden_cipher", str(opts["-a"]), "skcipher")
+    iv = hex_arg(opts["--iv"])
+    stream = call("keyden_cipher", ctx.client.stream, spec.name, key, iv=iv, decrypt=decrypt)
+    with Output(opts.get("-o")) as out:
+        for chunk in stdin_chunks():
+            out.write(call("keyden_cipher", stream.update, chunk))
+        out.write(call("keyden_cipher", stream.finalize)[0])
+
+
+def cmd_hash(ctx: Context, args: list[str]) -> None:
+    expect(args, 1)
+    spec = algorithm("keyden_hash", args[0], "hash")
+    stream = call("keyden_hash", ctx.client.hash, spec.name)
+    for chunk in stdin_chunks():
+        call("keyden_hash", stream.update, chunk)
+    print(call("keyden_hash", stream.finalize)[1].hex())
+
+
+def _mac_of_stdin(ctx: Context, function: str, key_arg: str, alg: str) -> tuple[bytes, int]:
+    """(the MAC of stdin under the key, the algorithm's full tag size)."""
+    key = ctx.key(key_arg)
+    spec = algorithm(function, alg, "hmac")
+    stream = call(function, ctx.client.stream, spec.name, key)
+    for chunk in stdin_chunks():
+        call(function, stream.update, chunk)
+    return call(function, stream.finalize)[1], spec.digest_size
+
+
+def cmd_hmac(ctx: Context, args: list[str]) -> None:
+    opts, words = parse(args, ("-a",))
+    expect(words, 1)
+    print(_mac_of_stdin(ctx, "keyden_hmac", words[0], str(opts.get("-a", "hmac(sha256)")))[0].hex())
+
+
+def cmd_hmac_verify(ctx: Context, args: list[str]) -> int:
+    """Status 0 if the tag is the MAC of stdin, 1 (Bad message) if not; truncated tags are refused (EINVAL)."""
+    opts, words = parse(args, ("-a",))
+    expect(words, 2)
+    expected = hex_arg(words[1])
+    tag, size = _mac_of_stdin(ctx, "keyden_hmac_verify", words[0], str(opts.get("-a", "hmac(sha256)")))
+    if len(expected) != size:
+        raise failure("keyden_hmac_verify", E.EINVAL())
+    if not _hmac.compare_digest(tag, expected):
+        raise failure("keyden_hmac_verify", E.EBADMSG())
+    return 0

@@ -1,0 +1,109 @@
+"""Commands for persistent keyrings and the sealed store: get_persistent, init, rekey, export, import."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from keyden.cli.support import Exit, Usage, call, failure, id32, number, read_file, read_stdin, write_bytes
+
+EXPORT_USAGE = "<key> --to-public-key <key>|<pemfile> [-o <file>]"
+EXPORT_WRAP_USAGE = "<key> --wrapping-key <key> [-o <file>]"
+IMPORT_USAGE = "[--no-export] <blobfile>|- --unwrap-with <key> <keyring>"
+
+
+def cmd_get_persistent(ctx, args):
+    """keyctl get_persistent: link the uid's persistent keyring into <keyring>; print its serial."""
+    if len(args) not in (1, 2):
+        raise Usage()
+    ring = ctx.key(args[0])
+    uid = id32(number(args[1], "uid")) if len(args) == 2 else -1
+    print(call("get_persistent", ctx.client.get_persistent, ring, uid))
+
+
+def cmd_init(ctx, args):
+    """Create the master key and the empty sealed store without starting the daemon (or check an existing one)."""
+    from keyden.cli.serve import add_store_arguments, load_config
+    from keyden.core.store import KeyStore
+    from keyden.persist import StartupError, open_durable, paths
+
+    p = argparse.ArgumentParser(prog="keyden init", description="Create the daemon's master key and key store.")
+    add_store_arguments(p)
+    config = load_config(p.parse_args(args))
+    try:
+        config.prepare_state_dir()
+        journal = open_durable(config, KeyStore(config.store))
+    except StartupError as exc:
+        raise Exit(1, f"keyden: {exc}") from None
+    db_path, key_path = paths(config)
+    unlocked = "a passphrase" if journal.source.source == "passphrase" else key_path
+    journal.close()
+    print(f"key store {db_path} ready (master key: {unlocked})")
+
+
+def cmd_rekey(ctx, args):
+    """Rotate the running daemon's master key (root); a passphrase store takes the new passphrase."""
+    named, rest = _named(args, ("--passphrase-file",), ())
+    if rest:
+        raise Usage()
+    passphrase = b""
+    if "--passphrase-file" in named:
+        passphrase = read_file(named["--passphrase-file"]).rstrip(b"\r\n")
+    call("rekey", ctx.client.rekey, passphrase)
+
+
+def cmd_export(ctx, args):
+    named, rest = _named(args, ("--to-public-key", "--wrapping-key", "-o"), ())
+    if len(rest) != 1 or ("--to-public-key" in named) == ("--wrapping-key" in named):
+        raise Usage()
+    key = ctx.key(rest[0])
+    if "--wrapping-key" in named:
+        blob = call("export", ctx.client.export, key, wrapping_key=ctx.key(named["--wrapping-key"]))
+    else:
+        recipient = named["--to-public-key"]
+        to = read_file(recipient) if os.path.isfile(recipient) else ctx.key(recipient)
+        blob = call("export", ctx.client.export, key, to_public_key=to)
+    if "-o" in named:
+        _write_private(named["-o"], blob)
+    else:
+        write_bytes(blob)
+
+
+def cmd_import(ctx, args):
+    named, rest = _named(args, ("--unwrap-with",), ("--no-export",))
+    if len(rest) != 2 or "--unwrap-with" not in named:
+        raise Usage()
+    blob = read_stdin() if rest[0] == "-" else read_file(rest[0])
+    unwrap, ring = ctx.key(named["--unwrap-with"]), ctx.key(rest[1])
+    print(call("import", ctx.client.import_key, blob, unwrap, ring, no_export="--no-export" in named))
+
+
+def _named(args: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Options anywhere among the words ('--opt value', '--opt=value', flags); the other words in order."""
+    named: dict[str, str] = {}
+    rest: list[str] = []
+    words = iter(args)
+    for word in words:
+        name, eq, value = word.partition("=")
+        if word in flags:
+            named[word] = ""
+        elif name in valued and eq:
+            named[name] = value
+        elif word in valued:
+            value = next(words, None)
+            if value is None:
+                raise Usage()
+            named[word] = value
+        else:
+            rest.append(word)
+    return named, rest
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """A wrapped blob is no secret, but it is nobody else's business either: 0600."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise failure(path, exc) from None

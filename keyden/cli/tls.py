@@ -1,0 +1,188 @@
+"""`keyden tls-proxy`: a TLS-terminating sidecar whose keys never leave keyden.
+
+It does stunnel's or ghostunnel's job without a key file on disk: each TCP
+connection accepted on ``--listen`` goes to keyden with ``tls_accept`` (the
+certificate chosen by SNI among those in ``--keyring``; client certificates
+checked against ``--client-trust``), and the plaintext socket keyden hands
+back is spliced to ``--forward`` (``HOST:PORT`` or ``unix:/path``).  One
+thread per connection: a slow peer holds only its own thread, its handshake
+bounded by ``--handshake-timeout``; past ``--max-connections`` new
+connections are closed at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+
+from keyden import errors as E
+from keyden.cli.support import Exit
+
+CHUNK = 64 * 1024
+
+
+def cmd_tls_proxy(ctx, args) -> int:
+    opts = _parse(args)
+    listen = _address(opts.listen, "--listen")
+    forward = opts.forward if opts.forward.startswith("unix:") else _address(opts.forward, "--forward")
+    tls_options = {"client_trust": ctx.key(opts.client_trust) if opts.client_trust else 0,
+                   "require_client_cert": opts.require_client_cert,
+                   "alpn": [p for p in opts.alpn.split(",") if p] if opts.alpn else None,
+                   "handshake_timeout": opts.handshake_timeout}
+    keyring = ctx.key(opts.keyring)
+    client = ctx.client
+    _preflight(client, keyring, tls_options)
+    try:
+        listener = socket.create_server(listen, family=_family(listen[0]), backlog=128)
+    except OSError as exc:
+        raise Exit(1, f"tls-proxy: cannot listen on {opts.listen}: {exc.strerror}") from None
+    host, port = listener.getsockname()[:2]
+    print(f"tls-proxy: listening on {host}:{port}, forwarding to {opts.forward}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections)
+    try:
+        proxy.run(listener)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+    return 1 if proxy.lost_keyden else 0
+
+
+def _parse(args: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="keyden tls-proxy",
+                                description="Terminate TLS with keys held in keyden; forward the plaintext.")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where to accept TLS connections")
+    p.add_argument("--keyring", required=True, help="keyring holding the certificates and their private keys")
+    p.add_argument("--forward", required=True, metavar="HOST:PORT|unix:/path", help="where the plaintext goes")
+    p.add_argument("--client-trust", metavar="RING", help="keyring of CAs client certificates must chain to")
+    p.add_argument("--require-client-cert", action="store_true", help="refuse clients without a certificate")
+    p.add_argument("--alpn", metavar="P1,P2", help="ALPN protocols offered, in preference order")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--max-connections", type=int, default=256)
+    try:
+        return p.parse_args(args)
+    except SystemExit as exc:  # argparse has printed the usage or the help
+        raise Exit(2 if exc.code else 0) from None
+
+
+def _preflight(client, keyring: int, tls_options: dict) -> None:
+    """Fail at start, not at the first connection, if keyden refuses the keyrings or options.
+
+    A tls_accept on a socket whose peer is already gone: its request is checked in full, and the
+    handshake then ends at once with ECONNRESET.
+    """
+    probe, gone = socket.socketpair()
+    gone.close()
+    try:
+        client.tls_accept(probe, keyring, **tls_options)
+    except E.ECONNRESET:
+        pass
+    except E.KeydenError as exc:
+        raise Exit(1, f"tls-proxy: keyden refuses this configuration: {exc.message or exc.strerror()}") from None
+    finally:
+        probe.close()
+
+
+def _address(text: str, option: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit():
+        raise Exit(2, f"tls-proxy: {option} takes HOST:PORT, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class _Proxy:
+    def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int):
+        self.client = client
+        self.keyring = keyring
+        self.tls_options = tls_options
+        self.forward = forward
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.lost_keyden = False
+
+    def run(self, listener: socket.socket) -> None:
+        while not self.lost_keyden:
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                if self.lost_keyden:
+                    return
+                raise
+            if not self.slots.acquire(blocking=False):
+                _report(peer, "too many connections; closed")
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
+        try:
+            try:
+                plain, _info = self.client.tls_accept(conn, self.keyring, **self.tls_options)
+            except E.KeydenError as exc:
+                conn.close()
+                _report(peer, exc.message or exc.strerror())
+                if isinstance(exc, E.ECONNRESET) and not self._keyden_answers():
+                    self.lost_keyden = True  # the daemon is gone: stop accepting, exit 1
+                    listener.shutdown(socket.SHUT_RDWR)
+                return
+            try:
+                upstream = self._connect_forward()
+            except OSError as exc:
+                plain.close()
+                where = self.forward if isinstance(self.forward, str) else "%s:%d" % self.forward
+                _report(peer, f"cannot reach {where}: {exc.strerror}")
+                return
+            splice(plain, upstream)
+        finally:
+            self.slots.release()
+
+    def _keyden_answers(self) -> bool:
+        try:
+            self.client.ping(b"")
+            return True
+        except E.KeydenError:
+            return False
+
+    def _connect_forward(self) -> socket.socket:
+        if isinstance(self.forward, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.forward[len("unix:"):])
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        return socket.create_connection(self.forward)
+
+
+def splice(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways until both ends are done, passing each end-of-file on as a half-close."""
+    def copy(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(CHUNK):
+                dst.sendall(chunk)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:  # one side broke: end both directions
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    back = threading.Thread(target=copy, args=(b, a), daemon=True)
+    back.start()
+    copy(a, b)
+    back.join()
+    a.close()
+    b.close()
+
+
+def _report(peer, what: str) -> None:
+    print(f"tls-proxy: {peer[0]}:{peer[1]}: {what}", file=sys.stderr, flush=True)

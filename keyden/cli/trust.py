@@ -1,0 +1,66 @@
+"""keyden's own trust commands: ``x509_verify`` (path validation by the daemon) and ``x509_hashes``.
+
+Restrictions and the blacklist need no commands of their own: they are
+keyctl's ``restrict_keyring RING asymmetric key_or_keyring:SERIAL[:chain]``
+and ``padd blacklist tbs:<hex> %:.blacklist < /dev/null``.  ``x509_hashes``
+prints the two blacklist descriptions of a key, ready for the latter.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from keyden import errors as E
+from keyden.cli.dataplane import parse
+from keyden.cli.support import Context, Exit, Usage, call
+
+PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so other commands start fast
+
+
+def unix_time(text: str) -> int:
+    """--at: Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise Exit(2, f"Unparsable time: '{text}' (use Unix seconds or ISO 8601)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    seconds = int(when.timestamp())
+    if seconds < 0:
+        raise Exit(2, f"Time before 1970: '{text}'")
+    return seconds
+
+
+def cmd_x509_verify(ctx: Context, args: list[str]):
+    opts, words = parse(args, ("--chain", "--host", "--purpose", "--at"))
+    if len(words) != 2:
+        raise Usage()
+    purpose = opts.get("--purpose", "")
+    if purpose not in PURPOSES:
+        raise Exit(2, f"Unknown purpose: '{purpose}' (use server or client)")
+    cert, trusted = ctx.key(words[0]), ctx.key(words[1])
+    chain = ctx.key(opts["--chain"]) if "--chain" in opts else 0
+    at = unix_time(opts["--at"]) if "--at" in opts else 0
+    try:
+        path = ctx.client.x509_verify(cert, trusted, chain, host=opts.get("--host", ""), purpose=purpose, at=at)
+    except E.KeydenError as exc:
+        raise Exit(1, f"x509_verify: {exc.message}") from None
+    print("OK")
+    for serial, subject in path:
+        print(f"{serial:9d} {subject}")
+
+
+def cmd_x509_hashes(ctx: Context, args: list[str]):
+    if len(args) != 1:
+        raise Usage()
+    key = ctx.key(args[0])
+    spki, der = call("x509_hashes", ctx.client.public_key_bytes, key)
+    from cryptography import x509
+
+    from keyden.crypto.x509 import blacklist_descriptions
+
+    cert = x509.load_der_x509_certificate(der) if der else None
+    for description in blacklist_descriptions(cert, spki):
+        print(description)

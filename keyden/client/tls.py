@@ -1,0 +1,148 @@
+"""TLS through keyden, client side: hand over a connected socket, get a plaintext socket back.
+
+``client.tls_accept(sock, keyring)`` (a TLS server) and
+``client.tls_connect(sock, server_hostname, trust=ring)`` (a TLS client)
+pass the socket to keyden, which runs the handshake and the record layer
+with keys that never leave it, and return ``(plaintext_socket, TlsInfo)``.
+Only the short request holds the client's connection: the handshake's
+outcome arrives as the first frame on the plaintext socket, so threads
+sharing one client wait on their own sockets.  See docs/tls.md.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from dataclasses import dataclass
+
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.client.operations import Ref
+from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
+from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
+
+OUTCOME_GRACE = 5.0  # beyond the handshake timeout: the daemon's own timer fires first
+MAX_OUTCOME = 1 << 20
+ANCILLARY_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize * 4)
+
+
+@dataclass(frozen=True)
+class TlsInfo:
+    """What the handshake settled.  ``server_name``: the SNI asked for (server) or sent (client)."""
+
+    version: str
+    cipher: str
+    server_name: str
+    alpn: str
+    peer_subject: str  # RFC 4514; empty when the peer sent no certificate
+    peer_certificate: bytes  # DER; empty when none
+
+    def certificate(self):
+        """The peer's certificate as a pyca object, or None."""
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(self.peer_certificate) if self.peer_certificate else None
+
+
+def accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: bool = False,
+           alpn: list[str] | None = None, min_version: str = "1.2",
+           handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> tuple[socket.socket, TlsInfo]:
+    """Serve TLS on the connected ``sock`` with a certificate and key from ``keyring`` (chosen by SNI).
+
+    ``client_trust``: a keyring whose certificates client certificates must chain to (mTLS);
+    ``require_client_cert`` refuses clients without one.  Once keyden has taken ``sock`` it is
+    closed here; if the request is refused it stays open and the caller's.
+    """
+    flags = _version_flag(min_version) | (TLS_REQUIRE_CLIENT_CERT if require_client_cert else 0)
+    args = (Ref(keyring), Ref(client_trust) if client_trust else 0, flags, _alpn(alpn), _ms(handshake_timeout))
+    return _hand_over(client, Op.TLS_ACCEPT, args, sock, handshake_timeout)
+
+
+def connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: list[str] | None = None,
+            min_version: str = "1.2", handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+            ) -> tuple[socket.socket, TlsInfo]:
+    """Speak TLS to the server at the other end of ``sock``, checking its certificate for ``server_hostname``.
+
+    ``trust``: the keyring whose certificates are the accepted CAs; ``identity``: a keyring
+    holding a client certificate and its private key, for servers that ask for one.
+    """
+    args = (server_hostname, Ref(trust), Ref(identity) if identity else 0, _version_flag(min_version), _alpn(alpn),
+            _ms(handshake_timeout))
+    return _hand_over(client, Op.TLS_CONNECT, args, sock, handshake_timeout)
+
+
+def _version_flag(min_version: str) -> int:
+    if min_version not in ("1.2", "1.3"):
+        raise E.EINVAL("min_version is '1.2' or '1.3'")
+    return TLS13_ONLY if min_version == "1.3" else 0
+
+
+def _alpn(alpn: list[str] | None) -> list[bytes]:
+    if isinstance(alpn, str):
+        raise E.EINVAL("alpn is a list of protocol names")
+    return [p.encode("ascii") if isinstance(p, str) else bytes(p) for p in alpn or ()]
+
+
+def _ms(seconds: float) -> int:
+    if not 0 < seconds <= MAX_HANDSHAKE_TIMEOUT:
+        raise E.EINVAL(f"handshake_timeout is 0..{MAX_HANDSHAKE_TIMEOUT:g} seconds")
+    return max(1, round(seconds * 1000))
+
+
+def _hand_over(client, op: Op, args: tuple, sock, timeout: float) -> tuple[socket.socket, TlsInfo]:
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    _values, received = client._call_trading_fds(op, client._resolve(args), [fd])
+    if isinstance(sock, int):
+        os.close(sock)
+    else:
+        sock.close()
+    if len(received) != 1:
+        for extra in received:
+            os.close(extra)
+        raise E.EPROTO(f"keyden passed back {len(received)} descriptors, not one socket")
+    plain = socket.socket(fileno=received[0])
+    try:
+        return plain, established(plain, timeout + OUTCOME_GRACE)
+    except BaseException:
+        plain.close()
+        raise
+
+
+def established(plain: socket.socket, timeout: float) -> TlsInfo:
+    """Read the first frame on a plaintext socket: what was negotiated, or why the handshake failed."""
+    plain.settimeout(timeout)
+    try:
+        length, _rid, op, status = W.HEADER.unpack(_read_exactly(plain, W.HEADER_SIZE))
+        if op != Op.TLS_ESTABLISHED or length > MAX_OUTCOME:
+            raise E.EPROTO("the plaintext socket did not start with TLS_ESTABLISHED")
+        body = _read_exactly(plain, length)
+    except socket.timeout:
+        raise E.ETIMEDOUT("no word from keyden about the TLS handshake") from None
+    except OSError as exc:
+        raise E.ECONNRESET(f"keyden closed the plaintext socket: {exc}") from None
+    plain.settimeout(None)
+    if status:
+        raise E.error_for_code(status, W.decode_error(body))
+    return TlsInfo(*W.response_schema(Op.TLS_ESTABLISHED).decode(body))
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))  # never more than asked: what follows is the application's
+        if not chunk:
+            raise ConnectionResetError("end of stream before the first frame was whole")
+        buf += chunk
+    return bytes(buf)
+
+
+def receive_with_fds(sock: socket.socket, view: memoryview, received: list[int]) -> int:
+    """recv_into that also keeps descriptors passed with the bytes (SCM_RIGHTS), close-on-exec."""
+    n, ancdata, _flags, _addr = sock.recvmsg_into([view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            received.extend(fds)
+    return n

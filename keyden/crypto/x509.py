@@ -1,0 +1,230 @@
+"""X.509 trust decisions: who signed a certificate, blacklist hashes, path validation.
+
+Pure code: no key store, no sockets.  Signatures are checked by pyca
+(``public_key.verify`` over the certificate's TBS bytes with the padding and
+hash the certificate names) and paths are validated by pyca's
+``cryptography.x509.verification`` (RFC 5280 / CA-Browser-Forum profile);
+this module only picks candidates, words reasons, and maps failures onto
+keyden's errno classes.  Messages name subjects, never key material.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import re
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509 import verification as V
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from keyden import errors as E
+
+__all__ = ["PURPOSES", "tbs_hash", "bin_hash", "blacklist_descriptions", "signed_by", "signer_candidates",
+           "subject_of", "validate"]
+
+PURPOSES = ("server", "client", "")
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+#: Hashes a certificate signature may use: SHA-1 and MD5 are collision-broken, so never accepted.
+_SIGNATURE_HASHES = (hashes.SHA224, hashes.SHA256, hashes.SHA384, hashes.SHA512,
+                     hashes.SHA3_256, hashes.SHA3_384, hashes.SHA3_512)
+
+
+# ---------------------------------------------------------------------------
+# blacklist hashes (the kernel's "tbs:" and "bin:" descriptions)
+
+
+def tbs_hash(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the to-be-signed part: what the kernel's "tbs:" blacklist entries name."""
+    return hashlib.sha256(cert.tbs_certificate_bytes).digest()
+
+
+def bin_hash(cert: x509.Certificate | None, spki_der: bytes = b"") -> bytes:
+    """SHA-256 of the whole DER certificate, or of the SubjectPublicKeyInfo for a bare key ("bin:")."""
+    blob = cert.public_bytes(serialization.Encoding.DER) if cert is not None else spki_der
+    return hashlib.sha256(blob).digest()
+
+
+def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"") -> list[str]:
+    """Every blacklist description that would refuse this certificate (or bare key)."""
+    names = [f"tbs:{tbs_hash(cert).hex()}"] if cert is not None else []
+    return names + [f"bin:{bin_hash(cert, spki_der).hex()}"]
+
+
+# ---------------------------------------------------------------------------
+# who signed a certificate
+
+
+def signed_by(cert: x509.Certificate, public_key) -> bool:
+    """Does ``public_key`` verify ``cert``'s signature, with the padding and hash the certificate names?"""
+    params = cert.signature_algorithm_parameters
+    tbs, sig = cert.tbs_certificate_bytes, cert.signature
+    try:
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            if params is not None:
+                return False
+            public_key.verify(sig, tbs)
+            return True
+        algorithm = cert.signature_hash_algorithm
+        if not isinstance(algorithm, _SIGNATURE_HASHES):
+            return False
+        if isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(sig, tbs, params, algorithm)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            if not isinstance(params, ec.ECDSA):
+                return False
+            public_key.verify(sig, tbs, params)
+        else:
+            return False
+        return True
+    except (InvalidSignature, TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+
+
+def _authority_key_id(cert: x509.Certificate) -> x509.AuthorityKeyIdentifier | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError:  # a malformed extension names no authority
+        return None
+
+
+def _names_issuer(akid: x509.AuthorityKeyIdentifier | None, cert: x509.Certificate, key_ids: Sequence[bytes],
+                  candidate: x509.Certificate | None) -> bool:
+    """Does the authority information in ``cert`` point at this candidate key?
+
+    As the kernel's asymmetric key ids: the AKID's key identifier against the
+    candidate's ids (its SPKI hash and SKID), else the AKID's issuer and
+    serial against the candidate certificate's, else, with no AKID at all,
+    the issuer name against the candidate certificate's subject.
+    """
+    if akid is not None and akid.key_identifier:
+        return akid.key_identifier in key_ids
+    if candidate is None:
+        return False
+    if akid is not None and akid.authority_cert_serial_number is not None and akid.authority_cert_issuer:
+        issuers = [n.value for n in akid.authority_cert_issuer if isinstance(n, x509.DirectoryName)]
+        return (candidate.serial_number == akid.authority_cert_serial_number
+                and candidate.issuer in issuers)
+    return candidate.subject == cert.issuer
+
+
+def signer_candidates(cert: x509.Certificate, keys: Iterable) -> list:
+    """The keys (ParsedKey-like: ``key_ids``, ``certificate``) that ``cert`` names as its issuer, in order."""
+    akid = _authority_key_id(cert)
+    return [k for k in keys if _names_issuer(akid, cert, k.key_ids, k.certificate)]
+
+
+# ---------------------------------------------------------------------------
+# path validation
+
+
+def subject_of(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+def _eku_validator(purpose_oid):
+    """An EKU check for paths validated without a host: present EKUs must allow ``purpose_oid``."""
+    def check(policy, cert, eku):
+        if eku is not None and purpose_oid not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+            raise ValueError("wrong purpose")
+    return check
+
+
+def _subject(host: str):
+    """What a server certificate must name: an IP address, else a DNS name (RFC 1034 labels)."""
+    try:
+        return V.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if len(host) > 253 or not _DNS_NAME.fullmatch(host):
+        raise E.EINVAL(f"{host[:64]!r} is neither a DNS name nor an IP address")
+    return V.DNSName(host)
+
+
+def _verifier(anchors: list[x509.Certificate], at: datetime.datetime, subject, purpose: str):
+    """pyca's verifier for this purpose: server (serverAuth EKU), client (clientAuth EKU) or any."""
+    builder = V.PolicyBuilder().store(V.Store(anchors)).time(at)
+    if purpose == "server" and subject is not None:
+        return builder.build_server_verifier(subject)
+    if purpose == "client":
+        return builder.build_client_verifier()
+    # Server without a host, or any purpose: the EKU rule replaced, the name checked only if given
+    # (and, for any purpose, no subjectAltName required).
+    eku = None if purpose == "" else _eku_validator(ExtendedKeyUsageOID.SERVER_AUTH)
+    ca_policy, ee_policy = (base().may_be_present(x509.ExtendedKeyUsage, V.Criticality.AGNOSTIC, eku)
+                            for base in (V.ExtensionPolicy.webpki_defaults_ca, V.ExtensionPolicy.webpki_defaults_ee))
+    if purpose == "" and subject is None:
+        ee_policy = ee_policy.may_be_present(x509.SubjectAlternativeName, V.Criticality.AGNOSTIC, None)
+    builder = builder.extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+    if subject is not None:
+        return builder.build_server_verifier(subject)
+    return builder.build_client_verifier()
+
+
+def _reason(message: str, host: str, purpose: str) -> str:
+    """pyca's VerificationError text, reworded where it has a plain meaning (it names subjects only)."""
+    if "no matching subjectAltName" in message:
+        return f"hostname mismatch: the certificate is not valid for {host[:253]}"
+    if "required EKU not found" in message or "wrong purpose" in message:
+        return f"wrong purpose: the certificate's extended key usage does not allow {purpose} use"
+    if "2.5.29.17: Certificate is missing required extension" in message:
+        return "no subjectAltName: the certificate names no host or identity"
+    if "signature does not match" in message:
+        return "bad signature: the issuer's key did not sign the certificate"
+    if "all candidates exhausted with no interior errors" in message:
+        return "unknown issuer: no trusted certificate issued it"
+    if "not valid at validation time" in message:
+        return "a certificate in the chain is expired or not yet valid"
+    return message.removeprefix("validation failed: ")
+
+
+def _time_reason(cert: x509.Certificate, at: datetime.datetime) -> str | None:
+    if at < cert.not_valid_before_utc:
+        return f"certificate is not yet valid (valid from {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ})"
+    if at > cert.not_valid_after_utc:
+        return f"certificate has expired (valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+    return None
+
+
+def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermediates: list[x509.Certificate],
+             at: float, host: str = "", purpose: str = "") -> list[x509.Certificate]:
+    """The validated chain, leaf first and trust anchor last; EKEYREJECTED with the reason if there is none.
+
+    ``at`` is a Unix time.  ``purpose`` is "server", "client" or "" (any);
+    ``host`` (a DNS name or IP address) is checked against the leaf's
+    subjectAltName.  Algorithms and extensions follow pyca's Web PKI
+    profile (so Ed25519 and SHA-1 certificates do not validate).
+    """
+    if purpose not in PURPOSES:
+        raise E.EINVAL("purpose must be 'server', 'client' or empty")
+    if purpose == "client" and host:
+        raise E.EINVAL("a host name applies to server certificates only")
+    subject = _subject(host) if host else None
+    try:
+        when = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise E.EINVAL("time out of range") from None
+    too_early_or_late = _time_reason(leaf, when)
+    if too_early_or_late:
+        raise E.EKEYREJECTED(too_early_or_late)
+    if not anchors:
+        raise E.EKEYREJECTED("unknown issuer: the trust keyring holds no usable certificates")
+    try:
+        verifier = _verifier(anchors, when, subject, purpose)
+    except ValueError:
+        raise E.EINVAL(f"{host[:64]!r} is not a host name pyca accepts") from None
+    try:
+        result = verifier.verify(leaf, intermediates)
+    except V.VerificationError as exc:
+        raise E.EKEYREJECTED(_reason(str(exc), host, purpose)) from None
+    except ValueError:  # pyca refusing an extension it cannot decode
+        raise E.EKEYREJECTED("a certificate in the chain is malformed") from None
+    return list(result.chain if isinstance(result, V.VerifiedClient) else result)

@@ -1,0 +1,98 @@
+"""The SQLite file: WAL mode, every commit synced (synchronous=FULL), one connection behind a lock.
+
+Two tables: ``meta`` (name -> value: source, salt, check value) and
+``keys`` (one row per persisted key, see ``records``).  A write is one
+transaction holding whole operations, so a crash leaves either all of an
+operation's changes or none.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from typing import Iterable, Iterator
+
+from keyden.persist.master import StartupError
+from keyden.persist.records import COLUMNS, Row
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    serial INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    description TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    perm INTEGER NOT NULL,
+    expiry REAL NOT NULL,
+    flags INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    revoked_at REAL,
+    ctime REAL NOT NULL,
+    quota_len INTEGER NOT NULL,
+    sealed BLOB NOT NULL
+);
+"""
+_UPSERT = f"INSERT OR REPLACE INTO keys ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+class Database:
+    def __init__(self, path: str):
+        self.path = path
+        _create_private(path)
+        try:
+            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StartupError(f"{path}: cannot switch to WAL mode (got {mode})")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            verdict = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise StartupError(f"{path} is damaged ({verdict}); refusing to start")
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StartupError(f"{path} is not a usable key database: {exc}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def meta(self) -> dict[str, bytes]:
+        return {name: bytes(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+
+    def is_empty(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is None
+
+    def rows(self) -> Iterator[Row]:
+        """Every stored row, as stored (types unchecked: ``records.open_row`` judges them)."""
+        for values in self.conn.execute(f"SELECT {', '.join(COLUMNS)} FROM keys ORDER BY rowid"):
+            yield Row(*values)
+
+    def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None) -> None:
+        """One transaction; on disk (WAL synced) when this returns."""
+        cur = self.conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany("DELETE FROM keys WHERE serial = ?", [(s,) for s in deletes])
+            cur.executemany(_UPSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in upserts])
+            if meta:
+                cur.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(meta.items()))
+            cur.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+
+def _create_private(path: str) -> None:
+    """Make the file 0600 before SQLite does (its -wal and -shm files copy the database's mode)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot open the key database {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StartupError(f"the key database {path} is not a regular file")
+    finally:
+        os.close(fd)

@@ -1,0 +1,224 @@
+"""Wrapped exports: a key (or a keyring tree) sealed to a recipient, never in the clear.
+
+Blob layout (all lengths little-endian)::
+
+    "KDNX" | version u8 (1) | mode u8 | u16 length | mode field | nonce (12) | AES-256-GCM ciphertext+tag
+
+The header (everything before the nonce) is the associated data.  The
+content key depends on the mode:
+
+- 1 X25519 and 2 ECDH (P-256/P-384): a fresh ephemeral key pair; the mode
+  field is its public key (raw, or an uncompressed point); content key =
+  HKDF-SHA256(shared secret, info = label | ephemeral public | recipient SPKI).
+- 3 RSA-OAEP: a random content key, OAEP(SHA-256, label) encrypted to the
+  recipient; the mode field is that ciphertext.
+- 4 wrapping key: a key held in keyden (logon, at least 16 bytes); the mode
+  field is a random salt; content key = HKDF-SHA256(wrapping key, salt, info = label).
+
+The plaintext is the tree: protocol ``Schema`` encodings of each key (type,
+description, perm, payload; an asymmetric key as DER from
+``storage_der``) and the links between them as (keyring index, member index)
+pairs, the exported key first.  Every failure to open (wrong key, any bit
+changed) is the same EBADMSG.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keyden import errors as E
+from keyden.core.store import Exported
+from keyden.crypto import asymmetric
+from keyden.protocol import Kind as K
+from keyden.protocol import Schema
+
+MAGIC = b"KDNX\x01"
+X25519, ECDH, RSA_OAEP, WRAPPING_KEY = 1, 2, 3, 4
+LABEL = b"keyden export v1"
+NONCE = 12
+MIN_WRAPPING_KEY = 16
+MAX_ENTRIES = 100000
+
+ENTRY = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES))
+TREE = Schema(("entries", K.BYTESLIST), ("links", K.I32S))
+_HEADER = struct.Struct("<5sBH")
+
+
+@dataclass
+class Entry:
+    """One key to make again on import."""
+
+    type: str
+    description: str
+    perm: int
+    payload: bytes
+
+    def __repr__(self) -> str:
+        return f"<Entry {self.type}:{self.description!r}>"
+
+
+# ------------------------------------------------------------------ the tree
+
+
+def encode_tree(keys: list[Exported], links: list[tuple[int, int]]) -> bytes:
+    entries = []
+    for key in keys:
+        if key.payload is None:
+            payload = b""
+        elif isinstance(key.payload, (bytes, bytearray)):
+            payload = bytes(key.payload)
+        else:
+            payload = key.payload.storage_der()
+        entries.append(ENTRY.encode((key.type, key.description, key.perm, payload)))
+    return TREE.encode((entries, [i for pair in links for i in pair]))
+
+
+def decode_tree(plaintext: bytes) -> tuple[list[Entry], list[tuple[int, int]]]:
+    """The entries and links, checked: every link between existing entries, from a keyring, and every entry
+    but the first reachable from it.  Anything else is EBADMSG."""
+    try:
+        raw_entries, flat = TREE.decode(plaintext)
+        entries = [Entry(*ENTRY.decode(raw)) for raw in raw_entries]
+    except E.EPROTO:
+        raise E.EBADMSG("the export's contents are malformed") from None
+    if not entries or len(entries) > MAX_ENTRIES or len(flat) % 2:
+        raise E.EBADMSG("the export's contents are malformed")
+    links = list(zip(flat[0::2], flat[1::2]))
+    reached = {0}
+    for ring, member in links:
+        if not (0 <= ring < len(entries) and 0 < member < len(entries)) or entries[ring].type != "keyring":
+            raise E.EBADMSG("the export links keys that are not there")
+        reached.add(member)
+    if len(reached) != len(entries) or len(set(links)) != len(links):
+        raise E.EBADMSG("the export's keys do not form one tree")
+    return entries, links
+
+
+# ------------------------------------------------------------------ wrapping
+
+
+def recipient_key(data: bytes):
+    """A recipient's public key from PEM or DER (SPKI, certificate, or a private key's public half)."""
+    return _encryption_key(asymmetric.parse(data).public_key)
+
+
+def _encryption_key(public):
+    if isinstance(public, (x25519.X25519PublicKey, ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+        return public
+    raise E.EINVAL("exports go to an X25519, EC P-256/P-384 or RSA public key")
+
+
+def wrap_to_public_key(plaintext: bytes, public) -> bytes:
+    public = _encryption_key(public)
+    spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if isinstance(public, rsa.RSAPublicKey):
+        content_key = AESGCM.generate_key(256)
+        return _seal(RSA_OAEP, public.encrypt(content_key, _oaep()), content_key, plaintext)
+    if isinstance(public, x25519.X25519PublicKey):
+        ephemeral = x25519.X25519PrivateKey.generate()
+        mode, field = X25519, ephemeral.public_key().public_bytes(serialization.Encoding.Raw,
+                                                                  serialization.PublicFormat.Raw)
+        shared = ephemeral.exchange(public)
+    else:
+        ephemeral = ec.generate_private_key(public.curve)
+        mode, field = ECDH, ephemeral.public_key().public_bytes(serialization.Encoding.X962,
+                                                               serialization.PublicFormat.UncompressedPoint)
+        shared = ephemeral.exchange(ec.ECDH(), public)
+    return _seal(mode, field, _agreed_key(shared, field, spki), plaintext)
+
+
+def wrap_with_key(plaintext: bytes, wrapping_key: bytes) -> bytes:
+    _check_wrapping_key(wrapping_key)
+    salt = os.urandom(32)
+    return _seal(WRAPPING_KEY, salt, _hkdf(wrapping_key, salt, LABEL + b" wrapping key"), plaintext)
+
+
+def mode_of(blob: bytes) -> int:
+    return _parse(blob)[0]
+
+
+def unwrap_with_private_key(blob: bytes, private) -> bytes:
+    mode, field, header, rest = _parse(blob)
+    try:
+        if mode == RSA_OAEP and isinstance(private, rsa.RSAPrivateKey):
+            content_key = private.decrypt(field, _oaep())
+        elif mode == X25519 and isinstance(private, x25519.X25519PrivateKey):
+            shared = private.exchange(x25519.X25519PublicKey.from_public_bytes(field))
+            content_key = _agreed_key(shared, field, _spki(private))
+        elif mode == ECDH and isinstance(private, ec.EllipticCurvePrivateKey):
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(private.curve, field)
+            content_key = _agreed_key(private.exchange(ec.ECDH(), peer), field, _spki(private))
+        else:
+            raise E.EINVAL("this key cannot open this export (it was made for another kind of key)")
+    except ValueError:
+        raise _unopenable() from None
+    return _open(content_key, header, rest)
+
+
+def unwrap_with_key(blob: bytes, wrapping_key: bytes) -> bytes:
+    mode, field, header, rest = _parse(blob)
+    if mode != WRAPPING_KEY:
+        raise E.EINVAL("this export was made for a public key, not a wrapping key")
+    _check_wrapping_key(wrapping_key)
+    return _open(_hkdf(wrapping_key, field, LABEL + b" wrapping key"), header, rest)
+
+
+# ------------------------------------------------------------------ internals
+
+
+def _check_wrapping_key(key: bytes) -> None:
+    if len(key) < MIN_WRAPPING_KEY:
+        raise E.EINVAL(f"a wrapping key must be at least {MIN_WRAPPING_KEY} bytes")
+
+
+def _oaep() -> padding.OAEP:
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=LABEL)
+
+
+def _hkdf(secret: bytes, salt: bytes | None, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
+
+
+def _agreed_key(shared: bytes, ephemeral: bytes, recipient_spki: bytes) -> bytes:
+    return _hkdf(shared, None, LABEL + b" agreement\0" + ephemeral + recipient_spki)
+
+
+def _spki(private) -> bytes:
+    return private.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _seal(mode: int, field: bytes, content_key: bytes, plaintext: bytes) -> bytes:
+    header = _HEADER.pack(MAGIC, mode, len(field)) + field
+    nonce = os.urandom(NONCE)
+    return header + nonce + AESGCM(content_key).encrypt(nonce, plaintext, header)
+
+
+def _parse(blob: bytes) -> tuple[int, bytes, bytes, bytes]:
+    """(mode, mode field, header, nonce + ciphertext), or EBADMSG if it is not an export blob."""
+    if len(blob) < _HEADER.size:
+        raise E.EBADMSG("not a keyden export")
+    magic, mode, size = _HEADER.unpack_from(blob)
+    end = _HEADER.size + size
+    if magic != MAGIC or mode not in (X25519, ECDH, RSA_OAEP, WRAPPING_KEY) or len(blob) < end + NONCE + 16:
+        raise E.EBADMSG("not a keyden export")
+    return mode, blob[_HEADER.size:end], blob[:end], blob[end:]
+
+
+def _open(content_key: bytes, header: bytes, rest: bytes) -> bytes:
+    try:
+        return AESGCM(content_key).decrypt(rest[:NONCE], rest[NONCE:], header)
+    except InvalidTag:
+        raise _unopenable() from None
+
+
+def _unopenable() -> E.KeydenError:
+    return E.EBADMSG("the export does not open with this key (wrong key, or altered)")

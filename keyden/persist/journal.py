@@ -1,0 +1,159 @@
+"""The journal that keeps persistent keys in the sealed database, with group commit.
+
+The store reports changes with its lock held; they are only noted (serial ->
+live key, or None to delete).  ``sync``, called by the server before it
+answers, seals the noted keys' current state under the store lock (so a
+batch holds whole operations) and writes them in one synced transaction
+outside it.  Requests that arrive while a write is in progress wait for the
+next one, which takes all of their changes at once: one fsync for many
+operations.  A thread only waits if it has changes of its own not yet on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+from cryptography.exceptions import InvalidTag
+
+from keyden import errors as E
+from keyden.core.journal import Journal
+from keyden.core.store import Key, KeyStore
+from keyden.persist import records
+from keyden.persist.database import Database
+from keyden.persist.master import KeySource, Sealer
+
+log = logging.getLogger("keyden.persist")
+
+
+class SealedJournal(Journal):
+    def __init__(self, store: KeyStore, db: Database, sealer: Sealer, source: KeySource,
+                 versions: dict[int, int]):
+        self.store = store
+        self.db = db
+        self.sealer = sealer
+        self.source = source
+        self._versions = versions  # serial -> version of its row on disk
+        self._dirty: dict[int, Key | None] = {}
+        self._seq = 0  # changes noted so far
+        self._durable = 0  # changes on disk
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SealedJournal {self.db.path}>"
+
+    # ------------------------------------------------ the store's reports
+
+    def on_store(self, key: Key) -> None:
+        self._dirty[key.serial] = key
+        self._note()
+
+    def on_forget(self, serial: int) -> None:
+        self._dirty[serial] = None
+        self._note()
+
+    def _note(self) -> None:
+        self._seq += 1
+        self._local.seq = self._seq
+
+    # ------------------------------------------------------------- writing
+
+    def sync(self) -> None:
+        wanted = getattr(self._local, "seq", 0)
+        if wanted <= self._durable:
+            return
+        with self._write_lock:
+            if wanted > self._durable:
+                self._write_pending()
+
+    def flush(self) -> None:
+        """Everything noted so far, whoever noted it (shutdown, garbage collection)."""
+        with self._write_lock:
+            if self._seq > self._durable and not self._closed:
+                self._write_pending()
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            try:
+                if self._seq > self._durable:
+                    self._write_pending()
+            finally:
+                self._closed = True
+                self.db.close()
+
+    def _write_pending(self) -> None:
+        """Seal and write the noted changes (write lock held)."""
+        if self._closed:
+            raise E.EIO("the key database is closed")
+        with self.store.lock:
+            batch, self._dirty = self._dirty, {}
+            upto = self._seq
+            upserts, deletes = self._seal(batch)
+        try:
+            self.db.write(upserts, deletes)
+        except Exception as exc:
+            with self.store.lock:
+                for serial, key in batch.items():
+                    self._dirty.setdefault(serial, key)  # retried with the next write; newer notes win
+            log.error("writing the key database failed (%s); %d changes kept for the next attempt",
+                      type(exc).__name__, len(batch))
+            raise E.EIO("the key database could not be written; the change is not durable") from None
+        for row in upserts:
+            self._versions[row.serial] = row.version
+        for serial in deletes:
+            self._versions.pop(serial, None)
+        self._durable = upto
+
+    def _seal(self, batch: dict[int, Key | None]) -> tuple[list[records.Row], list[int]]:
+        upserts, deletes = [], []
+        for serial, key in batch.items():
+            if key is None or key.dead or not key.persisted:
+                deletes.append(serial)
+                continue
+            try:
+                root = self.store.is_persistent_keyring(key)
+                upserts.append(records.seal(key, self._versions.get(serial, 0) + 1, root, self.sealer))
+            except records.NotStorable as exc:
+                log.warning("not persisted: %s", exc)
+        return upserts, deletes
+
+    # --------------------------------------------------------------- rekey
+
+    def rekey(self, passphrase: bytes = b"") -> int:
+        """A new master key; every row re-sealed under it in one transaction.  Returns the rows re-sealed.
+
+        Requests go on meanwhile: changes wait in memory and are sealed
+        under the new key.  Rows that no longer open (tampered) keep their
+        old seal and stay unreadable.
+        """
+        with self._write_lock:
+            if self._seq > self._durable:
+                self._write_pending()
+            rotation = self.source.rotate(passphrase)
+            resealed, stuck = [], 0
+            for row in self.db.rows():
+                try:
+                    aad = row.associated_data()
+                    plaintext = self.sealer.open(bytes(row.sealed), aad)
+                except (InvalidTag, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
+                    stuck += 1
+                    continue
+                resealed.append(dataclasses.replace(row, sealed=rotation.sealer.seal(plaintext, aad)))
+            salt = rotation.meta.get("salt", b"")
+            meta = dict(rotation.meta, check=rotation.sealer.make_check(self.source.source, salt))
+            try:
+                self.db.write(resealed, (), meta)
+            except Exception as exc:
+                log.error("rekey failed writing the database (%s); the old master key stays", type(exc).__name__)
+                raise E.EIO("rekey failed; the old master key stays in use") from None
+            with self.store.lock:
+                self.sealer = rotation.sealer
+            rotation.finish()
+            log.info("rekeyed: %d records re-sealed under the new master key%s", len(resealed),
+                     f"; {stuck} unreadable records left as they were" if stuck else "")
+            return len(resealed)

@@ -1,0 +1,329 @@
+"""The master key that seals every stored record, and where it comes from.
+
+Two kinds, recorded in the database (meta ``source``) so a start with the
+wrong kind is refused instead of creating a second, empty store:
+
+- ``key``: 32 random bytes in a root-only file (default
+  ``<state_dir>/master.key``), optionally also held in the kernel keyring
+  (``master_key_kernel``, see ``kernel``): tried first, the file is the
+  fallback and the durable copy.
+- ``passphrase``: scrypt of a passphrase read from a file at start
+  (``--passphrase-file`` or $KEYDEN_PASSPHRASE_FILE), salt and cost in the
+  database.
+
+A check value (the AEAD seal of a constant, bound to source and salt) tells a
+wrong key from a tampered record.  Rotation of a file key writes
+``master.key.new`` first and renames it over ``master.key`` only after the
+database committed under it; a start after a crash in between tries both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from keyden import errors as E
+from keyden.persist import kernel
+
+log = logging.getLogger("keyden.persist")
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+PASSPHRASE_ENV = "KEYDEN_PASSPHRASE_FILE"
+SCRYPT_COST = (2**15, 8, 1)  # n, r, p: 32 MiB, about 0.1 s
+MAX_SCRYPT_N = 2**20
+CHECK_PLAINTEXT = b"keyden master key check"
+
+
+class StartupError(Exception):
+    """The daemon must not start; the message says why, for a human, and never holds key material."""
+
+
+class Sealer:
+    """AES-256-GCM under one master key: random 96-bit nonce, prepended."""
+
+    def __init__(self, key: bytes):
+        if len(key) != KEY_BYTES:
+            raise StartupError(f"a master key is {KEY_BYTES} bytes, not {len(key)}")
+        self._aead = AESGCM(key)
+
+    def __repr__(self) -> str:
+        return "<Sealer>"
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        """The plaintext; InvalidTag if the key, the blob or the associated data is not the one sealed."""
+        if len(sealed) < NONCE_BYTES + 16:
+            raise InvalidTag()
+        return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+
+    @staticmethod
+    def check_context(source: str, salt: bytes) -> bytes:
+        return b"keyden-master-check-v1\0" + source.encode() + b"\0" + salt
+
+    def make_check(self, source: str, salt: bytes = b"") -> bytes:
+        return self.seal(CHECK_PLAINTEXT, self.check_context(source, salt))
+
+    def opens(self, check: bytes, source: str, salt: bytes = b"") -> bool:
+        try:
+            return self.open(check, self.check_context(source, salt)) == CHECK_PLAINTEXT
+        except InvalidTag:
+            return False
+
+
+@dataclass
+class Rotation:
+    """A new master key, and what to do once the database has committed under it."""
+
+    sealer: Sealer
+    meta: dict[str, bytes] = field(default_factory=dict)
+    finish: Callable[[], None] = lambda: None
+
+
+class KeySource:
+    """Where the master key comes from; ``open`` finds the one that opens an existing store."""
+
+    source = ""
+    salt = b""  # bound into the check value (a passphrase's salt)
+
+    def check(self, sealer: Sealer) -> bytes:
+        return sealer.make_check(self.source, self.salt)
+
+    def meta(self) -> dict[str, bytes]:
+        """What the database records about this source besides the check value."""
+        return {}
+
+    def create(self) -> Sealer:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rotate(self, passphrase: bytes) -> Rotation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FileKey(KeySource):
+    """A random key in a root-only file, optionally held in the kernel keyring too."""
+
+    source = "key"
+
+    def __init__(self, path: str, kernel_description: str = ""):
+        self.path = path
+        self.pending = path + ".new"
+        self.kernel_description = kernel_description
+        self.kernel_ok = False
+        if kernel_description:
+            try:
+                kernel.probe()
+                self.kernel_ok = True
+            except kernel.KernelUnavailable as exc:
+                log.warning("kernel keyring unavailable (%s): the master key is kept in %s only", exc, path)
+
+    def create(self) -> Sealer:
+        """First start: the existing file (from `keyden init`), else a key the kernel holds, else a new file."""
+        if os.path.exists(self.path):
+            key = self._read(self.path)
+        else:
+            key = self._kernel_read()
+            if key is None:
+                key = os.urandom(KEY_BYTES)
+                write_secret_file(self.path, key)
+                log.info("generated a new master key in %s", self.path)
+        self._hold_in_kernel(key)
+        return Sealer(key)
+
+    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:
+        tried = []
+        for where, key in self._candidates():
+            tried.append(where)
+            sealer = Sealer(key)
+            if sealer.opens(check, self.source):
+                self._adopt(where, key)
+                return sealer
+        if not tried:
+            raise StartupError(f"the master key file {self.path} is missing, and the key store needs it; "
+                               "restore the file (keyden never starts over an existing store)")
+        raise StartupError(f"the master key in {' or '.join(tried)} does not open the key store "
+                           "(wrong key file?); refusing to start")
+
+    def _candidates(self):
+        key = self._kernel_read()
+        if key is not None:
+            yield f"the kernel keyring ({self.kernel_description})", key
+        for path in (self.path, self.pending):
+            if os.path.exists(path):
+                yield path, self._read(path)
+
+    def _adopt(self, where: str, key: bytes) -> None:
+        """Make the file (and kernel copy) agree with the key that opened the store: finish or undo a rekey."""
+        if where == self.pending:
+            os.replace(self.pending, self.path)
+            _fsync_dir(self.path)
+            log.warning("finished an interrupted rekey: %s now holds the new master key", self.path)
+        elif os.path.exists(self.pending):
+            os.unlink(self.pending)  # written by a rekey that never committed
+        if where != self.path and where != self.pending:
+            log.info("master key taken from the kernel keyring")
+            if os.path.exists(self.path) and self._read(self.path) != key:
+                log.warning("%s holds another key, which does not open the store; keep a copy of the right one",
+                            self.path)
+        self._hold_in_kernel(key)
+
+    def _kernel_read(self) -> bytes | None:
+        if not self.kernel_ok:
+            return None
+        try:
+            key = kernel.read(self.kernel_description)
+        except (kernel.KernelUnavailable, OSError) as exc:
+            log.warning("cannot read the master key from the kernel keyring: %s", exc)
+            return None
+        return key if key is not None and len(key) == KEY_BYTES else None
+
+    def _hold_in_kernel(self, key: bytes) -> bool:
+        """Put the key in the kernel keyring too, if configured; whether the kernel now holds it."""
+        if not self.kernel_ok:
+            return False
+        if self._kernel_read() == key:
+            return True
+        try:
+            kernel.store(self.kernel_description, key)
+        except (kernel.KernelUnavailable, OSError) as exc:
+            log.warning("cannot hold the master key in the kernel keyring: %s", exc)
+            return False
+        log.info("master key held in the kernel keyring as user key %r", self.kernel_description)
+        return True
+
+    def rotate(self, passphrase: bytes) -> Rotation:
+        if passphrase:
+            raise E.EINVAL("this store is sealed under a master key file, not a passphrase")
+        key = os.urandom(KEY_BYTES)
+        write_secret_file(self.pending, key, replace=True)
+
+        def finish() -> None:
+            kernel_only = self.kernel_ok and not os.path.exists(self.path)
+            if kernel_only and self._hold_in_kernel(key):
+                os.unlink(self.pending)  # the key lives in the kernel only, as before
+                return
+            os.replace(self.pending, self.path)
+            _fsync_dir(self.path)
+            self._hold_in_kernel(key)
+
+        return Rotation(Sealer(key), finish=finish)
+
+    def _read(self, path: str) -> bytes:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise StartupError(f"cannot open the master key file {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise StartupError(f"the master key file {path} is not a regular file")
+            if st.st_mode & 0o077 or st.st_uid != os.geteuid():
+                raise StartupError(f"the master key file {path} must be owned by uid {os.geteuid()} and "
+                                   f"accessible to it alone (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+            key = f.read(KEY_BYTES + 1)
+        if len(key) != KEY_BYTES:
+            raise StartupError(f"the master key file {path} does not hold a {KEY_BYTES}-byte key")
+        return key
+
+
+class PassphraseKey(KeySource):
+    """scrypt(passphrase, salt): nothing secret on disk; the passphrase is needed at every start."""
+
+    source = "passphrase"
+
+    def __init__(self, passphrase: bytes):
+        self.passphrase = passphrase
+        self.salt = b""
+        self.cost = SCRYPT_COST
+
+    def meta(self) -> dict[str, bytes]:
+        return {"salt": self.salt, "scrypt": ",".join(map(str, self.cost)).encode()}
+
+    def create(self) -> Sealer:
+        self.salt = os.urandom(16)
+        return Sealer(derive(self.passphrase, self.salt, self.cost))
+
+    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:
+        self.salt = meta.get("salt", b"")
+        try:
+            n, r, p = (int(v) for v in meta.get("scrypt", b"").decode().split(","))
+        except ValueError:
+            raise StartupError("the key store's passphrase parameters are unreadable") from None
+        if not (1 < n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 0 < r <= 32 and 0 < p <= 16):
+            raise StartupError("the key store's passphrase parameters are out of range")
+        self.cost = (n, r, p)
+        sealer = Sealer(derive(self.passphrase, self.salt, self.cost))
+        if not sealer.opens(check, self.source, self.salt):
+            raise StartupError("the passphrase does not open the key store; refusing to start")
+        return sealer
+
+    def rotate(self, passphrase: bytes) -> Rotation:
+        if not passphrase:
+            raise E.EINVAL("this store is sealed under a passphrase: give the new one (it may be the same)")
+        salt = os.urandom(16)
+        sealer = Sealer(derive(passphrase, salt, SCRYPT_COST))
+
+        def finish() -> None:
+            self.passphrase, self.salt, self.cost = passphrase, salt, SCRYPT_COST
+
+        meta = {"salt": salt, "scrypt": ",".join(map(str, SCRYPT_COST)).encode()}
+        return Rotation(sealer, meta, finish)
+
+
+def derive(passphrase: bytes, salt: bytes, cost: tuple[int, int, int]) -> bytes:
+    n, r, p = cost
+    return Scrypt(salt=salt, length=KEY_BYTES, n=n, r=r, p=p).derive(passphrase)
+
+
+def read_passphrase(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            passphrase = f.read(4097).rstrip(b"\r\n")
+    except OSError as exc:
+        raise StartupError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
+    if not passphrase or len(passphrase) > 4096:
+        raise StartupError(f"the passphrase file {path} must hold 1..4096 bytes")
+    return passphrase
+
+
+def source_for(master_key_file: str, passphrase_file: str, kernel_description: str) -> KeySource:
+    """The passphrase if one is configured (flag, config or $KEYDEN_PASSPHRASE_FILE), else the key file."""
+    passphrase_file = passphrase_file or os.environ.get(PASSPHRASE_ENV, "")
+    if passphrase_file:
+        return PassphraseKey(read_passphrase(passphrase_file))
+    return FileKey(master_key_file, kernel_description)
+
+
+def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:
+    """Create ``path`` with mode 0600 and ``data``, durably (file and directory entry synced)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if replace else os.O_EXCL)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

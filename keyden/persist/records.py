@@ -1,0 +1,138 @@
+"""One stored key: its row (metadata in the clear, payload sealed) and the way back to a ``Key``.
+
+The metadata columns are what keyden needs to know about a key without
+opening it; all of them, with the serial and a format tag, are the AEAD's
+associated data, so a row whose columns were edited, or whose sealed blob
+was swapped with another row's, fails authentication and is refused.  The
+sealed plaintext is the payload's storage form: a user or logon key's bytes,
+an asymmetric key's DER (``ParsedKey.storage_der``), a keyring's member
+serials in link order.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+
+from keyden import errors as E
+from keyden.core import keytypes as T
+from keyden.core.store import KEY_FLAGS, DenyAll, Key
+from keyden.persist.master import Sealer
+
+FORMAT = b"keyden-record-v1\0"
+#: Row flags above the key's own (Key.flags, the low byte).
+ROOT = 0x100  # a uid's persistent keyring
+RESTRICTED = 0x200  # a keyring refusing all links (KEYCTL_RESTRICT_KEYRING with no type)
+CHARGED = 0x400  # counts against its owner's quota
+COLUMNS = ("serial", "type", "description", "uid", "gid", "perm", "expiry", "flags", "version", "revoked_at",
+           "ctime", "quota_len", "sealed")
+_FIXED = struct.Struct("<iqqIdIQddQ")
+_LEN = struct.Struct("<I")
+
+
+class Unusable(Exception):
+    """A row that cannot become a key (failed authentication, unknown type, bad payload): skip it."""
+
+
+class NotStorable(Exception):
+    """A key the store cannot keep (a type or restriction without a storage form)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    serial: int
+    type: str
+    description: str
+    uid: int
+    gid: int
+    perm: int
+    expiry: float
+    flags: int
+    version: int
+    revoked_at: float | None
+    ctime: float
+    quota_len: int
+    sealed: bytes
+
+    def __repr__(self) -> str:
+        return f"<Row {self.serial} {self.type} v{self.version}>"
+
+    def associated_data(self) -> bytes:
+        """Every column but the sealed blob, canonically encoded; struct refuses wrong types and ranges."""
+        revoked = -1.0 if self.revoked_at is None else self.revoked_at
+        kind, desc = self.type.encode(), self.description.encode()
+        return b"".join((FORMAT, _FIXED.pack(self.serial, self.uid, self.gid, self.perm, self.expiry, self.flags,
+                                             self.version, revoked, self.ctime, self.quota_len),
+                         _LEN.pack(len(kind)), kind, _LEN.pack(len(desc)), desc))
+
+
+def seal(key: Key, version: int, root: bool, sealer: Sealer) -> Row:
+    """The row for ``key`` now (call with the store lock held: this reads the live payload)."""
+    flags = key.flags & KEY_FLAGS
+    flags |= (ROOT if root else 0) | (CHARGED if key.charged else 0)
+    if key.restriction is not None:
+        if not isinstance(key.restriction, DenyAll):
+            raise NotStorable(f"keyring {key.serial}'s restriction cannot be stored")
+        flags |= RESTRICTED
+    row = Row(key.serial, key.type.name, key.description, key.uid, key.gid, key.perm, key.expiry, flags, version,
+              key.revoked_at, key.ctime, key.quota_len, b"")
+    plaintext = _storage_form(key)
+    try:
+        sealed = sealer.seal(plaintext, row.associated_data())
+    finally:
+        if isinstance(plaintext, bytearray):
+            plaintext[:] = bytes(len(plaintext))
+    return Row(*(getattr(row, c) for c in COLUMNS[:-1]), sealed)
+
+
+def _storage_form(key: Key) -> bytes | bytearray:
+    if key.links is not None:
+        members = [k.serial for k in key.links.values()]
+        return struct.pack(f"<{len(members)}i", *members)
+    payload = key.payload
+    if payload is None:
+        return b""  # revoked, payload already discarded
+    if isinstance(payload, (bytes, bytearray)):
+        return bytearray(payload)
+    storage_der = getattr(payload, "storage_der", None)
+    if storage_der is None:
+        raise NotStorable(f"keys of type {key.type.name!r} cannot be stored")
+    return bytearray(storage_der())
+
+
+def open_row(row: Row, sealer: Sealer) -> tuple[Key, list[int]]:
+    """The key a row holds and, for a keyring, its members' serials; Unusable if it must be skipped."""
+    try:
+        aad = row.associated_data()
+    except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError):
+        raise Unusable("metadata columns of the wrong type or out of range") from None
+    try:
+        plaintext = sealer.open(bytes(row.sealed), aad)
+    except (InvalidTag, TypeError):
+        raise Unusable("authentication failed: tampered with, or sealed under another key") from None
+    ktype = T.REGISTRY.get(row.type)
+    if ktype is None:
+        raise Unusable(f"unknown key type {row.type!r}")
+    members: list[int] = []
+    try:
+        if ktype.is_keyring:
+            if len(plaintext) % 4:
+                raise Unusable("keyring member list is malformed")
+            members = list(struct.unpack(f"<{len(plaintext) // 4}i", plaintext))
+            payload = None
+        elif not plaintext and row.revoked_at is not None:
+            payload = None
+        else:
+            payload, _quota = ktype.preparse(plaintext)
+    except E.KeydenError as exc:
+        raise Unusable(f"payload does not parse ({type(exc).__name__})") from None
+    key = Key(row.serial, ktype, row.description, row.uid, row.gid, row.perm, payload,
+              0 if ktype.is_keyring else row.quota_len, charged=bool(row.flags & CHARGED), ctime=row.ctime)
+    key.expiry = row.expiry
+    key.revoked_at = row.revoked_at
+    key.flags = row.flags & KEY_FLAGS
+    if row.flags & RESTRICTED:
+        key.restriction = DenyAll()
+    return key, members

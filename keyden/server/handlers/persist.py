@@ -1,0 +1,112 @@
+"""Persistent keyrings, wrapped export and import, master key rotation, keys created with flags."""
+
+from __future__ import annotations
+
+from keyden import errors as E
+from keyden.core import keytypes as T
+from keyden.core.perm import VALID_MASK
+from keyden.persist import SealedJournal, export
+from keyden.protocol import Op
+from keyden.server.handlers import handles
+
+#: What an imported key is made with until its tree is linked: the owner may link into and re-mask it.
+BUILDING_PERM = 0x3F3F0000
+
+
+@handles(Op.GET_PERSISTENT)
+def _get_persistent(ctx, uid, keyring):
+    return (ctx.store.get_persistent(ctx.caller, uid, keyring),)
+
+
+@handles(Op.ADD_FLAGS)
+def _add_flags(ctx, type_name, description, payload, keyring, secret, flags):
+    return (ctx.store.add(ctx.caller, type_name, description, payload, keyring, secret or None, flags=flags),)
+
+
+@handles(Op.EXPORT)
+def _export(ctx, key, recipient, recipient_key, wrapping_key):
+    if sum(map(bool, (recipient, recipient_key, wrapping_key))) != 1:
+        raise E.EINVAL("export to exactly one of: a public key, a public key's serial, a wrapping key's serial")
+    if wrapping_key:
+        _version, material = ctx.store.material(ctx.caller, wrapping_key)
+        public = None
+    elif recipient_key:
+        public = ctx.store.asymmetric(ctx.caller, recipient_key).public_key
+    else:
+        public = export.recipient_key(recipient)
+    keys, links = ctx.store.export_tree(ctx.caller, key)
+    plaintext = export.encode_tree(keys, links)
+    if public is None:
+        return (export.wrap_with_key(plaintext, material),)
+    return (export.wrap_to_public_key(plaintext, public),)
+
+
+@handles(Op.IMPORT)
+def _import(ctx, blob, unwrap_with, keyring, flags):
+    if export.mode_of(blob) == export.WRAPPING_KEY:
+        plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with)[1])
+    else:
+        private = ctx.store.asymmetric(ctx.caller, unwrap_with).private_key_for_internal_use()
+        plaintext = export.unwrap_with_private_key(blob, private)
+    entries, links = export.decode_tree(plaintext)
+    return (_make_tree(ctx, entries, links, keyring, flags),)
+
+
+def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], keyring: int, flags: int) -> int:
+    """Make the keys as the caller's own, each filed under its first keyring, then the other links, then the
+    masks; on any failure what was made is invalidated, so an import happens whole or not at all."""
+    if any(entry.perm & ~VALID_MASK for entry in entries):
+        raise E.EBADMSG("the export holds a permission mask outside 0x3f3f3f3f")
+    first_parent = {0: keyring}
+    for ring, member in links:
+        first_parent.setdefault(member, ring)
+    order = sorted(first_parent, key=lambda i: _depth(i, first_parent))
+    serials: dict[int, int] = {}
+    try:
+        for index in order:
+            entry = entries[index]
+            parent = keyring if index == 0 else serials[first_parent[index]]
+            serials[index] = _make(ctx, entry, parent, flags)
+        for ring, member in links:
+            if first_parent[member] != ring:
+                ctx.store.link(ctx.caller, serials[member], serials[ring])
+        for index, serial in reversed(serials.items()):  # the top last: until then it can be invalidated
+            ctx.store.setperm(ctx.caller, serial, entries[index].perm)
+    except BaseException:
+        if 0 in serials:
+            try:
+                ctx.store.invalidate(ctx.caller, serials[0])
+            except E.KeydenError:
+                pass
+        raise
+    return serials[0]
+
+
+def _depth(index: int, first_parent: dict[int, int]) -> int:
+    depth = 0
+    while index != 0:
+        index = first_parent[index]
+        depth += 1
+        if depth > len(first_parent):
+            raise E.EBADMSG("the export's keys do not form one tree")
+    return depth
+
+
+def _make(ctx, entry: export.Entry, parent: int, flags: int) -> int:
+    ktype = T.lookup(entry.type)
+    if ktype.is_keyring and entry.description.startswith("."):
+        raise E.EPERM("keyring names beginning with '.' are reserved")
+    value, quota = ktype.preparse(entry.payload)
+    return ctx.store.create_internal(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
+                                     flags)
+
+
+@handles(Op.REKEY)
+def _rekey(ctx, passphrase):
+    if ctx.caller.uid != 0:
+        raise E.EPERM("only root may rotate the master key")
+    journal = ctx.store.journal
+    if not isinstance(journal, SealedJournal):
+        raise E.EOPNOTSUPP("this daemon keeps no sealed store")
+    journal.rekey(passphrase)
+    return ()

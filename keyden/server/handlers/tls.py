@@ -1,0 +1,115 @@
+"""TLS by keyring: the application passes a connected socket, keyden passes back a plaintext one.
+
+The handlers only check arguments and permissions, build (or reuse) the ssl
+context from the keyrings, and hand the socket to the TLS engine; the
+handshake runs on the engine's threads, so this connection is free again at
+once.  Its outcome is the first frame on the returned socket (docs/tls.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+from typing import Iterator
+
+from cryptography import x509
+
+from keyden import errors as E
+from keyden.core.trust import is_blacklisted, trusted_certificates
+from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
+from keyden.server.handlers import handles
+from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT, contexts, material
+from keyden.tls.engine import engine
+
+_KNOWN_FLAGS = TLS_REQUIRE_CLIENT_CERT | TLS13_ONLY
+_STREAM_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+
+@handles(Op.TLS_ACCEPT)
+def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
+    _check(flags, _KNOWN_FLAGS)
+    with _passed_socket(ctx) as sock:
+        keys = material.keyring_keys(ctx.store, ctx.caller, keyring)
+        anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
+        tls_ctx = contexts.server_context(keys, anchors, flags, _protocols(alpn))
+        tls = tls_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        _start(ctx, tls, timeout_ms)
+    return ()
+
+
+@handles(Op.TLS_CONNECT)
+def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms):
+    _check(flags, TLS13_ONLY)
+    if not server_hostname:
+        raise E.EINVAL("a server name is required: it is what the certificate is checked against")
+    with _passed_socket(ctx) as sock:
+        anchors = trusted_certificates(ctx.store, ctx.caller, trust)
+        identity_keys = material.keyring_keys(ctx.store, ctx.caller, identity) if identity else None
+        tls_ctx = contexts.client_context(anchors, identity_keys, flags, _protocols(alpn))
+        try:
+            tls = tls_ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+        except (ValueError, UnicodeError):
+            raise E.EINVAL("the server name is not a valid host name") from None
+        _start(ctx, tls, timeout_ms)
+    return ()
+
+
+def _check(flags: int, known: int) -> None:
+    if flags & ~known:
+        raise E.EINVAL("unknown flags")
+
+
+def _protocols(alpn: list[bytes]) -> tuple[str, ...]:
+    try:
+        names = tuple(p.decode("ascii") for p in alpn)
+    except UnicodeDecodeError:
+        raise E.EINVAL("ALPN protocol names must be ASCII") from None
+    if any(not 0 < len(n) < 256 for n in names):
+        raise E.EINVAL("ALPN protocol names are 1..255 bytes")
+    return names
+
+
+@contextlib.contextmanager
+def _passed_socket(ctx) -> Iterator[socket.socket]:
+    """The connected stream socket sent with the request; closed here unless a session took it."""
+    if not ctx.fds:
+        raise E.EBADF("send the connected socket with this request (SCM_RIGHTS)")
+    fd = ctx.fds.pop(0)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise E.EBADF("the descriptor sent is not a socket") from None
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.family not in _STREAM_FAMILIES:
+            raise E.EINVAL("pass a connected TCP or Unix stream socket")
+        try:
+            sock.getpeername()
+        except OSError:
+            raise E.EINVAL("the socket is not connected") from None
+        sock.setblocking(False)
+        yield sock
+    except BaseException:
+        sock.close()  # a no-op once wrap_socket has taken the descriptor over; _start closes that
+        raise
+
+
+def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
+    timeout = min(timeout_ms / 1000, MAX_HANDSHAKE_TIMEOUT) if timeout_ms else DEFAULT_HANDSHAKE_TIMEOUT
+    store = ctx.store
+
+    def refuse_blacklisted(chain: list[bytes]) -> None:
+        for der in chain:
+            cert = x509.load_der_x509_certificate(der)
+            if is_blacklisted(store, cert):
+                raise E.EKEYREJECTED(f"peer certificate chain holds a blacklisted certificate: "
+                                     f"{cert.subject.rfc4514_string()}")
+
+    try:
+        app = engine().start(ctx.caller.uid, tls, timeout, refuse_blacklisted)
+    except BaseException:
+        tls.close()
+        raise
+    ctx.out_fds.append(app.detach())

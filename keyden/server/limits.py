@@ -1,0 +1,84 @@
+"""What keeps one client (or many) from exhausting the daemon: timeouts, refusals, descriptor room.
+
+The limits themselves are settings (ServerConfig); docs/operations.md says
+what each one bounds and what a client sees when it hits one.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+import struct
+import time
+
+from keyden import errors as E
+from keyden import protocol as W
+
+log = logging.getLogger("keyden.limits")
+
+#: bytes of replies a connection may hold before they must be written (the write blocks if the peer does not read)
+MAX_UNSENT = 1024 * 1024
+
+
+def set_timeouts(sock: socket.socket, receive: float | None = None, send: float | None = None) -> None:
+    """Kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO; 0 = none): free on the hot path, unlike a Python socket timeout.
+
+    A read waiting longer than ``receive`` means a silent client; a write
+    waiting longer than ``send`` means a client that does not read its
+    replies.  Either way the blocked call fails with EAGAIN and the
+    connection is closed.
+    """
+    for option, seconds in ((socket.SO_RCVTIMEO, receive), (socket.SO_SNDTIMEO, send)):
+        if seconds is not None:
+            whole = int(max(seconds, 0))
+            sock.setsockopt(socket.SOL_SOCKET, option,
+                            struct.pack("@ll", whole, int((max(seconds, 0) - whole) * 1e6)))
+
+
+def refuse(sock: socket.socket, error: E.KeydenError) -> None:
+    """Tell a connection why it is being closed (a connection-level error frame: request id 0, op 0), then close it.
+
+    Never blocks: the frame is small and the socket buffer empty, and if it
+    does not fit the client just sees the close.
+    """
+    try:
+        sock.send(W.encode_error(0, 0, error), socket.MSG_DONTWAIT)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Lift the soft RLIMIT_NOFILE towards the hard limit so ``wanted`` connections fit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class Throttled:
+    """A warning logged at most once per interval (with a count of those suppressed): a flood of refused
+    connections must not become a flood of log lines."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+        self.logger = logger
+        self.interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" (and {self._suppressed} more like it)"
+        self._next, self._suppressed = now + self.interval, 0
+        self.logger.warning(msg, *args)

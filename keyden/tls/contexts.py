@@ -1,0 +1,156 @@
+"""``ssl.SSLContext`` objects built from keyring material, cached while that material is unchanged.
+
+Python's ``ssl`` loads certificates and keys only from files, so the PEM
+goes into a memfd of the daemon's, read back through ``/proc/self/fd/N``
+and closed at once: nothing is ever written to disk, and the descriptor is
+close-on-exec and never shared.  A server gets one context per identity;
+the first is the default and its SNI callback switches a connection to the
+identity whose names match.  Every context of a server carries the same
+verification settings, because OpenSSL keeps the first context's verify
+mode but consults the switched-to context's trust store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import threading
+from collections import OrderedDict
+from typing import Iterator
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from keyden import errors as E
+from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
+from keyden.tls.material import Identity, choose, identities
+
+MAX_CACHED = 64
+
+
+class TlsSocket(ssl.SSLSocket):
+    """An SSLSocket that remembers the name the client asked for (SNI)."""
+
+    requested_name = ""
+
+
+_cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _cached(key: tuple, build) -> ssl.SSLContext:
+    with _cache_lock:
+        ctx = _cache.get(key)
+        if ctx is not None:
+            _cache.move_to_end(key)
+            return ctx
+    ctx = build()  # outside the lock: a key load can take a millisecond; a duplicate build is harmless
+    with _cache_lock:
+        _cache[key] = ctx
+        while len(_cache) > MAX_CACHED:
+            _cache.popitem(last=False)
+    return ctx
+
+
+def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
+                   alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """The default context of a TLS server with the identities among ``keys`` (parsed asymmetric keys).
+
+    It hands each connection to the identity its SNI names.  ``trust`` None: clients are not asked
+    for certificates; else they must chain to one in it.
+    """
+    if trust is None and flags & TLS_REQUIRE_CLIENT_CERT:
+        raise E.EINVAL("requiring client certificates needs a client trust keyring")
+    if trust is not None and not trust:
+        raise E.ENOKEY("no certificates in the client trust keyring")
+
+    def build() -> ssl.SSLContext:
+        idents = identities(keys)
+        if not idents:
+            raise E.ENOKEY("no certificate with its private key in the keyring")
+        contexts = []
+        for ident in idents:
+            ctx = _base(ssl.PROTOCOL_TLS_SERVER, flags, alpn)
+            _load_identity(ctx, ident)
+            if trust:
+                _load_trust(ctx, trust)
+                ctx.verify_mode = ssl.CERT_REQUIRED if flags & TLS_REQUIRE_CLIENT_CERT else ssl.CERT_OPTIONAL
+            contexts.append(ctx)
+        names = [i.names for i in idents]
+
+        def by_sni(sock: TlsSocket, server_name: str | None, _ctx) -> None:
+            if server_name:
+                sock.requested_name = server_name
+                chosen = contexts[choose(names, server_name)]
+                if chosen is not sock.context:
+                    sock.context = chosen
+
+        contexts[0].sni_callback = by_sni
+        return contexts[0]
+
+    return _cached(("server", tuple(keys), tuple(trust or ()), flags, alpn), build)
+
+
+def client_context(trust: list[x509.Certificate], identity_keys: list | None, flags: int,
+                   alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """A TLS client that trusts only ``trust`` and checks the server's name.
+
+    ``identity_keys``: parsed keys holding a certificate and its private key, to answer client-auth.
+    """
+    if not trust:
+        raise E.ENOKEY("no certificates in the trust keyring")
+
+    def build() -> ssl.SSLContext:
+        ctx = _base(ssl.PROTOCOL_TLS_CLIENT, flags, alpn)  # check_hostname and CERT_REQUIRED are its defaults
+        _load_trust(ctx, trust)
+        if identity_keys is not None:
+            idents = identities(identity_keys)
+            if not idents:
+                raise E.ENOKEY("no certificate with its private key in the identity keyring")
+            _load_identity(ctx, idents[0])
+        return ctx
+
+    identity = tuple(identity_keys) if identity_keys is not None else None
+    return _cached(("client", tuple(trust), identity, flags, alpn), build)
+
+
+def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if flags & TLS13_ONLY else ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # a peer must not make us redo expensive handshakes at will
+    ctx.sslsocket_class = TlsSocket
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def _load_trust(ctx: ssl.SSLContext, trust: list[x509.Certificate]) -> None:
+    ctx.load_verify_locations(cadata=b"".join(c.public_bytes(serialization.Encoding.DER) for c in trust))
+    # Every certificate in a trust keyring is an anchor, as in the kernel: an intermediate need not
+    # be followed up to a self-signed root.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+
+
+def _load_identity(ctx: ssl.SSLContext, ident: Identity) -> None:
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (ident.certificate, *ident.chain))
+    private = ident.private.private_key_for_internal_use().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        with _memory_file(chain) as cert_path, _memory_file(private) as key_path:
+            ctx.load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as exc:
+        raise E.EKEYREJECTED(f"OpenSSL refused the certificate or key: {exc.reason or 'unknown reason'}") from None
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path naming ``data`` in anonymous memory, valid until the block ends."""
+    fd = os.memfd_create("keyden-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)

@@ -1,0 +1,462 @@
+"""The record layer: every TLS session of the daemon, driven by a few event-loop threads.
+
+A session is the peer's connection wrapped in a non-blocking SSLSocket and
+the daemon's end of a socketpair whose other end the application holds.
+Both are touched only by the one loop thread that owns the session, and
+nothing ever blocks, so a slow or hostile peer costs only its own buffers
+and a handshake that does not finish in time is abandoned.
+
+The first bytes on the plaintext side are one protocol frame: a
+TLS_ESTABLISHED response with what was negotiated, or an error frame (and
+then the socket closes).  After it, plaintext flows both ways.  The peer's
+close_notify (or TCP end) reaches the application as end-of-file on its
+write side (the application may still answer); the application's
+end-of-file, once its data is sent, ends the session with a close_notify.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import resource
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import Counter, deque
+from typing import Callable
+
+from cryptography import x509
+
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.protocol import Op
+
+log = logging.getLogger("keyden.tls")
+
+LOOP_THREADS = max(1, min(4, os.cpu_count() or 1))
+MAX_SESSIONS_PER_UID = 1024
+BUFFER = 64 * 1024  # per direction and session
+WRITE_CHUNK = 64 * 1024  # plaintext handed to one SSL_write
+PLAIN_SOCKET_BUFFER = 1 << 20
+MAX_REPORTED_CERT = 64 * 1024  # a larger peer certificate is not repeated in TLS_ESTABLISHED
+CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
+
+READ, WRITE = "read", "write"
+
+#: Called after the handshake with the peer's verified chain (DER, leaf first); raises to refuse it.
+ChainCheck = Callable[[list[bytes]], None]
+
+
+def failure(exc: BaseException) -> E.KeydenError:
+    """A handshake's failure as the errno the application sees, with OpenSSL's reason (never secrets)."""
+    if isinstance(exc, E.KeydenError):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        expired = exc.verify_code in (9, 10)  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+        return (E.EKEYEXPIRED if expired else E.EKEYREJECTED)(f"peer certificate refused: {exc.verify_message}")
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return E.ECONNRESET("the peer closed the connection during the TLS handshake")
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or "unknown reason"
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return E.ENOKEY("the peer sent no certificate, and one is required")
+        if "ALERT" in reason:
+            return E.EKEYREJECTED(f"the peer refused the TLS handshake: {reason}")
+        return E.EPROTO(f"TLS handshake failed: {reason}")
+    if isinstance(exc, OSError):
+        return E.ECONNRESET(f"the peer connection failed during the TLS handshake: {exc.strerror or exc}")
+    return E.EIO("internal error")
+
+
+def negotiated(tls: ssl.SSLSocket) -> tuple:
+    """TLS_ESTABLISHED's fields: version, cipher, server name, ALPN, peer subject, peer certificate."""
+    der = tls.getpeercert(binary_form=True) or b""
+    subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else ""
+    name = getattr(tls, "requested_name", "") or tls.server_hostname or ""
+    return (tls.version() or "", tls.cipher()[0], name, tls.selected_alpn_protocol() or "", subject,
+            der if len(der) <= MAX_REPORTED_CERT else b"")
+
+
+def verified_chain(tls: ssl.SSLSocket) -> list[bytes]:
+    """The peer's chain as OpenSSL verified it, leaf first; empty when the peer sent no certificate.
+
+    A resumed session was not verified again and has no chain: then just the leaf it remembers.
+    """
+    get = getattr(tls, "get_verified_chain", None) or tls._sslobj.get_verified_chain  # public from 3.13
+    chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in (get() or ())]
+    leaf = tls.getpeercert(binary_form=True)
+    return chain or ([leaf] if leaf else [])
+
+
+class Engine:
+    """The loop threads (started on first use) and a per-uid count of live sessions."""
+
+    def __init__(self, threads: int = LOOP_THREADS):
+        self.threads = threads
+        self._loops: list[Loop] = []
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+        self._per_uid: Counter[int] = Counter()
+
+    def _start(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # two descriptors per session: take what we are allowed
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
+
+    def start(self, uid: int, tls: ssl.SSLSocket, timeout: float, check: ChainCheck) -> socket.socket:
+        """Run a session on ``tls`` (handshake not begun); return the application's plaintext end."""
+        with self._lock:
+            if not self._loops:
+                self._start()
+            if self._per_uid[uid] >= MAX_SESSIONS_PER_UID:
+                raise E.EMFILE(f"at most {MAX_SESSIONS_PER_UID} TLS sessions per user")
+            self._per_uid[uid] += 1
+            loop = self._loops[next(self._turn) % len(self._loops)]
+        try:
+            app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._release(uid)
+            raise E.EMFILE(f"cannot make a socketpair: {exc.strerror}") from None
+        for end in (app, mine):  # a Unix stream socket's send buffer bounds what is in flight
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PLAIN_SOCKET_BUFFER)
+        mine.setblocking(False)
+        Session(loop, tls, mine, timeout, check, lambda: self._release(uid)).start()
+        return app
+
+    def _release(self, uid: int) -> None:
+        with self._lock:
+            self._per_uid[uid] -= 1
+            if not self._per_uid[uid]:
+                del self._per_uid[uid]
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> Engine:
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = Engine()
+        return _engine
+
+
+class Loop:
+    """One thread's epoll loop.
+
+    Sessions register their own descriptors, from any thread (epoll_ctl is thread-safe), so a new
+    session costs the loop no wake-up of its own: its first event is the peer's.  Deadlines are a
+    heap the loop thread alone touches; new sessions' deadlines arrive through a deque and are
+    adopted within MAX_SLEEP.
+    """
+
+    MAX_SLEEP = 0.25
+
+    def __init__(self, name: str):
+        self.epoll = select.epoll()
+        self.owners: dict[int, Session] = {}
+        self.deadlines: list[tuple[float, int, Session]] = []
+        self.arrivals: deque[Session] = deque()
+        self._order = itertools.count()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def register(self, fd: int, session: "Session", mask: int) -> None:
+        self.owners[fd] = session
+        self.epoll.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.epoll.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self.owners.pop(fd, None)
+        self.epoll.unregister(fd)
+
+    def at(self, when: float, session: "Session") -> None:
+        """Call ``session.deadline_passed(when)`` once ``when`` has come.  Loop thread only."""
+        heapq.heappush(self.deadlines, (when, next(self._order), session))
+
+    def _run(self) -> None:
+        while True:
+            while self.arrivals:
+                session = self.arrivals.popleft()
+                self.at(session.deadline, session)
+            now = time.monotonic()
+            while self.deadlines and self.deadlines[0][0] <= now:
+                when, _, session = heapq.heappop(self.deadlines)
+                self._call(session.deadline_passed, when)
+            wait = min(self.MAX_SLEEP, self.deadlines[0][0] - now) if self.deadlines else self.MAX_SLEEP
+            for fd, _events in self.epoll.poll(max(wait, 0.0)):
+                session = self.owners.get(fd)
+                if session is not None:
+                    self._call(session.step)
+
+    @staticmethod
+    def _call(fn, *args) -> None:
+        """Run a session's callback; a bug in one session must not stop the loop that runs the others."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("TLS session failed")
+
+
+class Session:
+    """One TLS connection and its plaintext twin.
+
+    ``start`` runs on the thread that made the session; from its last line on, only the loop's
+    thread touches the session.
+    """
+
+    def __init__(self, loop: Loop, tls: ssl.SSLSocket, plain: socket.socket, timeout: float, check: ChainCheck,
+                 on_close: Callable[[], None]):
+        self.loop = loop
+        self.tls = tls
+        self.plain = plain
+        self.timeout = timeout
+        self.deadline: float | None = time.monotonic() + timeout  # the handshake's, then close_notify's
+        self.check = check
+        self.on_close = on_close
+        self.established = False
+        self.closing = False  # the application is done: getting our close_notify out
+        self.closed = False
+        self.watched: dict[int, int] = {}  # fd -> epoll mask
+        # peer -> application: decrypted bytes in up[up_start:up_end] (buffers exist once established)
+        self.up = self.down = memoryview(b"")
+        self.up_start = self.up_end = 0
+        self.up_blocked: str | None = None  # what the TLS socket must become before we read it again
+        self.peer_eof = False
+        self.app_write_shut = False
+        # application -> peer: plaintext in down[down_start:down_end]
+        self.down_start = self.down_end = 0
+        self.down_blocked: str | None = None
+        self.pinned = 0  # an SSL_write that would block must be repeated with the same length
+        self.app_eof = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Take the first handshake step here, then hand the session to its loop.
+
+        A client's ClientHello is often there already: answering it on this thread (a
+        non-blocking step, the crypto outside the GIL) spares a thread hop on the handshake's
+        critical path.  Registering the TLS socket is the last thing done here, since from then
+        on its events run the session on the loop's thread.
+        """
+        self._advance()
+        if self.closed:
+            return
+        self.loop.arrivals.append(self)  # its deadline
+        if self.established:  # unheard of in a first step, but then let the loop pump at once
+            self._set(self.tls.fileno(), False, True)
+        else:
+            self._set(self.tls.fileno(), self.up_blocked == READ, self.up_blocked == WRITE)
+
+    def deadline_passed(self, when: float) -> None:
+        if self.closed or when != self.deadline:
+            return  # a deadline since replaced
+        if self.closing:
+            self._close()
+        else:
+            self._fail(E.ETIMEDOUT(f"the TLS handshake did not finish within {self.timeout:g} s"))
+
+    def step(self) -> None:
+        """Every readiness event lands here: make all the progress possible, then wait for what is needed."""
+        if self.closed:
+            return
+        self._advance()
+        if not self.closed:
+            self._watch()
+
+    def _advance(self) -> None:
+        try:
+            if self.closing:
+                self._send_close_notify()
+            elif not self.established:
+                self._handshake()
+            if self.established and not self.closing and not self.closed:
+                self._pump()
+        except (OSError, ssl.SSLError) as exc:  # the peer reset or broke the protocol, or the app vanished
+            log.debug("TLS session ended: %s", exc.__class__.__name__)
+            self._close()
+        except Exception:
+            log.exception("TLS session failed")
+            self._close()
+
+    def _handshake(self) -> None:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.up_blocked = READ
+            return
+        except ssl.SSLWantWriteError:
+            self.up_blocked = WRITE
+            return
+        except Exception as exc:
+            self._fail(failure(exc))
+            return
+        try:
+            self.check(verified_chain(self.tls))
+            outcome = W.encode_response(0, Op.TLS_ESTABLISHED, negotiated(self.tls))
+        except E.KeydenError as exc:
+            self._fail(exc)
+            return
+        except Exception:
+            log.exception("TLS session: checking the established session failed")
+            self._fail(E.EIO("internal error"))
+            return
+        self.deadline = None
+        self.established = True
+        self.up_blocked = None
+        self.up, self.down = memoryview(bytearray(BUFFER)), memoryview(bytearray(BUFFER))
+        if self.plain.send(outcome) != len(outcome):  # an empty 1 MiB socket buffer takes it whole
+            raise BlockingIOError("plaintext socket full before the first frame")
+
+    def _fail(self, error: E.KeydenError) -> None:
+        """Tell the application why (one error frame), then drop both connections."""
+        log.debug("TLS handshake refused: %s", error)
+        try:
+            self.plain.send(W.encode_error(0, Op.TLS_ESTABLISHED, error))
+        except OSError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in self.watched:
+            self.loop.unregister(fd)
+        self.watched.clear()
+        self.tls.close()
+        self.plain.close()
+        self.on_close()
+
+    # ------------------------------------------------------------- the pump
+
+    def _pump(self) -> None:
+        self._peer_to_app()
+        self._app_to_peer()
+        if self.app_eof and self.down_start == self.down_end:
+            self.closing = True
+            self._send_close_notify()
+            if not self.closed:  # our close_notify is not out yet: give it a little while
+                self.deadline = time.monotonic() + CLOSE_GRACE
+                self.loop.at(self.deadline, self)
+
+    def _peer_to_app(self) -> None:
+        while True:
+            self._decrypt()
+            if not self._deliver():
+                return  # the application is not reading: neither are we
+            if self.up_blocked or self.peer_eof:
+                break
+        if self.peer_eof and not self.app_write_shut:
+            self.plain.shutdown(socket.SHUT_WR)
+            self.app_write_shut = True
+
+    def _decrypt(self) -> None:
+        """Read records into ``up`` until it is full, the socket has no more, or the peer ended."""
+        self.up_blocked = None
+        while not self.peer_eof and self.up_end < BUFFER:
+            try:
+                n = self.tls.recv_into(self.up[self.up_end:])
+            except ssl.SSLWantReadError:
+                self.up_blocked = READ
+                return
+            except ssl.SSLWantWriteError:  # e.g. answering a TLS 1.3 key update
+                self.up_blocked = WRITE
+                return
+            if n == 0:
+                self.peer_eof = True  # close_notify, or a TCP end (ragged EOFs pass as ends)
+            self.up_end += n
+
+    def _deliver(self) -> bool:
+        """Pass ``up`` to the application; True once it is all gone."""
+        if self.up_start < self.up_end:
+            try:
+                self.up_start += self.plain.send(self.up[self.up_start:self.up_end])
+            except BlockingIOError:
+                return False
+            if self.up_start < self.up_end:
+                return False
+        self.up_start = self.up_end = 0
+        return True
+
+    def _app_to_peer(self) -> None:
+        while True:
+            dry = self._gather()
+            if not self._encrypt() or dry or self.app_eof:
+                return
+
+    def _gather(self) -> bool:
+        """Read plaintext into ``down`` until full or the application has no more; True if it ran dry."""
+        while not self.app_eof and self.down_end < BUFFER:
+            try:
+                n = self.plain.recv_into(self.down[self.down_end:])
+            except BlockingIOError:
+                return True
+            if n == 0:
+                self.app_eof = True
+            self.down_end += n
+        return False
+
+    def _encrypt(self) -> bool:
+        """Write ``down`` to the peer as records; True once it is all gone."""
+        self.down_blocked = None
+        while self.down_start < self.down_end:
+            length = self.pinned or min(WRITE_CHUNK, self.down_end - self.down_start)
+            try:
+                sent = self.tls.send(self.down[self.down_start:self.down_start + length])
+            except ssl.SSLWantWriteError:
+                self.pinned, self.down_blocked = length, WRITE
+                return False
+            except ssl.SSLWantReadError:
+                self.pinned, self.down_blocked = length, READ
+                return False
+            self.pinned = 0
+            self.down_start += sent
+        self.down_start = self.down_end = 0
+        return True
+
+    def _send_close_notify(self) -> None:
+        """Our close_notify, once the application's data is out; then the session ends."""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantWriteError:
+            self.up_blocked = WRITE  # not out yet: try again when the socket drains
+            return
+        except (ssl.SSLError, OSError):
+            pass  # sent and now awaiting the peer's (which we do not wait for), or the peer is gone
+        self._close()
+
+    # ------------------------------------------------------------- watching
+
+    def _watch(self) -> None:
+        blocked = (self.up_blocked, self.down_blocked)
+        self._set(self.tls.fileno(), READ in blocked, WRITE in blocked)
+        if self.closing:
+            self._set(self.plain.fileno(), False, False)
+        elif self.established:
+            self._set(self.plain.fileno(), not self.app_eof and self.down_end < BUFFER,
+                      self.up_start < self.up_end)
+
+    def _set(self, fd: int, reading: bool, writing: bool) -> None:
+        """Watch ``fd`` for what is awaited; nothing awaited, not watched (so a hang-up cannot spin)."""
+        mask = (select.EPOLLIN if reading else 0) | (select.EPOLLOUT if writing else 0)
+        old = self.watched.get(fd, 0)
+        if mask == old:
+            return
+        if not mask:
+            del self.watched[fd]
+            self.loop.unregister(fd)
+        elif not old:
+            self.watched[fd] = mask
+            self.loop.register(fd, self, mask)
+        else:
+            self.watched[fd] = mask
+            self.loop.modify(fd, mask)

@@ -1,0 +1,101 @@
+"""Keyrings as TLS material: identities (certificate, chain, private key) and trust anchors.
+
+A keyring serves as an identity store when it holds a certificate and the
+private key with the same SPKI id (``key_ids[0]``); further certificates in
+it are candidate intermediates.  Only what the caller may use is taken, as
+for any key used by serial: search permission on the keyring (and those
+nested in it) and on each key; revoked or expired keys are skipped.
+Trust anchors and the blacklist are keyden.core.trust's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import NameOID
+
+from keyden.core import trust
+
+MAX_CHAIN = 8  # intermediates sent after a leaf, at most
+
+
+@dataclass(frozen=True, eq=False)
+class Identity:
+    """What a TLS endpoint presents: its certificate, the intermediates above it, its private key."""
+
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    private: object  # the ParsedKey holding the private half; it stays in the daemon
+    names: tuple[str, ...]  # DNS names (lower case) it answers for under SNI
+
+
+def keyring_keys(store, caller, keyring: int) -> list:
+    """The parsed asymmetric keys in a keyring tree the caller may search for, in link order."""
+    return [parsed for _serial, parsed in trust.trusted_keys(store, caller, keyring)]
+
+
+def identities(keys: list) -> list[Identity]:
+    """Each certificate whose private key is among ``keys``, with its chain, in keyring order."""
+    private = {k.key_ids[0]: k for k in keys if k.has_private}
+    pool = [k.certificate for k in keys if k.certificate is not None]
+    found = []
+    for k in keys:
+        if k.certificate is not None and k.key_ids[0] in private:
+            found.append(Identity(k.certificate, _chain(k.certificate, pool), private[k.key_ids[0]],
+                                  dns_names(k.certificate)))
+    return found
+
+
+def _chain(leaf: x509.Certificate, pool: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The intermediates from ``pool`` that signed ``leaf`` and so on upward; a self-signed root is left out."""
+    chain: list[x509.Certificate] = []
+    current = leaf
+    while len(chain) < MAX_CHAIN:
+        issuer = next((c for c in pool if c is not current and c not in chain and _issued(current, c)), None)
+        if issuer is None or issuer.issuer == issuer.subject:
+            break
+        chain.append(issuer)
+        current = issuer
+    return tuple(chain)
+
+
+def _issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def dns_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """subjectAltName DNS names; without that extension, the common name (as older clients read it)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return tuple(str(a.value).lower() for a in cns)
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """RFC 6125: exact, or '*.rest' covering exactly one more label on the left."""
+    if pattern == name:
+        return True
+    if pattern.startswith("*."):
+        label, dot, rest = name.partition(".")
+        return bool(label and dot) and rest == pattern[2:]
+    return False
+
+
+def choose(names_per_identity: list[tuple[str, ...]], server_name: str) -> int:
+    """Which identity answers ``server_name``: an exact name wins over a wildcard; none matching -> the first."""
+    name = server_name.lower().rstrip(".")
+    for exact in (True, False):
+        for i, names in enumerate(names_per_identity):
+            if any((p == name) if exact else name_matches(p, name) for p in names):
+                return i
+    return 0

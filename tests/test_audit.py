@@ -1,0 +1,125 @@
+"""The audit log, read back from a real daemon: who did what to which key, how it ended, and never a secret."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+import pytest
+
+import keyden
+from keyden import errors as E
+
+SECRET = b"kd-AUDIT-SECRET-payload-7f3a"
+DESCRIPTION = "kd-audit-description-91c2"
+NO_SUCH_KEY = 0x7FFFFFF0
+
+
+def audit_lines(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def mine(lines: list[dict]) -> list[dict]:
+    return [rec for rec in lines if rec["pid"] == os.getpid()]
+
+
+def test_every_operation_is_recorded_with_caller_keys_and_result(fresh_daemon):
+    d = fresh_daemon()  # the default: <state_dir>/audit.log
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        serial = c.add("user", DESCRIPTION, SECRET, "@s")
+        assert c.read(serial) == SECRET
+        c.describe(serial)
+        with pytest.raises(E.ENOKEY):
+            c.read(NO_SUCH_KEY)
+        ring = c.newring("kd-audit-ring", "@s")
+        c.link(serial, ring)
+        # The lines are on disk as soon as the reply is: no flush, no shutdown needed.
+        records = mine(audit_lines(log_path))[-7:]  # (before these: the fixture's start-up probe)
+    assert [r["op"] for r in records] == ["hello", "add", "read", "describe", "read", "add", "link"]
+    hello, add, read, describe, missing, newring, link = records
+    assert hello["result"] == "ok" and hello["keys"] == []
+    assert add == {**add, "keys": [-3], "serial": serial, "result": "ok"}
+    assert (read["keys"], read["result"]) == ([serial], "ok")
+    assert describe["keys"] == [serial]
+    assert (missing["keys"], missing["result"]) == ([NO_SUCH_KEY], "ENOKEY")
+    assert link["keys"] == [serial, ring] and newring["serial"] == ring
+    for rec in records:
+        assert (rec["uid"], rec["gid"]) == (os.getuid(), os.getgid())
+        assert rec["exe"] == os.path.realpath(sys.executable)
+        assert isinstance(rec["ts"], float)
+
+
+def test_no_key_material_descriptions_or_data_ever_reach_the_audit_log(fresh_daemon):
+    d = fresh_daemon()
+    with d.connect() as c:
+        serial = c.add("user", DESCRIPTION, SECRET, "@s")
+        c.read(serial)
+        c.update(serial, SECRET + b"-2")
+        aes = c.add("logon", "kd:audit-aes", b"K" * 32, "@s")
+        sealed = c.cipher("gcm(aes)", aes, SECRET, random_nonce=True)
+        assert c.cipher("gcm(aes)", aes, sealed, decrypt=True, random_nonce=True) == SECRET
+        signer = c.generate("ed25519", DESCRIPTION + "-signer")
+        c.pkey_sign(signer, "", SECRET)
+        c.ping(SECRET)
+    with open(os.path.join(d.state_dir, "audit.log"), "rb") as f:
+        text = f.read()
+    assert text.count(b"\n") >= 9
+    for forbidden in (SECRET, SECRET.hex().encode(), DESCRIPTION.encode(), b"K" * 16, sealed[-16:]):
+        assert forbidden not in text
+
+
+def test_stderr_and_off(fresh_daemon):
+    loud = fresh_daemon('audit = "stderr"\n')
+    with loud.connect() as c:
+        c.add("user", "kd-audit-stderr", b"x", "@s")
+    lines = [json.loads(line) for line in loud.read_log().splitlines() if line.startswith('{"ts"')]
+    assert "add" in [r["op"] for r in mine(lines)]
+    assert not os.path.exists(os.path.join(loud.state_dir, "audit.log"))
+
+    quiet = fresh_daemon('audit = "off"\n')
+    with quiet.connect() as c:
+        c.add("user", "kd-audit-off", b"x", "@s")
+    assert not os.path.exists(os.path.join(quiet.state_dir, "audit.log"))
+    assert '"op"' not in quiet.read_log()
+
+
+def test_an_absolute_path_and_refused_connections(fresh_daemon, tmp_path):
+    path = tmp_path / "elsewhere.log"
+    d = fresh_daemon(f'audit = "{path}"\nmax_connections_per_uid = 1\n')
+    with d.connect() as c:
+        c.ping(b"")
+        with pytest.raises(E.EMFILE):
+            d.connect()
+    records = mine(audit_lines(path))
+    assert [(r["op"], r["result"]) for r in records][-1] == ("hello", "EMFILE")
+    assert ("ping", "ok") in [(r["op"], r["result"]) for r in records]
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_the_file_is_rotated_at_its_size_cap_and_lines_never_interleave(fresh_daemon):
+    d = fresh_daemon("audit_max_bytes = 20000\n")
+    log_path = os.path.join(d.state_dir, "audit.log")
+    errors = []
+
+    def hammer():
+        try:
+            with d.connect() as c:
+                for _ in range(150):
+                    c.ping(b"")
+        except Exception as exc:  # reported below: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    current, rotated = audit_lines(log_path), audit_lines(log_path + ".1")  # every line whole JSON
+    assert os.path.getsize(log_path) < 20000 + 4096 and os.path.getsize(log_path + ".1") < 20000 + 4096
+    assert {r["op"] for r in current + rotated} <= {"hello", "ping"}
+    assert len(current) + len(rotated) < 600  # older lines were dropped with the older file

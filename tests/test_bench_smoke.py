@@ -1,0 +1,46 @@
+"""The benchmark harness runs end to end (in its quick mode) and reports a ratio per benchmark.
+
+Only the shape of the report is checked: performance is judged by reading `python -m bench.run`,
+never by timing assertions in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = "| benchmark | keyden | in-process baseline | ratio | target | met |"
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("KEYDEN_SESSION", None)
+    return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_quick_ping_prints_a_table_with_a_ratio(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--only", "ping", "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert HEADER in lines
+    assert any(line.startswith("- cryptography OpenSSL: ") for line in lines)
+    rows = [line for line in lines if line.startswith("| ping |")]
+    assert len(rows) == 1, proc.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert re.fullmatch(r"\d+\.\d\d", cells[3]), cells  # the ratio column holds a number
+    assert cells[5] in ("yes", "NO")
+    result = json.loads(out_json.read_text())["results"]["ping"]
+    assert result["unit"] == "µs" and result["keyden"] > 0 and result["baseline"] > 0
+    assert f"{result['ratio']:.2f}" == cells[3]
+
+
+def test_unknown_benchmark_is_refused_with_the_choices():
+    proc = run_bench("--quick", "--only", "no-such-bench")
+    assert proc.returncode == 2
+    assert "no-such-bench" in proc.stderr and "sign-rsa2048" in proc.stderr

@@ -1,0 +1,304 @@
+"""The session-key and data commands of the CLI, run as real subprocesses against a real daemon.
+
+Keys are uploaded with known bytes (or made from key pairs the test holds),
+so every output is checked against pyca or hashlib.  Each subprocess costs
+~0.2 s, so each test groups related checks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import hashlib
+import os
+import stat
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as pyca_hmac
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keyden.cli.commands import hexdump
+from tests.test_cli import keyden, ok  # noqa: F401  (keyden is the CLI-runner fixture)
+
+NOT_READABLE = "keyctl_read_alloc: Operation not supported\n"
+
+
+def pkcs8(private_key) -> bytes:
+    return private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+
+
+def serial_of(result) -> int:
+    return int(ok(result))
+
+
+def assert_aes_key(client, serial: int, expected: bytes) -> None:
+    """The unreadable key ``serial`` is ``expected``: what keyden encrypts with it, pyca decrypts."""
+    nonce = os.urandom(12)
+    assert AESGCM(expected).decrypt(nonce, client.aead(serial).encrypt(nonce, b"probe", None), None) == b"probe"
+
+
+def fails(result, status: int, stderr: str) -> None:
+    assert (result.rc, result.err) == (status, stderr)
+
+
+# ------------------------------------------------------------ help and genkey
+
+
+def test_help_genkey_specs_and_unreadable_keys(keyden, client):
+    out = ok(keyden("help"))
+    for name in ("aead", "cipher", "derive", "dh_compute", "dh_compute_kdf", "dh_compute_kdf_oi", "hash", "hmac",
+                 "hmac_verify", "kdf"):
+        assert f"\n  keyden {name} " in out
+    assert "  keyden pkey_decrypt <key> <pass> <datafile> [k=v]* --into <desc> <keyring>\n" in out
+    assert ok(keyden("help", "dh_compute_kdf_oi")) == (
+        "Format:\n  keyden dh_compute_kdf_oi [-x] <private> <prime> <base> <len> <hash_name>\n")
+
+    made = {}
+    for spec in ("aes:256", "chacha20", "hmac:512", "x25519"):
+        made[spec] = serial_of(keyden("genkey", spec, "@s"))
+    for spec, hint in (("aes:256", "aes256"), ("chacha20", "chacha20"), ("hmac:512", "hmac512")):
+        d = client.describe(made[spec])
+        assert d.type == "logon" and re.fullmatch(f"keyden:{hint}-[0-9a-f]{{8}}", d.description)
+    assert client.describe(made["x25519"]).type == "asymmetric"
+    named = serial_of(keyden("genkey", "aes:128", "app:named", "@s"))
+    assert client.describe(named).description == "app:named"
+    fails(keyden("genkey", "aes:100", "@s"), 1, "genkey: Invalid argument\n")
+
+    derived = serial_of(keyden("derive", str(made["x25519"]), str(made["x25519"]), "@s"))
+    for command in ("read", "print", "pipe"):
+        for key in (made["aes:256"], derived):
+            r = keyden(command, str(key))
+            assert r.stdout == b""
+            fails(r, 1, NOT_READABLE)
+
+
+# --------------------------------------------------------------- derive, kdf
+
+
+def test_derive_from_keys_and_peer_files(keyden, client, tmp_path):
+    mine, theirs = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    private = client.add("asymmetric", "mine", pkcs8(mine), "@s")
+    public = theirs.public_key()
+    shared = mine.exchange(ec.ECDH(), public)
+    spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    peer = client.add("asymmetric", "theirs", spki, "@s")
+
+    serial = serial_of(keyden("derive", "%asymmetric:mine", str(peer), "@s", "--salt", "00ff", "--info=6869",
+                              "--desc", "app:ab", "--perm", "0x3f010000", "--timeout", "3600"))
+    d = client.describe(serial)
+    assert (d.type, d.description, d.perm) == ("logon", "app:ab", 0x3f010000)
+    assert_aes_key(client, serial, HKDF(hashes.SHA256(), 32, b"\x00\xff", b"hi").derive(shared))
+
+    forms = {
+        "der": spki,
+        "raw": public.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint),
+        "pem": public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+    }
+    expected = HKDF(hashes.SHA384(), 24, None, b"").derive(shared)
+    for name, data in forms.items():
+        path = tmp_path / f"peer.{name}"
+        path.write_bytes(data)
+        serial = serial_of(keyden("derive", "--kdf", "hkdf-sha384", "--length", "24", str(private),
+                                  "--peer-file", str(path), "@s"))
+        assert_aes_key(client, serial, expected)
+    serial = serial_of(keyden("derive", str(private), str(peer), "@s", "--kdf", "sp800-56a-sha256", "--info", "0102"))
+    assert_aes_key(client, serial, ConcatKDFHash(hashes.SHA256(), 32, b"\x01\x02").derive(shared))
+
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x04" + bytes(64))
+    fails(keyden("derive", str(private), "--peer-file", str(garbage), "@s"), 1, "keyden_derive: Invalid argument\n")
+    fails(keyden("derive", str(private), "--peer-file", str(tmp_path / "absent"), "@s"), 1,
+          f"{tmp_path / 'absent'}: No such file or directory\n")
+    fails(keyden("derive", str(private), str(peer), "@s", "--kdf", "md5"), 1,
+          "keyden_derive: No such file or directory\n")
+    fails(keyden("derive", str(private), str(peer), "@s", "--length", "12x"), 2, "Unparsable length: '12x'\n")
+    fails(keyden("derive", str(private), str(peer), "@s", "--salt", "0g"), 1, "Bad hex doublet\n")
+    assert keyden("derive", str(private), "@s").rc == 2
+    assert keyden("derive", str(private), str(peer), "@s", "--peer-file", str(garbage)).rc == 2
+    assert keyden("derive", str(private), str(peer), "@s", "--desc").rc == 2
+
+
+def test_kdf_command(keyden, client):
+    master = os.urandom(32)
+    key = client.add("user", "master", master)
+    serial = serial_of(keyden("kdf", str(key), "@s", "--kdf", "hkdf-sha512", "--salt", "aa", "--info", "bb",
+                              "--length", "16", "--desc", "app:child"))
+    assert client.describe(serial).description == "app:child"
+    assert_aes_key(client, serial, HKDF(hashes.SHA512(), 16, b"\xaa", b"\xbb").derive(master))
+    fails(keyden("kdf", "-3", "@s"), 1, "keyden_kdf: Protocol not available\n")  # -3 is @s: a word, not an option
+    assert keyden("kdf", str(key)).rc == 2
+
+
+# ---------------------------------------------------------------- dh_compute
+
+P = int(  # RFC 3526 group 14
+    "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DD"
+    "EF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"
+    "EE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF0598DA48361C55D39A69163FA8FD24CF5F"
+    "83655D23DCA3AD961C62F356208552BB9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3B"
+    "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA0510"
+    "15728E5A8AACAA68FFFFFFFFFFFFFFFF", 16)
+
+
+def result_lines(data: bytes) -> str:
+    return f"{len(data)} bytes of data in result:\n{hexdump(data)}\n"
+
+
+def test_dh_compute_commands_print_like_keyctl(keyden, client):
+    x, peer_x = (int.from_bytes(os.urandom(32), "big") | 1 for _ in range(2))
+    private = client.add("user", "dh:private", x.to_bytes(32, "big"))
+    prime = client.add("user", "dh:prime", P.to_bytes(256, "big"))
+    base = client.add("user", "dh:base", b"\x02")
+    peer = client.add("user", "dh:peer", pow(2, peer_x, P).to_bytes(256, "big"))
+    shared = pow(pow(2, peer_x, P), x, P).to_bytes(256, "big")
+
+    assert ok(keyden("dh_compute", str(private), str(prime), str(base))) == result_lines(
+        pow(2, x, P).to_bytes(256, "big"))
+    assert ok(keyden("dh_compute", "%user:dh:private", "%user:dh:prime", str(peer))) == result_lines(shared)
+    assert ok(keyden("dh_compute_kdf", str(private), str(prime), str(peer), "40", "sha256")) == result_lines(
+        ConcatKDFHash(hashes.SHA256(), 40, None).derive(shared))
+    otherinfo = b"alice bob"
+    expected = result_lines(ConcatKDFHash(hashes.SHA512(), 64, otherinfo).derive(shared))
+    assert ok(keyden("dh_compute_kdf_oi", str(private), str(prime), str(peer), "64", "sha512",
+                     stdin=otherinfo)) == expected
+    assert ok(keyden("dh_compute_kdf_oi", "-x", str(private), str(prime), str(peer), "64", "sha512",
+                     stdin=otherinfo.hex().encode())) == expected
+
+    fails(keyden("dh_compute", str(private), str(private), str(base)), 1, "keyctl_dh_compute_alloc: Invalid argument\n")
+    fails(keyden("dh_compute_kdf", str(private), str(prime), str(peer), "x", "sha256"), 2, "Unparsable length: 'x'\n")
+    assert keyden("dh_compute", str(private), str(prime)).rc == 2
+    assert keyden("dh_compute_kdf", str(private), str(prime), str(peer), "32").rc == 2
+
+
+def test_pkey_decrypt_into_a_new_key(keyden, client, tmp_path):
+    local = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_key = client.add("asymmetric", "transport", pkcs8(local), "@s")
+    session_key = os.urandom(32)
+    wrapped = tmp_path / "wrapped"
+    wrapped.write_bytes(local.public_key().encrypt(
+        session_key, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)))
+
+    serial = serial_of(keyden("pkey_decrypt", str(rsa_key), "0", str(wrapped), "enc=oaep", "hash=sha256",
+                              "--into", "app:transported", "@s"))
+    assert client.describe(serial).description == "app:transported"
+    assert_aes_key(client, serial, session_key)
+    assert keyden("pkey_decrypt", str(rsa_key), "0", str(wrapped), "enc=oaep", "hash=sha256").stdout == session_key
+    keys_before = len(client.read("@s"))
+    fails(keyden("pkey_decrypt", str(rsa_key), "0", str(wrapped), "enc=oaep", "hash=sha1", "--into", "app:x", "@s"),
+          1, "keyden_pkey_decrypt_into: Bad message\n")  # OAEP's hash must match: nothing is created
+    assert keyden("pkey_decrypt", str(rsa_key), "0", str(wrapped), "--into", "app:x").rc == 2
+    assert keyden("pkey_decrypt", str(rsa_key), "0", "--into", "app:x", "@s").rc == 2
+    assert len(client.read("@s")) == keys_before
+
+
+# ------------------------------------------------------------------- aead
+
+
+def test_aead_gcm_streams_with_keyden_or_caller_nonces(keyden, client, tmp_path):
+    key = os.urandom(32)
+    serial = str(client.add("logon", "app:gcm", key))
+    data = os.urandom((5 << 20) // 2)  # several 1 MiB pieces
+    aad = b"header"
+
+    sealed = keyden("aead", "encrypt", serial, "--aad", aad.hex(), stdin=data).stdout
+    assert len(sealed) == 12 + len(data) + 16
+    assert AESGCM(key).decrypt(sealed[:12], sealed[12:], aad) == data
+    assert keyden("aead", "decrypt", serial, "--aad", aad.hex(), stdin=sealed).stdout == data
+
+    nonce = os.urandom(12)
+    given = keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), stdin=b"short message").stdout
+    assert given == AESGCM(key).encrypt(nonce, b"short message", None)
+    target = tmp_path / "plain"
+    assert ok(keyden("aead", "decrypt", serial, "--nonce", nonce.hex(), "-o", str(target), stdin=given)) == ""
+    assert target.read_bytes() == b"short message" and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+    empty = keyden("aead", "encrypt", serial, stdin=b"").stdout
+    assert len(empty) == 28 and AESGCM(key).decrypt(empty[:12], empty[12:], None) == b""
+    assert ok(keyden("aead", "decrypt", serial, stdin=empty)) == ""
+
+
+def test_aead_decrypt_failures_leave_no_plaintext_file(keyden, client, tmp_path):
+    key = os.urandom(16)
+    serial = str(client.add("user", "gcm128", key))
+    nonce, data = os.urandom(12), os.urandom(3 << 20)
+    tampered = bytearray(nonce + AESGCM(key).encrypt(nonce, data, None))
+    tampered[-1] ^= 1  # the tag: every piece of plaintext decrypts fine, only the end fails
+
+    target = tmp_path / "out"
+    target.write_bytes(b"previous contents")
+    before = sorted(os.listdir(tmp_path))
+    fails(keyden("aead", "decrypt", serial, "-o", str(target), stdin=bytes(tampered)), 1,
+          "keyden_aead: Bad message\n")
+    assert target.read_bytes() == b"previous contents" and sorted(os.listdir(tmp_path)) == before
+
+    to_stdout = keyden("aead", "decrypt", serial, stdin=bytes(tampered))
+    fails(to_stdout, 1, "keyden_aead: Bad message\n")  # what reached stdout must be discarded by the reader
+    fails(keyden("aead", "decrypt", serial, stdin=bytes(27)), 1, "keyden_aead: Bad message\n")
+    fails(keyden("aead", "decrypt", serial, "--nonce", nonce.hex(), stdin=bytes(15)), 1,
+          "keyden_aead: Bad message\n")
+    fails(keyden("aead", "encrypt", serial, "-a", "cbc(aes)", stdin=b"x"), 1,
+          "keyden_aead: No such file or directory\n")
+    fails(keyden("aead", "encrypt", "0x7ffffff0", stdin=b"x"), 1, "keyden_aead: Required key not available\n")
+    fails(keyden("aead", "encrypt", serial, "--aad", "abc", stdin=b"x"), 1, "Short hex doublet\n")
+    assert keyden("aead", "seal", serial).rc == 2
+    assert keyden("aead", "encrypt").rc == 2
+
+
+def test_aead_chacha20_poly1305_is_one_shot(keyden, client):
+    key = os.urandom(32)
+    serial = str(client.add("logon", "app:chacha", key))
+    alg = "rfc7539(chacha20,poly1305)"
+    data = os.urandom(300_000)  # past the shared-memory threshold
+    sealed = keyden("aead", "encrypt", serial, "-a", alg, "--aad", "01", stdin=data).stdout
+    assert ChaCha20Poly1305(key).decrypt(sealed[:12], sealed[12:], b"\x01") == data
+    assert keyden("aead", "decrypt", serial, "-a", alg, "--aad", "01", stdin=sealed).stdout == data
+    nonce = os.urandom(12)
+    given = keyden("aead", "encrypt", serial, "-a", alg, "--nonce", nonce.hex(), stdin=b"hi").stdout
+    assert given == ChaCha20Poly1305(key).encrypt(nonce, b"hi", None)
+    fails(keyden("aead", "decrypt", serial, "-a", alg, stdin=sealed[:-1]), 1, "keyden_aead: Bad message\n")
+
+
+# ----------------------------------------------------- cipher, hash, hmac
+
+
+def test_cipher_hash_hmac_commands(keyden, client, tmp_path):
+    key, iv = os.urandom(24), os.urandom(16)
+    serial = str(client.add("user", "aes192", key))
+    data = os.urandom((3 << 20) // 2)  # a whole number of blocks, over one piece
+    for alg, mode in (("cbc(aes)", modes.CBC), ("ctr(aes)", modes.CTR)):
+        enc = Cipher(algorithms.AES(key), mode(iv)).encryptor()
+        expected = enc.update(data) + enc.finalize()
+        assert keyden("cipher", "encrypt", serial, "-a", alg, "--iv", iv.hex(), stdin=data).stdout == expected
+        target = tmp_path / alg
+        ok(keyden("cipher", "decrypt", serial, "-a", alg, "--iv", iv.hex(), "-o", str(target), stdin=expected))
+        assert target.read_bytes() == data
+    fails(keyden("cipher", "encrypt", serial, "-a", "cbc(aes)", "--iv", iv.hex(), stdin=b"partial block"), 1,
+          "keyden_cipher: Invalid argument\n")
+    fails(keyden("cipher", "encrypt", serial, "-a", "gcm(aes)", "--iv", iv.hex()), 1,
+          "keyden_cipher: No such file or directory\n")
+    assert keyden("cipher", "encrypt", serial, "-a", "ctr(aes)").rc == 2
+
+    assert ok(keyden("hash", "sha256", stdin=data)) == hashlib.sha256(data).hexdigest() + "\n"
+    assert ok(keyden("hash", "sha384", stdin=b"")) == hashlib.sha384(b"").hexdigest() + "\n"
+    fails(keyden("hash", "hmac(sha256)"), 1, "keyden_hash: No such file or directory\n")
+
+    mac_key = os.urandom(64)
+    mac_serial = str(client.add("logon", "app:mac", mac_key))
+    tags = {}
+    for alg, hash_cls in (("hmac(sha256)", hashes.SHA256), ("hmac(sha512)", hashes.SHA512)):
+        h = pyca_hmac.HMAC(mac_key, hash_cls())
+        h.update(data)
+        tags[alg] = h.finalize().hex()
+    assert ok(keyden("hmac", mac_serial, stdin=data)) == tags["hmac(sha256)"] + "\n"
+    assert ok(keyden("hmac", mac_serial, "-a", "hmac(sha512)", stdin=data)) == tags["hmac(sha512)"] + "\n"
+    assert ok(keyden("hmac_verify", mac_serial, tags["hmac(sha512)"], "-a", "hmac(sha512)", stdin=data)) == ""
+    fails(keyden("hmac_verify", mac_serial, tags["hmac(sha256)"], stdin=data + b"!"), 1,
+          "keyden_hmac_verify: Bad message\n")
+    fails(keyden("hmac_verify", mac_serial, tags["hmac(sha256)"][:32], stdin=data), 1,
+          "keyden_hmac_verify: Invalid argument\n")
+    fails(keyden("hmac_verify", mac_serial, "zz"), 1, "Bad hex doublet\n")

@@ -1,0 +1,425 @@
+"""Data shoveling by key serial against a real daemon: every result checked against pyca.
+
+Keys are uploaded with known bytes (user/logon keys key ciphers, as with
+AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL), so whatever keyden computes can be
+recomputed locally: one-shot, batches, streams in random pieces, and
+buffers processed in shared memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import random
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as pyca_hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from keyden import errors as E
+from keyden.client import dataplane
+from keyden.protocol import Op
+
+GCM, CHACHA = "gcm(aes)", "rfc7539(chacha20,poly1305)"
+AUTH_FAILED = "authentication failed"
+PYCA_AEAD = {GCM: AESGCM, CHACHA: ChaCha20Poly1305}
+
+
+@pytest.fixture
+def aes(client):
+    """(key bytes, serial) of an AES-256 logon key."""
+    key = os.urandom(32)
+    return key, client.add("logon", "test:aes", key)
+
+
+def pieces(data: bytes, rng: random.Random) -> list[bytes]:
+    """``data`` cut at random places, empty pieces included."""
+    cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(6)))
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+# ------------------------------------------------------------------ one-shot
+
+
+@pytest.mark.parametrize("alg,size", [(GCM, 16), (GCM, 24), (GCM, 32), (CHACHA, 32)])
+def test_aead_one_shot_equals_pyca(client, alg, size):
+    key = os.urandom(size)
+    aead = client.aead(client.add("user", f"k{size}", key), alg)
+    local = PYCA_AEAD[alg](key)
+    for data, aad in ((b"", None), (b"attack at dawn", b"header"), (os.urandom(5000), b"")):
+        nonce = os.urandom(12)
+        ciphertext = aead.encrypt(nonce, data, aad)
+        assert ciphertext == local.encrypt(nonce, data, aad)
+        assert aead.decrypt(nonce, local.encrypt(nonce, data, aad), aad) == data
+    assert repr(aead) == f"<Aead {alg} key={aead.serial}>" and key.hex() not in repr(aead)
+
+
+def test_encrypt_into_and_decrypt_into_fill_caller_buffers(client, aes):
+    key, serial = aes
+    aead = client.aead(serial)
+    nonce, data = os.urandom(12), os.urandom(1000)
+    out = bytearray(1100)
+    assert aead.encrypt_into(nonce, data, b"ad", out) == 1016
+    assert bytes(out[:1016]) == AESGCM(key).encrypt(nonce, data, b"ad")
+    plain = bytearray(1016)
+    assert aead.decrypt_into(nonce, bytes(out[:1016]), b"ad", memoryview(plain)) == 1000
+    assert bytes(plain[:1000]) == data
+
+
+def test_keyden_chosen_nonces_are_fresh_and_prefixed(client, aes):
+    key, serial = aes
+    aead = client.aead(serial)
+    blobs = [aead.encrypt_random(b"same message", b"ad") for _ in range(3)]
+    assert len({b[:12] for b in blobs}) == 3
+    for blob in blobs:
+        assert len(blob) == 12 + 12 + 16
+        assert AESGCM(key).decrypt(blob[:12], blob[12:], b"ad") == b"same message"
+        assert aead.decrypt_random(blob, b"ad") == b"same message"
+    local = os.urandom(12)
+    assert aead.decrypt_random(local + AESGCM(key).encrypt(local, b"from pyca", None)) == b"from pyca"
+    with pytest.raises(E.EBADMSG):
+        aead.decrypt_random(blobs[0], b"other ad")
+    with pytest.raises(E.EBADMSG):
+        aead.decrypt_random(blobs[0][:27])  # shorter than nonce + tag
+
+
+def test_batches_equal_one_shot_with_per_item_failures(client, aes):
+    key, serial = aes
+    aead = client.aead(serial)
+    items = [os.urandom(n) for n in (0, 1, 100, 3000)]
+    nonces = [os.urandom(12) for _ in items]
+    aads = [b"a%d" % i for i in range(len(items))]
+    sealed = aead.encrypt_batch(nonces, items, aads)
+    assert sealed == [AESGCM(key).encrypt(n, i, a) for n, i, a in zip(nonces, items, aads)]
+
+    tampered = list(sealed)
+    tampered[2] = bytes([sealed[2][0] ^ 1]) + sealed[2][1:]
+    opened = aead.decrypt_batch(nonces, tampered, aads)
+    assert [o for i, o in enumerate(opened) if i != 2] == [i for n, i in enumerate(items) if n != 2]
+    assert isinstance(opened[2], E.EBADMSG)
+
+    chosen = aead.encrypt_batch(None, items)  # keyden picks each nonce: nonce || ct || tag
+    assert [AESGCM(key).decrypt(b[:12], b[12:], None) for b in chosen] == items
+    assert aead.decrypt_batch(None, chosen) == items
+    with pytest.raises(E.EINVAL):
+        aead.encrypt_batch(nonces[:2], items)  # one nonce per item
+    status, out = client.batch(GCM, serial, [b"x", b"y"], ivs=[os.urandom(12), b"short"])
+    assert status == [0, E.EINVAL.code] and out[1] == b""
+
+    mac_key = os.urandom(48)
+    mac = client.hmac(client.add("user", "mac", mac_key), "hmac(sha384)")
+    expected = []
+    for item in items:
+        h = pyca_hmac.HMAC(mac_key, hashes.SHA384())
+        h.update(item)
+        expected.append(h.finalize())
+    assert mac.mac_batch(items) == expected
+
+
+def test_hash_and_hmac_one_shot(client):
+    data = os.urandom(777)
+    for alg in ("sha1", "sha224", "sha256", "sha384", "sha512"):
+        assert client.digest(alg, data) == hashlib.new(alg, data).digest()
+    mac_key = os.urandom(20)
+    mac = client.hmac(client.add("user", "mac", mac_key))
+    tag = mac.mac(data)
+    h = pyca_hmac.HMAC(mac_key, hashes.SHA256())
+    h.update(data)
+    assert tag == h.finalize()
+    assert mac.verify(data, tag) is None
+    with pytest.raises(E.EBADMSG) as bad:
+        mac.verify(data + b"!", tag)
+    assert bad.value.message == "HMAC verification failed"
+    with pytest.raises(E.EINVAL):
+        mac.verify(data, tag[:16])  # truncated tags are refused, not compared
+
+
+def test_skcipher_one_shot_equals_pyca(client, aes):
+    key, serial = aes
+    data, iv = os.urandom(64), os.urandom(16)
+    for alg, mode in (("cbc(aes)", modes.CBC), ("ctr(aes)", modes.CTR)):
+        enc = Cipher(algorithms.AES(key), mode(iv)).encryptor()
+        expected = enc.update(data) + enc.finalize()
+        assert client.cipher(alg, serial, data, iv=iv) == expected
+        assert client.cipher(alg, serial, expected, iv=iv, decrypt=True) == data
+    with pytest.raises(E.EINVAL):
+        client.cipher("cbc(aes)", serial, data[:20], iv=iv)  # no padding: whole blocks only
+    with pytest.raises(E.EINVAL):
+        client.cipher("cbc(aes)", serial, data, iv=iv[:8])
+
+
+# ------------------------------------------------------------------ streams
+
+
+def test_streams_in_random_pieces_equal_one_shot(client, aes):
+    key, serial = aes
+    mac_key = os.urandom(32)
+    mac_serial = client.add("user", "mac", mac_key)
+    rng = random.Random(1234)
+    for _ in range(4):
+        data = os.urandom(rng.choice((0, 1, 15, 16, 1000, 70000)))
+        aad, nonce, iv = os.urandom(rng.randrange(40)), os.urandom(12), os.urandom(16)
+
+        with client.stream(GCM, serial, iv=nonce, aad=aad) as s:
+            out = b"".join(s.update(p) for p in pieces(data, rng))
+            last, tag = s.finalize()
+        assert out + last + tag == AESGCM(key).encrypt(nonce, data, aad)
+        s = client.stream(GCM, serial, iv=nonce, aad=aad, decrypt=True)
+        plain = b"".join(s.update(p) for p in pieces(out + last, rng))
+        assert plain + s.finalize(tag=tag)[0] == data
+
+        ctr = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+        s = client.stream("ctr(aes)", serial, iv=iv)
+        assert b"".join(s.update(p) for p in pieces(data, rng)) + s.finalize()[0] == ctr.update(data)
+
+        blocks = data[:len(data) // 16 * 16]
+        cbc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+        expected = cbc.update(blocks) + cbc.finalize()
+        s = client.stream("cbc(aes)", serial, iv=iv)
+        assert b"".join(s.update(p) for p in pieces(blocks, rng)) + s.finalize()[0] == expected
+        s = client.stream("cbc(aes)", serial, iv=iv, decrypt=True)
+        assert b"".join(s.update(p) for p in pieces(expected, rng)) + s.finalize()[0] == blocks
+
+        h = client.hash("sha512")
+        for p in pieces(data, rng):
+            assert h.update(p) == b""
+        assert h.finalize() == (b"", hashlib.sha512(data).digest())
+
+        m = client.hmac(mac_serial).stream()
+        for p in pieces(data, rng):
+            m.update(p)
+        local = pyca_hmac.HMAC(mac_key, hashes.SHA256())
+        local.update(data)
+        assert m.finalize() == (b"", local.finalize())
+
+
+def test_stream_failures(client, aes):
+    key, serial = aes
+    nonce = os.urandom(12)
+    sealed = AESGCM(key).encrypt(nonce, b"x" * 100, None)
+    s = client.stream(GCM, serial, iv=nonce, decrypt=True)
+    s.update(sealed[:-16])  # plaintext is released before the tag is checked...
+    with pytest.raises(E.EBADMSG) as bad:
+        s.finalize(tag=bytes(16))  # ...which is why the final answer is what counts
+    assert bad.value.message == AUTH_FAILED
+
+    random_nonce = client.stream(GCM, serial, random_nonce=True)
+    body = random_nonce.update(b"chosen by keyden")
+    last, tag = random_nonce.finalize()
+    assert AESGCM(key).decrypt(random_nonce.nonce, body + last + tag, None) == b"chosen by keyden"
+
+    s = client.stream("cbc(aes)", serial, iv=os.urandom(16))
+    s.update(b"not a whole block")
+    with pytest.raises(E.EINVAL):
+        s.finalize()
+    with pytest.raises(E.EOPNOTSUPP):
+        client.stream(CHACHA, client.add("user", "chacha", os.urandom(32)), iv=nonce)
+    with pytest.raises(E.EINVAL):
+        client.stream("sha256", aad=b"no aad for hashes")
+    with pytest.raises(E.EINVAL):
+        client.stream(GCM, serial, iv=nonce, random_nonce=True)  # both an IV and a keyden nonce
+
+
+def test_closed_streams_are_ebadf_and_streams_are_limited_per_connection(client, daemon):
+    finished = client.hash("sha256")
+    finished.finalize()
+    for op in (lambda: client.stream_update(finished.handle, b"x"), lambda: client.stream_final(finished.handle),
+               lambda: client.stream_abort(finished.handle)):
+        with pytest.raises(E.EBADF):
+            op()
+    aborted = client.hash("sha256")
+    aborted.abort()
+    with pytest.raises(E.EBADF):
+        client.stream_update(aborted.handle, b"x")
+    with pytest.raises(E.EBADF):
+        client.stream_update(0x7fffffff, b"x")
+
+    open_streams = [client.hash("sha256") for _ in range(64)]
+    with pytest.raises(E.EMFILE):
+        client.hash("sha256")
+    open_streams.pop().abort()
+    client.hash("sha256")  # a slot freed is a slot usable
+    with daemon.connect(session=client.session_token) as other:
+        other.hash("sha256").finalize()  # the limit is per connection
+
+
+# -------------------------------------------------------------- shared memory
+
+
+def test_large_aead_buffers_go_through_shared_memory(client, aes):
+    key, serial = aes
+    aead = client.aead(serial)
+    data, nonce = os.urandom(3 << 20), os.urandom(12)
+    sealed = aead.encrypt(nonce, data, b"big")
+    assert aead._shm is not None  # the bytes went through the mapped region, not the socket
+    assert sealed == AESGCM(key).encrypt(nonce, data, b"big")
+    assert aead.decrypt(nonce, sealed, b"big") == data
+    assert aead.decrypt(nonce, memoryview(bytearray(sealed)), b"big") == data
+    out = bytearray(len(data))
+    assert aead.decrypt_into(nonce, sealed, b"big", out) == len(data) and out == data
+    tampered = bytearray(sealed)
+    tampered[len(data) // 2] ^= 1
+    with pytest.raises(E.EBADMSG) as bad:
+        aead.decrypt(nonce, bytes(tampered), b"big")
+    assert bad.value.message == AUTH_FAILED
+
+    # larger than a frame may be (16 MiB): only shared memory can carry it
+    huge = os.urandom(17 << 20)
+    blob = aead.encrypt_random(huge, b"huge")
+    assert AESGCM(key).decrypt(blob[:12], blob[12:], b"huge") == huge
+    assert aead.decrypt_random(blob, b"huge") == huge
+    assert aead.decrypt(blob[:12], memoryview(blob)[12:], b"huge") == huge
+    aead.close()
+    assert client.ping(b"still connected") == b"still connected"
+
+
+def test_shared_buffer_cipher_in_place_ranges(client, aes):
+    key, serial = aes
+    size = 1 << 20
+    with client.shared_buffer(4 * size) as shm:
+        data, iv = os.urandom(size), os.urandom(16)
+        shm.view[:size] = data
+        written, nonce = shm.cipher("ctr(aes)", serial, 0, size, size, iv=iv)
+        ctr = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+        assert (written, nonce) == (size, b"") and shm.view[size:2 * size] == ctr.update(data)
+
+        written, nonce = shm.cipher(GCM, serial, 0, size, size, aad=b"ad", random_nonce=True)
+        assert written == size + 16 and len(nonce) == 12
+        sealed = bytes(shm.view[size:size + written])
+        assert AESGCM(key).decrypt(nonce, sealed, b"ad") == data
+        assert shm.cipher(GCM, serial, size, size + 16, 3 * size, iv=nonce, aad=b"ad", decrypt=True) == (size, b"")
+        assert shm.view[3 * size:] == data
+
+        shm.view[size] ^= 1  # a failed decrypt must leave no plaintext behind
+        with pytest.raises(E.EBADMSG):
+            shm.cipher(GCM, serial, size, size + 16, 3 * size, iv=nonce, aad=b"ad", decrypt=True)
+        assert shm.view[3 * size:] == bytes(size)
+
+        for in_offset, length, out_offset in ((0, 100, 50), (100, 100, 50), (0, size, size - 1), (7, 9, 7)):
+            with pytest.raises(E.EINVAL, match="overlap"):
+                shm.cipher("ctr(aes)", serial, in_offset, length, out_offset, iv=iv)
+        assert shm.cipher("ctr(aes)", serial, 100, 100, 0, iv=iv) == (100, b"")  # adjacent is fine
+        with pytest.raises(E.EINVAL, match="overlap"):  # the output's tag would run into the input
+            shm.cipher(GCM, serial, 100, 100, 0, iv=os.urandom(12))
+        for in_offset, length, out_offset in ((4 * size - 10, 20, 0), (0, 100, 4 * size - 50),
+                                              (2**63, 16, 0), (0, 16, 2**64 - 8)):
+            with pytest.raises(E.EINVAL, match="outside"):
+                shm.cipher("ctr(aes)", serial, in_offset, length, out_offset, iv=iv)
+        region = shm.region
+    with pytest.raises(E.EBADF):  # detached when the buffer closed
+        client._call(Op.SHM_CIPHER, region, "ctr(aes)", serial, 0, iv, b"", 0, 16, 16)
+
+
+def test_only_sealed_memfds_are_attached(client):
+    def memfd(seals: int) -> int:
+        fd = os.memfd_create("probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 4096)
+        if seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        return fd
+
+    unsealed = memfd(0)
+    grow_only = memfd(fcntl.F_SEAL_GROW)
+    sealed = memfd(fcntl.F_SEAL_SHRINK)
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(E.EPERM):
+            client._call_with_fds(Op.SHM_ATTACH, (4096,), [unsealed])
+        with pytest.raises(E.EPERM):
+            client._call_with_fds(Op.SHM_ATTACH, (4096,), [grow_only])
+        with pytest.raises(E.EBADF):
+            client._call_with_fds(Op.SHM_ATTACH, (4096,), [read_end])
+        with pytest.raises(E.EBADF):
+            client._call(Op.SHM_ATTACH, 4096)  # no descriptor sent
+        with pytest.raises(E.EINVAL):
+            client._call_with_fds(Op.SHM_ATTACH, (8192,), [sealed])  # larger than the memfd
+        (region,) = client._call_with_fds(Op.SHM_ATTACH, (4096,), [sealed])
+        client._call(Op.SHM_DETACH, region)
+        with pytest.raises(E.EBADF):
+            client._call(Op.SHM_DETACH, region)
+    finally:
+        for fd in (unsealed, grow_only, sealed, read_end, write_end):
+            os.close(fd)
+
+
+def test_shared_regions_are_limited_per_connection(client):
+    buffers = [client.shared_buffer(4096) for _ in range(8)]
+    with pytest.raises(E.EMFILE):
+        client.shared_buffer(4096)
+    buffers.pop().close()
+    buffers.append(client.shared_buffer(4096))
+    for b in buffers:
+        b.close()
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_authentication_failures_say_nothing_more(client, aes):
+    key, serial = aes
+    aead = client.aead(serial)
+    nonce = os.urandom(12)
+    secret_data = b"TOP-SECRET-PLAINTEXT" * 3
+    sealed = AESGCM(key).encrypt(nonce, secret_data, b"ad")
+    failures = []
+    for attempt in (lambda: aead.decrypt(nonce, sealed[:-1] + bytes([sealed[-1] ^ 1]), b"ad"),
+                    lambda: aead.decrypt(nonce, sealed, b"other"),
+                    lambda: aead.decrypt(os.urandom(12), sealed, b"ad"),
+                    lambda: aead.decrypt(nonce, b"", b"ad"),
+                    lambda: aead.decrypt_random(b"\0" * 40)):
+        with pytest.raises(E.EBADMSG) as bad:
+            attempt()
+        failures.append(bad.value)
+    for failure in failures:
+        assert failure.message == AUTH_FAILED
+        text = str(failure) + repr(failure)
+        assert secret_data[:8] not in text.encode() and key.hex() not in text and sealed.hex()[:16] not in text
+
+
+def test_wrong_keys_and_algorithms(client, aes):
+    _key, serial = aes
+    nonce = os.urandom(12)
+    asymmetric = client.generate("ec:p256", "", "@s")
+    ring = client.newring("ring")
+    for wrong in (asymmetric, ring):
+        with pytest.raises(E.ENOPROTOOPT):
+            client.aead(wrong).encrypt(nonce, b"x")
+        with pytest.raises(E.ENOPROTOOPT):
+            client.mac("hmac(sha256)", wrong, b"x")
+        with pytest.raises(E.ENOPROTOOPT):
+            client.stream("ctr(aes)", wrong, iv=bytes(16))
+    for unknown in (lambda: client.cipher("xts(aes)", serial, b"x" * 32, iv=bytes(16)),
+                    lambda: client.digest("md5", b"x"),
+                    lambda: client.stream("cbc(des)", serial, iv=bytes(8)),
+                    lambda: client.aead(serial, "ccm(aes)"),
+                    lambda: client.hmac(serial, "hmac(md5)")):
+        with pytest.raises(E.ENOENT):
+            unknown()
+    with pytest.raises(E.EINVAL):
+        client.aead(serial).encrypt(nonce[:8], b"x")
+    with pytest.raises(E.EINVAL):
+        client.aead(client.add("user", "short", os.urandom(16)), CHACHA).encrypt(nonce, b"x")
+    with pytest.raises(E.ENOKEY):
+        client.aead(0x7ffffff0).encrypt(nonce, b"x")
+
+    aead = client.aead(serial)
+    aead.encrypt(nonce, b"works")
+    client.revoke(serial)
+    for op in (lambda: aead.encrypt(nonce, b"x"), lambda: aead.encrypt_random(b"x"),
+               lambda: aead.encrypt_batch([nonce], [b"x"]), lambda: client.stream(GCM, serial, iv=nonce)):
+        with pytest.raises(E.EKEYREVOKED):
+            op()
+
+
+def test_handles_do_not_pickle_or_show_keys(client, aes):
+    import pickle
+
+    _key, serial = aes
+    for handle in (client.aead(serial), client.hmac(serial)):
+        with pytest.raises(TypeError):
+            pickle.dumps(handle)
+    assert dataplane.BULK_THRESHOLD <= 1 << 20  # the >= 1 MiB tests above do cross it

@@ -1,0 +1,256 @@
+"""Wrapped export and import over the real daemon: round trips, refusals, and no key bytes in any blob.
+
+Exports need read permission by the key's mask (possession counts) and a key
+without the non-exportable flag; what comes out is sealed to a public key or
+under a wrapping key held in keyden, and goes back in only through keyden.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+
+from keyden import errors as E
+from keyden.persist import export as X
+from tests.conftest import REPO
+
+READABLE = 0x3F010000  # possessor everything (read included), owner view
+
+
+def _pem_private(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_public(key) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_round_trip_through_every_kind_of_recipient(client):
+    payload = os.urandom(32)
+    key = client.add("user", "exported", payload, "@s")
+    client.setperm(key, 0x3F010003)
+    # A recipient's private key, uploaded from outside, and its PEM public half given as bytes.
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    x_key = x25519.X25519PrivateKey.generate()
+    recipients = {
+        "ec-pem": (_pem_public(ec_key), client.add("asymmetric", "ec-recipient", _pem_private(ec_key), "@s")),
+        "rsa-pem": (_pem_public(rsa_key), client.add("asymmetric", "rsa-recipient", _pem_private(rsa_key), "@s")),
+        "x25519-pem": (_pem_public(x_key), client.add("asymmetric", "x-recipient", _pem_private(x_key), "@s")),
+    }
+    generated = client.genkey("x25519", "x-in-keyden", "@s")
+    recipients["x25519-serial"] = (generated, generated)
+    wrap = client.genkey("aes:256", "backup:wrap", "@s")
+    blobs = {name: client.export(key, to_public_key=to) for name, (to, _unwrap) in recipients.items()}
+    blobs["wrapping-key"] = client.export(key, wrapping_key=wrap)
+    unwrap_with = {name: unwrap for name, (_to, unwrap) in recipients.items()}
+    unwrap_with["wrapping-key"] = wrap
+    dest = client.newring("imports", "@s")  # not @s: the copy would displace the original there
+
+    modes = {name: X.mode_of(blob) for name, blob in blobs.items()}
+    assert modes == {"ec-pem": X.ECDH, "rsa-pem": X.RSA_OAEP, "x25519-pem": X.X25519, "x25519-serial": X.X25519,
+                     "wrapping-key": X.WRAPPING_KEY}
+    for name, blob in blobs.items():
+        assert payload not in blob and b"exported" not in blob, name  # sealed, description included
+        back = client.import_key(blob, unwrap_with[name], dest)
+        assert back != key
+        assert client.read(back) == payload
+        d = client.describe(back)
+        assert (d.type, d.description, d.perm, d.uid) == ("user", "exported", 0x3F010003, os.geteuid())
+        client.unlink(back, dest)
+    # Each export is fresh: the same key twice never gives the same blob.
+    assert client.export(key, wrapping_key=wrap) != blobs["wrapping-key"]
+
+
+def test_a_keyring_tree_moves_whole(client):
+    top = client.newring("bundle", "@s")
+    sub = client.newring("inner", top)
+    user = client.add("user", "cfg", b"user-bytes", top)
+    logon_bytes = os.urandom(32)
+    logon = client.add("logon", "svc:key", logon_bytes, sub)
+    signer = client.genkey("ed25519", "signer", sub)
+    client.link(user, sub)  # one key in two keyrings of the tree
+    for k in (logon, signer):
+        client.setperm(k, READABLE)  # unreadable types export only when the mask grants read
+    spki, _ = client.public_key_bytes(signer)
+    wrap = client.genkey("aes:256", "backup:tree", "@s")
+
+    blob = client.export(top, wrapping_key=wrap)
+    assert logon_bytes not in blob
+    new_top = client.import_key(blob, wrap, "@s")
+    new_members = {client.describe(k).description: k for k in client.read(new_top)}
+    assert set(new_members) == {"inner", "cfg"}
+    inner = {client.describe(k).description: k for k in client.read(new_members["inner"])}
+    assert set(inner) == {"svc:key", "signer", "cfg"}
+    assert inner["cfg"] == new_members["cfg"]  # still one key, linked twice
+    assert client.read(new_members["cfg"]) == b"user-bytes"
+    assert client.describe(inner["svc:key"]).type == "logon"
+    assert client.mac("hmac(sha256)", inner["svc:key"], b"m") == hmac.new(logon_bytes, b"m", "sha256").digest()
+    signature = client.pkey_sign(inner["signer"], "", b"message")
+    serialization.load_der_public_key(spki).verify(signature, b"message")  # the very same private key
+
+
+def test_what_may_not_be_exported(client):
+    wrap = client.genkey("aes:256", "backup:refusals", "@s")
+    sealed = client.add("user", "sealed", b"stays home", "@s", no_export=True)
+    with pytest.raises(E.EPERM):
+        client.export(sealed, wrapping_key=wrap)
+    client.update(sealed, b"new payload")  # the flag survives an update
+    client.add("user", "sealed", b"re-added", "@s")  # and add's update-in-place
+    with pytest.raises(E.EPERM):
+        client.export(sealed, wrapping_key=wrap)
+    ring = client.newring("holder", "@s")
+    client.link(sealed, ring)
+    with pytest.raises(E.EPERM):
+        client.export(ring, wrapping_key=wrap)  # one sealed key seals the whole tree
+    kept = client.genkey("ec:p256", "kept", "@s", no_export=True)
+    client.setperm(kept, READABLE)
+    with pytest.raises(E.EPERM):
+        client.export(kept, wrapping_key=wrap)
+    # Read permission by mask is needed: a logon key's default mask has none.
+    logon = client.add("logon", "svc:default", os.urandom(32), "@s")
+    with pytest.raises(E.EACCES):
+        client.export(logon, wrapping_key=wrap)
+    user = client.add("user", "plain", b"x" * 16, "@s")
+    with pytest.raises(E.EINVAL):
+        client.export(user, to_public_key=client.genkey("ed25519", "signing-only", "@s"))  # cannot encrypt to it
+    with pytest.raises(E.EINVAL):
+        client.export(user, wrapping_key=client.add("logon", "svc:short", b"too short", "@s"))
+    imported = client.import_key(client.export(user, wrapping_key=wrap), wrap, "@s", no_export=True)
+    with pytest.raises(E.EPERM):
+        client.export(imported, wrapping_key=wrap)  # marked on import
+
+
+def test_hostile_and_mismatched_blobs_are_refused(client):
+    wrap = client.genkey("aes:256", "backup:a", "@s")
+    other = client.genkey("aes:256", "backup:b", "@s")
+    x = client.genkey("x25519", "x", "@s")
+    key = client.add("user", "k", b"payload bytes", "@s")
+    blob = client.export(key, wrapping_key=wrap)
+    with pytest.raises(E.EBADMSG):
+        client.import_key(blob, other, "@s")  # wrong wrapping key
+    with pytest.raises(E.ENOPROTOOPT):
+        client.import_key(blob, x, "@s")  # made for a wrapping key, offered a private key
+    with pytest.raises(E.EOPNOTSUPP):
+        client.import_key(client.export(key, to_public_key=x), wrap, "@s")  # and the other way round
+    for i in (0, 7, len(blob) // 2, len(blob) - 1):
+        bad = bytearray(blob)
+        bad[i] ^= 0x20
+        with pytest.raises((E.EBADMSG, E.EINVAL)):
+            client.import_key(bytes(bad), wrap, "@s")
+    for junk in (b"", b"KDNX", blob[:30], os.urandom(200)):
+        with pytest.raises(E.EBADMSG):
+            client.import_key(junk, wrap, "@s")
+    before = client.read("@s")
+    # A well-sealed blob whose tree is malformed (a link out of range) is refused whole.
+    crafted = X.wrap_to_public_key(X.TREE.encode(([X.ENTRY.encode(("keyring", "r", READABLE, b""))], [0, 5])),
+                                   client.public_key(x))
+    with pytest.raises(E.EBADMSG):
+        client.import_key(crafted, x, "@s")
+    # A tree that fails half-way (the second key's payload is refused) leaves nothing behind.
+    entries = [X.ENTRY.encode(("keyring", "r", READABLE, b"")), X.ENTRY.encode(("user", "ok", READABLE, b"fine")),
+               X.ENTRY.encode(("user", "bad", READABLE, b""))]
+    crafted = X.wrap_to_public_key(X.TREE.encode((entries, [0, 1, 0, 2])), client.public_key(x))
+    with pytest.raises(E.EINVAL):
+        client.import_key(crafted, x, "@s")
+    assert client.read("@s") == before
+
+
+def test_non_exportable_survives_a_restart(fresh_daemon):
+    d = fresh_daemon()
+    with d.connect() as boot:
+        _serial, token = boot.join_session()
+    c = d.connect(session=token)
+    ring = c.get_persistent("@s")
+    wrap = c.genkey("aes:256", "backup:persist", ring)
+    sealed = c.add("user", "sealed", b"never leaves", ring, no_export=True)
+    free = c.add("user", "free", b"may leave", ring)
+    d.stop(signal.SIGKILL)
+    d.start()
+    with d.connect() as boot:
+        _serial, token = boot.join_session()
+    c = d.connect(session=token)
+    c.get_persistent("@s")
+    with pytest.raises(E.EPERM):
+        c.export(sealed, wrapping_key=wrap)
+    assert c.read(c.import_key(c.export(free, wrapping_key=wrap), wrap, "@s")) == b"may leave"
+
+
+def _cli(daemon, token, *args, stdin=b""):
+    env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SESSION=token)
+    return subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, *args], input=stdin,
+                          capture_output=True, env=env, timeout=60)
+
+
+def test_cli_export_import_and_get_persistent(daemon, client, tmp_path):
+    token = client.session_token
+    dest = str(client.newring("imports", "@s"))
+    wrap = client.genkey("aes:256", "backup:cli", "@s")
+    key = client.add("user", "cli-key", b"cli payload", "@s")
+    out = tmp_path / "blob"
+    r = _cli(daemon, token, "export", str(key), "--wrapping-key", str(wrap), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert os.stat(out).st_mode & 0o777 == 0o600 and b"cli payload" not in out.read_bytes()
+    r = _cli(daemon, token, "import", str(out), "--unwrap-with", str(wrap), dest)
+    assert r.returncode == 0, r.stderr
+    assert client.read(int(r.stdout)) == b"cli payload"
+    # To a PEM public key file, back through stdin.
+    x = client.genkey("x25519", "cli-x", "@s")
+    pem = tmp_path / "recipient.pem"
+    pem.write_bytes(serialization.load_der_public_key(client.public_key_bytes(x)[0]).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    r = _cli(daemon, token, "export", str(key), "--to-public-key", str(pem))
+    assert r.returncode == 0 and b"cli payload" not in r.stdout
+    client.clear(int(dest))
+    r = _cli(daemon, token, "import", "--no-export", "-", "--unwrap-with", str(x), dest, stdin=r.stdout)
+    assert r.returncode == 0, r.stderr
+    assert client.read(int(r.stdout)) == b"cli payload"
+    r = _cli(daemon, token, "add", "--no-export", "user", "cli-sealed", "v", "@s")
+    sealed = int(r.stdout)
+    r = _cli(daemon, token, "export", str(sealed), "--wrapping-key", str(wrap))
+    assert (r.returncode, r.stderr) == (1, b"export: Operation not permitted\n")
+    r = _cli(daemon, token, "export", str(key))
+    assert r.returncode == 2 and b"--wrapping-key" in r.stderr  # usage
+    # keyctl's get_persistent: <keyring> [<uid>]
+    r = _cli(daemon, token, "get_persistent", "@s")
+    assert r.returncode == 0 and int(r.stdout) in client.read("@s")
+    client.unlink(int(r.stdout), "@s")  # the shared daemon's root persistent keyring: leave it as found
+    r = _cli(daemon, token, "get_persistent", "@s", "nobody")
+    assert (r.returncode, r.stderr) == (2, b"Unparsable uid: 'nobody'\n")
+
+
+def test_cli_init_creates_the_key_and_checks_it(tmp_path):
+    state = tmp_path / "state"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", str(state),
+                        "--config", os.devnull], capture_output=True, env=env, timeout=60)
+    assert r.returncode == 0 and b"ready" in r.stdout, r.stderr
+    key = (state / "master.key").read_bytes()
+    assert len(key) == 32 and os.stat(state / "master.key").st_mode & 0o777 == 0o600
+    again = subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", str(state),
+                            "--config", os.devnull], capture_output=True, env=env, timeout=60)
+    assert again.returncode == 0 and (state / "master.key").read_bytes() == key  # idempotent
+    (state / "master.key").write_bytes(os.urandom(32))
+    wrong = subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", str(state),
+                            "--config", os.devnull], capture_output=True, env=env, timeout=60)
+    assert wrong.returncode == 1 and b"does not open" in wrong.stderr
+
+
+def test_blob_format_offline():
+    """The format needs no daemon: wrapping to a public key and back with its private key."""
+    plaintext = X.TREE.encode(([X.ENTRY.encode(("user", "d", READABLE, b"secret bytes"))], []))
+    for private in (x25519.X25519PrivateKey.generate(), ec.generate_private_key(ec.SECP384R1()),
+                    rsa.generate_private_key(public_exponent=65537, key_size=2048)):
+        blob = X.wrap_to_public_key(plaintext, private.public_key())
+        assert b"secret bytes" not in blob
+        assert X.unwrap_with_private_key(blob, private) == plaintext
+        entries, links = X.decode_tree(X.unwrap_with_private_key(blob, private))
+        assert (entries[0].payload, links) == (b"secret bytes", [])

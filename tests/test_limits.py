@@ -1,0 +1,271 @@
+"""Limits that hold under abuse, over a real daemon: connections per uid and in total, idle and
+non-reading clients, pipelined floods, oversized frames, slow clients beside fast ones.
+
+No timed assertions: each test checks what happens (an error frame, a close, an answer
+while the slow clients are still connected), never how fast.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+import keyden
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.protocol import Op
+
+try:
+    from tests.users import User, run_as
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from users import User, run_as
+
+NOBODY = User("nobody", 65534, 65534, (65534,))
+BIG = 32000  # bytes in a user key read back many times
+
+
+# ----------------------------------------------------------------- raw wire
+
+class Raw:
+    """A bare socket speaking frames, for clients the library would never be: silent, slow, deaf."""
+
+    def __init__(self, path: str, hello: bool = True, sndbuf: int | None = None):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if sndbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.decoder = W.FrameDecoder(1 << 31)
+        self.frames: list[W.Frame] = []
+        if hello:
+            self.sock.sendall(W.encode_request(1, Op.HELLO, 1, 1, "", "raw"))
+            assert self.next_frame().status == 0
+
+    def next_frame(self) -> W.Frame | None:
+        """The next reply, or None at end of stream."""
+        while not self.frames:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return None
+            self.decoder.feed(data)
+            self.frames.extend(self.decoder.frames())
+        return self.frames.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect_when_room(daemon, **kw) -> keyden.client.sync.Client:
+    """Connect, retrying while connections that just closed are still being counted."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return daemon.connect(**kw)
+        except (E.EMFILE, E.ENFILE):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# ------------------------------------------------------------- connections
+
+def test_connections_per_uid_are_capped_with_an_error_frame_and_other_users_unaffected(fresh_daemon):
+    d = fresh_daemon("max_connections_per_uid = 3\n")
+    held = [connect_when_room(d) for _ in range(3)]
+    with pytest.raises(E.EMFILE):
+        d.connect()
+    # The cap is per uid: another user still gets in.
+    assert run_as(NOBODY, _whoami_uid, d.socket) == NOBODY.uid
+    held.pop().close()
+    c = connect_when_room(d)  # room again once one is closed
+    assert c.ping(b"x") == b"x"
+    for c in held + [c]:
+        c.close()
+
+
+def _whoami_uid(path: str) -> int:
+    with keyden.connect(path) as c:
+        return c.whoami()[0]
+
+
+def test_total_connections_are_capped_before_a_thread_is_spent(fresh_daemon):
+    d = fresh_daemon("max_connections = 4\nmax_connections_per_uid = 100\n")
+    held = [connect_when_room(d) for _ in range(4)]
+    with pytest.raises(E.ENFILE):
+        d.connect()
+    assert run_as(NOBODY, _refused_errno, d.socket) == "ENFILE"  # the total counts every uid
+    held.pop().close()
+    connect_when_room(d).close()
+    for c in held:
+        c.close()
+
+
+def _refused_errno(path: str) -> str:
+    try:
+        keyden.connect(path).close()
+    except keyden.KeydenError as exc:
+        return exc.name
+    return "connected"
+
+
+# ---------------------------------------------------------------- timeouts
+
+@pytest.mark.parametrize("config, hello, reason", [("handshake_timeout = 0.5", False, "no HELLO"),
+                                                    ("idle_timeout = 0.5", True, "idle")])
+def test_a_silent_connection_is_closed_after_its_timeout_with_etimedout(fresh_daemon, config, hello, reason):
+    d = fresh_daemon(config + "\n")
+    raw = Raw(d.socket, hello=hello)
+    frame = raw.next_frame()  # blocks until the daemon gives up on us
+    assert (frame.request_id, frame.op, frame.status) == (0, 0, E.ETIMEDOUT.code)
+    assert reason in W.decode_error(frame.body)
+    assert raw.next_frame() is None  # then it closes
+    raw.close()
+
+
+def test_by_default_a_greeted_connection_may_stay_silent(fresh_daemon):
+    """Long-lived clients (a TLS proxy, an application server) hold a connection for hours between uses."""
+    d = fresh_daemon("handshake_timeout = 0.3\n")
+    with d.connect() as c:
+        time.sleep(1.0)
+        assert c.ping(b"still") == b"still"
+
+
+def test_a_connection_that_keeps_talking_is_never_idle(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    with d.connect() as c:
+        for i in range(8):  # 1.6 s in all, never 0.5 s silent
+            assert c.ping(bytes([i])) == bytes([i])
+            time.sleep(0.2)
+
+
+def test_a_client_that_never_reads_is_dropped_after_the_send_timeout(fresh_daemon):
+    d = fresh_daemon("send_timeout = 0.5\n")
+    with d.connect() as c:
+        serial = c.add("user", "big", b"b" * BIG, "@s")
+    raw = Raw(d.socket)
+    requests = 2000  # 64 MB of replies: far more than the socket buffers hold
+    raw.sock.sendall(b"".join(W.encode_request(10 + i, Op.READ, serial) for i in range(requests)))
+    time.sleep(1.5)  # read nothing for three send timeouts
+    answered = 0
+    try:
+        while (frame := raw.next_frame()) is not None:
+            assert frame.status == 0
+            answered += 1
+    except ConnectionResetError:
+        pass  # closed with our requests unread: the kernel says reset after the buffered replies
+    assert answered < requests
+    raw.close()
+    with d.connect() as c:  # and the daemon is fine
+        assert c.read(serial) == b"b" * BIG
+
+
+# --------------------------------------------------------- memory per connection
+
+def test_a_client_that_sends_but_never_reads_cannot_make_the_daemon_buffer(fresh_daemon):
+    """Each 16-byte READ asks for 32 KB: a daemon that decoded all it could read before writing would hold
+    a gigabyte of replies for the few hundred KB of requests the socket buffers let through."""
+    d = fresh_daemon()
+    with d.connect() as c:
+        serial = c.add("user", "big", b"b" * BIG, "@s")
+        c.read(serial)
+    peak_before = d.memory_kib("VmHWM")
+    raw = Raw(d.socket, sndbuf=256 * 1024)
+    request = W.encode_request(7, Op.READ, serial)
+    limit = 65536
+    pending = request * limit
+    raw.sock.setblocking(False)
+    sent = 0
+    while sent < len(pending):
+        try:
+            sent += raw.sock.send(pending[sent:sent + 65536])
+        except BlockingIOError:
+            _, writable, _ = select.select([], [raw.sock], [], 1.0)
+            if not writable:
+                break  # a full second with no room: the daemon has stopped reading from us
+    assert sent < len(pending), "the daemon kept reading although its replies were not being read"
+    time.sleep(0.3)
+    grown_mib = (d.memory_kib("VmHWM") - peak_before) / 1024
+    assert grown_mib < 48, f"daemon memory grew by {grown_mib:.0f} MiB for one non-reading client"
+    # It was only waiting: once we read, every request sent is answered.
+    raw.sock.settimeout(30)
+    whole = sent - sent % len(request)
+    if whole != sent:
+        raw.sock.sendall(pending[sent:whole + len(request)])
+        whole += len(request)
+    for _ in range(whole // len(request)):
+        frame = raw.next_frame()
+        assert frame.status == 0 and W.response_schema(Op.READ).decode(frame.body) == (0, b"b" * BIG)
+    raw.close()
+
+
+def test_a_deep_pipeline_is_answered_completely_and_in_order(daemon):
+    raw = Raw(daemon.socket)
+    n = 20000
+    frames = b"".join(W.encode_request(i + 1, Op.PING, i.to_bytes(4, "little")) for i in range(n))
+    sender = threading.Thread(target=raw.sock.sendall, args=(frames,))
+    sender.start()
+    for i in range(n):
+        frame = raw.next_frame()
+        assert frame.request_id == i + 1 and frame.status == 0
+        assert W.response_schema(Op.PING).decode(frame.body) == (i.to_bytes(4, "little"),)
+    sender.join()
+    raw.close()
+
+
+def test_an_oversized_frame_gets_emsgsize_then_the_connection_closes(fresh_daemon):
+    d = fresh_daemon("max_frame = 4096\n")
+    raw = Raw(d.socket)
+    raw.sock.sendall(W.HEADER.pack(4097, 5, Op.PING, 0))  # announce it; the body never needs to come
+    frame = raw.next_frame()
+    assert (frame.op, frame.status) == (0, E.EMSGSIZE.code)
+    assert raw.next_frame() is None
+    raw.close()
+    with d.connect() as c:
+        assert c.max_frame == 4096
+        with pytest.raises(E.EMSGSIZE):  # the library client learns why, too
+            c.ping(b"x" * 5000)
+
+
+# ------------------------------------------------------------- slow neighbours
+
+def test_silent_and_slowloris_clients_cost_the_others_nothing(daemon):
+    silent = [Raw(daemon.socket, hello=i % 2 == 0) for i in range(50)]  # half never even said hello
+    slow = Raw(daemon.socket)
+    body = W.request_schema(Op.PING).encode((b"s" * 1000,))
+    slow.sock.sendall(W.HEADER.pack(len(body), 99, Op.PING, 0))
+    stop = threading.Event()
+    dribbled = 0
+
+    def dribble():
+        nonlocal dribbled
+        while not stop.is_set() and dribbled < len(body) - 1:
+            slow.sock.sendall(body[dribbled:dribbled + 1])
+            dribbled += 1
+            time.sleep(0.01)
+
+    dribbler = threading.Thread(target=dribble)
+    dribbler.start()
+    try:
+        with daemon.connect(timeout=30) as c:
+            for i in range(300):
+                assert c.ping(i.to_bytes(2, "little")) == i.to_bytes(2, "little")
+            serial = c.add("user", "neighbour", b"payload", "@s")
+            assert c.read(serial) == b"payload"
+            c.unlink(serial, "@s")
+        assert dribbler.is_alive(), "the slow client should still be mid-frame while the others are served"
+    finally:
+        stop.set()
+        dribbler.join()
+    # The slow and silent clients were still connected all along, and are served when they get to it.
+    slow.sock.sendall(body[dribbled:])
+    frame = slow.next_frame()
+    assert frame.request_id == 99 and W.response_schema(Op.PING).decode(frame.body) == (b"s" * 1000,)
+    late = silent[1]
+    late.sock.sendall(W.encode_request(1, Op.HELLO, 1, 1, "", "late"))
+    assert late.next_frame().status == 0
+    for raw in silent + [slow]:
+        raw.close()

@@ -1,0 +1,468 @@
+"""Persistent keyrings over real daemons: what survives a restart, what is refused, how the master key behaves.
+
+Each test runs its own daemon (``fresh_daemon``) and restarts it on the same
+state directory, usually with SIGKILL so nothing is flushed on the way out.
+Tampering is done the way an attacker with write access to the database
+would: by editing its rows while the daemon is down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import keyden
+from keyden import errors as E
+from keyden.persist import kernel
+
+try:
+    from tests.users import run_as, temporary_users
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from users import run_as, temporary_users
+
+UID = os.geteuid()
+PERSISTENT_PERM = 0x1F030000
+
+
+def session(daemon, **kw):
+    """A client in a fresh session keyring of its own."""
+    with daemon.connect() as boot:
+        _serial, token = boot.join_session()
+    return daemon.connect(session=token, **kw)
+
+
+def restart(daemon, sig=signal.SIGKILL):
+    daemon.stop(sig)
+    daemon.start()
+
+
+def refused_start(daemon) -> str:
+    """Start a daemon that must refuse to start; return what it said."""
+    with pytest.raises(RuntimeError, match="exited early") as info:
+        daemon.start()
+    return str(info.value)
+
+
+def db_path(daemon) -> str:
+    return os.path.join(daemon.state_dir, "keys.db")
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_file(path: str, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+# ------------------------------------------------------------ what persists
+
+
+def test_restart_keeps_keys_serials_perms_owners_and_state(fresh_daemon):
+    d = fresh_daemon()
+    c = session(d)
+    ring = c.get_persistent("@s")
+    assert c.get_persistent("@s", UID) == ring  # the caller's own uid, spelled out
+    user = c.add("user", "plain", b"user-payload", ring)
+    logon = c.add("logon", "svc:token", b"logon-payload-0123456789", ring)
+    sub = c.newring("sub", ring)
+    deep = c.add("user", "deep", b"nested-payload", sub)
+    signer = c.genkey("ec:p256", "signer", ring)
+    updated = c.add("user", "updated", b"before", ring)
+    revoked = c.add("user", "revoked", b"gone-soon", ring)
+    unlinked = c.add("user", "unlinked", b"was-here", ring)
+    expiring = c.add("user", "expiring", b"short-lived", ring)
+    lasting = c.add("user", "lasting", b"long-lived", ring)
+    closed = c.newring("closed", ring)
+    c.setperm(user, 0x3F1B0B01)
+    c.chown(deep, -1, 4242)
+    c.update(updated, b"after")
+    c.revoke(revoked)
+    c.unlink(unlinked, ring)
+    c.timeout(expiring, 3)
+    c.timeout(lasting, 3600)
+    c.restrict_keyring(closed)
+    signature = c.pkey_sign(signer, "enc=x962 hash=sha256", hashlib.sha256(b"msg").digest())
+    spki, _cert = c.public_key_bytes(signer)
+    before = {k: c.describe(k) for k in (ring, user, logon, sub, deep, signer, updated, lasting, closed)}
+    set_at = time.time()
+
+    restart(d)
+    c = session(d)
+    assert c.get_persistent("@s") == ring  # same serial, and possessed again through the new session
+    assert {k: c.describe(k) for k in before} == before  # serials, types, owners, groups, masks, descriptions
+    assert before[ring].perm == PERSISTENT_PERM and before[ring].description == f"_persistent.{UID}"
+    assert before[deep].gid == 4242 and before[user].perm == 0x3F1B0B01
+    assert c.read(user) == b"user-payload"
+    assert c.read(deep) == b"nested-payload"
+    assert c.read(updated) == b"after"
+    assert sorted(c.read(ring)) == sorted([user, logon, sub, signer, updated, revoked, expiring, lasting, closed])
+    with pytest.raises(E.EKEYREVOKED):
+        c.read(revoked)
+    with pytest.raises(E.ENOKEY):
+        c.describe(unlinked)
+    with pytest.raises(E.EOPNOTSUPP):
+        c.read(logon)  # still a logon key
+    # The logon payload came back intact: it keys the same HMAC as before.
+    assert c.mac("hmac(sha256)", logon, b"data") == hmac.new(b"logon-payload-0123456789", b"data", "sha256").digest()
+    # The asymmetric key is the same key: its old signature verifies, and a new one checks out with the old public key.
+    c.pkey_verify(signer, "enc=x962 hash=sha256", hashlib.sha256(b"msg").digest(), signature)
+    fresh = c.pkey_sign(signer, "enc=x962 hash=sha256", hashlib.sha256(b"again").digest())
+    serialization.load_der_public_key(spki).verify(fresh, b"again", ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(E.EPERM):
+        c.link(c.add("user", "intruder", b"x", "@s"), closed)  # the restriction came back too
+    # Expiry is wall-clock and kept: the short one expires on time, the long one does not.
+    while time.time() < set_at + 3.2:
+        time.sleep(0.1)
+    with pytest.raises(E.EKEYEXPIRED):
+        c.read(expiring)
+    assert c.read(lasting) == b"long-lived"
+
+
+def test_only_what_hangs_under_a_persistent_keyring_survives(fresh_daemon):
+    d = fresh_daemon()
+    c = session(d)
+    ring = c.get_persistent("@s")
+    session_only = c.add("user", "session-only", b"volatile", "@s")
+    moved_out = c.add("user", "moved-out", b"was persistent", ring)
+    c.move(moved_out, ring, "@s")
+    kept = c.add("user", "kept", b"stays", ring)
+    also_in_session = c.add("user", "both", b"linked twice", "@s")
+    c.link(also_in_session, ring)
+    session_ring = c.get_keyring_id("@s")
+    lost_ring = c.newring("dropped", ring)
+    lost_child = c.add("user", "child", b"goes with its keyring", lost_ring)
+    c.link(lost_ring, "@s")
+    c.unlink(lost_ring, ring)
+
+    restart(d)
+    c = session(d)
+    assert c.get_persistent("@s") == ring
+    assert c.read(kept) == b"stays" and c.read(also_in_session) == b"linked twice"
+    for gone in (session_only, moved_out, session_ring, lost_ring, lost_child):
+        with pytest.raises(E.ENOKEY):
+            c.describe(gone)
+    # Clearing or invalidating persists too.
+    c.invalidate(kept)
+    c.clear(ring)
+    restart(d)
+    c = session(d)
+    assert c.get_persistent("@s") == ring and c.read(ring) == []
+
+
+def test_get_persistent_follows_the_kernel(fresh_daemon):
+    d = fresh_daemon("gc_interval = 0.2\n[quota]\npersistent_keyring_expiry = 2\ngc_delay = 0\n")
+    c = session(d)
+    ring = c.get_persistent("@s")
+    other = c.get_persistent("@s", 4321)  # root may get any uid's, owned by that uid, outside its quota
+    desc = c.describe(other)
+    assert (desc.uid, desc.gid, desc.perm, desc.description) == (4321, -1, PERSISTENT_PERM, "_persistent.4321")
+    assert other != ring and ring in c.read("@s") and other in c.read("@s")
+    with pytest.raises(E.ENOTDIR):
+        c.get_persistent(c.add("user", "not-a-ring", b"x", "@s"))
+    with pytest.raises(E.EINVAL):
+        c.get_persistent("@s", 2**32)
+    assert c.get_persistent("@s") == ring  # one per uid, and each call pushes its expiry back
+    with pytest.raises(E.EACCES):
+        c.setperm(ring, 0x3F3F0000)  # nobody has setattr on a persistent keyring
+    assert c.get_persistent("@s", 4321) == other
+    # It expires persistent_keyring_expiry after the last get_persistent, and its keys with it.
+    doomed = c.add("user", "doomed", b"x", other)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            c.describe(other)
+        except E.EKEYEXPIRED:
+            pass  # expired, waiting for the collector
+        except E.ENOKEY:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("expired persistent keyring was never collected")
+    with pytest.raises(E.ENOKEY):
+        c.describe(doomed)
+    restart(d)
+    c = session(d)
+    with pytest.raises(E.ENOKEY):
+        c.describe(doomed)
+    assert c.get_persistent("@s", 4321) != other
+
+
+# ------------------------------------------------------------------ tamper
+
+
+def test_tampered_records_are_reported_and_skipped(fresh_daemon):
+    d = fresh_daemon()
+    c = session(d)
+    ring = c.get_persistent("@s")
+    secrets_by_key = {}
+    for name in ("blob", "desc", "perm", "swap-a", "swap-b", "intact-1", "intact-2"):
+        payload = f"material-{name}-".encode() + secrets.token_hex(8).encode()
+        secrets_by_key[c.add("user", name, payload, ring)] = (name, payload)
+    serial = {name: k for k, (name, _p) in secrets_by_key.items()}
+    d.stop(signal.SIGKILL)
+
+    db = sqlite3.connect(db_path(d))
+    with db:
+        sealed = bytearray(db.execute("SELECT sealed FROM keys WHERE serial = ?", (serial["blob"],)).fetchone()[0])
+        sealed[len(sealed) // 2] ^= 0x01  # one bit inside the ciphertext
+        db.execute("UPDATE keys SET sealed = ? WHERE serial = ?", (bytes(sealed), serial["blob"]))
+        db.execute("UPDATE keys SET description = 'deso' WHERE serial = ?", (serial["desc"],))  # one byte
+        db.execute("UPDATE keys SET perm = perm | 0x3f WHERE serial = ?", (serial["perm"],))  # open to all
+        a, b = (db.execute("SELECT sealed FROM keys WHERE serial = ?", (serial[n],)).fetchone()[0]
+                for n in ("swap-a", "swap-b"))
+        db.execute("UPDATE keys SET sealed = ? WHERE serial = ?", (b, serial["swap-a"]))
+        db.execute("UPDATE keys SET sealed = ? WHERE serial = ?", (a, serial["swap-b"]))
+    db.close()
+
+    log_mark = len(d.read_log())
+    d.start()
+    log = d.read_log()[log_mark:]
+    c = session(d)
+    assert c.get_persistent("@s") == ring
+    for name in ("blob", "desc", "perm", "swap-a", "swap-b"):
+        assert f"stored key {serial[name]} skipped: authentication failed" in log
+        with pytest.raises(E.ENOKEY):
+            c.describe(serial[name])
+    for name in ("intact-1", "intact-2"):
+        assert c.read(serial[name]) == secrets_by_key[serial[name]][1]
+    assert sorted(c.read(ring)) == sorted([serial["intact-1"], serial["intact-2"]])
+    for _name, payload in secrets_by_key.values():
+        assert payload.decode() not in log  # reported without material
+    # The tampered rows stay on disk (evidence), and keep being refused.
+    restart(d)
+    assert d.read_log().count(f"stored key {serial['blob']} skipped") == 2
+
+
+# ------------------------------------------------------------- master key
+
+
+def test_missing_or_wrong_master_key_refuses_to_start(fresh_daemon, tmp_path):
+    d = fresh_daemon()
+    c = session(d)
+    ring = c.get_persistent("@s")
+    key = c.add("user", "precious", b"do not lose me", ring)
+    d.stop()
+    key_file = os.path.join(d.state_dir, "master.key")
+    assert os.stat(key_file).st_mode & 0o777 == 0o600 and os.path.getsize(key_file) == 32
+    assert os.stat(db_path(d)).st_mode & 0o777 == 0o600
+    with open(key_file, "rb") as f:
+        good = f.read()
+    db_before = file_digest(db_path(d))
+
+    write_file(key_file, os.urandom(32))
+    assert "does not open the key store" in refused_start(d)
+    os.unlink(key_file)
+    assert "is missing" in refused_start(d)
+    write_file(key_file, good, mode=0o644)
+    assert "chmod 600" in refused_start(d)
+    d.args = ("--passphrase-file", passphrase_file(tmp_path, b"a guess"))
+    assert "not a passphrase" in refused_start(d)  # would otherwise make a second, empty store
+    assert file_digest(db_path(d)) == db_before  # never started empty over it
+
+    d.args = ()
+    write_file(key_file, good)
+    d.start()
+    c = session(d)
+    assert c.get_persistent("@s") == ring and c.read(key) == b"do not lose me"
+
+
+def passphrase_file(directory, passphrase: bytes, name: str = "pass") -> str:
+    path = os.path.join(directory, name)
+    write_file(path, passphrase + b"\n")
+    return path
+
+
+def test_passphrase_derived_master_key_and_its_rotation(fresh_daemon, tmp_path, monkeypatch):
+    first = passphrase_file(tmp_path, b"correct horse battery staple", "first")
+    d = fresh_daemon(args=("--passphrase-file", first))
+    c = session(d)
+    key = c.add("user", "pp", b"sealed by passphrase", c.get_persistent("@s"))
+    assert not os.path.exists(os.path.join(d.state_dir, "master.key"))  # nothing secret on disk
+    d.stop(signal.SIGKILL)
+
+    d.args = ("--passphrase-file", passphrase_file(tmp_path, b"wrong horse", "wrong"))
+    assert "passphrase does not open" in refused_start(d)
+    d.args = ()
+    assert "sealed under a passphrase" in refused_start(d)
+    monkeypatch.setenv("KEYDEN_PASSPHRASE_FILE", first)  # the environment works as well as the flag
+    d.start()
+    c = session(d)
+    c.get_persistent("@s")
+    assert c.read(key) == b"sealed by passphrase"
+
+    with pytest.raises(E.EINVAL):
+        c.rekey()  # a passphrase store is rotated to a new passphrase (which may be the same)
+    c.rekey(b"second passphrase")
+    d.stop(signal.SIGKILL)
+    assert "passphrase does not open" in refused_start(d)  # the first one no longer opens it
+    monkeypatch.delenv("KEYDEN_PASSPHRASE_FILE")
+    d.args = ("--passphrase-file", passphrase_file(tmp_path, b"second passphrase", "second"))
+    d.start()
+    c = session(d)
+    c.get_persistent("@s")
+    assert c.read(key) == b"sealed by passphrase"
+
+
+def test_rekey_without_downtime_and_the_old_key_no_longer_opens(fresh_daemon):
+    d = fresh_daemon()
+    c = session(d)
+    ring = c.get_persistent("@s")
+    keys = {c.add("user", f"k{i}", f"payload-{i}".encode(), ring): f"payload-{i}".encode() for i in range(20)}
+    key_file = os.path.join(d.state_dir, "master.key")
+    with open(key_file, "rb") as f:
+        old = f.read()
+
+    # A writer keeps going while the key rotates.
+    stop, errors = threading.Event(), []
+
+    def writer():
+        w = session(d)
+        w.get_persistent("@s")
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                keys[w.add("user", f"during{i}", f"during-{i}".encode(), ring)] = f"during-{i}".encode()
+            except keyden.KeydenError as exc:
+                errors.append(exc)
+        w.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.2)
+    c.rekey()
+    time.sleep(0.2)
+    stop.set()
+    t.join()
+    assert not errors and len(keys) > 20
+    with open(key_file, "rb") as f:
+        new = f.read()
+    assert new != old and len(new) == 32 and not os.path.exists(key_file + ".new")
+    with pytest.raises(E.EINVAL):
+        c.rekey(b"a passphrase")  # this store is sealed under a key file
+
+    restart(d)
+    c = session(d)
+    c.get_persistent("@s")
+    assert all(c.read(k) == v for k, v in keys.items())
+    d.stop()
+    write_file(key_file, old)
+    assert "does not open the key store" in refused_start(d)
+
+    # A crash after the database committed under the new key but before master.key was replaced:
+    # the next start finds the new key in master.key.new and finishes the job.
+    write_file(key_file + ".new", new)
+    d.start()
+    with open(key_file, "rb") as f:
+        assert f.read() == new and not os.path.exists(key_file + ".new")
+    c = session(d)
+    c.get_persistent("@s")
+    assert all(c.read(k) == v for k, v in keys.items())
+
+
+def test_master_key_in_the_kernel_keyring(fresh_daemon):
+    description = f"keyden-test:{secrets.token_hex(4)}"
+    d = fresh_daemon(f'master_key_kernel = "{description}"\n')
+    try:
+        log = d.read_log()
+        key_file = os.path.join(d.state_dir, "master.key")
+        try:
+            kernel.probe()
+        except kernel.KernelUnavailable:
+            assert "kernel keyring unavailable" in log  # said clearly, and the file carries on
+            assert os.path.exists(key_file)
+            return
+        with open(key_file, "rb") as f:
+            assert kernel.read(description) == f.read()
+        c = session(d)
+        key = c.add("user", "k", b"unlocked from the kernel", c.get_persistent("@s"))
+        d.stop()
+        os.unlink(key_file)  # the kernel copy alone opens the store
+        d.start()
+        c = session(d)
+        c.get_persistent("@s")
+        assert c.read(key) == b"unlocked from the kernel"
+    finally:
+        try:
+            kernel.remove(description)
+        except kernel.KernelUnavailable:
+            pass
+
+
+# -------------------------------------------------------------- real users
+
+
+@pytest.fixture(scope="module")
+def users():
+    if os.geteuid() != 0:
+        pytest.fail("multi-user persistence tests create real Unix users and must run as root")
+    with temporary_users({"a": (), "b": ()}) as (made, _gids):
+        yield made
+
+
+def _as_a_store(sock: str) -> dict:
+    with keyden.connect(sock) as boot:
+        _serial, token = boot.join_session()
+    with keyden.connect(sock, session=token) as c:
+        ring = c.get_persistent("@s")
+        return {"ring": ring, "key": c.add("user", "a-secret", b"for a only", ring)}
+
+
+def _as_a_read(sock: str, key: int) -> str:
+    with keyden.connect(sock) as boot:
+        _serial, token = boot.join_session()
+    with keyden.connect(sock, session=token) as c:
+        ring = c.get_persistent("@s")
+        return f"{ring}:{c.read(key).decode()}:{c.describe(key).uid}"
+
+
+def _as_b_probe(sock: str, a_uid: int, a_ring: int, a_key: int) -> dict:
+    def outcome(fn):
+        try:
+            return repr(fn())
+        except keyden.KeydenError as exc:
+            return type(exc).__name__
+
+    with keyden.connect(sock) as boot:
+        _serial, token = boot.join_session()
+    with keyden.connect(sock, session=token) as c:
+        own = c.get_persistent("@s")
+        return {
+            "read_key": outcome(lambda: c.read(a_key)),
+            "describe_key": outcome(lambda: c.describe(a_key)),
+            "read_ring": outcome(lambda: c.read(a_ring)),
+            "get_a_persistent": outcome(lambda: c.get_persistent("@s", a_uid)),
+            "link_a_ring": outcome(lambda: c.link(a_ring, "@s")),
+            "own_is_other": own != a_ring,
+            "own_holds": outcome(lambda: c.read(own)),
+            "search": outcome(lambda: c.search(own, "user", "a-secret")),
+            "rekey": outcome(lambda: c.rekey()),
+        }
+
+
+def test_persistent_keys_stay_private_across_restarts(fresh_daemon, users):
+    d = fresh_daemon()
+    a, b = users["a"], users["b"]
+    made = run_as(a, _as_a_store, d.socket)
+    expected = {"read_key": "EACCES", "describe_key": "EACCES", "read_ring": "EACCES", "get_a_persistent": "EPERM",
+                "link_a_ring": "EACCES", "own_is_other": True, "own_holds": "[]", "search": "ENOKEY",
+                "rekey": "EPERM"}
+    assert run_as(b, _as_b_probe, d.socket, a.uid, made["ring"], made["key"]) == expected
+    restart(d)
+    assert run_as(a, _as_a_read, d.socket, made["key"]) == f"{made['ring']}:for a only:{a.uid}"
+    assert run_as(b, _as_b_probe, d.socket, a.uid, made["ring"], made["key"]) == expected

@@ -1,0 +1,474 @@
+"""Session keys that never leave keyden: derive, kdf, key transport, dh_compute.
+
+The centrepiece runs a whole ECDH -> HKDF -> AES-GCM exchange between two
+processes that hold only serials, public keys and ciphertexts, and proves
+that neither ever had the shared secret or the session key: not in any
+response it received, and not anywhere in its memory.  The test knows the
+expected bytes because it made the key pairs itself (and uploaded them), so
+it can redo the agreement locally with pyca.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as pyca_hmac
+from cryptography.hazmat.primitives.asymmetric import dh, ec, padding, rsa, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keyden import errors as E
+from tests.conftest import REPO
+
+HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+
+
+def pkcs8(private_key) -> bytes:
+    return private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+
+
+def spki(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def hkdf(hash_name: str, secret: bytes, length: int, salt: bytes, info: bytes) -> bytes:
+    return HKDF(HASHES[hash_name](), length, salt or None, info).derive(secret)
+
+
+def local_exchange(private_key, peer_public) -> bytes:
+    if isinstance(private_key, x25519.X25519PrivateKey):
+        return private_key.exchange(peer_public)
+    return private_key.exchange(ec.ECDH(), peer_public)
+
+
+def assert_aes_key(client, serial: int, expected: bytes) -> None:
+    """The unreadable key ``serial`` is ``expected``: what keyden encrypts with it, pyca decrypts."""
+    nonce = os.urandom(12)
+    ciphertext = client.aead(serial).encrypt(nonce, b"proof of key", b"ad")
+    assert AESGCM(expected).decrypt(nonce, ciphertext, b"ad") == b"proof of key"
+
+
+def ring_size(client, ring="@s") -> int:
+    return len(client.read(ring))
+
+
+# ------------------------------------------------- two parties, no secrets held
+
+PARTY = r'''
+"""One party: it holds serials, public keys and ciphertexts, and records every response it receives."""
+import json, os, sys
+import keyden
+from keyden import protocol
+
+received = []
+_frames = protocol.FrameDecoder.frames
+
+
+def recording(self):
+    for frame in _frames(self):
+        received.append(bytes(frame.body))
+        yield frame
+
+
+protocol.FrameDecoder.frames = recording
+
+
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def receive():
+    return json.loads(sys.stdin.readline())
+
+
+setup = receive()
+canary = bytes.fromhex(setup["canary"])  # held on purpose: the parent's scan must find it
+client = keyden.connect(setup["socket"], session=setup["session"])
+send({"public": client.public_key_bytes(setup["private"])[0].hex()})
+peer = bytes.fromhex(receive()["peer"])
+session_key = client.derive(setup["private"], peer, salt=bytes.fromhex(setup["salt"]),
+                            info=bytes.fromhex(setup["info"]), length=32, description="app:session")
+channel = client.aead(session_key)
+if setup["role"] == "alice":
+    send({"ciphertext": channel.encrypt_random(b"hello bob", b"alice->bob").hex()})
+    reply = channel.decrypt_random(bytes.fromhex(receive()["ciphertext"]), b"bob->alice")
+    assert reply == b"hello alice", reply
+else:
+    message = channel.decrypt_random(bytes.fromhex(receive()["ciphertext"]), b"alice->bob")
+    assert message == b"hello bob", message
+    send({"ciphertext": channel.encrypt_random(b"hello alice", b"bob->alice").hex()})
+with open(setup["received_file"], "wb") as f:
+    for body in received:
+        f.write(len(body).to_bytes(4, "little") + body)
+send({"done": os.getpid()})
+receive()  # wait here while the parent reads our memory
+'''
+
+
+def memory_contains(pid: int, needles: list[bytes]) -> set[bytes]:
+    """Which needles occur anywhere in the readable memory of process ``pid``."""
+    found: set[bytes] = set()
+    overlap = max(len(n) for n in needles) - 1
+    chunk = 16 << 20
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            tail = b""
+            for pos in range(start, end, chunk):
+                try:
+                    mem.seek(pos)
+                    data = tail + mem.read(min(chunk, end - pos))
+                except (OSError, OverflowError, ValueError):  # [vvar], [vsyscall] and the like
+                    break
+                found.update(n for n in needles if n in data)
+                tail = data[-overlap:]
+    return found
+
+
+def split_frames(blob: bytes) -> list[bytes]:
+    bodies, pos = [], 0
+    while pos < len(blob):
+        n = int.from_bytes(blob[pos:pos + 4], "little")
+        bodies.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return bodies
+
+
+class Party:
+    def __init__(self, script: str, env: dict):
+        self.proc = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, text=True)
+
+    def send(self, **message) -> None:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, f"party exited with {self.proc.wait()}"
+        return json.loads(line)
+
+    def finish(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(exit=True)
+            except BrokenPipeError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_two_processes_agree_on_a_session_key_neither_ever_holds(daemon, tmp_path):
+    """ECDH (P-256) -> HKDF-SHA256 -> AES-GCM between two clients with their own session keyrings."""
+    local = {"alice": ec.generate_private_key(ec.SECP256R1()), "bob": ec.generate_private_key(ec.SECP256R1())}
+    salt, info = os.urandom(16), b"keyden test v1"
+    shared = local_exchange(local["alice"], local["bob"].public_key())
+    session_key = hkdf("sha256", shared, 32, salt, info)
+    needles = [shared, session_key, shared[:16], shared[16:], session_key[:16], session_key[16:]]
+
+    script = tmp_path / "party.py"
+    script.write_text(PARTY)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("KEYDEN_SESSION", None)
+    parties, canaries, sessions = {}, {}, []
+    try:
+        for role in ("alice", "bob"):
+            with daemon.connect() as boot:
+                _ring, token = boot.join_session()
+            sessions.append(token)
+            with daemon.connect(session=token) as uploader:  # the test uploads; the party gets a serial
+                serial = uploader.add("asymmetric", role, pkcs8(local[role]), "@s")
+            canaries[role] = os.urandom(32)
+            parties[role] = Party(str(script), env)
+            parties[role].send(role=role, socket=daemon.socket, session=token, private=serial, salt=salt.hex(),
+                               info=info.hex(), canary=canaries[role].hex(),
+                               received_file=str(tmp_path / f"{role}.frames"))
+        alice, bob = parties["alice"], parties["bob"]
+        public = {role: bytes.fromhex(p.receive()["public"]) for role, p in parties.items()}
+        assert public["alice"] == spki(local["alice"].public_key())
+        alice.send(peer=public["bob"].hex())
+        bob.send(peer=public["alice"].hex())
+
+        to_bob = bytes.fromhex(alice.receive()["ciphertext"])
+        # The key the test computed is the one keyden used: else "absent" below would prove nothing.
+        assert AESGCM(session_key).decrypt(to_bob[:12], to_bob[12:], b"alice->bob") == b"hello bob"
+        bob.send(ciphertext=to_bob.hex())
+        to_alice = bytes.fromhex(bob.receive()["ciphertext"])
+        alice.send(ciphertext=to_alice.hex())
+
+        for role, party in parties.items():
+            pid = party.receive()["done"]
+            assert pid == party.proc.pid
+            bodies = split_frames((tmp_path / f"{role}.frames").read_bytes())
+            assert len(bodies) >= 5  # hello, public key, derive, encrypt/decrypt...
+            assert any(to_bob in b or to_alice in b for b in bodies)  # the recorder saw real payloads
+            received_secret = sum(n in body for body in bodies for n in needles)
+            assert received_secret == 0, f"{role} received secret material"
+            found = memory_contains(pid, needles + [canaries[role]])
+            assert canaries[role] in found, "the memory scan does not work"
+            leaked = len(found - {canaries[role]})  # a count: the assertion must not print the secrets
+            assert leaked == 0, f"{role}'s memory holds the shared secret or session key"
+    finally:
+        for party in parties.values():
+            party.finish()
+        with daemon.connect() as boot:
+            for token in sessions:
+                try:
+                    boot.leave_session(token)
+                except E.KeydenError:
+                    pass
+    assert all(p.proc.returncode == 0 for p in parties.values())
+
+
+# ----------------------------------------------------------------- derive
+
+CURVES = {
+    "p256": (lambda: ec.generate_private_key(ec.SECP256R1()), "hkdf-sha256", 32),
+    "p384": (lambda: ec.generate_private_key(ec.SECP384R1()), "hkdf-sha384", 24),
+    "x25519": (x25519.X25519PrivateKey.generate, "hkdf-sha512", 16),
+}
+
+
+def raw_public(public_key, compressed: bool = False) -> bytes:
+    if isinstance(public_key, x25519.X25519PublicKey):
+        return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    form = serialization.PublicFormat.CompressedPoint if compressed else serialization.PublicFormat.UncompressedPoint
+    return public_key.public_bytes(serialization.Encoding.X962, form)
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+def test_derive_equals_the_local_agreement_and_kdf(client, curve):
+    generate, kdf, length = CURVES[curve]
+    mine, theirs = generate(), generate()
+    private = client.add("asymmetric", "", pkcs8(mine), "@s")
+    shared = local_exchange(mine, theirs.public_key())
+    hash_name = kdf.split("-")[1]
+    salt, info = os.urandom(8), b"context"
+
+    peer_forms = [spki(theirs.public_key()), raw_public(theirs.public_key())]
+    if curve != "x25519":
+        peer_forms.append(raw_public(theirs.public_key(), compressed=True))
+    for i, peer in enumerate(peer_forms):
+        serial = client.derive(private, peer, kdf=kdf, salt=salt, info=info, length=length,
+                               description=f"app:{curve}-{i}")
+        assert client.describe(serial).type == "logon"
+        assert_aes_key(client, serial, hkdf(hash_name, shared, length, salt, info))
+
+    # the peer as a key held in keyden (an uploaded SubjectPublicKeyInfo)
+    peer_key = client.add("asymmetric", "", spki(theirs.public_key()), "@s")
+    serial = client.derive(private, peer_key=peer_key, kdf=f"sp800-56a-{hash_name}", info=b"otherinfo",
+                           length=32)
+    expected = ConcatKDFHash(HASHES[hash_name](), 32, b"otherinfo").derive(shared)
+    assert_aes_key(client, serial, expected)
+
+    # a longer key used as an HMAC key: the derived bytes are usable by any algorithm
+    serial = client.derive(private, peer_forms[0], kdf=kdf, length=64)
+    mac = pyca_hmac.HMAC(hkdf(hash_name, shared, 64, b"", b""), hashes.SHA256())
+    mac.update(b"data")
+    assert client.hmac(serial).mac(b"data") == mac.finalize()
+
+
+def test_invalid_peers_are_refused_and_create_nothing(client):
+    p256, x = ec.generate_private_key(ec.SECP256R1()), x25519.X25519PrivateKey.generate()
+    ec_key = client.add("asymmetric", "", pkcs8(p256), "@s")
+    x_key = client.add("asymmetric", "", pkcs8(x), "@s")
+    point = raw_public(ec.generate_private_key(ec.SECP256R1()).public_key())
+    off_curve = point[:-1] + bytes([point[-1] ^ 1])
+    other_curve = spki(ec.generate_private_key(ec.SECP384R1()).public_key())
+    x_peer = raw_public(x25519.X25519PrivateKey.generate().public_key())
+    before = ring_size(client)
+    refused = [
+        (ec_key, off_curve), (ec_key, b"\x04" + bytes(64)), (ec_key, other_curve), (ec_key, point[:40]),
+        (ec_key, b"not a key"), (ec_key, x_peer), (ec_key, spki(x.public_key())),
+        (x_key, bytes(32)), (x_key, (1).to_bytes(32, "little")),  # low-order X25519 points
+        (x_key, x_peer[:31]), (x_key, point), (x_key, bytes(4097)),
+    ]
+    for private, peer in refused:
+        with pytest.raises(E.EINVAL):
+            client.derive(private, peer)
+    peer_key = client.add("asymmetric", "", spki(p256.public_key()), "@s")
+    with pytest.raises(E.EINVAL):
+        client.derive(ec_key, point, peer_key=peer_key)  # both forms
+    with pytest.raises(E.EINVAL):
+        client.derive(ec_key)  # neither
+    with pytest.raises(E.EINVAL):
+        client.derive(x_key, peer_key=peer_key)  # a P-256 key as an X25519 peer
+    with pytest.raises(E.ENOENT):
+        client.derive(ec_key, point, kdf="md5-kdf")
+    with pytest.raises(E.EINVAL):
+        client.derive(ec_key, point, kdf="sp800-56a-sha256", salt=b"salt")  # a parameter it would ignore
+    with pytest.raises(E.EINVAL):
+        client.derive(ec_key, point, length=0)
+    with pytest.raises(E.EOPNOTSUPP):
+        client.derive(client.generate("ed25519", "", "@s"), point)
+    with pytest.raises(E.EOPNOTSUPP):
+        client.derive(client.add("user", "not-asymmetric", b"x"), point)
+    assert ring_size(client) == before + 3  # the three keys added above; no derived key
+    with pytest.raises(E.EOPNOTSUPP):
+        client.derive(ec_key, peer_key=client.generate("aes:256", "", "@s"))
+
+
+def test_derived_keys_are_never_readable(client, tmp_path):
+    a, b = client.generate("x25519", "a", "@s"), client.generate("x25519", "b", "@s")
+    derived = client.derive(a, peer_key=b, perm=0x3f3f0000)  # read granted: still unreadable
+    from_kdf = client.kdf(client.add("user", "master", os.urandom(32)), length=32, perm=0x3f3f0000)
+    generated = client.generate("aes:256", "", "@s")
+    for serial in (derived, from_kdf, generated):
+        assert client.describe(serial).type == "logon"
+        with pytest.raises(E.EOPNOTSUPP):
+            client.read(serial)
+    assert client.describe(derived).perm == 0x3f3f0000
+
+
+def test_derive_options_description_keyring_perm_timeout(client):
+    a, b = client.generate("ec:p256", "a", "@s"), client.generate("ec:p256", "b", "@s")
+    ring = client.newring("sessions")
+    serial = client.derive(a, peer_key=b, description="app:peer-b", keyring=ring, perm=0x3d3d0000)
+    d = client.describe(serial)
+    assert (d.type, d.description, d.perm) == ("logon", "app:peer-b", 0x3d3d0000)
+    assert client.read(ring) == [serial]
+
+    # without a description each derive is a new key, never displacing an earlier one
+    first, second = client.derive(a, peer_key=b), client.derive(b, peer_key=a)
+    assert first != second and {first, second} <= set(client.read("@s"))
+    first_desc, second_desc = client.describe(first).description, client.describe(second).description
+    assert first_desc.startswith("keyden:") and first_desc != second_desc
+    nonce = os.urandom(12)  # both sides derived the same key
+    assert client.aead(second).decrypt(nonce, client.aead(first).encrypt(nonce, b"same", None), None) == b"same"
+
+    before = ring_size(client)
+    with pytest.raises(E.EINVAL):
+        client.derive(a, peer_key=b, perm=0xffffffff)
+    with pytest.raises(E.EINVAL):
+        client.derive(a, peer_key=b, description="no-subclass")  # logon descriptions are subclass:rest
+    not_a_ring = client.add("user", "not-a-ring", b"x")
+    with pytest.raises(E.ENOTDIR):
+        client.derive(a, peer_key=b, keyring=not_a_ring)
+    assert ring_size(client) == before + 1
+
+    expiring = client.derive(a, peer_key=b, timeout=1)
+    aead = client.aead(expiring)
+    aead.encrypt(nonce, b"before", None)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            aead.encrypt(nonce, b"after", None)
+        except E.EKEYEXPIRED:
+            break
+        assert time.monotonic() < deadline, "the derived key never expired"
+        time.sleep(0.1)
+
+
+def test_kdf_makes_keys_from_a_user_or_logon_key(client):
+    master_bytes = os.urandom(32)
+    master = client.add("logon", "app:master", master_bytes)
+    for hash_name in ("sha256", "sha512"):
+        serial = client.kdf(master, kdf=f"hkdf-{hash_name}", salt=b"s", info=b"tenant-7", length=32,
+                            description=f"app:tenant-7-{hash_name}")
+        assert_aes_key(client, serial, hkdf(hash_name, master_bytes, 32, b"s", b"tenant-7"))
+    serial = client.kdf(master, kdf="sp800-56a-sha384", info=b"oi", length=16)
+    assert_aes_key(client, serial, ConcatKDFHash(hashes.SHA384(), 16, b"oi").derive(master_bytes))
+    # kdf of kdf: a key hierarchy whose every level stays inside
+    child = client.kdf(client.kdf(master, info=b"level1"), info=b"level2", length=32)
+    assert_aes_key(client, child, hkdf("sha256", hkdf("sha256", master_bytes, 32, b"", b"level1"), 32, b"",
+                                       b"level2"))
+    with pytest.raises(E.ENOPROTOOPT):
+        client.kdf(client.generate("ec:p256", "", "@s"))
+    with pytest.raises(E.ENOPROTOOPT):
+        client.kdf("@s")
+    with pytest.raises(E.ENOENT):
+        client.kdf(master, kdf="pbkdf2")
+    client.revoke(master)
+    with pytest.raises(E.EKEYREVOKED):
+        client.kdf(master)
+
+
+# ------------------------------------------------------------ key transport
+
+def test_pkey_decrypt_into_unwraps_a_session_key_that_stays_inside(client):
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    serial = client.add("asymmetric", "", pkcs8(rsa_key), "@s")
+    aes_key = AESGCM.generate_key(bit_length=256)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    wrapped = rsa_key.public_key().encrypt(aes_key, oaep)
+
+    session = client.pkey_decrypt_into(serial, "enc=oaep hash=sha256", wrapped, "app:transported", "@s",
+                                       perm=0x3f010000)
+    d = client.describe(session)
+    assert (d.type, d.description, d.perm) == ("logon", "app:transported", 0x3f010000)
+    with pytest.raises(E.EOPNOTSUPP):
+        client.read(session)
+    nonce = os.urandom(12)
+    ciphertext = AESGCM(aes_key).encrypt(nonce, b"sent by the peer", b"hdr")
+    assert client.aead(session).decrypt(nonce, ciphertext, b"hdr") == b"sent by the peer"
+
+    before = ring_size(client)
+    tampered = bytes([wrapped[0] ^ 1]) + wrapped[1:]
+    with pytest.raises(E.EBADMSG):
+        client.pkey_decrypt_into(serial, "enc=oaep hash=sha256", tampered, "app:bad")
+    with pytest.raises(E.EOPNOTSUPP):
+        client.pkey_decrypt_into(client.generate("ec:p256", "", "@s"), "", wrapped, "app:ec")
+    assert ring_size(client) == before + 1  # only the EC key
+
+
+# ---------------------------------------------------------------- dh_compute
+
+# RFC 3526 group 14 (2048-bit MODP), generator 2
+RFC3526_2048 = int(
+    "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DD"
+    "EF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"
+    "EE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF0598DA48361C55D39A69163FA8FD24CF5F"
+    "83655D23DCA3AD961C62F356208552BB9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3B"
+    "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA0510"
+    "15728E5A8AACAA68FFFFFFFFFFFFFFFF", 16)
+
+
+def be(value: int, size: int | None = None) -> bytes:
+    return value.to_bytes(size or (value.bit_length() + 7) // 8, "big")
+
+
+def test_dh_compute_and_dh_compute_kdf_match_pyca(client):
+    p = RFC3526_2048
+    params = dh.DHParameterNumbers(p, 2)
+    x_a, x_b = (int.from_bytes(os.urandom(32), "big") | 1 for _ in range(2))
+    local_a = dh.DHPrivateNumbers(x_a, dh.DHPublicNumbers(pow(2, x_a, p), params)).private_key()
+    y_b = pow(2, x_b, p)
+    prime = client.add("user", "dh:prime", be(p))
+    base = client.add("user", "dh:base", b"\x02")
+    private = client.add("user", "dh:private", be(x_a))
+
+    public = client.dh_compute(private, prime, base)
+    assert public == be(local_a.public_key().public_numbers().y, 256)
+
+    peer = client.add("user", "dh:peer", be(y_b))
+    shared = client.dh_compute(private, prime, peer)
+    assert shared == local_a.exchange(dh.DHPublicNumbers(y_b, params).public_key()).rjust(256, b"\0")
+    assert len(shared) == 256
+
+    for hash_name, length, otherinfo in (("sha256", 32, b""), ("sha512", 100, b"party-u party-v")):
+        got = client.dh_compute_kdf(private, prime, peer, hash_name, length, otherinfo)
+        assert got == ConcatKDFHash(HASHES[hash_name](), length, otherinfo or None).derive(shared)
+
+    with pytest.raises(E.EINVAL):
+        client.dh_compute(private, client.add("user", "dh:small", be(2**127 - 1)), base)
+    with pytest.raises(E.EINVAL):
+        client.dh_compute(private, prime, client.add("user", "dh:one", b"\x01"))
+    with pytest.raises(E.EOPNOTSUPP):
+        client.dh_compute(client.add("logon", "dh:hidden", be(x_a)), prime, base)  # must be readable
+    with pytest.raises(E.EINVAL):
+        client.dh_compute("@s", prime, base)

@@ -1,0 +1,787 @@
+"""TLS inside keyden: handshakes and the record layer run in the daemon, the application sees plaintext.
+
+Every peer is a real TLS implementation nobody here wrote (Python's ssl, openssl s_client, curl),
+on loopback.  Certificates come from a throwaway CA made with pyca; the tests load keys into
+keyden and the application side gets only keyrings.  The memory-scan test then shows that neither
+the private key nor a traffic secret ever reached the application's memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import queue
+import re
+import secrets
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.x509.oid import NameOID
+
+from keyden import errors as E
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 20  # seconds: any single step of these tests, so a failure never hangs the suite
+
+
+# ------------------------------------------------------------------ a throwaway PKI
+
+
+@dataclass
+class Leaf:
+    cert: x509.Certificate
+    key: object
+    cert_path: str
+    key_path: str
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+
+class Pki:
+    """A server CA, a client CA, a rogue CA nobody trusts, and leaves; PEM files for openssl and curl."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.ca = self.issue("Test Server CA", ca=True)
+        self.client_ca = self.issue("Test Client CA", ca=True)
+        self.rogue_ca = self.issue("Rogue CA", ca=True)
+        self.ec_server = self.issue("a.test", dns=("a.test", "*.wild.test"), issuer=self.ca)
+        self.rsa_server = self.issue("rsa.test", dns=("rsa.test",), kind="rsa", issuer=self.ca)
+        self.client = self.issue("client one", issuer=self.client_ca)
+
+    def issue(self, cn: str, *, dns=(), kind="ec", issuer: Leaf | None = None, ca=False,
+              days=(-1, 30)) -> Leaf:
+        key = rsa.generate_private_key(65537, 2048) if kind == "rsa" else ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(name)
+                   .issuer_name(issuer.cert.subject if issuer else name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now + datetime.timedelta(days=days[0]))
+                   .not_valid_after(now + datetime.timedelta(days=days[1]))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if dns:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]),
+                                            critical=False)
+        cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
+        stem = os.path.join(self.dir, re.sub(r"\W", "_", cn) + "-" + secrets.token_hex(4))
+        leaf = Leaf(cert, key, stem + ".crt", stem + ".key")
+        with open(leaf.cert_path, "wb") as f:
+            f.write(leaf.cert_pem)
+        with open(leaf.key_path, "wb") as f:
+            f.write(leaf.key_pem)
+        return leaf
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def load(client, *leaves: Leaf, ring="@s", with_keys=True) -> None:
+    """Certificates (and their private keys) into a keyring of the test's: the application never has them."""
+    for leaf in leaves:
+        client.add("asymmetric", "", leaf.cert_pem, ring)
+        if with_keys:
+            client.add("asymmetric", "", leaf.key_pem, ring)
+
+
+@pytest.fixture
+def server_ring(client, pki):
+    load(client, pki.ec_server, pki.rsa_server)  # the EC one first: the default without SNI
+    return "@s"
+
+
+@pytest.fixture
+def client_trust(client, pki):
+    ring = client.newring("client-trust")
+    load(client, pki.client_ca, ring=ring, with_keys=False)
+    return ring
+
+
+# ----------------------------------------------------------------- the application
+
+
+def echo_line(plain: socket.socket) -> None:
+    plain.sendall(b"echo: " + read_until(plain, b"\n"))
+
+
+def http_hello(plain: socket.socket) -> None:
+    read_until(plain, b"\r\n\r\n")
+    plain.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+
+def read_until(sock: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class App:
+    """The application: accepts TCP connections and hands each to keyden with ``tls_accept``."""
+
+    def __init__(self, client, **tls_options):
+        self.client = client
+        self.options = tls_options
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port = self.listener.getsockname()[1]
+        self.outcomes: queue.Queue = queue.Queue()
+
+    def serve(self, reply=echo_line, count: int = 1) -> None:
+        """Serve ``count`` connections in the background; each outcome (TlsInfo or error) is queued."""
+        def run():
+            for _ in range(count):
+                conn, _ = self.listener.accept()
+                try:
+                    plain, info = self.client.tls_accept(conn, **self.options)
+                except E.KeydenError as exc:
+                    conn.close()
+                    self.outcomes.put(exc)
+                    continue
+                self.outcomes.put(info)
+                with plain:
+                    plain.settimeout(TIMEOUT)
+                    reply(plain)
+        threading.Thread(target=run, daemon=True).start()
+
+    def outcome(self):
+        return self.outcomes.get(timeout=TIMEOUT)
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def app_factory(client):
+    made = []
+
+    def make(**options) -> App:
+        made.append(App(client, **options))
+        return made[-1]
+    yield make
+    for a in made:
+        a.close()
+
+
+# ---------------------------------------------------------------------- the peers
+
+
+def python_peer(port: int, server_name: str, ca: Leaf, *, cert: Leaf | None = None, version: str | None = None,
+                data: bytes = b"hello\n", alpn=None, keylog: str | None = None):
+    """Python's ssl as the TLS client; returns (its SSLSocket's view of the session, the reply or the error)."""
+    ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    if version:
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, "TLSv" + version.replace(".", "_"))
+    if cert:
+        ctx.load_cert_chain(cert.cert_path, cert.key_path)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    if keylog:
+        ctx.keylog_filename = keylog
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            served = x509.load_der_x509_certificate(tls.getpeercert(True))
+            session = {"version": tls.version(), "cipher": tls.cipher()[0], "alpn": tls.selected_alpn_protocol(),
+                       "subject": served.subject.rfc4514_string(), "key": served.public_key()}
+            try:
+                tls.sendall(data)
+                reply = read_until(tls, b"\n")
+            except (ssl.SSLError, OSError) as exc:
+                reply = exc
+            return session, reply
+
+
+def run(cmd: list[str], stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=TIMEOUT)
+
+
+# ------------------------------------------------------------------ serving TLS
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+@pytest.mark.parametrize("name, key_type", [("a.test", ec.EllipticCurvePublicKey), ("rsa.test", rsa.RSAPublicKey)])
+def test_python_client_both_versions_and_key_types(app_factory, server_ring, pki, version, name, key_type):
+    app = app_factory()
+    app.serve()
+    session, reply = python_peer(app.port, name, pki.ca, version=version)
+    info = app.outcome()
+    assert reply == b"echo: hello\n"
+    assert info.version == session["version"] == f"TLSv{version}"
+    assert info.cipher == session["cipher"]
+    assert info.server_name == name
+    assert session["subject"] == f"CN={name}" and isinstance(session["key"], key_type)
+    assert info.peer_subject == "" and info.peer_certificate == b""
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_openssl_s_client(app_factory, server_ring, pki, version):
+    app = app_factory()
+    app.serve()
+    out = run(["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "rsa.test",
+               "-CAfile", pki.ca.cert_path, "-verify_return_error", "-verify_hostname", "rsa.test",
+               f"-tls{version.replace('.', '_')}", "-brief", "-ign_eof"], stdin=b"hello openssl\n")
+    info = app.outcome()
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"echo: hello openssl" in out.stdout
+    assert f"Protocol version: TLSv{version}".encode() in out.stderr
+    assert b"Verification: OK" in out.stderr
+    assert info.version == f"TLSv{version}" and info.server_name == "rsa.test"
+
+
+def test_intermediates_in_the_keyring_are_sent_and_any_trusted_certificate_is_an_anchor(client, app_factory, pki):
+    intermediate = pki.issue("Test Intermediate CA", issuer=pki.ca, ca=True)
+    leaf = pki.issue("chained.test", dns=("chained.test",), issuer=intermediate)
+    load(client, leaf)
+    load(client, intermediate, with_keys=False)
+    app = app_factory()
+    app.serve(count=2)
+    _, reply = python_peer(app.port, "chained.test", pki.ca)  # trusts only the root: needs the intermediate sent
+    assert reply == b"echo: hello\n" and app.outcome().server_name == "chained.test"
+    trust = client.newring("intermediate-only")
+    load(client, intermediate, ring=trust, with_keys=False)
+    sock = socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT)
+    plain, info = client.tls_connect(sock, "chained.test", trust=trust)  # the intermediate alone is an anchor
+    with plain:
+        plain.sendall(b"anchored\n")
+        assert read_until(plain, b"\n") == b"echo: anchored\n"
+    assert info.peer_subject == "CN=chained.test" and app.outcome().version
+
+
+def test_sni_picks_the_certificate_and_wildcards_match(app_factory, server_ring, pki):
+    app = app_factory()
+    app.serve(count=3)
+    seen = {}
+    for name in ("rsa.test", "x.wild.test", "a.test"):
+        session, reply = python_peer(app.port, name, pki.ca)
+        assert reply == b"echo: hello\n"
+        seen[name] = session["subject"]
+        assert app.outcome().server_name == name
+    assert seen == {"rsa.test": "CN=rsa.test", "x.wild.test": "CN=a.test", "a.test": "CN=a.test"}
+
+
+def test_without_sni_or_with_an_unknown_name_the_first_certificate_answers(app_factory, server_ring, pki):
+    app = app_factory()
+    app.serve(count=2)
+    for sni, asked in ((["-noservername"], ""), (["-servername", "unknown.test"], "unknown.test")):
+        out = run(["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", *sni, "-ign_eof"], stdin=b"hi\n")
+        assert b"echo: hi" in out.stdout
+        assert re.search(rb"subject=\s*CN\s*=\s*a\.test", out.stdout), out.stdout.decode()
+        assert app.outcome().server_name == asked
+
+
+def test_curl_https(app_factory, server_ring, pki):
+    app = app_factory(alpn=["http/1.1"])
+    app.serve(reply=http_hello)
+    out = run(["curl", "-sS", "--max-time", str(TIMEOUT), "--cacert", pki.ca.cert_path,
+               "--resolve", f"a.test:{app.port}:127.0.0.1", f"https://a.test:{app.port}/"])
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == b"hello"
+    info = app.outcome()
+    assert info.alpn == "http/1.1" and info.server_name == "a.test"
+
+
+def test_alpn_the_servers_preference_among_what_the_client_offers(app_factory, server_ring, pki):
+    app = app_factory(alpn=["h2", "http/1.1"])
+    app.serve(count=2)
+    session, _ = python_peer(app.port, "a.test", pki.ca, alpn=["http/1.1", "h2"])
+    assert session["alpn"] == "h2" and app.outcome().alpn == "h2"
+    session, _ = python_peer(app.port, "a.test", pki.ca, alpn=["spdy/1"])  # nothing in common: no ALPN
+    assert session["alpn"] is None and app.outcome().alpn == ""
+
+
+def test_curl_mutual_tls(app_factory, server_ring, client_trust, pki):
+    app = app_factory(client_trust=client_trust, require_client_cert=True)
+    app.serve(reply=http_hello)
+    out = run(["curl", "-sS", "--max-time", str(TIMEOUT), "--cacert", pki.ca.cert_path,
+               "--cert", pki.client.cert_path, "--key", pki.client.key_path,
+               "--resolve", f"a.test:{app.port}:127.0.0.1", f"https://a.test:{app.port}/"])
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == b"hello"
+    info = app.outcome()
+    assert info.peer_subject == "CN=client one"
+    assert info.certificate() == pki.client.cert
+
+
+def test_curl_without_a_client_certificate_is_refused(app_factory, server_ring, client_trust, pki):
+    app = app_factory(client_trust=client_trust, require_client_cert=True)
+    app.serve(reply=http_hello)
+    out = run(["curl", "-sS", "--max-time", str(TIMEOUT), "--cacert", pki.ca.cert_path,
+               "--resolve", f"a.test:{app.port}:127.0.0.1", f"https://a.test:{app.port}/"])
+    assert out.returncode != 0 and out.stdout == b""
+    error = app.outcome()
+    assert isinstance(error, E.ENOKEY) and "no certificate" in error.message
+
+
+def test_optional_client_certificate(app_factory, server_ring, client_trust, pki):
+    app = app_factory(client_trust=client_trust)
+    app.serve(count=2)
+    _, reply = python_peer(app.port, "a.test", pki.ca)
+    assert reply == b"echo: hello\n" and app.outcome().peer_subject == ""
+    _, reply = python_peer(app.port, "a.test", pki.ca, cert=pki.client)
+    assert reply == b"echo: hello\n" and app.outcome().peer_subject == "CN=client one"
+
+
+def blacklist(client, cert: x509.Certificate) -> None:
+    """As root, name the certificate's TBS hash in the system blacklist."""
+    client.add("blacklist", "tbs:" + hashlib.sha256(cert.tbs_certificate_bytes).hexdigest(), b"", "%:.blacklist")
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+@pytest.mark.parametrize("case, error, words", [
+    ("expired", E.EKEYEXPIRED, "certificate has expired"),
+    ("wrongly signed", E.EKEYREJECTED, "unable to get local issuer certificate"),
+    ("blacklisted", E.EKEYREJECTED, "blacklisted"),
+])
+def test_bad_client_certificates_are_refused(app_factory, server_ring, client_trust, client, pki, case, error, words,
+                                             version):
+    if case == "expired":
+        bad = pki.issue(f"expired {version}", issuer=pki.client_ca, days=(-30, -1))
+    elif case == "wrongly signed":
+        bad = pki.issue(f"rogue {version}", issuer=pki.rogue_ca)
+    else:
+        bad = pki.issue(f"blacklisted {version}", issuer=pki.client_ca)
+        blacklist(client, bad.cert)
+    app = app_factory(client_trust=client_trust, require_client_cert=True)
+    app.serve()
+    try:
+        _, reply = python_peer(app.port, "a.test", pki.ca, cert=bad, version=version)
+    except (ssl.SSLError, OSError) as exc:  # TLS 1.2: refused inside the handshake
+        reply = exc
+    refusal = app.outcome()
+    assert isinstance(refusal, error), refusal
+    assert words in refusal.message
+    assert not isinstance(reply, bytes) or b"echo" not in reply
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_a_resumed_session_is_checked_against_the_blacklist_too(app_factory, server_ring, client_trust, client, pki,
+                                                                version):
+    leaf = pki.issue(f"resumer {version}", issuer=pki.client_ca)
+    app = app_factory(client_trust=client_trust, require_client_cert=True)
+    app.serve(count=2)
+    ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    ctx.load_cert_chain(leaf.cert_path, leaf.key_path)
+    ctx.maximum_version = getattr(ssl.TLSVersion, "TLSv" + version.replace(".", "_"))
+
+    def connect(session=None):
+        with socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT) as raw:
+            with ctx.wrap_socket(raw, server_hostname="a.test", session=session) as tls:
+                tls.sendall(b"again\n")
+                try:
+                    reply = read_until(tls, b"\n")
+                except (ssl.SSLError, OSError):
+                    reply = b""
+                return tls.session, tls.session_reused, reply
+
+    session, reused, reply = connect()
+    assert reply == b"echo: again\n" and not reused and app.outcome().peer_subject == f"CN=resumer {version}"
+    blacklist(client, leaf.cert)
+    _, reused, reply = connect(session)
+    assert reused and b"echo" not in reply
+    refusal = app.outcome()
+    assert isinstance(refusal, E.EKEYREJECTED) and "blacklisted" in refusal.message
+
+
+def test_only_tls13_when_asked(app_factory, server_ring, pki):
+    app = app_factory(min_version="1.3")
+    app.serve()
+    with pytest.raises(ssl.SSLError):
+        python_peer(app.port, "a.test", pki.ca, version="1.2")
+    assert isinstance(app.outcome(), E.EPROTO)
+
+
+def test_large_transfers_both_ways_at_once(app_factory, server_ring, pki):
+    """4 MiB each way, both directions in flight together: the pump's flow control, no deadlock."""
+    size = 4 << 20
+    app = app_factory()
+
+    def echo_all(plain):
+        while chunk := plain.recv(1 << 16):
+            plain.sendall(chunk)
+    app.serve(reply=echo_all)
+    ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    payload = os.urandom(size)
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT) as raw:
+        with ctx.wrap_socket(raw, server_hostname="a.test") as tls:
+            def reader():
+                while len(received) < size:
+                    chunk = tls.recv(1 << 16)
+                    if not chunk:
+                        break
+                    received.extend(chunk)
+            t = threading.Thread(target=reader)
+            t.start()
+            tls.sendall(payload)
+            t.join(TIMEOUT)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_peer_close_notify_reaches_the_app_as_eof_and_the_app_can_still_answer(client, server_ring, pki):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    out = {}
+
+    def peer():
+        out["s_client"] = run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "a.test",
+                               "-quiet", "-no_ign_eof"], stdin=b"question\n")
+    t = threading.Thread(target=peer)
+    t.start()
+    with listener:
+        listener.settimeout(TIMEOUT)
+        conn, _ = listener.accept()
+    plain, _info = client.tls_accept(conn)
+    with plain:
+        plain.settimeout(TIMEOUT)
+        got = b""
+        while chunk := plain.recv(100):  # ends at the peer's close_notify
+            got += chunk
+        assert got == b"question\n"
+        try:
+            plain.sendall(b"late answer\n")
+        except OSError:
+            pass  # s_client may already be gone: answering after EOF must simply not break keyden
+    t.join(TIMEOUT)
+    assert out["s_client"].returncode == 0
+
+
+# ------------------------------------------------------------- isolation and limits
+
+
+def test_a_silent_peer_times_out_alone(app_factory, server_ring, pki):
+    """A peer that never speaks costs its own handshake timeout; another connection meanwhile is served."""
+    slow = app_factory(handshake_timeout=2.0)
+    slow.serve()
+    silent = socket.create_connection(("127.0.0.1", slow.port), timeout=TIMEOUT)
+    fast = app_factory()
+    fast.serve()
+    _, reply = python_peer(fast.port, "a.test", pki.ca)
+    assert reply == b"echo: hello\n" and fast.outcome().version
+    assert slow.outcomes.empty()  # the silent one is still waiting, and did not hold the other up
+    error = slow.outcome()
+    silent.close()
+    assert isinstance(error, E.ETIMEDOUT) and "did not finish within 2 s" in error.message
+
+
+def test_a_peer_that_hangs_up_mid_handshake(app_factory, server_ring, pki):
+    app = app_factory()
+    app.serve()
+    with socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT) as raw:
+        raw.sendall(b"\x16\x03\x01\x00\x10")  # the start of a ClientHello, then nothing
+    error = app.outcome()
+    assert isinstance(error, (E.ECONNRESET, E.EPROTO)), error
+
+
+def test_one_client_connection_serves_handshakes_in_parallel(client, server_ring, pki):
+    """Threads sharing one keyden client wait on their own sockets, not on each other's handshakes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    port = listener.getsockname()[1]
+    silent = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    first, _ = listener.accept()
+    results = queue.Queue()
+    threading.Thread(target=lambda: results.put(_outcome(client.tls_accept, first, handshake_timeout=5)),
+                     daemon=True).start()
+    peer = threading.Thread(target=python_peer, args=(port, "a.test", pki.ca), daemon=True)
+    peer.start()
+    second, _ = listener.accept()
+    plain, info = client.tls_accept(second)  # answered while the first is still in its handshake
+    with plain:
+        plain.settimeout(TIMEOUT)
+        echo_line(plain)
+    peer.join(TIMEOUT)
+    assert info.server_name == "a.test" and results.empty()
+    silent.close()  # the first handshake now fails at once, not at its timeout
+    assert isinstance(results.get(timeout=TIMEOUT), (E.ECONNRESET, E.EPROTO))
+    listener.close()
+
+
+def _outcome(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except E.KeydenError as exc:
+        return exc
+
+
+def test_refusals_before_the_handshake_leave_the_socket_with_the_app(client, pki):
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(E.ENOKEY):
+            client.tls_accept(a)  # an empty keyring
+        a.sendall(b"still mine")  # not handed over
+        assert b.recv(100) == b"still mine"
+        load(client, pki.ec_server)
+        with pytest.raises(E.EINVAL):
+            client.tls_accept(a, require_client_cert=True)  # no trust keyring to check against
+        with pytest.raises(E.ENOKEY, match="client trust keyring"):
+            client.tls_accept(a, client_trust=client.newring("no-cas"))  # given, but it vouches for nobody
+        with pytest.raises(E.EINVAL):
+            client.tls_accept(a, min_version="1.1")
+    r, w = os.pipe()
+    try:
+        with pytest.raises(E.EBADF):
+            client.tls_accept(r)
+    finally:
+        os.close(w)
+    unconnected = socket.socket()
+    with pytest.raises(E.EINVAL, match="not connected"):
+        client.tls_accept(unconnected)
+    unconnected.close()
+
+
+def test_keyring_and_keys_need_search_permission(daemon, client, pki):
+    load(client, pki.ec_server)
+    with daemon.connect() as outsider:  # same uid, another session: the test's @s is not its possession
+        a, b = socket.socketpair()
+        with a, b, pytest.raises(E.EACCES):
+            outsider.tls_accept(a, client.describe("@s").serial)
+    client.setperm(private_key_in(client, "@s"), 0x31010000)  # the possessor loses search on the private key
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(E.ENOKEY):
+        client.tls_accept(a)
+
+
+def private_key_in(client, ring) -> int:
+    return next(s for s in client.read(ring) if "private key" in client.describe(s).description)
+
+
+def test_a_revoked_key_stops_serving(client, app_factory, pki):
+    load(client, pki.ec_server)
+    client.revoke(private_key_in(client, "@s"))
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(E.ENOKEY):
+        client.tls_accept(a)
+
+
+# ----------------------------------------------------------------- keyden as client
+
+
+class PythonServer:
+    """A plain Python ssl server for tls_connect to talk to; ``client_ca`` makes it ask for client certs."""
+
+    def __init__(self, leaf: Leaf, client_ca: Leaf | None = None):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(leaf.cert_path, leaf.key_path)
+        if client_ca:
+            self.ctx.load_verify_locations(cadata=client_ca.cert_pem.decode())
+            self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port = self.listener.getsockname()[1]
+        self.seen: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(TIMEOUT)
+                cert = tls.getpeercert(True)
+                self.seen.put(x509.load_der_x509_certificate(cert).subject.rfc4514_string() if cert else "")
+                echo_line(tls)
+        except (ssl.SSLError, OSError) as exc:
+            self.seen.put(exc)
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def trust_ring(client, pki):
+    ring = client.newring("server-trust")
+    load(client, pki.ca, ring=ring, with_keys=False)
+    return ring
+
+
+def test_tls_connect_to_a_python_server(client, pki, trust_ring):
+    server = PythonServer(pki.ec_server)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    plain, info = client.tls_connect(sock, "a.test", trust=trust_ring)
+    with plain:
+        plain.sendall(b"hi there\n")
+        assert read_until(plain, b"\n") == b"echo: hi there\n"
+    assert sock.fileno() == -1  # handed over
+    assert info.version == "TLSv1.3" and info.server_name == "a.test" and info.peer_subject == "CN=a.test"
+    assert server.seen.get(timeout=TIMEOUT) == ""
+    server.close()
+
+
+def test_tls_connect_with_a_client_certificate(client, pki, trust_ring):
+    identity = client.newring("identity")
+    load(client, pki.client, ring=identity)
+    server = PythonServer(pki.rsa_server, client_ca=pki.client_ca)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    plain, info = client.tls_connect(sock, "rsa.test", trust=trust_ring, identity=identity, min_version="1.3")
+    with plain:
+        plain.sendall(b"mtls\n")
+        assert read_until(plain, b"\n") == b"echo: mtls\n"
+    assert server.seen.get(timeout=TIMEOUT) == "CN=client one"
+    assert info.peer_subject == "CN=rsa.test"
+    server.close()
+
+
+@pytest.mark.parametrize("case", ["wrong CA", "hostname mismatch", "blacklisted server"])
+def test_tls_connect_refuses_bad_servers(client, pki, trust_ring, case):
+    leaf, name = pki.ec_server, "a.test"
+    if case == "wrong CA":
+        leaf = pki.issue("a.test", dns=("a.test",), issuer=pki.rogue_ca)
+    elif case == "hostname mismatch":
+        name = "b.test"
+    else:
+        leaf = pki.issue("a.test", dns=("a.test",), issuer=pki.ca)
+        blacklist(client, leaf.cert)
+    server = PythonServer(leaf)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    with pytest.raises(E.EKEYREJECTED) as refused:
+        client.tls_connect(sock, name, trust=trust_ring)
+    words = {"wrong CA": "unable to get local issuer certificate", "hostname mismatch": "Hostname mismatch",
+             "blacklisted server": "blacklisted"}[case]
+    assert words in refused.value.message
+    server.close()
+
+
+def test_the_system_ca_bundle_can_be_the_trust_keyring(client, pki):
+    """.builtin_trusted_keys holds the machine's CA bundle: fine for the Internet, not for our private CA."""
+    server = PythonServer(pki.ec_server)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    with pytest.raises(E.EKEYREJECTED, match="unable to get local issuer certificate"):
+        client.tls_connect(sock, "a.test", trust="%keyring:.builtin_trusted_keys")
+    server.close()
+
+
+def test_tls_connect_needs_trust(client, pki):
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(E.ENOKEY):
+            client.tls_connect(a, "a.test", trust=client.newring("empty"))
+        with pytest.raises(E.EINVAL):
+            client.tls_connect(a, "", trust="@s")
+
+
+# --------------------------------------------------------------- the memory proof
+
+
+APP = r"""
+import socket, sys
+import keyden
+
+socket_path, canary = sys.argv[1], bytes.fromhex(sys.argv[2])  # the canary: held on purpose, to be found
+client = keyden.connect(socket_path)  # the session comes from KEYDEN_SESSION; no key was ever here
+listener = socket.create_server(("127.0.0.1", 0))
+listener.settimeout(20)
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+plain, info = client.tls_accept(conn, "@s")
+plain.settimeout(20)
+line = b""
+while not line.endswith(b"\n"):
+    line += plain.recv(100)
+plain.sendall(b"echo: " + line)
+plain.close()
+print("served", info.version, flush=True)
+sys.stdin.read()  # stay alive, TLS done, until the test has looked
+"""
+
+
+def process_memory(pid: int):
+    """Every readable mapping of a process (needs root or the same uid and ptrace rights)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            if perms[0] != "r" or end - start > 1 << 30:
+                continue
+            try:
+                mem.seek(start)
+                yield mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue  # [vvar] and the like
+
+
+def found(pid: int, needles: dict[str, bytes]) -> set[str]:
+    hits = set()
+    for region in process_memory(pid):
+        hits.update(name for name, needle in needles.items() if needle in region)
+    return hits
+
+
+def hkdf_expand_label(secret: bytes, label: bytes, length: int) -> bytes:
+    """RFC 8446 7.1, to turn the logged traffic secrets into the record keys that protect the data."""
+    full = b"tls13 " + label
+    info = struct.pack(">HB", length, len(full)) + full + b"\x00"
+    return HKDFExpand(hashes.SHA384() if len(secret) == 48 else hashes.SHA256(), length, info).derive(secret)
+
+
+def key_material(private: rsa.RSAPrivateKey) -> dict[str, bytes]:
+    """The private key's bytes in every form it could sit in memory: PKCS#8, PEM, d/p/q both byte orders."""
+    numbers = private.private_numbers()
+    der = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    pem_line = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()).splitlines()[5]
+    needles = {"pkcs8 der": der, "pem line": pem_line}
+    for name, value in (("d", numbers.d), ("p", numbers.p), ("q", numbers.q)):
+        raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+        needles[f"{name} big-endian"] = raw
+        needles[f"{name} little-endian"] = raw[::-1]
+    return needles
+
+
+def test_neither_the_private_key_nor_traffic_secrets_reach_the_application(daemon, client, pki, tmp_path):
+    load(client, pki.rsa_server)
+    canary = secrets.token_bytes(32)
+    env = dict(os.environ, KEYDEN_SESSION=client.session_token,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    app = subprocess.Popen([sys.executable, "-c", APP, daemon.socket, canary.hex()], env=env,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = app.stdout.readline()
+        assert line.strip().isdigit(), app.stderr.read().decode()  # else the app failed to start
+        port = int(line)
+        keylog = str(tmp_path / "keylog")
+        _, reply = python_peer(port, "rsa.test", pki.ca, data=b"secret business\n", keylog=keylog)
+        assert reply == b"echo: secret business\n"
+        assert app.stdout.readline().startswith(b"served TLSv1.3")
+
+        needles = key_material(pki.rsa_server.key)
+        with open(keylog) as f:
+            for line in f:
+                if line.startswith("#"):
+                    continue
+                label, _random, secret = line.split()
+                needles[label] = bytes.fromhex(secret)
+                if label.endswith("TRAFFIC_SECRET_0"):
+                    needles[label + " key"] = hkdf_expand_label(bytes.fromhex(secret), b"key", 32)
+        assert {"CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"} <= needles.keys()
+        needles["canary"] = canary
+
+        assert found(app.pid, needles) == {"canary"}  # the scanner works, and found nothing else
+        assert "d little-endian" in found(daemon.proc.pid, {"d little-endian": needles["d little-endian"]})
+    finally:
+        app.stdin.close()
+        app.wait(TIMEOUT)
+        app.stdout.close()
+        app.stderr.close()

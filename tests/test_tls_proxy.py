@@ -1,0 +1,144 @@
+"""`keyden tls-proxy`: curl -> the proxy (TLS in keyden) -> a plain HTTP server on loopback.
+
+The proxy is a real subprocess given only a session and a keyring; the certificates and keys are
+loaded by the test.  Upstream is Python's http.server over TCP or a Unix socket.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socketserver
+import subprocess
+import sys
+import threading
+
+import pytest
+
+try:
+    from tests.test_tls import TIMEOUT, Pki, load
+except ImportError:  # pytest's rootdir-relative import
+    from test_tls import TIMEOUT, Pki, load
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = f"hello from upstream, {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture
+def upstream():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def proxy(daemon, client, pki):
+    """Start `keyden tls-proxy` in the test's session; returns its port."""
+    load(client, pki.ec_server, pki.rsa_server)
+    started = []
+
+    def start(*args: str) -> int:
+        env = dict(os.environ, KEYDEN_SESSION=client.session_token,
+                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy",
+                                 "--listen", "127.0.0.1:0", "--keyring", "@s", *args],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append(proc)
+        line = proc.stdout.readline().decode()
+        assert line.startswith("tls-proxy: listening on 127.0.0.1:"), line + proc.stderr.read().decode()
+        return int(line.split(":")[2].split(",")[0])
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def curl(port: int, pki: Pki, *extra: str, name: str = "a.test") -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", str(TIMEOUT), "--cacert", pki.ca.cert_path, *extra,
+                           "--resolve", f"{name}:{port}:127.0.0.1", f"https://{name}:{port}/path"],
+                          capture_output=True, timeout=TIMEOUT + 5)
+
+
+def test_curl_through_the_proxy_to_a_tcp_upstream(proxy, upstream, pki):
+    port = proxy("--forward", upstream, "--alpn", "http/1.1")
+    for name in ("a.test", "rsa.test"):  # SNI picks each certificate; a fresh connection each time
+        out = curl(port, pki, name=name)
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout == b"hello from upstream, /path"
+
+
+def test_forward_to_a_unix_socket(proxy, pki, tmp_path):
+    path = str(tmp_path / "upstream.sock")
+    server = UnixHttpServer(path, Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = proxy("--forward", f"unix:{path}")
+        out = curl(port, pki)
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout == b"hello from upstream, /path"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_mutual_tls_through_the_proxy(client, proxy, upstream, pki):
+    trust = client.newring("proxy-client-trust")
+    load(client, pki.client_ca, ring=trust, with_keys=False)
+    port = proxy("--forward", upstream, "--client-trust", str(trust), "--require-client-cert")
+    out = curl(port, pki, "--cert", pki.client.cert_path, "--key", pki.client.key_path)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == b"hello from upstream, /path"
+    refused = curl(port, pki)  # no client certificate
+    assert refused.returncode != 0 and refused.stdout == b""
+    rogue = pki.issue("rogue client", issuer=pki.rogue_ca)
+    refused = curl(port, pki, "--cert", rogue.cert_path, "--key", rogue.key_path)
+    assert refused.returncode != 0 and refused.stdout == b""
+
+
+def test_unreachable_upstream_closes_the_connection(proxy, pki):
+    port = proxy("--forward", "unix:/nonexistent/keyden-test.sock")
+    out = curl(port, pki)
+    assert out.returncode != 0 and out.stdout == b""
+
+
+def test_a_configuration_keyden_refuses_stops_the_proxy_at_start(daemon, client):
+    env = dict(os.environ, KEYDEN_SESSION=client.session_token)
+    out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy",
+                          "--listen", "127.0.0.1:0", "--keyring", "@s", "--forward", "127.0.0.1:9"],
+                         capture_output=True, timeout=TIMEOUT, cwd=REPO, env=env)
+    assert out.returncode == 1 and out.stdout == b""
+    assert b"no certificate with its private key in the keyring" in out.stderr
+
+
+def test_usage_errors(daemon):
+    for args in (["--listen", "127.0.0.1:0"], ["--listen", "nowhere", "--keyring", "@s", "--forward", "x:1"]):
+        out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", *args],
+                             capture_output=True, timeout=TIMEOUT, cwd=REPO)
+        assert out.returncode == 2, out.stderr.decode()

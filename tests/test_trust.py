@@ -1,0 +1,513 @@
+"""Trust keyrings, the blacklist and X.509 path validation, over a real daemon.
+
+Certificates are made here with pyca: a root CA, an intermediate, leaves
+for servers and clients, and deliberately bad ones (forged signature,
+expired, not yet valid, wrong purpose).  Restriction semantics follow the
+kernel's crypto/asymmetric_keys/restrict.c; the system keyrings and the
+blacklist, certs/system_keyring.c and certs/blacklist.c.
+
+Most tests use the shared daemon in the test's own session keyring.  The
+system keyrings are tested on a daemon of this module's own, whose CA bundle
+and blacklist file are written here, so nothing depends on the host's CAs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+import keyden
+from keyden import errors as E
+from keyden.crypto import x509 as X
+from tests.conftest import REPO, Daemon
+
+try:
+    from tests.users import run_as, temporary_users
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from users import run_as, temporary_users
+
+NOW = dt.datetime.now(dt.timezone.utc)
+DAY = dt.timedelta(days=1)
+SERVER, CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+
+
+# ------------------------------------------------------------------ a small PKI
+
+
+def ec_key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def certificate(cn: str, key, issuer: tuple[str, object] | None = None, *, ca: bool = False, eku=None,
+                san: tuple[str, ...] = (), not_before=None, not_after=None, signer=None) -> x509.Certificate:
+    """A certificate for ``key``, issued by (issuer name, issuer key), else self-signed.
+
+    ``signer`` signs instead of the issuer's key while the names and the
+    authority key identifier still point at the issuer: a forgery.
+    """
+    issuer_cn, issuer_key = issuer or (cn, key)
+    b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(issuer_cn))
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(not_before or NOW - 365 * DAY).not_valid_after(not_after or NOW + 365 * DAY)
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=False, key_encipherment=False,
+                                      data_encipherment=False, key_agreement=False, key_cert_sign=ca,
+                                      crl_sign=ca, encipher_only=False, decipher_only=False), critical=True)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                        critical=False))
+    if eku:
+        b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    if san:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in san]), critical=False)
+    signing_key = signer or issuer_key
+    return b.sign(signing_key, None if isinstance(signing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def spki(key) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def tbs(cert: x509.Certificate) -> str:
+    return "tbs:" + hashlib.sha256(cert.tbs_certificate_bytes).hexdigest()
+
+
+def bin_(blob: bytes) -> str:
+    return "bin:" + hashlib.sha256(blob).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pki():
+    root_key, inter_key, leaf_key, evil_key = ec_key(), ec_key(), ec_key(), ec_key()
+    root = certificate("Test Root", root_key, ca=True)
+    inter_issuer = ("Test Intermediate", inter_key)
+    return SimpleNamespace(
+        root_key=root_key, root=root, inter_key=inter_key, leaf_key=leaf_key, evil_key=evil_key,
+        inter=certificate("Test Intermediate", inter_key, ("Test Root", root_key), ca=True),
+        server=certificate("server", leaf_key, inter_issuer, eku=[SERVER], san=("example.com",),
+                           not_before=NOW - DAY, not_after=NOW + 30 * DAY),
+        client=certificate("client", leaf_key, inter_issuer, eku=[CLIENT], san=("client.example",)),
+        expired=certificate("expired", leaf_key, inter_issuer, eku=[SERVER], san=("example.com",),
+                            not_before=NOW - 10 * DAY, not_after=NOW - DAY),
+        future=certificate("future", leaf_key, inter_issuer, eku=[SERVER], san=("example.com",),
+                           not_before=NOW + DAY, not_after=NOW + 10 * DAY),
+        forged=certificate("forged", leaf_key, inter_issuer, eku=[SERVER], san=("example.com",), signer=evil_key),
+        stranger=certificate("Stranger", evil_key, ca=True),
+    )
+
+
+def add_cert(client, cert, keyring="@s") -> int:
+    return client.add("asymmetric", "", pem(cert), keyring)
+
+
+def refused(call) -> type:
+    with pytest.raises(E.KeydenError) as info:
+        call()
+    return type(info.value)
+
+
+# ------------------------------------------------------------- signatures (pure)
+
+
+def test_signed_by_checks_each_signature_scheme_with_the_certificates_own_parameters():
+    rsa_key = rsa.generate_private_key(65537, 2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    ec_ca, other = ec_key(), ec_key()
+    base = (x509.CertificateBuilder().subject_name(name("s")).issuer_name(name("i"))
+            .public_key(other.public_key()).serial_number(1).not_valid_before(NOW - DAY).not_valid_after(NOW + DAY))
+    pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+    signed = {
+        "rsa-pkcs1": (base.sign(rsa_key, hashes.SHA256()), rsa_key),
+        "rsa-pss": (base.sign(rsa_key, hashes.SHA256(), rsa_padding=pss), rsa_key),
+        "ecdsa": (base.sign(ec_ca, hashes.SHA384()), ec_ca),
+        "ed25519": (base.sign(ed_key, None), ed_key),
+    }
+    for label, (cert, key) in signed.items():
+        assert X.signed_by(cert, key.public_key()), label
+        assert not X.signed_by(cert, other.public_key()), label
+    assert not X.signed_by(signed["ecdsa"][0], rsa_key.public_key())  # wrong algorithm is "no", not an error
+    assert not X.signed_by(signed["rsa-pkcs1"][0], ed_key.public_key())
+
+
+# ------------------------------------------------------------------ restrictions
+
+
+def test_key_or_keyring_admits_only_what_a_trusted_key_signed(client, pki):
+    trusted = client.newring("trusted", "@s")
+    add_cert(client, pki.root, trusted)
+    ring = client.newring("restricted", "@s")
+    client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{trusted}")
+
+    inter = add_cert(client, pki.inter, ring)  # the root signed it
+    assert client.read(ring) == [inter]
+    assert refused(lambda: add_cert(client, pki.server, ring)) is E.ENOKEY  # its issuer is not trusted
+    assert refused(lambda: add_cert(client, pki.stranger, ring)) is E.ENOKEY  # self-signed, unknown
+    assert refused(lambda: client.add("asymmetric", "", spki(pki.leaf_key), ring)) is E.ENOKEY  # bare key
+    assert refused(lambda: client.add("user", "u", b"x", ring)) is E.EOPNOTSUPP
+    assert refused(lambda: client.newring("sub", ring)) is E.EOPNOTSUPP
+    forged_inter = certificate("Test Intermediate", pki.inter_key, ("Test Root", pki.root_key), ca=True,
+                               signer=pki.evil_key)
+    assert refused(lambda: add_cert(client, forged_inter, ring)) is E.EKEYREJECTED  # names the root, root did not sign
+
+    # Links and moves are admitted by the same rule as adds.
+    leaf = add_cert(client, pki.server)
+    assert refused(lambda: client.link(leaf, ring)) is E.ENOKEY
+    assert refused(lambda: client.move(leaf, "@s", ring)) is E.ENOKEY
+    assert client.read(ring) == [inter]
+
+    assert refused(lambda: client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{trusted}")) is E.EEXIST
+
+
+def test_a_single_trusted_key_and_chain_mode_building_up(client, pki):
+    root = add_cert(client, pki.root)
+    ring = client.newring("chain", "@s")
+    client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{root}:chain")
+    assert refused(lambda: add_cert(client, pki.server, ring)) is E.ENOKEY  # nothing vouches for it yet
+    inter = add_cert(client, pki.inter, ring)  # the trusted key signed it
+    leaf = add_cert(client, pki.server, ring)  # :chain: the intermediate now in the ring signed it
+    assert sorted(client.read(ring)) == sorted([inter, leaf])
+    assert refused(lambda: add_cert(client, pki.forged, ring)) is E.EKEYREJECTED
+
+    plain = client.newring("plain", "@s")
+    client.restrict_keyring(plain, "asymmetric", f"key_or_keyring:{root}")
+    client.link(inter, plain)
+    assert refused(lambda: client.link(leaf, plain)) is E.ENOKEY  # without :chain the ring vouches for nothing
+
+    own_only = client.newring("own only", "@s")
+    client.restrict_keyring(own_only, "asymmetric", "key_or_keyring:0:chain")
+    assert refused(lambda: client.link(inter, own_only)) is E.ENOKEY
+
+
+def test_restriction_strings_and_cycles(client):
+    ring = client.newring("r", "@s")
+    for text, error in (("key_or_keyring", E.EINVAL), ("key_or_keyring:", E.EINVAL),
+                        ("key_or_keyring:12x", E.EINVAL), ("key_or_keyring:5:bogus", E.EINVAL),
+                        ("signed_by:5", E.EINVAL), ("key_or_keyring:0", E.ENOKEY),
+                        ("key_or_keyring:2147483647", E.ENOKEY), ("key_or_keyring:99999999999", E.EINVAL)):
+        assert refused(lambda: client.restrict_keyring(ring, "asymmetric", text)) is error, text
+    assert refused(lambda: client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{ring}")) is E.EDEADLK
+    other = client.newring("other", "@s")
+    client.restrict_keyring(other, "asymmetric", f"key_or_keyring:{hex(ring)}:chain")  # kstrtos32 takes 0x
+    assert refused(lambda: client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{other}")) is E.EDEADLK
+    client.restrict_keyring(ring)  # no type: nothing may be linked any more
+    assert refused(lambda: client.add("user", "u", b"x", ring)) is E.EPERM
+
+
+# ------------------------------------------------------------------- x509_verify
+
+
+@pytest.fixture
+def rings(client, pki):
+    """A trust keyring holding the root, a chain keyring holding the intermediate."""
+    trust, chain = client.newring("trust", "@s"), client.newring("intermediates", "@s")
+    return SimpleNamespace(trust=trust, chain=chain, root=add_cert(client, pki.root, trust),
+                           inter=add_cert(client, pki.inter, chain))
+
+
+def rejection(call) -> str:
+    with pytest.raises(E.EKEYREJECTED) as info:
+        call()
+    return info.value.message
+
+
+def test_x509_verify_returns_the_validated_chain(client, pki, rings):
+    leaf = add_cert(client, pki.server)
+    verify = client.x509_verify
+    assert verify(leaf, rings.trust, rings.chain, host="example.com", purpose="server") == [
+        (leaf, "CN=server"), (rings.inter, "CN=Test Intermediate"), (rings.root, "CN=Test Root")]
+    assert [s for s, _ in verify(leaf, rings.trust, rings.chain)] == [leaf, rings.inter, rings.root]
+    assert "unknown issuer" in rejection(lambda: verify(leaf, rings.trust))  # no intermediates given
+    strangers = client.newring("strangers", "@s")
+    add_cert(client, pki.stranger, strangers)
+    assert "unknown issuer" in rejection(lambda: verify(leaf, strangers, rings.chain))
+    assert [s for s, _ in verify(leaf, rings.chain)] == [leaf, rings.inter]  # whatever the trust keyring holds is an anchor
+    assert "hostname mismatch" in rejection(lambda: verify(leaf, rings.trust, rings.chain, host="other.example"))
+    assert "bad signature" in rejection(lambda: verify(add_cert(client, pki.forged), rings.trust, rings.chain))
+
+    assert refused(lambda: verify(rings.trust, rings.trust)) is E.EOPNOTSUPP  # a keyring is no certificate
+    assert refused(lambda: verify(client.add("asymmetric", "", spki(pki.leaf_key), "@s"), rings.trust)) \
+        is E.EOPNOTSUPP
+    assert refused(lambda: verify(leaf, leaf)) is E.ENOTDIR
+    assert refused(lambda: verify(leaf, rings.trust, purpose="both")) is E.EINVAL
+    assert refused(lambda: verify(leaf, rings.trust, host="bad host!")) is E.EINVAL
+    assert refused(lambda: verify(leaf, rings.trust, host="example.com", purpose="client")) is E.EINVAL
+
+
+def test_x509_verify_validity_periods_and_the_time_of_validation(client, pki, rings):
+    args = (rings.trust, rings.chain)
+    leaf, expired, future = (add_cert(client, c) for c in (pki.server, pki.expired, pki.future))
+    assert "has expired" in rejection(lambda: client.x509_verify(expired, *args))
+    assert "not yet valid" in rejection(lambda: client.x509_verify(future, *args))
+    ts = lambda when: int(when.timestamp())  # noqa: E731
+    assert client.x509_verify(expired, *args, at=ts(NOW - 5 * DAY))[0][0] == expired  # valid back then
+    assert client.x509_verify(future, *args, at=ts(NOW + 5 * DAY))[0][0] == future
+    assert "has expired" in rejection(lambda: client.x509_verify(leaf, *args, at=ts(NOW + 60 * DAY)))
+    assert "not yet valid" in rejection(lambda: client.x509_verify(leaf, *args, at=ts(NOW - 2 * DAY)))
+    # The intermediate's validity counts too: two years on, only the leaf's own check could not tell.
+    long_leaf = certificate("long", pki.leaf_key, ("Test Intermediate", pki.inter_key), eku=[SERVER],
+                            san=("example.com",), not_after=NOW + 800 * DAY)
+    assert "expired or not yet valid" in rejection(
+        lambda: client.x509_verify(add_cert(client, long_leaf), *args, at=ts(NOW + 400 * DAY)))
+
+
+def test_x509_verify_purpose_follows_extended_key_usage(client, pki, rings):
+    args = (rings.trust, rings.chain)
+    server, tls_client = add_cert(client, pki.server), add_cert(client, pki.client)
+    assert client.x509_verify(tls_client, *args, purpose="client")[0] == (tls_client, "CN=client")
+    assert "wrong purpose" in rejection(lambda: client.x509_verify(tls_client, *args, purpose="server"))
+    assert "wrong purpose" in rejection(
+        lambda: client.x509_verify(tls_client, *args, host="client.example", purpose="server"))
+    assert "wrong purpose" in rejection(lambda: client.x509_verify(server, *args, purpose="client"))
+    assert client.x509_verify(server, *args, purpose="server")[0][0] == server  # no host: no name check
+    for leaf in (server, tls_client):  # no purpose: any extended key usage
+        assert client.x509_verify(leaf, *args)[0][0] == leaf
+
+
+# -------------------------------------------------------------- system keyrings
+
+
+@pytest.fixture(scope="module")
+def system(pki):
+    """A daemon whose CA bundle is this module's root (plus one the parser refuses and one blacklisted)."""
+    p521 = ec.generate_private_key(ec.SECP521R1())
+    banned_key = ec_key()
+    banned_ca = certificate("Banned CA", banned_key, ca=True)
+    bin_banned = certificate("Banned by bin", ec_key(), ("Test Root", pki.root_key), ca=True)
+    files = tempfile.mkdtemp(prefix="keyden-trust-")
+    bundle, blacklist = os.path.join(files, "ca.pem"), os.path.join(files, "blacklist")
+    with open(bundle, "wb") as f:
+        f.write(b"".join(pem(c) for c in (pki.root, certificate("P-521 CA", p521, ca=True), banned_ca)))
+    with open(blacklist, "w") as f:
+        f.write(f"# banned at start\n{tbs(banned_ca)}\n\n{bin_(bin_banned.public_bytes(serialization.Encoding.DER))}"
+                "  # a comment\n")
+    d = Daemon(f'ca_bundle = "{bundle}"\nblacklist_file = "{blacklist}"\n').start()
+    with d.connect() as boot:
+        _serial, token = boot.join_session()
+    c = d.connect(session=token)
+    c.session_token = token
+    yield SimpleNamespace(daemon=d, client=c, banned_ca=banned_ca, banned_key=banned_key, bin_banned=bin_banned,
+                          files=files)
+    c.close()
+    d.cleanup()
+
+
+def test_system_keyrings_are_made_at_start_and_cannot_be_removed(system, pki):
+    c = system.client
+    builtin, secondary, blacklist = (c.find("keyring", n) for n in
+                                     (".builtin_trusted_keys", ".secondary_trusted_keys", ".blacklist"))
+    for ring, perm in ((builtin, 0x1F0B0B0B), (secondary, 0x1F0F0B0B), (blacklist, 0x1F0F0B0B)):
+        d = c.describe(ring)
+        assert (d.type, d.uid, d.gid, d.perm) == ("keyring", 0, 0, perm)
+    (root,) = c.read(builtin)  # the P-521 CA was refused by the parser, the banned CA by the blacklist
+    assert c.describe(root).description.startswith("Test Root: ")
+    assert c.read(secondary) == [builtin]
+    assert sorted(c.describe(k).description for k in c.read(blacklist)) == sorted(
+        [tbs(system.banned_ca), bin_(system.bin_banned.public_bytes(serialization.Encoding.DER))])
+    assert ".builtin_trusted_keys: loaded 1 certificates from " \
+           "and skipped 1 the parser refused and 1 blacklisted" in system.daemon.read_log().replace(
+               system.files + "/ca.pem ", "")
+
+    # KEY_FLAG_KEEP: whatever the masks grant, nobody (root included) revokes, invalidates or clears them.
+    for call in (lambda: c.invalidate(builtin), lambda: c.invalidate(root), lambda: c.clear(secondary),
+                 lambda: c.revoke(secondary), lambda: c.unlink(builtin, secondary),
+                 lambda: c.unlink(c.read(blacklist)[0], blacklist)):
+        assert refused(call) is E.EPERM
+    assert refused(lambda: c.timeout(blacklist, 5)) is E.EACCES  # and the masks grant no setattr
+    assert refused(lambda: c.newring(".builtin_trusted_keys", "@s")) is E.EPERM  # '.' names are the daemon's
+    assert c.read(builtin) == [root]
+
+
+def test_builtin_and_secondary_restrictions(system, pki):
+    c = system.client
+    builtin, secondary = c.find("keyring", ".builtin_trusted_keys"), c.find("keyring", ".secondary_trusted_keys")
+    by_builtin = c.newring("by builtin", "@s")
+    c.restrict_keyring(by_builtin, "asymmetric", "builtin_trusted")
+    inter = add_cert(c, pki.inter, by_builtin)  # the builtin root signed it
+    assert refused(lambda: add_cert(c, pki.server, by_builtin)) is E.ENOKEY
+
+    # Root adds to the secondary keyring what a builtin or secondary key signed; then those vouch too.
+    assert refused(lambda: add_cert(c, pki.stranger, secondary)) is E.ENOKEY
+    assert refused(lambda: c.add("user", "u", b"x", secondary)) is E.EOPNOTSUPP
+    c.link(inter, secondary)
+    by_both = c.newring("by both", "@s")
+    c.restrict_keyring(by_both, "asymmetric", "builtin_and_secondary_trusted")
+    leaf = add_cert(c, pki.server, by_both)  # the intermediate, now secondary, signed it
+    assert refused(lambda: c.link(leaf, by_builtin)) is E.ENOKEY  # builtin alone still does not vouch for it
+    assert [s for s, _ in c.x509_verify(leaf, secondary, host="example.com", purpose="server")] == \
+        [leaf, inter]  # the intermediate is itself trusted now: the chain ends there
+    assert c.x509_verify(leaf, builtin, by_builtin)[-1][0] == c.read(builtin)[0]
+
+
+def test_blacklist_refuses_keys_wherever_they_would_enter(system, pki):
+    c = system.client
+    blacklist = c.find("keyring", ".blacklist")
+    assert refused(lambda: add_cert(c, system.banned_ca)) is E.EKEYREJECTED  # tbs: from the blacklist file
+    assert refused(lambda: add_cert(c, system.bin_banned)) is E.EKEYREJECTED  # bin: from the blacklist file
+
+    # Certificates of this test's own: entries stay for the daemon's life, other tests use the module's.
+    inter_key, leaf_key, bare_key = ec_key(), ec_key(), ec_key()
+    inter_cert = certificate("Doomed Intermediate", inter_key, ("Test Root", pki.root_key), ca=True)
+    issuer = ("Doomed Intermediate", inter_key)
+    client_cert = certificate("doomed client", leaf_key, issuer, eku=[CLIENT])
+    server_cert = certificate("doomed server", leaf_key, issuer, eku=[SERVER], san=("example.com",))
+    trust, chain = c.newring("trust", "@s"), c.newring("chain", "@s")
+    add_cert(c, pki.root, trust)
+    inter = add_cert(c, inter_cert, chain)
+    leaf, server = add_cert(c, client_cert), add_cert(c, server_cert)
+    bare = c.add("asymmetric", "", spki(bare_key), "@s")
+    assert c.x509_verify(leaf, trust, chain)[0][0] == leaf
+
+    c.add("blacklist", tbs(client_cert), b"", blacklist)  # root may add; the key already held is now refused
+    assert refused(lambda: c.link(leaf, trust)) is E.EKEYREJECTED
+    assert refused(lambda: c.move(leaf, "@s", chain)) is E.EKEYREJECTED
+    assert refused(lambda: add_cert(c, client_cert, chain)) is E.EKEYREJECTED
+    assert rejection(lambda: c.x509_verify(leaf, trust, chain)) == "certificate is blacklisted"
+
+    c.add("blacklist", bin_(spki(bare_key)), b"", blacklist)  # a bare key's bin: is its SPKI's hash
+    assert refused(lambda: c.link(bare, trust)) is E.EKEYREJECTED
+    assert refused(lambda: c.add("asymmetric", "", spki(bare_key), "@s")) is E.EKEYREJECTED
+
+    # A blacklisted intermediate breaks every chain through it, and vouches for nothing.
+    restricted = c.newring("restricted", "@s")
+    c.restrict_keyring(restricted, "asymmetric", f"key_or_keyring:{inter}")
+    assert c.x509_verify(server, trust, chain)[1][0] == inter
+    c.add("blacklist", bin_(inter_cert.public_bytes(serialization.Encoding.DER)), b"", blacklist)
+    reason = rejection(lambda: c.x509_verify(server, trust, chain))
+    assert "blacklisted" in reason and "CN=Doomed Intermediate" in reason
+    assert refused(lambda: c.link(server, restricted)) is E.EKEYREJECTED
+
+
+def test_blacklist_entries_are_checked_and_live_in_blacklist_only(system):
+    c = system.client
+    blacklist = c.find("keyring", ".blacklist")
+    good = "tbs:" + "ab" * 32
+    for desc in ("tbs:" + "AB" * 32, "tbs:abc", "tbs:", "sha:" + "ab" * 32, "ab" * 32, "bin:" + "ab" * 65):
+        assert refused(lambda: c.add("blacklist", desc, b"", blacklist)) is E.EINVAL, desc
+    assert refused(lambda: c.add("blacklist", good, b"data", blacklist)) is E.EINVAL
+    assert refused(lambda: c.add("blacklist", good, b"", "@s")) is E.EPERM
+    assert refused(lambda: c.add("user", "not a hash", b"x", blacklist)) is E.EOPNOTSUPP
+    entry = c.add("blacklist", good, b"", blacklist)
+    assert c.search(blacklist, "blacklist", good) == entry
+    assert (c.describe(entry).perm, c.describe(entry).uid) == (0x09090909, 0)
+    assert refused(lambda: c.invalidate(entry)) is E.EPERM  # permanent, as the kernel's
+
+
+def test_a_bad_blacklist_file_stops_the_daemon():
+    with tempfile.NamedTemporaryFile("w", suffix=".blacklist") as f:
+        f.write("tbs:" + "AB" * 32 + "\n")
+        f.flush()
+        d = Daemon(f'ca_bundle = ""\nblacklist_file = "{f.name}"\n')
+        try:
+            with pytest.raises(RuntimeError, match="exited early"):
+                d.start()
+            assert f"{f.name}:1:" in d.read_log()
+        finally:
+            d.cleanup()
+
+
+def test_another_user_finds_uses_but_cannot_change_the_system_keyrings(system, pki):
+    sock = system.daemon.socket
+    server_pem = pem(pki.server)
+    inter_pem = pem(pki.inter)
+
+    def probe():
+        with keyden.connect(sock) as c:
+            _, token = c.join_session()
+        with keyden.connect(sock, session=token) as c:
+            builtin = c.find("keyring", ".builtin_trusted_keys")
+            secondary = c.find("keyring", ".secondary_trusted_keys")
+            (root,) = c.read(builtin)
+            chain = c.newring("chain", "@s")
+            c.add("asymmetric", "", inter_pem, chain)
+            leaf = c.add("asymmetric", "", server_pem, "@s")
+            outcome = {}
+            for label, call in (
+                    ("search", lambda: c.search(builtin, "asymmetric", c.describe(root).description) == root),
+                    ("verify", lambda: len(c.x509_verify(leaf, "%:.builtin_trusted_keys", chain, host="example.com"))),
+                    ("link a system certificate", lambda: c.link(root, "@s")),
+                    ("add to secondary", lambda: c.add("asymmetric", "", inter_pem, secondary)),
+                    ("add to blacklist", lambda: c.add("blacklist", "tbs:" + "cd" * 32, b"", "%:.blacklist")),
+                    ("link builtin", lambda: c.link(builtin, "@s")),
+                    ("invalidate builtin", lambda: c.invalidate(builtin)),
+                    ("restrict builtin", lambda: c.restrict_keyring(builtin)),
+                    ("setperm builtin", lambda: c.setperm(builtin, 0x3F3F3F3F))):
+                try:
+                    outcome[label] = call()
+                except keyden.KeydenError as exc:
+                    outcome[label] = type(exc).__name__
+            return outcome
+
+    with temporary_users({"t": ()}) as (made, _gids):
+        assert run_as(made["t"], probe) == {
+            "search": True, "verify": 3, "link a system certificate": None, "add to secondary": "EACCES",
+            "add to blacklist": "EACCES", "link builtin": "EACCES", "invalidate builtin": "EPERM",
+            "restrict builtin": "EACCES", "setperm builtin": "EACCES"}
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def cli(socket: str, *args: str, session: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), KEYDEN_SESSION=session)
+    return subprocess.run([sys.executable, "-m", "keyden", "--socket", socket, *args], input=stdin,
+                          capture_output=True, env=env, timeout=60)
+
+
+def test_cli_x509_verify_restrict_and_blacklist(system, pki):
+    c = system.client
+    run = functools.partial(cli, system.daemon.socket, session=c.session_token)
+    trust, chain = c.newring("cli trust", "@s"), c.newring("cli chain", "@s")
+    root, inter = add_cert(c, pki.root, trust), add_cert(c, pki.inter, chain)
+    leaf, future = add_cert(c, pki.server), add_cert(c, pki.future)
+
+    ok = run("x509_verify", str(leaf), str(trust), "--chain", str(chain), "--host", "example.com",
+             "--purpose", "server")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.decode().splitlines() == ["OK", f"{leaf:9d} CN=server", f"{inter:9d} CN=Test Intermediate",
+                                               f"{root:9d} CN=Test Root"]
+    bad = run("x509_verify", str(leaf), str(trust), f"--chain={chain}", "--host", "other.example")
+    assert (bad.returncode, bad.stderr.decode()) == (
+        1, "x509_verify: hostname mismatch: the certificate is not valid for other.example\n")
+    later = (NOW + 5 * DAY).strftime("%Y-%m-%dT%H:%M:%S")
+    assert run("x509_verify", str(future), str(trust), "--chain", str(chain), "--at", later).returncode == 0
+    assert run("x509_verify", str(future), str(trust), "--chain", str(chain),
+               "--at", str(int(time.time()))).stderr.decode().startswith("x509_verify: certificate is not yet valid")
+    assert run("x509_verify", str(leaf), str(trust), "--purpose", "email").returncode == 2
+    assert run("x509_verify", str(leaf), str(trust), "--at", "yesterday").returncode == 2
+
+    ring = c.newring("cli restricted", "@s")
+    r = run("restrict_keyring", str(ring), "asymmetric", f"key_or_keyring:{trust}:chain")
+    assert r.returncode == 0, r.stderr
+    assert run("link", str(leaf), str(ring)).stderr.decode() == "keyctl_link: Required key not available\n"
+    assert run("link", str(inter), str(ring)).returncode == 0
+
+    doomed = certificate("cli doomed", ec_key(), ("Test Intermediate", pki.inter_key), eku=[SERVER])
+    doomed_serial = add_cert(c, doomed)
+    printed = run("x509_hashes", str(doomed_serial)).stdout.decode().split()
+    assert printed == [tbs(doomed), bin_(doomed.public_bytes(serialization.Encoding.DER))]
+    r = run("padd", "blacklist", printed[0], "%:.blacklist")
+    assert r.returncode == 0, r.stderr
+    assert run("x509_verify", str(doomed_serial), str(trust), "--chain", str(chain)).stderr.decode() == \
+        "x509_verify: certificate is blacklisted\n"
