@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 from keyden import errors as E
-from keyden.core.perm import describe_mask
+from keyden.core.store import Description
+from keyden.crypto.asymmetric import PkeyQuery
 from keyden.protocol import Op
 
 SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
@@ -47,41 +47,8 @@ def key_id(ref) -> int | tuple[str, str]:
     raise E.EINVAL(f"bad key reference {ref!r}")
 
 
-@dataclass(frozen=True)
-class KeyDescription:
-    serial: int
-    type: str
-    uid: int
-    gid: int
-    perm: int
-    description: str
-
-    def keyctl(self) -> str:
-        """keyctl describe's line."""
-        return f"{self.serial:9d}: {describe_mask(self.perm)} {self.uid:5d} {self.gid:5d} {self.type}: {self.description}"
-
-    def raw(self, sep: str = ";") -> str:
-        """keyctl rdescribe's line: type;uid;gid;perm;description."""
-        return sep.join((self.type, str(self.uid), str(self.gid), f"{self.perm:08x}", self.description))
-
-
-@dataclass(frozen=True)
-class PkeyQuery:
-    supported_ops: int
-    key_size: int
-    max_data_size: int
-    max_sig_size: int
-    max_enc_size: int
-    max_dec_size: int
-
-    def keyctl(self) -> str:
-        ops = {"encrypt": 1, "decrypt": 2, "sign": 4, "verify": 8}
-        lines = [f"key_size={self.key_size}", f"max_data_size={self.max_data_size}",
-                 f"max_sig_size={self.max_sig_size}", f"max_enc_size={self.max_enc_size}",
-                 f"max_dec_size={self.max_dec_size}"]
-        lines += [f"{name}={'y' if self.supported_ops & bit else 'n'}" for name, bit in ops.items()]
-        return "\n".join(lines)
-
+#: describe's result and pkey_query's are the daemon's own value types, with keyctl's output formats.
+KeyDescription = Description
 
 def read_result(is_keyring: int, data: bytes) -> bytes | list[int]:
     if is_keyring:

@@ -203,7 +203,7 @@ def _kept(key: "Key") -> None:
         raise E.EPERM(f"key {key.serial} is a system key and cannot be removed or changed")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Description:
     """What keyctl describe shows."""
 
@@ -213,6 +213,15 @@ class Description:
     gid: int
     perm: int
     description: str
+
+    def keyctl(self) -> str:
+        """keyctl describe's line."""
+        return (f"{self.serial:9d}: {P.describe_mask(self.perm)} {self.uid:5d} {self.gid:5d} "
+                f"{self.type}: {self.description}")
+
+    def raw(self, sep: str = ";") -> str:
+        """keyctl rdescribe's line: type;uid;gid;perm;description."""
+        return sep.join((self.type, str(self.uid), str(self.gid), f"{self.perm:08x}", self.description))
 
 
 @dataclass

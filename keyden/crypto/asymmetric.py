@@ -403,6 +403,15 @@ class PkeyQuery:
     max_enc_size: int
     max_dec_size: int
 
+    def keyctl(self) -> str:
+        """keyctl pkey_query's output: sizes, then which operations the key supports."""
+        lines = [f"key_size={self.key_size}", f"max_data_size={self.max_data_size}",
+                 f"max_sig_size={self.max_sig_size}", f"max_enc_size={self.max_enc_size}",
+                 f"max_dec_size={self.max_dec_size}"]
+        ops = {"encrypt": OP_ENCRYPT, "decrypt": OP_DECRYPT, "sign": OP_SIGN, "verify": OP_VERIFY}
+        lines += [f"{name}={'y' if self.supported_ops & bit else 'n'}" for name, bit in ops.items()]
+        return "\n".join(lines)
+
 
 class ParsedKey:
     """Parsed form of an asymmetric key.  Immutable, and refuses to be pickled or copied."""
