@@ -9,7 +9,6 @@ import threading
 
 import pytest
 
-import keyden
 from keyden import errors as E
 
 SECRET = b"kd-AUDIT-SECRET-payload-7f3a"

@@ -13,9 +13,11 @@ Sized to take well under a minute.  For a longer run, scale every property test'
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import os
 import random
+import socket
 import struct
 
 import pytest
@@ -23,10 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.x509.oid import NameOID
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import keyden
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core import keytypes as T
@@ -81,8 +82,6 @@ def _pkcs8(key) -> bytes:
 
 def _self_signed(key) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kd fuzz")])
-    import datetime
-
     now = datetime.datetime(2024, 1, 1)
     return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(4242).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=3650))
@@ -327,6 +326,18 @@ def test_random_sequences_of_operations_on_one_connection(peer, calls):
         assert world.call(Op.PING, b"").status == 0
 
 
+@fuzz(300)
+@given(request_fields(Op.HELLO), st.one_of(st.none(), st.binary(max_size=60)), st.sampled_from([Op.HELLO, Op.PING, 0]))
+def test_any_handshake_is_answered_and_only_a_good_one_opens_the_connection(fields, body, op):
+    conn = Connection(KeyStore(), PEER, MAX_FRAME)
+    body = W.request_schema(Op.HELLO).encode(fields) if body is None else body
+    reply = exchange(conn, W.encode_frame(1, op, 0, body), 1, op)
+    assert (reply.status == 0) == (not conn.closed)
+    if reply.status == 0:
+        assert conn.context is not None and exchange(conn, W.encode_request(2, Op.PING, b""), 2, Op.PING).status == 0
+    conn.close()
+
+
 @fuzz(200)
 @given(st.integers(0, 65535).filter(lambda n: n not in set(Op)), st.binary(max_size=64))
 def test_unknown_opcodes_are_enosys(op, body):
@@ -422,8 +433,6 @@ def garbage_frames(rng: random.Random, n: int) -> bytes:
 
 
 def test_a_real_daemon_survives_garbage_and_keeps_serving(fresh_daemon):
-    import socket
-
     d = fresh_daemon("max_frame = 65536\n")
     rng = random.Random(1234)
     hello = W.encode_request(1, Op.HELLO, 1, 1, "", "fuzz")

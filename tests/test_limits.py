@@ -226,7 +226,7 @@ def test_an_oversized_frame_gets_emsgsize_then_the_connection_closes(fresh_daemo
     raw.close()
     with d.connect() as c:
         assert c.max_frame == 4096
-        with pytest.raises(E.EMSGSIZE):  # the library client learns why, too
+        with pytest.raises(E.EMSGSIZE):  # the library client knows the cap from HELLO and refuses locally
             c.ping(b"x" * 5000)
 
 

@@ -6,7 +6,7 @@ invalidating older ones.  Checked: no operation fails, no key whose add succeede
 key still held reads back its own payload), and the daemon's memory is flat (the second half of
 the run does not outgrow the first) and bounded after the run.
 
-Runs ~12 s; KEYDEN_LOAD_SECONDS and KEYDEN_LOAD_CONNECTIONS make it longer or wider.  The figures
+Runs ~10 s; KEYDEN_LOAD_SECONDS and KEYDEN_LOAD_CONNECTIONS make it longer or wider.  The figures
 are printed (pytest -s shows them) and quoted in docs/operations.md.
 """
 
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 import keyden.client.aio
 
-SECONDS = float(os.environ.get("KEYDEN_LOAD_SECONDS", "12"))
+SECONDS = float(os.environ.get("KEYDEN_LOAD_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("KEYDEN_LOAD_CONNECTIONS", "500"))
 PROCESSES = 4
 KEEP = 4  # keys each connection holds at a time; older ones are invalidated, so the store stays a steady size

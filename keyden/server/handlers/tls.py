@@ -90,6 +90,8 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
         except OSError:
             raise E.EINVAL("the socket is not connected") from None
         sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:  # records go out whole already; Nagle would only delay the last
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         yield sock
     except BaseException:
         sock.close()  # a no-op once wrap_socket has taken the descriptor over; _start closes that
