@@ -17,9 +17,11 @@ import secrets
 import socket
 import ssl
 import struct
+import select
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -424,20 +426,34 @@ def test_large_transfers_both_ways_at_once(app_factory, server_ring, pki):
     app.serve(reply=echo_all)
     ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
     payload = os.urandom(size)
-    received = bytearray()
     with socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT) as raw:
         with ctx.wrap_socket(raw, server_hostname="a.test") as tls:
-            def reader():
-                while len(received) < size:
-                    chunk = tls.recv(1 << 16)
-                    if not chunk:
-                        break
-                    received.extend(chunk)
-            t = threading.Thread(target=reader)
-            t.start()
-            tls.sendall(payload)
-            t.join(TIMEOUT)
+            received = send_and_receive(tls, payload, size)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def send_and_receive(tls: ssl.SSLSocket, payload: bytes, size: int) -> bytes:
+    """Write ``payload`` while reading ``size`` bytes, from one thread: an SSLSocket is not thread-safe."""
+    tls.setblocking(False)
+    received = bytearray()
+    unsent = memoryview(payload)
+    deadline = time.monotonic() + TIMEOUT
+    while len(received) < size and time.monotonic() < deadline:
+        select.select([tls], [tls] if unsent else [], [], 1.0)
+        while True:  # all that has arrived, including what OpenSSL has buffered already
+            try:
+                chunk = tls.recv(1 << 16)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            if not chunk:
+                return bytes(received)
+            received += chunk
+        if unsent:
+            try:  # after a would-block, OpenSSL wants the very same chunk again: unsent has not moved
+                unsent = unsent[tls.send(unsent[:1 << 16]):]
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+    return bytes(received)
 
 
 def test_peer_close_notify_reaches_the_app_as_eof_and_the_app_can_still_answer(client, server_ring, pki):

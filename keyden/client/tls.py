@@ -101,7 +101,7 @@ def _hand_over(client, op: Op, args: tuple, sock, timeout: float) -> tuple[socke
         for extra in received:
             os.close(extra)
         raise E.EPROTO(f"keyden passed back {len(received)} descriptors, not one socket")
-    plain = socket.socket(fileno=received[0])
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, received[0])
     try:
         return plain, established(plain, timeout + OUTCOME_GRACE)
     except BaseException:

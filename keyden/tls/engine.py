@@ -2,9 +2,10 @@
 
 A session is the peer's connection wrapped in a non-blocking SSLSocket and
 the daemon's end of a socketpair whose other end the application holds.
-Both are touched only by the one loop thread that owns the session, and
-nothing ever blocks, so a slow or hostile peer costs only its own buffers
-and a handshake that does not finish in time is abandoned.
+After its first handshake step (on the request's thread) both are touched
+only by the one loop thread that owns the session, and nothing ever
+blocks, so a slow or hostile peer costs only its own buffers and a
+handshake that does not finish in time is abandoned.
 
 The first bytes on the plaintext side are one protocol frame: a
 TLS_ESTABLISHED response with what was negotiated, or an error frame (and
@@ -51,10 +52,8 @@ READ, WRITE = "read", "write"
 ChainCheck = Callable[[list[bytes]], None]
 
 
-def failure(exc: BaseException) -> E.KeydenError:
+def failure(exc: OSError) -> E.KeydenError:
     """A handshake's failure as the errno the application sees, with OpenSSL's reason (never secrets)."""
-    if isinstance(exc, E.KeydenError):
-        return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
         expired = exc.verify_code in (9, 10)  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
         return (E.EKEYEXPIRED if expired else E.EKEYREJECTED)(f"peer certificate refused: {exc.verify_message}")
@@ -67,9 +66,7 @@ def failure(exc: BaseException) -> E.KeydenError:
         if "ALERT" in reason:
             return E.EKEYREJECTED(f"the peer refused the TLS handshake: {reason}")
         return E.EPROTO(f"TLS handshake failed: {reason}")
-    if isinstance(exc, OSError):
-        return E.ECONNRESET(f"the peer connection failed during the TLS handshake: {exc.strerror or exc}")
-    return E.EIO("internal error")
+    return E.ECONNRESET(f"the peer connection failed during the TLS handshake: {exc.strerror or exc}")
 
 
 def negotiated(tls: ssl.SSLSocket) -> tuple:
@@ -185,7 +182,8 @@ class Loop:
         while True:
             while self.arrivals:
                 session = self.arrivals.popleft()
-                self.at(session.deadline, session)
+                if session.deadline is not None:  # else already through its handshake
+                    self.at(session.deadline, session)
             now = time.monotonic()
             while self.deadlines and self.deadlines[0][0] <= now:
                 when, _, session = heapq.heappop(self.deadlines)
@@ -296,7 +294,7 @@ class Session:
         except ssl.SSLWantWriteError:
             self.up_blocked = WRITE
             return
-        except Exception as exc:
+        except OSError as exc:  # ssl.SSLError included
             self._fail(failure(exc))
             return
         try:
