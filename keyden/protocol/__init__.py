@@ -319,15 +319,17 @@ TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate
 TLS13_ONLY = 2  # no TLS 1.2
 
 
+# SCHEMAS is keyed by Op, an IntEnum: plain ints find the same entries without an enum conversion.
+
 def request_schema(op: int) -> Schema:
-    try:
-        return SCHEMAS[Op(op)][0]
-    except ValueError:
-        raise E.ENOSYS(f"unknown opcode {op}") from None
+    schemas = SCHEMAS.get(op)
+    if schemas is None:
+        raise E.ENOSYS(f"unknown opcode {op}")
+    return schemas[0]
 
 
 def response_schema(op: int) -> Schema:
-    return SCHEMAS[Op(op)][1]
+    return SCHEMAS[op][1]
 
 
 def encode_frame(request_id: int, op: int, status: int, body: bytes) -> bytes:
@@ -339,7 +341,7 @@ def encode_request(request_id: int, op: Op, *values: Any) -> bytes:
 
 
 def encode_response(request_id: int, op: int, values: Sequence[Any]) -> bytes:
-    return encode_frame(request_id, op, 0, SCHEMAS[Op(op)][1].encode(values))
+    return encode_frame(request_id, op, 0, SCHEMAS[op][1].encode(values))
 
 
 def encode_error(request_id: int, op: int, error: E.KeydenError) -> bytes:

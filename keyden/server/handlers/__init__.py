@@ -75,10 +75,9 @@ def handles(op: Op) -> Callable[[Handler], Handler]:
 
 
 def dispatch(ctx: Context, op: int, args: tuple) -> tuple:
-    try:
-        handler = HANDLERS[Op(op)]
-    except (ValueError, KeyError):
-        raise E.ENOSYS(f"unknown opcode {op}") from None
+    handler = HANDLERS.get(op)  # keyed by Op, an IntEnum: a plain int finds its entry
+    if handler is None:
+        raise E.ENOSYS(f"unknown opcode {op}")
     try:
         return handler(ctx, *args)
     finally:
