@@ -2,8 +2,9 @@
 
     python -m bench.profile_request [--request ping|read|sign-ed25519|sign-rsa2048] [--calls N] [--top K]
 
-1. A breakdown measured without a profiler: the whole round trip against a real daemon; the
-   daemon's Python work alone (``Connection.receive`` on the encoded request, no socket); the
+1. A breakdown measured without a profiler: the whole round trip against a real daemon, with the
+   CPU time each side spent; the daemon's Python work alone (``Connection.receive`` on the encoded
+   request, no socket, audited to a file as by default, and without audit); the
    client's Python work alone (the real client answering from a canned response, no socket); the
    rest is the kernel: two socket writes, two reads, two wake-ups (compare the C ping-pong floor).
 2. cProfile of both sides over the same calls: the client in this process, the daemon's
@@ -71,15 +72,20 @@ def serve_profiled(argv: list[str]) -> int:
 # ------------------------------------------------------- Python work, no sockets
 
 class InProcess(Operations):
-    """A client talking straight to a server-side ``Connection``: the daemon's work without IO."""
+    """A client talking straight to a server-side ``Connection``: the daemon's work without IO.
 
-    def __init__(self):
+    With ``audit_dir`` each request is audited to a file there, as the daemon does by default.
+    """
+
+    def __init__(self, audit_dir: str | None = None):
         from keyden.core.store import KeyStore
+        from keyden.server.audit import AuditLog
         from keyden.server.connection import Connection
         from keyden.server.peer import Peer
 
         me = Peer(os.getpid(), os.getuid(), os.getgid(), frozenset(), -1)
-        self.conn = Connection(KeyStore(), me)
+        audit = AuditLog.open("audit.log", audit_dir).connection(me.pid, me.uid, me.gid) if audit_dir else None
+        self.conn = Connection(KeyStore(), me, audit=audit)
         self._exchange(W.Op.HELLO, (W.MIN_VERSION, W.VERSION, "", "bench"))
 
     def _exchange(self, op, args) -> W.Frame:
@@ -173,11 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n = args.calls
 
-    local = InProcess()
-    method, call_args = REQUESTS[args.request](local)
-    getattr(local, method)(*call_args)
-    request = local.last_request
-    server_us = per_call_us(lambda: local.conn.receive(request), n)
+    daemon_us = {}
+    with tempfile.TemporaryDirectory(prefix="keyden-profile-audit-") as audit_dir:
+        for audit in ("off", "on"):
+            local = InProcess(audit_dir if audit == "on" else None)
+            method, call_args = REQUESTS[args.request](local)
+            getattr(local, method)(*call_args)
+            request = local.last_request
+            daemon_us[audit] = per_call_us(lambda: local.conn.receive(request), n)
     canned = local.last_response
 
     with BenchDaemon() as daemon, keyden.connect(daemon.socket) as c:
@@ -194,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  round trip against the daemon      {trip['wall']:7.1f} µs wall")
     print(f"    CPU: client user {trip['client user']:.1f} + sys {trip['client sys']:.1f}, "
           f"daemon user {trip['daemon user']:.1f} + sys {trip['daemon sys']:.1f} µs")
-    print(f"  daemon Python (Connection.receive) {server_us:7.1f} µs")
+    print(f"  daemon Python (Connection.receive) {daemon_us['on']:7.1f} µs  (audit off: {daemon_us['off']:.1f})")
     print(f"  client Python (canned socket)      {client_us:7.1f} µs")
-    print(f"  the rest: kernel, wake-ups         {trip['wall'] - server_us - client_us:7.1f} µs\n")
+    print(f"  the rest: pump, kernel, wake-ups   {trip['wall'] - daemon_us['on'] - client_us:7.1f} µs\n")
 
     out_dir = tempfile.mkdtemp(prefix="keyden-profile-")
     try:

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import keyden
 from bench.daemon import REPO, BenchDaemon
+from bench.watchdog import Watchdog
 from bench.workers import ClientPool
 
 RATIO_CONVENTION = ("ratio = baseline time / keyden time (= keyden rate / baseline rate): keyden's speed as a "
@@ -61,10 +62,13 @@ class Settings:
     round_seconds: float  # length of one round of a client pool
     warmup_seconds: float  # untimed calls before the repetitions
     pingpong_round_trips: int  # per repetition of the C ping-pong floor
+    time_limit: float  # seconds one benchmark may take before it is stopped as hung
 
 
-FULL = Settings(reps=7, rep_seconds=0.6, round_seconds=1.0, warmup_seconds=0.3, pingpong_round_trips=20000)
-QUICK = Settings(reps=3, rep_seconds=0.15, round_seconds=0.3, warmup_seconds=0.1, pingpong_round_trips=5000)
+FULL = Settings(reps=7, rep_seconds=0.6, round_seconds=1.0, warmup_seconds=0.3, pingpong_round_trips=20000,
+                time_limit=180)
+QUICK = Settings(reps=3, rep_seconds=0.15, round_seconds=0.3, warmup_seconds=0.1, pingpong_round_trips=5000,
+                 time_limit=60)
 
 
 Sampler = Callable[[], float]  # one timed repetition -> its figure (seconds per call, or a rate)
@@ -221,6 +225,75 @@ def tls_bulk(ctx: Context) -> Row:
     return Row(1 / keyden_s, 1 / local_s, "MiB/s", 0.5, "Python ssl server thread")
 
 
+def _aead_bulk(ctx: Context, size: int, target: float) -> Row:
+    """AES-256-GCM by serial through shared memory, in place (nothing over the socket) vs in-process pyca."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    # One fixed nonce for every repetition: fine for timing, never for real data.
+    nonce = bytes(12)
+    data = os.urandom(size)
+    local, out = AESGCM(AESGCM.generate_key(256)), bytearray(size + 16)
+    with ctx.connect() as c:
+        key = c.generate("aes:256", "bench:aead", "@s")
+        with c.shared_buffer(2 * size + 64) as shm:
+            shm.view[:size] = data
+            keyden_s, local_s = ctx.paired(
+                ctx.calls(lambda: shm.cipher("gcm(aes)", key, 0, size, size, iv=nonce)),
+                ctx.calls(lambda: local.encrypt_into(nonce, data, None, out)))
+    return Row(size / keyden_s / 2**20, size / local_s / 2**20, "MiB/s", target, "pyca, 1 thread")
+
+
+@benchmark("aead-16MiB")
+def aead_16mib(ctx: Context) -> Row:
+    return _aead_bulk(ctx, 16 << 20, 0.9)
+
+
+@benchmark("aead-1MiB")
+def aead_1mib(ctx: Context) -> Row:
+    return _aead_bulk(ctx, 1 << 20, 0.5)
+
+
+BATCH_ITEMS = [os.urandom(64) for _ in range(256)]  # 256 messages of 64 bytes for the batch rows
+
+
+@benchmark("batch-hmac-64B")
+def batch_hmac_64b(ctx: Context) -> Row:
+    """256 HMAC-SHA256 tags in one request vs one pyca HMAC object per item."""
+    from cryptography.hazmat.primitives import hashes, hmac
+
+    local_key = os.urandom(32)
+
+    def local_batch() -> list[bytes]:
+        tags = []
+        for item in BATCH_ITEMS:
+            h = hmac.HMAC(local_key, hashes.SHA256())
+            h.update(item)
+            tags.append(h.finalize())
+        return tags
+
+    with ctx.connect() as c:
+        m = c.hmac(c.generate("hmac:256", "bench:mac", "@s"))
+        keyden_s, local_s = ctx.paired(ctx.calls(lambda: m.mac_batch(BATCH_ITEMS)), ctx.calls(local_batch))
+    n = len(BATCH_ITEMS)
+    return Row(n / keyden_s, n / local_s, "items/s", 0.3, "pyca, 1 thread")
+
+
+@benchmark("batch-aead-64B")
+def batch_aead_64b(ctx: Context) -> Row:
+    """256 AES-256-GCM encryptions (distinct nonces) in one request vs pyca AESGCM.encrypt per item."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonces = [i.to_bytes(12, "big") for i in range(len(BATCH_ITEMS))]
+    local = AESGCM(AESGCM.generate_key(256))
+    with ctx.connect() as c:
+        a = c.aead(c.generate("aes:256", "bench:aead-batch", "@s"))
+        keyden_s, local_s = ctx.paired(
+            ctx.calls(lambda: a.encrypt_batch(nonces, BATCH_ITEMS)),
+            ctx.calls(lambda: [local.encrypt(n, item, None) for n, item in zip(nonces, BATCH_ITEMS)]))
+    n = len(BATCH_ITEMS)
+    return Row(n / keyden_s, n / local_s, "items/s", 0.3, "pyca, 1 thread")
+
+
 def pingpong_floor(ctx: Context) -> tuple[Sampler, str]:
     """Seconds per 1-byte round trip between two processes: bench/pingpong.c, or its Python twin."""
     n = ctx.settings.pingpong_round_trips
@@ -326,13 +399,18 @@ def run(names: list[str], settings: Settings) -> dict[str, Row | str]:
             with keyden.connect(daemon.socket) as boot:
                 _serial, session = boot.join_session()
             ctx = Context(daemon.socket, session, settings, workdir)
+            watchdog = Watchdog()
             for name in names:
                 print(f"running {name} ...", file=sys.stderr, flush=True)
                 t0 = time.monotonic()
                 try:
-                    results[name] = Row(*BENCHMARKS[name](ctx))
+                    with watchdog.limit(settings.time_limit):
+                        results[name] = Row(*BENCHMARKS[name](ctx))
                 except Exception as exc:
                     traceback.print_exc()
+                    if daemon.proc.poll() is not None:
+                        print(f"keyden exited with status {daemon.proc.returncode}; its log:\n{daemon.read_log()}",
+                              file=sys.stderr)
                     results[name] = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
                 print(f"  {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     finally:
