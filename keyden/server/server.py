@@ -2,8 +2,9 @@
 
 Thread per connection with blocking sockets: measured faster per request
 than asyncio streams, and a slow or silent client only ever occupies its
-own thread.  Crypto in pyca releases the GIL, so connections run in
-parallel on separate cores where the work allows.
+own thread.  Some of pyca's work releases the GIL (RSA signing, bulk
+AES-GCM), so those connections run in parallel on separate cores; Ed25519
+signing and the per-request Python do not (see bench/README.md).
 """
 
 from __future__ import annotations
