@@ -776,15 +776,13 @@ class KeyStore:
             raise E.EPERM("keyring names beginning with '.' are reserved")
         with self.lock:  # fail fast, before parsing anything
             ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
-            ktype = T.lookup(type_name)
+            ktype = T.lookup(type_name)  # as key_create_or_update: an unknown type before a non-keyring
             if ring.links is None:
                 raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
         value, quota_len = ktype.preparse(payload, secret)  # may be slow (asymmetric): outside the lock
         try:
             with self.lock:
-                ring, ring_possessed = self._lookup(caller, keyring, P.WRITE, create=True)
-                if ring.links is None:
-                    raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+                ring, ring_possessed = self._target_keyring(caller, keyring)
                 description = description or ktype.default_description(value)
                 if not description:
                     raise E.EINVAL("a description is required")
@@ -818,6 +816,13 @@ class KeyStore:
             raise
         return key
 
+    def _target_keyring(self, caller: Caller, keyring: int) -> tuple[Key, bool | None]:
+        """The keyring a new key goes into: write permission, and it must be a keyring."""
+        ring, possessed = self._lookup(caller, keyring, P.WRITE, create=True)
+        if ring.links is None:
+            raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+        return ring, possessed
+
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
                         keyring: int, perm: int | None = None, flags: int = 0) -> int:
         """Add a key whose payload the daemon made itself (generated, derived, imported): never an update."""
@@ -825,9 +830,7 @@ class KeyStore:
             raise E.EINVAL("unknown key flags")
         try:
             with self.lock:
-                ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
-                if ring.links is None:
-                    raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+                ring, _ = self._target_keyring(caller, keyring)
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
                 self._admit(ring, ktype, description, value)
@@ -996,9 +999,7 @@ class KeyStore:
 
     def clear(self, caller: Caller, keyring: int) -> None:
         with self.lock:
-            ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
-            if ring.links is None:
-                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            ring, _ = self._target_keyring(caller, keyring)
             _kept(ring)
             self._empty(ring)
 
