@@ -27,6 +27,11 @@ def _bytes(data) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
 
+def _bytes_list(values) -> list[bytes]:
+    """A batch's items as bytes; items that already are pass straight through."""
+    return [v if type(v) is bytes else _bytes(v) for v in values]
+
+
 class Operations:
     def _call(self, op: Op, *args: Any):  # pragma: no cover - provided by the transport
         raise NotImplementedError
@@ -186,8 +191,8 @@ class Operations:
     def batch(self, alg: str, key, items, *, ivs=(), aads=(), decrypt: bool = False, random_nonce: bool = False):
         """Many small items in one request: returns (statuses, outputs); status 0 or an errno per item."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
-        return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, [_bytes(v) for v in ivs],
-                          [_bytes(a) for a in aads], [_bytes(i) for i in items])
+        return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, _bytes_list(ivs), _bytes_list(aads),
+                          _bytes_list(items))
 
     def stream_init(self, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):
         """Open a stream; returns (handle, nonce keyden chose or b'')."""

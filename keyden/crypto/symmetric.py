@@ -33,7 +33,7 @@ from keyden import errors as E
 __all__ = [
     "AlgorithmSpec", "ALGORITHMS", "MAX_HMAC_KEY", "spec", "kind",
     "AeadEngine", "aead", "aead_stream", "skcipher", "skcipher_crypt",
-    "hash_ctx", "hmac_ctx", "digest", "hmac", "hmac_verify", "generate_key",
+    "hash_ctx", "hmac_ctx", "digest", "hmac", "hmac_many", "hmac_verify", "generate_key",
 ]
 
 MAX_HMAC_KEY = 32767        # the largest user/logon payload: any key the daemon can hold
@@ -229,6 +229,29 @@ class AeadEngine(_Sealed):
             target[:] = bytes(size)
             raise E.EBADMSG(_AUTH_FAILED) from None
 
+    def crypt_many(self, nonces, items, aads, decrypt: bool) -> tuple[list[int], list[bytes]]:
+        """Many independent small messages in one call: (per-item status, 0 or errno; per-item output).
+
+        One bad item fails alone (EINVAL for a wrong nonce size, EBADMSG for a
+        failed decryption).  The loop calls pyca directly: per-item checks are
+        the nonce size and pyca's own.
+        """
+        run = self._cipher.decrypt if decrypt else self._cipher.encrypt
+        size, fail = self.nonce_size, (E.EBADMSG.code if decrypt else E.EINVAL.code)
+        status, out = [], []
+        for i, (nonce, data) in enumerate(zip(nonces, items)):
+            if len(nonce) != size:
+                status.append(E.EINVAL.code)
+                out.append(b"")
+                continue
+            try:
+                out.append(run(nonce, data, aads[i] if aads else None))
+                status.append(0)
+            except (InvalidTag, ValueError, OverflowError):
+                status.append(fail)
+                out.append(b"")
+        return status, out
+
     def encrypt_random_nonce(self, data, aad=b"") -> bytes:
         """``nonce || ct || tag`` with a fresh random nonce: the caller cannot reuse one.
 
@@ -416,6 +439,18 @@ def hmac(name: str, key, data) -> bytes:
     ctx = hmac_ctx(name, key)
     ctx.update(data)
     return ctx.finalize()
+
+
+def hmac_many(name: str, key, items) -> list[bytes]:
+    """One MAC per item: the key is set up once and each item's context copied from it."""
+    alg = spec(name, "hmac")
+    base = _pyca_hmac.HMAC(_key(alg, key), _HMACS[alg.name]())
+    out = []
+    for item in items:
+        ctx = base.copy()
+        ctx.update(item)
+        out.append(ctx.finalize())
+    return out
 
 
 def hmac_verify(name: str, key, data, tag) -> None:

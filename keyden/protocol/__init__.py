@@ -15,6 +15,7 @@ is docs/protocol.md; this module is the single source of truth for both ends.
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -109,7 +110,7 @@ class Kind(enum.Enum):
     STR = "str"  # u32 length, then UTF-8
     I32S = "i32s"  # u32 count, then that many i32
     U64 = "Q"
-    BYTESLIST = "bytes*"  # u32 count, then that many BYTES
+    BYTESLIST = "bytes*"  # u32 count, that many u32 lengths, then the items back to back
 
 
 _U32 = struct.Struct("<I")
@@ -146,10 +147,8 @@ class Schema:
                     parts += (_U32.pack(len(b)), b)
                 elif f.kind is Kind.BYTES:
                     parts += (_U32.pack(len(v)), v)
-                elif f.kind is Kind.BYTESLIST:
-                    parts.append(_U32.pack(len(v)))
-                    for item in v:
-                        parts += (_U32.pack(len(item)), item)
+                elif f.kind is Kind.BYTESLIST:  # lengths first, so both ends handle a batch in a few C calls
+                    parts += (struct.pack(f"<I{len(v)}I", len(v), *map(len, v)), *v)
                 else:  # I32S
                     parts += (_U32.pack(len(v)), struct.pack(f"<{len(v)}i", *v))
             return b"".join(parts)
@@ -179,18 +178,15 @@ class Schema:
                         raise E.EPROTO("truncated field")
                     out.append(list(struct.unpack_from(f"<{n}i", body, pos)))
                 elif f.kind is Kind.BYTESLIST:
-                    if n > end - pos:  # each item needs at least its 4-byte length
+                    if n > (end - pos) // 4:  # each item needs at least its 4-byte length
                         raise E.EPROTO("truncated field")
-                    items = []
-                    for _ in range(n):
-                        (m,) = _U32.unpack_from(body, pos)
-                        pos += 4
-                        if pos + m > end:
-                            raise E.EPROTO("truncated field")
-                        items.append(bytes(body[pos:pos + m]))
-                        pos += m
-                    out.append(items)
-                    size = 0
+                    lengths = struct.unpack_from(f"<{n}I", body, pos)
+                    pos += 4 * n
+                    size = sum(lengths)
+                    if pos + size > end:
+                        raise E.EPROTO("truncated field")
+                    starts = itertools.accumulate(lengths, initial=pos)
+                    out.append([bytes(body[a:a + m]) for a, m in zip(starts, lengths)])
                 else:
                     size = n
                     if pos + size > end:

@@ -138,6 +138,12 @@ def _batch(ctx, alg, key, flags, ivs, aads, items):
         raise E.E2BIG(f"at most {MAX_BATCH} items per batch")
     if ivs and len(ivs) != n or aads and len(aads) != n:
         raise E.EINVAL("ivs and aads must be empty or have one entry per item")
+    decrypt, random_nonce = _check_flags(flags)
+    kind = symmetric.kind(alg)
+    if kind == "aead" and not random_nonce:  # the common case, without a call per item through one_shot
+        return aead_engine(ctx, alg, key).crypt_many(ivs or [b""] * n, items, aads, decrypt)
+    if kind == "hmac" and not decrypt and not ivs and not aads:
+        return [0] * n, symmetric.hmac_many(alg, material(ctx, key), items)
     run = one_shot(ctx, alg, key, flags)
     status, results = [], []
     for i, item in enumerate(items):
