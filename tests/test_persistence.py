@@ -307,6 +307,9 @@ def test_passphrase_derived_master_key_and_its_rotation(fresh_daemon, tmp_path, 
 
     with pytest.raises(E.EINVAL):
         c.rekey()  # a passphrase store is rotated to a new passphrase (which may be the same)
+    for unreadable in (b"x" * 4097, b"ends in a newline\n"):  # start-up could never read these back
+        with pytest.raises(E.EINVAL):
+            c.rekey(unreadable)
     c.rekey(b"second passphrase")
     d.stop(signal.SIGKILL)
     assert "passphrase does not open" in refused_start(d)  # the first one no longer opens it
@@ -466,3 +469,24 @@ def test_persistent_keys_stay_private_across_restarts(fresh_daemon, users):
     restart(d)
     assert run_as(a, _as_a_read, d.socket, made["key"]) == f"{made['ring']}:for a only:{a.uid}"
     assert run_as(b, _as_b_probe, d.socket, a.uid, made["ring"], made["key"]) == expected
+
+
+def test_type_restrictions_stay_off_persistent_keyrings(fresh_daemon):
+    """Only the no-link restriction can be stored: others are refused rather than silently lost at restart."""
+    d = fresh_daemon()
+    c = session(d)
+    persistent = c.get_persistent("@s")
+    ring = c.newring("trusted", persistent)
+    with pytest.raises(E.EOPNOTSUPP):
+        c.restrict_keyring(ring, "asymmetric", "builtin_trusted")
+    outside = c.newring("outside", "@s")
+    c.restrict_keyring(outside, "asymmetric", "builtin_trusted")
+    with pytest.raises(E.EOPNOTSUPP):
+        c.link(outside, persistent)
+    c.restrict_keyring(ring)  # the no-link form is stored
+    d.stop(signal.SIGKILL)
+    d.start()
+    c = session(d)
+    c.get_persistent("@s")
+    with pytest.raises(E.EPERM):
+        c.add("user", "late", b"x", ring)

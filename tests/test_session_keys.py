@@ -465,3 +465,15 @@ def test_dh_compute_and_dh_compute_kdf_match_pyca(client):
         client.dh_compute(client.add("logon", "dh:hidden", be(x_a)), prime, base)  # must be readable
     with pytest.raises(E.EINVAL):
         client.dh_compute("@s", prime, base)
+
+
+def test_keys_derived_from_a_held_key_are_no_way_around_its_permissions(client):
+    """Using a key needs only search: a KDF from it must not yield a copy that can be read out or exported."""
+    source = client.add("logon", "test:master", b"M" * 32, "@s")
+    with pytest.raises(E.EINVAL):
+        client.kdf(source, kdf="raw", length=32, description="test:copy")
+    derived = client.kdf(source, kdf="hkdf-sha256", info=b"ctx", length=32, description="test:ctx",
+                         perm=0x3F3F0000)
+    recipient = client.generate("x25519", "test:recipient", "@s")
+    with pytest.raises(E.EPERM):
+        client.export(derived, to_public_key=recipient)

@@ -529,7 +529,24 @@ class KeyStore:
         self._admit(ring, key.type, key.description, key.payload)
         if key.links is not None:
             self._detect_cycle(ring, key)
+            if ring.persisted and self._holds_unstorable_restriction(key):
+                raise E.EOPNOTSUPP("a keyring with a type restriction cannot go under a persistent keyring: "
+                                   "its restriction cannot be stored")
         self._link_raw(ring, key)
+
+    @staticmethod
+    def _holds_unstorable_restriction(key: Key) -> bool:
+        """Does this keyring, or one below it, carry a restriction the journal cannot store (all but no-link)?"""
+        stack, seen = [key], set()
+        while stack:
+            ring = stack.pop()
+            if ring.serial in seen:
+                continue
+            seen.add(ring.serial)
+            if ring.restriction is not None and not isinstance(ring.restriction, DenyAll):
+                return True
+            stack.extend(k for k in ring.links.values() if k.links is not None)
+        return False
 
     def _admit(self, ring: Key, ktype: T.KeyType, description: str, payload: Any) -> None:
         """Could ``ring`` take a key like this?  Its owner's quota for a new link, its restriction, its size."""
@@ -990,6 +1007,8 @@ class KeyStore:
             self._check_restriction(dst, key.type, key.payload)
             if key.links is not None:
                 self._detect_cycle(dst, key)
+                if dst.persisted and self._holds_unstorable_restriction(key):
+                    raise E.EOPNOTSUPP("a keyring with a type restriction cannot go under a persistent keyring")
             key.pins += 1  # keep it alive between unlink and link
             try:
                 self._unlink_raw(src, key)
@@ -1132,6 +1151,9 @@ class KeyStore:
                 raise E.EEXIST(f"keyring {ring.serial} is already restricted")
             if self._restriction_loops(ring, rule):
                 raise E.EDEADLK("restriction would trust the keyring it restricts")
+            if ring.persisted and not isinstance(rule, DenyAll):
+                raise E.EOPNOTSUPP("a persistent keyring takes only the no-link restriction: "
+                                   "type restrictions cannot be stored")
             ring.restriction = rule
             self._journal(ring)
 

@@ -273,6 +273,9 @@ class PassphraseKey(KeySource):
     def rotate(self, passphrase: bytes) -> Rotation:
         if not passphrase:
             raise E.EINVAL("this store is sealed under a passphrase: give the new one (it may be the same)")
+        if passphrase != normalize_passphrase(passphrase) or len(passphrase) > MAX_PASSPHRASE:
+            # start-up reads the file through normalize_passphrase: anything else could never open the store
+            raise E.EINVAL(f"a passphrase is 1..{MAX_PASSPHRASE} bytes and does not end in a line break")
         salt = os.urandom(16)
         sealer = Sealer(derive(passphrase, salt, SCRYPT_COST))
 
@@ -288,14 +291,22 @@ def derive(passphrase: bytes, salt: bytes, cost: tuple[int, int, int]) -> bytes:
     return Scrypt(salt=salt, length=KEY_BYTES, n=n, r=r, p=p).derive(passphrase)
 
 
+MAX_PASSPHRASE = 4096
+
+
+def normalize_passphrase(raw: bytes) -> bytes:
+    """What a passphrase file means: its bytes without trailing line breaks."""
+    return raw.rstrip(b"\r\n")
+
+
 def read_passphrase(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            passphrase = f.read(4097).rstrip(b"\r\n")
+            passphrase = normalize_passphrase(f.read(MAX_PASSPHRASE + 1))
     except OSError as exc:
         raise StartupError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
-    if not passphrase or len(passphrase) > 4096:
-        raise StartupError(f"the passphrase file {path} must hold 1..4096 bytes")
+    if not passphrase or len(passphrase) > MAX_PASSPHRASE:
+        raise StartupError(f"the passphrase file {path} must hold 1..{MAX_PASSPHRASE} bytes")
     return passphrase
 
 

@@ -276,7 +276,10 @@ def _shm_attach(ctx, size):
             raise E.EINVAL(f"shared regions are 1..{MAX_REGION_SIZE} bytes")
         if _sealed_size(fd) < size:
             raise E.EINVAL("the memfd is smaller than the size given")
-        region = Region(fd, size)
+        try:
+            region = Region(fd, size)
+        except (OSError, ValueError):  # write-sealed or read-only memfds cannot be mapped for writing
+            raise E.EACCES("the memfd cannot be mapped read-write (sealed against writes?)") from None
     except BaseException:
         os.close(fd)
         raise

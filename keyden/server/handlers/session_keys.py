@@ -14,14 +14,15 @@ from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core.perm import VALID_MASK
 from keyden.crypto import agreement
-from keyden.protocol import Op
+from keyden.protocol import NO_EXPORT, Op
 from keyden.server.handlers import handles
 
 LOGON = T.REGISTRY["logon"]
 AGREEING = ("ecdsa", "x25519")
 
 
-def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int, timeout: int) -> int:
+def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int, timeout: int,
+                 flags: int = 0) -> int:
     """Keep derived material as a new logon key; only its serial goes back.
 
     The perm is checked before the key exists, so a bad one leaves nothing
@@ -32,7 +33,7 @@ def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int
         raise E.EINVAL("permission bits outside 0x3f3f3f3f")
     value, quota = LOGON.preparse(material)
     description = description or f"keyden:session-{os.urandom(4).hex()}"
-    serial = ctx.store.create_internal(ctx.caller, LOGON, description, value, quota, keyring)
+    serial = ctx.store.create_internal(ctx.caller, LOGON, description, value, quota, keyring, flags=flags)
     if timeout:
         ctx.store.set_timeout(ctx.caller, serial, timeout)
     if perm:
@@ -64,11 +65,17 @@ def _kdf(kdf: str, secret: bytes, length: int, salt: bytes, info: bytes) -> byte
 
 @handles(Op.KDF)
 def _kdf_from_key(ctx, key, kdf, salt, info, length, description, keyring, perm, timeout):
-    """A new key derived from a user/logon key (e.g. per-context keys from a master key)."""
+    """A new key derived from a user/logon key (e.g. per-context keys from a master key).
+
+    Using the source needs only search permission, so what comes out must not
+    be a way around it: no raw copies, and the result can never be exported.
+    """
     from keyden.server.handlers.dataplane import material
 
+    if kdf == "raw":
+        raise E.EINVAL("the raw KDF would copy the key; derive with hkdf-* or sp800-56a-*")
     derived = _kdf(kdf, material(ctx, key), length, salt, info)
-    return (store_secret(ctx, derived, description, keyring, perm, timeout),)
+    return (store_secret(ctx, derived, description, keyring, perm, timeout, flags=NO_EXPORT),)
 
 
 def _dh_inputs(ctx, private, prime, base) -> tuple[bytes, bytes, bytes]:

@@ -50,7 +50,7 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         tls_ctx = contexts.client_context(anchors, identity_keys, flags, _protocols(alpn))
         try:
             tls = tls_ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-        except (ValueError, UnicodeError):
+        except (ValueError, UnicodeError, TypeError):
             raise E.EINVAL("the server name is not a valid host name") from None
         _start(ctx, tls, timeout_ms)
     return ()
