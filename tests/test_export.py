@@ -85,7 +85,10 @@ def test_a_keyring_tree_moves_whole(client):
 
     blob = client.export(top, wrapping_key=wrap)
     assert logon_bytes not in blob
-    new_top = client.import_key(blob, wrap, "@s")
+    with pytest.raises(E.EEXIST):  # "bundle" is in @s already: an import never displaces a namesake
+        client.import_key(blob, wrap, "@s")
+    assert client.read(user) == b"user-bytes"
+    new_top = client.import_key(blob, wrap, client.newring("restored", "@s"))
     new_members = {client.describe(k).description: k for k in client.read(new_top)}
     assert set(new_members) == {"inner", "cfg"}
     inner = {client.describe(k).description: k for k in client.read(new_members["inner"])}
@@ -124,7 +127,8 @@ def test_what_may_not_be_exported(client):
         client.export(user, to_public_key=client.genkey("ed25519", "signing-only", "@s"))  # cannot encrypt to it
     with pytest.raises(E.EINVAL):
         client.export(user, wrapping_key=client.add("logon", "svc:short", b"too short", "@s"))
-    imported = client.import_key(client.export(user, wrapping_key=wrap), wrap, "@s", no_export=True)
+    imported = client.import_key(client.export(user, wrapping_key=wrap), wrap, client.newring("in", "@s"),
+                                 no_export=True)
     with pytest.raises(E.EPERM):
         client.export(imported, wrapping_key=wrap)  # marked on import
 

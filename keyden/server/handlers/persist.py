@@ -57,6 +57,9 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
     masks; on any failure what was made is invalidated, so an import happens whole or not at all."""
     if any(entry.perm & ~VALID_MASK for entry in entries):
         raise E.EBADMSG("the export holds a permission mask outside 0x3f3f3f3f")
+    # Filing the top key would displace (and destroy) a namesake before the rest is known to import.
+    if entries and ctx.store.holds(ctx.caller, keyring, entries[0].type, entries[0].description):
+        raise E.EEXIST("the keyring already holds a key of that type and description; import elsewhere")
     first_parent = {0: keyring}
     for ring, member in links:
         first_parent.setdefault(member, ring)
