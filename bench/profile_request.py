@@ -8,7 +8,7 @@
    client's Python work alone (the real client answering from a canned response, no socket); the
    rest is the kernel: two socket writes, two reads, two wake-ups (compare the C ping-pong floor).
 2. cProfile of both sides over the same calls: the client in this process, the daemon's
-   connection thread in a daemon started with a profiling hook.  Profiling inflates Python call
+   I/O loop in a daemon started with a profiling hook.  Profiling inflates Python call
    costs; read it for proportions.  Time in recv_into is waiting for the other side.
 """
 
@@ -46,26 +46,31 @@ REQUESTS: dict[str, Callable] = {
 # --------------------------------------------------- the daemon, with profiling
 
 def serve_profiled(argv: list[str]) -> int:
-    """`keyden serve`, but every connection thread is profiled and dumped to OUTDIR when it ends."""
+    """`keyden serve`, with its I/O loop profiled; a snapshot goes to OUTDIR each time a connection ends."""
     from keyden.cli.serve import serve
-    from keyden.server.server import Server
+    from keyden.server.reactor import Reactor
 
     out_dir, serve_args = argv[0], argv[1:]
-    plain = Server._serve_connection
+    plain_run, plain_release = Reactor.run, Reactor._release
     counter = itertools.count()
+    prof = cProfile.Profile()
 
-    def profiled(self, sock):
-        prof = cProfile.Profile()
+    def run(self, listener):
         prof.enable()
         try:
-            plain(self, sock)
+            plain_run(self, listener)
         finally:
             prof.disable()
-            path = os.path.join(out_dir, f"conn-{next(counter)}.prof")
-            prof.dump_stats(path + ".tmp")
-            os.rename(path + ".tmp", path)
 
-    Server._serve_connection = profiled
+    def release(self, ch):
+        plain_release(self, ch)
+        prof.disable()  # dump_stats needs the profiler stopped
+        path = os.path.join(out_dir, f"snapshot-{next(counter)}.prof")
+        prof.dump_stats(path + ".tmp")
+        os.rename(path + ".tmp", path)
+        prof.enable()
+
+    Reactor.run, Reactor._release = run, release
     return serve(serve_args)
 
 

@@ -33,8 +33,12 @@ class Journal(ABC):
         """``key`` was taken out of persistent keyring ``ring``."""
         self.on_store(ring)
 
+    def pending(self) -> bool:
+        """Are changes reported and not yet durable?  (Cheap: asked after every request.)"""
+        return False
+
     def sync(self) -> None:
-        """Make everything this thread reported durable; called before a reply goes out."""
+        """Make everything reported so far durable; called before a reply goes out (may block on the disk)."""
 
 
 class NullJournal(Journal):

@@ -769,6 +769,11 @@ class KeyStore:
             self._require(caller, key, possessed, need)
         return key, possessed
 
+    def slow_asymmetric(self, serial: int) -> bool:
+        """Is this an RSA key (private operations take a millisecond)?  A scheduling hint: no checks, no errors."""
+        key = self._keys.get(serial)
+        return key is not None and getattr(key.payload, "algo", None) == "rsa"
+
     def resolve(self, caller: Caller, key_id: int, create: bool = False) -> int:
         """KEYCTL_GET_KEYRING_ID: what serial an ID names (search permission required)."""
         with self.lock:

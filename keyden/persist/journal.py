@@ -38,7 +38,6 @@ class SealedJournal(Journal):
         self._dirty: dict[int, Key | None] = {}
         self._seq = 0  # changes noted so far
         self._durable = 0  # changes on disk
-        self._local = threading.local()
         self._write_lock = threading.Lock()
         self._closed = False
 
@@ -57,17 +56,18 @@ class SealedJournal(Journal):
 
     def _note(self) -> None:
         self._seq += 1
-        self._local.seq = self._seq
 
     # ------------------------------------------------------------- writing
 
+    def pending(self) -> bool:
+        return self._seq > self._durable
+
     def sync(self) -> None:
-        wanted = getattr(self._local, "seq", 0)
-        if wanted <= self._durable:
+        if self._seq <= self._durable:
             return
         with self._write_lock:
-            if wanted > self._durable:
-                self._write_pending()
+            if self._seq > self._durable:
+                self._write_pending()  # EIO if the database is closed: the change cannot be made durable
 
     def flush(self) -> None:
         """Everything noted so far, whoever noted it (shutdown, garbage collection)."""

@@ -123,84 +123,129 @@ class Field:
 
 
 class Schema:
-    """An ordered list of fields with a fast encoder/decoder."""
+    """An ordered list of fields, with an encoder and a decoder compiled for exactly these fields.
+
+    Both run on every request at both ends, so each schema gets straight-line
+    code (made once, at import, by ``_compile``): runs of fixed-size fields and
+    the length that follows them become one struct call, and no per-field loop
+    or kind test is left for run time.
+    """
 
     def __init__(self, *fields: tuple[str, Kind]):
         self.fields = tuple(Field(n, k) for n, k in fields)
         self.names = tuple(f.name for f in self.fields)
-        fixed = all(len(f.kind.value) == 1 for f in self.fields)
-        self._struct = struct.Struct("<" + "".join(f.kind.value for f in self.fields)) if fixed else None
-        self._fixed = [struct.Struct("<" + f.kind.value) if len(f.kind.value) == 1 else None for f in self.fields]
+        self._encode, self._decode = _compile(self.fields)
 
     def encode(self, values: Sequence[Any]) -> bytes:
         if len(values) != len(self.fields):
             raise E.EINVAL(f"expected {len(self.fields)} fields, got {len(values)}")
         try:
-            if self._struct is not None:
-                return self._struct.pack(*values)
-            parts: list[bytes] = []
-            for f, st, v in zip(self.fields, self._fixed, values):
-                if st is not None:
-                    parts.append(st.pack(v))
-                elif f.kind is Kind.STR:
-                    b = v.encode()
-                    parts += (_U32.pack(len(b)), b)
-                elif f.kind is Kind.BYTES:
-                    parts += (_U32.pack(len(v)), v)
-                elif f.kind is Kind.BYTESLIST:  # lengths first, so both ends handle a batch in a few C calls
-                    parts += (struct.pack(f"<I{len(v)}I", len(v), *map(len, v)), *v)
-                else:  # I32S
-                    parts += (_U32.pack(len(v)), struct.pack(f"<{len(v)}i", *v))
-            return b"".join(parts)
+            return self._encode(*values)
         except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError) as exc:
             raise E.EINVAL(f"bad field value: {exc}") from None
 
     def decode(self, body: bytes | memoryview) -> tuple:
         """Decode a whole body; any mismatch is EPROTO (the frame is well-delimited, its body is not)."""
         try:
-            if self._struct is not None:
-                if len(body) != self._struct.size:
-                    raise E.EPROTO("body length does not match the operation")
-                return self._struct.unpack(body)
-            out: list[Any] = []
-            pos = 0
-            end = len(body)
-            for f, st in zip(self.fields, self._fixed):
-                if st is not None:
-                    out.append(st.unpack_from(body, pos)[0])
-                    pos += st.size
-                    continue
-                (n,) = _U32.unpack_from(body, pos)
-                pos += 4
-                if f.kind is Kind.I32S:
-                    size = 4 * n
-                    if pos + size > end:
-                        raise E.EPROTO("truncated field")
-                    out.append(list(struct.unpack_from(f"<{n}i", body, pos)))
-                elif f.kind is Kind.BYTESLIST:
-                    if n > (end - pos) // 4:  # each item needs at least its 4-byte length
-                        raise E.EPROTO("truncated field")
-                    lengths = struct.unpack_from(f"<{n}I", body, pos)
-                    pos += 4 * n
-                    size = sum(lengths)
-                    if pos + size > end:
-                        raise E.EPROTO("truncated field")
-                    starts = itertools.accumulate(lengths, initial=pos)
-                    out.append([bytes(body[a:a + m]) for a, m in zip(starts, lengths)])
-                else:
-                    size = n
-                    if pos + size > end:
-                        raise E.EPROTO("truncated field")
-                    raw = bytes(body[pos:pos + size])
-                    out.append(raw.decode() if f.kind is Kind.STR else raw)
-                pos += size
-            if pos != end:
-                raise E.EPROTO("trailing bytes after the last field")
-            return tuple(out)
+            return self._decode(body)
         except struct.error:
             raise E.EPROTO("truncated body") from None
         except UnicodeDecodeError:
             raise E.EPROTO("a string field is not UTF-8") from None
+
+
+def _compile(fields: tuple[Field, ...]):
+    """Source for (encode(*values) -> bytes, decode(body) -> tuple), exec'd with the structs it names."""
+    env: dict[str, Any] = {"_bytes_list": _bytes_list, "_pack_bytes_list": _pack_bytes_list, "_i32s": _i32s,
+                           "_pack_i32s": _pack_i32s, "_truncated": _truncated, "_trailing": _trailing}
+
+    def struct_name(fmt: str) -> str:
+        name = f"_S{len(env)}"
+        env[name] = struct.Struct("<" + fmt)
+        return name
+
+    args = [f"v{i}" for i in range(len(fields))]
+    prologue: list[str] = []  # encode: STR fields become their UTF-8 bytes first
+    parts: list[str] = []  # encode: expressions joined into the body
+    dec = ["    end = len(body)", "    pos = 0"]
+    run_fmt, run_vals, run_outs = "", [], []  # fixed-size fields waiting for one struct call
+    for i, f in enumerate(fields + (None,)):  # None: the end, which closes the last run
+        v = args[i] if f is not None else ""
+        if f is not None and len(f.kind.value) == 1:
+            run_fmt, run_vals, run_outs = run_fmt + f.kind.value, run_vals + [v], run_outs + [v]
+            continue
+        sized = f is not None and f.kind in (Kind.BYTES, Kind.STR)
+        if sized:  # its length joins the run
+            if f.kind is Kind.STR:
+                prologue.append(f"{v} = {v}.encode()")
+            run_fmt, run_vals, run_outs = run_fmt + "I", run_vals + [f"len({v})"], run_outs + ["n"]
+        if run_fmt:
+            name = struct_name(run_fmt)
+            parts.append(f"{name}.pack({', '.join(run_vals)})")
+            dec.append(f"    {', '.join(run_outs)}, = {name}.unpack_from(body, pos)")
+            dec.append(f"    pos += {env[name].size}")
+            run_fmt, run_vals, run_outs = "", [], []
+        if f is None:
+            break
+        if sized:
+            parts.append(v)
+            dec += ["    stop = pos + n", "    if stop > end: _truncated()",
+                    f"    {v} = str(body[pos:stop], 'utf-8')" if f.kind is Kind.STR else f"    {v} = bytes(body[pos:stop])",
+                    "    pos = stop"]
+        elif f.kind is Kind.BYTESLIST:
+            parts.append(f"_pack_bytes_list({v})")
+            dec.append(f"    {v}, pos = _bytes_list(body, pos, end)")
+        else:  # I32S
+            parts.append(f"_pack_i32s({v})")
+            dec.append(f"    {v}, pos = _i32s(body, pos, end)")
+    body = parts[0] if len(parts) == 1 and not prologue and parts[0].startswith("_S") else \
+        f"b''.join(({', '.join(parts)},))" if parts else "b''"
+    encode_src = (f"def encode({', '.join(args)}):\n" + "".join(f"    {line}\n" for line in prologue)
+                  + f"    return {body}\n")
+    decode_src = ("def decode(body):\n" + "\n".join(dec) + "\n    if pos != end: _trailing()\n"
+                  + f"    return ({''.join(a + ', ' for a in args)})\n")
+    exec(encode_src + decode_src, env)  # noqa: S102 -- source built above from the schema's own kinds
+    return env["encode"], env["decode"]
+
+
+def _truncated():
+    raise E.EPROTO("truncated field")
+
+
+def _trailing():
+    raise E.EPROTO("trailing bytes after the last field")
+
+
+def _pack_bytes_list(items) -> bytes:
+    """Lengths first, so both ends handle a batch in a few C calls."""
+    return b"".join((struct.pack(f"<I{len(items)}I", len(items), *map(len, items)), *items))
+
+
+def _bytes_list(body, pos: int, end: int) -> tuple[list[bytes], int]:
+    (n,) = _U32.unpack_from(body, pos)
+    pos += 4
+    if n > (end - pos) // 4:  # each item needs at least its 4-byte length
+        _truncated()
+    lengths = struct.unpack_from(f"<{n}I", body, pos)
+    pos += 4 * n
+    stop = pos + sum(lengths)
+    if stop > end:
+        _truncated()
+    starts = itertools.accumulate(lengths, initial=pos)
+    return [bytes(body[a:a + m]) for a, m in zip(starts, lengths)], stop
+
+
+def _pack_i32s(values) -> bytes:
+    return struct.pack(f"<I{len(values)}i", len(values), *values)
+
+
+def _i32s(body, pos: int, end: int) -> tuple[list[int], int]:
+    (n,) = _U32.unpack_from(body, pos)
+    pos += 4
+    stop = pos + 4 * n
+    if stop > end:
+        _truncated()
+    return list(struct.unpack_from(f"<{n}i", body, pos)), stop
 
 
 K = Kind
@@ -382,6 +427,21 @@ class FrameDecoder:
         finally:
             if pos:
                 del buf[:pos]
+
+    def next_frame(self) -> Frame | None:
+        """The first whole frame, or None until one has arrived (one at a time, for a caller that may pause)."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return None
+        length, rid, op, status = HEADER.unpack_from(buf)
+        if length > self.max_frame:
+            raise FrameTooLarge(f"frame of {length} bytes exceeds the {self.max_frame}-byte cap")
+        end = HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        frame = Frame(rid, op, status, bytes(buf[HEADER_SIZE:end]))
+        del buf[:end]
+        return frame
 
     @property
     def pending(self) -> int:

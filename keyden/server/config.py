@@ -18,6 +18,7 @@ DEFAULT_CONFIG_TEXT = """\
 # max_connections = 1024        # all uids together (one thread each)
 # max_connections_per_uid = 256
 # max_in_flight = 64            # pipelined requests answered before their replies are written
+# workers = 0                   # threads for slow operations (key generation, RSA, bulk, disk); 0 = 2 x CPUs, >= 4
 # handshake_timeout = 10        # seconds a new connection has to send its HELLO
 # idle_timeout = 0              # seconds a connection may stay silent after HELLO; 0 = forever
 # send_timeout = 600            # seconds a reply may wait on a client that does not read; then it is dropped
@@ -76,6 +77,7 @@ class ServerConfig:
     max_connections: int = 1024
     max_connections_per_uid: int = 256
     max_in_flight: int = 64
+    workers: int = 0  # threads for slow operations; 0 = twice the CPUs, at least 4
     handshake_timeout: float = 10.0
     idle_timeout: float = 0.0  # long-lived clients (proxies, servers) are normal; the connection caps bound them
     send_timeout: float = 600.0

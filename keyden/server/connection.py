@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from typing import Iterator
 
 from keyden import errors as E
@@ -20,6 +21,36 @@ from keyden.server.handlers import Context, dispatch
 from keyden.server.peer import Peer
 
 log = logging.getLogger("keyden.connection")
+
+
+#: Requests that may take milliseconds whatever their size: key generation, finite-field DH, KDFs that may be
+#: scrypt, wrapping and unwrapping (scrypt, RSA), path validation, the disk, TLS set-up.
+SLOW_OPS = frozenset({
+    W.Op.GENKEY, W.Op.GENKEY_FLAGS, W.Op.DH_COMPUTE, W.Op.DH_COMPUTE_KDF, W.Op.DERIVE, W.Op.KDF,
+    W.Op.PKEY_DECRYPT_INTO, W.Op.EXPORT, W.Op.IMPORT, W.Op.REKEY, W.Op.X509_VERIFY, W.Op.GET_PERSISTENT,
+    W.Op.TLS_ACCEPT, W.Op.TLS_CONNECT,
+})
+#: Requests whose cost depends on the key: RSA private-key operations take a millisecond, EC ones microseconds.
+PKEY_OPS = frozenset({W.Op.PKEY_SIGN, W.Op.PKEY_DECRYPT, W.Op.PKEY_ENCRYPT, W.Op.PKEY_VERIFY})
+#: Requests that parse what they are given: an asymmetric key may be an encrypted PKCS#8 (a password KDF).
+ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS, W.Op.UPDATE})
+BULK_BYTES = 64 * 1024  # more data than this in one request: a worker (pyca releases the GIL for bulk work)
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+
+
+def slow_request(store: KeyStore, frame: W.Frame) -> bool:
+    """A cheap guess from the frame alone (nothing is decoded or checked here: the handler does that)."""
+    op, body = frame.op, frame.body
+    if op in SLOW_OPS or len(body) > BULK_BYTES:
+        return True
+    if op in PKEY_OPS:
+        return len(body) >= 4 and store.slow_asymmetric(_I32.unpack_from(body)[0])
+    if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted); an update may be of either kind
+        return op == W.Op.UPDATE or body[4:14] == b"asymmetric"
+    if op == W.Op.SHM_CIPHER:  # its length field: in_offset, length, out_offset end the body
+        return len(body) >= 16 and _U64.unpack_from(body, len(body) - 16)[0] > BULK_BYTES
+    return False
 
 
 class Connection:
@@ -38,25 +69,48 @@ class Connection:
         return b"".join(self.answers(data, fds))
 
     def answers(self, data: bytes | memoryview, fds: list[int] | None = None) -> Iterator[bytes]:
-        """Like ``receive``, one response at a time: the caller may write some before the rest are made."""
+        """Like ``receive``, one response at a time, each durable before it is yielded."""
+        self.feed(data, fds)
+        try:
+            while not self.closed and (frame := self.next_frame()) is not None:
+                yield self.durable(frame, self.handle(frame))
+        except W.FrameTooLarge as exc:
+            log.warning("pid %d: %s; closing", self.peer.pid, exc.message)
+            self.closed = True
+            yield W.encode_error(0, 0, exc)
+
+    # The pieces of ``answers``, for the server's loop: it decides where each frame is handled.
+
+    def feed(self, data: bytes | memoryview, fds: list[int] | None = None) -> None:
+        """Bytes (and any passed descriptors) from the socket."""
         if fds:
             if self.context is None or self.closed:
                 for fd in fds:
                     os.close(fd)
             else:
                 self.context.take_fds(fds)
-        if self.closed:
-            return
-        self.decoder.feed(data)
+        if not self.closed:
+            self.decoder.feed(data)
+
+    def next_frame(self) -> W.Frame | None:
+        """The next whole frame received, if any; FrameTooLarge if the peer announced one over the cap."""
+        return None if self.closed else self.decoder.next_frame()
+
+    def needs_worker(self, frame: W.Frame) -> bool:
+        """Could this request take long (milliseconds)?  Then the loop hands it to a worker thread."""
+        return self.context is not None and slow_request(self.store, frame)
+
+    def needs_sync(self) -> bool:
+        """Is a change to a persistent keyring waiting to be written (before the next reply may go)?"""
+        return self.store.journal.pending()
+
+    def durable(self, frame: W.Frame, reply: bytes) -> bytes:
+        """``reply``, once every change so far is on disk (this may block); the error if that write failed."""
         try:
-            for frame in self.decoder.frames():
-                yield self.handle(frame)
-                if self.closed:
-                    break
-        except W.FrameTooLarge as exc:
-            log.warning("pid %d: %s; closing", self.peer.pid, exc.message)
-            self.closed = True
-            yield W.encode_error(0, 0, exc)
+            self.store.journal.sync()
+        except E.KeydenError as exc:
+            return W.encode_error(frame.request_id, frame.op, exc)
+        return reply
 
     def close(self) -> None:
         """Release what the connection holds (streams, shared regions, descriptors)."""

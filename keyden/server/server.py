@@ -1,15 +1,14 @@
 """The daemon: config -> Server -> startup / serve / shutdown.
 
-Thread per connection with blocking sockets: measured faster per request
-than asyncio streams, and a slow or silent client only ever occupies its
-own thread.  Some of pyca's work releases the GIL (RSA signing, bulk
-AES-GCM), so those connections run in parallel on separate cores; Ed25519
-signing and the per-request Python do not (see bench/README.md).
+Serving is the Reactor's (reactor.py): one epoll loop answers small
+requests for every connection, worker threads take the slow ones.  The
+Server owns the lifecycle around it: the state directory, the durable store,
+hardening, the listening socket, admission (connection caps per uid and in
+total) and garbage collection.
 """
 
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
@@ -28,42 +27,11 @@ from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
 from keyden.server.config import ServerConfig
 from keyden.server.connection import Connection
+from keyden.server.reactor import Channel, Reactor
 
 log = logging.getLogger("keyden.server")
 
-SOCKET_BUFFER = 4 * 1024 * 1024
-RECV_CHUNK = 1024 * 1024  # reads while a large frame is arriving
-SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise: an idle connection should not pin a megabyte
 FD_HEADROOM = 64  # descriptors besides connections: passed memfds, the audit file, state files
-
-
-ANCILLARY_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize * 4)
-
-
-def _passed_fds(ancdata) -> list[int]:
-    """Descriptors that came with a message (SCM_RIGHTS); anything else is ignored."""
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
-
-
-def _send(sock: socket.socket, data: bytes, conn: Connection) -> None:
-    """Write replies; descriptors a handler passes back (TLS_*) ride on their first byte, then are closed here."""
-    out_fds = conn.context.out_fds if conn.context is not None else None
-    if not out_fds:
-        sock.sendall(data)
-        return
-    fds = out_fds[:]
-    out_fds.clear()
-    try:
-        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        if sent < len(data):
-            sock.sendall(memoryview(data)[sent:])
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 class Server:
@@ -72,12 +40,11 @@ class Server:
         self.store = store or KeyStore(self.config.store)
         self.listener: socket.socket | None = None
         self._stopping = threading.Event()
-        self._conns: set[socket.socket] = set()
-        self._active = 0  # admitted connections, counted before their thread starts
+        self._active = 0  # open connections (the loop's thread counts them)
         self._per_uid: Counter[int] = Counter()
         self._refusals = limits.Throttled(log)
         self.audit: AuditLog | None = None
-        self._conn_lock = threading.Lock()
+        self.reactor: Reactor | None = None
         self._threads: list[threading.Thread] = []
         self._shutdown_lock = threading.Lock()
         self._shut_down = False
@@ -107,7 +74,6 @@ class Server:
         os.chmod(path, 0o666)  # any local process may connect; identity comes from SO_PEERCRED
         sock.listen(512)
         self.listener = sock
-        threading.stack_size(512 * 1024)
         gc = threading.Thread(target=self._gc_loop, name="keyden-gc", daemon=True)
         gc.start()
         self._threads.append(gc)
@@ -132,44 +98,21 @@ class Server:
             probe.close()
 
     def serve_forever(self) -> None:
+        """Serve until request_stop (a signal handler may call it); returns with every connection closed."""
         assert self.listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError as exc:
-                if self._stopping.is_set():
-                    break
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._refusals.warning("accept failed: %s", exc.strerror)
-                    self._stopping.wait(0.05)  # the error repeats until a connection closes: do not spin
-                continue
-            with self._conn_lock:
-                admitted = self._active < self.config.max_connections
-                if admitted:
-                    self._active += 1
-            if not admitted:
-                self._refusals.warning("%d connections open; refusing more", self.config.max_connections)
-                limits.refuse(conn, E.ENFILE(f"keyden is at its limit of {self.config.max_connections} connections"))
-                continue
-            try:
-                threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
-            except RuntimeError:  # no thread to be had: refuse this one, keep serving the rest
-                with self._conn_lock:
-                    self._active -= 1
-                self._refusals.warning("cannot start a connection thread; refusing")
-                limits.refuse(conn, E.EAGAIN("keyden cannot take another connection now"))
+        self.reactor = Reactor(self.config, self._admit)
+        if self._stopping.is_set():
+            return
+        self.reactor.run(self.listener)
 
     def request_stop(self) -> None:
-        """Stop accepting: safe from a signal handler; the serving thread then shuts down."""
+        """Stop serving: safe from a signal handler; serve_forever then returns."""
         self._stopping.set()
-        if self.listener is not None:
-            try:
-                self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
+        if self.reactor is not None:
+            self.reactor.stop()
 
     def shutdown(self) -> None:
-        """Stop accepting, close every connection, remove the socket.  Idempotent."""
+        """Stop serving, close every connection, remove the socket.  Idempotent."""
         with self._shutdown_lock:
             if self._shut_down:
                 return
@@ -181,12 +124,6 @@ class Server:
                     os.unlink(self.config.socket)
                 except OSError:
                     pass
-            with self._conn_lock:
-                for c in list(self._conns):
-                    try:
-                        c.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
             if self.journal is not None:
                 self.journal.close()
             log.info("keyden stopped")
@@ -203,89 +140,32 @@ class Server:
 
     # ------------------------------------------------------------ connections
 
-    def _serve_connection(self, sock: socket.socket) -> None:
-        try:
-            self._serve_admitted(sock)
-        finally:
-            with self._conn_lock:
-                self._active -= 1
-
-    def _serve_admitted(self, sock: socket.socket) -> None:
+    def _admit(self, sock: socket.socket) -> Channel | None:
+        """A new connection: who it is, and whether the caps let it in (if not, an error frame says why)."""
+        cfg = self.config
+        if self._active >= cfg.max_connections:
+            self._refusals.warning("%d connections open; refusing more", cfg.max_connections)
+            limits.refuse(sock, E.ENFILE(f"keyden is at its limit of {cfg.max_connections} connections"))
+            return None
         try:
             who = peer.peer_of(sock)
         except OSError:
             sock.close()
-            return
+            return None
         audit = self.audit.connection(who.pid, who.uid, who.gid) if self.audit is not None else None
-        with self._conn_lock:
-            refuse = self._per_uid[who.uid] >= self.config.max_connections_per_uid
-            if not refuse:
-                self._per_uid[who.uid] += 1
-                self._conns.add(sock)
-        if refuse:
+        if self._per_uid[who.uid] >= cfg.max_connections_per_uid:
             self._refusals.warning("uid %d over its connection limit; refusing pid %d", who.uid, who.pid)
             if audit is not None:
                 audit.record(W.Op.HELLO, None, E.EMFILE.code)
-            limits.refuse(sock, E.EMFILE(f"uid {who.uid} has {self.config.max_connections_per_uid} connections open"))
-            return
-        conn = Connection(self.store, who, self.config.max_frame, audit)
-        try:
-            self._pump(sock, conn)
-        except OSError:
-            pass
-        except Exception:
-            log.exception("connection from pid %d failed", who.pid)
-        finally:
-            conn.close()
-            with self._conn_lock:
-                self._conns.discard(sock)
-                self._per_uid[who.uid] -= 1
-            sock.close()
+            limits.refuse(sock, E.EMFILE(f"uid {who.uid} has {cfg.max_connections_per_uid} connections open"))
+            return None
+        self._active += 1
+        self._per_uid[who.uid] += 1
 
-    def _pump(self, sock: socket.socket, conn: Connection) -> None:
-        """Read, answer, write, until the peer leaves.
-
-        Memory per connection stays bounded: at most ``max_in_flight`` replies
-        (or MAX_UNSENT bytes of them) wait before they are written, and while
-        a write blocks on a peer that does not read, nothing more is read.
-        """
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        cfg = self.config
-        limits.set_timeouts(sock, receive=cfg.handshake_timeout, send=cfg.send_timeout)
-        greeted = False
-        max_in_flight = cfg.max_in_flight
-        small = memoryview(bytearray(SMALL_RECV_CHUNK))
-        large: memoryview | None = None
-        while not conn.closed:
-            view = small
-            if conn.decoder.needed() > SMALL_RECV_CHUNK:
-                view = large = large or memoryview(bytearray(RECV_CHUNK))
-            try:
-                n, ancdata, _flags, _addr = sock.recvmsg_into([view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
-            except BlockingIOError:  # SO_RCVTIMEO: silent for too long
-                limits.refuse(sock, E.ETIMEDOUT(f"idle for {cfg.idle_timeout:g} s" if greeted else
-                                                f"no HELLO within {cfg.handshake_timeout:g} s"))
-                return
-            fds = _passed_fds(ancdata) if ancdata else None
-            if n == 0:
-                for fd in fds or ():
-                    os.close(fd)
-                return
-            unsent: list[bytes] = []
-            size = 0
-            for reply in conn.answers(view[:n], fds):
-                unsent.append(reply)
-                size += len(reply)
-                if len(unsent) >= max_in_flight or size >= limits.MAX_UNSENT:
-                    _send(sock, b"".join(unsent), conn)
-                    unsent.clear()
-                    size = 0
-            if unsent:
-                _send(sock, b"".join(unsent), conn)
-            if not greeted and conn.context is not None:  # past HELLO: now only idle_timeout applies
-                greeted = True
-                limits.set_timeouts(sock, receive=cfg.idle_timeout)
+        def closed() -> None:
+            self._active -= 1
+            self._per_uid[who.uid] -= 1
+        return Channel(sock, Connection(self.store, who, cfg.max_frame, audit), closed)
 
     def _gc_loop(self) -> None:
         while not self._stopping.wait(self.config.gc_interval):

@@ -78,10 +78,7 @@ def dispatch(ctx: Context, op: int, args: tuple) -> tuple:
     handler = HANDLERS.get(op)  # keyed by Op, an IntEnum: a plain int finds its entry
     if handler is None:
         raise E.ENOSYS(f"unknown opcode {op}")
-    try:
-        return handler(ctx, *args)
-    finally:
-        ctx.store.journal.sync()  # what the request changed in persistent keyrings is on disk before the answer
+    return handler(ctx, *args)  # the caller makes any change to persistent keyrings durable before replying
 
 
 from keyden.server.handlers import dataplane, keyctl, persist, pkey, session_keys, tls, trust  # noqa: E402,F401  (registration)

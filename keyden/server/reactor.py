@@ -1,0 +1,401 @@
+"""The I/O loop: one thread serves every connection, worker threads take the slow operations.
+
+Why one loop and not a thread per connection: CPython runs one thread's
+Python at a time, and threads that each wake for one small request spend
+more time handing the GIL to each other than answering.  One loop answers
+whatever is ready on any socket without a hand-off, so small requests from
+many clients share a core at full speed.  Operations that take milliseconds
+-- key generation, RSA and finite-field DH, scrypt, bulk ciphers (pyca
+releases the GIL for these) and the fsync that makes a persistent change
+durable -- go to a small pool of worker threads, where they run in parallel
+on other cores while the loop goes on serving everyone else.
+
+Per connection, requests are answered in order: while one of its requests
+is with a worker, or its replies are not being read, the loop reads nothing
+more from it.  That also bounds what a connection can make the daemon hold.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from keyden import errors as E
+from keyden import protocol as W
+from keyden.server import limits
+from keyden.server.connection import Connection
+
+log = logging.getLogger("keyden.server")
+
+SOCKET_BUFFER = 4 * 1024 * 1024
+RECV_CHUNK = 1024 * 1024  # reads while a large frame is arriving
+SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise
+ANCILLARY_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize * 4)
+TICK = 0.25  # seconds between timeout sweeps when any timeout is set
+
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
+
+
+def _passed_fds(ancdata) -> list[int]:
+    """Descriptors that came with a message (SCM_RIGHTS); anything else is ignored."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+class Channel:
+    """One client socket in the loop: its Connection (the protocol), its unsent replies and its deadlines."""
+
+    __slots__ = ("sock", "fd", "conn", "on_close", "out", "unsent", "busy", "closing", "mask", "greeted",
+                 "deadline", "send_deadline", "name")
+
+    def __init__(self, sock: socket.socket, conn: Connection, on_close: Callable[[], None]):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.conn = conn
+        self.on_close = on_close
+        self.out: collections.deque[tuple[memoryview, list[int]]] = collections.deque()  # (bytes, fds to pass)
+        self.unsent = 0  # bytes in ``out``
+        self.busy = False  # a request of ours is with a worker
+        self.closing = False  # close once the replies are out (an error frame said why)
+        self.mask = 0  # what epoll watches for us
+        self.greeted = False
+        self.deadline = 0.0  # silent until this: closed (handshake or idle timeout); 0 = none
+        self.send_deadline = 0.0  # replies unread until this: dropped (send timeout); 0 = none
+        self.name = f"pid {conn.peer.pid}"
+
+
+class Reactor:
+    """epoll over the listener and every channel; ``admit`` hands it accepted sockets."""
+
+    def __init__(self, config, admit: Callable[[socket.socket], Channel | None]):
+        self.config = config
+        self._admit = admit
+        self._epoll = select.epoll()
+        self._channels: dict[int, Channel] = {}
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, _IN)
+        self._done: collections.deque[tuple[Channel, Callable[[], None]]] = collections.deque()
+        workers = config.workers or max(4, 2 * (os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="keyden-worker")
+        self._small = memoryview(bytearray(SMALL_RECV_CHUNK))
+        self._large: memoryview | None = None
+        self._stopping = False
+        self._listener: socket.socket | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    def run(self, listener: socket.socket) -> None:
+        """Serve until ``stop``; then close every channel."""
+        listener.setblocking(False)
+        self._listener = listener
+        self._epoll.register(listener.fileno(), _IN)
+        cfg = self.config
+        timed = cfg.handshake_timeout > 0 or cfg.idle_timeout > 0 or cfg.send_timeout > 0
+        next_sweep = time.monotonic() + TICK
+        channels = self._channels
+        while not self._stopping:
+            try:
+                events = self._epoll.poll(TICK if timed else -1)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                ch = channels.get(fd)
+                if ch is not None:
+                    if ev & _OUT and self._flush(ch) and not ch.busy:
+                        self._serve(ch)  # room again: answer what arrived while we waited
+                    if ev & (_IN | _GONE) and ch.fd in channels:
+                        self._readable(ch, ev)
+                elif fd == self._wake_fd:
+                    self._completions()
+                elif self._listener is not None and fd == self._listener.fileno():
+                    self._accept()
+            if timed and (now := time.monotonic()) >= next_sweep:
+                next_sweep = now + TICK
+                self._sweep(now)
+        for ch in list(channels.values()):
+            self._close(ch)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._completions()
+        self._epoll.close()
+        os.close(self._wake_fd)
+
+    def stop(self) -> None:
+        """Safe from a signal handler or another thread: the loop finishes its round and returns."""
+        self._stopping = True
+        self._wake()
+
+    def shutdown_channels(self) -> None:
+        """Wake every client with EOF (the loop then closes them)."""
+        for ch in list(self._channels.values()):
+            try:
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+
+    # -------------------------------------------------------------- channels
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        for _ in range(64):  # a burst, then back to the others
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._admit_failed(exc)
+                return
+            ch = self._admit(sock)
+            if ch is None:
+                continue
+            sock.setblocking(False)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            if self.config.handshake_timeout > 0:
+                ch.deadline = time.monotonic() + self.config.handshake_timeout
+            self._channels[ch.fd] = ch
+            ch.mask = _IN
+            self._epoll.register(ch.fd, _IN)
+
+    def _admit_failed(self, exc: OSError) -> None:
+        """Out of descriptors: stop watching the listener for a moment rather than spin on the same error."""
+        log.warning("accept failed: %s", exc.strerror)
+        listener = self._listener
+        self._epoll.unregister(listener.fileno())
+
+        def rearm():
+            time.sleep(0.05)
+            self._done.append((None, lambda: self._epoll.register(listener.fileno(), _IN)))
+            self._wake()
+        threading.Thread(target=rearm, daemon=True).start()
+
+    def _readable(self, ch: Channel, ev: int) -> None:
+        conn = ch.conn
+        view = self._small
+        if conn.decoder.needed() > SMALL_RECV_CHUNK:
+            view = self._large = self._large or memoryview(bytearray(RECV_CHUNK))
+        try:
+            n, ancdata, _flags, _addr = ch.sock.recvmsg_into([view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            if ev & _GONE and not ev & _IN:
+                self._close(ch)
+            return
+        except OSError:
+            self._close(ch)
+            return
+        fds = _passed_fds(ancdata) if ancdata else None
+        if n == 0:
+            for fd in fds or ():
+                os.close(fd)
+            self._close(ch)
+            return
+        conn.feed(view[:n], fds)
+        if self.config.idle_timeout > 0 and ch.greeted:
+            ch.deadline = time.monotonic() + self.config.idle_timeout
+        self._serve(ch)
+
+    def _serve(self, ch: Channel) -> None:
+        """Answer the frames already received, until one goes to a worker or the replies back up."""
+        conn = ch.conn
+        max_in_flight = self.config.max_in_flight
+        queued = 0
+        while not ch.busy and not ch.closing:
+            try:
+                frame = conn.next_frame()
+            except W.FrameTooLarge as exc:
+                log.warning("%s: %s; closing", ch.name, exc.message)
+                self._queue(ch, W.encode_error(0, 0, exc))
+                ch.closing = True
+                break
+            if frame is None:
+                break
+            if conn.needs_worker(frame):
+                self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame)))
+                break
+            reply = conn.handle(frame)
+            if conn.needs_sync():  # a persistent keyring changed: the fsync goes to a worker, the reply after it
+                self._submit(ch, lambda frame=frame, reply=reply: conn.durable(frame, reply))
+                break
+            if conn.closed:
+                ch.closing = True
+            self._queue(ch, reply)
+            queued += 1
+            if queued >= max_in_flight or ch.unsent >= limits.MAX_UNSENT:
+                queued = 0
+                if not self._flush(ch):
+                    break  # the client is not reading: neither do we
+        if not ch.greeted and conn.context is not None:
+            ch.greeted = True
+            ch.deadline = time.monotonic() + self.config.idle_timeout if self.config.idle_timeout > 0 else 0.0
+        if ch.fd in self._channels:
+            self._flush(ch)
+
+    def _queue(self, ch: Channel, reply: bytes) -> None:
+        ctx = ch.conn.context
+        fds: list[int] = []
+        if ctx is not None and ctx.out_fds:
+            fds = ctx.out_fds[:]
+            ctx.out_fds.clear()
+        ch.out.append((memoryview(reply), fds))
+        ch.unsent += len(reply)
+
+    def _flush(self, ch: Channel) -> bool:
+        """Write what we can without blocking; True if nothing is left.  Watches for room otherwise."""
+        out = ch.out
+        try:
+            while out:
+                data, fds = out[0]
+                if fds:
+                    sent = ch.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    for fd in fds:
+                        os.close(fd)
+                    fds.clear()
+                elif len(out) > 1 and len(data) < 65536:  # small replies: one write for the lot
+                    sent = ch.sock.send(b"".join(d for d, f in _small_run(out)))
+                    self._consume(ch, sent)
+                    continue
+                else:
+                    sent = ch.sock.send(data)
+                self._consume(ch, sent)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(ch)
+            return False
+        if out:
+            if not ch.send_deadline and self.config.send_timeout > 0:
+                ch.send_deadline = time.monotonic() + self.config.send_timeout
+            self._watch(ch, _OUT)
+            return False
+        ch.send_deadline = 0.0
+        if ch.closing and not ch.busy:
+            self._close(ch)
+            return False
+        self._watch(ch, 0 if ch.busy else _IN)
+        return True
+
+    def _consume(self, ch: Channel, sent: int) -> None:
+        """Drop ``sent`` bytes from the front of the queue."""
+        ch.unsent -= sent
+        out = ch.out
+        while sent:
+            data, fds = out[0]
+            if sent >= len(data):
+                sent -= len(data)
+                out.popleft()
+            else:
+                out[0] = (data[sent:], fds)
+                sent = 0
+        if ch.send_deadline:
+            ch.send_deadline = time.monotonic() + self.config.send_timeout  # progress: the clock restarts
+
+    def _watch(self, ch: Channel, mask: int) -> None:
+        if ch.mask != mask and ch.fd in self._channels:
+            ch.mask = mask
+            self._epoll.modify(ch.fd, mask)
+
+    def _close(self, ch: Channel) -> None:
+        if self._channels.pop(ch.fd, None) is None:
+            return
+        try:
+            self._epoll.unregister(ch.fd)
+        except OSError:
+            pass
+        if ch.busy:  # the worker still uses the connection: its completion finishes the close
+            ch.closing = True
+            return
+        self._release(ch)
+
+    def _release(self, ch: Channel) -> None:
+        for _data, fds in ch.out:
+            for fd in fds:
+                os.close(fd)
+        ch.out.clear()
+        ch.conn.close()
+        ch.sock.close()
+        ch.on_close()
+
+    # ---------------------------------------------------------------- workers
+
+    def _submit(self, ch: Channel, work: Callable[[], bytes]) -> None:
+        ch.busy = True
+        self._watch(ch, 0)
+
+        def run() -> None:
+            try:
+                reply = work()
+                result = lambda: self._finished(ch, reply)
+            except BaseException:  # handle() and durable() turn errors into replies: this is a bug
+                log.exception("%s: worker failed", ch.name)
+                result = lambda: self._finished(ch, None)
+            self._done.append((ch, result))
+            self._wake()
+        self._pool.submit(run)
+
+    def _completions(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except OSError:
+            pass
+        while self._done:
+            _ch, finish = self._done.popleft()
+            finish()
+
+    def _finished(self, ch: Channel, reply: bytes | None) -> None:
+        ch.busy = False
+        if ch.fd not in self._channels:  # closed while the worker ran
+            self._release(ch)
+            return
+        if reply is None:
+            self._close(ch)
+            return
+        self._queue(ch, reply)
+        if ch.conn.closed:
+            ch.closing = True
+        if self._flush(ch):
+            self._serve(ch)
+
+    # --------------------------------------------------------------- timeouts
+
+    def _sweep(self, now: float) -> None:
+        for ch in list(self._channels.values()):
+            if ch.send_deadline and now >= ch.send_deadline:
+                log.info("%s: replies unread for %g s; dropping the connection", ch.name, self.config.send_timeout)
+                self._close(ch)
+            elif ch.deadline and now >= ch.deadline and not ch.busy and not ch.out:
+                reason = (f"idle for {self.config.idle_timeout:g} s" if ch.greeted else
+                          f"no HELLO within {self.config.handshake_timeout:g} s")
+                self._channels.pop(ch.fd)
+                self._epoll.unregister(ch.fd)
+                ch.conn.close()
+                limits.refuse(ch.sock, E.ETIMEDOUT(reason))  # says why, then closes the socket
+                ch.on_close()
+
+
+def _small_run(out):
+    """The leading run of small, descriptor-free replies (what one send can carry)."""
+    total = 0
+    for data, fds in out:
+        if fds or total + len(data) > 4 * 65536:
+            break
+        total += len(data)
+        yield data, fds
