@@ -1379,11 +1379,15 @@ class KeyStore:
 
     def asymmetric(self, caller: Caller, key_id: int) -> Any:
         """The parsed payload of an asymmetric key, for crypto done outside the lock."""
+        return self.asymmetric_and_flags(caller, key_id)[0]
+
+    def asymmetric_and_flags(self, caller: Caller, key_id: int) -> tuple[Any, int]:
+        """The parsed payload and the key's flags, read together: keys made from it inherit NO_EXPORT."""
         with self.lock:
             key = self.use(caller, key_id)
             if key.type.name != "asymmetric":
                 raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
-            return key.payload
+            return key.payload, key.flags
 
     # ------------------------------------------------------------------ garbage
 
