@@ -120,6 +120,26 @@ def test_batches_equal_one_shot_with_per_item_failures(client, aes):
     assert mac.mac_batch(items) == expected
 
 
+def test_a_batch_whose_reply_could_pass_the_frame_cap_is_refused_before_any_work(fresh_daemon):
+    """The reply is bounded by items plus per-item growth (tags, nonces, digests), checked up front."""
+    d = fresh_daemon("max_frame = 4096\n")
+    with d.connect() as c:
+        key = os.urandom(32)
+        serial = c.add("logon", "test:aes", key)
+        items = [os.urandom(16) for _ in range(100)]  # a 2 KiB request; its sealed reply would be 5208 bytes
+        with pytest.raises(E.EMSGSIZE, match="frame cap"):
+            c.batch(GCM, serial, items, random_nonce=True)
+        with pytest.raises(E.EMSGSIZE):  # 200 empty items, 200 HMACs of 32 bytes
+            c.batch("hmac(sha256)", c.add("logon", "test:mac", os.urandom(32)), [b""] * 200)
+        status, sealed = c.batch(GCM, serial, items[:50], random_nonce=True)  # what fits is answered
+        assert status == [0] * 50
+        assert [AESGCM(key).decrypt(b[:12], b[12:], None) for b in sealed] == items[:50]
+        assert c.batch(GCM, serial, sealed, decrypt=True, random_nonce=True) == ([0] * 50, items[:50])
+        big = [os.urandom(1000) for _ in range(3)]  # large items, small outputs: the bound is no cruder
+        assert c.batch("sha256", 0, big) == ([0] * 3, [hashlib.sha256(b).digest() for b in big])
+        assert c.ping(b"still connected") == b"still connected"
+
+
 def test_hash_and_hmac_one_shot(client):
     data = os.urandom(777)
     for alg in ("sha1", "sha224", "sha256", "sha384", "sha512"):

@@ -140,6 +140,10 @@ def _batch(ctx, alg, key, flags, ivs, aads, items):
         raise E.EINVAL("ivs and aads must be empty or have one entry per item")
     decrypt, random_nonce = _check_flags(flags)
     kind = symmetric.kind(alg)
+    reply = _batch_reply_bound(alg, kind, decrypt, random_nonce, items)
+    if reply > ctx.max_frame:
+        raise E.EMSGSIZE(f"the batch's reply could take {reply} bytes, over the {ctx.max_frame}-byte frame cap; "
+                         "send fewer or smaller items")
     if kind == "aead" and not random_nonce:  # the common case, without a call per item through one_shot
         return aead_engine(ctx, alg, key).crypt_many(ivs or [b""] * n, items, aads, decrypt)
     if kind == "hmac" and not decrypt and not ivs and not aads:
@@ -154,6 +158,29 @@ def _batch(ctx, alg, key, flags, ivs, aads, items):
             results.append(b"")
             status.append(exc.code)
     return (status, results)
+
+
+def _batch_reply_bound(alg: str, kind: str, decrypt: bool, random_nonce: bool, items) -> int:
+    """The most bytes a BATCH reply body can take, known before any item is processed.
+
+    Status words and lengths take 8 + 8n; then each item's output: AEAD
+    encryption adds a tag (and the nonce keyden chose), decryption takes them
+    off, block ciphers keep the length, hashes and MACs give a digest each.
+    """
+    n = len(items)
+    fixed = 8 + 8 * n  # I32S status (count, n words) and BYTESLIST (count, n lengths)
+    if kind in ("hash", "hmac"):
+        return fixed if kind == "hmac" and decrypt else fixed + n * symmetric.spec(alg).digest_size
+    data = sum(map(len, items))
+    if kind == "skcipher":
+        return fixed + data
+    s = symmetric.spec(alg)
+    grow = s.tag_size + (s.nonce_size if random_nonce else 0)
+    if not decrypt:
+        return fixed + data + n * grow
+    if n and min(map(len, items)) >= grow:  # every item loses its tag (and nonce); else: at most its input
+        data -= n * grow
+    return fixed + data
 
 
 # ----------------------------------------------------------------- streaming
