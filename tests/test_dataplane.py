@@ -8,10 +8,13 @@ buffers processed in shared memory.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import hashlib
 import os
 import random
+import threading
+import time
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -118,6 +121,26 @@ def test_batches_equal_one_shot_with_per_item_failures(client, aes):
         h.update(item)
         expected.append(h.finalize())
     assert mac.mac_batch(items) == expected
+
+
+def test_a_batch_whose_reply_could_pass_the_frame_cap_is_refused_before_any_work(fresh_daemon):
+    """The reply is bounded by items plus per-item growth (tags, nonces, digests), checked up front."""
+    d = fresh_daemon("max_frame = 4096\n")
+    with d.connect() as c:
+        key = os.urandom(32)
+        serial = c.add("logon", "test:aes", key)
+        items = [os.urandom(16) for _ in range(100)]  # a 2 KiB request; its sealed reply would be 5208 bytes
+        with pytest.raises(E.EMSGSIZE, match="frame cap"):
+            c.batch(GCM, serial, items, random_nonce=True)
+        with pytest.raises(E.EMSGSIZE):  # 200 empty items, 200 HMACs of 32 bytes
+            c.batch("hmac(sha256)", c.add("logon", "test:mac", os.urandom(32)), [b""] * 200)
+        status, sealed = c.batch(GCM, serial, items[:50], random_nonce=True)  # what fits is answered
+        assert status == [0] * 50
+        assert [AESGCM(key).decrypt(b[:12], b[12:], None) for b in sealed] == items[:50]
+        assert c.batch(GCM, serial, sealed, decrypt=True, random_nonce=True) == ([0] * 50, items[:50])
+        big = [os.urandom(1000) for _ in range(3)]  # large items, small outputs: the bound is no cruder
+        assert c.batch("sha256", 0, big) == ([0] * 3, [hashlib.sha256(b).digest() for b in big])
+        assert c.ping(b"still connected") == b"still connected"
 
 
 def test_hash_and_hmac_one_shot(client):
@@ -354,6 +377,95 @@ def test_shared_regions_are_limited_per_connection(client):
     buffers.append(client.shared_buffer(4096))
     for b in buffers:
         b.close()
+
+
+def test_shared_memory_ranges_are_checked_before_any_work(fresh_daemon):
+    """An output range outside the region is refused before the input is read or any output is made,
+    for every algorithm: the daemon's memory does not grow by the input or output size."""
+    d = fresh_daemon()
+    size = 64 << 20
+    with d.connect() as c:
+        aes_key, mac_key = c.add("logon", "test:aes", os.urandom(32)), c.add("logon", "test:mac", os.urandom(32))
+        with c.shared_buffer(size) as shm:
+            shm.view[:] = os.urandom(size)  # real pages, which the daemon would map in by reading them
+            peak_before = d.memory_kib("VmHWM")
+            for alg, key, iv in (("ctr(aes)", aes_key, os.urandom(16)), ("cbc(aes)", aes_key, os.urandom(16)),
+                                 ("sha256", 0, b""), ("hmac(sha256)", mac_key, b""), (GCM, aes_key, os.urandom(12))):
+                with pytest.raises(E.EINVAL, match="outside"):
+                    shm.cipher(alg, key, 0, size - 16, size - 8, iv=iv)
+            grown_mib = (d.memory_kib("VmHWM") - peak_before) / 1024
+            assert grown_mib < 16, f"the daemon grew by {grown_mib:.0f} MiB for refused requests"
+            with pytest.raises(E.EINVAL, match="outside"):  # the range, before the block-size check
+                shm.cipher("cbc(aes)", aes_key, 0, 100, size - 50, iv=os.urandom(16))
+            assert shm.cipher("sha256", 0, 0, 100, size - 32) == (32, b"")  # exactly up to the end fits
+            assert shm.view[size - 32:] == hashlib.sha256(shm.view[:100]).digest()
+
+
+def test_shared_memory_is_budgeted_per_uid_and_given_back(fresh_daemon):
+    d = fresh_daemon("[quota]\nshm_maxbytes = 1048576\nshm_total_maxbytes = 4194304\n")
+    half = 512 * 1024
+    with d.connect() as c, d.connect() as other:
+        first, second = c.shared_buffer(half), c.shared_buffer(half)
+        with pytest.raises(E.ENOMEM, match="per uid"):
+            c.shared_buffer(4096)
+        with pytest.raises(E.ENOMEM, match="per uid"):  # the budget is the uid's, not the connection's
+            other.shared_buffer(4096)
+        first.close()  # SHM_DETACH gives its bytes back
+        kept = other.shared_buffer(half)
+        with pytest.raises(E.ENOMEM):
+            c.shared_buffer(4096)
+        second.close()
+        kept.close()
+        c.shared_buffer(half)  # left attached: the connection's end gives it back
+        other.shared_buffer(half)
+        with d.connect() as third, pytest.raises(E.ENOMEM):  # one region over the whole budget
+            third.shared_buffer(2 * half + 4096)
+    deadline = time.monotonic() + 10
+    while True:  # the daemon unmaps a closed connection's regions when it notices the close
+        with d.connect() as c:
+            try:
+                c.shared_buffer(2 * half).close()
+                break
+            except E.ENOMEM:
+                assert time.monotonic() < deadline, "closed connections never gave their regions back"
+        time.sleep(0.05)
+
+
+def test_concurrent_attaches_never_overdraw_the_budget(fresh_daemon):
+    """Connections run on their own threads: 16 racing for room for 4 regions get exactly 4."""
+    d = fresh_daemon("[quota]\nshm_maxbytes = 1048576\n")
+    clients = [d.connect() for _ in range(16)]
+    start = threading.Barrier(len(clients))
+
+    def attach(c):
+        start.wait()
+        try:
+            return c.shared_buffer(256 * 1024)
+        except E.ENOMEM:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        got = list(pool.map(attach, clients))
+    assert sum(b is not None for b in got) == 4
+    for b in got:
+        if b is not None:
+            b.close()
+    assert [c.shared_buffer(256 * 1024) is not None for c in clients[:4]] == [True] * 4  # all given back
+    for c in clients:
+        c.close()
+
+
+def test_an_aead_handle_survives_a_refused_shared_region(fresh_daemon):
+    d = fresh_daemon("[quota]\nshm_maxbytes = 1572864\n")  # 1.5 MiB: the 1 MiB default region fits
+    with d.connect() as c:
+        key = os.urandom(32)
+        aead = c.aead(c.add("logon", "test:aes", key))
+        data, nonce = os.urandom(dataplane.BULK_THRESHOLD + 1), os.urandom(12)
+        assert aead.encrypt(nonce, data, None) == AESGCM(key).encrypt(nonce, data, None)
+        with pytest.raises(E.ENOMEM):  # needs a region of twice its size: over the budget
+            aead.encrypt(nonce, bytes(1 << 20), None)
+        assert aead.decrypt(nonce, aead.encrypt(nonce, data, None), None) == data  # a new region, not the old
+        aead.close()
 
 
 # ---------------------------------------------------------------- refusals

@@ -394,6 +394,24 @@ def test_quota_is_charged_per_uid(fresh_daemon, users):
     assert [run_as(u, count) for u in (users.a, users.b, users.c)] == [5, 2, 1]  # the key moved to C
 
 
+def test_shared_memory_is_budgeted_per_uid_and_for_all_uids_together(fresh_daemon, users):
+    d = fresh_daemon("[quota]\nshm_maxbytes = 1048576\nshm_total_maxbytes = 1572864\n")  # 1 MiB, 1.5 MiB
+    sock = d.socket
+
+    def attach(*sizes):
+        with keyden.connect(sock) as c:
+            return [outcome(lambda n=n: c.shared_buffer(n) and "ok") for n in sizes]  # held until the end
+
+    with d.connect() as root:
+        held = root.shared_buffer(1 << 20)  # root's whole share
+        with pytest.raises(E.ENOMEM):
+            root.shared_buffer(4096)
+        # a has a share of its own, but only half a MiB is left for everyone together
+        assert run_as(users.a, lambda: attach(512 * 1024, 4096)) == ["ok", "ENOMEM"]
+        held.close()
+        assert run_as(users.a, lambda: attach(1 << 20, 4096)) == ["ok", "ENOMEM"]  # now a's own share is the cap
+
+
 # --------------------------------------------- where keyden and the kernel differ
 
 

@@ -427,6 +427,40 @@ def test_pkey_decrypt_into_unwraps_a_session_key_that_stays_inside(client):
     assert ring_size(client) == before + 1  # only the EC key
 
 
+def test_keys_made_from_a_non_exportable_private_key_are_non_exportable(client):
+    """derive and pkey_decrypt_into inherit NO_EXPORT from the private key; kdf's keys never export."""
+    wrap = client.generate("aes:256", "backup:wrap", "@s")
+    peer = client.generate("x25519", "peer", "@s")
+    readable = 0x3f3f0000  # export needs read permission by the mask
+
+    def exportable(serial):
+        try:
+            client.export(serial, wrapping_key=wrap)
+            return True
+        except E.EPERM:
+            return False
+
+    sealed_x = client.generate("x25519", "sealed", "@s", no_export=True)
+    free_x = client.generate("x25519", "free", "@s")
+    assert not exportable(client.derive(sealed_x, peer_key=peer, perm=readable))
+    assert exportable(client.derive(free_x, peer_key=peer, perm=readable))
+    assert exportable(client.derive(peer, peer_key=sealed_x, perm=readable))  # the peer gives only its public half
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    wrapped = rsa_key.public_key().encrypt(os.urandom(32), oaep)
+    sealed_rsa = client.add("asymmetric", "", pkcs8(rsa_key), "@s", no_export=True)
+    assert not exportable(client.pkey_decrypt_into(sealed_rsa, "enc=oaep hash=sha256", wrapped, "app:sealed", "@s",
+                                                   perm=readable))
+    client.unlink(sealed_rsa, "@s")  # the same private key, uploaded again without the flag
+    free_rsa = client.add("asymmetric", "free-rsa", pkcs8(rsa_key), "@s")
+    assert exportable(client.pkey_decrypt_into(free_rsa, "enc=oaep hash=sha256", wrapped, "app:free", "@s",
+                                               perm=readable))
+
+    master = client.add("logon", "app:master", os.urandom(32), "@s")
+    assert not exportable(client.kdf(master, perm=readable))
+
+
 # ---------------------------------------------------------------- dh_compute
 
 

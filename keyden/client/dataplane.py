@@ -27,12 +27,18 @@ class SharedBuffer:
     """A memfd mapped here and in the daemon.  ``view`` is the whole region."""
 
     def __init__(self, client, size: int):
+        """Raises ENOMEM when the daemon's shared-memory budget (per uid, or in all) has no room for ``size``."""
         fd = os.memfd_create("keyden-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.map = None
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.region = client._call_with_fds(Op.SHM_ATTACH, (size,), [fd])[0]
+        except BaseException:
+            if self.map is not None:  # refused: do not keep the memory mapped here either
+                self.map.close()
+            raise
         finally:
             os.close(fd)  # the daemon has its own copy; our mapping keeps the memory
         self.client = client
@@ -82,7 +88,8 @@ class Aead:
     def _bulk(self, size: int) -> SharedBuffer:
         if self._shm is None or self._shm.size < size:
             if self._shm is not None:
-                self._shm.close()
+                self._shm.close()  # first, so its bytes are back in the daemon's budget for the new one
+                self._shm = None  # and never reused closed if the new one is refused
             self._shm = SharedBuffer(self._client, max(size, 4 * BULK_THRESHOLD))
         return self._shm
 

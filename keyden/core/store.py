@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core import perm as P
+from keyden.core.budget import ByteBudget
 from keyden.core.journal import Journal, NullJournal
 from keyden.core.perm import Credentials
 
@@ -78,6 +79,10 @@ class StoreConfig:
     #: its last get_persistent (0: never).  The kernel's default is 3 days; keyden's is never, because
     #: a custodian that silently drops keys nobody fetched for a while loses data.
     persistent_keyring_expiry: float = 0.0
+    #: Shared-memory regions (SHM_ATTACH) a uid may have the daemon map at once, and all uids together.
+    #: The daemon locks its memory, so these bound what clients can pin in it (docs/dataplane.md).
+    shm_maxbytes: int = 1 << 30
+    shm_total_maxbytes: int = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -309,6 +314,7 @@ class KeyStore:
         self._sessions: dict[str, _Session] = {}
         self._persistent_keyrings: dict[int, Key] = {}  # uid -> _persistent.<uid> (the kernel's register)
         self.journal: Journal = NullJournal()
+        self.shm_budget = ByteBudget(self.config.shm_maxbytes, self.config.shm_total_maxbytes, "shared memory")
         # Possession is a tree search; cache its answers until anything that could change one happens.
         self._generation = 0
         self._possession_memo: dict[tuple[Caller, int], tuple[int, bool]] = {}
@@ -1384,11 +1390,15 @@ class KeyStore:
 
     def asymmetric(self, caller: Caller, key_id: int) -> Any:
         """The parsed payload of an asymmetric key, for crypto done outside the lock."""
+        return self.asymmetric_and_flags(caller, key_id)[0]
+
+    def asymmetric_and_flags(self, caller: Caller, key_id: int) -> tuple[Any, int]:
+        """The parsed payload and the key's flags, read together: keys made from it inherit NO_EXPORT."""
         with self.lock:
             key = self.use(caller, key_id)
             if key.type.name != "asymmetric":
                 raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
-            return key.payload
+            return key.payload, key.flags
 
     # ------------------------------------------------------------------ garbage
 

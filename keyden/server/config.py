@@ -40,6 +40,8 @@ DEFAULT_CONFIG_TEXT = """\
 # root_maxbytes = 25000000
 # gc_delay = 300                # seconds a revoked or expired key lingers
 # persistent_keyring_expiry = 0     # seconds after the last get_persistent (kernel: 259200); 0 = never
+# shm_maxbytes = 1073741824     # shared memory (SHM_ATTACH) mapped for one uid at once; over it: ENOMEM
+# shm_total_maxbytes = 4294967296   # ... and for all uids together; 0 turns shared memory off
 """
 
 

@@ -156,7 +156,7 @@ class Connection:
         except E.KeydenError as exc:
             return W.encode_error(frame.request_id, frame.op, exc)
         caller = Caller(self.peer.credentials, self.peer.process, session or None)
-        self.context = Context(self.store, caller, self.peer.pid)
+        self.context = Context(self.store, caller, self.peer.pid, max_frame=self.max_frame)
         self.closed = False
         return W.encode_response(frame.request_id, frame.op,
                                  (W.VERSION, self.max_frame, self.peer.uid, self.peer.gid, self.peer.pid))

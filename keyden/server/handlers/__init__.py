@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from keyden import errors as E
 from keyden.core.store import Caller, KeyStore
-from keyden.protocol import Op
+from keyden.protocol import DEFAULT_MAX_FRAME, Op
 
 MAX_PENDING_FDS = 4
 
@@ -34,6 +34,7 @@ class Context:
     fds: list[int] = field(default_factory=list)
     out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
     next_handle: int = 1
+    max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
 
     def new_handle(self) -> int:
         self.next_handle += 1

@@ -9,6 +9,7 @@ and buffers processed in shared memory that never crosses the socket (SHM_*).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -140,6 +141,10 @@ def _batch(ctx, alg, key, flags, ivs, aads, items):
         raise E.EINVAL("ivs and aads must be empty or have one entry per item")
     decrypt, random_nonce = _check_flags(flags)
     kind = symmetric.kind(alg)
+    reply = _batch_reply_bound(alg, kind, decrypt, random_nonce, items)
+    if reply > ctx.max_frame:
+        raise E.EMSGSIZE(f"the batch's reply could take {reply} bytes, over the {ctx.max_frame}-byte frame cap; "
+                         "send fewer or smaller items")
     if kind == "aead" and not random_nonce:  # the common case, without a call per item through one_shot
         return aead_engine(ctx, alg, key).crypt_many(ivs or [b""] * n, items, aads, decrypt)
     if kind == "hmac" and not decrypt and not ivs and not aads:
@@ -154,6 +159,29 @@ def _batch(ctx, alg, key, flags, ivs, aads, items):
             results.append(b"")
             status.append(exc.code)
     return (status, results)
+
+
+def _batch_reply_bound(alg: str, kind: str, decrypt: bool, random_nonce: bool, items) -> int:
+    """The most bytes a BATCH reply body can take, known before any item is processed.
+
+    Status words and lengths take 8 + 8n; then each item's output: AEAD
+    encryption adds a tag (and the nonce keyden chose), decryption takes them
+    off, block ciphers keep the length, hashes and MACs give a digest each.
+    """
+    n = len(items)
+    fixed = 8 + 8 * n  # I32S status (count, n words) and BYTESLIST (count, n lengths)
+    if kind in ("hash", "hmac"):
+        return fixed if kind == "hmac" and decrypt else fixed + n * symmetric.spec(alg).digest_size
+    data = sum(map(len, items))
+    if kind == "skcipher":
+        return fixed + data
+    s = symmetric.spec(alg)
+    grow = s.tag_size + (s.nonce_size if random_nonce else 0)
+    if not decrypt:
+        return fixed + data + n * grow
+    if n and min(map(len, items)) >= grow:  # every item loses its tag (and nonce); else: at most its input
+        data -= n * grow
+    return fixed + data
 
 
 # ----------------------------------------------------------------- streaming
@@ -234,23 +262,36 @@ def _stream_abort(ctx, handle):
 # ------------------------------------------------------------- shared memory
 
 class Region:
-    """A client's sealed memfd, mapped here: bulk data is processed in it, never copied over the socket."""
+    """A client's sealed memfd, mapped here: bulk data is processed in it, never copied over the socket.
 
-    def __init__(self, fd: int, size: int):
-        self.fd = fd
-        self.size = size
-        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    Its size is charged to the owner's shared-memory budget for as long as
+    it is mapped; ``close`` (detach, or the connection's end) refunds it.
+    """
+
+    def __init__(self, fd: int, size: int, budget, uid: int):
+        budget.charge(uid, size)
+        try:
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            budget.refund(uid, size)
+            raise
+        self.fd, self.size, self.budget, self.uid = fd, size, budget, uid
         self.view = memoryview(self.map)
 
     def span(self, offset: int, length: int) -> memoryview:
-        if offset + length > self.size:
+        """region[offset:offset+length], checked before anything is read or written."""
+        if offset < 0 or length < 0 or offset > self.size or length > self.size - offset:
             raise E.EINVAL("range outside the shared region")
         return self.view[offset:offset + length]
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         self.view.release()
         self.map.close()
         os.close(self.fd)
+        self.fd = -1
+        self.budget.refund(self.uid, self.size)
 
 
 def _sealed_size(fd: int) -> int:
@@ -277,8 +318,12 @@ def _shm_attach(ctx, size):
         if _sealed_size(fd) < size:
             raise E.EINVAL("the memfd is smaller than the size given")
         try:
-            region = Region(fd, size)
-        except (OSError, ValueError):  # write-sealed or read-only memfds cannot be mapped for writing
+            region = Region(fd, size, ctx.store.shm_budget, ctx.caller.uid)
+        except OSError as exc:
+            if exc.errno in (errno.ENOMEM, errno.EAGAIN):  # mlockall(MCL_FUTURE) past RLIMIT_MEMLOCK
+                raise E.ENOMEM("keyden cannot map that much more memory") from None
+            raise E.EACCES("the memfd cannot be mapped read-write (sealed against writes?)") from None
+        except ValueError:  # write-sealed or read-only memfds cannot be mapped for writing
             raise E.EACCES("the memfd cannot be mapped read-write (sealed against writes?)") from None
     except BaseException:
         os.close(fd)
@@ -299,19 +344,28 @@ def _shm_detach(ctx, handle):
 
 @handles(Op.SHM_CIPHER)
 def _shm_cipher(ctx, handle, alg, key, flags, iv, aad, in_offset, length, out_offset):
-    """Process region[in_offset:+length] into region[out_offset:]; returns (bytes written, nonce used)."""
+    """Process region[in_offset:+length] into region[out_offset:]; returns (bytes written, nonce used).
+
+    Both ranges are checked before any work, for every algorithm: a refused
+    request must not first cost the daemon a pass over (and a copy of) up to
+    a gigabyte of data.
+    """
     region = ctx.regions.get(handle)
     if region is None:
         raise E.EBADF(f"no shared region {handle}")
     decrypt, random_nonce = _check_flags(flags)
     src = region.span(in_offset, length)
-    if symmetric.kind(alg) == "aead":
+    kind = symmetric.kind(alg)
+    if kind == "aead":
         eng = aead_engine(ctx, alg, key)
         out_len = length - eng.tag_size if decrypt else length + eng.tag_size
         if out_len < 0:
             raise E.EBADMSG("authentication failed")
-        _no_overlap(in_offset, length, out_offset, out_len)
-        dst = region.span(out_offset, out_len)
+    else:
+        out_len = _plain_output_size(alg, kind, decrypt, length)
+    _no_overlap(in_offset, length, out_offset, out_len)
+    dst = region.span(out_offset, out_len)
+    if kind == "aead":
         if random_nonce:
             if decrypt or iv:
                 raise E.EINVAL("a keyden-chosen nonce is for encryption, with no IV sent")
@@ -319,9 +373,17 @@ def _shm_cipher(ctx, handle, alg, key, flags, iv, aad, in_offset, length, out_of
         written = eng.decrypt_into(iv, src, aad, dst) if decrypt else eng.encrypt_into(iv, src, aad, dst)
         return (written, iv if random_nonce else b"")
     out = one_shot(ctx, alg, key, flags)(iv, aad, src)
-    _no_overlap(in_offset, length, out_offset, len(out))
-    region.span(out_offset, len(out))[:] = out
+    dst[:len(out)] = out  # len(out) == out_len: _plain_output_size is exact
     return (len(out), b"")
+
+
+def _plain_output_size(alg: str, kind: str, decrypt: bool, length: int) -> int:
+    """What a non-AEAD algorithm writes for ``length`` bytes in: known before running it."""
+    if kind == "skcipher":
+        return length  # no padding: cbc takes whole blocks only, ctr any length
+    if kind == "hmac" and decrypt:
+        return 0  # verify: a verdict, no output
+    return symmetric.spec(alg).digest_size
 
 
 def _no_overlap(a: int, alen: int, b: int, blen: int) -> None:

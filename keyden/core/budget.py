@@ -1,0 +1,57 @@
+"""Byte budgets: how much of something each uid, and everyone together, may hold at once.
+
+Used for shared-memory regions the daemon maps for its clients: the daemon
+locks its memory (mlockall), so every mapped byte a client makes it touch is
+pinned daemon memory.  Connections run on their own threads, so charges and
+refunds happen under a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from keyden import errors as E
+
+
+class ByteBudget:
+    """A per-uid and a total cap on bytes held; ``charge`` refuses with ENOMEM, ``refund`` gives bytes back.
+
+    ENOMEM, not EDQUOT: this bounds pinned memory, and the kernel answers a
+    request to pin more than the caller's allowance (mlock over
+    RLIMIT_MEMLOCK, io_uring buffer registration) with ENOMEM.  EDQUOT stays
+    what it is in keyrings: the key quota.
+    """
+
+    def __init__(self, per_uid: int, total: int, what: str = "bytes"):
+        self.per_uid = per_uid
+        self.total = total
+        self.what = what
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}
+        self._total = 0
+
+    def charge(self, uid: int, nbytes: int) -> None:
+        with self._lock:
+            held = self._held.get(uid, 0)
+            if held + nbytes > self.per_uid:
+                raise E.ENOMEM(f"uid {uid} would hold {held + nbytes} bytes of {self.what}; "
+                               f"the limit per uid is {self.per_uid}")
+            if self._total + nbytes > self.total:
+                raise E.ENOMEM(f"keyden holds {self._total} bytes of {self.what} for all users; "
+                               f"{nbytes} more would pass the limit of {self.total}")
+            self._held[uid] = held + nbytes
+            self._total += nbytes
+
+    def refund(self, uid: int, nbytes: int) -> None:
+        with self._lock:
+            left = self._held.get(uid, 0) - nbytes
+            if left > 0:
+                self._held[uid] = left
+            else:
+                self._held.pop(uid, None)
+            self._total -= nbytes
+
+    def held(self, uid: int | None = None) -> int:
+        """Bytes held by ``uid``, or by everyone."""
+        with self._lock:
+            return self._total if uid is None else self._held.get(uid, 0)
