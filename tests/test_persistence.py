@@ -281,6 +281,34 @@ def test_missing_or_wrong_master_key_refuses_to_start(fresh_daemon, tmp_path):
     assert c.get_persistent("@s") == ring and c.read(key) == b"do not lose me"
 
 
+@pytest.mark.parametrize("name", ["keys.db", "keys.db-wal", "keys.db-shm", "master.key"])
+def test_store_files_others_may_use_or_another_uid_owns_refuse_start(fresh_daemon, name):
+    """As sshd's StrictModes: refuse, say how to fix, and change nothing (an admin must judge the exposure)."""
+    d = fresh_daemon()
+    c = session(d)
+    key = c.add("user", "private", b"keep me close", c.get_persistent("@s"))
+    d.stop(signal.SIGKILL)  # leaves keys.db-wal and keys.db-shm behind
+    path = os.path.join(d.state_dir, name)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+    for mode in (0o640, 0o604, 0o620):
+        os.chmod(path, mode)
+        said = refused_start(d)
+        assert f"{path} has mode 0{mode:o}" in said and f"chmod 600 {path}" in said
+        assert os.stat(path).st_mode & 0o777 == mode  # refused, not quietly tightened
+    os.chmod(path, 0o600)
+    os.chown(path, UID + 4242, -1)
+    said = refused_start(d)
+    assert f"{path} is owned by uid {UID + 4242}" in said and f"chown {UID} {path}" in said
+    assert os.stat(path).st_uid == UID + 4242
+
+    os.chown(path, UID, -1)
+    d.start()
+    c = session(d)
+    c.get_persistent("@s")
+    assert c.read(key) == b"keep me close"
+
+
 def passphrase_file(directory, passphrase: bytes, name: str = "pass") -> str:
     path = os.path.join(directory, name)
     write_file(path, passphrase + b"\n")
