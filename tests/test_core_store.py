@@ -7,12 +7,14 @@ test's users get their own session keyrings, as processes would.
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 
 import pytest
 
 from keyden import errors as E
 from keyden.core import perm as P
+from keyden.core import store as store_module
 from keyden.core.perm import Credentials
 from keyden.core.store import (
     GROUP, PROCESS, REQKEY_AUTH, REQUESTOR, SESSION, THREAD, USER, USER_SESSION, Caller, KeyStore, StoreConfig,
@@ -89,6 +91,27 @@ def test_serials_are_random_positive_and_unique(store):
     assert all(3 <= s <= 2**31 - 1 for s in serials)
     gaps = {b - a for a, b in zip(serials, serials[1:])}
     assert len(gaps) > 250  # not a counter: consecutive serials are unrelated
+
+
+class ScriptedRandom:
+    """Stands in for ``secrets`` in the store: randbelow gives the scripted serials first, then random ones."""
+
+    def __init__(self, serials):
+        self.serials = list(serials)
+        self.token_urlsafe = secrets.token_urlsafe
+
+    def randbelow(self, n: int) -> int:
+        return self.serials.pop(0) - 3 if self.serials else secrets.randbelow(n)
+
+
+def test_serials_of_records_that_were_not_restored_are_never_handed_out(store, monkeypatch):
+    """A record the backing store could not open keeps its row: a new key with its serial would meet it."""
+    unusable, fresh = 123456, 654321
+    store.restore([], [], [], unusable=[unusable, 2**40, -5])  # out-of-range serials are ignored
+    root = session(store, ROOT)
+    monkeypatch.setattr(store_module, "secrets", ScriptedRandom([unusable] * 5 + [fresh]))
+    assert add_user(store, root, "new") == fresh
+    assert not alive(store, root, unusable)
 
 
 # ------------------------------------------------------------ types and payloads

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import socket
 from types import SimpleNamespace
 
 import pytest
 
 import keyden
 from keyden import errors as E
+from keyden import protocol as W
 
 try:
     from tests.users import run_as, temporary_users
@@ -205,10 +208,71 @@ def test_group_bits_apply_to_members_of_the_keys_group_only(daemon, users):
             return {"describe": outcome(lambda: c.describe(a["key"]).gid),
                     "read": outcome(lambda: c.read(a["key"]))}
 
-    # b has grp only as a supplementary group: the daemon must take groups from /proc, not just the gid
+    # b has grp only as a supplementary group: the daemon must take groups from the socket, not just the gid
     assert users.grp != users.b.gid and users.grp in users.b.groups
     assert run_as(users.b, probe) == {"describe": users.grp, "read": SECRET.decode()}
     assert run_as(users.c, probe) == {"describe": "EACCES", "read": "EACCES"}
+
+
+def connected_by_a_process_that_is_gone(daemon, user) -> tuple[socket.socket, int]:
+    """A socket connected to ``daemon`` by a child running as ``user`` that exits, and is reaped, before the
+    daemon accepts.  The daemon is stopped meanwhile, so when it looks /proc/<pid> is certainly gone.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.setgroups(list(user.groups))
+                os.setgid(user.gid)
+                os.setuid(user.uid)
+                sock.connect(daemon.socket)  # the connection is queued though nobody accepts yet
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0 and not os.path.exists(f"/proc/{pid}")
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    return sock, pid
+
+
+def raw_calls(sock: socket.socket, *calls: tuple) -> list[W.Frame]:
+    """Send requests (op, *args) on a bare socket and return the response frames in order."""
+    sock.sendall(b"".join(W.encode_request(i, op, *args) for i, (op, *args) in enumerate(calls, 1)))
+    decoder = W.FrameDecoder()
+    frames: list[W.Frame] = []
+    while len(frames) < len(calls):
+        chunk = sock.recv(65536)
+        assert chunk, "daemon closed the connection"
+        decoder.feed(chunk)
+        frames.extend(decoder.frames())
+    return frames
+
+
+def test_groups_are_the_sockets_even_when_the_peer_is_gone(fresh_daemon, users):
+    """The daemon takes groups from SO_PEERGROUPS: /proc/<pid> may be gone, or be another process by then."""
+    d = fresh_daemon()
+
+    def a_shares_with_group():
+        c, _token = new_session(d.socket)
+        with c:
+            key = c.add("user", "kd:group-gone", SECRET, "@s")
+            c.chgrp(key, users.grp)
+            c.setperm(key, GROUP_VIEW_READ)
+            return key
+
+    key = run_as(users.a, a_shares_with_group)
+    sock, pid = connected_by_a_process_that_is_gone(d, users.b)
+    with sock:
+        hello, read = raw_calls(sock, (W.Op.HELLO, W.MIN_VERSION, W.VERSION, "", "gone"), (W.Op.READ, key))
+    assert hello.status == 0
+    _version, _max_frame, uid, gid, peer_pid = W.response_schema(W.Op.HELLO).decode(hello.body)
+    assert (uid, gid, peer_pid) == (users.b.uid, users.b.gid, pid)
+    assert read.status == 0, E.error_for_code(read.status, W.decode_error(read.body))
+    assert W.response_schema(W.Op.READ).decode(read.body) == (0, SECRET)  # (is a keyring, payload)
 
 
 def test_group_and_other_bits_do_not_apply_to_the_owner(daemon, users):

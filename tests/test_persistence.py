@@ -248,6 +248,71 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
     assert d.read_log().count(f"stored key {serial['blob']} skipped") == 2
 
 
+# Loaded by the daemon's interpreter (sitecustomize on its PYTHONPATH): the serial allocator offers the
+# listed serials first, so a test can make it try exactly the serials it must never hand out.
+SEEDED_SERIALS = """
+import os, secrets
+import keyden.core.store as store
+
+class _Scripted:
+    serials = [int(s) for s in os.environ["KEYDEN_TEST_SERIALS"].split(",")]
+    token_urlsafe = staticmethod(secrets.token_urlsafe)
+
+    def randbelow(self, n):
+        return self.serials.pop(0) - store.MIN_SERIAL if self.serials else secrets.randbelow(n)
+
+store.secrets = _Scripted()
+"""
+
+
+def test_serials_of_skipped_records_are_never_given_to_new_keys(fresh_daemon, tmp_path, monkeypatch):
+    """A skipped row stays on disk: a new key with its serial would overwrite it, or meet it at the next load."""
+    d = fresh_daemon()
+    c = session(d)
+    ring = c.get_persistent("@s")
+    doomed_ring = c.newring("doomed-ring", ring)
+    orphan = c.add("user", "under-the-doomed-ring", b"orphaned", doomed_ring)  # dropped with its keyring
+    tampered = c.add("user", "tampered", b"flipped", ring)
+    d.stop(signal.SIGKILL)
+    dropped = [doomed_ring, tampered, orphan]
+
+    db = sqlite3.connect(db_path(d))
+    with db:
+        for serial in (doomed_ring, tampered):
+            db.execute("UPDATE keys SET perm = perm | 0x3f WHERE serial = ?", (serial,))
+    stale = db.execute("SELECT * FROM keys WHERE serial IN (?, ?, ?) ORDER BY serial", dropped).fetchall()
+    db.close()
+    assert len(stale) == 3
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "sitecustomize.py").write_text(SEEDED_SERIALS)
+    monkeypatch.setenv("PYTHONPATH", str(seed))
+    monkeypatch.setenv("KEYDEN_TEST_SERIALS", ",".join(map(str, dropped * 20)))
+    d.start()
+    c = session(d)
+    assert c.get_persistent("@s") == ring
+    made = [c.add("user", f"new-{i}", b"fresh", ring) for i in range(40)]
+    made += [c.newring(f"new-ring-{i}", ring) for i in range(5)]
+    made += [c.add("user", f"session-{i}", b"fresh", "@s") for i in range(5)]
+    assert not set(made) & set(dropped)
+    for serial in dropped:
+        with pytest.raises(E.ENOKEY):
+            c.describe(serial)
+    d.stop()
+
+    db = sqlite3.connect(db_path(d))
+    assert db.execute("SELECT * FROM keys WHERE serial IN (?, ?, ?) ORDER BY serial", dropped).fetchall() == stale
+    db.close()
+    log_mark = len(d.read_log())
+    d.start()
+    log = d.read_log()[log_mark:]
+    assert all(f"stored key {serial} skipped" in log for serial in dropped)
+    c = session(d)
+    c.get_persistent("@s")
+    assert sorted(c.read(ring)) == sorted(made[:45])
+
+
 # ------------------------------------------------------------- master key
 
 
@@ -279,6 +344,34 @@ def test_missing_or_wrong_master_key_refuses_to_start(fresh_daemon, tmp_path):
     d.start()
     c = session(d)
     assert c.get_persistent("@s") == ring and c.read(key) == b"do not lose me"
+
+
+@pytest.mark.parametrize("name", ["keys.db", "keys.db-wal", "keys.db-shm", "master.key"])
+def test_store_files_others_may_use_or_another_uid_owns_refuse_start(fresh_daemon, name):
+    """As sshd's StrictModes: refuse, say how to fix, and change nothing (an admin must judge the exposure)."""
+    d = fresh_daemon()
+    c = session(d)
+    key = c.add("user", "private", b"keep me close", c.get_persistent("@s"))
+    d.stop(signal.SIGKILL)  # leaves keys.db-wal and keys.db-shm behind
+    path = os.path.join(d.state_dir, name)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+    for mode in (0o640, 0o604, 0o620):
+        os.chmod(path, mode)
+        said = refused_start(d)
+        assert f"{path} has mode 0{mode:o}" in said and f"chmod 600 {path}" in said
+        assert os.stat(path).st_mode & 0o777 == mode  # refused, not quietly tightened
+    os.chmod(path, 0o600)
+    os.chown(path, UID + 4242, -1)
+    said = refused_start(d)
+    assert f"{path} is owned by uid {UID + 4242}" in said and f"chown {UID} {path}" in said
+    assert os.stat(path).st_uid == UID + 4242
+
+    os.chown(path, UID, -1)
+    d.start()
+    c = session(d)
+    c.get_persistent("@s")
+    assert c.read(key) == b"keep me close"
 
 
 def passphrase_file(directory, passphrase: bytes, name: str = "pass") -> str:

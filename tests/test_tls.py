@@ -378,33 +378,94 @@ def test_bad_client_certificates_are_refused(app_factory, server_ring, client_tr
     assert not isinstance(reply, bytes) or b"echo" not in reply
 
 
-@pytest.mark.parametrize("version", ["1.2", "1.3"])
-def test_a_resumed_session_is_checked_against_the_blacklist_too(app_factory, server_ring, client_trust, client, pki,
-                                                                version):
-    leaf = pki.issue(f"resumer {version}", issuer=pki.client_ca)
-    app = app_factory(client_trust=client_trust, require_client_cert=True)
-    app.serve(count=2)
-    ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
-    ctx.load_cert_chain(leaf.cert_path, leaf.key_path)
+def resuming_peer(port: int, ca: Leaf, version: str, cert: Leaf | None = None, chain_path: str | None = None):
+    """A Python client that offers its previous session again: connect(session) -> (session, reused, reply)."""
+    ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    if cert:
+        ctx.load_cert_chain(chain_path or cert.cert_path, cert.key_path)
     ctx.maximum_version = getattr(ssl.TLSVersion, "TLSv" + version.replace(".", "_"))
 
     def connect(session=None):
-        with socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT) as raw:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
             with ctx.wrap_socket(raw, server_hostname="a.test", session=session) as tls:
                 tls.sendall(b"again\n")
                 try:
-                    reply = read_until(tls, b"\n")
+                    reply = read_until(tls, b"\n")  # in TLS 1.3 the ticket, if any, comes before the reply
+                    while tls.recv(4096):  # to keyden's close_notify: a session ended uncleanly is not kept
+                        pass
                 except (ssl.SSLError, OSError):
                     reply = b""
                 return tls.session, tls.session_reused, reply
+    return connect
 
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+@pytest.mark.parametrize("verify", ["none", "optional", "required"])
+def test_no_session_is_resumed_when_client_certificates_are_verified(app_factory, server_ring, client_trust, pki,
+                                                                      version, verify):
+    """A resumed session skips verification: with a client trust keyring every connection is verified in full.
+
+    Without one, resumption still works; that shows this client really offers its session.
+    """
+    options = {} if verify == "none" else {"client_trust": client_trust, "require_client_cert": verify == "required"}
+    app = app_factory(**options)
+    app.serve(count=2)
+    connect = resuming_peer(app.port, pki.ca, version, cert=None if verify == "none" else pki.client)
     session, reused, reply = connect()
-    assert reply == b"echo: again\n" and not reused and app.outcome().peer_subject == f"CN=resumer {version}"
-    blacklist(client, leaf.cert)
+    assert reply == b"echo: again\n" and not reused
     _, reused, reply = connect(session)
-    assert reused and b"echo" not in reply
+    assert reply == b"echo: again\n"
+    assert reused == (verify == "none")
+    first, second = app.outcome(), app.outcome()
+    if verify != "none":
+        assert first.peer_subject == second.peer_subject == "CN=client one"
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_openssl_s_client_offering_a_saved_session_is_not_resumed_under_mtls(app_factory, server_ring, client_trust,
+                                                                            pki, tmp_path, version):
+    app = app_factory(client_trust=client_trust, require_client_cert=True)
+    app.serve(count=2)
+    saved = str(tmp_path / "session.pem")
+    common = ["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "a.test",
+              "-CAfile", pki.ca.cert_path, "-verify_return_error", "-cert", pki.client.cert_path,
+              "-key", pki.client.key_path, f"-tls{version.replace('.', '_')}", "-ign_eof"]
+    first = run(common + ["-sess_out", saved], stdin=b"hello openssl\n")
+    assert first.returncode == 0, first.stderr.decode()
+    assert b"echo: hello openssl" in first.stdout
+    if version == "1.3":  # every TLS 1.3 resumption needs a ticket, and none was issued: nothing to save
+        assert not os.path.exists(saved)
+        return
+    second = run(common + ["-sess_in", saved], stdin=b"hello openssl\n")
+    assert second.returncode == 0, second.stderr.decode()
+    assert b"echo: hello openssl" in second.stdout
+    assert re.search(rb"^New, TLSv", second.stdout, re.M) and not re.search(rb"^Reused, ", second.stdout, re.M)
+    assert app.outcome().peer_subject == app.outcome().peer_subject == "CN=client one"
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_a_blacklisted_intermediate_is_refused_on_a_second_connection(app_factory, server_ring, client_trust, client,
+                                                                      pki, tmp_path, version):
+    """The check the engine makes after the handshake sees the whole chain only if it was verified.
+
+    A resumed session would remember just the leaf, so a blacklisted intermediate (not in the trust
+    keyring, so the cached context is unchanged) would go unnoticed.
+    """
+    intermediate = pki.issue(f"Client Intermediate {version}", issuer=pki.client_ca, ca=True)
+    leaf = pki.issue(f"chained client {version}", issuer=intermediate)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(leaf.cert_pem + intermediate.cert_pem)
+    app = app_factory(client_trust=client_trust, require_client_cert=True)
+    app.serve(count=2)
+    connect = resuming_peer(app.port, pki.ca, version, cert=leaf, chain_path=str(chain))
+    session, _, reply = connect()
+    assert reply == b"echo: again\n" and app.outcome().peer_subject == f"CN=chained client {version}"
+    blacklist(client, intermediate.cert)
+    _, reused, reply = connect(session)
+    assert not reused and b"echo" not in reply
     refusal = app.outcome()
     assert isinstance(refusal, E.EKEYREJECTED) and "blacklisted" in refusal.message
+    assert f"Client Intermediate {version}" in refusal.message
 
 
 def test_only_tls13_when_asked(app_factory, server_ring, pki):

@@ -313,6 +313,7 @@ class KeyStore:
         self._process_keyrings: dict[tuple[int, int], Key] = {}
         self._sessions: dict[str, _Session] = {}
         self._persistent_keyrings: dict[int, Key] = {}  # uid -> _persistent.<uid> (the kernel's register)
+        self._reserved: set[int] = set()  # serials of stored records that were not restored: never handed out
         self.journal: Journal = NullJournal()
         self.shm_budget = ByteBudget(self.config.shm_maxbytes, self.config.shm_total_maxbytes, "shared memory")
         # Possession is a tree search; cache its answers until anything that could change one happens.
@@ -326,10 +327,10 @@ class KeyStore:
             return len(self._keys)
 
     def _new_serial(self) -> int:
-        """key_alloc_serial: random, positive, at least 3, unique among live keys."""
+        """key_alloc_serial: random, positive, at least 3, unique among live keys and reserved serials."""
         while True:
             serial = MIN_SERIAL + secrets.randbelow(MAX_SERIAL - MIN_SERIAL + 1)
-            if serial not in self._keys:
+            if serial not in self._keys and serial not in self._reserved:
                 return serial
 
     # ------------------------------------------------------------------ quota
@@ -1280,7 +1281,8 @@ class KeyStore:
         with self.lock:
             return self._persistent_keyrings.get(key.uid) is key
 
-    def restore(self, keys: Iterable[Key], links: Iterable[tuple[int, int]], roots: Iterable[int]) -> list[int]:
+    def restore(self, keys: Iterable[Key], links: Iterable[tuple[int, int]], roots: Iterable[int],
+                unusable: Iterable[int] = ()) -> list[int]:
         """Start-up: take back keys a backing store kept, with their serials, links and persistent keyrings.
 
         Permissions and quotas are not checked again (these keys were admitted
@@ -1288,8 +1290,14 @@ class KeyStore:
         deep is left out.  Keys that end up under no persistent keyring are
         dropped; their serials are returned for the caller to report.  Call
         before serving and before attaching the journal.
+
+        The serials of dropped keys and of ``unusable`` records (ones the
+        store could not open) are reserved: their records stay in the backing
+        store, and a new key given one would overwrite that record, or meet it
+        again at the next start.
         """
         with self.lock:
+            self._reserved.update(s for s in unusable if MIN_SERIAL <= s <= MAX_SERIAL)
             restored = []
             for key in keys:
                 if key.serial in self._keys or not MIN_SERIAL <= key.serial <= MAX_SERIAL:
@@ -1316,6 +1324,7 @@ class KeyStore:
             for ring in self._persistent_keyrings.values():
                 self._persist_tree(ring)
             orphans = [key.serial for key in restored if not key.persisted]
+            self._reserved.update(orphans)
             for serial in orphans:
                 key = self._keys.get(serial)
                 if key is not None:

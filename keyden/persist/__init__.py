@@ -73,22 +73,22 @@ def _mismatch(db_path: str, stored: str) -> str:
 def _load(db: Database, sealer: Sealer, store: KeyStore) -> dict[int, int]:
     """Every row that authenticates becomes a key again; the others are reported (never their contents)."""
     keys, links, roots, versions = [], [], [], {}
-    skipped = 0
+    skipped: list[int] = []
     for row in db.rows():
         try:
             key, members = records.open_row(row, sealer)
         except records.Unusable as exc:
-            skipped += 1
             log.error("stored key %.20r skipped: %s", row.serial, exc)
+            skipped.append(row.serial)  # an INTEGER PRIMARY KEY: always an int; reserved, never overwritten
             continue
         keys.append(key)
         versions[key.serial] = row.version
         links += [(key.serial, member) for member in members]
         if row.flags & records.ROOT:
             roots.append(key.serial)
-    orphans = store.restore(keys, links, roots)
+    orphans = store.restore(keys, links, roots, skipped)
     for serial in orphans:
         log.error("stored key %d skipped: it is under no persistent keyring any more", serial)
     log.info("loaded %d persistent keys from %s%s", len(keys) - len(orphans), db.path,
-             f" ({skipped + len(orphans)} skipped)" if skipped or orphans else "")
+             f" ({len(skipped) + len(orphans)} skipped)" if skipped or orphans else "")
     return versions

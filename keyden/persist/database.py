@@ -13,7 +13,7 @@ import sqlite3
 import stat
 from typing import Iterable, Iterator
 
-from keyden.persist.master import StartupError
+from keyden.persist.master import StartupError, require_private
 from keyden.persist.records import COLUMNS, Row
 
 SCHEMA = """
@@ -85,14 +85,30 @@ class Database:
 
 
 def _create_private(path: str) -> None:
-    """Make the file 0600 before SQLite does (its -wal and -shm files copy the database's mode)."""
+    """Make the file 0600 before SQLite does (its -wal and -shm files copy the database's mode).
+
+    An existing database, -wal or -shm file must be the daemon's own and private to it: it is
+    refused otherwise (``require_private``).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise StartupError(f"cannot open the key database {path}: {exc.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise StartupError(f"the key database {path} is not a regular file")
+        require_private(path, st, "key database")
     finally:
         os.close(fd)
+    for side in (path + "-wal", path + "-shm"):
+        try:
+            st = os.lstat(side)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StartupError(f"cannot examine {side}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise StartupError(f"the key database's {side} is not a regular file")
+        require_private(side, st, "key database file")

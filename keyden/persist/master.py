@@ -230,9 +230,7 @@ class FileKey(KeySource):
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise StartupError(f"the master key file {path} is not a regular file")
-            if st.st_mode & 0o077 or st.st_uid != os.geteuid():
-                raise StartupError(f"the master key file {path} must be owned by uid {os.geteuid()} and "
-                                   f"accessible to it alone (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+            require_private(path, st, "master key file")
             key = f.read(KEY_BYTES + 1)
         if len(key) != KEY_BYTES:
             raise StartupError(f"the master key file {path} does not hold a {KEY_BYTES}-byte key")
@@ -316,6 +314,22 @@ def source_for(master_key_file: str, passphrase_file: str, kernel_description: s
     if passphrase_file:
         return PassphraseKey(read_passphrase(passphrase_file))
     return FileKey(master_key_file, kernel_description)
+
+
+def require_private(path: str, st: os.stat_result, what: str) -> None:
+    """Refuse to start, as sshd's StrictModes does, on a file another uid owns or group or others may use.
+
+    Nothing is tightened behind the administrator's back: a wrong owner or mode means someone else may
+    already have read or replaced the file, which only a human can judge.
+    """
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise StartupError(f"the {what} {path} is owned by uid {st.st_uid}, not the daemon's uid {uid}; "
+                           f"refusing to start (check nobody else had it, then: chown {uid} {path})")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise StartupError(f"the {what} {path} has mode {mode:04o}, open to group or others; refusing to "
+                           f"start (check nobody else read it, then: chmod 600 {path})")
 
 
 def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
+import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 
 from keyden.core.perm import Credentials
 
+log = logging.getLogger("keyden.peer")
+
 _UCRED = struct.Struct("3i")
+# Linux >= 4.13; Python's socket module does not export it everywhere.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GID = struct.Struct("=I")  # the kernel hands back native-endian gid_t (u32)
+_GROUPS_FIRST_TRY = 64 * _GID.size
+_PY_GETSOCKOPT_MAX = 1024  # socket.getsockopt refuses bigger buffers
+_GROUPS_MAX = 65536 * _GID.size  # NGROUPS_MAX: no credential holds more
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,66 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
+def parse_peer_groups(data: bytes) -> frozenset[int]:
+    """SO_PEERGROUPS' answer: a packed array of native uint32 gids."""
+    if len(data) % _GID.size:
+        raise ValueError(f"SO_PEERGROUPS returned {len(data)} bytes, not a whole number of gids")
+    return frozenset(gid for (gid,) in _GID.iter_unpack(data))
+
+
+def socket_peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups as the kernel captured them at connect().
+
+    Unlike /proc/PID/status this cannot be raced: the credentials belong to
+    the socket, so an exited peer whose pid was reused cannot lend us
+    another process's groups.  The kernel answers ERANGE to a buffer too
+    small for them all; then ask again with a bigger one.
+    """
+    size = _GROUPS_FIRST_TRY
+    while size <= _PY_GETSOCKOPT_MAX:
+        try:
+            return parse_peer_groups(sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size))
+        except OSError as exc:
+            if exc.errno != errno.ERANGE:
+                raise
+        size *= 4
+    return parse_peer_groups(_getsockopt_unbounded(sock.fileno(), SO_PEERGROUPS))
+
+
+def _getsockopt_unbounded(fd: int, option: int) -> bytes:
+    """getsockopt(2) through libc: Python's own caps the buffer at 1024 bytes (256 groups)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = _PY_GETSOCKOPT_MAX * 4
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        length = ctypes.c_uint32(size)
+        if libc.getsockopt(fd, socket.SOL_SOCKET, option, buf, ctypes.byref(length)) == 0:
+            return buf.raw[:length.value]
+        err = ctypes.get_errno()
+        if err != errno.ERANGE or size >= _GROUPS_MAX:
+            raise OSError(err, os.strerror(err))
+        size = min(max(length.value, size * 2), _GROUPS_MAX)  # the kernel reports the length it needs
+
+
+_fallback_logged = threading.Event()
+
+
+def peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
+    """Groups from the socket; from /proc only on kernels without SO_PEERGROUPS (logged once)."""
+    try:
+        return socket_peer_groups(sock)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
+    if not _fallback_logged.is_set():
+        _fallback_logged.set()
+        log.warning("kernel lacks SO_PEERGROUPS (Linux < 4.13): reading peers' groups from /proc, "
+                    "which races with pid reuse")
+    return supplementary_groups(pid)
+
+
 def supplementary_groups(pid: int) -> frozenset[int]:
+    """Fallback only: /proc can describe a different process if the peer exited and its pid was reused."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
@@ -60,4 +132,4 @@ def process_alive(pid: int, start_time: int) -> bool:
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     start = process_start_time(pid)
-    return Peer(pid, uid, gid, supplementary_groups(pid), start if start is not None else -1)
+    return Peer(pid, uid, gid, peer_groups(sock, pid), start if start is not None else -1)

@@ -7,7 +7,9 @@ close-on-exec and never shared.  A server gets one context per identity;
 the first is the default and its SNI callback switches a connection to the
 identity whose names match.  Every context of a server carries the same
 verification settings, because OpenSSL keeps the first context's verify
-mode but consults the switched-to context's trust store.
+mode but consults the switched-to context's trust store.  A server that
+verifies client certificates resumes no session: each connection starts in
+a fresh front context (``_front``).
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ def _cached(key: tuple, build) -> ssl.SSLContext:
 
 def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
                    alpn: tuple[str, ...]) -> ssl.SSLContext:
-    """The default context of a TLS server with the identities among ``keys`` (parsed asymmetric keys).
+    """The context to wrap one connection of a TLS server with the identities among ``keys`` (parsed
+    asymmetric keys).
 
     It hands each connection to the identity its SNI names.  ``trust`` None: clients are not asked
-    for certificates; else they must chain to one in it.
+    for certificates; else they must chain to one in it, and no session is ever resumed (see
+    ``_front``), so every connection's certificate is verified in full.
     """
     if trust is None and flags & TLS_REQUIRE_CLIENT_CERT:
         raise E.EINVAL("requiring client certificates needs a client trust keyring")
@@ -76,20 +80,48 @@ def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
             if trust:
                 _load_trust(ctx, trust)
                 ctx.verify_mode = ssl.CERT_REQUIRED if flags & TLS_REQUIRE_CLIENT_CERT else ssl.CERT_OPTIONAL
+                _no_resumption(ctx)
             contexts.append(ctx)
         names = [i.names for i in idents]
 
         def by_sni(sock: TlsSocket, server_name: str | None, _ctx) -> None:
+            chosen = contexts[0]
             if server_name:
                 sock.requested_name = server_name
                 chosen = contexts[choose(names, server_name)]
-                if chosen is not sock.context:
-                    sock.context = chosen
+            if chosen is not sock.context:
+                sock.context = chosen
 
         contexts[0].sni_callback = by_sni
         return contexts[0]
 
-    return _cached(("server", tuple(keys), tuple(trust or ()), flags, alpn), build)
+    default = _cached(("server", tuple(keys), tuple(trust or ()), flags, alpn), build)
+    return default if trust is None else _front(default, flags, alpn)
+
+
+def _no_resumption(ctx: ssl.SSLContext) -> None:
+    """Issue no session tickets (TLS 1.2 tickets; in TLS 1.3 every resumption needs one)."""
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+
+
+def _front(default: ssl.SSLContext, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """A context of one connection's own, in front of a server's cached ones, so it resumes no session.
+
+    A resumed session skips certificate verification, and the engine could then only re-check the
+    leaf the session remembers against the blacklist, not the chain against today's trust.  No
+    tickets stop most resumption, but TLS 1.2 also resumes by session id from OpenSSL's server cache,
+    which Python cannot turn off.  That cache belongs to the context a connection starts in, so
+    starting each in a fresh one leaves nothing to resume.  It holds no key: its SNI callback (the
+    default's) always moves the connection to an identity's cached context, whose trust store OpenSSL
+    then verifies against; verify mode and flags are kept from the first context, so they are copied.
+    """
+    front = _base(ssl.PROTOCOL_TLS_SERVER, flags, alpn)
+    _no_resumption(front)
+    front.verify_mode = default.verify_mode
+    front.verify_flags = default.verify_flags
+    front.sni_callback = default.sni_callback
+    return front
 
 
 def client_context(trust: list[x509.Certificate], identity_keys: list | None, flags: int,
