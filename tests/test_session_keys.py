@@ -70,16 +70,15 @@ import keyden
 from keyden import protocol
 
 received = []
-_frames = protocol.FrameDecoder.frames
+_decode = protocol.Schema.decode
 
 
-def recording(self):
-    for frame in _frames(self):
-        received.append(bytes(frame.body))
-        yield frame
+def recording(self, body):  # every response body the client decodes (errors' too)
+    received.append(bytes(body))
+    return _decode(self, body)
 
 
-protocol.FrameDecoder.frames = recording
+protocol.Schema.decode = recording
 
 
 def send(message):
