@@ -11,8 +11,11 @@ key material.
 from __future__ import annotations
 
 import base64
+import functools
 import re
+import types
 from dataclasses import dataclass
+from typing import Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -392,6 +395,42 @@ def generate(spec: str) -> ParsedKey:
 # the key object and its operations
 
 
+@functools.lru_cache(maxsize=1024)
+def _prepared(algo: str, has_private: bool, op: int, info: str) -> tuple[str, Mapping[str, str]]:
+    """(encoding, options) for ``op`` with ``info`` on such a key.  Cached: a server signs with the same few
+    info strings all day, and the answer depends on nothing else (errors are raised, never cached)."""
+    opts = parse_info(info)
+    if algo == "x25519":
+        raise E.EOPNOTSUPP("X25519 keys only agree on keys; use derive")
+    if op & (OP_ENCRYPT | OP_DECRYPT) and algo != "rsa":
+        raise E.EOPNOTSUPP(f"{algo} keys cannot encrypt or decrypt")
+    if op & (OP_SIGN | OP_DECRYPT) and not has_private:
+        raise E.EOPNOTSUPP("this operation needs the private key, which this key does not hold")
+    return _check_options(algo, opts), types.MappingProxyType(opts)
+
+
+def _check_options(algo: str, opts: Mapping[str, str]) -> str:
+    """Check each option against the algorithm; returns the encoding in force."""
+    enc = opts.get("enc", _ENCODINGS[algo][0])
+    if enc not in _ENCODINGS[algo]:
+        raise E.EINVAL(f"enc={_show(enc)} is not valid for {algo} keys (use {', '.join(_ENCODINGS[algo])})")
+    allowed = _ENC_KEYS[(algo, enc)]
+    for key, value in opts.items():
+        if key == "enc":
+            continue
+        if key not in allowed:
+            if algo == "ed25519" and key == "hash":
+                raise E.EINVAL("Ed25519 signs the message itself; hash= is not accepted")
+            raise E.EINVAL(f"{key}= does not apply to {algo} enc={enc}")
+        if key in ("hash", "mgfhash"):
+            _hash(value)
+        elif key == "saltlen" and not re.fullmatch(r"[0-9]{1,5}|digest|max|auto", value):
+            raise E.EINVAL("saltlen= must be an integer, 'digest', 'max' or 'auto'")
+        elif key == "label" and not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", value):
+            raise E.EINVAL("label= must be hex")
+    return enc
+
+
 @dataclass(frozen=True)
 class PkeyQuery:
     """KEYCTL_PKEY_QUERY result (struct keyctl_pkey_query)."""
@@ -476,38 +515,13 @@ class ParsedKey:
             return PkeyQuery(ops, self.key_bits, data_max, sig_max, 0, 0)
         return PkeyQuery(ops, 256, ED25519_MAX_DATA, 64, 0, 0)
 
-    def _check_options(self, opts: dict[str, str]) -> str:
+    def _check_options(self, opts: Mapping[str, str]) -> str:
         """Check each option against this key's algorithm; returns the encoding in force."""
-        enc = opts.get("enc", _ENCODINGS[self.algo][0])
-        if enc not in _ENCODINGS[self.algo]:
-            raise E.EINVAL(f"enc={_show(enc)} is not valid for {self.algo} keys "
-                           f"(use {', '.join(_ENCODINGS[self.algo])})")
-        allowed = _ENC_KEYS[(self.algo, enc)]
-        for key, value in opts.items():
-            if key == "enc":
-                continue
-            if key not in allowed:
-                if self.algo == "ed25519" and key == "hash":
-                    raise E.EINVAL("Ed25519 signs the message itself; hash= is not accepted")
-                raise E.EINVAL(f"{key}= does not apply to {self.algo} enc={enc}")
-            if key in ("hash", "mgfhash"):
-                _hash(value)
-            elif key == "saltlen" and not re.fullmatch(r"[0-9]{1,5}|digest|max|auto", value):
-                raise E.EINVAL("saltlen= must be an integer, 'digest', 'max' or 'auto'")
-            elif key == "label" and not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", value):
-                raise E.EINVAL("label= must be hex")
-        return enc
+        return _check_options(self.algo, opts)
 
-    def _prepare(self, op: int, info: str) -> tuple[str, dict[str, str]]:
+    def _prepare(self, op: int, info: str) -> tuple[str, Mapping[str, str]]:
         """Check grammar, then that this key can do ``op`` at all, then the options."""
-        opts = parse_info(info)
-        if self.algo == "x25519":
-            raise E.EOPNOTSUPP("X25519 keys only agree on keys; use derive")
-        if op & (OP_ENCRYPT | OP_DECRYPT) and self.algo != "rsa":
-            raise E.EOPNOTSUPP(f"{self.algo} keys cannot encrypt or decrypt")
-        if op & (OP_SIGN | OP_DECRYPT) and not self.has_private:
-            raise E.EOPNOTSUPP("this operation needs the private key, which this key does not hold")
-        return self._check_options(opts), opts
+        return _prepared(self.algo, self.has_private, op, info)
 
     def _rsa_padding(self, op: int, enc: str, opts: dict[str, str]):
         """pyca padding object and hash (None for PKCS#1 v1.5 encryption) for an RSA op."""

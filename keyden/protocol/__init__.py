@@ -389,7 +389,7 @@ def encode_error(request_id: int, op: int, error: E.KeydenError) -> bytes:
     return encode_frame(request_id, op, error.code, ERROR_SCHEMA.encode((error.message,)))
 
 
-@dataclass
+@dataclass(slots=True)
 class Frame:
     request_id: int
     op: int

@@ -11,9 +11,11 @@ descriptions, algorithm parameters -- only serials, which ``keyctl describe``
 turns into the rest for whoever may view the key.
 
 Cheap on the hot path: each connection formats its constant prefix once, op
-names and errno names are looked up in prebuilt tables, and a line is one
-``write(2)`` to an O_APPEND descriptor (atomic between threads, nothing
-buffered in the daemon, so a crash loses no line).
+names and errno names are looked up in prebuilt tables.  Lines go to an
+O_APPEND descriptor.  The server's loop holds them briefly and writes all the
+lines of one round in one ``write(2)`` just before that round's replies go
+out: no reply ever leaves before its line is written, and under load a
+hundred requests cost one write.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class AuditLog:
         self._size = os.fstat(fd).st_size if path else 0
         self._rotate_lock = threading.Lock()
         self._failing = False
+        self._held: list[bytes] | None = None  # lines waiting for flush(); None: each line is written at once
+        self._held_lock = threading.Lock()
 
     @classmethod
     def open(cls, target: str, state_dir: str, max_bytes: int = 0) -> "AuditLog | None":
@@ -78,7 +82,31 @@ class AuditLog:
     def connection(self, pid: int, uid: int, gid: int) -> "ConnectionAudit":
         return ConnectionAudit(self, pid, uid, gid)
 
+    def hold(self) -> None:
+        """From now on keep lines until ``flush`` (the server's loop flushes before it sends any reply)."""
+        self._held = []
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def flush(self) -> None:
+        """Write the held lines, in order, in one go."""
+        if self._held is None:
+            return
+        with self._held_lock:
+            lines, self._held = self._held, []
+        if lines:
+            self._write(b"".join(lines))
+
     def write(self, line: bytes) -> None:
+        if self._held is not None:
+            with self._held_lock:
+                self._held.append(line)
+            return
+        self._write(line)
+
+    def _write(self, line: bytes) -> None:
         try:
             os.write(self._fd, line)
         except OSError as exc:  # fail open, but say so once: the daemon keeps serving
@@ -107,6 +135,7 @@ class AuditLog:
             self._size = 0
 
     def close(self) -> None:
+        self.flush()
         if self.path:
             os.close(self._fd)
 
@@ -127,9 +156,8 @@ class ConnectionAudit:
     def record(self, op: int, args: Sequence[Any] | None, status: int, result: Sequence[Any] | None = None) -> None:
         """One operation: its request fields (None if they did not decode), errno (0 = ok), response fields."""
         op_part, key_fields, serial_field = _SHAPES.get(op) or (f'"op": "{op}"', (), None)
-        keys = [args[i] for i in key_fields if args[i]] if args is not None else []
-        line = f'{{"ts": {time.time()!r}, {self._prefix}, {op_part}, "keys": {keys}, '
-        if serial_field is not None and result is not None:
-            line += f'"serial": {result[serial_field]}, '
-        line += f'"result": "{RESULT_NAMES.get(status) or status}"}}\n'
-        self._log.write(line.encode())
+        keys = [args[i] for i in key_fields if args[i]] if key_fields and args is not None else []
+        serial = f'"serial": {result[serial_field]}, ' if serial_field is not None and result is not None else ""
+        us = time.time_ns() // 1000  # formatting an int is cheaper than a float's shortest repr
+        self._log.write(f'{{"ts": {us // 1_000_000}.{us % 1_000_000:06d}, {self._prefix}, {op_part}, "keys": {keys}, '
+                        f'{serial}"result": "{RESULT_NAMES.get(status) or status}"}}\n'.encode())

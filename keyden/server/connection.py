@@ -8,6 +8,7 @@ size cap) or a failed handshake closes the connection.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import struct
@@ -23,7 +24,16 @@ from keyden.server.peer import Peer
 log = logging.getLogger("keyden.connection")
 
 
-#: Requests that may take milliseconds whatever their size: key generation, finite-field DH, KDFs that may be
+class Cost(enum.IntEnum):
+    """How long a request may hold whoever answers it: the loop decides from this where it runs."""
+
+    QUICK = 0  # microseconds: always answered by the loop itself
+    HEAVY = 1  # a bounded millisecond or so that pyca spends outside the GIL (RSA private keys, bulk
+    #            ciphers): answered by the loop when nobody else is waiting, else by a worker, in parallel
+    SLOW = 2  # unbounded or blocking (key generation, scrypt, the disk, TLS set-up): always a worker
+
+
+#: Requests that may take long whatever their size: key generation, finite-field DH, KDFs that may be
 #: scrypt, wrapping and unwrapping (scrypt, RSA), path validation, the disk, TLS set-up.
 SLOW_OPS = frozenset({
     W.Op.GENKEY, W.Op.GENKEY_FLAGS, W.Op.DH_COMPUTE, W.Op.DH_COMPUTE_KDF, W.Op.DERIVE, W.Op.KDF,
@@ -34,23 +44,29 @@ SLOW_OPS = frozenset({
 PKEY_OPS = frozenset({W.Op.PKEY_SIGN, W.Op.PKEY_DECRYPT, W.Op.PKEY_ENCRYPT, W.Op.PKEY_VERIFY})
 #: Requests that parse what they are given: an asymmetric key may be an encrypted PKCS#8 (a password KDF).
 ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS, W.Op.UPDATE})
-BULK_BYTES = 64 * 1024  # more data than this in one request: a worker (pyca releases the GIL for bulk work)
+BULK_BYTES = 64 * 1024  # more data than this in one request is heavy (pyca releases the GIL for bulk work)
+_PLAIN_OPS = frozenset(W.Op) - SLOW_OPS - PKEY_OPS - ADD_OPS - {W.Op.SHM_CIPHER}  # cost set by size alone
 _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
 
 
-def slow_request(store: KeyStore, frame: W.Frame) -> bool:
+def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
     """A cheap guess from the frame alone (nothing is decoded or checked here: the handler does that)."""
     op, body = frame.op, frame.body
-    if op in SLOW_OPS or len(body) > BULK_BYTES:
-        return True
-    if op in PKEY_OPS:
-        return len(body) >= 4 and store.slow_asymmetric(_I32.unpack_from(body)[0])
+    if op in _PLAIN_OPS and len(body) <= BULK_BYTES:  # most requests: decided by one lookup
+        return Cost.QUICK
+    if op in SLOW_OPS:
+        return Cost.SLOW
     if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted); an update may be of either kind
-        return op == W.Op.UPDATE or body[4:14] == b"asymmetric"
+        return Cost.SLOW if op == W.Op.UPDATE or body[4:14] == b"asymmetric" else Cost.QUICK
+    if len(body) > BULK_BYTES:
+        return Cost.HEAVY
+    if op in PKEY_OPS:
+        return Cost.HEAVY if len(body) >= 4 and store.slow_asymmetric(_I32.unpack_from(body)[0]) else Cost.QUICK
     if op == W.Op.SHM_CIPHER:  # its length field: in_offset, length, out_offset end the body
-        return len(body) >= 16 and _U64.unpack_from(body, len(body) - 16)[0] > BULK_BYTES
-    return False
+        return Cost.HEAVY if len(body) >= 16 and _U64.unpack_from(body, len(body) - 16)[0] > BULK_BYTES \
+            else Cost.QUICK
+    return Cost.QUICK
 
 
 class Connection:
@@ -96,9 +112,9 @@ class Connection:
         """The next whole frame received, if any; FrameTooLarge if the peer announced one over the cap."""
         return None if self.closed else self.decoder.next_frame()
 
-    def needs_worker(self, frame: W.Frame) -> bool:
-        """Could this request take long (milliseconds)?  Then the loop hands it to a worker thread."""
-        return self.context is not None and slow_request(self.store, frame)
+    def cost(self, frame: W.Frame) -> Cost:
+        """How long answering this frame may take (see Cost)."""
+        return Cost.QUICK if self.context is None else request_cost(self.store, frame)
 
     def needs_sync(self) -> bool:
         """Is a change to a persistent keyring waiting to be written (before the next reply may go)?"""

@@ -32,7 +32,7 @@ from typing import Callable
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.server import limits
-from keyden.server.connection import Connection
+from keyden.server.connection import Connection, Cost
 
 log = logging.getLogger("keyden.server")
 
@@ -59,7 +59,7 @@ class Channel:
     """One client socket in the loop: its Connection (the protocol), its unsent replies and its deadlines."""
 
     __slots__ = ("sock", "fd", "conn", "on_close", "out", "unsent", "busy", "closing", "mask", "greeted",
-                 "deadline", "send_deadline", "name")
+                 "deadline", "send_deadline", "name", "ready")
 
     def __init__(self, sock: socket.socket, conn: Connection, on_close: Callable[[], None]):
         self.sock = sock
@@ -75,14 +75,21 @@ class Channel:
         self.deadline = 0.0  # silent until this: closed (handshake or idle timeout); 0 = none
         self.send_deadline = 0.0  # replies unread until this: dropped (send timeout); 0 = none
         self.name = f"pid {conn.peer.pid}"
+        self.ready = False  # on the loop's list of channels to send for at the end of this round
 
 
 class Reactor:
     """epoll over the listener and every channel; ``admit`` hands it accepted sockets."""
 
-    def __init__(self, config, admit: Callable[[socket.socket], Channel | None]):
+    def __init__(self, config, admit: Callable[[socket.socket], Channel | None], audit=None):
         self.config = config
         self._admit = admit
+        self._audit = audit  # an AuditLog: its lines are held and written just before each round's replies
+        if audit is not None:
+            audit.hold()
+        self._ready: list[Channel] = []  # channels with replies queued this round
+        self._round_size = 0  # events in this round: more than one, and others wait behind a heavy request
+        self._busy = 0  # channels whose request is with a worker
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -111,6 +118,7 @@ class Reactor:
                 events = self._epoll.poll(TICK if timed else -1)
             except InterruptedError:
                 continue
+            self._round_size = len(events)
             for fd, ev in events:
                 ch = channels.get(fd)
                 if ch is not None:
@@ -122,6 +130,10 @@ class Reactor:
                     self._completions()
                 elif self._listener is not None and fd == self._listener.fileno():
                     self._accept()
+            if self._ready:
+                self._send_round()
+            elif self._audit is not None and self._audit.holding:
+                self._audit.flush()
             if timed and (now := time.monotonic()) >= next_sweep:
                 next_sweep = now + TICK
                 self._sweep(now)
@@ -129,6 +141,8 @@ class Reactor:
             self._close(ch)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._completions()
+        if self._audit is not None:
+            self._audit.flush()
         self._epoll.close()
         os.close(self._wake_fd)
 
@@ -208,19 +222,28 @@ class Reactor:
                 os.close(fd)
             self._close(ch)
             return
-        conn.feed(view[:n], fds)
         if self.config.idle_timeout > 0 and ch.greeted:
             ch.deadline = time.monotonic() + self.config.idle_timeout
+        if n >= W.HEADER_SIZE and not fds and not conn.decoder.pending and not ch.busy:
+            length, rid, op, status = W.HEADER.unpack_from(view)
+            if n == W.HEADER_SIZE + length and length <= conn.max_frame:  # one whole frame: skip the decoder
+                self._serve(ch, W.Frame(rid, op, status, bytes(view[W.HEADER_SIZE:n])))
+                return
+        conn.feed(view[:n], fds)
         self._serve(ch)
 
-    def _serve(self, ch: Channel) -> None:
-        """Answer the frames already received, until one goes to a worker or the replies back up."""
+    def _serve(self, ch: Channel, frame: W.Frame | None = None) -> None:
+        """Answer ``frame`` and the frames already received, until one goes to a worker or the replies back up.
+
+        Replies are queued; the end of the round sends them (after the audit lines).
+        """
         conn = ch.conn
         max_in_flight = self.config.max_in_flight
         queued = 0
         while not ch.busy and not ch.closing:
             try:
-                frame = conn.next_frame()
+                if frame is None:
+                    frame = conn.next_frame()
             except W.FrameTooLarge as exc:
                 log.warning("%s: %s; closing", ch.name, exc.message)
                 self._queue(ch, W.encode_error(0, 0, exc))
@@ -228,26 +251,30 @@ class Reactor:
                 break
             if frame is None:
                 break
-            if conn.needs_worker(frame):
+            cost = conn.cost(frame)
+            if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1):
                 self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame)))
                 break
             reply = conn.handle(frame)
             if conn.needs_sync():  # a persistent keyring changed: the fsync goes to a worker, the reply after it
                 self._submit(ch, lambda frame=frame, reply=reply: conn.durable(frame, reply))
                 break
+            frame = None
             if conn.closed:
                 ch.closing = True
             self._queue(ch, reply)
             queued += 1
             if queued >= max_in_flight or ch.unsent >= limits.MAX_UNSENT:
                 queued = 0
+                if self._audit is not None:
+                    self._audit.flush()
                 if not self._flush(ch):
                     break  # the client is not reading: neither do we
         if not ch.greeted and conn.context is not None:
             ch.greeted = True
             ch.deadline = time.monotonic() + self.config.idle_timeout if self.config.idle_timeout > 0 else 0.0
-        if ch.fd in self._channels:
-            self._flush(ch)
+        if ch.closing and not ch.ready and ch.fd in self._channels:
+            self._flush(ch)  # nothing queued: close now
 
     def _queue(self, ch: Channel, reply: bytes) -> None:
         ctx = ch.conn.context
@@ -255,13 +282,34 @@ class Reactor:
         if ctx is not None and ctx.out_fds:
             fds = ctx.out_fds[:]
             ctx.out_fds.clear()
-        ch.out.append((memoryview(reply), fds))
+        ch.out.append((reply, fds))
         ch.unsent += len(reply)
+        if not ch.ready:
+            ch.ready = True
+            self._ready.append(ch)
+
+    def _send_round(self) -> None:
+        """The audit lines of this round, then every reply it made."""
+        if self._audit is not None:
+            self._audit.flush()
+        ready, self._ready = self._ready, []
+        for ch in ready:
+            ch.ready = False
+            if ch.fd in self._channels:
+                self._flush(ch)
 
     def _flush(self, ch: Channel) -> bool:
         """Write what we can without blocking; True if nothing is left.  Watches for room otherwise."""
         out = ch.out
         try:
+            if len(out) == 1 and not out[0][1]:  # the usual case: one reply, no descriptors
+                data = out[0][0]
+                sent = ch.sock.send(data)
+                if sent == len(data):
+                    out.clear()
+                    ch.unsent = 0
+                else:
+                    self._consume(ch, sent)
             while out:
                 data, fds = out[0]
                 if fds:
@@ -303,7 +351,7 @@ class Reactor:
                 sent -= len(data)
                 out.popleft()
             else:
-                out[0] = (data[sent:], fds)
+                out[0] = (memoryview(data)[sent:], fds)
                 sent = 0
         if ch.send_deadline:
             ch.send_deadline = time.monotonic() + self.config.send_timeout  # progress: the clock restarts
@@ -338,6 +386,7 @@ class Reactor:
 
     def _submit(self, ch: Channel, work: Callable[[], bytes]) -> None:
         ch.busy = True
+        self._busy += 1
         self._watch(ch, 0)
 
         def run() -> None:
@@ -362,6 +411,7 @@ class Reactor:
 
     def _finished(self, ch: Channel, reply: bytes | None) -> None:
         ch.busy = False
+        self._busy -= 1
         if ch.fd not in self._channels:  # closed while the worker ran
             self._release(ch)
             return
@@ -371,8 +421,7 @@ class Reactor:
         self._queue(ch, reply)
         if ch.conn.closed:
             ch.closing = True
-        if self._flush(ch):
-            self._serve(ch)
+        self._serve(ch)  # frames that arrived meanwhile (their replies queue behind this one)
 
     # --------------------------------------------------------------- timeouts
 

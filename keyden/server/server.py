@@ -100,7 +100,7 @@ class Server:
     def serve_forever(self) -> None:
         """Serve until request_stop (a signal handler may call it); returns with every connection closed."""
         assert self.listener is not None
-        self.reactor = Reactor(self.config, self._admit)
+        self.reactor = Reactor(self.config, self._admit, self.audit)
         if self._stopping.is_set():
             return
         self.reactor.run(self.listener)
