@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out_dir, ignore_errors=True)
     print(f"client, cProfile, top {args.top} by own time:")
     print("\n".join(top_functions(client_stats, n, args.top)))
-    print(f"\ndaemon connection thread, cProfile, top {args.top} by own time:")
+    print(f"\ndaemon I/O loop, cProfile, top {args.top} by own time:")
     print("\n".join(top_functions(daemon_stats, daemon_requests, args.top)))
     return 0
 

@@ -43,7 +43,7 @@ class Row(NamedTuple):
     keyden: float
     baseline: float
     unit: str  # a time per operation ("µs") or a rate (anything ending in "/s")
-    target: float  # the ratio keyden must reach
+    target: float | None  # the ratio keyden must reach; None: a reference row, measured for context
     note: str = ""  # what the baseline is, when the name does not say
 
     @property
@@ -154,6 +154,36 @@ def concurrency(ctx: Context) -> Row:
     with ctx.clients(8, "ping", b"") as eight, ctx.clients(1, "ping", b"") as one:
         rate8, rate1 = ctx.paired(ctx.rounds(eight), ctx.rounds(one))
     return Row(rate8, rate1, "req/s", 3.0, "1 client; keyden: 8 clients")
+
+
+@benchmark("python-floor")
+def python_floor(ctx: Context) -> Row:
+    """Reference: the ping-pong floor written in plain Python (bench/pingpong.py) vs the C floor.
+
+    No Python daemon can answer faster than this: it bounds what the ``ping`` target can mean here.
+    """
+    floor, how = pingpong_floor(ctx)
+    n = max(1000, ctx.settings.pingpong_round_trips // 4)
+    cmd = [sys.executable, "-m", "bench.pingpong", str(n), "1"]
+
+    def python() -> float:
+        return float(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout) / 1e6
+    python_s, floor_s = ctx.paired(python, floor)
+    return Row(python_s * 1e6, floor_s * 1e6, "µs", None, how + "; row: plain Python, no keyden")
+
+
+@benchmark("python-echo-8")
+def python_echo_8(ctx: Context) -> Row:
+    """Reference: a bare Python epoll echo server (bench/echo.py) with 8 clients vs 1.
+
+    The ``concurrency`` row asks keyden for 3x; this is what a server doing nothing at all reaches.
+    """
+    from bench.echo import EchoServer
+
+    with EchoServer(ctx.workdir) as echo, ClientPool(8, echo.path, None, "ping") as eight, \
+            ClientPool(1, echo.path, None, "ping") as one:
+        rate8, rate1 = ctx.paired(ctx.rounds(eight), ctx.rounds(one))
+    return Row(rate8, rate1, "req/s", None, "1 client; row: 8 clients, plain Python echo, no keyden")
 
 
 @benchmark("sign-rsa2048")
@@ -352,6 +382,8 @@ def fmt(value: float) -> str:
 
 def table_line(name: str, row: Row) -> str:
     baseline = f"{fmt(row.baseline)} {row.unit}" + (f" ({row.note})" if row.note else "")
+    if row.target is None:
+        return f"| {name} | {fmt(row.keyden)} {row.unit} | {baseline} | {row.ratio:.2f} | reference | — |"
     return (f"| {name} | {fmt(row.keyden)} {row.unit} | {baseline} | {row.ratio:.2f} | ≥ {row.target:.2f} | "
             f"{'yes' if row.ratio >= row.target else 'NO'} |")
 
@@ -371,7 +403,8 @@ def as_json(info: dict[str, str], results: dict[str, Row | str], quick: bool) ->
     def entry(row: Row | str) -> dict:
         if not isinstance(row, Row):
             return {"error": row}
-        return {**row._asdict(), "ratio": row.ratio, "met": row.ratio >= row.target}
+        return {**row._asdict(), "ratio": row.ratio,
+                "met": None if row.target is None else row.ratio >= row.target}
     return {"machine": info, "quick": quick, "ratio": RATIO_CONVENTION,
             "results": {name: entry(row) for name, row in results.items()}}
 

@@ -16,11 +16,20 @@ WARMUP_CALLS = 50
 STARTUP_TIMEOUT = 60.0
 
 
-def _client_loop(socket_path: str, session: str, method: str, args: tuple, commands, results, barrier) -> None:
+def _connect(socket_path: str, session: str | None):
+    """A keyden client; without a session, a client of bench/echo.py's plain echo server."""
+    if session is None:
+        from bench.echo import EchoClient
+
+        return EchoClient(socket_path)
     import keyden
 
+    return keyden.connect(socket_path, session=session)
+
+
+def _client_loop(socket_path: str, session: str | None, method: str, args: tuple, commands, results, barrier) -> None:
     try:
-        client = keyden.connect(socket_path, session=session)
+        client = _connect(socket_path, session)
         call = getattr(client, method)
         for _ in range(WARMUP_CALLS):
             call(*args)
@@ -46,7 +55,7 @@ def _client_loop(socket_path: str, session: str, method: str, args: tuple, comma
 class ClientPool:
     """``n`` client processes each calling ``client.<method>(*args)`` in a loop during a round."""
 
-    def __init__(self, n: int, socket_path: str, session: str, method: str, args: tuple[Any, ...] = ()):
+    def __init__(self, n: int, socket_path: str, session: str | None, method: str, args: tuple[Any, ...] = ()):
         ctx = multiprocessing.get_context("spawn")
         self.n = n
         self._commands = ctx.Queue()

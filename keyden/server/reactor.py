@@ -4,11 +4,16 @@ Why one loop and not a thread per connection: CPython runs one thread's
 Python at a time, and threads that each wake for one small request spend
 more time handing the GIL to each other than answering.  One loop answers
 whatever is ready on any socket without a hand-off, so small requests from
-many clients share a core at full speed.  Operations that take milliseconds
--- key generation, RSA and finite-field DH, scrypt, bulk ciphers (pyca
-releases the GIL for these) and the fsync that makes a persistent change
-durable -- go to a small pool of worker threads, where they run in parallel
-on other cores while the loop goes on serving everyone else.
+many clients share a core at full speed.  What would hold the loop longer
+goes to a small pool of worker threads (connection.Cost): slow requests
+(key generation, scrypt, TLS set-up, the fsync that makes a persistent
+change durable) always; heavy ones (RSA private keys, bulk ciphers: pyca
+releases the GIL for these) when other requests are waiting, so they run in
+parallel on other cores.  Alone, a heavy request is answered by the loop:
+handing it to a thread and back costs a wake-up on each side.
+
+Replies are queued and sent at the end of each round, right after the audit
+lines of that round are written (one write for all of them).
 
 Per connection, requests are answered in order: while one of its requests
 is with a worker, or its replies are not being read, the loop reads nothing

@@ -157,6 +157,7 @@ class Server:
             self._refusals.warning("uid %d over its connection limit; refusing pid %d", who.uid, who.pid)
             if audit is not None:
                 audit.record(W.Op.HELLO, None, E.EMFILE.code)
+                self.audit.flush()  # the line before the refusal, as before any reply
             limits.refuse(sock, E.EMFILE(f"uid {who.uid} has {cfg.max_connections_per_uid} connections open"))
             return None
         self._active += 1
