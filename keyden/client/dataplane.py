@@ -219,9 +219,8 @@ class Stream:
 
 
 def _raise_first(status: list[int], out: list[bytes]) -> list[bytes]:
-    for s in status:
-        if s:
-            raise E.error_for_code(s)
+    if any(status):
+        raise E.error_for_code(next(s for s in status if s))
     return out
 
 

@@ -27,9 +27,11 @@ def _bytes(data) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
 
-def _bytes_list(values) -> list[bytes]:
-    """A batch's items as bytes; items that already are pass straight through."""
-    return [v if type(v) is bytes else _bytes(v) for v in values]
+def _bytes_list(values) -> list:
+    """A batch's items as bytes-like objects: strings are encoded, the rest pass straight through."""
+    if str not in set(map(type, values)):  # the usual case, checked at C speed
+        return values if type(values) is list else list(values)
+    return [_bytes(v) for v in values]
 
 
 class Operations:
