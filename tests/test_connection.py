@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+
 import pytest
 
 from keyden import errors as E
 from keyden import protocol as W
-from keyden.core.store import KeyStore
+from keyden.core.store import Caller, KeyStore
 from keyden.protocol import Op
 from keyden.server.connection import Connection
+from keyden.server.handlers import Context
+from keyden.server.handlers.dataplane import Region
 from keyden.server.peer import Peer
 
 PEER = Peer(pid=4242, uid=1000, gid=1000, groups=frozenset(), start_time=99)
@@ -102,3 +108,64 @@ def test_internal_errors_become_generic_eio(conn, monkeypatch, caplog):
     assert f.status == E.EIO.code
     assert b"deadbeef" not in f.body and W.decode_error(f.body) == "internal error"
     assert "secret detail" in caplog.text  # details only in the server log
+
+
+# ------------------------------------------------------------ connection end
+
+
+class _FakeRegion:
+    def __init__(self, fails: bool = False):
+        self.fails, self.closed = fails, False
+
+    def close(self):
+        self.closed = True
+        if self.fails:
+            raise BufferError("kd-secret-in-message")
+
+
+def _context() -> Context:
+    return Context(KeyStore(), Caller(PEER.credentials, PEER.process), PEER.pid)
+
+
+def test_closing_releases_every_region_and_fd_even_if_one_fails(caplog):
+    ctx = _context()
+    regions = [_FakeRegion(), _FakeRegion(fails=True), _FakeRegion()]
+    ctx.regions = dict(enumerate(regions, 1))
+    r, w = os.pipe()
+    ctx.take_fds([r, w])
+    with caplog.at_level(logging.ERROR, logger="keyden.handlers"):
+        ctx.close()
+    assert all(region.closed for region in regions) and ctx.regions == {}
+    for fd in (r, w):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert ctx.fds == []
+    (record,) = caplog.records
+    assert "region 2" in record.getMessage() and "BufferError" in record.getMessage()
+    assert "kd-secret" not in caplog.text
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("kd-test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+def test_a_region_still_in_use_is_refunded_and_its_memfd_closed():
+    """Unmapping refuses while a view is held; the budget and the descriptor must not wait for it."""
+    ctx = _context()
+    budget = ctx.store.shm_budget
+    busy = Region(_memfd(8192), 8192, budget, PEER.uid)
+    idle = Region(_memfd(4096), 4096, budget, PEER.uid)
+    ctx.regions = {1: busy, 2: idle}
+    held = busy.span(0, 16)
+    assert budget.held(PEER.uid) == 12288
+    fds = (busy.fd, idle.fd)
+    ctx.close()
+    assert budget.held(PEER.uid) == 0 and ctx.regions == {}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    held[0] = 1  # still mapped for whoever held the view
+    held.release()

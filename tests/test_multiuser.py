@@ -275,6 +275,23 @@ def test_groups_are_the_sockets_even_when_the_peer_is_gone(fresh_daemon, users):
     assert W.response_schema(W.Op.READ).decode(read.body) == (0, SECRET)  # (is a keyring, payload)
 
 
+def test_a_peer_gone_before_the_daemon_looks_has_no_process_keyring(fresh_daemon, users):
+    """Its start time cannot be known (/proc/<pid> may be another process by then): no process keyring.
+
+    Were it keyed by (pid, unknown), every gone peer that had the same pid
+    would share one.
+    """
+    d = fresh_daemon()
+    sock, pid = connected_by_a_process_that_is_gone(d, users.a)
+    with sock:
+        hello, ring = raw_calls(sock, (W.Op.HELLO, W.MIN_VERSION, W.VERSION, "", "gone"),
+                                (W.Op.GET_KEYRING_ID, -2, 1))  # @p, create
+    assert hello.status == 0
+    assert ring.status == E.ENOKEY.code, W.response_schema(W.Op.GET_KEYRING_ID).decode(ring.body)
+    with keyden.connect(d.socket) as c:  # a live peer still gets one
+        assert c.get_keyring_id("@p", create=True) > 0
+
+
 def test_group_and_other_bits_do_not_apply_to_the_owner(daemon, users):
     """Exactly one of user/group/other applies: the owner gets the user byte even if it is empty."""
     sock = daemon.socket

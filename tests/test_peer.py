@@ -1,8 +1,9 @@
-"""Peer identity: supplementary groups come from the socket (SO_PEERGROUPS), not from /proc.
+"""Peer identity: supplementary groups come from the socket (SO_PEERGROUPS), not from /proc; the
+start time from /proc only while SO_PEERPIDFD shows the connecting process has not exited.
 
-/proc/PID/status, read after connect(), may describe another process if the
-peer exited and its pid was reused; the socket's credentials cannot.  The
-real-daemon counterpart (a peer that is gone before the daemon looks) is in
+/proc/PID, read after connect(), may describe another process if the peer
+exited and its pid was reused; the socket's credentials cannot.  The
+real-daemon counterparts (a peer that is gone before the daemon looks) are in
 test_multiuser.py.
 """
 
@@ -12,8 +13,10 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import struct
+import tempfile
 
 import pytest
 
@@ -117,3 +120,112 @@ def test_other_errors_are_not_papered_over_with_proc(monkeypatch):
     a, b = socket.socketpair()
     with a, b, pytest.raises(OSError):
         peer.peer_of(Broken(a))
+
+
+# ------------------------------------------------------------- start time
+
+
+def _accepted_from_child(stay: bool):
+    """Accept a real connection from a forked child; ``stay`` keeps the child alive (blocked reading a pipe).
+
+    Returns (accepted socket, child pid, pipe write end or None).  A child
+    that does not stay has exited and been reaped before this returns.
+    """
+    path = os.path.join(tempfile.mkdtemp(prefix="keyden-peer-"), "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(hold_w)
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(path)
+            status = 0
+            if stay:
+                os.read(hold_r, 1)  # until the parent closes its end
+        finally:
+            os._exit(status)
+    os.close(hold_r)
+    conn, _ = listener.accept()
+    listener.close()
+    os.unlink(path)
+    os.rmdir(os.path.dirname(path))
+    if stay:
+        return conn, pid, hold_w
+    os.close(hold_w)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and not os.path.exists(f"/proc/{pid}")
+    return conn, pid, None
+
+
+def test_a_live_peer_gets_its_real_start_time():
+    conn, pid, hold = _accepted_from_child(stay=True)
+    try:
+        with conn:
+            who = peer.peer_of(conn)
+            expected = peer.process_start_time(pid)
+    finally:
+        os.close(hold)
+        os.waitpid(pid, 0)
+    assert expected is not None and expected > 0
+    assert who.pid == pid and who.start_time == expected and who.process == (pid, expected)
+
+
+def test_a_peer_gone_before_the_daemon_looks_gets_no_start_time(monkeypatch):
+    """/proc/<pid> is made to describe another live process (ours), as if the pid had been reused.
+
+    The pidfd still names the process that connected, which has exited: the
+    start time read from /proc is not its, so the peer gets none, and no
+    process keyring.
+    """
+    conn, pid, _ = _accepted_from_child(stay=False)
+    real = peer.process_start_time
+    monkeypatch.setattr(peer, "process_start_time", lambda _pid: real(os.getpid()))
+    with conn:
+        who = peer.peer_of(conn)
+    assert who.pid == pid
+    assert who.start_time == peer.UNKNOWN_START and who.process is None
+
+
+def test_a_peer_that_exited_but_is_not_reaped_gets_no_start_time():
+    """A zombie still has /proc/<pid>/stat, but it has exited: it will never make another call."""
+    conn, pid, hold = _accepted_from_child(stay=True)
+    os.kill(pid, signal.SIGKILL)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited; left a zombie
+    try:
+        assert peer.process_start_time(pid) is not None
+        with conn:
+            assert peer.peer_of(conn).start_time == peer.UNKNOWN_START
+    finally:
+        os.close(hold)
+        os.waitpid(pid, 0)
+
+
+def test_the_pidfd_is_closed():
+    a, b = socket.socketpair()
+    before = set(os.listdir("/proc/self/fd"))
+    with a, b:
+        for _ in range(3):
+            peer.peer_of(a)
+        assert set(os.listdir("/proc/self/fd")) == before
+
+
+class _NoPeerPidfd(_NoPeerGroups):
+    """A socket on a kernel older than 6.5: SO_PEERPIDFD is an unknown option."""
+
+    def getsockopt(self, level, option, size=0):
+        if option == peer.SO_PEERPIDFD:
+            raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+        return self._sock.getsockopt(level, option, size)
+
+
+def test_without_so_peerpidfd_start_time_falls_back_to_proc_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(peer, "_pidfd_fallback_logged", type(peer._pidfd_fallback_logged)())
+    a, b = socket.socketpair()
+    with a, b, caplog.at_level(logging.WARNING, logger="keyden.peer"):
+        first = peer.peer_of(_NoPeerPidfd(a))
+        second = peer.peer_of(_NoPeerPidfd(a))
+    assert first.start_time == second.start_time == peer.process_start_time(os.getpid())
+    assert len(caplog.records) == 1 and "SO_PEERPIDFD" in caplog.records[0].getMessage()

@@ -14,6 +14,8 @@ import os
 import secrets
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -412,6 +414,93 @@ def test_passphrase_derived_master_key_and_its_rotation(fresh_daemon, tmp_path, 
     c = session(d)
     c.get_persistent("@s")
     assert c.read(key) == b"sealed by passphrase"
+
+
+def test_passphrase_files_others_may_use_or_another_uid_owns_refuse_start(fresh_daemon, tmp_path):
+    """The passphrase opens the store as the key file does, so it is held to the key file's rule."""
+    path = passphrase_file(tmp_path, b"held close")
+    d = fresh_daemon(args=("--passphrase-file", path))
+    c = session(d)
+    key = c.add("user", "pp-private", b"sealed by a private passphrase", c.get_persistent("@s"))
+    d.stop(signal.SIGKILL)
+
+    for mode in (0o640, 0o604, 0o620, 0o644):
+        os.chmod(path, mode)
+        said = refused_start(d)
+        assert f"passphrase file {path} has mode 0{mode:o}" in said and f"chmod 600 {path}" in said
+        assert os.stat(path).st_mode & 0o777 == mode  # refused, not quietly tightened
+    os.chmod(path, 0o600)
+    os.chown(path, UID + 4242, -1)
+    said = refused_start(d)
+    assert f"passphrase file {path} is owned by uid {UID + 4242}" in said and f"chown {UID} {path}" in said
+    os.chown(path, UID, -1)
+
+    fifo = os.path.join(tmp_path, "fifo")
+    os.mkfifo(fifo, 0o600)
+    d.args = ("--passphrase-file", fifo)
+    assert f"passphrase file {fifo} is not a regular file" in refused_start(d)  # refused, not waited on
+
+    d.args = ("--passphrase-file", path)
+    d.start()
+    c = session(d)
+    c.get_persistent("@s")
+    assert c.read(key) == b"sealed by a private passphrase"
+
+
+def test_a_state_directory_not_the_daemons_own_refuses_start(fresh_daemon):
+    """As sshd's StrictModes: writable by another uid means keyden.toml or the store may have been swapped."""
+    d = fresh_daemon()
+    c = session(d)
+    key = c.add("user", "in-state", b"kept in the state dir", c.get_persistent("@s"))
+    d.stop()
+    state = d.state_dir
+    assert os.stat(state).st_mode & 0o777 == 0o700
+
+    for mode in (0o770, 0o702, 0o1777):
+        os.chmod(state, mode)
+        said = refused_start(d)
+        assert f"state directory {state} has mode {mode:04o}" in said and f"chmod go-w {state}" in said
+        assert os.stat(state).st_mode & 0o7777 == mode  # refused, not quietly tightened
+    os.chmod(state, 0o700)
+    os.chown(state, UID + 4242, -1)
+    said = refused_start(d)
+    assert f"state directory {state} is owned by uid {UID + 4242}" in said and f"chown {UID} {state}" in said
+    os.chown(state, UID, -1)
+
+    os.rename(state, state + ".moved")
+    with open(state, "w"):
+        pass
+    assert f"state directory {state} is not a directory" in refused_start(d)
+    os.unlink(state)
+    os.rename(state + ".moved", state)
+
+    os.chmod(state, 0o755)  # others may look: the files in it are checked one by one
+    d.start()
+    c = session(d)
+    c.get_persistent("@s")
+    assert c.read(key) == b"kept in the state dir"
+
+
+def test_the_config_in_a_state_directory_others_may_write_is_not_read(tmp_path):
+    """Checked before keyden.toml is read: a planted config could point state_dir somewhere unchecked."""
+    state = os.path.join(tmp_path, "state")
+    elsewhere = os.path.join(tmp_path, "elsewhere")
+    os.mkdir(state, 0o700)
+    with open(os.path.join(state, "keyden.toml"), "w") as f:
+        f.write(f'state_dir = "{elsewhere}"\n')
+    os.chmod(state, 0o777)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.pop("KEYDEN_PASSPHRASE_FILE", None)
+    proc = subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", state],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"state directory {state} has mode 0777" in proc.stderr
+    assert not os.path.exists(elsewhere)
+    os.chmod(state, 0o700)
+    proc = subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", state],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.exists(os.path.join(elsewhere, "keys.db"))  # the config is the administrator's: obeyed
 
 
 def test_rekey_without_downtime_and_the_old_key_no_longer_opens(fresh_daemon):

@@ -29,8 +29,9 @@ def cmd_init(ctx, args):
 
     p = argparse.ArgumentParser(prog="keyden init", description="Create the daemon's master key and key store.")
     add_store_arguments(p)
-    config = load_config(p.parse_args(args))
+    parsed = p.parse_args(args)
     try:
+        config = load_config(parsed)
         config.prepare_state_dir()
         journal = open_durable(config, KeyStore(config.store))
     except StartupError as exc:

@@ -39,12 +39,12 @@ def serve(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args)
-    if args.socket:
-        config.socket = args.socket
-    if args.no_harden:
-        config.harden = False
     try:
+        config = load_config(args)
+        if args.socket:
+            config.socket = args.socket
+        if args.no_harden:
+            config.harden = False
         Server(config).run()
     except StartupError as exc:
         print(f"keyden: not starting: {exc}", file=sys.stderr)

@@ -298,11 +298,23 @@ def normalize_passphrase(raw: bytes) -> bytes:
 
 
 def read_passphrase(path: str) -> bytes:
+    """The passphrase file, held to the master key file's rule: a regular file, the daemon's own, 0600.
+
+    Whoever can read it can open the key store.  O_NONBLOCK so that a FIFO is refused, not waited on.
+    """
     try:
-        with open(path, "rb") as f:
-            passphrase = normalize_passphrase(f.read(MAX_PASSPHRASE + 1))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise StartupError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise StartupError(f"the passphrase file {path} is not a regular file; refusing to start")
+        require_private(path, st, "passphrase file")
+        try:
+            passphrase = normalize_passphrase(f.read(MAX_PASSPHRASE + 1))
+        except OSError as exc:
+            raise StartupError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
     if not passphrase or len(passphrase) > MAX_PASSPHRASE:
         raise StartupError(f"the passphrase file {path} must hold 1..{MAX_PASSPHRASE} bytes")
     return passphrase

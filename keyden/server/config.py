@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from keyden import errors as E
 from keyden.core.store import StoreConfig
+from keyden.persist.master import StartupError
 from keyden.protocol import DEFAULT_MAX_FRAME
 
 DEFAULT_CONFIG_TEXT = """\
@@ -101,14 +103,22 @@ class ServerConfig:
         return Path(self.state_dir) / "keyden.toml"
 
     def prepare_state_dir(self) -> None:
-        """First start: make the state directory (0700) and a commented default config."""
+        """First start: make the state directory (0700) and a commented default config; else check it."""
         path = Path(self.state_dir)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            path.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StartupError(f"cannot create the state directory {path}: {exc.strerror}") from None
+        check_state_dir(str(path))
         if not self.config_file.exists():
             self.config_file.write_text(DEFAULT_CONFIG_TEXT)
 
     def load_file(self, path: str | os.PathLike | None = None) -> None:
         """Apply a TOML file's settings (unknown keys are errors, so typos do not pass silently)."""
+        if not path and os.path.exists(self.state_dir):
+            check_state_dir(self.state_dir)  # before trusting the config file inside it
         path = Path(path) if path else self.config_file
         if not path.exists():
             return
@@ -119,6 +129,30 @@ class ServerConfig:
         quota = data.pop("quota", {})
         _apply(self, data, path, skip={"store"})
         _apply(self.store, quota, path)
+
+
+def check_state_dir(path: str) -> None:
+    """Refuse, as sshd's StrictModes does, a state directory that is not the daemon's own.
+
+    Whoever may write in it may replace keyden.toml or swap files around the
+    key store.  Group or others may still read and traverse it: the secret
+    files in it are each checked for owner and mode.  Nothing is changed behind
+    the administrator's back.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise StartupError(f"cannot use the state directory {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"the state directory {path} is not a directory; refusing to start")
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise StartupError(f"the state directory {path} is owned by uid {st.st_uid}, not the daemon's uid {uid}; "
+                           f"refusing to start (check nobody else had it, then: chown {uid} {path})")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise StartupError(f"the state directory {path} has mode {mode:04o}, writable by group or others; "
+                           f"refusing to start (check nobody else changed its files, then: chmod go-w {path})")
 
 
 def _apply(target, values: dict, path, skip=()) -> None:

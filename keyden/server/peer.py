@@ -6,6 +6,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -22,6 +23,9 @@ _GID = struct.Struct("=I")  # the kernel hands back native-endian gid_t (u32)
 _GROUPS_FIRST_TRY = 64 * _GID.size
 _PY_GETSOCKOPT_MAX = 1024  # socket.getsockopt refuses bigger buffers
 _GROUPS_MAX = 65536 * _GID.size  # NGROUPS_MAX: no credential holds more
+# Linux >= 6.5: a pidfd for the process that called connect(); Python does not export it yet.
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+UNKNOWN_START = -1  # the peer is gone (or unknowable): it gets no process keyring
 
 
 @dataclass(frozen=True)
@@ -30,14 +34,17 @@ class Peer:
     uid: int
     gid: int
     groups: frozenset[int]
-    start_time: int  # /proc/<pid>/stat field 22: tells a reused pid apart
+    start_time: int  # /proc/<pid>/stat field 22: tells a reused pid apart; UNKNOWN_START if the peer is gone
 
     @property
     def credentials(self) -> Credentials:
         return Credentials(self.uid, self.gid, self.groups)
 
     @property
-    def process(self) -> tuple[int, int]:
+    def process(self) -> tuple[int, int] | None:
+        """Names the process keyring; None when the process is unknown, so no two such peers share one."""
+        if self.start_time == UNKNOWN_START:
+            return None
         return (self.pid, self.start_time)
 
 
@@ -129,7 +136,48 @@ def process_alive(pid: int, start_time: int) -> bool:
     return process_start_time(pid) == start_time
 
 
+_pidfd_fallback_logged = threading.Event()
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (and for good once it is reaped)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def peer_start_time(sock: socket.socket, pid: int) -> int:
+    """The start time of the process that connected, or UNKNOWN_START if it is gone.
+
+    /proc/<pid> read after accept() may be another process if the peer exited
+    and its pid was reused.  SO_PEERPIDFD pins the very process that called
+    connect(): read /proc/<pid>/stat, then check that process has still not
+    exited.  A process that has not exited holds its pid, so what was read
+    was its own start time.  Without SO_PEERPIDFD (Linux < 6.5): /proc alone,
+    logged once.
+    """
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.EINVAL, errno.ENODATA):
+            return UNKNOWN_START  # kernels before 6.16 refuse a pidfd for a peer already reaped
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
+        if not _pidfd_fallback_logged.is_set():
+            _pidfd_fallback_logged.set()
+            log.warning("kernel lacks SO_PEERPIDFD (Linux < 6.5): reading peers' start times from /proc, "
+                        "which races with pid reuse")
+        start = process_start_time(pid)
+        return UNKNOWN_START if start is None else start
+    try:
+        start = process_start_time(pid)
+        if start is None or _exited(pidfd):
+            return UNKNOWN_START
+        return start
+    finally:
+        os.close(pidfd)
+
+
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    start = process_start_time(pid)
-    return Peer(pid, uid, gid, peer_groups(sock, pid), start if start is not None else -1)
+    return Peer(pid, uid, gid, peer_groups(sock, pid), peer_start_time(sock, pid))

@@ -10,6 +10,7 @@ into new keys) and dataplane (ciphers, hashes, streams, shared memory).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,6 +20,8 @@ from keyden.core.store import Caller, KeyStore
 from keyden.protocol import DEFAULT_MAX_FRAME, Op
 
 MAX_PENDING_FDS = 4
+
+log = logging.getLogger("keyden.handlers")
 
 
 @dataclass
@@ -49,12 +52,19 @@ class Context:
                 os.close(fd)
 
     def close(self) -> None:
-        """The connection ended: drop streams, unmap regions, close fds, forget cached engines."""
+        """The connection ended: drop streams, unmap regions, close fds, forget cached engines.
+
+        Each part is released even if another fails: a region left behind
+        would stay mapped and charged to its uid's shared-memory budget.
+        """
         self.streams.clear()
         self.engines.clear()
-        for region in self.regions.values():
-            region.close()
-        self.regions.clear()
+        regions, self.regions = self.regions, {}
+        for handle, region in regions.items():
+            try:
+                region.close()
+            except Exception as exc:  # the type only: nothing from a region's contents reaches the log
+                log.error("pid %d: releasing shared region %d failed (%s)", self.pid, handle, type(exc).__name__)
         for fd in self.fds + self.out_fds:
             try:
                 os.close(fd)

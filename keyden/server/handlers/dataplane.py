@@ -285,13 +285,22 @@ class Region:
         return self.view[offset:offset + length]
 
     def close(self) -> None:
+        """Unmap, close the memfd, refund the budget; the last two even if unmapping fails.
+
+        (Unmapping refuses, BufferError, while a view of the map is still
+        held; Python unmaps it when the last view goes.)
+        """
         if self.fd < 0:
             return
-        self.view.release()
-        self.map.close()
-        os.close(self.fd)
-        self.fd = -1
-        self.budget.refund(self.uid, self.size)
+        fd, self.fd = self.fd, -1
+        try:
+            self.view.release()
+            self.map.close()
+        finally:
+            try:
+                os.close(fd)
+            finally:
+                self.budget.refund(self.uid, self.size)
 
 
 def _sealed_size(fd: int) -> int:
