@@ -6,7 +6,10 @@
 ``keys`` are the request's key fields as sent (I32 fields are key serials on
 the wire; negative values are special ids such as -3 for @s, zero means "none"
 and is left out); ``serial`` is added when the operation created or found a key.
-``result`` is "ok" or the errno name.  Never logged: payloads, data, passwords,
+``result`` is "ok" or the errno name.  Not recorded: PING, a liveness probe
+that touches no key and changes nothing (like Vault's unaudited health
+check); on the busiest probe path a line would cost more than the answer.
+Never logged: payloads, data, passwords,
 descriptions, algorithm parameters -- only serials, which ``keyctl describe``
 turns into the rest for whoever may view the key.
 
@@ -46,6 +49,7 @@ _SHAPES: dict[int, tuple[str, tuple[int, ...], int | None]] = {
               response.names.index("serial") if "serial" in response.names else None)
     for op, (request, response) in W.SCHEMAS.items()
 }
+UNAUDITED = frozenset({int(W.Op.PING)})
 
 
 def executable(pid: int) -> str | None:
@@ -155,6 +159,8 @@ class ConnectionAudit:
 
     def record(self, op: int, args: Sequence[Any] | None, status: int, result: Sequence[Any] | None = None) -> None:
         """One operation: its request fields (None if they did not decode), errno (0 = ok), response fields."""
+        if op in UNAUDITED:
+            return
         op_part, key_fields, serial_field = _SHAPES.get(op) or (f'"op": "{op}"', (), None)
         keys = [args[i] for i in key_fields if args[i]] if key_fields and args is not None else []
         serial = f'"serial": {result[serial_field]}, ' if serial_field is not None and result is not None else ""
