@@ -24,6 +24,8 @@ class Ref:
 
 
 def _bytes(data) -> bytes:
+    if type(data) is bytes:
+        return data
     return data.encode() if isinstance(data, str) else bytes(data)
 
 

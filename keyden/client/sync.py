@@ -36,6 +36,7 @@ class Client(Operations):
             raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
         self._sock = sock
         self._buf = bytearray(RECV_CHUNK)
+        self._view = memoryview(self._buf)
         self._decoder = W.FrameDecoder(1 << 31)
         self._pending: dict[int, W.Frame] = {}
         self.max_frame = W.DEFAULT_MAX_FRAME
@@ -107,6 +108,8 @@ class Client(Operations):
         return frame
 
     def _resolve(self, args: tuple) -> tuple:
+        if Ref not in map(type, args):  # most calls: nothing to resolve (checked at C speed)
+            return args
         out = []
         for a in args:
             if type(a) is Ref:
@@ -140,7 +143,7 @@ class Client(Operations):
                 if self._pending or self._decoder.pending:
                     frame = self._wait(rid)
                 else:
-                    view = memoryview(self._buf)
+                    view = self._view
                     n = self._sock.recv_into(view)
                     if n >= W.HEADER_SIZE:
                         length, got, got_op, status = W.HEADER.unpack_from(view)
