@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import sys
 import signal
 import socket
 import struct
@@ -171,6 +172,7 @@ def test_a_live_peer_gets_its_real_start_time():
         os.waitpid(pid, 0)
     assert expected is not None and expected > 0
     assert who.pid == pid and who.start_time == expected and who.process == (pid, expected)
+    assert who.exe == os.path.realpath(sys.executable)  # the forked child runs this interpreter
 
 
 def test_a_peer_gone_before_the_daemon_looks_gets_no_start_time(monkeypatch):
@@ -183,10 +185,12 @@ def test_a_peer_gone_before_the_daemon_looks_gets_no_start_time(monkeypatch):
     conn, pid, _ = _accepted_from_child(stay=False)
     real = peer.process_start_time
     monkeypatch.setattr(peer, "process_start_time", lambda _pid: real(os.getpid()))
+    monkeypatch.setattr(peer, "executable", lambda _pid: "/usr/bin/someone-else")  # the reused pid's program
     with conn:
         who = peer.peer_of(conn)
     assert who.pid == pid
     assert who.start_time == peer.UNKNOWN_START and who.process is None
+    assert who.exe is None  # nor is the other process's program put in the audit log as the caller's
 
 
 def test_a_peer_that_exited_but_is_not_reaped_gets_no_start_time():

@@ -52,14 +52,6 @@ _SHAPES: dict[int, tuple[str, tuple[int, ...], int | None]] = {
 UNAUDITED = frozenset({int(W.Op.PING)})
 
 
-def executable(pid: int) -> str | None:
-    """The peer's program, read when it connects (None if it is gone or we may not look)."""
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
 class AuditLog:
     """Where lines go: a file (rotated to <file>.1 when it reaches max_bytes), stderr, or nowhere."""
 
@@ -83,8 +75,9 @@ class AuditLog:
         path = os.path.join(state_dir, target)
         return cls(_open_append(path), path, max_bytes)
 
-    def connection(self, pid: int, uid: int, gid: int) -> "ConnectionAudit":
-        return ConnectionAudit(self, pid, uid, gid)
+    def connection(self, pid: int, uid: int, gid: int, exe: str | None = None) -> "ConnectionAudit":
+        """A writer for one connection; ``exe`` as read when it was accepted (peer.Peer.exe)."""
+        return ConnectionAudit(self, pid, uid, gid, exe)
 
     def hold(self) -> None:
         """From now on keep lines until ``flush`` (the server's loop flushes before it sends any reply)."""
@@ -153,9 +146,9 @@ class ConnectionAudit:
 
     __slots__ = ("_log", "_prefix")
 
-    def __init__(self, audit_log: AuditLog, pid: int, uid: int, gid: int):
+    def __init__(self, audit_log: AuditLog, pid: int, uid: int, gid: int, exe: str | None = None):
         self._log = audit_log
-        self._prefix = f'"uid": {uid}, "gid": {gid}, "pid": {pid}, "exe": {json.dumps(executable(pid))}'
+        self._prefix = f'"uid": {uid}, "gid": {gid}, "pid": {pid}, "exe": {json.dumps(exe)}'
 
     def record(self, op: int, args: Sequence[Any] | None, status: int, result: Sequence[Any] | None = None) -> None:
         """One operation: its request fields (None if they did not decode), errno (0 = ok), response fields."""

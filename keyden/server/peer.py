@@ -35,6 +35,7 @@ class Peer:
     gid: int
     groups: frozenset[int]
     start_time: int  # /proc/<pid>/stat field 22: tells a reused pid apart; UNKNOWN_START if the peer is gone
+    exe: str | None = None  # /proc/<pid>/exe, read under the same check as start_time (None: gone or hidden)
 
     @property
     def credentials(self) -> Credentials:
@@ -147,7 +148,20 @@ def _exited(pidfd: int) -> bool:
 
 
 def peer_start_time(sock: socket.socket, pid: int) -> int:
-    """The start time of the process that connected, or UNKNOWN_START if it is gone.
+    """The start time of the process that connected, or UNKNOWN_START if it is gone."""
+    return peer_process(sock, pid)[0]
+
+
+def executable(pid: int) -> str | None:
+    """The program a process runs (None if it is gone or we may not look)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None]:
+    """(start time, executable) of the process that connected; (UNKNOWN_START, None) if it is gone.
 
     /proc/<pid> read after accept() may be another process if the peer exited
     and its pid was reused.  SO_PEERPIDFD pins the very process that called
@@ -160,7 +174,7 @@ def peer_start_time(sock: socket.socket, pid: int) -> int:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as exc:
         if exc.errno in (errno.ESRCH, errno.EINVAL, errno.ENODATA):
-            return UNKNOWN_START  # kernels before 6.16 refuse a pidfd for a peer already reaped
+            return UNKNOWN_START, None  # kernels before 6.16 refuse a pidfd for a peer already reaped
         if exc.errno != errno.ENOPROTOOPT:
             raise
         if not _pidfd_fallback_logged.is_set():
@@ -168,16 +182,17 @@ def peer_start_time(sock: socket.socket, pid: int) -> int:
             log.warning("kernel lacks SO_PEERPIDFD (Linux < 6.5): reading peers' start times from /proc, "
                         "which races with pid reuse")
         start = process_start_time(pid)
-        return UNKNOWN_START if start is None else start
+        return (UNKNOWN_START, None) if start is None else (start, executable(pid))
     try:
-        start = process_start_time(pid)
+        start, exe = process_start_time(pid), executable(pid)
         if start is None or _exited(pidfd):
-            return UNKNOWN_START
-        return start
+            return UNKNOWN_START, None
+        return start, exe
     finally:
         os.close(pidfd)
 
 
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return Peer(pid, uid, gid, peer_groups(sock, pid), peer_start_time(sock, pid))
+    start, exe = peer_process(sock, pid)
+    return Peer(pid, uid, gid, peer_groups(sock, pid), start, exe)

@@ -152,7 +152,7 @@ class Server:
         except OSError:
             sock.close()
             return None
-        audit = self.audit.connection(who.pid, who.uid, who.gid) if self.audit is not None else None
+        audit = self.audit.connection(who.pid, who.uid, who.gid, who.exe) if self.audit is not None else None
         if self._per_uid[who.uid] >= cfg.max_connections_per_uid:
             self._refusals.warning("uid %d over its connection limit; refusing pid %d", who.uid, who.pid)
             if audit is not None:
