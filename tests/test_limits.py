@@ -269,3 +269,16 @@ def test_silent_and_slowloris_clients_cost_the_others_nothing(daemon):
     assert late.next_frame().status == 0
     for raw in silent + [slow]:
         raw.close()
+
+
+def test_a_reply_over_the_frame_cap_is_emsgsize_and_the_connection_goes_on(fresh_daemon):
+    """The cap HELLO announces holds for replies too: a keyring listing of 1100 serials (4400 bytes)
+    does not fit a 4096-byte cap."""
+    d = fresh_daemon("max_frame = 4096\n")
+    with d.connect() as c:
+        ring = c.newring("kd-big-listing", "@s")
+        for start in range(0, 1100, 100):
+            c.call_many([("add", ("user", f"k{i}", b"x", ring)) for i in range(start, start + 100)])
+        with pytest.raises(E.EMSGSIZE):
+            c.read(ring)
+        assert c.ping(b"still here") == b"still here"

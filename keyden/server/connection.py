@@ -142,6 +142,10 @@ class Connection:
             args = W.request_schema(frame.op).decode(frame.body)
             result = dispatch(self.context, frame.op, args)
             reply = W.encode_response(frame.request_id, frame.op, result)
+            if len(reply) - W.HEADER_SIZE > self.max_frame:  # the cap HELLO announced holds both ways
+                result = None
+                raise E.EMSGSIZE(f"the reply would take {len(reply) - W.HEADER_SIZE} bytes, over the "
+                                 f"{self.max_frame}-byte frame cap")
         except E.KeydenError as exc:
             reply, error = W.encode_error(frame.request_id, frame.op, exc), exc.code
         except Exception:  # an internal fault: generic code, details only in our log
