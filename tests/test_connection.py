@@ -169,3 +169,58 @@ def test_a_region_still_in_use_is_refunded_and_its_memfd_closed():
             os.fstat(fd)
     held[0] = 1  # still mapped for whoever held the view
     held.release()
+
+
+# ------------------------------------------------------- where the loop answers a request
+
+def frame(op: Op, *fields) -> W.Frame:
+    return W.Frame(1, op, 0, W.request_schema(op).encode(fields))
+
+
+def test_the_cost_of_a_request_decides_where_it_runs(conn):
+    from keyden.server.connection import Cost
+
+    ctx = conn.context
+    from keyden.server.handlers import dispatch
+
+    rsa = dispatch(ctx, Op.GENKEY, ("rsa:2048", "kd-cost-rsa", -3))[0]
+    ed = dispatch(ctx, Op.GENKEY, ("ed25519", "kd-cost-ed", -3))[0]
+    shm = lambda length: frame(Op.SHM_CIPHER, 1, "gcm(aes)", 5, 0, b"", b"", 0, length, length)  # noqa: E731
+    assert conn.cost(frame(Op.PING, b"")) is Cost.QUICK
+    assert conn.cost(frame(Op.PKEY_SIGN, ed, "", bytes(64))) is Cost.QUICK
+    assert conn.cost(frame(Op.PKEY_SIGN, rsa, "enc=pkcs1 hash=sha256", bytes(32))) is Cost.HEAVY
+    assert conn.cost(frame(Op.CIPHER, "gcm(aes)", 5, 0, bytes(12), b"", bytes(100_000))) is Cost.HEAVY
+    assert conn.cost(shm(4096)) is Cost.QUICK
+    assert conn.cost(shm(1 << 20)) is Cost.HEAVY
+    assert conn.cost(shm(256 << 20)) is Cost.SLOW  # never on the loop: it would stall every other client
+    assert conn.cost(frame(Op.GENKEY, "ed25519", "x", -3)) is Cost.SLOW
+    assert conn.cost(frame(Op.ADD, "asymmetric", "", b"pem", -3, b"")) is Cost.SLOW  # maybe a password KDF
+    assert conn.cost(frame(Op.ADD, "user", "x", b"y", -3, b"")) is Cost.QUICK
+
+
+def test_the_loop_writes_audit_lines_before_any_reply_leaves(tmp_path):
+    """However a reply comes to be sent (end of round, room to write again, backpressure), the audit
+    lines held so far are written first."""
+    import socket
+
+    from keyden.server.audit import AuditLog
+    from keyden.server.config import ServerConfig
+    from keyden.server.reactor import Channel, Reactor
+
+    audit = AuditLog.open("audit.log", str(tmp_path))
+    reactor = Reactor(ServerConfig(socket=str(tmp_path / "s"), state_dir=str(tmp_path)), None, audit)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    ch = Channel(ours, Connection(KeyStore(), PEER, audit=audit.connection(PEER.pid, PEER.uid, PEER.gid)),
+                 lambda: None)
+    reactor._channels[ch.fd] = ch
+    reactor._epoll.register(ch.fd, 0)
+    ch.conn.receive(W.encode_request(1, Op.HELLO, 1, 1, "", "test"))
+    assert audit.holding  # the handshake's line, held
+    reactor._queue(ch, W.encode_response(2, Op.WHOAMI, (1, 2, 3, 4)))
+    assert reactor._flush(ch)  # the path taken when a socket has room again
+    assert theirs.recv(4096)
+    with open(tmp_path / "audit.log") as f:
+        assert '"op": "hello"' in f.read()
+    theirs.close()
+    reactor._pool.shutdown()

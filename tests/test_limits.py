@@ -282,3 +282,47 @@ def test_a_reply_over_the_frame_cap_is_emsgsize_and_the_connection_goes_on(fresh
         with pytest.raises(E.EMSGSIZE):
             c.read(ring)
         assert c.ping(b"still here") == b"still here"
+
+
+def test_a_client_reading_in_bursts_gets_every_pipelined_reply(fresh_daemon):
+    """Replies back up, the client then drains them in bursts: requests left in the daemon's decoder
+    (no new event will come for them) must still be answered, in order."""
+    d = fresh_daemon()
+    with d.connect() as c:
+        serial = c.add("user", "big", b"b" * BIG, "@s")
+    n = 3000
+    for trial in range(4):
+        raw = Raw(d.socket)
+        raw.sock.sendall(b"".join(W.encode_request(100 + i, Op.READ, serial) for i in range(n)))
+        raw.sock.settimeout(10)
+        decoder, buf, got = W.FrameDecoder(1 << 30), bytearray(1 << 20), 0
+        while got < n:
+            time.sleep(0.005)
+            size = raw.sock.recv_into(buf)  # socket.timeout here: the daemon stopped answering
+            assert size, f"trial {trial}: closed after {got} of {n} replies"
+            decoder.feed(memoryview(buf)[:size])
+            for frame in decoder.frames():
+                assert (frame.request_id, frame.status) == (100 + got, 0)
+                got += 1
+        raw.close()
+
+
+def test_a_batch_of_a_million_empty_items_costs_no_lasting_memory(fresh_daemon):
+    """Cutting a BATCH's items must not compile (and cache) a format as long as the list."""
+    d = fresh_daemon()
+    with d.connect() as c:
+        c.ping(b"")
+    before = d.memory_kib("VmHWM")
+    raw = Raw(d.socket)
+    n = 1_000_000
+    for variant in range(4):  # four different bodies: four formats, had they been cached
+        lengths = [0] * n
+        lengths[variant] = 1
+        items = W._pack_bytes_list([b"x" * m for m in lengths])
+        body = W.request_schema(Op.BATCH).encode(("gcm(aes)", 0, 0, [], [], []))[:-4] + items
+        raw.sock.sendall(W.HEADER.pack(len(body), 7 + variant, Op.BATCH, 0) + body)
+        frame = raw.next_frame()
+        assert frame.request_id == 7 + variant and frame.status  # refused (too many items), after decoding
+    raw.close()
+    grown_mib = (d.memory_kib("VmHWM") - before) / 1024
+    assert grown_mib < 100, f"daemon memory grew by {grown_mib:.0f} MiB for four refused batches"

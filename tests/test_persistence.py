@@ -672,3 +672,40 @@ def test_type_restrictions_stay_off_persistent_keyrings(fresh_daemon):
     c.get_persistent("@s")
     with pytest.raises(E.EPERM):
         c.add("user", "late", b"x", ring)
+
+
+def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent_keys(tmp_path):
+    """A daemon in this process, whose database refuses to write (a full disk): the request that
+    changed a persistent keyring gets EIO; another client's requests are answered as ever."""
+    from keyden.server.config import ServerConfig
+    from keyden.server.server import Server
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    cfg = ServerConfig(socket=str(tmp_path / "k.sock"), state_dir=str(state), harden=False)
+    server = Server(cfg)
+    server.startup()
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        a, b = keyden.connect(cfg.socket), keyden.connect(cfg.socket)
+        ring = a.get_persistent("@s")
+        write = server.journal.db.write
+
+        def full_disk(*args, **kw):
+            raise OSError(28, "No space left on device")
+        server.journal.db.write = full_disk
+        with pytest.raises(E.EIO):
+            a.add("user", "kd:persisted", b"x", ring)
+        assert b.ping(b"hi") == b"hi"
+        b.whoami()
+        local = b.add("user", "kd:session", b"y", "@s")  # not persistent: no write, no EIO
+        assert b.read(local) == b"y"
+        keyden.connect(cfg.socket).close()  # and a newcomer's HELLO
+        server.journal.db.write = write
+        assert a.add("user", "kd:later", b"z", ring)  # the disk is back: this write takes the earlier one too
+        a.close(), b.close()
+    finally:
+        server.request_stop()
+        serving.join(10)
+        server.shutdown()

@@ -33,12 +33,17 @@ class Journal(ABC):
         """``key`` was taken out of persistent keyring ``ring``."""
         self.on_store(ring)
 
-    def pending(self) -> bool:
-        """Are changes reported and not yet durable?  (Cheap: asked after every request.)"""
-        return False
+    def mark(self) -> int:
+        """The last change this thread reported (0: none): a request's marks before and after tell
+        whether it changed anything persistent, and what ``sync`` must reach."""
+        return 0
 
-    def sync(self) -> None:
-        """Make everything reported so far durable; called before a reply goes out (may block on the disk)."""
+    def synced(self, upto: int) -> bool:
+        """Are the changes up to mark ``upto`` on disk?  (Cheap: asked after such requests.)"""
+        return True
+
+    def sync(self, upto: int) -> None:
+        """Make the changes up to mark ``upto`` durable, before a reply goes out (may block on the disk)."""
 
 
 class NullJournal(Journal):

@@ -6,7 +6,9 @@ answers, seals the noted keys' current state under the store lock (so a
 batch holds whole operations) and writes them in one synced transaction
 outside it.  Requests that arrive while a write is in progress wait for the
 next one, which takes all of their changes at once: one fsync for many
-operations.  A thread only waits if it has changes of its own not yet on disk.
+operations.  A request only waits if it made changes not yet on disk (the
+thread that ran it marks them), and only a failed write of its own changes
+fails it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class SealedJournal(Journal):
         self._dirty: dict[int, Key | None] = {}
         self._seq = 0  # changes noted so far
         self._durable = 0  # changes on disk
+        self._local = threading.local()  # .seq: the last change noted by this thread
         self._write_lock = threading.Lock()
         self._closed = False
 
@@ -56,17 +59,21 @@ class SealedJournal(Journal):
 
     def _note(self) -> None:
         self._seq += 1
+        self._local.seq = self._seq
 
     # ------------------------------------------------------------- writing
 
-    def pending(self) -> bool:
-        return self._seq > self._durable
+    def mark(self) -> int:
+        return getattr(self._local, "seq", 0)
 
-    def sync(self) -> None:
-        if self._seq <= self._durable:
+    def synced(self, upto: int) -> bool:
+        return upto <= self._durable
+
+    def sync(self, upto: int) -> None:
+        if upto <= self._durable:
             return
         with self._write_lock:
-            if self._seq > self._durable:
+            if upto > self._durable:
                 self._write_pending()  # EIO if the database is closed: the change cannot be made durable
 
     def flush(self) -> None:

@@ -221,6 +221,9 @@ def _pack_bytes_list(items) -> bytes:
     return b"".join((struct.pack(f"<I{len(items)}I", len(items), *map(len, items)), *items))
 
 
+_STRUCT_ITEMS = 1024  # the struct module caches 100 formats: at most ~100 x 1024 codes (a few MB), bounded
+
+
 def _bytes_list(body, pos: int, end: int) -> tuple[list[bytes], int]:
     (n,) = _U32.unpack_from(body, pos)
     pos += 4
@@ -231,10 +234,16 @@ def _bytes_list(body, pos: int, end: int) -> tuple[list[bytes], int]:
     stop = pos + sum(lengths)
     if stop > end:
         _truncated()
+    if n > _STRUCT_ITEMS:  # struct keeps compiled formats: one as long as a 16 MiB body's would pin ~100 MB
+        starts = itertools.accumulate(lengths, initial=pos)
+        return [bytes(body[a:a + m]) for a, m in zip(starts, lengths)], stop
     if not n:
         return [], stop
-    # One struct call cuts every item ("<12s64s..."): no Python step per item.
-    return list(struct.unpack_from("<" + "s".join(map(str, lengths)) + "s", body, pos)), stop
+    # Up to a batch's size, one struct call cuts every item ("<12s64s..."): no Python step per item.  Items
+    # of one size (a batch's nonces, often its messages) make the same format each time: compiled once.
+    first = lengths[0]
+    fmt = f"{first}s" * n if lengths.count(first) == n else "s".join(map(str, lengths)) + "s"
+    return list(struct.unpack_from("<" + fmt, body, pos)), stop
 
 
 def _pack_i32s(values) -> bytes:

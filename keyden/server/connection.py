@@ -28,8 +28,8 @@ class Cost(enum.IntEnum):
     """How long a request may hold whoever answers it: the loop decides from this where it runs."""
 
     QUICK = 0  # microseconds: always answered by the loop itself
-    HEAVY = 1  # a bounded millisecond or so that pyca spends outside the GIL (RSA private keys, bulk
-    #            ciphers): answered by the loop when nobody else is waiting, else by a worker, in parallel
+    HEAVY = 1  # a few bounded milliseconds that pyca spends outside the GIL (RSA private keys, ciphers on
+    #            up to 16 MiB): answered by the loop when nobody else is waiting, else by a worker
     SLOW = 2  # unbounded or blocking (key generation, scrypt, the disk, TLS set-up): always a worker
 
 
@@ -45,6 +45,7 @@ PKEY_OPS = frozenset({W.Op.PKEY_SIGN, W.Op.PKEY_DECRYPT, W.Op.PKEY_ENCRYPT, W.Op
 #: Requests that parse what they are given: an asymmetric key may be an encrypted PKCS#8 (a password KDF).
 ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS, W.Op.UPDATE})
 BULK_BYTES = 64 * 1024  # more data than this in one request is heavy (pyca releases the GIL for bulk work)
+HEAVY_BYTES = 16 * 1024 * 1024  # up to a frame's worth (~10 ms at most) may run on the loop; more is slow
 _PLAIN_OPS = frozenset(W.Op) - SLOW_OPS - PKEY_OPS - ADD_OPS - {W.Op.SHM_CIPHER}  # cost set by size alone
 _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
@@ -60,13 +61,16 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
     if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted); an update may be of either kind
         return Cost.SLOW if op == W.Op.UPDATE or body[4:14] == b"asymmetric" else Cost.QUICK
     if len(body) > BULK_BYTES:
-        return Cost.HEAVY
+        return _bulk(len(body))
     if op in PKEY_OPS:
         return Cost.HEAVY if len(body) >= 4 and store.slow_asymmetric(_I32.unpack_from(body)[0]) else Cost.QUICK
     if op == W.Op.SHM_CIPHER:  # its length field: in_offset, length, out_offset end the body
-        return Cost.HEAVY if len(body) >= 16 and _U64.unpack_from(body, len(body) - 16)[0] > BULK_BYTES \
-            else Cost.QUICK
+        return _bulk(_U64.unpack_from(body, len(body) - 16)[0]) if len(body) >= 16 else Cost.QUICK
     return Cost.QUICK
+
+
+def _bulk(size: int) -> Cost:
+    return Cost.QUICK if size <= BULK_BYTES else Cost.HEAVY if size <= HEAVY_BYTES else Cost.SLOW
 
 
 class Connection:
@@ -79,6 +83,7 @@ class Connection:
         self.decoder = W.FrameDecoder(max_frame)
         self.context: Context | None = None
         self.closed = False
+        self.unsynced = 0  # the journal mark the last request's reply must wait for (0: nothing)
 
     def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> bytes:
         """Feed bytes (and any passed descriptors) from the socket; return the bytes to send back."""
@@ -89,7 +94,8 @@ class Connection:
         self.feed(data, fds)
         try:
             while not self.closed and (frame := self.next_frame()) is not None:
-                yield self.durable(frame, self.handle(frame))
+                reply = self.handle(frame)
+                yield self.durable(frame, reply, self.unsynced)
         except W.FrameTooLarge as exc:
             log.warning("pid %d: %s; closing", self.peer.pid, exc.message)
             self.closed = True
@@ -117,15 +123,17 @@ class Connection:
         return Cost.QUICK if self.context is None else request_cost(self.store, frame)
 
     def needs_sync(self) -> bool:
-        """Is a change to a persistent keyring waiting to be written (before the next reply may go)?"""
-        return self.store.journal.pending()
+        """Did the last request change a persistent keyring, not yet on disk (its reply must wait)?"""
+        return bool(self.unsynced) and not self.store.journal.synced(self.unsynced)
 
-    def durable(self, frame: W.Frame, reply: bytes) -> bytes:
-        """``reply``, once every change so far is on disk (this may block); the error if that write failed."""
-        try:
-            self.store.journal.sync()
-        except E.KeydenError as exc:
-            return W.encode_error(frame.request_id, frame.op, exc)
+    def durable(self, frame: W.Frame, reply: bytes, upto: int) -> bytes:
+        """``reply``, once the changes its request made (up to mark ``upto``) are on disk (this may block);
+        the error instead if that write failed."""
+        if upto:
+            try:
+                self.store.journal.sync(upto)
+            except E.KeydenError as exc:
+                return W.encode_error(frame.request_id, frame.op, exc)
         return reply
 
     def close(self) -> None:
@@ -135,8 +143,12 @@ class Connection:
             self.context.close()
 
     def handle(self, frame: W.Frame) -> bytes:
+        """The reply to one frame; ``unsynced`` then says what it changed persistently (see ``durable``)."""
+        self.unsynced = 0
         if self.context is None:
             return self._hello(frame)
+        journal = self.store.journal
+        before = journal.mark()
         args = result = None
         try:
             args = W.request_schema(frame.op).decode(frame.body)
@@ -153,6 +165,9 @@ class Connection:
             reply, error = W.encode_error(frame.request_id, frame.op, E.EIO("internal error")), E.EIO.code
         else:
             error = 0
+        after = journal.mark()
+        if after != before:
+            self.unsynced = after
         if self.audit is not None:
             self.audit.record(frame.op, args, error, result)
         return reply

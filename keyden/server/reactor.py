@@ -127,10 +127,11 @@ class Reactor:
             for fd, ev in events:
                 ch = channels.get(fd)
                 if ch is not None:
-                    if ev & _OUT and self._flush(ch) and not ch.busy:
-                        self._serve(ch)  # room again: answer what arrived while we waited
-                    if ev & (_IN | _GONE) and ch.fd in channels:
-                        self._readable(ch, ev)
+                    try:
+                        self._event(ch, ev)
+                    except Exception:  # a bug must cost one connection, not the daemon
+                        log.exception("%s: internal error; closing the connection", ch.name)
+                        self._close(ch)
                 elif fd == self._wake_fd:
                     self._completions()
                 elif self._listener is not None and fd == self._listener.fileno():
@@ -150,6 +151,22 @@ class Reactor:
             self._audit.flush()
         self._epoll.close()
         os.close(self._wake_fd)
+
+    def _event(self, ch: Channel, ev: int) -> None:
+        if ev & _OUT and self._flush(ch) and not ch.busy:
+            self._serve(ch)  # room again: answer what arrived while we waited
+        if not self._alive(ch):
+            return
+        if ch.busy:  # its request is with a worker: read nothing more, but notice a client that left
+            if ev & _GONE:
+                self._close(ch)
+            return
+        if ev & (_IN | _GONE):
+            self._readable(ch, ev)
+
+    def _alive(self, ch: Channel) -> bool:
+        """Still in the loop?  (By identity: a closed channel's descriptor number may be reused at once.)"""
+        return self._channels.get(ch.fd) is ch
 
     def stop(self) -> None:
         """Safe from a signal handler or another thread: the loop finishes its round and returns."""
@@ -258,11 +275,11 @@ class Reactor:
                 break
             cost = conn.cost(frame)
             if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1):
-                self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame)))
+                self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced))
                 break
             reply = conn.handle(frame)
             if conn.needs_sync():  # a persistent keyring changed: the fsync goes to a worker, the reply after it
-                self._submit(ch, lambda frame=frame, reply=reply: conn.durable(frame, reply))
+                self._submit(ch, lambda frame=frame, reply=reply, upto=conn.unsynced: conn.durable(frame, reply, upto))
                 break
             frame = None
             if conn.closed:
@@ -271,14 +288,12 @@ class Reactor:
             queued += 1
             if queued >= max_in_flight or ch.unsent >= limits.MAX_UNSENT:
                 queued = 0
-                if self._audit is not None:
-                    self._audit.flush()
                 if not self._flush(ch):
-                    break  # the client is not reading: neither do we
+                    break  # the client is not reading: neither do we (_send_round serves it again)
         if not ch.greeted and conn.context is not None:
             ch.greeted = True
             ch.deadline = time.monotonic() + self.config.idle_timeout if self.config.idle_timeout > 0 else 0.0
-        if ch.closing and not ch.ready and ch.fd in self._channels:
+        if ch.closing and not ch.ready and self._alive(ch):
             self._flush(ch)  # nothing queued: close now
 
     def _queue(self, ch: Channel, reply: bytes) -> None:
@@ -294,17 +309,22 @@ class Reactor:
             self._ready.append(ch)
 
     def _send_round(self) -> None:
-        """The audit lines of this round, then every reply it made."""
-        if self._audit is not None:
-            self._audit.flush()
-        ready, self._ready = self._ready, []
-        for ch in ready:
-            ch.ready = False
-            if ch.fd in self._channels:
-                self._flush(ch)
+        """The audit lines of this round, then every reply it made.
+
+        A channel whose replies had backed up may have requests waiting in its decoder, with no event
+        to come for them: once its replies are out, it is served again (and its new replies sent).
+        """
+        while self._ready:
+            ready, self._ready = self._ready, []
+            for ch in ready:
+                ch.ready = False
+                if self._alive(ch) and self._flush(ch) and not ch.busy and not ch.closing and ch.conn.decoder.pending:
+                    self._serve(ch)
 
     def _flush(self, ch: Channel) -> bool:
         """Write what we can without blocking; True if nothing is left.  Watches for room otherwise."""
+        if self._audit is not None and self._audit.holding:
+            self._audit.flush()  # no reply before its audit line
         out = ch.out
         try:
             if len(out) == 1 and not out[0][1]:  # the usual case: one reply, no descriptors
@@ -362,13 +382,14 @@ class Reactor:
             ch.send_deadline = time.monotonic() + self.config.send_timeout  # progress: the clock restarts
 
     def _watch(self, ch: Channel, mask: int) -> None:
-        if ch.mask != mask and ch.fd in self._channels:
+        if ch.mask != mask and self._alive(ch):
             ch.mask = mask
             self._epoll.modify(ch.fd, mask)
 
     def _close(self, ch: Channel) -> None:
-        if self._channels.pop(ch.fd, None) is None:
+        if not self._alive(ch):
             return
+        del self._channels[ch.fd]
         try:
             self._epoll.unregister(ch.fd)
         except OSError:
@@ -417,9 +438,11 @@ class Reactor:
     def _finished(self, ch: Channel, reply: bytes | None) -> None:
         ch.busy = False
         self._busy -= 1
-        if ch.fd not in self._channels:  # closed while the worker ran
+        if not self._alive(ch):  # closed while the worker ran
             self._release(ch)
             return
+        if self.config.idle_timeout > 0:  # it was busy, not idle
+            ch.deadline = time.monotonic() + self.config.idle_timeout
         if reply is None:
             self._close(ch)
             return
