@@ -9,7 +9,6 @@ import hashlib
 import os
 import pickle
 import random
-import time
 
 import pytest
 from cryptography import x509

@@ -6,7 +6,7 @@ import itertools
 import os
 import socket
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from keyden import errors as E
 from keyden import protocol as W
@@ -14,6 +14,9 @@ from keyden.client import common, tls
 from keyden.client.dataplane import Aead, Mac, SharedBuffer, Stream, send_with_fds
 from keyden.client.operations import Operations, Ref
 from keyden.protocol import Op
+
+if TYPE_CHECKING:
+    from keyden.client.handles import KeyHandle
 
 RECV_CHUNK = 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024

@@ -71,7 +71,7 @@ class Channel:
         self.fd = sock.fileno()
         self.conn = conn
         self.on_close = on_close
-        self.out: collections.deque[tuple[memoryview, list[int]]] = collections.deque()  # (bytes, fds to pass)
+        self.out: collections.deque[tuple[bytes | memoryview, list[int]]] = collections.deque()  # (reply, fds to pass)
         self.unsent = 0  # bytes in ``out``
         self.busy = False  # a request of ours is with a worker
         self.closing = False  # close once the replies are out (an error frame said why)
@@ -172,14 +172,6 @@ class Reactor:
         """Safe from a signal handler or another thread: the loop finishes its round and returns."""
         self._stopping = True
         self._wake()
-
-    def shutdown_channels(self) -> None:
-        """Wake every client with EOF (the loop then closes them)."""
-        for ch in list(self._channels.values()):
-            try:
-                ch.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _wake(self) -> None:
         try:
