@@ -709,3 +709,21 @@ def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent
         server.request_stop()
         serving.join(10)
         server.shutdown()
+
+
+def test_a_config_file_others_may_write_is_refused(tmp_path):
+    """--config names the key store, the master key and the socket: a file others could rewrite is refused."""
+    state, config = os.path.join(tmp_path, "state"), os.path.join(tmp_path, "keyden.toml")
+    with open(config, "w") as f:
+        f.write("max_in_flight = 32\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.pop("KEYDEN_PASSPHRASE_FILE", None)
+    init = [sys.executable, "-m", "keyden", "init", "--state-dir", state, "--config", config]
+    for mode in (0o666, 0o620, 0o602):
+        os.chmod(config, mode)
+        proc = subprocess.run(init, capture_output=True, text=True, env=env)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"config file {config} has mode {mode:04o}" in proc.stderr
+    os.chmod(config, 0o644)  # readable by others is fine: it holds no secret
+    proc = subprocess.run(init, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr

@@ -122,6 +122,7 @@ class ServerConfig:
         path = Path(path) if path else self.config_file
         if not path.exists():
             return
+        check_config_file(path)
         try:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -153,6 +154,20 @@ def check_state_dir(path: str) -> None:
     if mode & 0o022:
         raise StartupError(f"the state directory {path} has mode {mode:04o}, writable by group or others; "
                            f"refusing to start (check nobody else changed its files, then: chmod go-w {path})")
+
+
+def check_config_file(path: Path) -> None:
+    """Refuse a config file others could have written: it names the key store, the master key and the
+    socket.  Owned by root or the daemon's uid, writable by neither group nor others (readable is fine)."""
+    st = path.stat()
+    uid = os.geteuid()
+    if st.st_uid not in (0, uid):
+        raise StartupError(f"the config file {path} is owned by uid {st.st_uid}, neither root nor the daemon's uid "
+                           f"{uid}; refusing to start (check it, then: chown {uid} {path})")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise StartupError(f"the config file {path} has mode {mode:04o}, writable by group or others; refusing to "
+                           f"start (check it, then: chmod go-w {path})")
 
 
 def _apply(target, values: dict, path, skip=()) -> None:
