@@ -258,3 +258,12 @@ def test_blob_format_offline():
         assert X.unwrap_with_private_key(blob, private) == plaintext
         entries, links = X.decode_tree(X.unwrap_with_private_key(blob, private))
         assert (entries[0].payload, links) == (b"secret bytes", [])
+
+
+def test_cli_rekey_refuses_a_passphrase_file_others_may_read(daemon, client, tmp_path):
+    """Checked before anything is sent: a passphrase others could read is spent already."""
+    loose = tmp_path / "new-passphrase"
+    loose.write_bytes(b"a new passphrase\n")
+    loose.chmod(0o644)
+    r = _cli(daemon, client.session_token, "rekey", "--passphrase-file", str(loose))
+    assert r.returncode == 1 and b"has mode 0644, open to group or others" in r.stderr, r.stderr

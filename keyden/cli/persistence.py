@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 
 from keyden.cli.support import Exit, Usage, call, failure, id32, number, read_file, read_stdin, write_bytes
 
@@ -49,7 +50,15 @@ def cmd_rekey(ctx, args):
         raise Usage()
     passphrase = b""
     if "--passphrase-file" in named:
-        passphrase = read_file(named["--passphrase-file"]).rstrip(b"\r\n")
+        path = named["--passphrase-file"]
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError as exc:
+            raise failure(path, exc) from None
+        if mode & 0o077:  # a passphrase others may read is spent before it is used; the daemon would refuse it too
+            raise Exit(1, f"rekey: the passphrase file {path} has mode {mode:04o}, open to group or others "
+                          f"(chmod 600 {path}, after checking nobody else read it)")
+        passphrase = read_file(path).rstrip(b"\r\n")
     call("rekey", ctx.client.rekey, passphrase)
 
 
