@@ -158,8 +158,12 @@ def check_state_dir(path: str) -> None:
 
 def check_config_file(path: Path) -> None:
     """Refuse a config file others could have written: it names the key store, the master key and the
-    socket.  Owned by root or the daemon's uid, writable by neither group nor others (readable is fine)."""
+    socket.  Owned by root or the daemon's uid, writable by neither group nor others (readable is fine).
+    Only regular files: ``--config /dev/null`` or a pipe is a source the administrator named on the
+    command line, not a file anyone could have planted."""
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        return
     uid = os.geteuid()
     if st.st_uid not in (0, uid):
         raise StartupError(f"the config file {path} is owned by uid {st.st_uid}, neither root nor the daemon's uid "
