@@ -57,11 +57,7 @@ class Client(Operations):
             for op, args in calls:
                 rid = next(self._ids) & 0xFFFFFFFF
                 ids.append(rid)
-                frame = W.encode_request(rid, op, *args)
-                if len(frame) - W.HEADER_SIZE > self.max_frame:
-                    raise E.EMSGSIZE(f"request of {len(frame)} bytes exceeds the daemon's {self.max_frame}-byte "
-                                     "frame cap; use a shared buffer or a stream for bulk data")
-                out.append(frame)
+                out.append(self._request(rid, op, args))
             try:
                 if fds:
                     send_with_fds(self._sock, b"".join(out), fds)
@@ -80,6 +76,14 @@ class Client(Operations):
             else:
                 results.append(W.response_schema(op).decode(frame.body))
         return results
+
+    def _request(self, rid: int, op: Op, args: tuple) -> bytes:
+        """One encoded request, refused here if it is over the frame cap the daemon announced."""
+        frame = W.encode_request(rid, op, *args)
+        if len(frame) - W.HEADER_SIZE > self.max_frame:
+            raise E.EMSGSIZE(f"request of {len(frame)} bytes exceeds the daemon's {self.max_frame}-byte "
+                             "frame cap; use a shared buffer or a stream for bulk data")
+        return frame
 
     def _farewell(self) -> E.KeydenError | None:
         """Why the daemon closed on us, if it said so before we noticed (e.g. a connection limit)."""
@@ -134,15 +138,12 @@ class Client(Operations):
         Most calls are one small request whose whole reply comes back in one read; that path
         touches neither the frame decoder nor the pending table.
         """
-        request, response = W.SCHEMAS[op]
-        body = request.encode(args)
-        if len(body) > self.max_frame:
-            raise E.EMSGSIZE(f"request of {len(body)} bytes exceeds the daemon's {self.max_frame}-byte frame cap; "
-                             "use a shared buffer or a stream for bulk data")
+        response = W.response_schema(op)
         with self._lock:
             rid = next(self._ids) & 0xFFFFFFFF
+            request = self._request(rid, op, args)
             try:
-                self._sock.sendall(W.HEADER.pack(len(body), rid, op, 0) + body)
+                self._sock.sendall(request)
                 if self._pending or self._decoder.pending:
                     frame = self._wait(rid)
                 else:

@@ -13,7 +13,7 @@ import sqlite3
 import stat
 from typing import Iterable, Iterator
 
-from keyden.persist.master import StartupError, require_private
+from keyden.persist.master import StartupError, require_own
 from keyden.persist.records import COLUMNS, Row
 
 SCHEMA = """
@@ -88,7 +88,7 @@ def _create_private(path: str) -> None:
     """Make the file 0600 before SQLite does (its -wal and -shm files copy the database's mode).
 
     An existing database, -wal or -shm file must be the daemon's own and private to it: it is
-    refused otherwise (``require_private``).
+    refused otherwise (``require_own``).
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     try:
@@ -99,7 +99,7 @@ def _create_private(path: str) -> None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StartupError(f"the key database {path} is not a regular file")
-        require_private(path, st, "key database")
+        require_own(path, st, "key database")
     finally:
         os.close(fd)
     for side in (path + "-wal", path + "-shm"):
@@ -111,4 +111,4 @@ def _create_private(path: str) -> None:
             raise StartupError(f"cannot examine {side}: {exc.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
             raise StartupError(f"the key database's {side} is not a regular file")
-        require_private(side, st, "key database file")
+        require_own(side, st, "key database file")

@@ -222,16 +222,7 @@ class FileKey(KeySource):
         return Rotation(Sealer(key), finish=finish)
 
     def _read(self, path: str) -> bytes:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise StartupError(f"cannot open the master key file {path}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise StartupError(f"the master key file {path} is not a regular file")
-            require_private(path, st, "master key file")
-            key = f.read(KEY_BYTES + 1)
+        key = read_private_file(path, "master key file", KEY_BYTES + 1, follow_symlinks=False)
         if len(key) != KEY_BYTES:
             raise StartupError(f"the master key file {path} does not hold a {KEY_BYTES}-byte key")
         return key
@@ -298,26 +289,33 @@ def normalize_passphrase(raw: bytes) -> bytes:
 
 
 def read_passphrase(path: str) -> bytes:
-    """The passphrase file, held to the master key file's rule: a regular file, the daemon's own, 0600.
-
-    Whoever can read it can open the key store.  O_NONBLOCK so that a FIFO is refused, not waited on.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise StartupError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise StartupError(f"the passphrase file {path} is not a regular file; refusing to start")
-        require_private(path, st, "passphrase file")
-        try:
-            passphrase = normalize_passphrase(f.read(MAX_PASSPHRASE + 1))
-        except OSError as exc:
-            raise StartupError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
+    """The passphrase file, held to the master key file's rule (whoever can read it can open the key
+    store); a symlink is followed, as mounted secrets often are one."""
+    passphrase = normalize_passphrase(read_private_file(path, "passphrase file", MAX_PASSPHRASE + 1))
     if not passphrase or len(passphrase) > MAX_PASSPHRASE:
         raise StartupError(f"the passphrase file {path} must hold 1..{MAX_PASSPHRASE} bytes")
     return passphrase
+
+
+def read_private_file(path: str, what: str, limit: int, *, follow_symlinks: bool = True) -> bytes:
+    """Up to ``limit`` bytes of a secret file, refused unless a regular file of the daemon's own, 0600.
+
+    O_NONBLOCK so that a FIFO is refused, not waited on.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise StartupError(f"cannot open the {what} {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise StartupError(f"the {what} {path} is not a regular file; refusing to start")
+        require_own(path, st, what)
+        try:
+            return f.read(limit)
+        except OSError as exc:
+            raise StartupError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
 def source_for(master_key_file: str, passphrase_file: str, kernel_description: str) -> KeySource:
@@ -328,20 +326,25 @@ def source_for(master_key_file: str, passphrase_file: str, kernel_description: s
     return FileKey(master_key_file, kernel_description)
 
 
-def require_private(path: str, st: os.stat_result, what: str) -> None:
-    """Refuse to start, as sshd's StrictModes does, on a file another uid owns or group or others may use.
+def require_own(path: str, st: os.stat_result, what: str, *, secret: bool = True,
+                root_may_own: bool = False) -> None:
+    """Refuse to start, as sshd's StrictModes does, on a file or directory that is not the daemon's own.
 
-    Nothing is tightened behind the administrator's back: a wrong owner or mode means someone else may
-    already have read or replaced the file, which only a human can judge.
+    ``secret``: group and others may have no access at all (else they may read, not write); with
+    ``root_may_own`` root's files pass too (a config under /etc).  Nothing is tightened behind the
+    administrator's back: a wrong owner or mode means someone else may already have read or replaced
+    the file, which only a human can judge.
     """
     uid = os.geteuid()
-    if st.st_uid != uid:
-        raise StartupError(f"the {what} {path} is owned by uid {st.st_uid}, not the daemon's uid {uid}; "
+    if st.st_uid != uid and not (root_may_own and st.st_uid == 0):
+        owners = f"neither root nor the daemon's uid {uid}" if root_may_own else f"not the daemon's uid {uid}"
+        raise StartupError(f"the {what} {path} is owned by uid {st.st_uid}, {owners}; "
                            f"refusing to start (check nobody else had it, then: chown {uid} {path})")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise StartupError(f"the {what} {path} has mode {mode:04o}, open to group or others; refusing to "
-                           f"start (check nobody else read it, then: chmod 600 {path})")
+    mask, open_to, fix = (0o077, "open to", "chmod 600") if secret else (0o022, "writable by", "chmod go-w")
+    if mode & mask:
+        raise StartupError(f"the {what} {path} has mode {mode:04o}, {open_to} group or others; refusing to "
+                           f"start (check nobody else used it, then: {fix} {path})")
 
 
 def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:

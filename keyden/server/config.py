@@ -10,7 +10,7 @@ from pathlib import Path
 
 from keyden import errors as E
 from keyden.core.store import StoreConfig
-from keyden.persist.master import StartupError
+from keyden.persist.master import StartupError, require_own
 from keyden.protocol import DEFAULT_MAX_FRAME
 
 DEFAULT_CONFIG_TEXT = """\
@@ -137,8 +137,7 @@ def check_state_dir(path: str) -> None:
 
     Whoever may write in it may replace keyden.toml or swap files around the
     key store.  Group or others may still read and traverse it: the secret
-    files in it are each checked for owner and mode.  Nothing is changed behind
-    the administrator's back.
+    files in it are each checked for owner and mode.
     """
     try:
         st = os.stat(path)
@@ -146,14 +145,7 @@ def check_state_dir(path: str) -> None:
         raise StartupError(f"cannot use the state directory {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"the state directory {path} is not a directory; refusing to start")
-    uid = os.geteuid()
-    if st.st_uid != uid:
-        raise StartupError(f"the state directory {path} is owned by uid {st.st_uid}, not the daemon's uid {uid}; "
-                           f"refusing to start (check nobody else had it, then: chown {uid} {path})")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
-        raise StartupError(f"the state directory {path} has mode {mode:04o}, writable by group or others; "
-                           f"refusing to start (check nobody else changed its files, then: chmod go-w {path})")
+    require_own(path, st, "state directory", secret=False)
 
 
 def check_config_file(path: Path) -> None:
@@ -162,16 +154,8 @@ def check_config_file(path: Path) -> None:
     Only regular files: ``--config /dev/null`` or a pipe is a source the administrator named on the
     command line, not a file anyone could have planted."""
     st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        return
-    uid = os.geteuid()
-    if st.st_uid not in (0, uid):
-        raise StartupError(f"the config file {path} is owned by uid {st.st_uid}, neither root nor the daemon's uid "
-                           f"{uid}; refusing to start (check it, then: chown {uid} {path})")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
-        raise StartupError(f"the config file {path} has mode {mode:04o}, writable by group or others; refusing to "
-                           f"start (check it, then: chmod go-w {path})")
+    if stat.S_ISREG(st.st_mode):
+        require_own(str(path), st, "config file", secret=False, root_may_own=True)
 
 
 def _apply(target, values: dict, path, skip=()) -> None:

@@ -219,7 +219,7 @@ class Reactor:
     def _readable(self, ch: Channel, ev: int) -> None:
         conn = ch.conn
         view = self._small
-        if conn.decoder.needed() > SMALL_RECV_CHUNK:
+        if conn.decoder.pending and conn.decoder.needed() > SMALL_RECV_CHUNK:  # a large frame is arriving
             view = self._large = self._large or memoryview(bytearray(RECV_CHUNK))
         try:
             n, ancdata, _flags, _addr = ch.sock.recvmsg_into([view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
