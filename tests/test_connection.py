@@ -187,7 +187,12 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     ed = dispatch(ctx, Op.GENKEY, ("ed25519", "kd-cost-ed", -3))[0]
     shm = lambda length: frame(Op.SHM_CIPHER, 1, "gcm(aes)", 5, 0, b"", b"", 0, length, length)  # noqa: E731
     assert conn.cost(frame(Op.PING, b"")) is Cost.QUICK
-    assert conn.cost(frame(Op.PKEY_SIGN, ed, "", bytes(64))) is Cost.QUICK
+    user = dispatch(ctx, Op.ADD, ("user", "kd-cost-user", b"secret", -3, b""))[0]
+    p384 = dispatch(ctx, Op.GENKEY, ("p384", "kd-cost-p384", -3))[0]
+    assert conn.cost(frame(Op.PKEY_SIGN, ed, "", bytes(64))) is Cost.QUICK  # less than a hand-off costs
+    assert conn.cost(frame(Op.PKEY_VERIFY, p384, "", bytes(48), bytes(104))) is Cost.HEAVY
+    assert conn.cost(frame(Op.PKEY_SIGN, user, "", bytes(64))) is Cost.QUICK  # refused at once (not asymmetric)
+    assert conn.cost(frame(Op.PKEY_SIGN, 0x7FFF_FFF0, "", bytes(64))) is Cost.QUICK  # no such key: ENOKEY
     assert conn.cost(frame(Op.PKEY_SIGN, rsa, "enc=pkcs1 hash=sha256", bytes(32))) is Cost.HEAVY
     assert conn.cost(frame(Op.CIPHER, "gcm(aes)", 5, 0, bytes(12), b"", bytes(100_000))) is Cost.HEAVY
     assert conn.cost(shm(4096)) is Cost.QUICK

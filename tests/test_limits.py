@@ -326,3 +326,103 @@ def test_a_batch_of_a_million_empty_items_costs_no_lasting_memory(fresh_daemon):
     raw.close()
     grown_mib = (d.memory_kib("VmHWM") - before) / 1024
     assert grown_mib < 100, f"daemon memory grew by {grown_mib:.0f} MiB for four refused batches"
+
+
+# ------------------------------------------------------------- large frames
+
+def _large_ping(raw: Raw, rid: int, size: int, send: int | None = None) -> None:
+    """Send a PING frame with a ``size``-byte payload: all of it, or only its first ``send`` bytes."""
+    frame = W.encode_request(rid, Op.PING, b"p" * size)
+    raw.sock.sendall(frame if send is None else frame[:send])
+
+
+def _answered_within(raw: Raw, seconds: float) -> bool:
+    return bool(raw.frames) or bool(select.select([raw.sock], [], [], seconds)[0])
+
+
+def _large_ping_answered(path: str, size: int) -> int:
+    raw = Raw(path)
+    _large_ping(raw, 7, size)
+    frame = raw.next_frame()
+    raw.close()
+    return frame.status
+
+
+def test_large_frames_wait_for_the_receive_budget_and_all_complete(fresh_daemon):
+    size = 200_000  # over 64 KiB: charged to the budget, which holds one such frame per uid and two in all
+    d = fresh_daemon("max_frame = 262144\nreceive_maxbytes = 300000\nreceive_total_maxbytes = 600000\n")
+    holder, waiter = Raw(d.socket), Raw(d.socket)
+    _large_ping(holder, 5, size, send=150_000)  # admitted, then the rest never comes
+    time.sleep(0.3)  # let the daemon read it and charge its frame
+    _large_ping(waiter, 6, size)  # whole in the socket buffer, but the uid's share is taken: it waits
+    assert not _answered_within(waiter, 0.5)
+    # Another uid has its own share: its frame is read and answered meanwhile.
+    assert run_as(NOBODY, _large_ping_answered, d.socket, size) == 0
+    with d.connect() as c:  # small frames never wait
+        c.ping(b"small")
+    holder.close()  # its reservation comes back with the connection: the waiting frame goes through
+    reply = waiter.next_frame()
+    assert (reply.request_id, reply.status) == (6, 0)
+    _large_ping(waiter, 8, size)  # and the budget is whole again for the next one
+    assert waiter.next_frame().request_id == 8
+    waiter.close()
+    assert "large frames being received are at their limit for uid 0" in d.read_log()
+
+
+def test_a_frame_completes_and_releases_its_share_for_the_next_one(fresh_daemon):
+    d = fresh_daemon("max_frame = 262144\nreceive_maxbytes = 300000\n")
+    raws = [Raw(d.socket) for _ in range(6)]  # six frames, budget for one at a time: each waits its turn
+    for i, raw in enumerate(raws):
+        _large_ping(raw, i + 1, 200_000)
+    for i, raw in enumerate(raws):
+        reply = raw.next_frame()
+        assert (reply.request_id, reply.status, len(reply.body)) == (i + 1, 0, 4 + 200_000)
+        raw.close()
+
+
+def test_an_unread_reply_keeps_its_share_of_the_budget(fresh_daemon):
+    size = 200_000
+    d = fresh_daemon("max_frame = 262144\nreceive_maxbytes = 300000\n")
+    deaf = Raw(d.socket)
+
+    def send_without_reading() -> None:  # the daemon's send buffer fills with echoes nobody reads
+        try:
+            for i in range(400):  # 80 MB: more than any socket buffers hold, so this blocks
+                _large_ping(deaf, 100 + i, size)
+        except OSError:
+            pass  # closed below
+    sender = threading.Thread(target=send_without_reading, daemon=True)
+    sender.start()
+    time.sleep(1.0)
+    other = Raw(d.socket)
+    _large_ping(other, 6, size)
+    assert not _answered_within(other, 0.5)  # the uid's share is an echo still waiting to be read
+    deaf.close()
+    sender.join(10)
+    reply = other.next_frame()
+    assert (reply.request_id, reply.status) == (6, 0)
+    other.close()
+
+
+def test_a_frame_that_waited_for_room_is_not_then_closed_as_idle(fresh_daemon):
+    size = 200_000
+    d = fresh_daemon("max_frame = 262144\nreceive_maxbytes = 300000\nidle_timeout = 1\n")
+    holder = Raw(d.socket)
+    frame = W.encode_request(5, Op.PING, b"p" * size)
+    holder.sock.sendall(frame[:150_000])  # admitted
+    time.sleep(0.3)
+    waiter = Raw(d.socket)
+    _large_ping(waiter, 6, size)  # waits for the holder's share, well past its own idle deadline:
+    for i in range(6):  # the holder trickles for 2.4 s, then stalls and is closed as idle
+        time.sleep(0.4)
+        holder.sock.sendall(frame[150_000 + i:150_001 + i])
+    assert holder.next_frame().status == E.ETIMEDOUT.code
+    reply = waiter.next_frame()  # admitted when the holder went, with a fresh idle clock
+    assert (reply.request_id, reply.status) == (6, 0)
+    holder.close()
+    waiter.close()
+
+
+def test_a_receive_budget_smaller_than_a_frame_is_refused_at_start(fresh_daemon):
+    with pytest.raises(RuntimeError, match="receive_maxbytes and receive_total_maxbytes must each be at least"):
+        fresh_daemon("max_frame = 262144\nreceive_total_maxbytes = 100000\n")

@@ -1,9 +1,9 @@
 """Byte budgets: how much of something each uid, and everyone together, may hold at once.
 
-Used for shared-memory regions the daemon maps for its clients: the daemon
-locks its memory (mlockall), so every mapped byte a client makes it touch is
-pinned daemon memory.  Connections run on their own threads, so charges and
-refunds happen under a lock.
+Used for shared-memory regions the daemon maps for its clients and for large
+frames it is receiving: the daemon locks its memory (mlockall), so every byte
+a client makes it hold is pinned daemon memory.  The loop and the worker
+threads both charge and refund, so they do it under a lock.
 """
 
 from __future__ import annotations
@@ -41,6 +41,19 @@ class ByteBudget:
                                f"{nbytes} more would pass the limit of {self.total}")
             self._held[uid] = held + nbytes
             self._total += nbytes
+
+    def try_charge(self, uid: int, nbytes: int) -> str:
+        """``charge`` for a caller that waits rather than fails: "" if charged, else which cap is in the
+        way ("uid" or "total")."""
+        with self._lock:
+            held = self._held.get(uid, 0)
+            if held + nbytes > self.per_uid:
+                return "uid"
+            if self._total + nbytes > self.total:
+                return "total"
+            self._held[uid] = held + nbytes
+            self._total += nbytes
+            return ""
 
     def refund(self, uid: int, nbytes: int) -> None:
         with self._lock:

@@ -10,11 +10,14 @@ never carry key material.
 
 from __future__ import annotations
 
+import warnings
+
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import constant_time, hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dh, ec, x25519
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.utils import CryptographyDeprecationWarning
 
 from keyden import errors as E
 
@@ -31,6 +34,10 @@ MAX_PEER = 4096                 # bytes: a SubjectPublicKeyInfo for these curves
 # bound is ours: for a prime that is not a well-known group OpenSSL proves it
 # a safe prime on every call, ~0.5 s at 2048 bits and several seconds at 4096.
 DH_MIN_PRIME_BITS, DH_MAX_PRIME_BITS = 1536, 4096
+# pyca 50 deprecated finite-field DH.  dh_compute is the kernel's KEYCTL_DH_COMPUTE, kept for
+# compatibility (docs/session-keys.md says to prefer ECDH): the warning would only be noise in the
+# daemon's log.  One filter, set once (catch_warnings around the call is not thread-safe).
+warnings.filterwarnings("ignore", "Diffie-Hellman over finite fields", CryptographyDeprecationWarning)
 
 MAX_KDF_OUTPUT = 8160           # 255 * 32: HKDF-SHA256's limit, applied to every KDF
 MAX_KDF_INPUT = 65536           # secret, salt, info, otherinfo: each at most this many bytes
@@ -143,7 +150,7 @@ def dh_compute(private, prime, base) -> bytes:
         raise E.EINVAL("private value longer than the prime")
     x = int.from_bytes(private, "big")
     # For a safe prime p = 2q + 1 and such a base, base**x is 1 or p - 1 exactly
-    # when q divides x.  OpenSSL refuses those results, but pyca 48 turns that
+    # when q divides x.  OpenSSL refuses those results, but pyca (48-50) turns that
     # refusal into a Rust panic (not an Exception), so they are caught here.
     if x % ((p - 1) // 2) == 0:
         raise E.EINVAL("private value gives a degenerate result")

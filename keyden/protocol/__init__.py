@@ -458,6 +458,12 @@ class FrameDecoder:
     def pending(self) -> int:
         return len(self._buf)
 
+    def frame_size(self) -> int:
+        """Header and body of the frame in progress, once its header has arrived (0 before)."""
+        if len(self._buf) < HEADER_SIZE:
+            return 0
+        return HEADER_SIZE + _U32.unpack_from(self._buf, 0)[0]
+
     def needed(self) -> int:
         """How many more bytes complete the frame in progress (for sizing reads)."""
         if len(self._buf) < HEADER_SIZE:

@@ -11,14 +11,16 @@ from pathlib import Path
 from keyden import errors as E
 from keyden.core.store import StoreConfig
 from keyden.persist.master import StartupError, require_own
-from keyden.protocol import DEFAULT_MAX_FRAME
+from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE
 
 DEFAULT_CONFIG_TEXT = """\
 # keyden daemon configuration (created on first start; every setting optional).
 # socket = "/run/keyden/keyden.sock"
 # max_frame = 16781312          # bytes in one frame body
-# max_connections = 1024        # all uids together (one thread each)
+# max_connections = 1024        # all uids together
 # max_connections_per_uid = 256
+# receive_maxbytes = 268435456  # large frames (over 64 KiB) being received for one uid at once; more wait
+# receive_total_maxbytes = 1073741824   # ... and for all uids together
 # max_in_flight = 64            # pipelined requests answered before their replies are written
 # workers = 0                   # threads for slow operations (key generation, RSA, bulk, disk); 0 = 2 x CPUs, >= 4
 # handshake_timeout = 10        # seconds a new connection has to send its HELLO
@@ -80,6 +82,8 @@ class ServerConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     max_connections: int = 1024
     max_connections_per_uid: int = 256
+    receive_maxbytes: int = 256 << 20  # large frames being received for one uid at once (Reactor: they wait)
+    receive_total_maxbytes: int = 1 << 30  # ... for all uids together
     max_in_flight: int = 64
     workers: int = 0  # threads for slow operations; 0 = twice the CPUs, at least 4
     handshake_timeout: float = 10.0
@@ -97,6 +101,13 @@ class ServerConfig:
     passphrase_file: str = ""  # derive the master key from this passphrase instead (or $KEYDEN_PASSPHRASE_FILE)
     master_key_kernel: str = ""  # also hold the master key in root's kernel user keyring under this description
     store: StoreConfig = field(default_factory=StoreConfig)
+
+    def check(self) -> None:
+        """Settings that cannot work together: refused at start, not found out by a client that hangs."""
+        largest = self.max_frame + HEADER_SIZE
+        if min(self.receive_maxbytes, self.receive_total_maxbytes) < largest:
+            raise StartupError(f"receive_maxbytes and receive_total_maxbytes must each be at least max_frame + "
+                               f"{HEADER_SIZE} ({largest}), or the largest frame could never be received")
 
     @property
     def config_file(self) -> Path:

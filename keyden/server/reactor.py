@@ -18,6 +18,14 @@ lines of that round are written (one write for all of them).
 Per connection, requests are answered in order: while one of its requests
 is with a worker, or its replies are not being read, the loop reads nothing
 more from it.  That also bounds what a connection can make the daemon hold.
+Large frames are received only within a byte budget per uid and in all
+(``receive_maxbytes``): a frame is admitted whole, its announced size charged
+once its header is in, or its connection waits, unread, until another large
+request is done.  The share is held until the request is answered and its
+reply written, so it also covers the frame while a worker has it and the
+reply while the client does not read.  Admitted frames never wait for
+budget, so they always complete; the budget bounds what senders of large
+frames can pin, however many connections they open.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Callable
 
 from keyden import errors as E
 from keyden import protocol as W
+from keyden.core.budget import ByteBudget
 from keyden.server import limits
 from keyden.server.connection import Connection, Cost
 
@@ -64,7 +73,7 @@ class Channel:
     """One client socket in the loop: its Connection (the protocol), its unsent replies and its deadlines."""
 
     __slots__ = ("sock", "fd", "conn", "on_close", "out", "unsent", "busy", "closing", "mask", "greeted",
-                 "deadline", "send_deadline", "name", "ready")
+                 "deadline", "send_deadline", "name", "ready", "reserved", "admitted", "parked")
 
     def __init__(self, sock: socket.socket, conn: Connection, on_close: Callable[[], None]):
         self.sock = sock
@@ -81,6 +90,9 @@ class Channel:
         self.send_deadline = 0.0  # replies unread until this: dropped (send timeout); 0 = none
         self.name = f"pid {conn.peer.pid}"
         self.ready = False  # on the loop's list of channels to send for at the end of this round
+        self.reserved = 0  # bytes of the receive budget held for our last large request, until it is done
+        self.admitted = False  # the large frame arriving is the one ``reserved`` was charged for
+        self.parked = False  # a large frame's header is in, but the budget has no room for it yet: not read
 
 
 class Reactor:
@@ -106,6 +118,9 @@ class Reactor:
         self._large: memoryview | None = None
         self._stopping = False
         self._listener: socket.socket | None = None
+        self._receiving = ByteBudget(config.receive_maxbytes, config.receive_total_maxbytes, "frames being received")
+        self._parked: dict[Channel, int] = {}  # channels waiting for budget -> the size of their frame, oldest first
+        self._budget_warnings = limits.Throttled(log)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -219,8 +234,13 @@ class Reactor:
     def _readable(self, ch: Channel, ev: int) -> None:
         conn = ch.conn
         view = self._small
-        if conn.decoder.pending and conn.decoder.needed() > SMALL_RECV_CHUNK:  # a large frame is arriving
-            view = self._large = self._large or memoryview(bytearray(RECV_CHUNK))
+        if conn.decoder.pending and (needed := conn.decoder.needed()) > SMALL_RECV_CHUNK:  # a large frame is arriving
+            if not ch.admitted and not self._admit_frame(ch):
+                if ev & _GONE:
+                    self._close(ch)
+                return
+            self._large = self._large or memoryview(bytearray(RECV_CHUNK))
+            view = self._large[:needed] if needed < RECV_CHUNK else self._large  # nothing past the admitted frame
         try:
             n, ancdata, _flags, _addr = ch.sock.recvmsg_into([view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
@@ -265,6 +285,7 @@ class Reactor:
                 break
             if frame is None:
                 break
+            ch.admitted = False  # whole: its share is held until it is answered and the reply written
             cost = conn.cost(frame)
             if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1):
                 self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced))
@@ -355,7 +376,12 @@ class Reactor:
         if ch.closing and not ch.busy:
             self._close(ch)
             return False
-        self._watch(ch, 0 if ch.busy else _IN)
+        if ch.busy:
+            self._watch(ch, 0)
+            return True
+        if ch.reserved and not ch.admitted:  # the large request is answered and its reply written
+            self._release_share(ch)
+        self._watch(ch, 0 if ch.parked else _IN)
         return True
 
     def _consume(self, ch: Channel, sent: int) -> None:
@@ -378,6 +404,63 @@ class Reactor:
             ch.mask = mask
             self._epoll.modify(ch.fd, mask)
 
+    # ------------------------------------------------------ receive budget
+
+    def _admit_frame(self, ch: Channel) -> bool:
+        """Charge the large frame arriving on ``ch`` to the receive budget, or park ``ch`` until there is room."""
+        if ch.reserved:  # the previous large request is done (we read again only once it is answered)
+            self._release_share(ch)
+        size = ch.conn.decoder.frame_size()
+        if not ch.parked:
+            if not self._parked and self._receiving.try_charge(ch.conn.peer.uid, size) == "":
+                ch.reserved, ch.admitted = size, True
+                return True
+            ch.parked = True  # behind the others that wait, or over a cap
+            self._parked[ch] = size
+            self._watch(ch, ch.mask & ~_IN)
+            self._refresh_idle(ch)
+            self._budget_warnings.warning(
+                "%s: a %d-byte frame waits: large frames being received are at their limit for uid %d "
+                "(%d bytes) or for all (%d bytes)", ch.name, size, ch.conn.peer.uid,
+                self._receiving.per_uid, self._receiving.total)
+            self._admit_waiting()
+        return ch.admitted
+
+    def _release_share(self, ch: Channel) -> None:
+        """Give back what ``ch`` holds (its large request is done, or it is gone); admit waiting frames."""
+        if ch.parked:
+            ch.parked = False
+            del self._parked[ch]
+        if ch.reserved:
+            self._receiving.refund(ch.conn.peer.uid, ch.reserved)
+            ch.reserved, ch.admitted = 0, False
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        """Admit parked frames that now fit, oldest first.  A uid at its own cap is skipped; at the total cap
+        the scan stops, so a large frame is not passed over forever by smaller ones behind it."""
+        full: set[int] = set()
+        for ch, size in list(self._parked.items()):
+            uid = ch.conn.peer.uid
+            if uid in full:
+                continue
+            refused = self._receiving.try_charge(uid, size)
+            if refused == "total":
+                return
+            if refused:
+                full.add(uid)
+                continue
+            ch.parked = False
+            del self._parked[ch]
+            ch.reserved, ch.admitted = size, True
+            self._refresh_idle(ch)  # it waited on us, not the other way round
+            if not ch.busy and not ch.out:  # else _flush watches for input once it may
+                self._watch(ch, _IN)
+
+    def _refresh_idle(self, ch: Channel) -> None:
+        if ch.greeted and self.config.idle_timeout > 0:
+            ch.deadline = time.monotonic() + self.config.idle_timeout
+
     def _close(self, ch: Channel) -> None:
         if not self._alive(ch):
             return
@@ -392,6 +475,7 @@ class Reactor:
         self._release(ch)
 
     def _release(self, ch: Channel) -> None:
+        self._release_share(ch)  # not before: a worker may still hold the frame
         for _data, fds in ch.out:
             for fd in fds:
                 os.close(fd)
@@ -450,9 +534,10 @@ class Reactor:
             if ch.send_deadline and now >= ch.send_deadline:
                 log.info("%s: replies unread for %g s; dropping the connection", ch.name, self.config.send_timeout)
                 self._close(ch)
-            elif ch.deadline and now >= ch.deadline and not ch.busy and not ch.out:
+            elif ch.deadline and now >= ch.deadline and not ch.busy and not ch.out and not (ch.parked and ch.greeted):
                 reason = (f"idle for {self.config.idle_timeout:g} s" if ch.greeted else
                           f"no HELLO within {self.config.handshake_timeout:g} s")
+                self._release_share(ch)
                 self._channels.pop(ch.fd)
                 self._epoll.unregister(ch.fd)
                 ch.conn.close()

@@ -54,6 +54,7 @@ class Server:
 
     def startup(self) -> None:
         cfg = self.config
+        cfg.check()
         cfg.prepare_state_dir()
         # Before any key is made, so restored serials are free; refuses (StartupError) without the master key.
         self.journal = open_durable(cfg, self.store)
