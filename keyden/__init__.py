@@ -8,17 +8,21 @@ from keyden.errors import KeydenError
 __version__ = "0.1.0"
 
 
-def connect(socket=None, *, session=None, timeout=None):
-    """Connect to the daemon and return a synchronous ``Client``."""
+def connect(socket=None, *, session=None, timeout=None, reconnect=True):
+    """Connect to the daemon and return a synchronous ``Client``.
+
+    ``reconnect``: after the daemon closed the connection (an idle timeout, a restart), the next request
+    opens a new one (see keyden.client.sync).
+    """
     from keyden.client.sync import Client
 
-    return Client(socket, session=session, timeout=timeout)
+    return Client(socket, session=session, timeout=timeout, reconnect=reconnect)
 
 
-async def aconnect(socket=None, *, session=None):
-    """Connect to the daemon and return an asyncio ``AsyncClient``."""
+async def aconnect(socket=None, *, session=None, reconnect=True):
+    """Connect to the daemon and return an asyncio ``AsyncClient`` (``reconnect`` as for ``connect``)."""
     from keyden.client.aio import AsyncClient
-    return await AsyncClient.connect(socket, session=session)
+    return await AsyncClient.connect(socket, session=session, reconnect=reconnect)
 
 
 __all__ = ["connect", "aconnect", "KeydenError", "__version__"]

@@ -196,13 +196,46 @@ def test_connection_loss_fails_every_pending_future(fresh_daemon):
         d.proc.kill()  # ...and dies with all of them in flight
         d.proc.wait()
         results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
-        with pytest.raises(E.ECONNRESET):
+        with pytest.raises(E.ECONNRESET, match="cannot connect"):  # it tries a new connection: none there
             await client.ping(b"after")
         return results, client.closed
 
     results, closed = asyncio.run(scenario())
-    assert closed
+    assert not closed  # the next request tries again
     assert len(results) == 51 and all(isinstance(r, E.ECONNRESET) for r in results)
+
+
+def test_after_an_idle_timeout_the_next_requests_share_one_new_connection(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    with d.connect() as boot:
+        _serial, token = boot.join_session()
+
+    async def scenario():
+        async with await aio.connect(d.socket, session=token) as client:
+            await client.add("user", "kd-aio-reconnect", b"kept", "@s")
+            before = client.pid, client.generation
+            await asyncio.sleep(1.0)  # the daemon closes the silent connection
+            found = await asyncio.gather(*(client.search("@s", "user", "kd-aio-reconnect") for _ in range(5)))
+            payload = await client.read(found[0])
+            return before, client.generation, set(found), payload
+
+    before, generation, found, payload = asyncio.run(scenario())
+    assert before[1] == 0 and generation == 1  # five requests found it gone: one new connection for all
+    assert len(found) == 1 and payload == b"kept"  # the same session keyring, so the key is possessed
+
+
+def test_without_reconnect_a_lost_connection_stays_lost(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+
+    async def scenario():
+        client = await aio.connect(d.socket, reconnect=False)
+        await client.ping(b"")
+        await asyncio.sleep(1.0)
+        with pytest.raises(E.ETIMEDOUT):  # what the daemon said as it closed
+            await client.ping(b"")
+        return client.closed
+
+    assert asyncio.run(scenario())
 
 
 def test_closing_the_client_fails_pending_futures(daemon):

@@ -184,3 +184,22 @@ def test_pipelined_calls_return_values_and_errors_in_order(client):
     (derived,) = client.call_many([("kdf", (client.add("logon", "t:ikm", b"k" * 32, "@s"),),
                                     {"length": 16, "description": "t:okm"})])
     assert client.describe(derived).type == "logon"
+
+
+def test_a_client_outlives_a_daemon_restart_for_persistent_keys(fresh_daemon):
+    d = fresh_daemon()
+    c = d.connect()
+    with d.connect() as boot:
+        _serial, token = boot.join_session()
+    in_session = d.connect(session=token)
+    ring = c.get_persistent("@s")
+    key = c.add("user", "kd-restart", b"survives", ring)
+    c.setperm(key, 0x3F3F0000)  # its owner may read it without possessing it
+    d.stop()
+    d.start()
+    assert c.read(key) == b"survives"  # the request that found the old connection gone went on a new one
+    assert c.generation == 1
+    with pytest.raises(E.EACCES, match="session"):  # its session died with the old daemon: said, not hidden
+        in_session.ping(b"")
+    c.close()
+    in_session.close()

@@ -7,6 +7,8 @@ while the slow clients are still connected), never how fast.
 
 from __future__ import annotations
 
+import json
+import os
 import select
 import socket
 import threading
@@ -140,6 +142,46 @@ def test_a_connection_that_keeps_talking_is_never_idle(fresh_daemon):
         for i in range(8):  # 1.6 s in all, never 0.5 s silent
             assert c.ping(bytes([i])) == bytes([i])
             time.sleep(0.2)
+
+
+def test_after_an_idle_timeout_the_client_reconnects_with_its_session(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    with d.connect() as boot:
+        _serial, token = boot.join_session()
+    with d.connect(session=token) as c:
+        key = c.add("user", "kd-reconnect", b"kept", "@s")
+        stream = c.hash("sha256")
+        stream.update(b"abc")
+        hellos = _audited_hellos(d)
+        time.sleep(1.0)  # the daemon closes the silent connection
+        assert c.generation == 0
+        assert c.read(c.search("@s", "user", "kd-reconnect")) == b"kept"  # same session keyring: possessed
+        assert c.generation == 1
+        assert c.read(key) == b"kept"
+        with pytest.raises(E.EBADF, match="reconnected"):  # a stream dies with its connection
+            stream.update(b"def")
+        with pytest.raises(E.EBADF):  # and its handle, used raw, names nothing on the new connection
+            c.stream_update(stream.handle, b"def")
+        assert _audited_hellos(d) == hellos + ["ok"]  # one new connection, and only one
+
+
+def _audited_hellos(d) -> list[str]:
+    with open(os.path.join(d.state_dir, "audit.log")) as f:
+        return [json.loads(line)["result"] for line in f if '"op": "hello"' in line]
+
+
+def test_without_reconnect_a_closed_connection_is_an_error(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    with d.connect(reconnect=False) as c:
+        c.ping(b"")
+        time.sleep(1.0)
+        with pytest.raises((E.ETIMEDOUT, E.ECONNRESET)):
+            c.ping(b"")
+        with pytest.raises((E.ETIMEDOUT, E.ECONNRESET)):
+            c.ping(b"")
+    c.close()
+    with pytest.raises(E.ECONNRESET):  # closed by its owner: never reopened behind its back
+        c.ping(b"")
 
 
 def test_a_client_that_never_reads_is_dropped_after_the_send_timeout(fresh_daemon):

@@ -7,6 +7,10 @@ blocking client via ``Operations``) writes its request at once and returns an
 
     async with await keyden.client.aio.connect(path) as c:
         serial = await c.add("user", "db:password", b"s3cret")
+
+As the blocking client does, it opens a new connection (same session) for the next request after the
+daemon closed the old one (an idle timeout, a restart); requests that were on the wire then fail with
+the error, never sent twice.
 """
 
 from __future__ import annotations
@@ -38,8 +42,18 @@ class _Wire(asyncio.Protocol):
     def __init__(self, client: "AsyncClient"):
         self.client = client
         self.decoder = W.FrameDecoder(1 << 31)
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def _current(self) -> bool:
+        """Still the client's connection?  (After a reconnect the old one's last words are ignored.)"""
+        return self.transport is self.client._transport
 
     def data_received(self, data: bytes) -> None:
+        if not self._current():
+            return
         self.decoder.feed(data)
         try:
             for frame in self.decoder.frames():
@@ -48,7 +62,8 @@ class _Wire(asyncio.Protocol):
             self.client._lose(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lose(E.ECONNRESET(f"connection to keyden lost{f': {exc}' if exc else ''}"))
+        if self._current():
+            self.client._lose(E.ECONNRESET(f"connection to keyden lost{f': {exc}' if exc else ''}"))
 
 
 class AsyncClient(Operations):
@@ -58,38 +73,59 @@ class AsyncClient(Operations):
     '%type:description' reference), so calls reach the daemon in call order.
     """
 
-    def __init__(self, transport: asyncio.Transport, wire: _Wire, socket_path: str):
+    def __init__(self, socket_path: str, hello: tuple, reconnect: bool = True):
         self.socket_path = socket_path
-        self._transport = transport
-        self._wire = wire
+        self.reconnect = reconnect
+        self.generation = 0  # connections replaced so far
+        self._hello = hello
+        self._transport: asyncio.Transport | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, Op, tuple]] = {}
-        self._lost: E.KeydenError | None = None
+        self._lost: E.KeydenError | None = E.ECONNRESET("not connected yet")
+        self._closed = False  # by its owner: never reopened
+        self._reopening: asyncio.Future | None = None
         self.max_frame = W.DEFAULT_MAX_FRAME
-        wire.client = self
 
     @classmethod
     async def connect(cls, socket_path: str | None = None, *, session: str | None = None,
-                      client_name: str = "keyden-python-asyncio") -> "AsyncClient":
-        path = common.socket_path(socket_path)
+                      client_name: str = "keyden-python-asyncio", reconnect: bool = True) -> "AsyncClient":
+        client = cls(common.socket_path(socket_path),
+                     (W.MIN_VERSION, W.VERSION, common.session_token(session), client_name), reconnect)
+        await client._open()
+        return client
+
+    async def _open(self) -> None:
+        """Connect and say HELLO; the requests made meanwhile are written after it."""
         loop = asyncio.get_running_loop()
         try:
-            transport, wire = await loop.create_unix_connection(lambda: _Wire(None), path)
+            transport, _wire = await loop.create_unix_connection(lambda: _Wire(self), self.socket_path)
         except OSError as exc:
-            raise E.ECONNRESET(f"cannot connect to keyden at {path}: {exc.strerror}") from None
-        client = cls(transport, wire, path)
+            raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
+        self._transport, self._lost = transport, None
         try:
-            hello = (W.MIN_VERSION, W.VERSION, common.session_token(session), client_name)
-            client.version, client.max_frame, client.uid, client.gid, client.pid = await client._send(Op.HELLO, hello)
+            self.version, self.max_frame, self.uid, self.gid, self.pid = await self._send(Op.HELLO, self._hello)
         except BaseException:
-            client.close()
+            self._lose(self._lost or E.ECONNRESET("connection to keyden lost during HELLO"))
             raise
-        return client
+
+    async def _reopen_then_send(self, op: Op, args: tuple) -> Any:
+        if self._reopening is None:  # the first request to find the connection gone opens the next one
+            self._reopening = asyncio.ensure_future(self._open())
+            self._reopening.add_done_callback(self._reopened)
+        await asyncio.shield(self._reopening)
+        return await self._send(op, args)
+
+    def _reopened(self, task: asyncio.Future) -> None:
+        self._reopening = None
+        if not task.cancelled() and task.exception() is None:
+            self.generation += 1
 
     # ------------------------------------------------------------ transport
 
     def _send(self, op: Op, args: tuple) -> asyncio.Future:
         """Write one request; the future gets the op's shaped result or its KeydenError."""
+        if self._lost is not None and self.reconnect and not self._closed and op != Op.HELLO:
+            return asyncio.ensure_future(self._reopen_then_send(op, args))
         try:
             if self._lost is not None:
                 raise self._lost_error()
@@ -132,7 +168,8 @@ class AsyncClient(Operations):
         for future, _op, _args in pending.values():
             if not future.done():
                 future.set_exception(self._lost_error())
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()
 
     def _lost_error(self) -> E.KeydenError:
         """A fresh exception per failed request, so tracebacks do not pile up on one object."""
@@ -179,10 +216,12 @@ class AsyncClient(Operations):
 
     @property
     def closed(self) -> bool:
-        return self._lost is not None
+        """Closed by its owner, or lost and not to be reopened."""
+        return self._closed or (self._lost is not None and not self.reconnect)
 
     def close(self) -> None:
         """Close now; requests still in flight fail with ECONNRESET."""
+        self._closed = True
         self._lose(E.ECONNRESET("connection closed by the client"))
 
     async def __aenter__(self) -> "AsyncClient":
@@ -195,6 +234,6 @@ class AsyncClient(Operations):
         raise TypeError("a keyden client connection cannot be pickled")
 
 
-async def connect(socket: str | None = None, *, session: str | None = None) -> AsyncClient:
+async def connect(socket: str | None = None, *, session: str | None = None, reconnect: bool = True) -> AsyncClient:
     """Connect to the daemon and return an ``AsyncClient`` (use as ``async with await connect(...)``)."""
-    return await AsyncClient.connect(socket, session=session)
+    return await AsyncClient.connect(socket, session=session, reconnect=reconnect)

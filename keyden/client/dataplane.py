@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import socket
 from typing import Iterable, Sequence
 
 from keyden import errors as E
@@ -42,6 +41,7 @@ class SharedBuffer:
         finally:
             os.close(fd)  # the daemon has its own copy; our mapping keeps the memory
         self.client = client
+        self.generation = getattr(client, "generation", 0)  # the connection it is attached over
         self.size = size
         self.view = memoryview(self.map)
 
@@ -49,6 +49,7 @@ class SharedBuffer:
                decrypt: bool = False, random_nonce: bool = False) -> tuple[int, bytes]:
         """Process view[in_offset:+length] into view[out_offset:] inside keyden: (bytes written, nonce chosen)."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        _same_connection(self.client, self.generation, "shared buffer")
         return self.client._call(Op.SHM_CIPHER, self.region, alg, Ref(key), flags, bytes(iv), bytes(aad or b""),
                                  in_offset, length, out_offset)
 
@@ -192,14 +193,17 @@ class Stream:
         self._client = client
         self.handle, self.nonce = client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
                                                      random_nonce=random_nonce)
+        self.generation = getattr(client, "generation", 0)  # the connection it is open on
         self.done = False
 
     def update(self, data) -> bytes:
+        _same_connection(self._client, self.generation, "stream")
         return self._client.stream_update(self.handle, data)
 
     def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
         """(last output, tag): the AEAD tag when encrypting, else the digest or MAC."""
         self.done = True
+        _same_connection(self._client, self.generation, "stream")
         return self._client.stream_final(self.handle, data, tag)
 
     def abort(self) -> None:
@@ -218,16 +222,14 @@ class Stream:
             self.abort()
 
 
+def _same_connection(client, generation: int, what: str) -> None:
+    """Streams and shared buffers die with their connection: after a reconnect, say so (EBADF)."""
+    if getattr(client, "generation", 0) != generation:
+        raise E.EBADF(f"this {what} belonged to a connection to keyden that has since closed "
+                      "(the client reconnected); open a new one")
+
+
 def _raise_first(status: list[int], out: list[bytes]) -> list[bytes]:
     if any(status):
         raise E.error_for_code(next(s for s in status if s))
     return out
-
-
-def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    """Send a frame with descriptors attached to its first byte (SCM_RIGHTS)."""
-    import array
-
-    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    if sent < len(data):
-        sock.sendall(data[sent:])

@@ -1,7 +1,14 @@
-"""The blocking client: one socket, requests answered in order, safe to share between threads."""
+"""The blocking client: one socket, requests answered in order, safe to share between threads.
+
+If the daemon has closed the connection (an idle timeout, a restart), the next request opens a new one
+(``reconnect``), with the same session: a request that could not be written cannot have been done, so
+it is sent again on the new connection.  One written before the daemon went is never sent twice: its
+caller gets the error.  Streams and shared buffers belong to a connection and do not survive it.
+"""
 
 from __future__ import annotations
 
+import array
 import itertools
 import os
 import socket
@@ -11,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client import common, tls
-from keyden.client.dataplane import Aead, Mac, SharedBuffer, Stream, send_with_fds
+from keyden.client.dataplane import Aead, Mac, SharedBuffer, Stream
 from keyden.client.operations import Operations, Ref
 from keyden.protocol import Op
 
@@ -24,13 +31,28 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 
 class Client(Operations):
     def __init__(self, socket_path: str | None = None, *, session: str | None = None,
-                 timeout: float | None = None, client_name: str = "keyden-python"):
+                 timeout: float | None = None, client_name: str = "keyden-python", reconnect: bool = True):
         self.socket_path = common.socket_path(socket_path)
+        self.reconnect = reconnect
+        self.generation = 0  # connections replaced so far: streams and shared buffers remember theirs
+        self._session = common.session_token(session)
+        self._client_name = client_name
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._buf = bytearray(RECV_CHUNK)
+        self._view = memoryview(self._buf)
+        self.max_frame = W.DEFAULT_MAX_FRAME
+        self._closed = False
+        self._open()
+
+    # ------------------------------------------------------------ transport
+
+    def _open(self) -> None:
+        """Connect and say HELLO (with the lock held, or before the client is shared)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(timeout)
+            sock.settimeout(self._timeout)
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
             sock.connect(self.socket_path)
@@ -38,15 +60,44 @@ class Client(Operations):
             sock.close()
             raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
         self._sock = sock
-        self._buf = bytearray(RECV_CHUNK)
-        self._view = memoryview(self._buf)
         self._decoder = W.FrameDecoder(1 << 31)
         self._pending: dict[int, W.Frame] = {}
-        self.max_frame = W.DEFAULT_MAX_FRAME
-        values = self._exchange([(Op.HELLO, (W.MIN_VERSION, W.VERSION, common.session_token(session), client_name))])[0]
-        self.version, self.max_frame, self.uid, self.gid, self.pid = values
+        rid = next(self._ids) & 0xFFFFFFFF
+        hello = (W.MIN_VERSION, W.VERSION, self._session, self._client_name)
+        try:
+            sock.sendall(self._request(rid, Op.HELLO, hello))
+            frame = self._wait(rid)
+            if frame.status:
+                raise E.error_for_code(frame.status, W.decode_error(frame.body))
+        except OSError as exc:
+            error = self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}")
+            sock.close()
+            raise error from None
+        except E.KeydenError:
+            sock.close()
+            raise
+        self.version, self.max_frame, self.uid, self.gid, self.pid = W.response_schema(Op.HELLO).decode(frame.body)
 
-    # ------------------------------------------------------------ transport
+    def _send(self, data: bytes, fds: list[int] | None = None) -> None:
+        """Write requests; if the daemon had closed the connection before any byte of them went out,
+        write them on a new one (see the module)."""
+        try:
+            sent = self._write_first(data, fds)
+        except OSError:
+            if not self.reconnect or self._closed:
+                raise
+            self._sock.close()
+            self._open()  # KeydenError if the daemon is not there, or the session is gone with a restart
+            self.generation += 1
+            sent = self._write_first(data, fds)
+        if sent < len(data):  # a failure from here on is the caller's: some of the requests may be done
+            self._sock.sendall(memoryview(data)[sent:])
+
+    def _write_first(self, data: bytes, fds: list[int] | None) -> int:
+        """One write (descriptors ride on its first byte): fails whole, or tells how much went out."""
+        if fds:
+            return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        return self._sock.send(data)
 
     def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True,
                   fds: list[int] | None = None, received: list[int] | None = None) -> list[Any]:
@@ -59,10 +110,7 @@ class Client(Operations):
                 ids.append(rid)
                 out.append(self._request(rid, op, args))
             try:
-                if fds:
-                    send_with_fds(self._sock, b"".join(out), fds)
-                else:
-                    self._sock.sendall(b"".join(out))
+                self._send(b"".join(out), fds)
                 frames = [self._wait(rid, received) for rid in ids]
             except OSError as exc:
                 raise self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}") from None
@@ -143,7 +191,7 @@ class Client(Operations):
             rid = next(self._ids) & 0xFFFFFFFF
             request = self._request(rid, op, args)
             try:
-                self._sock.sendall(request)
+                self._send(request)
                 if self._pending or self._decoder.pending:
                     frame = self._wait(rid)
                 else:
@@ -242,6 +290,7 @@ class Client(Operations):
         return SharedBuffer(self, size)
 
     def close(self) -> None:
+        self._closed = True
         try:
             self._sock.close()
         except OSError:

@@ -10,6 +10,7 @@ into new keys) and dataplane (ciphers, hashes, streams, shared memory).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from keyden.core.store import Caller, KeyStore
 from keyden.protocol import DEFAULT_MAX_FRAME, Op
 
 MAX_PENDING_FDS = 4
+#: stream and region handles, daemon-wide, from a random start (next() on a count is atomic in CPython)
+_HANDLES = itertools.count(int.from_bytes(os.urandom(4), "little"))
 
 log = logging.getLogger("keyden.handlers")
 
@@ -36,12 +39,13 @@ class Context:
     engines: dict[tuple, tuple] = field(default_factory=dict)
     fds: list[int] = field(default_factory=list)
     out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
-    next_handle: int = 1
     max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
 
     def new_handle(self) -> int:
-        self.next_handle += 1
-        return self.next_handle - 1
+        """A stream or region handle no other connection has had since the daemon started, and unlikely
+        to match one from before a restart: a client that reconnects and uses a stale handle gets EBADF,
+        never someone else's stream."""
+        return next(_HANDLES) % 0xFFFF_FFFF + 1  # a u32 on the wire, never 0
 
     def take_fds(self, fds: list[int]) -> None:
         """File descriptors that arrived with a frame (SCM_RIGHTS); extras beyond a few are closed."""
