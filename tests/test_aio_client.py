@@ -249,3 +249,36 @@ def test_closing_the_client_fails_pending_futures(daemon):
         return results
 
     assert all(isinstance(r, E.ECONNRESET) for r in asyncio.run(scenario()))
+
+
+def test_requests_made_while_reconnecting_keep_their_call_order(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+
+    async def scenario():
+        async with await aio.connect(d.socket) as client:
+            key = await client.add("user", "kd-aio-order", b"0", "@u")
+            await asyncio.sleep(1.0)  # the daemon closes the silent connection
+            first = client.update(key, b"A")  # finds it gone: opens a new one
+            while client._lost is not None:  # the new connection is there, its HELLO not answered yet
+                await asyncio.sleep(0)
+            second = client.update(key, b"D")  # made later: must be written later
+            await asyncio.gather(first, second)
+            return await client.read(key), client.generation
+
+    assert asyncio.run(scenario()) == (b"D", 1)
+
+
+def test_closing_during_a_reconnect_leaves_the_client_closed(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+
+    async def scenario():
+        client = await aio.connect(d.socket)
+        await client.ping(b"")
+        await asyncio.sleep(1.0)
+        pending = client.ping(b"x")  # starts a reconnect...
+        client.close()  # ...which must not outlive the close
+        results = await asyncio.gather(pending, client.ping(b"y"), return_exceptions=True)
+        return results, client.closed, client.generation
+
+    results, closed, generation = asyncio.run(scenario())
+    assert all(isinstance(r, E.ECONNRESET) for r in results) and closed and generation == 0

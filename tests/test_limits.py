@@ -7,9 +7,11 @@ while the slow clients are still connected), never how fast.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -168,6 +170,36 @@ def test_after_an_idle_timeout_the_client_reconnects_with_its_session(fresh_daem
 def _audited_hellos(d) -> list[str]:
     with open(os.path.join(d.state_dir, "audit.log")) as f:
         return [json.loads(line)["result"] for line in f if '"op": "hello"' in line]
+
+
+def test_a_request_cut_short_by_a_timeout_costs_its_connection_not_the_next_request(fresh_daemon):
+    d = fresh_daemon()
+    with d.connect(timeout=1.0) as c:
+        key = c.add("user", "kd-half-frame", b"orig", "@u")
+        os.kill(d.proc.pid, signal.SIGSTOP)  # the daemon stalls mid-request
+        try:
+            with pytest.raises(E.ECONNRESET, match="timed out"):
+                c.update(key, b"x" * (12 << 20))  # more than the socket buffers: the write times out
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        # The half-sent frame went with its connection: the next requests are not read as the rest of it.
+        assert [c.ping(bytes([i])) for i in range(3)] == [b"\0", b"\1", b"\2"]
+        assert c.generation == 1
+        assert c.read(key) == b"orig"
+
+
+def test_a_bad_descriptor_is_the_callers_error_not_a_lost_connection(daemon):
+    with daemon.connect() as c:
+        stream = c.hash("sha256")
+        stream.update(b"abc")
+        a, _b = socket.socketpair()
+        fd = a.detach()
+        os.close(fd)  # a descriptor number that is not open any more
+        with pytest.raises(E.EBADF, match=f"descriptor {fd}"):
+            c.tls_accept(fd)
+        assert c.generation == 0
+        stream.update(b"def")  # the connection, and the stream on it, are fine
+        assert stream.finalize()[1] == hashlib.sha256(b"abcdef").digest()
 
 
 def test_without_reconnect_a_closed_connection_is_an_error(fresh_daemon):

@@ -83,7 +83,8 @@ class AsyncClient(Operations):
         self._pending: dict[int, tuple[asyncio.Future, Op, tuple]] = {}
         self._lost: E.KeydenError | None = E.ECONNRESET("not connected yet")
         self._closed = False  # by its owner: never reopened
-        self._reopening: asyncio.Future | None = None
+        self._reopening: asyncio.Future | None = None  # the new connection being opened: requests wait for it
+        self._waiting = 0  # requests waiting for it
         self.max_frame = W.DEFAULT_MAX_FRAME
 
     @classmethod
@@ -94,38 +95,57 @@ class AsyncClient(Operations):
         await client._open()
         return client
 
-    async def _open(self) -> None:
-        """Connect and say HELLO; the requests made meanwhile are written after it."""
+    async def _open(self, reconnecting: bool = False) -> None:
+        """Connect and say HELLO.  While this runs for a reconnect, other requests wait at the gate
+        (``_reopening``) and are written after the HELLO, in call order."""
         loop = asyncio.get_running_loop()
         try:
             transport, _wire = await loop.create_unix_connection(lambda: _Wire(self), self.socket_path)
         except OSError as exc:
             raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
+        if self._closed:  # close() while we connected
+            transport.close()
+            raise E.ECONNRESET("the client is closed")
         self._transport, self._lost = transport, None
         try:
-            self.version, self.max_frame, self.uid, self.gid, self.pid = await self._send(Op.HELLO, self._hello)
+            self.version, self.max_frame, self.uid, self.gid, self.pid = await self._write(Op.HELLO, self._hello)
         except BaseException:
             self._lose(self._lost or E.ECONNRESET("connection to keyden lost during HELLO"))
             raise
+        self.generation += reconnecting
 
     async def _reopen_then_send(self, op: Op, args: tuple) -> Any:
-        if self._reopening is None:  # the first request to find the connection gone opens the next one
-            self._reopening = asyncio.ensure_future(self._open())
-            self._reopening.add_done_callback(self._reopened)
-        await asyncio.shield(self._reopening)
-        return await self._send(op, args)
-
-    def _reopened(self, task: asyncio.Future) -> None:
-        self._reopening = None
-        if not task.cancelled() and task.exception() is None:
-            self.generation += 1
+        """Wait for the new connection (the first request to find the old one gone opens it), then write:
+        once, so a daemon that keeps dropping us costs each request one attempt, not a loop.  The gate
+        stays shut until every request that waited is written, so none is overtaken by a later one."""
+        if self._reopening is None:
+            self._reopening = asyncio.ensure_future(self._open(reconnecting=True))
+        reopening = self._reopening
+        self._waiting += 1
+        try:
+            try:
+                await asyncio.shield(reopening)
+            except E.KeydenError as exc:
+                raise type(exc)(exc.message) from None  # one exception object per request, as _lost_error
+            if self._closed:
+                raise E.ECONNRESET("the client is closed")
+            future = self._write(op, args)
+        finally:
+            self._waiting -= 1
+            if not self._waiting and self._reopening is reopening:
+                self._reopening = None
+        return await future
 
     # ------------------------------------------------------------ transport
 
     def _send(self, op: Op, args: tuple) -> asyncio.Future:
-        """Write one request; the future gets the op's shaped result or its KeydenError."""
-        if self._lost is not None and self.reconnect and not self._closed and op != Op.HELLO:
+        """One request, written now, or after the new connection's HELLO if the old one is gone."""
+        if not self._closed and (self._reopening is not None or self._lost is not None and self.reconnect):
             return asyncio.ensure_future(self._reopen_then_send(op, args))
+        return self._write(op, args)
+
+    def _write(self, op: Op, args: tuple) -> asyncio.Future:
+        """Write one request; the future gets the op's shaped result or its KeydenError."""
         try:
             if self._lost is not None:
                 raise self._lost_error()
@@ -223,6 +243,7 @@ class AsyncClient(Operations):
         """Close now; requests still in flight fail with ECONNRESET."""
         self._closed = True
         self._lose(E.ECONNRESET("connection closed by the client"))
+        self._lost = E.ECONNRESET("the client is closed")  # whatever the connection died of before
 
     async def __aenter__(self) -> "AsyncClient":
         return self

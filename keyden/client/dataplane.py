@@ -57,7 +57,8 @@ class SharedBuffer:
         if self.map is None:
             return
         try:
-            self.client._call(Op.SHM_DETACH, self.region)
+            if getattr(self.client, "generation", 0) == self.generation:  # else it went with its connection
+                self.client._call(Op.SHM_DETACH, self.region)
         except E.KeydenError:
             pass
         self.view.release()
@@ -209,6 +210,8 @@ class Stream:
     def abort(self) -> None:
         if not self.done:
             self.done = True
+            if getattr(self._client, "generation", 0) != self.generation:
+                return  # it went with its connection
             try:
                 self._client.stream_abort(self.handle)
             except E.KeydenError:

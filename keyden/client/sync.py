@@ -9,6 +9,7 @@ caller gets the error.  Streams and shared buffers belong to a connection and do
 from __future__ import annotations
 
 import array
+import errno
 import itertools
 import os
 import socket
@@ -76,15 +77,25 @@ class Client(Operations):
         except E.KeydenError:
             sock.close()
             raise
+        if self._closed:  # close() from another thread while we reconnected
+            sock.close()
+            raise E.ECONNRESET("the client is closed")
         self.version, self.max_frame, self.uid, self.gid, self.pid = W.response_schema(Op.HELLO).decode(frame.body)
 
     def _send(self, data: bytes, fds: list[int] | None = None) -> None:
-        """Write requests; if the daemon had closed the connection before any byte of them went out,
-        write them on a new one (see the module)."""
+        """Write requests; if the connection was gone before any byte of them went out, write them on a new
+        one (see the module)."""
+        if self._closed:
+            raise E.ECONNRESET("the client is closed")
+        for fd in fds or ():
+            try:
+                os.fstat(fd)  # the caller's mistake must not look like a lost connection
+            except OSError:
+                raise E.EBADF(f"descriptor {fd} is not open") from None
         try:
             sent = self._write_first(data, fds)
-        except OSError:
-            if not self.reconnect or self._closed:
+        except OSError as exc:
+            if not self.reconnect or not self._gone(exc):
                 raise
             self._sock.close()
             self._open()  # KeydenError if the daemon is not there, or the session is gone with a restart
@@ -92,6 +103,17 @@ class Client(Operations):
             sent = self._write_first(data, fds)
         if sent < len(data):  # a failure from here on is the caller's: some of the requests may be done
             self._sock.sendall(memoryview(data)[sent:])
+
+    def _gone(self, exc: OSError) -> bool:
+        """Has the daemon closed the connection, or have we, after a request failed on it?  (Not: a timeout.)"""
+        return exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN) or self._sock.fileno() == -1
+
+    def _lost(self, exc: OSError) -> E.KeydenError:
+        """A request failed on the connection after it went out: close it (the daemon drops a half-sent
+        frame with it), so the next request starts on a new one; the error says why, if the daemon did."""
+        error = self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}")
+        self._sock.close()
+        return error
 
     def _write_first(self, data: bytes, fds: list[int] | None) -> int:
         """One write (descriptors ride on its first byte): fails whole, or tells how much went out."""
@@ -113,7 +135,7 @@ class Client(Operations):
                 self._send(b"".join(out), fds)
                 frames = [self._wait(rid, received) for rid in ids]
             except OSError as exc:
-                raise self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}") from None
+                raise self._lost(exc) from None
         results = []
         for (op, _args), frame in zip(calls, frames):
             if frame.status:
@@ -208,7 +230,7 @@ class Client(Operations):
                     self._decoder.feed(view[:n])
                     frame = self._wait(rid)
             except OSError as exc:
-                raise self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}") from None
+                raise self._lost(exc) from None
         if frame.status:
             raise E.error_for_code(frame.status, W.decode_error(frame.body))
         return response.decode(frame.body)
