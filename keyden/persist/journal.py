@@ -8,8 +8,9 @@ outside it.  Requests that arrive while a write is in progress wait for the
 next one, which takes all of their changes at once: one fsync for many
 operations.  A request only waits if it made changes not yet on disk (the
 thread that ran it marks them), and only a failed write of its own changes
-fails it.  Each write re-seals the manifest buckets its rows fall in, in the
-same transaction, so the manifest never disagrees with the rows on disk.
+fails it.  Each write re-seals the manifest buckets its rows fall in and the
+manifest's root, in the same transaction, so the manifest never disagrees
+with the rows on disk.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from keyden.core.journal import Journal
 from keyden.core.store import Key, KeyStore
 from keyden.persist import records
 from keyden.persist.database import Database
-from keyden.persist.manifest import Manifest, seal_buckets
+from keyden.persist.manifest import Manifest
 from keyden.persist.master import KeySource, Sealer
 
 log = logging.getLogger("keyden.persist")
@@ -107,7 +108,8 @@ class SealedJournal(Journal):
         changes.update((row.serial, row.version) for row in upserts)
         buckets = self._manifest.with_changes(changes)
         try:
-            self.db.write(upserts, deletes, buckets=seal_buckets(buckets, self.sealer))
+            sealed, root = self._manifest.seal(buckets, self.sealer)
+            self.db.write(upserts, deletes, {"manifest": root} if buckets else None, sealed)
         except Exception as exc:
             with self.store.lock:
                 for serial, key in batch.items():
@@ -156,9 +158,10 @@ class SealedJournal(Journal):
                     continue
                 resealed.append(dataclasses.replace(row, sealed=rotation.sealer.seal(plaintext, aad)))
             salt = rotation.meta.get("salt", b"")
-            meta = dict(rotation.meta, check=rotation.sealer.make_check(self.source.source, salt))
+            buckets, root = self._manifest.seal(self._manifest.buckets(), rotation.sealer)
+            meta = dict(rotation.meta, check=rotation.sealer.make_check(self.source.source, salt), manifest=root)
             try:
-                self.db.write(resealed, (), meta, buckets=seal_buckets(self._manifest.buckets(), rotation.sealer))
+                self.db.write(resealed, (), meta, buckets)
             except Exception as exc:
                 log.error("rekey failed writing the database (%s); the old master key stays", type(exc).__name__)
                 raise E.EIO("rekey failed; the old master key stays in use") from None

@@ -7,14 +7,19 @@ The manifest lists (serial, version) for every row, sealed with the rows'
 manifest does not expect, or an entry without its row, stands out.
 
 It is split in ``BUCKETS`` buckets by ``serial % BUCKETS``, so a commit
-re-seals only the buckets it touches.  A bucket's plaintext is the highest
-version it ever listed (``high``: deleted keys included, so a key that later
-gets a freed serial starts above every old row of that serial and an old row
-can never pass for it), then its serials, then their versions, in one order
-(two columns packed in one call: at a million keys, sorting and packing
-pair by pair cost ten times more per commit, and the AEAD needs no canonical
-order); its associated data is a format tag and the bucket's number, so
-buckets cannot be swapped with each other or with rows.
+re-seals only the buckets it touches.  Each bucket has a generation, raised
+by every commit that rewrites it; the rows that commit writes take the new
+generation as their version, so a serial's versions only grow and are never
+reused, even by a later key given a freed serial.  A bucket's plaintext is
+its generation, then its serials, then their versions, in one order (two
+columns packed in one call: at a million keys, sorting and packing pair by
+pair cost ten times more per commit, and the AEAD needs no canonical order);
+its associated data is a format tag and the bucket's number, so buckets
+cannot be swapped with each other or with rows.
+
+The **root** (meta ``manifest``) lists every bucket's generation and is
+re-sealed by every commit: an older copy of one bucket, put back together
+with its rows, is consistent with itself but not with the root.
 """
 
 from __future__ import annotations
@@ -28,22 +33,24 @@ from keyden.persist.master import Sealer
 
 BUCKETS = 64
 FORMAT = b"keyden-manifest-v1\0"
-_HIGH = struct.Struct("<Q")
+ROOT_FORMAT = b"keyden-manifest-root-v1\0"
+_GENERATION = struct.Struct("<Q")
+_ROOT = struct.Struct(f"<{BUCKETS}Q")
 _ENTRY_BYTES = 4 + 8  # a serial (<i) and a version (<Q)
 _NUMBER = struct.Struct("<I")
 
 
-class BadBucket(Exception):
-    """A bucket that cannot be trusted (missing, failed authentication, malformed): its rows go unchecked."""
+class BadManifest(Exception):
+    """A bucket or root that cannot be trusted (missing, failed authentication, malformed)."""
 
 
 @dataclass
 class Bucket:
     entries: dict[int, int] = field(default_factory=dict)  # serial -> version of its row
-    high: int = 0  # the highest version this bucket ever listed
+    generation: int = 0  # raised by every commit that rewrites the bucket; no row's version is above it
 
     def copy(self) -> Bucket:
-        return Bucket(dict(self.entries), self.high)
+        return Bucket(dict(self.entries), self.generation)
 
 
 def bucket_of(serial: int) -> int:
@@ -56,30 +63,42 @@ def associated_data(number: int) -> bytes:
 
 def seal_bucket(number: int, bucket: Bucket, sealer: Sealer) -> bytes:
     entries, count = bucket.entries, len(bucket.entries)
-    plaintext = _HIGH.pack(bucket.high) + struct.pack(f"<{count}i{count}Q", *entries, *entries.values())
+    plaintext = _GENERATION.pack(bucket.generation) + struct.pack(f"<{count}i{count}Q", *entries, *entries.values())
     return sealer.seal(plaintext, associated_data(number))
 
 
-def seal_buckets(buckets: dict[int, Bucket], sealer: Sealer) -> dict[int, bytes]:
-    return {number: seal_bucket(number, bucket, sealer) for number, bucket in buckets.items()}
-
-
 def open_bucket(number: int, sealed: object, sealer: Sealer) -> Bucket:
-    """The bucket a sealed blob holds; BadBucket if it is not the one keyden sealed under this number."""
-    if sealed is None:
-        raise BadBucket("is missing")
-    try:
-        plaintext = sealer.open(bytes(sealed), associated_data(number))
-    except (InvalidTag, TypeError):
-        raise BadBucket("failed authentication") from None
-    count, odd = divmod(len(plaintext) - _HIGH.size, _ENTRY_BYTES)
+    """The bucket a sealed blob holds; BadManifest if it is not one keyden sealed under this number."""
+    plaintext = _open(sealed, associated_data(number), sealer)
+    count, odd = divmod(len(plaintext) - _GENERATION.size, _ENTRY_BYTES)
     if count < 0 or odd:
-        raise BadBucket("is malformed")
-    high, *columns = struct.unpack(f"<Q{count}i{count}Q", plaintext)
+        raise BadManifest("is malformed")
+    generation, *columns = struct.unpack(f"<Q{count}i{count}Q", plaintext)
     entries = dict(zip(columns[:count], columns[count:]))
-    if len(entries) != count or any(bucket_of(s) != number or v > high for s, v in entries.items()):
-        raise BadBucket("is malformed")
-    return Bucket(entries, high)
+    if len(entries) != count or any(bucket_of(s) != number or v > generation for s, v in entries.items()):
+        raise BadManifest("is malformed")
+    return Bucket(entries, generation)
+
+
+def seal_root(generations: list[int], sealer: Sealer) -> bytes:
+    return sealer.seal(_ROOT.pack(*generations), ROOT_FORMAT)
+
+
+def open_root(sealed: object, sealer: Sealer) -> list[int]:
+    """Every bucket's generation, as the last commit left them; BadManifest if the root cannot be trusted."""
+    plaintext = _open(sealed, ROOT_FORMAT, sealer)
+    if len(plaintext) != _ROOT.size:
+        raise BadManifest("is malformed")
+    return list(_ROOT.unpack(plaintext))
+
+
+def _open(sealed: object, aad: bytes, sealer: Sealer) -> bytes:
+    if sealed is None:
+        raise BadManifest("is missing")
+    try:
+        return sealer.open(bytes(sealed), aad)
+    except (InvalidTag, TypeError):
+        raise BadManifest("failed authentication") from None
 
 
 def stale(listed: int | None, version: int) -> str | None:
@@ -104,10 +123,8 @@ class Manifest:
         return f"<Manifest {sum(len(b.entries) for b in self._buckets)} entries>"
 
     def next_version(self, serial: int) -> int:
-        """The version of the row to write for ``serial``: its last one plus one, or above any its bucket held."""
-        bucket = self._buckets[bucket_of(serial)]
-        listed = bucket.entries.get(serial)
-        return (bucket.high if listed is None else listed) + 1
+        """The version of the row to write for ``serial`` in the next commit: its bucket's next generation."""
+        return self._buckets[bucket_of(serial)].generation + 1
 
     def with_changes(self, changes: dict[int, int | None]) -> dict[int, Bucket]:
         """The buckets ``changes`` (serial -> new version, or None: row deleted) alter, as they would be.
@@ -122,12 +139,19 @@ class Manifest:
                 continue  # never written (made and dropped within one batch)
             if number not in touched:
                 bucket = touched[number] = bucket.copy()
+                bucket.generation += 1
             if version is None:
                 del bucket.entries[serial]
             else:
                 bucket.entries[serial] = version
-                bucket.high = max(bucket.high, version)
+                bucket.generation = max(bucket.generation, version)
         return touched
+
+    def seal(self, buckets: dict[int, Bucket], sealer: Sealer) -> tuple[dict[int, bytes], bytes]:
+        """``buckets`` (changed ones, or all) sealed, and the root that goes with them."""
+        generations = [buckets[n].generation if n in buckets else b.generation for n, b in enumerate(self._buckets)]
+        sealed = {number: seal_bucket(number, bucket, sealer) for number, bucket in buckets.items()}
+        return sealed, seal_root(generations, sealer)
 
     def adopt(self, buckets: dict[int, Bucket]) -> None:
         """Take buckets that are now on disk."""
