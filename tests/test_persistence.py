@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import signal
 import sqlite3
@@ -26,6 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import keyden
 from keyden import errors as E
 from keyden.persist import kernel
+from keyden.persist.manifest import BUCKETS
+from keyden.persist.master import Sealer
+
+from tests.conftest import Daemon
 
 try:
     from tests.users import run_as, temporary_users
@@ -34,6 +39,7 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
 
 UID = os.geteuid()
 PERSISTENT_PERM = 0x1F030000
+VERSION = 8  # the version column in SELECT * FROM keys
 
 
 def session(daemon, **kw):
@@ -313,6 +319,341 @@ def test_serials_of_skipped_records_are_never_given_to_new_keys(fresh_daemon, tm
     c = session(d)
     c.get_persistent("@s")
     assert sorted(c.read(ring)) == sorted(made[:45])
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def sql(daemon, statement: str, *params) -> list[tuple]:
+    """One statement on the daemon's keys.db, committed, as someone with write access to the file would run it."""
+    db = sqlite3.connect(db_path(daemon))
+    try:
+        with db:
+            return db.execute(statement, params).fetchall()
+    finally:
+        db.close()
+
+
+def stored_row(daemon, serial: int) -> tuple:
+    """A key's row as it is on disk now (the daemon may be running: its WAL is readable)."""
+    (row,) = sql(daemon, "SELECT * FROM keys WHERE serial = ?", serial)
+    return row
+
+
+def put_row(daemon, row: tuple) -> None:
+    sql(daemon, f"INSERT OR REPLACE INTO keys VALUES ({', '.join('?' * len(row))})", *row)
+
+
+def start_and_read_log(daemon) -> str:
+    """Start the daemon; what it logged while starting."""
+    mark = len(daemon.read_log()) if os.path.exists(daemon.log) else 0
+    daemon.start()
+    return daemon.read_log()[mark:]
+
+
+def keys_in(daemon, count: int) -> tuple[int, dict[int, bytes]]:
+    """A persistent keyring and ``count`` user keys in it (serial -> payload)."""
+    c = session(daemon)
+    ring = c.get_persistent("@s")
+    made = {}
+    for i in range(count):
+        payload = f"material-{i}-".encode() + secrets.token_hex(8).encode()
+        made[c.add("user", f"k{i}", payload, ring)] = payload
+    c.close()
+    return ring, made
+
+
+def assert_loaded(daemon, ring: int, keys: dict[int, bytes]) -> None:
+    """Exactly these keys are in the persistent keyring, with their payloads."""
+    c = session(daemon)
+    assert c.get_persistent("@s") == ring
+    assert sorted(c.read(ring)) == sorted(keys)
+    assert all(c.read(serial) == payload for serial, payload in keys.items())
+    c.close()
+
+
+def test_a_row_deleted_outside_keyden_is_reported_missing_and_its_serial_kept(fresh_daemon, tmp_path, monkeypatch):
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 6)
+    gone = next(iter(keys))
+    d.stop(signal.SIGKILL)
+    sql(d, "DELETE FROM keys WHERE serial = ?", gone)
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "sitecustomize.py").write_text(SEEDED_SERIALS)
+    monkeypatch.setenv("PYTHONPATH", str(seed))
+    monkeypatch.setenv("KEYDEN_TEST_SERIALS", ",".join([str(gone)] * 20))  # offered first, must be refused
+    log = start_and_read_log(d)
+    assert f"ERROR keyden.persist: stored key {gone} is missing: its row was deleted outside keyden" in log
+    assert log.count("ERROR") == 1  # nothing else: no row skipped, no bucket refused
+    del keys[gone]
+    assert_loaded(d, ring, keys)
+    c = session(d)
+    c.get_persistent("@s")
+    made = [c.add("user", f"new-{i}", b"fresh", ring) for i in range(20)]
+    assert gone not in made  # its manifest entry stays, so the report repeats until an operator acts
+    with pytest.raises(E.ENOKEY):
+        c.describe(gone)
+    c.close()
+    restart(d)
+    assert d.read_log().count(f"stored key {gone} is missing") == 2
+
+
+def test_a_rolled_back_row_is_reported_and_its_old_payload_never_served(fresh_daemon):
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 5)
+    target = next(iter(keys))
+    old_row = stored_row(d, target)
+    c = session(d)
+    c.get_persistent("@s")
+    c.update(target, b"the new secret")
+    c.setperm(target, 0x3F010000)  # narrower than the old row's mask: that must not come back either
+    c.close()
+    d.stop(signal.SIGKILL)
+    version = stored_row(d, target)[VERSION]
+    put_row(d, old_row)  # an older sealed version of itself: it still authenticates on its own
+
+    log = start_and_read_log(d)
+    assert (f"ERROR keyden.persist: stored key {target} skipped: rolled back: version {old_row[VERSION]} on disk, "
+            f"{version} in the manifest") in log
+    old_payload = keys.pop(target)
+    assert old_payload.decode() not in log
+    c = session(d)
+    c.get_persistent("@s")
+    with pytest.raises(E.ENOKEY):
+        c.read(target)  # not served, neither old nor new
+    c.close()
+    assert_loaded(d, ring, keys)
+    assert stored_row(d, target) == old_row  # left on disk as evidence, reported on every start
+    restart(d)
+    assert d.read_log().count(f"stored key {target} skipped: rolled back") == 2
+
+
+def test_a_deleted_keys_row_put_back_is_reported_and_not_loaded(fresh_daemon):
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 5)
+    victim = next(iter(keys))
+    saved = stored_row(d, victim)
+    c = session(d)
+    c.get_persistent("@s")
+    c.unlink(victim, ring)  # its last link: the key is destroyed and its row deleted
+    c.close()
+    d.stop(signal.SIGKILL)
+    assert not sql(d, "SELECT 1 FROM keys WHERE serial = ?", victim)
+    put_row(d, saved)
+
+    log = start_and_read_log(d)
+    assert f"ERROR keyden.persist: stored key {victim} skipped: not in the manifest" in log
+    c = session(d)
+    c.get_persistent("@s")
+    with pytest.raises(E.ENOKEY):
+        c.describe(victim)
+    c.close()
+    del keys[victim]
+    assert_loaded(d, ring, keys)
+
+
+def saved_manifest(daemon) -> tuple[list[tuple], bytes]:
+    """Every bucket and the root, as on disk now."""
+    ((root,),) = sql(daemon, "SELECT value FROM meta WHERE name = 'manifest'")
+    return sql(daemon, "SELECT bucket, sealed FROM manifest"), root
+
+
+def put_manifest(daemon, saved: tuple[list[tuple], bytes]) -> None:
+    buckets, root = saved
+    for bucket, sealed in buckets:
+        sql(daemon, "UPDATE manifest SET sealed = ? WHERE bucket = ?", sealed, bucket)
+    sql(daemon, "UPDATE meta SET value = ? WHERE name = 'manifest'", root)
+
+
+def flip_a_byte(blob: bytes) -> bytes:
+    flipped = bytearray(blob)
+    flipped[len(flipped) // 2] ^= 0x01
+    return bytes(flipped)
+
+
+def test_tampered_missing_or_rolled_back_manifest_buckets_are_reported(fresh_daemon):
+    """A bucket that does not open, or is not the one the root expects, is reported and its rows load
+    unchecked (each still authenticates on its own), then it is sealed again; so is the root."""
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 12)
+    by_bucket = {}
+    for serial in keys:
+        if serial % BUCKETS != ring % BUCKETS:
+            by_bucket.setdefault(serial % BUCKETS, serial)
+    flipped, deleted, rolled = list(by_bucket)[:3]  # three buckets, none the keyring's
+    target = by_bucket[rolled]
+    (old_bucket,) = sql(d, "SELECT sealed FROM manifest WHERE bucket = ?", rolled)[0]
+    old_row = stored_row(d, target)
+    c = session(d)
+    c.get_persistent("@s")
+    c.update(target, b"updated after the bucket was copied")
+    c.close()
+    d.stop(signal.SIGKILL)
+    (sealed,) = sql(d, "SELECT sealed FROM manifest WHERE bucket = ?", flipped)[0]
+    sql(d, "UPDATE manifest SET sealed = ? WHERE bucket = ?", flip_a_byte(sealed), flipped)
+    sql(d, "DELETE FROM manifest WHERE bucket = ?", deleted)
+    # One bucket and its row put back from an older copy: consistent with each other, not with the root.
+    sql(d, "UPDATE manifest SET sealed = ? WHERE bucket = ?", old_bucket, rolled)
+    put_row(d, old_row)
+
+    log = start_and_read_log(d)
+    unchecked = "its stored keys load unchecked (a deletion or rollback among them cannot be seen)"
+    assert f"ERROR keyden.persist: manifest bucket {flipped} failed authentication: {unchecked}" in log
+    assert f"ERROR keyden.persist: manifest bucket {deleted} is missing: {unchecked}" in log
+    assert re.search(rf"ERROR keyden.persist: manifest bucket {rolled} is at generation (\d+) where the root says "
+                     rf"(\d+) \(another copy\): {re.escape(unchecked)}", log)
+    assert log.count("ERROR") == 3
+    assert_loaded(d, ring, keys)  # the rolled-back row too: reported loudly rather than lost (see persistence.md)
+    d.stop(signal.SIGKILL)
+    log = start_and_read_log(d)
+    assert "ERROR" not in log  # the three were sealed again from their rows
+    assert_loaded(d, ring, keys)
+
+    d.stop(signal.SIGKILL)
+    ((root,),) = sql(d, "SELECT value FROM meta WHERE name = 'manifest'")
+    sql(d, "UPDATE meta SET value = ? WHERE name = 'manifest'", flip_a_byte(root))
+    log = start_and_read_log(d)
+    assert "ERROR keyden.persist: the manifest's root failed authentication" in log and log.count("ERROR") == 1
+    assert_loaded(d, ring, keys)
+
+    # The whole manifest put back from an older copy, the rows current: the row written since is refused.
+    c = session(d)
+    c.get_persistent("@s")  # (this rewrites the keyring's row: each call may push its expiry)
+    saved = saved_manifest(d)
+    c.update(target, b"the latest")
+    c.close()
+    d.stop(signal.SIGKILL)
+    version = stored_row(d, target)[VERSION]
+    put_manifest(d, saved)
+    log = start_and_read_log(d)
+    assert f"ERROR keyden.persist: stored key {target} skipped: version {version} on disk is newer than the " \
+           f"manifest's" in log
+    assert log.count("ERROR") == 1  # no row was written in any other bucket since: they all match
+    del keys[target]
+    assert_loaded(d, ring, keys)
+
+
+def test_a_store_from_before_the_manifest_is_migrated_with_a_warning(fresh_daemon):
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 5)
+    d.stop(signal.SIGKILL)
+    # The check value says this store keeps a manifest: stripping it is tampering, not a store to migrate.
+    sql(d, "DROP TABLE manifest")
+    log = start_and_read_log(d)
+    assert log.count("ERROR keyden.persist: manifest bucket") == BUCKETS and "is missing" in log
+    assert "had no manifest" not in log
+    assert_loaded(d, ring, keys)
+    d.stop(signal.SIGKILL)
+
+    # What keyden wrote before it kept a manifest: no such table, and a check value of the first format.
+    with open(os.path.join(d.state_dir, "master.key"), "rb") as f:
+        first_format = Sealer(f.read()).seal(b"keyden master key check", b"keyden-master-check-v1\0key\0")
+    sql(d, "DROP TABLE manifest")
+    sql(d, "DELETE FROM meta WHERE name = 'manifest'")
+    sql(d, "UPDATE meta SET value = ? WHERE name = 'check'", first_format)
+    log = start_and_read_log(d)
+    assert "WARNING keyden.persist:" in log and "had no manifest" in log and "cannot be detected" in log
+    assert "ERROR" not in log
+    assert_loaded(d, ring, keys)
+    c = session(d)
+    c.get_persistent("@s")
+    later = c.add("user", "after-migration", b"later", ring)
+    keys[later] = b"later"
+    c.close()
+    d.stop(signal.SIGKILL)
+    log = start_and_read_log(d)
+    assert "WARNING" not in log and "ERROR" not in log  # migrated once, for good
+    assert_loaded(d, ring, keys)
+
+
+def test_after_a_rekey_every_manifest_bucket_opens_under_the_new_key(fresh_daemon):
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 8)
+    c = session(d)
+    c.get_persistent("@s")
+    c.rekey()
+    first, second = list(keys)[:2]
+    c.update(first, b"updated under the new key")
+    keys[first] = b"updated under the new key"
+    c.unlink(second, ring)
+    del keys[second]
+    c.close()
+    d.stop(signal.SIGKILL)
+    log = start_and_read_log(d)
+    assert "ERROR" not in log and "WARNING" not in log
+    assert_loaded(d, ring, keys)
+
+
+class _ManifestWritesFail:
+    """A database connection whose transactions fail when they reach the manifest: a disk filling up midway."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def cursor(self):
+        return _CursorFailingOnManifest(self._conn.cursor())
+
+
+class _CursorFailingOnManifest:
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def execute(self, statement, *params):
+        return self._cursor.execute(statement, *params)
+
+    def executemany(self, statement, rows):
+        if "manifest" in statement:
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._cursor.executemany(statement, rows)
+
+
+def test_a_failed_write_leaves_a_manifest_that_matches_after_the_next_one(tmp_path):
+    """Writes fail midway (rows written, then the manifest fails: rolled back whole); the next successful
+    write takes those changes too, and a restart finds rows and manifest in step."""
+    from keyden.server.config import ServerConfig
+    from keyden.server.server import Server
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    cfg = ServerConfig(socket=str(tmp_path / "k.sock"), state_dir=str(state), harden=False)
+    server = Server(cfg)
+    server.startup()
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        c = keyden.connect(cfg.socket)
+        ring = c.get_persistent("@s")
+        kept = c.add("user", "kept", b"kept", ring)
+        changed = c.add("user", "changed", b"before", ring)
+        dropped = c.add("user", "dropped", b"dropped", ring)
+        db = server.journal.db
+        conn = db.conn
+        db.conn = _ManifestWritesFail(conn)
+        with pytest.raises(E.EIO):
+            c.update(changed, b"after")
+        with pytest.raises(E.EIO):
+            c.unlink(dropped, ring)
+        db.conn = conn
+        added = c.add("user", "added", b"added", ring)  # the disk is back: this write takes the earlier ones
+        c.close()
+    finally:
+        server.request_stop()
+        serving.join(10)
+        server.shutdown()
+
+    d = Daemon()
+    d.state_dir = str(state)
+    try:
+        log = start_and_read_log(d)
+        assert "ERROR" not in log and "WARNING" not in log
+        assert_loaded(d, ring, {kept: b"kept", changed: b"after", added: b"added"})
+    finally:
+        d.cleanup()
 
 
 # ------------------------------------------------------------- master key

@@ -2,20 +2,24 @@
 
 ``open_durable`` runs at start-up, before the daemon listens: it finds the
 master key (refusing to start without the right one), loads every stored key
-back into the KeyStore with its serial, and attaches the journal that keeps
-the store and the database in step from then on.  See docs/persistence.md.
+back into the KeyStore with its serial (checking the rows against the sealed
+manifest: a deleted, rolled-back or resurrected row is reported, and a stale
+one not loaded), and attaches the journal that keeps the store and the
+database in step from then on.  See docs/persistence.md.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 
 from keyden.core.store import KeyStore
 from keyden.persist import records
 from keyden.persist.database import Database
 from keyden.persist.journal import SealedJournal
-from keyden.persist.master import PASSPHRASE_ENV, Sealer, StartupError, source_for
+from keyden.persist.manifest import BUCKETS, BadManifest, Bucket, Manifest, bucket_of, open_bucket, open_root, stale
+from keyden.persist.master import CHECK_VERSION, PASSPHRASE_ENV, KeySource, Sealer, StartupError, source_for
 
 __all__ = ["open_durable", "SealedJournal", "StartupError", "PASSPHRASE_ENV", "paths"]
 
@@ -39,19 +43,22 @@ def open_durable(config, store: KeyStore) -> SealedJournal:
             if not db.is_empty():
                 raise StartupError(f"{db_path} holds keys but no master key check; refusing to start")
             sealer = source.create()
-            db.write((), (), dict(source.meta(), source=source.source.encode(), check=source.check(sealer)))
-            versions: dict[int, int] = {}
+            manifest = Manifest()
+            buckets, root = manifest.seal(manifest.buckets(), sealer)
+            db.write((), (), dict(source.meta(), source=source.source.encode(), check=source.check(sealer),
+                                  manifest=root), buckets)
             log.info("new key store %s (master key: %s)", db_path, _describe(source.source, key_path))
         else:
             stored = meta.get("source", b"").decode(errors="replace")
             if stored != source.source:
                 raise StartupError(_mismatch(db_path, stored))
             sealer = source.open(meta["check"], meta)
-            versions = _load(db, sealer, store)
+            kept = sealer.check_version(meta["check"], source.source, source.salt) >= CHECK_VERSION
+            manifest = _load(db, sealer, store, meta, migrating=None if kept else source)
     except BaseException:
         db.close()
         raise
-    journal = SealedJournal(store, db, sealer, source, versions)
+    journal = SealedJournal(store, db, sealer, source, manifest)
     store.journal = journal
     return journal
 
@@ -70,25 +77,97 @@ def _mismatch(db_path: str, stored: str) -> str:
     return f"the key store {db_path} names an unknown master key source; refusing to start"
 
 
-def _load(db: Database, sealer: Sealer, store: KeyStore) -> dict[int, int]:
-    """Every row that authenticates becomes a key again; the others are reported (never their contents)."""
-    keys, links, roots, versions = [], [], [], {}
+def _load(db: Database, sealer: Sealer, store: KeyStore, meta: dict[str, bytes],
+          migrating: KeySource | None) -> Manifest:
+    """Every row that authenticates and that the manifest expects becomes a key again; the others, and
+    manifest entries without a row, are reported (never their contents).
+
+    Buckets that cannot be trusted are sealed again from the rows that opened, and the root with them.
+    ``migrating``: the store was written before it kept a manifest; one is built from the rows as
+    loaded, and the check value rewritten to say the store keeps one (in the same transaction).
+    """
+    if migrating:
+        trusted, floors, root_ok = {}, dict.fromkeys(range(BUCKETS), 0), False
+    else:  # floors: untrusted bucket -> the generation its new copy must exceed
+        trusted, floors, root_ok = _open_manifest(db, meta, sealer)
+    keys, links, roots = [], [], []
     skipped: list[int] = []
+    present: set[int] = set()  # serials with a row, whatever became of it
+    rebuilt = {number: Bucket() for number in floors}  # the untrusted buckets, from the rows that open
     for row in db.rows():
+        present.add(row.serial)  # an INTEGER PRIMARY KEY: always an int
         try:
             key, members = records.open_row(row, sealer)
         except records.Unusable as exc:
             log.error("stored key %.20r skipped: %s", row.serial, exc)
-            skipped.append(row.serial)  # an INTEGER PRIMARY KEY: always an int; reserved, never overwritten
+            skipped.append(row.serial)  # reserved, never overwritten
             continue
+        number = bucket_of(key.serial)
+        if number in trusted:
+            reason = stale(trusted[number].entries.get(key.serial), row.version)
+            if reason:
+                log.error("stored key %d skipped: %s", key.serial, reason)
+                skipped.append(key.serial)  # its manifest entry (if any) is carried forward unchanged
+                continue
+        else:
+            rebuilt[number].entries[key.serial] = row.version
+            floors[number] = max(floors[number], row.version)
         keys.append(key)
-        versions[key.serial] = row.version
         links += [(key.serial, member) for member in members]
         if row.flags & records.ROOT:
             roots.append(key.serial)
-    orphans = store.restore(keys, links, roots, skipped)
+    missing = sorted(serial for bucket in trusted.values() for serial in bucket.entries if serial not in present)
+    for serial in missing:
+        log.error("stored key %d is missing: its row was deleted outside keyden", serial)
+    orphans = store.restore(keys, links, roots, skipped + missing)  # missing serials reserved: entries kept
     for serial in orphans:
         log.error("stored key %d skipped: it is under no persistent keyring any more", serial)
-    log.info("loaded %d persistent keys from %s%s", len(keys) - len(orphans), db.path,
-             f" ({len(skipped) + len(orphans)} skipped)" if skipped or orphans else "")
-    return versions
+    log.info("loaded %d persistent keys from %s%s%s", len(keys) - len(orphans), db.path,
+             f" ({len(skipped) + len(orphans)} skipped)" if skipped or orphans else "",
+             f" ({len(missing)} missing)" if missing else "")
+    if migrating:
+        log.warning("%s had no manifest: built one from the %d stored keys that opened; a deletion or "
+                    "rollback of a stored key from before this start cannot be detected", db.path, len(keys))
+    for number, bucket in rebuilt.items():
+        bucket.generation = floors[number] + 1  # above every version its rows or the root ever had
+    manifest = Manifest({**trusted, **rebuilt})
+    if rebuilt or not root_ok:
+        buckets, root = manifest.seal(rebuilt, sealer)
+        fresh = {"manifest": root, **({"check": migrating.check(sealer)} if migrating else {})}
+        try:
+            db.write((), (), fresh, buckets)
+        except sqlite3.Error as exc:
+            raise StartupError(f"cannot write the manifest to {db.path} ({exc}); refusing to start") from None
+    return manifest
+
+
+def _open_manifest(db: Database, meta: dict[str, bytes],
+                   sealer: Sealer) -> tuple[dict[int, Bucket], dict[int, int], bool]:
+    """The buckets that can be trusted; for the others (each reported), the generation a new copy must
+    exceed; and whether the root opened."""
+    try:
+        generations: list[int] | None = open_root(meta.get("manifest"), sealer)
+    except BadManifest as exc:
+        log.error("the manifest's root %s: a bucket put back together with its rows from an older copy cannot "
+                  "be seen at this start; the root is sealed again", exc)
+        generations = None
+    stored = db.manifest()
+    trusted, floors = {}, {}
+    for number in range(BUCKETS):
+        expected = generations[number] if generations else 0
+        try:
+            bucket = open_bucket(number, stored.get(number), sealer)
+        except BadManifest as exc:
+            problem = str(exc)
+        else:
+            if generations is None or bucket.generation == expected:
+                trusted[number] = bucket
+                continue
+            problem = f"is at generation {bucket.generation} where the root says {expected} (another copy)"
+            expected = max(expected, bucket.generation)
+        log.error("manifest bucket %d %s: its stored keys load unchecked (a deletion or rollback among "
+                  "them cannot be seen) and it is sealed again from them", number, problem)
+        floors[number] = expected
+    for number in sorted(set(stored) - set(range(BUCKETS))):  # INTEGER PRIMARY KEY: ints
+        log.error("the manifest holds an unknown bucket %d; ignored, left on disk", number)
+    return trusted, floors, generations is not None

@@ -1,9 +1,10 @@
 """The SQLite file: WAL mode, every commit synced (synchronous=FULL), one connection behind a lock.
 
-Two tables: ``meta`` (name -> value: source, salt, check value) and
-``keys`` (one row per persisted key, see ``records``).  A write is one
-transaction holding whole operations, so a crash leaves either all of an
-operation's changes or none.
+Three tables: ``meta`` (name -> value: source, salt, check value),
+``keys`` (one row per persisted key, see ``records``) and ``manifest`` (the
+sealed list of rows and their versions, in buckets, see ``manifest``).  A
+write is one transaction holding whole operations, rows and manifest
+together, so a crash leaves either all of an operation's changes or none.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CREATE TABLE IF NOT EXISTS keys (
     quota_len INTEGER NOT NULL,
     sealed BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT NULL);
 """
 _UPSERT = f"INSERT OR REPLACE INTO keys ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -68,13 +70,21 @@ class Database:
         for values in self.conn.execute(f"SELECT {', '.join(COLUMNS)} FROM keys ORDER BY rowid"):
             yield Row(*values)
 
-    def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None) -> None:
-        """One transaction; on disk (WAL synced) when this returns."""
+    def manifest(self) -> dict[int, object]:
+        """Bucket number -> sealed bucket, as stored (``manifest.open_bucket`` judges them)."""
+        return dict(self.conn.execute("SELECT bucket, sealed FROM manifest"))
+
+    def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None,
+              buckets: dict[int, bytes] | None = None) -> None:
+        """One transaction (rows, manifest buckets and meta together); on disk (WAL synced) when this returns."""
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
             cur.executemany("DELETE FROM keys WHERE serial = ?", [(s,) for s in deletes])
             cur.executemany(_UPSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in upserts])
+            if buckets:
+                cur.executemany("INSERT OR REPLACE INTO manifest (bucket, sealed) VALUES (?, ?)",
+                                list(buckets.items()))
             if meta:
                 cur.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(meta.items()))
             cur.execute("COMMIT")

@@ -8,7 +8,9 @@ outside it.  Requests that arrive while a write is in progress wait for the
 next one, which takes all of their changes at once: one fsync for many
 operations.  A request only waits if it made changes not yet on disk (the
 thread that ran it marks them), and only a failed write of its own changes
-fails it.
+fails it.  Each write re-seals the manifest buckets its rows fall in and the
+manifest's root, in the same transaction, so the manifest never disagrees
+with the rows on disk.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from keyden.core.journal import Journal
 from keyden.core.store import Key, KeyStore
 from keyden.persist import records
 from keyden.persist.database import Database
+from keyden.persist.manifest import Manifest
 from keyden.persist.master import KeySource, Sealer
 
 log = logging.getLogger("keyden.persist")
@@ -31,12 +34,12 @@ log = logging.getLogger("keyden.persist")
 
 class SealedJournal(Journal):
     def __init__(self, store: KeyStore, db: Database, sealer: Sealer, source: KeySource,
-                 versions: dict[int, int]):
+                 manifest: Manifest):
         self.store = store
         self.db = db
         self.sealer = sealer
         self.source = source
-        self._versions = versions  # serial -> version of its row on disk
+        self._manifest = manifest  # serial -> version of its row, as on disk
         self._dirty: dict[int, Key | None] = {}
         self._seq = 0  # changes noted so far
         self._durable = 0  # changes on disk
@@ -101,8 +104,12 @@ class SealedJournal(Journal):
             batch, self._dirty = self._dirty, {}
             upto = self._seq
             upserts, deletes = self._seal(batch)
+        changes: dict[int, int | None] = {serial: None for serial in deletes}
+        changes.update((row.serial, row.version) for row in upserts)
+        buckets = self._manifest.with_changes(changes)
         try:
-            self.db.write(upserts, deletes)
+            sealed, root = self._manifest.seal(buckets, self.sealer)
+            self.db.write(upserts, deletes, {"manifest": root} if buckets else None, sealed)
         except Exception as exc:
             with self.store.lock:
                 for serial, key in batch.items():
@@ -110,10 +117,7 @@ class SealedJournal(Journal):
             log.error("writing the key database failed (%s); %d changes kept for the next attempt",
                       type(exc).__name__, len(batch))
             raise E.EIO("the key database could not be written; the change is not durable") from None
-        for row in upserts:
-            self._versions[row.serial] = row.version
-        for serial in deletes:
-            self._versions.pop(serial, None)
+        self._manifest.adopt(buckets)
         self._durable = upto
 
     def _seal(self, batch: dict[int, Key | None]) -> tuple[list[records.Row], list[int]]:
@@ -124,7 +128,7 @@ class SealedJournal(Journal):
                 continue
             try:
                 root = self.store.is_persistent_keyring(key)
-                upserts.append(records.seal(key, self._versions.get(serial, 0) + 1, root, self.sealer))
+                upserts.append(records.seal(key, self._manifest.next_version(serial), root, self.sealer))
             except records.NotStorable as exc:
                 log.warning("not persisted: %s", exc)
         return upserts, deletes
@@ -132,7 +136,9 @@ class SealedJournal(Journal):
     # --------------------------------------------------------------- rekey
 
     def rekey(self, passphrase: bytes = b"") -> int:
-        """A new master key; every row re-sealed under it in one transaction.  Returns the rows re-sealed.
+        """A new master key; every row and manifest bucket re-sealed under it in one transaction.
+
+        Returns the rows re-sealed.
 
         Requests go on meanwhile: changes wait in memory and are sealed
         under the new key.  Rows that no longer open (tampered) keep their
@@ -152,9 +158,10 @@ class SealedJournal(Journal):
                     continue
                 resealed.append(dataclasses.replace(row, sealed=rotation.sealer.seal(plaintext, aad)))
             salt = rotation.meta.get("salt", b"")
-            meta = dict(rotation.meta, check=rotation.sealer.make_check(self.source.source, salt))
+            buckets, root = self._manifest.seal(self._manifest.buckets(), rotation.sealer)
+            meta = dict(rotation.meta, check=rotation.sealer.make_check(self.source.source, salt), manifest=root)
             try:
-                self.db.write(resealed, (), meta)
+                self.db.write(resealed, (), meta, buckets)
             except Exception as exc:
                 log.error("rekey failed writing the database (%s); the old master key stays", type(exc).__name__)
                 raise E.EIO("rekey failed; the old master key stays in use") from None

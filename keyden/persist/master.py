@@ -11,10 +11,11 @@ wrong kind is refused instead of creating a second, empty store:
   (``--passphrase-file`` or $KEYDEN_PASSPHRASE_FILE), salt and cost in the
   database.
 
-A check value (the AEAD seal of a constant, bound to source and salt) tells a
-wrong key from a tampered record.  Rotation of a file key writes
-``master.key.new`` first and renames it over ``master.key`` only after the
-database committed under it; a start after a crash in between tries both.
+A check value (the AEAD seal of a constant, bound to source, salt and whether
+the store keeps a manifest) tells a wrong key from a tampered record.
+Rotation of a file key writes ``master.key.new`` first and renames it over
+``master.key`` only after the database committed under it; a start after a
+crash in between tries both.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ PASSPHRASE_ENV = "KEYDEN_PASSPHRASE_FILE"
 SCRYPT_COST = (2**15, 8, 1)  # n, r, p: 32 MiB, about 0.1 s
 MAX_SCRYPT_N = 2**20
 CHECK_PLAINTEXT = b"keyden master key check"
+CHECK_VERSION = 2  # 1: a store from before the manifest (see manifest.py); 2: a store that keeps one
 
 
 class StartupError(Exception):
@@ -68,17 +70,28 @@ class Sealer:
         return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
 
     @staticmethod
-    def check_context(source: str, salt: bytes) -> bytes:
-        return b"keyden-master-check-v1\0" + source.encode() + b"\0" + salt
+    def check_context(source: str, salt: bytes, version: int = CHECK_VERSION) -> bytes:
+        return b"keyden-master-check-v%d\0" % version + source.encode() + b"\0" + salt
 
     def make_check(self, source: str, salt: bytes = b"") -> bytes:
         return self.seal(CHECK_PLAINTEXT, self.check_context(source, salt))
 
+    def check_version(self, check: bytes, source: str, salt: bytes = b"") -> int:
+        """Which format the check value was sealed in (0: this key does not open it).
+
+        Version 2 says the store keeps a manifest; it is sealed into the check so that deleting the
+        manifest cannot pass for a store written before there was one.
+        """
+        for version in (CHECK_VERSION, 1):
+            try:
+                if self.open(check, self.check_context(source, salt, version)) == CHECK_PLAINTEXT:
+                    return version
+            except InvalidTag:
+                continue
+        return 0
+
     def opens(self, check: bytes, source: str, salt: bytes = b"") -> bool:
-        try:
-            return self.open(check, self.check_context(source, salt)) == CHECK_PLAINTEXT
-        except InvalidTag:
-            return False
+        return self.check_version(check, source, salt) != 0
 
 
 @dataclass
