@@ -1068,3 +1068,90 @@ def test_a_config_file_others_may_write_is_refused(tmp_path):
     os.chmod(config, 0o644)  # readable by others is fine: it holds no secret
     proc = subprocess.run(init, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------- one store, one process; accepted reports
+
+def run_init(daemon) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.pop("KEYDEN_PASSPHRASE_FILE", None)
+    return subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", daemon.state_dir,
+                           "--config", daemon.config], capture_output=True, text=True, env=env)
+
+
+def test_one_store_is_opened_by_one_process_and_init_only_checks_an_existing_one(fresh_daemon):
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 3)
+    proc = run_init(d)  # the daemon holds the store: a second writer would break its manifest
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is in use by another process" in proc.stderr
+    d.stop(signal.SIGTERM)
+    before = {name: file_digest(os.path.join(d.state_dir, name)) for name in os.listdir(d.state_dir)
+              if name.startswith("keys.db")}
+    proc = run_init(d)
+    assert proc.returncode == 0 and "ready" in proc.stdout, proc.stderr
+    after = {name: file_digest(os.path.join(d.state_dir, name)) for name in os.listdir(d.state_dir)
+             if name.startswith("keys.db")}
+    assert after == before  # checked, not written: migrating is the daemon's job
+    d.start()
+    assert_loaded(d, ring, keys)
+
+
+def test_a_rolled_back_row_an_operator_accepts_comes_back_in_its_keyring(fresh_daemon):
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 4)
+    target = next(iter(keys))
+    old_row = stored_row(d, target)
+    c = session(d)
+    c.get_persistent("@s")
+    c.update(target, b"newer")
+    c.close()
+    d.stop(signal.SIGKILL)
+    put_row(d, old_row)  # a backup's older row
+    assert "rolled back" in start_and_read_log(d)
+    c = session(d)
+    c.get_persistent("@s")  # rewrites the keyring's row: the skipped member must keep its place in it
+    c.add("user", "another", b"x", ring)
+    c.close()
+    d.stop(signal.SIGTERM)
+    sql(d, "DELETE FROM manifest WHERE bucket = ?", target % BUCKETS)  # docs: accepting the row as it is
+    log = start_and_read_log(d)
+    assert f"manifest bucket {target % BUCKETS} is missing" in log
+    assert "under no persistent keyring" not in log
+    c = session(d)
+    c.get_persistent("@s")
+    assert c.read(target) == keys[target]  # the accepted older payload, linked where it was
+    assert target in c.read(ring)
+    c.close()
+
+
+def test_a_replaced_persistent_keyring_linked_elsewhere_does_not_take_over_at_restart(fresh_daemon):
+    d = fresh_daemon()
+    c = session(d)
+    mine = c.get_persistent("@s")
+    kept = {}
+    for uid in range(2000, 2006):  # serials are random: six tries at the old one sorting first
+        old = c.get_persistent("@s", uid)
+        c.link(old, mine)  # so it stays stored after it is replaced
+        c.revoke(old)
+        new = c.get_persistent("@s", uid)
+        assert new != old
+        kept[uid] = (new, c.add("user", f"k{uid}", b"in the new one", new))
+    c.close()
+    restart(d, signal.SIGTERM)
+    c = session(d)
+    for uid, (new, key) in kept.items():
+        assert c.get_persistent("@s", uid) == new
+        assert c.read(key) == b"in the new one"
+    c.close()
+
+
+def test_a_store_deleted_under_its_master_key_is_said_at_start(fresh_daemon):
+    d = fresh_daemon()
+    keys_in(d, 2)
+    d.stop(signal.SIGTERM)
+    for name in os.listdir(d.state_dir):
+        if name.startswith("keys.db"):
+            os.unlink(os.path.join(d.state_dir, name))
+    log = start_and_read_log(d)
+    assert "exists but the key database" in log and "its key store is gone" in log

@@ -26,7 +26,7 @@ def cmd_init(ctx, args):
     """Create the master key and the empty sealed store without starting the daemon (or check an existing one)."""
     from keyden.cli.serve import add_store_arguments, load_config
     from keyden.core.store import KeyStore
-    from keyden.persist import StartupError, open_durable, paths
+    from keyden.persist import PASSPHRASE_ENV, StartupError, open_durable, paths
 
     p = argparse.ArgumentParser(prog="keyden init", description="Create the daemon's master key and key store.")
     add_store_arguments(p)
@@ -34,12 +34,13 @@ def cmd_init(ctx, args):
     try:
         config = load_config(parsed)
         config.prepare_state_dir()
-        journal = open_durable(config, KeyStore(config.store))
+        journal = open_durable(config, KeyStore(config.store), check_only=True)
     except StartupError as exc:
         raise Exit(1, f"keyden: {exc}") from None
     db_path, key_path = paths(config)
-    unlocked = "a passphrase" if journal.source.source == "passphrase" else key_path
-    journal.close()
+    if journal is not None:  # made just now
+        journal.close()
+    unlocked = "a passphrase" if config.passphrase_file or os.environ.get(PASSPHRASE_ENV) else key_path
     print(f"key store {db_path} ready (master key: {unlocked})")
 
 

@@ -104,7 +104,7 @@ class Key:
     __slots__ = (
         "serial", "type", "description", "uid", "gid", "perm", "expiry", "payload", "quota_len",
         "revoked_at", "invalidated", "dead", "links", "parents", "pins", "restriction", "charged", "ctime",
-        "flags", "persisted", "keep", "__weakref__",
+        "flags", "persisted", "keep", "held_back", "__weakref__",
     )
 
     def __init__(self, serial: int, ktype: T.KeyType, description: str, uid: int, gid: int, perm: int,
@@ -130,6 +130,9 @@ class Key:
         self.flags = 0  # NO_EXPORT
         self.persisted = False  # reachable from a persistent keyring: the journal keeps it
         self.keep = ktype.keep  # KEY_FLAG_KEEP: no revoke, invalidate, clear, timeout; kept-in-kept never unlinked
+        # A stored keyring's members whose records were skipped at start (reserved serials): still written
+        # in its member list, so that a record an operator accepts later finds its place again.
+        self.held_back: tuple[int, ...] = ()
 
     @property
     def index(self) -> tuple[str, str]:
@@ -453,6 +456,7 @@ class KeyStore:
         self._changed()
         children = list(ring.links.values())
         ring.links.clear()
+        ring.held_back = ()
         self._reserve(ring, 0)
         if ring.persisted:
             self.journal.on_store(ring)
@@ -1270,6 +1274,7 @@ class KeyStore:
             self._maybe_destroy(ring)
             if ring.persisted:
                 self._recheck_persisted(ring)
+                self._journal(ring)  # still stored under another keyring: rewritten without the register's flag
             ring = None
         if ring is None:
             ring = self._create(T.KEYRING, f"_persistent.{uid}", Credentials(uid, P.NO_GID), PERSISTENT_KEYRING_PERM,
@@ -1310,6 +1315,9 @@ class KeyStore:
                     self._charge(key.uid, 1, key.cost, check=False)
             for ring_serial, key_serial in links:
                 ring, key = self._keys.get(ring_serial), self._keys.get(key_serial)
+                if key is None and ring is not None and ring.links is not None and key_serial in self._reserved:
+                    ring.held_back += (key_serial,)  # its record was skipped: keep its place, not the key
+                    continue
                 if ring is None or key is None or ring.links is None or key.index in ring.links:
                     continue
                 if key.links is not None:
@@ -1318,7 +1326,8 @@ class KeyStore:
                     except (E.EDEADLK, E.ELOOP):
                         continue
                 self._link_raw(ring, key, check_quota=False)
-            for serial in roots:
+            live_first = sorted(roots, key=lambda s: s not in self._keys or self._keys[s].defunct)
+            for serial in live_first:  # a revoked one replaced before a crash may still carry the flag
                 ring = self._keys.get(serial)
                 if ring is not None and ring.links is not None and ring.uid not in self._persistent_keyrings:
                     ring.pins += 1

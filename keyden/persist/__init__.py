@@ -32,8 +32,16 @@ def paths(config) -> tuple[str, str]:
             config.master_key_file or os.path.join(config.state_dir, "master.key"))
 
 
-def open_durable(config, store: KeyStore) -> SealedJournal:
-    """Open (or create) the store, load it into ``store`` and attach its journal; StartupError if it must not run."""
+#: how far a rebuilt bucket's generation jumps when the root that knew its past is lost
+UNKNOWN_PAST = 1 << 32
+
+
+def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJournal | None:
+    """Open (or create) the store, load it into ``store`` and attach its journal; StartupError if it must not run.
+
+    ``check_only`` (`keyden init`): create the store if there is none, else only check that the master key
+    opens it, writing nothing (a store from before the manifest is migrated by the daemon).
+    """
     db_path, key_path = paths(config)
     source = source_for(key_path, config.passphrase_file, config.master_key_kernel)
     db = Database(db_path)
@@ -42,6 +50,9 @@ def open_durable(config, store: KeyStore) -> SealedJournal:
         if "check" not in meta:
             if not db.is_empty():
                 raise StartupError(f"{db_path} holds keys but no master key check; refusing to start")
+            if source.source == "key" and os.path.exists(key_path):
+                log.warning("the master key %s exists but the key database %s is new: if keyden ran here before, "
+                            "its key store is gone (deleted or replaced)", key_path, db_path)
             sealer = source.create()
             manifest = Manifest()
             buckets, root = manifest.seal(manifest.buckets(), sealer)
@@ -53,6 +64,9 @@ def open_durable(config, store: KeyStore) -> SealedJournal:
             if stored != source.source:
                 raise StartupError(_mismatch(db_path, stored))
             sealer = source.open(meta["check"], meta)
+            if check_only:
+                db.close()
+                return None
             kept = sealer.check_version(meta["check"], source.source, source.salt) >= CHECK_VERSION
             manifest = _load(db, sealer, store, meta, migrating=None if kept else source)
     except BaseException:
@@ -129,7 +143,9 @@ def _load(db: Database, sealer: Sealer, store: KeyStore, meta: dict[str, bytes],
         log.warning("%s had no manifest: built one from the %d stored keys that opened; a deletion or "
                     "rollback of a stored key from before this start cannot be detected", db.path, len(keys))
     for number, bucket in rebuilt.items():
-        bucket.generation = floors[number] + 1  # above every version its rows or the root ever had
+        # Above every version its rows or the root ever had.  Without the root, the bucket's past is not
+        # known (its newest row may be gone): a margin no run of commits reaches keeps versions unused.
+        bucket.generation = floors[number] + (1 if root_ok else UNKNOWN_PAST)
     manifest = Manifest({**trusted, **rebuilt})
     if rebuilt or not root_ok:
         buckets, root = manifest.seal(rebuilt, sealer)

@@ -9,6 +9,7 @@ together, so a crash leaves either all of an operation's changes or none.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import stat
@@ -43,6 +44,7 @@ class Database:
     def __init__(self, path: str):
         self.path = path
         _create_private(path)
+        self._lock_fd = _lock(path)
         try:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -54,10 +56,15 @@ class Database:
                 raise StartupError(f"{path} is damaged ({verdict}); refusing to start")
             self.conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
+            os.close(self._lock_fd)
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def close(self) -> None:
         self.conn.close()
+        os.close(self._lock_fd)
 
     def meta(self) -> dict[str, bytes]:
         return {name: bytes(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
@@ -92,6 +99,20 @@ class Database:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+
+
+def _lock(path: str) -> int:
+    """One process at a time: two daemons (or a daemon and `keyden init`) writing one store would each
+    seal a manifest the other's rows do not match.  flock(2) on a descriptor of our own, held until close;
+    SQLite's own locks are fcntl(2) locks, which flock does not touch."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StartupError(f"the key database {path} is in use by another process (a running keyden, or "
+                           "keyden init); refusing to open it twice") from None
+    return fd
 
 
 def _create_private(path: str) -> None:

@@ -89,7 +89,7 @@ def seal(key: Key, version: int, root: bool, sealer: Sealer) -> Row:
 
 def _storage_form(key: Key) -> bytes | bytearray:
     if key.links is not None:
-        members = [k.serial for k in key.links.values()]
+        members = [k.serial for k in key.links.values()] + list(key.held_back)
         return struct.pack(f"<{len(members)}i", *members)
     payload = key.payload
     if payload is None:
