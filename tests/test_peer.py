@@ -100,7 +100,7 @@ class _NoPeerGroups:
 
 
 def test_without_so_peergroups_groups_fall_back_to_proc_logged_once(monkeypatch, caplog):
-    monkeypatch.setattr(peer, "_fallback_logged", type(peer._fallback_logged)())
+    peer._warn_once.cache_clear()  # as if this were the first connection
     monkeypatch.setattr(peer, "supplementary_groups", lambda pid: frozenset({pid, 7}))
     a, b = socket.socketpair()
     with a, b, caplog.at_level(logging.WARNING, logger="keyden.peer"):
@@ -225,8 +225,8 @@ class _NoPeerPidfd(_NoPeerGroups):
         return self._sock.getsockopt(level, option, size)
 
 
-def test_without_so_peerpidfd_start_time_falls_back_to_proc_logged_once(monkeypatch, caplog):
-    monkeypatch.setattr(peer, "_pidfd_fallback_logged", type(peer._pidfd_fallback_logged)())
+def test_without_so_peerpidfd_start_time_falls_back_to_proc_logged_once(caplog):
+    peer._warn_once.cache_clear()  # as if this were the first connection
     a, b = socket.socketpair()
     with a, b, caplog.at_level(logging.WARNING, logger="keyden.peer"):
         first = peer.peer_of(_NoPeerPidfd(a))

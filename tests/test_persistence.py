@@ -8,6 +8,7 @@ would: by editing its rows while the daemon is down.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -344,6 +345,18 @@ def put_row(daemon, row: tuple) -> None:
     sql(daemon, f"INSERT OR REPLACE INTO keys VALUES ({', '.join('?' * len(row))})", *row)
 
 
+@contextlib.contextmanager
+def then_killed(daemon):
+    """A client holding the persistent keyring, for the changes a test makes; then the daemon is SIGKILLed."""
+    c = session(daemon)
+    c.get_persistent("@s")
+    try:
+        yield c
+    finally:
+        c.close()
+        daemon.stop(signal.SIGKILL)
+
+
 def start_and_read_log(daemon) -> str:
     """Start the daemon; what it logged while starting."""
     mark = len(daemon.read_log()) if os.path.exists(daemon.log) else 0
@@ -405,12 +418,9 @@ def test_a_rolled_back_row_is_reported_and_its_old_payload_never_served(fresh_da
     ring, keys = keys_in(d, 5)
     target = next(iter(keys))
     old_row = stored_row(d, target)
-    c = session(d)
-    c.get_persistent("@s")
-    c.update(target, b"the new secret")
-    c.setperm(target, 0x3F010000)  # narrower than the old row's mask: that must not come back either
-    c.close()
-    d.stop(signal.SIGKILL)
+    with then_killed(d) as c:
+        c.update(target, b"the new secret")
+        c.setperm(target, 0x3F010000)  # narrower than the old row's mask: that must not come back either
     version = stored_row(d, target)[VERSION]
     put_row(d, old_row)  # an older sealed version of itself: it still authenticates on its own
 
@@ -435,11 +445,8 @@ def test_a_deleted_keys_row_put_back_is_reported_and_not_loaded(fresh_daemon):
     ring, keys = keys_in(d, 5)
     victim = next(iter(keys))
     saved = stored_row(d, victim)
-    c = session(d)
-    c.get_persistent("@s")
-    c.unlink(victim, ring)  # its last link: the key is destroyed and its row deleted
-    c.close()
-    d.stop(signal.SIGKILL)
+    with then_killed(d) as c:
+        c.unlink(victim, ring)  # its last link: the key is destroyed and its row deleted
     assert not sql(d, "SELECT 1 FROM keys WHERE serial = ?", victim)
     put_row(d, saved)
 
@@ -486,11 +493,8 @@ def test_tampered_missing_or_rolled_back_manifest_buckets_are_reported(fresh_dae
     target = by_bucket[rolled]
     (old_bucket,) = sql(d, "SELECT sealed FROM manifest WHERE bucket = ?", rolled)[0]
     old_row = stored_row(d, target)
-    c = session(d)
-    c.get_persistent("@s")
-    c.update(target, b"updated after the bucket was copied")
-    c.close()
-    d.stop(signal.SIGKILL)
+    with then_killed(d) as c:
+        c.update(target, b"updated after the bucket was copied")
     (sealed,) = sql(d, "SELECT sealed FROM manifest WHERE bucket = ?", flipped)[0]
     sql(d, "UPDATE manifest SET sealed = ? WHERE bucket = ?", flip_a_byte(sealed), flipped)
     sql(d, "DELETE FROM manifest WHERE bucket = ?", deleted)
@@ -557,12 +561,9 @@ def test_a_store_from_before_the_manifest_is_migrated_with_a_warning(fresh_daemo
     assert "WARNING keyden.persist:" in log and "had no manifest" in log and "cannot be detected" in log
     assert "ERROR" not in log
     assert_loaded(d, ring, keys)
-    c = session(d)
-    c.get_persistent("@s")
-    later = c.add("user", "after-migration", b"later", ring)
-    keys[later] = b"later"
-    c.close()
-    d.stop(signal.SIGKILL)
+    with then_killed(d) as c:
+        later = c.add("user", "after-migration", b"later", ring)
+        keys[later] = b"later"
     log = start_and_read_log(d)
     assert "WARNING" not in log and "ERROR" not in log  # migrated once, for good
     assert_loaded(d, ring, keys)
@@ -571,16 +572,13 @@ def test_a_store_from_before_the_manifest_is_migrated_with_a_warning(fresh_daemo
 def test_after_a_rekey_every_manifest_bucket_opens_under_the_new_key(fresh_daemon):
     d = fresh_daemon()
     ring, keys = keys_in(d, 8)
-    c = session(d)
-    c.get_persistent("@s")
-    c.rekey()
-    first, second = list(keys)[:2]
-    c.update(first, b"updated under the new key")
-    keys[first] = b"updated under the new key"
-    c.unlink(second, ring)
-    del keys[second]
-    c.close()
-    d.stop(signal.SIGKILL)
+    with then_killed(d) as c:
+        c.rekey()
+        first, second = list(keys)[:2]
+        c.update(first, b"updated under the new key")
+        keys[first] = b"updated under the new key"
+        c.unlink(second, ring)
+        del keys[second]
     log = start_and_read_log(d)
     assert "ERROR" not in log and "WARNING" not in log
     assert_loaded(d, ring, keys)
@@ -1102,11 +1100,8 @@ def test_a_rolled_back_row_an_operator_accepts_comes_back_in_its_keyring(fresh_d
     ring, keys = keys_in(d, 4)
     target = next(iter(keys))
     old_row = stored_row(d, target)
-    c = session(d)
-    c.get_persistent("@s")
-    c.update(target, b"newer")
-    c.close()
-    d.stop(signal.SIGKILL)
+    with then_killed(d) as c:
+        c.update(target, b"newer")
     put_row(d, old_row)  # a backup's older row
     assert "rolled back" in start_and_read_log(d)
     c = session(d)

@@ -41,7 +41,7 @@ class SharedBuffer:
         finally:
             os.close(fd)  # the daemon has its own copy; our mapping keeps the memory
         self.client = client
-        self.generation = getattr(client, "generation", 0)  # the connection it is attached over
+        self.generation = client.generation  # the connection it is attached over
         self.size = size
         self.view = memoryview(self.map)
 
@@ -57,7 +57,7 @@ class SharedBuffer:
         if self.map is None:
             return
         try:
-            if getattr(self.client, "generation", 0) == self.generation:  # else it went with its connection
+            if not _stale(self.client, self.generation):  # else it went with its connection
                 self.client._call(Op.SHM_DETACH, self.region)
         except E.KeydenError:
             pass
@@ -194,7 +194,7 @@ class Stream:
         self._client = client
         self.handle, self.nonce = client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
                                                      random_nonce=random_nonce)
-        self.generation = getattr(client, "generation", 0)  # the connection it is open on
+        self.generation = client.generation  # the connection it is open on
         self.done = False
 
     def update(self, data) -> bytes:
@@ -210,7 +210,7 @@ class Stream:
     def abort(self) -> None:
         if not self.done:
             self.done = True
-            if getattr(self._client, "generation", 0) != self.generation:
+            if _stale(self._client, self.generation):
                 return  # it went with its connection
             try:
                 self._client.stream_abort(self.handle)
@@ -225,9 +225,14 @@ class Stream:
             self.abort()
 
 
+def _stale(client, generation: int) -> bool:
+    """Has the client reconnected since ``generation``?  Streams and shared buffers die with their connection."""
+    return client.generation != generation
+
+
 def _same_connection(client, generation: int, what: str) -> None:
-    """Streams and shared buffers die with their connection: after a reconnect, say so (EBADF)."""
-    if getattr(client, "generation", 0) != generation:
+    """After a reconnect, a stream or shared buffer says so (EBADF) instead of naming nothing."""
+    if _stale(client, generation):
         raise E.EBADF(f"this {what} belonged to a connection to keyden that has since closed "
                       "(the client reconnected); open a new one")
 

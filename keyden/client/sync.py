@@ -71,9 +71,7 @@ class Client(Operations):
             if frame.status:
                 raise E.error_for_code(frame.status, W.decode_error(frame.body))
         except OSError as exc:
-            error = self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}")
-            sock.close()
-            raise error from None
+            raise self._lost(exc) from None
         except E.KeydenError:
             sock.close()
             raise

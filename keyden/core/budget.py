@@ -31,16 +31,13 @@ class ByteBudget:
         self._total = 0
 
     def charge(self, uid: int, nbytes: int) -> None:
-        with self._lock:
-            held = self._held.get(uid, 0)
-            if held + nbytes > self.per_uid:
-                raise E.ENOMEM(f"uid {uid} would hold {held + nbytes} bytes of {self.what}; "
-                               f"the limit per uid is {self.per_uid}")
-            if self._total + nbytes > self.total:
-                raise E.ENOMEM(f"keyden holds {self._total} bytes of {self.what} for all users; "
-                               f"{nbytes} more would pass the limit of {self.total}")
-            self._held[uid] = held + nbytes
-            self._total += nbytes
+        refused = self.try_charge(uid, nbytes)
+        if refused == "uid":
+            raise E.ENOMEM(f"uid {uid} would hold {self.held(uid) + nbytes} bytes of {self.what}; "
+                           f"the limit per uid is {self.per_uid}")
+        if refused:
+            raise E.ENOMEM(f"keyden holds {self.held()} bytes of {self.what} for all users; "
+                           f"{nbytes} more would pass the limit of {self.total}")
 
     def try_charge(self, uid: int, nbytes: int) -> str:
         """``charge`` for a caller that waits rather than fails: "" if charged, else which cap is in the

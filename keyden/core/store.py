@@ -781,11 +781,10 @@ class KeyStore:
         return key, possessed
 
     def slow_asymmetric(self, serial: int) -> bool:
-        """Is this an RSA or P-384 key (0.3-0.8 ms per operation)?  A scheduling hint: no checks, no errors."""
+        """Does this serial name a key whose operations are slow (ParsedKey.slow)?  A scheduling hint:
+        no checks, no errors."""
         key = self._keys.get(serial)
-        payload = key.payload if key is not None else None
-        algo = getattr(payload, "algo", None)
-        return algo == "rsa" or algo == "ecdsa" and payload.curve == "p384"
+        return key is not None and getattr(key.payload, "slow", False)
 
     def resolve(self, caller: Caller, key_id: int, create: bool = False) -> int:
         """KEYCTL_GET_KEYRING_ID: what serial an ID names (search permission required)."""

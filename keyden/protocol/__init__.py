@@ -465,11 +465,8 @@ class FrameDecoder:
         return HEADER_SIZE + _U32.unpack_from(self._buf, 0)[0]
 
     def needed(self) -> int:
-        """How many more bytes complete the frame in progress (for sizing reads)."""
-        if len(self._buf) < HEADER_SIZE:
-            return HEADER_SIZE - len(self._buf)
-        (length,) = _U32.unpack_from(self._buf, 0)
-        return max(0, HEADER_SIZE + length - len(self._buf))
+        """How many more bytes complete the frame in progress, or its header (for sizing reads)."""
+        return max(0, (self.frame_size() or HEADER_SIZE) - len(self._buf))
 
 
 def decode_error(body: bytes | memoryview) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import select
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 
 from keyden.core.perm import Credentials
@@ -104,7 +104,10 @@ def _getsockopt_unbounded(fd: int, option: int) -> bytes:
         size = min(max(length.value, size * 2), _GROUPS_MAX)  # the kernel reports the length it needs
 
 
-_fallback_logged = threading.Event()
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A kernel that lacks a socket option is worth one line in the log, not one per connection."""
+    log.warning(message)
 
 
 def peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
@@ -114,10 +117,8 @@ def peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
     except OSError as exc:
         if exc.errno != errno.ENOPROTOOPT:
             raise
-    if not _fallback_logged.is_set():
-        _fallback_logged.set()
-        log.warning("kernel lacks SO_PEERGROUPS (Linux < 4.13): reading peers' groups from /proc, "
-                    "which races with pid reuse")
+    _warn_once("kernel lacks SO_PEERGROUPS (Linux < 4.13): reading peers' groups from /proc, "
+               "which races with pid reuse")
     return supplementary_groups(pid)
 
 
@@ -137,7 +138,6 @@ def process_alive(pid: int, start_time: int) -> bool:
     return process_start_time(pid) == start_time
 
 
-_pidfd_fallback_logged = threading.Event()
 
 
 def _exited(pidfd: int) -> bool:
@@ -177,10 +177,8 @@ def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None]:
             return UNKNOWN_START, None  # kernels before 6.16 refuse a pidfd for a peer already reaped
         if exc.errno != errno.ENOPROTOOPT:
             raise
-        if not _pidfd_fallback_logged.is_set():
-            _pidfd_fallback_logged.set()
-            log.warning("kernel lacks SO_PEERPIDFD (Linux < 6.5): reading peers' start times from /proc, "
-                        "which races with pid reuse")
+        _warn_once("kernel lacks SO_PEERPIDFD (Linux < 6.5): reading peers' start times from /proc, "
+                   "which races with pid reuse")
         start = process_start_time(pid)
         return (UNKNOWN_START, None) if start is None else (start, executable(pid))
     try:
