@@ -113,8 +113,12 @@ class CannedSocket:
     def __init__(self, response: bytes):
         self.response = bytearray(response)
 
-    def sendall(self, data) -> None:
+    def send(self, data) -> int:
         struct.pack_into("<I", self.response, 4, W.HEADER.unpack_from(data)[1])  # echo the request id
+        return len(data)
+
+    def sendall(self, data) -> None:
+        self.send(data)
 
     def recv_into(self, view) -> int:
         n = len(self.response)

@@ -44,3 +44,14 @@ def test_unknown_benchmark_is_refused_with_the_choices():
     proc = run_bench("--quick", "--only", "no-such-bench")
     assert proc.returncode == 2
     assert "no-such-bench" in proc.stderr and "sign-rsa2048" in proc.stderr
+
+
+def test_profile_request_reports_both_sides():
+    """bench.profile_request drives the real client against a canned socket: it must keep up with the client."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("KEYDEN_SESSION", None)
+    proc = subprocess.run([sys.executable, "-m", "bench.profile_request", "--calls", "300", "--top", "3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "client Python (canned socket)" in proc.stdout
+    assert "daemon I/O loop, cProfile" in proc.stdout
