@@ -8,6 +8,9 @@ so every output is checked against pyca or hashlib.  Each subprocess costs
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 
 import hashlib
 import os
@@ -22,7 +25,7 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden.cli.commands import hexdump
-from tests.test_cli import keyden, ok  # noqa: F401  (keyden is the CLI-runner fixture)
+from tests.test_cli import REPO, keyden, ok  # noqa: F401  (keyden is the CLI-runner fixture)
 from dhgroups import MODP_2048 as P
 
 NOT_READABLE = "keyctl_read_alloc: Operation not supported\n"
@@ -296,3 +299,17 @@ def test_cipher_hash_hmac_commands(keyden, client, tmp_path):
     fails(keyden("hmac_verify", mac_serial, tags["hmac(sha256)"][:32], stdin=data), 1,
           "keyden_hmac_verify: Invalid argument\n")
     fails(keyden("hmac_verify", mac_serial, "zz"), 1, "Bad hex doublet\n")
+
+
+def test_closed_standard_streams_are_an_error_not_a_traceback(daemon, client):
+    env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SESSION=client.session_token)
+    serial = str(client.add("logon", "closed:aes", os.urandom(32)))
+    for args, closed, said in ((["hash", "sha256"], "<&-", "stdin: Bad file descriptor"),
+                               (["aead", "encrypt", serial], "<&-", "stdin: Bad file descriptor"),
+                               (["aead", "encrypt", serial], ">&-", "stdout: Bad file descriptor"),
+                               (["id", "@s"], ">&-", "stdout: Bad file descriptor")):
+        command = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket, *args])
+        proc = subprocess.run(["sh", "-c", f"{command} {closed}"], input=b"data", capture_output=True,
+                              env=env, timeout=60)
+        assert proc.returncode == 1, (args, closed, proc.stderr)
+        assert said in proc.stderr.decode() and "Traceback" not in proc.stderr.decode(), (args, closed)

@@ -247,6 +247,105 @@ def test_stream_failures(client, aes):
         client.stream(GCM, serial, iv=nonce, random_nonce=True)  # both an IV and a keyden nonce
 
 
+def test_a_stream_stops_when_its_key_can_no_longer_be_used(client):
+    """Revoked, expired, unlinked or permission taken away: the next piece fails as one-shot would, and the
+    stream is closed."""
+    nonce = os.urandom(12)
+
+    def opened(kind: str):
+        serial = client.add("logon", f"stream:{kind}", os.urandom(32), "@s")
+        stream = client.stream(GCM, serial, iv=nonce) if kind != "hmac" else client.hmac(serial).stream()
+        stream.update(b"first piece")
+        return serial, stream
+
+    serial, revoked = opened("revoke")
+    client.revoke(serial)
+    with pytest.raises(E.EKEYREVOKED):
+        revoked.update(b"more")
+    with pytest.raises(E.EBADF):  # closed with it
+        client.stream_final(revoked.handle)
+
+    serial, finishing = opened("hmac")
+    client.revoke(serial)
+    with pytest.raises(E.EKEYREVOKED):
+        finishing.finalize()
+
+    serial, expiring = opened("expire")
+    client.timeout(serial, 1)
+    time.sleep(1.3)
+    with pytest.raises(E.EKEYEXPIRED):
+        expiring.update(b"more")
+
+    serial, unlinked = opened("unlink")
+    client.unlink(serial, "@s")
+    with pytest.raises(E.ENOKEY):
+        unlinked.update(b"more")
+
+    serial, denied = opened("setperm")
+    client.setperm(serial, 0x3f000000 & ~0x08000000)  # the possessor keeps all but search
+    with pytest.raises(E.EACCES):
+        denied.update(b"more")
+
+    serial, stream = opened("kept")
+    assert stream.update(b"more") and stream.finalize()  # an untouched key streams on
+
+
+def test_a_stream_left_unfinished_by_a_with_block_is_closed(client, aes):
+    _key, serial = aes
+    with client.stream(GCM, serial, iv=os.urandom(12)) as s:
+        s.update(b"never finalized")
+    with pytest.raises(E.EBADF):
+        client.stream_update(s.handle, b"x")
+    with client.hash("sha256") as h:
+        h.update(b"abc")
+        assert h.finalize()[1] == hashlib.sha256(b"abc").digest()  # finalized: leaving the block is a no-op
+
+
+def test_digest_and_mac_take_only_their_own_kind(client, aes):
+    _key, serial = aes
+    for wrong in (lambda: client.digest("hmac(sha256)", b"x"), lambda: client.mac("sha256", serial, b"x"),
+                  lambda: client.mac_verify(GCM, serial, b"x", bytes(32))):
+        with pytest.raises(E.ENOENT):
+            wrong()
+
+
+def test_an_hmac_stream_verifies_inside_keyden(client):
+    key = os.urandom(32)
+    mac = client.hmac(client.add("logon", "stream:verify", key))
+    data = os.urandom(5000)
+    h = pyca_hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    tag = h.finalize()
+    good = mac.stream(verify=True)
+    good.update(data[:100]), good.update(data[100:])
+    assert good.finalize(tag=tag) == (b"", b"")
+    bad = mac.stream(verify=True)
+    bad.update(data + b"!")
+    with pytest.raises(E.EBADMSG):
+        bad.finalize(tag=tag)
+    short = mac.stream(verify=True)
+    with pytest.raises(E.EINVAL):  # truncated tags are refused, not compared
+        short.finalize(data, tag=tag[:16])
+    with pytest.raises(E.EINVAL):  # verifying needs the expected tag
+        mac.stream(verify=True).finalize(data)
+
+
+def test_fields_an_operation_does_not_take_are_refused(client, aes):
+    _key, serial = aes
+    nonce = os.urandom(12)
+    encrypting = client.stream(GCM, serial, iv=nonce)
+    with pytest.raises(E.EINVAL):  # a tag goes with decryption only
+        encrypting.finalize(tag=bytes(16))
+    with pytest.raises(E.EINVAL):
+        client.stream("sha256", decrypt=True)
+    with pytest.raises(E.EINVAL):
+        client.stream("cbc(aes)", serial, iv=bytes(16)).finalize(tag=bytes(16))
+    with pytest.raises(E.EINVAL):
+        client.cipher("sha256", 0, b"data", iv=bytes(16))
+    with pytest.raises(E.EINVAL):
+        client.stream("hmac(sha256)", serial, iv=bytes(16))
+
+
 def test_closed_streams_are_ebadf_and_streams_are_limited_per_connection(client, daemon):
     finished = client.hash("sha256")
     finished.finalize()
@@ -300,6 +399,53 @@ def test_large_aead_buffers_go_through_shared_memory(client, aes):
     assert client.ping(b"still connected") == b"still connected"
 
 
+def test_one_aead_object_shared_by_threads_keeps_every_large_call_apart(client, aes):
+    key, serial = aes
+    aead, local = client.aead(serial), AESGCM(key)
+    size = dataplane.BULK_THRESHOLD + 4096  # each call goes through the object's one shared region
+
+    def work(tag: int) -> int:
+        wrong = 0
+        for i in range(12):
+            nonce, data = os.urandom(12), bytes([tag]) * size + os.urandom(16)
+            sealed = aead.encrypt(nonce, data, bytes([tag, i]))
+            wrong += sealed != local.encrypt(nonce, data, bytes([tag, i]))
+            wrong += aead.decrypt(nonce, sealed, bytes([tag, i])) != data
+        return wrong
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(work, range(4))) == [0, 0, 0, 0]
+
+
+def test_large_calls_go_on_after_the_client_reconnects(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    with d.connect() as c:
+        key = os.urandom(32)
+        aead = c.aead(c.add("logon", "reconnect:aes", key, "@u"))
+        nonce, data = os.urandom(12), os.urandom(1 << 20)
+        aead.encrypt(nonce, data)
+        time.sleep(1.0)  # the daemon closes the silent connection, and its shared region with it
+        assert aead.encrypt(nonce, b"small") == AESGCM(key).encrypt(nonce, b"small", None)
+        assert c.generation == 1
+        assert aead.encrypt(nonce, data) == AESGCM(key).encrypt(nonce, data, None)  # a new region
+        assert aead.encrypt_random(data)[12:] != data
+
+
+def test_encrypt_into_takes_large_buffers_and_refuses_small_ones_first(client, aes):
+    key, serial = aes
+    aead = client.aead(serial)
+    nonce, data = os.urandom(12), os.urandom(dataplane.BULK_THRESHOLD * 2)
+    out = bytearray(len(data) + 16)
+    assert aead.encrypt_into(nonce, data, b"ad", out) == len(out)
+    assert out == AESGCM(key).encrypt(nonce, data, b"ad")
+    plain = bytearray(len(data))
+    assert aead.decrypt_into(nonce, out, b"ad", plain) == len(data) and plain == data
+    with pytest.raises(ValueError, match="at least"):  # as pyca's: before anything is sent
+        aead.encrypt_into(nonce, data, b"ad", bytearray(len(data)))
+    with pytest.raises(TypeError):
+        aead.encrypt_into(nonce, b"x", b"ad", bytes(64))
+
+
 def test_shared_buffer_cipher_in_place_ranges(client, aes):
     key, serial = aes
     size = 1 << 20
@@ -326,6 +472,11 @@ def test_shared_buffer_cipher_in_place_ranges(client, aes):
             with pytest.raises(E.EINVAL, match="overlap"):
                 shm.cipher("ctr(aes)", serial, in_offset, length, out_offset, iv=iv)
         assert shm.cipher("ctr(aes)", serial, 100, 100, 0, iv=iv) == (100, b"")  # adjacent is fine
+        assert shm.cipher("sha256", 0, 10, 0, 0) == (32, b"")  # an empty range overlaps nothing
+        assert shm.view[:32] == hashlib.sha256(b"").digest()
+        hmac_key = client.add("logon", "shm:hmac", os.urandom(32))
+        with pytest.raises(E.EBADMSG):  # HMAC verify writes nothing: its empty output may sit anywhere
+            shm.cipher("hmac(sha256)", hmac_key, 0, 100, 50, iv=bytes(32), decrypt=True)
         with pytest.raises(E.EINVAL, match="overlap"):  # the output's tag would run into the input
             shm.cipher(GCM, serial, 100, 100, 0, iv=os.urandom(12))
         for in_offset, length, out_offset in ((4 * size - 10, 20, 0), (0, 100, 4 * size - 50),

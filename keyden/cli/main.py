@@ -8,6 +8,8 @@ unknown capability).  The commands themselves live in ``commands``.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import sys
 
@@ -70,14 +72,45 @@ def run(argv: list[str]) -> int:
         ctx.close()
 
 
+class _ClosedStream(io.RawIOBase):
+    """Stands in for a standard stream that was closed before we started (``keyden hash <&-``)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, _buffer) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    def write(self, _data) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def _reopen_closed_std_streams() -> None:
+    """Python leaves sys.stdin/stdout None when fd 0/1 was closed: make using them fail as C's keyctl
+    does (EBADF, said on stderr), not with a traceback."""
+    if sys.stdin is None:
+        sys.stdin = io.TextIOWrapper(io.BufferedReader(_ClosedStream()))
+    if sys.stdout is None:  # unbuffered: the write fails where it is made, nothing is left to fail at exit
+        sys.stdout = io.TextIOWrapper(_ClosedStream(), write_through=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _reopen_closed_std_streams()
     try:
         status = run(argv)
         sys.stdout.flush()
         return status
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+        print(f"keyden: stdout: {exc.strerror}", file=sys.stderr)  # what was printed could not be written
+        return 1
     except BrokenPipeError:
         # The reader went away (`keyden list @s | head -1`): say nothing, as C's keyctl would die of SIGPIPE.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import threading
 from typing import Iterable, Sequence
 
 from keyden import errors as E
 from keyden.client.operations import Ref
 from keyden.crypto import symmetric
-from keyden.protocol import DECRYPT, RANDOM_NONCE, Op
+from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
 
 #: buffers at least this large go through shared memory
 BULK_THRESHOLD = 256 * 1024
@@ -80,6 +81,7 @@ class Aead:
         self._client, self.serial, self.alg = client, serial, alg
         self.nonce_size, self.tag_size = spec.nonce_size, spec.tag_size
         self._shm: SharedBuffer | None = None
+        self._bulk_lock = threading.Lock()  # one region: one large call at a time (as shareable as AESGCM)
 
     def __reduce__(self):
         raise TypeError("an AEAD handle cannot be pickled")
@@ -88,26 +90,42 @@ class Aead:
         return f"<Aead {self.alg} key={self.serial}>"
 
     def _bulk(self, size: int) -> SharedBuffer:
-        if self._shm is None or self._shm.size < size:
-            if self._shm is not None:
-                self._shm.close()  # first, so its bytes are back in the daemon's budget for the new one
+        """The region for a large call (under ``_bulk_lock``): a new one if too small, or left behind by a reconnect."""
+        shm = self._shm
+        if shm is None or shm.size < size or _stale(self._client, shm.generation):
+            if shm is not None:
+                shm.close()  # first, so its bytes are back in the daemon's budget for the new one
                 self._shm = None  # and never reused closed if the new one is refused
             self._shm = SharedBuffer(self._client, max(size, 4 * BULK_THRESHOLD))
         return self._shm
 
-    def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
-        """Small data over the socket, large data through shared memory; a keyden-chosen nonce is prepended."""
+    def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False, into=None):
+        """Small data over the socket, large data through shared memory; a keyden-chosen nonce is prepended.
+
+        With ``into`` (a buffer with room, from ``*_into``), the output is written there and its length returned.
+        """
         data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         if len(data) < BULK_THRESHOLD:
-            return self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad or b"", decrypt=decrypt,
-                                       random_nonce=random_nonce)
+            out = self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad or b"", decrypt=decrypt,
+                                      random_nonce=random_nonce)
+            if into is None:
+                return out
+            into[:len(out)] = out
+            return len(out)
         n = len(data)
         out_len = n - self.tag_size if decrypt else n + self.tag_size
-        shm = self._bulk(n + max(out_len, 0))
-        shm.view[:n] = data
-        written, chosen = shm.cipher(self.alg, self.serial, 0, n, n, iv=nonce, aad=aad, decrypt=decrypt,
-                                     random_nonce=random_nonce)
-        return chosen + bytes(shm.view[n:n + written])
+        if n + max(out_len, 0) > MAX_SHARED_REGION:
+            raise E.EINVAL(f"one {self.alg} call takes at most {(MAX_SHARED_REGION - self.tag_size) // 2} bytes "
+                           "(input and output share one shared-memory region); stream larger data")
+        with self._bulk_lock:
+            shm = self._bulk(n + max(out_len, 0))
+            shm.view[:n] = data
+            written, chosen = shm.cipher(self.alg, self.serial, 0, n, n, iv=nonce, aad=aad, decrypt=decrypt,
+                                         random_nonce=random_nonce)
+            if into is None:
+                return chosen + bytes(shm.view[n:n + written])
+            into[:written] = shm.view[n:n + written]  # one copy, straight from the region
+            return written
 
     def encrypt(self, nonce, data, associated_data=None) -> bytes:
         return self._run(nonce, data, associated_data, False)
@@ -117,14 +135,13 @@ class Aead:
         return self._run(nonce, data, associated_data, True)
 
     def encrypt_into(self, nonce, data, associated_data, buf) -> int:
-        out = self.encrypt(nonce, data, associated_data)
-        memoryview(buf)[:len(out)] = out
-        return len(out)
+        """As pyca's: ValueError, before any work, if ``buf`` cannot hold ciphertext and tag."""
+        into = _room(buf, memoryview(data).nbytes + self.tag_size)
+        return self._run(nonce, data, associated_data, False, into=into)
 
     def decrypt_into(self, nonce, data, associated_data, buf) -> int:
-        out = self.decrypt(nonce, data, associated_data)
-        memoryview(buf)[:len(out)] = out
-        return len(out)
+        into = _room(buf, memoryview(data).nbytes - self.tag_size)
+        return self._run(nonce, data, associated_data, True, into=into)
 
     def encrypt_random(self, data, associated_data=None) -> bytes:
         """keyden picks the nonce: returns nonce || ct || tag, so a nonce can never be reused by mistake."""
@@ -153,9 +170,10 @@ class Aead:
         return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
 
     def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        with self._bulk_lock:
+            if self._shm is not None:
+                self._shm.close()
+                self._shm = None
 
 
 class Mac:
@@ -182,8 +200,10 @@ class Mac:
         status, out = self._client.batch(self.alg, self.serial, list(items))
         return _raise_first(status, out)
 
-    def stream(self) -> "Stream":
-        return Stream(self._client, self.alg, self.serial)
+    def stream(self, verify: bool = False) -> "Stream":
+        """The MAC of data in pieces: ``finalize()`` returns it; with ``verify=True``, ``finalize(tag=expected)``
+        checks it inside keyden instead (constant time; EBADMSG on mismatch)."""
+        return Stream(self._client, self.alg, self.serial, decrypt=verify)
 
 
 class Stream:
@@ -220,9 +240,8 @@ class Stream:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *rest):
-        if exc_type is not None:
-            self.abort()
+    def __exit__(self, *exc):
+        self.abort()  # not finalized by the end of the block: closed in keyden too (no-op once finalized)
 
 
 def _stale(client, generation: int) -> bool:
@@ -235,6 +254,16 @@ def _same_connection(client, generation: int, what: str) -> None:
     if _stale(client, generation):
         raise E.EBADF(f"this {what} belonged to a connection to keyden that has since closed "
                       "(the client reconnected); open a new one")
+
+
+def _room(buf, needed: int) -> memoryview:
+    """``buf`` as writable bytes, once it holds ``needed``: ValueError otherwise, as pyca's ``*_into``."""
+    view = memoryview(buf).cast("B")
+    if view.readonly:
+        raise TypeError("the output buffer must be writable")
+    if view.nbytes < needed:
+        raise ValueError(f"buffer must be at least {max(needed, 0)} bytes")
+    return view
 
 
 def _raise_first(status: list[int], out: list[bytes]) -> list[bytes]:

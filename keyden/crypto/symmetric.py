@@ -227,7 +227,7 @@ class AeadEngine(_Sealed):
         try:
             return self._cipher.decrypt_into(nonce, ct_and_tag, aad, target)
         except (InvalidTag, ValueError, OverflowError):
-            target[:] = bytes(size)
+            _zero(target)
             raise E.EBADMSG(_AUTH_FAILED) from None
 
     def crypt_many(self, nonces, items, aads, decrypt: bool) -> tuple[list[int], list[bytes]]:
@@ -423,6 +423,16 @@ class DigestContext(_Stream):
             except InvalidSignature:
                 raise E.EBADMSG(_HMAC_MISMATCH) from None
         self._finish(check)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zero(view: memoryview) -> None:
+    """Overwrite a buffer of any size with zeros, a MiB at a time (no allocation its size)."""
+    for start in range(0, len(view), len(_ZEROS)):
+        piece = view[start:start + len(_ZEROS)]
+        piece[:] = _ZEROS[:len(piece)]
 
 
 def hash_ctx(name: str) -> DigestContext:

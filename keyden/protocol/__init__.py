@@ -27,6 +27,7 @@ MIN_VERSION = 1
 HEADER = struct.Struct("<IIHH")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024 + 4096
+MAX_SHARED_REGION = 1 << 30  # SHM_ATTACH: the largest region the daemon maps
 
 
 class Op(enum.IntEnum):

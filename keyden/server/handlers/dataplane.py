@@ -17,13 +17,12 @@ from typing import Callable
 
 from keyden import errors as E
 from keyden.crypto import symmetric
-from keyden.protocol import DECRYPT, RANDOM_NONCE, Op
+from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
 from keyden.server.handlers import handles
 
 MAX_CACHED_ENGINES = 64
 MAX_STREAMS = 64
 MAX_REGIONS = 8
-MAX_REGION_SIZE = 1 << 30
 MAX_BATCH = 65536
 _KNOWN_FLAGS = DECRYPT | RANDOM_NONCE
 
@@ -89,6 +88,8 @@ def one_shot(ctx, alg: str, serial: int, flags: int) -> Callable[[bytes, bytes, 
 
         def run(iv, aad, data):
             no_aad(aad)
+            if iv:
+                raise E.EINVAL(f"{alg} is a hash: no IV")
             return symmetric.digest(alg, data)
         return run
     key = material(ctx, serial)  # hmac
@@ -111,22 +112,19 @@ def _cipher(ctx, alg, key, flags, iv, aad, data):
 
 @handles(Op.DIGEST)
 def _digest(ctx, alg, data):
-    if symmetric.kind(alg) != "hash":
-        raise E.EINVAL(f"{alg} is not a hash")
+    symmetric.spec(alg, "hash")  # ENOENT for another kind, as crypto_alloc_shash would say
     return (symmetric.digest(alg, data),)
 
 
 @handles(Op.MAC)
 def _mac(ctx, alg, key, data):
-    if symmetric.kind(alg) != "hmac":
-        raise E.EINVAL(f"{alg} is not a MAC")
+    symmetric.spec(alg, "hmac")
     return (symmetric.hmac(alg, material(ctx, key), data),)
 
 
 @handles(Op.MAC_VERIFY)
 def _mac_verify(ctx, alg, key, data, mac):
-    if symmetric.kind(alg) != "hmac":
-        raise E.EINVAL(f"{alg} is not a MAC")
+    symmetric.spec(alg, "hmac")
     symmetric.hmac_verify(alg, material(ctx, key), data, mac)
     return ()
 
@@ -204,21 +202,36 @@ def _stream_init(ctx, alg, key, flags, iv, aad):
     elif kind == "skcipher":
         stream = symmetric.skcipher(alg, material(ctx, key), iv, decrypt)
     elif kind == "hash":
-        if key or iv:
-            raise E.EINVAL(f"{alg} is a hash: no key, no IV")
+        if key or iv or decrypt:
+            raise E.EINVAL(f"{alg} is a hash: no key, no IV, no direction")
         stream = symmetric.hash_ctx(alg)
-    else:
+    else:  # hmac; with DECRYPT it verifies the tag given to STREAM_FINAL
+        if iv:
+            raise E.EINVAL(f"{alg} takes no IV")
         stream = symmetric.hmac_ctx(alg, material(ctx, key))
     handle = ctx.new_handle()
-    ctx.streams[handle] = (kind, decrypt, stream)
+    ctx.streams[handle] = (kind, decrypt, stream, key if kind != "hash" else 0)
     return (handle, iv if random_nonce else b"")
 
 
-def _stream(ctx, handle):
+def _stream(ctx, handle, pop: bool = False):
+    """An open stream, once its key is still usable by the caller.
+
+    The key is checked again on every call, as one-shot calls check it: a
+    stream opened before its key was revoked, expired, unlinked or had its
+    permission taken away stops there, and is closed.
+    """
     try:
-        return ctx.streams[handle]
+        kind, decrypt, stream, key = ctx.streams.pop(handle) if pop else ctx.streams[handle]
     except KeyError:
         raise E.EBADF(f"no open stream {handle}") from None
+    if key:
+        try:
+            ctx.store.use(ctx.caller, key)
+        except E.KeydenError:
+            ctx.streams.pop(handle, None)
+            raise
+    return kind, decrypt, stream
 
 
 @handles(Op.STREAM_UPDATE)
@@ -234,10 +247,14 @@ def _stream_update(ctx, handle, data):
 
 @handles(Op.STREAM_FINAL)
 def _stream_final(ctx, handle, data, tag):
-    """Finish: returns (last output, tag).  tag is the AEAD tag, or the digest/MAC."""
-    kind, decrypt, stream = ctx.streams.pop(handle, (None, None, None))
-    if stream is None:
-        raise E.EBADF(f"no open stream {handle}")
+    """Finish: returns (last output, tag).  tag is the AEAD tag, or the digest/MAC.
+
+    A tag is taken only to be checked: by an AEAD decryption, or an HMAC stream opened with DECRYPT
+    (verify, in constant time: EBADMSG on mismatch, nothing returned).
+    """
+    kind, decrypt, stream = _stream(ctx, handle, pop=True)
+    if bool(tag) != (decrypt and kind in ("aead", "hmac")):
+        raise E.EINVAL("a tag is given to finish AEAD decryption or HMAC verification, and only then")
     out = stream.update(data) if data else b""
     if kind == "aead":
         if decrypt:
@@ -245,10 +262,11 @@ def _stream_final(ctx, handle, data, tag):
         ct_tail_and_tag = stream.finalize()
         cut = len(ct_tail_and_tag) - 16
         return (out + ct_tail_and_tag[:cut], ct_tail_and_tag[cut:])
-    if tag:
-        raise E.EINVAL("only AEAD decryption takes a tag")
     if kind == "skcipher":
         return (out + stream.finalize(), b"")
+    if decrypt:
+        stream.verify(tag)
+        return (b"", b"")
     return (b"", stream.finalize())
 
 
@@ -322,8 +340,8 @@ def _shm_attach(ctx, size):
     try:
         if len(ctx.regions) >= MAX_REGIONS:
             raise E.EMFILE(f"at most {MAX_REGIONS} shared regions per connection")
-        if not 0 < size <= MAX_REGION_SIZE:
-            raise E.EINVAL(f"shared regions are 1..{MAX_REGION_SIZE} bytes")
+        if not 0 < size <= MAX_SHARED_REGION:
+            raise E.EINVAL(f"shared regions are 1..{MAX_SHARED_REGION} bytes")
         if _sealed_size(fd) < size:
             raise E.EINVAL("the memfd is smaller than the size given")
         try:
@@ -396,5 +414,5 @@ def _plain_output_size(alg: str, kind: str, decrypt: bool, length: int) -> int:
 
 
 def _no_overlap(a: int, alen: int, b: int, blen: int) -> None:
-    if a < b + blen and b < a + alen:
+    if alen and blen and a < b + blen and b < a + alen:  # an empty range overlaps nothing
         raise E.EINVAL("input and output ranges overlap")
