@@ -229,3 +229,69 @@ def test_the_loop_writes_audit_lines_before_any_reply_leaves(tmp_path):
         assert '"op": "hello"' in f.read()
     theirs.close()
     reactor._pool.shutdown()
+
+
+def test_one_uid_never_holds_every_worker(tmp_path):
+    """Slow requests of one uid beyond half the workers wait for that uid's own to finish; another
+    uid's request goes to a worker at once (one user's dh_compute flood must not stall everyone)."""
+    import socket
+    import threading
+
+    from keyden.server.config import ServerConfig
+    from keyden.server.reactor import Channel, Reactor
+
+    reactor = Reactor(ServerConfig(socket=str(tmp_path / "s"), state_dir=str(tmp_path), workers=2), None)
+    started, release = [], {name: threading.Event() for name in ("a1", "a2", "a3", "b1")}
+    lock = threading.Lock()
+    peer_ends = []  # the clients' ends, kept open
+
+    def channel(uid: int) -> Channel:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        peer_ends.append(theirs)
+        peer = Peer(pid=4242, uid=uid, gid=uid, groups=frozenset(), start_time=99)
+        ch = Channel(ours, Connection(KeyStore(), peer), lambda: None)
+        reactor._channels[ch.fd] = ch
+        reactor._epoll.register(ch.fd, 0)
+        return ch
+
+    def work(name: str):
+        def run() -> bytes:
+            with lock:
+                started.append(name)
+            assert release[name].wait(10)
+            return W.encode_response(1, Op.PING, (b"",))
+        return run
+
+    def wait_for(count: int) -> None:
+        for _ in range(1000):
+            reactor._completions()
+            with lock:
+                if len(started) >= count:
+                    return
+            threading.Event().wait(0.01)
+        raise AssertionError(f"started only {started}")
+
+    a = [channel(1001) for _ in range(3)]
+    b = channel(1002)
+    for i, ch in enumerate(a, 1):
+        reactor._submit(ch, work(f"a{i}"))
+    reactor._submit(b, work("b1"))
+    wait_for(2)
+    assert started == ["a1", "b1"]  # a2 and a3 wait: uid 1001 has its one worker of two
+    release["b1"].set()
+    wait_for(2)
+    assert started == ["a1", "b1"]  # b's worker is free, but a's share is still one
+    release["a1"].set()
+    wait_for(3)
+    assert started == ["a1", "b1", "a2"]  # a's next, in order, once its first is done
+    reactor._close(a[2])  # closed while waiting: never run, released when its turn comes
+    release["a2"].set()
+    for _ in range(100):
+        reactor._completions()
+        if not a[2].busy:
+            break
+        threading.Event().wait(0.01)
+    assert started == ["a1", "b1", "a2"] and not a[2].busy and a[2].sock.fileno() == -1
+    assert reactor._busy == 0 and not reactor._working and not reactor._waiting_work
+    reactor._pool.shutdown()

@@ -335,6 +335,30 @@ def test_derived_keys_are_never_readable(client, tmp_path):
     assert client.describe(derived).perm == 0x3f3f0000
 
 
+def test_a_derived_key_is_made_with_its_perm_and_timeout_or_not_at_all(client, daemon):
+    """No setattr is needed on the new key (it is made with them), and a refused request displaces nothing."""
+    mine = client.generate("x25519", "mine", "@s")
+    ring = client.newring("shared-sessions")
+    client.setperm(ring, 0x3f3f0000)  # the user (any session of root's) may write, without possessing it
+    old = client.generate("aes:256", "app:k", ring)
+    with daemon.connect() as elsewhere:  # another session: the ring is not possessed there
+        theirs = elsewhere.generate("x25519", "theirs")
+        serial = elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k", timeout=60,
+                                  perm=0x3f3f0000)
+        assert elsewhere.describe(serial).perm == 0x3f3f0000
+        with pytest.raises(E.EINVAL):
+            elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k", perm=0x40000000)
+        with pytest.raises(E.EINVAL):
+            elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k", timeout=-1)
+    assert client.read(ring) == [serial]  # it displaced old as add_key would; the refused ones nothing
+    with pytest.raises(E.ENOKEY):
+        client.describe(old)
+    assert client.describe(serial).perm == 0x3f3f0000
+    nonce = os.urandom(12)
+    client.aead(serial).encrypt(nonce, b"usable", None)
+    del mine
+
+
 def test_derive_options_description_keyring_perm_timeout(client):
     a, b = client.generate("ec:p256", "a", "@s"), client.generate("ec:p256", "b", "@s")
     ring = client.newring("sessions")
@@ -494,10 +518,26 @@ def test_dh_compute_and_dh_compute_kdf_match_pyca(client):
         client.dh_compute(private, client.add("user", "dh:small", be(2**127 - 1)), base)
     with pytest.raises(E.EINVAL):
         client.dh_compute(private, prime, client.add("user", "dh:one", b"\x01"))
+    # As the kernel: user keys only (EOPNOTSUPP), and read permission itself, not possession with
+    # search as for keyctl_read: any failure to look one up that way is ENOKEY.
+    hidden = client.add("logon", "dh:hidden", be(x_a))
+    with pytest.raises(E.ENOKEY):  # a logon key grants no read
+        client.dh_compute(hidden, prime, base)
+    client.setperm(hidden, 0x3f010000)  # and with read granted, it is still not a user key
     with pytest.raises(E.EOPNOTSUPP):
-        client.dh_compute(client.add("logon", "dh:hidden", be(x_a)), prime, base)  # must be readable
-    with pytest.raises(E.EINVAL):
+        client.dh_compute(hidden, prime, base)
+    with pytest.raises(E.EOPNOTSUPP):
         client.dh_compute("@s", prime, base)
+    search_only = client.add("user", "dh:search-only", be(x_a), "@s")
+    client.setperm(search_only, 0x08000000)  # the possessor may search, not read
+    assert client.read(search_only) == be(x_a)  # keyctl_read lets a possessor with search read...
+    with pytest.raises(E.ENOKEY, match="read"):
+        client.dh_compute(search_only, prime, base)  # ...KEYCTL_DH_COMPUTE does not
+    with pytest.raises(E.ENOKEY):
+        client.dh_compute(0x7FFF_FFF0, prime, base)
+    client.revoke(peer)
+    with pytest.raises(E.ENOKEY, match="revoked"):
+        client.dh_compute(private, prime, peer)
 
 
 def test_keys_derived_from_a_held_key_are_no_way_around_its_permissions(client):

@@ -837,12 +837,14 @@ class KeyStore:
                 ktype.destroy(value)
 
     def _add_new(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
-                 ring: Key, perm: int | None, flags: int = 0) -> Key:
+                 ring: Key, perm: int | None, flags: int = 0, timeout: int = 0) -> Key:
         """key_alloc and link, once ``_admit`` has passed: displaces any key with this type and description."""
         ktype.check_description(description)
         key = self._create(ktype, description, caller.cred, ktype.default_perm if perm is None else perm,
                            value, quota_len)
         key.flags = flags
+        if timeout:
+            key.expiry = self.clock() + timeout
         try:
             self._link_raw(ring, key)  # no cycle check: a new key holds no keyrings
         except BaseException:  # the link's bytes may not fit once the key itself is charged
@@ -864,17 +866,25 @@ class KeyStore:
         return ring, possessed
 
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
-                        keyring: int, perm: int | None = None, flags: int = 0) -> int:
-        """Add a key whose payload the daemon made itself (generated, derived, imported): never an update."""
-        if flags & ~KEY_FLAGS:
-            raise E.EINVAL("unknown key flags")
+                        keyring: int, perm: int | None = None, flags: int = 0, timeout: int = 0) -> int:
+        """Add a key whose payload the daemon made itself (generated, derived, imported): never an update.
+
+        Its permissions and timeout are the key's from the start (no setattr needed, no moment with others):
+        a request that fails leaves nothing behind, and displaces nothing.
+        """
         try:
+            if flags & ~KEY_FLAGS:
+                raise E.EINVAL("unknown key flags")
+            if perm is not None and perm & ~P.VALID_MASK:
+                raise E.EINVAL("permission bits outside 0x3f3f3f3f")
+            if timeout < 0:
+                raise E.EINVAL("timeout must not be negative")
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
                 self._admit(ring, ktype, description, value)
-                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags)
+                key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags, timeout)
                 value = None
                 return key.serial
         finally:
@@ -1108,6 +1118,23 @@ class KeyStore:
                 raise err
             if key.links is not None:
                 return [k.serial for k in key.links.values()]
+            return key.type.read(key.payload)
+
+    def read_for_computation(self, caller: Caller, key_id: int) -> bytes:
+        """A user key's bytes, for an operation that returns a value computed from them (keyctl_dh_compute).
+
+        As the kernel's lookup_user_key(KEY_NEED_READ): read permission
+        itself (possession adds the possessor bits, but is no substitute,
+        unlike keyctl_read), and any failure to look it up so is ENOKEY
+        (the message says why); a key of another type is EOPNOTSUPP.
+        """
+        with self.lock:
+            try:
+                key, _ = self._lookup(caller, key_id, P.READ)
+            except E.KeydenError as exc:
+                raise E.ENOKEY(f"cannot read key {key_id}: {exc.message}") from None
+            if key.type.name != "user":
+                raise E.EOPNOTSUPP(f"key {key.serial} is a {key.type.name} key, not a user key")
             return key.type.read(key.payload)
 
     def describe(self, caller: Caller, key_id: int) -> Description:

@@ -114,6 +114,9 @@ class Reactor:
         self._done: collections.deque[tuple[Channel, Callable[[], None]]] = collections.deque()
         workers = config.workers or max(4, 2 * (os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="keyden-worker")
+        self._per_uid_workers = max(1, workers // 2)  # one uid's slow requests never hold every worker
+        self._working: collections.Counter[int] = collections.Counter()  # uid -> its requests with a worker
+        self._waiting_work: dict[int, collections.deque] = {}  # uid -> (channel, work) over its share, in order
         self._small = memoryview(bytearray(SMALL_RECV_CHUNK))
         self._large: memoryview | None = None
         self._stopping = False
@@ -162,6 +165,11 @@ class Reactor:
             self._close(ch)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._completions()
+        for waiting in self._waiting_work.values():  # never started: their channels are closed already
+            for ch, _work in waiting:
+                ch.busy = False
+                self._release(ch)
+        self._waiting_work.clear()
         if self._audit is not None:
             self._audit.flush()
         self._epoll.close()
@@ -487,9 +495,18 @@ class Reactor:
     # ---------------------------------------------------------------- workers
 
     def _submit(self, ch: Channel, work: Callable[[], bytes]) -> None:
+        """Hand a request to a worker; it waits for one if its uid already has its share of them."""
         ch.busy = True
         self._busy += 1
         self._watch(ch, 0)
+        uid = ch.conn.peer.uid
+        if self._working[uid] >= self._per_uid_workers:
+            self._waiting_work.setdefault(uid, collections.deque()).append((ch, work))
+            return
+        self._start(ch, work)
+
+    def _start(self, ch: Channel, work: Callable[[], bytes]) -> None:
+        self._working[ch.conn.peer.uid] += 1
 
         def run() -> None:
             try:
@@ -511,7 +528,24 @@ class Reactor:
             _ch, finish = self._done.popleft()
             finish()
 
-    def _finished(self, ch: Channel, reply: bytes | None) -> None:
+    def _next_work(self, uid: int) -> None:
+        """A worker came back from one of ``uid``'s requests: start its next waiting one, if any."""
+        self._working[uid] -= 1
+        if not self._working[uid]:
+            del self._working[uid]
+        waiting = self._waiting_work.get(uid)
+        while waiting:
+            ch, work = waiting.popleft()
+            if self._alive(ch):
+                self._start(ch, work)
+                break
+            self._finished(ch, None, started=False)  # closed while it waited: finish the close
+        if not waiting:
+            self._waiting_work.pop(uid, None)
+
+    def _finished(self, ch: Channel, reply: bytes | None, started: bool = True) -> None:
+        if started:
+            self._next_work(ch.conn.peer.uid)
         ch.busy = False
         self._busy -= 1
         if not self._alive(ch):  # closed while the worker ran

@@ -12,7 +12,6 @@ import os
 
 from keyden import errors as E
 from keyden.core import keytypes as T
-from keyden.core.perm import VALID_MASK
 from keyden.crypto import agreement
 from keyden.protocol import NO_EXPORT, Op
 from keyden.server.handlers import handles
@@ -25,20 +24,15 @@ def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int
                  flags: int = 0) -> int:
     """Keep derived material as a new logon key; only its serial goes back.
 
-    The perm is checked before the key exists, so a bad one leaves nothing
-    behind; the default description is unique, so deriving again never
-    displaces (and destroys) an earlier session key from the keyring.
+    The key is made with its perm (0: the type's default) and timeout, so a
+    request that fails leaves nothing behind; the default description is
+    unique, so deriving again never displaces (and destroys) an earlier
+    session key from the keyring.
     """
-    if perm & ~VALID_MASK:
-        raise E.EINVAL("permission bits outside 0x3f3f3f3f")
     value, quota = LOGON.preparse(material)
     description = description or f"keyden:session-{os.urandom(4).hex()}"
-    serial = ctx.store.create_internal(ctx.caller, LOGON, description, value, quota, keyring, flags=flags)
-    if timeout:
-        ctx.store.set_timeout(ctx.caller, serial, timeout)
-    if perm:
-        ctx.store.setperm(ctx.caller, serial, perm)
-    return serial
+    return ctx.store.create_internal(ctx.caller, LOGON, description, value, quota, keyring, perm=perm or None,
+                                     flags=flags, timeout=timeout)
 
 
 @handles(Op.DERIVE)
@@ -84,14 +78,9 @@ def _kdf_from_key(ctx, key, kdf, salt, info, length, description, keyring, perm,
 
 
 def _dh_inputs(ctx, private, prime, base) -> tuple[bytes, bytes, bytes]:
-    """KEYCTL_DH_COMPUTE reads three user keys the caller may read."""
-    out = []
-    for serial in (private, prime, base):
-        data = ctx.store.read(ctx.caller, serial)
-        if isinstance(data, list):
-            raise E.EINVAL("dh_compute takes user keys, not keyrings")
-        out.append(data)
-    return out[0], out[1], out[2]
+    """KEYCTL_DH_COMPUTE reads three user keys the caller has read permission on (ENOKEY otherwise)."""
+    read = ctx.store.read_for_computation
+    return read(ctx.caller, private), read(ctx.caller, prime), read(ctx.caller, base)
 
 
 @handles(Op.DH_COMPUTE)
