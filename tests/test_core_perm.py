@@ -58,6 +58,7 @@ def test_granted_needs_every_bit_asked_for(need, granted):
     (0x3F010000, "alswrv-----v------------"),
     (0x1F3F0000, "-lswrvalswrv------------"),
     (0x3F130000, "alswrv-l--rv------------"),
+    (0x3F030000, "alswrv----rv------------"),
     (0x00000000, "------------------------"),
     (0x3F3F3F3F, "alswrv" * 4),
 ])

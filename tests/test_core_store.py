@@ -449,6 +449,28 @@ def test_collect_reaps_revoked_and_expired_keys_after_the_gc_delay(store, alice,
     assert store.quota_usage(1000)[:2] == (usage[0] - 2, usage[1] - revoked_cost - expiring_cost)
 
 
+def test_a_reaped_process_keyring_linked_elsewhere_is_possessed_no_more(store, alice):
+    process = store.resolve(alice, PROCESS, create=True)
+    key = add_user(store, alice, "held", ring=PROCESS)
+    store.setperm(alice, key, 0x3F000000)  # possessor only
+    store.link(alice, process, USER)
+    assert store.read(alice, key) == b"value"  # possessed through @p
+    store.collect(process_alive=lambda pid, start: (pid, start) != alice.process)
+    with pytest.raises(E.EACCES):  # @p is gone from the process: what it holds is possessed no more
+        store.read(alice, key)
+
+
+def test_a_replaced_user_keyring_is_possessed_through_the_user_session_keyring(store):
+    lone = Caller(ALICE)  # no session token: @s is @us, which links @u
+    old = store.resolve(lone, USER)
+    store.invalidate(lone, old)
+    new = store.resolve(lone, USER)
+    assert new != old and store.read(lone, USER_SESSION) == [new]
+    key = add_user(store, lone, "k2", ring=USER)
+    store.setperm(lone, key, 0x3F000000)
+    assert store.read(lone, key) == b"value" and store.request(lone, "user", "k2") == key
+
+
 def test_collect_reaps_keyrings_of_dead_processes(store, alice):
     ring = store.resolve(alice, PROCESS, create=True)
     key = add_user(store, alice, ring=PROCESS)
@@ -512,7 +534,24 @@ def test_an_update_past_the_byte_quota_fails_and_changes_nothing(clock):
     key = add_user(store, alice, "k", b"small")
     with pytest.raises(E.EDQUOT):
         store.update(alice, key, b"x" * 100)
+    with pytest.raises(E.EDQUOT):  # add over it, asking for no-export: refused, so not flagged either
+        add_user(store, alice, "k", b"x" * 100, flags=store_module.NO_EXPORT)
     assert store.read(alice, key) == b"small"
+    assert not next(k for k in store.iter_keys() if k.serial == key).flags
+
+
+def test_move_into_a_full_keyring_is_refused(clock):
+    store = KeyStore(StoreConfig(keyring_max_links=2), clock=clock)
+    alice = session(store, ALICE)
+    source, full = newring(store, alice, "src"), newring(store, alice, "full")
+    for name in "ab":
+        add_user(store, alice, name, ring=full)
+    key = add_user(store, alice, "c", ring=source)
+    with pytest.raises(E.ENFILE):
+        store.link(alice, key, full)
+    with pytest.raises(E.ENFILE):
+        store.move(alice, key, source, full)
+    assert store.read(alice, source) == [key] and len(store.read(alice, full)) == 2
 
 
 def test_chown_moves_the_quota_burden_and_needs_room_at_the_new_owner(store, alice):
@@ -655,7 +694,22 @@ def test_anonymous_sessions_are_new_keyrings(store):
     second, token2 = store.join_session(Caller(ALICE))
     assert first != second and token1 != token2
     d = store.describe(Caller(ALICE, session_token=token1), SESSION)
-    assert (d.serial, d.description, d.perm) == (first, "_ses", 0x3F130000)
+    assert (d.serial, d.description, d.perm) == (first, "_ses", 0x3F030000)  # the kernel's: no user link
+    named, token = store.join_session(Caller(ALICE), "work")
+    assert store.describe(Caller(ALICE, session_token=token), SESSION).perm == 0x3F130000
+
+
+def test_sessions_count_in_the_quota_and_reserved_names_are_refused(clock):
+    """A session outlives the connection that made it: joining again and again must hit the quota."""
+    store = KeyStore(StoreConfig(maxkeys=5), clock=clock)
+    made = 0
+    with pytest.raises(E.EDQUOT):
+        for _ in range(10):
+            store.join_session(Caller(ALICE))
+            made += 1
+    assert made <= 5 and store.quota_usage(1000)[0] <= 5
+    with pytest.raises(E.EPERM):
+        store.join_session(Caller(BOB), ".builtin_trusted_keys")
 
 
 def test_named_sessions_are_joined_only_where_search_is_granted(store):

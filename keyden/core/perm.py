@@ -29,7 +29,8 @@ DEFAULT_LOGON = 0x3D010000
 DEFAULT_ASYMMETRIC = 0x39010000
 DEFAULT_UID_KEYRING = 0x1F3F0000
 DEFAULT_PROCESS_KEYRING = 0x3F010000
-DEFAULT_SESSION_KEYRING = 0x3F130000
+DEFAULT_SESSION_KEYRING = 0x3F130000  # a named session (join_session_keyring): others of the uid may link it
+DEFAULT_ANON_SESSION_KEYRING = 0x3F030000  # "_ses" (install_session_keyring_to_cred): view and read only
 
 NAMES = {VIEW: "view", READ: "read", WRITE: "write", SEARCH: "search", LINK: "link", SETATTR: "setattr"}
 

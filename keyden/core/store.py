@@ -587,6 +587,9 @@ class KeyStore:
         owner = Credentials(uid, P.NO_GID)
         if uid not in self._user_keyrings:
             self._user_keyrings[uid] = self._pinned_keyring(f"_uid.{uid}", owner, P.DEFAULT_UID_KEYRING)
+            session = self._user_session_keyrings.get(uid)
+            if session is not None and not session.defunct:  # a replacement: possessed through @us as before
+                self._link_raw(session, self._user_keyrings[uid], check_quota=False)
         if uid not in self._user_session_keyrings:
             ring = self._pinned_keyring(f"_uid_ses.{uid}", owner, P.DEFAULT_UID_KEYRING)
             self._link_raw(ring, self._user_keyrings[uid], check_quota=False)
@@ -825,9 +828,9 @@ class KeyStore:
                 if existing is not None and ktype.updatable and not existing.defunct:
                     # find_key_to_update: the key counts as possessed if the keyring is.
                     self._require(caller, existing, self._possessed(caller, ring, ring_possessed), P.WRITE)
-                    existing.flags |= flags
                     self._replace_payload(existing, value, quota_len)
                     value = None
+                    existing.flags |= flags  # after: a refused update (EDQUOT) changes nothing
                     return existing.serial
                 key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags)
                 value = None
@@ -1037,6 +1040,8 @@ class KeyStore:
                 self._check_quota(dst.uid, 0, LINK_BYTES)
             if displaces and exclusive:
                 raise E.EEXIST(f"keyring {dst.serial} already holds a {key.type.name} {key.description!r}")
+            if not displaces and len(dst.links) >= self.config.keyring_max_links:
+                raise E.ENFILE(f"keyring {dst.serial} is full")
             self._check_restriction(dst, key.type, key.payload)
             if key.links is not None:
                 self._detect_cycle(dst, key)
@@ -1227,11 +1232,15 @@ class KeyStore:
         otherwise a new keyring of that name is made.  The token is how a
         process carries its session (KEYDEN_SESSION): only its uid may use it.
         """
+        if name and name.startswith("."):
+            raise E.EPERM("keyring names starting with '.' are reserved")  # as the kernel (CVE-2016-9604)
         with self.lock:
             ring = self._keyring_by_name(caller, name) if name else None
             if ring is None:
-                ring = self._create(T.KEYRING, name or "_ses", caller.cred, P.DEFAULT_SESSION_KEYRING, None, 0,
-                                    quota=IN_QUOTA if name else QUOTA_OVERRUN)
+                # In quota, always: a session outlives the connection that made it (unlike a process's),
+                # so the kernel's one over-quota session per process would be no bound here.
+                ring = self._create(T.KEYRING, name or "_ses", caller.cred,
+                                    P.DEFAULT_SESSION_KEYRING if name else P.DEFAULT_ANON_SESSION_KEYRING, None, 0)
             ring.pins += 1
             token = secrets.token_urlsafe(32)
             self._changed()
@@ -1455,6 +1464,7 @@ class KeyStore:
             if process_alive is not None:
                 for ident, ring in list(self._process_keyrings.items()):
                     if not process_alive(*ident):
+                        self._changed()  # what it held is possessed by nobody now, wherever else it is linked
                         del self._process_keyrings[ident]
                         ring.pins -= 1
                         self._maybe_destroy(ring)
