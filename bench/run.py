@@ -214,6 +214,24 @@ def sign_ed25519_8(ctx: Context) -> Row:
     return Row(rate, 1 / local_s, "sig/s", 0.6, "pyca, 1 thread; keyden: 8 clients")
 
 
+@benchmark("python-sign-8")
+def python_sign_8(ctx: Context) -> Row:
+    """Reference: ``sign-ed25519-8`` against a bare Python epoll server that signs each read on its loop.
+
+    No protocol, permission checks or audit: what the ``sign-ed25519-8`` target allows any Python daemon here.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from bench.echo import EchoServer
+
+    message = bytes(range(64))
+    local = ed25519.Ed25519PrivateKey.generate()
+    with EchoServer(ctx.workdir, sign=True) as server, \
+            ClientPool(8, server.path, None, "pkey_sign", (0, "", message)) as pool:
+        rate, local_s = ctx.paired(ctx.rounds(pool), ctx.calls(lambda: local.sign(message)))
+    return Row(rate, 1 / local_s, "sig/s", None, "pyca, 1 thread; row: 8 clients, plain Python server, no keyden")
+
+
 @benchmark("tls-handshake")
 def tls_handshake(ctx: Context) -> Row:
     """Full handshakes (TLS 1.3, ECDSA P-256, no resumption) served by keyden vs by an in-process ssl server."""
