@@ -32,6 +32,13 @@ from keyden.persist.master import KeySource, Sealer
 log = logging.getLogger("keyden.persist")
 
 
+class _ThreadMark(threading.local):
+    """The last change noted by each thread.  A class default, not getattr's: a thread that never noted
+    one (the loop, answering a read) would raise and catch an AttributeError twice per request."""
+
+    seq = 0
+
+
 class SealedJournal(Journal):
     def __init__(self, store: KeyStore, db: Database, sealer: Sealer, source: KeySource,
                  manifest: Manifest):
@@ -43,7 +50,7 @@ class SealedJournal(Journal):
         self._dirty: dict[int, Key | None] = {}
         self._seq = 0  # changes noted so far
         self._durable = 0  # changes on disk
-        self._local = threading.local()  # .seq: the last change noted by this thread
+        self._local = _ThreadMark()
         self._write_lock = threading.Lock()
         self._closed = False
 
@@ -67,7 +74,7 @@ class SealedJournal(Journal):
     # ------------------------------------------------------------- writing
 
     def mark(self) -> int:
-        return getattr(self._local, "seq", 0)
+        return self._local.seq
 
     def synced(self, upto: int) -> bool:
         return upto <= self._durable
