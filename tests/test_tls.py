@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
+from keyden.protocol import Op
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 20  # seconds: any single step of these tests, so a failure never hangs the suite
@@ -632,6 +633,97 @@ def test_refusals_before_the_handshake_leave_the_socket_with_the_app(client, pki
     unconnected.close()
 
 
+def daemon_fds(daemon) -> dict[str, str]:
+    """The daemon's descriptors: number -> what it is (socket:[inode], ...)."""
+    where = f"/proc/{daemon.proc.pid}/fd"
+    out = {}
+    for fd in os.listdir(where):
+        try:
+            out[fd] = os.readlink(os.path.join(where, fd))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_refused_request_takes_its_socket_and_leaves_it_as_it_was(daemon, client, pki, trust_ring):
+    """Refused before anything starts: the daemon keeps no copy, the next request gets its own socket, and
+    the application's socket keeps its own flags (blocking, Nagle)."""
+    load(client, pki.ec_server)
+    servers = {}
+    for name, reply in (("first", b"from the first server\n"), ("second", b"from the second server\n")):
+        app = App(client)
+        app.serve(reply=lambda plain, reply=reply: (read_until(plain, b"\n"), plain.sendall(reply)))
+        servers[name] = app
+    first = socket.create_connection(("127.0.0.1", servers["first"].port), timeout=TIMEOUT)
+    first.settimeout(None)  # a blocking socket, as most applications have
+    with pytest.raises(E.EINVAL, match="server name"):
+        client.tls_connect(first, "", trust=trust_ring)
+    assert os.get_blocking(first.fileno()) and first.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    ours = f"socket:[{os.fstat(first.fileno()).st_ino}]"
+    assert ours not in daemon_fds(daemon).values()  # no copy of it left in the daemon
+    first.close()
+    second = socket.create_connection(("127.0.0.1", servers["second"].port), timeout=TIMEOUT)
+    plain, _info = client.tls_connect(second, "a.test", trust=trust_ring)
+    with plain:
+        plain.settimeout(TIMEOUT)
+        plain.sendall(b"hello\n")
+        assert read_until(plain, b"\n") == b"from the second server\n"
+    second.close()
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert os.get_blocking(a.fileno())
+        with pytest.raises(E.ENOKEY):
+            client.tls_accept(a, client.newring("empty"))
+        assert os.get_blocking(a.fileno())  # refused: still blocking, as the application made it
+        r, w = os.pipe()
+        try:  # three descriptors with one request: it takes the first, the others are closed
+            with pytest.raises(E.ENOKEY):
+                client._call_trading_fds(Op.TLS_ACCEPT, (client.newring("empty-2"), 0, 0, [], 0), [a.fileno(), r, w])
+            with pytest.raises(E.EBADF, match="send the connected socket"):  # nothing left for the next one
+                client._call_trading_fds(Op.TLS_ACCEPT, (client.newring("empty-3"), 0, 0, [], 0), [])
+        finally:
+            os.close(r)
+            os.close(w)
+    for app in servers.values():
+        app.close()
+
+
+def test_the_applications_last_answer_gets_out_when_it_closes_with_input_unread(app_factory, server_ring, pki):
+    """An HTTP-style early answer (413) and close(), while the peer is still sending: the peer must get the
+    answer and a clean close_notify, not a reset."""
+    def answer_early(plain: socket.socket) -> None:
+        plain.recv(10)
+        plain.sendall(b"HTTP/1.1 413 Payload Too Large\r\n\r\n")
+    app = app_factory()
+    app.serve(reply=answer_early, count=3)
+    for size in (100, 64 << 10, 4 << 20):
+        ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+        with socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT) as raw, \
+                ctx.wrap_socket(raw, server_hostname="a.test") as tls:
+            tls.sendall(b"x" * size)  # completes: once the application has left, keyden reads and drops it
+            got = b""
+            while True:
+                try:
+                    chunk = tls.recv(4096)
+                except ssl.SSLZeroReturnError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            assert got == b"HTTP/1.1 413 Payload Too Large\r\n\r\n", size
+
+
+def test_a_blacklisted_certificate_of_our_own_is_never_served(client, pki):
+    leaf = pki.issue("own.test", dns=("own.test",), issuer=pki.ca)
+    ring = client.newring("own-identity")
+    load(client, leaf, ring=ring)
+    blacklist(client, leaf.cert)
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(E.ENOKEY):  # the keyring has no certificate left that we may present
+        client.tls_accept(a, ring)
+
+
 def test_keyring_and_keys_need_search_permission(daemon, client, pki):
     load(client, pki.ec_server)
     with daemon.connect() as outsider:  # same uid, another session: the test's @s is not its possession
@@ -740,6 +832,15 @@ def test_tls_connect_refuses_bad_servers(client, pki, trust_ring, case):
     words = {"wrong CA": "unable to get local issuer certificate", "hostname mismatch": "Hostname mismatch",
              "blacklisted server": "blacklisted"}[case]
     assert words in refused.value.message
+    server.close()
+
+
+def test_a_server_that_shares_no_version_is_a_protocol_error_not_a_refused_certificate(client, pki, trust_ring):
+    server = PythonServer(pki.ec_server)
+    server.ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    with pytest.raises(E.EPROTO, match="PROTOCOL_VERSION"):  # the server's alert names no certificate
+        client.tls_connect(sock, "a.test", trust=trust_ring, min_version="1.3")
     server.close()
 
 
@@ -865,3 +966,34 @@ def test_neither_the_private_key_nor_traffic_secrets_reach_the_application(daemo
         app.wait(TIMEOUT)
         app.stdout.close()
         app.stderr.close()
+
+
+def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, monkeypatch):
+    """The engine in-process: the application writes more than the buffers hold, then closes; the peer never
+    reads.  The session must end after DRAIN_TIMEOUT without progress (it held a per-uid slot before)."""
+    from keyden.tls import engine as tls_engine
+
+    monkeypatch.setattr(tls_engine, "DRAIN_TIMEOUT", 1.0)
+    eng = tls_engine.Engine(threads=1)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    client_ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw:
+        theirs, _ = listener.accept()
+        theirs.setblocking(False)
+        tls = server_ctx.wrap_socket(theirs, server_side=True, do_handshake_on_connect=False)
+        app = eng.start(4242, tls, TIMEOUT, lambda chain: None)
+        with client_ctx.wrap_socket(raw, server_hostname="a.test") as peer:  # handshakes, then never reads
+            app.settimeout(TIMEOUT)
+            assert app.recv(65536)  # the TLS_ESTABLISHED frame
+            app.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                while True:  # fill every buffer between here and the silent peer
+                    app.sendall(b"x" * 65536)
+            assert eng._per_uid[4242] == 1
+            app.close()  # gone, with its data still queued behind a peer that reads nothing
+            deadline = time.monotonic() + TIMEOUT
+            while eng._per_uid.get(4242) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not eng._per_uid.get(4242), "the session outlived its application and its drain timeout"

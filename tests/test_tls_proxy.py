@@ -138,7 +138,12 @@ def test_a_configuration_keyden_refuses_stops_the_proxy_at_start(daemon, client)
 
 
 def test_usage_errors(daemon):
-    for args in (["--listen", "127.0.0.1:0"], ["--listen", "nowhere", "--keyring", "@s", "--forward", "x:1"]):
+    whole = ["--keyring", "@s", "--forward", "127.0.0.1:1"]
+    for args in (["--listen", "127.0.0.1:0"], ["--listen", "nowhere", "--keyring", "@s", "--forward", "x:1"],
+                 ["--listen", "127.0.0.1:99999", *whole], ["--listen", "127.0.0.1:0", "--max-connections", "-1", *whole],
+                 ["--listen", "127.0.0.1:0", "--max-connections", "0", *whole],
+                 *(["--listen", "127.0.0.1:0", "--handshake-timeout", t, *whole] for t in ("0", "500", "nan"))):
         out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", *args],
                              capture_output=True, timeout=TIMEOUT, cwd=REPO)
-        assert out.returncode == 2, out.stderr.decode()
+        assert out.returncode == 2, (args, out.stderr.decode())
+        assert b"Traceback" not in out.stderr and b"listening" not in out.stdout, args

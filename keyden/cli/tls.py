@@ -20,6 +20,7 @@ import threading
 
 from keyden import errors as E
 from keyden.cli.support import Exit
+from keyden.tls import MAX_HANDSHAKE_TIMEOUT
 
 CHUNK = 64 * 1024
 
@@ -64,9 +65,15 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--max-connections", type=int, default=256)
     try:
-        return p.parse_args(args)
+        opts = p.parse_args(args)
     except SystemExit as exc:  # argparse has printed the usage or the help
         raise Exit(2 if exc.code else 0) from None
+    if opts.max_connections < 1:
+        raise Exit(2, "tls-proxy: --max-connections takes a number of connections, at least 1")
+    if not 0 < opts.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:  # nan fails too
+        raise Exit(2, f"tls-proxy: --handshake-timeout takes seconds, more than 0 and at most "
+                      f"{MAX_HANDSHAKE_TIMEOUT:g}")
+    return opts
 
 
 def _preflight(client, keyring: int, tls_options: dict) -> None:
@@ -89,8 +96,8 @@ def _preflight(client, keyring: int, tls_options: dict) -> None:
 
 def _address(text: str, option: str) -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit():
-        raise Exit(2, f"tls-proxy: {option} takes HOST:PORT, not {text!r}")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise Exit(2, f"tls-proxy: {option} takes HOST:PORT (a port up to 65535), not {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

@@ -45,8 +45,11 @@ WRITE_CHUNK = 64 * 1024  # plaintext handed to one SSL_write
 PLAIN_SOCKET_BUFFER = 1 << 20
 MAX_REPORTED_CERT = 64 * 1024  # a larger peer certificate is not repeated in TLS_ESTABLISHED
 CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
+DRAIN_TIMEOUT = 30.0  # the application is gone: seconds its data may wait for a peer that reads nothing
 
 READ, WRITE = "read", "write"
+#: the alerts (OpenSSL's reason names) that say the peer refused a certificate, ours or its trust in it
+_CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "BAD_CERT")
 
 #: Called after the handshake with the peer's verified chain (DER, leaf first); raises to refuse it.
 ChainCheck = Callable[[list[bytes]], None]
@@ -60,11 +63,14 @@ def failure(exc: OSError) -> E.KeydenError:
     if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return E.ECONNRESET("the peer closed the connection during the TLS handshake")
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or "unknown reason"
+        reason = exc.reason or (exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else "") \
+            or "unknown reason"
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return E.ENOKEY("the peer sent no certificate, and one is required")
-        if "ALERT" in reason:
-            return E.EKEYREJECTED(f"the peer refused the TLS handshake: {reason}")
+        if "ALERT" in reason and any(word in reason for word in _CERTIFICATE_ALERTS):
+            return E.EKEYREJECTED(f"the peer refused our certificate: {reason}")
+        if "ALERT" in reason:  # no shared version, cipher or protocol, ...
+            return E.EPROTO(f"the peer refused the TLS handshake: {reason}")
         return E.EPROTO(f"TLS handshake failed: {reason}")
     return E.ECONNRESET(f"the peer connection failed during the TLS handshake: {exc.strerror or exc}")
 
@@ -189,10 +195,10 @@ class Loop:
                 when, _, session = heapq.heappop(self.deadlines)
                 self._call(session.deadline_passed, when)
             wait = min(self.MAX_SLEEP, self.deadlines[0][0] - now) if self.deadlines else self.MAX_SLEEP
-            for fd, _events in self.epoll.poll(max(wait, 0.0)):
+            for fd, events in self.epoll.poll(max(wait, 0.0)):
                 session = self.owners.get(fd)
                 if session is not None:
-                    self._call(session.step)
+                    self._call(session.step, fd, events)
 
     @staticmethod
     def _call(fn, *args) -> None:
@@ -221,6 +227,7 @@ class Session:
         self.on_close = on_close
         self.established = False
         self.closing = False  # the application is done: getting our close_notify out
+        self.lingering = False  # close_notify and FIN are out: reading (and dropping) what the peer still sends
         self.closed = False
         self.watched: dict[int, int] = {}  # fd -> epoll mask
         # peer -> application: decrypted bytes in up[up_start:up_end] (buffers exist once established)
@@ -234,6 +241,8 @@ class Session:
         self.down_blocked: str | None = None
         self.pinned = 0  # an SSL_write that would block must be repeated with the same length
         self.app_eof = False
+        self.app_gone = False  # the application closed its end: nothing more is delivered to it
+        self.progress_at = 0.0  # when the peer last took some of the application's data (app_gone only)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -259,20 +268,43 @@ class Session:
             return  # a deadline since replaced
         if self.closing:
             self._close()
-        else:
+        elif not self.established:
             self._fail(E.ETIMEDOUT(f"the TLS handshake did not finish within {self.timeout:g} s"))
+        elif self.progress_at + DRAIN_TIMEOUT > time.monotonic():  # the peer is still reading: more time
+            self._at(self.progress_at + DRAIN_TIMEOUT)
+        else:
+            log.debug("TLS session ended: the application is gone and the peer reads nothing")
+            self._close()
 
-    def step(self) -> None:
+    def _at(self, when: float) -> None:
+        self.deadline = when
+        self.loop.at(when, self)
+
+    def step(self, fd: int = -1, events: int = 0) -> None:
         """Every readiness event lands here: make all the progress possible, then wait for what is needed."""
         if self.closed:
             return
+        if events & select.EPOLLHUP and self.established and fd == self.plain.fileno():
+            self._app_left()  # closed whole (its unread data may still wait in our queue: read below)
         self._advance()
         if not self.closed:
             self._watch()
 
+    def _app_left(self) -> None:
+        """The application closed its socket: what it wrote still goes out, for as long as the peer reads."""
+        if self.app_gone:
+            return
+        self.app_gone = True
+        self.up_start = self.up_end = 0
+        self.progress_at = time.monotonic()
+        if not self.closing:
+            self._at(self.progress_at + DRAIN_TIMEOUT)
+
     def _advance(self) -> None:
         try:
-            if self.closing:
+            if self.lingering:
+                self._drain()
+            elif self.closing:
                 self._send_close_notify()
             elif not self.established:
                 self._handshake()
@@ -353,7 +385,7 @@ class Session:
                 return  # the application is not reading: neither are we
             if self.up_blocked or self.peer_eof:
                 break
-        if self.peer_eof and not self.app_write_shut:
+        if self.peer_eof and not self.app_write_shut and not self.app_gone:
             self.plain.shutdown(socket.SHUT_WR)
             self.app_write_shut = True
 
@@ -374,12 +406,15 @@ class Session:
             self.up_end += n
 
     def _deliver(self) -> bool:
-        """Pass ``up`` to the application; True once it is all gone."""
-        if self.up_start < self.up_end:
+        """Pass ``up`` to the application; True once it is all gone (or dropped: the application left, and
+        the peer must not stall writing to us, or it may never read what the application answered)."""
+        if self.up_start < self.up_end and not self.app_gone:
             try:
                 self.up_start += self.plain.send(self.up[self.up_start:self.up_end])
             except BlockingIOError:
                 return False
+            except (BrokenPipeError, ConnectionResetError):
+                self._app_left()
             if self.up_start < self.up_end:
                 return False
         self.up_start = self.up_end = 0
@@ -398,6 +433,9 @@ class Session:
                 n = self.plain.recv_into(self.down[self.down_end:])
             except BlockingIOError:
                 return True
+            except ConnectionResetError:  # it closed with our data unread: after all it had written
+                n = 0
+                self._app_left()
             if n == 0:
                 self.app_eof = True
             self.down_end += n
@@ -418,6 +456,8 @@ class Session:
                 return False
             self.pinned = 0
             self.down_start += sent
+            if self.app_gone:
+                self.progress_at = time.monotonic()
         self.down_start = self.down_end = 0
         return True
 
@@ -430,7 +470,35 @@ class Session:
             return
         except (ssl.SSLError, OSError):
             pass  # sent and now awaiting the peer's (which we do not wait for), or the peer is gone
-        self._close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Our close_notify is out: send FIN, then read and drop what the peer still sends until it closes
+        too (or CLOSE_GRACE runs out).  Closing at once, with its data unread, would send it a reset,
+        and a reset can destroy the answer it has not read yet (an early "413" to a large upload)."""
+        if self.peer_eof:
+            self._close()
+            return
+        try:
+            self.tls.shutdown(socket.SHUT_WR)  # drops the TLS layer: what follows is ciphertext, dropped
+        except OSError:
+            self._close()
+            return
+        self.lingering = True
+        self.up_blocked, self.down_blocked = READ, None
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                n = len(self.tls.recv(65536))
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if n == 0:  # the peer has closed as well
+                self._close()
+                return
 
     # ------------------------------------------------------------- watching
 
@@ -440,12 +508,15 @@ class Session:
         if self.closing:
             self._set(self.plain.fileno(), False, False)
         elif self.established:
-            self._set(self.plain.fileno(), not self.app_eof and self.down_end < BUFFER,
-                      self.up_start < self.up_end)
+            reading, writing = not self.app_eof and self.down_end < BUFFER, self.up_start < self.up_end
+            # Awaiting nothing of it (its data waits for the peer), still hear of the application leaving.
+            self._set(self.plain.fileno(), reading, writing, hangup=not (reading or writing or self.app_gone))
 
-    def _set(self, fd: int, reading: bool, writing: bool) -> None:
-        """Watch ``fd`` for what is awaited; nothing awaited, not watched (so a hang-up cannot spin)."""
-        mask = (select.EPOLLIN if reading else 0) | (select.EPOLLOUT if writing else 0)
+    def _set(self, fd: int, reading: bool, writing: bool, hangup: bool = False) -> None:
+        """Watch ``fd`` for what is awaited; nothing awaited, not watched (so a hang-up cannot spin), unless
+        the hang-up itself is awaited (once seen, it is not again)."""
+        mask = (select.EPOLLIN if reading else 0) | (select.EPOLLOUT if writing else 0) | \
+            (select.EPOLLHUP if hangup else 0)
         old = self.watched.get(fd, 0)
         if mask == old:
             return

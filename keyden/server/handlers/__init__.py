@@ -20,7 +20,7 @@ from keyden import errors as E
 from keyden.core.store import Caller, KeyStore
 from keyden.protocol import DEFAULT_MAX_FRAME, Op
 
-MAX_PENDING_FDS = 4
+MAX_PENDING_FDS = 4  # descriptor messages waiting for the requests that take them
 #: stream and region handles, daemon-wide, from a random start (next() on a count is atomic in CPython)
 _HANDLES = itertools.count(int.from_bytes(os.urandom(4), "little"))
 
@@ -37,7 +37,7 @@ class Context:
     streams: dict[int, Any] = field(default_factory=dict)
     regions: dict[int, Any] = field(default_factory=dict)
     engines: dict[tuple, tuple] = field(default_factory=dict)
-    fds: list[int] = field(default_factory=list)
+    fds: list[list[int]] = field(default_factory=list)  # one list per SCM_RIGHTS message received, oldest first
     out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
     max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
 
@@ -48,12 +48,22 @@ class Context:
         return next(_HANDLES) % 0xFFFF_FFFF + 1  # a u32 on the wire, never 0
 
     def take_fds(self, fds: list[int]) -> None:
-        """File descriptors that arrived with a frame (SCM_RIGHTS); extras beyond a few are closed."""
-        for fd in fds:
-            if len(self.fds) < MAX_PENDING_FDS:
-                self.fds.append(fd)
-            else:
-                os.close(fd)
+        """The descriptors of one SCM_RIGHTS message (a read stops after one, so each read brings at most
+        one message's); past a few messages waiting, they are closed."""
+        if len(self.fds) < MAX_PENDING_FDS:
+            self.fds.append(list(fds))
+        else:
+            _close_all(fds)
+
+    def take_fd(self, what: str) -> int:
+        """The descriptor a request carries (SHM_ATTACH, TLS_*): the first of the oldest message, whose
+        others are closed (one descriptor per request).  Taken before the request is checked, so a refused
+        request never leaves its descriptor to the next one.  EBADF if none came."""
+        if not self.fds:
+            raise E.EBADF(f"send {what} with this request (SCM_RIGHTS)")
+        first, *extra = self.fds.pop(0)
+        _close_all(extra)
+        return first
 
     def close(self) -> None:
         """The connection ended: drop streams, unmap regions, close fds, forget cached engines.
@@ -69,13 +79,19 @@ class Context:
                 region.close()
             except Exception as exc:  # the type only: nothing from a region's contents reaches the log
                 log.error("pid %d: releasing shared region %d failed (%s)", self.pid, handle, type(exc).__name__)
-        for fd in self.fds + self.out_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for message in self.fds:
+            _close_all(message)
+        _close_all(self.out_fds)
         self.fds.clear()
         self.out_fds.clear()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 Handler = Callable[..., tuple]

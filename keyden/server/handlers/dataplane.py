@@ -334,9 +334,7 @@ def _sealed_size(fd: int) -> int:
 
 @handles(Op.SHM_ATTACH)
 def _shm_attach(ctx, size):
-    if not ctx.fds:
-        raise E.EBADF("send the memfd with this frame (SCM_RIGHTS)")
-    fd = ctx.fds.pop(0)
+    fd = ctx.take_fd("the memfd")
     try:
         if len(ctx.regions) >= MAX_REGIONS:
             raise E.EMFILE(f"at most {MAX_REGIONS} shared regions per connection")

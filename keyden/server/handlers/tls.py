@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import ssl
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cryptography import x509
 
@@ -29,25 +29,28 @@ _STREAM_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 @handles(Op.TLS_ACCEPT)
 def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
-    _check(flags, _KNOWN_FLAGS)
-    with _passed_socket(ctx) as sock:
-        keys = material.keyring_keys(ctx.store, ctx.caller, keyring)
+    with _passed_socket(ctx) as take:  # first: a refusal closes our copy of the socket, and leaves it as it was
+        _check(flags, _KNOWN_FLAGS)
+        protocols = _protocols(alpn)
+        keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
-        tls_ctx = contexts.server_context(keys, anchors, flags, _protocols(alpn))
-        tls = tls_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        tls_ctx = contexts.server_context(keys, anchors, flags, protocols)
+        tls = tls_ctx.wrap_socket(take(), server_side=True, do_handshake_on_connect=False)
         _start(ctx, tls, timeout_ms)
     return ()
 
 
 @handles(Op.TLS_CONNECT)
 def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms):
-    _check(flags, TLS13_ONLY)
-    if not server_hostname:
-        raise E.EINVAL("a server name is required: it is what the certificate is checked against")
-    with _passed_socket(ctx) as sock:
+    with _passed_socket(ctx) as take:
+        _check(flags, TLS13_ONLY)
+        if not server_hostname:
+            raise E.EINVAL("a server name is required: it is what the certificate is checked against")
+        protocols = _protocols(alpn)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
-        identity_keys = material.keyring_keys(ctx.store, ctx.caller, identity) if identity else None
-        tls_ctx = contexts.client_context(anchors, identity_keys, flags, _protocols(alpn))
+        identity_keys = _own_keys(ctx, identity) if identity else None
+        tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
+        sock = take()
         try:
             tls = tls_ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
         except (ValueError, UnicodeError, TypeError):
@@ -56,9 +59,18 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
     return ()
 
 
+def _own_keys(ctx, keyring: int) -> list:
+    """The keys we may present: a certificate on the blacklist is never served, ours included."""
+    return [k for k in material.keyring_keys(ctx.store, ctx.caller, keyring)
+            if k.certificate is None or not is_blacklisted(ctx.store, k.certificate)]
+
+
 def _check(flags: int, known: int) -> None:
     if flags & ~known:
         raise E.EINVAL("unknown flags")
+
+
+MAX_ALPN_BYTES = 65535  # the ALPN extension's own bound (RFC 7301: a 2-byte length)
 
 
 def _protocols(alpn: list[bytes]) -> tuple[str, ...]:
@@ -68,34 +80,54 @@ def _protocols(alpn: list[bytes]) -> tuple[str, ...]:
         raise E.EINVAL("ALPN protocol names must be ASCII") from None
     if any(not 0 < len(n) < 256 for n in names):
         raise E.EINVAL("ALPN protocol names are 1..255 bytes")
+    if sum(len(n) + 1 for n in names) > MAX_ALPN_BYTES - 2:
+        raise E.EINVAL(f"the ALPN list must fit the extension's {MAX_ALPN_BYTES} bytes")
     return names
 
 
 @contextlib.contextmanager
-def _passed_socket(ctx) -> Iterator[socket.socket]:
-    """The connected stream socket sent with the request; closed here unless a session took it."""
-    if not ctx.fds:
-        raise E.EBADF("send the connected socket with this request (SCM_RIGHTS)")
-    fd = ctx.fds.pop(0)
+def _passed_socket(ctx) -> Iterator[Callable[[], socket.socket]]:
+    """The connected stream socket sent with the request, taken at once and closed here unless a session
+    took it.  Yields ``take``: it checks the socket and readies it for the engine (non-blocking, no
+    Nagle), once nothing else can refuse the request; until then the application's socket is as it was."""
+    fd = ctx.take_fd("the connected socket")
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         os.close(fd)
         raise E.EBADF("the descriptor sent is not a socket") from None
-    try:
+    # The open file description is the application's too: its flags are changed only once nothing but
+    # starting the session can fail, and put back if that does.
+    saved: list[tuple[socket.socket, bool, int | None]] = []
+
+    def take() -> socket.socket:
         if sock.type != socket.SOCK_STREAM or sock.family not in _STREAM_FAMILIES:
             raise E.EINVAL("pass a connected TCP or Unix stream socket")
         try:
             sock.getpeername()
         except OSError:
             raise E.EINVAL("the socket is not connected") from None
+        tcp = sock.family != socket.AF_UNIX
+        saved.append((socket.socket(fileno=os.dup(sock.fileno())), os.get_blocking(sock.fileno()),
+                      sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if tcp else None))
         sock.setblocking(False)
-        if sock.family != socket.AF_UNIX:  # records go out whole already; Nagle would only delay the last
+        if tcp:  # records go out whole already; Nagle would only delay the last
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        yield sock
+        return sock
+
+    try:
+        yield take
     except BaseException:
+        for twin, blocking, nodelay in saved:  # refused after all: the socket as the application left it
+            with contextlib.suppress(OSError):
+                os.set_blocking(twin.fileno(), blocking)
+                if nodelay is not None:
+                    twin.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
         sock.close()  # a no-op once wrap_socket has taken the descriptor over; _start closes that
         raise
+    finally:
+        for twin, _blocking, _nodelay in saved:
+            twin.close()
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
