@@ -997,3 +997,24 @@ def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, 
             while eng._per_uid.get(4242) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert not eng._per_uid.get(4242), "the session outlived its application and its drain timeout"
+
+
+def test_a_destroyed_key_leaves_no_tls_context_behind(pki):
+    """The context cache holds keys loaded in OpenSSL: destroying a key (unlinked, or collected after a
+    revoke) drops every context built with it, so the material does not outlive the key."""
+    from keyden.core import keytypes
+    from keyden.crypto import asymmetric
+    from keyden.tls import contexts
+
+    cert = asymmetric.parse(pki.ec_server.cert_pem)
+    key = asymmetric.parse(pki.ec_server.key_pem)
+    other = asymmetric.parse(pki.rsa_server.cert_pem), asymmetric.parse(pki.rsa_server.key_pem)
+    contexts.server_context([cert, key], None, 0, ())
+    contexts.client_context([pki.ca.cert], [cert, key], 0, ())
+    contexts.server_context(list(other), None, 0, ())
+
+    def cached_with(parsed) -> int:
+        return sum(any(p is parsed or isinstance(p, tuple) and parsed in p for p in k) for k in contexts._cache)
+    assert cached_with(key) == 2 and cached_with(other[1]) == 1
+    keytypes.REGISTRY["asymmetric"].destroy(key)
+    assert cached_with(key) == 0 and cached_with(other[1]) == 1  # only what was built with it goes

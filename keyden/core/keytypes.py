@@ -154,7 +154,9 @@ class AsymmetricType(KeyType):
         return True
 
     def destroy(self, payload: Any) -> None:
-        pass
+        release = getattr(payload, "release", None)  # a ParsedKey: what was built from it lets go too
+        if release is not None:
+            release()
 
 
 REGISTRY: dict[str, KeyType] = {t.name: t for t in (UserType(), LogonType(), KeyringType(), AsymmetricType())}

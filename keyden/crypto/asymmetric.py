@@ -15,7 +15,7 @@ import functools
 import re
 import types
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -452,6 +452,14 @@ class PkeyQuery:
         return "\n".join(lines)
 
 
+#: called with a ParsedKey once keyden has destroyed the key: caches built from it drop it (tls.contexts)
+_RELEASE_HOOKS: list[Callable[["ParsedKey"], None]] = []
+
+
+def on_release(hook: Callable[["ParsedKey"], None]) -> None:
+    _RELEASE_HOOKS.append(hook)
+
+
 class ParsedKey:
     """Parsed form of an asymmetric key.  Immutable, and refuses to be pickled or copied."""
 
@@ -484,6 +492,12 @@ class ParsedKey:
         raise TypeError("ParsedKey cannot be pickled or copied: it may hold private key material")
 
     __reduce__ = __reduce_ex__ = __getstate__ = _refuse
+
+    def release(self) -> None:
+        """The key is destroyed: whatever was built from it (a TLS context holding it in OpenSSL) lets go,
+        so the material does not outlive the key."""
+        for hook in _RELEASE_HOOKS:
+            hook(self)
 
     def private_key_for_internal_use(self):
         """The pyca private key, for the daemon's own use (never for clients)."""

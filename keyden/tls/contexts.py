@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from keyden import errors as E
+from keyden.crypto import asymmetric
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
 from keyden.tls.material import Identity, choose, identities
 
@@ -53,6 +54,19 @@ def _cached(key: tuple, build) -> ssl.SSLContext:
         while len(_cache) > MAX_CACHED:
             _cache.popitem(last=False)
     return ctx
+
+
+def _forget(released) -> None:
+    """A key was destroyed: drop every cached context built with it (they hold it loaded in OpenSSL)."""
+    def built_with(cache_key: tuple) -> bool:
+        return any(part is released or isinstance(part, tuple) and any(k is released for k in part)
+                   for part in cache_key)
+    with _cache_lock:
+        for cache_key in [k for k in _cache if built_with(k)]:
+            del _cache[cache_key]
+
+
+asymmetric.on_release(_forget)
 
 
 def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
