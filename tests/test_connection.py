@@ -132,7 +132,7 @@ def test_closing_releases_every_region_and_fd_even_if_one_fails(caplog):
     regions = [_FakeRegion(), _FakeRegion(fails=True), _FakeRegion()]
     ctx.regions = dict(enumerate(regions, 1))
     r, w = os.pipe()
-    ctx.take_fds([r, w])
+    ctx.take_fds([r, w], 0)
     with caplog.at_level(logging.ERROR, logger="keyden.handlers"):
         ctx.close()
     assert all(region.closed for region in regions) and ctx.regions == {}
@@ -295,3 +295,33 @@ def test_one_uid_never_holds_every_worker(tmp_path):
     assert started == ["a1", "b1", "a2"] and not a[2].busy and a[2].sock.fileno() == -1
     assert reactor._busy == 0 and not reactor._working and not reactor._waiting_work
     reactor._pool.shutdown()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_descriptors_belong_to_the_request_they_came_with(conn):
+    """A descriptor rides on the first byte of its request: a request that is refused before its handler
+    runs (a body that does not decode, an op this daemon does not know), or that takes no descriptor,
+    must not leave it to the next one."""
+    truncated = W.encode_request(5, Op.SHM_ATTACH, 4096)[:-1]
+    truncated = W.HEADER.pack(len(truncated) - W.HEADER_SIZE, 5, Op.SHM_ATTACH, 0) + truncated[W.HEADER_SIZE:]
+    unknown = W.HEADER.pack(0, 6, 0x7FFE, 0)
+    ping = W.encode_request(7, Op.PING, b"")
+    for refused in (truncated, unknown, ping):
+        small = _memfd(4096)
+        (reply,) = responses(conn.receive(refused, [small]))
+        assert not _is_open(small)  # closed with its request, not left for the next
+        big = _memfd(8192)
+        (attached,) = responses(conn.receive(W.encode_request(8, Op.SHM_ATTACH, 8192), [big]))
+        assert attached.status == 0, W.decode_error(attached.body)  # its own memfd, not the one before
+    # Pipelined in one read, the descriptor behind the first request: the second, which carries it, takes it.
+    memfd = _memfd(4096)
+    replies = responses(conn.receive(ping + W.encode_request(9, Op.SHM_ATTACH, 4096), [memfd]))
+    assert [r.status for r in replies] == [0, 0]
+    assert conn.context.fds == []

@@ -8,6 +8,7 @@ the private key nor a traffic secret ever reached the application's memory.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -968,14 +969,14 @@ def test_neither_the_private_key_nor_traffic_secrets_reach_the_application(daemo
         app.stderr.close()
 
 
-def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, monkeypatch):
-    """The engine in-process: the application writes more than the buffers hold, then closes; the peer never
-    reads.  The session must end after DRAIN_TIMEOUT without progress (it held a per-uid slot before)."""
-    from keyden.tls import engine as tls_engine
+@contextlib.contextmanager
+def engine_session(pki, eng):
+    """The TLS engine in this process, serving one connection from a Python ssl peer: (app, peer)."""
+    from keyden.tls import contexts
 
-    monkeypatch.setattr(tls_engine, "DRAIN_TIMEOUT", 1.0)
-    eng = tls_engine.Engine(threads=1)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # as keyden's own contexts (contexts._base)
+    assert contexts._base(ssl.PROTOCOL_TLS_SERVER, 0, ()).options & ssl.OP_IGNORE_UNEXPECTED_EOF
     server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
     client_ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
     listener = socket.create_server(("127.0.0.1", 0))
@@ -984,19 +985,65 @@ def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, 
         theirs.setblocking(False)
         tls = server_ctx.wrap_socket(theirs, server_side=True, do_handshake_on_connect=False)
         app = eng.start(4242, tls, TIMEOUT, lambda chain: None)
-        with client_ctx.wrap_socket(raw, server_hostname="a.test") as peer:  # handshakes, then never reads
+        with app, client_ctx.wrap_socket(raw, server_hostname="a.test") as peer:
             app.settimeout(TIMEOUT)
             assert app.recv(65536)  # the TLS_ESTABLISHED frame
-            app.settimeout(0.5)
-            with pytest.raises(TimeoutError):
-                while True:  # fill every buffer between here and the silent peer
-                    app.sendall(b"x" * 65536)
-            assert eng._per_uid[4242] == 1
-            app.close()  # gone, with its data still queued behind a peer that reads nothing
-            deadline = time.monotonic() + TIMEOUT
-            while eng._per_uid.get(4242) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert not eng._per_uid.get(4242), "the session outlived its application and its drain timeout"
+            yield app, peer
+
+
+def test_an_application_that_half_closes_gets_its_end_of_file_at_once(pki, monkeypatch):
+    """After the application's request and shutdown(SHUT_WR), the peer answers and stays open: the
+    application reads the answer, then end of file, without waiting for the peer to close."""
+    from keyden.tls import engine as tls_engine
+
+    monkeypatch.setattr(tls_engine, "CLOSE_GRACE", 3 * TIMEOUT)  # waiting it out would fail the test
+    eng = tls_engine.Engine(threads=1)
+    with engine_session(pki, eng) as (app, peer):
+        app.sendall(b"request\n")
+        app.shutdown(socket.SHUT_WR)
+        assert read_until(peer, b"\n") == b"request\n"
+        got = b""
+        while chunk := app.recv(100):
+            got += chunk
+        assert got == b""  # the answer below comes after our close_notify: the peer keeps it
+        peer.sendall(b"response\n")
+
+
+def test_a_peer_that_ends_without_close_notify_still_gets_the_answer(pki):
+    """A bare TCP end (no close_notify) reads as end of file, as close_notify does (docs/tls.md)."""
+    from keyden.tls import engine as tls_engine
+
+    eng = tls_engine.Engine(threads=1)
+    with engine_session(pki, eng) as (app, peer):
+        peer.sendall(b"question\n")
+        socket.socket.shutdown(peer, socket.SHUT_WR)  # FIN under the TLS layer, no close_notify
+        got = b""
+        while chunk := app.recv(100):
+            got += chunk
+        assert got == b"question\n"
+        app.sendall(b"late answer\n")
+        app.shutdown(socket.SHUT_WR)
+        assert read_until(peer, b"\n") == b"late answer\n"
+
+
+def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, monkeypatch):
+    """The engine in-process: the application writes more than the buffers hold, then closes; the peer never
+    reads.  The session must end after DRAIN_TIMEOUT without progress (it held a per-uid slot before)."""
+    from keyden.tls import engine as tls_engine
+
+    monkeypatch.setattr(tls_engine, "DRAIN_TIMEOUT", 1.0)
+    eng = tls_engine.Engine(threads=1)
+    with engine_session(pki, eng) as (app, _peer):  # the peer handshakes, then never reads
+        app.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            while True:  # fill every buffer between here and the silent peer
+                app.sendall(b"x" * 65536)
+        assert eng._per_uid[4242] == 1
+        app.close()  # gone, with its data still queued behind a peer that reads nothing
+        deadline = time.monotonic() + TIMEOUT
+        while eng._per_uid.get(4242) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not eng._per_uid.get(4242), "the session outlived its application and its drain timeout"
 
 
 def test_a_destroyed_key_leaves_no_tls_context_behind(pki):

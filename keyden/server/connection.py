@@ -86,6 +86,8 @@ class Connection:
         self.context: Context | None = None
         self.closed = False
         self.unsynced = 0  # the journal mark the last request's reply must wait for (0: nothing)
+        self.fed = 0  # bytes of the stream received so far (the loop adds the frames it takes past feed())
+        self.answered = 0  # bytes of the stream taken by frames handled so far: they place descriptors
 
     def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> bytes:
         """Feed bytes (and any passed descriptors) from the socket; return the bytes to send back."""
@@ -107,12 +109,13 @@ class Connection:
 
     def feed(self, data: bytes | memoryview, fds: list[int] | None = None) -> None:
         """Bytes (and any passed descriptors) from the socket."""
+        self.fed += len(data)
         if fds:
             if self.context is None or self.closed:
                 for fd in fds:
                     os.close(fd)
             else:
-                self.context.take_fds(fds)
+                self.context.take_fds(fds, self.fed)
         if not self.closed:
             self.decoder.feed(data)
 
@@ -147,6 +150,7 @@ class Connection:
     def handle(self, frame: W.Frame) -> bytes:
         """The reply to one frame; ``unsynced`` then says what it changed persistently (see ``durable``)."""
         self.unsynced = 0
+        self.answered += W.HEADER_SIZE + len(frame.body)
         if self.context is None:
             return self._hello(frame)
         journal = self.store.journal
@@ -172,6 +176,8 @@ class Connection:
             self.unsynced = after
         if self.audit is not None:
             self.audit.record(frame.op, args, error, result)
+        if self.context.fds:  # descriptors this request (or one before it) brought and did not take
+            self.context.release_fds_through(self.answered)
         return reply
 
     def _hello(self, frame: W.Frame) -> bytes:

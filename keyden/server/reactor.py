@@ -269,6 +269,7 @@ class Reactor:
         if n >= W.HEADER_SIZE and not fds and not conn.decoder.pending and not ch.busy:
             length, rid, op, status = W.HEADER.unpack_from(view)
             if n == W.HEADER_SIZE + length and length <= conn.max_frame:  # one whole frame: skip the decoder
+                conn.fed += n
                 self._serve(ch, W.Frame(rid, op, status, bytes(view[W.HEADER_SIZE:n])))
                 return
         conn.feed(view[:n], fds)

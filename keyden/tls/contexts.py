@@ -40,6 +40,7 @@ class TlsSocket(ssl.SSLSocket):
 
 _cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()
 _cache_lock = threading.Lock()
+_forgotten = 0  # how many times a destroyed key emptied entries: a build that overlapped one is not kept
 
 
 def _cached(key: tuple, build) -> ssl.SSLContext:
@@ -48,11 +49,13 @@ def _cached(key: tuple, build) -> ssl.SSLContext:
         if ctx is not None:
             _cache.move_to_end(key)
             return ctx
+        seen = _forgotten
     ctx = build()  # outside the lock: a key load can take a millisecond; a duplicate build is harmless
     with _cache_lock:
-        _cache[key] = ctx
-        while len(_cache) > MAX_CACHED:
-            _cache.popitem(last=False)
+        if seen == _forgotten:  # else one of its keys may have been destroyed meanwhile: use it, keep it not
+            _cache[key] = ctx
+            while len(_cache) > MAX_CACHED:
+                _cache.popitem(last=False)
     return ctx
 
 
@@ -61,7 +64,9 @@ def _forget(released) -> None:
     def built_with(cache_key: tuple) -> bool:
         return any(part is released or isinstance(part, tuple) and any(k is released for k in part)
                    for part in cache_key)
+    global _forgotten
     with _cache_lock:
+        _forgotten += 1
         for cache_key in [k for k in _cache if built_with(k)]:
             del _cache[cache_key]
 
@@ -165,6 +170,9 @@ def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if flags & TLS13_ONLY else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a peer must not make us redo expensive handshakes at will
+    # A TCP end without close_notify reads as end of file (docs/tls.md), not a fatal error: the
+    # application still gets to answer, as after close_notify.
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     ctx.sslsocket_class = TlsSocket
     if alpn:
         ctx.set_alpn_protocols(list(alpn))

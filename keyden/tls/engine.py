@@ -479,6 +479,11 @@ class Session:
         if self.peer_eof:
             self._close()
             return
+        self._set(self.plain.fileno(), False, False)
+        try:  # the application's end of file now: nothing more reaches it, and it need not wait for ours
+            self.plain.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.tls.shutdown(socket.SHUT_WR)  # drops the TLS layer: what follows is ciphertext, dropped
         except OSError:
