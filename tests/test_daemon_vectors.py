@@ -211,7 +211,8 @@ def _batch_outcomes(reply, n: int) -> list:
 
 
 @pytest.mark.parametrize("filename,alg", [("aes_gcm_test.json", "gcm(aes)"),
-                                          ("chacha20_poly1305_test.json", "rfc7539(chacha20,poly1305)")])
+                                          ("chacha20_poly1305_test.json", "rfc7539(chacha20,poly1305)"),
+                                          ("aes_gcm_siv_test.json", "gcm-siv(aes)")])
 def test_aead_vectors_through_daemon(client, filename, alg):
     """Keys as logon keys; each case through the one-shot CIPHER op and through BATCH."""
     tally = wycheproof.Tally(filename)

@@ -20,15 +20,15 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV, ChaCha20Poly1305
 
 from keyden import errors as E
 from keyden.client import dataplane
 from keyden.protocol import Op
 
-GCM, CHACHA = "gcm(aes)", "rfc7539(chacha20,poly1305)"
+GCM, CHACHA, GCM_SIV = "gcm(aes)", "rfc7539(chacha20,poly1305)", "gcm-siv(aes)"
 AUTH_FAILED = "authentication failed"
-PYCA_AEAD = {GCM: AESGCM, CHACHA: ChaCha20Poly1305}
+PYCA_AEAD = {GCM: AESGCM, CHACHA: ChaCha20Poly1305, GCM_SIV: AESGCMSIV}
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def pieces(data: bytes, rng: random.Random) -> list[bytes]:
 # ------------------------------------------------------------------ one-shot
 
 
-@pytest.mark.parametrize("alg,size", [(GCM, 16), (GCM, 24), (GCM, 32), (CHACHA, 32)])
+@pytest.mark.parametrize("alg,size", [(GCM, 16), (GCM, 24), (GCM, 32), (CHACHA, 32), (GCM_SIV, 16), (GCM_SIV, 32)])
 def test_aead_one_shot_equals_pyca(client, alg, size):
     key = os.urandom(size)
     aead = client.aead(client.add("user", f"k{size}", key), alg)
@@ -59,6 +59,26 @@ def test_aead_one_shot_equals_pyca(client, alg, size):
         assert ciphertext == local.encrypt(nonce, data, aad)
         assert aead.decrypt(nonce, local.encrypt(nonce, data, aad), aad) == data
     assert repr(aead) == f"<Aead {alg} key={aead.serial}>" and key.hex() not in repr(aead)
+
+
+def test_gcm_siv_every_shape_equals_pyca_and_a_repeated_nonce_reveals_only_equality(client):
+    """keyden's gcm-siv(aes) (RFC 8452): one-shot, batch, keyden's nonces and shared memory all agree with
+    pyca's AESGCMSIV; streaming is refused (the construction is two-pass)."""
+    key = os.urandom(32)
+    aead, local = client.aead(client.add("logon", "test:siv", key), GCM_SIV), AESGCMSIV(key)
+    nonce = os.urandom(12)
+    for data in (b"", b"short", os.urandom(dataplane.BULK_THRESHOLD + 100)):  # the last through shared memory
+        sealed = aead.encrypt(nonce, data, b"ad")
+        assert sealed == local.encrypt(nonce, data, b"ad") and aead.decrypt(nonce, sealed, b"ad") == data
+    assert aead.encrypt(nonce, b"same", None) == aead.encrypt(nonce, b"same", None)  # deterministic per nonce
+    assert aead.encrypt(nonce, b"same", None) != aead.encrypt(nonce, b"diff", None)
+    blob = aead.encrypt_random(b"chosen by keyden")
+    assert local.decrypt(blob[:12], blob[12:], None) == b"chosen by keyden"
+    assert aead.encrypt_batch([nonce, nonce], [b"a", b"b"]) == [local.encrypt(nonce, m, None) for m in (b"a", b"b")]
+    with pytest.raises(E.EOPNOTSUPP):
+        client.stream(GCM_SIV, aead.serial, iv=nonce)
+    with pytest.raises(E.EINVAL):  # RFC 8452 has AES-128 and AES-256 only
+        client.aead(client.add("logon", "test:siv192", os.urandom(24)), GCM_SIV).encrypt(nonce, b"x")
 
 
 def test_encrypt_into_and_decrypt_into_fill_caller_buffers(client, aes):

@@ -27,7 +27,7 @@ from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidT
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _pyca_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV, ChaCha20Poly1305
 
 from keyden import errors as E
 
@@ -61,8 +61,10 @@ class AlgorithmSpec:
 
 
 # pyca classes behind each name, by kind.  XChaCha20-Poly1305 is absent on
-# purpose: pyca 48 does not offer it.
-_AEADS = {"gcm(aes)": AESGCM, "rfc7539(chacha20,poly1305)": ChaCha20Poly1305}
+# purpose: pyca (through 50) does not offer it.  "gcm-siv(aes)" (RFC 8452) is
+# keyden's own name (the kernel has no GCM-SIV): nonce-misuse resistant, so a
+# repeated nonce reveals only that the same message was sealed twice.
+_AEADS = {"gcm(aes)": AESGCM, "rfc7539(chacha20,poly1305)": ChaCha20Poly1305, "gcm-siv(aes)": AESGCMSIV}
 _SKCIPHERS = {"cbc(aes)": modes.CBC, "ctr(aes)": modes.CTR}
 _HASHES = {
     "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
@@ -77,6 +79,8 @@ def _build_table() -> dict[str, AlgorithmSpec]:
                                   block_size=1),
         "rfc7539(chacha20,poly1305)": AlgorithmSpec("rfc7539(chacha20,poly1305)", "aead", (32,),
                                                     nonce_size=12, tag_size=16, block_size=1),
+        "gcm-siv(aes)": AlgorithmSpec("gcm-siv(aes)", "aead", (16, 32), nonce_size=12, tag_size=16,
+                                      block_size=1),  # RFC 8452 defines AES-128 and AES-256 only
         "cbc(aes)": AlgorithmSpec("cbc(aes)", "skcipher", _AES_KEY_SIZES, nonce_size=16, block_size=16),
         "ctr(aes)": AlgorithmSpec("ctr(aes)", "skcipher", _AES_KEY_SIZES, nonce_size=16, block_size=1),
     }
@@ -354,7 +358,7 @@ def _gcm_tag(tag: bytes) -> bytes:
 
 
 def aead_stream(name: str, key, nonce, aad=b"", decrypt: bool = False, tag=None) -> AeadStream:
-    """Streaming AEAD; gcm(aes) only (pyca has no streaming ChaCha20-Poly1305)."""
+    """Streaming AEAD; gcm(aes) only (pyca has no streaming ChaCha20-Poly1305, and GCM-SIV is two-pass)."""
     alg = spec(name, "aead")
     if alg.name != "gcm(aes)":
         raise E.EOPNOTSUPP("streaming is offered for gcm(aes) only; use one-shot or chunked")
