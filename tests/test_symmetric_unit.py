@@ -33,11 +33,13 @@ def _message_reveals(exc: BaseException, *secrets: bytes) -> bool:
 
 
 def test_algorithm_table_names_kinds_and_sizes():
-    expected = {GCM: "aead", CHACHA: "aead", "cbc(aes)": "skcipher", "ctr(aes)": "skcipher",
+    expected = {GCM: "aead", CHACHA: "aead", "gcm-siv(aes)": "aead", "cbc(aes)": "skcipher", "ctr(aes)": "skcipher",
                 **{h: "hash" for h in HASHES}, **{h: "hmac" for h in HMACS}}
     assert {name: S.kind(name) for name in S.ALGORITHMS} == expected
     gcm = S.ALGORITHMS[GCM]
     assert (gcm.key_sizes, gcm.nonce_size, gcm.tag_size) == ((16, 24, 32), 12, 16)
+    siv = S.ALGORITHMS["gcm-siv(aes)"]
+    assert (siv.key_sizes, siv.nonce_size, siv.tag_size) == ((16, 32), 12, 16)
     assert S.ALGORITHMS["cbc(aes)"].nonce_size == 16 and S.ALGORITHMS["cbc(aes)"].block_size == 16
     assert S.ALGORITHMS["sha384"].digest_size == 48
     assert 1 in S.ALGORITHMS["hmac(sha256)"].key_sizes and 0 not in S.ALGORITHMS["hmac(sha256)"].key_sizes
