@@ -282,3 +282,63 @@ def test_closing_during_a_reconnect_leaves_the_client_closed(fresh_daemon):
 
     results, closed, generation = asyncio.run(scenario())
     assert all(isinstance(r, E.ECONNRESET) for r in results) and closed and generation == 0
+
+
+def test_data_plane_helpers_are_awaitable_and_agree_with_pyca(arun, client):
+    """aead/hmac/hash/stream on the asyncio client: one request while data fits, pipelined stream pieces
+    past a MiB for gcm(aes), EMSGSIZE past a frame for what cannot stream."""
+    import hashlib
+    import os
+
+    from cryptography.hazmat.primitives import hashes, hmac
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    key, mac_key = os.urandom(32), os.urandom(32)
+    gcm_serial = client.add("logon", "aio:aes", key)
+    mac_serial = client.add("logon", "aio:mac", mac_key)
+    big = os.urandom((3 << 20) + 5)  # several pieces, the last one short
+
+    async def scenario(c):
+        aead = await c.aead("%logon:aio:aes")  # a reference resolved once
+        nonce = os.urandom(12)
+        small = await aead.encrypt(nonce, b"attack at dawn", b"ad")
+        sealed = await aead.encrypt(nonce, big, b"ad")
+        opened = await aead.decrypt(nonce, sealed, b"ad")
+        tampered = bytearray(sealed)
+        tampered[len(big) // 2] ^= 1
+        with pytest.raises(E.EBADMSG):  # nothing of the plaintext comes back before the tag is checked
+            await aead.decrypt(nonce, bytes(tampered), b"ad")
+        blob = await aead.encrypt_random(big)
+        assert await aead.decrypt_random(blob) == big
+        assert await aead.decrypt_random(await aead.encrypt_random(b"small")) == b"small"
+        batch = await aead.encrypt_batch(None, [b"a", b"b"])
+        assert await aead.decrypt_batch(None, batch) == [b"a", b"b"]
+        chacha = await c.aead(gcm_serial, "rfc7539(chacha20,poly1305)")
+        chacha_sealed = await chacha.encrypt(nonce, big[:1 << 20])  # one request: it does not stream
+        with pytest.raises(E.EMSGSIZE):
+            await chacha.encrypt(nonce, bytes(c.max_frame))
+        mac = await c.hmac(mac_serial)
+        tags = (await mac.mac(b"data"), await mac.mac(big))
+        await mac.verify(big, tags[1])
+        with pytest.raises(E.EBADMSG):
+            await mac.verify(big + b"!", tags[1])
+        h = await c.hash("sha256")
+        await h.update(b"part 1, ")
+        digest = (await h.finalize(b"part 2"))[1]
+        async with await c.stream("gcm(aes)", gcm_serial, iv=nonce) as unfinished:
+            await unfinished.update(b"left open")
+        with pytest.raises(E.EBADF):  # the block closed it in keyden
+            await c.stream_update(unfinished.handle, b"x")
+        return nonce, small, sealed, opened, blob, chacha_sealed, tags, digest
+
+    nonce, small, sealed, opened, blob, chacha_sealed, tags, digest = arun(scenario)
+    local = AESGCM(key)
+    assert small == local.encrypt(nonce, b"attack at dawn", b"ad")
+    assert sealed == local.encrypt(nonce, big, b"ad") and opened == big
+    assert local.decrypt(blob[:12], blob[12:], None) == big
+    assert chacha_sealed == ChaCha20Poly1305(key).encrypt(nonce, big[:1 << 20], None)
+    for data, tag in zip((b"data", big), tags):
+        expected = hmac.HMAC(mac_key, hashes.SHA256())
+        expected.update(data)
+        assert tag == expected.finalize()
+    assert digest == hashlib.sha256(b"part 1, part 2").digest()

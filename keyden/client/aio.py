@@ -22,6 +22,7 @@ from typing import Any
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client import common
+from keyden.client.aio_dataplane import AsyncAead, AsyncMac, AsyncStream
 from keyden.client.handles import KeyHandle, load_public_key
 from keyden.client.operations import Operations, Ref
 from keyden.protocol import Op
@@ -231,6 +232,26 @@ class AsyncClient(Operations):
     def private_key(self, key):
         raise E.EOPNOTSUPP("pyca key objects are synchronous: use a blocking client (keyden.connect) "
                            "for private_key(), or pkey_sign/pkey_decrypt here")
+
+    # ---------------------------------------------------- data shoveling by serial
+
+    async def _serial(self, key) -> int:
+        ref = common.key_id(key)
+        return await self._send(Op.FIND, ref) if isinstance(ref, tuple) else ref
+
+    async def aead(self, key, alg: str = "gcm(aes)") -> AsyncAead:
+        """pyca AESGCM's shape, awaitable, the key staying in keyden (``aead = await c.aead(serial)``)."""
+        return AsyncAead(self, await self._serial(key), alg)
+
+    async def hmac(self, key, alg: str = "hmac(sha256)") -> AsyncMac:
+        return AsyncMac(self, await self._serial(key), alg)
+
+    async def hash(self, alg: str = "sha256") -> AsyncStream:
+        """A streaming hash: await update(data)..., then await finalize() -> (b'', digest)."""
+        return await AsyncStream.open(self, alg)
+
+    async def stream(self, alg: str, key=0, **kw) -> AsyncStream:
+        return await AsyncStream.open(self, alg, await self._serial(key) if key else 0, **kw)
 
     # ------------------------------------------------------------ lifetime
 

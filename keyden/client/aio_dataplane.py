@@ -1,0 +1,193 @@
+"""Symmetric crypto by key serial for the asyncio client: the blocking client's helpers, awaitable.
+
+``await c.aead(serial).encrypt(nonce, data, aad)`` has pyca ``AESGCM``'s shape, as the blocking
+client's ``Aead`` has.  asyncio transports pass no descriptors, so there is no shared memory here:
+data that fits one request goes in one; larger ``gcm(aes)`` data streams in pipelined pieces (every
+piece is written at once, the replies are awaited together); larger data of an algorithm that cannot
+stream is EMSGSIZE (the blocking client's shared memory takes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from keyden import errors as E
+from keyden.client.dataplane import _raise_first, _same_connection, _stale
+from keyden.crypto import symmetric
+
+#: data at least this large goes in pieces, where the algorithm streams
+PIECE = 1 << 20
+#: what a request carries besides its data and associated data (names, fields, lengths), generously
+_OVERHEAD = 4096
+
+
+class AsyncAead:
+    """An AEAD key held by keyden, for the asyncio client: encrypt(nonce, data, aad) -> ct || tag."""
+
+    def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
+        spec = symmetric.spec(alg, "aead")
+        self._client, self.serial, self.alg = client, serial, alg
+        self.nonce_size, self.tag_size = spec.nonce_size, spec.tag_size
+
+    def __reduce__(self):
+        raise TypeError("an AEAD handle cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"<AsyncAead {self.alg} key={self.serial}>"
+
+    async def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
+        data, aad = bytes(data), bytes(aad or b"")
+        if len(data) >= PIECE and self.alg == "gcm(aes)":
+            return await self._pieces(nonce, data, aad, decrypt, random_nonce)
+        if len(data) + len(aad) + _OVERHEAD > self._client.max_frame:
+            raise E.EMSGSIZE(f"{len(data)} bytes of {self.alg} do not fit one request and it cannot stream; "
+                             "use the blocking client (shared memory) or gcm(aes)")
+        return await self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad, decrypt=decrypt,
+                                         random_nonce=random_nonce)
+
+    async def _pieces(self, nonce, data: bytes, aad: bytes, decrypt: bool, random_nonce: bool) -> bytes:
+        """A stream, every piece written at once.  Decrypting, nothing is returned unless the tag checks
+        out at the end, so unauthenticated plaintext never reaches the caller."""
+        tag = b""
+        if decrypt:
+            if random_nonce:  # nonce || ct || tag, as encrypt_random makes it
+                nonce, data = data[:self.nonce_size], data[self.nonce_size:]
+                random_nonce = False
+            if len(data) < self.tag_size:
+                raise E.EBADMSG("authentication failed")
+            data, tag = data[:-self.tag_size], data[-self.tag_size:]
+        client = self._client
+        handle, chosen = await client.stream_init(self.alg, self.serial, iv=b"" if random_nonce else nonce,
+                                                  aad=aad, decrypt=decrypt, random_nonce=random_nonce)
+        view = memoryview(data)
+        try:
+            outs = await asyncio.gather(*(client.stream_update(handle, view[i:i + PIECE])
+                                          for i in range(0, len(view), PIECE)))
+        except BaseException:
+            await _abort(client, handle)
+            raise
+        last, final_tag = await client.stream_final(handle, b"", tag)
+        return chosen + b"".join(outs) + last + final_tag
+
+    async def encrypt(self, nonce, data, associated_data=None) -> bytes:
+        return await self._run(nonce, data, associated_data, False)
+
+    async def decrypt(self, nonce, data, associated_data=None) -> bytes:
+        """Raises EBADMSG, with no detail, if authentication fails."""
+        return await self._run(nonce, data, associated_data, True)
+
+    async def encrypt_random(self, data, associated_data=None) -> bytes:
+        """keyden picks the nonce: returns nonce || ct || tag, so a nonce can never be reused by mistake."""
+        return await self._run(b"", data, associated_data, False, random_nonce=True)
+
+    async def decrypt_random(self, blob, associated_data=None) -> bytes:
+        """Takes nonce || ct || tag, as encrypt_random makes it."""
+        return await self._run(b"", blob, associated_data, True, random_nonce=True)
+
+    async def encrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
+                            associated_data: Sequence[bytes] = ()) -> list[bytes]:
+        """Many small messages in one round trip; ``nonces=None`` lets keyden choose (nonce || ct || tag)."""
+        status, out = await self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
+                                               aads=associated_data, random_nonce=nonces is None)
+        return _raise_first(status, out)
+
+    async def decrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
+                            associated_data: Sequence[bytes] = ()) -> list[bytes | E.KeydenError]:
+        """Per item: the plaintext, or the EBADMSG it failed with."""
+        status, out = await self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
+                                               aads=associated_data, decrypt=True, random_nonce=nonces is None)
+        return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
+
+
+class AsyncMac:
+    """An HMAC key held by keyden, for the asyncio client."""
+
+    def __init__(self, client, serial: int, alg: str = "hmac(sha256)"):
+        symmetric.spec(alg, "hmac")
+        self._client, self.serial, self.alg = client, serial, alg
+
+    def __reduce__(self):
+        raise TypeError("a MAC handle cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"<AsyncMac {self.alg} key={self.serial}>"
+
+    async def mac(self, data) -> bytes:
+        data = bytes(data)
+        if len(data) < PIECE:
+            return await self._client.mac(self.alg, self.serial, data)
+        return (await _in_pieces(await self.stream(), data))[1]
+
+    async def verify(self, data, tag) -> None:
+        """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
+        data = bytes(data)
+        if len(data) < PIECE:
+            await self._client.mac_verify(self.alg, self.serial, data, tag)
+        else:
+            await _in_pieces(await self.stream(verify=True), data, bytes(tag))
+
+    async def mac_batch(self, items: Sequence[bytes]) -> list[bytes]:
+        status, out = await self._client.batch(self.alg, self.serial, list(items))
+        return _raise_first(status, out)
+
+    async def stream(self, verify: bool = False) -> "AsyncStream":
+        return await AsyncStream.open(self._client, self.alg, self.serial, decrypt=verify)
+
+
+class AsyncStream:
+    """Data of any size in pieces (AF_ALG with MSG_MORE), awaitable: ``s = await c.stream(...)``, then
+    ``await s.update(data)`` as often as needed and ``await s.finalize()``.  ``async with`` closes one
+    left unfinished."""
+
+    def __init__(self, client, handle: int, nonce: bytes):
+        self._client, self.handle, self.nonce = client, handle, nonce
+        self.generation = client.generation  # the connection it is open on
+        self.done = False
+
+    @classmethod
+    async def open(cls, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
+                   random_nonce: bool = False) -> "AsyncStream":
+        handle, nonce = await client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
+                                                 random_nonce=random_nonce)
+        return cls(client, handle, nonce)
+
+    async def update(self, data) -> bytes:
+        _same_connection(self._client, self.generation, "stream")
+        return await self._client.stream_update(self.handle, data)
+
+    async def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
+        """(last output, tag): the AEAD tag when encrypting, else the digest or MAC."""
+        self.done = True
+        _same_connection(self._client, self.generation, "stream")
+        return await self._client.stream_final(self.handle, data, tag)
+
+    async def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            if not _stale(self._client, self.generation):  # else it went with its connection
+                await _abort(self._client, self.handle)
+
+    async def __aenter__(self) -> "AsyncStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.abort()  # not finalized by the end of the block: closed in keyden too
+
+
+async def _abort(client, handle: int) -> None:
+    try:
+        await client.stream_abort(handle)
+    except E.KeydenError:
+        pass
+
+
+async def _in_pieces(stream: AsyncStream, data: bytes, tag: bytes = b"") -> tuple[bytes, bytes]:
+    """Every piece of ``data`` written at once, then the stream finished (checking ``tag`` if given)."""
+    view = memoryview(data)
+    try:
+        await asyncio.gather(*(stream.update(view[i:i + PIECE]) for i in range(0, len(view), PIECE)))
+    except BaseException:
+        await stream.abort()
+        raise
+    return await stream.finalize(tag=tag)
