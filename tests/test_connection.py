@@ -325,3 +325,18 @@ def test_descriptors_belong_to_the_request_they_came_with(conn):
     replies = responses(conn.receive(ping + W.encode_request(9, Op.SHM_ATTACH, 4096), [memfd]))
     assert [r.status for r in replies] == [0, 0]
     assert conn.context.fds == []
+
+
+def test_descriptors_in_the_same_read_as_hello_wait_for_it():
+    """A client may pipeline its first requests behind HELLO; a descriptor among them is kept, and one
+    sent with a refused HELLO is closed with the connection."""
+    c = Connection(KeyStore(), PEER)
+    memfd = _memfd(4096)
+    replies = responses(c.receive(W.encode_request(1, Op.HELLO, 1, 1, "", "test") +
+                                  W.encode_request(2, Op.SHM_ATTACH, 4096), [memfd]))
+    assert [r.status for r in replies] == [0, 0] and c.context.fds == []
+    c.close()
+    refused = Connection(KeyStore(), PEER)
+    memfd = _memfd(4096)
+    responses(refused.receive(W.encode_request(1, Op.HELLO, 7, 9, "", "future"), [memfd]))
+    assert refused.closed and not _is_open(memfd)

@@ -1065,3 +1065,15 @@ def test_a_destroyed_key_leaves_no_tls_context_behind(pki):
     assert cached_with(key) == 2 and cached_with(other[1]) == 1
     keytypes.REGISTRY["asymmetric"].destroy(key)
     assert cached_with(key) == 0 and cached_with(other[1]) == 1  # only what was built with it goes
+
+
+def test_a_context_built_with_a_key_destroyed_meanwhile_is_used_once_and_not_kept(pki):
+    from keyden.core import keytypes
+    from keyden.crypto import asymmetric
+    from keyden.tls import contexts
+
+    cert, key = asymmetric.parse(pki.ec_server.cert_pem), asymmetric.parse(pki.ec_server.key_pem)
+    keytypes.REGISTRY["asymmetric"].destroy(key)  # gone after the request collected its keys
+    assert key.released
+    assert contexts.server_context([cert, key], None, 0, ()) is not None
+    assert not any(key in k[1] for k in contexts._cache if k[0] == "server")

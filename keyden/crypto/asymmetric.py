@@ -464,14 +464,15 @@ class ParsedKey:
     """Parsed form of an asymmetric key.  Immutable, and refuses to be pickled or copied."""
 
     __slots__ = ("algo", "curve", "source", "key_bits", "has_private", "certificate", "public_key",
-                 "key_ids", "default_description", "spki_der", "quota_size", "_private")
+                 "key_ids", "default_description", "spki_der", "quota_size", "_private", "_released")
 
     def __init__(self, **fields):
         """Internal: built by parse()/generate(); takes every slot by name (``_private`` too)."""
-        for name in self.__slots__:
+        for name in self.__slots__[:-1]:
             object.__setattr__(self, name, fields.pop(name))
         if fields:
             raise TypeError(f"unexpected ParsedKey fields: {sorted(fields)}")
+        object.__setattr__(self, "_released", False)
 
     def __setattr__(self, name, value):
         raise AttributeError("ParsedKey is immutable")
@@ -496,8 +497,14 @@ class ParsedKey:
     def release(self) -> None:
         """The key is destroyed: whatever was built from it (a TLS context holding it in OpenSSL) lets go,
         so the material does not outlive the key."""
+        object.__setattr__(self, "_released", True)
         for hook in _RELEASE_HOOKS:
             hook(self)
+
+    @property
+    def released(self) -> bool:
+        """Destroyed in keyden: a cache must not keep anything built from it (see ``release``)."""
+        return self._released
 
     def private_key_for_internal_use(self):
         """The pyca private key, for the daemon's own use (never for clients)."""

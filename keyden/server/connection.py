@@ -88,6 +88,7 @@ class Connection:
         self.unsynced = 0  # the journal mark the last request's reply must wait for (0: nothing)
         self.fed = 0  # bytes of the stream received so far (the loop adds the frames it takes past feed())
         self.answered = 0  # bytes of the stream taken by frames handled so far: they place descriptors
+        self._early_fds: list[tuple[list[int], int]] = []  # received before HELLO was answered
 
     def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> bytes:
         """Feed bytes (and any passed descriptors) from the socket; return the bytes to send back."""
@@ -111,9 +112,11 @@ class Connection:
         """Bytes (and any passed descriptors) from the socket."""
         self.fed += len(data)
         if fds:
-            if self.context is None or self.closed:
+            if self.closed:
                 for fd in fds:
                     os.close(fd)
+            elif self.context is None:  # in the same read as HELLO: theirs once the handshake is done
+                self._early_fds.append((fds, self.fed))
             else:
                 self.context.take_fds(fds, self.fed)
         if not self.closed:
@@ -144,6 +147,10 @@ class Connection:
     def close(self) -> None:
         """Release what the connection holds (streams, shared regions, descriptors)."""
         self.closed = True
+        early, self._early_fds = self._early_fds, []
+        for fds, _read_end in early:
+            for fd in fds:
+                os.close(fd)
         if self.context is not None:
             self.context.close()
 
@@ -184,6 +191,15 @@ class Connection:
         reply = self._handshake(frame)
         if self.audit is not None:
             self.audit.record(W.Op.HELLO, None, W.HEADER.unpack_from(reply)[3])  # the reply's status
+        early, self._early_fds = self._early_fds, []
+        for fds, read_end in early:
+            if self.context is None:  # refused: the connection closes
+                for fd in fds:
+                    os.close(fd)
+            else:
+                self.context.take_fds(fds, read_end)
+        if self.context is not None and self.context.fds:
+            self.context.release_fds_through(self.answered)  # any that came with HELLO itself
         return reply
 
     def _handshake(self, frame: W.Frame) -> bytes:

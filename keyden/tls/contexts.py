@@ -40,7 +40,6 @@ class TlsSocket(ssl.SSLSocket):
 
 _cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()
 _cache_lock = threading.Lock()
-_forgotten = 0  # how many times a destroyed key emptied entries: a build that overlapped one is not kept
 
 
 def _cached(key: tuple, build) -> ssl.SSLContext:
@@ -49,25 +48,27 @@ def _cached(key: tuple, build) -> ssl.SSLContext:
         if ctx is not None:
             _cache.move_to_end(key)
             return ctx
-        seen = _forgotten
     ctx = build()  # outside the lock: a key load can take a millisecond; a duplicate build is harmless
-    with _cache_lock:
-        if seen == _forgotten:  # else one of its keys may have been destroyed meanwhile: use it, keep it not
+    with _cache_lock:  # _forget runs under it too: a key released before this is seen here, after it is dropped
+        if not any(k.released for k in _parsed_keys(key)):  # else: used this once, kept not
             _cache[key] = ctx
             while len(_cache) > MAX_CACHED:
                 _cache.popitem(last=False)
     return ctx
 
 
+def _parsed_keys(cache_key: tuple):
+    """The ParsedKeys a cache key names (alone, or in a tuple of them)."""
+    for part in cache_key:
+        for item in part if isinstance(part, tuple) else (part,):
+            if isinstance(item, asymmetric.ParsedKey):
+                yield item
+
+
 def _forget(released) -> None:
     """A key was destroyed: drop every cached context built with it (they hold it loaded in OpenSSL)."""
-    def built_with(cache_key: tuple) -> bool:
-        return any(part is released or isinstance(part, tuple) and any(k is released for k in part)
-                   for part in cache_key)
-    global _forgotten
     with _cache_lock:
-        _forgotten += 1
-        for cache_key in [k for k in _cache if built_with(k)]:
+        for cache_key in [k for k in _cache if any(p is released for p in _parsed_keys(k))]:
             del _cache[cache_key]
 
 

@@ -480,8 +480,9 @@ class Session:
             self._close()
             return
         self._set(self.plain.fileno(), False, False)
-        try:  # the application's end of file now: nothing more reaches it, and it need not wait for ours
-            self.plain.shutdown(socket.SHUT_RDWR)
+        try:
+            self._deliver()  # what was decrypted before: into its socket buffer, if there is room
+            self.plain.shutdown(socket.SHUT_RDWR)  # then its end of file: nothing more reaches it
         except OSError:
             pass
         try:
