@@ -347,6 +347,14 @@ def test_new_session_prints_serial_and_token(keyden, client):
     r = keyden("leave_session", token)
     assert (r.rc, r.err) == (1, "leave_session: Required key not available\n")
 
+    # A token lost with its shell: its uid finds the session and ends it by serial.
+    lost_serial = ok(keyden("new_session")).splitlines()[0]
+    assert f"{lost_serial} _ses" in ok(keyden("sessions")).splitlines()
+    assert ok(keyden("end_session", lost_serial)) == ""
+    assert f"{lost_serial} _ses" not in ok(keyden("sessions")).splitlines()
+    r = keyden("end_session", lost_serial)
+    assert (r.rc, r.err) == (1, "end_session: Required key not available\n")
+
 
 # -------------------------------------------------------------- public keys
 

@@ -712,6 +712,26 @@ def test_sessions_count_in_the_quota_and_reserved_names_are_refused(clock):
         store.join_session(Caller(BOB), ".builtin_trusted_keys")
 
 
+def test_lost_sessions_are_listed_and_ended_by_their_uid_only(clock):
+    """A token lost with its shell still holds its keyring and quota: its uid can find it and end it."""
+    store = KeyStore(StoreConfig(maxkeys=4), clock=clock)
+    lost = [store.join_session(Caller(ALICE))[0] for _ in range(3)]
+    named, _token = store.join_session(Caller(ALICE), "work")
+    bob_ring, _ = store.join_session(Caller(BOB))
+    assert store.sessions(Caller(ALICE)) == sorted([(s, "_ses") for s in lost] + [(named, "work")])
+    with pytest.raises(E.EDQUOT):  # four sessions fill alice's four keys
+        store.join_session(Caller(ALICE))
+    with pytest.raises(E.ENOKEY):  # not hers to end
+        store.end_session(Caller(ALICE), bob_ring)
+    for serial in lost:
+        store.end_session(Caller(ALICE), serial)
+    assert store.sessions(Caller(ALICE)) == [(named, "work")]
+    store.join_session(Caller(ALICE))  # the quota is back
+    with pytest.raises(E.ENOKEY):
+        store.end_session(Caller(ALICE), lost[0])
+    assert store.sessions(Caller(BOB)) == [(bob_ring, "_ses")]
+
+
 def test_named_sessions_are_joined_only_where_search_is_granted(store):
     ring, _ = store.join_session(Caller(ALICE), "work")
     again, _ = store.join_session(Caller(ALICE), "work")

@@ -406,6 +406,19 @@ def cmd_leave_session(ctx, args):
     call("leave_session", ctx.client.leave_session, token)
 
 
+def cmd_sessions(ctx, args):
+    """Your uid's sessions, tokens lost with their shells included: one '<serial> <name>' per line."""
+    expect(args, 0)
+    for serial, name in call("sessions", ctx.client.sessions):
+        print(serial, name)
+
+
+def cmd_end_session(ctx, args):
+    """leave_session for a session whose token is lost, by its keyring's serial (from `sessions`)."""
+    expect(args, 1)
+    call("end_session", ctx.client.end_session, ctx.key(args[0]))
+
+
 # ---------------------------------------------------- session-tree cleanup
 
 
@@ -627,10 +640,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("invalidate", "<key>", cmd_invalidate),
     Command("kdf", f"<key> <keyring> {dataplane.KEY_USAGE}", dataplane.cmd_kdf, extension=True),
     Command("leave_session", "[<token>]", cmd_leave_session, extension=True),
+    Command("end_session", "<keyring>", cmd_end_session, extension=True),
     Command("link", "<key> <keyring>", cmd_link),
     Command("list", "<keyring>", cmd_list),
     Command("move", "[-f] <key> <from_keyring> <to_keyring>", cmd_move),
     Command("new_session", "[<name>]", cmd_new_session),
+    Command("sessions", "", cmd_sessions, extension=True),
     Command("newring", "<name> <keyring>", cmd_newring),
     Command("padd", "[-x] [--password <pass> | --password-file <file>] [--no-export] <type> <desc> <keyring>",
             cmd_padd),

@@ -75,6 +75,8 @@ def shape(op: Op, values: tuple, args: tuple):
         return PkeyQuery(*values)
     if op is Op.CAPABILITIES:
         return values[0].split()
+    if op is Op.SESSIONS:
+        return [(serial, name.decode()) for serial, name in zip(*values)]
     if op is Op.X509_VERIFY:
         return [(serial, subject.decode()) for serial, subject in zip(*values)]
     if not values:

@@ -111,6 +111,14 @@ class Operations:
     def leave_session(self, token: str):
         return self._call(Op.LEAVE_SESSION, token)
 
+    def sessions(self):
+        """[(serial, name)] of the session keyrings your uid holds tokens for, lost ones included."""
+        return self._call(Op.SESSIONS)
+
+    def end_session(self, keyring: int):
+        """Drop every token of your uid for this session keyring (a session whose token is lost)."""
+        return self._call(Op.END_SESSION, keyring)
+
     def restrict_keyring(self, keyring, type: str = "", restriction: str = ""):
         return self._call(Op.RESTRICT_KEYRING, Ref(keyring), type, restriction)
 

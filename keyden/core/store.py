@@ -1267,6 +1267,30 @@ class KeyStore:
             session.keyring.pins -= 1
             self._maybe_destroy(session.keyring)
 
+    def sessions(self, caller: Caller) -> list[tuple[int, str]]:
+        """(serial, name) of each session keyring the caller's uid holds a token for, lost tokens included:
+        how a user finds sessions whose tokens went with a shell or a killed program (see end_session)."""
+        with self.lock:
+            found = {s.keyring.serial: s.keyring.description for s in self._sessions.values()
+                     if s.uid == caller.uid and not s.keyring.dead}
+            return sorted(found.items())
+
+    def end_session(self, caller: Caller, keyring: int) -> None:
+        """leave_session for every token of the caller's uid naming this session keyring: frees a session
+        whose token is lost (the uid is the token's bound already: its processes may read each other's
+        environment).  ENOKEY if the uid holds none for it."""
+        with self.lock:
+            tokens = [token for token, s in self._sessions.items()
+                      if s.uid == caller.uid and s.keyring.serial == keyring]
+            if not tokens:
+                raise E.ENOKEY(f"no session of yours has keyring {keyring}")
+            self._changed()
+            ring = self._sessions[tokens[0]].keyring
+            for token in tokens:
+                del self._sessions[token]
+                ring.pins -= 1
+            self._maybe_destroy(ring)
+
     def session_valid(self, token: str, uid: int) -> bool:
         with self.lock:
             s = self._sessions.get(token)

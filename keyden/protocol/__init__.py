@@ -65,6 +65,8 @@ class Op(enum.IntEnum):
     PING = 30
     WHOAMI = 31
     QUOTA = 32
+    SESSIONS = 33
+    END_SESSION = 34
     # Session keys: agreement and key transport whose results stay inside.
     DERIVE = 40
     DH_COMPUTE = 41
@@ -289,6 +291,8 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.GET_KEYRING_ID: (Schema(_KEY, ("create", K.U8)), Schema(("serial", K.I32))),
     Op.JOIN_SESSION: (Schema(("name", K.STR)), Schema(("serial", K.I32), ("token", K.STR))),
     Op.LEAVE_SESSION: (Schema(("token", K.STR)), _NONE),
+    Op.SESSIONS: (_NONE, Schema(("serials", K.I32S), ("names", K.BYTESLIST))),
+    Op.END_SESSION: (Schema(("keyring", K.I32)), _NONE),
     Op.RESTRICT_KEYRING: (Schema(_RING, ("type", K.STR), ("restriction", K.STR)), _NONE),
     Op.FIND: (Schema(("type", K.STR), ("description", K.STR)), Schema(("serial", K.I32))),
     Op.CAPABILITIES: (_NONE, Schema(("names", K.STR))),

@@ -81,6 +81,18 @@ def _leave_session(ctx, token):
     return ()
 
 
+@handles(Op.SESSIONS)
+def _sessions(ctx):
+    found = ctx.store.sessions(ctx.caller)
+    return ([serial for serial, _ in found], [name.encode() for _, name in found])
+
+
+@handles(Op.END_SESSION)
+def _end_session(ctx, keyring):
+    ctx.store.end_session(ctx.caller, keyring)
+    return ()
+
+
 @handles(Op.FIND)
 def _find(ctx, type_name, description):
     return (ctx.store.find(ctx.caller, type_name, description),)
