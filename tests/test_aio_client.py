@@ -342,3 +342,41 @@ def test_data_plane_helpers_are_awaitable_and_agree_with_pyca(arun, client):
         expected.update(data)
         assert tag == expected.finalize()
     assert digest == hashlib.sha256(b"part 1, part 2").digest()
+
+
+def test_many_large_calls_at_once_cancellations_and_a_small_frame_cap(fresh_daemon):
+    """Large calls stream: more at once than the daemon's 64 streams per connection wait their turn; a
+    call cancelled while its stream opens leaves no stream behind; a small frame cap makes smaller pieces."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    d = fresh_daemon("max_frame = 262144\n")
+    key = os.urandom(32)
+    with d.connect() as setup:
+        serial = setup.add("logon", "aio:many", key, "@u")
+        mac_serial = setup.add("logon", "aio:mac", key, "@u")
+
+    async def scenario():
+        async with await aio.connect(d.socket) as c:
+            aead, mac = await c.aead(serial), await c.hmac(mac_serial)
+            nonce = os.urandom(12)
+            sizes = [300_000, 1 << 20, 3 << 20]  # all over a 256 KiB frame
+            sealed = [await aead.encrypt(nonce, bytes([i]) * n) for i, n in enumerate(sizes)]
+            assert await mac.verify(bytes(3 << 20), await mac.mac(bytes(3 << 20))) is None
+            many = await asyncio.gather(*(aead.encrypt(nonce, bytes([i % 256]) * (300_000 + i)) for i in range(80)))
+            for _ in range(70):  # cancelled just after the call: its stream must not stay open
+                task = asyncio.ensure_future(aead.encrypt(nonce, bytes(600_000)))
+                await asyncio.sleep(0)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            await asyncio.sleep(0.2)
+            after = await asyncio.gather(*(aead.encrypt(nonce, bytes(300_000)) for _ in range(64)))
+            return nonce, sizes, sealed, many, after
+
+    nonce, sizes, sealed, many, after = asyncio.run(scenario())
+    local = AESGCM(key)
+    assert sealed == [local.encrypt(nonce, bytes([i]) * n, None) for i, n in enumerate(sizes)]
+    assert many == [local.encrypt(nonce, bytes([i % 256]) * (300_000 + i), None) for i in range(80)]
+    assert all(a == local.encrypt(nonce, bytes(300_000), None) for a in after)

@@ -340,3 +340,22 @@ def test_descriptors_in_the_same_read_as_hello_wait_for_it():
     memfd = _memfd(4096)
     responses(refused.receive(W.encode_request(1, Op.HELLO, 7, 9, "", "future"), [memfd]))
     assert refused.closed and not _is_open(memfd)
+
+
+def test_descriptors_piled_onto_a_handshake_are_bounded():
+    """A client may split its HELLO into one-byte writes, each carrying descriptors: the daemon keeps a
+    few messages for the requests behind it, and closes the rest at once."""
+    from keyden.server.handlers import MAX_PENDING_FDS
+
+    c = Connection(KeyStore(), PEER)
+    hello = W.encode_request(1, Op.HELLO, 1, 1, "", "test")
+    sent = []
+    for i in range(len(hello) - 1):
+        r, w = os.pipe()
+        os.close(w)
+        sent.append(r)
+        assert c.receive(hello[i:i + 1], [r]) == b""
+    assert sum(map(_is_open, sent)) == MAX_PENDING_FDS  # the first few, waiting for the handshake
+    (reply,) = responses(c.receive(hello[-1:]))
+    assert reply.status == 0
+    assert not any(map(_is_open, sent)) and c.context.fds == []  # they came with HELLO, which took none

@@ -16,10 +16,40 @@ from keyden import errors as E
 from keyden.client.dataplane import _raise_first, _same_connection, _stale
 from keyden.crypto import symmetric
 
-#: data at least this large goes in pieces, where the algorithm streams
+#: data at least this large goes in pieces, where the algorithm streams (smaller pieces under a small frame cap)
 PIECE = 1 << 20
 #: what a request carries besides its data and associated data (names, fields, lengths), generously
 _OVERHEAD = 4096
+#: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
+MAX_HELPER_STREAMS = 32
+
+
+def _piece(client) -> int:
+    return min(PIECE, client.max_frame - _OVERHEAD)
+
+
+def _fits(client, data: bytes, aad: bytes = b"") -> bool:
+    return len(data) + len(aad) + _OVERHEAD <= client.max_frame and len(data) < PIECE
+
+
+async def _open(client, alg: str, key: int, **kw) -> tuple[int, bytes]:
+    """STREAM_INIT, safe against cancellation: a stream opened for a caller who has gone is closed."""
+    init = asyncio.ensure_future(client.stream_init(alg, key, **kw))
+    try:
+        return await asyncio.shield(init)
+    except asyncio.CancelledError:
+        def close_it(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                asyncio.ensure_future(_abort(client, done.result()[0]))
+        init.add_done_callback(close_it)
+        raise
+
+
+def _slots(client) -> asyncio.Semaphore:
+    slots = getattr(client, "_helper_streams", None)
+    if slots is None:
+        slots = client._helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)
+    return slots
 
 
 class AsyncAead:
@@ -38,13 +68,16 @@ class AsyncAead:
 
     async def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
         data, aad = bytes(data), bytes(aad or b"")
-        if len(data) >= PIECE and self.alg == "gcm(aes)":
-            return await self._pieces(nonce, data, aad, decrypt, random_nonce)
-        if len(data) + len(aad) + _OVERHEAD > self._client.max_frame:
+        streams = self.alg == "gcm(aes)"
+        one_request = len(data) + len(aad) + _OVERHEAD <= self._client.max_frame
+        if one_request and (len(data) < PIECE or not streams):
+            return await self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad, decrypt=decrypt,
+                                             random_nonce=random_nonce)
+        if not streams:
             raise E.EMSGSIZE(f"{len(data)} bytes of {self.alg} do not fit one request and it cannot stream; "
                              "use the blocking client (shared memory) or gcm(aes)")
-        return await self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad, decrypt=decrypt,
-                                         random_nonce=random_nonce)
+        async with _slots(self._client):
+            return await self._pieces(nonce, data, aad, decrypt, random_nonce)
 
     async def _pieces(self, nonce, data: bytes, aad: bytes, decrypt: bool, random_nonce: bool) -> bytes:
         """A stream, every piece written at once.  Decrypting, nothing is returned unless the tag checks
@@ -58,16 +91,16 @@ class AsyncAead:
                 raise E.EBADMSG("authentication failed")
             data, tag = data[:-self.tag_size], data[-self.tag_size:]
         client = self._client
-        handle, chosen = await client.stream_init(self.alg, self.serial, iv=b"" if random_nonce else nonce,
-                                                  aad=aad, decrypt=decrypt, random_nonce=random_nonce)
-        view = memoryview(data)
+        handle, chosen = await _open(client, self.alg, self.serial, iv=b"" if random_nonce else nonce,
+                                     aad=aad, decrypt=decrypt, random_nonce=random_nonce)
+        view, piece = memoryview(data), _piece(client)
         try:
-            outs = await asyncio.gather(*(client.stream_update(handle, view[i:i + PIECE])
-                                          for i in range(0, len(view), PIECE)))
+            outs = await asyncio.gather(*(client.stream_update(handle, view[i:i + piece])
+                                          for i in range(0, len(view), piece)))
+            last, final_tag = await client.stream_final(handle, b"", tag)
         except BaseException:
-            await _abort(client, handle)
+            await asyncio.shield(_abort(client, handle))  # EBADF if it already ended: ignored
             raise
-        last, final_tag = await client.stream_final(handle, b"", tag)
         return chosen + b"".join(outs) + last + final_tag
 
     async def encrypt(self, nonce, data, associated_data=None) -> bytes:
@@ -115,17 +148,19 @@ class AsyncMac:
 
     async def mac(self, data) -> bytes:
         data = bytes(data)
-        if len(data) < PIECE:
+        if _fits(self._client, data):
             return await self._client.mac(self.alg, self.serial, data)
-        return (await _in_pieces(await self.stream(), data))[1]
+        async with _slots(self._client):
+            return (await _in_pieces(await self.stream(), data))[1]
 
     async def verify(self, data, tag) -> None:
         """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
         data = bytes(data)
-        if len(data) < PIECE:
+        if _fits(self._client, data):
             await self._client.mac_verify(self.alg, self.serial, data, tag)
         else:
-            await _in_pieces(await self.stream(verify=True), data, bytes(tag))
+            async with _slots(self._client):
+                await _in_pieces(await self.stream(verify=True), data, bytes(tag))
 
     async def mac_batch(self, items: Sequence[bytes]) -> list[bytes]:
         status, out = await self._client.batch(self.alg, self.serial, list(items))
@@ -148,8 +183,7 @@ class AsyncStream:
     @classmethod
     async def open(cls, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
                    random_nonce: bool = False) -> "AsyncStream":
-        handle, nonce = await client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
-                                                 random_nonce=random_nonce)
+        handle, nonce = await _open(client, alg, key, iv=iv, aad=aad, decrypt=decrypt, random_nonce=random_nonce)
         return cls(client, handle, nonce)
 
     async def update(self, data) -> bytes:
@@ -184,10 +218,10 @@ async def _abort(client, handle: int) -> None:
 
 async def _in_pieces(stream: AsyncStream, data: bytes, tag: bytes = b"") -> tuple[bytes, bytes]:
     """Every piece of ``data`` written at once, then the stream finished (checking ``tag`` if given)."""
-    view = memoryview(data)
+    view, piece = memoryview(data), _piece(stream._client)
     try:
-        await asyncio.gather(*(stream.update(view[i:i + PIECE]) for i in range(0, len(view), PIECE)))
+        await asyncio.gather(*(stream.update(view[i:i + piece]) for i in range(0, len(view), piece)))
     except BaseException:
-        await stream.abort()
+        await asyncio.shield(stream.abort())
         raise
     return await stream.finalize(tag=tag)

@@ -18,7 +18,7 @@ from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
 from keyden.server.audit import ConnectionAudit
-from keyden.server.handlers import Context, dispatch
+from keyden.server.handlers import MAX_PENDING_FDS, Context, dispatch
 from keyden.server.peer import Peer
 
 log = logging.getLogger("keyden.connection")
@@ -115,8 +115,11 @@ class Connection:
             if self.closed:
                 for fd in fds:
                     os.close(fd)
-            elif self.context is None:  # in the same read as HELLO: theirs once the handshake is done
-                self._early_fds.append((fds, self.fed))
+            elif self.context is None and len(self._early_fds) < MAX_PENDING_FDS:  # in HELLO's read
+                self._early_fds.append((fds, self.fed))  # theirs once the handshake is done
+            elif self.context is None:  # a client piling descriptors onto its handshake: closed at once
+                for fd in fds:
+                    os.close(fd)
             else:
                 self.context.take_fds(fds, self.fed)
         if not self.closed:
