@@ -132,7 +132,7 @@ def test_closing_releases_every_region_and_fd_even_if_one_fails(caplog):
     regions = [_FakeRegion(), _FakeRegion(fails=True), _FakeRegion()]
     ctx.regions = dict(enumerate(regions, 1))
     r, w = os.pipe()
-    ctx.take_fds([r, w], 0)
+    ctx.fds.add([r, w], 0)
     with caplog.at_level(logging.ERROR, logger="keyden.handlers"):
         ctx.close()
     assert all(region.closed for region in regions) and ctx.regions == {}

@@ -18,7 +18,7 @@ from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
 from keyden.server.audit import ConnectionAudit
-from keyden.server.handlers import MAX_PENDING_FDS, Context, dispatch
+from keyden.server.handlers import Context, DescriptorQueue, dispatch
 from keyden.server.peer import Peer
 
 log = logging.getLogger("keyden.connection")
@@ -88,7 +88,7 @@ class Connection:
         self.unsynced = 0  # the journal mark the last request's reply must wait for (0: nothing)
         self.fed = 0  # bytes of the stream received so far (the loop adds the frames it takes past feed())
         self.answered = 0  # bytes of the stream taken by frames handled so far: they place descriptors
-        self._early_fds: list[tuple[list[int], int]] = []  # received before HELLO was answered
+        self.fds = DescriptorQueue()  # its Context's once the handshake is done
 
     def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> bytes:
         """Feed bytes (and any passed descriptors) from the socket; return the bytes to send back."""
@@ -115,13 +115,8 @@ class Connection:
             if self.closed:
                 for fd in fds:
                     os.close(fd)
-            elif self.context is None and len(self._early_fds) < MAX_PENDING_FDS:  # in HELLO's read
-                self._early_fds.append((fds, self.fed))  # theirs once the handshake is done
-            elif self.context is None:  # a client piling descriptors onto its handshake: closed at once
-                for fd in fds:
-                    os.close(fd)
             else:
-                self.context.take_fds(fds, self.fed)
+                self.fds.add(fds, self.fed)
         if not self.closed:
             self.decoder.feed(data)
 
@@ -150,10 +145,7 @@ class Connection:
     def close(self) -> None:
         """Release what the connection holds (streams, shared regions, descriptors)."""
         self.closed = True
-        early, self._early_fds = self._early_fds, []
-        for fds, _read_end in early:
-            for fd in fds:
-                os.close(fd)
+        self.fds.close()
         if self.context is not None:
             self.context.close()
 
@@ -161,8 +153,12 @@ class Connection:
         """The reply to one frame; ``unsynced`` then says what it changed persistently (see ``durable``)."""
         self.unsynced = 0
         self.answered += W.HEADER_SIZE + len(frame.body)
-        if self.context is None:
-            return self._hello(frame)
+        reply = self._hello(frame) if self.context is None else self._answer(frame)
+        if self.fds:  # descriptors this request (or one before it) brought and did not take
+            self.fds.release_through(self.answered)
+        return reply
+
+    def _answer(self, frame: W.Frame) -> bytes:
         journal = self.store.journal
         before = journal.mark()
         args = result = None
@@ -186,23 +182,12 @@ class Connection:
             self.unsynced = after
         if self.audit is not None:
             self.audit.record(frame.op, args, error, result)
-        if self.context.fds:  # descriptors this request (or one before it) brought and did not take
-            self.context.release_fds_through(self.answered)
         return reply
 
     def _hello(self, frame: W.Frame) -> bytes:
         reply = self._handshake(frame)
         if self.audit is not None:
             self.audit.record(W.Op.HELLO, None, W.HEADER.unpack_from(reply)[3])  # the reply's status
-        early, self._early_fds = self._early_fds, []
-        for fds, read_end in early:
-            if self.context is None:  # refused: the connection closes
-                for fd in fds:
-                    os.close(fd)
-            else:
-                self.context.take_fds(fds, read_end)
-        if self.context is not None and self.context.fds:
-            self.context.release_fds_through(self.answered)  # any that came with HELLO itself
         return reply
 
     def _handshake(self, frame: W.Frame) -> bytes:
@@ -218,7 +203,7 @@ class Connection:
         except E.KeydenError as exc:
             return W.encode_error(frame.request_id, frame.op, exc)
         caller = Caller(self.peer.credentials, self.peer.process, session or None)
-        self.context = Context(self.store, caller, self.peer.pid, max_frame=self.max_frame)
+        self.context = Context(self.store, caller, self.peer.pid, fds=self.fds, max_frame=self.max_frame)
         self.closed = False
         return W.encode_response(frame.request_id, frame.op,
                                  (W.VERSION, self.max_frame, self.peer.uid, self.peer.gid, self.peer.pid))

@@ -27,6 +27,45 @@ _HANDLES = itertools.count(int.from_bytes(os.urandom(4), "little"))
 log = logging.getLogger("keyden.handlers")
 
 
+class DescriptorQueue(list):
+    """Descriptors received on one connection, one entry per SCM_RIGHTS message, oldest first:
+    (where in the byte stream the read that brought them ended, the descriptors).
+
+    A message rides on the first byte of the request that carries it, and a read stops after one
+    message, so its request starts inside that read: once a request ending at or past that point has
+    been answered without taking them, nobody will (``release_through``).  The connection holds its
+    queue from its first byte, so descriptors sent behind HELLO wait for it.
+    """
+
+    def add(self, fds: list[int], read_end: int) -> None:
+        """One message's descriptors; past a few messages waiting, they are closed at once."""
+        if len(self) < MAX_PENDING_FDS:
+            self.append((read_end, list(fds)))
+        else:
+            _close_all(fds)
+
+    def take(self, what: str) -> int:
+        """The descriptor a request carries (SHM_ATTACH, TLS_*): the first of the oldest message, whose
+        others are closed (one descriptor per request).  Taken before the request is checked, so a refused
+        request never leaves its descriptor to the next one.  EBADF if none came."""
+        if not self:
+            raise E.EBADF(f"send {what} with this request (SCM_RIGHTS)")
+        _read_end, (first, *extra) = self.pop(0)
+        _close_all(extra)
+        return first
+
+    def release_through(self, offset: int) -> None:
+        """A request ending at byte ``offset`` was answered: messages no later request can own are closed
+        (one sent with a request that takes none, or refused before its handler ran)."""
+        while self and self[0][0] <= offset:
+            _close_all(self.pop(0)[1])
+
+    def close(self) -> None:
+        for _read_end, message in self:
+            _close_all(message)
+        self.clear()
+
+
 @dataclass
 class Context:
     """One connection's view: the store, who is calling, and what the connection holds open."""
@@ -37,9 +76,7 @@ class Context:
     streams: dict[int, Any] = field(default_factory=dict)
     regions: dict[int, Any] = field(default_factory=dict)
     engines: dict[tuple, tuple] = field(default_factory=dict)
-    # Descriptors received, one entry per SCM_RIGHTS message, oldest first: (where in the byte stream the
-    # read that brought them ended, the descriptors).  See take_fds.
-    fds: list[tuple[int, list[int]]] = field(default_factory=list)
+    fds: DescriptorQueue = field(default_factory=DescriptorQueue)  # the connection's
     out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
     max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
 
@@ -48,33 +85,6 @@ class Context:
         to match one from before a restart: a client that reconnects and uses a stale handle gets EBADF,
         never someone else's stream."""
         return next(_HANDLES) % 0xFFFF_FFFF + 1  # a u32 on the wire, never 0
-
-    def take_fds(self, fds: list[int], read_end: int) -> None:
-        """The descriptors of one SCM_RIGHTS message, from a read that ended at byte ``read_end`` of the
-        stream.  A message rides on the first byte of the request that carries it, and a read stops after
-        one message, so its request starts inside that read: once a request ending at or past
-        ``read_end`` has been answered without taking them, nobody will (``release_fds_through``).
-        Past a few messages waiting, they are closed."""
-        if len(self.fds) < MAX_PENDING_FDS:
-            self.fds.append((read_end, list(fds)))
-        else:
-            _close_all(fds)
-
-    def take_fd(self, what: str) -> int:
-        """The descriptor a request carries (SHM_ATTACH, TLS_*): the first of the oldest message, whose
-        others are closed (one descriptor per request).  Taken before the request is checked, so a refused
-        request never leaves its descriptor to the next one.  EBADF if none came."""
-        if not self.fds:
-            raise E.EBADF(f"send {what} with this request (SCM_RIGHTS)")
-        _read_end, (first, *extra) = self.fds.pop(0)
-        _close_all(extra)
-        return first
-
-    def release_fds_through(self, offset: int) -> None:
-        """A request ending at byte ``offset`` was answered: messages no later request can own are closed
-        (one sent with a request that takes none, or refused before its handler ran)."""
-        while self.fds and self.fds[0][0] <= offset:
-            _close_all(self.fds.pop(0)[1])
 
     def close(self) -> None:
         """The connection ended: drop streams, unmap regions, close fds, forget cached engines.
@@ -90,10 +100,8 @@ class Context:
                 region.close()
             except Exception as exc:  # the type only: nothing from a region's contents reaches the log
                 log.error("pid %d: releasing shared region %d failed (%s)", self.pid, handle, type(exc).__name__)
-        for _read_end, message in self.fds:
-            _close_all(message)
+        self.fds.close()
         _close_all(self.out_fds)
-        self.fds.clear()
         self.out_fds.clear()
 
 

@@ -334,7 +334,7 @@ def _sealed_size(fd: int) -> int:
 
 @handles(Op.SHM_ATTACH)
 def _shm_attach(ctx, size):
-    fd = ctx.take_fd("the memfd")
+    fd = ctx.fds.take("the memfd")
     try:
         if len(ctx.regions) >= MAX_REGIONS:
             raise E.EMFILE(f"at most {MAX_REGIONS} shared regions per connection")

@@ -90,7 +90,7 @@ def _passed_socket(ctx) -> Iterator[Callable[[], socket.socket]]:
     """The connected stream socket sent with the request, taken at once and closed here unless a session
     took it.  Yields ``take``: it checks the socket and readies it for the engine (non-blocking, no
     Nagle), once nothing else can refuse the request; until then the application's socket is as it was."""
-    fd = ctx.take_fd("the connected socket")
+    fd = ctx.fds.take("the connected socket")
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
