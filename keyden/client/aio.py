@@ -22,7 +22,7 @@ from typing import Any
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client import common
-from keyden.client.aio_dataplane import AsyncAead, AsyncMac, AsyncStream
+from keyden.client.aio_dataplane import MAX_HELPER_STREAMS, AsyncAead, AsyncMac, AsyncStream
 from keyden.client.handles import KeyHandle, load_public_key
 from keyden.client.operations import Operations, Ref
 from keyden.protocol import Op
@@ -87,6 +87,7 @@ class AsyncClient(Operations):
         self._reopening: asyncio.Future | None = None  # the new connection being opened: requests wait for it
         self._waiting = 0  # requests waiting for it
         self.max_frame = W.DEFAULT_MAX_FRAME
+        self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # large aead/hmac calls at once (aio_dataplane)
 
     @classmethod
     async def connect(cls, socket_path: str | None = None, *, session: str | None = None,

@@ -13,8 +13,7 @@ import asyncio
 from typing import Sequence
 
 from keyden import errors as E
-from keyden.client.dataplane import _raise_first, _same_connection, _stale
-from keyden.crypto import symmetric
+from keyden.client.dataplane import KeyedAlgorithm, _raise_first, _same_connection, _stale
 
 #: data at least this large goes in pieces, where the algorithm streams (smaller pieces under a small frame cap)
 PIECE = 1 << 20
@@ -45,26 +44,13 @@ async def _open(client, alg: str, key: int, **kw) -> tuple[int, bytes]:
         raise
 
 
-def _slots(client) -> asyncio.Semaphore:
-    slots = getattr(client, "_helper_streams", None)
-    if slots is None:
-        slots = client._helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)
-    return slots
-
-
-class AsyncAead:
+class AsyncAead(KeyedAlgorithm):
     """An AEAD key held by keyden, for the asyncio client: encrypt(nonce, data, aad) -> ct || tag."""
 
+    KIND = "aead"
+
     def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
-        spec = symmetric.spec(alg, "aead")
-        self._client, self.serial, self.alg = client, serial, alg
-        self.nonce_size, self.tag_size = spec.nonce_size, spec.tag_size
-
-    def __reduce__(self):
-        raise TypeError("an AEAD handle cannot be pickled")
-
-    def __repr__(self) -> str:
-        return f"<AsyncAead {self.alg} key={self.serial}>"
+        super().__init__(client, serial, alg)
 
     async def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
         data, aad = bytes(data), bytes(aad or b"")
@@ -76,7 +62,7 @@ class AsyncAead:
         if not streams:
             raise E.EMSGSIZE(f"{len(data)} bytes of {self.alg} do not fit one request and it cannot stream; "
                              "use the blocking client (shared memory) or gcm(aes)")
-        async with _slots(self._client):
+        async with self._client.helper_streams:
             return await self._pieces(nonce, data, aad, decrypt, random_nonce)
 
     async def _pieces(self, nonce, data: bytes, aad: bytes, decrypt: bool, random_nonce: bool) -> bytes:
@@ -133,24 +119,19 @@ class AsyncAead:
         return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
 
 
-class AsyncMac:
+class AsyncMac(KeyedAlgorithm):
     """An HMAC key held by keyden, for the asyncio client."""
 
+    KIND = "hmac"
+
     def __init__(self, client, serial: int, alg: str = "hmac(sha256)"):
-        symmetric.spec(alg, "hmac")
-        self._client, self.serial, self.alg = client, serial, alg
-
-    def __reduce__(self):
-        raise TypeError("a MAC handle cannot be pickled")
-
-    def __repr__(self) -> str:
-        return f"<AsyncMac {self.alg} key={self.serial}>"
+        super().__init__(client, serial, alg)
 
     async def mac(self, data) -> bytes:
         data = bytes(data)
         if _fits(self._client, data):
             return await self._client.mac(self.alg, self.serial, data)
-        async with _slots(self._client):
+        async with self._client.helper_streams:
             return (await _in_pieces(await self.stream(), data))[1]
 
     async def verify(self, data, tag) -> None:
@@ -159,7 +140,7 @@ class AsyncMac:
         if _fits(self._client, data):
             await self._client.mac_verify(self.alg, self.serial, data, tag)
         else:
-            async with _slots(self._client):
+            async with self._client.helper_streams:
                 await _in_pieces(await self.stream(verify=True), data, bytes(tag))
 
     async def mac_batch(self, items: Sequence[bytes]) -> list[bytes]:

@@ -73,21 +73,33 @@ class SharedBuffer:
         self.close()
 
 
-class Aead:
-    """An AEAD key held by keyden, with pyca ``AESGCM``'s shape: encrypt(nonce, data, aad) -> ct || tag."""
+class KeyedAlgorithm:
+    """A key held by keyden with an algorithm of one kind (the blocking and asyncio helpers' common part):
+    it holds the serial and the algorithm's name, never key material, and is not pickled."""
 
-    def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
-        spec = symmetric.spec(alg, "aead")
+    KIND = ""
+
+    def __init__(self, client, serial: int, alg: str):
+        spec = symmetric.spec(alg, self.KIND)
         self._client, self.serial, self.alg = client, serial, alg
         self.nonce_size, self.tag_size = spec.nonce_size, spec.tag_size
-        self._shm: SharedBuffer | None = None
-        self._bulk_lock = threading.Lock()  # one region: one large call at a time (as shareable as AESGCM)
 
     def __reduce__(self):
-        raise TypeError("an AEAD handle cannot be pickled")
+        raise TypeError(f"a {type(self).__name__} handle cannot be pickled")
 
     def __repr__(self) -> str:
-        return f"<Aead {self.alg} key={self.serial}>"
+        return f"<{type(self).__name__} {self.alg} key={self.serial}>"
+
+
+class Aead(KeyedAlgorithm):
+    """An AEAD key held by keyden, with pyca ``AESGCM``'s shape: encrypt(nonce, data, aad) -> ct || tag."""
+
+    KIND = "aead"
+
+    def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
+        super().__init__(client, serial, alg)
+        self._shm: SharedBuffer | None = None
+        self._bulk_lock = threading.Lock()  # one region: one large call at a time (as shareable as AESGCM)
 
     def _bulk(self, size: int) -> SharedBuffer:
         """The region for a large call (under ``_bulk_lock``): a new one if too small, or left behind by a reconnect."""
@@ -176,18 +188,13 @@ class Aead:
                 self._shm = None
 
 
-class Mac:
+class Mac(KeyedAlgorithm):
     """An HMAC key held by keyden."""
 
+    KIND = "hmac"
+
     def __init__(self, client, serial: int, alg: str = "hmac(sha256)"):
-        symmetric.spec(alg, "hmac")
-        self._client, self.serial, self.alg = client, serial, alg
-
-    def __reduce__(self):
-        raise TypeError("a MAC handle cannot be pickled")
-
-    def __repr__(self) -> str:
-        return f"<Mac {self.alg} key={self.serial}>"
+        super().__init__(client, serial, alg)
 
     def mac(self, data) -> bytes:
         return self._client.mac(self.alg, self.serial, data)
