@@ -128,6 +128,12 @@ class Engine:
         for end in (app, mine):  # a Unix stream socket's send buffer bounds what is in flight
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PLAIN_SOCKET_BUFFER)
         mine.setblocking(False)
+        # Only now, with nothing left to refuse the session, the peer's socket (whose open file
+        # description the application shares) becomes ours to drive: non-blocking, and no Nagle (records
+        # go out whole already; Nagle would only delay the last).
+        tls.setblocking(False)
+        if tls.family != socket.AF_UNIX:
+            tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         Session(loop, tls, mine, timeout, check, lambda: self._release(uid)).start()
         return app
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import ssl
-from typing import Callable, Iterator
+from typing import Iterator
 
 from cryptography import x509
 
@@ -29,20 +29,20 @@ _STREAM_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 @handles(Op.TLS_ACCEPT)
 def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
-    with _passed_socket(ctx) as take:  # first: a refusal closes our copy of the socket, and leaves it as it was
+    with _passed_socket(ctx) as sock:
         _check(flags, _KNOWN_FLAGS)
         protocols = _protocols(alpn)
         keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
         tls_ctx = contexts.server_context(keys, anchors, flags, protocols)
-        tls = tls_ctx.wrap_socket(take(), server_side=True, do_handshake_on_connect=False)
+        tls = tls_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         _start(ctx, tls, timeout_ms)
     return ()
 
 
 @handles(Op.TLS_CONNECT)
 def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms):
-    with _passed_socket(ctx) as take:
+    with _passed_socket(ctx) as sock:
         _check(flags, TLS13_ONLY)
         if not server_hostname:
             raise E.EINVAL("a server name is required: it is what the certificate is checked against")
@@ -50,7 +50,6 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
         tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
-        sock = take()
         try:
             tls = tls_ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
         except (ValueError, UnicodeError, TypeError):
@@ -86,48 +85,28 @@ def _protocols(alpn: list[bytes]) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _passed_socket(ctx) -> Iterator[Callable[[], socket.socket]]:
-    """The connected stream socket sent with the request, taken at once and closed here unless a session
-    took it.  Yields ``take``: it checks the socket and readies it for the engine (non-blocking, no
-    Nagle), once nothing else can refuse the request; until then the application's socket is as it was."""
+def _passed_socket(ctx) -> Iterator[socket.socket]:
+    """The connected stream socket sent with the request, taken at once (a refusal must not leave it to
+    the next request) and closed here unless a session took it.  Its flags are left alone: the open
+    file description is the application's too, and the engine makes it non-blocking only once nothing
+    can refuse the request any more (Engine.start)."""
     fd = ctx.fds.take("the connected socket")
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         os.close(fd)
         raise E.EBADF("the descriptor sent is not a socket") from None
-    # The open file description is the application's too: its flags are changed only once nothing but
-    # starting the session can fail, and put back if that does.
-    saved: list[tuple[socket.socket, bool, int | None]] = []
-
-    def take() -> socket.socket:
+    try:
         if sock.type != socket.SOCK_STREAM or sock.family not in _STREAM_FAMILIES:
             raise E.EINVAL("pass a connected TCP or Unix stream socket")
         try:
             sock.getpeername()
         except OSError:
             raise E.EINVAL("the socket is not connected") from None
-        tcp = sock.family != socket.AF_UNIX
-        saved.append((socket.socket(fileno=os.dup(sock.fileno())), os.get_blocking(sock.fileno()),
-                      sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if tcp else None))
-        sock.setblocking(False)
-        if tcp:  # records go out whole already; Nagle would only delay the last
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    try:
-        yield take
+        yield sock
     except BaseException:
-        for twin, blocking, nodelay in saved:  # refused after all: the socket as the application left it
-            with contextlib.suppress(OSError):
-                os.set_blocking(twin.fileno(), blocking)
-                if nodelay is not None:
-                    twin.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
         sock.close()  # a no-op once wrap_socket has taken the descriptor over; _start closes that
         raise
-    finally:
-        for twin, _blocking, _nodelay in saved:
-            twin.close()
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
