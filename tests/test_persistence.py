@@ -50,9 +50,22 @@ def session(daemon, **kw):
     return daemon.connect(session=token, **kw)
 
 
+def persistent(daemon, **kw):
+    """A client in a fresh session, holding the persistent keyring (so its keys are possessed)."""
+    c = session(daemon, **kw)
+    c.get_persistent("@s")
+    return c
+
+
 def restart(daemon, sig=signal.SIGKILL):
     daemon.stop(sig)
     daemon.start()
+
+
+def assert_reported_again(daemon, report: str) -> None:
+    """After another start the report is made again: what it names is still on disk, still refused."""
+    restart(daemon)
+    assert daemon.read_log().count(report) == 2
 
 
 def refused_start(daemon) -> str:
@@ -253,8 +266,7 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
     for _name, payload in secrets_by_key.values():
         assert payload.decode() not in log  # reported without material
     # The tampered rows stay on disk (evidence), and keep being refused.
-    restart(d)
-    assert d.read_log().count(f"stored key {serial['blob']} skipped") == 2
+    assert_reported_again(d, f"stored key {serial['blob']} skipped")
 
 
 # Loaded by the daemon's interpreter (sitecustomize on its PYTHONPATH): the serial allocator offers the
@@ -317,8 +329,7 @@ def test_serials_of_skipped_records_are_never_given_to_new_keys(fresh_daemon, tm
     d.start()
     log = d.read_log()[log_mark:]
     assert all(f"stored key {serial} skipped" in log for serial in dropped)
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert sorted(c.read(ring)) == sorted(made[:45])
 
 
@@ -348,8 +359,7 @@ def put_row(daemon, row: tuple) -> None:
 @contextlib.contextmanager
 def then_killed(daemon):
     """A client holding the persistent keyring, for the changes a test makes; then the daemon is SIGKILLed."""
-    c = session(daemon)
-    c.get_persistent("@s")
+    c = persistent(daemon)
     try:
         yield c
     finally:
@@ -402,15 +412,13 @@ def test_a_row_deleted_outside_keyden_is_reported_missing_and_its_serial_kept(fr
     assert log.count("ERROR") == 1  # nothing else: no row skipped, no bucket refused
     del keys[gone]
     assert_loaded(d, ring, keys)
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     made = [c.add("user", f"new-{i}", b"fresh", ring) for i in range(20)]
     assert gone not in made  # its manifest entry stays, so the report repeats until an operator acts
     with pytest.raises(E.ENOKEY):
         c.describe(gone)
     c.close()
-    restart(d)
-    assert d.read_log().count(f"stored key {gone} is missing") == 2
+    assert_reported_again(d, f"stored key {gone} is missing")
 
 
 def test_a_rolled_back_row_is_reported_and_its_old_payload_never_served(fresh_daemon):
@@ -429,15 +437,13 @@ def test_a_rolled_back_row_is_reported_and_its_old_payload_never_served(fresh_da
             f"{version} in the manifest") in log
     old_payload = keys.pop(target)
     assert old_payload.decode() not in log
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     with pytest.raises(E.ENOKEY):
         c.read(target)  # not served, neither old nor new
     c.close()
     assert_loaded(d, ring, keys)
     assert stored_row(d, target) == old_row  # left on disk as evidence, reported on every start
-    restart(d)
-    assert d.read_log().count(f"stored key {target} skipped: rolled back") == 2
+    assert_reported_again(d, f"stored key {target} skipped: rolled back")
 
 
 def test_a_deleted_keys_row_put_back_is_reported_and_not_loaded(fresh_daemon):
@@ -452,8 +458,7 @@ def test_a_deleted_keys_row_put_back_is_reported_and_not_loaded(fresh_daemon):
 
     log = start_and_read_log(d)
     assert f"ERROR keyden.persist: stored key {victim} skipped: not in the manifest" in log
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     with pytest.raises(E.ENOKEY):
         c.describe(victim)
     c.close()
@@ -710,8 +715,7 @@ def test_store_files_others_may_use_or_another_uid_owns_refuse_start(fresh_daemo
 
     os.chown(path, UID, -1)
     d.start()
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert c.read(key) == b"keep me close"
 
 
@@ -735,8 +739,7 @@ def test_passphrase_derived_master_key_and_its_rotation(fresh_daemon, tmp_path, 
     assert "sealed under a passphrase" in refused_start(d)
     monkeypatch.setenv("KEYDEN_PASSPHRASE_FILE", first)  # the environment works as well as the flag
     d.start()
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert c.read(key) == b"sealed by passphrase"
 
     with pytest.raises(E.EINVAL):
@@ -750,8 +753,7 @@ def test_passphrase_derived_master_key_and_its_rotation(fresh_daemon, tmp_path, 
     monkeypatch.delenv("KEYDEN_PASSPHRASE_FILE")
     d.args = ("--passphrase-file", passphrase_file(tmp_path, b"second passphrase", "second"))
     d.start()
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert c.read(key) == b"sealed by passphrase"
 
 
@@ -781,8 +783,7 @@ def test_passphrase_files_others_may_use_or_another_uid_owns_refuse_start(fresh_
 
     d.args = ("--passphrase-file", path)
     d.start()
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert c.read(key) == b"sealed by a private passphrase"
 
 
@@ -815,8 +816,7 @@ def test_a_state_directory_not_the_daemons_own_refuses_start(fresh_daemon):
 
     os.chmod(state, 0o755)  # others may look: the files in it are checked one by one
     d.start()
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert c.read(key) == b"kept in the state dir"
 
 
@@ -855,8 +855,7 @@ def test_rekey_without_downtime_and_the_old_key_no_longer_opens(fresh_daemon):
     stop, errors = threading.Event(), []
 
     def writer():
-        w = session(d)
-        w.get_persistent("@s")
+        w = persistent(d)
         i = 0
         while not stop.is_set():
             i += 1
@@ -881,8 +880,7 @@ def test_rekey_without_downtime_and_the_old_key_no_longer_opens(fresh_daemon):
         c.rekey(b"a passphrase")  # this store is sealed under a key file
 
     restart(d)
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert all(c.read(k) == v for k, v in keys.items())
     d.stop()
     write_file(key_file, old)
@@ -894,8 +892,7 @@ def test_rekey_without_downtime_and_the_old_key_no_longer_opens(fresh_daemon):
     d.start()
     with open(key_file, "rb") as f:
         assert f.read() == new and not os.path.exists(key_file + ".new")
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert all(c.read(k) == v for k, v in keys.items())
 
 
@@ -918,8 +915,7 @@ def test_master_key_in_the_kernel_keyring(fresh_daemon):
         d.stop()
         os.unlink(key_file)  # the kernel copy alone opens the store
         d.start()
-        c = session(d)
-        c.get_persistent("@s")
+        c = persistent(d)
         assert c.read(key) == b"unlocked from the kernel"
     finally:
         try:
@@ -996,19 +992,18 @@ def test_type_restrictions_stay_off_persistent_keyrings(fresh_daemon):
     """Only the no-link restriction can be stored: others are refused rather than silently lost at restart."""
     d = fresh_daemon()
     c = session(d)
-    persistent = c.get_persistent("@s")
-    ring = c.newring("trusted", persistent)
+    persistent_ring = c.get_persistent("@s")
+    ring = c.newring("trusted", persistent_ring)
     with pytest.raises(E.EOPNOTSUPP):
         c.restrict_keyring(ring, "asymmetric", "builtin_trusted")
     outside = c.newring("outside", "@s")
     c.restrict_keyring(outside, "asymmetric", "builtin_trusted")
     with pytest.raises(E.EOPNOTSUPP):
-        c.link(outside, persistent)
+        c.link(outside, persistent_ring)
     c.restrict_keyring(ring)  # the no-link form is stored
     d.stop(signal.SIGKILL)
     d.start()
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     with pytest.raises(E.EPERM):
         c.add("user", "late", b"x", ring)
 
@@ -1113,8 +1108,7 @@ def test_a_rolled_back_row_an_operator_accepts_comes_back_in_its_keyring(fresh_d
     log = start_and_read_log(d)
     assert f"manifest bucket {target % BUCKETS} is missing" in log
     assert "under no persistent keyring" not in log
-    c = session(d)
-    c.get_persistent("@s")
+    c = persistent(d)
     assert c.read(target) == keys[target]  # the accepted older payload, linked where it was
     assert target in c.read(ring)
     c.close()
