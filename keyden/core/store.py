@@ -1262,10 +1262,7 @@ class KeyStore:
             session = self._sessions.get(token)
             if session is None or session.uid != caller.uid:
                 raise E.ENOKEY("no such session")
-            self._changed()
-            del self._sessions[token]
-            session.keyring.pins -= 1
-            self._maybe_destroy(session.keyring)
+            self._drop_tokens([token])
 
     def sessions(self, caller: Caller) -> list[tuple[int, str]]:
         """(serial, name) of each session keyring the caller's uid holds a token for, lost tokens included:
@@ -1284,11 +1281,14 @@ class KeyStore:
                       if s.uid == caller.uid and s.keyring.serial == keyring]
             if not tokens:
                 raise E.ENOKEY(f"no session of yours has keyring {keyring}")
-            self._changed()
-            ring = self._sessions[tokens[0]].keyring
-            for token in tokens:
-                del self._sessions[token]
-                ring.pins -= 1
+            self._drop_tokens(tokens)
+
+    def _drop_tokens(self, tokens: list[str]) -> None:
+        """Forget these session tokens; each keyring lives on only if something else holds it."""
+        self._changed()
+        for token in tokens:
+            ring = self._sessions.pop(token).keyring
+            ring.pins -= 1
             self._maybe_destroy(ring)
 
     def session_valid(self, token: str, uid: int) -> bool:
