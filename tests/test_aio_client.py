@@ -148,6 +148,43 @@ def test_pyca_private_keys_need_the_blocking_client(arun):
     assert arun(scenario) == b"still fine"
 
 
+def test_bad_arguments_fail_at_await_as_daemon_errors_do(arun):
+    """A call returns its future; argument errors (numbers or None for data, bad references) surface when
+    it is awaited, and a number is never taken as that many zero bytes."""
+    async def scenario(c):
+        futures = [c.add("user", "x", None), c.pkey_sign(1, "", None), c.export(1), c.read(b"key bytes"),
+                   c.add("user", "aio:zeros", 32)]
+        errors = []
+        for future in futures:
+            with pytest.raises(E.EINVAL) as info:
+                await future
+            errors.append(str(info.value))
+        aead = await c.aead(await c.add("logon", "aio:aes", bytes(32)))
+        for call in (lambda: aead.encrypt(bytes(12), 4, None), lambda: aead.encrypt("twelve bytes", b"x", None)):
+            with pytest.raises(E.EINVAL, match="bytes-like"):
+                await call()
+        with pytest.raises(E.ENOKEY):
+            await c.find("user", "aio:zeros")
+        return errors
+
+    errors = arun(scenario)
+    assert "key bytes" not in errors[3]
+
+
+def test_an_async_stream_whose_finish_never_went_out_can_still_be_closed(arun):
+    async def scenario(c):
+        mac = await c.hmac(await c.add("logon", "aio:leak", bytes(32)))
+        for _ in range(70):
+            async with await mac.stream(verify=True) as stream:
+                await stream.update(b"data")
+                with pytest.raises(E.EINVAL):
+                    await stream.finalize(tag=None)
+        async with await c.hash() as stream:
+            return (await stream.finalize(b"abc"))[1]
+
+    assert arun(scenario) == bytes.fromhex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
 def test_oversized_request_is_refused_locally(arun):
     async def scenario(c):
         with pytest.raises(E.EMSGSIZE):

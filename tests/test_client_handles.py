@@ -100,6 +100,26 @@ def test_handle_rejects_a_non_integer_serial(client):
         KeyHandle(client, True)
 
 
+def test_a_bad_key_reference_names_its_type_never_its_value(client):
+    """Key bytes passed where a serial belongs (AESGCM(key) habits, swapped arguments) stay out of errors."""
+    secret = os.urandom(32)
+    serial = client.add("user", "ref-check", b"v", "@s")
+    for call in (lambda: client.aead(secret), lambda: client.update(b"hunter2-SECRET", serial),
+                 lambda: client.private_key("not-a-serial-but-a-passphrase"), lambda: client.read(b"x" * 5000)):
+        with pytest.raises(E.EINVAL) as info:
+            call()
+        message = str(info.value)
+        assert "bytes" in message or "str" in message
+        assert repr(secret) not in message and "hunter2" not in message and "passphrase" not in message
+        assert len(message) < 200
+    with pytest.raises(E.EINVAL, match="'@q'"):  # a mistyped special name is worth showing
+        client.read("@q")
+    with pytest.raises(E.EINVAL, match="32-bit"):
+        client.key(2 ** 40)
+    with pytest.raises(E.EINVAL, match="32-bit"):
+        client.read(-2 ** 31 - 1)
+
+
 def test_handle_pkey_operations(client):
     handle = client.key(client.generate("rsa:2048"))
     digest = hashes.Hash(hashes.SHA256())
@@ -231,10 +251,22 @@ def test_ecdsa_prehashed_and_refusals(client):
     h.update(MESSAGE)
     signature = remote.sign(h.finalize(), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     local.public_key().verify(signature, MESSAGE, ec.ECDSA(hashes.SHA256()))
-    with pytest.raises(E.EOPNOTSUPP, match="client.derive"):
+    with pytest.raises(E.EOPNOTSUPP, match=r"never leaves keyden: use client.derive\(private, peer_key"):
         remote.exchange(ec.ECDH(), local.public_key())
     with pytest.raises(E.EOPNOTSUPP, match="deterministic"):
         remote.sign(MESSAGE, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+
+
+@pytest.mark.parametrize("spec,algorithm", [("ec:p256", hashes.SHA384), ("ec:p256", hashes.SHA512),
+                                            ("ec:p384", hashes.SHA512)])
+def test_ecdsa_with_a_hash_longer_than_the_curve_signs_as_pyca_does(client, spec, algorithm):
+    """ECDSA uses the leftmost bits of a longer digest (pyca, OpenSSL, FIPS 186): so do remote keys."""
+    remote = client.private_key(client.generate(spec))
+    remote.public_key().verify(remote.sign(MESSAGE, ec.ECDSA(algorithm())), MESSAGE, ec.ECDSA(algorithm()))
+    h = hashes.Hash(algorithm())
+    h.update(MESSAGE)
+    prehashed = remote.sign(h.finalize(), ec.ECDSA(utils.Prehashed(algorithm())))
+    remote.public_key().verify(prehashed, MESSAGE, ec.ECDSA(algorithm()))
 
 
 # -------------------------------------------------------- remote Ed25519 keys
@@ -252,6 +284,30 @@ def test_ed25519_signature_matches_the_local_key(client):
 def test_generated_ed25519_key_signs(client):
     remote = client.private_key(client.generate("ed25519"))
     remote.public_key().verify(remote.sign(MESSAGE), MESSAGE)
+
+
+def test_ed25519_signs_messages_past_64_kib(client):
+    """pyca signs a message of any size; keyden takes up to a frame's worth (a JWT with a large payload)."""
+    remote = client.private_key(client.generate("ed25519"))
+    message = os.urandom(1 << 20)
+    remote.public_key().verify(remote.sign(message), message)
+    token = jwt.encode({"blob": "a" * 70000}, remote, algorithm="EdDSA")
+    assert jwt.decode(token, remote.public_key(), algorithms=["EdDSA"])["blob"] == "a" * 70000
+
+
+@pytest.mark.parametrize("spec", ["rsa:2048", "ec:p256", "ed25519"])
+def test_remote_keys_refuse_numbers_for_data(client, spec):
+    """bytes(5) is five zero bytes: an int where data belongs must be refused, never signed as zeros."""
+    remote = client.private_key(client.generate(spec))
+    with pytest.raises(E.EINVAL, match="bytes-like"):
+        if spec == "ed25519":
+            remote.sign(5)
+        elif spec == "ec:p256":
+            remote.sign(32, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        else:
+            remote.sign(32, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    with pytest.raises(E.EINVAL, match="bytes-like"):
+        client.pkey_sign(remote.serial, "", None)
 
 
 # ------------------------------------------------------ material never leaves

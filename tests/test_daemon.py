@@ -186,6 +186,50 @@ def test_pipelined_calls_return_values_and_errors_in_order(client):
     assert client.describe(derived).type == "logon"
 
 
+def test_call_many_finds_names_in_call_order_and_reports_every_failure_per_call(client):
+    """A '%type:name' is looked up after the calls before it (so it finds a key they made); bad arguments,
+    names that are not operations and failed lookups are that call's result, and the others still run."""
+    results = client.call_many([
+        ("add", ("user", "cm:new", b"v1", "@s")),
+        ("read", ("%user:cm:new",)),
+        ("read", ("%user:cm:missing",)),
+        ("read", (None,)),
+        ("read", (2 ** 40,)),
+        ("add", ("user", "cm:zeros", 32, "@s")),
+        ("aead", (1,)),
+        ("no_such_operation", ()),
+        ("read", (1, 2, 3)),
+        ("ping", (b"last",)),
+    ])
+    assert isinstance(results[0], int) and results[1] == b"v1"
+    assert isinstance(results[2], E.ENOKEY)
+    assert all(isinstance(r, E.EINVAL) for r in results[3:9]), results
+    assert "call_many pipelines" in str(results[6]) and "_Recorder" not in str(results[7])
+    assert results[9] == b"last"
+    with pytest.raises(E.ENOKEY):
+        client.find("user", "cm:zeros")  # refused, so never sent
+
+
+def test_a_client_timeout_is_etimedout_and_the_next_request_reconnects(fresh_daemon):
+    d = fresh_daemon()
+    c = keyden.connect(d.socket, timeout=0.3)
+    os.kill(d.proc.pid, signal.SIGSTOP)  # a daemon that does not answer in time
+    try:
+        with pytest.raises(E.ETIMEDOUT, match="may still be carried out"):
+            c.ping(b"lost")
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert not c.closed
+    assert c.ping(b"again") == b"again" and c.generation == 1  # a new connection: no stale answer read
+    c.close()
+    assert c.closed
+
+
+def test_connect_refuses_a_path_that_is_not_one():
+    with pytest.raises(E.EINVAL, match="socket path"):
+        keyden.connect(5)
+
+
 def test_a_client_outlives_a_daemon_restart_for_persistent_keys(fresh_daemon):
     d = fresh_daemon()
     c = d.connect()

@@ -706,3 +706,59 @@ def test_handles_do_not_pickle_or_show_keys(client, aes):
         with pytest.raises(TypeError):
             pickle.dumps(handle)
     assert dataplane.BULK_THRESHOLD <= 1 << 20  # the >= 1 MiB tests above do cross it
+
+
+# ----------------------------------------------------- helpers as pyca users expect
+
+
+def test_a_stream_whose_finish_never_went_out_can_still_be_closed(client):
+    """finalize() refused before sending (bad arguments, over the frame cap) leaves the stream open in
+    keyden: the with-block must still close it, or 64 such blocks lock the connection out of streams."""
+    mac = client.hmac(client.add("logon", "stream:leak", os.urandom(32)))
+    for _ in range(70):
+        with mac.stream(verify=True) as stream:
+            stream.update(b"data")
+            with pytest.raises(E.EINVAL):
+                stream.finalize(tag=None)
+    with mac.stream() as stream:
+        with pytest.raises(E.EMSGSIZE):
+            stream.finalize(b"x" * (client.max_frame + 1))
+    with client.hash() as stream:  # streams still open: none leaked
+        assert stream.finalize(b"abc")[1] == hashlib.sha256(b"abc").digest()
+
+
+def test_hmac_of_data_larger_than_a_frame_streams(client):
+    key = os.urandom(32)
+    mac = client.hmac(client.add("logon", "hmac:large", key))
+    data = os.urandom(client.max_frame + (3 << 20))
+    h = pyca_hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    tag = h.finalize()
+    assert mac.mac(data) == tag
+    mac.verify(data, tag)
+    with pytest.raises(E.EBADMSG):
+        mac.verify(data, bytes(32))
+
+
+def test_helpers_take_bytes_like_data_only_and_copy_as_handles(client, aes):
+    """As pyca: text or numbers where bytes belong are refused (an int would be zero bytes); a helper
+    is a handle, copied as itself and closed by a with-block."""
+    key, serial = aes
+    aead = client.aead(serial)
+    for call in (lambda: aead.encrypt("twelve bytes", b"x", None), lambda: aead.encrypt(os.urandom(12), 4, None),
+                 lambda: aead.encrypt(os.urandom(12), "text", None),
+                 lambda: aead.encrypt(os.urandom(12), b"x", "aad as text"),
+                 lambda: aead.encrypt(os.urandom(12), b"x" * dataplane.BULK_THRESHOLD, 7),
+                 lambda: client.hmac(serial).mac(5), lambda: client.hash().update(3)):
+        with pytest.raises(E.EINVAL, match="bytes-like"):
+            call()
+    nonce = os.urandom(12)
+    assert aead.encrypt(nonce, bytearray(b"ok"), memoryview(b"h")) == AESGCM(key).encrypt(nonce, b"ok", b"h")
+    import copy
+    assert copy.copy(aead) is aead and copy.deepcopy(aead) is aead
+    with client.aead(serial) as big:
+        big.encrypt(nonce, os.urandom(dataplane.BULK_THRESHOLD), None)  # takes a shared region
+        assert big._shm is not None
+    assert big._shm is None
+    with client.hmac(serial) as mac:
+        assert len(mac.mac(b"x")) == 32

@@ -16,6 +16,7 @@ the error, never sent twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from typing import Any
 
@@ -275,6 +276,23 @@ class AsyncClient(Operations):
 
     def __reduce__(self):
         raise TypeError("a keyden client connection cannot be pickled")
+
+
+def _deferring(method):
+    """An operation whose argument errors (EINVAL) reach the caller at ``await``, as the daemon's errors do."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except E.KeydenError as exc:
+            return _failed(exc)
+    return call
+
+
+for _name, _method in vars(Operations).items():
+    if not _name.startswith("_") and callable(_method) and _name not in vars(AsyncClient):
+        setattr(AsyncClient, _name, _deferring(_method))
+del _name, _method
 
 
 async def connect(socket: str | None = None, *, session: str | None = None, reconnect: bool = True) -> AsyncClient:

@@ -13,22 +13,12 @@ import asyncio
 from typing import Sequence
 
 from keyden import errors as E
-from keyden.client.dataplane import KeyedAlgorithm, _raise_first, _same_connection, _stale
+from keyden.client.dataplane import (_OVERHEAD, PIECE, KeyedAlgorithm, _fits, _piece, _raise_first,
+                                     _same_connection, _stale)
+from keyden.client.operations import binary
 
-#: data at least this large goes in pieces, where the algorithm streams (smaller pieces under a small frame cap)
-PIECE = 1 << 20
-#: what a request carries besides its data and associated data (names, fields, lengths), generously
-_OVERHEAD = 4096
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
 MAX_HELPER_STREAMS = 32
-
-
-def _piece(client) -> int:
-    return min(PIECE, client.max_frame - _OVERHEAD)
-
-
-def _fits(client, data: bytes, aad: bytes = b"") -> bool:
-    return len(data) + len(aad) + _OVERHEAD <= client.max_frame and len(data) < PIECE
 
 
 async def _open(client, alg: str, key: int, **kw) -> tuple[int, bytes]:
@@ -53,7 +43,7 @@ class AsyncAead(KeyedAlgorithm):
         super().__init__(client, serial, alg)
 
     async def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
-        data, aad = bytes(data), bytes(aad or b"")
+        data, aad, nonce = binary(data), binary(aad or b"", "associated_data"), binary(nonce, "nonce")
         streams = self.alg == "gcm(aes)"
         one_request = len(data) + len(aad) + _OVERHEAD <= self._client.max_frame
         if one_request and (len(data) < PIECE or not streams):
@@ -128,7 +118,7 @@ class AsyncMac(KeyedAlgorithm):
         super().__init__(client, serial, alg)
 
     async def mac(self, data) -> bytes:
-        data = bytes(data)
+        data = binary(data)
         if _fits(self._client, data):
             return await self._client.mac(self.alg, self.serial, data)
         async with self._client.helper_streams:
@@ -136,12 +126,12 @@ class AsyncMac(KeyedAlgorithm):
 
     async def verify(self, data, tag) -> None:
         """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
-        data = bytes(data)
+        data, tag = binary(data), binary(tag, "tag")
         if _fits(self._client, data):
             await self._client.mac_verify(self.alg, self.serial, data, tag)
         else:
             async with self._client.helper_streams:
-                await _in_pieces(await self.stream(verify=True), data, bytes(tag))
+                await _in_pieces(await self.stream(verify=True), data, tag)
 
     async def mac_batch(self, items: Sequence[bytes]) -> list[bytes]:
         status, out = await self._client.batch(self.alg, self.serial, list(items))
@@ -169,13 +159,18 @@ class AsyncStream:
 
     async def update(self, data) -> bytes:
         _same_connection(self._client, self.generation, "stream")
-        return await self._client.stream_update(self.handle, data)
+        return await self._client.stream_update(self.handle, binary(data))
 
     async def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
-        """(last output, tag): the AEAD tag when encrypting, else the digest or MAC."""
-        self.done = True
+        """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
+
+        The stream is done once the daemon answered; if the request never went out (bad arguments,
+        over the frame cap), it is still open, and ``abort`` or ``async with`` closes it.
+        """
         _same_connection(self._client, self.generation, "stream")
-        return await self._client.stream_final(self.handle, data, tag)
+        result = await self._client.stream_final(self.handle, binary(data), binary(tag, "tag"))
+        self.done = True
+        return result
 
     async def abort(self) -> None:
         if not self.done:

@@ -17,7 +17,12 @@ SESSION_ENV = "KEYDEN_SESSION"
 def socket_path(path: str | None = None) -> str:
     from keyden.server.config import default_socket_path
 
-    return path or default_socket_path()
+    if not path:
+        return default_socket_path()
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise E.EINVAL(f"a socket path is a str or os.PathLike, not {type(path).__name__}") from None
 
 
 def session_token(session: str | None) -> str:
@@ -25,12 +30,18 @@ def session_token(session: str | None) -> str:
 
 
 def key_id(ref) -> int | tuple[str, str]:
-    """A serial, a '@s'-style special name, or '%type:desc' (returned as (type, desc) to be found)."""
+    """A serial, a '@s'-style special name, or '%type:desc' (returned as (type, desc) to be found).
+
+    A reference that is none of these is EINVAL naming only its type: what was passed by mistake
+    (a key's bytes where its serial belongs, a password) must not end up in an error message or log.
+    """
     if hasattr(ref, "serial"):
-        return ref.serial
+        ref = ref.serial
     if isinstance(ref, bool):
         raise E.EINVAL("a key reference cannot be a bool")
     if isinstance(ref, int):
+        if not -(1 << 31) <= ref < (1 << 31):
+            raise E.EINVAL("key serials are 32-bit signed integers; this one is out of range")
         return ref
     if isinstance(ref, str):
         if ref in SPECIAL:
@@ -38,13 +49,16 @@ def key_id(ref) -> int | tuple[str, str]:
         if ref.startswith("%"):
             type_name, colon, desc = ref[1:].partition(":")
             if not colon:
-                raise E.EINVAL(f"bad key reference {ref!r}: use %type:description")
+                raise E.EINVAL("bad key reference: use %type:description")
             return (type_name or "keyring", desc)
         try:
-            return int(ref, 0)
+            return key_id(int(ref, 0))
         except ValueError:
-            raise E.EINVAL(f"bad key reference {ref!r}") from None
-    raise E.EINVAL(f"bad key reference {ref!r}")
+            hint = f" {ref!r}" if ref.startswith("@") and len(ref) <= 8 else ""  # a mistyped special name
+            raise E.EINVAL(f"bad key reference{hint}: a string must be a serial, one of "
+                           f"{', '.join(SPECIAL)} or %type:description") from None
+    raise E.EINVAL(f"bad key reference: a {type(ref).__name__}; use a serial, a key handle, one of "
+                   f"{', '.join(SPECIAL)} or %type:description")
 
 
 #: describe's result and pkey_query's are the daemon's own value types, with keyctl's output formats.

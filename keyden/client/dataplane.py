@@ -15,12 +15,24 @@ import threading
 from typing import Iterable, Sequence
 
 from keyden import errors as E
-from keyden.client.operations import Ref
+from keyden.client.operations import Ref, binary
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
 
 #: buffers at least this large go through shared memory
 BULK_THRESHOLD = 256 * 1024
+#: MAC data at least this large goes in stream pieces of this size (smaller pieces under a small frame cap)
+PIECE = 1 << 20
+#: what a request carries besides its data and associated data (names, fields, lengths), generously
+_OVERHEAD = 4096
+
+
+def _piece(client) -> int:
+    return min(PIECE, client.max_frame - _OVERHEAD)
+
+
+def _fits(client, data: bytes, aad: bytes = b"") -> bool:
+    return len(data) + len(aad) + _OVERHEAD <= client.max_frame and len(data) < PIECE
 
 
 class SharedBuffer:
@@ -87,8 +99,23 @@ class KeyedAlgorithm:
     def __reduce__(self):
         raise TypeError(f"a {type(self).__name__} handle cannot be pickled")
 
+    def __copy__(self):
+        return self  # as a KeyHandle: a copy would name the same key over the same connection
+
+    def __deepcopy__(self, memo):
+        return self
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.alg} key={self.serial}>"
+
+    def close(self) -> None:
+        """Release what the helper holds in keyden besides the key (a shared region, for large AEAD calls)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class Aead(KeyedAlgorithm):
@@ -116,7 +143,8 @@ class Aead(KeyedAlgorithm):
 
         With ``into`` (a buffer with room, from ``*_into``), the output is written there and its length returned.
         """
-        data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        data = data if type(data) is bytes else _view(data)
+        nonce, aad = binary(nonce, "nonce"), binary(aad or b"", "associated_data")
         if len(data) < BULK_THRESHOLD:
             out = self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad or b"", decrypt=decrypt,
                                       random_nonce=random_nonce)
@@ -148,11 +176,11 @@ class Aead(KeyedAlgorithm):
 
     def encrypt_into(self, nonce, data, associated_data, buf) -> int:
         """As pyca's: ValueError, before any work, if ``buf`` cannot hold ciphertext and tag."""
-        into = _room(buf, memoryview(data).nbytes + self.tag_size)
+        into = _room(buf, _view(data).nbytes + self.tag_size)
         return self._run(nonce, data, associated_data, False, into=into)
 
     def decrypt_into(self, nonce, data, associated_data, buf) -> int:
-        into = _room(buf, memoryview(data).nbytes - self.tag_size)
+        into = _room(buf, _view(data).nbytes - self.tag_size)
         return self._run(nonce, data, associated_data, True, into=into)
 
     def encrypt_random(self, data, associated_data=None) -> bytes:
@@ -161,7 +189,7 @@ class Aead(KeyedAlgorithm):
 
     def decrypt_random(self, blob, associated_data=None) -> bytes:
         """Takes nonce || ct || tag, as encrypt_random makes it."""
-        blob = memoryview(blob).cast("B") if not isinstance(blob, bytes) else blob
+        blob = blob if type(blob) is bytes else _view(blob)
         if len(blob) < BULK_THRESHOLD:
             return self._run(b"", blob, associated_data, True, random_nonce=True)
         # shared memory takes the nonce as an IV: split it off here
@@ -197,11 +225,20 @@ class Mac(KeyedAlgorithm):
         super().__init__(client, serial, alg)
 
     def mac(self, data) -> bytes:
-        return self._client.mac(self.alg, self.serial, data)
+        data = binary(data)
+        if _fits(self._client, data):
+            return self._client.mac(self.alg, self.serial, data)
+        with self.stream() as stream:
+            return _in_pieces(stream, data)[1]
 
     def verify(self, data, tag) -> None:
         """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
-        self._client.mac_verify(self.alg, self.serial, data, tag)
+        data, tag = binary(data), binary(tag, "tag")
+        if _fits(self._client, data):
+            self._client.mac_verify(self.alg, self.serial, data, tag)
+            return
+        with self.stream(verify=True) as stream:
+            _in_pieces(stream, data, tag)
 
     def mac_batch(self, items: Iterable[bytes]) -> list[bytes]:
         status, out = self._client.batch(self.alg, self.serial, list(items))
@@ -226,13 +263,18 @@ class Stream:
 
     def update(self, data) -> bytes:
         _same_connection(self._client, self.generation, "stream")
-        return self._client.stream_update(self.handle, data)
+        return self._client.stream_update(self.handle, binary(data))
 
     def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
-        """(last output, tag): the AEAD tag when encrypting, else the digest or MAC."""
-        self.done = True
+        """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
+
+        The stream is done once the daemon answered; if the request never went out (bad arguments,
+        over the frame cap), it is still open, and ``abort`` or the ``with`` block closes it.
+        """
         _same_connection(self._client, self.generation, "stream")
-        return self._client.stream_final(self.handle, data, tag)
+        result = self._client.stream_final(self.handle, binary(data), binary(tag, "tag"))
+        self.done = True
+        return result
 
     def abort(self) -> None:
         if not self.done:
@@ -249,6 +291,23 @@ class Stream:
 
     def __exit__(self, *exc):
         self.abort()  # not finalized by the end of the block: closed in keyden too (no-op once finalized)
+
+
+def _in_pieces(stream: Stream, data: bytes, tag: bytes = b"") -> tuple[bytes, bytes]:
+    """``data`` through ``stream`` in frame-sized pieces, then finished (checking ``tag`` if given)."""
+    view, piece = memoryview(data), _piece(stream._client)
+    for i in range(0, len(view), piece):
+        stream.update(view[i:i + piece])
+    return stream.finalize(tag=tag)
+
+
+def _view(data) -> memoryview:
+    """Caller's bytes-like data as flat bytes without a copy; EINVAL for anything else (text, numbers)."""
+    try:
+        return memoryview(data).cast("B")
+    except TypeError:
+        raise E.EINVAL(f"data must be bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}") \
+            from None
 
 
 def _stale(client, generation: int) -> bool:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from keyden import errors as E
+from keyden.client.operations import binary
 
 __all__ = ["KeyHandle", "load_public_key", "remote_private_key",
            "RemoteRSAPrivateKey", "RemoteECPrivateKey", "RemoteEd25519PrivateKey"]
@@ -182,8 +183,9 @@ def _hash_name(algorithm: hashes.HashAlgorithm) -> str:
 
 def _digest(data, algorithm) -> tuple[bytes, str]:
     """(digest, hash name): the kernel signs a digest, so hash here unless pyca says it is prehashed."""
+    data = binary(data)
     if isinstance(algorithm, utils.Prehashed):
-        return bytes(data), _hash_name(algorithm._algorithm)
+        return data, _hash_name(algorithm._algorithm)
     if isinstance(algorithm, utils.NoDigestInfo):
         raise E.EOPNOTSUPP("keyden signs with a DigestInfo; NoDigestInfo is not offered")
     name = _hash_name(algorithm)
@@ -285,7 +287,7 @@ class RemoteRSAPrivateKey(_RemoteKey, rsa.RSAPrivateKey):
         return self._sign(_rsa_sign_info(padding, hash_name), digest)
 
     def decrypt(self, ciphertext, padding) -> bytes:
-        return self._client.pkey_decrypt(self._serial, _rsa_decrypt_info(padding), bytes(ciphertext))
+        return self._client.pkey_decrypt(self._serial, _rsa_decrypt_info(padding), binary(ciphertext, "ciphertext"))
 
 
 class RemoteECPrivateKey(_RemoteKey, ec.EllipticCurvePrivateKey):
@@ -306,10 +308,16 @@ class RemoteECPrivateKey(_RemoteKey, ec.EllipticCurvePrivateKey):
         if signature_algorithm.deterministic_signing:
             raise E.EOPNOTSUPP("deterministic (RFC 6979) ECDSA is not offered by keyden")
         digest, hash_name = _digest(data, signature_algorithm.algorithm)
+        size = _CURVE_BYTES.get(self._public.curve.name)
+        if size is not None and len(digest) > size:
+            # ECDSA uses the leftmost bits of a longer hash (as pyca and OpenSSL do); on these curves, whole
+            # bytes.  The kernel's info grammar wants a hash of the curve's size: name the one that size has.
+            digest, hash_name = digest[:size], _CURVE_BYTES_HASH[size]
         return self._sign(f"enc=x962 hash={hash_name}", digest)
 
     def exchange(self, algorithm, peer_public_key) -> bytes:
-        raise E.EOPNOTSUPP("key agreement inside keyden: use client.derive (coming)")
+        raise E.EOPNOTSUPP("the shared secret never leaves keyden: use client.derive(private, peer_key=...) "
+                           "for a session key that stays inside")
 
 
 class RemoteEd25519PrivateKey(_RemoteKey, ed25519.Ed25519PrivateKey):
@@ -317,11 +325,15 @@ class RemoteEd25519PrivateKey(_RemoteKey, ed25519.Ed25519PrivateKey):
 
     def sign(self, data) -> bytes:
         """Pure Ed25519: the daemon signs the message itself."""
-        return self._sign("", bytes(data))
+        return self._sign("", binary(data))
 
     def private_bytes_raw(self) -> bytes:
         raise E.EOPNOTSUPP(NEVER_LEAVES)
 
+
+#: curves keyden holds whose order is a whole number of bytes: a longer digest is cut to this many bytes
+_CURVE_BYTES = {"secp256r1": 32, "secp384r1": 48}
+_CURVE_BYTES_HASH = {32: "sha256", 48: "sha384"}
 
 _REMOTE_TYPES = (
     (rsa.RSAPublicKey, RemoteRSAPrivateKey),

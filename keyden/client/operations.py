@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from keyden import errors as E
 from keyden.protocol import DECRYPT, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
 
 
@@ -24,16 +25,34 @@ class Ref:
 
 
 def _bytes(data) -> bytes:
+    """A payload or message as bytes: bytes-like objects as they are, text as UTF-8.  Anything else is EINVAL
+    (``bytes(32)`` would be 32 zero bytes, not the caller's data)."""
     if type(data) is bytes:
         return data
-    return data.encode() if isinstance(data, str) else bytes(data)
+    if isinstance(data, str):
+        return data.encode()
+    return binary(data)
+
+
+def binary(data, what: str = "data") -> bytes:
+    """Strictly bytes-like (as pyca takes): bytes, bytearray, memoryview, array... but not text or numbers."""
+    if type(data) is bytes:
+        return data
+    try:
+        return memoryview(data).tobytes()
+    except TypeError:
+        raise E.EINVAL(f"{what} must be bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}") \
+            from None
 
 
 def _bytes_list(values) -> list:
     """A batch's items as bytes-like objects: strings are encoded, the rest pass straight through."""
-    if str not in set(map(type, values)):  # the usual case, checked at C speed
-        return values if type(values) is list else list(values)
-    return [_bytes(v) for v in values]
+    if not set(map(type, values)) <= _BYTES_TYPES:  # the usual case, checked at C speed
+        return [_bytes(v) for v in values]
+    return values if type(values) is list else list(values)
+
+
+_BYTES_TYPES = {bytes, bytearray, memoryview}
 
 
 class Operations:
@@ -230,7 +249,7 @@ class Operations:
         """A wrapped copy of a key or keyring tree: to a public key (PEM/DER bytes, or a key in keyden),
         or under a wrapping key in keyden.  Never the key in the clear."""
         if (to_public_key is None) == (wrapping_key is None):
-            raise ValueError("give exactly one of to_public_key and wrapping_key")
+            raise E.EINVAL("give exactly one of to_public_key and wrapping_key")
         if isinstance(to_public_key, (bytes, bytearray)):
             return self._call(Op.EXPORT, Ref(key), bytes(to_public_key), 0, 0)
         if to_public_key is not None:

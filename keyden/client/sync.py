@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 RECV_CHUNK = 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
+_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1  # key serials
 
 
 class Client(Operations):
@@ -60,6 +61,9 @@ class Client(Operations):
         except OSError as exc:
             sock.close()
             raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
+        except BaseException:
+            sock.close()
+            raise
         self._sock = sock
         self._decoder = W.FrameDecoder(1 << 31)
         self._pending: dict[int, W.Frame] = {}
@@ -109,6 +113,10 @@ class Client(Operations):
     def _lost(self, exc: OSError) -> E.KeydenError:
         """A request failed on the connection after it went out: close it (the daemon drops a half-sent
         frame with it), so the next request starts on a new one; the error says why, if the daemon did."""
+        if isinstance(exc, TimeoutError):  # the answer may still come: this connection cannot be trusted
+            self._sock.close()
+            return E.ETIMEDOUT(f"no answer from keyden within {self._timeout:g} s (the request may still be "
+                               "carried out); the next request opens a new connection")
         error = self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}")
         self._sock.close()
         return error
@@ -123,20 +131,29 @@ class Client(Operations):
                   fds: list[int] | None = None, received: list[int] | None = None) -> list[Any]:
         """Send every request, then collect every response (pipelined); descriptors passed back go to ``received``."""
         with self._lock:
-            ids = []
+            ids: list[int | E.KeydenError] = []  # a request that cannot be encoded is its own error, not sent
             out = []
             for op, args in calls:
                 rid = next(self._ids) & 0xFFFFFFFF
+                try:
+                    out.append(self._request(rid, op, args))
+                except E.KeydenError as exc:
+                    if raise_errors:
+                        raise
+                    ids.append(exc)
+                    continue
                 ids.append(rid)
-                out.append(self._request(rid, op, args))
             try:
-                self._send(b"".join(out), fds)
-                frames = [self._wait(rid, received) for rid in ids]
+                if out:
+                    self._send(b"".join(out), fds)
+                frames = [self._wait(rid, received) if type(rid) is int else rid for rid in ids]
             except OSError as exc:
                 raise self._lost(exc) from None
         results = []
         for (op, _args), frame in zip(calls, frames):
-            if frame.status:
+            if isinstance(frame, E.KeydenError):
+                results.append(frame)
+            elif frame.status:
                 err = E.error_for_code(frame.status, W.decode_error(frame.body))
                 if raise_errors:
                     raise err
@@ -189,7 +206,7 @@ class Client(Operations):
         for a in args:
             if type(a) is Ref:
                 value = a.value
-                ref = value if type(value) is int else common.key_id(value)
+                ref = value if type(value) is int and _I32_MIN <= value <= _I32_MAX else common.key_id(value)
                 if isinstance(ref, tuple):
                     ref = self._exchange([(Op.FIND, ref)])[0][0]
                 a = ref
@@ -249,16 +266,34 @@ class Client(Operations):
     def call_many(self, calls: Sequence[tuple]) -> list[Any]:
         """Pipeline several operations in one round trip: [('add', (...)), ('derive', (k,), {'peer_key': p})].
 
-        Each result is the method's value or the KeydenError it raised.
+        Each result is the method's value or the KeydenError that call raised (bad arguments included).
+        A '%type:description' name is looked up once every call before it is answered, so it finds a key
+        an earlier call made; those calls then go in more than one round trip.
         """
-        built = []
+        results: list[Any] = [None] * len(calls)
+        ready: list[tuple[int, Op, tuple]] = []  # (index, op, fields) to send together
+
+        def send_ready() -> None:
+            answers = self._exchange([(op, fields) for _, op, fields in ready], raise_errors=False)
+            for (i, op, fields), answer in zip(ready, answers):
+                results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer, fields)
+            ready.clear()
+
         recorder = _Recorder()
-        for name, args, *kwargs in calls:
-            getattr(recorder, name)(*args, **(kwargs[0] if kwargs else {}))
-            op, raw = recorder.last
-            built.append((op, self._resolve(raw)))
-        results = self._exchange(built, raise_errors=False)
-        return [r if isinstance(r, E.KeydenError) else common.shape(op, r, args) for (op, args), r in zip(built, results)]
+        for i, (name, args, *kwargs) in enumerate(calls):
+            try:
+                op, raw = recorder.record(name, args, kwargs[0] if kwargs else {})
+                if any(type(a) is Ref and isinstance(common.key_id(a.value), tuple) for a in raw):
+                    if ready:
+                        send_ready()  # what came before is done before the name is looked up
+                fields = self._resolve(raw)
+            except E.KeydenError as exc:
+                results[i] = exc
+                continue
+            ready.append((i, op, fields))
+        if ready:
+            send_ready()
+        return results
 
     # --------------------------------------------------------------- handles
 
@@ -309,6 +344,11 @@ class Client(Operations):
         """A memory region shared with the daemon for bulk operations (see SharedBuffer.cipher)."""
         return SharedBuffer(self, size)
 
+    @property
+    def closed(self) -> bool:
+        """Closed by its owner, or lost and not to be reopened (``reconnect=False``)."""
+        return self._closed or (not self.reconnect and self._sock.fileno() == -1)
+
     def close(self) -> None:
         self._closed = True
         try:
@@ -333,3 +373,16 @@ class _Recorder(Operations):
 
     def _call(self, op, *args):
         self.last = (op, args)
+
+    def record(self, name: str, args: Sequence, kwargs: dict) -> tuple[Op, tuple]:
+        """(op, fields) of ``client.<name>(*args, **kwargs)``; EINVAL for bad arguments or a name that is
+        not one request (the data-plane helpers, TLS, shared buffers)."""
+        method = getattr(Operations, name, None) if isinstance(name, str) and not name.startswith("_") else None
+        if not callable(method):
+            raise E.EINVAL(f"call_many pipelines the client's keyctl operations (one request each); "
+                           f"{str(name)[:40]!r} is not one")
+        try:
+            method(self, *args, **kwargs)
+        except TypeError as exc:  # wrong arguments for the method
+            raise E.EINVAL(f"{name}: {exc}") from None
+        return self.last
