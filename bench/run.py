@@ -232,6 +232,47 @@ def python_sign_8(ctx: Context) -> Row:
     return Row(rate, 1 / local_s, "sig/s", None, "pyca, 1 thread; row: 8 clients, plain Python server, no keyden")
 
 
+def _busy_vs_idle(ctx: Context, fn: Callable[[], object]) -> tuple[float, float]:
+    """Seconds per ``fn()`` while another process keeps a second CPU busy, and with it idle (bench/spinner.py)."""
+    from bench.spinner import Spinner
+
+    busy_calls, idle_calls = ctx.calls(fn), ctx.calls(fn)
+    with Spinner() as spinner:
+        def busy() -> float:
+            with spinner.busy():
+                return busy_calls()
+        return ctx.paired(busy, idle_calls)
+
+
+@benchmark("busy-cpu-sign")
+def busy_cpu_sign(ctx: Context) -> Row:
+    """Reference: pyca Ed25519 signing in this process with a second CPU kept busy, vs idle.
+
+    Rows with client processes keep both CPUs busy; their in-process baselines run with the second one
+    idle.  Where two vCPUs share a physical core, this is what that alone costs OpenSSL's code.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    message = bytes(range(64))
+    local = ed25519.Ed25519PrivateKey.generate()
+    busy_s, idle_s = _busy_vs_idle(ctx, lambda: local.sign(message))
+    return Row(1 / busy_s, 1 / idle_s, "sig/s", None, "pyca, 1 thread; row: the same with another CPU kept busy")
+
+
+@benchmark("busy-cpu-python")
+def busy_cpu_python(ctx: Context) -> Row:
+    """Reference: the daemon's Python work for one ping (``Connection.receive``, no socket) with a second
+    CPU kept busy, vs idle: what the same sharing costs interpreted code, keyden's per-request work."""
+    from bench.profile_request import InProcess
+
+    daemon = InProcess()
+    daemon.ping(b"")
+    request = daemon.last_request
+    busy_s, idle_s = _busy_vs_idle(ctx, lambda: daemon.conn.receive(request))
+    return Row(busy_s * 1e6, idle_s * 1e6, "µs", None, "keyden's request handling in this process, other CPU idle; "
+               "row: the same with another CPU kept busy")
+
+
 @benchmark("tls-handshake")
 def tls_handshake(ctx: Context) -> Row:
     """Full handshakes (TLS 1.3, ECDSA P-256, no resumption) served by keyden vs by an in-process ssl server."""
