@@ -127,8 +127,15 @@ def test_unknown_opcode_is_enosys():
         W.request_schema(999)
 
 
-def test_encoding_bad_values_is_einval():
-    with pytest.raises(E.EINVAL):
+def test_encoding_bad_values_is_einval_naming_the_field_not_the_value():
+    with pytest.raises(E.EINVAL, match="field 'key' must be an integer, not str"):
         W.encode_request(1, Op.REVOKE, "not an int")
-    with pytest.raises(E.EINVAL):
+    with pytest.raises(E.EINVAL, match=r"field 'key' is out of range \(-2147483648\.\.2147483647\)"):
         W.encode_request(1, Op.REVOKE, 2**40)
+    with pytest.raises(E.EINVAL, match="field 'description' must be a str, not bytes"):
+        W.encode_request(1, Op.ADD, "user", b"secret-ish", b"x", -3, b"")
+    with pytest.raises(E.EINVAL, match="field 'payload' must be bytes-like, not NoneType"):
+        W.encode_request(1, Op.ADD, "user", "d", None, -3, b"")
+    with pytest.raises(E.EINVAL, match="not valid text") as info:
+        W.encode_request(1, Op.ADD, "user", "\udcffsecret", b"x", -3, b"")
+    assert "secret" not in str(info.value)

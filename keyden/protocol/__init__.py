@@ -144,8 +144,37 @@ class Schema:
             raise E.EINVAL(f"expected {len(self.fields)} fields, got {len(values)}")
         try:
             return self._encode(*values)
-        except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError) as exc:
-            raise E.EINVAL(f"bad field value: {exc}") from None
+        except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError):
+            raise E.EINVAL(self._what_is_wrong(values)) from None
+
+    def _what_is_wrong(self, values: Sequence[Any]) -> str:
+        """Which field would not encode, and why, naming its type or range (never its value: it may be a secret)."""
+        for f, v in zip(self.fields, values):
+            kind = f.kind
+            if kind is Kind.STR:
+                if not isinstance(v, str):
+                    return f"field {f.name!r} must be a str, not {type(v).__name__}"
+                try:
+                    v.encode()
+                except UnicodeError:
+                    return f"field {f.name!r} is not valid text (lone surrogates cannot be UTF-8)"
+            elif kind is Kind.BYTES:
+                try:
+                    memoryview(v)
+                except TypeError:
+                    return f"field {f.name!r} must be bytes-like, not {type(v).__name__}"
+            elif kind in (Kind.I32S, Kind.BYTESLIST):
+                if not isinstance(v, (list, tuple)):
+                    return f"field {f.name!r} must be a list, not {type(v).__name__}"
+            else:
+                size = struct.calcsize("<" + kind.value)
+                lo, hi = (-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if kind.value.islower() else \
+                    (0, (1 << (8 * size)) - 1)
+                if isinstance(v, bool) or not isinstance(v, int):
+                    return f"field {f.name!r} must be an integer, not {type(v).__name__}"
+                if not lo <= v <= hi:
+                    return f"field {f.name!r} is out of range ({lo}..{hi})"
+        return "a field value cannot be encoded (a list item of the wrong type or range)"
 
     def decode(self, body: bytes | memoryview) -> tuple:
         """Decode a whole body; any mismatch is EPROTO (the frame is well-delimited, its body is not)."""
