@@ -313,3 +313,22 @@ def test_closed_standard_streams_are_an_error_not_a_traceback(daemon, client):
                               env=env, timeout=60)
         assert proc.returncode == 1, (args, closed, proc.stderr)
         assert said in proc.stderr.decode() and "Traceback" not in proc.stderr.decode(), (args, closed)
+
+
+def test_a_reader_that_goes_away_or_a_full_disk_is_not_a_traceback(daemon, client):
+    """`keyden print k | head -c1` ends quietly (keyctl dies of SIGPIPE); a full stdout is said, exit 1."""
+    env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SESSION=client.session_token)
+    client.add("user", "pipe:big", os.urandom(32767))
+    client.add("logon", "pipe:aes", os.urandom(32))
+    base = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket])
+    for command in ("print %user:pipe:big", "read %user:pipe:big", "pipe %user:pipe:big",
+                    "hash sha256", "aead encrypt %logon:pipe:aes"):
+        proc = subprocess.run(["sh", "-c", f"head -c 5000000 /dev/zero | {base} {command} | head -c1 >/dev/null"],
+                              capture_output=True, env=env, timeout=60)
+        assert proc.stderr == b"", (command, proc.stderr)
+        full = subprocess.run(["sh", "-c", f"head -c 5000000 /dev/zero | {base} {command} > /dev/full"],
+                              capture_output=True, env=env, timeout=60)
+        assert full.returncode == 1 and full.stderr.decode() == "stdout: No space left on device\n", \
+            (command, full.stderr)
+    proc = subprocess.run(["sh", "-c", f"{base} --help > /dev/full"], capture_output=True, env=env, timeout=60)
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr

@@ -81,20 +81,32 @@ class _ClosedStream(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
     def readinto(self, _buffer) -> int:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF), self.name)
 
     def write(self, _data) -> int:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF), self.name)
 
 
 def _reopen_closed_std_streams() -> None:
     """Python leaves sys.stdin/stdout None when fd 0/1 was closed: make using them fail as C's keyctl
     does (EBADF, said on stderr), not with a traceback."""
     if sys.stdin is None:
-        sys.stdin = io.TextIOWrapper(io.BufferedReader(_ClosedStream()))
+        sys.stdin = io.TextIOWrapper(io.BufferedReader(_ClosedStream("stdin")))
     if sys.stdout is None:  # unbuffered: the write fails where it is made, nothing is left to fail at exit
-        sys.stdout = io.TextIOWrapper(_ClosedStream(), write_through=True)
+        sys.stdout = io.TextIOWrapper(_ClosedStream("stdout"), write_through=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit has nothing left to fail on."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no descriptor behind it (it was closed before we started)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,17 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
-        print(f"keyden: stdout: {exc.strerror}", file=sys.stderr)  # what was printed could not be written
-        return 1
-    except BrokenPipeError:
+    except BrokenPipeError:  # before OSError, of which it is one
         # The reader went away (`keyden list @s | head -1`): say nothing, as C's keyctl would die of SIGPIPE.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return 1
-
+    except OSError as exc:  # a standard stream failed (closed, a full disk): said, as keyctl's error("stdout")
+        _silence_stdout()  # what is still buffered must not fail again at exit
+        print(f"{exc.filename or 'stdout'}: {exc.strerror or exc}", file=sys.stderr)  # perror, as keyctl
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())
