@@ -144,6 +144,8 @@ def test_read_print_pipe_and_hex_input(keyden, client):
     assert client.read(padded) == b"\x00\x01"
     bad = keyden("add", "-x", "user", "bad", "abc", "@s")
     assert (bad.rc, bad.err) == (1, "Short hex doublet\n")
+    split = keyden("add", "-x", "user", "bad", "d e", "@s")  # whitespace inside a pair, as keyctl's hex2bin
+    assert (split.rc, split.err) == (1, "Bad hex doublet\n")
 
 
 def test_errors_are_keyctl_function_and_strerror(keyden, client):
@@ -223,6 +225,10 @@ def test_unlink_purge_and_reap_walk_the_session_tree(keyden, client):
     client.add("user", "s", b"v", ring_a)
     client.add("user", "s", b"v", ring_b)
     assert ok(keyden("purge", "-s", "user", "s")) == "purged 2 keys\n"
+    kept = client.add("user", "kept", b"v", "@s")
+    for args in (("user", b"\xff"), ("-i", "user", b"\xff"), ("-p", "user", b"k\xff")):  # argv is bytes, not text
+        assert ok(keyden("purge", *args)) == "purged 0 keys\n"
+    client.unlink(kept, "@s")
     assert keyden("purge", "-s", "user").rc == 2
     assert keyden("purge", "-p", "user").rc == 2
 
@@ -310,6 +316,10 @@ def test_supports(keyden, client):
     assert keyden("supports", "no_such_capability").rc == 3
     raw = ok(keyden("supports", "--raw")).strip()
     assert len(raw) == 4 and int(raw[:2], 16) & 0x01
+    # what keyden implements, it reports: scripts that check first must find dh_compute
+    assert "have_dh_compute=1" in lines and keyden("supports", "dh_compute").rc == 0
+    assert int(raw[:2], 16) & 0x04
+    assert lines[-3:] == ["have_ns_keyring_name=0", "have_ns_key_tag=0", "have_notify=0"]  # keyctl's names only
 
 
 # ---------------------------------------------------------------- sessions
@@ -354,6 +364,23 @@ def test_new_session_prints_serial_and_token(keyden, client):
     assert f"{lost_serial} _ses" not in ok(keyden("sessions")).splitlines()
     r = keyden("end_session", lost_serial)
     assert (r.rc, r.err) == (1, "end_session: Required key not available\n")
+
+    # Inside a session, @s names it for end_session too.
+    inside_serial, assignment = ok(keyden("new_session")).splitlines()
+    inside = assignment.partition("=")[2]
+    assert ok(keyden("end_session", "@s", session=inside)) == ""
+    assert f"{inside_serial} _ses" not in ok(keyden("sessions")).splitlines()
+
+    # A stale token in the environment is said as such, not as a daemon that is down; it can still be left.
+    r = keyden("id", "@s", session=inside)
+    assert r.rc == 1 and "KEYDEN_SESSION: session token not valid" in r.err and "daemon running" not in r.err
+    _serial, assignment = ok(keyden("new_session")).splitlines()
+    stale = assignment.partition("=")[2]
+    assert ok(keyden("leave_session", session=stale)) == ""  # $KEYDEN_SESSION names the session left
+    r = keyden("leave_session", session=stale)
+    assert (r.rc, r.err) == (1, "leave_session: Required key not available\n")
+    r = keyden("leave_session", "")
+    assert (r.rc, r.err) == (2, "No session to leave: the token given is empty\n")
 
 
 # -------------------------------------------------------------- public keys

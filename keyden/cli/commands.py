@@ -402,8 +402,13 @@ def cmd_leave_session(ctx, args):
     expect(args, 0, 1)
     token = args[0] if args else os.environ.get(SESSION_ENV, "")
     if not token:
-        raise Exit(2, f"No session to leave: {SESSION_ENV} is not set")
-    call("leave_session", ctx.client.leave_session, token)
+        raise Exit(2, "No session to leave: the token given is empty" if args else
+                   f"No session to leave: {SESSION_ENV} is not set")
+    client = ctx.connect(session="")  # not in the session being left: its token may be stale already
+    try:
+        call("leave_session", client.leave_session, token)
+    finally:
+        client.close()
 
 
 def cmd_sessions(ctx, args):
@@ -462,7 +467,7 @@ def _purge_by_type(ctx, v: tree.Visit, type_name: str) -> int:
 def _purge_literal(ctx, v: tree.Visit, type_name: str, desc: str, prefix: bool, nocase: bool) -> int:
     if not v.parent or v.description is None or v.description.type != type_name:
         return 0
-    have, want = v.description.description.encode(), desc.encode()
+    have, want = v.description.description.encode(), os.fsencode(desc)  # argv's bytes, whatever they are
     if nocase:  # strncasecmp: ASCII letters only
         have, want = have.lower(), want.lower()
     if not (have.startswith(want) if prefix else have == want):
@@ -625,6 +630,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("dh_compute", "<private> <prime> <base>", dataplane.cmd_dh_compute),
     Command("dh_compute_kdf", "<private> <prime> <base> <len> <hash_name>", dataplane.cmd_dh_compute_kdf),
     Command("dh_compute_kdf_oi", "[-x] <private> <prime> <base> <len> <hash_name>", dataplane.cmd_dh_compute_kdf_oi),
+    Command("end_session", "<keyring>", cmd_end_session, extension=True),
     Command("export", persistence.EXPORT_USAGE, persistence.cmd_export, extension=True),
     Command("export", persistence.EXPORT_WRAP_USAGE),
     Command("genkey", "[--no-export] <spec> [<desc>] <keyring>", cmd_genkey, extension=True),
@@ -640,12 +646,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("invalidate", "<key>", cmd_invalidate),
     Command("kdf", f"<key> <keyring> {dataplane.KEY_USAGE}", dataplane.cmd_kdf, extension=True),
     Command("leave_session", "[<token>]", cmd_leave_session, extension=True),
-    Command("end_session", "<keyring>", cmd_end_session, extension=True),
     Command("link", "<key> <keyring>", cmd_link),
     Command("list", "<keyring>", cmd_list),
     Command("move", "[-f] <key> <from_keyring> <to_keyring>", cmd_move),
     Command("new_session", "[<name>]", cmd_new_session),
-    Command("sessions", "", cmd_sessions, extension=True),
     Command("newring", "<name> <keyring>", cmd_newring),
     Command("padd", "[-x] [--password <pass> | --password-file <file>] [--no-export] <type> <desc> <keyring>",
             cmd_padd),
@@ -678,6 +682,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("session", "", cmd_session),
     Command("session", "- [<prog> <arg1> <arg2> ...]"),
     Command("session", "<name> [<prog> <arg1> <arg2> ...]"),
+    Command("sessions", "", cmd_sessions, extension=True),
     Command("setperm", "<key> <mask>", cmd_setperm),
     Command("show", "[-x] [<keyring>]", cmd_show),
     Command("supports", "[<cap> | --raw]", cmd_supports),

@@ -14,7 +14,7 @@ import sys
 from typing import Any, Callable
 
 from keyden import errors as E
-from keyden.client.common import SPECIAL
+from keyden.client.common import SESSION_ENV, SPECIAL
 
 STDIN_LIMIT = 1024 * 1024  # keyctl's grab_stdin buffer
 INFO_LIMIT = 4096  # keyctl's pkey info buffer, NUL included
@@ -99,18 +99,25 @@ def number(text: str, what: str, base: int = 0) -> int:
 
 
 def hex_to_bytes(data: bytes) -> bytes:
-    """keyctl -x: hex pairs, whitespace ignored anywhere between them."""
+    """keyctl -x (hex2bin): hex pairs, whitespace skipped between pairs but not inside one."""
     out = bytearray()
-    compact = bytes(b for b in data if b not in b" \t\n\r\f\v")
-    for i in range(0, len(compact), 2):
-        pair = compact[i:i + 2]
+    i, n = 0, len(data)
+    while i < n:
+        if data[i] in _SPACE:
+            i += 1
+            continue
+        pair = data[i:i + 2]
         if len(pair) < 2:
             raise Exit(1, "Short hex doublet")
-        try:
-            out += bytes.fromhex(pair.decode("ascii"))
-        except (ValueError, UnicodeDecodeError):
-            raise Exit(1, "Bad hex doublet") from None
+        if not (pair[0] in _HEX and pair[1] in _HEX):
+            raise Exit(1, "Bad hex doublet")
+        out.append(int(pair, 16))
+        i += 2
     return bytes(out)
+
+
+_SPACE = frozenset(b" \t\n\r\f\v")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 def read_stdin() -> bytes:
@@ -173,6 +180,10 @@ class Context:
 
         try:
             return keyden.connect(self.socket, session=session)
+        except E.EACCES as exc:  # the daemon is there; the session token is not valid
+            name = SESSION_ENV if session is None else "the session token"
+            raise Exit(1, f"keyden: {name}: {exc.message} (its session ended, or the daemon restarted since: "
+                          f"unset {SESSION_ENV} or join a session)") from None
         except E.KeydenError as exc:
             raise NoDaemon(exc.message) from None
 
