@@ -913,3 +913,20 @@ def test_possession_is_recomputed_after_the_tree_changes(store):
         store.read(alice, key)
     store.setperm(alice, ring, 0x3F3F0000)
     assert store.read(alice, key) == b"value"
+
+
+def test_an_unnamed_key_made_inside_never_takes_a_name_its_keyring_files(store, monkeypatch):
+    """Derived and generated keys without a description get '<prefix><8 hex>'; a clash of the random part
+    (birthday odds grow with the keyring) must pick another name, not displace and destroy the older key."""
+    from keyden.core import keytypes as T
+    alice = session(store, Credentials(1000, 1000))
+    names = iter(["00c0ffee", "00c0ffee", "00c0ffee", "0badf00d"])
+    monkeypatch.setattr(store_module.secrets, "token_hex", lambda n: next(names))
+    logon = T.REGISTRY["logon"]
+    first = store.create_internal(alice, logon, "", logon.preparse(b"k" * 32)[0], 32, SESSION,
+                                  unique_prefix="keyden:session-")
+    second = store.create_internal(alice, logon, "", logon.preparse(b"q" * 32)[0], 32, SESSION,
+                                   unique_prefix="keyden:session-")
+    assert alive(store, alice, first) and alive(store, alice, second)
+    assert store.describe(alice, first).description == "keyden:session-00c0ffee"
+    assert store.describe(alice, second).description == "keyden:session-0badf00d"

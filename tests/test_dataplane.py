@@ -762,3 +762,16 @@ def test_helpers_take_bytes_like_data_only_and_copy_as_handles(client, aes):
     assert big._shm is None
     with client.hmac(serial) as mac:
         assert len(mac.mac(b"x")) == 32
+
+
+def test_batches_take_none_for_associated_data_and_hash_takes_only_hashes(client, aes):
+    key, serial = aes
+    aead = client.aead(serial)
+    nonces = [os.urandom(12) for _ in range(3)]
+    items = [b"a", b"bb", b""]
+    sealed = aead.encrypt_batch(nonces, items, None)  # as pyca's encrypt(nonce, data, None)
+    assert sealed == [AESGCM(key).encrypt(n, m, None) for n, m in zip(nonces, items)]
+    assert aead.decrypt_batch(nonces, sealed, None) == items
+    for name in ("gcm(aes)", "hmac(sha256)", "no-such"):
+        with pytest.raises(E.ENOENT):
+            client.hash(name)

@@ -139,3 +139,25 @@ def test_encoding_bad_values_is_einval_naming_the_field_not_the_value():
     with pytest.raises(E.EINVAL, match="not valid text") as info:
         W.encode_request(1, Op.ADD, "user", "\udcffsecret", b"x", -3, b"")
     assert "secret" not in str(info.value)
+
+
+def test_the_written_spec_lists_every_op_with_its_fields():
+    """docs/protocol.md is the wire spec: every opcode, its code and both field lists, as the schemas have them."""
+    import os
+    import re
+    kinds = {"B": "U8", "H": "U16", "i": "I32", "I": "U32", "q": "I64", "Q": "U64", "bytes": "BYTES",
+             "str": "STR", "i32s": "I32S", "bytes*": "BYTESLIST"}
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "protocol.md")
+    with open(path, encoding="utf-8") as f:
+        rows = {m.group(1): (int(m.group(2)), m.group(3)) for m in
+                re.finditer(r"^\| ([A-Z0-9_]+) \| (\d+) \| ([^|]*) \|", f.read(), re.M)}
+    for op in Op:
+        assert op.name in rows, f"{op.name} is missing from docs/protocol.md"
+        code, fields = rows[op.name]
+        assert code == int(op), op.name
+        if op is Op.TLS_ESTABLISHED or "passed back" in fields:
+            continue  # described in words: a descriptor, not fields, comes back
+        request, response = W.SCHEMAS[op]
+        written = [re.sub(r"\s*\([^)]*\)", "", side).strip() for side in fields.split("→")]  # minus (notes)
+        for schema, side in zip((request, response), written):
+            assert side == ", ".join(f"{x.name} {kinds[x.kind.value]}" for x in schema.fields), (op.name, side)

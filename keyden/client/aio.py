@@ -26,6 +26,7 @@ from keyden.client import common
 from keyden.client.aio_dataplane import MAX_HELPER_STREAMS, AsyncAead, AsyncMac, AsyncStream
 from keyden.client.handles import KeyHandle, load_public_key
 from keyden.client.operations import Operations, Ref
+from keyden.crypto import symmetric
 from keyden.protocol import Op
 
 __all__ = ["AsyncClient", "connect"]
@@ -249,7 +250,9 @@ class AsyncClient(Operations):
         return AsyncMac(self, await self._serial(key), alg)
 
     async def hash(self, alg: str = "sha256") -> AsyncStream:
-        """A streaming hash: await update(data)..., then await finalize() -> (b'', digest)."""
+        """A streaming hash: await update(data)..., then await finalize() -> (b'', digest).  ENOENT for a name
+        that is not a hash."""
+        symmetric.spec(alg, "hash")
         return await AsyncStream.open(self, alg)
 
     async def stream(self, alg: str, key=0, **kw) -> AsyncStream:

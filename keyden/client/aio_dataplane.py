@@ -95,17 +95,17 @@ class AsyncAead(KeyedAlgorithm):
         return await self._run(b"", blob, associated_data, True, random_nonce=True)
 
     async def encrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
-                            associated_data: Sequence[bytes] = ()) -> list[bytes]:
+                            associated_data: Sequence[bytes] | None = ()) -> list[bytes]:
         """Many small messages in one round trip; ``nonces=None`` lets keyden choose (nonce || ct || tag)."""
         status, out = await self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
-                                               aads=associated_data, random_nonce=nonces is None)
+                                               aads=associated_data or (), random_nonce=nonces is None)
         return _raise_first(status, out)
 
     async def decrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
-                            associated_data: Sequence[bytes] = ()) -> list[bytes | E.KeydenError]:
+                            associated_data: Sequence[bytes] | None = ()) -> list[bytes | E.KeydenError]:
         """Per item: the plaintext, or the EBADMSG it failed with."""
         status, out = await self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
-                                               aads=associated_data, decrypt=True, random_nonce=nonces is None)
+                                               aads=associated_data or (), decrypt=True, random_nonce=nonces is None)
         return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
 
 

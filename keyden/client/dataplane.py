@@ -196,17 +196,17 @@ class Aead(KeyedAlgorithm):
         return self._run(bytes(blob[:self.nonce_size]), memoryview(blob)[self.nonce_size:], associated_data, True)
 
     def encrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
-                      associated_data: Sequence[bytes] = ()) -> list[bytes]:
+                      associated_data: Sequence[bytes] | None = ()) -> list[bytes]:
         """Many small messages in one round trip; ``nonces=None`` lets keyden choose (nonce || ct || tag)."""
-        status, out = self._client.batch(self.alg, self.serial, items, ivs=nonces or (), aads=associated_data,
-                                         random_nonce=nonces is None)
+        status, out = self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
+                                         aads=associated_data or (), random_nonce=nonces is None)
         return _raise_first(status, out)
 
     def decrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
-                      associated_data: Sequence[bytes] = ()) -> list[bytes | E.KeydenError]:
+                      associated_data: Sequence[bytes] | None = ()) -> list[bytes | E.KeydenError]:
         """Per item: the plaintext, or the EBADMSG it failed with."""
-        status, out = self._client.batch(self.alg, self.serial, items, ivs=nonces or (), aads=associated_data,
-                                         decrypt=True, random_nonce=nonces is None)
+        status, out = self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
+                                         aads=associated_data or (), decrypt=True, random_nonce=nonces is None)
         return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
 
     def close(self) -> None:

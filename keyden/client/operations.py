@@ -136,7 +136,7 @@ class Operations:
 
     def end_session(self, keyring: int):
         """Drop every token of your uid for this session keyring (a session whose token is lost)."""
-        return self._call(Op.END_SESSION, keyring)
+        return self._call(Op.END_SESSION, Ref(keyring))
 
     def restrict_keyring(self, keyring, type: str = "", restriction: str = ""):
         return self._call(Op.RESTRICT_KEYRING, Ref(keyring), type, restriction)

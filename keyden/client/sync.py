@@ -21,6 +21,7 @@ from keyden import protocol as W
 from keyden.client import common, tls
 from keyden.client.dataplane import Aead, Mac, SharedBuffer, Stream
 from keyden.client.operations import Operations, Ref
+from keyden.crypto import symmetric
 from keyden.protocol import Op
 
 if TYPE_CHECKING:
@@ -115,8 +116,8 @@ class Client(Operations):
         frame with it), so the next request starts on a new one; the error says why, if the daemon did."""
         if isinstance(exc, TimeoutError):  # the answer may still come: this connection cannot be trusted
             self._sock.close()
-            return E.ETIMEDOUT(f"no answer from keyden within {self._timeout:g} s (the request may still be "
-                               "carried out); the next request opens a new connection")
+            return E.ETIMEDOUT(f"timed out after {self._timeout:g} s waiting for keyden (a request it already "
+                               "had may still be carried out); the next request opens a new connection")
         error = self._farewell() or E.ECONNRESET(f"connection to keyden lost: {exc}")
         self._sock.close()
         return error
@@ -330,7 +331,9 @@ class Client(Operations):
         return Mac(self, self._resolve((Ref(key),))[0], alg)
 
     def hash(self, alg: str = "sha256") -> Stream:
-        """A streaming hash: update(data)..., then finalize() -> (b'', digest)."""
+        """A streaming hash: update(data)..., then finalize() -> (b'', digest).  ENOENT for a name that is
+        not a hash (as crypto_alloc_shash)."""
+        symmetric.spec(alg, "hash")
         return Stream(self, alg)
 
     def stream(self, alg: str, key=0, **kw) -> Stream:

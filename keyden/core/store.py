@@ -53,14 +53,14 @@ IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
 CAPABILITIES = {
     "capabilities": True,
     "persistent_keyrings": True,
-    "dh_compute": False,
+    "dh_compute": True,
     "public_key": True,
     "big_key_type": False,
     "key_invalidate": True,
     "restrict_keyring": True,
     "move_key": True,
     "ns_keyring_name": False,
-    "ns_keyring_id": False,
+    "ns_key_tag": False,
     "notify": False,
 }
 
@@ -302,6 +302,14 @@ def _id_arg(value: int, what: str) -> int:
     if not 0 <= value < 0xFFFFFFFF:
         raise E.EINVAL(f"{what} {value} is out of range")
     return value
+
+
+def _unused_name(ring: Key, type_name: str, prefix: str) -> str:
+    """``prefix`` and 8 random hex digits, not yet filed in ``ring`` under this type."""
+    while True:  # 2**32 names: a clash is rare, and a keyring holds at most keyring_max_links
+        name = f"{prefix}{secrets.token_hex(4)}"
+        if (type_name, name) not in ring.links:
+            return name
 
 
 class KeyStore:
@@ -869,11 +877,14 @@ class KeyStore:
         return ring, possessed
 
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
-                        keyring: int, perm: int | None = None, flags: int = 0, timeout: int = 0) -> int:
+                        keyring: int, perm: int | None = None, flags: int = 0, timeout: int = 0,
+                        unique_prefix: str = "") -> int:
         """Add a key whose payload the daemon made itself (generated, derived, imported): never an update.
 
         Its permissions and timeout are the key's from the start (no setattr needed, no moment with others):
-        a request that fails leaves nothing behind, and displaces nothing.
+        a request that fails leaves nothing behind, and displaces nothing.  With no description and a
+        ``unique_prefix``, the key is named ``<prefix><8 hex>``, never a name the keyring already files
+        (a second unnamed key must not displace, and so destroy, the first).
         """
         try:
             if flags & ~KEY_FLAGS:
@@ -884,6 +895,8 @@ class KeyStore:
                 raise E.EINVAL("timeout must not be negative")
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
+                if not description and unique_prefix:
+                    description = _unused_name(ring, ktype.name, unique_prefix)
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
                 self._admit(ring, ktype, description, value)
@@ -1275,8 +1288,11 @@ class KeyStore:
     def end_session(self, caller: Caller, keyring: int) -> None:
         """leave_session for every token of the caller's uid naming this session keyring: frees a session
         whose token is lost (the uid is the token's bound already: its processes may read each other's
-        environment).  ENOKEY if the uid holds none for it."""
+        environment).  ENOKEY if the uid holds none for it.  ``@s`` (and other special IDs) name what they
+        name for the caller, as everywhere."""
         with self.lock:
+            if keyring < 0:
+                keyring = self._special(caller, keyring, False).serial
             tokens = [token for token, s in self._sessions.items()
                       if s.uid == caller.uid and s.keyring.serial == keyring]
             if not tokens:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -51,8 +50,8 @@ def _genkey(ctx, spec, description, keyring, flags=0):
         logon = T.REGISTRY["logon"]
         value, quota = logon.preparse(material)
         # A unique default: a second unnamed key must not displace the first from the keyring.
-        description = description or f"keyden:{hint}-{os.urandom(4).hex()}"
-        return (ctx.store.create_internal(ctx.caller, logon, description, value, quota, keyring, flags=flags),)
+        return (ctx.store.create_internal(ctx.caller, logon, description, value, quota, keyring, flags=flags,
+                                          unique_prefix=f"keyden:{hint}-"),)
     parsed = asymmetric.generate(spec)
     ktype = T.REGISTRY["asymmetric"]
     return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, parsed.quota_size, keyring,

@@ -8,7 +8,6 @@ like the kernel's, return their result.
 
 from __future__ import annotations
 
-import os
 
 from keyden import errors as E
 from keyden.core import keytypes as T
@@ -30,9 +29,8 @@ def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int
     session key from the keyring.
     """
     value, quota = LOGON.preparse(material)
-    description = description or f"keyden:session-{os.urandom(4).hex()}"
     return ctx.store.create_internal(ctx.caller, LOGON, description, value, quota, keyring, perm=perm or None,
-                                     flags=flags, timeout=timeout)
+                                     flags=flags, timeout=timeout, unique_prefix="keyden:session-")
 
 
 @handles(Op.DERIVE)
