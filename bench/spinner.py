@@ -1,4 +1,4 @@
-"""A process that keeps another CPU busy on demand, for the ``python-sign-busy`` reference row.
+"""A process that keeps another CPU busy on demand, for the ``busy-cpu-*`` reference rows.
 
 On this kind of machine two vCPUs can share one physical core: Python (and OpenSSL) on one of them
 runs slower while the other is busy.  Every keyden row with client processes runs that way, while

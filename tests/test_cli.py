@@ -374,6 +374,10 @@ def test_new_session_prints_serial_and_token(keyden, client):
     # A stale token in the environment is said as such, not as a daemon that is down; it can still be left.
     r = keyden("id", "@s", session=inside)
     assert r.rc == 1 and "KEYDEN_SESSION: session token not valid" in r.err and "daemon running" not in r.err
+    assert ok(keyden("sessions", session=inside)) == ok(keyden("sessions"))  # about sessions: still works
+    fresh_serial, _ = ok(keyden("new_session", session=inside)).splitlines()
+    assert f"{fresh_serial} _ses" in ok(keyden("sessions", session=inside)).splitlines()
+    assert ok(keyden("end_session", fresh_serial)) == ""
     _serial, assignment = ok(keyden("new_session")).splitlines()
     stale = assignment.partition("=")[2]
     assert ok(keyden("leave_session", session=stale)) == ""  # $KEYDEN_SESSION names the session left

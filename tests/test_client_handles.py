@@ -114,6 +114,9 @@ def test_a_bad_key_reference_names_its_type_never_its_value(client):
         assert len(message) < 200
     with pytest.raises(E.EINVAL, match="'@q'"):  # a mistyped special name is worth showing
         client.read("@q")
+    with pytest.raises(E.EINVAL) as info:  # anything longer may be a secret
+        client.read("@hunter2")
+    assert "hunter2" not in str(info.value)
     with pytest.raises(E.EINVAL, match="32-bit"):
         client.key(2 ** 40)
     with pytest.raises(E.EINVAL, match="32-bit"):
@@ -267,6 +270,9 @@ def test_ecdsa_with_a_hash_longer_than_the_curve_signs_as_pyca_does(client, spec
     h.update(MESSAGE)
     prehashed = remote.sign(h.finalize(), ec.ECDSA(utils.Prehashed(algorithm())))
     remote.public_key().verify(prehashed, MESSAGE, ec.ECDSA(algorithm()))
+    for wrong in (31, 33, 64):  # as pyca: prehashed data is exactly a digest, never cut to fit
+        with pytest.raises(E.EINVAL, match="prehashed data must be"):
+            remote.sign(os.urandom(wrong), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
 
 
 # -------------------------------------------------------- remote Ed25519 keys

@@ -225,6 +225,40 @@ def test_a_client_timeout_is_etimedout_and_the_next_request_reconnects(fresh_dae
     assert c.closed
 
 
+def test_call_many_never_sends_a_call_twice_when_a_round_trip_fails(fresh_daemon):
+    """A connection lost under one of call_many's round trips fails that round's calls; they are not sent
+    again on the next connection (the daemon may have done them: an unnamed key would be made twice)."""
+    d = fresh_daemon()
+    with d.connect() as setup:
+        ring = setup.newring("cm-once", "@u")
+    c = keyden.connect(d.socket, timeout=0.3)
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    resume = threading.Timer(0.5, os.kill, (d.proc.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        results = c.call_many([("generate", ("ed25519", "", ring)), ("read", ("%user:cm-marker",)),
+                               ("ping", (b"after",))])
+    finally:
+        resume.join()
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert isinstance(results[0], E.ETIMEDOUT)
+    assert isinstance(results[1], (E.ETIMEDOUT, E.ENOKEY))
+    c._timeout = None  # (for the checks below only)
+    with d.connect() as check:
+        deadline = time.monotonic() + 10
+        while not check.read(ring) and time.monotonic() < deadline:  # the stalled daemon may still do it
+            time.sleep(0.05)
+        assert len(check.read(ring)) == 1
+
+
+def test_call_many_reports_malformed_entries_per_call_without_their_values(client):
+    results = client.call_many([("ping",), "ping", ("x509_verify", (1, 2), {"at": b"secretpw"}),
+                                ("ping", (b"ok",), {}), ("read", ("@hunter2",))])
+    assert all(isinstance(r, E.EINVAL) for r in results[:3]) and results[3] == b"ok"
+    assert isinstance(results[4], E.EINVAL)
+    assert not any("secretpw" in str(r) or "hunter2" in str(r) for r in results)
+
+
 def test_connect_refuses_a_path_that_is_not_one():
     with pytest.raises(E.EINVAL, match="socket path"):
         keyden.connect(5)

@@ -775,3 +775,28 @@ def test_batches_take_none_for_associated_data_and_hash_takes_only_hashes(client
     for name in ("gcm(aes)", "hmac(sha256)", "no-such"):
         with pytest.raises(E.ENOENT):
             client.hash(name)
+
+
+def test_any_buffer_shape_is_its_bytes_and_a_finished_stream_is_done_whatever_the_answer(client, aes):
+    """Typed, strided and generated inputs are taken as the bytes they hold (a memoryview of uint16 items is
+    twice as many bytes as items); a shared-memory nonce is bytes too; a stream the daemon answered is over."""
+    from array import array
+    key, serial = aes
+    aead, local = client.aead(serial), AESGCM(key)
+    nonce = os.urandom(12)
+    typed = array("H", [1, 2, 3])
+    assert aead.encrypt_batch([nonce], [memoryview(typed)]) == [local.encrypt(nonce, typed.tobytes(), None)]
+    assert aead.encrypt_batch([nonce], (m for m in [b"gen"])) == [local.encrypt(nonce, b"gen", None)]
+    strided = memoryview(bytearray(range(200)))[::2]
+    assert aead.encrypt(nonce, strided, None) == local.encrypt(nonce, strided.tobytes(), None)
+    big = memoryview(bytearray(os.urandom(2 * dataplane.BULK_THRESHOLD)))[::2]
+    assert aead.encrypt(nonce, big, None) == local.encrypt(nonce, big.tobytes(), None)
+    with client.shared_buffer(4096) as shm:
+        with pytest.raises(E.EINVAL, match="nonce must be bytes-like"):
+            shm.cipher(GCM, serial, 0, 16, 100, iv=12)
+    mac = client.hmac(client.add("logon", "done:mac", os.urandom(32)))
+    with mac.stream(verify=True) as stream:
+        stream.update(b"data")
+        with pytest.raises(E.EBADMSG):
+            stream.finalize(tag=bytes(32))
+        assert stream.done  # the daemon ended it: nothing left to abort

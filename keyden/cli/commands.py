@@ -369,7 +369,7 @@ def cmd_session(ctx, args):
     if args:
         name = None if args[0] == "-" else args[0]
         args = args[1:]
-    serial, token = call("keyctl_join_session_keyring", ctx.client.join_session, name)
+    serial, token = call("keyctl_join_session_keyring", ctx.sessionless.join_session, name)
     ctx.close()
     print(f"Joined session keyring: {serial}", file=sys.stderr)
     env = dict(os.environ, **{SESSION_ENV: token})
@@ -383,7 +383,7 @@ def cmd_session(ctx, args):
 
 def _leave_quietly(ctx: Context, token: str) -> None:
     try:
-        with ctx.connect() as client:
+        with ctx.connect(session="") as client:
             client.leave_session(token)
     except Exception:  # the daemon may be gone; the program's status is what matters
         pass
@@ -393,7 +393,7 @@ def cmd_new_session(ctx, args):
     """keyctl gives its parent the new session; a child cannot change its parent's environment,
     so keyden prints the token for the caller to export."""
     expect(args, 0, 1)
-    serial, token = call("keyctl_join_session_keyring", ctx.client.join_session, args[0] if args else None)
+    serial, token = call("keyctl_join_session_keyring", ctx.sessionless.join_session, args[0] if args else None)
     print(serial)
     print(f"{SESSION_ENV}={token}")
 
@@ -404,17 +404,13 @@ def cmd_leave_session(ctx, args):
     if not token:
         raise Exit(2, "No session to leave: the token given is empty" if args else
                    f"No session to leave: {SESSION_ENV} is not set")
-    client = ctx.connect(session="")  # not in the session being left: its token may be stale already
-    try:
-        call("leave_session", client.leave_session, token)
-    finally:
-        client.close()
+    call("leave_session", ctx.sessionless.leave_session, token)  # the token may be stale already
 
 
 def cmd_sessions(ctx, args):
     """Your uid's sessions, tokens lost with their shells included: one '<serial> <name>' per line."""
     expect(args, 0)
-    for serial, name in call("sessions", ctx.client.sessions):
+    for serial, name in call("sessions", ctx.sessionless.sessions):
         print(serial, name)
 
 

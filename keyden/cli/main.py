@@ -18,6 +18,8 @@ from keyden.cli import commands
 from keyden.cli.support import Context, Exit, NoDaemon, Usage
 
 HELP_WORDS = ("--help", "-h")
+#: how writing stdout fails (a closed descriptor, a full or failing disk, a file over its limit)
+_STDOUT_FAILURES = frozenset({errno.EBADF, errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
 
 
 def _global_options(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except OSError as exc:  # a standard stream failed (closed, a full disk): said, as keyctl's error("stdout")
+        if exc.filename is None and exc.errno not in _STDOUT_FAILURES:
+            raise  # not a standard stream's: a bug, with its traceback
         _silence_stdout()  # what is still buffered must not fail again at exit
         print(f"{exc.filename or 'stdout'}: {exc.strerror or exc}", file=sys.stderr)  # perror, as keyctl
         return 1

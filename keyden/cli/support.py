@@ -168,12 +168,21 @@ class Context:
     def __init__(self, socket: str | None = None):
         self.socket = socket
         self._client = None
+        self._sessionless = None
 
     @property
     def client(self):
         if self._client is None:
             self._client = self.connect()
         return self._client
+
+    @property
+    def sessionless(self):
+        """A connection in no session: for the commands about sessions themselves (joining, listing,
+        leaving), which must work while $KEYDEN_SESSION holds a stale token."""
+        if self._sessionless is None:
+            self._sessionless = self.connect(session="")
+        return self._sessionless
 
     def connect(self, session: str | None = None):
         import keyden
@@ -183,14 +192,15 @@ class Context:
         except E.EACCES as exc:  # the daemon is there; the session token is not valid
             name = SESSION_ENV if session is None else "the session token"
             raise Exit(1, f"keyden: {name}: {exc.message} (its session ended, or the daemon restarted since: "
-                          f"unset {SESSION_ENV} or join a session)") from None
+                          f"unset {SESSION_ENV})") from None
         except E.KeydenError as exc:
             raise NoDaemon(exc.message) from None
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        for client in (self._client, self._sessionless):
+            if client is not None:
+                client.close()
+        self._client = self._sessionless = None
 
     def key(self, arg: str) -> int:
         """keyctl's get_key_id: a number, '@x', or '%type:desc' looked up among visible keys."""

@@ -13,8 +13,8 @@ import asyncio
 from typing import Sequence
 
 from keyden import errors as E
-from keyden.client.dataplane import (_OVERHEAD, PIECE, KeyedAlgorithm, _fits, _piece, _raise_first,
-                                     _same_connection, _stale)
+from keyden.client.dataplane import (_OVERHEAD, PIECE, KeyedAlgorithm, _final_fields, _fits, _piece,
+                                     _raise_first, _same_connection, _stale)
 from keyden.client.operations import binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
@@ -164,13 +164,15 @@ class AsyncStream:
     async def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
         """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
 
-        The stream is done once the daemon answered; if the request never went out (bad arguments,
-        over the frame cap), it is still open, and ``abort`` or ``async with`` closes it.
+        The stream ends with the daemon's answer, whatever it is; if the request cannot go out (bad
+        arguments, over the frame cap), it is still open, and ``abort`` or ``async with`` closes it.
         """
         _same_connection(self._client, self.generation, "stream")
-        result = await self._client.stream_final(self.handle, binary(data), binary(tag, "tag"))
-        self.done = True
-        return result
+        data, tag = _final_fields(self._client, data, tag)
+        try:
+            return await self._client.stream_final(self.handle, data, tag)
+        finally:
+            self.done = True
 
     async def abort(self) -> None:
         if not self.done:

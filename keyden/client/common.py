@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 from keyden import errors as E
@@ -12,6 +13,7 @@ from keyden.protocol import Op
 
 SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
 SESSION_ENV = "KEYDEN_SESSION"
+_LOOKS_SPECIAL = re.compile(r"@[a-z]{1,2}")
 
 
 def socket_path(path: str | None = None) -> str:
@@ -54,7 +56,7 @@ def key_id(ref) -> int | tuple[str, str]:
         try:
             return key_id(int(ref, 0))
         except ValueError:
-            hint = f" {ref!r}" if ref.startswith("@") and len(ref) <= 8 else ""  # a mistyped special name
+            hint = f" {ref!r}" if _LOOKS_SPECIAL.fullmatch(ref) else ""  # a mistyped special name, nothing longer
             raise E.EINVAL(f"bad key reference{hint}: a string must be a serial, one of "
                            f"{', '.join(SPECIAL)} or %type:description") from None
     raise E.EINVAL(f"bad key reference: a {type(ref).__name__}; use a serial, a key handle, one of "

@@ -32,7 +32,12 @@ def _piece(client) -> int:
 
 
 def _fits(client, data: bytes, aad: bytes = b"") -> bool:
-    return len(data) + len(aad) + _OVERHEAD <= client.max_frame and len(data) < PIECE
+    """Worth one request (the asyncio helpers pipeline pieces from 1 MiB on)."""
+    return _one_request(client, data, aad) and len(data) < PIECE
+
+
+def _one_request(client, data: bytes, aad: bytes = b"") -> bool:
+    return len(data) + len(aad) + _OVERHEAD <= client.max_frame
 
 
 class SharedBuffer:
@@ -63,8 +68,8 @@ class SharedBuffer:
         """Process view[in_offset:+length] into view[out_offset:] inside keyden: (bytes written, nonce chosen)."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
         _same_connection(self.client, self.generation, "shared buffer")
-        return self.client._call(Op.SHM_CIPHER, self.region, alg, Ref(key), flags, bytes(iv), bytes(aad or b""),
-                                 in_offset, length, out_offset)
+        return self.client._call(Op.SHM_CIPHER, self.region, alg, Ref(key), flags, binary(iv, "nonce"),
+                                 binary(aad or b"", "associated_data"), in_offset, length, out_offset)
 
     def close(self) -> None:
         if self.map is None:
@@ -226,7 +231,7 @@ class Mac(KeyedAlgorithm):
 
     def mac(self, data) -> bytes:
         data = binary(data)
-        if _fits(self._client, data):
+        if _one_request(self._client, data):
             return self._client.mac(self.alg, self.serial, data)
         with self.stream() as stream:
             return _in_pieces(stream, data)[1]
@@ -234,7 +239,7 @@ class Mac(KeyedAlgorithm):
     def verify(self, data, tag) -> None:
         """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
         data, tag = binary(data), binary(tag, "tag")
-        if _fits(self._client, data):
+        if _one_request(self._client, data):
             self._client.mac_verify(self.alg, self.serial, data, tag)
             return
         with self.stream(verify=True) as stream:
@@ -268,13 +273,15 @@ class Stream:
     def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
         """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
 
-        The stream is done once the daemon answered; if the request never went out (bad arguments,
-        over the frame cap), it is still open, and ``abort`` or the ``with`` block closes it.
+        The stream ends with the daemon's answer, whatever it is; if the request cannot go out (bad
+        arguments, over the frame cap), it is still open, and ``abort`` or the ``with`` block closes it.
         """
         _same_connection(self._client, self.generation, "stream")
-        result = self._client.stream_final(self.handle, binary(data), binary(tag, "tag"))
-        self.done = True
-        return result
+        data, tag = _final_fields(self._client, data, tag)
+        try:
+            return self._client.stream_final(self.handle, data, tag)
+        finally:
+            self.done = True
 
     def abort(self) -> None:
         if not self.done:
@@ -302,12 +309,22 @@ def _in_pieces(stream: Stream, data: bytes, tag: bytes = b"") -> tuple[bytes, by
 
 
 def _view(data) -> memoryview:
-    """Caller's bytes-like data as flat bytes without a copy; EINVAL for anything else (text, numbers)."""
+    """Caller's bytes-like data as flat bytes, without a copy when it is contiguous; EINVAL for anything
+    else (text, numbers)."""
     try:
         return memoryview(data).cast("B")
-    except TypeError:
-        raise E.EINVAL(f"data must be bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}") \
-            from None
+    except TypeError:  # not a buffer, or a non-contiguous one (which binary() copies)
+        return memoryview(binary(data))
+
+
+def _final_fields(client, data, tag) -> tuple[bytes, bytes]:
+    """STREAM_FINAL's data and tag, checked here: a refusal from here on is the daemon's, and ends the stream."""
+    data, tag = binary(data), binary(tag, "tag")
+    body = 12 + len(data) + len(tag)  # stream U32, then two length-prefixed fields
+    if body > client.max_frame:
+        raise E.EMSGSIZE(f"the last piece takes {body} bytes, over the daemon's {client.max_frame}-byte frame "
+                         "cap; send it with update() first")
+    return data, tag
 
 
 def _stale(client, generation: int) -> bool:

@@ -185,7 +185,10 @@ def _digest(data, algorithm) -> tuple[bytes, str]:
     """(digest, hash name): the kernel signs a digest, so hash here unless pyca says it is prehashed."""
     data = binary(data)
     if isinstance(algorithm, utils.Prehashed):
-        return data, _hash_name(algorithm._algorithm)
+        name = _hash_name(algorithm._algorithm)
+        if len(data) != algorithm.digest_size:  # as pyca: a prehashed digest is exactly the hash's size
+            raise E.EINVAL(f"prehashed data must be a {name} digest of {algorithm.digest_size} bytes")
+        return data, name
     if isinstance(algorithm, utils.NoDigestInfo):
         raise E.EOPNOTSUPP("keyden signs with a DigestInfo; NoDigestInfo is not offered")
     name = _hash_name(algorithm)

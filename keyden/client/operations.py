@@ -46,13 +46,15 @@ def binary(data, what: str = "data") -> bytes:
 
 
 def _bytes_list(values) -> list:
-    """A batch's items as bytes-like objects: strings are encoded, the rest pass straight through."""
+    """A batch's items as bytes or bytearrays (their length is their size): other buffers are copied,
+    strings encoded, anything else refused."""
+    values = values if type(values) is list else list(values)
     if not set(map(type, values)) <= _BYTES_TYPES:  # the usual case, checked at C speed
         return [_bytes(v) for v in values]
-    return values if type(values) is list else list(values)
+    return values
 
 
-_BYTES_TYPES = {bytes, bytearray, memoryview}
+_BYTES_TYPES = {bytes, bytearray}
 
 
 class Operations:
@@ -119,7 +121,7 @@ class Operations:
         return self._call(Op.SET_TIMEOUT, Ref(key), seconds)
 
     def get_keyring_id(self, key, create: bool = False):
-        return self._call(Op.GET_KEYRING_ID, Ref(key), int(create))
+        return self._call(Op.GET_KEYRING_ID, Ref(key), 1 if create else 0)
 
     id = get_keyring_id
 
@@ -271,7 +273,7 @@ class Operations:
         Refusals are EKEYREJECTED with the reason; ``at`` is a Unix time (0: now).
         """
         return self._call(Op.X509_VERIFY, Ref(cert), Ref(trust_keyring), Ref(chain_keyring) if chain_keyring else 0,
-                          host, purpose, int(at))
+                          host, purpose, int(at) if isinstance(at, float) else at)
 
     # daemon
     def ping(self, data: bytes = b""):

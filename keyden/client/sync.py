@@ -269,24 +269,33 @@ class Client(Operations):
 
         Each result is the method's value or the KeydenError that call raised (bad arguments included).
         A '%type:description' name is looked up once every call before it is answered, so it finds a key
-        an earlier call made; those calls then go in more than one round trip.
+        an earlier call made; those calls then go in more than one round trip.  If the connection fails
+        under a round trip, its calls all get that error and none is sent again.
         """
         results: list[Any] = [None] * len(calls)
         ready: list[tuple[int, Op, tuple]] = []  # (index, op, fields) to send together
 
         def send_ready() -> None:
-            answers = self._exchange([(op, fields) for _, op, fields in ready], raise_errors=False)
-            for (i, op, fields), answer in zip(ready, answers):
-                results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer, fields)
+            batch = ready[:]
             ready.clear()
+            try:
+                answers = self._exchange([(op, fields) for _, op, fields in batch], raise_errors=False)
+            except E.KeydenError as exc:  # the connection: each of these may or may not have been done
+                answers = [type(exc)(exc.message) for _ in batch]
+            for (i, op, fields), answer in zip(batch, answers):
+                results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer, fields)
 
         recorder = _Recorder()
-        for i, (name, args, *kwargs) in enumerate(calls):
+        for i, call in enumerate(calls):
             try:
-                op, raw = recorder.record(name, args, kwargs[0] if kwargs else {})
-                if any(type(a) is Ref and isinstance(common.key_id(a.value), tuple) for a in raw):
-                    if ready:
-                        send_ready()  # what came before is done before the name is looked up
+                op, raw = recorder.record(call)
+                needs_find = any(type(a) is Ref and isinstance(common.key_id(a.value), tuple) for a in raw)
+            except E.KeydenError as exc:
+                results[i] = exc
+                continue
+            if needs_find and ready:
+                send_ready()  # what came before is done before the name is looked up
+            try:
                 fields = self._resolve(raw)
             except E.KeydenError as exc:
                 results[i] = exc
@@ -377,15 +386,19 @@ class _Recorder(Operations):
     def _call(self, op, *args):
         self.last = (op, args)
 
-    def record(self, name: str, args: Sequence, kwargs: dict) -> tuple[Op, tuple]:
-        """(op, fields) of ``client.<name>(*args, **kwargs)``; EINVAL for bad arguments or a name that is
-        not one request (the data-plane helpers, TLS, shared buffers)."""
+    def record(self, call) -> tuple[Op, tuple]:
+        """(op, fields) of a call_many entry ``(name, args[, kwargs])``; EINVAL for a malformed entry, bad
+        arguments, or a name that is not one request (the data-plane helpers, TLS, shared buffers).
+        Messages name what is wrong, never an argument's value."""
+        if not isinstance(call, (tuple, list)) or not 2 <= len(call) <= 3:
+            raise E.EINVAL("each call_many entry is (name, args) or (name, args, kwargs)")
+        name, args, kwargs = call[0], call[1], call[2] if len(call) == 3 else {}
         method = getattr(Operations, name, None) if isinstance(name, str) and not name.startswith("_") else None
         if not callable(method):
             raise E.EINVAL(f"call_many pipelines the client's keyctl operations (one request each); "
                            f"{str(name)[:40]!r} is not one")
         try:
             method(self, *args, **kwargs)
-        except TypeError as exc:  # wrong arguments for the method
-            raise E.EINVAL(f"{name}: {exc}") from None
+        except (TypeError, ValueError):  # arguments that do not fit the method (its message may quote them)
+            raise E.EINVAL(f"{name}: the arguments do not fit {name}()") from None
         return self.last
