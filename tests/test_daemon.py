@@ -14,6 +14,8 @@ import time
 import pytest
 
 import keyden
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.protocol import Op
@@ -281,3 +283,22 @@ def test_a_client_outlives_a_daemon_restart_for_persistent_keys(fresh_daemon):
         in_session.ping(b"")
     c.close()
     in_session.close()
+
+
+@pytest.mark.parametrize("setting, said", [
+    ("bogus = 1", "unknown setting 'bogus'"),
+    ('max_frame = "abc"', "max_frame must be an int, not str"),
+    ('harden = "false"', "harden must be a bool, not str"),  # a string is no bool: never silently true
+    ('ca_bundle = "/nonexistent/bundle.pem"', "cannot read the CA bundle /nonexistent/bundle.pem"),
+])
+def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "keyden.toml").write_text(setting + "\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    commands = [["serve", "--socket", str(tmp_path / "k.sock")]] + ([["init"]] if "bundle" not in said else [])
+    for command in commands:  # (init reads the settings too, but loads no CA bundle)
+        proc = subprocess.run([sys.executable, "-m", "keyden", *command, "--state-dir", str(state)],
+                              capture_output=True, text=True, env=env, timeout=30)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (command, proc.stderr)
+        assert said in proc.stderr.strip().splitlines()[-1], (command, proc.stderr)

@@ -909,7 +909,8 @@ def test_master_key_in_the_kernel_keyring(fresh_daemon):
             assert os.path.exists(key_file)
             return
         with open(key_file, "rb") as f:
-            assert kernel.read(description) == f.read()
+            old_key = f.read()
+        assert kernel.read(description) == old_key
         c = session(d)
         key = c.add("user", "k", b"unlocked from the kernel", c.get_persistent("@s"))
         d.stop()
@@ -917,6 +918,12 @@ def test_master_key_in_the_kernel_keyring(fresh_daemon):
         d.start()
         c = persistent(d)
         assert c.read(key) == b"unlocked from the kernel"
+        with pytest.raises(E.EPERM, match="offline"):  # a new key must not live in the kernel alone
+            c.rekey()
+        assert not os.path.exists(key_file) and kernel.read(description) == old_key
+        d.stop()
+        d.start()  # the kernel copy still opens the store: the refused rekey changed nothing
+        assert persistent(d).read(key) == b"unlocked from the kernel"
     finally:
         try:
             kernel.remove(description)

@@ -568,6 +568,24 @@ def test_a_silent_peer_times_out_alone(app_factory, server_ring, pki):
     assert isinstance(error, E.ETIMEDOUT) and "did not finish within 2 s" in error.message
 
 
+def test_each_handshake_outcome_is_audited_after_its_request(app_factory, server_ring, pki, daemon):
+    """tls_accept's own line says the session was taken on; the handshake ends later, and its outcome gets
+    a line of its own (op tls_established), written before the application hears it."""
+    import json
+    app = app_factory(handshake_timeout=1.0)
+    app.serve(count=2)
+    _, reply = python_peer(app.port, "a.test", pki.ca)
+    assert reply == b"echo: hello\n" and app.outcome().version
+    silent = socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT)
+    assert isinstance(app.outcome(), E.ETIMEDOUT)
+    silent.close()
+    with open(os.path.join(daemon.state_dir, "audit.log"), encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if f'"pid": {os.getpid()},' in line]
+    tls_lines = [(r["op"], r["result"]) for r in lines if r["op"] in ("tls_accept", "tls_established")][-4:]
+    assert tls_lines == [("tls_accept", "ok"), ("tls_established", "ok"),
+                         ("tls_accept", "ok"), ("tls_established", "ETIMEDOUT")]
+
+
 def test_a_peer_that_hangs_up_mid_handshake(app_factory, server_ring, pki):
     app = app_factory()
     app.serve()

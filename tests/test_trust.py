@@ -298,7 +298,8 @@ def system(pki):
     files = tempfile.mkdtemp(prefix="keyden-trust-")
     bundle, blacklist = os.path.join(files, "ca.pem"), os.path.join(files, "blacklist")
     with open(bundle, "wb") as f:
-        f.write(b"".join(pem(c) for c in (pki.root, certificate("P-521 CA", p521, ca=True), banned_ca)))
+        reissued = certificate("Test Root", pki.root_key, ca=True)  # the same root and key, issued again first
+        f.write(b"".join(pem(c) for c in (reissued, pki.root, certificate("P-521 CA", p521, ca=True), banned_ca)))
     with open(blacklist, "w") as f:
         f.write(f"# banned at start\n{tbs(banned_ca)}\n\n{bin_(bin_banned.public_bytes(serialization.Encoding.DER))}"
                 "  # a comment\n")
@@ -325,9 +326,10 @@ def test_system_keyrings_are_made_at_start_and_cannot_be_removed(system, pki):
     assert c.read(secondary) == [builtin]
     assert sorted(c.describe(k).description for k in c.read(blacklist)) == sorted(
         [tbs(system.banned_ca), bin_(system.bin_banned.public_bytes(serialization.Encoding.DER))])
-    assert ".builtin_trusted_keys: loaded 1 certificates from " \
-           "and skipped 1 the parser refused and 1 blacklisted" in system.daemon.read_log().replace(
-               system.files + "/ca.pem ", "")
+    assert c.describe(root).description.startswith("Test Root: ")  # the later of the two, as add_key would
+    assert ".builtin_trusted_keys: holds 1 certificates from ; 1 replaced an earlier one with the same subject " \
+           "and key id, 1 the parser refused, 1 blacklisted" in system.daemon.read_log().replace(
+               system.files + "/ca.pem", "")
 
     # KEY_FLAG_KEEP: whatever the masks grant, nobody (root included) revokes, invalidates or clears them.
     for call in (lambda: c.invalidate(builtin), lambda: c.invalidate(root), lambda: c.clear(secondary),

@@ -6,6 +6,7 @@ import argparse
 import os
 import stat
 
+from keyden import errors as E
 from keyden.cli.support import Exit, Usage, call, failure, id32, number, read_file, read_stdin, write_bytes
 
 EXPORT_USAGE = "<key> --to-public-key <key>|<pemfile> [-o <file>]"
@@ -37,6 +38,8 @@ def cmd_init(ctx, args):
         journal = open_durable(config, KeyStore(config.store), check_only=True)
     except StartupError as exc:
         raise Exit(1, f"keyden: {exc}") from None
+    except E.KeydenError as exc:  # a setting refused (its message names it)
+        raise Exit(1, f"keyden: {exc.message}") from None
     db_path, key_path = paths(config)
     if journal is not None:  # made just now
         journal.close()

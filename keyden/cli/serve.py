@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from keyden import errors as E
 from keyden.persist import StartupError
 from keyden.server.config import ServerConfig
 from keyden.server.server import Server
@@ -48,5 +49,8 @@ def serve(argv: list[str]) -> int:
         Server(config).run()
     except StartupError as exc:
         print(f"keyden: not starting: {exc}", file=sys.stderr)
+        return 1
+    except E.KeydenError as exc:  # a setting refused (its message names it)
+        print(f"keyden: not starting: {exc.message}", file=sys.stderr)
         return 1
     return 0

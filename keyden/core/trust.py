@@ -326,9 +326,11 @@ def _load_blacklist(store: KeyStore, ring: Key, path: str) -> int:
     return count
 
 
-def _load_bundle(store: KeyStore, ring: Key, path: str) -> tuple[int, int, int]:
-    """Each PEM certificate of a CA bundle into ``ring``: (loaded, refused by the parser, blacklisted)."""
-    loaded = refused = blacklisted = 0
+def _load_bundle(store: KeyStore, ring: Key, path: str) -> tuple[int, int, int, int]:
+    """Each PEM certificate of a CA bundle into ``ring``: (loaded, refused by the parser, blacklisted,
+    replaced).  ``replaced`` counts certificates that took the place of an earlier one with the same
+    description (subject and key id: a root re-issued with its key), as add_key would."""
+    loaded = refused = blacklisted = replaced = 0
     with warnings.catch_warnings():  # old roots with negative serials: pyca warns, the parser copes
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         for block in _PEM_CERT.findall(_read(path, "CA bundle")):
@@ -337,13 +339,16 @@ def _load_bundle(store: KeyStore, ring: Key, path: str) -> tuple[int, int, int]:
             except E.KeydenError:
                 refused += 1
                 continue
+            with store.lock:
+                again = (ASYMMETRIC.name, parsed.default_description) in ring.links
             try:
                 store.add_system_key(ASYMMETRIC, parsed.default_description, parsed, parsed.quota_size,
                                      SYSTEM_CERT_PERM, keyring=ring)
                 loaded += 1
+                replaced += again
             except E.EKEYREJECTED:
                 blacklisted += 1
-    return loaded, refused, blacklisted
+    return loaded, refused, blacklisted, replaced
 
 
 def install_system_keyrings(store: KeyStore, config) -> SystemKeyrings:
@@ -368,9 +373,10 @@ def install_system_keyrings(store: KeyStore, config) -> SystemKeyrings:
             count = _load_blacklist(store, blacklist, config.blacklist_file)
             log.info("%s: %d entries from %s", BLACKLIST, count, config.blacklist_file)
         if config.ca_bundle:
-            loaded, refused, banned = _load_bundle(store, builtin, config.ca_bundle)
-            log.info("%s: loaded %d certificates from %s and skipped %d the parser refused and %d blacklisted",
-                     BUILTIN, loaded, config.ca_bundle, refused, banned)
+            loaded, refused, banned, replaced = _load_bundle(store, builtin, config.ca_bundle)
+            log.info("%s: holds %d certificates from %s; %d replaced an earlier one with the same subject "
+                     "and key id, %d the parser refused, %d blacklisted",
+                     BUILTIN, loaded - replaced, config.ca_bundle, replaced, refused, banned)
     except E.KeydenError as exc:  # the daemon will not start: say why where the operator looks
         log.error("system keyrings: %s", exc.message)
         raise

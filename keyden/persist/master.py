@@ -220,14 +220,15 @@ class FileKey(KeySource):
     def rotate(self, passphrase: bytes) -> Rotation:
         if passphrase:
             raise E.EINVAL("this store is sealed under a master key file, not a passphrase")
+        if not os.path.exists(self.path):
+            # Held only in the kernel, whose copy dies with a reboot: the offline copy would open nothing
+            # after a rotation, and the new key would exist nowhere that lasts.
+            raise E.EPERM(f"the master key file {self.path} is offline (the kernel keyring holds the key): "
+                          "put it back for the rekey, then move the new one offline again")
         key = os.urandom(KEY_BYTES)
         write_secret_file(self.pending, key, replace=True)
 
         def finish() -> None:
-            kernel_only = self.kernel_ok and not os.path.exists(self.path)
-            if kernel_only and self._hold_in_kernel(key):
-                os.unlink(self.pending)  # the key lives in the kernel only, as before
-                return
             os.replace(self.pending, self.path)
             _fsync_dir(self.path)
             self._hold_in_kernel(key)

@@ -160,3 +160,9 @@ class ConnectionAudit:
         us = time.time_ns() // 1000  # formatting an int is cheaper than a float's shortest repr
         self._log.write(f'{{"ts": {us // 1_000_000}.{us % 1_000_000:06d}, {self._prefix}, {op_part}, "keys": {keys}, '
                         f'{serial}"result": "{RESULT_NAMES.get(status) or status}"}}\n'.encode())
+
+    def record_now(self, op: int, status: int) -> None:
+        """An outcome that comes after its request was answered (a TLS handshake's), from another thread:
+        written at once, behind the lines held before it, so nothing waits for the loop's next round."""
+        self.record(op, None, status)
+        self._log.flush()

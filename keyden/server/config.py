@@ -174,4 +174,17 @@ def _apply(target, values: dict, path, skip=()) -> None:
     for name, value in values.items():
         if name not in known:
             raise E.EINVAL(f"{path}: unknown setting {name!r}")
-        setattr(target, name, type(getattr(target, name))(value))
+        setattr(target, name, _typed(value, type(getattr(target, name)), f"{path}: {name}"))
+
+
+def _typed(value, kind: type, what: str):
+    """``value`` as the setting's type, taken only from its own TOML type (a string "false" is no bool,
+    and "abc" no number)."""
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, kind))
+    if not ok:
+        raise E.EINVAL(f"{what} must be a{'n' if kind.__name__[0] in 'aeiou' else ''} {kind.__name__}, "
+                       f"not {type(value).__name__}")
+    return kind(value)

@@ -203,7 +203,8 @@ class Connection:
         except E.KeydenError as exc:
             return W.encode_error(frame.request_id, frame.op, exc)
         caller = Caller(self.peer.credentials, self.peer.process, session or None)
-        self.context = Context(self.store, caller, self.peer.pid, fds=self.fds, max_frame=self.max_frame)
+        self.context = Context(self.store, caller, self.peer.pid, fds=self.fds, max_frame=self.max_frame,
+                               audit=self.audit)
         self.closed = False
         return W.encode_response(frame.request_id, frame.op,
                                  (W.VERSION, self.max_frame, self.peer.uid, self.peer.gid, self.peer.pid))

@@ -17,6 +17,7 @@ end-of-file, once its data is sent, ends the session with a close_notify.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
 import logging
@@ -111,8 +112,12 @@ class Engine:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
 
-    def start(self, uid: int, tls: ssl.SSLSocket, timeout: float, check: ChainCheck) -> socket.socket:
-        """Run a session on ``tls`` (handshake not begun); return the application's plaintext end."""
+    def start(self, uid: int, tls: ssl.SSLSocket, timeout: float, check: ChainCheck,
+              report: Callable[[int], None] = lambda status: None) -> socket.socket:
+        """Run a session on ``tls`` (handshake not begun); return the application's plaintext end.
+
+        ``report`` hears the handshake's outcome once, on the session's thread: 0, or the errno the
+        application is told (for the audit log)."""
         with self._lock:
             if not self._loops:
                 self._start()
@@ -134,7 +139,7 @@ class Engine:
         tls.setblocking(False)
         if tls.family != socket.AF_UNIX:
             tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Session(loop, tls, mine, timeout, check, lambda: self._release(uid)).start()
+        Session(loop, tls, mine, timeout, check, lambda: self._release(uid), report).start()
         return app
 
     def _release(self, uid: int) -> None:
@@ -223,8 +228,9 @@ class Session:
     """
 
     def __init__(self, loop: Loop, tls: ssl.SSLSocket, plain: socket.socket, timeout: float, check: ChainCheck,
-                 on_close: Callable[[], None]):
+                 on_close: Callable[[], None], report: Callable[[int], None] = lambda status: None):
         self.loop = loop
+        self.report = report  # the handshake's outcome, once (then None)
         self.tls = tls
         self.plain = plain
         self.timeout = timeout
@@ -347,6 +353,7 @@ class Session:
             return
         self.deadline = None
         self.established = True
+        self._report(0)
         self.up_blocked = None
         self.up, self.down = memoryview(bytearray(BUFFER)), memoryview(bytearray(BUFFER))
         if self.plain.send(outcome) != len(outcome):  # an empty 1 MiB socket buffer takes it whole
@@ -355,15 +362,26 @@ class Session:
     def _fail(self, error: E.KeydenError) -> None:
         """Tell the application why (one error frame), then drop both connections."""
         log.debug("TLS handshake refused: %s", error)
+        self._report(error.code)
         try:
             self.plain.send(W.encode_error(0, Op.TLS_ESTABLISHED, error))
         except OSError:
             pass
         self._close()
 
+    def _report(self, status: int) -> None:
+        report, self.report = self.report, None
+        if report is not None:
+            try:
+                report(status)
+            except Exception:  # the audit fails open, as everywhere: the session goes on
+                log.exception("TLS session: reporting the handshake's outcome failed")
+
     def _close(self) -> None:
         if self.closed:
             return
+        if not self.established:  # ended before any outcome was told (the peer or the application went)
+            self._report(errno.ECONNRESET)
         self.closed = True
         for fd in self.watched:
             self.loop.unregister(fd)

@@ -120,8 +120,14 @@ def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
                 raise E.EKEYREJECTED(f"peer certificate chain holds a blacklisted certificate: "
                                      f"{cert.subject.rfc4514_string()}")
 
+    audit = ctx.audit
+
+    def report(status: int) -> None:  # the handshake's outcome, on the audit log beside the request's line
+        if audit is not None:
+            audit.record_now(Op.TLS_ESTABLISHED, status)
+
     try:
-        app = engine().start(ctx.caller.uid, tls, timeout, refuse_blacklisted)
+        app = engine().start(ctx.caller.uid, tls, timeout, refuse_blacklisted, report)
     except BaseException:
         tls.close()
         raise
