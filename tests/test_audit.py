@@ -138,3 +138,29 @@ def test_a_ping_is_not_recorded(fresh_daemon):
         c.whoami()  # the last line, written before its reply
     ops = [r["op"] for r in mine(audit_lines(os.path.join(d.state_dir, "audit.log")))]
     assert ops[-2:] == ["hello", "whoami"] and "ping" not in ops
+
+
+def test_a_flush_on_another_thread_never_lets_the_loop_reply_before_the_lines_it_took(tmp_path, monkeypatch):
+    """The loop sends a round's replies once ``holding`` is false; a TLS outcome's flush on another thread
+    takes the loop's held lines too, so until they are written the loop must still see them as held."""
+    import threading
+    from keyden.server.audit import AuditLog
+    audit = AuditLog.open("audit.log", str(tmp_path))
+    audit.hold()
+    audit.write(b"the loop's line\n")
+    writing, release = threading.Event(), threading.Event()
+    real_write = audit._write
+
+    def slow_write(line):
+        writing.set()
+        release.wait(5)
+        real_write(line)
+    monkeypatch.setattr(audit, "_write", slow_write)
+    other = threading.Thread(target=audit.flush)  # e.g. record_now on the TLS engine's thread
+    other.start()
+    assert writing.wait(5)
+    assert audit.holding  # taken, not yet written: the loop must flush (and so wait) before replying
+    release.set()
+    audit.flush()  # the loop's own flush: returns once the other thread's write is done
+    assert (tmp_path / "audit.log").read_bytes() == b"the loop's line\n"
+    other.join(5)

@@ -261,6 +261,27 @@ def test_call_many_reports_malformed_entries_per_call_without_their_values(clien
     assert not any("secretpw" in str(r) or "hunter2" in str(r) for r in results)
 
 
+def test_call_many_keeps_the_answers_it_read_before_the_connection_failed(client, monkeypatch):
+    """Answers already read stand (the caller must not redo what succeeded); only calls still unanswered
+    get the connection's error, and a call refused locally keeps its own error."""
+    real_wait = client._wait
+    waits = []
+
+    def failing_wait(rid, received=None):
+        waits.append(rid)
+        if len(waits) == 2:
+            raise OSError("connection lost under the second answer")
+        return real_wait(rid, received)
+    monkeypatch.setattr(client, "_wait", failing_wait)
+    results = client.call_many([("ping", (b"one",)), ("ping", (b"two",)), ("ping", (b"x" * (client.max_frame + 1),)),
+                                ("ping", (b"three",))])
+    monkeypatch.undo()
+    assert results[0] == b"one"
+    assert isinstance(results[1], E.ECONNRESET) and isinstance(results[3], E.ECONNRESET)
+    assert isinstance(results[2], E.EMSGSIZE)
+    assert client.ping(b"after") == b"after"  # the next request reconnects
+
+
 def test_connect_refuses_a_path_that_is_not_one():
     with pytest.raises(E.EINVAL, match="socket path"):
         keyden.connect(5)
@@ -290,6 +311,11 @@ def test_a_client_outlives_a_daemon_restart_for_persistent_keys(fresh_daemon):
     ('max_frame = "abc"', "max_frame must be an int, not str"),
     ('harden = "false"', "harden must be a bool, not str"),  # a string is no bool: never silently true
     ('ca_bundle = "/nonexistent/bundle.pem"', "cannot read the CA bundle /nonexistent/bundle.pem"),
+    ("workers = -1", "workers must be a finite number from 0 to 2147483647"),
+    ("gc_interval = inf", "gc_interval must be a finite number from 0.01"),  # no collection, silently
+    ("max_frame = 0", "max_frame must be a finite number from 4096"),
+    ("handshake_timeout = nan", "handshake_timeout must be a finite number"),
+    ("quota = 5", "quota must be a table"),
 ])
 def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
     state = tmp_path / "state"

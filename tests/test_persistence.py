@@ -896,6 +896,21 @@ def test_rekey_without_downtime_and_the_old_key_no_longer_opens(fresh_daemon):
     assert all(c.read(k) == v for k, v in keys.items())
 
 
+def test_rekey_writes_a_new_key_file_when_the_file_was_lost_and_nothing_else_holds_it(fresh_daemon):
+    """Without a kernel copy, a key file deleted under a running daemon is the store's end at the next start,
+    unless a rekey writes a new one: that rekey must go ahead (only an offline file with a kernel copy is
+    refused)."""
+    d = fresh_daemon()
+    c = persistent(d)
+    key = c.add("user", "k", b"rescued", c.get_persistent("@s"))
+    os.unlink(os.path.join(d.state_dir, "master.key"))
+    c.rekey()
+    assert os.path.exists(os.path.join(d.state_dir, "master.key"))
+    d.stop()
+    d.start()
+    assert persistent(d).read(key) == b"rescued"
+
+
 def test_master_key_in_the_kernel_keyring(fresh_daemon):
     description = f"keyden-test:{secrets.token_hex(4)}"
     d = fresh_daemon(f'master_key_kernel = "{description}"\n')

@@ -586,6 +586,61 @@ def test_each_handshake_outcome_is_audited_after_its_request(app_factory, server
                          ("tls_accept", "ok"), ("tls_established", "ETIMEDOUT")]
 
 
+def test_a_handshake_outcome_known_at_once_is_audited_after_its_request(client, server_ring, daemon):
+    """A peer that already sent garbage, or already left, fails the first handshake step, inside the request:
+    its tls_established line still comes after the tls_accept line."""
+    import json
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    for send in (b"GET / HTTP/1.0\r\n\r\n", b""):
+        peer = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        if send:
+            peer.sendall(send)
+        else:
+            peer.close()
+        conn, _ = listener.accept()
+        time.sleep(0.05)  # what the peer did is there before keyden takes the socket
+        with pytest.raises((E.EPROTO, E.ECONNRESET)):
+            client.tls_accept(conn, "@s")
+        conn.close()
+        peer.close()
+    listener.close()
+    with open(os.path.join(daemon.state_dir, "audit.log"), encoding="utf-8") as f:
+        ops = [json.loads(line)["op"] for line in f if f'"pid": {os.getpid()},' in line]
+    tls_ops = [op for op in ops if op in ("tls_accept", "tls_established")][-4:]
+    assert tls_ops == ["tls_accept", "tls_established"] * 2
+
+
+def test_an_application_gone_before_the_outcome_is_audited_as_such(client, server_ring, pki, daemon):
+    """The application closed its plaintext end while the handshake ran: the peer is not served, and the
+    audit line says ECONNRESET, not ok."""
+    import json
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peer = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    conn, _ = listener.accept()
+    (_fields, fds) = client._call_trading_fds(Op.TLS_ACCEPT, (-3, 0, 0, [], 0), [conn.fileno()])
+    conn.close()
+    for fd in fds:
+        os.close(fd)  # the application is gone before the handshake even starts
+    ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    try:
+        with ctx.wrap_socket(peer, server_hostname="a.test") as tls:
+            got = tls.recv(1)  # nobody to speak to: the connection ends
+    except (ssl.SSLError, OSError):
+        got = b""
+    assert got == b""
+    listener.close()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        with open(os.path.join(daemon.state_dir, "audit.log"), encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if f'"pid": {os.getpid()},' in line]
+        if lines and lines[-1]["op"] == "tls_established":
+            break
+        time.sleep(0.05)
+    assert (lines[-1]["op"], lines[-1]["result"]) == ("tls_established", "ECONNRESET")
+
+
 def test_a_peer_that_hangs_up_mid_handshake(app_factory, server_ring, pki):
     app = app_factory()
     app.serve()

@@ -9,6 +9,7 @@ transport can resolve '%...' forms with a FIND first.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from keyden import errors as E
@@ -273,7 +274,7 @@ class Operations:
         Refusals are EKEYREJECTED with the reason; ``at`` is a Unix time (0: now).
         """
         return self._call(Op.X509_VERIFY, Ref(cert), Ref(trust_keyring), Ref(chain_keyring) if chain_keyring else 0,
-                          host, purpose, int(at) if isinstance(at, float) else at)
+                          host, purpose, int(at) if isinstance(at, float) and math.isfinite(at) else at)
 
     # daemon
     def ping(self, data: bytes = b""):

@@ -144,12 +144,18 @@ class Client(Operations):
                     ids.append(exc)
                     continue
                 ids.append(rid)
+            frames: list = []
             try:
                 if out:
                     self._send(b"".join(out), fds)
-                frames = [self._wait(rid, received) if type(rid) is int else rid for rid in ids]
+                for rid in ids:
+                    frames.append(self._wait(rid, received) if type(rid) is int else rid)
             except OSError as exc:
-                raise self._lost(exc) from None
+                lost = self._lost(exc)
+                if raise_errors:
+                    raise lost from None
+                # answers already read stand; each call still unanswered gets the error (never sent again)
+                frames += [type(lost)(lost.message) if type(rid) is int else rid for rid in ids[len(frames):]]
         results = []
         for (op, _args), frame in zip(calls, frames):
             if isinstance(frame, E.KeydenError):
@@ -399,6 +405,6 @@ class _Recorder(Operations):
                            f"{str(name)[:40]!r} is not one")
         try:
             method(self, *args, **kwargs)
-        except (TypeError, ValueError):  # arguments that do not fit the method (its message may quote them)
+        except (TypeError, ValueError, OverflowError):  # arguments that do not fit (messages may quote them)
             raise E.EINVAL(f"{name}: the arguments do not fit {name}()") from None
         return self.last

@@ -220,9 +220,10 @@ class FileKey(KeySource):
     def rotate(self, passphrase: bytes) -> Rotation:
         if passphrase:
             raise E.EINVAL("this store is sealed under a master key file, not a passphrase")
-        if not os.path.exists(self.path):
+        if not os.path.exists(self.path) and self._kernel_read() is not None:
             # Held only in the kernel, whose copy dies with a reboot: the offline copy would open nothing
-            # after a rotation, and the new key would exist nowhere that lasts.
+            # after a rotation, and the new key would exist nowhere that lasts.  (With no kernel copy
+            # either, the file was lost: the rekey writes a new one, the store's only way back.)
             raise E.EPERM(f"the master key file {self.path} is offline (the kernel keyring holds the key): "
                           "put it back for the rekey, then move the new one offline again")
         key = os.urandom(KEY_BYTES)

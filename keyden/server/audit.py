@@ -64,6 +64,7 @@ class AuditLog:
         self._failing = False
         self._held: list[bytes] | None = None  # lines waiting for flush(); None: each line is written at once
         self._held_lock = threading.Lock()
+        self._flushing = False  # a flush is writing what it took (under _held_lock)
 
     @classmethod
     def open(cls, target: str, state_dir: str, max_bytes: int = 0) -> "AuditLog | None":
@@ -85,16 +86,23 @@ class AuditLog:
 
     @property
     def holding(self) -> bool:
-        return bool(self._held)
+        """Are lines held, or being written by another thread's flush?  (Either way a reply must wait for
+        ``flush``, which takes the lock that write holds.)"""
+        return bool(self._held) or self._flushing
 
     def flush(self) -> None:
-        """Write the held lines, in order, in one go."""
+        """Write the held lines, in order, in one go.  The write happens under the lock, so a flush on
+        another thread (a TLS outcome's) never lets the loop's replies overtake the lines it took."""
         if self._held is None:
             return
         with self._held_lock:
-            lines, self._held = self._held, []
-        if lines:
-            self._write(b"".join(lines))
+            self._flushing = True
+            try:
+                lines, self._held = self._held, []
+                if lines:
+                    self._write(b"".join(lines))
+            finally:
+                self._flushing = False
 
     def write(self, line: bytes) -> None:
         if self._held is not None:

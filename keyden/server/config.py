@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import tomllib
@@ -139,6 +140,8 @@ class ServerConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise E.EINVAL(f"{path}: {exc}") from None
         quota = data.pop("quota", {})
+        if not isinstance(quota, dict):
+            raise E.EINVAL(f"{path}: quota must be a table ([quota] with its settings)")
         _apply(self, data, path, skip={"store"})
         _apply(self.store, quota, path)
 
@@ -174,7 +177,23 @@ def _apply(target, values: dict, path, skip=()) -> None:
     for name, value in values.items():
         if name not in known:
             raise E.EINVAL(f"{path}: unknown setting {name!r}")
-        setattr(target, name, _typed(value, type(getattr(target, name)), f"{path}: {name}"))
+        setattr(target, name, _in_range(name, _typed(value, type(getattr(target, name)), f"{path}: {name}"),
+                                        f"{path}: {name}"))
+
+
+#: settings with a floor above zero (every number must be finite and at least 0, and at most _CEILING)
+_FLOORS = {"max_frame": 4096, "max_connections": 1, "max_connections_per_uid": 1, "max_in_flight": 1,
+           "gc_interval": 0.01}
+_CEILING = 2**31 - 1
+
+
+def _in_range(name: str, value, what: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    floor = _FLOORS.get(name, 0)
+    if not (math.isfinite(value) and floor <= value <= _CEILING):
+        raise E.EINVAL(f"{what} must be a finite number from {floor} to {_CEILING}")
+    return value
 
 
 def _typed(value, kind: type, what: str):

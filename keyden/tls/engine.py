@@ -351,6 +351,9 @@ class Session:
             log.exception("TLS session: checking the established session failed")
             self._fail(E.EIO("internal error"))
             return
+        if _hung_up(self.plain):  # the application left while the handshake ran: nobody to serve
+            self._fail(E.ECONNRESET("the application left before the handshake finished"))
+            return
         self.deadline = None
         self.established = True
         self._report(0)
@@ -559,3 +562,10 @@ class Session:
         else:
             self.watched[fd] = mask
             self.loop.modify(fd, mask)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Has the other end of this socket closed (both ways)?  A poll that waits for nothing still says."""
+    poller = select.poll()
+    poller.register(sock, 0)
+    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))

@@ -80,6 +80,7 @@ class Context:
     out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
     max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
     audit: Any = None  # the connection's ConnectionAudit: outcomes that come later (a TLS handshake) are logged
+    after_audit: list[Callable[[], None]] = field(default_factory=list)  # run once the request's line is written
 
     def new_handle(self) -> int:
         """A stream or region handle no other connection has had since the daemon started, and unlikely

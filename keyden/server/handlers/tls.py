@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import ssl
+import threading
 from typing import Iterator
 
 from cryptography import x509
@@ -120,15 +121,42 @@ def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
                 raise E.EKEYREJECTED(f"peer certificate chain holds a blacklisted certificate: "
                                      f"{cert.subject.rfc4514_string()}")
 
-    audit = ctx.audit
-
-    def report(status: int) -> None:  # the handshake's outcome, on the audit log beside the request's line
-        if audit is not None:
-            audit.record_now(Op.TLS_ESTABLISHED, status)
-
+    outcome = _Outcome(ctx.audit)
+    ctx.after_audit.append(outcome.release)
     try:
-        app = engine().start(ctx.caller.uid, tls, timeout, refuse_blacklisted, report)
+        app = engine().start(ctx.caller.uid, tls, timeout, refuse_blacklisted, outcome.report)
     except BaseException:
         tls.close()
         raise
     ctx.out_fds.append(app.detach())
+
+
+class _Outcome:
+    """The handshake's outcome for the audit log, never ahead of its request's own line: an outcome
+    known before that line is written (a first handshake step that failed at once) waits for it."""
+
+    def __init__(self, audit):
+        self.audit = audit
+        self.lock = threading.Lock()
+        self.released = False
+        self.waiting: int | None = None
+
+    def report(self, status: int) -> None:
+        """From the TLS engine, once."""
+        with self.lock:
+            if not self.released:
+                self.waiting = status
+                return
+        self._record(status)
+
+    def release(self) -> None:
+        """The request's line is written: from now on the outcome goes straight to the log."""
+        with self.lock:
+            self.released = True
+            status, self.waiting = self.waiting, None
+        if status is not None:
+            self._record(status)
+
+    def _record(self, status: int) -> None:
+        if self.audit is not None:
+            self.audit.record_now(Op.TLS_ESTABLISHED, status)
