@@ -185,6 +185,27 @@ def test_an_async_stream_whose_finish_never_went_out_can_still_be_closed(arun):
     assert arun(scenario) == bytes.fromhex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 
+def test_failed_authentication_is_pycas_exception_too(arun):
+    from cryptography.exceptions import InvalidSignature, InvalidTag
+
+    async def scenario(c):
+        key = await c.add("logon", "aio:tag", bytes(32))
+        aead, mac = await c.aead(key), await c.hmac(key)
+        caught = []
+        for data in (bytes(40), bytes(3 << 20)):  # one request, and streamed pieces
+            try:
+                await aead.decrypt(bytes(12), data, None)
+            except InvalidTag as exc:
+                caught.append(isinstance(exc, E.EBADMSG))
+        try:
+            await mac.verify(b"data", bytes(32))
+        except InvalidSignature as exc:
+            caught.append(isinstance(exc, E.EBADMSG))
+        return caught
+
+    assert arun(scenario) == [True, True, True]
+
+
 def test_oversized_request_is_refused_locally(arun):
     async def scenario(c):
         with pytest.raises(E.EMSGSIZE):

@@ -800,3 +800,28 @@ def test_any_buffer_shape_is_its_bytes_and_a_finished_stream_is_done_whatever_th
         with pytest.raises(E.EBADMSG):
             stream.finalize(tag=bytes(32))
         assert stream.done  # the daemon ended it: nothing left to abort
+
+
+def test_failed_authentication_is_catchable_as_pyca_code_expects(client, aes):
+    """Code written for AESGCM catches InvalidTag, for HMAC.verify InvalidSignature: keyden's helpers raise
+    errors that are both those and EBADMSG, small or large data, one-shot or batch."""
+    from cryptography.exceptions import InvalidSignature, InvalidTag
+    _key, serial = aes
+    aead = client.aead(serial)
+    nonce = os.urandom(12)
+    for size in (10, 2 * dataplane.BULK_THRESHOLD):
+        sealed = bytearray(aead.encrypt(nonce, bytes(size), b"h"))
+        sealed[0] ^= 1
+        for attempt in (lambda: aead.decrypt(nonce, bytes(sealed), b"h"),
+                        lambda: aead.decrypt_into(nonce, bytes(sealed), b"h", bytearray(size))):
+            with pytest.raises(InvalidTag) as info:
+                attempt()
+            assert isinstance(info.value, E.EBADMSG) and str(info.value) == "EBADMSG: authentication failed"
+    (bad,) = aead.decrypt_batch([nonce], [bytes(20)])
+    assert isinstance(bad, InvalidTag) and isinstance(bad, E.EBADMSG)
+    mac = client.hmac(serial)
+    with pytest.raises(InvalidSignature) as info:
+        mac.verify(b"data", bytes(32))
+    assert isinstance(info.value, E.EBADMSG)
+    with pytest.raises(E.EBADMSG):  # decrypting something that is not AEAD output stays a plain EBADMSG check
+        aead.decrypt(nonce, bytes(4), None)

@@ -13,8 +13,9 @@ import asyncio
 from typing import Sequence
 
 from keyden import errors as E
-from keyden.client.dataplane import (_OVERHEAD, PIECE, KeyedAlgorithm, _final_fields, _fits, _piece,
-                                     _raise_first, _same_connection, _stale)
+from keyden.client.dataplane import (_OVERHEAD, PIECE, AuthenticationFailed, KeyedAlgorithm, MacMismatch,
+                                     _final_fields, _fits, _piece, _raise_first, _same_connection, _stale,
+                                     item_error)
 from keyden.client.operations import binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
@@ -43,6 +44,15 @@ class AsyncAead(KeyedAlgorithm):
         super().__init__(client, serial, alg)
 
     async def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
+        """As the blocking Aead: a failed authentication is ``AuthenticationFailed`` (EBADMSG, InvalidTag)."""
+        try:
+            return await self._crypt(nonce, data, aad, decrypt, random_nonce)
+        except E.EBADMSG as exc:
+            if decrypt and not isinstance(exc, AuthenticationFailed):
+                raise AuthenticationFailed(exc.message) from None
+            raise
+
+    async def _crypt(self, nonce, data, aad, decrypt: bool, random_nonce: bool) -> bytes:
         data, aad, nonce = binary(data), binary(aad or b"", "associated_data"), binary(nonce, "nonce")
         streams = self.alg == "gcm(aes)"
         one_request = len(data) + len(aad) + _OVERHEAD <= self._client.max_frame
@@ -106,7 +116,7 @@ class AsyncAead(KeyedAlgorithm):
         """Per item: the plaintext, or the EBADMSG it failed with."""
         status, out = await self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
                                                aads=associated_data or (), decrypt=True, random_nonce=nonces is None)
-        return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
+        return [o if s == 0 else item_error(s) for s, o in zip(status, out)]
 
 
 class AsyncMac(KeyedAlgorithm):
@@ -127,11 +137,14 @@ class AsyncMac(KeyedAlgorithm):
     async def verify(self, data, tag) -> None:
         """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
         data, tag = binary(data), binary(tag, "tag")
-        if _fits(self._client, data):
-            await self._client.mac_verify(self.alg, self.serial, data, tag)
-        else:
-            async with self._client.helper_streams:
-                await _in_pieces(await self.stream(verify=True), data, tag)
+        try:
+            if _fits(self._client, data):
+                await self._client.mac_verify(self.alg, self.serial, data, tag)
+            else:
+                async with self._client.helper_streams:
+                    await _in_pieces(await self.stream(verify=True), data, tag)
+        except E.EBADMSG as exc:
+            raise MacMismatch(exc.message) from None
 
     async def mac_batch(self, items: Sequence[bytes]) -> list[bytes]:
         status, out = await self._client.batch(self.alg, self.serial, list(items))

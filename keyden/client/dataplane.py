@@ -14,10 +14,20 @@ import os
 import threading
 from typing import Iterable, Sequence
 
+from cryptography.exceptions import InvalidSignature, InvalidTag
+
 from keyden import errors as E
 from keyden.client.operations import Ref, binary
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
+
+class AuthenticationFailed(E.EBADMSG, InvalidTag):  # type: ignore[misc,valid-type]
+    """An AEAD helper's EBADMSG, also pyca's ``InvalidTag``: code written for ``AESGCM`` catches it as is."""
+
+
+class MacMismatch(E.EBADMSG, InvalidSignature):  # type: ignore[misc,valid-type]
+    """``Mac.verify``'s EBADMSG, also pyca's ``InvalidSignature``, as ``HMAC.verify`` raises."""
+
 
 #: buffers at least this large go through shared memory
 BULK_THRESHOLD = 256 * 1024
@@ -147,7 +157,16 @@ class Aead(KeyedAlgorithm):
         """Small data over the socket, large data through shared memory; a keyden-chosen nonce is prepended.
 
         With ``into`` (a buffer with room, from ``*_into``), the output is written there and its length returned.
+        A failed authentication is ``AuthenticationFailed`` (EBADMSG and pyca's InvalidTag).
         """
+        try:
+            return self._crypt(nonce, data, aad, decrypt, random_nonce, into)
+        except E.EBADMSG as exc:
+            if decrypt and not isinstance(exc, AuthenticationFailed):
+                raise AuthenticationFailed(exc.message) from None
+            raise
+
+    def _crypt(self, nonce, data, aad, decrypt: bool, random_nonce: bool, into):
         data = data if type(data) is bytes else _view(data)
         nonce, aad = binary(nonce, "nonce"), binary(aad or b"", "associated_data")
         if len(data) < BULK_THRESHOLD:
@@ -209,10 +228,10 @@ class Aead(KeyedAlgorithm):
 
     def decrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
                       associated_data: Sequence[bytes] | None = ()) -> list[bytes | E.KeydenError]:
-        """Per item: the plaintext, or the EBADMSG it failed with."""
+        """Per item: the plaintext, or the error it failed with (``AuthenticationFailed`` for a bad tag)."""
         status, out = self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
                                          aads=associated_data or (), decrypt=True, random_nonce=nonces is None)
-        return [o if s == 0 else E.error_for_code(s) for s, o in zip(status, out)]
+        return [o if s == 0 else item_error(s) for s, o in zip(status, out)]
 
     def close(self) -> None:
         with self._bulk_lock:
@@ -237,13 +256,17 @@ class Mac(KeyedAlgorithm):
             return _in_pieces(stream, data)[1]
 
     def verify(self, data, tag) -> None:
-        """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
+        """None if the tag matches; ``MacMismatch`` (EBADMSG and pyca's InvalidSignature) if not, compared in
+        constant time inside keyden."""
         data, tag = binary(data), binary(tag, "tag")
-        if _one_request(self._client, data):
-            self._client.mac_verify(self.alg, self.serial, data, tag)
-            return
-        with self.stream(verify=True) as stream:
-            _in_pieces(stream, data, tag)
+        try:
+            if _one_request(self._client, data):
+                self._client.mac_verify(self.alg, self.serial, data, tag)
+                return
+            with self.stream(verify=True) as stream:
+                _in_pieces(stream, data, tag)
+        except E.EBADMSG as exc:
+            raise MacMismatch(exc.message) from None
 
     def mac_batch(self, items: Iterable[bytes]) -> list[bytes]:
         status, out = self._client.batch(self.alg, self.serial, list(items))
@@ -325,6 +348,11 @@ def _final_fields(client, data, tag) -> tuple[bytes, bytes]:
         raise E.EMSGSIZE(f"the last piece takes {body} bytes, over the daemon's {client.max_frame}-byte frame "
                          "cap; send it with update() first")
     return data, tag
+
+
+def item_error(status: int) -> E.KeydenError:
+    """A batch item's error: a bad tag is ``AuthenticationFailed``, as a one-shot decrypt raises it."""
+    return AuthenticationFailed("authentication failed") if status == E.EBADMSG.code else E.error_for_code(status)
 
 
 def _stale(client, generation: int) -> bool:
