@@ -112,7 +112,7 @@ class KeyedAlgorithm:
         self.nonce_size, self.tag_size = spec.nonce_size, spec.tag_size
 
     def __reduce__(self):
-        raise TypeError(f"a {type(self).__name__} handle cannot be pickled")
+        raise TypeError(f"{type(self).__name__} handles cannot be pickled: they name a key over a live connection")
 
     def __copy__(self):
         return self  # as a KeyHandle: a copy would name the same key over the same connection
