@@ -14,8 +14,6 @@ import time
 import pytest
 
 import keyden
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.protocol import Op

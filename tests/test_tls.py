@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
 from keyden.protocol import Op
+from tests.test_audit import audit_lines, mine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 20  # seconds: any single step of these tests, so a failure never hangs the suite
@@ -568,10 +569,14 @@ def test_a_silent_peer_times_out_alone(app_factory, server_ring, pki):
     assert isinstance(error, E.ETIMEDOUT) and "did not finish within 2 s" in error.message
 
 
+def my_audit_records(daemon) -> list[dict]:
+    """This process's lines in the shared daemon's audit log."""
+    return mine(audit_lines(os.path.join(daemon.state_dir, "audit.log")))
+
+
 def test_each_handshake_outcome_is_audited_after_its_request(app_factory, server_ring, pki, daemon):
     """tls_accept's own line says the session was taken on; the handshake ends later, and its outcome gets
     a line of its own (op tls_established), written before the application hears it."""
-    import json
     app = app_factory(handshake_timeout=1.0)
     app.serve(count=2)
     _, reply = python_peer(app.port, "a.test", pki.ca)
@@ -579,8 +584,7 @@ def test_each_handshake_outcome_is_audited_after_its_request(app_factory, server
     silent = socket.create_connection(("127.0.0.1", app.port), timeout=TIMEOUT)
     assert isinstance(app.outcome(), E.ETIMEDOUT)
     silent.close()
-    with open(os.path.join(daemon.state_dir, "audit.log"), encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if f'"pid": {os.getpid()},' in line]
+    lines = my_audit_records(daemon)
     tls_lines = [(r["op"], r["result"]) for r in lines if r["op"] in ("tls_accept", "tls_established")][-4:]
     assert tls_lines == [("tls_accept", "ok"), ("tls_established", "ok"),
                          ("tls_accept", "ok"), ("tls_established", "ETIMEDOUT")]
@@ -589,7 +593,6 @@ def test_each_handshake_outcome_is_audited_after_its_request(app_factory, server
 def test_a_handshake_outcome_known_at_once_is_audited_after_its_request(client, server_ring, daemon):
     """A peer that already sent garbage, or already left, fails the first handshake step, inside the request:
     its tls_established line still comes after the tls_accept line."""
-    import json
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     for send in (b"GET / HTTP/1.0\r\n\r\n", b""):
@@ -605,8 +608,7 @@ def test_a_handshake_outcome_known_at_once_is_audited_after_its_request(client, 
         conn.close()
         peer.close()
     listener.close()
-    with open(os.path.join(daemon.state_dir, "audit.log"), encoding="utf-8") as f:
-        ops = [json.loads(line)["op"] for line in f if f'"pid": {os.getpid()},' in line]
+    ops = [r["op"] for r in my_audit_records(daemon)]
     tls_ops = [op for op in ops if op in ("tls_accept", "tls_established")][-4:]
     assert tls_ops == ["tls_accept", "tls_established"] * 2
 
@@ -614,7 +616,6 @@ def test_a_handshake_outcome_known_at_once_is_audited_after_its_request(client, 
 def test_an_application_gone_before_the_outcome_is_audited_as_such(client, server_ring, pki, daemon):
     """The application closed its plaintext end while the handshake ran: the peer is not served, and the
     audit line says ECONNRESET, not ok."""
-    import json
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     peer = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
@@ -633,8 +634,7 @@ def test_an_application_gone_before_the_outcome_is_audited_as_such(client, serve
     listener.close()
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        with open(os.path.join(daemon.state_dir, "audit.log"), encoding="utf-8") as f:
-            lines = [json.loads(line) for line in f if f'"pid": {os.getpid()},' in line]
+        lines = my_audit_records(daemon)
         if lines and lines[-1]["op"] == "tls_established":
             break
         time.sleep(0.05)

@@ -48,7 +48,7 @@ class AsyncAead(KeyedAlgorithm):
         try:
             return await self._crypt(nonce, data, aad, decrypt, random_nonce)
         except E.EBADMSG as exc:
-            if decrypt and not isinstance(exc, AuthenticationFailed):
+            if decrypt:
                 raise AuthenticationFailed(exc.message) from None
             raise
 

@@ -14,6 +14,7 @@ from keyden.protocol import Op
 SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
 SESSION_ENV = "KEYDEN_SESSION"
 _LOOKS_SPECIAL = re.compile(r"@[a-z]{1,2}")
+SERIAL_MIN, SERIAL_MAX = -(1 << 31), (1 << 31) - 1  # key IDs are 32-bit signed, as key_serial_t
 
 
 def socket_path(path: str | None = None) -> str:
@@ -42,7 +43,7 @@ def key_id(ref) -> int | tuple[str, str]:
     if isinstance(ref, bool):
         raise E.EINVAL("a key reference cannot be a bool")
     if isinstance(ref, int):
-        if not -(1 << 31) <= ref < (1 << 31):
+        if not SERIAL_MIN <= ref <= SERIAL_MAX:
             raise E.EINVAL("key serials are 32-bit signed integers; this one is out of range")
         return ref
     if isinstance(ref, str):

@@ -162,7 +162,7 @@ class Aead(KeyedAlgorithm):
         try:
             return self._crypt(nonce, data, aad, decrypt, random_nonce, into)
         except E.EBADMSG as exc:
-            if decrypt and not isinstance(exc, AuthenticationFailed):
+            if decrypt:
                 raise AuthenticationFailed(exc.message) from None
             raise
 

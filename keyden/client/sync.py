@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 RECV_CHUNK = 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
-_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1  # key serials
 
 
 class Client(Operations):
@@ -213,7 +212,8 @@ class Client(Operations):
         for a in args:
             if type(a) is Ref:
                 value = a.value
-                ref = value if type(value) is int and _I32_MIN <= value <= _I32_MAX else common.key_id(value)
+                ref = value if type(value) is int and common.SERIAL_MIN <= value <= common.SERIAL_MAX \
+                    else common.key_id(value)  # a plain serial skips the call
                 if isinstance(ref, tuple):
                     ref = self._exchange([(Op.FIND, ref)])[0][0]
                 a = ref
@@ -286,7 +286,7 @@ class Client(Operations):
             ready.clear()
             try:
                 answers = self._exchange([(op, fields) for _, op, fields in batch], raise_errors=False)
-            except E.KeydenError as exc:  # the connection: each of these may or may not have been done
+            except E.KeydenError as exc:  # no connection to send them on: each of them gets why
                 answers = [type(exc)(exc.message) for _ in batch]
             for (i, op, fields), answer in zip(batch, answers):
                 results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer, fields)

@@ -17,7 +17,6 @@ end-of-file, once its data is sent, ends the session with a close_notify.
 
 from __future__ import annotations
 
-import errno
 import heapq
 import itertools
 import logging
@@ -384,7 +383,7 @@ class Session:
         if self.closed:
             return
         if not self.established:  # ended before any outcome was told (the peer or the application went)
-            self._report(errno.ECONNRESET)
+            self._report(E.ECONNRESET.code)
         self.closed = True
         for fd in self.watched:
             self.loop.unregister(fd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyden.core import keytypes as T

@@ -8,7 +8,6 @@ like the kernel's, return their result.
 
 from __future__ import annotations
 
-
 from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.crypto import agreement
