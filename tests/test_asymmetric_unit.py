@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
+from keyden.core import keytypes as T
 from keyden.crypto import asymmetric as A
 
 try:
@@ -99,7 +100,6 @@ def test_parse_certificate(keys, algo, encoding):
     assert key.key_ids == (spki_id(priv), serial + cert.issuer.public_bytes())
     assert key.default_description == f"Test Signer: {spki_id(priv).hex()}"
     assert key.spki_der == spki(priv)
-    assert key.quota_size == len(data)
 
 
 def test_certificate_with_own_skid_and_without_skid(keys):
@@ -195,11 +195,21 @@ def test_pkcs1_public_key_is_not_spki(keys):
             A.parse(pub.public_bytes(encoding, S.PublicFormat.PKCS1))
 
 
+def test_an_asymmetric_key_costs_100_bytes_unless_its_payload_is_oversized(keys):
+    """The kernel's flat quotalen = 100; past 16 KiB (padding around a PEM block) the excess is paid too."""
+    asymmetric = T.REGISTRY["asymmetric"]
+    block = spki(keys["rsa"], PEM)
+    assert asymmetric.preparse(block)[1] == 100
+    assert asymmetric.preparse(make_cert(keys["rsa"]).public_bytes(DER))[1] == 100
+    padded = block + b"\n" + b"x" * (20000 - len(block) - 1)
+    assert asymmetric.preparse(padded)[1] == 100 + 20000 - 16384
+
+
 def test_pem_with_surrounding_text_and_multiple_blocks(keys):
     block = spki(keys["ed25519"], PEM)
     data = b"Bag Attributes\n    friendlyName: x\n" + block + b"\ntrailing words\n"
     key = A.parse(data)
-    assert key.source == "spki" and key.quota_size == len(data)
+    assert key.source == "spki"
     with pytest.raises(E.EINVAL, match="more than one PEM block"):
         A.parse(block + make_cert(keys["ed25519"]).public_bytes(PEM))
     with pytest.raises(E.EBADMSG):
@@ -362,7 +372,7 @@ def test_serial_bytes_match_der_integer_contents():
 def test_generate(spec, algo, bits, curve):
     key = A.generate(spec)
     assert (key.algo, key.key_bits, key.curve, key.source, key.has_private) == (algo, bits, curve, "generated", True)
-    assert key.certificate is None and key.quota_size > 0
+    assert key.certificate is None
     assert key.default_description.endswith(" private key: " + key.key_ids[0].hex())
     if algo == "rsa":
         assert key.public_key.public_numbers().e == 65537

@@ -416,6 +416,12 @@ def test_genkey_and_pkey_operations_through_files(keyden, client, tmp_path):
     assert (r.rc, r.err) == (1, f"{tmp_path / 'absent'}: No such file or directory\n")
     r = keyden("pkey_encrypt", key, "0", str(digest))
     assert (r.rc, r.err) == (1, "keyctl_pkey_encrypt: Operation not supported\n")
+    user_key = ok(keyden("add", "user", "not-asymmetric", "x", "@s")).strip()
+    for command in ("pkey_sign", "pkey_encrypt", "pkey_decrypt"):  # keyctl queries the key first
+        r = keyden(command, user_key, "0", str(digest))
+        assert (r.rc, r.err) == (1, "keyctl_pkey_query: Operation not supported\n")
+    r = keyden("pkey_sign", key, "0", str(tmp_path / "absent"), "enc=nonsense")
+    assert (r.rc, r.err) == (1, "keyctl_pkey_query: Invalid argument\n")
     assert keyden("pkey_verify", key, "0", str(digest)).rc == 2
     r = keyden("genkey", "dsa:1024", "@s")
     assert (r.rc, r.err) == (1, "genkey: Invalid argument\n")

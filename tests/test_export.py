@@ -229,6 +229,8 @@ def test_cli_export_import_and_get_persistent(daemon, client, tmp_path):
     client.unlink(int(r.stdout), "@s")  # the shared daemon's root persistent keyring: leave it as found
     r = _cli(daemon, token, "get_persistent", "@s", "nobody")
     assert (r.returncode, r.stderr) == (2, b"Unparsable uid: 'nobody'\n")
+    r = _cli(daemon, token, "get_persistent", "2147483000")  # no such keyring to link it into
+    assert (r.returncode, r.stderr) == (1, b"keyctl_get_persistent: Required key not available\n")
 
 
 def test_cli_init_creates_the_key_and_checks_it(tmp_path):

@@ -134,7 +134,7 @@ class World:
                      self.add("keyring", "kd:ring", b""), self.add("user", "kd:dh", bytes([7]) * 64)]
         asym = T.REGISTRY["asymmetric"]
         for parsed in PARSED.values():
-            self.keys.append(ctx.store.create_internal(ctx.caller, asym, "", parsed, parsed.quota_size, -3))
+            self.keys.append(ctx.store.create_internal(ctx.caller, asym, "", parsed, T.asymmetric_quota(), -3))
         self.call(Op.STREAM_INIT, "gcm(aes)", self.keys[1], 0, bytes(12), b"")  # stream 1
         self.call(Op.STREAM_INIT, "sha256", 0, 0, b"", b"")  # stream 2
         memfd = os.memfd_create("kd-fuzz", os.MFD_ALLOW_SEALING)

@@ -475,6 +475,28 @@ def test_quota_is_charged_per_uid(fresh_daemon, users):
     assert [run_as(u, count) for u in (users.a, users.b, users.c)] == [5, 2, 1]  # the key moved to C
 
 
+def test_asymmetric_keys_cost_the_kernels_flat_100_bytes_whatever_their_size(fresh_daemon, users):
+    """x509/PKCS#8 preparse set quotalen = 100: a user's 20000 bytes hold a CA bundle or RSA-4096 keys."""
+    d = fresh_daemon()
+
+    def hold_big_keys():
+        with keyden.connect(d.socket) as c:
+            ring = c.add("keyring", "kd:big", b"", "@u")
+            charged, serials = [], []
+            for i, spec in enumerate(("rsa:4096", "ec:p384", "ed25519")):
+                before = c.quota()[1]
+                serials.append(c.generate(spec, f"kd:gen{i}", ring))
+                charged.append(c.quota()[1] - before)
+            public = c.public_key_bytes(serials[0])[0]  # an RSA-4096 SubjectPublicKeyInfo: 550 bytes
+            added = [outcome(lambda i=i: c.add("asymmetric", f"kd:pub{i:02}", public, ring) and "ok")
+                     for i in range(60)]
+            return charged, added, c.quota()[1]
+
+    charged, added, used = run_as(users.a, hold_big_keys)
+    assert charged == [len("kd:gen0") + 1 + 100 + 4] * 3  # description, NUL, 100, the link
+    assert added == ["ok"] * 60 and used < 20000  # charged by their size, the 60 would need 33000 bytes
+
+
 def test_shared_memory_is_budgeted_per_uid_and_for_all_uids_together(fresh_daemon, users):
     d = fresh_daemon("[quota]\nshm_maxbytes = 1048576\nshm_total_maxbytes = 1572864\n")  # 1 MiB, 1.5 MiB
     sock = d.socket

@@ -20,7 +20,7 @@ def cmd_get_persistent(ctx, args):
         raise Usage()
     ring = ctx.key(args[0])
     uid = id32(number(args[1], "uid")) if len(args) == 2 else -1
-    print(call("get_persistent", ctx.client.get_persistent, ring, uid))
+    print(call("keyctl_get_persistent", ctx.client.get_persistent, ring, uid))
 
 
 def cmd_init(ctx, args):

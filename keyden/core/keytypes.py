@@ -16,6 +16,16 @@ MAX_TYPE_LEN = 31  # add_key copies the type into char[32]
 MAX_DESC_LEN = 4095  # KEY_MAX_DESC_SIZE (4096) including the NUL
 MAX_USER_PAYLOAD = 32767
 MAX_ADD_PAYLOAD = 1024 * 1024 - 1  # add_key(2) refuses more before looking at anything else
+#: What an asymmetric key costs against the byte quota: the kernel's x509 and PKCS#8 parsers set
+#: ``prep->quotalen = 100`` whatever the key's size, so a user may hold a CA bundle.  A payload past
+#: ASYMMETRIC_FREE_BYTES (more than any real key or certificate) also pays for its excess: one daemon
+#: holds every uid's keys, and a megabyte "certificate" must not cost a hundred bytes.
+ASYMMETRIC_QUOTA, ASYMMETRIC_FREE_BYTES = 100, 16 * 1024
+
+
+def asymmetric_quota(payload_size: int = 0) -> int:
+    """Bytes charged for an asymmetric key parsed from ``payload_size`` bytes (0: generated inside)."""
+    return ASYMMETRIC_QUOTA + max(0, payload_size - ASYMMETRIC_FREE_BYTES)
 MAX_UPDATE_PAYLOAD = 4096  # keyctl_update refuses more than PAGE_SIZE
 
 
@@ -121,8 +131,7 @@ class AsymmetricType(KeyType):
     def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
         from keyden.crypto import asymmetric
 
-        parsed = asymmetric.parse(bytes(payload), password=secret or None)
-        return parsed, parsed.quota_size
+        return asymmetric.parse(bytes(payload), password=secret or None), asymmetric_quota(len(payload))
 
     def default_description(self, payload: Any) -> str:
         return payload.default_description

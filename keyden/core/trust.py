@@ -342,7 +342,7 @@ def _load_bundle(store: KeyStore, ring: Key, path: str) -> tuple[int, int, int, 
             with store.lock:
                 again = (ASYMMETRIC.name, parsed.default_description) in ring.links
             try:
-                store.add_system_key(ASYMMETRIC, parsed.default_description, parsed, parsed.quota_size,
+                store.add_system_key(ASYMMETRIC, parsed.default_description, parsed, T.asymmetric_quota(len(block)),
                                      SYSTEM_CERT_PERM, keyring=ring)
                 loaded += 1
                 replaced += again

@@ -133,7 +133,7 @@ def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
         if kind is not None:
             if kind == "pkcs8-enc" and password is not None:
                 _check_kdf_cost(data)
-            return _load(kind, data, False, password, kind == "pkcs8-enc", len(data))
+            return _load(kind, data, False, password, kind == "pkcs8-enc")
         if b"-----BEGIN" in data:
             return _parse_pem(data, password)
         raise E.EBADMSG("unrecognised key data")
@@ -263,10 +263,10 @@ def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
             raise E.EBADMSG("malformed PEM") from None
         _check_kdf_cost(der)
     encrypted = kind == "pkcs8-enc" or (kind == "pem" and b"Proc-Type: 4,ENCRYPTED" in block)
-    return _load(kind, block, True, password, encrypted, len(data))
+    return _load(kind, block, True, password, encrypted)
 
 
-def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool, quota: int) -> ParsedKey:
+def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> ParsedKey:
     """Run the one pyca loader for ``kind`` and turn its errors into errnos."""
     if kind in ("x509", "spki") and password is not None:
         raise E.EINVAL("a password was given but the data is not an encrypted private key")
@@ -274,10 +274,10 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool, quota: i
         if kind == "x509":
             load_cert = x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate
             cert = load_cert(blob)
-            return _build(cert.public_key(), None, cert, "x509", quota)
+            return _build(cert.public_key(), None, cert, "x509")
         if kind == "spki":
             load_pub = serialization.load_pem_public_key if pem else serialization.load_der_public_key
-            return _build(load_pub(blob), None, None, "spki", quota)
+            return _build(load_pub(blob), None, None, "spki")
         load_priv = serialization.load_pem_private_key if pem else serialization.load_der_private_key
         priv = load_priv(blob, password, unsafe_skip_rsa_key_validation=True)
         if isinstance(priv, rsa.RSAPrivateKey):
@@ -299,7 +299,7 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool, quota: i
             raise E.EKEYREJECTED("wrong password, or corrupt encrypted key") from None
         raise E.EBADMSG("unrecognised key data") from None
     source = "pem" if kind == "pem" else "pkcs8"
-    return _build(priv.public_key(), priv, None, source, quota)
+    return _build(priv.public_key(), priv, None, source)
 
 
 def _serial_bytes(serial: int) -> bytes:
@@ -323,7 +323,7 @@ def _check_rsa_bits(bits: int) -> int:
     return bits
 
 
-def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
+def _build(pub, priv, cert, source: str) -> ParsedKey:
     """Apply the algorithm/size policy and derive ids and description."""
     if isinstance(pub, rsa.RSAPublicKey):
         algo, curve, bits = "rsa", None, _check_rsa_bits(pub.key_size)
@@ -361,7 +361,7 @@ def _build(pub, priv, cert, source: str, quota: int) -> ParsedKey:
         algo=algo, curve=curve, source=source, key_bits=bits, has_private=priv is not None,
         certificate=cert, public_key=pub, key_ids=tuple(ids), default_description=description,
         spki_der=pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
-        quota_size=quota, _private=priv,
+        _private=priv,
     )
 
 
@@ -385,10 +385,7 @@ def generate(spec: str) -> ParsedKey:
         priv = x25519.X25519PrivateKey.generate()
     else:
         priv = ed25519.Ed25519PrivateKey.generate()
-    # Charge what uploading the same key as PKCS#8 would have cost.
-    quota = len(priv.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-    return _build(priv.public_key(), priv, None, "generated", quota)
+    return _build(priv.public_key(), priv, None, "generated")
 
 
 # ---------------------------------------------------------------------------
@@ -464,7 +461,7 @@ class ParsedKey:
     """Parsed form of an asymmetric key.  Immutable, and refuses to be pickled or copied."""
 
     __slots__ = ("algo", "curve", "source", "key_bits", "has_private", "certificate", "public_key",
-                 "key_ids", "default_description", "spki_der", "quota_size", "_private", "_released")
+                 "key_ids", "default_description", "spki_der", "_private", "_released")
 
     def __init__(self, **fields):
         """Internal: built by parse()/generate(); takes every slot by name (``_private`` too)."""

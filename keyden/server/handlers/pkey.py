@@ -53,7 +53,7 @@ def _genkey(ctx, spec, description, keyring, flags=0):
                                           unique_prefix=f"keyden:{hint}-"),)
     parsed = asymmetric.generate(spec)
     ktype = T.REGISTRY["asymmetric"]
-    return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, parsed.quota_size, keyring,
+    return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, T.asymmetric_quota(), keyring,
                                       flags=flags),)
 
 
