@@ -14,9 +14,12 @@ see each other's keys.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +27,8 @@ import pytest
 import keyden
 from keyden import errors as E
 from keyden import protocol as W
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 try:
     from tests.users import run_as, temporary_users
@@ -290,6 +295,51 @@ def test_a_peer_gone_before_the_daemon_looks_has_no_process_keyring(fresh_daemon
     assert ring.status == E.ENOKEY.code, W.response_schema(W.Op.GET_KEYRING_ID).decode(ring.body)
     with keyden.connect(d.socket) as c:  # a live peer still gets one
         assert c.get_keyring_id("@p", create=True) > 0
+
+
+_PROCESS_KEYRING_PROBE = """
+import json, os, sys
+import keyden
+sock, mode = sys.argv[1], sys.argv[2]
+def outcome(call):
+    try:
+        value = call()
+    except keyden.KeydenError as exc:
+        return type(exc).__name__
+    return value.decode() if isinstance(value, bytes) else "ok"
+if mode != "probe":  # the launcher: a secret in its own process keyring
+    with keyden.connect(sock) as c:
+        ring = c.get_keyring_id("@p", create=True)
+        key = c.add("user", "kd:launcher", b"launcher-secret", "@p")
+    if mode == "exec":  # the next program of this process
+        os.execv(sys.executable, [sys.executable, __file__, sock, "probe", str(ring), str(key)])
+    if mode.startswith("setuid:"):  # privileges dropped, no exec
+        uid, gid = map(int, mode.split(":")[1:])
+        os.setgroups([]); os.setgid(gid); os.setuid(uid)
+    sys.argv[3:] = [str(ring), str(key)]
+ring, key = int(sys.argv[3]), int(sys.argv[4])
+with keyden.connect(sock) as c:
+    print(json.dumps({"same @p": outcome(lambda: c.get_keyring_id("@p") == ring or "a new one"),
+                      "read": outcome(lambda: c.read(key))}))
+"""
+
+
+def test_a_program_exec_d_or_running_as_another_user_gets_a_new_process_keyring(fresh_daemon, users, tmp_path):
+    """The kernel gives an exec'd program an empty process keyring: a launcher's @p secret must not reach
+    the program it starts, least of all after it dropped privileges for it."""
+    d = fresh_daemon()
+    probe = tmp_path / "probe.py"
+    probe.write_text(_PROCESS_KEYRING_PROBE)
+
+    def run(mode):
+        r = subprocess.run([sys.executable, str(probe), d.socket, mode], capture_output=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=REPO), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr.decode()
+        return json.loads(r.stdout)
+
+    assert run("same") == {"same @p": "ok", "read": "launcher-secret"}  # another connection, same program
+    assert run("exec") == {"same @p": "ENOKEY", "read": "EACCES"}  # owner, but no longer possessor
+    assert run(f"setuid:{users.a.uid}:{users.a.gid}") == {"same @p": "ENOKEY", "read": "EACCES"}
 
 
 def test_group_and_other_bits_do_not_apply_to_the_owner(daemon, users):
