@@ -31,14 +31,15 @@ class Daemon:
         self.log = os.path.join(self.dir, "daemon.log")
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Daemon":
+    def start(self, **popen) -> "Daemon":
+        """Start and wait until it answers; ``popen`` goes to subprocess.Popen (preexec_fn=...)."""
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("KEYDEN_SESSION", None)
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "keyden", "serve", "--socket", self.socket, "--state-dir", self.state_dir,
              "--config", self.config, *self.args],
-            stdout=self._logf, stderr=subprocess.STDOUT, env=env)
+            stdout=self._logf, stderr=subprocess.STDOUT, env=env, **popen)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -71,7 +71,8 @@ def test_help_genkey_specs_and_unreadable_keys(keyden, client):
     assert client.describe(made["x25519"]).type == "asymmetric"
     named = serial_of(keyden("genkey", "aes:128", "app:named", "@s"))
     assert client.describe(named).description == "app:named"
-    fails(keyden("genkey", "aes:100", "@s"), 1, "genkey: Invalid argument\n")
+    fails(keyden("genkey", "aes:100", "@s"), 1,  # keyden's own commands say the daemon's reason too
+          "genkey: Invalid argument (unknown key spec 'aes:100'; use aes:128|192|256, chacha20 or hmac:BITS)\n")
 
     derived = serial_of(keyden("derive", str(made["x25519"]), str(made["x25519"]), "@s"))
     for command in ("read", "print", "pipe"):
@@ -115,11 +116,13 @@ def test_derive_from_keys_and_peer_files(keyden, client, tmp_path):
 
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x04" + bytes(64))
-    fails(keyden("derive", str(private), "--peer-file", str(garbage), "@s"), 1, "keyden_derive: Invalid argument\n")
+    fails(keyden("derive", str(private), "--peer-file", str(garbage), "@s"), 1,
+          "keyden_derive: Invalid argument (peer point is not on the curve)\n")
     fails(keyden("derive", str(private), "--peer-file", str(tmp_path / "absent"), "@s"), 1,
           f"{tmp_path / 'absent'}: No such file or directory\n")
     fails(keyden("derive", str(private), str(peer), "@s", "--kdf", "md5"), 1,
-          "keyden_derive: No such file or directory\n")
+          "keyden_derive: No such file or directory "
+          "(unknown KDF; use hkdf-sha256|384|512, sp800-56a-sha256|384|512 or raw)\n")
     fails(keyden("derive", str(private), str(peer), "@s", "--length", "12x"), 2, "Unparsable length: '12x'\n")
     fails(keyden("derive", str(private), str(peer), "@s", "--salt", "0g"), 1, "Bad hex doublet\n")
     assert keyden("derive", str(private), "@s").rc == 2
@@ -134,7 +137,8 @@ def test_kdf_command(keyden, client):
                               "--length", "16", "--desc", "app:child"))
     assert client.describe(serial).description == "app:child"
     assert_aes_key(client, serial, HKDF(hashes.SHA512(), 16, b"\xaa", b"\xbb").derive(master))
-    fails(keyden("kdf", "-3", "@s"), 1, "keyden_kdf: Protocol not available\n")  # -3 is @s: a word, not an option
+    fails(keyden("kdf", "-3", "@s"), 1,  # -3 is @s: a word, not an option
+          "keyden_kdf: Protocol not available (keys of type 'keyring' cannot key a cipher)\n")
     assert keyden("kdf", str(key)).rc == 2
 
 
@@ -187,7 +191,7 @@ def test_pkey_decrypt_into_a_new_key(keyden, client, tmp_path):
     assert keyden("pkey_decrypt", str(rsa_key), "0", str(wrapped), "enc=oaep", "hash=sha256").stdout == session_key
     keys_before = len(client.read("@s"))
     fails(keyden("pkey_decrypt", str(rsa_key), "0", str(wrapped), "enc=oaep", "hash=sha1", "--into", "app:x", "@s"),
-          1, "keyden_pkey_decrypt_into: Bad message\n")  # OAEP's hash must match: nothing is created
+          1, "keyden_pkey_decrypt_into: Bad message (decryption failed)\n")  # OAEP's hash must match: none made
     assert keyden("pkey_decrypt", str(rsa_key), "0", str(wrapped), "--into", "app:x").rc == 2
     assert keyden("pkey_decrypt", str(rsa_key), "0", "--into", "app:x", "@s").rc == 2
     assert len(client.read("@s")) == keys_before
@@ -230,17 +234,19 @@ def test_aead_decrypt_failures_leave_no_plaintext_file(keyden, client, tmp_path)
     target.write_bytes(b"previous contents")
     before = sorted(os.listdir(tmp_path))
     fails(keyden("aead", "decrypt", serial, "-o", str(target), stdin=bytes(tampered)), 1,
-          "keyden_aead: Bad message\n")
+          "keyden_aead: Bad message (authentication failed)\n")
     assert target.read_bytes() == b"previous contents" and sorted(os.listdir(tmp_path)) == before
 
     to_stdout = keyden("aead", "decrypt", serial, stdin=bytes(tampered))
-    fails(to_stdout, 1, "keyden_aead: Bad message\n")  # what reached stdout must be discarded by the reader
+    # what reached stdout must be discarded by the reader
+    fails(to_stdout, 1, "keyden_aead: Bad message (authentication failed)\n")
     fails(keyden("aead", "decrypt", serial, stdin=bytes(27)), 1, "keyden_aead: Bad message\n")
     fails(keyden("aead", "decrypt", serial, "--nonce", nonce.hex(), stdin=bytes(15)), 1,
           "keyden_aead: Bad message\n")
     fails(keyden("aead", "encrypt", serial, "-a", "cbc(aes)", stdin=b"x"), 1,
-          "keyden_aead: No such file or directory\n")
-    fails(keyden("aead", "encrypt", "0x7ffffff0", stdin=b"x"), 1, "keyden_aead: Required key not available\n")
+          "keyden_aead: No such file or directory (cbc(aes) is a skcipher algorithm, not an aead)\n")
+    fails(keyden("aead", "encrypt", "0x7ffffff0", stdin=b"x"), 1,
+          "keyden_aead: Required key not available (no key with serial 2147483632)\n")
     fails(keyden("aead", "encrypt", serial, "--aad", "abc", stdin=b"x"), 1, "Short hex doublet\n")
     assert keyden("aead", "seal", serial).rc == 2
     assert keyden("aead", "encrypt").rc == 2
@@ -257,7 +263,8 @@ def test_aead_chacha20_poly1305_is_one_shot(keyden, client):
     nonce = os.urandom(12)
     given = keyden("aead", "encrypt", serial, "-a", alg, "--nonce", nonce.hex(), stdin=b"hi").stdout
     assert given == ChaCha20Poly1305(key).encrypt(nonce, b"hi", None)
-    fails(keyden("aead", "decrypt", serial, "-a", alg, stdin=sealed[:-1]), 1, "keyden_aead: Bad message\n")
+    fails(keyden("aead", "decrypt", serial, "-a", alg, stdin=sealed[:-1]), 1,
+          "keyden_aead: Bad message (authentication failed)\n")
 
 
 # ----------------------------------------------------- cipher, hash, hmac
@@ -275,14 +282,15 @@ def test_cipher_hash_hmac_commands(keyden, client, tmp_path):
         ok(keyden("cipher", "decrypt", serial, "-a", alg, "--iv", iv.hex(), "-o", str(target), stdin=expected))
         assert target.read_bytes() == data
     fails(keyden("cipher", "encrypt", serial, "-a", "cbc(aes)", "--iv", iv.hex(), stdin=b"partial block"), 1,
-          "keyden_cipher: Invalid argument\n")
+          "keyden_cipher: Invalid argument (cbc(aes): data is not a multiple of the block size)\n")
     fails(keyden("cipher", "encrypt", serial, "-a", "gcm(aes)", "--iv", iv.hex()), 1,
-          "keyden_cipher: No such file or directory\n")
+          "keyden_cipher: No such file or directory (gcm(aes) is an aead algorithm, not a skcipher)\n")
     assert keyden("cipher", "encrypt", serial, "-a", "ctr(aes)").rc == 2
 
     assert ok(keyden("hash", "sha256", stdin=data)) == hashlib.sha256(data).hexdigest() + "\n"
     assert ok(keyden("hash", "sha384", stdin=b"")) == hashlib.sha384(b"").hexdigest() + "\n"
-    fails(keyden("hash", "hmac(sha256)"), 1, "keyden_hash: No such file or directory\n")
+    fails(keyden("hash", "hmac(sha256)"), 1,
+          "keyden_hash: No such file or directory (hmac(sha256) is an hmac algorithm, not a hash)\n")
 
     mac_key = os.urandom(64)
     mac_serial = str(client.add("logon", "app:mac", mac_key))
@@ -295,9 +303,10 @@ def test_cipher_hash_hmac_commands(keyden, client, tmp_path):
     assert ok(keyden("hmac", mac_serial, "-a", "hmac(sha512)", stdin=data)) == tags["hmac(sha512)"] + "\n"
     assert ok(keyden("hmac_verify", mac_serial, tags["hmac(sha512)"], "-a", "hmac(sha512)", stdin=data)) == ""
     fails(keyden("hmac_verify", mac_serial, tags["hmac(sha256)"], stdin=data + b"!"), 1,
-          "keyden_hmac_verify: Bad message\n")
+          "keyden_hmac_verify: Bad message (HMAC verification failed)\n")
     fails(keyden("hmac_verify", mac_serial, tags["hmac(sha256)"][:32], stdin=data), 1,
-          "keyden_hmac_verify: Invalid argument\n")
+          "keyden_hmac_verify: Invalid argument "
+          "(hmac(sha256): tag must be 32 bytes; truncated HMAC tags are not supported)\n")
     fails(keyden("hmac_verify", mac_serial, "zz"), 1, "Bad hex doublet\n")
 
 

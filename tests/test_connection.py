@@ -152,21 +152,21 @@ def _memfd(size: int) -> int:
     return fd
 
 
-def test_a_region_still_in_use_is_refunded_and_its_memfd_closed():
-    """Unmapping refuses while a view is held; the budget and the descriptor must not wait for it."""
+def test_a_region_still_in_use_is_refunded():
+    """Unmapping refuses while a view is held; the budget must not wait for it."""
     ctx = _context()
     budget = ctx.store.shm_budget
-    busy = Region(_memfd(8192), 8192, budget, PEER.uid)
-    idle = Region(_memfd(4096), 4096, budget, PEER.uid)
+    regions = []
+    for size in (8192, 4096):
+        fd = _memfd(size)
+        regions.append(Region(fd, size, budget, PEER.uid))
+        os.close(fd)  # as SHM_ATTACH does: the mapping needs no descriptor of ours
+    busy, idle = regions
     ctx.regions = {1: busy, 2: idle}
     held = busy.span(0, 16)
     assert budget.held(PEER.uid) == 12288
-    fds = (busy.fd, idle.fd)
     ctx.close()
     assert budget.held(PEER.uid) == 0 and ctx.regions == {}
-    for fd in fds:
-        with pytest.raises(OSError):
-            os.fstat(fd)
     held[0] = 1  # still mapped for whoever held the view
     held.release()
 

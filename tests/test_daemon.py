@@ -83,11 +83,20 @@ def test_daemon_hardens_itself(daemon):
     assert vmlck > 0, "memory is locked (root may mlock)"
 
 
-def test_a_second_daemon_refuses_a_live_socket_and_replaces_a_stale_one(daemon, tmp_path):
+def _serve_refused(*args: str) -> str:
+    """``keyden serve`` that must refuse to start: its one line on stderr."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-m", "keyden", "serve", "--socket", daemon.socket,
-                           "--state-dir", str(tmp_path / "s")], env=env, capture_output=True, timeout=30)
-    assert proc.returncode != 0 and b"already listening" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "keyden", "serve", *args], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    said = proc.stderr.splitlines()[-1]
+    assert said.startswith("keyden: not starting: "), proc.stderr
+    return said
+
+
+def test_a_second_daemon_refuses_a_live_socket_and_replaces_a_stale_one(daemon, tmp_path):
+    said = _serve_refused("--socket", daemon.socket, "--state-dir", str(tmp_path / "s"))
+    assert "already listening" in said and not (tmp_path / "s").exists()  # said before making a store
     stale = tmp_path / "stale.sock"
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(stale))
@@ -304,6 +313,57 @@ def test_a_client_outlives_a_daemon_restart_for_persistent_keys(fresh_daemon):
     in_session.close()
 
 
+def test_socket_path_mistakes_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    state = ("--state-dir", str(tmp_path / "state"))
+    assert "is not a socket" in _serve_refused("--socket", str(tmp_path / "file"), *state)
+    assert "k.sock: Not a directory" in _serve_refused("--socket", str(tmp_path / "file" / "k.sock"), *state)
+    assert "too long" in _serve_refused("--socket", str(tmp_path / ("x" * 120) / "k.sock"), *state)
+    assert not (tmp_path / "state").exists()  # each said before a store was made
+
+
+def test_a_config_file_named_but_missing_is_refused(tmp_path):
+    said = _serve_refused("--socket", str(tmp_path / "k.sock"), "--state-dir", str(tmp_path / "state"),
+                          "--config", str(tmp_path / "typo.toml"))
+    assert f"the config file {tmp_path / 'typo.toml'} does not exist" in said
+
+
+def test_first_start_under_a_loose_umask_makes_files_it_accepts_again(tmp_path):
+    """umask 000: the config file is 0644 and the socket's directories 0755, so the next start works."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    state, sock = tmp_path / "state", tmp_path / "run" / "deeper" / "k.sock"
+    command = [sys.executable, "-m", "keyden", "init", "--state-dir", str(state)]
+    for _ in range(2):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60,
+                              preexec_fn=lambda: os.umask(0))
+        assert proc.returncode == 0, proc.stderr
+    assert oct((state / "keyden.toml").stat().st_mode & 0o777) == "0o644"
+    d = Daemon(args=("--socket", str(sock)))
+    d.socket = str(sock)
+    try:
+        d.start(preexec_fn=lambda: os.umask(0))
+        for directory in (sock.parent, sock.parent.parent):
+            assert oct(directory.stat().st_mode & 0o777) == "0o755"
+    finally:
+        d.cleanup()
+
+
+def test_sighup_reopens_the_audit_file_and_the_daemon_serves_on(fresh_daemon):
+    """logrotate moves the file and sends SIGHUP: lines go to a new file at the same path."""
+    d = fresh_daemon('audit = "audit.log"\n')
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        c.add("user", "before", b"x", "@s")
+        os.rename(log_path, log_path + ".1")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(log_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        c.add("user", "after", b"x", "@s")
+    assert d.proc.poll() is None  # SIGHUP used to kill it, and every key held in memory with it
+    assert '"op": "add"' in open(log_path + ".1").read() and '"op": "add"' in open(log_path).read()
+
+
 @pytest.mark.parametrize("setting, said", [
     ("bogus = 1", "unknown setting 'bogus'"),
     ('max_frame = "abc"', "max_frame must be an int, not str"),
@@ -314,6 +374,7 @@ def test_a_client_outlives_a_daemon_restart_for_persistent_keys(fresh_daemon):
     ("max_frame = 0", "max_frame must be a finite number from 4096"),
     ("handshake_timeout = nan", "handshake_timeout must be a finite number"),
     ("quota = 5", "quota must be a table"),
+    ("[quota]\nidle_timeout = 600", "unknown setting 'idle_timeout' in [quota]"),  # appended after [quota]
 ])
 def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
     state = tmp_path / "state"

@@ -772,6 +772,10 @@ def test_batches_take_none_for_associated_data_and_hash_takes_only_hashes(client
     sealed = aead.encrypt_batch(nonces, items, None)  # as pyca's encrypt(nonce, data, None)
     assert sealed == [AESGCM(key).encrypt(n, m, None) for n, m in zip(nonces, items)]
     assert aead.decrypt_batch(nonces, sealed, None) == items
+    aads = [b"", b"x", None]  # and per item
+    sealed = aead.encrypt_batch(nonces, items, aads)
+    assert sealed == [AESGCM(key).encrypt(n, m, a) for n, m, a in zip(nonces, items, aads)]
+    assert aead.decrypt_batch(nonces, sealed, aads) == items
     for name in ("gcm(aes)", "hmac(sha256)", "no-such"):
         with pytest.raises(E.ENOENT):
             client.hash(name)

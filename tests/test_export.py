@@ -220,7 +220,8 @@ def test_cli_export_import_and_get_persistent(daemon, client, tmp_path):
     r = _cli(daemon, token, "add", "--no-export", "user", "cli-sealed", "v", "@s")
     sealed = int(r.stdout)
     r = _cli(daemon, token, "export", str(sealed), "--wrapping-key", str(wrap))
-    assert (r.returncode, r.stderr) == (1, b"export: Operation not permitted\n")
+    assert (r.returncode, r.stderr) == (1, f"export: Operation not permitted (key {sealed} is marked "
+                                         f"non-exportable)\n".encode())
     r = _cli(daemon, token, "export", str(key))
     assert r.returncode == 2 and b"--wrapping-key" in r.stderr  # usage
     # keyctl's get_persistent: <keyring> [<uid>]

@@ -7,6 +7,7 @@ while the slow clients are still connected), never how fast.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -200,6 +201,45 @@ def test_a_bad_descriptor_is_the_callers_error_not_a_lost_connection(daemon):
         assert c.generation == 0
         stream.update(b"def")  # the connection, and the stream on it, are fine
         assert stream.finalize()[1] == hashlib.sha256(b"abcdef").digest()
+
+
+def _daemon_fds(d) -> int:
+    return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+
+def test_a_connection_makes_the_daemon_hold_few_descriptors_whatever_it_sends(fresh_daemon):
+    """A frame left unfinished behind messages of 16 descriptors each: one descriptor per message is
+    kept (the kernel closes the rest), a few messages at most; a shared region costs one."""
+    from keyden.server.handlers import MAX_PENDING_FDS
+
+    d = fresh_daemon()
+    with d.connect() as c:
+        c.ping(b"")
+        before = _daemon_fds(d)
+        regions = [c.shared_buffer(4096) for _ in range(4)]
+        assert _daemon_fds(d) - before == 4  # Python's mmap keeps one; the memfd sent is closed
+        for region in regions:
+            region.close()
+    held = _daemon_fds(d)
+    socks = []
+    for _ in range(4):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(d.socket)
+        s.sendall(W.encode_request(1, Op.HELLO, W.MIN_VERSION, W.VERSION, "", "fds"))
+        assert s.recv(65536)
+        s.sendall(W.HEADER.pack(64, 2, Op.PING, 0))  # a frame begun, never finished
+        r, w = os.pipe()
+        for _ in range(8):
+            s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w] * 8).tobytes())])
+        os.close(r)
+        os.close(w)
+        socks.append(s)
+    time.sleep(0.5)
+    try:
+        assert _daemon_fds(d) - held <= 4 * (1 + MAX_PENDING_FDS)  # was 4 * (1 + 64)
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_without_reconnect_a_closed_connection_is_an_error(fresh_daemon):

@@ -44,12 +44,20 @@ def failure(function: str, exc: BaseException) -> Exit:
     return Exit(1, f"{function}: {text}")
 
 
+#: keyutils library calls: their failures print exactly as keyctl's, which scripts may match
+_KEYCTL_FUNCTIONS = ("keyctl_", "add_key", "request_key")
+
+
 def call(function: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run one client operation; a daemon refusal becomes keyctl's ``function: strerror``."""
+    """Run one client operation; a daemon refusal becomes keyctl's ``function: strerror``, and for
+    keyden's own commands (no keyctl output to match) the daemon's reason after it."""
     try:
         return method(*args, **kwargs)
     except E.KeydenError as exc:
-        raise failure(function, exc) from None
+        error = failure(function, exc)
+        if exc.message != exc.strerror() and not function.startswith(_KEYCTL_FUNCTIONS):
+            error.message += f" ({exc.message})"
+        raise error from None
 
 
 def strtoul(text: str, base: int = 0) -> int | None:

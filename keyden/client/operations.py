@@ -58,6 +58,12 @@ def _bytes_list(values) -> list:
 _BYTES_TYPES = {bytes, bytearray}
 
 
+def _aad_list(values) -> list:
+    """A batch's associated data: an item None is none (b""), as pyca's ``encrypt(nonce, data, None)``."""
+    values = values if type(values) is list else list(values)
+    return _bytes_list([b"" if v is None else v for v in values] if any(v is None for v in values) else values)
+
+
 class Operations:
     def _call(self, op: Op, *args: Any):  # pragma: no cover - provided by the transport
         raise NotImplementedError
@@ -225,7 +231,7 @@ class Operations:
     def batch(self, alg: str, key, items, *, ivs=(), aads=(), decrypt: bool = False, random_nonce: bool = False):
         """Many small items in one request: returns (statuses, outputs); status 0 or an errno per item."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
-        return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, _bytes_list(ivs), _bytes_list(aads),
+        return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, _bytes_list(ivs), _aad_list(aads),
                           _bytes_list(items))
 
     def stream_init(self, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):

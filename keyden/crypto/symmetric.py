@@ -109,12 +109,17 @@ def spec(name: str, want_kind: str | None = None) -> AlgorithmSpec:
     if found is None:
         raise E.ENOENT(f"unknown algorithm {_show(name)}")
     if want_kind is not None and found.kind != want_kind:
-        raise E.ENOENT(f"{found.name} is a {found.kind} algorithm, not {want_kind}")
+        raise E.ENOENT(f"{found.name} is {_a(found.kind)} algorithm, not {_a(want_kind)}")
     return found
 
 
 def kind(name: str) -> str:
     return spec(name).kind
+
+
+def _a(kind: str) -> str:
+    """'an aead', 'an hmac', 'a skcipher', 'a hash' (the article as the kinds are read aloud)."""
+    return f"an {kind}" if kind in ("aead", "hmac") else f"a {kind}"
 
 
 def _show(name) -> str:

@@ -139,6 +139,17 @@ class AuditLog:
                 log.error("audit log rotation failed: %s", exc.strerror)
             self._size = 0
 
+    def reopen(self) -> None:
+        """The file at our path anew, on the same descriptor (SIGHUP after logrotate moved it away)."""
+        with self._rotate_lock:
+            try:
+                fresh = _open_append(self.path)
+                os.dup2(fresh, self._fd)
+                os.close(fresh)
+                self._size = os.fstat(self._fd).st_size
+            except OSError as exc:
+                log.error("audit log reopen failed: %s", exc.strerror)
+
     def close(self) -> None:
         self.flush()
         if self.path:

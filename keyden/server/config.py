@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import stat
@@ -13,6 +14,8 @@ from keyden import errors as E
 from keyden.core.store import StoreConfig
 from keyden.persist.master import StartupError, require_own
 from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE
+
+log = logging.getLogger("keyden.config")
 
 DEFAULT_CONFIG_TEXT = """\
 # keyden daemon configuration (created on first start; every setting optional).
@@ -124,17 +127,23 @@ class ServerConfig:
         except OSError as exc:
             raise StartupError(f"cannot create the state directory {path}: {exc.strerror}") from None
         check_state_dir(str(path))
-        if not self.config_file.exists():
-            self.config_file.write_text(DEFAULT_CONFIG_TEXT)
+        if not self.config_file.exists():  # 0644 whatever the umask: a group-writable one is refused at start
+            fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o644)
+                f.write(DEFAULT_CONFIG_TEXT)
 
     def load_file(self, path: str | os.PathLike | None = None) -> None:
         """Apply a TOML file's settings (unknown keys are errors, so typos do not pass silently)."""
         if not path and os.path.exists(self.state_dir):
             check_state_dir(self.state_dir)  # before trusting the config file inside it
-        path = Path(path) if path else self.config_file
+        named, path = bool(path), Path(path) if path else self.config_file
         if not path.exists():
+            if named:  # a typo in a unit file must not start the daemon on defaults
+                raise StartupError(f"the config file {path} does not exist")
             return
         check_config_file(path)
+        log.info("config: %s", path)
         try:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -143,7 +152,7 @@ class ServerConfig:
         if not isinstance(quota, dict):
             raise E.EINVAL(f"{path}: quota must be a table ([quota] with its settings)")
         _apply(self, data, path, skip={"store"})
-        _apply(self.store, quota, path)
+        _apply(self.store, quota, path, table="quota")
 
 
 def check_state_dir(path: str) -> None:
@@ -172,11 +181,12 @@ def check_config_file(path: Path) -> None:
         require_own(str(path), st, "config file", secret=False, root_may_own=True)
 
 
-def _apply(target, values: dict, path, skip=()) -> None:
+def _apply(target, values: dict, path, skip=(), table: str = "") -> None:
     known = {f.name: f for f in fields(target) if f.name not in skip}
     for name, value in values.items():
         if name not in known:
-            raise E.EINVAL(f"{path}: unknown setting {name!r}")
+            where = f" in [{table}] (the daemon's own settings go above the first [table])" if table else ""
+            raise E.EINVAL(f"{path}: unknown setting {name!r}{where}")
         setattr(target, name, _in_range(name, _typed(value, type(getattr(target, name)), f"{path}: {name}"),
                                         f"{path}: {name}"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import resource
 
 log = logging.getLogger("keyden.harden")
@@ -33,7 +34,9 @@ def harden(lock_memory: bool = True) -> dict[str, bool]:
         # MCL_ONFAULT: lock pages as they are touched, so idle thread stacks cost nothing.
         done["memory_locked"] = libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0
         if not done["memory_locked"]:
-            log.info("memory not locked (errno %d); continuing", ctypes.get_errno())
+            log.warning("memory not locked (%s): key material may be swapped to disk; raise the locked-memory "
+                        "limit (ulimit -l, systemd LimitMEMLOCK=infinity) or set lock_memory = false to accept "
+                        "that", os.strerror(ctypes.get_errno()))
     return done
 
 

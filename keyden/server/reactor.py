@@ -53,7 +53,10 @@ log = logging.getLogger("keyden.server")
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_CHUNK = 1024 * 1024  # reads while a large frame is arriving
 SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise
-ANCILLARY_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize * 4)
+# Room for one descriptor per message: every request that takes one takes one.  The kernel closes what
+# a message carries beyond the room (MSG_CTRUNC), so a client cannot make us hold more.  (CMSG_LEN, not
+# CMSG_SPACE: the padding of CMSG_SPACE would fit a second descriptor.)
+ANCILLARY_SPACE = socket.CMSG_LEN(array.array("i").itemsize)
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
@@ -124,6 +127,7 @@ class Reactor:
         self._receiving = ByteBudget(config.receive_maxbytes, config.receive_total_maxbytes, "frames being received")
         self._parked: dict[Channel, int] = {}  # channels waiting for budget -> the size of their frame, oldest first
         self._budget_warnings = limits.Throttled(log)
+        self._accept_warnings = limits.Throttled(log)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -229,7 +233,7 @@ class Reactor:
 
     def _admit_failed(self, exc: OSError) -> None:
         """Out of descriptors: stop watching the listener for a moment rather than spin on the same error."""
-        log.warning("accept failed: %s", exc.strerror)
+        self._accept_warnings.warning("accept failed: %s", exc.strerror)
         listener = self._listener
         self._epoll.unregister(listener.fileno())
 

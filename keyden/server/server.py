@@ -9,7 +9,6 @@ total) and garbage collection.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -23,15 +22,40 @@ from keyden import protocol as W
 from keyden.core import trust
 from keyden.core.store import KeyStore
 from keyden.persist import SealedJournal, open_durable
+from keyden.persist.master import StartupError
 from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
 from keyden.server.config import ServerConfig
 from keyden.server.connection import Connection
+from keyden.server.handlers import MAX_PENDING_FDS
+from keyden.server.handlers.dataplane import MAX_REGIONS
 from keyden.server.reactor import Channel, Reactor
+from keyden.tls import engine as tls_engine
 
 log = logging.getLogger("keyden.server")
 
-FD_HEADROOM = 64  # descriptors besides connections: passed memfds, the audit file, state files
+MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
+FD_HEADROOM = 64  # descriptors besides connections' and sessions': the audit file, state files, the loop
+#: What one connection may make us hold at most: its socket, descriptors sent ahead of their requests
+#: (one per message), and each shared region's mapping (Python's mmap keeps a descriptor).
+FDS_PER_CONNECTION = 1 + MAX_PENDING_FDS + MAX_REGIONS
+FDS_PER_TLS_SESSION = 2  # the peer's socket and our end of the application's socketpair
+
+
+def _make_socket_dirs(directory: str) -> None:
+    """The socket's directories, each made 0755 whatever the umask (any local process must reach it)."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o755)
+            os.chmod(path, 0o755)
+        except FileExistsError:
+            raise StartupError(f"cannot make the socket's directory {path}: it exists and is not a directory") from None
+        except OSError as exc:
+            raise StartupError(f"cannot make the socket's directory {path}: {exc.strerror}") from None
 
 
 class Server:
@@ -55,6 +79,7 @@ class Server:
     def startup(self) -> None:
         cfg = self.config
         cfg.check()
+        self._clear_stale_socket(cfg.socket)  # a daemon already there: say so before making a store
         cfg.prepare_state_dir()
         # Before any key is made, so restored serials are free; refuses (StartupError) without the master key.
         self.journal = open_durable(cfg, self.store)
@@ -63,15 +88,21 @@ class Server:
             log.info("hardening: %s", ", ".join(f"{k}={v}" for k, v in applied.items()))
         trust.install_system_keyrings(self.store, cfg)
         path = cfg.socket
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        _make_socket_dirs(os.path.dirname(path))
         self._clear_stale_socket(path)
-        fd_limit = limits.raise_fd_limit(cfg.max_connections + FD_HEADROOM)
-        if fd_limit < cfg.max_connections + FD_HEADROOM:
-            log.warning("descriptor limit %d is below max_connections %d + %d", fd_limit, cfg.max_connections,
-                        FD_HEADROOM)
+        wanted = cfg.max_connections * FDS_PER_CONNECTION + FDS_PER_TLS_SESSION * tls_engine.MAX_SESSIONS + FD_HEADROOM
+        fd_limit = limits.raise_fd_limit(wanted)
+        if fd_limit < wanted:
+            log.warning("descriptor limit %d is below the %d that max_connections %d and %d TLS sessions may "
+                        "hold: raise it (ulimit -n, systemd LimitNOFILE)", fd_limit, wanted, cfg.max_connections,
+                        tls_engine.MAX_SESSIONS)
         self.audit = AuditLog.open(cfg.audit, cfg.state_dir, cfg.audit_max_bytes)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         os.chmod(path, 0o666)  # any local process may connect; identity comes from SO_PEERCRED
         sock.listen(512)
         self.listener = sock
@@ -82,21 +113,34 @@ class Server:
 
     @staticmethod
     def _clear_stale_socket(path: str) -> None:
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise StartupError(f"the socket path {path} is too long (a Unix socket's takes at most "
+                               f"{MAX_SOCKET_PATH} bytes)")
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise StartupError(f"cannot use the socket path {path}: {exc.strerror}") from None
         if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
         except OSError:
             os.unlink(path)  # nobody listening: a leftover from a crash
         else:
-            raise OSError(errno.EADDRINUSE, f"a daemon is already listening on {path}")
+            raise StartupError(f"a daemon is already listening on {path}")
         finally:
             probe.close()
+
+    def reopen_logs(self) -> None:
+        """SIGHUP: a rotated-away audit file is closed and its path opened anew (logrotate's postrotate)."""
+        if self.audit is not None and self.audit.path:
+            self.audit.reopen()
+            log.info("SIGHUP: audit log %s reopened", self.audit.path)
+        else:
+            log.info("SIGHUP: no audit file to reopen")
 
     def serve_forever(self) -> None:
         """Serve until request_stop (a signal handler may call it); returns with every connection closed."""
@@ -130,10 +174,11 @@ class Server:
             log.info("keyden stopped")
 
     def run(self) -> None:
-        """startup, serve until SIGTERM/SIGINT, shutdown."""
+        """startup, serve until SIGTERM/SIGINT, shutdown.  SIGHUP reopens the audit file (logrotate)."""
         self.startup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reopen_logs())
         try:
             self.serve_forever()
         finally:

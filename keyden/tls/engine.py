@@ -40,6 +40,7 @@ log = logging.getLogger("keyden.tls")
 
 LOOP_THREADS = max(1, min(4, os.cpu_count() or 1))
 MAX_SESSIONS_PER_UID = 1024
+MAX_SESSIONS = 2048  # all uids together: two descriptors each, within the daemon's descriptor limit
 BUFFER = 64 * 1024  # per direction and session
 WRITE_CHUNK = 64 * 1024  # plaintext handed to one SSL_write
 PLAIN_SOCKET_BUFFER = 1 << 20
@@ -122,6 +123,8 @@ class Engine:
                 self._start()
             if self._per_uid[uid] >= MAX_SESSIONS_PER_UID:
                 raise E.EMFILE(f"at most {MAX_SESSIONS_PER_UID} TLS sessions per user")
+            if sum(self._per_uid.values()) >= MAX_SESSIONS:
+                raise E.ENFILE(f"keyden runs its limit of {MAX_SESSIONS} TLS sessions")
             self._per_uid[uid] += 1
             loop = self._loops[next(self._turn) % len(self._loops)]
         try:

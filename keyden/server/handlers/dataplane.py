@@ -287,13 +287,14 @@ class Region:
     """
 
     def __init__(self, fd: int, size: int, budget, uid: int):
+        """Maps ``fd``, which the caller still owns (and closes: the mapping needs no descriptor)."""
         budget.charge(uid, size)
         try:
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             budget.refund(uid, size)
             raise
-        self.fd, self.size, self.budget, self.uid = fd, size, budget, uid
+        self.open, self.size, self.budget, self.uid = True, size, budget, uid
         self.view = memoryview(self.map)
 
     def span(self, offset: int, length: int) -> memoryview:
@@ -303,22 +304,19 @@ class Region:
         return self.view[offset:offset + length]
 
     def close(self) -> None:
-        """Unmap, close the memfd, refund the budget; the last two even if unmapping fails.
+        """Unmap and refund the budget, the latter even if unmapping fails.
 
         (Unmapping refuses, BufferError, while a view of the map is still
         held; Python unmaps it when the last view goes.)
         """
-        if self.fd < 0:
+        if not self.open:
             return
-        fd, self.fd = self.fd, -1
+        self.open = False
         try:
             self.view.release()
             self.map.close()
         finally:
-            try:
-                os.close(fd)
-            finally:
-                self.budget.refund(self.uid, self.size)
+            self.budget.refund(self.uid, self.size)
 
 
 def _sealed_size(fd: int) -> int:
@@ -335,7 +333,7 @@ def _sealed_size(fd: int) -> int:
 @handles(Op.SHM_ATTACH)
 def _shm_attach(ctx, size):
     fd = ctx.fds.take("the memfd")
-    try:
+    try:  # closed whatever happens: a mapping needs no descriptor (Python's mmap keeps a copy of its own)
         if len(ctx.regions) >= MAX_REGIONS:
             raise E.EMFILE(f"at most {MAX_REGIONS} shared regions per connection")
         if not 0 < size <= MAX_SHARED_REGION:
@@ -350,9 +348,8 @@ def _shm_attach(ctx, size):
             raise E.EACCES("the memfd cannot be mapped read-write (sealed against writes?)") from None
         except ValueError:  # write-sealed or read-only memfds cannot be mapped for writing
             raise E.EACCES("the memfd cannot be mapped read-write (sealed against writes?)") from None
-    except BaseException:
+    finally:
         os.close(fd)
-        raise
     handle = ctx.new_handle()
     ctx.regions[handle] = region
     return (handle,)
