@@ -421,8 +421,10 @@ def test_genkey_and_pkey_operations_through_files(keyden, client, tmp_path):
     for command in ("pkey_sign", "pkey_encrypt", "pkey_decrypt"):  # keyctl queries the key first
         r = keyden(command, user_key, "0", str(digest))
         assert (r.rc, r.err) == (1, "keyctl_pkey_query: Operation not supported\n")
-    r = keyden("pkey_sign", key, "0", str(tmp_path / "absent"), "enc=nonsense")
+    r = keyden("pkey_sign", key, "0", str(digest), "enc=nonsense")
     assert (r.rc, r.err) == (1, "keyctl_pkey_query: Invalid argument\n")
+    r = keyden("pkey_sign", "12345", "0", str(tmp_path / "absent"))  # as keyctl: the file is read first
+    assert (r.rc, r.err) == (1, f"{tmp_path / 'absent'}: No such file or directory\n")
     assert keyden("pkey_verify", key, "0", str(digest)).rc == 2
     r = keyden("genkey", "dsa:1024", "@s")
     assert r.rc == 1 and r.err.startswith("genkey: Invalid argument (unknown key spec; use one of rsa, ")

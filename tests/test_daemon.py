@@ -322,6 +322,14 @@ def test_socket_path_mistakes_are_one_line(tmp_path):
     assert not (tmp_path / "state").exists()  # each said before a store was made
 
 
+def test_a_config_file_that_cannot_be_created_is_one_line(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "keyden.toml").symlink_to(tmp_path / "nowhere")  # dangling
+    said = _serve_refused("--socket", str(tmp_path / "k.sock"), "--state-dir", str(state))
+    assert "cannot create the config file" in said
+
+
 def test_a_config_file_named_but_missing_is_refused(tmp_path):
     said = _serve_refused("--socket", str(tmp_path / "k.sock"), "--state-dir", str(tmp_path / "state"),
                           "--config", str(tmp_path / "typo.toml"))
@@ -362,6 +370,33 @@ def test_sighup_reopens_the_audit_file_and_the_daemon_serves_on(fresh_daemon):
         c.add("user", "after", b"x", "@s")
     assert d.proc.poll() is None  # SIGHUP used to kill it, and every key held in memory with it
     assert '"op": "add"' in open(log_path + ".1").read() and '"op": "add"' in open(log_path).read()
+
+
+def test_sighup_in_the_middle_of_rotations_never_hangs_the_daemon(fresh_daemon):
+    """The handler runs on the loop's thread, maybe inside a rotation holding the lock a reopen takes."""
+    d = fresh_daemon('audit = "audit.log"\naudit_max_bytes = 1\n')  # every write rotates
+    stop, served = threading.Event(), []
+
+    def load():
+        with d.connect(timeout=20) as c:
+            while not stop.is_set():
+                c.whoami()
+                served.append(1)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(100):
+            d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads) and len(served) > 100
+    with d.connect(timeout=5) as c:
+        assert c.ping(b"still here") == b"still here"
 
 
 @pytest.mark.parametrize("setting, said", [

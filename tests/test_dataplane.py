@@ -776,6 +776,8 @@ def test_batches_take_none_for_associated_data_and_hash_takes_only_hashes(client
     sealed = aead.encrypt_batch(nonces, items, aads)
     assert sealed == [AESGCM(key).encrypt(n, m, a) for n, m, a in zip(nonces, items, aads)]
     assert aead.decrypt_batch(nonces, sealed, aads) == items
+    statuses, outputs = client.batch("gcm(aes)", serial, items, ivs=nonces, aads=None)
+    assert statuses == [0, 0, 0] and outputs == [AESGCM(key).encrypt(n, m, None) for n, m in zip(nonces, items)]
     for name in ("gcm(aes)", "hmac(sha256)", "no-such"):
         with pytest.raises(E.ENOENT):
             client.hash(name)

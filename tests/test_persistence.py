@@ -1166,3 +1166,18 @@ def test_a_store_deleted_under_its_master_key_is_said_at_start(fresh_daemon):
             os.unlink(os.path.join(d.state_dir, name))
     log = start_and_read_log(d)
     assert "exists but the key database" in log and "its key store is gone" in log
+
+
+def test_an_asymmetric_key_stored_by_an_older_version_is_charged_as_now():
+    """Earlier versions charged an asymmetric key its size; a stored row brings that number back, but
+    the key is charged the kernel's flat 100 bytes, as a key added now is."""
+    from keyden.core import keytypes as T
+    from keyden.core.store import Key
+    from keyden.crypto import asymmetric
+    from keyden.persist import records
+
+    sealer = Sealer(os.urandom(32))
+    old = Key(424242, T.REGISTRY["asymmetric"], "old", 1000, 1000, 0x3F010000, asymmetric.generate("p256"), 138)
+    user = Key(424243, T.REGISTRY["user"], "u", 1000, 1000, 0x3F010000, b"12345", 5)
+    assert records.open_row(records.seal(old, 1, False, sealer), sealer)[0].quota_len == 100
+    assert records.open_row(records.seal(user, 1, False, sealer), sealer)[0].quota_len == 5

@@ -553,16 +553,16 @@ def cmd_pkey_query(ctx, args):
 def _pkey_transform(function: str, method: str) -> Handler:
     """pkey_encrypt/decrypt/sign: <key> <pass> <datafile> [k=v]*, the result raw on stdout.
 
-    As keyctl, the key is queried first (keyctl sizes its buffer so): a key that is missing, not
-    asymmetric or not ours to use is reported as ``keyctl_pkey_query``'s failure."""
+    As keyctl, the data file is read, then the key queried (keyctl sizes its buffer so): a key that is
+    missing, not asymmetric or not ours to use is reported as ``keyctl_pkey_query``'s failure."""
     def handler(ctx, args):
         if len(args) < 3:
             raise Usage()
         info = pkey_info(args[3:])
         key = ctx.key(args[0])
         pkey_password(args[1])
-        call("keyctl_pkey_query", ctx.client.pkey_query, key, info)
         data = read_file(args[2])
+        call("keyctl_pkey_query", ctx.client.pkey_query, key, info)
         write_bytes(call(function, getattr(ctx.client, method), key, info, data))
     handler.__name__ = f"cmd_{method}"
     return handler

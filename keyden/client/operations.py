@@ -59,8 +59,8 @@ _BYTES_TYPES = {bytes, bytearray}
 
 
 def _aad_list(values) -> list:
-    """A batch's associated data: an item None is none (b""), as pyca's ``encrypt(nonce, data, None)``."""
-    values = values if type(values) is list else list(values)
+    """A batch's associated data: None, or an item None, is none (b""), as pyca's ``encrypt(nonce, data, None)``."""
+    values = values if type(values) is list else list(values or ())
     return _bytes_list([b"" if v is None else v for v in values] if any(v is None for v in values) else values)
 
 

@@ -17,7 +17,7 @@ MAX_DESC_LEN = 4095  # KEY_MAX_DESC_SIZE (4096) including the NUL
 MAX_USER_PAYLOAD = 32767
 MAX_ADD_PAYLOAD = 1024 * 1024 - 1  # add_key(2) refuses more before looking at anything else
 #: What an asymmetric key costs against the byte quota: the kernel's x509 and PKCS#8 parsers set
-#: ``prep->quotalen = 100`` whatever the key's size, so a user may hold a CA bundle.  A payload past
+#: ``prep->quotalen = 100`` whatever the key's size, so a user may hold many certificates.  A payload past
 #: ASYMMETRIC_FREE_BYTES (more than any real key or certificate) also pays for its excess: one daemon
 #: holds every uid's keys, and a megabyte "certificate" must not cost a hundred bytes.
 ASYMMETRIC_QUOTA, ASYMMETRIC_FREE_BYTES = 100, 16 * 1024

@@ -90,7 +90,7 @@ class Caller:
     """One request's identity: credentials plus the process and session it runs in."""
 
     cred: Credentials
-    process: tuple[int, ...] | None = None  # (pid, start time, ...): names its process keyring
+    process: tuple[int, int] | None = None  # (pid, start time): with the credentials, names its process keyring
     session_token: str | None = None
 
     @property
@@ -321,7 +321,7 @@ class KeyStore:
         self._quota: dict[int, _Quota] = {}
         self._user_keyrings: dict[int, Key] = {}
         self._user_session_keyrings: dict[int, Key] = {}
-        self._process_keyrings: dict[tuple[tuple[int, ...], int, int], Key] = {}  # (process, uid, gid) -> @p
+        self._process_keyrings: dict[tuple[tuple[int, int], int, int], Key] = {}  # (process, uid, gid) -> @p
         self._sessions: dict[str, _Session] = {}
         self._persistent_keyrings: dict[int, Key] = {}  # uid -> _persistent.<uid> (the kernel's register)
         self._reserved: set[int] = set()  # serials of stored records that were not restored: never handed out
@@ -613,9 +613,9 @@ class KeyStore:
         return self._user_session_keyrings.get(uid)
 
     def _process_keyring(self, caller: Caller, create: bool) -> Key | None:
-        """The process keyring of this process image as these credentials: a program that changed uid or
-        gid (su, a service manager dropping privileges, a setuid program) gets a new one, as after the
-        execve that usually goes with it the kernel's process does."""
+        """The process keyring of this process as these credentials: a process whose uid or gid changed
+        (su, a service manager dropping privileges, a setuid program) gets a new one.  keyden cannot see
+        the execve that usually comes with such a change, at which the kernel drops @p."""
         if caller.process is None:
             return None
         ident = (caller.process, caller.cred.uid, caller.cred.gid)
@@ -1507,7 +1507,7 @@ class KeyStore:
             before = len(self._keys)
             if process_alive is not None:
                 for ident, ring in list(self._process_keyrings.items()):
-                    if not process_alive(*ident[0][:2]):  # ((pid, start time, ...), uid, gid)
+                    if not process_alive(*ident[0]):  # ((pid, start time), uid, gid)
                         self._changed()  # what it held is possessed by nobody now, wherever else it is linked
                         del self._process_keyrings[ident]
                         ring.pins -= 1

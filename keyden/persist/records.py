@@ -116,6 +116,7 @@ def open_row(row: Row, sealer: Sealer) -> tuple[Key, list[int]]:
     if ktype is None:
         raise Unusable(f"unknown key type {row.type!r}")
     members: list[int] = []
+    quota_len = 0 if ktype.is_keyring else row.quota_len
     try:
         if ktype.is_keyring:
             if len(plaintext) % 4:
@@ -125,11 +126,13 @@ def open_row(row: Row, sealer: Sealer) -> tuple[Key, list[int]]:
         elif not plaintext and row.revoked_at is not None:
             payload = None
         else:
-            payload, _quota = ktype.preparse(plaintext)
+            payload, charge = ktype.preparse(plaintext)
+            if ktype.name == "asymmetric":  # charged as this version charges (the kernel's flat 100)
+                quota_len = charge
     except E.KeydenError as exc:
         raise Unusable(f"payload does not parse ({type(exc).__name__})") from None
     key = Key(row.serial, ktype, row.description, row.uid, row.gid, row.perm, payload,
-              0 if ktype.is_keyring else row.quota_len, charged=bool(row.flags & CHARGED), ctime=row.ctime)
+              quota_len, charged=bool(row.flags & CHARGED), ctime=row.ctime)
     key.expiry = row.expiry
     key.revoked_at = row.revoked_at
     key.flags = row.flags & KEY_FLAGS

@@ -128,7 +128,10 @@ class ServerConfig:
             raise StartupError(f"cannot create the state directory {path}: {exc.strerror}") from None
         check_state_dir(str(path))
         if not self.config_file.exists():  # 0644 whatever the umask: a group-writable one is refused at start
-            fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as exc:  # a dangling symlink, say
+                raise StartupError(f"cannot create the config file {self.config_file}: {exc.strerror}") from None
             with os.fdopen(fd, "w") as f:
                 os.fchmod(fd, 0o644)
                 f.write(DEFAULT_CONFIG_TEXT)

@@ -36,19 +36,17 @@ class Peer:
     groups: frozenset[int]
     start_time: int  # /proc/<pid>/stat field 22: tells a reused pid apart; UNKNOWN_START if the peer is gone
     exe: str | None = None  # /proc/<pid>/exe, read under the same check as start_time (None: gone or hidden)
-    image: int = 0  # exec_image(): tells the programs a process exec'd apart (0: unknown)
 
     @property
     def credentials(self) -> Credentials:
         return Credentials(self.uid, self.gid, self.groups)
 
     @property
-    def process(self) -> tuple[int, int, int] | None:
-        """(pid, start time, image): names the process keyring; None when the process is unknown, so no two
-        such peers share one.  The image makes an exec'd program a new process, as the kernel does."""
+    def process(self) -> tuple[int, int] | None:
+        """Names the process keyring; None when the process is unknown, so no two such peers share one."""
         if self.start_time == UNKNOWN_START:
             return None
-        return (self.pid, self.start_time, self.image)
+        return (self.pid, self.start_time)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -136,22 +134,6 @@ def supplementary_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
-def exec_image(pid: int) -> int:
-    """Where the process's stack began (/proc/<pid>/stat field 28): placed at random by each execve
-    (ASLR), so it tells one program a process ran from the next.  0 when the kernel hides it (we may not
-    ptrace the process) or without ASLR: then an exec goes unseen."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    fields = stat[stat.rfind(b")") + 2:].split()
-    try:
-        return int(fields[25])
-    except (IndexError, ValueError):
-        return 0
-
-
 def process_alive(pid: int, start_time: int) -> bool:
     return process_start_time(pid) == start_time
 
@@ -178,9 +160,8 @@ def executable(pid: int) -> str | None:
         return None
 
 
-def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None, int]:
-    """(start time, executable, exec image) of the process that connected; (UNKNOWN_START, None, 0) if
-    it is gone.
+def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None]:
+    """(start time, executable) of the process that connected; (UNKNOWN_START, None) if it is gone.
 
     /proc/<pid> read after accept() may be another process if the peer exited
     and its pid was reused.  SO_PEERPIDFD pins the very process that called
@@ -193,23 +174,23 @@ def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None, int]:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as exc:
         if exc.errno in (errno.ESRCH, errno.EINVAL, errno.ENODATA):
-            return UNKNOWN_START, None, 0  # kernels before 6.16 refuse a pidfd for a peer already reaped
+            return UNKNOWN_START, None  # kernels before 6.16 refuse a pidfd for a peer already reaped
         if exc.errno != errno.ENOPROTOOPT:
             raise
         _warn_once("kernel lacks SO_PEERPIDFD (Linux < 6.5): reading peers' start times from /proc, "
                    "which races with pid reuse")
         start = process_start_time(pid)
-        return (UNKNOWN_START, None, 0) if start is None else (start, executable(pid), exec_image(pid))
+        return (UNKNOWN_START, None) if start is None else (start, executable(pid))
     try:
-        start, exe, image = process_start_time(pid), executable(pid), exec_image(pid)
+        start, exe = process_start_time(pid), executable(pid)
         if start is None or _exited(pidfd):
-            return UNKNOWN_START, None, 0
-        return start, exe, image
+            return UNKNOWN_START, None
+        return start, exe
     finally:
         os.close(pidfd)
 
 
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    start, exe, image = peer_process(sock, pid)
-    return Peer(pid, uid, gid, peer_groups(sock, pid), start, exe, image)
+    start, exe = peer_process(sock, pid)
+    return Peer(pid, uid, gid, peer_groups(sock, pid), start, exe)

@@ -200,6 +200,11 @@ class Reactor:
         self._stopping = True
         self._wake()
 
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop between rounds; safe from a signal handler or another thread."""
+        self._done.append((None, fn))
+        self._wake()
+
     def _wake(self) -> None:
         try:
             os.eventfd_write(self._wake_fd, 1)

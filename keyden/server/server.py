@@ -72,6 +72,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._shutdown_lock = threading.Lock()
         self._shut_down = False
+        self._reopen_pending = False  # a SIGHUP came before the loop was there
         self.journal: SealedJournal | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -134,6 +135,15 @@ class Server:
         finally:
             probe.close()
 
+    def _on_sighup(self) -> None:
+        """The signal handler runs on the loop's thread, maybe inside an audit write holding the lock a
+        reopen takes: it only asks the loop to reopen, between rounds."""
+        reactor = self.reactor
+        if reactor is None:
+            self._reopen_pending = True  # serve_forever passes it on
+        else:
+            reactor.call_soon(self.reopen_logs)
+
     def reopen_logs(self) -> None:
         """SIGHUP: a rotated-away audit file is closed and its path opened anew (logrotate's postrotate)."""
         if self.audit is not None and self.audit.path:
@@ -146,6 +156,8 @@ class Server:
         """Serve until request_stop (a signal handler may call it); returns with every connection closed."""
         assert self.listener is not None
         self.reactor = Reactor(self.config, self._admit, self.audit)
+        if self._reopen_pending:
+            self.reactor.call_soon(self.reopen_logs)
         if self._stopping.is_set():
             return
         self.reactor.run(self.listener)
@@ -175,10 +187,10 @@ class Server:
 
     def run(self) -> None:
         """startup, serve until SIGTERM/SIGINT, shutdown.  SIGHUP reopens the audit file (logrotate)."""
+        signal.signal(signal.SIGHUP, lambda signum, frame: self._on_sighup())  # at once: start-up may be long
         self.startup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.request_stop())
-        signal.signal(signal.SIGHUP, lambda signum, frame: self.reopen_logs())
         try:
             self.serve_forever()
         finally:
