@@ -356,6 +356,54 @@ def test_first_start_under_a_loose_umask_makes_files_it_accepts_again(tmp_path):
         d.cleanup()
 
 
+def test_keyden_serve_ignores_hangups_from_its_first_import():
+    """A reload while the interpreter is still importing must not kill the daemon (SIGHUP's default);
+    other commands keep the default."""
+    probe = ("import signal, sys; sys.argv = ['keyden'] + sys.argv[1:]; import keyden.cli.main; "
+             "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for args, ignored in ((["serve"], "True"), (["--socket", "/x.sock", "serve"], "True"),
+                          (["add", "user", "serve", "x"], "False")):
+        r = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == ignored, (args, r.stderr)
+
+
+def test_signals_after_the_loop_or_during_a_stop_are_harmless(tmp_path):
+    """A SIGHUP once the loop is over must not write into a descriptor that took its wake-up's number,
+    and a second SIGTERM arriving while the first is being handled must not hang (no lock is taken)."""
+    from keyden.server.config import ServerConfig
+    from keyden.server.reactor import Reactor
+    from keyden.server.server import Server
+
+    reactor = Reactor(ServerConfig(socket=str(tmp_path / "s"), state_dir=str(tmp_path)), None)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen()
+    reactor.stop()
+    reactor.run(listener)
+    listener.close()
+    r, w = os.pipe()  # the lowest free numbers: the wake-up's among them
+    try:
+        reactor.call_soon(lambda: None)
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 8)
+    finally:
+        os.close(r)
+        os.close(w)
+
+    server = Server(ServerConfig(socket=str(tmp_path / "t"), state_dir=str(tmp_path)))
+    done = threading.Event()
+
+    def second_signal_inside_the_first():
+        with server._stopping._cond:  # as if the first handler were inside Event.set()
+            server._on_stop_signal()
+        done.set()
+
+    threading.Thread(target=second_signal_inside_the_first, daemon=True).start()
+    assert done.wait(10) and server._stop_signalled
+
+
 def test_sighup_reopens_the_audit_file_and_the_daemon_serves_on(fresh_daemon):
     """logrotate moves the file and sends SIGHUP: lines go to a new file at the same path."""
     d = fresh_daemon('audit = "audit.log"\n')

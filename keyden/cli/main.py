@@ -11,11 +11,23 @@ from __future__ import annotations
 import errno
 import io
 import os
+import signal
 import sys
 
-from keyden import errors as E
-from keyden.cli import commands
-from keyden.cli.support import Context, Exit, NoDaemon, Usage
+
+def _daemon_ignores_early_hangups(argv: list[str]) -> None:
+    """``keyden serve``: a reload (SIGHUP) while the interpreter is still importing must not kill the
+    daemon (the default action); Server.run installs the real handler before anything needs reopening."""
+    words = [w for i, w in enumerate(argv) if not (w.startswith("--socket") or argv[i - 1:i] == ["--socket"])]
+    if words[:1] == ["serve"]:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+_daemon_ignores_early_hangups(sys.argv[1:])  # before the imports below, which take most of start-up
+
+from keyden import errors as E  # noqa: E402
+from keyden.cli import commands  # noqa: E402
+from keyden.cli.support import Context, Exit, NoDaemon, Usage  # noqa: E402
 
 HELP_WORDS = ("--help", "-h")
 #: how writing stdout fails (a closed descriptor, a full or failing disk, a file over its limit)

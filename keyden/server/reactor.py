@@ -177,7 +177,8 @@ class Reactor:
         if self._audit is not None:
             self._audit.flush()
         self._epoll.close()
-        os.close(self._wake_fd)
+        fd, self._wake_fd = self._wake_fd, -1  # a signal from now on wakes nobody (its number may be reused)
+        os.close(fd)
 
     def _event(self, ch: Channel, ev: int) -> None:
         if ev & _OUT and self._flush(ch) and not ch.busy:
@@ -206,6 +207,8 @@ class Reactor:
         self._wake()
 
     def _wake(self) -> None:
+        if self._wake_fd < 0:  # the loop is over
+            return
         try:
             os.eventfd_write(self._wake_fd, 1)
         except OSError:

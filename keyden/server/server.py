@@ -73,6 +73,7 @@ class Server:
         self._shutdown_lock = threading.Lock()
         self._shut_down = False
         self._reopen_pending = False  # a SIGHUP came before the loop was there
+        self._stop_signalled = False  # SIGTERM/SIGINT came (set by the handler, lock-free)
         self.journal: SealedJournal | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -135,6 +136,14 @@ class Server:
         finally:
             probe.close()
 
+    def _on_stop_signal(self) -> None:
+        """SIGTERM/SIGINT: takes no lock (a second signal may come while the first is handled, on the same
+        thread): a flag, and the loop is woken; shutdown does the rest."""
+        self._stop_signalled = True
+        reactor = self.reactor
+        if reactor is not None:
+            reactor.stop()
+
     def _on_sighup(self) -> None:
         """The signal handler runs on the loop's thread, maybe inside an audit write holding the lock a
         reopen takes: it only asks the loop to reopen, between rounds."""
@@ -153,17 +162,17 @@ class Server:
             log.info("SIGHUP: no audit file to reopen")
 
     def serve_forever(self) -> None:
-        """Serve until request_stop (a signal handler may call it); returns with every connection closed."""
+        """Serve until request_stop or SIGTERM/SIGINT; returns with every connection closed."""
         assert self.listener is not None
         self.reactor = Reactor(self.config, self._admit, self.audit)
         if self._reopen_pending:
             self.reactor.call_soon(self.reopen_logs)
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._stop_signalled:
             return
         self.reactor.run(self.listener)
 
     def request_stop(self) -> None:
-        """Stop serving: safe from a signal handler; serve_forever then returns."""
+        """Stop serving, from any thread (a signal handler uses _on_stop_signal); serve_forever then returns."""
         self._stopping.set()
         if self.reactor is not None:
             self.reactor.stop()
@@ -190,10 +199,11 @@ class Server:
         signal.signal(signal.SIGHUP, lambda signum, frame: self._on_sighup())  # at once: start-up may be long
         self.startup()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.request_stop())
+            signal.signal(sig, lambda signum, frame: self._on_stop_signal())
         try:
             self.serve_forever()
         finally:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing left to reopen
             self.shutdown()
 
     # ------------------------------------------------------------ connections
