@@ -359,3 +359,29 @@ def test_descriptors_piled_onto_a_handshake_are_bounded():
     (reply,) = responses(c.receive(hello[-1:]))
     assert reply.status == 0
     assert not any(map(_is_open, sent)) and c.context.fds == []  # they came with HELLO, which took none
+
+
+def test_a_reply_that_may_show_a_change_not_yet_on_disk_waits_for_it():
+    """Another connection's persistent change, noted but not yet written: a read now could hand out a
+    value a crash would take back, so this reply waits for the same write (and a quiet store costs
+    nothing)."""
+    from keyden.core.journal import NullJournal
+
+    class Pending(NullJournal):
+        noted = 0
+
+        def pending(self) -> int:
+            return self.noted
+
+        def synced(self, upto: int) -> bool:
+            return upto <= 0
+
+    store = KeyStore()
+    store.journal = Pending()
+    c = Connection(store, PEER)
+    assert hello(c).status == 0
+    c.handle(W.Frame(2, Op.WHOAMI, 0, b""))
+    assert c.unsynced == 0 and not c.needs_sync()
+    store.journal.noted = 7  # e.g. an update by another connection, its write still to come
+    c.handle(W.Frame(3, Op.WHOAMI, 0, b""))
+    assert c.unsynced == 7 and c.needs_sync()

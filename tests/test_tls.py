@@ -1150,3 +1150,52 @@ def test_a_context_built_with_a_key_destroyed_meanwhile_is_used_once_and_not_kep
     assert key.released
     assert contexts.server_context([cert, key], None, 0, ()) is not None
     assert not any(key in k[1] for k in contexts._cache if k[0] == "server")
+
+
+class _StubLoop:
+    """What a Session asks of its loop, recorded: registrations, and deadlines handed over."""
+
+    def __init__(self):
+        self.registered: dict[int, int] = {}
+        loop = self
+
+        class Arrivals(list):
+            def append(self, session):  # the loop may run the session's deadline from here on
+                assert session.tls.fileno() in loop.registered, "deadline handed over before the socket"
+                super().append(session)
+
+        self.arrivals = Arrivals()
+
+    def register(self, fd, session, mask):
+        self.registered[fd] = mask
+
+    def modify(self, fd, mask):
+        self.registered[fd] = mask
+
+    def unregister(self, fd):
+        if self.registered.pop(fd, None) is None:
+            raise FileNotFoundError(2, "not registered")
+
+    def at(self, when, session):
+        pass
+
+
+def test_a_session_is_registered_before_its_deadline_and_always_gives_back_its_count():
+    """A deadline already passed when the loop adopts a session closes it there: the socket must be
+    registered by then, and a close that finds it unregistered still releases the session's count."""
+    from keyden.tls.engine import Session
+
+    released = []
+    loop = _StubLoop()
+    peer, ours = socket.socketpair()
+    app, plain = socket.socketpair()
+    ours.setblocking(False)
+    tls = ssl.create_default_context().wrap_socket(ours, server_hostname="x.example", do_handshake_on_connect=False)
+    session = Session(loop, tls, plain, 0.001, lambda chain: None, lambda: released.append(1))
+    session.start()  # sends its ClientHello and waits for the peer
+    assert loop.arrivals == [session] and not session.closed
+    loop.registered.clear()  # as if it had not been registered yet
+    session.deadline_passed(session.deadline)
+    assert session.closed and released == [1] and plain.fileno() == -1
+    for s in (peer, app):
+        s.close()

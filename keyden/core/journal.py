@@ -38,6 +38,12 @@ class Journal(ABC):
         whether it changed anything persistent, and what ``sync`` must reach."""
         return 0
 
+    def pending(self) -> int:
+        """The mark of the last change anyone reported, if it is not on disk yet; 0 if all are.  A reply
+        that may show such a change (another client's key just added, updated or made) waits for it too:
+        nobody acts on a value a crash would take back."""
+        return 0
+
     def synced(self, upto: int) -> bool:
         """Are the changes up to mark ``upto`` on disk?  (Cheap: asked after such requests.)"""
         return True

@@ -76,6 +76,10 @@ class SealedJournal(Journal):
     def mark(self) -> int:
         return self._local.seq
 
+    def pending(self) -> int:
+        seq = self._seq  # one read: another thread may note more meanwhile (their replies wait for theirs)
+        return seq if seq > self._durable else 0
+
     def synced(self, upto: int) -> bool:
         return upto <= self._durable
 

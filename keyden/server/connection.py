@@ -178,8 +178,9 @@ class Connection:
         else:
             error = 0
         after = journal.mark()
-        if after != before:
-            self.unsynced = after
+        # What this request changed, or else whatever is still on its way to disk: its reply may show
+        # another connection's change (a read of a key just updated), which a crash now would undo.
+        self.unsynced = after if after != before else journal.pending()
         if self.audit is not None:
             self.audit.record(frame.op, args, error, result)
         after = self.context.after_audit

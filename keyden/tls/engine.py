@@ -225,8 +225,8 @@ class Loop:
 class Session:
     """One TLS connection and its plaintext twin.
 
-    ``start`` runs on the thread that made the session; from its last line on, only the loop's
-    thread touches the session.
+    ``start`` runs on the thread that made the session; once it has registered the socket and handed
+    over the deadline, only the loop's thread touches the session.
     """
 
     def __init__(self, loop: Loop, tls: ssl.SSLSocket, plain: socket.socket, timeout: float, check: ChainCheck,
@@ -271,11 +271,13 @@ class Session:
         self._advance()
         if self.closed:
             return
-        self.loop.arrivals.append(self)  # its deadline
         if self.established:  # unheard of in a first step, but then let the loop pump at once
             self._set(self.tls.fileno(), False, True)
         else:
             self._set(self.tls.fileno(), self.up_blocked == READ, self.up_blocked == WRITE)
+        # Its deadline last: once the loop has it, a deadline already passed closes the session there,
+        # which must find the socket registered (not half-way through _set on this thread).
+        self.loop.arrivals.append(self)
 
     def deadline_passed(self, when: float) -> None:
         if self.closed or when != self.deadline:
@@ -388,12 +390,17 @@ class Session:
         if not self.established:  # ended before any outcome was told (the peer or the application went)
             self._report(E.ECONNRESET.code)
         self.closed = True
-        for fd in self.watched:
-            self.loop.unregister(fd)
-        self.watched.clear()
-        self.tls.close()
-        self.plain.close()
-        self.on_close()
+        try:
+            for fd in self.watched:
+                try:
+                    self.loop.unregister(fd)
+                except (OSError, ValueError):  # not (or no longer) registered: nothing to undo
+                    pass
+            self.watched.clear()
+            self.tls.close()
+            self.plain.close()
+        finally:
+            self.on_close()  # the session's count is given back whatever failed above
 
     # ------------------------------------------------------------- the pump
 
