@@ -383,5 +383,13 @@ def test_a_reply_that_may_show_a_change_not_yet_on_disk_waits_for_it():
     c.handle(W.Frame(2, Op.WHOAMI, 0, b""))
     assert c.unsynced == 0 and not c.needs_sync()
     store.journal.noted = 7  # e.g. an update by another connection, its write still to come
-    c.handle(W.Frame(3, Op.WHOAMI, 0, b""))
-    assert c.unsynced == 7 and c.needs_sync()
+    frame = W.Frame(3, Op.WHOAMI, 0, b"")
+    reply = c.handle(frame)
+    assert c.unsynced == 7 and c.needs_sync() and not c.changed
+
+    def failing_write(upto):
+        raise E.EIO("the disk failed")
+
+    store.journal.sync = failing_write  # the writer is told; this reader gets its answer all the same
+    assert c.durable(frame, reply, c.unsynced, c.changed) == reply
+    assert responses(c.durable(frame, reply, c.unsynced, True))[0].status == E.EIO.code

@@ -86,6 +86,7 @@ class Connection:
         self.context: Context | None = None
         self.closed = False
         self.unsynced = 0  # the journal mark the last request's reply must wait for (0: nothing)
+        self.changed = False  # ... and whether those changes were its own (else only others' it may show)
         self.fed = 0  # bytes of the stream received so far (the loop adds the frames it takes past feed())
         self.answered = 0  # bytes of the stream taken by frames handled so far: they place descriptors
         self.fds = DescriptorQueue()  # its Context's once the handshake is done
@@ -100,7 +101,7 @@ class Connection:
         try:
             while not self.closed and (frame := self.next_frame()) is not None:
                 reply = self.handle(frame)
-                yield self.durable(frame, reply, self.unsynced)
+                yield self.durable(frame, reply, self.unsynced, self.changed)
         except W.FrameTooLarge as exc:
             log.warning("pid %d: %s; closing", self.peer.pid, exc.message)
             self.closed = True
@@ -132,14 +133,16 @@ class Connection:
         """Did the last request change a persistent keyring, not yet on disk (its reply must wait)?"""
         return bool(self.unsynced) and not self.store.journal.synced(self.unsynced)
 
-    def durable(self, frame: W.Frame, reply: bytes, upto: int) -> bytes:
-        """``reply``, once the changes its request made (up to mark ``upto``) are on disk (this may block);
-        the error instead if that write failed."""
+    def durable(self, frame: W.Frame, reply: bytes, upto: int, changed: bool = True) -> bytes:
+        """``reply``, once the changes up to mark ``upto`` are on disk (this may block).  If that write
+        failed: the error, for a request that ``changed`` them; the reply as it is, for one that only
+        waited for others' changes (their requests are told)."""
         if upto:
             try:
                 self.store.journal.sync(upto)
             except E.KeydenError as exc:
-                return W.encode_error(frame.request_id, frame.op, exc)
+                if changed:
+                    return W.encode_error(frame.request_id, frame.op, exc)
         return reply
 
     def close(self) -> None:
@@ -151,7 +154,7 @@ class Connection:
 
     def handle(self, frame: W.Frame) -> bytes:
         """The reply to one frame; ``unsynced`` then says what it changed persistently (see ``durable``)."""
-        self.unsynced = 0
+        self.unsynced, self.changed = 0, False
         self.answered += W.HEADER_SIZE + len(frame.body)
         reply = self._hello(frame) if self.context is None else self._answer(frame)
         if self.fds:  # descriptors this request (or one before it) brought and did not take
@@ -180,7 +183,8 @@ class Connection:
         after = journal.mark()
         # What this request changed, or else whatever is still on its way to disk: its reply may show
         # another connection's change (a read of a key just updated), which a crash now would undo.
-        self.unsynced = after if after != before else journal.pending()
+        self.changed = after != before
+        self.unsynced = after if self.changed else journal.pending()
         if self.audit is not None:
             self.audit.record(frame.op, args, error, result)
         after = self.context.after_audit

@@ -309,11 +309,13 @@ class Reactor:
             ch.admitted = False  # whole: its share is held until it is answered and the reply written
             cost = conn.cost(frame)
             if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1):
-                self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced))
+                self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced,
+                                                                  conn.changed))
                 break
             reply = conn.handle(frame)
             if conn.needs_sync():  # a persistent keyring changed: the fsync goes to a worker, the reply after it
-                self._submit(ch, lambda frame=frame, reply=reply, upto=conn.unsynced: conn.durable(frame, reply, upto))
+                self._submit(ch, lambda frame=frame, reply=reply, upto=conn.unsynced, changed=conn.changed:
+                             conn.durable(frame, reply, upto, changed))
                 break
             frame = None
             if conn.closed:
