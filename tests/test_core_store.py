@@ -930,3 +930,17 @@ def test_an_unnamed_key_made_inside_never_takes_a_name_its_keyring_files(store, 
     assert alive(store, alice, first) and alive(store, alice, second)
     assert store.describe(alice, first).description == "keyden:session-00c0ffee"
     assert store.describe(alice, second).description == "keyden:session-0badf00d"
+
+
+def test_an_exclusive_internal_key_never_displaces_a_namesake(store):
+    """What import's top key relies on: its check and its filing are one step under the lock, so a key
+    another client filed under the same name meanwhile is refused, not displaced and destroyed."""
+    from keyden.core import keytypes as T
+    alice = session(store, Credentials(1000, 1000))
+    logon = T.REGISTRY["logon"]
+    there = store.add(alice, "logon", "app:k", b"first", SESSION)
+    usage = store.quota_usage(1000)
+    with pytest.raises(E.EEXIST):
+        store.create_internal(alice, logon, "app:k", logon.preparse(b"second")[0], 6, SESSION, exclusive=True)
+    assert alive(store, alice, there) and store.search(alice, SESSION, "logon", "app:k") == there
+    assert store.quota_usage(1000) == usage  # nothing made, nothing left charged

@@ -882,13 +882,14 @@ class KeyStore:
 
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
                         keyring: int, perm: int | None = None, flags: int = 0, timeout: int = 0,
-                        unique_prefix: str = "") -> int:
+                        unique_prefix: str = "", exclusive: bool = False) -> int:
         """Add a key whose payload the daemon made itself (generated, derived, imported): never an update.
 
         Its permissions and timeout are the key's from the start (no setattr needed, no moment with others):
         a request that fails leaves nothing behind, and displaces nothing.  With no description and a
         ``unique_prefix``, the key is named ``<prefix><8 hex>``, never a name the keyring already files
-        (a second unnamed key must not displace, and so destroy, the first).
+        (a second unnamed key must not displace, and so destroy, the first).  ``exclusive``: EEXIST
+        rather than displace a namesake, checked under the same lock as the filing.
         """
         try:
             if flags & ~KEY_FLAGS:
@@ -903,6 +904,8 @@ class KeyStore:
                     description = _unused_name(ring, ktype.name, unique_prefix)
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
+                if exclusive and (ktype.name, description) in ring.links:
+                    raise E.EEXIST(f"keyring {ring.serial} already holds a {ktype.name} key of that description")
                 self._admit(ring, ktype, description, value)
                 key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags, timeout)
                 value = None

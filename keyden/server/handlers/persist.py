@@ -69,7 +69,7 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
         for index in order:
             entry = entries[index]
             parent = keyring if index == 0 else serials[first_parent[index]]
-            serials[index] = _make(ctx, entry, parent, flags)
+            serials[index] = _make(ctx, entry, parent, flags, exclusive=index == 0)
         for ring, member in links:
             if first_parent[member] != ring:
                 ctx.store.link(ctx.caller, serials[member], serials[ring])
@@ -95,13 +95,14 @@ def _depth(index: int, first_parent: dict[int, int]) -> int:
     return depth
 
 
-def _make(ctx, entry: export.Entry, parent: int, flags: int) -> int:
+def _make(ctx, entry: export.Entry, parent: int, flags: int, exclusive: bool = False) -> int:
     ktype = T.lookup(entry.type)
     if ktype.is_keyring and entry.description.startswith("."):
         raise E.EPERM("keyring names beginning with '.' are reserved")
     value, quota = ktype.preparse(entry.payload)
+    # The top key never displaces a namesake another client filed since the check above.
     return ctx.store.create_internal(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
-                                     flags)
+                                     flags, exclusive=exclusive)
 
 
 @handles(Op.REKEY)
