@@ -21,12 +21,12 @@ MAX_ADD_PAYLOAD = 1024 * 1024 - 1  # add_key(2) refuses more before looking at a
 #: ASYMMETRIC_FREE_BYTES (more than any real key or certificate) also pays for its excess: one daemon
 #: holds every uid's keys, and a megabyte "certificate" must not cost a hundred bytes.
 ASYMMETRIC_QUOTA, ASYMMETRIC_FREE_BYTES = 100, 16 * 1024
+MAX_UPDATE_PAYLOAD = 4096  # keyctl_update refuses more than PAGE_SIZE
 
 
 def asymmetric_quota(payload_size: int = 0) -> int:
     """Bytes charged for an asymmetric key parsed from ``payload_size`` bytes (0: generated inside)."""
     return ASYMMETRIC_QUOTA + max(0, payload_size - ASYMMETRIC_FREE_BYTES)
-MAX_UPDATE_PAYLOAD = 4096  # keyctl_update refuses more than PAGE_SIZE
 
 
 class KeyType:

@@ -867,12 +867,6 @@ class KeyStore:
             raise
         return key
 
-    def holds(self, caller: Caller, keyring: int, type_name: str, description: str) -> bool:
-        """Does a keyring the caller may write to already file a key under this type and description?"""
-        with self.lock:
-            ring, _ = self._target_keyring(caller, keyring)
-            return (type_name, description) in ring.links
-
     def _target_keyring(self, caller: Caller, keyring: int) -> tuple[Key, bool | None]:
         """The keyring a new key goes into: write permission, and it must be a keyring."""
         ring, possessed = self._lookup(caller, keyring, P.WRITE, create=True)

@@ -132,9 +132,7 @@ class AuditLog:
                 return  # another thread rotated first
             try:
                 os.replace(self.path, self.path + ".1")
-                fresh = _open_append(self.path)
-                os.dup2(fresh, self._fd)
-                os.close(fresh)
+                self._open_path()
             except OSError as exc:
                 log.error("audit log rotation failed: %s", exc.strerror)
             self._size = 0
@@ -143,12 +141,16 @@ class AuditLog:
         """The file at our path anew, on the same descriptor (SIGHUP after logrotate moved it away)."""
         with self._rotate_lock:
             try:
-                fresh = _open_append(self.path)
-                os.dup2(fresh, self._fd)
-                os.close(fresh)
+                self._open_path()
                 self._size = os.fstat(self._fd).st_size
             except OSError as exc:
                 log.error("audit log reopen failed: %s", exc.strerror)
+
+    def _open_path(self) -> None:
+        """The file at our path takes over our descriptor number (dup2 is atomic: no line is lost)."""
+        fresh = _open_append(self.path)
+        os.dup2(fresh, self._fd)
+        os.close(fresh)
 
     def close(self) -> None:
         self.flush()

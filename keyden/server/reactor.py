@@ -247,8 +247,7 @@ class Reactor:
 
         def rearm():
             time.sleep(0.05)
-            self._done.append((None, lambda: self._epoll.register(listener.fileno(), _IN)))
-            self._wake()
+            self.call_soon(lambda: self._epoll.register(listener.fileno(), _IN))
         threading.Thread(target=rearm, daemon=True).start()
 
     def _readable(self, ch: Channel, ev: int) -> None:

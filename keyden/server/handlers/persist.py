@@ -57,9 +57,6 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
     masks; on any failure what was made is invalidated, so an import happens whole or not at all."""
     if any(entry.perm & ~VALID_MASK for entry in entries):
         raise E.EBADMSG("the export holds a permission mask outside 0x3f3f3f3f")
-    # Filing the top key would displace (and destroy) a namesake before the rest is known to import.
-    if entries and ctx.store.holds(ctx.caller, keyring, entries[0].type, entries[0].description):
-        raise E.EEXIST("the keyring already holds a key of that type and description; import elsewhere")
     first_parent = {0: keyring}
     for ring, member in links:
         first_parent.setdefault(member, ring)
@@ -69,6 +66,7 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
         for index in order:
             entry = entries[index]
             parent = keyring if index == 0 else serials[first_parent[index]]
+            # The top key first, and filed exclusively: displacing (and so destroying) a namesake is EEXIST.
             serials[index] = _make(ctx, entry, parent, flags, exclusive=index == 0)
         for ring, member in links:
             if first_parent[member] != ring:
@@ -100,7 +98,6 @@ def _make(ctx, entry: export.Entry, parent: int, flags: int, exclusive: bool = F
     if ktype.is_keyring and entry.description.startswith("."):
         raise E.EPERM("keyring names beginning with '.' are reserved")
     value, quota = ktype.preparse(entry.payload)
-    # The top key never displaces a namesake another client filed since the check above.
     return ctx.store.create_internal(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
                                      flags, exclusive=exclusive)
 
