@@ -53,6 +53,33 @@ def test_every_operation_is_recorded_with_caller_keys_and_result(fresh_daemon):
         assert isinstance(rec["ts"], float)
 
 
+def test_a_streams_lines_name_its_key(fresh_daemon):
+    """STREAM_UPDATE/FINAL/ABORT name a stream by its handle: their lines carry the stream's key (they
+    said "keys": [] even when the key had been revoked under them)."""
+    d = fresh_daemon()
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        key = c.add("logon", "audit:stream", os.urandom(32), "@s")
+        with c.stream("gcm(aes)", key, iv=os.urandom(12)) as stream:
+            stream.update(b"data")
+            stream.finalize()
+        with c.stream("gcm(aes)", key, iv=os.urandom(12)) as stream:
+            c.revoke(key)
+            with pytest.raises(E.EKEYREVOKED):
+                stream.update(b"data")
+        c.hash().finalize(b"no key")
+        with c.stream("ctr(aes)", c.add("logon", "audit:ctr", os.urandom(32), "@s"), iv=bytes(16)) as aborted:
+            pass
+        records = [r for r in mine(audit_lines(log_path)) if r["op"].startswith("stream_")]
+    assert [(r["op"], r["keys"], r["result"]) for r in records] == [
+        ("stream_init", [key], "ok"), ("stream_update", [key], "ok"), ("stream_final", [key], "ok"),
+        ("stream_init", [key], "ok"), ("stream_update", [key], "EKEYREVOKED"),
+        ("stream_abort", [], "EBADF"),  # the revoked key closed it; the with-block's abort finds nothing
+        ("stream_init", [], "ok"), ("stream_final", [], "ok"),
+        ("stream_init", [records[-2]["keys"][0]], "ok"), ("stream_abort", [records[-2]["keys"][0]], "ok")]
+    assert aborted.done
+
+
 def test_no_key_material_descriptions_or_data_ever_reach_the_audit_log(fresh_daemon):
     d = fresh_daemon()
     with d.connect() as c:

@@ -16,6 +16,7 @@ import hashlib
 import os
 import stat
 
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from keyden import errors as E
 from keyden.cli.commands import hexdump
 from tests.test_cli import REPO, keyden, ok  # noqa: F401  (keyden is the CLI-runner fixture)
 from dhgroups import MODP_2048 as P
@@ -98,6 +100,9 @@ def test_derive_from_keys_and_peer_files(keyden, client, tmp_path):
     d = client.describe(serial)
     assert (d.type, d.description, d.perm) == ("logon", "app:ab", 0x3f010000)
     assert_aes_key(client, serial, HKDF(hashes.SHA256(), 32, b"\x00\xff", b"hi").derive(shared))
+    for bad in ("-1", "4294967296"):  # keyden's own options do not wrap, as keyctl's strtoul would (to 136 years)
+        fails(keyden("derive", "%asymmetric:mine", str(peer), "@s", "--timeout", bad), 2,
+              f"Out of range timeout: '{bad}' (0 to 4294967295)\n")
 
     forms = {
         "der": spki,
@@ -174,6 +179,10 @@ def test_dh_compute_commands_print_like_keyctl(keyden, client):
     fails(keyden("dh_compute_kdf", str(private), str(prime), str(peer), "x", "sha256"), 2, "Unparsable length: 'x'\n")
     assert keyden("dh_compute", str(private), str(prime)).rc == 2
     assert keyden("dh_compute_kdf", str(private), str(prime), str(peer), "32").rc == 2
+    fails(keyden("dh_compute_kdf", str(private), str(prime), str(peer), "32", "sha1"), 1,
+          "keyctl_dh_compute_kdf: No such file or directory\n")
+    with pytest.raises(E.ENOENT, match="no hash 'sha1' for the KDF here; use sha256, sha384 or sha512"):
+        client.dh_compute_kdf(private, prime, peer, "sha1", 32)
 
 
 def test_pkey_decrypt_into_a_new_key(keyden, client, tmp_path):
@@ -306,7 +315,7 @@ def test_cipher_hash_hmac_commands(keyden, client, tmp_path):
           "keyden_hmac_verify: Bad message (HMAC verification failed)\n")
     fails(keyden("hmac_verify", mac_serial, tags["hmac(sha256)"][:32], stdin=data), 1,
           "keyden_hmac_verify: Invalid argument "
-          "(hmac(sha256): tag must be 32 bytes; truncated HMAC tags are not supported)\n")
+          "(hmac(sha256): tag must be 32 bytes, not 16; truncated HMAC tags are not supported)\n")
     fails(keyden("hmac_verify", mac_serial, "zz"), 1, "Bad hex doublet\n")
 
 

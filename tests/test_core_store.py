@@ -833,17 +833,47 @@ def test_find_falls_back_to_any_key_the_caller_may_view(store, alice):
 
 def test_material_is_a_copy_that_a_later_update_or_revoke_cannot_wipe(store, alice):
     key = add_user(store, alice, "k", b"first key bytes")
-    version, material = store.material(alice, key)
+    material = store.material(alice, key)
     store.update(alice, key, b"second")
     assert material == b"first key bytes"
-    again, material2 = store.material(alice, key)
-    assert again is not version and material2 == b"second"
+    material2 = store.material(alice, key)
+    assert material2 == b"second"
     store.revoke(alice, key)
     assert material2 == b"second"
     with pytest.raises(E.EKEYREVOKED):
         store.material(alice, key)
     with pytest.raises(E.ENOPROTOOPT):
         store.material(alice, newring(store, alice, "r"))
+
+
+def test_objects_made_from_a_key_go_with_its_payload(store, alice, bob):
+    """Cipher engines hold the key loaded in OpenSSL: they are made once per payload, shared, and dropped
+    when the key is updated, revoked or destroyed (a per-connection cache kept them until it closed)."""
+    key = add_user(store, alice, "k", b"first key bytes")
+    made = []
+
+    def make(material):
+        made.append(material)
+        return object()
+
+    engine = store.derived(alice, key, "alg", make)
+    assert store.derived(alice, key, "alg", make) is engine and made == [b"first key bytes"]
+    assert store.derived(alice, key, "other", make) is not engine  # one per algorithm
+    with pytest.raises(E.EACCES):  # permission is checked on every call, cached or not
+        store.derived(bob, key, "alg", make)
+    store.update(alice, key, b"second")
+    assert store.derived(alice, key, "alg", make) is not engine and made[-1] == b"second"
+    held = store.iter_keys()
+    live = next(k for k in held if k.serial == key)
+    store.revoke(alice, key)
+    assert live.derived is None
+    with pytest.raises(E.EKEYREVOKED):
+        store.derived(alice, key, "alg", make)
+    other = add_user(store, alice, "k2", b"x")
+    store.derived(alice, other, "alg", make)
+    live = next(k for k in store.iter_keys() if k.serial == other)
+    store.unlink(alice, other, SESSION)
+    assert live.dead and live.derived is None
 
 
 @pytest.mark.parametrize("call", [

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import fields
 
 import pytest
 
 import keyden
 from keyden import errors as E
 from keyden import protocol as W
+from keyden.core.store import StoreConfig
 from keyden.protocol import Op
 from keyden.server.config import default_socket_path
 
@@ -445,6 +447,39 @@ def test_sighup_in_the_middle_of_rotations_never_hangs_the_daemon(fresh_daemon):
     assert not any(t.is_alive() for t in threads) and len(served) > 100
     with d.connect(timeout=5) as c:
         assert c.ping(b"still here") == b"still here"
+
+
+def test_every_setting_the_generated_config_shows_can_be_set_to_its_default(tmp_path):
+    """Uncommenting a line of the commented keyden.toml must never stop the daemon (shm_total_maxbytes'
+    4 GiB default was over the 2**31-1 every number was held to), and the file names every setting."""
+    from keyden.server.config import DEFAULT_CONFIG_TEXT, ServerConfig
+
+    state = tmp_path / "state"
+    config = ServerConfig(socket=str(tmp_path / "k.sock"), state_dir=str(state))
+    config.prepare_state_dir()
+    lines = []
+    for line in DEFAULT_CONFIG_TEXT.splitlines():
+        setting = re.match(r"# (\w+) = (\S+)", line)
+        if setting and "<state_dir>" not in line and setting[1] not in ("socket", "ca_bundle"):
+            line = f"{setting[1]} = {setting[2]}"
+        lines.append(line)
+    (state / "keyden.toml").write_text("\n".join(lines) + "\n")
+    config.load_file()
+    assert config.store.shm_total_maxbytes == 4 << 30 and config.harden is True
+    shown = set(re.findall(r"^# (\w+) =", DEFAULT_CONFIG_TEXT, re.M))
+    settable = {f.name for f in fields(ServerConfig) if f.name not in ("store", "state_dir")}
+    assert shown == settable | {f.name for f in fields(StoreConfig)}
+
+
+def test_state_dir_in_a_named_config_file_applies(tmp_path):
+    import argparse
+
+    from keyden.cli.serve import load_config
+
+    (tmp_path / "etc.toml").write_text(f'state_dir = "{tmp_path / "from-file"}"\n')
+    (tmp_path / "etc.toml").chmod(0o644)
+    named = argparse.Namespace(state_dir=None, config=str(tmp_path / "etc.toml"), passphrase_file=None)
+    assert load_config(named).state_dir == str(tmp_path / "from-file")
 
 
 @pytest.mark.parametrize("setting, said", [

@@ -389,10 +389,11 @@ def test_hmac_verify_failures(name):
         with pytest.raises(E.EBADMSG) as info:
             S.hmac_verify(name, key, bad_data, bad_tag)
         assert not _message_reveals(info.value, key, tag)
-    for truncated in (tag[:16], tag[:-1], tag + b"\0", b""):
+    for wrong_size in (tag[:16], tag[:-1], tag + b"\0", b""):
         with pytest.raises(E.EINVAL) as info:
-            S.hmac_verify(name, key, data, truncated)
-        assert "truncated" in info.value.message
+            S.hmac_verify(name, key, data, wrong_size)
+        assert f"must be {len(tag)} bytes, not {len(wrong_size)}" in info.value.message
+        assert ("truncated" in info.value.message) == (len(wrong_size) < len(tag))  # a long one is not
     for key_len in (0, S.MAX_HMAC_KEY + 1):
         with pytest.raises(E.EINVAL):
             S.hmac(name, bytes(key_len), data)
@@ -424,4 +425,10 @@ def test_generated_keys_fit_their_algorithms():
                                   None, 256, b"aes:128"])
 def test_generate_key_bad_spec_is_einval(spec):
     with pytest.raises(E.EINVAL):
+        S.generate_key(spec)
+
+
+@pytest.mark.parametrize("spec", ["hmac:8", "hmac:64", "hmac:120", "hmac:129", "hmac:2048"])
+def test_an_hmac_size_out_of_range_says_the_range(spec):
+    with pytest.raises(E.EINVAL, match="multiple of 8 bits in 128..1024"):
         S.generate_key(spec)

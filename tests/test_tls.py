@@ -198,7 +198,7 @@ def app_factory(client):
 
 
 def python_peer(port: int, server_name: str, ca: Leaf, *, cert: Leaf | None = None, version: str | None = None,
-                data: bytes = b"hello\n", alpn=None, keylog: str | None = None):
+                data: bytes = b"hello\n", alpn=None, keylog: str | None = None, source: str | None = None):
     """Python's ssl as the TLS client; returns (its SSLSocket's view of the session, the reply or the error)."""
     ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
     if version:
@@ -209,7 +209,8 @@ def python_peer(port: int, server_name: str, ca: Leaf, *, cert: Leaf | None = No
         ctx.set_alpn_protocols(alpn)
     if keylog:
         ctx.keylog_filename = keylog
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
+                                  source_address=(source, 0) if source else None) as raw:
         with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
             served = x509.load_der_x509_certificate(tls.getpeercert(True))
             session = {"version": tls.version(), "cipher": tls.cipher()[0], "alpn": tls.selected_alpn_protocol(),
@@ -395,25 +396,32 @@ def resuming_peer(port: int, ca: Leaf, version: str, cert: Leaf | None = None, c
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
             with ctx.wrap_socket(raw, server_hostname="a.test", session=session) as tls:
                 tls.sendall(b"again\n")
+                session, reused = tls.session, tls.session_reused
                 try:
                     reply = read_until(tls, b"\n")  # in TLS 1.3 the ticket, if any, comes before the reply
+                    session = tls.session
                     while tls.recv(4096):  # to keyden's close_notify: a session ended uncleanly is not kept
                         pass
+                    tls.unwrap()  # and ours (OpenSSL marks a session closed without one not resumable)
                 except (ssl.SSLError, OSError):
                     reply = b""
-                return tls.session, tls.session_reused, reply
+                return session, reused, reply
     return connect
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 @pytest.mark.parametrize("verify", ["none", "optional", "required"])
 def test_no_session_is_resumed_when_client_certificates_are_verified(app_factory, server_ring, client_trust, pki,
-                                                                      version, verify):
+                                                                      client, version, verify):
     """A resumed session skips verification: with a client trust keyring every connection is verified in full.
 
     Without one, resumption still works; that shows this client really offers its session.
     """
     options = {} if verify == "none" else {"client_trust": client_trust, "require_client_cert": verify == "required"}
+    if verify == "none":  # one identity: with several, TLS 1.3 resumes nothing (the next test)
+        single = client.newring("single")
+        load(client, pki.ec_server, ring=single)
+        options["keyring"] = single
     app = app_factory(**options)
     app.serve(count=2)
     connect = resuming_peer(app.port, pki.ca, version, cert=None if verify == "none" else pki.client)
@@ -425,6 +433,27 @@ def test_no_session_is_resumed_when_client_certificates_are_verified(app_factory
     first, second = app.outcome(), app.outcome()
     if verify != "none":
         assert first.peer_subject == second.peer_subject == "CN=client one"
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_a_session_is_never_resumed_under_another_identitys_name(app_factory, server_ring, pki, tmp_path, version):
+    """Identities share one session cache, and OpenSSL resumed a TLS 1.3 session made for rsa.test when
+    the client asked for a.test: the application was told a.test, which rsa.test's certificate does not
+    cover.  With several identities TLS 1.3 issues no ticket; TLS 1.2 resumes under the session's own name."""
+    app = app_factory()
+    app.serve(count=2)
+    saved = str(tmp_path / "session.pem")
+    common = ["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-CAfile", pki.ca.cert_path,
+              f"-tls{version.replace('.', '_')}", "-ign_eof"]
+    first = run(common + ["-servername", "rsa.test", "-sess_out", saved], stdin=b"hello\n")
+    assert first.returncode == 0 and b"echo: hello" in first.stdout, first.stderr.decode()
+    assert app.outcome().server_name == "rsa.test"
+    if version == "1.3":
+        assert not os.path.exists(saved)
+        return
+    second = run(common + ["-servername", "a.test", "-sess_in", saved], stdin=b"hello\n")
+    assert second.returncode == 0 and b"echo: hello" in second.stdout, second.stderr.decode()
+    assert app.outcome().server_name == ("rsa.test" if re.search(rb"^Reused, ", second.stdout, re.M) else "a.test")
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
@@ -650,6 +679,58 @@ def test_a_peer_that_hangs_up_mid_handshake(app_factory, server_ring, pki):
     assert isinstance(error, (E.ECONNRESET, E.EPROTO)), error
 
 
+def test_stalled_handshakes_from_one_peer_cannot_take_the_users_sessions(client, server_ring, pki, daemon):
+    """Anyone who reaches the application's port can start handshakes and stall them.  They counted
+    against the uid's 1024 sessions (and the daemon's 2048), so a flood on one service refused TLS to
+    every other service and tls_connect of that uid.  Past 32 running from one peer address (256 on one
+    listening address), tls_accept is EAGAIN at once; other peers go on, and the slots come back."""
+    from keyden.tls.engine import MAX_HANDSHAKES_PER_PEER
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    port = listener.getsockname()[1]
+    accepted_before = sum(r["op"] == "tls_accept" for r in my_audit_records(daemon))
+    results: queue.Queue = queue.Queue()
+    stalled = []
+    for _ in range(MAX_HANDSHAKES_PER_PEER):
+        stalled.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        conn, _ = listener.accept()
+        threading.Thread(target=lambda conn=conn: results.put(_outcome(client.tls_accept, conn,
+                                                                       handshake_timeout=120)),
+                         daemon=True).start()
+    deadline = time.monotonic() + TIMEOUT  # every one of them taken on by the daemon (its audit line)
+    while sum(r["op"] == "tls_accept" for r in my_audit_records(daemon)) < accepted_before + len(stalled):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    one_more = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    conn, _ = listener.accept()
+    with pytest.raises(E.EAGAIN, match=f"{MAX_HANDSHAKES_PER_PEER} TLS handshakes are already running from "
+                                       "127.0.0.1"):
+        client.tls_accept(conn)
+    conn.close()
+    one_more.close()
+
+    def serve_one():
+        conn, _ = listener.accept()
+        plain, info = client.tls_accept(conn)
+        with plain:
+            plain.settimeout(TIMEOUT)
+            echo_line(plain)
+    for source in ("127.0.0.2", "127.0.0.1"):
+        server = threading.Thread(target=serve_one, daemon=True)
+        server.start()
+        _, reply = python_peer(port, "a.test", pki.ca, source=source)
+        server.join(TIMEOUT)
+        assert reply == b"echo: hello\n"
+        if source == "127.0.0.2":  # another peer is served; now the stalled ones go, and with them their slots
+            for sock in stalled:
+                sock.close()
+            for _ in stalled:
+                assert isinstance(results.get(timeout=TIMEOUT), (E.ECONNRESET, E.EPROTO))
+    listener.close()
+
+
 def test_one_client_connection_serves_handshakes_in_parallel(client, server_ring, pki):
     """Threads sharing one keyden client wait on their own sockets, not on each other's handshakes."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -786,6 +867,43 @@ def test_the_applications_last_answer_gets_out_when_it_closes_with_input_unread(
                     break
                 got += chunk
             assert got == b"HTTP/1.1 413 Payload Too Large\r\n\r\n", size
+
+
+def test_a_peer_certificate_pyca_cannot_parse_is_refused_not_an_internal_error(pki):
+    """OpenSSL verifies certificates whose names pyca will not parse (a PrintableString holding '@'):
+    the chain check raised ValueError, and the application got EIO "internal error"."""
+    from keyden.core.store import KeyStore
+    from keyden.server.handlers.tls import refuse_blacklisted
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "we_ird@x.test")])  # a UTF8String ...
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(pki.ca.cert.subject)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(pki.ca.key, hashes.SHA256()))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    at = der.index(b"we_ird@x.test") - 2
+    weird = der[:at] + b"\x13" + der[at + 1:]  # ... made a PrintableString, which '@' and '_' may not be in
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(weird).subject.rfc4514_string()
+    store = KeyStore()
+    refuse_blacklisted(store, [pki.ca.cert.public_bytes(serialization.Encoding.DER), der])  # fine: no error
+    with pytest.raises(E.EKEYREJECTED, match="cannot parse"):
+        refuse_blacklisted(store, [weird])
+
+
+def test_a_server_name_that_is_not_ascii_is_refused_without_a_traceback(app_factory, server_ring, pki, daemon):
+    """ssl decodes the SNI before our callback runs; a name that is not ASCII made Python print a
+    traceback to the daemon's stderr for every such handshake, unthrottled."""
+    app = app_factory()
+    app.serve(count=3)
+    before = len(daemon.read_log())
+    for _ in range(3):
+        run(["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "caf\xe9.test"])
+        assert isinstance(app.outcome(), E.EPROTO)
+    log = daemon.read_log()[before:]
+    assert "Traceback" not in log and "caf" not in log
+    assert log.count("a peer's TLS server name is not ASCII") == 1  # one line (throttled), naming no bytes
 
 
 def test_a_blacklisted_certificate_of_our_own_is_never_served(client, pki):

@@ -80,10 +80,19 @@ def new_key_options(opts: dict) -> dict:
     if "--desc" in opts:
         out["description"] = opts["--desc"]
     if "--perm" in opts:
-        out["perm"] = number(opts["--perm"], "permissions") & 0xFFFFFFFF
+        out["perm"] = unsigned32(opts["--perm"], "permissions")
     if "--timeout" in opts:
-        out["timeout"] = number(opts["--timeout"], "timeout", 10) & 0xFFFFFFFF
+        out["timeout"] = unsigned32(opts["--timeout"], "timeout", 10)
     return out
+
+
+def unsigned32(text: str, what: str, base: int = 0) -> int:
+    """A keyden option's u32: a negative or oversized value is refused (keyctl's own commands wrap them,
+    as C's strtoul does, and keep doing so; keyden's are free to say no)."""
+    value = number(text, what, base)
+    if text.lstrip().startswith("-") or value > 0xFFFFFFFF:
+        raise Exit(2, f"Out of range {what}: '{text}' (0 to 4294967295)")
+    return value
 
 
 def public_key_file(name: str) -> bytes:

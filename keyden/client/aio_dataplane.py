@@ -178,14 +178,23 @@ class AsyncStream:
         """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
 
         The stream ends with the daemon's answer, whatever it is; if the request cannot go out (bad
-        arguments, over the frame cap), it is still open, and ``abort`` or ``async with`` closes it.
+        arguments), it is still open, and ``abort`` or ``async with`` closes it.  Data too large to
+        come back in one reply with the tag goes through ``update`` first.
         """
         _same_connection(self._client, self.generation, "stream")
         data, tag = _final_fields(self._client, data, tag)
+        head = b""
+        if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag
+            head, data = await self.update(data), b""
         try:
-            return await self._client.stream_final(self.handle, data, tag)
-        finally:
+            out, last = await self._client.stream_final(self.handle, data, tag)
+        except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
+            raise
+        except BaseException:
             self.done = True
+            raise
+        self.done = True
+        return (head + out if head else out), last
 
     async def abort(self) -> None:
         if not self.done:

@@ -100,6 +100,67 @@ class SharedBuffer:
         self.close()
 
 
+#: regions a client keeps for its helpers' large calls, and the largest it keeps after a call (a bigger one is
+#: given back to the daemon at once: a region pins its size in both processes and in the uid's budget)
+POOLED_REGIONS = 4
+POOLED_REGION_MAX = 64 << 20
+
+
+class RegionPool:
+    """The shared regions behind one client's ``Aead`` helpers: a call takes one, gives it back after.
+
+    Shared by every helper of the client, so helpers need no ``close`` (pyca's AESGCM has none): a
+    program that makes an ``Aead`` per key and drops it, or runs them on many threads, has at most
+    ``POOLED_REGIONS`` regions (more callers wait their turn: the daemon answers one request of a
+    connection at a time anyway), never the daemon's 8 per connection, and no huge region stays
+    mapped after its call.
+    """
+
+    def __init__(self, client):
+        self._client = client
+        self._free: list[SharedBuffer] = []
+        self._lock = threading.Lock()  # for _free only: never held across a request
+        self._turns = threading.BoundedSemaphore(POOLED_REGIONS)  # regions in use or kept, at most
+
+    def take(self, size: int) -> "SharedBuffer":
+        """A region of at least ``size`` bytes over the current connection, for one call (``give_back``
+        it after)."""
+        self._turns.acquire()
+        try:
+            return self._take(size)
+        except BaseException:
+            self._turns.release()
+            raise
+
+    def _take(self, size: int) -> "SharedBuffer":
+        with self._lock:
+            dropped = [shm for shm in self._free if _stale(self._client, shm.generation)]
+            fits = [shm for shm in self._free if shm not in dropped and shm.size >= size]
+            found = min(fits, key=lambda shm: shm.size) if fits else None
+            if found is None and len(self._free) > len(dropped):  # make room in the budget for a bigger one
+                dropped.append(max((shm for shm in self._free if shm not in dropped), key=lambda shm: shm.size))
+            self._free = [shm for shm in self._free if shm is not found and shm not in dropped]
+        for shm in dropped:
+            shm.close()
+        return found or SharedBuffer(self._client, max(size, 4 * BULK_THRESHOLD))
+
+    def give_back(self, shm: "SharedBuffer") -> None:
+        try:
+            if shm.size <= POOLED_REGION_MAX and not _stale(self._client, shm.generation):
+                with self._lock:
+                    self._free.append(shm)  # at most POOLED_REGIONS: each was taken in a turn
+            else:
+                shm.close()
+        finally:
+            self._turns.release()
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for shm in free:
+            shm.close()
+
+
 class KeyedAlgorithm:
     """A key held by keyden with an algorithm of one kind (the blocking and asyncio helpers' common part):
     it holds the serial and the algorithm's name, never key material, and is not pickled."""
@@ -124,7 +185,7 @@ class KeyedAlgorithm:
         return f"<{type(self).__name__} {self.alg} key={self.serial}>"
 
     def close(self) -> None:
-        """Release what the helper holds in keyden besides the key (a shared region, for large AEAD calls)."""
+        """Nothing to release (the client's RegionPool holds the shared regions): a ``with`` block reads well."""
 
     def __enter__(self):
         return self
@@ -140,18 +201,6 @@ class Aead(KeyedAlgorithm):
 
     def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
         super().__init__(client, serial, alg)
-        self._shm: SharedBuffer | None = None
-        self._bulk_lock = threading.Lock()  # one region: one large call at a time (as shareable as AESGCM)
-
-    def _bulk(self, size: int) -> SharedBuffer:
-        """The region for a large call (under ``_bulk_lock``): a new one if too small, or left behind by a reconnect."""
-        shm = self._shm
-        if shm is None or shm.size < size or _stale(self._client, shm.generation):
-            if shm is not None:
-                shm.close()  # first, so its bytes are back in the daemon's budget for the new one
-                self._shm = None  # and never reused closed if the new one is refused
-            self._shm = SharedBuffer(self._client, max(size, 4 * BULK_THRESHOLD))
-        return self._shm
 
     def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False, into=None):
         """Small data over the socket, large data through shared memory; a keyden-chosen nonce is prepended.
@@ -181,8 +230,9 @@ class Aead(KeyedAlgorithm):
         if n + max(out_len, 0) > MAX_SHARED_REGION:
             raise E.EINVAL(f"one {self.alg} call takes at most {(MAX_SHARED_REGION - self.tag_size) // 2} bytes "
                            "(input and output share one shared-memory region); stream larger data")
-        with self._bulk_lock:
-            shm = self._bulk(n + max(out_len, 0))
+        pool = self._client.region_pool
+        shm = pool.take(n + max(out_len, 0))
+        try:
             shm.view[:n] = data
             written, chosen = shm.cipher(self.alg, self.serial, 0, n, n, iv=nonce, aad=aad, decrypt=decrypt,
                                          random_nonce=random_nonce)
@@ -190,6 +240,8 @@ class Aead(KeyedAlgorithm):
                 return chosen + bytes(shm.view[n:n + written])
             into[:written] = shm.view[n:n + written]  # one copy, straight from the region
             return written
+        finally:
+            pool.give_back(shm)
 
     def encrypt(self, nonce, data, associated_data=None) -> bytes:
         return self._run(nonce, data, associated_data, False)
@@ -233,11 +285,6 @@ class Aead(KeyedAlgorithm):
                                          aads=associated_data or (), decrypt=True, random_nonce=nonces is None)
         return [o if s == 0 else item_error(s) for s, o in zip(status, out)]
 
-    def close(self) -> None:
-        with self._bulk_lock:
-            if self._shm is not None:
-                self._shm.close()
-                self._shm = None
 
 
 class Mac(KeyedAlgorithm):
@@ -297,14 +344,23 @@ class Stream:
         """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
 
         The stream ends with the daemon's answer, whatever it is; if the request cannot go out (bad
-        arguments, over the frame cap), it is still open, and ``abort`` or the ``with`` block closes it.
+        arguments), it is still open, and ``abort`` or the ``with`` block closes it.  Data too large to
+        come back in one reply with the tag goes through ``update`` first.
         """
         _same_connection(self._client, self.generation, "stream")
         data, tag = _final_fields(self._client, data, tag)
+        head = b""
+        if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag
+            head, data = self.update(data), b""
         try:
-            return self._client.stream_final(self.handle, data, tag)
-        finally:
+            out, last = self._client.stream_final(self.handle, data, tag)
+        except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
+            raise
+        except BaseException:
             self.done = True
+            raise
+        self.done = True
+        return (head + out if head else out), last
 
     def abort(self) -> None:
         if not self.done:
@@ -341,12 +397,10 @@ def _view(data) -> memoryview:
 
 
 def _final_fields(client, data, tag) -> tuple[bytes, bytes]:
-    """STREAM_FINAL's data and tag, checked here: a refusal from here on is the daemon's, and ends the stream."""
+    """STREAM_FINAL's data and tag as bytes; a tag alone over the frame cap is refused here."""
     data, tag = binary(data), binary(tag, "tag")
-    body = 12 + len(data) + len(tag)  # stream U32, then two length-prefixed fields
-    if body > client.max_frame:
-        raise E.EMSGSIZE(f"the last piece takes {body} bytes, over the daemon's {client.max_frame}-byte frame "
-                         "cap; send it with update() first")
+    if len(tag) + _OVERHEAD > client.max_frame:
+        raise E.EMSGSIZE(f"a {len(tag)}-byte tag is over the daemon's {client.max_frame}-byte frame cap")
     return data, tag
 
 

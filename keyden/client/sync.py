@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client import common, tls
-from keyden.client.dataplane import Aead, Mac, SharedBuffer, Stream
+from keyden.client.dataplane import Aead, Mac, RegionPool, SharedBuffer, Stream
 from keyden.client.operations import Operations, Ref
 from keyden.crypto import symmetric
 from keyden.protocol import Op
@@ -46,6 +46,7 @@ class Client(Operations):
         self._view = memoryview(self._buf)
         self.max_frame = W.DEFAULT_MAX_FRAME
         self._closed = False
+        self.region_pool = RegionPool(self)  # the shared regions behind the aead helpers' large calls
         self._open()
 
     # ------------------------------------------------------------ transport
@@ -369,6 +370,7 @@ class Client(Operations):
 
     def close(self) -> None:
         self._closed = True
+        self.region_pool.close()  # unmapped here; the daemon unmaps its side as the connection ends
         try:
             self._sock.close()
         except OSError:

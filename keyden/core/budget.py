@@ -9,6 +9,7 @@ threads both charge and refund, so they do it under a lock.
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 from keyden import errors as E
 
@@ -29,6 +30,7 @@ class ByteBudget:
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
         self._total = 0
+        self._owed: deque[tuple[int, int]] = deque()  # refund_soon's, applied by the next call under the lock
 
     def charge(self, uid: int, nbytes: int) -> None:
         refused = self.try_charge(uid, nbytes)
@@ -43,6 +45,7 @@ class ByteBudget:
         """``charge`` for a caller that waits rather than fails: "" if charged, else which cap is in the
         way ("uid" or "total")."""
         with self._lock:
+            self._settle()
             held = self._held.get(uid, 0)
             if held + nbytes > self.per_uid:
                 return "uid"
@@ -54,14 +57,28 @@ class ByteBudget:
 
     def refund(self, uid: int, nbytes: int) -> None:
         with self._lock:
-            left = self._held.get(uid, 0) - nbytes
-            if left > 0:
-                self._held[uid] = left
-            else:
-                self._held.pop(uid, None)
-            self._total -= nbytes
+            self._settle()
+            self._give_back(uid, nbytes)
+
+    def refund_soon(self, uid: int, nbytes: int) -> None:
+        """``refund`` for a finalizer, which the garbage collector may run on a thread that holds the lock
+        already: queued without locking (deque.append is atomic), applied by the next call."""
+        self._owed.append((uid, nbytes))
 
     def held(self, uid: int | None = None) -> int:
         """Bytes held by ``uid``, or by everyone."""
         with self._lock:
+            self._settle()
             return self._total if uid is None else self._held.get(uid, 0)
+
+    def _settle(self) -> None:
+        while self._owed:
+            self._give_back(*self._owed.popleft())
+
+    def _give_back(self, uid: int, nbytes: int) -> None:
+        left = self._held.get(uid, 0) - nbytes
+        if left > 0:
+            self._held[uid] = left
+        else:
+            self._held.pop(uid, None)
+        self._total -= nbytes

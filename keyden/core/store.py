@@ -104,7 +104,7 @@ class Key:
     __slots__ = (
         "serial", "type", "description", "uid", "gid", "perm", "expiry", "payload", "quota_len",
         "revoked_at", "invalidated", "dead", "links", "parents", "pins", "restriction", "charged", "ctime",
-        "flags", "persisted", "keep", "held_back", "__weakref__",
+        "flags", "persisted", "keep", "held_back", "derived", "__weakref__",
     )
 
     def __init__(self, serial: int, ktype: T.KeyType, description: str, uid: int, gid: int, perm: int,
@@ -133,6 +133,9 @@ class Key:
         # A stored keyring's members whose records were skipped at start (reserved serials): still written
         # in its member list, so that a record an operator accepts later finds its place again.
         self.held_back: tuple[int, ...] = ()
+        # Objects made from the payload (cipher engines, keyed by algorithm): dropped with it, so no copy
+        # of the key outlives an update, a revoke or the key (KeyStore.derived).
+        self.derived: dict[str, Any] | None = None
 
     @property
     def index(self) -> tuple[str, str]:
@@ -407,7 +410,7 @@ class KeyStore:
         if key.charged:
             self._charge(key.uid, -1, -key.cost, check=False)
         key.type.destroy(key.payload)
-        key.payload = None
+        key.payload, key.derived = None, None
 
     def _maybe_destroy(self, key: Key) -> None:
         if not key.parents and key.pins == 0:
@@ -935,7 +938,7 @@ class KeyStore:
     def _replace_payload(self, key: Key, value: Any, quota_len: int) -> None:
         """The type's update: new payload, new quota, and (user_update) any timeout cleared."""
         self._reserve(key, quota_len)
-        old, key.payload = key.payload, value
+        old, key.payload, key.derived = key.payload, value, None
         self._changed()
         key.expiry = 0.0
         key.type.destroy(old)
@@ -1090,7 +1093,7 @@ class KeyStore:
                 self._empty(key)
             elif key.type.revoke_discards_payload:
                 key.type.destroy(key.payload)
-                key.payload = None
+                key.payload, key.derived = None, None
                 self._reserve(key, 0)
             self._journal(key)
 
@@ -1473,16 +1476,32 @@ class KeyStore:
             key, _ = self._lookup(caller, key_id, need)
             return key
 
-    def material(self, caller: Caller, key_id: int) -> tuple[Any, bytes]:
-        """(version, raw key bytes) for an in-daemon cipher keyed by serial; search permission suffices.
+    def material(self, caller: Caller, key_id: int) -> bytes:
+        """The raw key bytes for an in-daemon cipher keyed by serial; search permission suffices.
 
         The bytes are copied under the lock, so a concurrent update or revoke
-        cannot wipe them halfway.  ``version`` is only for ``is`` comparisons
-        (caches): it is a different object whenever the payload changes.
+        cannot wipe them halfway.
         """
         with self.lock:
             key = self.use(caller, key_id)
-            return key.payload, key.type.symmetric_material(key.payload)
+            return key.type.symmetric_material(key.payload)
+
+    def derived(self, caller: Caller, key_id: int, name: str, make: Callable[[bytes], Any]) -> Any:
+        """``make(material)`` for a symmetric key, made once per payload and kept with it (search
+        permission and the key's state are checked every call).  For cipher engines: made once for all
+        connections, and dropped with the payload it copied when the key is updated, revoked or destroyed."""
+        with self.lock:
+            key = self.use(caller, key_id)
+            cache = key.derived
+            if cache is not None:
+                made = cache.get(name)
+                if made is not None:
+                    return made
+            made = make(key.type.symmetric_material(key.payload))
+            if cache is None:
+                cache = key.derived = {}
+            cache[name] = made
+            return made
 
     def asymmetric(self, caller: Caller, key_id: int) -> Any:
         """The parsed payload of an asymmetric key, for crypto done outside the lock."""

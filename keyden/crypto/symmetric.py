@@ -294,10 +294,11 @@ def aead(name: str, key) -> AeadEngine:
 class _Stream(_Sealed):
     """A pyca encryptor/decryptor/hash context with errors mapped and finalize enforced once."""
 
-    __slots__ = ("name", "_ctx", "_done")
+    __slots__ = ("name", "_ctx", "_done", "held")
 
     def __init__(self, name: str, ctx):
         self.name, self._ctx, self._done = name, ctx, False
+        self.held = 0  # bytes taken but not yet given back (cbc's partial block): the next output may carry them
 
     def _live(self):
         if self._done:
@@ -307,10 +308,13 @@ class _Stream(_Sealed):
     def update(self, data) -> bytes:
         data = _buffer(data, "data")
         try:
-            return self._live().update(data)
+            out = self._live().update(data)
         except (ValueError, OverflowError, AlreadyFinalized):
             self._done = True   # e.g. GCM's 2**36-byte limit: the context is unusable now
             raise E.EINVAL(f"{self.name}: update refused (data limit?)") from None
+        if out is not None:  # a cipher (a hash or HMAC gives nothing back until finalize)
+            self.held += len(data) - len(out)
+        return out
 
     def _finish(self, call, *args):
         ctx = self._live()
@@ -409,6 +413,26 @@ def skcipher_crypt(name: str, key, iv, data, decrypt: bool = False) -> bytes:
     return stream.update(data) + stream.finalize()
 
 
+_PIECE = 1 << 20  # a whole number of blocks
+
+
+def skcipher_crypt_into(name: str, key, iv, data, out, decrypt: bool = False) -> int:
+    """``skcipher_crypt`` written into ``out`` (len(data) bytes) a MiB at a time: for shared memory, where
+    the data may be a gigabyte and the daemon's memory is locked, never a copy of the whole."""
+    stream = skcipher(name, key, iv, decrypt)
+    data = _buffer(data, "data")
+    if len(data) % ALGORITHMS[stream.name].block_size:
+        raise E.EINVAL(f"{stream.name}: data is not a multiple of the block size")
+    pos = 0
+    for start in range(0, len(data), _PIECE):
+        piece = stream.update(data[start:start + _PIECE])
+        out[pos:pos + len(piece)] = piece
+        pos += len(piece)
+    tail = stream.finalize()
+    out[pos:pos + len(tail)] = tail
+    return pos + len(tail)
+
+
 class DigestContext(_Stream):
     """A hash or HMAC in pieces; ``finalize`` returns the digest."""
 
@@ -423,8 +447,7 @@ class DigestContext(_Stream):
             raise E.EINVAL(f"{self.name}: verify is for HMAC")
         tag = bytes(_buffer(tag, "tag"))
         if len(tag) != ALGORITHMS[self.name].digest_size:
-            raise E.EINVAL(f"{self.name}: tag must be {ALGORITHMS[self.name].digest_size} bytes; "
-                           "truncated HMAC tags are not supported")
+            raise E.EINVAL(_tag_size_message(self.name, len(tag)))
 
         def check(ctx):
             try:
@@ -478,8 +501,14 @@ def hmac_many(name: str, key, items) -> list[bytes]:
     return out
 
 
+def _tag_size_message(name: str, got: int) -> str:
+    want = ALGORITHMS[name].digest_size
+    return (f"{name}: tag must be {want} bytes, not {got}" +
+            ("; truncated HMAC tags are not supported" if got < want else ""))
+
+
 def hmac_verify(name: str, key, data, tag) -> None:
-    """Returns None when ``tag`` is right; EBADMSG when not; EINVAL for a truncated tag."""
+    """Returns None when ``tag`` is right; EBADMSG when not; EINVAL for a tag of another length."""
     ctx = hmac_ctx(name, key)
     ctx.update(data)
     ctx.verify(tag)
@@ -488,7 +517,7 @@ def hmac_verify(name: str, key, data, tag) -> None:
 # ---------------------------------------------------------------------------
 # key generation
 
-_KEY_SPEC = re.compile(r"(aes):(128|192|256)|(chacha20)|(hmac):([1-9][0-9]{2,3})")
+_KEY_SPEC = re.compile(r"(aes):(128|192|256)|(chacha20)|(hmac):([1-9][0-9]{0,5})")
 
 
 def generate_key(key_spec: str) -> tuple[bytes, str]:

@@ -35,7 +35,9 @@ DEFAULT_CONFIG_TEXT = """\
 # gc_interval = 5.0             # seconds between garbage-collection sweeps
 # ca_bundle = "/etc/ssl/certs/ca-certificates.crt"  # PEM CAs for .builtin_trusted_keys; "" = none
 # blacklist_file = ""           # lines of 'tbs:<hex>' / 'bin:<hex>' for .blacklist (docs/trust.md)
-# lock_memory = true
+# lock_memory = true            # mlockall: keys never reach swap (a warning, not a stop, if the limit is too low)
+# harden = true                 # PR_SET_DUMPABLE 0 (no core dumps, no ptrace, no /proc/<pid>/mem) and lock_memory;
+#                               #   false only to debug (same as serve --no-harden)
 # db_path = "<state_dir>/keys.db"       # persistent keyrings, sealed (docs/persistence.md)
 # master_key_file = "<state_dir>/master.key"
 # passphrase_file = ""                 # derive the master key from a passphrase instead
@@ -47,6 +49,7 @@ DEFAULT_CONFIG_TEXT = """\
 # root_maxkeys = 1000000
 # root_maxbytes = 25000000
 # gc_delay = 300                # seconds a revoked or expired key lingers
+# keyring_max_links = 65536     # links one keyring may hold; over it: ENFILE
 # persistent_keyring_expiry = 0     # seconds after the last get_persistent (kernel: 259200); 0 = never
 # shm_maxbytes = 1073741824     # shared memory (SHM_ATTACH) mapped for one uid at once; over it: ENOMEM
 # shm_total_maxbytes = 4294967296   # ... and for all uids together; 0 turns shared memory off
@@ -194,18 +197,23 @@ def _apply(target, values: dict, path, skip=(), table: str = "") -> None:
                                         f"{path}: {name}"))
 
 
-#: settings with a floor above zero (every number must be finite and at least 0, and at most _CEILING)
+#: settings with a floor above zero (every number must be finite and at least 0, and at most its ceiling)
 _FLOORS = {"max_frame": 4096, "max_connections": 1, "max_connections_per_uid": 1, "max_in_flight": 1,
            "gc_interval": 0.01}
-_CEILING = 2**31 - 1
+_CEILING = 2**31 - 1  # what the kernel's sysctls and keyden's 32-bit wire fields can hold
+#: byte budgets that stay inside the daemon, where gigabytes are normal (shm_total_maxbytes defaults to 4 GiB)
+_BYTE_BUDGETS = frozenset({"shm_maxbytes", "shm_total_maxbytes", "receive_maxbytes", "receive_total_maxbytes",
+                           "audit_max_bytes"})
+_BYTE_CEILING = 2**63 - 1
 
 
 def _in_range(name: str, value, what: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     floor = _FLOORS.get(name, 0)
-    if not (math.isfinite(value) and floor <= value <= _CEILING):
-        raise E.EINVAL(f"{what} must be a finite number from {floor} to {_CEILING}")
+    ceiling = _BYTE_CEILING if name in _BYTE_BUDGETS else _CEILING
+    if not (math.isfinite(value) and floor <= value <= ceiling):
+        raise E.EINVAL(f"{what} must be a finite number from {floor} to {ceiling}")
     return value
 
 

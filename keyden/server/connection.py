@@ -19,6 +19,7 @@ from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
 from keyden.server.audit import ConnectionAudit
 from keyden.server.handlers import Context, DescriptorQueue, dispatch
+from keyden.server.handlers.dataplane import MAX_BATCH
 from keyden.server.peer import Peer
 
 log = logging.getLogger("keyden.connection")
@@ -47,9 +48,14 @@ PKEY_OPS = frozenset({W.Op.PKEY_SIGN, W.Op.PKEY_DECRYPT, W.Op.PKEY_ENCRYPT, W.Op
 #: Requests that parse what they are given: an asymmetric key may be an encrypted PKCS#8 (a password KDF).
 ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS, W.Op.UPDATE})
 BULK_BYTES = 64 * 1024  # more data than this in one request is heavy (pyca releases the GIL for bulk work)
+#: A batch's cost is its items (1-12 µs each, however small): past QUICK_ITEMS it is heavy, past
+#: HEAVY_ITEMS (tens of ms) slow.  65536 empty items fit in 260 KiB and took the loop for up to 0.9 s.
+QUICK_ITEMS = 256
+HEAVY_ITEMS = 4096
 HEAVY_BYTES = 16 * 1024 * 1024  # up to a frame's worth (~10 ms at most) may run on the loop; more is slow
-_PLAIN_OPS = frozenset(W.Op) - SLOW_OPS - PKEY_OPS - ADD_OPS - {W.Op.SHM_CIPHER}  # cost set by size alone
+_PLAIN_OPS = frozenset(W.Op) - SLOW_OPS - PKEY_OPS - ADD_OPS - {W.Op.SHM_CIPHER, W.Op.BATCH}  # cost: size alone
 _I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
@@ -62,6 +68,10 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
         return Cost.SLOW
     if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted); an update may be of either kind
         return Cost.SLOW if op == W.Op.UPDATE or body[4:14] == b"asymmetric" else Cost.QUICK
+    if op == W.Op.BATCH:  # the larger of what its items and its bytes cost
+        items = batch_items(body)
+        return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body)), Cost.HEAVY if items > QUICK_ITEMS
+                                                         else Cost.QUICK)
     if len(body) > BULK_BYTES:
         return _bulk(len(body))
     if op in PKEY_OPS:
@@ -69,6 +79,24 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
     if op == W.Op.SHM_CIPHER:  # its length field: in_offset, length, out_offset end the body
         return _bulk(_U64.unpack_from(body, len(body) - 16)[0]) if len(body) >= 16 else Cost.QUICK
     return Cost.QUICK
+
+
+def batch_items(body: bytes) -> int:
+    """A BATCH frame's item count, read where the schema puts it (0 if malformed: the handler says so)."""
+    try:
+        pos = 4 + _U32.unpack_from(body)[0] + 8  # alg (length-prefixed), key, flags
+        for _ in range(2):  # ivs, aads: a count, that many lengths, the bytes
+            count = _U32.unpack_from(body, pos)[0]
+            if count > MAX_BATCH:  # refused by the handler, which decodes the lot: a worker's job, not the loop's
+                return count
+            if count:
+                if 4 + 4 * count > len(body) - pos:
+                    return 0
+                pos += sum(struct.unpack_from(f"<{count}I", body, pos + 4))
+            pos += 4 + 4 * count
+        return _U32.unpack_from(body, pos)[0]
+    except struct.error:
+        return 0
 
 
 def _bulk(size: int) -> Cost:
@@ -185,9 +213,13 @@ class Connection:
         # another connection's change (a read of a key just updated), which a crash now would undo.
         self.changed = after != before
         self.unsynced = after if self.changed else journal.pending()
+        context = self.context
+        keys = context.audit_keys
+        if keys is not None:
+            context.audit_keys = None
         if self.audit is not None:
-            self.audit.record(frame.op, args, error, result)
-        after = self.context.after_audit
+            self.audit.record(frame.op, args, error, result, keys)
+        after = context.after_audit
         while after:  # what must come after this request's line (a TLS handshake's outcome)
             after.pop(0)()
         return reply

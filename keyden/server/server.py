@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import threading
 from collections import Counter
 
@@ -33,6 +34,18 @@ from keyden.server.reactor import Channel, Reactor
 from keyden.tls import engine as tls_engine
 
 log = logging.getLogger("keyden.server")
+
+
+def _unraisable_hook(throttled: limits.Throttled):
+    """ssl decodes a peer's SNI as ASCII before calling our callback, and reports a failure as an
+    exception it cannot raise: a traceback on stderr per handshake, which any peer could repeat at will.
+    Those become one throttled line naming no bytes; anything else is reported as Python would."""
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(unraisable.object, bytes):
+            throttled.warning("a peer's TLS server name is not ASCII; its handshake is refused")
+        else:
+            sys.__unraisablehook__(unraisable)
+    return hook
 
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
 FD_HEADROOM = 64  # descriptors besides connections' and sessions': the audit file, state files, the loop
@@ -197,6 +210,7 @@ class Server:
     def run(self) -> None:
         """startup, serve until SIGTERM/SIGINT, shutdown.  SIGHUP reopens the audit file (logrotate)."""
         signal.signal(signal.SIGHUP, lambda signum, frame: self._on_sighup())  # at once: start-up may be long
+        sys.unraisablehook = _unraisable_hook(limits.Throttled(log))
         self.startup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._on_stop_signal())

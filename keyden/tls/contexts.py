@@ -97,10 +97,19 @@ def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
         for ident in idents:
             ctx = _base(ssl.PROTOCOL_TLS_SERVER, flags, alpn)
             _load_identity(ctx, ident)
+            # Sessions stay in the server's own cache (300 s), never in tickets sealed with a key that
+            # lives as long as the context: a TLS 1.2 ticket carries the master secret, so whoever later
+            # got that key could read every session recorded with one (no forward secrecy).
+            ctx.options |= ssl.OP_NO_TICKET
             if trust:
                 _load_trust(ctx, trust)
                 ctx.verify_mode = ssl.CERT_REQUIRED if flags & TLS_REQUIRE_CLIENT_CERT else ssl.CERT_OPTIONAL
                 _no_resumption(ctx)
+            elif len(idents) > 1:
+                # All identities share the first context's session cache, and OpenSSL resumes a TLS 1.3
+                # session under another SNI name than it was made for (TLS 1.2 keeps the session's own):
+                # a session authenticated as one name would reach the application as another.
+                ctx.num_tickets = 0
             contexts.append(ctx)
         names = [i.names for i in idents]
 

@@ -18,6 +18,7 @@ end-of-file, once its data is sent, ends the session with a close_notify.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import itertools
 import logging
 import os
@@ -41,6 +42,11 @@ log = logging.getLogger("keyden.tls")
 LOOP_THREADS = max(1, min(4, os.cpu_count() or 1))
 MAX_SESSIONS_PER_UID = 1024
 MAX_SESSIONS = 2048  # all uids together: two descriptors each, within the daemon's descriptor limit
+# Server-side handshakes still running, which anyone who can reach the application's port can start and
+# stall: at most this many on one port of one uid, and this many of those from one peer (an IPv4
+# address, an IPv6 /64).  Past them, EAGAIN: one host's flood cannot take the uid's (or everyone's) sessions.
+MAX_HANDSHAKES_PER_SERVICE = 256
+MAX_HANDSHAKES_PER_PEER = 32
 BUFFER = 64 * 1024  # per direction and session
 WRITE_CHUNK = 64 * 1024  # plaintext handed to one SSL_write
 PLAIN_SOCKET_BUFFER = 1 << 20
@@ -79,7 +85,10 @@ def failure(exc: OSError) -> E.KeydenError:
 def negotiated(tls: ssl.SSLSocket) -> tuple:
     """TLS_ESTABLISHED's fields: version, cipher, server name, ALPN, peer subject, peer certificate."""
     der = tls.getpeercert(binary_form=True) or b""
-    subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else ""
+    try:
+        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else ""
+    except ValueError:  # an encoding OpenSSL took and pyca does not (the chain check refuses those first)
+        subject = ""
     name = getattr(tls, "requested_name", "") or tls.server_hostname or ""
     return (tls.version() or "", tls.cipher()[0], name, tls.selected_alpn_protocol() or "", subject,
             der if len(der) <= MAX_REPORTED_CERT else b"")
@@ -105,6 +114,7 @@ class Engine:
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._per_uid: Counter[int] = Counter()
+        self._handshaking: Counter[tuple] = Counter()  # (uid, listening address[, peer address]) -> running
 
     def _start(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -118,6 +128,7 @@ class Engine:
 
         ``report`` hears the handshake's outcome once, on the session's thread: 0, or the errno the
         application is told (for the audit log)."""
+        handshake = _handshake_slots(uid, tls)
         with self._lock:
             if not self._loops:
                 self._start()
@@ -125,23 +136,46 @@ class Engine:
                 raise E.EMFILE(f"at most {MAX_SESSIONS_PER_UID} TLS sessions per user")
             if sum(self._per_uid.values()) >= MAX_SESSIONS:
                 raise E.ENFILE(f"keyden runs its limit of {MAX_SESSIONS} TLS sessions")
+            for slot, most in zip(handshake, (MAX_HANDSHAKES_PER_SERVICE, MAX_HANDSHAKES_PER_PEER)):
+                if self._handshaking[slot] >= most:
+                    raise E.EAGAIN(f"{most} TLS handshakes are already running "
+                                   f"{'on ' + _address(slot[1]) if len(slot) == 2 else 'from ' + slot[2]}; "
+                                   "try again later")
             self._per_uid[uid] += 1
+            self._handshaking.update(handshake)
             loop = self._loops[next(self._turn) % len(self._loops)]
+
+        def handshake_over(status: int) -> None:  # the outcome is told once, whatever it is
+            self._release_handshake(handshake)
+            report(status)
         try:
             app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
+            self._release_handshake(handshake)
             self._release(uid)
             raise E.EMFILE(f"cannot make a socketpair: {exc.strerror}") from None
-        for end in (app, mine):  # a Unix stream socket's send buffer bounds what is in flight
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PLAIN_SOCKET_BUFFER)
-        mine.setblocking(False)
-        # Only now, with nothing left to refuse the session, the peer's socket (whose open file
-        # description the application shares) becomes ours to drive: non-blocking, and no Nagle (records
-        # go out whole already; Nagle would only delay the last).
-        tls.setblocking(False)
-        if tls.family != socket.AF_UNIX:
-            tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Session(loop, tls, mine, timeout, check, lambda: self._release(uid), report).start()
+        session = None
+        try:
+            for end in (app, mine):  # a Unix stream socket's send buffer bounds what is in flight
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PLAIN_SOCKET_BUFFER)
+            mine.setblocking(False)
+            # Only now, with nothing left to refuse the session, the peer's socket (whose open file
+            # description the application shares) becomes ours to drive: non-blocking, and no Nagle
+            # (records go out whole already; Nagle would only delay the last).
+            tls.setblocking(False)
+            if tls.family != socket.AF_UNIX and tls.proto in (0, socket.IPPROTO_TCP):
+                tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = Session(loop, tls, mine, timeout, check, lambda: self._release(uid), handshake_over)
+            session.start()
+        except BaseException:  # nothing counted may stay counted: a session never started ends here
+            if session is None or not session.closed:
+                if session is not None:
+                    session.report = None  # its outcome is this exception, told by the caller
+                self._release_handshake(handshake)
+                self._release(uid)
+                app.close()
+                mine.close()
+            raise
         return app
 
     def _release(self, uid: int) -> None:
@@ -149,6 +183,40 @@ class Engine:
             self._per_uid[uid] -= 1
             if not self._per_uid[uid]:
                 del self._per_uid[uid]
+
+    def _release_handshake(self, slots: tuple[tuple, ...]) -> None:
+        with self._lock:
+            self._handshaking.subtract(slots)
+            for slot in slots:
+                if self._handshaking[slot] <= 0:
+                    del self._handshaking[slot]
+
+
+def _handshake_slots(uid: int, tls: ssl.SSLSocket) -> tuple[tuple, ...]:
+    """What a server-side handshake on ``tls`` counts against: its uid's service (a TCP port, whichever
+    local address the peer reached it by; a Unix socket's path), and that with the peer (an IPv4
+    address, an IPv6 /64: one host's share; a Unix socket's peers have none).  A client-side one, which
+    the application itself starts, counts against nothing here."""
+    if not tls.server_side:
+        return ()
+    try:
+        local, peer = tls.getsockname(), tls.getpeername()
+    except OSError:
+        return ()
+    if not isinstance(local, tuple):
+        return ((uid, local),)
+    service = (uid, local[1])
+    try:
+        address = ipaddress.ip_address(peer[0].split("%")[0])
+    except ValueError:
+        return (service,)
+    if address.version == 6:
+        address = address.ipv4_mapped or ipaddress.ip_network(f"{address}/64", strict=False)
+    return (service, (*service, str(address)))
+
+
+def _address(service) -> str:
+    return f"port {service}" if isinstance(service, int) else repr(service)
 
 
 _engine: Engine | None = None

@@ -75,12 +75,12 @@ class Context:
     pid: int
     streams: dict[int, Any] = field(default_factory=dict)
     regions: dict[int, Any] = field(default_factory=dict)
-    engines: dict[tuple, tuple] = field(default_factory=dict)
     fds: DescriptorQueue = field(default_factory=DescriptorQueue)  # the connection's
     out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
     max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
     audit: Any = None  # the connection's ConnectionAudit: outcomes that come later (a TLS handshake) are logged
     after_audit: list[Callable[[], None]] = field(default_factory=list)  # run once the request's line is written
+    audit_keys: tuple[int, ...] | None = None  # the request's keys when its fields do not name them (a stream's)
 
     def new_handle(self) -> int:
         """A stream or region handle no other connection has had since the daemon started, and unlikely
@@ -89,13 +89,12 @@ class Context:
         return next(_HANDLES) % 0xFFFF_FFFF + 1  # a u32 on the wire, never 0
 
     def close(self) -> None:
-        """The connection ended: drop streams, unmap regions, close fds, forget cached engines.
+        """The connection ended: drop streams, unmap regions, close fds.
 
         Each part is released even if another fails: a region left behind
         would stay mapped and charged to its uid's shared-memory budget.
         """
         self.streams.clear()
-        self.engines.clear()
         regions, self.regions = self.regions, {}
         for handle, region in regions.items():
             try:

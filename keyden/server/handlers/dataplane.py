@@ -13,6 +13,7 @@ import errno
 import fcntl
 import mmap
 import os
+import weakref
 from typing import Callable
 
 from keyden import errors as E
@@ -20,7 +21,6 @@ from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
 from keyden.server.handlers import handles
 
-MAX_CACHED_ENGINES = 64
 MAX_STREAMS = 64
 MAX_REGIONS = 8
 MAX_BATCH = 65536
@@ -31,21 +31,14 @@ _KNOWN_FLAGS = DECRYPT | RANDOM_NONCE
 
 def material(ctx, serial: int) -> bytes:
     """The key's bytes, copied under the store's lock (a concurrent revoke wipes the original)."""
-    return ctx.store.material(ctx.caller, serial)[1]
+    return ctx.store.material(ctx.caller, serial)
 
 
 def aead_engine(ctx, alg: str, serial: int) -> symmetric.AeadEngine:
-    """The AEAD engine for (key, alg), cached per connection while the key's payload is unchanged."""
-    version, key = ctx.store.material(ctx.caller, serial)  # permission and state: checked every call
-    slot = (serial, alg)
-    hit = ctx.engines.get(slot)
-    if hit is not None and hit[0] is version:
-        return hit[1]
-    engine = symmetric.aead(alg, key)
-    if len(ctx.engines) >= MAX_CACHED_ENGINES:
-        ctx.engines.clear()
-    ctx.engines[slot] = (version, engine)
-    return engine
+    """The AEAD engine for (key, alg): kept with the key's payload, for every connection, and dropped
+    with it (permission and state are checked every call)."""
+    symmetric.spec(alg, "aead")  # an unknown name must not become a cache entry
+    return ctx.store.derived(ctx.caller, serial, alg, lambda material: symmetric.aead(alg, material))
 
 
 def _check_flags(flags: int) -> tuple[bool, bool]:
@@ -214,7 +207,7 @@ def _stream_init(ctx, alg, key, flags, iv, aad):
     return (handle, iv if random_nonce else b"")
 
 
-def _stream(ctx, handle, pop: bool = False):
+def _stream(ctx, handle):
     """An open stream, once its key is still usable by the caller.
 
     The key is checked again on every call, as one-shot calls check it: a
@@ -222,10 +215,11 @@ def _stream(ctx, handle, pop: bool = False):
     permission taken away stops there, and is closed.
     """
     try:
-        kind, decrypt, stream, key = ctx.streams.pop(handle) if pop else ctx.streams[handle]
+        kind, decrypt, stream, key = ctx.streams[handle]
     except KeyError:
         raise E.EBADF(f"no open stream {handle}") from None
     if key:
+        ctx.audit_keys = (key,)
         try:
             ctx.store.use(ctx.caller, key)
         except E.KeydenError:
@@ -234,9 +228,20 @@ def _stream(ctx, handle, pop: bool = False):
     return kind, decrypt, stream
 
 
+def _reply_room(ctx, stream, kind: str, data: bytes, tag_size: int = 0) -> None:
+    """EMSGSIZE before the stream takes ``data`` if the reply might not fit the frame cap: a refused
+    piece must leave the stream as it was, so that sending it again in smaller pieces is right."""
+    out = stream.held + len(data) if kind in ("aead", "skcipher") else 0
+    body = 4 + out + (4 + tag_size if tag_size >= 0 else 0)  # length-prefixed output (and tag)
+    if body > ctx.max_frame:
+        raise E.EMSGSIZE(f"the reply could take {body} bytes, over the {ctx.max_frame}-byte frame cap; nothing "
+                         "was processed: send the data in smaller pieces")
+
+
 @handles(Op.STREAM_UPDATE)
 def _stream_update(ctx, handle, data):
     kind, _decrypt, stream = _stream(ctx, handle)
+    _reply_room(ctx, stream, kind, data, -1)
     try:
         out = stream.update(data)
     except E.KeydenError:
@@ -252,9 +257,13 @@ def _stream_final(ctx, handle, data, tag):
     A tag is taken only to be checked: by an AEAD decryption, or an HMAC stream opened with DECRYPT
     (verify, in constant time: EBADMSG on mismatch, nothing returned).
     """
-    kind, decrypt, stream = _stream(ctx, handle, pop=True)
+    kind, decrypt, stream = _stream(ctx, handle)
     if bool(tag) != (decrypt and kind in ("aead", "hmac")):
+        del ctx.streams[handle]
         raise E.EINVAL("a tag is given to finish AEAD decryption or HMAC verification, and only then")
+    spec = symmetric.spec(stream.name)
+    _reply_room(ctx, stream, kind, data, 0 if decrypt else spec.tag_size if kind == "aead" else spec.digest_size)
+    del ctx.streams[handle]  # from here on the stream ends, whatever the outcome (only EMSGSIZE leaves it open)
     out = stream.update(data) if data else b""
     if kind == "aead":
         if decrypt:
@@ -272,8 +281,11 @@ def _stream_final(ctx, handle, data, tag):
 
 @handles(Op.STREAM_ABORT)
 def _stream_abort(ctx, handle):
-    if ctx.streams.pop(handle, None) is None:
+    opened = ctx.streams.pop(handle, None)
+    if opened is None:
         raise E.EBADF(f"no open stream {handle}")
+    if opened[3]:
+        ctx.audit_keys = (opened[3],)
     return ()
 
 
@@ -304,10 +316,12 @@ class Region:
         return self.view[offset:offset + length]
 
     def close(self) -> None:
-        """Unmap and refund the budget, the latter even if unmapping fails.
+        """Unmap and refund the budget.
 
-        (Unmapping refuses, BufferError, while a view of the map is still
-        held; Python unmaps it when the last view goes.)
+        Unmapping is refused (BufferError) while a view of the map is still
+        held, by an operation or by a traceback not yet collected; Python
+        unmaps it when the last view goes, and the refund waits for that: the
+        budget bounds the memory mapped (and locked), never less.
         """
         if not self.open:
             return
@@ -315,8 +329,11 @@ class Region:
         try:
             self.view.release()
             self.map.close()
-        finally:
-            self.budget.refund(self.uid, self.size)
+        except BufferError:
+            weakref.finalize(self.map, self.budget.refund_soon, self.uid, self.size)
+            del self.map, self.view  # ours go now; the last other view unmaps it and refunds
+            return
+        self.budget.refund(self.uid, self.size)
 
 
 def _sealed_size(fd: int) -> int:
@@ -394,7 +411,13 @@ def _shm_cipher(ctx, handle, alg, key, flags, iv, aad, in_offset, length, out_of
             iv = os.urandom(eng.nonce_size)
         written = eng.decrypt_into(iv, src, aad, dst) if decrypt else eng.encrypt_into(iv, src, aad, dst)
         return (written, iv if random_nonce else b"")
-    out = one_shot(ctx, alg, key, flags)(iv, aad, src)
+    if kind == "skcipher":  # in place, a piece at a time (one_shot would hold the whole output in memory)
+        if random_nonce:
+            raise E.EINVAL("keyden-chosen nonces are for AEAD algorithms")
+        if aad:
+            raise E.EINVAL(f"{alg} takes no associated data")
+        return (symmetric.skcipher_crypt_into(alg, material(ctx, key), iv, src, dst, decrypt), b"")
+    out = one_shot(ctx, alg, key, flags)(iv, aad, src)  # a digest, a MAC or a verdict: small
     dst[:len(out)] = out  # len(out) == out_len: _plain_output_size is exact
     return (len(out), b"")
 

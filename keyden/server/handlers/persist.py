@@ -28,7 +28,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
     if sum(map(bool, (recipient, recipient_key, wrapping_key))) != 1:
         raise E.EINVAL("export to exactly one of: a public key, a public key's serial, a wrapping key's serial")
     if wrapping_key:
-        _version, material = ctx.store.material(ctx.caller, wrapping_key)
+        material = ctx.store.material(ctx.caller, wrapping_key)
         public = None
     elif recipient_key:
         public = ctx.store.asymmetric(ctx.caller, recipient_key).public_key
@@ -44,7 +44,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
 @handles(Op.IMPORT)
 def _import(ctx, blob, unwrap_with, keyring, flags):
     if export.mode_of(blob) == export.WRAPPING_KEY:
-        plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with)[1])
+        plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with))
     else:
         private = ctx.store.asymmetric(ctx.caller, unwrap_with).private_key_for_internal_use()
         plaintext = export.unwrap_with_private_key(blob, private)

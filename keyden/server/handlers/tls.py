@@ -113,22 +113,30 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
     timeout = min(timeout_ms / 1000, MAX_HANDSHAKE_TIMEOUT) if timeout_ms else DEFAULT_HANDSHAKE_TIMEOUT
     store = ctx.store
-
-    def refuse_blacklisted(chain: list[bytes]) -> None:
-        for der in chain:
-            cert = x509.load_der_x509_certificate(der)
-            if is_blacklisted(store, cert):
-                raise E.EKEYREJECTED(f"peer certificate chain holds a blacklisted certificate: "
-                                     f"{cert.subject.rfc4514_string()}")
-
     outcome = _Outcome(ctx.audit)
     ctx.after_audit.append(outcome.release)
     try:
-        app = engine().start(ctx.caller.uid, tls, timeout, refuse_blacklisted, outcome.report)
+        app = engine().start(ctx.caller.uid, tls, timeout, lambda chain: refuse_blacklisted(store, chain),
+                             outcome.report)
     except BaseException:
         tls.close()
         raise
     ctx.out_fds.append(app.detach())
+
+
+def refuse_blacklisted(store, chain: list[bytes]) -> None:
+    """EKEYREJECTED if the peer's verified chain holds a blacklisted certificate, or one that cannot be
+    checked: OpenSSL takes some encodings pyca refuses (a PrintableString with '@' in a name), and a
+    certificate that cannot be parsed cannot be looked up in the blacklist."""
+    for der in chain:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            blacklisted, subject = is_blacklisted(store, cert), cert.subject.rfc4514_string()
+        except ValueError:
+            raise E.EKEYREJECTED("the peer's certificate chain holds a certificate keyden cannot parse "
+                                 "(OpenSSL accepted its encoding), so it cannot be checked") from None
+        if blacklisted:
+            raise E.EKEYREJECTED(f"peer certificate chain holds a blacklisted certificate: {subject}")
 
 
 class _Outcome:
