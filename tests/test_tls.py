@@ -731,6 +731,33 @@ def test_stalled_handshakes_from_one_peer_cannot_take_the_users_sessions(client,
     listener.close()
 
 
+def test_a_handshake_running_when_the_daemon_stops_is_told_and_audited(fresh_daemon, pki):
+    """It used to end with the process: no outcome line in the audit log, and only a lost connection
+    for the application."""
+    d = fresh_daemon()
+    c = d.connect()
+    load(c, pki.ec_server)
+    listener = socket.create_server(("127.0.0.1", 0))
+    silent = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+    conn, _ = listener.accept()
+    results: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: results.put(_outcome(c.tls_accept, conn, handshake_timeout=60)),
+                     daemon=True).start()
+    log_path = os.path.join(d.state_dir, "audit.log")
+    deadline = time.monotonic() + TIMEOUT
+    while not any(r["op"] == "tls_accept" for r in mine(audit_lines(log_path))):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    d.stop()
+    assert d.proc.returncode == 0
+    outcome = results.get(timeout=TIMEOUT)
+    assert isinstance(outcome, E.ECONNRESET) and "keyden is stopping" in outcome.message
+    (line,) = [r for r in mine(audit_lines(log_path)) if r["op"] == "tls_established"]
+    assert line["result"] == "ECONNRESET"
+    silent.close()
+    listener.close()
+
+
 def test_one_client_connection_serves_handshakes_in_parallel(client, server_ring, pki):
     """Threads sharing one keyden client wait on their own sockets, not on each other's handshakes."""
     listener = socket.create_server(("127.0.0.1", 0))

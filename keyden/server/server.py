@@ -197,6 +197,8 @@ class Server:
                 return
             self._shut_down = True
             self.request_stop()
+            if tls_engine._engine is not None:  # handshakes still running hear why, and are audited
+                tls_engine._engine.stop()
             if self.listener is not None:
                 self.listener.close()
                 try:

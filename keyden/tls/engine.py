@@ -178,6 +178,15 @@ class Engine:
             raise
         return app
 
+    def stop(self, timeout: float = 2.0) -> None:
+        """At the daemon's stop: every loop ends the handshakes it runs (within its MAX_SLEEP) and returns."""
+        with self._lock:
+            loops = list(self._loops)
+        for loop in loops:
+            loop.stopping = True
+        for loop in loops:
+            loop.stopped.wait(timeout)
+
     def _release(self, uid: int) -> None:
         with self._lock:
             self._per_uid[uid] -= 1
@@ -248,6 +257,8 @@ class Loop:
         self.deadlines: list[tuple[float, int, Session]] = []
         self.arrivals: deque[Session] = deque()
         self._order = itertools.count()
+        self.stopping = False  # set by Engine.stop: end the handshakes still running, then return
+        self.stopped = threading.Event()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def register(self, fd: int, session: "Session", mask: int) -> None:
@@ -266,7 +277,7 @@ class Loop:
         heapq.heappush(self.deadlines, (when, next(self._order), session))
 
     def _run(self) -> None:
-        while True:
+        while not self.stopping:
             while self.arrivals:
                 session = self.arrivals.popleft()
                 if session.deadline is not None:  # else already through its handshake
@@ -280,6 +291,12 @@ class Loop:
                 session = self.owners.get(fd)
                 if session is not None:
                     self._call(session.step, fd, events)
+        # The daemon is stopping: a handshake still running is told so (its application and the audit log
+        # hear an outcome); established sessions end with the process.
+        for session in {id(s): s for s in self.owners.values()}.values():
+            if not session.established and not session.closed:
+                self._call(session._fail, E.ECONNRESET("keyden is stopping"))
+        self.stopped.set()
 
     @staticmethod
     def _call(fn, *args) -> None:
