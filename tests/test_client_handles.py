@@ -12,7 +12,7 @@ import pickle
 
 import jwt
 import pytest
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
@@ -203,6 +203,13 @@ def test_rsa_sign_rejects_what_keyden_cannot_do(rsa_pair):
         remote.sign(MESSAGE, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None), hashes.SHA256())
     with pytest.raises(E.EINVAL, match="unsupported hash"):
         remote.sign(MESSAGE, padding.PKCS1v15(), hashes.BLAKE2b(64))
+    # ... and each as pyca's own exception too, for code written against pyca's keys
+    with pytest.raises(ValueError, match="AUTO"):
+        remote.sign(MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.AUTO), hashes.SHA256())
+    with pytest.raises(UnsupportedAlgorithm):
+        remote.sign(MESSAGE, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None), hashes.SHA256())
+    with pytest.raises(ValueError, match="digest of 32 bytes"):
+        remote.sign(b"short", padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 
 
 @pytest.mark.parametrize("label", [None, b"", b"keyden label \x00\xff"])
@@ -220,6 +227,8 @@ def test_rsa_oaep_label_must_match(rsa_pair):
     ciphertext = remote.public_key().encrypt(b"labelled", padding.OAEP(padding.MGF1(hashes.SHA256()),
                                                                        hashes.SHA256(), b"right"))
     with pytest.raises(E.EBADMSG):
+        remote.decrypt(ciphertext, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"wrong"))
+    with pytest.raises(ValueError):  # as pyca's "Decryption failed": what JWE libraries catch
         remote.decrypt(ciphertext, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"wrong"))
 
 

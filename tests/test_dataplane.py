@@ -481,6 +481,77 @@ def test_large_calls_go_on_after_the_client_reconnects(fresh_daemon):
         assert c.generation == 1
         assert aead.encrypt(nonce, data) == AESGCM(key).encrypt(nonce, data, None)  # a new region
         assert aead.encrypt_random(data)[12:] != data
+        time.sleep(1.0)  # and a large call first: its request found the old region gone (EBADF) and
+        assert aead.encrypt(nonce, data) == AESGCM(key).encrypt(nonce, data, None)  # is made again, once
+        assert c.generation == 2
+
+
+def test_streams_dropped_unfinished_do_not_fill_the_connection(client):
+    """pyca's hash and HMAC contexts need no cleanup, so code drops them; each held one of the daemon's
+    64 streams per connection until it closed, and the 65th was EMFILE for good."""
+    for _ in range(100):
+        stream = client.hash("sha256")
+        stream.update(b"abc")
+        del stream  # never finalized
+    assert client.hash("sha256").finalize(b"abc")[1] == hashlib.sha256(b"abc").digest()
+
+
+def test_a_forked_child_gets_its_own_connection(daemon, client):
+    """The child inherited the parent's socket: both sent the same request ids on it and read each
+    other's answers (the parent's read returned the child's secret)."""
+    mine, theirs = client.add("user", "fork:parent", b"PARENT"), client.add("user", "fork:child", b"CHILD")
+    client = daemon.connect(session=client.session_token, timeout=10)  # a failure must not hang the suite
+    for _ in range(5):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its own answers, or nothing
+            try:
+                os.write(w, b"".join(client.read(theirs) for _ in range(50)))
+            finally:
+                os._exit(0)
+        os.close(w)
+        got = [client.read(mine) for _ in range(50)]
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as child:
+            assert child.read() == b"CHILD" * 50 and status == 0
+        assert got == [b"PARENT"] * 50
+    client.close()
+
+
+def test_an_interrupted_request_never_leaves_the_connection_out_of_step(daemon, client, aes):
+    """An exception raised by a signal handler while a large request was being written left half a frame
+    on the wire; the daemon read the next request as the rest of it, and the client hung."""
+    import signal
+    import traceback
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_):
+        raise Interrupted()
+    _key, serial = aes
+    secret = client.add("user", "interrupt:me", b"still here")
+    c = daemon.connect(session=client.session_token, timeout=10)  # out of step shows as ETIMEDOUT, not a hang
+    big = os.urandom(15 << 20)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    mid_write = 0
+    try:
+        for i in range(300):
+            signal.setitimer(signal.ITIMER_REAL, 0.002 + (i % 80) * 0.0005)  # encoding takes the first ms
+            try:
+                c.cipher("gcm(aes)", serial, big, iv=os.urandom(12))
+            except Interrupted as exc:
+                frames = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+                mid_write += bool({"_write_first", "sendall", "_send"} & set(frames))
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            assert c.read(secret) == b"still here"
+            if mid_write >= 3:
+                break
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+        c.close()
+    assert mid_write  # the case that matters happened
 
 
 def test_encrypt_into_takes_large_buffers_and_refuses_small_ones_first(client, aes):

@@ -12,6 +12,7 @@ import fcntl
 import mmap
 import os
 import threading
+import weakref
 from typing import Iterable, Sequence
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -230,6 +231,18 @@ class Aead(KeyedAlgorithm):
         if n + max(out_len, 0) > MAX_SHARED_REGION:
             raise E.EINVAL(f"one {self.alg} call takes at most {(MAX_SHARED_REGION - self.tag_size) // 2} bytes "
                            "(input and output share one shared-memory region); stream larger data")
+        generation = self._client.generation
+        try:
+            return self._through_region(data, nonce, aad, decrypt, random_nonce, into, out_len)
+        except E.EBADF:
+            # The connection had gone (an idle timeout, a restart) and the request went out on a new one,
+            # where the region does not exist: nothing was done, so once more with a region of this one.
+            if self._client.generation == generation:
+                raise
+        return self._through_region(data, nonce, aad, decrypt, random_nonce, into, out_len)
+
+    def _through_region(self, data, nonce, aad, decrypt: bool, random_nonce: bool, into, out_len: int):
+        n = len(data)
         pool = self._client.region_pool
         shm = pool.take(n + max(out_len, 0))
         try:
@@ -331,10 +344,14 @@ class Stream:
     def __init__(self, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
                  random_nonce: bool = False):
         self._client = client
+        _abort_abandoned(client)
         self.handle, self.nonce = client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
                                                      random_nonce=random_nonce)
         self.generation = client.generation  # the connection it is open on
         self.done = False
+        # Dropped unfinished (pyca's contexts need no cleanup, so code does drop them): queued, and aborted
+        # by the client's next stream (a request from a finalizer could run inside another on this thread).
+        self._dropped = weakref.finalize(self, client.abandoned_streams.append, (self.handle, self.generation))
 
     def update(self, data) -> bytes:
         _same_connection(self._client, self.generation, "stream")
@@ -357,14 +374,18 @@ class Stream:
         except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
             raise
         except BaseException:
-            self.done = True
+            self._over()
             raise
-        self.done = True
+        self._over()
         return (head + out if head else out), last
+
+    def _over(self) -> None:
+        self.done = True
+        self._dropped.detach()
 
     def abort(self) -> None:
         if not self.done:
-            self.done = True
+            self._over()
             if _stale(self._client, self.generation):
                 return  # it went with its connection
             try:
@@ -377,6 +398,17 @@ class Stream:
 
     def __exit__(self, *exc):
         self.abort()  # not finalized by the end of the block: closed in keyden too (no-op once finalized)
+
+
+def _abort_abandoned(client) -> None:
+    """Streams dropped unfinished: aborted before a new one opens, so they never fill the connection's 64."""
+    while client.abandoned_streams:
+        handle, generation = client.abandoned_streams.popleft()
+        if not _stale(client, generation):  # else it went with its connection
+            try:
+                client.stream_abort(handle)
+            except E.KeydenError:
+                pass
 
 
 def _in_pieces(stream: Stream, data: bytes, tag: bytes = b"") -> tuple[bytes, bytes]:

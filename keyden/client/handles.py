@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
@@ -168,16 +169,35 @@ def remote_private_key(client, serial):
 
 
 # ---------------------------------------------------------------------------
+# errors pyca users catch
+
+
+class InvalidArgument(E.EINVAL, ValueError):
+    """EINVAL for an argument pyca would refuse with ValueError: code that catches pyca's still catches it."""
+
+
+class NotSupported(E.EINVAL, UnsupportedAlgorithm):
+    """EINVAL for a padding, hash or algorithm keyden does not offer: pyca's UnsupportedAlgorithm too."""
+
+    def __init__(self, message: str):
+        E.EINVAL.__init__(self, message)
+
+
+class DecryptionFailed(E.EBADMSG, ValueError):
+    """EBADMSG from a failed RSA decryption, and pyca's ValueError ("Decryption failed")."""
+
+
+# ---------------------------------------------------------------------------
 # pyca arguments -> kernel info strings
 
 
 def _hash_name(algorithm: hashes.HashAlgorithm) -> str:
     """The info-string name of a pyca hash (pyca's names are the kernel's); the daemon judges support."""
     if not isinstance(algorithm, hashes.HashAlgorithm):
-        raise E.EINVAL("expected a cryptography HashAlgorithm")
+        raise InvalidArgument("expected a cryptography HashAlgorithm")
     name = algorithm.name
     if not _HASH_NAME.fullmatch(name):
-        raise E.EINVAL(f"unsupported hash {name[:32]!r}")
+        raise NotSupported(f"unsupported hash {name[:32]!r}")
     return name
 
 
@@ -187,7 +207,7 @@ def _digest(data, algorithm) -> tuple[bytes, str]:
     if isinstance(algorithm, utils.Prehashed):
         name = _hash_name(algorithm._algorithm)
         if len(data) != algorithm.digest_size:  # as pyca: a prehashed digest is exactly the hash's size
-            raise E.EINVAL(f"prehashed data must be a {name} digest of {algorithm.digest_size} bytes")
+            raise InvalidArgument(f"prehashed data must be a {name} digest of {algorithm.digest_size} bytes")
         return data, name
     if isinstance(algorithm, utils.NoDigestInfo):
         raise E.EOPNOTSUPP("keyden signs with a DigestInfo; NoDigestInfo is not offered")
@@ -200,7 +220,7 @@ def _digest(data, algorithm) -> tuple[bytes, str]:
 def _mgf_hash(pad) -> str:
     mgf = pad.mgf
     if not isinstance(mgf, padding.MGF1):
-        raise E.EINVAL("only MGF1 is supported")
+        raise NotSupported("only MGF1 is supported")
     return _hash_name(mgf._algorithm)
 
 
@@ -212,7 +232,7 @@ def _pss_saltlen(pad: padding.PSS) -> str:
         return "max"
     if isinstance(salt, int):
         return str(salt)
-    raise E.EINVAL("PSS.AUTO only applies to verification; sign with DIGEST_LENGTH, MAX_LENGTH or a length")
+    raise InvalidArgument("PSS.AUTO only applies to verification; sign with DIGEST_LENGTH, MAX_LENGTH or a length")
 
 
 def _rsa_sign_info(pad, hash_name: str) -> str:
@@ -220,7 +240,7 @@ def _rsa_sign_info(pad, hash_name: str) -> str:
         return f"enc=pkcs1 hash={hash_name}"
     if isinstance(pad, padding.PSS):
         return f"enc=pss hash={hash_name} mgfhash={_mgf_hash(pad)} saltlen={_pss_saltlen(pad)}"
-    raise E.EINVAL(f"unsupported signature padding {getattr(pad, 'name', type(pad).__name__)}")
+    raise NotSupported(f"unsupported signature padding {getattr(pad, 'name', type(pad).__name__)}")
 
 
 def _rsa_decrypt_info(pad) -> str:
@@ -230,7 +250,7 @@ def _rsa_decrypt_info(pad) -> str:
         info = f"enc=oaep hash={_hash_name(pad.algorithm)} mgfhash={_mgf_hash(pad)}"
         label = pad._label  # pyca offers no public accessor
         return f"{info} label={bytes(label).hex()}" if label else info
-    raise E.EINVAL(f"unsupported decryption padding {getattr(pad, 'name', type(pad).__name__)}")
+    raise NotSupported(f"unsupported decryption padding {getattr(pad, 'name', type(pad).__name__)}")
 
 
 # ---------------------------------------------------------------------------
@@ -290,7 +310,11 @@ class RemoteRSAPrivateKey(_RemoteKey, rsa.RSAPrivateKey):
         return self._sign(_rsa_sign_info(padding, hash_name), digest)
 
     def decrypt(self, ciphertext, padding) -> bytes:
-        return self._client.pkey_decrypt(self._serial, _rsa_decrypt_info(padding), binary(ciphertext, "ciphertext"))
+        info = _rsa_decrypt_info(padding)
+        try:
+            return self._client.pkey_decrypt(self._serial, info, binary(ciphertext, "ciphertext"))
+        except E.EBADMSG as exc:  # JWE and other libraries catch pyca's ValueError here
+            raise DecryptionFailed(exc.message) from None
 
 
 class RemoteECPrivateKey(_RemoteKey, ec.EllipticCurvePrivateKey):
@@ -307,7 +331,7 @@ class RemoteECPrivateKey(_RemoteKey, ec.EllipticCurvePrivateKey):
     def sign(self, data, signature_algorithm) -> bytes:
         """ECDSA, DER-encoded (enc=x962), as pyca returns it."""
         if not isinstance(signature_algorithm, ec.ECDSA):
-            raise E.EINVAL("only ECDSA signatures are supported")
+            raise NotSupported("only ECDSA signatures are supported")
         if signature_algorithm.deterministic_signing:
             raise E.EOPNOTSUPP("deterministic (RFC 6979) ECDSA is not offered by keyden")
         digest, hash_name = _digest(data, signature_algorithm.algorithm)

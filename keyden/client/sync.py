@@ -14,6 +14,8 @@ import itertools
 import os
 import socket
 import threading
+import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any, Sequence
 
 from keyden import errors as E
@@ -29,6 +31,18 @@ if TYPE_CHECKING:
 
 RECV_CHUNK = 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
+
+_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child shares its parent's connections: both would send the same request ids on one
+    socket and read each other's answers.  The child drops its copies; its next request connects anew."""
+    for client in list(_CLIENTS):
+        client._leave_parents_connection()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Client(Operations):
@@ -47,7 +61,23 @@ class Client(Operations):
         self.max_frame = W.DEFAULT_MAX_FRAME
         self._closed = False
         self.region_pool = RegionPool(self)  # the shared regions behind the aead helpers' large calls
+        self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
         self._open()
+        _CLIENTS.add(self)
+
+    def _leave_parents_connection(self) -> None:
+        """In a forked child: forget the parent's socket, lock, answers and shared regions (see
+        _after_fork_in_child).  Streams and regions opened before the fork are stale here."""
+        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
+        try:
+            self._sock.close()  # the child's descriptor only: the parent's connection goes on
+        except OSError:
+            pass
+        self._pending = {}
+        self._decoder = W.FrameDecoder(1 << 31)
+        self.region_pool = RegionPool(self)  # the parent's regions are its own (MAP_SHARED)
+        self.abandoned_streams = deque()
+        self.generation += 1
 
     # ------------------------------------------------------------ transport
 
@@ -111,6 +141,15 @@ class Client(Operations):
         """Has the daemon closed the connection, or have we, after a request failed on it?  (Not: a timeout.)"""
         return exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN) or self._sock.fileno() == -1
 
+    def _interrupted(self) -> None:
+        """A KeyboardInterrupt, a signal handler's exception or a thread's cancellation stopped a request
+        half-way: half a frame may be out, or an answer still on its way.  The connection is out of step
+        with us, so it is closed: the next request opens a new one (never sends the old one again)."""
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
     def _lost(self, exc: OSError) -> E.KeydenError:
         """A request failed on the connection after it went out: close it (the daemon drops a half-sent
         frame with it), so the next request starts on a new one; the error says why, if the daemon did."""
@@ -150,7 +189,11 @@ class Client(Operations):
                     self._send(b"".join(out), fds)
                 for rid in ids:
                     frames.append(self._wait(rid, received) if type(rid) is int else rid)
-            except OSError as exc:
+            except BaseException as exc:
+                if not isinstance(exc, OSError):
+                    if not isinstance(exc, E.KeydenError):
+                        self._interrupted()
+                    raise
                 lost = self._lost(exc)
                 if raise_errors:
                     raise lost from None
@@ -254,6 +297,11 @@ class Client(Operations):
                     frame = self._wait(rid)
             except OSError as exc:
                 raise self._lost(exc) from None
+            except E.KeydenError:
+                raise
+            except BaseException:
+                self._interrupted()
+                raise
         if frame.status:
             raise E.error_for_code(frame.status, W.decode_error(frame.body))
         return response.decode(frame.body)
