@@ -93,6 +93,16 @@ def test_handle_holds_no_material_and_cannot_be_pickled(client):
         handle._serial = 1
 
 
+def test_a_key_with_only_a_public_half_gives_no_private_key_object(client):
+    """It gave a RemoteRSAPrivateKey that passed isinstance(.., RSAPrivateKey) and failed only at sign()."""
+    local = rsa.generate_private_key(65537, 2048)
+    spki = local.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_only = client.add("asymmetric", "public only", spki, "@s")
+    with pytest.raises(E.EOPNOTSUPP, match="holds only a public key"):
+        client.private_key(public_only)
+    assert isinstance(client.public_key(public_only), rsa.RSAPublicKey)
+
+
 def test_handle_rejects_a_non_integer_serial(client):
     with pytest.raises(E.EINVAL):
         KeyHandle(client, "123")
@@ -346,13 +356,6 @@ def test_private_material_is_refused(client, spec):
     assert copy.copy(remote) is remote and copy.deepcopy(remote) is remote
     assert repr(remote).endswith(f"private key serial={remote.serial}>")
     assert remote.handle() == client.key(remote.serial)
-
-
-def test_a_public_only_key_cannot_sign(client, local_rsa):
-    serial = client.add("asymmetric", "", spki(local_rsa.public_key()), "@s")
-    remote = client.private_key(serial)
-    with pytest.raises(E.EOPNOTSUPP):
-        remote.sign(MESSAGE, padding.PKCS1v15(), hashes.SHA256())
 
 
 def test_remote_key_needs_an_asymmetric_key(client):

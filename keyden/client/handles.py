@@ -150,6 +150,9 @@ def load_public_key(spki_der: bytes):
         raise E.EBADMSG("the daemon sent an unreadable public key") from None
 
 
+_SUPPORTS_DECRYPT, _SUPPORTS_SIGN = 0x02, 0x04  # KEYCTL_SUPPORTS_*: what pkey_query says a key can do
+
+
 def remote_private_key(client, serial):
     """A pyca private key whose sign/decrypt run inside keyden; it holds the client and serial only.
 
@@ -162,6 +165,9 @@ def remote_private_key(client, serial):
             pair.cancel()
         raise E.EOPNOTSUPP("pyca key objects are synchronous: use a blocking client (keyden.connect)")
     public = load_public_key(pair[0])
+    if not client.pkey_query(serial).supported_ops & (_SUPPORTS_SIGN | _SUPPORTS_DECRYPT):
+        # a certificate or an SPKI: no object that isinstance would call a private key
+        raise E.EOPNOTSUPP(f"key {serial} holds only a public key")
     for public_type, remote_type in _REMOTE_TYPES:
         if isinstance(public, public_type):
             return remote_type(client, serial, public)
