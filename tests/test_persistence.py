@@ -9,6 +9,7 @@ would: by editing its rows while the daemon is down.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import os
@@ -184,6 +185,39 @@ def test_only_what_hangs_under_a_persistent_keyring_survives(fresh_daemon):
     restart(d)
     c = session(d)
     assert c.get_persistent("@s") == ring and c.read(ring) == []
+
+
+def test_a_master_key_file_that_cannot_be_written_is_left_absent(tmp_path, monkeypatch):
+    """A full disk while the first start wrote master.key left it empty, and every later start refused
+    it ("does not hold a 32-byte key") until someone deleted it by hand."""
+    from keyden.persist import master
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(master.os, "fsync", disk_full)
+    path = str(tmp_path / "state" / "master.key")
+    with pytest.raises(master.StartupError, match="cannot write the new master key file .*No space left"):
+        master.FileKey(path).create()
+    assert os.listdir(tmp_path / "state") == []
+    monkeypatch.undo()
+    master.FileKey(path).create()  # the next start just makes it
+    assert os.path.getsize(path) == master.KEY_BYTES
+
+
+def test_downtime_does_not_expire_a_persistent_keyring(fresh_daemon):
+    """The expiry was a wall-clock deadline kept across restarts: a daemon down for longer than
+    persistent_keyring_expiry woke up and collected every persistent keyring, keys and all, within
+    seconds, before anyone could get_persistent again.  A start counts as a get_persistent."""
+    d = fresh_daemon("gc_interval = 0.2\n[quota]\npersistent_keyring_expiry = 3\ngc_delay = 0\n")
+    c = session(d)
+    ring = c.get_persistent("@s")
+    precious = c.add("user", "precious", b"keep me", ring)
+    d.stop()
+    time.sleep(4)  # down for longer than the expiry
+    d.start()
+    time.sleep(1)  # several sweeps
+    c = session(d)
+    assert c.get_persistent("@s") == ring and c.read(precious) == b"keep me"
 
 
 def test_get_persistent_follows_the_kernel(fresh_daemon):
@@ -865,10 +899,16 @@ def test_rekey_without_downtime_and_the_old_key_no_longer_opens(fresh_daemon):
                 errors.append(exc)
         w.close()
 
+    db = os.path.join(d.state_dir, "keys.db")
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # the seals under the old key, as on disk now
+        old_seals = [bytes(sealed) for (sealed,) in conn.execute("SELECT sealed FROM keys")]
+    assert len(old_seals) >= 20
     t = threading.Thread(target=writer)
     t.start()
     time.sleep(0.2)
     c.rekey()
+    on_disk = b"".join(open(path, "rb").read() for path in (db, db + "-wal") if os.path.exists(path))
+    assert not [seal for seal in old_seals if seal in on_disk]  # they stayed in the WAL until a checkpoint
     time.sleep(0.2)
     stop.set()
     t.join()

@@ -1411,8 +1411,13 @@ class KeyStore:
                 if ring is not None and ring.links is not None and ring.uid not in self._persistent_keyrings:
                     ring.pins += 1
                     self._persistent_keyrings[ring.uid] = ring
+            expiry = self.config.persistent_keyring_expiry
             for ring in self._persistent_keyrings.values():
                 self._persist_tree(ring)
+                if expiry and ring.revoked_at is None and not ring.invalidated:
+                    # A start counts as a get_persistent: the time the daemon was down is nobody's
+                    # inactivity, and the keys must not go before their owners can reach them again.
+                    ring.expiry = self.clock() + expiry
             orphans = [key.serial for key in restored if not key.persisted]
             self._reserved.update(orphans)
             for serial in orphans:

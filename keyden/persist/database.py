@@ -51,6 +51,7 @@ class Database:
             if mode.lower() != "wal":
                 raise StartupError(f"{path}: cannot switch to WAL mode (got {mode})")
             self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed: no old seal lingers in them
             verdict = self.conn.execute("PRAGMA quick_check").fetchone()[0]
             if verdict != "ok":
                 raise StartupError(f"{path} is damaged ({verdict}); refusing to start")
@@ -99,6 +100,14 @@ class Database:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and empty it: rows overwritten before this leave no old version
+        behind in either file (after a rekey, nothing sealed under the old master key stays on disk)."""
+        busy, _log, _done = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError("the WAL checkpoint could not complete (a reader held it)")
 
 
 def _lock(path: str) -> int:

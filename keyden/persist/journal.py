@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import threading
 
 from cryptography.exceptions import InvalidTag
@@ -179,6 +180,11 @@ class SealedJournal(Journal):
             with self.store.lock:
                 self.sealer = rotation.sealer
             rotation.finish()
+            try:  # the old seals are still in the WAL (and maybe in the database) until a checkpoint
+                self.db.checkpoint()
+            except sqlite3.Error as exc:
+                log.warning("after the rekey, the key database could not be checkpointed (%s): rows sealed "
+                            "under the old master key stay on disk until the next checkpoint", exc)
             log.info("rekeyed: %d records re-sealed under the new master key%s", len(resealed),
                      f"; {stuck} unreadable records left as they were" if stuck else "")
             return len(resealed)

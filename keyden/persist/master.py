@@ -20,6 +20,7 @@ crash in between tries both.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -151,7 +152,10 @@ class FileKey(KeySource):
             key = self._kernel_read()
             if key is None:
                 key = os.urandom(KEY_BYTES)
-                write_secret_file(self.path, key)
+                try:
+                    write_secret_file(self.path, key)
+                except OSError as exc:
+                    raise StartupError(f"cannot write the new master key file {self.path}: {exc.strerror}") from None
                 log.info("generated a new master key in %s", self.path)
         self._hold_in_kernel(key)
         return Sealer(key)
@@ -363,16 +367,29 @@ def require_own(path: str, st: os.stat_result, what: str, *, secret: bool = True
 
 
 def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:
-    """Create ``path`` with mode 0600 and ``data``, durably (file and directory entry synced)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if replace else os.O_EXCL)
+    """Create ``path`` with mode 0600 and ``data``, durably (file and directory entry synced), whole or
+    not at all: written beside it and then linked (or, with ``replace``, renamed) into place, so a full
+    disk leaves no empty key file that every later start would refuse."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    fd = os.open(path, flags, 0o600)
+    partial = f"{path}.partial-{os.getpid()}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
+        try:
+            os.fchmod(fd, 0o600)
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(partial, path)
+        else:
+            os.link(partial, path)  # EEXIST, as O_EXCL: an existing key file is never overwritten
     finally:
-        os.close(fd)
+        try:
+            os.unlink(partial)
+        except FileNotFoundError:
+            pass
     _fsync_dir(path)
 
 
