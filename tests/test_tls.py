@@ -603,6 +603,14 @@ def my_audit_records(daemon) -> list[dict]:
     return mine(audit_lines(os.path.join(daemon.state_dir, "audit.log")))
 
 
+def wait_for_audited(daemon, op: str, count: int) -> None:
+    """Until this process's audit lines hold ``count`` of ``op``: the daemon has taken those requests on."""
+    deadline = time.monotonic() + TIMEOUT
+    while sum(r["op"] == op for r in my_audit_records(daemon)) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_each_handshake_outcome_is_audited_after_its_request(app_factory, server_ring, pki, daemon):
     """tls_accept's own line says the session was taken on; the handshake ends later, and its outcome gets
     a line of its own (op tls_established), written before the application hears it."""
@@ -698,10 +706,7 @@ def test_stalled_handshakes_from_one_peer_cannot_take_the_users_sessions(client,
         threading.Thread(target=lambda conn=conn: results.put(_outcome(client.tls_accept, conn,
                                                                        handshake_timeout=120)),
                          daemon=True).start()
-    deadline = time.monotonic() + TIMEOUT  # every one of them taken on by the daemon (its audit line)
-    while sum(r["op"] == "tls_accept" for r in my_audit_records(daemon)) < accepted_before + len(stalled):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_audited(daemon, "tls_accept", accepted_before + len(stalled))  # every one taken on by the daemon
 
     one_more = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     conn, _ = listener.accept()
@@ -743,16 +748,12 @@ def test_a_handshake_running_when_the_daemon_stops_is_told_and_audited(fresh_dae
     results: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: results.put(_outcome(c.tls_accept, conn, handshake_timeout=60)),
                      daemon=True).start()
-    log_path = os.path.join(d.state_dir, "audit.log")
-    deadline = time.monotonic() + TIMEOUT
-    while not any(r["op"] == "tls_accept" for r in mine(audit_lines(log_path))):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_audited(d, "tls_accept", 1)
     d.stop()
     assert d.proc.returncode == 0
     outcome = results.get(timeout=TIMEOUT)
     assert isinstance(outcome, E.ECONNRESET) and "keyden is stopping" in outcome.message
-    (line,) = [r for r in mine(audit_lines(log_path)) if r["op"] == "tls_established"]
+    (line,) = [r for r in my_audit_records(d) if r["op"] == "tls_established"]
     assert line["result"] == "ECONNRESET"
     silent.close()
     listener.close()

@@ -136,11 +136,16 @@ class RegionPool:
     def _take(self, size: int) -> "SharedBuffer":
         with self._lock:
             dropped = [shm for shm in self._free if _stale(self._client, shm.generation)]
-            fits = [shm for shm in self._free if shm not in dropped and shm.size >= size]
+            kept = [shm for shm in self._free if shm not in dropped]
+            fits = [shm for shm in kept if shm.size >= size]
             found = min(fits, key=lambda shm: shm.size) if fits else None
-            if found is None and len(self._free) > len(dropped):  # make room in the budget for a bigger one
-                dropped.append(max((shm for shm in self._free if shm not in dropped), key=lambda shm: shm.size))
-            self._free = [shm for shm in self._free if shm is not found and shm not in dropped]
+            if found is not None:
+                kept.remove(found)
+            elif kept:  # make room in the budget for a bigger one
+                largest = max(kept, key=lambda shm: shm.size)
+                kept.remove(largest)
+                dropped.append(largest)
+            self._free = kept
         for shm in dropped:
             shm.close()
         return found or SharedBuffer(self._client, max(size, 4 * BULK_THRESHOLD))

@@ -185,9 +185,6 @@ class InvalidArgument(E.EINVAL, ValueError):
 class NotSupported(E.EINVAL, UnsupportedAlgorithm):
     """EINVAL for a padding, hash or algorithm keyden does not offer: pyca's UnsupportedAlgorithm too."""
 
-    def __init__(self, message: str):
-        E.EINVAL.__init__(self, message)
-
 
 class DecryptionFailed(E.EBADMSG, ValueError):
     """EBADMSG from a failed RSA decryption, and pyca's ValueError ("Decryption failed")."""

@@ -189,16 +189,17 @@ class Client(Operations):
                     self._send(b"".join(out), fds)
                 for rid in ids:
                     frames.append(self._wait(rid, received) if type(rid) is int else rid)
-            except BaseException as exc:
-                if not isinstance(exc, OSError):
-                    if not isinstance(exc, E.KeydenError):
-                        self._interrupted()
-                    raise
+            except OSError as exc:
                 lost = self._lost(exc)
                 if raise_errors:
                     raise lost from None
                 # answers already read stand; each call still unanswered gets the error (never sent again)
                 frames += [type(lost)(lost.message) if type(rid) is int else rid for rid in ids[len(frames):]]
+            except E.KeydenError:
+                raise
+            except BaseException:
+                self._interrupted()
+                raise
         results = []
         for (op, _args), frame in zip(calls, frames):
             if isinstance(frame, E.KeydenError):

@@ -101,7 +101,6 @@ class Database:
                 self.conn.execute("ROLLBACK")
             raise
 
-
     def checkpoint(self) -> None:
         """Copy the WAL into the database and empty it: rows overwritten before this leave no old version
         behind in either file (after a rekey, nothing sealed under the old master key stays on disk)."""

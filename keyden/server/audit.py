@@ -172,15 +172,13 @@ class ConnectionAudit:
         self._prefix = f'"uid": {uid}, "gid": {gid}, "pid": {pid}, "exe": {json.dumps(exe)}'
 
     def record(self, op: int, args: Sequence[Any] | None, status: int, result: Sequence[Any] | None = None,
-               keys: Sequence[int] | None = None) -> None:
+               keys: list[int] | None = None) -> None:
         """One operation: its request fields (None if they did not decode), errno (0 = ok), response fields;
         ``keys`` when the fields do not name them (a stream's key, named by its handle)."""
         if op in UNAUDITED:
             return
         op_part, key_fields, serial_field = _SHAPES.get(op) or (f'"op": "{op}"', (), None)
-        if keys is not None:
-            keys = list(keys)
-        else:
+        if keys is None:
             keys = [args[i] for i in key_fields if args[i]] if key_fields and args is not None else []
         serial = f'"serial": {result[serial_field]}, ' if serial_field is not None and result is not None else ""
         us = time.time_ns() // 1000  # formatting an int is cheaper than a float's shortest repr

@@ -35,6 +35,13 @@ from keyden.tls import engine as tls_engine
 
 log = logging.getLogger("keyden.server")
 
+MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
+FD_HEADROOM = 64  # descriptors besides connections' and sessions': the audit file, state files, the loop
+#: What one connection may make us hold at most: its socket, descriptors sent ahead of their requests
+#: (one per message), and each shared region's mapping (Python's mmap keeps a descriptor).
+FDS_PER_CONNECTION = 1 + MAX_PENDING_FDS + MAX_REGIONS
+FDS_PER_TLS_SESSION = 2  # the peer's socket and our end of the application's socketpair
+
 
 def _unraisable_hook(throttled: limits.Throttled):
     """ssl decodes a peer's SNI as ASCII before calling our callback, and reports a failure as an
@@ -46,13 +53,6 @@ def _unraisable_hook(throttled: limits.Throttled):
         else:
             sys.__unraisablehook__(unraisable)
     return hook
-
-MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
-FD_HEADROOM = 64  # descriptors besides connections' and sessions': the audit file, state files, the loop
-#: What one connection may make us hold at most: its socket, descriptors sent ahead of their requests
-#: (one per message), and each shared region's mapping (Python's mmap keeps a descriptor).
-FDS_PER_CONNECTION = 1 + MAX_PENDING_FDS + MAX_REGIONS
-FDS_PER_TLS_SESSION = 2  # the peer's socket and our end of the application's socketpair
 
 
 def _make_socket_dirs(directory: str) -> None:

@@ -148,14 +148,12 @@ class Engine:
         def handshake_over(status: int) -> None:  # the outcome is told once, whatever it is
             self._release_handshake(handshake)
             report(status)
+        app = mine = session = None
         try:
-            app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:
-            self._release_handshake(handshake)
-            self._release(uid)
-            raise E.EMFILE(f"cannot make a socketpair: {exc.strerror}") from None
-        session = None
-        try:
+            try:
+                app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError as exc:
+                raise E.EMFILE(f"cannot make a socketpair: {exc.strerror}") from None
             for end in (app, mine):  # a Unix stream socket's send buffer bounds what is in flight
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PLAIN_SOCKET_BUFFER)
             mine.setblocking(False)
@@ -173,8 +171,9 @@ class Engine:
                     session.report = None  # its outcome is this exception, told by the caller
                 self._release_handshake(handshake)
                 self._release(uid)
-                app.close()
-                mine.close()
+                for end in (app, mine):
+                    if end is not None:
+                        end.close()
             raise
         return app
 
@@ -293,7 +292,7 @@ class Loop:
                     self._call(session.step, fd, events)
         # The daemon is stopping: a handshake still running is told so (its application and the audit log
         # hear an outcome); established sessions end with the process.
-        for session in {id(s): s for s in self.owners.values()}.values():
+        for session in set(self.owners.values()):
             if not session.established and not session.closed:
                 self._call(session._fail, E.ECONNRESET("keyden is stopping"))
         self.stopped.set()

@@ -80,7 +80,7 @@ class Context:
     max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
     audit: Any = None  # the connection's ConnectionAudit: outcomes that come later (a TLS handshake) are logged
     after_audit: list[Callable[[], None]] = field(default_factory=list)  # run once the request's line is written
-    audit_keys: tuple[int, ...] | None = None  # the request's keys when its fields do not name them (a stream's)
+    audit_keys: list[int] | None = None  # the request's keys when its fields do not name them (a stream's)
 
     def new_handle(self) -> int:
         """A stream or region handle no other connection has had since the daemon started, and unlikely

@@ -219,7 +219,7 @@ def _stream(ctx, handle):
     except KeyError:
         raise E.EBADF(f"no open stream {handle}") from None
     if key:
-        ctx.audit_keys = (key,)
+        ctx.audit_keys = [key]
         try:
             ctx.store.use(ctx.caller, key)
         except E.KeydenError:
@@ -228,11 +228,12 @@ def _stream(ctx, handle):
     return kind, decrypt, stream
 
 
-def _reply_room(ctx, stream, kind: str, data: bytes, tag_size: int = 0) -> None:
+def _reply_room(ctx, stream, kind: str, data: bytes, tail: int) -> None:
     """EMSGSIZE before the stream takes ``data`` if the reply might not fit the frame cap: a refused
-    piece must leave the stream as it was, so that sending it again in smaller pieces is right."""
+    piece must leave the stream as it was, so that sending it again in smaller pieces is right.
+    The reply is the length-prefixed output, then ``tail`` bytes (FINAL's length-prefixed tag)."""
     out = stream.held + len(data) if kind in ("aead", "skcipher") else 0
-    body = 4 + out + (4 + tag_size if tag_size >= 0 else 0)  # length-prefixed output (and tag)
+    body = 4 + out + tail
     if body > ctx.max_frame:
         raise E.EMSGSIZE(f"the reply could take {body} bytes, over the {ctx.max_frame}-byte frame cap; nothing "
                          "was processed: send the data in smaller pieces")
@@ -241,7 +242,7 @@ def _reply_room(ctx, stream, kind: str, data: bytes, tag_size: int = 0) -> None:
 @handles(Op.STREAM_UPDATE)
 def _stream_update(ctx, handle, data):
     kind, _decrypt, stream = _stream(ctx, handle)
-    _reply_room(ctx, stream, kind, data, -1)
+    _reply_room(ctx, stream, kind, data, 0)
     try:
         out = stream.update(data)
     except E.KeydenError:
@@ -262,7 +263,8 @@ def _stream_final(ctx, handle, data, tag):
         del ctx.streams[handle]
         raise E.EINVAL("a tag is given to finish AEAD decryption or HMAC verification, and only then")
     spec = symmetric.spec(stream.name)
-    _reply_room(ctx, stream, kind, data, 0 if decrypt else spec.tag_size if kind == "aead" else spec.digest_size)
+    tag_size = 0 if decrypt else spec.tag_size if kind == "aead" else spec.digest_size
+    _reply_room(ctx, stream, kind, data, 4 + tag_size)
     del ctx.streams[handle]  # from here on the stream ends, whatever the outcome (only EMSGSIZE leaves it open)
     out = stream.update(data) if data else b""
     if kind == "aead":
@@ -285,7 +287,7 @@ def _stream_abort(ctx, handle):
     if opened is None:
         raise E.EBADF(f"no open stream {handle}")
     if opened[3]:
-        ctx.audit_keys = (opened[3],)
+        ctx.audit_keys = [opened[3]]
     return ()
 
 
