@@ -12,16 +12,22 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 
 from keyden import errors as E
+from keyden.core.journal import NullJournal
+from keyden.core.perm import Credentials
+from keyden.core.store import SESSION, Caller, KeyStore, StoreConfig
 from keyden.persist import export as X
+from keyden.server.handlers import persist as persist_handlers
 from tests.conftest import REPO
 
 READABLE = 0x3F010000  # possessor everything (read included), owner view
+ALICE = Credentials(1000, 1000, frozenset({1000}))
 
 
 def _pem_private(key) -> bytes:
@@ -261,6 +267,58 @@ def test_blob_format_offline():
         assert X.unwrap_with_private_key(blob, private) == plaintext
         entries, links = X.decode_tree(X.unwrap_with_private_key(blob, private))
         assert (entries[0].payload, links) == (b"secret bytes", [])
+
+
+class _WatchingJournal(NullJournal):
+    """Notes each key as the journal sees it: what a group commit at that moment would write."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, int]] = []
+
+    def on_store(self, key):
+        self.seen.append((key.description, key.perm))
+
+
+def _importing(journal: NullJournal):
+    """A store with a persistent keyring reported to ``journal``, and a ctx to run the import handler in."""
+    store = KeyStore(StoreConfig())
+    store.journal = journal
+    _, token = store.join_session(Caller(ALICE))
+    caller = Caller(ALICE, process=(4242, 1), session_token=token)
+    persistent = store.get_persistent(caller, -1, SESSION)
+    return SimpleNamespace(store=store, caller=caller), persistent
+
+
+def test_an_import_reaches_a_persistent_keyring_whole_in_one_step():
+    """A group commit may write what another request changed at any moment between two store operations.
+    The tree is built below a detached top, so the journal first hears of it at the final link, with
+    every key made and masked: a crash mid-import leaves none of it on disk (it used to leave the part
+    built so far, with the build mask)."""
+    journal = _WatchingJournal()
+    ctx, persistent = _importing(journal)
+    entries = [X.Entry("keyring", "bundle", 0x3F010000, b""), X.Entry("keyring", "inner", 0x3F030000, b"")]
+    entries += [X.Entry("user", f"k{i}", READABLE, b"v") for i in range(5)]
+    links = [(0, 1)] + [(1, i) for i in range(2, 7)] + [(0, 2)]
+    journal.seen.clear()
+    top = persist_handlers._make_tree(ctx, entries, links, persistent, 0)
+    described = [desc for desc, _ in journal.seen]
+    assert set(described) == {"bundle", "inner"} | {f"k{i}" for i in range(5)}
+    assert all(perm != persist_handlers.BUILDING_PERM for _, perm in journal.seen)
+    assert ctx.store.read(ctx.caller, persistent) == [top]
+
+
+def test_an_import_that_fails_leaves_nothing():
+    """A key the import cannot make (here a reserved '.' keyring name) destroys what was made before it."""
+    journal = _WatchingJournal()
+    ctx, persistent = _importing(journal)
+    keys_before = len(ctx.store)
+    entries = [X.Entry("keyring", "bundle", 0x3F010000, b""), X.Entry("user", "k", READABLE, b"v"),
+               X.Entry("keyring", ".reserved", 0x3F010000, b"")]
+    journal.seen.clear()
+    with pytest.raises(E.EPERM):
+        persist_handlers._make_tree(ctx, entries, [(0, 1), (0, 2)], persistent, 0)
+    assert journal.seen == [] and len(ctx.store) == keys_before
+    assert ctx.store.read(ctx.caller, persistent) == []
 
 
 def test_cli_rekey_refuses_a_passphrase_file_others_may_read(daemon, client, tmp_path):

@@ -307,6 +307,21 @@ def _id_arg(value: int, what: str) -> int:
     return value
 
 
+def _check_new_key(perm: int | None, flags: int, timeout: int) -> None:
+    if flags & ~KEY_FLAGS:
+        raise E.EINVAL("unknown key flags")
+    if perm is not None and perm & ~P.VALID_MASK:
+        raise E.EINVAL("permission bits outside 0x3f3f3f3f")
+    if timeout < 0:
+        raise E.EINVAL("timeout must not be negative")
+
+
+def _refuse_namesake(ring: Key, ktype: T.KeyType, description: str) -> None:
+    """EEXIST rather than displace (and so destroy) a key of this type and description."""
+    if (ktype.name, description) in ring.links:
+        raise E.EEXIST(f"keyring {ring.serial} already holds a {ktype.name} key of that description")
+
+
 def _unused_name(ring: Key, type_name: str, prefix: str) -> str:
     """``prefix`` and 8 random hex digits, not yet filed in ``ring`` under this type."""
     while True:  # 2**32 names: a clash is rare, and a keyring holds at most keyring_max_links
@@ -328,6 +343,7 @@ class KeyStore:
         self._sessions: dict[str, _Session] = {}
         self._persistent_keyrings: dict[int, Key] = {}  # uid -> _persistent.<uid> (the kernel's register)
         self._reserved: set[int] = set()  # serials of stored records that were not restored: never handed out
+        self._detached: dict[int, Key] = {}  # tops of trees being built (create_detached), held by the daemon
         self.journal: Journal = NullJournal()
         self.shm_budget = ByteBudget(self.config.shm_maxbytes, self.config.shm_total_maxbytes, "shared memory")
         # Possession is a tree search; cache its answers until anything that could change one happens.
@@ -889,20 +905,15 @@ class KeyStore:
         rather than displace a namesake, checked under the same lock as the filing.
         """
         try:
-            if flags & ~KEY_FLAGS:
-                raise E.EINVAL("unknown key flags")
-            if perm is not None and perm & ~P.VALID_MASK:
-                raise E.EINVAL("permission bits outside 0x3f3f3f3f")
-            if timeout < 0:
-                raise E.EINVAL("timeout must not be negative")
+            _check_new_key(perm, flags, timeout)
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
                 if not description and unique_prefix:
                     description = _unused_name(ring, ktype.name, unique_prefix)
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
-                if exclusive and (ktype.name, description) in ring.links:
-                    raise E.EEXIST(f"keyring {ring.serial} already holds a {ktype.name} key of that description")
+                if exclusive:
+                    _refuse_namesake(ring, ktype, description)
                 self._admit(ring, ktype, description, value)
                 key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags, timeout)
                 value = None
@@ -910,6 +921,60 @@ class KeyStore:
         finally:
             if value is not None:
                 ktype.destroy(value)
+
+    def create_detached(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
+                        keyring: int, perm: int, flags: int = 0) -> int:
+        """The top of a tree the daemon builds (an import): made as ``create_internal`` would, filed nowhere.
+
+        The daemon holds it until ``attach`` files it in ``keyring`` or
+        ``discard_detached`` drops it.  Nothing below a detached key
+        persists, so a crash while the tree is built leaves none of it on
+        disk, and the tree reaches a persistent keyring whole, in one step.
+        ``keyring`` is checked now (write permission, a namesake) so a
+        refusal comes before the work; ``attach`` checks it again.
+        """
+        try:
+            _check_new_key(perm, flags, 0)
+            T.check_description_size(description)
+            ktype.check_description(description)
+            with self.lock:
+                ring, _ = self._target_keyring(caller, keyring)
+                _refuse_namesake(ring, ktype, description)
+                self._admit(ring, ktype, description, value)
+                key = self._create(ktype, description, caller.cred, perm, value, quota_len)
+                value = None
+                key.flags = flags
+                key.pins += 1
+                self._detached[key.serial] = key
+                return key.serial
+        finally:
+            if value is not None:
+                ktype.destroy(value)
+
+    def attach(self, caller: Caller, key_id: int, keyring: int, perm: int) -> None:
+        """File a detached key (``create_detached``) in ``keyring`` with its final ``perm``: EEXIST rather
+        than displace a namesake.  The link, and so the whole tree's first journal record, is one step."""
+        if perm & ~P.VALID_MASK:
+            raise E.EINVAL("permission bits outside 0x3f3f3f3f")
+        with self.lock:
+            key = self._detached.get(key_id)
+            if key is None or key.uid != caller.uid:
+                raise E.ENOKEY(f"no detached key with serial {key_id}")
+            ring, _ = self._target_keyring(caller, keyring)
+            _refuse_namesake(ring, key.type, key.description)
+            key.perm = perm
+            self._link_checked(ring, key)
+            del self._detached[key_id]
+            key.pins -= 1
+
+    def discard_detached(self, key_id: int) -> None:
+        """A detached key's tree was not finished: destroy it, and every key only it held."""
+        with self.lock:
+            key = self._detached.pop(key_id, None)
+            if key is not None:
+                self._changed()
+                key.invalidated = True
+                self._force_destroy(key)
 
     def add_system_key(self, ktype: T.KeyType, description: str, value: Any, quota_len: int, perm: int,
                        keyring: Key | None = None) -> Key:

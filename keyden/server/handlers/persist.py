@@ -9,7 +9,7 @@ from keyden.persist import SealedJournal, export
 from keyden.protocol import Op
 from keyden.server.handlers import handles
 
-#: What an imported key is made with until its tree is linked: the owner may link into and re-mask it.
+#: What an imported key is made with until its tree is built: the owner may link into and re-mask it.
 BUILDING_PERM = 0x3F3F0000
 
 
@@ -54,33 +54,31 @@ def _import(ctx, blob, unwrap_with, keyring, flags):
 
 def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], keyring: int, flags: int) -> int:
     """Make the keys as the caller's own, each filed under its first keyring, then the other links, then the
-    masks; on any failure what was made is invalidated, so an import happens whole or not at all."""
+    masks, all below a top the daemon holds detached; filing the top in ``keyring`` is the last step.  An
+    import so happens whole or not at all, on disk too: a crash mid-build leaves none of it in a persistent
+    keyring, and on any failure what was made is destroyed."""
     if any(entry.perm & ~VALID_MASK for entry in entries):
         raise E.EBADMSG("the export holds a permission mask outside 0x3f3f3f3f")
     first_parent = {0: keyring}
     for ring, member in links:
         first_parent.setdefault(member, ring)
     order = sorted(first_parent, key=lambda i: _depth(i, first_parent))
-    serials: dict[int, int] = {}
+    top = _make(ctx, entries[0], keyring, flags, detached=True)
+    serials: dict[int, int] = {0: top}
     try:
-        for index in order:
-            entry = entries[index]
-            parent = keyring if index == 0 else serials[first_parent[index]]
-            # The top key first, and filed exclusively: displacing (and so destroying) a namesake is EEXIST.
-            serials[index] = _make(ctx, entry, parent, flags, exclusive=index == 0)
+        for index in order[1:]:
+            serials[index] = _make(ctx, entries[index], serials[first_parent[index]], flags)
         for ring, member in links:
             if first_parent[member] != ring:
                 ctx.store.link(ctx.caller, serials[member], serials[ring])
-        for index, serial in reversed(serials.items()):  # the top last: until then it can be invalidated
-            ctx.store.setperm(ctx.caller, serial, entries[index].perm)
+        for index, serial in serials.items():
+            if index != 0:
+                ctx.store.setperm(ctx.caller, serial, entries[index].perm)
+        ctx.store.attach(ctx.caller, top, keyring, entries[0].perm)
     except BaseException:
-        if 0 in serials:
-            try:
-                ctx.store.invalidate(ctx.caller, serials[0])
-            except E.KeydenError:
-                pass
+        ctx.store.discard_detached(top)
         raise
-    return serials[0]
+    return top
 
 
 def _depth(index: int, first_parent: dict[int, int]) -> int:
@@ -93,13 +91,16 @@ def _depth(index: int, first_parent: dict[int, int]) -> int:
     return depth
 
 
-def _make(ctx, entry: export.Entry, parent: int, flags: int, exclusive: bool = False) -> int:
+def _make(ctx, entry: export.Entry, parent: int, flags: int, detached: bool = False) -> int:
     ktype = T.lookup(entry.type)
     if ktype.is_keyring and entry.description.startswith("."):
         raise E.EPERM("keyring names beginning with '.' are reserved")
     value, quota = ktype.preparse(entry.payload)
+    if detached:
+        return ctx.store.create_detached(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
+                                         flags)
     return ctx.store.create_internal(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
-                                     flags, exclusive=exclusive)
+                                     flags)
 
 
 @handles(Op.REKEY)
