@@ -438,3 +438,103 @@ def test_many_large_calls_at_once_cancellations_and_a_small_frame_cap(fresh_daem
     assert sealed == [local.encrypt(nonce, bytes([i]) * n, None) for i, n in enumerate(sizes)]
     assert many == [local.encrypt(nonce, bytes([i % 256]) * (300_000 + i), None) for i in range(80)]
     assert all(a == local.encrypt(nonce, bytes(300_000), None) for a in after)
+
+
+def test_a_request_whose_write_finds_the_daemon_gone_goes_out_on_a_new_connection(fresh_daemon):
+    """The daemon closed the idle connection while no loop ran to notice: the next request's write failed
+    (EPIPE), so none of it went out, and it used to fail with ECONNRESET instead of being written again."""
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    loop = asyncio.new_event_loop()
+    try:
+        client = loop.run_until_complete(aio.connect(d.socket))
+
+        async def add():
+            return await client.add("user", "kd-aio-resend", b"kept", "@u")
+        key = loop.run_until_complete(add())
+        time.sleep(1.5)  # the daemon closes the silent connection; nothing runs the loop meanwhile
+
+        async def read():
+            return await client.read(key), client.generation
+        assert loop.run_until_complete(read()) == (b"kept", 1)
+        client.close()
+    finally:
+        loop.close()
+
+
+def test_a_client_outlives_the_event_loop_it_was_opened_in(daemon, client):
+    """asyncio.run twice with one client (a module-level client, a test suite's loop per test): its
+    connection lived on the first loop, closed with it, and every later request hung."""
+    serial = client.genkey("aes:256", "aio:loops", "@s")
+
+    async def first():
+        c = await aio.connect(daemon.socket, session=client.session_token)
+        return c, await c.add("user", "kd-aio-loops", b"kept", "@s")
+    c, key = asyncio.run(first())
+    big = bytes(4 << 20)  # streamed in pieces, under the client's helper semaphore
+
+    async def later():
+        aead = await c.aead(serial)
+        sealed = await asyncio.gather(*(aead.encrypt(bytes(12), big, None) for _ in range(6)))
+        return await c.read(key), len(set(sealed)), c.generation
+    assert asyncio.run(asyncio.wait_for(later(), 30)) == (b"kept", 1, 1)
+    assert asyncio.run(asyncio.wait_for(later(), 30)) == (b"kept", 1, 2)
+    c.close()
+    assert c.closed
+
+
+def test_a_client_whose_loop_runs_in_another_thread_is_ebusy_elsewhere(daemon, client):
+    """Two loops cannot share one transport: the second loop's request hung; it is refused at once."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        c = asyncio.run_coroutine_threadsafe(aio.connect(daemon.socket, session=client.session_token),
+                                             loop).result(10)
+
+        async def elsewhere():
+            with pytest.raises(E.EBUSY, match="another thread"):
+                await asyncio.wait_for(c.ping(b""), 10)
+        asyncio.run(elsewhere())
+
+        async def at_home():
+            return await c.ping(b"still mine")
+        assert asyncio.run_coroutine_threadsafe(at_home(), loop).result(10) == b"still mine"
+        loop.call_soon_threadsafe(c.close)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_forked_child_gets_its_own_async_connection(daemon, client):
+    """A child forked after the client's loop finished inherited its socket: its requests went to the
+    parent's connection.  It now opens its own, and the parent's goes on."""
+    import os
+
+    mine, theirs = client.add("user", "afork:parent", b"PARENT"), client.add("user", "afork:child", b"CHILD")
+
+    async def opened():
+        return await aio.connect(daemon.socket, session=client.session_token)
+    c = asyncio.run(opened())
+
+    async def reads(key, n):
+        return [await asyncio.wait_for(c.read(key), 10) for _ in range(n)], c.pid
+
+    for _ in range(3):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                got, seen_pid = asyncio.run(reads(theirs, 20))
+                os.write(w, b"".join(got) + (b"!" if seen_pid == os.getpid() else b"?"))
+            finally:
+                os._exit(0)
+        os.close(w)
+        got, seen_pid = asyncio.run(reads(mine, 20))
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as child:
+            assert child.read() == b"CHILD" * 20 + b"!" and status == 0
+        assert got == [b"PARENT"] * 20 and seen_pid == os.getpid()
+    c.close()

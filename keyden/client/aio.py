@@ -10,7 +10,12 @@ blocking client via ``Operations``) writes its request at once and returns an
 
 As the blocking client does, it opens a new connection (same session) for the next request after the
 daemon closed the old one (an idle timeout, a restart); requests that were on the wire then fail with
-the error, never sent twice.
+the error, never sent twice, and a request whose write found the daemon gone is written on the new one.
+
+A connection lives on the event loop it was opened in.  A client whose loop has stopped (``asyncio.run``
+returned) or that was inherited by a forked child connects anew on the loop that uses it next; using it
+from a second loop while its own runs in another thread is EBUSY (one client per loop, as with any
+asyncio transport).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import os
+import socket
+import weakref
 from typing import Any
 
 from keyden import errors as E
@@ -37,6 +45,19 @@ def _failed(error: E.KeydenError) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_exception(error)
     return future
+
+
+_CLIENTS: "weakref.WeakSet[AsyncClient]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child shares its parent's connections (and the parent loop's epoll instance): the child
+    forgets its copies without touching that loop; its next request connects anew on its own loop."""
+    for client in list(_CLIENTS):
+        client._leave_parents_connection()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Wire(asyncio.Protocol):
@@ -82,6 +103,8 @@ class AsyncClient(Operations):
         self.generation = 0  # connections replaced so far
         self._hello = hello
         self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None  # the transport's socket
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the connection lives on
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, Op, tuple]] = {}
         self._lost: E.KeydenError | None = E.ECONNRESET("not connected yet")
@@ -90,6 +113,7 @@ class AsyncClient(Operations):
         self._waiting = 0  # requests waiting for it
         self.max_frame = W.DEFAULT_MAX_FRAME
         self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # large aead/hmac calls at once (aio_dataplane)
+        _CLIENTS.add(self)
 
     @classmethod
     async def connect(cls, socket_path: str | None = None, *, session: str | None = None,
@@ -102,15 +126,22 @@ class AsyncClient(Operations):
     async def _open(self, reconnecting: bool = False) -> None:
         """Connect and say HELLO.  While this runs for a reconnect, other requests wait at the gate
         (``_reopening``) and are written after the HELLO, in call order."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # ours, to close without the loop (fork)
         try:
-            transport, _wire = await loop.create_unix_connection(lambda: _Wire(self), self.socket_path)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, self.socket_path)
+            transport, _wire = await loop.create_unix_connection(lambda: _Wire(self), sock=sock)
         except OSError as exc:
+            sock.close()
             raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
+        except BaseException:
+            sock.close()
+            raise
         if self._closed:  # close() while we connected
             transport.close()
             raise E.ECONNRESET("the client is closed")
-        self._transport, self._lost = transport, None
+        self._transport, self._sock, self._lost = transport, sock, None
         try:
             self.version, self.max_frame, self.uid, self.gid, self.pid = await self._write(Op.HELLO, self._hello)
         except BaseException:
@@ -144,12 +175,20 @@ class AsyncClient(Operations):
 
     def _send(self, op: Op, args: tuple) -> asyncio.Future:
         """One request, written now, or after the new connection's HELLO if the old one is gone."""
+        if self._loop is not asyncio.get_running_loop() and not self._closed:
+            try:
+                self._move_to_running_loop()
+            except E.KeydenError as exc:
+                return _failed(exc)
+        if self._lost is None and not self._closed and self._transport.is_closing():
+            self._lose(E.ECONNRESET("the daemon closed the connection"))  # before the loop told us
         if not self._closed and (self._reopening is not None or self._lost is not None and self.reconnect):
             return asyncio.ensure_future(self._reopen_then_send(op, args))
-        return self._write(op, args)
+        return self._write(op, args, resend=self.reconnect)
 
-    def _write(self, op: Op, args: tuple) -> asyncio.Future:
-        """Write one request; the future gets the op's shaped result or its KeydenError."""
+    def _write(self, op: Op, args: tuple, resend: bool = False) -> asyncio.Future:
+        """Write one request; the future gets the op's shaped result or its KeydenError.  ``resend``: if the
+        write finds the daemon gone (nothing of the request went out), write it on a new connection."""
         try:
             if self._lost is not None:
                 raise self._lost_error()
@@ -161,10 +200,48 @@ class AsyncClient(Operations):
                 raise E.EMSGSIZE(f"request of {len(frame)} bytes exceeds the daemon's {self.max_frame}-byte cap")
         except E.KeydenError as exc:
             return _failed(exc)
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         self._pending[rid] = (future, op, args)
-        self._transport.write(frame)
+        transport = self._transport
+        sent_whole_or_failed = transport.get_write_buffer_size() == 0  # the transport tries one send at once
+        transport.write(frame)
+        if resend and sent_whole_or_failed and transport.is_closing():
+            # That send failed (EPIPE: the daemon closed before we noticed), so none of it went out.
+            del self._pending[rid]
+            self._lose(E.ECONNRESET("the daemon closed the connection"))
+            return asyncio.ensure_future(self._reopen_then_send(op, args))
         return future
+
+    def _move_to_running_loop(self) -> None:
+        """A request from another loop than the connection's: EBUSY if that loop still runs (in another
+        thread); if it has stopped, its connection can never be served again, so it is dropped and the
+        request opens a new one on this loop."""
+        old = self._loop
+        if old is not None and old.is_running():
+            raise E.EBUSY("this client's connection belongs to an event loop running in another thread: "
+                          "connect a client per event loop")
+        if self._transport is not None and not old.is_closed():
+            self._transport.abort()  # unregistered from the old loop's selector
+        self._forget_connection(E.ECONNRESET("the event loop this client's connection was opened in has "
+                                             "stopped"))
+        self._loop = asyncio.get_running_loop()  # where the next connection will be: requests wait for it here
+
+    def _leave_parents_connection(self) -> None:
+        """In a forked child: forget the parent's connection.  Its socket stays open in the parent; the child
+        neither closes it through the transport (that would unregister it from the epoll instance the parent
+        shares) nor reads it."""
+        self._forget_connection(E.ECONNRESET("the connection was the parent process's (fork)"))
+
+    def _forget_connection(self, error: E.KeydenError) -> None:
+        """Drop every trace of the current connection and loop without using them: requests in flight
+        there belong to that loop and are abandoned; the next request connects on the running loop.  The
+        socket is closed now, not whenever the old loop or the garbage collector gets to it (in a forked
+        child, only the child's descriptor closes: the parent's connection goes on)."""
+        if self._sock is not None:
+            self._sock.close()
+        self._transport, self._sock, self._loop, self._lost = None, None, None, error
+        self._pending, self._reopening, self._waiting = {}, None, 0
+        self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # a semaphore binds to its first loop
 
     def _deliver(self, frame: W.Frame) -> None:
         if frame.status and frame.op == 0:  # connection-level error: the daemon closes next
@@ -268,6 +345,8 @@ class AsyncClient(Operations):
     def close(self) -> None:
         """Close now; requests still in flight fail with ECONNRESET."""
         self._closed = True
+        if self._loop is not None and self._loop.is_closed():  # its transport can no longer be closed by it
+            self._forget_connection(E.ECONNRESET("connection closed by the client"))
         self._lose(E.ECONNRESET("connection closed by the client"))
         self._lost = E.ECONNRESET("the client is closed")  # whatever the connection died of before
 
