@@ -285,6 +285,133 @@ def test_x509_verify_purpose_follows_extended_key_usage(client, pki, rings):
         assert client.x509_verify(leaf, *args)[0][0] == leaf
 
 
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | (size.bit_length() + 7) // 8]) + \
+        size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + body
+
+
+def test_a_certificate_whose_two_signature_algorithms_differ_is_malformed(client, pki):
+    """RFC 5280 4.1.1.2: the TBS's signature field names the algorithm too.  Here it says ECDSA-SHA384
+    while the signature (valid) is ECDSA-SHA256: pyca parses it and checks only the outer one, so a
+    restricted keyring admitted it; openssl and the kernel refuse it."""
+    good = certificate("mismatch", ec_key(), ("Test Root", pki.root_key), eku=[SERVER], san=("example.com",))
+    ecdsa_sha256, ecdsa_sha384 = bytes.fromhex("300a06082a8648ce3d040302"), bytes.fromhex("300a06082a8648ce3d040303")
+    tbs_der = good.tbs_certificate_bytes
+    header = 2 + (tbs_der[1] & 0x7F if tbs_der[1] & 0x80 else 0)
+    assert tbs_der[header:].count(ecdsa_sha256) == 1
+    altered = _der(0x30, tbs_der[header:].replace(ecdsa_sha256, ecdsa_sha384))
+    signature = pki.root_key.sign(altered, ec.ECDSA(hashes.SHA256()))
+    crafted = _der(0x30, altered + ecdsa_sha256 + _der(0x03, b"\x00" + signature))
+    x509.load_der_x509_certificate(crafted)  # pyca takes it
+    trusted, ring = client.newring("sigalg trust", "@s"), client.newring("sigalg ring", "@s")
+    client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{add_cert(client, pki.root, trusted)}")
+    with pytest.raises(E.EBADMSG, match="signatureAlgorithm differs"):
+        client.add("asymmetric", "", crafted, ring)
+    with pytest.raises(E.EBADMSG, match="signatureAlgorithm differs"):
+        client.add("asymmetric", "", crafted, "@s")
+    assert add_cert(client, good, ring)  # the same certificate unaltered is admitted
+
+
+def test_rsa_keys_restricted_to_pss_are_refused_not_used_as_plain_rsa(client, tmp_path):
+    """pyca loads an id-RSASSA-PSS key as plain RSA: keyden signed PKCS#1 v1.5 and decrypted with it,
+    which openssl refuses for such a key.  The key, its public half and its certificate are refused."""
+    key, pub, cert = (str(tmp_path / n) for n in ("pss.key", "pss.pub", "pss.pem"))
+    for command in (["genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key],
+                    ["pkey", "-in", key, "-pubout", "-out", pub],
+                    ["req", "-x509", "-new", "-key", key, "-subj", "/CN=pss only", "-days", "2", "-out", cert]):
+        subprocess.run(["openssl", *command], check=True, capture_output=True)
+    for path in (key, pub, cert):
+        with open(path, "rb") as f:
+            data = f.read()
+        with pytest.raises(E.EINVAL, match="RSASSA-PSS"):
+            client.add("asymmetric", "", data, "@s")
+        der = serialization.load_pem_private_key(data, None).private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()) \
+            if path == key else None
+        if der is not None:  # pyca writes it back as a plain RSA key: that one is an RSA key like any other
+            assert client.describe(client.add("asymmetric", "", der, "@s")).description.startswith("RSA-2048")
+
+
+def test_x509_verify_any_extended_key_usage_is_not_server_or_client_auth(client, pki, rings):
+    """A leaf whose only EKU is anyExtendedKeyUsage passed purpose=server without a host (with one, pyca
+    refused it; so does openssl)."""
+    any_eku = certificate("any eku", ec_key(), ("Test Intermediate", pki.inter_key),
+                          eku=[ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], san=("example.com",))
+    leaf = add_cert(client, any_eku)
+    for purpose in ("server", "client"):
+        assert "wrong purpose" in rejection(lambda: client.x509_verify(leaf, rings.trust, rings.chain,
+                                                                       purpose=purpose))
+    assert client.x509_verify(leaf, rings.trust, rings.chain)[0][0] == leaf  # any purpose
+
+
+def test_x509_verify_name_constraints_and_their_cost(client, pki, rings):
+    """Name constraints hold; a chain whose names against constraints would cost pyca up to a million
+    comparisons (half a second holding the interpreter lock, every client stalled) is refused first."""
+    def constrained_ca(label: str, permitted: list[str], excluded: list[str] | None = None):
+        key = ec_key()
+        constraints = x509.NameConstraints([x509.DNSName(d) for d in permitted] or None,
+                                           [x509.DNSName(d) for d in excluded or ()] or None)
+        b = (x509.CertificateBuilder().subject_name(name(label)).issuer_name(name("Test Root"))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(NOW - DAY).not_valid_after(NOW + 30 * DAY)
+             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.root_key.public_key()),
+                            critical=False)
+             .add_extension(constraints, critical=True))
+        return key, b.sign(pki.root_key, hashes.SHA256())
+
+    key, ca = constrained_ca("Constrained CA", ["example.com"], ["bad.example.com"])
+    chain = client.newring("nc chain", "@s")
+    add_cert(client, ca, chain)
+    issuer = ("Constrained CA", key)
+    inside = add_cert(client, certificate("in", ec_key(), issuer, eku=[SERVER], san=("www.example.com",)))
+    outside = add_cert(client, certificate("out", ec_key(), issuer, eku=[SERVER], san=("www.example.org",)))
+    excluded = add_cert(client, certificate("ex", ec_key(), issuer, eku=[SERVER], san=("bad.example.com",)))
+    assert client.x509_verify(inside, rings.trust, chain, host="www.example.com", purpose="server")[0][0] == inside
+    for leaf in (outside, excluded):
+        reason = rejection(lambda: client.x509_verify(leaf, rings.trust, chain))
+        assert reason.startswith("name constraints"), reason
+
+    key, wide = constrained_ca("Wide CA", [f"d{i}.example" for i in range(300)])
+    wide_chain = client.newring("wide chain", "@s")
+    add_cert(client, wide, wide_chain)
+    many = certificate("many", ec_key(), ("Wide CA", key), eku=[SERVER], san=tuple(f"h{i}.d1.example" for i in range(300)))
+    reason = rejection(lambda: client.x509_verify(add_cert(client, many), rings.trust, wide_chain))
+    assert reason.startswith("name constraints too costly to check"), reason
+
+
+def test_x509_verify_reasons_and_subjects_are_plain_single_lines(client, pki, rings, tmp_path):
+    """pyca's texts carried Rust debug dumps and Python reprs; subjects were printed raw, so a crafted CN
+    could add lines of its own to the CLI's output (a forged chain) or reorder a terminal's text."""
+    files = {n: str(tmp_path / n) for n in ("ca.pem", "ca.key", "leaf.key", "leaf.csr", "leaf.pem", "ext")}
+    with open(files["ca.pem"], "wb") as f:
+        f.write(pem(pki.inter))
+    with open(files["ca.key"], "wb") as f:
+        f.write(pki.inter_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    with open(files["ext"], "w") as f:
+        f.write("subjectAltName=DNS:example.com\nauthorityKeyIdentifier=keyid\n")
+    for command in (["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                     "-keyout", files["leaf.key"], "-subj", "/CN=sha1 leaf", "-out", files["leaf.csr"]],
+                    ["x509", "-req", "-in", files["leaf.csr"], "-CA", files["ca.pem"], "-CAkey", files["ca.key"],
+                     "-sha1", "-days", "2", "-extfile", files["ext"], "-out", files["leaf.pem"]]):
+        subprocess.run(["openssl", *command], check=True, capture_output=True)
+    with open(files["leaf.pem"], "rb") as f:
+        sha1 = client.add("asymmetric", "", f.read(), "@s")
+    reason = rejection(lambda: client.x509_verify(sha1, rings.trust, rings.chain))
+    assert reason.startswith("weak or unsupported signature algorithm"), reason
+
+    crafted = certificate("evil\n 999999 CN=Test Root\u202e", ec_key(), ("Test Intermediate", pki.inter_key),
+                          eku=[SERVER], san=("example.com",))
+    leaf = add_cert(client, crafted)
+    subject = client.x509_verify(leaf, rings.trust, rings.chain)[0][1]
+    assert subject == "CN=evil\\n 999999 CN=Test Root\\u202e" and subject.isprintable()
+
+
 # -------------------------------------------------------------- system keyrings
 
 
@@ -401,6 +528,39 @@ def test_blacklist_refuses_keys_wherever_they_would_enter(system, pki):
     assert refused(lambda: c.link(server, restricted)) is E.EKEYREJECTED
 
 
+def test_a_blacklisted_key_refuses_every_certificate_for_it(system, pki):
+    """bin: of a key's SubjectPublicKeyInfo refused only the bare key: a certificate for it was admitted
+    and validated, and a CA certificate for a banned key still vouched for what it signed."""
+    c = system.client
+    blacklist = c.find("keyring", ".blacklist")
+    ca_key, leaf_key = ec_key(), ec_key()
+    ca_cert = certificate("Key-banned CA", ca_key, ("Test Root", pki.root_key), ca=True)
+    issuer = ("Key-banned CA", ca_key)
+    own = certificate("key-banned leaf", leaf_key, issuer, eku=[SERVER], san=("example.com",))
+    vouched = certificate("vouched leaf", ec_key(), issuer, eku=[SERVER], san=("example.com",))
+    trust, chain, restricted = c.newring("kb trust", "@s"), c.newring("kb chain", "@s"), c.newring("kb ring", "@s")
+    add_cert(c, pki.root, trust)
+    ca = add_cert(c, ca_cert, chain)
+    c.restrict_keyring(restricted, "asymmetric", f"key_or_keyring:{ca}")
+    leaf = add_cert(c, vouched)
+    assert c.x509_verify(leaf, trust, chain)[1][0] == ca
+
+    c.add("blacklist", bin_(spki(leaf_key)), b"", blacklist)
+    assert refused(lambda: add_cert(c, own)) is E.EKEYREJECTED
+    c.add("blacklist", bin_(spki(ca_key)), b"", blacklist)
+    assert refused(lambda: c.link(ca, trust)) is E.EKEYREJECTED
+    assert "blacklisted certificates were not used: CN=Key-banned CA" in rejection(
+        lambda: c.x509_verify(leaf, trust, chain))
+    assert refused(lambda: add_cert(c, vouched, restricted)) is E.EKEYREJECTED
+
+    # "tbs:" also matches the TBS hashed with the certificate's own algorithm, as the kernel hashes it.
+    sha384 = (x509.CertificateBuilder().subject_name(name("sha384 leaf")).issuer_name(name("Test Root"))
+              .public_key(ec_key().public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(NOW - DAY).not_valid_after(NOW + DAY).sign(pki.root_key, hashes.SHA384()))
+    c.add("blacklist", "tbs:" + hashlib.sha384(sha384.tbs_certificate_bytes).hexdigest(), b"", blacklist)
+    assert refused(lambda: add_cert(c, sha384)) is E.EKEYREJECTED
+
+
 def test_blacklist_entries_are_checked_and_live_in_blacklist_only(system):
     c = system.client
     blacklist = c.find("keyring", ".blacklist")
@@ -508,7 +668,9 @@ def test_cli_x509_verify_restrict_and_blacklist(system, pki):
     doomed = certificate("cli doomed", ec_key(), ("Test Intermediate", pki.inter_key), eku=[SERVER])
     doomed_serial = add_cert(c, doomed)
     printed = run("x509_hashes", str(doomed_serial)).stdout.decode().split()
-    assert printed == [tbs(doomed), bin_(doomed.public_bytes(serialization.Encoding.DER))]
+    assert printed == [tbs(doomed), bin_(doomed.public_bytes(serialization.Encoding.DER)),
+                       bin_(doomed.public_key().public_bytes(serialization.Encoding.DER,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))]
     r = run("padd", "blacklist", printed[0], "%:.blacklist")
     assert r.returncode == 0, r.stderr
     assert run("x509_verify", str(doomed_serial), str(trust), "--chain", str(chain)).stderr.decode() == \

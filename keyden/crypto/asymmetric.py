@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils, x25519
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
 from keyden import errors as E
 
@@ -191,6 +191,7 @@ _OID_PBES2 = bytes.fromhex("2a864886f70d01050d")         # 1.2.840.113549.1.5.13
 _OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")        # 1.2.840.113549.1.5.12
 _OID_SCRYPT = bytes.fromhex("2b06010401da47040b")        # 1.3.6.1.4.1.11591.4.11
 _OID_PKCS12_PBE = bytes.fromhex("2a864886f70d010c01")    # 1.2.840.113549.1.12.1.*
+_OID_RSASSA_PSS = bytes.fromhex("2a864886f70d01010a")    # 1.2.840.113549.1.1.10
 MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256; common settings are 2048..1.3M
 MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
 
@@ -256,24 +257,71 @@ def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
         raise E.EBADMSG("unrecognised PEM block")
     block = match.group(0)
     if kind == "pkcs8-enc" and password is not None:
-        body = re.sub(rb"\s+", b"", b"".join(block.splitlines()[1:-1]))
-        try:
-            der = base64.b64decode(body, validate=True)
-        except ValueError:   # fail closed: never hand pyca a body the KDF check could not see
-            raise E.EBADMSG("malformed PEM") from None
-        _check_kdf_cost(der)
+        _check_kdf_cost(_pem_body(block))
     encrypted = kind == "pkcs8-enc" or (kind == "pem" and b"Proc-Type: 4,ENCRYPTED" in block)
     return _load(kind, block, True, password, encrypted)
+
+
+def _key_algorithm(der: bytes, kind: str) -> bytes | None:
+    """The OID (content octets) of an SPKI's or a PKCS#8 PrivateKeyInfo's key algorithm, or None."""
+    try:
+        algorithm = _der_children(der, _der_header(der, 0))[0 if kind == "spki" else 1]
+        oid = _der_children(der, algorithm)[0]
+    except (ValueError, IndexError):
+        return None
+    return der[oid[1]:oid[1] + oid[2]] if oid[0] == 0x06 else None
+
+
+def _refuse_pss_restricted(der: bytes, kind: str) -> None:
+    """pyca loads an id-RSASSA-PSS key as a plain RSA key, dropping its restriction to PSS signatures;
+    keyden would then sign PKCS#1 v1.5 and decrypt with it.  Such keys are refused instead (the kernel
+    does not take them either).  An encrypted PKCS#8 key cannot be looked into before pyca decrypts it."""
+    if _key_algorithm(der, kind) == _OID_RSASSA_PSS:
+        raise E.EINVAL("unsupported key algorithm: an RSA key restricted to RSASSA-PSS "
+                       "(keyden could not enforce the restriction)")
+
+
+def _signature_fields_agree(der: bytes) -> bool:
+    """RFC 5280 4.1.1.2: a certificate's signatureAlgorithm must equal the signature field inside its
+    TBS.  pyca's parser does not check it, and a signature is verified under the outer one only."""
+    try:
+        tbs, outer = _der_children(der, _der_header(der, 0))[:2]
+        fields = _der_children(der, tbs)
+        inner = fields[2] if fields[0][0] == 0xA0 else fields[1]  # after [0] version (if any) and serial
+    except (ValueError, IndexError):
+        return False
+    return outer[0] == inner[0] and der[outer[1]:outer[1] + outer[2]] == der[inner[1]:inner[1] + inner[2]]
+
+
+def _pem_body(block: bytes) -> bytes:
+    """The DER inside a PEM block, for the checks made before pyca's loader sees it."""
+    body = re.sub(rb"\s+", b"", b"".join(block.splitlines()[1:-1]))
+    try:
+        return base64.b64decode(body, validate=True)
+    except ValueError:   # fail closed: never hand pyca a body the checks could not see
+        raise E.EBADMSG("malformed PEM") from None
 
 
 def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> ParsedKey:
     """Run the one pyca loader for ``kind`` and turn its errors into errnos."""
     if kind in ("x509", "spki") and password is not None:
         raise E.EINVAL("a password was given but the data is not an encrypted private key")
+    if kind in ("spki", "pkcs8"):
+        _refuse_pss_restricted(_pem_body(blob) if pem else blob, kind)
     try:
         if kind == "x509":
             load_cert = x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate
-            cert = load_cert(blob)
+            try:
+                cert = load_cert(blob)
+            except ValueError:
+                raise E.EBADMSG("malformed certificate, or an encoding keyden's X.509 parser refuses "
+                                "(e.g. a PrintableString holding '@')") from None
+            if not _signature_fields_agree(cert.public_bytes(serialization.Encoding.DER)):
+                raise E.EBADMSG("malformed certificate: its signatureAlgorithm differs from the signature "
+                                "field inside what was signed")
+            if cert.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
+                raise E.EINVAL("unsupported key algorithm: a certificate for an RSA key restricted to "
+                               "RSASSA-PSS (keyden could not enforce the restriction)")
             return _build(cert.public_key(), None, cert, "x509")
         if kind == "spki":
             load_pub = serialization.load_pem_public_key if pem else serialization.load_der_public_key

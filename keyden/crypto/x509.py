@@ -41,8 +41,26 @@ _SIGNATURE_HASHES = (hashes.SHA224, hashes.SHA256, hashes.SHA384, hashes.SHA512,
 
 
 def tbs_hash(cert: x509.Certificate) -> bytes:
-    """SHA-256 of the to-be-signed part: what the kernel's "tbs:" blacklist entries name."""
+    """SHA-256 of the to-be-signed part: what keyden's "tbs:" blacklist entries name."""
     return hashlib.sha256(cert.tbs_certificate_bytes).digest()
+
+
+def tbs_hashes(cert: x509.Certificate) -> list[bytes]:
+    """The "tbs:" hashes that name this certificate: SHA-256, and (as the kernel computes it) the hash of
+    the certificate's own signature algorithm, so a blacklist copied from a kernel's matches too."""
+    found = [tbs_hash(cert)]
+    try:
+        own = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        own = None
+    if own is not None and not isinstance(own, hashes.SHA256):
+        try:
+            digest = hashes.Hash(own)
+            digest.update(cert.tbs_certificate_bytes)
+            found.append(digest.finalize())
+        except UnsupportedAlgorithm:
+            pass
+    return found
 
 
 def bin_hash(cert: x509.Certificate | None, spki_der: bytes = b"") -> bytes:
@@ -51,10 +69,25 @@ def bin_hash(cert: x509.Certificate | None, spki_der: bytes = b"") -> bytes:
     return hashlib.sha256(blob).digest()
 
 
+def _spki_of(cert: x509.Certificate) -> bytes:
+    """The certificate's key as SubjectPublicKeyInfo DER, as a bare key of it is hashed; b"" if pyca
+    cannot load the key (OpenSSL took it in a TLS handshake)."""
+    try:
+        return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, UnsupportedAlgorithm):
+        return b""
+
+
 def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"") -> list[str]:
-    """Every blacklist description that would refuse this certificate (or bare key)."""
-    names = [f"tbs:{tbs_hash(cert).hex()}"] if cert is not None else []
-    return names + [f"bin:{bin_hash(cert, spki_der).hex()}"]
+    """Every blacklist description that would refuse this certificate or bare key.  A certificate is
+    named by its TBS, its DER and its key: blacklisting a key ("bin:" of its SPKI) refuses every
+    certificate for that key too."""
+    if cert is None:
+        return [f"bin:{bin_hash(None, spki_der).hex()}"]
+    names = [f"tbs:{digest.hex()}" for digest in tbs_hashes(cert)] + [f"bin:{bin_hash(cert).hex()}"]
+    spki_der = spki_der or _spki_of(cert)
+    return names + ([f"bin:{bin_hash(None, spki_der).hex()}"] if spki_der else [])
 
 
 # ---------------------------------------------------------------------------
@@ -126,14 +159,24 @@ def signer_candidates(cert: x509.Certificate, keys: Iterable) -> list:
 # path validation
 
 
+def printable(text: str) -> str:
+    """Names from a certificate as one safe line: control, format (bidi) and other unprintable characters
+    escaped, so a crafted name cannot forge lines or reorder what a terminal shows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def subject_of(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+    """The subject as RFC 4514 text, printable (see ``printable``)."""
+    return printable(cert.subject.rfc4514_string())
 
 
 def _eku_validator(purpose_oid):
-    """An EKU check for paths validated without a host: present EKUs must allow ``purpose_oid``."""
+    """An EKU check for paths validated without a host: present EKUs must name ``purpose_oid``
+    (anyExtendedKeyUsage does not do, as pyca's and OpenSSL's server and client profiles decide)."""
     def check(policy, cert, eku):
-        if eku is not None and purpose_oid not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+        if eku is not None and purpose_oid not in eku:
             raise ValueError("wrong purpose")
     return check
 
@@ -169,21 +212,40 @@ def _verifier(anchors: list[x509.Certificate], at: datetime.datetime, subject, p
     return builder.build_client_verifier()
 
 
+#: pyca's VerificationError texts (substrings) and what they mean, first match wins.
+_REASONS = (
+    ("no matching subjectAltName", "hostname mismatch: the certificate is not valid for {host}"),
+    ("required EKU not found", "wrong purpose: the certificate's extended key usage does not allow {purpose} use"),
+    ("wrong purpose", "wrong purpose: the certificate's extended key usage does not allow {purpose} use"),
+    ("2.5.29.17: Certificate is missing required extension", _NO_SAN := "no subjectAltName: the certificate "
+     "names no host or identity"),
+    ("has no subjectAltName", _NO_SAN),
+    ("signature does not match", "bad signature: the issuer's key did not sign the certificate"),
+    ("Forbidden signature algorithm", "weak or unsupported signature algorithm in the chain (SHA-1, MD5 and "
+     "algorithms outside the Web PKI profile are refused)"),
+    ("Forbidden public key algorithm", "unsupported public key algorithm in the chain (the Web PKI profile "
+     "takes RSA of 2048 bits and more, and ECDSA P-256, P-384 and P-521)"),
+    ("exceeds max depth", "no path: the chain would be longer than 8 intermediates, or loops"),
+    ("name constraint", "name constraints: a certificate in the chain names what an issuer's name "
+     "constraints exclude, or too many names to check"),
+    ("all candidates exhausted with no interior errors", "unknown issuer: no trusted certificate issued it"),
+    ("not valid at validation time", "a certificate in the chain is expired or not yet valid"),
+)
+#: What pyca appends naming the certificate it was at: a Python repr, not for users.
+_ENCOUNTERED = re.compile(r"\s*\(encountered processing <Certificate\(.*\)>\)\s*$", re.S)
+
+
 def _reason(message: str, host: str, purpose: str) -> str:
-    """pyca's VerificationError text, reworded where it has a plain meaning (it names subjects only)."""
-    if "no matching subjectAltName" in message:
-        return f"hostname mismatch: the certificate is not valid for {host[:253]}"
-    if "required EKU not found" in message or "wrong purpose" in message:
-        return f"wrong purpose: the certificate's extended key usage does not allow {purpose} use"
-    if "2.5.29.17: Certificate is missing required extension" in message:
-        return "no subjectAltName: the certificate names no host or identity"
-    if "signature does not match" in message:
-        return "bad signature: the issuer's key did not sign the certificate"
-    if "all candidates exhausted with no interior errors" in message:
-        return "unknown issuer: no trusted certificate issued it"
-    if "not valid at validation time" in message:
-        return "a certificate in the chain is expired or not yet valid"
-    return message.removeprefix("validation failed: ")
+    """pyca's VerificationError text, reworded where it has a plain meaning; anything else without pyca's
+    internal reprs, on one printable line."""
+    for needle, reason in _REASONS:
+        if needle in message:
+            return reason.format(host=printable(host[:253]), purpose=purpose)
+    message = _ENCOUNTERED.sub("", message.removeprefix("validation failed: "))
+    message = message.removeprefix("candidates exhausted: ")
+    if "{" in message or "PhantomData" in message:  # a Rust debug dump: nothing a user can act on
+        return "the chain does not validate under the Web PKI profile"
+    return printable(message)[:300]
 
 
 def _time_reason(cert: x509.Certificate, at: datetime.datetime) -> str | None:
@@ -192,6 +254,40 @@ def _time_reason(cert: x509.Certificate, at: datetime.datetime) -> str | None:
     if at > cert.not_valid_after_utc:
         return f"certificate has expired (valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
     return None
+
+
+#: Name-constraint checks (a leaf name against an issuer's subtree) one validation may need.  pyca stops
+#: at its own limit of about a million, but holds the interpreter lock meanwhile (~0.5 s here), which
+#: stalls every other client.  Real chains need a few thousand at most.
+MAX_NAME_CHECKS = 1 << 16
+
+
+def _names_in(cert: x509.Certificate) -> int:
+    try:
+        return len(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except (x509.ExtensionNotFound, ValueError):
+        return 0
+
+
+def _subtrees_in(cert: x509.Certificate) -> int:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except (x509.ExtensionNotFound, ValueError):
+        return 0
+    return len(constraints.permitted_subtrees or ()) + len(constraints.excluded_subtrees or ())
+
+
+def _check_name_constraint_cost(leaf: x509.Certificate, issuers: Iterable[x509.Certificate]) -> None:
+    """EKEYREJECTED before pyca starts, if the names below the issuers' name constraints could take more
+    than MAX_NAME_CHECKS comparisons.  The path is not known yet, so every candidate counts: the leaf's
+    and every issuer's names (and subjects) against every issuer's constraints."""
+    issuers = set(issuers)
+    names = sum(_names_in(c) + 1 for c in (leaf, *issuers))
+    subtrees = sum(_subtrees_in(c) for c in issuers)
+    if names * subtrees > MAX_NAME_CHECKS:
+        raise E.EKEYREJECTED(f"name constraints too costly to check: {names} names in the chain's "
+                             f"certificates against {subtrees} name constraints "
+                             f"(at most {MAX_NAME_CHECKS} comparisons)")
 
 
 def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermediates: list[x509.Certificate],
@@ -217,6 +313,7 @@ def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermedia
         raise E.EKEYREJECTED(too_early_or_late)
     if not anchors:
         raise E.EKEYREJECTED("unknown issuer: the trust keyring holds no usable certificates")
+    _check_name_constraint_cost(leaf, [*anchors, *intermediates])
     try:
         verifier = _verifier(anchors, when, subject, purpose)
     except ValueError:

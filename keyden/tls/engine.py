@@ -35,6 +35,7 @@ from cryptography import x509
 
 from keyden import errors as E
 from keyden import protocol as W
+from keyden.crypto.x509 import subject_of
 from keyden.protocol import Op
 
 log = logging.getLogger("keyden.tls")
@@ -86,7 +87,7 @@ def negotiated(tls: ssl.SSLSocket) -> tuple:
     """TLS_ESTABLISHED's fields: version, cipher, server name, ALPN, peer subject, peer certificate."""
     der = tls.getpeercert(binary_form=True) or b""
     try:
-        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else ""
+        subject = subject_of(x509.load_der_x509_certificate(der)) if der else ""
     except ValueError:  # an encoding OpenSSL took and pyca does not (the chain check refuses those first)
         subject = ""
     name = getattr(tls, "requested_name", "") or tls.server_hostname or ""

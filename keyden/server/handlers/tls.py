@@ -19,6 +19,7 @@ from cryptography import x509
 
 from keyden import errors as E
 from keyden.core.trust import is_blacklisted, trusted_certificates
+from keyden.crypto.x509 import subject_of
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
 from keyden.server.handlers import handles
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT, contexts, material
@@ -131,7 +132,7 @@ def refuse_blacklisted(store, chain: list[bytes]) -> None:
     for der in chain:
         try:
             cert = x509.load_der_x509_certificate(der)
-            blacklisted, subject = is_blacklisted(store, cert), cert.subject.rfc4514_string()
+            blacklisted, subject = is_blacklisted(store, cert), subject_of(cert)
         except ValueError:
             raise E.EKEYREJECTED("the peer's certificate chain holds a certificate keyden cannot parse "
                                  "(OpenSSL accepted its encoding), so it cannot be checked") from None
