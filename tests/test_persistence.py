@@ -1071,8 +1071,9 @@ def test_type_restrictions_stay_off_persistent_keyrings(fresh_daemon):
 
 
 def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent_keys(tmp_path):
-    """A daemon in this process, whose database refuses to write (a full disk): the request that
-    changed a persistent keyring gets EIO; another client's requests are answered as ever."""
+    """A daemon in this process, whose database refuses to write: the request that changed a persistent
+    keyring gets ENOSPC for a full disk (EIO for other failures), saying the change is made but not on
+    disk yet; another client's requests are answered as ever."""
     from keyden.server.config import ServerConfig
     from keyden.server.server import Server
 
@@ -1091,8 +1092,16 @@ def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent
         def full_disk(*args, **kw):
             raise OSError(28, "No space left on device")
         server.journal.db.write = full_disk
-        with pytest.raises(E.EIO):
+        with pytest.raises(E.ENOSPC, match="made but not on disk yet"):
             a.add("user", "kd:persisted", b"x", ring)
+        assert a.read(a.search(ring, "user", "kd:persisted")) == b"x"  # as the error says: made
+
+        def broken(*args, **kw):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        server.journal.db.write = broken
+        with pytest.raises(E.EIO, match="made but not on disk yet"):
+            a.add("user", "kd:persisted too", b"x", ring)
+        server.journal.db.write = full_disk
         assert b.ping(b"hi") == b"hi"
         b.whoami()
         local = b.add("user", "kd:session", b"y", "@s")  # not persistent: no write, no EIO

@@ -16,6 +16,7 @@ with the rows on disk.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import sqlite3
 import threading
@@ -128,7 +129,12 @@ class SealedJournal(Journal):
                     self._dirty.setdefault(serial, key)  # retried with the next write; newer notes win
             log.error("writing the key database failed (%s); %d changes kept for the next attempt",
                       type(exc).__name__, len(batch))
-            raise E.EIO("the key database could not be written; the change is not durable") from None
+            full = getattr(exc, "errno", None) == errno.ENOSPC or \
+                getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            error = E.ENOSPC if full else E.EIO
+            raise error("the change is made but not on disk yet: the key database could not be written"
+                        f"{' (the disk is full)' if full else ''}; it is written with the next write that "
+                        "succeeds, unless the daemon stops first") from None
         self._manifest.adopt(buckets)
         self._durable = upto
 
