@@ -339,6 +339,9 @@ def test_session_runs_a_child_that_possesses_the_session(keyden, client):
     gone = keyden("describe", key)
     assert (gone.rc, gone.err) == (1, "keyctl_describe_alloc: Required key not available\n")
 
+    for command in (("session", "", "true"), ("new_session", "")):  # the kernel's EINVAL, not anonymous
+        empty = keyden(*command)
+        assert (empty.rc, empty.err) == (1, "keyctl_join_session_keyring: Invalid argument\n"), command
     anon = keyden("session", "-", "sh", "-c", f"{KEYDEN} rdescribe @s")
     assert anon.rc == 0 and anon.out.startswith("keyring;") and anon.out.endswith(";_ses\n")
     missing = keyden("session", "-", "/nonexistent/program")
@@ -423,6 +426,11 @@ def test_genkey_and_pkey_operations_through_files(keyden, client, tmp_path):
         assert (r.rc, r.err) == (1, "keyctl_pkey_query: Operation not supported\n")
     r = keyden("pkey_sign", key, "0", str(digest), "enc=nonsense")
     assert (r.rc, r.err) == (1, "keyctl_pkey_query: Invalid argument\n")
+    hidden = ok(keyden("genkey", "ed25519", "hidden", "@s")).strip()
+    ok(keyden("setperm", hidden, "0x01000000"))  # view only: no search, so no pkey operation
+    for target in ("99999", user_key, hidden):  # the info string is parsed before the key is looked up
+        r = keyden("pkey_query", target, "0", "foo=bar")
+        assert (r.rc, r.err) == (1, "keyctl_pkey_query: Invalid argument\n"), target
     r = keyden("pkey_sign", "12345", "0", str(tmp_path / "absent"))  # as keyctl: the file is read first
     assert (r.rc, r.err) == (1, f"{tmp_path / 'absent'}: No such file or directory\n")
     assert keyden("pkey_verify", key, "0", str(digest)).rc == 2

@@ -829,6 +829,30 @@ def test_find_falls_back_to_any_key_the_caller_may_view(store, alice):
         store.find(session(store, CAROL), "user", "findme")  # other: no view
 
 
+def test_find_passes_over_revoked_and_expired_keys(store, alice, clock):
+    """keyutils skips a key its describe fails on; a revoked or expired key was found, so `describe
+    %user:foo` said EKEYREVOKED and `unlink %user:foo` removed the dead key instead of "Can't find"."""
+    revoked, expiring = add_user(store, alice, "gone"), add_user(store, alice, "later")
+    store.revoke(alice, revoked)
+    store.set_timeout(alice, expiring, 1)
+    clock.advance(2)
+    elsewhere = session(store, ALICE)
+    for caller in (alice, elsewhere):
+        with pytest.raises(E.EKEYREVOKED if caller is alice else E.ENOKEY):  # request_key's answer, if any
+            store.find(caller, "user", "gone")
+        with pytest.raises(E.ENOKEY):
+            store.find(caller, "user", "later")
+    fresh = add_user(store, elsewhere, "gone")  # a live namesake elsewhere is found
+    assert store.find(alice, "user", "gone") == fresh
+
+
+def test_an_empty_asymmetric_key_id_matches_nothing_it_is_einval(store, alice):
+    """asymmetric_key_hex_to_key_id refuses an empty id; "id:" matched every key (a suffix of any id)."""
+    for wanted in ("id:", "ex:"):
+        with pytest.raises(E.EINVAL):
+            store.search(alice, SESSION, "asymmetric", wanted)
+
+
 # ------------------------------------------------------------ thread safety
 
 def test_material_is_a_copy_that_a_later_update_or_revoke_cannot_wipe(store, alice):

@@ -133,7 +133,10 @@ class Operations:
     id = get_keyring_id
 
     def join_session(self, name: str | None = None):
-        """A new (or the named) session keyring: returns (serial, token); the token goes in KEYDEN_SESSION."""
+        """A new (or the named) session keyring: returns (serial, token); the token goes in KEYDEN_SESSION.
+        An empty name is EINVAL, as the kernel's (on the wire "" asks for an anonymous session: None)."""
+        if name is not None and not name:
+            raise E.EINVAL("a session keyring's name must not be empty (None joins an anonymous session)")
         return self._call(Op.JOIN_SESSION, name or "")
 
     def leave_session(self, token: str):

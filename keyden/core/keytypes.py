@@ -154,8 +154,8 @@ class AsymmetricType(KeyType):
         kind, colon, rest = wanted.partition(":")
         if not (colon and kind in ("id", "ex")):
             return False
-        if len(rest) % 2 or len(rest) > 510:
-            raise E.EINVAL("a key ID is an even number of hex digits")
+        if not rest or len(rest) % 2 or len(rest) > 510:  # asymmetric_key_hex_to_key_id: empty is EINVAL
+            raise E.EINVAL("a key ID is an even number of hex digits, at least two")
         try:
             bytes.fromhex(rest)
         except ValueError:

@@ -1073,9 +1073,11 @@ class KeyStore:
                 return self._search_process_keyrings(caller, _Match.search(ktype, description), True).serial
             except E.KeydenError as exc:
                 error = exc
-            for serial in sorted(self._keys):
+            now = self.clock()
+            for serial in sorted(self._keys):  # keyutils skips a key its describe fails on: revoked, expired
                 key = self._keys[serial]
-                if key.type is ktype and key.description == description and self._permits(caller, key, None, P.VIEW):
+                if key.type is ktype and key.description == description and key.state_error(now) is None \
+                        and self._permits(caller, key, None, P.VIEW):
                     return key.serial
             raise error
 

@@ -127,7 +127,7 @@ def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
         raise E.EINVAL("password must be bytes")
     password = bytes(password) if password else None   # pyca treats b"" as "no password" too
     if not data:
-        raise E.EBADMSG("empty key data")
+        raise E.EINVAL("empty key data")  # asymmetric_key_preparse's answer
     try:
         kind = _DER_SHAPES.get(_der_child_tags(data))
         if kind is not None:
@@ -450,7 +450,7 @@ def _prepared(algo: str, has_private: bool, op: int, info: str) -> tuple[str, Ma
     if op & (OP_ENCRYPT | OP_DECRYPT) and algo != "rsa":
         raise E.EOPNOTSUPP(f"{algo} keys cannot encrypt or decrypt")
     if op & (OP_SIGN | OP_DECRYPT) and not has_private:
-        raise E.EOPNOTSUPP("this operation needs the private key, which this key does not hold")
+        raise E.EINVAL("this operation needs the private key, which this key does not hold")  # the kernel's
     return _check_options(algo, opts), types.MappingProxyType(opts)
 
 
@@ -608,7 +608,7 @@ class ParsedKey:
             raise E.EINVAL(f"enc={enc} is a signature scheme; encrypt/decrypt take pkcs1 or oaep")
         if enc == "pkcs1":
             if "hash" in opts:
-                raise E.EINVAL("enc=pkcs1 encryption takes no hash=")
+                _hash(opts["hash"])  # named, so it must exist; PKCS#1 v1.5 encryption uses none (the kernel's pkcs1pad)
             return padding.PKCS1v15(), None
         hash_name = opts.get("hash", "sha256")
         label = bytes.fromhex(opts["label"]) if "label" in opts else None
@@ -663,8 +663,10 @@ class ParsedKey:
         pad, h = self._rsa_padding(OP_ENCRYPT, enc, opts)
         size = self._limits().max_enc_size
         limit = size - 11 if h is None else size - 2 * h.digest_size - 2
-        if len(data) > limit:
-            raise E.EINVAL(f"data too long for this key and padding (max {limit} bytes)")
+        if len(data) > size:
+            raise E.EINVAL(f"data longer than the key size ({size} bytes)")
+        if len(data) > limit:  # as the kernel's padding answers
+            raise E.EOVERFLOW(f"data too long for this key and padding (max {limit} bytes)")
         try:
             return self.public_key.encrypt(data, pad)
         except (ValueError, TypeError, UnsupportedAlgorithm):

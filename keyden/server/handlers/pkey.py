@@ -10,30 +10,37 @@ from keyden.protocol import Op
 from keyden.server.handlers import handles
 
 
+def _key(ctx, key, info: str) -> asymmetric.ParsedKey:
+    """The key for a KEYCTL_PKEY_* op, its info string's grammar checked first, as the kernel's
+    keyctl_pkey_params_get does: a malformed string is EINVAL whatever the key."""
+    asymmetric.parse_info(info)
+    return ctx.store.asymmetric(ctx.caller, key)
+
+
 @handles(Op.PKEY_QUERY)
 def _pkey_query(ctx, key, info):
-    q = ctx.store.asymmetric(ctx.caller, key).query(info)
+    q = _key(ctx, key, info).query(info)
     return (q.supported_ops, q.key_size, q.max_data_size, q.max_sig_size, q.max_enc_size, q.max_dec_size)
 
 
 @handles(Op.PKEY_ENCRYPT)
 def _pkey_encrypt(ctx, key, info, data):
-    return (ctx.store.asymmetric(ctx.caller, key).encrypt(info, data),)
+    return (_key(ctx, key, info).encrypt(info, data),)
 
 
 @handles(Op.PKEY_DECRYPT)
 def _pkey_decrypt(ctx, key, info, data):
-    return (ctx.store.asymmetric(ctx.caller, key).decrypt(info, data),)
+    return (_key(ctx, key, info).decrypt(info, data),)
 
 
 @handles(Op.PKEY_SIGN)
 def _pkey_sign(ctx, key, info, data):
-    return (ctx.store.asymmetric(ctx.caller, key).sign(info, data),)
+    return (_key(ctx, key, info).sign(info, data),)
 
 
 @handles(Op.PKEY_VERIFY)
 def _pkey_verify(ctx, key, info, data, signature):
-    ctx.store.asymmetric(ctx.caller, key).verify(info, data, signature)
+    _key(ctx, key, info).verify(info, data, signature)
     return ()
 
 
