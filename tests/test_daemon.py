@@ -133,6 +133,35 @@ def test_broken_frames_close_only_that_connection(daemon, client):
     assert client.read(serial) == b"still here"
 
 
+def test_request_id_0_and_a_second_hello_are_protocol_errors(daemon):
+    """Id 0 is the daemon's, for connection-level errors: a request carrying it was answered, and its
+    answer could not be told from "the daemon is closing".  It now is that: EPROTO, then the close.
+    A second HELLO was ENOSYS "unknown opcode 1"; it is EPROTO, and the connection goes on."""
+    s = raw_connect(daemon.socket)
+    s.sendall(W.encode_request(1, Op.HELLO, 1, 1, "", "raw"))
+    assert recv_frames(s)[0].status == 0
+    s.sendall(W.encode_request(2, Op.HELLO, 1, 1, "", "raw"))
+    (again,) = recv_frames(s)
+    assert (again.request_id, again.status) == (2, E.EPROTO.code)
+    assert "HELLO already" in W.decode_error(again.body)
+    s.sendall(W.encode_request(0, Op.PING, b"zero"))
+    (refused,) = recv_frames(s)
+    assert (refused.request_id, refused.op, refused.status) == (0, 0, E.EPROTO.code)
+    assert recv_frames(s) == []  # closed
+    s.close()
+
+
+def test_whoami_answers_with_the_session_keyrings_search_bit_cleared(daemon):
+    """WHOAMI resolved @s with a search check: a session keyring masked to possessor view-only made the
+    caller's own identity EACCES, while QUOTA and SESSIONS still answered."""
+    with daemon.connect() as boot:
+        serial, token = boot.join_session()
+    with daemon.connect(session=token) as c:
+        c.setperm("@s", 0x01010000)
+        assert c.whoami() == (os.getuid(), os.getgid(), os.getpid(), serial)
+        c.leave_session(token)
+
+
 def test_garbage_after_handshake_gets_errors_and_the_connection_survives(daemon):
     s = raw_connect(daemon.socket)
     s.sendall(W.encode_request(1, Op.HELLO, 1, 1, "", "raw"))

@@ -279,6 +279,21 @@ def test_intermediates_in_the_keyring_are_sent_and_any_trusted_certificate_is_an
     assert info.peer_subject == "CN=chained.test" and app.outcome().version
 
 
+def test_a_handshake_timeout_over_the_limit_is_refused_not_shortened(client, server_ring):
+    """The client library keeps handshake_timeout to 120 s; on the wire a larger timeout_ms was cut to
+    120 s without a word.  It is EINVAL, and 0 still means the default."""
+    from keyden.client import tls as client_tls
+    from keyden.client.operations import Ref
+
+    mine, theirs = socket.socketpair()
+    mine.settimeout(10)
+    with mine:
+        with theirs, pytest.raises(E.EINVAL, match="at most 120000 ms"):
+            client_tls._hand_over(client, Op.TLS_CONNECT, ("example.com", Ref(server_ring), 0, 0, [], 120001),
+                                  theirs, 1.0)
+        assert mine.recv(1) == b""  # the daemon's copy was closed, not kept
+
+
 def test_sni_picks_the_certificate_and_wildcards_match(app_factory, server_ring, pki):
     app = app_factory()
     app.serve(count=3)

@@ -98,7 +98,7 @@ class Client(Operations):
         self._sock = sock
         self._decoder = W.FrameDecoder(1 << 31)
         self._pending: dict[int, W.Frame] = {}
-        rid = next(self._ids) & 0xFFFFFFFF
+        rid = next(self._ids) & 0xFFFFFFFF or 1  # 0 is the daemon's, for connection-level errors
         hello = (W.MIN_VERSION, W.VERSION, self._session, self._client_name)
         try:
             sock.sendall(self._request(rid, Op.HELLO, hello))
@@ -174,7 +174,7 @@ class Client(Operations):
             ids: list[int | E.KeydenError] = []  # a request that cannot be encoded is its own error, not sent
             out = []
             for op, args in calls:
-                rid = next(self._ids) & 0xFFFFFFFF
+                rid = next(self._ids) & 0xFFFFFFFF or 1  # 0 is the daemon's, for connection-level errors
                 try:
                     out.append(self._request(rid, op, args))
                 except E.KeydenError as exc:
@@ -277,7 +277,7 @@ class Client(Operations):
         """
         response = W.response_schema(op)
         with self._lock:
-            rid = next(self._ids) & 0xFFFFFFFF
+            rid = next(self._ids) & 0xFFFFFFFF or 1  # 0 is the daemon's, for connection-level errors
             request = self._request(rid, op, args)
             try:
                 self._send(request)

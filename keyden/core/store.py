@@ -820,6 +820,15 @@ class KeyStore:
         key = self._keys.get(serial)
         return key is not None and getattr(key.payload, "slow", False)
 
+    def session_serial(self, caller: Caller) -> int:
+        """The keyring @s names for this caller, without a permission check (WHOAMI tells the caller who it
+        is, even with its session keyring's search bit cleared); 0 if there is none."""
+        with self.lock:
+            try:
+                return self._special(caller, SESSION, False).serial
+            except E.KeydenError:
+                return 0
+
     def resolve(self, caller: Caller, key_id: int, create: bool = False) -> int:
         """KEYCTL_GET_KEYRING_ID: what serial an ID names (search permission required)."""
         with self.lock:

@@ -184,7 +184,11 @@ class Connection:
         """The reply to one frame; ``unsynced`` then says what it changed persistently (see ``durable``)."""
         self.unsynced, self.changed = 0, False
         self.answered += W.HEADER_SIZE + len(frame.body)
-        reply = self._hello(frame) if self.context is None else self._answer(frame)
+        if frame.request_id == 0:  # its reply would read as a connection-level error: a broken client
+            self.closed = True
+            reply = W.encode_error(0, 0, E.EPROTO("request id 0 is reserved for connection-level errors"))
+        else:
+            reply = self._hello(frame) if self.context is None else self._answer(frame)
         if self.fds:  # descriptors this request (or one before it) brought and did not take
             self.fds.release_through(self.answered)
         return reply

@@ -108,10 +108,14 @@ def _ping(ctx, data):
     return (data,)
 
 
+@handles(Op.HELLO)
+def _hello_again(ctx, *_fields):
+    raise E.EPROTO("this connection said HELLO already: it is the first frame only")
+
+
 @handles(Op.WHOAMI)
 def _whoami(ctx):
-    session = ctx.store.resolve(ctx.caller, -3)
-    return (ctx.caller.cred.uid, ctx.caller.cred.gid, ctx.pid, session)
+    return (ctx.caller.cred.uid, ctx.caller.cred.gid, ctx.pid, ctx.store.session_serial(ctx.caller))
 
 
 @handles(Op.QUOTA)

@@ -112,7 +112,10 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
-    timeout = min(timeout_ms / 1000, MAX_HANDSHAKE_TIMEOUT) if timeout_ms else DEFAULT_HANDSHAKE_TIMEOUT
+    if timeout_ms > MAX_HANDSHAKE_TIMEOUT * 1000:
+        tls.close()
+        raise E.EINVAL(f"the handshake timeout is at most {MAX_HANDSHAKE_TIMEOUT * 1000:.0f} ms (0: the default)")
+    timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_HANDSHAKE_TIMEOUT
     store = ctx.store
     outcome = _Outcome(ctx.audit)
     ctx.after_audit.append(outcome.release)
