@@ -368,15 +368,19 @@ def test_a_config_file_named_but_missing_is_refused(tmp_path):
 
 
 def test_first_start_under_a_loose_umask_makes_files_it_accepts_again(tmp_path):
-    """umask 000: the config file is 0644 and the socket's directories 0755, so the next start works."""
+    """umask 000: the config file is 0644, the socket's directories and the state directory's new parents
+    0755 (they were 0777: anyone could rename the state directory away and plant one of their own, whose
+    audit.log, a symlink, root then appended to)."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    state, sock = tmp_path / "state", tmp_path / "run" / "deeper" / "k.sock"
+    state, sock = tmp_path / "var" / "lib" / "state", tmp_path / "run" / "deeper" / "k.sock"
     command = [sys.executable, "-m", "keyden", "init", "--state-dir", str(state)]
     for _ in range(2):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60,
                               preexec_fn=lambda: os.umask(0))
         assert proc.returncode == 0, proc.stderr
     assert oct((state / "keyden.toml").stat().st_mode & 0o777) == "0o644"
+    assert [oct(p.stat().st_mode & 0o777) for p in (state, state.parent, state.parent.parent)] == \
+        ["0o700", "0o755", "0o755"]
     d = Daemon(args=("--socket", str(sock)))
     d.socket = str(sock)
     try:

@@ -602,3 +602,43 @@ def test_non_owner_with_setattr_may_chgrp_to_a_group_it_is_in(daemon, users):
                     "gid": c.describe(key).gid}
 
     assert run_as(users.b, b_chgrps) == {"to c's group": "EACCES", "to own group": "ok", "gid": users.b.gid}
+
+
+def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypatch):
+    """Whoever binds the socket path first, in a directory others may write to, received what root's
+    client sent it (a password given to `padd`).  A client now checks who serves the socket."""
+    import shutil
+    import tempfile
+
+    public = tempfile.mkdtemp(prefix="keyden-public-")
+    os.chmod(public, 0o1777)
+    path = os.path.join(public, "keyden.sock")
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the impostor, user a: accepts and hangs up, never answers
+        try:
+            os.setgroups([]), os.setgid(users.a.gid), os.setuid(users.a.uid)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(4)
+            os.write(ready_w, b"1")
+            for _ in range(2):
+                listener.accept()[0].close()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1"  # b"" if the impostor could not bind
+        with pytest.raises(E.EACCES, match=f"served by uid {users.a.uid}, neither root nor you"):
+            keyden.connect(path)
+        with pytest.raises(E.EACCES, match="KEYDEN_DAEMON_UID"):
+            import asyncio
+            asyncio.run(keyden.aconnect(path))
+        monkeypatch.setenv("KEYDEN_DAEMON_UID", str(users.a.uid))  # trusted by name: it gets the HELLO
+        with pytest.raises(E.ECONNRESET):
+            keyden.connect(path)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        shutil.rmtree(public)

@@ -854,6 +854,31 @@ def test_a_state_directory_not_the_daemons_own_refuses_start(fresh_daemon):
     assert c.read(key) == b"kept in the state dir"
 
 
+def test_a_state_directory_under_a_directory_others_may_write_is_refused(tmp_path):
+    """Another user who may rename entries in a parent can move the state directory away and put their
+    own in its place (a symlinked audit.log, a master.key of theirs); a sticky directory (/tmp) is fine."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.pop("KEYDEN_PASSPHRASE_FILE", None)
+    shared = os.path.join(tmp_path, "shared")
+    state = os.path.join(shared, "keyden", "state")
+    os.makedirs(state, 0o700)
+
+    def init() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", state],
+                              capture_output=True, text=True, env=env)
+    for mode, refused in ((0o777, True), (0o775, True), (0o1777, False), (0o755, False)):
+        os.chmod(shared, mode)
+        proc = init()
+        if refused:
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr
+            assert f"is under {shared}, mode {mode:04o}, writable by group or others" in proc.stderr
+        else:
+            assert proc.returncode == 0, proc.stderr
+    os.chown(shared, 4242, -1)  # another user's directory: they may chmod it at will
+    proc = init()
+    assert proc.returncode == 1 and f"is under {shared}, owned by uid 4242" in proc.stderr
+
+
 def test_the_config_in_a_state_directory_others_may_write_is_not_read(tmp_path):
     """Checked before keyden.toml is read: a planted config could point state_dir somewhere unchecked."""
     state = os.path.join(tmp_path, "state")

@@ -131,6 +131,7 @@ class AsyncClient(Operations):
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, self.socket_path)
+            common.check_daemon(sock, self.socket_path)
             transport, _wire = await loop.create_unix_connection(lambda: _Wire(self), sock=sock)
         except OSError as exc:
             sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import struct
 
 from keyden import errors as E
@@ -26,6 +27,21 @@ def socket_path(path: str | None = None) -> str:
         return os.fspath(path)
     except TypeError:
         raise E.EINVAL(f"a socket path is a str or os.PathLike, not {type(path).__name__}") from None
+
+
+DAEMON_UID_ENV = "KEYDEN_DAEMON_UID"
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def check_daemon(sock, path: str) -> None:
+    """Talk only to a daemon run by root or by ourselves (or the uid in $KEYDEN_DAEMON_UID): whoever binds
+    the socket path first in a directory others may write to (/tmp) would otherwise receive our keys."""
+    _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    trusted = os.environ.get(DAEMON_UID_ENV, "")
+    if uid in (0, os.geteuid()) or trusted.isdigit() and uid == int(trusted):
+        return
+    raise E.EACCES(f"the socket {path} is served by uid {uid}, neither root nor you: not talking to it "
+                   f"(if that uid runs your keyden, set {DAEMON_UID_ENV}={uid})")
 
 
 def session_token(session: str | None) -> str:

@@ -89,6 +89,7 @@ class Client(Operations):
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
             sock.connect(self.socket_path)
+            common.check_daemon(sock, self.socket_path)
         except OSError as exc:
             sock.close()
             raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None

@@ -15,7 +15,7 @@ import sqlite3
 import stat
 from typing import Iterable, Iterator
 
-from keyden.persist.master import StartupError, require_own
+from keyden.persist.master import StartupError, make_dirs, require_own
 from keyden.persist.records import COLUMNS, Row
 
 SCHEMA = """
@@ -129,8 +129,8 @@ def _create_private(path: str) -> None:
     An existing database, -wal or -shm file must be the daemon's own and private to it: it is
     refused otherwise (``require_own``).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     try:
+        make_dirs(os.path.dirname(os.path.abspath(path)))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise StartupError(f"cannot open the key database {path}: {exc.strerror}") from None

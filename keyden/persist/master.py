@@ -366,11 +366,46 @@ def require_own(path: str, st: os.stat_result, what: str, *, secret: bool = True
                            f"start (check nobody else used it, then: {fix} {path})")
 
 
+def make_dirs(path: str, mode: int = 0o700) -> None:
+    """``path`` and its missing parents, each made with a fixed mode whatever the umask: ``path`` itself
+    ``mode``, parents 0755.  (os.makedirs leaves parents 0777 less the umask: under umask 000 anyone could
+    rename one and put a directory of their own where the daemon's files go.)  OSError as os.mkdir's."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for index, directory in enumerate(reversed(missing)):
+        wanted = mode if index == len(missing) - 1 else 0o755
+        os.mkdir(directory, wanted)
+        os.chmod(directory, wanted)
+
+
+def require_safe_parents(path: str, what: str) -> None:
+    """Refuse, as sshd's StrictModes does for a home directory, a ``path`` another user could swap out:
+    each directory above it must be owned by root or the daemon's uid and writable by neither group nor
+    others, unless sticky (as /tmp, where only an entry's owner may rename it)."""
+    uid = os.geteuid()
+    directory = os.path.dirname(os.path.realpath(path))
+    while True:
+        st = os.stat(directory)
+        loose = stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (0, uid) or loose:
+            owner = f"owned by uid {st.st_uid}" if st.st_uid not in (0, uid) else \
+                f"mode {stat.S_IMODE(st.st_mode):04o}, writable by group or others"
+            raise StartupError(f"the {what} {path} is under {directory}, {owner}: whoever may rename entries "
+                               f"there could put a {what} of their own in its place; refusing to start")
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
+
+
 def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:
     """Create ``path`` with mode 0600 and ``data``, durably (file and directory entry synced), whole or
     not at all: written beside it and then linked (or, with ``replace``, renamed) into place, so a full
     disk leaves no empty key file that every later start would refuse."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    make_dirs(os.path.dirname(path) or ".")
     partial = f"{path}.partial-{os.getpid()}"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from keyden import errors as E
 from keyden.core.store import StoreConfig
-from keyden.persist.master import StartupError, require_own
+from keyden.persist.master import StartupError, make_dirs, require_own, require_safe_parents
 from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE
 
 log = logging.getLogger("keyden.config")
@@ -124,9 +124,9 @@ class ServerConfig:
         """First start: make the state directory (0700) and a commented default config; else check it."""
         path = Path(self.state_dir)
         try:
-            path.mkdir(parents=True, mode=0o700)
+            make_dirs(str(path))
         except FileExistsError:
-            pass
+            pass  # something that is not a directory: check_state_dir says so
         except OSError as exc:
             raise StartupError(f"cannot create the state directory {path}: {exc.strerror}") from None
         check_state_dir(str(path))
@@ -175,6 +175,7 @@ def check_state_dir(path: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"the state directory {path} is not a directory; refusing to start")
     require_own(path, st, "state directory", secret=False)
+    require_safe_parents(path, "state directory")
 
 
 def check_config_file(path: Path) -> None:

@@ -23,7 +23,7 @@ from keyden import protocol as W
 from keyden.core import trust
 from keyden.core.store import KeyStore
 from keyden.persist import SealedJournal, open_durable
-from keyden.persist.master import StartupError
+from keyden.persist.master import StartupError, make_dirs
 from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
 from keyden.server.config import ServerConfig
@@ -57,18 +57,13 @@ def _unraisable_hook(throttled: limits.Throttled):
 
 def _make_socket_dirs(directory: str) -> None:
     """The socket's directories, each made 0755 whatever the umask (any local process must reach it)."""
-    missing = []
-    while directory and not os.path.isdir(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o755)
-            os.chmod(path, 0o755)
-        except FileExistsError:
-            raise StartupError(f"cannot make the socket's directory {path}: it exists and is not a directory") from None
-        except OSError as exc:
-            raise StartupError(f"cannot make the socket's directory {path}: {exc.strerror}") from None
+    try:
+        make_dirs(directory, 0o755)
+    except FileExistsError as exc:
+        raise StartupError(f"cannot make the socket's directory {exc.filename}: it exists and is not a "
+                           "directory") from None
+    except OSError as exc:
+        raise StartupError(f"cannot make the socket's directory {directory}: {exc.strerror}") from None
 
 
 class Server:
@@ -145,7 +140,7 @@ class Server:
         except OSError:
             os.unlink(path)  # nobody listening: a leftover from a crash
         else:
-            raise StartupError(f"a daemon is already listening on {path}")
+            raise StartupError(f"a daemon is already listening on {path} (its socket belongs to uid {st.st_uid})")
         finally:
             probe.close()
 
