@@ -64,8 +64,8 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 class Throttled:
-    """A warning logged at most once per interval (with a count of those suppressed): a flood of refused
-    connections must not become a flood of log lines."""
+    """A warning (or error) logged at most once per interval (with a count of those suppressed): a flood of
+    refused connections, or a full disk failing every request, must not become a flood of log lines."""
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0):
         self.logger = logger
@@ -74,6 +74,12 @@ class Throttled:
         self._suppressed = 0
 
     def warning(self, msg: str, *args) -> None:
+        self._log(logging.WARNING, msg, args)
+
+    def error(self, msg: str, *args) -> None:
+        self._log(logging.ERROR, msg, args)
+
+    def _log(self, level: int, msg: str, args: tuple) -> None:
         now = time.monotonic()
         if now < self._next:
             self._suppressed += 1
@@ -81,4 +87,4 @@ class Throttled:
         if self._suppressed:
             msg += f" (and {self._suppressed} more like it)"
         self._next, self._suppressed = now + self.interval, 0
-        self.logger.warning(msg, *args)
+        self.logger.log(level, msg, *args)

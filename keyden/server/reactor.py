@@ -299,8 +299,7 @@ class Reactor:
                 if frame is None:
                     frame = conn.next_frame()
             except W.FrameTooLarge as exc:
-                log.warning("%s: %s; closing", ch.name, exc.message)
-                self._queue(ch, W.encode_error(0, 0, exc))
+                self._queue(ch, conn.refuse_oversized(exc))
                 ch.closing = True
                 break
             if frame is None:

@@ -80,6 +80,7 @@ class Server:
         self._active = 0  # open connections (the loop's thread counts them)
         self._per_uid: Counter[int] = Counter()
         self._refusals = limits.Throttled(log)
+        self._gc_failures = limits.Throttled(log, 60.0)  # with a full disk, every sweep fails the same way
         self.audit: AuditLog | None = None
         self.reactor: Reactor | None = None
         self._threads: list[threading.Thread] = []
@@ -253,6 +254,9 @@ class Server:
         return Channel(sock, Connection(self.store, who, cfg.max_frame, audit), closed)
 
     def _gc_loop(self) -> None:
+        """Every gc_interval.  A failure the daemon expects (the key database not written: ENOSPC, EIO) is
+        one throttled line, without a traceback: a full disk must not add one per sweep to the log.  Only an
+        unexpected fault gets a traceback."""
         while not self._stopping.wait(self.config.gc_interval):
             try:
                 n = self.store.collect(peer.process_alive)
@@ -260,5 +264,7 @@ class Server:
                     log.debug("garbage-collected %d keys", n)
                 if self.journal is not None:
                     self.journal.flush()  # what collection destroyed under persistent keyrings
+            except E.KeydenError as exc:
+                self._gc_failures.error("garbage collection failed: %s", exc)  # "ENOSPC: ..."
             except Exception:
                 log.exception("garbage collection failed")
