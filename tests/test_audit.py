@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -11,6 +14,10 @@ import time
 import pytest
 
 from keyden import errors as E
+from keyden.server import audit as audit_module
+from keyden.server.audit import AuditLog
+
+from tests.conftest import Daemon
 
 SECRET = b"kd-AUDIT-SECRET-payload-7f3a"
 DESCRIPTION = "kd-audit-description-91c2"
@@ -191,3 +198,193 @@ def test_a_flush_on_another_thread_never_lets_the_loop_reply_before_the_lines_it
     audit.flush()  # the loop's own flush: returns once the other thread's write is done
     assert (tmp_path / "audit.log").read_bytes() == b"the loop's line\n"
     other.join(5)
+
+
+# ------------------------------------------------- a file moved, deleted, cut short, opened to others
+
+def held_audit_files(d) -> list[str]:
+    """What the daemon's descriptors point at that looks like an audit file ("... (deleted)" if unlinked)."""
+    fd_dir = f"/proc/{d.proc.pid}/fd"
+    held = []
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:  # closed meanwhile
+            continue
+        if "audit" in target or "moved" in target:
+            held.append(target)
+    return held
+
+
+def whoami_until(c, done, seconds: float = 10.0) -> None:
+    """Requests (each one an audit line) until ``done()``; the daemon looks at its path about once a second."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "the daemon never reopened its audit path"
+        c.whoami()
+        time.sleep(0.05)
+
+
+def test_a_deleted_log_is_started_anew_not_grown_unseen(fresh_daemon):
+    """rm audit.log audit.log.1 without SIGHUP: the next rotation (or the next look at the path) starts a
+    new file there.  It failed with ENOENT at every rotation while the deleted file grew without bound."""
+    d = fresh_daemon("audit_max_bytes = 4096\n")
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        for _ in range(40):
+            c.whoami()
+        assert os.path.exists(log_path + ".1")
+        os.unlink(log_path)
+        os.unlink(log_path + ".1")
+        for _ in range(60):  # over 4096 bytes of lines: at least one rotation
+            c.whoami()
+        whoami_until(c, lambda: os.path.exists(log_path))
+        c.whoami()
+    assert mine(audit_lines(log_path))[-1]["op"] == "whoami"
+    assert not [f for f in held_audit_files(d) if f.endswith("(deleted)")]
+    assert "rotation failed" not in d.read_log()
+
+
+def test_a_log_moved_away_without_sighup_is_followed_by_a_new_file(fresh_daemon, tmp_path):
+    """logrotate without the reload (and audit_max_bytes = 0): the moved file keeps what was written before,
+    a new file at the path takes the rest, within about a second."""
+    d = fresh_daemon("audit_max_bytes = 0\n")
+    log_path = os.path.join(d.state_dir, "audit.log")
+    moved = os.path.join(d.state_dir, "moved.log")
+    with d.connect() as c:
+        c.whoami()
+        os.rename(log_path, moved)
+        whoami_until(c, lambda: os.path.exists(log_path))
+        c.add("user", "kd-audit-after-move", b"x", "@s")
+    assert mine(audit_lines(log_path))[-1]["op"] == "add"
+    assert "whoami" in [r["op"] for r in mine(audit_lines(moved))]  # every line whole in both
+    assert held_audit_files(d) == [log_path]
+    assert oct(os.stat(log_path).st_mode & 0o777) == "0o600"
+
+
+def test_a_new_file_put_at_the_path_is_taken_over_and_made_private(fresh_daemon):
+    """logrotate's `create 0644` after the move: the daemon writes to the new file, and makes it 0600."""
+    d = fresh_daemon("audit_max_bytes = 0\n")
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        c.whoami()
+        os.rename(log_path, log_path + ".old")
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+        whoami_until(c, lambda: os.path.getsize(log_path) > 0)
+    assert mine(audit_lines(log_path))[-1]["op"] == "whoami"
+    assert oct(os.stat(log_path).st_mode & 0o777) == "0o600"
+
+
+def test_an_existing_log_open_to_others_is_made_0600(fresh_daemon, tmp_path):
+    """A file chmod 644 (by hand, or by a logrotate `create` line) would hand every user's activity to any
+    local user: at start, and whenever the path is reopened (SIGHUP), it is made 0600 again."""
+    path = tmp_path / "open.log"
+    path.write_text('{"ts": 1.0}\n')
+    path.chmod(0o644)
+    d = fresh_daemon(f'audit = "{path}"\n')
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert "had mode 0644" in d.read_log()
+    path.chmod(0o640)
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while os.stat(path).st_mode & 0o077:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with d.connect() as c:
+        c.whoami()
+    assert audit_lines(path)[0] == {"ts": 1.0}  # appended to, never truncated
+
+
+def test_a_log_owned_by_another_uid_refuses_the_start(tmp_path):
+    """As with the key database and master key: a file someone else owns is not written to; one line says why."""
+    path = tmp_path / "foreign.log"
+    path.write_text("")
+    os.chown(path, 65534, 65534)
+    d = Daemon(f'audit = "{path}"\n')
+    try:
+        with pytest.raises(RuntimeError, match="exited early"):
+            d.start()
+        assert d.proc.wait(10) == 1
+        log = d.read_log()
+        assert f"keyden: not starting: the audit log {path} is owned by uid 65534, not the daemon's uid " \
+               f"{os.geteuid()}; refusing to start" in log
+        assert "Traceback" not in log
+    finally:
+        d.cleanup()
+
+
+def test_a_foreign_file_at_the_path_is_never_written_to(tmp_path, monkeypatch, caplog):
+    """After a move, a file of another uid's at the path is left alone: lines go on to the file we hold."""
+    monkeypatch.setattr(audit_module, "PATH_CHECK_INTERVAL", 0.0, raising=False)
+    audit = AuditLog.open("audit.log", str(tmp_path))
+    audit.write(b'{"n": 1}\n')
+    os.rename(tmp_path / "audit.log", tmp_path / "ours.log")
+    (tmp_path / "audit.log").write_text("")
+    os.chown(tmp_path / "audit.log", 65534, 65534)
+    with caplog.at_level(logging.ERROR, logger="keyden.audit"):
+        audit.write(b'{"n": 2}\n')
+        audit.write(b'{"n": 3}\n')
+    audit.close()
+    assert (tmp_path / "audit.log").read_bytes() == b""
+    assert (tmp_path / "ours.log").read_bytes() == b'{"n": 1}\n{"n": 2}\n{"n": 3}\n'
+    assert len(caplog.records) == 1 and "owned by uid 65534" in caplog.text  # throttled
+
+
+class Disk:
+    """os.write for one descriptor as a filling disk does it: ``room`` bytes more (a short write), then
+    ENOSPC; ``room = None`` has space again.  ``per_call`` caps each write (a signal cutting one short)."""
+
+    def __init__(self, monkeypatch, fd: int, per_call: int | None = None):
+        self.fd, self.room, self.per_call = fd, None, per_call
+        self._write = os.write
+        monkeypatch.setattr(os, "write", self.write)
+
+    def write(self, fd, data):
+        if fd != self.fd:
+            return self._write(fd, data)
+        data = bytes(data)[: self.per_call]
+        if self.room is None:
+            return self._write(fd, data)
+        if not self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self._write(fd, data[: self.room])
+        self.room -= n
+        return n
+
+
+def line(n: int) -> bytes:
+    return json.dumps({"ts": n, "op": "whoami", "keys": []}).encode() + b"\n"
+
+
+def test_a_write_the_disk_cuts_short_never_runs_two_lines_together(tmp_path, monkeypatch, caplog):
+    """A full disk takes part of a batch: the rest is dropped, the next write that succeeds first ends the
+    torn line, and every line after it is whole JSON (they ran on: `{"ts": 17957199{"ts": ...`)."""
+    audit = AuditLog.open("audit.log", str(tmp_path))
+    disk = Disk(monkeypatch, audit._fd)
+    audit.write(line(0))
+    disk.room = len(line(1)) + 10  # line 1 and the start of line 2
+    with caplog.at_level(logging.INFO, logger="keyden.audit"):
+        audit.write(line(1) + line(2) + line(3))
+        audit.write(line(4))  # refused whole
+        audit.write(line(5))
+        disk.room = None  # room again
+        audit.write(line(6))
+        audit.write(line(7))
+    audit.close()
+    text = (tmp_path / "audit.log").read_bytes()
+    assert text == line(0) + line(1) + line(2)[:10] + b"\n" + line(6) + line(7)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["audit log write failed (No space left on device); lines are being lost"]  # once
+    assert "4 lines were lost or cut short" in caplog.text  # 2 (cut short), 3, 4, 5
+
+
+def test_a_write_cut_short_with_room_left_is_finished(tmp_path, monkeypatch):
+    """A short write is not a failure: the rest follows (a signal may cut a write to a pipe short)."""
+    audit = AuditLog.open("audit.log", str(tmp_path))
+    Disk(monkeypatch, audit._fd, per_call=7)
+    audit.write(line(1) + line(2))
+    audit.write(line(3))
+    audit.close()
+    assert (tmp_path / "audit.log").read_bytes() == line(1) + line(2) + line(3)

@@ -344,6 +344,31 @@ def test_an_oversized_frame_gets_emsgsize_then_the_connection_closes(fresh_daemo
             c.ping(b"x" * 5000)
 
 
+def _announce_oversized_frames(path: str, times: int) -> int:
+    """Before any HELLO, a header announcing 0xFFFFFFF0 bytes, on a new connection each time."""
+    refused = 0
+    for _ in range(times):
+        raw = Raw(path, hello=False)
+        raw.sock.sendall(W.HEADER.pack(0xFFFFFFF0, 1, Op.HELLO, 0))
+        frame = raw.next_frame()
+        refused += frame.status == E.EMSGSIZE.code
+        raw.close()
+    return refused
+
+
+def test_oversized_frames_from_anyone_cannot_flood_the_log(fresh_daemon):
+    """Any local user, unauthenticated, could write a WARNING line per 12-byte header (2000 in 0.8 s), and the
+    line named no uid.  Now one line per 10 s names the uid, with a count of those suppressed."""
+    d = fresh_daemon()
+    started = time.monotonic()
+    assert run_as(NOBODY, _announce_oversized_frames, d.socket, 300) == 300
+    lines = [line for line in d.read_log().splitlines() if "exceeds the" in line]
+    assert 1 <= len(lines) <= 1 + (time.monotonic() - started) // 10, lines  # (a slow machine: one per 10 s)
+    assert f"uid {NOBODY.uid} pid " in lines[0]
+    with d.connect() as c:  # still serving
+        c.whoami()
+
+
 # ------------------------------------------------------------- slow neighbours
 
 def test_silent_and_slowloris_clients_cost_the_others_nothing(daemon):

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -1139,6 +1140,51 @@ def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent
         server.request_stop()
         serving.join(10)
         server.shutdown()
+
+
+def test_a_full_disk_is_logged_once_a_while_with_its_reason_and_garbage_collection_without_tracebacks(
+        tmp_path, caplog):
+    """A full disk fails every request that changes a persistent keyring, from any user, and every
+    garbage-collection sweep: that was one ERROR line per request (naming only the exception's type) and a
+    traceback every gc_interval.  Now: one line per 10 s with SQLite's reason, and no traceback."""
+    from keyden.server.config import ServerConfig
+    from keyden.server.server import Server
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    cfg = ServerConfig(socket=str(tmp_path / "k.sock"), state_dir=str(state), harden=False, gc_interval=0.02)
+    server = Server(cfg)
+    server.startup()
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    caplog.set_level(logging.INFO)
+    try:
+        c = keyden.connect(cfg.socket)
+        ring = c.get_persistent("@s")
+        write = server.journal.db.write
+
+        def full_disk(*args, **kw):
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+        server.journal.db.write = full_disk
+        for i in range(30):
+            with pytest.raises(E.ENOSPC):
+                c.add("user", f"kd:full-{i}", b"x", ring)
+        time.sleep(0.5)  # some 25 sweeps, each failing to write the changes kept
+        server.journal.db.write = write
+        c.add("user", "kd:room-again", b"x", ring)
+        c.close()
+    finally:
+        server.request_stop()
+        serving.join(10)
+        server.shutdown()
+    failed = [r for r in caplog.records if "writing the key database failed" in r.getMessage()]
+    assert len(failed) == 1 and "database or disk is full" in failed[0].getMessage()
+    swept = [r for r in caplog.records if "garbage collection failed" in r.getMessage()]
+    assert len(swept) == 1 and "ENOSPC" in swept[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+    assert "the key database is written again" in caplog.text
 
 
 def test_a_config_file_others_may_write_is_refused(tmp_path):

@@ -30,6 +30,7 @@ from keyden.persist import records
 from keyden.persist.database import Database
 from keyden.persist.manifest import Manifest
 from keyden.persist.master import KeySource, Sealer
+from keyden.logs import Throttled
 
 log = logging.getLogger("keyden.persist")
 
@@ -55,6 +56,10 @@ class SealedJournal(Journal):
         self._local = _ThreadMark()
         self._write_lock = threading.Lock()
         self._closed = False
+        # A full disk fails every request that changes a persistent keyring, from any user: one line per
+        # 10 s says so, not one per request.
+        self._write_failures = Throttled(log)
+        self._failing = False
 
     def __repr__(self) -> str:
         return f"<SealedJournal {self.db.path}>"
@@ -127,16 +132,20 @@ class SealedJournal(Journal):
             with self.store.lock:
                 for serial, key in batch.items():
                     self._dirty.setdefault(serial, key)  # retried with the next write; newer notes win
-            log.error("writing the key database failed (%s); %d changes kept for the next attempt",
-                      type(exc).__name__, len(batch))
             full = getattr(exc, "errno", None) == errno.ENOSPC or \
                 getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            self._failing = True
+            self._write_failures.error("writing the key database failed (%s: %s); %d changes kept for the next "
+                                       "attempt", type(exc).__name__, _reason(exc), len(batch))
             error = E.ENOSPC if full else E.EIO
             raise error("the change is made but not on disk yet: the key database could not be written"
                         f"{' (the disk is full)' if full else ''}; it is written with the next write that "
                         "succeeds, unless the daemon stops first") from None
         self._manifest.adopt(buckets)
         self._durable = upto
+        if self._failing:
+            self._failing = False
+            log.info("the key database is written again: the changes kept in memory are on disk")
 
     def _seal(self, batch: dict[int, Key | None]) -> tuple[list[records.Row], list[int]]:
         upserts, deletes = [], []
@@ -181,7 +190,8 @@ class SealedJournal(Journal):
             try:
                 self.db.write(resealed, (), meta, buckets)
             except Exception as exc:
-                log.error("rekey failed writing the database (%s); the old master key stays", type(exc).__name__)
+                log.error("rekey failed writing the database (%s: %s); the old master key stays",
+                          type(exc).__name__, _reason(exc))
                 raise E.EIO("rekey failed; the old master key stays in use") from None
             with self.store.lock:
                 self.sealer = rotation.sealer
@@ -194,3 +204,9 @@ class SealedJournal(Journal):
             log.info("rekeyed: %d records re-sealed under the new master key%s", len(resealed),
                      f"; {stuck} unreadable records left as they were" if stuck else "")
             return len(resealed)
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, in the database's or the system's words ("database or disk is full").  No key
+    material can be in it: rows are sealed before they are written, and SQLite never quotes bound values."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

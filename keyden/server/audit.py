@@ -18,20 +18,26 @@ names and errno names are looked up in prebuilt tables.  Lines go to an
 O_APPEND descriptor.  The server's loop holds them briefly and writes all the
 lines of one round in one ``write(2)`` just before that round's replies go
 out: no reply ever leaves before its line is written, and under load a
-hundred requests cost one write.
+hundred requests cost one write.  A file moved or deleted under us (no
+SIGHUP) is noticed at the next rotation or within a second, by a stat of
+the path, and the path is opened anew.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from typing import Any, Sequence
 
 from keyden import errors as E
 from keyden import protocol as W
+from keyden.persist.master import StartupError
+from keyden.logs import Throttled
 
 log = logging.getLogger("keyden.audit")
 
@@ -50,6 +56,8 @@ _SHAPES: dict[int, tuple[str, tuple[int, ...], int | None]] = {
     for op, (request, response) in W.SCHEMAS.items()
 }
 UNAUDITED = frozenset({int(W.Op.PING)})
+#: seconds between checks that the file at the path is still the one written to (a stat, not one per line)
+PATH_CHECK_INTERVAL = 1.0
 
 
 class AuditLog:
@@ -60,8 +68,12 @@ class AuditLog:
         self.path = path
         self.max_bytes = max_bytes if path else 0
         self._size = os.fstat(fd).st_size if path else 0
-        self._rotate_lock = threading.Lock()
+        self._lock = threading.Lock()  # one writer at a time: a line's rest, and the swap of the descriptor
+        self._next_check = time.monotonic() + PATH_CHECK_INTERVAL  # when to look whether the path is still ours
+        self._torn = False  # the file ends inside a line (a write was cut short): the next write ends it first
         self._failing = False
+        self._lost = 0  # lines not written (or cut short) since writes began failing
+        self._path_errors = Throttled(log)
         self._held: list[bytes] | None = None  # lines waiting for flush(); None: each line is written at once
         self._held_lock = threading.Lock()
         self._flushing = False  # a flush is writing what it took (under _held_lock)
@@ -74,7 +86,14 @@ class AuditLog:
         if target == "stderr":
             return cls(2)
         path = os.path.join(state_dir, target)
-        return cls(_open_append(path), path, max_bytes)
+        try:
+            fd = _open_append(path)
+        except NotOurs as exc:
+            raise StartupError(f"{exc}; refusing to start (check nobody else had it, then: "
+                               f"chown {os.geteuid()} {path})") from None
+        except OSError as exc:
+            raise StartupError(f"cannot open the audit log {path}: {exc.strerror}") from None
+        return cls(fd, path, max_bytes)
 
     def connection(self, pid: int, uid: int, gid: int, exe: str | None = None) -> "ConnectionAudit":
         """A writer for one connection; ``exe`` as read when it was accepted (peer.Peer.exe)."""
@@ -111,46 +130,100 @@ class AuditLog:
             return
         self._write(line)
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, lines: bytes) -> None:
+        with self._lock:
+            written = self._write_whole(lines)
+            if not self.path:
+                return
+            self._size += written
+            if self.max_bytes and self._size >= self.max_bytes:
+                self._rotate()
+            elif time.monotonic() >= self._next_check:  # also while writes fail: deleting a file we hold frees nothing
+                self._follow_path()
+
+    def _write_whole(self, lines: bytes) -> int:
+        """Write whole lines, or fail open: a write the disk cuts short is continued; if the disk refuses
+        the rest (ENOSPC, EIO), the rest of the batch is dropped and the next write first ends the torn
+        line, so every line after it is whole JSON.  Returns the bytes written."""
+        data = b"\n" + lines if self._torn else lines
+        done = 0
         try:
-            os.write(self._fd, line)
+            while done < len(data):
+                n = os.write(self._fd, data[done:] if done else data)
+                if n <= 0:  # never for a regular file; but a loop that makes no progress must end
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                done += n
         except OSError as exc:  # fail open, but say so once: the daemon keeps serving
+            if done:
+                self._torn = data[done - 1] != 0x0A
+            self._lost += lines.count(b"\n", max(0, done - (len(data) - len(lines))))
             if not self._failing:
                 self._failing = True
                 log.error("audit log write failed (%s); lines are being lost", exc.strerror)
-            return
-        self._failing = False
-        if self.max_bytes:
-            self._size += len(line)  # racy between threads; approximate is enough to bound the file
-            if self._size >= self.max_bytes:
-                self._rotate()
+            return done
+        self._torn = False
+        if self._failing:
+            self._failing = False
+            log.warning("audit log writes work again; %d lines were lost or cut short", self._lost)
+            self._lost = 0
+        return done
+
+    def _holds_path(self) -> bool:
+        """Is the file at our path the one we write to?  (Not if it was deleted, or moved and maybe replaced.)"""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        ours = os.fstat(self._fd)
+        return (at_path.st_ino, at_path.st_dev) == (ours.st_ino, ours.st_dev)
+
+    def _follow_path(self) -> None:
+        """A file deleted or moved away without SIGHUP (logrotate without postrotate, an rm) would take our
+        lines unseen and grow without bound: the path is opened anew.  Checked at most once a second."""
+        self._next_check = time.monotonic() + PATH_CHECK_INTERVAL
+        try:
+            if not self._holds_path():
+                self._open_path()
+                log.info("audit log %s was moved or deleted; writing to a new file there", self.path)
+        except (OSError, NotOurs) as exc:
+            self._path_errors.error("audit log %s could not be reopened (%s); writing to the file we hold",
+                                    self.path, _reason(exc))
 
     def _rotate(self) -> None:
-        """<file> -> <file>.1, then a new <file> takes over the same descriptor number (dup2 is atomic)."""
-        with self._rotate_lock:
-            if self._size < self.max_bytes:
-                return  # another thread rotated first
-            try:
-                os.replace(self.path, self.path + ".1")
-                self._open_path()
-            except OSError as exc:
-                log.error("audit log rotation failed: %s", exc.strerror)
-            self._size = 0
+        """<file> -> <file>.1, then a new <file> takes over the same descriptor number (dup2 is atomic).
+        A file at the path that is not ours (ours was moved or deleted) is not renamed: it is taken over."""
+        self._next_check = time.monotonic() + PATH_CHECK_INTERVAL
+        try:
+            if self._holds_path():
+                try:
+                    os.replace(self.path, self.path + ".1")
+                except FileNotFoundError:  # moved away just now: nothing to rotate
+                    pass
+            self._open_path()
+        except (OSError, NotOurs) as exc:
+            self._path_errors.error("audit log rotation failed: %s", _reason(exc))
+            self._size = 0  # tried again after another max_bytes
 
     def reopen(self) -> None:
         """The file at our path anew, on the same descriptor (SIGHUP after logrotate moved it away)."""
-        with self._rotate_lock:
+        with self._lock:
             try:
                 self._open_path()
-                self._size = os.fstat(self._fd).st_size
-            except OSError as exc:
-                log.error("audit log reopen failed: %s", exc.strerror)
+            except (OSError, NotOurs) as exc:
+                log.error("audit log reopen failed: %s", _reason(exc))
 
     def _open_path(self) -> None:
         """The file at our path takes over our descriptor number (dup2 is atomic: no line is lost)."""
         fresh = _open_append(self.path)
-        os.dup2(fresh, self._fd)
-        os.close(fresh)
+        try:
+            st, ours = os.fstat(fresh), os.fstat(self._fd)
+            os.dup2(fresh, self._fd)
+        finally:
+            os.close(fresh)
+        if (st.st_ino, st.st_dev) != (ours.st_ino, ours.st_dev):
+            self._torn = False  # a torn line stays in the old file; the new one starts clean
+        self._size = st.st_size
+        self._next_check = time.monotonic() + PATH_CHECK_INTERVAL
 
     def close(self) -> None:
         self.flush()
@@ -158,8 +231,32 @@ class AuditLog:
             os.close(self._fd)
 
 
+class NotOurs(Exception):
+    """The audit file at the path belongs to another uid, who could read every user's activity in it."""
+
+
 def _open_append(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """The file at ``path`` for appending, created 0600.  An existing regular file must be the daemon's own
+    (else NotOurs) and is made 0600 if it was open to others: it tells who used which keys when."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)  # not via a link
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):  # not /dev/null or a pipe someone named on purpose
+            if st.st_uid != os.geteuid():
+                raise NotOurs(f"the audit log {path} is owned by uid {st.st_uid}, not the daemon's uid "
+                              f"{os.geteuid()}")
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                os.fchmod(fd, 0o600)
+                log.warning("the audit log %s had mode %04o, open to group or others; it is now 0600", path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 class ConnectionAudit:

@@ -17,12 +17,14 @@ from typing import Iterator
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
+from keyden.logs import Throttled
 from keyden.server.audit import ConnectionAudit
 from keyden.server.handlers import Context, DescriptorQueue, dispatch
 from keyden.server.handlers.dataplane import MAX_BATCH
 from keyden.server.peer import Peer
 
 log = logging.getLogger("keyden.connection")
+_oversized_frames = Throttled(log)  # one for the daemon: a flood comes on many connections
 
 
 class Cost(enum.IntEnum):
@@ -131,9 +133,8 @@ class Connection:
                 reply = self.handle(frame)
                 yield self.durable(frame, reply, self.unsynced, self.changed)
         except W.FrameTooLarge as exc:
-            log.warning("pid %d: %s; closing", self.peer.pid, exc.message)
             self.closed = True
-            yield W.encode_error(0, 0, exc)
+            yield self.refuse_oversized(exc)
 
     # The pieces of ``answers``, for the server's loop: it decides where each frame is handled.
 
@@ -148,6 +149,12 @@ class Connection:
                 self.fds.add(fds, self.fed)
         if not self.closed:
             self.decoder.feed(data)
+
+    def refuse_oversized(self, exc: W.FrameTooLarge) -> bytes:
+        """The error frame that ends a connection whose peer announced a frame over the cap.  Anyone may
+        send that header before HELLO, in a loop: it is logged at most once per 10 s, naming the uid."""
+        _oversized_frames.warning("uid %d pid %d: %s; closing", self.peer.uid, self.peer.pid, exc.message)
+        return W.encode_error(0, 0, exc)
 
     def next_frame(self) -> W.Frame | None:
         """The next whole frame received, if any; FrameTooLarge if the peer announced one over the cap."""

@@ -10,7 +10,6 @@ import logging
 import resource
 import socket
 import struct
-import time
 
 from keyden import errors as E
 from keyden import protocol as W
@@ -61,24 +60,3 @@ def raise_fd_limit(wanted: int) -> int:
         except (ValueError, OSError):
             pass
     return soft
-
-
-class Throttled:
-    """A warning logged at most once per interval (with a count of those suppressed): a flood of refused
-    connections must not become a flood of log lines."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0):
-        self.logger = logger
-        self.interval = interval
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += f" (and {self._suppressed} more like it)"
-        self._next, self._suppressed = now + self.interval, 0
-        self.logger.warning(msg, *args)

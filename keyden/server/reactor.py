@@ -45,6 +45,7 @@ from typing import Callable
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.budget import ByteBudget
+from keyden.logs import Throttled
 from keyden.server import limits
 from keyden.server.connection import Connection, Cost
 
@@ -126,8 +127,8 @@ class Reactor:
         self._listener: socket.socket | None = None
         self._receiving = ByteBudget(config.receive_maxbytes, config.receive_total_maxbytes, "frames being received")
         self._parked: dict[Channel, int] = {}  # channels waiting for budget -> the size of their frame, oldest first
-        self._budget_warnings = limits.Throttled(log)
-        self._accept_warnings = limits.Throttled(log)
+        self._budget_warnings = Throttled(log)
+        self._accept_warnings = Throttled(log)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -299,8 +300,7 @@ class Reactor:
                 if frame is None:
                     frame = conn.next_frame()
             except W.FrameTooLarge as exc:
-                log.warning("%s: %s; closing", ch.name, exc.message)
-                self._queue(ch, W.encode_error(0, 0, exc))
+                self._queue(ch, conn.refuse_oversized(exc))
                 ch.closing = True
                 break
             if frame is None:

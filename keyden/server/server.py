@@ -22,6 +22,7 @@ from keyden import errors as E
 from keyden import protocol as W
 from keyden.core import trust
 from keyden.core.store import KeyStore
+from keyden.logs import Throttled
 from keyden.persist import SealedJournal, open_durable
 from keyden.persist.master import StartupError, make_dirs
 from keyden.server import harden, limits, peer
@@ -43,7 +44,7 @@ FDS_PER_CONNECTION = 1 + MAX_PENDING_FDS + MAX_REGIONS
 FDS_PER_TLS_SESSION = 2  # the peer's socket and our end of the application's socketpair
 
 
-def _unraisable_hook(throttled: limits.Throttled):
+def _unraisable_hook(throttled: Throttled):
     """ssl decodes a peer's SNI as ASCII before calling our callback, and reports a failure as an
     exception it cannot raise: a traceback on stderr per handshake, which any peer could repeat at will.
     Those become one throttled line naming no bytes; anything else is reported as Python would."""
@@ -74,7 +75,8 @@ class Server:
         self._stopping = threading.Event()
         self._active = 0  # open connections (the loop's thread counts them)
         self._per_uid: Counter[int] = Counter()
-        self._refusals = limits.Throttled(log)
+        self._refusals = Throttled(log)
+        self._gc_failures = Throttled(log, 60.0)  # with a full disk, every sweep fails the same way
         self.audit: AuditLog | None = None
         self.reactor: Reactor | None = None
         self._threads: list[threading.Thread] = []
@@ -207,7 +209,7 @@ class Server:
     def run(self) -> None:
         """startup, serve until SIGTERM/SIGINT, shutdown.  SIGHUP reopens the audit file (logrotate)."""
         signal.signal(signal.SIGHUP, lambda signum, frame: self._on_sighup())  # at once: start-up may be long
-        sys.unraisablehook = _unraisable_hook(limits.Throttled(log))
+        sys.unraisablehook = _unraisable_hook(Throttled(log))
         self.startup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._on_stop_signal())
@@ -248,6 +250,9 @@ class Server:
         return Channel(sock, Connection(self.store, who, cfg.max_frame, audit), closed)
 
     def _gc_loop(self) -> None:
+        """Every gc_interval.  A failure the daemon expects (the key database not written: ENOSPC, EIO) is
+        one throttled line, without a traceback: a full disk must not add one per sweep to the log.  Only an
+        unexpected fault gets a traceback."""
         while not self._stopping.wait(self.config.gc_interval):
             try:
                 n = self.store.collect(peer.process_alive)
@@ -255,5 +260,7 @@ class Server:
                     log.debug("garbage-collected %d keys", n)
                 if self.journal is not None:
                     self.journal.flush()  # what collection destroyed under persistent keyrings
+            except E.KeydenError as exc:
+                self._gc_failures.error("garbage collection failed: %s", exc)  # "ENOSPC: ..."
             except Exception:
                 log.exception("garbage collection failed")
