@@ -880,6 +880,22 @@ def test_a_state_directory_under_a_directory_others_may_write_is_refused(tmp_pat
     assert proc.returncode == 1 and f"is under {shared}, owned by uid 4242" in proc.stderr
 
 
+def test_a_file_the_system_refuses_at_start_is_one_line_naming_it(fresh_daemon):
+    """A master.key that is a directory printed "7: Is a directory" (a descriptor number, no path); other
+    OSErrors escaped as "stdout: ..." from the CLI's handler for a failing standard stream."""
+    d = fresh_daemon()
+    d.stop()
+    key_file = os.path.join(d.state_dir, "master.key")
+    os.rename(key_file, key_file + ".saved")
+    os.mkdir(key_file, 0o700)
+    said = refused_start(d)
+    assert f"keyden: not starting: the master key file {key_file} is not a regular file" in said, said
+    assert "Traceback" not in said and "stdout:" not in said
+    os.rmdir(key_file)
+    os.rename(key_file + ".saved", key_file)
+    d.start()
+
+
 def test_the_config_in_a_state_directory_others_may_write_is_not_read(tmp_path):
     """Checked before keyden.toml is read: a planted config could point state_dir somewhere unchecked."""
     state = os.path.join(tmp_path, "state")
@@ -1005,6 +1021,20 @@ def test_master_key_in_the_kernel_keyring(fresh_daemon):
         d.stop()
         d.start()  # the kernel copy still opens the store: the refused rekey changed nothing
         assert persistent(d).read(key) == b"unlocked from the kernel"
+        d.stop()
+
+        # A new store beside a key the kernel already holds (another daemon's description, a stale key):
+        # it was sealed under that key with no file written, and lost when the kernel copy went.
+        second = fresh_daemon(f'master_key_kernel = "{description}"\n')
+        c = session(second)
+        kept = c.add("user", "k2", b"second store", c.get_persistent("@s"))
+        second.stop()
+        with open(os.path.join(second.state_dir, "master.key"), "rb") as f:
+            assert f.read() == old_key
+        assert "takes the master key already in the kernel keyring" in second.read_log()
+        kernel.remove(description)  # a reboot
+        second.start()
+        assert persistent(second).read(kept) == b"second store"
     finally:
         try:
             kernel.remove(description)

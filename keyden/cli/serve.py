@@ -40,17 +40,26 @@ def serve(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = None
     try:
         config = load_config(args)
         if args.socket:
             config.socket = args.socket
         if args.no_harden:
             config.harden = False
-        Server(config).run()
-    except StartupError as exc:
-        print(f"keyden: not starting: {exc}", file=sys.stderr)
-        return 1
-    except E.KeydenError as exc:  # a setting refused (its message names it)
-        print(f"keyden: not starting: {exc.message}", file=sys.stderr)
+        server = Server(config)
+        server.run()
+    except (StartupError, E.KeydenError, OSError) as exc:  # one line, never a traceback
+        phase = "stopping" if server is not None and server.started else "not starting"
+        print(f"keyden: {phase}: {_reason(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _reason(exc: Exception) -> str:
+    """A refused setting's message names it; a file the system refused is named with the reason."""
+    if isinstance(exc, E.KeydenError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+    return str(exc)

@@ -145,17 +145,25 @@ class FileKey(KeySource):
                 log.warning("kernel keyring unavailable (%s): the master key is kept in %s only", exc, path)
 
     def create(self) -> Sealer:
-        """First start: the existing file (from `keyden init`), else a key the kernel holds, else a new file."""
+        """First start: the existing file (from `keyden init`), else a key the kernel holds, else a new key.
+        Whichever it is, the file holds it afterwards: a store whose only key is in the kernel keyring (a
+        stale one, or another daemon's under the same description) would be lost at the next reboot."""
         if os.path.exists(self.path):
             key = self._read(self.path)
         else:
             key = self._kernel_read()
-            if key is None:
+            taken = key is not None
+            if not taken:
                 key = os.urandom(KEY_BYTES)
-                try:
-                    write_secret_file(self.path, key)
-                except OSError as exc:
-                    raise StartupError(f"cannot write the new master key file {self.path}: {exc.strerror}") from None
+            try:
+                write_secret_file(self.path, key)
+            except OSError as exc:
+                raise StartupError(f"cannot write the new master key file {self.path}: {exc.strerror}") from None
+            if taken:
+                log.warning("the new key store takes the master key already in the kernel keyring (%s), written "
+                            "to %s too; if another keyden uses that description, the two share a master key",
+                            self.kernel_description, self.path)
+            else:
                 log.info("generated a new master key in %s", self.path)
         self._hold_in_kernel(key)
         return Sealer(key)
@@ -326,10 +334,11 @@ def read_private_file(path: str, what: str, limit: int, *, follow_symlinks: bool
         fd = os.open(path, flags)
     except OSError as exc:
         raise StartupError(f"cannot open the {what} {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory naming only the descriptor
+        os.close(fd)
+        raise StartupError(f"the {what} {path} is not a regular file; refusing to start")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise StartupError(f"the {what} {path} is not a regular file; refusing to start")
         require_own(path, st, what)
         try:
             return f.read(limit)

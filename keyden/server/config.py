@@ -135,9 +135,13 @@ class ServerConfig:
                 fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except OSError as exc:  # a dangling symlink, say
                 raise StartupError(f"cannot create the config file {self.config_file}: {exc.strerror}") from None
-            with os.fdopen(fd, "w") as f:
-                os.fchmod(fd, 0o644)
-                f.write(DEFAULT_CONFIG_TEXT)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    os.fchmod(fd, 0o644)
+                    f.write(DEFAULT_CONFIG_TEXT)
+            except OSError as exc:  # a full disk: no empty config left behind for the next start
+                os.unlink(self.config_file)
+                raise StartupError(f"cannot write the config file {self.config_file}: {exc.strerror}") from None
 
     def load_file(self, path: str | os.PathLike | None = None) -> None:
         """Apply a TOML file's settings (unknown keys are errors, so typos do not pass silently)."""

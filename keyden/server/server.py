@@ -81,6 +81,7 @@ class Server:
         self.reactor: Reactor | None = None
         self._threads: list[threading.Thread] = []
         self._shutdown_lock = threading.Lock()
+        self.started = False  # run() got past startup: a failure from then on is in stopping
         self._shut_down = False
         self._reopen_pending = False  # a SIGHUP came before the loop was there
         self._stop_signalled = False  # SIGTERM/SIGINT came (set by the handler, lock-free)
@@ -211,6 +212,7 @@ class Server:
         signal.signal(signal.SIGHUP, lambda signum, frame: self._on_sighup())  # at once: start-up may be long
         sys.unraisablehook = _unraisable_hook(Throttled(log))
         self.startup()
+        self.started = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._on_stop_signal())
         try:
