@@ -6,6 +6,13 @@ import logging
 import time
 
 
+def reason(exc: Exception) -> str:
+    """What went wrong, in the system's or the library's words ("database or disk is full"), for a log line.
+    No key material can be in it: records are sealed before they are written, and SQLite never quotes
+    bound values."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 class Throttled:
     """A warning (or error) logged at most once per interval (with a count of those suppressed): a flood of
     refused connections, or a full disk failing every request, must not become a flood of log lines."""

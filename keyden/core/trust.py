@@ -113,7 +113,7 @@ def _descriptions(item) -> list[str]:
 def is_blacklisted(store: KeyStore, item: x509.Certificate | asymmetric.ParsedKey) -> bool:
     """Is this certificate (or parsed key) named by a live entry in the store's ``.blacklist``?"""
     system = _SYSTEM.get(store)
-    if system is None:
+    if system is None or not system.blacklist.links:  # nothing banned: no hashes to compute
         return False
     names = _descriptions(item)
     with store.lock:

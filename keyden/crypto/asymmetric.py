@@ -441,6 +441,13 @@ def generate(spec: str) -> ParsedKey:
 
 
 @functools.lru_cache(maxsize=1024)
+def check_info(info: str) -> None:
+    """``parse_info``'s grammar check alone, cached: it runs before the key is looked up on every
+    KEYCTL_PKEY_* request (errors are raised, never cached)."""
+    parse_info(info)
+
+
+@functools.lru_cache(maxsize=1024)
 def _prepared(algo: str, has_private: bool, op: int, info: str) -> tuple[str, Mapping[str, str]]:
     """(encoding, options) for ``op`` with ``info`` on such a key.  Cached: a server signs with the same few
     info strings all day, and the answer depends on nothing else (errors are raised, never cached)."""

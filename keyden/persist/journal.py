@@ -26,11 +26,11 @@ from cryptography.exceptions import InvalidTag
 from keyden import errors as E
 from keyden.core.journal import Journal
 from keyden.core.store import Key, KeyStore
+from keyden.logs import Throttled, reason
 from keyden.persist import records
 from keyden.persist.database import Database
 from keyden.persist.manifest import Manifest
 from keyden.persist.master import KeySource, Sealer
-from keyden.logs import Throttled
 
 log = logging.getLogger("keyden.persist")
 
@@ -136,7 +136,7 @@ class SealedJournal(Journal):
                 getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
             self._failing = True
             self._write_failures.error("writing the key database failed (%s: %s); %d changes kept for the next "
-                                       "attempt", type(exc).__name__, _reason(exc), len(batch))
+                                       "attempt", type(exc).__name__, reason(exc), len(batch))
             error = E.ENOSPC if full else E.EIO
             raise error("the change is made but not on disk yet: the key database could not be written"
                         f"{' (the disk is full)' if full else ''}; it is written with the next write that "
@@ -191,7 +191,7 @@ class SealedJournal(Journal):
                 self.db.write(resealed, (), meta, buckets)
             except Exception as exc:
                 log.error("rekey failed writing the database (%s: %s); the old master key stays",
-                          type(exc).__name__, _reason(exc))
+                          type(exc).__name__, reason(exc))
                 raise E.EIO("rekey failed; the old master key stays in use") from None
             with self.store.lock:
                 self.sealer = rotation.sealer
@@ -205,8 +205,3 @@ class SealedJournal(Journal):
                      f"; {stuck} unreadable records left as they were" if stuck else "")
             return len(resealed)
 
-
-def _reason(exc: Exception) -> str:
-    """What went wrong, in the database's or the system's words ("database or disk is full").  No key
-    material can be in it: rows are sealed before they are written, and SQLite never quotes bound values."""
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.persist.master import StartupError
-from keyden.logs import Throttled
+from keyden.logs import Throttled, reason
 
 log = logging.getLogger("keyden.audit")
 
@@ -187,7 +187,7 @@ class AuditLog:
                 log.info("audit log %s was moved or deleted; writing to a new file there", self.path)
         except (OSError, NotOurs) as exc:
             self._path_errors.error("audit log %s could not be reopened (%s); writing to the file we hold",
-                                    self.path, _reason(exc))
+                                    self.path, reason(exc))
 
     def _rotate(self) -> None:
         """<file> -> <file>.1, then a new <file> takes over the same descriptor number (dup2 is atomic).
@@ -201,7 +201,7 @@ class AuditLog:
                     pass
             self._open_path()
         except (OSError, NotOurs) as exc:
-            self._path_errors.error("audit log rotation failed: %s", _reason(exc))
+            self._path_errors.error("audit log rotation failed: %s", reason(exc))
             self._size = 0  # tried again after another max_bytes
 
     def reopen(self) -> None:
@@ -210,7 +210,7 @@ class AuditLog:
             try:
                 self._open_path()
             except (OSError, NotOurs) as exc:
-                log.error("audit log reopen failed: %s", _reason(exc))
+                log.error("audit log reopen failed: %s", reason(exc))
 
     def _open_path(self) -> None:
         """The file at our path takes over our descriptor number (dup2 is atomic: no line is lost)."""
@@ -253,10 +253,6 @@ def _open_append(path: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _reason(exc: Exception) -> str:
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 class ConnectionAudit:

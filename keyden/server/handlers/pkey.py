@@ -13,7 +13,7 @@ from keyden.server.handlers import handles
 def _key(ctx, key, info: str) -> asymmetric.ParsedKey:
     """The key for a KEYCTL_PKEY_* op, its info string's grammar checked first, as the kernel's
     keyctl_pkey_params_get does: a malformed string is EINVAL whatever the key."""
-    asymmetric.parse_info(info)
+    asymmetric.check_info(info)
     return ctx.store.asymmetric(ctx.caller, key)
 
 
