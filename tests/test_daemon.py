@@ -113,6 +113,27 @@ def test_a_second_daemon_refuses_a_live_socket_and_replaces_a_stale_one(daemon, 
         d.cleanup()
 
 
+def test_a_stopping_daemon_leaves_a_socket_another_daemon_bound_since(tmp_path):
+    """Its socket file deleted by hand and a second daemon started on the path: the first one's SIGTERM
+    must not take the second one's socket with it."""
+    path = str(tmp_path / "k.sock")
+    first, second = Daemon(), Daemon()
+    first.socket = second.socket = path
+    try:
+        first.start()
+        os.unlink(path)
+        second.start()
+        first.stop()
+        assert first.proc.returncode == 0
+        with keyden.connect(path) as c:
+            assert c.ping(b"x") == b"x"
+        second.stop()
+        assert not os.path.exists(path)  # its own, it removes
+    finally:
+        first.cleanup()
+        second.cleanup()
+
+
 def test_broken_frames_close_only_that_connection(daemon, client):
     serial = client.add("user", "survivor", b"still here", "@s")
     s = raw_connect(daemon.socket)
@@ -513,6 +534,8 @@ def test_state_dir_in_a_named_config_file_applies(tmp_path):
     (tmp_path / "etc.toml").chmod(0o644)
     named = argparse.Namespace(state_dir=None, config=str(tmp_path / "etc.toml"), passphrase_file=None)
     assert load_config(named).state_dir == str(tmp_path / "from-file")
+    named.state_dir = str(tmp_path / "from-command-line")  # the command line wins, as --socket does
+    assert load_config(named).state_dir == str(tmp_path / "from-command-line")
 
 
 @pytest.mark.parametrize("setting, said", [

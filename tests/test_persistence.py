@@ -188,6 +188,18 @@ def test_only_what_hangs_under_a_persistent_keyring_survives(fresh_daemon):
     assert c.get_persistent("@s") == ring and c.read(ring) == []
 
 
+def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatch):
+    """As a relative ``audit`` is: a daemon started from / (systemd) or from a shell finds the same files."""
+    from keyden.persist import paths
+    from keyden.server.config import ServerConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ServerConfig(state_dir=str(tmp_path / "state"), db_path="db/keys.db", master_key_file="m.key")
+    assert paths(cfg) == (str(tmp_path / "state" / "db" / "keys.db"), str(tmp_path / "state" / "m.key"))
+    cfg.db_path, cfg.master_key_file = "/srv/keys.db", "/etc/keyden/master.key"  # absolute: as they are
+    assert paths(cfg) == ("/srv/keys.db", "/etc/keyden/master.key")
+
+
 def test_a_master_key_file_that_cannot_be_written_is_left_absent(tmp_path, monkeypatch):
     """A full disk while the first start wrote master.key left it empty, and every later start refused
     it ("does not hold a 32-byte key") until someone deleted it by hand."""

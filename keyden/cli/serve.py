@@ -25,6 +25,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     if args.state_dir:
         config.state_dir = args.state_dir
     config.load_file(args.config)
+    if args.state_dir and args.config:  # the command line wins over a file it names, as --socket does
+        config.state_dir = args.state_dir
     if args.passphrase_file:
         config.passphrase_file = args.passphrase_file
     return config

@@ -27,9 +27,10 @@ log = logging.getLogger("keyden.persist")
 
 
 def paths(config) -> tuple[str, str]:
-    """(database, master key file) for a ServerConfig: its settings, else files in the state directory."""
-    return (config.db_path or os.path.join(config.state_dir, "keys.db"),
-            config.master_key_file or os.path.join(config.state_dir, "master.key"))
+    """(database, master key file) for a ServerConfig: its settings, else files in the state directory.
+    A relative setting is under the state directory, as ``audit``'s is (not wherever the daemon started)."""
+    return (os.path.join(config.state_dir, config.db_path or "keys.db"),
+            os.path.join(config.state_dir, config.master_key_file or "master.key"))
 
 
 #: how far a rebuilt bucket's generation jumps when the root that knew its past is lost

@@ -38,7 +38,7 @@ DEFAULT_CONFIG_TEXT = """\
 # lock_memory = true            # mlockall: keys never reach swap (a warning, not a stop, if the limit is too low)
 # harden = true                 # PR_SET_DUMPABLE 0 (no core dumps, no ptrace, no /proc/<pid>/mem) and lock_memory;
 #                               #   false only to debug (same as serve --no-harden)
-# db_path = "<state_dir>/keys.db"       # persistent keyrings, sealed (docs/persistence.md)
+# db_path = "<state_dir>/keys.db"       # persistent keyrings, sealed (docs/persistence.md); relative: under state_dir
 # master_key_file = "<state_dir>/master.key"
 # passphrase_file = ""                 # derive the master key from a passphrase instead
 # master_key_kernel = ""               # e.g. "keyden:master": also hold it in the kernel keyring

@@ -67,11 +67,23 @@ def _make_socket_dirs(directory: str) -> None:
         raise StartupError(f"cannot make the socket's directory {directory}: {exc.strerror}") from None
 
 
+def _unlink_if_ours(path: str, ours: tuple[int, int] | None) -> None:
+    """Remove our socket at shutdown, but not another daemon's: someone may have removed ours and bound
+    a new one at the same path since (a second daemon started after the first's socket was deleted)."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ours:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 class Server:
     def __init__(self, config: ServerConfig | None = None, store: KeyStore | None = None):
         self.config = config or ServerConfig()
         self.store = store or KeyStore(self.config.store)
         self.listener: socket.socket | None = None
+        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self._stopping = threading.Event()
         self._active = 0  # open connections (the loop's thread counts them)
         self._per_uid: Counter[int] = Counter()
@@ -119,6 +131,8 @@ class Server:
         os.chmod(path, 0o666)  # any local process may connect; identity comes from SO_PEERCRED
         sock.listen(512)
         self.listener = sock
+        st = os.lstat(path)
+        self._socket_id = (st.st_dev, st.st_ino)  # shutdown removes this socket, not one bound there since
         gc = threading.Thread(target=self._gc_loop, name="keyden-gc", daemon=True)
         gc.start()
         self._threads.append(gc)
@@ -199,10 +213,7 @@ class Server:
                 tls_engine._engine.stop()
             if self.listener is not None:
                 self.listener.close()
-                try:
-                    os.unlink(self.config.socket)
-                except OSError:
-                    pass
+                _unlink_if_ours(self.config.socket, self._socket_id)
             if self.journal is not None:
                 self.journal.close()
             log.info("keyden stopped")
