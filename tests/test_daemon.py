@@ -50,6 +50,20 @@ def test_socket_path_resolution_order():
     assert default_socket_path({}) == "/run/keyden/keyden.sock"
 
 
+def test_a_client_in_a_login_session_without_its_own_daemon_uses_the_system_one(tmp_path):
+    from keyden.server.config import client_socket_path
+
+    runtime = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    assert client_socket_path(runtime) == "/run/keyden/keyden.sock"  # nothing in $XDG_RUNTIME_DIR
+    own = socket.socket(socket.AF_UNIX)
+    own.bind(str(tmp_path / "keyden.sock"))
+    try:
+        assert client_socket_path(runtime) == str(tmp_path / "keyden.sock")  # a daemon of the user's own
+    finally:
+        own.close()
+    assert client_socket_path({"KEYDEN_SOCKET": "/a.sock", **runtime}) == "/a.sock"  # named: as it is
+
+
 def test_first_start_creates_state_and_serves_on_xdg_runtime_dir(tmp_path):
     runtime = tmp_path / "run"
     state = tmp_path / "state" / "keyden"

@@ -1184,6 +1184,33 @@ def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent
         server.shutdown()
 
 
+def test_a_change_the_disk_never_took_is_reported_at_stop_in_one_line(tmp_path):
+    """The daemon's files may not grow (RLIMIT_FSIZE, as a full disk): a persistent change is answered
+    'made but not on disk yet', and SIGTERM, which tries once more, ends with one line saying so while
+    stopping (exit 1), where a clean stop says nothing."""
+    import resource
+
+    d = Daemon()
+    try:
+        d.start()
+        c = session(d)
+        ring = c.get_persistent("@s")
+        c.add("user", "kd:written", b"x", ring)
+        # No file of the daemon's grows past 16 KiB now: its log and audit lines still fit, a 32 KiB key not.
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (16384, 16384))
+        with pytest.raises((E.ENOSPC, E.EIO), match="made but not on disk yet"):
+            c.add("user", "kd:never-written", os.urandom(32767), ring)
+        c.close()
+        d.stop()
+        assert d.proc.returncode == 1
+        last = d.read_log().strip().splitlines()[-1]
+        assert last.startswith("keyden: stopping: ") and "Traceback" not in d.read_log(), d.read_log()
+        assert re.search(r"stopping: \d+ changes to persistent keyrings are lost: the key database .*keys\.db "
+                         r"could not be written$", last), last
+    finally:
+        d.cleanup()
+
+
 def test_a_full_disk_is_logged_once_a_while_with_its_reason_and_garbage_collection_without_tracebacks(
         tmp_path, caplog):
     """A full disk fails every request that changes a persistent keyring, from any user, and every

@@ -19,10 +19,10 @@ SERIAL_MIN, SERIAL_MAX = -(1 << 31), (1 << 31) - 1  # key IDs are 32-bit signed,
 
 
 def socket_path(path: str | None = None) -> str:
-    from keyden.server.config import default_socket_path
+    from keyden.server.config import client_socket_path
 
     if not path:
-        return default_socket_path()
+        return client_socket_path()
     try:
         return os.fspath(path)
     except TypeError:

@@ -109,7 +109,11 @@ class SealedJournal(Journal):
                 return
             try:
                 if self._seq > self._durable:
-                    self._write_pending()
+                    try:
+                        self._write_pending()
+                    except E.KeydenError as exc:  # its message is for a request, which may retry: not now
+                        raise type(exc)(f"{len(self._dirty)} changes to persistent keyrings are lost: the key "
+                                        f"database {self.db.path} could not be written") from None
             finally:
                 self._closed = True
                 self.db.close()
