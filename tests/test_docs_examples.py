@@ -7,8 +7,9 @@ Each file gets a fresh session keyring ($KEYDEN_SESSION) on this module's own da
 so `keyden.connect()` in an example reaches it unchanged.  What a reader would already have (a peer's
 public key and messages, a certificate file, a server to connect to) comes from a per-file prelude
 below; where an example claims something (a comment's output, an error), a check after it verifies it.
-tls.md's server example really listens on port 8443, as written.  The README's shell tour runs as a
-bash script against the same daemon.
+tls.md's examples run on loopback only: its server's ("0.0.0.0", 8443) becomes a free port on 127.0.0.1,
+and internal.example:443 a local server.  The README's shell tour runs as a bash script against the same
+daemon.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 from cryptography import x509
@@ -120,7 +120,8 @@ def session_keys_prelude(doc: "DocFile") -> None:
 
 
 def tls_prelude(doc: "DocFile") -> None:
-    """tls.md's server example reads server.crt and server.key and waits for a browser on port 8443; its client
+    """tls.md's server example reads server.crt and server.key and waits for a browser on port 8443 (here a free
+    port on loopback: ``listen_on_loopback``); its client
     example connects to internal.example:443 with a CA keyring and a client-certificate keyring.  Here: the
     files, a browser (Python's ssl), and a TLS server that internal.example:443 resolves to."""
     ca = make_certificate("Docs Example CA")
@@ -130,7 +131,9 @@ def tls_prelude(doc: "DocFile") -> None:
     with open(os.path.join(doc.workdir, "server.key"), "wb") as f:
         f.write(pem(server[1]))
     doc.browser = {}
-    doc.browser_thread = threading.Thread(target=browse_port_8443, args=(pem(ca[0]), doc.browser), daemon=True)
+    doc.listening = threading.Event()  # set once the example's listener has its port, in doc.browser["port"]
+    doc.browser_thread = threading.Thread(target=browse_port_8443, args=(pem(ca[0]), doc.browser, doc.listening),
+                                          daemon=True)
     doc.browser_thread.start()
 
     internal = make_certificate("internal.example", issuer=ca)
@@ -154,18 +157,12 @@ def tls_prelude(doc: "DocFile") -> None:
                      daemon=True).start()
 
 
-def browse_port_8443(ca_pem: bytes, result: dict) -> None:
+def browse_port_8443(ca_pem: bytes, result: dict, listening: threading.Event) -> None:
     """A browser for tls.md's server: waits for the listener, asks for / with SNI www.example.com."""
     context = ssl.create_default_context(cadata=ca_pem.decode())
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            raw = socket.create_connection(("127.0.0.1", 8443), timeout=TIMEOUT)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
+    if not listening.wait(TIMEOUT):
         return
+    raw = socket.create_connection(("127.0.0.1", result["port"]), timeout=TIMEOUT)
     with context.wrap_socket(raw, server_hostname="www.example.com") as tls:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
         response = b""
@@ -337,7 +334,7 @@ class DocFile:
         return out.getvalue()
 
     def close(self) -> None:
-        """What the examples left open: sockets (port 8443) and clients."""
+        """What the examples left open: sockets (the TLS listener) and clients."""
         for value in self.namespace.values():
             if isinstance(value, (socket.socket, keyden.client.sync.Client)):
                 value.close()
@@ -364,6 +361,21 @@ def doc_files(docs_daemon, tmp_path_factory):
         doc.close()
 
 
+def listen_on_loopback(doc: DocFile):
+    """socket.create_server with tls.md's ("0.0.0.0", 8443) on a free loopback port: tests touch no other
+    interface, and a port in use elsewhere cannot fail them."""
+    real_create_server = socket.create_server
+
+    def create_server(address, *args, **kwargs):
+        if tuple(address) != ("0.0.0.0", 8443):
+            return real_create_server(address, *args, **kwargs)
+        listener = real_create_server(("127.0.0.1", 0), *args, **kwargs)
+        doc.browser["port"] = listener.getsockname()[1]
+        doc.listening.set()
+        return listener
+    return create_server
+
+
 def resolver_for(doc: DocFile):
     """getaddrinfo with internal.example:443 at the local server tls_prelude started (tls.md's client example)."""
     real_getaddrinfo = socket.getaddrinfo
@@ -383,6 +395,7 @@ def test_python_example(path, line, code, doc_files, docs_daemon, monkeypatch):
     monkeypatch.chdir(doc.workdir)
     if path == "docs/tls.md":
         monkeypatch.setattr(socket, "getaddrinfo", resolver_for(doc))
+        monkeypatch.setattr(socket, "create_server", listen_on_loopback(doc))
     # a block goes on from the ones before it: run those first when this one is run alone
     for earlier_path, earlier_line, earlier_code in BLOCKS:
         if earlier_path != path or earlier_line >= line or earlier_line in doc.ran:
