@@ -621,6 +621,28 @@ def test_a_store_from_before_the_manifest_is_migrated_with_a_warning(fresh_daemo
     assert_loaded(d, ring, keys)
 
 
+def test_a_store_of_a_newer_format_is_refused_untouched_and_an_older_one_is_numbered(fresh_daemon):
+    """The store's format is SQLite's user_version: one this keyden does not know is refused before anything
+    is written to it (an older keyden must not take a newer one's rows for damaged ones)."""
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 3)
+    d.stop()
+    assert sql(d, "PRAGMA user_version") == [(1,)]
+    sql(d, "PRAGMA user_version = 0")  # as written before the format was numbered: format 1, loaded
+    log = start_and_read_log(d)
+    assert "WARNING" not in log and "ERROR" not in log
+    assert_loaded(d, ring, keys)
+    d.stop()
+    assert sql(d, "PRAGMA user_version") == [(1,)]
+
+    sql(d, "PRAGMA user_version = 2")
+    before = file_digest(db_path(d))
+    said = refused_start(d)
+    assert re.search(r"keys\.db was written by a newer keyden \(store format 2; this one reads format 1\)", said)
+    assert said.count("keyden: not starting:") == 1 and "Traceback" not in said
+    assert file_digest(db_path(d)) == before
+
+
 def test_after_a_rekey_every_manifest_bucket_opens_under_the_new_key(fresh_daemon):
     d = fresh_daemon()
     ring, keys = keys_in(d, 8)

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT NULL);
 """
+#: The layout of tables and rows this code reads and writes, kept in SQLite's user_version.  A store of a
+#: newer format is refused before anything is written to it: an older keyden must not take a newer one's
+#: rows for damaged ones.  (0: a store from before the number was kept, which is format 1.)
+STORE_FORMAT = 1
 _UPSERT = f"INSERT OR REPLACE INTO keys ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -55,7 +59,13 @@ class Database:
             verdict = self.conn.execute("PRAGMA quick_check").fetchone()[0]
             if verdict != "ok":
                 raise StartupError(f"{path} is damaged ({verdict}); refusing to start")
+            stored = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if stored > STORE_FORMAT:
+                raise StartupError(f"{path} was written by a newer keyden (store format {stored}; this one "
+                                   f"reads format {STORE_FORMAT}): run that version, or one that reads it")
             self.conn.executescript(SCHEMA)
+            if stored != STORE_FORMAT:
+                self.conn.execute(f"PRAGMA user_version = {STORE_FORMAT}")
         except sqlite3.DatabaseError as exc:
             os.close(self._lock_fd)
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
