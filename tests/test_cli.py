@@ -435,7 +435,8 @@ def test_genkey_and_pkey_operations_through_files(keyden, client, tmp_path):
     assert (r.rc, r.err) == (1, f"{tmp_path / 'absent'}: No such file or directory\n")
     assert keyden("pkey_verify", key, "0", str(digest)).rc == 2
     r = keyden("genkey", "dsa:1024", "@s")
-    assert r.rc == 1 and r.err.startswith("genkey: Invalid argument (unknown key spec; use one of rsa, ")
+    assert r.rc == 1 and r.err.startswith("genkey: Invalid argument (unknown key spec 'dsa:1024'; use one of rsa, ")
+    assert "aes:128|192|256, chacha20 or hmac:BITS)" in r.err  # the symmetric ones too
 
     rsa = ok(keyden("genkey", "rsa:2048", "@s")).strip()  # description derived by the daemon
     assert "RSA" in ok(keyden("describe", rsa))
@@ -462,3 +463,28 @@ def test_add_encrypted_pkcs8_with_password(keyden, client, tmp_path):
     expected_spki = private.public_key().public_bytes(serialization.Encoding.DER,
                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
     assert client.public_key_bytes(int(key2))[0] == expected_spki
+
+
+def test_public_key_gives_openssl_what_it_needs_to_verify(keyden, tmp_path):
+    """keyden's own `public_key`: the SPKI PEM (or DER, or the certificate) of a key whose private half never
+    leaves; openssl verifies keyden's signature with it, without keyden."""
+    key = ok(keyden("genkey", "ec:p256", "kd-public", "@s")).strip()
+    pem = ok(keyden("public_key", key))
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----\n")
+    (tmp_path / "pub.pem").write_text(pem)
+    (tmp_path / "digest").write_bytes(hashlib.sha256(b"hello").digest())
+    signature = keyden("pkey_sign", key, "0", str(tmp_path / "digest"), "hash=sha256")
+    assert signature.rc == 0, signature.err
+    (tmp_path / "sig").write_bytes(signature.stdout)
+    verified = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(tmp_path / "pub.pem"),
+                               "-in", str(tmp_path / "digest"), "-sigfile", str(tmp_path / "sig")],
+                              capture_output=True, text=True)
+    assert verified.returncode == 0 and "Signature Verified Successfully" in verified.stdout
+    der = keyden("public_key", "--der", key).stdout
+    assert serialization.load_der_public_key(der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode() == pem
+    no_cert = keyden("public_key", "--cert", key)
+    assert no_cert.rc == 1 and "the key has no certificate" in no_cert.err
+    user = ok(keyden("add", "user", "kd-not-asymmetric", "x", "@s")).strip()
+    refused = keyden("public_key", user)
+    assert refused.rc == 1 and "Operation not supported" in refused.err

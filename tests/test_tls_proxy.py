@@ -147,3 +147,49 @@ def test_usage_errors(daemon):
                              capture_output=True, timeout=TIMEOUT, cwd=REPO)
         assert out.returncode == 2, (args, out.stderr.decode())
         assert b"Traceback" not in out.stderr and b"listening" not in out.stdout, args
+
+
+@pytest.mark.parametrize("keep", ["session", "persistent"])
+def test_a_proxy_whose_daemon_restarts_without_its_keyring_stops_with_exit_1(pki, upstream, keep):
+    """docs/tls.md: if the daemon goes away, the proxy stops with exit 1 at the next connection, so that its
+    supervisor starts it again.  Its client used to reconnect by itself and the proxy refused every client
+    from then on, alive: a keyring named by serial is gone with the old daemon, and the persistent keyring
+    is no longer linked into the session until get_persistent runs again."""
+    from tests.conftest import Daemon
+
+    d = Daemon().start()
+    proc = None
+    try:
+        with d.connect() as boot:
+            _serial, token = boot.join_session()
+        c = d.connect(session=token)
+        ring = c.newring("web", c.get_persistent("@s") if keep == "persistent" else "@s")
+        load(c, pki.ec_server, ring=ring)
+        c.close()
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("KEYDEN_SESSION", None)
+        if keep == "session":
+            env["KEYDEN_SESSION"] = token
+        else:  # what a unit's ExecStartPre does: link the persistent keyring into the user session keyring
+            subprocess.run([sys.executable, "-m", "keyden", "--socket", d.socket, "get_persistent", "@s"], env=env,
+                           check=True, capture_output=True, timeout=TIMEOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "keyden", "--socket", d.socket, "tls-proxy",
+                                 "--listen", "127.0.0.1:0", "--keyring", str(ring), "--forward", upstream],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = proc.stdout.readline().decode()
+        assert line.startswith("tls-proxy: listening on 127.0.0.1:"), line + proc.stderr.read().decode()
+        port = int(line.split(":")[2].split(",")[0])
+        assert curl(port, pki).stdout == b"hello from upstream, /path"
+        d.stop()
+        d.start()  # the same socket and state: the persistent keyring is back, not linked into any session
+        assert curl(port, pki).returncode != 0
+        assert proc.wait(TIMEOUT) == 1
+        said = proc.stderr.read().decode()
+        assert "keyden no longer serves this configuration" in said, said
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        d.cleanup()

@@ -23,6 +23,7 @@ from keyden.cli import dataplane, persistence, tls, tree, trust
 from keyden.cli.support import (Context, Exit, Usage, call, failure, hex_to_bytes, id32, number, pkey_info,
                                 pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
+from keyden.protocol.transport import SOCKET_ENV
 
 Handler = Callable[[Context, list[str]], "int | None"]
 
@@ -234,6 +235,25 @@ def cmd_pipe(ctx, args):
     write_bytes(read_payload(ctx, args[0]))
 
 
+def cmd_public_key(ctx, args):
+    """The public half of an asymmetric key, or its certificate: what openssl or a peer needs from it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    opts, args = options(args, ("--der", "--cert"))
+    expect(args, 1)
+    spki, cert = call("public_key", ctx.client.public_key_bytes, ctx.key(args[0]))
+    if opts.get("--cert") and not cert:
+        raise Exit(1, "public_key: the key has no certificate (load one with padd asymmetric)")
+    if opts.get("--der"):
+        write_bytes(cert if opts.get("--cert") else spki)
+    elif opts.get("--cert"):
+        write_bytes(x509.load_der_x509_certificate(cert).public_bytes(serialization.Encoding.PEM))
+    else:
+        write_bytes(serialization.load_der_public_key(spki).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 def cmd_print(ctx, args):
     expect(args, 1)
     data = read_payload(ctx, args[0])
@@ -374,7 +394,7 @@ def cmd_session(ctx, args):
     print(f"Joined session keyring: {serial}", file=sys.stderr)
     env = dict(os.environ, **{SESSION_ENV: token})
     if ctx.socket:  # nested keyden commands must reach the daemon that issued the token
-        env["KEYDEN_SOCKET"] = os.path.abspath(ctx.socket)
+        env[SOCKET_ENV] = os.path.abspath(ctx.socket)
     try:
         return _run_child(args or [os.environ.get("SHELL") or "/bin/sh"], env)
     finally:
@@ -662,6 +682,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("pkey_verify", "<key> <pass> <datafile> <sigfile> [k=v]*", cmd_pkey_verify),
     Command("prequest2", "<type> <desc> [<dest_keyring>]", cmd_prequest2),
     Command("print", "<key>", cmd_print),
+    Command("public_key", "[--der] [--cert] <key>", cmd_public_key, extension=True),
     Command("pupdate", "[-x] <key>", cmd_pupdate),
     Command("purge", "<type>", cmd_purge),
     Command("purge", "[-p] [-i] <type> <desc>"),

@@ -13,6 +13,7 @@ connections are closed at once.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -20,7 +21,7 @@ import threading
 
 from keyden import errors as E
 from keyden.cli.support import Exit
-from keyden.tls import MAX_HANDSHAKE_TIMEOUT
+from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 CHUNK = 64 * 1024
 
@@ -38,10 +39,12 @@ def cmd_tls_proxy(ctx, args) -> int:
     _preflight(client, keyring, tls_options)
     try:
         listener = socket.create_server(listen, family=_family(listen[0]), backlog=128)
-    except OSError as exc:
-        raise Exit(1, f"tls-proxy: cannot listen on {opts.listen}: {exc.strerror}") from None
+    except OSError as exc:  # (create_server's strerror names the address again, as a Python tuple)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise Exit(1, f"tls-proxy: cannot listen on {opts.listen}: {reason}") from None
     host, port = listener.getsockname()[:2]
-    print(f"tls-proxy: listening on {host}:{port}, forwarding to {opts.forward}", flush=True)
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections)
     try:
@@ -62,7 +65,7 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--client-trust", metavar="RING", help="keyring of CAs client certificates must chain to")
     p.add_argument("--require-client-cert", action="store_true", help="refuse clients without a certificate")
     p.add_argument("--alpn", metavar="P1,P2", help="ALPN protocols offered, in preference order")
-    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
     p.add_argument("--max-connections", type=int, default=256)
     try:
         opts = p.parse_args(args)
@@ -77,21 +80,26 @@ def _parse(args: list[str]) -> argparse.Namespace:
 
 
 def _preflight(client, keyring: int, tls_options: dict) -> None:
-    """Fail at start, not at the first connection, if keyden refuses the keyrings or options.
+    """Fail at start, not at the first connection, if keyden refuses the keyrings or options."""
+    refused = _refusal(client, keyring, tls_options)
+    if refused is not None:
+        raise Exit(1, f"tls-proxy: keyden refuses this configuration: {refused.message or refused.strerror()}")
 
-    A tls_accept on a socket whose peer is already gone: its request is checked in full, and the
-    handshake then ends at once with ECONNRESET.
-    """
+
+def _refusal(client, keyring: int, tls_options: dict) -> E.KeydenError | None:
+    """Why keyden would refuse our connections, if it would: a tls_accept on a socket whose peer is already
+    gone is checked in full, and its handshake then ends at once with ECONNRESET."""
     probe, gone = socket.socketpair()
     gone.close()
     try:
         client.tls_accept(probe, keyring, **tls_options)
     except E.ECONNRESET:
-        pass
+        return None
     except E.KeydenError as exc:
-        raise Exit(1, f"tls-proxy: keyden refuses this configuration: {exc.message or exc.strerror()}") from None
+        return exc
     finally:
         probe.close()
+    return None
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
@@ -135,8 +143,8 @@ class _Proxy:
             except E.KeydenError as exc:
                 conn.close()
                 _report(peer, exc.message or exc.strerror())
-                if isinstance(exc, E.ECONNRESET) and not self._keyden_answers():
-                    self.lost_keyden = True  # the daemon is gone: stop accepting, exit 1
+                if isinstance(exc, E.ECONNRESET) and not self._keyden_answers() or self._no_longer_served(exc):
+                    self.lost_keyden = True  # the daemon is gone, or our keyring is: exit 1
                     listener.shutdown(socket.SHUT_RDWR)
                 return
             try:
@@ -149,6 +157,20 @@ class _Proxy:
             splice(plain, upstream)
         finally:
             self.slots.release()
+
+    def _no_longer_served(self, exc: E.KeydenError) -> bool:
+        """Is this failure our configuration's, for good?  A peer's failed handshake never says ENOKEY or
+        EACCES; a keyring revoked, expired or gone with a restarted daemon (a serial names a key of one
+        daemon's life; a persistent keyring is not ours again until get_persistent links it) does.  Then
+        the proxy stops, exit 1, and its supervisor's restart resolves --keyring anew."""
+        if not isinstance(exc, (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED)):
+            return False
+        refused = _refusal(self.client, self.keyring, self.tls_options)
+        if refused is None:
+            return False
+        print(f"tls-proxy: keyden no longer serves this configuration: {refused.message or refused.strerror()}; "
+              "stopping", file=sys.stderr, flush=True)
+        return True
 
     def _keyden_answers(self) -> bool:
         try:
