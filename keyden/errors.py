@@ -138,10 +138,3 @@ def error_class(code: int) -> type[KeydenError]:
 
 def error_for_code(code: int, message: str = "") -> KeydenError:
     return error_class(code)(message or None)
-
-
-def error_by_name(name: str) -> type[KeydenError]:
-    cls = globals().get(name)
-    if isinstance(cls, type) and issubclass(cls, KeydenError):
-        return cls
-    raise KeyError(name)

@@ -203,6 +203,8 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(frame(Op.GENKEY, "ed25519", "x", -3)) is Cost.SLOW
     assert conn.cost(frame(Op.ADD, "asymmetric", "", b"pem", -3, b"")) is Cost.SLOW  # maybe a password KDF
     assert conn.cost(frame(Op.ADD, "user", "x", b"y", -3, b"")) is Cost.QUICK
+    assert conn.cost(frame(Op.ADD, "asymmetrical", "x", b"y", -3, b"")) is Cost.QUICK  # no such type: EINVAL
+    assert conn.cost(frame(Op.ADD_FLAGS, "asymmetric", "", b"pem", -3, b"", 1)) is Cost.SLOW
     # a batch costs its items, however small: 65536 empty HMAC verifications held the loop for 0.9 s
     batch = lambda n, ivs=(), aads=(), item=b"": frame(Op.BATCH, "hmac(sha256)", 5, 0,  # noqa: E731
                                                        list(ivs), list(aads), [item] * n)

@@ -19,7 +19,7 @@ from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import StoreConfig
 from keyden.protocol import Op
-from keyden.server.config import default_socket_path
+from keyden.protocol.transport import default_socket_path
 
 from conftest import REPO, Daemon
 
@@ -51,7 +51,7 @@ def test_socket_path_resolution_order():
 
 
 def test_a_client_in_a_login_session_without_its_own_daemon_uses_the_system_one(tmp_path):
-    from keyden.server.config import client_socket_path
+    from keyden.protocol.transport import client_socket_path
 
     runtime = {"XDG_RUNTIME_DIR": str(tmp_path)}
     assert client_socket_path(runtime) == "/run/keyden/keyden.sock"  # nothing in $XDG_RUNTIME_DIR

@@ -604,6 +604,27 @@ def test_non_owner_with_setattr_may_chgrp_to_a_group_it_is_in(daemon, users):
     assert run_as(users.b, b_chgrps) == {"to c's group": "EACCES", "to own group": "ok", "gid": users.b.gid}
 
 
+def test_a_socket_the_user_may_not_open_is_eacces_not_a_missing_daemon(daemon, users):
+    """connect(2)'s EACCES is the caller's: `except E.EACCES` catches it, and it is not 'is keyden running?'."""
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix="keyden-private-")  # 0700, root's: user a may not reach inside
+    path = os.path.join(private, "keyden.sock")
+    os.symlink(daemon.socket, path)
+
+    def connect(path):
+        try:
+            keyden.connect(path)
+        except E.KeydenError as exc:
+            return [exc.name, exc.message]
+    try:
+        name, message = run_as(users.a, connect, path)
+    finally:
+        os.unlink(path)
+        os.rmdir(private)
+    assert name == "EACCES" and message == f"cannot connect to keyden at {path}: Permission denied"
+
+
 def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypatch):
     """Whoever binds the socket path first, in a directory others may write to, received what root's
     client sent it (a password given to `padd`).  A client now checks who serves the socket."""
@@ -622,7 +643,7 @@ def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypa
             listener.bind(path)
             listener.listen(4)
             os.write(ready_w, b"1")
-            for _ in range(2):
+            for _ in range(3):  # the blocking client, the asyncio one, the CLI
                 listener.accept()[0].close()
         finally:
             os._exit(0)
@@ -634,6 +655,11 @@ def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypa
         with pytest.raises(E.EACCES, match="KEYDEN_DAEMON_UID"):
             import asyncio
             asyncio.run(keyden.aconnect(path))
+        monkeypatch.delenv("KEYDEN_SESSION", raising=False)
+        cli = subprocess.run([sys.executable, "-m", "keyden", "--socket", path, "show", "@s"], capture_output=True,
+                             text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+        assert cli.returncode == 1 and "neither root nor you" in cli.stderr
+        assert "KEYDEN_SESSION" not in cli.stderr, cli.stderr  # no token was sent: none is blamed
         monkeypatch.setenv("KEYDEN_DAEMON_UID", str(users.a.uid))  # trusted by name: it gets the HELLO
         with pytest.raises(E.ECONNRESET):
             keyden.connect(path)

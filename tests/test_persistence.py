@@ -632,6 +632,8 @@ def test_a_store_of_a_newer_format_is_refused_untouched_and_an_older_one_is_numb
     log = start_and_read_log(d)
     assert "WARNING" not in log and "ERROR" not in log
     assert_loaded(d, ring, keys)
+    with persistent(d) as c:
+        c.add("user", "numbered", b"by this write", ring)
     d.stop()
     assert sql(d, "PRAGMA user_version") == [(1,)]
 

@@ -1360,3 +1360,19 @@ def test_a_session_is_registered_before_its_deadline_and_always_gives_back_its_c
     assert session.closed and released == [1] and plain.fileno() == -1
     for s in (peer, app):
         s.close()
+
+
+def test_a_stopped_engine_is_replaced_not_reused(monkeypatch):
+    """A server's stop ends its TLS engine's loops; another server in the same process (tests, embedders)
+    must get a running engine, not hand its sessions to the stopped loops."""
+    from keyden.tls import engine as tls_engine
+
+    monkeypatch.setattr(tls_engine, "_engine", None)
+    first = tls_engine.engine()
+    assert tls_engine.engine() is first  # one engine while it runs
+    first._start()
+    tls_engine.stop()
+    assert all(loop.stopped.is_set() for loop in first._loops)
+    second = tls_engine.engine()
+    assert second is not first
+    tls_engine.stop()

@@ -14,7 +14,7 @@ import sys
 from typing import Any, Callable
 
 from keyden import errors as E
-from keyden.client.common import SESSION_ENV, SPECIAL
+from keyden.client.common import SESSION_ENV, SPECIAL, session_token
 
 STDIN_LIMIT = 1024 * 1024  # keyctl's grab_stdin buffer
 INFO_LIMIT = 4096  # keyctl's pkey info buffer, NUL included
@@ -197,7 +197,10 @@ class Context:
 
         try:
             return keyden.connect(self.socket, session=session)
-        except E.EACCES as exc:  # the daemon is there; the session token is not valid
+        except E.EACCES as exc:
+            if not session_token(session):  # the socket, or a daemon not to be trusted: no token to blame
+                raise Exit(1, f"keyden: {exc.message}") from None
+            # The daemon is there and refused the token.
             name = SESSION_ENV if session is None else "the session token"
             raise Exit(1, f"keyden: {name}: {exc.message} (its session ended, or the daemon restarted since: "
                           f"unset {SESSION_ENV})") from None
@@ -228,7 +231,9 @@ class Context:
                 raise Exit(2, "Incorrect key-by-name spec")
             try:
                 return self.client.find(type_name, desc)
-            except E.KeydenError:
+            except E.ECONNRESET:  # the daemon went away: say that, not that the key is missing
+                raise
+            except E.KeydenError:  # as keyutils: whatever find_key_by_type_and_desc() refused
                 raise Exit(1, f"Can't find '{type_name}:{desc}'") from None
         value = strtoul(arg)
         if value is None:

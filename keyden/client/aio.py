@@ -135,7 +135,7 @@ class AsyncClient(Operations):
             transport, _wire = await loop.create_unix_connection(lambda: _Wire(self), sock=sock)
         except OSError as exc:
             sock.close()
-            raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
+            raise common.connect_failed(self.socket_path, exc) from None
         except BaseException:
             sock.close()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -11,6 +12,7 @@ from keyden import errors as E
 from keyden.core.store import Description
 from keyden.crypto.asymmetric import PkeyQuery
 from keyden.protocol import Op
+from keyden.protocol.transport import client_socket_path
 
 SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
 SESSION_ENV = "KEYDEN_SESSION"
@@ -19,14 +21,18 @@ SERIAL_MIN, SERIAL_MAX = -(1 << 31), (1 << 31) - 1  # key IDs are 32-bit signed,
 
 
 def socket_path(path: str | None = None) -> str:
-    from keyden.server.config import client_socket_path
-
     if not path:
         return client_socket_path()
     try:
         return os.fspath(path)
     except TypeError:
         raise E.EINVAL(f"a socket path is a str or os.PathLike, not {type(path).__name__}") from None
+
+
+def connect_failed(path: str, exc: OSError) -> E.KeydenError:
+    """A socket we may not use is EACCES (as keyctl would say); no daemon there, or none answering, ECONNRESET."""
+    error = E.EACCES if exc.errno in (errno.EACCES, errno.EPERM) else E.ECONNRESET
+    return error(f"cannot connect to keyden at {path}: {exc.strerror}")
 
 
 DAEMON_UID_ENV = "KEYDEN_DAEMON_UID"

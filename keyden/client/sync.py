@@ -92,7 +92,7 @@ class Client(Operations):
             common.check_daemon(sock, self.socket_path)
         except OSError as exc:
             sock.close()
-            raise E.ECONNRESET(f"cannot connect to keyden at {self.socket_path}: {exc.strerror}") from None
+            raise common.connect_failed(self.socket_path, exc) from None
         except BaseException:
             sock.close()
             raise

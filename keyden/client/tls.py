@@ -86,7 +86,7 @@ def _alpn(alpn: list[str] | None) -> list[bytes]:
 
 def _ms(seconds: float) -> int:
     if not 0 < seconds <= MAX_HANDSHAKE_TIMEOUT:
-        raise E.EINVAL(f"handshake_timeout is 0..{MAX_HANDSHAKE_TIMEOUT:g} seconds")
+        raise E.EINVAL(f"handshake_timeout is more than 0 and at most {MAX_HANDSHAKE_TIMEOUT:g} seconds")
     return max(1, round(seconds * 1000))
 
 

@@ -31,8 +31,6 @@ from keyden.core.perm import Credentials
 
 # Special key IDs (keyctl.h).
 THREAD, PROCESS, SESSION, USER, USER_SESSION, GROUP, REQKEY_AUTH, REQUESTOR = -1, -2, -3, -4, -5, -6, -7, -8
-SPECIAL_NAMES = {"@t": THREAD, "@p": PROCESS, "@s": SESSION, "@u": USER, "@us": USER_SESSION, "@g": GROUP,
-                 "@a": REQKEY_AUTH}
 
 #: KEYRING_SEARCH_MAX_DEPTH: how many keyrings deep below its start a search (or cycle check) goes.
 MAX_NESTING = 6

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import re
 import types
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
 from keyden import errors as E
+
+log = logging.getLogger("keyden.asymmetric")
 
 __all__ = ["OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
            "ParsedKey", "PkeyQuery", "parse", "generate", "parse_info"]
@@ -139,7 +142,9 @@ def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
         raise E.EBADMSG("unrecognised key data")
     except E.KeydenError:
         raise
-    except Exception:   # last-resort net: hostile bytes must never become an internal error
+    except Exception as exc:  # last-resort net: hostile bytes must never become an internal error
+        # ... nor hide a bug of ours for good: the exception's type (never the bytes) goes to the debug log.
+        log.debug("key data refused by a parser error: %s", type(exc).__name__)
         raise E.EBADMSG("unrecognised key data") from None
 
 
@@ -423,7 +428,9 @@ _GENERATE = {
 def generate(spec: str) -> ParsedKey:
     """Create a fresh private key inside the daemon (RSA e=65537, P-256/P-384, Ed25519)."""
     if not isinstance(spec, str) or spec not in _GENERATE:
-        raise E.EINVAL(f"unknown key spec; use one of {', '.join(_GENERATE)}")
+        shown = repr(spec[:40]) if isinstance(spec, str) else type(spec).__name__  # a spec is never secret
+        raise E.EINVAL(f"unknown key spec {shown}; use one of {', '.join(_GENERATE)}, or for symmetric keys "
+                       "aes:128|192|256, chacha20 or hmac:BITS")
     kind, arg = _GENERATE[spec]
     if kind == "rsa":
         priv = rsa.generate_private_key(public_exponent=65537, key_size=arg)

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT
 """
 #: The layout of tables and rows this code reads and writes, kept in SQLite's user_version.  A store of a
 #: newer format is refused before anything is written to it: an older keyden must not take a newer one's
-#: rows for damaged ones.  (0: a store from before the number was kept, which is format 1.)
+#: rows for damaged ones.  (0: a store from before the number was kept, which is format 1; numbered with
+#: its next write.)
 STORE_FORMAT = 1
 _UPSERT = f"INSERT OR REPLACE INTO keys ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -64,8 +65,7 @@ class Database:
                 raise StartupError(f"{path} was written by a newer keyden (store format {stored}; this one "
                                    f"reads format {STORE_FORMAT}): run that version, or one that reads it")
             self.conn.executescript(SCHEMA)
-            if stored != STORE_FORMAT:
-                self.conn.execute(f"PRAGMA user_version = {STORE_FORMAT}")
+            self._unnumbered = stored != STORE_FORMAT  # numbered by the first write: opening writes nothing
         except sqlite3.DatabaseError as exc:
             os.close(self._lock_fd)
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
@@ -105,7 +105,10 @@ class Database:
                                 list(buckets.items()))
             if meta:
                 cur.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(meta.items()))
+            if self._unnumbered:
+                cur.execute(f"PRAGMA user_version = {STORE_FORMAT}")
             cur.execute("COMMIT")
+            self._unnumbered = False
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")

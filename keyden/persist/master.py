@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -104,7 +105,7 @@ class Rotation:
     finish: Callable[[], None] = lambda: None
 
 
-class KeySource:
+class KeySource(ABC):
     """Where the master key comes from; ``open`` finds the one that opens an existing store."""
 
     source = ""
@@ -117,14 +118,17 @@ class KeySource:
         """What the database records about this source besides the check value."""
         return {}
 
-    def create(self) -> Sealer:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def create(self) -> Sealer:
+        """A new master key, for a new store."""
 
-    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:
+        """The master key that opens the store with this check value (StartupError if there is none)."""
 
-    def rotate(self, passphrase: bytes) -> Rotation:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def rotate(self, passphrase: bytes) -> Rotation:
+        """A new master key for ``rekey``, not yet in place (see Rotation)."""
 
 
 class FileKey(KeySource):

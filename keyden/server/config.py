@@ -14,6 +14,7 @@ from keyden import errors as E
 from keyden.core.store import StoreConfig
 from keyden.persist.master import StartupError, make_dirs, require_own, require_safe_parents
 from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE
+from keyden.protocol.transport import default_socket_path
 
 log = logging.getLogger("keyden.config")
 
@@ -54,30 +55,6 @@ DEFAULT_CONFIG_TEXT = """\
 # shm_maxbytes = 1073741824     # shared memory (SHM_ATTACH) mapped for one uid at once; over it: ENOMEM
 # shm_total_maxbytes = 4294967296   # ... and for all uids together; 0 turns shared memory off
 """
-
-
-SYSTEM_SOCKET = "/run/keyden/keyden.sock"
-
-
-def default_socket_path(env: dict[str, str] | None = None) -> str:
-    """Where a daemon listens: --socket, else $KEYDEN_SOCKET, else $XDG_RUNTIME_DIR/keyden.sock, else
-    /run/keyden/keyden.sock."""
-    env = os.environ if env is None else env
-    if env.get("KEYDEN_SOCKET"):
-        return env["KEYDEN_SOCKET"]
-    if env.get("XDG_RUNTIME_DIR"):
-        return os.path.join(env["XDG_RUNTIME_DIR"], "keyden.sock")
-    return SYSTEM_SOCKET
-
-
-def client_socket_path(env: dict[str, str] | None = None) -> str:
-    """Where a client looks: as the daemon, but a login session with no keyden of its own in
-    $XDG_RUNTIME_DIR uses the system daemon's socket (as a login shell talks to a system service)."""
-    path = default_socket_path(env)
-    env = os.environ if env is None else env
-    if not env.get("KEYDEN_SOCKET") and path != SYSTEM_SOCKET and not os.path.exists(path):
-        return SYSTEM_SOCKET
-    return path
 
 
 def default_ca_bundle() -> str:

@@ -56,6 +56,7 @@ QUICK_ITEMS = 256
 HEAVY_ITEMS = 4096
 HEAVY_BYTES = 16 * 1024 * 1024  # up to a frame's worth (~10 ms at most) may run on the loop; more is slow
 _PLAIN_OPS = frozenset(W.Op) - SLOW_OPS - PKEY_OPS - ADD_OPS - {W.Op.SHM_CIPHER, W.Op.BATCH}  # cost: size alone
+_ASYMMETRIC_TYPE = struct.pack("<I", 10) + b"asymmetric"  # an ADD's first field, the type, length-prefixed
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -69,7 +70,7 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
     if op in SLOW_OPS:
         return Cost.SLOW
     if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted); an update may be of either kind
-        return Cost.SLOW if op == W.Op.UPDATE or body[4:14] == b"asymmetric" else Cost.QUICK
+        return Cost.SLOW if op == W.Op.UPDATE or body[:14] == _ASYMMETRIC_TYPE else Cost.QUICK
     if op == W.Op.BATCH:  # the larger of what its items and its bytes cost
         items = batch_items(body)
         return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body)), Cost.HEAVY if items > QUICK_ITEMS

@@ -11,7 +11,6 @@ import resource
 log = logging.getLogger("keyden.harden")
 
 PR_SET_DUMPABLE = 4
-PR_GET_DUMPABLE = 3
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 
 
@@ -38,7 +37,3 @@ def harden(lock_memory: bool = True) -> dict[str, bool]:
                         "limit (ulimit -l, systemd LimitMEMLOCK=infinity) or set lock_memory = false to accept "
                         "that", os.strerror(ctypes.get_errno()))
     return done
-
-
-def is_dumpable() -> bool:
-    return bool(_libc().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))

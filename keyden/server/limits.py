@@ -1,4 +1,4 @@
-"""What keeps one client (or many) from exhausting the daemon: timeouts, refusals, descriptor room.
+"""What keeps one client (or many) from exhausting the daemon: refusals, unsent replies, descriptor room.
 
 The limits themselves are settings (ServerConfig); docs/operations.md says
 what each one bounds and what a client sees when it hits one.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import resource
 import socket
-import struct
 
 from keyden import errors as E
 from keyden import protocol as W
@@ -18,21 +17,6 @@ log = logging.getLogger("keyden.limits")
 
 #: bytes of replies a connection may hold before they must be written (the write blocks if the peer does not read)
 MAX_UNSENT = 1024 * 1024
-
-
-def set_timeouts(sock: socket.socket, receive: float | None = None, send: float | None = None) -> None:
-    """Kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO; 0 = none): free on the hot path, unlike a Python socket timeout.
-
-    A read waiting longer than ``receive`` means a silent client; a write
-    waiting longer than ``send`` means a client that does not read its
-    replies.  Either way the blocked call fails with EAGAIN and the
-    connection is closed.
-    """
-    for option, seconds in ((socket.SO_RCVTIMEO, receive), (socket.SO_SNDTIMEO, send)):
-        if seconds is not None:
-            whole = int(max(seconds, 0))
-            sock.setsockopt(socket.SOL_SOCKET, option,
-                            struct.pack("@ll", whole, int((max(seconds, 0) - whole) * 1e6)))
 
 
 def refuse(sock: socket.socket, error: E.KeydenError) -> None:

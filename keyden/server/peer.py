@@ -147,11 +147,6 @@ def _exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def peer_start_time(sock: socket.socket, pid: int) -> int:
-    """The start time of the process that connected, or UNKNOWN_START if it is gone."""
-    return peer_process(sock, pid)[0]
-
-
 def executable(pid: int) -> str | None:
     """The program a process runs (None if it is gone or we may not look)."""
     try:

@@ -209,8 +209,7 @@ class Server:
                 return
             self._shut_down = True
             self.request_stop()
-            if tls_engine._engine is not None:  # handshakes still running hear why, and are audited
-                tls_engine._engine.stop()
+            tls_engine.stop()  # handshakes still running hear why, and are audited
             if self.listener is not None:
                 self.listener.close()
                 _unlink_if_ours(self.config.socket, self._socket_id)

@@ -22,7 +22,6 @@ import ipaddress
 import itertools
 import logging
 import os
-import resource
 import select
 import socket
 import ssl
@@ -117,10 +116,7 @@ class Engine:
         self._per_uid: Counter[int] = Counter()
         self._handshaking: Counter[tuple] = Counter()  # (uid, listening address[, peer address]) -> running
 
-    def _start(self) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:  # two descriptors per session: take what we are allowed
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    def _start(self) -> None:  # (two descriptors per session: the server raised the descriptor limit for them)
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
 
     def start(self, uid: int, tls: ssl.SSLSocket, timeout: float, check: ChainCheck,
@@ -238,6 +234,16 @@ def engine() -> Engine:
         if _engine is None:
             _engine = Engine()
         return _engine
+
+
+def stop() -> None:
+    """At the daemon's stop: the running engine ends its handshakes (see Engine.stop).  A later ``engine()``,
+    for another server in this process, starts a new one rather than hand sessions to stopped loops."""
+    global _engine
+    with _engine_lock:
+        running, _engine = _engine, None
+    if running is not None:
+        running.stop()
 
 
 class Loop:

@@ -5,7 +5,9 @@ know field order and nothing else of the wire, and nothing of sockets; they
 translate between the wire's fields and the store and crypto engines.
 The modules below register themselves: keyctl (keys and keyrings), pkey
 (asymmetric keys by serial), session_keys (agreement and key transport
-into new keys) and dataplane (ciphers, hashes, streams, shared memory).
+into new keys), dataplane (ciphers, hashes, streams, shared memory),
+persist (persistent keyrings, export and import, rekey), trust (restrictions
+and X.509 path validation) and tls (TLS by keyring).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from keyden import errors as E
+from keyden import protocol as W
+from keyden.core import store as S
 from keyden.core.store import Caller, KeyStore
 from keyden.protocol import DEFAULT_MAX_FRAME, Op
 
@@ -112,6 +116,14 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def key_flags(wire: int) -> int:
+    """A request's key flags (protocol.NO_EXPORT) as the store's (store.NO_EXPORT): the same bit today,
+    mapped in this one place so that neither side can change its numbering under the other."""
+    if wire & ~W.NO_EXPORT:
+        raise E.EINVAL("unknown key flags")
+    return S.NO_EXPORT if wire & W.NO_EXPORT else 0
 
 
 Handler = Callable[..., tuple]

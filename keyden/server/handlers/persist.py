@@ -7,7 +7,7 @@ from keyden.core import keytypes as T
 from keyden.core.perm import VALID_MASK
 from keyden.persist import SealedJournal, export
 from keyden.protocol import Op
-from keyden.server.handlers import handles
+from keyden.server.handlers import handles, key_flags
 
 #: What an imported key is made with until its tree is built: the owner may link into and re-mask it.
 BUILDING_PERM = 0x3F3F0000
@@ -20,7 +20,8 @@ def _get_persistent(ctx, uid, keyring):
 
 @handles(Op.ADD_FLAGS)
 def _add_flags(ctx, type_name, description, payload, keyring, secret, flags):
-    return (ctx.store.add(ctx.caller, type_name, description, payload, keyring, secret or None, flags=flags),)
+    return (ctx.store.add(ctx.caller, type_name, description, payload, keyring, secret or None,
+                          flags=key_flags(flags)),)
 
 
 @handles(Op.EXPORT)
@@ -49,7 +50,7 @@ def _import(ctx, blob, unwrap_with, keyring, flags):
         private = ctx.store.asymmetric(ctx.caller, unwrap_with).private_key_for_internal_use()
         plaintext = export.unwrap_with_private_key(blob, private)
     entries, links = export.decode_tree(plaintext)
-    return (_make_tree(ctx, entries, links, keyring, flags),)
+    return (_make_tree(ctx, entries, links, keyring, key_flags(flags)),)
 
 
 def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], keyring: int, flags: int) -> int:

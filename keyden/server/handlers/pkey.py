@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from keyden.core import keytypes as T
 from keyden.crypto import asymmetric, symmetric
 from keyden.protocol import Op
-from keyden.server.handlers import handles
+from keyden.server.handlers import handles, key_flags
 
 
 def _key(ctx, key, info: str) -> asymmetric.ParsedKey:
@@ -51,6 +51,7 @@ SYMMETRIC_SPECS = ("aes:", "chacha20", "hmac:")
 @handles(Op.GENKEY_FLAGS)
 def _genkey(ctx, spec, description, keyring, flags=0):
     """A key born inside keyden: asymmetric pairs, or random logon keys for ciphers and MACs."""
+    flags = key_flags(flags)
     if spec.startswith(SYMMETRIC_SPECS):
         material, hint = symmetric.generate_key(spec)
         logon = T.REGISTRY["logon"]

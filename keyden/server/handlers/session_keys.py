@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from keyden import errors as E
 from keyden.core import keytypes as T
+from keyden.core.store import NO_EXPORT
 from keyden.crypto import agreement
-from keyden.protocol import NO_EXPORT, Op
+from keyden.protocol import Op
 from keyden.server.handlers import handles
 
 LOGON = T.REGISTRY["logon"]

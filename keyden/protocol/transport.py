@@ -1,0 +1,29 @@
+"""Where the daemon's socket is: the defaults both ends agree on (docs/protocol.md, Transport)."""
+
+from __future__ import annotations
+
+import os
+
+SOCKET_ENV = "KEYDEN_SOCKET"
+SYSTEM_SOCKET = "/run/keyden/keyden.sock"
+
+
+def default_socket_path(env: dict[str, str] | None = None) -> str:
+    """Where a daemon listens: --socket, else $KEYDEN_SOCKET, else $XDG_RUNTIME_DIR/keyden.sock, else
+    /run/keyden/keyden.sock."""
+    env = os.environ if env is None else env
+    if env.get(SOCKET_ENV):
+        return env[SOCKET_ENV]
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "keyden.sock")
+    return SYSTEM_SOCKET
+
+
+def client_socket_path(env: dict[str, str] | None = None) -> str:
+    """Where a client looks: as the daemon, but a login session with no keyden of its own in
+    $XDG_RUNTIME_DIR uses the system daemon's socket (as a login shell talks to a system service)."""
+    env = os.environ if env is None else env
+    path = default_socket_path(env)
+    if not env.get(SOCKET_ENV) and path != SYSTEM_SOCKET and not os.path.exists(path):
+        return SYSTEM_SOCKET
+    return path
