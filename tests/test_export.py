@@ -321,6 +321,92 @@ def test_an_import_that_fails_leaves_nothing():
     assert ctx.store.read(ctx.caller, persistent) == []
 
 
+def test_a_machine_move_imports_the_persistent_keyrings_contents_into_the_new_one(tmp_path):
+    """Two daemons, the CLI only: the new machine's recipient key (public_key), the old persistent keyring
+    exported to it, and `import --contents` into the new persistent keyring.  Without --contents the keys
+    arrived in a nested `_persistent.<uid>` keyring whose persistent mask (no setattr) could never be
+    changed.  A namesake already there refuses the whole import; a single key has no contents."""
+    from tests.conftest import Daemon
+
+    old, new = Daemon().start(), Daemon().start()
+    try:
+        tokens = {}
+        for d in (old, new):
+            with d.connect() as boot:
+                tokens[d] = boot.join_session()[1]
+        run = lambda d, *args, stdin=b"": _cli(d, tokens[d], *args, stdin=stdin)  # noqa: E731
+        ring = int(run(old, "get_persistent", "@s").stdout)
+        user = int(run(old, "add", "user", "db:password", "s3cret", str(ring)).stdout)
+        logon = int(run(old, "add", "logon", "svc:token", "t0ken", str(ring)).stdout)
+        assert run(old, "setperm", str(logon), "0x3f010000").returncode == 0  # a logon key opts in to export
+        recipient = run(new, "genkey", "x25519", "move-in", "@s").stdout.strip()
+        (tmp_path / "move-in.pem").write_bytes(run(new, "public_key", recipient).stdout)
+        r = run(old, "export", str(ring), "--to-public-key", str(tmp_path / "move-in.pem"), "-o",
+                str(tmp_path / "keys.kdnx"))
+        assert r.returncode == 0, r.stderr
+        target = int(run(new, "get_persistent", "@s").stdout)
+        r = run(new, "import", "--contents", str(tmp_path / "keys.kdnx"), "--unwrap-with", recipient, str(target))
+        assert (r.returncode, int(r.stdout or 0)) == (0, target), r.stderr
+        with new.connect(session=tokens[new]) as c:
+            moved = {c.describe(k).description: k for k in c.read(target)}
+            assert set(moved) == {"db:password", "svc:token"}
+            assert c.read(moved["db:password"]) == b"s3cret"
+            assert c.describe(moved["svc:token"]).perm == 0x3F010000
+        again = run(new, "import", "--contents", str(tmp_path / "keys.kdnx"), "--unwrap-with", recipient,
+                    str(target))
+        assert again.returncode == 1 and b"File exists" in again.stderr  # nothing displaced, nothing added
+        with new.connect(session=tokens[new]) as c:
+            assert sorted(c.read(target)) == sorted(moved.values())
+        one = run(old, "export", str(user), "--to-public-key", str(tmp_path / "move-in.pem"))
+        r = run(new, "import", "--contents", "-", "--unwrap-with", recipient, "@s", stdin=one.stdout)
+        assert r.returncode == 1 and b"only an exported keyring has contents" in r.stderr
+        new.stop()
+        new.start()  # on disk: the new persistent keyring holds them after a restart
+        with new.connect() as boot:
+            token = boot.join_session()[1]
+        with new.connect(session=token) as c:
+            assert c.get_persistent("@s") == target and len(c.read(target)) == 2
+    finally:
+        old.cleanup()
+        new.cleanup()
+
+
+def test_an_import_of_contents_a_keyring_refuses_leaves_nothing():
+    """Every member is linked under the store lock, or none: a target that takes no links refuses the lot,
+    and the keys made for it are destroyed."""
+    ctx, persistent = _importing(_WatchingJournal())
+    closed = ctx.store.add(ctx.caller, "keyring", "closed", b"", persistent)
+    ctx.store.restrict_keyring(ctx.caller, closed)  # no further links
+    keys_before = len(ctx.store)
+    entries = [X.Entry("keyring", "bundle", READABLE, b"")] + [X.Entry("user", f"k{i}", READABLE, b"v")
+                                                              for i in range(3)]
+    with pytest.raises(E.EPERM):
+        persist_handlers._make_tree(ctx, entries, [(0, 1), (0, 2), (0, 3)], closed, 0, contents=True)
+    assert len(ctx.store) == keys_before and ctx.store.read(ctx.caller, closed) == []
+
+
+def test_an_import_of_contents_refused_half_way_takes_back_what_it_linked(monkeypatch):
+    """The third member is refused (as a restriction or a quota would): the two linked before it are taken
+    back before the store lock is let go, so no journal record holds part of the import."""
+    journal = _WatchingJournal()
+    ctx, persistent = _importing(journal)
+    keys_before = len(ctx.store)
+    link_checked, calls = ctx.store._link_checked, []
+
+    def refuse_the_third(ring, key):
+        if ring.serial == persistent:
+            calls.append(key.description)
+            if len(calls) == 3:
+                raise E.EDQUOT("over quota")
+        link_checked(ring, key)
+    monkeypatch.setattr(ctx.store, "_link_checked", refuse_the_third)
+    entries = [X.Entry("keyring", "bundle", READABLE, b"")] + [X.Entry("user", f"k{i}", READABLE, b"v")
+                                                              for i in range(3)]
+    with pytest.raises(E.EDQUOT):
+        persist_handlers._make_tree(ctx, entries, [(0, 1), (0, 2), (0, 3)], persistent, 0, contents=True)
+    assert len(calls) == 3 and len(ctx.store) == keys_before and ctx.store.read(ctx.caller, persistent) == []
+
+
 def test_cli_rekey_refuses_a_passphrase_file_others_may_read(daemon, client, tmp_path):
     """Checked before anything is sent: a passphrase others could read is spent already."""
     loose = tmp_path / "new-passphrase"

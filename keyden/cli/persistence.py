@@ -11,7 +11,7 @@ from keyden.cli.support import Exit, Usage, call, failure, id32, number, read_fi
 
 EXPORT_USAGE = "<key> --to-public-key <key>|<pemfile> [-o <file>]"
 EXPORT_WRAP_USAGE = "<key> --wrapping-key <key> [-o <file>]"
-IMPORT_USAGE = "[--no-export] <blobfile>|- --unwrap-with <key> <keyring>"
+IMPORT_USAGE = "[--no-export] [--contents] <blobfile>|- --unwrap-with <key> <keyring>"
 
 
 def cmd_get_persistent(ctx, args):
@@ -84,12 +84,13 @@ def cmd_export(ctx, args):
 
 
 def cmd_import(ctx, args):
-    named, rest = _named(args, ("--unwrap-with",), ("--no-export",))
+    named, rest = _named(args, ("--unwrap-with",), ("--no-export", "--contents"))
     if len(rest) != 2 or "--unwrap-with" not in named:
         raise Usage()
     blob = read_stdin() if rest[0] == "-" else read_file(rest[0])
     unwrap, ring = ctx.key(named["--unwrap-with"]), ctx.key(rest[1])
-    print(call("import", ctx.client.import_key, blob, unwrap, ring, no_export="--no-export" in named))
+    print(call("import", ctx.client.import_key, blob, unwrap, ring, no_export="--no-export" in named,
+               contents="--contents" in named))
 
 
 def _named(args: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from keyden import errors as E
-from keyden.protocol import DECRYPT, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
+from keyden.protocol import DECRYPT, IMPORT_CONTENTS, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
 
 
 class Ref:
@@ -268,9 +268,14 @@ class Operations:
             return self._call(Op.EXPORT, Ref(key), b"", Ref(to_public_key), 0)
         return self._call(Op.EXPORT, Ref(key), b"", 0, Ref(wrapping_key))
 
-    def import_key(self, blob, unwrap_with, keyring="@s", *, no_export: bool = False):
-        """Make an exported key (or tree) again, as the caller's; returns the top key's serial."""
-        return self._call(Op.IMPORT, _bytes(blob), Ref(unwrap_with), Ref(keyring), NO_EXPORT if no_export else 0)
+    def import_key(self, blob, unwrap_with, keyring="@s", *, no_export: bool = False, contents: bool = False):
+        """Make an exported key (or tree) again, as the caller's; returns the top key's serial.
+
+        ``contents``: the export is of a keyring, and its members go into ``keyring`` rather than a copy
+        of it (a machine move into the new persistent keyring); returns ``keyring``'s serial.  A namesake
+        already there fails the whole import (EEXIST): nothing is displaced."""
+        flags = (NO_EXPORT if no_export else 0) | (IMPORT_CONTENTS if contents else 0)
+        return self._call(Op.IMPORT, _bytes(blob), Ref(unwrap_with), Ref(keyring), flags)
 
     def rekey(self, passphrase=b""):
         """Rotate the daemon's master key (root only); a passphrase store needs the new passphrase."""

@@ -974,6 +974,31 @@ class KeyStore:
             del self._detached[key_id]
             key.pins -= 1
 
+    def attach_members(self, caller: Caller, key_id: int, keyring: int) -> int:
+        """File a detached keyring's members in ``keyring`` instead of the keyring itself (an import of a
+        keyring's contents, as for a machine move), then discard it: all under the lock, so the journal
+        records every link or none, and EEXIST rather than displace a namesake.  Returns ``keyring``'s
+        serial."""
+        with self.lock:
+            top = self._detached.get(key_id)
+            if top is None or top.uid != caller.uid or top.links is None:
+                raise E.ENOKEY(f"no detached keyring with serial {key_id}")
+            ring, _ = self._target_keyring(caller, keyring)
+            members = list(top.links.values())
+            for member in members:
+                _refuse_namesake(ring, member.type, member.description)
+            linked: list[Key] = []
+            try:
+                for member in members:
+                    self._link_checked(ring, member)
+                    linked.append(member)
+            except BaseException:
+                for member in linked:  # before the lock is let go: no journal record sees half of them
+                    self._unlink_raw(ring, member)
+                raise
+            self.discard_detached(key_id)
+            return ring.serial
+
     def discard_detached(self, key_id: int) -> None:
         """A detached key's tree was not finished: destroy it, and every key only it held."""
         with self.lock:

@@ -399,6 +399,8 @@ RANDOM_NONCE = 2  # AEAD encrypt: keyden picks the nonce and prepends it; decryp
 
 # Key flags (ADD_FLAGS, GENKEY_FLAGS, IMPORT): set at creation, never cleared.
 NO_EXPORT = 1  # EXPORT refuses the key, and any keyring holding it (EPERM)
+# IMPORT's own flag, beside the key flags.
+IMPORT_CONTENTS = 0x10000  # an exported keyring's members go into the target keyring, not a copy of it
 
 # TLS_ACCEPT / TLS_CONNECT flags.
 TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate the client trust keyring accepts

@@ -6,7 +6,7 @@ from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core.perm import VALID_MASK
 from keyden.persist import SealedJournal, export
-from keyden.protocol import Op
+from keyden.protocol import IMPORT_CONTENTS, Op
 from keyden.server.handlers import handles, key_flags
 
 #: What an imported key is made with until its tree is built: the owner may link into and re-mask it.
@@ -44,20 +44,25 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
 
 @handles(Op.IMPORT)
 def _import(ctx, blob, unwrap_with, keyring, flags):
+    contents, flags = bool(flags & IMPORT_CONTENTS), key_flags(flags & ~IMPORT_CONTENTS)
     if export.mode_of(blob) == export.WRAPPING_KEY:
         plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with))
     else:
         private = ctx.store.asymmetric(ctx.caller, unwrap_with).private_key_for_internal_use()
         plaintext = export.unwrap_with_private_key(blob, private)
     entries, links = export.decode_tree(plaintext)
-    return (_make_tree(ctx, entries, links, keyring, key_flags(flags)),)
+    if contents and not T.lookup(entries[0].type).is_keyring:
+        raise E.EINVAL("only an exported keyring has contents to import; this export holds one key")
+    return (_make_tree(ctx, entries, links, keyring, flags, contents),)
 
 
-def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], keyring: int, flags: int) -> int:
+def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], keyring: int, flags: int,
+               contents: bool = False) -> int:
     """Make the keys as the caller's own, each filed under its first keyring, then the other links, then the
-    masks, all below a top the daemon holds detached; filing the top in ``keyring`` is the last step.  An
-    import so happens whole or not at all, on disk too: a crash mid-build leaves none of it in a persistent
-    keyring, and on any failure what was made is destroyed."""
+    masks, all below a top the daemon holds detached; filing the top in ``keyring`` (or with ``contents``,
+    the top's members, and the top then discarded) is the last step.  An import so happens whole or not at
+    all, on disk too: a crash mid-build leaves none of it in a persistent keyring, and on any failure what
+    was made is destroyed."""
     if any(entry.perm & ~VALID_MASK for entry in entries):
         raise E.EBADMSG("the export holds a permission mask outside 0x3f3f3f3f")
     first_parent = {0: keyring}
@@ -75,6 +80,8 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
         for index, serial in serials.items():
             if index != 0:
                 ctx.store.setperm(ctx.caller, serial, entries[index].perm)
+        if contents:
+            return ctx.store.attach_members(ctx.caller, top, keyring)
         ctx.store.attach(ctx.caller, top, keyring, entries[0].perm)
     except BaseException:
         ctx.store.discard_detached(top)
