@@ -22,6 +22,9 @@ class KeydenError(Exception):
 
     code: int = _errno.EIO
     name: str = "EIO"
+    #: Raised by a client before its HELLO reached a daemon (the socket could not be used, or the daemon
+    #: there is not one to trust): no session token was judged.
+    before_hello: bool = False
 
     def __init__(self, message: str | None = None):
         self.message = message or self.strerror()

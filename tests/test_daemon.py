@@ -53,15 +53,20 @@ def test_socket_path_resolution_order():
 def test_a_client_in_a_login_session_without_its_own_daemon_uses_the_system_one(tmp_path):
     from keyden.protocol.transport import client_socket_path
 
-    runtime = {"XDG_RUNTIME_DIR": str(tmp_path)}
-    assert client_socket_path(runtime) == "/run/keyden/keyden.sock"  # nothing in $XDG_RUNTIME_DIR
-    own = socket.socket(socket.AF_UNIX)
-    own.bind(str(tmp_path / "keyden.sock"))
+    runtime, system = {"XDG_RUNTIME_DIR": str(tmp_path / "user")}, str(tmp_path / "system.sock")
+    (tmp_path / "user").mkdir()
+    mine = str(tmp_path / "user" / "keyden.sock")
+    assert client_socket_path(runtime, system) == mine  # neither: the error will name the user's own path
+    sockets = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]
     try:
-        assert client_socket_path(runtime) == str(tmp_path / "keyden.sock")  # a daemon of the user's own
+        sockets[0].bind(system)
+        assert client_socket_path(runtime, system) == system  # nothing in $XDG_RUNTIME_DIR: the system's
+        sockets[1].bind(mine)
+        assert client_socket_path(runtime, system) == mine  # a socket of the user's own
     finally:
-        own.close()
-    assert client_socket_path({"KEYDEN_SOCKET": "/a.sock", **runtime}) == "/a.sock"  # named: as it is
+        for s in sockets:
+            s.close()
+    assert client_socket_path({"KEYDEN_SOCKET": "/a.sock", **runtime}, system) == "/a.sock"  # named: as it is
 
 
 def test_first_start_creates_state_and_serves_on_xdg_runtime_dir(tmp_path):

@@ -385,6 +385,17 @@ def test_an_import_of_contents_a_keyring_refuses_leaves_nothing():
     assert len(ctx.store) == keys_before and ctx.store.read(ctx.caller, closed) == []
 
 
+def test_an_import_of_contents_judges_the_members_not_the_keyring_they_came_in():
+    """With contents, the exported keyring itself is never filed in the target: a namesake of it there (the
+    nested copy a plain import of the same export made) or a restriction it would fail refuse nothing."""
+    ctx, persistent = _importing(_WatchingJournal())
+    entries = [X.Entry("keyring", "bundle", READABLE, b""), X.Entry("user", "k", READABLE, b"v")]
+    nested = persist_handlers._make_tree(ctx, entries, [(0, 1)], persistent, 0)
+    assert persist_handlers._make_tree(ctx, entries, [(0, 1)], persistent, 0, contents=True) == persistent
+    names = {ctx.store.describe(ctx.caller, k).description for k in ctx.store.read(ctx.caller, persistent)}
+    assert names == {"bundle", "k"} and nested in ctx.store.read(ctx.caller, persistent)
+
+
 def test_an_import_of_contents_refused_half_way_takes_back_what_it_linked(monkeypatch):
     """The third member is refused (as a restriction or a quota would): the two linked before it are taken
     back before the store lock is let go, so no journal record holds part of the import."""

@@ -643,7 +643,7 @@ def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypa
             listener.bind(path)
             listener.listen(4)
             os.write(ready_w, b"1")
-            for _ in range(3):  # the blocking client, the asyncio one, the CLI
+            for _ in range(4):  # the blocking client, the asyncio one, the CLI without and with a token
                 listener.accept()[0].close()
         finally:
             os._exit(0)
@@ -656,10 +656,11 @@ def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypa
             import asyncio
             asyncio.run(keyden.aconnect(path))
         monkeypatch.delenv("KEYDEN_SESSION", raising=False)
-        cli = subprocess.run([sys.executable, "-m", "keyden", "--socket", path, "show", "@s"], capture_output=True,
-                             text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
-        assert cli.returncode == 1 and "neither root nor you" in cli.stderr
-        assert "KEYDEN_SESSION" not in cli.stderr, cli.stderr  # no token was sent: none is blamed
+        for token in ({}, {"KEYDEN_SESSION": "a-token-never-sent"}):
+            cli = subprocess.run([sys.executable, "-m", "keyden", "--socket", path, "show", "@s"], capture_output=True,
+                                 text=True, env=dict(os.environ, PYTHONPATH=REPO, **token), timeout=60)
+            assert cli.returncode == 1 and "neither root nor you" in cli.stderr
+            assert "KEYDEN_SESSION" not in cli.stderr, cli.stderr  # no HELLO went out: no token is blamed
         monkeypatch.setenv("KEYDEN_DAEMON_UID", str(users.a.uid))  # trusted by name: it gets the HELLO
         with pytest.raises(E.ECONNRESET):
             keyden.connect(path)

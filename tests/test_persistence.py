@@ -190,7 +190,7 @@ def test_only_what_hangs_under_a_persistent_keyring_survives(fresh_daemon):
 
 def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatch):
     """As a relative ``audit`` is: a daemon started from / (systemd) or from a shell finds the same files."""
-    from keyden.persist import paths
+    from keyden.persist import StartupError, paths
     from keyden.server.config import ServerConfig
 
     monkeypatch.chdir(tmp_path)
@@ -198,6 +198,13 @@ def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatc
     assert paths(cfg) == (str(tmp_path / "state" / "db" / "keys.db"), str(tmp_path / "state" / "m.key"))
     cfg.db_path, cfg.master_key_file = "/srv/keys.db", "/etc/keyden/master.key"  # absolute: as they are
     assert paths(cfg) == ("/srv/keys.db", "/etc/keyden/master.key")
+    # A store where earlier versions looked (the working directory), none under the state directory: an
+    # upgrade must not start on a new, empty store beside the old one.
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "keys.db").write_bytes(b"the old store")
+    cfg.db_path, cfg.master_key_file = "db/keys.db", "m.key"
+    with pytest.raises(StartupError, match=r"db_path = 'db/keys.db' is relative, so it is .*/state/db/keys.db"):
+        paths(cfg)
 
 
 def test_a_master_key_file_that_cannot_be_written_is_left_absent(tmp_path, monkeypatch):

@@ -290,7 +290,7 @@ def test_a_handshake_timeout_over_the_limit_is_refused_not_shortened(client, ser
     with mine:
         with theirs, pytest.raises(E.EINVAL, match="at most 120000 ms"):
             client_tls._hand_over(client, Op.TLS_CONNECT, ("example.com", Ref(server_ring), 0, 0, [], 120001),
-                                  theirs, 1.0)
+                                  theirs)
         assert mine.recv(1) == b""  # the daemon's copy was closed, not kept
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import socketserver
 import subprocess
 import sys
@@ -120,6 +121,9 @@ def test_mutual_tls_through_the_proxy(client, proxy, upstream, pki):
     rogue = pki.issue("rogue client", issuer=pki.rogue_ca)
     refused = curl(port, pki, "--cert", rogue.cert_path, "--key", rogue.key_path)
     assert refused.returncode != 0 and refused.stdout == b""
+    # A peer's failed handshake (no certificate: ENOKEY) is the peer's, never the configuration's: served on.
+    again = curl(port, pki, "--cert", pki.client.cert_path, "--key", pki.client.key_path)
+    assert again.returncode == 0 and again.stdout == b"hello from upstream, /path"
 
 
 def test_unreachable_upstream_closes_the_connection(proxy, pki):
@@ -135,6 +139,25 @@ def test_a_configuration_keyden_refuses_stops_the_proxy_at_start(daemon, client)
                          capture_output=True, timeout=TIMEOUT, cwd=REPO, env=env)
     assert out.returncode == 1 and out.stdout == b""
     assert b"no certificate with its private key in the keyring" in out.stderr
+
+
+def test_a_listen_address_that_cannot_be_used_is_one_plain_line(daemon, client, pki):
+    """The system's reason only: socket.create_server appends the address as a Python tuple, and a resolver
+    error's negative number has no strerror ("Unknown error -2")."""
+    load(client, pki.ec_server)
+    env = dict(os.environ, KEYDEN_SESSION=client.session_token)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        said = {}
+        for listen in (f"127.0.0.1:{busy.getsockname()[1]}", "nosuch.invalid:8443"):
+            out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", "--listen",
+                                  listen, "--keyring", "@s", "--forward", "127.0.0.1:9"],
+                                 capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=env)
+            assert out.returncode == 1 and out.stderr.startswith(f"tls-proxy: cannot listen on {listen}: "), out.stderr
+            said[listen] = out.stderr
+    busy_line, unresolved_line = said.values()
+    assert busy_line.endswith(": Address already in use\n")
+    assert unresolved_line.count("\n") == 1 and "while attempting" not in unresolved_line
+    assert "Unknown error" not in unresolved_line
 
 
 def test_usage_errors(daemon):

@@ -198,7 +198,7 @@ class Context:
         try:
             return keyden.connect(self.socket, session=session)
         except E.EACCES as exc:
-            if not session_token(session):  # the socket, or a daemon not to be trusted: no token to blame
+            if exc.before_hello or not session_token(session):  # the socket, or a daemon not to be trusted
                 raise Exit(1, f"keyden: {exc.message}") from None
             # The daemon is there and refused the token.
             name = SESSION_ENV if session is None else "the session token"

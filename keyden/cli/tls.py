@@ -13,7 +13,6 @@ connections are closed at once.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import sys
@@ -21,9 +20,12 @@ import threading
 
 from keyden import errors as E
 from keyden.cli.support import Exit
+from keyden.client import tls as client_tls
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 CHUNK = 64 * 1024
+#: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
+_CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
 
 
 def cmd_tls_proxy(ctx, args) -> int:
@@ -39,8 +41,8 @@ def cmd_tls_proxy(ctx, args) -> int:
     _preflight(client, keyring, tls_options)
     try:
         listener = socket.create_server(listen, family=_family(listen[0]), backlog=128)
-    except OSError as exc:  # (create_server's strerror names the address again, as a Python tuple)
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    except OSError as exc:  # socket.create_server appends the address again, as a Python tuple: not ours to show
+        reason = (exc.strerror or str(exc)).split(" (while attempting to bind", 1)[0]
         raise Exit(1, f"tls-proxy: cannot listen on {opts.listen}: {reason}") from None
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -87,14 +89,12 @@ def _preflight(client, keyring: int, tls_options: dict) -> None:
 
 
 def _refusal(client, keyring: int, tls_options: dict) -> E.KeydenError | None:
-    """Why keyden would refuse our connections, if it would: a tls_accept on a socket whose peer is already
-    gone is checked in full, and its handshake then ends at once with ECONNRESET."""
+    """Why keyden would refuse our connections' requests, if it would: a tls_accept on a socket whose peer is
+    already gone is checked in full (its handshake then ends at once, unheard)."""
     probe, gone = socket.socketpair()
     gone.close()
     try:
-        client.tls_accept(probe, keyring, **tls_options)
-    except E.ECONNRESET:
-        return None
+        client_tls.start_accept(client, probe, keyring, **tls_options).close()
     except E.KeydenError as exc:
         return exc
     finally:
@@ -139,13 +139,19 @@ class _Proxy:
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
             try:
-                plain, _info = self.client.tls_accept(conn, self.keyring, **self.tls_options)
-            except E.KeydenError as exc:
+                plain = client_tls.start_accept(self.client, conn, self.keyring, **self.tls_options)
+            except E.KeydenError as exc:  # the request's refusal: ours, never the peer's doing
                 conn.close()
                 _report(peer, exc.message or exc.strerror())
                 if isinstance(exc, E.ECONNRESET) and not self._keyden_answers() or self._no_longer_served(exc):
                     self.lost_keyden = True  # the daemon is gone, or our keyring is: exit 1
                     listener.shutdown(socket.SHUT_RDWR)
+                return
+            try:
+                client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
+            except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's
+                plain.close()
+                _report(peer, exc.message or exc.strerror())
                 return
             try:
                 upstream = self._connect_forward()
@@ -159,14 +165,15 @@ class _Proxy:
             self.slots.release()
 
     def _no_longer_served(self, exc: E.KeydenError) -> bool:
-        """Is this failure our configuration's, for good?  A peer's failed handshake never says ENOKEY or
-        EACCES; a keyring revoked, expired or gone with a restarted daemon (a serial names a key of one
-        daemon's life; a persistent keyring is not ours again until get_persistent links it) does.  Then
-        the proxy stops, exit 1, and its supervisor's restart resolves --keyring anew."""
-        if not isinstance(exc, (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED)):
+        """Is this refusal of the request our configuration's, for good?  A keyring revoked, expired or gone
+        with a restarted daemon (a serial names a key of one daemon's life; a persistent keyring is not ours
+        again until get_persistent links it) says so, and a probe confirms it; a limit (EAGAIN, EMFILE,
+        ENFILE: other connections' doing) never does.  Then the proxy stops, exit 1, and its supervisor's
+        restart resolves --keyring anew."""
+        if not isinstance(exc, _CONFIGURATION_ERRORS):
             return False
         refused = _refusal(self.client, self.keyring, self.tls_options)
-        if refused is None:
+        if not isinstance(refused, _CONFIGURATION_ERRORS):
             return False
         print(f"tls-proxy: keyden no longer serves this configuration: {refused.message or refused.strerror()}; "
               "stopping", file=sys.stderr, flush=True)

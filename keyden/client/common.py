@@ -31,8 +31,10 @@ def socket_path(path: str | None = None) -> str:
 
 def connect_failed(path: str, exc: OSError) -> E.KeydenError:
     """A socket we may not use is EACCES (as keyctl would say); no daemon there, or none answering, ECONNRESET."""
-    error = E.EACCES if exc.errno in (errno.EACCES, errno.EPERM) else E.ECONNRESET
-    return error(f"cannot connect to keyden at {path}: {exc.strerror}")
+    error = (E.EACCES if exc.errno in (errno.EACCES, errno.EPERM) else E.ECONNRESET)(
+        f"cannot connect to keyden at {path}: {exc.strerror}")
+    error.before_hello = True
+    return error
 
 
 DAEMON_UID_ENV = "KEYDEN_DAEMON_UID"
@@ -46,8 +48,10 @@ def check_daemon(sock, path: str) -> None:
     trusted = os.environ.get(DAEMON_UID_ENV, "")
     if uid in (0, os.geteuid()) or trusted.isdigit() and uid == int(trusted):
         return
-    raise E.EACCES(f"the socket {path} is served by uid {uid}, neither root nor you: not talking to it "
-                   f"(if that uid runs your keyden, set {DAEMON_UID_ENV}={uid})")
+    error = E.EACCES(f"the socket {path} is served by uid {uid}, neither root nor you: not talking to it "
+                     f"(if that uid runs your keyden, set {DAEMON_UID_ENV}={uid})")
+    error.before_hello = True
+    raise error
 
 
 def session_token(session: str | None) -> str:

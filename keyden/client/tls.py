@@ -54,9 +54,20 @@ def accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: b
     ``require_client_cert`` refuses clients without one.  Once keyden has taken ``sock`` it is
     closed here; if the request is refused it stays open and the caller's.
     """
+    plain = start_accept(client, sock, keyring, client_trust=client_trust, require_client_cert=require_client_cert,
+                         alpn=alpn, min_version=min_version, handshake_timeout=handshake_timeout)
+    return plain, _outcome(plain, handshake_timeout)
+
+
+def start_accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: bool = False,
+                 alpn: list[str] | None = None, min_version: str = "1.2",
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> socket.socket:
+    """``accept``'s request alone: the plaintext socket, whose first frame is the handshake's outcome
+    (``established`` reads it).  An error here is the request's (keyrings, permissions, limits); one from
+    ``established`` is the handshake's, which the peer can cause."""
     flags = _version_flag(min_version) | (TLS_REQUIRE_CLIENT_CERT if require_client_cert else 0)
     args = (Ref(keyring), Ref(client_trust) if client_trust else 0, flags, _alpn(alpn), _ms(handshake_timeout))
-    return _hand_over(client, Op.TLS_ACCEPT, args, sock, handshake_timeout)
+    return _hand_over(client, Op.TLS_ACCEPT, args, sock)
 
 
 def connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: list[str] | None = None,
@@ -69,7 +80,8 @@ def connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: list
     """
     args = (server_hostname, Ref(trust), Ref(identity) if identity else 0, _version_flag(min_version), _alpn(alpn),
             _ms(handshake_timeout))
-    return _hand_over(client, Op.TLS_CONNECT, args, sock, handshake_timeout)
+    plain = _hand_over(client, Op.TLS_CONNECT, args, sock)
+    return plain, _outcome(plain, handshake_timeout)
 
 
 def _version_flag(min_version: str) -> int:
@@ -90,7 +102,7 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _hand_over(client, op: Op, args: tuple, sock, timeout: float) -> tuple[socket.socket, TlsInfo]:
+def _hand_over(client, op: Op, args: tuple, sock) -> socket.socket:
     fd = sock if isinstance(sock, int) else sock.fileno()
     _values, received = client._call_trading_fds(op, client._resolve(args), [fd])
     if isinstance(sock, int):
@@ -101,9 +113,13 @@ def _hand_over(client, op: Op, args: tuple, sock, timeout: float) -> tuple[socke
         for extra in received:
             os.close(extra)
         raise E.EPROTO(f"keyden passed back {len(received)} descriptors, not one socket")
-    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, received[0])
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, received[0])
+
+
+def _outcome(plain: socket.socket, handshake_timeout: float) -> TlsInfo:
+    """The handshake's outcome (``established``); the plaintext socket is closed if it failed."""
     try:
-        return plain, established(plain, timeout + OUTCOME_GRACE)
+        return established(plain, handshake_timeout + OUTCOME_GRACE)
     except BaseException:
         plain.close()
         raise

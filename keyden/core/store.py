@@ -930,15 +930,17 @@ class KeyStore:
                 ktype.destroy(value)
 
     def create_detached(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
-                        keyring: int, perm: int, flags: int = 0) -> int:
+                        keyring: int, perm: int, flags: int = 0, filed: bool = True) -> int:
         """The top of a tree the daemon builds (an import): made as ``create_internal`` would, filed nowhere.
 
-        The daemon holds it until ``attach`` files it in ``keyring`` or
-        ``discard_detached`` drops it.  Nothing below a detached key
-        persists, so a crash while the tree is built leaves none of it on
-        disk, and the tree reaches a persistent keyring whole, in one step.
-        ``keyring`` is checked now (write permission, a namesake) so a
-        refusal comes before the work; ``attach`` checks it again.
+        The daemon holds it until ``attach`` files it in ``keyring`` (or
+        ``attach_members`` files its members there) or ``discard_detached``
+        drops it.  Nothing below a detached key persists, so a crash while
+        the tree is built leaves none of it on disk, and the tree reaches a
+        persistent keyring whole, in one step.  ``keyring`` is checked now
+        (write permission; if the top itself is to be ``filed`` there, a
+        namesake and the keyring's restriction) so a refusal comes before
+        the work; ``attach`` and ``attach_members`` check again.
         """
         try:
             _check_new_key(perm, flags, 0)
@@ -946,8 +948,9 @@ class KeyStore:
             ktype.check_description(description)
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
-                _refuse_namesake(ring, ktype, description)
-                self._admit(ring, ktype, description, value)
+                if filed:
+                    _refuse_namesake(ring, ktype, description)
+                    self._admit(ring, ktype, description, value)
                 key = self._create(ktype, description, caller.cred, perm, value, quota_len)
                 value = None
                 key.flags = flags

@@ -19,11 +19,13 @@ def default_socket_path(env: dict[str, str] | None = None) -> str:
     return SYSTEM_SOCKET
 
 
-def client_socket_path(env: dict[str, str] | None = None) -> str:
-    """Where a client looks: as the daemon, but a login session with no keyden of its own in
-    $XDG_RUNTIME_DIR uses the system daemon's socket (as a login shell talks to a system service)."""
+def client_socket_path(env: dict[str, str] | None = None, system_socket: str = SYSTEM_SOCKET) -> str:
+    """Where a client looks: as the daemon, but a login session with no keyden socket of its own in
+    $XDG_RUNTIME_DIR uses the system daemon's, if there is one (as a login shell talks to a system
+    service).  With neither, the session's path: the error names where the user's daemon would be."""
     env = os.environ if env is None else env
     path = default_socket_path(env)
-    if not env.get(SOCKET_ENV) and path != SYSTEM_SOCKET and not os.path.exists(path):
-        return SYSTEM_SOCKET
+    if not env.get(SOCKET_ENV) and path != system_socket and not os.path.exists(path) \
+            and os.path.exists(system_socket):
+        return system_socket
     return path

@@ -211,8 +211,8 @@ class Server:
             self.request_stop()
             tls_engine.stop()  # handshakes still running hear why, and are audited
             if self.listener is not None:
+                _unlink_if_ours(self.config.socket, self._socket_id)  # while it is open: its inode is not reused
                 self.listener.close()
-                _unlink_if_ours(self.config.socket, self._socket_id)
             if self.journal is not None:
                 self.journal.close()
             log.info("keyden stopped")

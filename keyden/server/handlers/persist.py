@@ -69,7 +69,7 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
     for ring, member in links:
         first_parent.setdefault(member, ring)
     order = sorted(first_parent, key=lambda i: _depth(i, first_parent))
-    top = _make(ctx, entries[0], keyring, flags, detached=True)
+    top = _make(ctx, entries[0], keyring, flags, detached=True, filed=not contents)
     serials: dict[int, int] = {0: top}
     try:
         for index in order[1:]:
@@ -99,14 +99,14 @@ def _depth(index: int, first_parent: dict[int, int]) -> int:
     return depth
 
 
-def _make(ctx, entry: export.Entry, parent: int, flags: int, detached: bool = False) -> int:
+def _make(ctx, entry: export.Entry, parent: int, flags: int, detached: bool = False, filed: bool = True) -> int:
     ktype = T.lookup(entry.type)
     if ktype.is_keyring and entry.description.startswith("."):
         raise E.EPERM("keyring names beginning with '.' are reserved")
     value, quota = ktype.preparse(entry.payload)
     if detached:
         return ctx.store.create_detached(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
-                                         flags)
+                                         flags, filed=filed)
     return ctx.store.create_internal(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
                                      flags)
 
