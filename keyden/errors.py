@@ -37,8 +37,8 @@ class KeydenError(Exception):
     def __str__(self) -> str:
         return f"{self.name}: {self.message}"
 
-    def __reduce__(self):
-        return (type(self), (self.message,))
+    def __reduce__(self):  # pickle and copy keep what was set on the instance (before_hello) too
+        return (type(self), (self.message,), self.__dict__ or None)
 
 
 def _define(name: str, doc: str) -> type[KeydenError]:

@@ -57,6 +57,8 @@ def test_a_client_in_a_login_session_without_its_own_daemon_uses_the_system_one(
     (tmp_path / "user").mkdir()
     mine = str(tmp_path / "user" / "keyden.sock")
     assert client_socket_path(runtime, system) == mine  # neither: the error will name the user's own path
+    (tmp_path / "not-a-socket").write_text("")
+    assert client_socket_path(runtime, str(tmp_path / "not-a-socket")) == mine  # no socket there: none
     sockets = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]
     try:
         sockets[0].bind(system)

@@ -205,6 +205,12 @@ def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatc
     cfg.db_path, cfg.master_key_file = "db/keys.db", "m.key"
     with pytest.raises(StartupError, match=r"db_path = 'db/keys.db' is relative, so it is .*/state/db/keys.db"):
         paths(cfg)
+    (tmp_path / "db" / "keys.db").unlink()
+    (tmp_path / "m.key").write_bytes(b"an old key file")
+    with pytest.raises(StartupError, match="master_key_file = 'm.key' is relative"):
+        paths(cfg)
+    cfg.passphrase_file = str(tmp_path / "passphrase")  # sealed under a passphrase: no key file is read
+    assert paths(cfg)[1] == str(tmp_path / "state" / "m.key")
 
 
 def test_a_master_key_file_that_cannot_be_written_is_left_absent(tmp_path, monkeypatch):

@@ -216,3 +216,45 @@ def test_a_proxy_whose_daemon_restarts_without_its_keyring_stops_with_exit_1(pki
             proc.stdout.close()
             proc.stderr.close()
         d.cleanup()
+
+
+@pytest.mark.parametrize("request_error, outcome_error, probe_error, stops", [
+    (None, "ENOKEY", None, False),       # a peer without the client certificate asked for: its own failure
+    (None, "EKEYEXPIRED", "ENOKEY", False),  # ... an expired one: never a probe, whatever it would say
+    ("EAGAIN", None, None, False),       # a limit other connections reached (handshakes per peer)
+    ("EACCES", None, "EMFILE", False),   # refused, but the probe meets a session limit: not the configuration
+    ("ENOKEY", None, "ENOKEY", True),    # the keyring is gone, and the probe confirms it
+    ("EKEYREVOKED", None, "EKEYREVOKED", True),
+])
+def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outcome_error, probe_error, stops):
+    """In-process, with keyden's answers chosen: a remote peer can fail its own handshake as it likes (it
+    used to make the proxy probe keyden, and a probe refused for a limit stopped the proxy)."""
+    from keyden import errors as E
+    from keyden.cli import tls as proxy_cli
+
+    calls = []
+
+    def start_accept(client, sock, keyring, **options):
+        calls.append(sock)
+        error = request_error if len(calls) == 1 else probe_error
+        if error:
+            raise getattr(E, error)("chosen by the test")
+        mine, theirs = socket.socketpair()
+        theirs.close()
+        return mine
+
+    def established(plain, timeout):
+        if outcome_error:
+            raise getattr(E, outcome_error)("chosen by the test")
+
+    monkeypatch.setattr(proxy_cli.client_tls, "start_accept", start_accept)
+    monkeypatch.setattr(proxy_cli.client_tls, "established", established)
+    monkeypatch.setattr(proxy_cli, "splice", lambda a, b: (a.close(), b.close()))
+    client = type("Answering", (), {"ping": lambda self, data: data})()
+    proxy = proxy_cli._Proxy(client, 1234, {"handshake_timeout": 1.0}, "unix:/nonexistent/upstream.sock", 1)
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as conn:
+        assert proxy.slots.acquire(blocking=False)  # as run() does before handing a connection over
+        proxy._serve(conn, ("192.0.2.1", 4242), listener)
+    assert proxy.lost_keyden is stops
+    probed = request_error in ("ENOKEY", "EACCES", "EKEYREVOKED")
+    assert len(calls) == 1 + probed  # a probe only for a refusal of the request that names the keyring

@@ -149,9 +149,12 @@ class _Proxy:
                 return
             try:
                 client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
-            except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's
+            except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's, or keyden stopping
                 plain.close()
                 _report(peer, exc.message or exc.strerror())
+                if isinstance(exc, E.ECONNRESET) and not self._keyden_answers():
+                    self.lost_keyden = True
+                    listener.shutdown(socket.SHUT_RDWR)
                 return
             try:
                 upstream = self._connect_forward()

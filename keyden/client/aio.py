@@ -21,6 +21,7 @@ asyncio transport).
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import itertools
 import os
@@ -162,7 +163,7 @@ class AsyncClient(Operations):
             try:
                 await asyncio.shield(reopening)
             except E.KeydenError as exc:
-                raise type(exc)(exc.message) from None  # one exception object per request, as _lost_error
+                raise copy.copy(exc) from None  # one exception object per request, as _lost_error
             if self._closed:
                 raise E.ECONNRESET("the client is closed")
             future = self._write(op, args)

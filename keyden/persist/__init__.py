@@ -29,16 +29,17 @@ log = logging.getLogger("keyden.persist")
 def paths(config) -> tuple[str, str]:
     """(database, master key file) for a ServerConfig: its settings, else files in the state directory.
     A relative setting is under the state directory, as ``audit``'s is (not wherever the daemon started)."""
+    passphrase = bool(config.passphrase_file or os.environ.get(PASSPHRASE_ENV))  # then no key file is read
     return (_under_state_dir(config, "db_path", "keys.db"),
-            _under_state_dir(config, "master_key_file", "master.key"))
+            _under_state_dir(config, "master_key_file", "master.key", check=not passphrase))
 
 
-def _under_state_dir(config, setting: str, default: str) -> str:
+def _under_state_dir(config, setting: str, default: str, check: bool = True) -> str:
     """A relative setting used to be taken from the working directory: a store found only there is not
     silently replaced by a new, empty one under the state directory (StartupError naming both)."""
     given = getattr(config, setting)
     path = os.path.join(config.state_dir, given or default)
-    if given and not os.path.isabs(given) and not os.path.exists(path) and os.path.exists(given):
+    if check and given and not os.path.isabs(given) and not os.path.exists(path) and os.path.exists(given):
         raise StartupError(f"{setting} = {given!r} is relative, so it is {path} (under the state directory), "
                            f"which does not exist, while {os.path.abspath(given)} does (where earlier versions "
                            f"looked): move it there, or give {setting} as an absolute path")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 SOCKET_ENV = "KEYDEN_SOCKET"
 SYSTEM_SOCKET = "/run/keyden/keyden.sock"
@@ -25,7 +26,13 @@ def client_socket_path(env: dict[str, str] | None = None, system_socket: str = S
     service).  With neither, the session's path: the error names where the user's daemon would be."""
     env = os.environ if env is None else env
     path = default_socket_path(env)
-    if not env.get(SOCKET_ENV) and path != system_socket and not os.path.exists(path) \
-            and os.path.exists(system_socket):
+    if not env.get(SOCKET_ENV) and path != system_socket and not os.path.exists(path) and _is_socket(system_socket):
         return system_socket
     return path
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
