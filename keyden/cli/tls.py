@@ -142,19 +142,13 @@ class _Proxy:
                 plain = client_tls.start_accept(self.client, conn, self.keyring, **self.tls_options)
             except E.KeydenError as exc:  # the request's refusal: ours, never the peer's doing
                 conn.close()
-                _report(peer, exc.message or exc.strerror())
-                if isinstance(exc, E.ECONNRESET) and not self._keyden_answers() or self._no_longer_served(exc):
-                    self.lost_keyden = True  # the daemon is gone, or our keyring is: exit 1
-                    listener.shutdown(socket.SHUT_RDWR)
+                self._failed(peer, exc, listener, request=True)
                 return
             try:
                 client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
             except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's, or keyden stopping
                 plain.close()
-                _report(peer, exc.message or exc.strerror())
-                if isinstance(exc, E.ECONNRESET) and not self._keyden_answers():
-                    self.lost_keyden = True
-                    listener.shutdown(socket.SHUT_RDWR)
+                self._failed(peer, exc, listener, request=False)
                 return
             try:
                 upstream = self._connect_forward()
@@ -166,6 +160,15 @@ class _Proxy:
             splice(plain, upstream)
         finally:
             self.slots.release()
+
+    def _failed(self, peer, exc: E.KeydenError, listener: socket.socket, request: bool) -> None:
+        """Report a connection that failed; stop accepting (exit 1) if keyden is gone, or, when keyden
+        refused the ``request`` itself, if it no longer serves our configuration."""
+        _report(peer, exc.message or exc.strerror())
+        gone = isinstance(exc, E.ECONNRESET) and not self._keyden_answers()
+        if gone or request and self._no_longer_served(exc):
+            self.lost_keyden = True
+            listener.shutdown(socket.SHUT_RDWR)
 
     def _no_longer_served(self, exc: E.KeydenError) -> bool:
         """Is this refusal of the request our configuration's, for good?  A keyring revoked, expired or gone

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
 from keyden import errors as E
+from keyden.crypto import symmetric
 
 log = logging.getLogger("keyden.asymmetric")
 
@@ -430,7 +431,7 @@ def generate(spec: str) -> ParsedKey:
     if not isinstance(spec, str) or spec not in _GENERATE:
         shown = repr(spec[:40]) if isinstance(spec, str) else type(spec).__name__  # a spec is never secret
         raise E.EINVAL(f"unknown key spec {shown}; use one of {', '.join(_GENERATE)}, or for symmetric keys "
-                       "aes:128|192|256, chacha20 or hmac:BITS")
+                       f"{symmetric.KEY_SPECS}")
     kind, arg = _GENERATE[spec]
     if kind == "rsa":
         priv = rsa.generate_private_key(public_exponent=65537, key_size=arg)

@@ -520,6 +520,10 @@ def hmac_verify(name: str, key, data, tag) -> None:
 _KEY_SPEC = re.compile(r"(aes):(128|192|256)|(chacha20)|(hmac):([1-9][0-9]{0,5})")
 
 
+#: the specs generate_key takes, for messages
+KEY_SPECS = "aes:128|192|256, chacha20 or hmac:BITS"
+
+
 def generate_key(key_spec: str) -> tuple[bytes, str]:
     """Random key for ``aes:128|192|256``, ``chacha20`` or ``hmac:N`` (N bits, 128..1024, N % 8 == 0).
 
@@ -528,7 +532,7 @@ def generate_key(key_spec: str) -> tuple[bytes, str]:
     """
     match = _KEY_SPEC.fullmatch(key_spec) if isinstance(key_spec, str) else None
     if match is None:
-        raise E.EINVAL(f"unknown key spec {_show(key_spec)}; use aes:128|192|256, chacha20 or hmac:BITS")
+        raise E.EINVAL(f"unknown key spec {_show(key_spec)}; use {KEY_SPECS}")
     if match[3]:
         return os.urandom(32), "chacha20"
     family, bits = (match[1], int(match[2])) if match[1] else (match[4], int(match[5]))

@@ -208,4 +208,3 @@ class SealedJournal(Journal):
             log.info("rekeyed: %d records re-sealed under the new master key%s", len(resealed),
                      f"; {stuck} unreadable records left as they were" if stuck else "")
             return len(resealed)
-
