@@ -46,6 +46,16 @@ def test_add_read_describe_search(arun, client):
     assert description.uid == uid
 
 
+def test_keys_lists_the_sessions_keys(arun, client):
+    serial = client.add("user", "aio:keys", b"abc", "@s")
+
+    async def scenario(c):
+        return await c.keys()
+
+    listed = {k.serial: k for k in arun(scenario)}
+    assert listed[serial].description == "aio:keys" and listed[serial].summary == "3"
+
+
 def test_update_setperm_revoke_and_errors(arun):
     async def scenario(c):
         serial = await c.add("user", "aio:update", b"old")

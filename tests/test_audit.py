@@ -60,6 +60,17 @@ def test_every_operation_is_recorded_with_caller_keys_and_result(fresh_daemon):
         assert isinstance(rec["ts"], float)
 
 
+def test_a_keys_listing_names_no_key_its_page_starts_after(fresh_daemon):
+    """KEYS' cursor is a serial to list after, not a key used: the line's keys stay empty."""
+    d = fresh_daemon()
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        serial = c.add("user", DESCRIPTION, SECRET, "@s")
+        c.keys_page(serial)
+        records = mine(audit_lines(log_path))
+    assert (records[-1]["op"], records[-1]["keys"], records[-1]["result"]) == ("keys", [], "ok")
+
+
 def test_a_streams_lines_name_its_key(fresh_daemon):
     """STREAM_UPDATE/FINAL/ABORT name a stream by its handle: their lines carry the stream's key (they
     said "keys": [] even when the key had been revoked under them)."""

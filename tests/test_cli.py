@@ -250,6 +250,18 @@ def test_unlink_purge_and_reap_walk_the_session_tree(keyden, client):
 # -------------------------------------------------------------- attributes
 
 
+def test_keys_shows_every_viewable_key_with_its_time_left_as_proc_keys(keyden, client):
+    timed = client.add("user", "kd-keys-timed", b"12345", "@s")
+    ok(keyden("timeout", str(timed), "7300"))
+    logon = client.add("logon", "kd:keys", b"s3cret!", "@s")
+    lines = {line.split()[0]: line for line in ok(keyden("keys")).splitlines()}
+    assert lines[f"{timed:08x}"].split()[1:5] == ["I--Q---", "1", "2h", "3f010000"]
+    assert lines[f"{timed:08x}"].endswith(" user      kd-keys-timed: 5")
+    assert lines[f"{logon:08x}"].split()[3] == "perm" and lines[f"{logon:08x}"].endswith(" kd:keys: 7")
+    r = keyden("keys", "extra")
+    assert (r.rc, r.err) == (2, "Format:\n  keyden keys\n")
+
+
 def test_setperm_chown_chgrp_timeout_move_search_request(keyden, client):
     key = client.add("user", "k", b"v", "@s")
     ok(keyden("setperm", str(key), "0x3f3f0000"))

@@ -582,3 +582,26 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
                               capture_output=True, text=True, env=env, timeout=30)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (command, proc.stderr)
         assert said in proc.stderr.strip().splitlines()[-1], (command, proc.stderr)
+
+
+def test_keys_pages_through_every_viewable_key_under_a_small_frame_cap(fresh_daemon):
+    """The /proc/keys view over the wire: one key per page when only one fits the frame cap, every state
+    field carried (time left, revoked, no-export), and each type's summary as the kernel describes it."""
+    d = fresh_daemon("max_frame = 4096\n")
+    with d.connect() as c:
+        plain = c.add("user", "kd-keys:plain", b"12345", "@s")
+        c.timeout(plain, 3 * 86400 + 60)
+        gone = c.add("user", "kd-keys:gone", b"x", "@s")
+        c.revoke(gone)
+        sealed = c.generate("ed25519", "kd-keys:sealed", "@s", no_export=True)
+        found = c.keys()
+        page, more = c.keys_page()
+    assert len(page) == 1 and more  # a 4 KiB cap: one key per reply, and keys() followed them all
+    serials = [k.serial for k in found]
+    assert serials == sorted(set(serials)) and {plain, gone, sealed} <= set(serials)
+    by = {k.serial: k for k in found}
+    assert by[plain].time_left(time.time()) == "3d" and by[plain].summary == "5" and not by[plain].revoked
+    assert by[gone].revoked and by[gone].proc_line(time.time()).split()[1] == "IR-Q---"
+    assert by[sealed].no_export and by[sealed].type == "asymmetric"
+    assert by[sealed].summary.startswith("PKCS8.ed25519 ") and by[sealed].summary.endswith(" []")
+

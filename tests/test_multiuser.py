@@ -191,6 +191,30 @@ def test_other_bits_grant_access_to_every_other_user(daemon, users):
     assert run_as(users.c, probe) == expected
 
 
+def test_keys_shows_another_users_key_only_where_its_mask_lets_one_view_it(daemon, users):
+    """/proc/keys lists what key_task_permission(VIEW) allows: not another uid's keys by default, those whose
+    other bits grant view, and for root no more than for anyone (the mask has no root bypass)."""
+    sock = daemon.socket
+
+    def a_makes_keys():
+        c, _token = new_session(sock)
+        with c:
+            hidden = c.add("user", "kd:keys-hidden", SECRET, "@s")
+            shown = c.add("user", "kd:keys-shown", SECRET, "@s")
+            c.setperm(shown, OTHER_VIEW_READ)
+            return hidden, shown
+
+    hidden, shown = run_as(users.a, a_makes_keys)
+
+    def listed():
+        with keyden.connect(sock) as c:
+            return [[k.serial, k.uid, k.description] for k in c.keys() if k.serial in (hidden, shown)]
+
+    expected = [[shown, users.a.uid, "kd:keys-shown"]]
+    assert run_as(users.b, listed) == expected
+    assert listed() == expected  # root
+
+
 def test_group_bits_apply_to_members_of_the_keys_group_only(daemon, users):
     sock = daemon.socket
 

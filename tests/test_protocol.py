@@ -46,6 +46,20 @@ def test_every_request_and_response_round_trips(op):
     assert W.response_schema(frame.op).decode(frame.body) == out
 
 
+def test_a_key_record_carries_every_state_flag_to_the_client():
+    from keyden.client.common import key_status
+
+    names = [name for name, _bit in W.KEY_STATE_BITS]
+    for on in [set(), set(names), *({name} for name in names)]:
+        state = sum(bit for name, bit in W.KEY_STATE_BITS if name in on)
+        record = W.KEY_RECORD.encode((-5, "user", 7, -1, 0x3F010000, state, 2, 1_900_000_000, "d\u00e9sc", "5"))
+        status = key_status(record)
+        assert {name for name in names if getattr(status, name)} == on
+        assert (status.serial, status.type, status.uid, status.gid, status.perm, status.usage, status.expiry,
+                status.description, status.summary) == (-5, "user", 7, -1, 0x3F010000, 2, 1.9e9, "d\u00e9sc", "5")
+    assert len({bit for _name, bit in W.KEY_STATE_BITS}) == len(W.KEY_STATE_BITS)
+
+
 def test_opcodes_are_explicit_and_unique():
     values = [op.value for op in Op]
     assert len(values) == len(set(values))

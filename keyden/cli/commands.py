@@ -15,6 +15,7 @@ import os
 import signal
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -291,6 +292,15 @@ def cmd_rlist(ctx, args):
 def cmd_describe(ctx, args):
     expect(args, 1)
     print(call("keyctl_describe_alloc", ctx.client.describe, ctx.key(args[0])).keyctl())
+
+
+def cmd_keys(ctx, args):
+    """Every key you may view, one /proc/keys line each: serial (hex), flags, usage, time left (perm, expd,
+    or 59s/5m/2h/3d/1w), permissions, uid, gid, type, description and what its type adds."""
+    expect(args, 0)
+    now = time.time()
+    for status in call("keys", ctx.client.keys):
+        print(status.proc_line(now))
 
 
 def cmd_rdescribe(ctx, args):
@@ -665,6 +675,7 @@ COMMANDS: tuple[Command, ...] = (
             extension=True),
     Command("invalidate", "<key>", cmd_invalidate),
     Command("kdf", f"<key> <keyring> {dataplane.KEY_USAGE}", dataplane.cmd_kdf, extension=True),
+    Command("keys", "", cmd_keys, extension=True),
     Command("leave_session", "[<token>]", cmd_leave_session, extension=True),
     Command("link", "<key> <keyring>", cmd_link),
     Command("list", "<keyring>", cmd_list),

@@ -301,6 +301,14 @@ class AsyncClient(Operations):
             key = await self._send(Op.FIND, key)
         return KeyHandle(self, key)
 
+    async def keys(self) -> list:
+        """Every key you may view, as /proc/keys lists them (KeyStatus), serial order."""
+        found, more = await self.keys_page()
+        while more:
+            page, more = await self.keys_page(found[-1].serial)
+            found += page
+        return found
+
     async def public_key(self, key):
         spki, _cert = await self.public_key_bytes(key)
         return load_public_key(spki)

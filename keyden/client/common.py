@@ -9,9 +9,9 @@ import socket
 import struct
 
 from keyden import errors as E
-from keyden.core.store import Description
+from keyden.core.store import Description, KeyStatus
 from keyden.crypto.asymmetric import PkeyQuery
-from keyden.protocol import Op
+from keyden.protocol import KEY_RECORD, KEY_STATE_BITS, Op
 from keyden.protocol.transport import client_socket_path
 
 SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
@@ -93,6 +93,14 @@ def key_id(ref) -> int | tuple[str, str]:
 #: describe's result and pkey_query's are the daemon's own value types, with keyctl's output formats.
 KeyDescription = Description
 
+
+def key_status(record: bytes) -> KeyStatus:
+    """One KEYS record as a KeyStatus."""
+    serial, type_name, uid, gid, perm, state, usage, expiry, description, summary = KEY_RECORD.decode(record)
+    flags = {name: bool(state & bit) for name, bit in KEY_STATE_BITS}
+    return KeyStatus(serial, type_name, uid, gid, perm, usage=usage, expiry=float(expiry), description=description,
+                     summary=summary, **flags)
+
 def read_result(is_keyring: int, data: bytes) -> bytes | list[int]:
     if is_keyring:
         return list(struct.unpack(f"<{len(data) // 4}i", data))
@@ -120,6 +128,8 @@ def shape(op: Op, values: tuple, args: tuple):
         return values[0].split()
     if op is Op.SESSIONS:
         return [(serial, name.decode()) for serial, name in zip(*values)]
+    if op is Op.KEYS:
+        return [key_status(record) for record in values[0]], bool(values[1])
     if op is Op.X509_VERIFY:
         return [(serial, subject.decode()) for serial, subject in zip(*values)]
     if not values:

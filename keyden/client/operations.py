@@ -150,6 +150,11 @@ class Operations:
         """Drop every token of your uid for this session keyring (a session whose token is lost)."""
         return self._call(Op.END_SESSION, Ref(keyring))
 
+    def keys_page(self, after: int = 0):
+        """One page of the /proc/keys view: ([KeyStatus], more), the keys you may view with a serial above
+        ``after``, in serial order.  ``keys()`` reads every page."""
+        return self._call(Op.KEYS, after)
+
     def restrict_keyring(self, keyring, type: str = "", restriction: str = ""):
         return self._call(Op.RESTRICT_KEYRING, Ref(keyring), type, restriction)
 

@@ -369,6 +369,14 @@ class Client(Operations):
 
         return KeyHandle(self, self._resolve((Ref(serial),))[0])
 
+    def keys(self) -> list:
+        """Every key you may view, as /proc/keys lists them (KeyStatus: state, expiry, a summary), serial order."""
+        found, more = self.keys_page()
+        while more:
+            page, more = self.keys_page(found[-1].serial)
+            found += page
+        return found
+
     def public_key(self, key):
         from keyden.client.handles import load_public_key
 

@@ -63,6 +63,10 @@ class KeyType:
         """match_preparse: True if ``wanted`` is not a plain description, so every key must be tried."""
         return False
 
+    def summary(self, payload: Any, quota_len: int) -> str:
+        """What /proc/keys shows after the description (the type's describe method): the payload's size."""
+        return str(quota_len)
+
     def destroy(self, payload: Any) -> None:
         """Forget the payload; wipe it where Python lets us."""
         if isinstance(payload, bytearray):
@@ -161,6 +165,10 @@ class AsymmetricType(KeyType):
         except ValueError:
             raise E.EINVAL("a key ID is an even number of hex digits") from None
         return True
+
+    def summary(self, payload: Any, quota_len: int) -> str:
+        """asymmetric_key_describe: the key's kind and algorithm, and the tail of its key id."""
+        return payload.summary if payload is not None else ""
 
     def destroy(self, payload: Any) -> None:
         release = getattr(payload, "release", None)  # a ParsedKey: what was built from it lets go too

@@ -233,6 +233,47 @@ class Description:
         return sep.join((self.type, str(self.uid), str(self.gid), f"{self.perm:08x}", self.description))
 
 
+@dataclass(frozen=True)
+class KeyStatus:
+    """One key as /proc/keys shows it: its description, state and expiry (wall clock, 0 = never)."""
+
+    serial: int
+    type: str
+    uid: int
+    gid: int
+    perm: int
+    revoked: bool
+    in_quota: bool  # charged to its owner's quota
+    expired: bool
+    no_export: bool
+    usage: int  # the keyrings linking it, and the sessions and roles that hold it
+    expiry: float
+    description: str
+    summary: str  # what the type's describe adds: a payload's length, a keyring's link count, an algorithm
+
+    def proc_line(self, now: float) -> str:
+        """The key's line in /proc/keys (proc_keys_show), its expiry counted from ``now``."""
+        # /proc/keys' IRDQUNi: every key here is instantiated; none is dead, under construction, negative, or
+        # kept once invalidated (keyden destroys it at once).
+        flags = f"I{'R' if self.revoked else '-'}-{'Q' if self.in_quota else '-'}---"
+        described = f"{self.description}: {self.summary}" if self.summary else self.description
+        return (f"{self.serial:08x} {flags} {self.usage:5d} {self.time_left(now):>4} {self.perm:08x} "
+                f"{self.uid:5d} {self.gid:5d} {self.type:<9.9} {described}")
+
+    def time_left(self, now: float) -> str:
+        """/proc/keys' expiry column: perm, expd, or what is left in its largest unit (s, m, h, d, w)."""
+        if not self.expiry:
+            return "perm"
+        left = self.expiry - now
+        if self.expired or left <= 0:
+            return "expd"
+        left = int(left)
+        for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+            if left >= size:
+                return f"{left // size}{unit}"
+        return f"{left}s"
+
+
 @dataclass
 class Exported:
     """One key of an export: a copy of what is needed to make it again elsewhere."""
@@ -716,29 +757,45 @@ class KeyStore:
             if verdict is not None:
                 return (ring, None) if verdict else (None, last_skip[0])
 
-        seen: dict[int, int] = {}
-
-        def walk(current: Key, depth: int) -> Key | None:
-            if current.defunct:
-                return None
+        for current in self._rings_searched(caller, ring, possessed):
             for key in match.candidates(current):
                 if consider(key):
-                    return key
+                    return key, None
+        return None, last_skip[0]
+
+    def _rings_searched(self, caller: Caller, ring: Key, possessed: bool) -> Iterator[Key]:
+        """The keyrings a search from ``ring`` (granting search) looks in, in order: each one's own keys are
+        tried before the keyrings below it.  Revoked keyrings are not entered, nor keyrings that do not grant
+        search, nor any more than MAX_NESTING levels down."""
+        seen: dict[int, int] = {}
+
+        def walk(current: Key, depth: int) -> Iterator[Key]:
+            if current.defunct:
+                return
+            yield current
             if depth >= MAX_NESTING:
-                return None
+                return
             for sub in list(current.links.values()):
                 if sub.links is None or not self._rights(caller, sub, possessed) & P.SEARCH:
                     continue
                 if seen.get(sub.serial, MAX_NESTING + 1) <= depth + 1:
                     continue  # already searched from at least this high up: nothing new below
                 seen[sub.serial] = depth + 1
-                found = walk(sub, depth + 1)
-                if found is not None:
-                    return found
-            return None
+                yield from walk(sub, depth + 1)
 
-        found = walk(ring, 0)
-        return (found, None) if found is not None else (None, last_skip[0])
+        return walk(ring, 0)
+
+    def _possessed_serials(self, caller: Caller) -> set[int]:
+        """Every key ``_is_possessed`` would find, from one walk of the caller's keyrings (a listing asks
+        about every key: one search per key would cost the keys times the caller's keyrings)."""
+        found: set[int] = set()
+        for root in self._possession_roots(caller):
+            if not self._rights(caller, root, True) & P.SEARCH:
+                continue
+            found.add(root.serial)
+            for ring in self._rings_searched(caller, root, True):
+                found.update(key.serial for key in ring.links.values() if self._rights(caller, key, True) & P.SEARCH)
+        return found
 
     def _search_process_keyrings(self, caller: Caller, match: _Match, skip_expired: bool) -> Key:
         """search_cred_keyrings_rcu: ENOKEY if any keyring searched cleanly, else the last keyring's error."""
@@ -1115,6 +1172,34 @@ class KeyStore:
                         and self._permits(caller, key, None, P.VIEW):
                     return key.serial
             raise error
+
+    def keys(self, caller: Caller, after: int = 0, limit: int = 1024) -> tuple[list[KeyStatus], bool]:
+        """The /proc/keys view: the keys the caller may view (possession counts), revoked and expired ones
+        too, in serial order from the first serial above ``after``; at most ``limit``, and whether more
+        follow."""
+        if limit < 1:
+            raise E.EINVAL("a page holds at least one key")
+        with self.lock:
+            now = self.clock()
+            possessed = self._possessed_serials(caller)
+            found: list[KeyStatus] = []
+            for serial in sorted(serial for serial in self._keys if serial > after):
+                key = self._keys[serial]
+                if not self._permits(caller, key, serial in possessed, P.VIEW):
+                    continue
+                if len(found) == limit:
+                    return found, True
+                found.append(self._status(key, now))
+            return found, False
+
+    def _status(self, key: Key, now: float) -> KeyStatus:
+        if key.links is not None:  # keyring_describe
+            summary = str(len(key.links)) if key.links else "empty"
+        else:
+            summary = key.type.summary(key.payload, key.quota_len)
+        return KeyStatus(key.serial, key.type.name, key.uid, key.gid, key.perm, key.revoked, key.charged,
+                         key.expired(now), bool(key.flags & NO_EXPORT), len(key.parents) + key.pins, key.expiry,
+                         key.description, summary)
 
     # ------------------------------------------------------------- linking
 

@@ -545,6 +545,14 @@ class ParsedKey:
         return f"<ParsedKey {self.algo} {self.key_bits}-bit {half} from {self.source} id={self.key_ids[0].hex()}>"
 
     @property
+    def summary(self) -> str:
+        """As /proc/keys describes an asymmetric key: how it came (X509, PKCS8, or SPKI for a bare public key),
+        the kernel's name for its algorithm, the last 4 bytes of its key id, and "[]" as the kernel ends it."""
+        kind = "X509" if self.certificate is not None else "PKCS8" if self.has_private else "SPKI"
+        algorithm = f"ecdsa-nist-{self.curve}" if self.algo == "ecdsa" else self.algo
+        return f"{kind}.{algorithm} {self.key_ids[0][-4:].hex()} []"
+
+    @property
     def slow(self) -> bool:
         """0.3-0.8 ms per operation (RSA, P-384), not tens of µs: worth a worker thread when others wait."""
         return self.algo == "rsa" or self.curve == "p384"

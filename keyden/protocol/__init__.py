@@ -67,6 +67,7 @@ class Op(enum.IntEnum):
     QUOTA = 32
     SESSIONS = 33
     END_SESSION = 34
+    KEYS = 35  # the /proc/keys view, a page at a time
     # Session keys: agreement and key transport whose results stay inside.
     DERIVE = 40
     DH_COMPUTE = 41
@@ -322,6 +323,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.LEAVE_SESSION: (Schema(("token", K.STR)), _NONE),
     Op.SESSIONS: (_NONE, Schema(("serials", K.I32S), ("names", K.BYTESLIST))),
     Op.END_SESSION: (Schema(("keyring", K.I32)), _NONE),
+    Op.KEYS: (Schema(("after", K.I32)), Schema(("keys", K.BYTESLIST), ("more", K.U8))),
     Op.RESTRICT_KEYRING: (Schema(_RING, ("type", K.STR), ("restriction", K.STR)), _NONE),
     Op.FIND: (Schema(("type", K.STR), ("description", K.STR)), Schema(("serial", K.I32))),
     Op.CAPABILITIES: (_NONE, Schema(("names", K.STR))),
@@ -389,6 +391,18 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
 }
 
 ERROR_SCHEMA = Schema(("message", K.STR))
+
+#: KEYS: each item of ``keys`` is one key, encoded with this schema (what a /proc/keys line shows).
+#: expiry is in seconds since the epoch, 0 for none; usage counts the keyrings and roles holding the key.
+KEY_RECORD = Schema(("serial", K.I32), ("type", K.STR), ("uid", K.I64), ("gid", K.I64), ("perm", K.U32),
+                    ("state", K.U32), ("usage", K.U32), ("expiry", K.I64), ("description", K.STR),
+                    ("summary", K.STR))
+
+#: KEY_RECORD's state bits, by the name of the KeyStatus flag they carry.  /proc/keys' letters for the
+#: states keyden has: R (revoked), Q (charged to its owner's quota), and "expd" for EXPIRED.  Every key is
+#: instantiated (I); keyden has no dead, under-construction, negative or invalidated-but-kept keys
+#: (D, U, N, i), whose letters stay "-".
+KEY_STATE_BITS = (("revoked", 2), ("in_quota", 8), ("expired", 128), ("no_export", 256))
 
 # MOVE flags (KEYCTL_MOVE_EXCL).
 MOVE_EXCL = 1

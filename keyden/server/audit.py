@@ -46,7 +46,8 @@ RESULT_NAMES: dict[int, str] = {0: "ok", **{code: cls.name for code, cls in E.ER
 
 
 def _key_fields(schema: W.Schema) -> tuple[int, ...]:
-    return tuple(i for i, f in enumerate(schema.fields) if f.kind is W.Kind.I32)
+    """The request fields that name keys: every I32 but KEYS' cursor (a serial to list after, not a key used)."""
+    return tuple(i for i, f in enumerate(schema.fields) if f.kind is W.Kind.I32 and f.name != "after")
 
 
 #: op -> (its line's '"op": name' part, indexes of the request's key fields, index of the response's "serial")

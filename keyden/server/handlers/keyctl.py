@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import struct
+
 from keyden import errors as E
 from keyden.core.store import CAPABILITIES
-from keyden.protocol import MOVE_EXCL, Op
+from keyden.protocol import KEY_RECORD, KEY_STATE_BITS, MOVE_EXCL, Op
 from keyden.server.handlers import HANDLERS, handles
+
 
 @handles(Op.ADD)
 def _add(ctx, type_name, description, payload, keyring, secret):
@@ -63,6 +66,23 @@ def _read(ctx, key):
 def _describe(ctx, key):
     d = ctx.store.describe(ctx.caller, key)
     return (d.serial, d.type, d.uid, d.gid, d.perm, d.description)
+
+
+# A KEYS record is at most ~4.3 KiB (the description's 4 KiB and the fixed fields): a page of this many
+# records stays within the frame cap the client announced.
+_KEYS_PAGE = 1024
+_KEY_RECORD_MAX = 4096 + 256
+
+
+@handles(Op.KEYS)
+def _keys(ctx, after):
+    found, more = ctx.store.keys(ctx.caller, after, max(1, min(_KEYS_PAGE, ctx.max_frame // _KEY_RECORD_MAX)))
+    return ([KEY_RECORD.encode((k.serial, k.type, k.uid, k.gid, k.perm, _state_bits(k), k.usage, math.ceil(k.expiry),
+                                k.description, k.summary)) for k in found], int(more))
+
+
+def _state_bits(status) -> int:
+    return sum(bit for name, bit in KEY_STATE_BITS if getattr(status, name))
 
 
 @handles(Op.GET_KEYRING_ID)
