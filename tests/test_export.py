@@ -121,8 +121,13 @@ def test_what_may_not_be_exported(client):
     with pytest.raises(E.EPERM):
         client.export(ring, wrapping_key=wrap)  # one sealed key seals the whole tree
     kept = client.genkey("ec:p256", "kept", "@s", no_export=True)
+    with pytest.raises(E.EPERM):  # its default mask grants no read, but no mask would let it out: EPERM says so
+        client.export(kept, wrapping_key=wrap)
     client.setperm(kept, READABLE)
     with pytest.raises(E.EPERM):
+        client.export(kept, wrapping_key=wrap)
+    client.setperm(kept, 0x08000000)  # searchable by its possessor, and nothing else: the flag is not shown
+    with pytest.raises(E.EACCES):
         client.export(kept, wrapping_key=wrap)
     # Read permission by mask is needed: a logon key's default mask has none.
     logon = client.add("logon", "svc:default", os.urandom(32), "@s")

@@ -1623,7 +1623,8 @@ class KeyStore:
         permission by its mask (possession counts, from the first key down,
         as in a search); the type's readability does not matter, since a
         wrapped export is how unreadable keys move.  A key marked NO_EXPORT
-        anywhere in the tree refuses the whole export (EPERM).
+        anywhere in the tree refuses the whole export (EPERM; before EACCES
+        for a missing read right, to a caller who may view the key).
         """
         with self.lock:
             top, possessed = self._lookup(caller, key_id)
@@ -1639,8 +1640,13 @@ class KeyStore:
                 err = key.state_error(now)
                 if err is not None:
                     raise err
+                # NO_EXPORT first for whoever may view the key (its listing shows the flag): no mask would
+                # let it out, so a missing read right is not the reason to give.
+                sealed = key.flags & NO_EXPORT
+                if sealed and self._permits(caller, key, possessed, P.VIEW):
+                    raise E.EPERM(f"key {key.serial} is marked non-exportable")
                 self._require(caller, key, possessed, P.READ)
-                if key.flags & NO_EXPORT:
+                if sealed:
                     raise E.EPERM(f"key {key.serial} is marked non-exportable")
                 payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
                 index[key.serial] = len(out)
