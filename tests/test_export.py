@@ -284,9 +284,9 @@ class _WatchingJournal(NullJournal):
         self.seen.append((key.description, key.perm))
 
 
-def _importing(journal: NullJournal):
+def _importing(journal: NullJournal, config: StoreConfig | None = None):
     """A store with a persistent keyring reported to ``journal``, and a ctx to run the import handler in."""
-    store = KeyStore(StoreConfig())
+    store = KeyStore(config or StoreConfig())
     store.journal = journal
     _, token = store.join_session(Caller(ALICE))
     caller = Caller(ALICE, process=(4242, 1), session_token=token)
@@ -421,6 +421,28 @@ def test_an_import_of_contents_refused_half_way_takes_back_what_it_linked(monkey
     with pytest.raises(E.EDQUOT):
         persist_handlers._make_tree(ctx, entries, [(0, 1), (0, 2), (0, 3)], persistent, 0, contents=True)
     assert len(calls) == 3 and len(ctx.store) == keys_before and ctx.store.read(ctx.caller, persistent) == []
+
+
+def test_an_import_of_contents_fits_a_quota_it_ends_exactly_at():
+    """The exported keyring, held for the length of the request only, is charged to no quota: an import
+    whose keys end exactly at the quota goes in (it was EDQUOT: one key and its links' bytes over), one
+    byte less is refused, and nothing is left of the refused one."""
+    entries = [X.Entry("keyring", "bundle", READABLE, b"")] + [X.Entry("user", f"k{i}", READABLE, b"v" * 10)
+                                                              for i in range(3)]
+    links = [(0, 1), (0, 2), (0, 3)]
+    ctx, persistent = _importing(_WatchingJournal())
+    before = ctx.store.quota_usage(ALICE.uid)[:2]
+    persist_handlers._make_tree(ctx, entries, links, persistent, 0, contents=True)
+    keys, used = ctx.store.quota_usage(ALICE.uid)[:2]
+
+    ctx, persistent = _importing(_WatchingJournal(), StoreConfig(maxkeys=keys, maxbytes=used))
+    assert persist_handlers._make_tree(ctx, entries, links, persistent, 0, contents=True) == persistent
+    assert ctx.store.quota_usage(ALICE.uid)[:2] == (keys, used)
+
+    ctx, persistent = _importing(_WatchingJournal(), StoreConfig(maxkeys=keys, maxbytes=used - 1))
+    with pytest.raises(E.EDQUOT):
+        persist_handlers._make_tree(ctx, entries, links, persistent, 0, contents=True)
+    assert ctx.store.quota_usage(ALICE.uid)[:2] == before and ctx.store.read(ctx.caller, persistent) == []
 
 
 def test_cli_rekey_refuses_a_passphrase_file_others_may_read(daemon, client, tmp_path):

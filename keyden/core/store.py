@@ -997,7 +997,8 @@ class KeyStore:
         persistent keyring whole, in one step.  ``keyring`` is checked now
         (write permission; if the top itself is to be ``filed`` there, a
         namesake and the keyring's restriction) so a refusal comes before
-        the work; ``attach`` and ``attach_members`` check again.
+        the work; ``attach`` and ``attach_members`` check again.  A top not
+        to be filed is charged to no quota: its members are.
         """
         try:
             _check_new_key(perm, flags, 0)
@@ -1008,7 +1009,10 @@ class KeyStore:
                 if filed:
                     _refuse_namesake(ring, ktype, description)
                     self._admit(ring, ktype, description, value)
-                key = self._create(ktype, description, caller.cred, perm, value, quota_len)
+                # A top never filed only carries its members for the request: charging it (and its links'
+                # bytes) would refuse an import that ends exactly at the quota.
+                key = self._create(ktype, description, caller.cred, perm, value, quota_len,
+                                   IN_QUOTA if filed else NOT_IN_QUOTA)
                 value = None
                 key.flags = flags
                 key.pins += 1
