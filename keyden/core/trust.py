@@ -302,38 +302,30 @@ RESTRICTION_FACTORIES[ASYMMETRIC.name] = asymmetric_restriction
 # ----------------------------------------------------------- system keyrings
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise E.EINVAL(f"cannot read the {what} {path}: {exc.strerror}") from None
-
-
-def _load_blacklist(store: KeyStore, ring: Key, path: str) -> int:
+def _load_blacklist(store: KeyStore, ring: Key, source: str, text: bytes) -> int:
     """One 'tbs:<hex>' or 'bin:<hex>' a line; '#' comments.  A bad line stops the daemon: never skip a ban."""
     count = 0
-    for number, line in enumerate(_read(path, "blacklist file").decode(errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.decode(errors="replace").splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
         try:
             check_blacklist_description(entry)
         except E.KeydenError as exc:
-            raise E.EINVAL(f"{path}:{number}: {exc.message}") from None
+            raise E.EINVAL(f"{source}:{number}: {exc.message}") from None
         store.add_system_key(BLACKLIST_TYPE, entry, None, 0, BLACKLIST_KEY_PERM, keyring=ring)
         count += 1
     return count
 
 
-def _load_bundle(store: KeyStore, ring: Key, path: str) -> tuple[int, int, int, int]:
+def _load_bundle(store: KeyStore, ring: Key, pem: bytes) -> tuple[int, int, int, int]:
     """Each PEM certificate of a CA bundle into ``ring``: (loaded, refused by the parser, blacklisted,
     replaced).  ``replaced`` counts certificates that took the place of an earlier one with the same
     description (subject and key id: a root re-issued with its key), as add_key would."""
     loaded = refused = blacklisted = replaced = 0
     with warnings.catch_warnings():  # old roots with negative serials: pyca warns, the parser copes
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        for block in _PEM_CERT.findall(_read(path, "CA bundle")):
+        for block in _PEM_CERT.findall(pem):
             try:
                 parsed = asymmetric.parse(block)
             except E.KeydenError:
@@ -351,32 +343,34 @@ def _load_bundle(store: KeyStore, ring: Key, path: str) -> tuple[int, int, int, 
     return loaded, refused, blacklisted, replaced
 
 
-def install_system_keyrings(store: KeyStore, config) -> SystemKeyrings:
+def install_system_keyrings(store: KeyStore, ca_bundle: tuple[str, bytes] | None = None,
+                            blacklist: tuple[str, bytes] | None = None) -> SystemKeyrings:
     """Make .blacklist, .builtin_trusted_keys and .secondary_trusted_keys (once per store), and fill them.
 
-    ``config`` supplies ``ca_bundle`` (PEM certificates for the builtin
-    keyring; empty: none) and ``blacklist_file`` (empty: none).  The
-    blacklist is loaded first, so a blacklisted CA never becomes trusted.
+    ``ca_bundle`` is (where it came from, its PEM certificates) for the
+    builtin keyring, ``blacklist`` (where from, its lines) for the
+    blacklist; the caller reads them.  The blacklist is loaded first, so a
+    blacklisted CA never becomes trusted.
     """
     existing = _SYSTEM.get(store)
     if existing is not None:
         return existing
-    blacklist = store.add_system_key(T.KEYRING, BLACKLIST, None, 0, ADMIN_KEYRING_PERM)
-    blacklist.restriction = _BlacklistOnly()
+    banned_ring = store.add_system_key(T.KEYRING, BLACKLIST, None, 0, ADMIN_KEYRING_PERM)
+    banned_ring.restriction = _BlacklistOnly()
     builtin = store.add_system_key(T.KEYRING, BUILTIN, None, 0, BUILTIN_KEYRING_PERM)
     secondary = store.add_system_key(T.KEYRING, SECONDARY, None, 0, ADMIN_KEYRING_PERM)
     store.link_system(secondary, builtin)  # as the kernel: the secondary keyring holds the builtin one
     secondary.restriction = SignedBy("builtin_and_secondary_trusted", system="secondary")
-    system = _SYSTEM[store] = SystemKeyrings(builtin, secondary, blacklist)
+    system = _SYSTEM[store] = SystemKeyrings(builtin, secondary, banned_ring)
     try:
-        if config.blacklist_file:
-            count = _load_blacklist(store, blacklist, config.blacklist_file)
-            log.info("%s: %d entries from %s", BLACKLIST, count, config.blacklist_file)
-        if config.ca_bundle:
-            loaded, refused, banned, replaced = _load_bundle(store, builtin, config.ca_bundle)
+        if blacklist is not None:
+            count = _load_blacklist(store, banned_ring, *blacklist)
+            log.info("%s: %d entries from %s", BLACKLIST, count, blacklist[0])
+        if ca_bundle is not None:
+            loaded, refused, banned, replaced = _load_bundle(store, builtin, ca_bundle[1])
             log.info("%s: holds %d certificates from %s; %d replaced an earlier one with the same subject "
                      "and key id, %d the parser refused, %d blacklisted",
-                     BUILTIN, loaded - replaced, config.ca_bundle, replaced, refused, banned)
+                     BUILTIN, loaded - replaced, ca_bundle[0], replaced, refused, banned)
     except E.KeydenError as exc:  # the daemon will not start: say why where the operator looks
         log.error("system keyrings: %s", exc.message)
         raise

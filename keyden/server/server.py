@@ -67,6 +67,17 @@ def _make_socket_dirs(directory: str) -> None:
         raise StartupError(f"cannot make the socket's directory {directory}: {exc.strerror}") from None
 
 
+def _trust_file(path: str, what: str) -> tuple[str, bytes] | None:
+    """A configured CA bundle or blacklist file, as trust.install_system_keyrings takes it; None if unset."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return path, f.read()
+    except OSError as exc:
+        raise StartupError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
 def _unlink_if_ours(path: str, ours: tuple[int, int] | None) -> None:
     """Remove our socket at shutdown, but not another daemon's: someone may have removed ours and bound
     a new one at the same path since (a second daemon started after the first's socket was deleted)."""
@@ -111,7 +122,8 @@ class Server:
         if cfg.harden:
             applied = harden.harden(cfg.lock_memory)
             log.info("hardening: %s", ", ".join(f"{k}={v}" for k, v in applied.items()))
-        trust.install_system_keyrings(self.store, cfg)
+        trust.install_system_keyrings(self.store, _trust_file(cfg.ca_bundle, "CA bundle"),
+                                      _trust_file(cfg.blacklist_file, "blacklist file"))
         path = cfg.socket
         _make_socket_dirs(os.path.dirname(path))
         self._clear_stale_socket(path)
