@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyden.cli import commands
+from keyden.server.handlers import keyctl as keyctl_handlers
 from tests.conftest import REPO
 
 UID, GID = os.geteuid(), os.getegid()
@@ -332,6 +333,7 @@ def test_supports(keyden, client):
     assert "have_dh_compute=1" in lines and keyden("supports", "dh_compute").rc == 0
     assert int(raw[:2], 16) & 0x04
     assert lines[-3:] == ["have_ns_keyring_name=0", "have_ns_key_tag=0", "have_notify=0"]  # keyctl's names only
+    assert have == keyctl_handlers.HAVE  # every capability keyden has is one of the kernel's, and reported
 
 
 # ---------------------------------------------------------------- sessions

@@ -24,6 +24,7 @@ from keyden.cli import dataplane, persistence, tls, tree, trust
 from keyden.cli.support import (Context, Exit, Usage, call, failure, hex_to_bytes, id32, number, pkey_info,
                                 pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
+from keyden.protocol import CAPABILITY_BITS
 from keyden.protocol.transport import SOCKET_ENV
 
 Handler = Callable[[Context, list[str]], "int | None"]
@@ -537,15 +538,6 @@ def cmd_reap(ctx, args):
 
 
 # ------------------------------------------------------------ capabilities
-
-#: keyctl supports' names, with the byte and bit KEYCTL_CAPABILITIES reports them in.
-CAPABILITY_BITS = (
-    ("capabilities", 0, 0x01), ("persistent_keyrings", 0, 0x02), ("dh_compute", 0, 0x04),
-    ("public_key", 0, 0x08), ("big_key_type", 0, 0x10), ("key_invalidate", 0, 0x20),
-    ("restrict_keyring", 0, 0x40), ("move_key", 0, 0x80), ("ns_keyring_name", 1, 0x01),
-    ("ns_key_tag", 1, 0x02), ("notify", 1, 0x04),
-)
-
 
 def cmd_supports(ctx, args):
     """List capabilities; or exit 0/1 for one that keyden has/lacks, 3 for one nobody knows."""

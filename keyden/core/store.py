@@ -47,20 +47,6 @@ PERSISTENT_KEYRING_PERM = 0x1F030000
 # How a new key counts against its owner's quota (KEY_ALLOC_IN_QUOTA / _QUOTA_OVERRUN / _NOT_IN_QUOTA).
 IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
 
-# KEYCTL_CAPABILITIES bits (byte 0 / byte 1), as keyctl supports reports them.
-CAPABILITIES = {
-    "capabilities": True,
-    "persistent_keyrings": True,
-    "dh_compute": True,
-    "public_key": True,
-    "big_key_type": False,
-    "key_invalidate": True,
-    "restrict_keyring": True,
-    "move_key": True,
-    "ns_keyring_name": False,
-    "ns_key_tag": False,
-    "notify": False,
-}
 
 
 @dataclass

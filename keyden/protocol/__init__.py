@@ -416,6 +416,15 @@ NO_EXPORT = 1  # EXPORT refuses the key, and any keyring holding it (EPERM)
 # IMPORT's own flag, beside the key flags.
 IMPORT_CONTENTS = 0x10000  # an exported keyring's members go into the target keyring, not a copy of it
 
+#: CAPABILITIES: the kernel's KEYCTL_CAPABILITIES names, with the byte and bit it reports each in (keyctl
+#: supports --raw).  The daemon answers with the names of those it has.
+CAPABILITY_BITS = (
+    ("capabilities", 0, 0x01), ("persistent_keyrings", 0, 0x02), ("dh_compute", 0, 0x04),
+    ("public_key", 0, 0x08), ("big_key_type", 0, 0x10), ("key_invalidate", 0, 0x20),
+    ("restrict_keyring", 0, 0x40), ("move_key", 0, 0x80), ("ns_keyring_name", 1, 0x01),
+    ("ns_key_tag", 1, 0x02), ("notify", 1, 0x04),
+)
+
 # TLS_ACCEPT / TLS_CONNECT flags.
 TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate the client trust keyring accepts
 TLS13_ONLY = 2  # no TLS 1.2

@@ -6,8 +6,7 @@ import math
 import struct
 
 from keyden import errors as E
-from keyden.core.store import CAPABILITIES
-from keyden.protocol import KEY_RECORD, KEY_STATE_BITS, MOVE_EXCL, Op
+from keyden.protocol import CAPABILITY_BITS, KEY_RECORD, KEY_STATE_BITS, MOVE_EXCL, Op
 from keyden.server.handlers import HANDLERS, handles
 
 
@@ -118,9 +117,14 @@ def _find(ctx, type_name, description):
     return (ctx.store.find(ctx.caller, type_name, description),)
 
 
+#: What keyden has of the kernel's capabilities: no big_key type, no namespaces, no notifications.
+HAVE = frozenset({"capabilities", "persistent_keyrings", "dh_compute", "public_key", "key_invalidate",
+                  "restrict_keyring", "move_key"})
+
+
 @handles(Op.CAPABILITIES)
 def _capabilities(ctx):
-    return (" ".join(name for name, have in CAPABILITIES.items() if have),)
+    return (" ".join(name for name, _byte, _bit in CAPABILITY_BITS if name in HAVE),)
 
 
 @handles(Op.PING)
