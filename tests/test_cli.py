@@ -88,6 +88,21 @@ def test_help_lists_every_command_and_usage_errors_print_the_synopsis(keyden):
     assert (ambiguous.rc, ambiguous.err) == (2, "Ambiguous command\n")
 
 
+def test_options_lead_for_keyctls_commands_and_go_anywhere_for_keydens():
+    from keyden.cli.support import Usage, options
+
+    # keyctl's: options lead; the first other word starts the data, even one that looks like an option
+    assert options(["-x", "user", "-x", "--no-export"], ("-x", "--no-export")) == (
+        {"-x": True}, ["user", "-x", "--no-export"])
+    assert options(["--password=p w", "a"], valued=("--password",)) == ({"--password": "p w"}, ["a"])
+    # keyden's: anywhere, '--name value' or '--name=value', until '--'
+    assert options(["k", "-a", "gcm(aes)", "--contents", "r", "--", "-a", "x"], ("--contents",), ("-a",),
+                   anywhere=True) == ({"-a": "gcm(aes)", "--contents": True}, ["k", "r", "-a", "x"])
+    for args, anywhere in ((["-a"], True), (["-a"], False), (["k", "-a"], True)):
+        with pytest.raises(Usage):  # a valued option without its value
+            options(args, valued=("-a",), anywhere=anywhere)
+
+
 def test_daemon_not_running_is_a_clear_failure(keyden, tmp_path):
     r = keyden("list", "@s", socket=str(tmp_path / "nothing.sock"))
     assert r.rc == 1

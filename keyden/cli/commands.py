@@ -21,8 +21,8 @@ from typing import Callable
 
 from keyden import errors as E
 from keyden.cli import dataplane, persistence, tls, tree, trust
-from keyden.cli.support import (Context, Exit, Usage, call, failure, hex_to_bytes, id32, number, pkey_info,
-                                pkey_password, read_file, read_stdin, write_bytes)
+from keyden.cli.support import (Context, Exit, Usage, call, expect, failure, hex_to_bytes, id32, number, options,
+                                pkey_info, pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
 from keyden.protocol import CAPABILITY_BITS
 from keyden.protocol.transport import SOCKET_ENV
@@ -39,33 +39,6 @@ class Command:
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def expect(args: list[str], *counts: int) -> None:
-    if len(args) not in counts:
-        raise Usage()
-
-
-def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
-    """Leading options only, as keyctl takes '-x': later words are data, even if they start with '-'."""
-    found: dict[str, object] = {}
-    while args:
-        word = args[0]
-        name, eq, value = word.partition("=")
-        if word in flags:
-            found[word] = True
-            args = args[1:]
-        elif name in valued and eq:
-            found[name] = value
-            args = args[1:]
-        elif word in valued:
-            if len(args) < 2:
-                raise Usage()
-            found[word] = args[1]
-            args = args[2:]
-        else:
-            break
-    return found, args
 
 
 def payload(data: bytes, opts: dict) -> bytes:

@@ -23,8 +23,8 @@ import tempfile
 from typing import Iterator
 
 from keyden import errors as E
-from keyden.cli.support import (Context, Exit, Usage, call, failure, hex_to_bytes, number, pkey_info, pkey_password,
-                                read_file, read_stdin)
+from keyden.cli.support import (Context, Exit, Usage, call, expect, failure, hex_to_bytes, number, options, pkey_info,
+                                pkey_password, read_file, read_stdin)
 from keyden.crypto import symmetric
 
 CHUNK = 1 << 20  # bytes per STREAM_UPDATE
@@ -35,32 +35,6 @@ KEY_USAGE = ("[--kdf <kdf>] [--salt <hex>] [--info <hex>] [--length <n>] [--desc
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def parse(args: list[str], valued: tuple[str, ...]) -> tuple[dict, list[str]]:
-    """Options anywhere (``--name value`` or ``--name=value``; ``--`` ends them), and the other words in order."""
-    found: dict[str, str | None] = {}
-    words: list[str] = []
-    rest = iter(args)
-    for word in rest:
-        name, eq, value = word.partition("=")
-        if word == "--":
-            words += rest
-            break
-        if name in valued and eq:
-            found[name] = value
-        elif word in valued:
-            found[word] = next(rest, None)
-            if found[word] is None:
-                raise Usage()
-        else:
-            words.append(word)
-    return found, words
-
-
-def expect(words: list[str], *counts: int) -> None:
-    if len(words) not in counts:
-        raise Usage()
 
 
 def hex_arg(text: str) -> bytes:
@@ -186,7 +160,7 @@ class Output:
 
 
 def cmd_derive(ctx: Context, args: list[str]) -> None:
-    opts, words = parse(args, KEY_OPTIONS + ("--peer-file",))
+    opts, words = options(args, valued=KEY_OPTIONS + ("--peer-file",), anywhere=True)
     peer_file = opts.get("--peer-file")
     expect(words, 2 if peer_file else 3)
     private = ctx.key(words[0])
@@ -197,7 +171,7 @@ def cmd_derive(ctx: Context, args: list[str]) -> None:
 
 
 def cmd_kdf(ctx: Context, args: list[str]) -> None:
-    opts, words = parse(args, KEY_OPTIONS)
+    opts, words = options(args, valued=KEY_OPTIONS, anywhere=True)
     expect(words, 2)
     key, ring = ctx.key(words[0]), ctx.key(words[1])
     print(call("keyden_kdf", ctx.client.kdf, key, keyring=ring, **new_key_options(opts)))
@@ -276,7 +250,7 @@ def _bad_message() -> Exit:
 
 def cmd_aead(ctx: Context, args: list[str]) -> None:
     """AEAD through keyden.  Without --nonce, encryption lets keyden choose it and writes nonce || ct || tag."""
-    opts, words = parse(args, ("-a", "--aad", "--nonce", "-o"))
+    opts, words = options(args, valued=("-a", "--aad", "--nonce", "-o"), anywhere=True)
     expect(words, 2)
     decrypt = _direction(words[0])
     key = ctx.key(words[1])
@@ -350,7 +324,7 @@ def _bounded(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
 
 def cmd_cipher(ctx: Context, args: list[str]) -> None:
     """cbc(aes)/ctr(aes) in pieces, no padding (as the kernel's skcipher): cbc input must be whole blocks."""
-    opts, words = parse(args, ("-a", "--iv", "-o"))
+    opts, words = options(args, valued=("-a", "--iv", "-o"), anywhere=True)
     expect(words, 2)
     if "-a" not in opts or "--iv" not in opts:
         raise Usage()
@@ -385,14 +359,14 @@ def _mac_of_stdin(ctx: Context, function: str, key_arg: str, alg: str, tag: byte
 
 
 def cmd_hmac(ctx: Context, args: list[str]) -> None:
-    opts, words = parse(args, ("-a",))
+    opts, words = options(args, valued=("-a",), anywhere=True)
     expect(words, 1)
     print(_mac_of_stdin(ctx, "keyden_hmac", words[0], str(opts.get("-a", "hmac(sha256)"))).hex())
 
 
 def cmd_hmac_verify(ctx: Context, args: list[str]) -> int:
     """Status 0 if the tag is the MAC of stdin, 1 (Bad message) if not; truncated tags are refused (EINVAL)."""
-    opts, words = parse(args, ("-a",))
+    opts, words = options(args, valued=("-a",), anywhere=True)
     expect(words, 2)
     expected = hex_arg(words[1])
     if not expected:

@@ -7,7 +7,8 @@ import os
 import stat
 
 from keyden import errors as E
-from keyden.cli.support import Exit, Usage, call, failure, id32, number, read_file, read_stdin, write_bytes
+from keyden.cli.support import (Exit, Usage, call, failure, id32, number, options, read_file, read_stdin,
+                                write_bytes)
 
 EXPORT_USAGE = "<key> --to-public-key <key>|<pemfile> [-o <file>]"
 EXPORT_WRAP_USAGE = "<key> --wrapping-key <key> [-o <file>]"
@@ -49,7 +50,7 @@ def cmd_init(ctx, args):
 
 def cmd_rekey(ctx, args):
     """Rotate the running daemon's master key (root); a passphrase store takes the new passphrase."""
-    named, rest = _named(args, ("--passphrase-file",), ())
+    named, rest = options(args, valued=("--passphrase-file",), anywhere=True)
     if rest:
         raise Usage()
     passphrase = b""
@@ -67,7 +68,7 @@ def cmd_rekey(ctx, args):
 
 
 def cmd_export(ctx, args):
-    named, rest = _named(args, ("--to-public-key", "--wrapping-key", "-o"), ())
+    named, rest = options(args, valued=("--to-public-key", "--wrapping-key", "-o"), anywhere=True)
     if len(rest) != 1 or ("--to-public-key" in named) == ("--wrapping-key" in named):
         raise Usage()
     key = ctx.key(rest[0])
@@ -84,34 +85,13 @@ def cmd_export(ctx, args):
 
 
 def cmd_import(ctx, args):
-    named, rest = _named(args, ("--unwrap-with",), ("--no-export", "--contents"))
+    named, rest = options(args, ("--no-export", "--contents"), ("--unwrap-with",), anywhere=True)
     if len(rest) != 2 or "--unwrap-with" not in named:
         raise Usage()
     blob = read_stdin() if rest[0] == "-" else read_file(rest[0])
     unwrap, ring = ctx.key(named["--unwrap-with"]), ctx.key(rest[1])
     print(call("import", ctx.client.import_key, blob, unwrap, ring, no_export="--no-export" in named,
                contents="--contents" in named))
-
-
-def _named(args: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
-    """Options anywhere among the words ('--opt value', '--opt=value', flags); the other words in order."""
-    named: dict[str, str] = {}
-    rest: list[str] = []
-    words = iter(args)
-    for word in words:
-        name, eq, value = word.partition("=")
-        if word in flags:
-            named[word] = ""
-        elif name in valued and eq:
-            named[name] = value
-        elif word in valued:
-            value = next(words, None)
-            if value is None:
-                raise Usage()
-            named[word] = value
-        else:
-            rest.append(word)
-    return named, rest
 
 
 def _write_private(path: str, data: bytes) -> None:

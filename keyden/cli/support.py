@@ -37,6 +37,46 @@ class NoDaemon(Exception):
     """The daemon cannot be reached at all."""
 
 
+def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...] = (), *,
+            anywhere: bool = False) -> tuple[dict[str, str | bool], list[str]]:
+    """The options (flags: True; valued: '--name value' or '--name=value') and the other words, in order.
+
+    keyctl's commands take options leading only, as keyctl takes '-x': later words are data, even if they
+    start with '-'.  keyden's own take them ``anywhere``, up to a '--'.
+    """
+    found: dict[str, str | bool] = {}
+    words: list[str] = []
+    at = 0
+    while at < len(args):
+        word = args[at]
+        name, eq, value = word.partition("=")
+        if anywhere and word == "--":
+            words += args[at + 1:]
+            break
+        if word in flags:
+            found[word] = True
+        elif name in valued and eq:
+            found[name] = value
+        elif word in valued:
+            if at + 1 == len(args):
+                raise Usage()
+            at += 1
+            found[word] = args[at]
+        elif anywhere:
+            words.append(word)
+        else:
+            words += args[at:]
+            break
+        at += 1
+    return found, words
+
+
+def expect(words: list[str], *counts: int) -> None:
+    """Usage unless there are as many words as one of ``counts``."""
+    if len(words) not in counts:
+        raise Usage()
+
+
 def failure(function: str, exc: BaseException) -> Exit:
     """keyctl's perror(function) and exit(1), for a keyden or an OS error."""
     code = getattr(exc, "code", None) if isinstance(exc, E.KeydenError) else getattr(exc, "errno", None)

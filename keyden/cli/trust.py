@@ -11,8 +11,7 @@ from __future__ import annotations
 import datetime
 
 from keyden import errors as E
-from keyden.cli.dataplane import parse
-from keyden.cli.support import Context, Exit, Usage, call
+from keyden.cli.support import Context, Exit, Usage, call, options
 
 PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so other commands start fast
 
@@ -34,7 +33,7 @@ def unix_time(text: str) -> int:
 
 
 def cmd_x509_verify(ctx: Context, args: list[str]):
-    opts, words = parse(args, ("--chain", "--host", "--purpose", "--at"))
+    opts, words = options(args, valued=("--chain", "--host", "--purpose", "--at"), anywhere=True)
     if len(words) != 2:
         raise Usage()
     purpose = opts.get("--purpose", "")
