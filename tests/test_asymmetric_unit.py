@@ -115,6 +115,16 @@ def test_certificate_with_own_skid_and_without_skid(keys):
     assert none.default_description == f"Test Signer: {spki_id(priv).hex()}"
 
 
+def test_proc_keys_summary_names_the_kind_the_algorithm_and_a_certificates_skid_tail(keys):
+    """asymmetric_key_describe: "X509.<algorithm> <last 4 bytes of the SKID> []", no tail without an SKID
+    (nor for a private key, whose kernel parser gives it no id)."""
+    assert A.parse(make_cert(keys["p256"], skid=b"\x01\x02\x03\x04\x05").public_bytes(DER)).summary == \
+        "X509.ecdsa-nist-p256 02030405 []"
+    assert A.parse(make_cert(keys["rsa"], skid=None).public_bytes(DER)).summary == "X509.rsa []"
+    assert A.parse(pkcs8(keys["p384"])).summary == "PKCS8.ecdsa-nist-p384 []"
+    assert A.parse(spki(keys["ed25519"])).summary == "SPKI.ed25519 []"
+
+
 @pytest.mark.parametrize("attrs,label", [
     ([(NameOID.ORGANIZATION_NAME, "Acme Ltd"), (NameOID.COUNTRY_NAME, "NL")], "Acme Ltd"),
     ([(NameOID.EMAIL_ADDRESS, "ops@example.org")], "ops@example.org"),

@@ -848,8 +848,8 @@ def test_find_passes_over_revoked_and_expired_keys(store, alice, clock):
 
 def mine(store, caller, **kw) -> dict[int, store_module.KeyStatus]:
     """The caller's /proc/keys view, by serial."""
-    found, more = store.keys(caller, **kw)
-    assert not more
+    found, after = store.keys(caller, **kw)
+    assert after == 0  # every key looked at
     return {k.serial: k for k in found}
 
 
@@ -879,7 +879,8 @@ def test_keys_lists_what_the_caller_may_view_in_serial_order_as_proc_keys(store,
     assert seen[timed].time_left(now) == "2h" and seen[timed].expiry == now + 2 * 3600 + 5
     assert seen[revoked].revoked and seen[revoked].proc_line(now).split()[1] == "IR-Q---"
     assert not any(k.expired or k.no_export for k in seen.values())
-    for left, shown in ((2 * 3600 + 5, "2h"), (3600, "1h"), (3599, "59m"), (60, "1m"), (59, "59s"), (0, "expd")):
+    for left, shown in ((2 * 3600 + 5, "2h"), (3600, "1h"), (3599, "59m"), (60, "1m"), (59, "59s"), (0.25, "1s"),
+                        (0, "expd")):
         clock.now = seen[timed].expiry - left
         assert mine(store, alice)[timed].time_left(clock()) == shown
     assert mine(store, alice)[timed].expired  # listed (until collected), as the kernel does
@@ -921,19 +922,48 @@ def test_keys_works_out_possession_in_one_walk_as_each_keys_own_search_would(sto
         assert one_walk == {serial for serial, key in store._keys.items() if store._is_possessed(caller, key)}
 
 
-def test_keys_pages_in_serial_order(store, alice):
+def test_keys_pages_in_serial_order_and_looks_at_a_bounded_number_of_keys_per_page(store, alice, bob):
+    """Each page ends at ``limit`` keys or after ``scan`` serials (the store is locked meanwhile), and says
+    where the next starts: a page may be empty (bob's keys are not alice's to view) and still go on."""
     made = sorted(add_user(store, alice, f"k{i}") for i in range(5))
-    pages, after, more = [], 0, True
-    while more:
-        page, more = store.keys(alice, after=after, limit=2)
-        assert len(page) == 2 if more else 1 <= len(page) <= 2
-        pages.append([k.serial for k in page])
-        after = page[-1].serial
-    listed = [serial for page in pages for serial in page]
-    assert listed == sorted(listed) and set(made) <= set(listed)
-    assert store.keys(alice, after=listed[-1]) == ([], False)
-    with pytest.raises(E.EINVAL):
-        store.keys(alice, limit=0)
+    hidden = {add_user(store, bob, f"b{i}") for i in range(20)}
+    for limit, scan in ((2, 8192), (1024, 3), (1, 1)):
+        listed, after, pages = [], 0, 0
+        while True:
+            page, after_next = store.keys(alice, after=after, limit=limit, scan=scan)
+            assert len(page) <= min(limit, scan) and (after_next == 0 or after_next > after)
+            listed += [k.serial for k in page]
+            pages += 1
+            if not after_next:
+                break
+            after = after_next
+        assert listed == sorted(listed) and set(made) <= set(listed) and not hidden & set(listed)
+        assert listed == [k.serial for k in store.keys(alice)[0]]
+    assert pages > len(listed)  # scan=1: a page per key, bob's included, most of them empty
+    assert store.keys(alice, after=max(store._keys)) == ([], 0)
+    store.invalidate(alice, made[0])  # gone between two pages: the next page goes on after it all the same
+    assert made[0] not in {k.serial for k in store.keys(alice, after=0)[0]}
+    for bad in ({"limit": 0}, {"scan": 0}):
+        with pytest.raises(E.EINVAL):
+            store.keys(alice, **bad)
+
+
+def test_a_non_exportable_key_is_eperm_only_to_whoever_may_view_it(store, alice):
+    """EPERM (no mask would let it out) before EACCES for a missing read right, but only where the key's own
+    mask lets the caller view it: possession inherited from the exported keyring does not count for that."""
+    top = newring(store, alice, "top")
+    inner = newring(store, alice, "inner", top)
+    hidden = add_user(store, alice, "hidden", ring=inner, flags=store_module.NO_EXPORT)
+    store.setperm(alice, hidden, 0x01000000)  # its possessor may view it; its owner nothing
+    seen = add_user(store, alice, "seen", ring=top, flags=store_module.NO_EXPORT)
+    store.setperm(alice, seen, 0x01010000)  # viewable by its owner too; readable by nobody
+    with pytest.raises(E.EPERM):
+        store.export_tree(alice, seen)
+    store.unlink(alice, seen, top)
+    store.setperm(alice, inner, 0x37370000)  # no search: a search does not reach "hidden", so it is not possessed
+    assert hidden not in mine(store, alice)
+    with pytest.raises(E.EACCES):  # as for any key it may not view: its flag is not told
+        store.export_tree(alice, top)
 
 
 def test_an_empty_asymmetric_key_id_matches_nothing_it_is_einval(store, alice):

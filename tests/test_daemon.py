@@ -566,7 +566,7 @@ def test_state_dir_in_a_named_config_file_applies(tmp_path):
     ('ca_bundle = "/nonexistent/bundle.pem"', "cannot read the CA bundle /nonexistent/bundle.pem"),
     ("workers = -1", "workers must be a finite number from 0 to 2147483647"),
     ("gc_interval = inf", "gc_interval must be a finite number from 0.01"),  # no collection, silently
-    ("max_frame = 0", "max_frame must be a finite number from 4096"),
+    ("max_frame = 0", "max_frame must be a finite number from 8192"),
     ("handshake_timeout = nan", "handshake_timeout must be a finite number"),
     ("quota = 5", "quota must be a table"),
     ("[quota]\nidle_timeout = 600", "unknown setting 'idle_timeout' in [quota]"),  # appended after [quota]
@@ -584,24 +584,32 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
         assert said in proc.stderr.strip().splitlines()[-1], (command, proc.stderr)
 
 
-def test_keys_pages_through_every_viewable_key_under_a_small_frame_cap(fresh_daemon):
-    """The /proc/keys view over the wire: one key per page when only one fits the frame cap, every state
-    field carried (time left, revoked, no-export), and each type's summary as the kernel describes it."""
-    d = fresh_daemon("max_frame = 4096\n")
+def test_keys_pages_through_every_viewable_key_under_the_smallest_frame_cap(fresh_daemon):
+    """The /proc/keys view over the wire: pages end where the next record would pass the frame cap (a key
+    with the longest description still fits the smallest), every state field is carried (time left,
+    revoked, no-export), and each type's summary is as the kernel describes it."""
+    d = fresh_daemon("max_frame = 8192\n")
     with d.connect() as c:
         plain = c.add("user", "kd-keys:plain", b"12345", "@s")
         c.timeout(plain, 3 * 86400 + 60)
         gone = c.add("user", "kd-keys:gone", b"x", "@s")
         c.revoke(gone)
         sealed = c.generate("ed25519", "kd-keys:sealed", "@s", no_export=True)
+        longest = c.add("user", "L" * 4095, b"x", "@s")
+        wide = {c.add("user", f"{i}" * 3000, b"x", "@s") for i in range(5)}
         found = c.keys()
-        page, more = c.keys_page()
-    assert len(page) == 1 and more  # a 4 KiB cap: one key per reply, and keys() followed them all
+        pages, after = 0, 0
+        while True:
+            page, after = c.keys_page(after)
+            pages += 1
+            if not after:
+                break
+    assert pages >= 4  # 4 KiB and 3 KB descriptions: at most two keys a page
     serials = [k.serial for k in found]
-    assert serials == sorted(set(serials)) and {plain, gone, sealed} <= set(serials)
+    assert serials == sorted(set(serials)) and {plain, gone, sealed, longest} | wide <= set(serials)
     by = {k.serial: k for k in found}
+    assert by[longest].description == "L" * 4095
     assert by[plain].time_left(time.time()) == "3d" and by[plain].summary == "5" and not by[plain].revoked
     assert by[gone].revoked and by[gone].proc_line(time.time()).split()[1] == "IR-Q---"
-    assert by[sealed].no_export and by[sealed].type == "asymmetric"
-    assert by[sealed].summary.startswith("PKCS8.ed25519 ") and by[sealed].summary.endswith(" []")
+    assert by[sealed].no_export and by[sealed].type == "asymmetric" and by[sealed].summary == "PKCS8.ed25519 []"
 

@@ -145,15 +145,15 @@ def test_batches_equal_one_shot_with_per_item_failures(client, aes):
 
 def test_a_batch_whose_reply_could_pass_the_frame_cap_is_refused_before_any_work(fresh_daemon):
     """The reply is bounded by items plus per-item growth (tags, nonces, digests), checked up front."""
-    d = fresh_daemon("max_frame = 4096\n")
+    d = fresh_daemon("max_frame = 8192\n")
     with d.connect() as c:
         key = os.urandom(32)
         serial = c.add("logon", "test:aes", key)
-        items = [os.urandom(16) for _ in range(100)]  # a 2 KiB request; its sealed reply would be 5208 bytes
+        items = [os.urandom(16) for _ in range(200)]  # a 4 KiB request; its sealed reply would be 10408 bytes
         with pytest.raises(E.EMSGSIZE, match="frame cap"):
             c.batch(GCM, serial, items, random_nonce=True)
-        with pytest.raises(E.EMSGSIZE):  # 200 empty items, 200 HMACs of 32 bytes
-            c.batch("hmac(sha256)", c.add("logon", "test:mac", os.urandom(32)), [b""] * 200)
+        with pytest.raises(E.EMSGSIZE):  # 300 empty items, 300 HMACs of 32 bytes
+            c.batch("hmac(sha256)", c.add("logon", "test:mac", os.urandom(32)), [b""] * 300)
         status, sealed = c.batch(GCM, serial, items[:50], random_nonce=True)  # what fits is answered
         assert status == [0] * 50
         assert [AESGCM(key).decrypt(b[:12], b[12:], None) for b in sealed] == items[:50]
@@ -170,7 +170,7 @@ def test_a_stream_piece_whose_reply_could_pass_the_frame_cap_changes_nothing(fre
     sends it through update first (its reply with the tag would not fit)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    d = fresh_daemon("max_frame = 4096\n")
+    d = fresh_daemon("max_frame = 8192\n")
     with d.connect() as c:
         key, iv = os.urandom(32), os.urandom(16)
         serial = c.add("logon", "test:aes", key)

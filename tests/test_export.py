@@ -445,6 +445,30 @@ def test_an_import_of_contents_fits_a_quota_it_ends_exactly_at():
     assert ctx.store.quota_usage(ALICE.uid)[:2] == before and ctx.store.read(ctx.caller, persistent) == []
 
 
+def test_a_detached_top_revoked_while_its_tree_is_built_is_not_filed():
+    """Another request of the owner's may find the top (a listing shows it) and revoke it: the import then
+    fails rather than report keys it did not bring.  A top made to carry its members is never filed itself
+    (it is charged to no quota)."""
+    from keyden.core import keytypes as T
+
+    ctx, persistent = _importing(_WatchingJournal())
+    for filed in (True, False):
+        top = ctx.store.create_detached(ctx.caller, T.KEYRING, "bundle", None, 0, persistent, 0x3F3F0000,
+                                        filed=filed)
+        ctx.store.revoke(ctx.caller, top)
+        with pytest.raises(E.EKEYREVOKED):
+            if filed:
+                ctx.store.attach(ctx.caller, top, persistent, READABLE)
+            else:
+                ctx.store.attach_members(ctx.caller, top, persistent)
+        ctx.store.discard_detached(top)
+    carrier = ctx.store.create_detached(ctx.caller, T.KEYRING, "bundle", None, 0, persistent, 0x3F3F0000,
+                                        filed=False)
+    with pytest.raises(E.ENOKEY):
+        ctx.store.attach(ctx.caller, carrier, persistent, READABLE)
+    assert ctx.store.read(ctx.caller, persistent) == []
+
+
 def test_cli_rekey_refuses_a_passphrase_file_others_may_read(daemon, client, tmp_path):
     """Checked before anything is sent: a passphrase others could read is spent already."""
     loose = tmp_path / "new-passphrase"

@@ -331,17 +331,17 @@ def test_a_deep_pipeline_is_answered_completely_and_in_order(daemon):
 
 
 def test_an_oversized_frame_gets_emsgsize_then_the_connection_closes(fresh_daemon):
-    d = fresh_daemon("max_frame = 4096\n")
+    d = fresh_daemon("max_frame = 8192\n")
     raw = Raw(d.socket)
-    raw.sock.sendall(W.HEADER.pack(4097, 5, Op.PING, 0))  # announce it; the body never needs to come
+    raw.sock.sendall(W.HEADER.pack(8193, 5, Op.PING, 0))  # announce it; the body never needs to come
     frame = raw.next_frame()
     assert (frame.op, frame.status) == (0, E.EMSGSIZE.code)
     assert raw.next_frame() is None
     raw.close()
     with d.connect() as c:
-        assert c.max_frame == 4096
+        assert c.max_frame == 8192
         with pytest.raises(E.EMSGSIZE):  # the library client knows the cap from HELLO and refuses locally
-            c.ping(b"x" * 5000)
+            c.ping(b"x" * 9000)
 
 
 def _announce_oversized_frames(path: str, times: int) -> int:
@@ -411,12 +411,12 @@ def test_silent_and_slowloris_clients_cost_the_others_nothing(daemon):
 
 
 def test_a_reply_over_the_frame_cap_is_emsgsize_and_the_connection_goes_on(fresh_daemon):
-    """The cap HELLO announces holds for replies too: a keyring listing of 1100 serials (4400 bytes)
-    does not fit a 4096-byte cap."""
-    d = fresh_daemon("max_frame = 4096\n")
+    """The cap HELLO announces holds for replies too: a keyring listing of 2100 serials (8400 bytes)
+    does not fit an 8192-byte cap."""
+    d = fresh_daemon("max_frame = 8192\n")
     with d.connect() as c:
         ring = c.newring("kd-big-listing", "@s")
-        for start in range(0, 1100, 100):
+        for start in range(0, 2100, 100):
             c.call_many([("add", ("user", f"k{i}", b"x", ring)) for i in range(start, start + 100)])
         with pytest.raises(E.EMSGSIZE):
             c.read(ring)

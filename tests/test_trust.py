@@ -454,6 +454,10 @@ def test_system_keyrings_are_made_at_start_and_cannot_be_removed(system, pki):
     assert sorted(c.describe(k).description for k in c.read(blacklist)) == sorted(
         [tbs(system.banned_ca), bin_(system.bin_banned.public_bytes(serialization.Encoding.DER))])
     assert c.describe(root).description.startswith("Test Root: ")  # the later of the two, as add_key would
+    listed = {k.serial: k for k in c.keys()}  # as /proc/keys: a blacklist entry is its description alone
+    assert {listed[k].proc_line(0).split(" blacklist ")[1].strip() for k in c.read(blacklist)} == {
+        c.describe(k).description for k in c.read(blacklist)}
+    assert listed[builtin].summary == "1"
     assert ".builtin_trusted_keys: holds 1 certificates from ; 1 replaced an earlier one with the same subject " \
            "and key id, 1 the parser refused, 1 blacklisted" in system.daemon.read_log().replace(
                system.files + "/ca.pem", "")

@@ -303,9 +303,9 @@ class AsyncClient(Operations):
 
     async def keys(self) -> list:
         """Every key you may view, as /proc/keys lists them (KeyStatus), serial order."""
-        found, more = await self.keys_page()
-        while more:
-            page, more = await self.keys_page(found[-1].serial)
+        found, after = await self.keys_page()
+        while after:
+            page, after = await self.keys_page(after)
             found += page
         return found
 

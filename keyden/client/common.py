@@ -101,6 +101,7 @@ def key_status(record: bytes) -> KeyStatus:
     return KeyStatus(serial, type_name, uid, gid, perm, usage=usage, expiry=float(expiry), description=description,
                      summary=summary, **flags)
 
+
 def read_result(is_keyring: int, data: bytes) -> bytes | list[int]:
     if is_keyring:
         return list(struct.unpack(f"<{len(data) // 4}i", data))
@@ -129,7 +130,7 @@ def shape(op: Op, values: tuple, args: tuple):
     if op is Op.SESSIONS:
         return [(serial, name.decode()) for serial, name in zip(*values)]
     if op is Op.KEYS:
-        return [key_status(record) for record in values[0]], bool(values[1])
+        return [key_status(record) for record in values[0]], values[1]
     if op is Op.X509_VERIFY:
         return [(serial, subject.decode()) for serial, subject in zip(*values)]
     if not values:

@@ -151,8 +151,9 @@ class Operations:
         return self._call(Op.END_SESSION, Ref(keyring))
 
     def keys_page(self, after: int = 0):
-        """One page of the /proc/keys view: ([KeyStatus], more), the keys you may view with a serial above
-        ``after``, in serial order.  ``keys()`` reads every page."""
+        """One page of the /proc/keys view: ([KeyStatus], next), keys you may view with a serial above
+        ``after``, in serial order, and the serial the next page starts after (0: none follows; a page may
+        be empty and still have one).  ``keys()`` reads every page."""
         return self._call(Op.KEYS, after)
 
     def restrict_keyring(self, keyring, type: str = "", restriction: str = ""):

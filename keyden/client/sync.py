@@ -371,9 +371,9 @@ class Client(Operations):
 
     def keys(self) -> list:
         """Every key you may view, as /proc/keys lists them (KeyStatus: state, expiry, a summary), serial order."""
-        found, more = self.keys_page()
-        while more:
-            page, more = self.keys_page(found[-1].serial)
+        found, after = self.keys_page()
+        while after:
+            page, after = self.keys_page(after)
             found += page
         return found
 

@@ -16,6 +16,8 @@ under the lock, so nothing checked before the parse is trusted after it.
 
 from __future__ import annotations
 
+import bisect
+import math
 import secrets
 import threading
 import time
@@ -253,7 +255,7 @@ class KeyStatus:
         left = self.expiry - now
         if self.expired or left <= 0:
             return "expd"
-        left = int(left)
+        left = math.ceil(left)  # whole seconds, as the kernel's: a key not yet expired has at least 1s
         for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
             if left >= size:
                 return f"{left // size}{unit}"
@@ -323,6 +325,13 @@ class _Match:
         return self.ktype.matches(key.description, key.payload, self.description)
 
 
+def _still_whole(top: Key) -> None:
+    """A detached top revoked while its tree was built (by another request of its owner's, which may see it
+    in a listing) is not filed: the import fails rather than report keys it did not bring."""
+    if top.defunct:
+        raise E.EKEYREVOKED(f"key {top.serial} was revoked while the import was built")
+
+
 def _id_arg(value: int, what: str) -> int:
     """A uid/gid argument to chown: -1 (or its 32-bit form) leaves the field alone."""
     if value in (-1, 0xFFFFFFFF):
@@ -360,7 +369,8 @@ class KeyStore:
         self.config = config or StoreConfig()
         self.clock = clock
         self.lock = threading.RLock()
-        self._keys: dict[int, Key] = {}  # creation order: find() and named sessions rely on it
+        self._keys: dict[int, Key] = {}  # creation order: named sessions rely on it
+        self._serial_order: list[int] | None = None  # self._keys' serials sorted, made again after a change
         self._quota: dict[int, _Quota] = {}
         self._user_keyrings: dict[int, Key] = {}
         self._user_session_keyrings: dict[int, Key] = {}
@@ -434,6 +444,7 @@ class KeyStore:
         if key.charged:
             self._charge(key.uid, 1, key.cost, check=quota == IN_QUOTA)
         self._keys[key.serial] = key
+        self._serial_order = None
         return key
 
     def _destroy(self, key: Key) -> None:
@@ -443,6 +454,7 @@ class KeyStore:
         self._changed()
         key.dead = True
         self._keys.pop(key.serial, None)
+        self._serial_order = None
         if key.persisted:
             key.persisted = False
             self.journal.on_forget(key.serial)
@@ -751,8 +763,8 @@ class KeyStore:
 
     def _rings_searched(self, caller: Caller, ring: Key, possessed: bool) -> Iterator[Key]:
         """The keyrings a search from ``ring`` (granting search) looks in, in order: each one's own keys are
-        tried before the keyrings below it.  Revoked keyrings are not entered, nor keyrings that do not grant
-        search, nor any more than MAX_NESTING levels down."""
+        tried before the keyrings below it.  Revoked or invalidated keyrings are not entered, nor keyrings
+        that do not grant search, nor any more than MAX_NESTING levels down."""
         seen: dict[int, int] = {}
 
         def walk(current: Key, depth: int) -> Iterator[Key]:
@@ -1015,8 +1027,9 @@ class KeyStore:
             raise E.EINVAL("permission bits outside 0x3f3f3f3f")
         with self.lock:
             key = self._detached.get(key_id)
-            if key is None or key.uid != caller.uid:
+            if key is None or key.uid != caller.uid or not key.charged:  # (uncharged: made to carry members)
                 raise E.ENOKEY(f"no detached key with serial {key_id}")
+            _still_whole(key)
             ring, _ = self._target_keyring(caller, keyring)
             _refuse_namesake(ring, key.type, key.description)
             key.perm = perm
@@ -1033,6 +1046,7 @@ class KeyStore:
             top = self._detached.get(key_id)
             if top is None or top.uid != caller.uid or top.links is None:
                 raise E.ENOKEY(f"no detached keyring with serial {key_id}")
+            _still_whole(top)
             ring, _ = self._target_keyring(caller, keyring)
             members = list(top.links.values())
             for member in members:
@@ -1156,31 +1170,40 @@ class KeyStore:
             except E.KeydenError as exc:
                 error = exc
             now = self.clock()
-            for serial in sorted(self._keys):  # keyutils skips a key its describe fails on: revoked, expired
+            for serial in self._serials_in_order():  # keyutils skips a key its describe fails on: revoked, expired
                 key = self._keys[serial]
                 if key.type is ktype and key.description == description and key.state_error(now) is None \
                         and self._permits(caller, key, None, P.VIEW):
                     return key.serial
             raise error
 
-    def keys(self, caller: Caller, after: int = 0, limit: int = 1024) -> tuple[list[KeyStatus], bool]:
-        """The /proc/keys view: the keys the caller may view (possession counts), revoked and expired ones
-        too, in serial order from the first serial above ``after``; at most ``limit``, and whether more
-        follow."""
-        if limit < 1:
+    def keys(self, caller: Caller, after: int = 0, limit: int = 1024, scan: int = 8192) -> tuple[list[KeyStatus], int]:
+        """The /proc/keys view, a page at a time: the keys the caller may view (possession counts), revoked and
+        expired ones too, in serial order from the first serial above ``after``.  At most ``limit`` keys, and
+        at most ``scan`` serials looked at (the store is locked meanwhile); with them, the serial to go on
+        after, 0 once every key has been looked at."""
+        if limit < 1 or scan < 1:
             raise E.EINVAL("a page holds at least one key")
         with self.lock:
             now = self.clock()
             possessed = self._possessed_serials(caller)
+            serials = self._serials_in_order()
+            start = bisect.bisect_right(serials, after)
+            end = min(len(serials), start + scan)
             found: list[KeyStatus] = []
-            for serial in sorted(serial for serial in self._keys if serial > after):
-                key = self._keys[serial]
-                if not self._permits(caller, key, serial in possessed, P.VIEW):
-                    continue
-                if len(found) == limit:
-                    return found, True
-                found.append(self._status(key, now))
-            return found, False
+            for at in range(start, end):
+                key = self._keys[serials[at]]
+                if self._permits(caller, key, key.serial in possessed, P.VIEW):
+                    found.append(self._status(key, now))
+                    if len(found) == limit:
+                        end = at + 1
+                        break
+            return found, serials[end - 1] if end < len(serials) else 0
+
+    def _serials_in_order(self) -> list[int]:
+        if self._serial_order is None:
+            self._serial_order = sorted(self._keys)
+        return self._serial_order
 
     def _status(self, key: Key, now: float) -> KeyStatus:
         if key.links is not None:  # keyring_describe
@@ -1566,6 +1589,7 @@ class KeyStore:
                 if key.serial in self._keys or not MIN_SERIAL <= key.serial <= MAX_SERIAL:
                     raise E.EEXIST(f"serial {key.serial} is taken or out of range")
                 self._keys[key.serial] = key
+                self._serial_order = None
                 restored.append(key)
                 if key.charged:
                     self._charge(key.uid, 1, key.cost, check=False)
@@ -1633,7 +1657,7 @@ class KeyStore:
                 # NO_EXPORT first for whoever may view the key (its listing shows the flag): no mask would
                 # let it out, so a missing read right is not the reason to give.
                 sealed = key.flags & NO_EXPORT
-                if sealed and self._permits(caller, key, possessed, P.VIEW):
+                if sealed and self._permits(caller, key, possessed if key is top else None, P.VIEW):
                     raise E.EPERM(f"key {key.serial} is marked non-exportable")
                 self._require(caller, key, possessed, P.READ)
                 if sealed:

@@ -84,6 +84,9 @@ class BlacklistType(T.KeyType):
             raise E.EINVAL("blacklist keys take no data")
         return None, 0
 
+    def summary(self, payload: Any, quota_len: int) -> str:
+        return ""  # blacklist_describe: the description alone
+
 
 BLACKLIST_TYPE = BlacklistType()
 T.register(BLACKLIST_TYPE)

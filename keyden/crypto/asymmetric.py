@@ -546,11 +546,19 @@ class ParsedKey:
 
     @property
     def summary(self) -> str:
-        """As /proc/keys describes an asymmetric key: how it came (X509, PKCS8, or SPKI for a bare public key),
-        the kernel's name for its algorithm, the last 4 bytes of its key id, and "[]" as the kernel ends it."""
+        """As /proc/keys describes an asymmetric key (asymmetric_key_describe): how it came (X509, PKCS8, or
+        SPKI for a bare public key) and the kernel's name for its algorithm; for a certificate with a
+        subject key identifier, its last 4 bytes; and "[]" as the kernel ends it."""
         kind = "X509" if self.certificate is not None else "PKCS8" if self.has_private else "SPKI"
         algorithm = f"ecdsa-nist-{self.curve}" if self.algo == "ecdsa" else self.algo
-        return f"{kind}.{algorithm} {self.key_ids[0][-4:].hex()} []"
+        tail = ""
+        if self.certificate is not None:
+            try:
+                skid = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+                tail = f" {skid.key_identifier[-4:].hex()}"
+            except x509.ExtensionNotFound:
+                pass
+        return f"{kind}.{algorithm}{tail} []"
 
     @property
     def slow(self) -> bool:

@@ -323,7 +323,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.LEAVE_SESSION: (Schema(("token", K.STR)), _NONE),
     Op.SESSIONS: (_NONE, Schema(("serials", K.I32S), ("names", K.BYTESLIST))),
     Op.END_SESSION: (Schema(("keyring", K.I32)), _NONE),
-    Op.KEYS: (Schema(("after", K.I32)), Schema(("keys", K.BYTESLIST), ("more", K.U8))),
+    Op.KEYS: (Schema(("after", K.I32)), Schema(("keys", K.BYTESLIST), ("next", K.I32))),
     Op.RESTRICT_KEYRING: (Schema(_RING, ("type", K.STR), ("restriction", K.STR)), _NONE),
     Op.FIND: (Schema(("type", K.STR), ("description", K.STR)), Schema(("serial", K.I32))),
     Op.CAPABILITIES: (_NONE, Schema(("names", K.STR))),

@@ -45,14 +45,15 @@ OP_NAMES: dict[int, str] = {int(op): op.name.lower() for op in W.Op}
 RESULT_NAMES: dict[int, str] = {0: "ok", **{code: cls.name for code, cls in E.ERRORS.items()}}
 
 
-def _key_fields(schema: W.Schema) -> tuple[int, ...]:
+def _key_fields(op: W.Op, schema: W.Schema) -> tuple[int, ...]:
     """The request fields that name keys: every I32 but KEYS' cursor (a serial to list after, not a key used)."""
-    return tuple(i for i, f in enumerate(schema.fields) if f.kind is W.Kind.I32 and f.name != "after")
+    return tuple(i for i, f in enumerate(schema.fields)
+                 if f.kind is W.Kind.I32 and (op, f.name) != (W.Op.KEYS, "after"))
 
 
 #: op -> (its line's '"op": name' part, indexes of the request's key fields, index of the response's "serial")
 _SHAPES: dict[int, tuple[str, tuple[int, ...], int | None]] = {
-    int(op): (f'"op": "{OP_NAMES[op]}"', _key_fields(request),
+    int(op): (f'"op": "{OP_NAMES[op]}"', _key_fields(op, request),
               response.names.index("serial") if "serial" in response.names else None)
     for op, (request, response) in W.SCHEMAS.items()
 }

@@ -193,8 +193,9 @@ def _apply(target, values: dict, path, skip=(), table: str = "") -> None:
                                         f"{path}: {name}"))
 
 
-#: settings with a floor above zero (every number must be finite and at least 0, and at most its ceiling)
-_FLOORS = {"max_frame": 4096, "max_connections": 1, "max_connections_per_uid": 1, "max_in_flight": 1,
+#: settings with a floor above zero (every number must be finite and at least 0, and at most its ceiling).
+#: A frame must carry any one key's description (up to 4 KiB) with its fields: a describe, a KEYS record.
+_FLOORS = {"max_frame": 8192, "max_connections": 1, "max_connections_per_uid": 1, "max_in_flight": 1,
            "gc_interval": 0.01}
 _CEILING = 2**31 - 1  # what the kernel's sysctls and keyden's 32-bit wire fields can hold
 #: byte budgets that stay inside the daemon, where gigabytes are normal (shm_total_maxbytes defaults to 4 GiB)

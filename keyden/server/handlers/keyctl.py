@@ -67,17 +67,23 @@ def _describe(ctx, key):
     return (d.serial, d.type, d.uid, d.gid, d.perm, d.description)
 
 
-# A KEYS record is at most ~4.3 KiB (the description's 4 KiB and the fixed fields): a page of this many
-# records stays within the frame cap the client announced.
-_KEYS_PAGE = 1024
-_KEY_RECORD_MAX = 4096 + 256
+KEYS_PAGE = 1024  # keys in one KEYS reply at most (fewer if the frame cap is reached first)
+_KEYS_REPLY_FIXED = 8  # the reply's item count and its next field; each item adds its length (4) and itself
 
 
 @handles(Op.KEYS)
 def _keys(ctx, after):
-    found, more = ctx.store.keys(ctx.caller, after, max(1, min(_KEYS_PAGE, ctx.max_frame // _KEY_RECORD_MAX)))
-    return ([KEY_RECORD.encode((k.serial, k.type, k.uid, k.gid, k.perm, _state_bits(k), k.usage, math.ceil(k.expiry),
-                                k.description, k.summary)) for k in found], int(more))
+    found, after = ctx.store.keys(ctx.caller, after, KEYS_PAGE)
+    records, size = [], _KEYS_REPLY_FIXED
+    for k in found:
+        record = KEY_RECORD.encode((k.serial, k.type, k.uid, k.gid, k.perm, _state_bits(k), k.usage,
+                                    math.ceil(k.expiry), k.description, k.summary))
+        size += 4 + len(record)
+        if records and size > ctx.max_frame:  # the rest come in the next page
+            after = found[len(records) - 1].serial
+            break
+        records.append(record)
+    return records, after
 
 
 def _state_bits(status) -> int:
