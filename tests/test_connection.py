@@ -33,7 +33,7 @@ def hello(conn: Connection, session: str = "") -> W.Frame:
 
 @pytest.fixture
 def conn():
-    c = Connection(KeyStore(), PEER, max_frame=4096)
+    c = Connection(KeyStore(), PEER, max_frame=8192)
     assert hello(c).status == 0
     return c
 
@@ -91,7 +91,7 @@ def test_unknown_opcode_is_enosys(conn):
 
 
 def test_oversized_frame_closes_the_connection(conn):
-    data = conn.receive(W.HEADER.pack(5000, 8, Op.PING, 0))
+    data = conn.receive(W.HEADER.pack(9000, 8, Op.PING, 0))
     (f,) = responses(data)
     assert f.status == E.EMSGSIZE.code and conn.closed
     assert conn.receive(W.encode_request(9, Op.PING, b"")) == b""

@@ -964,6 +964,15 @@ def test_a_non_exportable_key_is_eperm_only_to_whoever_may_view_it(store, alice)
     assert hidden not in mine(store, alice)
     with pytest.raises(E.EACCES):  # as for any key it may not view: its flag is not told
         store.export_tree(alice, top)
+    # A revoked member's state likewise: told to whoever may view it, not to others.
+    shown = newring(store, alice, "shown")
+    gone = store.add(alice, "user", "gone", b"x", shown, perm=0x29000000)  # possessor: view, search, setattr
+    store.revoke(alice, gone)
+    with pytest.raises(E.EKEYREVOKED):
+        store.export_tree(alice, shown)
+    store.setperm(alice, shown, 0x37370000)  # no search: "gone" is no longer possessed, so not viewable
+    with pytest.raises(E.EACCES):
+        store.export_tree(alice, shown)
 
 
 def test_an_empty_asymmetric_key_id_matches_nothing_it_is_einval(store, alice):

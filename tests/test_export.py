@@ -445,23 +445,33 @@ def test_an_import_of_contents_fits_a_quota_it_ends_exactly_at():
     assert ctx.store.quota_usage(ALICE.uid)[:2] == before and ctx.store.read(ctx.caller, persistent) == []
 
 
-def test_a_detached_top_revoked_while_its_tree_is_built_is_not_filed():
-    """Another request of the owner's may find the top (a listing shows it) and revoke it: the import then
-    fails rather than report keys it did not bring.  A top made to carry its members is never filed itself
-    (it is charged to no quota)."""
+def test_a_detached_top_changed_while_its_tree_is_built_is_never_filed():
+    """Another request of the owner's may find the top (a listing shows it): linked elsewhere (a persistent
+    keyring would keep it half built) it is EBUSY; revoked, expired or collected meanwhile, the import fails
+    rather than report keys it did not bring.  A top made to carry its members is never filed itself (it
+    is charged to no quota)."""
     from keyden.core import keytypes as T
 
-    ctx, persistent = _importing(_WatchingJournal())
+    clock = [1_000_000.0]
+    ctx, persistent = _importing(_WatchingJournal(), StoreConfig(gc_delay=0))
+    ctx.store.clock = lambda: clock[0]
+    changes = {E.EKEYREVOKED: lambda top: ctx.store.revoke(ctx.caller, top),
+               E.EKEYEXPIRED: lambda top: ctx.store.set_timeout(ctx.caller, top, 1) or clock.__setitem__(0, clock[0] + 2),
+               E.ENOKEY: lambda top: (ctx.store.set_timeout(ctx.caller, top, 1), clock.__setitem__(0, clock[0] + 2),
+                                      ctx.store.collect())}
     for filed in (True, False):
-        top = ctx.store.create_detached(ctx.caller, T.KEYRING, "bundle", None, 0, persistent, 0x3F3F0000,
-                                        filed=filed)
-        ctx.store.revoke(ctx.caller, top)
-        with pytest.raises(E.EKEYREVOKED):
-            if filed:
-                ctx.store.attach(ctx.caller, top, persistent, READABLE)
-            else:
-                ctx.store.attach_members(ctx.caller, top, persistent)
-        ctx.store.discard_detached(top)
+        for error, change in changes.items():
+            top = ctx.store.create_detached(ctx.caller, T.KEYRING, "bundle", None, 0, persistent, 0x3F3F0000,
+                                            filed=filed)
+            with pytest.raises(E.EBUSY):
+                ctx.store.link(ctx.caller, top, persistent)
+            change(top)
+            with pytest.raises(error):
+                if filed:
+                    ctx.store.attach(ctx.caller, top, persistent, READABLE)
+                else:
+                    ctx.store.attach_members(ctx.caller, top, persistent)
+            ctx.store.discard_detached(top)
     carrier = ctx.store.create_detached(ctx.caller, T.KEYRING, "bundle", None, 0, persistent, 0x3F3F0000,
                                         filed=False)
     with pytest.raises(E.ENOKEY):

@@ -41,8 +41,9 @@ def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...
             anywhere: bool = False) -> tuple[dict[str, str | bool], list[str]]:
     """The options (flags: True; valued: '--name value' or '--name=value') and the other words, in order.
 
-    keyctl's commands take options leading only, as keyctl takes '-x': later words are data, even if they
-    start with '-'.  keyden's own take them ``anywhere``, up to a '--'.
+    keyctl's commands take options leading only, as keyctl takes '-x' (and so do the options keyden adds
+    to them): later words are data, even if they start with '-'.  keyden's own commands take them
+    ``anywhere``, up to a '--'.
     """
     found: dict[str, str | bool] = {}
     words: list[str] = []

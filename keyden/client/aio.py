@@ -305,7 +305,8 @@ class AsyncClient(Operations):
         """Every key you may view, as /proc/keys lists them (KeyStatus), serial order."""
         found, after = await self.keys_page()
         while after:
-            page, after = await self.keys_page(after)
+            page, after_next = await self.keys_page(after)
+            after = common.next_page(after, after_next)
             found += page
         return found
 

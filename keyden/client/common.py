@@ -102,6 +102,13 @@ def key_status(record: bytes) -> KeyStatus:
                      summary=summary, **flags)
 
 
+def next_page(after: int, following: int) -> int:
+    """A KEYS page's cursor, checked: it only ever moves on (a daemon that says otherwise is broken)."""
+    if following and following <= after:
+        raise E.EPROTO(f"the daemon's KEYS cursor went from {after} to {following}")
+    return following
+
+
 def read_result(is_keyring: int, data: bytes) -> bytes | list[int]:
     if is_keyring:
         return list(struct.unpack(f"<{len(data) // 4}i", data))

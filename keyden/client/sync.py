@@ -373,7 +373,8 @@ class Client(Operations):
         """Every key you may view, as /proc/keys lists them (KeyStatus: state, expiry, a summary), serial order."""
         found, after = self.keys_page()
         while after:
-            page, after = self.keys_page(after)
+            page, after_next = self.keys_page(after)
+            after = common.next_page(after, after_next)
             found += page
         return found
 

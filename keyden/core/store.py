@@ -325,13 +325,6 @@ class _Match:
         return self.ktype.matches(key.description, key.payload, self.description)
 
 
-def _still_whole(top: Key) -> None:
-    """A detached top revoked while its tree was built (by another request of its owner's, which may see it
-    in a listing) is not filed: the import fails rather than report keys it did not bring."""
-    if top.defunct:
-        raise E.EKEYREVOKED(f"key {top.serial} was revoked while the import was built")
-
-
 def _id_arg(value: int, what: str) -> int:
     """A uid/gid argument to chown: -1 (or its 32-bit form) leaves the field alone."""
     if value in (-1, 0xFFFFFFFF):
@@ -596,7 +589,10 @@ class KeyStore:
             raise E.ELOOP("keyrings nested too deeply")
 
     def _link_checked(self, ring: Key, key: Key) -> None:
-        """key_link's checks, in its order, then the link."""
+        """key_link's checks, in its order, then the link.  A detached top (an import being built) is linked
+        only where its import files it: elsewhere, a persistent keyring would keep it half built."""
+        if key.serial in self._detached:
+            raise E.EBUSY(f"key {key.serial} is an import still being built")
         if ring.links is None:
             raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
         if ring.revoked:
@@ -1029,12 +1025,16 @@ class KeyStore:
             key = self._detached.get(key_id)
             if key is None or key.uid != caller.uid or not key.charged:  # (uncharged: made to carry members)
                 raise E.ENOKEY(f"no detached key with serial {key_id}")
-            _still_whole(key)
+            self._still_whole(key)
             ring, _ = self._target_keyring(caller, keyring)
             _refuse_namesake(ring, key.type, key.description)
             key.perm = perm
-            self._link_checked(ring, key)
-            del self._detached[key_id]
+            del self._detached[key_id]  # first: _link_checked links no detached key
+            try:
+                self._link_checked(ring, key)
+            except BaseException:
+                self._detached[key_id] = key
+                raise
             key.pins -= 1
 
     def attach_members(self, caller: Caller, key_id: int, keyring: int) -> int:
@@ -1046,7 +1046,7 @@ class KeyStore:
             top = self._detached.get(key_id)
             if top is None or top.uid != caller.uid or top.links is None:
                 raise E.ENOKEY(f"no detached keyring with serial {key_id}")
-            _still_whole(top)
+            self._still_whole(top)
             ring, _ = self._target_keyring(caller, keyring)
             members = list(top.links.values())
             for member in members:
@@ -1062,6 +1062,16 @@ class KeyStore:
                 raise
             self.discard_detached(key_id)
             return ring.serial
+
+    def _still_whole(self, top: Key) -> None:
+        """A detached top that another request of its owner's (which may see it in a listing) revoked, let
+        expire or destroyed while its tree was built is not filed: the import fails rather than report keys
+        it did not bring."""
+        if top.dead:
+            raise E.ENOKEY(f"key {top.serial} was destroyed while the import was built")
+        err = top.state_error(self.clock())
+        if err is not None:
+            raise err
 
     def discard_detached(self, key_id: int) -> None:
         """A detached key's tree was not finished: destroy it, and every key only it held."""
@@ -1637,8 +1647,9 @@ class KeyStore:
         permission by its mask (possession counts, from the first key down,
         as in a search); the type's readability does not matter, since a
         wrapped export is how unreadable keys move.  A key marked NO_EXPORT
-        anywhere in the tree refuses the whole export (EPERM; before EACCES
-        for a missing read right, to a caller who may view the key).
+        anywhere in the tree refuses the whole export (EPERM), as does a
+        revoked or expired one; to a caller who may view the key, before
+        EACCES for a missing read right.
         """
         with self.lock:
             top, possessed = self._lookup(caller, key_id)
@@ -1651,17 +1662,16 @@ class KeyStore:
             def take(key: Key, depth: int) -> int:
                 if key.serial in index:
                     return index[key.serial]
+                # What keeps a key in whatever its mask says (its state, NO_EXPORT) comes first for whoever
+                # may view the key, as its listing shows both; to others, only after the mask's refusal.
                 err = key.state_error(now)
+                if err is None and key.flags & NO_EXPORT:
+                    err = E.EPERM(f"key {key.serial} is marked non-exportable")
+                if err is not None and self._permits(caller, key, possessed if key is top else None, P.VIEW):
+                    raise err
+                self._require(caller, key, possessed, P.READ)
                 if err is not None:
                     raise err
-                # NO_EXPORT first for whoever may view the key (its listing shows the flag): no mask would
-                # let it out, so a missing read right is not the reason to give.
-                sealed = key.flags & NO_EXPORT
-                if sealed and self._permits(caller, key, possessed if key is top else None, P.VIEW):
-                    raise E.EPERM(f"key {key.serial} is marked non-exportable")
-                self._require(caller, key, possessed, P.READ)
-                if sealed:
-                    raise E.EPERM(f"key {key.serial} is marked non-exportable")
                 payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
                 index[key.serial] = len(out)
                 out.append(Exported(key.type.name, key.description, key.perm, payload))
