@@ -323,7 +323,7 @@ def _aead_bulk(ctx: Context, size: int, target: float) -> Row:
     data = os.urandom(size)
     local, out = AESGCM(AESGCM.generate_key(256)), bytearray(size + 16)
     with ctx.connect() as c:
-        key = c.generate("aes:256", "bench:aead", "@s")
+        key = c.generate("aes:256", f"bench:aead-{size}", "@s")
         with c.shared_buffer(2 * size + 64) as shm:
             shm.view[:size] = data
             keyden_s, local_s = ctx.paired(

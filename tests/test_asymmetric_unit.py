@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
+from keyden import protocol as W
 from keyden.core import keytypes as T
 from keyden.crypto import asymmetric as A
 
@@ -31,6 +32,12 @@ NOENC = S.NoEncryption()
 
 # ---------------------------------------------------------------------------
 # fixtures: keys and certificates made here with pyca
+
+
+def test_the_clients_know_the_hashes_the_daemon_signs_with():
+    """Remote keys refuse other hashes as pyca's UnsupportedAlgorithm before asking (client/handles.py)."""
+    assert set(W.PKEY_HASHES) == set(A._HASHES)
+    assert all(A._HASHES[name]().name == name for name in W.PKEY_HASHES)  # pyca's names are the info string's
 
 
 @pytest.fixture(scope="module")

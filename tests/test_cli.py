@@ -131,6 +131,8 @@ def test_add_list_rlist_describe_id(keyden, client):
     assert ok(keyden("rdescribe", "%user:foo")) == f"user;{UID};{GID};01030000;foo\n"
     assert ok(keyden("rdescribe", str(foo), "|")) == f"user|{UID}|{GID}|01030000|foo\n"
     assert ok(keyden("id", "@s")) == f"{session}\n"
+    assert ok(keyden("describe", "@s")).startswith("       -3: alswrv")  # keyctl prints the id as given
+    assert ok(keyden("describe", str(2**32 - 3))).startswith("       -3: ")  # ... as a 32-bit key_serial_t
     # A unique prefix selects the command; numbers may be hex, as strtoul reads them.
     assert ok(keyden("desc", hex(foo))) == ok(keyden("describe", str(foo)))
     assert ok(keyden("rli", "-3")) == f"{foo} {ring}\n"  # -3 is @s

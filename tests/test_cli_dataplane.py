@@ -232,6 +232,23 @@ def test_aead_gcm_streams_with_keyden_or_caller_nonces(keyden, client, tmp_path)
     assert ok(keyden("aead", "decrypt", serial, stdin=empty)) == ""
 
 
+def test_unverified_plaintext_is_held_back_from_stdout_up_to_the_limit(monkeypatch, capsysbinary):
+    """What cannot wait in memory goes out before the tag is checked, in order, and nothing is lost."""
+    from keyden.cli import dataplane
+
+    monkeypatch.setattr(dataplane, "ONE_SHOT_LIMIT", 10)
+    with dataplane.Output(None) as out:
+        held = dataplane.Unverified(out)
+        held.write(b"abcd")
+        held.write(b"efgh")
+        assert capsysbinary.readouterr().out == b""  # 8 bytes: held
+        held.write(b"ijk")  # 11 > 10: everything so far goes out, the rest streams
+        assert capsysbinary.readouterr().out == b"abcdefghijk"
+        held.write(b"lm")
+        held.verified()
+    assert capsysbinary.readouterr().out == b"lm"
+
+
 def test_aead_decrypt_failures_leave_no_plaintext_file(keyden, client, tmp_path):
     key = os.urandom(16)
     serial = str(client.add("user", "gcm128", key))
@@ -247,8 +264,10 @@ def test_aead_decrypt_failures_leave_no_plaintext_file(keyden, client, tmp_path)
     assert target.read_bytes() == b"previous contents" and sorted(os.listdir(tmp_path)) == before
 
     to_stdout = keyden("aead", "decrypt", serial, stdin=bytes(tampered))
-    # what reached stdout must be discarded by the reader
     fails(to_stdout, 1, "keyden_aead: Bad message (authentication failed)\n")
+    assert to_stdout.stdout == b""  # three pieces decrypted fine, and were held back until the tag failed
+    genuine = keyden("aead", "decrypt", serial, stdin=bytes(tampered[:-1]) + bytes([tampered[-1] ^ 1]))
+    assert genuine.rc == 0 and genuine.stdout == data
     fails(keyden("aead", "decrypt", serial, stdin=bytes(27)), 1, "keyden_aead: Bad message\n")
     fails(keyden("aead", "decrypt", serial, "--nonce", nonce.hex(), stdin=bytes(15)), 1,
           "keyden_aead: Bad message\n")

@@ -98,9 +98,11 @@ def test_a_key_with_only_a_public_half_gives_no_private_key_object(client):
     local = rsa.generate_private_key(65537, 2048)
     spki = local.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     public_only = client.add("asymmetric", "public only", spki, "@s")
-    with pytest.raises(E.EOPNOTSUPP, match="holds only a public key"):
+    with pytest.raises(E.EOPNOTSUPP, match="can neither sign nor decrypt"):
         client.private_key(public_only)
     assert isinstance(client.public_key(public_only), rsa.RSAPublicKey)
+    with pytest.raises(E.EOPNOTSUPP, match="key-agreement key"):  # a private key, but not one pyca signs with
+        client.private_key(client.generate("x25519"))
 
 
 def test_handle_rejects_a_non_integer_serial(client):
@@ -218,6 +220,9 @@ def test_rsa_sign_rejects_what_keyden_cannot_do(rsa_pair):
         remote.sign(MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.AUTO), hashes.SHA256())
     with pytest.raises(UnsupportedAlgorithm):
         remote.sign(MESSAGE, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None), hashes.SHA256())
+    for unsupported in (hashes.BLAKE2b(64), hashes.MD5(), hashes.SHA512_256()):
+        with pytest.raises(UnsupportedAlgorithm, match="unsupported hash"):
+            remote.sign(MESSAGE, padding.PKCS1v15(), unsupported)
     with pytest.raises(ValueError, match="digest of 32 bytes"):
         remote.sign(b"short", padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 

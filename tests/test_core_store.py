@@ -877,7 +877,7 @@ def test_keys_lists_what_the_caller_may_view_in_serial_order_as_proc_keys(store,
         f"{plain:08x} I--Q---     1 perm 3f010000  1000  1000 user      plain: 5")
     assert seen[ring].summary == "1" and seen[ring].type == "keyring"
     assert seen[timed].time_left(now) == "2h" and seen[timed].expiry == now + 2 * 3600 + 5
-    assert seen[revoked].revoked and seen[revoked].proc_line(now).split()[1] == "IR-Q---"
+    assert seen[revoked].revoked and seen[revoked].proc_line(now).split()[1:4] == ["IR-Q---", "1", "expd"]  # as the kernel
     assert not any(k.expired or k.no_export for k in seen.values())
     for left, shown in ((2 * 3600 + 5, "2h"), (3600, "1h"), (3599, "59m"), (60, "1m"), (59, "59s"), (0.25, "1s"),
                         (0, "expd")):
@@ -1115,15 +1115,16 @@ def test_an_unnamed_key_made_inside_never_takes_a_name_its_keyring_files(store, 
     assert store.describe(alice, second).description == "keyden:session-0badf00d"
 
 
-def test_an_exclusive_internal_key_never_displaces_a_namesake(store):
-    """What import's top key relies on: its check and its filing are one step under the lock, so a key
-    another client filed under the same name meanwhile is refused, not displaced and destroyed."""
+def test_an_internal_key_never_displaces_a_namesake(store):
+    """A key the daemon made (generated, derived, imported) may be the only copy of one it would displace:
+    the check and the filing are one step under the lock, so a key another client filed under the same
+    name meanwhile is refused, not displaced and destroyed."""
     from keyden.core import keytypes as T
     alice = session(store, Credentials(1000, 1000))
     logon = T.REGISTRY["logon"]
     there = store.add(alice, "logon", "app:k", b"first", SESSION)
     usage = store.quota_usage(1000)
     with pytest.raises(E.EEXIST):
-        store.create_internal(alice, logon, "app:k", logon.preparse(b"second")[0], 6, SESSION, exclusive=True)
+        store.create_internal(alice, logon, "app:k", logon.preparse(b"second")[0], 6, SESSION)
     assert alive(store, alice, there) and store.search(alice, SESSION, "logon", "app:k") == there
     assert store.quota_usage(1000) == usage  # nothing made, nothing left charged

@@ -336,27 +336,54 @@ def test_derived_keys_are_never_readable(client, tmp_path):
 
 
 def test_a_derived_key_is_made_with_its_perm_and_timeout_or_not_at_all(client, daemon):
-    """No setattr is needed on the new key (it is made with them), and a refused request displaces nothing."""
+    """No setattr is needed on the new key (it is made with them); a refused request makes nothing, and a
+    derived key never displaces a namesake (EEXIST), which may be the only copy of a key."""
     mine = client.generate("x25519", "mine", "@s")
     ring = client.newring("shared-sessions")
     client.setperm(ring, 0x3f3f0000)  # the user (any session of root's) may write, without possessing it
-    old = client.generate("aes:256", "app:k", ring)
+    old = client.generate("aes:256", "app:k", ring, no_export=True)
     with daemon.connect() as elsewhere:  # another session: the ring is not possessed there
         theirs = elsewhere.generate("x25519", "theirs")
-        serial = elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k", timeout=60,
+        with pytest.raises(E.EEXIST):
+            elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k")
+        serial = elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k2", timeout=60,
                                   perm=0x3f3f0000)
         assert elsewhere.describe(serial).perm == 0x3f3f0000
         with pytest.raises(E.EINVAL):
-            elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k", perm=0x40000000)
+            elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k3", perm=0x40000000)
         with pytest.raises(E.EINVAL):
-            elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k", timeout=-1)
-    assert client.read(ring) == [serial]  # it displaced old as add_key would; the refused ones nothing
-    with pytest.raises(E.ENOKEY):
-        client.describe(old)
+            elsewhere.derive(theirs, peer_key=theirs, keyring=ring, description="app:k3", timeout=-1)
+    assert sorted(client.read(ring)) == sorted([old, serial])  # the refused ones made nothing
+    assert client.describe(old).description == "app:k"
     assert client.describe(serial).perm == 0x3f3f0000
     nonce = os.urandom(12)
     client.aead(serial).encrypt(nonce, b"usable", None)
     del mine
+
+
+def test_keys_made_inside_never_displace_a_namesake(client):
+    """genkey, derive, kdf and pkey_decrypt --into under a description the keyring holds: EEXIST, and the
+    old key (here non-exportable: its only copy) still works.  add_key's update stays add's alone."""
+    old = client.generate("aes:256", "app:dbkey", "@s", no_export=True)
+    nonce = os.urandom(12)
+    sealed = client.aead(old).encrypt(nonce, b"only this key opens it", None)
+    x = client.generate("x25519", "app:x", "@s")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    transport = client.add("asymmetric", "app:rsa", pkcs8(rsa_key), "@s")
+    before = ring_size(client)
+    for make in (lambda: client.generate("aes:256", "app:dbkey", "@s"),
+                 lambda: client.generate("hmac:256", "app:dbkey", "@s"),
+                 lambda: client.derive(x, peer_key=x, description="app:dbkey"),
+                 lambda: client.kdf(old, description="app:dbkey"),
+                 lambda: client.pkey_decrypt_into(transport, "enc=oaep hash=sha256",
+                                                  rsa_key.public_key().encrypt(os.urandom(32), oaep), "app:dbkey"),
+                 lambda: client.generate("ed25519", "app:x", "@s")):
+        with pytest.raises(E.EEXIST):
+            make()
+    assert ring_size(client) == before
+    assert client.aead(old).decrypt(nonce, sealed, None) == b"only this key opens it"
+    assert client.describe(client.generate("aes:256", "app:dbkey-2", "@s")).description == "app:dbkey-2"
 
 
 def test_derive_options_description_keyring_perm_timeout(client):
@@ -450,8 +477,10 @@ def test_pkey_decrypt_into_unwraps_a_session_key_that_stays_inside(client):
     assert ring_size(client) == before + 1  # only the EC key
 
 
-def test_keys_made_from_a_non_exportable_private_key_are_non_exportable(client):
-    """derive and pkey_decrypt_into inherit NO_EXPORT from the private key; kdf's keys never export."""
+def test_keys_made_from_a_private_key_export_only_as_that_key_would(client):
+    """derive and pkey_decrypt_into make an exportable key only for a caller who could export the private
+    key itself: not from a NO_EXPORT key, nor from one the caller may only use (search, no read), else
+    search alone would carry a static-DH oracle's answers out of keyden.  kdf's keys never export."""
     wrap = client.generate("aes:256", "backup:wrap", "@s")
     peer = client.generate("x25519", "peer", "@s")
     readable = 0x3f3f0000  # export needs read permission by the mask
@@ -465,20 +494,34 @@ def test_keys_made_from_a_non_exportable_private_key_are_non_exportable(client):
 
     sealed_x = client.generate("x25519", "sealed", "@s", no_export=True)
     free_x = client.generate("x25519", "free", "@s")
+    assert not exportable(client.derive(free_x, peer_key=peer, perm=readable))  # a private key's mask: no read
+    for key in (sealed_x, free_x, peer):
+        client.setperm(key, readable)
     assert not exportable(client.derive(sealed_x, peer_key=peer, perm=readable))
     assert exportable(client.derive(free_x, peer_key=peer, perm=readable))
     assert exportable(client.derive(peer, peer_key=sealed_x, perm=readable))  # the peer gives only its public half
+    used_x = client.generate("x25519", "used only", "@s")
+    client.setperm(used_x, 0x3d3d3d3d)  # everything but read, for everyone: search lets anyone use it
+    with pytest.raises(E.EACCES):
+        client.export(used_x, wrapping_key=wrap)
+    raw = client.derive(used_x, peer_key=peer, kdf="raw", length=32, perm=readable)  # the shared secret itself
+    assert not exportable(raw)
 
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     wrapped = rsa_key.public_key().encrypt(os.urandom(32), oaep)
     sealed_rsa = client.add("asymmetric", "", pkcs8(rsa_key), "@s", no_export=True)
+    client.setperm(sealed_rsa, readable)
     assert not exportable(client.pkey_decrypt_into(sealed_rsa, "enc=oaep hash=sha256", wrapped, "app:sealed", "@s",
                                                    perm=readable))
     client.unlink(sealed_rsa, "@s")  # the same private key, uploaded again without the flag
     free_rsa = client.add("asymmetric", "free-rsa", pkcs8(rsa_key), "@s")
+    client.setperm(free_rsa, readable)
     assert exportable(client.pkey_decrypt_into(free_rsa, "enc=oaep hash=sha256", wrapped, "app:free", "@s",
                                                perm=readable))
+    client.setperm(free_rsa, 0x3d3d0000)
+    assert not exportable(client.pkey_decrypt_into(free_rsa, "enc=oaep hash=sha256", wrapped, "app:used", "@s",
+                                                   perm=readable))
 
     master = client.add("logon", "app:master", os.urandom(32), "@s")
     assert not exportable(client.kdf(master, perm=readable))

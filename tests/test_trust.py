@@ -245,6 +245,11 @@ def test_x509_verify_returns_the_validated_chain(client, pki, rings):
     assert [s for s, _ in verify(leaf, rings.chain)] == [leaf, rings.inter]  # whatever the trust keyring holds is an anchor
     assert "hostname mismatch" in rejection(lambda: verify(leaf, rings.trust, rings.chain, host="other.example"))
     assert "bad signature" in rejection(lambda: verify(add_cert(client, pki.forged), rings.trust, rings.chain))
+    chain_too = client.newring("chain and leaf", "@s")  # the leaf also in the chain keyring, as another key
+    client.link(rings.inter, chain_too)
+    other_copy = add_cert(client, pki.server, chain_too)
+    assert other_copy != leaf
+    assert [s for s, _ in verify(leaf, rings.trust, chain_too)] == [leaf, rings.inter, rings.root]
 
     assert refused(lambda: verify(rings.trust, rings.trust)) is E.EOPNOTSUPP  # a keyring is no certificate
     assert refused(lambda: verify(client.add("asymmetric", "", spki(pki.leaf_key), "@s"), rings.trust)) \

@@ -16,7 +16,7 @@ import signal
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from keyden import errors as E
@@ -264,8 +264,10 @@ def cmd_rlist(ctx, args):
 
 
 def cmd_describe(ctx, args):
+    """As keyctl: the line starts with the id as given (-3 for @s), not the serial it names."""
     expect(args, 1)
-    print(call("keyctl_describe_alloc", ctx.client.describe, ctx.key(args[0])).keyctl())
+    key = ctx.key(args[0])
+    print(replace(call("keyctl_describe_alloc", ctx.client.describe, key), serial=key).keyctl())
 
 
 def cmd_keys(ctx, args):

@@ -156,6 +156,32 @@ class Output:
             raise failure(self.path, exc) from None
 
 
+class Unverified:
+    """Plaintext whose tag is not checked yet: kept back from stdout (up to ONE_SHOT_LIMIT, then it must
+    go) so a forged message prints nothing; an -o file is safe as it is (Output)."""
+
+    def __init__(self, out: Output):
+        self.out = out
+        self.pieces: list[bytes] | None = None if out.path else []
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self.pieces is None:
+            self.out.write(data)
+            return
+        self.pieces.append(data)
+        self.size += len(data)
+        if self.size > ONE_SHOT_LIMIT:  # more than we hold in memory: from here on, the status decides
+            self.verified()
+            self.pieces = None
+
+    def verified(self) -> None:
+        """The tag checked out: what was held goes out."""
+        for piece in self.pieces or ():
+            self.out.write(piece)
+        self.pieces = []
+
+
 # ------------------------------------------------------------- session keys
 
 
@@ -267,8 +293,10 @@ def cmd_aead(ctx: Context, args: list[str]) -> None:
 def _aead_stream(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: bool, out: Output) -> None:
     """gcm(aes) in pieces.  Decrypting holds back the last tag_size bytes of the input: they are the tag.
 
-    Plaintext is written before the tag is checked at the end; Output makes
-    that safe for -o files, while stdout readers must wait for our status.
+    The tag is checked at the end.  Output makes that safe for -o files; on
+    stdout the plaintext is held until the tag checks out, up to
+    ONE_SHOT_LIMIT: only a larger message goes out before, and its readers
+    must wait for our status.
     """
     chunks = stdin_chunks()
     if not decrypt:
@@ -285,16 +313,18 @@ def _aead_stream(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: 
         if len(nonce) < spec.nonce_size:
             raise _bad_message()
     stream = call("keyden_aead", ctx.client.stream, spec.name, key, iv=nonce, aad=aad, decrypt=True)
+    unverified = Unverified(out)
     held = b""
     for chunk in chunks:
         held += chunk
         if len(held) > spec.tag_size:
-            out.write(call("keyden_aead", stream.update, held[:-spec.tag_size]))
+            unverified.write(call("keyden_aead", stream.update, held[:-spec.tag_size]))
             held = held[-spec.tag_size:]
     if len(held) < spec.tag_size:
         raise _bad_message()
     last, _ = call("keyden_aead", stream.finalize, b"", held)
-    out.write(last)
+    unverified.write(last)
+    unverified.verified()
 
 
 def _aead_one_shot(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: bool, out: Output) -> None:

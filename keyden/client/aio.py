@@ -353,13 +353,15 @@ class AsyncClient(Operations):
         """Closed by its owner, or lost and not to be reopened."""
         return self._closed or (self._lost is not None and not self.reconnect)
 
-    def close(self) -> None:
-        """Close now; requests still in flight fail with ECONNRESET."""
+    def close(self) -> "_Closed":
+        """Close now; requests still in flight fail with ECONNRESET.  Done when it returns, and may be
+        awaited too (``await c.close()``, as other asyncio clients are closed)."""
         self._closed = True
         if self._loop is not None and self._loop.is_closed():  # its transport can no longer be closed by it
             self._forget_connection(E.ECONNRESET("connection closed by the client"))
         self._lose(E.ECONNRESET("connection closed by the client"))
         self._lost = E.ECONNRESET("the client is closed")  # whatever the connection died of before
+        return _CLOSED
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -369,6 +371,18 @@ class AsyncClient(Operations):
 
     def __reduce__(self):
         raise TypeError("a keyden client connection cannot be pickled")
+
+
+class _Closed:
+    """What ``close`` returns: already done, and awaitable for code that awaits a close."""
+
+    __slots__ = ()
+
+    def __await__(self):
+        return iter(())
+
+
+_CLOSED = _Closed()
 
 
 def _deferring(method):

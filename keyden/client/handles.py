@@ -11,7 +11,6 @@ KEYCTL_PKEY_* request, and only the public half is ever held locally.
 from __future__ import annotations
 
 import inspect
-import re
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from keyden import errors as E
 from keyden.client.operations import binary
+from keyden.protocol import PKEY_HASHES
 
 __all__ = ["KeyHandle", "load_public_key", "remote_private_key",
            "RemoteRSAPrivateKey", "RemoteECPrivateKey", "RemoteEd25519PrivateKey"]
 
 NEVER_LEAVES = "private key material never leaves keyden"
-_HASH_NAME = re.compile(r"[a-z0-9-]{1,32}")
 
 
 def _no_pickle(self, *args):
@@ -166,8 +165,10 @@ def remote_private_key(client, serial):
         raise E.EOPNOTSUPP("pyca key objects are synchronous: use a blocking client (keyden.connect)")
     public = load_public_key(pair[0])
     if not client.pkey_query(serial).supported_ops & (_SUPPORTS_SIGN | _SUPPORTS_DECRYPT):
-        # a certificate or an SPKI: no object that isinstance would call a private key
-        raise E.EOPNOTSUPP(f"key {serial} holds only a public key")
+        # a certificate, an SPKI, or an X25519 key (its one use, agreement, is c.derive): nothing a pyca
+        # private-key object could do
+        raise E.EOPNOTSUPP(f"key {serial} can neither sign nor decrypt: it is a public key or certificate, or a "
+                           f"key-agreement key (use derive)")
     for public_type, remote_type in _REMOTE_TYPES:
         if isinstance(public, public_type):
             return remote_type(client, serial, public)
@@ -195,12 +196,12 @@ class DecryptionFailed(E.EBADMSG, ValueError):
 
 
 def _hash_name(algorithm: hashes.HashAlgorithm) -> str:
-    """The info-string name of a pyca hash (pyca's names are the kernel's); the daemon judges support."""
+    """The info-string name of a pyca hash (pyca's names are the kernel's), if keyden signs with it."""
     if not isinstance(algorithm, hashes.HashAlgorithm):
         raise InvalidArgument("expected a cryptography HashAlgorithm")
     name = algorithm.name
-    if not _HASH_NAME.fullmatch(name):
-        raise NotSupported(f"unsupported hash {name[:32]!r}")
+    if name not in PKEY_HASHES:
+        raise NotSupported(f"unsupported hash {name[:32]!r}; keyden offers {', '.join(PKEY_HASHES)}")
     return name
 
 

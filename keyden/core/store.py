@@ -249,7 +249,10 @@ class KeyStatus:
                 f"{self.uid:5d} {self.gid:5d} {self.type:<9.9} {described}")
 
     def time_left(self, now: float) -> str:
-        """/proc/keys' expiry column: perm, expd, or what is left in its largest unit (s, m, h, d, w)."""
+        """/proc/keys' expiry column: perm, expd, or what is left in its largest unit (s, m, h, d, w).  A
+        revoked key is expd, as the kernel shows it (revocation sets its death time)."""
+        if self.revoked:
+            return "expd"
         if not self.expiry:
             return "perm"
         left = self.expiry - now
@@ -346,7 +349,8 @@ def _check_new_key(perm: int | None, flags: int, timeout: int) -> None:
 def _refuse_namesake(ring: Key, ktype: T.KeyType, description: str) -> None:
     """EEXIST rather than displace (and so destroy) a key of this type and description."""
     if (ktype.name, description) in ring.links:
-        raise E.EEXIST(f"keyring {ring.serial} already holds a {ktype.name} key of that description")
+        raise E.EEXIST(f"keyring {ring.serial} already holds a key of type {ktype.name} and that description "
+                       f"(unlink it first, or choose another description)")
 
 
 def _unused_name(ring: Key, type_name: str, prefix: str) -> str:
@@ -953,14 +957,15 @@ class KeyStore:
 
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
                         keyring: int, perm: int | None = None, flags: int = 0, timeout: int = 0,
-                        unique_prefix: str = "", exclusive: bool = False) -> int:
-        """Add a key whose payload the daemon made itself (generated, derived, imported): never an update.
+                        unique_prefix: str = "") -> int:
+        """Add a key whose payload the daemon made itself (generated, derived, imported): never an update,
+        and never in a namesake's place (EEXIST, checked under the same lock as the filing).
 
-        Its permissions and timeout are the key's from the start (no setattr needed, no moment with others):
-        a request that fails leaves nothing behind, and displaces nothing.  With no description and a
-        ``unique_prefix``, the key is named ``<prefix><8 hex>``, never a name the keyring already files
-        (a second unnamed key must not displace, and so destroy, the first).  ``exclusive``: EEXIST
-        rather than displace a namesake, checked under the same lock as the filing.
+        Unlike add_key's payload, this one exists nowhere else: the key it would displace may be the only
+        copy of a non-exportable key, destroyed for good.  Its permissions and timeout are the key's from
+        the start (no setattr needed, no moment with others): a request that fails leaves nothing behind.
+        With no description and a ``unique_prefix``, the key is named ``<prefix><8 hex>``, never a name the
+        keyring already files.
         """
         try:
             _check_new_key(perm, flags, timeout)
@@ -970,8 +975,7 @@ class KeyStore:
                     description = _unused_name(ring, ktype.name, unique_prefix)
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
-                if exclusive:
-                    _refuse_namesake(ring, ktype, description)
+                _refuse_namesake(ring, ktype, description)
                 self._admit(ring, ktype, description, value)
                 key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags, timeout)
                 value = None
@@ -1266,7 +1270,8 @@ class KeyStore:
             if not displaces and dst.charged:
                 self._check_quota(dst.uid, 0, LINK_BYTES)
             if displaces and exclusive:
-                raise E.EEXIST(f"keyring {dst.serial} already holds a {key.type.name} {key.description!r}")
+                raise E.EEXIST(f"keyring {dst.serial} already holds a key of type {key.type.name} described "
+                               f"{key.description!r}")
             if not displaces and len(dst.links) >= self.config.keyring_max_links:
                 raise E.ENFILE(f"keyring {dst.serial} is full")
             self._check_restriction(dst, key.type, key.payload)
@@ -1366,7 +1371,7 @@ class KeyStore:
             except E.KeydenError as exc:
                 raise E.ENOKEY(f"cannot read key {key_id}: {exc.message}") from None
             if key.type.name != "user":
-                raise E.EOPNOTSUPP(f"key {key.serial} is a {key.type.name} key, not a user key")
+                raise E.EOPNOTSUPP(f"key {key.serial} is of type {key.type.name}, not a user key")
             return key.type.read(key.payload)
 
     def describe(self, caller: Caller, key_id: int) -> Description:
@@ -1727,15 +1732,24 @@ class KeyStore:
 
     def asymmetric(self, caller: Caller, key_id: int) -> Any:
         """The parsed payload of an asymmetric key, for crypto done outside the lock."""
-        return self.asymmetric_and_flags(caller, key_id)[0]
-
-    def asymmetric_and_flags(self, caller: Caller, key_id: int) -> tuple[Any, int]:
-        """The parsed payload and the key's flags, read together: keys made from it inherit NO_EXPORT."""
         with self.lock:
-            key = self.use(caller, key_id)
-            if key.type.name != "asymmetric":
-                raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
-            return key.payload, key.flags
+            return self._asymmetric(caller, key_id)[0]
+
+    def asymmetric_source(self, caller: Caller, key_id: int) -> tuple[Any, int]:
+        """The parsed payload of a private key a new key is made from (derive, key transport), and the
+        flags that key must carry: NO_EXPORT unless this caller could export the source itself (read
+        permission, possession counting, and no NO_EXPORT).  Using it needs only search, and what is
+        made from it must not carry out of keyden what its owner keeps in."""
+        with self.lock:
+            payload, key, possessed = self._asymmetric(caller, key_id)
+            exportable = not key.flags & NO_EXPORT and self._permits(caller, key, possessed, P.READ)
+            return payload, 0 if exportable else NO_EXPORT
+
+    def _asymmetric(self, caller: Caller, key_id: int) -> tuple[Any, Key, bool | None]:
+        key, possessed = self._lookup(caller, key_id, P.SEARCH)
+        if key.type.name != "asymmetric":
+            raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
+        return key.payload, key, possessed
 
     # ------------------------------------------------------------------ garbage
 

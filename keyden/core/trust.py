@@ -405,10 +405,11 @@ def verify_chain(store: KeyStore, caller: Caller, cert: int, trust_keyring: int,
             raise E.EKEYREJECTED("certificate is blacklisted")
         banned = {serial for serial, parsed in trusted + chain if is_blacklisted(store, parsed)}
         when = at or store.clock()
-    serial_of = {leaf.certificate: leaf_serial}
+    serial_of = {}
     for serial, parsed in chain + trusted:  # a trust keyring's serial wins for a certificate in both
         if parsed.certificate is not None and serial not in banned:
             serial_of[parsed.certificate] = serial
+    serial_of[leaf.certificate] = leaf_serial  # the leaf is the key asked about, wherever else it is
     anchors = [p.certificate for s, p in trusted if p.certificate is not None and s not in banned]
     intermediates = [p.certificate for s, p in chain if p.certificate is not None and s not in banned] + anchors
     try:

@@ -40,7 +40,7 @@ MAX_INFO = 4096              # an info string is a short option list, never bulk
 RSA_MIN_BITS, RSA_MAX_BITS = 2048, 4096
 ED25519_MAX_DATA = 16 * 1024 * 1024  # pure Ed25519 signs the message itself: up to a frame's worth (the default cap)
 
-_HASHES = {
+_HASHES = {  # protocol.PKEY_HASHES names the same, for the clients
     "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
     "sha384": hashes.SHA384, "sha512": hashes.SHA512, "sha3-256": hashes.SHA3_256,
     "sha3-384": hashes.SHA3_384, "sha3-512": hashes.SHA3_512,

@@ -425,6 +425,9 @@ CAPABILITY_BITS = (
     ("ns_key_tag", 1, 0x02), ("notify", 1, 0x04),
 )
 
+#: The hashes a pkey_* info string may name (hash=, mgfhash=): pyca's names, which are the kernel's.
+PKEY_HASHES = ("sha1", "sha224", "sha256", "sha384", "sha512", "sha3-256", "sha3-384", "sha3-512")
+
 # TLS_ACCEPT / TLS_CONNECT flags.
 TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate the client trust keyring accepts
 TLS13_ONLY = 2  # no TLS 1.2

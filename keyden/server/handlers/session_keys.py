@@ -37,10 +37,11 @@ def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int
 def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, keyring, perm, timeout):
     """ECDH with a held private key, then a KDF, into a new logon key.
 
-    The result is non-exportable when the private key is: what it protects
-    must not leave through a key made from it.  (The peer's half is public.)
+    The result is non-exportable unless the caller could export the private
+    key itself: using it needs only search, and what it protects must not
+    leave through a key made from it.  (The peer's half is public.)
     """
-    mine, source_flags = ctx.store.asymmetric_and_flags(ctx.caller, private)
+    mine, flags = ctx.store.asymmetric_source(ctx.caller, private)
     if mine.algo not in AGREEING:
         raise E.EOPNOTSUPP(f"{mine.algo} keys cannot agree on keys; use EC P-256/P-384 or X25519")
     if bool(peer) == bool(peer_key):
@@ -48,7 +49,7 @@ def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, 
     their = ctx.store.asymmetric(ctx.caller, peer_key).public_key if peer_key else peer
     shared = agreement.ecdh(mine.private_key_for_internal_use(), their)
     material = _kdf(kdf, shared, length, salt, info)
-    return (store_secret(ctx, material, description, keyring, perm, timeout, flags=source_flags & NO_EXPORT),)
+    return (store_secret(ctx, material, description, keyring, perm, timeout, flags=flags),)
 
 
 def _kdf(kdf: str, secret: bytes, length: int, salt: bytes, info: bytes) -> bytes:
@@ -98,8 +99,9 @@ def _dh_compute_kdf(ctx, private, prime, base, hash_name, length, otherinfo):
 def _pkey_decrypt_into(ctx, key, info, data, description, keyring, perm):
     """RSA key transport: the unwrapped session key becomes a logon key instead of a reply.
 
-    Like a derived key, it is non-exportable when the private key that unwrapped it is.
+    Like a derived key, it is non-exportable unless the caller could export the private key that
+    unwrapped it.
     """
-    private, source_flags = ctx.store.asymmetric_and_flags(ctx.caller, key)
+    private, flags = ctx.store.asymmetric_source(ctx.caller, key)
     material = private.decrypt(info, data)
-    return (store_secret(ctx, material, description, keyring, perm, 0, flags=source_flags & NO_EXPORT),)
+    return (store_secret(ctx, material, description, keyring, perm, 0, flags=flags),)
