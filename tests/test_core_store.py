@@ -986,17 +986,36 @@ def test_an_empty_asymmetric_key_id_matches_nothing_it_is_einval(store, alice):
 
 def test_material_is_a_copy_that_a_later_update_or_revoke_cannot_wipe(store, alice):
     key = add_user(store, alice, "k", b"first key bytes")
-    material = store.material(alice, key)
+    material = store.material(alice, key, "gcm(aes)")
     store.update(alice, key, b"second")
     assert material == b"first key bytes"
-    material2 = store.material(alice, key)
+    material2 = store.material(alice, key, "gcm(aes)")
     assert material2 == b"second"
     store.revoke(alice, key)
     assert material2 == b"second"
     with pytest.raises(E.EKEYREVOKED):
-        store.material(alice, key)
+        store.material(alice, key, "gcm(aes)")
     with pytest.raises(E.ENOPROTOOPT):
-        store.material(alice, newring(store, alice, "r"))
+        store.material(alice, newring(store, alice, "r"), "gcm(aes)")
+
+
+def test_a_generated_key_keys_only_its_use(store, alice):
+    """FOR_USE: set at creation, checked for material and cached engines alike; None (wrapping) takes any
+    key, and keys made without a use key anything."""
+    from keyden.core import keytypes as T
+    from keyden.core.store import FOR_USE, NO_EXPORT
+    assert len(set(FOR_USE.values())) == len(FOR_USE) and not sum(FOR_USE.values()) & (NO_EXPORT | ~0xff)
+    logon = T.REGISTRY["logon"]
+    made = store.create_internal(alice, logon, "app:gcm", logon.preparse(b"k" * 32)[0], 32, SESSION,
+                                 flags=FOR_USE["gcm(aes)"] | NO_EXPORT)
+    plain = add_user(store, alice, "plain", b"k" * 32)
+    assert store.material(alice, made, "gcm(aes)") == store.material(alice, made, None) == b"k" * 32
+    for use in ("ctr(aes)", "gcm-siv(aes)", "hmac", "rfc7539(chacha20,poly1305)"):
+        with pytest.raises(E.ENOPROTOOPT, match=r"generated for gcm\(aes\) only"):
+            store.material(alice, made, use)
+        with pytest.raises(E.ENOPROTOOPT):
+            store.derived(alice, made, use, "alg", lambda m: object())
+        assert store.material(alice, plain, use) == b"k" * 32
 
 
 def test_objects_made_from_a_key_go_with_its_payload(store, alice, bob):
@@ -1009,21 +1028,21 @@ def test_objects_made_from_a_key_go_with_its_payload(store, alice, bob):
         made.append(material)
         return object()
 
-    engine = store.derived(alice, key, "alg", make)
-    assert store.derived(alice, key, "alg", make) is engine and made == [b"first key bytes"]
-    assert store.derived(alice, key, "other", make) is not engine  # one per algorithm
+    engine = store.derived(alice, key, "gcm(aes)", "alg", make)
+    assert store.derived(alice, key, "gcm(aes)", "alg", make) is engine and made == [b"first key bytes"]
+    assert store.derived(alice, key, "gcm(aes)", "other", make) is not engine  # one per algorithm
     with pytest.raises(E.EACCES):  # permission is checked on every call, cached or not
-        store.derived(bob, key, "alg", make)
+        store.derived(bob, key, "gcm(aes)", "alg", make)
     store.update(alice, key, b"second")
-    assert store.derived(alice, key, "alg", make) is not engine and made[-1] == b"second"
+    assert store.derived(alice, key, "gcm(aes)", "alg", make) is not engine and made[-1] == b"second"
     held = store.iter_keys()
     live = next(k for k in held if k.serial == key)
     store.revoke(alice, key)
     assert live.derived is None
     with pytest.raises(E.EKEYREVOKED):
-        store.derived(alice, key, "alg", make)
+        store.derived(alice, key, "gcm(aes)", "alg", make)
     other = add_user(store, alice, "k2", b"x")
-    store.derived(alice, other, "alg", make)
+    store.derived(alice, other, "gcm(aes)", "alg", make)
     live = next(k for k in store.iter_keys() if k.serial == other)
     store.unlink(alice, other, SESSION)
     assert live.dead and live.derived is None
@@ -1034,7 +1053,7 @@ def test_objects_made_from_a_key_go_with_its_payload(store, alice, bob):
     lambda s, c, k: s.add(c, "user", "t", b"x", SESSION), lambda s, c, k: s.quota_usage(1000),
     lambda s, c, k: s.iter_keys(), lambda s, c, k: len(s), lambda s, c, k: s.collect(),
     lambda s, c, k: s.session_valid(c.session_token, 1000), lambda s, c, k: s.asymmetric(c, k),
-    lambda s, c, k: s.material(c, k),
+    lambda s, c, k: s.material(c, k, "gcm(aes)"),
 ], ids=["read", "describe", "update", "add", "quota_usage", "iter_keys", "len", "collect", "session_valid",
         "asymmetric", "material"])
 def test_public_methods_wait_for_the_store_lock(store, alice, call):

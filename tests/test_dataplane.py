@@ -358,6 +358,40 @@ def test_digest_and_mac_take_only_their_own_kind(client, aes):
             wrong()
 
 
+def test_a_generated_key_keys_only_what_it_was_made_for(client, aes):
+    """genkey's keys serve their one use (an AES mode, ChaCha20-Poly1305, or HMACs) by every path: one-shot,
+    batch, stream, shared memory, and as a KDF's master key (HMAC keys).  An AES key made for GCM must not
+    give out CTR's keystream at a chosen IV: E_K(0) is GCM's hash key, which forges tags offline.  Keys added
+    as bytes key anything, as AF_ALG's keys by serial do; wrapping takes any key."""
+    gcm_key, ctr_key, chacha_key = client.generate("aes:256"), client.generate("aes-ctr:256"), client.generate("chacha20")
+    mac_key = client.generate("hmac:256")
+    nonce = os.urandom(12)
+    for wrong in (lambda: client.cipher("ctr(aes)", gcm_key, bytes(16), iv=bytes(16)),
+                  lambda: client.aead(gcm_key, GCM_SIV).encrypt(nonce, b"x", None),
+                  lambda: client.aead(ctr_key).encrypt(nonce, b"x", None),
+                  lambda: client.hmac(gcm_key).mac(b"x"),
+                  lambda: client.aead(mac_key).encrypt(nonce, b"x", None),
+                  lambda: client.aead(chacha_key).encrypt(nonce, b"x", None),  # 32 bytes: AES-256 would take it
+                  lambda: client.aead(gcm_key, CHACHA).encrypt(nonce, b"x", None),
+                  lambda: client.aead(mac_key).encrypt_batch([nonce], [b"x"]),
+                  lambda: client.stream(GCM, mac_key, iv=nonce),
+                  lambda: client.stream("hmac(sha256)", gcm_key),
+                  lambda: client.kdf(gcm_key)):
+        with pytest.raises(E.ENOPROTOOPT, match="was generated for"):
+            wrong()
+    assert client.aead(gcm_key).decrypt(nonce, client.aead(gcm_key).encrypt(nonce, b"ok", None), None) == b"ok"
+    assert len(client.cipher("ctr(aes)", ctr_key, b"ok", iv=bytes(16))) == 2
+    assert len(client.aead(chacha_key, CHACHA).encrypt(nonce, b"ok", None)) == 18
+    assert len(client.hmac(mac_key, "hmac(sha512)").mac(b"ok")) == 64 and client.kdf(mac_key)  # every HMAC
+    _bytes, added = aes
+    assert client.hmac(added).mac(b"any") and client.aead(added).encrypt(nonce, b"any", None)  # unbound
+    with client.shared_buffer(4096) as shm:
+        with pytest.raises(E.ENOPROTOOPT):
+            shm.cipher(GCM, mac_key, 0, 64, 1024, iv=nonce)
+    client.setperm(added, 0x3f3f0000)  # export needs read
+    client.export(added, wrapping_key=mac_key)  # wrapping runs the key through HKDF: any key wraps
+
+
 def test_an_hmac_stream_verifies_inside_keyden(client):
     key = os.urandom(32)
     mac = client.hmac(client.add("logon", "stream:verify", key))

@@ -179,7 +179,7 @@ def test_hostile_and_mismatched_blobs_are_refused(client):
     assert client.read("@s") == before
 
 
-def test_non_exportable_survives_a_restart(fresh_daemon):
+def test_non_exportable_and_a_generated_keys_use_survive_a_restart(fresh_daemon):
     d = fresh_daemon()
     with d.connect() as boot:
         _serial, token = boot.join_session()
@@ -188,6 +188,7 @@ def test_non_exportable_survives_a_restart(fresh_daemon):
     wrap = c.genkey("aes:256", "backup:persist", ring)
     sealed = c.add("user", "sealed", b"never leaves", ring, no_export=True)
     free = c.add("user", "free", b"may leave", ring)
+    ctr = c.genkey("aes-ctr:128", "app:ctr-only", ring)
     d.stop(signal.SIGKILL)
     d.start()
     with d.connect() as boot:
@@ -197,6 +198,9 @@ def test_non_exportable_survives_a_restart(fresh_daemon):
     with pytest.raises(E.EPERM):
         c.export(sealed, wrapping_key=wrap)
     assert c.read(c.import_key(c.export(free, wrapping_key=wrap), wrap, "@s")) == b"may leave"
+    assert len(c.cipher("ctr(aes)", ctr, b"abc", iv=bytes(16))) == 3
+    with pytest.raises(E.ENOPROTOOPT, match=r"generated for ctr\(aes\) only"):
+        c.aead(ctr).encrypt(bytes(12), b"abc", None)
 
 
 def _cli(daemon, token, *args, stdin=b""):

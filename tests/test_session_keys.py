@@ -367,7 +367,7 @@ def test_keys_made_inside_never_displace_a_namesake(client):
     old = client.generate("aes:256", "app:dbkey", "@s", no_export=True)
     nonce = os.urandom(12)
     sealed = client.aead(old).encrypt(nonce, b"only this key opens it", None)
-    x = client.generate("x25519", "app:x", "@s")
+    x, master = client.generate("x25519", "app:x", "@s"), client.generate("hmac:256", "app:master", "@s")
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     transport = client.add("asymmetric", "app:rsa", pkcs8(rsa_key), "@s")
@@ -375,7 +375,7 @@ def test_keys_made_inside_never_displace_a_namesake(client):
     for make in (lambda: client.generate("aes:256", "app:dbkey", "@s"),
                  lambda: client.generate("hmac:256", "app:dbkey", "@s"),
                  lambda: client.derive(x, peer_key=x, description="app:dbkey"),
-                 lambda: client.kdf(old, description="app:dbkey"),
+                 lambda: client.kdf(master, description="app:dbkey"),
                  lambda: client.pkey_decrypt_into(transport, "enc=oaep hash=sha256",
                                                   rsa_key.public_key().encrypt(os.urandom(32), oaep), "app:dbkey"),
                  lambda: client.generate("ed25519", "app:x", "@s")):

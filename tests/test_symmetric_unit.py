@@ -403,24 +403,28 @@ def test_hmac_verify_failures(name):
 # key generation
 
 
-@pytest.mark.parametrize("spec,size,hint", [
-    ("aes:128", 16, "aes128"), ("aes:192", 24, "aes192"), ("aes:256", 32, "aes256"),
-    ("chacha20", 32, "chacha20"), ("hmac:128", 16, "hmac128"), ("hmac:264", 33, "hmac264"),
-    ("hmac:1024", 128, "hmac1024"),
+@pytest.mark.parametrize("spec,size,hint,use", [
+    ("aes:128", 16, "aes128", GCM), ("aes:192", 24, "aes192", GCM), ("aes:256", 32, "aes256", GCM),
+    ("aes-gcm-siv:128", 16, "aes128-gcm-siv", "gcm-siv(aes)"), ("aes-cbc:192", 24, "aes192-cbc", "cbc(aes)"),
+    ("aes-ctr:256", 32, "aes256-ctr", "ctr(aes)"), ("chacha20", 32, "chacha20", CHACHA),
+    ("hmac:128", 16, "hmac128", "hmac"), ("hmac:264", 33, "hmac264", "hmac"), ("hmac:1024", 128, "hmac1024", "hmac"),
 ])
-def test_generate_key(spec, size, hint):
-    key, got_hint = S.generate_key(spec)
-    assert len(key) == size and got_hint == hint
-    assert S.generate_key(spec)[0] != key
+def test_generate_key(spec, size, hint, use):
+    made = S.generate_key(spec)
+    assert (len(made.material), made.hint, made.use) == (size, hint, use)
+    assert S.generate_key(spec).material != made.material
+    assert use in {s.key_use for s in S.ALGORITHMS.values()}  # a use some algorithm asks for
 
 
 def test_generated_keys_fit_their_algorithms():
-    S.aead(GCM, S.generate_key("aes:192")[0])
-    S.aead(CHACHA, S.generate_key("chacha20")[0])
-    S.hmac("hmac(sha512)", S.generate_key("hmac:512")[0], b"x")
+    S.aead(GCM, S.generate_key("aes:192").material)
+    S.aead("gcm-siv(aes)", S.generate_key("aes-gcm-siv:256").material)
+    S.aead(CHACHA, S.generate_key("chacha20").material)
+    S.hmac("hmac(sha512)", S.generate_key("hmac:512").material, b"x")
 
 
 @pytest.mark.parametrize("spec", ["aes:512", "aes:64", "aes", "AES:128", "aes:128 ", "chacha", "chacha20:256",
+                                  "aes-gcm-siv:192", "aes-gcm:128", "aes-ctr", "aes-cbc:", "aes-ecb:128",
                                   "hmac:120", "hmac:1032", "hmac:129", "hmac:0128", "hmac:", "hmac", "",
                                   None, 256, b"aes:128"])
 def test_generate_key_bad_spec_is_einval(spec):

@@ -42,7 +42,16 @@ LINK_BYTES = 4
 
 #: Key.flags a client may set when it creates a key; set for good, never cleared.
 NO_EXPORT = 0x1
-KEY_FLAGS = NO_EXPORT
+#: Key.flags genkey sets, for good: the one use a symmetric key was made for (an algorithm, or "hmac" for
+#: all HMACs), the only thing it then keys, as Vault's typed keys or PKCS#11's CKA_ALLOWED_MECHANISMS.  One
+#: AES mode's outputs at chosen inputs give out another's secrets: CTR's keystream at IV 0 is GCM's hash
+#: key.  Keys added, derived or imported carry none and key anything, as AF_ALG's keys by serial do.
+#: Values are stored with persistent keys: never reused.
+FOR_USE = {"gcm(aes)": 0x2, "gcm-siv(aes)": 0x4, "cbc(aes)": 0x8, "ctr(aes)": 0x10,
+           "rfc7539(chacha20,poly1305)": 0x20, "hmac": 0x40}
+USE_FLAGS = sum(FOR_USE.values())
+_USE_OF = {bit: use for use, bit in FOR_USE.items()}
+KEY_FLAGS = NO_EXPORT | USE_FLAGS
 #: The persistent keyring's mask: possessor all but setattr, owner view and read (persistent.c).
 PERSISTENT_KEYRING_PERM = 0x1F030000
 
@@ -1703,22 +1712,24 @@ class KeyStore:
             key, _ = self._lookup(caller, key_id, need)
             return key
 
-    def material(self, caller: Caller, key_id: int) -> bytes:
-        """The raw key bytes for an in-daemon cipher keyed by serial; search permission suffices.
+    def material(self, caller: Caller, key_id: int, use: str | None) -> bytes:
+        """The raw key bytes for an in-daemon ``use`` (FOR_USE's names; None: any key, as wrapping takes)
+        keyed by serial; search permission suffices.
 
         The bytes are copied under the lock, so a concurrent update or revoke
         cannot wipe them halfway.
         """
         with self.lock:
-            key = self.use(caller, key_id)
+            key = self._keying(caller, key_id, use)
             return key.type.symmetric_material(key.payload)
 
-    def derived(self, caller: Caller, key_id: int, name: str, make: Callable[[bytes], Any]) -> Any:
-        """``make(material)`` for a symmetric key, made once per payload and kept with it (search
-        permission and the key's state are checked every call).  For cipher engines: made once for all
-        connections, and dropped with the payload it copied when the key is updated, revoked or destroyed."""
+    def derived(self, caller: Caller, key_id: int, use: str, name: str, make: Callable[[bytes], Any]) -> Any:
+        """``make(material)`` for a symmetric key serving ``use``, made once per payload and kept with it
+        (search permission and the key's state are checked every call).  For cipher engines: made once for
+        all connections, and dropped with the payload it copied when the key is updated, revoked or
+        destroyed."""
         with self.lock:
-            key = self.use(caller, key_id)
+            key = self._keying(caller, key_id, use)
             cache = key.derived
             if cache is not None:
                 made = cache.get(name)
@@ -1729,6 +1740,13 @@ class KeyStore:
                 cache = key.derived = {}
             cache[name] = made
             return made
+
+    def _keying(self, caller: Caller, key_id: int, use: str | None) -> Key:
+        key = self.use(caller, key_id)
+        made_for = key.flags & USE_FLAGS
+        if made_for and use is not None and FOR_USE.get(use) != made_for:
+            raise E.ENOPROTOOPT(f"key {key.serial} was generated for {_USE_OF[made_for]} only, not {use}")
+        return key
 
     def asymmetric(self, caller: Caller, key_id: int) -> Any:
         """The parsed payload of an asymmetric key, for crypto done outside the lock."""

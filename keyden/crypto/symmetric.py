@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from typing import NamedTuple
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -58,6 +59,12 @@ class AlgorithmSpec:
     tag_size: int = 0
     digest_size: int = 0
     block_size: int = 0
+
+    @property
+    def key_use(self) -> str:
+        """What a key genkey made must be for to key this: the algorithm itself (one AES mode's outputs at
+        chosen inputs give out another's secrets), or "hmac" for every HMAC."""
+        return "hmac" if self.kind == "hmac" else self.name
 
 
 # pyca classes behind each name, by kind.  XChaCha20-Poly1305 is absent on
@@ -517,25 +524,38 @@ def hmac_verify(name: str, key, data, tag) -> None:
 # ---------------------------------------------------------------------------
 # key generation
 
-_KEY_SPEC = re.compile(r"(aes):(128|192|256)|(chacha20)|(hmac):([1-9][0-9]{0,5})")
-
-
+_KEY_SPEC = re.compile(r"(aes(?:-gcm-siv|-cbc|-ctr)?):(128|192|256)|(chacha20)|(hmac):([1-9][0-9]{0,5})")
+#: a symmetric key spec's first part -> the one use (AlgorithmSpec.key_use) a key it makes serves
+_SPEC_USES = {"aes": "gcm(aes)", "aes-gcm-siv": "gcm-siv(aes)", "aes-cbc": "cbc(aes)", "aes-ctr": "ctr(aes)",
+              "chacha20": "rfc7539(chacha20,poly1305)", "hmac": "hmac"}
 #: the specs generate_key takes, for messages
-KEY_SPECS = "aes:128|192|256, chacha20 or hmac:BITS"
+KEY_SPECS = "aes[-gcm-siv|-cbc|-ctr]:128|192|256, chacha20 or hmac:BITS"
 
 
-def generate_key(key_spec: str) -> tuple[bytes, str]:
-    """Random key for ``aes:128|192|256``, ``chacha20`` or ``hmac:N`` (N bits, 128..1024, N % 8 == 0).
+class GeneratedKey(NamedTuple):
+    material: bytes
+    hint: str  # "aes256", "aes256-ctr", "chacha20", "hmac512": short, safe in a key description
+    use: str  # the one AlgorithmSpec.key_use it serves
 
-    Returns (key, hint): the hint ("aes256", "chacha20", "hmac512") is short
-    and safe to use as part of a key description.
+
+def generate_key(key_spec: str) -> GeneratedKey:
+    """Random key for ``aes:BITS`` (GCM), ``aes-gcm-siv:BITS``, ``aes-cbc:BITS``, ``aes-ctr:BITS`` (BITS 128,
+    192 or 256; GCM-SIV 128 or 256), ``chacha20`` or ``hmac:N`` (N bits, 128..1024, N % 8 == 0).
+
+    Each key serves one use: an AES mode's keystream or block function at
+    chosen inputs gives out another mode's secrets (CTR at IV 0 yields GCM's
+    hash key; GCM's keystream, GCM-SIV's per-nonce keys).
     """
     match = _KEY_SPEC.fullmatch(key_spec) if isinstance(key_spec, str) else None
     if match is None:
         raise E.EINVAL(f"unknown key spec {_show(key_spec)}; use {KEY_SPECS}")
     if match[3]:
-        return os.urandom(32), "chacha20"
+        return GeneratedKey(os.urandom(32), "chacha20", _SPEC_USES["chacha20"])
     family, bits = (match[1], int(match[2])) if match[1] else (match[4], int(match[5]))
     if family == "hmac" and not (128 <= bits <= 1024 and bits % 8 == 0):
         raise E.EINVAL("hmac key size must be a multiple of 8 bits in 128..1024")
-    return os.urandom(bits // 8), f"{family}{bits}"
+    use = _SPEC_USES[family]
+    if use != "hmac" and bits // 8 not in ALGORITHMS[use].key_sizes:  # GCM-SIV: AES-128 and AES-256 only
+        raise E.EINVAL(f"{use} takes keys of {', '.join(str(8 * n) for n in ALGORITHMS[use].key_sizes)} bits")
+    mode = family.partition("-")[2]
+    return GeneratedKey(os.urandom(bits // 8), f"aes{bits}-{mode}" if mode else f"{family}{bits}", use)

@@ -29,16 +29,17 @@ _KNOWN_FLAGS = DECRYPT | RANDOM_NONCE
 
 # ---------------------------------------------------------------- key access
 
-def material(ctx, serial: int) -> bytes:
-    """The key's bytes, copied under the store's lock (a concurrent revoke wipes the original)."""
-    return ctx.store.material(ctx.caller, serial)
+def material(ctx, serial: int, alg: str) -> bytes:
+    """The key's bytes for ``alg``, copied under the store's lock (a concurrent revoke wipes the original);
+    ENOPROTOOPT for a key genkey made for another use."""
+    return ctx.store.material(ctx.caller, serial, symmetric.spec(alg).key_use)
 
 
 def aead_engine(ctx, alg: str, serial: int) -> symmetric.AeadEngine:
     """The AEAD engine for (key, alg): kept with the key's payload, for every connection, and dropped
-    with it (permission and state are checked every call)."""
-    symmetric.spec(alg, "aead")  # an unknown name must not become a cache entry
-    return ctx.store.derived(ctx.caller, serial, alg, lambda material: symmetric.aead(alg, material))
+    with it (permission, state and the key's use are checked every call)."""
+    use = symmetric.spec(alg, "aead").key_use  # an unknown name must not become a cache entry
+    return ctx.store.derived(ctx.caller, serial, use, alg, lambda material: symmetric.aead(alg, material))
 
 
 def _check_flags(flags: int) -> tuple[bool, bool]:
@@ -69,7 +70,7 @@ def one_shot(ctx, alg: str, serial: int, flags: int) -> Callable[[bytes, bytes, 
         return (lambda iv, aad, data: eng.decrypt(iv, data, aad)) if decrypt else \
                (lambda iv, aad, data: eng.encrypt(iv, data, aad))
     if kind == "skcipher":
-        key = material(ctx, serial)
+        key = material(ctx, serial, alg)
 
         def run(iv, aad, data):
             no_aad(aad)
@@ -85,7 +86,7 @@ def one_shot(ctx, alg: str, serial: int, flags: int) -> Callable[[bytes, bytes, 
                 raise E.EINVAL(f"{alg} is a hash: no IV")
             return symmetric.digest(alg, data)
         return run
-    key = material(ctx, serial)  # hmac
+    key = material(ctx, serial, alg)  # hmac
 
     def run(iv, aad, data):
         no_aad(aad)
@@ -112,13 +113,13 @@ def _digest(ctx, alg, data):
 @handles(Op.MAC)
 def _mac(ctx, alg, key, data):
     symmetric.spec(alg, "hmac")
-    return (symmetric.hmac(alg, material(ctx, key), data),)
+    return (symmetric.hmac(alg, material(ctx, key, alg), data),)
 
 
 @handles(Op.MAC_VERIFY)
 def _mac_verify(ctx, alg, key, data, mac):
     symmetric.spec(alg, "hmac")
-    symmetric.hmac_verify(alg, material(ctx, key), data, mac)
+    symmetric.hmac_verify(alg, material(ctx, key, alg), data, mac)
     return ()
 
 
@@ -139,7 +140,7 @@ def _batch(ctx, alg, key, flags, ivs, aads, items):
     if kind == "aead" and not random_nonce:  # the common case, without a call per item through one_shot
         return aead_engine(ctx, alg, key).crypt_many(ivs or [b""] * n, items, aads, decrypt)
     if kind == "hmac" and not decrypt and not ivs and not aads:
-        return [0] * n, symmetric.hmac_many(alg, material(ctx, key), items)
+        return [0] * n, symmetric.hmac_many(alg, material(ctx, key, alg), items)
     run = one_shot(ctx, alg, key, flags)
     status, results = [], []
     for i, item in enumerate(items):
@@ -191,9 +192,9 @@ def _stream_init(ctx, alg, key, flags, iv, aad):
             raise E.EINVAL("a keyden-chosen nonce is for AEAD encryption, with no IV sent")
         iv = os.urandom(symmetric.spec(alg).nonce_size)
     if kind == "aead":
-        stream = symmetric.aead_stream(alg, material(ctx, key), iv, aad, decrypt=decrypt)
+        stream = symmetric.aead_stream(alg, material(ctx, key, alg), iv, aad, decrypt=decrypt)
     elif kind == "skcipher":
-        stream = symmetric.skcipher(alg, material(ctx, key), iv, decrypt)
+        stream = symmetric.skcipher(alg, material(ctx, key, alg), iv, decrypt)
     elif kind == "hash":
         if key or iv or decrypt:
             raise E.EINVAL(f"{alg} is a hash: no key, no IV, no direction")
@@ -201,7 +202,7 @@ def _stream_init(ctx, alg, key, flags, iv, aad):
     else:  # hmac; with DECRYPT it verifies the tag given to STREAM_FINAL
         if iv:
             raise E.EINVAL(f"{alg} takes no IV")
-        stream = symmetric.hmac_ctx(alg, material(ctx, key))
+        stream = symmetric.hmac_ctx(alg, material(ctx, key, alg))
     handle = ctx.new_handle()
     ctx.streams[handle] = (kind, decrypt, stream, key if kind != "hash" else 0)
     return (handle, iv if random_nonce else b"")
@@ -418,7 +419,7 @@ def _shm_cipher(ctx, handle, alg, key, flags, iv, aad, in_offset, length, out_of
             raise E.EINVAL("keyden-chosen nonces are for AEAD algorithms")
         if aad:
             raise E.EINVAL(f"{alg} takes no associated data")
-        return (symmetric.skcipher_crypt_into(alg, material(ctx, key), iv, src, dst, decrypt), b"")
+        return (symmetric.skcipher_crypt_into(alg, material(ctx, key, alg), iv, src, dst, decrypt), b"")
     out = one_shot(ctx, alg, key, flags)(iv, aad, src)  # a digest, a MAC or a verdict: small
     dst[:len(out)] = out  # len(out) == out_len: _plain_output_size is exact
     return (len(out), b"")

@@ -29,7 +29,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
     if sum(map(bool, (recipient, recipient_key, wrapping_key))) != 1:
         raise E.EINVAL("export to exactly one of: a public key, a public key's serial, a wrapping key's serial")
     if wrapping_key:
-        material = ctx.store.material(ctx.caller, wrapping_key)
+        material = ctx.store.material(ctx.caller, wrapping_key, None)  # any key: it goes through HKDF
         public = None
     elif recipient_key:
         public = ctx.store.asymmetric(ctx.caller, recipient_key).public_key
@@ -46,7 +46,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
 def _import(ctx, blob, unwrap_with, keyring, flags):
     contents, flags = bool(flags & IMPORT_CONTENTS), key_flags(flags & ~IMPORT_CONTENTS)
     if export.mode_of(blob) == export.WRAPPING_KEY:
-        plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with))
+        plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with, None))
     else:
         private = ctx.store.asymmetric(ctx.caller, unwrap_with).private_key_for_internal_use()
         plaintext = export.unwrap_with_private_key(blob, private)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyden.core import keytypes as T
+from keyden.core import store as S
 from keyden.crypto import asymmetric, symmetric
 from keyden.protocol import Op
 from keyden.server.handlers import handles, key_flags
@@ -44,7 +45,7 @@ def _pkey_verify(ctx, key, info, data, signature):
     return ()
 
 
-SYMMETRIC_SPECS = ("aes:", "chacha20", "hmac:")
+SYMMETRIC_SPECS = ("aes:", "aes-", "chacha20", "hmac:")
 
 
 @handles(Op.GENKEY)
@@ -53,12 +54,12 @@ def _genkey(ctx, spec, description, keyring, flags=0):
     """A key born inside keyden: asymmetric pairs, or random logon keys for ciphers and MACs."""
     flags = key_flags(flags)
     if spec.startswith(SYMMETRIC_SPECS):
-        material, hint = symmetric.generate_key(spec)
+        made = symmetric.generate_key(spec)
         logon = T.REGISTRY["logon"]
-        value, quota = logon.preparse(material)
-        # A unique default: a second unnamed key must not displace the first from the keyring.
-        return (ctx.store.create_internal(ctx.caller, logon, description, value, quota, keyring, flags=flags,
-                                          unique_prefix=f"keyden:{hint}-"),)
+        value, quota = logon.preparse(made.material)
+        # It keys its one use; a unique default name, so a second unnamed key is no namesake of the first.
+        return (ctx.store.create_internal(ctx.caller, logon, description, value, quota, keyring,
+                                          flags=flags | S.FOR_USE[made.use], unique_prefix=f"keyden:{made.hint}-"),)
     parsed = asymmetric.generate(spec)
     ktype = T.REGISTRY["asymmetric"]
     return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, T.asymmetric_quota(), keyring,

@@ -68,11 +68,9 @@ def _kdf_from_key(ctx, key, kdf, salt, info, length, description, keyring, perm,
     Using the source needs only search permission, so what comes out must not
     be a way around it: no raw copies, and the result can never be exported.
     """
-    from keyden.server.handlers.dataplane import material
-
     if kdf == "raw":
         raise E.EINVAL("the raw KDF would copy the key; derive with hkdf-* or sp800-56a-*")
-    derived = _kdf(kdf, material(ctx, key), length, salt, info)
+    derived = _kdf(kdf, ctx.store.material(ctx.caller, key, "hmac"), length, salt, info)  # HMAC-based KDFs
     return (store_secret(ctx, derived, description, keyring, perm, timeout, flags=NO_EXPORT),)
 
 
