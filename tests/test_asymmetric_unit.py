@@ -9,6 +9,7 @@ import hashlib
 import os
 import pickle
 import random
+import subprocess
 
 import pytest
 from cryptography import x509
@@ -318,6 +319,32 @@ def test_costly_key_encryption_is_refused_before_running_the_kdf():
     # A PEM body the check cannot decode is refused rather than handed to pyca unchecked.
     with pytest.raises(E.EBADMSG, match="malformed PEM"):
         A.parse(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMII*\n-----END ENCRYPTED PRIVATE KEY-----\n", b"pw")
+
+
+def test_key_encryption_whose_cost_is_not_bounded_here_is_refused_unrun():
+    """Fail closed: pyca runs PBES1's pbeWithMD5AndDES-CBC with any iteration count (2**40: days), and
+    would run whatever else it learns; only PBES2 (PBKDF2, scrypt) and PKCS#12 PBE are checked and let in."""
+    seq = lambda *parts: _tlv(0x30, b"".join(parts))  # noqa: E731
+    salt = _tlv(0x04, os.urandom(8))
+    for pbes1 in ("2a864886f70d010503", "2a864886f70d01050a", "2a864886f70d010501"):  # MD5-DES, SHA1-DES, MD2-DES
+        for iterations in (2048, 1 << 40):  # a regression fails at the first, before the second runs for days
+            der = seq(seq(_oid(pbes1), seq(salt, _int(iterations))), _tlv(0x04, os.urandom(144)))
+            with pytest.raises(E.EINVAL, match="PBES1"):
+                A.parse(der, b"pw")
+    unknown_kdf = _epki("2a864886f70d01050e", _tlv(0x30, salt + _int(1000)))  # not PBKDF2 or scrypt
+    with pytest.raises(E.EINVAL, match="other than PBKDF2 or scrypt"):
+        A.parse(unknown_kdf, b"pw")
+    truncated = seq(seq(_oid("2a864886f70d01050d"), seq(seq(_oid("2a864886f70d01050c")))), _tlv(0x04, bytes(16)))
+    with pytest.raises(E.EBADMSG, match="malformed encrypted private key"):
+        A.parse(truncated, b"pw")
+    legit = ec.generate_private_key(ec.SECP256R1())
+    pbes2 = legit.private_bytes(DER, S.PrivateFormat.PKCS8, S.BestAvailableEncryption(b"pw"))
+    pkcs12_pbe = subprocess.run(  # pyca writes no PKCS#12 PBE into PKCS#8; openssl does
+        ["openssl", "pkcs8", "-topk8", "-v1", "PBE-SHA1-3DES", "-passout", "pass:pw", "-outform", "DER"],
+        input=legit.private_bytes(PEM, S.PrivateFormat.PKCS8, NOENC), capture_output=True, check=True).stdout
+    assert bytes.fromhex("2a864886f70d010c0103") in pkcs12_pbe[:20]  # pbeWithSHAAnd3-KeyTripleDES-CBC
+    for der in (pbes2, pkcs12_pbe):
+        assert A.parse(der, b"pw").public_key.public_numbers() == legit.public_key().public_numbers()
 
 
 def _all_valid_encodings(keys):

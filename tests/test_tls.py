@@ -1054,13 +1054,15 @@ def test_tls_connect_with_a_client_certificate(client, pki, trust_ring):
     server.close()
 
 
-@pytest.mark.parametrize("case", ["wrong CA", "hostname mismatch", "blacklisted server"])
+@pytest.mark.parametrize("case", ["wrong CA", "hostname mismatch", "name in the CN only", "blacklisted server"])
 def test_tls_connect_refuses_bad_servers(client, pki, trust_ring, case):
     leaf, name = pki.ec_server, "a.test"
     if case == "wrong CA":
         leaf = pki.issue("a.test", dns=("a.test",), issuer=pki.rogue_ca)
     elif case == "hostname mismatch":
         name = "b.test"
+    elif case == "name in the CN only":  # RFC 9525, and x509_verify's rule: the name must be in subjectAltName
+        leaf = pki.issue("a.test", issuer=pki.ca)
     else:
         leaf = pki.issue("a.test", dns=("a.test",), issuer=pki.ca)
         blacklist(client, leaf.cert)
@@ -1069,7 +1071,7 @@ def test_tls_connect_refuses_bad_servers(client, pki, trust_ring, case):
     with pytest.raises(E.EKEYREJECTED) as refused:
         client.tls_connect(sock, name, trust=trust_ring)
     words = {"wrong CA": "unable to get local issuer certificate", "hostname mismatch": "Hostname mismatch",
-             "blacklisted server": "blacklisted"}[case]
+             "name in the CN only": "Hostname mismatch", "blacklisted server": "blacklisted"}[case]
     assert words in refused.value.message
     server.close()
 

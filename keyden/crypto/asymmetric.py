@@ -203,11 +203,14 @@ MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r
 
 
 def _check_kdf_cost(der: bytes) -> None:
-    """Refuse an EncryptedPrivateKeyInfo whose password KDF would cost too much.
+    """Refuse an EncryptedPrivateKeyInfo unless its password KDF is one whose cost is bounded here: PBES2
+    with PBKDF2 or scrypt, or PKCS#12 PBE.
 
-    pyca runs PBKDF2 and the PKCS#12 KDF with any iteration count and scrypt
-    with no memory limit, so a few hundred bytes could pin a core for minutes
-    or allocate gigabytes inside the daemon.  Malformed input is left to pyca.
+    pyca runs PBKDF2, the PKCS#12 KDF and PBES1's with any iteration count
+    and scrypt with no memory limit, so a few hundred bytes could pin a core
+    for days or allocate gigabytes inside the daemon.  So this fails closed:
+    PBES1 (obsolete DES and RC2), a KDF not named above, and parameters that
+    do not read as expected are refused before pyca sees them.
     """
     def raw(tlv):
         return der[tlv[1]:tlv[1] + tlv[2]]
@@ -226,14 +229,17 @@ def _check_kdf_cost(der: bytes) -> None:
             if raw(kdf[0]) == _OID_SCRYPT:   # salt, N, r, p
                 n, r, p = (integer(t) for t in kdf_params[1:4])
                 costly = 128 * n * r * p > MAX_SCRYPT_COST
-            else:                            # PBKDF2: salt, iterations, ...
-                costly = raw(kdf[0]) == _OID_PBKDF2 and integer(kdf_params[1]) > MAX_KDF_ITERATIONS
+            elif raw(kdf[0]) == _OID_PBKDF2:  # salt, iterations, ...
+                costly = integer(kdf_params[1]) > MAX_KDF_ITERATIONS
+            else:
+                raise E.EINVAL("key encrypted with a PBES2 KDF other than PBKDF2 or scrypt; not supported")
         elif oid.startswith(_OID_PKCS12_PBE):  # salt, iterations
             costly = integer(_der_children(der, params)[1]) > MAX_KDF_ITERATIONS
         else:
-            return
+            raise E.EINVAL("key encryption not supported (PBES1's DES and RC2 are obsolete): re-encrypt it with "
+                           "PBES2, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
     except (ValueError, IndexError):
-        return
+        raise E.EBADMSG("malformed encrypted private key") from None
     if costly:
         raise E.EINVAL("key encryption too costly to undo (KDF iterations or scrypt memory)")
 

@@ -164,6 +164,7 @@ def client_context(trust: list[x509.Certificate], identity_keys: list | None, fl
 
     def build() -> ssl.SSLContext:
         ctx = _base(ssl.PROTOCOL_TLS_CLIENT, flags, alpn)  # check_hostname and CERT_REQUIRED are its defaults
+        ctx.hostname_checks_common_name = False  # the name must be in subjectAltName (RFC 9525), as x509_verify's
         _load_trust(ctx, trust)
         if identity_keys is not None:
             idents = identities(identity_keys)
