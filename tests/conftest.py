@@ -16,6 +16,17 @@ import keyden
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def eventually(condition, timeout: float = 10.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` seconds: for what the daemon does just after it
+    answers (a descriptor a client sent is closed on its closer thread, keyden.descriptors)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class Daemon:
     """A `keyden serve` subprocess on a socket in a world-traversable temp dir (other uids connect too)."""
 

@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
 from keyden.protocol import Op
+from tests.conftest import eventually
 from tests.test_audit import audit_lines, mine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -862,7 +863,7 @@ def test_a_refused_request_takes_its_socket_and_leaves_it_as_it_was(daemon, clie
         client.tls_connect(first, "", trust=trust_ring)
     assert os.get_blocking(first.fileno()) and first.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
     ours = f"socket:[{os.fstat(first.fileno()).st_ino}]"
-    assert ours not in daemon_fds(daemon).values()  # no copy of it left in the daemon
+    assert eventually(lambda: ours not in daemon_fds(daemon).values())  # no copy of it left in the daemon
     first.close()
     second = socket.create_connection(("127.0.0.1", servers["second"].port), timeout=TIMEOUT)
     plain, _info = client.tls_connect(second, "a.test", trust=trust_ring)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import struct
 from typing import Iterator
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
@@ -144,8 +144,7 @@ class Connection:
         self.fed += len(data)
         if fds:
             if self.closed:
-                for fd in fds:
-                    os.close(fd)
+                descriptors.release(fds)
             else:
                 self.fds.add(fds, self.fed)
         if not self.closed:

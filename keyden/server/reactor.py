@@ -42,6 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.budget import ByteBudget
@@ -272,8 +273,7 @@ class Reactor:
             return
         fds = _passed_fds(ancdata) if ancdata else None
         if n == 0:
-            for fd in fds or ():
-                os.close(fd)
+            descriptors.release(fds or ())
             self._close(ch)
             return
         if self.config.idle_timeout > 0 and ch.greeted:

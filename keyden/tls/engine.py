@@ -32,6 +32,7 @@ from typing import Callable
 
 from cryptography import x509
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.crypto.x509 import subject_of
@@ -488,7 +489,7 @@ class Session:
                 except (OSError, ValueError):  # not (or no longer) registered: nothing to undo
                     pass
             self.watched.clear()
-            self.tls.close()
+            descriptors.release_socket(self.tls)  # the application's socket: its close may linger
             self.plain.close()
         finally:
             self.on_close()  # the session's count is given back whatever failed above

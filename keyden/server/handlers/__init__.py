@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core import store as S
@@ -106,16 +107,14 @@ class Context:
             except Exception as exc:  # the type only: nothing from a region's contents reaches the log
                 log.error("pid %d: releasing shared region %d failed (%s)", self.pid, handle, type(exc).__name__)
         self.fds.close()
-        _close_all(self.out_fds)
+        _close_all(self.out_fds)  # ours (a socketpair's end): closing them never waits, but release is one path
         self.out_fds.clear()
 
 
 def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """Descriptors a client sent: closed off the loop, whose close could wait as long as the sender likes
+    (keyden.descriptors)."""
+    descriptors.release(fds)
 
 
 def key_flags(wire: int) -> int:

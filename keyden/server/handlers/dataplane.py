@@ -16,6 +16,7 @@ import os
 import weakref
 from typing import Callable
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
@@ -369,7 +370,7 @@ def _shm_attach(ctx, size):
         except ValueError:  # write-sealed or read-only memfds cannot be mapped for writing
             raise E.EACCES("the memfd cannot be mapped read-write (sealed against writes?)") from None
     finally:
-        os.close(fd)
+        descriptors.release((fd,))  # the client's choice of file: its close may wait (keyden.descriptors)
     handle = ctx.new_handle()
     ctx.regions[handle] = region
     return (handle,)

@@ -9,7 +9,6 @@ once.  Its outcome is the first frame on the returned socket (docs/tls.md).
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import ssl
 import threading
@@ -17,6 +16,7 @@ from typing import Iterator
 
 from cryptography import x509
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden.core.trust import is_blacklisted, trusted_certificates
 from keyden.crypto.x509 import subject_of
@@ -96,7 +96,7 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
-        os.close(fd)
+        descriptors.release((fd,))
         raise E.EBADF("the descriptor sent is not a socket") from None
     try:
         if sock.type != socket.SOCK_STREAM or sock.family not in _STREAM_FAMILIES:
@@ -107,13 +107,13 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
             raise E.EINVAL("the socket is not connected") from None
         yield sock
     except BaseException:
-        sock.close()  # a no-op once wrap_socket has taken the descriptor over; _start closes that
+        descriptors.release_socket(sock)  # a no-op once wrap_socket has taken the descriptor over; _start releases that
         raise
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
     if timeout_ms > MAX_HANDSHAKE_TIMEOUT * 1000:
-        tls.close()
+        descriptors.release_socket(tls)
         raise E.EINVAL(f"the handshake timeout is at most {MAX_HANDSHAKE_TIMEOUT * 1000:.0f} ms (0: the default)")
     timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_HANDSHAKE_TIMEOUT
     store = ctx.store
@@ -123,7 +123,7 @@ def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
         app = engine().start(ctx.caller.uid, tls, timeout, lambda chain: refuse_blacklisted(store, chain),
                              outcome.report)
     except BaseException:
-        tls.close()
+        descriptors.release_socket(tls)
         raise
     ctx.out_fds.append(app.detach())
 
