@@ -712,6 +712,29 @@ def test_sessions_count_in_the_quota_and_reserved_names_are_refused(clock):
         store.join_session(Caller(BOB), ".builtin_trusted_keys")
 
 
+def test_joining_a_named_keyring_again_and_again_is_bounded_too(clock):
+    """A join of an existing keyring makes no key, only a token, and a token outlives its connection: a uid
+    holds at most as many as it may hold keys.  The tokens are indexed, so destroying their keyring or
+    ending the session drops exactly its own."""
+    store = KeyStore(StoreConfig(maxkeys=5), clock=clock)
+    ring, first = store.join_session(Caller(BOB), "shared")
+    store.setperm(Caller(BOB, session_token=first), SESSION, 0x3f3f3f3f)  # anyone may search, so join it
+    tokens = [store.join_session(Caller(ALICE), "shared") for _ in range(5)]
+    assert {serial for serial, _ in tokens} == {ring} and store.quota_usage(1000)[0] == 0  # no keys: tokens
+    with pytest.raises(E.EDQUOT, match="session tokens"):
+        store.join_session(Caller(ALICE), "shared")
+    store.leave_session(Caller(ALICE), tokens[0][1])
+    tokens[0] = store.join_session(Caller(ALICE), "shared")  # room again
+    assert store.sessions(Caller(ALICE)) == [(ring, "shared")] == store.sessions(Caller(BOB))
+    store.end_session(Caller(ALICE), ring)  # all of alice's tokens for it; bob's stays
+    assert store.sessions(Caller(ALICE)) == [] and store.session_valid(first, BOB.uid)
+    again = [store.join_session(Caller(ALICE), "shared")[1] for _ in range(2)]
+    store.invalidate(Caller(BOB, session_token=first), ring)
+    assert not any(store.session_valid(token, uid) for token, uid in [(first, BOB.uid)] + [(t, ALICE.uid) for t in again])
+    assert store.sessions(Caller(ALICE)) == [] == store.sessions(Caller(BOB))
+    store.join_session(Caller(ALICE))  # the invalidated keyring's tokens no longer count
+
+
 def test_lost_sessions_are_listed_and_ended_by_their_uid_only(clock):
     """A token lost with its shell still holds its keyring and quota: its uid can find it and end it."""
     store = KeyStore(StoreConfig(maxkeys=4), clock=clock)

@@ -490,3 +490,15 @@ def test_cli_rekey_refuses_a_passphrase_file_others_may_read(daemon, client, tmp
     loose.chmod(0o644)
     r = _cli(daemon, client.session_token, "rekey", "--passphrase-file", str(loose))
     assert r.returncode == 1 and b"has mode 0644, open to group or others" in r.stderr, r.stderr
+
+
+def test_an_imports_tree_order_is_worked_out_in_one_pass():
+    """Walked from every entry anew, a blob of one chain of 100,000 keyrings (the most an export holds)
+    cost n²/2 steps before anything was checked against the quota: minutes of a worker per request."""
+    chain = {0: 12345, **{i: i - 1 for i in range(1, X.MAX_ENTRIES)}}
+    depth = persist_handlers._depths(chain)
+    assert depth[X.MAX_ENTRIES - 1] == X.MAX_ENTRIES - 1 and depth[0] == 0
+    shared = {0: 7, 1: 0, 2: 1, 3: 1, 4: 3}
+    assert persist_handlers._depths(shared) == {0: 0, 1: 1, 2: 2, 3: 2, 4: 3}
+    with pytest.raises(E.EBADMSG, match="one tree"):
+        persist_handlers._depths({0: 7, 1: 2, 2: 3, 3: 1})  # a round that never reaches the top

@@ -382,6 +382,10 @@ class KeyStore:
         self._user_session_keyrings: dict[int, Key] = {}
         self._process_keyrings: dict[tuple[tuple[int, int], int, int], Key] = {}  # (process, uid, gid) -> @p
         self._sessions: dict[str, _Session] = {}
+        # ... indexed by keyring serial and by uid, so destroying a key or listing a uid's sessions never
+        # walks every token of every user (joining a named keyring mints one each time)
+        self._tokens_of_ring: dict[int, set[str]] = {}
+        self._tokens_of_uid: dict[int, set[str]] = {}
         self._persistent_keyrings: dict[int, Key] = {}  # uid -> _persistent.<uid> (the kernel's register)
         self._reserved: set[int] = set()  # serials of stored records that were not restored: never handed out
         self._detached: dict[int, Key] = {}  # tops of trees being built (create_detached), held by the daemon
@@ -489,10 +493,11 @@ class KeyStore:
             for ident, ring in list(table.items()):
                 if ring is key:
                     del table[ident]
-        for token, session in list(self._sessions.items()):
-            if session.keyring is key:
-                self._changed()
-                del self._sessions[token]
+        tokens = self._tokens_of_ring.get(key.serial)
+        if tokens:
+            self._changed()
+            for token in list(tokens):
+                self._forget_token(token)
 
     # ----------------------------------------------------------------- links
 
@@ -1476,6 +1481,11 @@ class KeyStore:
         if name and name.startswith("."):
             raise E.EPERM("keyring names starting with '.' are reserved")  # as the kernel (CVE-2016-9604)
         with self.lock:
+            # A token outlives its connection, and joining a named keyring makes no key: without a bound of
+            # its own, one uid could hold millions.  It may hold as many as it may hold keys.
+            if len(self._tokens_of_uid.get(caller.uid, ())) >= self._limits(caller.uid)[0]:
+                raise E.EDQUOT(f"uid {caller.uid} holds as many session tokens as it may hold keys; "
+                               "leave or end sessions it no longer uses (keyden sessions)")
             ring = self._keyring_by_name(caller, name) if name else None
             if ring is None:
                 # In quota, always: a session outlives the connection that made it (unlike a process's),
@@ -1486,7 +1496,18 @@ class KeyStore:
             token = secrets.token_urlsafe(32)
             self._changed()
             self._sessions[token] = _Session(ring, caller.uid, name)
+            self._tokens_of_ring.setdefault(ring.serial, set()).add(token)
+            self._tokens_of_uid.setdefault(caller.uid, set()).add(token)
             return ring.serial, token
+
+    def _forget_token(self, token: str) -> _Session:
+        session = self._sessions.pop(token)
+        for index, key in ((self._tokens_of_ring, session.keyring.serial), (self._tokens_of_uid, session.uid)):
+            tokens = index[key]
+            tokens.discard(token)
+            if not tokens:
+                del index[key]
+        return session
 
     def _keyring_by_name(self, caller: Caller, name: str) -> Key | None:
         if name.startswith("."):
@@ -1509,8 +1530,8 @@ class KeyStore:
         """(serial, name) of each session keyring the caller's uid holds a token for, lost tokens included:
         how a user finds sessions whose tokens went with a shell or a killed program (see end_session)."""
         with self.lock:
-            found = {s.keyring.serial: s.keyring.description for s in self._sessions.values()
-                     if s.uid == caller.uid and not s.keyring.dead}
+            mine = (self._sessions[token] for token in self._tokens_of_uid.get(caller.uid, ()))
+            found = {s.keyring.serial: s.keyring.description for s in mine if not s.keyring.dead}
             return sorted(found.items())
 
     def end_session(self, caller: Caller, keyring: int) -> None:
@@ -1521,8 +1542,7 @@ class KeyStore:
         with self.lock:
             if keyring < 0:
                 keyring = self._special(caller, keyring, False).serial
-            tokens = [token for token, s in self._sessions.items()
-                      if s.uid == caller.uid and s.keyring.serial == keyring]
+            tokens = list(self._tokens_of_uid.get(caller.uid, set()) & self._tokens_of_ring.get(keyring, set()))
             if not tokens:
                 raise E.ENOKEY(f"no session of yours has keyring {keyring}")
             self._drop_tokens(tokens)
@@ -1531,7 +1551,7 @@ class KeyStore:
         """Forget these session tokens; each keyring lives on only if something else holds it."""
         self._changed()
         for token in tokens:
-            ring = self._sessions.pop(token).keyring
+            ring = self._forget_token(token).keyring
             ring.pins -= 1
             self._maybe_destroy(ring)
 
