@@ -389,6 +389,50 @@ def test_x509_verify_name_constraints_and_their_cost(client, pki, rings):
     assert reason.startswith("name constraints too costly to check"), reason
 
 
+def test_x509_verify_bounds_the_path_search(client, pki, rings):
+    """pyca's path search tries every certificate named as an issuer at every step up, 8 intermediates
+    deep, remembering nothing that failed: self-issued CAs sharing a name and key, put in a chain keyring
+    by anyone, made it take c + c**2 + ... + c**9 signature checks (four: 44 s; five: minutes; eight:
+    hours, on a worker thread nothing stops).  The candidates are de-duplicated and bounded before pyca starts."""
+    loop_key = ec_key()
+    loops = [certificate("Loop CA", loop_key, ("Loop CA", loop_key), ca=True) for _ in range(X.MAX_SAME_SUBJECT + 1)]
+    leaf = add_cert(client, certificate("looped", ec_key(), ("Loop CA", loop_key), eku=[SERVER], san=("example.com",)))
+
+    def chain_of(label: str, certs: list, copies: int = 1) -> int:
+        """A chain keyring holding ``certs`` (one name and key: each its own description), ``copies`` times."""
+        ring = client.newring(label, "@s")
+        for copy in range(copies):
+            for i, cert in enumerate(certs):
+                client.add("asymmetric", f"{label} {i}.{copy}", pem(cert), ring)
+        return ring
+
+    reason = rejection(lambda: client.x509_verify(leaf, rings.trust, chain_of("over the cap", loops)))
+    assert reason.startswith(f"too many certificates named CN=Loop CA in the chain keyring "
+                             f"({X.MAX_SAME_SUBJECT + 1} "), reason
+    reason = rejection(lambda: client.x509_verify(leaf, rings.trust, chain_of("three", loops[:3])))
+    assert reason.startswith("path search too costly: pyca could try 29523 signature checks"), reason
+    # Two loop, and are searched to the end (1022 checks); copies of one certificate count once.
+    reason = rejection(lambda: client.x509_verify(leaf, rings.trust, chain_of("two, thrice", loops[:2], copies=3)))
+    assert reason.startswith("no path"), reason
+
+    # X issued by Y beside Y issued by X loops just as well, under names within the cap.
+    ping_key, pong_key = ec_key(), ec_key()
+    pings = [certificate("Ping", ping_key, ("Pong", pong_key), ca=True) for _ in range(3)]
+    pongs = [certificate("Pong", pong_key, ("Ping", ping_key), ca=True) for _ in range(3)]
+    pinged = add_cert(client, certificate("pinged", ec_key(), ("Ping", ping_key), eku=[SERVER], san=("example.com",)))
+    reason = rejection(lambda: client.x509_verify(pinged, rings.trust, chain_of("ping pong", pings + pongs)))
+    assert reason.startswith("path search too costly"), reason
+    reason = rejection(lambda: client.x509_verify(pinged, rings.trust, chain_of("ping pong 2", pings[:2] + pongs[:2])))
+    assert reason.startswith("no path"), reason
+
+    # A real PKI's renewals: as many intermediates under one name as the cap allows still validate.
+    renewed = [certificate("Test Intermediate", pki.inter_key, ("Test Root", pki.root_key), ca=True,
+                           not_before=NOW - (400 + i) * DAY) for i in range(X.MAX_SAME_SUBJECT)]
+    server = add_cert(client, pki.server)
+    chain = client.x509_verify(server, rings.trust, chain_of("renewed", renewed), host="example.com")
+    assert [subject for _, subject in chain] == ["CN=server", "CN=Test Intermediate", "CN=Test Root"]
+
+
 def test_x509_verify_reasons_and_subjects_are_plain_single_lines(client, pki, rings, tmp_path):
     """pyca's texts carried Rust debug dumps and Python reprs; subjects were printed raw, so a crafted CN
     could add lines of its own to the CLI's output (a forged chain) or reorder a terminal's text."""

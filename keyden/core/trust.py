@@ -388,9 +388,11 @@ def verify_chain(store: KeyStore, caller: Caller, cert: int, trust_keyring: int,
     """X509_VERIFY: validate a certificate key up to a trust keyring; (serial, subject) leaf first.
 
     Trust anchors are the certificates the caller may search for in the
-    trust keyring tree; intermediates come from there and from the chain
-    keyring.  Blacklisted certificates are never used, and a blacklisted
-    leaf is refused outright.  EKEYREJECTED carries the reason.
+    trust keyring tree; intermediates come from the chain keyring (an
+    anchor ends a path, so it is never needed as an intermediate).  The
+    candidates are bounded before pyca's path search (X.validate).
+    Blacklisted certificates are never used, and a blacklisted leaf is
+    refused outright.  EKEYREJECTED carries the reason.
     """
     if at < 0:
         raise E.EINVAL("the validation time must not be negative")
@@ -411,7 +413,7 @@ def verify_chain(store: KeyStore, caller: Caller, cert: int, trust_keyring: int,
             serial_of[parsed.certificate] = serial
     serial_of[leaf.certificate] = leaf_serial  # the leaf is the key asked about, wherever else it is
     anchors = [p.certificate for s, p in trusted if p.certificate is not None and s not in banned]
-    intermediates = [p.certificate for s, p in chain if p.certificate is not None and s not in banned] + anchors
+    intermediates = [p.certificate for s, p in chain if p.certificate is not None and s not in banned]
     try:
         path = X.validate(leaf.certificate, anchors, intermediates, when, host, purpose)
     except E.EKEYREJECTED as exc:

@@ -14,7 +14,7 @@ import datetime
 import hashlib
 import ipaddress
 import re
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -194,7 +194,7 @@ def _subject(host: str):
 
 def _verifier(anchors: list[x509.Certificate], at: datetime.datetime, subject, purpose: str):
     """pyca's verifier for this purpose: server (serverAuth EKU), client (clientAuth EKU) or any."""
-    builder = V.PolicyBuilder().store(V.Store(anchors)).time(at)
+    builder = V.PolicyBuilder().store(V.Store(anchors)).time(at).max_chain_depth(MAX_DEPTH)
     if purpose == "server" and subject is not None:
         return builder.build_server_verifier(subject)
     if purpose == "client":
@@ -290,6 +290,115 @@ def _check_name_constraint_cost(leaf: x509.Certificate, issuers: Iterable[x509.C
                              f"(at most {MAX_NAME_CHECKS} comparisons)")
 
 
+#: Path search.  pyca's builder tries, depth first, every candidate issuer of every certificate on the
+#: way up (every anchor and intermediate whose subject is that certificate's issuer), a signature check
+#: each, to its depth limit, and remembers nothing that failed.  Certificates that name one another as
+#: issuers (self-issued ones under one name; X issued by Y beside Y issued by X) are tried again at
+#: every step: up to c + c**2 + ... + c**9 checks for c of them under each name.  Three self-issued
+#: P-256 certificates with one subject and key took 3 s here, four 44 s; five would take minutes, eight
+#: hours (slower keys: five times that), on a worker thread nothing can stop.  So the candidates are
+#: bounded before pyca starts.
+#: pyca's depth limit (intermediates in a path), set here so the bound below counts what pyca does.
+MAX_DEPTH = 8
+#: Intermediates under one subject name (renewed and cross-signed CAs: one or two in real PKIs).
+MAX_SAME_SUBJECT = 4
+#: Intermediates a path could use at all, and anchors (a CA bundle holds about 150).
+MAX_INTERMEDIATES, MAX_ANCHORS = 64, 1024
+#: Signature checks the search could take at worst, counted below before pyca starts.  A real path
+#: needs a few dozen; 1024 of the slowest keys allowed (P-384; RSA-3072 with a 256-bit exponent)
+#: take about a second here.
+MAX_SIGNATURE_CHECKS = 1024
+#: An RSA key checks a signature in time growing with its public exponent's size: OpenSSL takes any
+#: exponent up to 3072-bit moduli (7 ms a check at 3000 bits, 100 us at 17).  The CA/Browser Forum's
+#: bound (2**256 - 1) keeps every check near a millisecond.
+MAX_RSA_EXPONENT_BITS = 256
+
+
+def _unique(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    """Each certificate once (equal DER), in the order given: pyca tries candidates in that order."""
+    return list(dict.fromkeys(certs))
+
+
+def _path_candidates(leaf: x509.Certificate, anchors: Container[x509.Certificate],
+                     intermediates: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The intermediates pyca could put on a path from ``leaf``: those named as the issuer of the leaf
+    or of another such intermediate, leaving out anchors (pyca ends a path at an anchor, so one is never
+    followed further as an intermediate).  Names compare as pyca's (byte for byte) or more loosely (any
+    string type), so nothing pyca could use is left out."""
+    pool = [c for c in _unique(intermediates) if c not in anchors]
+    named: dict[x509.Name, list[x509.Certificate]] = {}
+    for cert in pool:
+        named.setdefault(cert.subject, []).append(cert)
+    issuers, queue = {leaf.issuer}, [leaf.issuer]
+    while queue:
+        for cert in named.get(queue.pop(), ()):
+            if cert.issuer not in issuers:
+                issuers.add(cert.issuer)
+                queue.append(cert.issuer)
+    return [c for c in pool if c.subject in issuers]
+
+
+def _rsa_exponent_bits(cert: x509.Certificate) -> int:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return 0
+    return key.public_numbers().e.bit_length() if isinstance(key, rsa.RSAPublicKey) else 0
+
+
+def _check_path_search_cost(leaf: x509.Certificate, anchors: list[x509.Certificate],
+                            intermediates: list[x509.Certificate]) -> None:
+    """EKEYREJECTED before pyca starts, if its path search could take too long (see MAX_SIGNATURE_CHECKS).
+
+    ``intermediates`` are the candidates (``_path_candidates``).  The search is counted as pyca runs it,
+    each check as if it passed and led on: at a certificate with issuer N (the leaf at depth 0, up to
+    depth MAX_DEPTH), a check for each anchor and intermediate named N, then the search on from each
+    such intermediate one deeper.  That depends on N and the depth alone, so it is counted once each.
+    """
+    if len(anchors) > MAX_ANCHORS:
+        raise E.EKEYREJECTED(f"too many certificates in the trust keyring ({len(anchors)}; at most {MAX_ANCHORS})")
+    named: dict[x509.Name, list[x509.Certificate]] = {}
+    for cert in intermediates:
+        named.setdefault(cert.subject, []).append(cert)
+    for subject, group in named.items():
+        if len(group) > MAX_SAME_SUBJECT:
+            raise E.EKEYREJECTED(f"too many certificates named {printable(subject.rfc4514_string())} in the chain "
+                                 f"keyring ({len(group)} that could issue on this path; at most {MAX_SAME_SUBJECT})")
+    if len(intermediates) > MAX_INTERMEDIATES:
+        raise E.EKEYREJECTED(f"too many certificates in the chain keyring could issue on this path "
+                             f"({len(intermediates)}; at most {MAX_INTERMEDIATES})")
+    issuers = {leaf.issuer, *(c.issuer for c in intermediates)}
+    candidates, anchors_named = list(intermediates), dict.fromkeys(issuers, 0)
+    for cert in anchors:
+        subject = cert.subject
+        if subject in issuers:
+            candidates.append(cert)
+            anchors_named[subject] += 1
+    for cert in candidates:
+        bits = _rsa_exponent_bits(cert)
+        if bits > MAX_RSA_EXPONENT_BITS:
+            raise E.EKEYREJECTED(f"{subject_of(cert)} has an RSA public exponent of {bits} bits (at most "
+                                 f"{MAX_RSA_EXPONENT_BITS}): checking its signatures would take too long")
+    counted: dict[tuple[x509.Name, int], int] = {}
+
+    def checks(issuer: x509.Name, depth: int) -> int:
+        if depth > MAX_DEPTH:  # pyca stops there before looking for issuers
+            return 0
+        if (issuer, depth) not in counted:
+            group = named.get(issuer, ())
+            counted[issuer, depth] = anchors_named[issuer] + len(group) + sum(
+                checks(c.issuer, depth + 1) for c in group)
+        return counted[issuer, depth]
+
+    total = checks(leaf.issuer, 0)
+    if total > MAX_SIGNATURE_CHECKS:
+        most = max(named.items(), key=lambda item: len(item[1]), default=None)
+        where = f"; {len(most[1])} named {printable(most[0].rfc4514_string())}" if most else ""
+        raise E.EKEYREJECTED(f"path search too costly: pyca could try {total} signature checks (at most "
+                             f"{MAX_SIGNATURE_CHECKS}) over certificates in the chain keyring that name one "
+                             f"another as issuers{where}")
+
+
 def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermediates: list[x509.Certificate],
              at: float, host: str = "", purpose: str = "") -> list[x509.Certificate]:
     """The validated chain, leaf first and trust anchor last; EKEYREJECTED with the reason if there is none.
@@ -313,6 +422,13 @@ def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermedia
         raise E.EKEYREJECTED(too_early_or_late)
     if not anchors:
         raise E.EKEYREJECTED("unknown issuer: the trust keyring holds no usable certificates")
+    anchored = dict.fromkeys(anchors)  # each once (equal DER), in order: pyca tries candidates in that order
+    anchors = list(anchored)
+    if leaf in anchored:  # pinned: pyca ends the path at the leaf itself
+        intermediates = []
+    else:
+        intermediates = _path_candidates(leaf, anchored, intermediates)
+        _check_path_search_cost(leaf, anchors, intermediates)
     _check_name_constraint_cost(leaf, [*anchors, *intermediates])
     try:
         verifier = _verifier(anchors, when, subject, purpose)
