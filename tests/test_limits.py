@@ -450,6 +450,49 @@ def test_silent_and_slowloris_clients_cost_the_others_nothing(daemon):
         raw.close()
 
 
+def test_a_pipelined_flood_in_one_write_does_not_hold_the_loop_from_other_clients(fresh_daemon):
+    """3000 KEYS in one 48 KB write, each ~1 ms (it looks at 1000 keys the caller may not view): the
+    loop used to answer the whole read before polling again, so another client's PING waited seconds.
+    Now a connection gets a turn of a few requests, then the others theirs: the PING is answered while
+    most of the flood is still to come."""
+    d = fresh_daemon('ca_bundle = ""\n')  # no CA keys: KEYS replies stay small
+    with d.connect() as c:
+        ring = c.newring("kd-hidden", "@s")
+        hidden = c.call_many([("add", ("user", f"h{i}", b"x", ring)) for i in range(1000)])
+        assert all(isinstance(s, int) for s in hidden)
+        assert not any(c.call_many([("setperm", (s, 0)) for s in hidden]))  # not even the owner may view them
+    flooder, victim = Raw(d.socket), Raw(d.socket)
+    flooder.sock.settimeout(60)
+    victim.sock.settimeout(60)
+    n = 3000
+    flood = b"".join(W.encode_request(10 + i, Op.KEYS, 0) for i in range(n))
+    received = 0
+    started = threading.Event()
+
+    def read_flood():
+        nonlocal received
+        while received < n and (frame := flooder.next_frame()) is not None:
+            assert frame.request_id == 10 + received and frame.status == 0
+            received += 1
+            started.set()
+
+    reader = threading.Thread(target=read_flood)
+    reader.start()
+    try:
+        flooder.sock.sendall(flood)  # one write: the daemon reads it whole
+        assert started.wait(30)  # the loop is into the flood
+        victim.sock.sendall(W.encode_request(7, Op.PING, b"me too"))
+        frame = victim.next_frame()
+        answered_before = received
+        assert frame.request_id == 7 and W.response_schema(Op.PING).decode(frame.body) == (b"me too",)
+        assert answered_before < n // 2, f"the PING waited for {answered_before} of the {n} pipelined requests"
+    finally:
+        flooder.sock.shutdown(socket.SHUT_RDWR)  # the rest of the flood is not waited for
+        reader.join()
+        flooder.close()
+        victim.close()
+
+
 def test_a_reply_over_the_frame_cap_is_emsgsize_and_the_connection_goes_on(fresh_daemon):
     """The cap HELLO announces holds for replies too: a keyring listing of 2100 serials (8400 bytes)
     does not fit an 8192-byte cap."""

@@ -15,6 +15,13 @@ handing it to a thread and back costs a wake-up on each side.
 Replies are queued and sent at the end of each round, right after the audit
 lines of that round are written (one write for all of them).
 
+One read may bring thousands of pipelined requests.  A connection gets a turn
+of at most TURN_FRAMES requests or TURN_SECONDS of the loop (and a heavy
+request runs on the loop only as the last one it has waiting): if more wait
+in its decoder, it goes to the back of a run-queue, unread, and the next poll
+does not block, so every other ready connection is served (and its replies
+sent) before its next turn.
+
 Per connection, requests are answered in order: while one of its requests
 is with a worker, or its replies are not being read, the loop reads nothing
 more from it.  That also bounds what a connection can make the daemon hold.
@@ -60,6 +67,9 @@ SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise
 # CMSG_SPACE: the padding of CMSG_SPACE would fit a second descriptor.)
 ANCILLARY_SPACE = socket.CMSG_LEN(array.array("i").itemsize)
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
+TURN_FRAMES = 64  # requests one connection has answered in a row before the others get the loop ...
+TURN_SECONDS = 0.001  # ... or loop time it has taken (checked between requests)
+_clock = time.monotonic
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
@@ -78,7 +88,7 @@ class Channel:
     """One client socket in the loop: its Connection (the protocol), its unsent replies and its deadlines."""
 
     __slots__ = ("sock", "fd", "conn", "on_close", "out", "unsent", "busy", "closing", "mask", "greeted",
-                 "deadline", "send_deadline", "name", "ready", "reserved", "admitted", "parked")
+                 "deadline", "send_deadline", "name", "ready", "reserved", "admitted", "parked", "queued")
 
     def __init__(self, sock: socket.socket, conn: Connection, on_close: Callable[[], None]):
         self.sock = sock
@@ -98,6 +108,7 @@ class Channel:
         self.reserved = 0  # bytes of the receive budget held for our last large request, until it is done
         self.admitted = False  # the large frame arriving is the one ``reserved`` was charged for
         self.parked = False  # a large frame's header is in, but the budget has no room for it yet: not read
+        self.queued = False  # on the run-queue: its turn ended with requests left in its decoder; not read
 
 
 class Reactor:
@@ -112,6 +123,7 @@ class Reactor:
         self._ready: list[Channel] = []  # channels with replies queued this round
         self._round_size = 0  # events in this round: more than one, and others wait behind a heavy request
         self._busy = 0  # channels whose request is with a worker
+        self._runnable: collections.deque[Channel] = collections.deque()  # the run-queue: see _take_turns
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -142,9 +154,11 @@ class Reactor:
         timed = cfg.handshake_timeout > 0 or cfg.idle_timeout > 0 or cfg.send_timeout > 0
         next_sweep = time.monotonic() + TICK
         channels = self._channels
+        runnable = self._runnable
         while not self._stopping:
+            turns = len(runnable)  # channels queued before this round's events (later ones wait a round)
             try:
-                events = self._epoll.poll(TICK if timed else -1)
+                events = self._epoll.poll(0 if turns else TICK if timed else -1)
             except InterruptedError:
                 continue
             self._round_size = len(events)
@@ -160,6 +174,10 @@ class Reactor:
                     self._completions()
                 elif self._listener is not None and fd == self._listener.fileno():
                     self._accept()
+            if turns:
+                if self._ready:
+                    self._send_round()  # the replies just made go out before the queued turns, not after
+                self._take_turns(turns)
             if self._ready:
                 self._send_round()
             elif self._audit is not None and self._audit.holding:
@@ -167,6 +185,7 @@ class Reactor:
             if timed and (now := time.monotonic()) >= next_sweep:
                 next_sweep = now + TICK
                 self._sweep(now)
+        runnable.clear()
         for ch in list(channels.values()):
             self._close(ch)
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -183,12 +202,12 @@ class Reactor:
         os.close(fd)
 
     def _event(self, ch: Channel, ev: int) -> None:
-        if ev & _OUT and self._flush(ch) and not ch.busy:
+        if ev & _OUT and self._flush(ch) and not ch.busy and not ch.queued:
             self._serve(ch)  # room again: answer what arrived while we waited
         if not self._alive(ch):
             return
-        if ch.busy:  # its request is with a worker: read nothing more, but notice a client that left
-            if ev & _GONE:
+        if ch.busy or ch.queued:  # with a worker, or waiting for its turn: read nothing more, but notice a
+            if ev & _GONE:        # client that left
                 self._close(ch)
             return
         if ev & (_IN | _GONE):
@@ -288,16 +307,22 @@ class Reactor:
         self._serve(ch)
 
     def _serve(self, ch: Channel, frame: W.Frame | None = None) -> None:
-        """Answer ``frame`` and the frames already received, until one goes to a worker or the replies back up.
+        """One turn: answer ``frame`` and the frames already received, until one goes to a worker, the
+        replies back up, or the turn is over (then the channel waits on the run-queue).
 
         Replies are queued; the end of the round sends them (after the audit lines).
         """
         conn = ch.conn
         max_in_flight = self.config.max_in_flight
-        queued = 0
+        queued = handled = 0
+        deadline = 0.0 if frame is not None else _clock() + TURN_SECONDS  # 0: a read's only frame (_readable)
         while not ch.busy and not ch.closing:
             try:
                 if frame is None:
+                    if handled >= TURN_FRAMES or not deadline or _clock() >= deadline:  # the turn is over
+                        if conn.decoder.pending:
+                            self._requeue(ch)  # the others' turn: the rest of ours comes after theirs
+                        break
                     frame = conn.next_frame()
             except W.FrameTooLarge as exc:
                 self._queue(ch, conn.refuse_oversized(exc))
@@ -306,8 +331,10 @@ class Reactor:
             if frame is None:
                 break
             ch.admitted = False  # whole: its share is held until it is answered and the reply written
+            handled += 1
             cost = conn.cost(frame)
-            if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1):
+            if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1 or self._runnable
+                                                             or conn.decoder.pending):
                 self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced,
                                                                   conn.changed))
                 break
@@ -331,6 +358,42 @@ class Reactor:
         if ch.closing and not ch.ready and self._alive(ch):
             self._flush(ch)  # nothing queued: close now
 
+    def _requeue(self, ch: Channel) -> None:
+        """End ``ch``'s turn with requests still in its decoder: it waits, unread, on the run-queue."""
+        self._runnable.append(ch)
+        if not ch.queued:  # (a turn taken from the queue keeps the flag, and epoll's mask, meanwhile)
+            ch.queued = True
+            if not ch.out:  # else _flush watches for room (and then for nothing while it is queued)
+                self._watch(ch, 0)
+
+    def _take_turns(self, turns: int) -> None:
+        """One turn for each of the first ``turns`` channels on the run-queue, in order; those not done go
+        to its back again.
+
+        A channel whose replies the client has not taken yet leaves the queue: it is served once they are
+        written, as after any backlog (_event).
+        """
+        runnable = self._runnable
+        for _ in range(turns):
+            ch = runnable.popleft()
+            if not self._alive(ch) or ch.busy or ch.closing or ch.out:
+                ch.queued = False
+                continue
+            self._refresh_idle(ch)  # it waited on us, not the other way round
+            waiting = len(runnable)
+            try:
+                self._serve(ch)  # ch.queued stays set meanwhile: a flush does not watch for input
+            except Exception:  # a bug must cost one connection, not the daemon
+                ch.queued = False
+                log.exception("%s: internal error; closing the connection", ch.name)
+                self._close(ch)
+                continue
+            if len(runnable) > waiting:  # back in the queue
+                continue
+            ch.queued = False
+            if not ch.ready and not ch.busy and self._alive(ch):
+                self._watch(ch, _IN)  # nothing for _flush to send (the rest was not a whole frame): read again
+
     def _queue(self, ch: Channel, reply: bytes) -> None:
         ctx = ch.conn.context
         fds: list[int] = []
@@ -353,7 +416,8 @@ class Reactor:
             ready, self._ready = self._ready, []
             for ch in ready:
                 ch.ready = False
-                if self._alive(ch) and self._flush(ch) and not ch.busy and not ch.closing and ch.conn.decoder.pending:
+                if (self._alive(ch) and self._flush(ch) and not ch.busy and not ch.closing and not ch.queued
+                        and ch.conn.decoder.pending):
                     self._serve(ch)
 
     def _flush(self, ch: Channel) -> bool:
@@ -403,7 +467,7 @@ class Reactor:
             return True
         if ch.reserved and not ch.admitted:  # the large request is answered and its reply written
             self._release_share(ch)
-        self._watch(ch, 0 if ch.parked else _IN)
+        self._watch(ch, 0 if ch.parked or ch.queued else _IN)
         return True
 
     def _consume(self, ch: Channel, sent: int) -> None:
@@ -582,7 +646,8 @@ class Reactor:
             if ch.send_deadline and now >= ch.send_deadline:
                 log.info("%s: replies unread for %g s; dropping the connection", ch.name, self.config.send_timeout)
                 self._close(ch)
-            elif ch.deadline and now >= ch.deadline and not ch.busy and not ch.out and not (ch.parked and ch.greeted):
+            elif (ch.deadline and now >= ch.deadline and not ch.busy and not ch.out and not ch.queued
+                  and not (ch.parked and ch.greeted)):
                 reason = (f"idle for {self.config.idle_timeout:g} s" if ch.greeted else
                           f"no HELLO within {self.config.handshake_timeout:g} s")
                 self._release_share(ch)
