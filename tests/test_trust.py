@@ -413,7 +413,7 @@ def test_x509_verify_bounds_the_path_search(client, pki, rings):
     assert reason.startswith("path search too costly: pyca could try 29523 signature checks"), reason
     # Two loop, and are searched to the end (1022 checks); copies of one certificate count once.
     reason = rejection(lambda: client.x509_verify(leaf, rings.trust, chain_of("two, thrice", loops[:2], copies=3)))
-    assert reason.startswith("no path"), reason
+    assert reason.startswith("no path"), reason  # to the end, or as far as pyca's own limit (50 has one)
 
     # X issued by Y beside Y issued by X loops just as well, under names within the cap.
     ping_key, pong_key = ec_key(), ec_key()

@@ -226,6 +226,8 @@ _REASONS = (
     ("Forbidden public key algorithm", "unsupported public key algorithm in the chain (the Web PKI profile "
      "takes RSA of 2048 bits and more, and ECDSA P-256, P-384 and P-521)"),
     ("exceeds max depth", "no path: the chain would be longer than 8 intermediates, or loops"),
+    ("maximum signature check limit", "no path within pyca's limit of signature checks: certificates in the "
+     "chain keyring name one another as issuers, or too many could issue"),
     ("name constraint", "name constraints: a certificate in the chain names what an issuer's name "
      "constraints exclude, or too many names to check"),
     ("all candidates exhausted with no interior errors", "unknown issuer: no trusted certificate issued it"),
