@@ -502,3 +502,30 @@ def test_an_imports_tree_order_is_worked_out_in_one_pass():
     assert persist_handlers._depths(shared) == {0: 0, 1: 1, 2: 2, 3: 2, 4: 3}
     with pytest.raises(E.EBADMSG, match="one tree"):
         persist_handlers._depths({0: 7, 1: 2, 2: 3, 3: 1})  # a round that never reaches the top
+
+
+def test_search_on_a_wrapping_or_recipient_key_does_not_rebuild_an_exports_content_key(client):
+    """The content key is HKDF(wrapping key, salt, LABEL...) or HKDF(ECDH(recipient, ephemeral), LABEL...),
+    or OAEP(LABEL) to an RSA recipient: kdf, derive and pkey_decrypt, which need only search, would rebuild
+    or unwrap it with the blob's public fields, and open every key inside, logon and private keys too."""
+    secret = client.add("logon", "app:secret", b"no mask makes this readable", "@s")
+    client.setperm(secret, 0x3f3f0000)
+    wrap = client.generate("hmac:256", "app:wrap")
+    blob = client.export(secret, wrapping_key=wrap)
+    _mode, salt, _header, _rest = X._parse(blob)
+    with pytest.raises(E.EINVAL, match="reserved for keyden's exports"):
+        client.kdf(wrap, salt=salt, info=X.LABEL + b" wrapping key", length=32)
+    recipient = client.generate("x25519", "app:recipient")
+    blob = client.export(secret, to_public_key=recipient)
+    _mode, ephemeral, _header, _rest = X._parse(blob)
+    with pytest.raises(E.EINVAL, match="reserved"):
+        client.derive(recipient, peer=ephemeral, info=X.LABEL + b" agreement\0" + ephemeral)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_recipient = client.add("asymmetric", "app:rsa", rsa_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), "@s")
+    blob = client.export(secret, to_public_key=rsa_recipient)
+    _mode, wrapped, _header, _rest = X._parse(blob)
+    with pytest.raises(E.EINVAL, match="reserved"):
+        client.pkey_decrypt(rsa_recipient, f"enc=oaep hash=sha256 label={X.LABEL.hex()}", wrapped)
+    elsewhere = client.newring("import here")
+    assert client.describe(client.import_key(blob, rsa_recipient, elsewhere)).description == "app:secret"  # still works

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.utils import CryptographyDeprecationWarning
 
 from keyden import errors as E
+from keyden.crypto import check_context
 
 __all__ = [
     "CURVES", "ecdh", "DH_MIN_PRIME_BITS", "DH_MAX_PRIME_BITS", "dh_compute",
@@ -200,6 +201,8 @@ def kdf(name: str, secret, length: int, salt=b"", info=b"", otherinfo=b"") -> by
                                       (otherinfo, "otherinfo")))
     if any(len(v) > MAX_KDF_INPUT for v in (secret, salt, info, otherinfo)):
         raise E.EINVAL(f"KDF inputs are limited to {MAX_KDF_INPUT} bytes each")
+    check_context(info, "KDF info")
+    check_context(otherinfo, "KDF otherinfo")
     if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= MAX_KDF_OUTPUT:
         raise E.EINVAL(f"KDF output length must be 1..{MAX_KDF_OUTPUT}")
     unused = {"hkdf": (otherinfo,), "concat": (salt, info), "raw": (salt, info, otherinfo)}[construction]

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
 from keyden import errors as E
-from keyden.crypto import symmetric
+from keyden.crypto import check_context, symmetric
 
 log = logging.getLogger("keyden.asymmetric")
 
@@ -649,6 +649,8 @@ class ParsedKey:
             return padding.PKCS1v15(), None
         hash_name = opts.get("hash", "sha256")
         label = bytes.fromhex(opts["label"]) if "label" in opts else None
+        if label:
+            check_context(label, "an OAEP label")
         mgf = padding.MGF1(_hash(opts.get("mgfhash", hash_name)))
         h = _hash(hash_name)
         return padding.OAEP(mgf=mgf, algorithm=h, label=label), h

@@ -36,13 +36,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden import errors as E
 from keyden.core.store import Exported
-from keyden.crypto import asymmetric
+from keyden.crypto import RESERVED_CONTEXT, asymmetric
 from keyden.protocol import Kind as K
 from keyden.protocol import Schema
 
 MAGIC = b"KDNX\x01"
 X25519, ECDH, RSA_OAEP, WRAPPING_KEY = 1, 2, 3, 4
-LABEL = b"keyden export v1"
+LABEL = RESERVED_CONTEXT + b" v1"  # bound into every wrapping; no client's KDF or OAEP may use it
 NONCE = 12
 MIN_WRAPPING_KEY = 16
 MAX_ENTRIES = 100000
