@@ -4,35 +4,55 @@ close(2) can block.  The last close of a TCP socket whose sender set
 SO_LINGER waits until its unsent data is acknowledged or the linger time it
 chose runs out (an hour, if it likes), and a file on FUSE or NFS waits for
 its server.  Closed on the daemon's loop, one such descriptor would stop
-every client.  So a socket's blocking linger is turned off first (the close
-is then immediate; the kernel sends what is left in the background), and
-the close itself runs on one closer thread: even a file whose close hangs
-holds up nothing but the closes queued behind it.
+every client.  So every descriptor a client chose -- and every socket that
+may still hold some in its receive queue, which its last close releases --
+is closed on a closer thread.  A closer stuck in one close holds up nothing
+else: when every closer has been busy for STUCK seconds, another starts, up
+to MAX_CLOSERS; only past that many stuck closes do the rest wait.
+
+The socket's own options are left alone: its linger belongs to the open
+file, which the application may still share.
 """
 
 from __future__ import annotations
 
+import array
 import os
 import queue
 import socket
-import struct
 import threading
+import time
 from typing import Iterable
 
-_LINGER = struct.Struct("ii")
-_LINGER_OFF = _LINGER.pack(0, 0)
+#: recvmsg's room for descriptors: as many as one message can carry (SCM_MAX_FD).  What the room cannot
+#: hold, the kernel closes inside recvmsg, in the caller's thread; recv(2) drops them all so.
+SCM_MAX_FD = 253
+ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+MAX_CLOSERS = 16
+STUCK = 0.01  # seconds: far longer than any close that does not wait for someone
 
 _queue: "queue.SimpleQueue[int | threading.Event]" = queue.SimpleQueue()
-_started = threading.Lock()
-_closer: threading.Thread | None = None
+_lock = threading.Lock()
+_busy_since: list[float] = []  # per closer: when its close began (0.0: waiting for work)
+
+
+def passed(ancdata) -> list[int]:
+    """The descriptors that came with a message (SCM_RIGHTS); anything else is ignored."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
 
 
 def release(fds: Iterable[int]) -> None:
-    """Close descriptors the daemon owns and a client chose, later, on the closer thread."""
+    """Close descriptors the daemon owns and a client chose, later, on a closer thread."""
+    queued = False
     for fd in fds:
-        _unlinger(fd)
         _queue.put(fd)
-    _start()
+        queued = True
+    if queued:
+        _enough_closers()
 
 
 def release_socket(sock: socket.socket) -> None:
@@ -43,47 +63,35 @@ def release_socket(sock: socket.socket) -> None:
 
 
 def drain(timeout: float = 5.0) -> bool:
-    """Wait until everything released so far is closed (tests; shutdown).  False if a close still hangs."""
+    """Wait until everything released so far is closed (tests).  False if a close still hangs."""
     done = threading.Event()
     _queue.put(done)
-    _start()
+    _enough_closers()
     return done.wait(timeout)
 
 
-def _unlinger(fd: int) -> None:
-    """A socket set to linger (SO_LINGER on, with a time) gets linger off; RST-on-close (a time of 0) and
-    other descriptors are left as they are."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:  # not a socket (or not one Python knows): nothing lingers
+def _enough_closers() -> None:
+    """A closer for the work queued: none yet, or every one stuck in a close (up to MAX_CLOSERS)."""
+    now = time.monotonic()
+    if any(not since or now - since < STUCK for since in _busy_since):  # one is free, or soon will be
         return
-    try:
-        on, seconds = _LINGER.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size))
-        if on and seconds:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
-    except OSError:  # no SO_LINGER here (a Unix socket has it, but a peer may have gone): close as it is
-        pass
-    finally:
-        sock.detach()
+    with _lock:
+        if len(_busy_since) >= MAX_CLOSERS or any(not s or now - s < STUCK for s in _busy_since):
+            return
+        _busy_since.append(0.0)
+        index = len(_busy_since) - 1
+    threading.Thread(target=_close_forever, args=(index,), name=f"keyden-closer-{index}", daemon=True).start()
 
 
-def _start() -> None:
-    global _closer
-    if _closer is not None:
-        return
-    with _started:
-        if _closer is None:
-            _closer = threading.Thread(target=_close_forever, name="keyden-closer", daemon=True)
-            _closer.start()
-
-
-def _close_forever() -> None:
+def _close_forever(index: int) -> None:
     while True:
-        fd = _queue.get()
-        if isinstance(fd, threading.Event):
-            fd.set()
+        item = _queue.get()
+        if isinstance(item, threading.Event):
+            item.set()
             continue
+        _busy_since[index] = time.monotonic()
         try:
-            os.close(fd)
+            os.close(item)
         except OSError:
             pass
+        _busy_since[index] = 0.0

@@ -208,10 +208,12 @@ def _daemon_fds(d) -> int:
     return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
 
 
-def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon):
+@pytest.mark.parametrize("place", ["alone", "second in its message"])
+def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon, place):
     """The last close of a TCP socket set to linger waits for its unsent data to be acknowledged, as long as
     the sender chose: sent with a request that does not take it, it was closed on the loop, and every
-    client waited (an hour, if the sender liked).  Its linger is turned off and it is closed off the loop."""
+    client waited (an hour, if the sender liked); second in its message, the kernel closed it inside the
+    loop's recvmsg.  Now every descriptor a client sent is closed by a closer thread."""
     import struct
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -233,8 +235,12 @@ def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon):
         raw.sendall(W.encode_request(1, Op.HELLO, W.MIN_VERSION, W.VERSION, "", "linger"))
         assert raw.recv(65536)
         ping = W.encode_request(2, Op.PING, b"")
-        raw.sendmsg([ping[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [stuck.fileno()]))])
-        stuck.close()  # the daemon's copy is the last: its close is the one that would linger
+        r, w = os.pipe()
+        carried = [stuck.fileno()] if place == "alone" else [r, stuck.fileno()]
+        raw.sendmsg([ping[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", carried))])
+        stuck.close()
+        os.close(r)
+        os.close(w)  # the daemon's copy is the last: its close is the one that would linger
         raw.sendall(ping[1:])  # answered, and the descriptor it brought released
         time.sleep(0.2)
         started = time.monotonic()

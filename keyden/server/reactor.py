@@ -62,10 +62,10 @@ log = logging.getLogger("keyden.server")
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_CHUNK = 1024 * 1024  # reads while a large frame is arriving
 SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise
-# Room for one descriptor per message: every request that takes one takes one.  The kernel closes what
-# a message carries beyond the room (MSG_CTRUNC), so a client cannot make us hold more.  (CMSG_LEN, not
-# CMSG_SPACE: the padding of CMSG_SPACE would fit a second descriptor.)
-ANCILLARY_SPACE = socket.CMSG_LEN(array.array("i").itemsize)
+# Room for as many descriptors as one message can carry (descriptors.ANCILLARY_SPACE): what the room
+# cannot hold, the kernel closes inside recvmsg, on the loop, where a close that lingers would stop every
+# client.  A request takes one; the others go to the closers at once (DescriptorQueue.add).
+ANCILLARY_SPACE = descriptors.ANCILLARY_SPACE
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
 TURN_FRAMES = 64  # requests one connection has answered in a row before the others get the loop ...
 TURN_SECONDS = 0.001  # ... or loop time it has taken (checked between requests)
@@ -73,15 +73,6 @@ _clock = time.monotonic
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
-
-
-def _passed_fds(ancdata) -> list[int]:
-    """Descriptors that came with a message (SCM_RIGHTS); anything else is ignored."""
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 class Channel:
@@ -290,7 +281,7 @@ class Reactor:
         except OSError:
             self._close(ch)
             return
-        fds = _passed_fds(ancdata) if ancdata else None
+        fds = descriptors.passed(ancdata) if ancdata else None
         if n == 0:
             descriptors.release(fds or ())
             self._close(ch)
@@ -567,7 +558,7 @@ class Reactor:
                 os.close(fd)
         ch.out.clear()
         ch.conn.close()
-        ch.sock.close()
+        descriptors.release_socket(ch.sock)  # its last close frees descriptors sent and not yet read
         ch.on_close()
 
     # ---------------------------------------------------------------- workers

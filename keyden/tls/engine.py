@@ -558,7 +558,12 @@ class Session:
         """Read plaintext into ``down`` until full or the application has no more; True if it ran dry."""
         while not self.app_eof and self.down_end < BUFFER:
             try:
-                n = self.plain.recv_into(self.down[self.down_end:])
+                # recvmsg, with room for what an application may send along: recv would have the kernel
+                # drop those descriptors here, on this TLS loop, where a close that lingers stops every session
+                n, passed, _flags, _addr = self.plain.recvmsg_into(
+                    [self.down[self.down_end:]], descriptors.ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+                if passed:
+                    descriptors.release(descriptors.passed(passed))
             except BlockingIOError:
                 return True
             except ConnectionResetError:  # it closed with our data unread: after all it had written

@@ -43,9 +43,11 @@ class DescriptorQueue(list):
     """
 
     def add(self, fds: list[int], read_end: int) -> None:
-        """One message's descriptors; past a few messages waiting, they are closed at once."""
+        """One message's descriptors: its first is kept (a request takes one), up to a few messages waiting;
+        the rest are closed at once."""
         if len(self) < MAX_PENDING_FDS:
-            self.append((read_end, list(fds)))
+            self.append((read_end, [fds[0]]))
+            _close_all(fds[1:])
         else:
             _close_all(fds)
 

@@ -48,6 +48,11 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         _check(flags, TLS13_ONLY)
         if not server_hostname:
             raise E.EINVAL("a server name is required: it is what the certificate is checked against")
+        try:  # as wrap_socket would, before it takes the descriptor over: a failure there leaves it to a finalizer
+            if "\0" in server_hostname or not server_hostname.encode("idna"):
+                raise UnicodeError
+        except UnicodeError:
+            raise E.EINVAL("the server name is not a valid host name") from None
         protocols = _protocols(alpn)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
