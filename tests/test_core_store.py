@@ -1039,6 +1039,8 @@ def test_a_generated_key_keys_only_its_use(store, alice):
         with pytest.raises(E.ENOPROTOOPT):
             store.derived(alice, made, use, "alg", lambda m: object())
         assert store.material(alice, plain, use) == b"k" * 32
+    shown = {k.serial: k for k in store.keys(alice)[0]}
+    assert shown[made].summary == "32 for gcm(aes)" and shown[plain].summary == "32"  # in keyden keys
 
 
 def test_objects_made_from_a_key_go_with_its_payload(store, alice, bob):

@@ -1238,6 +1238,8 @@ class KeyStore:
             summary = str(len(key.links)) if key.links else "empty"
         else:
             summary = key.type.summary(key.payload, key.quota_len)
+            if key.flags & USE_FLAGS:  # keyden's: what a generated key keys, which nothing else shows
+                summary = f"{summary} for {_USE_OF[key.flags & USE_FLAGS]}"
         return KeyStatus(key.serial, key.type.name, key.uid, key.gid, key.perm, key.revoked, key.charged,
                          key.expired(now), bool(key.flags & NO_EXPORT), len(key.parents) + key.pins, key.expiry,
                          key.description, summary)
