@@ -220,7 +220,7 @@ def check_shared_memory(doc, code, out):
 
 
 def check_blocking_client(doc, code, out):
-    assert re.fullmatch(r"\d+: alswrv-\S+ +\d+ +\d+ user: db:password\n", out)
+    assert re.fullmatch(r" *\d+: alswrv-\S+ +\d+ +\d+ user: db:password\n", out)
 
 
 def check_pkey(doc, code, out):
