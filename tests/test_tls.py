@@ -1383,3 +1383,12 @@ def test_a_stopped_engine_is_replaced_not_reused(monkeypatch):
     second = tls_engine.engine()
     assert second is not first
     tls_engine.stop()
+
+
+@pytest.mark.parametrize("name", ["a..b", ".a.test", "a\0b.test", "x" * 300])
+def test_a_server_name_wrap_socket_would_refuse_is_einval_before_it_takes_the_socket(client, trust_ring, name):
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(E.EINVAL, match="not a valid host name"):
+            client.tls_connect(a, name, trust=trust_ring)
+        assert a.fileno() >= 0 and a.getpeername() == b.getsockname()  # still the application's

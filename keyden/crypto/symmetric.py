@@ -20,9 +20,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from typing import NamedTuple
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
 from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -528,8 +528,9 @@ _KEY_SPEC = re.compile(r"(aes(?:-gcm-siv|-cbc|-ctr)?):(128|192|256)|(chacha20)|(
 #: a symmetric key spec's first part -> the one use (AlgorithmSpec.key_use) a key it makes serves
 _SPEC_USES = {"aes": "gcm(aes)", "aes-gcm-siv": "gcm-siv(aes)", "aes-cbc": "cbc(aes)", "aes-ctr": "ctr(aes)",
               "chacha20": "rfc7539(chacha20,poly1305)", "hmac": "hmac"}
-#: the specs generate_key takes, for messages
+#: the specs generate_key takes, for messages; and how they begin (any other spec names a key pair)
 KEY_SPECS = "aes[-gcm-siv|-cbc|-ctr]:128|192|256, chacha20 or hmac:BITS"
+KEY_SPEC_PREFIXES = ("aes:", "aes-", "chacha20", "hmac:")
 
 
 class GeneratedKey(NamedTuple):

@@ -109,7 +109,7 @@ class Context:
             except Exception as exc:  # the type only: nothing from a region's contents reaches the log
                 log.error("pid %d: releasing shared region %d failed (%s)", self.pid, handle, type(exc).__name__)
         self.fds.close()
-        _close_all(self.out_fds)  # ours (a socketpair's end): closing them never waits, but release is one path
+        _close_all(self.out_fds)  # ours (socketpair ends), whose close never waits: the same path all the same
         self.out_fds.clear()
 
 

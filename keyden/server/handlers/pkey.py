@@ -45,7 +45,6 @@ def _pkey_verify(ctx, key, info, data, signature):
     return ()
 
 
-SYMMETRIC_SPECS = ("aes:", "aes-", "chacha20", "hmac:")
 
 
 @handles(Op.GENKEY)
@@ -53,7 +52,7 @@ SYMMETRIC_SPECS = ("aes:", "aes-", "chacha20", "hmac:")
 def _genkey(ctx, spec, description, keyring, flags=0):
     """A key born inside keyden: asymmetric pairs, or random logon keys for ciphers and MACs."""
     flags = key_flags(flags)
-    if spec.startswith(SYMMETRIC_SPECS):
+    if spec.startswith(symmetric.KEY_SPEC_PREFIXES):
         made = symmetric.generate_key(spec)
         logon = T.REGISTRY["logon"]
         value, quota = logon.preparse(made.material)

@@ -48,21 +48,29 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         _check(flags, TLS13_ONLY)
         if not server_hostname:
             raise E.EINVAL("a server name is required: it is what the certificate is checked against")
-        try:  # as wrap_socket would, before it takes the descriptor over: a failure there leaves it to a finalizer
-            if "\0" in server_hostname or not server_hostname.encode("idna"):
-                raise UnicodeError
-        except UnicodeError:
-            raise E.EINVAL("the server name is not a valid host name") from None
+        _check_host_name(server_hostname)
         protocols = _protocols(alpn)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
         tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
         try:
             tls = tls_ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-        except (ValueError, UnicodeError, TypeError):
+        except (ValueError, UnicodeError, TypeError):  # what _check_host_name did not foresee: still EINVAL
             raise E.EINVAL("the server name is not a valid host name") from None
         _start(ctx, tls, timeout_ms)
     return ()
+
+
+def _check_host_name(name: str) -> None:
+    """EINVAL for a name wrap_socket would refuse, checked as it checks (IDNA, no NUL, no leading dot) but
+    before it takes the descriptor over: its failure would leave the socket to a finalizer, closing it on
+    this thread."""
+    try:
+        name.encode("idna")
+    except UnicodeError:
+        raise E.EINVAL("the server name is not a valid host name") from None
+    if "\0" in name or name.startswith("."):
+        raise E.EINVAL("the server name is not a valid host name")
 
 
 def _own_keys(ctx, keyring: int) -> list:
