@@ -7,8 +7,10 @@ under a wrapping key held in keyden, and goes back in only through keyden.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyden import errors as E
 from keyden.core.journal import NullJournal
@@ -166,13 +170,13 @@ def test_hostile_and_mismatched_blobs_are_refused(client):
             client.import_key(junk, wrap, "@s")
     before = client.read("@s")
     # A well-sealed blob whose tree is malformed (a link out of range) is refused whole.
-    crafted = X.wrap_to_public_key(X.TREE.encode(([X.ENTRY.encode(("keyring", "r", READABLE, b""))], [0, 5])),
+    crafted = X.wrap_to_public_key(X.TREE.encode(([X.ENTRY.encode(("keyring", "r", READABLE, b"", 0))], [0, 5])),
                                    client.public_key(x))
     with pytest.raises(E.EBADMSG):
         client.import_key(crafted, x, "@s")
     # A tree that fails half-way (the second key's payload is refused) leaves nothing behind.
-    entries = [X.ENTRY.encode(("keyring", "r", READABLE, b"")), X.ENTRY.encode(("user", "ok", READABLE, b"fine")),
-               X.ENTRY.encode(("user", "bad", READABLE, b""))]
+    entries = [X.ENTRY.encode(("keyring", "r", READABLE, b"", 0)),
+               X.ENTRY.encode(("user", "ok", READABLE, b"fine", 0)), X.ENTRY.encode(("user", "bad", READABLE, b"", 0))]
     crafted = X.wrap_to_public_key(X.TREE.encode((entries, [0, 1, 0, 2])), client.public_key(x))
     with pytest.raises(E.EINVAL):
         client.import_key(crafted, x, "@s")
@@ -201,6 +205,194 @@ def test_non_exportable_and_a_generated_keys_use_survive_a_restart(fresh_daemon)
     assert len(c.cipher("ctr(aes)", ctr, b"abc", iv=bytes(16))) == 3
     with pytest.raises(E.ENOPROTOOPT, match=r"generated for ctr\(aes\) only"):
         c.aead(ctr).encrypt(bytes(12), b"abc", None)
+
+# ------------------------------------------------------------------ a generated key's use
+
+
+def _use(client, serial) -> str:
+    """The use a key is bound to, as `keyden keys` shows it ("32 for gcm(aes)"), or "" for none."""
+    summary = next(k.summary for k in client.keys() if k.serial == serial)
+    return summary.partition(" for ")[2]
+
+
+def _ctr(client, key) -> bytes:
+    return client.cipher("ctr(aes)", key, b"counter mode", iv=bytes(16))
+
+
+def _gcm(client, key) -> bytes:
+    return client.aead(key).encrypt(bytes(12), b"galois mode", None)
+
+
+def _keys_only_its_use(client, original, copy, use):
+    """The copy keys ``use`` as the original does (the same material) and, as the original, nothing else."""
+    if use == "gcm(aes)":
+        nonce = os.urandom(12)
+        sealed = client.aead(original).encrypt(nonce, b"for the copy", b"ad")
+        assert client.aead(copy).decrypt(nonce, sealed, b"ad") == b"for the copy"
+        other = _ctr
+    elif use == "hmac":
+        assert client.mac("hmac(sha256)", copy, b"m") == client.mac("hmac(sha256)", original, b"m")
+        other = _ctr
+    else:
+        assert use == "ctr(aes)"
+        assert _ctr(client, copy) == _ctr(client, original)
+        other = _gcm
+    for key in (original, copy):
+        with pytest.raises(E.ENOPROTOOPT, match=rf"generated for {re.escape(use)} only"):
+            other(client, key)
+    assert _use(client, copy) == _use(client, original) == use
+
+
+@pytest.mark.parametrize("spec, use", [("aes:256", "gcm(aes)"), ("hmac:256", "hmac"), ("aes-ctr:128", "ctr(aes)")])
+def test_an_imported_key_keys_only_what_the_exported_one_did(client, spec, use):
+    """A version 1 export carried no use: an aes:256 key exported to oneself came back keying ctr(aes), whose
+    keystream at IV 0 is GCM's hash key.  The use now travels in the blob, to every kind of recipient."""
+    key = client.genkey(spec, f"app:{spec}", "@s")
+    client.setperm(key, READABLE)  # a logon key opts in to export
+    wrap = client.genkey("aes:256", "backup:use", "@s")
+    x = client.genkey("x25519", "use-recipient-x", "@s")
+    ec_key = client.genkey("ec:p256", "use-recipient-ec", "@s")
+    blobs = [(client.export(key, wrapping_key=wrap), wrap), (client.export(key, to_public_key=x), x),
+             (client.export(key, to_public_key=client.public_key_bytes(ec_key)[0]), ec_key)]
+    dest = client.newring("use-imports", "@s")
+    for blob, unwrap_with in blobs:
+        copy = client.import_key(blob, unwrap_with, dest)
+        _keys_only_its_use(client, key, copy, use)
+        client.unlink(copy, dest)
+        assert X.version_of(blob) == 2
+
+
+def _tree(client, top) -> dict[str, int]:
+    """Every key under ``top`` by description."""
+    found = {}
+    for serial in client.read(top):
+        d = client.describe(serial)
+        found[d.description] = serial
+        if d.type == "keyring":
+            found.update(_tree(client, serial))
+    return found
+
+
+def test_a_keyring_tree_keeps_each_members_use(client):
+    """Bound and unbound members side by side: each comes back as it left, through a plain import, one with
+    --no-export (which still marks every key, and takes no use away) and one of the keyring's contents."""
+    top = client.newring("bound-bundle", "@s")
+    sub = client.newring("inner", top)
+    gcm = client.genkey("aes:256", "app:gcm", top)
+    mac = client.genkey("hmac:256", "app:mac", sub)
+    ctr = client.genkey("aes-ctr:128", "app:ctr", sub)
+    free_bytes = os.urandom(32)
+    free = client.add("logon", "app:free", free_bytes, sub)
+    client.add("user", "cfg", b"user bytes", top)
+    for k in (gcm, mac, ctr, free):
+        client.setperm(k, READABLE)
+    wrap = client.genkey("aes:256", "backup:bound-tree", "@s")
+    blob = client.export(top, wrapping_key=wrap)
+    imports = [("plain", dict()), ("no-export", dict(no_export=True)), ("contents", dict(contents=True))]
+    for name, options in imports:
+        dest = client.newring(f"restored-{name}", "@s")
+        made = client.import_key(blob, wrap, dest, **options)
+        copies = _tree(client, made)  # with contents, ``made`` is ``dest``
+        assert set(copies) == {"inner", "app:gcm", "app:mac", "app:ctr", "app:free", "cfg"}, name
+        _keys_only_its_use(client, gcm, copies["app:gcm"], "gcm(aes)")
+        _keys_only_its_use(client, mac, copies["app:mac"], "hmac")
+        _keys_only_its_use(client, ctr, copies["app:ctr"], "ctr(aes)")
+        for unbound in ("app:free", "cfg", "inner"):
+            assert _use(client, copies[unbound]) == "", (name, unbound)
+        # Unbound, as the original: it keys GCM and CTR both, with the exported bytes.
+        assert AESGCM(free_bytes).decrypt(bytes(12), _gcm(client, copies["app:free"]), None) == b"galois mode"
+        assert _ctr(client, copies["app:free"]) == _ctr(client, free)
+        status = {k.serial: k for k in client.keys()}
+        assert {status[s].no_export for s in copies.values()} == {name == "no-export"}, name
+        if name == "no-export":
+            with pytest.raises(E.EPERM):
+                client.export(copies["app:gcm"], wrapping_key=wrap)
+
+
+#: A version 1 blob, made by the version 1 code (main at cd35713, before exports carried a key's use):
+#: ``wrap_with_key(encode_tree([keyring "v1-bundle", logon "app:v1-aes" = V1_AES_KEY, user "v1-cfg" =
+#: b"v1 user bytes"], [(0, 1), (0, 2)]), V1_WRAPPING_KEY)``, every mask 0x3f010000.
+V1_WRAPPING_KEY = hashlib.sha256(b"keyden export v1 test: wrapping key").digest()
+V1_AES_KEY = hashlib.sha256(b"keyden export v1 test: an aes:256 key").digest()
+V1_BLOB = bytes.fromhex(
+    "4b444e58010420000be624fc82d52c409e447a051ef0d23fcbe6e0629ea3fef10aa7cbdae3e8ee23a6fff2a579164d361f16"
+    "365e2a29f1eac96ad52145f21f223131b8ff6184f1574aecb28a56ed154d56728accaf97385ab507e286de513860b4ef5a8b"
+    "d98e22fd0bb194da916bacfb06d74a59f7b638d90b6b03b5262bf9ea6d7e1ffe04c0c6fab42b4ede126bfc0d5d55c9b1f434"
+    "6db57e37fab0716b8eb086ef9a39783644b108f1eb271ebd083aa7dda9a577c5240a4fd8ae6ca0393c3b4f7bd506a5da6001"
+    "43eae720f9a0ce468c399b8b351ba8624c70dbe43d56556e1bf52d74adf469d5fb752b40907d")
+
+
+def test_a_version_1_blob_still_imports_bound_to_no_use(client):
+    """Blobs made before exports carried a use are read as they were: their keys key anything.  The
+    version is in the authenticated header: relabelled 2, the same blob does not open."""
+    wrap = client.add("logon", "backup:v1", V1_WRAPPING_KEY, "@s")
+    assert X.version_of(V1_BLOB) == 1
+    dest = client.newring("v1-imports", "@s")
+    copies = _tree(client, client.import_key(V1_BLOB, wrap, dest))
+    assert set(copies) == {"app:v1-aes", "v1-cfg"}
+    assert client.read(copies["v1-cfg"]) == b"v1 user bytes"
+    aes = copies["app:v1-aes"]
+    assert _use(client, aes) == ""
+    assert AESGCM(V1_AES_KEY).decrypt(bytes(12), _gcm(client, aes), None) == b"galois mode"
+    ctr = Cipher(algorithms.AES(V1_AES_KEY), modes.CTR(bytes(16))).encryptor()
+    assert _ctr(client, aes) == ctr.update(b"counter mode") + ctr.finalize()
+    relabelled = bytearray(V1_BLOB)
+    relabelled[4] = 2
+    with pytest.raises(E.EBADMSG, match="does not open"):
+        client.import_key(bytes(relabelled), wrap, dest)
+    relabelled[4] = 3
+    with pytest.raises(E.EBADMSG, match="format 3"):
+        client.import_key(bytes(relabelled), wrap, dest)
+    assert len(client.read(dest)) == 1  # the first import's keyring, and nothing of the refused ones
+
+
+def test_flags_a_version_2_entry_may_not_carry_are_refused(client):
+    """A blob sealed with a wrapping key the test holds: a use keyden knows goes through; a bit it does not
+    know (NO_EXPORT too: the import's own option sets that), two uses, or a use on a key that keys no
+    cipher is EBADMSG, and the whole import makes nothing.  A version 2 blob relabelled 1, to come back
+    unbound, does not open."""
+    known = os.urandom(32)
+    wrap = client.add("logon", "backup:known", known, "@s")
+    dest = client.newring("flag-imports", "@s")
+    material = os.urandom(32)
+
+    def sealed(*entries, links=()):
+        return X.wrap_with_key(X.TREE.encode(([X.ENTRY.encode(e) for e in entries], list(links))), known)
+
+    bound = client.import_key(sealed(("logon", "app:ctr", READABLE, material, 0x10)), wrap, dest)
+    assert _use(client, bound) == "ctr(aes)"
+    with pytest.raises(E.ENOPROTOOPT):
+        _gcm(client, bound)
+    client.unlink(bound, dest)
+    for flags in (0x80, 0x1, 0x11, 0x80000000, 0x2 | 0x10):
+        with pytest.raises(E.EBADMSG, match="flags this keyden does not know|more than one use"):
+            client.import_key(sealed(("logon", "app:x", READABLE, material, flags)), wrap, dest)
+    with pytest.raises(E.EBADMSG, match="keys no cipher"):
+        client.import_key(sealed(("keyring", "r", READABLE, b"", 0x2)), wrap, dest)
+    with pytest.raises(E.EBADMSG, match="does not know"):  # deep in a tree, after keys that are fine
+        client.import_key(sealed(("keyring", "r", READABLE, b"", 0), ("user", "u", READABLE, b"v", 0),
+                                 ("logon", "app:y", READABLE, material, 0x100), links=(0, 1, 0, 2)), wrap, dest)
+    with pytest.raises(E.EBADMSG, match="malformed"):  # version 1's entries under a version 2 header
+        client.import_key(X.wrap_with_key(X.TREE.encode(([X.ENTRY_V1.encode(("logon", "app:z", READABLE,
+                                                                             material))], [])), known), wrap, dest)
+    assert client.read(dest) == []
+    blob = sealed(("logon", "app:ctr", READABLE, material, 0x10))
+    relabelled = bytearray(blob)
+    relabelled[4] = 1
+    with pytest.raises(E.EBADMSG, match="does not open"):
+        client.import_key(bytes(relabelled), wrap, dest)
+    assert client.read(dest) == []
+
+
+def test_entries_decode_by_the_blobs_version_offline():
+    """decode_tree reads each version's entries and no other's."""
+    v1 = X.TREE.encode(([X.ENTRY_V1.encode(("logon", "a:b", READABLE, b"k" * 16))], []))
+    v2 = X.TREE.encode(([X.ENTRY.encode(("logon", "a:b", READABLE, b"k" * 16, 0x2))], []))
+    assert X.decode_tree(v1, 1)[0][0].flags == 0
+    assert X.decode_tree(v2, 2)[0][0].flags == 0x2
+    for plaintext, version in ((v1, 2), (v2, 1), (v2, 3)):
+        with pytest.raises(E.EBADMSG):
+            X.decode_tree(plaintext, version)
 
 
 def _cli(daemon, token, *args, stdin=b""):
@@ -268,13 +460,14 @@ def test_cli_init_creates_the_key_and_checks_it(tmp_path):
 
 def test_blob_format_offline():
     """The format needs no daemon: wrapping to a public key and back with its private key."""
-    plaintext = X.TREE.encode(([X.ENTRY.encode(("user", "d", READABLE, b"secret bytes"))], []))
+    plaintext = X.TREE.encode(([X.ENTRY.encode(("user", "d", READABLE, b"secret bytes", 0))], []))
     for private in (x25519.X25519PrivateKey.generate(), ec.generate_private_key(ec.SECP384R1()),
                     rsa.generate_private_key(public_exponent=65537, key_size=2048)):
         blob = X.wrap_to_public_key(plaintext, private.public_key())
         assert b"secret bytes" not in blob
         assert X.unwrap_with_private_key(blob, private) == plaintext
-        entries, links = X.decode_tree(X.unwrap_with_private_key(blob, private))
+        assert X.version_of(blob) == X.VERSION == 2
+        entries, links = X.decode_tree(X.unwrap_with_private_key(blob, private), X.version_of(blob))
         assert (entries[0].payload, links) == (b"secret bytes", [])
 
 

@@ -45,8 +45,9 @@ NO_EXPORT = 0x1
 #: Key.flags genkey sets, for good: the one use a symmetric key was made for (an algorithm, or "hmac" for
 #: all HMACs), the only thing it then keys, as Vault's typed keys or PKCS#11's CKA_ALLOWED_MECHANISMS.  One
 #: AES mode's outputs at chosen inputs give out another's secrets: CTR's keystream at IV 0 is GCM's hash
-#: key.  Keys added, derived or imported carry none and key anything, as AF_ALG's keys by serial do.
-#: Values are stored with persistent keys: never reused.
+#: key.  Keys added or derived carry none and key anything, as AF_ALG's keys by serial do; an imported key
+#: carries what its export gave (version 2 exports carry it).  Values are stored with persistent keys and
+#: in exports: never reused.
 FOR_USE = {"gcm(aes)": 0x2, "gcm-siv(aes)": 0x4, "cbc(aes)": 0x8, "ctr(aes)": 0x10,
            "rfc7539(chacha20,poly1305)": 0x20, "hmac": 0x40}
 USE_FLAGS = sum(FOR_USE.values())
@@ -282,6 +283,7 @@ class Exported:
     description: str
     perm: int
     payload: Any  # bytes (user, logon), the parsed key (asymmetric), None (keyring)
+    flags: int = 0  # its USE_FLAGS bits, so a copy keys only what the key does (NO_EXPORT never leaves)
 
     def __repr__(self) -> str:
         return f"<Exported {self.type}:{self.description!r}>"
@@ -1685,7 +1687,8 @@ class KeyStore:
         wrapped export is how unreadable keys move.  A key marked NO_EXPORT
         anywhere in the tree refuses the whole export (EPERM), as does a
         revoked or expired one; to a caller who may view the key, before
-        EACCES for a missing read right.
+        EACCES for a missing read right.  Each key's use (USE_FLAGS) goes
+        with it: a copy that keyed anything would undo the binding.
         """
         with self.lock:
             top, possessed = self._lookup(caller, key_id)
@@ -1710,7 +1713,7 @@ class KeyStore:
                     raise err
                 payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
                 index[key.serial] = len(out)
-                out.append(Exported(key.type.name, key.description, key.perm, payload))
+                out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & USE_FLAGS))
                 if key.links is not None:
                     if depth > MAX_NESTING:
                         raise E.ELOOP("keyrings nested too deeply")

@@ -2,10 +2,11 @@
 
 Blob layout (all lengths little-endian)::
 
-    "KDNX" | version u8 (1) | mode u8 | u16 length | mode field | nonce (12) | AES-256-GCM ciphertext+tag
+    "KDNX" | version u8 (2) | mode u8 | u16 length | mode field | nonce (12) | AES-256-GCM ciphertext+tag
 
-The header (everything before the nonce) is the associated data.  The
-content key depends on the mode:
+The header (everything before the nonce) is the associated data, the
+version included: a blob's version cannot be changed without failing to
+open.  The content key depends on the mode:
 
 - 1 X25519 and 2 ECDH (P-256/P-384): a fresh ephemeral key pair; the mode
   field is its public key (raw, or an uncompressed point); content key =
@@ -17,9 +18,15 @@ content key depends on the mode:
 
 The plaintext is the tree: protocol ``Schema`` encodings of each key (type,
 description, perm, payload; an asymmetric key as DER from
-``storage_der``) and the links between them as (keyring index, member index)
-pairs, the exported key first.  Every failure to open (wrong key, any bit
-changed) is the same EBADMSG.
+``storage_der``; and flags, its use bits from store.FOR_USE) and the links
+between them as (keyring index, member index) pairs, the exported key first.
+Every failure to open (wrong key, any bit changed) is the same EBADMSG.
+
+Version 1 (read, never written) is the same but for the entries, which have
+no flags: its keys come back bound to no use.  The label stays ``keyden
+export v1`` in both: it names how content keys are made, which did not
+change, and keeps them apart from clients' KDFs; the version byte in the
+authenticated header is what tells the entries' layout.
 """
 
 from __future__ import annotations
@@ -35,21 +42,29 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden import errors as E
-from keyden.core.store import Exported
+from keyden.core.store import FOR_USE, USE_FLAGS, Exported
 from keyden.crypto import RESERVED_CONTEXT, asymmetric
 from keyden.protocol import Kind as K
 from keyden.protocol import Schema
 
-MAGIC = b"KDNX\x01"
+MAGIC = b"KDNX"
+VERSION = 2  # what is written; VERSION_1 blobs are still read
+VERSION_1 = 1
 X25519, ECDH, RSA_OAEP, WRAPPING_KEY = 1, 2, 3, 4
 LABEL = RESERVED_CONTEXT + b" v1"  # bound into every wrapping; no client's KDF or OAEP may use it
 NONCE = 12
 MIN_WRAPPING_KEY = 16
 MAX_ENTRIES = 100000
 
-ENTRY = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES))
+ENTRY_V1 = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES))
+#: Version 2's entry: flags are the key's use bits (store.FOR_USE's values), nothing else.
+ENTRY = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES), ("flags", K.U32))
+_ENTRIES = {VERSION_1: ENTRY_V1, VERSION: ENTRY}
 TREE = Schema(("entries", K.BYTESLIST), ("links", K.I32S))
-_HEADER = struct.Struct("<5sBH")
+_HEADER = struct.Struct("<4sBBH")
+_USES = frozenset(FOR_USE.values())
+#: The types whose keys key ciphers: the only ones a use means anything for.
+_USABLE_TYPES = ("user", "logon")
 
 
 @dataclass
@@ -60,6 +75,7 @@ class Entry:
     description: str
     perm: int
     payload: bytes
+    flags: int = 0  # its use (store.FOR_USE), if it was bound to one
 
     def __repr__(self) -> str:
         return f"<Entry {self.type}:{self.description!r}>"
@@ -77,20 +93,32 @@ def encode_tree(keys: list[Exported], links: list[tuple[int, int]]) -> bytes:
             payload = bytes(key.payload)
         else:
             payload = key.payload.storage_der()
-        entries.append(ENTRY.encode((key.type, key.description, key.perm, payload)))
+        entries.append(ENTRY.encode((key.type, key.description, key.perm, payload, key.flags & USE_FLAGS)))
     return TREE.encode((entries, [i for pair in links for i in pair]))
 
 
-def decode_tree(plaintext: bytes) -> tuple[list[Entry], list[tuple[int, int]]]:
-    """The entries and links, checked: every link between existing entries, from a keyring, and every entry
-    but the first reachable from it.  Anything else is EBADMSG."""
+def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple[int, int]]]:
+    """The entries and links of a blob of ``version`` (``version_of``: opening the blob authenticated it),
+    checked: every link between existing entries, from a keyring, and every entry but the first reachable
+    from it; each use one store.FOR_USE knows, on a key that keys ciphers.  Anything else is EBADMSG: a
+    flag bit not understood is never passed on to the store, where it could mean something else."""
+    schema = _ENTRIES.get(version)
+    if schema is None:
+        raise E.EBADMSG("not a keyden export")
     try:
         raw_entries, flat = TREE.decode(plaintext)
-        entries = [Entry(*ENTRY.decode(raw)) for raw in raw_entries]
+        entries = [Entry(*schema.decode(raw)) for raw in raw_entries]
     except E.EPROTO:
         raise E.EBADMSG("the export's contents are malformed") from None
     if not entries or len(entries) > MAX_ENTRIES or len(flat) % 2:
         raise E.EBADMSG("the export's contents are malformed")
+    for entry in entries:
+        if entry.flags & ~USE_FLAGS:
+            raise E.EBADMSG("the export gives a key flags this keyden does not know")
+        if entry.flags and entry.flags not in _USES:
+            raise E.EBADMSG("the export gives a key more than one use")
+        if entry.flags and entry.type not in _USABLE_TYPES:
+            raise E.EBADMSG("the export gives a use to a key that keys no cipher")
     links = list(zip(flat[0::2], flat[1::2]))
     reached = {0}
     for ring, member in links:
@@ -145,6 +173,12 @@ def mode_of(blob: bytes) -> int:
     return _parse(blob)[0]
 
 
+def version_of(blob: bytes) -> int:
+    """The blob's format version (VERSION or VERSION_1): authentic once the blob has opened."""
+    _parse(blob)
+    return blob[len(MAGIC)]
+
+
 def unwrap_with_private_key(blob: bytes, private) -> bytes:
     mode, field, header, rest = _parse(blob)
     try:
@@ -197,7 +231,7 @@ def _spki(private) -> bytes:
 
 
 def _seal(mode: int, field: bytes, content_key: bytes, plaintext: bytes) -> bytes:
-    header = _HEADER.pack(MAGIC, mode, len(field)) + field
+    header = _HEADER.pack(MAGIC, VERSION, mode, len(field)) + field
     nonce = os.urandom(NONCE)
     return header + nonce + AESGCM(content_key).encrypt(nonce, plaintext, header)
 
@@ -206,10 +240,12 @@ def _parse(blob: bytes) -> tuple[int, bytes, bytes, bytes]:
     """(mode, mode field, header, nonce + ciphertext), or EBADMSG if it is not an export blob."""
     if len(blob) < _HEADER.size:
         raise E.EBADMSG("not a keyden export")
-    magic, mode, size = _HEADER.unpack_from(blob)
+    magic, version, mode, size = _HEADER.unpack_from(blob)
     end = _HEADER.size + size
     if magic != MAGIC or mode not in (X25519, ECDH, RSA_OAEP, WRAPPING_KEY) or len(blob) < end + NONCE + 16:
         raise E.EBADMSG("not a keyden export")
+    if version not in _ENTRIES:
+        raise E.EBADMSG(f"an export of format {version}: this keyden reads formats {VERSION_1} and {VERSION}")
     return mode, blob[_HEADER.size:end], blob[:end], blob[end:]
 
 

@@ -50,7 +50,7 @@ def _import(ctx, blob, unwrap_with, keyring, flags):
     else:
         private = ctx.store.asymmetric(ctx.caller, unwrap_with).private_key_for_internal_use()
         plaintext = export.unwrap_with_private_key(blob, private)
-    entries, links = export.decode_tree(plaintext)
+    entries, links = export.decode_tree(plaintext, export.version_of(blob))  # opened: its version is authentic
     if contents and not T.lookup(entries[0].type).is_keyring:
         raise E.EINVAL("only an exported keyring has contents to import; this export holds one key")
     return (_make_tree(ctx, entries, links, keyring, flags, contents),)
@@ -108,6 +108,9 @@ def _depths(first_parent: dict[int, int]) -> dict[int, int]:
 
 
 def _make(ctx, entry: export.Entry, parent: int, flags: int, detached: bool = False, filed: bool = True) -> int:
+    """One key of the tree, with the import's ``flags`` (NO_EXPORT) and the use it was exported with, so
+    the copy keys only what the original did."""
+    flags |= entry.flags  # decode_tree let through only a use store.FOR_USE knows
     ktype = T.lookup(entry.type)
     if ktype.is_keyring and entry.description.startswith("."):
         raise E.EPERM("keyring names beginning with '.' are reserved")
