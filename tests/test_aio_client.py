@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import signal
 import time
 
@@ -195,6 +196,35 @@ def test_an_async_stream_whose_finish_never_went_out_can_still_be_closed(arun):
     assert arun(scenario) == bytes.fromhex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 
+def test_async_streams_dropped_unfinished_are_closed_and_never_fill_the_connection(arun):
+    """pyca's hash contexts need no cleanup, so code drops them (an early return, an exception): 70 dropped
+    streams must not lock the connection out of streams, nor out of large aead calls, which stream."""
+    import gc
+
+    async def scenario(c):
+        key = await c.add("logon", "aio:dropped", bytes(32))
+        for _ in range(70):
+            stream = await c.hash()
+            await stream.update(b"abandoned")
+            del stream
+            gc.collect()
+        async with await c.hash() as stream:
+            digest = (await stream.finalize(b"abc"))[1]
+        sealed = await (await c.aead(key)).encrypt(bytes(12), bytes(2 << 20), None)
+        copies = []
+        async with await c.hash() as stream:
+            for refuse in (copy.copy, copy.deepcopy):
+                try:
+                    refuse(stream)
+                except TypeError:
+                    copies.append("refused")
+        return digest, len(sealed), copies
+
+    digest, sealed, copies = arun(scenario)
+    assert digest == bytes.fromhex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    assert sealed == (2 << 20) + 16 and copies == ["refused", "refused"]
+
+
 def test_failed_authentication_is_pycas_exception_too(arun):
     from cryptography.exceptions import InvalidSignature, InvalidTag
 
@@ -207,13 +237,18 @@ def test_failed_authentication_is_pycas_exception_too(arun):
                 await aead.decrypt(bytes(12), data, None)
             except InvalidTag as exc:
                 caught.append(isinstance(exc, E.EBADMSG))
+        for tag in (bytes(32), bytes(16)):  # a truncated tag is a mismatch too, as pyca's verify says
+            try:
+                await mac.verify(b"data", tag)
+            except InvalidSignature as exc:
+                caught.append(isinstance(exc, E.EBADMSG))
         try:
-            await mac.verify(b"data", bytes(32))
-        except InvalidSignature as exc:
-            caught.append(isinstance(exc, E.EBADMSG))
+            await aead.encrypt(bytes(8), b"data", None)  # a wrong nonce size: pyca's ValueError
+        except ValueError as exc:
+            caught.append(isinstance(exc, E.EINVAL))
         return caught
 
-    assert arun(scenario) == [True, True, True]
+    assert arun(scenario) == [True, True, True, True, True]
 
 
 def test_oversized_request_is_refused_locally(arun):

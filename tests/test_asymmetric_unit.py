@@ -39,6 +39,7 @@ def test_the_clients_know_the_hashes_the_daemon_signs_with():
     """Remote keys refuse other hashes as pyca's UnsupportedAlgorithm before asking (client/handles.py)."""
     assert set(W.PKEY_HASHES) == set(A._HASHES)
     assert all(A._HASHES[name]().name == name for name in W.PKEY_HASHES)  # pyca's names are the info string's
+    assert W.MAX_PKEY_INFO == A.MAX_INFO  # the clients check OAEP labels against it
 
 
 @pytest.fixture(scope="module")

@@ -247,6 +247,35 @@ def test_rsa_oaep_label_must_match(rsa_pair):
         remote.decrypt(ciphertext, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"wrong"))
 
 
+def test_what_pyca_refuses_with_value_error_or_type_error_the_remote_keys_refuse_alike(rsa_pair):
+    """Drop-in: an argument pyca refuses with ValueError (a salt or a ciphertext too long for the key, a
+    label too long to send) is EINVAL and ValueError; one of the wrong kind is pyca's TypeError."""
+    local, remote = rsa_pair
+    too_salty = padding.PSS(padding.MGF1(hashes.SHA256()), 223)  # 2048-bit key, SHA-256: at most 222
+    with pytest.raises(ValueError):
+        local.sign(MESSAGE, too_salty, hashes.SHA256())
+    with pytest.raises(ValueError) as refused:
+        remote.sign(MESSAGE, too_salty, hashes.SHA256())
+    assert isinstance(refused.value, E.EINVAL)
+    for ciphertext in (bytes(257), bytes(512)):  # longer than the key: an attacker's to choose
+        with pytest.raises(ValueError):
+            local.decrypt(ciphertext, padding.PKCS1v15())
+        with pytest.raises(ValueError) as refused:
+            remote.decrypt(ciphertext, padding.PKCS1v15())
+        assert isinstance(refused.value, E.EINVAL)
+    oaep = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"L" * 2027)  # the longest that fits
+    assert remote.decrypt(remote.public_key().encrypt(b"fits", oaep), oaep) == b"fits"
+    with pytest.raises(ValueError, match=r"OAEP label of 2028 bytes .* up to 2027 bytes") as refused:
+        remote.decrypt(bytes(256), padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"L" * 2028))
+    assert isinstance(refused.value, E.EINVAL)
+    for call in (lambda k: k.sign(MESSAGE, padding.PKCS1v15(), None), lambda k: k.sign(MESSAGE, None, hashes.SHA256()),
+                 lambda k: k.decrypt(bytes(256), None), lambda k: k.sign(MESSAGE, padding.PKCS1v15(), "sha256")):
+        with pytest.raises(TypeError):
+            call(local)
+        with pytest.raises(TypeError):
+            call(remote)
+
+
 def test_rsa_decrypts_pkcs1v15_made_locally(rsa_pair):
     _local, remote = rsa_pair
     ciphertext = remote.public_key().encrypt(b"session key bytes", padding.PKCS1v15())

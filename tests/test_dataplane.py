@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -207,7 +208,11 @@ def test_hash_and_hmac_one_shot(client):
         mac.verify(data + b"!", tag)
     assert bad.value.message == "HMAC verification failed"
     with pytest.raises(E.EINVAL):
-        mac.verify(data, tag[:16])  # truncated tags are refused, not compared
+        client.mac_verify("hmac(sha256)", mac.serial, data, tag[:16])  # truncated tags are refused, not compared
+    for wrong in (tag[:16], b"", tag + b"!"):  # pyca's HMAC.verify: InvalidSignature, never an argument error
+        with pytest.raises(InvalidSignature) as bad:
+            mac.verify(data, wrong)
+        assert isinstance(bad.value, E.EBADMSG) and bad.value.message == "HMAC verification failed"
 
 
 def test_skcipher_one_shot_equals_pyca(client, aes):
@@ -930,13 +935,36 @@ def test_helpers_take_bytes_like_data_only_and_copy_as_handles(client, aes):
                  lambda: aead.encrypt(os.urandom(12), "text", None),
                  lambda: aead.encrypt(os.urandom(12), b"x", "aad as text"),
                  lambda: aead.encrypt(os.urandom(12), b"x" * dataplane.BULK_THRESHOLD, 7),
-                 lambda: client.hmac(serial).mac(5), lambda: client.hash().update(3)):
+                 lambda: client.hmac(serial).mac(5), lambda: client.hash().update(3),
+                 # batches and the one-request operations too: text's encoding would be a guess
+                 lambda: aead.encrypt_batch([os.urandom(12)], ["hello"]),
+                 lambda: aead.encrypt_batch(["n" * 12], [b"hello"]),
+                 lambda: aead.decrypt_batch([os.urandom(12)], [b"x" * 20], ["aad"]),
+                 lambda: client.hmac(serial).mac_batch(["hello"]),
+                 lambda: client.digest("sha256", "text"), lambda: client.mac("hmac(sha256)", serial, "text"),
+                 lambda: client.cipher("gcm(aes)", serial, "text", iv=os.urandom(12)),
+                 lambda: client.cipher("gcm(aes)", serial, b"x", iv="twelve bytes")):
         with pytest.raises(E.EINVAL, match="bytes-like"):
             call()
+    for nonce in (os.urandom(8), b""):  # a nonce of the wrong size: pyca's ValueError (and EINVAL)
+        for call in (lambda: aead.encrypt(nonce, b"x", None), lambda: aead.decrypt(nonce, bytes(32), None),
+                     lambda: aead.encrypt(nonce, bytes(dataplane.BULK_THRESHOLD), None)):
+            with pytest.raises(ValueError) as refused:
+                call()
+            assert isinstance(refused.value, E.EINVAL)
+        with pytest.raises(ValueError):
+            ChaCha20Poly1305(key).encrypt(nonce, b"x", None)
     nonce = os.urandom(12)
     assert aead.encrypt(nonce, bytearray(b"ok"), memoryview(b"h")) == AESGCM(key).encrypt(nonce, b"ok", b"h")
     import copy
+    import pickle
     assert copy.copy(aead) is aead and copy.deepcopy(aead) is aead
+    with client.hash() as stream:  # a copy would share keyden's stream: pyca refuses to copy a context too
+        for refuse in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="state lives in keyden"):
+                refuse(stream)
+        stream.update(b"a")
+        assert stream.finalize()[1] == hashlib.sha256(b"a").digest()
     with client.hmac(serial) as mac:
         assert len(mac.mac(b"x")) == 32
 

@@ -27,6 +27,7 @@ import itertools
 import os
 import socket
 import weakref
+from collections import deque
 from typing import Any
 
 from keyden import errors as E
@@ -114,6 +115,7 @@ class AsyncClient(Operations):
         self._waiting = 0  # requests waiting for it
         self.max_frame = W.DEFAULT_MAX_FRAME
         self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # large aead/hmac calls at once (aio_dataplane)
+        self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
         _CLIENTS.add(self)
 
     @classmethod

@@ -10,20 +10,29 @@ stream is EMSGSIZE (the blocking client's shared memory takes it).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Sequence
 
 from keyden import errors as E
-from keyden.client.dataplane import (_OVERHEAD, PIECE, AuthenticationFailed, KeyedAlgorithm, MacMismatch,
-                                     _final_fields, _fits, _piece, _raise_first, _same_connection, _stale,
-                                     item_error)
-from keyden.client.operations import binary
+from keyden.client.dataplane import (_OVERHEAD, HMAC_FAILED, PIECE, AuthenticationFailed, KeyedAlgorithm,
+                                     MacMismatch, _final_fields, _fits, _piece, _raise_first, _same_connection,
+                                     _stale, _uncopyable_stream, item_error)
+from keyden.client.operations import as_value_error, binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
 MAX_HELPER_STREAMS = 32
 
 
 async def _open(client, alg: str, key: int, **kw) -> tuple[int, bytes]:
-    """STREAM_INIT, safe against cancellation: a stream opened for a caller who has gone is closed."""
+    """STREAM_INIT, safe against cancellation: a stream opened for a caller who has gone is closed.  Streams
+    dropped unfinished are closed first, so they never fill the connection's 64."""
+    dropped = []
+    while client.abandoned_streams:
+        handle, generation = client.abandoned_streams.popleft()
+        if not _stale(client, generation):  # else it went with its connection
+            dropped.append(_abort(client, handle))
+    if dropped:
+        await asyncio.gather(*dropped)
     init = asyncio.ensure_future(client.stream_init(alg, key, **kw))
     try:
         return await asyncio.shield(init)
@@ -51,6 +60,8 @@ class AsyncAead(KeyedAlgorithm):
             if decrypt:
                 raise AuthenticationFailed(exc.message) from None
             raise
+        except E.EINVAL as exc:  # a nonce of the wrong size...: pyca's ValueError too
+            raise as_value_error(exc) from None
 
     async def _crypt(self, nonce, data, aad, decrypt: bool, random_nonce: bool) -> bytes:
         data, aad, nonce = binary(data), binary(aad or b"", "associated_data"), binary(nonce, "nonce")
@@ -137,6 +148,8 @@ class AsyncMac(KeyedAlgorithm):
     async def verify(self, data, tag) -> None:
         """None if the tag matches; EBADMSG if not (compared in constant time inside keyden)."""
         data, tag = binary(data), binary(tag, "tag")
+        if len(tag) != self.digest_size:  # as the blocking Mac: a mismatch, as pyca's verify says
+            raise MacMismatch(HMAC_FAILED)
         try:
             if _fits(self._client, data):
                 await self._client.mac_verify(self.alg, self.serial, data, tag)
@@ -163,6 +176,9 @@ class AsyncStream:
         self._client, self.handle, self.nonce = client, handle, nonce
         self.generation = client.generation  # the connection it is open on
         self.done = False
+        # Dropped unfinished (pyca's hash contexts need no cleanup, so code does drop them): queued, and
+        # aborted before the client's next stream opens (a finalizer cannot await).
+        self._dropped = weakref.finalize(self, client.abandoned_streams.append, (handle, self.generation))
 
     @classmethod
     async def open(cls, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
@@ -191,14 +207,18 @@ class AsyncStream:
         except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
             raise
         except BaseException:
-            self.done = True
+            self._over()
             raise
-        self.done = True
+        self._over()
         return (head + out if head else out), last
+
+    def _over(self) -> None:
+        self.done = True
+        self._dropped.detach()
 
     async def abort(self) -> None:
         if not self.done:
-            self.done = True
+            self._over()
             if not _stale(self._client, self.generation):  # else it went with its connection
                 await _abort(self._client, self.handle)
 
@@ -207,6 +227,8 @@ class AsyncStream:
 
     async def __aexit__(self, *exc) -> None:
         await self.abort()  # not finalized by the end of the block: closed in keyden too
+
+    __copy__ = __deepcopy__ = __reduce__ = _uncopyable_stream
 
 
 async def _abort(client, handle: int) -> None:

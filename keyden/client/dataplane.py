@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 from cryptography.exceptions import InvalidSignature, InvalidTag
 
 from keyden import errors as E
-from keyden.client.operations import Ref, binary
+from keyden.client.operations import Ref, as_value_error, binary
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
 
@@ -27,7 +27,11 @@ class AuthenticationFailed(E.EBADMSG, InvalidTag):  # type: ignore[misc,valid-ty
 
 
 class MacMismatch(E.EBADMSG, InvalidSignature):  # type: ignore[misc,valid-type]
-    """``Mac.verify``'s EBADMSG, also pyca's ``InvalidSignature``, as ``HMAC.verify`` raises."""
+    """``Mac.verify``'s EBADMSG, also pyca's ``InvalidSignature``, as ``HMAC.verify`` raises (a tag of the
+    wrong length too: an attacker's truncated tag is a mismatch, not an argument error to crash on)."""
+
+
+HMAC_FAILED = "HMAC verification failed"  # the daemon's own words for a mismatch
 
 
 #: buffers at least this large go through shared memory
@@ -176,7 +180,7 @@ class KeyedAlgorithm:
     def __init__(self, client, serial: int, alg: str):
         spec = symmetric.spec(alg, self.KIND)
         self._client, self.serial, self.alg = client, serial, alg
-        self.nonce_size, self.tag_size = spec.nonce_size, spec.tag_size
+        self.nonce_size, self.tag_size, self.digest_size = spec.nonce_size, spec.tag_size, spec.digest_size
 
     def __reduce__(self):
         raise TypeError(f"{type(self).__name__} handles cannot be pickled: they name a key over a live connection")
@@ -220,6 +224,8 @@ class Aead(KeyedAlgorithm):
             if decrypt:
                 raise AuthenticationFailed(exc.message) from None
             raise
+        except E.EINVAL as exc:  # a nonce of the wrong size...: pyca's ValueError too
+            raise as_value_error(exc) from None
 
     def _crypt(self, nonce, data, aad, decrypt: bool, random_nonce: bool, into):
         data = data if type(data) is bytes else _view(data)
@@ -324,6 +330,8 @@ class Mac(KeyedAlgorithm):
         """None if the tag matches; ``MacMismatch`` (EBADMSG and pyca's InvalidSignature) if not, compared in
         constant time inside keyden."""
         data, tag = binary(data), binary(tag, "tag")
+        if len(tag) != self.digest_size:  # keyden compares full tags only; pyca's verify says this too
+            raise MacMismatch(HMAC_FAILED)
         try:
             if _one_request(self._client, data):
                 self._client.mac_verify(self.alg, self.serial, data, tag)
@@ -341,6 +349,12 @@ class Mac(KeyedAlgorithm):
         """The MAC of data in pieces: ``finalize()`` returns it; with ``verify=True``, ``finalize(tag=expected)``
         checks it inside keyden instead (constant time; EBADMSG on mismatch)."""
         return Stream(self._client, self.alg, self.serial, decrypt=verify)
+
+
+def _uncopyable_stream(self, *args):
+    """A copy would share the daemon's stream (updating one changes the other's result): refused, as pyca
+    refuses to copy a hash context with ``copy.copy``.  Open another stream and feed it the same data."""
+    raise TypeError(f"a {type(self).__name__} cannot be copied or pickled: its state lives in keyden")
 
 
 class Stream:
@@ -403,6 +417,8 @@ class Stream:
 
     def __exit__(self, *exc):
         self.abort()  # not finalized by the end of the block: closed in keyden too (no-op once finalized)
+
+    __copy__ = __deepcopy__ = __reduce__ = _uncopyable_stream
 
 
 def _abort_abandoned(client) -> None:

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from keyden import errors as E
-from keyden.client.operations import binary
-from keyden.protocol import PKEY_HASHES
+from keyden.client.operations import InvalidArgument, as_value_error, binary
+from keyden.protocol import MAX_PKEY_INFO, PKEY_HASHES
 
 __all__ = ["KeyHandle", "load_public_key", "remote_private_key",
            "RemoteRSAPrivateKey", "RemoteECPrivateKey", "RemoteEd25519PrivateKey"]
@@ -179,10 +179,6 @@ def remote_private_key(client, serial):
 # errors pyca users catch
 
 
-class InvalidArgument(E.EINVAL, ValueError):
-    """EINVAL for an argument pyca would refuse with ValueError: code that catches pyca's still catches it."""
-
-
 class NotSupported(E.EINVAL, UnsupportedAlgorithm):
     """EINVAL for a padding, hash or algorithm keyden does not offer: pyca's UnsupportedAlgorithm too."""
 
@@ -198,7 +194,7 @@ class DecryptionFailed(E.EBADMSG, ValueError):
 def _hash_name(algorithm: hashes.HashAlgorithm) -> str:
     """The info-string name of a pyca hash (pyca's names are the kernel's), if keyden signs with it."""
     if not isinstance(algorithm, hashes.HashAlgorithm):
-        raise InvalidArgument("expected a cryptography HashAlgorithm")
+        raise TypeError("Expected instance of hashes.HashAlgorithm.")  # pyca's words
     name = algorithm.name
     if name not in PKEY_HASHES:
         raise NotSupported(f"unsupported hash {name[:32]!r}; keyden offers {', '.join(PKEY_HASHES)}")
@@ -239,7 +235,13 @@ def _pss_saltlen(pad: padding.PSS) -> str:
     raise InvalidArgument("PSS.AUTO only applies to verification; sign with DIGEST_LENGTH, MAX_LENGTH or a length")
 
 
+def _padding(pad) -> None:
+    if not isinstance(pad, padding.AsymmetricPadding):
+        raise TypeError("Padding must be an instance of AsymmetricPadding.")  # pyca's words
+
+
 def _rsa_sign_info(pad, hash_name: str) -> str:
+    _padding(pad)
     if isinstance(pad, padding.PKCS1v15):
         return f"enc=pkcs1 hash={hash_name}"
     if isinstance(pad, padding.PSS):
@@ -248,12 +250,20 @@ def _rsa_sign_info(pad, hash_name: str) -> str:
 
 
 def _rsa_decrypt_info(pad) -> str:
+    _padding(pad)
     if isinstance(pad, padding.PKCS1v15):
         return "enc=pkcs1"
     if isinstance(pad, padding.OAEP):
         info = f"enc=oaep hash={_hash_name(pad.algorithm)} mgfhash={_mgf_hash(pad)}"
         label = pad._label  # pyca offers no public accessor
-        return f"{info} label={bytes(label).hex()}" if label else info
+        if not label:
+            return info
+        info += " label=" + bytes(label).hex()
+        if len(info) > MAX_PKEY_INFO:  # the kernel's info string is one page; the label travels in it as hex
+            raise InvalidArgument(f"an OAEP label of {len(label)} bytes is too long for keyden: the info string "
+                                  f"carries it as hex in at most {MAX_PKEY_INFO} characters (labels up to "
+                                  f"{(MAX_PKEY_INFO - len(info) + 2 * len(label)) // 2} bytes)")
+        return info
     raise NotSupported(f"unsupported decryption padding {getattr(pad, 'name', type(pad).__name__)}")
 
 
@@ -299,7 +309,10 @@ class _RemoteKey:
         return f"<keyden {self._label} private key serial={self._serial}>"
 
     def _sign(self, info: str, data: bytes) -> bytes:
-        return self._client.pkey_sign(self._serial, info, data)
+        try:
+            return self._client.pkey_sign(self._serial, info, data)
+        except E.EINVAL as exc:  # e.g. a PSS salt too long for the key: pyca's ValueError
+            raise as_value_error(exc) from None
 
 
 class RemoteRSAPrivateKey(_RemoteKey, rsa.RSAPrivateKey):
@@ -319,6 +332,8 @@ class RemoteRSAPrivateKey(_RemoteKey, rsa.RSAPrivateKey):
             return self._client.pkey_decrypt(self._serial, info, binary(ciphertext, "ciphertext"))
         except E.EBADMSG as exc:  # JWE and other libraries catch pyca's ValueError here
             raise DecryptionFailed(exc.message) from None
+        except E.EINVAL as exc:  # a ciphertext longer than the key: pyca's ValueError too
+            raise as_value_error(exc) from None
 
 
 class RemoteECPrivateKey(_RemoteKey, ec.EllipticCurvePrivateKey):

@@ -46,12 +46,12 @@ def binary(data, what: str = "data") -> bytes:
             from None
 
 
-def _bytes_list(values) -> list:
+def _binary_list(values, what: str = "items") -> list:
     """A batch's items as bytes or bytearrays (their length is their size): other buffers are copied,
-    strings encoded, anything else refused."""
+    anything else (text, numbers) refused, as ``binary`` does."""
     values = values if type(values) is list else list(values)
     if not set(map(type, values)) <= _BYTES_TYPES:  # the usual case, checked at C speed
-        return [_bytes(v) for v in values]
+        return [binary(v, what) for v in values]
     return values
 
 
@@ -61,7 +61,18 @@ _BYTES_TYPES = {bytes, bytearray}
 def _aad_list(values) -> list:
     """A batch's associated data: None, or an item None, is none (b""), as pyca's ``encrypt(nonce, data, None)``."""
     values = values if type(values) is list else list(values or ())
-    return _bytes_list([b"" if v is None else v for v in values] if any(v is None for v in values) else values)
+    return _binary_list([b"" if v is None else v for v in values] if any(v is None for v in values) else values,
+                        "associated data")
+
+
+class InvalidArgument(E.EINVAL, ValueError):
+    """EINVAL for an argument pyca would refuse with ValueError (a nonce, a salt length, a ciphertext of the
+    wrong size): code written for pyca's classes catches it unchanged."""
+
+
+def as_value_error(exc: E.EINVAL) -> E.EINVAL:
+    """The daemon's EINVAL as an ``InvalidArgument``, for the helpers shaped like pyca's classes."""
+    return exc if isinstance(exc, ValueError) else InvalidArgument(exc.message)
 
 
 class Operations:
@@ -223,37 +234,41 @@ class Operations:
         return self._call(Op.PKEY_DECRYPT_INTO, Ref(key), info, _bytes(data), description, Ref(keyring), perm)
 
     # data shoveling by serial (the kernel crypto API's algorithm names)
+    # Data, IVs, associated data and tags are bytes-like only, as pyca takes them: text is EINVAL (its encoding
+    # would be a guess), and so is a number (bytes(32) would be 32 zero bytes).
     def cipher(self, alg: str, key, data, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
-        return self._call(Op.CIPHER, alg, Ref(key) if key else 0, flags, _bytes(iv), _bytes(aad), _bytes(data))
+        return self._call(Op.CIPHER, alg, Ref(key) if key else 0, flags, binary(iv, "iv"),
+                          binary(aad, "associated data"), binary(data))
 
     def digest(self, alg: str, data):
-        return self._call(Op.DIGEST, alg, _bytes(data))
+        return self._call(Op.DIGEST, alg, binary(data))
 
     def mac(self, alg: str, key, data):
-        return self._call(Op.MAC, alg, Ref(key), _bytes(data))
+        return self._call(Op.MAC, alg, Ref(key), binary(data))
 
     def mac_verify(self, alg: str, key, data, mac):
         """None if the MAC matches; EBADMSG if not."""
-        return self._call(Op.MAC_VERIFY, alg, Ref(key), _bytes(data), _bytes(mac))
+        return self._call(Op.MAC_VERIFY, alg, Ref(key), binary(data), binary(mac, "mac"))
 
     def batch(self, alg: str, key, items, *, ivs=(), aads=(), decrypt: bool = False, random_nonce: bool = False):
         """Many small items in one request: returns (statuses, outputs); status 0 or an errno per item."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
-        return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, _bytes_list(ivs), _aad_list(aads),
-                          _bytes_list(items))
+        return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, _binary_list(ivs, "ivs"), _aad_list(aads),
+                          _binary_list(items))
 
     def stream_init(self, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):
         """Open a stream; returns (handle, nonce keyden chose or b'')."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
-        return self._call(Op.STREAM_INIT, alg, Ref(key) if key else 0, flags, _bytes(iv), _bytes(aad))
+        return self._call(Op.STREAM_INIT, alg, Ref(key) if key else 0, flags, binary(iv, "iv"),
+                          binary(aad, "associated data"))
 
     def stream_update(self, handle: int, data):
-        return self._call(Op.STREAM_UPDATE, handle, _bytes(data))
+        return self._call(Op.STREAM_UPDATE, handle, binary(data))
 
     def stream_final(self, handle: int, data=b"", tag=b""):
         """Returns (last output, tag): the AEAD tag when encrypting, or the digest/MAC."""
-        return self._call(Op.STREAM_FINAL, handle, _bytes(data), _bytes(tag))
+        return self._call(Op.STREAM_FINAL, handle, binary(data), binary(tag, "tag"))
 
     def stream_abort(self, handle: int):
         return self._call(Op.STREAM_ABORT, handle)

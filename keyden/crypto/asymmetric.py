@@ -36,7 +36,7 @@ __all__ = ["OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
 OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
 
 MAX_INPUT = 1 << 20          # key data larger than this is refused before any parsing
-MAX_INFO = 4096              # an info string is a short option list, never bulk data
+MAX_INFO = 4096              # an info string is a short option list, never bulk data (protocol.MAX_PKEY_INFO)
 RSA_MIN_BITS, RSA_MAX_BITS = 2048, 4096
 ED25519_MAX_DATA = 16 * 1024 * 1024  # pure Ed25519 signs the message itself: up to a frame's worth (the default cap)
 

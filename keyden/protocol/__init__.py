@@ -427,6 +427,8 @@ CAPABILITY_BITS = (
 
 #: The hashes a pkey_* info string may name (hash=, mgfhash=): pyca's names, which are the kernel's.
 PKEY_HASHES = ("sha1", "sha224", "sha256", "sha384", "sha512", "sha3-256", "sha3-384", "sha3-512")
+#: The longest pkey_* info string, in characters (the kernel's: one page).  An OAEP label travels in it as hex.
+MAX_PKEY_INFO = 4096
 
 # TLS_ACCEPT / TLS_CONNECT flags.
 TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate the client trust keyring accepts
