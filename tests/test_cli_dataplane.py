@@ -232,7 +232,7 @@ def test_aead_gcm_streams_with_keyden_or_caller_nonces(keyden, client, tmp_path)
     assert ok(keyden("aead", "decrypt", serial, stdin=empty)) == ""
 
 
-def test_unverified_plaintext_is_held_back_from_stdout_up_to_the_limit(monkeypatch, capsysbinary):
+def test_unverified_plaintext_is_held_back_from_stdout_up_to_the_limit(monkeypatch, capfdbinary):
     """What cannot wait in memory goes out before the tag is checked, in order, and nothing is lost."""
     from keyden.cli import dataplane
 
@@ -241,12 +241,12 @@ def test_unverified_plaintext_is_held_back_from_stdout_up_to_the_limit(monkeypat
         held = dataplane.Unverified(out)
         held.write(b"abcd")
         held.write(b"efgh")
-        assert capsysbinary.readouterr().out == b""  # 8 bytes: held
+        assert capfdbinary.readouterr().out == b""  # 8 bytes: held
         held.write(b"ijk")  # 11 > 10: everything so far goes out, the rest streams
-        assert capsysbinary.readouterr().out == b"abcdefghijk"
+        assert capfdbinary.readouterr().out == b"abcdefghijk"
         held.write(b"lm")
         held.verified()
-    assert capsysbinary.readouterr().out == b"lm"
+    assert capfdbinary.readouterr().out == b"lm"
 
 
 def test_aead_decrypt_failures_leave_no_plaintext_file(keyden, client, tmp_path):
@@ -369,3 +369,141 @@ def test_a_reader_that_goes_away_or_a_full_disk_is_not_a_traceback(daemon, clien
             (command, full.stderr)
     proc = subprocess.run(["sh", "-c", f"{base} --help > /dev/full"], capture_output=True, env=env, timeout=60)
     assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+
+
+# ------------------------------------------------- output and input that misbehave
+
+
+def _cli(daemon, client, *args: str, **popen):
+    """The CLI as a subprocess with the caller's own stdin/stdout (descriptors, limits), in the test's session."""
+    env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SESSION=client.session_token, **popen.pop("env", {}))
+    return subprocess.Popen([sys.executable, "-m", "keyden", "--socket", daemon.socket, *args], env=env, **popen)
+
+
+def _file_size_limit(size: int):
+    """A preexec_fn: writes past ``size`` bytes fail with EFBIG (SIGXFSZ ignored), as a disk that is full."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_a_failed_write_leaves_no_partial_output_and_the_old_file_intact(daemon, client, tmp_path):
+    """A -o file is written whole or not at all: a disk that fills (here, a file size limit) leaves the old
+    target and no temporary file of plaintext behind, for a forged message and a good one alike."""
+    key = os.urandom(32)
+    serial = str(client.add("logon", "cli:fsize", key))
+    plaintext = b"SECRET-PLAINTEXT-" * 300  # 5100 bytes: over the 4096-byte limit
+    sealed = bytearray(AESGCM(key).encrypt(bytes(12), plaintext, None))
+    target = tmp_path / "target"
+    target.write_bytes(b"the old contents")
+    forged = bytes(sealed[:-1]) + bytes([sealed[-1] ^ 1])
+    for message in (forged, bytes(sealed)):
+        proc = _cli(daemon, client, "aead", "decrypt", serial, "--nonce", "00" * 12, "-o", str(target),
+                    stdin=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_file_size_limit(4096))
+        _out, err = proc.communicate(message, timeout=60)
+        assert proc.returncode == 1 and b"Traceback" not in err, err
+        assert target.read_bytes() == b"the old contents"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]  # no .keyden-* temporary left
+    exported = tmp_path / "export.kdnx"  # an export's -o is written the same way
+    exported.write_bytes(b"an earlier export")
+    wrapping = str(client.add("logon", "cli:fsize-wrap", os.urandom(32)))
+    big = str(client.add("user", "cli:fsize-big", os.urandom(8000)))
+    proc = _cli(daemon, client, "export", big, "--wrapping-key", wrapping, "-o", str(exported),
+                stderr=subprocess.PIPE, preexec_fn=_file_size_limit(4096))
+    assert proc.wait(timeout=60) == 1 and b"File too large" in proc.stderr.read()
+    proc.stderr.close()
+    assert exported.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.kdnx", "target"]
+
+
+def test_short_writes_and_non_blocking_pipes_lose_no_bytes(daemon, client, tmp_path):
+    """stdout unbuffered (PYTHONUNBUFFERED=1) takes a short write as it comes: the rest must follow, or the
+    command fail.  A non-blocking stdin that is empty for now is not the end of the input, nor is a
+    non-blocking stdout that is full a reason to give up."""
+    import fcntl
+    import threading
+    import time
+
+    key = os.urandom(32)
+    serial = str(client.add("logon", "cli:short", key))
+    out = tmp_path / "out"
+    for alg in ("gcm(aes)", "rfc7539(chacha20,poly1305)"):  # streamed, and one-shot
+        with open(out, "wb") as sink:
+            proc = _cli(daemon, client, "aead", "encrypt", serial, "-a", alg, stdin=subprocess.PIPE, stdout=sink,
+                        stderr=subprocess.PIPE, env={"PYTHONUNBUFFERED": "1"}, preexec_fn=_file_size_limit(1 << 20))
+            _o, err = proc.communicate(bytes(3_000_000), timeout=60)
+        assert proc.returncode == 1 and err == b"stdout: File too large\n", (alg, err)
+
+    def non_blocking(fd: int) -> int:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        return fd
+
+    read_end, write_end = os.pipe()
+    proc = _cli(daemon, client, "hash", "sha256", stdin=non_blocking(read_end), stdout=subprocess.PIPE)
+    os.close(read_end)
+    os.write(write_end, b"a" * 100)
+    time.sleep(0.5)  # the command has read the first 100 bytes and found the pipe empty
+    os.write(write_end, b"b" * 100)
+    os.close(write_end)
+    assert proc.communicate(timeout=60)[0].decode().strip() == hashlib.sha256(b"a" * 100 + b"b" * 100).hexdigest()
+
+    read_end, write_end = os.pipe()
+    nonce = os.urandom(12)
+    proc = _cli(daemon, client, "aead", "encrypt", serial, "--nonce", nonce.hex(), stdin=subprocess.PIPE,
+                stdout=non_blocking(write_end), env={"PYTHONUNBUFFERED": "1"})
+    os.close(write_end)
+    feeder = threading.Thread(target=proc.communicate, args=(bytes(3 << 20),), kwargs={"timeout": 60})
+    feeder.start()
+    time.sleep(0.5)  # the pipe (64 KiB) is full long before the reader starts
+    received = bytearray()
+    with os.fdopen(read_end, "rb") as reader:
+        while chunk := reader.read(1 << 16):
+            received += chunk
+    feeder.join()
+    assert proc.returncode == 0 and bytes(received) == AESGCM(key).encrypt(nonce, bytes(3 << 20), None)
+
+
+def test_what_aead_encrypt_writes_aead_decrypt_reads_back_at_the_one_shot_limit(keyden, client):
+    """The one-shot AEADs' limit is on the plaintext: decrypt takes the nonce and tag on top of it."""
+    from keyden.cli import dataplane
+
+    key = os.urandom(32)
+    serial = str(client.add("logon", "cli:limit", key))
+    plaintext = os.urandom(dataplane.ONE_SHOT_LIMIT)
+    sealed = keyden("aead", "encrypt", serial, "-a", "rfc7539(chacha20,poly1305)", stdin=plaintext)
+    assert sealed.rc == 0 and len(sealed.stdout) == len(plaintext) + 28
+    back = keyden("aead", "decrypt", serial, "-a", "rfc7539(chacha20,poly1305)", stdin=sealed.stdout)
+    assert back.rc == 0 and back.stdout == plaintext
+    fails(keyden("aead", "encrypt", serial, "-a", "rfc7539(chacha20,poly1305)", stdin=plaintext + b"!"),
+          1, "keyden_aead: input over 64 MiB; only gcm(aes) streams\n")
+
+
+def test_o_writes_through_links_and_to_special_files(keyden, client, tmp_path):
+    """-o through a symbolic link replaces the file it names (the link stays); a FIFO or a device is
+    written to, not replaced by a regular file."""
+    import threading
+
+    key = os.urandom(32)
+    serial = str(client.add("logon", "cli:special", key))
+    nonce = os.urandom(12)
+    expected = AESGCM(key).encrypt(nonce, b"through", None)
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.write_bytes(b"old")
+    link.symlink_to(real)
+    assert ok(keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), "-o", str(link), stdin=b"through")) == ""
+    assert link.is_symlink() and real.read_bytes() == expected
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    assert ok(keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), "-o", str(fifo), stdin=b"through")) == ""
+    reader.join(timeout=60)
+    assert got == [expected] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert ok(keyden("aead", "encrypt", serial, "-o", os.devnull, stdin=b"through")) == ""
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]

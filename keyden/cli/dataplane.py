@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
-import tempfile
 from typing import Iterator
 
 from keyden import errors as E
-from keyden.cli.support import (Context, Exit, Usage, call, expect, failure, hex_to_bytes, number, options, pkey_info,
-                                pkey_password, read_file, read_stdin)
+from keyden.cli.support import (Context, Exit, Output, Usage, call, expect, failure, hex_to_bytes, number, options,
+                                pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
 from keyden.crypto import symmetric
 
-CHUNK = 1 << 20  # bytes per STREAM_UPDATE
 ONE_SHOT_LIMIT = 64 << 20  # AEADs pyca cannot stream (ChaCha20-Poly1305) take the whole input at once
 KEY_OPTIONS = ("--kdf", "--salt", "--info", "--length", "--desc", "--perm", "--timeout")
 KEY_USAGE = ("[--kdf <kdf>] [--salt <hex>] [--info <hex>] [--length <n>] [--desc <desc>] [--perm <mask>] "
@@ -83,17 +80,6 @@ def public_key_file(name: str) -> bytes:
     return data
 
 
-def stdin_chunks() -> Iterator[bytes]:
-    while True:
-        try:
-            chunk = sys.stdin.buffer.read(CHUNK)
-        except OSError as exc:
-            raise failure("stdin", exc) from None
-        if not chunk:
-            return
-        yield chunk
-
-
 def print_result(data: bytes) -> None:
     """keyctl's dh_compute output: a count line, then the bytes as keyctl read lays them out."""
     from keyden.cli.commands import hexdump
@@ -107,62 +93,13 @@ def algorithm(function: str, name: str, kind: str) -> symmetric.AlgorithmSpec:
     return call(function, symmetric.spec, name, kind)
 
 
-class Output:
-    """Where results go: stdout as they come, or a file that appears only once everything succeeded.
-
-    A file is written under a temporary name in its own directory (mode 0600)
-    and renamed over the target at the end, so a decryption whose tag fails
-    leaves neither plaintext nor a truncated file behind.
-    """
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self.temp = None
-        if path:
-            try:
-                fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keyden-")
-            except OSError as exc:
-                raise failure(path, exc) from None
-            self.file = os.fdopen(fd, "wb")
-        else:
-            sys.stdout.flush()
-            self.file = sys.stdout.buffer
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            self.file.write(data)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise failure(self.path or "stdout", exc) from None
-
-    def __enter__(self) -> "Output":
-        return self
-
-    def __exit__(self, exc_type, *rest) -> None:
-        if self.temp is None:
-            self.file.flush()
-            return
-        self.file.close()
-        if exc_type is not None:
-            os.unlink(self.temp)
-            return
-        try:
-            os.replace(self.temp, self.path)
-        except OSError as exc:
-            os.unlink(self.temp)
-            raise failure(self.path, exc) from None
-
-
 class Unverified:
     """Plaintext whose tag is not checked yet: kept back from stdout (up to ONE_SHOT_LIMIT, then it must
     go) so a forged message prints nothing; an -o file is safe as it is (Output)."""
 
     def __init__(self, out: Output):
         self.out = out
-        self.pieces: list[bytes] | None = None if out.path else []
+        self.pieces: list[bytes] | None = [] if out.direct else None
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -302,8 +239,9 @@ def _aead_stream(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: 
     if not decrypt:
         stream = call("keyden_aead", ctx.client.stream, spec.name, key, iv=nonce or b"", aad=aad,
                       random_nonce=nonce is None)
+        first = next(chunks, b"")  # an unreadable stdin fails before anything is written
         out.write(stream.nonce)
-        for chunk in chunks:
+        for chunk in itertools.chain((first,), chunks):
             out.write(call("keyden_aead", stream.update, chunk))
         last, tag = call("keyden_aead", stream.finalize)
         out.write(last + tag)
@@ -329,7 +267,8 @@ def _aead_stream(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: 
 
 def _aead_one_shot(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt: bool, out: Output) -> None:
     """AEADs that cannot stream: the whole input at once (shared memory carries it when large)."""
-    data = b"".join(_bounded(stdin_chunks(), ONE_SHOT_LIMIT))
+    overhead = spec.tag_size + (spec.nonce_size if nonce is None else 0) if decrypt else 0
+    data = b"".join(_bounded(stdin_chunks(), ONE_SHOT_LIMIT + overhead))  # what encrypt takes, decrypt takes back
     aead = ctx.client.aead(key, spec.name)
     if decrypt:
         if nonce is None:
@@ -348,7 +287,7 @@ def _bounded(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
     for chunk in chunks:
         total += len(chunk)
         if total > limit:
-            raise Exit(1, f"keyden_aead: input over {limit >> 20} MiB; only gcm(aes) streams")
+            raise Exit(1, f"keyden_aead: input over {ONE_SHOT_LIMIT >> 20} MiB; only gcm(aes) streams")
         yield chunk
 
 

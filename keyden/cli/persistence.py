@@ -7,8 +7,8 @@ import os
 import stat
 
 from keyden import errors as E
-from keyden.cli.support import (Exit, Usage, call, failure, id32, number, options, read_file, read_stdin,
-                                write_bytes)
+from keyden.cli.support import (Exit, Output, Usage, call, failure, id32, number, options, read_file,
+                                read_stdin, write_bytes)
 
 EXPORT_USAGE = "<key> --to-public-key <key>|<pemfile> [-o <file>]"
 EXPORT_WRAP_USAGE = "<key> --wrapping-key <key> [-o <file>]"
@@ -95,10 +95,7 @@ def cmd_import(ctx, args):
 
 
 def _write_private(path: str, data: bytes) -> None:
-    """A wrapped blob is no secret, but it is nobody else's business either: 0600."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except OSError as exc:
-        raise failure(path, exc) from None
+    """A wrapped blob is no secret, but it is nobody else's business either: 0600, and whole or not at all
+    (an export over an old one on a full disk must not leave neither)."""
+    with Output(path) as out:
+        out.write(data)

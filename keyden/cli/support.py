@@ -9,9 +9,13 @@ exceptions here carry those outcomes up to ``main``, which prints and exits.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
+import stat
 import sys
-from typing import Any, Callable
+import tempfile
+from typing import Any, Callable, Iterator
 
 from keyden import errors as E
 from keyden.client.common import SESSION_ENV, SPECIAL, session_token
@@ -171,13 +175,135 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 def read_stdin() -> bytes:
     """The whole of stdin, capped like keyctl's grab_stdin."""
-    try:
-        data = sys.stdin.buffer.read(STDIN_LIMIT + 1)
-    except OSError as exc:
-        raise failure("stdin", exc) from None
+    data = read_up_to(std_fd("stdin"), STDIN_LIMIT + 1)
     if len(data) > STDIN_LIMIT:
         raise Exit(1, "Too much data read on stdin")
     return data
+
+
+# --------------------------------------------------------------------- raw I/O
+# Straight on the descriptors: Python's file objects take a descriptor left non-blocking by whoever handed it
+# to us (EAGAIN) for the end of the input, and unbuffered (PYTHONUNBUFFERED=1) drop the rest of a short write.
+
+CHUNK = 1 << 20  # bytes per read of a stream's input (one STREAM_UPDATE each)
+
+
+def std_fd(name: str) -> int:
+    """The descriptor behind sys.stdin or sys.stdout.  One that was closed when we started is EBADF, as
+    keyctl says (main put a failing stream there): its number may be our connection's socket by now."""
+    try:
+        return getattr(sys, name).fileno()
+    except (OSError, ValueError):
+        raise failure(name, OSError(errno.EBADF, os.strerror(errno.EBADF))) from None
+
+
+def read_up_to(fd: int, size: int, name: str = "stdin") -> bytes:
+    """Up to ``size`` bytes, fewer only at the end of the input; a pipe empty for now is waited on."""
+    pieces, got = [], 0
+    while got < size:
+        try:
+            piece = os.read(fd, min(size - got, CHUNK))
+        except BlockingIOError:
+            select.select([fd], [], [])
+            continue
+        except OSError as exc:
+            raise failure(name, exc) from None
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def stdin_chunks() -> Iterator[bytes]:
+    """stdin in CHUNK-sized pieces, until its end."""
+    fd = std_fd("stdin")
+    while chunk := read_up_to(fd, CHUNK):
+        yield chunk
+
+
+def write_all(fd: int, data, name: str = "stdout") -> None:
+    """Every byte, or an error naming ``name``: a short write goes on, a full pipe is waited on.  A reader
+    gone is BrokenPipeError, which main turns into a quiet status 1."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [])
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise failure(name, exc) from None
+
+
+class Output:
+    """Where results go: stdout as they come, or a file that appears only once everything succeeded.
+
+    A file is written under a temporary name in its own directory (mode 0600),
+    synced, and renamed over the target at the end, so a failure (a tag that
+    does not check out, a full disk) leaves neither plaintext nor a truncated
+    file behind, and the old file stays as it was.  Through a symbolic link
+    the file it names is replaced, the link kept.  A target that is no regular
+    file (``/dev/stdout``, a FIFO, ``/dev/null``) is written through, as stdout
+    is (``direct``).
+    """
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.temp: str | None = None
+        self._own_fd = False
+        if not path:
+            sys.stdout.flush()  # what was printed before goes first
+            self.fd = std_fd("stdout")
+            return
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except FileNotFoundError:
+            regular = True
+        except OSError as exc:
+            raise failure(path, exc) from None
+        try:
+            if not regular:
+                self.fd, self._own_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC), True
+                return
+            self.target = os.path.realpath(path)
+            self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(self.target), prefix=".keyden-")
+            self._own_fd = True
+        except OSError as exc:
+            raise failure(path, exc) from None
+
+    @property
+    def direct(self) -> bool:
+        """Does what is written go out at once (stdout, a device, a FIFO)?  Then unverified plaintext waits."""
+        return self.temp is None
+
+    def write(self, data: bytes) -> None:
+        if data:
+            write_all(self.fd, data, self.path or "stdout")
+
+    def __enter__(self) -> "Output":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if not self._own_fd:
+            return
+        try:
+            if self.temp is not None and exc_type is None:
+                os.fsync(self.fd)  # the new file's data is on disk before its name replaces the old one
+            os.close(self.fd)
+            if self.temp is not None and exc_type is None:
+                os.replace(self.temp, self.target)
+                self.temp = None
+        except OSError as exc:
+            if exc_type is None:  # else the failure that brought us here is the one to tell
+                raise failure(self.path, exc) from None
+        finally:
+            if self.temp is not None:
+                try:
+                    os.unlink(self.temp)
+                except OSError:
+                    pass
 
 
 def read_file(name: str) -> bytes:
@@ -207,8 +333,7 @@ def pkey_password(arg: str) -> None:
 
 def write_bytes(data: bytes) -> None:
     sys.stdout.flush()
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+    write_all(std_fd("stdout"), data)
 
 
 class Context:
