@@ -1,18 +1,23 @@
 """`keyden tls-proxy`: curl -> the proxy (TLS in keyden) -> a plain HTTP server on loopback.
 
 The proxy is a real subprocess given only a session and a keyring; the certificates and keys are
-loaded by the test.  Upstream is Python's http.server over TCP or a Unix socket.
+loaded by the test.  Upstream is Python's http.server over TCP or a Unix socket, or, for
+--proxy-protocol, an echo server that reads the PROXY v2 header with a parser of this file's own.
 """
 
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import os
+import queue
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 
 import pytest
 
@@ -62,16 +67,16 @@ def proxy(daemon, client, pki):
     load(client, pki.ec_server, pki.rsa_server)
     started = []
 
-    def start(*args: str) -> int:
+    def start(*args: str, listen: str = "127.0.0.1:0") -> int:
         env = dict(os.environ, KEYDEN_SESSION=client.session_token,
                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.Popen([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy",
-                                 "--listen", "127.0.0.1:0", "--keyring", "@s", *args],
+                                 "--listen", listen, "--keyring", "@s", *args],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
         line = proc.stdout.readline().decode()
-        assert line.startswith("tls-proxy: listening on 127.0.0.1:"), line + proc.stderr.read().decode()
-        return int(line.split(":")[2].split(",")[0])
+        assert line.startswith("tls-proxy: listening on " + listen[:-1]), line + proc.stderr.read().decode()
+        return int(line.split(" on ", 1)[1].split(",", 1)[0].rpartition(":")[2])
 
     yield start
     for proc in started:
@@ -258,3 +263,246 @@ def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outc
     assert proxy.lost_keyden is stops
     probed = request_error in ("ENOKEY", "EACCES", "EKEYREVOKED")
     assert len(calls) == 1 + probed  # a probe only for a refusal of the request that names the keyring
+
+
+# ------------------------------------------------------------------ --proxy-protocol
+
+PROXY_V2_SIGNATURE = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
+TCP_OVER_IPV4, TCP_OVER_IPV6 = (1, 1), (2, 1)  # (family, transport) nibbles
+ALPN, AUTHORITY, SSL_TLV, SSL_VERSION, SSL_CN, SSL_CIPHER = 0x01, 0x02, 0x20, 0x21, 0x22, 0x23
+
+
+def parse_proxy_v2(header: bytes) -> dict:
+    """A PROXY protocol v2 header as the spec lays it out, read without keyden's code (or struct)."""
+    assert header[:12] == PROXY_V2_SIGNATURE
+    assert len(header) == 16 + int.from_bytes(header[14:16], "big")
+    family = header[13] >> 4
+    size, address = {1: (4, ipaddress.IPv4Address), 2: (16, ipaddress.IPv6Address)}[family]
+    body = header[16:]
+    ports = body[2 * size:2 * size + 4]
+    tlvs = parse_tlvs(body[2 * size + 4:])
+    ssl_tlv = tlvs.get(SSL_TLV)
+    return {"version": header[12] >> 4, "command": header[12] & 0x0F, "family": (family, header[13] & 0x0F),
+            "source": (address(body[:size]), int.from_bytes(ports[:2], "big")),
+            "destination": (address(body[size:2 * size]), int.from_bytes(ports[2:], "big")),
+            "tlvs": tlvs,
+            "ssl": None if ssl_tlv is None else {"client": ssl_tlv[0], "verify": int.from_bytes(ssl_tlv[1:5], "big"),
+                                                 "tlvs": parse_tlvs(ssl_tlv[5:])}}
+
+
+def parse_tlvs(data: bytes) -> dict[int, bytes]:
+    tlvs = {}
+    while data:
+        assert len(data) >= 3, "a TLV cut short"
+        kind, length = data[0], int.from_bytes(data[1:3], "big")
+        assert len(data) >= 3 + length, "a TLV runs past its container"
+        assert kind not in tlvs, f"TLV 0x{kind:02x} twice"
+        tlvs[kind] = data[3:3 + length]
+        data = data[3 + length:]
+    return tlvs
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"end of stream after {len(data)} of {n} bytes"
+        data += chunk
+    return data
+
+
+class HeaderThenEcho(socketserver.BaseRequestHandler):
+    """Reads a PROXY v2 header if the connection starts with one, then one line, echoed; puts (header or
+    None, the line as received) in the server's ``seen``."""
+
+    def handle(self):
+        try:
+            self.request.settimeout(TIMEOUT)
+            first = _recv_exactly(self.request, 16)  # the fixed part of a header; the tests' lines are longer
+            header = None
+            if first.startswith(PROXY_V2_SIGNATURE):
+                header = parse_proxy_v2(first + _recv_exactly(self.request, int.from_bytes(first[14:16], "big")))
+                first = b""
+            line = first
+            while not line.endswith(b"\n"):
+                chunk = self.request.recv(4096)
+                if not chunk:
+                    break
+                line += chunk
+            self.server.seen.put((header, line))
+            self.request.sendall(line)
+        except BaseException as exc:  # the test reads it from seen and fails with it
+            self.server.seen.put(exc)
+
+
+@pytest.fixture
+def header_upstream():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), HeaderThenEcho)
+    server.daemon_threads = True
+    server.seen = queue.Queue()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def forward_to(server) -> str:
+    return "127.0.0.1:%d" % server.server_address[1]
+
+
+def upstream_saw(server) -> tuple[dict | None, bytes]:
+    seen = server.seen.get(timeout=TIMEOUT)
+    if isinstance(seen, BaseException):
+        raise seen
+    return seen
+
+
+@dataclass
+class Exchange:
+    """One TLS client's round trip through the proxy, as the client saw it."""
+
+    reply: bytes
+    local: tuple  # the client's address and port: the header's source
+    remote: tuple  # the proxy's, as connected to: the header's destination
+    version: str
+    cipher: str
+    alpn: str | None
+
+
+LINE = b"the client's own first bytes, then a newline\n"
+
+
+def tls_round_trip(port: int, pki, *, host: str = "127.0.0.1", server_name: str | None = "a.test",
+                   alpn: list[str] | None = None, leaf=None) -> Exchange:
+    """Python's ssl as the client: ``server_name`` None sends no SNI; ``leaf`` is a client certificate."""
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    if server_name is None:
+        context.check_hostname = False  # the certificate is still verified, only no name is asked for
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    if leaf is not None:
+        context.load_cert_chain(leaf.cert_path, leaf.key_path)
+    with socket.create_connection((host, port), timeout=TIMEOUT) as raw:
+        local, remote = raw.getsockname(), raw.getpeername()
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            tls.sendall(LINE)
+            reply = b""
+            while chunk := tls.recv(4096):
+                reply += chunk
+            return Exchange(reply, local, remote, tls.version(), tls.cipher()[0], tls.selected_alpn_protocol())
+
+
+def assert_header_names(header: dict, exchange: Exchange, family: tuple[int, int]) -> None:
+    """The header's fixed part and addresses against what the client's socket really used."""
+    assert (header["version"], header["command"], header["family"]) == (2, 1, family)
+    assert header["source"] == (ipaddress.ip_address(exchange.local[0]), exchange.local[1])
+    assert header["destination"] == (ipaddress.ip_address(exchange.remote[0]), exchange.remote[1])
+    assert header["ssl"]["tlvs"][SSL_VERSION] == exchange.version.encode()
+    assert header["ssl"]["tlvs"][SSL_CIPHER] == exchange.cipher.encode()
+
+
+def test_proxy_protocol_tells_the_upstream_the_client_its_sni_and_alpn(proxy, header_upstream, pki):
+    port = proxy("--forward", forward_to(header_upstream), "--alpn", "h2,http/1.1", "--proxy-protocol")
+
+    named = tls_round_trip(port, pki, server_name="rsa.test", alpn=["http/1.1"])
+    header, line = upstream_saw(header_upstream)
+    assert named.reply == LINE and line == LINE  # the header went before the client's bytes, and only it
+    assert named.alpn == "http/1.1"
+    assert_header_names(header, named, TCP_OVER_IPV4)
+    assert set(header["tlvs"]) == {ALPN, AUTHORITY, SSL_TLV}
+    assert header["tlvs"][ALPN] == b"http/1.1" and header["tlvs"][AUTHORITY] == b"rsa.test"
+    assert (header["ssl"]["client"], header["ssl"]["verify"]) == (0x01, 1)  # TLS; no certificate, so not verified
+    assert set(header["ssl"]["tlvs"]) == {SSL_VERSION, SSL_CIPHER}
+
+    bare = tls_round_trip(port, pki, server_name=None)  # no SNI, no ALPN: their TLVs are left out
+    header, line = upstream_saw(header_upstream)
+    assert bare.reply == LINE and line == LINE and bare.alpn is None
+    assert_header_names(header, bare, TCP_OVER_IPV4)
+    assert bare.local[1] != named.local[1] and set(header["tlvs"]) == {SSL_TLV}
+
+
+def test_proxy_protocol_names_a_verified_client_certificate(client, proxy, header_upstream, pki):
+    trust = client.newring("proxy-client-trust")
+    load(client, pki.client_ca, ring=trust, with_keys=False)
+    port = proxy("--forward", forward_to(header_upstream), "--client-trust", str(trust), "--proxy-protocol")
+
+    mutual = tls_round_trip(port, pki, leaf=pki.client)  # CN "client one"
+    header, line = upstream_saw(header_upstream)
+    assert mutual.reply == LINE and line == LINE
+    assert_header_names(header, mutual, TCP_OVER_IPV4)
+    assert header["tlvs"][AUTHORITY] == b"a.test"
+    assert header["ssl"]["client"] == 0x01 | 0x02 | 0x04  # SSL, CERT_CONN, CERT_SESS
+    assert header["ssl"]["verify"] == 0
+    assert header["ssl"]["tlvs"][SSL_CN] == b"client one"
+
+    anonymous = tls_round_trip(port, pki)  # the certificate is optional here: one without says so
+    header, line = upstream_saw(header_upstream)
+    assert anonymous.reply == LINE and line == LINE
+    assert (header["ssl"]["client"], header["ssl"]["verify"]) == (0x01, 1)
+    assert SSL_CN not in header["ssl"]["tlvs"]
+
+
+def test_proxy_protocol_on_an_ipv6_listener(proxy, header_upstream, pki):
+    port = proxy("--forward", forward_to(header_upstream), "--proxy-protocol", listen="[::1]:0")
+    exchange = tls_round_trip(port, pki, host="::1")
+    header, line = upstream_saw(header_upstream)
+    assert exchange.reply == LINE and line == LINE
+    assert_header_names(header, exchange, TCP_OVER_IPV6)
+    assert header["source"][0] == ipaddress.IPv6Address("::1")
+
+
+def test_only_proxy_protocol_adds_a_header(proxy, header_upstream, pki):
+    """The same upstream behind two proxies: without the option its first bytes are the client's own."""
+    plain_port = proxy("--forward", forward_to(header_upstream))
+    pp_port = proxy("--forward", forward_to(header_upstream), "--proxy-protocol")
+    assert tls_round_trip(plain_port, pki).reply == LINE
+    assert upstream_saw(header_upstream) == (None, LINE)
+    assert tls_round_trip(pp_port, pki).reply == LINE
+    header, line = upstream_saw(header_upstream)
+    assert header is not None and line == LINE
+
+
+def test_the_proxy_v2_header_byte_by_byte(pki):
+    """proxy_v2_header alone, for one fixed handshake outcome: the spec's layout, written out by hand."""
+    from cryptography.hazmat.primitives import serialization
+
+    from keyden.cli.tls import proxy_v2_header
+    from keyden.client.tls import TlsInfo
+
+    der = pki.client.cert.public_bytes(serialization.Encoding.DER)  # CN "client one"
+    info = TlsInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", "a.test", "h2", "CN=client one", der)
+    header = proxy_v2_header(info, socket.AF_INET, ("192.0.2.10", 51234), ("198.51.100.7", 8443))
+    assert header == (
+        b"\r\n\r\n\x00\r\nQUIT\n"                     # signature
+        + bytes([0x21, 0x11, 0x00, 82])                       # v2 PROXY, TCP over IPv4, 12 + 70 bytes follow
+        + bytes([192, 0, 2, 10, 198, 51, 100, 7])             # source, destination
+        + bytes([0xC8, 0x22, 0x20, 0xFB])                     # ports 51234, 8443
+        + b"\x01\x00\x02h2"                                  # ALPN
+        + b"\x02\x00\x06a.test"                              # AUTHORITY (SNI)
+        + b"\x20\x00\x35" + b"\x07" + b"\x00\x00\x00\x00"      # SSL: 53 bytes; SSL|CERT_CONN|CERT_SESS; verified
+        + b"\x21\x00\x07TLSv1.3"                             #   VERSION
+        + b"\x22\x00\x0aclient one"                          #   CN
+        + b"\x23\x00\x16TLS_AES_128_GCM_SHA256")             #   CIPHER
+    assert parse_proxy_v2(header)["ssl"]["tlvs"][SSL_CN] == b"client one"
+
+    # An IPv6 socket's IPv4-mapped client stays IPv6; no certificate: SSL only, verify non-zero.
+    anonymous = TlsInfo("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "", "", "", b"")
+    header = proxy_v2_header(anonymous, socket.AF_INET6, ("::ffff:192.0.2.10", 1), ("2001:db8::1", 443, 0, 0))
+    assert header[12:16] == bytes([0x21, 0x21, 0x00, 36 + 3 + 5 + 10 + 32])
+    assert header[16:52] == (bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 10])
+                             + bytes.fromhex("20010db8000000000000000000000001") + b"\x00\x01\x01\xbb")
+    assert header[52:60] == b"\x20\x00\x2f\x01\x00\x00\x00\x01"
+
+
+def test_the_proxy_v2_header_refuses_what_its_lengths_cannot_say():
+    """A TLV over 65535 bytes, or a header whose length field would overflow, is refused: never sent corrupt."""
+    from keyden.cli.tls import proxy_v2_header
+    from keyden.client.tls import TlsInfo
+
+    addresses = (socket.AF_INET, ("192.0.2.10", 1), ("192.0.2.11", 2))
+    with pytest.raises(ValueError, match="65535"):
+        proxy_v2_header(TlsInfo("TLSv1.3", "x", "a" * 65536, "", "", b""), *addresses)
+    with pytest.raises(ValueError, match="65535"):  # each value fits, together they do not
+        proxy_v2_header(TlsInfo("TLSv1.3", "c" * 40000, "a" * 40000, "", "", b""), *addresses)
+    fits = proxy_v2_header(TlsInfo("TLSv1.3", "c", "a" * (65535 - 12 - 3 - 3 - 5 - 10 - 4), "", "", b""), *addresses)
+    assert len(fits) == 16 + 65535 and fits[14:16] == b"\xff\xff"

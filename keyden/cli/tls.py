@@ -7,7 +7,10 @@ checked against ``--client-trust``), and the plaintext socket keyden hands
 back is spliced to ``--forward`` (``HOST:PORT`` or ``unix:/path``).  One
 thread per connection: a slow peer holds only its own thread, its handshake
 bounded by ``--handshake-timeout``; past ``--max-connections`` new
-connections are closed at once.
+connections are closed at once.  With ``--proxy-protocol`` each upstream
+connection begins with a PROXY protocol version 2 header (HAProxy's
+doc/proxy-protocol.txt) telling the backend who the client was and what
+the handshake settled.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
+import struct
 import sys
 import threading
+
+from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
 from keyden.cli.support import Exit
@@ -26,6 +32,15 @@ from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 CHUNK = 64 * 1024
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
+
+# The PROXY protocol, version 2 (HAProxy's doc/proxy-protocol.txt).
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_COMMAND_PROXY = 0x21  # version 2 (high nibble), command PROXY: the addresses are the client's
+PROXY_V2_TCP_OVER = {socket.AF_INET: 0x11, socket.AF_INET6: 0x21}  # family and transport byte
+PROXY_V2_MAX_LENGTH = 0xFFFF  # the 16-bit length after the fixed 16 bytes; a TLV's value has one too
+PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_SSL = 0x01, 0x02, 0x20
+PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CN, PP2_SUBTYPE_SSL_CIPHER = 0x21, 0x22, 0x23
+PP2_CLIENT_SSL, PP2_CLIENT_CERT_CONN, PP2_CLIENT_CERT_SESS = 0x01, 0x02, 0x04
 
 
 def cmd_tls_proxy(ctx, args) -> int:
@@ -48,7 +63,7 @@ def cmd_tls_proxy(ctx, args) -> int:
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections)
+    proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol)
     try:
         proxy.run(listener)
     except KeyboardInterrupt:
@@ -69,6 +84,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--alpn", metavar="P1,P2", help="ALPN protocols offered, in preference order")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
     p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="begin each upstream connection with a PROXY protocol v2 header: the client's address, "
+                        "SNI, ALPN, TLS version and cipher, client certificate CN (the upstream must expect it)")
     try:
         opts = p.parse_args(args)
     except SystemExit as exc:  # argparse has printed the usage or the help
@@ -113,12 +131,76 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def proxy_v2_header(info: client_tls.TlsInfo, family: int, source: tuple, destination: tuple) -> bytes:
+    """The PROXY protocol v2 header that tells the upstream what only the proxy saw: the client's address
+    (``source``, from accept), the address it reached (``destination``, the accepted socket's own), both
+    of the accepted socket's ``family``, and the handshake's outcome as TLVs.  ValueError rather than a
+    corrupt header if a value does not fit its 16-bit length.
+
+    A certificate in ``info`` was verified: keyden asks for one only with a client trust keyring, fails
+    the handshake if it does not chain to it (or is blacklisted), and resumes no session then, so it was
+    presented on this very connection (CERT_CONN and CERT_SESS, verify 0).  Without one, verify is 1:
+    the spec's "non-zero otherwise" (HAProxy sends 0 there, which a backend could take for verified).
+    """
+    if family not in PROXY_V2_TCP_OVER:
+        raise ValueError(f"no PROXY v2 address block for address family {family!r}")
+    layout = "!4s4sHH" if family == socket.AF_INET else "!16s16sHH"
+    addresses = struct.pack(layout, _packed_host(family, source[0]), _packed_host(family, destination[0]),
+                            source[1], destination[1])
+    tlvs = b""
+    if info.alpn:
+        tlvs += _tlv(PP2_TYPE_ALPN, info.alpn.encode("ascii"))
+    if info.server_name:
+        tlvs += _tlv(PP2_TYPE_AUTHORITY, info.server_name.encode("utf-8"))
+    certified = bool(info.peer_certificate or info.peer_subject)  # a certificate over 64 KiB has a subject only
+    client_field = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS if certified else 0)
+    ssl_value = struct.pack("!BI", client_field, 0 if certified else 1)  # verify: 0 for a verified certificate only
+    if info.version:
+        ssl_value += _tlv(PP2_SUBTYPE_SSL_VERSION, info.version.encode("ascii"))
+    common_name = _common_name(info)
+    if common_name is not None:
+        ssl_value += _tlv(PP2_SUBTYPE_SSL_CN, common_name.encode("utf-8"))
+    if info.cipher:
+        ssl_value += _tlv(PP2_SUBTYPE_SSL_CIPHER, info.cipher.encode("ascii"))
+    tlvs += _tlv(PP2_TYPE_SSL, ssl_value)
+    length = len(addresses) + len(tlvs)
+    if length > PROXY_V2_MAX_LENGTH:
+        raise ValueError(f"the PROXY v2 header would carry {length} bytes, more than {PROXY_V2_MAX_LENGTH}")
+    return PROXY_V2_SIGNATURE + struct.pack("!BBH", PROXY_V2_COMMAND_PROXY, PROXY_V2_TCP_OVER[family],
+                                            length) + addresses + tlvs
+
+
+def _packed_host(family: int, host: str) -> bytes:
+    """A socket address's host in network order; an IPv6 scope (``fe80::1%eth0``) is the local host's, dropped."""
+    return socket.inet_pton(family, host.split("%", 1)[0])
+
+
+def _tlv(kind: int, value: bytes) -> bytes:
+    if len(value) > PROXY_V2_MAX_LENGTH:
+        raise ValueError(f"PROXY v2 TLV 0x{kind:02x} would carry {len(value)} bytes, more than {PROXY_V2_MAX_LENGTH}")
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+def _common_name(info: client_tls.TlsInfo) -> str | None:
+    """The client certificate subject's first commonName, if there is a certificate pyca reads and it has one."""
+    try:
+        certificate = info.certificate()
+    except ValueError:  # not seen: keyden fails the handshake of a chain pyca cannot parse; else, no CN
+        return None
+    if certificate is None:
+        return None
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return names[0].value if names and isinstance(names[0].value, str) else None
+
+
 class _Proxy:
-    def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int):
+    def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int,
+                 proxy_protocol: bool = False):
         self.client = client
         self.keyring = keyring
         self.tls_options = tls_options
         self.forward = forward
+        self.proxy_protocol = proxy_protocol
         self.slots = threading.BoundedSemaphore(max_connections)
         self.lost_keyden = False
 
@@ -138,6 +220,13 @@ class _Proxy:
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
+            family = conn.family
+            try:
+                local = conn.getsockname()  # now: keyden takes conn over, and the PROXY header names it
+            except OSError as exc:
+                conn.close()
+                _report(peer, f"the accepted connection failed: {exc.strerror}")
+                return
             try:
                 plain = client_tls.start_accept(self.client, conn, self.keyring, **self.tls_options)
             except E.KeydenError as exc:  # the request's refusal: ours, never the peer's doing
@@ -145,18 +234,34 @@ class _Proxy:
                 self._failed(peer, exc, listener, request=True)
                 return
             try:
-                client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
+                info = client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
             except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's, or keyden stopping
                 plain.close()
                 self._failed(peer, exc, listener, request=False)
                 return
+            header = b""
+            if self.proxy_protocol:
+                try:
+                    header = proxy_v2_header(info, family, peer, local)
+                except (ValueError, OSError) as exc:  # a value too long for its length field: no corrupt header
+                    plain.close()
+                    _report(peer, f"no PROXY header for this connection: {exc}; closed")
+                    return
+            where = self.forward if isinstance(self.forward, str) else "%s:%d" % self.forward
             try:
                 upstream = self._connect_forward()
             except OSError as exc:
                 plain.close()
-                where = self.forward if isinstance(self.forward, str) else "%s:%d" % self.forward
                 _report(peer, f"cannot reach {where}: {exc.strerror}")
                 return
+            if header:
+                try:
+                    upstream.sendall(header)  # in one piece, as the spec asks, before any of the client's bytes
+                except OSError as exc:
+                    plain.close()
+                    upstream.close()
+                    _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
+                    return
             splice(plain, upstream)
         finally:
             self.slots.release()
