@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import ipaddress
 import os
 import queue
 import re
@@ -73,7 +74,7 @@ class Pki:
         self.rsa_server = self.issue("rsa.test", dns=("rsa.test",), kind="rsa", issuer=self.ca)
         self.client = self.issue("client one", issuer=self.client_ca)
 
-    def issue(self, cn: str, *, dns=(), kind="ec", issuer: Leaf | None = None, ca=False,
+    def issue(self, cn: str, *, dns=(), ips=(), kind="ec", issuer: Leaf | None = None, ca=False,
               days=(-1, 30)) -> Leaf:
         key = rsa.generate_private_key(65537, 2048) if kind == "rsa" else ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -84,9 +85,10 @@ class Pki:
                    .not_valid_before(now + datetime.timedelta(days=days[0]))
                    .not_valid_after(now + datetime.timedelta(days=days[1]))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if dns:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]),
-                                            critical=False)
+        if dns or ips:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]),
+                critical=False)
         cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
         stem = os.path.join(self.dir, re.sub(r"\W", "_", cn) + "-" + secrets.token_hex(4))
         leaf = Leaf(cert, key, stem + ".crt", stem + ".key")
@@ -1075,6 +1077,38 @@ def test_tls_connect_refuses_bad_servers(client, pki, trust_ring, case):
              "name in the CN only": "Hostname mismatch", "blacklisted server": "blacklisted"}[case]
     assert words in refused.value.message
     server.close()
+
+
+def test_tls_connect_to_an_ip_address_reports_no_server_name(client, pki, trust_ring):
+    """RFC 6066: SNI carries host names only, so a connection to an address sends none, and says so."""
+    server = PythonServer(pki.issue("127.0.0.1", ips=("127.0.0.1",), issuer=pki.ca))
+    asked = []
+    server.ctx.sni_callback = lambda _sock, name, _ctx: asked.append(name)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    plain, info = client.tls_connect(sock, "127.0.0.1", trust=trust_ring)
+    with plain:
+        plain.sendall(b"by address\n")
+        assert read_until(plain, b"\n") == b"echo: by address\n"
+    assert asked == [None] and info.server_name == "" and info.peer_subject == "CN=127.0.0.1"
+    server.close()
+
+
+def test_a_server_that_refuses_our_alpn_protocols_says_so(client, pki, trust_ring):
+    """OpenSSL names some alerts in words only ("tlsv1 alert no application protocol"): still the peer's refusal."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
+                               "-cert", pki.ec_server.cert_path, "-key", pki.ec_server.key_path, "-alpn", "h2"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # EOF: it quits
+    try:
+        while not (line := server.stdout.readline()).startswith(b"ACCEPT"):  # after its notes: listening
+            assert line, "openssl s_server ended before it listened"
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        with pytest.raises(E.EPROTO, match=r"the peer refused the TLS handshake: tlsv1 alert no application protocol$"):
+            client.tls_connect(sock, "a.test", trust=trust_ring, alpn=["spdy/1"])
+    finally:
+        server.kill()
+        server.communicate()
 
 
 def test_a_server_that_shares_no_version_is_a_protocol_error_not_a_refused_certificate(client, pki, trust_ring):

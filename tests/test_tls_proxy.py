@@ -506,3 +506,46 @@ def test_the_proxy_v2_header_refuses_what_its_lengths_cannot_say():
         proxy_v2_header(TlsInfo("TLSv1.3", "c" * 40000, "a" * 40000, "", "", b""), *addresses)
     fits = proxy_v2_header(TlsInfo("TLSv1.3", "c", "a" * (65535 - 12 - 3 - 3 - 5 - 10 - 4), "", "", b""), *addresses)
     assert len(fits) == 16 + 65535 and fits[14:16] == b"\xff\xff"
+
+
+# ------------------------------------------------ what splice and the listener owe the two ends
+
+
+def test_an_upstream_that_stops_reading_still_gets_its_answer_to_the_client(proxy, pki, tmp_path):
+    """A backend that refuses an upload (stops reading, answers later, closes: an early 413) must have its
+    answer delivered, as straight over TCP: only the direction towards it is over."""
+    path = str(tmp_path / "early.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+
+    def refuse_the_upload():
+        conn, _ = listener.accept()
+        with conn:
+            conn.shutdown(socket.SHUT_RD)  # the proxy's writes fail from now on (EPIPE) ...
+            threading.Event().wait(0.5)    # ... before the answer comes
+            conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+
+    backend = threading.Thread(target=refuse_the_upload, daemon=True)
+    backend.start()
+    port = proxy("--forward", "unix:" + path)
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
+            context.wrap_socket(raw, server_hostname="a.test") as tls:
+        tls.sendall(b"PUT /upload HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + bytes(256 << 10))
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    backend.join(TIMEOUT)
+    listener.close()
+    assert answer == b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_listener_on_every_ipv6_address_takes_ipv4_clients_too(proxy, upstream, pki):
+    """--listen [::]:PORT is dual-stack where the system allows it: an IPv4 client gets through."""
+    if not socket.has_dualstack_ipv6():
+        pytest.fail("this machine has no dual-stack IPv6 sockets")
+    port = proxy("--forward", upstream, listen="[::]:0")
+    out = curl(port, pki)  # curl resolves a.test to 127.0.0.1: IPv4
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == b"hello from upstream, /path"

@@ -55,7 +55,9 @@ def cmd_tls_proxy(ctx, args) -> int:
     client = ctx.client
     _preflight(client, keyring, tls_options)
     try:
-        listener = socket.create_server(listen, family=_family(listen[0]), backlog=128)
+        family = _family(listen[0])  # "::" takes IPv4 clients too, as ::ffff:a.b.c.d, where the system can
+        listener = socket.create_server(listen, family=family, backlog=128,
+                                        dualstack_ipv6=listen[0] == "::" and socket.has_dualstack_ipv6())
     except OSError as exc:  # socket.create_server appends the address again, as a Python tuple: not ours to show
         reason = (exc.strerror or str(exc)).split(" (while attempting to bind", 1)[0]
         raise Exit(1, f"tls-proxy: cannot listen on {opts.listen}: {reason}") from None
@@ -310,13 +312,21 @@ class _Proxy:
 
 
 def splice(a: socket.socket, b: socket.socket) -> None:
-    """Copy both ways until both ends are done, passing each end-of-file on as a half-close."""
+    """Copy both ways until both ends are done, passing each end-of-file on as a half-close.
+
+    A side that stops reading (a backend that answers 413 to an upload and closes) ends only the
+    direction towards it: its answer, on the way the other direction, still gets through, as it
+    would straight over TCP.  A side that breaks (a reset) ends both.
+    """
     def copy(src: socket.socket, dst: socket.socket) -> None:
         try:
             while chunk := src.recv(CHUNK):
-                dst.sendall(chunk)
+                try:
+                    dst.sendall(chunk)
+                except OSError:  # dst reads no more: this direction is over; the other carries its answer
+                    return
             dst.shutdown(socket.SHUT_WR)
-        except OSError:  # one side broke: end both directions
+        except OSError:  # src broke: end both directions
             for s in (a, b):
                 try:
                     s.shutdown(socket.SHUT_RDWR)

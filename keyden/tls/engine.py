@@ -71,16 +71,36 @@ def failure(exc: OSError) -> E.KeydenError:
     if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return E.ECONNRESET("the peer closed the connection during the TLS handshake")
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or (exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else "") \
+        reason = exc.reason or _plain(exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else "") \
             or "unknown reason"
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return E.ENOKEY("the peer sent no certificate, and one is required")
-        if "ALERT" in reason and any(word in reason for word in _CERTIFICATE_ALERTS):
+        code = reason.upper().replace(" ", "_")  # OpenSSL's code, or its text ("tlsv1 alert no application ...")
+        if "ALERT" in code and any(word in code for word in _CERTIFICATE_ALERTS):
             return E.EKEYREJECTED(f"the peer refused our certificate: {reason}")
-        if "ALERT" in reason:  # no shared version, cipher or protocol, ...
+        if "ALERT" in code:  # no shared version, cipher or protocol, ...
             return E.EPROTO(f"the peer refused the TLS handshake: {reason}")
         return E.EPROTO(f"TLS handshake failed: {reason}")
     return E.ECONNRESET(f"the peer connection failed during the TLS handshake: {exc.strerror or exc}")
+
+
+def _plain(text: str) -> str:
+    """Python's wording of an OpenSSL error without its wrapping: "[SSL] tlsv1 alert ... (_ssl.c:1006)"."""
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    head, paren, tail = text.rpartition(" (_ssl.c:")
+    return head if paren and tail.endswith(")") else text
+
+
+def _sni(server_hostname: str | None) -> str:
+    """The server name a client sent: none for an IP address (RFC 6066 allows host names only)."""
+    if not server_hostname:
+        return ""
+    try:
+        ipaddress.ip_address(server_hostname)
+    except ValueError:
+        return server_hostname
+    return ""
 
 
 def negotiated(tls: ssl.SSLSocket) -> tuple:
@@ -90,7 +110,7 @@ def negotiated(tls: ssl.SSLSocket) -> tuple:
         subject = subject_of(x509.load_der_x509_certificate(der)) if der else ""
     except ValueError:  # an encoding OpenSSL took and pyca does not (the chain check refuses those first)
         subject = ""
-    name = getattr(tls, "requested_name", "") or tls.server_hostname or ""
+    name = getattr(tls, "requested_name", "") or ("" if tls.server_side else _sni(tls.server_hostname))
     return (tls.version() or "", tls.cipher()[0], name, tls.selected_alpn_protocol() or "", subject,
             der if len(der) <= MAX_REPORTED_CERT else b"")
 
