@@ -225,6 +225,44 @@ def test_async_streams_dropped_unfinished_are_closed_and_never_fill_the_connecti
     assert sealed == (2 << 20) + 16 and copies == ["refused", "refused"]
 
 
+def test_a_cancelled_stream_open_still_closes_the_dropped_streams_it_took(arun):
+    """The open that closes dropped streams may itself be cancelled (wait_for): those it took off the queue
+    are closed all the same, or each cancellation would keep some open for the connection's life."""
+    import gc
+
+    async def capacity(c) -> int:
+        held = []
+        try:
+            while len(held) < 100:
+                held.append(await c.hash())
+        except E.EMFILE:
+            pass
+        for stream in held:
+            await stream.abort()
+        return len(held)
+
+    async def scenario(c):
+        before = await capacity(c)
+        for _ in range(3):
+            for _ in range(10):
+                stream = await c.hash()
+                await stream.update(b"x")
+                del stream  # dropped unfinished: queued to be closed by the next open
+            gc.collect()
+            opening = asyncio.ensure_future(c.hash())
+            await asyncio.sleep(0)  # the open has taken the dropped streams and awaits their closing
+            opening.cancel()
+            try:
+                await opening
+            except asyncio.CancelledError:
+                pass
+        await asyncio.sleep(0.2)  # the shielded closings finish
+        return before, await capacity(c)
+
+    before, after = arun(scenario)
+    assert before == 64 and after == 64
+
+
 def test_failed_authentication_is_pycas_exception_too(arun):
     from cryptography.exceptions import InvalidSignature, InvalidTag
 

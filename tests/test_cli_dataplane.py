@@ -425,6 +425,8 @@ def test_short_writes_and_non_blocking_pipes_lose_no_bytes(daemon, client, tmp_p
     command fail.  A non-blocking stdin that is empty for now is not the end of the input, nor is a
     non-blocking stdout that is full a reason to give up."""
     import fcntl
+    import struct
+    import termios
     import threading
     import time
 
@@ -442,11 +444,22 @@ def test_short_writes_and_non_blocking_pipes_lose_no_bytes(daemon, client, tmp_p
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         return fd
 
+    def pending(fd: int) -> int:
+        """Bytes waiting in the pipe ``fd`` is an end of."""
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "the command never got there"
+            time.sleep(0.01)
+
     read_end, write_end = os.pipe()
     proc = _cli(daemon, client, "hash", "sha256", stdin=non_blocking(read_end), stdout=subprocess.PIPE)
-    os.close(read_end)
     os.write(write_end, b"a" * 100)
-    time.sleep(0.5)  # the command has read the first 100 bytes and found the pipe empty
+    until(lambda: pending(read_end) == 0)  # the command has read the first 100 bytes ...
+    time.sleep(0.2)                        # ... and found the pipe empty (EAGAIN), not at its end
+    os.close(read_end)
     os.write(write_end, b"b" * 100)
     os.close(write_end)
     assert proc.communicate(timeout=60)[0].decode().strip() == hashlib.sha256(b"a" * 100 + b"b" * 100).hexdigest()
@@ -458,7 +471,7 @@ def test_short_writes_and_non_blocking_pipes_lose_no_bytes(daemon, client, tmp_p
     os.close(write_end)
     feeder = threading.Thread(target=proc.communicate, args=(bytes(3 << 20),), kwargs={"timeout": 60})
     feeder.start()
-    time.sleep(0.5)  # the pipe (64 KiB) is full long before the reader starts
+    until(lambda: pending(read_end) >= fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ))  # full: its writes got EAGAIN
     received = bytearray()
     with os.fdopen(read_end, "rb") as reader:
         while chunk := reader.read(1 << 16):
@@ -482,9 +495,11 @@ def test_what_aead_encrypt_writes_aead_decrypt_reads_back_at_the_one_shot_limit(
           1, "keyden_aead: input over 64 MiB; only gcm(aes) streams\n")
 
 
-def test_o_writes_through_links_and_to_special_files(keyden, client, tmp_path):
-    """-o through a symbolic link replaces the file it names (the link stays); a FIFO or a device is
-    written to, not replaced by a regular file."""
+def test_o_writes_through_links_and_to_special_files(daemon, client, keyden, tmp_path):
+    """-o replaces a regular file whole; anything else is written through as a shell's > would: a symbolic
+    link by the kernel (its protected_symlinks rules apply; the link and its target's inode stay), a FIFO
+    or a device opened, /dev/stdout and /dev/fd/N taken as the descriptors they name (an appended log
+    keeps what it had)."""
     import threading
 
     key = os.urandom(32)
@@ -493,17 +508,54 @@ def test_o_writes_through_links_and_to_special_files(keyden, client, tmp_path):
     expected = AESGCM(key).encrypt(nonce, b"through", None)
     real, link = tmp_path / "real", tmp_path / "link"
     real.write_bytes(b"old")
+    inode = real.stat().st_ino
     link.symlink_to(real)
     assert ok(keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), "-o", str(link), stdin=b"through")) == ""
-    assert link.is_symlink() and real.read_bytes() == expected
+    assert link.is_symlink() and real.read_bytes() == expected and real.stat().st_ino == inode
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     got = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
     reader.start()
-    assert ok(keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), "-o", str(fifo), stdin=b"through")) == ""
+    result = keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), "-o", str(fifo), stdin=b"through")
     reader.join(timeout=60)
-    assert got == [expected] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    if reader.is_alive():  # the command never opened the FIFO: let the reader go, then say why
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert ok(result) == "" and got == [expected] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert ok(keyden("aead", "encrypt", serial, "-o", os.devnull, stdin=b"through")) == ""
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]
+    log = tmp_path / "log"
+    log.write_bytes(b"earlier lines\n")
+    command = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket, "aead", "encrypt",
+                        serial, "--nonce", nonce.hex()])
+    env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SESSION=client.session_token)
+    script = (f"{{ echo header; {command} -o /dev/stdout; {command} -o /dev/fd/3 3>&1; echo footer; }} "
+              f">> {shlex.quote(str(log))}")
+    assert subprocess.run(["sh", "-c", script], input=b"through", env=env, timeout=60).returncode == 0
+    sealed_nothing = AESGCM(key).encrypt(nonce, b"", None)  # the first command took all the input
+    assert log.read_bytes() == b"earlier lines\nheader\n" + expected + sealed_nothing + b"footer\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "log", "real"]
+
+
+def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, client, tmp_path):
+    """SIGTERM or SIGHUP while -o is being written unwinds as Ctrl-C does: the temporary file goes."""
+    import signal
+    import time
+
+    key = os.urandom(32)
+    serial = str(client.add("logon", "cli:term", key))
+    target = tmp_path / "plain"
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        proc = _cli(daemon, client, "aead", "decrypt", serial, "--nonce", "00" * 12, "-o", str(target),
+                    stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdin.write(os.urandom(3 << 20))  # plaintext in the temporary file, the tag not yet come
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not [p for p in tmp_path.iterdir() if p.name.startswith(".keyden-") and p.stat().st_size]:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.01)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 128 + signum
+        proc.stdin.close()
+        proc.stderr.close()
+        assert list(tmp_path.iterdir()) == []

@@ -269,7 +269,9 @@ def test_what_pyca_refuses_with_value_error_or_type_error_the_remote_keys_refuse
         remote.decrypt(bytes(256), padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"L" * 2028))
     assert isinstance(refused.value, E.EINVAL)
     for call in (lambda k: k.sign(MESSAGE, padding.PKCS1v15(), None), lambda k: k.sign(MESSAGE, None, hashes.SHA256()),
-                 lambda k: k.decrypt(bytes(256), None), lambda k: k.sign(MESSAGE, padding.PKCS1v15(), "sha256")):
+                 lambda k: k.decrypt(bytes(256), None), lambda k: k.sign(MESSAGE, padding.PKCS1v15(), "sha256"),
+                 lambda k: k.decrypt("x" * 256, padding.PKCS1v15()),  # not "decryption failed": a TypeError
+                 lambda k: k.sign("message", padding.PKCS1v15(), hashes.SHA256())):
         with pytest.raises(TypeError):
             call(local)
         with pytest.raises(TypeError):

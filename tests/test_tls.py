@@ -1095,14 +1095,13 @@ def test_tls_connect_to_an_ip_address_reports_no_server_name(client, pki, trust_
 
 def test_a_server_that_refuses_our_alpn_protocols_says_so(client, pki, trust_ring):
     """OpenSSL names some alerts in words only ("tlsv1 alert no application protocol"): still the peer's refusal."""
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
+    server = subprocess.Popen(["openssl", "s_server", "-accept", "127.0.0.1:0", "-naccept", "1",
                                "-cert", pki.ec_server.cert_path, "-key", pki.ec_server.key_path, "-alpn", "h2"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # EOF: it quits
     try:
         while not (line := server.stdout.readline()).startswith(b"ACCEPT"):  # after its notes: listening
             assert line, "openssl s_server ended before it listened"
+        port = int(line.rsplit(b":", 1)[1])  # "ACCEPT 127.0.0.1:PORT", the port it was given
         sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         with pytest.raises(E.EPROTO, match=r"the peer refused the TLS handshake: tlsv1 alert no application protocol$"):
             client.tls_connect(sock, "a.test", trust=trust_ring, alpn=["spdy/1"])

@@ -523,7 +523,7 @@ def test_an_upstream_that_stops_reading_still_gets_its_answer_to_the_client(prox
         conn, _ = listener.accept()
         with conn:
             conn.shutdown(socket.SHUT_RD)  # the proxy's writes fail from now on (EPIPE) ...
-            threading.Event().wait(0.5)    # ... before the answer comes
+            threading.Event().wait(1.0)    # ... before the answer comes
             conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
 
     backend = threading.Thread(target=refuse_the_upload, daemon=True)
@@ -549,3 +549,23 @@ def test_a_listener_on_every_ipv6_address_takes_ipv4_clients_too(proxy, upstream
     out = curl(port, pki)  # curl resolves a.test to 127.0.0.1: IPv4
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == b"hello from upstream, /path"
+
+
+def test_a_side_that_stops_reading_but_never_answers_lets_go_of_the_connection(monkeypatch):
+    """splice, in-process: once a write to a side fails, the other direction has ANSWER_GRACE seconds to
+    finish; a backend that neither reads, nor answers, nor closes must not hold a proxy slot for ever."""
+    from keyden.cli import tls as proxy_cli
+
+    monkeypatch.setattr(proxy_cli, "ANSWER_GRACE", 0.3)
+    client_side, plain = socket.socketpair()
+    upstream, backend = socket.socketpair()
+    backend.shutdown(socket.SHUT_RD)  # reads no more, and will say nothing
+    spliced = threading.Thread(target=proxy_cli.splice, args=(plain, upstream), daemon=True)
+    spliced.start()
+    client_side.sendall(b"an upload the backend will not take")
+    spliced.join(TIMEOUT)
+    assert not spliced.is_alive()
+    client_side.settimeout(TIMEOUT)
+    assert client_side.recv(100) == b""  # the client is told: end of file
+    for s in (client_side, backend):
+        s.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import select
 import stat
 import sys
@@ -240,35 +241,41 @@ def write_all(fd: int, data, name: str = "stdout") -> None:
 class Output:
     """Where results go: stdout as they come, or a file that appears only once everything succeeded.
 
-    A file is written under a temporary name in its own directory (mode 0600),
-    synced, and renamed over the target at the end, so a failure (a tag that
-    does not check out, a full disk) leaves neither plaintext nor a truncated
-    file behind, and the old file stays as it was.  Through a symbolic link
-    the file it names is replaced, the link kept.  A target that is no regular
-    file (``/dev/stdout``, a FIFO, ``/dev/null``) is written through, as stdout
-    is (``direct``).
+    A regular file (or a new one) is written under a temporary name in its
+    directory (mode 0600), synced, and renamed over the target at the end, so a
+    failure (a tag that does not check out, a full disk) leaves neither
+    plaintext nor a truncated file behind, and the old file stays as it was.
+    Anything else is written through, as a shell's ``>`` would, with stdout's
+    rules (``direct``): ``/dev/stdout``, ``/dev/fd/N`` and ``/proc/self/fd/N``
+    are our own descriptors, used as they are (not reopened, which would
+    truncate an appended log); a FIFO or device is opened; a symbolic link is
+    opened through the kernel, whose protected_symlinks rules apply (resolving
+    it here, then replacing its target, would let another user's link in a
+    shared directory name the file we replace).
     """
 
     def __init__(self, path: str | None):
         self.path = path
         self.temp: str | None = None
         self._own_fd = False
-        if not path:
+        if not path or (fd := _descriptor_named(path)) == STDOUT_FD:
             sys.stdout.flush()  # what was printed before goes first
             self.fd = std_fd("stdout")
             return
+        if fd is not None:
+            self.fd = fd
+            return
         try:
-            regular = stat.S_ISREG(os.stat(path).st_mode)
+            st = os.lstat(path)
         except FileNotFoundError:
-            regular = True
+            st = None
         except OSError as exc:
             raise failure(path, exc) from None
         try:
-            if not regular:
-                self.fd, self._own_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC), True
-                return
-            self.target = os.path.realpath(path)
-            self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(self.target), prefix=".keyden-")
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            else:
+                self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keyden-")
             self._own_fd = True
         except OSError as exc:
             raise failure(path, exc) from None
@@ -293,7 +300,7 @@ class Output:
                 os.fsync(self.fd)  # the new file's data is on disk before its name replaces the old one
             os.close(self.fd)
             if self.temp is not None and exc_type is None:
-                os.replace(self.temp, self.target)
+                os.replace(self.temp, self.path)
                 self.temp = None
         except OSError as exc:
             if exc_type is None:  # else the failure that brought us here is the one to tell
@@ -304,6 +311,41 @@ class Output:
                     os.unlink(self.temp)
                 except OSError:
                     pass
+
+
+STDOUT_FD = 1
+
+
+def _descriptor_named(path: str) -> int | None:
+    """The descriptor ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` or ``/proc/self/fd/N`` names, if it
+    does and it is open (as a shell's redirections take these names)."""
+    fixed = {"/dev/stdout": 1, "/dev/stderr": 2}.get(path)
+    match = re.fullmatch(r"/(?:dev/fd|proc/self/fd)/(\d{1,9})", path)
+    fd = fixed if fixed is not None else int(match.group(1)) if match else None
+    if fd is None or fd not in INHERITED_FDS:  # one we opened since (our connection to keyden) is no output
+        return None  # opened as a path, which says why it cannot be
+    return fd
+
+
+#: the descriptors open when the command started (main notes them): what /dev/fd/N may name
+INHERITED_FDS: frozenset[int] = frozenset()
+
+
+def note_inherited_descriptors() -> None:
+    global INHERITED_FDS
+    try:
+        listed = os.listdir("/proc/self/fd")  # (with the descriptor that read it: closed again now)
+        INHERITED_FDS = frozenset(fd for fd in map(int, listed) if _is_open(fd))
+    except OSError:  # no /proc: the standard three, as far as they are open
+        INHERITED_FDS = frozenset(fd for fd in (0, 1, 2) if _is_open(fd))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def read_file(name: str) -> bytes:

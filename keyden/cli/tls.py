@@ -30,6 +30,7 @@ from keyden.client import tls as client_tls
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 CHUNK = 64 * 1024
+ANSWER_GRACE = 10.0  # seconds a side that stopped reading has to finish its answer and close (splice)
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
 
@@ -316,27 +317,39 @@ def splice(a: socket.socket, b: socket.socket) -> None:
 
     A side that stops reading (a backend that answers 413 to an upload and closes) ends only the
     direction towards it: its answer, on the way the other direction, still gets through, as it
-    would straight over TCP.  A side that breaks (a reset) ends both.
+    would straight over TCP, for up to ANSWER_GRACE seconds (a side that neither reads nor answers
+    nor closes must not hold the connection's slot for ever).  A side that breaks (a reset) ends both.
     """
+    def end_both() -> None:
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    grace: list[threading.Timer] = []
+
     def copy(src: socket.socket, dst: socket.socket) -> None:
         try:
             while chunk := src.recv(CHUNK):
                 try:
                     dst.sendall(chunk)
                 except OSError:  # dst reads no more: this direction is over; the other carries its answer
+                    timer = threading.Timer(ANSWER_GRACE, end_both)
+                    timer.daemon = True
+                    grace.append(timer)
+                    timer.start()
                     return
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # src broke: end both directions
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            end_both()
 
     back = threading.Thread(target=copy, args=(b, a), daemon=True)
     back.start()
     copy(a, b)
     back.join()
+    for timer in grace:
+        timer.cancel()
     a.close()
     b.close()
 

@@ -31,8 +31,8 @@ async def _open(client, alg: str, key: int, **kw) -> tuple[int, bytes]:
         handle, generation = client.abandoned_streams.popleft()
         if not _stale(client, generation):  # else it went with its connection
             dropped.append(_abort(client, handle))
-    if dropped:
-        await asyncio.gather(*dropped)
+    if dropped:  # taken off the queue: shielded, so a caller's cancellation cannot leave them open for good
+        await asyncio.shield(asyncio.gather(*dropped))
     init = asyncio.ensure_future(client.stream_init(alg, key, **kw))
     try:
         return await asyncio.shield(init)

@@ -35,6 +35,11 @@ def _bytes(data) -> bytes:
     return binary(data)
 
 
+class NotBytes(E.EINVAL, TypeError):
+    """EINVAL for text or a number where bytes belong; pyca's TypeError too, so code written for pyca's
+    classes sees what it would there (not a ValueError, which a JWE library takes for a failed decryption)."""
+
+
 def binary(data, what: str = "data") -> bytes:
     """Strictly bytes-like (as pyca takes): bytes, bytearray, memoryview, array... but not text or numbers."""
     if type(data) is bytes:
@@ -42,7 +47,7 @@ def binary(data, what: str = "data") -> bytes:
     try:
         return memoryview(data).tobytes()
     except TypeError:
-        raise E.EINVAL(f"{what} must be bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}") \
+        raise NotBytes(f"{what} must be bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}") \
             from None
 
 
@@ -72,7 +77,7 @@ class InvalidArgument(E.EINVAL, ValueError):
 
 def as_value_error(exc: E.EINVAL) -> E.EINVAL:
     """The daemon's EINVAL as an ``InvalidArgument``, for the helpers shaped like pyca's classes."""
-    return exc if isinstance(exc, ValueError) else InvalidArgument(exc.message)
+    return exc if isinstance(exc, (ValueError, TypeError)) else InvalidArgument(exc.message)
 
 
 class Operations:
