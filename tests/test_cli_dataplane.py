@@ -496,10 +496,10 @@ def test_what_aead_encrypt_writes_aead_decrypt_reads_back_at_the_one_shot_limit(
 
 
 def test_o_writes_through_links_and_to_special_files(daemon, client, keyden, tmp_path):
-    """-o replaces a regular file whole; anything else is written through as a shell's > would: a symbolic
-    link by the kernel (its protected_symlinks rules apply; the link and its target's inode stay), a FIFO
-    or a device opened, /dev/stdout and /dev/fd/N taken as the descriptors they name (an appended log
-    keeps what it had)."""
+    """-o replaces a regular file whole, found as the kernel resolves the path (through a symbolic link,
+    which stays; `dir/link/../f` where the kernel puts it), and a forged message leaves it as it was;
+    anything else is written through: a FIFO or a device opened, /dev/stdout and /dev/fd/N taken as the
+    descriptors they name (an appended log keeps what it had)."""
     import threading
 
     key = os.urandom(32)
@@ -508,10 +508,23 @@ def test_o_writes_through_links_and_to_special_files(daemon, client, keyden, tmp
     expected = AESGCM(key).encrypt(nonce, b"through", None)
     real, link = tmp_path / "real", tmp_path / "link"
     real.write_bytes(b"old")
-    inode = real.stat().st_ino
     link.symlink_to(real)
+    forged = AESGCM(key).encrypt(nonce, b"x" * 1000, None)[:-1] + b"\0"
+    fails(keyden("aead", "decrypt", serial, "--nonce", nonce.hex(), "-o", str(link), stdin=forged),
+          1, "keyden_aead: Bad message (authentication failed)\n")
+    assert real.read_bytes() == b"old"
     assert ok(keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), "-o", str(link), stdin=b"through")) == ""
-    assert link.is_symlink() and real.read_bytes() == expected and real.stat().st_ino == inode
+    assert link.is_symlink() and real.read_bytes() == expected
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (tmp_path / "dirlink").symlink_to(elsewhere / "sub")
+    dotdot = str(tmp_path / "dirlink" / ".." / "dotdot")  # the kernel: elsewhere/dotdot; the text: tmp_path/dotdot
+    assert ok(keyden("aead", "encrypt", serial, "--nonce", nonce.hex(), "-o", dotdot, stdin=b"through")) == ""
+    assert (elsewhere / "dotdot").read_bytes() == expected
+    (tmp_path / "dirlink").unlink()
+    (elsewhere / "dotdot").unlink()
+    (elsewhere / "sub").rmdir()
+    elsewhere.rmdir()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     got = []
@@ -538,7 +551,8 @@ def test_o_writes_through_links_and_to_special_files(daemon, client, keyden, tmp
 
 
 def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, client, tmp_path):
-    """SIGTERM or SIGHUP while -o is being written unwinds as Ctrl-C does: the temporary file goes."""
+    """SIGTERM or SIGHUP while -o is being written unwinds as Ctrl-C does: the temporary file goes.  (Only
+    then: `keyden session` keeps the default, so a program it started outlives it with its session.)"""
     import signal
     import time
 
@@ -559,3 +573,31 @@ def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, clie
         proc.stdin.close()
         proc.stderr.close()
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_session_hung_up_leaves_its_program_its_session(daemon, client, tmp_path):
+    """`keyden session PROGRAM` keeps SIGHUP's and SIGTERM's default: it dies as it did, and does not give
+    the session up first, so a program that outlives it (nohup, a trap) keeps its keys."""
+    import signal
+    import time
+
+    keyden_cmd = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket])
+    started, go, out = tmp_path / "started", tmp_path / "go", tmp_path / "out"
+    script = (f'trap "" HUP TERM; touch {started}; while [ ! -e {go} ]; do sleep 0.02; done; '
+              f'{keyden_cmd} id @s > {out} 2>&1; echo "rc=$?" >> {out}')
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        for marker in (started, go, out):
+            marker.unlink(missing_ok=True)
+        proc = _cli(daemon, client, "session", "-", "sh", "-c", script, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == -signum  # the default action, as before
+        go.touch()
+        while not out.exists() or b"rc=" not in out.read_bytes():
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.02)
+        text = out.read_text()
+        assert text.endswith("rc=0\n") and int(text.split()[0]) != 0, text

@@ -339,6 +339,8 @@ def test_call_many_reports_malformed_entries_per_call_without_their_values(clien
     assert all(isinstance(r, E.EINVAL) for r in results[:3]) and results[3] == b"ok"
     assert isinstance(results[4], E.EINVAL)
     assert not any("secretpw" in str(r) or "hunter2" in str(r) for r in results)
+    (not_bytes,) = client.call_many([("digest", ("sha256", 5))])  # keyden's own refusal keeps its words
+    assert isinstance(not_bytes, E.EINVAL) and "must be bytes-like" in not_bytes.message
 
 
 def test_call_many_keeps_the_answers_it_read_before_the_connection_failed(client, monkeypatch):

@@ -27,7 +27,8 @@ _daemon_ignores_early_hangups(sys.argv[1:])  # before the imports below, which t
 
 from keyden import errors as E  # noqa: E402
 from keyden.cli import commands  # noqa: E402
-from keyden.cli.support import Context, Exit, NoDaemon, Usage, note_inherited_descriptors  # noqa: E402
+from keyden.cli.support import (Context, Exit, NoDaemon, Terminated, Usage,  # noqa: E402
+                                note_inherited_descriptors)
 
 HELP_WORDS = ("--help", "-h")
 #: how writing stdout fails (a closed descriptor, a full or failing disk, a file over its limit)
@@ -123,29 +124,10 @@ def _silence_stdout() -> None:
         pass
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised where the command is, so it unwinds as for Ctrl-C: an -o file's temporary
-    copy of unauthenticated plaintext is removed on the way out (Output.__exit__)."""
-
-
-def _terminated(signum, _frame):
-    raise Terminated(signum)
-
-
-def _unwind_on_termination() -> None:
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:  # `keyden serve` and tls-proxy set their own
-            try:
-                signal.signal(signum, _terminated)
-            except ValueError:  # main() called from a thread other than the main one: signals stay as they are
-                return
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _reopen_closed_std_streams()
     note_inherited_descriptors()  # before any of our own: what -o /dev/fd/N may name
-    _unwind_on_termination()
     try:
         status = run(argv)
         sys.stdout.flush()

@@ -13,9 +13,11 @@ import errno
 import os
 import re
 import select
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from typing import Any, Callable, Iterator
 
 from keyden import errors as E
@@ -238,26 +240,41 @@ def write_all(fd: int, data, name: str = "stdout") -> None:
             raise failure(name, exc) from None
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP while an -o file is being written, raised where the command is, so it unwinds as
+    for Ctrl-C and the temporary copy of unauthenticated plaintext goes (main exits 128 + the signal)."""
+
+
+def _terminated(signum, _frame):
+    raise Terminated(signum)
+
+
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
 class Output:
     """Where results go: stdout as they come, or a file that appears only once everything succeeded.
 
     A regular file (or a new one) is written under a temporary name in its
-    directory (mode 0600), synced, and renamed over the target at the end, so a
-    failure (a tag that does not check out, a full disk) leaves neither
-    plaintext nor a truncated file behind, and the old file stays as it was.
-    Anything else is written through, as a shell's ``>`` would, with stdout's
-    rules (``direct``): ``/dev/stdout``, ``/dev/fd/N`` and ``/proc/self/fd/N``
-    are our own descriptors, used as they are (not reopened, which would
-    truncate an appended log); a FIFO or device is opened; a symbolic link is
-    opened through the kernel, whose protected_symlinks rules apply (resolving
-    it here, then replacing its target, would let another user's link in a
-    shared directory name the file we replace).
+    directory (mode 0600), synced, and renamed over it at the end, so a failure
+    (a tag that does not check out, a full disk, Ctrl-C, SIGTERM) leaves
+    neither plaintext nor a truncated file behind, and the old file stays as it
+    was.  Which file that is, the kernel says: the path is opened (O_PATH) and
+    the file found named by /proc, so a symbolic link is followed only as the
+    kernel follows it, protected_symlinks and all (resolving it here would let
+    another user's link in a shared directory name the file we replace), and
+    ``dir/link/../f`` is where the kernel puts it.  Anything else is written
+    through, with stdout's rules (``direct``): a FIFO or device is opened;
+    ``/dev/stdout``, ``/dev/fd/N`` and ``/proc/self/fd/N`` are our own
+    descriptors, used as they are (reopened, an appended log would be cut).
     """
 
     def __init__(self, path: str | None):
         self.path = path
         self.temp: str | None = None
         self._own_fd = False
+        self._created: str | None = None  # an empty file made through a dangling link: gone again on failure
+        self._signals: list = []
         if not path or (fd := _descriptor_named(path)) == STDOUT_FD:
             sys.stdout.flush()  # what was printed before goes first
             self.fd = std_fd("stdout")
@@ -266,19 +283,42 @@ class Output:
             self.fd = fd
             return
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise failure(path, exc) from None
-        try:
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            target = self._file_to_replace(path)
+            if target is None:  # a FIFO or device (a directory fails here: EISDIR)
+                self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             else:
-                self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keyden-")
+                self.target = target
+                if threading.current_thread() is threading.main_thread():  # (signals are the main thread's)
+                    self._signals = [(signum, signal.getsignal(signum)) for signum in _TERMINATING]
+                    for signum, handler in self._signals:
+                        if handler is signal.SIG_DFL:
+                            signal.signal(signum, _terminated)
+                self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".keyden-")
             self._own_fd = True
         except OSError as exc:
+            self._cleanup()
             raise failure(path, exc) from None
+
+    def _file_to_replace(self, path: str) -> str | None:
+        """The regular file ``path`` names, as the kernel resolves it (a new one through its directory, or
+        through a dangling link, created as ``>`` would), or None if it names no regular file."""
+        try:
+            probe = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not os.path.islink(path):
+                parent = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    return os.path.join(_named_by_proc(parent), os.path.basename(path))
+                finally:
+                    os.close(parent)
+            probe = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._created = _named_by_proc(probe)
+        try:
+            if not stat.S_ISREG(os.fstat(probe).st_mode):
+                return None
+            return _named_by_proc(probe)
+        finally:
+            os.close(probe)
 
     @property
     def direct(self) -> bool:
@@ -295,22 +335,37 @@ class Output:
     def __exit__(self, exc_type, *rest) -> None:
         if not self._own_fd:
             return
+        for signum, _handler in self._signals:  # no second signal cuts the cleanup short
+            signal.signal(signum, signal.SIG_IGN)
         try:
             if self.temp is not None and exc_type is None:
                 os.fsync(self.fd)  # the new file's data is on disk before its name replaces the old one
             os.close(self.fd)
             if self.temp is not None and exc_type is None:
-                os.replace(self.temp, self.path)
-                self.temp = None
+                os.replace(self.temp, self.target)
+                self.temp = self._created = None
         except OSError as exc:
             if exc_type is None:  # else the failure that brought us here is the one to tell
                 raise failure(self.path, exc) from None
         finally:
-            if self.temp is not None:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        for name in (self.temp, self._created):
+            if name is not None:
                 try:
-                    os.unlink(self.temp)
+                    os.unlink(name)
                 except OSError:
                     pass
+        self.temp = self._created = None
+        for signum, handler in self._signals:
+            signal.signal(signum, handler)
+        self._signals = []
+
+
+def _named_by_proc(fd: int) -> str:
+    """The path the kernel has for an open descriptor (symbolic links and '..' resolved as it resolved them)."""
+    return os.readlink(f"/proc/self/fd/{fd}")
 
 
 STDOUT_FD = 1

@@ -350,6 +350,7 @@ def splice(a: socket.socket, b: socket.socket) -> None:
     back.join()
     for timer in grace:
         timer.cancel()
+        timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
     a.close()
     b.close()
 

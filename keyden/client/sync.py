@@ -466,6 +466,8 @@ class _Recorder(Operations):
                            f"{str(name)[:40]!r} is not one")
         try:
             method(self, *args, **kwargs)
+        except E.KeydenError:  # keyden's own refusal (NotBytes is a TypeError too): its message names no value
+            raise
         except (TypeError, ValueError, OverflowError):  # arguments that do not fit (messages may quote them)
             raise E.EINVAL(f"{name}: the arguments do not fit {name}()") from None
         return self.last
