@@ -584,19 +584,22 @@ def test_a_session_hung_up_leaves_its_program_its_session(daemon, client, tmp_pa
 
     keyden_cmd = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket])
     started, go, out = tmp_path / "started", tmp_path / "go", tmp_path / "out"
-    script = (f'trap "" HUP TERM; touch {started}; while [ ! -e {go} ]; do sleep 0.02; done; '
+    script = (f'trap "" HUP TERM; touch {started}; i=0; '  # waits for go, 60 s at most: never left behind
+              f'while [ ! -e {go} ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done; '
               f'{keyden_cmd} id @s > {out} 2>&1; echo "rc=$?" >> {out}')
     for signum in (signal.SIGHUP, signal.SIGTERM):
         for marker in (started, go, out):
             marker.unlink(missing_ok=True)
         proc = _cli(daemon, client, "session", "-", "sh", "-c", script, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not started.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        proc.send_signal(signum)
-        assert proc.wait(timeout=60) == -signum  # the default action, as before
-        go.touch()
+        try:
+            deadline = time.monotonic() + 30
+            while not started.exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            proc.send_signal(signum)
+            assert proc.wait(timeout=60) == -signum  # the default action, as before
+        finally:
+            go.touch()  # the program goes on, and ends, whatever happened to its keyden session
         while not out.exists() or b"rc=" not in out.read_bytes():
             assert time.monotonic() < deadline + 30
             time.sleep(0.02)
