@@ -16,7 +16,7 @@ from typing import Sequence
 from keyden import errors as E
 from keyden.client.dataplane import (_OVERHEAD, HMAC_FAILED, PIECE, AuthenticationFailed, KeyedAlgorithm,
                                      MacMismatch, _final_fields, _fits, _piece, _raise_first, _same_connection,
-                                     _stale, _uncopyable_stream, item_error)
+                                     _stale, _uncopyable_stream, item_error, take_abandoned)
 from keyden.client.operations import as_value_error, binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
@@ -26,11 +26,7 @@ MAX_HELPER_STREAMS = 32
 async def _open(client, alg: str, key: int, **kw) -> tuple[int, bytes]:
     """STREAM_INIT, safe against cancellation: a stream opened for a caller who has gone is closed.  Streams
     dropped unfinished are closed first, so they never fill the connection's 64."""
-    dropped = []
-    while client.abandoned_streams:
-        handle, generation = client.abandoned_streams.popleft()
-        if not _stale(client, generation):  # else it went with its connection
-            dropped.append(_abort(client, handle))
+    dropped = [_abort(client, handle) for handle in take_abandoned(client)]
     if dropped:  # taken off the queue: shielded, so a caller's cancellation cannot leave them open for good
         await asyncio.shield(asyncio.gather(*dropped))
     init = asyncio.ensure_future(client.stream_init(alg, key, **kw))

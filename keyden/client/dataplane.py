@@ -421,15 +421,23 @@ class Stream:
     __copy__ = __deepcopy__ = __reduce__ = _uncopyable_stream
 
 
-def _abort_abandoned(client) -> None:
-    """Streams dropped unfinished: aborted before a new one opens, so they never fill the connection's 64."""
+def take_abandoned(client) -> list[int]:
+    """The streams dropped unfinished on the client's connection, taken off its queue (the blocking and the
+    asyncio client abort them before a new stream opens, so they never fill the connection's 64)."""
+    taken = []
     while client.abandoned_streams:
         handle, generation = client.abandoned_streams.popleft()
         if not _stale(client, generation):  # else it went with its connection
-            try:
-                client.stream_abort(handle)
-            except E.KeydenError:
-                pass
+            taken.append(handle)
+    return taken
+
+
+def _abort_abandoned(client) -> None:
+    for handle in take_abandoned(client):
+        try:
+            client.stream_abort(handle)
+        except E.KeydenError:
+            pass
 
 
 def _in_pieces(stream: Stream, data: bytes, tag: bytes = b"") -> tuple[bytes, bytes]:

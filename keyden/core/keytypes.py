@@ -72,6 +72,8 @@ class KeyType:
         if isinstance(payload, bytearray):
             payload[:] = bytes(len(payload))
 
+    keys_ciphers = False  # does symmetric_material give bytes (a generated key's use means something)?
+
     def symmetric_material(self, payload: Any) -> bytes:
         """Raw bytes for in-daemon algorithms keyed by serial (AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL)."""
         raise E.ENOPROTOOPT(f"keys of type {self.name!r} cannot key a cipher")
@@ -92,6 +94,8 @@ class UserType(KeyType):
 
     def read(self, payload: Any) -> bytes:
         return bytes(payload)
+
+    keys_ciphers = True
 
     def symmetric_material(self, payload: Any) -> bytes:
         return bytes(payload)

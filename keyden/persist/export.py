@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden import errors as E
+from keyden.core import keytypes
 from keyden.core.store import FOR_USE, USE_FLAGS, Exported
 from keyden.crypto import RESERVED_CONTEXT, asymmetric
 from keyden.protocol import Kind as K
@@ -63,8 +64,6 @@ _ENTRIES = {VERSION_1: ENTRY_V1, VERSION: ENTRY}
 TREE = Schema(("entries", K.BYTESLIST), ("links", K.I32S))
 _HEADER = struct.Struct("<4sBBH")
 _USES = frozenset(FOR_USE.values())
-#: The types whose keys key ciphers: the only ones a use means anything for.
-_USABLE_TYPES = ("user", "logon")
 
 
 @dataclass
@@ -117,7 +116,7 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
             raise E.EBADMSG("the export gives a key flags this keyden does not know")
         if entry.flags and entry.flags not in _USES:
             raise E.EBADMSG("the export gives a key more than one use")
-        if entry.flags and entry.type not in _USABLE_TYPES:
+        if entry.flags and not getattr(keytypes.REGISTRY.get(entry.type), "keys_ciphers", False):
             raise E.EBADMSG("the export gives a use to a key that keys no cipher")
     links = list(zip(flat[0::2], flat[1::2]))
     reached = {0}
