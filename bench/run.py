@@ -424,8 +424,33 @@ def machine() -> dict[str, str]:
         "cryptography": cryptography.__version__,
         "cryptography OpenSSL": backend.openssl_version_text(),
         "ssl module OpenSSL": ssl.OPENSSL_VERSION,
+        "cpuidle": cpuidle(),
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def cpuidle() -> str:
+    """How an idle CPU waits: what a wake-up costs, so what every row with a round trip pays.
+
+    In a VM whose guest does not poll before halting (haltpoll's guest_halt_poll_ns = 0), each
+    wake-up of an idle vCPU goes through the hypervisor: the ping-pong floor then measures that."""
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    base = "/sys/devices/system/cpu/cpuidle/"
+    governor = read(base + "current_governor") or read(base + "current_governor_ro")
+    if not governor:
+        return "unknown"
+    described = f"{governor} governor, {read(base + 'current_driver') or 'no'} driver"
+    halt_poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    if halt_poll:
+        described += f", guest_halt_poll_ns {halt_poll}"
+        if halt_poll == "0":
+            described += " (no polling: every wake-up of an idle vCPU exits to the host)"
+    return described
 
 
 def busy(info: dict[str, str]) -> bool:

@@ -170,7 +170,8 @@ def test_usage_errors(daemon):
     for args in (["--listen", "127.0.0.1:0"], ["--listen", "nowhere", "--keyring", "@s", "--forward", "x:1"],
                  ["--listen", "127.0.0.1:99999", *whole], ["--listen", "127.0.0.1:0", "--max-connections", "-1", *whole],
                  ["--listen", "127.0.0.1:0", "--max-connections", "0", *whole],
-                 *(["--listen", "127.0.0.1:0", "--handshake-timeout", t, *whole] for t in ("0", "500", "nan"))):
+                 *(["--listen", "127.0.0.1:0", "--handshake-timeout", t, *whole] for t in ("0", "500", "nan")),
+                 *(["--listen", "127.0.0.1:0", "--close-timeout", t, *whole] for t in ("0", "-1", "4000", "nan", "x"))):
         out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", *args],
                              capture_output=True, timeout=TIMEOUT, cwd=REPO)
         assert out.returncode == 2, (args, out.stderr.decode())
@@ -551,21 +552,54 @@ def test_a_listener_on_every_ipv6_address_takes_ipv4_clients_too(proxy, upstream
     assert out.stdout == b"hello from upstream, /path"
 
 
-def test_a_side_that_stops_reading_but_never_answers_lets_go_of_the_connection(monkeypatch):
-    """splice, in-process: once a write to a side fails, the other direction has ANSWER_GRACE seconds to
-    finish; a backend that neither reads, nor answers, nor closes must not hold a proxy slot for ever."""
+def test_a_side_that_stops_reading_but_never_answers_lets_go_of_the_connection():
+    """splice, in-process: once a write to a side fails, the other direction has ``close_timeout`` seconds
+    to finish; a backend that neither reads, nor answers, nor closes must not hold a proxy slot for ever."""
     from keyden.cli import tls as proxy_cli
 
-    monkeypatch.setattr(proxy_cli, "ANSWER_GRACE", 0.3)
     client_side, plain = socket.socketpair()
     upstream, backend = socket.socketpair()
     backend.shutdown(socket.SHUT_RD)  # reads no more, and will say nothing
-    spliced = threading.Thread(target=proxy_cli.splice, args=(plain, upstream), daemon=True)
+    spliced = threading.Thread(target=proxy_cli.splice, args=(plain, upstream, 0.3), daemon=True)
     spliced.start()
     client_side.sendall(b"an upload the backend will not take")
-    spliced.join(TIMEOUT)
+    spliced.join(5)  # well under the default close timeout of 10 s
     assert not spliced.is_alive()
     client_side.settimeout(TIMEOUT)
     assert client_side.recv(100) == b""  # the client is told: end of file
     for s in (client_side, backend):
         s.close()
+
+
+def test_close_timeout_bounds_a_backend_that_stops_reading_and_never_answers(proxy, pki, tmp_path):
+    """--close-timeout, through the real proxy: the client is let go of after the timeout, not the default
+    10 s, while the backend still holds its end open."""
+    path = str(tmp_path / "mute.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    release = threading.Event()
+
+    def stop_reading_and_say_nothing():
+        conn, _ = listener.accept()
+        with conn:
+            conn.shutdown(socket.SHUT_RD)
+            release.wait(TIMEOUT)
+
+    backend = threading.Thread(target=stop_reading_and_say_nothing, daemon=True)
+    backend.start()
+    port = proxy("--forward", "unix:" + path, "--close-timeout", "0.5")
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
+                context.wrap_socket(raw, server_hostname="a.test") as tls:
+            tls.settimeout(5)  # well under the default close timeout of 10 s
+            tls.sendall(b"PUT /upload HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + bytes(64 << 10))
+            try:
+                assert tls.recv(4096) == b""  # let go of: end of data (close_notify), or ...
+            except ConnectionResetError:
+                pass  # ... reset, since the proxy discarded the rest of the upload unread
+    finally:
+        release.set()
+        backend.join(TIMEOUT)
+        listener.close()

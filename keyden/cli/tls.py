@@ -30,7 +30,8 @@ from keyden.client import tls as client_tls
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 CHUNK = 64 * 1024
-ANSWER_GRACE = 10.0  # seconds a side that stopped reading has to finish its answer and close (splice)
+CLOSE_TIMEOUT = 10.0  # default seconds a side that stopped reading has to finish its answer and close (splice)
+MAX_CLOSE_TIMEOUT = 3600.0
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
 
@@ -66,7 +67,8 @@ def cmd_tls_proxy(ctx, args) -> int:
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol)
+    proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
+                   opts.close_timeout)
     try:
         proxy.run(listener)
     except KeyboardInterrupt:
@@ -87,6 +89,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--alpn", metavar="P1,P2", help="ALPN protocols offered, in preference order")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
     p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--close-timeout", type=float, default=CLOSE_TIMEOUT, metavar="SECONDS",
+                   help="once one side stops reading, how long the other has to finish its answer and close "
+                        f"(default {CLOSE_TIMEOUT:g})")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="begin each upstream connection with a PROXY protocol v2 header: the client's address, "
                         "SNI, ALPN, TLS version and cipher, client certificate CN (the upstream must expect it)")
@@ -99,6 +104,8 @@ def _parse(args: list[str]) -> argparse.Namespace:
     if not 0 < opts.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:  # nan fails too
         raise Exit(2, f"tls-proxy: --handshake-timeout takes seconds, more than 0 and at most "
                       f"{MAX_HANDSHAKE_TIMEOUT:g}")
+    if not 0 < opts.close_timeout <= MAX_CLOSE_TIMEOUT:
+        raise Exit(2, f"tls-proxy: --close-timeout takes seconds, more than 0 and at most {MAX_CLOSE_TIMEOUT:g}")
     return opts
 
 
@@ -198,12 +205,13 @@ def _common_name(info: client_tls.TlsInfo) -> str | None:
 
 class _Proxy:
     def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int,
-                 proxy_protocol: bool = False):
+                 proxy_protocol: bool = False, close_timeout: float = CLOSE_TIMEOUT):
         self.client = client
         self.keyring = keyring
         self.tls_options = tls_options
         self.forward = forward
         self.proxy_protocol = proxy_protocol
+        self.close_timeout = close_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
         self.lost_keyden = False
 
@@ -265,7 +273,7 @@ class _Proxy:
                     upstream.close()
                     _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
                     return
-            splice(plain, upstream)
+            splice(plain, upstream, self.close_timeout)
         finally:
             self.slots.release()
 
@@ -312,12 +320,12 @@ class _Proxy:
         return socket.create_connection(self.forward)
 
 
-def splice(a: socket.socket, b: socket.socket) -> None:
+def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT) -> None:
     """Copy both ways until both ends are done, passing each end-of-file on as a half-close.
 
     A side that stops reading (a backend that answers 413 to an upload and closes) ends only the
     direction towards it: its answer, on the way the other direction, still gets through, as it
-    would straight over TCP, for up to ANSWER_GRACE seconds (a side that neither reads nor answers
+    would straight over TCP, for up to ``close_timeout`` seconds (a side that neither reads nor answers
     nor closes must not hold the connection's slot for ever).  A side that breaks (a reset) ends both.
     """
     def end_both() -> None:
@@ -335,7 +343,7 @@ def splice(a: socket.socket, b: socket.socket) -> None:
                 try:
                     dst.sendall(chunk)
                 except OSError:  # dst reads no more: this direction is over; the other carries its answer
-                    timer = threading.Timer(ANSWER_GRACE, end_both)
+                    timer = threading.Timer(close_timeout, end_both)
                     timer.daemon = True
                     grace.append(timer)
                     timer.start()
