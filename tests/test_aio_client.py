@@ -182,6 +182,19 @@ def test_bad_arguments_fail_at_await_as_daemon_errors_do(arun):
     assert "key bytes" not in errors[3]
 
 
+async def stream_capacity(c) -> int:
+    """How many more streams the connection opens (its daemon allows 64), each closed again."""
+    held = []
+    try:
+        while len(held) < 100:
+            held.append(await c.hash())
+    except E.EMFILE:
+        pass
+    for stream in held:
+        await stream.abort()
+    return len(held)
+
+
 def test_an_async_stream_whose_finish_never_went_out_can_still_be_closed(arun):
     async def scenario(c):
         mac = await c.hmac(await c.add("logon", "aio:leak", bytes(32)))
@@ -230,19 +243,8 @@ def test_a_cancelled_stream_open_still_closes_the_dropped_streams_it_took(arun):
     are closed all the same, or each cancellation would keep some open for the connection's life."""
     import gc
 
-    async def capacity(c) -> int:
-        held = []
-        try:
-            while len(held) < 100:
-                held.append(await c.hash())
-        except E.EMFILE:
-            pass
-        for stream in held:
-            await stream.abort()
-        return len(held)
-
     async def scenario(c):
-        before = await capacity(c)
+        before = await stream_capacity(c)
         for _ in range(3):
             for _ in range(10):
                 stream = await c.hash()
@@ -257,10 +259,93 @@ def test_a_cancelled_stream_open_still_closes_the_dropped_streams_it_took(arun):
             except asyncio.CancelledError:
                 pass
         await asyncio.sleep(0.2)  # the shielded closings finish
-        return before, await capacity(c)
+        return before, await stream_capacity(c)
 
     before, after = arun(scenario)
     assert before == 64 and after == 64
+
+
+def test_async_stream_copies_go_on_as_pycas_copies_do(arun):
+    """``await stream.copy()``: hash and HMAC streams (a verifying one too) and copies of copies, each equal to
+    pyca's Hash.copy/HMAC.copy fed the same; cipher streams EOPNOTSUPP; a finished one AlreadyFinalized."""
+    import os
+
+    from cryptography.exceptions import AlreadyFinalized
+    from cryptography.hazmat.primitives import hashes, hmac
+
+    key = os.urandom(32)
+
+    def local(algorithm, data: bytes, mac_key: bytes | None = None) -> bytes:
+        h = hashes.Hash(algorithm) if mac_key is None else hmac.HMAC(mac_key, algorithm)
+        h.update(data)
+        return h.finalize()
+
+    async def scenario(c):
+        serial = await c.add("logon", "aio:copy", key)
+        mac = await c.hmac(serial)
+        digests = {}
+        for name, opened in (("sha256", c.hash("sha256")), ("sha512", c.hash("sha512")), ("hmac", mac.stream())):
+            original = await opened
+            await original.update(b"prefix, ")
+            copied = await original.copy()
+            assert type(copied) is type(original) and copied.handle != original.handle
+            await original.update(b"the original's")
+            await copied.update(b"the copy's")
+            grandchild = await copied.copy()
+            await grandchild.update(b" and more")
+            digests[name] = [(await s.finalize())[1] for s in (original, copied, grandchild)]
+        verifying = await mac.stream(verify=True)
+        await verifying.update(b"prefix, ")
+        copied = await verifying.copy()
+        await copied.update(b"the copy's")
+        verified = await copied.finalize(tag=local(hashes.SHA256(), b"prefix, the copy's", key))
+        with pytest.raises(AlreadyFinalized) as finished:
+            await copied.copy()
+        assert isinstance(finished.value, E.EBADF)
+        await verifying.abort()
+        with pytest.raises(AlreadyFinalized):
+            await verifying.copy()
+        for alg, iv in (("gcm(aes)", bytes(12)), ("cbc(aes)", bytes(16)), ("ctr(aes)", bytes(16))):
+            async with await c.stream(alg, serial, iv=iv) as cipher:
+                with pytest.raises(E.EOPNOTSUPP):
+                    await cipher.copy()
+                assert len(await cipher.update(bytes(32))) == 32  # and goes on
+        return digests, verified
+
+    digests, verified = arun(scenario)
+    assert verified == (b"", b"")
+    for name, algorithm, mac_key in (("sha256", hashes.SHA256(), None), ("sha512", hashes.SHA512(), None),
+                                     ("hmac", hashes.SHA256(), key)):
+        assert digests[name] == [local(algorithm, b"prefix, " + tail, mac_key)
+                                 for tail in (b"the original's", b"the copy's", b"the copy's and more")]
+
+
+def test_async_copies_dropped_or_cancelled_never_fill_the_connection(arun):
+    """A copy is opened as any stream: dropped unfinished, it is closed before the next stream opens; cancelled
+    while it is made, it is closed when it arrives.  70 of each leave the connection its 64."""
+    import gc
+
+    async def scenario(c):
+        async with await c.hash() as original:
+            await original.update(b"abc")
+            for _ in range(70):
+                copied = await original.copy()
+                await copied.update(b"dropped")
+                del copied
+                gc.collect()
+            digest = (await (await original.copy()).finalize())[1]
+            for _ in range(70):
+                making = asyncio.ensure_future(original.copy())
+                await asyncio.sleep(0)  # its request is out
+                making.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await making
+            await asyncio.sleep(0.2)  # the cancelled copies arrive, and are closed
+            return digest, await stream_capacity(c)
+
+    digest, room = arun(scenario)
+    assert digest == bytes.fromhex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    assert room == 63  # all but the original
 
 
 def test_failed_authentication_is_pycas_exception_too(arun):

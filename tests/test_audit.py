@@ -98,6 +98,27 @@ def test_a_streams_lines_name_its_key(fresh_daemon):
     assert aborted.done
 
 
+def test_a_stream_copys_lines_name_its_key(fresh_daemon):
+    """STREAM_COPY names a stream by its handle too: its line, and the copy's own, carry the stream's key,
+    refused copies included."""
+    d = fresh_daemon()
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        key = c.add("logon", "audit:copy", os.urandom(32), "@s")
+        with c.hmac(key).stream() as stream:
+            stream.copy().finalize(b"the copy's")
+            c.revoke(key)
+            with pytest.raises(E.EKEYREVOKED):
+                stream.copy()
+        c.hash().copy().finalize()
+        records = [r for r in mine(audit_lines(log_path)) if r["op"].startswith("stream_")]
+    assert [(r["op"], r["keys"], r["result"]) for r in records] == [
+        ("stream_init", [key], "ok"), ("stream_copy", [key], "ok"), ("stream_final", [key], "ok"),
+        ("stream_copy", [key], "EKEYREVOKED"),
+        ("stream_abort", [], "EBADF"),  # the revoked key closed it; the with-block's abort finds nothing
+        ("stream_init", [], "ok"), ("stream_copy", [], "ok"), ("stream_final", [], "ok")]
+
+
 def test_no_key_material_descriptions_or_data_ever_reach_the_audit_log(fresh_daemon):
     d = fresh_daemon()
     with d.connect() as c:

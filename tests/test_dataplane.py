@@ -457,6 +457,154 @@ def test_closed_streams_are_ebadf_and_streams_are_limited_per_connection(client,
         other.hash("sha256").finalize()  # the limit is per connection
 
 
+# ------------------------------------------------- copies of hash and HMAC streams
+
+
+PYCA_HASHES = {"sha256": hashes.SHA256, "sha512": hashes.SHA512}
+
+
+@pytest.mark.parametrize("alg", ["sha256", "sha512", "hmac(sha256)"])
+def test_a_copied_stream_goes_on_as_pycas_copy_does(client, alg):
+    """Stream.copy() is pyca's Hash.copy/HMAC.copy: a running transcript hash, MACs of messages with a common
+    prefix.  The original and its copies go on apart, each equal to pyca's own copies fed the same."""
+    key = os.urandom(32)
+    if alg.startswith("hmac"):
+        original = client.hmac(client.add("logon", "copy:mac", key), alg).stream()
+        local = pyca_hmac.HMAC(key, hashes.SHA256())
+    else:
+        original, local = client.hash(alg), hashes.Hash(PYCA_HASHES[alg]())
+    prefix, theirs, ours, deeper = os.urandom(70000), b"the original's", os.urandom(1000), b" and the grandchild's"
+    for piece in (prefix[:1], prefix[1:]):
+        original.update(piece)
+        local.update(piece)
+    copied, local_copy = original.copy(), local.copy()
+    assert type(copied) is type(original) and copied.handle != original.handle and copied.nonce == b""
+    original.update(theirs), local.update(theirs)
+    copied.update(ours), local_copy.update(ours)
+    grandchild, local_grandchild = copied.copy(), local_copy.copy()
+    grandchild.update(deeper), local_grandchild.update(deeper)
+    assert copied.finalize()[1] == local_copy.finalize()
+    assert original.finalize()[1] == local.finalize()
+    assert grandchild.finalize(b"!")[1] == (local_grandchild.update(b"!"), local_grandchild.finalize())[1]
+
+
+def test_a_verifying_hmac_stream_copies_as_a_verifying_one(client):
+    key = os.urandom(32)
+    mac = client.hmac(client.add("logon", "copy:verify", key))
+
+    def tag_of(data: bytes) -> bytes:
+        h = pyca_hmac.HMAC(key, hashes.SHA256())
+        h.update(data)
+        return h.finalize()
+    verifying = mac.stream(verify=True)
+    verifying.update(b"header|")
+    copied, needs_a_tag = verifying.copy(), verifying.copy()
+    verifying.update(b"one")
+    copied.update(b"two")
+    assert copied.finalize(tag=tag_of(b"header|two")) == (b"", b"")  # checked in keyden, not returned
+    with pytest.raises(E.EBADMSG):
+        verifying.finalize(tag=tag_of(b"header|two"))  # the original went on with other data
+    with pytest.raises(E.EINVAL):  # a copy verifies too: finishing it needs the expected tag
+        needs_a_tag.finalize(b"header|")
+
+
+@pytest.mark.parametrize("alg", [GCM, "cbc(aes)", "ctr(aes)"])
+def test_cipher_streams_are_not_copied_and_go_on_untouched(client, aes, alg):
+    """Two copies of an encryption stream would go on with the same keystream (a GCM nonce used twice): the
+    daemon refuses, whatever the client asks, and the stream goes on as if nothing was asked."""
+    key, serial = aes
+    iv = os.urandom(12 if alg == GCM else 16)
+    stream = client.stream(alg, serial, iv=iv)
+    out = stream.update(bytes(32))
+    with pytest.raises(E.EOPNOTSUPP, match="cannot be copied"):
+        stream.copy()
+    with pytest.raises(E.EOPNOTSUPP, match="same keystream"):
+        client.stream_copy(stream.handle)  # the daemon's own refusal, not the client's
+    out += stream.update(bytes(32))
+    last, tag = stream.finalize()
+    if alg == GCM:
+        assert out + last + tag == AESGCM(key).encrypt(iv, bytes(64), None)
+    else:
+        local = Cipher(algorithms.AES(key), (modes.CBC if alg == "cbc(aes)" else modes.CTR)(iv)).encryptor()
+        assert out + last == local.update(bytes(64)) + local.finalize()
+
+
+def test_copies_count_against_the_streams_of_a_connection(client):
+    held = [client.hash() for _ in range(63)]
+    full = client.hash()  # the 64th
+    full.update(b"x")
+    with pytest.raises(E.EMFILE):
+        full.copy()
+    held.pop().abort()
+    copied = full.copy()  # a slot freed is a slot a copy may take
+    assert copied.finalize(b"y")[1] == hashlib.sha256(b"xy").digest()
+    assert full.finalize()[1] == hashlib.sha256(b"x").digest()  # the refused copy left it as it was
+
+
+@pytest.mark.parametrize("take_away", ["revoke", "unlink", "setperm"])
+def test_a_copy_fails_as_update_does_once_the_key_cannot_be_used(client, take_away):
+    """The key is checked again for a copy, as for every piece: the same error as update's, and the stream
+    is closed with it."""
+    serial = client.add("logon", f"copy:{take_away}", os.urandom(32), "@s")
+    copying, updating = client.hmac(serial).stream(), client.hmac(serial).stream()
+    copying.update(b"piece"), updating.update(b"piece")
+    {"revoke": lambda: client.revoke(serial), "unlink": lambda: client.unlink(serial, "@s"),
+     "setperm": lambda: client.setperm(serial, 0x3f000000 & ~0x08000000)}[take_away]()  # setperm: all but search
+    with pytest.raises(E.KeydenError) as copy_failed:
+        copying.copy()
+    with pytest.raises(E.KeydenError) as update_failed:
+        updating.update(b"more")
+    assert type(copy_failed.value) is type(update_failed.value) is {
+        "revoke": E.EKEYREVOKED, "unlink": E.ENOKEY, "setperm": E.EACCES}[take_away]
+    assert copy_failed.value.message == update_failed.value.message
+    with pytest.raises(E.EBADF):  # closed with it
+        client.stream_update(copying.handle, b"x")
+
+
+def test_a_finished_stream_is_not_copied_as_pycas_finalized_context_is_not(client):
+    """Copy, as update, of a finalized or aborted stream: pyca's AlreadyFinalized, and EBADF (the daemon's word
+    for a stream it no longer holds, which the raw op still says)."""
+    from cryptography.exceptions import AlreadyFinalized
+    finalized, aborted = client.hash(), client.hash()
+    finalized.finalize(b"done")
+    aborted.abort()
+    for stream in (finalized, aborted):
+        for late in (stream.copy, lambda: stream.update(b"late"), stream.finalize):
+            with pytest.raises(AlreadyFinalized) as refused:
+                late()
+            assert isinstance(refused.value, E.EBADF) and "already finalized" in refused.value.message
+        with pytest.raises(E.EBADF):
+            client.stream_copy(stream.handle)
+    with pytest.raises(E.EBADF):
+        client.stream_copy(0x7fffffff)  # never made
+
+
+def test_a_stream_of_a_lost_connection_is_not_copied(fresh_daemon):
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    with d.connect() as c:
+        copying, updating = c.hash(), c.hash()
+        time.sleep(1.0)  # the daemon closes the silent connection, and its streams with it
+        assert c.ping(b"x") == b"x" and c.generation == 1
+        with pytest.raises(E.EBADF) as copy_failed:
+            copying.copy()
+        with pytest.raises(E.EBADF) as update_failed:
+            updating.update(b"x")
+        assert copy_failed.value.message == update_failed.value.message
+
+
+def test_copies_dropped_unfinished_do_not_fill_the_connection(client):
+    """A copy is a stream like any other: dropped unfinished (as pyca's copies are), it is closed by the
+    client's next stream, so 200 dropped copies never lock the connection out of its 64."""
+    mac = client.hmac(client.add("logon", "copy:dropped", os.urandom(32)))
+    with client.hash() as transcript, mac.stream() as keyed:
+        transcript.update(b"abc")
+        for _ in range(100):
+            transcript.copy().update(b"intermediate digest never asked for")
+            keyed.copy()
+        assert transcript.copy().finalize()[1] == hashlib.sha256(b"abc").digest()
+        assert client.hash().finalize(b"abc")[1] == hashlib.sha256(b"abc").digest()
+
+
 # -------------------------------------------------------------- shared memory
 
 
@@ -962,7 +1110,7 @@ def test_helpers_take_bytes_like_data_only_and_copy_as_handles(client, aes):
     assert copy.copy(aead) is aead and copy.deepcopy(aead) is aead
     with client.hash() as stream:  # a copy would share keyden's stream: pyca refuses to copy a context too
         for refuse in (copy.copy, copy.deepcopy, pickle.dumps):
-            with pytest.raises(TypeError, match="state lives in keyden"):
+            with pytest.raises(TypeError, match=r"state lives in keyden; use its copy\(\) method"):
                 refuse(stream)
         stream.update(b"a")
         assert stream.finalize()[1] == hashlib.sha256(b"a").digest()

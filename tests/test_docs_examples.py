@@ -210,6 +210,8 @@ def check_dataplane(doc, code, out):
     first, second = ns["client"].aead(ns["key"]).decrypt_batch(ns["nonces"], altered, ns["aads"])
     assert isinstance(first, E.EBADMSG) and second == b"two"   # per item: plaintext, or the EBADMSG instance
     assert ns["digest"] == hashlib.sha256(b"part 1part 2").digest()
+    assert (ns["so_far"], ns["both"]) == (hashlib.sha256(b"ClientHello").digest(),
+                                          hashlib.sha256(b"ClientHelloServerHello").digest())
     assert ns["out"] + ns["last"] == ns["chunk1"] + ns["chunk2"]   # the stream decrypted what it encrypted
     assert len(ns["s"].nonce) == 12
 

@@ -66,6 +66,16 @@ def test_opcodes_are_explicit_and_unique():
     assert set(W.SCHEMAS) == set(Op)
 
 
+def test_stream_copy_names_a_stream_and_answers_the_new_ones_handle():
+    """STREAM_COPY (pyca's Hash.copy over the wire): opcode 64, never used before, stream u32 -> stream u32."""
+    request, response = W.SCHEMAS[Op.STREAM_COPY]
+    assert int(Op.STREAM_COPY) == 64
+    assert [(f.name, f.kind) for f in request.fields] == [("stream", Kind.U32)]
+    assert [(f.name, f.kind) for f in response.fields] == [("stream", Kind.U32)]
+    frame = W.encode_request(3, Op.STREAM_COPY, 0xFFFF_FFFF)
+    assert frame == W.HEADER.pack(4, 3, 64, 0) + b"\xff\xff\xff\xff"
+
+
 def test_error_frames_carry_errno_and_message():
     frame_bytes = W.encode_error(5, Op.READ, E.ENOKEY("no key with serial 5"))
     dec = W.FrameDecoder()

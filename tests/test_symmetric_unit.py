@@ -381,6 +381,34 @@ def test_hmac_matches_stdlib_and_verifies(name):
         assert ctx.finalize() == tag
 
 
+@pytest.mark.parametrize("name", ["sha256", "sha512", *HMACS])
+def test_a_digest_context_copies_as_pycas_and_only_while_open(name):
+    """copy() goes on from where the context is, apart from it (pyca's Hash.copy/HMAC.copy); a finalized one
+    is EINVAL, as its update; copy.copy and pickling stay refused."""
+    key = os.urandom(32)
+    hash_name = name[5:-1] if name.startswith("hmac") else name
+
+    def local(data: bytes) -> bytes:
+        return std_hmac.new(key, data, hash_name).digest() if name != hash_name else hashlib.new(name, data).digest()
+
+    ctx = S.hmac_ctx(name, key) if name != hash_name else S.hash_ctx(name)
+    ctx.update(b"common prefix, ")
+    twin = ctx.copy()
+    assert type(twin) is S.DigestContext and repr(twin) == repr(ctx)
+    twin.update(b"then the copy's")
+    grandchild = twin.copy()
+    ctx.update(b"then the original's")
+    grandchild.update(b" and more")
+    assert ctx.finalize() == local(b"common prefix, then the original's")
+    assert twin.finalize() == local(b"common prefix, then the copy's")
+    assert grandchild.finalize() == local(b"common prefix, then the copy's and more")
+    with pytest.raises(E.EINVAL, match="already finalized"):
+        ctx.copy()
+    for export in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError):
+            export(twin)
+
+
 @pytest.mark.parametrize("name", HMACS)
 def test_hmac_verify_failures(name):
     key, data = os.urandom(32), b"message"

@@ -11,32 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 from keyden import errors as E
 from keyden.client.dataplane import (_OVERHEAD, HMAC_FAILED, PIECE, AuthenticationFailed, KeyedAlgorithm,
-                                     MacMismatch, _final_fields, _fits, _piece, _raise_first, _same_connection,
-                                     _stale, _uncopyable_stream, item_error, take_abandoned)
+                                     MacMismatch, _final_fields, _fits, _piece, _raise_first, _stale, _still_open,
+                                     _uncopyable_stream, item_error, take_abandoned)
 from keyden.client.operations import as_value_error, binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
 MAX_HELPER_STREAMS = 32
+T = TypeVar("T")
 
 
 async def _open(client, alg: str, key: int, **kw) -> tuple[int, bytes]:
-    """STREAM_INIT, safe against cancellation: a stream opened for a caller who has gone is closed.  Streams
-    dropped unfinished are closed first, so they never fill the connection's 64."""
+    """STREAM_INIT: (handle, nonce keyden chose or b""), as ``_new_stream`` makes streams."""
+    return await _new_stream(client, lambda: client.stream_init(alg, key, **kw), lambda reply: reply[0])
+
+
+async def _new_stream(client, request: Callable[[], Awaitable[T]], handle_of: Callable[[T], int]) -> T:
+    """``request()`` (STREAM_INIT or STREAM_COPY) safe against cancellation: a stream opened for a caller who
+    has gone is closed (``handle_of`` finds it in the reply).  Streams dropped unfinished are closed first,
+    so they never fill the connection's 64."""
     dropped = [_abort(client, handle) for handle in take_abandoned(client)]
     if dropped:  # taken off the queue: shielded, so a caller's cancellation cannot leave them open for good
         await asyncio.shield(asyncio.gather(*dropped))
-    init = asyncio.ensure_future(client.stream_init(alg, key, **kw))
+    opening = asyncio.ensure_future(request())
     try:
-        return await asyncio.shield(init)
+        return await asyncio.shield(opening)
     except asyncio.CancelledError:
         def close_it(done: asyncio.Future) -> None:
             if not done.cancelled() and done.exception() is None:
-                asyncio.ensure_future(_abort(client, done.result()[0]))
-        init.add_done_callback(close_it)
+                asyncio.ensure_future(_abort(client, handle_of(done.result())))
+        opening.add_done_callback(close_it)
         raise
 
 
@@ -182,8 +189,16 @@ class AsyncStream:
         handle, nonce = await _open(client, alg, key, iv=iv, aad=aad, decrypt=decrypt, random_nonce=random_nonce)
         return cls(client, handle, nonce)
 
+    async def copy(self) -> "AsyncStream":
+        """A second stream that goes on from here, as pyca's ``Hash.copy``/``HMAC.copy`` (the blocking
+        ``Stream.copy``, awaitable; cancelled while the copy is made, the copy is closed)."""
+        _still_open(self)
+        client = self._client
+        handle = await _new_stream(client, lambda: client.stream_copy(self.handle), lambda handle: handle)
+        return type(self)(client, handle, self.nonce)
+
     async def update(self, data) -> bytes:
-        _same_connection(self._client, self.generation, "stream")
+        _still_open(self)
         return await self._client.stream_update(self.handle, binary(data))
 
     async def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
@@ -193,7 +208,7 @@ class AsyncStream:
         arguments), it is still open, and ``abort`` or ``async with`` closes it.  Data too large to
         come back in one reply with the tag goes through ``update`` first.
         """
-        _same_connection(self._client, self.generation, "stream")
+        _still_open(self)
         data, tag = _final_fields(self._client, data, tag)
         head = b""
         if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag

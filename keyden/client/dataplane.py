@@ -15,7 +15,7 @@ import threading
 import weakref
 from typing import Iterable, Sequence
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidTag
 
 from keyden import errors as E
 from keyden.client.operations import Ref, as_value_error, binary
@@ -29,6 +29,11 @@ class AuthenticationFailed(E.EBADMSG, InvalidTag):  # type: ignore[misc,valid-ty
 class MacMismatch(E.EBADMSG, InvalidSignature):  # type: ignore[misc,valid-type]
     """``Mac.verify``'s EBADMSG, also pyca's ``InvalidSignature``, as ``HMAC.verify`` raises (a tag of the
     wrong length too: an attacker's truncated tag is a mismatch, not an argument error to crash on)."""
+
+
+class StreamFinished(E.EBADF, AlreadyFinalized):  # type: ignore[misc,valid-type]
+    """``update``, ``finalize`` or ``copy`` of a stream that was finalized or aborted: EBADF, the daemon's
+    word for a stream it no longer holds, and pyca's ``AlreadyFinalized``, as a finished pyca context raises."""
 
 
 HMAC_FAILED = "HMAC verification failed"  # the daemon's own words for a mismatch
@@ -352,9 +357,18 @@ class Mac(KeyedAlgorithm):
 
 
 def _uncopyable_stream(self, *args):
-    """A copy would share the daemon's stream (updating one changes the other's result): refused, as pyca
-    refuses to copy a hash context with ``copy.copy``.  Open another stream and feed it the same data."""
-    raise TypeError(f"a {type(self).__name__} cannot be copied or pickled: its state lives in keyden")
+    """A shallow copy would share the daemon's stream (updating one changes the other's result): refused, as
+    pyca refuses ``copy.copy`` of a hash context.  ``copy()`` asks the daemon for a stream of its own."""
+    raise TypeError(f"a {type(self).__name__} cannot be copied with copy.copy or pickled: its state lives in "
+                    "keyden; use its copy() method (hash and HMAC streams)")
+
+
+def _still_open(stream) -> None:
+    """What ``update``, ``finalize`` and ``copy`` of a stream check first: one that was finalized or aborted
+    is ``StreamFinished``; one whose connection has closed, EBADF."""
+    if stream.done:
+        raise StreamFinished("this stream was already finalized or aborted")
+    _same_connection(stream._client, stream.generation, "stream")
 
 
 class Stream:
@@ -362,18 +376,31 @@ class Stream:
 
     def __init__(self, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
                  random_nonce: bool = False):
-        self._client = client
         _abort_abandoned(client)
-        self.handle, self.nonce = client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
-                                                     random_nonce=random_nonce)
+        self._opened(client, *client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
+                                                 random_nonce=random_nonce))
+
+    def _opened(self, client, handle: int, nonce: bytes) -> None:
+        self._client, self.handle, self.nonce = client, handle, nonce
         self.generation = client.generation  # the connection it is open on
         self.done = False
         # Dropped unfinished (pyca's contexts need no cleanup, so code does drop them): queued, and aborted
         # by the client's next stream (a request from a finalizer could run inside another on this thread).
-        self._dropped = weakref.finalize(self, client.abandoned_streams.append, (self.handle, self.generation))
+        self._dropped = weakref.finalize(self, client.abandoned_streams.append, (handle, self.generation))
+
+    def copy(self) -> "Stream":
+        """A second stream that goes on from here, as pyca's ``Hash.copy``/``HMAC.copy``: a running
+        transcript hash, or MACs of messages with a common prefix.  Hash and HMAC streams (a verifying
+        one copies as one); the daemon refuses AEAD and block cipher streams (EOPNOTSUPP: the copies
+        would reuse a keystream).  ``StreamFinished`` once finalized or aborted."""
+        _still_open(self)
+        _abort_abandoned(self._client)
+        twin = type(self).__new__(type(self))
+        twin._opened(self._client, self._client.stream_copy(self.handle), self.nonce)
+        return twin
 
     def update(self, data) -> bytes:
-        _same_connection(self._client, self.generation, "stream")
+        _still_open(self)
         return self._client.stream_update(self.handle, binary(data))
 
     def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
@@ -383,7 +410,7 @@ class Stream:
         arguments), it is still open, and ``abort`` or the ``with`` block closes it.  Data too large to
         come back in one reply with the tag goes through ``update`` first.
         """
-        _same_connection(self._client, self.generation, "stream")
+        _still_open(self)
         data, tag = _final_fields(self._client, data, tag)
         head = b""
         if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag

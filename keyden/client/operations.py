@@ -278,6 +278,11 @@ class Operations:
     def stream_abort(self, handle: int):
         return self._call(Op.STREAM_ABORT, handle)
 
+    def stream_copy(self, handle: int):
+        """A new stream that goes on from where a hash or HMAC stream is (pyca's ``Hash.copy``); its handle.
+        EOPNOTSUPP for an AEAD or block cipher stream."""
+        return self._call(Op.STREAM_COPY, handle)
+
     # persistent keyrings, export and import (docs/persistence.md)
     def get_persistent(self, keyring="@s", uid: int = -1):
         """KEYCTL_GET_PERSISTENT: link the uid's persistent keyring (-1: the caller's) into ``keyring``; its serial."""

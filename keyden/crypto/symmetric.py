@@ -12,7 +12,9 @@ construction is pyca ``cryptography``; this module only decides policy
 * streaming asked of an AEAD pyca cannot stream   -> EOPNOTSUPP
 
 No message, repr or pickle ever carries key material or data: engines and
-contexts refuse to be pickled or copied and print only their algorithm name.
+contexts refuse to be pickled or copied (``copy.copy``) and print only their
+algorithm name; a hash or HMAC context's own ``copy()`` makes a second context
+in the same process, as pyca's does.
 """
 
 from __future__ import annotations
@@ -444,6 +446,13 @@ class DigestContext(_Stream):
     """A hash or HMAC in pieces; ``finalize`` returns the digest."""
 
     __slots__ = ()
+
+    def copy(self) -> "DigestContext":
+        """A second context that goes on from here, as pyca's ``Hash.copy``/``HMAC.copy`` (a running
+        transcript hash; MACs of messages with a common prefix).  The one copy this module makes on
+        purpose: it stays inside the daemon (``copy.copy`` and pickling are still refused).  EINVAL once
+        finalized, as ``update``."""
+        return DigestContext(self.name, self._live().copy())
 
     def finalize(self) -> bytes:
         return self._finish(lambda ctx: ctx.finalize())

@@ -84,6 +84,7 @@ class Op(enum.IntEnum):
     STREAM_UPDATE = 61
     STREAM_FINAL = 62
     STREAM_ABORT = 63
+    STREAM_COPY = 64  # a hash or HMAC stream's state into a second stream (pyca's Hash.copy, HMAC.copy)
     SHM_ATTACH = 70
     SHM_DETACH = 71
     SHM_CIPHER = 72
@@ -365,6 +366,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.STREAM_FINAL: (Schema(("stream", K.U32), ("data", K.BYTES), ("tag", K.BYTES)),
                       Schema(("data", K.BYTES), ("tag", K.BYTES))),
     Op.STREAM_ABORT: (Schema(("stream", K.U32)), _NONE),
+    Op.STREAM_COPY: (Schema(("stream", K.U32)), Schema(("stream", K.U32))),
     Op.SHM_ATTACH: (Schema(("size", K.U64)), Schema(("region", K.U32))),
     Op.SHM_DETACH: (Schema(("region", K.U32)), _NONE),
     Op.SHM_CIPHER: (Schema(("region", K.U32), ("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES),

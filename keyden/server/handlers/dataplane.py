@@ -14,7 +14,7 @@ import fcntl
 import mmap
 import os
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from keyden import descriptors
 from keyden import errors as E
@@ -179,12 +179,32 @@ def _batch_reply_bound(alg: str, kind: str, decrypt: bool, random_nonce: bool, i
 
 # ----------------------------------------------------------------- streaming
 
+class OpenStream(NamedTuple):
+    """What a connection holds for one stream handle."""
+
+    kind: str
+    decrypt: bool  # AEAD/skcipher: decrypting; HMAC: verifying the tag STREAM_FINAL brings
+    stream: symmetric.AeadStream | symmetric.SkcipherStream | symmetric.DigestContext
+    key: int  # the key's serial, checked on every use; 0 for a hash
+
+
+def _room_for_a_stream(ctx) -> None:
+    """EMFILE once the connection holds MAX_STREAMS, checked before any work; copies count as any stream."""
+    if len(ctx.streams) >= MAX_STREAMS:
+        raise E.EMFILE(f"at most {MAX_STREAMS} open streams per connection")
+
+
+def _add_stream(ctx, opened: OpenStream) -> int:
+    handle = ctx.new_handle()
+    ctx.streams[handle] = opened
+    return handle
+
+
 @handles(Op.STREAM_INIT)
 def _stream_init(ctx, alg, key, flags, iv, aad):
     """Open a stream (MSG_MORE-style): gcm(aes), cbc/ctr(aes), hashes, HMACs."""
     decrypt, random_nonce = _check_flags(flags)
-    if len(ctx.streams) >= MAX_STREAMS:
-        raise E.EMFILE(f"at most {MAX_STREAMS} open streams per connection")
+    _room_for_a_stream(ctx)
     kind = symmetric.kind(alg)
     if kind != "aead" and aad:
         raise E.EINVAL(f"{alg} takes no associated data")
@@ -204,12 +224,11 @@ def _stream_init(ctx, alg, key, flags, iv, aad):
         if iv:
             raise E.EINVAL(f"{alg} takes no IV")
         stream = symmetric.hmac_ctx(alg, material(ctx, key, alg))
-    handle = ctx.new_handle()
-    ctx.streams[handle] = (kind, decrypt, stream, key if kind != "hash" else 0)
-    return (handle, iv if random_nonce else b"")
+    return (_add_stream(ctx, OpenStream(kind, decrypt, stream, key if kind != "hash" else 0)),
+            iv if random_nonce else b"")
 
 
-def _stream(ctx, handle):
+def _stream(ctx, handle) -> OpenStream:
     """An open stream, once its key is still usable by the caller.
 
     The key is checked again on every call, as one-shot calls check it: a
@@ -217,17 +236,17 @@ def _stream(ctx, handle):
     permission taken away stops there, and is closed.
     """
     try:
-        kind, decrypt, stream, key = ctx.streams[handle]
+        opened = ctx.streams[handle]
     except KeyError:
         raise E.EBADF(f"no open stream {handle}") from None
-    if key:
-        ctx.audit_keys = [key]
+    if opened.key:
+        ctx.audit_keys = [opened.key]
         try:
-            ctx.store.use(ctx.caller, key)
+            ctx.store.use(ctx.caller, opened.key)
         except E.KeydenError:
             ctx.streams.pop(handle, None)
             raise
-    return kind, decrypt, stream
+    return opened
 
 
 def _reply_room(ctx, stream, kind: str, data: bytes, tail: int) -> None:
@@ -243,7 +262,7 @@ def _reply_room(ctx, stream, kind: str, data: bytes, tail: int) -> None:
 
 @handles(Op.STREAM_UPDATE)
 def _stream_update(ctx, handle, data):
-    kind, _decrypt, stream = _stream(ctx, handle)
+    kind, _decrypt, stream, _key = _stream(ctx, handle)
     _reply_room(ctx, stream, kind, data, 0)
     try:
         out = stream.update(data)
@@ -260,7 +279,7 @@ def _stream_final(ctx, handle, data, tag):
     A tag is taken only to be checked: by an AEAD decryption, or an HMAC stream opened with DECRYPT
     (verify, in constant time: EBADMSG on mismatch, nothing returned).
     """
-    kind, decrypt, stream = _stream(ctx, handle)
+    kind, decrypt, stream, _key = _stream(ctx, handle)
     if bool(tag) != (decrypt and kind in ("aead", "hmac")):
         del ctx.streams[handle]
         raise E.EINVAL("a tag is given to finish AEAD decryption or HMAC verification, and only then")
@@ -288,9 +307,23 @@ def _stream_abort(ctx, handle):
     opened = ctx.streams.pop(handle, None)
     if opened is None:
         raise E.EBADF(f"no open stream {handle}")
-    if opened[3]:
-        ctx.audit_keys = [opened[3]]
+    if opened.key:
+        ctx.audit_keys = [opened.key]
     return ()
+
+
+@handles(Op.STREAM_COPY)
+def _stream_copy(ctx, handle):
+    """A second stream that goes on from where a hash or HMAC stream is (pyca's ``Hash.copy``/``HMAC.copy``):
+    a running transcript hash, or MACs of several messages with a common prefix.  Its key is checked
+    as any piece's is.  AEAD and block cipher streams are not copied: two copies would go on with the
+    same keystream (a GCM nonce used twice), and pyca's cipher contexts have no copy either."""
+    opened = _stream(ctx, handle)
+    if opened.kind not in ("hash", "hmac"):
+        raise E.EOPNOTSUPP(f"{opened.stream.name} streams cannot be copied: two copies would go on with the same "
+                           "keystream and nonce; only hash and HMAC streams copy")
+    _room_for_a_stream(ctx)
+    return (_add_stream(ctx, opened._replace(stream=opened.stream.copy())),)
 
 
 # ------------------------------------------------------------- shared memory
