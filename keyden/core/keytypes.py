@@ -73,6 +73,7 @@ class KeyType:
             payload[:] = bytes(len(payload))
 
     keys_ciphers = False  # does symmetric_material give bytes (a generated key's use means something)?
+    public_key_ops = False  # does it sign, decrypt or agree on keys (an asymmetric use binding means something)?
 
     def symmetric_material(self, payload: Any) -> bytes:
         """Raw bytes for in-daemon algorithms keyed by serial (AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL)."""
@@ -135,6 +136,7 @@ class AsymmetricType(KeyType):
     name = "asymmetric"
     default_perm = P.DEFAULT_ASYMMETRIC
     derives_description = True
+    public_key_ops = True
 
     def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
         from keyden.crypto import asymmetric
