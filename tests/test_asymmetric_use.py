@@ -116,18 +116,44 @@ def test_an_ec_key_bound_to_sign_never_agrees_and_one_bound_to_derive_never_sign
         client.private_key(agreer)  # nothing a pyca private-key object could do with it
 
 
-def test_x25519_and_ed25519_keys_bound_to_their_one_use_and_to_another(client):
+def test_x25519_and_ed25519_keys_bound_to_their_one_use(client):
     x_derive = client.genkey("x25519", "x-derive", "@s", use="derive")
     assert client.describe(client.derive(x_derive, _x25519_peer())).type == "logon"
-    x_sign = client.genkey("x25519", "x-sign", "@s", use="sign")
-    with _refused(x_sign, "derive", "sign"):
-        client.derive(x_sign, _x25519_peer())
+    assert client.pkey_query(x_derive).supported_ops == 0
     ed_sign = client.genkey("ed25519", "ed-sign", "@s", use="sign")
     assert client.pkey_verify(ed_sign, "", b"m", client.pkey_sign(ed_sign, "", b"m")) is None
-    ed_derive = client.genkey("ed25519", "ed-derive", "@s", use="derive")
-    with _refused(ed_derive, "sign", "derive"):
-        client.pkey_sign(ed_derive, "", b"m")
-    assert client.pkey_query(ed_derive).supported_ops == 0
+    with _refused(ed_sign, "derive", "sign"):
+        client.derive(ed_sign, _x25519_peer())
+
+
+def test_a_binding_names_only_uses_the_algorithm_has(client, tmp_path):
+    """PKCS#11's CKR_TEMPLATE_INCONSISTENT: a key bound to a use its algorithm does not have would do nothing
+    at all (or only what the caller did not ask for): EINVAL, and nothing is made, generated, loaded or
+    imported."""
+    before = client.read("@s")
+    for spec, use, words in [("x25519", "sign", "x25519 keys cannot sign; they can derive"),
+                             ("ed25519", "derive", "ed25519 keys cannot derive; they can sign"),
+                             ("ed25519", "sign,decrypt", "ed25519 keys cannot decrypt; they can sign"),
+                             ("rsa:2048", "derive", "rsa keys cannot derive; they can sign,decrypt"),
+                             ("ec:p256", "decrypt", "ecdsa keys cannot decrypt; they can sign,derive")]:
+        with pytest.raises(E.EINVAL, match=words):
+            client.genkey(spec, "inconsistent", "@s", use=use)
+    pki = Pki(str(tmp_path))
+    leaf = pki.issue("inconsistent.test", kind="ec", issuer=pki.ca)
+    with pytest.raises(E.EINVAL, match="ecdsa keys cannot decrypt"):
+        client.add("asymmetric", "", leaf.cert_pem, "@s", use="decrypt")
+    with pytest.raises(E.EINVAL, match="ecdsa keys cannot decrypt"):
+        client.add("asymmetric", "", leaf.key_pem, "@s", use="sign,decrypt")
+    known = os.urandom(32)
+    wrap = client.add("logon", "backup:inconsistent", known, "@s")
+    der = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    blob = X.wrap_with_key(X.TREE.encode(([X.ENTRY.encode(("asymmetric", "a", READABLE, der, DECRYPT))], [])),
+                           known)
+    with pytest.raises(E.EINVAL, match="ecdsa keys cannot decrypt"):
+        client.import_key(blob, wrap, "@s")
+    client.unlink(wrap, "@s")
+    assert client.read("@s") == before
 
 
 def test_several_uses_allow_each_and_no_binding_allows_all(client):
@@ -422,15 +448,15 @@ def test_the_asyncio_client_binds_as_the_blocking_one(daemon, client):
 
 def test_a_binding_changes_nothing_in_certificate_path_validation(client):
     """Trust keyrings and restrictions only check signatures with public keys: certificates bound to
-    decrypt still anchor a path and vouch for what they signed (their own pkey_verify is refused)."""
+    derive still anchor a path and vouch for what they signed (their own pkey_verify is refused)."""
     root_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     root = trust_pki.certificate("Bound Root", root_key, ca=True)
     leaf = trust_pki.certificate("bound leaf", leaf_key, ("Bound Root", root_key), san=("leaf.example",))
     trust = client.newring("bound-trust")
-    anchor = client.add("asymmetric", "", trust_pki.pem(root), trust, use="decrypt")
+    anchor = client.add("asymmetric", "", trust_pki.pem(root), trust, use="derive")
     vouched = client.newring("vouched")
     client.restrict_keyring(vouched, "asymmetric", f"key_or_keyring:{anchor}")
-    cert = client.add("asymmetric", "", trust_pki.pem(leaf), vouched, use="decrypt")
+    cert = client.add("asymmetric", "", trust_pki.pem(leaf), vouched, use="derive")
     assert [serial for serial, _ in client.x509_verify(cert, trust, host="leaf.example")] == [cert, anchor]
-    with _refused(anchor, "sign", "decrypt"):
+    with _refused(anchor, "sign", "derive"):
         client.pkey_verify(anchor, "hash=sha256", DIGEST, bytes(64))

@@ -996,6 +996,7 @@ class KeyStore:
                  ring: Key, perm: int | None, flags: int = 0, timeout: int = 0) -> Key:
         """key_alloc and link, once ``_admit`` has passed: displaces any key with this type and description."""
         ktype.check_description(description)
+        ktype.check_uses(value, uses_of(flags & ASYMMETRIC_USE_FLAGS))
         key = self._create(ktype, description, caller.cred, ktype.default_perm if perm is None else perm,
                            value, quota_len)
         key.flags = flags
@@ -1062,6 +1063,7 @@ class KeyStore:
             _check_new_key(ktype, perm, flags, 0)
             T.check_description_size(description)
             ktype.check_description(description)
+            ktype.check_uses(value, uses_of(flags & ASYMMETRIC_USE_FLAGS))
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
                 if filed:
