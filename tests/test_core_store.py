@@ -1077,7 +1077,7 @@ def test_objects_made_from_a_key_go_with_its_payload(store, alice, bob):
     lambda s, c, k: s.read(c, k), lambda s, c, k: s.describe(c, k), lambda s, c, k: s.update(c, k, b"x"),
     lambda s, c, k: s.add(c, "user", "t", b"x", SESSION), lambda s, c, k: s.quota_usage(1000),
     lambda s, c, k: s.iter_keys(), lambda s, c, k: len(s), lambda s, c, k: s.collect(),
-    lambda s, c, k: s.session_valid(c.session_token, 1000), lambda s, c, k: s.asymmetric(c, k),
+    lambda s, c, k: s.session_valid(c.session_token, 1000), lambda s, c, k: s.asymmetric(c, k, "sign"),
     lambda s, c, k: s.material(c, k, "gcm(aes)"),
 ], ids=["read", "describe", "update", "add", "quota_usage", "iter_keys", "len", "collect", "session_valid",
         "asymmetric", "material"])

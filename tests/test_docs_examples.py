@@ -231,6 +231,11 @@ def check_pkey(doc, code, out):
         ns["c"].pkey_verify(ns["serial"], "enc=pss hash=sha256 saltlen=digest", bytes(32), ns["sig"])
 
 
+def check_asymmetric_use(doc, code, out):
+    serial = doc.namespace["signing_only"]
+    assert out == f"12\nkey {serial} is bound to sign only, not decrypt\n"
+
+
 def check_asyncio(doc, code, out):
     assert out.startswith("b'abc' Description(") and "description='token'" in out
 
@@ -289,6 +294,7 @@ CHECKS = [
     ("docs/dataplane.md", "client.shared_buffer(", check_shared_memory),
     ("docs/python-api.md", "c.add(\"user\", \"db:password\"", check_blocking_client),
     ("docs/python-api.md", "c.pkey_sign(", check_pkey),
+    ("docs/python-api.md", "use=\"sign\")", check_asymmetric_use),
     ("docs/python-api.md", "asyncio.run(main())", check_asyncio),
     ("docs/python-api.md", "h = c.key(", check_key_handles),
     ("docs/python-api.md", "jwt.decode(", check_pyjwt),

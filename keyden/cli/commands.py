@@ -24,6 +24,7 @@ from keyden.cli import dataplane, persistence, tls, tree, trust
 from keyden.cli.support import (Context, Exit, Usage, call, expect, failure, hex_to_bytes, id32, number, options,
                                 pkey_info, pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
+from keyden.client.operations import key_flags
 from keyden.protocol import CAPABILITY_BITS
 from keyden.protocol.transport import SOCKET_ENV
 
@@ -54,6 +55,18 @@ def password(opts: dict) -> bytes | None:
     return None
 
 
+def key_use(opts: dict) -> str | None:
+    """--use NAME[,NAME...] (keyden): the uses an asymmetric key is bound to, checked here so that a name
+    keyden does not know is a usage error saying which it knows, not the daemon's bare EINVAL."""
+    use = opts.get("--use")
+    if use is not None:
+        try:
+            key_flags(False, use)
+        except E.EINVAL as exc:
+            raise Usage(exc.message) from None
+    return use
+
+
 def key_bytes(data: bytes | list[int]) -> bytes:
     """A keyring reads as its serials in native byte order, as keyctl_read returns them."""
     return struct.pack(f"={len(data)}i", *data) if isinstance(data, list) else data
@@ -81,28 +94,32 @@ def printable(data: bytes) -> bool:
 
 
 def cmd_add(ctx, args):
-    opts, args = options(args, ("-x", "--no-export"), ("--password", "--password-file"))
+    opts, args = options(args, ("-x", "--no-export"), ("--password", "--password-file", "--use"))
     expect(args, 4)
+    use = key_use(opts)
     data = payload(os.fsencode(args[2]), opts)
     ring = ctx.key(args[3])
     print(call("add_key", ctx.client.add, args[0], args[1], data, ring, password=password(opts),
-               no_export=bool(opts.get("--no-export"))))
+               no_export=bool(opts.get("--no-export")), use=use))
 
 
 def cmd_padd(ctx, args):
-    opts, args = options(args, ("-x", "--no-export"), ("--password", "--password-file"))
+    opts, args = options(args, ("-x", "--no-export"), ("--password", "--password-file", "--use"))
     expect(args, 3)
+    use = key_use(opts)
     data = payload(read_stdin(), opts)
     ring = ctx.key(args[2])
     print(call("add_key", ctx.client.add, args[0], args[1], data, ring, password=password(opts),
-               no_export=bool(opts.get("--no-export"))))
+               no_export=bool(opts.get("--no-export")), use=use))
 
 
 def cmd_genkey(ctx, args):
-    opts, args = options(args, ("--no-export",))
+    opts, args = options(args, ("--no-export",), ("--use",))
     expect(args, 2, 3)
+    use = key_use(opts)
     spec, desc, ring = (args[0], "", args[1]) if len(args) == 2 else args
-    print(call("genkey", ctx.client.genkey, spec, desc, ctx.key(ring), no_export=bool(opts.get("--no-export"))))
+    print(call("genkey", ctx.client.genkey, spec, desc, ctx.key(ring), no_export=bool(opts.get("--no-export")),
+               use=use))
 
 
 def _request(ctx, type_name, desc, dest):
@@ -614,8 +631,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("--version", "", cmd_version),
     Command("aead", "encrypt|decrypt <key> [-a <alg>] [--aad <hex>] [--nonce <hex>] [-o <file>]", dataplane.cmd_aead,
             extension=True),
-    Command("add", "[-x] [--password <pass> | --password-file <file>] [--no-export] <type> <desc> <data> <keyring>",
-            cmd_add),
+    Command("add", "[-x] [--password <pass> | --password-file <file>] [--no-export] [--use <uses>] <type> <desc> "
+            "<data> <keyring>", cmd_add),
     Command("chgrp", "<key> <gid>", cmd_chgrp),
     Command("chown", "<key> <uid>", cmd_chown),
     Command("cipher", "encrypt|decrypt <key> -a <alg> --iv <hex> [-o <file>]", dataplane.cmd_cipher, extension=True),
@@ -630,7 +647,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("end_session", "<keyring>", cmd_end_session, extension=True),
     Command("export", persistence.EXPORT_USAGE, persistence.cmd_export, extension=True),
     Command("export", persistence.EXPORT_WRAP_USAGE),
-    Command("genkey", "[--no-export] <spec> [<desc>] <keyring>", cmd_genkey, extension=True),
+    Command("genkey", "[--no-export] [--use <uses>] <spec> [<desc>] <keyring>", cmd_genkey, extension=True),
     Command("get_persistent", "<keyring> [<uid>]", persistence.cmd_get_persistent),
     Command("hash", "<alg>", dataplane.cmd_hash, extension=True),
     Command("help", "[<command>]", cmd_help, extension=True),
@@ -649,8 +666,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("move", "[-f] <key> <from_keyring> <to_keyring>", cmd_move),
     Command("new_session", "[<name>]", cmd_new_session),
     Command("newring", "<name> <keyring>", cmd_newring),
-    Command("padd", "[-x] [--password <pass> | --password-file <file>] [--no-export] <type> <desc> <keyring>",
-            cmd_padd),
+    Command("padd", "[-x] [--password <pass> | --password-file <file>] [--no-export] [--use <uses>] <type> <desc> "
+            "<keyring>", cmd_padd),
     Command("pipe", "<key>", cmd_pipe),
     Command("pkey_query", "<key> <pass> [k=v]*", cmd_pkey_query),
     Command("pkey_encrypt", "<key> <pass> <datafile> [k=v]*", cmd_pkey_encrypt),
@@ -737,5 +754,5 @@ def format_help() -> str:
     return ("Format:\n  keyden [--socket <path>] <command> [<args>]\n"
             + "".join(_synopsis(c) for c in COMMANDS) + "\n" + KEY_ID_HELP + "\n"
             + "keyden's own (not in keyctl): " + ", ".join(extensions)
-            + "; add/padd --password, --password-file, --no-export; pkey_decrypt --into.\n"
+            + "; add/padd --password, --password-file, --no-export, --use; pkey_decrypt --into.\n"
             + "A unique prefix of a command name selects it.\n")

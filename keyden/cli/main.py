@@ -70,7 +70,9 @@ def run(argv: list[str]) -> int:
     ctx = Context(socket)
     try:
         return command.handler(ctx, argv[1:]) or 0
-    except Usage:
+    except Usage as exc:
+        if exc.args:
+            print(f"keyden: {exc.args[0]}", file=sys.stderr)
         sys.stderr.write(commands.format_usage(command.name))
         return 2
     except Exit as exc:

@@ -37,7 +37,7 @@ class Exit(Exception):
 
 
 class Usage(Exception):
-    """The command line does not fit the command: print its usage, exit 2."""
+    """The command line does not fit the command: print why (if a reason is given), then its usage; exit 2."""
 
 
 class NoDaemon(Exception):

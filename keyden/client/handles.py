@@ -165,10 +165,10 @@ def remote_private_key(client, serial):
         raise E.EOPNOTSUPP("pyca key objects are synchronous: use a blocking client (keyden.connect)")
     public = load_public_key(pair[0])
     if not client.pkey_query(serial).supported_ops & (_SUPPORTS_SIGN | _SUPPORTS_DECRYPT):
-        # a certificate, an SPKI, or an X25519 key (its one use, agreement, is c.derive): nothing a pyca
-        # private-key object could do
+        # a certificate, an SPKI, an X25519 key or one bound to derive only (agreement is c.derive): nothing
+        # a pyca private-key object could do
         raise E.EOPNOTSUPP(f"key {serial} can neither sign nor decrypt: it is a public key or certificate, or a "
-                           f"key-agreement key (use derive)")
+                           f"key-agreement key (an X25519 key, or one bound to derive only: use derive)")
     for public_type, remote_type in _REMOTE_TYPES:
         if isinstance(public, public_type):
             return remote_type(client, serial, public)

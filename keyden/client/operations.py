@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from keyden import errors as E
-from keyden.protocol import DECRYPT, IMPORT_CONTENTS, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
+from keyden.protocol import DECRYPT, IMPORT_CONTENTS, KEY_USES, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
 
 
 class Ref:
@@ -80,17 +80,37 @@ def as_value_error(exc: E.EINVAL) -> E.EINVAL:
     return exc if isinstance(exc, (ValueError, TypeError)) else InvalidArgument(exc.message)
 
 
+def key_flags(no_export: bool, use) -> int:
+    """The wire key flags for ``no_export`` and an asymmetric key's ``use``: None (bound to none, so every
+    use), a name ("sign", "decrypt", "derive"), names joined by commas ("sign,derive"), or an iterable of
+    names.  EINVAL for an unknown name or none at all."""
+    flags = NO_EXPORT if no_export else 0
+    if use is None:
+        return flags
+    names = [name.strip() for name in (use.split(",") if isinstance(use, str) else use)]
+    if not any(names):
+        raise E.EINVAL(f"name at least one use ({', '.join(KEY_USES)}), or none at all for every use")
+    for name in names:
+        if name not in KEY_USES:
+            raise E.EINVAL(f"unknown use {name!r}: an asymmetric key's uses are {', '.join(KEY_USES)}")
+        flags |= KEY_USES[name]
+    return flags
+
+
 class Operations:
     def _call(self, op: Op, *args: Any):  # pragma: no cover - provided by the transport
         raise NotImplementedError
 
     # keys and keyrings
     def add(self, type: str, description: str, payload, keyring="@s", *, password: bytes | str | None = None,
-            no_export: bool = False):
-        """add_key: returns the new (or updated) key's serial.  ``no_export``: never exportable, for good."""
+            no_export: bool = False, use=None):
+        """add_key: returns the new (or updated) key's serial.  ``no_export``: never exportable, for good.
+        ``use``: an asymmetric key does only that, for good ("sign", "decrypt", "derive", or several:
+        "sign,derive" or ("sign", "derive"); see ``key_flags``)."""
         secret = _bytes(password) if password else b""
-        if no_export:
-            return self._call(Op.ADD_FLAGS, type, description, _bytes(payload), Ref(keyring), secret, NO_EXPORT)
+        flags = key_flags(no_export, use)
+        if flags:
+            return self._call(Op.ADD_FLAGS, type, description, _bytes(payload), Ref(keyring), secret, flags)
         return self._call(Op.ADD, type, description, _bytes(payload), Ref(keyring), secret)
 
     def newring(self, name: str, keyring="@s"):
@@ -198,10 +218,12 @@ class Operations:
         """Returns None if the signature is good; raises EKEYREJECTED (or EINVAL) if not."""
         return self._call(Op.PKEY_VERIFY, Ref(key), info, _bytes(data), _bytes(signature))
 
-    def generate(self, spec: str, description: str = "", keyring="@s", *, no_export: bool = False):
-        """Make a key pair inside keyden ('rsa:2048', 'ec:p256', 'ed25519', ...); returns its serial."""
-        if no_export:
-            return self._call(Op.GENKEY_FLAGS, spec, description, Ref(keyring), NO_EXPORT)
+    def generate(self, spec: str, description: str = "", keyring="@s", *, no_export: bool = False, use=None):
+        """Make a key pair inside keyden ('rsa:2048', 'ec:p256', 'ed25519', ...); returns its serial.
+        ``use``: a key pair does only that, for good, as for ``add``."""
+        flags = key_flags(no_export, use)
+        if flags:
+            return self._call(Op.GENKEY_FLAGS, spec, description, Ref(keyring), flags)
         return self._call(Op.GENKEY, spec, description, Ref(keyring))
 
     genkey = generate

@@ -73,6 +73,10 @@ class KeyType:
             payload[:] = bytes(len(payload))
 
     keys_ciphers = False  # does symmetric_material give bytes (a generated key's use means something)?
+    public_key_ops = False  # does it sign, decrypt or agree on keys (an asymmetric use binding means something)?
+
+    def check_uses(self, payload: Any, uses: tuple[str, ...]) -> None:
+        """EINVAL unless this payload can serve every use a new key is bound to (an asymmetric key's)."""
 
     def symmetric_material(self, payload: Any) -> bytes:
         """Raw bytes for in-daemon algorithms keyed by serial (AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL)."""
@@ -135,6 +139,7 @@ class AsymmetricType(KeyType):
     name = "asymmetric"
     default_perm = P.DEFAULT_ASYMMETRIC
     derives_description = True
+    public_key_ops = True
 
     def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
         from keyden.crypto import asymmetric
@@ -169,6 +174,16 @@ class AsymmetricType(KeyType):
         except ValueError:
             raise E.EINVAL("a key ID is an even number of hex digits") from None
         return True
+
+    def check_uses(self, payload: Any, uses: tuple[str, ...]) -> None:
+        """A binding must name uses the algorithm has (PKCS#11's CKR_TEMPLATE_INCONSISTENT): an Ed25519 key
+        bound to decrypt would do nothing at all."""
+        from keyden.crypto import asymmetric
+
+        possible = asymmetric.USES_OF_ALGORITHM[payload.algo]
+        impossible = [use for use in uses if use not in possible]
+        if impossible:
+            raise E.EINVAL(f"{payload.algo} keys cannot {','.join(impossible)}; they can {','.join(possible)}")
 
     def summary(self, payload: Any, quota_len: int) -> str:
         """asymmetric_key_describe: the key's kind and algorithm, and the tail of its key id."""

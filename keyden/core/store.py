@@ -51,10 +51,25 @@ NO_EXPORT = 0x1
 FOR_USE = {"gcm(aes)": 0x2, "gcm-siv(aes)": 0x4, "cbc(aes)": 0x8, "ctr(aes)": 0x10,
            "rfc7539(chacha20,poly1305)": 0x20, "hmac": 0x40}
 USE_FLAGS = sum(FOR_USE.values())
-_USE_OF = {bit: use for use, bit in FOR_USE.items()}
-KEY_FLAGS = NO_EXPORT | USE_FLAGS
+#: Key.flags a client may set on an asymmetric key it adds or generates, for good: the uses it is bound to,
+#: as PKCS#11's CKA_SIGN, CKA_DECRYPT and CKA_DERIVE (any non-empty set; none: every use, as before).  A key
+#: pair serving two uses lends each to attacks on the other: an RSA key that decrypts for anyone with search
+#: permission is an oracle against its own signatures (and the reverse).  sign: pkey_sign, pkey_verify, TLS
+#: handshakes; decrypt: pkey_encrypt, pkey_decrypt (--into too), exports to and imports by an RSA key;
+#: derive: key agreement (derive, both keys), exports to and imports by an EC or X25519 key.  Stored with
+#: persistent keys and in exports: never reused, and never 0x100-0x400, a stored key's row's own bits
+#: (persist/records.py).
+ASYMMETRIC_USE = {"sign": 0x800, "decrypt": 0x1000, "derive": 0x2000}
+ASYMMETRIC_USE_FLAGS = sum(ASYMMETRIC_USE.values())
+#: What a key is bound to, the one thing of its flags that goes with it into an export.
+BINDING_FLAGS = USE_FLAGS | ASYMMETRIC_USE_FLAGS
+KEY_FLAGS = NO_EXPORT | BINDING_FLAGS
 #: The persistent keyring's mask: possessor all but setattr, owner view and read (persistent.c).
 PERSISTENT_KEYRING_PERM = 0x1F030000
+
+#: What an asymmetric key is handed out for (KeyStore.asymmetric): a use, a function of the parsed key
+#: giving one, or None for public data.
+AsymmetricUse = str | Callable[[Any], str] | None
 
 # How a new key counts against its owner's quota (KEY_ALLOC_IN_QUOTA / _QUOTA_OVERRUN / _NOT_IN_QUOTA).
 IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
@@ -123,7 +138,7 @@ class Key:
         self.restriction: Restriction | None = None
         self.charged = charged
         self.ctime = ctime
-        self.flags = 0  # NO_EXPORT
+        self.flags = 0  # NO_EXPORT, and what the key is bound to (BINDING_FLAGS)
         self.persisted = False  # reachable from a persistent keyring: the journal keeps it
         self.keep = ktype.keep  # KEY_FLAG_KEEP: no revoke, invalidate, clear, timeout; kept-in-kept never unlinked
         # A stored keyring's members whose records were skipped at start (reserved serials): still written
@@ -283,7 +298,7 @@ class Exported:
     description: str
     perm: int
     payload: Any  # bytes (user, logon), the parsed key (asymmetric), None (keyring)
-    flags: int = 0  # its USE_FLAGS bits, so a copy keys only what the key does (NO_EXPORT never leaves)
+    flags: int = 0  # its BINDING_FLAGS bits, so a copy does only what the key does (NO_EXPORT never leaves)
 
     def __repr__(self) -> str:
         return f"<Exported {self.type}:{self.description!r}>"
@@ -348,9 +363,37 @@ def _id_arg(value: int, what: str) -> int:
     return value
 
 
-def _check_new_key(perm: int | None, flags: int, timeout: int) -> None:
+def flags_for(ktype: T.KeyType) -> int:
+    """The Key.flags a key of this type may carry: a cipher use only on a key that keys ciphers, an
+    asymmetric use only on an asymmetric key (on any other it would bind nothing)."""
+    return (NO_EXPORT | (USE_FLAGS if ktype.keys_ciphers else 0)
+            | (ASYMMETRIC_USE_FLAGS if ktype.public_key_ops else 0))
+
+
+def uses_of(flags: int) -> tuple[str, ...]:
+    """The names of the uses ``flags`` bind a key to (FOR_USE's and ASYMMETRIC_USE's), in table order."""
+    return tuple(use for table in (FOR_USE, ASYMMETRIC_USE) for use, bit in table.items() if flags & bit)
+
+
+def _check_flags(ktype: T.KeyType, flags: int) -> None:
     if flags & ~KEY_FLAGS:
         raise E.EINVAL("unknown key flags")
+    misplaced = flags & ~flags_for(ktype)
+    if misplaced:
+        raise E.EINVAL(f"{ktype.name} keys cannot be bound to {','.join(uses_of(misplaced))}")
+
+
+def _refuse_use(key: Key, use: str) -> None:
+    """EOPNOTSUPP unless an asymmetric key's binding (none: every use) allows ``use`` (ASYMMETRIC_USE's
+    names), as the kernel's pkey ops answer for an operation a key does not support."""
+    wanted = ASYMMETRIC_USE[use]  # looked up first: a misspelt use fails on every key, bound or not
+    bound = key.flags & ASYMMETRIC_USE_FLAGS
+    if bound and not bound & wanted:
+        raise E.EOPNOTSUPP(f"key {key.serial} is bound to {','.join(uses_of(bound))} only, not {use}")
+
+
+def _check_new_key(ktype: T.KeyType, perm: int | None, flags: int, timeout: int) -> None:
+    _check_flags(ktype, flags)
     if perm is not None and perm & ~P.VALID_MASK:
         raise E.EINVAL("permission bits outside 0x3f3f3f3f")
     if timeout < 0:
@@ -910,7 +953,7 @@ class KeyStore:
             secret: bytes | None = None, perm: int | None = None, flags: int = 0) -> int:
         """add_key(2): create, or update in place when the type allows, and link.
 
-        ``flags`` (NO_EXPORT) are set on the key for good, on an update too.
+        ``flags`` (NO_EXPORT; an asymmetric key's uses) are set on the key for good, on an update too.
         """
         if flags & ~KEY_FLAGS:
             raise E.EINVAL("unknown key flags")
@@ -923,6 +966,7 @@ class KeyStore:
         with self.lock:  # fail fast, before parsing anything
             ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
             ktype = T.lookup(type_name)  # as key_create_or_update: an unknown type before a non-keyring
+            _check_flags(ktype, flags)
             if ring.links is None:
                 raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
         value, quota_len = ktype.preparse(payload, secret)  # may be slow (asymmetric): outside the lock
@@ -952,6 +996,7 @@ class KeyStore:
                  ring: Key, perm: int | None, flags: int = 0, timeout: int = 0) -> Key:
         """key_alloc and link, once ``_admit`` has passed: displaces any key with this type and description."""
         ktype.check_description(description)
+        ktype.check_uses(value, uses_of(flags & ASYMMETRIC_USE_FLAGS))
         key = self._create(ktype, description, caller.cred, ktype.default_perm if perm is None else perm,
                            value, quota_len)
         key.flags = flags
@@ -984,7 +1029,7 @@ class KeyStore:
         keyring already files.
         """
         try:
-            _check_new_key(perm, flags, timeout)
+            _check_new_key(ktype, perm, flags, timeout)
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
                 if not description and unique_prefix:
@@ -1015,9 +1060,10 @@ class KeyStore:
         to be filed is charged to no quota: its members are.
         """
         try:
-            _check_new_key(perm, flags, 0)
+            _check_new_key(ktype, perm, flags, 0)
             T.check_description_size(description)
             ktype.check_description(description)
+            ktype.check_uses(value, uses_of(flags & ASYMMETRIC_USE_FLAGS))
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
                 if filed:
@@ -1240,8 +1286,8 @@ class KeyStore:
             summary = str(len(key.links)) if key.links else "empty"
         else:
             summary = key.type.summary(key.payload, key.quota_len)
-            if key.flags & USE_FLAGS:  # keyden's: what a generated key keys, which nothing else shows
-                summary = f"{summary} for {_USE_OF[key.flags & USE_FLAGS]}"
+            if key.flags & BINDING_FLAGS:  # keyden's: what a key is bound to, which nothing else shows
+                summary = f"{summary} for {','.join(uses_of(key.flags))}"
         return KeyStatus(key.serial, key.type.name, key.uid, key.gid, key.perm, key.revoked, key.charged,
                          key.expired(now), bool(key.flags & NO_EXPORT), len(key.parents) + key.pins, key.expiry,
                          key.description, summary)
@@ -1687,8 +1733,8 @@ class KeyStore:
         wrapped export is how unreadable keys move.  A key marked NO_EXPORT
         anywhere in the tree refuses the whole export (EPERM), as does a
         revoked or expired one; to a caller who may view the key, before
-        EACCES for a missing read right.  Each key's use (USE_FLAGS) goes
-        with it: a copy that keyed anything would undo the binding.
+        EACCES for a missing read right.  Each key's uses (BINDING_FLAGS) go
+        with it: a copy that did anything would undo the binding.
         """
         with self.lock:
             top, possessed = self._lookup(caller, key_id)
@@ -1713,7 +1759,7 @@ class KeyStore:
                     raise err
                 payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
                 index[key.serial] = len(out)
-                out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & USE_FLAGS))
+                out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & BINDING_FLAGS))
                 if key.links is not None:
                     if depth > MAX_NESTING:
                         raise E.ELOOP("keyrings nested too deeply")
@@ -1770,28 +1816,41 @@ class KeyStore:
         key = self.use(caller, key_id)
         made_for = key.flags & USE_FLAGS
         if made_for and use is not None and FOR_USE.get(use) != made_for:
-            raise E.ENOPROTOOPT(f"key {key.serial} was generated for {_USE_OF[made_for]} only, not {use}")
+            raise E.ENOPROTOOPT(f"key {key.serial} was generated for {','.join(uses_of(made_for))} only, not {use}")
         return key
 
-    def asymmetric(self, caller: Caller, key_id: int) -> Any:
-        """The parsed payload of an asymmetric key, for crypto done outside the lock."""
+    def asymmetric(self, caller: Caller, key_id: int, use: AsymmetricUse) -> Any:
+        """The parsed payload of an asymmetric key, for crypto done outside the lock, to serve ``use``:
+        one of ASYMMETRIC_USE's names (EOPNOTSUPP if the key is bound to others), a function of the parsed
+        key giving one (an export's wrapping: RSA decrypts, EC and X25519 agree), or None for its public
+        data alone (its public key and certificate), which no binding holds back."""
         with self.lock:
-            return self._asymmetric(caller, key_id)[0]
+            return self._asymmetric(caller, key_id, use)[0]
 
-    def asymmetric_source(self, caller: Caller, key_id: int) -> tuple[Any, int]:
-        """The parsed payload of a private key a new key is made from (derive, key transport), and the
-        flags that key must carry: NO_EXPORT unless this caller could export the source itself (read
-        permission, possession counting, and no NO_EXPORT).  Using it needs only search, and what is
-        made from it must not carry out of keyden what its owner keeps in."""
+    def asymmetric_uses(self, caller: Caller, key_id: int) -> tuple[Any, tuple[str, ...]]:
+        """The parsed payload of an asymmetric key and the uses its binding allows (all of
+        ASYMMETRIC_USE's when it has none), for pkey_query to report only those."""
         with self.lock:
-            payload, key, possessed = self._asymmetric(caller, key_id)
+            payload, key, _ = self._asymmetric(caller, key_id, None)
+            bound = key.flags & ASYMMETRIC_USE_FLAGS
+            return payload, uses_of(bound) if bound else tuple(ASYMMETRIC_USE)
+
+    def asymmetric_source(self, caller: Caller, key_id: int, use: str) -> tuple[Any, int]:
+        """The parsed payload of a private key a new key is made from to serve ``use`` (derive, key
+        transport), and the flags that key must carry: NO_EXPORT unless this caller could export the source
+        itself (read permission, possession counting, and no NO_EXPORT).  Using it needs only search, and
+        what is made from it must not carry out of keyden what its owner keeps in."""
+        with self.lock:
+            payload, key, possessed = self._asymmetric(caller, key_id, use)
             exportable = not key.flags & NO_EXPORT and self._permits(caller, key, possessed, P.READ)
             return payload, 0 if exportable else NO_EXPORT
 
-    def _asymmetric(self, caller: Caller, key_id: int) -> tuple[Any, Key, bool | None]:
+    def _asymmetric(self, caller: Caller, key_id: int, use: AsymmetricUse) -> tuple[Any, Key, bool | None]:
         key, possessed = self._lookup(caller, key_id, P.SEARCH)
         if key.type.name != "asymmetric":
             raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
+        if use is not None:
+            _refuse_use(key, use if isinstance(use, str) else use(key.payload))
         return key.payload, key, possessed
 
     # ------------------------------------------------------------------ garbage

@@ -15,8 +15,8 @@ import functools
 import logging
 import re
 import types
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -34,6 +34,14 @@ __all__ = ["OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
 
 # KEYCTL_SUPPORTS_* bits, as in <linux/keyctl.h>.
 OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
+#: The operations each use a key may be bound to allows (store.ASYMMETRIC_USE's names), as PKCS#11's
+#: CKA_SIGN covers verify and CKA_DECRYPT encrypt; key agreement (derive) is none of the four.
+OPS_OF_USE = {"sign": OP_SIGN | OP_VERIFY, "decrypt": OP_ENCRYPT | OP_DECRYPT, "derive": 0}
+#: The uses each algorithm has at all: a binding to another would make a key that does nothing.
+USES_OF_ALGORITHM = {"rsa": ("sign", "decrypt"), "ecdsa": ("sign", "derive"), "ed25519": ("sign",),
+                     "x25519": ("derive",)}
+USE_OF_OP = {op: use for use, ops in OPS_OF_USE.items() for op in (OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY)
+             if op & ops}
 
 MAX_INPUT = 1 << 20          # key data larger than this is refused before any parsing
 MAX_INFO = 4096              # an info string is a short option list, never bulk data (protocol.MAX_PKEY_INFO)
@@ -690,10 +698,15 @@ class ParsedKey:
 
     # -- KEYCTL_PKEY_* ----------------------------------------------------
 
-    def query(self, info: str = "") -> PkeyQuery:
-        """KEYCTL_PKEY_QUERY: validates info like the kernel, then reports fixed sizes."""
+    def query(self, info: str = "", uses: Iterable[str] = tuple(OPS_OF_USE)) -> PkeyQuery:
+        """KEYCTL_PKEY_QUERY: validates info like the kernel, then reports fixed sizes, and the operations
+        this key can do that ``uses`` (the key's binding) allow."""
         _check_options(self.algo, parse_info(info))
-        return self._limits()
+        limits = self._limits()
+        allowed = 0
+        for use in uses:
+            allowed |= OPS_OF_USE[use]
+        return replace(limits, supported_ops=limits.supported_ops & allowed)
 
     def encrypt(self, info: str, data: bytes) -> bytes:
         """KEYCTL_PKEY_ENCRYPT with the public half (RSA only)."""

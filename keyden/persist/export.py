@@ -18,8 +18,9 @@ open.  The content key depends on the mode:
 
 The plaintext is the tree: protocol ``Schema`` encodings of each key (type,
 description, perm, payload; an asymmetric key as DER from
-``storage_der``; and flags, its use bits from store.FOR_USE) and the links
-between them as (keyring index, member index) pairs, the exported key first.
+``storage_der``; and flags, its binding: a symmetric key's store.FOR_USE
+bit, an asymmetric key's store.ASYMMETRIC_USE bits) and the links between
+them as (keyring index, member index) pairs, the exported key first.
 Every failure to open (wrong key, any bit changed) is the same EBADMSG.
 
 Version 1 (read, never written) is the same but for the entries, which have
@@ -43,7 +44,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden import errors as E
 from keyden.core import keytypes
-from keyden.core.store import FOR_USE, USE_FLAGS, Exported
+from keyden.core.store import BINDING_FLAGS, FOR_USE, USE_FLAGS, Exported, flags_for
 from keyden.crypto import RESERVED_CONTEXT, asymmetric
 from keyden.protocol import Kind as K
 from keyden.protocol import Schema
@@ -58,7 +59,8 @@ MIN_WRAPPING_KEY = 16
 MAX_ENTRIES = 100000
 
 ENTRY_V1 = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES))
-#: Version 2's entry: flags are the key's use bits (store.FOR_USE's values), nothing else.
+#: Version 2's entry: flags are the key's binding (store.BINDING_FLAGS: a symmetric key's one FOR_USE bit, an
+#: asymmetric key's ASYMMETRIC_USE bits), nothing else.
 ENTRY = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES), ("flags", K.U32))
 _ENTRIES = {VERSION_1: ENTRY_V1, VERSION: ENTRY}
 TREE = Schema(("entries", K.BYTESLIST), ("links", K.I32S))
@@ -74,7 +76,7 @@ class Entry:
     description: str
     perm: int
     payload: bytes
-    flags: int = 0  # its use (store.FOR_USE), if it was bound to one
+    flags: int = 0  # its binding (store.BINDING_FLAGS), if it has one
 
     def __repr__(self) -> str:
         return f"<Entry {self.type}:{self.description!r}>"
@@ -92,15 +94,16 @@ def encode_tree(keys: list[Exported], links: list[tuple[int, int]]) -> bytes:
             payload = bytes(key.payload)
         else:
             payload = key.payload.storage_der()
-        entries.append(ENTRY.encode((key.type, key.description, key.perm, payload, key.flags & USE_FLAGS)))
+        entries.append(ENTRY.encode((key.type, key.description, key.perm, payload, key.flags & BINDING_FLAGS)))
     return TREE.encode((entries, [i for pair in links for i in pair]))
 
 
 def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple[int, int]]]:
     """The entries and links of a blob of ``version`` (``version_of``: opening the blob authenticated it),
     checked: every link between existing entries, from a keyring, and every entry but the first reachable
-    from it; each use one store.FOR_USE knows, on a key that keys ciphers.  Anything else is EBADMSG: a
-    flag bit not understood is never passed on to the store, where it could mean something else."""
+    from it; each binding one the store gives a key of its type (one store.FOR_USE on a key that keys
+    ciphers, any of store.ASYMMETRIC_USE on an asymmetric key).  Anything else is EBADMSG: a flag bit not
+    understood is never passed on to the store, where it could mean something else."""
     schema = _ENTRIES.get(version)
     if schema is None:
         raise E.EBADMSG("not a keyden export")
@@ -112,12 +115,17 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
     if not entries or len(entries) > MAX_ENTRIES or len(flat) % 2:
         raise E.EBADMSG("the export's contents are malformed")
     for entry in entries:
-        if entry.flags & ~USE_FLAGS:
+        if entry.flags & ~BINDING_FLAGS:
             raise E.EBADMSG("the export gives a key flags this keyden does not know")
-        if entry.flags and entry.flags not in _USES:
+        cipher_use = entry.flags & USE_FLAGS
+        if cipher_use and cipher_use not in _USES:
             raise E.EBADMSG("the export gives a key more than one use")
-        if entry.flags and not getattr(keytypes.REGISTRY.get(entry.type), "keys_ciphers", False):
+        ktype = keytypes.REGISTRY.get(entry.type)
+        misplaced = entry.flags & ~(flags_for(ktype) if ktype is not None else 0)
+        if misplaced & USE_FLAGS:
             raise E.EBADMSG("the export gives a use to a key that keys no cipher")
+        if misplaced:
+            raise E.EBADMSG("the export binds a key that is not asymmetric to sign, decrypt or derive")
     links = list(zip(flat[0::2], flat[1::2]))
     reached = {0}
     for ring, member in links:
@@ -130,6 +138,12 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
 
 
 # ------------------------------------------------------------------ wrapping
+
+
+def wrapping_use(parsed) -> str:
+    """The use (store.ASYMMETRIC_USE's name) a held key serves when an export is wrapped to it or opened
+    with it: RSA-OAEP transports the content key (decrypt); X25519 and ECDH agree on it (derive)."""
+    return "decrypt" if isinstance(parsed.public_key, rsa.RSAPublicKey) else "derive"
 
 
 def recipient_key(data: bytes):

@@ -22,10 +22,11 @@ from keyden.core.store import KEY_FLAGS, DenyAll, Key
 from keyden.persist.master import Sealer
 
 FORMAT = b"keyden-record-v1\0"
-#: Row flags above the key's own (Key.flags, the low byte).
+#: Row flags beside the key's own (Key.flags, store.KEY_FLAGS, which leaves these bits free).
 ROOT = 0x100  # a uid's persistent keyring
 RESTRICTED = 0x200  # a keyring refusing all links (KEYCTL_RESTRICT_KEYRING with no type)
 CHARGED = 0x400  # counts against its owner's quota
+assert not KEY_FLAGS & (ROOT | RESTRICTED | CHARGED), "a key flag would be read back as a row's, and the reverse"
 COLUMNS = ("serial", "type", "description", "uid", "gid", "perm", "expiry", "flags", "version", "revoked_at",
            "ctime", "quota_len", "sealed")
 _FIXED = struct.Struct("<iqqIdIQddQ")

@@ -415,6 +415,10 @@ RANDOM_NONCE = 2  # AEAD encrypt: keyden picks the nonce and prepends it; decryp
 
 # Key flags (ADD_FLAGS, GENKEY_FLAGS, IMPORT): set at creation, never cleared.
 NO_EXPORT = 1  # EXPORT refuses the key, and any keyring holding it (EPERM)
+#: An asymmetric key's uses (ADD_FLAGS, GENKEY_FLAGS; IMPORT takes none, each key keeps its export's): it
+#: does only what they name, any of them (none: everything).  Never reused.
+KEY_USES = {"sign": 0x2, "decrypt": 0x4, "derive": 0x8}
+KEY_USE_FLAGS = sum(KEY_USES.values())
 # IMPORT's own flag, beside the key flags.
 IMPORT_CONTENTS = 0x10000  # an exported keyring's members go into the target keyring, not a copy of it
 

@@ -30,6 +30,11 @@ from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
 from keyden.tls.material import Identity, choose, identities
 
 MAX_CACHED = 64
+#: TLS 1.2's cipher suites: CPython's own default list, and no RSA key transport or PSK, set here because a
+#: CPython built to take OpenSSL's defaults offers RSA key transport too, where an RSA identity key would
+#: decrypt the client's premaster secret.  With these, an identity's private key only ever signs (a
+#: ``sign`` use of it, store.ASYMMETRIC_USE); TLS 1.3 agrees on keys by (EC)DHE always.
+TLS12_CIPHERS = "@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM:!kRSA:!PSK"
 
 
 class TlsSocket(ssl.SSLSocket):
@@ -179,6 +184,7 @@ def client_context(trust: list[x509.Certificate], identity_keys: list | None, fl
 
 def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if flags & TLS13_ONLY else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a peer must not make us redo expensive handshakes at will
     # A TCP end without close_notify reads as end of file (docs/tls.md), not a fatal error: the

@@ -32,20 +32,30 @@ class Identity:
 
 
 def keyring_keys(store, caller, keyring: int) -> list:
-    """The parsed asymmetric keys in a keyring tree the caller may search for, in link order."""
-    return [parsed for _serial, parsed in trust.trusted_keys(store, caller, keyring)]
+    """The parsed asymmetric keys in a keyring tree the caller may search for, in link order, to present.
+
+    The private key of each identity among them signs the handshake and does nothing else (the contexts
+    agree on keys by (EC)DHE only, never by RSA key transport): the store hands it out for ``sign``, so a
+    key bound to other uses is refused (EOPNOTSUPP).  Other private keys in the tree are not used.
+    """
+    with store.lock:
+        held = trust.trusted_keys(store, caller, keyring)
+        signing = {id(private) for _certified, private in _pairs([parsed for _serial, parsed in held])}
+        return [store.asymmetric(caller, serial, "sign") if id(parsed) in signing else parsed
+                for serial, parsed in held]
+
+
+def _pairs(keys: list) -> list[tuple]:
+    """(certificate, its private key) for each certificate among ``keys`` whose private key is there too."""
+    private = {k.key_ids[0]: k for k in keys if k.has_private}
+    return [(k, private[k.key_ids[0]]) for k in keys if k.certificate is not None and k.key_ids[0] in private]
 
 
 def identities(keys: list) -> list[Identity]:
     """Each certificate whose private key is among ``keys``, with its chain, in keyring order."""
-    private = {k.key_ids[0]: k for k in keys if k.has_private}
     pool = [k.certificate for k in keys if k.certificate is not None]
-    found = []
-    for k in keys:
-        if k.certificate is not None and k.key_ids[0] in private:
-            found.append(Identity(k.certificate, _chain(k.certificate, pool), private[k.key_ids[0]],
-                                  dns_names(k.certificate)))
-    return found
+    return [Identity(k.certificate, _chain(k.certificate, pool), private, dns_names(k.certificate))
+            for k, private in _pairs(keys)]
 
 
 def _chain(leaf: x509.Certificate, pool: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:

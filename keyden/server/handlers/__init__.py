@@ -119,12 +119,16 @@ def _close_all(fds: list[int]) -> None:
     descriptors.release(fds)
 
 
+#: Each wire key flag (protocol) and the store's bit for it, mapped in this one place so that neither side
+#: can change its numbering under the other.
+_KEY_FLAGS = {W.NO_EXPORT: S.NO_EXPORT, **{W.KEY_USES[use]: S.ASYMMETRIC_USE[use] for use in W.KEY_USES}}
+
+
 def key_flags(wire: int) -> int:
-    """A request's key flags (protocol.NO_EXPORT) as the store's (store.NO_EXPORT): the same bit today,
-    mapped in this one place so that neither side can change its numbering under the other."""
-    if wire & ~W.NO_EXPORT:
+    """A request's key flags (protocol.NO_EXPORT, protocol.KEY_USES) as the store's."""
+    if wire & ~sum(_KEY_FLAGS):
         raise E.EINVAL("unknown key flags")
-    return S.NO_EXPORT if wire & W.NO_EXPORT else 0
+    return sum(bit for flag, bit in _KEY_FLAGS.items() if wire & flag)
 
 
 Handler = Callable[..., tuple]

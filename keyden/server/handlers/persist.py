@@ -6,7 +6,7 @@ from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core.perm import VALID_MASK
 from keyden.persist import SealedJournal, export
-from keyden.protocol import IMPORT_CONTENTS, Op
+from keyden.protocol import IMPORT_CONTENTS, KEY_USE_FLAGS, Op
 from keyden.server.handlers import handles, key_flags
 
 #: What an imported key is made with until its tree is built: the owner may link into and re-mask it.
@@ -32,7 +32,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
         material = ctx.store.material(ctx.caller, wrapping_key, None)  # any key: it goes through HKDF
         public = None
     elif recipient_key:
-        public = ctx.store.asymmetric(ctx.caller, recipient_key).public_key
+        public = ctx.store.asymmetric(ctx.caller, recipient_key, export.wrapping_use).public_key
     else:
         public = export.recipient_key(recipient)
     keys, links = ctx.store.export_tree(ctx.caller, key)
@@ -44,11 +44,13 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
 
 @handles(Op.IMPORT)
 def _import(ctx, blob, unwrap_with, keyring, flags):
+    if flags & KEY_USE_FLAGS:
+        raise E.EINVAL("an import takes no uses: each key is bound to those its export carries")
     contents, flags = bool(flags & IMPORT_CONTENTS), key_flags(flags & ~IMPORT_CONTENTS)
     if export.mode_of(blob) == export.WRAPPING_KEY:
         plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with, None))
     else:
-        private = ctx.store.asymmetric(ctx.caller, unwrap_with).private_key_for_internal_use()
+        private = ctx.store.asymmetric(ctx.caller, unwrap_with, export.wrapping_use).private_key_for_internal_use()
         plaintext = export.unwrap_with_private_key(blob, private)
     entries, links = export.decode_tree(plaintext, export.version_of(blob))  # opened: its version is authentic
     if contents and not T.lookup(entries[0].type).is_keyring:
@@ -108,9 +110,9 @@ def _depths(first_parent: dict[int, int]) -> dict[int, int]:
 
 
 def _make(ctx, entry: export.Entry, parent: int, flags: int, detached: bool = False, filed: bool = True) -> int:
-    """One key of the tree, with the import's ``flags`` (NO_EXPORT) and the use it was exported with, so
-    the copy keys only what the original did."""
-    flags |= entry.flags  # decode_tree let through only a use store.FOR_USE knows
+    """One key of the tree, with the import's ``flags`` (NO_EXPORT) and the uses it was exported with, so
+    the copy does only what the original did."""
+    flags |= entry.flags  # decode_tree let through only uses the store binds a key of this type to
     ktype = T.lookup(entry.type)
     if ktype.is_keyring and entry.description.startswith("."):
         raise E.EPERM("keyring names beginning with '.' are reserved")

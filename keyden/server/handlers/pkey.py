@@ -11,37 +11,40 @@ from keyden.protocol import Op
 from keyden.server.handlers import handles, key_flags
 
 
-def _key(ctx, key, info: str) -> asymmetric.ParsedKey:
-    """The key for a KEYCTL_PKEY_* op, its info string's grammar checked first, as the kernel's
-    keyctl_pkey_params_get does: a malformed string is EINVAL whatever the key."""
+def _key(ctx, key, info: str, op: int) -> asymmetric.ParsedKey:
+    """The key for a KEYCTL_PKEY_* ``op`` (OP_*), its info string's grammar checked first, as the kernel's
+    keyctl_pkey_params_get does: a malformed string is EINVAL whatever the key.  The store refuses a key
+    bound to other uses than the op's."""
     asymmetric.check_info(info)
-    return ctx.store.asymmetric(ctx.caller, key)
+    return ctx.store.asymmetric(ctx.caller, key, asymmetric.USE_OF_OP[op])
 
 
 @handles(Op.PKEY_QUERY)
 def _pkey_query(ctx, key, info):
-    q = _key(ctx, key, info).query(info)
+    asymmetric.check_info(info)
+    parsed, uses = ctx.store.asymmetric_uses(ctx.caller, key)
+    q = parsed.query(info, uses)
     return (q.supported_ops, q.key_size, q.max_data_size, q.max_sig_size, q.max_enc_size, q.max_dec_size)
 
 
 @handles(Op.PKEY_ENCRYPT)
 def _pkey_encrypt(ctx, key, info, data):
-    return (_key(ctx, key, info).encrypt(info, data),)
+    return (_key(ctx, key, info, asymmetric.OP_ENCRYPT).encrypt(info, data),)
 
 
 @handles(Op.PKEY_DECRYPT)
 def _pkey_decrypt(ctx, key, info, data):
-    return (_key(ctx, key, info).decrypt(info, data),)
+    return (_key(ctx, key, info, asymmetric.OP_DECRYPT).decrypt(info, data),)
 
 
 @handles(Op.PKEY_SIGN)
 def _pkey_sign(ctx, key, info, data):
-    return (_key(ctx, key, info).sign(info, data),)
+    return (_key(ctx, key, info, asymmetric.OP_SIGN).sign(info, data),)
 
 
 @handles(Op.PKEY_VERIFY)
 def _pkey_verify(ctx, key, info, data, signature):
-    _key(ctx, key, info).verify(info, data, signature)
+    _key(ctx, key, info, asymmetric.OP_VERIFY).verify(info, data, signature)
     return ()
 
 
@@ -67,6 +70,6 @@ def _genkey(ctx, spec, description, keyring, flags=0):
 
 @handles(Op.PUBLIC_KEY)
 def _public_key(ctx, key):
-    parsed = ctx.store.asymmetric(ctx.caller, key)
+    parsed = ctx.store.asymmetric(ctx.caller, key, None)  # public data: no use of the key's
     cert = parsed.certificate
     return (parsed.spki_der, cert.public_bytes(Encoding.DER) if cert is not None else b"")

@@ -35,18 +35,19 @@ def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int
 
 @handles(Op.DERIVE)
 def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, keyring, perm, timeout):
-    """ECDH with a held private key, then a KDF, into a new logon key.
+    """ECDH with a held private key, then a KDF, into a new logon key: a ``derive`` use of both keys
+    (the peer's too, when given by serial).
 
     The result is non-exportable unless the caller could export the private
     key itself: using it needs only search, and what it protects must not
     leave through a key made from it.  (The peer's half is public.)
     """
-    mine, flags = ctx.store.asymmetric_source(ctx.caller, private)
+    mine, flags = ctx.store.asymmetric_source(ctx.caller, private, "derive")
     if mine.algo not in AGREEING:
         raise E.EOPNOTSUPP(f"{mine.algo} keys cannot agree on keys; use EC P-256/P-384 or X25519")
     if bool(peer) == bool(peer_key):
         raise E.EINVAL("give the peer's public key either as bytes or as a key serial")
-    their = ctx.store.asymmetric(ctx.caller, peer_key).public_key if peer_key else peer
+    their = ctx.store.asymmetric(ctx.caller, peer_key, "derive").public_key if peer_key else peer
     shared = agreement.ecdh(mine.private_key_for_internal_use(), their)
     material = _kdf(kdf, shared, length, salt, info)
     return (store_secret(ctx, material, description, keyring, perm, timeout, flags=flags),)
@@ -95,11 +96,12 @@ def _dh_compute_kdf(ctx, private, prime, base, hash_name, length, otherinfo):
 
 @handles(Op.PKEY_DECRYPT_INTO)
 def _pkey_decrypt_into(ctx, key, info, data, description, keyring, perm):
-    """RSA key transport: the unwrapped session key becomes a logon key instead of a reply.
+    """RSA key transport: the unwrapped session key becomes a logon key instead of a reply (a ``decrypt``
+    use of the key).
 
     Like a derived key, it is non-exportable unless the caller could export the private key that
     unwrapped it.
     """
-    private, flags = ctx.store.asymmetric_source(ctx.caller, key)
+    private, flags = ctx.store.asymmetric_source(ctx.caller, key, "decrypt")
     material = private.decrypt(info, data)
     return (store_secret(ctx, material, description, keyring, perm, 0, flags=flags),)
