@@ -445,7 +445,7 @@ def cpuidle() -> str:
     if not governor:
         return "unknown"
     described = f"{governor} governor, {read(base + 'current_driver') or 'no'} driver"
-    halt_poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    halt_poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") if governor == "haltpoll" else ""
     if halt_poll:
         described += f", guest_halt_poll_ns {halt_poll}"
         if halt_poll == "0":

@@ -101,8 +101,9 @@ def test_an_ec_key_bound_to_sign_never_agrees_and_one_bound_to_derive_never_sign
     assert client.pkey_verify(signer, "hash=sha256", DIGEST, client.pkey_sign(signer, "hash=sha256", DIGEST)) is None
     with _refused(signer, "derive", "sign"):
         client.derive(signer, _peer_point())
-    with _refused(signer, "derive", "sign"):
-        client.derive(agreer, peer_key=signer)  # a peer's key by serial is used to agree too
+    # A peer's key by serial lends its public half only, which public_key gives out anyway (PKCS#11 checks
+    # CKA_DERIVE on the base key alone): a key bound to sign is a peer as any other.
+    assert client.describe(client.derive(agreer, peer_key=signer)).type == "logon"
     assert client.describe(client.derive(agreer, _peer_point())).type == "logon"
     other = client.genkey("ec:p256", "ec-peer", "@s", use="derive")
     assert client.describe(client.derive(agreer, peer_key=other)).type == "logon"
@@ -218,6 +219,10 @@ def test_uses_bind_asymmetric_keys_only_and_only_known_ones(client):
         client.genkey("ed25519", "e", "@s", use="sign,verify")
     with pytest.raises(E.EINVAL, match="name at least one use"):
         client.genkey("ed25519", "e", "@s", use=())
+    for odd, kind in ((b"sign", "bytes"), (["sign", None], "NoneType"), (5, "int")):  # TypeError too, as Python's
+        with pytest.raises(TypeError, match=f"use takes a name.*not {kind}$") as refused:
+            client.genkey("ed25519", "e", "@s", use=odd)
+        assert isinstance(refused.value, E.EINVAL)
     assert client.read("@s") == before
 
 
@@ -274,6 +279,26 @@ def test_a_tls_identity_key_signs_the_handshake_so_it_must_be_free_to_sign(clien
             start(ours)
 
 
+def test_a_key_transport_identity_beside_a_servers_own_does_not_stop_the_server(client, tmp_path):
+    """A certificate whose key is bound to decrypt (key transport) filed in the same keyring as the server's
+    identity is no identity: the server still serves, and only when no identity may sign is it refused."""
+    pki = Pki(str(tmp_path))
+    transport = pki.issue("transport.mixed.test", dns=("transport.mixed.test",), kind="rsa", issuer=pki.ca)
+    server = pki.issue("ec.mixed.test", dns=("ec.mixed.test",), issuer=pki.ca)
+    mixed = client.newring("tls-mixed")
+    client.add("asymmetric", "", transport.cert_pem, mixed)
+    client.add("asymmetric", "", transport.key_pem, mixed, use="decrypt")
+    client.add("asymmetric", "", server.cert_pem, mixed)
+    client.add("asymmetric", "", server.key_pem, mixed, use="sign")
+    app = App(client, keyring=mixed)
+    try:
+        app.serve()
+        _session, reply = python_peer(app.port, "ec.mixed.test", pki.ca)
+        assert reply == b"echo: hello\n"
+    finally:
+        app.close()
+
+
 def test_the_tls_contexts_offer_no_rsa_key_transport_whatever_pythons_defaults(monkeypatch):
     """An RSA identity key must never decrypt a client's premaster secret, a decrypt use of a key bound to
     sign: keyden sets its own cipher list rather than take what this Python was built with (here, as a
@@ -288,7 +313,27 @@ def test_the_tls_contexts_offer_no_rsa_key_transport_whatever_pythons_defaults(m
     assert "kx-rsa" in {c["kea"] for c in ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).get_ciphers()}
     for protocol in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
         offered = {c["kea"] for c in contexts._base(protocol, 0, ()).get_ciphers()}
-        assert offered <= {"kx-any", "kx-ecdhe", "kx-dhe"}, offered
+        assert offered == {"kx-any", "kx-ecdhe", "kx-dhe"}, offered  # TLS 1.3's, and (EC)DHE's
+
+
+def test_the_tls_contexts_keep_the_systems_choice_of_suites_but_rsa_key_transport(monkeypatch):
+    """A system policy's cipher list (crypto-policies: its own order and suites) stands, narrowed to (EC)DHE;
+    one with no (EC)DHE suite left turns TLS 1.2 off rather than offer RSA key transport."""
+    made = ssl.SSLContext.__new__
+    policy = ["AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:DHE-RSA-AES256-GCM-SHA384"]
+
+    def system_policy(cls, protocol=None, *args, **kwargs):
+        ctx = made(cls, protocol, *args, **kwargs)
+        ctx.set_ciphers(policy[0])
+        return ctx
+    monkeypatch.setattr(ssl.SSLContext, "__new__", staticmethod(system_policy))
+    ctx = contexts._base(ssl.PROTOCOL_TLS_SERVER, 0, ())
+    assert [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"] == [
+        "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "DHE-RSA-AES256-GCM-SHA384"]
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    policy[0] = "AES128-GCM-SHA256:AES256-GCM-SHA384"  # RSA key transport only
+    ctx = contexts._base(ssl.PROTOCOL_TLS_SERVER, 0, ())
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
 
 
 # ------------------------------------------------------------------ exports and restarts
@@ -336,6 +381,31 @@ def test_a_key_an_export_is_wrapped_to_or_opened_with_is_used_to_decrypt_rsa_or_
         blob = client.export(secret, to_public_key=client.public_key_bytes(holder)[0])
         with _refused(holder, use, "sign"):
             client.import_key(blob, holder, dest)
+    # A key that can wrap nothing is EINVAL, bound or not: not a refusal of a use it never had.
+    for ed in (client.genkey("ed25519", "ed-bound", "@s", use="sign"), client.genkey("ed25519", "ed-free", "@s")):
+        with pytest.raises(E.EINVAL, match="exports go to an X25519, EC P-256/P-384 or RSA public key"):
+            client.export(secret, to_public_key=ed)
+
+
+def test_key_transport_checks_the_info_strings_grammar_before_the_keys_binding(client):
+    """As every KEYCTL_PKEY_* op: a malformed info string is EINVAL whatever the key."""
+    signer = client.genkey("rsa:2048", "grammar-signer", "@s", use="sign")
+    for call in (lambda: client.pkey_decrypt(signer, "enc=oaep junk==", bytes(256)),
+                 lambda: client.pkey_decrypt_into(signer, "enc=oaep junk==", bytes(256), "app:k", "@s")):
+        with pytest.raises(E.EINVAL, match="junk"):
+            call()
+
+
+def test_genkey_refuses_an_impossible_binding_before_making_the_key(monkeypatch):
+    """An RSA-4096 key takes a second to make: a binding its algorithm cannot have is refused first."""
+    from keyden.protocol import KEY_USES
+    from keyden.server.handlers import pkey
+
+    def made(spec):
+        raise AssertionError(f"{spec} was generated before its binding was checked")
+    monkeypatch.setattr(pkey.asymmetric, "generate", made)
+    with pytest.raises(E.EINVAL, match="rsa keys cannot derive"):
+        pkey._genkey(None, "rsa:4096", "x", 0, KEY_USES["derive"])
 
 
 def test_a_crafted_blob_binding_a_key_wrongly_is_refused_whole(client):

@@ -650,12 +650,41 @@ def test_a_store_of_a_newer_format_is_refused_untouched_and_an_older_one_is_numb
     d.stop()
     assert sql(d, "PRAGMA user_version") == [(1,)]
 
-    sql(d, "PRAGMA user_version = 2")
+    sql(d, "PRAGMA user_version = 3")
     before = file_digest(db_path(d))
     said = refused_start(d)
-    assert re.search(r"keys\.db was written by a newer keyden \(store format 2; this one reads format 1\)", said)
+    assert re.search(r"keys\.db was written by a newer keyden \(store format 3; this one reads format 2\)", said)
     assert said.count("keyden: not starting:") == 1 and "Traceback" not in said
     assert file_digest(db_path(d)) == before
+
+
+def test_a_store_holding_a_bound_key_is_format_2_which_an_older_keyden_refuses(fresh_daemon, monkeypatch):
+    """An asymmetric key's uses are bits of its row's flags that a keyden reading only format 1 would drop,
+    loading the key unbound: from the first bound key written, the store is format 2, and such a keyden
+    refuses it whole.  A store with no bound key stays format 1, which it can still run."""
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 2)
+    with persistent(d) as c:
+        c.genkey("ed25519", "unbound", ring)
+        c.genkey("aes:256", "app:cipher", ring)  # a cipher use: understood since format 1
+    d.stop()
+    assert sql(d, "PRAGMA user_version") == [(1,)]
+    d.start()
+    with persistent(d) as c:
+        bound = c.genkey("ed25519", "bound", ring, use="sign")
+    d.stop()
+    assert sql(d, "PRAGMA user_version") == [(2,)]
+    from keyden.persist import database
+    monkeypatch.setattr(database, "STORE_FORMAT", 1)  # a keyden from before the binding
+    with pytest.raises(database.StartupError, match=r"store format 2; this one reads format 1"):
+        database.Database(db_path(d))
+    monkeypatch.undo()
+    d.start()
+    with persistent(d) as c:
+        assert c.pkey_query(bound).supported_ops == 0x4 | 0x8  # sign and verify only: still bound
+        c.unlink(bound, ring)
+    d.stop()
+    assert sql(d, "PRAGMA user_version") == [(2,)]  # never lowered
 
 
 def test_after_a_rekey_every_manifest_bucket_opens_under_the_new_key(fresh_daemon):

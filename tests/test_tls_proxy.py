@@ -7,6 +7,7 @@ loaded by the test.  Upstream is Python's http.server over TCP or a Unix socket,
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import os
@@ -171,7 +172,8 @@ def test_usage_errors(daemon):
                  ["--listen", "127.0.0.1:99999", *whole], ["--listen", "127.0.0.1:0", "--max-connections", "-1", *whole],
                  ["--listen", "127.0.0.1:0", "--max-connections", "0", *whole],
                  *(["--listen", "127.0.0.1:0", "--handshake-timeout", t, *whole] for t in ("0", "500", "nan")),
-                 *(["--listen", "127.0.0.1:0", "--close-timeout", t, *whole] for t in ("0", "-1", "4000", "nan", "x"))):
+                 *(["--listen", "127.0.0.1:0", "--close-timeout", t, *whole] for t in ("0", "-1", "4000", "nan", "x")),
+                 *(["--listen", "127.0.0.1:0", "--idle-timeout", t, *whole] for t in ("-1", "1e9", "nan", "x"))):
         out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", *args],
                              capture_output=True, timeout=TIMEOUT, cwd=REPO)
         assert out.returncode == 2, (args, out.stderr.decode())
@@ -512,33 +514,60 @@ def test_the_proxy_v2_header_refuses_what_its_lengths_cannot_say():
 # ------------------------------------------------ what splice and the listener owe the two ends
 
 
+@contextlib.contextmanager
+def one_connection_backend(serve, listener: socket.socket):
+    """A backend on ``listener`` that accepts one connection and runs ``serve(conn)`` on it in a thread;
+    on exit, ``serve``'s wait (its ``release`` event) ends and both are closed."""
+    release = threading.Event()
+
+    def run():
+        conn, _ = listener.accept()
+        with conn:
+            serve(conn, release)
+
+    backend = threading.Thread(target=run, daemon=True)
+    backend.start()
+    try:
+        yield
+    finally:
+        release.set()
+        backend.join(TIMEOUT)
+        listener.close()
+
+
+@contextlib.contextmanager
+def tls_to(port: int, pki):
+    """A TLS connection through the proxy on ``port``, as a client of a.test trusting the test CA."""
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
+            context.wrap_socket(raw, server_hostname="a.test") as tls:
+        yield tls
+
+
+def unix_listener(path: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    return listener
+
+
 def test_an_upstream_that_stops_reading_still_gets_its_answer_to_the_client(proxy, pki, tmp_path):
     """A backend that refuses an upload (stops reading, answers later, closes: an early 413) must have its
     answer delivered, as straight over TCP: only the direction towards it is over."""
     path = str(tmp_path / "early.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen()
 
-    def refuse_the_upload():
-        conn, _ = listener.accept()
-        with conn:
-            conn.shutdown(socket.SHUT_RD)  # the proxy's writes fail from now on (EPIPE) ...
-            threading.Event().wait(1.0)    # ... before the answer comes
-            conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    def refuse_the_upload(conn, _release):
+        conn.shutdown(socket.SHUT_RD)  # the proxy's writes fail from now on (EPIPE) ...
+        threading.Event().wait(1.0)    # ... before the answer comes
+        conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
 
-    backend = threading.Thread(target=refuse_the_upload, daemon=True)
-    backend.start()
-    port = proxy("--forward", "unix:" + path)
-    context = ssl.create_default_context(cafile=pki.ca.cert_path)
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
-            context.wrap_socket(raw, server_hostname="a.test") as tls:
-        tls.sendall(b"PUT /upload HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + bytes(256 << 10))
-        answer = b""
-        while chunk := tls.recv(4096):
-            answer += chunk
-    backend.join(TIMEOUT)
-    listener.close()
+    with one_connection_backend(refuse_the_upload, unix_listener(path)):
+        port = proxy("--forward", "unix:" + path)
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"PUT /upload HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + bytes(256 << 10))
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
     assert answer == b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -572,34 +601,57 @@ def test_a_side_that_stops_reading_but_never_answers_lets_go_of_the_connection()
 
 
 def test_close_timeout_bounds_a_backend_that_stops_reading_and_never_answers(proxy, pki, tmp_path):
-    """--close-timeout, through the real proxy: the client is let go of after the timeout, not the default
-    10 s, while the backend still holds its end open."""
+    """--close-timeout, through the real proxy: once a write to the backend fails (it shut its end for
+    reading), the client is let go of after the timeout, not the default 10 s, while the backend still
+    holds its end open."""
     path = str(tmp_path / "mute.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen()
-    release = threading.Event()
 
-    def stop_reading_and_say_nothing():
-        conn, _ = listener.accept()
-        with conn:
-            conn.shutdown(socket.SHUT_RD)
-            release.wait(TIMEOUT)
+    def stop_reading_and_say_nothing(conn, release):
+        conn.shutdown(socket.SHUT_RD)
+        release.wait(TIMEOUT)
 
-    backend = threading.Thread(target=stop_reading_and_say_nothing, daemon=True)
-    backend.start()
-    port = proxy("--forward", "unix:" + path, "--close-timeout", "0.5")
-    context = ssl.create_default_context(cafile=pki.ca.cert_path)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
-                context.wrap_socket(raw, server_hostname="a.test") as tls:
+    with one_connection_backend(stop_reading_and_say_nothing, unix_listener(path)):
+        port = proxy("--forward", "unix:" + path, "--close-timeout", "0.5")
+        with tls_to(port, pki) as tls:
             tls.settimeout(5)  # well under the default close timeout of 10 s
             tls.sendall(b"PUT /upload HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + bytes(64 << 10))
             try:
                 assert tls.recv(4096) == b""  # let go of: end of data (close_notify), or ...
             except ConnectionResetError:
                 pass  # ... reset, since the proxy discarded the rest of the upload unread
-    finally:
-        release.set()
-        backend.join(TIMEOUT)
-        listener.close()
+
+
+def test_idle_timeout_ends_a_connection_to_a_backend_that_neither_reads_nor_closes(proxy, pki):
+    """A TCP backend that stops reading but keeps its end open never makes a write fail: the proxy's write
+    just blocks.  --idle-timeout ends such a connection once no byte has moved either way for that long."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def stall(_conn, release):
+        release.wait(TIMEOUT)  # reads nothing, answers nothing, closes nothing
+
+    with one_connection_backend(stall, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}", "--idle-timeout", "1")
+        with tls_to(port, pki) as tls:
+            tls.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # every buffer on the way fills, then the upload stalls
+                for _ in range(4096):  # 256 MiB at most
+                    tls.sendall(bytes(64 << 10))
+            tls.settimeout(5)  # well under the default idle timeout of 12 hours
+            assert tls.recv(100) == b""  # the proxy let go: keyden's close_notify
+
+
+def test_idle_timeout_spares_a_connection_whose_bytes_keep_moving(proxy, pki, tmp_path):
+    """Traffic in either direction keeps a connection alive past --idle-timeout: it is not a lifetime."""
+    path = str(tmp_path / "echo.sock")
+
+    def echo(conn, _release):
+        while data := conn.recv(100):
+            conn.sendall(data)
+
+    with one_connection_backend(echo, unix_listener(path)):
+        port = proxy("--forward", "unix:" + path, "--idle-timeout", "0.6")
+        with tls_to(port, pki) as tls:
+            for i in range(8):  # 8 x 0.25 s: over three times the idle timeout in all
+                tls.sendall(b"%d" % i)
+                assert tls.recv(100) == b"%d" % i
+                threading.Event().wait(0.25)

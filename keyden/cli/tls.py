@@ -21,6 +21,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 from cryptography.x509.oid import NameOID
 
@@ -30,8 +31,10 @@ from keyden.client import tls as client_tls
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 CHUNK = 64 * 1024
-CLOSE_TIMEOUT = 10.0  # default seconds a side that stopped reading has to finish its answer and close (splice)
+CLOSE_TIMEOUT = 10.0  # default seconds the other side has to finish and close once one side closed (splice)
 MAX_CLOSE_TIMEOUT = 3600.0
+IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
+MAX_IDLE_TIMEOUT = 7 * 86400.0
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
 
@@ -68,7 +71,7 @@ def cmd_tls_proxy(ctx, args) -> int:
     print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
-                   opts.close_timeout)
+                   opts.close_timeout, opts.idle_timeout)
     try:
         proxy.run(listener)
     except KeyboardInterrupt:
@@ -90,8 +93,11 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
     p.add_argument("--max-connections", type=int, default=256)
     p.add_argument("--close-timeout", type=float, default=CLOSE_TIMEOUT, metavar="SECONDS",
-                   help="once one side stops reading, how long the other has to finish its answer and close "
-                        f"(default {CLOSE_TIMEOUT:g})")
+                   help="once one side has closed (a write to it fails), how long the other has to finish its "
+                        f"answer and close (default {CLOSE_TIMEOUT:g})")
+    p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
+                   help="close a connection that moved no byte either way for this long, a side that stopped "
+                        f"reading but keeps its end open included (default {IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="begin each upstream connection with a PROXY protocol v2 header: the client's address, "
                         "SNI, ALPN, TLS version and cipher, client certificate CN (the upstream must expect it)")
@@ -106,6 +112,8 @@ def _parse(args: list[str]) -> argparse.Namespace:
                       f"{MAX_HANDSHAKE_TIMEOUT:g}")
     if not 0 < opts.close_timeout <= MAX_CLOSE_TIMEOUT:
         raise Exit(2, f"tls-proxy: --close-timeout takes seconds, more than 0 and at most {MAX_CLOSE_TIMEOUT:g}")
+    if not 0 <= opts.idle_timeout <= MAX_IDLE_TIMEOUT:
+        raise Exit(2, f"tls-proxy: --idle-timeout takes seconds, 0 (never) up to {MAX_IDLE_TIMEOUT:g}")
     return opts
 
 
@@ -205,13 +213,15 @@ def _common_name(info: client_tls.TlsInfo) -> str | None:
 
 class _Proxy:
     def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int,
-                 proxy_protocol: bool = False, close_timeout: float = CLOSE_TIMEOUT):
+                 proxy_protocol: bool = False, close_timeout: float = CLOSE_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT):
         self.client = client
         self.keyring = keyring
         self.tls_options = tls_options
         self.forward = forward
         self.proxy_protocol = proxy_protocol
         self.close_timeout = close_timeout
+        self.idle_timeout = idle_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
         self.lost_keyden = False
 
@@ -273,7 +283,7 @@ class _Proxy:
                     upstream.close()
                     _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
                     return
-            splice(plain, upstream, self.close_timeout)
+            splice(plain, upstream, self.close_timeout, self.idle_timeout)
         finally:
             self.slots.release()
 
@@ -320,13 +330,16 @@ class _Proxy:
         return socket.create_connection(self.forward)
 
 
-def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT) -> None:
+def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
+           idle_timeout: float = 0.0) -> None:
     """Copy both ways until both ends are done, passing each end-of-file on as a half-close.
 
-    A side that stops reading (a backend that answers 413 to an upload and closes) ends only the
-    direction towards it: its answer, on the way the other direction, still gets through, as it
-    would straight over TCP, for up to ``close_timeout`` seconds (a side that neither reads nor answers
-    nor closes must not hold the connection's slot for ever).  A side that breaks (a reset) ends both.
+    A side that closes while the other still sends (a backend that answers 413 to an upload and
+    closes) ends only the direction towards it: its answer, on the way the other direction, still gets
+    through, as it would straight over TCP, for up to ``close_timeout`` seconds.  A side that breaks (a
+    reset) ends both.  With an ``idle_timeout``, a connection on which no byte moved either way for that
+    long ends too: a side that stops reading but keeps its end open (a write to it blocks, never fails)
+    must not hold the connection's slot for ever.
     """
     def end_both() -> None:
         for s in (a, b):
@@ -336,29 +349,45 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 pass
 
     grace: list[threading.Timer] = []
+    moved = [time.monotonic()]  # when a byte last moved, either way
+    finished = threading.Event()
 
     def copy(src: socket.socket, dst: socket.socket) -> None:
         try:
             while chunk := src.recv(CHUNK):
+                moved[0] = time.monotonic()
                 try:
                     dst.sendall(chunk)
-                except OSError:  # dst reads no more: this direction is over; the other carries its answer
+                except OSError:  # dst is closed: this direction is over; the other carries its answer
                     timer = threading.Timer(close_timeout, end_both)
                     timer.daemon = True
                     grace.append(timer)
                     timer.start()
                     return
+                moved[0] = time.monotonic()
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # src broke: end both directions
             end_both()
 
+    def end_when_idle() -> None:
+        while not finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
+            if time.monotonic() - moved[0] >= idle_timeout:
+                end_both()
+                return
+
+    watch = threading.Thread(target=end_when_idle, daemon=True) if idle_timeout else None
+    if watch is not None:
+        watch.start()
     back = threading.Thread(target=copy, args=(b, a), daemon=True)
     back.start()
     copy(a, b)
     back.join()
+    finished.set()
     for timer in grace:
         timer.cancel()
         timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
+    if watch is not None:
+        watch.join()
     a.close()
     b.close()
 

@@ -21,6 +21,7 @@ from keyden.client.operations import as_value_error, binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
 MAX_HELPER_STREAMS = 32
+_CLOSING: set[asyncio.Future] = set()  # aborts of streams opened for callers who had gone, until they are done
 T = TypeVar("T")
 
 
@@ -42,7 +43,9 @@ async def _new_stream(client, request: Callable[[], Awaitable[T]], handle_of: Ca
     except asyncio.CancelledError:
         def close_it(done: asyncio.Future) -> None:
             if not done.cancelled() and done.exception() is None:
-                asyncio.ensure_future(_abort(client, handle_of(done.result())))
+                closing = asyncio.ensure_future(_abort(client, handle_of(done.result())))
+                _CLOSING.add(closing)  # the loop holds tasks weakly: kept until done
+                closing.add_done_callback(_CLOSING.discard)
         opening.add_done_callback(close_it)
         raise
 

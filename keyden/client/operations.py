@@ -35,7 +35,11 @@ def _bytes(data) -> bytes:
     return binary(data)
 
 
-class NotBytes(E.EINVAL, TypeError):
+class WrongType(E.EINVAL, TypeError):
+    """EINVAL for an argument of the wrong kind; Python's TypeError too, as a library call raises for one."""
+
+
+class NotBytes(WrongType):
     """EINVAL for text or a number where bytes belong; pyca's TypeError too, so code written for pyca's
     classes sees what it would there (not a ValueError, which a JWE library takes for a failed decryption)."""
 
@@ -87,7 +91,16 @@ def key_flags(no_export: bool, use) -> int:
     flags = NO_EXPORT if no_export else 0
     if use is None:
         return flags
-    names = [name.strip() for name in (use.split(",") if isinstance(use, str) else use)]
+    if isinstance(use, str):
+        names = use.split(",")
+    else:
+        iterable = hasattr(use, "__iter__") and not isinstance(use, (bytes, bytearray, memoryview))
+        names = list(use) if iterable else [use]
+        odd = [name for name in names if not isinstance(name, str)]
+        if odd:
+            raise WrongType(f"use takes a name, names joined by commas, or an iterable of names, not "
+                            f"{type(odd[0]).__name__}")
+    names = [name.strip() for name in names]
     if not any(names):
         raise E.EINVAL(f"name at least one use ({', '.join(KEY_USES)}), or none at all for every use")
     for name in names:

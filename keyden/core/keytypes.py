@@ -176,14 +176,9 @@ class AsymmetricType(KeyType):
         return True
 
     def check_uses(self, payload: Any, uses: tuple[str, ...]) -> None:
-        """A binding must name uses the algorithm has (PKCS#11's CKR_TEMPLATE_INCONSISTENT): an Ed25519 key
-        bound to decrypt would do nothing at all."""
         from keyden.crypto import asymmetric
 
-        possible = asymmetric.USES_OF_ALGORITHM[payload.algo]
-        impossible = [use for use in uses if use not in possible]
-        if impossible:
-            raise E.EINVAL(f"{payload.algo} keys cannot {','.join(impossible)}; they can {','.join(possible)}")
+        asymmetric.check_uses(payload.algo, uses)
 
     def summary(self, payload: Any, quota_len: int) -> str:
         """asymmetric_key_describe: the key's kind and algorithm, and the tail of its key id."""

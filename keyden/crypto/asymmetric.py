@@ -440,13 +440,33 @@ _GENERATE = {
 }
 
 
-def generate(spec: str) -> ParsedKey:
-    """Create a fresh private key inside the daemon (RSA e=65537, P-256/P-384, Ed25519)."""
+def _generation(spec: str) -> tuple[str, object]:
+    """What ``generate`` makes for a spec: (kind, size or curve); EINVAL for one it does not know."""
     if not isinstance(spec, str) or spec not in _GENERATE:
         shown = repr(spec[:40]) if isinstance(spec, str) else type(spec).__name__  # a spec is never secret
         raise E.EINVAL(f"unknown key spec {shown}; use one of {', '.join(_GENERATE)}, or for symmetric keys "
                        f"{symmetric.KEY_SPECS}")
-    kind, arg = _GENERATE[spec]
+    return _GENERATE[spec]
+
+
+def algorithm_of_spec(spec: str) -> str:
+    """The algorithm (ParsedKey.algo) ``generate(spec)`` would make, known before any work is done."""
+    kind, _arg = _generation(spec)
+    return {"rsa": "rsa", "ec": "ecdsa", "x25519": "x25519"}.get(kind, "ed25519")
+
+
+def check_uses(algo: str, uses: Iterable[str]) -> None:
+    """EINVAL unless every use a key is bound to is one its algorithm has (PKCS#11's
+    CKR_TEMPLATE_INCONSISTENT): an Ed25519 key bound to decrypt would do nothing at all."""
+    possible = USES_OF_ALGORITHM[algo]
+    impossible = [use for use in uses if use not in possible]
+    if impossible:
+        raise E.EINVAL(f"{algo} keys cannot {','.join(impossible)}; they can {','.join(possible)}")
+
+
+def generate(spec: str) -> ParsedKey:
+    """Create a fresh private key inside the daemon (RSA e=65537, P-256/P-384, Ed25519)."""
+    kind, arg = _generation(spec)
     if kind == "rsa":
         priv = rsa.generate_private_key(public_exponent=65537, key_size=arg)
     elif kind == "ec":

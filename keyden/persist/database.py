@@ -15,6 +15,7 @@ import sqlite3
 import stat
 from typing import Iterable, Iterator
 
+from keyden.core.store import ASYMMETRIC_USE_FLAGS
 from keyden.persist.master import StartupError, make_dirs, require_own
 from keyden.persist.records import COLUMNS, Row
 
@@ -40,8 +41,12 @@ CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT
 #: The layout of tables and rows this code reads and writes, kept in SQLite's user_version.  A store of a
 #: newer format is refused before anything is written to it: an older keyden must not take a newer one's
 #: rows for damaged ones.  (0: a store from before the number was kept, which is format 1; numbered with
-#: its next write.)
-STORE_FORMAT = 1
+#: its next write.)  Format 2 is format 1 with rows whose flags bind an asymmetric key to its uses
+#: (store.ASYMMETRIC_USE): a keyden that reads only format 1 would load such a key unbound, so a store is
+#: numbered 2 from the first write of such a row, and that keyden refuses it.  A store with no bound key
+#: stays format 1: going back to an older keyden stays possible while it would change nothing.
+STORE_FORMAT = 2
+FORMAT_OF_UNBOUND_KEYS = 1
 _UPSERT = f"INSERT OR REPLACE INTO keys ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -65,7 +70,7 @@ class Database:
                 raise StartupError(f"{path} was written by a newer keyden (store format {stored}; this one "
                                    f"reads format {STORE_FORMAT}): run that version, or one that reads it")
             self.conn.executescript(SCHEMA)
-            self._unnumbered = stored != STORE_FORMAT  # numbered by the first write: opening writes nothing
+            self._format = stored  # numbered by the first write that needs it: opening writes nothing
         except sqlite3.DatabaseError as exc:
             os.close(self._lock_fd)
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
@@ -95,6 +100,7 @@ class Database:
     def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None,
               buckets: dict[int, bytes] | None = None) -> None:
         """One transaction (rows, manifest buckets and meta together); on disk (WAL synced) when this returns."""
+        upserts = list(upserts)
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -105,14 +111,21 @@ class Database:
                                 list(buckets.items()))
             if meta:
                 cur.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(meta.items()))
-            if self._unnumbered:
-                cur.execute(f"PRAGMA user_version = {STORE_FORMAT}")
+            needed = self._format_for(upserts)
+            if needed != self._format:
+                cur.execute(f"PRAGMA user_version = {needed}")
             cur.execute("COMMIT")
-            self._unnumbered = False
+            self._format = needed
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+
+    def _format_for(self, upserts: list[Row]) -> int:
+        """The store's format once ``upserts`` are in: never lower than it was (lowering it would take a
+        look at every row, to know that no bound key is left)."""
+        bound = any(row.flags & ASYMMETRIC_USE_FLAGS for row in upserts)
+        return max(self._format, STORE_FORMAT if bound else FORMAT_OF_UNBOUND_KEYS)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database and empty it: rows overwritten before this leave no old version

@@ -142,8 +142,10 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
 
 def wrapping_use(parsed) -> str:
     """The use (store.ASYMMETRIC_USE's name) a held key serves when an export is wrapped to it or opened
-    with it: RSA-OAEP transports the content key (decrypt); X25519 and ECDH agree on it (derive)."""
-    return "decrypt" if isinstance(parsed.public_key, rsa.RSAPublicKey) else "derive"
+    with it: RSA-OAEP transports the content key (decrypt); X25519 and ECDH agree on it (derive).  A key
+    that can do neither (Ed25519) is EINVAL first, whatever it is bound to."""
+    public = _encryption_key(parsed.public_key)
+    return "decrypt" if isinstance(public, rsa.RSAPublicKey) else "derive"
 
 
 def recipient_key(data: bytes):

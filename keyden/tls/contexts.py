@@ -30,11 +30,11 @@ from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
 from keyden.tls.material import Identity, choose, identities
 
 MAX_CACHED = 64
-#: TLS 1.2's cipher suites: CPython's own default list, and no RSA key transport or PSK, set here because a
-#: CPython built to take OpenSSL's defaults offers RSA key transport too, where an RSA identity key would
-#: decrypt the client's premaster secret.  With these, an identity's private key only ever signs (a
-#: ``sign`` use of it, store.ASYMMETRIC_USE); TLS 1.3 agrees on keys by (EC)DHE always.
-TLS12_CIPHERS = "@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM:!kRSA:!PSK"
+#: The key exchanges keyden's TLS 1.2 suites may use: (EC)DHE, where the identity key only signs.  RSA key
+#: transport would have an RSA identity key decrypt the client's premaster secret (a ``decrypt`` use of a key
+#: that may be bound to ``sign``, store.ASYMMETRIC_USE); PSK and SRP suites authenticate with no key at all.
+#: TLS 1.3 agrees on keys by (EC)DHE always.
+TLS12_KEY_EXCHANGES = ("kx-ecdhe", "kx-dhe")
 
 
 class TlsSocket(ssl.SSLSocket):
@@ -184,8 +184,8 @@ def client_context(trust: list[x509.Certificate], identity_keys: list | None, fl
 
 def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if flags & TLS13_ONLY else ssl.TLSVersion.TLSv1_2
+    tls12 = _keep_key_exchanges(ctx)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if flags & TLS13_ONLY or not tls12 else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a peer must not make us redo expensive handshakes at will
     # A TCP end without close_notify reads as end of file (docs/tls.md), not a fatal error: the
     # application still gets to answer, as after close_notify.
@@ -194,6 +194,17 @@ def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+def _keep_key_exchanges(ctx: ssl.SSLContext) -> bool:
+    """Narrow the TLS 1.2 suites this Python and its system policy enable to TLS12_KEY_EXCHANGES, in their
+    order (the policy's choices and security level stand; RSA key transport goes, whatever this Python was
+    built with).  False if none is left: then TLS 1.2 is off."""
+    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"]
+    kept = [c["name"] for c in tls12 if c["kea"] in TLS12_KEY_EXCHANGES]
+    if kept and len(kept) < len(tls12):
+        ctx.set_ciphers(":".join(kept))
+    return bool(kept)
 
 
 def _load_trust(ctx: ssl.SSLContext, trust: list[x509.Certificate]) -> None:

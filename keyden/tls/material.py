@@ -35,14 +35,19 @@ def keyring_keys(store, caller, keyring: int) -> list:
     """The parsed asymmetric keys in a keyring tree the caller may search for, in link order, to present.
 
     The private key of each identity among them signs the handshake and does nothing else (the contexts
-    agree on keys by (EC)DHE only, never by RSA key transport): the store hands it out for ``sign``, so a
-    key bound to other uses is refused (EOPNOTSUPP).  Other private keys in the tree are not used.
+    agree on keys by (EC)DHE only, never by RSA key transport), so a private key bound to other uses
+    (store.ASYMMETRIC_USE) is left out, and its certificate is no identity: a key-transport certificate
+    filed beside a server's does not stop the server.  If that leaves no identity at all, the first
+    such key's refusal (EOPNOTSUPP) says why.  Other private keys in the tree are not used.
     """
     with store.lock:
         held = trust.trusted_keys(store, caller, keyring)
-        signing = {id(private) for _certified, private in _pairs([parsed for _serial, parsed in held])}
-        return [store.asymmetric(caller, serial, "sign") if id(parsed) in signing else parsed
-                for serial, parsed in held]
+        serial_of = {id(parsed): serial for serial, parsed in held}
+        paired = [serial_of[id(private)] for _certified, private in _pairs([parsed for _serial, parsed in held])]
+        cannot_sign = {serial for serial in paired if "sign" not in store.asymmetric_uses(caller, serial)[1]}
+        if cannot_sign and cannot_sign.issuperset(paired):
+            store.asymmetric(caller, paired[0], "sign")  # raises: the key, its uses, and sign
+        return [parsed for serial, parsed in held if serial not in cannot_sign]
 
 
 def _pairs(keys: list) -> list[tuple]:

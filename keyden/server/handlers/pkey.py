@@ -62,6 +62,8 @@ def _genkey(ctx, spec, description, keyring, flags=0):
         # It keys its one use; a unique default name, so a second unnamed key is no namesake of the first.
         return (ctx.store.create_internal(ctx.caller, logon, description, value, quota, keyring,
                                           flags=flags | S.FOR_USE[made.use], unique_prefix=f"keyden:{made.hint}-"),)
+    # The binding is checked before the key is made: an RSA-4096 key takes a second, for nothing if refused.
+    asymmetric.check_uses(asymmetric.algorithm_of_spec(spec), S.uses_of(flags & S.ASYMMETRIC_USE_FLAGS))
     parsed = asymmetric.generate(spec)
     ktype = T.REGISTRY["asymmetric"]
     return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, T.asymmetric_quota(), keyring,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core.store import NO_EXPORT
-from keyden.crypto import agreement
+from keyden.crypto import agreement, asymmetric
 from keyden.protocol import Op
 from keyden.server.handlers import handles
 
@@ -35,8 +35,9 @@ def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int
 
 @handles(Op.DERIVE)
 def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, keyring, perm, timeout):
-    """ECDH with a held private key, then a KDF, into a new logon key: a ``derive`` use of both keys
-    (the peer's too, when given by serial).
+    """ECDH with a held private key, then a KDF, into a new logon key: a ``derive`` use of the private key
+    (as PKCS#11's CKA_DERIVE is the base key's; the peer's key, given by serial, lends only its public half,
+    which ``public_key`` gives out anyway).
 
     The result is non-exportable unless the caller could export the private
     key itself: using it needs only search, and what it protects must not
@@ -47,7 +48,7 @@ def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, 
         raise E.EOPNOTSUPP(f"{mine.algo} keys cannot agree on keys; use EC P-256/P-384 or X25519")
     if bool(peer) == bool(peer_key):
         raise E.EINVAL("give the peer's public key either as bytes or as a key serial")
-    their = ctx.store.asymmetric(ctx.caller, peer_key, "derive").public_key if peer_key else peer
+    their = ctx.store.asymmetric(ctx.caller, peer_key, None).public_key if peer_key else peer  # public: no use
     shared = agreement.ecdh(mine.private_key_for_internal_use(), their)
     material = _kdf(kdf, shared, length, salt, info)
     return (store_secret(ctx, material, description, keyring, perm, timeout, flags=flags),)
@@ -102,6 +103,7 @@ def _pkey_decrypt_into(ctx, key, info, data, description, keyring, perm):
     Like a derived key, it is non-exportable unless the caller could export the private key that
     unwrapped it.
     """
+    asymmetric.check_info(info)  # the grammar first, as every KEYCTL_PKEY_* op checks it
     private, flags = ctx.store.asymmetric_source(ctx.caller, key, "decrypt")
     material = private.decrypt(info, data)
     return (store_secret(ctx, material, description, keyring, perm, 0, flags=flags),)
