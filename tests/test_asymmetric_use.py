@@ -299,6 +299,25 @@ def test_a_key_transport_identity_beside_a_servers_own_does_not_stop_the_server(
         app.close()
 
 
+def test_the_same_key_loaded_twice_serves_whichever_copy_may_sign(client, tmp_path):
+    """One key pair loaded twice, bound differently: the copy free to sign makes the identity, in either
+    order of loading (pairing used to keep only the last private key of each key id)."""
+    pki = Pki(str(tmp_path))
+    server = pki.issue("twice.test", dns=("twice.test",), issuer=pki.ca)
+    for first, second in (("sign", "derive"), ("derive", "sign")):
+        ring = client.newring(f"tls-twice-{first}")
+        client.add("asymmetric", "", server.cert_pem, ring)
+        client.add("asymmetric", f"{first} copy", server.key_pem, ring, use=first)
+        client.add("asymmetric", f"{second} copy", server.key_pem, ring, use=second)
+        app = App(client, keyring=ring)
+        try:
+            app.serve()
+            _session, reply = python_peer(app.port, "twice.test", pki.ca)
+            assert reply == b"echo: hello\n", (first, second)
+        finally:
+            app.close()
+
+
 def test_the_tls_contexts_offer_no_rsa_key_transport_whatever_pythons_defaults(monkeypatch):
     """An RSA identity key must never decrypt a client's premaster secret, a decrypt use of a key bound to
     sign: keyden sets its own cipher list rather than take what this Python was built with (here, as a
@@ -317,8 +336,9 @@ def test_the_tls_contexts_offer_no_rsa_key_transport_whatever_pythons_defaults(m
 
 
 def test_the_tls_contexts_keep_the_systems_choice_of_suites_but_rsa_key_transport(monkeypatch):
-    """A system policy's cipher list (crypto-policies: its own order and suites) stands, narrowed to (EC)DHE;
-    one with no (EC)DHE suite left turns TLS 1.2 off rather than offer RSA key transport."""
+    """A system policy's cipher list (crypto-policies: its own order and suites) stands, narrowed to (EC)DHE
+    suites authenticated by a certificate, with encryption; one with none left turns TLS 1.2 off rather than
+    offer RSA key transport; one of "ALL" offers no anonymous or null suite."""
     made = ssl.SSLContext.__new__
     policy = ["AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:DHE-RSA-AES256-GCM-SHA384"]
 
@@ -334,6 +354,12 @@ def test_the_tls_contexts_keep_the_systems_choice_of_suites_but_rsa_key_transpor
     policy[0] = "AES128-GCM-SHA256:AES256-GCM-SHA384"  # RSA key transport only
     ctx = contexts._base(ssl.PROTOCOL_TLS_SERVER, 0, ())
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    policy[0] = "ALL:eNULL:@SECLEVEL=0"  # anonymous (aNULL) and unencrypted (eNULL) suites too
+    for protocol in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+        kept = [c for c in contexts._base(protocol, 0, ()).get_ciphers() if c["protocol"] != "TLSv1.3"]
+        assert kept and {(c["kea"], c["auth"]) for c in kept} <= {
+            ("kx-ecdhe", "auth-rsa"), ("kx-ecdhe", "auth-ecdsa"), ("kx-dhe", "auth-rsa")}, kept
+        assert all(c["symmetric"] for c in kept)
 
 
 # ------------------------------------------------------------------ exports and restarts
@@ -360,7 +386,8 @@ def test_an_export_carries_the_binding_and_the_copy_does_only_what_the_original_
 
 
 def test_a_key_an_export_is_wrapped_to_or_opened_with_is_used_to_decrypt_rsa_or_to_derive(client):
-    """Wrapping to an RSA key is key transport (decrypt); to an EC or X25519 key, key agreement (derive)."""
+    """Wrapping to or opening with an RSA key is key transport (decrypt); opening with an EC or X25519 key,
+    key agreement (derive), while wrapping to one uses its public half only."""
     secret = client.add("user", "to-move", b"moved", "@s")
     client.setperm(secret, READABLE)
     rsa_transport = client.genkey("rsa:2048", "rsa-transport", "@s", use="decrypt")
@@ -374,8 +401,10 @@ def test_a_key_an_export_is_wrapped_to_or_opened_with_is_used_to_decrypt_rsa_or_
         client.unlink(copy, dest)
     with _refused(rsa_signer, "decrypt", "sign"):
         client.export(secret, to_public_key=rsa_signer)
-    with _refused(ec_signer, "derive", "sign"):
-        client.export(secret, to_public_key=ec_signer)
+    # Wrapping to an EC key agrees an ephemeral key with its public half only (as derive's peer): no use.
+    blob = client.export(secret, to_public_key=ec_signer)
+    with _refused(ec_signer, "derive", "sign"):  # opening it is the private half's agreement: derive
+        client.import_key(blob, ec_signer, dest)
     # Sealed to their public halves from outside, the blobs still do not open with them.
     for holder, use in ((rsa_signer, "decrypt"), (ec_signer, "derive")):
         blob = client.export(secret, to_public_key=client.public_key_bytes(holder)[0])

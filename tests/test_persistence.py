@@ -685,6 +685,16 @@ def test_a_store_holding_a_bound_key_is_format_2_which_an_older_keyden_refuses(f
         c.unlink(bound, ring)
     d.stop()
     assert sql(d, "PRAGMA user_version") == [(2,)]  # never lowered
+    d.start()
+    with persistent(d) as c:
+        c.genkey("ed25519", "bound again", ring, use="sign")
+    d.stop()
+    sql(d, "PRAGMA user_version = 1")  # as a keyden that kept bound keys in format 1 left it
+    d.start()
+    with persistent(d) as c:
+        c.add("user", "unrelated", b"write", ring)
+    d.stop()
+    assert sql(d, "PRAGMA user_version") == [(2,)]  # numbered for the bound row already there
 
 
 def test_after_a_rekey_every_manifest_bucket_opens_under_the_new_key(fresh_daemon):

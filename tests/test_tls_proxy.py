@@ -173,7 +173,7 @@ def test_usage_errors(daemon):
                  ["--listen", "127.0.0.1:0", "--max-connections", "0", *whole],
                  *(["--listen", "127.0.0.1:0", "--handshake-timeout", t, *whole] for t in ("0", "500", "nan")),
                  *(["--listen", "127.0.0.1:0", "--close-timeout", t, *whole] for t in ("0", "-1", "4000", "nan", "x")),
-                 *(["--listen", "127.0.0.1:0", "--idle-timeout", t, *whole] for t in ("-1", "1e9", "nan", "x"))):
+                 *(["--listen", "127.0.0.1:0", "--idle-timeout", t, *whole] for t in ("-1", "0.5", "1e9", "nan", "x"))):
         out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", *args],
                              capture_output=True, timeout=TIMEOUT, cwd=REPO)
         assert out.returncode == 2, (args, out.stderr.decode())
@@ -649,9 +649,9 @@ def test_idle_timeout_spares_a_connection_whose_bytes_keep_moving(proxy, pki, tm
             conn.sendall(data)
 
     with one_connection_backend(echo, unix_listener(path)):
-        port = proxy("--forward", "unix:" + path, "--idle-timeout", "0.6")
+        port = proxy("--forward", "unix:" + path, "--idle-timeout", "1")
         with tls_to(port, pki) as tls:
-            for i in range(8):  # 8 x 0.25 s: over three times the idle timeout in all
+            for i in range(8):  # 8 x 0.4 s: over three times the idle timeout in all
                 tls.sendall(b"%d" % i)
                 assert tls.recv(100) == b"%d" % i
-                threading.Event().wait(0.25)
+                threading.Event().wait(0.4)

@@ -34,7 +34,7 @@ CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 10.0  # default seconds the other side has to finish and close once one side closed (splice)
 MAX_CLOSE_TIMEOUT = 3600.0
 IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
-MAX_IDLE_TIMEOUT = 7 * 86400.0
+MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
 
@@ -96,8 +96,10 @@ def _parse(args: list[str]) -> argparse.Namespace:
                    help="once one side has closed (a write to it fails), how long the other has to finish its "
                         f"answer and close (default {CLOSE_TIMEOUT:g})")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
-                   help="close a connection that moved no byte either way for this long, a side that stopped "
-                        f"reading but keeps its end open included (default {IDLE_TIMEOUT:g}; 0: never)")
+                   help="close a connection on which the proxy moved no byte either way for this long, a side "
+                        "that stopped reading but keeps its end open included; megabytes of buffers lie between "
+                        "the proxy and each peer, so keep it well above what the slowest peer takes to read "
+                        f"them (default {IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="begin each upstream connection with a PROXY protocol v2 header: the client's address, "
                         "SNI, ALPN, TLS version and cipher, client certificate CN (the upstream must expect it)")
@@ -112,8 +114,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
                       f"{MAX_HANDSHAKE_TIMEOUT:g}")
     if not 0 < opts.close_timeout <= MAX_CLOSE_TIMEOUT:
         raise Exit(2, f"tls-proxy: --close-timeout takes seconds, more than 0 and at most {MAX_CLOSE_TIMEOUT:g}")
-    if not 0 <= opts.idle_timeout <= MAX_IDLE_TIMEOUT:
-        raise Exit(2, f"tls-proxy: --idle-timeout takes seconds, 0 (never) up to {MAX_IDLE_TIMEOUT:g}")
+    if not (opts.idle_timeout == 0 or MIN_IDLE_TIMEOUT <= opts.idle_timeout <= MAX_IDLE_TIMEOUT):
+        raise Exit(2, f"tls-proxy: --idle-timeout takes seconds, {MIN_IDLE_TIMEOUT:g} up to {MAX_IDLE_TIMEOUT:g}, "
+                      "or 0 (never)")
     return opts
 
 

@@ -56,7 +56,7 @@ USE_FLAGS = sum(FOR_USE.values())
 #: pair serving two uses lends each to attacks on the other: an RSA key that decrypts for anyone with search
 #: permission is an oracle against its own signatures (and the reverse).  sign: pkey_sign, pkey_verify, TLS
 #: handshakes; decrypt: pkey_encrypt, pkey_decrypt (--into too), exports to and imports by an RSA key;
-#: derive: key agreement (derive, both keys), exports to and imports by an EC or X25519 key.  Stored with
+#: derive: key agreement (derive's private key), imports by an EC or X25519 key.  Stored with
 #: persistent keys and in exports: never reused, and never 0x100-0x400, a stored key's row's own bits
 #: (persist/records.py).
 ASYMMETRIC_USE = {"sign": 0x800, "decrypt": 0x1000, "derive": 0x2000}
@@ -68,8 +68,8 @@ KEY_FLAGS = NO_EXPORT | BINDING_FLAGS
 PERSISTENT_KEYRING_PERM = 0x1F030000
 
 #: What an asymmetric key is handed out for (KeyStore.asymmetric): a use, a function of the parsed key
-#: giving one, or None for public data.
-AsymmetricUse = str | Callable[[Any], str] | None
+#: giving one (or None), or None for public data.
+AsymmetricUse = str | Callable[[Any], str | None] | None
 
 # How a new key counts against its owner's quota (KEY_ALLOC_IN_QUOTA / _QUOTA_OVERRUN / _NOT_IN_QUOTA).
 IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
@@ -1849,8 +1849,10 @@ class KeyStore:
         key, possessed = self._lookup(caller, key_id, P.SEARCH)
         if key.type.name != "asymmetric":
             raise E.EOPNOTSUPP(f"key {key.serial} is not an asymmetric key")
+        if callable(use):
+            use = use(key.payload)
         if use is not None:
-            _refuse_use(key, use if isinstance(use, str) else use(key.payload))
+            _refuse_use(key, use)
         return key.payload, key, possessed
 
     # ------------------------------------------------------------------ garbage

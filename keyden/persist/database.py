@@ -71,6 +71,10 @@ class Database:
                                    f"reads format {STORE_FORMAT}): run that version, or one that reads it")
             self.conn.executescript(SCHEMA)
             self._format = stored  # numbered by the first write that needs it: opening writes nothing
+            # A bound key's row may be there already at a lower number (written by a keyden that kept them
+            # in format 1): the next write numbers the store for it.  The flags column is in the clear.
+            self._holds_bound = stored < STORE_FORMAT and self.conn.execute(
+                "SELECT 1 FROM keys WHERE flags & ? LIMIT 1", (ASYMMETRIC_USE_FLAGS,)).fetchone() is not None
         except sqlite3.DatabaseError as exc:
             os.close(self._lock_fd)
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
@@ -124,7 +128,7 @@ class Database:
     def _format_for(self, upserts: list[Row]) -> int:
         """The store's format once ``upserts`` are in: never lower than it was (lowering it would take a
         look at every row, to know that no bound key is left)."""
-        bound = any(row.flags & ASYMMETRIC_USE_FLAGS for row in upserts)
+        bound = self._holds_bound or any(row.flags & ASYMMETRIC_USE_FLAGS for row in upserts)
         return max(self._format, STORE_FORMAT if bound else FORMAT_OF_UNBOUND_KEYS)
 
     def checkpoint(self) -> None:

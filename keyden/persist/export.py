@@ -140,12 +140,23 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
 # ------------------------------------------------------------------ wrapping
 
 
-def wrapping_use(parsed) -> str:
-    """The use (store.ASYMMETRIC_USE's name) a held key serves when an export is wrapped to it or opened
-    with it: RSA-OAEP transports the content key (decrypt); X25519 and ECDH agree on it (derive).  A key
-    that can do neither (Ed25519) is EINVAL first, whatever it is bound to."""
-    public = _encryption_key(parsed.public_key)
-    return "decrypt" if isinstance(public, rsa.RSAPublicKey) else "derive"
+def recipient_use(parsed) -> str | None:
+    """The use (store.ASYMMETRIC_USE's name) a held key serves when an export is wrapped to it: RSA-OAEP
+    encrypts to it (decrypt, as pkey_encrypt); an X25519 or EC recipient lends only its public half to an
+    ephemeral key agreement (no use, as derive's peer)."""
+    return "decrypt" if _transports(parsed) else None
+
+
+def opening_use(parsed) -> str:
+    """The use a held key serves when an export is opened with it: RSA-OAEP transports the content key to
+    it (decrypt); X25519 and ECDH agree on it with its private half (derive)."""
+    return "decrypt" if _transports(parsed) else "derive"
+
+
+def _transports(parsed) -> bool:
+    """RSA (key transport) or not (X25519, EC: key agreement); EINVAL first for a key that can do neither
+    (Ed25519), whatever it is bound to."""
+    return isinstance(_encryption_key(parsed.public_key), rsa.RSAPublicKey)
 
 
 def recipient_key(data: bytes):

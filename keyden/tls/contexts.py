@@ -35,6 +35,9 @@ MAX_CACHED = 64
 #: that may be bound to ``sign``, store.ASYMMETRIC_USE); PSK and SRP suites authenticate with no key at all.
 #: TLS 1.3 agrees on keys by (EC)DHE always.
 TLS12_KEY_EXCHANGES = ("kx-ecdhe", "kx-dhe")
+#: ... and the authentications: by a certificate's key, never anonymous (aNULL, which a policy of "ALL"
+#: enables: no server authenticated at all).  Suites must encrypt, too (no eNULL).
+TLS12_AUTHENTICATIONS = ("auth-rsa", "auth-ecdsa")
 
 
 class TlsSocket(ssl.SSLSocket):
@@ -197,11 +200,13 @@ def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
 
 
 def _keep_key_exchanges(ctx: ssl.SSLContext) -> bool:
-    """Narrow the TLS 1.2 suites this Python and its system policy enable to TLS12_KEY_EXCHANGES, in their
-    order (the policy's choices and security level stand; RSA key transport goes, whatever this Python was
-    built with).  False if none is left: then TLS 1.2 is off."""
+    """Narrow the TLS 1.2 suites this Python and its system policy enable to TLS12_KEY_EXCHANGES and
+    TLS12_AUTHENTICATIONS, with encryption, in their order (the policy's choices and security level stand;
+    RSA key transport, anonymous and null suites go, whatever this Python was built with).  False if none
+    is left: then TLS 1.2 is off."""
     tls12 = [c for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"]
-    kept = [c["name"] for c in tls12 if c["kea"] in TLS12_KEY_EXCHANGES]
+    kept = [c["name"] for c in tls12 if c["kea"] in TLS12_KEY_EXCHANGES and c["auth"] in TLS12_AUTHENTICATIONS
+            and c["symmetric"] is not None]
     if kept and len(kept) < len(tls12):
         ctx.set_ciphers(":".join(kept))
     return bool(kept)

@@ -36,18 +36,22 @@ def keyring_keys(store, caller, keyring: int) -> list:
 
     The private key of each identity among them signs the handshake and does nothing else (the contexts
     agree on keys by (EC)DHE only, never by RSA key transport), so a private key bound to other uses
-    (store.ASYMMETRIC_USE) is left out, and its certificate is no identity: a key-transport certificate
-    filed beside a server's does not stop the server.  If that leaves no identity at all, the first
-    such key's refusal (EOPNOTSUPP) says why.  Other private keys in the tree are not used.
+    (store.ASYMMETRIC_USE) is left out before certificates are paired with keys: its certificate is no
+    identity (unless the same key is there again, free to sign), and a key-transport certificate filed
+    beside a server's does not stop the server.  If that leaves no identity at all where there would be
+    one, the first such key's refusal (EOPNOTSUPP) says why.  Other private keys in the tree are not used.
     """
     with store.lock:
         held = trust.trusted_keys(store, caller, keyring)
-        serial_of = {id(parsed): serial for serial, parsed in held}
-        paired = [serial_of[id(private)] for _certified, private in _pairs([parsed for _serial, parsed in held])]
-        cannot_sign = {serial for serial in paired if "sign" not in store.asymmetric_uses(caller, serial)[1]}
-        if cannot_sign and cannot_sign.issuperset(paired):
-            store.asymmetric(caller, paired[0], "sign")  # raises: the key, its uses, and sign
-        return [parsed for serial, parsed in held if serial not in cannot_sign]
+        cannot_sign = [serial for serial, parsed in held
+                       if parsed.has_private and "sign" not in store.asymmetric_uses(caller, serial)[1]]
+        kept = [parsed for serial, parsed in held if serial not in cannot_sign]
+        if cannot_sign and not _pairs(kept) and _pairs([parsed for _serial, parsed in held]):
+            certified = {parsed.key_ids[0] for _serial, parsed in held if parsed.certificate is not None}
+            refused = next(serial for serial, parsed in held
+                           if serial in cannot_sign and parsed.key_ids[0] in certified)
+            store.asymmetric(caller, refused, "sign")  # raises: the key, its uses, and sign
+        return kept
 
 
 def _pairs(keys: list) -> list[tuple]:

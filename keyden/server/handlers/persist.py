@@ -32,7 +32,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
         material = ctx.store.material(ctx.caller, wrapping_key, None)  # any key: it goes through HKDF
         public = None
     elif recipient_key:
-        public = ctx.store.asymmetric(ctx.caller, recipient_key, export.wrapping_use).public_key
+        public = ctx.store.asymmetric(ctx.caller, recipient_key, export.recipient_use).public_key
     else:
         public = export.recipient_key(recipient)
     keys, links = ctx.store.export_tree(ctx.caller, key)
@@ -50,7 +50,7 @@ def _import(ctx, blob, unwrap_with, keyring, flags):
     if export.mode_of(blob) == export.WRAPPING_KEY:
         plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with, None))
     else:
-        private = ctx.store.asymmetric(ctx.caller, unwrap_with, export.wrapping_use).private_key_for_internal_use()
+        private = ctx.store.asymmetric(ctx.caller, unwrap_with, export.opening_use).private_key_for_internal_use()
         plaintext = export.unwrap_with_private_key(blob, private)
     entries, links = export.decode_tree(plaintext, export.version_of(blob))  # opened: its version is authentic
     if contents and not T.lookup(entries[0].type).is_keyring:
