@@ -55,6 +55,7 @@ class Database:
         self.path = path
         _create_private(path)
         self._lock_fd = _lock(path)
+        self.conn: sqlite3.Connection | None = None
         try:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -76,11 +77,18 @@ class Database:
             self._holds_bound = stored < STORE_FORMAT and self.conn.execute(
                 "SELECT 1 FROM keys WHERE flags & ? LIMIT 1", (ASYMMETRIC_USE_FLAGS,)).fetchone() is not None
         except sqlite3.DatabaseError as exc:
-            os.close(self._lock_fd)
+            self._give_up()
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
         except BaseException:
-            os.close(self._lock_fd)
+            self._give_up()
             raise
+
+    def _give_up(self) -> None:
+        """A refused store: its connection closed now, before the lock (a connection left to the garbage
+        collector would close later, under whoever holds the store by then, and tidy its WAL away)."""
+        if self.conn is not None:
+            self.conn.close()
+        os.close(self._lock_fd)
 
     def close(self) -> None:
         self.conn.close()
