@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,13 @@ def eventually(condition, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def default_hangup_and_term() -> None:
+    """A preexec_fn: SIGHUP and SIGTERM at their default in the child, whatever the suite inherited (under
+    nohup SIGHUP is ignored, and keyden, as it should, goes on ignoring it): for tests of what they do."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Daemon:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden import errors as E
 from keyden.cli.commands import hexdump
+from tests.conftest import default_hangup_and_term
 from tests.test_cli import REPO, keyden, ok  # noqa: F401  (keyden is the CLI-runner fixture)
 from dhgroups import MODP_2048 as P
 
@@ -562,7 +563,7 @@ def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, clie
     target = tmp_path / "plain"
     for signum in (signal.SIGTERM, signal.SIGHUP):
         proc = _cli(daemon, client, "aead", "decrypt", serial, "--nonce", "00" * 12, "-o", str(target),
-                    stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+                    stdin=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_hangup_and_term)
         proc.stdin.write(os.urandom(3 << 20))  # plaintext in the temporary file, the tag not yet come
         proc.stdin.flush()
         deadline = time.monotonic() + 30
@@ -590,7 +591,8 @@ def test_a_session_hung_up_leaves_its_program_its_session(daemon, client, tmp_pa
     for signum in (signal.SIGHUP, signal.SIGTERM):
         for marker in (started, go, out):
             marker.unlink(missing_ok=True)
-        proc = _cli(daemon, client, "session", "-", "sh", "-c", script, stderr=subprocess.DEVNULL)
+        proc = _cli(daemon, client, "session", "-", "sh", "-c", script, stderr=subprocess.DEVNULL,
+                    preexec_fn=default_hangup_and_term)
         try:
             deadline = time.monotonic() + 30
             while not started.exists():

@@ -21,7 +21,7 @@ from keyden.core.store import StoreConfig
 from keyden.protocol import Op
 from keyden.protocol.transport import default_socket_path
 
-from conftest import REPO, Daemon
+from conftest import REPO, Daemon, default_hangup_and_term
 
 
 def raw_connect(path: str) -> socket.socket:
@@ -443,7 +443,8 @@ def test_keyden_serve_ignores_hangups_from_its_first_import():
     env = dict(os.environ, PYTHONPATH=REPO)
     for args, ignored in ((["serve"], "True"), (["--socket", "/x.sock", "serve"], "True"),
                           (["add", "user", "serve", "x"], "False")):
-        r = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=60,
+                           preexec_fn=default_hangup_and_term)
         assert r.stdout.strip() == ignored, (args, r.stderr)
 
 
