@@ -122,11 +122,12 @@ def _close_all(fds: list[int]) -> None:
 #: Each wire key flag (protocol) and the store's bit for it, mapped in this one place so that neither side
 #: can change its numbering under the other.
 _KEY_FLAGS = {W.NO_EXPORT: S.NO_EXPORT, **{W.KEY_USES[use]: S.ASYMMETRIC_USE[use] for use in W.KEY_USES}}
+_KNOWN_KEY_FLAGS = sum(_KEY_FLAGS)
 
 
 def key_flags(wire: int) -> int:
     """A request's key flags (protocol.NO_EXPORT, protocol.KEY_USES) as the store's."""
-    if wire & ~sum(_KEY_FLAGS):
+    if wire & ~_KNOWN_KEY_FLAGS:
         raise E.EINVAL("unknown key flags")
     return sum(bit for flag, bit in _KEY_FLAGS.items() if wire & flag)
 

@@ -16,7 +16,8 @@ from keyden.protocol import Op
 from keyden.server.handlers import handles
 
 LOGON = T.REGISTRY["logon"]
-AGREEING = ("ecdsa", "x25519")
+#: The algorithms that agree on keys: the one table of what each algorithm can do (asymmetric.USES_OF_ALGORITHM).
+AGREEING = tuple(algo for algo, uses in asymmetric.USES_OF_ALGORITHM.items() if "derive" in uses)
 
 
 def store_secret(ctx, material: bytes, description: str, keyring: int, perm: int, timeout: int,
