@@ -208,27 +208,52 @@ def _daemon_fds(d) -> int:
     return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
 
 
+class LingeringSocket:
+    """A TCP socket whose last close waits for its unsent data to be acknowledged, as long as its owner set
+    (60 s): its peer never reads.  ``fd`` is for sending; the test's own copy is closed by ``let_go``."""
+
+    def __init__(self):
+        import struct
+
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.sock.connect(self._listener.getsockname())
+        self._peer, _ = self._listener.accept()  # never reads: what sock sends stays unacknowledged
+        self._peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.sock.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
+        self.fd = self.sock.fileno()
+
+    def let_go(self) -> None:
+        """Our copy closed at once (not the last one: the daemon holds another)."""
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self._peer.close()
+        self._listener.close()
+
+
+def _answers_soon(daemon) -> None:
+    started = time.monotonic()
+    with connect_when_room(daemon) as other:
+        assert other.ping(b"still here") == b"still here"
+    assert time.monotonic() - started < 20  # the linger's 60 s otherwise (normally milliseconds)
+
+
 @pytest.mark.parametrize("place", ["alone", "second in its message"])
 def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon, place):
     """The last close of a TCP socket set to linger waits for its unsent data to be acknowledged, as long as
     the sender chose: sent with a request that does not take it, it was closed on the loop, and every
     client waited (an hour, if the sender liked); second in its message, the kernel closed it inside the
     loop's recvmsg.  Now every descriptor a client sent is closed by a closer thread."""
-    import struct
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    stuck.connect(listener.getsockname())
-    peer, _ = listener.accept()  # never reads: what stuck sends stays unacknowledged
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.setblocking(False)
-    try:
-        while True:
-            stuck.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
+    stuck = LingeringSocket()
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         raw.connect(daemon.socket)
@@ -236,21 +261,49 @@ def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon, p
         assert raw.recv(65536)
         ping = W.encode_request(2, Op.PING, b"")
         r, w = os.pipe()
-        carried = [stuck.fileno()] if place == "alone" else [r, stuck.fileno()]
+        carried = [stuck.fd] if place == "alone" else [r, stuck.fd]
         raw.sendmsg([ping[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", carried))])
-        stuck.close()
+        stuck.let_go()
         os.close(r)
         os.close(w)  # the daemon's copy is the last: its close is the one that would linger
         raw.sendall(ping[1:])  # answered, and the descriptor it brought released
         time.sleep(0.2)
-        started = time.monotonic()
-        with daemon.connect() as other:
-            assert other.ping(b"still here") == b"still here"
-        assert time.monotonic() - started < 20  # the linger's 60 s otherwise (normally milliseconds)
+        _answers_soon(daemon)
     finally:
         raw.close()
-        peer.close()
-        listener.close()
+        stuck.close()
+
+
+def test_a_refused_connection_s_unread_descriptor_never_stalls_the_daemon(fresh_daemon):
+    """A connection over the limit is refused at once, unread: closing it is the last close of whatever
+    descriptor it carried, a lingering one too.  That close was on the loop, and every client waited."""
+    d = fresh_daemon("max_connections_per_uid = 1\n")
+    held = d.connect()
+    stuck = LingeringSocket()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.kill(d.proc.pid, signal.SIGSTOP)  # so the descriptor is in the socket before the daemon sees it
+        try:
+            raw.connect(d.socket)
+            raw.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [stuck.fd]))])
+            stuck.let_go()
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        raw.settimeout(10)
+        decoder = W.FrameDecoder(1 << 20)
+        try:
+            while data := raw.recv(65536):  # the refusal, then the close ...
+                decoder.feed(data)
+        except ConnectionResetError:  # ... a reset, as the byte we sent was never read
+            pass
+        [frame] = decoder.frames()
+        assert (frame.request_id, frame.status) == (0, E.EMFILE.code)
+        held.close()
+        time.sleep(0.2)
+        _answers_soon(d)
+    finally:
+        raw.close()
+        stuck.close()
 
 
 def test_a_connection_makes_the_daemon_hold_few_descriptors_whatever_it_sends(fresh_daemon):

@@ -10,6 +10,7 @@ import logging
 import resource
 import socket
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 
@@ -23,14 +24,16 @@ def refuse(sock: socket.socket, error: E.KeydenError) -> None:
     """Tell a connection why it is being closed (a connection-level error frame: request id 0, op 0), then close it.
 
     Never blocks: the frame is small and the socket buffer empty, and if it
-    does not fit the client just sees the close.
+    does not fit the client just sees the close.  The close goes to a closer
+    thread: it is the last close of any descriptor the client sent and we
+    never read, which may linger (descriptors.release).
     """
     try:
         sock.send(W.encode_error(0, 0, error), socket.MSG_DONTWAIT)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
-    sock.close()
+    descriptors.release_socket(sock)
 
 
 def raise_fd_limit(wanted: int) -> int:

@@ -18,6 +18,7 @@ import sys
 import threading
 from collections import Counter
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core import trust
@@ -255,7 +256,7 @@ class Server:
         try:
             who = peer.peer_of(sock)
         except OSError:
-            sock.close()
+            descriptors.release_socket(sock)  # unread: its close may be the last of a descriptor sent on it
             return None
         audit = self.audit.connection(who.pid, who.uid, who.gid, who.exe) if self.audit is not None else None
         if self._per_uid[who.uid] >= cfg.max_connections_per_uid:
