@@ -213,7 +213,7 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(batch(2, item=bytes(1 << 20))) is Cost.HEAVY  # few items, many bytes: by size
     assert conn.cost(W.Frame(1, Op.BATCH, 0, b"\xff" * 30)) is Cost.QUICK  # malformed: EPROTO at once
     hostile = W.request_schema(Op.BATCH).encode(("hmac(sha256)", 5, 0, [b""] * 70000, [], []))
-    assert conn.cost(W.Frame(1, Op.BATCH, 0, hostile)) is Cost.SLOW  # never 70000 lengths summed on the loop
+    assert conn.cost(W.Frame(1, Op.BATCH, 0, hostile)) is Cost.QUICK  # over the limit: E2BIG, nothing summed
 
 
 def test_the_loop_writes_audit_lines_before_any_reply_leaves(tmp_path):
@@ -410,3 +410,16 @@ def test_a_reply_that_may_show_a_change_not_yet_on_disk_waits_for_it():
     store.journal.sync = failing_write  # the writer is told; this reader gets its answer all the same
     assert c.durable(frame, reply, c.unsynced, c.changed) == reply
     assert responses(c.durable(frame, reply, c.unsynced, True))[0].status == E.EIO.code
+
+
+def test_a_batch_over_the_item_limit_is_refused_on_the_loop_at_once():
+    """Refused by the decoder before any item is made, it is cheap: no worker is spent on it."""
+    from keyden.server.connection import Cost, request_cost
+
+    conn = Connection(KeyStore(), PEER)
+    assert hello(conn).status == 0
+    body = W.SCHEMAS[Op.BATCH][0].encode(("hmac(sha256)", 1, 0, [], [], [b""] * (W.MAX_BATCH + 1)))
+    frame = W.Frame(7, Op.BATCH, 0, body)
+    assert request_cost(conn.store, frame) is Cost.QUICK
+    (reply,) = responses(conn.receive(W.encode_frame(7, Op.BATCH, 0, body)))
+    assert reply.status == E.E2BIG.code

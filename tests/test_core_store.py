@@ -712,6 +712,19 @@ def test_sessions_count_in_the_quota_and_reserved_names_are_refused(clock):
         store.join_session(Caller(BOB), ".builtin_trusted_keys")
 
 
+def test_session_names_and_find_descriptions_have_the_kernel_s_size_limit(store, alice):
+    """The kernel copies each with strndup_user(.., KEY_MAX_DESC_SIZE): over 4095 bytes, EINVAL.  Without
+    it a name could be a whole frame, and each error quoting a description grew with it."""
+    with pytest.raises(E.EINVAL):
+        store.join_session(Caller(ALICE), "n" * 4096)
+    with pytest.raises(E.EINVAL):
+        store.find(alice, "user", "\x01" * 4096)
+    _ring, token = store.join_session(Caller(ALICE), "n" * 4095)
+    assert store.describe(Caller(ALICE, session_token=token), SESSION).description == "n" * 4095
+    with pytest.raises(E.ENOKEY):
+        store.find(alice, "user", "d" * 4095)
+
+
 def test_joining_a_named_keyring_again_and_again_is_bounded_too(clock):
     """A join of an existing keyring makes no key, only a token, and a token outlives its connection: a uid
     holds at most as many as it may hold keys.  The tokens are indexed, so destroying their keyring or

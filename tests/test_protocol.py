@@ -86,6 +86,42 @@ def test_error_frames_carry_errno_and_message():
         W.raise_for_status(frame)
 
 
+def test_an_error_message_is_cut_so_an_error_reply_stays_small():
+    """A message may quote what the client sent (a description, a hash name): never more than 1024 characters."""
+    dec = W.FrameDecoder()
+    dec.feed(W.encode_error(5, Op.FIND, E.ENOKEY("no user key " + repr("\x01" * 4095) + " found")))
+    (frame,) = list(dec.frames())
+    message = W.decode_error(frame.body)
+    assert len(message) == W.MAX_ERROR_MESSAGE and message.startswith("no user key '\\x01") and message.endswith("...")
+    assert W.decode_error(W.encode_error(5, Op.FIND, E.ENOKEY("x" * 1024))[W.HEADER_SIZE:]) == "x" * 1024
+
+
+@pytest.mark.parametrize("op, field", [(Op.BATCH, "items"), (Op.BATCH, "ivs"), (Op.BATCH, "aads"),
+                                       (Op.TLS_ACCEPT, "alpn"), (Op.TLS_CONNECT, "alpn")])
+def test_a_request_list_over_its_limit_is_e2big_before_any_item_is_made(op, field):
+    """A 16 MiB body holds millions of empty items; each would be an object before the handler could count
+    them (hundreds of MB for one refused request).  The decoder counts first."""
+    import tracemalloc
+
+    schema = W.SCHEMAS[op][0]
+    index = schema.names.index(field)
+    most = schema.fields[index].most
+    assert most == (W.MAX_BATCH if op == Op.BATCH else W.MAX_ALPN)
+    values = [[] if f.kind is W.Kind.BYTESLIST else "" if f.kind is W.Kind.STR else 0 for f in schema.fields]
+    values[index] = [b"a"] * most
+    assert schema.decode(schema.encode(values))[index] == [b"a"] * most
+    values[index] = [b""] * 2_000_000
+    body = schema.encode(values)
+    tracemalloc.start()
+    try:
+        with pytest.raises(E.E2BIG, match=f"at most {most} items in {field}"):
+            schema.decode(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # 2 million items' lengths alone would be 16 MB
+
+
 def test_unknown_error_codes_become_the_generic_class():
     assert E.error_class(9999) is E.EIO
     assert E.error_class(E.EKEYREVOKED.code) is E.EKEYREVOKED
@@ -141,9 +177,11 @@ def test_random_bodies_never_raise_anything_but_keyden_errors():
 def test_byteslist_counts_cannot_outrun_the_body():
     schema = W.request_schema(Op.BATCH)
     body = schema.encode(("gcm(aes)", 1, 0, [], [], [b"x"]))
-    forged = body[:-9] + struct.pack("<I", 2**31) + body[-5:]
+    forged = body[:-9] + struct.pack("<I", 60000) + body[-5:]
     with pytest.raises(E.EPROTO):
         schema.decode(forged)
+    with pytest.raises(E.E2BIG):  # more than a batch may hold: refused before the body is looked at
+        schema.decode(body[:-9] + struct.pack("<I", 2**31) + body[-5:])
 
 
 def test_unknown_opcode_is_enosys():

@@ -1239,6 +1239,7 @@ class KeyStore:
     def find(self, caller: Caller, type_name: str, description: str) -> int:
         """keyutils' find_key_by_type_and_desc: request_key, else the first key it may view (/proc/keys order)."""
         T.check_type_name(type_name)
+        T.check_description_size(description)
         ktype = T.lookup(type_name, missing=E.ENOKEY)
         with self.lock:
             try:
@@ -1528,6 +1529,8 @@ class KeyStore:
         otherwise a new keyring of that name is made.  The token is how a
         process carries its session (KEYDEN_SESSION): only its uid may use it.
         """
+        if name:
+            T.check_description_size(name)  # strndup_user(name, KEY_MAX_DESC_SIZE), as the kernel
         if name and name.startswith("."):
             raise E.EPERM("keyring names starting with '.' are reserved")  # as the kernel (CVE-2016-9604)
         with self.lock:

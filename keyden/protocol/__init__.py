@@ -125,6 +125,7 @@ _U32 = struct.Struct("<I")
 class Field:
     name: str
     kind: Kind
+    most: int | None = None  # BYTESLIST: more items are E2BIG, refused before any is cut out of the body
 
 
 class Schema:
@@ -136,8 +137,8 @@ class Schema:
     or kind test is left for run time.
     """
 
-    def __init__(self, *fields: tuple[str, Kind]):
-        self.fields = tuple(Field(n, k) for n, k in fields)
+    def __init__(self, *fields: tuple[str, Kind] | tuple[str, Kind, int]):
+        self.fields = tuple(Field(*f) for f in fields)
         self.names = tuple(f.name for f in self.fields)
         self._encode, self._decode = _compile(self.fields)
 
@@ -228,7 +229,7 @@ def _compile(fields: tuple[Field, ...]):
                     "    pos = stop"]
         elif f.kind is Kind.BYTESLIST:
             parts.append(f"_pack_bytes_list({v})")
-            dec.append(f"    {v}, pos = _bytes_list(body, pos, end)")
+            dec.append(f"    {v}, pos = _bytes_list(body, pos, end, {f.most}, {f.name!r})")
         else:  # I32S
             parts.append(f"_pack_i32s({v})")
             dec.append(f"    {v}, pos = _i32s(body, pos, end)")
@@ -258,9 +259,11 @@ def _pack_bytes_list(items) -> bytes:
 _STRUCT_ITEMS = 1024  # the struct module caches 100 formats: at most ~100 x 1024 codes (a few MB), bounded
 
 
-def _bytes_list(body, pos: int, end: int) -> tuple[list[bytes], int]:
+def _bytes_list(body, pos: int, end: int, most: int | None, name: str) -> tuple[list[bytes], int]:
     (n,) = _U32.unpack_from(body, pos)
     pos += 4
+    if most is not None and n > most:  # a 16 MiB body holds millions of empty items: each would be an object
+        raise E.E2BIG(f"at most {most} items in {name}")
     if n > (end - pos) // 4:  # each item needs at least its 4-byte length
         _truncated()
     lengths = struct.unpack_from(f"<{n}I", body, pos)
@@ -297,6 +300,9 @@ K = Kind
 _KEY = ("key", K.I32)
 _RING = ("keyring", K.I32)
 _NONE = Schema()
+
+MAX_BATCH = 65536  # items in one BATCH request
+MAX_ALPN = 32766  # ALPN names in a TLS request: one byte each and its length byte fill the extension's 65533
 
 #: op -> (request schema, response schema)
 SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
@@ -357,8 +363,8 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.DIGEST: (Schema(("alg", K.STR), ("data", K.BYTES)), Schema(("digest", K.BYTES))),
     Op.MAC: (Schema(("alg", K.STR), _KEY, ("data", K.BYTES)), Schema(("mac", K.BYTES))),
     Op.MAC_VERIFY: (Schema(("alg", K.STR), _KEY, ("data", K.BYTES), ("mac", K.BYTES)), _NONE),
-    Op.BATCH: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("ivs", K.BYTESLIST), ("aads", K.BYTESLIST),
-                      ("items", K.BYTESLIST)),
+    Op.BATCH: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("ivs", K.BYTESLIST, MAX_BATCH),
+                      ("aads", K.BYTESLIST, MAX_BATCH), ("items", K.BYTESLIST, MAX_BATCH)),
                Schema(("status", K.I32S), ("results", K.BYTESLIST))),
     Op.STREAM_INIT: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES), ("aad", K.BYTES)),
                      Schema(("stream", K.U32), ("iv", K.BYTES))),
@@ -375,10 +381,10 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.X509_VERIFY: (Schema(("cert", K.I32), ("trust", K.I32), ("chain", K.I32), ("host", K.STR), ("purpose", K.STR),
                             ("at", K.I64)),
                      Schema(("serials", K.I32S), ("subjects", K.BYTESLIST))),
-    Op.TLS_ACCEPT: (Schema(_RING, ("client_trust", K.I32), ("flags", K.U32), ("alpn", K.BYTESLIST),
+    Op.TLS_ACCEPT: (Schema(_RING, ("client_trust", K.I32), ("flags", K.U32), ("alpn", K.BYTESLIST, MAX_ALPN),
                            ("timeout_ms", K.U32)), _NONE),
     Op.TLS_CONNECT: (Schema(("server_hostname", K.STR), ("trust", K.I32), ("identity", K.I32), ("flags", K.U32),
-                            ("alpn", K.BYTESLIST), ("timeout_ms", K.U32)), _NONE),
+                            ("alpn", K.BYTESLIST, MAX_ALPN), ("timeout_ms", K.U32)), _NONE),
     Op.TLS_ESTABLISHED: (_NONE, Schema(("version", K.STR), ("cipher", K.STR), ("server_name", K.STR),
                                        ("alpn", K.STR), ("peer_subject", K.STR), ("peer_certificate", K.BYTES))),
     Op.GET_PERSISTENT: (Schema(("uid", K.I64), _RING), Schema(("serial", K.I32))),
@@ -466,8 +472,16 @@ def encode_response(request_id: int, op: int, values: Sequence[Any]) -> bytes:
     return encode_frame(request_id, op, 0, SCHEMAS[op][1].encode(values))
 
 
+#: characters of an error message sent; a message quoting what the client sent is cut there, so an error
+#: reply stays small whatever the request was
+MAX_ERROR_MESSAGE = 1024
+
+
 def encode_error(request_id: int, op: int, error: E.KeydenError) -> bytes:
-    return encode_frame(request_id, op, error.code, ERROR_SCHEMA.encode((error.message,)))
+    message = error.message
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE - 3] + "..."
+    return encode_frame(request_id, op, error.code, ERROR_SCHEMA.encode((message,)))
 
 
 @dataclass(slots=True)

@@ -20,7 +20,6 @@ from keyden.core.store import Caller, KeyStore
 from keyden.logs import Throttled
 from keyden.server.audit import ConnectionAudit
 from keyden.server.handlers import Context, DescriptorQueue, dispatch
-from keyden.server.handlers.dataplane import MAX_BATCH
 from keyden.server.peer import Peer
 
 log = logging.getLogger("keyden.connection")
@@ -73,6 +72,8 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
         return Cost.SLOW if op == W.Op.UPDATE or body[:14] == _ASYMMETRIC_TYPE else Cost.QUICK
     if op == W.Op.BATCH:  # the larger of what its items and its bytes cost
         items = batch_items(body)
+        if items is None:  # over the limit: refused by the decoder before it makes any item
+            return Cost.QUICK
         return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body)), Cost.HEAVY if items > QUICK_ITEMS
                                                          else Cost.QUICK)
     if len(body) > BULK_BYTES:
@@ -84,20 +85,22 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
     return Cost.QUICK
 
 
-def batch_items(body: bytes) -> int:
-    """A BATCH frame's item count, read where the schema puts it (0 if malformed: the handler says so)."""
+def batch_items(body: bytes) -> int | None:
+    """A BATCH frame's item count, read where the schema puts it: 0 if malformed (EPROTO), None if a list is
+    over MAX_BATCH (E2BIG: the decoder refuses either before it makes any item)."""
     try:
         pos = 4 + _U32.unpack_from(body)[0] + 8  # alg (length-prefixed), key, flags
         for _ in range(2):  # ivs, aads: a count, that many lengths, the bytes
             count = _U32.unpack_from(body, pos)[0]
-            if count > MAX_BATCH:  # refused by the handler, which decodes the lot: a worker's job, not the loop's
-                return count
+            if count > W.MAX_BATCH:
+                return None
             if count:
                 if 4 + 4 * count > len(body) - pos:
                     return 0
                 pos += sum(struct.unpack_from(f"<{count}I", body, pos + 4))
             pos += 4 + 4 * count
-        return _U32.unpack_from(body, pos)[0]
+        count = _U32.unpack_from(body, pos)[0]
+        return count if count <= W.MAX_BATCH else None
     except struct.error:
         return 0
 

@@ -91,7 +91,7 @@ def _dh_compute(ctx, private, prime, base):
 @handles(Op.DH_COMPUTE_KDF)
 def _dh_compute_kdf(ctx, private, prime, base, hash_name, length, otherinfo):
     if f"sp800-56a-{hash_name}" not in agreement.KDFS:  # the kernel takes any hash its crypto API has
-        raise E.ENOENT(f"no hash {hash_name!r} for the KDF here; use sha256, sha384 or sha512")
+        raise E.ENOENT(f"no hash {hash_name[:40]!r} for the KDF here; use sha256, sha384 or sha512")
     shared = agreement.dh_compute(*_dh_inputs(ctx, private, prime, base))
     return (agreement.kdf(f"sp800-56a-{hash_name}", shared, length, otherinfo=otherinfo),)
 
