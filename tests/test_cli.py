@@ -130,6 +130,9 @@ def test_add_list_rlist_describe_id(keyden, client):
     assert ok(keyden("describe", "%:sub")) == f"{ring:9d}: alswrv-----v------------ {UID:5d} {GID:5d} keyring: sub\n"
     assert ok(keyden("rdescribe", "%user:foo")) == f"user;{UID};{GID};01030000;foo\n"
     assert ok(keyden("rdescribe", str(foo), "|")) == f"user|{UID}|{GID}|01030000|foo\n"
+    e_acute = "\u00e9".encode()  # keyctl takes the separator's first byte, not its first character
+    assert keyden("rdescribe", str(foo), "\u00e9").stdout == f"user;{UID};{GID};01030000;foo\n".encode().replace(
+        b";", e_acute[:1])
     assert ok(keyden("id", "@s")) == f"{session}\n"
     assert ok(keyden("describe", "@s")).startswith("       -3: alswrv")  # keyctl prints the id as given
     assert ok(keyden("describe", str(2**32 - 3))).startswith("       -3: ")  # ... as a 32-bit key_serial_t
@@ -164,6 +167,10 @@ def test_read_print_pipe_and_hex_input(keyden, client):
     assert (bad.rc, bad.err) == (1, "Short hex doublet\n")
     split = keyden("add", "-x", "user", "bad", "d e", "@s")  # whitespace inside a pair, as keyctl's hex2bin
     assert (split.rc, split.err) == (1, "Bad hex doublet\n")
+    for twice in (("add", "-x", "-x", "user", "hx2", "aa", "@s"), ("update", "-x", "-x", str(text), "41")):
+        again = keyden(*twice)  # keyctl takes -x once: the second is a word, one too many
+        assert (again.rc, again.err.splitlines()[0]) == (2, "Format:"), twice
+    assert client.read(text) == b"AB"
 
 
 def test_errors_are_keyctl_function_and_strerror(keyden, client):

@@ -301,9 +301,10 @@ def cmd_rdescribe(ctx, args):
     if len(args) == 2 and not args[1]:
         raise Usage()
     raw = call("keyctl_describe", ctx.client.describe, ctx.key(args[0])).raw()
-    if len(args) == 2:
-        raw = raw.replace(";", args[1][0])
-    print(raw)
+    if len(args) == 2:  # the separator's first byte, as keyctl (of a multi-byte character too)
+        write_bytes(raw.encode().replace(b";", os.fsencode(args[1])[:1]) + b"\n")
+    else:
+        print(raw)
 
 
 def cmd_show(ctx, args):

@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as exc:
         return 128 + exc.args[0]
     except BrokenPipeError:  # before OSError, of which it is one
-        # The reader went away (`keyden list @s | head -1`): say nothing, as C's keyctl would die of SIGPIPE.
+        # The reader went away (`keyden list @s | head -1`): say nothing, and end with the status a shell
+        # gives C's keyctl, which dies of SIGPIPE (Python ignores it: the daemon's socket must not kill us).
         _silence_stdout()
-        return 1
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a standard stream failed (closed, a full disk): said, as keyctl's error("stdout")
         if exc.filename is None and exc.errno not in _STDOUT_FAILURES:
             raise  # not a standard stream's: a bug, with its traceback

@@ -48,8 +48,8 @@ def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...
             anywhere: bool = False) -> tuple[dict[str, str | bool], list[str]]:
     """The options (flags: True; valued: '--name value' or '--name=value') and the other words, in order.
 
-    keyctl's commands take options leading only, as keyctl takes '-x' (and so do the options keyden adds
-    to them): later words are data, even if they start with '-'.  keyden's own commands take them
+    keyctl's commands take options leading only, and each once, as keyctl takes '-x' (and so do the options
+    keyden adds to them): later words are data, even if they start with '-'.  keyden's own commands take them
     ``anywhere``, up to a '--'.
     """
     found: dict[str, str | bool] = {}
@@ -60,6 +60,9 @@ def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...
         name, eq, value = word.partition("=")
         if anywhere and word == "--":
             words += args[at + 1:]
+            break
+        if not anywhere and (word in found or name in found):  # keyctl takes '-x' once: a second is data
+            words += args[at:]
             break
         if word in flags:
             found[word] = True
