@@ -292,7 +292,7 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
     c = session(d)
     ring = c.get_persistent("@s")
     secrets_by_key = {}
-    for name in ("blob", "desc", "perm", "swap-a", "swap-b", "intact-1", "intact-2"):
+    for name in ("blob", "desc", "perm", "swap-a", "swap-b", "unrevoked", "intact-1", "intact-2"):
         payload = f"material-{name}-".encode() + secrets.token_hex(8).encode()
         secrets_by_key[c.add("user", name, payload, ring)] = (name, payload)
     serial = {name: k for k, (name, _p) in secrets_by_key.items()}
@@ -305,6 +305,8 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
         db.execute("UPDATE keys SET sealed = ? WHERE serial = ?", (bytes(sealed), serial["blob"]))
         db.execute("UPDATE keys SET description = 'deso' WHERE serial = ?", (serial["desc"],))  # one byte
         db.execute("UPDATE keys SET perm = perm | 0x3f WHERE serial = ?", (serial["perm"],))  # open to all
+        # "Not revoked" is -1.0 in what the seal covers: as a revocation time, the key would be collected
+        db.execute("UPDATE keys SET revoked_at = -1 WHERE serial = ?", (serial["unrevoked"],))
         a, b = (db.execute("SELECT sealed FROM keys WHERE serial = ?", (serial[n],)).fetchone()[0]
                 for n in ("swap-a", "swap-b"))
         db.execute("UPDATE keys SET sealed = ? WHERE serial = ?", (b, serial["swap-a"]))
@@ -316,8 +318,9 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
     log = d.read_log()[log_mark:]
     c = session(d)
     assert c.get_persistent("@s") == ring
-    for name in ("blob", "desc", "perm", "swap-a", "swap-b"):
-        assert f"stored key {serial[name]} skipped: authentication failed" in log
+    for name in ("blob", "desc", "perm", "swap-a", "swap-b", "unrevoked"):
+        why = "metadata columns of the wrong type or out of range" if name == "unrevoked" else "authentication failed"
+        assert f"stored key {serial[name]} skipped: {why}" in log
         with pytest.raises(E.ENOKEY):
             c.describe(serial[name])
     for name in ("intact-1", "intact-2"):
@@ -327,6 +330,9 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
         assert payload.decode() not in log  # reported without material
     # The tampered rows stay on disk (evidence), and keep being refused.
     assert_reported_again(d, f"stored key {serial['blob']} skipped")
+
+
+NO_CA_BUNDLE = 'ca_bundle = ""\n'  # no CA certificates in .builtin_trusted_keys: keys made at start
 
 
 # Loaded by the daemon's interpreter (sitecustomize on its PYTHONPATH): the serial allocator offers the
@@ -348,7 +354,7 @@ store.secrets = _Scripted()
 
 def test_serials_of_skipped_records_are_never_given_to_new_keys(fresh_daemon, tmp_path, monkeypatch):
     """A skipped row stays on disk: a new key with its serial would overwrite it, or meet it at the next load."""
-    d = fresh_daemon()
+    d = fresh_daemon(NO_CA_BUNDLE)  # else the CA certificates loaded at start take the seeded serials
     c = session(d)
     ring = c.get_persistent("@s")
     doomed_ring = c.newring("doomed-ring", ring)
@@ -391,6 +397,38 @@ def test_serials_of_skipped_records_are_never_given_to_new_keys(fresh_daemon, tm
     assert all(f"stored key {serial} skipped" in log for serial in dropped)
     c = persistent(d)
     assert sorted(c.read(ring)) == sorted(made[:45])
+
+
+def test_keyrings_nested_deeper_than_a_search_goes_come_back_whole(fresh_daemon, tmp_path, monkeypatch):
+    """A link checks only what hangs below the keyring linked (as the kernel's), so a chain built top-down
+    may go deeper than six.  The start linked the rows again in serial order and left out any link with
+    more than six levels below it: a chain whose deeper keyrings had the smaller serials lost its lower
+    half and every key in it."""
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "sitecustomize.py").write_text(SEEDED_SERIALS)
+    monkeypatch.setenv("PYTHONPATH", str(seed))
+    monkeypatch.setenv("KEYDEN_TEST_SERIALS", ",".join(str(2_000_000_000 - 1000 * i) for i in range(100)))
+    d = fresh_daemon(NO_CA_BUNDLE)  # every key made gets a smaller serial than the one before: the deepest, the smallest
+    c = persistent(d)
+    ring = c.get_persistent("@s")
+    chain = [ring]
+    for depth in range(1, 13):
+        chain.append(c.newring(f"level-{depth}", "@s"))
+        c.setperm(chain[-1], 0x3F3F0000)  # past six levels, possession no longer reaches: the owner's bits
+    for upper, lower in zip(chain, chain[1:]):
+        c.link(lower, upper)
+    for level in chain[1:]:
+        c.unlink(level, "@s")
+    deepest = c.add("user", "at-the-bottom", b"kept", chain[-1])
+    assert chain[1:] + [deepest] == sorted(chain[1:] + [deepest], reverse=True)
+    monkeypatch.delenv("PYTHONPATH")
+    restart(d)
+    c = persistent(d)
+    assert "skipped" not in d.read_log()
+    for upper, lower in zip(chain, chain[1:]):
+        assert lower in c.read(upper)
+    assert c.describe(deepest).description == "at-the-bottom"
 
 
 # ---------------------------------------------------------------- manifest
@@ -1079,6 +1117,17 @@ def test_rekey_writes_a_new_key_file_when_the_file_was_lost_and_nothing_else_hol
     d.stop()
     d.start()
     assert persistent(d).read(key) == b"rescued"
+
+
+@pytest.mark.parametrize("code", [errno.ENOKEY, errno.EKEYREVOKED, errno.ENOSYS, errno.EPERM])
+def test_a_kernel_keyring_that_cannot_be_had_is_unavailable_not_an_error(monkeypatch, code):
+    """Seccomp refusing the syscall, or root's user keyring gone (another root process sharing the host's
+    keyrings invalidated it, and the kernel makes no new one): either way the daemon says so and keeps the
+    master key in its file.  ENOKEY used to stop it from starting."""
+    monkeypatch.setattr(kernel, "_syscall", lambda: ((lambda *args: -1), (248, 249, 250)))
+    monkeypatch.setattr(kernel.ctypes, "get_errno", lambda: code)
+    with pytest.raises(kernel.KernelUnavailable):
+        kernel.probe()
 
 
 def test_master_key_in_the_kernel_keyring(fresh_daemon):

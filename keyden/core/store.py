@@ -400,6 +400,19 @@ def _check_new_key(ktype: T.KeyType, perm: int | None, flags: int, timeout: int)
         raise E.EINVAL("timeout must not be negative")
 
 
+def _holds(ring: Key, target: Key) -> bool:
+    """Is ``target`` linked anywhere below keyring ``ring``, however deep, whatever the states?"""
+    todo, seen = [ring], {ring.serial}
+    while todo:
+        for member in todo.pop().links.values():
+            if member is target:
+                return True
+            if member.links is not None and member.serial not in seen:
+                seen.add(member.serial)
+                todo.append(member)
+    return False
+
+
 def _refuse_namesake(ring: Key, ktype: T.KeyType, description: str) -> None:
     """EEXIST rather than displace (and so destroy) a key of this type and description."""
     if (ktype.name, description) in ring.links:
@@ -592,25 +605,29 @@ class KeyStore:
     # ------------------------------------------------------------ persistence
 
     def _persist_tree(self, key: Key) -> None:
-        """``key`` is now under a persistent keyring: it and everything below it persist."""
-        if key.persisted:
-            return  # already persisting, and so is everything below it
-        key.persisted = True
-        self.journal.on_store(key)
-        if key.links is not None:
-            for child in list(key.links.values()):
-                self._persist_tree(child)
+        """``key`` is now under a persistent keyring: it and everything below it persist.  (A loop, not a
+        recursion: a chain made top-down has no depth limit.)"""
+        todo = [key]
+        while todo:
+            key = todo.pop()
+            if key.persisted:
+                continue  # already persisting, and so is everything below it
+            key.persisted = True
+            self.journal.on_store(key)
+            if key.links is not None:
+                todo += key.links.values()
 
     def _recheck_persisted(self, key: Key) -> None:
         """A parent went away or stopped persisting: does ``key`` still hang under a persistent keyring?"""
-        if self._persistent_keyrings.get(key.uid) is key or any(p.persisted for p in key.parents):
-            return
-        key.persisted = False
-        self.journal.on_forget(key.serial)
-        if key.links is not None:
-            for child in list(key.links.values()):
-                if child.persisted:
-                    self._recheck_persisted(child)
+        todo = [key]
+        while todo:
+            key = todo.pop()
+            if self._persistent_keyrings.get(key.uid) is key or any(p.persisted for p in key.parents):
+                continue
+            key.persisted = False
+            self.journal.on_forget(key.serial)
+            if key.links is not None:
+                todo += (child for child in key.links.values() if child.persisted)
 
     def _journal(self, key: Key) -> None:
         """A persistent key's metadata or payload changed."""
@@ -651,9 +668,10 @@ class KeyStore:
         if too_deep:
             raise E.ELOOP("keyrings nested too deeply")
 
-    def _link_checked(self, ring: Key, key: Key) -> None:
+    def _link_checked(self, ring: Key, key: Key, any_depth: bool = False) -> None:
         """key_link's checks, in its order, then the link.  A detached top (an import being built) is linked
-        only where its import files it: elsewhere, a persistent keyring would keep it half built."""
+        only where its import files it: elsewhere, a persistent keyring would keep it half built.
+        ``any_depth``: a loop is still EDEADLK, but no depth is ELOOP."""
         if key.serial in self._detached:
             raise E.EBUSY(f"key {key.serial} is an import still being built")
         if ring.links is None:
@@ -662,7 +680,10 @@ class KeyStore:
             raise E.EKEYREVOKED(f"keyring {ring.serial} has been revoked")
         self._admit(ring, key.type, key.description, key.payload)
         if key.links is not None:
-            self._detect_cycle(ring, key)
+            if not any_depth:
+                self._detect_cycle(ring, key)
+            elif key is ring or _holds(key, ring):
+                raise E.EDEADLK("link would create a cycle")
             if ring.persisted and self._holds_unstorable_restriction(key):
                 raise E.EOPNOTSUPP("a keyring with a type restriction cannot go under a persistent keyring: "
                                    "its restriction cannot be stored")
@@ -1634,7 +1655,9 @@ class KeyStore:
                 raise E.ENOTDIR(f"key {dest_ring.serial} is not a keyring")
             ring = self._persistent_keyring(uid)
             self._require(caller, ring, True, P.LINK)  # the register's reference counts as possessed
-            self._link_checked(dest_ring, ring)
+            # However deep its tree grew (a link checks only below what it files, so a chain made top-down
+            # has no limit): the kernel's ELOOP here would lock its owner out of it, across restarts too.
+            self._link_checked(dest_ring, ring, any_depth=True)
             expiry = self.config.persistent_keyring_expiry
             self._changed()
             ring.expiry = self.clock() + expiry if expiry else 0.0
@@ -1669,8 +1692,10 @@ class KeyStore:
         """Start-up: take back keys a backing store kept, with their serials, links and persistent keyrings.
 
         Permissions and quotas are not checked again (these keys were admitted
-        once); usage is charged again.  A link that would loop or nest too
-        deep is left out.  Keys that end up under no persistent keyring are
+        once); usage is charged again.  A link that would loop is left out; one
+        that nests deep is not: a link checks only what hangs below the keyring
+        it files (as the kernel's), so a chain made top-down may go deeper than
+        MAX_NESTING, and the rows come in serial order, not the order made.  Keys that end up under no persistent keyring are
         dropped; their serials are returned for the caller to report.  Call
         before serving and before attaching the journal.
 
@@ -1697,11 +1722,8 @@ class KeyStore:
                     continue
                 if ring is None or key is None or ring.links is None or key.index in ring.links:
                     continue
-                if key.links is not None:
-                    try:
-                        self._detect_cycle(ring, key)
-                    except (E.EDEADLK, E.ELOOP):
-                        continue
+                if key.links is not None and (key is ring or _holds(key, ring)):  # a loop: not linked
+                    continue
                 self._link_raw(ring, key, check_quota=False)
             live_first = sorted(roots, key=lambda s: s not in self._keys or self._keys[s].defunct)
             for serial in live_first:  # a revoked one replaced before a crash may still carry the flag

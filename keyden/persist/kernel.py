@@ -50,9 +50,13 @@ def _check(result: int) -> int:
 
 
 def probe() -> None:
-    """Raise KernelUnavailable unless keyctl works here."""
+    """Raise KernelUnavailable unless keyctl works here, root's user keyring included (in a container
+    sharing the host's keyrings, another root process may have invalidated it: ENOKEY ever after)."""
     syscall, (_add, _request, keyctl) = _syscall()
-    _check(syscall(keyctl, 0, ctypes.c_int(KEY_SPEC_USER_KEYRING), 0))  # KEYCTL_GET_KEYRING_ID
+    found = syscall(keyctl, 0, ctypes.c_int(KEY_SPEC_USER_KEYRING), 0)  # KEYCTL_GET_KEYRING_ID
+    if found < 0 and (code := ctypes.get_errno()) in (errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED):
+        raise KernelUnavailable(f"root's user keyring: {os.strerror(code)}")
+    _check(found)
 
 
 def read(description: str) -> bytes | None:

@@ -62,6 +62,8 @@ class Row:
 
     def associated_data(self) -> bytes:
         """Every column but the sealed blob, canonically encoded; struct refuses wrong types and ranges."""
+        if self.revoked_at is not None and not self.revoked_at >= 0:  # -1.0 stands for "never": a row edited
+            raise OverflowError("revoked_at out of range")                # to it must not pass as unrevoked
         revoked = -1.0 if self.revoked_at is None else self.revoked_at
         kind, desc = self.type.encode(), self.description.encode()
         return b"".join((FORMAT, _FIXED.pack(self.serial, self.uid, self.gid, self.perm, self.expiry, self.flags,
