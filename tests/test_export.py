@@ -146,6 +146,15 @@ def test_what_may_not_be_exported(client):
                                  no_export=True)
     with pytest.raises(E.EPERM):
         client.export(imported, wrapping_key=wrap)  # marked on import
+    # A restriction cannot go with an export: the copy of a closed keyring would take any link.
+    closed = client.newring("closed", "@s")
+    client.add("user", "member", b"x", closed)
+    client.restrict_keyring(closed)
+    outer = client.newring("outer", "@s")
+    client.link(closed, outer)
+    for tree in (closed, outer):
+        with pytest.raises(E.EOPNOTSUPP, match=f"keyring {closed} is restricted"):
+            client.export(tree, wrapping_key=wrap)
 
 
 def test_hostile_and_mismatched_blobs_are_refused(client):
@@ -469,6 +478,25 @@ def test_blob_format_offline():
         assert X.version_of(blob) == X.VERSION == 2
         entries, links = X.decode_tree(X.unwrap_with_private_key(blob, private), X.version_of(blob))
         assert (entries[0].payload, links) == (b"secret bytes", [])
+
+
+@pytest.mark.parametrize("size", [7, 16, 24, 33])
+def test_a_forged_rsa_export_with_a_content_key_of_another_size_is_ebadmsg(size):
+    """Anyone may OAEP-encrypt to a public key: a content key of 7 bytes was an internal error (AESGCM
+    refused it) and 16 or 24 bytes opened, where every export carries 32."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    plaintext = X.TREE.encode(([X.ENTRY.encode(("user", "d", READABLE, b"forged", 0))], []))
+    content_key = os.urandom(size)
+    field = private.public_key().encrypt(content_key, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()),
+                                                                   algorithm=hashes.SHA256(), label=X.LABEL))
+    header = X._HEADER.pack(X.MAGIC, X.VERSION, X.RSA_OAEP, len(field)) + field
+    nonce = os.urandom(X.NONCE)
+    sealed = AESGCM(content_key).encrypt(nonce, plaintext, header) if size in (16, 24) else bytes(len(plaintext) + 16)
+    with pytest.raises(E.EBADMSG):
+        X.unwrap_with_private_key(header + nonce + sealed, private)
 
 
 class _WatchingJournal(NullJournal):

@@ -1759,7 +1759,8 @@ class KeyStore:
         anywhere in the tree refuses the whole export (EPERM), as does a
         revoked or expired one; to a caller who may view the key, before
         EACCES for a missing read right.  Each key's uses (BINDING_FLAGS) go
-        with it: a copy that did anything would undo the binding.
+        with it: a copy that did anything would undo the binding.  A restricted
+        keyring refuses it too (EOPNOTSUPP): a blob cannot carry a restriction.
         """
         with self.lock:
             top, possessed = self._lookup(caller, key_id)
@@ -1782,6 +1783,9 @@ class KeyStore:
                 self._require(caller, key, possessed, P.READ)
                 if err is not None:
                     raise err
+                if key.restriction is not None:  # the copy would take any link the original refuses
+                    raise E.EOPNOTSUPP(f"keyring {key.serial} is restricted, and an export cannot carry a "
+                                       "restriction: export what it holds")
                 payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
                 index[key.serial] = len(out)
                 out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & BINDING_FLAGS))

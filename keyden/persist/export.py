@@ -55,6 +55,7 @@ VERSION_1 = 1
 X25519, ECDH, RSA_OAEP, WRAPPING_KEY = 1, 2, 3, 4
 LABEL = RESERVED_CONTEXT + b" v1"  # bound into every wrapping; no client's KDF or OAEP may use it
 NONCE = 12
+CONTENT_KEY = 32  # bytes of the AES-256-GCM key an export is sealed under
 MIN_WRAPPING_KEY = 16
 MAX_ENTRIES = 100000
 
@@ -174,7 +175,7 @@ def wrap_to_public_key(plaintext: bytes, public) -> bytes:
     public = _encryption_key(public)
     spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if isinstance(public, rsa.RSAPublicKey):
-        content_key = AESGCM.generate_key(256)
+        content_key = AESGCM.generate_key(8 * CONTENT_KEY)
         return _seal(RSA_OAEP, public.encrypt(content_key, _oaep()), content_key, plaintext)
     if isinstance(public, x25519.X25519PublicKey):
         ephemeral = x25519.X25519PrivateKey.generate()
@@ -210,6 +211,8 @@ def unwrap_with_private_key(blob: bytes, private) -> bytes:
     try:
         if mode == RSA_OAEP and isinstance(private, rsa.RSAPrivateKey):
             content_key = private.decrypt(field, _oaep())
+            if len(content_key) != CONTENT_KEY:  # anyone may OAEP-encrypt to a public key: a forged field
+                raise _unopenable()
         elif mode == X25519 and isinstance(private, x25519.X25519PrivateKey):
             shared = private.exchange(x25519.X25519PublicKey.from_public_bytes(field))
             content_key = _agreed_key(shared, field, _spki(private))
