@@ -404,10 +404,10 @@ def test_entries_decode_by_the_blobs_version_offline():
             X.decode_tree(plaintext, version)
 
 
-def _cli(daemon, token, *args, stdin=b""):
+def _cli(daemon, token, *args, stdin=b"", cwd=None):
     env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SESSION=token)
     return subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, *args], input=stdin,
-                          capture_output=True, env=env, timeout=60)
+                          capture_output=True, env=env, timeout=60, cwd=cwd)
 
 
 def test_cli_export_import_and_get_persistent(daemon, client, tmp_path):
@@ -433,6 +433,16 @@ def test_cli_export_import_and_get_persistent(daemon, client, tmp_path):
     r = _cli(daemon, token, "import", "--no-export", "-", "--unwrap-with", str(x), dest, stdin=r.stdout)
     assert r.returncode == 0, r.stderr
     assert client.read(int(r.stdout)) == b"cli payload"
+    # A key named by its serial is that key, even beside a file of that name (planted in a shared directory).
+    planted = x25519.X25519PrivateKey.generate()
+    (tmp_path / str(x)).write_bytes(planted.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    r = _cli(daemon, token, "export", str(key), "--to-public-key", str(x), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(E.EBADMSG):
+        X.unwrap_with_private_key(r.stdout, planted)
+    client.clear(int(dest))
+    assert client.read(client.import_key(r.stdout, x, int(dest))) == b"cli payload"
     r = _cli(daemon, token, "add", "--no-export", "user", "cli-sealed", "v", "@s")
     sealed = int(r.stdout)
     r = _cli(daemon, token, "export", str(sealed), "--wrapping-key", str(wrap))

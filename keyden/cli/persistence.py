@@ -8,7 +8,7 @@ import stat
 
 from keyden import errors as E
 from keyden.cli.support import (Exit, Output, Usage, call, failure, id32, number, options, read_file,
-                                read_stdin, write_bytes)
+                                read_stdin, strtoul, write_bytes)
 
 EXPORT_USAGE = "<key> --to-public-key <key>|<pemfile> [-o <file>]"
 EXPORT_WRAP_USAGE = "<key> --wrapping-key <key> [-o <file>]"
@@ -76,7 +76,10 @@ def cmd_export(ctx, args):
         blob = call("export", ctx.client.export, key, wrapping_key=ctx.key(named["--wrapping-key"]))
     else:
         recipient = named["--to-public-key"]
-        to = read_file(recipient) if os.path.isfile(recipient) else ctx.key(recipient)
+        # A key's name is a key, never a file that happens to bear it (./123 in a shared directory would
+        # take the export); a file named like a key is given as ./123.
+        named_key = recipient.startswith(("@", "%")) or strtoul(recipient) is not None
+        to = ctx.key(recipient) if named_key else read_file(recipient)
         blob = call("export", ctx.client.export, key, to_public_key=to)
     if "-o" in named:
         _write_private(named["-o"], blob)
