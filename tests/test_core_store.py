@@ -481,6 +481,28 @@ def test_collect_reaps_keyrings_of_dead_processes(store, alice):
         store.resolve(alice, PROCESS)
 
 
+def test_collect_process_reaps_that_processs_keyrings_and_tells_of_each_made(store, alice, bob):
+    """What the daemon calls when a watched process exits: the sweep's reaping, for that process alone, every
+    keyring it had (one per uid and gid it ran as); keys linked elsewhere too stay."""
+    made = []
+    store.on_process_keyring = made.append
+    ring = store.resolve(alice, PROCESS, create=True)
+    only = add_user(store, alice, "only-in-p", ring=PROCESS)
+    shared = add_user(store, alice, "also-in-s", ring=THREAD)  # @t is @p
+    store.link(alice, shared, SESSION)
+    assert store.resolve(alice, THREAD, create=True) == ring  # no second one, and no second word of it
+    setuid = Caller(CAROL, process=alice.process)  # the same process after it changed uid
+    other_cred_ring = store.resolve(setuid, PROCESS, create=True)
+    bobs = store.resolve(bob, PROCESS, create=True)
+    assert made == [alice.process, alice.process, bob.process]
+    assert store.collect_process(alice.process) == 3  # both of its keyrings, and what only they held
+    assert not alive(store, alice, ring) and not alive(store, alice, only) and alive(store, alice, shared)
+    assert not alive(store, setuid, other_cred_ring) and alive(store, bob, bobs)
+    with pytest.raises(E.ENOKEY):
+        store.resolve(alice, PROCESS)
+    assert store.collect_process(alice.process) == 0
+
+
 def test_unreferenced_keys_die_at_once_and_free_their_quota(store, alice):
     before = store.quota_usage(1000)
     key = add_user(store, alice, "kk", b"12345")

@@ -21,7 +21,7 @@ from keyden.core.store import StoreConfig
 from keyden.protocol import Op
 from keyden.protocol.transport import default_socket_path
 
-from conftest import REPO, Daemon, default_hangup_and_term
+from conftest import REPO, Daemon, default_hangup_and_term, eventually
 
 
 def raw_connect(path: str) -> socket.socket:
@@ -616,3 +616,119 @@ def test_keys_pages_through_every_viewable_key_under_the_smallest_frame_cap(fres
     assert by[gone].revoked and by[gone].proc_line(time.time()).split()[1] == "IR-Q---"
     assert by[sealed].no_export and by[sealed].type == "asymmetric" and by[sealed].summary == "PKCS8.ed25519 []"
 
+
+
+# ------------------------------------------------------------- process keyrings at exit
+
+_ADD_TO_PROCESS_KEYRING = r"""
+import sys, keyden
+sock, mode = sys.argv[1], sys.argv[2]
+with keyden.connect(sock) as c:
+    ring = c.get_keyring_id("@p", create=True)
+    key = c.add("user", "kd-exit:p", b"in @p", "@p")
+    thread_key = c.add("user", "kd-exit:t", b"in @t", "@t")
+print(ring, key, thread_key, flush=True)
+if mode == "live":  # its connection is closed, and it lives on: it connects again, and again
+    sys.stdin.readline()
+    for _ in range(3):
+        with keyden.connect(sock) as c:
+            print(c.get_keyring_id("@p"), c.read(key).decode(), c.read(thread_key).decode(), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _child(d, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _ADD_TO_PROCESS_KEYRING, d.socket, mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def _serials(c) -> set[int]:
+    return {k.serial for k in c.keys()}
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2:].split()[0].decode()
+
+
+def _watched_processes(d) -> int:
+    """The daemon's pidfds: one per live process it watches for its exit."""
+    fd_dir = f"/proc/{d.proc.pid}/fd"
+    count = 0
+    for name in os.listdir(fd_dir):
+        try:
+            count += os.readlink(f"{fd_dir}/{name}") == "anon_inode:[pidfd]"
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+# gc_interval 300: the sweep never runs while these tests do, so only the exit itself can collect.
+NO_SWEEP = "gc_interval = 300\n"
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_process_keyrings_go_when_it_exits_not_at_the_next_sweep(fresh_daemon, reaped):
+    """The kernel puts a process's @p and @t at exit, and what only they held is collected at once: no
+    other process lists them or finds them by name afterwards.  At exit, not when its parent reaps it."""
+    d = fresh_daemon(NO_SWEEP)
+    child = _child(d, "exit")
+    try:
+        ring, key, thread_key = map(int, child.stdout.readline().split())
+        if reaped:
+            assert child.wait(60) == 0
+        else:
+            assert eventually(lambda: _process_state(child.pid) == "Z", 60)  # exited; its parent (we) waits
+        with d.connect() as c:
+            assert eventually(lambda: not {ring, key, thread_key} & _serials(c), 2.0)
+            for description in ("kd-exit:p", "kd-exit:t"):
+                with pytest.raises(E.ENOKEY):
+                    c.find("user", description)
+    finally:
+        child.wait(60)
+
+
+def test_the_cli_finds_nothing_a_finished_command_left_in_its_process_keyring(fresh_daemon):
+    """docs/cli.md: each keyden command has its own @p and @t, gone when it exits."""
+    d = fresh_daemon(NO_SWEEP)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("KEYDEN_SESSION", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "keyden", "--socket", d.socket, *args], capture_output=True,
+                              text=True, timeout=60, env=env)
+
+    added = [cli("add", "user", f"kd-cli:{ring}", "secret", f"@{ring}") for ring in "pt"]
+    assert [r.returncode for r in added] == [0, 0], [r.stderr for r in added]
+    assert eventually(lambda: "kd-cli:" not in cli("keys").stdout, 2.0)
+    for ring in "pt":
+        found = cli("print", f"%user:kd-cli:{ring}")
+        assert found.returncode == 1 and "Can't find 'user:kd-cli:" in found.stderr, found.stderr
+
+
+def test_a_process_keeps_its_keyrings_across_its_connections_and_loses_them_at_exit(fresh_daemon):
+    """Its last connection closed is not its exit: it connects again and finds @p as it left it.  The daemon
+    watches it once however many connections it opens (a pidfd), and a process without @p not at all."""
+    d = fresh_daemon(NO_SWEEP)
+    with d.connect() as c:  # we never make a process keyring: nothing watches us
+        c.add("user", "kd-live:s", b"x", "@s")
+        assert _watched_processes(d) == 0
+        child = _child(d, "live")
+        try:
+            ring, key, thread_key = map(int, child.stdout.readline().split())
+            assert eventually(lambda: _watched_processes(d) == 1, 10)
+            assert {ring, key, thread_key} <= _serials(c)  # its connection is closed; it is alive
+            child.stdin.write("\n")
+            child.stdin.flush()
+            for _ in range(3):
+                assert child.stdout.readline().split() == [str(ring), "in", "@p", "in", "@t"]
+            assert _watched_processes(d) == 1
+            child.stdin.write("\n")
+            child.stdin.close()
+            assert child.wait(60) == 0
+        finally:
+            child.kill()
+            child.wait(60)
+        assert eventually(lambda: not {ring, key, thread_key} & _serials(c), 2.0)
+        assert _watched_processes(d) == 0

@@ -439,6 +439,9 @@ class KeyStore:
         self._user_keyrings: dict[int, Key] = {}
         self._user_session_keyrings: dict[int, Key] = {}
         self._process_keyrings: dict[tuple[tuple[int, int], int, int], Key] = {}  # (process, uid, gid) -> @p
+        #: Told (process) each time a process keyring is made, with the lock held: it must only take note
+        #: (the server watches that process's exit, and then calls ``collect_process``).
+        self.on_process_keyring: Callable[[tuple[int, int]], None] | None = None
         self._sessions: dict[str, _Session] = {}
         # ... indexed by keyring serial and by uid, so destroying a key or listing a uid's sessions never
         # walks every token of every user (joining a named keyring mints one each time)
@@ -759,6 +762,9 @@ class KeyStore:
         if ring is None and create:
             ring = self._pinned_keyring("_pid", caller.cred, P.DEFAULT_PROCESS_KEYRING)
             self._process_keyrings[ident] = ring
+            notify = self.on_process_keyring  # read once: the server may unset it as it stops
+            if notify is not None:
+                notify(caller.process)
         return ring
 
     def _session_keyring(self, caller: Caller, create: bool = True) -> Key | None:
@@ -1891,18 +1897,32 @@ class KeyStore:
         with self.lock:
             before = len(self._keys)
             if process_alive is not None:
-                for ident, ring in list(self._process_keyrings.items()):
+                for ident in list(self._process_keyrings):
                     if not process_alive(*ident[0]):  # ((pid, start time), uid, gid)
-                        self._changed()  # what it held is possessed by nobody now, wherever else it is linked
-                        del self._process_keyrings[ident]
-                        ring.pins -= 1
-                        self._maybe_destroy(ring)
+                        self._reap_process_keyring(ident)
             cutoff = self.clock() - self.config.gc_delay
             for key in list(self._keys.values()):
                 died = min(t for t in (key.revoked_at, key.expiry or None, float("inf")) if t is not None)
                 if not key.dead and died <= cutoff:
                     self._force_destroy(key)
             return before - len(self._keys)
+
+    def collect_process(self, process: tuple[int, int]) -> int:
+        """``process`` (pid, start time) has exited: reap its process keyrings (one per uid and gid it had)
+        and the keys only they held, as ``collect`` does for a process it finds gone.  Returns how many
+        keys were destroyed."""
+        with self.lock:
+            before = len(self._keys)
+            for ident in [ident for ident in self._process_keyrings if ident[0] == process]:
+                self._reap_process_keyring(ident)
+            return before - len(self._keys)
+
+    def _reap_process_keyring(self, ident: tuple[tuple[int, int], int, int]) -> None:
+        """exit_keys: the process lets go of its keyring; what nothing else holds dies."""
+        ring = self._process_keyrings.pop(ident)
+        self._changed()  # what it held is possessed by nobody now, wherever else it is linked
+        ring.pins -= 1
+        self._maybe_destroy(ring)
 
     def iter_keys(self) -> Iterable[Key]:
         """A snapshot of the live keys, for diagnostics: look, do not touch payloads."""

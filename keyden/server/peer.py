@@ -138,6 +138,28 @@ def process_alive(pid: int, start_time: int) -> bool:
     return process_start_time(pid) == start_time
 
 
+def open_pidfd(process: tuple[int, int]) -> int | None:
+    """A pidfd for that very process (pid, start time) while it runs; None if it has exited (an unreaped
+    zombie too) or its pid is another process's now.
+
+    pidfd_open names whatever process holds the pid; the start time read
+    after it is that process's if it has still not exited (it holds its pid
+    until then), as in ``peer_process``.  Other failures (EMFILE, ENOSYS)
+    raise OSError.
+    """
+    pid, start = process
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        if process_start_time(pid) != start or _exited(pidfd):
+            os.close(pidfd)
+            return None
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd
 
 
 def _exited(pidfd: int) -> bool:

@@ -4,7 +4,8 @@ Serving is the Reactor's (reactor.py): one epoll loop answers small
 requests for every connection, worker threads take the slow ones.  The
 Server owns the lifecycle around it: the state directory, the durable store,
 hardening, the listening socket, admission (connection caps per uid and in
-total) and garbage collection.
+total) and garbage collection: a sweep every gc_interval, and a process's
+keyrings the moment it exits (exits.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import stat
 import sys
 import threading
 from collections import Counter
+from typing import Callable
 
 from keyden import descriptors
 from keyden import errors as E
@@ -30,6 +32,7 @@ from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
 from keyden.server.config import ServerConfig
 from keyden.server.connection import Connection
+from keyden.server.exits import ExitWatcher
 from keyden.server.handlers import MAX_PENDING_FDS
 from keyden.server.handlers.dataplane import MAX_REGIONS
 from keyden.server.reactor import Channel, Reactor
@@ -43,6 +46,8 @@ FD_HEADROOM = 64  # descriptors besides connections' and sessions': the audit fi
 #: (one per message), and each shared region's mapping (Python's mmap keeps a descriptor).
 FDS_PER_CONNECTION = 1 + MAX_PENDING_FDS + MAX_REGIONS
 FDS_PER_TLS_SESSION = 2  # the peer's socket and our end of the application's socketpair
+#: Processes watched for their exit at once (a pidfd each), per max_connections: exits.py.
+WATCHED_PER_CONNECTION = 1
 
 
 def _unraisable_hook(throttled: Throttled):
@@ -110,6 +115,7 @@ class Server:
         self._reopen_pending = False  # a SIGHUP came before the loop was there
         self._stop_signalled = False  # SIGTERM/SIGINT came (set by the handler, lock-free)
         self.journal: SealedJournal | None = None
+        self.exits: ExitWatcher | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -128,7 +134,9 @@ class Server:
         path = cfg.socket
         _make_socket_dirs(os.path.dirname(path))
         self._clear_stale_socket(path)
-        wanted = cfg.max_connections * FDS_PER_CONNECTION + FDS_PER_TLS_SESSION * tls_engine.MAX_SESSIONS + FD_HEADROOM
+        watched = cfg.max_connections * WATCHED_PER_CONNECTION
+        wanted = (cfg.max_connections * FDS_PER_CONNECTION + FDS_PER_TLS_SESSION * tls_engine.MAX_SESSIONS + watched
+                  + FD_HEADROOM)
         fd_limit = limits.raise_fd_limit(wanted)
         if fd_limit < wanted:
             log.warning("descriptor limit %d is below the %d that max_connections %d and %d TLS sessions may "
@@ -146,6 +154,9 @@ class Server:
         self.listener = sock
         st = os.lstat(path)
         self._socket_id = (st.st_dev, st.st_ino)  # shutdown removes this socket, not one bound there since
+        self.exits = ExitWatcher(self._process_exited, watched)
+        self.exits.start()
+        self.store.on_process_keyring = self.exits.watch
         gc = threading.Thread(target=self._gc_loop, name="keyden-gc", daemon=True)
         gc.start()
         self._threads.append(gc)
@@ -223,6 +234,9 @@ class Server:
             self._shut_down = True
             self.request_stop()
             tls_engine.stop()  # handshakes still running hear why, and are audited
+            if self.exits is not None:
+                self.store.on_process_keyring = None
+                self.exits.stop()  # before the journal closes: a collection under way flushes it
             if self.listener is not None:
                 _unlink_if_ours(self.config.socket, self._socket_id)  # while it is open: its inode is not reused
                 self.listener.close()
@@ -275,17 +289,26 @@ class Server:
         return Channel(sock, Connection(self.store, who, cfg.max_frame, audit), closed)
 
     def _gc_loop(self) -> None:
-        """Every gc_interval.  A failure the daemon expects (the key database not written: ENOSPC, EIO) is
-        one throttled line, without a traceback: a full disk must not add one per sweep to the log.  Only an
-        unexpected fault gets a traceback."""
+        """Every gc_interval: the backstop for process keyrings whose process was not watched (exits.py)."""
         while not self._stopping.wait(self.config.gc_interval):
-            try:
-                n = self.store.collect(peer.process_alive)
-                if n:
-                    log.debug("garbage-collected %d keys", n)
-                if self.journal is not None:
-                    self.journal.flush()  # what collection destroyed under persistent keyrings
-            except E.KeydenError as exc:
-                self._gc_failures.error("garbage collection failed: %s", exc)  # "ENOSPC: ..."
-            except Exception:
-                log.exception("garbage collection failed")
+            self._collect(lambda: self.store.collect(peer.process_alive))
+
+    def _process_exited(self, process: tuple[int, int]) -> None:
+        """On the ExitWatcher's thread: ``process`` (pid, start time) has exited; its keyrings go now."""
+        self._collect(lambda: self.store.collect_process(process))
+
+    def _collect(self, collect: Callable[[], int]) -> None:
+        """One collection, then what it destroyed under persistent keyrings made durable.  A failure the
+        daemon expects (the key database not written: ENOSPC, EIO) is one throttled line, without a
+        traceback: a full disk must not add one per sweep, or per exit, to the log.  Only an unexpected
+        fault gets a traceback."""
+        try:
+            n = collect()
+            if n:
+                log.debug("garbage-collected %d keys", n)
+            if self.journal is not None:
+                self.journal.flush()
+        except E.KeydenError as exc:
+            self._gc_failures.error("garbage collection failed: %s", exc)  # "ENOSPC: ..."
+        except Exception:
+            log.exception("garbage collection failed")
