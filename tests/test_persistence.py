@@ -968,6 +968,52 @@ def test_a_state_directory_under_a_directory_others_may_write_is_refused(tmp_pat
     assert proc.returncode == 1 and f"is under {shared}, owned by uid 4242" in proc.stderr
 
 
+def test_store_files_configured_in_a_directory_others_may_write_are_refused(tmp_path):
+    """db_path and master_key_file outside the state directory: whoever may write in the directory holding
+    one could rename an older copy over it (the whole store rolled back), delete it (a new, empty store) or
+    plant a -wal beside it.  The daemon started and made its files there; now such a directory (or one
+    above it) is refused as the state directory is, and nothing is made in it."""
+    shared, keys, dbs = (os.path.join(tmp_path, name) for name in ("shared", "keys", "dbs"))
+    for directory in (shared, keys, dbs):
+        os.mkdir(directory, 0o700)
+    d = Daemon(f'master_key_file = "{keys}/master.key"\ndb_path = "{dbs}/keys.db"\n')
+    try:
+        for directory, what in ((keys, "master key file"), (dbs, "key database")):
+            for mode in (0o777, 0o1777, 0o770):  # sticky too: anyone may still make the -wal SQLite opens
+                os.chmod(directory, mode)
+                said = refused_start(d).strip().splitlines()[-1]
+                assert said == (f"keyden: not starting: the directory of the {what} {directory} has mode "
+                                f"{mode:04o}, writable by group or others; refusing to start (check nobody else "
+                                f"used it, then: chmod go-w {directory})"), said
+                assert os.listdir(directory) == [] and os.stat(directory).st_mode & 0o7777 == mode
+            os.chmod(directory, 0o700)
+            os.chown(directory, UID + 4242, -1)
+            said = refused_start(d).strip().splitlines()[-1]
+            assert f"the directory of the {what} {directory} is owned by uid {UID + 4242}" in said, said
+            assert f"chown {UID} {directory}" in said
+            os.chown(directory, UID, -1)
+        # one above it that others may write: they could swap the whole directory; it is not made there
+        d.cleanup()
+        d = Daemon(f'master_key_file = "{keys}/master.key"\ndb_path = "{shared}/store/keys.db"\n')
+        os.chmod(shared, 0o777)
+        said = refused_start(d).strip().splitlines()[-1]
+        assert f"the key database {shared}/store/keys.db is under {shared}, mode 0777, writable by group or " \
+               "others" in said, said
+        assert os.listdir(shared) == []
+
+        os.chmod(shared, 0o755)  # the daemon's own, others may look: it starts, and keeps its keys there
+        os.chmod(keys, 0o755)
+        d.start()
+        c = persistent(d)
+        key = c.add("user", "elsewhere", b"kept outside the state directory", c.get_persistent("@s"))
+        c.close()
+        restart(d)
+        assert persistent(d).read(key) == b"kept outside the state directory"
+        assert sorted(os.listdir(keys)) == ["master.key"] and "keys.db" in os.listdir(f"{shared}/store")
+    finally:
+        d.cleanup()
+
+
 def test_a_file_the_system_refuses_at_start_is_one_line_naming_it(fresh_daemon):
     """A master.key that is a directory printed "7: Is a directory" (a descriptor number, no path); other
     OSErrors escaped as "stdout: ..." from the CLI's handler for a failing standard stream."""

@@ -16,7 +16,7 @@ import stat
 from typing import Iterable, Iterator
 
 from keyden.core.store import ASYMMETRIC_USE_FLAGS
-from keyden.persist.master import StartupError, make_dirs, require_own
+from keyden.persist.master import StartupError, make_dirs, require_own, require_safe_directory
 from keyden.persist.records import COLUMNS, Row
 
 SCHEMA = """
@@ -165,8 +165,10 @@ def _create_private(path: str) -> None:
     """Make the file 0600 before SQLite does (its -wal and -shm files copy the database's mode).
 
     An existing database, -wal or -shm file must be the daemon's own and private to it: it is
-    refused otherwise (``require_own``).
+    refused otherwise (``require_own``), as is a directory others could swap the files in
+    (``require_safe_directory``).
     """
+    require_safe_directory(path, "key database")
     try:
         make_dirs(os.path.dirname(os.path.abspath(path)))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)

@@ -139,6 +139,7 @@ class FileKey(KeySource):
     def __init__(self, path: str, kernel_description: str = ""):
         self.path = path
         self.pending = path + ".new"
+        require_safe_directory(path, "master key file")  # before anything in it is read or written
         self.kernel_description = kernel_description
         self.kernel_ok = False
         if kernel_description:
@@ -401,7 +402,13 @@ def require_safe_parents(path: str, what: str) -> None:
     uid = os.geteuid()
     directory = os.path.dirname(os.path.realpath(path))
     while True:
-        st = os.stat(directory)
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:  # still to be made (make_dirs): the daemon's own, writable by it alone
+            directory = os.path.dirname(directory)
+            continue
+        except OSError as exc:
+            raise StartupError(f"cannot examine {directory}, above the {what} {path}: {exc.strerror}") from None
         loose = stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX
         if st.st_uid not in (0, uid) or loose:
             owner = f"owned by uid {st.st_uid}" if st.st_uid not in (0, uid) else \
@@ -412,6 +419,28 @@ def require_safe_parents(path: str, what: str) -> None:
         if parent == directory:
             return
         directory = parent
+
+
+def require_safe_directory(path: str, what: str) -> None:
+    """Refuse a configured ``path`` (``db_path``, ``master_key_file``) whose directory is not as safe as the
+    state directory: whoever may write in it could rename an older copy over the file (the whole store
+    rolled back), delete it (a new, empty store) or plant a -wal beside it.  The directory is held to the
+    state directory's rule, though root may own it, and a sticky bit does not excuse it (anyone may still
+    create the -wal the daemon would open); the ones above it to ``require_safe_parents``.  A directory
+    still to be made is made private by ``make_dirs``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise StartupError(f"cannot examine {directory}, the directory of the {what} {path}: {exc.strerror}") \
+            from None
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            raise StartupError(f"the {what} {path} is under {directory}, which is not a directory")
+        require_own(directory, st, f"directory of the {what}", secret=False, root_may_own=True)
+    require_safe_parents(path, what)
 
 
 def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:
