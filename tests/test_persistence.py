@@ -329,6 +329,34 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
     assert_reported_again(d, f"stored key {serial['blob']} skipped")
 
 
+def test_text_that_is_not_utf8_skips_its_row_only_and_never_stops_a_start_or_rekey(fresh_daemon):
+    """One description made invalid UTF-8 (sqlite3 on keys.db) stopped every start with an OperationalError
+    traceback quoting the text, and made rekey an internal error; meta and manifest values likewise."""
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 4)
+    bad, other = list(keys)[:2]
+    sql(d, "UPDATE keys SET description = CAST(X'66FF6F' AS TEXT) WHERE serial = ?", bad)  # while it runs
+    c = persistent(d)
+    c.rekey()  # the row no longer opens: left as it is, the others re-sealed
+    c.close()
+    assert "; 1 unreadable records left as they were" in d.read_log()
+    d.stop(signal.SIGKILL)
+    sql(d, "UPDATE meta SET value = CAST(X'FF' AS TEXT) WHERE name = 'manifest'")
+    sql(d, "UPDATE manifest SET sealed = CAST(X'FF' AS TEXT) WHERE bucket = ?", other % BUCKETS)
+
+    log = start_and_read_log(d)
+    assert f"stored key {bad} skipped: a text column is not valid UTF-8" in log
+    assert "the manifest's root is missing" in log and f"manifest bucket {other % BUCKETS} failed" in log
+    assert "Traceback" not in log and "f\ufffdo" not in log
+    kept = {serial: payload for serial, payload in keys.items() if serial != bad}
+    assert_loaded(d, ring, kept)
+    c = persistent(d)
+    c.rekey()  # and again, on a store that had the row at start
+    c.close()
+    assert_reported_again(d, f"stored key {bad} skipped: a text column is not valid UTF-8")
+    assert_loaded(d, ring, kept)
+
+
 # Loaded by the daemon's interpreter (sitecustomize on its PYTHONPATH): the serial allocator offers the
 # listed serials first, so a test can make it try exactly the serials it must never hand out.
 SEEDED_SERIALS = """
