@@ -1155,6 +1155,84 @@ def test_rekey_writes_a_new_key_file_when_the_file_was_lost_and_nothing_else_hol
     assert persistent(d).read(key) == b"rescued"
 
 
+def test_a_leftover_partial_key_file_stops_neither_rekey_nor_a_first_start(fresh_daemon, tmp_path):
+    """The file written beside the key was named <file>.partial-<pid>: the leftover of a crash, met again by
+    a process given the same pid (PID 1 in a container), made every rekey fail with EIO 'internal error'
+    and a first start with 'cannot write the new master key file ...: File exists'."""
+    from keyden.persist import master
+
+    d = fresh_daemon()
+    c = persistent(d)
+    key = c.add("user", "k", b"rekeyed past the leftover", c.get_persistent("@s"))
+    leftover = os.path.join(d.state_dir, f"master.key.new.partial-{d.proc.pid}")
+    write_file(leftover, b"written by the crashed one")
+    before = file_digest(os.path.join(d.state_dir, "master.key"))
+    c.rekey()
+    c.close()
+    assert file_digest(os.path.join(d.state_dir, "master.key")) != before
+    restart(d)
+    assert persistent(d).read(key) == b"rekeyed past the leftover"
+
+    path = str(tmp_path / "state" / "master.key")
+    os.mkdir(tmp_path / "state", 0o700)
+    write_file(f"{path}.partial-{os.getpid()}", b"written by the crashed one")
+    master.FileKey(path).create()
+    assert os.path.getsize(path) == master.KEY_BYTES
+
+
+# Loaded by the daemon's interpreter: writing any <file>.partial-* (the new master key, as rekey writes
+# it) fails with the errno in $KEYDEN_TEST_WRITE_ERRNO, as a full disk would.
+FAILING_PARTIAL_WRITES = """
+import os
+
+_write = os.write
+
+def write(fd, data):
+    if ".partial-" in os.readlink(f"/proc/self/fd/{fd}"):
+        code = int(os.environ["KEYDEN_TEST_WRITE_ERRNO"])
+        raise OSError(code, os.strerror(code))
+    return _write(fd, data)
+
+os.write = write
+"""
+
+
+def test_a_new_master_key_file_that_cannot_be_written_fails_rekey_with_its_errno(fresh_daemon, tmp_path,
+                                                                                  monkeypatch):
+    """A full disk while rekey wrote master.key.new was EIO 'internal error' with a traceback in the log:
+    now ENOSPC (EIO for other failures) naming the file, the old key still in use and nothing left behind."""
+    d = fresh_daemon()
+    c = persistent(d)
+    key = c.add("user", "k", b"kept under the old key", c.get_persistent("@s"))
+    c.close()
+    d.stop()
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "sitecustomize.py").write_text(FAILING_PARTIAL_WRITES)
+    monkeypatch.setenv("PYTHONPATH", str(seed))
+    key_file = os.path.join(d.state_dir, "master.key")
+    before = file_digest(key_file)
+    for code, error in ((errno.ENOSPC, E.ENOSPC), (errno.EDQUOT, E.ENOSPC), (errno.EROFS, E.EIO)):
+        monkeypatch.setenv("KEYDEN_TEST_WRITE_ERRNO", str(code))
+        d.start()
+        c = persistent(d)
+        with pytest.raises(error) as info:
+            c.rekey()
+        assert info.value.message == (f"rekey failed: cannot write the new master key file {key_file}.new "
+                                      f"({os.strerror(code)}); the old master key stays in use")
+        assert c.read(key) == b"kept under the old key"  # serving on, under the old key
+        c.close()
+        d.stop()
+        assert sorted(os.listdir(d.state_dir)) == ["audit.log", "keyden.toml", "keys.db", "master.key"]
+        assert file_digest(key_file) == before
+    log = d.read_log()
+    assert "Traceback" not in log and "internal error" not in log
+    assert f"rekey failed writing the new master key file {key_file}.new (No space left on device)" in log
+    monkeypatch.delenv("PYTHONPATH")
+    d.start()
+    assert persistent(d).read(key) == b"kept under the old key"
+
+
 def test_master_key_in_the_kernel_keyring(fresh_daemon):
     description = f"keyden-test:{secrets.token_hex(4)}"
     d = fresh_daemon(f'master_key_kernel = "{description}"\n')

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
@@ -244,7 +245,14 @@ class FileKey(KeySource):
             raise E.EPERM(f"the master key file {self.path} is offline (the kernel keyring holds the key): "
                           "put it back for the rekey, then move the new one offline again")
         key = os.urandom(KEY_BYTES)
-        write_secret_file(self.pending, key, replace=True)
+        try:
+            write_secret_file(self.pending, key, replace=True)
+        except OSError as exc:  # a full disk is the operator's to fix, not an internal error
+            log.error("rekey failed writing the new master key file %s (%s); the old master key stays",
+                      self.pending, exc.strerror)
+            error = E.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else E.EIO
+            raise error(f"rekey failed: cannot write the new master key file {self.pending} ({exc.strerror}); "
+                        "the old master key stays in use") from None
 
         def finish() -> None:
             os.replace(self.pending, self.path)
@@ -446,10 +454,12 @@ def require_safe_directory(path: str, what: str) -> None:
 def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:
     """Create ``path`` with mode 0600 and ``data``, durably (file and directory entry synced), whole or
     not at all: written beside it and then linked (or, with ``replace``, renamed) into place, so a full
-    disk leaves no empty key file that every later start would refuse."""
-    make_dirs(os.path.dirname(path) or ".")
-    partial = f"{path}.partial-{os.getpid()}"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    disk leaves no empty key file that every later start would refuse.  The file beside it has a name of
+    its own (mkstemp: O_EXCL, 0600): one named by the pid met the leftover of a crashed process with the
+    same pid (PID 1 in a container) and failed with EEXIST."""
+    directory = os.path.dirname(path) or "."
+    make_dirs(directory)
+    fd, partial = tempfile.mkstemp(prefix=os.path.basename(path) + ".partial-", dir=directory)
     try:
         try:
             os.fchmod(fd, 0o600)
