@@ -442,8 +442,7 @@ def require_safe_directory(path: str, what: str) -> None:
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise StartupError(f"cannot examine {directory}, the directory of the {what} {path}: {exc.strerror}") \
-            from None
+        raise StartupError(f"cannot examine the directory of the {what} {path}: {exc.strerror}") from None
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
             raise StartupError(f"the {what} {path} is under {directory}, which is not a directory")
