@@ -332,6 +332,34 @@ def test_tampered_records_are_reported_and_skipped(fresh_daemon):
     assert_reported_again(d, f"stored key {serial['blob']} skipped")
 
 
+def test_text_that_is_not_utf8_skips_its_row_only_and_never_stops_a_start_or_rekey(fresh_daemon):
+    """One description made invalid UTF-8 (sqlite3 on keys.db) stopped every start with an OperationalError
+    traceback quoting the text, and made rekey an internal error; meta and manifest values likewise."""
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 4)
+    bad, other = list(keys)[:2]
+    sql(d, "UPDATE keys SET description = CAST(X'66FF6F' AS TEXT) WHERE serial = ?", bad)  # while it runs
+    c = persistent(d)
+    c.rekey()  # the row no longer opens: left as it is, the others re-sealed
+    c.close()
+    assert "; 1 unreadable records left as they were" in d.read_log()
+    d.stop(signal.SIGKILL)
+    sql(d, "UPDATE meta SET value = CAST(X'FF' AS TEXT) WHERE name = 'manifest'")
+    sql(d, "UPDATE manifest SET sealed = CAST(X'FF' AS TEXT) WHERE bucket = ?", other % BUCKETS)
+
+    log = start_and_read_log(d)
+    assert f"stored key {bad} skipped: a text column is not valid UTF-8" in log
+    assert "the manifest's root is missing" in log and f"manifest bucket {other % BUCKETS} failed" in log
+    assert "Traceback" not in log and "f\ufffdo" not in log
+    kept = {serial: payload for serial, payload in keys.items() if serial != bad}
+    assert_loaded(d, ring, kept)
+    c = persistent(d)
+    c.rekey()  # and again, on a store that had the row at start
+    c.close()
+    assert_reported_again(d, f"stored key {bad} skipped: a text column is not valid UTF-8")
+    assert_loaded(d, ring, kept)
+
+
 NO_CA_BUNDLE = 'ca_bundle = ""\n'  # no CA certificates in .builtin_trusted_keys: keys made at start
 
 
@@ -1006,6 +1034,52 @@ def test_a_state_directory_under_a_directory_others_may_write_is_refused(tmp_pat
     assert proc.returncode == 1 and f"is under {shared}, owned by uid 4242" in proc.stderr
 
 
+def test_store_files_configured_in_a_directory_others_may_write_are_refused(tmp_path):
+    """db_path and master_key_file outside the state directory: whoever may write in the directory holding
+    one could rename an older copy over it (the whole store rolled back), delete it (a new, empty store) or
+    plant a -wal beside it.  The daemon started and made its files there; now such a directory (or one
+    above it) is refused as the state directory is, and nothing is made in it."""
+    shared, keys, dbs = (os.path.join(tmp_path, name) for name in ("shared", "keys", "dbs"))
+    for directory in (shared, keys, dbs):
+        os.mkdir(directory, 0o700)
+    d = Daemon(f'master_key_file = "{keys}/master.key"\ndb_path = "{dbs}/keys.db"\n')
+    try:
+        for directory, what in ((keys, "master key file"), (dbs, "key database")):
+            for mode in (0o777, 0o1777, 0o770):  # sticky too: anyone may still make the -wal SQLite opens
+                os.chmod(directory, mode)
+                said = refused_start(d).strip().splitlines()[-1]
+                assert said == (f"keyden: not starting: the directory of the {what} {directory} has mode "
+                                f"{mode:04o}, writable by group or others; refusing to start (check nobody else "
+                                f"used it, then: chmod go-w {directory})"), said
+                assert os.listdir(directory) == [] and os.stat(directory).st_mode & 0o7777 == mode
+            os.chmod(directory, 0o700)
+            os.chown(directory, UID + 4242, -1)
+            said = refused_start(d).strip().splitlines()[-1]
+            assert f"the directory of the {what} {directory} is owned by uid {UID + 4242}" in said, said
+            assert f"chown {UID} {directory}" in said
+            os.chown(directory, UID, -1)
+        # one above it that others may write: they could swap the whole directory; it is not made there
+        d.cleanup()
+        d = Daemon(f'master_key_file = "{keys}/master.key"\ndb_path = "{shared}/store/keys.db"\n')
+        os.chmod(shared, 0o777)
+        said = refused_start(d).strip().splitlines()[-1]
+        assert f"the key database {shared}/store/keys.db is under {shared}, mode 0777, writable by group or " \
+               "others" in said, said
+        assert os.listdir(shared) == []
+
+        os.chmod(shared, 0o755)  # the daemon's own, others may look: it starts, and keeps its keys there
+        os.chmod(keys, 0o755)
+        d.start()
+        c = persistent(d)
+        key = c.add("user", "elsewhere", b"kept outside the state directory", c.get_persistent("@s"))
+        c.close()
+        restart(d)
+        assert persistent(d).read(key) == b"kept outside the state directory"
+        assert sorted(os.listdir(keys)) == ["master.key"] and "keys.db" in os.listdir(f"{shared}/store")
+    finally:
+        d.cleanup()
+
+
 def test_a_file_the_system_refuses_at_start_is_one_line_naming_it(fresh_daemon):
     """A master.key that is a directory printed "7: Is a directory" (a descriptor number, no path); other
     OSErrors escaped as "stdout: ..." from the CLI's handler for a failing standard stream."""
@@ -1128,6 +1202,84 @@ def test_a_kernel_keyring_that_cannot_be_had_is_unavailable_not_an_error(monkeyp
     monkeypatch.setattr(kernel.ctypes, "get_errno", lambda: code)
     with pytest.raises(kernel.KernelUnavailable):
         kernel.probe()
+
+
+def test_a_leftover_partial_key_file_stops_neither_rekey_nor_a_first_start(fresh_daemon, tmp_path):
+    """The file written beside the key was named <file>.partial-<pid>: the leftover of a crash, met again by
+    a process given the same pid (PID 1 in a container), made every rekey fail with EIO 'internal error'
+    and a first start with 'cannot write the new master key file ...: File exists'."""
+    from keyden.persist import master
+
+    d = fresh_daemon()
+    c = persistent(d)
+    key = c.add("user", "k", b"rekeyed past the leftover", c.get_persistent("@s"))
+    leftover = os.path.join(d.state_dir, f"master.key.new.partial-{d.proc.pid}")
+    write_file(leftover, b"written by the crashed one")
+    before = file_digest(os.path.join(d.state_dir, "master.key"))
+    c.rekey()
+    c.close()
+    assert file_digest(os.path.join(d.state_dir, "master.key")) != before
+    restart(d)
+    assert persistent(d).read(key) == b"rekeyed past the leftover"
+
+    path = str(tmp_path / "state" / "master.key")
+    os.mkdir(tmp_path / "state", 0o700)
+    write_file(f"{path}.partial-{os.getpid()}", b"written by the crashed one")
+    master.FileKey(path).create()
+    assert os.path.getsize(path) == master.KEY_BYTES
+
+
+# Loaded by the daemon's interpreter: writing any <file>.partial-* (the new master key, as rekey writes
+# it) fails with the errno in $KEYDEN_TEST_WRITE_ERRNO, as a full disk would.
+FAILING_PARTIAL_WRITES = """
+import os
+
+_write = os.write
+
+def write(fd, data):
+    if ".partial-" in os.readlink(f"/proc/self/fd/{fd}"):
+        code = int(os.environ["KEYDEN_TEST_WRITE_ERRNO"])
+        raise OSError(code, os.strerror(code))
+    return _write(fd, data)
+
+os.write = write
+"""
+
+
+def test_a_new_master_key_file_that_cannot_be_written_fails_rekey_with_its_errno(fresh_daemon, tmp_path,
+                                                                                  monkeypatch):
+    """A full disk while rekey wrote master.key.new was EIO 'internal error' with a traceback in the log:
+    now ENOSPC (EIO for other failures) naming the file, the old key still in use and nothing left behind."""
+    d = fresh_daemon()
+    c = persistent(d)
+    key = c.add("user", "k", b"kept under the old key", c.get_persistent("@s"))
+    c.close()
+    d.stop()
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "sitecustomize.py").write_text(FAILING_PARTIAL_WRITES)
+    monkeypatch.setenv("PYTHONPATH", str(seed))
+    key_file = os.path.join(d.state_dir, "master.key")
+    before = file_digest(key_file)
+    for code, error in ((errno.ENOSPC, E.ENOSPC), (errno.EDQUOT, E.ENOSPC), (errno.EROFS, E.EIO)):
+        monkeypatch.setenv("KEYDEN_TEST_WRITE_ERRNO", str(code))
+        d.start()
+        c = persistent(d)
+        with pytest.raises(error) as info:
+            c.rekey()
+        assert info.value.message == (f"rekey failed: cannot write the new master key file {key_file}.new "
+                                      f"({os.strerror(code)}); the old master key stays in use")
+        assert c.read(key) == b"kept under the old key"  # serving on, under the old key
+        c.close()
+        d.stop()
+        assert sorted(os.listdir(d.state_dir)) == ["audit.log", "keyden.toml", "keys.db", "master.key"]
+        assert file_digest(key_file) == before
+    log = d.read_log()
+    assert "Traceback" not in log and "internal error" not in log
+    assert f"rekey failed writing the new master key file {key_file}.new (No space left on device)" in log
+    monkeypatch.delenv("PYTHONPATH")
+    d.start()
+    assert persistent(d).read(key) == b"kept under the old key"
 
 
 def test_master_key_in_the_kernel_keyring(fresh_daemon):

@@ -16,8 +16,8 @@ import stat
 from typing import Iterable, Iterator
 
 from keyden.core.store import ASYMMETRIC_USE_FLAGS
-from keyden.persist.master import StartupError, make_dirs, require_own
-from keyden.persist.records import COLUMNS, Row
+from keyden.persist.master import StartupError, make_dirs, require_own, require_safe_directory
+from keyden.persist.records import COLUMNS, Row, read_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -58,6 +58,7 @@ class Database:
         self.conn: sqlite3.Connection | None = None
         try:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.conn.text_factory = read_text  # a text column that is not UTF-8 is one row's problem
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StartupError(f"{path}: cannot switch to WAL mode (got {mode})")
@@ -95,7 +96,10 @@ class Database:
         os.close(self._lock_fd)
 
     def meta(self) -> dict[str, bytes]:
-        return {name: bytes(value) for name, value in self.conn.execute("SELECT name, value FROM meta")}
+        """Values keyden wrote (blobs); another kind (edited outside keyden) counts as missing, which
+        refuses the start or is reported, as the value it replaced would be if deleted."""
+        return {name: value for name, value in self.conn.execute("SELECT name, value FROM meta")
+                if isinstance(value, bytes)}
 
     def is_empty(self) -> bool:
         return self.conn.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is None
@@ -165,8 +169,10 @@ def _create_private(path: str) -> None:
     """Make the file 0600 before SQLite does (its -wal and -shm files copy the database's mode).
 
     An existing database, -wal or -shm file must be the daemon's own and private to it: it is
-    refused otherwise (``require_own``).
+    refused otherwise (``require_own``), as is a directory others could swap the files in
+    (``require_safe_directory``).
     """
+    require_safe_directory(path, "key database")
     try:
         make_dirs(os.path.dirname(os.path.abspath(path)))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)

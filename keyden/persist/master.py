@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
@@ -139,6 +140,7 @@ class FileKey(KeySource):
     def __init__(self, path: str, kernel_description: str = ""):
         self.path = path
         self.pending = path + ".new"
+        require_safe_directory(path, "master key file")  # before anything in it is read or written
         self.kernel_description = kernel_description
         self.kernel_ok = False
         if kernel_description:
@@ -243,7 +245,14 @@ class FileKey(KeySource):
             raise E.EPERM(f"the master key file {self.path} is offline (the kernel keyring holds the key): "
                           "put it back for the rekey, then move the new one offline again")
         key = os.urandom(KEY_BYTES)
-        write_secret_file(self.pending, key, replace=True)
+        try:
+            write_secret_file(self.pending, key, replace=True)
+        except OSError as exc:  # a full disk is the operator's to fix, not an internal error
+            log.error("rekey failed writing the new master key file %s (%s); the old master key stays",
+                      self.pending, exc.strerror)
+            error = E.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else E.EIO
+            raise error(f"rekey failed: cannot write the new master key file {self.pending} ({exc.strerror}); "
+                        "the old master key stays in use") from None
 
         def finish() -> None:
             os.replace(self.pending, self.path)
@@ -401,7 +410,13 @@ def require_safe_parents(path: str, what: str) -> None:
     uid = os.geteuid()
     directory = os.path.dirname(os.path.realpath(path))
     while True:
-        st = os.stat(directory)
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:  # still to be made (make_dirs): the daemon's own, writable by it alone
+            directory = os.path.dirname(directory)
+            continue
+        except OSError as exc:
+            raise StartupError(f"cannot examine {directory}, above the {what} {path}: {exc.strerror}") from None
         loose = stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX
         if st.st_uid not in (0, uid) or loose:
             owner = f"owned by uid {st.st_uid}" if st.st_uid not in (0, uid) else \
@@ -414,13 +429,36 @@ def require_safe_parents(path: str, what: str) -> None:
         directory = parent
 
 
+def require_safe_directory(path: str, what: str) -> None:
+    """Refuse a configured ``path`` (``db_path``, ``master_key_file``) whose directory is not as safe as the
+    state directory: whoever may write in it could rename an older copy over the file (the whole store
+    rolled back), delete it (a new, empty store) or plant a -wal beside it.  The directory is held to the
+    state directory's rule, though root may own it, and a sticky bit does not excuse it (anyone may still
+    create the -wal the daemon would open); the ones above it to ``require_safe_parents``.  A directory
+    still to be made is made private by ``make_dirs``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise StartupError(f"cannot examine the directory of the {what} {path}: {exc.strerror}") from None
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            raise StartupError(f"the {what} {path} is under {directory}, which is not a directory")
+        require_own(directory, st, f"directory of the {what}", secret=False, root_may_own=True)
+    require_safe_parents(path, what)
+
+
 def write_secret_file(path: str, data: bytes, replace: bool = False) -> None:
     """Create ``path`` with mode 0600 and ``data``, durably (file and directory entry synced), whole or
     not at all: written beside it and then linked (or, with ``replace``, renamed) into place, so a full
-    disk leaves no empty key file that every later start would refuse."""
-    make_dirs(os.path.dirname(path) or ".")
-    partial = f"{path}.partial-{os.getpid()}"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    disk leaves no empty key file that every later start would refuse.  The file beside it has a name of
+    its own (mkstemp: O_EXCL, 0600): one named by the pid met the leftover of a crashed process with the
+    same pid (PID 1 in a container) and failed with EEXIST."""
+    directory = os.path.dirname(path) or "."
+    make_dirs(directory)
+    fd, partial = tempfile.mkstemp(prefix=os.path.basename(path) + ".partial-", dir=directory)
     try:
         try:
             os.fchmod(fd, 0o600)

@@ -33,6 +33,28 @@ _FIXED = struct.Struct("<iqqIdIQddQ")
 _LEN = struct.Struct("<I")
 
 
+class NotUtf8:
+    """A TEXT value that is not UTF-8 (written outside keyden), as the database reads it: no str, so no row
+    holding one opens or re-seals, and no message or traceback carries its bytes."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<text that is not UTF-8>"
+
+
+NOT_UTF8 = NotUtf8()
+
+
+def read_text(raw: bytes) -> str | NotUtf8:
+    """SQLite's text_factory: sqlite3's own raised OperationalError, quoting the text, for a whole query
+    (one edited description stopped every stored key from loading)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return NOT_UTF8
+
+
 class Unusable(Exception):
     """A row that cannot become a key (failed authentication, unknown type, bad payload): skip it."""
 
@@ -107,6 +129,8 @@ def _storage_form(key: Key) -> bytes | bytearray:
 
 def open_row(row: Row, sealer: Sealer) -> tuple[Key, list[int]]:
     """The key a row holds and, for a keyring, its members' serials; Unusable if it must be skipped."""
+    if any(getattr(row, column) is NOT_UTF8 for column in COLUMNS):
+        raise Unusable("a text column is not valid UTF-8 (written outside keyden)")
     try:
         aad = row.associated_data()
     except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError):
