@@ -1193,6 +1193,33 @@ def test_rekey_writes_a_new_key_file_when_the_file_was_lost_and_nothing_else_hol
     assert persistent(d).read(key) == b"rescued"
 
 
+def test_a_rekey_whose_new_key_file_cannot_be_put_in_place_never_loses_it(fresh_daemon):
+    """Once the database is re-sealed, master.key.new is the only key that opens the store.  If it could not
+    be renamed over master.key, the rekey said 'internal error', and the next rekey wrote a fresh key over
+    it: a crash before that one's commit left a store nothing opens."""
+    d = fresh_daemon()
+    c = persistent(d)
+    key = c.add("user", "k", b"kept", c.get_persistent("@s"))
+    path = os.path.join(d.state_dir, "master.key")
+    os.unlink(path)
+    os.mkdir(path)  # a rename over a directory fails (EISDIR)
+    with pytest.raises(E.EIO, match="master.key.new, which cannot be moved .* only key that opens the store"):
+        c.rekey()
+    with open(path + ".new", "rb") as f:
+        stranded = f.read()
+    with pytest.raises(E.EIO, match="only key that opens the store"):
+        c.rekey()  # still no way: the file is left as it is
+    with open(path + ".new", "rb") as f:
+        assert f.read() == stranded
+    os.rmdir(path)
+    c.rekey()  # puts the stranded key in place first, then rekeys
+    assert not os.path.exists(path + ".new")
+    c.close()
+    d.stop()
+    d.start()
+    assert persistent(d).read(key) == b"kept"
+
+
 @pytest.mark.parametrize("code", [errno.ENOKEY, errno.EKEYREVOKED, errno.ENOSYS, errno.EPERM])
 def test_a_kernel_keyring_that_cannot_be_had_is_unavailable_not_an_error(monkeypatch, code):
     """Seccomp refusing the syscall, or root's user keyring gone (another root process sharing the host's

@@ -140,6 +140,7 @@ class FileKey(KeySource):
     def __init__(self, path: str, kernel_description: str = ""):
         self.path = path
         self.pending = path + ".new"
+        self._stranded: bytes | None = None  # a rekey's key the store is sealed under, not moved into place
         require_safe_directory(path, "master key file")  # before anything in it is read or written
         self.kernel_description = kernel_description
         self.kernel_ok = False
@@ -244,6 +245,8 @@ class FileKey(KeySource):
             # either, the file was lost: the rekey writes a new one, the store's only way back.)
             raise E.EPERM(f"the master key file {self.path} is offline (the kernel keyring holds the key): "
                           "put it back for the rekey, then move the new one offline again")
+        if self._stranded is not None:  # the pending file is the only key that opens the store: never overwritten
+            self._move_into_place(self._stranded)
         key = os.urandom(KEY_BYTES)
         try:
             write_secret_file(self.pending, key, replace=True)
@@ -255,11 +258,26 @@ class FileKey(KeySource):
                         "the old master key stays in use") from None
 
         def finish() -> None:
-            os.replace(self.pending, self.path)
-            _fsync_dir(self.path)
-            self._hold_in_kernel(key)
+            self._stranded = key  # until it is in place: the store is sealed under it now
+            self._move_into_place(key)
 
         return Rotation(Sealer(key), finish=finish)
+
+    def _move_into_place(self, key: bytes) -> None:
+        """The pending file becomes the key file.  If it cannot, it stays the only key that opens the store,
+        and later rekeys try again before they write a new one over it."""
+        try:
+            os.replace(self.pending, self.path)
+            _fsync_dir(self.path)
+        except OSError as exc:
+            log.error("the key database is sealed under the master key in %s, which cannot be moved to %s (%s): "
+                      "keep that file, it is the only key that opens the store", self.pending, self.path,
+                      exc.strerror)
+            raise E.EIO(f"the store is sealed under the new master key in {self.pending}, which cannot be moved "
+                        f"to {self.path} ({exc.strerror}): keep that file, it is the only key that opens the "
+                        "store; once the cause is fixed, rekey again (or move it yourself)") from None
+        self._stranded = None
+        self._hold_in_kernel(key)
 
     def _read(self, path: str) -> bytes:
         key = read_private_file(path, "master key file", KEY_BYTES + 1, follow_symlinks=False)
