@@ -106,7 +106,9 @@ def test_parse_certificate(keys, algo, encoding):
     assert key.key_bits == {"rsa": 2048, "p256": 256, "p384": 384, "ed25519": 256}[algo]
     # SKID equals the SPKI id here, so it is not repeated: [spki id, serial||issuer].
     serial = cert.serial_number.to_bytes((cert.serial_number.bit_length() + 8) // 8, "big")
-    assert key.key_ids == (spki_id(priv), serial + cert.issuer.public_bytes())
+    issuer = cert.issuer.public_bytes()
+    assert issuer[:2] == b"\x30" + bytes([len(issuer) - 2])  # a short SEQUENCE header, left out:
+    assert key.key_ids == (spki_id(priv), serial + issuer[2:])  # the kernel's raw serial ‖ raw issuer
     assert key.default_description == f"Test Signer: {spki_id(priv).hex()}"
     assert key.spki_der == spki(priv)
 
@@ -116,12 +118,30 @@ def test_certificate_with_own_skid_and_without_skid(keys):
     own = A.parse(make_cert(priv, skid=b"\x01\x02\x03\x04").public_bytes(DER))
     assert own.key_ids[:2] == (spki_id(priv), b"\x01\x02\x03\x04") and len(own.key_ids) == 3
     assert own.default_description == "Test Signer: 01020304"
-    huge = A.parse(make_cert(priv, skid=b"\x05" * 3000).public_bytes(DER))
+    huge = A.parse(make_cert(priv, skid=b"\x05" * 3000, serial=0x77).public_bytes(DER))
     assert huge.key_ids[1] == b"\x05" * 3000
-    assert huge.default_description == f"Test Signer: {spki_id(priv).hex()}"  # bounded length
-    none = A.parse(make_cert(priv, skid=None).public_bytes(DER))
+    assert huge.default_description == "Test Signer: 77"  # bounded length: the serial, as without an SKID
+    none = A.parse(make_cert(priv, skid=None, serial=0x80).public_bytes(DER))
     assert none.key_ids[0] == spki_id(priv) and len(none.key_ids) == 2
-    assert none.default_description == f"Test Signer: {spki_id(priv).hex()}"
+    assert none.default_description == "Test Signer: 0080"  # the kernel's: the serial's DER content octets
+
+
+@pytest.mark.parametrize("attributes, name", [
+    ([("O", "Example Org"), ("CN", "Signing key")], "Example Org: Signing key"),
+    ([("O", "Example"), ("CN", "Example signing key")], "Example signing key"),  # the CN begins with the O
+    ([("O", "Example Org"), ("CN", "Example Inc key")], "Example Inc key"),  # the first 7 bytes are shared
+    ([("O", "Org"), ("CN", "Orgx")], "Orgx"),
+    ([("O", "Only Org")], "Only Org"),
+    ([("E", "ca@example.com")], "ca@example.com"),
+    ([("C", "DE")], ""),  # no CN, O or e-mail: ": <id>"
+    ([("CN", "first"), ("CN", "last")], "last"),  # the kernel's parser keeps the last of each
+])
+def test_a_certificate_s_default_description_is_the_kernel_s(keys, attributes, name):
+    oids = {"O": NameOID.ORGANIZATION_NAME, "CN": NameOID.COMMON_NAME, "E": NameOID.EMAIL_ADDRESS,
+            "C": NameOID.COUNTRY_NAME}
+    subject = x509.Name([x509.NameAttribute(oids[k], v) for k, v in attributes])
+    key = A.parse(make_cert(keys["p256"], name=subject, skid=b"\xab\xcd").public_bytes(DER))
+    assert key.default_description == f"{name}: abcd"
 
 
 def test_proc_keys_summary_names_the_kind_the_algorithm_and_a_certificates_skid_tail(keys):
@@ -137,8 +157,8 @@ def test_proc_keys_summary_names_the_kind_the_algorithm_and_a_certificates_skid_
 @pytest.mark.parametrize("attrs,label", [
     ([(NameOID.ORGANIZATION_NAME, "Acme Ltd"), (NameOID.COUNTRY_NAME, "NL")], "Acme Ltd"),
     ([(NameOID.EMAIL_ADDRESS, "ops@example.org")], "ops@example.org"),
-    ([(NameOID.COUNTRY_NAME, "NL")], "X.509"),
-    ([(NameOID.ORGANIZATION_NAME, "Acme"), (NameOID.COMMON_NAME, "Signer\nTwo")], "Signer?Two"),
+    ([(NameOID.COUNTRY_NAME, "NL")], ""),
+    ([(NameOID.ORGANIZATION_NAME, "Acme"), (NameOID.COMMON_NAME, "Signer\nTwo")], "Acme: Signer?Two"),
 ])
 def test_certificate_description_fallbacks(keys, attrs, label):
     name = x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])

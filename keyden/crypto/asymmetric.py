@@ -377,12 +377,25 @@ def _serial_bytes(serial: int) -> bytes:
 
 
 def _cert_name(cert: x509.Certificate) -> str:
-    """Kernel-style subject label: CN, else O, else email address (printable, bounded)."""
-    for oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.EMAIL_ADDRESS):
-        attrs = cert.subject.get_attributes_for_oid(oid)
-        if attrs and isinstance(attrs[0].value, str) and attrs[0].value:
-            return "".join(c if c.isprintable() else "?" for c in attrs[0].value[:128])
-    return "X.509"
+    """The kernel's x509_fabricate_name: the subject's CN, after "<O>: " unless the CN begins with the O (or
+    shares its first 7 bytes); without a CN its O, else its e-mail address, else nothing.  The last of
+    each attribute counts, as the kernel's parser keeps the last; printable and bounded here."""
+    def last(oid) -> bytes:
+        values = [a.value for a in cert.subject.get_attributes_for_oid(oid) if isinstance(a.value, str)]
+        return values[-1].encode()[:128] if values else b""
+
+    cn, o = last(NameOID.COMMON_NAME), last(NameOID.ORGANIZATION_NAME)
+    if cn and o and not cn.startswith(o) and not (len(cn) >= 7 and len(o) >= 7 and cn[:7] == o[:7]):
+        name = o + b": " + cn
+    else:
+        name = cn or o or last(NameOID.EMAIL_ADDRESS)
+    return "".join(c if c.isprintable() else "?" for c in name.decode(errors="replace"))
+
+
+def _der_contents(der: bytes) -> bytes:
+    """A DER element's contents, without its tag and length (what the kernel's ASN.1 actions are given)."""
+    size = der[1]
+    return der[2 + (size & 0x7F if size & 0x80 else 0):]
 
 
 def _check_rsa_bits(bits: int) -> int:
@@ -419,8 +432,9 @@ def _build(pub, priv, cert, source: str) -> ParsedKey:
             skid = None
         if skid and skid != spki_id:
             ids.append(skid)
-        ids.append(_serial_bytes(cert.serial_number) + cert.issuer.public_bytes())
-        shown = skid if skid and len(skid) <= 64 else spki_id   # keep descriptions short
+        serial = _serial_bytes(cert.serial_number)
+        ids.append(serial + _der_contents(cert.issuer.public_bytes()))  # the kernel's raw serial ‖ raw issuer
+        shown = skid if skid and len(skid) <= 64 else serial  # the kernel's; a longer SKID: kept short
         description = f"{_cert_name(cert)}: {shown.hex()}"
     else:
         half = "private" if priv is not None else "public"
