@@ -236,6 +236,21 @@ def test_linking_a_keyring_into_itself_or_its_descendants_is_edeadlk(store, alic
         store.link(alice, SESSION, b)
 
 
+def test_a_loop_is_edeadlk_even_where_the_depth_walk_first_met_its_keyring_too_deep(store, alice):
+    """k holds b1 > ... > b5 > a (a six deep) and, after b1, a itself; a > x > r.  The depth walk met a six
+    deep first, stopped there, and skipped it when met again one deep: linking k into r was ELOOP, where
+    the loop comes first (EDEADLK)."""
+    k, a, x, r = (newring(store, alice, name) for name in ("k", "a", "x", "r"))
+    chain = [newring(store, alice, f"b{i}") for i in range(1, 6)]
+    for outer, inner in zip([k] + chain, chain + [a]):  # top-down: each link checks only below what it files
+        store.link(alice, inner, outer)
+    store.link(alice, a, k)
+    store.link(alice, x, a)
+    store.link(alice, r, x)
+    with pytest.raises(E.EDEADLK):
+        store.link(alice, k, r)
+
+
 def nested_chain(store, caller, length) -> list[int]:
     """Keyrings r0 > r1 > ... each holding the next; all also in the session keyring, so all possessed."""
     chain = [newring(store, caller, f"r{i}") for i in range(length)]
@@ -458,6 +473,27 @@ def test_a_reaped_process_keyring_linked_elsewhere_is_possessed_no_more(store, a
     store.collect(process_alive=lambda pid, start: (pid, start) != alice.process)
     with pytest.raises(E.EACCES):  # @p is gone from the process: what it holds is possessed no more
         store.read(alice, key)
+
+
+@pytest.mark.parametrize("lock", ["no search", "revoked"])
+def test_user_keyrings_that_grant_no_search_or_are_revoked_are_found_no_more(store, lock):
+    """As the kernel's look_up_user_keyrings, a search of its register with possession: strip search from
+    @u (or revoke it) and neither @u nor @us is found again (ENOKEY), a lock its owner may set for good."""
+    lone = Caller(ALICE)
+    user = store.resolve(lone, USER)
+    assert store.describe(lone, USER_SESSION).description == "_uid_ses.1000"
+    if lock == "revoked":
+        store.revoke(lone, USER)
+    else:
+        store.setperm(lone, USER, 0x37370000)  # all but search, for possessor and owner
+    for special in (USER, USER_SESSION):
+        with pytest.raises(E.ENOKEY):
+            store.describe(lone, special)
+        with pytest.raises(E.ENOKEY):
+            store.resolve(lone, special)
+    if lock == "no search":
+        store.setperm(lone, user, 0x3F3F0000)  # by its serial the owner still reaches it
+        assert store.resolve(lone, USER) == user
 
 
 def test_a_replaced_user_keyring_is_possessed_through_the_user_session_keyring(store):

@@ -640,22 +640,23 @@ class KeyStore:
     def _detect_cycle(self, ring: Key, key: Key) -> None:
         """keyring_detect_cycle: would filing keyring ``key`` in ``ring`` make a loop, or nest too deep?
 
-        Searches down from ``key`` for ``ring``, ignoring permissions and
-        states: EDEADLK if found (linking a keyring into itself included),
-        else ELOOP if ``key`` holds keyrings more than MAX_NESTING levels
-        below it.  (The kernel reports whichever its walk meets first.)
+        Searches down from ``key`` for ``ring``, however deep, ignoring
+        permissions and states: EDEADLK if found (linking a keyring into
+        itself included); else ELOOP if ``key`` holds keyrings more than
+        MAX_NESTING levels below it.  (The kernel reports whichever its walk
+        meets first.)
         """
         if key is ring:
             raise E.EDEADLK("a keyring cannot be linked into itself")
-        deepest: dict[int, int] = {}  # a keyring reached again, less deep, can reveal nothing new
+        if _holds(key, ring):
+            raise E.EDEADLK("link would create a cycle")
+        deepest: dict[int, int] = {}  # how deep is all that counts: a keyring reached again less deep is not
         too_deep = False
 
         def walk(current: Key, depth: int) -> None:
             nonlocal too_deep
             if current.defunct:
                 return
-            if current.links.get(ring.index) is ring:
-                raise E.EDEADLK("link would create a cycle")
             for sub in current.links.values():
                 if sub.links is None:
                     continue
@@ -783,10 +784,15 @@ class KeyStore:
             return ring
         if key_id == SESSION:
             return self._session_keyring(caller)
-        if key_id == USER:
-            return self._user_keyring(caller.uid)
-        if key_id == USER_SESSION:
-            return self._user_session_keyring(caller.uid)
+        if key_id in (USER, USER_SESSION):
+            # The kernel finds both by a search of its register (look_up_user_keyrings), with possession: a
+            # pair in which one is revoked or grants no search is never found again, a lock its owner may set.
+            user, user_session = self._user_keyring(caller.uid), self._user_session_keyring(caller.uid)
+            for ring in (user, user_session):
+                if ring.revoked or not self._rights(caller, ring, True) & P.SEARCH:
+                    raise E.ENOKEY(f"keyring {ring.serial} ({ring.description}) is revoked or grants no search: "
+                                   "the user keyrings cannot be found")
+            return user if key_id == USER else user_session
         if key_id in (REQKEY_AUTH, REQUESTOR):
             raise E.ENOKEY("no request-key authorisation key")
         raise E.EINVAL(f"unsupported special key id {key_id}")
