@@ -121,6 +121,12 @@ def test_certificate_with_own_skid_and_without_skid(keys):
     huge = A.parse(make_cert(priv, skid=b"\x05" * 3000, serial=0x77).public_bytes(DER))
     assert huge.key_ids[1] == b"\x05" * 3000
     assert huge.default_description == "Test Signer: 77"  # bounded length: the serial, as without an SKID
+    long_serial = A.parse(make_cert(priv, skid=None, serial=1 << 158).public_bytes(DER))  # 20 bytes: RFC 5280's most
+    assert long_serial.default_description == "Test Signer: " + (1 << 158).to_bytes(20, "big").hex()
+    with pytest.MonkeyPatch.context() as mp:  # a serial as long as a crafted certificate may carry
+        mp.setattr(A, "_serial_bytes", lambda serial: bytes(2100))
+        crafted = A.parse(make_cert(priv, skid=None).public_bytes(DER))
+    assert crafted.default_description == f"Test Signer: {spki_id(priv).hex()}"  # bounded: the SPKI id
     none = A.parse(make_cert(priv, skid=None, serial=0x80).public_bytes(DER))
     assert none.key_ids[0] == spki_id(priv) and len(none.key_ids) == 2
     assert none.default_description == "Test Signer: 0080"  # the kernel's: the serial's DER content octets

@@ -421,5 +421,9 @@ def test_a_batch_over_the_item_limit_is_refused_on_the_loop_at_once():
     body = W.SCHEMAS[Op.BATCH][0].encode(("hmac(sha256)", 1, 0, [], [], [b""] * (W.MAX_BATCH + 1)))
     frame = W.Frame(7, Op.BATCH, 0, body)
     assert request_cost(conn.store, frame) is Cost.QUICK
+    # A list over the limit after full ones is met only once those are made (131072 items): a worker's job.
+    behind = W.SCHEMAS[Op.BATCH][0].encode(("gcm(aes)", 1, 0, [bytes(12)] * W.MAX_BATCH, [b"a"] * W.MAX_BATCH,
+                                            [b""] * (W.MAX_BATCH + 1)))
+    assert request_cost(conn.store, W.Frame(8, Op.BATCH, 0, behind)) is Cost.SLOW
     (reply,) = responses(conn.receive(W.encode_frame(7, Op.BATCH, 0, body)))
     assert reply.status == E.E2BIG.code

@@ -251,6 +251,24 @@ def test_a_loop_is_edeadlk_even_where_the_depth_walk_first_met_its_keyring_too_d
         store.link(alice, k, r)
 
 
+def test_a_chain_made_top_down_however_deep_dies_whole_when_let_go(store):
+    """Each link checks only below what it files, so a chain has no depth limit; destroying one recursed
+    four frames a level, and 250 levels raised RecursionError half-way, with the tree half destroyed."""
+    root = session(store, ROOT)
+    chain = [newring(store, root, "top")]
+    for level in range(1, 1200):  # past six levels possession no longer reaches: the owner's bits
+        ring = newring(store, root, f"level-{level}")
+        store.setperm(root, ring, 0x3F3F0000)
+        store.link(root, ring, chain[-1])
+        store.unlink(root, ring, SESSION)
+        chain.append(ring)
+    add_user(store, root, "at-the-bottom", ring=chain[-1])
+    before = len(store)
+    store.unlink(root, chain[0], SESSION)
+    assert len(store) == before - 1201
+    assert not any(alive(store, root, serial) for serial in chain)
+
+
 def nested_chain(store, caller, length) -> list[int]:
     """Keyrings r0 > r1 > ... each holding the next; all also in the session keyring, so all possessed."""
     chain = [newring(store, caller, f"r{i}") for i in range(length)]
@@ -475,18 +493,22 @@ def test_a_reaped_process_keyring_linked_elsewhere_is_possessed_no_more(store, a
         store.read(alice, key)
 
 
-@pytest.mark.parametrize("lock", ["no search", "revoked"])
-def test_user_keyrings_that_grant_no_search_or_are_revoked_are_found_no_more(store, lock):
+@pytest.mark.parametrize("lock", ["no search", "revoked", "expired"])
+def test_user_keyrings_that_grant_no_search_or_are_dead_are_found_no_more(store, clock, lock):
     """As the kernel's look_up_user_keyrings, a search of its register with possession: strip search from
-    @u (or revoke it) and neither @u nor @us is found again (ENOKEY), a lock its owner may set for good."""
+    @u (or revoke it, or let it expire) and neither @u nor @us is found again (ENOKEY), nor @s where @us
+    stands in for a session: a lock its owner may set."""
     lone = Caller(ALICE)
     user = store.resolve(lone, USER)
     assert store.describe(lone, USER_SESSION).description == "_uid_ses.1000"
     if lock == "revoked":
         store.revoke(lone, USER)
+    elif lock == "expired":
+        store.set_timeout(lone, USER, 1)
+        clock.advance(2)
     else:
         store.setperm(lone, USER, 0x37370000)  # all but search, for possessor and owner
-    for special in (USER, USER_SESSION):
+    for special in (USER, USER_SESSION, SESSION):
         with pytest.raises(E.ENOKEY):
             store.describe(lone, special)
         with pytest.raises(E.ENOKEY):

@@ -509,6 +509,22 @@ def test_a_forged_rsa_export_with_a_content_key_of_another_size_is_ebadmsg(size)
         X.unwrap_with_private_key(header + nonce + sealed, private)
 
 
+def test_a_blob_of_millions_of_empty_entries_is_refused_before_any_is_made():
+    """Whoever has a recipient's public key can make a blob: 4 million empty entries cost 66 MB and a second
+    before the count was checked."""
+    import tracemalloc
+
+    plaintext = X.TREE.encode(([b""] * 4_000_000, []))
+    tracemalloc.start()
+    try:
+        with pytest.raises(E.EBADMSG):
+            X.decode_tree(plaintext, X.VERSION)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
 class _WatchingJournal(NullJournal):
     """Notes each key as the journal sees it: what a group commit at that moment would write."""
 

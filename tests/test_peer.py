@@ -233,3 +233,25 @@ def test_without_so_peerpidfd_start_time_falls_back_to_proc_logged_once(caplog):
         second = peer.peer_of(_NoPeerPidfd(a))
     assert first.start_time == second.start_time == peer.process_start_time(os.getpid())
     assert len(caplog.records) == 1 and "SO_PEERPIDFD" in caplog.records[0].getMessage()
+
+
+def test_a_proc_that_cannot_be_read_is_no_exit(monkeypatch):
+    """Out of descriptors, /proc/<pid>/stat cannot be opened: that says nothing about the process.  It was
+    taken for an exit, and a live process's @p was collected with its keys (by the exit watcher at once,
+    by the sweep at its next round)."""
+    import builtins
+
+    me = (os.getpid(), peer.process_start_time(os.getpid()))
+    real_open = builtins.open
+
+    def no_descriptors(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_descriptors)
+    assert peer.process_alive(*me)
+    with pytest.raises(OSError):  # the exit watcher leaves it to the sweep
+        peer.open_pidfd(me)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert peer.process_alive(*me) and peer.open_pidfd((me[0], me[1] + 1)) is None  # another start: not ours

@@ -1214,6 +1214,15 @@ def test_a_rekey_whose_new_key_file_cannot_be_put_in_place_never_loses_it(fresh_
     os.rmdir(path)
     c.rekey()  # puts the stranded key in place first, then rekeys
     assert not os.path.exists(path + ".new")
+    # Moved into place by hand, as the error allows: the next rekey finds it there and goes on.
+    os.rename(path, path + ".kept")
+    os.mkdir(path)
+    with pytest.raises(E.EIO, match="only key that opens the store"):
+        c.rekey()
+    os.rmdir(path)
+    os.rename(path + ".new", path)
+    c.rekey()
+    assert not os.path.exists(path + ".new")
     c.close()
     d.stop()
     d.start()

@@ -507,8 +507,8 @@ def test_system_keyrings_are_made_at_start_and_cannot_be_removed(system, pki):
     assert {listed[k].proc_line(0).split(" blacklist ")[1].strip() for k in c.read(blacklist)} == {
         c.describe(k).description for k in c.read(blacklist)}
     assert listed[builtin].summary == "1"
-    assert ".builtin_trusted_keys: holds 1 certificates from ; 1 replaced an earlier one with the same subject " \
-           "and key id, 1 the parser refused, 1 blacklisted" in system.daemon.read_log().replace(
+    assert ".builtin_trusted_keys: holds 1 certificates from ; 1 replaced an earlier one with the same " \
+           "description, 1 the parser refused, 1 blacklisted" in system.daemon.read_log().replace(
                system.files + "/ca.pem", "")
 
     # KEY_FLAG_KEEP: whatever the masks grant, nobody (root included) revokes, invalidates or clears them.

@@ -230,7 +230,7 @@ def stdin_chunks() -> Iterator[bytes]:
 
 def write_all(fd: int, data, name: str = "stdout") -> None:
     """Every byte, or an error naming ``name``: a short write goes on, a full pipe is waited on.  A reader
-    gone is BrokenPipeError, which main turns into a quiet status 1."""
+    gone is BrokenPipeError, which main turns into a quiet status 141 (keyctl dies of SIGPIPE)."""
     view = memoryview(data)
     while view:
         try:

@@ -439,6 +439,8 @@ class KeyStore:
         self._user_keyrings: dict[int, Key] = {}
         self._user_session_keyrings: dict[int, Key] = {}
         self._process_keyrings: dict[tuple[tuple[int, int], int, int], Key] = {}  # (process, uid, gid) -> @p
+        self._dying: list[Key] = []  # keys whose destruction is queued (_destroy) ...
+        self._destroying = False  # ... while an outer _destroy works the queue off
         #: Told (process) each time a process keyring is made, with the lock held: it must only take note
         #: (the server watches that process's exit, and then calls ``collect_process``).
         self.on_process_keyring: Callable[[tuple[int, int]], None] | None = None
@@ -519,7 +521,23 @@ class KeyStore:
         return key
 
     def _destroy(self, key: Key) -> None:
-        """Drop a key nobody references any more: free its quota, wipe its payload."""
+        """Drop a key nobody references any more: free its quota, wipe its payload.
+
+        What dies with a keyring dies in a loop, not a recursion (a chain made top-down has no depth limit):
+        a destruction begun during another is queued, and the outermost call works the queue off before it
+        returns.
+        """
+        self._dying.append(key)
+        if self._destroying:
+            return
+        self._destroying = True
+        try:
+            while self._dying:
+                self._destroy_now(self._dying.pop())
+        finally:
+            self._destroying = False
+
+    def _destroy_now(self, key: Key) -> None:
         if key.dead:
             return
         self._changed()
@@ -783,19 +801,28 @@ class KeyStore:
                 raise E.ENOKEY("this process has no process keyring")
             return ring
         if key_id == SESSION:
-            return self._session_keyring(caller)
+            ring = self._session_keyring(caller)
+            if ring is self._user_session_keyrings.get(caller.uid):  # no session: @us stands in, found as @us is
+                self._found_user_keyrings(caller)
+            return ring
         if key_id in (USER, USER_SESSION):
-            # The kernel finds both by a search of its register (look_up_user_keyrings), with possession: a
-            # pair in which one is revoked or grants no search is never found again, a lock its owner may set.
-            user, user_session = self._user_keyring(caller.uid), self._user_session_keyring(caller.uid)
-            for ring in (user, user_session):
-                if ring.revoked or not self._rights(caller, ring, True) & P.SEARCH:
-                    raise E.ENOKEY(f"keyring {ring.serial} ({ring.description}) is revoked or grants no search: "
-                                   "the user keyrings cannot be found")
+            user, user_session = self._found_user_keyrings(caller)
             return user if key_id == USER else user_session
         if key_id in (REQKEY_AUTH, REQUESTOR):
             raise E.ENOKEY("no request-key authorisation key")
         raise E.EINVAL(f"unsupported special key id {key_id}")
+
+    def _found_user_keyrings(self, caller: Caller) -> tuple[Key, Key]:
+        """@u and @us as the kernel finds them (look_up_user_keyrings): by a search of its register, with
+        possession.  A pair in which one is revoked, expired or grants no search is not found (ENOKEY): a
+        lock its owner may set, and the way the kernel answered when tried."""
+        now = self.clock()
+        pair = self._user_keyring(caller.uid), self._user_session_keyring(caller.uid)
+        for ring in pair:
+            if ring.state_error(now) is not None or not self._rights(caller, ring, True) & P.SEARCH:
+                raise E.ENOKEY(f"keyring {ring.serial} ({ring.description}) is revoked, expired or grants no "
+                               "search: the user keyrings cannot be found")
+        return pair
 
     def _possession_roots(self, caller: Caller) -> Iterator[Key]:
         """Where possession is searched from: the process keyring, then the session keyring (never created)."""

@@ -371,8 +371,8 @@ def install_system_keyrings(store: KeyStore, ca_bundle: tuple[str, bytes] | None
             log.info("%s: %d entries from %s", BLACKLIST, count, blacklist[0])
         if ca_bundle is not None:
             loaded, refused, banned, replaced = _load_bundle(store, builtin, ca_bundle[1])
-            log.info("%s: holds %d certificates from %s; %d replaced an earlier one with the same subject "
-                     "and key id, %d the parser refused, %d blacklisted",
+            log.info("%s: holds %d certificates from %s; %d replaced an earlier one with the same "
+                     "description, %d the parser refused, %d blacklisted",
                      BUILTIN, loaded - replaced, ca_bundle[0], replaced, refused, banned)
     except E.KeydenError as exc:  # the daemon will not start: say why where the operator looks
         log.error("system keyrings: %s", exc.message)

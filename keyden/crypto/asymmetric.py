@@ -434,7 +434,9 @@ def _build(pub, priv, cert, source: str) -> ParsedKey:
             ids.append(skid)
         serial = _serial_bytes(cert.serial_number)
         ids.append(serial + _der_contents(cert.issuer.public_bytes()))  # the kernel's raw serial ‖ raw issuer
-        shown = skid if skid and len(skid) <= 64 else serial  # the kernel's; a longer SKID: kept short
+        # The kernel's: the SKID, else the serial.  A description stays short (at most 4095 bytes): an SKID
+        # over 64 bytes gives way to the serial, and a serial as long to the SPKI id.
+        shown = skid if skid and len(skid) <= 64 else serial if len(serial) <= 64 else spki_id
         description = f"{_cert_name(cert)}: {shown.hex()}"
     else:
         half = "private" if priv is not None else "public"

@@ -64,7 +64,7 @@ ENTRY_V1 = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("pa
 #: asymmetric key's ASYMMETRIC_USE bits), nothing else.
 ENTRY = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES), ("flags", K.U32))
 _ENTRIES = {VERSION_1: ENTRY_V1, VERSION: ENTRY}
-TREE = Schema(("entries", K.BYTESLIST), ("links", K.I32S))
+TREE = Schema(("entries", K.BYTESLIST, MAX_ENTRIES), ("links", K.I32S))  # more entries: refused before any is made
 _HEADER = struct.Struct("<4sBBH")
 _USES = frozenset(FOR_USE.values())
 
@@ -111,7 +111,7 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
     try:
         raw_entries, flat = TREE.decode(plaintext)
         entries = [Entry(*schema.decode(raw)) for raw in raw_entries]
-    except E.EPROTO:
+    except (E.EPROTO, E.E2BIG):
         raise E.EBADMSG("the export's contents are malformed") from None
     if not entries or len(entries) > MAX_ENTRIES or len(flat) % 2:
         raise E.EBADMSG("the export's contents are malformed")

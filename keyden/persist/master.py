@@ -265,7 +265,12 @@ class FileKey(KeySource):
 
     def _move_into_place(self, key: bytes) -> None:
         """The pending file becomes the key file.  If it cannot, it stays the only key that opens the store,
-        and later rekeys try again before they write a new one over it."""
+        and later rekeys try again before they write a new one over it (unless it is in place already:
+        moved there by hand, or renamed before a failed directory sync)."""
+        if not os.path.lexists(self.pending) and self._holds(self.path, key):
+            self._stranded = None
+            self._hold_in_kernel(key)
+            return
         try:
             os.replace(self.pending, self.path)
             _fsync_dir(self.path)
@@ -278,6 +283,12 @@ class FileKey(KeySource):
                         "store; once the cause is fixed, rekey again (or move it yourself)") from None
         self._stranded = None
         self._hold_in_kernel(key)
+
+    def _holds(self, path: str, key: bytes) -> bool:
+        try:
+            return self._read(path) == key
+        except (StartupError, OSError):
+            return False
 
     def _read(self, path: str) -> bytes:
         key = read_private_file(path, "master key file", KEY_BYTES + 1, follow_symlinks=False)

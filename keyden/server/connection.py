@@ -72,7 +72,7 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
         return Cost.SLOW if op == W.Op.UPDATE or body[:14] == _ASYMMETRIC_TYPE else Cost.QUICK
     if op == W.Op.BATCH:  # the larger of what its items and its bytes cost
         items = batch_items(body)
-        if items is None:  # over the limit: refused by the decoder before it makes any item
+        if items is None:  # its first list is over the limit: refused before any item is made
             return Cost.QUICK
         return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body)), Cost.HEAVY if items > QUICK_ITEMS
                                                          else Cost.QUICK)
@@ -86,21 +86,24 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
 
 
 def batch_items(body: bytes) -> int | None:
-    """A BATCH frame's item count, read where the schema puts it: 0 if malformed (EPROTO), None if a list is
-    over MAX_BATCH (E2BIG: the decoder refuses either before it makes any item)."""
+    """A BATCH frame's item count, read where the schema puts it: 0 if malformed (EPROTO at once).  A list
+    over MAX_BATCH is E2BIG, refused by the decoder when it meets that list, after making the items of the
+    lists before it: their count, or None if there were none (refused before any item is made)."""
     try:
         pos = 4 + _U32.unpack_from(body)[0] + 8  # alg (length-prefixed), key, flags
+        made = 0  # items the decoder makes before it meets a list over the limit
         for _ in range(2):  # ivs, aads: a count, that many lengths, the bytes
             count = _U32.unpack_from(body, pos)[0]
             if count > W.MAX_BATCH:
-                return None
+                return made or None
             if count:
                 if 4 + 4 * count > len(body) - pos:
                     return 0
                 pos += sum(struct.unpack_from(f"<{count}I", body, pos + 4))
             pos += 4 + 4 * count
+            made += count
         count = _U32.unpack_from(body, pos)[0]
-        return count if count <= W.MAX_BATCH else None
+        return count if count <= W.MAX_BATCH else made or None
     except struct.error:
         return 0
 

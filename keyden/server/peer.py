@@ -50,10 +50,12 @@ class Peer:
 
 
 def process_start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot), or None if no process has that pid.  Any other
+    failure to read /proc (EMFILE, ENOMEM) is raised: it says nothing about the process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = stat[stat.rfind(b")") + 2:].split()
@@ -135,7 +137,12 @@ def supplementary_groups(pid: int) -> frozenset[int]:
 
 
 def process_alive(pid: int, start_time: int) -> bool:
-    return process_start_time(pid) == start_time
+    """Is that very process still there?  When /proc cannot tell (out of descriptors), yes: a live
+    process must never lose its keyrings for the daemon's own trouble; the next sweep asks again."""
+    try:
+        return process_start_time(pid) == start_time
+    except OSError:
+        return True
 
 
 def open_pidfd(process: tuple[int, int]) -> int | None:
