@@ -655,19 +655,21 @@ class KeyStore:
         if key.persisted:
             self.journal.on_store(key)
 
-    def _detect_cycle(self, ring: Key, key: Key) -> None:
+    def _detect_cycle(self, ring: Key, key: Key, any_depth: bool = False) -> None:
         """keyring_detect_cycle: would filing keyring ``key`` in ``ring`` make a loop, or nest too deep?
 
         Searches down from ``key`` for ``ring``, however deep, ignoring
         permissions and states: EDEADLK if found (linking a keyring into
-        itself included); else ELOOP if ``key`` holds keyrings more than
-        MAX_NESTING levels below it.  (The kernel reports whichever its walk
-        meets first.)
+        itself included); else, unless ``any_depth``, ELOOP if ``key`` holds
+        keyrings more than MAX_NESTING levels below it.  (The kernel reports
+        whichever its walk meets first.)
         """
         if key is ring:
             raise E.EDEADLK("a keyring cannot be linked into itself")
         if _holds(key, ring):
             raise E.EDEADLK("link would create a cycle")
+        if any_depth:
+            return
         deepest: dict[int, int] = {}  # how deep is all that counts: a keyring reached again less deep is not
         too_deep = False
 
@@ -702,10 +704,7 @@ class KeyStore:
             raise E.EKEYREVOKED(f"keyring {ring.serial} has been revoked")
         self._admit(ring, key.type, key.description, key.payload)
         if key.links is not None:
-            if not any_depth:
-                self._detect_cycle(ring, key)
-            elif key is ring or _holds(key, ring):
-                raise E.EDEADLK("link would create a cycle")
+            self._detect_cycle(ring, key, any_depth)
             if ring.persisted and self._holds_unstorable_restriction(key):
                 raise E.EOPNOTSUPP("a keyring with a type restriction cannot go under a persistent keyring: "
                                    "its restriction cannot be stored")
@@ -1734,9 +1733,10 @@ class KeyStore:
         once); usage is charged again.  A link that would loop is left out; one
         that nests deep is not: a link checks only what hangs below the keyring
         it files (as the kernel's), so a chain made top-down may go deeper than
-        MAX_NESTING, and the rows come in serial order, not the order made.  Keys that end up under no persistent keyring are
-        dropped; their serials are returned for the caller to report.  Call
-        before serving and before attaching the journal.
+        MAX_NESTING, and the rows come in serial order, not the order made.
+        Keys that end up under no persistent keyring are dropped; their
+        serials are returned for the caller to report.  Call before serving
+        and before attaching the journal.
 
         The serials of dropped keys and of ``unusable`` records (ones the
         store could not open) are reserved: their records stay in the backing
@@ -1761,8 +1761,11 @@ class KeyStore:
                     continue
                 if ring is None or key is None or ring.links is None or key.index in ring.links:
                     continue
-                if key.links is not None and (key is ring or _holds(key, ring)):  # a loop: not linked
-                    continue
+                if key.links is not None:
+                    try:
+                        self._detect_cycle(ring, key, any_depth=True)
+                    except E.EDEADLK:  # a loop: not linked
+                        continue
                 self._link_raw(ring, key, check_quota=False)
             live_first = sorted(roots, key=lambda s: s not in self._keys or self._keys[s].defunct)
             for serial in live_first:  # a revoked one replaced before a crash may still carry the flag
