@@ -509,12 +509,13 @@ def test_a_forged_rsa_export_with_a_content_key_of_another_size_is_ebadmsg(size)
         X.unwrap_with_private_key(header + nonce + sealed, private)
 
 
-def test_a_blob_of_millions_of_empty_entries_is_refused_before_any_is_made():
+@pytest.mark.parametrize("tree", [([b""] * 4_000_000, []), ([b""], [0] * 4_000_000)], ids=["entries", "links"])
+def test_a_blob_of_millions_of_entries_or_links_is_refused_before_any_is_made(tree):
     """Whoever has a recipient's public key can make a blob: 4 million empty entries cost 66 MB and a second
-    before the count was checked."""
+    before they were counted, 4 million links ~150 MB of ints."""
     import tracemalloc
 
-    plaintext = X.TREE.encode(([b""] * 4_000_000, []))
+    plaintext = X.TREE.encode(tree)
     tracemalloc.start()
     try:
         with pytest.raises(E.EBADMSG):
@@ -523,6 +524,18 @@ def test_a_blob_of_millions_of_empty_entries_is_refused_before_any_is_made():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def test_a_tree_too_large_to_import_is_not_exported():
+    """A blob no keyden would open is refused when it is made, not when it is needed."""
+    key = X.Exported("user", "k", 0x3f010000, b"v", 0)
+    with pytest.raises(E.E2BIG, match="at most 100000 keys and 400000 links"):
+        X.encode_tree([key] * (X.MAX_ENTRIES + 1), [])
+    with pytest.raises(E.E2BIG):
+        X.encode_tree([key] * 2, [(0, 1)] * (X.MAX_LINKS + 1))
+    entries, links = X.decode_tree(X.encode_tree([X.Exported("keyring", "r", 0x3f010000, None, 0), key],
+                                                 [(0, 1)]), X.VERSION)
+    assert [e.type for e in entries] == ["keyring", "user"] and links == [(0, 1)]
 
 
 class _WatchingJournal(NullJournal):

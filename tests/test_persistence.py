@@ -1229,6 +1229,39 @@ def test_a_rekey_whose_new_key_file_cannot_be_put_in_place_never_loses_it(fresh_
     assert persistent(d).read(key) == b"kept"
 
 
+def test_a_start_that_cannot_finish_an_interrupted_rekey_still_opens_the_store(tmp_path, monkeypatch, caplog):
+    """A start that found the store sealed under master.key.new (a rekey that crashed after its commit) and
+    could not rename it into place, or could not remove one a rekey left before its commit, ended in a
+    traceback.  Now it opens the store, says why, and the next rekey moves the key into place first."""
+    from keyden.persist import master
+
+    path = str(tmp_path / "master.key")
+    master.write_secret_file(path + ".new", key := secrets.token_bytes(32))
+    check = Sealer(key).make_check("key")
+    source = master.FileKey(path)
+
+    def no_rename(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(master.os, "replace", no_rename)
+    with caplog.at_level(logging.ERROR, "keyden"):
+        assert source.open(check, {}).opens(check, "key")
+    assert "master.key.new, which cannot be moved" in caplog.text and "Permission denied" in caplog.text
+    assert not os.path.exists(path) and open(path + ".new", "rb").read() == key
+    monkeypatch.undo()
+    rotation = source.rotate(b"")  # the stranded key goes into place before a new one is written
+    assert open(path, "rb").read() == key and open(path + ".new", "rb").read() != key
+    rotation.finish()
+    assert not os.path.exists(path + ".new")
+
+    master.write_secret_file(path + ".new", secrets.token_bytes(32))  # a rekey that never committed
+    monkeypatch.setattr(master.os, "unlink", lambda p: no_rename(p, p))
+    check = Sealer(open(path, "rb").read()).make_check("key")
+    with caplog.at_level(logging.WARNING, "keyden"):
+        assert master.FileKey(path).open(check, {}).opens(check, "key")
+    assert f"cannot remove {path}.new, left by a rekey that never committed" in caplog.text
+    assert os.path.exists(path + ".new")
+
+
 @pytest.mark.parametrize("code", [errno.ENOKEY, errno.EKEYREVOKED, errno.ENOSYS, errno.EPERM])
 def test_a_kernel_keyring_that_cannot_be_had_is_unavailable_not_an_error(monkeypatch, code):
     """Seccomp refusing the syscall, or root's user keyring gone (another root process sharing the host's

@@ -57,14 +57,16 @@ LABEL = RESERVED_CONTEXT + b" v1"  # bound into every wrapping; no client's KDF 
 NONCE = 12
 CONTENT_KEY = 32  # bytes of the AES-256-GCM key an export is sealed under
 MIN_WRAPPING_KEY = 16
-MAX_ENTRIES = 100000
+MAX_ENTRIES = 100000  # keys in one export ...
+MAX_LINKS = 4 * MAX_ENTRIES  # ... and links between them
 
 ENTRY_V1 = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES))
 #: Version 2's entry: flags are the key's binding (store.BINDING_FLAGS: a symmetric key's one FOR_USE bit, an
 #: asymmetric key's ASYMMETRIC_USE bits), nothing else.
 ENTRY = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES), ("flags", K.U32))
 _ENTRIES = {VERSION_1: ENTRY_V1, VERSION: ENTRY}
-TREE = Schema(("entries", K.BYTESLIST, MAX_ENTRIES), ("links", K.I32S))  # more entries: refused before any is made
+#: more entries or links: refused before any is made
+TREE = Schema(("entries", K.BYTESLIST, MAX_ENTRIES), ("links", K.I32S, 2 * MAX_LINKS))
 _HEADER = struct.Struct("<4sBBH")
 _USES = frozenset(FOR_USE.values())
 
@@ -87,6 +89,9 @@ class Entry:
 
 
 def encode_tree(keys: list[Exported], links: list[tuple[int, int]]) -> bytes:
+    if len(keys) > MAX_ENTRIES or len(links) > MAX_LINKS:  # no keyden would import it
+        raise E.E2BIG(f"an export holds at most {MAX_ENTRIES} keys and {MAX_LINKS} links; this tree has "
+                      f"{len(keys)} and {len(links)}: export its parts")
     entries = []
     for key in keys:
         if key.payload is None:

@@ -200,11 +200,18 @@ class FileKey(KeySource):
     def _adopt(self, where: str, key: bytes) -> None:
         """Make the file (and kernel copy) agree with the key that opened the store: finish or undo a rekey."""
         if where == self.pending:
-            os.replace(self.pending, self.path)
-            _fsync_dir(self.path)
-            log.warning("finished an interrupted rekey: %s now holds the new master key", self.path)
+            self._stranded = key
+            try:
+                self._move_into_place(key)
+                log.warning("finished an interrupted rekey: %s now holds the new master key", self.path)
+            except E.KeydenError:  # logged; the store opens all the same, and the next rekey tries again
+                pass
         elif os.path.exists(self.pending):
-            os.unlink(self.pending)  # written by a rekey that never committed
+            try:
+                os.unlink(self.pending)  # written by a rekey that never committed
+            except OSError as exc:  # nothing is sealed under it: the next rekey writes over it
+                log.warning("cannot remove %s, left by a rekey that never committed (%s)", self.pending,
+                            exc.strerror)
         if where != self.path and where != self.pending:
             log.info("master key taken from the kernel keyring")
             if os.path.exists(self.path) and self._read(self.path) != key:

@@ -125,7 +125,7 @@ _U32 = struct.Struct("<I")
 class Field:
     name: str
     kind: Kind
-    most: int | None = None  # BYTESLIST: more items are E2BIG, refused before any is cut out of the body
+    most: int | None = None  # BYTESLIST, I32S: more items are E2BIG, refused before any is made
 
 
 class Schema:
@@ -232,7 +232,7 @@ def _compile(fields: tuple[Field, ...]):
             dec.append(f"    {v}, pos = _bytes_list(body, pos, end, {f.most}, {f.name!r})")
         else:  # I32S
             parts.append(f"_pack_i32s({v})")
-            dec.append(f"    {v}, pos = _i32s(body, pos, end)")
+            dec.append(f"    {v}, pos = _i32s(body, pos, end, {f.most}, {f.name!r})")
     body = parts[0] if len(parts) == 1 and not prologue and parts[0].startswith("_S") else \
         f"b''.join(({', '.join(parts)},))" if parts else "b''"
     encode_src = (f"def encode({', '.join(args)}):\n" + "".join(f"    {line}\n" for line in prologue)
@@ -287,9 +287,11 @@ def _pack_i32s(values) -> bytes:
     return struct.pack(f"<I{len(values)}i", len(values), *values)
 
 
-def _i32s(body, pos: int, end: int) -> tuple[list[int], int]:
+def _i32s(body, pos: int, end: int, most: int | None, name: str) -> tuple[list[int], int]:
     (n,) = _U32.unpack_from(body, pos)
     pos += 4
+    if most is not None and n > most:  # 16 MiB of them would be ~150 MB of int objects
+        raise E.E2BIG(f"at most {most} items in {name}")
     stop = pos + 4 * n
     if stop > end:
         _truncated()
