@@ -670,6 +670,76 @@ def test_tampered_missing_or_rolled_back_manifest_buckets_are_reported(fresh_dae
     assert_loaded(d, ring, keys)
 
 
+def master_key(daemon) -> bytes:
+    with open(os.path.join(daemon.state_dir, "master.key"), "rb") as f:
+        return f.read()
+
+
+def sealed_as_before(daemon, store_format: int = 2) -> list[bytes]:
+    """The (stopped) daemon's store as a keyden before version 3 of the check left it: every row, bucket,
+    root and the check sealed under the master key itself, numbered ``store_format``.  Returns the blobs."""
+    from keyden.persist import manifest, records
+
+    key = master_key(daemon)
+    now, before = Sealer(key), Sealer(key, legacy=True)
+    blobs = []
+    for values in sql(daemon, f"SELECT {', '.join(records.COLUMNS)} FROM keys"):
+        row = records.Row(*values)
+        aad = row.associated_data()
+        blobs.append(before.seal(now.open(row.sealed, aad), aad))
+        sql(daemon, "UPDATE keys SET sealed = ? WHERE serial = ?", blobs[-1], row.serial)
+    for number, sealed in sql(daemon, "SELECT bucket, sealed FROM manifest"):
+        blobs.append(manifest.seal_bucket(number, manifest.open_bucket(number, sealed, now), before))
+        sql(daemon, "UPDATE manifest SET sealed = ? WHERE bucket = ?", blobs[-1], number)
+    ((root,),) = sql(daemon, "SELECT value FROM meta WHERE name = 'manifest'")
+    blobs += [manifest.seal_root(manifest.open_root(root, now), before), before.make_check("key")]
+    sql(daemon, "UPDATE meta SET value = ? WHERE name = 'manifest'", blobs[-2])
+    sql(daemon, "UPDATE meta SET value = ? WHERE name = 'check'", blobs[-1])
+    sql(daemon, f"PRAGMA user_version = {store_format}")
+    return blobs
+
+
+def on_disk(daemon) -> bytes:
+    path = db_path(daemon)
+    return b"".join(open(p, "rb").read() for p in (path, path + "-wal") if os.path.exists(p))
+
+
+@pytest.mark.parametrize("store_format", [0, 1, 2])
+def test_a_store_sealed_as_before_is_sealed_again_at_start_and_numbered_3(fresh_daemon, monkeypatch, store_format):
+    """Every seal was under the master key itself, with a random nonce: good for 2**32 seals, which a busy
+    store rewriting rows for years could pass.  Now each seal has a key of its own; a store sealed the old
+    way is sealed again, whole, at its first start, with nothing lost and no old seal left on disk."""
+    from keyden.persist import database
+
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 5)
+    with persistent(d) as c:
+        bound = c.genkey("ed25519", "bound", ring, use="sign")
+    d.stop()
+    old = sealed_as_before(d, store_format)
+    log = start_and_read_log(d)
+    assert "re-sealed the key store" in log and "each record under a key of its own: 7 records" in log
+    assert "WARNING" not in log and "ERROR" not in log
+    keys[bound] = None
+    with persistent(d) as c:
+        assert sorted(c.read(ring)) == sorted(keys)
+        assert all(c.read(k) == v for k, v in keys.items() if v is not None)
+        assert c.pkey_query(bound).supported_ops == 0x4 | 0x8  # still bound to signing
+    d.stop()
+    assert sql(d, "PRAGMA user_version") == [(3,)]
+    stored = on_disk(d)
+    assert not [blob for blob in old if blob in stored]  # re-sealed, and the WAL checkpointed
+    key = master_key(d)
+    ((check,),) = sql(d, "SELECT value FROM meta WHERE name = 'check'")
+    assert Sealer(key).check_version(check, "key") == 3
+    log = start_and_read_log(d)
+    assert "re-sealed" not in log and "WARNING" not in log  # once, for good
+    d.stop()
+    monkeypatch.setattr(database, "STORE_FORMAT", 2)  # the keyden before
+    with pytest.raises(database.StartupError, match=r"store format 3; this one reads format 2"):
+        database.Database(db_path(d))
+
+
 def test_a_store_from_before_the_manifest_is_migrated_with_a_warning(fresh_daemon):
     d = fresh_daemon()
     ring, keys = keys_in(d, 5)
@@ -683,20 +753,21 @@ def test_a_store_from_before_the_manifest_is_migrated_with_a_warning(fresh_daemo
     d.stop(signal.SIGKILL)
 
     # What keyden wrote before it kept a manifest: no such table, and a check value of the first format.
-    with open(os.path.join(d.state_dir, "master.key"), "rb") as f:
-        first_format = Sealer(f.read()).seal(b"keyden master key check", b"keyden-master-check-v1\0key\0")
+    sealed_as_before(d, store_format=1)
+    first_format = Sealer(master_key(d), legacy=True).seal(b"keyden master key check",
+                                                           b"keyden-master-check-v1\0key\0")
     sql(d, "DROP TABLE manifest")
     sql(d, "DELETE FROM meta WHERE name = 'manifest'")
     sql(d, "UPDATE meta SET value = ? WHERE name = 'check'", first_format)
     log = start_and_read_log(d)
     assert "WARNING keyden.persist:" in log and "had no manifest" in log and "cannot be detected" in log
-    assert "ERROR" not in log
+    assert "re-sealed the key store" in log and "ERROR" not in log
     assert_loaded(d, ring, keys)
     with then_killed(d) as c:
         later = c.add("user", "after-migration", b"later", ring)
         keys[later] = b"later"
     log = start_and_read_log(d)
-    assert "WARNING" not in log and "ERROR" not in log  # migrated once, for good
+    assert "WARNING" not in log and "ERROR" not in log and "re-sealed" not in log  # migrated once, for good
     assert_loaded(d, ring, keys)
 
 
@@ -706,61 +777,59 @@ def test_a_store_of_a_newer_format_is_refused_untouched_and_an_older_one_is_numb
     d = fresh_daemon()
     ring, keys = keys_in(d, 3)
     d.stop()
-    assert sql(d, "PRAGMA user_version") == [(1,)]
-    sql(d, "PRAGMA user_version = 0")  # as written before the format was numbered: format 1, loaded
+    assert sql(d, "PRAGMA user_version") == [(3,)]
+    sql(d, "PRAGMA user_version = 0")  # sealed as now, but numbered as before the number was kept: loaded
     log = start_and_read_log(d)
-    assert "WARNING" not in log and "ERROR" not in log
+    assert "WARNING" not in log and "ERROR" not in log and "re-sealed" not in log
     assert_loaded(d, ring, keys)
-    with persistent(d) as c:
+    with persistent(d) as c:  # (get_persistent's new expiry is a write already)
         c.add("user", "numbered", b"by this write", ring)
     d.stop()
-    assert sql(d, "PRAGMA user_version") == [(1,)]
+    assert sql(d, "PRAGMA user_version") == [(3,)]
 
-    sql(d, "PRAGMA user_version = 3")
+    sql(d, "PRAGMA user_version = 4")
     before = file_digest(db_path(d))
     said = refused_start(d)
-    assert re.search(r"keys\.db was written by a newer keyden \(store format 3; this one reads format 2\)", said)
+    assert re.search(r"keys\.db was written by a newer keyden \(store format 4; this one reads format 3\)", said)
     assert said.count("keyden: not starting:") == 1 and "Traceback" not in said
     assert file_digest(db_path(d)) == before
 
 
-def test_a_store_holding_a_bound_key_is_format_2_which_an_older_keyden_refuses(fresh_daemon, monkeypatch):
-    """An asymmetric key's uses are bits of its row's flags that a keyden reading only format 1 would drop,
-    loading the key unbound: from the first bound key written, the store is format 2, and such a keyden
-    refuses it whole.  A store with no bound key stays format 1, which it can still run."""
-    d = fresh_daemon()
-    ring, keys = keys_in(d, 2)
-    with persistent(d) as c:
-        c.genkey("ed25519", "unbound", ring)
-        c.genkey("aes:256", "app:cipher", ring)  # a cipher use: understood since format 1
-    d.stop()
-    assert sql(d, "PRAGMA user_version") == [(1,)]
-    d.start()
-    with persistent(d) as c:
-        bound = c.genkey("ed25519", "bound", ring, use="sign")
-    d.stop()
-    assert sql(d, "PRAGMA user_version") == [(2,)]
-    from keyden.persist import database
-    monkeypatch.setattr(database, "STORE_FORMAT", 1)  # a keyden from before the binding
-    with pytest.raises(database.StartupError, match=r"store format 2; this one reads format 1"):
-        database.Database(db_path(d))
-    monkeypatch.undo()
-    d.start()
-    with persistent(d) as c:
-        assert c.pkey_query(bound).supported_ops == 0x4 | 0x8  # sign and verify only: still bound
-        c.unlink(bound, ring)
-    d.stop()
-    assert sql(d, "PRAGMA user_version") == [(2,)]  # never lowered
-    d.start()
-    with persistent(d) as c:
-        c.genkey("ed25519", "bound again", ring, use="sign")
-    d.stop()
-    sql(d, "PRAGMA user_version = 1")  # as a keyden that kept bound keys in format 1 left it
-    d.start()
-    with persistent(d) as c:
-        c.add("user", "unrelated", b"write", ring)
-    d.stop()
-    assert sql(d, "PRAGMA user_version") == [(2,)]  # numbered for the bound row already there
+def test_each_seal_is_under_a_key_of_its_own():
+    """AES-256-GCM under HKDF-SHA256(master key, a random 256-bit salt): salt | nonce | ciphertext and tag."""
+    import pickle
+
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = os.urandom(32)
+    sealer, before = Sealer(key), Sealer(key, legacy=True)
+    one, two = sealer.seal(b"payload", b"aad"), sealer.seal(b"payload", b"aad")
+    assert len(one) == 32 + 12 + len(b"payload") + 16 and one[:32] != two[:32]
+    for blob in (one, two):
+        own = HKDF(hashes.SHA256(), 32, blob[:32], b"keyden seal v3").derive(key)
+        assert AESGCM(own).decrypt(blob[32:44], blob[44:], b"aad") == b"payload" == sealer.open(blob, b"aad")
+        with pytest.raises(InvalidTag):
+            AESGCM(key).decrypt(blob[:12], blob[12:], b"aad")  # the master key itself opens nothing
+    legacy = before.seal(b"payload", b"aad")
+    assert before.open(legacy, b"aad") == b"payload"
+    for opener, blob in ((sealer, legacy), (before, one), (sealer, one[:59]), (sealer, flip_a_byte(one))):
+        with pytest.raises(InvalidTag):
+            opener.open(blob, b"aad")
+    with pytest.raises(InvalidTag):
+        sealer.open(one, b"other aad")
+
+    assert sealer.check_version(sealer.make_check("key"), "key") == 3
+    assert sealer.check_version(before.make_check("key"), "key") == 2
+    assert before.check_version(sealer.make_check("key"), "key") == 3
+    assert Sealer(os.urandom(32)).check_version(sealer.make_check("key"), "key") == 0
+    assert sealer.for_store(before.make_check("key"), "key").legacy
+    assert not before.for_store(sealer.make_check("key"), "key").legacy
+    assert sealer.for_store(sealer.make_check("passphrase"), "key") is None
+    assert key.hex() not in repr(sealer)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(sealer)
 
 
 def test_after_a_rekey_every_manifest_bucket_opens_under_the_new_key(fresh_daemon):
@@ -1244,7 +1313,7 @@ def test_a_start_that_cannot_finish_an_interrupted_rekey_still_opens_the_store(t
         raise PermissionError(errno.EACCES, "Permission denied")
     monkeypatch.setattr(master.os, "replace", no_rename)
     with caplog.at_level(logging.ERROR, "keyden"):
-        assert source.open(check, {}).opens(check, "key")
+        assert source.open(check, {}).for_store(check, "key") is not None
     assert "master.key.new, which cannot be moved" in caplog.text and "Permission denied" in caplog.text
     assert not os.path.exists(path) and open(path + ".new", "rb").read() == key
     monkeypatch.undo()
@@ -1257,7 +1326,7 @@ def test_a_start_that_cannot_finish_an_interrupted_rekey_still_opens_the_store(t
     monkeypatch.setattr(master.os, "unlink", lambda p: no_rename(p, p))
     check = Sealer(open(path, "rb").read()).make_check("key")
     with caplog.at_level(logging.WARNING, "keyden"):
-        assert master.FileKey(path).open(check, {}).opens(check, "key")
+        assert master.FileKey(path).open(check, {}).for_store(check, "key") is not None
     assert f"cannot remove {path}.new, left by a rekey that never committed" in caplog.text
     assert os.path.exists(path + ".new")
 

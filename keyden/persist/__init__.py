@@ -17,9 +17,9 @@ import sqlite3
 from keyden.core.store import KeyStore
 from keyden.persist import records
 from keyden.persist.database import Database
-from keyden.persist.journal import SealedJournal
+from keyden.persist.journal import SealedJournal, reseal
 from keyden.persist.manifest import BUCKETS, BadManifest, Bucket, Manifest, bucket_of, open_bucket, open_root, stale
-from keyden.persist.master import CHECK_VERSION, PASSPHRASE_ENV, KeySource, Sealer, StartupError, source_for
+from keyden.persist.master import MANIFEST_VERSION, PASSPHRASE_ENV, KeySource, Sealer, StartupError, source_for
 
 __all__ = ["open_durable", "SealedJournal", "StartupError", "PASSPHRASE_ENV", "paths"]
 
@@ -81,14 +81,30 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
             if check_only:
                 db.close()
                 return None
-            kept = sealer.check_version(meta["check"], source.source, source.salt) >= CHECK_VERSION
+            kept = sealer.check_version(meta["check"], source.source, source.salt) >= MANIFEST_VERSION
             manifest = _load(db, sealer, store, meta, migrating=None if kept else source)
+            if sealer.legacy:
+                sealer = _upgrade(db, manifest, sealer, source)
     except BaseException:
         db.close()
         raise
     journal = SealedJournal(store, db, sealer, source, manifest)
     store.journal = journal
     return journal
+
+
+def _upgrade(db: Database, manifest: Manifest, legacy: Sealer, source: KeySource) -> Sealer:
+    """A store sealed as before version 3 (every seal under the master key itself), sealed again as now,
+    each seal under a key of its own, in one transaction; the old seals then go from the WAL."""
+    sealer = legacy.upgraded()
+    try:
+        resealed, stuck = reseal(db, manifest, legacy, sealer, {"check": source.check(sealer)})
+        db.checkpoint()
+    except sqlite3.Error as exc:
+        raise StartupError(f"cannot re-seal {db.path} as this version seals ({exc}); refusing to start") from None
+    log.info("re-sealed the key store %s, each record under a key of its own: %d records%s", db.path, resealed,
+             f"; {stuck} unreadable records left as they were" if stuck else "")
+    return sealer
 
 
 def _describe(source: str, key_path: str) -> str:

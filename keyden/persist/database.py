@@ -15,7 +15,6 @@ import sqlite3
 import stat
 from typing import Iterable, Iterator
 
-from keyden.core.store import ASYMMETRIC_USE_FLAGS
 from keyden.persist.master import StartupError, make_dirs, require_own, require_safe_directory
 from keyden.persist.records import COLUMNS, Row, read_text
 
@@ -40,13 +39,12 @@ CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT
 """
 #: The layout of tables and rows this code reads and writes, kept in SQLite's user_version.  A store of a
 #: newer format is refused before anything is written to it: an older keyden must not take a newer one's
-#: rows for damaged ones.  (0: a store from before the number was kept, which is format 1; numbered with
-#: its next write.)  Format 2 is format 1 with rows whose flags bind an asymmetric key to its uses
-#: (store.ASYMMETRIC_USE): a keyden that reads only format 1 would load such a key unbound, so a store is
-#: numbered 2 from the first write of such a row, and that keyden refuses it.  A store with no bound key
-#: stays format 1: going back to an older keyden stays possible while it would change nothing.
-STORE_FORMAT = 2
-FORMAT_OF_UNBOUND_KEYS = 1
+#: rows for damaged ones.  1: this layout (0: a store from before the number was kept); 2: rows whose flags
+#: bind an asymmetric key to its uses (store.ASYMMETRIC_USE), which a keyden reading format 1 would load
+#: unbound; 3: every blob sealed under a key of its own (master.Sealer), which no keyden reading format 1
+#: or 2 opens.  This code writes format 3 only: its first write numbers the store (a store of format 1 or
+#: 2 is re-sealed at start, persist.open_durable), and no number is ever lowered.
+STORE_FORMAT = 3
 _UPSERT = f"INSERT OR REPLACE INTO keys ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -72,11 +70,7 @@ class Database:
                 raise StartupError(f"{path} was written by a newer keyden (store format {stored}; this one "
                                    f"reads format {STORE_FORMAT}): run that version, or one that reads it")
             self.conn.executescript(SCHEMA)
-            self._format = stored  # numbered by the first write that needs it: opening writes nothing
-            # A bound key's row may be there already at a lower number (written by a keyden that kept them
-            # in format 1): the next write numbers the store for it.  The flags column is in the clear.
-            self._holds_bound = stored < STORE_FORMAT and self.conn.execute(
-                "SELECT 1 FROM keys WHERE flags & ? LIMIT 1", (ASYMMETRIC_USE_FLAGS,)).fetchone() is not None
+            self._format = stored  # numbered by the first write: opening writes nothing
         except sqlite3.DatabaseError as exc:
             self._give_up()
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
@@ -116,7 +110,6 @@ class Database:
     def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None,
               buckets: dict[int, bytes] | None = None) -> None:
         """One transaction (rows, manifest buckets and meta together); on disk (WAL synced) when this returns."""
-        upserts = list(upserts)
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -127,21 +120,14 @@ class Database:
                                 list(buckets.items()))
             if meta:
                 cur.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(meta.items()))
-            needed = self._format_for(upserts)
-            if needed != self._format:
-                cur.execute(f"PRAGMA user_version = {needed}")
+            if self._format != STORE_FORMAT:
+                cur.execute(f"PRAGMA user_version = {STORE_FORMAT}")
             cur.execute("COMMIT")
-            self._format = needed
+            self._format = STORE_FORMAT
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
-
-    def _format_for(self, upserts: list[Row]) -> int:
-        """The store's format once ``upserts`` are in: never lower than it was (lowering it would take a
-        look at every row, to know that no bound key is left)."""
-        bound = self._holds_bound or any(row.flags & ASYMMETRIC_USE_FLAGS for row in upserts)
-        return max(self._format, STORE_FORMAT if bound else FORMAT_OF_UNBOUND_KEYS)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database and empty it: rows overwritten before this leave no old version

@@ -179,20 +179,10 @@ class SealedJournal(Journal):
             if self._seq > self._durable:
                 self._write_pending()
             rotation = self.source.rotate(passphrase)
-            resealed, stuck = [], 0
-            for row in self.db.rows():
-                try:
-                    aad = row.associated_data()
-                    plaintext = self.sealer.open(bytes(row.sealed), aad)
-                except (InvalidTag, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
-                    stuck += 1
-                    continue
-                resealed.append(dataclasses.replace(row, sealed=rotation.sealer.seal(plaintext, aad)))
-            salt = rotation.meta.get("salt", b"")
-            buckets, root = self._manifest.seal(self._manifest.buckets(), rotation.sealer)
-            meta = dict(rotation.meta, check=rotation.sealer.make_check(self.source.source, salt), manifest=root)
+            check = rotation.sealer.make_check(self.source.source, rotation.meta.get("salt", b""))
             try:
-                self.db.write(resealed, (), meta, buckets)
+                resealed, stuck = reseal(self.db, self._manifest, self.sealer, rotation.sealer,
+                                         dict(rotation.meta, check=check))
             except Exception as exc:
                 log.error("rekey failed writing the database (%s: %s); the old master key stays",
                           type(exc).__name__, reason(exc))
@@ -205,6 +195,26 @@ class SealedJournal(Journal):
             except sqlite3.Error as exc:
                 log.warning("after the rekey, the key database could not be checkpointed (%s): rows sealed "
                             "under the old master key stay on disk until the next checkpoint", exc)
-            log.info("rekeyed: %d records re-sealed under the new master key%s", len(resealed),
+            log.info("rekeyed: %d records re-sealed under the new master key%s", resealed,
                      f"; {stuck} unreadable records left as they were" if stuck else "")
-            return len(resealed)
+            return resealed
+
+
+def reseal(db: Database, manifest: Manifest, old: Sealer, new: Sealer, meta: dict[str, bytes]) -> tuple[int, int]:
+    """Every row and manifest bucket sealed again under ``new``, with ``meta`` (the check value that says
+    so), in one transaction: (rows re-sealed, rows left as they were because they no longer open).
+
+    Until a checkpoint, the old seals stay in the WAL.
+    """
+    resealed, stuck = [], 0
+    for row in db.rows():
+        try:
+            aad = row.associated_data()
+            plaintext = old.open(bytes(row.sealed), aad)
+        except (InvalidTag, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
+            stuck += 1
+            continue
+        resealed.append(dataclasses.replace(row, sealed=new.seal(plaintext, aad)))
+    buckets, root = manifest.seal(manifest.buckets(), new)
+    db.write(resealed, (), dict(meta, manifest=root), buckets)
+    return len(resealed), stuck

@@ -11,8 +11,9 @@ wrong kind is refused instead of creating a second, empty store:
   (``--passphrase-file`` or $KEYDEN_PASSPHRASE_FILE), salt and cost in the
   database.
 
-A check value (the AEAD seal of a constant, bound to source, salt and whether
-the store keeps a manifest) tells a wrong key from a tampered record.
+A check value (the AEAD seal of a constant, bound to source, salt and the
+store's version: whether it keeps a manifest, how it seals) tells a wrong key
+from a tampered record.
 Rotation of a file key writes ``master.key.new`` first and renames it over
 ``master.key`` only after the database committed under it; a start after a
 crash in between tries both.
@@ -30,7 +31,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from keyden import errors as E
@@ -44,7 +47,12 @@ PASSPHRASE_ENV = "KEYDEN_PASSPHRASE_FILE"
 SCRYPT_COST = (2**15, 8, 1)  # n, r, p: 32 MiB, about 0.1 s
 MAX_SCRYPT_N = 2**20
 CHECK_PLAINTEXT = b"keyden master key check"
-CHECK_VERSION = 2  # 1: a store from before the manifest (see manifest.py); 2: a store that keeps one
+SALT_BYTES = 32
+#: The store's version, sealed into its check value.  1: no manifest (see manifest.py); 2: a manifest;
+#: 3: a manifest, and every seal under a key of its own (Sealer).  1 and 2 are migrated at start.
+CHECK_VERSION = 3
+MANIFEST_VERSION = 2  # the first that keeps a manifest
+_SEAL_INFO = b"keyden seal v3"
 
 
 class StartupError(Exception):
@@ -52,49 +60,83 @@ class StartupError(Exception):
 
 
 class Sealer:
-    """AES-256-GCM under one master key: random 96-bit nonce, prepended."""
+    """AES-256-GCM under a key of each seal's own: HKDF-SHA256(master key, a random 256-bit salt).
 
-    def __init__(self, key: bytes):
+    One key with random 96-bit nonces is good for 2**32 seals (NIST SP 800-38D); a store seals a row at
+    every change of a persistent key, so a long-lived, busy one could pass that.  A key per seal has no
+    such bound.  Blob: salt (32) | nonce (12) | ciphertext and tag.
+
+    ``legacy``: how stores of version 1 and 2 were sealed (the master key itself, a random nonce; blob:
+    nonce | ciphertext and tag).  Such a store is opened with it and re-sealed at start (``upgraded``).
+    """
+
+    def __init__(self, key: bytes, legacy: bool = False):
         if len(key) != KEY_BYTES:
             raise StartupError(f"a master key is {KEY_BYTES} bytes, not {len(key)}")
-        self._aead = AESGCM(key)
+        self._key = key
+        self.legacy = legacy
+        self._master = AESGCM(key) if legacy else None
 
     def __repr__(self) -> str:
-        return "<Sealer>"
+        return "<Sealer legacy>" if self.legacy else "<Sealer>"
+
+    def __reduce__(self):
+        raise TypeError("a Sealer holds the master key: it cannot be pickled")
+
+    def _aead(self, salt: bytes) -> AESGCM:
+        return AESGCM(HKDF(hashes.SHA256(), KEY_BYTES, salt, _SEAL_INFO).derive(self._key))
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+        if self.legacy:
+            return nonce + self._master.encrypt(nonce, plaintext, aad)
+        salt = os.urandom(SALT_BYTES)
+        return salt + nonce + self._aead(salt).encrypt(nonce, plaintext, aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         """The plaintext; InvalidTag if the key, the blob or the associated data is not the one sealed."""
-        if len(sealed) < NONCE_BYTES + 16:
+        if self.legacy:
+            if len(sealed) < NONCE_BYTES + 16:
+                raise InvalidTag()
+            return self._master.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+        start = SALT_BYTES + NONCE_BYTES
+        if len(sealed) < start + 16:
             raise InvalidTag()
-        return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+        return self._aead(sealed[:SALT_BYTES]).decrypt(sealed[SALT_BYTES:start], sealed[start:], aad)
+
+    def upgraded(self) -> Sealer:
+        """The same master key, sealing as this version does."""
+        return Sealer(self._key)
 
     @staticmethod
     def check_context(source: str, salt: bytes, version: int = CHECK_VERSION) -> bytes:
         return b"keyden-master-check-v%d\0" % version + source.encode() + b"\0" + salt
 
     def make_check(self, source: str, salt: bytes = b"") -> bytes:
-        return self.seal(CHECK_PLAINTEXT, self.check_context(source, salt))
+        """The check value of a store of this version (of version 2 for a legacy sealer)."""
+        version = MANIFEST_VERSION if self.legacy else CHECK_VERSION
+        return self.seal(CHECK_PLAINTEXT, self.check_context(source, salt, version))
 
     def check_version(self, check: bytes, source: str, salt: bytes = b"") -> int:
-        """Which format the check value was sealed in (0: this key does not open it).
-
-        Version 2 says the store keeps a manifest; it is sealed into the check so that deleting the
-        manifest cannot pass for a store written before there was one.
-        """
-        for version in (CHECK_VERSION, 1):
+        """The version of the store whose check value this is (0: this key does not open it); the version is
+        sealed into the check, so that deleting the manifest cannot pass for a store written before there
+        was one, nor a legacy seal for a store that never made one."""
+        current, legacy = (Sealer(self._key), self) if self.legacy else (self, Sealer(self._key, legacy=True))
+        for version, sealer in ((CHECK_VERSION, current), (MANIFEST_VERSION, legacy), (1, legacy)):
             try:
-                if self.open(check, self.check_context(source, salt, version)) == CHECK_PLAINTEXT:
+                if sealer.open(check, self.check_context(source, salt, version)) == CHECK_PLAINTEXT:
                     return version
             except InvalidTag:
                 continue
         return 0
 
-    def opens(self, check: bytes, source: str, salt: bytes = b"") -> bool:
-        return self.check_version(check, source, salt) != 0
+    def for_store(self, check: bytes, source: str, salt: bytes = b"") -> Sealer | None:
+        """This key, sealing as the store with this check value was sealed; None if it does not open it."""
+        version = self.check_version(check, source, salt)
+        if not version:
+            return None
+        legacy = version < CHECK_VERSION
+        return self if legacy == self.legacy else Sealer(self._key, legacy)
 
 
 @dataclass
@@ -179,8 +221,8 @@ class FileKey(KeySource):
         tried = []
         for where, key in self._candidates():
             tried.append(where)
-            sealer = Sealer(key)
-            if sealer.opens(check, self.source):
+            sealer = Sealer(key).for_store(check, self.source)
+            if sealer is not None:
                 self._adopt(where, key)
                 return sealer
         if not tried:
@@ -330,8 +372,8 @@ class PassphraseKey(KeySource):
         if not (1 < n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 0 < r <= 32 and 0 < p <= 16):
             raise StartupError("the key store's passphrase parameters are out of range")
         self.cost = (n, r, p)
-        sealer = Sealer(derive(self.passphrase, self.salt, self.cost))
-        if not sealer.opens(check, self.source, self.salt):
+        sealer = Sealer(derive(self.passphrase, self.salt, self.cost)).for_store(check, self.source, self.salt)
+        if sealer is None:
             raise StartupError("the passphrase does not open the key store; refusing to start")
         return sealer
 
