@@ -19,7 +19,8 @@ from keyden.persist import records
 from keyden.persist.database import Database
 from keyden.persist.journal import SealedJournal, reseal
 from keyden.persist.manifest import BUCKETS, BadManifest, Bucket, Manifest, bucket_of, open_bucket, open_root, stale
-from keyden.persist.master import MANIFEST_VERSION, PASSPHRASE_ENV, KeySource, Sealer, StartupError, source_for
+from keyden.persist.master import (MANIFEST_VERSION, PASSPHRASE_ENV, KeySource, LegacySealer, Sealer, StartupError,
+                                   source_for)
 
 __all__ = ["open_durable", "SealedJournal", "StartupError", "PASSPHRASE_ENV", "paths"]
 
@@ -81,9 +82,8 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
             if check_only:
                 db.close()
                 return None
-            kept = sealer.check_version(meta["check"], source.source, source.salt) >= MANIFEST_VERSION
-            manifest = _load(db, sealer, store, meta, migrating=None if kept else source)
-            if sealer.legacy:
+            manifest = _load(db, sealer, store, meta, migrating=sealer.version < MANIFEST_VERSION)
+            if isinstance(sealer, LegacySealer):
                 sealer = _upgrade(db, manifest, sealer, source)
     except BaseException:
         db.close()
@@ -93,17 +93,26 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
     return journal
 
 
-def _upgrade(db: Database, manifest: Manifest, legacy: Sealer, source: KeySource) -> Sealer:
+def _upgrade(db: Database, manifest: Manifest, legacy: LegacySealer, source: KeySource) -> Sealer:
     """A store sealed as before version 3 (every seal under the master key itself), sealed again as now,
-    each seal under a key of its own, in one transaction; the old seals then go from the WAL."""
+    each seal under a key of its own: rows, manifest and check value in one transaction.  Until it commits,
+    the store is as the keyden before left it (``_load`` wrote nothing), so that keyden still runs it."""
     sealer = legacy.upgraded()
     try:
         resealed, stuck = reseal(db, manifest, legacy, sealer, {"check": source.check(sealer)})
+    except sqlite3.Error as exc:
+        raise StartupError(f"cannot re-seal {db.path} as this version seals ({exc}); refusing to start (it is "
+                           "as it was: the version before still runs it)") from None
+    log.info("re-sealed the key store %s, each record under a key of its own: %d records", db.path, resealed)
+    if stuck:
+        log.warning("%d stored keys that did not open keep their old seal, which no longer opens: to put one right "
+                    "(an edit undone, a row restored), restore the store from a copy made before this start, put "
+                    "the row right, and start again", stuck)
+    try:  # the old seals are in the WAL (and maybe in the database) until a checkpoint
         db.checkpoint()
     except sqlite3.Error as exc:
-        raise StartupError(f"cannot re-seal {db.path} as this version seals ({exc}); refusing to start") from None
-    log.info("re-sealed the key store %s, each record under a key of its own: %d records%s", db.path, resealed,
-             f"; {stuck} unreadable records left as they were" if stuck else "")
+        log.warning("after re-sealing, %s could not be checkpointed (%s): old seals stay on disk until the next "
+                    "checkpoint", db.path, exc)
     return sealer
 
 
@@ -121,14 +130,15 @@ def _mismatch(db_path: str, stored: str) -> str:
     return f"the key store {db_path} names an unknown master key source; refusing to start"
 
 
-def _load(db: Database, sealer: Sealer, store: KeyStore, meta: dict[str, bytes],
-          migrating: KeySource | None) -> Manifest:
+def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: dict[str, bytes],
+          migrating: bool) -> Manifest:
     """Every row that authenticates and that the manifest expects becomes a key again; the others, and
     manifest entries without a row, are reported (never their contents).
 
     Buckets that cannot be trusted are sealed again from the rows that opened, and the root with them.
     ``migrating``: the store was written before it kept a manifest; one is built from the rows as
-    loaded, and the check value rewritten to say the store keeps one (in the same transaction).
+    loaded.  A store sealed as before version 3 (a LegacySealer) is written nothing here: ``_upgrade``
+    seals it again whole, the manifest with it, and a check value that says it keeps one.
     """
     if migrating:
         trusted, floors, root_ok = {}, dict.fromkeys(range(BUCKETS), 0), False
@@ -177,18 +187,17 @@ def _load(db: Database, sealer: Sealer, store: KeyStore, meta: dict[str, bytes],
         # known (its newest row may be gone): a margin no run of commits reaches keeps versions unused.
         bucket.generation = floors[number] + (1 if root_ok else UNKNOWN_PAST)
     manifest = Manifest({**trusted, **rebuilt})
-    if rebuilt or not root_ok:
+    if (rebuilt or not root_ok) and isinstance(sealer, Sealer):
         buckets, root = manifest.seal(rebuilt, sealer)
-        fresh = {"manifest": root, **({"check": migrating.check(sealer)} if migrating else {})}
         try:
-            db.write((), (), fresh, buckets)
+            db.write((), (), {"manifest": root}, buckets)
         except sqlite3.Error as exc:
             raise StartupError(f"cannot write the manifest to {db.path} ({exc}); refusing to start") from None
     return manifest
 
 
 def _open_manifest(db: Database, meta: dict[str, bytes],
-                   sealer: Sealer) -> tuple[dict[int, Bucket], dict[int, int], bool]:
+                   sealer: Sealer | LegacySealer) -> tuple[dict[int, Bucket], dict[int, int], bool]:
     """The buckets that can be trusted; for the others (each reported), the generation a new copy must
     exceed; and whether the root opened."""
     try:

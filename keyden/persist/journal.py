@@ -21,8 +21,6 @@ import logging
 import sqlite3
 import threading
 
-from cryptography.exceptions import InvalidTag
-
 from keyden import errors as E
 from keyden.core.journal import Journal
 from keyden.core.store import Key, KeyStore
@@ -30,7 +28,7 @@ from keyden.logs import Throttled, reason
 from keyden.persist import records
 from keyden.persist.database import Database
 from keyden.persist.manifest import Manifest
-from keyden.persist.master import KeySource, Sealer
+from keyden.persist.master import KeySource, LegacySealer, Sealer
 
 log = logging.getLogger("keyden.persist")
 
@@ -200,7 +198,7 @@ class SealedJournal(Journal):
             return resealed
 
 
-def reseal(db: Database, manifest: Manifest, old: Sealer, new: Sealer, meta: dict[str, bytes]) -> tuple[int, int]:
+def reseal(db: Database, manifest: Manifest, old: Sealer | LegacySealer, new: Sealer, meta: dict[str, bytes]) -> tuple[int, int]:
     """Every row and manifest bucket sealed again under ``new``, with ``meta`` (the check value that says
     so), in one transaction: (rows re-sealed, rows left as they were because they no longer open).
 
@@ -209,9 +207,8 @@ def reseal(db: Database, manifest: Manifest, old: Sealer, new: Sealer, meta: dic
     resealed, stuck = [], 0
     for row in db.rows():
         try:
-            aad = row.associated_data()
-            plaintext = old.open(bytes(row.sealed), aad)
-        except (InvalidTag, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
+            aad, plaintext = records.open_sealed(row, old)
+        except records.Unusable:
             stuck += 1
             continue
         resealed.append(dataclasses.replace(row, sealed=new.seal(plaintext, aad)))

@@ -65,78 +65,77 @@ class Sealer:
     One key with random 96-bit nonces is good for 2**32 seals (NIST SP 800-38D); a store seals a row at
     every change of a persistent key, so a long-lived, busy one could pass that.  A key per seal has no
     such bound.  Blob: salt (32) | nonce (12) | ciphertext and tag.
-
-    ``legacy``: how stores of version 1 and 2 were sealed (the master key itself, a random nonce; blob:
-    nonce | ciphertext and tag).  Such a store is opened with it and re-sealed at start (``upgraded``).
     """
 
-    def __init__(self, key: bytes, legacy: bool = False):
+    version = CHECK_VERSION  # of the stores it seals
+
+    def __init__(self, key: bytes):
         if len(key) != KEY_BYTES:
             raise StartupError(f"a master key is {KEY_BYTES} bytes, not {len(key)}")
         self._key = key
-        self.legacy = legacy
-        self._master = AESGCM(key) if legacy else None
 
     def __repr__(self) -> str:
-        return "<Sealer legacy>" if self.legacy else "<Sealer>"
+        return f"<{type(self).__name__} v{self.version}>"
 
     def __reduce__(self):
-        raise TypeError("a Sealer holds the master key: it cannot be pickled")
+        raise TypeError("a sealer holds the master key: it cannot be pickled")
 
     def _aead(self, salt: bytes) -> AESGCM:
         return AESGCM(HKDF(hashes.SHA256(), KEY_BYTES, salt, _SEAL_INFO).derive(self._key))
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        nonce = os.urandom(NONCE_BYTES)
-        if self.legacy:
-            return nonce + self._master.encrypt(nonce, plaintext, aad)
-        salt = os.urandom(SALT_BYTES)
-        return salt + nonce + self._aead(salt).encrypt(nonce, plaintext, aad)
+        salt_nonce = os.urandom(SALT_BYTES + NONCE_BYTES)
+        return salt_nonce + self._aead(salt_nonce[:SALT_BYTES]).encrypt(salt_nonce[SALT_BYTES:], plaintext, aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         """The plaintext; InvalidTag if the key, the blob or the associated data is not the one sealed."""
-        if self.legacy:
-            if len(sealed) < NONCE_BYTES + 16:
-                raise InvalidTag()
-            return self._master.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
         start = SALT_BYTES + NONCE_BYTES
         if len(sealed) < start + 16:
             raise InvalidTag()
         return self._aead(sealed[:SALT_BYTES]).decrypt(sealed[SALT_BYTES:start], sealed[start:], aad)
-
-    def upgraded(self) -> Sealer:
-        """The same master key, sealing as this version does."""
-        return Sealer(self._key)
 
     @staticmethod
     def check_context(source: str, salt: bytes, version: int = CHECK_VERSION) -> bytes:
         return b"keyden-master-check-v%d\0" % version + source.encode() + b"\0" + salt
 
     def make_check(self, source: str, salt: bytes = b"") -> bytes:
-        """The check value of a store of this version (of version 2 for a legacy sealer)."""
-        version = MANIFEST_VERSION if self.legacy else CHECK_VERSION
-        return self.seal(CHECK_PLAINTEXT, self.check_context(source, salt, version))
+        return self.seal(CHECK_PLAINTEXT, self.check_context(source, salt))
 
-    def check_version(self, check: bytes, source: str, salt: bytes = b"") -> int:
-        """The version of the store whose check value this is (0: this key does not open it); the version is
-        sealed into the check, so that deleting the manifest cannot pass for a store written before there
-        was one, nor a legacy seal for a store that never made one."""
-        current, legacy = (Sealer(self._key), self) if self.legacy else (self, Sealer(self._key, legacy=True))
-        for version, sealer in ((CHECK_VERSION, current), (MANIFEST_VERSION, legacy), (1, legacy)):
+    def for_store(self, check: bytes, source: str, salt: bytes = b"") -> Sealer | LegacySealer | None:
+        """What opens the store with this check value under this key: this sealer, a LegacySealer of the
+        store's version, or None (another key).  The version is sealed into the check, so that deleting the
+        manifest cannot pass for a store written before there was one, nor old seals for a store that has
+        none."""
+        for sealer in (self, LegacySealer(self._key, MANIFEST_VERSION), LegacySealer(self._key, 1)):
             try:
-                if sealer.open(check, self.check_context(source, salt, version)) == CHECK_PLAINTEXT:
-                    return version
+                if sealer.open(check, self.check_context(source, salt, sealer.version)) == CHECK_PLAINTEXT:
+                    return sealer
             except InvalidTag:
                 continue
-        return 0
+        return None
 
-    def for_store(self, check: bytes, source: str, salt: bytes = b"") -> Sealer | None:
-        """This key, sealing as the store with this check value was sealed; None if it does not open it."""
-        version = self.check_version(check, source, salt)
-        if not version:
-            return None
-        legacy = version < CHECK_VERSION
-        return self if legacy == self.legacy else Sealer(self._key, legacy)
+
+class LegacySealer:
+    """How stores of versions 1 and 2 were sealed: every seal under the master key itself, with a random
+    nonce (blob: nonce (12) | ciphertext and tag).  It only opens: such a store is sealed again, whole, at
+    start (persist.open_durable), by ``upgraded``."""
+
+    def __init__(self, key: bytes, version: int):
+        self._key = key
+        self._master = AESGCM(key)
+        self.version = version
+
+    __repr__ = Sealer.__repr__
+    __reduce__ = Sealer.__reduce__
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        if len(sealed) < NONCE_BYTES + 16:
+            raise InvalidTag()
+        return self._master.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+
+    def upgraded(self) -> Sealer:
+        """The same master key, sealing as this version does."""
+        return Sealer(self._key)
 
 
 @dataclass
@@ -166,7 +165,7 @@ class KeySource(ABC):
         """A new master key, for a new store."""
 
     @abstractmethod
-    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:
+    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer | LegacySealer:
         """The master key that opens the store with this check value (StartupError if there is none)."""
 
     @abstractmethod
@@ -217,7 +216,7 @@ class FileKey(KeySource):
         self._hold_in_kernel(key)
         return Sealer(key)
 
-    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:
+    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer | LegacySealer:
         tried = []
         for where, key in self._candidates():
             tried.append(where)
@@ -241,6 +240,8 @@ class FileKey(KeySource):
 
     def _adopt(self, where: str, key: bytes) -> None:
         """Make the file (and kernel copy) agree with the key that opened the store: finish or undo a rekey."""
+        if where != self.path and self._holds(self.pending, key):  # also from the kernel: its only durable copy
+            where = self.pending
         if where == self.pending:
             self._stranded = key
             try:
@@ -363,7 +364,7 @@ class PassphraseKey(KeySource):
         self.salt = os.urandom(16)
         return Sealer(derive(self.passphrase, self.salt, self.cost))
 
-    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer:
+    def open(self, check: bytes, meta: dict[str, bytes]) -> Sealer | LegacySealer:
         self.salt = meta.get("salt", b"")
         try:
             n, r, p = (int(v) for v in meta.get("scrypt", b"").decode().split(","))

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core.store import KEY_FLAGS, DenyAll, Key
-from keyden.persist.master import Sealer
+from keyden.persist.master import LegacySealer, Sealer
 
 FORMAT = b"keyden-record-v1\0"
 #: Row flags beside the key's own (Key.flags, store.KEY_FLAGS, which leaves these bits free).
@@ -127,8 +127,8 @@ def _storage_form(key: Key) -> bytes | bytearray:
     return bytearray(storage_der())
 
 
-def open_row(row: Row, sealer: Sealer) -> tuple[Key, list[int]]:
-    """The key a row holds and, for a keyring, its members' serials; Unusable if it must be skipped."""
+def open_sealed(row: Row, sealer: Sealer | LegacySealer) -> tuple[bytes, bytes]:
+    """(associated data, plaintext) of a row whose columns and seal check out; Unusable if they do not."""
     if any(getattr(row, column) is NOT_UTF8 for column in COLUMNS):
         raise Unusable("a text column is not valid UTF-8 (written outside keyden)")
     try:
@@ -136,9 +136,14 @@ def open_row(row: Row, sealer: Sealer) -> tuple[Key, list[int]]:
     except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError):
         raise Unusable("metadata columns of the wrong type or out of range") from None
     try:
-        plaintext = sealer.open(bytes(row.sealed), aad)
+        return aad, sealer.open(bytes(row.sealed), aad)
     except (InvalidTag, TypeError):
         raise Unusable("authentication failed: tampered with, or sealed under another key") from None
+
+
+def open_row(row: Row, sealer: Sealer | LegacySealer) -> tuple[Key, list[int]]:
+    """The key a row holds and, for a keyring, its members' serials; Unusable if it must be skipped."""
+    _aad, plaintext = open_sealed(row, sealer)
     ktype = T.REGISTRY.get(row.type)
     if ktype is None:
         raise Unusable(f"unknown key type {row.type!r}")
