@@ -37,7 +37,7 @@ def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
         keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
         tls_ctx = contexts.server_context(keys, anchors, flags, protocols)
-        tls = tls_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        tls = _wrap(sock, lambda dup: tls_ctx.wrap_socket(dup, server_side=True, do_handshake_on_connect=False))
         _start(ctx, tls, timeout_ms)
     return ()
 
@@ -53,24 +53,38 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
         tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
-        try:
-            tls = tls_ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-        except (ValueError, UnicodeError, TypeError):  # what _check_host_name did not foresee: still EINVAL
-            raise E.EINVAL("the server name is not a valid host name") from None
+        tls = _wrap(sock, lambda dup: tls_ctx.wrap_socket(dup, server_hostname=server_hostname,
+                                                          do_handshake_on_connect=False))
         _start(ctx, tls, timeout_ms)
     return ()
 
 
+MAX_HOST_NAME = 253  # DNS's bound (RFC 1035), under OpenSSL's 255 for the SNI extension
+
+
 def _check_host_name(name: str) -> None:
-    """EINVAL for a name wrap_socket would refuse, checked as it checks (IDNA, no NUL, no leading dot) but
-    before it takes the descriptor over: its failure would leave the socket to a finalizer, closing it on
-    this thread."""
+    """EINVAL for a name wrap_socket would refuse, checked as it checks (IDNA, no NUL, no leading dot, at
+    most 255 bytes: DNS's 253 here), so that the refusal says why."""
     try:
-        name.encode("idna")
+        encoded = name.encode("idna")
     except UnicodeError:
         raise E.EINVAL("the server name is not a valid host name") from None
-    if "\0" in name or name.startswith("."):
-        raise E.EINVAL("the server name is not a valid host name")
+    if "\0" in name or name.startswith(".") or len(encoded) > MAX_HOST_NAME:
+        raise E.EINVAL(f"the server name is not a valid host name (at most {MAX_HOST_NAME} bytes)")
+
+
+def _wrap(sock: socket.socket, wrap) -> ssl.SSLSocket:
+    """``wrap`` (an SSLContext.wrap_socket) applied to a duplicate of ``sock``.  What it refuses, it
+    closes there and then, on this thread: a duplicate's close is never the last one (``sock`` is still
+    open, and _passed_socket gives it to a closer), so it cannot wait on the application's linger."""
+    try:
+        dup = sock.dup()
+    except OSError as exc:
+        raise E.EMFILE(f"cannot take the socket over: {exc.strerror}") from None
+    try:
+        return wrap(dup)
+    except (ValueError, UnicodeError, TypeError, ssl.SSLError):  # what the checks before did not foresee
+        raise E.EINVAL("the socket cannot be set up for TLS with these arguments") from None
 
 
 def _own_keys(ctx, keyring: int) -> list:
@@ -102,7 +116,8 @@ def _protocols(alpn: list[bytes]) -> tuple[str, ...]:
 @contextlib.contextmanager
 def _passed_socket(ctx) -> Iterator[socket.socket]:
     """The connected stream socket sent with the request, taken at once (a refusal must not leave it to
-    the next request) and closed here unless a session took it.  Its flags are left alone: the open
+    the next request) and given to a closer here, whatever becomes of the request (a session takes a
+    duplicate).  Its flags are left alone: the open
     file description is the application's too, and the engine makes it non-blocking only once nothing
     can refuse the request any more (Engine.start)."""
     fd = ctx.fds.take("the connected socket")
@@ -119,9 +134,8 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
         except OSError:
             raise E.EINVAL("the socket is not connected") from None
         yield sock
-    except BaseException:
-        descriptors.release_socket(sock)  # a no-op once wrap_socket has taken the descriptor over; _start releases that
-        raise
+    finally:
+        descriptors.release_socket(sock)  # a session holds its own duplicate (_wrap); _start releases that
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
