@@ -22,7 +22,7 @@ import queue
 import socket
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 #: recvmsg's room for descriptors: as many as one message can carry (SCM_MAX_FD).  What the room cannot
 #: hold, the kernel closes inside recvmsg, in the caller's thread; recv(2) drops them all so.
@@ -31,7 +31,7 @@ ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 MAX_CLOSERS = 16
 STUCK = 0.01  # seconds: far longer than any close that does not wait for someone
 
-_queue: "queue.SimpleQueue[int | threading.Event]" = queue.SimpleQueue()
+_queue: "queue.SimpleQueue[int | threading.Event | Callable[[], None]]" = queue.SimpleQueue()
 _lock = threading.Lock()
 _busy_since: list[float] = []  # per closer: when its close began (0.0: waiting for work)
 
@@ -53,6 +53,13 @@ def release(fds: Iterable[int]) -> None:
         queued = True
     if queued:
         _enough_closers()
+
+
+def release_with(close: Callable[[], None]) -> None:
+    """Run ``close`` on a closer thread too: a mapping's unmap, say (the last reference to a large memfd
+    frees every page of it).  It reports its own errors."""
+    _queue.put(close)
+    _enough_closers()
 
 
 def release_socket(sock: socket.socket) -> None:
@@ -91,7 +98,7 @@ def _close_forever(index: int) -> None:
             continue
         _busy_since[index] = time.monotonic()
         try:
-            os.close(item)
-        except OSError:
+            os.close(item) if isinstance(item, int) else item()
+        except Exception:  # a close's error (EBADF, EIO) is nobody's to report; a callable logs its own
             pass
         _busy_since[index] = 0.0

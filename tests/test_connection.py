@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
@@ -135,6 +136,7 @@ def test_closing_releases_every_region_and_fd_even_if_one_fails(caplog):
     ctx.fds.add([r, w], 0)
     with caplog.at_level(logging.ERROR, logger="keyden.handlers"):
         ctx.close()
+        assert descriptors.drain()  # regions are unmapped on the closers (Region.close)
     assert all(region.closed for region in regions) and ctx.regions == {}
     assert not _is_open(r) and not _is_open(w)
     assert ctx.fds == []
@@ -146,7 +148,7 @@ def test_closing_releases_every_region_and_fd_even_if_one_fails(caplog):
 def _memfd(size: int) -> int:
     fd = os.memfd_create("kd-test", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 
@@ -158,13 +160,14 @@ def test_a_region_still_in_use_is_refunded_once_it_is_unmapped():
     regions = []
     for size in (8192, 4096):
         fd = _memfd(size)
-        regions.append(Region(fd, size, budget, PEER.uid))
+        regions.append(Region(fd, size, size, budget, PEER.uid))
         os.close(fd)  # as SHM_ATTACH does: the mapping needs no descriptor of ours
     busy, idle = regions
     ctx.regions = {1: busy, 2: idle}
     held = busy.span(0, 16)
     assert budget.held(PEER.uid) == 12288
     ctx.close()
+    assert descriptors.drain()  # the closers unmap them: the last reference to a memfd may free a GiB
     assert budget.held(PEER.uid) == 8192 and ctx.regions == {}  # the idle one went at once
     held[0] = 1  # still mapped for whoever held the view
     held.release()
@@ -199,6 +202,7 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(shm(1 << 20)) is Cost.HEAVY
     assert conn.cost(shm(256 << 20)) is Cost.SLOW  # never on the loop: it would stall every other client
     assert conn.cost(frame(Op.GENKEY, "ed25519", "x", -3)) is Cost.SLOW
+    assert conn.cost(frame(Op.SHM_DETACH, 7)) is Cost.SLOW  # the last unmap of a GiB memfd frees all of it
     assert conn.cost(frame(Op.ADD, "asymmetric", "", b"pem", -3, b"")) is Cost.SLOW  # maybe a password KDF
     assert conn.cost(frame(Op.ADD, "user", "x", b"y", -3, b"")) is Cost.QUICK
     assert conn.cost(frame(Op.ADD, "asymmetrical", "x", b"y", -3, b"")) is Cost.QUICK  # no such type: EINVAL

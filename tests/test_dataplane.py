@@ -808,13 +808,13 @@ def test_only_sealed_memfds_are_attached(client):
 
     unsealed = memfd(0)
     grow_only = memfd(fcntl.F_SEAL_GROW)
-    sealed = memfd(fcntl.F_SEAL_SHRINK)
+    shrink_only = memfd(fcntl.F_SEAL_SHRINK)  # could grow under the mapping, past what is charged
+    sealed = memfd(fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     read_end, write_end = os.pipe()
     try:
-        with pytest.raises(E.EPERM):
-            client._call_with_fds(Op.SHM_ATTACH, (4096,), [unsealed])
-        with pytest.raises(E.EPERM):
-            client._call_with_fds(Op.SHM_ATTACH, (4096,), [grow_only])
+        for refused in (unsealed, grow_only, shrink_only):
+            with pytest.raises(E.EPERM, match="F_SEAL_SHRINK and F_SEAL_GROW"):
+                client._call_with_fds(Op.SHM_ATTACH, (4096,), [refused])
         with pytest.raises(E.EBADF):
             client._call_with_fds(Op.SHM_ATTACH, (4096,), [read_end])
         with pytest.raises(E.EBADF):
@@ -826,7 +826,7 @@ def test_only_sealed_memfds_are_attached(client):
         with pytest.raises(E.EBADF):
             client._call(Op.SHM_DETACH, region)
     finally:
-        for fd in (unsealed, grow_only, sealed, read_end, write_end):
+        for fd in (unsealed, grow_only, shrink_only, sealed, read_end, write_end):
             os.close(fd)
 
 
@@ -913,6 +913,34 @@ def test_shared_memory_is_budgeted_per_uid_and_given_back(fresh_daemon):
             except E.ENOMEM:
                 assert time.monotonic() < deadline, "closed connections never gave their regions back"
         time.sleep(0.05)
+
+
+def test_a_memfd_is_charged_whole_whatever_size_is_attached(fresh_daemon):
+    """The mapping keeps the whole memfd alive (mmap holds a descriptor of it): a 2 MiB memfd attached as
+    4 KiB was charged 4 KiB.  Past the largest region, it is refused outright."""
+    d = fresh_daemon("[quota]\nshm_maxbytes = 1048576\n")
+
+    def memfd(size: int) -> int:
+        fd = os.memfd_create("probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        return fd
+
+    big, fits, huge = memfd(2 << 20), memfd(1 << 20), memfd((1 << 30) + 4096)
+    try:
+        with d.connect() as c:
+            with pytest.raises(E.ENOMEM, match="per uid"):
+                c._call_with_fds(Op.SHM_ATTACH, (4096,), [big])
+            with pytest.raises(E.EINVAL, match="larger than a shared region may be"):
+                c._call_with_fds(Op.SHM_ATTACH, (4096,), [huge])
+            (region,) = c._call_with_fds(Op.SHM_ATTACH, (4096,), [fits])
+            with pytest.raises(E.ENOMEM, match="per uid"):
+                c.shared_buffer(4096)  # the whole MiB is held
+            c._call(Op.SHM_DETACH, region)
+            c.shared_buffer(4096).close()  # given back when the detach is answered
+    finally:
+        for fd in (big, fits, huge):
+            os.close(fd)
 
 
 def test_concurrent_attaches_never_overdraw_the_budget(fresh_daemon):

@@ -12,6 +12,7 @@ and X.509 path validation) and tls (TLS by keyring).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -95,6 +96,12 @@ class Context:
         never someone else's stream."""
         return next(_HANDLES) % 0xFFFF_FFFF + 1  # a u32 on the wire, never 0
 
+    def _close_region(self, handle: int, region) -> None:
+        try:
+            region.close()
+        except Exception as exc:  # the type only: nothing from a region's contents reaches the log
+            log.error("pid %d: releasing shared region %d failed (%s)", self.pid, handle, type(exc).__name__)
+
     def close(self) -> None:
         """The connection ended: drop streams, unmap regions, close fds.
 
@@ -103,11 +110,8 @@ class Context:
         """
         self.streams.clear()
         regions, self.regions = self.regions, {}
-        for handle, region in regions.items():
-            try:
-                region.close()
-            except Exception as exc:  # the type only: nothing from a region's contents reaches the log
-                log.error("pid %d: releasing shared region %d failed (%s)", self.pid, handle, type(exc).__name__)
+        for handle, region in regions.items():  # unmapped on a closer thread: see Region.close
+            descriptors.release_with(functools.partial(self._close_region, handle, region))
         self.fds.close()
         _close_all(self.out_fds)  # ours (socketpair ends), whose close never waits: the same path all the same
         self.out_fds.clear()

@@ -328,19 +328,20 @@ def _stream_copy(ctx, handle):
 class Region:
     """A client's sealed memfd, mapped here: bulk data is processed in it, never copied over the socket.
 
-    Its size is charged to the owner's shared-memory budget for as long as
-    it is mapped; ``close`` (detach, or the connection's end) refunds it.
+    The memfd's whole size is charged to the owner's shared-memory budget
+    for as long as it is mapped; ``close`` (detach, or the connection's end) refunds it.
     """
 
-    def __init__(self, fd: int, size: int, budget, uid: int):
-        """Maps ``fd``, which the caller still owns (and closes: the mapping needs no descriptor)."""
-        budget.charge(uid, size)
+    def __init__(self, fd: int, size: int, held: int, budget, uid: int):
+        """Maps ``size`` bytes of ``fd`` (``held`` in all), which the caller still owns (and closes: the
+        mapping needs no descriptor)."""
+        budget.charge(uid, held)
         try:
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            budget.refund(uid, size)
+            budget.refund(uid, held)
             raise
-        self.open, self.size, self.budget, self.uid = True, size, budget, uid
+        self.open, self.size, self.held, self.budget, self.uid = True, size, held, budget, uid
         self.view = memoryview(self.map)
 
     def span(self, offset: int, length: int) -> memoryview:
@@ -350,7 +351,9 @@ class Region:
         return self.view[offset:offset + length]
 
     def close(self) -> None:
-        """Unmap and refund the budget.
+        """Unmap and refund the budget.  Not on the loop: the mapping may be the last reference to the
+        memfd, and freeing a GiB of its pages takes a fifth of a second (SHM_DETACH runs on a worker, a
+        connection's end gives its regions to a closer).
 
         Unmapping is refused (BufferError) while a view of the map is still
         held, by an operation or by a traceback not yet collected; Python
@@ -364,20 +367,21 @@ class Region:
             self.view.release()
             self.map.close()
         except BufferError:
-            weakref.finalize(self.map, self.budget.refund_soon, self.uid, self.size)
+            weakref.finalize(self.map, self.budget.refund_soon, self.uid, self.held)
             del self.map, self.view  # ours go now; the last other view unmaps it and refunds
             return
-        self.budget.refund(self.uid, self.size)
+        self.budget.refund(self.uid, self.held)
 
 
 def _sealed_size(fd: int) -> int:
-    """The memfd must be sealed against shrinking, or the client could make us fault (SIGBUS)."""
+    """The memfd's size, which must stay as it is: sealed against shrinking, or the client could make us
+    fault (SIGBUS), and against growing, or what our mapping keeps alive could grow past what is charged."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         raise E.EBADF("the descriptor is not a memfd (create it with MFD_ALLOW_SEALING)") from None
-    if not seals & fcntl.F_SEAL_SHRINK:
-        raise E.EPERM("seal the memfd with F_SEAL_SHRINK before attaching it")
+    if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW:
+        raise E.EPERM("seal the memfd with F_SEAL_SHRINK and F_SEAL_GROW before attaching it")
     return os.fstat(fd).st_size
 
 
@@ -389,10 +393,13 @@ def _shm_attach(ctx, size):
             raise E.EMFILE(f"at most {MAX_REGIONS} shared regions per connection")
         if not 0 < size <= MAX_SHARED_REGION:
             raise E.EINVAL(f"shared regions are 1..{MAX_SHARED_REGION} bytes")
-        if _sealed_size(fd) < size:
+        held = _sealed_size(fd)  # all of it stays alive while mapped (mmap keeps a descriptor): all is charged
+        if held < size:
             raise E.EINVAL("the memfd is smaller than the size given")
+        if held > MAX_SHARED_REGION:
+            raise E.EINVAL(f"the memfd is larger than a shared region may be ({MAX_SHARED_REGION} bytes)")
         try:
-            region = Region(fd, size, ctx.store.shm_budget, ctx.caller.uid)
+            region = Region(fd, size, held, ctx.store.shm_budget, ctx.caller.uid)
         except OSError as exc:
             if exc.errno in (errno.ENOMEM, errno.EAGAIN):  # mlockall(MCL_FUTURE) past RLIMIT_MEMLOCK
                 raise E.ENOMEM("keyden cannot map that much more memory") from None
