@@ -6,9 +6,15 @@ chose runs out (an hour, if it likes), and a file on FUSE or NFS waits for
 its server.  Closed on the daemon's loop, one such descriptor would stop
 every client.  So every descriptor a client chose -- and every socket that
 may still hold some in its receive queue, which its last close releases --
-is closed on a closer thread.  A closer stuck in one close holds up nothing
-else: when every closer has been busy for STUCK seconds, another starts, up
-to MAX_CLOSERS; only past that many stuck closes do the rest wait.
+is closed on a closer thread.
+
+Each descriptor is released on behalf of an owner (the uid that sent it),
+and one owner's closes run at most PER_OWNER at a time, in turn with the
+other owners': one message of lingering sockets used to hold every closer,
+and from then on the daemon closed nothing for anyone, its own sockets of
+departed clients included, until it ran out of descriptors.  Now a uid that
+does so only waits for its own.  A closer starts whenever work could run and
+none is free, up to MAX_CLOSERS (idle ones wait for more).
 
 The socket's own options are left alone: its linger belongs to the open
 file, which the application may still share.
@@ -17,23 +23,30 @@ file, which the application may still share.
 from __future__ import annotations
 
 import array
+import collections
 import os
-import queue
 import socket
 import threading
-import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 #: recvmsg's room for descriptors: as many as one message can carry (SCM_MAX_FD).  What the room cannot
 #: hold, the kernel closes inside recvmsg, in the caller's thread; recv(2) drops them all so.
 SCM_MAX_FD = 253
 ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
-MAX_CLOSERS = 16
-STUCK = 0.01  # seconds: far longer than any close that does not wait for someone
+MAX_CLOSERS = 64
+PER_OWNER = 4  # closes of one owner's in progress at once
+NOBODY = -1  # the owner of descriptors whose sender is not known (a connection refused before it was asked)
 
-_queue: "queue.SimpleQueue[int | threading.Event | Callable[[], None]]" = queue.SimpleQueue()
+_Work = Union[int, Callable[[], None]]  # a descriptor to close, or a close of another kind to run
+
 _lock = threading.Lock()
-_busy_since: list[float] = []  # per closer: when its close began (0.0: waiting for work)
+_work_queued = threading.Condition(_lock)  # for idle closers
+_work_done = threading.Condition(_lock)  # for drain
+_waiting: dict[int, collections.deque[_Work]] = {}  # owner -> its work not begun, in order
+_turns: collections.deque[int] = collections.deque()  # owners with work waiting, in the order they get a closer
+_running: collections.Counter[int] = collections.Counter()  # owner -> its closes in progress
+_closers = 0
+_idle = 0
 
 
 def passed(ancdata) -> list[int]:
@@ -45,60 +58,87 @@ def passed(ancdata) -> list[int]:
     return list(fds)
 
 
-def release(fds: Iterable[int]) -> None:
-    """Close descriptors the daemon owns and a client chose, later, on a closer thread."""
-    queued = False
-    for fd in fds:
-        _queue.put(fd)
-        queued = True
-    if queued:
-        _enough_closers()
+def release(fds: Iterable[int], owner: int) -> None:
+    """Close descriptors the daemon owns and ``owner`` chose, later, on a closer thread."""
+    _queue(list(fds), owner)
 
 
-def release_with(close: Callable[[], None]) -> None:
+def release_with(close: Callable[[], None], owner: int) -> None:
     """Run ``close`` on a closer thread too: a mapping's unmap, say (the last reference to a large memfd
     frees every page of it).  It reports its own errors."""
-    _queue.put(close)
-    _enough_closers()
+    _queue([close], owner)
 
 
-def release_socket(sock: socket.socket) -> None:
+def release_socket(sock: socket.socket, owner: int) -> None:
     """``release`` for a socket object's descriptor (the object lets go of it; an ``SSLSocket`` too)."""
     fd = sock.detach()
     if fd >= 0:
-        release((fd,))
+        release((fd,), owner)
 
 
 def drain(timeout: float = 5.0) -> bool:
     """Wait until everything released so far is closed (tests).  False if a close still hangs."""
-    done = threading.Event()
-    _queue.put(done)
-    _enough_closers()
-    return done.wait(timeout)
+    with _work_done:
+        return _work_done.wait_for(lambda: not _waiting and not _running, timeout)
 
 
-def _enough_closers() -> None:
-    """A closer for the work queued: none yet, or every one stuck in a close (up to MAX_CLOSERS)."""
-    now = time.monotonic()
-    if any(not since or now - since < STUCK for since in _busy_since):  # one is free, or soon will be
+def _queue(work: list[_Work], owner: int) -> None:
+    """Queue ``work``; as many closers as may run it (the owner's share) are woken or started."""
+    if not work:
         return
+    global _closers, _idle
     with _lock:
-        if len(_busy_since) >= MAX_CLOSERS or any(not s or now - s < STUCK for s in _busy_since):
-            return
-        _busy_since.append(0.0)
-        index = len(_busy_since) - 1
-    threading.Thread(target=_close_forever, args=(index,), name=f"keyden-closer-{index}", daemon=True).start()
+        if owner not in _waiting:
+            _waiting[owner] = collections.deque()
+            _turns.append(owner)
+        _waiting[owner].extend(work)
+        wanted = min(len(work), PER_OWNER - _running[owner])
+        woken = min(max(wanted, 0), _idle)
+        _idle -= woken  # (counted off here: Condition.wait has no spurious wake-ups, so each wakes for work)
+        _work_queued.notify(woken)
+        started = max(0, min(wanted - woken, MAX_CLOSERS - _closers))
+        _closers += started
+        first = _closers - started
+    for number in range(first + 1, first + started + 1):
+        try:
+            threading.Thread(target=_close_forever, name=f"keyden-closer-{number}", daemon=True).start()
+        except RuntimeError:  # no more threads: the closers there are take the work in turn
+            with _lock:
+                _closers -= 1
 
 
-def _close_forever(index: int) -> None:
-    while True:
-        item = _queue.get()
-        if isinstance(item, threading.Event):
-            item.set()
+def _next() -> tuple[int, _Work] | None:
+    """The next owner in turn whose closes in progress are below its share, and its next work (lock held)."""
+    for _ in range(len(_turns)):
+        owner = _turns.popleft()
+        if _running[owner] >= PER_OWNER:
+            _turns.append(owner)
             continue
-        _busy_since[index] = time.monotonic()
+        work = _waiting[owner]
+        item = work.popleft()
+        if work:
+            _turns.append(owner)
+        else:
+            del _waiting[owner]
+        _running[owner] += 1
+        return owner, item
+    return None
+
+
+def _close_forever() -> None:
+    global _idle
+    while True:
+        with _lock:
+            while (taken := _next()) is None:
+                _idle += 1  # until _queue wakes us for work
+                _work_queued.wait()
+        owner, item = taken
         try:
             os.close(item) if isinstance(item, int) else item()
         except Exception:  # a close's error (EBADF, EIO) is nobody's to report; a callable logs its own
             pass
-        _busy_since[index] = 0.0
+        with _lock:
+            _running[owner] -= 1
+            if not _running[owner]:
+                del _running[owner]
+            _work_done.notify_all()  # (the owner's next, if it was at its share, is this closer's next turn)

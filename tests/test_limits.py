@@ -274,6 +274,63 @@ def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon, p
         stuck.close()
 
 
+def _closed_by_the_daemon_within(path: str) -> float:
+    """As another uid: send a pipe's write end with a request that takes none; how long until the daemon
+    has closed its copy (EOF on the read end), in seconds (30: not by then)."""
+    r, w = os.pipe()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(path)
+    raw.sendall(W.encode_request(1, Op.HELLO, W.MIN_VERSION, W.VERSION, "", "bystander"))
+    raw.recv(65536)
+    ping = W.encode_request(2, Op.PING, b"")
+    started = time.monotonic()
+    raw.sendmsg([ping], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+    os.close(w)
+    raw.recv(65536)
+    readable, _, _ = select.select([r], [], [], 20)
+    return time.monotonic() - started if readable and os.read(r, 1) == b"" else 30.0
+
+
+def test_one_uids_lingering_descriptors_hold_only_its_own_closes(fresh_daemon):
+    """The closers were one pool of 16: one message of 24 lingering sockets held them all, and from then on
+    the daemon closed nothing for anyone (departed clients' sockets included) until it ran out of
+    descriptors.  Each uid now has a share of 4 closes at a time, and the others' go on."""
+    from keyden.descriptors import MAX_CLOSERS, PER_OWNER
+
+    d = fresh_daemon()
+    stuck = [LingeringSocket() for _ in range(24)]
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        raw.connect(d.socket)
+        raw.sendall(W.encode_request(1, Op.HELLO, W.MIN_VERSION, W.VERSION, "", "linger"))
+        assert raw.recv(65536)
+        raw.sendmsg([W.encode_request(2, Op.PING, b"")],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fd for s in stuck]))])
+        for s in stuck:
+            s.let_go()
+        assert raw.recv(65536)  # answered: every one of them released, the daemon's copies the last
+
+        def stuck_closers() -> int:
+            return sum(_in_lingering_close(d.proc.pid, task) for task in os.listdir(f"/proc/{d.proc.pid}/task"))
+        assert eventually(lambda: stuck_closers() == PER_OWNER) and PER_OWNER < 24 <= MAX_CLOSERS
+        assert run_as(NOBODY, _closed_by_the_daemon_within, d.socket) < 10  # the linger's 60 s otherwise
+        _answers_soon(d)
+        assert stuck_closers() == PER_OWNER  # and the uid's own still wait their turn
+    finally:
+        raw.close()
+        for s in stuck:
+            s.close()
+
+
+def _in_lingering_close(pid: int, task: str) -> bool:
+    """Is this thread of the daemon asleep in a socket's lingering close (or, at least, where it sleeps)?"""
+    try:
+        with open(f"/proc/{pid}/task/{task}/wchan") as f:
+            return f.read().strip() in ("sk_stream_wait_close", "wait_woken")
+    except OSError:
+        return False
+
+
 def test_a_refused_connection_s_unread_descriptor_never_stalls_the_daemon(fresh_daemon):
     """A connection over the limit is refused at once, unread: closing it is the last close of whatever
     descriptor it carried, a lingering one too.  That close was on the loop, and every client waited."""

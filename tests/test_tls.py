@@ -1392,7 +1392,7 @@ def test_a_session_is_registered_before_its_deadline_and_always_gives_back_its_c
     app, plain = socket.socketpair()
     ours.setblocking(False)
     tls = ssl.create_default_context().wrap_socket(ours, server_hostname="x.example", do_handshake_on_connect=False)
-    session = Session(loop, tls, plain, 0.001, lambda chain: None, lambda: released.append(1))
+    session = Session(loop, 0, tls, plain, 0.001, lambda chain: None, lambda: released.append(1))
     session.start()  # sends its ClientHello and waits for the peer
     assert loop.arrivals == [session] and not session.closed
     loop.registered.clear()  # as if it had not been registered yet

@@ -127,7 +127,7 @@ class Connection:
         self.changed = False  # ... and whether those changes were its own (else only others' it may show)
         self.fed = 0  # bytes of the stream received so far (the loop adds the frames it takes past feed())
         self.answered = 0  # bytes of the stream taken by frames handled so far: they place descriptors
-        self.fds = DescriptorQueue()  # its Context's once the handshake is done
+        self.fds = DescriptorQueue(peer.uid)  # its Context's once the handshake is done
 
     def receive(self, data: bytes | memoryview, fds: list[int] | None = None) -> bytes:
         """Feed bytes (and any passed descriptors) from the socket; return the bytes to send back."""
@@ -151,7 +151,7 @@ class Connection:
         self.fed += len(data)
         if fds:
             if self.closed:
-                descriptors.release(fds)
+                descriptors.release(fds, self.peer.uid)
             else:
                 self.fds.add(fds, self.fed)
         if not self.closed:

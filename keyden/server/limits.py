@@ -20,20 +20,20 @@ log = logging.getLogger("keyden.limits")
 MAX_UNSENT = 1024 * 1024
 
 
-def refuse(sock: socket.socket, error: E.KeydenError) -> None:
+def refuse(sock: socket.socket, error: E.KeydenError, owner: int) -> None:
     """Tell a connection why it is being closed (a connection-level error frame: request id 0, op 0), then close it.
 
     Never blocks: the frame is small and the socket buffer empty, and if it
     does not fit the client just sees the close.  The close goes to a closer
     thread: it is the last close of any descriptor the client sent and we
-    never read, which may linger (descriptors.release).
+    never read, which may linger (descriptors.release), on ``owner``'s share of the closers.
     """
     try:
         sock.send(W.encode_error(0, 0, error), socket.MSG_DONTWAIT)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
-    descriptors.release_socket(sock)
+    descriptors.release_socket(sock, owner)
 
 
 def raise_fd_limit(wanted: int) -> int:

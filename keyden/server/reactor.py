@@ -283,7 +283,7 @@ class Reactor:
             return
         fds = descriptors.passed(ancdata) if ancdata else None
         if n == 0:
-            descriptors.release(fds or ())
+            descriptors.release(fds or (), ch.conn.peer.uid)
             self._close(ch)
             return
         if self.config.idle_timeout > 0 and ch.greeted:
@@ -558,7 +558,7 @@ class Reactor:
                 os.close(fd)
         ch.out.clear()
         ch.conn.close()
-        descriptors.release_socket(ch.sock)  # its last close frees descriptors sent and not yet read
+        descriptors.release_socket(ch.sock, ch.conn.peer.uid)  # its last close frees descriptors sent and not yet read
         ch.on_close()
 
     # ---------------------------------------------------------------- workers
@@ -645,7 +645,7 @@ class Reactor:
                 self._channels.pop(ch.fd)
                 self._epoll.unregister(ch.fd)
                 ch.conn.close()
-                limits.refuse(ch.sock, E.ETIMEDOUT(reason))  # says why, then closes the socket
+                limits.refuse(ch.sock, E.ETIMEDOUT(reason), ch.conn.peer.uid)  # says why, then closes the socket
                 ch.on_close()
 
 

@@ -265,12 +265,13 @@ class Server:
         cfg = self.config
         if self._active >= cfg.max_connections:
             self._refusals.warning("%d connections open; refusing more", cfg.max_connections)
-            limits.refuse(sock, E.ENFILE(f"keyden is at its limit of {cfg.max_connections} connections"))
+            limits.refuse(sock, E.ENFILE(f"keyden is at its limit of {cfg.max_connections} connections"),
+                          descriptors.NOBODY)
             return None
         try:
             who = peer.peer_of(sock)
         except OSError:
-            descriptors.release_socket(sock)  # unread: its close may be the last of a descriptor sent on it
+            descriptors.release_socket(sock, descriptors.NOBODY)  # unread: its close may be the last of a descriptor sent on it
             return None
         audit = self.audit.connection(who.pid, who.uid, who.gid, who.exe) if self.audit is not None else None
         if self._per_uid[who.uid] >= cfg.max_connections_per_uid:
@@ -278,7 +279,8 @@ class Server:
             if audit is not None:
                 audit.record(W.Op.HELLO, None, E.EMFILE.code)
                 self.audit.flush()  # the line before the refusal, as before any reply
-            limits.refuse(sock, E.EMFILE(f"uid {who.uid} has {cfg.max_connections_per_uid} connections open"))
+            limits.refuse(sock, E.EMFILE(f"uid {who.uid} has {cfg.max_connections_per_uid} connections open"),
+                          who.uid)
             return None
         self._active += 1
         self._per_uid[who.uid] += 1

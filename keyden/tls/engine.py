@@ -181,7 +181,7 @@ class Engine:
             tls.setblocking(False)
             if tls.family != socket.AF_UNIX and tls.proto in (0, socket.IPPROTO_TCP):
                 tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = Session(loop, tls, mine, timeout, check, lambda: self._release(uid), handshake_over)
+            session = Session(loop, uid, tls, mine, timeout, check, lambda: self._release(uid), handshake_over)
             session.start()
         except BaseException:  # nothing counted may stay counted: a session never started ends here
             if session is None or not session.closed:
@@ -341,9 +341,10 @@ class Session:
     over the deadline, only the loop's thread touches the session.
     """
 
-    def __init__(self, loop: Loop, tls: ssl.SSLSocket, plain: socket.socket, timeout: float, check: ChainCheck,
-                 on_close: Callable[[], None], report: Callable[[int], None] = lambda status: None):
+    def __init__(self, loop: Loop, owner: int, tls: ssl.SSLSocket, plain: socket.socket, timeout: float,
+                 check: ChainCheck, on_close: Callable[[], None], report: Callable[[int], None] = lambda status: None):
         self.loop = loop
+        self.owner = owner  # the uid whose session it is: its descriptors go to the closers on its share
         self.report = report  # the handshake's outcome, once (then None)
         self.tls = tls
         self.plain = plain
@@ -509,7 +510,7 @@ class Session:
                 except (OSError, ValueError):  # not (or no longer) registered: nothing to undo
                     pass
             self.watched.clear()
-            descriptors.release_socket(self.tls)  # the application's socket: its close may linger
+            descriptors.release_socket(self.tls, self.owner)  # the application's socket: its close may linger
             self.plain.close()
         finally:
             self.on_close()  # the session's count is given back whatever failed above
@@ -583,7 +584,7 @@ class Session:
                 n, passed, _flags, _addr = self.plain.recvmsg_into(
                     [self.down[self.down_end:]], descriptors.ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
                 if passed:
-                    descriptors.release(descriptors.passed(passed))
+                    descriptors.release(descriptors.passed(passed), self.owner)
             except BlockingIOError:
                 return True
             except ConnectionResetError:  # it closed with our data unread: after all it had written

@@ -40,17 +40,22 @@ class DescriptorQueue(list):
     A message rides on the first byte of the request that carries it, and a read stops after one
     message, so its request starts inside that read: once a request ending at or past that point has
     been answered without taking them, nobody will (``release_through``).  The connection holds its
-    queue from its first byte, so descriptors sent behind HELLO wait for it.
+    queue from its first byte, so descriptors sent behind HELLO wait for it.  Those it closes go to the
+    closers on ``owner``'s share (the peer's uid).
     """
+
+    def __init__(self, owner: int = descriptors.NOBODY):
+        super().__init__()
+        self.owner = owner
 
     def add(self, fds: list[int], read_end: int) -> None:
         """One message's descriptors: its first is kept (a request takes one), up to a few messages waiting;
         the rest are closed at once."""
         if len(self) < MAX_PENDING_FDS:
             self.append((read_end, [fds[0]]))
-            _close_all(fds[1:])
+            _close_all(fds[1:], self.owner)
         else:
-            _close_all(fds)
+            _close_all(fds, self.owner)
 
     def take(self, what: str) -> int:
         """The descriptor a request carries (SHM_ATTACH, TLS_*): the first of the oldest message, whose
@@ -59,18 +64,18 @@ class DescriptorQueue(list):
         if not self:
             raise E.EBADF(f"send {what} with this request (SCM_RIGHTS)")
         _read_end, (first, *extra) = self.pop(0)
-        _close_all(extra)
+        _close_all(extra, self.owner)
         return first
 
     def release_through(self, offset: int) -> None:
         """A request ending at byte ``offset`` was answered: messages no later request can own are closed
         (one sent with a request that takes none, or refused before its handler ran)."""
         while self and self[0][0] <= offset:
-            _close_all(self.pop(0)[1])
+            _close_all(self.pop(0)[1], self.owner)
 
     def close(self) -> None:
         for _read_end, message in self:
-            _close_all(message)
+            _close_all(message, self.owner)
         self.clear()
 
 
@@ -111,16 +116,16 @@ class Context:
         self.streams.clear()
         regions, self.regions = self.regions, {}
         for handle, region in regions.items():  # unmapped on a closer thread: see Region.close
-            descriptors.release_with(functools.partial(self._close_region, handle, region))
+            descriptors.release_with(functools.partial(self._close_region, handle, region), self.caller.uid)
         self.fds.close()
-        _close_all(self.out_fds)  # ours (socketpair ends), whose close never waits: the same path all the same
+        _close_all(self.out_fds, self.caller.uid)  # ours (socketpair ends), whose close never waits: the same path all the same
         self.out_fds.clear()
 
 
-def _close_all(fds: list[int]) -> None:
+def _close_all(fds: list[int], owner: int) -> None:
     """Descriptors a client sent: closed off the loop, whose close could wait as long as the sender likes
     (keyden.descriptors)."""
-    descriptors.release(fds)
+    descriptors.release(fds, owner)
 
 
 #: Each wire key flag (protocol) and the store's bit for it, mapped in this one place so that neither side

@@ -124,7 +124,7 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
-        descriptors.release((fd,))
+        descriptors.release((fd,), ctx.caller.uid)
         raise E.EBADF("the descriptor sent is not a socket") from None
     try:
         if sock.type != socket.SOCK_STREAM or sock.family not in _STREAM_FAMILIES:
@@ -135,12 +135,12 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
             raise E.EINVAL("the socket is not connected") from None
         yield sock
     finally:
-        descriptors.release_socket(sock)  # a session holds its own duplicate (_wrap); _start releases that
+        descriptors.release_socket(sock, ctx.caller.uid)  # a session holds its own duplicate (_wrap); _start releases that
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
     if timeout_ms > MAX_HANDSHAKE_TIMEOUT * 1000:
-        descriptors.release_socket(tls)
+        descriptors.release_socket(tls, ctx.caller.uid)
         raise E.EINVAL(f"the handshake timeout is at most {MAX_HANDSHAKE_TIMEOUT * 1000:.0f} ms (0: the default)")
     timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_HANDSHAKE_TIMEOUT
     store = ctx.store
@@ -150,7 +150,7 @@ def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
         app = engine().start(ctx.caller.uid, tls, timeout, lambda chain: refuse_blacklisted(store, chain),
                              outcome.report)
     except BaseException:
-        descriptors.release_socket(tls)
+        descriptors.release_socket(tls, ctx.caller.uid)
         raise
     ctx.out_fds.append(app.detach())
 
