@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import array
 import collections
+import functools
 import os
 import socket
 import threading
@@ -35,6 +36,7 @@ SCM_MAX_FD = 253
 ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 MAX_CLOSERS = 64
 PER_OWNER = 4  # closes of one owner's in progress at once
+MAX_BACKLOG = 256  # closes of one owner's waiting or in progress, past which over_backlog says so
 NOBODY = -1  # the owner of descriptors whose sender is not known (a connection refused before it was asked)
 
 _Work = Union[int, Callable[[], None]]  # a descriptor to close, or a close of another kind to run
@@ -45,6 +47,7 @@ _work_done = threading.Condition(_lock)  # for drain
 _waiting: dict[int, collections.deque[_Work]] = {}  # owner -> its work not begun, in order
 _turns: collections.deque[int] = collections.deque()  # owners with work waiting, in the order they get a closer
 _running: collections.Counter[int] = collections.Counter()  # owner -> its closes in progress
+_over: set[int] = set()  # owners over MAX_BACKLOG (read without the lock: a set's membership test is atomic)
 _closers = 0
 _idle = 0
 
@@ -69,11 +72,28 @@ def release_with(close: Callable[[], None], owner: int) -> None:
     _queue([close], owner)
 
 
-def release_socket(sock: socket.socket, owner: int) -> None:
-    """``release`` for a socket object's descriptor (the object lets go of it; an ``SSLSocket`` too)."""
+def release_socket(sock: socket.socket, owner: int, then: Callable[[], None] | None = None) -> None:
+    """``release`` for a socket object's descriptor (the object lets go of it; an ``SSLSocket`` too);
+    ``then`` runs on the closer once it is closed (a connection counts against its uid until then)."""
     fd = sock.detach()
-    if fd >= 0:
+    if then is not None:
+        release_with(functools.partial(_close_then, fd, then), owner)
+    elif fd >= 0:
         release((fd,), owner)
+
+
+def _close_then(fd: int, then: Callable[[], None]) -> None:
+    try:
+        if fd >= 0:
+            os.close(fd)
+    finally:
+        then()
+
+
+def over_backlog(owner: int) -> bool:
+    """Has ``owner`` MAX_BACKLOG closes waiting or in progress?  Then they are stuck, and the daemon stops
+    taking more of its descriptors (its connections are refused), or they would pile up here."""
+    return owner in _over
 
 
 def drain(timeout: float = 5.0) -> bool:
@@ -92,6 +112,8 @@ def _queue(work: list[_Work], owner: int) -> None:
             _waiting[owner] = collections.deque()
             _turns.append(owner)
         _waiting[owner].extend(work)
+        if len(_waiting[owner]) + _running[owner] >= MAX_BACKLOG:
+            _over.add(owner)
         wanted = min(len(work), PER_OWNER - _running[owner])
         woken = min(max(wanted, 0), _idle)
         _idle -= woken  # (counted off here: Condition.wait has no spurious wake-ups, so each wakes for work)
@@ -141,4 +163,6 @@ def _close_forever() -> None:
             _running[owner] -= 1
             if not _running[owner]:
                 del _running[owner]
+            if owner in _over and len(_waiting.get(owner, ())) + _running[owner] < MAX_BACKLOG // 2:
+                _over.discard(owner)
             _work_done.notify_all()  # (the owner's next, if it was at its share, is this closer's next turn)

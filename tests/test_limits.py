@@ -8,6 +8,7 @@ while the slow clients are still connected), never how fast.
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import json
 import os
@@ -322,6 +323,51 @@ def test_one_uids_lingering_descriptors_hold_only_its_own_closes(fresh_daemon):
             s.close()
 
 
+def test_a_uid_whose_closes_are_stuck_cannot_make_the_daemon_hold_ever_more_descriptors(fresh_daemon):
+    """With its closes stuck, each descriptor a uid sent, and each connection it ended, stayed open in the
+    daemon, waiting its turn: connecting and leaving in a loop ran the daemon out of descriptors, and
+    everyone out of it.  Past MAX_BACKLOG of them, its connections are refused unread (a refused socket
+    with nothing queued in it is closed at once); a connection counts against it until really closed."""
+    from keyden.descriptors import MAX_BACKLOG, PER_OWNER
+
+    d = fresh_daemon()
+    stuck = [LingeringSocket() for _ in range(PER_OWNER)]
+    pipes = [os.pipe() for _ in range(126)]
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        raw.connect(d.socket)
+        raw.sendall(W.encode_request(1, Op.HELLO, W.MIN_VERSION, W.VERSION, "", "linger"))
+        assert raw.recv(65536)
+        os.kill(d.proc.pid, signal.SIGSTOP)  # the daemon's copies must be the last: ours go first
+        try:
+            for number, fds in enumerate(([s.fd for s in stuck], [fd for pair in pipes for fd in pair]), 2):
+                raw.sendmsg([W.encode_request(number, Op.PING, b"")],
+                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            for s in stuck:
+                s.let_go()
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        assert len(raw.recv(65536)) == 2 * (W.HEADER_SIZE + 4) or raw.recv(65536)
+        assert eventually(lambda: _daemon_fds(d) >= 2 * 126)  # the pipes wait behind the lingering four
+        held = _daemon_fds(d)
+        assert PER_OWNER + 2 * 126 >= MAX_BACKLOG
+        with pytest.raises(E.EMFILE, match="still waiting to be closed"):
+            d.connect()
+        for _ in range(300):  # each refused, and closed at once: nothing was sent on it
+            with contextlib.suppress(E.EMFILE):
+                d.connect().close()
+        assert _daemon_fds(d) <= held + 8
+        assert run_as(NOBODY, _whoami_uid, d.socket) == NOBODY.uid  # another uid is not held up
+    finally:
+        raw.close()
+        for s in stuck:
+            s.close()
+        for pair in pipes:
+            for fd in pair:
+                os.close(fd)
+    assert eventually(lambda: d.connect().whoami() is not None, timeout=20)  # its closes done: let in again
+
+
 def _in_lingering_close(pid: int, task: str) -> bool:
     """Is this thread of the daemon asleep in a socket's lingering close (or, at least, where it sleeps)?"""
     try:
@@ -335,7 +381,7 @@ def test_a_refused_connection_s_unread_descriptor_never_stalls_the_daemon(fresh_
     """A connection over the limit is refused at once, unread: closing it is the last close of whatever
     descriptor it carried, a lingering one too.  That close was on the loop, and every client waited."""
     d = fresh_daemon("max_connections_per_uid = 1\n")
-    held = d.connect()
+    held = connect_when_room(d)  # (the start-up probe's connection counts until its socket is closed)
     stuck = LingeringSocket()
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

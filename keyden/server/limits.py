@@ -6,9 +6,14 @@ what each one bounds and what a client sees when it hits one.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import resource
 import socket
+import struct
+import termios
+from typing import Callable
 
 from keyden import descriptors
 from keyden import errors as E
@@ -20,20 +25,48 @@ log = logging.getLogger("keyden.limits")
 MAX_UNSENT = 1024 * 1024
 
 
-def refuse(sock: socket.socket, error: E.KeydenError, owner: int) -> None:
+def refuse(sock: socket.socket, error: E.KeydenError, owner: int, then: Callable[[], None] | None = None) -> None:
     """Tell a connection why it is being closed (a connection-level error frame: request id 0, op 0), then close it.
 
     Never blocks: the frame is small and the socket buffer empty, and if it
-    does not fit the client just sees the close.  The close goes to a closer
-    thread: it is the last close of any descriptor the client sent and we
-    never read, which may linger (descriptors.release), on ``owner``'s share of the closers.
+    does not fit the client just sees the close.  Shut both ways, so that
+    nothing more can arrive, a socket whose unread bytes carry no descriptor is
+    closed here (``_carries_descriptors``).  Otherwise the close goes to a
+    closer thread, on ``owner``'s share: it is the last close of the
+    descriptors the client sent and we never read, which may linger
+    (descriptors.release).  ``then`` runs once it is closed.
     """
     try:
         sock.send(W.encode_error(0, 0, error), socket.MSG_DONTWAIT)
-        sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(socket.SHUT_RDWR)
+        carries = _carries_descriptors(sock)
     except OSError:
-        pass
-    descriptors.release_socket(sock, owner)
+        carries = True
+    if carries:
+        descriptors.release_socket(sock, owner, then)
+        return
+    sock.close()
+    if then is not None:
+        then()
+
+
+MAX_PEEK = 256 * 1024  # unread bytes looked through for descriptors; past that, the socket goes to a closer
+
+
+def _carries_descriptors(sock: socket.socket) -> bool:
+    """Do the unread bytes of a socket shut for reading carry descriptors?  A peek reads across messages
+    and stops after the first that carries some; the copies it makes are not the last (the queue holds
+    the originals), so they are closed here."""
+    unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))[0]
+    if not unread:
+        return False
+    if unread > MAX_PEEK:
+        return True
+    data, ancdata, _flags, _addr = sock.recvmsg(unread, descriptors.ANCILLARY_SPACE,
+                                                socket.MSG_PEEK | socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+    for fd in descriptors.passed(ancdata):
+        os.close(fd)
+    return bool(ancdata) or len(data) < unread
 
 
 def raise_fd_limit(wanted: int) -> int:

@@ -264,6 +264,11 @@ class Reactor:
 
     def _readable(self, ch: Channel, ev: int) -> None:
         conn = ch.conn
+        if descriptors.over_backlog(conn.peer.uid):  # what it sends now would stay with us: nothing is read
+            self._refuse(ch, E.EMFILE(f"{descriptors.MAX_BACKLOG} descriptors of uid {conn.peer.uid} are still "
+                                      "waiting to be closed (their close waits on their sender: a socket set to "
+                                      "linger, a file system's server); try again later"))
+            return
         view = self._small
         if conn.decoder.pending and (needed := conn.decoder.needed()) > SMALL_RECV_CHUNK:  # a large frame is arriving
             if not ch.admitted and not self._admit_frame(ch):
@@ -551,15 +556,25 @@ class Reactor:
             return
         self._release(ch)
 
-    def _release(self, ch: Channel) -> None:
+    def _refuse(self, ch: Channel, error: E.KeydenError) -> None:
+        """Close ``ch`` (not with a worker) at once, unread, with an error frame that says why."""
+        del self._channels[ch.fd]
+        self._epoll.unregister(ch.fd)
+        self._release(ch, error)
+
+    def _release(self, ch: Channel, error: E.KeydenError | None = None) -> None:
         self._release_share(ch)  # not before: a worker may still hold the frame
         for _data, fds in ch.out:
             for fd in fds:
                 os.close(fd)
         ch.out.clear()
         ch.conn.close()
-        descriptors.release_socket(ch.sock, ch.conn.peer.uid)  # its last close frees descriptors sent and not yet read
-        ch.on_close()
+        # Its last close frees descriptors sent and not yet read; until it is done, it counts against its uid.
+        closed = lambda: self.call_soon(ch.on_close)  # noqa: E731
+        if error is None:
+            descriptors.release_socket(ch.sock, ch.conn.peer.uid, then=closed)
+        else:
+            limits.refuse(ch.sock, error, ch.conn.peer.uid, then=closed)
 
     # ---------------------------------------------------------------- workers
 
@@ -645,8 +660,8 @@ class Reactor:
                 self._channels.pop(ch.fd)
                 self._epoll.unregister(ch.fd)
                 ch.conn.close()
-                limits.refuse(ch.sock, E.ETIMEDOUT(reason), ch.conn.peer.uid)  # says why, then closes the socket
-                ch.on_close()
+                limits.refuse(ch.sock, E.ETIMEDOUT(reason), ch.conn.peer.uid,  # says why, then closes the socket
+                              then=lambda ch=ch: self.call_soon(ch.on_close))
 
 
 def _small_run(out):

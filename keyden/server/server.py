@@ -274,13 +274,19 @@ class Server:
             descriptors.release_socket(sock, descriptors.NOBODY)  # unread: its close may be the last of a descriptor sent on it
             return None
         audit = self.audit.connection(who.pid, who.uid, who.gid, who.exe) if self.audit is not None else None
+        refusal = None
         if self._per_uid[who.uid] >= cfg.max_connections_per_uid:
             self._refusals.warning("uid %d over its connection limit; refusing pid %d", who.uid, who.pid)
+            refusal = E.EMFILE(f"uid {who.uid} has {cfg.max_connections_per_uid} connections open")
+        elif descriptors.over_backlog(who.uid):
+            self._refusals.warning("uid %d has descriptors stuck in their close; refusing pid %d", who.uid, who.pid)
+            refusal = E.EMFILE(f"{descriptors.MAX_BACKLOG} descriptors of uid {who.uid} are still waiting to be "
+                               "closed (their close waits on their sender); try again later")
+        if refusal is not None:
             if audit is not None:
                 audit.record(W.Op.HELLO, None, E.EMFILE.code)
                 self.audit.flush()  # the line before the refusal, as before any reply
-            limits.refuse(sock, E.EMFILE(f"uid {who.uid} has {cfg.max_connections_per_uid} connections open"),
-                          who.uid)
+            limits.refuse(sock, refusal, who.uid)
             return None
         self._active += 1
         self._per_uid[who.uid] += 1
