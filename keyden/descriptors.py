@@ -37,7 +37,7 @@ ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 MAX_CLOSERS = 64
 PER_OWNER = 4  # closes of one owner's in progress at once
 MAX_BACKLOG = 256  # closes of one owner's waiting or in progress, past which over_backlog says so
-NOBODY = -1  # the owner of descriptors whose sender is not known (a connection refused before it was asked)
+NOBODY = -1  # the owner of descriptors whose sender is not known (SO_PEERCRED could not say: peer.uid_of)
 
 _Work = Union[int, Callable[[], None]]  # a descriptor to close, or a close of another kind to run
 

@@ -255,3 +255,15 @@ def test_a_proc_that_cannot_be_read_is_no_exit(monkeypatch):
         peer.open_pidfd(me)
     monkeypatch.setattr(builtins, "open", real_open)
     assert peer.process_alive(*me) and peer.open_pidfd((me[0], me[1] + 1)) is None  # another start: not ours
+
+
+def test_the_uid_alone_is_had_even_from_a_peer_that_is_gone():
+    """What a refused connection's descriptors are charged to (descriptors: each uid's share of the
+    closers): its uid from SO_PEERCRED, with no /proc to read; a socket that cannot say is NOBODY's."""
+    from keyden import descriptors
+
+    conn, _pid, _ = _accepted_from_child(stay=False)
+    with conn:
+        assert peer.uid_of(conn) == os.getuid()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # no peer credentials at all
+        assert peer.uid_of(udp) == descriptors.NOBODY

@@ -214,6 +214,14 @@ def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None]:
         os.close(pidfd)
 
 
+def uid_of(sock: socket.socket) -> int:
+    """The peer's uid alone (SO_PEERCRED: no /proc read), or -1 if the socket cannot say."""
+    try:
+        return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+    except OSError:
+        return -1
+
+
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     start, exe = peer_process(sock, pid)

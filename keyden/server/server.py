@@ -266,12 +266,12 @@ class Server:
         if self._active >= cfg.max_connections:
             self._refusals.warning("%d connections open; refusing more", cfg.max_connections)
             limits.refuse(sock, E.ENFILE(f"keyden is at its limit of {cfg.max_connections} connections"),
-                          descriptors.NOBODY)
+                          peer.uid_of(sock))  # its close is on its sender's share (descriptors.NOBODY: unknown)
             return None
         try:
             who = peer.peer_of(sock)
-        except OSError:
-            descriptors.release_socket(sock, descriptors.NOBODY)  # unread: its close may be the last of a descriptor sent on it
+        except OSError:  # its process is gone already
+            descriptors.release_socket(sock, peer.uid_of(sock))  # unread: its close may be the last of a descriptor sent on it
             return None
         audit = self.audit.connection(who.pid, who.uid, who.gid, who.exe) if self.audit is not None else None
         refusal = None
