@@ -36,7 +36,7 @@ SCM_MAX_FD = 253
 ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 MAX_CLOSERS = 64
 PER_OWNER = 4  # closes of one owner's in progress at once
-MAX_BACKLOG = 256  # closes of one owner's waiting or in progress, past which over_backlog says so
+MAX_BACKLOG = 256  # closes of one owner's waiting or in progress, past which it is in ``backlogged``
 NOBODY = -1  # the owner of descriptors whose sender is not known (SO_PEERCRED could not say: peer.uid_of)
 
 _Work = Union[int, Callable[[], None]]  # a descriptor to close, or a close of another kind to run
@@ -47,7 +47,10 @@ _work_done = threading.Condition(_lock)  # for drain
 _waiting: dict[int, collections.deque[_Work]] = {}  # owner -> its work not begun, in order
 _turns: collections.deque[int] = collections.deque()  # owners with work waiting, in the order they get a closer
 _running: collections.Counter[int] = collections.Counter()  # owner -> its closes in progress
-_over: set[int] = set()  # owners over MAX_BACKLOG (read without the lock: a set's membership test is atomic)
+#: Owners with MAX_BACKLOG closes waiting or in progress: they are stuck, and the daemon takes no more of
+#: their descriptors (their connections are refused), or those would pile up here.  Read it, never change
+#: it (a membership test needs no lock); an owner leaves it once half its closes are done.
+backlogged: set[int] = set()
 _closers = 0
 _idle = 0
 
@@ -90,12 +93,6 @@ def _close_then(fd: int, then: Callable[[], None]) -> None:
         then()
 
 
-def over_backlog(owner: int) -> bool:
-    """Has ``owner`` MAX_BACKLOG closes waiting or in progress?  Then they are stuck, and the daemon stops
-    taking more of its descriptors (its connections are refused), or they would pile up here."""
-    return owner in _over
-
-
 def drain(timeout: float = 5.0) -> bool:
     """Wait until everything released so far is closed (tests).  False if a close still hangs."""
     with _work_done:
@@ -113,7 +110,7 @@ def _queue(work: list[_Work], owner: int) -> None:
             _turns.append(owner)
         _waiting[owner].extend(work)
         if len(_waiting[owner]) + _running[owner] >= MAX_BACKLOG:
-            _over.add(owner)
+            backlogged.add(owner)
         wanted = min(len(work), PER_OWNER - _running[owner])
         woken = min(max(wanted, 0), _idle)
         _idle -= woken  # (counted off here: Condition.wait has no spurious wake-ups, so each wakes for work)
@@ -163,6 +160,6 @@ def _close_forever() -> None:
             _running[owner] -= 1
             if not _running[owner]:
                 del _running[owner]
-            if owner in _over and len(_waiting.get(owner, ())) + _running[owner] < MAX_BACKLOG // 2:
-                _over.discard(owner)
+            if owner in backlogged and len(_waiting.get(owner, ())) + _running[owner] < MAX_BACKLOG // 2:
+                backlogged.discard(owner)
             _work_done.notify_all()  # (the owner's next, if it was at its share, is this closer's next turn)

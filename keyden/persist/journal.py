@@ -198,7 +198,8 @@ class SealedJournal(Journal):
             return resealed
 
 
-def reseal(db: Database, manifest: Manifest, old: Sealer | LegacySealer, new: Sealer, meta: dict[str, bytes]) -> tuple[int, int]:
+def reseal(db: Database, manifest: Manifest, old: Sealer | LegacySealer, new: Sealer,
+           meta: dict[str, bytes]) -> tuple[int, int]:
     """Every row and manifest bucket sealed again under ``new``, with ``meta`` (the check value that says
     so), in one transaction: (rows re-sealed, rows left as they were because they no longer open).
 

@@ -50,6 +50,12 @@ def refuse(sock: socket.socket, error: E.KeydenError, owner: int, then: Callable
         then()
 
 
+def backlogged(uid: int) -> E.KeydenError:
+    """Why a connection of a uid in descriptors.backlogged is refused."""
+    return E.EMFILE(f"{descriptors.MAX_BACKLOG} descriptors of uid {uid} are still waiting to be closed (their "
+                    "close waits on their sender: a socket set to linger, a file system's server); try again later")
+
+
 MAX_PEEK = 256 * 1024  # unread bytes looked through for descriptors; past that, the socket goes to a closer
 
 

@@ -12,6 +12,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from keyden import descriptors
 from keyden.core.perm import Credentials
 
 log = logging.getLogger("keyden.peer")
@@ -215,11 +216,11 @@ def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None]:
 
 
 def uid_of(sock: socket.socket) -> int:
-    """The peer's uid alone (SO_PEERCRED: no /proc read), or -1 if the socket cannot say."""
+    """The peer's uid alone (SO_PEERCRED: no /proc read), or descriptors.NOBODY if the socket cannot say."""
     try:
         return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
     except OSError:
-        return -1
+        return descriptors.NOBODY
 
 
 def peer_of(sock: socket.socket) -> Peer:

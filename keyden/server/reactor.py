@@ -264,10 +264,8 @@ class Reactor:
 
     def _readable(self, ch: Channel, ev: int) -> None:
         conn = ch.conn
-        if descriptors.over_backlog(conn.peer.uid):  # what it sends now would stay with us: nothing is read
-            self._refuse(ch, E.EMFILE(f"{descriptors.MAX_BACKLOG} descriptors of uid {conn.peer.uid} are still "
-                                      "waiting to be closed (their close waits on their sender: a socket set to "
-                                      "linger, a file system's server); try again later"))
+        if conn.peer.uid in descriptors.backlogged:  # what it sends now would stay with us: nothing is read
+            self._refuse(ch, limits.backlogged(conn.peer.uid))
             return
         view = self._small
         if conn.decoder.pending and (needed := conn.decoder.needed()) > SMALL_RECV_CHUNK:  # a large frame is arriving
@@ -656,12 +654,7 @@ class Reactor:
                   and not (ch.parked and ch.greeted)):
                 reason = (f"idle for {self.config.idle_timeout:g} s" if ch.greeted else
                           f"no HELLO within {self.config.handshake_timeout:g} s")
-                self._release_share(ch)
-                self._channels.pop(ch.fd)
-                self._epoll.unregister(ch.fd)
-                ch.conn.close()
-                limits.refuse(ch.sock, E.ETIMEDOUT(reason), ch.conn.peer.uid,  # says why, then closes the socket
-                              then=lambda ch=ch: self.call_soon(ch.on_close))
+                self._refuse(ch, E.ETIMEDOUT(reason))
 
 
 def _small_run(out):

@@ -271,17 +271,17 @@ class Server:
         try:
             who = peer.peer_of(sock)
         except OSError:  # its process is gone already
-            descriptors.release_socket(sock, peer.uid_of(sock))  # unread: its close may be the last of a descriptor sent on it
+            # Unread: its close may be the last of a descriptor sent on it.
+            descriptors.release_socket(sock, peer.uid_of(sock))
             return None
         audit = self.audit.connection(who.pid, who.uid, who.gid, who.exe) if self.audit is not None else None
         refusal = None
         if self._per_uid[who.uid] >= cfg.max_connections_per_uid:
             self._refusals.warning("uid %d over its connection limit; refusing pid %d", who.uid, who.pid)
             refusal = E.EMFILE(f"uid {who.uid} has {cfg.max_connections_per_uid} connections open")
-        elif descriptors.over_backlog(who.uid):
+        elif who.uid in descriptors.backlogged:
             self._refusals.warning("uid %d has descriptors stuck in their close; refusing pid %d", who.uid, who.pid)
-            refusal = E.EMFILE(f"{descriptors.MAX_BACKLOG} descriptors of uid {who.uid} are still waiting to be "
-                               "closed (their close waits on their sender); try again later")
+            refusal = limits.backlogged(who.uid)
         if refusal is not None:
             if audit is not None:
                 audit.record(W.Op.HELLO, None, E.EMFILE.code)

@@ -118,7 +118,7 @@ class Context:
         for handle, region in regions.items():  # unmapped on a closer thread: see Region.close
             descriptors.release_with(functools.partial(self._close_region, handle, region), self.caller.uid)
         self.fds.close()
-        _close_all(self.out_fds, self.caller.uid)  # ours (socketpair ends), whose close never waits: the same path all the same
+        _close_all(self.out_fds, self.caller.uid)  # ours (socketpair ends): their close never waits, all the same
         self.out_fds.clear()
 
 

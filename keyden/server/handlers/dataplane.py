@@ -407,7 +407,7 @@ def _shm_attach(ctx, size):
         except ValueError:  # write-sealed or read-only memfds cannot be mapped for writing
             raise E.EACCES("the memfd cannot be mapped read-write (sealed against writes?)") from None
     finally:
-        descriptors.release((fd,), ctx.caller.uid)  # the client's choice of file: its close may wait (keyden.descriptors)
+        descriptors.release((fd,), ctx.caller.uid)  # the client's choice of file: its close may wait
     handle = ctx.new_handle()
     ctx.regions[handle] = region
     return (handle,)

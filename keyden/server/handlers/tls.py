@@ -135,7 +135,7 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
             raise E.EINVAL("the socket is not connected") from None
         yield sock
     finally:
-        descriptors.release_socket(sock, ctx.caller.uid)  # a session holds its own duplicate (_wrap); _start releases that
+        descriptors.release_socket(sock, ctx.caller.uid)  # a session holds a duplicate (_wrap), _start's to release
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
