@@ -200,6 +200,72 @@ def test_a_single_trusted_key_and_chain_mode_building_up(client, pki):
     assert refused(lambda: client.link(inter, own_only)) is E.ENOKEY
 
 
+def test_an_anchor_unlinked_everywhere_still_vouches_until_its_restricted_keyring_dies(client, pki):
+    """The restriction holds what it trusts, as the kernel's key_restriction holds a reference: unlinking
+    the anchor (a key or a keyring) from every keyring neither destroys it nor closes the keyring."""
+    root = add_cert(client, pki.root)
+    ring = client.newring("by key", "@s")
+    client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{root}")
+    trusted = client.newring("trusted", "@s")
+    add_cert(client, pki.root, trusted)
+    by_ring = client.newring("by keyring", "@s")
+    client.restrict_keyring(by_ring, "asymmetric", f"key_or_keyring:{trusted}")
+    client.unlink(root, "@s")
+    client.unlink(trusted, "@s")
+
+    assert client.describe(root).type == "asymmetric"  # alive: the restriction holds it
+    inter = add_cert(client, pki.inter, ring)
+    assert client.read(ring) == [inter]
+    inter = add_cert(client, pki.inter, by_ring)
+    assert client.read(by_ring) == [inter]
+    assert refused(lambda: add_cert(client, pki.stranger, ring)) is E.ENOKEY
+
+    client.unlink(ring, "@s")  # the restricted keyring dies, and with it the only hold on its anchor
+    assert refused(lambda: client.describe(root)) is E.ENOKEY
+    client.unlink(by_ring, "@s")
+    assert refused(lambda: client.describe(trusted)) is E.ENOKEY
+
+
+def test_an_anchor_stays_charged_while_held_and_a_collected_one_says_why(pki):
+    """In-process, with a clock: a held anchor stays charged to its owner until the restricted keyring
+    dies; one revoked (or expired) and collected refuses with its state, as the kernel's key_validate."""
+    from keyden.core import trust
+    from keyden.core.perm import Credentials
+    from keyden.core.store import RESTRICTION_FACTORIES, SESSION, Caller, KeyStore, StoreConfig
+
+    assert RESTRICTION_FACTORIES["asymmetric"] is trust.asymmetric_restriction  # importing trust registers it
+    now = [1_000_000.0]
+    store = KeyStore(StoreConfig(gc_delay=300.0), clock=lambda: now[0])
+    alice = Credentials(1000, 1000, frozenset({1000}))
+    _, token = store.join_session(Caller(alice))
+    caller = Caller(alice, process=(100, 1), session_token=token)
+    der = {name: getattr(pki, name).public_bytes(serialization.Encoding.DER) for name in ("root", "inter")}
+
+    def restricted(name: str, anchor: int) -> int:
+        ring = store.add(caller, "keyring", name, b"", SESSION)
+        store.restrict_keyring(caller, ring, "asymmetric", f"key_or_keyring:{anchor}")
+        return ring
+
+    root = store.add(caller, "asymmetric", "root", der["root"], SESSION)
+    ring = restricted("r", root)
+    charged = store.quota_usage(1000)[:2]
+    store.unlink(caller, root, SESSION)
+    assert store.quota_usage(1000)[:2] == (charged[0], charged[1] - 4)  # only the link's 4 bytes come back
+    store.unlink(caller, ring, SESSION)
+    assert store.quota_usage(1000)[0] == charged[0] - 2  # the ring and its anchor
+
+    for end, error in ((lambda k: store.revoke(caller, k), E.EKEYREVOKED),
+                       (lambda k: store.set_timeout(caller, k, 1), E.EKEYEXPIRED),
+                       (lambda k: store.invalidate(caller, k), E.ENOKEY)):
+        anchor = store.add(caller, "asymmetric", "root", der["root"], SESSION)
+        ring = restricted(f"r{error.__name__}", anchor)
+        end(anchor)
+        now[0] += 400
+        store.collect()
+        with pytest.raises(error):
+            store.add(caller, "asymmetric", "inter", der["inter"], ring)
+
+
 def test_restriction_strings_and_cycles(client):
     ring = client.newring("r", "@s")
     for text, error in (("key_or_keyring", E.EINVAL), ("key_or_keyring:", E.EINVAL),

@@ -134,7 +134,7 @@ class Key:
         self.dead = False
         self.links: dict[tuple[str, str], Key] | None = {} if ktype.is_keyring else None
         self.parents: set[Key] = set()
-        self.pins = 0  # references from outside any keyring: sessions, per-uid and process keyrings
+        self.pins = 0  # references from outside any keyring: sessions, per-uid and process keyrings, restrictions
         self.restriction: Restriction | None = None
         self.charged = charged
         self.ctime = ctime
@@ -193,7 +193,10 @@ class Restriction:
     ``check`` sees what a link would bring in, type and payload, and raises to
     refuse it; it runs for links, moves and add_key (even when add_key only
     updates a key already there).  ``key`` is the key or keyring the
-    restriction trusts, if any: restriction chains must not loop.
+    restriction trusts, if any: restriction chains must not loop.  The
+    restriction holds it (a pin, as the kernel's key_restriction holds a
+    reference) until the restricted keyring dies: unlinked everywhere, an
+    anchor still vouches for what it signed.
     """
 
     description = "unrestricted"
@@ -549,6 +552,10 @@ class KeyStore:
             self.journal.on_forget(key.serial)
         if key.links is not None:
             self._empty(key)
+            anchor = key.restriction.key if key.restriction is not None else None
+            if anchor is not None and not anchor.dead:  # the restriction lets go of what it trusted (its pin)
+                anchor.pins -= 1
+                self._maybe_destroy(anchor)
         if key.charged:
             self._charge(key.uid, -1, -key.cost, check=False)
         key.type.destroy(key.payload)
@@ -1566,6 +1573,8 @@ class KeyStore:
                 raise E.EOPNOTSUPP("a persistent keyring takes only the no-link restriction: "
                                    "type restrictions cannot be stored")
             ring.restriction = rule
+            if rule.key is not None:
+                rule.key.pins += 1  # held until the ring dies (_destroy_now), however it is unlinked
             self._journal(ring)
 
     @staticmethod

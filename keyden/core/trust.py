@@ -257,6 +257,8 @@ class SignedBy(Restriction):
         if not candidates and self.check_dest:
             candidates = X.signer_candidates(cert, [k.payload for k in _held(store, keyring, live)])
         if not candidates:
+            if trusted is not None and trusted.dead:  # invalidated, or revoked or expired and collected
+                raise trusted.state_error(store.clock()) or E.ENOKEY(f"trusted key {trusted.serial} is gone")
             raise E.ENOKEY("no trusted key is the certificate's issuer")
         for signer in candidates:
             if X.signed_by(cert, signer.public_key):
