@@ -385,6 +385,44 @@ def test_a_certificate_whose_two_signature_algorithms_differ_is_malformed(client
     assert add_cert(client, good, ring)  # the same certificate unaltered is admitted
 
 
+def _with_signature_algorithm(cert: x509.Certificate, algorithm: bytes) -> bytes:
+    """``cert`` with both its signatureAlgorithm fields (the TBS's and the outer one) replaced: no longer
+    validly signed, which is beside the point."""
+    tbs_der = cert.tbs_certificate_bytes
+    header = 2 + (tbs_der[1] & 0x7F if tbs_der[1] & 0x80 else 0)
+    ecdsa_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    assert tbs_der[header:].count(ecdsa_sha256) == 1
+    tbs = _der(0x30, tbs_der[header:].replace(ecdsa_sha256, algorithm))
+    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + cert.signature))
+
+
+RSASSA_PSS = "06092a864886f70d01010a"
+UNREADABLE_PSS = {  # pyca loads these, and raises ValueError only when the parameters are asked for
+    "no parameters": bytes.fromhex("300b" + RSASSA_PSS),
+    "an unknown mask generation function": _der(0x30, bytes.fromhex(RSASSA_PSS) + _der(0x30, _der(
+        0xA1, _der(0x30, bytes.fromhex("06092a864886f70d010109") + bytes.fromhex("300b0609608648016503040201")))))
+}
+
+
+@pytest.mark.parametrize("what", sorted(UNREADABLE_PSS))
+def test_a_certificate_whose_pss_parameters_pyca_cannot_read_is_malformed(client, pki, what):
+    """Added into a restricted keyring (the signature check) or anywhere once the blacklist held an entry
+    (its tbs: hash), such a certificate was EIO 'internal error' with a traceback; the same from a TLS
+    peer.  Now it is refused when added, and the checks that meet one elsewhere answer, not raise."""
+    issued = certificate("pss", ec_key(), ("Test Root", pki.root_key), eku=[SERVER], san=("example.com",))
+    crafted = _with_signature_algorithm(issued, UNREADABLE_PSS[what])
+    cert = x509.load_der_x509_certificate(crafted)  # pyca takes it...
+    with pytest.raises(ValueError):
+        cert.signature_algorithm_parameters  # ...and fails later
+    assert not X.signed_by(cert, pki.root_key.public_key())
+    assert X.tbs_hashes(cert)[0] == X.tbs_hash(cert)  # no ValueError: the SHA-256 form, and the kernel's if known
+    ring = client.newring("pss ring", "@s")
+    client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{add_cert(client, pki.root)}")
+    for keyring in (ring, "@s"):
+        with pytest.raises(E.EBADMSG, match="signature algorithm's parameters cannot be read"):
+            client.add("asymmetric", "", crafted, keyring)
+
+
 def test_rsa_keys_restricted_to_pss_are_refused_not_used_as_plain_rsa(client, tmp_path):
     """pyca loads an id-RSASSA-PSS key as plain RSA: keyden signed PKCS#1 v1.5 and decrypted with it,
     which openssl refuses for such a key.  The key, its public half and its certificate are refused."""

@@ -313,6 +313,20 @@ def _signature_fields_agree(der: bytes) -> bool:
     return outer[0] == inner[0] and der[outer[1]:outer[1] + outer[2]] == der[inner[1]:inner[1] + inner[2]]
 
 
+def _check_signature_algorithm(cert: x509.Certificate) -> None:
+    """pyca loads a certificate whose RSASSA-PSS parameters it cannot read (absent, or an unknown mask
+    generation function) and raises ValueError only when they are asked for: refused here, so nothing
+    that checks a signature or a blacklist entry later meets it.  An unknown algorithm is no error: such
+    a certificate is kept, and vouches for nothing."""
+    try:
+        cert.signature_algorithm_parameters
+        cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        pass
+    except ValueError:
+        raise E.EBADMSG("malformed certificate: its signature algorithm's parameters cannot be read") from None
+
+
 def _pem_body(block: bytes) -> bytes:
     """The DER inside a PEM block, for the checks made before pyca's loader sees it."""
     body = re.sub(rb"\s+", b"", b"".join(block.splitlines()[1:-1]))
@@ -339,6 +353,7 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> Parse
             if not _signature_fields_agree(cert.public_bytes(serialization.Encoding.DER)):
                 raise E.EBADMSG("malformed certificate: its signatureAlgorithm differs from the signature "
                                 "field inside what was signed")
+            _check_signature_algorithm(cert)
             if cert.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
                 raise E.EINVAL("unsupported key algorithm: a certificate for an RSA key restricted to "
                                "RSASSA-PSS (keyden could not enforce the restriction)")

@@ -51,7 +51,7 @@ def tbs_hashes(cert: x509.Certificate) -> list[bytes]:
     found = [tbs_hash(cert)]
     try:
         own = cert.signature_hash_algorithm
-    except UnsupportedAlgorithm:
+    except (UnsupportedAlgorithm, ValueError):  # ValueError: RSASSA-PSS parameters pyca cannot read
         own = None
     if own is not None and not isinstance(own, hashes.SHA256):
         try:
@@ -96,9 +96,9 @@ def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"")
 
 def signed_by(cert: x509.Certificate, public_key) -> bool:
     """Does ``public_key`` verify ``cert``'s signature, with the padding and hash the certificate names?"""
-    params = cert.signature_algorithm_parameters
     tbs, sig = cert.tbs_certificate_bytes, cert.signature
     try:
+        params = cert.signature_algorithm_parameters  # ValueError for RSASSA-PSS parameters pyca cannot read
         if isinstance(public_key, ed25519.Ed25519PublicKey):
             if params is not None:
                 return False
