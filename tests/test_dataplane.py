@@ -683,6 +683,26 @@ def test_streams_dropped_unfinished_do_not_fill_the_connection(client):
     assert client.hash("sha256").finalize(b"abc")[1] == hashlib.sha256(b"abc").digest()
 
 
+def test_shared_buffers_dropped_unclosed_do_not_fill_the_connection(client):
+    """Dropped without close(), each held one of the connection's 8 regions (and its size in the uid's
+    budget) until the connection ended: the 9th was EMFILE, and the aead helpers' large calls with it."""
+    aead = client.aead(client.generate("aes:256", "dropped:regions"))
+    for _ in range(20):
+        shm = client.shared_buffer(4096)
+        shm.view[:3] = b"abc"
+        del shm
+    with client.shared_buffer(4096) as shm:
+        shm.view[:3] = b"abc"
+    data = os.urandom(1 << 20)  # a large call: through one of the helpers' regions
+    nonce = aead.encrypt_random(data)[:12]
+    assert len(aead.encrypt(nonce, data)) == len(data) + 16
+    buffers = [client.shared_buffer(4096) for _ in range(7)]  # with the helpers' one: all 8, none lost
+    with pytest.raises(E.EMFILE):
+        client.shared_buffer(4096)
+    for shm in buffers:
+        shm.close()
+
+
 def test_a_forked_child_gets_its_own_connection(daemon, client):
     """The child inherited the parent's socket: both sent the same request ids on it and read each
     other's answers (the parent's read returned the child's secret)."""

@@ -13,6 +13,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections import deque
 from typing import Iterable, Sequence
 
 from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidTag
@@ -65,6 +66,7 @@ class SharedBuffer:
 
     def __init__(self, client, size: int):
         """Raises ENOMEM when the daemon's shared-memory budget (per uid, or in all) has no room for ``size``."""
+        _detach_abandoned(client)
         fd = os.memfd_create("keyden-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self.map = None
         try:
@@ -82,6 +84,10 @@ class SharedBuffer:
         self.generation = client.generation  # the connection it is attached over
         self.size = size
         self.view = memoryview(self.map)
+        # Dropped without close(), it would hold one of the connection's 8 regions, and its size in the uid's
+        # budget, until the connection ends: detached by the client's next attach (as streams: a finalizer
+        # must not send a request, which could run inside another on this thread).
+        self._dropped = weakref.finalize(self, client.abandoned_regions.append, (self.region, self.generation))
 
     def cipher(self, alg: str, key, in_offset: int, length: int, out_offset: int, *, iv=b"", aad=b"",
                decrypt: bool = False, random_nonce: bool = False) -> tuple[int, bytes]:
@@ -94,6 +100,7 @@ class SharedBuffer:
     def close(self) -> None:
         if self.map is None:
             return
+        self._dropped.detach()
         try:
             if not _stale(self.client, self.generation):  # else it went with its connection
                 self.client._call(Op.SHM_DETACH, self.region)
@@ -448,15 +455,25 @@ class Stream:
     __copy__ = __deepcopy__ = __reduce__ = _uncopyable_stream
 
 
-def take_abandoned(client) -> list[int]:
-    """The streams dropped unfinished on the client's connection, taken off its queue (the blocking and the
-    asyncio client abort them before a new stream opens, so they never fill the connection's 64)."""
+def take_abandoned(client, dropped: deque[tuple[int, int]] | None = None) -> list[int]:
+    """The streams (or the shared regions, from ``client.abandoned_regions``) dropped unfinished on the
+    client's connection, taken off their queue: the clients close them before they open a new one, so they
+    never fill the connection's 64 streams or 8 regions."""
+    dropped = client.abandoned_streams if dropped is None else dropped
     taken = []
-    while client.abandoned_streams:
-        handle, generation = client.abandoned_streams.popleft()
+    while dropped:
+        handle, generation = dropped.popleft()
         if not _stale(client, generation):  # else it went with its connection
             taken.append(handle)
     return taken
+
+
+def _detach_abandoned(client) -> None:
+    for region in take_abandoned(client, client.abandoned_regions):
+        try:
+            client._call(Op.SHM_DETACH, region)
+        except E.KeydenError:
+            pass
 
 
 def _abort_abandoned(client) -> None:

@@ -62,6 +62,7 @@ class Client(Operations):
         self._closed = False
         self.region_pool = RegionPool(self)  # the shared regions behind the aead helpers' large calls
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
+        self.abandoned_regions: deque[tuple[int, int]] = deque()  # (region, generation) of shared buffers dropped
         self._open()
         _CLIENTS.add(self)
 
@@ -77,6 +78,7 @@ class Client(Operations):
         self._decoder = W.FrameDecoder(1 << 31)
         self.region_pool = RegionPool(self)  # the parent's regions are its own (MAP_SHARED)
         self.abandoned_streams = deque()
+        self.abandoned_regions = deque()
         self.generation += 1
 
     # ------------------------------------------------------------ transport
