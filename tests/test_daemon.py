@@ -343,6 +343,21 @@ def test_call_many_reports_malformed_entries_per_call_without_their_values(clien
     assert isinstance(not_bytes, E.EINVAL) and "must be bytes-like" in not_bytes.message
 
 
+def test_text_that_utf8_cannot_encode_and_items_that_are_no_sequence_are_einval_without_their_value(client):
+    """A lone surrogate in a text payload raised UnicodeEncodeError (its .object the whole payload); a
+    batch's items given as None or a number, TypeError from list().  Both are bad arguments: EINVAL."""
+    secret = "hunter2-\udcff"
+    key = client.generate("ec:p256", "surrogates")
+    for call in (lambda: client.add("user", "surrogate", secret), lambda: client.pkey_sign(key, "", secret),
+                 lambda: client.import_key(secret, key)):
+        with pytest.raises(E.EINVAL, match="lone surrogate") as refused:
+            call()
+        assert "hunter2" not in str(refused.value) and refused.value.__cause__ is None
+    for items in (None, 5):
+        with pytest.raises(E.EINVAL, match="must be a sequence of bytes-like objects"):
+            client.batch("sha256", 0, items)
+
+
 def test_call_many_keeps_the_answers_it_read_before_the_connection_failed(client, monkeypatch):
     """Answers already read stand (the caller must not redo what succeeded); only calls still unanswered
     get the connection's error, and a call refused locally keeps its own error."""

@@ -31,7 +31,11 @@ def _bytes(data) -> bytes:
     if type(data) is bytes:
         return data
     if isinstance(data, str):
-        return data.encode()
+        try:
+            return data.encode()
+        except UnicodeEncodeError:  # a lone surrogate: Python's error would carry the whole text
+            raise E.EINVAL("text data must be valid Unicode: it holds a lone surrogate, which UTF-8 cannot "
+                           "encode (pass bytes for binary data)") from None
     return binary(data)
 
 
@@ -58,7 +62,12 @@ def binary(data, what: str = "data") -> bytes:
 def _binary_list(values, what: str = "items") -> list:
     """A batch's items as bytes or bytearrays (their length is their size): other buffers are copied,
     anything else (text, numbers) refused, as ``binary`` does."""
-    values = values if type(values) is list else list(values)
+    if type(values) is not list:
+        try:
+            values = list(values)
+        except TypeError:
+            raise NotBytes(f"{what} must be a sequence of bytes-like objects, not {type(values).__name__}") \
+                from None
     if not set(map(type, values)) <= _BYTES_TYPES:  # the usual case, checked at C speed
         return [binary(v, what) for v in values]
     return values
