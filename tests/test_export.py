@@ -121,9 +121,13 @@ def test_what_may_not_be_exported(client):
     with pytest.raises(E.EPERM):
         client.export(sealed, wrapping_key=wrap)
     ring = client.newring("holder", "@s")
+    unreadable = client.add("logon", "svc:first", os.urandom(32), ring)  # met before the sealed key
     client.link(sealed, ring)
-    with pytest.raises(E.EPERM):
-        client.export(ring, wrapping_key=wrap)  # one sealed key seals the whole tree
+    with pytest.raises(E.EPERM):  # one sealed key seals the whole tree, whatever unreadable keys come first
+        client.export(ring, wrapping_key=wrap)
+    client.unlink(sealed, ring)
+    with pytest.raises(E.EACCES, match=f"key {unreadable} "):
+        client.export(ring, wrapping_key=wrap)
     kept = client.genkey("ec:p256", "kept", "@s", no_export=True)
     with pytest.raises(E.EPERM):  # its default mask grants no read, but no mask would let it out: EPERM says so
         client.export(kept, wrapping_key=wrap)

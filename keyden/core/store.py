@@ -1821,16 +1821,32 @@ class KeyStore:
             out: list[Exported] = []
             links: list[tuple[int, int]] = []
 
-            def take(key: Key, depth: int) -> int:
-                if key.serial in index:
-                    return index[key.serial]
-                # What keeps a key in whatever its mask says (its state, NO_EXPORT) comes first for whoever
-                # may view the key, as its listing shows both; to others, only after the mask's refusal.
+            def refusal(key: Key) -> E.KeydenError | None:
+                """What keeps a key in whatever its mask says (its state, NO_EXPORT): told first to whoever
+                may view the key, as its listing shows both; to others, only after the mask's refusal."""
                 err = key.state_error(now)
                 if err is None and key.flags & NO_EXPORT:
                     err = E.EPERM(f"key {key.serial} is marked non-exportable")
                 if err is not None and self._permits(caller, key, possessed if key is top else None, P.VIEW):
                     raise err
+                return err
+
+            # First the whole tree, as far as the caller may read it, for a key that can never leave: an owner
+            # must not open every key with setperm only to learn that the export cannot happen.
+            seen, todo = set(), [(top, 0)]
+            while todo:
+                key, depth = todo.pop()
+                if key.serial not in seen:
+                    seen.add(key.serial)
+                    refusal(key)
+                    if key.links is not None and depth <= MAX_NESTING and self._permits(caller, key, possessed,
+                                                                                         P.READ):
+                        todo.extend((member, depth + 1) for member in key.links.values())
+
+            def take(key: Key, depth: int) -> int:
+                if key.serial in index:
+                    return index[key.serial]
+                err = refusal(key)
                 self._require(caller, key, possessed, P.READ)
                 if err is not None:
                     raise err
