@@ -145,7 +145,7 @@ def test_kdf_command(keyden, client):
     assert client.describe(serial).description == "app:child"
     assert_aes_key(client, serial, HKDF(hashes.SHA512(), 16, b"\xaa", b"\xbb").derive(master))
     fails(keyden("kdf", "-3", "@s"), 1,  # -3 is @s: a word, not an option
-          "keyden_kdf: Protocol not available (keys of type 'keyring' cannot key a cipher)\n")
+          "keyden_kdf: Protocol not available (keys of type 'keyring' cannot key a cipher, MAC or KDF (user and logon keys can))\n")
     assert keyden("kdf", str(key)).rc == 2
 
 
@@ -542,6 +542,9 @@ def test_o_writes_through_links_and_to_special_files(daemon, client, keyden, tmp
     assert ok(result) == "" and got == [expected] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert ok(keyden("aead", "encrypt", serial, "-o", os.devnull, stdin=b"through")) == ""
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    fails(keyden("aead", "encrypt", serial, "-o", "/proc/version", stdin=b"through"), 1,  # it exists: not ENOENT
+          "/proc/version: cannot write a new file beside it (written whole, then renamed into place): "
+          "No such file or directory\n")
     log = tmp_path / "log"
     log.write_bytes(b"earlier lines\n")
     command = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket, "aead", "encrypt",

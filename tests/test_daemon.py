@@ -588,6 +588,7 @@ def test_state_dir_in_a_named_config_file_applies(tmp_path):
     ("handshake_timeout = nan", "handshake_timeout must be a finite number"),
     ("quota = 5", "quota must be a table"),
     ("[quota]\nidle_timeout = 600", "unknown setting 'idle_timeout' in [quota]"),  # appended after [quota]
+    ('[quota]\nmaxkeys = "5"', "[quota] maxkeys must be an int, not str"),
 ])
 def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
     state = tmp_path / "state"

@@ -293,8 +293,14 @@ def test_stream_failures(client, aes):
     s.update(b"not a whole block")
     with pytest.raises(E.EINVAL):
         s.finalize()
-    with pytest.raises(E.EOPNOTSUPP):
+    with pytest.raises(E.EOPNOTSUPP, match=r"not rfc7539\(chacha20,poly1305\): encrypt in one call, in a batch"):
         client.stream(CHACHA, client.add("user", "chacha", os.urandom(32)), iv=nonce)
+    untagged = client.stream(GCM, serial, iv=nonce, decrypt=True)
+    untagged.update(sealed[:-16])
+    with pytest.raises(E.EINVAL, match="takes the tag to check"):
+        untagged.finalize()
+    with pytest.raises(E.EINVAL, match="a tag is given only to finish"):
+        client.stream(GCM, serial, iv=nonce).finalize(tag=bytes(16))
     with pytest.raises(E.EINVAL):
         client.stream("sha256", aad=b"no aad for hashes")
     with pytest.raises(E.EINVAL):

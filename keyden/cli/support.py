@@ -296,7 +296,12 @@ class Output:
                     for signum, handler in self._signals:
                         if handler is signal.SIG_DFL:
                             signal.signal(signum, _terminated)
-                self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".keyden-")
+                try:
+                    self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".keyden-")
+                except OSError as exc:  # the target exists: say what failed, not that it is missing
+                    self._cleanup()
+                    raise failure(f"{path}: cannot write a new file beside it (written whole, then renamed "
+                                  "into place)", exc) from None
             self._own_fd = True
         except OSError as exc:
             self._cleanup()

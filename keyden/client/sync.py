@@ -131,6 +131,9 @@ class Client(Operations):
         try:
             sent = self._write_first(data, fds)
         except OSError as exc:
+            if not self.reconnect and self._sock.fileno() == -1:  # else: EBADF, in our own words
+                raise E.ECONNRESET("the connection to keyden was lost earlier, and this client does not "
+                                   "reconnect (reconnect=False): make a new one") from None
             if not self.reconnect or not self._gone(exc):
                 raise
             self._sock.close()
@@ -417,8 +420,8 @@ class Client(Operations):
         return Stream(self, alg, self._resolve((Ref(key),))[0] if key else 0, **kw)
 
     # TLS with keys that stay in keyden (docs/tls.md): (plaintext socket, TlsInfo)
-    tls_accept = tls.accept
-    tls_connect = tls.connect
+    tls_accept = tls.tls_accept
+    tls_connect = tls.tls_connect
 
     def shared_buffer(self, size: int) -> SharedBuffer:
         """A memory region shared with the daemon for bulk operations (see SharedBuffer.cipher)."""

@@ -45,7 +45,7 @@ class TlsInfo:
         return x509.load_der_x509_certificate(self.peer_certificate) if self.peer_certificate else None
 
 
-def accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: bool = False,
+def tls_accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: bool = False,
            alpn: list[str] | None = None, min_version: str = "1.2",
            handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> tuple[socket.socket, TlsInfo]:
     """Serve TLS on the connected ``sock`` with a certificate and key from ``keyring`` (chosen by SNI).
@@ -70,7 +70,7 @@ def start_accept(client, sock, keyring="@s", *, client_trust=0, require_client_c
     return _hand_over(client, Op.TLS_ACCEPT, args, sock)
 
 
-def connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: list[str] | None = None,
+def tls_connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: list[str] | None = None,
             min_version: str = "1.2", handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
             ) -> tuple[socket.socket, TlsInfo]:
     """Speak TLS to the server at the other end of ``sock``, checking its certificate for ``server_hostname``.

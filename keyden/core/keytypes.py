@@ -80,7 +80,7 @@ class KeyType:
 
     def symmetric_material(self, payload: Any) -> bytes:
         """Raw bytes for in-daemon algorithms keyed by serial (AF_ALG's ALG_SET_KEY_BY_KEY_SERIAL)."""
-        raise E.ENOPROTOOPT(f"keys of type {self.name!r} cannot key a cipher")
+        raise E.ENOPROTOOPT(f"keys of type {self.name!r} cannot key a cipher, MAC or KDF (user and logon keys can)")
 
 
 class UserType(KeyType):

@@ -379,7 +379,8 @@ def aead_stream(name: str, key, nonce, aad=b"", decrypt: bool = False, tag=None)
     """Streaming AEAD; gcm(aes) only (pyca has no streaming ChaCha20-Poly1305, and GCM-SIV is two-pass)."""
     alg = spec(name, "aead")
     if alg.name != "gcm(aes)":
-        raise E.EOPNOTSUPP("streaming is offered for gcm(aes) only; use one-shot or chunked")
+        raise E.EOPNOTSUPP(f"streaming is offered for gcm(aes) only, not {alg.name}: encrypt in one call, in a "
+                           "batch of pieces (each its own nonce), or through a shared buffer")
     key, nonce, aad = _key(alg, key), _nonce(alg, nonce), _buffer(aad, "aad")
     if tag is not None:
         if not decrypt:

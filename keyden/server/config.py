@@ -189,8 +189,8 @@ def _apply(target, values: dict, path, skip=(), table: str = "") -> None:
         if name not in known:
             where = f" in [{table}] (the daemon's own settings go above the first [table])" if table else ""
             raise E.EINVAL(f"{path}: unknown setting {name!r}{where}")
-        setattr(target, name, _in_range(name, _typed(value, type(getattr(target, name)), f"{path}: {name}"),
-                                        f"{path}: {name}"))
+        what = f"{path}: [{table}] {name}" if table else f"{path}: {name}"
+        setattr(target, name, _in_range(name, _typed(value, type(getattr(target, name)), what), what))
 
 
 #: settings with a floor above zero (every number must be finite and at least 0, and at most its ceiling).

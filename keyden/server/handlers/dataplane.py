@@ -279,7 +279,9 @@ def _stream_final(ctx, handle, data, tag):
     kind, decrypt, stream, _key = _stream(ctx, handle)
     if bool(tag) != (decrypt and kind in ("aead", "hmac")):
         del ctx.streams[handle]
-        raise E.EINVAL("a tag is given to finish AEAD decryption or HMAC verification, and only then")
+        raise E.EINVAL("finishing AEAD decryption or HMAC verification takes the tag to check"
+                       if decrypt and kind in ("aead", "hmac") else
+                       "a tag is given only to finish AEAD decryption or HMAC verification")
     spec = symmetric.spec(stream.name)
     tag_size = 0 if decrypt else spec.tag_size if kind == "aead" else spec.digest_size
     _reply_room(ctx, stream, kind, data, 4 + tag_size)
