@@ -1091,6 +1091,35 @@ def test_a_non_exportable_key_is_eperm_only_to_whoever_may_view_it(store, alice)
         store.export_tree(alice, shown)
 
 
+def test_a_non_exportable_key_is_found_first_however_the_tree_reaches_it(store, alice, clock):
+    """EPERM comes first for a non-exportable key anywhere the caller may read, even where the walk first
+    meets its keyring at the depth limit (it is looked into from the least depth it is met at), and never
+    from inside a keyring that may not be used (an expired one's members stay untold)."""
+    top = newring(store, alice, "top")
+    near = newring(store, alice, "near", top)  # filed first, walked last
+    far = newring(store, alice, "far", top)
+    shared = newring(store, alice, "shared", near)
+    store.add(alice, "logon", "svc:unreadable", b"x" * 32, shared)  # met before the sealed key: EACCES
+    add_user(store, alice, "sealed", ring=shared, flags=store_module.NO_EXPORT)
+    ring = far
+    for depth in range(2, 7):  # top 0, far 1, chain 2..6: shared is met 7 deep on this side
+        ring = newring(store, alice, f"chain{depth}", ring)
+    store.link(alice, shared, ring)
+    with pytest.raises(E.EPERM):
+        store.export_tree(alice, top)
+
+    expired = newring(store, alice, "expired")
+    inner = newring(store, alice, "inner", expired)
+    add_user(store, alice, "sealed", ring=inner, flags=store_module.NO_EXPORT)
+    outer = newring(store, alice, "outer")
+    store.link(alice, expired, outer)
+    store.set_timeout(alice, expired, 10)
+    store.setperm(alice, expired, 0x0A000000)  # its possessor may read and search it, not view it
+    clock.advance(11)
+    with pytest.raises(E.EKEYEXPIRED):  # the expired keyring's own state, told after the read check
+        store.export_tree(alice, outer)
+
+
 def test_an_empty_asymmetric_key_id_matches_nothing_it_is_einval(store, alice):
     """asymmetric_key_hex_to_key_id refuses an empty id; "id:" matched every key (a suffix of any id)."""
     for wanted in ("id:", "ex:"):

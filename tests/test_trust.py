@@ -226,9 +226,9 @@ def test_an_anchor_unlinked_everywhere_still_vouches_until_its_restricted_keyrin
     assert refused(lambda: client.describe(trusted)) is E.ENOKEY
 
 
-def test_an_anchor_stays_charged_while_held_and_a_collected_one_says_why(pki):
-    """In-process, with a clock: a held anchor stays charged to its owner until the restricted keyring
-    dies; one revoked (or expired) and collected refuses with its state, as the kernel's key_validate."""
+@pytest.fixture
+def held(pki):
+    """An in-process store with a clock, alice in a session of her own, and the PKI's certificates as DER."""
     from keyden.core import trust
     from keyden.core.perm import Credentials
     from keyden.core.store import RESTRICTION_FACTORIES, SESSION, Caller, KeyStore, StoreConfig
@@ -236,34 +236,101 @@ def test_an_anchor_stays_charged_while_held_and_a_collected_one_says_why(pki):
     assert RESTRICTION_FACTORIES["asymmetric"] is trust.asymmetric_restriction  # importing trust registers it
     now = [1_000_000.0]
     store = KeyStore(StoreConfig(gc_delay=300.0), clock=lambda: now[0])
-    alice = Credentials(1000, 1000, frozenset({1000}))
-    _, token = store.join_session(Caller(alice))
-    caller = Caller(alice, process=(100, 1), session_token=token)
-    der = {name: getattr(pki, name).public_bytes(serialization.Encoding.DER) for name in ("root", "inter")}
 
-    def restricted(name: str, anchor: int) -> int:
+    def session(uid: int):
+        cred = Credentials(uid, uid, frozenset({uid}))
+        _, token = store.join_session(Caller(cred))
+        return Caller(cred, process=(uid, 1), session_token=token), token
+
+    alice, token = session(1000)
+    der = {name: getattr(pki, name).public_bytes(serialization.Encoding.DER)
+           for name in ("root", "inter", "stranger")}
+
+    def restricted(name: str, anchor: int, caller=alice) -> int:
         ring = store.add(caller, "keyring", name, b"", SESSION)
         store.restrict_keyring(caller, ring, "asymmetric", f"key_or_keyring:{anchor}")
         return ring
 
-    root = store.add(caller, "asymmetric", "root", der["root"], SESSION)
-    ring = restricted("r", root)
+    def later(seconds: float) -> None:
+        now[0] += seconds
+
+    return SimpleNamespace(store=store, alice=alice, token=token, session=session, der=der, S=SESSION,
+                           restricted=restricted, later=later)
+
+
+def test_an_anchor_stays_charged_while_held(held):
+    store, alice, S = held.store, held.alice, held.S
+    root = store.add(alice, "asymmetric", "root", held.der["root"], S)
+    ring = held.restricted("r", root)
     charged = store.quota_usage(1000)[:2]
-    store.unlink(caller, root, SESSION)
+    store.unlink(alice, root, S)
     assert store.quota_usage(1000)[:2] == (charged[0], charged[1] - 4)  # only the link's 4 bytes come back
-    store.unlink(caller, ring, SESSION)
+    store.unlink(alice, ring, S)
     assert store.quota_usage(1000)[0] == charged[0] - 2  # the ring and its anchor
 
-    for end, error in ((lambda k: store.revoke(caller, k), E.EKEYREVOKED),
-                       (lambda k: store.set_timeout(caller, k, 1), E.EKEYEXPIRED),
-                       (lambda k: store.invalidate(caller, k), E.ENOKEY)):
-        anchor = store.add(caller, "asymmetric", "root", der["root"], SESSION)
-        ring = restricted(f"r{error.__name__}", anchor)
-        end(anchor)
-        now[0] += 400
-        store.collect()
+
+@pytest.mark.parametrize("end, error", [("revoke", E.EKEYREVOKED), ("set_timeout", E.EKEYEXPIRED),
+                                        ("invalidate", E.ENOKEY)])
+def test_a_dead_trusted_key_refuses_what_it_issued_with_its_state_and_the_rest_as_unknown(held, end, error):
+    """As the kernel's restrict_link_by_key_or_keyring: key_validate only on a signer found; before the
+    garbage collector has been past and after.  A dead trusted keyring vouches for nothing: ENOKEY."""
+    store, alice, S = held.store, held.alice, held.S
+    anchor = store.add(alice, "asymmetric", "root", held.der["root"], S)
+    ring = held.restricted("by key", anchor)
+    trusted = store.add(alice, "keyring", "trusted", b"", S)
+    store.add(alice, "asymmetric", "root", held.der["root"], trusted)
+    by_ring = held.restricted("by keyring", trusted)
+    for target in (anchor, trusted):
+        getattr(store, end)(alice, target, *((1,) if end == "set_timeout" else ()))
+    held.later(2)
+    for collected in (False, True):
+        if collected:
+            held.later(400)
+            store.collect()
         with pytest.raises(error):
-            store.add(caller, "asymmetric", "inter", der["inter"], ring)
+            store.add(alice, "asymmetric", "inter", held.der["inter"], ring)
+        for stranger_into in (ring, by_ring):
+            with pytest.raises(E.ENOKEY, match="no trusted key is the certificate's issuer"):
+                store.add(alice, "asymmetric", "stranger", held.der["stranger"], stranger_into)
+        with pytest.raises(E.ENOKEY, match="no trusted key is the certificate's issuer"):
+            store.add(alice, "asymmetric", "inter", held.der["inter"], by_ring)
+
+
+def test_a_restriction_may_not_hold_what_holds_it(held):
+    """A restriction holds its anchor; an anchor that held the restricted keyring (at any depth, through
+    links or other restrictions) would make a loop of holds nothing could ever free: a whole session,
+    secrets included, alive and charged until the daemon stopped.  Refused both ways: EDEADLK."""
+    store, alice, S = held.store, held.alice, held.S
+    session = store.resolve(alice, S)
+    ring = store.add(alice, "keyring", "r", b"", S)
+    store.add(alice, "user", "secret", b"x" * 100, ring)
+    with pytest.raises(E.EDEADLK):
+        store.restrict_keyring(alice, ring, "asymmetric", f"key_or_keyring:{session}")
+    outer = store.add(alice, "keyring", "outer", b"", S)
+    inner = store.add(alice, "keyring", "inner", b"", outer)
+    held.restricted("chained", outer)  # trusts outer, and is linked beside it: no loop
+    with pytest.raises(E.EDEADLK):
+        store.restrict_keyring(alice, inner, "asymmetric", f"key_or_keyring:{outer}")
+    loose = held.restricted("loose", outer)
+    with pytest.raises(E.EDEADLK):
+        store.link(alice, loose, inner)  # below its own anchor
+    second = held.restricted("second", loose)  # restriction upon restriction: second -> loose -> outer
+    with pytest.raises(E.EDEADLK):
+        store.link(alice, second, outer)
+    store.leave_session(alice, held.token)
+    store.collect()
+    assert store.quota_usage(1000)[:2] == (0, 0)  # nothing held for good
+
+
+def test_a_restriction_holds_only_a_key_its_maker_may_find(held):
+    """The kernel's key_lookup asks no permission, but a restriction keeps its anchor alive, charged to
+    its owner: another uid could otherwise keep a key alive that its owner had unlinked and could no longer
+    revoke."""
+    store, alice, S = held.store, held.alice, held.S
+    secret = store.add(alice, "user", "alice secret", b"x" * 1000, S)
+    bob, _ = held.session(1001)
+    with pytest.raises(E.EACCES):
+        held.restricted("bob's", secret, caller=bob)
 
 
 def test_restriction_strings_and_cycles(client):

@@ -404,10 +404,16 @@ def _check_new_key(ktype: T.KeyType, perm: int | None, flags: int, timeout: int)
 
 
 def _holds(ring: Key, target: Key) -> bool:
-    """Is ``target`` linked anywhere below keyring ``ring``, however deep, whatever the states?"""
+    """Does keyring ``ring`` hold ``target``, however indirectly, whatever the states: linked anywhere below
+    it, or trusted by the restriction of a keyring below it (a restriction holds its anchor)?  A loop of
+    such holds would keep every key in it alive, unreachable, for good: links and restrictions refuse one."""
     todo, seen = [ring], {ring.serial}
     while todo:
-        for member in todo.pop().links.values():
+        current = todo.pop()
+        held = list(current.links.values())
+        if current.restriction is not None and current.restriction.key is not None:
+            held.append(current.restriction.key)
+        for member in held:
             if member is target:
                 return True
             if member.links is not None and member.serial not in seen:
@@ -666,8 +672,9 @@ class KeyStore:
         """keyring_detect_cycle: would filing keyring ``key`` in ``ring`` make a loop, or nest too deep?
 
         Searches down from ``key`` for ``ring``, however deep, ignoring
-        permissions and states: EDEADLK if found (linking a keyring into
-        itself included); else, unless ``any_depth``, ELOOP if ``key`` holds
+        permissions and states, through links and the anchors of restrictions
+        (``_holds``): EDEADLK if found (linking a keyring into itself
+        included); else, unless ``any_depth``, ELOOP if ``key`` holds
         keyrings more than MAX_NESTING levels below it.  (The kernel reports
         whichever its walk meets first.)
         """
@@ -1567,8 +1574,10 @@ class KeyStore:
                 rule = factory(self, caller, restriction)
             if ring.restriction is not None:
                 raise E.EEXIST(f"keyring {ring.serial} is already restricted")
-            if self._restriction_loops(ring, rule):
-                raise E.EDEADLK("restriction would trust the keyring it restricts")
+            anchor = rule.key
+            if anchor is ring or anchor is not None and anchor.links is not None and _holds(anchor, ring):
+                raise E.EDEADLK("the restriction would trust the keyring it restricts, or a keyring holding it "
+                                "(a loop of holds that nothing could ever free)")
             if ring.persisted and not isinstance(rule, DenyAll):
                 raise E.EOPNOTSUPP("a persistent keyring takes only the no-link restriction: "
                                    "type restrictions cannot be stored")
@@ -1576,15 +1585,6 @@ class KeyStore:
             if rule.key is not None:
                 rule.key.pins += 1  # held until the ring dies (_destroy_now), however it is unlinked
             self._journal(ring)
-
-    @staticmethod
-    def _restriction_loops(ring: Key, rule: Restriction | None) -> bool:
-        """keyring_detect_restriction_cycle: follow the keyrings each restriction trusts."""
-        while rule is not None and rule.key is not None and rule.key.links is not None:
-            if rule.key is ring:
-                return True
-            rule = rule.key.restriction
-        return False
 
     # -------------------------------------------------------------- sessions
 
@@ -1833,15 +1833,17 @@ class KeyStore:
 
             # First the whole tree, as far as the caller may read it, for a key that can never leave: an owner
             # must not open every key with setperm only to learn that the export cannot happen.
-            seen, todo = set(), [(top, 0)]
+            # (Into keyrings the caller may read and that may be used, each from the least depth it is met at.)
+            shallowest: dict[int, int] = {}
+            todo = [(top, 0)]
             while todo:
                 key, depth = todo.pop()
-                if key.serial not in seen:
-                    seen.add(key.serial)
-                    refusal(key)
-                    if key.links is not None and depth <= MAX_NESTING and self._permits(caller, key, possessed,
-                                                                                         P.READ):
-                        todo.extend((member, depth + 1) for member in key.links.values())
+                if shallowest.get(key.serial, MAX_NESTING + 2) <= depth:
+                    continue
+                shallowest[key.serial] = depth
+                if refusal(key) is None and key.links is not None and depth <= MAX_NESTING \
+                        and self._permits(caller, key, possessed, P.READ):
+                    todo.extend((member, depth + 1) for member in key.links.values())
 
             def take(key: Key, depth: int) -> int:
                 if key.serial in index:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -230,6 +231,11 @@ class SignedBy(Restriction):
         self.key = key
         self.system = system
         self.check_dest = check_dest
+        # What names a trusted key as an issuer (public), kept for after its payload is wiped: a certificate
+        # it issued then meets its state (EKEYREVOKED...), as the kernel's key_validate; others, ENOKEY.
+        self._names = None
+        if key is not None and key.type is ASYMMETRIC:
+            self._names = types.SimpleNamespace(key_ids=key.payload.key_ids, certificate=key.payload.certificate)
 
     def _trusted(self, store: KeyStore) -> Key | None:
         if not self.system:
@@ -246,19 +252,18 @@ class SignedBy(Restriction):
         live = _live(store)
         trusted = self._trusted(store)
         candidates = []
-        if trusted is not None and not trusted.dead:
-            if trusted.links is not None:
+        if trusted is not None and trusted.links is not None:  # a keyring: what it holds (nothing once gone)
+            if not trusted.dead:
                 candidates = X.signer_candidates(cert, [k.payload for k in _held(store, trusted, live)])
-            elif trusted.type is ASYMMETRIC:
-                candidates = X.signer_candidates(cert, [trusted.payload])
+        elif trusted is not None and self._names is not None:  # a key: is it the issuer?  Then its state counts
+            if X.signer_candidates(cert, [self._names]):
                 unusable = trusted.state_error(store.clock())
-                if candidates and unusable is not None:  # key_validate on the signer found
-                    raise unusable
+                if unusable is not None or trusted.dead:  # key_validate on the signer found
+                    raise unusable or E.ENOKEY(f"trusted key {trusted.serial} is gone")
+                candidates = [trusted.payload]
         if not candidates and self.check_dest:
             candidates = X.signer_candidates(cert, [k.payload for k in _held(store, keyring, live)])
         if not candidates:
-            if trusted is not None and trusted.dead:  # invalidated, or revoked or expired and collected
-                raise trusted.state_error(store.clock()) or E.ENOKEY(f"trusted key {trusted.serial} is gone")
             raise E.ENOKEY("no trusted key is the certificate's issuer")
         for signer in candidates:
             if X.signed_by(cert, signer.public_key):
@@ -298,7 +303,9 @@ def asymmetric_restriction(store: KeyStore, caller: Caller, text: str) -> Restri
         return SignedBy(text, check_dest=True)
     if serial <= 0:
         raise E.ENOKEY(f"no key with serial {serial}")
-    return SignedBy(text, key=store.use(caller, serial, 0), check_dest=bool(colon))
+    # Search permission, which the kernel's key_lookup does not ask: the restriction holds the key (keeps it
+    # alive, charged to its owner), which no one should do to a key they may not even find.
+    return SignedBy(text, key=store.use(caller, serial, P.SEARCH), check_dest=bool(colon))
 
 
 RESTRICTION_FACTORIES[ASYMMETRIC.name] = asymmetric_restriction
