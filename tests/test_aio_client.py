@@ -627,6 +627,7 @@ def test_a_request_whose_write_finds_the_daemon_gone_goes_out_on_a_new_connectio
         assert loop.run_until_complete(read()) == (b"kept", 1)
         client.close()
     finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())  # as asyncio.run ends a loop: its last callbacks run
         loop.close()
 
 
@@ -645,10 +646,17 @@ def test_a_client_outlives_the_event_loop_it_was_opened_in(daemon, client):
         aead = await c.aead(serial)
         sealed = await asyncio.gather(*(aead.encrypt(bytes(12), big, None) for _ in range(6)))
         return await c.read(key), len(set(sealed)), c.generation
-    assert asyncio.run(asyncio.wait_for(later(), 30)) == (b"kept", 1, 1)
-    assert asyncio.run(asyncio.wait_for(later(), 30)) == (b"kept", 1, 2)
-    c.close()
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert asyncio.run(asyncio.wait_for(later(), 30)) == (b"kept", 1, 1)
+        assert asyncio.run(asyncio.wait_for(later(), 30)) == (b"kept", 1, 2)
+        c.close()
+        gc.collect()  # each loop's transport was closed as its loop ended, not left to the collector
     assert c.closed
+    assert not [w for w in caught if "unclosed transport" in str(w.message)]
 
 
 def test_a_client_whose_loop_runs_in_another_thread_is_ebusy_elsewhere(daemon, client):
@@ -707,3 +715,108 @@ def test_a_forked_child_gets_its_own_async_connection(daemon, client):
             assert child.read() == b"CHILD" * 20 + b"!" and status == 0
         assert got == [b"PARENT"] * 20 and seen_pid == os.getpid()
     c.close()
+
+
+def _sockets_open() -> int:
+    """Socket descriptors this process holds."""
+    import os
+    import stat as st
+
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += st.S_ISSOCK(os.stat(f"/proc/self/fd/{fd}").st_mode)
+        except OSError:
+            pass
+    return count
+
+
+def test_a_reconnect_whose_only_waiter_was_cancelled_opens_one_connection(fresh_daemon):
+    """The request that began a reconnect was cancelled while the new connection opened: the gate opened
+    with it, the next request opened a second connection, and the first stayed open, tracked by nothing
+    (or its HELLO was answered on a connection no longer current, and a caller waited for good)."""
+    d = fresh_daemon("idle_timeout = 0.5\n")
+
+    async def scenario():
+        c = await aio.connect(d.socket)
+        await c.ping(b"")
+        before = _sockets_open()
+        await asyncio.sleep(1.0)  # the daemon closes the idle connection
+        first = asyncio.ensure_future(c.ping(b"lost"))
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.sleep(0)
+        answer = await asyncio.wait_for(c.ping(b"next"), 10)
+        await asyncio.sleep(0.2)
+        opened = _sockets_open()
+        c.close()
+        return answer, c.generation, before, opened, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    answer, generation, before, opened, left = asyncio.run(scenario())
+    assert answer == b"next" and generation == 1 and opened == before and not left
+
+
+def test_a_cancelled_stream_update_ends_the_stream(arun):
+    """Cancelled after it was sent, the piece was taken all the same, and the stream went on: a caller
+    who sent it again hashed it twice (and a gcm(aes) stream sealed a ciphertext part of which the caller
+    never saw).  The stream now ends: StreamFinished (EBADF), and it is closed in keyden too."""
+    from keyden.client.dataplane import StreamFinished
+
+    async def scenario(c):
+        h = await c.hash("sha256")
+        task = asyncio.ensure_future(h.update(b"secret-part-1"))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(StreamFinished):
+            await h.update(b"secret-part-1")
+        with pytest.raises(E.EBADF):
+            await h.finalize(b"2")
+        await asyncio.sleep(0.1)
+        streams = [await c.hash("sha256") for _ in range(64)]  # its slot in keyden was given back
+        for s in streams:
+            await s.abort()
+        return True
+
+    assert arun(scenario)
+
+
+def test_closing_a_client_whose_loop_has_stopped_closes_its_socket(daemon):
+    """close() only asked the stopped loop to close the transport: the daemon kept the connection until
+    the garbage collector came by."""
+    loop = asyncio.new_event_loop()
+    try:
+        c = loop.run_until_complete(aio.connect(daemon.socket))
+        sock = c._sock
+        c.close()
+        assert sock.fileno() == -1 and c.closed
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def test_a_large_call_keeps_a_few_pieces_on_the_wire_not_all(arun, client):
+    """Every piece of a large call went on the transport at once: 200 MiB of data took 200 MiB more in
+    its buffer, and building them held the loop long enough for the daemon's idle timeout."""
+    serial = client.genkey("aes:256", "aio:window", "@s")
+
+    async def scenario(c):
+        aead = await c.aead(serial)
+        most = 0
+        done = False
+
+        async def watch():
+            nonlocal most
+            while not done:
+                if c._transport is not None:
+                    most = max(most, c._transport.get_write_buffer_size())
+                await asyncio.sleep(0)
+        watcher = asyncio.ensure_future(watch())
+        sealed = await aead.encrypt(bytes(12), bytes(48 << 20))
+        done = True
+        await watcher
+        return most, len(sealed)
+
+    most, size = arun(scenario)
+    assert size == (48 << 20) + 16 and most <= 8 << 20

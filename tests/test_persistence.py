@@ -1691,6 +1691,8 @@ def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent
         def full_disk(*args, **kw):
             raise OSError(28, "No space left on device")
         server.journal.db.write = full_disk
+        with keyden.connect(cfg.socket) as reader:  # linking the keyring where its owner reaches it writes nothing
+            assert reader.get_persistent("@s") == ring
         with pytest.raises(E.ENOSPC, match="made but not on disk yet"):
             a.add("user", "kd:persisted", b"x", ring)
         assert a.read(a.search(ring, "user", "kd:persisted")) == b"x"  # as the error says: made

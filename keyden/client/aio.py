@@ -116,6 +116,7 @@ class AsyncClient(Operations):
         self.max_frame = W.DEFAULT_MAX_FRAME
         self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # large aead/hmac calls at once (aio_dataplane)
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
+        self._guard = None  # see _guard_loop
         _CLIENTS.add(self)
 
     @classmethod
@@ -146,6 +147,7 @@ class AsyncClient(Operations):
             transport.close()
             raise E.ECONNRESET("the client is closed")
         self._transport, self._sock, self._lost = transport, sock, None
+        self._guard_loop(loop)
         try:
             self.version, self.max_frame, self.uid, self.gid, self.pid = await self._write(Op.HELLO, self._hello)
         except BaseException:
@@ -159,6 +161,7 @@ class AsyncClient(Operations):
         stays shut until every request that waited is written, so none is overtaken by a later one."""
         if self._reopening is None:
             self._reopening = asyncio.ensure_future(self._open(reconnecting=True))
+            self._reopening.add_done_callback(self._reopened)
         reopening = self._reopening
         self._waiting += 1
         try:
@@ -171,9 +174,22 @@ class AsyncClient(Operations):
             future = self._write(op, args)
         finally:
             self._waiting -= 1
-            if not self._waiting and self._reopening is reopening:
-                self._reopening = None
+            self._open_gate(reopening)
         return await future
+
+    def _reopened(self, reopening: asyncio.Future) -> None:
+        """The new connection is open, or failed: its outcome is taken here (never 'never retrieved'), and
+        the gate opens if no request waits any more (all of them cancelled meanwhile)."""
+        if not reopening.cancelled():
+            reopening.exception()
+        self._open_gate(reopening)
+
+    def _open_gate(self, reopening: asyncio.Future) -> None:
+        """Let requests be written directly again: once the new connection is open (or failed) and every
+        request that waited for it is written.  Not before it is open, even if every waiter was cancelled:
+        the next request would open a second connection, and the first would be left open."""
+        if not self._waiting and reopening.done() and self._reopening is reopening:
+            self._reopening = None
 
     # ------------------------------------------------------------ transport
 
@@ -216,6 +232,27 @@ class AsyncClient(Operations):
             return asyncio.ensure_future(self._reopen_then_send(op, args))
         return future
 
+    def _guard_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the connection while its loop can still do it: an async generator the loop knows, which
+        ``asyncio.run`` (``shutdown_asyncgens``) closes before it closes the loop.  A transport left to a
+        closed loop could never be closed by it ('unclosed transport' at garbage collection); the next
+        request, on another loop, connects anew."""
+        self._end_guard()
+        armed = [self._transport]
+        guard = _closed_with_loop(weakref.ref(self), armed)
+        try:
+            guard.asend(None).send(None)  # first iteration: the running loop's hooks register it
+        except StopIteration:
+            pass
+        self._guard = weakref.finalize(self, _disarm, armed, guard)  # and when the client goes first
+
+    def _end_guard(self) -> None:
+        """Disarm and finish the current guard here and now (it has nothing to await): neither the loop
+        nor the garbage collector is asked to later, when the loop may be gone, or the parent's (fork)."""
+        if self._guard is not None:
+            self._guard()
+            self._guard = None
+
     def _move_to_running_loop(self) -> None:
         """A request from another loop than the connection's: EBUSY if that loop still runs (in another
         thread); if it has stopped, its connection can never be served again, so it is dropped and the
@@ -241,6 +278,7 @@ class AsyncClient(Operations):
         there belong to that loop and are abandoned; the next request connects on the running loop.  The
         socket is closed now, not whenever the old loop or the garbage collector gets to it (in a forked
         child, only the child's descriptor closes: the parent's connection goes on)."""
+        self._end_guard()
         if self._sock is not None:
             self._sock.close()
         self._transport, self._sock, self._loop, self._lost = None, None, None, error
@@ -274,7 +312,8 @@ class AsyncClient(Operations):
             if not future.done():
                 future.set_exception(self._lost_error())
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()  # not close(): requests still buffered would be sent to no one, for as long
+            #                          as the daemon took to read them (the loop may be gone by then)
 
     def _lost_error(self) -> E.KeydenError:
         """A fresh exception per failed request, so tracebacks do not pile up on one object."""
@@ -359,8 +398,11 @@ class AsyncClient(Operations):
         """Close now; requests still in flight fail with ECONNRESET.  Done when it returns, and may be
         awaited too (``await c.close()``, as other asyncio clients are closed)."""
         self._closed = True
-        if self._loop is not None and self._loop.is_closed():  # its transport can no longer be closed by it
+        if self._loop is not None and not self._loop.is_running():  # a stopped loop would never close it
+            if self._transport is not None and not self._loop.is_closed():
+                self._transport.abort()  # unregistered from the loop's selector now; the socket closes here
             self._forget_connection(E.ECONNRESET("connection closed by the client"))
+        self._end_guard()
         self._lose(E.ECONNRESET("connection closed by the client"))
         self._lost = E.ECONNRESET("the client is closed")  # whatever the connection died of before
         return _CLOSED
@@ -373,6 +415,26 @@ class AsyncClient(Operations):
 
     def __reduce__(self):
         raise TypeError("a keyden client connection cannot be pickled")
+
+
+async def _closed_with_loop(client_ref: "weakref.ref[AsyncClient]", armed: list):
+    """See ``AsyncClient._guard_loop``: closed by the loop's shutdown while armed, it closes the connection
+    it guards if that is still the client's."""
+    try:
+        yield
+    finally:
+        client, transport = client_ref(), armed[0]
+        if client is not None and transport is not None and client._transport is transport \
+                and not transport.is_closing():
+            client._lose(E.ECONNRESET("the event loop this client's connection was opened in has stopped"))
+
+
+def _disarm(armed: list, guard) -> None:
+    armed[0] = None
+    try:
+        guard.aclose().send(None)
+    except (StopIteration, RuntimeError):
+        pass
 
 
 class _Closed:

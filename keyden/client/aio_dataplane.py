@@ -2,9 +2,9 @@
 
 ``await c.aead(serial).encrypt(nonce, data, aad)`` has pyca ``AESGCM``'s shape, as the blocking
 client's ``Aead`` has.  asyncio transports pass no descriptors, so there is no shared memory here:
-data that fits one request goes in one; larger ``gcm(aes)`` data streams in pipelined pieces (every
-piece is written at once, the replies are awaited together); larger data of an algorithm that cannot
-stream is EMSGSIZE (the blocking client's shared memory takes it).
+data that fits one request goes in one; larger ``gcm(aes)`` data streams in pipelined pieces (a few on
+the wire at once: ``_pipelined``); larger data of an algorithm that cannot stream is EMSGSIZE (the
+blocking client's shared memory takes it).
 """
 
 from __future__ import annotations
@@ -43,11 +43,44 @@ async def _new_stream(client, request: Callable[[], Awaitable[T]], handle_of: Ca
     except asyncio.CancelledError:
         def close_it(done: asyncio.Future) -> None:
             if not done.cancelled() and done.exception() is None:
-                closing = asyncio.ensure_future(_abort(client, handle_of(done.result())))
-                _CLOSING.add(closing)  # the loop holds tasks weakly: kept until done
-                closing.add_done_callback(_CLOSING.discard)
+                _closing(_abort(client, handle_of(done.result())))
         opening.add_done_callback(close_it)
         raise
+
+
+#: pieces of one large helper call on the wire at once: enough to keep the daemon busy, and a bound on what
+#: the transport buffers (all of a 200 MiB call's pieces at once took as much memory again, and building
+#: them held the loop so long that the daemon's idle timeout cut the connection)
+WINDOW = 4
+
+
+async def _pipelined(send: Callable[[int], Awaitable[T]], offsets: range) -> list[T]:
+    """``send(offset)`` for each offset, in order, with at most WINDOW replies outstanding; their results
+    in order.  On any failure (or cancellation) the requests still out are given up (their replies are
+    dropped as they come), and it raises."""
+    results: list[T] = []
+    out: list[Awaitable[T]] = []
+    try:
+        for offset in offsets:
+            out.append(send(offset))
+            if len(out) >= WINDOW:
+                results.append(await out.pop(0))
+        while out:
+            results.append(await out.pop(0))
+    except BaseException:
+        for future in out:
+            if isinstance(future, asyncio.Future):
+                future.cancel()
+        raise
+    return results
+
+
+def _closing(abort: Awaitable[None]) -> None:
+    """Run a stream's abort in the background, for a caller who has gone: kept until done (the loop holds
+    tasks weakly)."""
+    task = asyncio.ensure_future(abort)
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
 
 
 class AsyncAead(KeyedAlgorithm):
@@ -83,7 +116,7 @@ class AsyncAead(KeyedAlgorithm):
             return await self._pieces(nonce, data, aad, decrypt, random_nonce)
 
     async def _pieces(self, nonce, data: bytes, aad: bytes, decrypt: bool, random_nonce: bool) -> bytes:
-        """A stream, every piece written at once.  Decrypting, nothing is returned unless the tag checks
+        """A stream, its pieces pipelined (``_pipelined``).  Decrypting, nothing is returned unless the tag checks
         out at the end, so unauthenticated plaintext never reaches the caller."""
         tag = b""
         if decrypt:
@@ -98,8 +131,8 @@ class AsyncAead(KeyedAlgorithm):
                                      aad=aad, decrypt=decrypt, random_nonce=random_nonce)
         view, piece = memoryview(data), _piece(client)
         try:
-            outs = await asyncio.gather(*(client.stream_update(handle, view[i:i + piece])
-                                          for i in range(0, len(view), piece)))
+            outs = await _pipelined(lambda i: client.stream_update(handle, view[i:i + piece]),
+                                    range(0, len(view), piece))
             last, final_tag = await client.stream_final(handle, b"", tag)
         except BaseException:
             await asyncio.shield(_abort(client, handle))  # EBADF if it already ended: ignored
@@ -202,7 +235,18 @@ class AsyncStream:
 
     async def update(self, data) -> bytes:
         _still_open(self)
-        return await self._client.stream_update(self.handle, binary(data))
+        sent = self._client.stream_update(self.handle, binary(data))  # on the wire: it happens, or not
+        try:
+            return await sent
+        except asyncio.CancelledError:
+            # Whether keyden took the piece is unknown to the caller, who may send it again: a stream that
+            # went on would hash it twice, or seal a ciphertext part of which the caller never saw.  So it
+            # ends here (StreamFinished from now on), as the blocking client's interrupted request ends
+            # its connection and its streams with it.
+            self._over()
+            if not _stale(self._client, self.generation):
+                _closing(_abort(self._client, self.handle))
+            raise
 
     async def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
         """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
@@ -253,10 +297,12 @@ async def _abort(client, handle: int) -> None:
 
 
 async def _in_pieces(stream: AsyncStream, data: bytes, tag: bytes = b"") -> tuple[bytes, bytes]:
-    """Every piece of ``data`` written at once, then the stream finished (checking ``tag`` if given)."""
+    """``data`` through the stream in pipelined pieces, then the stream finished (checking ``tag`` if given)."""
     view, piece = memoryview(data), _piece(stream._client)
+    client = stream._client
     try:
-        await asyncio.gather(*(stream.update(view[i:i + piece]) for i in range(0, len(view), piece)))
+        await _pipelined(lambda i: client.stream_update(stream.handle, view[i:i + piece]),
+                         range(0, len(view), piece))
     except BaseException:
         await asyncio.shield(stream.abort())
         raise

@@ -1707,8 +1707,10 @@ class KeyStore:
             self._link_checked(dest_ring, ring, any_depth=True)
             expiry = self.config.persistent_keyring_expiry
             self._changed()
-            ring.expiry = self.clock() + expiry if expiry else 0.0
-            self._journal(ring)
+            expires = self.clock() + expiry if expiry else 0.0
+            if expires != ring.expiry:  # else nothing to write: a full disk must not cost a user their keys
+                ring.expiry = expires
+                self._journal(ring)
             return ring.serial
 
     def _persistent_keyring(self, uid: int) -> Key:
