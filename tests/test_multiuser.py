@@ -573,8 +573,9 @@ def test_shared_memory_is_budgeted_per_uid_and_for_all_uids_together(fresh_daemo
     sock = d.socket
 
     def attach(*sizes):
+        held = []  # held until the end (a buffer dropped is detached at the next attach)
         with keyden.connect(sock) as c:
-            return [outcome(lambda n=n: c.shared_buffer(n) and "ok") for n in sizes]  # held until the end
+            return [outcome(lambda n=n: held.append(c.shared_buffer(n)) or "ok") for n in sizes]
 
     with d.connect() as root:
         held = root.shared_buffer(1 << 20)  # root's whole share
