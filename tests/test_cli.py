@@ -526,3 +526,75 @@ def test_public_key_gives_openssl_what_it_needs_to_verify(keyden, tmp_path):
     user = ok(keyden("add", "user", "kd-not-asymmetric", "x", "@s")).strip()
     refused = keyden("public_key", user)
     assert refused.rc == 1 and "Operation not supported" in refused.err
+
+
+def test_hostile_words_are_usage_errors_not_tracebacks(keyden, client, tmp_path):
+    """Found by fuzzing every command: each of these ended in a Python traceback, read without end, or
+    did something else than the docs say."""
+    key = str(client.generate("ec:p256", "cli:fuzz"))
+    nines = "9" * 4301  # past int()'s 4300 digits
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    empty.chmod(0o600)
+    cases = [
+        (("describe", nines), 1, "Required key not available"),  # strtoul saturates, as in C
+        (("x509_verify", key, "@s", "--at", "\u00b2"), 2, "Unparsable time"),
+        (("x509_verify", key, "@s", "--at", nines), 2, "Unparsable time"),
+        (("tls-proxy", "--listen", "127.0.0.1:\u00b2", "--keyring", "@s", "--forward", "127.0.0.1:9"), 2, "HOST:PORT"),
+        (("tls-proxy", "--listen", b"\xff:1", "--keyring", "@s", "--forward", "127.0.0.1:9"), 2, "HOST:PORT"),
+        (("tls-proxy", "--listen", "127.0.0.1:0", "--keyring", "@s", "--forward", "127.0.0.1:9", "--alpn", b"\xff"),
+         2, "--alpn takes protocol names"),
+        (("tls-proxy", "--listen", "127.0.0.1:0", "--keyring", "@s", "--forward", "127.0.0.1:9",
+          "--client-trust", ""), 2, "--client-trust takes a keyring"),
+        (("pkey_query", key, "0", b"enc=\xff"), 2, "not valid text"),
+        (("pkey_sign", key, "0", "/dev/zero", "hash=sha256"), 1, "more than 1048576 bytes"),
+        (("-",), 2, "Unknown command"),
+        (("--", "list", "@s"), 2, "Unknown command"),
+        (("aead", "encrypt", str(client.genkey("aes:256", "cli:fuzz-aead", "@s")), "-o", ""), 2,
+         "-o takes a file name"),
+        (("aead", "encrypt", "%logon:cli:fuzz-aead", "-o", "/dev/fd/77"), 1, "/dev/fd/77: No such file or directory"),
+        (("rekey", "--passphrase-file", str(empty)), 1, "must hold 1..4096 bytes"),
+    ]
+    for args, rc, said in cases:
+        result = keyden(*args)
+        assert result.rc == rc and said in result.err and "Traceback" not in result.err, (args, result)
+    long_path = "/tmp/" + "x" * 120
+    result = keyden("id", "@s", socket=long_path)
+    assert result.rc == 1 and "None" not in result.err and "too long" in result.err, result
+    result = keyden("id", "@s", session=b"\xff".decode(errors="surrogateescape"))
+    assert result.rc == 1 and "KEYDEN_SESSION: session token not valid" in result.err, result
+    for command in (("--socket", "", "id", "@s"), ("serve", "--state-dir", "")):
+        proc = subprocess.run([sys.executable, "-m", "keyden", *command], capture_output=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=REPO))
+        assert proc.returncode == 2 and b"empty string" in proc.stderr, (command, proc)
+
+
+def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A socket whose server accepts and never answers held the client for good; one that announced a
+    2 GiB frame had it wait for 2 GiB.  The HELLO's answer is awaited for HELLO_TIMEOUT, and capped."""
+    import socket as socketlib
+    import threading
+
+    import keyden
+    from keyden import errors as E
+    from keyden.client import sync
+
+    monkeypatch.setattr(sync, "HELLO_TIMEOUT", 0.5)
+    for reply in (b"", (0x7FFFFFFF).to_bytes(4, "little") + bytes(12)):
+        path = str(tmp_path / f"fake{len(reply)}.sock")
+        server = socketlib.socket(socketlib.AF_UNIX)
+        server.bind(path)
+        server.listen()
+        held = []
+
+        def serve():
+            conn, _ = server.accept()
+            held.append(conn)
+            conn.sendall(reply)
+        threading.Thread(target=serve, daemon=True).start()
+        with pytest.raises((E.ETIMEDOUT, E.EMSGSIZE)) as refused:
+            keyden.connect(path)
+        assert ("no answer within 0.5 s" in str(refused.value)) if not reply else "cap" in str(refused.value)
+        server.close()
+        for conn in held:
+            conn.close()

@@ -145,7 +145,8 @@ def test_kdf_command(keyden, client):
     assert client.describe(serial).description == "app:child"
     assert_aes_key(client, serial, HKDF(hashes.SHA512(), 16, b"\xaa", b"\xbb").derive(master))
     fails(keyden("kdf", "-3", "@s"), 1,  # -3 is @s: a word, not an option
-          "keyden_kdf: Protocol not available (keys of type 'keyring' cannot key a cipher, MAC or KDF (user and logon keys can))\n")
+          "keyden_kdf: Protocol not available (keys of type 'keyring' cannot key a cipher, MAC or KDF "
+          "(user and logon keys can))\n")
     assert keyden("kdf", str(key)).rc == 2
 
 
@@ -559,15 +560,15 @@ def test_o_writes_through_links_and_to_special_files(daemon, client, keyden, tmp
 
 
 def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, client, tmp_path):
-    """SIGTERM or SIGHUP while -o is being written unwinds as Ctrl-C does: the temporary file goes.  (Only
-    then: `keyden session` keeps the default, so a program it started outlives it with its session.)"""
+    """SIGTERM, SIGHUP, SIGQUIT (Ctrl-\\), SIGUSR1/2 or SIGALRM while -o is being written unwinds as Ctrl-C
+    does: the temporary file goes (SIGQUIT left it, holding unauthenticated plaintext)."""
     import signal
     import time
 
     key = os.urandom(32)
     serial = str(client.add("logon", "cli:term", key))
     target = tmp_path / "plain"
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
         proc = _cli(daemon, client, "aead", "decrypt", serial, "--nonce", "00" * 12, "-o", str(target),
                     stdin=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_hangup_and_term)
         proc.stdin.write(os.urandom(3 << 20))  # plaintext in the temporary file, the tag not yet come
@@ -583,18 +584,25 @@ def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, clie
         assert list(tmp_path.iterdir()) == []
 
 
-def test_a_session_hung_up_leaves_its_program_its_session(daemon, client, tmp_path):
-    """`keyden session PROGRAM` keeps SIGHUP's and SIGTERM's default: it dies as it did, and does not give
-    the session up first, so a program that outlives it (nohup, a trap) keeps its keys."""
+def test_a_session_hung_up_passes_it_on_and_gives_the_session_up_when_its_program_ends(daemon, client, tmp_path):
+    """keyctl execs the program, so a SIGHUP or SIGTERM sent to `keyctl session` reaches the program.
+    `keyden session` died of it at once, and its token stayed for good (its quota too); now it passes the
+    signal on and waits: a program that survives it (a trap, nohup) keeps its session, and when it ends
+    the token is given up.  One that dies of it ends keyden session alike."""
     import signal
     import time
 
     keyden_cmd = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket])
     started, go, out = tmp_path / "started", tmp_path / "go", tmp_path / "out"
-    script = (f'trap "" HUP TERM; touch {started}; i=0; '  # waits for go, 60 s at most: never left behind
-              f'while [ ! -e {go} ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done; '
-              f'{keyden_cmd} id @s > {out} 2>&1; echo "rc=$?" >> {out}')
-    for signum in (signal.SIGHUP, signal.SIGTERM):
+
+    def sessions() -> set[bytes]:
+        return set(_cli(daemon, client, "sessions", stdout=subprocess.PIPE).communicate(timeout=30)[0].split())
+    before = sessions()
+    for trap, signum in (("trap '' HUP TERM; ", signal.SIGHUP), ("trap '' HUP TERM; ", signal.SIGTERM),
+                         ("", signal.SIGTERM)):
+        script = (f'{trap}touch {started}; i=0; '  # waits for go, 60 s at most: never left behind
+                  f'while [ ! -e {go} ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done; '
+                  f'{keyden_cmd} id @s > {out} 2>&1; echo "rc=$?" >> {out}')
         for marker in (started, go, out):
             marker.unlink(missing_ok=True)
         proc = _cli(daemon, client, "session", "-", "sh", "-c", script, stderr=subprocess.DEVNULL,
@@ -605,11 +613,15 @@ def test_a_session_hung_up_leaves_its_program_its_session(daemon, client, tmp_pa
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.02)
             proc.send_signal(signum)
-            assert proc.wait(timeout=60) == -signum  # the default action, as before
+            if trap:
+                time.sleep(0.3)
+                assert proc.poll() is None  # it waits for its program, which goes on
         finally:
-            go.touch()  # the program goes on, and ends, whatever happened to its keyden session
-        while not out.exists() or b"rc=" not in out.read_bytes():
-            assert time.monotonic() < deadline + 30
-            time.sleep(0.02)
-        text = out.read_text()
-        assert text.endswith("rc=0\n") and int(text.split()[0]) != 0, text
+            go.touch()
+        if trap:
+            assert proc.wait(timeout=60) == 0  # the program's status
+            text = out.read_text()
+            assert text.endswith("rc=0\n") and int(text.split()[0]) != 0, text  # still in its session
+        else:
+            assert proc.wait(timeout=60) == -signum and not out.exists()  # dead of it, as its program
+        assert sessions() == before  # the token given up either way

@@ -363,7 +363,7 @@ def cmd_restrict_keyring(ctx, args):
 
 
 def _run_child(argv: list[str], env: dict[str, str]) -> int:
-    """Run the program as keyctl would exec it: our exit status is its own (128+N if killed by signal N)."""
+    """Run the program as keyctl would exec it: its status, as subprocess gives it (-N: killed by signal N)."""
     import subprocess  # only this command spawns anything
 
     sys.stderr.flush()
@@ -372,14 +372,18 @@ def _run_child(argv: list[str], env: dict[str, str]) -> int:
         proc = subprocess.Popen(argv, env=env)
     except OSError as exc:
         raise failure(argv[0], exc) from None
-    # The terminal's ^C and ^\ are for the program; we only wait for it.
+    # The terminal's ^C and ^\ are for the program; we only wait for it.  keyctl would be the program
+    # (it execs it): what is sent to us to end it (a kill, the terminal hanging up) goes to the program,
+    # and we wait on, so the token is given up once it has ended.
     saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGQUIT)}
+    saved.update((sig, signal.signal(sig, lambda signum, _frame: proc.send_signal(signum)))
+                 for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2))
     try:
         status = proc.wait()
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-    return status if status >= 0 else 128 - status
+    return status
 
 
 def cmd_session(ctx, args):
@@ -400,9 +404,19 @@ def cmd_session(ctx, args):
     if ctx.socket:  # nested keyden commands must reach the daemon that issued the token
         env[SOCKET_ENV] = os.path.abspath(ctx.socket)
     try:
-        return _run_child(args or [os.environ.get("SHELL") or "/bin/sh"], env)
+        status = _run_child(args or [os.environ.get("SHELL") or "/bin/sh"], env)
     finally:
         _leave_quietly(ctx, token)
+    if -status in _DIE_AS_THE_PROGRAM:  # it was killed so: so are we, as keyctl (the program) was
+        if -status != signal.SIGKILL:  # (whose handler cannot be set)
+            signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    return status if status >= 0 else 128 - status  # (128+N, as a shell reports it)
+
+
+#: signals that end a process without a core dump: a program killed by one ends `keyden session` alike
+_DIE_AS_THE_PROGRAM = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+                                 signal.SIGALRM, signal.SIGKILL})
 
 
 def _leave_quietly(ctx: Context, token: str) -> None:
@@ -735,6 +749,8 @@ def find(word: str) -> Command:
     for c in runnable:
         if c.name == word:
             return c
+    if word.startswith("-"):  # options are not abbreviated: "-" and "--" would have been --version
+        raise LookupError("Unknown command")
     matches = [c for c in runnable if c.name.startswith(word)] if word else []
     if not matches:
         raise LookupError("Unknown command")

@@ -56,6 +56,9 @@ def run(argv: list[str]) -> int:
     except Usage:
         sys.stderr.write(commands.format_help())
         return 2
+    if socket == "":  # not "the default socket", silently
+        print("keyden: --socket takes a path, not an empty string", file=sys.stderr)
+        return 2
     if not argv:
         sys.stderr.write(commands.format_help())
         return 2

@@ -7,6 +7,7 @@ import os
 import stat
 
 from keyden import errors as E
+from keyden.persist.master import MAX_PASSPHRASE, normalize_passphrase
 from keyden.cli.support import (Exit, Output, Usage, call, failure, id32, number, options, read_file,
                                 read_stdin, strtoul, write_bytes)
 
@@ -63,7 +64,9 @@ def cmd_rekey(ctx, args):
         if mode & 0o077:  # a passphrase others may read is spent before it is used; the daemon would refuse it too
             raise Exit(1, f"rekey: the passphrase file {path} has mode {mode:04o}, open to group or others "
                           f"(chmod 600 {path}, after checking nobody else read it)")
-        passphrase = read_file(path).rstrip(b"\r\n")
+        passphrase = normalize_passphrase(read_file(path))
+        if not passphrase or len(passphrase) > MAX_PASSPHRASE:  # empty: it would rekey as if none were named
+            raise Exit(1, f"rekey: the passphrase file {path} must hold 1..{MAX_PASSPHRASE} bytes")
     call("rekey", ctx.client.rekey, passphrase)
 
 
@@ -91,7 +94,8 @@ def cmd_import(ctx, args):
     named, rest = options(args, ("--no-export", "--contents"), ("--unwrap-with",), anywhere=True)
     if len(rest) != 2 or "--unwrap-with" not in named:
         raise Usage()
-    blob = read_stdin() if rest[0] == "-" else read_file(rest[0])
+    limit = ctx.client.max_frame  # an export is made to fit one reply; its import, one request
+    blob = read_stdin(limit) if rest[0] == "-" else read_file(rest[0], limit)
     unwrap, ring = ctx.key(named["--unwrap-with"]), ctx.key(rest[1])
     print(call("import", ctx.client.import_key, blob, unwrap, ring, no_export="--no-export" in named,
                contents="--contents" in named))

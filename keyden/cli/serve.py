@@ -12,12 +12,20 @@ from keyden.server.config import ServerConfig
 from keyden.server.server import Server
 
 
+def path(text: str) -> str:
+    """A path option's value: an empty one is refused, not taken for "not given" (--state-dir "" would
+    have started the daemon on the default state directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("takes a path, not an empty string")
+    return text
+
+
 def add_store_arguments(p: argparse.ArgumentParser) -> None:
     """Where the daemon's state is, and how its key store is unlocked (serve and init share these)."""
-    p.add_argument("--state-dir", help="state directory (created on first start)")
-    p.add_argument("--config", help="TOML config file (default: <state-dir>/keyden.toml)")
-    p.add_argument("--passphrase-file", help="derive the master key from the passphrase in this file "
-                                             "(default: $KEYDEN_PASSPHRASE_FILE; else the master key file)")
+    p.add_argument("--state-dir", type=path, help="state directory (created on first start)")
+    p.add_argument("--config", type=path, help="TOML config file (default: <state-dir>/keyden.toml)")
+    p.add_argument("--passphrase-file", type=path, help="derive the master key from the passphrase in this file "
+                                                        "(default: $KEYDEN_PASSPHRASE_FILE; else the master key file)")
 
 
 def load_config(args: argparse.Namespace) -> ServerConfig:
@@ -34,8 +42,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
 
 def serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="keyden serve", description="Run the keyden daemon.")
-    p.add_argument("--socket", help="Unix socket path (default: $KEYDEN_SOCKET, $XDG_RUNTIME_DIR/keyden.sock, "
-                                    "/run/keyden/keyden.sock)")
+    p.add_argument("--socket", type=path,
+                   help="Unix socket path (default: $KEYDEN_SOCKET, $XDG_RUNTIME_DIR/keyden.sock, /run/keyden/keyden.sock)")
     add_store_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--no-harden", action="store_true", help="skip PR_SET_DUMPABLE/mlockall (debugging only)")

@@ -131,9 +131,11 @@ def strtoul(text: str, base: int = 0) -> int | None:
     digits = "0123456789abcdef"[:base]
     if not s or any(ch.lower() not in digits for ch in s):
         return None
-    value = int(s, base)
+    # strtoul saturates at ULONG_MAX; 65 significant digits are past it in any base (and int() refuses
+    # over 4300 decimal ones)
+    value = int(s, base) if len(s.lstrip("0")) <= 64 else 2**64
     if value >= 2**64:
-        value = 2**64 - 1  # strtoul saturates at ULONG_MAX
+        value = 2**64 - 1
     return (-value) % 2**64 if negative else value
 
 
@@ -179,10 +181,10 @@ _SPACE = frozenset(b" \t\n\r\f\v")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
-def read_stdin() -> bytes:
-    """The whole of stdin, capped like keyctl's grab_stdin."""
-    data = read_up_to(std_fd("stdin"), STDIN_LIMIT + 1)
-    if len(data) > STDIN_LIMIT:
+def read_stdin(limit: int = STDIN_LIMIT) -> bytes:
+    """The whole of stdin, capped like keyctl's grab_stdin (an export passes a larger limit)."""
+    data = read_up_to(std_fd("stdin"), limit + 1)
+    if len(data) > limit:
         raise Exit(1, "Too much data read on stdin")
     return data
 
@@ -252,7 +254,9 @@ def _terminated(signum, _frame):
     raise Terminated(signum)
 
 
-_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+#: signals whose default ends the process: while an -o file is written they unwind instead, so its
+#: temporary copy (unauthenticated plaintext, for a decryption) goes with them (SIGQUIT's core dump too)
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
 
 class Output:
@@ -278,7 +282,9 @@ class Output:
         self._own_fd = False
         self._created: str | None = None  # an empty file made through a dangling link: gone again on failure
         self._signals: list = []
-        if not path or (fd := _descriptor_named(path)) == STDOUT_FD:
+        if path == "":  # not "stdout", silently: a plaintext meant for a file must not reach a terminal
+            raise Exit(2, "-o takes a file name, not an empty string")
+        if path is None or (fd := _descriptor_named(path)) == STDOUT_FD:
             sys.stdout.flush()  # what was printed before goes first
             self.fd = std_fd("stdout")
             return
@@ -298,8 +304,11 @@ class Output:
                             signal.signal(signum, _terminated)
                 try:
                     self.fd, self.temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".keyden-")
-                except OSError as exc:  # the target exists: say what failed, not that it is missing
+                except OSError as exc:
                     self._cleanup()
+                    if not os.path.exists(target):  # (/dev/fd/N of a descriptor not open)
+                        raise failure(path, exc) from None
+                    # the target exists: say what failed, not that it is missing
                     raise failure(f"{path}: cannot write a new file beside it (written whole, then renamed "
                                   "into place)", exc) from None
             self._own_fd = True
@@ -411,12 +420,26 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def read_file(name: str) -> bytes:
+def read_file(name: str, limit: int = STDIN_LIMIT) -> bytes:
+    """A file's bytes, at most ``limit`` of them, as stdin is capped (/dev/zero named by mistake must not
+    fill memory): keys, data to sign, a peer's public key are small; an export passes a larger limit."""
     try:
         with open(name, "rb") as f:
-            return f.read()
+            data = f.read(limit + 1)
     except OSError as exc:
         raise failure(name, exc) from None
+    if len(data) > limit:
+        raise Exit(1, f"{name}: more than {limit} bytes; too much data for this command")
+    return data
+
+
+def text_ok(text: str) -> bool:
+    """Is a command-line word UTF-8 text?  (Python hands over bytes that are not as lone surrogates.)"""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def pkey_info(words: list[str]) -> str:
@@ -425,6 +448,8 @@ def pkey_info(words: list[str]) -> str:
         if "=" not in word:
             raise Exit(2, "Option not in key=val form")
     info = " ".join(words)
+    if not text_ok(info):
+        raise Exit(2, "Option not valid text (UTF-8)")
     if len(info.encode()) > INFO_LIMIT - 1:
         raise Exit(2, "Too many info options")
     return info
@@ -466,6 +491,10 @@ class Context:
     def connect(self, session: str | None = None):
         import keyden
 
+        token = session_token(session)
+        if not (token.isascii() and token.isprintable()):  # keyden's tokens are: this one is none of its
+            name = SESSION_ENV if session is None else "the session token"
+            raise Exit(1, f"keyden: {name}: session token not valid (not one keyden gives: unset {SESSION_ENV})")
         try:
             return keyden.connect(self.socket, session=session)
         except E.EACCES as exc:

@@ -54,7 +54,7 @@ def cmd_tls_proxy(ctx, args) -> int:
     forward = opts.forward if opts.forward.startswith("unix:") else _address(opts.forward, "--forward")
     tls_options = {"client_trust": ctx.key(opts.client_trust) if opts.client_trust else 0,
                    "require_client_cert": opts.require_client_cert,
-                   "alpn": [p for p in opts.alpn.split(",") if p] if opts.alpn else None,
+                   "alpn": _alpn(opts.alpn),
                    "handshake_timeout": opts.handshake_timeout}
     keyring = ctx.key(opts.keyring)
     client = ctx.client
@@ -107,6 +107,8 @@ def _parse(args: list[str]) -> argparse.Namespace:
         opts = p.parse_args(args)
     except SystemExit as exc:  # argparse has printed the usage or the help
         raise Exit(2 if exc.code else 0) from None
+    if opts.client_trust == "":  # not "no client certificates", silently
+        raise Exit(2, "tls-proxy: --client-trust takes a keyring")
     if opts.max_connections < 1:
         raise Exit(2, "tls-proxy: --max-connections takes a number of connections, at least 1")
     if not 0 < opts.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:  # nan fails too
@@ -143,9 +145,19 @@ def _refusal(client, keyring: int, tls_options: dict) -> E.KeydenError | None:
 
 def _address(text: str, option: str) -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise Exit(2, f"tls-proxy: {option} takes HOST:PORT (a port up to 65535), not {text!r}")
+    if not colon or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535 \
+            or not (host.isascii() and host.isprintable()):
+        raise Exit(2, f"tls-proxy: {option} takes HOST:PORT (a port up to 65535), not {text[:300]!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _alpn(text: str | None) -> list[str] | None:
+    """--alpn P1,P2: protocol names are printable ASCII (RFC 7301 allows any bytes; none in use is else)."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isprintable()):
+        raise Exit(2, f"tls-proxy: --alpn takes protocol names in printable ASCII, not {text[:300]!r}")
+    return [p for p in text.split(",") if p] or None
 
 
 def _family(host: str) -> int:

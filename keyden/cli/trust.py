@@ -18,7 +18,9 @@ PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so ot
 
 def unix_time(text: str) -> int:
     """--at: Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # (isdigit alone takes '²' and other scripts' digits)
+        if len(text) > 12:
+            raise Exit(2, f"Unparsable time: '{text[:32]}...' (past the year 33658)")
         return int(text)
     try:
         when = datetime.datetime.fromisoformat(text)

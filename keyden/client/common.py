@@ -32,7 +32,7 @@ def socket_path(path: str | None = None) -> str:
 def connect_failed(path: str, exc: OSError) -> E.KeydenError:
     """A socket we may not use is EACCES (as keyctl would say); no daemon there, or none answering, ECONNRESET."""
     error = (E.EACCES if exc.errno in (errno.EACCES, errno.EPERM) else E.ECONNRESET)(
-        f"cannot connect to keyden at {path}: {exc.strerror}")
+        f"cannot connect to keyden at {path}: {exc.strerror or exc}")  # (a path too long has no strerror)
     error.before_hello = True
     return error
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from keyden.client.handles import KeyHandle
 
 RECV_CHUNK = 1024 * 1024
+HELLO_TIMEOUT = 30.0  # seconds for connecting and the HELLO's answer, which keyden gives at once
+HELLO_REPLY_MAX = 64 * 1024  # bytes of the HELLO's answer (tens, or an error message)
 SOCKET_BUFFER = 4 * 1024 * 1024
 
 _CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -86,8 +88,9 @@ class Client(Operations):
     def _open(self) -> None:
         """Connect and say HELLO (with the lock held, or before the client is shared)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hello_timeout = HELLO_TIMEOUT if self._timeout is None else min(self._timeout, HELLO_TIMEOUT)
         try:
-            sock.settimeout(self._timeout)
+            sock.settimeout(hello_timeout)  # keyden answers at once: whatever does not is no keyden
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
             sock.connect(self.socket_path)
@@ -99,7 +102,7 @@ class Client(Operations):
             sock.close()
             raise
         self._sock = sock
-        self._decoder = W.FrameDecoder(1 << 31)
+        self._decoder = W.FrameDecoder(HELLO_REPLY_MAX)  # no 2 GiB "frame" from a server that is not keyden
         self._pending: dict[int, W.Frame] = {}
         rid = next(self._ids) & 0xFFFFFFFF or 1  # 0 is the daemon's, for connection-level errors
         hello = (W.MIN_VERSION, W.VERSION, self._session, self._client_name)
@@ -108,11 +111,17 @@ class Client(Operations):
             frame = self._wait(rid)
             if frame.status:
                 raise E.error_for_code(frame.status, W.decode_error(frame.body))
+        except TimeoutError:
+            sock.close()
+            raise E.ETIMEDOUT(f"no answer within {hello_timeout:g} s from {self.socket_path} (is it keyden?)") \
+                from None
         except OSError as exc:
             raise self._lost(exc) from None
         except E.KeydenError:
             sock.close()
             raise
+        sock.settimeout(self._timeout)
+        self._decoder.max_frame = 1 << 31
         if self._closed:  # close() from another thread while we reconnected
             sock.close()
             raise E.ECONNRESET("the client is closed")

@@ -139,16 +139,22 @@ class ServerConfig:
         if not path and os.path.exists(self.state_dir):
             check_state_dir(self.state_dir)  # before trusting the config file inside it
         named, path = bool(path), Path(path) if path else self.config_file
-        if not path.exists():
+        try:
+            path.stat()
+        except FileNotFoundError:
             if named:  # a typo in a unit file must not start the daemon on defaults
-                raise StartupError(f"the config file {path} does not exist")
+                raise StartupError(f"the config file {path} does not exist") from None
             return
+        except OSError as exc:  # a loop of links, a directory we may not enter...
+            raise StartupError(f"cannot read the config file {path}: {exc.strerror}") from None
         check_config_file(path)
         log.info("config: %s", path)
         try:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise E.EINVAL(f"{path}: {exc}") from None
+        except OSError as exc:  # a directory, a file we may not read
+            raise StartupError(f"cannot read the config file {path}: {exc.strerror}") from None
         quota = data.pop("quota", {})
         if not isinstance(quota, dict):
             raise E.EINVAL(f"{path}: quota must be a table ([quota] with its settings)")
