@@ -820,3 +820,31 @@ def test_a_large_call_keeps_a_few_pieces_on_the_wire_not_all(arun, client):
 
     most, size = arun(scenario)
     assert size == (48 << 20) + 16 and most <= 8 << 20
+
+
+@pytest.mark.parametrize("reconnect", [False, True])
+def test_a_users_async_generator_may_use_the_client_while_asyncio_run_ends(daemon, client, reconnect):
+    """asyncio.run closes every async generator at once as it ends; the one that closes the client's
+    connection with its loop ran before a user's, whose cleanup then found the connection gone (or, with
+    reconnect, opened another that was left for the collector).  The user's run first."""
+    done = []
+
+    async def leased(c):
+        serial = await c.add("user", "aio:lease", b"x", "@s")
+        try:
+            yield serial
+        finally:
+            await c.unlink(serial, "@s")
+            done.append(c.generation)
+
+    held = []
+
+    async def main():
+        c = await aio.connect(daemon.socket, session=client.session_token, reconnect=reconnect)
+        lease = leased(c)
+        held.append(lease)
+        await lease.__anext__()  # left unfinished: asyncio.run's shutdown closes it
+    asyncio.run(main())
+    assert done == [0]
+    with pytest.raises(E.ENOKEY):
+        client.search("@s", "user", "aio:lease")

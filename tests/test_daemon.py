@@ -748,3 +748,32 @@ def test_a_process_keeps_its_keyrings_across_its_connections_and_loses_them_at_e
             child.wait(60)
         assert eventually(lambda: not {ring, key, thread_key} & _serials(c), 2.0)
         assert _watched_processes(d) == 0
+
+
+def test_a_connect_waits_for_room_in_a_busy_daemons_listen_queue(fresh_daemon):
+    """With its HELLO timeout set before connect(), a client found a full listen queue EAGAIN at once
+    (a non-blocking connect) where it used to wait: a burst of clients failed against a busy daemon."""
+    import socket as socketlib
+    import threading
+
+    d = fresh_daemon("max_connections = 4096\nmax_connections_per_uid = 4096\n")  # the fillers count once let in
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    filling = []
+    try:
+        while True:  # fill the listen queue while nothing accepts
+            s = socketlib.socket(socketlib.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(d.socket)
+            except BlockingIOError:
+                s.close()
+                break
+            filling.append(s)
+            assert len(filling) < 5000
+        threading.Timer(1.0, os.kill, (d.proc.pid, signal.SIGCONT)).start()
+        with keyden.connect(d.socket) as c:
+            assert c.ping(b"in") == b"in"
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+        for s in filling:
+            s.close()

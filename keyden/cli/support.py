@@ -21,6 +21,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from keyden import errors as E
+from keyden import protocol as W
 from keyden.client.common import SESSION_ENV, SPECIAL, session_token
 
 STDIN_LIMIT = 1024 * 1024  # keyctl's grab_stdin buffer
@@ -135,7 +136,7 @@ def strtoul(text: str, base: int = 0) -> int | None:
     # over 4300 decimal ones)
     value = int(s, base) if len(s.lstrip("0")) <= 64 else 2**64
     if value >= 2**64:
-        value = 2**64 - 1
+        return 2**64 - 1  # ULONG_MAX, whatever the sign (glibc's ERANGE)
     return (-value) % 2**64 if negative else value
 
 
@@ -420,9 +421,9 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def read_file(name: str, limit: int = STDIN_LIMIT) -> bytes:
-    """A file's bytes, at most ``limit`` of them, as stdin is capped (/dev/zero named by mistake must not
-    fill memory): keys, data to sign, a peer's public key are small; an export passes a larger limit."""
+def read_file(name: str, limit: int = W.DEFAULT_MAX_FRAME) -> bytes:
+    """A file's bytes, at most ``limit`` of them: what one request can carry (the daemon's default frame
+    cap; an import passes the daemon's own), so /dev/zero named by mistake does not fill memory."""
     try:
         with open(name, "rb") as f:
             data = f.read(limit + 1)

@@ -26,6 +26,7 @@ import functools
 import itertools
 import os
 import socket
+import warnings
 import weakref
 from collections import deque
 from typing import Any
@@ -240,11 +241,15 @@ class AsyncClient(Operations):
         self._end_guard()
         armed = [self._transport]
         guard = _closed_with_loop(weakref.ref(self), armed)
-        try:
-            guard.asend(None).send(None)  # first iteration: the running loop's hooks register it
-        except StopIteration:
-            pass
+        with warnings.catch_warnings(record=True) as late:  # a loop whose shutdown has begun warns: no guard
+            warnings.simplefilter("always")
+            try:
+                guard.asend(None).send(None)  # first iteration: the running loop's hooks register it
+            except StopIteration:
+                pass
         self._guard = weakref.finalize(self, _disarm, armed, guard)  # and when the client goes first
+        if late:
+            self._end_guard()
 
     def _end_guard(self) -> None:
         """Disarm and finish the current guard here and now (it has nothing to await): neither the loop
@@ -423,6 +428,13 @@ async def _closed_with_loop(client_ref: "weakref.ref[AsyncClient]", armed: list)
     try:
         yield
     finally:
+        if armed[0] is not None:  # the loop's shutdown, which closes every async generator at once: a user's
+            # may still use this client in its own cleanup, so theirs end first
+            current = asyncio.current_task()
+            others = [task for task in asyncio.all_tasks() if task is not current and not task.done()
+                      and type(task.get_coro()).__name__ == "async_generator_athrow"]
+            if others:
+                await asyncio.wait(others)
         client, transport = client_ref(), armed[0]
         if client is not None and transport is not None and client._transport is transport \
                 and not transport.is_closing():

@@ -90,11 +90,13 @@ class Client(Operations):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         hello_timeout = HELLO_TIMEOUT if self._timeout is None else min(self._timeout, HELLO_TIMEOUT)
         try:
-            sock.settimeout(hello_timeout)  # keyden answers at once: whatever does not is no keyden
+            sock.settimeout(self._timeout)  # (with a timeout, a full listen queue is EAGAIN at once: a busy
+            #                                  daemon's queue is waited on, as a connect without one does)
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
             sock.connect(self.socket_path)
             common.check_daemon(sock, self.socket_path)
+            sock.settimeout(hello_timeout)  # keyden answers HELLO at once: whatever does not is no keyden
         except OSError as exc:
             sock.close()
             raise common.connect_failed(self.socket_path, exc) from None

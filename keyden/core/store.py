@@ -1707,10 +1707,8 @@ class KeyStore:
             self._link_checked(dest_ring, ring, any_depth=True)
             expiry = self.config.persistent_keyring_expiry
             self._changed()
-            expires = self.clock() + expiry if expiry else 0.0
-            if expires != ring.expiry:  # else nothing to write: a full disk must not cost a user their keys
-                ring.expiry = expires
-                self._journal(ring)
+            # Not written: every start sets it afresh (restore), so a full disk never costs a user their keys.
+            ring.expiry = self.clock() + expiry if expiry else 0.0
             return ring.serial
 
     def _persistent_keyring(self, uid: int) -> Key:
@@ -1787,10 +1785,11 @@ class KeyStore:
             expiry = self.config.persistent_keyring_expiry
             for ring in self._persistent_keyrings.values():
                 self._persist_tree(ring)
-                if expiry and ring.revoked_at is None and not ring.invalidated:
+                if ring.revoked_at is None and not ring.invalidated:
                     # A start counts as a get_persistent: the time the daemon was down is nobody's
-                    # inactivity, and the keys must not go before their owners can reach them again.
-                    ring.expiry = self.clock() + expiry
+                    # inactivity, and the keys must not go before their owners can reach them again.  (What
+                    # the store holds is never used: get_persistent does not write the expiry it sets.)
+                    ring.expiry = self.clock() + expiry if expiry else 0.0
             orphans = [key.serial for key in restored if not key.persisted]
             self._reserved.update(orphans)
             for serial in orphans:
