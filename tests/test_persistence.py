@@ -1669,7 +1669,8 @@ def test_type_restrictions_stay_off_persistent_keyrings(fresh_daemon):
         c.add("user", "late", b"x", ring)
 
 
-def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent_keys(tmp_path):
+@pytest.mark.parametrize("expiry", [0, 259200])  # (the kernel's persistent_keyring_expiry: 3 days)
+def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent_keys(tmp_path, expiry):
     """A daemon in this process, whose database refuses to write: the request that changed a persistent
     keyring gets ENOSPC for a full disk (EIO for other failures), saying the change is made but not on
     disk yet; another client's requests are answered as ever."""
@@ -1679,6 +1680,7 @@ def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     cfg = ServerConfig(socket=str(tmp_path / "k.sock"), state_dir=str(state), harden=False)
+    cfg.store.persistent_keyring_expiry = expiry
     server = Server(cfg)
     server.startup()
     serving = threading.Thread(target=server.serve_forever, daemon=True)
