@@ -836,6 +836,18 @@ def test_refusals_before_the_handshake_leave_the_socket_with_the_app(client, pki
     with pytest.raises(E.EINVAL, match="not connected"):
         client.tls_accept(unconnected)
     unconnected.close()
+    # A remote peer's reset before keyden took the socket is the peer's doing, not a bad argument (an
+    # application that stops its accept loop on EINVAL could be knocked over from outside).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with pytest.raises(E.EINVAL, match="a listening socket"):
+            client.tls_accept(listener)
+        peer = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        time.sleep(0.1)
+        with accepted, pytest.raises(E.ECONNRESET, match="before the handshake"):
+            client.tls_accept(accepted)
 
 
 def daemon_fds(daemon) -> dict[str, str]:
@@ -1318,6 +1330,22 @@ def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, 
         while eng._per_uid.get(4242) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not eng._per_uid.get(4242), "the session outlived its application and its drain timeout"
+
+
+def test_an_application_that_shuts_its_reading_side_still_answers(pki, monkeypatch):
+    """shutdown(SHUT_RD) on the plaintext socket made the peer's next bytes fail to deliver (EPIPE), which
+    was taken for the application's leaving: DRAIN_TIMEOUT later the session ended, and the answer the
+    application then wrote was lost.  It only reads no more: what it writes still goes out."""
+    from keyden.tls import engine as tls_engine
+
+    monkeypatch.setattr(tls_engine, "DRAIN_TIMEOUT", 0.5)
+    eng = tls_engine.Engine(threads=1)
+    with engine_session(pki, eng) as (app, peer):
+        app.shutdown(socket.SHUT_RD)
+        peer.sendall(b"ignored\n")
+        time.sleep(1.5)  # past the drain timeout
+        app.sendall(b"late answer\n")
+        assert read_until(peer, b"\n") == b"late answer\n"
 
 
 def test_a_destroyed_key_leaves_no_tls_context_behind(pki):

@@ -261,11 +261,31 @@ def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outc
     client = type("Answering", (), {"ping": lambda self, data: data})()
     proxy = proxy_cli._Proxy(client, 1234, {"handshake_timeout": 1.0}, "unix:/nonexistent/upstream.sock", 1)
     with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as conn:
-        assert proxy.slots.acquire(blocking=False)  # as run() does before handing a connection over
+        assert proxy._admit(("192.0.2.1", 4242)) == ""  # as run() does before handing a connection over
         proxy._serve(conn, ("192.0.2.1", 4242), listener)
-    assert proxy.lost_keyden is stops
+    assert proxy.lost_keyden is stops and not proxy.per_host  # what it took is given back
     probed = request_error in ("ENOKEY", "EACCES", "EKEYREVOKED")
     assert len(calls) == 1 + probed  # a probe only for a refusal of the request that names the keyring
+
+
+def test_one_host_holds_at_most_its_share_of_the_proxys_connections():
+    """Handshakes per peer were limited, finished connections not: one host that completed 256 handshakes
+    and then said nothing held every slot for --idle-timeout (12 h), and every other client was closed."""
+    from keyden.cli import tls as proxy_cli
+
+    proxy = proxy_cli._Proxy(None, 1234, {"handshake_timeout": 1.0}, "unix:/nonexistent", 8, max_per_host=3)
+    greedy, other = ("192.0.2.1", 1), ("192.0.2.2", 1)
+    assert [proxy._admit(greedy) for _ in range(3)] == [""] * 3
+    assert "too many connections from 192.0.2.1" in proxy._admit(greedy)
+    assert [proxy._admit(other) for _ in range(3)] == [""] * 3
+    proxy._left(greedy)
+    assert proxy._admit(greedy) == ""  # its share again, once one has ended
+    third = ("192.0.2.3", 1)
+    assert [proxy._admit(third) for _ in range(2)] == ["", ""]  # all 8 held now
+    assert proxy._admit(("192.0.2.4", 1)) == "too many connections; closed"
+    for peer in [greedy] * 3 + [other] * 3 + [third] * 2:
+        proxy._left(peer)
+    assert not proxy.per_host and proxy.slots.acquire(blocking=False)
 
 
 # ------------------------------------------------------------------ --proxy-protocol

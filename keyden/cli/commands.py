@@ -720,7 +720,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("timeout", "<key> <timeout>", cmd_timeout),
     Command("tls-proxy", "--listen <host:port> --keyring <keyring> --forward <host:port>|unix:<path> "
             "[--client-trust <keyring>] [--require-client-cert] [--alpn <p1,p2>] [--handshake-timeout <secs>] "
-            "[--max-connections <n>] [--close-timeout <secs>] [--idle-timeout <secs>] [--proxy-protocol]",
+            "[--max-connections <n>] [--max-connections-per-host <n>] [--close-timeout <secs>] "
+            "[--idle-timeout <secs>] [--proxy-protocol]",
             tls.cmd_tls_proxy, extension=True),
     Command("unlink", "<key> [<keyring>]", cmd_unlink),
     Command("update", "[-x] <key> <data>", cmd_update),

@@ -42,8 +42,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
 
 def serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="keyden serve", description="Run the keyden daemon.")
-    p.add_argument("--socket", type=path,
-                   help="Unix socket path (default: $KEYDEN_SOCKET, $XDG_RUNTIME_DIR/keyden.sock, /run/keyden/keyden.sock)")
+    p.add_argument("--socket", type=path, help="Unix socket path (default: $KEYDEN_SOCKET, "
+                                               "$XDG_RUNTIME_DIR/keyden.sock, /run/keyden/keyden.sock)")
     add_store_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--no-harden", action="store_true", help="skip PR_SET_DUMPABLE/mlockall (debugging only)")

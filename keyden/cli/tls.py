@@ -16,6 +16,7 @@ the handshake settled.
 from __future__ import annotations
 
 import argparse
+import collections
 import signal
 import socket
 import struct
@@ -33,6 +34,7 @@ from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 10.0  # default seconds the other side has to finish and close once one side closed (splice)
 MAX_CLOSE_TIMEOUT = 3600.0
+MAX_PER_HOST = 32  # connections one client address holds at once: an eighth of the default 256
 IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
 MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
@@ -71,7 +73,7 @@ def cmd_tls_proxy(ctx, args) -> int:
     print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
-                   opts.close_timeout, opts.idle_timeout)
+                   opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host)
     try:
         proxy.run(listener)
     except KeyboardInterrupt:
@@ -92,6 +94,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--alpn", metavar="P1,P2", help="ALPN protocols offered, in preference order")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
     p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-connections-per-host", type=int, default=MAX_PER_HOST, metavar="N",
+                   help="connections one client address may hold at once, handshaking or not, so that one "
+                        f"host cannot hold every slot (default {MAX_PER_HOST}; at most --max-connections)")
     p.add_argument("--close-timeout", type=float, default=CLOSE_TIMEOUT, metavar="SECONDS",
                    help="once one side has closed (a write to it fails), how long the other has to finish its "
                         f"answer and close (default {CLOSE_TIMEOUT:g})")
@@ -111,6 +116,8 @@ def _parse(args: list[str]) -> argparse.Namespace:
         raise Exit(2, "tls-proxy: --client-trust takes a keyring")
     if opts.max_connections < 1:
         raise Exit(2, "tls-proxy: --max-connections takes a number of connections, at least 1")
+    if opts.max_connections_per_host < 1:
+        raise Exit(2, "tls-proxy: --max-connections-per-host takes a number of connections, at least 1")
     if not 0 < opts.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:  # nan fails too
         raise Exit(2, f"tls-proxy: --handshake-timeout takes seconds, more than 0 and at most "
                       f"{MAX_HANDSHAKE_TIMEOUT:g}")
@@ -229,7 +236,7 @@ def _common_name(info: client_tls.TlsInfo) -> str | None:
 class _Proxy:
     def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int,
                  proxy_protocol: bool = False, close_timeout: float = CLOSE_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, max_per_host: int = MAX_PER_HOST):
         self.client = client
         self.keyring = keyring
         self.tls_options = tls_options
@@ -238,6 +245,9 @@ class _Proxy:
         self.close_timeout = close_timeout
         self.idle_timeout = idle_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_per_host = max_per_host
+        self.per_host: collections.Counter[str] = collections.Counter()  # client address -> connections held
+        self.per_host_lock = threading.Lock()
         self.lost_keyden = False
 
     def run(self, listener: socket.socket) -> None:
@@ -248,11 +258,32 @@ class _Proxy:
                 if self.lost_keyden:
                     return
                 raise
-            if not self.slots.acquire(blocking=False):
-                _report(peer, "too many connections; closed")
+            refused = self._admit(peer)
+            if refused:
+                _report(peer, refused)
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True).start()
+
+    def _admit(self, peer) -> str:
+        """Take a slot for a connection from ``peer``, and one of its host's; why not, if not."""
+        host = peer[0]
+        with self.per_host_lock:
+            if self.per_host[host] >= self.max_per_host:  # (finished handshakes, then silence, held every slot)
+                return f"too many connections from {host} (--max-connections-per-host); closed"
+            if not self.slots.acquire(blocking=False):
+                return "too many connections; closed"
+            self.per_host[host] += 1
+        return ""
+
+    def _left(self, peer) -> None:
+        """Give back what ``_admit`` took."""
+        host = peer[0]
+        with self.per_host_lock:
+            self.slots.release()
+            self.per_host[host] -= 1
+            if not self.per_host[host]:
+                del self.per_host[host]
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
@@ -300,7 +331,7 @@ class _Proxy:
                     return
             splice(plain, upstream, self.close_timeout, self.idle_timeout)
         finally:
-            self.slots.release()
+            self._left(peer)
 
     def _failed(self, peer, exc: E.KeydenError, listener: socket.socket, request: bool) -> None:
         """Report a connection that failed; stop accepting (exit 1) if keyden is gone, or, when keyden

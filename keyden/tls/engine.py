@@ -369,6 +369,7 @@ class Session:
         self.pinned = 0  # an SSL_write that would block must be repeated with the same length
         self.app_eof = False
         self.app_gone = False  # the application closed its end: nothing more is delivered to it
+        self.app_read_shut = False  # it shut its reading side: nothing more is delivered, but it still writes
         self.progress_at = 0.0  # when the peer last took some of the application's data (app_gone only)
 
     # ------------------------------------------------------------ lifecycle
@@ -557,14 +558,16 @@ class Session:
     def _deliver(self) -> bool:
         """Pass ``up`` to the application; True once it is all gone (or dropped: the application left, and
         the peer must not stall writing to us, or it may never read what the application answered)."""
-        if self.up_start < self.up_end and not self.app_gone:
+        if self.up_start < self.up_end and not self.app_gone and not self.app_read_shut:
             try:
                 self.up_start += self.plain.send(self.up[self.up_start:self.up_end])
             except BlockingIOError:
                 return False
-            except (BrokenPipeError, ConnectionResetError):
+            except BrokenPipeError:  # it reads no more (shutdown(SHUT_RD)), and may still write: if it
+                self.app_read_shut = True  # closed instead, the hang-up says so (step), or its reset
+            except ConnectionResetError:
                 self._app_left()
-            if self.up_start < self.up_end:
+            if self.up_start < self.up_end and not self.app_read_shut:
                 return False
         self.up_start = self.up_end = 0
         return True

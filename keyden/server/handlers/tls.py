@@ -132,6 +132,11 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
         try:
             sock.getpeername()
         except OSError:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise E.EINVAL("a listening socket: pass a connection accepted from it") from None
+            if sock.family != socket.AF_UNIX and sock.getsockname()[1]:  # it had a connection: the peer's
+                # reset ended it before keyden took it, which no application should take for its own mistake
+                raise E.ECONNRESET("the peer closed the connection before the handshake began") from None
             raise E.EINVAL("the socket is not connected") from None
         yield sock
     finally:
