@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from keyden.client.handles import KeyHandle
 
 RECV_CHUNK = 1024 * 1024
-HELLO_TIMEOUT = 30.0  # seconds for connecting and the HELLO's answer, which keyden gives at once
+HELLO_TIMEOUT = 30.0  # seconds for the HELLO's answer, which keyden gives at once (not for connecting)
 HELLO_REPLY_MAX = 64 * 1024  # bytes of the HELLO's answer (tens, or an error message)
 SOCKET_BUFFER = 4 * 1024 * 1024
 

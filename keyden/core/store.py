@@ -17,6 +17,7 @@ under the lock, so nothing checked before the parse is trusted after it.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import secrets
 import threading
@@ -410,10 +411,8 @@ def _holds(ring: Key, target: Key) -> bool:
     todo, seen = [ring], {ring.serial}
     while todo:
         current = todo.pop()
-        held = list(current.links.values())
-        if current.restriction is not None and current.restriction.key is not None:
-            held.append(current.restriction.key)
-        for member in held:
+        anchor = current.restriction.key if current.restriction is not None else None
+        for member in itertools.chain(current.links.values(), (anchor,) if anchor is not None else ()):
             if member is target:
                 return True
             if member.links is not None and member.serial not in seen:
@@ -1582,8 +1581,8 @@ class KeyStore:
                 raise E.EOPNOTSUPP("a persistent keyring takes only the no-link restriction: "
                                    "type restrictions cannot be stored")
             ring.restriction = rule
-            if rule.key is not None:
-                rule.key.pins += 1  # held until the ring dies (_destroy_now), however it is unlinked
+            if anchor is not None:
+                anchor.pins += 1  # held until the ring dies (_destroy_now), however it is unlinked
             self._journal(ring)
 
     # -------------------------------------------------------------- sessions
