@@ -397,6 +397,75 @@ def test_aconnect_and_handshake_errors(daemon):
     asyncio.run(scenario())
 
 
+def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A server that accepts and never answers HELLO held the asyncio client for good, and one that
+    announced a 2 GiB frame had it wait for 2 GiB: HELLO's answer is awaited for HELLO_TIMEOUT, and capped."""
+    import socket as socketlib
+
+    from keyden.client import common
+
+    monkeypatch.setattr(common, "HELLO_TIMEOUT", 0.5)
+
+    async def scenario(reply: bytes):
+        path = str(tmp_path / f"fake{len(reply)}.sock")
+        server = socketlib.socket(socketlib.AF_UNIX)
+        server.bind(path)
+        server.listen()
+        server.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            connecting = asyncio.ensure_future(aio.connect(path))
+            peer, _ = await loop.sock_accept(server)
+            await loop.sock_sendall(peer, reply)
+            try:
+                with pytest.raises((E.ETIMEDOUT, E.EMSGSIZE)) as refused:
+                    await asyncio.wait_for(connecting, 10)
+            finally:
+                peer.close()
+            return str(refused.value)
+        finally:
+            server.close()
+
+    assert "no answer within 0.5 s" in asyncio.run(scenario(b""))
+    assert "cap" in asyncio.run(scenario((0x7FFFFFFF).to_bytes(4, "little") + bytes(12)))
+
+
+def test_connecting_waits_while_the_daemons_listen_queue_is_full(tmp_path):
+    """The loop's sock_connect took a full listen queue's EAGAIN for a connect in progress and handed back
+    a socket connected to nothing (then 'served by uid -1', EACCES).  It waits, as a blocking connect does."""
+    import socket as socketlib
+
+    path = str(tmp_path / "busy.sock")
+    server = socketlib.socket(socketlib.AF_UNIX)
+    server.bind(path)
+    server.listen(0)
+    queued = []
+    while True:  # fill the queue
+        waiting = socketlib.socket(socketlib.AF_UNIX)
+        waiting.setblocking(False)
+        try:
+            waiting.connect(path)
+        except BlockingIOError:
+            waiting.close()
+            break
+        queued.append(waiting)
+
+    async def scenario():
+        connecting = asyncio.ensure_future(aio.connect(path))
+        await asyncio.sleep(0.3)
+        assert not connecting.done()  # still waiting for room in the queue
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for sock in queued:
+            sock.close()
+        server.close()
+
+
 def wait_stopped(pid: int) -> None:
     """Block until the kernel reports the process stopped (SIGSTOP delivery is asynchronous)."""
     deadline = time.monotonic() + 10
@@ -538,6 +607,17 @@ def test_data_plane_helpers_are_awaitable_and_agree_with_pyca(arun, client):
         blob = await aead.encrypt_random(big)
         assert await aead.decrypt_random(blob) == big
         assert await aead.decrypt_random(await aead.encrypt_random(b"small")) == b"small"
+        out = bytearray(len(big) + 16)
+        assert await aead.encrypt_into(nonce, big, b"ad", out) == len(sealed) and out == sealed
+        back = bytearray(len(big))
+        assert await aead.decrypt_into(nonce, out, b"ad", back) == len(big) and back == big
+        with pytest.raises(ValueError):  # before any work, as pyca's
+            await aead.encrypt_into(nonce, b"four", None, bytearray(19))
+        out[0] ^= 1
+        untouched = bytearray(b"\xee" * len(big))
+        with pytest.raises(E.EBADMSG):  # nothing written unless the tag checks out
+            await aead.decrypt_into(nonce, out, b"ad", untouched)
+        assert untouched == b"\xee" * len(big)
         batch = await aead.encrypt_batch(None, [b"a", b"b"])
         assert await aead.decrypt_batch(None, batch) == [b"a", b"b"]
         chacha = await c.aead(gcm_serial, "rfc7539(chacha20,poly1305)")

@@ -578,9 +578,9 @@ def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatc
 
     import keyden
     from keyden import errors as E
-    from keyden.client import sync
+    from keyden.client import common
 
-    monkeypatch.setattr(sync, "HELLO_TIMEOUT", 0.5)
+    monkeypatch.setattr(common, "HELLO_TIMEOUT", 0.5)
     for reply in (b"", (0x7FFFFFFF).to_bytes(4, "little") + bytes(12)):
         path = str(tmp_path / f"fake{len(reply)}.sock")
         server = socketlib.socket(socketlib.AF_UNIX)

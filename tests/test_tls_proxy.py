@@ -288,6 +288,17 @@ def test_one_host_holds_at_most_its_share_of_the_proxys_connections():
     assert not proxy.per_host and proxy.slots.acquire(blocking=False)
 
 
+def test_the_upstream_connection_sends_small_writes_at_once():
+    """What the proxy reads it writes upstream at once: Nagle would hold a short write back behind one not
+    yet acknowledged, 40 ms with a delayed ACK (an HTTP request's last bytes, a reply's)."""
+    from keyden.cli import tls as proxy_cli
+
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        proxy = proxy_cli._Proxy(None, 1234, {}, upstream.getsockname(), 1)
+        with proxy._connect_forward() as forward:
+            assert forward.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 # ------------------------------------------------------------------ --proxy-protocol
 
 PROXY_V2_SIGNATURE = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])

@@ -373,7 +373,11 @@ class _Proxy:
                 sock.close()
                 raise
             return sock
-        return socket.create_connection(self.forward)
+        sock = socket.create_connection(self.forward)
+        # What splice reads it writes at once: Nagle would hold a short write back behind one not yet
+        # acknowledged (40 ms, with the peer's delayed ACK), as nginx's tcp_nodelay avoids.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,

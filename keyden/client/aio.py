@@ -63,12 +63,26 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+async def _connect_unix(sock: socket.socket, path: str) -> None:
+    """Connect a non-blocking Unix socket, waiting while the daemon's listen queue is full, as a blocking
+    connect waits.  (The loop's ``sock_connect`` takes that EAGAIN for a connect in progress, finds the socket
+    writable at once, and hands back one that is connected to nothing.)"""
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.05)
+
+
 class _Wire(asyncio.Protocol):
     """Bytes in, frames out to the client; connection loss reported once."""
 
     def __init__(self, client: "AsyncClient"):
         self.client = client
-        self.decoder = W.FrameDecoder(1 << 31)
+        self.decoder = W.FrameDecoder(common.HELLO_REPLY_MAX)  # until HELLO is answered: see AsyncClient._open
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,9 +149,9 @@ class AsyncClient(Operations):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # ours, to close without the loop (fork)
         try:
             sock.setblocking(False)
-            await loop.sock_connect(sock, self.socket_path)
+            await _connect_unix(sock, self.socket_path)
             common.check_daemon(sock, self.socket_path)
-            transport, _wire = await loop.create_unix_connection(lambda: _Wire(self), sock=sock)
+            transport, wire = await loop.create_unix_connection(lambda: _Wire(self), sock=sock)
         except OSError as exc:
             sock.close()
             raise common.connect_failed(self.socket_path, exc) from None
@@ -150,10 +164,15 @@ class AsyncClient(Operations):
         self._transport, self._sock, self._lost = transport, sock, None
         self._guard_loop(loop)
         try:
-            self.version, self.max_frame, self.uid, self.gid, self.pid = await self._write(Op.HELLO, self._hello)
+            hello = await asyncio.wait_for(self._write(Op.HELLO, self._hello), common.HELLO_TIMEOUT)
+        except TimeoutError:  # keyden answers HELLO at once: whatever does not is no keyden
+            self._lose(common.no_hello(self.socket_path, common.HELLO_TIMEOUT))
+            raise self._lost_error() from None
         except BaseException:
             self._lose(self._lost or E.ECONNRESET("connection to keyden lost during HELLO"))
             raise
+        wire.decoder.max_frame = 1 << 31
+        self.version, self.max_frame, self.uid, self.gid, self.pid = hello
         self.generation += reconnecting
 
     async def _reopen_then_send(self, op: Op, args: tuple) -> Any:

@@ -15,8 +15,8 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 
 from keyden import errors as E
 from keyden.client.dataplane import (_OVERHEAD, HMAC_FAILED, PIECE, AuthenticationFailed, KeyedAlgorithm,
-                                     MacMismatch, _final_fields, _fits, _piece, _raise_first, _stale, _still_open,
-                                     _uncopyable_stream, item_error, take_abandoned)
+                                     MacMismatch, _final_fields, _fits, _piece, _raise_first, _room, _stale,
+                                     _still_open, _uncopyable_stream, _view, item_error, take_abandoned)
 from keyden.client.operations import as_value_error, binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
@@ -83,6 +83,11 @@ def _closing(abort: Awaitable[None]) -> None:
     task.add_done_callback(_CLOSING.discard)
 
 
+def _copied(out: bytes, into: memoryview) -> int:
+    into[:len(out)] = out
+    return len(out)
+
+
 class AsyncAead(KeyedAlgorithm):
     """An AEAD key held by keyden, for the asyncio client: encrypt(nonce, data, aad) -> ct || tag."""
 
@@ -145,6 +150,16 @@ class AsyncAead(KeyedAlgorithm):
     async def decrypt(self, nonce, data, associated_data=None) -> bytes:
         """Raises EBADMSG, with no detail, if authentication fails."""
         return await self._run(nonce, data, associated_data, True)
+
+    async def encrypt_into(self, nonce, data, associated_data, buf) -> int:
+        """As pyca's: ValueError, before any work, if ``buf`` cannot hold ciphertext and tag."""
+        into = _room(buf, _view(data).nbytes + self.tag_size)
+        return _copied(await self._run(nonce, data, associated_data, False), into)
+
+    async def decrypt_into(self, nonce, data, associated_data, buf) -> int:
+        """Nothing is written to ``buf`` unless the tag checks out."""
+        into = _room(buf, _view(data).nbytes - self.tag_size)
+        return _copied(await self._run(nonce, data, associated_data, True), into)
 
     async def encrypt_random(self, data, associated_data=None) -> bytes:
         """keyden picks the nonce: returns nonce || ct || tag, so a nonce can never be reused by mistake."""

@@ -29,6 +29,15 @@ def socket_path(path: str | None = None) -> str:
         raise E.EINVAL(f"a socket path is a str or os.PathLike, not {type(path).__name__}") from None
 
 
+HELLO_TIMEOUT = 30.0  # seconds for the HELLO's answer, which keyden gives at once (not for connecting)
+HELLO_REPLY_MAX = 64 * 1024  # bytes of the HELLO's answer (tens, or an error message)
+
+
+def no_hello(path: str, waited: float) -> E.KeydenError:
+    """A server that accepted and did not answer HELLO in time: whatever it is, it is no keyden."""
+    return E.ETIMEDOUT(f"no answer within {waited:g} s from {path} (is it keyden?)")
+
+
 def connect_failed(path: str, exc: OSError) -> E.KeydenError:
     """A socket we may not use is EACCES (as keyctl would say); no daemon there, or none answering, ECONNRESET."""
     error = (E.EACCES if exc.errno in (errno.EACCES, errno.EPERM) else E.ECONNRESET)(

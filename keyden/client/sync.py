@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from keyden.client.handles import KeyHandle
 
 RECV_CHUNK = 1024 * 1024
-HELLO_TIMEOUT = 30.0  # seconds for the HELLO's answer, which keyden gives at once (not for connecting)
-HELLO_REPLY_MAX = 64 * 1024  # bytes of the HELLO's answer (tens, or an error message)
 SOCKET_BUFFER = 4 * 1024 * 1024
 
 _CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -88,7 +86,7 @@ class Client(Operations):
     def _open(self) -> None:
         """Connect and say HELLO (with the lock held, or before the client is shared)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        hello_timeout = HELLO_TIMEOUT if self._timeout is None else min(self._timeout, HELLO_TIMEOUT)
+        hello_timeout = common.HELLO_TIMEOUT if self._timeout is None else min(self._timeout, common.HELLO_TIMEOUT)
         try:
             sock.settimeout(self._timeout)  # (with a timeout, a full listen queue is EAGAIN at once: a busy
             #                                  daemon's queue is waited on, as a connect without one does)
@@ -104,7 +102,7 @@ class Client(Operations):
             sock.close()
             raise
         self._sock = sock
-        self._decoder = W.FrameDecoder(HELLO_REPLY_MAX)  # no 2 GiB "frame" from a server that is not keyden
+        self._decoder = W.FrameDecoder(common.HELLO_REPLY_MAX)  # no 2 GiB "frame" from a server that is not keyden
         self._pending: dict[int, W.Frame] = {}
         rid = next(self._ids) & 0xFFFFFFFF or 1  # 0 is the daemon's, for connection-level errors
         hello = (W.MIN_VERSION, W.VERSION, self._session, self._client_name)
@@ -115,8 +113,7 @@ class Client(Operations):
                 raise E.error_for_code(frame.status, W.decode_error(frame.body))
         except TimeoutError:
             sock.close()
-            raise E.ETIMEDOUT(f"no answer within {hello_timeout:g} s from {self.socket_path} (is it keyden?)") \
-                from None
+            raise common.no_hello(self.socket_path, hello_timeout) from None
         except OSError as exc:
             raise self._lost(exc) from None
         except E.KeydenError:
