@@ -205,6 +205,7 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(frame(Op.SHM_DETACH, 7)) is Cost.SLOW  # the last unmap of a GiB memfd frees all of it
     assert conn.cost(frame(Op.ADD, "asymmetric", "", b"pem", -3, b"")) is Cost.SLOW  # maybe a password KDF
     assert conn.cost(frame(Op.ADD, "user", "x", b"y", -3, b"")) is Cost.QUICK
+    assert conn.cost(frame(Op.UPDATE, user, b"y" * 4096)) is Cost.QUICK  # only user-like keys update: no parsing
     assert conn.cost(frame(Op.ADD, "asymmetrical", "x", b"y", -3, b"")) is Cost.QUICK  # no such type: EINVAL
     assert conn.cost(frame(Op.ADD_FLAGS, "asymmetric", "", b"pem", -3, b"", 1)) is Cost.SLOW
     # a batch costs its items, however small: 65536 empty HMAC verifications held the loop for 0.9 s

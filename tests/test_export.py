@@ -793,3 +793,19 @@ def test_search_on_a_wrapping_or_recipient_key_does_not_rebuild_an_exports_conte
         client.pkey_decrypt(rsa_recipient, f"enc=oaep hash=sha256 label={X.LABEL.hex()}", wrapped)
     elsewhere = client.newring("import here")
     assert client.describe(client.import_key(blob, rsa_recipient, elsewhere)).description == "app:secret"  # still works
+
+
+def test_an_exports_key_copies_never_pickle():
+    """What an export carries from the store to its wrapping, and an import from its blob to the store,
+    holds a key's payload: as keys, parsed keys and handles, it refuses pickle and copy."""
+    import copy
+    import pickle
+
+    from keyden.core.store import Exported
+
+    for entry in (Exported("logon", "secret", 0x3f010000, b"payload bytes"),
+                  X.Entry("logon", "secret", 0x3f010000, b"payload bytes")):
+        for leak in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match="cannot be pickled or copied"):
+                leak(entry)
+        assert b"payload" not in repr(entry).encode()

@@ -989,6 +989,33 @@ class _CursorFailingOnManifest:
         return self._cursor.executemany(statement, rows)
 
 
+def test_a_failed_start_lets_go_of_the_key_database(tmp_path):
+    """A start that failed after opening the store (here: the audit file's directory is missing) kept the
+    database's lock: a second start in the same process found keys.db "in use by another process"."""
+    from keyden.persist.master import StartupError
+    from keyden.server.config import ServerConfig
+    from keyden.server.server import Server
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    config = dict(socket=str(tmp_path / "k.sock"), state_dir=str(state), harden=False)
+    failed = Server(ServerConfig(**config, audit=str(tmp_path / "missing" / "audit.log")))
+    with pytest.raises(StartupError, match="audit"):
+        failed.startup()
+    assert not os.path.exists(config["socket"])
+    server = Server(ServerConfig(**config))
+    server.startup()
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        with keyden.connect(config["socket"]) as c:
+            assert c.ping(b"up") == b"up"
+    finally:
+        server.request_stop()
+        serving.join(10)
+        server.shutdown()
+
+
 def test_a_failed_write_leaves_a_manifest_that_matches_after_the_next_one(tmp_path):
     """Writes fail midway (rows written, then the manifest fails: rolled back whole); the next successful
     write takes those changes too, and a restart finds rows and manifest in step."""

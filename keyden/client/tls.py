@@ -62,7 +62,7 @@ def tls_accept(client, sock, keyring="@s", *, client_trust=0, require_client_cer
 def start_accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: bool = False,
                  alpn: list[str] | None = None, min_version: str = "1.2",
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> socket.socket:
-    """``accept``'s request alone: the plaintext socket, whose first frame is the handshake's outcome
+    """``tls_accept``'s request alone: the plaintext socket, whose first frame is the handshake's outcome
     (``established`` reads it).  An error here is the request's (keyrings, permissions, limits); one from
     ``established`` is the handshake's, which the peer can cause."""
     flags = _version_flag(min_version) | (TLS_REQUIRE_CLIENT_CERT if require_client_cert else 0)

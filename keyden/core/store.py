@@ -307,6 +307,9 @@ class Exported:
     def __repr__(self) -> str:
         return f"<Exported {self.type}:{self.description!r}>"
 
+    def __reduce__(self):
+        raise TypeError("an exported key holds its payload: it cannot be pickled or copied")
+
 
 @dataclass
 class _Quota:
@@ -807,6 +810,8 @@ class KeyStore:
         return self._user_session_keyring(caller.uid, create)
 
     def _special(self, caller: Caller, key_id: int, create: bool) -> Key:
+        """The keyring a special ID names.  ``create`` is for the process keyring alone: the user keyrings,
+        and @us standing in for a missing session, are made on first use, as the kernel makes them."""
         if key_id in (THREAD, PROCESS):
             ring = self._process_keyring(caller, create)
             if ring is None:
@@ -1006,7 +1011,8 @@ class KeyStore:
 
     def session_serial(self, caller: Caller) -> int:
         """The keyring @s names for this caller, without a permission check (WHOAMI tells the caller who it
-        is, even with its session keyring's search bit cleared); 0 if there is none."""
+        is, even with its session keyring's search bit cleared); 0 if it cannot be found (@us standing in
+        for a missing session, when it or @u is revoked, expired or grants no search)."""
         with self.lock:
             try:
                 return self._special(caller, SESSION, False).serial

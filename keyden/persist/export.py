@@ -84,6 +84,9 @@ class Entry:
     def __repr__(self) -> str:
         return f"<Entry {self.type}:{self.description!r}>"
 
+    def __reduce__(self):
+        raise TypeError("an import entry holds a key's payload: it cannot be pickled or copied")
+
 
 # ------------------------------------------------------------------ the tree
 

@@ -10,7 +10,7 @@ SYSTEM_SOCKET = "/run/keyden/keyden.sock"
 
 
 def default_socket_path(env: dict[str, str] | None = None) -> str:
-    """Where a daemon listens: --socket, else $KEYDEN_SOCKET, else $XDG_RUNTIME_DIR/keyden.sock, else
+    """Where a daemon listens unless told (its --socket): $KEYDEN_SOCKET, else $XDG_RUNTIME_DIR/keyden.sock, else
     /run/keyden/keyden.sock."""
     env = os.environ if env is None else env
     if env.get(SOCKET_ENV):

@@ -32,11 +32,12 @@ class Cost(enum.IntEnum):
     QUICK = 0  # microseconds: always answered by the loop itself
     HEAVY = 1  # a few bounded milliseconds that pyca spends outside the GIL (RSA and P-384 keys, ciphers
     #            on up to 16 MiB): answered by the loop when nobody else is waiting, else by a worker
-    SLOW = 2  # unbounded or blocking (key generation, scrypt, the disk, TLS set-up): always a worker
+    SLOW = 2  # unbounded or blocking (key generation, a password KDF, the disk, TLS set-up): always a worker
 
 
-#: Requests that may take long whatever their size: key generation, finite-field DH, KDFs that may be
-#: scrypt, wrapping and unwrapping (scrypt, RSA), path validation, the disk, TLS set-up.
+#: Requests that may take long whatever their size: key generation, finite-field DH, key agreement and
+#: key transport into new keys (RSA, P-384), export and import (their wrapping, the disk), path
+#: validation, TLS set-up.
 SLOW_OPS = frozenset({
     W.Op.GENKEY, W.Op.GENKEY_FLAGS, W.Op.DH_COMPUTE, W.Op.DH_COMPUTE_KDF, W.Op.DERIVE, W.Op.KDF,
     W.Op.PKEY_DECRYPT_INTO, W.Op.EXPORT, W.Op.IMPORT, W.Op.REKEY, W.Op.X509_VERIFY, W.Op.GET_PERSISTENT,
@@ -48,7 +49,8 @@ SLOW_OPS = frozenset({
 #: load (8 clients signing with Ed25519 measured 8.3k sig/s on the loop, 4.9k through workers): quick.
 PKEY_OPS = frozenset({W.Op.PKEY_SIGN, W.Op.PKEY_DECRYPT, W.Op.PKEY_ENCRYPT, W.Op.PKEY_VERIFY})
 #: Requests that parse what they are given: an asymmetric key may be an encrypted PKCS#8 (a password KDF).
-ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS, W.Op.UPDATE})
+#: (UPDATE is not among them: only user-like keys are updatable, and a page of their payload is stored as is.)
+ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS})
 BULK_BYTES = 64 * 1024  # more data than this in one request is heavy (pyca releases the GIL for bulk work)
 #: A batch's cost is its items (1-12 µs each, however small): past QUICK_ITEMS it is heavy, past
 #: HEAVY_ITEMS (tens of ms) slow.  65536 empty items fit in 260 KiB and took the loop for up to 0.9 s.
@@ -69,8 +71,8 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
         return Cost.QUICK
     if op in SLOW_OPS:
         return Cost.SLOW
-    if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted); an update may be of either kind
-        return Cost.SLOW if op == W.Op.UPDATE or body[:14] == _ASYMMETRIC_TYPE else Cost.QUICK
+    if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted)
+        return Cost.SLOW if body[:14] == _ASYMMETRIC_TYPE else Cost.QUICK
     if op == W.Op.BATCH:  # the larger of what its items and its bytes cost
         items = batch_items(body)
         if items is None:  # its first list is over the limit: refused before any item is made

@@ -120,6 +120,15 @@ class Server:
     # ------------------------------------------------------------- lifecycle
 
     def startup(self) -> None:
+        """Open the store, listen, start the background threads.  On failure, what it opened is closed again
+        (the key database's lock above all: a second start in this process would find it held)."""
+        try:
+            self._startup()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _startup(self) -> None:
         cfg = self.config
         cfg.check()
         self._clear_stale_socket(cfg.socket)  # a daemon already there: say so before making a store
@@ -284,7 +293,7 @@ class Server:
             refusal = limits.backlogged(who.uid)
         if refusal is not None:
             if audit is not None:
-                audit.record(W.Op.HELLO, None, E.EMFILE.code)
+                audit.record(W.Op.HELLO, None, refusal.code)
                 self.audit.flush()  # the line before the refusal, as before any reply
             limits.refuse(sock, refusal, who.uid)
             return None

@@ -291,7 +291,7 @@ def _stream_final(ctx, handle, data, tag):
         if decrypt:
             return (out + stream.finalize_with_tag(tag), b"")
         ct_tail_and_tag = stream.finalize()
-        cut = len(ct_tail_and_tag) - 16
+        cut = len(ct_tail_and_tag) - tag_size
         return (out + ct_tail_and_tag[:cut], ct_tail_and_tag[cut:])
     if kind == "skcipher":
         return (out + stream.finalize(), b"")
