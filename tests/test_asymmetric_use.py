@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, utils, x25519
 from keyden import errors as E
 from keyden.client import aio
 from keyden.core import keytypes as T
-from keyden.core import store as S
+from keyden.core import flags as F
 from keyden.core.perm import Credentials
-from keyden.core.store import FOR_USE, SESSION, Caller, KeyStore
+from keyden.core.flags import FOR_USE
+from keyden.core.store import SESSION, Caller, KeyStore
 from keyden.crypto.asymmetric import OP_DECRYPT, OP_ENCRYPT, OP_SIGN, OP_VERIFY, generate
 from keyden.persist import export as X
 from keyden.protocol import NO_EXPORT, Op
@@ -228,7 +229,7 @@ def test_uses_bind_asymmetric_keys_only_and_only_known_ones(client):
 
 def test_the_store_refuses_a_cipher_use_on_an_asymmetric_key_and_an_asymmetric_use_on_others():
     """What no request can ask for today (no wire flag carries a cipher use): the store itself refuses it."""
-    assert S.ASYMMETRIC_USE == {"sign": SIGN, "decrypt": DECRYPT, "derive": DERIVE}
+    assert F.ASYMMETRIC_USE == {"sign": SIGN, "decrypt": DECRYPT, "derive": DERIVE}
     store = KeyStore()
     alice = Caller(Credentials(1000, 1000, frozenset({1000})))
     store.resolve(alice, SESSION, create=True)

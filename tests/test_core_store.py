@@ -15,10 +15,12 @@ import pytest
 from keyden import errors as E
 from keyden.core import perm as P
 from keyden.core import store as store_module
+from keyden.core.flags import NO_EXPORT
 from keyden.core.perm import Credentials
 from keyden.core.store import (
     GROUP, PROCESS, REQKEY_AUTH, REQUESTOR, SESSION, THREAD, USER, USER_SESSION, Caller, KeyStore, StoreConfig,
 )
+from keyden.core.views import KeyStatus
 
 ALICE = Credentials(1000, 1000, frozenset({1000, 3000}))
 BOB = Credentials(1001, 1001, frozenset({1001, 3000}))  # shares group 3000 with alice
@@ -615,7 +617,7 @@ def test_an_update_past_the_byte_quota_fails_and_changes_nothing(clock):
     with pytest.raises(E.EDQUOT):
         store.update(alice, key, b"x" * 100)
     with pytest.raises(E.EDQUOT):  # add over it, asking for no-export: refused, so not flagged either
-        add_user(store, alice, "k", b"x" * 100, flags=store_module.NO_EXPORT)
+        add_user(store, alice, "k", b"x" * 100, flags=NO_EXPORT)
     assert store.read(alice, key) == b"small"
     assert not next(k for k in store.iter_keys() if k.serial == key).flags
 
@@ -962,7 +964,7 @@ def test_find_passes_over_revoked_and_expired_keys(store, alice, clock):
     assert store.find(alice, "user", "gone") == fresh
 
 
-def mine(store, caller, **kw) -> dict[int, store_module.KeyStatus]:
+def mine(store, caller, **kw) -> dict[int, KeyStatus]:
     """The caller's /proc/keys view, by serial."""
     found, after = store.keys(caller, **kw)
     assert after == 0  # every key looked at
@@ -1069,9 +1071,9 @@ def test_a_non_exportable_key_is_eperm_only_to_whoever_may_view_it(store, alice)
     mask lets the caller view it: possession inherited from the exported keyring does not count for that."""
     top = newring(store, alice, "top")
     inner = newring(store, alice, "inner", top)
-    hidden = add_user(store, alice, "hidden", ring=inner, flags=store_module.NO_EXPORT)
+    hidden = add_user(store, alice, "hidden", ring=inner, flags=NO_EXPORT)
     store.setperm(alice, hidden, 0x01000000)  # its possessor may view it; its owner nothing
-    seen = add_user(store, alice, "seen", ring=top, flags=store_module.NO_EXPORT)
+    seen = add_user(store, alice, "seen", ring=top, flags=NO_EXPORT)
     store.setperm(alice, seen, 0x01010000)  # viewable by its owner too; readable by nobody
     with pytest.raises(E.EPERM):
         store.export_tree(alice, seen)
@@ -1100,7 +1102,7 @@ def test_a_non_exportable_key_is_found_first_however_the_tree_reaches_it(store, 
     far = newring(store, alice, "far", top)
     shared = newring(store, alice, "shared", near)
     store.add(alice, "logon", "svc:unreadable", b"x" * 32, shared)  # met before the sealed key: EACCES
-    add_user(store, alice, "sealed", ring=shared, flags=store_module.NO_EXPORT)
+    add_user(store, alice, "sealed", ring=shared, flags=NO_EXPORT)
     ring = far
     for depth in range(2, 7):  # top 0, far 1, chain 2..6: shared is met 7 deep on this side
         ring = newring(store, alice, f"chain{depth}", ring)
@@ -1110,7 +1112,7 @@ def test_a_non_exportable_key_is_found_first_however_the_tree_reaches_it(store, 
 
     expired = newring(store, alice, "expired")
     inner = newring(store, alice, "inner", expired)
-    add_user(store, alice, "sealed", ring=inner, flags=store_module.NO_EXPORT)
+    add_user(store, alice, "sealed", ring=inner, flags=NO_EXPORT)
     outer = newring(store, alice, "outer")
     store.link(alice, expired, outer)
     store.set_timeout(alice, expired, 10)
@@ -1148,7 +1150,7 @@ def test_a_generated_key_keys_only_its_use(store, alice):
     """FOR_USE: set at creation, checked for material and cached engines alike; None (wrapping) takes any
     key, and keys made without a use key anything."""
     from keyden.core import keytypes as T
-    from keyden.core.store import FOR_USE, NO_EXPORT
+    from keyden.core.flags import FOR_USE
     assert len(set(FOR_USE.values())) == len(FOR_USE) and not sum(FOR_USE.values()) & (NO_EXPORT | ~0xff)
     logon = T.REGISTRY["logon"]
     made = store.create_internal(alice, logon, "app:gcm", logon.preparse(b"k" * 32)[0], 32, SESSION,

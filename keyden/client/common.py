@@ -9,7 +9,7 @@ import socket
 import struct
 
 from keyden import errors as E
-from keyden.core.store import Description, KeyStatus
+from keyden.core.views import Description, KeyStatus
 from keyden.crypto.asymmetric import PkeyQuery
 from keyden.protocol import KEY_RECORD, KEY_STATE_BITS, Op
 from keyden.protocol.transport import client_socket_path

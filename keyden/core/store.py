@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 import secrets
 import threading
 import time
@@ -29,8 +28,11 @@ from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core import perm as P
 from keyden.core.budget import ByteBudget
+from keyden.core.flags import (ASYMMETRIC_USE, ASYMMETRIC_USE_FLAGS, BINDING_FLAGS, FOR_USE, KEY_FLAGS, NO_EXPORT,
+                               USE_FLAGS, check_flags, refuse_use, uses_of)
 from keyden.core.journal import Journal, NullJournal
 from keyden.core.perm import Credentials
+from keyden.core.views import Description, KeyStatus
 
 # Special key IDs (keyctl.h).
 THREAD, PROCESS, SESSION, USER, USER_SESSION, GROUP, REQKEY_AUTH, REQUESTOR = -1, -2, -3, -4, -5, -6, -7, -8
@@ -41,30 +43,6 @@ MIN_SERIAL, MAX_SERIAL = 3, 2**31 - 1
 #: KEYQUOTA_LINK_BYTES: what each link costs the owner of the keyring holding it.
 LINK_BYTES = 4
 
-#: Key.flags a client may set when it creates a key; set for good, never cleared.
-NO_EXPORT = 0x1
-#: Key.flags genkey sets, for good: the one use a symmetric key was made for (an algorithm, or "hmac" for
-#: all HMACs), the only thing it then keys, as Vault's typed keys or PKCS#11's CKA_ALLOWED_MECHANISMS.  One
-#: AES mode's outputs at chosen inputs give out another's secrets: CTR's keystream at IV 0 is GCM's hash
-#: key.  Keys added or derived carry none and key anything, as AF_ALG's keys by serial do; an imported key
-#: carries what its export gave (version 2 exports carry it).  Values are stored with persistent keys and
-#: in exports: never reused.
-FOR_USE = {"gcm(aes)": 0x2, "gcm-siv(aes)": 0x4, "cbc(aes)": 0x8, "ctr(aes)": 0x10,
-           "rfc7539(chacha20,poly1305)": 0x20, "hmac": 0x40}
-USE_FLAGS = sum(FOR_USE.values())
-#: Key.flags a client may set on an asymmetric key it adds or generates, for good: the uses it is bound to,
-#: as PKCS#11's CKA_SIGN, CKA_DECRYPT and CKA_DERIVE (any non-empty set; none: every use, as before).  A key
-#: pair serving two uses lends each to attacks on the other: an RSA key that decrypts for anyone with search
-#: permission is an oracle against its own signatures (and the reverse).  sign: pkey_sign, pkey_verify, TLS
-#: handshakes; decrypt: pkey_encrypt, pkey_decrypt (--into too), exports to and imports by an RSA key;
-#: derive: key agreement (derive's private key), imports by an EC or X25519 key.  Stored with
-#: persistent keys and in exports: never reused, and never 0x100-0x400, a stored key's row's own bits
-#: (persist/records.py).
-ASYMMETRIC_USE = {"sign": 0x800, "decrypt": 0x1000, "derive": 0x2000}
-ASYMMETRIC_USE_FLAGS = sum(ASYMMETRIC_USE.values())
-#: What a key is bound to, the one thing of its flags that goes with it into an export.
-BINDING_FLAGS = USE_FLAGS | ASYMMETRIC_USE_FLAGS
-KEY_FLAGS = NO_EXPORT | BINDING_FLAGS
 #: The persistent keyring's mask: possessor all but setattr, owner view and read (persistent.c).
 PERSISTENT_KEYRING_PERM = 0x1F030000
 
@@ -229,71 +207,6 @@ def _kept(key: "Key") -> None:
         raise E.EPERM(f"key {key.serial} is a system key and cannot be removed or changed")
 
 
-@dataclass(frozen=True)
-class Description:
-    """What keyctl describe shows."""
-
-    serial: int
-    type: str
-    uid: int
-    gid: int
-    perm: int
-    description: str
-
-    def keyctl(self) -> str:
-        """keyctl describe's line."""
-        return (f"{self.serial:9d}: {P.describe_mask(self.perm)} {self.uid:5d} {self.gid:5d} "
-                f"{self.type}: {self.description}")
-
-    def raw(self, sep: str = ";") -> str:
-        """keyctl rdescribe's line: type;uid;gid;perm;description."""
-        return sep.join((self.type, str(self.uid), str(self.gid), f"{self.perm:08x}", self.description))
-
-
-@dataclass(frozen=True)
-class KeyStatus:
-    """One key as /proc/keys shows it: its description, state and expiry (wall clock, 0 = never)."""
-
-    serial: int
-    type: str
-    uid: int
-    gid: int
-    perm: int
-    revoked: bool
-    in_quota: bool  # charged to its owner's quota
-    expired: bool
-    no_export: bool
-    usage: int  # the keyrings linking it, and the sessions and roles that hold it
-    expiry: float
-    description: str
-    summary: str  # what the type's describe adds: a payload's length, a keyring's link count, an algorithm
-
-    def proc_line(self, now: float) -> str:
-        """The key's line in /proc/keys (proc_keys_show), its expiry counted from ``now``."""
-        # /proc/keys' IRDQUNi: every key here is instantiated; none is dead, under construction, negative, or
-        # kept once invalidated (keyden destroys it at once).
-        flags = f"I{'R' if self.revoked else '-'}-{'Q' if self.in_quota else '-'}---"
-        described = f"{self.description}: {self.summary}" if self.summary else self.description
-        return (f"{self.serial:08x} {flags} {self.usage:5d} {self.time_left(now):>4} {self.perm:08x} "
-                f"{self.uid:5d} {self.gid:5d} {self.type:<9.9} {described}")
-
-    def time_left(self, now: float) -> str:
-        """/proc/keys' expiry column: perm, expd, or what is left in its largest unit (s, m, h, d, w).  A
-        revoked key is expd, as the kernel shows it (revocation sets its death time)."""
-        if self.revoked:
-            return "expd"
-        if not self.expiry:
-            return "perm"
-        left = self.expiry - now
-        if self.expired or left <= 0:
-            return "expd"
-        left = math.ceil(left)  # whole seconds, as the kernel's: a key not yet expired has at least 1s
-        for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
-            if left >= size:
-                return f"{left // size}{unit}"
-        return f"{left}s"
-
-
 @dataclass
 class Exported:
     """One key of an export: a copy of what is needed to make it again elsewhere."""
@@ -370,37 +283,8 @@ def _id_arg(value: int, what: str) -> int:
     return value
 
 
-def flags_for(ktype: T.KeyType) -> int:
-    """The Key.flags a key of this type may carry: a cipher use only on a key that keys ciphers, an
-    asymmetric use only on an asymmetric key (on any other it would bind nothing)."""
-    return (NO_EXPORT | (USE_FLAGS if ktype.keys_ciphers else 0)
-            | (ASYMMETRIC_USE_FLAGS if ktype.public_key_ops else 0))
-
-
-def uses_of(flags: int) -> tuple[str, ...]:
-    """The names of the uses ``flags`` bind a key to (FOR_USE's and ASYMMETRIC_USE's), in table order."""
-    return tuple(use for table in (FOR_USE, ASYMMETRIC_USE) for use, bit in table.items() if flags & bit)
-
-
-def _check_flags(ktype: T.KeyType, flags: int) -> None:
-    if flags & ~KEY_FLAGS:
-        raise E.EINVAL("unknown key flags")
-    misplaced = flags & ~flags_for(ktype)
-    if misplaced:
-        raise E.EINVAL(f"{ktype.name} keys cannot be bound to {','.join(uses_of(misplaced))}")
-
-
-def _refuse_use(key: Key, use: str) -> None:
-    """EOPNOTSUPP unless an asymmetric key's binding (none: every use) allows ``use`` (ASYMMETRIC_USE's
-    names), as the kernel's pkey ops answer for an operation a key does not support."""
-    wanted = ASYMMETRIC_USE[use]  # looked up first: a misspelt use fails on every key, bound or not
-    bound = key.flags & ASYMMETRIC_USE_FLAGS
-    if bound and not bound & wanted:
-        raise E.EOPNOTSUPP(f"key {key.serial} is bound to {','.join(uses_of(bound))} only, not {use}")
-
-
 def _check_new_key(ktype: T.KeyType, perm: int | None, flags: int, timeout: int) -> None:
-    _check_flags(ktype, flags)
+    check_flags(ktype, flags)
     if perm is not None and perm & ~P.VALID_MASK:
         raise E.EINVAL("permission bits outside 0x3f3f3f3f")
     if timeout < 0:
@@ -1044,7 +928,7 @@ class KeyStore:
         with self.lock:  # fail fast, before parsing anything
             ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
             ktype = T.lookup(type_name)  # as key_create_or_update: an unknown type before a non-keyring
-            _check_flags(ktype, flags)
+            check_flags(ktype, flags)
             if ring.links is None:
                 raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
         value, quota_len = ktype.preparse(payload, secret)  # may be slow (asymmetric): outside the lock
@@ -1956,7 +1840,7 @@ class KeyStore:
         if callable(use):
             use = use(key.payload)
         if use is not None:
-            _refuse_use(key, use)
+            refuse_use(key, use)
         return key.payload, key, possessed
 
     # ------------------------------------------------------------------ garbage

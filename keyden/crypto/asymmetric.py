@@ -34,7 +34,7 @@ __all__ = ["OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
 
 # KEYCTL_SUPPORTS_* bits, as in <linux/keyctl.h>.
 OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
-#: The operations each use a key may be bound to allows (store.ASYMMETRIC_USE's names), as PKCS#11's
+#: The operations each use a key may be bound to allows (flags.ASYMMETRIC_USE's names), as PKCS#11's
 #: CKA_SIGN covers verify and CKA_DECRYPT encrypt; key agreement (derive) is none of the four.
 OPS_OF_USE = {"sign": OP_SIGN | OP_VERIFY, "decrypt": OP_ENCRYPT | OP_DECRYPT, "derive": 0}
 #: The uses each algorithm has at all: a binding to another would make a key that does nothing.

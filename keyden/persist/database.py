@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT
 #: The layout of tables and rows this code reads and writes, kept in SQLite's user_version.  A store of a
 #: newer format is refused before anything is written to it: an older keyden must not take a newer one's
 #: rows for damaged ones.  1: this layout (0: a store from before the number was kept); 2: rows whose flags
-#: bind an asymmetric key to its uses (store.ASYMMETRIC_USE), which a keyden reading format 1 would load
+#: bind an asymmetric key to its uses (flags.ASYMMETRIC_USE), which a keyden reading format 1 would load
 #: unbound; 3: every blob sealed under a key of its own (master.Sealer), which no keyden reading format 1
 #: or 2 opens.  This code writes format 3 only: its first write numbers the store (a store of format 1 or
 #: 2 is re-sealed at start, persist.open_durable), and no number is ever lowered.

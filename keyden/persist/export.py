@@ -18,8 +18,8 @@ open.  The content key depends on the mode:
 
 The plaintext is the tree: protocol ``Schema`` encodings of each key (type,
 description, perm, payload; an asymmetric key as DER from
-``storage_der``; and flags, its binding: a symmetric key's store.FOR_USE
-bit, an asymmetric key's store.ASYMMETRIC_USE bits) and the links between
+``storage_der``; and flags, its binding: a symmetric key's flags.FOR_USE
+bit, an asymmetric key's flags.ASYMMETRIC_USE bits) and the links between
 them as (keyring index, member index) pairs, the exported key first.
 Every failure to open (wrong key, any bit changed) is the same EBADMSG.
 
@@ -44,7 +44,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden import errors as E
 from keyden.core import keytypes
-from keyden.core.store import BINDING_FLAGS, FOR_USE, USE_FLAGS, Exported, flags_for
+from keyden.core.flags import BINDING_FLAGS, FOR_USE, USE_FLAGS, flags_for
+from keyden.core.store import Exported
 from keyden.crypto import RESERVED_CONTEXT, asymmetric
 from keyden.protocol import Kind as K
 from keyden.protocol import Schema
@@ -61,7 +62,7 @@ MAX_ENTRIES = 100000  # keys in one export ...
 MAX_LINKS = 4 * MAX_ENTRIES  # ... and links between them
 
 ENTRY_V1 = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES))
-#: Version 2's entry: flags are the key's binding (store.BINDING_FLAGS: a symmetric key's one FOR_USE bit, an
+#: Version 2's entry: flags are the key's binding (flags.BINDING_FLAGS: a symmetric key's one FOR_USE bit, an
 #: asymmetric key's ASYMMETRIC_USE bits), nothing else.
 ENTRY = Schema(("type", K.STR), ("description", K.STR), ("perm", K.U32), ("payload", K.BYTES), ("flags", K.U32))
 _ENTRIES = {VERSION_1: ENTRY_V1, VERSION: ENTRY}
@@ -79,7 +80,7 @@ class Entry:
     description: str
     perm: int
     payload: bytes
-    flags: int = 0  # its binding (store.BINDING_FLAGS), if it has one
+    flags: int = 0  # its binding (flags.BINDING_FLAGS), if it has one
 
     def __repr__(self) -> str:
         return f"<Entry {self.type}:{self.description!r}>"
@@ -110,8 +111,8 @@ def encode_tree(keys: list[Exported], links: list[tuple[int, int]]) -> bytes:
 def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple[int, int]]]:
     """The entries and links of a blob of ``version`` (``version_of``: opening the blob authenticated it),
     checked: every link between existing entries, from a keyring, and every entry but the first reachable
-    from it; each binding one the store gives a key of its type (one store.FOR_USE on a key that keys
-    ciphers, any of store.ASYMMETRIC_USE on an asymmetric key).  Anything else is EBADMSG: a flag bit not
+    from it; each binding one the store gives a key of its type (one flags.FOR_USE on a key that keys
+    ciphers, any of flags.ASYMMETRIC_USE on an asymmetric key).  Anything else is EBADMSG: a flag bit not
     understood is never passed on to the store, where it could mean something else."""
     schema = _ENTRIES.get(version)
     if schema is None:
@@ -150,7 +151,7 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
 
 
 def recipient_use(parsed) -> str | None:
-    """The use (store.ASYMMETRIC_USE's name) a held key serves when an export is wrapped to it: RSA-OAEP
+    """The use (flags.ASYMMETRIC_USE's name) a held key serves when an export is wrapped to it: RSA-OAEP
     encrypts to it (decrypt, as pkey_encrypt); an X25519 or EC recipient lends only its public half to an
     ephemeral key agreement (no use, as derive's peer)."""
     return "decrypt" if _transports(parsed) else None

@@ -18,11 +18,12 @@ from cryptography.exceptions import InvalidTag
 
 from keyden import errors as E
 from keyden.core import keytypes as T
-from keyden.core.store import KEY_FLAGS, DenyAll, Key
+from keyden.core.flags import KEY_FLAGS
+from keyden.core.store import DenyAll, Key
 from keyden.persist.master import LegacySealer, Sealer
 
 FORMAT = b"keyden-record-v1\0"
-#: Row flags beside the key's own (Key.flags, store.KEY_FLAGS, which leaves these bits free).
+#: Row flags beside the key's own (Key.flags, flags.KEY_FLAGS, which leaves these bits free).
 ROOT = 0x100  # a uid's persistent keyring
 RESTRICTED = 0x200  # a keyring refusing all links (KEYCTL_RESTRICT_KEYRING with no type)
 CHARGED = 0x400  # counts against its owner's quota

@@ -32,7 +32,7 @@ from keyden.tls.material import Identity, choose, identities
 MAX_CACHED = 64
 #: The key exchanges keyden's TLS 1.2 suites may use: (EC)DHE, where the identity key only signs.  RSA key
 #: transport would have an RSA identity key decrypt the client's premaster secret (a ``decrypt`` use of a key
-#: that may be bound to ``sign``, store.ASYMMETRIC_USE); PSK and SRP suites authenticate with no key at all.
+#: that may be bound to ``sign``, flags.ASYMMETRIC_USE); PSK and SRP suites authenticate with no key at all.
 #: TLS 1.3 agrees on keys by (EC)DHE always.
 TLS12_KEY_EXCHANGES = ("kx-ecdhe", "kx-dhe")
 #: ... and the authentications: by a certificate's key, never anonymous (aNULL, which a policy of "ALL"

@@ -36,7 +36,7 @@ def keyring_keys(store, caller, keyring: int) -> list:
 
     The private key of each identity among them signs the handshake and does nothing else (the contexts
     agree on keys by (EC)DHE only, never by RSA key transport), so a private key bound to other uses
-    (store.ASYMMETRIC_USE) is left out before certificates are paired with keys: its certificate is no
+    (flags.ASYMMETRIC_USE) is left out before certificates are paired with keys: its certificate is no
     identity (unless the same key is there again, free to sign), and a key-transport certificate filed
     beside a server's does not stop the server.  If that leaves no identity at all where there would be
     one, the first such key's refusal (EOPNOTSUPP) says why.  Other private keys in the tree are not used.

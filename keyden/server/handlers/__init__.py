@@ -22,7 +22,7 @@ from typing import Any, Callable
 from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
-from keyden.core import store as S
+from keyden.core import flags as F
 from keyden.core.store import Caller, KeyStore
 from keyden.protocol import DEFAULT_MAX_FRAME, Op
 
@@ -130,7 +130,7 @@ def _close_all(fds: list[int], owner: int) -> None:
 
 #: Each wire key flag (protocol) and the store's bit for it, mapped in this one place so that neither side
 #: can change its numbering under the other.
-_KEY_FLAGS = {W.NO_EXPORT: S.NO_EXPORT, **{W.KEY_USES[use]: S.ASYMMETRIC_USE[use] for use in W.KEY_USES}}
+_KEY_FLAGS = {W.NO_EXPORT: F.NO_EXPORT, **{W.KEY_USES[use]: F.ASYMMETRIC_USE[use] for use in W.KEY_USES}}
 _KNOWN_KEY_FLAGS = sum(_KEY_FLAGS)
 
 

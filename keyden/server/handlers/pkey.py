@@ -5,7 +5,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyden.core import keytypes as T
-from keyden.core import store as S
+from keyden.core import flags as F
 from keyden.crypto import asymmetric, symmetric
 from keyden.protocol import Op
 from keyden.server.handlers import handles, key_flags
@@ -61,9 +61,9 @@ def _genkey(ctx, spec, description, keyring, flags=0):
         value, quota = logon.preparse(made.material)
         # It keys its one use; a unique default name, so a second unnamed key is no namesake of the first.
         return (ctx.store.create_internal(ctx.caller, logon, description, value, quota, keyring,
-                                          flags=flags | S.FOR_USE[made.use], unique_prefix=f"keyden:{made.hint}-"),)
+                                          flags=flags | F.FOR_USE[made.use], unique_prefix=f"keyden:{made.hint}-"),)
     # The binding is checked before the key is made: an RSA-4096 key takes a second, for nothing if refused.
-    asymmetric.check_uses(asymmetric.algorithm_of_spec(spec), S.uses_of(flags & S.ASYMMETRIC_USE_FLAGS))
+    asymmetric.check_uses(asymmetric.algorithm_of_spec(spec), F.uses_of(flags & F.ASYMMETRIC_USE_FLAGS))
     parsed = asymmetric.generate(spec)
     ktype = T.REGISTRY["asymmetric"]
     return (ctx.store.create_internal(ctx.caller, ktype, description, parsed, T.asymmetric_quota(), keyring,

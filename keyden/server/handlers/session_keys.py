@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from keyden import errors as E
 from keyden.core import keytypes as T
-from keyden.core.store import NO_EXPORT
+from keyden.core.flags import NO_EXPORT
 from keyden.crypto import agreement, asymmetric
 from keyden.protocol import Op
 from keyden.server.handlers import handles

@@ -1,0 +1,74 @@
+"""What keyctl shows of a key: describe's record and /proc/keys' line.  Plain values, shared by the
+store that makes them and the clients that decode them from the wire."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from keyden.core import perm as P
+
+
+@dataclass(frozen=True)
+class Description:
+    """What keyctl describe shows."""
+
+    serial: int
+    type: str
+    uid: int
+    gid: int
+    perm: int
+    description: str
+
+    def keyctl(self) -> str:
+        """keyctl describe's line."""
+        return (f"{self.serial:9d}: {P.describe_mask(self.perm)} {self.uid:5d} {self.gid:5d} "
+                f"{self.type}: {self.description}")
+
+    def raw(self, sep: str = ";") -> str:
+        """keyctl rdescribe's line: type;uid;gid;perm;description."""
+        return sep.join((self.type, str(self.uid), str(self.gid), f"{self.perm:08x}", self.description))
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One key as /proc/keys shows it: its description, state and expiry (wall clock, 0 = never)."""
+
+    serial: int
+    type: str
+    uid: int
+    gid: int
+    perm: int
+    revoked: bool
+    in_quota: bool  # charged to its owner's quota
+    expired: bool
+    no_export: bool
+    usage: int  # the keyrings linking it, and the sessions and roles that hold it
+    expiry: float
+    description: str
+    summary: str  # what the type's describe adds: a payload's length, a keyring's link count, an algorithm
+
+    def proc_line(self, now: float) -> str:
+        """The key's line in /proc/keys (proc_keys_show), its expiry counted from ``now``."""
+        # /proc/keys' IRDQUNi: every key here is instantiated; none is dead, under construction, negative, or
+        # kept once invalidated (keyden destroys it at once).
+        flags = f"I{'R' if self.revoked else '-'}-{'Q' if self.in_quota else '-'}---"
+        described = f"{self.description}: {self.summary}" if self.summary else self.description
+        return (f"{self.serial:08x} {flags} {self.usage:5d} {self.time_left(now):>4} {self.perm:08x} "
+                f"{self.uid:5d} {self.gid:5d} {self.type:<9.9} {described}")
+
+    def time_left(self, now: float) -> str:
+        """/proc/keys' expiry column: perm, expd, or what is left in its largest unit (s, m, h, d, w).  A
+        revoked key is expd, as the kernel shows it (revocation sets its death time)."""
+        if self.revoked:
+            return "expd"
+        if not self.expiry:
+            return "perm"
+        left = self.expiry - now
+        if self.expired or left <= 0:
+            return "expd"
+        left = math.ceil(left)  # whole seconds, as the kernel's: a key not yet expired has at least 1s
+        for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+            if left >= size:
+                return f"{left // size}{unit}"
+        return f"{left}s"
