@@ -103,7 +103,8 @@ class InProcess(Operations):
     def _call(self, op, *args):
         args = tuple(key_id(a.value) if isinstance(a, Ref) else a for a in args)
         frame = self._exchange(op, args)
-        W.raise_for_status(frame)
+        if frame.status:
+            raise W.error_of(frame)
         return W.response_schema(op).decode(frame.body)[0]
 
 

@@ -300,7 +300,7 @@ def test_groups_are_the_sockets_even_when_the_peer_is_gone(fresh_daemon, users):
     assert hello.status == 0
     _version, _max_frame, uid, gid, peer_pid = W.response_schema(W.Op.HELLO).decode(hello.body)
     assert (uid, gid, peer_pid) == (users.b.uid, users.b.gid, pid)
-    assert read.status == 0, E.error_for_code(read.status, W.decode_error(read.body))
+    assert read.status == 0, W.error_of(read)
     assert W.response_schema(W.Op.READ).decode(read.body) == (0, SECRET)  # (is a keyring, payload)
 
 

@@ -83,7 +83,7 @@ def test_error_frames_carry_errno_and_message():
     (frame,) = list(dec.frames())
     assert frame.status == E.ENOKEY.code == 126
     with pytest.raises(E.ENOKEY, match="no key with serial 5"):
-        W.raise_for_status(frame)
+        raise W.error_of(frame)
 
 
 def test_an_error_message_is_cut_so_an_error_reply_stays_small():

@@ -311,7 +311,7 @@ class AsyncClient(Operations):
 
     def _deliver(self, frame: W.Frame) -> None:
         if frame.status and frame.op == 0:  # connection-level error: the daemon closes next
-            self._lose(E.error_for_code(frame.status, W.decode_error(frame.body)))
+            self._lose(W.error_of(frame))
             return
         entry = self._pending.pop(frame.request_id, None)
         if entry is None:
@@ -321,7 +321,7 @@ class AsyncClient(Operations):
             return
         try:
             if frame.status:
-                raise E.error_for_code(frame.status, W.decode_error(frame.body))
+                raise W.error_of(frame)
             values = W.response_schema(op).decode(frame.body)
             future.set_result(common.shape(op, values, args))
         except E.KeydenError as exc:

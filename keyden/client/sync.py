@@ -110,7 +110,7 @@ class Client(Operations):
             sock.sendall(self._request(rid, Op.HELLO, hello))
             frame = self._wait(rid)
             if frame.status:
-                raise E.error_for_code(frame.status, W.decode_error(frame.body))
+                raise W.error_of(frame)
         except TimeoutError:
             sock.close()
             raise common.no_hello(self.socket_path, hello_timeout) from None
@@ -219,7 +219,7 @@ class Client(Operations):
             if isinstance(frame, E.KeydenError):
                 results.append(frame)
             elif frame.status:
-                err = E.error_for_code(frame.status, W.decode_error(frame.body))
+                err = W.error_of(frame)
                 if raise_errors:
                     raise err
                 results.append(err)
@@ -241,7 +241,7 @@ class Client(Operations):
             self._decoder.feed(self._sock.recv(RECV_CHUNK, socket.MSG_DONTWAIT))
             for frame in self._decoder.frames():
                 if frame.status and frame.op == 0:
-                    return E.error_for_code(frame.status, W.decode_error(frame.body))
+                    return W.error_of(frame)
         except (OSError, E.KeydenError):
             pass
         return None
@@ -251,7 +251,7 @@ class Client(Operations):
         while rid not in self._pending:
             for frame in self._decoder.frames():
                 if frame.status and frame.op == 0:  # connection-level error (a limit, a timeout): the daemon closes
-                    raise E.error_for_code(frame.status, W.decode_error(frame.body))
+                    raise W.error_of(frame)
                 self._pending[frame.request_id] = frame
             if rid in self._pending:
                 break
@@ -261,7 +261,7 @@ class Client(Operations):
             self._decoder.feed(view[:n])
         frame = self._pending.pop(rid)
         if frame.status and frame.op == 0:  # connection-level error: the daemon closes
-            raise E.error_for_code(frame.status, W.decode_error(frame.body))
+            raise W.error_of(frame)
         return frame
 
     def _resolve(self, args: tuple) -> tuple:
@@ -318,7 +318,7 @@ class Client(Operations):
                 self._interrupted()
                 raise
         if frame.status:
-            raise E.error_for_code(frame.status, W.decode_error(frame.body))
+            raise W.error_of(frame)
         return response.decode(frame.body)
 
     def _call_with_fds(self, op: Op, args: tuple, fds: list[int]) -> tuple:

@@ -562,6 +562,6 @@ def decode_error(body: bytes | memoryview) -> str:
         return ""
 
 
-def raise_for_status(frame: Frame) -> None:
-    if frame.status:
-        raise E.error_for_code(frame.status, decode_error(frame.body))
+def error_of(frame: Frame) -> E.KeydenError:
+    """The error a response with a non-zero status carries: its errno's class, with the daemon's message."""
+    return E.error_for_code(frame.status, decode_error(frame.body))
