@@ -1686,8 +1686,11 @@ def test_type_restrictions_stay_off_persistent_keyrings(fresh_daemon):
         c.restrict_keyring(ring, "asymmetric", "builtin_trusted")
     outside = c.newring("outside", "@s")
     c.restrict_keyring(outside, "asymmetric", "builtin_trusted")
-    with pytest.raises(E.EOPNOTSUPP):
+    with pytest.raises(E.EOPNOTSUPP, match="cannot be stored"):
         c.link(outside, persistent_ring)
+    with pytest.raises(E.EOPNOTSUPP, match="cannot be stored"):  # a move checks as a link does
+        c.move(outside, "@s", persistent_ring)
+    assert outside in c.read("@s") and outside not in c.read(persistent_ring)
     c.restrict_keyring(ring)  # the no-link form is stored
     d.stop(signal.SIGKILL)
     d.start()

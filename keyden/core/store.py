@@ -603,12 +603,18 @@ class KeyStore:
         if ring.revoked:
             raise E.EKEYREVOKED(f"keyring {ring.serial} has been revoked")
         self._admit(ring, key.type, key.description, key.payload)
-        if key.links is not None:
-            self._detect_cycle(ring, key, any_depth)
-            if ring.persisted and self._holds_unstorable_restriction(key):
-                raise E.EOPNOTSUPP("a keyring with a type restriction cannot go under a persistent keyring: "
-                                   "its restriction cannot be stored")
+        self._check_nesting(ring, key, any_depth)
         self._link_raw(ring, key)
+
+    def _check_nesting(self, ring: Key, key: Key, any_depth: bool = False) -> None:
+        """Can ``key``, if a keyring, go under ``ring``?  No loop (EDEADLK), none nested too deep (ELOOP), and
+        no restriction under a persistent keyring, which could not store it."""
+        if key.links is None:
+            return
+        self._detect_cycle(ring, key, any_depth)
+        if ring.persisted and self._holds_unstorable_restriction(key):
+            raise E.EOPNOTSUPP("a keyring with a type restriction cannot go under a persistent keyring: "
+                               "its restriction cannot be stored")
 
     @staticmethod
     def _holds_unstorable_restriction(key: Key) -> bool:
@@ -1302,10 +1308,7 @@ class KeyStore:
             if not displaces and len(dst.links) >= self.config.keyring_max_links:
                 raise E.ENFILE(f"keyring {dst.serial} is full")
             self._check_restriction(dst, key.type, key.payload)
-            if key.links is not None:
-                self._detect_cycle(dst, key)
-                if dst.persisted and self._holds_unstorable_restriction(key):
-                    raise E.EOPNOTSUPP("a keyring with a type restriction cannot go under a persistent keyring")
+            self._check_nesting(dst, key)
             key.pins += 1  # keep it alive between unlink and link
             try:
                 self._unlink_raw(src, key)
