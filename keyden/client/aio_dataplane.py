@@ -14,10 +14,10 @@ import weakref
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 from keyden import errors as E
-from keyden.client.dataplane import (_OVERHEAD, HMAC_FAILED, PIECE, AuthenticationFailed, KeyedAlgorithm,
-                                     MacMismatch, _final_fields, _fits, _piece, _raise_first, _room, _stale,
-                                     _still_open, _uncopyable_stream, _view, item_error, take_abandoned)
-from keyden.client.operations import as_value_error, binary
+from keyden.client.dataplane import (_OVERHEAD, HMAC_FAILED, PIECE, KeyedAlgorithm, MacMismatch, _final_fields,
+                                     _fits, _piece, _raise_first, _room, _stale, _still_open, _uncopyable_stream,
+                                     _view, item_error, pyca_errors, take_abandoned)
+from keyden.client.operations import binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
 MAX_HELPER_STREAMS = 32
@@ -97,15 +97,8 @@ class AsyncAead(KeyedAlgorithm):
         super().__init__(client, serial, alg)
 
     async def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:
-        """As the blocking Aead: a failed authentication is ``AuthenticationFailed`` (EBADMSG, InvalidTag)."""
-        try:
+        with pyca_errors(decrypt):
             return await self._crypt(nonce, data, aad, decrypt, random_nonce)
-        except E.EBADMSG as exc:
-            if decrypt:
-                raise AuthenticationFailed(exc.message) from None
-            raise
-        except E.EINVAL as exc:  # a nonce of the wrong size...: pyca's ValueError too
-            raise as_value_error(exc) from None
 
     async def _crypt(self, nonce, data, aad, decrypt: bool, random_nonce: bool) -> bytes:
         data, aad, nonce = binary(data), binary(aad or b"", "associated_data"), binary(nonce, "nonce")

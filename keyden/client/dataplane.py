@@ -8,6 +8,7 @@ sides), so bulk data is never copied through the socket.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -216,6 +217,20 @@ class KeyedAlgorithm:
         self.close()
 
 
+@contextlib.contextmanager
+def pyca_errors(decrypt: bool):
+    """An AEAD call's errors as pyca's AESGCM raises them too: a failed authentication is
+    ``AuthenticationFailed`` (EBADMSG and InvalidTag); EINVAL (a nonce of the wrong size...) a ValueError."""
+    try:
+        yield
+    except E.EBADMSG as exc:
+        if decrypt:
+            raise AuthenticationFailed(exc.message) from None
+        raise
+    except E.EINVAL as exc:
+        raise as_value_error(exc) from None
+
+
 class Aead(KeyedAlgorithm):
     """An AEAD key held by keyden, with pyca ``AESGCM``'s shape: encrypt(nonce, data, aad) -> ct || tag."""
 
@@ -228,16 +243,9 @@ class Aead(KeyedAlgorithm):
         """Small data over the socket, large data through shared memory; a keyden-chosen nonce is prepended.
 
         With ``into`` (a buffer with room, from ``*_into``), the output is written there and its length returned.
-        A failed authentication is ``AuthenticationFailed`` (EBADMSG and pyca's InvalidTag).
         """
-        try:
+        with pyca_errors(decrypt):
             return self._crypt(nonce, data, aad, decrypt, random_nonce, into)
-        except E.EBADMSG as exc:
-            if decrypt:
-                raise AuthenticationFailed(exc.message) from None
-            raise
-        except E.EINVAL as exc:  # a nonce of the wrong size...: pyca's ValueError too
-            raise as_value_error(exc) from None
 
     def _crypt(self, nonce, data, aad, decrypt: bool, random_nonce: bool, into):
         data = data if type(data) is bytes else _view(data)
