@@ -14,7 +14,12 @@ from __future__ import annotations
 import errno as _errno
 import os as _os
 
-__all__ = ["KeydenError", "error_for_code", "error_class", "ERRORS"]
+__all__ = ["KeydenError", "StartupError", "error_for_code", "error_class", "ERRORS"]
+
+
+class StartupError(Exception):
+    """The daemon must not start (a configuration, state directory, master key or socket it cannot use):
+    never on the wire.  The message says why, for a human, and never holds key material."""
 
 
 class KeydenError(Exception):

@@ -191,7 +191,8 @@ def test_only_what_hangs_under_a_persistent_keyring_survives(fresh_daemon):
 
 def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatch):
     """As a relative ``audit`` is: a daemon started from / (systemd) or from a shell finds the same files."""
-    from keyden.persist import StartupError, paths
+    from keyden.errors import StartupError
+    from keyden.persist import paths
     from keyden.server.config import ServerConfig
 
     monkeypatch.chdir(tmp_path)
@@ -992,7 +993,7 @@ class _CursorFailingOnManifest:
 def test_a_failed_start_lets_go_of_the_key_database(tmp_path):
     """A start that failed after opening the store (here: the audit file's directory is missing) kept the
     database's lock: a second start in the same process found keys.db "in use by another process"."""
-    from keyden.persist.master import StartupError
+    from keyden.errors import StartupError
     from keyden.server.config import ServerConfig
     from keyden.server.server import Server
 

@@ -29,7 +29,8 @@ def cmd_init(ctx, args):
     """Create the master key and the empty sealed store without starting the daemon (or check an existing one)."""
     from keyden.cli.serve import add_store_arguments, load_config
     from keyden.core.store import KeyStore
-    from keyden.persist import PASSPHRASE_ENV, StartupError, open_durable, paths
+    from keyden.errors import StartupError
+    from keyden.persist import PASSPHRASE_ENV, open_durable, paths
 
     p = argparse.ArgumentParser(prog="keyden init", description="Create the daemon's master key and key store.")
     add_store_arguments(p)

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from keyden import errors as E
-from keyden.persist import StartupError
+from keyden.errors import StartupError
 from keyden.server.config import ServerConfig
 from keyden.server.server import Server
 

@@ -15,14 +15,14 @@ import os
 import sqlite3
 
 from keyden.core.store import KeyStore
+from keyden.errors import StartupError
 from keyden.persist import records
 from keyden.persist.database import Database
 from keyden.persist.journal import SealedJournal, reseal
 from keyden.persist.manifest import BUCKETS, BadManifest, Bucket, Manifest, bucket_of, open_bucket, open_root, stale
-from keyden.persist.master import (MANIFEST_VERSION, PASSPHRASE_ENV, KeySource, LegacySealer, Sealer, StartupError,
-                                   source_for)
+from keyden.persist.master import MANIFEST_VERSION, PASSPHRASE_ENV, KeySource, LegacySealer, Sealer, source_for
 
-__all__ = ["open_durable", "SealedJournal", "StartupError", "PASSPHRASE_ENV", "paths"]
+__all__ = ["open_durable", "SealedJournal", "PASSPHRASE_ENV", "paths"]
 
 log = logging.getLogger("keyden.persist")
 

@@ -15,7 +15,8 @@ import sqlite3
 import stat
 from typing import Iterable, Iterator
 
-from keyden.persist.master import StartupError, make_dirs, require_own, require_safe_directory
+from keyden.errors import StartupError
+from keyden.persist.master import make_dirs, require_own, require_safe_directory
 from keyden.persist.records import COLUMNS, Row, read_text
 
 SCHEMA = """

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from keyden import errors as E
+from keyden.errors import StartupError
 from keyden.persist import kernel
 
 log = logging.getLogger("keyden.persist")
@@ -53,10 +54,6 @@ SALT_BYTES = 32
 CHECK_VERSION = 3
 MANIFEST_VERSION = 2  # the first that keeps a manifest
 _SEAL_INFO = b"keyden seal v3"
-
-
-class StartupError(Exception):
-    """The daemon must not start; the message says why, for a human, and never holds key material."""
 
 
 class Sealer:

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from keyden import errors as E
 from keyden import protocol as W
-from keyden.persist.master import StartupError
+from keyden.errors import StartupError
 from keyden.logs import Throttled, reason
 
 log = logging.getLogger("keyden.audit")

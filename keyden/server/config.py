@@ -12,7 +12,8 @@ from pathlib import Path
 
 from keyden import errors as E
 from keyden.core.store import StoreConfig
-from keyden.persist.master import StartupError, make_dirs, require_own, require_safe_parents
+from keyden.errors import StartupError
+from keyden.persist.master import make_dirs, require_own, require_safe_parents
 from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE
 from keyden.protocol.transport import default_socket_path
 

@@ -27,7 +27,8 @@ from keyden.core import trust
 from keyden.core.store import KeyStore
 from keyden.logs import Throttled
 from keyden.persist import SealedJournal, open_durable
-from keyden.persist.master import StartupError, make_dirs
+from keyden.errors import StartupError
+from keyden.persist.master import make_dirs
 from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
 from keyden.server.config import ServerConfig
