@@ -10,6 +10,7 @@ transport can resolve '%...' forms with a FIND first.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 from keyden import errors as E
@@ -119,9 +120,13 @@ def key_flags(no_export: bool, use) -> int:
     return flags
 
 
-class Operations:
-    def _call(self, op: Op, *args: Any):  # pragma: no cover - provided by the transport
-        raise NotImplementedError
+class Operations(ABC):
+    """Every keyctl operation, as arguments checked and shaped for the wire: a client adds the transport
+    (``_call``, which sends one request and returns its result, or a future of it)."""
+
+    @abstractmethod
+    def _call(self, op: Op, *args: Any):
+        """Send ``op`` with ``args`` (Ref values resolved to serials first) and return its shaped result."""
 
     # keys and keyrings
     def add(self, type: str, description: str, payload, keyring="@s", *, password: bytes | str | None = None,

@@ -21,6 +21,7 @@ import itertools
 import secrets
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -166,7 +167,7 @@ class Key:
         return f"<Key {self.serial} {self.type.name}:{self.description!r}>"
 
 
-class Restriction:
+class Restriction(ABC):
     """What a restricted keyring admits (the kernel's key_restriction).
 
     ``check`` sees what a link would bring in, type and payload, and raises to
@@ -181,8 +182,9 @@ class Restriction:
     description = "unrestricted"
     key: Key | None = None
 
-    def check(self, store: "KeyStore", keyring: Key, ktype: T.KeyType, payload: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def check(self, store: "KeyStore", keyring: Key, ktype: T.KeyType, payload: Any) -> None:
+        """Raise to refuse a key of ``ktype`` with ``payload`` into ``keyring``."""
 
 
 class DenyAll(Restriction):
