@@ -133,18 +133,29 @@ class Server:
         cfg = self.config
         cfg.check()
         self._clear_stale_socket(cfg.socket)  # a daemon already there: say so before making a store
+        self._open_store()
+        watched = cfg.max_connections * WATCHED_PER_CONNECTION  # processes the exit watcher may follow
+        self._raise_fd_limit(watched)
+        self.audit = AuditLog.open(cfg.audit, cfg.state_dir, cfg.audit_max_bytes)
+        self._listen(cfg.socket)
+        self._start_background(watched)
+        log.info("keyden listening on %s", cfg.socket)
+
+    def _open_store(self) -> None:
+        """The persistent keys, then the system keyrings.  Before any key is made, so restored serials are
+        free; refuses (StartupError) without the master key."""
+        cfg = self.config
         cfg.prepare_state_dir()
-        # Before any key is made, so restored serials are free; refuses (StartupError) without the master key.
         self.journal = open_durable(cfg, self.store)
         if cfg.harden:
             applied = harden.harden(cfg.lock_memory)
             log.info("hardening: %s", ", ".join(f"{k}={v}" for k, v in applied.items()))
         trust.install_system_keyrings(self.store, _trust_file(cfg.ca_bundle, "CA bundle"),
                                       _trust_file(cfg.blacklist_file, "blacklist file"))
-        path = cfg.socket
-        _make_socket_dirs(os.path.dirname(path))
-        self._clear_stale_socket(path)
-        watched = cfg.max_connections * WATCHED_PER_CONNECTION
+
+    def _raise_fd_limit(self, watched: int) -> None:
+        """As many descriptors as the connection and TLS caps may hold, or a warning that they cannot."""
+        cfg = self.config
         wanted = (cfg.max_connections * FDS_PER_CONNECTION + FDS_PER_TLS_SESSION * tls_engine.MAX_SESSIONS + watched
                   + FD_HEADROOM)
         fd_limit = limits.raise_fd_limit(wanted)
@@ -152,7 +163,10 @@ class Server:
             log.warning("descriptor limit %d is below the %d that max_connections %d and %d TLS sessions may "
                         "hold: raise it (ulimit -n, systemd LimitNOFILE)", fd_limit, wanted, cfg.max_connections,
                         tls_engine.MAX_SESSIONS)
-        self.audit = AuditLog.open(cfg.audit, cfg.state_dir, cfg.audit_max_bytes)
+
+    def _listen(self, path: str) -> None:
+        _make_socket_dirs(os.path.dirname(path))
+        self._clear_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
@@ -164,13 +178,15 @@ class Server:
         self.listener = sock
         st = os.lstat(path)
         self._socket_id = (st.st_dev, st.st_ino)  # shutdown removes this socket, not one bound there since
+
+    def _start_background(self, watched: int) -> None:
+        """The exit watcher (process keyrings go when their process does) and the garbage collector."""
         self.exits = ExitWatcher(self._process_exited, watched)
         self.exits.start()
         self.store.on_process_keyring = self.exits.watch
         gc = threading.Thread(target=self._gc_loop, name="keyden-gc", daemon=True)
         gc.start()
         self._threads.append(gc)
-        log.info("keyden listening on %s", path)
 
     @staticmethod
     def _clear_stale_socket(path: str) -> None:
