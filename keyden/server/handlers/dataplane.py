@@ -20,7 +20,7 @@ from keyden import descriptors
 from keyden import errors as E
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
-from keyden.server.handlers import handles
+from keyden.server.handlers.base import handles
 
 MAX_STREAMS = 64
 MAX_REGIONS = 8

@@ -7,12 +7,19 @@ import struct
 
 from keyden import errors as E
 from keyden.protocol import CAPABILITY_BITS, KEY_RECORD, KEY_STATE_BITS, MOVE_EXCL, Op
-from keyden.server.handlers import HANDLERS, handles
+from keyden.server.handlers.base import HANDLERS, handles, store_key_flags
 
 
 @handles(Op.ADD)
 def _add(ctx, type_name, description, payload, keyring, secret):
     return (ctx.store.add(ctx.caller, type_name, description, payload, keyring, secret or None),)
+
+
+@handles(Op.ADD_FLAGS)
+def _add_flags(ctx, type_name, description, payload, keyring, secret, flags):
+    """add_key with flags the key keeps for good (no export; an asymmetric key's uses)."""
+    return (ctx.store.add(ctx.caller, type_name, description, payload, keyring, secret or None,
+                          flags=store_key_flags(flags)),)
 
 
 @handles(Op.REQUEST)

@@ -1,4 +1,4 @@
-"""Persistent keyrings, wrapped export and import, master key rotation, keys created with flags."""
+"""Persistent keyrings, wrapped export and import, master key rotation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from keyden.core import keytypes as T
 from keyden.core.perm import VALID_MASK
 from keyden.persist import SealedJournal, export
 from keyden.protocol import IMPORT_CONTENTS, KEY_USE_FLAGS, Op
-from keyden.server.handlers import handles, key_flags
+from keyden.server.handlers.base import handles, store_key_flags
 
 #: What an imported key is made with until its tree is built: the owner may link into and re-mask it.
 BUILDING_PERM = 0x3F3F0000
@@ -16,12 +16,6 @@ BUILDING_PERM = 0x3F3F0000
 @handles(Op.GET_PERSISTENT)
 def _get_persistent(ctx, uid, keyring):
     return (ctx.store.get_persistent(ctx.caller, uid, keyring),)
-
-
-@handles(Op.ADD_FLAGS)
-def _add_flags(ctx, type_name, description, payload, keyring, secret, flags):
-    return (ctx.store.add(ctx.caller, type_name, description, payload, keyring, secret or None,
-                          flags=key_flags(flags)),)
 
 
 @handles(Op.EXPORT)
@@ -46,7 +40,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
 def _import(ctx, blob, unwrap_with, keyring, flags):
     if flags & KEY_USE_FLAGS:
         raise E.EINVAL("an import takes no uses: each key is bound to those its export carries")
-    contents, flags = bool(flags & IMPORT_CONTENTS), key_flags(flags & ~IMPORT_CONTENTS)
+    contents, flags = bool(flags & IMPORT_CONTENTS), store_key_flags(flags & ~IMPORT_CONTENTS)
     if export.mode_of(blob) == export.WRAPPING_KEY:
         plaintext = export.unwrap_with_key(blob, ctx.store.material(ctx.caller, unwrap_with, None))
     else:

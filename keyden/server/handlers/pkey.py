@@ -8,7 +8,7 @@ from keyden.core import keytypes as T
 from keyden.core import flags as F
 from keyden.crypto import asymmetric, symmetric
 from keyden.protocol import Op
-from keyden.server.handlers import handles, key_flags
+from keyden.server.handlers.base import handles, store_key_flags
 
 
 def _key(ctx, key, info: str, op: int) -> asymmetric.ParsedKey:
@@ -54,7 +54,7 @@ def _pkey_verify(ctx, key, info, data, signature):
 @handles(Op.GENKEY_FLAGS)
 def _genkey(ctx, spec, description, keyring, flags=0):
     """A key born inside keyden: asymmetric pairs, or random logon keys for ciphers and MACs."""
-    flags = key_flags(flags)
+    flags = store_key_flags(flags)
     if spec.startswith(symmetric.KEY_SPEC_PREFIXES):
         made = symmetric.generate_key(spec)
         logon = T.REGISTRY["logon"]

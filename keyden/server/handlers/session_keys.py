@@ -13,7 +13,7 @@ from keyden.core import keytypes as T
 from keyden.core.flags import NO_EXPORT
 from keyden.crypto import agreement, asymmetric
 from keyden.protocol import Op
-from keyden.server.handlers import handles
+from keyden.server.handlers.base import handles
 
 LOGON = T.REGISTRY["logon"]
 #: The algorithms that agree on keys: the one table of what each algorithm can do (asymmetric.USES_OF_ALGORITHM).

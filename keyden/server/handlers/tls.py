@@ -21,7 +21,7 @@ from keyden import errors as E
 from keyden.core.trust import is_blacklisted, trusted_certificates
 from keyden.crypto.x509 import subject_of
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
-from keyden.server.handlers import handles
+from keyden.server.handlers.base import handles
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT, contexts, material
 from keyden.tls.engine import engine
 

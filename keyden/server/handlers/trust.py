@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keyden.core import trust
 from keyden.protocol import Op
-from keyden.server.handlers import handles
+from keyden.server.handlers.base import handles
 
 
 @handles(Op.X509_VERIFY)
