@@ -1161,7 +1161,7 @@ def test_a_generated_key_keys_only_its_use(store, alice):
         with pytest.raises(E.ENOPROTOOPT, match=r"generated for gcm\(aes\) only"):
             store.material(alice, made, use)
         with pytest.raises(E.ENOPROTOOPT):
-            store.derived(alice, made, use, "alg", lambda m: object())
+            store.engine(alice, made, use, "alg", lambda m: object())
         assert store.material(alice, plain, use) == b"k" * 32
     shown = {k.serial: k for k in store.keys(alice)[0]}
     assert shown[made].summary == "32 for gcm(aes)" and shown[plain].summary == "32"  # in keyden keys
@@ -1177,24 +1177,24 @@ def test_objects_made_from_a_key_go_with_its_payload(store, alice, bob):
         made.append(material)
         return object()
 
-    engine = store.derived(alice, key, "gcm(aes)", "alg", make)
-    assert store.derived(alice, key, "gcm(aes)", "alg", make) is engine and made == [b"first key bytes"]
-    assert store.derived(alice, key, "gcm(aes)", "other", make) is not engine  # one per algorithm
+    engine = store.engine(alice, key, "gcm(aes)", "alg", make)
+    assert store.engine(alice, key, "gcm(aes)", "alg", make) is engine and made == [b"first key bytes"]
+    assert store.engine(alice, key, "gcm(aes)", "other", make) is not engine  # one per algorithm
     with pytest.raises(E.EACCES):  # permission is checked on every call, cached or not
-        store.derived(bob, key, "gcm(aes)", "alg", make)
+        store.engine(bob, key, "gcm(aes)", "alg", make)
     store.update(alice, key, b"second")
-    assert store.derived(alice, key, "gcm(aes)", "alg", make) is not engine and made[-1] == b"second"
+    assert store.engine(alice, key, "gcm(aes)", "alg", make) is not engine and made[-1] == b"second"
     held = store.iter_keys()
     live = next(k for k in held if k.serial == key)
     store.revoke(alice, key)
-    assert live.derived is None
+    assert live.engines is None
     with pytest.raises(E.EKEYREVOKED):
-        store.derived(alice, key, "gcm(aes)", "alg", make)
+        store.engine(alice, key, "gcm(aes)", "alg", make)
     other = add_user(store, alice, "k2", b"x")
-    store.derived(alice, other, "gcm(aes)", "alg", make)
+    store.engine(alice, other, "gcm(aes)", "alg", make)
     live = next(k for k in store.iter_keys() if k.serial == other)
     store.unlink(alice, other, SESSION)
-    assert live.dead and live.derived is None
+    assert live.dead and live.engines is None
 
 
 @pytest.mark.parametrize("call", [

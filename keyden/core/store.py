@@ -95,7 +95,7 @@ class Key:
     __slots__ = (
         "serial", "type", "description", "uid", "gid", "perm", "expiry", "payload", "quota_len",
         "revoked_at", "invalidated", "dead", "links", "parents", "pins", "restriction", "charged", "ctime",
-        "flags", "persisted", "keep", "held_back", "derived", "__weakref__",
+        "flags", "persisted", "keep", "held_back", "engines", "__weakref__",
     )
 
     def __init__(self, serial: int, ktype: T.KeyType, description: str, uid: int, gid: int, perm: int,
@@ -125,8 +125,8 @@ class Key:
         # in its member list, so that a record an operator accepts later finds its place again.
         self.held_back: tuple[int, ...] = ()
         # Objects made from the payload (cipher engines, keyed by algorithm): dropped with it, so no copy
-        # of the key outlives an update, a revoke or the key (KeyStore.derived).
-        self.derived: dict[str, Any] | None = None
+        # of the key outlives an update, a revoke or the key (KeyStore.engine).
+        self.engines: dict[str, Any] | None = None
 
     @property
     def index(self) -> tuple[str, str]:
@@ -453,7 +453,7 @@ class KeyStore:
         if key.charged:
             self._charge(key.uid, -1, -key.cost, check=False)
         key.type.destroy(key.payload)
-        key.payload, key.derived = None, None
+        key.payload, key.engines = None, None
 
     def _maybe_destroy(self, key: Key) -> None:
         if not key.parents and key.pins == 0:
@@ -1145,7 +1145,7 @@ class KeyStore:
     def _replace_payload(self, key: Key, value: Any, quota_len: int) -> None:
         """The type's update: new payload, new quota, and (user_update) any timeout cleared."""
         self._reserve(key, quota_len)
-        old, key.payload, key.derived = key.payload, value, None
+        old, key.payload, key.engines = key.payload, value, None
         self._changed()
         key.expiry = 0.0
         key.type.destroy(old)
@@ -1340,7 +1340,7 @@ class KeyStore:
                 self._empty(key)
             elif key.type.revoke_discards_payload:
                 key.type.destroy(key.payload)
-                key.payload, key.derived = None, None
+                key.payload, key.engines = None, None
                 self._reserve(key, 0)
             self._journal(key)
 
@@ -1765,7 +1765,7 @@ class KeyStore:
 
     # ----------------------------------------------------- keys used by serial
 
-    def use(self, caller: Caller, key_id: int, need: int = P.SEARCH) -> Key:
+    def operand(self, caller: Caller, key_id: int, need: int = P.SEARCH) -> Key:
         """Look a key up for an in-daemon operation (pkey_*, ciphers): search permission suffices.
 
         The key is live: a user or logon payload is wiped in place when the
@@ -1787,26 +1787,26 @@ class KeyStore:
             key = self._keying(caller, key_id, use)
             return key.type.symmetric_material(key.payload)
 
-    def derived(self, caller: Caller, key_id: int, use: str, name: str, make: Callable[[bytes], Any]) -> Any:
+    def engine(self, caller: Caller, key_id: int, use: str, name: str, make: Callable[[bytes], Any]) -> Any:
         """``make(material)`` for a symmetric key serving ``use``, made once per payload and kept with it
         (search permission and the key's state are checked every call).  For cipher engines: made once for
         all connections, and dropped with the payload it copied when the key is updated, revoked or
         destroyed."""
         with self.lock:
             key = self._keying(caller, key_id, use)
-            cache = key.derived
+            cache = key.engines
             if cache is not None:
                 made = cache.get(name)
                 if made is not None:
                     return made
             made = make(key.type.symmetric_material(key.payload))
             if cache is None:
-                cache = key.derived = {}
+                cache = key.engines = {}
             cache[name] = made
             return made
 
     def _keying(self, caller: Caller, key_id: int, use: str | None) -> Key:
-        key = self.use(caller, key_id)
+        key = self.operand(caller, key_id)
         made_for = key.flags & USE_FLAGS
         if made_for and use is not None and FOR_USE.get(use) != made_for:
             raise E.ENOPROTOOPT(f"key {key.serial} was generated for {','.join(uses_of(made_for))} only, not {use}")

@@ -183,7 +183,7 @@ def _visible(store: KeyStore, caller: Caller):
     """A key the caller may search for (and that is live): what KEYCTL_SEARCH would enter or find."""
     def usable(key: Key) -> bool:
         try:
-            store.use(caller, key.serial, P.SEARCH)
+            store.operand(caller, key.serial, P.SEARCH)
             return True
         except E.KeydenError:
             return False
@@ -191,7 +191,7 @@ def _visible(store: KeyStore, caller: Caller):
 
 
 def _keyring(store: KeyStore, caller: Caller, serial: int) -> Key:
-    ring = store.use(caller, serial, P.SEARCH)
+    ring = store.operand(caller, serial, P.SEARCH)
     if ring.links is None:
         raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
     return ring
@@ -305,7 +305,7 @@ def asymmetric_restriction(store: KeyStore, caller: Caller, text: str) -> Restri
         raise E.ENOKEY(f"no key with serial {serial}")
     # Search permission, which the kernel's key_lookup does not ask: the restriction holds the key (keeps it
     # alive, charged to its owner), which no one should do to a key they may not even find.
-    return SignedBy(text, key=store.use(caller, serial, P.SEARCH), check_dest=bool(colon))
+    return SignedBy(text, key=store.operand(caller, serial, P.SEARCH), check_dest=bool(colon))
 
 
 RESTRICTION_FACTORIES[ASYMMETRIC.name] = asymmetric_restriction
@@ -406,7 +406,7 @@ def verify_chain(store: KeyStore, caller: Caller, cert: int, trust_keyring: int,
     if at < 0:
         raise E.EINVAL("the validation time must not be negative")
     with store.lock:
-        key = store.use(caller, cert)
+        key = store.operand(caller, cert)
         if key.type is not ASYMMETRIC or key.payload.certificate is None:
             raise E.EOPNOTSUPP(f"key {key.serial} is not an X.509 certificate")
         leaf_serial, leaf = key.serial, key.payload

@@ -39,7 +39,7 @@ def aead_engine(ctx, alg: str, serial: int) -> symmetric.AeadEngine:
     """The AEAD engine for (key, alg): kept with the key's payload, for every connection, and dropped
     with it (permission, state and the key's use are checked every call)."""
     use = symmetric.spec(alg, "aead").key_use  # an unknown name must not become a cache entry
-    return ctx.store.derived(ctx.caller, serial, use, alg, lambda material: symmetric.aead(alg, material))
+    return ctx.store.engine(ctx.caller, serial, use, alg, lambda material: symmetric.aead(alg, material))
 
 
 def _check_flags(flags: int) -> tuple[bool, bool]:
@@ -239,7 +239,7 @@ def _stream(ctx, handle) -> OpenStream:
     if opened.key:
         ctx.audit_keys = [opened.key]
         try:
-            ctx.store.use(ctx.caller, opened.key)
+            ctx.store.operand(ctx.caller, opened.key)
         except E.KeydenError:
             ctx.streams.pop(handle, None)
             raise
