@@ -46,97 +46,227 @@ class KeydenError(Exception):
         return (type(self), (self.message,), self.__dict__ or None)
 
 
-def _define(name: str, doc: str) -> type[KeydenError]:
-    code = getattr(_errno, name)
-    cls = type(name, (KeydenError,), {"code": code, "name": name, "__doc__": doc})
-    cls.__module__ = __name__
-    return cls
+# One class per errno keyden raises, with when it does (the kernel's meaning where one exists).
+
+class EPERM(KeydenError):
+    """Operation not permitted (e.g. a restricted keyring, a '.' type)."""
+
+    code, name = _errno.EPERM, "EPERM"
 
 
-# The table: (symbol, when keyden raises it).  Kernel meaning where one exists.
-_TABLE = [
-    ("EPERM", "Operation not permitted (e.g. a restricted keyring, a '.' type)."),
-    ("ENOENT", "Not linked / no such entry."),
-    ("EIO", "Internal failure; details are only in the server log."),
-    ("E2BIG", "Argument list or data too long."),
-    ("EBADF", "Bad file descriptor passed."),
-    ("EAGAIN", "Resource temporarily unavailable (limits under load)."),
-    ("ENOMEM", "Out of memory."),
-    ("EACCES", "Permission denied by the key's permission mask."),
-    ("EBUSY", "Resource busy."),
-    ("EEXIST", "Already exists."),
-    ("ENODEV", "Unknown key type."),
-    ("ENOTDIR", "Not a keyring."),
-    ("EINVAL", "Invalid argument."),
-    ("ENFILE", "Keyring full."),
-    ("EMFILE", "Too many connections or open streams."),
-    ("ENOSPC", "No space left."),
-    ("EDEADLK", "Link would create a cycle."),
-    ("ENAMETOOLONG", "Name too long."),
-    ("ENOSYS", "Operation not implemented."),
-    ("ELOOP", "Keyrings nested too deeply."),
-    ("ENODATA", "No data available."),
-    ("EPROTO", "Protocol error (malformed frame or handshake)."),
-    ("EBADMSG", "Bad message: unparseable key data, or AEAD authentication failure."),
-    ("EOVERFLOW", "Value too large."),
-    ("EMSGSIZE", "Frame too large."),
-    ("ENOPROTOOPT", "Key type not usable for this algorithm."),
-    ("EPROTONOSUPPORT", "Protocol version not supported."),
-    ("EOPNOTSUPP", "Operation not supported by this key type."),
-    ("ECONNRESET", "Connection reset."),
-    ("ETIMEDOUT", "Timed out."),
-    ("ECANCELED", "Operation canceled."),
-    ("EDQUOT", "Key quota exceeded."),
-    ("ENOKEY", "Required key not available."),
-    ("EKEYEXPIRED", "Key has expired."),
-    ("EKEYREVOKED", "Key has been revoked."),
-    ("EKEYREJECTED", "Key was rejected (blacklisted or negatively instantiated)."),
-]
+class ENOENT(KeydenError):
+    """Not linked / no such entry."""
 
-ERRORS: dict[int, type[KeydenError]] = {}
-for _name, _doc in _TABLE:
-    _cls = _define(_name, _doc)
-    globals()[_name] = _cls
-    ERRORS[_cls.code] = _cls
-    __all__.append(_name)
-del _name, _doc, _cls
+    code, name = _errno.ENOENT, "ENOENT"
 
-EPERM: type[KeydenError]
-ENOENT: type[KeydenError]
-EIO: type[KeydenError]
-E2BIG: type[KeydenError]
-EBADF: type[KeydenError]
-EAGAIN: type[KeydenError]
-ENOMEM: type[KeydenError]
-EACCES: type[KeydenError]
-EBUSY: type[KeydenError]
-EEXIST: type[KeydenError]
-ENODEV: type[KeydenError]
-ENOTDIR: type[KeydenError]
-EINVAL: type[KeydenError]
-ENFILE: type[KeydenError]
-EMFILE: type[KeydenError]
-ENOSPC: type[KeydenError]
-EDEADLK: type[KeydenError]
-ENAMETOOLONG: type[KeydenError]
-ENOSYS: type[KeydenError]
-ELOOP: type[KeydenError]
-ENODATA: type[KeydenError]
-EPROTO: type[KeydenError]
-EBADMSG: type[KeydenError]
-EOVERFLOW: type[KeydenError]
-EMSGSIZE: type[KeydenError]
-ENOPROTOOPT: type[KeydenError]
-EPROTONOSUPPORT: type[KeydenError]
-EOPNOTSUPP: type[KeydenError]
-ECONNRESET: type[KeydenError]
-ETIMEDOUT: type[KeydenError]
-ECANCELED: type[KeydenError]
-EDQUOT: type[KeydenError]
-ENOKEY: type[KeydenError]
-EKEYEXPIRED: type[KeydenError]
-EKEYREVOKED: type[KeydenError]
-EKEYREJECTED: type[KeydenError]
+
+class EIO(KeydenError):
+    """Internal failure; details are only in the server log."""
+
+    code, name = _errno.EIO, "EIO"
+
+
+class E2BIG(KeydenError):
+    """Argument list or data too long."""
+
+    code, name = _errno.E2BIG, "E2BIG"
+
+
+class EBADF(KeydenError):
+    """Bad file descriptor passed."""
+
+    code, name = _errno.EBADF, "EBADF"
+
+
+class EAGAIN(KeydenError):
+    """Resource temporarily unavailable (limits under load)."""
+
+    code, name = _errno.EAGAIN, "EAGAIN"
+
+
+class ENOMEM(KeydenError):
+    """Out of memory."""
+
+    code, name = _errno.ENOMEM, "ENOMEM"
+
+
+class EACCES(KeydenError):
+    """Permission denied by the key's permission mask."""
+
+    code, name = _errno.EACCES, "EACCES"
+
+
+class EBUSY(KeydenError):
+    """Resource busy."""
+
+    code, name = _errno.EBUSY, "EBUSY"
+
+
+class EEXIST(KeydenError):
+    """Already exists."""
+
+    code, name = _errno.EEXIST, "EEXIST"
+
+
+class ENODEV(KeydenError):
+    """Unknown key type."""
+
+    code, name = _errno.ENODEV, "ENODEV"
+
+
+class ENOTDIR(KeydenError):
+    """Not a keyring."""
+
+    code, name = _errno.ENOTDIR, "ENOTDIR"
+
+
+class EINVAL(KeydenError):
+    """Invalid argument."""
+
+    code, name = _errno.EINVAL, "EINVAL"
+
+
+class ENFILE(KeydenError):
+    """Keyring full."""
+
+    code, name = _errno.ENFILE, "ENFILE"
+
+
+class EMFILE(KeydenError):
+    """Too many connections or open streams."""
+
+    code, name = _errno.EMFILE, "EMFILE"
+
+
+class ENOSPC(KeydenError):
+    """No space left."""
+
+    code, name = _errno.ENOSPC, "ENOSPC"
+
+
+class EDEADLK(KeydenError):
+    """Link would create a cycle."""
+
+    code, name = _errno.EDEADLK, "EDEADLK"
+
+
+class ENAMETOOLONG(KeydenError):
+    """Name too long."""
+
+    code, name = _errno.ENAMETOOLONG, "ENAMETOOLONG"
+
+
+class ENOSYS(KeydenError):
+    """Operation not implemented."""
+
+    code, name = _errno.ENOSYS, "ENOSYS"
+
+
+class ELOOP(KeydenError):
+    """Keyrings nested too deeply."""
+
+    code, name = _errno.ELOOP, "ELOOP"
+
+
+class ENODATA(KeydenError):
+    """No data available."""
+
+    code, name = _errno.ENODATA, "ENODATA"
+
+
+class EPROTO(KeydenError):
+    """Protocol error (malformed frame or handshake)."""
+
+    code, name = _errno.EPROTO, "EPROTO"
+
+
+class EBADMSG(KeydenError):
+    """Bad message: unparseable key data, or AEAD authentication failure."""
+
+    code, name = _errno.EBADMSG, "EBADMSG"
+
+
+class EOVERFLOW(KeydenError):
+    """Value too large."""
+
+    code, name = _errno.EOVERFLOW, "EOVERFLOW"
+
+
+class EMSGSIZE(KeydenError):
+    """Frame too large."""
+
+    code, name = _errno.EMSGSIZE, "EMSGSIZE"
+
+
+class ENOPROTOOPT(KeydenError):
+    """Key type not usable for this algorithm."""
+
+    code, name = _errno.ENOPROTOOPT, "ENOPROTOOPT"
+
+
+class EPROTONOSUPPORT(KeydenError):
+    """Protocol version not supported."""
+
+    code, name = _errno.EPROTONOSUPPORT, "EPROTONOSUPPORT"
+
+
+class EOPNOTSUPP(KeydenError):
+    """Operation not supported by this key type."""
+
+    code, name = _errno.EOPNOTSUPP, "EOPNOTSUPP"
+
+
+class ECONNRESET(KeydenError):
+    """Connection reset."""
+
+    code, name = _errno.ECONNRESET, "ECONNRESET"
+
+
+class ETIMEDOUT(KeydenError):
+    """Timed out."""
+
+    code, name = _errno.ETIMEDOUT, "ETIMEDOUT"
+
+
+class ECANCELED(KeydenError):
+    """Operation canceled."""
+
+    code, name = _errno.ECANCELED, "ECANCELED"
+
+
+class EDQUOT(KeydenError):
+    """Key quota exceeded."""
+
+    code, name = _errno.EDQUOT, "EDQUOT"
+
+
+class ENOKEY(KeydenError):
+    """Required key not available."""
+
+    code, name = _errno.ENOKEY, "ENOKEY"
+
+
+class EKEYEXPIRED(KeydenError):
+    """Key has expired."""
+
+    code, name = _errno.EKEYEXPIRED, "EKEYEXPIRED"
+
+
+class EKEYREVOKED(KeydenError):
+    """Key has been revoked."""
+
+    code, name = _errno.EKEYREVOKED, "EKEYREVOKED"
+
+
+class EKEYREJECTED(KeydenError):
+    """Key was rejected (blacklisted or negatively instantiated)."""
+
+    code, name = _errno.EKEYREJECTED, "EKEYREJECTED"
+
+
+#: code -> class, both ways in one place: the server sends ``type(exc).code``; a client makes ``ERRORS[code]``.
+ERRORS: dict[int, type[KeydenError]] = {cls.code: cls for cls in KeydenError.__subclasses__()}
+__all__ += [cls.__name__ for cls in ERRORS.values()]
 
 
 def error_class(code: int) -> type[KeydenError]:
