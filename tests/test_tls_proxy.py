@@ -238,7 +238,7 @@ def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outc
     """In-process, with keyden's answers chosen: a remote peer can fail its own handshake as it likes (it
     used to make the proxy probe keyden, and a probe refused for a limit stopped the proxy)."""
     from keyden import errors as E
-    from keyden.cli import tls as proxy_cli
+    from keyden import proxy as proxy_module
 
     calls = []
 
@@ -255,11 +255,11 @@ def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outc
         if outcome_error:
             raise getattr(E, outcome_error)("chosen by the test")
 
-    monkeypatch.setattr(proxy_cli.client_tls, "start_accept", start_accept)
-    monkeypatch.setattr(proxy_cli.client_tls, "established", established)
-    monkeypatch.setattr(proxy_cli, "splice", lambda a, b: (a.close(), b.close()))
+    monkeypatch.setattr(proxy_module.client_tls, "start_accept", start_accept)
+    monkeypatch.setattr(proxy_module.client_tls, "established", established)
+    monkeypatch.setattr(proxy_module, "splice", lambda a, b: (a.close(), b.close()))
     client = type("Answering", (), {"ping": lambda self, data: data})()
-    proxy = proxy_cli._Proxy(client, 1234, {"handshake_timeout": 1.0}, "unix:/nonexistent/upstream.sock", 1)
+    proxy = proxy_module.Proxy(client, 1234, {"handshake_timeout": 1.0}, "unix:/nonexistent/upstream.sock", 1)
     with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as conn:
         assert proxy._admit(("192.0.2.1", 4242)) == ""  # as run() does before handing a connection over
         proxy._serve(conn, ("192.0.2.1", 4242), listener)
@@ -271,9 +271,9 @@ def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outc
 def test_one_host_holds_at_most_its_share_of_the_proxys_connections():
     """Handshakes per peer were limited, finished connections not: one host that completed 256 handshakes
     and then said nothing held every slot for --idle-timeout (12 h), and every other client was closed."""
-    from keyden.cli import tls as proxy_cli
+    from keyden import proxy as proxy_module
 
-    proxy = proxy_cli._Proxy(None, 1234, {"handshake_timeout": 1.0}, "unix:/nonexistent", 8, max_per_host=3)
+    proxy = proxy_module.Proxy(None, 1234, {"handshake_timeout": 1.0}, "unix:/nonexistent", 8, max_per_host=3)
     greedy, other = ("192.0.2.1", 1), ("192.0.2.2", 1)
     assert [proxy._admit(greedy) for _ in range(3)] == [""] * 3
     assert "too many connections from 192.0.2.1" in proxy._admit(greedy)
@@ -291,10 +291,10 @@ def test_one_host_holds_at_most_its_share_of_the_proxys_connections():
 def test_the_upstream_connection_sends_small_writes_at_once():
     """What the proxy reads it writes upstream at once: Nagle would hold a short write back behind one not
     yet acknowledged, 40 ms with a delayed ACK (an HTTP request's last bytes, a reply's)."""
-    from keyden.cli import tls as proxy_cli
+    from keyden import proxy as proxy_module
 
     with socket.create_server(("127.0.0.1", 0)) as upstream:
-        proxy = proxy_cli._Proxy(None, 1234, {}, upstream.getsockname(), 1)
+        proxy = proxy_module.Proxy(None, 1234, {}, upstream.getsockname(), 1)
         with proxy._connect_forward() as forward:
             assert forward.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
@@ -500,7 +500,7 @@ def test_the_proxy_v2_header_byte_by_byte(pki):
     """proxy_v2_header alone, for one fixed handshake outcome: the spec's layout, written out by hand."""
     from cryptography.hazmat.primitives import serialization
 
-    from keyden.cli.tls import proxy_v2_header
+    from keyden.proxy import proxy_v2_header
     from keyden.client.tls import TlsInfo
 
     der = pki.client.cert.public_bytes(serialization.Encoding.DER)  # CN "client one"
@@ -530,7 +530,7 @@ def test_the_proxy_v2_header_byte_by_byte(pki):
 
 def test_the_proxy_v2_header_refuses_what_its_lengths_cannot_say():
     """A TLV over 65535 bytes, or a header whose length field would overflow, is refused: never sent corrupt."""
-    from keyden.cli.tls import proxy_v2_header
+    from keyden.proxy import proxy_v2_header
     from keyden.client.tls import TlsInfo
 
     addresses = (socket.AF_INET, ("192.0.2.10", 1), ("192.0.2.11", 2))
@@ -615,12 +615,12 @@ def test_a_listener_on_every_ipv6_address_takes_ipv4_clients_too(proxy, upstream
 def test_a_side_that_stops_reading_but_never_answers_lets_go_of_the_connection():
     """splice, in-process: once a write to a side fails, the other direction has ``close_timeout`` seconds
     to finish; a backend that neither reads, nor answers, nor closes must not hold a proxy slot for ever."""
-    from keyden.cli import tls as proxy_cli
+    from keyden import proxy as proxy_module
 
     client_side, plain = socket.socketpair()
     upstream, backend = socket.socketpair()
     backend.shutdown(socket.SHUT_RD)  # reads no more, and will say nothing
-    spliced = threading.Thread(target=proxy_cli.splice, args=(plain, upstream, 0.3), daemon=True)
+    spliced = threading.Thread(target=proxy_module.splice, args=(plain, upstream, 0.3), daemon=True)
     spliced.start()
     client_side.sendall(b"an upload the backend will not take")
     spliced.join(5)  # well under the default close timeout of 10 s

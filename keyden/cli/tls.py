@@ -1,53 +1,17 @@
-"""`keyden tls-proxy`: a TLS-terminating sidecar whose keys never leave keyden.
-
-It does stunnel's or ghostunnel's job without a key file on disk: each TCP
-connection accepted on ``--listen`` goes to keyden with ``tls_accept`` (the
-certificate chosen by SNI among those in ``--keyring``; client certificates
-checked against ``--client-trust``), and the plaintext socket keyden hands
-back is spliced to ``--forward`` (``HOST:PORT`` or ``unix:/path``).  One
-thread per connection: a slow peer holds only its own thread, its handshake
-bounded by ``--handshake-timeout``; past ``--max-connections`` new
-connections are closed at once.  With ``--proxy-protocol`` each upstream
-connection begins with a PROXY protocol version 2 header (HAProxy's
-doc/proxy-protocol.txt) telling the backend who the client was and what
-the handshake settled.
-"""
+"""`keyden tls-proxy`: its options, checked, and the proxy (keyden/proxy.py) started on them."""
 
 from __future__ import annotations
 
 import argparse
-import collections
 import signal
 import socket
-import struct
 import sys
-import threading
-import time
 
-from cryptography.x509.oid import NameOID
-
-from keyden import errors as E
+from keyden import proxy
 from keyden.cli.support import Exit
-from keyden.client import tls as client_tls
+from keyden.proxy import (CLOSE_TIMEOUT, IDLE_TIMEOUT, MAX_CLOSE_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PER_HOST,
+                          MIN_IDLE_TIMEOUT)
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
-
-CHUNK = 64 * 1024
-CLOSE_TIMEOUT = 10.0  # default seconds the other side has to finish and close once one side closed (splice)
-MAX_CLOSE_TIMEOUT = 3600.0
-MAX_PER_HOST = 32  # connections one client address holds at once: an eighth of the default 256
-IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
-MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
-#: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
-_CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
-
-# The PROXY protocol, version 2 (HAProxy's doc/proxy-protocol.txt).
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-PROXY_V2_COMMAND_PROXY = 0x21  # version 2 (high nibble), command PROXY: the addresses are the client's
-PROXY_V2_TCP_OVER = {socket.AF_INET: 0x11, socket.AF_INET6: 0x21}  # family and transport byte
-PROXY_V2_MAX_LENGTH = 0xFFFF  # the 16-bit length after the fixed 16 bytes; a TLV's value has one too
-PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_SSL = 0x01, 0x02, 0x20
-PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CN, PP2_SUBTYPE_SSL_CIPHER = 0x21, 0x22, 0x23
-PP2_CLIENT_SSL, PP2_CLIENT_CERT_CONN, PP2_CLIENT_CERT_SESS = 0x01, 0x02, 0x04
 
 
 def cmd_tls_proxy(ctx, args) -> int:
@@ -62,7 +26,7 @@ def cmd_tls_proxy(ctx, args) -> int:
     client = ctx.client
     _preflight(client, keyring, tls_options)
     try:
-        family = _family(listen[0])  # "::" takes IPv4 clients too, as ::ffff:a.b.c.d, where the system can
+        family = proxy.address_family(listen[0])  # "::" takes IPv4 clients too, as ::ffff:a.b.c.d, where the system can
         listener = socket.create_server(listen, family=family, backlog=128,
                                         dualstack_ipv6=listen[0] == "::" and socket.has_dualstack_ipv6())
     except OSError as exc:  # socket.create_server appends the address again, as a Python tuple: not ours to show
@@ -72,15 +36,15 @@ def cmd_tls_proxy(ctx, args) -> int:
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    proxy = _Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
-                   opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host)
+    running = proxy.Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
+                          opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host)
     try:
-        proxy.run(listener)
+        running.run(listener)
     except KeyboardInterrupt:
         pass
     finally:
         listener.close()
-    return 1 if proxy.lost_keyden else 0
+    return 1 if running.lost_keyden else 0
 
 
 def _parse(args: list[str]) -> argparse.Namespace:
@@ -131,23 +95,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
 
 def _preflight(client, keyring: int, tls_options: dict) -> None:
     """Fail at start, not at the first connection, if keyden refuses the keyrings or options."""
-    refused = _refusal(client, keyring, tls_options)
+    refused = proxy.refusal(client, keyring, tls_options)
     if refused is not None:
         raise Exit(1, f"tls-proxy: keyden refuses this configuration: {refused.message or refused.strerror()}")
-
-
-def _refusal(client, keyring: int, tls_options: dict) -> E.KeydenError | None:
-    """Why keyden would refuse our connections' requests, if it would: a tls_accept on a socket whose peer is
-    already gone is checked in full (its handshake then ends at once, unheard)."""
-    probe, gone = socket.socketpair()
-    gone.close()
-    try:
-        client_tls.start_accept(client, probe, keyring, **tls_options).close()
-    except E.KeydenError as exc:
-        return exc
-    finally:
-        probe.close()
-    return None
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
@@ -165,282 +115,3 @@ def _alpn(text: str | None) -> list[str] | None:
     if not (text.isascii() and text.isprintable()):
         raise Exit(2, f"tls-proxy: --alpn takes protocol names in printable ASCII, not {text[:300]!r}")
     return [p for p in text.split(",") if p] or None
-
-
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def proxy_v2_header(info: client_tls.TlsInfo, family: int, source: tuple, destination: tuple) -> bytes:
-    """The PROXY protocol v2 header that tells the upstream what only the proxy saw: the client's address
-    (``source``, from accept), the address it reached (``destination``, the accepted socket's own), both
-    of the accepted socket's ``family``, and the handshake's outcome as TLVs.  ValueError rather than a
-    corrupt header if a value does not fit its 16-bit length.
-
-    A certificate in ``info`` was verified: keyden asks for one only with a client trust keyring, fails
-    the handshake if it does not chain to it (or is blacklisted), and resumes no session then, so it was
-    presented on this very connection (CERT_CONN and CERT_SESS, verify 0).  Without one, verify is 1:
-    the spec's "non-zero otherwise" (HAProxy sends 0 there, which a backend could take for verified).
-    """
-    if family not in PROXY_V2_TCP_OVER:
-        raise ValueError(f"no PROXY v2 address block for address family {family!r}")
-    layout = "!4s4sHH" if family == socket.AF_INET else "!16s16sHH"
-    addresses = struct.pack(layout, _packed_host(family, source[0]), _packed_host(family, destination[0]),
-                            source[1], destination[1])
-    tlvs = b""
-    if info.alpn:
-        tlvs += _tlv(PP2_TYPE_ALPN, info.alpn.encode("ascii"))
-    if info.server_name:
-        tlvs += _tlv(PP2_TYPE_AUTHORITY, info.server_name.encode("utf-8"))
-    certified = bool(info.peer_certificate or info.peer_subject)  # a certificate over 64 KiB has a subject only
-    client_field = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS if certified else 0)
-    ssl_value = struct.pack("!BI", client_field, 0 if certified else 1)  # verify: 0 for a verified certificate only
-    if info.version:
-        ssl_value += _tlv(PP2_SUBTYPE_SSL_VERSION, info.version.encode("ascii"))
-    common_name = _common_name(info)
-    if common_name is not None:
-        ssl_value += _tlv(PP2_SUBTYPE_SSL_CN, common_name.encode("utf-8"))
-    if info.cipher:
-        ssl_value += _tlv(PP2_SUBTYPE_SSL_CIPHER, info.cipher.encode("ascii"))
-    tlvs += _tlv(PP2_TYPE_SSL, ssl_value)
-    length = len(addresses) + len(tlvs)
-    if length > PROXY_V2_MAX_LENGTH:
-        raise ValueError(f"the PROXY v2 header would carry {length} bytes, more than {PROXY_V2_MAX_LENGTH}")
-    return PROXY_V2_SIGNATURE + struct.pack("!BBH", PROXY_V2_COMMAND_PROXY, PROXY_V2_TCP_OVER[family],
-                                            length) + addresses + tlvs
-
-
-def _packed_host(family: int, host: str) -> bytes:
-    """A socket address's host in network order; an IPv6 scope (``fe80::1%eth0``) is the local host's, dropped."""
-    return socket.inet_pton(family, host.split("%", 1)[0])
-
-
-def _tlv(kind: int, value: bytes) -> bytes:
-    if len(value) > PROXY_V2_MAX_LENGTH:
-        raise ValueError(f"PROXY v2 TLV 0x{kind:02x} would carry {len(value)} bytes, more than {PROXY_V2_MAX_LENGTH}")
-    return struct.pack("!BH", kind, len(value)) + value
-
-
-def _common_name(info: client_tls.TlsInfo) -> str | None:
-    """The client certificate subject's first commonName, if there is a certificate pyca reads and it has one."""
-    try:
-        certificate = info.certificate()
-    except ValueError:  # not seen: keyden fails the handshake of a chain pyca cannot parse; else, no CN
-        return None
-    if certificate is None:
-        return None
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return names[0].value if names and isinstance(names[0].value, str) else None
-
-
-class _Proxy:
-    def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int,
-                 proxy_protocol: bool = False, close_timeout: float = CLOSE_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT, max_per_host: int = MAX_PER_HOST):
-        self.client = client
-        self.keyring = keyring
-        self.tls_options = tls_options
-        self.forward = forward
-        self.proxy_protocol = proxy_protocol
-        self.close_timeout = close_timeout
-        self.idle_timeout = idle_timeout
-        self.slots = threading.BoundedSemaphore(max_connections)
-        self.max_per_host = max_per_host
-        self.per_host: collections.Counter[str] = collections.Counter()  # client address -> connections held
-        self.per_host_lock = threading.Lock()
-        self.lost_keyden = False
-
-    def run(self, listener: socket.socket) -> None:
-        while not self.lost_keyden:
-            try:
-                conn, peer = listener.accept()
-            except OSError:
-                if self.lost_keyden:
-                    return
-                raise
-            refused = self._admit(peer)
-            if refused:
-                _report(peer, refused)
-                conn.close()
-                continue
-            threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True).start()
-
-    def _admit(self, peer) -> str:
-        """Take a slot for a connection from ``peer``, and one of its host's; why not, if not."""
-        host = peer[0]
-        with self.per_host_lock:
-            if self.per_host[host] >= self.max_per_host:  # (finished handshakes, then silence, held every slot)
-                return f"too many connections from {host} (--max-connections-per-host); closed"
-            if not self.slots.acquire(blocking=False):
-                return "too many connections; closed"
-            self.per_host[host] += 1
-        return ""
-
-    def _left(self, peer) -> None:
-        """Give back what ``_admit`` took."""
-        host = peer[0]
-        with self.per_host_lock:
-            self.slots.release()
-            self.per_host[host] -= 1
-            if not self.per_host[host]:
-                del self.per_host[host]
-
-    def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
-        try:
-            family = conn.family
-            try:
-                local = conn.getsockname()  # now: keyden takes conn over, and the PROXY header names it
-            except OSError as exc:
-                conn.close()
-                _report(peer, f"the accepted connection failed: {exc.strerror}")
-                return
-            try:
-                plain = client_tls.start_accept(self.client, conn, self.keyring, **self.tls_options)
-            except E.KeydenError as exc:  # the request's refusal: ours, never the peer's doing
-                conn.close()
-                self._failed(peer, exc, listener, request=True)
-                return
-            try:
-                info = client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
-            except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's, or keyden stopping
-                plain.close()
-                self._failed(peer, exc, listener, request=False)
-                return
-            header = b""
-            if self.proxy_protocol:
-                try:
-                    header = proxy_v2_header(info, family, peer, local)
-                except (ValueError, OSError) as exc:  # a value too long for its length field: no corrupt header
-                    plain.close()
-                    _report(peer, f"no PROXY header for this connection: {exc}; closed")
-                    return
-            where = self.forward if isinstance(self.forward, str) else "%s:%d" % self.forward
-            try:
-                upstream = self._connect_forward()
-            except OSError as exc:
-                plain.close()
-                _report(peer, f"cannot reach {where}: {exc.strerror}")
-                return
-            if header:
-                try:
-                    upstream.sendall(header)  # in one piece, as the spec asks, before any of the client's bytes
-                except OSError as exc:
-                    plain.close()
-                    upstream.close()
-                    _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
-                    return
-            splice(plain, upstream, self.close_timeout, self.idle_timeout)
-        finally:
-            self._left(peer)
-
-    def _failed(self, peer, exc: E.KeydenError, listener: socket.socket, request: bool) -> None:
-        """Report a connection that failed; stop accepting (exit 1) if keyden is gone, or, when keyden
-        refused the ``request`` itself, if it no longer serves our configuration."""
-        _report(peer, exc.message or exc.strerror())
-        gone = isinstance(exc, E.ECONNRESET) and not self._keyden_answers()
-        if gone or request and self._no_longer_served(exc):
-            self.lost_keyden = True
-            listener.shutdown(socket.SHUT_RDWR)
-
-    def _no_longer_served(self, exc: E.KeydenError) -> bool:
-        """Is this refusal of the request our configuration's, for good?  A keyring revoked, expired or gone
-        with a restarted daemon (a serial names a key of one daemon's life; a persistent keyring is not ours
-        again until get_persistent links it) says so, and a probe confirms it; a limit (EAGAIN, EMFILE,
-        ENFILE: other connections' doing) never does.  Then the proxy stops, exit 1, and its supervisor's
-        restart resolves --keyring anew."""
-        if not isinstance(exc, _CONFIGURATION_ERRORS):
-            return False
-        refused = _refusal(self.client, self.keyring, self.tls_options)
-        if not isinstance(refused, _CONFIGURATION_ERRORS):
-            return False
-        print(f"tls-proxy: keyden no longer serves this configuration: {refused.message or refused.strerror()}; "
-              "stopping", file=sys.stderr, flush=True)
-        return True
-
-    def _keyden_answers(self) -> bool:
-        try:
-            self.client.ping(b"")
-            return True
-        except E.KeydenError:
-            return False
-
-    def _connect_forward(self) -> socket.socket:
-        if isinstance(self.forward, str):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.forward[len("unix:"):])
-            except OSError:
-                sock.close()
-                raise
-            return sock
-        sock = socket.create_connection(self.forward)
-        # What splice reads it writes at once: Nagle would hold a short write back behind one not yet
-        # acknowledged (40 ms, with the peer's delayed ACK), as nginx's tcp_nodelay avoids.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-
-def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
-           idle_timeout: float = 0.0) -> None:
-    """Copy both ways until both ends are done, passing each end-of-file on as a half-close.
-
-    A side that closes while the other still sends (a backend that answers 413 to an upload and
-    closes) ends only the direction towards it: its answer, on the way the other direction, still gets
-    through, as it would straight over TCP, for up to ``close_timeout`` seconds.  A side that breaks (a
-    reset) ends both.  With an ``idle_timeout``, a connection on which no byte moved either way for that
-    long ends too: a side that stops reading but keeps its end open (a write to it blocks, never fails)
-    must not hold the connection's slot for ever.
-    """
-    def end_both() -> None:
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    grace: list[threading.Timer] = []
-    moved = [time.monotonic()]  # when a byte last moved, either way
-    finished = threading.Event()
-
-    def copy(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(CHUNK):
-                moved[0] = time.monotonic()
-                try:
-                    dst.sendall(chunk)
-                except OSError:  # dst is closed: this direction is over; the other carries its answer
-                    timer = threading.Timer(close_timeout, end_both)
-                    timer.daemon = True
-                    grace.append(timer)
-                    timer.start()
-                    return
-                moved[0] = time.monotonic()
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:  # src broke: end both directions
-            end_both()
-
-    def end_when_idle() -> None:
-        while not finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
-            if time.monotonic() - moved[0] >= idle_timeout:
-                end_both()
-                return
-
-    watch = threading.Thread(target=end_when_idle, daemon=True) if idle_timeout else None
-    if watch is not None:
-        watch.start()
-    back = threading.Thread(target=copy, args=(b, a), daemon=True)
-    back.start()
-    copy(a, b)
-    back.join()
-    finished.set()
-    for timer in grace:
-        timer.cancel()
-        timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
-    if watch is not None:
-        watch.join()
-    a.close()
-    b.close()
-
-
-def _report(peer, what: str) -> None:
-    print(f"tls-proxy: {peer[0]}:{peer[1]}: {what}", file=sys.stderr, flush=True)
