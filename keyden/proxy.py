@@ -267,9 +267,12 @@ class Proxy:
                 raise
             return sock
         sock = socket.create_connection(self.forward)
-        # What splice reads it writes at once: Nagle would hold a short write back behind one not yet
-        # acknowledged (40 ms, with the peer's delayed ACK), as nginx's tcp_nodelay avoids.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:  # what splice reads it writes at once: Nagle would hold a short write back behind one not yet
+            #   acknowledged (40 ms, with the peer's delayed ACK), as nginx's tcp_nodelay avoids
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            raise
         return sock
 
 

@@ -466,6 +466,62 @@ def test_connecting_waits_while_the_daemons_listen_queue_is_full(tmp_path):
         server.close()
 
 
+def test_closing_a_client_whose_reconnect_waits_on_a_full_listen_queue_ends_the_wait(tmp_path):
+    """A reconnect waiting for room in the daemon's listen queue went on polling after close(), and connected
+    (then dropped the connection) whenever room appeared."""
+    import socket as socketlib
+
+    from keyden import protocol as W
+    from keyden.protocol import Op
+
+    path = str(tmp_path / "fake.sock")
+    server = socketlib.socket(socketlib.AF_UNIX)
+    server.bind(path)
+    server.listen(0)
+    server.setblocking(False)
+    queued = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        connecting = asyncio.ensure_future(aio.connect(path))
+        peer, _ = await loop.sock_accept(server)
+        decoder = W.FrameDecoder()
+        while not (frames := list(decoder.frames())):
+            decoder.feed(await loop.sock_recv(peer, 4096))
+        hello = W.encode_response(frames[0].request_id, Op.HELLO, (W.VERSION, W.DEFAULT_MAX_FRAME, 0, 0, 1))
+        await loop.sock_sendall(peer, hello)
+        client = await connecting
+        peer.close()  # the daemon goes; its queue is full when the client comes back
+        while True:
+            waiting = socketlib.socket(socketlib.AF_UNIX)
+            waiting.setblocking(False)
+            try:
+                waiting.connect(path)
+            except BlockingIOError:
+                waiting.close()
+                break
+            queued.append(waiting)
+        await asyncio.sleep(0.1)  # the loss is seen
+        ping = asyncio.ensure_future(client.ping(b"x"))
+        await asyncio.sleep(0.2)
+        assert not ping.done()  # waiting for room in the queue
+        client.close()
+        with pytest.raises(E.ECONNRESET):
+            await asyncio.wait_for(ping, 5)
+        for _ in queued:  # room again: nobody may connect any more
+            server.accept()[0].close()
+        await asyncio.sleep(0.3)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for sock in queued:
+            sock.close()
+        server.close()
+
+
 def wait_stopped(pid: int) -> None:
     """Block until the kernel reports the process stopped (SIGSTOP delivery is asynchronous)."""
     deadline = time.monotonic() + 10

@@ -40,7 +40,7 @@ OAEP = "enc=oaep hash=sha256"
 OAEP_PADDING = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 READABLE = 0x3F010000  # possessor everything (read included), owner view: exportable
 ALL_OPS = OP_ENCRYPT | OP_DECRYPT | OP_SIGN | OP_VERIFY
-#: store.ASYMMETRIC_USE's bits, spelt out: they are stored with persistent keys and in exports, for good.
+#: flags.ASYMMETRIC_USE's bits, spelt out: they are stored with persistent keys and in exports, for good.
 SIGN, DECRYPT, DERIVE = 0x800, 0x1000, 0x2000
 
 

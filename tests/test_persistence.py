@@ -224,7 +224,7 @@ def test_a_master_key_file_that_cannot_be_written_is_left_absent(tmp_path, monke
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(master.os, "fsync", disk_full)
     path = str(tmp_path / "state" / "master.key")
-    with pytest.raises(master.StartupError, match="cannot write the new master key file .*No space left"):
+    with pytest.raises(E.StartupError, match="cannot write the new master key file .*No space left"):
         master.FileKey(path).create()
     assert os.listdir(tmp_path / "state") == []
     monkeypatch.undo()
@@ -796,7 +796,7 @@ def test_an_upgrade_that_cannot_write_leaves_the_store_to_the_version_before(fre
         raise sqlite3.OperationalError("database or disk is full")
     monkeypatch.setattr(persist, "reseal", full)
     config = ServerConfig(state_dir=d.state_dir)
-    with pytest.raises(persist.StartupError, match=r"cannot re-seal .*database or disk is full.*as it was"):
+    with pytest.raises(E.StartupError, match=r"cannot re-seal .*database or disk is full.*as it was"):
         persist.open_durable(config, KeyStore(config.store))
     assert sql(d, "PRAGMA user_version") == [(1,)]
     assert (sql(d, "SELECT name, value FROM meta ORDER BY name"), sql(d, "SELECT * FROM keys ORDER BY serial")) \
@@ -996,6 +996,7 @@ def test_a_failed_start_lets_go_of_the_key_database(tmp_path):
     from keyden.errors import StartupError
     from keyden.server.config import ServerConfig
     from keyden.server.server import Server
+    from keyden.tls import engine as tls_engine
 
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
@@ -1011,6 +1012,14 @@ def test_a_failed_start_lets_go_of_the_key_database(tmp_path):
     try:
         with keyden.connect(config["socket"]) as c:
             assert c.ping(b"up") == b"up"
+            # A second server refused at start (a daemon is there) leaves the first whole: its socket, and the
+            # TLS engine the process shares (undoing a start once stopped it, ending the first's handshakes).
+            engine = tls_engine.engine()
+            other_state = tmp_path / "other"
+            other_state.mkdir(mode=0o700)
+            with pytest.raises(StartupError, match="already listening"):
+                Server(ServerConfig(**dict(config, state_dir=str(other_state)))).startup()
+            assert tls_engine.engine() is engine and c.ping(b"still up") == b"still up"
     finally:
         server.request_stop()
         serving.join(10)

@@ -223,3 +223,16 @@ def test_the_written_spec_lists_every_op_with_its_fields():
         written = [re.sub(r"\s*\([^)]*\)", "", side).strip() for side in fields.split("→")]  # minus (notes)
         for schema, side in zip((request, response), written):
             assert side == ", ".join(f"{x.name} {kinds[x.kind.value]}" for x in schema.fields), (op.name, side)
+
+
+def test_every_errno_class_is_in_the_table_once_under_its_own_code():
+    """ERRORS is the one mapping both ways: each class keyden defines under KeydenError, its code the Linux
+    errno its name says (a class that kept EIO's code would silently take EIO's place)."""
+    import errno
+
+    classes = E.KeydenError.__subclasses__()
+    assert len(E.ERRORS) == len(classes) == len({cls.code for cls in classes})
+    for cls in classes:
+        assert E.ERRORS[cls.code] is cls and cls.code == getattr(errno, cls.__name__) and cls.name == cls.__name__
+        assert getattr(E, cls.__name__) is cls and cls.__name__ in E.__all__
+    assert E.error_class(0xFFFF) is E.EIO

@@ -29,7 +29,7 @@ import socket
 import warnings
 import weakref
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from keyden import errors as E
 from keyden import protocol as W
@@ -63,18 +63,19 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-async def _connect_unix(sock: socket.socket, path: str) -> None:
+async def _connect_unix(sock: socket.socket, path: str, closed: Callable[[], bool]) -> None:
     """Connect a non-blocking Unix socket, waiting while the daemon's listen queue is full, as a blocking
-    connect waits.  (The loop's ``sock_connect`` takes that EAGAIN for a connect in progress, finds the socket
-    writable at once, and hands back one that is connected to nothing.)"""
+    connect waits, until ``closed()``.  (The loop's ``sock_connect`` takes that EAGAIN for a connect in
+    progress, finds the socket writable at once, and hands back one that is connected to nothing.)"""
     delay = 0.001
-    while True:
+    while not closed():
         try:
             sock.connect(path)
             return
         except BlockingIOError:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.05)
+    raise E.ECONNRESET("the client is closed")
 
 
 class _Wire(asyncio.Protocol):
@@ -149,7 +150,7 @@ class AsyncClient(Operations):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # ours, to close without the loop (fork)
         try:
             sock.setblocking(False)
-            await _connect_unix(sock, self.socket_path)
+            await _connect_unix(sock, self.socket_path, lambda: self._closed)
             common.check_daemon(sock, self.socket_path)
             transport, wire = await loop.create_unix_connection(lambda: _Wire(self), sock=sock)
         except OSError as exc:

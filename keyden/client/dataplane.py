@@ -24,16 +24,16 @@ from keyden.client.operations import Ref, as_value_error, binary
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
 
-class AuthenticationFailed(E.EBADMSG, InvalidTag):  # type: ignore[misc,valid-type]
+class AuthenticationFailed(E.EBADMSG, InvalidTag):
     """An AEAD helper's EBADMSG, also pyca's ``InvalidTag``: code written for ``AESGCM`` catches it as is."""
 
 
-class MacMismatch(E.EBADMSG, InvalidSignature):  # type: ignore[misc,valid-type]
+class MacMismatch(E.EBADMSG, InvalidSignature):
     """``Mac.verify``'s EBADMSG, also pyca's ``InvalidSignature``, as ``HMAC.verify`` raises (a tag of the
     wrong length too: an attacker's truncated tag is a mismatch, not an argument error to crash on)."""
 
 
-class StreamFinished(E.EBADF, AlreadyFinalized):  # type: ignore[misc,valid-type]
+class StreamFinished(E.EBADF, AlreadyFinalized):
     """``update``, ``finalize`` or ``copy`` of a stream that was finalized or aborted: EBADF, the daemon's
     word for a stream it no longer holds, and pyca's ``AlreadyFinalized``, as a finished pyca context raises."""
 

@@ -473,7 +473,7 @@ class _Recorder(Operations):
         if not isinstance(call, (tuple, list)) or not 2 <= len(call) <= 3:
             raise E.EINVAL("each call_many entry is (name, args) or (name, args, kwargs)")
         name, args, kwargs = call[0], call[1], call[2] if len(call) == 3 else {}
-        method = getattr(Operations, name, None) if isinstance(name, str) and not name.startswith("_") else None
+        method = vars(Operations).get(name) if isinstance(name, str) and not name.startswith("_") else None
         if not callable(method):
             raise E.EINVAL(f"call_many pipelines the client's keyctl operations (one request each); "
                            f"{str(name)[:40]!r} is not one")

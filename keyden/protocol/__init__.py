@@ -494,7 +494,7 @@ class Frame:
     body: bytes | memoryview
 
 
-class FrameTooLarge(E.EMSGSIZE):  # type: ignore[misc,valid-type]
+class FrameTooLarge(E.EMSGSIZE):
     """Raised by the decoder: the peer announced a body over the cap; close the connection."""
 
 

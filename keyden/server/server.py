@@ -126,8 +126,28 @@ class Server:
         try:
             self._startup()
         except BaseException:
-            self.shutdown()
+            self._undo_startup()
             raise
+
+    def _undo_startup(self) -> None:
+        """Close what a failed start opened, and nothing else: unlike shutdown, no engine shared with
+        another server in this process is stopped, and a failure here never hides the start's own."""
+        steps = (("exit watcher", lambda: self.exits.stop(), self.exits),
+                 ("socket", self._close_listener, self.listener),
+                 ("audit log", lambda: self.audit.close(), self.audit),
+                 ("key database", lambda: self.journal.close(), self.journal))
+        self.store.on_process_keyring = None
+        for what, close, opened in steps:
+            if opened is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing the %s after a failed start", what)
+        self.exits = self.listener = self.audit = self.journal = None
+
+    def _close_listener(self) -> None:
+        _unlink_if_ours(self.config.socket, self._socket_id)  # while it is open: its inode is not reused
+        self.listener.close()
 
     def _startup(self) -> None:
         cfg = self.config
@@ -173,11 +193,11 @@ class Server:
         except OSError as exc:
             sock.close()
             raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-        os.chmod(path, 0o666)  # any local process may connect; identity comes from SO_PEERCRED
-        sock.listen(512)
         self.listener = sock
         st = os.lstat(path)
         self._socket_id = (st.st_dev, st.st_ino)  # shutdown removes this socket, not one bound there since
+        os.chmod(path, 0o666)  # any local process may connect; identity comes from SO_PEERCRED
+        sock.listen(512)
 
     def _start_background(self, watched: int) -> None:
         """The exit watcher (process keyrings go when their process does) and the garbage collector."""
@@ -264,8 +284,7 @@ class Server:
                 self.store.on_process_keyring = None
                 self.exits.stop()  # before the journal closes: a collection under way flushes it
             if self.listener is not None:
-                _unlink_if_ours(self.config.socket, self._socket_id)  # while it is open: its inode is not reused
-                self.listener.close()
+                self._close_listener()
             if self.journal is not None:
                 self.journal.close()
             log.info("keyden stopped")
