@@ -430,6 +430,22 @@ def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatc
     assert "cap" in asyncio.run(scenario((0x7FFFFFFF).to_bytes(4, "little") + bytes(12)))
 
 
+def fill_listen_queue(path: str) -> list:
+    """Connections that fill the listen queue of the Unix socket at ``path`` (until a connect is EAGAIN)."""
+    import socket as socketlib
+
+    queued = []
+    while True:
+        waiting = socketlib.socket(socketlib.AF_UNIX)
+        waiting.setblocking(False)
+        try:
+            waiting.connect(path)
+        except BlockingIOError:
+            waiting.close()
+            return queued
+        queued.append(waiting)
+
+
 def test_connecting_waits_while_the_daemons_listen_queue_is_full(tmp_path):
     """The loop's sock_connect took a full listen queue's EAGAIN for a connect in progress and handed back
     a socket connected to nothing (then 'served by uid -1', EACCES).  It waits, as a blocking connect does."""
@@ -439,16 +455,7 @@ def test_connecting_waits_while_the_daemons_listen_queue_is_full(tmp_path):
     server = socketlib.socket(socketlib.AF_UNIX)
     server.bind(path)
     server.listen(0)
-    queued = []
-    while True:  # fill the queue
-        waiting = socketlib.socket(socketlib.AF_UNIX)
-        waiting.setblocking(False)
-        try:
-            waiting.connect(path)
-        except BlockingIOError:
-            waiting.close()
-            break
-        queued.append(waiting)
+    queued = fill_listen_queue(path)
 
     async def scenario():
         connecting = asyncio.ensure_future(aio.connect(path))
@@ -492,15 +499,7 @@ def test_closing_a_client_whose_reconnect_waits_on_a_full_listen_queue_ends_the_
         await loop.sock_sendall(peer, hello)
         client = await connecting
         peer.close()  # the daemon goes; its queue is full when the client comes back
-        while True:
-            waiting = socketlib.socket(socketlib.AF_UNIX)
-            waiting.setblocking(False)
-            try:
-                waiting.connect(path)
-            except BlockingIOError:
-                waiting.close()
-                break
-            queued.append(waiting)
+        queued.extend(fill_listen_queue(path))
         await asyncio.sleep(0.1)  # the loss is seen
         ping = asyncio.ensure_future(client.ping(b"x"))
         await asyncio.sleep(0.2)
