@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyden import errors as E
-from keyden.cli.commands import hexdump
+from keyden.cli.support import hexdump
 from tests.conftest import default_hangup_and_term
 from tests.test_cli import REPO, keyden, ok  # noqa: F401  (keyden is the CLI-runner fixture)
 from dhgroups import MODP_2048 as P

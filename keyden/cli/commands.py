@@ -21,8 +21,8 @@ from typing import Callable
 
 from keyden import errors as E
 from keyden.cli import dataplane, persistence, tls, tree, trust
-from keyden.cli.support import (Context, Exit, Usage, call, expect, failure, hex_to_bytes, id32, number, options,
-                                pkey_info, pkey_password, read_file, read_stdin, write_bytes)
+from keyden.cli.support import (Context, Exit, Usage, call, expect, failure, hex_to_bytes, hexdump, id32, number,
+                                options, pkey_info, pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
 from keyden.client.operations import key_flags
 from keyden.protocol import CAPABILITY_BITS
@@ -75,15 +75,6 @@ def key_bytes(data: bytes | list[int]) -> bytes:
 def read_payload(ctx: Context, arg: str) -> bytes:
     key = ctx.key(arg)
     return key_bytes(call("keyctl_read_alloc", ctx.client.read, key))
-
-
-def hexdump(data: bytes) -> str:
-    """keyctl read's layout: 4-byte groups, 32 bytes a line."""
-    lines = []
-    for row in range(0, len(data), 32):
-        chunk = data[row:row + 32]
-        lines.append(" ".join(chunk[i:i + 4].hex() for i in range(0, len(chunk), 4)))
-    return "\n".join(lines)
 
 
 def printable(data: bytes) -> bool:

@@ -21,8 +21,8 @@ import os
 from typing import Iterator
 
 from keyden import errors as E
-from keyden.cli.support import (Context, Exit, Output, Usage, call, expect, failure, hex_to_bytes, number, options,
-                                pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
+from keyden.cli.support import (Context, Exit, Output, Usage, call, expect, failure, hex_to_bytes, hexdump, number,
+                                options, pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
 from keyden.crypto import symmetric
 
 ONE_SHOT_LIMIT = 64 << 20  # AEADs pyca cannot stream (ChaCha20-Poly1305) take the whole input at once
@@ -82,8 +82,6 @@ def public_key_file(name: str) -> bytes:
 
 def print_result(data: bytes) -> None:
     """keyctl's dh_compute output: a count line, then the bytes as keyctl read lays them out."""
-    from keyden.cli.commands import hexdump
-
     print(f"{len(data)} bytes of data in result:")
     print(hexdump(data))
 

@@ -160,6 +160,15 @@ def number(text: str, what: str, base: int = 0) -> int:
     return value
 
 
+def hexdump(data: bytes) -> str:
+    """keyctl read's layout: 4-byte groups, 32 bytes a line."""
+    lines = []
+    for row in range(0, len(data), 32):
+        chunk = data[row:row + 32]
+        lines.append(" ".join(chunk[i:i + 4].hex() for i in range(0, len(chunk), 4)))
+    return "\n".join(lines)
+
+
 def hex_to_bytes(data: bytes) -> bytes:
     """keyctl -x (hex2bin): hex pairs, whitespace skipped between pairs but not inside one."""
     out = bytearray()
