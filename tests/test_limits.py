@@ -80,6 +80,25 @@ def connect_when_room(daemon, **kw) -> keyden.client.sync.Client:
 
 # ------------------------------------------------------------- connections
 
+def test_a_daemon_out_of_descriptors_tells_the_clients_it_refuses(fresh_daemon):
+    """Out of descriptors, the daemon could still accept but not tell who connected (its pidfd, /proc), and
+    took that for a peer already gone: clients were closed without a word ('Broken pipe')."""
+    import resource
+
+    d = fresh_daemon()
+    d.connect().close()
+    limits = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
+    try:
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{d.proc.pid}/fd")) + 1,
+                                                              limits[1]))
+        with pytest.raises((E.EMFILE, E.ENFILE)) as refused:  # accepted, with no descriptor left to look
+            d.connect()
+        assert "try again later" in str(refused.value)
+    finally:
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, limits)
+    with connect_when_room(d) as c:
+        assert c.ping(b"back") == b"back"
+
 def test_connections_per_uid_are_capped_with_an_error_frame_and_other_users_unaffected(fresh_daemon):
     d = fresh_daemon("max_connections_per_uid = 3\n")
     held = [connect_when_room(d) for _ in range(3)]

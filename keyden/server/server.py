@@ -10,6 +10,7 @@ keyrings the moment it exits (exits.py).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -315,8 +316,13 @@ class Server:
             return None
         try:
             who = peer.peer_of(sock)
-        except OSError:  # its process is gone already
-            # Unread: its close may be the last of a descriptor sent on it.
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # ours, not the peer's: it is told why
+                self._refusals.warning("cannot tell who connected: %s; refusing the connection", exc.strerror)
+                limits.refuse(sock, E.error_class(exc.errno)(f"keyden cannot take a connection now ({exc.strerror}"
+                                                             "); try again later"), peer.uid_of(sock))
+                return None
+            # Its process is gone already.  Unread: its close may be the last of a descriptor sent on it.
             descriptors.release_socket(sock, peer.uid_of(sock))
             return None
         audit = self.audit.connection(who.pid, who.uid, who.gid, who.exe) if self.audit is not None else None
