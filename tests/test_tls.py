@@ -1122,6 +1122,14 @@ def test_a_server_that_refuses_our_alpn_protocols_says_so(client, pki, trust_rin
         server.communicate()
 
 
+def test_alpn_names_that_are_not_ascii_text_or_bytes_are_einval(client, trust_ring):
+    """A non-ASCII name raised Python's UnicodeEncodeError, and a number became that many zero bytes."""
+    for alpn in (["é"], [5], "h2", [None], 5):
+        mine, _theirs = socket.socketpair()
+        with mine, _theirs, pytest.raises(E.EINVAL):
+            client.tls_connect(mine, "a.test", trust=trust_ring, alpn=alpn)
+
+
 def test_a_server_that_shares_no_version_is_a_protocol_error_not_a_refused_certificate(client, pki, trust_ring):
     server = PythonServer(pki.ec_server)
     server.ctx.maximum_version = ssl.TLSVersion.TLSv1_2

@@ -91,9 +91,20 @@ def _version_flag(min_version: str) -> int:
 
 
 def _alpn(alpn: list[str] | None) -> list[bytes]:
-    if isinstance(alpn, str):
+    """Protocol names as the wire takes them; a name in text is ASCII (as keyden requires of every name)."""
+    if alpn is None:
+        return []
+    if isinstance(alpn, (str, bytes)) or not isinstance(alpn, (list, tuple)):
         raise E.EINVAL("alpn is a list of protocol names")
-    return [p.encode("ascii") if isinstance(p, str) else bytes(p) for p in alpn or ()]
+    names = []
+    for name in alpn:
+        if isinstance(name, str) and name.isascii():
+            names.append(name.encode("ascii"))
+        elif isinstance(name, (bytes, bytearray)):
+            names.append(bytes(name))
+        else:  # (bytes(5) would be five zero bytes)
+            raise E.EINVAL("ALPN protocol names are ASCII text or bytes")
+    return names
 
 
 def _ms(seconds: float) -> int:
