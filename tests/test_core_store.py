@@ -1122,6 +1122,20 @@ def test_a_non_exportable_key_is_found_first_however_the_tree_reaches_it(store, 
         store.export_tree(alice, outer)
 
 
+def test_an_export_reaches_as_deep_as_a_search_and_says_what_to_export_instead(store, alice):
+    """A chain linked top-down may go deeper than 6 (no link checks what hangs above); its export failed with
+    a bare 'nested too deeply'.  It names the keyring to export on its own, and that export works."""
+    top = ring = newring(store, alice, "top")
+    chain = []
+    for depth in range(1, 9):  # its owner may use each keyring (possession ends 6 down)
+        ring = store.add(alice, "keyring", f"level{depth}", b"", ring, perm=0x3f3f0000)
+        chain.append(ring)
+    with pytest.raises(E.ELOOP, match=f"keyring {chain[6]} is more than 6 levels below .* export it on its own"):
+        store.export_tree(alice, top)
+    keys, links = store.export_tree(alice, chain[6])
+    assert [k.description for k in keys] == ["level7", "level8"] and links == [(0, 1)]
+
+
 def test_an_empty_asymmetric_key_id_matches_nothing_it_is_einval(store, alice):
     """asymmetric_key_hex_to_key_id refuses an empty id; "id:" matched every key (a suffix of any id)."""
     for wanted in ("id:", "ex:"):

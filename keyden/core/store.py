@@ -1754,8 +1754,9 @@ class KeyStore:
                 index[key.serial] = len(out)
                 out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & BINDING_FLAGS))
                 if key.links is not None:
-                    if depth > MAX_NESTING:
-                        raise E.ELOOP("keyrings nested too deeply")
+                    if depth > MAX_NESTING:  # where possession, counted from the top, ends for a search too
+                        raise E.ELOOP(f"keyring {key.serial} is more than {MAX_NESTING} levels below the exported "
+                                      "key, as deep as an export (and a search) goes: export it on its own")
                     for member in list(key.links.values()):
                         links.append((index[key.serial], take(member, depth + 1)))
                 return index[key.serial]
