@@ -334,6 +334,23 @@ def test_move_with_and_without_exclusive(store, alice):
     store.move(alice, key, dst, dst)  # same keyring: nothing to do
 
 
+def test_a_move_checks_nesting_as_a_link_does_and_changes_nothing_when_refused(store, alice):
+    """A keyring moved into its own child is a loop (EDEADLK); one with keyrings more than 6 deep below it
+    (built top-down), ELOOP, as keyring_detect_cycle answers; either way it stays where it was."""
+    outer = newring(store, alice, "outer")
+    inner = newring(store, alice, "inner", outer)
+    with pytest.raises(E.EDEADLK):
+        store.move(alice, outer, SESSION, inner)
+    ring = inner
+    for depth in range(2, 9):  # its owner may use each keyring (possession ends 6 down)
+        ring = store.add(alice, "keyring", f"level{depth}", b"", ring, perm=0x3f3f0000)
+    elsewhere = newring(store, alice, "elsewhere")
+    with pytest.raises(E.ELOOP):
+        store.move(alice, outer, SESSION, elsewhere)
+    assert outer in store.read(alice, SESSION) and store.read(alice, outer) == [inner]
+    assert store.read(alice, elsewhere) == []
+
+
 def test_clear_empties_a_keyring_and_destroys_what_only_it_held(store, alice):
     ring = newring(store, alice, "r")
     only_here = add_user(store, alice, "a", ring=ring)
@@ -608,6 +625,19 @@ def test_quota_limits_are_configurable_and_root_has_its_own(clock):
     with pytest.raises(E.EDQUOT):
         add_user(store, root, "e")
     assert store.quota_usage(0)[2:] == (5, 25000000)
+
+
+def test_an_add_whose_key_fits_the_quota_but_not_its_link_changes_nothing(clock):
+    """The key's bytes are in quota, its link's 4 are not: EDQUOT, and neither the key nor a charge stays."""
+    store = KeyStore(StoreConfig(maxbytes=10_000), clock=clock)
+    alice = session(store, ALICE)
+    keys, used = store.quota_usage(ALICE.uid)[:2]
+    room = 10_000 - used - len("k") - 1  # the description, its NUL and the payload may take all that is left
+    with pytest.raises(E.EDQUOT):
+        add_user(store, alice, "k", b"x" * room)
+    assert store.quota_usage(ALICE.uid)[:2] == (keys, used)
+    assert all(k.description != "k" for k in store.iter_keys())
+    add_user(store, alice, "k", b"x" * (room - 4))  # with its link's 4 bytes it fits
 
 
 def test_an_update_past_the_byte_quota_fails_and_changes_nothing(clock):

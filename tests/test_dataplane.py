@@ -144,6 +144,36 @@ def test_batches_equal_one_shot_with_per_item_failures(client, aes):
     assert mac.mac_batch(items) == expected
 
 
+def test_batches_of_every_kind_answer_per_item(client, aes):
+    """Batched HMAC verification (the expected tag in each IV), block ciphers, hashes and keyden-chosen
+    nonces for ciphers that take IVs: each item's status and output as its one-shot call would give them."""
+    key, serial = aes
+    mac_key = os.urandom(32)
+    mac_serial = client.add("user", "batch-mac", mac_key)
+    tag = pyca_hmac.HMAC(mac_key, hashes.SHA256())
+    tag.update(b"message")
+    good = tag.finalize()
+    status, out = client.batch("hmac(sha256)", mac_serial, [b"message", b"message", b"message"],
+                               ivs=[good, bytes(32), good[:16]], decrypt=True)
+    assert status == [0, E.EBADMSG.code, E.EINVAL.code] and out == [b"", b"", b""]  # a short tag: malformed
+
+    ivs, blocks = [os.urandom(16) for _ in range(3)], [os.urandom(16 * n) for n in (1, 2, 4)]
+    status, out = client.batch("cbc(aes)", serial, blocks, ivs=ivs)
+    expected = [Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor().update(b) for iv, b in zip(ivs, blocks)]
+    assert status == [0, 0, 0] and out == expected
+    status, out = client.batch("cbc(aes)", serial, [b"not a whole block"], ivs=[ivs[0]])
+    assert status == [E.EINVAL.code] and out == [b""]
+    status, out = client.batch("cbc(aes)", serial, out, ivs=ivs[:1], decrypt=True)  # errors stay per item
+    assert status == [0] and out == [b""]
+
+    status, out = client.batch("sha256", 0, [b"a", b"bc"])
+    assert status == [0, 0] and out == [hashlib.sha256(b"a").digest(), hashlib.sha256(b"bc").digest()]
+    with pytest.raises(E.EINVAL, match="keyden-chosen nonces are for AEAD"):
+        client.batch("ctr(aes)", serial, [b"x" * 20], random_nonce=True)
+    status, out = client.batch(GCM, serial, [b"x", b"y"], ivs=[os.urandom(12)] * 2, random_nonce=True)
+    assert status == [E.EINVAL.code] * 2 and out == [b"", b""]  # a nonce given where keyden is to choose
+
+
 def test_a_batch_whose_reply_could_pass_the_frame_cap_is_refused_before_any_work(fresh_daemon):
     """The reply is bounded by items plus per-item growth (tags, nonces, digests), checked up front."""
     d = fresh_daemon("max_frame = 8192\n")

@@ -336,6 +336,23 @@ def test_a_restriction_holds_only_a_key_its_maker_may_find(held):
         held.restricted("bob's", secret, caller=bob)
 
 
+def test_asymmetric_keys_are_found_by_their_key_ids(client, pki):
+    """'id:<hex>' matches the end of any of a key's IDs, 'ex:<hex>' one whole (asymmetric_key_match): the
+    SHA-1 of its SubjectPublicKeyInfo, its Subject Key Identifier, its serial and issuer."""
+    ring = client.newring("by-id", "@s")
+    serial = add_cert(client, pki.inter, ring)
+    skid = pki.inter.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.key_identifier.hex()
+    assert client.search(ring, "asymmetric", f"id:{skid[-8:]}") == serial
+    assert client.search(ring, "asymmetric", f"id:{skid[-8:].upper()}") == serial
+    assert client.search(ring, "asymmetric", f"ex:{skid}") == serial
+    assert client.find("asymmetric", f"id:{skid[-8:]}") == serial
+    assert client.search(ring, "asymmetric", f"ex:{skid}", "@s") == serial and serial in client.read("@s")
+    for miss in (f"ex:{skid[-8:]}", f"id:{skid[:8]}00"):  # ex: is whole; id: is a tail
+        assert refused(lambda: client.search(ring, "asymmetric", miss)) is E.ENOKEY
+    for bad in ("id:", "id:abc", "id:zz", "ex:"):
+        assert refused(lambda: client.search(ring, "asymmetric", bad)) is E.EINVAL
+
+
 def test_restriction_strings_and_cycles(client):
     ring = client.newring("r", "@s")
     for text, error in (("key_or_keyring", E.EINVAL), ("key_or_keyring:", E.EINVAL),
