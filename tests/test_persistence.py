@@ -34,7 +34,7 @@ from keyden.persist import kernel
 from keyden.persist.manifest import BUCKETS
 from keyden.persist.master import Sealer
 
-from tests.conftest import Daemon
+from tests.conftest import REPO, Daemon
 
 try:
     from tests.users import run_as, temporary_users
@@ -1166,6 +1166,15 @@ def test_passphrase_derived_master_key_and_its_rotation(fresh_daemon, tmp_path, 
     d.start()
     c = persistent(d)
     assert c.read(key) == b"sealed by passphrase"
+
+    third = passphrase_file(tmp_path, b"third, by the command line", "third")  # keyden rekey, as root runs it
+    cli = subprocess.run([sys.executable, "-m", "keyden", "--socket", d.socket, "rekey", "--passphrase-file", third],
+                         capture_output=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert cli.returncode == 0 and not cli.stderr, cli
+    d.stop(signal.SIGKILL)
+    d.args = ("--passphrase-file", third)
+    d.start()
+    assert persistent(d).read(key) == b"sealed by passphrase"
 
 
 def test_passphrase_files_others_may_use_or_another_uid_owns_refuse_start(fresh_daemon, tmp_path):
