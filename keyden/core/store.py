@@ -197,6 +197,9 @@ class DenyAll(Restriction):
 
 
 #: restriction factories by key type (the type's lookup_restriction): (store, caller, restriction) -> Restriction.
+#: The asymmetric type's come with keyden.core.trust, which registers them (and the blacklist's admission
+#: check below) when imported, as the kernel's asymmetric key module does when loaded; until then a type
+#: restriction is ENOENT, as for a type that has none.
 RESTRICTION_FACTORIES: dict[str, Callable[["KeyStore", Caller, str], Restriction]] = {}
 
 #: checks every link, move and add_key runs before the keyring's own restriction, with the same
