@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -113,6 +114,29 @@ def test_forward_to_a_unix_socket(proxy, pki, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_past_max_connections_a_new_connection_is_closed_at_once(proxy, upstream, pki):
+    """--max-connections 1: while one connection holds the slot (its handshake not begun), the next is
+    closed at once, not left waiting for --handshake-timeout; once it is let go, clients are served again."""
+    port = proxy("--forward", upstream, "--max-connections", "1", "--handshake-timeout", "60")
+    held = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # the proxy takes the held connection first; the next one finds no slot
+            refused = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            started = time.monotonic()
+            with refused:
+                closed = refused.recv(1) == b""
+            if closed or time.monotonic() > deadline:
+                break
+        assert closed and time.monotonic() - started < 30
+    finally:
+        held.close()
+    deadline = time.monotonic() + TIMEOUT
+    while (out := curl(port, pki)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the proxy has seen the held connection go
+    assert out.stdout == b"hello from upstream, /path", out.stderr.decode()
 
 
 def test_mutual_tls_through_the_proxy(client, proxy, upstream, pki):
