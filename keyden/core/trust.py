@@ -224,8 +224,6 @@ class SignedBy(Restriction):
     ``key`` is the trusted key or keyring; ``system`` instead names a
     system keyring looked up at check time; ``check_dest`` (":chain") also
     trusts what the restricted keyring already holds, so chains build up.
-    As the kernel's, a system restriction (restrict_link_by_signature) finds
-    an issuer by authority IDs alone; key_or_keyring also by the issuer name.
     """
 
     def __init__(self, description: str, key: Key | None = None, system: str = "", check_dest: bool = False):
@@ -251,9 +249,6 @@ class SignedBy(Restriction):
         cert = payload.certificate
         if cert is None:
             raise E.ENOKEY("a bare key carries no signature for a trusted key to vouch for")
-        if self.system and not X.names_authority_key(cert):  # restrict_link_by_signature, unlike key_or_keyring
-            raise E.ENOKEY("the certificate names no authority key (no Authority Key Identifier), which the "
-                           "system keyrings' restrictions require")
         live = _live(store)
         trusted = self._trusted(store)
         candidates = []

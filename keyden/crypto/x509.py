@@ -149,14 +149,6 @@ def _names_issuer(akid: x509.AuthorityKeyIdentifier | None, cert: x509.Certifica
     return candidate.subject == cert.issuer
 
 
-def names_authority_key(cert: x509.Certificate) -> bool:
-    """Does ``cert`` carry authority IDs (an Authority Key Identifier with a key ID, or an issuer and serial)?
-    The kernel's restrict_link_by_signature refuses a certificate without (ENOKEY)."""
-    akid = _authority_key_id(cert)
-    return akid is not None and bool(akid.key_identifier or (akid.authority_cert_serial_number is not None
-                                                            and akid.authority_cert_issuer))
-
-
 def signer_candidates(cert: x509.Certificate, keys: Iterable) -> list:
     """The keys (ParsedKey-like: ``key_ids``, ``certificate``) that ``cert`` names as its issuer, in order."""
     akid = _authority_key_id(cert)
