@@ -24,7 +24,7 @@ import keyden
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.protocol import Op
-from tests.conftest import eventually
+from tests.conftest import REPO, eventually
 
 try:
     from tests.users import User, run_as
@@ -265,6 +265,36 @@ def _answers_soon(daemon) -> None:
     with connect_when_room(daemon) as other:
         assert other.ping(b"still here") == b"still here"
     assert time.monotonic() - started < 20  # the linger's 60 s otherwise (normally milliseconds)
+
+
+CARRIES_AT_THE_LIMIT = """
+import array, os, resource, socket
+from keyden.server import limits
+ours, theirs = socket.socketpair()
+r, w = os.pipe()
+theirs.sendmsg([b"hello"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+os.close(w)
+ours.shutdown(socket.SHUT_RD)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+filler = []
+try:
+    while True:
+        filler.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+print(limits._carries_descriptors(ours))
+"""
+
+
+def test_descriptors_that_cannot_be_handed_over_still_count_as_carried():
+    """With no descriptor free, a peek hands over none of those a client sent (MSG_CTRUNC): they were taken
+    for none, and the socket closed on the loop, where the last close of a lingering one stalls everyone."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CARRIES_AT_THE_LIMIT], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.stdout.strip() == "True", out
 
 
 @pytest.mark.parametrize("place", ["alone", "second in its message"])

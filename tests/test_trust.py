@@ -56,11 +56,13 @@ def name(cn: str) -> x509.Name:
 
 
 def certificate(cn: str, key, issuer: tuple[str, object] | None = None, *, ca: bool = False, eku=None,
-                san: tuple[str, ...] = (), not_before=None, not_after=None, signer=None) -> x509.Certificate:
+                san: tuple[str, ...] = (), not_before=None, not_after=None, signer=None,
+                akid: bool = True) -> x509.Certificate:
     """A certificate for ``key``, issued by (issuer name, issuer key), else self-signed.
 
     ``signer`` signs instead of the issuer's key while the names and the
-    authority key identifier still point at the issuer: a forgery.
+    authority key identifier still point at the issuer: a forgery.  ``akid=False``: no authority key
+    identifier, only the issuer's name.
     """
     issuer_cn, issuer_key = issuer or (cn, key)
     b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(issuer_cn))
@@ -70,9 +72,10 @@ def certificate(cn: str, key, issuer: tuple[str, object] | None = None, *, ca: b
          .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=False, key_encipherment=False,
                                       data_encipherment=False, key_agreement=False, key_cert_sign=ca,
                                       crl_sign=ca, encipher_only=False, decipher_only=False), critical=True)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                        critical=False))
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    if akid:
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                            critical=False)
     if eku:
         b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     if san:
@@ -716,6 +719,12 @@ def test_builtin_and_secondary_restrictions(system, pki):
     c.restrict_keyring(by_builtin, "asymmetric", "builtin_trusted")
     inter = add_cert(c, pki.inter, by_builtin)  # the builtin root signed it
     assert refused(lambda: add_cert(c, pki.server, by_builtin)) is E.ENOKEY
+    # Without an authority key identifier the issuer is found by its name, as since Linux 5.18 (the
+    # issuer's name is an authority ID of its own); a name that is no trusted key's is still ENOKEY.
+    add_cert(c, certificate("Test Intermediate B", pki.inter_key, ("Test Root", pki.root_key), ca=True, akid=False),
+             by_builtin)
+    stray = certificate("Stray", pki.evil_key, ("Nobody's Root", pki.root_key), ca=True, akid=False)
+    assert refused(lambda: add_cert(c, stray, by_builtin)) is E.ENOKEY
 
     # Root adds to the secondary keyring what a builtin or secondary key signed; then those vouch too.
     assert refused(lambda: add_cert(c, pki.stranger, secondary)) is E.ENOKEY

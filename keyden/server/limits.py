@@ -68,11 +68,12 @@ def _carries_descriptors(sock: socket.socket) -> bool:
         return False
     if unread > MAX_PEEK:
         return True
-    data, ancdata, _flags, _addr = sock.recvmsg(unread, descriptors.ANCILLARY_SPACE,
-                                                socket.MSG_PEEK | socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _addr = sock.recvmsg(unread, descriptors.ANCILLARY_SPACE,
+                                               socket.MSG_PEEK | socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
     for fd in descriptors.passed(ancdata):
         os.close(fd)
-    return bool(ancdata) or len(data) < unread
+    # MSG_CTRUNC: descriptors came that could not be handed over (none left: the daemon is at its limit)
+    return bool(ancdata) or bool(flags & socket.MSG_CTRUNC) or len(data) < unread
 
 
 def raise_fd_limit(wanted: int) -> int:
