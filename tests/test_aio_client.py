@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import signal
+import socket
 import time
 
 import pytest
@@ -400,15 +402,13 @@ def test_aconnect_and_handshake_errors(daemon):
 def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatch):
     """A server that accepts and never answers HELLO held the asyncio client for good, and one that
     announced a 2 GiB frame had it wait for 2 GiB: HELLO's answer is awaited for HELLO_TIMEOUT, and capped."""
-    import socket as socketlib
-
     from keyden.client import common
 
     monkeypatch.setattr(common, "HELLO_TIMEOUT", 0.5)
 
     async def scenario(reply: bytes):
         path = str(tmp_path / f"fake{len(reply)}.sock")
-        server = socketlib.socket(socketlib.AF_UNIX)
+        server = socket.socket(socket.AF_UNIX)
         server.bind(path)
         server.listen()
         server.setblocking(False)
@@ -430,13 +430,27 @@ def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatc
     assert "cap" in asyncio.run(scenario((0x7FFFFFFF).to_bytes(4, "little") + bytes(12)))
 
 
+@contextlib.contextmanager
+def unserved_listener(path: str):
+    """A Unix socket listening at ``path`` with a queue of one, which nobody serves, and a list for the
+    connections that fill its queue (``fill_listen_queue``); all closed after."""
+    server = socket.socket(socket.AF_UNIX)
+    queued: list[socket.socket] = []
+    try:
+        server.bind(path)
+        server.listen(0)
+        yield server, queued
+    finally:
+        for sock in queued:
+            sock.close()
+        server.close()
+
+
 def fill_listen_queue(path: str) -> list:
     """Connections that fill the listen queue of the Unix socket at ``path`` (until a connect is EAGAIN)."""
-    import socket as socketlib
-
     queued = []
     while True:
-        waiting = socketlib.socket(socketlib.AF_UNIX)
+        waiting = socket.socket(socket.AF_UNIX)
         waiting.setblocking(False)
         try:
             waiting.connect(path)
@@ -449,13 +463,7 @@ def fill_listen_queue(path: str) -> list:
 def test_connecting_waits_while_the_daemons_listen_queue_is_full(tmp_path):
     """The loop's sock_connect took a full listen queue's EAGAIN for a connect in progress and handed back
     a socket connected to nothing (then 'served by uid -1', EACCES).  It waits, as a blocking connect does."""
-    import socket as socketlib
-
     path = str(tmp_path / "busy.sock")
-    server = socketlib.socket(socketlib.AF_UNIX)
-    server.bind(path)
-    server.listen(0)
-    queued = fill_listen_queue(path)
 
     async def scenario():
         connecting = asyncio.ensure_future(aio.connect(path))
@@ -465,30 +473,20 @@ def test_connecting_waits_while_the_daemons_listen_queue_is_full(tmp_path):
         with pytest.raises(asyncio.CancelledError):
             await connecting
 
-    try:
+    with unserved_listener(path) as (_server, queued):
+        queued.extend(fill_listen_queue(path))
         asyncio.run(scenario())
-    finally:
-        for sock in queued:
-            sock.close()
-        server.close()
 
 
 def test_closing_a_client_whose_reconnect_waits_on_a_full_listen_queue_ends_the_wait(tmp_path):
     """A reconnect waiting for room in the daemon's listen queue went on polling after close(), and connected
     (then dropped the connection) whenever room appeared."""
-    import socket as socketlib
-
     from keyden import protocol as W
     from keyden.protocol import Op
 
     path = str(tmp_path / "fake.sock")
-    server = socketlib.socket(socketlib.AF_UNIX)
-    server.bind(path)
-    server.listen(0)
-    server.setblocking(False)
-    queued = []
 
-    async def scenario():
+    async def scenario(server, queued):
         loop = asyncio.get_running_loop()
         connecting = asyncio.ensure_future(aio.connect(path))
         peer, _ = await loop.sock_accept(server)
@@ -513,12 +511,9 @@ def test_closing_a_client_whose_reconnect_waits_on_a_full_listen_queue_ends_the_
         with pytest.raises(BlockingIOError):
             server.accept()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        for sock in queued:
-            sock.close()
-        server.close()
+    with unserved_listener(path) as (server, queued):
+        server.setblocking(False)
+        asyncio.run(scenario(server, queued))
 
 
 def wait_stopped(pid: int) -> None:

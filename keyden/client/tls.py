@@ -94,7 +94,7 @@ def _alpn(alpn: list[str] | None) -> list[bytes]:
     """Protocol names as the wire takes them; a name in text is ASCII (as keyden requires of every name)."""
     if alpn is None:
         return []
-    if isinstance(alpn, (str, bytes)) or not isinstance(alpn, (list, tuple)):
+    if not isinstance(alpn, (list, tuple)):
         raise E.EINVAL("alpn is a list of protocol names")
     names = []
     for name in alpn:

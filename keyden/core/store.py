@@ -1602,11 +1602,15 @@ class KeyStore:
             # However deep its tree grew (a link checks only below what it files, so a chain made top-down
             # has no limit): the kernel's ELOOP here would lock its owner out of it, across restarts too.
             self._link_checked(dest_ring, ring, any_depth=True)
-            expiry = self.config.persistent_keyring_expiry
             self._changed()
             # Not written: every start sets it afresh (restore), so a full disk never costs a user their keys.
-            ring.expiry = self.clock() + expiry if expiry else 0.0
+            ring.expiry = self._persistent_deadline()
             return ring.serial
+
+    def _persistent_deadline(self) -> float:
+        """When a persistent keyring used now expires (0: never): persistent_keyring_expiry from now."""
+        expiry = self.config.persistent_keyring_expiry
+        return self.clock() + expiry if expiry else 0.0
 
     def _persistent_keyring(self, uid: int) -> Key:
         """key_get_persistent's register lookup: a revoked one is passed over and replaced, an expired one revived."""
@@ -1679,14 +1683,13 @@ class KeyStore:
                 if ring is not None and ring.links is not None and ring.uid not in self._persistent_keyrings:
                     ring.pins += 1
                     self._persistent_keyrings[ring.uid] = ring
-            expiry = self.config.persistent_keyring_expiry
             for ring in self._persistent_keyrings.values():
                 self._persist_tree(ring)
                 if ring.revoked_at is None and not ring.invalidated:
                     # A start counts as a get_persistent: the time the daemon was down is nobody's
                     # inactivity, and the keys must not go before their owners can reach them again.  (What
                     # the store holds is never used: get_persistent does not write the expiry it sets.)
-                    ring.expiry = self.clock() + expiry if expiry else 0.0
+                    ring.expiry = self._persistent_deadline()
             orphans = [key.serial for key in restored if not key.persisted]
             self._reserved.update(orphans)
             for serial in orphans:
