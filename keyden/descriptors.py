@@ -26,6 +26,7 @@ import array
 import collections
 import functools
 import os
+import resource
 import socket
 import threading
 from typing import Callable, Iterable, Union
@@ -163,3 +164,16 @@ def _close_forever() -> None:
             if owner in backlogged and len(_waiting.get(owner, ())) + _running[owner] < MAX_BACKLOG // 2:
                 backlogged.discard(owner)
             _work_done.notify_all()  # (the owner's next, if it was at its share, is this closer's next turn)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Lift the soft RLIMIT_NOFILE towards the hard limit so ``wanted`` connections fit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft

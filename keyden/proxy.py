@@ -16,6 +16,7 @@ the handshake settled.
 from __future__ import annotations
 
 import collections
+import errno
 import socket
 import struct
 import sys
@@ -24,8 +25,10 @@ import time
 
 from cryptography.x509.oid import NameOID
 
+from keyden import descriptors
 from keyden import errors as E
 from keyden.client import tls as client_tls
+from keyden.hosts import host_of
 
 CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 10.0  # default seconds the other side has to finish and close once one side closed (splice)
@@ -126,6 +129,15 @@ def _common_name(info: client_tls.TlsInfo) -> str | None:
     return names[0].value if names and isinstance(names[0].value, str) else None
 
 
+#: accept(2) failures that pass: out of descriptors or memory (the connection waits in the listen queue),
+#: or one that was reset before it was taken.  Reported at most once per ACCEPT_REPORT_INTERVAL.
+ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
+                              errno.EPROTO, errno.EPERM})
+ACCEPT_PAUSE, ACCEPT_REPORT_INTERVAL = 0.1, 10.0
+#: descriptors one proxied connection may hold: the client's, keyden's plaintext end, the upstream's
+FDS_PER_CONNECTION, FD_HEADROOM = 3, 64
+
+
 class Proxy:
     def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int,
                  proxy_protocol: bool = False, close_timeout: float = CLOSE_TIMEOUT,
@@ -139,18 +151,27 @@ class Proxy:
         self.idle_timeout = idle_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
         self.max_per_host = max_per_host
-        self.per_host: collections.Counter[str] = collections.Counter()  # client address -> connections held
+        self.per_host: collections.Counter[str] = collections.Counter()  # host_of(client) -> connections held
         self.per_host_lock = threading.Lock()
         self.lost_keyden = False
+        self.max_connections = max_connections
+        self._next_accept_report = 0.0
 
     def run(self, listener: socket.socket) -> None:
+        wanted = self.max_connections * FDS_PER_CONNECTION + FD_HEADROOM
+        if descriptors.raise_fd_limit(wanted) < wanted:
+            print(f"tls-proxy: the descriptor limit is below the {wanted} that --max-connections "
+                  f"{self.max_connections} may hold: past it, new connections wait", file=sys.stderr, flush=True)
         while not self.lost_keyden:
             try:
                 conn, peer = listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self.lost_keyden:
                     return
-                raise
+                if exc.errno not in ACCEPT_TRANSIENT:
+                    raise
+                self._accept_failed(exc)
+                continue
             refused = self._admit(peer)
             if refused:
                 _report(peer, refused)
@@ -158,9 +179,19 @@ class Proxy:
                 continue
             threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True).start()
 
+    def _accept_failed(self, exc: OSError) -> None:
+        """A failed accept, said at most once per ACCEPT_REPORT_INTERVAL; then a pause, not a busy loop."""
+        now = time.monotonic()
+        if now >= self._next_accept_report:
+            self._next_accept_report = now + ACCEPT_REPORT_INTERVAL
+            print(f"tls-proxy: cannot accept a connection now ({exc.strerror}); trying again",
+                  file=sys.stderr, flush=True)
+        time.sleep(ACCEPT_PAUSE)
+
     def _admit(self, peer) -> str:
-        """Take a slot for a connection from ``peer``, and one of its host's; why not, if not."""
-        host = peer[0]
+        """Take a slot for a connection from ``peer``, and one of its host's (an IPv6 /64 is one host);
+        why not, if not."""
+        host = host_of(peer[0])
         with self.per_host_lock:
             if self.per_host[host] >= self.max_per_host:  # (finished handshakes, then silence, held every slot)
                 return f"too many connections from {host} (--max-connections-per-host); closed"
@@ -171,7 +202,7 @@ class Proxy:
 
     def _left(self, peer) -> None:
         """Give back what ``_admit`` took."""
-        host = peer[0]
+        host = host_of(peer[0])
         with self.per_host_lock:
             self.slots.release()
             self.per_host[host] -= 1

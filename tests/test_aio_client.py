@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
 import signal
 import socket
 import time
@@ -907,6 +908,28 @@ def test_a_cancelled_stream_update_ends_the_stream(arun):
         streams = [await c.hash("sha256") for _ in range(64)]  # its slot in keyden was given back
         for s in streams:
             await s.abort()
+        return True
+
+    assert arun(scenario)
+
+
+def test_an_async_stream_closed_by_keyden_is_finished_and_one_refused_a_tag_mistake_is_not(arun):
+    """A piece refused for a revoked key closes the stream in keyden: the next call said the daemon's bare
+    EBADF.  A finish refused for a tag where none belongs was the end of the stream; it is still open."""
+    from keyden.client.dataplane import StreamFinished
+
+    async def scenario(c):
+        serial = await c.add("logon", "test:aio-stream", os.urandom(32), "@s")
+        s = await c.stream("gcm(aes)", serial, iv=bytes(12))
+        with pytest.raises(E.EINVAL, match="a tag is given only to finish"):
+            await s.finalize(tag=bytes(16))
+        assert len((await s.finalize(b"still open"))[0]) == 10
+        s = await c.stream("gcm(aes)", serial, iv=bytes(12))
+        await c.revoke(serial)
+        with pytest.raises(E.EKEYREVOKED):
+            await s.update(b"x")
+        with pytest.raises(StreamFinished):
+            await s.update(b"x")
         return True
 
     assert arun(scenario)

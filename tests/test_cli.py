@@ -80,6 +80,13 @@ def test_help_lists_every_command_and_usage_errors_print_the_synopsis(keyden):
 
     assert ok(keyden("help", "purge")) == ("Format:\n  keyden purge <type>\n  keyden purge [-p] [-i] <type> <desc>\n"
                                            "  keyden purge -s <type> <desc>\n")
+    for word in ("--help", "-h"):  # as `help <command>`: it was a usage error, the synopsis on stderr and 2
+        assert ok(keyden("purge", word)) == ok(keyden("help", "purge"))
+        assert ok(keyden("aead", word)).startswith("Format:\n  keyden aead encrypt|decrypt <key>")
+    assert "--max-connections MAX_CONNECTIONS" in ok(keyden("tls-proxy", "--help"))  # argparse's, fuller
+    from keyden import __version__
+    assert ok(keyden("--version")) == f"keyden {__version__}\n"
+    assert keyden("--version", "extra").rc == 2  # a word too many was ignored
     wrong = keyden("describe")  # missing argument
     assert (wrong.rc, wrong.err, wrong.out) == (2, "Format:\n  keyden describe <keyring>\n", "")
     unknown = keyden("frobnicate", "@s")

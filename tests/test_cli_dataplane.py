@@ -296,6 +296,9 @@ def test_aead_chacha20_poly1305_is_one_shot(keyden, client):
     assert given == ChaCha20Poly1305(key).encrypt(nonce, b"hi", None)
     fails(keyden("aead", "decrypt", serial, "-a", alg, stdin=sealed[:-1]), 1,
           "keyden_aead: Bad message (authentication failed)\n")
+    # A --nonce of the wrong size is the caller's mistake, said as gcm(aes)'s streaming decrypt says it.
+    fails(keyden("aead", "decrypt", serial, "-a", alg, "--nonce", "00", stdin=given), 1,
+          f"keyden_aead: Invalid argument ({alg}: nonce must be 12 bytes, not 1)\n")
 
 
 # ----------------------------------------------------- cipher, hash, hmac

@@ -896,10 +896,34 @@ def test_named_sessions_are_joined_only_where_search_is_granted(store):
 def test_a_session_token_works_only_for_its_uid(store):
     ring, token = store.join_session(Caller(ALICE))
     assert store.session_valid(token, 1000) and not store.session_valid(token, 1001)
-    impostor = Caller(BOB, session_token=token)
-    assert store.resolve(impostor, SESSION) != ring  # falls back to bob's own user session keyring
+    impostor = Caller(BOB, session_token=token)  # the daemon refuses it at HELLO; the store gives it no session
+    with pytest.raises(E.ENOKEY, match="session has ended"):
+        store.resolve(impostor, SESSION)
     with pytest.raises(E.ENOKEY):
         store.leave_session(impostor, token)
+    assert store.resolve(Caller(ALICE, session_token=token), SESSION) == ring
+
+
+@pytest.mark.parametrize("ending", ["leave", "end", "invalidate"])
+def test_a_connection_whose_session_ended_has_no_session_not_the_user_session_keyring(store, ending):
+    """Its @s is ENOKEY and it possesses nothing through a session: moved quietly to _uid_ses, its next
+    add to @s would land where every session-less process of the uid possesses it."""
+    alice = session(store, ALICE)
+    ring, key = store.resolve(alice, SESSION), add_user(store, alice, "in-session")
+    store.setperm(alice, key, 0x3F010000)  # the possessor may read it, the owner only view it
+    assert store.read(alice, key) == b"value"
+    store.link(alice, key, USER)  # something else holds the key once the session is gone
+    ended = {"leave": lambda: store.leave_session(Caller(ALICE), alice.session_token),
+             "end": lambda: store.end_session(Caller(ALICE), ring),
+             "invalidate": lambda: store.invalidate(alice, ring)}
+    ended[ending]()
+    for use in (lambda: store.resolve(alice, SESSION), lambda: add_user(store, alice, "after")):
+        with pytest.raises(E.ENOKEY, match="session has ended"):
+            use()
+    with pytest.raises(E.EACCES):  # no longer possessed through the session
+        store.read(alice, key)
+    with pytest.raises(E.ENOKEY):
+        store.search(Caller(ALICE), USER_SESSION, "user", "after")
 
 
 def test_leaving_a_session_drops_its_keyring_unless_something_holds_it(store):

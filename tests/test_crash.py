@@ -106,3 +106,27 @@ def test_acknowledged_keys_survive_sigkill(fresh_daemon):
     finally:
         db.close()
     assert set(acked) <= stored
+
+
+def test_a_lost_wal_loses_at_most_its_last_pages_never_the_store(fresh_daemon):
+    """The store lived in keys.db-wal alone until SQLite's checkpoint at 1000 pages (~160 changes): killed,
+    then the -wal file lost or damaged, every key was gone, and the next start made a new, empty store
+    over the old one.  Now the store is in keys.db from its first start, and the WAL is copied into it
+    every 64 pages."""
+    from keyden.persist.database import WAL_PAGES
+
+    d = fresh_daemon()
+    with _session(d) as c:
+        persistent = c.get_persistent("@s")
+        added = {c.add("user", f"w{i}", os.urandom(32), persistent): i for i in range(40)}
+    d.stop(signal.SIGKILL)
+    wal = os.path.join(d.state_dir, "keys.db-wal")
+    assert os.path.getsize(wal) < (WAL_PAGES + 8) * 4200  # copied into keys.db as it grew
+    os.unlink(wal)
+    log_mark = len(d.read_log())
+    d.start()
+    with _session(d) as c:
+        assert c.get_persistent("@s") == persistent  # the same store, not a new one
+        kept = [serial for serial in c.read(persistent) if serial in added]
+    assert len(kept) >= 20 and sorted(added[serial] for serial in kept) == list(range(len(kept)))  # the first ones
+    assert "is new" not in d.read_log()[log_mark:]

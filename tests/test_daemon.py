@@ -204,6 +204,23 @@ def test_whoami_answers_with_the_session_keyrings_search_bit_cleared(daemon):
         c.leave_session(token)
 
 
+def test_a_connection_whose_session_is_left_elsewhere_has_no_session_until_it_reconnects(daemon):
+    """It kept working on _uid_ses, the keyring every session-less process of the uid possesses: its next
+    add to @s landed there."""
+    with daemon.connect() as boot:
+        serial, token = boot.join_session()
+        with daemon.connect(session=token) as inside:
+            assert inside.id("@s") == serial
+            boot.leave_session(token)
+            with pytest.raises(E.ENOKEY, match="session has ended"):
+                inside.add("user", "test:after-leave", b"x", "@s")
+            assert inside.whoami()[3] == 0
+        with pytest.raises(E.ENOKEY):
+            boot.search("@us", "user", "test:after-leave")
+        with pytest.raises(E.EACCES, match="session token not valid"):
+            daemon.connect(session=token).id("@s")
+
+
 def test_garbage_after_handshake_gets_errors_and_the_connection_survives(daemon):
     s = raw_connect(daemon.socket)
     s.sendall(W.encode_request(1, Op.HELLO, 1, 1, "", "raw"))
@@ -307,6 +324,9 @@ def test_a_client_timeout_is_etimedout_and_the_next_request_reconnects(fresh_dae
     assert c.ping(b"again") == b"again" and c.generation == 1  # a new connection: no stale answer read
     c.close()
     assert c.closed
+    for wrong in (0, -1, float("nan"), float("inf"), "1", True):  # 0 made the socket non-blocking: "connection lost"
+        with pytest.raises(E.EINVAL, match="timeout must be None or a positive number"):
+            keyden.connect(d.socket, timeout=wrong)
 
 
 def test_call_many_never_sends_a_call_twice_when_a_round_trip_fails(fresh_daemon):

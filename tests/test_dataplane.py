@@ -82,6 +82,14 @@ def test_gcm_siv_every_shape_equals_pyca_and_a_repeated_nonce_reveals_only_equal
         client.aead(client.add("logon", "test:siv192", os.urandom(24)), GCM_SIV).encrypt(nonce, b"x")
 
 
+def test_a_key_of_the_wrong_length_is_einval_naming_the_lengths_the_cipher_takes_not_the_keys(client):
+    """Using a key needs only search permission: the message says no more than the refusal does."""
+    serial = client.add("logon", "test:odd-length", os.urandom(20))
+    with pytest.raises(E.EINVAL) as refused:
+        client.aead(serial).encrypt(bytes(12), b"x")
+    assert "16, 24 or 32 bytes" in str(refused.value) and "20" not in str(refused.value)
+
+
 def test_encrypt_into_and_decrypt_into_fill_caller_buffers(client, aes):
     key, serial = aes
     aead = client.aead(serial)
@@ -329,8 +337,16 @@ def test_stream_failures(client, aes):
     untagged.update(sealed[:-16])
     with pytest.raises(E.EINVAL, match="takes the tag to check"):
         untagged.finalize()
+    assert untagged.finalize(tag=sealed[-16:]) == (b"", b"")  # refused before anything was processed: still open
+    tagged = client.stream(GCM, serial, iv=nonce)
     with pytest.raises(E.EINVAL, match="a tag is given only to finish"):
-        client.stream(GCM, serial, iv=nonce).finalize(tag=bytes(16))
+        tagged.finalize(tag=bytes(16))
+    assert tagged.finalize(b"x" * 100) == (sealed[:-16], sealed[-16:])
+    for mistake, tag in ((False, b""), (True, bytes(16))):  # the daemon refuses it too, and keeps the stream
+        handle, _ = client.stream_init(GCM, serial, iv=nonce, decrypt=not mistake)
+        with pytest.raises(E.EINVAL):
+            client.stream_final(handle, b"", tag if mistake else b"")
+        client.stream_abort(handle)
     with pytest.raises(E.EINVAL):
         client.stream("sha256", aad=b"no aad for hashes")
     with pytest.raises(E.EINVAL):
@@ -354,6 +370,8 @@ def test_a_stream_stops_when_its_key_can_no_longer_be_used(client):
         revoked.update(b"more")
     with pytest.raises(E.EBADF):  # closed with it
         client.stream_final(revoked.handle)
+    with pytest.raises(dataplane.StreamFinished):  # and the client knows it: not the daemon's bare EBADF
+        revoked.update(b"more")
 
     serial, finishing = opened("hmac")
     client.revoke(serial)

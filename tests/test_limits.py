@@ -255,8 +255,8 @@ class LingeringSocket:
         self.sock.close()
 
     def close(self) -> None:
+        self._peer.close()  # first: closed with unread data, it resets the connection, so no close lingers
         self.sock.close()
-        self._peer.close()
         self._listener.close()
 
 
@@ -298,11 +298,14 @@ def test_descriptors_that_cannot_be_handed_over_still_count_as_carried():
 
 
 @pytest.mark.parametrize("place", ["alone", "second in its message"])
-def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon, place):
+def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(fresh_daemon, place):
     """The last close of a TCP socket set to linger waits for its unsent data to be acknowledged, as long as
     the sender chose: sent with a request that does not take it, it was closed on the loop, and every
     client waited (an hour, if the sender liked); second in its message, the kernel closed it inside the
-    loop's recvmsg.  Now every descriptor a client sent is closed by a closer thread."""
+    loop's recvmsg.  Now every descriptor a client sent is closed by a closer thread.  (The daemon is
+    stopped while the test lets its own copy go: had the daemon closed its copy first, the test's close
+    would be the last one, and the test would wait out the linger itself.)"""
+    daemon = fresh_daemon()
     stuck = LingeringSocket()
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -312,8 +315,12 @@ def test_a_descriptor_whose_close_would_linger_never_stalls_the_daemon(daemon, p
         ping = W.encode_request(2, Op.PING, b"")
         r, w = os.pipe()
         carried = [stuck.fd] if place == "alone" else [r, stuck.fd]
-        raw.sendmsg([ping[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", carried))])
-        stuck.let_go()
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            raw.sendmsg([ping[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", carried))])
+            stuck.let_go()
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
         os.close(r)
         os.close(w)  # the daemon's copy is the last: its close is the one that would linger
         raw.sendall(ping[1:])  # answered, and the descriptor it brought released

@@ -574,6 +574,61 @@ def test_a_rolled_back_row_is_reported_and_its_old_payload_never_served(fresh_da
     assert_reported_again(d, f"stored key {target} skipped: rolled back")
 
 
+def test_a_persistent_keyring_restored_after_a_new_one_was_made_keeps_both_trees(fresh_daemon):
+    """The documented repair (the row back from a backup, its bucket deleted) of a persistent keyring whose
+    row was damaged, after get_persistent had made a new one: the uid had two, the lower serial won, and
+    the other's keys were skipped, start after start, without a word.  The older now stays the persistent
+    keyring and the newer is linked into it, with an error saying so."""
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 3)
+    good = stored_row(d, ring)
+    d.stop()
+    sealed = good[-1]
+    sql(d, "UPDATE keys SET sealed = ? WHERE serial = ?", flip_a_byte(sealed), ring)
+    assert f"stored key {ring} skipped" in start_and_read_log(d)
+    c = session(d)
+    newer = c.get_persistent("@s")
+    extra = c.add("user", "made-since", b"kept too", newer)
+    c.close()
+    d.stop()
+    put_row(d, good)
+    sql(d, "DELETE FROM manifest WHERE bucket = ?", ring % 64)
+
+    log = start_and_read_log(d)
+    assert (f"two persistent keyrings of one uid on disk (a row restored after a new one was made): {newer}, the "
+            f"newer, is now linked into {ring}, the older") in log
+    c = session(d)
+    assert c.get_persistent("@s") == ring
+    assert sorted(c.read(ring)) == sorted([*keys, newer]) and c.read(newer) == [extra]
+    assert all(c.read(serial) == payload for serial, payload in keys.items()) and c.read(extra) == b"kept too"
+    later = c.add("user", "added-after", b"and this", newer)  # rewrites the newer's row: it must not lose its place
+    c.close()
+    d.stop(signal.SIGKILL)
+    log = start_and_read_log(d)
+    assert "two persistent keyrings" not in log and "skipped" not in log  # written at the last start: said once
+    c = session(d)
+    assert c.get_persistent("@s") == ring and sorted(c.read(newer)) == sorted([extra, later])
+    c.close()
+
+    good = stored_row(d, ring)  # the same repair again: a third one goes under the second (they share a name)
+    d.stop()
+    sql(d, "UPDATE keys SET sealed = ? WHERE serial = ?", flip_a_byte(good[-1]), ring)
+    start_and_read_log(d)
+    c = session(d)
+    third = c.get_persistent("@s")
+    c.close()
+    d.stop()
+    put_row(d, good)
+    sql(d, "DELETE FROM manifest WHERE bucket = ?", ring % 64)
+    assert f"{third}, the newer, is now linked into {newer}" in start_and_read_log(d)
+    c = session(d)
+    assert c.get_persistent("@s") == ring and sorted(c.read(newer)) == sorted([extra, later, third])
+    c.unlink(newer, ring)  # once its keys are moved: gone for good
+    c.close()
+    d.stop()
+    assert "skipped" not in start_and_read_log(d)
+
+
 def test_a_deleted_keys_row_put_back_is_reported_and_not_loaded(fresh_daemon):
     d = fresh_daemon()
     ring, keys = keys_in(d, 5)
@@ -1759,8 +1814,17 @@ def test_a_failed_database_write_fails_only_the_requests_that_changed_persistent
         local = b.add("user", "kd:session", b"y", "@s")  # not persistent: no write, no EIO
         assert b.read(local) == b"y"
         keyden.connect(cfg.socket).close()  # and a newcomer's HELLO
+        # A rekey said EIO, "internal error", for a full disk; with changes waiting, the add's message.
+        with pytest.raises(E.ENOSPC, match="rekey not started: changes waiting to be written could not be"):
+            a.rekey()
         server.journal.db.write = write
         assert a.add("user", "kd:later", b"z", ring)  # the disk is back: this write takes the earlier one too
+        server.journal.db.write = full_disk
+        with pytest.raises(E.ENOSPC, match="rekey failed: the disk is full; the old master key stays in use"):
+            a.rekey()
+        server.journal.db.write = write
+        a.rekey()
+        assert a.read(a.search(ring, "user", "kd:later")) == b"z"
         a.close(), b.close()
     finally:
         server.request_stop()

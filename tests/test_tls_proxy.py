@@ -12,6 +12,7 @@ import http.server
 import ipaddress
 import os
 import queue
+import resource
 import socket
 import socketserver
 import ssl
@@ -69,12 +70,14 @@ def proxy(daemon, client, pki):
     load(client, pki.ec_server, pki.rsa_server)
     started = []
 
-    def start(*args: str, listen: str = "127.0.0.1:0") -> int:
+    def start(*args: str, listen: str = "127.0.0.1:0", fd_limit: int | None = None) -> int:
         env = dict(os.environ, KEYDEN_SESSION=client.session_token,
                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))) if fd_limit else None
         proc = subprocess.Popen([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy",
                                  "--listen", listen, "--keyring", "@s", *args],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit)
+        start.procs = started
         started.append(proc)
         line = proc.stdout.readline().decode()
         assert line.startswith("tls-proxy: listening on " + listen[:-1]), line + proc.stderr.read().decode()
@@ -292,6 +295,32 @@ def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outc
     assert len(calls) == 1 + probed  # a probe only for a refusal of the request that names the keyring
 
 
+def test_a_proxy_out_of_descriptors_waits_and_goes_on(proxy, upstream, pki):
+    """accept(2) failing for want of descriptors (EMFILE) ended the proxy with a traceback.  It now says so,
+    pauses, and serves again once connections have gone."""
+    port = proxy("--forward", upstream, "--max-connections", "200", "--max-connections-per-host", "200",
+                 "--handshake-timeout", "2", fd_limit=40)
+    silent = []
+    try:
+        for _ in range(60):  # more than 40 descriptors' worth: the proxy's accept runs out
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        time.sleep(1)
+    finally:
+        for conn in silent:
+            conn.close()
+    deadline = time.monotonic() + TIMEOUT
+    while (out := curl(port, pki)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert out.stdout == b"hello from upstream, /path", out.stderr.decode()
+    (proc,) = proxy.procs
+    assert proc.poll() is None
+    proc.terminate()
+    proc.wait(TIMEOUT)
+    err = proc.stderr.read().decode()
+    assert "cannot accept a connection now (Too many open files); trying again" in err
+    assert "Traceback" not in err and err.count("cannot accept") <= 2  # said once (a second time 10 s on)
+
+
 def test_one_host_holds_at_most_its_share_of_the_proxys_connections():
     """Handshakes per peer were limited, finished connections not: one host that completed 256 handshakes
     and then said nothing held every slot for --idle-timeout (12 h), and every other client was closed."""
@@ -310,6 +339,14 @@ def test_one_host_holds_at_most_its_share_of_the_proxys_connections():
     for peer in [greedy] * 3 + [other] * 3 + [third] * 2:
         proxy._left(peer)
     assert not proxy.per_host and proxy.slots.acquire(blocking=False)
+    proxy.slots.release()
+    # An IPv6 /64 is one host (one host holds a whole /64): its addresses took every slot, one each.
+    same_64 = [(f"2001:db8::{i:x}", 1, 0, 0) for i in range(4)]
+    assert [proxy._admit(peer) for peer in same_64] == ["", "", "", "too many connections from 2001:db8::/64 "
+                                                        "(--max-connections-per-host); closed"]
+    assert proxy._admit(("2001:db8:0:1::1", 1, 0, 0)) == ""  # another /64: another host
+    assert proxy._admit(("::ffff:192.0.2.9", 1, 0, 0)) == ""  # IPv4-mapped: its IPv4 address
+    assert "192.0.2.9" in proxy.per_host
 
 
 def test_the_upstream_connection_sends_small_writes_at_once():

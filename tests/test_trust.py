@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -152,6 +153,48 @@ def test_signed_by_checks_each_signature_scheme_with_the_certificates_own_parame
         assert not X.signed_by(cert, other.public_key()), label
     assert not X.signed_by(signed["ecdsa"][0], rsa_key.public_key())  # wrong algorithm is "no", not an error
     assert not X.signed_by(signed["rsa-pkcs1"][0], ed_key.public_key())
+
+
+def test_signed_by_never_checks_with_an_rsa_exponent_over_256_bits():
+    """Such checks take milliseconds each (8 ms at 3000 bits), run with the key store held: one user's
+    restriction full of them stalled every keyring operation of every user for seconds."""
+    twin = rsa.generate_private_key(65537, 2048)
+    p, q = twin.private_numbers().p, twin.private_numbers().q
+    phi = (p - 1) * (q - 1)
+    e = (1 << 300) + 1
+    while math.gcd(e, phi) != 1:
+        e += 2
+    d = pow(e, -1, phi)
+    huge = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q),
+                                 rsa.RSAPublicNumbers(e, p * q)).private_key()
+    cert = certificate("s", ec_key(), ("i", huge))
+    huge.public_key().verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), hashes.SHA256())
+    assert not X.signed_by(cert, huge.public_key())
+    assert X.signed_by(certificate("s", ec_key(), ("i", twin)), twin.public_key())
+
+
+def test_a_keyring_of_decoys_claiming_one_issuer_is_refused_before_any_signature_is_checked(client):
+    """Every key whose ID the certificate names cost a signature check, under the store lock: 178 decoys
+    sharing one subject key ID made each refused add take 1.5 s, and everyone else waited."""
+    decoy_id = b"\x42" * 20
+    trusted = client.newring("decoys", "@s")
+    for i in range(X.MAX_SIGNER_CANDIDATES + 1):
+        key = ec_key()
+        cert = (x509.CertificateBuilder().subject_name(name(f"decoy {i}")).issuer_name(name(f"decoy {i}"))
+                .public_key(key.public_key()).serial_number(i + 1).not_valid_before(NOW - DAY)
+                .not_valid_after(NOW + DAY).add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                .add_extension(x509.SubjectKeyIdentifier(decoy_id), critical=False).sign(key, hashes.SHA256()))
+        add_cert(client, cert, trusted)
+    ring = client.newring("restricted-by-decoys", "@s")
+    client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{trusted}")
+    signer = ec_key()
+    claimed = (x509.CertificateBuilder().subject_name(name("leaf")).issuer_name(name("decoy 0"))
+               .public_key(ec_key().public_key()).serial_number(99).not_valid_before(NOW - DAY)
+               .not_valid_after(NOW + DAY)
+               .add_extension(x509.AuthorityKeyIdentifier(decoy_id, None, None), critical=False)
+               .sign(signer, hashes.SHA256()))
+    with pytest.raises(E.EKEYREJECTED, match=f"{X.MAX_SIGNER_CANDIDATES + 1} trusted keys claim to be"):
+        add_cert(client, claimed, ring)
 
 
 # ------------------------------------------------------------------ restrictions

@@ -37,6 +37,7 @@ class Command:
     usage: str
     handler: Handler | None = None  # None: another synopsis of the command above
     extension: bool = False  # keyden's own, not in keyctl(1)
+    own_help: bool = False  # its option parser answers --help itself, with more than the synopsis
 
 
 # ----------------------------------------------------------------- helpers
@@ -617,6 +618,7 @@ def cmd_serve(ctx, args):
 def cmd_version(ctx, args):
     from keyden import __version__
 
+    expect(args, 0)
     print(f"keyden {__version__}")
 
 
@@ -662,7 +664,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("id", "<key>", cmd_id),
     Command("import", persistence.IMPORT_USAGE, persistence.cmd_import, extension=True),
     Command("init", "[--state-dir <dir>] [--config <file>] [--passphrase-file <file>]", persistence.cmd_init,
-            extension=True),
+            extension=True, own_help=True),
     Command("invalidate", "<key>", cmd_invalidate),
     Command("kdf", f"<key> <keyring> {dataplane.KEY_USAGE}", dataplane.cmd_kdf, extension=True),
     Command("keys", "", cmd_keys, extension=True),
@@ -700,7 +702,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("search", "<keyring> <type> <desc> [<dest_keyring>]", cmd_search),
     Command("serve", "[--socket <path>] [--state-dir <dir>] [--config <file>] [--passphrase-file <file>] "
             "[--log-level <level>] [--no-harden]",
-            cmd_serve, extension=True),
+            cmd_serve, extension=True, own_help=True),
     Command("session", "", cmd_session),
     Command("session", "- [<prog> <arg1> <arg2> ...]"),
     Command("session", "<name> [<prog> <arg1> <arg2> ...]"),
@@ -713,7 +715,7 @@ COMMANDS: tuple[Command, ...] = (
             "[--client-trust <keyring>] [--require-client-cert] [--alpn <p1,p2>] [--handshake-timeout <secs>] "
             "[--max-connections <n>] [--max-connections-per-host <n>] [--close-timeout <secs>] "
             "[--idle-timeout <secs>] [--proxy-protocol]",
-            tls.cmd_tls_proxy, extension=True),
+            tls.cmd_tls_proxy, extension=True, own_help=True),
     Command("unlink", "<key> [<keyring>]", cmd_unlink),
     Command("update", "[-x] <key> <data>", cmd_update),
     Command("x509_hashes", "<key>", trust.cmd_x509_hashes, extension=True),

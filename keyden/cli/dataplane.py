@@ -269,9 +269,11 @@ def _aead_one_shot(ctx, key: int, spec, nonce: bytes | None, aad: bytes, decrypt
     data = b"".join(_bounded(stdin_chunks(), ONE_SHOT_LIMIT + overhead))  # what encrypt takes, decrypt takes back
     aead = ctx.client.aead(key, spec.name)
     if decrypt:
-        if nonce is None:
+        if nonce is None:  # input too short to hold a nonce is a bad message; a --nonce of the wrong size, EINVAL
             nonce, data = data[:spec.nonce_size], data[spec.nonce_size:]
-        if len(nonce) != spec.nonce_size or len(data) < spec.tag_size:
+            if len(nonce) != spec.nonce_size:
+                raise _bad_message()
+        if len(data) < spec.tag_size:
             raise _bad_message()
         out.write(call("keyden_aead", aead.decrypt, nonce, data, aad))
     elif nonce is None:

@@ -70,6 +70,9 @@ def run(argv: list[str]) -> int:
     except LookupError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if len(argv) == 2 and argv[1] in HELP_WORDS and not command.own_help:  # as `keyden help <command>`
+        sys.stdout.write(commands.format_usage(command.name))
+        return 0
     ctx = Context(socket)
     try:
         return command.handler(ctx, argv[1:]) or 0

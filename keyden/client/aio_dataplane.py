@@ -219,8 +219,9 @@ class AsyncStream:
     ``await s.update(data)`` as often as needed and ``await s.finalize()``.  ``async with`` closes one
     left unfinished."""
 
-    def __init__(self, client, handle: int, nonce: bytes):
+    def __init__(self, client, handle: int, nonce: bytes, alg: str, decrypt: bool):
         self._client, self.handle, self.nonce = client, handle, nonce
+        self.alg, self.decrypt = alg, decrypt
         self.generation = client.generation  # the connection it is open on
         self.done = False
         # Dropped unfinished (pyca's hash contexts need no cleanup, so code does drop them): queued, and
@@ -231,7 +232,7 @@ class AsyncStream:
     async def open(cls, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
                    random_nonce: bool = False) -> "AsyncStream":
         handle, nonce = await _open(client, alg, key, iv=iv, aad=aad, decrypt=decrypt, random_nonce=random_nonce)
-        return cls(client, handle, nonce)
+        return cls(client, handle, nonce, alg, decrypt)
 
     async def copy(self) -> "AsyncStream":
         """A second stream that goes on from here, as pyca's ``Hash.copy``/``HMAC.copy`` (the blocking
@@ -239,13 +240,18 @@ class AsyncStream:
         _still_open(self)
         client = self._client
         handle = await _new_stream(client, lambda: client.stream_copy(self.handle), lambda handle: handle)
-        return type(self)(client, handle, self.nonce)
+        return type(self)(client, handle, self.nonce, self.alg, self.decrypt)
 
     async def update(self, data) -> bytes:
         _still_open(self)
         sent = self._client.stream_update(self.handle, binary(data))  # on the wire: it happens, or not
         try:
             return await sent
+        except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
+            raise
+        except E.KeydenError:
+            self._over()  # closed by keyden (its key revoked, a piece it could not take) or gone with the connection
+            raise
         except asyncio.CancelledError:
             # Whether keyden took the piece is unknown to the caller, who may send it again: a stream that
             # went on would hash it twice, or seal a ciphertext part of which the caller never saw.  So it
@@ -264,7 +270,7 @@ class AsyncStream:
         come back in one reply with the tag goes through ``update`` first.
         """
         _still_open(self)
-        data, tag = _final_fields(self._client, data, tag)
+        data, tag = _final_fields(self, data, tag)
         head = b""
         if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag
             head, data = await self.update(data), b""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import math
+import numbers
 import os
 import re
 import socket
@@ -31,6 +33,16 @@ def socket_path(path: str | None = None) -> str:
 
 HELLO_TIMEOUT = 30.0  # seconds for the HELLO's answer, which keyden gives at once (not for connecting)
 HELLO_REPLY_MAX = 64 * 1024  # bytes of the HELLO's answer (tens, or an error message)
+
+
+def request_timeout(timeout) -> float | None:
+    """None (wait as long as it takes) or a positive number of seconds: 0 would make the socket non-blocking,
+    and its EAGAIN look like a lost connection."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
+        raise E.EINVAL(f"timeout must be None or a positive number of seconds, not {timeout!r}")
+    return float(timeout)
 
 
 def no_hello(path: str, waited: float) -> E.KeydenError:

@@ -392,11 +392,12 @@ class Stream:
     def __init__(self, client, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False,
                  random_nonce: bool = False):
         _abort_abandoned(client)
-        self._opened(client, *client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt,
-                                                 random_nonce=random_nonce))
+        handle, nonce = client.stream_init(alg, key, iv=iv, aad=aad, decrypt=decrypt, random_nonce=random_nonce)
+        self._opened(client, handle, nonce, alg, decrypt)
 
-    def _opened(self, client, handle: int, nonce: bytes) -> None:
+    def _opened(self, client, handle: int, nonce: bytes, alg: str, decrypt: bool) -> None:
         self._client, self.handle, self.nonce = client, handle, nonce
+        self.alg, self.decrypt = alg, decrypt
         self.generation = client.generation  # the connection it is open on
         self.done = False
         # Dropped unfinished (pyca's contexts need no cleanup, so code does drop them): queued, and aborted
@@ -411,12 +412,19 @@ class Stream:
         _still_open(self)
         _abort_abandoned(self._client)
         twin = type(self).__new__(type(self))
-        twin._opened(self._client, self._client.stream_copy(self.handle), self.nonce)
+        twin._opened(self._client, self._client.stream_copy(self.handle), self.nonce, self.alg, self.decrypt)
         return twin
 
     def update(self, data) -> bytes:
         _still_open(self)
-        return self._client.stream_update(self.handle, binary(data))
+        data = binary(data)
+        try:
+            return self._client.stream_update(self.handle, data)
+        except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
+            raise
+        except E.KeydenError:
+            self._over()  # closed by keyden (its key revoked, a piece it could not take) or gone with the connection
+            raise
 
     def finalize(self, data=b"", tag=b"") -> tuple[bytes, bytes]:
         """(last output, tag): the AEAD tag when encrypting, else the digest or MAC.
@@ -426,7 +434,7 @@ class Stream:
         come back in one reply with the tag goes through ``update`` first.
         """
         _still_open(self)
-        data, tag = _final_fields(self._client, data, tag)
+        data, tag = _final_fields(self, data, tag)
         head = b""
         if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag
             head, data = self.update(data), b""
@@ -509,11 +517,13 @@ def _view(data) -> memoryview:
         return memoryview(binary(data))
 
 
-def _final_fields(client, data, tag) -> tuple[bytes, bytes]:
-    """STREAM_FINAL's data and tag as bytes; a tag alone over the frame cap is refused here."""
+def _final_fields(stream, data, tag) -> tuple[bytes, bytes]:
+    """STREAM_FINAL's data and tag as bytes; a tag where none belongs (or none where one does), or a tag
+    alone over the frame cap, is refused here, the stream still open."""
     data, tag = binary(data), binary(tag, "tag")
-    if len(tag) + _OVERHEAD > client.max_frame:
-        raise E.EMSGSIZE(f"a {len(tag)}-byte tag is over the daemon's {client.max_frame}-byte frame cap")
+    symmetric.check_final_tag(stream.alg, stream.decrypt, tag)
+    if len(tag) + _OVERHEAD > stream._client.max_frame:
+        raise E.EMSGSIZE(f"a {len(tag)}-byte tag is over the daemon's {stream._client.max_frame}-byte frame cap")
     return data, tag
 
 

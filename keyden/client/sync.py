@@ -53,7 +53,7 @@ class Client(Operations):
         self.generation = 0  # connections replaced so far: streams and shared buffers remember theirs
         self._session = common.session_token(session)
         self._client_name = client_name
-        self._timeout = timeout
+        self._timeout = common.request_timeout(timeout)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._buf = bytearray(RECV_CHUNK)

@@ -697,12 +697,16 @@ class KeyStore:
         return ring
 
     def _session_keyring(self, caller: Caller, create: bool = True) -> Key | None:
-        """The caller's session keyring: its token's, else the user session keyring."""
-        if caller.session_token:
-            session = self._sessions.get(caller.session_token)
-            if session is not None and session.uid == caller.uid:
-                return session.keyring
-        return self._user_session_keyring(caller.uid, create)
+        """The caller's session keyring: its token's, else (no token) the user session keyring.  None once
+        the token's session has ended (the token given up, or the keyring invalidated): a connection keeps
+        the session it was opened in, as a process keeps its credentials' session keyring, and is never
+        quietly moved to one every session-less process of its uid possesses."""
+        if not caller.session_token:
+            return self._user_session_keyring(caller.uid, create)
+        session = self._sessions.get(caller.session_token)
+        if session is None or session.uid != caller.uid or session.keyring.dead:
+            return None
+        return session.keyring
 
     def _special(self, caller: Caller, key_id: int, create: bool) -> Key:
         """The keyring a special ID names.  ``create`` is for the process keyring alone: the user keyrings,
@@ -714,6 +718,9 @@ class KeyStore:
             return ring
         if key_id == SESSION:
             ring = self._session_keyring(caller)
+            if ring is None:
+                raise E.ENOKEY("this connection's session has ended (its token was given up, or its keyring "
+                               "invalidated): connect again without the token, or with another")
             if ring is self._user_session_keyrings.get(caller.uid):  # no session: @us stands in, found as @us is
                 self._found_user_keyrings(caller)
             return ring
@@ -1636,7 +1643,7 @@ class KeyStore:
             return self._persistent_keyrings.get(key.uid) is key
 
     def restore(self, keys: Iterable[Key], links: Iterable[tuple[int, int]], roots: Iterable[int],
-                unusable: Iterable[int] = ()) -> list[int]:
+                unusable: Iterable[int] = ()) -> tuple[list[int], list[tuple[Key, Key]]]:
         """Start-up: take back keys a backing store kept, with their serials, links and persistent keyrings.
 
         Permissions and quotas are not checked again (these keys were admitted
@@ -1647,6 +1654,13 @@ class KeyStore:
         Keys that end up under no persistent keyring are dropped; their
         serials are returned for the caller to report.  Call before serving
         and before attaching the journal.
+
+        A uid with two live persistent keyrings (a row restored from a backup
+        after get_persistent made a new one) keeps the older as its persistent
+        keyring, and the newer is linked into it as a keyring of its own, so
+        neither's keys are dropped (a third into the second: they share a name,
+        and a keyring holds one key of a name).  The pairs (holder, linked) are
+        returned too, for the caller to write both rows once it can.
 
         The serials of dropped keys and of ``unusable`` records (ones the
         store could not open) are reserved: their records stay in the backing
@@ -1677,12 +1691,27 @@ class KeyStore:
                     except E.EDEADLK:  # a loop: not linked
                         continue
                 self._link_raw(ring, key, check_quota=False)
-            live_first = sorted(roots, key=lambda s: s not in self._keys or self._keys[s].defunct)
-            for serial in live_first:  # a revoked one replaced before a crash may still carry the flag
-                ring = self._keys.get(serial)
-                if ring is not None and ring.links is not None and ring.uid not in self._persistent_keyrings:
+            rings = [self._keys[s] for s in roots if s in self._keys and self._keys[s].links is not None]
+            merged: list[tuple[Key, Key]] = []
+            for ring in sorted(rings, key=lambda r: (r.defunct, r.ctime)):  # live, then oldest, first
+                holder = self._persistent_keyrings.get(ring.uid)
+                if holder is None:
                     ring.pins += 1
                     self._persistent_keyrings[ring.uid] = ring
+                    continue
+                if ring.defunct:  # a revoked one replaced before a crash may still carry the flag: its tree goes
+                    continue
+                # Down the chain of those linked in before (at this start or an earlier one; the restored
+                # links have no loops), to its end.
+                while (there := holder.links.get(ring.index)) is not None and there is not ring:
+                    holder = there
+                if there is None:
+                    try:
+                        self._detect_cycle(holder, ring, any_depth=True)
+                    except E.EDEADLK:  # it holds the one before it: left out, its keys reported as skipped
+                        continue
+                    self._link_raw(holder, ring, check_quota=False)
+                merged.append((holder, ring))
             for ring in self._persistent_keyrings.values():
                 self._persist_tree(ring)
                 if ring.revoked_at is None and not ring.invalidated:
@@ -1696,7 +1725,7 @@ class KeyStore:
                 key = self._keys.get(serial)
                 if key is not None:
                     self._force_destroy(key)
-            return orphans
+            return orphans, merged
 
     # ------------------------------------------------------------------ export
 

@@ -37,7 +37,7 @@ from keyden import errors as E
 __all__ = [
     "AlgorithmSpec", "ALGORITHMS", "MAX_HMAC_KEY", "spec", "kind",
     "AeadEngine", "aead", "aead_stream", "skcipher", "skcipher_crypt",
-    "hash_ctx", "hmac_ctx", "digest", "hmac", "hmac_many", "hmac_verify", "generate_key",
+    "hash_ctx", "hmac_ctx", "digest", "hmac", "hmac_many", "hmac_verify", "generate_key", "check_final_tag",
 ]
 
 MAX_HMAC_KEY = 32767        # the largest user/logon payload: any key the daemon can hold
@@ -152,8 +152,26 @@ def _buffer(value, what: str):
 def _key(alg: AlgorithmSpec, key) -> bytes:
     key = bytes(_buffer(key, "key"))
     if len(key) not in alg.key_sizes:
-        raise E.EINVAL(f"{alg.name}: wrong key length {len(key)}")
+        # The key's own length is not named: using a key needs only search permission, and such a caller
+        # learns no more than whether the cipher takes it (the kernel's setkey says EINVAL and no more).
+        raise E.EINVAL(f"{alg.name}: the key is not {_sizes(alg.key_sizes)} bytes long")
     return key
+
+
+def check_final_tag(name: str, decrypt: bool, tag) -> None:
+    """A stream's finish takes a tag only to check it: an AEAD decryption's or an HMAC verification's.
+    The daemon and the clients check this before anything is processed, so a mistake leaves the stream open."""
+    takes_tag = decrypt and spec(name).kind in ("aead", "hmac")
+    if bool(tag) != takes_tag:
+        raise E.EINVAL("finishing AEAD decryption or HMAC verification takes the tag to check" if takes_tag else
+                       "a tag is given only to finish AEAD decryption or HMAC verification")
+
+
+def _sizes(sizes: tuple[int, ...] | range) -> str:
+    if isinstance(sizes, range):
+        return f"{sizes.start} to {sizes.stop - 1}"
+    *most, last = map(str, sizes)
+    return f"{', '.join(most)} or {last}" if most else last
 
 
 def _nonce(alg: AlgorithmSpec, nonce, what: str = "nonce") -> bytes:

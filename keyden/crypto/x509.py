@@ -95,7 +95,9 @@ def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"")
 
 
 def signed_by(cert: x509.Certificate, public_key) -> bool:
-    """Does ``public_key`` verify ``cert``'s signature, with the padding and hash the certificate names?"""
+    """Does ``public_key`` verify ``cert``'s signature, with the padding and hash the certificate names?
+    Never for an RSA key whose public exponent is over MAX_RSA_EXPONENT_BITS: its checks take milliseconds
+    each, and a keyring restriction runs them with the key store held."""
     tbs, sig = cert.tbs_certificate_bytes, cert.signature
     try:
         params = cert.signature_algorithm_parameters  # ValueError for RSASSA-PSS parameters pyca cannot read
@@ -108,6 +110,8 @@ def signed_by(cert: x509.Certificate, public_key) -> bool:
         if not isinstance(algorithm, _SIGNATURE_HASHES):
             return False
         if isinstance(public_key, rsa.RSAPublicKey):
+            if public_key.public_numbers().e.bit_length() > MAX_RSA_EXPONENT_BITS:
+                return False
             public_key.verify(sig, tbs, params, algorithm)
         elif isinstance(public_key, ec.EllipticCurvePublicKey):
             if not isinstance(params, ec.ECDSA):
@@ -149,10 +153,21 @@ def _names_issuer(akid: x509.AuthorityKeyIdentifier | None, cert: x509.Certifica
     return candidate.subject == cert.issuer
 
 
+#: Keys that may claim to be one certificate's issuer (one CA key's renewed and cross-signed certificates:
+#: two or three).  Each costs a signature check, run with the key store held: a keyring of decoys sharing
+#: one key ID made every add to a restricted keyring check them all.
+MAX_SIGNER_CANDIDATES = 8
+
+
 def signer_candidates(cert: x509.Certificate, keys: Iterable) -> list:
-    """The keys (ParsedKey-like: ``key_ids``, ``certificate``) that ``cert`` names as its issuer, in order."""
+    """The keys (ParsedKey-like: ``key_ids``, ``certificate``) that ``cert`` names as its issuer, in order;
+    EKEYREJECTED past MAX_SIGNER_CANDIDATES, before any signature is checked."""
     akid = _authority_key_id(cert)
-    return [k for k in keys if _names_issuer(akid, cert, k.key_ids, k.certificate)]
+    found = [k for k in keys if _names_issuer(akid, cert, k.key_ids, k.certificate)]
+    if len(found) > MAX_SIGNER_CANDIDATES:
+        raise E.EKEYREJECTED(f"{len(found)} trusted keys claim to be the certificate's issuer (at most "
+                             f"{MAX_SIGNER_CANDIDATES}): not checked")
+    return found
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import logging
 import os
 import sqlite3
 
-from keyden.core.store import KeyStore
+from keyden import errors as E
+from keyden.core.store import Key, KeyStore
 from keyden.errors import StartupError
 from keyden.persist import records
 from keyden.persist.database import Database
@@ -60,6 +61,7 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
     db_path, key_path = paths(config)
     source = source_for(key_path, config.passphrase_file, config.master_key_kernel)
     db = Database(db_path)
+    merged: list[tuple[Key, Key]] = []
     try:
         meta = db.meta()
         if "check" not in meta:
@@ -74,6 +76,7 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
             db.write((), (), dict(source.meta(), source=source.source.encode(), check=source.check(sealer),
                                   manifest=root), buckets)
             log.info("new key store %s (master key: %s)", db_path, _describe(source.source, key_path))
+            _checkpoint(db)
         else:
             stored = meta.get("source", b"").decode(errors="replace")
             if stored != source.source:
@@ -82,15 +85,38 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
             if check_only:
                 db.close()
                 return None
-            manifest = _load(db, sealer, store, meta, migrating=sealer.version < MANIFEST_VERSION)
+            manifest, merged = _load(db, sealer, store, meta, migrating=sealer.version < MANIFEST_VERSION)
             if isinstance(sealer, LegacySealer):
-                sealer = _upgrade(db, manifest, sealer, source)
+                sealer = _upgrade(db, manifest, sealer, source)  # (checkpoints the store)
+            else:
+                _checkpoint(db)
     except BaseException:
         db.close()
         raise
     journal = SealedJournal(store, db, sealer, source, manifest)
     store.journal = journal
+    if merged:  # both rows in one transaction: the holder's with its new link, the other's as a member's
+        with store.lock:
+            for holder, linked in merged:
+                journal.on_store(holder)
+                journal.on_store(linked)
+        try:
+            journal.flush()
+        except E.KeydenError as exc:  # kept in memory, and written with the next write (or merged again)
+            log.warning("the persistent keyrings linked under an older one could not be written yet (%s)",
+                        exc.message)
     return journal
+
+
+def _checkpoint(db: Database) -> None:
+    """The store as loaded (or made) copied from the WAL into the database file: the -wal file then holds
+    only what changes from here on, so losing it (a crash of the disk, a copy of keys.db alone) never takes
+    the store's meta and check value, which would make the next start take it for a new one."""
+    try:
+        db.checkpoint()
+    except sqlite3.Error as exc:
+        log.warning("%s could not be checkpointed at start (%s): the store lives partly in its -wal file, "
+                    "which is part of it (copy and keep both)", db.path, exc)
 
 
 def _upgrade(db: Database, manifest: Manifest, legacy: LegacySealer, source: KeySource) -> Sealer:
@@ -131,14 +157,16 @@ def _mismatch(db_path: str, stored: str) -> str:
 
 
 def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: dict[str, bytes],
-          migrating: bool) -> Manifest:
+          migrating: bool) -> tuple[Manifest, list[tuple[Key, Key]]]:
     """Every row that authenticates and that the manifest expects becomes a key again; the others, and
     manifest entries without a row, are reported (never their contents).
 
     Buckets that cannot be trusted are sealed again from the rows that opened, and the root with them.
     ``migrating``: the store was written before it kept a manifest; one is built from the rows as
     loaded.  A store sealed as before version 3 (a LegacySealer) is written nothing here: ``_upgrade``
-    seals it again whole, the manifest with it, and a check value that says it keeps one.
+    seals it again whole, the manifest with it, and a check value that says it keeps one.  Also returns
+    the persistent keyrings linked under another of their uid's (KeyStore.restore), whose rows the
+    journal writes once it is attached.
     """
     if migrating:
         trusted, floors, root_ok = {}, dict.fromkeys(range(BUCKETS), 0), False
@@ -173,7 +201,11 @@ def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: di
     missing = sorted(serial for bucket in trusted.values() for serial in bucket.entries if serial not in present)
     for serial in missing:
         log.error("stored key %d is missing: its row was deleted outside keyden", serial)
-    orphans = store.restore(keys, links, roots, skipped + missing)  # missing serials reserved: entries kept
+    orphans, merged = store.restore(keys, links, roots, skipped + missing)  # missing serials: entries kept
+    for holder, linked in merged:
+        log.error("two persistent keyrings of one uid on disk (a row restored after a new one was made): %d, "
+                  "the newer, is now linked into %d, the older; move what you need out of %d and unlink it",
+                  linked.serial, holder.serial, linked.serial)
     for serial in orphans:
         log.error("stored key %d skipped: it is under no persistent keyring any more", serial)
     log.info("loaded %d persistent keys from %s%s%s", len(keys) - len(orphans), db.path,
@@ -193,7 +225,7 @@ def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: di
             db.write((), (), {"manifest": root}, buckets)
         except sqlite3.Error as exc:
             raise StartupError(f"cannot write the manifest to {db.path} ({exc}); refusing to start") from None
-    return manifest
+    return manifest, merged
 
 
 def _open_manifest(db: Database, meta: dict[str, bytes],

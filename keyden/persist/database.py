@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT
 #: or 2 opens.  This code writes format 3 only: its first write numbers the store (a store of format 1 or
 #: 2 is re-sealed at start, persist.open_durable), and no number is ever lowered.
 STORE_FORMAT = 3
+WAL_PAGES = 64  # pages in the WAL before a commit copies them into the database
 _UPSERT = f"INSERT OR REPLACE INTO keys ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -63,6 +64,10 @@ class Database:
                 raise StartupError(f"{path}: cannot switch to WAL mode (got {mode})")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed: no old seal lingers in them
+            # Each change writes a few pages to the WAL; at SQLite's default (1000 pages) a young store lived
+            # in its -wal file alone, and a lost or damaged -wal took every key (a start then found a new,
+            # empty database).  Copied into the database every 64 pages, it holds all but the last few.
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             verdict = self.conn.execute("PRAGMA quick_check").fetchone()[0]
             if verdict != "ok":
                 raise StartupError(f"{path} is damaged ({verdict}); refusing to start")

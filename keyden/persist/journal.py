@@ -134,8 +134,7 @@ class SealedJournal(Journal):
             with self.store.lock:
                 for serial, key in batch.items():
                     self._dirty.setdefault(serial, key)  # retried with the next write; newer notes win
-            full = getattr(exc, "errno", None) == errno.ENOSPC or \
-                getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            full = _disk_full(exc)
             self._failing = True
             self._write_failures.error("writing the key database failed (%s: %s); %d changes kept for the next "
                                        "attempt", type(exc).__name__, reason(exc), len(batch))
@@ -175,7 +174,12 @@ class SealedJournal(Journal):
         """
         with self._write_lock:
             if self._seq > self._durable:
-                self._write_pending()
+                try:
+                    self._write_pending()
+                except E.KeydenError as exc:  # its message is for the request whose change it was
+                    raise type(exc)("rekey not started: changes waiting to be written could not be written "
+                                    f"first{' (the disk is full)' if exc.code == E.ENOSPC.code else ''}; "
+                                    "the old master key stays in use") from None
             rotation = self.source.rotate(passphrase)
             check = rotation.sealer.make_check(self.source.source, rotation.meta.get("salt", b""))
             try:
@@ -184,7 +188,9 @@ class SealedJournal(Journal):
             except Exception as exc:
                 log.error("rekey failed writing the database (%s: %s); the old master key stays",
                           type(exc).__name__, reason(exc))
-                raise E.EIO("rekey failed; the old master key stays in use") from None
+                full = _disk_full(exc)
+                raise (E.ENOSPC if full else E.EIO)(
+                    f"rekey failed{': the disk is full' if full else ''}; the old master key stays in use") from None
             with self.store.lock:
                 self.sealer = rotation.sealer
             rotation.finish()
@@ -196,6 +202,12 @@ class SealedJournal(Journal):
             log.info("rekeyed: %d records re-sealed under the new master key%s", resealed,
                      f"; {stuck} unreadable records left as they were" if stuck else "")
             return resealed
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space: the operator's to fix (ENOSPC), not an internal error (EIO)."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def reseal(db: Database, manifest: Manifest, old: Sealer | LegacySealer, new: Sealer,

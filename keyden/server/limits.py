@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import resource
 import socket
 import struct
 import termios
@@ -74,16 +73,3 @@ def _carries_descriptors(sock: socket.socket) -> bool:
         os.close(fd)
     # MSG_CTRUNC: descriptors came that could not be handed over (none left: the daemon is at its limit)
     return bool(ancdata) or bool(flags & socket.MSG_CTRUNC) or len(data) < unread
-
-
-def raise_fd_limit(wanted: int) -> int:
-    """Lift the soft RLIMIT_NOFILE towards the hard limit so ``wanted`` connections fit; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft

@@ -179,7 +179,7 @@ class Server:
         cfg = self.config
         wanted = (cfg.max_connections * FDS_PER_CONNECTION + FDS_PER_TLS_SESSION * tls_engine.MAX_SESSIONS + watched
                   + FD_HEADROOM)
-        fd_limit = limits.raise_fd_limit(wanted)
+        fd_limit = descriptors.raise_fd_limit(wanted)
         if fd_limit < wanted:
             log.warning("descriptor limit %d is below the %d that max_connections %d and %d TLS sessions may "
                         "hold: raise it (ulimit -n, systemd LimitNOFILE)", fd_limit, wanted, cfg.max_connections,

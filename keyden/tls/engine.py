@@ -34,6 +34,7 @@ from cryptography import x509
 
 from keyden import descriptors
 from keyden import errors as E
+from keyden.hosts import host_of
 from keyden import protocol as W
 from keyden.crypto.x509 import subject_of
 from keyden.protocol import Op
@@ -232,13 +233,7 @@ def _handshake_slots(uid: int, tls: ssl.SSLSocket) -> tuple[tuple, ...]:
     if not isinstance(local, tuple):
         return ((uid, local),)
     service = (uid, local[1])
-    try:
-        address = ipaddress.ip_address(peer[0].split("%")[0])
-    except ValueError:
-        return (service,)
-    if address.version == 6:
-        address = address.ipv4_mapped or ipaddress.ip_network(f"{address}/64", strict=False)
-    return (service, (*service, str(address)))
+    return (service, (*service, host_of(peer[0])))
 
 
 def _address(service) -> str:

@@ -277,15 +277,13 @@ def _stream_final(ctx, handle, data, tag):
     (verify, in constant time: EBADMSG on mismatch, nothing returned).
     """
     kind, decrypt, stream, _key = _stream(ctx, handle)
-    if bool(tag) != (decrypt and kind in ("aead", "hmac")):
-        del ctx.streams[handle]
-        raise E.EINVAL("finishing AEAD decryption or HMAC verification takes the tag to check"
-                       if decrypt and kind in ("aead", "hmac") else
-                       "a tag is given only to finish AEAD decryption or HMAC verification")
+    symmetric.check_final_tag(stream.name, decrypt, tag)
     spec = symmetric.spec(stream.name)
     tag_size = 0 if decrypt else spec.tag_size if kind == "aead" else spec.digest_size
     _reply_room(ctx, stream, kind, data, 4 + tag_size)
-    del ctx.streams[handle]  # from here on the stream ends, whatever the outcome (only EMSGSIZE leaves it open)
+    # From here on the stream ends, whatever the outcome: only the refusals above, made before anything was
+    # processed (a tag where none belongs or none where one does, EMSGSIZE), leave it open.
+    del ctx.streams[handle]
     out = stream.update(data) if data else b""
     if kind == "aead":
         if decrypt:
