@@ -23,8 +23,6 @@ import sys
 import threading
 import time
 
-from cryptography.x509.oid import NameOID
-
 from keyden import descriptors
 from keyden import errors as E
 from keyden.client import tls as client_tls
@@ -125,6 +123,8 @@ def _common_name(info: client_tls.TlsInfo) -> str | None:
         return None
     if certificate is None:
         return None
+    from cryptography.x509.oid import NameOID  # (pyca's x509 costs every CLI command 30 ms to import)
+
     names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return names[0].value if names and isinstance(names[0].value, str) else None
 

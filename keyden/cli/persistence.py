@@ -7,7 +7,6 @@ import os
 import stat
 
 from keyden import errors as E
-from keyden.persist.master import MAX_PASSPHRASE, normalize_passphrase
 from keyden.cli.support import (Exit, Output, Usage, call, failure, id32, number, options, read_file,
                                 read_stdin, strtoul, write_bytes)
 
@@ -65,6 +64,8 @@ def cmd_rekey(ctx, args):
         if mode & 0o077:  # a passphrase others may read is spent before it is used; the daemon would refuse it too
             raise Exit(1, f"rekey: the passphrase file {path} has mode {mode:04o}, open to group or others "
                           f"(chmod 600 {path}, after checking nobody else read it)")
+        from keyden.persist.master import MAX_PASSPHRASE, normalize_passphrase  # (the key store: not for every command)
+
         passphrase = normalize_passphrase(read_file(path))
         if not passphrase or len(passphrase) > MAX_PASSPHRASE:  # empty: it would rekey as if none were named
             raise Exit(1, f"rekey: the passphrase file {path} must hold 1..{MAX_PASSPHRASE} bytes")

@@ -11,8 +11,7 @@ import socket
 import struct
 
 from keyden import errors as E
-from keyden.core.views import Description, KeyStatus
-from keyden.crypto.asymmetric import PkeyQuery
+from keyden.core.views import Description, KeyStatus, PkeyQuery
 from keyden.protocol import KEY_RECORD, KEY_STATE_BITS, Op
 from keyden.protocol.transport import client_socket_path
 

@@ -1,4 +1,4 @@
-"""What keyctl shows of a key: describe's record and /proc/keys' line.  Plain values, shared by the
+"""What keyctl shows of a key: describe's record, /proc/keys' line and pkey_query's sizes.  Plain values, shared by the
 store that makes them and the clients that decode them from the wire."""
 
 from __future__ import annotations
@@ -7,6 +7,9 @@ import math
 from dataclasses import dataclass
 
 from keyden.core import perm as P
+
+#: KEYCTL_PKEY_QUERY's supported_ops bits (KEYCTL_SUPPORTS_ENCRYPT, ...)
+OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,24 @@ class KeyStatus:
             if left >= size:
                 return f"{left // size}{unit}"
         return f"{left}s"
+
+
+@dataclass(frozen=True)
+class PkeyQuery:
+    """KEYCTL_PKEY_QUERY result (struct keyctl_pkey_query)."""
+
+    supported_ops: int
+    key_size: int
+    max_data_size: int
+    max_sig_size: int
+    max_enc_size: int
+    max_dec_size: int
+
+    def keyctl(self) -> str:
+        """keyctl pkey_query's output: sizes, then which operations the key supports."""
+        lines = [f"key_size={self.key_size}", f"max_data_size={self.max_data_size}",
+                 f"max_sig_size={self.max_sig_size}", f"max_enc_size={self.max_enc_size}",
+                 f"max_dec_size={self.max_dec_size}"]
+        ops = {"encrypt": OP_ENCRYPT, "decrypt": OP_DECRYPT, "sign": OP_SIGN, "verify": OP_VERIFY}
+        lines += [f"{name}={'y' if self.supported_ops & bit else 'n'}" for name, bit in ops.items()]
+        return "\n".join(lines)

@@ -15,7 +15,7 @@ import functools
 import logging
 import re
 import types
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Iterable, Mapping
 
 from cryptography import x509
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
 from keyden import errors as E
+from keyden.core.views import OP_DECRYPT, OP_ENCRYPT, OP_SIGN, OP_VERIFY, PkeyQuery  # (records clients decode)
 from keyden.crypto import check_context, symmetric
 
 log = logging.getLogger("keyden.asymmetric")
@@ -32,8 +33,6 @@ log = logging.getLogger("keyden.asymmetric")
 __all__ = ["OP_ENCRYPT", "OP_DECRYPT", "OP_SIGN", "OP_VERIFY", "MAX_INPUT",
            "ParsedKey", "PkeyQuery", "parse", "generate", "parse_info"]
 
-# KEYCTL_SUPPORTS_* bits, as in <linux/keyctl.h>.
-OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
 #: The operations each use a key may be bound to allows (flags.ASYMMETRIC_USE's names), as PKCS#11's
 #: CKA_SIGN covers verify and CKA_DECRYPT encrypt; key agreement (derive) is none of the four.
 OPS_OF_USE = {"sign": OP_SIGN | OP_VERIFY, "decrypt": OP_ENCRYPT | OP_DECRYPT, "derive": 0}
@@ -554,27 +553,6 @@ def _check_options(algo: str, opts: Mapping[str, str]) -> str:
         elif key == "label" and not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", value):
             raise E.EINVAL("label= must be hex")
     return enc
-
-
-@dataclass(frozen=True)
-class PkeyQuery:
-    """KEYCTL_PKEY_QUERY result (struct keyctl_pkey_query)."""
-
-    supported_ops: int
-    key_size: int
-    max_data_size: int
-    max_sig_size: int
-    max_enc_size: int
-    max_dec_size: int
-
-    def keyctl(self) -> str:
-        """keyctl pkey_query's output: sizes, then which operations the key supports."""
-        lines = [f"key_size={self.key_size}", f"max_data_size={self.max_data_size}",
-                 f"max_sig_size={self.max_sig_size}", f"max_enc_size={self.max_enc_size}",
-                 f"max_dec_size={self.max_dec_size}"]
-        ops = {"encrypt": OP_ENCRYPT, "decrypt": OP_DECRYPT, "sign": OP_SIGN, "verify": OP_VERIFY}
-        lines += [f"{name}={'y' if self.supported_ops & bit else 'n'}" for name, bit in ops.items()]
-        return "\n".join(lines)
 
 
 #: called with a ParsedKey once keyden has destroyed the key: caches built from it drop it (tls.contexts)

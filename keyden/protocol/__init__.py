@@ -132,15 +132,25 @@ class Schema:
     """An ordered list of fields, with an encoder and a decoder compiled for exactly these fields.
 
     Both run on every request at both ends, so each schema gets straight-line
-    code (made once, at import, by ``_compile``): runs of fixed-size fields and
-    the length that follows them become one struct call, and no per-field loop
-    or kind test is left for run time.
+    code (made once, by ``_compile``): runs of fixed-size fields and the length
+    that follows them become one struct call, and no per-field loop or kind test
+    is left for run time.  It is made at a schema's first use, not at import:
+    a CLI command uses two or three of the hundreds, and making them all took
+    most of its start-up.
     """
 
     def __init__(self, *fields: tuple[str, Kind] | tuple[str, Kind, int]):
         self.fields = tuple(Field(*f) for f in fields)
         self.names = tuple(f.name for f in self.fields)
+        self._encode, self._decode = self._encode_first, self._decode_first  # replaced by the compiled pair
+
+    def _encode_first(self, *values):
         self._encode, self._decode = _compile(self.fields)
+        return self._encode(*values)
+
+    def _decode_first(self, body):
+        self._encode, self._decode = _compile(self.fields)
+        return self._decode(body)
 
     def encode(self, values: Sequence[Any]) -> bytes:
         if len(values) != len(self.fields):
