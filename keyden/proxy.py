@@ -129,10 +129,12 @@ def _common_name(info: client_tls.TlsInfo) -> str | None:
     return names[0].value if names and isinstance(names[0].value, str) else None
 
 
-#: accept(2) failures that pass: out of descriptors or memory (the connection waits in the listen queue),
-#: or one that was reset before it was taken.  Reported at most once per ACCEPT_REPORT_INTERVAL.
-ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
-                              errno.EPROTO, errno.EPERM})
+#: accept(2) failures that pass.  Out of descriptors or memory: said at most once per ACCEPT_REPORT_INTERVAL,
+#: then a pause (the connection waits in the listen queue).  One connection's own failure (reset before it
+#: was taken, or a network error accept(2) says to treat as EAGAIN): the next one is taken at once.
+ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_AGAIN = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH})
 ACCEPT_PAUSE, ACCEPT_REPORT_INTERVAL = 0.1, 10.0
 #: descriptors one proxied connection may hold: the client's, keyden's plaintext end, the upstream's
 FDS_PER_CONNECTION, FD_HEADROOM = 3, 64
@@ -168,9 +170,10 @@ class Proxy:
             except OSError as exc:
                 if self.lost_keyden:
                     return
-                if exc.errno not in ACCEPT_TRANSIENT:
+                if exc.errno in ACCEPT_SHORTAGE:
+                    self._accept_failed(exc)
+                elif exc.errno not in ACCEPT_AGAIN:
                     raise
-                self._accept_failed(exc)
                 continue
             refused = self._admit(peer)
             if refused:

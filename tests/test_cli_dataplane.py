@@ -573,7 +573,8 @@ def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, clie
     target = tmp_path / "plain"
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
         proc = _cli(daemon, client, "aead", "decrypt", serial, "--nonce", "00" * 12, "-o", str(target),
-                    stdin=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_hangup_and_term)
+                    stdin=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_hangup_and_term,
+                    env={"PYTHONFAULTHANDLER": "1"})  # SIGABRT below: where a hung one was, on its stderr
         proc.stdin.write(os.urandom(3 << 20))  # plaintext in the temporary file, the tag not yet come
         proc.stdin.flush()
         deadline = time.monotonic() + 30
@@ -581,7 +582,13 @@ def test_a_terminated_command_leaves_no_plaintext_beside_its_output(daemon, clie
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
             time.sleep(0.01)
         proc.send_signal(signum)
-        assert proc.wait(timeout=60) == 128 + signum
+        try:
+            status = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(10)
+            raise AssertionError(f"{signal.Signals(signum).name} did not end it: {proc.stderr.read().decode()}")
+        assert status == 128 + signum
         proc.stdin.close()
         proc.stderr.close()
         assert list(tmp_path.iterdir()) == []

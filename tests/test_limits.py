@@ -87,10 +87,15 @@ def test_a_daemon_out_of_descriptors_tells_the_clients_it_refuses(fresh_daemon):
 
     d = fresh_daemon()
     d.connect().close()
+    fds = f"/proc/{d.proc.pid}/fd"
+    open_now, steady_since = len(os.listdir(fds)), time.monotonic()
+    while time.monotonic() - steady_since < 0.3:  # the closed connection let go (a busy daemon takes a while)
+        time.sleep(0.02)
+        if len(os.listdir(fds)) != open_now:
+            open_now, steady_since = len(os.listdir(fds)), time.monotonic()
     limits = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
     try:
-        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{d.proc.pid}/fd")) + 1,
-                                                              limits[1]))
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (open_now + 1, limits[1]))
         with pytest.raises((E.EMFILE, E.ENFILE)) as refused:  # accepted, with no descriptor left to look
             d.connect()
         assert "try again later" in str(refused.value)

@@ -578,8 +578,9 @@ def test_a_persistent_keyring_restored_after_a_new_one_was_made_keeps_both_trees
     """The documented repair (the row back from a backup, its bucket deleted) of a persistent keyring whose
     row was damaged, after get_persistent had made a new one: the uid had two, the lower serial won, and
     the other's keys were skipped, start after start, without a word.  The older now stays the persistent
-    keyring and the newer is linked into it, with an error saying so."""
-    d = fresh_daemon()
+    keyring and the newer is linked into it, with an error saying so, and no longer expires: it kept the
+    deadline get_persistent had given it, and was collected with its keys."""
+    d = fresh_daemon("gc_interval = 0.2\n[quota]\npersistent_keyring_expiry = 3\ngc_delay = 0\n")
     ring, keys = keys_in(d, 3)
     good = stored_row(d, ring)
     d.stop()
@@ -601,6 +602,10 @@ def test_a_persistent_keyring_restored_after_a_new_one_was_made_keeps_both_trees
     assert c.get_persistent("@s") == ring
     assert sorted(c.read(ring)) == sorted([*keys, newer]) and c.read(newer) == [extra]
     assert all(c.read(serial) == payload for serial, payload in keys.items()) and c.read(extra) == b"kept too"
+    for _ in range(4):  # past the deadline stored with the newer; the persistent keyring's own is renewed
+        time.sleep(0.9)
+        assert c.get_persistent("@s") == ring
+    assert c.read(newer) == [extra] and c.read(extra) == b"kept too"
     later = c.add("user", "added-after", b"and this", newer)  # rewrites the newer's row: it must not lose its place
     c.close()
     d.stop(signal.SIGKILL)

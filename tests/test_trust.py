@@ -197,6 +197,19 @@ def test_a_keyring_of_decoys_claiming_one_issuer_is_refused_before_any_signature
         add_cert(client, claimed, ring)
 
 
+def test_copies_of_one_trusted_key_are_one_candidate(client, pki):
+    """What costs a signature check is a distinct public key: a CA renewed nine times with the same key is
+    one candidate, and its certificates are admitted."""
+    trusted = client.newring("copies", "@s")
+    add_cert(client, pki.root, trusted)
+    for i in range(X.MAX_SIGNER_CANDIDATES):  # the same key, new certificates (each a key of its own here)
+        add_cert(client, certificate("Test Root", pki.root_key, ca=True), client.newring(f"renewal {i}", trusted))
+    ring = client.newring("restricted-by-copies", "@s")
+    client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{trusted}")
+    inter = add_cert(client, pki.inter, ring)
+    assert client.read(ring) == [inter]
+
+
 # ------------------------------------------------------------------ restrictions
 
 

@@ -1711,6 +1711,7 @@ class KeyStore:
                     except E.EDEADLK:  # it holds the one before it: left out, its keys reported as skipped
                         continue
                     self._link_raw(holder, ring, check_quota=False)
+                ring.expiry = 0.0  # get_persistent's deadline, stored with it: an ordinary keyring's now
                 merged.append((holder, ring))
             for ring in self._persistent_keyrings.values():
                 self._persist_tree(ring)

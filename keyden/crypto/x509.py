@@ -153,17 +153,22 @@ def _names_issuer(akid: x509.AuthorityKeyIdentifier | None, cert: x509.Certifica
     return candidate.subject == cert.issuer
 
 
-#: Keys that may claim to be one certificate's issuer (one CA key's renewed and cross-signed certificates:
-#: two or three).  Each costs a signature check, run with the key store held: a keyring of decoys sharing
-#: one key ID made every add to a restricted keyring check them all.
+#: Distinct public keys that may claim to be one certificate's issuer (a CA's key and its successor: two or
+#: three).  Each costs a signature check, run with the key store held: a keyring of decoys sharing one key
+#: ID made every add to a restricted keyring check them all.
 MAX_SIGNER_CANDIDATES = 8
 
 
 def signer_candidates(cert: x509.Certificate, keys: Iterable) -> list:
-    """The keys (ParsedKey-like: ``key_ids``, ``certificate``) that ``cert`` names as its issuer, in order;
-    EKEYREJECTED past MAX_SIGNER_CANDIDATES, before any signature is checked."""
+    """The keys (ParsedKey-like: ``key_ids``, ``certificate``) that ``cert`` names as its issuer, in order,
+    the first of each public key only (copies and renewals of one key need one check; ``key_ids[0]`` is
+    the hash of the key); EKEYREJECTED past MAX_SIGNER_CANDIDATES, before any signature is checked."""
     akid = _authority_key_id(cert)
-    found = [k for k in keys if _names_issuer(akid, cert, k.key_ids, k.certificate)]
+    by_key: dict[bytes, object] = {}
+    for k in keys:
+        if _names_issuer(akid, cert, k.key_ids, k.certificate):
+            by_key.setdefault(k.key_ids[0], k)
+    found = list(by_key.values())
     if len(found) > MAX_SIGNER_CANDIDATES:
         raise E.EKEYREJECTED(f"{len(found)} trusted keys claim to be the certificate's issuer (at most "
                              f"{MAX_SIGNER_CANDIDATES}): not checked")
