@@ -29,10 +29,11 @@ def eventually(condition, timeout: float = 10.0) -> bool:
 
 
 def default_hangup_and_term() -> None:
-    """A preexec_fn: SIGHUP and SIGTERM at their default in the child, whatever the suite inherited (under
-    nohup SIGHUP is ignored, and keyden, as it should, goes on ignoring it): for tests of what they do."""
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """A preexec_fn: the signals tests send at their default in the child, whatever the suite inherited
+    (under nohup SIGHUP is ignored, and a shell starts a background job with SIGINT and SIGQUIT ignored;
+    keyden, as it should, goes on ignoring them): for tests of what they do."""
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 class Daemon:
