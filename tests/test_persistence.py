@@ -584,8 +584,7 @@ def test_a_persistent_keyring_restored_after_a_new_one_was_made_keeps_both_trees
     ring, keys = keys_in(d, 3)
     good = stored_row(d, ring)
     d.stop()
-    sealed = good[-1]
-    sql(d, "UPDATE keys SET sealed = ? WHERE serial = ?", flip_a_byte(sealed), ring)
+    sql(d, "UPDATE keys SET sealed = ? WHERE serial = ?", flip_a_byte(good[-1]), ring)
     assert f"stored key {ring} skipped" in start_and_read_log(d)
     c = session(d)
     newer = c.get_persistent("@s")

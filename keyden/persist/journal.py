@@ -16,7 +16,6 @@ with the rows on disk.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import sqlite3
 import threading
@@ -28,7 +27,7 @@ from keyden.logs import Throttled, reason
 from keyden.persist import records
 from keyden.persist.database import Database
 from keyden.persist.manifest import Manifest
-from keyden.persist.master import KeySource, LegacySealer, Sealer
+from keyden.persist.master import KeySource, LegacySealer, Sealer, write_failure
 
 log = logging.getLogger("keyden.persist")
 
@@ -134,11 +133,11 @@ class SealedJournal(Journal):
             with self.store.lock:
                 for serial, key in batch.items():
                     self._dirty.setdefault(serial, key)  # retried with the next write; newer notes win
-            full = _disk_full(exc)
+            error = write_failure(exc)
+            full = error is E.ENOSPC
             self._failing = True
             self._write_failures.error("writing the key database failed (%s: %s); %d changes kept for the next "
                                        "attempt", type(exc).__name__, reason(exc), len(batch))
-            error = E.ENOSPC if full else E.EIO
             raise error("the change is made but not on disk yet: the key database could not be written"
                         f"{' (the disk is full)' if full else ''}; it is written with the next write that "
                         "succeeds, unless the daemon stops first") from None
@@ -188,9 +187,9 @@ class SealedJournal(Journal):
             except Exception as exc:
                 log.error("rekey failed writing the database (%s: %s); the old master key stays",
                           type(exc).__name__, reason(exc))
-                full = _disk_full(exc)
-                raise (E.ENOSPC if full else E.EIO)(
-                    f"rekey failed{': the disk is full' if full else ''}; the old master key stays in use") from None
+                error = write_failure(exc)
+                raise error(f"rekey failed{': the disk is full' if error is E.ENOSPC else ''}; the old master key "
+                            "stays in use") from None
             with self.store.lock:
                 self.sealer = rotation.sealer
             rotation.finish()
@@ -202,12 +201,6 @@ class SealedJournal(Journal):
             log.info("rekeyed: %d records re-sealed under the new master key%s", resealed,
                      f"; {stuck} unreadable records left as they were" if stuck else "")
             return resealed
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """A write that failed for want of space: the operator's to fix (ENOSPC), not an internal error (EIO)."""
-    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
-        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def reseal(db: Database, manifest: Manifest, old: Sealer | LegacySealer, new: Sealer,

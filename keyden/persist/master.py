@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import stat
 import tempfile
 from abc import ABC, abstractmethod
@@ -54,6 +55,13 @@ SALT_BYTES = 32
 CHECK_VERSION = 3
 MANIFEST_VERSION = 2  # the first that keeps a manifest
 _SEAL_INFO = b"keyden seal v3"
+
+
+def write_failure(exc: BaseException) -> type[E.KeydenError]:
+    """What a failed write of the key store says: ENOSPC for want of space (the operator's to fix), else EIO."""
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return E.ENOSPC if full else E.EIO
 
 
 class Sealer:
@@ -300,8 +308,7 @@ class FileKey(KeySource):
         except OSError as exc:  # a full disk is the operator's to fix, not an internal error
             log.error("rekey failed writing the new master key file %s (%s); the old master key stays",
                       self.pending, exc.strerror)
-            error = E.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else E.EIO
-            raise error(f"rekey failed: cannot write the new master key file {self.pending} ({exc.strerror}); "
+            raise write_failure(exc)(f"rekey failed: cannot write the new master key file {self.pending} ({exc.strerror}); "
                         "the old master key stays in use") from None
 
         def finish() -> None:
