@@ -156,14 +156,26 @@ class Proxy:
         self.per_host: collections.Counter[str] = collections.Counter()  # host_of(client) -> connections held
         self.per_host_lock = threading.Lock()
         self.lost_keyden = False
+        self.stopping = False  # run() has returned: its listener and, soon, the client close under the handshakes
+        self._stop_lock = threading.Lock()  # (the listener is shut for a lost keyden, or closed, not both at once)
         self.max_connections = max_connections
         self._next_accept_report = 0.0
 
     def run(self, listener: socket.socket) -> None:
+        """Serve the connections ``listener`` accepts until keyden is lost or the caller is stopped (a signal
+        handler's exception); then close ``listener``."""
         wanted = self.max_connections * FDS_PER_CONNECTION + FD_HEADROOM
         if descriptors.raise_fd_limit(wanted) < wanted:
-            print(f"tls-proxy: the descriptor limit is below the {wanted} that --max-connections "
-                  f"{self.max_connections} may hold: past it, new connections wait", file=sys.stderr, flush=True)
+            _say(f"tls-proxy: the descriptor limit is below the {wanted} that --max-connections "
+                 f"{self.max_connections} may hold: past it, new connections wait")
+        try:
+            self._accept_all(listener)
+        finally:
+            with self._stop_lock:
+                self.stopping = True
+                listener.close()
+
+    def _accept_all(self, listener: socket.socket) -> None:
         while not self.lost_keyden:
             try:
                 conn, peer = listener.accept()
@@ -187,8 +199,7 @@ class Proxy:
         now = time.monotonic()
         if now >= self._next_accept_report:
             self._next_accept_report = now + ACCEPT_REPORT_INTERVAL
-            print(f"tls-proxy: cannot accept a connection now ({exc.strerror}); trying again",
-                  file=sys.stderr, flush=True)
+            _say(f"tls-proxy: cannot accept a connection now ({exc.strerror}); trying again")
         time.sleep(ACCEPT_PAUSE)
 
     def _admit(self, peer) -> str:
@@ -264,10 +275,14 @@ class Proxy:
         """Report a connection that failed; stop accepting (exit 1) if keyden is gone, or, when keyden
         refused the ``request`` itself, if it no longer serves our configuration."""
         _report(peer, exc.message or exc.strerror())
+        if self.stopping:  # the client may be closed already: its refusals say nothing of keyden
+            return
         gone = isinstance(exc, E.ECONNRESET) and not self._keyden_answers()
         if gone or request and self._no_longer_served(exc):
-            self.lost_keyden = True
-            listener.shutdown(socket.SHUT_RDWR)
+            with self._stop_lock:
+                if not self.stopping:
+                    self.lost_keyden = True
+                    listener.shutdown(socket.SHUT_RDWR)  # wakes run()'s accept
 
     def _no_longer_served(self, exc: E.KeydenError) -> bool:
         """Is this refusal of the request our configuration's, for good?  A keyring revoked, expired or gone
@@ -280,8 +295,8 @@ class Proxy:
         refused = refusal(self.client, self.keyring, self.tls_options)
         if not isinstance(refused, _CONFIGURATION_ERRORS):
             return False
-        print(f"tls-proxy: keyden no longer serves this configuration: {refused.message or refused.strerror()}; "
-              "stopping", file=sys.stderr, flush=True)
+        _say(f"tls-proxy: keyden no longer serves this configuration: {refused.message or refused.strerror()}; "
+             "stopping")
         return True
 
     def _keyden_answers(self) -> bool:
@@ -373,4 +388,11 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
 
 
 def _report(peer, what: str) -> None:
-    print(f"tls-proxy: {peer[0]}:{peer[1]}: {what}", file=sys.stderr, flush=True)
+    _say(f"tls-proxy: {peer[0]}:{peer[1]}: {what}")
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: print() writes the newline apart, and two connections' threads
+    ran their reports into one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

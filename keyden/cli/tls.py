@@ -39,11 +39,9 @@ def cmd_tls_proxy(ctx, args) -> int:
     running = proxy.Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
                           opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host)
     try:
-        running.run(listener)
+        running.run(listener)  # (which closes the listener)
     except KeyboardInterrupt:
         pass
-    finally:
-        listener.close()
     return 1 if running.lost_keyden else 0
 
 
