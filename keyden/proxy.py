@@ -34,6 +34,8 @@ MAX_CLOSE_TIMEOUT = 3600.0
 MAX_PER_HOST = 32  # connections one client address holds at once: an eighth of the default 256
 IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
 MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
+SHUTDOWN_TIMEOUT = 30.0  # default seconds a stop waits for open connections to end (then cuts them)
+MAX_SHUTDOWN_TIMEOUT = 86400.0
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
 
@@ -155,19 +157,23 @@ class Proxy:
         self.max_per_host = max_per_host
         self.per_host: collections.Counter[str] = collections.Counter()  # host_of(client) -> connections held
         self.per_host_lock = threading.Lock()
+        self.all_left = threading.Condition(self.per_host_lock)  # notified when the last connection has gone
         self.lost_keyden = False
-        self.stopping = False  # run() has returned: its listener and, soon, the client close under the handshakes
+        self.stop_requested = False  # stop() was called: run() returns
+        self.stopping = False  # run() has returned: the listener is closed, the client will be (after drain())
+        self._listener: socket.socket | None = None
         self._stop_lock = threading.Lock()  # (the listener is shut for a lost keyden, or closed, not both at once)
         self.max_connections = max_connections
         self._next_accept_report = 0.0
 
     def run(self, listener: socket.socket) -> None:
-        """Serve the connections ``listener`` accepts until keyden is lost or the caller is stopped (a signal
-        handler's exception); then close ``listener``."""
+        """Serve the connections ``listener`` accepts until keyden is lost or stop() is called; then close
+        ``listener``.  The connections still open go on: drain() waits for them."""
         wanted = self.max_connections * FDS_PER_CONNECTION + FD_HEADROOM
         if descriptors.raise_fd_limit(wanted) < wanted:
-            _say(f"tls-proxy: the descriptor limit is below the {wanted} that --max-connections "
-                 f"{self.max_connections} may hold: past it, new connections wait")
+            say(f"tls-proxy: the descriptor limit is below the {wanted} that --max-connections "
+                f"{self.max_connections} may hold: past it, new connections wait")
+        self._listener = listener
         try:
             self._accept_all(listener)
         finally:
@@ -175,12 +181,18 @@ class Proxy:
                 self.stopping = True
                 listener.close()
 
+    def stop(self) -> None:
+        """Stop accepting: run() returns.  Safe in a signal handler (it only sets a flag and wakes the accept)."""
+        self.stop_requested = True
+        if self._listener is not None:
+            _wake(self._listener)
+
     def _accept_all(self, listener: socket.socket) -> None:
-        while not self.lost_keyden:
+        while not (self.lost_keyden or self.stop_requested):
             try:
                 conn, peer = listener.accept()
             except OSError as exc:
-                if self.lost_keyden:
+                if self.lost_keyden or self.stop_requested:
                     return
                 if exc.errno in ACCEPT_SHORTAGE:
                     self._accept_failed(exc)
@@ -199,7 +211,7 @@ class Proxy:
         now = time.monotonic()
         if now >= self._next_accept_report:
             self._next_accept_report = now + ACCEPT_REPORT_INTERVAL
-            _say(f"tls-proxy: cannot accept a connection now ({exc.strerror}); trying again")
+            say(f"tls-proxy: cannot accept a connection now ({exc.strerror}); trying again")
         time.sleep(ACCEPT_PAUSE)
 
     def _admit(self, peer) -> str:
@@ -222,6 +234,21 @@ class Proxy:
             self.per_host[host] -= 1
             if not self.per_host[host]:
                 del self.per_host[host]
+                if not self.per_host:
+                    self.all_left.notify_all()
+
+    def open_connections(self) -> int:
+        with self.per_host_lock:
+            return sum(self.per_host.values())
+
+    def drain(self, timeout: float) -> int:
+        """After run(): wait up to ``timeout`` seconds for the connections still open (handshakes included)
+        to end by themselves; how many are left.  A signal handler's exception cuts the wait short."""
+        deadline = time.monotonic() + timeout
+        with self.all_left:
+            while self.per_host and (left := deadline - time.monotonic()) > 0:
+                self.all_left.wait(left)
+            return sum(self.per_host.values())
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
@@ -282,7 +309,7 @@ class Proxy:
             with self._stop_lock:
                 if not self.stopping:
                     self.lost_keyden = True
-                    listener.shutdown(socket.SHUT_RDWR)  # wakes run()'s accept
+                    _wake(listener)
 
     def _no_longer_served(self, exc: E.KeydenError) -> bool:
         """Is this refusal of the request our configuration's, for good?  A keyring revoked, expired or gone
@@ -295,8 +322,8 @@ class Proxy:
         refused = refusal(self.client, self.keyring, self.tls_options)
         if not isinstance(refused, _CONFIGURATION_ERRORS):
             return False
-        _say(f"tls-proxy: keyden no longer serves this configuration: {refused.message or refused.strerror()}; "
-             "stopping")
+        say(f"tls-proxy: keyden no longer serves this configuration: {refused.message or refused.strerror()}; "
+            "stopping")
         return True
 
     def _keyden_answers(self) -> bool:
@@ -387,11 +414,19 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     b.close()
 
 
+def _wake(listener: socket.socket) -> None:
+    """Make a listener's accept return (EINVAL): stop() and a lost keyden may both ask."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:  # shut already (ENOTCONN)
+        pass
+
+
 def _report(peer, what: str) -> None:
-    _say(f"tls-proxy: {peer[0]}:{peer[1]}: {what}")
+    say(f"tls-proxy: {peer[0]}:{peer[1]}: {what}")
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One line on stderr in one write: print() writes the newline apart, and two connections' threads
     ran their reports into one line."""
     sys.stderr.write(line + "\n")

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import queue
 import resource
+import signal
 import socket
 import socketserver
 import ssl
@@ -86,7 +87,11 @@ def proxy(daemon, client, pki):
     yield start
     for proc in started:
         proc.terminate()
-        proc.wait(TIMEOUT)
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:  # a connection the test left open: the stop waits for it
+            proc.terminate()  # (the second: at once)
+            proc.wait(TIMEOUT)
         proc.stdout.close()
         proc.stderr.close()
 
@@ -200,7 +205,8 @@ def test_usage_errors(daemon):
                  ["--listen", "127.0.0.1:0", "--max-connections", "0", *whole],
                  *(["--listen", "127.0.0.1:0", "--handshake-timeout", t, *whole] for t in ("0", "500", "nan")),
                  *(["--listen", "127.0.0.1:0", "--close-timeout", t, *whole] for t in ("0", "-1", "4000", "nan", "x")),
-                 *(["--listen", "127.0.0.1:0", "--idle-timeout", t, *whole] for t in ("-1", "0.5", "1e9", "nan", "x"))):
+                 *(["--listen", "127.0.0.1:0", "--idle-timeout", t, *whole] for t in ("-1", "0.5", "1e9", "nan", "x")),
+                 *(["--listen", "127.0.0.1:0", "--shutdown-timeout", t, *whole] for t in ("-1", "1e9", "nan", "x"))):
         out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", *args],
                              capture_output=True, timeout=TIMEOUT, cwd=REPO)
         assert out.returncode == 2, (args, out.stderr.decode())
@@ -296,9 +302,9 @@ def test_only_the_configuration_stops_the_proxy(monkeypatch, request_error, outc
 
 
 def test_a_handshake_that_ends_after_the_proxy_was_stopped_is_not_keyden_lost(monkeypatch):
-    """SIGTERM stops the proxy while handshakes run: the CLI closes the listener and its client under them.
-    A peer's reset then made a thread probe keyden on the closed client, take that for keyden gone, and shut
-    the closed listener down: a traceback on the way out, in a CI run."""
+    """SIGTERM stops the proxy while handshakes run, and the CLI then closes its client under them.  A peer's
+    reset then made a thread probe keyden on the closed client, take that for keyden gone, and shut the
+    closed listener down: a traceback on the way out, in a CI run."""
     from keyden import errors as E
     from keyden import proxy as proxy_module
 
@@ -315,11 +321,13 @@ def test_a_handshake_that_ends_after_the_proxy_was_stopped_is_not_keyden_lost(mo
     monkeypatch.setattr(proxy_module.client_tls, "established", established)
     running = proxy_module.Proxy(type("Closed", (), {"ping": ping})(), 1234, {"handshake_timeout": 1.0},
                                  "unix:/nonexistent", 8)
-    class Stopping(socket.socket):
-        def accept(self):
-            raise SystemExit(0)  # what the CLI's SIGTERM handler raises in the main thread
 
-    listener = Stopping()
+    class Signalled(socket.socket):
+        def accept(self):
+            running.stop()  # what the CLI's SIGTERM handler does, the accept waiting
+            return super().accept()
+
+    listener = Signalled()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     peer = ("192.0.2.1", 4242)
@@ -329,13 +337,67 @@ def test_a_handshake_that_ends_after_the_proxy_was_stopped_is_not_keyden_lost(mo
     monkeypatch.setattr(threading, "excepthook", failures.append)
     serving.start()
     try:
-        with pytest.raises(SystemExit):
-            running.run(listener)
+        running.run(listener)
         assert listener.fileno() == -1  # run() closes its listener on the way out
+        assert running.open_connections() == 1 and running.drain(0.1) == 1  # the handshake still runs
     finally:
         stopped.set()
         serving.join(TIMEOUT)
-    assert not failures and not running.lost_keyden and not running.per_host
+    assert not failures and not running.lost_keyden and running.open_connections() == 0
+
+
+def _tls_to(port: int, pki: Pki) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT), server_hostname="a.test")
+
+
+def _read_until(stream, text: str) -> str:
+    seen = ""
+    while text not in seen:
+        line = stream.readline().decode()
+        assert line, seen
+        seen += line
+    return seen
+
+
+def test_a_stopped_proxy_lets_its_open_connections_finish(proxy, upstream, pki):
+    """SIGTERM: no new connections; a request under way still gets its answer, and the proxy exits 0 as
+    soon as its last connection has ended, not at --shutdown-timeout."""
+    port = proxy("--forward", upstream, "--shutdown-timeout", "600")
+    (proc,) = proxy.procs
+    with _tls_to(port, pki) as tls:
+        tls.sendall(b"GET /under-way HTTP/1.1\r\nHost: a.test\r\n")  # half a request
+        proc.terminate()
+        _read_until(proc.stderr, "tls-proxy: stopping: waiting up to 600 s for 1 open connection to end")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+        tls.sendall(b"Connection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello from upstream, /under-way")
+    assert proc.wait(TIMEOUT) == 0  # (well before 600 s)
+    assert proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize("how", ["timeout", "second signal"])
+def test_a_stopped_proxy_cuts_what_is_still_open(proxy, upstream, pki, how):
+    """An idle keep-alive connection does not end by itself: it is cut at --shutdown-timeout, or at once on
+    a second SIGTERM or SIGINT.  Exit 0 either way: a stop asked for."""
+    port = proxy("--forward", upstream, "--shutdown-timeout", "1" if how == "timeout" else "600")
+    (proc,) = proxy.procs
+    with _tls_to(port, pki) as tls:
+        tls.sendall(b"GET /kept HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")  # (and the connection stays open)
+        proc.terminate()
+        _read_until(proc.stderr, "to end (another SIGTERM or SIGINT: stop now)")
+        if how == "second signal":
+            proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 0
+        cut = "tls-proxy: stopping: 1 open connection cut" if how == "timeout" else \
+            "tls-proxy: stopping now: 1 open connection cut"
+        assert proc.stderr.read().decode() == cut + "\n"
+        assert tls.recv(65536) == b""  # the connection ends with the proxy
 
 
 def test_a_proxy_out_of_descriptors_waits_and_goes_on(proxy, upstream, pki):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
-import sys
 
 from keyden import proxy
 from keyden.cli.support import Exit
 from keyden.proxy import (CLOSE_TIMEOUT, IDLE_TIMEOUT, MAX_CLOSE_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PER_HOST,
-                          MIN_IDLE_TIMEOUT)
+                          MAX_SHUTDOWN_TIMEOUT, MIN_IDLE_TIMEOUT, SHUTDOWN_TIMEOUT)
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 
@@ -34,15 +33,46 @@ def cmd_tls_proxy(ctx, args) -> int:
         raise Exit(1, f"tls-proxy: cannot listen on {opts.listen}: {reason}") from None
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     running = proxy.Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
                           opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host)
+
+    def stop(_signum, _frame):
+        if running.stop_requested:  # the second: at once
+            raise _StopNow
+        running.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)  # before the line that tells a supervisor we are up
+    print(f"tls-proxy: listening on {shown}, forwarding to {opts.forward}", flush=True)
     try:
         running.run(listener)  # (which closes the listener)
-    except KeyboardInterrupt:
-        pass
-    return 1 if running.lost_keyden else 0
+        if running.lost_keyden:  # at once: the supervisor's restart is what serves again
+            return 1
+        _drain(running, opts.shutdown_timeout)
+    except _StopNow:
+        if left := running.open_connections():
+            proxy.say(f"tls-proxy: stopping now: {_connections(left)} cut")
+    return 0
+
+
+class _StopNow(Exception):
+    """Another SIGTERM or SIGINT: stop without waiting for the open connections."""
+
+
+def _drain(running: proxy.Proxy, timeout: float) -> None:
+    """A stop lets the open connections end by themselves, up to ``timeout`` seconds, then cuts them."""
+    if not (left := running.open_connections()):
+        return
+    if timeout:
+        proxy.say(f"tls-proxy: stopping: waiting up to {timeout:g} s for {_connections(left)} to end "
+                  "(another SIGTERM or SIGINT: stop now)")
+        left = running.drain(timeout)
+    if left:
+        proxy.say(f"tls-proxy: stopping: {_connections(left)} cut")
+
+
+def _connections(n: int) -> str:
+    return f"{n} open connection{'s' if n != 1 else ''}"
 
 
 def _parse(args: list[str]) -> argparse.Namespace:
@@ -67,6 +97,10 @@ def _parse(args: list[str]) -> argparse.Namespace:
                         "that stopped reading but keeps its end open included; megabytes of buffers lie between "
                         "the proxy and each peer, so keep it well above what the slowest peer takes to read "
                         f"them (default {IDLE_TIMEOUT:g}; 0: never)")
+    p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
+                   help="on SIGTERM or SIGINT, stop accepting and give the open connections this long to end by "
+                        f"themselves before cutting them (default {SHUTDOWN_TIMEOUT:g}; 0: cut them at once; "
+                        "a second signal: at once)")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="begin each upstream connection with a PROXY protocol v2 header: the client's address, "
                         "SNI, ALPN, TLS version and cipher, client certificate CN (the upstream must expect it)")
@@ -88,6 +122,8 @@ def _parse(args: list[str]) -> argparse.Namespace:
     if not (opts.idle_timeout == 0 or MIN_IDLE_TIMEOUT <= opts.idle_timeout <= MAX_IDLE_TIMEOUT):
         raise Exit(2, f"tls-proxy: --idle-timeout takes seconds, {MIN_IDLE_TIMEOUT:g} up to {MAX_IDLE_TIMEOUT:g}, "
                       "or 0 (never)")
+    if not 0 <= opts.shutdown_timeout <= MAX_SHUTDOWN_TIMEOUT:
+        raise Exit(2, f"tls-proxy: --shutdown-timeout takes seconds, 0 up to {MAX_SHUTDOWN_TIMEOUT:g}")
     return opts
 
 
