@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import signal
 import socket
 import struct
 import sys
@@ -34,8 +35,10 @@ MAX_CLOSE_TIMEOUT = 3600.0
 MAX_PER_HOST = 32  # connections one client address holds at once: an eighth of the default 256
 IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
 MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
-SHUTDOWN_TIMEOUT = 30.0  # default seconds a stop waits for open connections to end (then cuts them)
-MAX_SHUTDOWN_TIMEOUT = 86400.0
+#: default seconds a stop waits for open connections to end, then cuts them: under Kubernetes' 30 s grace
+#: period and systemd's 90 s stop timeout, so that the cut is the proxy's own
+SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT = 25.0, 86400.0
+DRAIN_POLL = 0.25  # seconds between drain()'s looks at stop_now (a signal handler cannot notify it)
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
 
@@ -160,6 +163,7 @@ class Proxy:
         self.all_left = threading.Condition(self.per_host_lock)  # notified when the last connection has gone
         self.lost_keyden = False
         self.stop_requested = False  # stop() was called: run() returns
+        self.stop_now = False  # stop(now=True) was called: drain() returns
         self.stopping = False  # run() has returned: the listener is closed, the client will be (after drain())
         self._listener: socket.socket | None = None
         self._stop_lock = threading.Lock()  # (the listener is shut for a lost keyden, or closed, not both at once)
@@ -181,8 +185,10 @@ class Proxy:
                 self.stopping = True
                 listener.close()
 
-    def stop(self) -> None:
-        """Stop accepting: run() returns.  Safe in a signal handler (it only sets a flag and wakes the accept)."""
+    def stop(self, now: bool = False) -> None:
+        """Stop accepting: run() returns; with ``now``, drain() too.  Safe in a signal handler: it only sets
+        flags and wakes the accept (a handler that raised could land inside the drain's lock handling)."""
+        self.stop_now = self.stop_now or now
         self.stop_requested = True
         if self._listener is not None:
             _wake(self._listener)
@@ -204,7 +210,7 @@ class Proxy:
                 _report(peer, refused)
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True).start()
+            _start_unsignalled(threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True))
 
     def _accept_failed(self, exc: OSError) -> None:
         """A failed accept, said at most once per ACCEPT_REPORT_INTERVAL; then a pause, not a busy loop."""
@@ -243,11 +249,11 @@ class Proxy:
 
     def drain(self, timeout: float) -> int:
         """After run(): wait up to ``timeout`` seconds for the connections still open (handshakes included)
-        to end by themselves; how many are left.  A signal handler's exception cuts the wait short."""
+        to end by themselves, or for stop(now=True); how many are left."""
         deadline = time.monotonic() + timeout
         with self.all_left:
-            while self.per_host and (left := deadline - time.monotonic()) > 0:
-                self.all_left.wait(left)
+            while self.per_host and not self.stop_now and (left := deadline - time.monotonic()) > 0:
+                self.all_left.wait(min(left, DRAIN_POLL))
             return sum(self.per_host.values())
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
@@ -412,6 +418,18 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
         watch.join()
     a.close()
     b.close()
+
+
+def _start_unsignalled(thread: threading.Thread) -> None:
+    """Start ``thread`` with SIGTERM and SIGINT blocked (the threads it starts inherit that), so that the
+    kernel gives them to the main thread, whose accept() they must interrupt for the Python handler to
+    run.  Else two in a row went to other threads (the main thread had one pending already), and the
+    main thread slept on in accept()."""
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT))
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
 
 def _wake(listener: socket.socket) -> None:

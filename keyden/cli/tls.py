@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
+import time
 
 from keyden import proxy
 from keyden.cli.support import Exit
@@ -36,10 +37,14 @@ def cmd_tls_proxy(ctx, args) -> int:
     running = proxy.Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
                           opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host)
 
+    first_stop: list[float] = []
+
     def stop(_signum, _frame):
-        if running.stop_requested:  # the second: at once
-            raise _StopNow
-        running.stop()
+        if not first_stop:
+            first_stop.append(time.monotonic())
+            running.stop()
+        elif time.monotonic() - first_stop[0] >= REPEAT_AFTER:
+            running.stop(now=True)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)  # before the line that tells a supervisor we are up
@@ -49,14 +54,15 @@ def cmd_tls_proxy(ctx, args) -> int:
         if running.lost_keyden:  # at once: the supervisor's restart is what serves again
             return 1
         _drain(running, opts.shutdown_timeout)
-    except _StopNow:
-        if left := running.open_connections():
-            proxy.say(f"tls-proxy: stopping now: {_connections(left)} cut")
-    return 0
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the exit is decided: no late signal cuts it short (as
+            signal.signal(sig, signal.SIG_IGN)       # Python's own handlers would, once it resets them at exit)
 
 
-class _StopNow(Exception):
-    """Another SIGTERM or SIGINT: stop without waiting for the open connections."""
+#: a repeated stop counts only this many seconds after the first: a supervisor and a wrapper (`keyden
+#: session`, which passes SIGTERM on) may both pass on one stop
+REPEAT_AFTER = 1.0
 
 
 def _drain(running: proxy.Proxy, timeout: float) -> None:
@@ -100,7 +106,7 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM or SIGINT, stop accepting and give the open connections this long to end by "
                         f"themselves before cutting them (default {SHUTDOWN_TIMEOUT:g}; 0: cut them at once; "
-                        "a second signal: at once)")
+                        "another signal, a second or more after the first: at once)")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="begin each upstream connection with a PROXY protocol v2 header: the client's address, "
                         "SNI, ALPN, TLS version and cipher, client certificate CN (the upstream must expect it)")
