@@ -141,6 +141,9 @@ ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 ACCEPT_AGAIN = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
                           errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH})
 ACCEPT_PAUSE, ACCEPT_REPORT_INTERVAL = 0.1, 10.0
+#: seconds between the accept loop's looks at a stop: a signal that comes after Python's last check but
+#: before accept(2) sleeps interrupts nothing, and its handler runs only at the next bytecode
+ACCEPT_POLL = 1.0
 #: descriptors one proxied connection may hold: the client's, keyden's plaintext end, the upstream's
 FDS_PER_CONNECTION, FD_HEADROOM = 3, 64
 
@@ -194,14 +197,17 @@ class Proxy:
             _wake(self._listener)
 
     def _accept_all(self, listener: socket.socket) -> None:
+        listener.settimeout(ACCEPT_POLL)  # (the sockets it accepts are blocking all the same)
         while not (self.lost_keyden or self.stop_requested):
             try:
                 conn, peer = listener.accept()
+            except TimeoutError:
+                continue
             except OSError as exc:
                 if self.lost_keyden or self.stop_requested:
                     return
                 if exc.errno in ACCEPT_SHORTAGE:
-                    self._accept_failed(exc)
+                    self._short_of(f"cannot accept a connection now ({exc.strerror}); trying again")
                 elif exc.errno not in ACCEPT_AGAIN:
                     raise
                 continue
@@ -210,14 +216,20 @@ class Proxy:
                 _report(peer, refused)
                 conn.close()
                 continue
-            _start_unsignalled(threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True))
+            try:
+                _start_unsignalled(threading.Thread(target=self._serve, args=(conn, peer, listener), daemon=True))
+            except RuntimeError as exc:  # no thread to be had (a limit on tasks or memory): as for descriptors
+                conn.close()
+                self._left(peer)
+                self._short_of(f"cannot start a thread for a connection now ({exc}); closed it")
 
-    def _accept_failed(self, exc: OSError) -> None:
-        """A failed accept, said at most once per ACCEPT_REPORT_INTERVAL; then a pause, not a busy loop."""
+    def _short_of(self, message: str) -> None:
+        """A shortage (descriptors, memory, threads), said at most once per ACCEPT_REPORT_INTERVAL; then a
+        pause, not a busy loop."""
         now = time.monotonic()
         if now >= self._next_accept_report:
             self._next_accept_report = now + ACCEPT_REPORT_INTERVAL
-            say(f"tls-proxy: cannot accept a connection now ({exc.strerror}); trying again")
+            say("tls-proxy: " + message)
         time.sleep(ACCEPT_PAUSE)
 
     def _admit(self, peer) -> str:
@@ -300,7 +312,10 @@ class Proxy:
                     upstream.close()
                     _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
                     return
-            splice(plain, upstream, self.close_timeout, self.idle_timeout)
+            try:
+                splice(plain, upstream, self.close_timeout, self.idle_timeout)
+            except RuntimeError as exc:  # no thread to be had for the other direction: closed
+                _report(peer, f"cannot relay the connection: {exc}; closed")
         finally:
             self._left(peer)
 
@@ -389,8 +404,12 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 except OSError:  # dst is closed: this direction is over; the other carries its answer
                     timer = threading.Timer(close_timeout, end_both)
                     timer.daemon = True
+                    try:
+                        timer.start()
+                    except RuntimeError:  # no thread for the grace: none, then
+                        end_both()
+                        return
                     grace.append(timer)
-                    timer.start()
                     return
                 moved[0] = time.monotonic()
             dst.shutdown(socket.SHUT_WR)
@@ -404,20 +423,22 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 return
 
     watch = threading.Thread(target=end_when_idle, daemon=True) if idle_timeout else None
-    if watch is not None:
-        watch.start()
     back = threading.Thread(target=copy, args=(b, a), daemon=True)
-    back.start()
-    copy(a, b)
-    back.join()
-    finished.set()
-    for timer in grace:
-        timer.cancel()
-        timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
-    if watch is not None:
-        watch.join()
-    a.close()
-    b.close()
+    try:
+        if watch is not None:
+            watch.start()
+        back.start()  # (RuntimeError with no thread to be had: the connection ends, its descriptors closed)
+        copy(a, b)
+        back.join()
+    finally:
+        finished.set()
+        for timer in grace:
+            timer.cancel()
+            timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
+        if watch is not None and watch.ident is not None:
+            watch.join()
+        a.close()
+        b.close()
 
 
 def _start_unsignalled(thread: threading.Thread) -> None:
