@@ -366,10 +366,14 @@ def test_one_uids_lingering_descriptors_hold_only_its_own_closes(fresh_daemon):
         raw.connect(d.socket)
         raw.sendall(W.encode_request(1, Op.HELLO, W.MIN_VERSION, W.VERSION, "", "linger"))
         assert raw.recv(65536)
-        raw.sendmsg([W.encode_request(2, Op.PING, b"")],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fd for s in stuck]))])
-        for s in stuck:
-            s.let_go()
+        os.kill(d.proc.pid, signal.SIGSTOP)  # the daemon's copies must be the last: ours go first (else,
+        try:                                 # on a loaded machine, the test's own close waited out the linger)
+            raw.sendmsg([W.encode_request(2, Op.PING, b"")],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fd for s in stuck]))])
+            for s in stuck:
+                s.let_go()
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
         assert raw.recv(65536)  # answered: every one of them released, the daemon's copies the last
 
         def stuck_closers() -> int:
