@@ -434,6 +434,20 @@ def test_a_stop_that_wakes_nothing_still_ends_the_accept_loop():
             listener.shutdown(socket.SHUT_RDWR)
 
 
+def test_connection_threads_leave_the_stop_signals_to_the_main_thread():
+    """The kernel gives a process's signal to any thread that does not block it; its Python handler runs
+    only when the main thread wakes.  Two in a row went to connection threads, and accept() slept on."""
+    from keyden import proxy as proxy_module
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    proxy_module._start_unsignalled(thread)
+    thread.join(TIMEOUT)
+    assert {signal.SIGTERM, signal.SIGINT} <= seen[0]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main thread's own, as it was
+
+
 def test_a_connection_no_thread_can_serve_is_closed_and_the_proxy_goes_on(monkeypatch, capsys):
     """A limit on threads (RuntimeError: can't start new thread) ended the proxy with a traceback, holding
     the connection's slot; it is now said (at most every 10 s), like a want of descriptors."""
