@@ -171,7 +171,7 @@ class Proxy:
         self._listener: socket.socket | None = None
         self._stop_lock = threading.Lock()  # (the listener is shut for a lost keyden, or closed, not both at once)
         self.max_connections = max_connections
-        self._next_accept_report = 0.0
+        self._next_shortage_report = 0.0
 
     def run(self, listener: socket.socket) -> None:
         """Serve the connections ``listener`` accepts until keyden is lost or stop() is called; then close
@@ -227,8 +227,8 @@ class Proxy:
         """A shortage (descriptors, memory, threads), said at most once per ACCEPT_REPORT_INTERVAL; then a
         pause, not a busy loop."""
         now = time.monotonic()
-        if now >= self._next_accept_report:
-            self._next_accept_report = now + ACCEPT_REPORT_INTERVAL
+        if now >= self._next_shortage_report:
+            self._next_shortage_report = now + ACCEPT_REPORT_INTERVAL
             say("tls-proxy: " + message)
         time.sleep(ACCEPT_PAUSE)
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import pytest
 
 try:
-    from tests.test_tls import TIMEOUT, Pki, load
+    from tests.test_tls import TIMEOUT, Pki, load, read_until
 except ImportError:  # pytest's rootdir-relative import
-    from test_tls import TIMEOUT, Pki, load
+    from test_tls import TIMEOUT, Pki, load, read_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -356,7 +356,7 @@ def _tls_to(port: int, pki: Pki) -> ssl.SSLSocket:
     return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT), server_hostname="a.test")
 
 
-def _read_until(stream, text: str) -> str:
+def _wait_for_line(stream, text: str) -> str:
     """What ``stream`` (a pipe) says up to the end of the line holding ``text``, not a byte more; within
     TIMEOUT (a proxy that never says it must fail the test, not hang it)."""
     seen = b""
@@ -379,7 +379,7 @@ def test_a_stopped_proxy_lets_its_open_connections_finish(proxy, upstream, pki):
         tls.sendall(b"GET /under-way HTTP/1.1\r\nHost: a.test\r\n")  # half a request
         proc.terminate()
         proc.send_signal(signal.SIGINT)
-        _read_until(proc.stderr, "tls-proxy: stopping: waiting up to 600 s for 1 open connection to end")
+        _wait_for_line(proc.stderr, "tls-proxy: stopping: waiting up to 600 s for 1 open connection to end")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
         tls.sendall(b"Connection: close\r\n\r\n")
@@ -399,11 +399,9 @@ def test_a_stopped_proxy_cuts_what_is_still_open(proxy, upstream, pki, how):
     (proc,) = proxy.procs
     with _tls_to(port, pki) as tls:
         tls.sendall(b"GET /kept HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        answer = b""
-        while not answer.endswith(b"hello from upstream, /kept"):  # (headers and body may come apart)
-            answer += tls.recv(65536)
+        read_until(tls, b"hello from upstream, /kept")  # (headers and body may come apart)
         proc.terminate()
-        _read_until(proc.stderr, "to end (another SIGTERM or SIGINT: stop now)")  # (said once the first is in)
+        _wait_for_line(proc.stderr, "to end (another SIGTERM or SIGINT: stop now)")  # (said once the first is in)
         if how == "another signal":
             time.sleep(1.1)  # (one within a second of the first is its echo)
             for _ in range(20):  # a handler that raised could land in the drain's lock handling: a hang, a traceback
