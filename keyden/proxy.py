@@ -16,6 +16,7 @@ the handshake settled.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import signal
 import socket
@@ -23,6 +24,7 @@ import struct
 import sys
 import threading
 import time
+from typing import Callable
 
 from keyden import descriptors
 from keyden import errors as E
@@ -164,6 +166,7 @@ class Proxy:
         self.per_host: collections.Counter[str] = collections.Counter()  # host_of(client) -> connections held
         self.per_host_lock = threading.Lock()
         self.all_left = threading.Condition(self.per_host_lock)  # notified when the last connection has gone
+        self.relaying: set[socket.socket] = set()  # plaintext sockets being relayed (per_host_lock): cut() ends them
         self.lost_keyden = False
         self.stop_requested = False  # stop() was called: run() returns
         self.stop_now = False  # stop(now=True) was called: drain() returns
@@ -268,6 +271,27 @@ class Proxy:
                 self.all_left.wait(min(left, DRAIN_POLL))
             return sum(self.per_host.values())
 
+    def cut(self) -> None:
+        """End the connections still being relayed with a reset (tls_abort), not close_notify: what their
+        clients got so far may be half an answer.  Under the lock a connection closes its socket with."""
+        with self.per_host_lock:
+            for plain in self.relaying:
+                with contextlib.suppress(E.KeydenError):  # (one that ended meanwhile: nothing to do)
+                    client_tls.tls_abort(self.client, plain)
+
+    def _relay(self, plain: socket.socket, upstream: socket.socket) -> None:
+        """Splice until both sides are done; then close both, out of cut()'s reach first."""
+        with self.per_host_lock:
+            self.relaying.add(plain)
+        try:
+            splice(plain, upstream, self.close_timeout, self.idle_timeout,
+                   abort=lambda: client_tls.tls_abort(self.client, plain))
+        finally:
+            with self.per_host_lock:
+                self.relaying.discard(plain)
+            plain.close()
+            upstream.close()
+
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
             family = conn.family
@@ -313,7 +337,7 @@ class Proxy:
                     _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
                     return
             try:
-                splice(plain, upstream, self.close_timeout, self.idle_timeout)
+                self._relay(plain, upstream)
             except RuntimeError as exc:  # no thread to be had for the other direction: closed
                 _report(peer, f"cannot relay the connection: {exc}; closed")
         finally:
@@ -374,15 +398,18 @@ class Proxy:
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
-           idle_timeout: float = 0.0) -> None:
-    """Copy both ways until both ends are done, passing each end-of-file on as a half-close.
+           idle_timeout: float = 0.0, abort: Callable[[], None] | None = None) -> None:
+    """Copy both ways until both ends are done, passing each end-of-file on as a half-close; the caller
+    closes both sockets after.
 
     A side that closes while the other still sends (a backend that answers 413 to an upload and
     closes) ends only the direction towards it: its answer, on the way the other direction, still gets
     through, as it would straight over TCP, for up to ``close_timeout`` seconds.  A side that breaks (a
-    reset) ends both.  With an ``idle_timeout``, a connection on which no byte moved either way for that
-    long ends too: a side that stops reading but keeps its end open (a write to it blocks, never fails)
-    must not hold the connection's slot for ever.
+    reset) ends both; when ``b`` breaks, ``abort`` (if given) first ends ``a``'s TLS session with a reset
+    of its own, so that the client cannot take half an answer for a whole one.  With an
+    ``idle_timeout``, a connection on which no byte moved either way for that long ends too: a side that
+    stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
+    connection's slot for ever.
     """
     def end_both() -> None:
         for s in (a, b):
@@ -390,6 +417,14 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def broken(src: socket.socket) -> None:
+        if src is b and abort is not None:
+            try:
+                abort()
+            except Exception:  # (keyden lost: the session is gone with it) the shutdown ends it anyway
+                pass
+        end_both()
 
     grace: list[threading.Timer] = []
     moved = [time.monotonic()]  # when a byte last moved, either way
@@ -414,7 +449,7 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 moved[0] = time.monotonic()
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # src broke: end both directions
-            end_both()
+            broken(src)
 
     def end_when_idle() -> None:
         while not finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
@@ -427,7 +462,7 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     try:
         if watch is not None:
             watch.start()
-        back.start()  # (RuntimeError with no thread to be had: the connection ends, its descriptors closed)
+        back.start()  # (RuntimeError with no thread to be had: the connection ends; the caller closes it)
         copy(a, b)
         back.join()
     finally:
@@ -437,8 +472,6 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
         if watch is not None and watch.ident is not None:
             watch.join()
-        a.close()
-        b.close()
 
 
 def _start_unsignalled(thread: threading.Thread) -> None:

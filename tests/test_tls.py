@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
+from keyden.client import tls as client_tls
 from keyden.protocol import Op
 from tests.conftest import eventually
 from tests.test_audit import audit_lines, mine
@@ -929,6 +930,85 @@ def test_the_applications_last_answer_gets_out_when_it_closes_with_input_unread(
                     break
                 got += chunk
             assert got == b"HTTP/1.1 413 Payload Too Large\r\n\r\n", size
+
+
+def how_it_ended(tls: ssl.SSLSocket) -> str:
+    """How a TLS connection with nothing more to read ends: "close_notify", "reset" or "FIN" (without
+    close_notify: a truncation).  Seen below OpenSSL, which reports a reset and a FIN alike."""
+    select.select([tls], [], [], TIMEOUT)
+    with socket.socket(fileno=os.dup(tls.fileno())) as raw:
+        raw.settimeout(TIMEOUT)
+        try:
+            if not raw.recv(1, socket.MSG_PEEK):
+                return "FIN"
+        except ConnectionResetError:
+            return "reset"
+    data = tls.recv(4096)  # (a FIN after data without close_notify: SSLEOFError, as suppress_ragged_eofs is off)
+    return f"data: {data!r}" if data else "close_notify"
+
+
+def strict_peer(port: int, ca: Leaf) -> ssl.SSLSocket:
+    """A TLS client that tells a truncation from an end (suppress_ragged_eofs off)."""
+    ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    return ctx.wrap_socket(raw, server_hostname="a.test", suppress_ragged_eofs=False)
+
+
+@pytest.mark.parametrize("how", ["abort", "close"])
+def test_an_aborted_session_resets_the_peer_where_a_close_ends_it_cleanly(client, app_factory, server_ring, pki, how):
+    """An answer cut short (the application's upstream failed mid-answer) must not reach the peer as a whole
+    one: tls_abort resets the connection, where a close sends close_notify."""
+    read_it = threading.Event()
+
+    def answer_half(plain: socket.socket) -> None:
+        read_until(plain, b"\n")
+        plain.sendall(b"the first half\n")
+        assert read_it.wait(TIMEOUT)
+        if how == "abort":
+            client.tls_abort(plain)
+            assert plain.recv(100) == b""  # ended: end of file, and the application still closes it
+            with pytest.raises(OSError):
+                plain.sendall(b"x" * (4 << 20))  # nothing goes out any more
+    app = app_factory()
+    app.serve(reply=answer_half)
+    with strict_peer(app.port, pki.ca) as tls:
+        tls.sendall(b"question\n")
+        assert read_until(tls, b"\n") == b"the first half\n"
+        read_it.set()
+        assert how_it_ended(tls) == ("reset" if how == "abort" else "close_notify")
+
+
+def test_abort_during_the_handshake_and_after_the_end(client, server_ring, pki, daemon):
+    """An abort before the handshake has finished ends it (the peer gets a reset, the audit log an outcome);
+    one after the session has ended is no error; a socket that was never a session's is EBADF, left open."""
+    outcomes = sum(r["op"] == "tls_established" for r in my_audit_records(daemon))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)  # sends no ClientHello
+        conn, _ = listener.accept()
+    with peer:
+        plain = client_tls.start_accept(client, conn)
+        with plain:
+            client.tls_abort(plain)
+            with pytest.raises(E.ECONNRESET):
+                client_tls.established(plain, TIMEOUT)
+            with pytest.raises(ConnectionResetError):
+                peer.recv(100)
+            client.tls_abort(plain)  # the session is over: nothing to do
+    wait_for_audited(daemon, "tls_established", outcomes + 1)
+    assert [r["result"] for r in my_audit_records(daemon) if r["op"] == "tls_established"][-1] == "ECONNRESET"
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(E.EBADF, match="not the plaintext socket"):
+            client.tls_abort(a)
+        a.sendall(b"still mine")
+        assert b.recv(100) == b"still mine"
+    r, w = os.pipe()
+    try:
+        with pytest.raises(E.EBADF, match="not a socket"):
+            client.tls_abort(r)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_a_peer_certificate_pyca_cannot_parse_is_refused_not_an_internal_error(pki):

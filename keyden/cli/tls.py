@@ -74,6 +74,7 @@ def _drain(running: proxy.Proxy, timeout: float) -> None:
                   "(another SIGTERM or SIGINT: stop now)")
         left = running.drain(timeout)
     if left:
+        running.cut()
         proxy.say(f"tls-proxy: stopping: {_connections(left)} cut")
 
 

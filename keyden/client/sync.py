@@ -430,6 +430,7 @@ class Client(Operations):
     # TLS with keys that stay in keyden (docs/tls.md): (plaintext socket, TlsInfo)
     tls_accept = tls.tls_accept
     tls_connect = tls.tls_connect
+    tls_abort = tls.tls_abort
 
     def shared_buffer(self, size: int) -> SharedBuffer:
         """A memory region shared with the daemon for bulk operations (see SharedBuffer.cipher)."""

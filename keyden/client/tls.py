@@ -4,6 +4,8 @@
 ``client.tls_connect(sock, server_hostname, trust=ring)`` (a TLS client)
 pass the socket to keyden, which runs the handshake and the record layer
 with keys that never leave it, and return ``(plaintext_socket, TlsInfo)``.
+Closing the plaintext socket ends the session with close_notify;
+``client.tls_abort(plaintext_socket)`` first ends it with a reset instead.
 Only the short request holds the client's connection: the handshake's
 outcome arrives as the first frame on the plaintext socket, so threads
 sharing one client wait on their own sockets.  See docs/tls.md.
@@ -82,6 +84,18 @@ def tls_connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: 
             _ms(handshake_timeout))
     plain = _hand_over(client, Op.TLS_CONNECT, args, sock)
     return plain, _outcome(plain, handshake_timeout)
+
+
+def tls_abort(client, plain) -> None:
+    """End the TLS session behind the plaintext socket ``plain`` at once.
+
+    The peer gets a TCP reset and never a close_notify, so it cannot take what it received for the
+    whole answer (a request cut short, an upstream that failed mid-answer); what is still buffered
+    either way is dropped.  ``plain`` stays open, at end of file, for the caller to close.  Closing
+    it without this is the graceful end: close_notify once its data is out.  A session that has
+    already ended is no error.
+    """
+    client._call_with_fds(Op.TLS_ABORT, (), [plain if isinstance(plain, int) else plain.fileno()])
 
 
 def _version_flag(min_version: str) -> int:

@@ -94,6 +94,7 @@ class Op(enum.IntEnum):
     TLS_ACCEPT = 90
     TLS_CONNECT = 91
     TLS_ESTABLISHED = 92  # never requested: the first frame on the plaintext socket TLS_* pass back
+    TLS_ABORT = 93  # the plaintext socket, passed back: its session ends at once, a reset and no close_notify
     # Persistent keyrings and the sealed store (docs/persistence.md).
     GET_PERSISTENT = 100
     EXPORT = 101
@@ -399,6 +400,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
                             ("alpn", K.BYTESLIST, MAX_ALPN), ("timeout_ms", K.U32)), _NONE),
     Op.TLS_ESTABLISHED: (_NONE, Schema(("version", K.STR), ("cipher", K.STR), ("server_name", K.STR),
                                        ("alpn", K.STR), ("peer_subject", K.STR), ("peer_certificate", K.BYTES))),
+    Op.TLS_ABORT: (_NONE, _NONE),
     Op.GET_PERSISTENT: (Schema(("uid", K.I64), _RING), Schema(("serial", K.I32))),
     Op.EXPORT: (Schema(_KEY, ("recipient", K.BYTES), ("recipient_key", K.I32), ("wrapping_key", K.I32)),
                 Schema(("blob", K.BYTES))),

@@ -25,6 +25,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -56,6 +57,7 @@ MAX_REPORTED_CERT = 64 * 1024  # a larger peer certificate is not repeated in TL
 CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
 DRAIN_TIMEOUT = 30.0  # the application is gone: seconds its data may wait for a peer that reads nothing
 
+_RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}
 READ, WRITE = "read", "write"
 #: the alerts (OpenSSL's reason names) that say the peer refused a certificate, ours or its trust in it
 _CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "BAD_CERT")
@@ -137,6 +139,9 @@ class Engine:
         self._lock = threading.Lock()
         self._per_uid: Counter[int] = Counter()
         self._handshaking: Counter[tuple] = Counter()  # (uid, listening address[, peer address]) -> running
+        # the application's plaintext end (its socket's inode) -> its session, while the session lives: a
+        # request that passes that socket back names the session (TLS_ABORT); holding the socket is the right
+        self._by_app_end: dict[tuple[int, int], Session] = {}
 
     def _start(self) -> None:  # (two descriptors per session: the server raised the descriptor limit for them)
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
@@ -167,7 +172,7 @@ class Engine:
         def handshake_over(status: int) -> None:  # the outcome is told once, whatever it is
             self._release_handshake(handshake)
             report(status)
-        app = mine = session = None
+        app = mine = session = app_end = None
         try:
             try:
                 app, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -182,19 +187,34 @@ class Engine:
             tls.setblocking(False)
             if tls.family != socket.AF_UNIX and tls.proto in (0, socket.IPPROTO_TCP):
                 tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = Session(loop, uid, tls, mine, timeout, check, lambda: self._release(uid), handshake_over)
+            app_end = _identity(app)
+            session = Session(loop, uid, tls, mine, timeout, check, lambda: self._release(uid, app_end),
+                              handshake_over)
+            with self._lock:
+                self._by_app_end[app_end] = session
             session.start()
         except BaseException:  # nothing counted may stay counted: a session never started ends here
             if session is None or not session.closed:
                 if session is not None:
                     session.report = None  # its outcome is this exception, told by the caller
                 self._release_handshake(handshake)
-                self._release(uid)
+                self._release(uid, app_end)
                 for end in (app, mine):
                     if end is not None:
                         end.close()
             raise
         return app
+
+    def abort(self, app_end: socket.socket) -> None:
+        """End at once the session whose plaintext socket ``app_end`` is (passed back by its holder): no
+        close_notify, a reset to the peer (docs/tls.md).  A session that has already ended is left so; a
+        socket that was never a session's is EBADF."""
+        with self._lock:
+            session = self._by_app_end.get(_identity(app_end))
+        if session is not None:
+            session.abort()
+        elif not _hung_up(app_end):  # (a session's end, once closed, leaves the application's end hung up)
+            raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
 
     def stop(self, timeout: float = 2.0) -> None:
         """At the daemon's stop: every loop ends the handshakes it runs (within its MAX_SLEEP) and returns."""
@@ -205,8 +225,9 @@ class Engine:
         for loop in loops:
             loop.stopped.wait(timeout)
 
-    def _release(self, uid: int) -> None:
+    def _release(self, uid: int, app_end: tuple[int, int] | None) -> None:
         with self._lock:
+            self._by_app_end.pop(app_end, None)
             self._per_uid[uid] -= 1
             if not self._per_uid[uid]:
                 del self._per_uid[uid]
@@ -217,6 +238,13 @@ class Engine:
             for slot in slots:
                 if self._handshaking[slot] <= 0:
                     del self._handshaking[slot]
+
+
+def _identity(sock: socket.socket) -> tuple[int, int]:
+    """A socket's identity while it is open: its inode, unique among the live ones (and its device, sockfs's,
+    so that another kind of file cannot pass for it)."""
+    stat = os.fstat(sock.fileno())
+    return stat.st_dev, stat.st_ino
 
 
 def _handshake_slots(uid: int, tls: ssl.SSLSocket) -> tuple[tuple, ...]:
@@ -279,9 +307,21 @@ class Loop:
         self.deadlines: list[tuple[float, int, Session]] = []
         self.arrivals: deque[Session] = deque()
         self._order = itertools.count()
+        self.calls: deque[Callable[[], None]] = deque()  # call_soon's, run on the loop's thread
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.Lock()  # (no call_soon writes to the eventfd once the loop has closed it)
+        self.epoll.register(self._wake, select.EPOLLIN)
         self.stopping = False  # set by Engine.stop: end the handshakes still running, then return
         self.stopped = threading.Event()
         threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop's thread, at once: from any thread."""
+        with self._wake_lock:
+            if self.stopped.is_set():  # the daemon is stopping: its sessions end with the process
+                return
+            self.calls.append(fn)
+            os.eventfd_write(self._wake, 1)
 
     def register(self, fd: int, session: "Session", mask: int) -> None:
         self.owners[fd] = session
@@ -310,15 +350,27 @@ class Loop:
                 self._call(session.deadline_passed, when)
             wait = min(self.MAX_SLEEP, self.deadlines[0][0] - now) if self.deadlines else self.MAX_SLEEP
             for fd, events in self.epoll.poll(max(wait, 0.0)):
-                session = self.owners.get(fd)
-                if session is not None:
+                if fd == self._wake:
+                    self._run_calls()
+                elif (session := self.owners.get(fd)) is not None:
                     self._call(session.step, fd, events)
         # The daemon is stopping: a handshake still running is told so (its application and the audit log
         # hear an outcome); established sessions end with the process.
         for session in set(self.owners.values()):
             if not session.established and not session.closed:
                 self._call(session._fail, E.ECONNRESET("keyden is stopping"))
-        self.stopped.set()
+        with self._wake_lock:
+            self.stopped.set()
+            os.close(self._wake)
+        self.epoll.close()
+
+    def _run_calls(self) -> None:
+        try:
+            os.eventfd_read(self._wake)  # first: a call queued after this wakes the loop again
+        except BlockingIOError:
+            pass
+        while self.calls:
+            self._call(self.calls.popleft())
 
     @staticmethod
     def _call(fn, *args) -> None:
@@ -366,6 +418,7 @@ class Session:
         self.app_gone = False  # the application closed its end: nothing more is delivered to it
         self.app_read_shut = False  # it shut its reading side: nothing more is delivered, but it still writes
         self.progress_at = 0.0  # when the peer last took some of the application's data (app_gone only)
+        self.abort_requested = False  # set by abort(), from any thread
 
     # ------------------------------------------------------------ lifecycle
 
@@ -405,9 +458,31 @@ class Session:
         self.deadline = when
         self.loop.at(when, self)
 
+    def abort(self) -> None:
+        """From any thread (TLS_ABORT): end the session at once, with a reset for the peer and no close_notify,
+        dropping what is still buffered either way.  The flag comes first: whatever the loop does next for
+        this session (the application's close, which follows the request's answer, included) finds it and
+        ends the session, never with close_notify."""
+        self.abort_requested = True
+        self.loop.call_soon(self._abort)
+
+    def _abort(self) -> None:
+        if self.closed:
+            return
+        log.debug("TLS session aborted by the application")
+        if self.tls.family != socket.AF_UNIX:  # closed with SO_LINGER 0: TCP sends a reset, not a FIN
+            try:
+                self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            except OSError:
+                pass
+        self._close()
+
     def step(self, fd: int = -1, events: int = 0) -> None:
         """Every readiness event lands here: make all the progress possible, then wait for what is needed."""
         if self.closed:
+            return
+        if self.abort_requested:
+            self._abort()
             return
         if events & select.EPOLLHUP and self.established and fd == self.plain.fileno():
             self._app_left()  # closed whole (its unread data may still wait in our queue: read below)
@@ -615,6 +690,9 @@ class Session:
 
     def _send_close_notify(self) -> None:
         """Our close_notify, once the application's data is out; then the session ends."""
+        if self.abort_requested:  # (the application's close that follows an abort, seen by a step begun before it)
+            self._abort()
+            return
         try:
             self.tls.unwrap()
         except ssl.SSLWantWriteError:

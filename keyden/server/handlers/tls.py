@@ -59,6 +59,14 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
     return ()
 
 
+@handles(Op.TLS_ABORT)
+def _tls_abort(ctx):
+    """The plaintext socket sent with the request names the session: whoever holds it may end it."""
+    with _taken_socket(ctx, "the plaintext socket") as sock:  # (a duplicate: the application still holds its own)
+        engine().abort(sock)
+    return ()
+
+
 MAX_HOST_NAME = 253  # DNS's bound (RFC 1035), under OpenSSL's 255 for the SNI extension
 
 
@@ -120,13 +128,7 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
     duplicate).  Its flags are left alone: the open
     file description is the application's too, and the engine makes it non-blocking only once nothing
     can refuse the request any more (Engine.start)."""
-    fd = ctx.fds.take("the connected socket")
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        descriptors.release((fd,), ctx.caller.uid)
-        raise E.EBADF("the descriptor sent is not a socket") from None
-    try:
+    with _taken_socket(ctx, "the connected socket") as sock:  # (a session takes a duplicate: _wrap, _start)
         if sock.type != socket.SOCK_STREAM or sock.family not in _STREAM_FAMILIES:
             raise E.EINVAL("pass a connected TCP or Unix stream socket")
         try:
@@ -139,8 +141,21 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
                 raise E.ECONNRESET("the peer closed the connection before the handshake began") from None
             raise E.EINVAL("the socket is not connected") from None
         yield sock
+
+
+@contextlib.contextmanager
+def _taken_socket(ctx, what: str) -> Iterator[socket.socket]:
+    """The socket the request carries, given to a closer when done with (its close may linger)."""
+    fd = ctx.fds.take(what)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        descriptors.release((fd,), ctx.caller.uid)
+        raise E.EBADF("the descriptor sent is not a socket") from None
+    try:
+        yield sock
     finally:
-        descriptors.release_socket(sock, ctx.caller.uid)  # a session holds a duplicate (_wrap), _start's to release
+        descriptors.release_socket(sock, ctx.caller.uid)
 
 
 def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
