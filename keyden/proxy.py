@@ -40,6 +40,7 @@ MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
 #: default seconds a stop waits for open connections to end, then cuts them: under Kubernetes' 30 s grace
 #: period and systemd's 90 s stop timeout, so that the cut is the proxy's own
 SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT = 25.0, 86400.0
+CUT_TIMEOUT = 5.0  # seconds cut() waits for keyden to take its aborts
 DRAIN_POLL = 0.25  # seconds between drain()'s looks at stop_now (a signal handler cannot notify it)
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
 _CONFIGURATION_ERRORS = (E.ENOKEY, E.EACCES, E.EKEYREVOKED, E.EKEYEXPIRED, E.ENOTDIR)
@@ -167,6 +168,7 @@ class Proxy:
         self.per_host_lock = threading.Lock()
         self.all_left = threading.Condition(self.per_host_lock)  # notified when the last connection has gone
         self.relaying: set[socket.socket] = set()  # plaintext sockets being relayed (per_host_lock): cut() ends them
+        self.cutting = False  # cut() was called (per_host_lock): a connection that reaches the relay is ended
         self.lost_keyden = False
         self.stop_requested = False  # stop() was called: run() returns
         self.stop_now = False  # stop(now=True) was called: drain() returns
@@ -272,18 +274,33 @@ class Proxy:
             return sum(self.per_host.values())
 
     def cut(self) -> None:
-        """End the connections still being relayed with a reset (tls_abort), not close_notify: what their
-        clients got so far may be half an answer.  Under the lock a connection closes its socket with."""
+        """End the connections still open without close_notify (tls_abort): what their clients got so far
+        may be half an answer.  Connections that reach the relay after this are ended as they come.  Each
+        abort is made on a duplicate, taken under the lock a connection closes its socket with, so that
+        no abort can name a descriptor number reused meanwhile; a keyden that does not answer holds the
+        stop for at most CUT_TIMEOUT seconds."""
         with self.per_host_lock:
-            for plain in self.relaying:
-                with contextlib.suppress(E.KeydenError):  # (one that ended meanwhile: nothing to do)
-                    client_tls.tls_abort(self.client, plain)
+            self.cutting = True
+            duplicates = [plain.dup() for plain in self.relaying]
+        aborts = threading.Thread(target=self._abort_all, args=(duplicates,), daemon=True)
+        aborts.start()
+        aborts.join(CUT_TIMEOUT)
+
+    def _abort_all(self, plains: list[socket.socket]) -> None:
+        for plain in plains:
+            with plain, contextlib.suppress(E.KeydenError):  # (keyden lost: the sessions are gone with it)
+                client_tls.tls_abort(self.client, plain)
 
     def _relay(self, plain: socket.socket, upstream: socket.socket) -> None:
-        """Splice until both sides are done; then close both, out of cut()'s reach first."""
+        """Splice until both sides are done (at once, after cut()); then close both, out of cut()'s reach."""
         with self.per_host_lock:
+            cut = self.cutting
             self.relaying.add(plain)
         try:
+            if cut:
+                with contextlib.suppress(E.KeydenError):
+                    client_tls.tls_abort(self.client, plain)
+                return
             splice(plain, upstream, self.close_timeout, self.idle_timeout,
                    abort=lambda: client_tls.tls_abort(self.client, plain))
         finally:
@@ -405,8 +422,9 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     A side that closes while the other still sends (a backend that answers 413 to an upload and
     closes) ends only the direction towards it: its answer, on the way the other direction, still gets
     through, as it would straight over TCP, for up to ``close_timeout`` seconds.  A side that breaks (a
-    reset) ends both; when ``b`` breaks, ``abort`` (if given) first ends ``a``'s TLS session with a reset
-    of its own, so that the client cannot take half an answer for a whole one.  With an
+    reset) ends both; when ``b`` breaks, ``abort`` (if given) first ends ``a``'s TLS session without
+    close_notify (what was passed on still goes out), so that the client cannot take half an answer for
+    a whole one.  With an
     ``idle_timeout``, a connection on which no byte moved either way for that long ends too: a side that
     stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
     connection's slot for ever.
@@ -418,13 +436,19 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             except OSError:
                 pass
 
-    def broken(src: socket.socket) -> None:
-        if src is b and abort is not None:
+    def end_a_without_close_notify() -> None:
+        if abort is not None:
             try:
                 abort()
             except Exception:  # (keyden lost: the session is gone with it) the shutdown ends it anyway
                 pass
+
+    def broken(src: socket.socket) -> None:
+        if src is b:
+            end_a_without_close_notify()
         end_both()
+
+    b_reset = threading.Event()  # a reset of b's is reported once, maybe to the thread writing to it
 
     grace: list[threading.Timer] = []
     moved = [time.monotonic()]  # when a byte last moved, either way
@@ -436,7 +460,9 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 moved[0] = time.monotonic()
                 try:
                     dst.sendall(chunk)
-                except OSError:  # dst is closed: this direction is over; the other carries its answer
+                except OSError as exc:  # dst is closed: this direction is over; the other carries its answer
+                    if dst is b and isinstance(exc, ConnectionResetError):
+                        b_reset.set()  # (the other direction will read end of file: not a clean one)
                     timer = threading.Timer(close_timeout, end_both)
                     timer.daemon = True
                     try:
@@ -447,6 +473,8 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                     grace.append(timer)
                     return
                 moved[0] = time.monotonic()
+            if src is b and b_reset.is_set():
+                end_a_without_close_notify()
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # src broke: end both directions
             broken(src)

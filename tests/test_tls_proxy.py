@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from keyden.protocol import Op
+
 try:
     from tests.test_tls import TIMEOUT, Pki, how_it_ended, load, read_until
 except ImportError:  # pytest's rootdir-relative import
@@ -410,7 +412,7 @@ def test_a_stopped_proxy_cuts_what_is_still_open(proxy, upstream, pki, how):
                 proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
         assert proc.stderr.read().decode() == "tls-proxy: stopping: 1 open connection cut\n"
-        assert how_it_ended(tls) == "reset"  # cut: it may have been half an answer, which no close_notify vouches for
+        assert how_it_ended(tls) == "FIN"  # cut: it may have been half an answer, which no close_notify vouches for
 
 
 def test_a_stop_that_wakes_nothing_still_ends_the_accept_loop():
@@ -489,6 +491,54 @@ def test_a_relay_that_cannot_start_its_threads_closes_both_ends(monkeypatch):
     assert a.fileno() == -1 and b.fileno() == -1  # (the serving thread reports it; nothing leaks)
     a_peer.close()
     b_peer.close()
+
+
+class _RecordingKeyden:
+    """Stands in for the proxy's keyden client: records the TLS_ABORTs it is sent; ``hang`` holds them."""
+
+    def __init__(self, hang: threading.Event | None = None):
+        self.aborted: list[int] = []
+        self.hang = hang
+
+    def _call_with_fds(self, op, args, fds):
+        assert op == Op.TLS_ABORT and args == ()
+        if self.hang is not None:
+            self.hang.wait(TIMEOUT)
+        self.aborted.append(os.fstat(fds[0]).st_ino)
+        return ()
+
+
+def test_a_connection_that_reaches_the_relay_after_a_cut_is_ended_at_once():
+    """A stop's cut names the connections being relayed; one still in its handshake then must not relay
+    afterwards, with nobody left to cut it: it is aborted as it arrives."""
+    from keyden import proxy as proxy_module
+
+    keyden = _RecordingKeyden()
+    relay = proxy_module.Proxy(keyden, 0, {}, None, 1)
+    relay.cut()
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    inode = os.fstat(a.fileno()).st_ino
+    relay._relay(a, b)  # returns at once: nothing is relayed
+    assert keyden.aborted == [inode] and a.fileno() == -1 and b.fileno() == -1 and not relay.relaying
+    a_peer.close()
+    b_peer.close()
+
+
+def test_a_cut_that_keyden_does_not_answer_holds_the_stop_only_so_long(monkeypatch):
+    from keyden import proxy as proxy_module
+
+    monkeypatch.setattr(proxy_module, "CUT_TIMEOUT", 0.3)
+    hang = threading.Event()
+    relay = proxy_module.Proxy(_RecordingKeyden(hang), 0, {}, None, 1)
+    a, a_peer = socket.socketpair()
+    relay.relaying.add(a)
+    started = time.monotonic()
+    relay.cut()
+    assert time.monotonic() - started < 2
+    hang.set()
+    for s in (a, a_peer):
+        s.close()
 
 
 def test_a_proxy_out_of_descriptors_waits_and_goes_on(proxy, upstream, pki):
@@ -921,9 +971,9 @@ def test_a_side_that_stops_reading_but_never_answers_lets_go_of_the_connection()
         s.close()
 
 
-def test_an_upstream_that_breaks_mid_answer_resets_the_client(proxy, pki, tmp_path):
+def test_an_upstream_that_breaks_mid_answer_ends_the_client_without_close_notify(proxy, pki, tmp_path):
     """A backend reset half-way through its answer must not reach the client as a clean end (close_notify
-    after half a body of unknown length): the proxy aborts the TLS session, and the client sees a reset."""
+    after half a body of unknown length): the proxy aborts the TLS session, and the client sees a truncation."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def half_then_reset(conn, _release):
@@ -937,7 +987,44 @@ def test_an_upstream_that_breaks_mid_answer_resets_the_client(proxy, pki, tmp_pa
         with tls_to(port, pki) as tls:
             tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
             assert read_until(tls, b"the first half").endswith(b"the first half")
-            assert how_it_ended(tls) == "reset"
+            assert how_it_ended(tls) == "FIN"
+
+
+def test_an_early_answer_from_a_tcp_backend_that_resets_still_reaches_the_client(proxy, pki):
+    """A TCP backend that answers an upload early (413) and closes with the upload unread makes its kernel
+    send a reset: the answer it sent before still reaches the client, whole."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    answer = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    def refuse_uploads():
+        for _ in range(10):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(4096)
+                conn.sendall(answer)  # and close, the upload unread: a reset
+
+    backend = threading.Thread(target=refuse_uploads, daemon=True)
+    backend.start()
+    port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        for _ in range(10):  # (the answer raced the reset's abort: lost one time in twenty)
+            with tls_to(port, pki) as tls:
+                tls.sendall(b"PUT /upload HTTP/1.1\r\nContent-Length: 4194304\r\n\r\n")
+                try:
+                    for _ in range(16):
+                        tls.sendall(bytes(256 << 10))
+                except OSError:
+                    pass  # the proxy stopped taking it
+                assert read_until(tls, b"\r\n\r\n") == answer
+    finally:
+        listener.close()
+        backend.join(TIMEOUT)
 
 
 def test_close_timeout_bounds_a_backend_that_stops_reading_and_never_answers(proxy, pki, tmp_path):

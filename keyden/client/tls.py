@@ -5,7 +5,7 @@
 pass the socket to keyden, which runs the handshake and the record layer
 with keys that never leave it, and return ``(plaintext_socket, TlsInfo)``.
 Closing the plaintext socket ends the session with close_notify;
-``client.tls_abort(plaintext_socket)`` first ends it with a reset instead.
+``client.tls_abort(plaintext_socket)`` first ends it without (a truncation).
 Only the short request holds the client's connection: the handshake's
 outcome arrives as the first frame on the plaintext socket, so threads
 sharing one client wait on their own sockets.  See docs/tls.md.
@@ -87,13 +87,13 @@ def tls_connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: 
 
 
 def tls_abort(client, plain) -> None:
-    """End the TLS session behind the plaintext socket ``plain`` at once.
+    """End the TLS session behind the plaintext socket ``plain`` without close_notify.
 
-    The peer gets a TCP reset and never a close_notify, so it cannot take what it received for the
-    whole answer (a request cut short, an upstream that failed mid-answer); what is still buffered
-    either way is dropped.  ``plain`` stays open, at end of file, for the caller to close.  Closing
-    it without this is the graceful end: close_notify once its data is out.  A session that has
-    already ended is no error.
+    From the return on, ``plain`` reads end of file and its writes fail; what was written to it
+    before still goes out, then the connection ends with no close_notify, which the peer reports as
+    a truncation: it cannot take what it got for the whole answer (a request cut short, an upstream
+    that failed mid-answer).  Closing ``plain`` without this is the graceful end.  The caller still
+    closes ``plain``.  A session that has already ended is no error.
     """
     client._call_with_fds(Op.TLS_ABORT, (), [plain if isinstance(plain, int) else plain.fileno()])
 

@@ -12,7 +12,8 @@ TLS_ESTABLISHED response with what was negotiated, or an error frame (and
 then the socket closes).  After it, plaintext flows both ways.  The peer's
 close_notify (or TCP end) reaches the application as end-of-file on its
 write side (the application may still answer); the application's
-end-of-file, once its data is sent, ends the session with a close_notify.
+end-of-file, once its data is sent, ends the session with a close_notify
+(after a TLS_ABORT naming its plaintext socket: without one).
 """
 
 from __future__ import annotations
@@ -206,14 +207,14 @@ class Engine:
         return app
 
     def abort(self, app_end: socket.socket) -> None:
-        """End at once the session whose plaintext socket ``app_end`` is (passed back by its holder): no
-        close_notify, a reset to the peer (docs/tls.md).  A session that has already ended is left so; a
-        socket that was never a session's is EBADF."""
+        """End without close_notify the session whose plaintext socket ``app_end`` is (passed back by its
+        holder; Session.abort, docs/tls.md).  A session that has already ended is left so; a socket that
+        was never a session's is EBADF."""
         with self._lock:
             session = self._by_app_end.get(_identity(app_end))
         if session is not None:
             session.abort()
-        elif not _hung_up(app_end):  # (a session's end, once closed, leaves the application's end hung up)
+        elif not _ended_session(app_end):
             raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -238,6 +239,15 @@ class Engine:
             for slot in slots:
                 if self._handshaking[slot] <= 0:
                     del self._handshaking[slot]
+
+
+def _ended_session(sock: socket.socket) -> bool:
+    """Is ``sock`` the application's end of a session that has ended: one of this daemon's socketpairs
+    (its peer credentials are ours, for good), its other end closed?"""
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        return False
+    pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid == os.getpid() and _hung_up(sock)
 
 
 def _identity(sock: socket.socket) -> tuple[int, int]:
@@ -459,17 +469,27 @@ class Session:
         self.loop.at(when, self)
 
     def abort(self) -> None:
-        """From any thread (TLS_ABORT): end the session at once, with a reset for the peer and no close_notify,
-        dropping what is still buffered either way.  The flag comes first: whatever the loop does next for
-        this session (the application's close, which follows the request's answer, included) finds it and
-        ends the session, never with close_notify."""
+        """From any thread (TLS_ABORT): end the session without close_notify.
+
+        At once, on the caller's thread, the plaintext socket is shut both ways: from the request's
+        answer on, the application reads end of file and its writes fail.  What it wrote before still
+        goes out (an answer it had passed on in full); then the TCP connection ends with a FIN and no
+        close_notify, which TLS peers report as a truncation.  A handshake still running ends with a
+        reset.  The flag comes first: whatever the loop does next for this session finds it."""
         self.abort_requested = True
+        try:
+            self.plain.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.loop.call_soon(self._abort)
 
     def _abort(self) -> None:
         if self.closed:
             return
         log.debug("TLS session aborted by the application")
+        if self.established:
+            self.step()  # the end of file it finds: the application's data goes out, then the end
+            return
         if self.tls.family != socket.AF_UNIX:  # closed with SO_LINGER 0: TCP sends a reset, not a FIN
             try:
                 self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
@@ -480,9 +500,6 @@ class Session:
     def step(self, fd: int = -1, events: int = 0) -> None:
         """Every readiness event lands here: make all the progress possible, then wait for what is needed."""
         if self.closed:
-            return
-        if self.abort_requested:
-            self._abort()
             return
         if events & select.EPOLLHUP and self.established and fd == self.plain.fileno():
             self._app_left()  # closed whole (its unread data may still wait in our queue: read below)
@@ -690,8 +707,8 @@ class Session:
 
     def _send_close_notify(self) -> None:
         """Our close_notify, once the application's data is out; then the session ends."""
-        if self.abort_requested:  # (the application's close that follows an abort, seen by a step begun before it)
-            self._abort()
+        if self.abort_requested:  # ended without close_notify: a FIN alone, which TLS peers take for a truncation
+            self._linger()
             return
         try:
             self.tls.unwrap()
@@ -703,9 +720,10 @@ class Session:
         self._linger()
 
     def _linger(self) -> None:
-        """Our close_notify is out: send FIN, then read and drop what the peer still sends until it closes
-        too (or CLOSE_GRACE runs out).  Closing at once, with its data unread, would send it a reset,
-        and a reset can destroy the answer it has not read yet (an early "413" to a large upload)."""
+        """Our close_notify is out (aborted: none is sent): send FIN, then read and drop what the peer still
+        sends until it closes too (or CLOSE_GRACE runs out).  Closing at once, with its data unread, would
+        send it a reset, and a reset can destroy the answer it has not read yet (an early "413" to a large
+        upload)."""
         if self.peer_eof:
             self._close()
             return
