@@ -40,6 +40,7 @@ MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
 #: default seconds a stop waits for open connections to end, then cuts them: under Kubernetes' 30 s grace
 #: period and systemd's 90 s stop timeout, so that the cut is the proxy's own
 SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT = 25.0, 86400.0
+TCP_CLOSE = 7  # tcp_info's tcpi_state of a connection that was reset (linux/tcp_states.h)
 CUT_TIMEOUT = 5.0  # seconds cut() waits for keyden to take its aborts
 DRAIN_POLL = 0.25  # seconds between drain()'s looks at stop_now (a signal handler cannot notify it)
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
@@ -291,8 +292,10 @@ class Proxy:
             with plain, contextlib.suppress(E.KeydenError):  # (keyden lost: the sessions are gone with it)
                 client_tls.tls_abort(self.client, plain)
 
-    def _relay(self, plain: socket.socket, upstream: socket.socket) -> None:
-        """Splice until both sides are done (at once, after cut()); then close both, out of cut()'s reach."""
+    @contextlib.contextmanager
+    def _held(self, plain: socket.socket):
+        """The plaintext socket keyden handed back, in cut()'s reach from now until it is closed here; False
+        for one that comes after a cut, ended at once."""
         with self.per_host_lock:
             cut = self.cutting
             self.relaying.add(plain)
@@ -300,14 +303,45 @@ class Proxy:
             if cut:
                 with contextlib.suppress(E.KeydenError):
                     client_tls.tls_abort(self.client, plain)
-                return
-            splice(plain, upstream, self.close_timeout, self.idle_timeout,
-                   abort=lambda: client_tls.tls_abort(self.client, plain))
+            yield not cut
         finally:
             with self.per_host_lock:
                 self.relaying.discard(plain)
             plain.close()
-            upstream.close()
+
+    def _relay_established(self, plain: socket.socket, family: int, peer, local, listener: socket.socket) -> None:
+        """The handshake's outcome, then the upstream connection (with its PROXY header), then the relay."""
+        try:
+            info = client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
+        except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's, or keyden stopping
+            self._failed(peer, exc, listener, request=False)
+            return
+        header = b""
+        if self.proxy_protocol:
+            try:
+                header = proxy_v2_header(info, family, peer, local)
+            except (ValueError, OSError) as exc:  # a value too long for its length field: no corrupt header
+                _report(peer, f"no PROXY header for this connection: {exc}; closed")
+                return
+        where = self.forward if isinstance(self.forward, str) else "%s:%d" % self.forward
+        try:
+            upstream = self._connect_forward()
+        except OSError as exc:
+            _report(peer, f"cannot reach {where}: {exc.strerror}")
+            return
+        with upstream:
+            if header:
+                try:
+                    upstream.sendall(header)  # in one piece, as the spec asks, before any of the client's bytes
+                except OSError as exc:
+                    _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
+                    return
+            try:
+                splice(plain, upstream, self.close_timeout, self.idle_timeout,
+                       abort=lambda: client_tls.tls_abort(self.client, plain),
+                       truncated=lambda: client_tls.tls_peer_end(self.client, plain) == "truncated")
+            except RuntimeError as exc:  # no thread to be had for the other direction: closed
+                _report(peer, f"cannot relay the connection: {exc}; closed")
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
@@ -324,39 +358,9 @@ class Proxy:
                 conn.close()
                 self._failed(peer, exc, listener, request=True)
                 return
-            try:
-                info = client_tls.established(plain, self.tls_options["handshake_timeout"] + client_tls.OUTCOME_GRACE)
-            except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's, or keyden stopping
-                plain.close()
-                self._failed(peer, exc, listener, request=False)
-                return
-            header = b""
-            if self.proxy_protocol:
-                try:
-                    header = proxy_v2_header(info, family, peer, local)
-                except (ValueError, OSError) as exc:  # a value too long for its length field: no corrupt header
-                    plain.close()
-                    _report(peer, f"no PROXY header for this connection: {exc}; closed")
-                    return
-            where = self.forward if isinstance(self.forward, str) else "%s:%d" % self.forward
-            try:
-                upstream = self._connect_forward()
-            except OSError as exc:
-                plain.close()
-                _report(peer, f"cannot reach {where}: {exc.strerror}")
-                return
-            if header:
-                try:
-                    upstream.sendall(header)  # in one piece, as the spec asks, before any of the client's bytes
-                except OSError as exc:
-                    plain.close()
-                    upstream.close()
-                    _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
-                    return
-            try:
-                self._relay(plain, upstream)
-            except RuntimeError as exc:  # no thread to be had for the other direction: closed
-                _report(peer, f"cannot relay the connection: {exc}; closed")
+            with self._held(plain) as live:
+                if live:
+                    self._relay_established(plain, family, peer, local, listener)
         finally:
             self._left(peer)
 
@@ -415,16 +419,19 @@ class Proxy:
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
-           idle_timeout: float = 0.0, abort: Callable[[], None] | None = None) -> None:
+           idle_timeout: float = 0.0, abort: Callable[[], None] | None = None,
+           truncated: Callable[[], bool] | None = None) -> None:
     """Copy both ways until both ends are done, passing each end-of-file on as a half-close; the caller
     closes both sockets after.
 
     A side that closes while the other still sends (a backend that answers 413 to an upload and
     closes) ends only the direction towards it: its answer, on the way the other direction, still gets
-    through, as it would straight over TCP, for up to ``close_timeout`` seconds.  A side that breaks (a
-    reset) ends both; when ``b`` breaks, ``abort`` (if given) first ends ``a``'s TLS session without
-    close_notify (what was passed on still goes out), so that the client cannot take half an answer for
-    a whole one.  With an
+    through, as it would straight over TCP, for up to ``close_timeout`` seconds (then it is cut short).
+    A side that breaks (a reset) ends both.  When ``b`` breaks, or an answer is cut short, ``abort`` (if
+    given) first ends ``a``'s TLS session without close_notify (what was passed on still goes out), so
+    that the client cannot take half an answer for a whole one.  The other way, ``truncated`` (if
+    given) says at ``a``'s end of file whether ``a``'s TLS peer ended without close_notify: then ``b``
+    gets a reset, not a FIN, so that the backend cannot take half a request for a whole one.  With an
     ``idle_timeout``, a connection on which no byte moved either way for that long ends too: a side that
     stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
     connection's slot for ever.
@@ -448,7 +455,46 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             end_a_without_close_notify()
         end_both()
 
+    def cut_short() -> None:  # the grace is over: what is still on its way would end half-way
+        end_a_without_close_notify()
+        end_both()
+
     b_reset = threading.Event()  # a reset of b's is reported once, maybe to the thread writing to it
+    b_write_shut = threading.Event()  # (set before b is shut for writing: its own FIN may close it then)
+
+    def reset_b() -> None:
+        """End b with a reset where it is TCP (closed with SO_LINGER 0 by the caller, never shut for writing:
+        no FIN first); a Unix socket has none, and gets its end of file."""
+        if b.family == socket.AF_UNIX:
+            end_both()
+            return
+        try:
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            b.shutdown(socket.SHUT_RD)  # (sends nothing; the other direction reads its end of file)
+            a.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            end_both()
+
+    def a_was_truncated() -> bool:
+        if truncated is None:
+            return False
+        try:
+            return truncated()
+        except Exception:  # (keyden lost: nothing is known) as before: a half-close
+            return False
+
+    def b_was_reset() -> bool:
+        """At b's end of file: was it a reset?  The error may have gone to the other thread's write, or to
+        nobody yet: a TCP connection that is closed, where a FIN would leave it closing, says so too."""
+        if b_reset.is_set():
+            return True
+        if b.family == socket.AF_UNIX:
+            return False
+        try:
+            closed = b.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+        except OSError:
+            return False
+        return closed and not b_write_shut.is_set()  # (in that order: our FIN, once sent, can close it)
 
     grace: list[threading.Timer] = []
     moved = [time.monotonic()]  # when a byte last moved, either way
@@ -463,18 +509,23 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 except OSError as exc:  # dst is closed: this direction is over; the other carries its answer
                     if dst is b and isinstance(exc, ConnectionResetError):
                         b_reset.set()  # (the other direction will read end of file: not a clean one)
-                    timer = threading.Timer(close_timeout, end_both)
+                    timer = threading.Timer(close_timeout, cut_short)
                     timer.daemon = True
                     try:
                         timer.start()
                     except RuntimeError:  # no thread for the grace: none, then
-                        end_both()
+                        cut_short()
                         return
                     grace.append(timer)
                     return
                 moved[0] = time.monotonic()
-            if src is b and b_reset.is_set():
+            if src is b and b_was_reset():
                 end_a_without_close_notify()
+            if dst is b:
+                if a_was_truncated():
+                    reset_b()
+                    return
+                b_write_shut.set()
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # src broke: end both directions
             broken(src)

@@ -1018,6 +1018,74 @@ def test_abort_during_the_handshake_and_after_the_end(client, server_ring, pki, 
         os.close(w)
 
 
+@pytest.mark.parametrize("how, told", [("close_notify", "close_notify"), ("FIN", "truncated"),
+                                        ("reset", "truncated")])
+def test_the_application_can_tell_a_truncation_from_an_end(client, server_ring, pki, how, told):
+    """End of file on the plaintext socket reads the same however the peer ended; tls_peer_end tells a
+    close_notify from a connection cut short (a FIN alone, a reset), and what came before arrives (a reset
+    may destroy what keyden had not read yet, as it would over TCP).  It still answers once the session
+    has ended."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+        raw = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        conn, _ = listener.accept()
+    outcome = {}
+    peer_ready = threading.Event()
+
+    def peer():
+        with ctx.wrap_socket(raw, server_hostname="a.test") as tls:
+            peer_ready.set()
+            tls.sendall(b"x" * 100000)
+            if how == "close_notify":
+                tls.setblocking(False)  # (a blocking unwrap would wait for keyden's close_notify)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.unwrap()
+                outcome["open"] = True
+            else:
+                with socket.socket(fileno=os.dup(tls.fileno())) as under:  # below TLS: no close_notify
+                    if how == "reset":
+                        under.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    else:
+                        under.shutdown(socket.SHUT_WR)
+                    outcome["open"] = True
+    t = threading.Thread(target=peer)
+    t.start()
+    plain, _info = client.tls_accept(conn)
+    with plain:
+        plain.settimeout(TIMEOUT)
+        assert peer_ready.wait(TIMEOUT)
+        got = plain.recv(10)
+        assert client.tls_peer_end(plain) in ("open", told)  # (the end may have come already)
+        while chunk := plain.recv(65536):
+            got += chunk
+        t.join(TIMEOUT)
+        assert outcome["open"]
+        if how == "reset":
+            assert got == b"x" * len(got)  # a reset may destroy what keyden had not read yet, as over TCP
+        else:
+            assert got == b"x" * 100000
+        assert client.tls_peer_end(plain) == told
+        plain.shutdown(socket.SHUT_WR)  # both sides done: the session ends ...
+        assert eventually(lambda: select.select([plain], [], [], 0)[0] and plain.recv(1) == b"")
+        time.sleep(0.2)
+        assert client.tls_peer_end(plain) == told  # ... and is still told
+    with socket.socket(socket.AF_UNIX) as foreign, pytest.raises(E.EBADF):
+        client.tls_peer_end(foreign)
+
+
+def test_a_peer_that_has_not_ended_is_open(app_factory, client, server_ring, pki):
+    seen = queue.Queue()
+
+    def ask(plain):
+        read_until(plain, b"\n")
+        seen.put(client.tls_peer_end(plain))
+        plain.sendall(b"ok\n")
+    app = app_factory()
+    app.serve(reply=ask)
+    _, reply = python_peer(app.port, "a.test", pki.ca)
+    assert reply == b"ok\n" and seen.get(timeout=TIMEOUT) == "open"
+
+
 def test_a_peer_certificate_pyca_cannot_parse_is_refused_not_an_internal_error(pki):
     """OpenSSL verifies certificates whose names pyca will not parse (a PrintableString holding '@'):
     the chain check raised ValueError, and the application got EIO "internal error"."""
@@ -1356,15 +1424,16 @@ def engine_session(pki, eng):
     from keyden.tls import contexts
 
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # as keyden's own contexts (contexts._base)
-    assert contexts._base(ssl.PROTOCOL_TLS_SERVER, 0, ()).options & ssl.OP_IGNORE_UNEXPECTED_EOF
+    server_ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # as keyden's own contexts (contexts._base)
+    assert not contexts._base(ssl.PROTOCOL_TLS_SERVER, 0, ()).options & ssl.OP_IGNORE_UNEXPECTED_EOF
     server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
     client_ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw:
         theirs, _ = listener.accept()
         theirs.setblocking(False)
-        tls = server_ctx.wrap_socket(theirs, server_side=True, do_handshake_on_connect=False)
+        tls = server_ctx.wrap_socket(theirs, server_side=True, do_handshake_on_connect=False,
+                                     suppress_ragged_eofs=False)  # (as the handlers wrap them)
         app = eng.start(4242, tls, TIMEOUT, lambda chain: None)
         with app, client_ctx.wrap_socket(raw, server_hostname="a.test") as peer:
             app.settimeout(TIMEOUT)
@@ -1390,21 +1459,28 @@ def test_an_application_that_half_closes_gets_its_end_of_file_at_once(pki, monke
         peer.sendall(b"response\n")
 
 
-def test_a_peer_that_ends_without_close_notify_still_gets_the_answer(pki):
-    """A bare TCP end (no close_notify) reads as end of file, as close_notify does (docs/tls.md)."""
+def test_a_peer_that_ends_without_close_notify_is_told_as_a_truncation(pki):
+    """A bare TCP end (no close_notify) reads as end of file, as close_notify does, and TLS_PEER_END says it
+    was a truncation (docs/tls.md).  As for OpenSSL in one process, that end is an error: the session takes
+    no late answer."""
+    from keyden.protocol import TLS_PEER_OPEN, TLS_PEER_TRUNCATED
     from keyden.tls import engine as tls_engine
 
     eng = tls_engine.Engine(threads=1)
     with engine_session(pki, eng) as (app, peer):
         peer.sendall(b"question\n")
+        assert read_until(app, b"\n") == b"question\n"
+        assert eng.peer_end(app) == TLS_PEER_OPEN
         socket.socket.shutdown(peer, socket.SHUT_WR)  # FIN under the TLS layer, no close_notify
-        got = b""
-        while chunk := app.recv(100):
-            got += chunk
-        assert got == b"question\n"
-        app.sendall(b"late answer\n")
+        assert app.recv(100) == b""
+        assert eng.peer_end(app) == TLS_PEER_TRUNCATED
+        with contextlib.suppress(OSError):
+            app.sendall(b"late answer\n")
         app.shutdown(socket.SHUT_WR)
-        assert read_until(peer, b"\n") == b"late answer\n"
+        peer.settimeout(TIMEOUT)
+        with pytest.raises((ssl.SSLError, OSError)):  # an alert or the end, never the answer
+            assert peer.recv(100) != b"late answer\n"
+            raise OSError("no answer")
 
 
 def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, monkeypatch):

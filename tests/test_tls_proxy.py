@@ -483,10 +483,12 @@ def test_a_relay_that_cannot_start_its_threads_closes_both_ends(monkeypatch):
 
     a, a_peer = socket.socketpair()
     b, b_peer = socket.socketpair()
-    relay = proxy_module.Proxy(None, 0, {}, None, 1, idle_timeout=5.0)
+    relay = proxy_module.Proxy(None, 0, {}, None, 1)
     monkeypatch.setattr(threading.Thread, "start", refused)
     with pytest.raises(RuntimeError):
-        relay._relay(a, b)
+        with relay._held(a) as live, b:  # as the serving thread holds them
+            assert live
+            proxy_module.splice(a, b, idle_timeout=5.0)
     assert not relay.relaying
     assert a.fileno() == -1 and b.fileno() == -1  # (the serving thread reports it; nothing leaks)
     a_peer.close()
@@ -517,12 +519,11 @@ def test_a_connection_that_reaches_the_relay_after_a_cut_is_ended_at_once():
     relay = proxy_module.Proxy(keyden, 0, {}, None, 1)
     relay.cut()
     a, a_peer = socket.socketpair()
-    b, b_peer = socket.socketpair()
     inode = os.fstat(a.fileno()).st_ino
-    relay._relay(a, b)  # returns at once: nothing is relayed
-    assert keyden.aborted == [inode] and a.fileno() == -1 and b.fileno() == -1 and not relay.relaying
+    with relay._held(a) as live:
+        assert not live  # nothing is relayed
+    assert keyden.aborted == [inode] and a.fileno() == -1 and not relay.relaying
     a_peer.close()
-    b_peer.close()
 
 
 def test_a_cut_that_keyden_does_not_answer_holds_the_stop_only_so_long(monkeypatch):
@@ -990,9 +991,43 @@ def test_an_upstream_that_breaks_mid_answer_ends_the_client_without_close_notify
             assert how_it_ended(tls) == "FIN"
 
 
+@pytest.mark.parametrize("how", ["truncated", "close_notify"])
+def test_a_client_that_ends_without_close_notify_resets_the_backend(proxy, pki, how):
+    """The other way round: half a request, then the client's TCP end without close_notify, must not reach
+    a TCP backend as a clean end of data (a FIN after half an upload of unknown length): it gets a reset.
+    A client's close_notify still reaches it as a FIN."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = queue.Queue()
+
+    def receive(conn, _release):
+        got = b""
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+            seen.put((got, "FIN"))
+        except ConnectionResetError:
+            seen.put((got, "reset"))
+
+    with one_connection_backend(receive, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}")
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"POST /upload HTTP/1.0\r\n\r\nhalf an upl")
+            if how == "close_notify":
+                tls.setblocking(False)  # (a blocking unwrap would wait for the proxy's close_notify)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.unwrap()
+            else:
+                with socket.socket(fileno=os.dup(tls.fileno())) as under:
+                    under.shutdown(socket.SHUT_WR)  # below TLS: no close_notify
+            got, end = seen.get(timeout=TIMEOUT)
+    assert got == b"POST /upload HTTP/1.0\r\n\r\nhalf an upl"
+    assert end == ("reset" if how == "truncated" else "FIN")
+
+
 def test_an_early_answer_from_a_tcp_backend_that_resets_still_reaches_the_client(proxy, pki):
     """A TCP backend that answers an upload early (413) and closes with the upload unread makes its kernel
-    send a reset: the answer it sent before still reaches the client, whole."""
+    send a reset: the answer it sent before still reaches the client, whole, and then the end without
+    close_notify that stands for the reset (whichever direction of the relay heard it)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(TIMEOUT)
     answer = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -1022,6 +1057,7 @@ def test_an_early_answer_from_a_tcp_backend_that_resets_still_reaches_the_client
                 except OSError:
                     pass  # the proxy stopped taking it
                 assert read_until(tls, b"\r\n\r\n") == answer
+                assert how_it_ended(tls) == "FIN"  # the reset, passed on: no close_notify
     finally:
         listener.close()
         backend.join(TIMEOUT)

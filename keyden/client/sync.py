@@ -431,6 +431,7 @@ class Client(Operations):
     tls_accept = tls.tls_accept
     tls_connect = tls.tls_connect
     tls_abort = tls.tls_abort
+    tls_peer_end = tls.tls_peer_end
 
     def shared_buffer(self, size: int) -> SharedBuffer:
         """A memory region shared with the daemon for bulk operations (see SharedBuffer.cipher)."""

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client.operations import Ref
-from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
+from keyden.protocol import (TLS13_ONLY, TLS_PEER_CLOSE_NOTIFY, TLS_PEER_OPEN, TLS_PEER_TRUNCATED,
+                             TLS_REQUIRE_CLIENT_CERT, Op)
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 OUTCOME_GRACE = 5.0  # beyond the handshake timeout: the daemon's own timer fires first
@@ -96,6 +97,21 @@ def tls_abort(client, plain) -> None:
     closes ``plain``.  A session that has already ended is no error.
     """
     client._call_with_fds(Op.TLS_ABORT, (), [plain if isinstance(plain, int) else plain.fileno()])
+
+
+_PEER_ENDS = {TLS_PEER_OPEN: "open", TLS_PEER_CLOSE_NOTIFY: "close_notify", TLS_PEER_TRUNCATED: "truncated"}
+
+
+def tls_peer_end(client, plain) -> str:
+    """How the peer's side of the session behind ``plain`` ended: "open" (it has not), "close_notify"
+    (everything it sent has arrived), or "truncated" (the connection ended without close_notify, was
+    reset, or broke the protocol: what arrived may be cut short).  End of file on ``plain`` reads the
+    same either way; ask this before trusting data whose end only the connection's end marks."""
+    (end,) = client._call_with_fds(Op.TLS_PEER_END, (), [plain if isinstance(plain, int) else plain.fileno()])
+    try:
+        return _PEER_ENDS[end]
+    except KeyError:
+        raise E.EPROTO(f"keyden answered an unknown peer end {end}") from None
 
 
 def _version_flag(min_version: str) -> int:

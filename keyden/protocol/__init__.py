@@ -94,7 +94,8 @@ class Op(enum.IntEnum):
     TLS_ACCEPT = 90
     TLS_CONNECT = 91
     TLS_ESTABLISHED = 92  # never requested: the first frame on the plaintext socket TLS_* pass back
-    TLS_ABORT = 93  # the plaintext socket, passed back: its session ends at once, a reset and no close_notify
+    TLS_ABORT = 93  # the plaintext socket, passed back: its session ends without close_notify (a FIN)
+    TLS_PEER_END = 94  # the plaintext socket, passed back: how the peer ended (close_notify or a truncation)
     # Persistent keyrings and the sealed store (docs/persistence.md).
     GET_PERSISTENT = 100
     EXPORT = 101
@@ -401,6 +402,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.TLS_ESTABLISHED: (_NONE, Schema(("version", K.STR), ("cipher", K.STR), ("server_name", K.STR),
                                        ("alpn", K.STR), ("peer_subject", K.STR), ("peer_certificate", K.BYTES))),
     Op.TLS_ABORT: (_NONE, _NONE),
+    Op.TLS_PEER_END: (_NONE, Schema(("peer_end", K.U32))),
     Op.GET_PERSISTENT: (Schema(("uid", K.I64), _RING), Schema(("serial", K.I32))),
     Op.EXPORT: (Schema(_KEY, ("recipient", K.BYTES), ("recipient_key", K.I32), ("wrapping_key", K.I32)),
                 Schema(("blob", K.BYTES))),
@@ -459,6 +461,10 @@ MAX_PKEY_INFO = 4096
 # TLS_ACCEPT / TLS_CONNECT flags.
 TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate the client trust keyring accepts
 TLS13_ONLY = 2  # no TLS 1.2
+# TLS_PEER_END: how the peer's side of a session ended.
+TLS_PEER_OPEN = 0  # it has not
+TLS_PEER_CLOSE_NOTIFY = 1  # with close_notify: all it sent has arrived
+TLS_PEER_TRUNCATED = 2  # without: a TCP end or reset, or a broken record; what arrived may be cut short
 
 
 # SCHEMAS is keyed by Op, an IntEnum: plain ints find the same entries without an enum conversion.

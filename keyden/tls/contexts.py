@@ -190,9 +190,10 @@ def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
     tls12 = _keep_key_exchanges(ctx)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if flags & TLS13_ONLY or not tls12 else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a peer must not make us redo expensive handshakes at will
-    # A TCP end without close_notify reads as end of file (docs/tls.md), not a fatal error: the
-    # application still gets to answer, as after close_notify.
-    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    # A TCP end without close_notify is OpenSSL's error, not a simulated close_notify (what
+    # OP_IGNORE_UNEXPECTED_EOF makes of it): the engine tells the application it was a truncation
+    # (TLS_PEER_END), after end of file on its plaintext socket as for any end.
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     ctx.sslsocket_class = TlsSocket
     if alpn:
         ctx.set_alpn_protocols(list(alpn))

@@ -10,14 +10,15 @@ handshake that does not finish in time is abandoned.
 The first bytes on the plaintext side are one protocol frame: a
 TLS_ESTABLISHED response with what was negotiated, or an error frame (and
 then the socket closes).  After it, plaintext flows both ways.  The peer's
-close_notify (or TCP end) reaches the application as end-of-file on its
-write side (the application may still answer); the application's
+close_notify (or TCP end: TLS_PEER_END tells which) reaches the application
+as end-of-file on its write side (after close_notify it may still answer); the application's
 end-of-file, once its data is sent, ends the session with a close_notify
 (after a TLS_ABORT naming its plaintext socket: without one).
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import ipaddress
 import itertools
@@ -39,7 +40,7 @@ from keyden import errors as E
 from keyden.hosts import host_of
 from keyden import protocol as W
 from keyden.crypto.x509 import subject_of
-from keyden.protocol import Op
+from keyden.protocol import TLS_PEER_CLOSE_NOTIFY, TLS_PEER_OPEN, TLS_PEER_TRUNCATED, Op
 
 log = logging.getLogger("keyden.tls")
 
@@ -57,6 +58,7 @@ PLAIN_SOCKET_BUFFER = 1 << 20
 MAX_REPORTED_CERT = 64 * 1024  # a larger peer certificate is not repeated in TLS_ESTABLISHED
 CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
 DRAIN_TIMEOUT = 30.0  # the application is gone: seconds its data may wait for a peer that reads nothing
+MAX_ENDED_REMEMBERED = 4096  # ended sessions whose peer's end TLS_PEER_END can still tell
 
 _RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}
 READ, WRITE = "read", "write"
@@ -143,6 +145,8 @@ class Engine:
         # the application's plaintext end (its socket's inode) -> its session, while the session lives: a
         # request that passes that socket back names the session (TLS_ABORT); holding the socket is the right
         self._by_app_end: dict[tuple[int, int], Session] = {}
+        # how the peer ended, for sessions that ended while the application may still hold its socket
+        self._ended: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
 
     def _start(self) -> None:  # (two descriptors per session: the server raised the descriptor limit for them)
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
@@ -189,7 +193,7 @@ class Engine:
             if tls.family != socket.AF_UNIX and tls.proto in (0, socket.IPPROTO_TCP):
                 tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             app_end = _identity(app)
-            session = Session(loop, uid, tls, mine, timeout, check, lambda: self._release(uid, app_end),
+            session = Session(loop, uid, tls, mine, timeout, check, lambda: self._release(uid, app_end, session),
                               handshake_over)
             with self._lock:
                 self._by_app_end[app_end] = session
@@ -199,7 +203,7 @@ class Engine:
                 if session is not None:
                     session.report = None  # its outcome is this exception, told by the caller
                 self._release_handshake(handshake)
-                self._release(uid, app_end)
+                self._release(uid, app_end)  # (never established: nothing to remember)
                 for end in (app, mine):
                     if end is not None:
                         end.close()
@@ -213,9 +217,25 @@ class Engine:
         with self._lock:
             session = self._by_app_end.get(_identity(app_end))
         if session is not None:
-            session.abort()
+            session.abort(app_end)
         elif not _ended_session(app_end):
             raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
+
+    def peer_end(self, app_end: socket.socket) -> int:
+        """How the peer of the session whose plaintext socket ``app_end`` is ended (TLS_PEER_*), while the
+        session lives and, once it has ended, while one of its last MAX_ENDED_REMEMBERED; EBADF if not
+        a session's, ENOENT if one so long gone that it was forgotten."""
+        identity = _identity(app_end)
+        with self._lock:
+            session = self._by_app_end.get(identity)
+            ended = self._ended.get(identity)
+        if session is not None:
+            return session.peer_end
+        if not _ended_session(app_end):
+            raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
+        if ended is None:
+            raise E.ENOENT(f"this TLS session ended before the last {MAX_ENDED_REMEMBERED}: how is forgotten")
+        return ended
 
     def stop(self, timeout: float = 2.0) -> None:
         """At the daemon's stop: every loop ends the handshakes it runs (within its MAX_SLEEP) and returns."""
@@ -226,9 +246,13 @@ class Engine:
         for loop in loops:
             loop.stopped.wait(timeout)
 
-    def _release(self, uid: int, app_end: tuple[int, int] | None) -> None:
+    def _release(self, uid: int, app_end: tuple[int, int] | None, session: "Session | None" = None) -> None:
         with self._lock:
             self._by_app_end.pop(app_end, None)
+            if session is not None and session.established:  # (asked after the end: still told)
+                self._ended[app_end] = session.peer_end
+                if len(self._ended) > MAX_ENDED_REMEMBERED:
+                    self._ended.popitem(last=False)
             self._per_uid[uid] -= 1
             if not self._per_uid[uid]:
                 del self._per_uid[uid]
@@ -419,6 +443,7 @@ class Session:
         self.up_start = self.up_end = 0
         self.up_blocked: str | None = None  # what the TLS socket must become before we read it again
         self.peer_eof = False
+        self.peer_end = TLS_PEER_OPEN  # how it came: TLS_PEER_CLOSE_NOTIFY or TLS_PEER_TRUNCATED
         self.app_write_shut = False
         # application -> peer: plaintext in down[down_start:down_end]
         self.down_start = self.down_end = 0
@@ -468,17 +493,19 @@ class Session:
         self.deadline = when
         self.loop.at(when, self)
 
-    def abort(self) -> None:
-        """From any thread (TLS_ABORT): end the session without close_notify.
+    def abort(self, app_end: socket.socket) -> None:
+        """From any thread (TLS_ABORT, with ``app_end``, the request's copy of the application's end): end
+        the session without close_notify.
 
-        At once, on the caller's thread, the plaintext socket is shut both ways: from the request's
+        At once, on the caller's thread, the socketpair is shut both ways (through ``app_end``: our own
+        end may be closing on the loop's thread, its descriptor number reused): from the request's
         answer on, the application reads end of file and its writes fail.  What it wrote before still
         goes out (an answer it had passed on in full); then the TCP connection ends with a FIN and no
         close_notify, which TLS peers report as a truncation.  A handshake still running ends with a
         reset.  The flag comes first: whatever the loop does next for this session finds it."""
         self.abort_requested = True
         try:
-            self.plain.shutdown(socket.SHUT_RDWR)
+            app_end.shutdown(socket.SHUT_RDWR)  # (one end's shutdown shuts the other's opposite ways too)
         except OSError:
             pass
         self.loop.call_soon(self._abort)
@@ -529,6 +556,8 @@ class Session:
                 self._pump()
         except (OSError, ssl.SSLError) as exc:  # the peer reset or broke the protocol, or the app vanished
             log.debug("TLS session ended: %s", exc.__class__.__name__)
+            if self.peer_end == TLS_PEER_OPEN:  # (seen on a write: the peer is gone without close_notify)
+                self.peer_end = TLS_PEER_TRUNCATED
             self._close()
         except Exception:
             log.exception("TLS session failed")
@@ -638,8 +667,12 @@ class Session:
             except ssl.SSLWantWriteError:  # e.g. answering a TLS 1.3 key update
                 self.up_blocked = WRITE
                 return
+            except OSError as exc:  # a TCP end without close_notify (suppress_ragged_eofs is off), a reset, a
+                log.debug("TLS session: the peer's end was a truncation: %s", exc.__class__.__name__)  # bad record
+                self.peer_eof, self.peer_end = True, TLS_PEER_TRUNCATED  # what came before still reaches the app
+                return
             if n == 0:
-                self.peer_eof = True  # close_notify, or a TCP end (ragged EOFs pass as ends)
+                self.peer_eof, self.peer_end = True, TLS_PEER_CLOSE_NOTIFY
             self.up_end += n
 
     def _deliver(self) -> bool:

@@ -37,7 +37,8 @@ def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
         keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
         tls_ctx = contexts.server_context(keys, anchors, flags, protocols)
-        tls = _wrap(sock, lambda dup: tls_ctx.wrap_socket(dup, server_side=True, do_handshake_on_connect=False))
+        tls = _wrap(sock, lambda dup: tls_ctx.wrap_socket(dup, server_side=True, do_handshake_on_connect=False,
+                                                          suppress_ragged_eofs=False))
         _start(ctx, tls, timeout_ms)
     return ()
 
@@ -54,7 +55,7 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         identity_keys = _own_keys(ctx, identity) if identity else None
         tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
         tls = _wrap(sock, lambda dup: tls_ctx.wrap_socket(dup, server_hostname=server_hostname,
-                                                          do_handshake_on_connect=False))
+                                                          do_handshake_on_connect=False, suppress_ragged_eofs=False))
         _start(ctx, tls, timeout_ms)
     return ()
 
@@ -65,6 +66,12 @@ def _tls_abort(ctx):
     with _taken_socket(ctx, "the plaintext socket") as sock:  # (a duplicate: the application still holds its own)
         engine().abort(sock)
     return ()
+
+
+@handles(Op.TLS_PEER_END)
+def _tls_peer_end(ctx):
+    with _taken_socket(ctx, "the plaintext socket") as sock:
+        return (engine().peer_end(sock),)
 
 
 MAX_HOST_NAME = 253  # DNS's bound (RFC 1035), under OpenSSL's 255 for the SNI extension
