@@ -40,7 +40,6 @@ MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
 #: default seconds a stop waits for open connections to end, then cuts them: under Kubernetes' 30 s grace
 #: period and systemd's 90 s stop timeout, so that the cut is the proxy's own
 SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT = 25.0, 86400.0
-TCP_CLOSE = 7  # tcp_info's tcpi_state of a connection that was reset (linux/tcp_states.h)
 CUT_TIMEOUT = 5.0  # seconds cut() waits for keyden to take its aborts
 DRAIN_POLL = 0.25  # seconds between drain()'s looks at stop_now (a signal handler cannot notify it)
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
@@ -453,14 +452,15 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     def broken(src: socket.socket) -> None:
         if src is b:
             end_a_without_close_notify()
-        end_both()
+            end_both()
+        else:
+            end_b()
 
     def cut_short() -> None:  # the grace is over: what is still on its way would end half-way
         end_a_without_close_notify()
         end_both()
 
     b_reset = threading.Event()  # a reset of b's is reported once, maybe to the thread writing to it
-    b_write_shut = threading.Event()  # (set before b is shut for writing: its own FIN may close it then)
 
     def reset_b() -> None:
         """End b with a reset where it is TCP (closed with SO_LINGER 0 by the caller, never shut for writing:
@@ -475,7 +475,7 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
         except OSError:
             end_both()
 
-    def a_was_truncated() -> bool:
+    def a_truncated() -> bool:
         if truncated is None:
             return False
         try:
@@ -483,18 +483,11 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
         except Exception:  # (keyden lost: nothing is known) as before: a half-close
             return False
 
-    def b_was_reset() -> bool:
-        """At b's end of file: was it a reset?  The error may have gone to the other thread's write, or to
-        nobody yet: a TCP connection that is closed, where a FIN would leave it closing, says so too."""
-        if b_reset.is_set():
-            return True
-        if b.family == socket.AF_UNIX:
-            return False
-        try:
-            closed = b.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
-        except OSError:
-            return False
-        return closed and not b_write_shut.is_set()  # (in that order: our FIN, once sent, can close it)
+    def end_b() -> None:  # a broke: b learns of it as its peer did
+        if a_truncated():
+            reset_b()
+        else:
+            end_both()
 
     grace: list[threading.Timer] = []
     moved = [time.monotonic()]  # when a byte last moved, either way
@@ -519,13 +512,14 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                     grace.append(timer)
                     return
                 moved[0] = time.monotonic()
-            if src is b and b_was_reset():
+            # b's end of file after a reset whose error the other thread's write took.  (TCP's state cannot
+            # say: a backend that sends a FIN, then closes with our data unread, resets a connection that
+            # had ended cleanly.)  A write that takes the error just after this look is missed: rare.
+            if src is b and b_reset.is_set():
                 end_a_without_close_notify()
-            if dst is b:
-                if a_was_truncated():
-                    reset_b()
-                    return
-                b_write_shut.set()
+            if dst is b and a_truncated():
+                reset_b()
+                return
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # src broke: end both directions
             broken(src)

@@ -1065,9 +1065,10 @@ def test_the_application_can_tell_a_truncation_from_an_end(client, server_ring, 
         else:
             assert got == b"x" * 100000
         assert client.tls_peer_end(plain) == told
-        plain.shutdown(socket.SHUT_WR)  # both sides done: the session ends ...
-        assert eventually(lambda: select.select([plain], [], [], 0)[0] and plain.recv(1) == b"")
-        time.sleep(0.2)
+        plain.shutdown(socket.SHUT_WR)  # both sides done: the session ends (keyden closes its end) ...
+        hung_up = select.poll()
+        hung_up.register(plain, 0)
+        assert eventually(lambda: any(events & select.POLLHUP for _fd, events in hung_up.poll(0)))
         assert client.tls_peer_end(plain) == told  # ... and is still told
     with socket.socket(socket.AF_UNIX) as foreign, pytest.raises(E.EBADF):
         client.tls_peer_end(foreign)
@@ -1478,9 +1479,11 @@ def test_a_peer_that_ends_without_close_notify_is_told_as_a_truncation(pki):
             app.sendall(b"late answer\n")
         app.shutdown(socket.SHUT_WR)
         peer.settimeout(TIMEOUT)
-        with pytest.raises((ssl.SSLError, OSError)):  # an alert or the end, never the answer
-            assert peer.recv(100) != b"late answer\n"
-            raise OSError("no answer")
+        try:
+            got = peer.recv(100)
+        except ssl.SSLError:  # OpenSSL's alert for the unexpected end (decode_error)
+            got = b""
+        assert got == b""  # an alert or the end, never the answer (a timeout fails the test)
 
 
 def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, monkeypatch):

@@ -1024,6 +1024,51 @@ def test_a_client_that_ends_without_close_notify_resets_the_backend(proxy, pki, 
     assert end == ("reset" if how == "truncated" else "FIN")
 
 
+def test_a_truncated_client_whose_session_breaks_with_an_answer_unread_still_resets_the_backend():
+    """splice, in-process: keyden closes a truncated session with the backend's bytes unread in its end of
+    the socketpair, so the relay reads a reset (ECONNRESET), not end of file: the backend must get a reset
+    all the same, not a FIN."""
+    for _ in range(5):  # (which of the relay's threads hears the reset varies)
+        _truncated_client_with_an_answer_unread()
+
+
+def _truncated_client_with_an_answer_unread() -> None:
+    from keyden import proxy as proxy_module
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = queue.Queue()
+
+    def backend():
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # until every buffer on the way is full (and no further:
+            for _ in range(4096):                   # a reset's error is told once, and recv below must hear it)
+                conn.send(bytes(65536))
+        conn.settimeout(TIMEOUT)
+        try:
+            while conn.recv(65536):
+                pass
+            seen.put("FIN")
+        except ConnectionResetError:
+            seen.put("reset")
+        conn.close()
+
+    threading.Thread(target=backend, daemon=True).start()
+    a, keyden_end = socket.socketpair()
+    b = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+    relay = threading.Thread(target=proxy_module.splice, args=(a, b), kwargs={"truncated": lambda: True})
+    relay.start()
+    keyden_end.sendall(b"half an upl")
+    time.sleep(0.3)  # the backend's answer fills keyden's end, unread
+    keyden_end.close()  # with it unread: the relay's recv gets ECONNRESET
+    relay.join(TIMEOUT)
+    assert not relay.is_alive()
+    a.close()
+    b.close()  # the caller's close: SO_LINGER 0 made it a reset
+    assert seen.get(timeout=TIMEOUT) == "reset"
+    listener.close()
+
+
 def test_an_early_answer_from_a_tcp_backend_that_resets_still_reaches_the_client(proxy, pki):
     """A TCP backend that answers an upload early (413) and closes with the upload unread makes its kernel
     send a reset: the answer it sent before still reaches the client, whole, and then the end without

@@ -234,7 +234,8 @@ class Engine:
         if not _ended_session(app_end):
             raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
         if ended is None:
-            raise E.ENOENT(f"this TLS session ended before the last {MAX_ENDED_REMEMBERED}: how is forgotten")
+            raise E.ENOENT("keyden no longer knows how this TLS session's peer ended (it keeps that for its last "
+                           f"{MAX_ENDED_REMEMBERED} established sessions)")
         return ended
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -250,6 +251,7 @@ class Engine:
         with self._lock:
             self._by_app_end.pop(app_end, None)
             if session is not None and session.established:  # (asked after the end: still told)
+                self._ended.pop(app_end, None)  # (an identity reused: the newest goes last)
                 self._ended[app_end] = session.peer_end
                 if len(self._ended) > MAX_ENDED_REMEMBERED:
                     self._ended.popitem(last=False)
