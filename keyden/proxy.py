@@ -40,6 +40,7 @@ MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
 #: default seconds a stop waits for open connections to end, then cuts them: under Kubernetes' 30 s grace
 #: period and systemd's 90 s stop timeout, so that the cut is the proxy's own
 SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT = 25.0, 86400.0
+RESET_WAIT = 0.5  # seconds b's end of file waits for a write to b under way (splice)
 CUT_TIMEOUT = 5.0  # seconds cut() waits for keyden to take its aborts
 DRAIN_POLL = 0.25  # seconds between drain()'s looks at stop_now (a signal handler cannot notify it)
 #: refusals of tls_accept that say the keyrings themselves no longer serve (not a limit, not the peer)
@@ -460,7 +461,30 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
         end_a_without_close_notify()
         end_both()
 
-    b_reset = threading.Event()  # a reset of b's is reported once, maybe to the thread writing to it
+    # A reset of b's is reported once, maybe to the thread writing to b: the other then reads a plain end of
+    # file.  So at b's end of file, a write to b still under way is waited for (briefly: one that blocks
+    # has taken no error) before the end is taken for a clean one.
+    b_reset = threading.Event()
+    b_writes = threading.Condition()
+    b_writing = [False]
+
+    def write_b(chunk) -> None:
+        with b_writes:
+            b_writing[0] = True
+        try:
+            b.sendall(chunk)
+        except ConnectionResetError:
+            b_reset.set()
+            raise
+        finally:
+            with b_writes:
+                b_writing[0] = False
+                b_writes.notify_all()
+
+    def b_was_reset() -> bool:
+        with b_writes:
+            b_writes.wait_for(lambda: not b_writing[0], RESET_WAIT)
+        return b_reset.is_set()
 
     def reset_b() -> None:
         """End b with a reset where it is TCP (closed with SO_LINGER 0 by the caller, never shut for writing:
@@ -498,10 +522,11 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             while chunk := src.recv(CHUNK):
                 moved[0] = time.monotonic()
                 try:
-                    dst.sendall(chunk)
-                except OSError as exc:  # dst is closed: this direction is over; the other carries its answer
-                    if dst is b and isinstance(exc, ConnectionResetError):
-                        b_reset.set()  # (the other direction will read end of file: not a clean one)
+                    if dst is b:
+                        write_b(chunk)
+                    else:
+                        dst.sendall(chunk)
+                except OSError:  # dst is closed: this direction is over; the other carries its answer
                     timer = threading.Timer(close_timeout, cut_short)
                     timer.daemon = True
                     try:
@@ -512,10 +537,9 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                     grace.append(timer)
                     return
                 moved[0] = time.monotonic()
-            # b's end of file after a reset whose error the other thread's write took.  (TCP's state cannot
-            # say: a backend that sends a FIN, then closes with our data unread, resets a connection that
-            # had ended cleanly.)  A write that takes the error just after this look is missed: rare.
-            if src is b and b_reset.is_set():
+            # (TCP's state cannot tell a reset: a backend that sends a FIN, then closes with our data unread,
+            # resets a connection that had ended cleanly.)
+            if src is b and b_was_reset():
                 end_a_without_close_notify()
             if dst is b and a_truncated():
                 reset_b()
