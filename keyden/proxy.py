@@ -277,8 +277,8 @@ class Proxy:
     def cut(self) -> None:
         """End the connections still open without close_notify (tls_abort): what their clients got so far
         may be half an answer.  Connections that reach the relay after this are ended as they come.  Each
-        abort is made on a duplicate, taken under the lock a connection closes its socket with, so that
-        no abort can name a descriptor number reused meanwhile; a keyden that does not answer holds the
+        abort is made on a duplicate, taken under the lock that guards ``relaying`` (a socket leaves it
+        before it is closed), so that no abort can name a descriptor number reused meanwhile; a keyden that does not answer holds the
         stop for at most CUT_TIMEOUT seconds."""
         with self.per_host_lock:
             self.cutting = True
@@ -289,8 +289,13 @@ class Proxy:
 
     def _abort_all(self, plains: list[socket.socket]) -> None:
         for plain in plains:
-            with plain, contextlib.suppress(E.KeydenError):  # (keyden lost: the sessions are gone with it)
-                client_tls.tls_abort(self.client, plain)
+            with plain:
+                self._abort(plain)
+
+    def _abort(self, plain: socket.socket) -> None:
+        """End ``plain``'s TLS session without close_notify; keyden lost, the session is gone with it."""
+        with contextlib.suppress(E.KeydenError):
+            client_tls.tls_abort(self.client, plain)
 
     @contextlib.contextmanager
     def _held(self, plain: socket.socket):
@@ -301,8 +306,7 @@ class Proxy:
             self.relaying.add(plain)
         try:
             if cut:
-                with contextlib.suppress(E.KeydenError):
-                    client_tls.tls_abort(self.client, plain)
+                self._abort(plain)
             yield not cut
         finally:
             with self.per_host_lock:
@@ -338,7 +342,7 @@ class Proxy:
                     return
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout,
-                       abort=lambda: client_tls.tls_abort(self.client, plain),
+                       abort=lambda: self._abort(plain),
                        truncated=lambda: client_tls.tls_peer_end(self.client, plain) == "truncated")
             except RuntimeError as exc:  # no thread to be had for the other direction: closed
                 _report(peer, f"cannot relay the connection: {exc}; closed")
@@ -443,110 +447,87 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             except OSError:
                 pass
 
-    def end_a_without_close_notify() -> None:
-        if abort is not None:
+    truncation_seen = []
+
+    def a_truncated() -> bool:
+        """(Asked at every end of a, including ones the proxy caused: a truncation, once known, is kept.)"""
+        if not truncation_seen:
             try:
-                abort()
-            except Exception:  # (keyden lost: the session is gone with it) the shutdown ends it anyway
+                if truncated is not None and truncated():
+                    truncation_seen.append(True)
+            except Exception:  # (keyden lost: nothing is known) as before: a half-close
                 pass
+        return bool(truncation_seen)
 
-    def broken(src: socket.socket) -> None:
-        if src is b:
-            end_a_without_close_notify()
-            end_both()
-        else:
-            end_b()
-
-    def cut_short() -> None:  # the grace is over: what is still on its way would end half-way
-        end_a_without_close_notify()
+    def a_ended(broke: bool) -> None:
+        """The client's end reaches b as it came: a truncation as a reset (where b is TCP), else a FIN."""
+        if a_truncated() and b.family != socket.AF_UNIX:
+            try:  # closed with SO_LINGER 0 by the caller, never shut for writing: no FIN first
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                b.shutdown(socket.SHUT_RD)  # (sends nothing; the other direction reads its end of file)
+                a.shutdown(socket.SHUT_RDWR)
+                return
+            except OSError:
+                pass
+        elif not broke:
+            b.shutdown(socket.SHUT_WR)
+            return
         end_both()
 
     # A reset of b's is reported once, maybe to the thread writing to b: the other then reads a plain end of
     # file.  So at b's end of file, a write to b still under way is waited for (briefly: one that blocks
     # has taken no error) before the end is taken for a clean one.
     b_reset = threading.Event()
-    b_writes = threading.Condition()
-    b_writing = [False]
+    writing_b = threading.Lock()
 
     def write_b(chunk) -> None:
-        with b_writes:
-            b_writing[0] = True
-        try:
-            b.sendall(chunk)
-        except ConnectionResetError:
-            b_reset.set()
-            raise
-        finally:
-            with b_writes:
-                b_writing[0] = False
-                b_writes.notify_all()
+        with writing_b:
+            try:
+                b.sendall(chunk)
+            except ConnectionResetError:
+                b_reset.set()
+                raise
 
-    def b_was_reset() -> bool:
-        with b_writes:
-            b_writes.wait_for(lambda: not b_writing[0], RESET_WAIT)
-        return b_reset.is_set()
-
-    def reset_b() -> None:
-        """End b with a reset where it is TCP (closed with SO_LINGER 0 by the caller, never shut for writing:
-        no FIN first); a Unix socket has none, and gets its end of file."""
-        if b.family == socket.AF_UNIX:
+    def b_ended(broke: bool) -> None:
+        """b's end reaches the client as it came: a reset (or the proxy's cut) as an abort, else close_notify.
+        (TCP's state cannot tell a reset: a backend that sends a FIN, then closes with our data unread,
+        resets a connection that had ended cleanly.)"""
+        if not broke and writing_b.acquire(timeout=RESET_WAIT):
+            writing_b.release()
+        if (broke or b_reset.is_set()) and abort is not None:
+            try:
+                abort()
+            except Exception:  # (keyden lost: the session is gone with it) the shutdown ends it anyway
+                pass
+        if broke:
             end_both()
-            return
-        try:
-            b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            b.shutdown(socket.SHUT_RD)  # (sends nothing; the other direction reads its end of file)
-            a.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            end_both()
-
-    def a_truncated() -> bool:
-        if truncated is None:
-            return False
-        try:
-            return truncated()
-        except Exception:  # (keyden lost: nothing is known) as before: a half-close
-            return False
-
-    def end_b() -> None:  # a broke: b learns of it as its peer did
-        if a_truncated():
-            reset_b()
         else:
-            end_both()
+            a.shutdown(socket.SHUT_WR)
 
     grace: list[threading.Timer] = []
     moved = [time.monotonic()]  # when a byte last moved, either way
     finished = threading.Event()
 
-    def copy(src: socket.socket, dst: socket.socket) -> None:
+    def copy(src: socket.socket, send, ended) -> None:
         try:
             while chunk := src.recv(CHUNK):
                 moved[0] = time.monotonic()
                 try:
-                    if dst is b:
-                        write_b(chunk)
-                    else:
-                        dst.sendall(chunk)
+                    send(chunk)
                 except OSError:  # dst is closed: this direction is over; the other carries its answer
-                    timer = threading.Timer(close_timeout, cut_short)
+                    timer = threading.Timer(close_timeout, b_ended, (True,))  # then it is cut short
                     timer.daemon = True
                     try:
                         timer.start()
                     except RuntimeError:  # no thread for the grace: none, then
-                        cut_short()
+                        b_ended(True)
                         return
                     grace.append(timer)
                     return
                 moved[0] = time.monotonic()
-            # (TCP's state cannot tell a reset: a backend that sends a FIN, then closes with our data unread,
-            # resets a connection that had ended cleanly.)
-            if src is b and b_was_reset():
-                end_a_without_close_notify()
-            if dst is b and a_truncated():
-                reset_b()
-                return
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:  # src broke: end both directions
-            broken(src)
+            ended(False)
+        except OSError:  # src broke (or its end could not be passed on): end both directions
+            ended(True)
 
     def end_when_idle() -> None:
         while not finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
@@ -555,12 +536,12 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
                 return
 
     watch = threading.Thread(target=end_when_idle, daemon=True) if idle_timeout else None
-    back = threading.Thread(target=copy, args=(b, a), daemon=True)
+    back = threading.Thread(target=copy, args=(b, a.sendall, b_ended), daemon=True)
     try:
         if watch is not None:
             watch.start()
         back.start()  # (RuntimeError with no thread to be had: the connection ends; the caller closes it)
-        copy(a, b)
+        copy(a, write_b, a_ended)
         back.join()
     finally:
         finished.set()

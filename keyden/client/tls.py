@@ -5,7 +5,8 @@
 pass the socket to keyden, which runs the handshake and the record layer
 with keys that never leave it, and return ``(plaintext_socket, TlsInfo)``.
 Closing the plaintext socket ends the session with close_notify;
-``client.tls_abort(plaintext_socket)`` first ends it without (a truncation).
+``client.tls_abort(plaintext_socket)`` first ends it without close_notify
+(the peer sees a truncation).
 Only the short request holds the client's connection: the handshake's
 outcome arrives as the first frame on the plaintext socket, so threads
 sharing one client wait on their own sockets.  See docs/tls.md.
@@ -90,13 +91,13 @@ def tls_connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: 
 def tls_abort(client, plain) -> None:
     """End the TLS session behind the plaintext socket ``plain`` without close_notify.
 
-    From the return on, ``plain`` reads end of file and its writes fail; what was written to it
-    before still goes out, then the connection ends with no close_notify, which the peer reports as
-    a truncation: it cannot take what it got for the whole answer (a request cut short, an upstream
-    that failed mid-answer).  Closing ``plain`` without this is the graceful end.  The caller still
+    From the return on, ``plain`` reads end of file (after what had already reached it) and its
+    writes fail; what was written to it before still goes out, then the connection ends with no
+    close_notify, which the peer reports as a truncation: it cannot take what it got for the whole
+    answer (a request cut short, an upstream that failed mid-answer).  Closing ``plain`` without this is the graceful end.  The caller still
     closes ``plain``.  A session that has already ended is no error.
     """
-    client._call_with_fds(Op.TLS_ABORT, (), [plain if isinstance(plain, int) else plain.fileno()])
+    client._call_with_fds(Op.TLS_ABORT, (), [_fileno(plain)])
 
 
 _PEER_ENDS = {TLS_PEER_OPEN: "open", TLS_PEER_CLOSE_NOTIFY: "close_notify", TLS_PEER_TRUNCATED: "truncated"}
@@ -107,7 +108,7 @@ def tls_peer_end(client, plain) -> str:
     (everything it sent has arrived), or "truncated" (the connection ended without close_notify, was
     reset, or broke the protocol: what arrived may be cut short).  End of file on ``plain`` reads the
     same either way; ask this before trusting data whose end only the connection's end marks."""
-    (end,) = client._call_with_fds(Op.TLS_PEER_END, (), [plain if isinstance(plain, int) else plain.fileno()])
+    (end,) = client._call_with_fds(Op.TLS_PEER_END, (), [_fileno(plain)])
     try:
         return _PEER_ENDS[end]
     except KeyError:
@@ -143,8 +144,12 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def _fileno(sock) -> int:
+    return sock if isinstance(sock, int) else sock.fileno()
+
+
 def _hand_over(client, op: Op, args: tuple, sock) -> socket.socket:
-    fd = sock if isinstance(sock, int) else sock.fileno()
+    fd = _fileno(sock)
     _values, received = client._call_trading_fds(op, client._resolve(args), [fd])
     if isinstance(sock, int):
         os.close(sock)

@@ -504,7 +504,8 @@ class Session:
         answer on, the application reads end of file and its writes fail.  What it wrote before still
         goes out (an answer it had passed on in full); then the TCP connection ends with a FIN and no
         close_notify, which TLS peers report as a truncation.  A handshake still running ends with a
-        reset.  The flag comes first: whatever the loop does next for this session finds it."""
+        reset (a FIN if it finished first).  The flag comes first: whatever the loop does next for
+        this session finds it."""
         self.abort_requested = True
         try:
             app_end.shutdown(socket.SHUT_RDWR)  # (one end's shutdown shuts the other's opposite ways too)
