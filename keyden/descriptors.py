@@ -28,6 +28,7 @@ import functools
 import os
 import resource
 import socket
+import struct
 import threading
 from typing import Callable, Iterable, Union
 
@@ -84,6 +85,15 @@ def release_socket(sock: socket.socket, owner: int, then: Callable[[], None] | N
         release_with(functools.partial(_close_then, fd, then), owner)
     elif fd >= 0:
         release((fd,), owner)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the last close of a TCP socket send a reset, not a FIN (SO_LINGER on, 0 s): for a connection
+    whose end must not pass for a clean one.  It also makes that close immediate."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
 
 
 def _close_then(fd: int, then: Callable[[], None]) -> None:

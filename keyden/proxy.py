@@ -278,8 +278,8 @@ class Proxy:
         """End the connections still open without close_notify (tls_abort): what their clients got so far
         may be half an answer.  Connections that reach the relay after this are ended as they come.  Each
         abort is made on a duplicate, taken under the lock that guards ``relaying`` (a socket leaves it
-        before it is closed), so that no abort can name a descriptor number reused meanwhile; a keyden that does not answer holds the
-        stop for at most CUT_TIMEOUT seconds."""
+        before it is closed), so that no abort can name a descriptor number reused meanwhile; a keyden
+        that does not answer holds the stop for at most CUT_TIMEOUT seconds."""
         with self.per_host_lock:
             self.cutting = True
             duplicates = [plain.dup() for plain in self.relaying]
@@ -463,7 +463,7 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
         """The client's end reaches b as it came: a truncation as a reset (where b is TCP), else a FIN."""
         if a_truncated() and b.family != socket.AF_UNIX:
             try:  # closed with SO_LINGER 0 by the caller, never shut for writing: no FIN first
-                b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                descriptors.reset_on_close(b)
                 b.shutdown(socket.SHUT_RD)  # (sends nothing; the other direction reads its end of file)
                 a.shutdown(socket.SHUT_RDWR)
                 return

@@ -947,6 +947,22 @@ def how_it_ended(tls: ssl.SSLSocket) -> str:
     return f"data: {data!r}" if data else "close_notify"
 
 
+def send_close_notify(tls: ssl.SSLSocket) -> None:
+    """Our close_notify, without waiting for the other side's (as a blocking unwrap would)."""
+    tls.setblocking(False)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.unwrap()
+
+
+def end_without_close_notify(tls: ssl.SSLSocket, reset: bool = False) -> None:
+    """End the TCP connection under ``tls`` with no close_notify: a FIN now, or with ``reset`` a reset when
+    ``tls`` is closed."""
+    if reset:
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    else:
+        socket.socket.shutdown(tls, socket.SHUT_WR)  # (SSLSocket.shutdown would drop the TLS layer first)
+
+
 def strict_peer(port: int, ca: Leaf) -> ssl.SSLSocket:
     """A TLS client that tells a truncation from an end (suppress_ragged_eofs off)."""
     ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
@@ -1037,17 +1053,10 @@ def test_the_application_can_tell_a_truncation_from_an_end(client, server_ring, 
             peer_ready.set()
             tls.sendall(b"x" * 100000)
             if how == "close_notify":
-                tls.setblocking(False)  # (a blocking unwrap would wait for keyden's close_notify)
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    tls.unwrap()
-                outcome["open"] = True
+                send_close_notify(tls)
             else:
-                with socket.socket(fileno=os.dup(tls.fileno())) as under:  # below TLS: no close_notify
-                    if how == "reset":
-                        under.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    else:
-                        under.shutdown(socket.SHUT_WR)
-                    outcome["open"] = True
+                end_without_close_notify(tls, reset=how == "reset")
+            outcome["open"] = True
     t = threading.Thread(target=peer)
     t.start()
     plain, _info = client.tls_accept(conn)
@@ -1472,7 +1481,7 @@ def test_a_peer_that_ends_without_close_notify_is_told_as_a_truncation(pki):
         peer.sendall(b"question\n")
         assert read_until(app, b"\n") == b"question\n"
         assert eng.peer_end(app) == TLS_PEER_OPEN
-        socket.socket.shutdown(peer, socket.SHUT_WR)  # FIN under the TLS layer, no close_notify
+        end_without_close_notify(peer)
         assert app.recv(100) == b""
         assert eng.peer_end(app) == TLS_PEER_TRUNCATED
         with contextlib.suppress(OSError):

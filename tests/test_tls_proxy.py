@@ -30,9 +30,11 @@ import pytest
 from keyden.protocol import Op
 
 try:
-    from tests.test_tls import TIMEOUT, Pki, how_it_ended, load, read_until
+    from tests.test_tls import (TIMEOUT, Pki, end_without_close_notify, how_it_ended, load, read_until,
+                                send_close_notify)
 except ImportError:  # pytest's rootdir-relative import
-    from test_tls import TIMEOUT, Pki, how_it_ended, load, read_until
+    from test_tls import (TIMEOUT, Pki, end_without_close_notify, how_it_ended, load, read_until,
+                          send_close_notify)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -1013,12 +1015,9 @@ def test_a_clients_end_reaches_a_tcp_backend_as_a_reset_only_if_truncated(proxy,
         with tls_to(port, pki) as tls:
             tls.sendall(b"POST /upload HTTP/1.0\r\n\r\nhalf an upl")
             if how == "close_notify":
-                tls.setblocking(False)  # (a blocking unwrap would wait for the proxy's close_notify)
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    tls.unwrap()
+                send_close_notify(tls)
             else:
-                with socket.socket(fileno=os.dup(tls.fileno())) as under:
-                    under.shutdown(socket.SHUT_WR)  # below TLS: no close_notify
+                end_without_close_notify(tls)
             got, end = seen.get(timeout=TIMEOUT)
     assert got == b"POST /upload HTTP/1.0\r\n\r\nhalf an upl"
     assert end == ("reset" if how == "truncated" else "FIN")

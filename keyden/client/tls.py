@@ -94,8 +94,9 @@ def tls_abort(client, plain) -> None:
     From the return on, ``plain`` reads end of file (after what had already reached it) and its
     writes fail; what was written to it before still goes out, then the connection ends with no
     close_notify, which the peer reports as a truncation: it cannot take what it got for the whole
-    answer (a request cut short, an upstream that failed mid-answer).  Closing ``plain`` without this is the graceful end.  The caller still
-    closes ``plain``.  A session that has already ended is no error.
+    answer (a request cut short, an upstream that failed mid-answer).  Closing ``plain`` without this
+    is the graceful end.  The caller still closes ``plain``.  A session that has already ended is no
+    error.
     """
     client._call_with_fds(Op.TLS_ABORT, (), [_fileno(plain)])
 

@@ -18,7 +18,6 @@ end-of-file, once its data is sent, ends the session with a close_notify
 
 from __future__ import annotations
 
-import collections
 import heapq
 import ipaddress
 import itertools
@@ -30,7 +29,7 @@ import ssl
 import struct
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from typing import Callable
 
 from cryptography import x509
@@ -60,7 +59,6 @@ CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
 DRAIN_TIMEOUT = 30.0  # the application is gone: seconds its data may wait for a peer that reads nothing
 MAX_ENDED_REMEMBERED = 4096  # ended sessions whose peer's end TLS_PEER_END can still tell
 
-_RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}
 READ, WRITE = "read", "write"
 #: the alerts (OpenSSL's reason names) that say the peer refused a certificate, ours or its trust in it
 _CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "BAD_CERT")
@@ -146,7 +144,7 @@ class Engine:
         # request that passes that socket back names the session (TLS_ABORT); holding the socket is the right
         self._by_app_end: dict[tuple[int, int], Session] = {}
         # how the peer ended, for sessions that ended while the application may still hold its socket
-        self._ended: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
+        self._ended: OrderedDict[tuple[int, int], int] = OrderedDict()
 
     def _start(self) -> None:  # (two descriptors per session: the server raised the descriptor limit for them)
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
@@ -212,31 +210,33 @@ class Engine:
 
     def abort(self, app_end: socket.socket) -> None:
         """End without close_notify the session whose plaintext socket ``app_end`` is (passed back by its
-        holder; Session.abort, docs/tls.md).  A session that has already ended is left so; a socket that
-        was never a session's is EBADF."""
-        with self._lock:
-            session = self._by_app_end.get(_identity(app_end))
+        holder; Session.abort, docs/tls.md).  A session that has already ended is left so."""
+        session, _ended = self._named_by(app_end)
         if session is not None:
             session.abort(app_end)
-        elif not _ended_session(app_end):
-            raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
 
     def peer_end(self, app_end: socket.socket) -> int:
         """How the peer of the session whose plaintext socket ``app_end`` is ended (TLS_PEER_*), while the
-        session lives and, once it has ended, while one of its last MAX_ENDED_REMEMBERED; EBADF if not
-        a session's, ENOENT if one so long gone that it was forgotten."""
-        identity = _identity(app_end)
-        with self._lock:
-            session = self._by_app_end.get(identity)
-            ended = self._ended.get(identity)
+        session lives and, once it has ended, while one of its last MAX_ENDED_REMEMBERED; ENOENT if one so
+        long gone that it was forgotten."""
+        session, ended = self._named_by(app_end)
         if session is not None:
             return session.peer_end
-        if not _ended_session(app_end):
-            raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
         if ended is None:
             raise E.ENOENT("keyden no longer knows how this TLS session's peer ended (it keeps that for its last "
                            f"{MAX_ENDED_REMEMBERED} established sessions)")
         return ended
+
+    def _named_by(self, app_end: socket.socket) -> tuple["Session | None", int | None]:
+        """The live session a plaintext socket passed back names, or (None, its remembered peer end, or None
+        if forgotten) for one that has ended; EBADF for a socket that was never a session's."""
+        identity = _identity(app_end)
+        with self._lock:
+            session = self._by_app_end.get(identity)
+            ended = self._ended.get(identity)
+        if session is None and not _ended_session(app_end):
+            raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
+        return session, ended
 
     def stop(self, timeout: float = 2.0) -> None:
         """At the daemon's stop: every loop ends the handshakes it runs (within its MAX_SLEEP) and returns."""
@@ -520,9 +520,9 @@ class Session:
         if self.established:
             self.step()  # the end of file it finds: the application's data goes out, then the end
             return
-        if self.tls.family != socket.AF_UNIX:  # closed with SO_LINGER 0: TCP sends a reset, not a FIN
+        if self.tls.family != socket.AF_UNIX:  # TCP: a reset, not a FIN
             try:
-                self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                descriptors.reset_on_close(self.tls)
             except OSError:
                 pass
         self._close()
@@ -670,9 +670,10 @@ class Session:
             except ssl.SSLWantWriteError:  # e.g. answering a TLS 1.3 key update
                 self.up_blocked = WRITE
                 return
-            except OSError as exc:  # a TCP end without close_notify (suppress_ragged_eofs is off), a reset, a
-                log.debug("TLS session: the peer's end was a truncation: %s", exc.__class__.__name__)  # bad record
-                self.peer_eof, self.peer_end = True, TLS_PEER_TRUNCATED  # what came before still reaches the app
+            except OSError as exc:  # a TCP end without close_notify (suppress_ragged_eofs is off), a reset,
+                # a record that does not decrypt: a truncation; what came before still reaches the application
+                log.debug("TLS session: the peer's end was a truncation: %s", exc.__class__.__name__)
+                self.peer_eof, self.peer_end = True, TLS_PEER_TRUNCATED
                 return
             if n == 0:
                 self.peer_eof, self.peer_end = True, TLS_PEER_CLOSE_NOTIFY
