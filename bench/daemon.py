@@ -17,8 +17,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class BenchDaemon:
     """Starts the daemon as users run it (same flags, hardening on), waits until it answers."""
 
-    def __init__(self, command: tuple[str, ...] = ("-m", "keyden", "serve"), startup_timeout: float = 20.0):
+    def __init__(self, command: tuple[str, ...] = ("-m", "keyden", "serve"), startup_timeout: float = 20.0,
+                 config: str = ""):
+        """``config``: TOML settings for the daemon (none: its defaults)."""
         self.command = command  # what follows the interpreter; the serve flags are appended
+        self.config = config
         self.dir = tempfile.mkdtemp(prefix="keyden-bench-")
         self.socket = os.path.join(self.dir, "keyden.sock")
         self.log = os.path.join(self.dir, "daemon.log")
@@ -28,10 +31,14 @@ class BenchDaemon:
     def __enter__(self) -> "BenchDaemon":
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("KEYDEN_SESSION", None)
+        flags = ["--socket", self.socket, "--state-dir", os.path.join(self.dir, "state"), "--log-level", "WARNING"]
+        if self.config:
+            with open(os.path.join(self.dir, "keyden.toml"), "w") as f:
+                f.write(self.config)
+            flags += ["--config", f.name]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, *self.command, "--socket", self.socket,
-                 "--state-dir", os.path.join(self.dir, "state"), "--log-level", "WARNING"],
+                [sys.executable, *self.command, *flags],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         try:
             self._wait_until_up()

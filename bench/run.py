@@ -30,6 +30,7 @@ import keyden
 from bench.daemon import REPO, BenchDaemon
 from bench.watchdog import Watchdog
 from bench.workers import ClientPool
+from keyden.protocol.transport import MAX_BUSY_POLL
 
 RATIO_CONVENTION = ("ratio = baseline time / keyden time (= keyden rate / baseline rate): keyden's speed as a "
                     "fraction of the baseline's, higher is better; met = ratio >= target")
@@ -86,9 +87,10 @@ class Context:
     session: str
     settings: Settings
     workdir: str  # a temp dir for build products, removed after the run
+    busy_poll: int = 0  # µs: the benchmark's own clients busy-poll (--busy-poll); the pools' clients never do
 
     def connect(self) -> keyden.client.sync.Client:
-        return keyden.connect(self.socket, session=self.session)
+        return keyden.connect(self.socket, session=self.session, busy_poll=self.busy_poll)
 
     def calls(self, fn: Callable[[], object]) -> Sampler:
         """Seconds per ``fn()``, timed over a batch sized (on first use, the warm-up) to ~rep_seconds."""
@@ -500,7 +502,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short runs for a smoke test (< 20 s); rough figures")
     p.add_argument("--only", help=f"comma-separated benchmarks to run, of: {', '.join(BENCHMARKS)}")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--busy-poll", metavar="USEC", type=int, default=0,
+                   help="the daemon (config busy_poll) and the benchmark's own client busy-poll for this long "
+                        "(not the client processes of the pool rows: they outnumber the CPUs); default 0, off")
     args = p.parse_args(argv)
+    if not 0 <= args.busy_poll <= MAX_BUSY_POLL:
+        p.error(f"--busy-poll takes 0 to {MAX_BUSY_POLL} µs")
     args.names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(BENCHMARKS)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -508,14 +515,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(names: list[str], settings: Settings) -> dict[str, Row | str]:
+def run(names: list[str], settings: Settings, busy_poll: int = 0) -> dict[str, Row | str]:
     results: dict[str, Row | str] = {}
     workdir = tempfile.mkdtemp(prefix="keyden-bench-build-")
     try:
-        with BenchDaemon() as daemon:
+        with BenchDaemon(config=f"busy_poll = {busy_poll}\n" if busy_poll else "") as daemon:
             with keyden.connect(daemon.socket) as boot:
                 _serial, session = boot.join_session()
-            ctx = Context(daemon.socket, session, settings, workdir)
+            ctx = Context(daemon.socket, session, settings, workdir, busy_poll)
             watchdog = Watchdog()
             for name in names:
                 print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -538,7 +545,9 @@ def run(names: list[str], settings: Settings) -> dict[str, Row | str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine()
-    results = run(args.names, QUICK if args.quick else FULL)
+    info["busy polling"] = (f"{args.busy_poll} µs (the daemon, and the benchmark's own client; not the pools' "
+                            "client processes)" if args.busy_poll else "off (the default)")
+    results = run(args.names, QUICK if args.quick else FULL, args.busy_poll)
     print(render(info, results, args.quick))
     if args.json:
         with open(args.json, "w") as f:

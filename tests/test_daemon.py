@@ -329,6 +329,53 @@ def test_a_client_timeout_is_etimedout_and_the_next_request_reconnects(fresh_dae
             keyden.connect(d.socket, timeout=wrong)
 
 
+def test_a_busy_polling_daemon_polls_between_requests_and_sleeps_when_they_stop(fresh_daemon):
+    """busy_poll: after each round the loop looks for the next request for up to that long before it
+    sleeps, so requests 5 ms apart keep it busy; once they stop it polls one more time and sleeps."""
+    d = fresh_daemon("busy_poll = 10000\n")
+    with d.connect() as c:
+        c.ping(b"")
+        before = _cpu_seconds(d.proc.pid)
+        for i in range(100):  # 0.5 s, each gap within the 10 ms poll
+            assert c.ping(b"%d" % i) == b"%d" % i
+            time.sleep(0.005)
+        polling = _cpu_seconds(d.proc.pid) - before
+        time.sleep(0.1)
+        before = _cpu_seconds(d.proc.pid)
+        time.sleep(1)
+        idle = _cpu_seconds(d.proc.pid) - before
+    assert polling > 0.15 and idle < 0.05, (polling, idle)  # (without polling: ~0.01 s for the 100 pings)
+
+
+def test_a_busy_polling_client_polls_for_its_answer_only_as_long_as_it_was_told(tmp_path):
+    """A client's busy_poll bounds its polling: waiting on a server that never answers costs it the
+    10 ms poll's CPU, then it sleeps; a busy_poll out of range is refused."""
+    path = str(tmp_path / "silent.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    try:
+        for busy_poll, most in ((0, 0.004), (10_000, 0.05)):
+            start = time.thread_time()
+            with pytest.raises(E.ETIMEDOUT, match="is it keyden"):
+                keyden.connect(path, timeout=0.5, busy_poll=busy_poll)
+            spent = time.thread_time() - start
+            assert spent < most, (busy_poll, spent)  # polling the whole 0.5 s would cost ~0.5 s
+        assert spent > 0.004  # it did poll
+        for wrong in (-1, 10_001, 1.5, "10", True):
+            with pytest.raises(E.EINVAL, match="busy_poll must be a whole number of microseconds from 0 to 10000"):
+                keyden.connect(path, busy_poll=wrong)
+    finally:
+        server.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_call_many_never_sends_a_call_twice_when_a_round_trip_fails(fresh_daemon):
     """A connection lost under one of call_many's round trips fails that round's calls; they are not sent
     again on the next connection (the daemon may have done them: an unnamed key would be made twice)."""
@@ -608,6 +655,8 @@ def test_state_dir_in_a_named_config_file_applies(tmp_path):
     ("gc_interval = inf", "gc_interval must be a finite number from 0.01"),  # no collection, silently
     ("max_frame = 0", "max_frame must be a finite number from 8192"),
     ("handshake_timeout = nan", "handshake_timeout must be a finite number"),
+    ("busy_poll = 10001", "busy_poll must be a finite number from 0 to 10000"),  # 10 ms: longer only burns a CPU
+    ("busy_poll = 0.5", "busy_poll must be an int, not float"),
     ("quota = 5", "quota must be a table"),
     ("[quota]\nidle_timeout = 600", "unknown setting 'idle_timeout' in [quota]"),  # appended after [quota]
     ('[quota]\nmaxkeys = "5"', "[quota] maxkeys must be an int, not str"),

@@ -13,7 +13,7 @@ import struct
 from keyden import errors as E
 from keyden.core.views import Description, KeyStatus, PkeyQuery
 from keyden.protocol import KEY_RECORD, KEY_STATE_BITS, Op
-from keyden.protocol.transport import client_socket_path
+from keyden.protocol.transport import MAX_BUSY_POLL, client_socket_path
 
 SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
 SESSION_ENV = "KEYDEN_SESSION"
@@ -42,6 +42,15 @@ def request_timeout(timeout) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
         raise E.EINVAL(f"timeout must be None or a positive number of seconds, not {timeout!r}")
     return float(timeout)
+
+
+def busy_poll(microseconds) -> float:
+    """A client's ``busy_poll`` (µs, as the kernel's SO_BUSY_POLL) in seconds: 0 (never) or up to 10 ms."""
+    if (isinstance(microseconds, bool) or not isinstance(microseconds, numbers.Integral)
+            or not 0 <= microseconds <= MAX_BUSY_POLL):
+        raise E.EINVAL(f"busy_poll must be a whole number of microseconds from 0 to {MAX_BUSY_POLL}, "
+                       f"not {microseconds!r}")
+    return int(microseconds) / 1e6
 
 
 def no_hello(path: str, waited: float) -> E.KeydenError:

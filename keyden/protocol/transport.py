@@ -7,6 +7,9 @@ import stat
 
 SOCKET_ENV = "KEYDEN_SOCKET"
 SYSTEM_SOCKET = "/run/keyden/keyden.sock"
+#: µs: the longest either end busy-polls its socket before sleeping (daemon ``busy_poll``, client
+#: ``busy_poll=``); past it, the wait is no longer short and polling only burns the CPU
+MAX_BUSY_POLL = 10_000
 
 
 def default_socket_path(env: dict[str, str] | None = None) -> str:

@@ -15,7 +15,7 @@ from keyden.core.store import StoreConfig
 from keyden.errors import StartupError
 from keyden.persist.master import make_dirs, require_own, require_safe_parents
 from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE
-from keyden.protocol.transport import default_socket_path
+from keyden.protocol.transport import MAX_BUSY_POLL, default_socket_path
 
 log = logging.getLogger("keyden.config")
 
@@ -32,6 +32,8 @@ DEFAULT_CONFIG_TEXT = """\
 # handshake_timeout = 10        # seconds a new connection has to send its HELLO
 # idle_timeout = 0              # seconds a connection may stay silent after HELLO; 0 = forever
 # send_timeout = 600            # seconds a reply may wait on a client that does not read; then it is dropped
+# busy_poll = 0                 # microseconds the loop keeps looking for the next request before it sleeps
+#                               #   (up to 10000; 0 = sleep at once): lower latency for a CPU's worth of polling
 # audit = "audit.log"           # JSON lines; relative to the state dir, or "/path", "stderr", "off"
 # audit_max_bytes = 67108864    # rotate the audit file to <file>.1 at this size; 0 = never
 # gc_interval = 5.0             # seconds between garbage-collection sweeps
@@ -88,6 +90,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float = 0.0  # long-lived clients (proxies, servers) are normal; the connection caps bound them
     send_timeout: float = 600.0
+    busy_poll: int = 0  # µs the request loop polls after a round before it sleeps (docs/operations.md)
     audit: str = "audit.log"
     audit_max_bytes: int = 64 * 1024 * 1024
     gc_interval: float = 5.0
@@ -205,6 +208,8 @@ def _apply(target, values: dict, path, skip=(), table: str = "") -> None:
 _FLOORS = {"max_frame": 8192, "max_connections": 1, "max_connections_per_uid": 1, "max_in_flight": 1,
            "gc_interval": 0.01}
 _CEILING = 2**31 - 1  # what the kernel's sysctls and keyden's 32-bit wire fields can hold
+#: settings with a ceiling of their own
+_CEILINGS = {"busy_poll": MAX_BUSY_POLL}
 #: byte budgets that stay inside the daemon, where gigabytes are normal (shm_total_maxbytes defaults to 4 GiB)
 _BYTE_BUDGETS = frozenset({"shm_maxbytes", "shm_total_maxbytes", "receive_maxbytes", "receive_total_maxbytes",
                            "audit_max_bytes"})
@@ -215,7 +220,7 @@ def _in_range(name: str, value, what: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     floor = _FLOORS.get(name, 0)
-    ceiling = _BYTE_CEILING if name in _BYTE_BUDGETS else _CEILING
+    ceiling = _BYTE_CEILING if name in _BYTE_BUDGETS else _CEILINGS.get(name, _CEILING)
     if not (math.isfinite(value) and floor <= value <= ceiling):
         raise E.EINVAL(f"{what} must be a finite number from {floor} to {ceiling}")
     return value
