@@ -32,10 +32,11 @@ class BenchDaemon:
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("KEYDEN_SESSION", None)
         flags = ["--socket", self.socket, "--state-dir", os.path.join(self.dir, "state"), "--log-level", "WARNING"]
-        if self.config:
-            with open(os.path.join(self.dir, "keyden.toml"), "w") as f:
+        if self.config:  # 0600 whatever the umask: the daemon refuses a config file others may write
+            path = os.path.join(self.dir, "keyden.toml")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
                 f.write(self.config)
-            flags += ["--config", f.name]
+            flags += ["--config", path]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, *self.command, *flags],

@@ -331,9 +331,10 @@ def test_a_client_timeout_is_etimedout_and_the_next_request_reconnects(fresh_dae
 
 def test_a_busy_polling_daemon_polls_between_requests_and_sleeps_when_they_stop(fresh_daemon):
     """busy_poll: after each round the loop looks for the next request for up to that long before it
-    sleeps, so requests 5 ms apart keep it busy; once they stop it polls one more time and sleeps."""
-    d = fresh_daemon("busy_poll = 10000\n")
-    with d.connect() as c:
+    sleeps, so requests 5 ms apart keep it busy; once they stop it polls one more time and sleeps.  A
+    busy-polling client polls its new connection once the daemon closed its idle one."""
+    d = fresh_daemon("busy_poll = 10000\nidle_timeout = 0.5\n")
+    with d.connect(busy_poll=10_000) as c:
         c.ping(b"")
         before = _cpu_seconds(d.proc.pid)
         for i in range(100):  # 0.5 s, each gap within the 10 ms poll
@@ -342,27 +343,34 @@ def test_a_busy_polling_daemon_polls_between_requests_and_sleeps_when_they_stop(
         polling = _cpu_seconds(d.proc.pid) - before
         time.sleep(0.1)
         before = _cpu_seconds(d.proc.pid)
-        time.sleep(1)
+        time.sleep(1)  # (the idle timeout closes the connection meanwhile)
         idle = _cpu_seconds(d.proc.pid) - before
+        assert c.ping(b"again") == b"again" and c.generation == 1
     assert polling > 0.15 and idle < 0.05, (polling, idle)  # (without polling: ~0.01 s for the 100 pings)
 
 
-def test_a_busy_polling_client_polls_for_its_answer_only_as_long_as_it_was_told(tmp_path):
-    """A client's busy_poll bounds its polling: waiting on a server that never answers costs it the
-    10 ms poll's CPU, then it sleeps; a busy_poll out of range is refused."""
+def test_a_busy_polling_client_polls_for_its_answer_only_as_long_as_it_was_told(tmp_path, monkeypatch):
+    """A client's busy_poll bounds its polling: waiting on a server that never answers, it looks for the
+    answer for 10 ms, then sleeps until its timeout; without busy_poll it does not look at all."""
+    from keyden.client import sync
+
     path = str(tmp_path / "silent.sock")
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen()
     try:
-        for busy_poll, most in ((0, 0.004), (10_000, 0.05)):
-            start = time.thread_time()
+        for busy_poll in (0, 10_000):
+            looked: list[float] = []  # each time the client reads the clock while it polls
+            monkeypatch.setattr(sync, "_clock", lambda: looked.append(time.monotonic()) or looked[-1])
+            start = time.monotonic()
             with pytest.raises(E.ETIMEDOUT, match="is it keyden"):
                 keyden.connect(path, timeout=0.5, busy_poll=busy_poll)
-            spent = time.thread_time() - start
-            assert spent < most, (busy_poll, spent)  # polling the whole 0.5 s would cost ~0.5 s
-        assert spent > 0.004  # it did poll
-        for wrong in (-1, 10_001, 1.5, "10", True):
+            if busy_poll:
+                assert len(looked) > 2 and looked[-1] - looked[0] >= 0.01, looked
+                assert looked[-1] - start < 0.25  # then it slept (polling the whole 0.5 s would end at 0.5)
+            else:
+                assert not looked
+        for wrong in (-1, 10_001, 1.5, "10", True):  # out of range, or no whole number
             with pytest.raises(E.EINVAL, match="busy_poll must be a whole number of microseconds from 0 to 10000"):
                 keyden.connect(path, busy_poll=wrong)
     finally:

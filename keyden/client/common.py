@@ -44,7 +44,7 @@ def request_timeout(timeout) -> float | None:
     return float(timeout)
 
 
-def busy_poll(microseconds) -> float:
+def busy_poll_seconds(microseconds) -> float:
     """A client's ``busy_poll`` (µs, as the kernel's SO_BUSY_POLL) in seconds: 0 (never) or up to 10 ms."""
     if (isinstance(microseconds, bool) or not isinstance(microseconds, numbers.Integral)
             or not 0 <= microseconds <= MAX_BUSY_POLL):

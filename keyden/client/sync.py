@@ -53,7 +53,7 @@ class Client(Operations):
                  timeout: float | None = None, client_name: str = "keyden-python", reconnect: bool = True,
                  busy_poll: int = 0):
         self.socket_path = common.socket_path(socket_path)
-        self._busy_poll = common.busy_poll(busy_poll)
+        self._busy_poll = common.busy_poll_seconds(busy_poll)
         self.reconnect = reconnect
         self.generation = 0  # connections replaced so far: streams and shared buffers remember theirs
         self._session = common.session_token(session)
@@ -108,8 +108,8 @@ class Client(Operations):
             raise
         self._sock = sock
         if self._busy_poll:
-            self._readable = select.poll()
-            self._readable.register(sock, select.POLLIN)
+            self._answer_poll = select.poll()
+            self._answer_poll.register(sock, select.POLLIN)
         self._decoder = W.FrameDecoder(common.HELLO_REPLY_MAX)  # no 2 GiB "frame" from a server that is not keyden
         self._pending: dict[int, W.Frame] = {}
         rid = next(self._ids) & 0xFFFFFFFF or 1  # 0 is the daemon's, for connection-level errors
@@ -256,10 +256,11 @@ class Client(Operations):
 
     def _receive(self, view: memoryview) -> int:
         """One read of what the daemon sends.  With ``busy_poll``, first looked for without sleeping, for up
-        to that long: on a VM whose idle vCPUs halt, the wake-up costs more than a short request takes."""
+        to that long: on a VM whose idle vCPUs halt, the wake-up costs more than a short request takes.
+        (The poll comes before the blocking read's ``timeout``: an answer may take up to 10 ms longer.)"""
         if self._busy_poll:
-            ready, deadline = self._readable.poll, _clock() + self._busy_poll
-            while not ready(0) and _clock() < deadline:
+            poll, deadline = self._answer_poll.poll, _clock() + self._busy_poll
+            while not poll(0) and _clock() < deadline:
                 pass
         return self._sock.recv_into(view)
 

@@ -146,14 +146,14 @@ class Reactor:
         next_sweep = time.monotonic() + TICK
         channels = self._channels
         runnable = self._runnable
-        busy_poll = cfg.busy_poll / 1e6
+        busy_seconds = cfg.busy_poll / 1e6  # config busy_poll, in µs
         while not self._stopping:
             turns = len(runnable)  # channels queued before this round's events (later ones wait a round)
             try:
                 if turns:
                     events = self._epoll.poll(0)
-                elif busy_poll and self._round_size and not self._busy:
-                    events = self._poll_busily(busy_poll, TICK if timed else -1)
+                elif busy_seconds and self._round_size and not self._busy:
+                    events = self._poll_busily(busy_seconds, TICK if timed else -1)
                 else:
                     events = self._epoll.poll(TICK if timed else -1)
             except InterruptedError:
