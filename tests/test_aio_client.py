@@ -672,6 +672,8 @@ def test_data_plane_helpers_are_awaitable_and_agree_with_pyca(arun, client):
         batch = await aead.encrypt_batch(None, [b"a", b"b"])
         assert await aead.decrypt_batch(None, batch) == [b"a", b"b"]
         chacha = await c.aead(gcm_serial, "rfc7539(chacha20,poly1305)")
+        assert (await c.aead(await c.generate("chacha20"))).alg == chacha.alg  # the one it was generated for
+        assert (await c.aead(gcm_serial)).alg == "gcm(aes)"  # added: generated for none
         chacha_sealed = await chacha.encrypt(nonce, big[:1 << 20])  # one request: it does not stream
         with pytest.raises(E.EMSGSIZE):
             await chacha.encrypt(nonce, bytes(c.max_frame))

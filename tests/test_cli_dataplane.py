@@ -283,6 +283,16 @@ def test_aead_decrypt_failures_leave_no_plaintext_file(keyden, client, tmp_path)
     assert keyden("aead", "encrypt").rc == 2
 
 
+def test_aead_without_an_algorithm_uses_the_one_genkey_made_the_key_for(keyden, client):
+    chacha = str(client.generate("chacha20", "app:cli-chacha", "@s"))
+    sealed = keyden("aead", "encrypt", chacha, stdin=b"hello").stdout
+    assert keyden("aead", "decrypt", chacha, "-a", "rfc7539(chacha20,poly1305)", stdin=sealed).stdout == b"hello"
+    assert keyden("aead", "decrypt", chacha, stdin=sealed).stdout == b"hello"
+    cbc = client.generate("aes-cbc:256", "app:cli-cbc", "@s")
+    fails(keyden("aead", "encrypt", str(cbc), stdin=b"x"), 1,
+          f"keyden_aead: Protocol not available (key {cbc} was generated for cbc(aes), not an AEAD)\n")
+
+
 def test_aead_chacha20_poly1305_is_one_shot(keyden, client):
     key = os.urandom(32)
     serial = str(client.add("logon", "app:chacha", key))

@@ -430,7 +430,7 @@ def test_a_generated_key_keys_only_what_it_was_made_for(client, aes):
                   lambda: client.aead(ctr_key).encrypt(nonce, b"x", None),
                   lambda: client.hmac(gcm_key).mac(b"x"),
                   lambda: client.aead(mac_key).encrypt(nonce, b"x", None),
-                  lambda: client.aead(chacha_key).encrypt(nonce, b"x", None),  # 32 bytes: AES-256 would take it
+                  lambda: client.aead(chacha_key, GCM).encrypt(nonce, b"x", None),  # 32 bytes: AES-256 would take it
                   lambda: client.aead(gcm_key, CHACHA).encrypt(nonce, b"x", None),
                   lambda: client.aead(mac_key).encrypt_batch([nonce], [b"x"]),
                   lambda: client.stream(GCM, mac_key, iv=nonce),
@@ -449,6 +449,33 @@ def test_a_generated_key_keys_only_what_it_was_made_for(client, aes):
             shm.cipher(GCM, mac_key, 0, 64, 1024, iv=nonce)
     client.setperm(added, 0x3f3f0000)  # export needs read
     client.export(added, wrapping_key=mac_key)  # wrapping runs the key through HKDF: any key wraps
+
+
+def test_an_aead_helper_without_an_algorithm_uses_the_one_its_key_was_generated_for(client, aes):
+    """As a Vault transit key brings its type: client.aead(key) asks keyden what genkey made the key for
+    (key_algorithm, which search permission suffices to ask) and uses that AEAD; a key made for none
+    (added, derived) gets gcm(aes); one made for a cipher or a MAC is refused at once."""
+    specs = ("aes:128", "aes-gcm-siv:256", "chacha20", "aes-cbc:256", "aes-ctr:128", "hmac:256")
+    made = {spec: client.generate(spec) for spec in specs}
+    assert [client.key_algorithm(made[spec]) for spec in specs] == [GCM, GCM_SIV, CHACHA, "cbc(aes)", "ctr(aes)",
+                                                                    "hmac"]
+    _bytes, added = aes
+    assert client.key_algorithm(added) == "" and client.aead(added).alg == GCM
+    nonce = os.urandom(12)
+    for spec, alg in (("aes:128", GCM), ("aes-gcm-siv:256", GCM_SIV), ("chacha20", CHACHA)):
+        helper = client.aead(made[spec])
+        assert helper.alg == alg, spec
+        assert client.aead(made[spec], alg).decrypt(nonce, helper.encrypt(nonce, b"data", b"ad"), b"ad") == b"data"
+    for spec in ("aes-cbc:256", "aes-ctr:128", "hmac:256"):
+        with pytest.raises(E.ENOPROTOOPT, match=f"key {made[spec]} was generated for .*, not an AEAD"):
+            client.aead(made[spec])
+    client.setperm(made["chacha20"], 0x08000000)  # its possessor may search it, nothing more
+    with pytest.raises(E.EACCES):
+        client.describe(made["chacha20"])
+    assert client.key_algorithm(made["chacha20"]) == CHACHA and client.aead(made["chacha20"]).alg == CHACHA
+    client.revoke(made["aes:128"])
+    with pytest.raises(E.EKEYREVOKED):
+        client.aead(made["aes:128"])
 
 
 def test_an_hmac_stream_verifies_inside_keyden(client):

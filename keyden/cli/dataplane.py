@@ -23,6 +23,7 @@ from typing import Iterator
 from keyden import errors as E
 from keyden.cli.support import (Context, Exit, Output, Usage, call, expect, failure, hex_to_bytes, hexdump, number,
                                 options, pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
+from keyden.client.dataplane import aead_algorithm
 from keyden.crypto import symmetric
 
 ONE_SHOT_LIMIT = 64 << 20  # AEADs pyca cannot stream (ChaCha20-Poly1305) take the whole input at once
@@ -215,7 +216,11 @@ def cmd_aead(ctx: Context, args: list[str]) -> None:
     expect(words, 2)
     decrypt = _direction(words[0])
     key = ctx.key(words[1])
-    spec = algorithm("keyden_aead", str(opts.get("-a", "gcm(aes)")), "aead")
+    if "-a" in opts:
+        name = opts["-a"]
+    else:  # the AEAD genkey made the key for, else gcm(aes)
+        name = call("keyden_aead", lambda: aead_algorithm(key, ctx.client.key_algorithm(key)))
+    spec = algorithm("keyden_aead", str(name), "aead")
     aad = hex_arg(opts.get("--aad", ""))
     nonce = hex_arg(opts["--nonce"]) if "--nonce" in opts else None
     with Output(opts.get("-o")) as out:

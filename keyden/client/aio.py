@@ -35,6 +35,7 @@ from keyden import errors as E
 from keyden import protocol as W
 from keyden.client import common
 from keyden.client.aio_dataplane import MAX_HELPER_STREAMS, AsyncAead, AsyncMac, AsyncStream
+from keyden.client.dataplane import aead_algorithm
 from keyden.client.handles import KeyHandle, load_public_key
 from keyden.client.operations import Operations, Ref
 from keyden.crypto import symmetric
@@ -396,9 +397,11 @@ class AsyncClient(Operations):
         ref = common.key_id(key)
         return await self._send(Op.FIND, ref) if isinstance(ref, tuple) else ref
 
-    async def aead(self, key, alg: str = "gcm(aes)") -> AsyncAead:
-        """pyca AESGCM's shape, awaitable, the key staying in keyden (``aead = await c.aead(serial)``)."""
-        return AsyncAead(self, await self._serial(key), alg)
+    async def aead(self, key, alg: str | None = None) -> AsyncAead:
+        """pyca AESGCM's shape, awaitable, the key staying in keyden (``aead = await c.aead(serial)``).
+        Without ``alg``: the AEAD genkey made the key for, else gcm(aes) (one request to ask)."""
+        serial = await self._serial(key)
+        return AsyncAead(self, serial, alg or aead_algorithm(serial, await self.key_algorithm(serial)))
 
     async def hmac(self, key, alg: str = "hmac(sha256)") -> AsyncMac:
         return AsyncMac(self, await self._serial(key), alg)

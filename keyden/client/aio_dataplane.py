@@ -14,9 +14,9 @@ import weakref
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 from keyden import errors as E
-from keyden.client.dataplane import (_OVERHEAD, HMAC_FAILED, PIECE, KeyedAlgorithm, MacMismatch, _final_fields,
-                                     _fits, _piece, _raise_first, _room, _stale, _still_open, _uncopyable_stream,
-                                     _view, item_error, pyca_errors, take_abandoned)
+from keyden.client.dataplane import (_OVERHEAD, DEFAULT_AEAD, HMAC_FAILED, PIECE, KeyedAlgorithm, MacMismatch,
+                                     _final_fields, _fits, _piece, _raise_first, _room, _stale, _still_open,
+                                     _uncopyable_stream, _view, item_error, pyca_errors, take_abandoned)
 from keyden.client.operations import binary
 
 #: streams one client's helpers keep open at once (the daemon allows 64 per connection; the rest wait)
@@ -93,7 +93,7 @@ class AsyncAead(KeyedAlgorithm):
 
     KIND = "aead"
 
-    def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
+    def __init__(self, client, serial: int, alg: str = DEFAULT_AEAD):
         super().__init__(client, serial, alg)
 
     async def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False) -> bytes:

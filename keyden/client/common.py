@@ -148,7 +148,7 @@ def read_result(is_keyring: int, data: bytes) -> bytes | list[int]:
 _SINGLE = {Op.ADD, Op.REQUEST, Op.SEARCH, Op.GET_KEYRING_ID, Op.FIND, Op.GENKEY, Op.PKEY_ENCRYPT, Op.PKEY_DECRYPT,
            Op.PKEY_SIGN, Op.PING, Op.DERIVE, Op.KDF, Op.DH_COMPUTE, Op.DH_COMPUTE_KDF, Op.PKEY_DECRYPT_INTO, Op.CIPHER,
            Op.DIGEST, Op.MAC, Op.STREAM_UPDATE, Op.STREAM_COPY, Op.SHM_ATTACH, Op.GET_PERSISTENT, Op.EXPORT,
-           Op.IMPORT, Op.ADD_FLAGS, Op.GENKEY_FLAGS}
+           Op.IMPORT, Op.ADD_FLAGS, Op.GENKEY_FLAGS, Op.KEY_ALGORITHM}
 
 
 def shape(op: Op, values: tuple, args: tuple):

@@ -184,6 +184,21 @@ class RegionPool:
             shm.close()
 
 
+#: what an AEAD helper uses for a key genkey made for no AEAD in particular (added, derived, unwrapped keys)
+DEFAULT_AEAD = "gcm(aes)"
+
+
+def aead_algorithm(serial: int, made_for: str) -> str:
+    """The AEAD a helper uses for a key when none is named: the one genkey made the key for (its
+    ``key_algorithm``), else gcm(aes).  A key made for something else is refused now, not at first use."""
+    if not made_for:
+        return DEFAULT_AEAD
+    found = symmetric.ALGORITHMS.get(made_for)
+    if found is None or found.kind != "aead":
+        raise E.ENOPROTOOPT(f"key {serial} was generated for {made_for}, not an AEAD")
+    return made_for
+
+
 class KeyedAlgorithm:
     """A key held by keyden with an algorithm of one kind (the blocking and asyncio helpers' common part):
     it holds the serial and the algorithm's name, never key material, and is not pickled."""
@@ -236,7 +251,7 @@ class Aead(KeyedAlgorithm):
 
     KIND = "aead"
 
-    def __init__(self, client, serial: int, alg: str = "gcm(aes)"):
+    def __init__(self, client, serial: int, alg: str = DEFAULT_AEAD):
         super().__init__(client, serial, alg)
 
     def _run(self, nonce, data, aad, decrypt: bool, random_nonce: bool = False, into=None):

@@ -305,6 +305,11 @@ class Operations(ABC):
         """None if the MAC matches; EBADMSG if not."""
         return self._call(Op.MAC_VERIFY, alg, Ref(key), binary(data), binary(mac, "mac"))
 
+    def key_algorithm(self, key) -> str:
+        """The algorithm genkey made a symmetric key for ("gcm(aes)", "rfc7539(chacha20,poly1305)"...;
+        "hmac" for any HMAC), or "" for a key bound to none (added, derived, unwrapped)."""
+        return self._call(Op.KEY_ALGORITHM, Ref(key))
+
     def batch(self, alg: str, key, items, *, ivs=(), aads=(), decrypt: bool = False, random_nonce: bool = False):
         """Many small items in one request: returns (statuses, outputs); status 0 or an errno per item."""
         flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client import common, tls
-from keyden.client.dataplane import Aead, Mac, RegionPool, SharedBuffer, Stream
+from keyden.client.dataplane import Aead, Mac, RegionPool, SharedBuffer, Stream, aead_algorithm
 from keyden.client.operations import Operations, Ref
 from keyden.crypto import symmetric
 from keyden.protocol import Op
@@ -429,9 +429,11 @@ class Client(Operations):
 
     # ---------------------------------------------------- data shoveling by serial
 
-    def aead(self, key, alg: str = "gcm(aes)") -> Aead:
-        """An object shaped like pyca's AESGCM whose key stays in keyden."""
-        return Aead(self, self._resolve((Ref(key),))[0], alg)
+    def aead(self, key, alg: str | None = None) -> Aead:
+        """An object shaped like pyca's AESGCM whose key stays in keyden.  Without ``alg``: the AEAD genkey
+        made the key for, else gcm(aes) (one request to ask)."""
+        serial = self._resolve((Ref(key),))[0]
+        return Aead(self, serial, alg or aead_algorithm(serial, self.key_algorithm(serial)))
 
     def hmac(self, key, alg: str = "hmac(sha256)") -> Mac:
         return Mac(self, self._resolve((Ref(key),))[0], alg)

@@ -80,6 +80,7 @@ class Op(enum.IntEnum):
     MAC = 52
     MAC_VERIFY = 53
     BATCH = 54
+    KEY_ALGORITHM = 55  # what genkey made a symmetric key for: the default algorithm of its helpers
     STREAM_INIT = 60
     STREAM_UPDATE = 61
     STREAM_FINAL = 62
@@ -380,6 +381,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
     Op.BATCH: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("ivs", K.BYTESLIST, MAX_BATCH),
                       ("aads", K.BYTESLIST, MAX_BATCH), ("items", K.BYTESLIST, MAX_BATCH)),
                Schema(("status", K.I32S), ("results", K.BYTESLIST))),
+    Op.KEY_ALGORITHM: (Schema(_KEY), Schema(("alg", K.STR))),
     Op.STREAM_INIT: (Schema(("alg", K.STR), _KEY, ("flags", K.U32), ("iv", K.BYTES), ("aad", K.BYTES)),
                      Schema(("stream", K.U32), ("iv", K.BYTES))),
     Op.STREAM_UPDATE: (Schema(("stream", K.U32), ("data", K.BYTES)), Schema(("data", K.BYTES))),

@@ -174,6 +174,11 @@ def _batch_reply_bound(alg: str, kind: str, decrypt: bool, random_nonce: bool, i
     return fixed + data
 
 
+@handles(Op.KEY_ALGORITHM)
+def _key_algorithm(ctx, key):
+    return (ctx.store.made_for(ctx.caller, key),)
+
+
 # ----------------------------------------------------------------- streaming
 
 class OpenStream(NamedTuple):
