@@ -290,7 +290,7 @@ def test_aead_without_an_algorithm_uses_the_one_genkey_made_the_key_for(keyden, 
     assert keyden("aead", "decrypt", chacha, stdin=sealed).stdout == b"hello"
     cbc = client.generate("aes-cbc:256", "app:cli-cbc", "@s")
     fails(keyden("aead", "encrypt", str(cbc), stdin=b"x"), 1,
-          f"keyden_aead: Protocol not available (key {cbc} was generated for cbc(aes), not an AEAD)\n")
+          f"keyden_aead: Protocol not available (key {cbc} was generated for cbc(aes) only, not an AEAD)\n")
 
 
 def test_aead_chacha20_poly1305_is_one_shot(keyden, client):

@@ -427,12 +427,12 @@ def test_a_generated_key_keys_only_what_it_was_made_for(client, aes):
     nonce = os.urandom(12)
     for wrong in (lambda: client.cipher("ctr(aes)", gcm_key, bytes(16), iv=bytes(16)),
                   lambda: client.aead(gcm_key, GCM_SIV).encrypt(nonce, b"x", None),
-                  lambda: client.aead(ctr_key).encrypt(nonce, b"x", None),
+                  lambda: client.aead(ctr_key, GCM).encrypt(nonce, b"x", None),  # named: the daemon refuses
                   lambda: client.hmac(gcm_key).mac(b"x"),
-                  lambda: client.aead(mac_key).encrypt(nonce, b"x", None),
+                  lambda: client.aead(mac_key, GCM).encrypt(nonce, b"x", None),
                   lambda: client.aead(chacha_key, GCM).encrypt(nonce, b"x", None),  # 32 bytes: AES-256 would take it
                   lambda: client.aead(gcm_key, CHACHA).encrypt(nonce, b"x", None),
-                  lambda: client.aead(mac_key).encrypt_batch([nonce], [b"x"]),
+                  lambda: client.aead(mac_key, GCM).encrypt_batch([nonce], [b"x"]),
                   lambda: client.stream(GCM, mac_key, iv=nonce),
                   lambda: client.stream("hmac(sha256)", gcm_key),
                   lambda: client.kdf(gcm_key)):
@@ -451,7 +451,7 @@ def test_a_generated_key_keys_only_what_it_was_made_for(client, aes):
     client.export(added, wrapping_key=mac_key)  # wrapping runs the key through HKDF: any key wraps
 
 
-def test_an_aead_helper_without_an_algorithm_uses_the_one_its_key_was_generated_for(client, aes):
+def test_an_aead_helper_without_an_algorithm_uses_the_one_its_key_was_generated_for(client, aes, monkeypatch):
     """As a Vault transit key brings its type: client.aead(key) asks keyden what genkey made the key for
     (key_algorithm, which search permission suffices to ask) and uses that AEAD; a key made for none
     (added, derived) gets gcm(aes); one made for a cipher or a MAC is refused at once."""
@@ -467,15 +467,27 @@ def test_an_aead_helper_without_an_algorithm_uses_the_one_its_key_was_generated_
         assert helper.alg == alg, spec
         assert client.aead(made[spec], alg).decrypt(nonce, helper.encrypt(nonce, b"data", b"ad"), b"ad") == b"data"
     for spec in ("aes-cbc:256", "aes-ctr:128", "hmac:256"):
-        with pytest.raises(E.ENOPROTOOPT, match=f"key {made[spec]} was generated for .*, not an AEAD"):
+        with pytest.raises(E.ENOPROTOOPT, match=f"key {made[spec]} was generated for .* only, not an AEAD"):
             client.aead(made[spec])
+    for keys_no_cipher in ("@s", client.generate("ed25519")):
+        with pytest.raises(E.ENOPROTOOPT, match="cannot key a cipher"):
+            client.aead(keys_no_cipher)
     client.setperm(made["chacha20"], 0x08000000)  # its possessor may search it, nothing more
     with pytest.raises(E.EACCES):
         client.describe(made["chacha20"])
     assert client.key_algorithm(made["chacha20"]) == CHACHA and client.aead(made["chacha20"]).alg == CHACHA
+    hidden = client.generate("chacha20")
+    client.setperm(hidden, 0x01000000)  # view only: not even search
+    with pytest.raises(E.EACCES):
+        client.aead(hidden)
     client.revoke(made["aes:128"])
     with pytest.raises(E.EKEYREVOKED):
         client.aead(made["aes:128"])
+
+    def older_daemon(key):
+        raise E.ENOSYS("unknown opcode 55")
+    monkeypatch.setattr(client, "key_algorithm", older_daemon)
+    assert client.aead(made["chacha20"]).alg == GCM  # the default it had before it could ask
 
 
 def test_an_hmac_stream_verifies_inside_keyden(client):

@@ -217,7 +217,7 @@ def test_non_exportable_and_a_generated_keys_use_survive_a_restart(fresh_daemon)
     assert c.read(c.import_key(c.export(free, wrapping_key=wrap), wrap, "@s")) == b"may leave"
     assert len(c.cipher("ctr(aes)", ctr, b"abc", iv=bytes(16))) == 3
     with pytest.raises(E.ENOPROTOOPT, match=r"generated for ctr\(aes\) only"):
-        c.aead(ctr).encrypt(bytes(12), b"abc", None)
+        c.aead(ctr, "gcm(aes)").encrypt(bytes(12), b"abc", None)  # named: the daemon refuses it
 
 # ------------------------------------------------------------------ a generated key's use
 
@@ -233,7 +233,7 @@ def _ctr(client, key) -> bytes:
 
 
 def _gcm(client, key) -> bytes:
-    return client.aead(key).encrypt(bytes(12), b"galois mode", None)
+    return client.aead(key, "gcm(aes)").encrypt(bytes(12), b"galois mode", None)  # named: the daemon checks
 
 
 def _keys_only_its_use(client, original, copy, use):

@@ -23,7 +23,6 @@ from typing import Iterator
 from keyden import errors as E
 from keyden.cli.support import (Context, Exit, Output, Usage, call, expect, failure, hex_to_bytes, hexdump, number,
                                 options, pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
-from keyden.client.dataplane import aead_algorithm
 from keyden.crypto import symmetric
 
 ONE_SHOT_LIMIT = 64 << 20  # AEADs pyca cannot stream (ChaCha20-Poly1305) take the whole input at once
@@ -216,10 +215,8 @@ def cmd_aead(ctx: Context, args: list[str]) -> None:
     expect(words, 2)
     decrypt = _direction(words[0])
     key = ctx.key(words[1])
-    if "-a" in opts:
-        name = opts["-a"]
-    else:  # the AEAD genkey made the key for, else gcm(aes)
-        name = call("keyden_aead", lambda: aead_algorithm(key, ctx.client.key_algorithm(key)))
+    # Without -a: the AEAD genkey made the key for, else gcm(aes), as client.aead(key) chooses.
+    name = opts["-a"] if "-a" in opts else call("keyden_aead", lambda: ctx.client.aead(key).alg)
     spec = algorithm("keyden_aead", str(name), "aead")
     aad = hex_arg(opts.get("--aad", ""))
     nonce = hex_arg(opts["--nonce"]) if "--nonce" in opts else None

@@ -399,9 +399,16 @@ class AsyncClient(Operations):
 
     async def aead(self, key, alg: str | None = None) -> AsyncAead:
         """pyca AESGCM's shape, awaitable, the key staying in keyden (``aead = await c.aead(serial)``).
-        Without ``alg``: the AEAD genkey made the key for, else gcm(aes) (one request to ask)."""
+        Without ``alg``: the AEAD genkey made the key for, else gcm(aes) (one request to ask: make the
+        helper once)."""
         serial = await self._serial(key)
-        return AsyncAead(self, serial, alg or aead_algorithm(serial, await self.key_algorithm(serial)))
+        if alg is None:
+            try:
+                made_for = await self.key_algorithm(serial)
+            except E.ENOSYS:  # a daemon older than KEY_ALGORITHM: the default it had
+                made_for = ""
+            alg = aead_algorithm(serial, made_for)
+        return AsyncAead(self, serial, alg)
 
     async def hmac(self, key, alg: str = "hmac(sha256)") -> AsyncMac:
         return AsyncMac(self, await self._serial(key), alg)

@@ -195,7 +195,7 @@ def aead_algorithm(serial: int, made_for: str) -> str:
         return DEFAULT_AEAD
     found = symmetric.ALGORITHMS.get(made_for)
     if found is None or found.kind != "aead":
-        raise E.ENOPROTOOPT(f"key {serial} was generated for {made_for}, not an AEAD")
+        raise E.ENOPROTOOPT(f"key {serial} was generated for {made_for} only, not an AEAD")
     return made_for
 
 

@@ -431,9 +431,15 @@ class Client(Operations):
 
     def aead(self, key, alg: str | None = None) -> Aead:
         """An object shaped like pyca's AESGCM whose key stays in keyden.  Without ``alg``: the AEAD genkey
-        made the key for, else gcm(aes) (one request to ask)."""
+        made the key for, else gcm(aes) (one request to ask: make the helper once)."""
         serial = self._resolve((Ref(key),))[0]
-        return Aead(self, serial, alg or aead_algorithm(serial, self.key_algorithm(serial)))
+        if alg is None:
+            try:
+                made_for = self.key_algorithm(serial)
+            except E.ENOSYS:  # a daemon older than KEY_ALGORITHM: the default it had
+                made_for = ""
+            alg = aead_algorithm(serial, made_for)
+        return Aead(self, serial, alg)
 
     def hmac(self, key, alg: str = "hmac(sha256)") -> Mac:
         return Mac(self, self._resolve((Ref(key),))[0], alg)

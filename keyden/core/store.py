@@ -1842,10 +1842,14 @@ class KeyStore:
             cache[name] = made
             return made
 
-    def made_for(self, caller: Caller, key_id: int) -> str:
-        """The use genkey bound a symmetric key to (FOR_USE's name), or "" for none.  Search permission
-        suffices, as for using the key, whose refusal for another algorithm names the binding anyway."""
-        return ",".join(uses_of(self.operand(caller, key_id).flags & USE_FLAGS))  # (set at creation, for good)
+    def symmetric_use(self, caller: Caller, key_id: int) -> str:
+        """The use genkey bound a symmetric key to (FOR_USE's name), or "" for none; ENOPROTOOPT for a key
+        that keys no cipher (a keyring, an asymmetric key).  Search permission suffices, as for using the
+        key, whose refusal for another algorithm names the binding anyway."""
+        key = self.operand(caller, key_id)
+        if not key.type.keys_ciphers:
+            key.type.symmetric_material(key.payload)  # its refusal, in its words
+        return ",".join(uses_of(key.flags & USE_FLAGS))  # (set at creation, for good)
 
     def _keying(self, caller: Caller, key_id: int, use: str | None) -> Key:
         key = self.operand(caller, key_id)

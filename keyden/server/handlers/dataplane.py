@@ -176,7 +176,7 @@ def _batch_reply_bound(alg: str, kind: str, decrypt: bool, random_nonce: bool, i
 
 @handles(Op.KEY_ALGORITHM)
 def _key_algorithm(ctx, key):
-    return (ctx.store.made_for(ctx.caller, key),)
+    return (ctx.store.symmetric_use(ctx.caller, key),)
 
 
 # ----------------------------------------------------------------- streaming
