@@ -1083,6 +1083,25 @@ def test_the_application_can_tell_a_truncation_from_an_end(client, server_ring, 
         client.tls_peer_end(foreign)
 
 
+def test_a_uid_that_ends_sessions_by_the_thousand_forgets_its_own_peer_ends_not_anothers():
+    """Past the limit, the oldest record of the uid holding the most goes: another uid's session can
+    still be asked about (one shared first-in-first-out list let anyone push it out)."""
+    from keyden.protocol import TLS_PEER_CLOSE_NOTIFY, TLS_PEER_TRUNCATED
+    from keyden.tls.engine import EndedSessions
+
+    ended = EndedSessions(limit=4)
+    ended.remember(1000, (1, 1), TLS_PEER_CLOSE_NOTIFY)
+    for i in range(10):
+        ended.remember(2000, (2, i), TLS_PEER_TRUNCATED)
+    assert len(ended) == 4 and ended.get((1, 1)) == TLS_PEER_CLOSE_NOTIFY
+    assert [ended.get((2, i)) for i in range(10)] == [None] * 7 + [TLS_PEER_TRUNCATED] * 3
+    ended.remember(1000, (2, 9), TLS_PEER_CLOSE_NOTIFY)  # an inode reused: the newest record stands
+    assert ended.get((2, 9)) == TLS_PEER_CLOSE_NOTIFY and len(ended) == 4
+    for i in range(2, 6):  # now uid 1000 holds the most: its own oldest go
+        ended.remember(1000, (1, i), TLS_PEER_TRUNCATED)
+    assert ended.get((1, 1)) is None and ended.get((2, 8)) == TLS_PEER_TRUNCATED and len(ended) == 4
+
+
 def test_a_peer_that_has_not_ended_is_open(app_factory, client, server_ring, pki):
     seen = queue.Queue()
 

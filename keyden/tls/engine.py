@@ -57,7 +57,7 @@ PLAIN_SOCKET_BUFFER = 1 << 20
 MAX_REPORTED_CERT = 64 * 1024  # a larger peer certificate is not repeated in TLS_ESTABLISHED
 CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
 DRAIN_TIMEOUT = 30.0  # the application is gone: seconds its data may wait for a peer that reads nothing
-MAX_ENDED_REMEMBERED = 4096  # ended sessions whose peer's end TLS_PEER_END can still tell
+MAX_ENDED_REMEMBERED = 4096  # ended sessions whose peer's end TLS_PEER_END can still tell (all uids together)
 
 READ, WRITE = "read", "write"
 #: the alerts (OpenSSL's reason names) that say the peer refused a certificate, ours or its trust in it
@@ -130,6 +130,45 @@ def verified_chain(tls: ssl.SSLSocket) -> list[bytes]:
     return chain or ([leaf] if leaf else [])
 
 
+class EndedSessions:
+    """How the peers of the last MAX_ENDED_REMEMBERED established sessions ended, by their plaintext
+    socket's identity, for TLS_PEER_END after the session is gone.
+
+    Past the limit the oldest record of the uid holding the most goes first: a uid that ends sessions
+    by the thousand forgets its own, not another's it has still to ask about.  (Not thread-safe: the
+    engine's lock guards it.)
+    """
+
+    def __init__(self, limit: int = MAX_ENDED_REMEMBERED):
+        self.limit = limit
+        self._peer_end: dict[tuple[int, int], tuple[int, int]] = {}  # identity -> (uid, how its peer ended)
+        self._by_uid: dict[int, OrderedDict[tuple[int, int], None]] = {}  # each uid's identities, oldest first
+
+    def remember(self, uid: int, identity: tuple[int, int], peer_end: int) -> None:
+        self._forget(identity)  # (an identity reused: the newest record stands, and goes last)
+        self._peer_end[identity] = (uid, peer_end)
+        self._by_uid.setdefault(uid, OrderedDict())[identity] = None
+        if len(self._peer_end) > self.limit:
+            most = max(self._by_uid, key=lambda u: len(self._by_uid[u]))
+            self._forget(next(iter(self._by_uid[most])))
+
+    def get(self, identity: tuple[int, int]) -> int | None:
+        """How the peer ended (TLS_PEER_*), or None if that was never known or is forgotten."""
+        known = self._peer_end.get(identity)
+        return None if known is None else known[1]
+
+    def __len__(self) -> int:
+        return len(self._peer_end)
+
+    def _forget(self, identity: tuple[int, int]) -> None:
+        known = self._peer_end.pop(identity, None)
+        if known is not None:
+            held = self._by_uid[known[0]]
+            del held[identity]
+            if not held:
+                del self._by_uid[known[0]]
+
+
 class Engine:
     """The loop threads (started on first use) and a per-uid count of live sessions."""
 
@@ -144,7 +183,7 @@ class Engine:
         # request that passes that socket back names the session (TLS_ABORT); holding the socket is the right
         self._by_app_end: dict[tuple[int, int], Session] = {}
         # how the peer ended, for sessions that ended while the application may still hold its socket
-        self._ended: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._ended = EndedSessions()
 
     def _start(self) -> None:  # (two descriptors per session: the server raised the descriptor limit for them)
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
@@ -217,14 +256,14 @@ class Engine:
 
     def peer_end(self, app_end: socket.socket) -> int:
         """How the peer of the session whose plaintext socket ``app_end`` is ended (TLS_PEER_*), while the
-        session lives and, once it has ended, while one of its last MAX_ENDED_REMEMBERED; ENOENT if one so
-        long gone that it was forgotten."""
+        session lives and, once it has ended, while it is remembered (EndedSessions); ENOENT if one so long
+        gone that it was forgotten."""
         session, ended = self._named_by(app_end)
         if session is not None:
             return session.peer_end
         if ended is None:
-            raise E.ENOENT("keyden no longer knows how this TLS session's peer ended (it keeps that for its last "
-                           f"{MAX_ENDED_REMEMBERED} established sessions)")
+            raise E.ENOENT("keyden no longer knows how this TLS session's peer ended (it keeps that for the last "
+                           f"{MAX_ENDED_REMEMBERED} established sessions, a uid that ends more forgetting its own)")
         return ended
 
     def _named_by(self, app_end: socket.socket) -> tuple["Session | None", int | None]:
@@ -251,10 +290,7 @@ class Engine:
         with self._lock:
             self._by_app_end.pop(app_end, None)
             if session is not None and session.established:  # (asked after the end: still told)
-                self._ended.pop(app_end, None)  # (an identity reused: the newest goes last)
-                self._ended[app_end] = session.peer_end
-                if len(self._ended) > MAX_ENDED_REMEMBERED:
-                    self._ended.popitem(last=False)
+                self._ended.remember(uid, app_end, session.peer_end)
             self._per_uid[uid] -= 1
             if not self._per_uid[uid]:
                 del self._per_uid[uid]
