@@ -332,7 +332,7 @@ def test_a_client_timeout_is_etimedout_and_the_next_request_reconnects(fresh_dae
 def test_a_busy_polling_daemon_polls_between_requests_and_sleeps_when_they_stop(fresh_daemon):
     """busy_poll: after each round the loop looks for the next request for up to that long before it
     sleeps, so requests 5 ms apart keep it busy; once they stop it polls one more time and sleeps.  A
-    busy-polling client polls its new connection once the daemon closed its idle one."""
+    busy-polling client reconnects once the daemon closed its idle connection."""
     d = fresh_daemon("busy_poll = 10000\nidle_timeout = 0.5\n")
     with d.connect(busy_poll=10_000) as c:
         c.ping(b"")

@@ -488,6 +488,9 @@ def test_an_aead_helper_without_an_algorithm_uses_the_one_its_key_was_generated_
         raise E.ENOSYS("unknown opcode 55")
     monkeypatch.setattr(client, "key_algorithm", older_daemon)
     assert client.aead(made["chacha20"]).alg == GCM  # the default it had before it could ask
+    monkeypatch.setattr(client, "key_algorithm", lambda key: "ocb(aes)")  # a newer daemon's
+    with pytest.raises(E.ENOPROTOOPT, match="which this client does not know: name the algorithm"):
+        client.aead(made["chacha20"])
 
 
 def test_an_hmac_stream_verifies_inside_keyden(client):

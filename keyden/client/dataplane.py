@@ -21,6 +21,7 @@ from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidT
 
 from keyden import errors as E
 from keyden.client.operations import Ref, as_value_error, binary
+from keyden.core.flags import FOR_USE
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
 
@@ -184,7 +185,7 @@ class RegionPool:
             shm.close()
 
 
-#: what an AEAD helper uses for a key genkey made for no AEAD in particular (added, derived, unwrapped keys)
+#: what an AEAD helper uses for a key bound to nothing (added as bytes, derived, unwrapped by pkey_decrypt_into)
 DEFAULT_AEAD = "gcm(aes)"
 
 
@@ -193,8 +194,10 @@ def aead_algorithm(serial: int, made_for: str) -> str:
     ``key_algorithm``), else gcm(aes).  A key made for something else is refused now, not at first use."""
     if not made_for:
         return DEFAULT_AEAD
-    found = symmetric.ALGORITHMS.get(made_for)
-    if found is None or found.kind != "aead":
+    if made_for not in FOR_USE:  # a newer daemon's algorithm
+        raise E.ENOPROTOOPT(f"key {serial} was generated for {made_for}, which this client does not know: "
+                            "name the algorithm")
+    if made_for not in symmetric.ALGORITHMS or symmetric.kind(made_for) != "aead":  # (hmac: a family)
         raise E.ENOPROTOOPT(f"key {serial} was generated for {made_for} only, not an AEAD")
     return made_for
 

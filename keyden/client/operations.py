@@ -307,7 +307,8 @@ class Operations(ABC):
 
     def key_algorithm(self, key) -> str:
         """The algorithm genkey made a symmetric key for ("gcm(aes)", "rfc7539(chacha20,poly1305)"...;
-        "hmac" for any HMAC), or "" for a key bound to none (added, derived, unwrapped)."""
+        "hmac" for any HMAC: a binding, not an algorithm name), or "" for a key bound to none (added as
+        bytes, derived, unwrapped by pkey_decrypt_into)."""
         return self._call(Op.KEY_ALGORITHM, Ref(key))
 
     def batch(self, alg: str, key, items, *, ivs=(), aads=(), decrypt: bool = False, random_nonce: bool = False):

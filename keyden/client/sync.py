@@ -258,10 +258,10 @@ class Client(Operations):
         """One read of what the daemon sends.  With ``busy_poll``, first looked for without sleeping, for up
         to that long: on a VM whose idle vCPUs halt, the wake-up costs more than a short request takes.
         (The poll comes before the blocking read's ``timeout``: an answer may take up to 10 ms longer.)"""
-        if self._busy_poll:
+        if self._busy_poll:  # each look yields the CPU, which the daemon may need to answer
             poll, deadline = self._answer_poll.poll, _clock() + self._busy_poll
             while not poll(0) and _clock() < deadline:
-                pass
+                os.sched_yield()
         return self._sock.recv_into(view)
 
     def _wait(self, rid: int, received: list[int] | None = None) -> W.Frame:

@@ -146,14 +146,14 @@ class Reactor:
         next_sweep = time.monotonic() + TICK
         channels = self._channels
         runnable = self._runnable
-        busy_seconds = cfg.busy_poll / 1e6  # config busy_poll, in µs
+        poll_window = cfg.busy_poll / 1e6  # config busy_poll, in µs
         while not self._stopping:
             turns = len(runnable)  # channels queued before this round's events (later ones wait a round)
             try:
                 if turns:
                     events = self._epoll.poll(0)
-                elif busy_seconds and self._round_size and not self._busy:
-                    events = self._poll_busily(busy_seconds, TICK if timed else -1)
+                elif poll_window and self._round_size and not self._busy:
+                    events = self._poll_busily(poll_window, TICK if timed else -1)
                 else:
                     events = self._epoll.poll(TICK if timed else -1)
             except InterruptedError:
@@ -238,14 +238,15 @@ class Reactor:
         After a round with events, a client's next request often follows within tens of
         microseconds; finding the loop awake spares it the loop's wake-up, which on a VM whose idle
         vCPUs halt costs more than the request (config ``busy_poll``, docs/operations.md).  Not
-        while workers hold requests: the loop would contend with them for the GIL.
+        while workers hold requests: the loop would contend with them for the GIL.  Each look yields
+        the CPU: a client on the same one must get to send what we wait for.
         """
-        poll = self._epoll.poll
-        deadline = _clock() + seconds
+        poll, deadline = self._epoll.poll, _clock() + seconds
         while True:
             events = poll(0)
             if events or _clock() >= deadline:
                 return events or poll(timeout)
+            os.sched_yield()
 
     # -------------------------------------------------------------- channels
 

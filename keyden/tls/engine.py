@@ -135,8 +135,8 @@ class EndedSessions:
     socket's identity, for TLS_PEER_END after the session is gone.
 
     Past the limit the oldest record of the uid holding the most goes first: a uid that ends sessions
-    by the thousand forgets its own, not another's it has still to ask about.  (Not thread-safe: the
-    engine's lock guards it.)
+    by the thousand forgets its own once it holds more than any other, and can push another's out only
+    down to an equal share.  (Not thread-safe: the engine's lock guards it.)
     """
 
     def __init__(self, limit: int = MAX_ENDED_REMEMBERED):
@@ -263,7 +263,8 @@ class Engine:
             return session.peer_end
         if ended is None:
             raise E.ENOENT("keyden no longer knows how this TLS session's peer ended (it keeps that for the last "
-                           f"{MAX_ENDED_REMEMBERED} established sessions, a uid that ends more forgetting its own)")
+                           f"{MAX_ENDED_REMEMBERED} established sessions that ended, the uid holding the most "
+                           "forgetting its own first)")
         return ended
 
     def _named_by(self, app_end: socket.socket) -> tuple["Session | None", int | None]:
