@@ -44,6 +44,24 @@ def test_unknown_benchmark_is_refused_with_the_choices():
     proc = run_bench("--quick", "--only", "no-such-bench")
     assert proc.returncode == 2
     assert "no-such-bench" in proc.stderr and "sign-rsa2048" in proc.stderr
+    proc = run_bench("--quick", "--only", "ping", "--busy-poll", "10001")
+    assert proc.returncode == 2 and "--busy-poll takes 0 to 10000 µs" in proc.stderr
+
+
+def test_a_bench_daemon_takes_its_settings_whatever_the_umask():
+    """--busy-poll reaches the daemon in a config file, which must be 0600 even under umask 002: the
+    daemon refuses a config file others may write."""
+    import keyden
+    from bench.daemon import BenchDaemon
+
+    old = os.umask(0o002)
+    try:
+        with BenchDaemon(config="busy_poll = 50\n") as d:
+            assert os.stat(os.path.join(d.dir, "keyden.toml")).st_mode & 0o777 == 0o600
+            with keyden.connect(d.socket) as c:
+                assert c.ping(b"set") == b"set"
+    finally:
+        os.umask(old)
 
 
 def test_profile_request_reports_both_sides():
