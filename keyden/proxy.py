@@ -297,6 +297,11 @@ class Proxy:
         with contextlib.suppress(E.KeydenError):
             client_tls.tls_abort(self.client, plain)
 
+    def _truncated(self, plain: socket.socket) -> bool:
+        """At the end of a client's data: may it be cut short?  Yes if its peer ended without close_notify,
+        or if a stop cut it (what the backend got so far may be half a request)."""
+        return self.cutting or client_tls.tls_peer_end(self.client, plain) == "truncated"
+
     @contextlib.contextmanager
     def _held(self, plain: socket.socket):
         """The plaintext socket keyden handed back, in cut()'s reach from now until it is closed here; False
@@ -342,8 +347,7 @@ class Proxy:
                     return
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout,
-                       abort=lambda: self._abort(plain),
-                       truncated=lambda: client_tls.tls_peer_end(self.client, plain) == "truncated")
+                       abort=lambda: self._abort(plain), truncated=lambda: self._truncated(plain))
             except RuntimeError as exc:  # no thread to be had for the other direction: closed
                 _report(peer, f"cannot relay the connection: {exc}; closed")
 

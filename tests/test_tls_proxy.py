@@ -1023,6 +1023,35 @@ def test_a_clients_end_reaches_a_tcp_backend_as_a_reset_only_if_truncated(proxy,
     assert end == ("reset" if how == "truncated" else "FIN")
 
 
+def test_a_stop_that_cuts_an_upload_reaches_a_tcp_backend_as_a_reset(proxy, pki):
+    """A stop's cut ends the client's session without close_notify, and the backend receiving half an
+    upload must not take the cut for the upload's end: it gets a reset, as for a truncated client."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    arrived, seen = threading.Event(), queue.Queue()
+
+    def receive(conn, _release):
+        got = b""
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+                arrived.set()
+            seen.put((got, "FIN"))
+        except ConnectionResetError:
+            seen.put((got, "reset"))
+
+    with one_connection_backend(receive, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}", "--shutdown-timeout", "1")
+        (proc,) = proxy.procs
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"POST /upload HTTP/1.0\r\n\r\nhalf an upl")
+            assert arrived.wait(TIMEOUT)
+            proc.terminate()
+            got, end = seen.get(timeout=TIMEOUT)
+            assert proc.wait(TIMEOUT) == 0
+            assert how_it_ended(tls) == "FIN"  # the client's side of the cut, as before
+    assert got == b"POST /upload HTTP/1.0\r\n\r\nhalf an upl" and end == "reset"
+
+
 def test_a_truncated_client_whose_session_breaks_with_an_answer_unread_still_resets_the_backend():
     """splice, in-process: keyden closes a truncated session with the backend's bytes unread in its end of
     the socketpair, so the relay reads a reset (ECONNRESET), not end of file: the backend must get a reset
