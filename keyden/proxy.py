@@ -169,7 +169,8 @@ class Proxy:
         self.per_host_lock = threading.Lock()
         self.all_left = threading.Condition(self.per_host_lock)  # notified when the last connection has gone
         self.relaying: set[socket.socket] = set()  # plaintext sockets being relayed (per_host_lock): cut() ends them
-        self.cutting = False  # cut() was called (per_host_lock): a connection that reaches the relay is ended
+        self.upstreams: set[socket.socket] = set()  # their TCP backends' sockets (per_host_lock): cut() resets them
+        self.cutting = False  # cut() was called (set under per_host_lock; it never goes back, so read without)
         self.lost_keyden = False
         self.stop_requested = False  # stop() was called: run() returns
         self.stop_now = False  # stop(now=True) was called: drain() returns
@@ -283,6 +284,8 @@ class Proxy:
         with self.per_host_lock:
             self.cutting = True
             duplicates = [plain.dup() for plain in self.relaying]
+            for upstream in self.upstreams:  # now: the proxy may exit before a relay's thread gets to it
+                _reset_on_close(upstream)
         aborts = threading.Thread(target=self._abort_all, args=(duplicates,), daemon=True)
         aborts.start()
         aborts.join(CUT_TIMEOUT)
@@ -296,6 +299,24 @@ class Proxy:
         """End ``plain``'s TLS session without close_notify; keyden lost, the session is gone with it."""
         with contextlib.suppress(E.KeydenError):
             client_tls.tls_abort(self.client, plain)
+
+    @contextlib.contextmanager
+    def _in_cuts_reach(self, upstream: socket.socket):
+        """A TCP backend's socket, while relayed: a cut sets it to reset at its close there and then (a FIN
+        would tell the backend that half a request was whole).  Out of reach, under the lock, before it is
+        closed: its number may be reused."""
+        if upstream.family == socket.AF_UNIX:  # no reset there: it reads end of file
+            yield
+            return
+        with self.per_host_lock:
+            self.upstreams.add(upstream)
+            if self.cutting:
+                _reset_on_close(upstream)
+        try:
+            yield
+        finally:
+            with self.per_host_lock:
+                self.upstreams.discard(upstream)
 
     def _truncated(self, plain: socket.socket) -> bool:
         """At the end of a client's data: may it be cut short?  Yes if its peer ended without close_notify,
@@ -338,7 +359,7 @@ class Proxy:
         except OSError as exc:
             _report(peer, f"cannot reach {where}: {exc.strerror}")
             return
-        with upstream:
+        with upstream, self._in_cuts_reach(upstream):
             if header:
                 try:
                     upstream.sendall(header)  # in one piece, as the spec asks, before any of the client's bytes
@@ -438,8 +459,9 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     A side that breaks (a reset) ends both.  When ``b`` breaks, or an answer is cut short, ``abort`` (if
     given) first ends ``a``'s TLS session without close_notify (what was passed on still goes out), so
     that the client cannot take half an answer for a whole one.  The other way, ``truncated`` (if
-    given) says at ``a``'s end of file whether ``a``'s TLS peer ended without close_notify: then ``b``
-    gets a reset, not a FIN, so that the backend cannot take half a request for a whole one.  With an
+    given) says at ``a``'s end of file whether ``a``'s data may be cut short (its TLS peer ended without
+    close_notify, or the proxy cut it): then ``b`` gets a reset, not a FIN, so that the backend cannot
+    take half a request for a whole one.  With an
     ``idle_timeout``, a connection on which no byte moved either way for that long ends too: a side that
     stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
     connection's slot for ever.
@@ -554,6 +576,11 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
         if watch is not None and watch.ident is not None:
             watch.join()
+
+
+def _reset_on_close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # (a socket the backend has reset already)
+        descriptors.reset_on_close(sock)
 
 
 def _start_unsignalled(thread: threading.Thread) -> None:
