@@ -379,8 +379,7 @@ def test_a_busy_polling_client_polls_for_its_answer_only_as_long_as_it_was_told(
 
 def _cpu_seconds(pid: int) -> float:
     """User and system CPU seconds a process has used so far."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -741,10 +740,14 @@ def _serials(c) -> set[int]:
     return {k.serial for k in c.keys()}
 
 
-def _process_state(pid: int) -> str:
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/<pid>/stat's fields after the command name (which may hold spaces and parentheses)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return stat[stat.rfind(b")") + 2:].split()[0].decode()
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def _process_state(pid: int) -> str:
+    return _stat_fields(pid)[0].decode()
 
 
 def _watched_processes(d) -> int:

@@ -1000,17 +1000,7 @@ def test_a_clients_end_reaches_a_tcp_backend_as_a_reset_only_if_truncated(proxy,
     A client's close_notify still reaches it as a FIN."""
     listener = socket.create_server(("127.0.0.1", 0))
     seen = queue.Queue()
-
-    def receive(conn, _release):
-        got = b""
-        try:
-            while chunk := conn.recv(65536):
-                got += chunk
-            seen.put((got, "FIN"))
-        except ConnectionResetError:
-            seen.put((got, "reset"))
-
-    with one_connection_backend(receive, listener):
+    with one_connection_backend(_receiver(seen), listener):
         port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}")
         with tls_to(port, pki) as tls:
             tls.sendall(b"POST /upload HTTP/1.0\r\n\r\nhalf an upl")
@@ -1028,18 +1018,7 @@ def test_a_stop_that_cuts_an_upload_reaches_a_tcp_backend_as_a_reset(proxy, pki)
     upload must not take the cut for the upload's end: it gets a reset, as for a truncated client."""
     listener = socket.create_server(("127.0.0.1", 0))
     arrived, seen = threading.Event(), queue.Queue()
-
-    def receive(conn, _release):
-        got = b""
-        try:
-            while chunk := conn.recv(65536):
-                got += chunk
-                arrived.set()
-            seen.put((got, "FIN"))
-        except ConnectionResetError:
-            seen.put((got, "reset"))
-
-    with one_connection_backend(receive, listener):
+    with one_connection_backend(_receiver(seen, arrived), listener):
         port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}", "--shutdown-timeout", "1")
         (proc,) = proxy.procs
         with tls_to(port, pki) as tls:
@@ -1050,6 +1029,22 @@ def test_a_stop_that_cuts_an_upload_reaches_a_tcp_backend_as_a_reset(proxy, pki)
             assert proc.wait(TIMEOUT) == 0
             assert how_it_ended(tls) == "FIN"  # the client's side of the cut, as before
     assert got == b"POST /upload HTTP/1.0\r\n\r\nhalf an upl" and end == "reset"
+
+
+def _receiver(seen: queue.Queue, arrived: threading.Event | None = None):
+    """A backend's ``serve`` that reads until the connection ends, then puts (what it got, "FIN" or
+    "reset") in ``seen``; ``arrived`` is set once the first bytes are in."""
+    def receive(conn, _release):
+        got = b""
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+                if arrived is not None:
+                    arrived.set()
+            seen.put((got, "FIN"))
+        except ConnectionResetError:
+            seen.put((got, "reset"))
+    return receive
 
 
 def test_a_truncated_client_whose_session_breaks_with_an_answer_unread_still_resets_the_backend():

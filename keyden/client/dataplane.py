@@ -197,7 +197,8 @@ def aead_algorithm(serial: int, made_for: str) -> str:
     if made_for not in FOR_USE:  # a newer daemon's algorithm
         raise E.ENOPROTOOPT(f"key {serial} was generated for {made_for}, which this client does not know: "
                             "name the algorithm")
-    if made_for not in symmetric.ALGORITHMS or symmetric.kind(made_for) != "aead":  # (hmac: a family)
+    found = symmetric.ALGORITHMS.get(made_for)  # (none for "hmac": a family)
+    if found is None or found.kind != "aead":
         raise E.ENOPROTOOPT(f"key {serial} was generated for {made_for} only, not an AEAD")
     return made_for
 
