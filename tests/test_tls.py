@@ -8,6 +8,7 @@ the private key nor a traffic secret ever reached the application's memory.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -1100,6 +1101,30 @@ def test_a_uid_that_ends_sessions_by_the_thousand_forgets_its_own_peer_ends_not_
     for i in range(2, 6):  # now uid 1000 holds the most: its own oldest go
         ended.remember(1000, (1, i), TLS_PEER_TRUNCATED)
     assert ended.get((1, 1)) is None and ended.get((2, 8)) == TLS_PEER_TRUNCATED and len(ended) == 4
+
+
+def test_ended_sessions_always_evict_the_oldest_record_of_a_uid_holding_the_most():
+    """Against a model that scans every uid: whatever the order of ends, reuses and ties, the record
+    forgotten is the oldest of a uid holding the most, and nothing else is lost."""
+    import random
+    from keyden.tls.engine import EndedSessions
+
+    rng = random.Random(7)
+    ended, model = EndedSessions(limit=16), {}  # model: identity -> uid, oldest first
+    for step in range(5000):
+        uid, identity = rng.choice((1, 2, 3, 4, 5, 6)), (rng.randrange(3), rng.randrange(40))
+        model.pop(identity, None)
+        model[identity] = uid
+        counts = collections.Counter(model.values())
+        ended.remember(uid, identity, step)
+        if len(model) > 16:
+            lost = [i for i in model if ended.get(i) is None]
+            assert len(lost) == 1, step
+            owner = model[lost[0]]
+            assert counts[owner] == max(counts.values()), step
+            assert lost[0] == next(i for i, u in model.items() if u == owner), step
+            del model[lost[0]]
+        assert len(ended) == len(model) and all(ended.get(i) is not None for i in model), step
 
 
 def test_a_peer_that_has_not_ended_is_open(app_factory, client, server_ring, pki):

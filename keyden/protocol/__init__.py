@@ -430,6 +430,10 @@ KEY_RECORD = Schema(("serial", K.I32), ("type", K.STR), ("uid", K.I64), ("gid", 
 #: (D, U, N, i), whose letters stay "-".
 KEY_STATE_BITS = (("revoked", 2), ("in_quota", 8), ("expired", 128), ("no_export", 256))
 
+# Flag fields are plain ints, as keyctl's are, not enum.IntFlag: IntFlag's ``~`` keeps only the bits it
+# defines (so ``flags & ~KNOWN`` would never see an unknown bit), and its operators make enum members on
+# the request path.  Each flag's value is fixed and never reused.
+
 # MOVE flags (KEYCTL_MOVE_EXCL).
 MOVE_EXCL = 1
 

@@ -136,20 +136,25 @@ class EndedSessions:
 
     Past the limit the oldest record of the uid holding the most goes first: a uid that ends sessions
     by the thousand forgets its own once it holds more than any other, and can push another's out only
-    down to an equal share.  (Not thread-safe: the engine's lock guards it.)
+    down to an equal share.  Each uid sits in a bucket by its number of records, so finding the uid
+    holding the most takes no scan.  (Not thread-safe: the engine's lock guards it.)
     """
 
     def __init__(self, limit: int = MAX_ENDED_REMEMBERED):
         self.limit = limit
         self._peer_end: dict[tuple[int, int], tuple[int, int]] = {}  # identity -> (uid, how its peer ended)
         self._by_uid: dict[int, OrderedDict[tuple[int, int], None]] = {}  # each uid's identities, oldest first
+        self._uids_holding: dict[int, dict[int, None]] = {}  # a number of records -> the uids holding that many
+        self._most = 0  # the largest number of records a uid holds
 
     def remember(self, uid: int, identity: tuple[int, int], peer_end: int) -> None:
         self._forget(identity)  # (an identity reused: the newest record stands, and goes last)
         self._peer_end[identity] = (uid, peer_end)
-        self._by_uid.setdefault(uid, OrderedDict())[identity] = None
+        held = self._by_uid.setdefault(uid, OrderedDict())
+        held[identity] = None
+        self._recount(uid, len(held) - 1, len(held))
         if len(self._peer_end) > self.limit:
-            most = max(self._by_uid, key=lambda u: len(self._by_uid[u]))
+            most = next(iter(self._uids_holding[self._most]))
             self._forget(next(iter(self._by_uid[most])))
 
     def get(self, identity: tuple[int, int]) -> int | None:
@@ -163,10 +168,24 @@ class EndedSessions:
     def _forget(self, identity: tuple[int, int]) -> None:
         known = self._peer_end.pop(identity, None)
         if known is not None:
-            held = self._by_uid[known[0]]
+            uid = known[0]
+            held = self._by_uid[uid]
             del held[identity]
+            self._recount(uid, len(held) + 1, len(held))
             if not held:
-                del self._by_uid[known[0]]
+                del self._by_uid[uid]
+
+    def _recount(self, uid: int, was: int, now: int) -> None:
+        """Move ``uid`` from the bucket of ``was`` records to that of ``now`` (one more or one fewer)."""
+        if was:
+            bucket = self._uids_holding[was]
+            del bucket[uid]
+            if not bucket:
+                del self._uids_holding[was]
+        if now:
+            self._uids_holding.setdefault(now, {})[uid] = None
+        if now > self._most or was == self._most and was not in self._uids_holding:
+            self._most = now  # (a count moves by one: the bucket below an emptied top holds this uid)
 
 
 class Engine:
