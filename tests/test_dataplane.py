@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV, ChaCh
 
 from keyden import errors as E
 from keyden.client import dataplane
-from keyden.protocol import Op
+from keyden.protocol import MAX_SHARED_REGION, Op
 
 GCM, CHACHA, GCM_SIV = "gcm(aes)", "rfc7539(chacha20,poly1305)", "gcm-siv(aes)"
 AUTH_FAILED = "authentication failed"
@@ -954,6 +954,16 @@ def test_shared_regions_are_limited_per_connection(client):
     buffers.append(client.shared_buffer(4096))
     for b in buffers:
         b.close()
+
+
+def test_a_shared_buffer_of_a_size_no_region_can_have_is_einval_before_any_memory_is_made(client):
+    """0, negative, too large or not a whole number: EINVAL from the client (it was ValueError, OSError or
+    TypeError from mmap and ftruncate, and a 2 GiB memfd made and mapped before the daemon refused it)."""
+    for size in (0, -1, MAX_SHARED_REGION + 1, 2 ** 64, 4096.0, "4096", True, None):
+        with pytest.raises(E.EINVAL, match="shared buffer"):
+            client.shared_buffer(size)
+    with client.shared_buffer(1) as shm:  # the smallest, on the same connection
+        assert len(shm.view) == 1
 
 
 def test_shared_memory_ranges_are_checked_before_any_work(fresh_daemon):

@@ -68,6 +68,8 @@ class SharedBuffer:
 
     def __init__(self, client, size: int):
         """Raises ENOMEM when the daemon's shared-memory budget (per uid, or in all) has no room for ``size``."""
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_SHARED_REGION:
+            raise E.EINVAL(f"a shared buffer is 1..{MAX_SHARED_REGION} bytes, not {size!r}"[:200])
         _detach_abandoned(client)
         fd = os.memfd_create("keyden-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self.map = None
