@@ -1660,6 +1660,9 @@ def test_master_key_in_the_kernel_keyring(fresh_daemon):
         key = c.add("user", "k", b"unlocked from the kernel", c.get_persistent("@s"))
         d.stop()
         os.unlink(key_file)  # the kernel copy alone opens the store
+        said = run_init(d)  # and init names it, not the missing file
+        assert said.returncode == 0, said.stderr
+        assert f"master key: the kernel keyring ({description}); {key_file} is missing" in said.stdout
         d.start()
         c = persistent(d)
         assert c.read(key) == b"unlocked from the kernel"

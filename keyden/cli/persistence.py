@@ -45,7 +45,13 @@ def cmd_init(ctx, args):
     db_path, key_path = paths(config)
     if journal is not None:  # made just now
         journal.close()
-    unlocked = "a passphrase" if config.passphrase_file or os.environ.get(PASSPHRASE_ENV) else key_path
+    if config.passphrase_file or os.environ.get(PASSPHRASE_ENV):
+        unlocked = "a passphrase"
+    elif os.path.exists(key_path):
+        unlocked = key_path
+    else:  # the one other place a key that opened the store can be
+        unlocked = (f"the kernel keyring ({config.master_key_kernel}); {key_path} is missing: "
+                    f"keep a copy of the key outside the kernel")
     print(f"key store {db_path} ready (master key: {unlocked})")
 
 
