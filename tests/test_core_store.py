@@ -1364,3 +1364,50 @@ def test_an_internal_key_never_displaces_a_namesake(store):
         store.create_internal(alice, logon, "app:k", logon.preparse(b"second")[0], 6, SESSION)
     assert alive(store, alice, there) and store.search(alice, SESSION, "logon", "app:k") == there
     assert store.quota_usage(1000) == usage  # nothing made, nothing left charged
+
+
+# ------------------------------------------------------- orphans at restore
+
+def test_adopted_orphans_go_under_their_owners_persistent_keyring_one_of_a_name_per_keyring(store):
+    """restore(adopt=True), for an operator's one start: keys whose keyrings were skipped (damaged, rolled
+    back) are filed, with what hangs below them, in 'keyden:recovered' in their owner's persistent keyring
+    (made for a uid that has none); a second key of a name goes into 'keyden:recovered.2'."""
+    from keyden.core import keytypes as T
+    from keyden.core.store import PERSISTENT_KEYRING_PERM, Key
+
+    def user_key(serial, uid, desc):
+        value, quota_len = T.lookup("user").preparse(f"payload {serial}".encode(), None)
+        return Key(serial, T.lookup("user"), desc, uid, uid, 0x3F3F0000, value, quota_len)
+
+    home = Key(1_000_001, T.KEYRING, "_persistent.0", 0, P.NO_GID, PERSISTENT_KEYRING_PERM, None, 0, charged=False)
+    sub = Key(1_000_002, T.KEYRING, "sub", 0, 0, 0x3F3F0000, None, 0)
+    first, second, below, theirs = (user_key(1_000_003, 0, "k"), user_key(1_000_004, 0, "k"),
+                                    user_key(1_000_005, 0, "below"), user_key(1_000_006, 1000, "k"))
+    keys = [home, sub, first, second, below, theirs]
+    skipped = [1_000_007, 1_000_008]  # the keyrings that held them, whose rows did not open
+    orphans, _merged, adopted = store.restore(keys, [(sub.serial, below.serial)], [home.serial], skipped, adopt=True)
+
+    assert orphans == []
+    assert all(key.persisted for key in keys)
+    assert sorted((ring.uid, ring.description) for ring, _filed in adopted) == [
+        (0, "keyden:recovered"), (0, "keyden:recovered.2"), (1000, "keyden:recovered")]
+    mine = home.links[("keyring", "keyden:recovered")]
+    again = home.links[("keyring", "keyden:recovered.2")]
+    assert {k.serial for k in mine.links.values()} == {first.serial, sub.serial}
+    assert [k.serial for k in again.links.values()] == [second.serial]
+    assert sub.links == {below.index: below}  # what hung below an orphan stays below it
+    root = session(store, ROOT)
+    assert store.search(root, store.get_persistent(root, 1000, SESSION), "user", "k") == theirs.serial
+
+
+def test_orphans_not_adopted_are_dropped_and_their_serials_reserved(store):
+    from keyden.core import keytypes as T
+    from keyden.core.store import PERSISTENT_KEYRING_PERM, Key
+
+    home = Key(1_000_001, T.KEYRING, "_persistent.0", 0, P.NO_GID, PERSISTENT_KEYRING_PERM, None, 0, charged=False)
+    value, quota_len = T.lookup("user").preparse(b"x", None)
+    lost = Key(1_000_002, T.lookup("user"), "k", 0, 0, 0x3F3F0000, value, quota_len)
+    orphans, _merged, adopted = store.restore([home, lost], [], [home.serial], [1_000_003])
+    assert orphans == [lost.serial] and adopted == []
+    root = session(store, ROOT)
+    assert not alive(store, root, lost.serial) and home.links == {}

@@ -636,7 +636,7 @@ def test_every_setting_the_generated_config_shows_can_be_set_to_its_default(tmp_
     config.load_file()
     assert config.store.shm_total_maxbytes == 4 << 30 and config.harden is True
     shown = set(re.findall(r"^# (\w+) =", DEFAULT_CONFIG_TEXT, re.M))
-    settable = {f.name for f in fields(ServerConfig) if f.name not in ("store", "state_dir")}
+    settable = {f.name for f in fields(ServerConfig) if f.name not in ("store", "state_dir", "adopt_orphans")}
     assert shown == settable | {f.name for f in fields(StoreConfig)}
 
 
@@ -667,6 +667,7 @@ def test_state_dir_in_a_named_config_file_applies(tmp_path):
     ("quota = 5", "quota must be a table"),
     ("[quota]\nidle_timeout = 600", "unknown setting 'idle_timeout' in [quota]"),  # appended after [quota]
     ('[quota]\nmaxkeys = "5"', "[quota] maxkeys must be an int, not str"),
+    ("adopt_orphans = true", "adopt_orphans is for one start: pass --adopt-orphans to keyden serve"),  # not a policy
 ])
 def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
     state = tmp_path / "state"

@@ -47,6 +47,9 @@ def serve(argv: list[str]) -> int:
     add_store_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--no-harden", action="store_true", help="skip PR_SET_DUMPABLE/mlockall (debugging only)")
+    p.add_argument("--adopt-orphans", action="store_true",
+                   help="file stored keys whose keyrings were skipped (damaged, rolled back) in a keyring "
+                        "'keyden:recovered' in their owner's persistent keyring, instead of leaving them out")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -57,6 +60,7 @@ def serve(argv: list[str]) -> int:
             config.socket = args.socket
         if args.no_harden:
             config.harden = False
+        config.adopt_orphans = args.adopt_orphans
         server = Server(config)
         server.run()
     except (StartupError, E.KeydenError, OSError) as exc:  # one line, never a traceback

@@ -46,6 +46,8 @@ LINK_BYTES = 4
 
 #: The persistent keyring's mask: possessor all but setattr, owner view and read (persistent.c).
 PERSISTENT_KEYRING_PERM = 0x1F030000
+#: Where ``restore(adopt=True)`` files keys whose keyrings were skipped, in their owner's persistent keyring.
+RECOVERED_KEYRING = "keyden:recovered"
 
 #: What an asymmetric key is handed out for (KeyStore.asymmetric): a use, a function of the parsed key
 #: giving one (or None), or None for public data.
@@ -1643,7 +1645,8 @@ class KeyStore:
             return self._persistent_keyrings.get(key.uid) is key
 
     def restore(self, keys: Iterable[Key], links: Iterable[tuple[int, int]], roots: Iterable[int],
-                unusable: Iterable[int] = ()) -> tuple[list[int], list[tuple[Key, Key]]]:
+                unusable: Iterable[int] = (), adopt: bool = False
+                ) -> tuple[list[int], list[tuple[Key, Key]], list[tuple[Key, list[Key]]]]:
         """Start-up: take back keys a backing store kept, with their serials, links and persistent keyrings.
 
         Permissions and quotas are not checked again (these keys were admitted
@@ -1666,6 +1669,10 @@ class KeyStore:
         store could not open) are reserved: their records stay in the backing
         store, and a new key given one would overwrite that record, or meet it
         again at the next start.
+
+        With ``adopt`` (an operator's choice for one start: `serve --adopt-orphans`), keys under no persistent
+        keyring are not dropped but adopted (``_adopt_orphans``); the (keyring, keys filed in it) pairs are
+        returned third, for the caller to write and report.
         """
         with self.lock:
             self._reserved.update(s for s in unusable if MIN_SERIAL <= s <= MAX_SERIAL)
@@ -1720,13 +1727,54 @@ class KeyStore:
                     # inactivity, and the keys must not go before their owners can reach them again.  (What
                     # the store holds is never used: get_persistent does not write the expiry it sets.)
                     ring.expiry = self._persistent_deadline()
+            adopted = self._adopt_orphans([key for key in restored if not key.persisted]) if adopt else []
             orphans = [key.serial for key in restored if not key.persisted]
             self._reserved.update(orphans)
             for serial in orphans:
                 key = self._keys.get(serial)
                 if key is not None:
                     self._force_destroy(key)
-            return orphans, merged
+            return orphans, merged, adopted
+
+    def _adopt_orphans(self, orphans: list[Key]) -> list[tuple[Key, list[Key]]]:
+        """Each orphan that no other orphan holds (every keyring that held it was skipped: damaged, rolled
+        back) is filed, with what hangs below it, in a keyring RECOVERED_KEYRING in its owner's persistent
+        keyring, made for the uid if it has none; a second of a name goes into "<name>.2", and so on (a
+        keyring holds one key of a name).  Only for an operator who asks: the key's owner comes to possess
+        it, where before whoever reached the skipped keyring did.  A uid whose persistent keyring is revoked
+        keeps its orphans out (replacing it here would rewrite rows before the journal is attached).
+        Returns (keyring, keys filed in it) pairs."""
+        tops: dict[int, list[Key]] = {}
+        for key in orphans:
+            if not key.parents:  # (an orphan's holders are orphans too: else it would persist)
+                tops.setdefault(key.uid, []).append(key)
+        filed: dict[int, tuple[Key, list[Key]]] = {}  # recovered keyring's serial -> it, and what went in
+        for uid, keys in tops.items():
+            home = self._persistent_keyrings.get(uid)
+            if home is not None and home.defunct:
+                continue
+            if home is None:
+                home = self._persistent_keyring(uid)
+                home.expiry = self._persistent_deadline()  # as restore's own
+            for key in keys:
+                ring = self._recovered_keyring(home, key)
+                self._link_raw(ring, key, check_quota=False)
+                filed.setdefault(ring.serial, (ring, []))[1].append(key)
+        return list(filed.values())
+
+    def _recovered_keyring(self, home: Key, key: Key) -> Key:
+        """The first live RECOVERED_KEYRING[.n] in ``home`` with no key of ``key``'s name, made if need be."""
+        for n in itertools.count(1):
+            name = RECOVERED_KEYRING if n == 1 else f"{RECOVERED_KEYRING}.{n}"
+            ring = home.links.get((T.KEYRING.name, name))
+            if ring is None:
+                ring = self._create(T.KEYRING, name, Credentials(home.uid, P.NO_GID), PERSISTENT_KEYRING_PERM, None,
+                                    0, quota=NOT_IN_QUOTA)
+                self._link_raw(home, ring, check_quota=False)
+                return ring
+            if not ring.defunct and key.index not in ring.links:
+                return ring
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ export
 

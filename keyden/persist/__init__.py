@@ -57,6 +57,7 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
 
     ``check_only`` (`keyden init`): create the store if there is none, else only check that the master key
     opens it, writing nothing (a store from before the manifest is migrated by the daemon).
+    ``config.adopt_orphans``: keys under no persistent keyring are adopted (KeyStore.restore), not dropped.
     """
     db_path, key_path = paths(config)
     source = source_for(key_path, config.passphrase_file, config.master_key_kernel)
@@ -85,7 +86,8 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
             if check_only:
                 db.close()
                 return None
-            manifest, merged = _load(db, sealer, store, meta, migrating=sealer.version < MANIFEST_VERSION)
+            manifest, merged = _load(db, sealer, store, meta, migrating=sealer.version < MANIFEST_VERSION,
+                                     adopt=config.adopt_orphans)
             if isinstance(sealer, LegacySealer):
                 sealer = _upgrade(db, manifest, sealer, source)  # (checkpoints the store)
             else:
@@ -103,8 +105,8 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
         try:
             journal.flush()
         except E.KeydenError as exc:  # kept in memory, and written with the next write (or merged again)
-            log.warning("the persistent keyrings linked under an older one could not be written yet (%s)",
-                        exc.message)
+            log.warning("the keyrings this start linked (persistent keyrings under an older one, adopted keys) "
+                        "could not be written yet (%s)", exc.message)
     return journal
 
 
@@ -157,7 +159,7 @@ def _mismatch(db_path: str, stored: str) -> str:
 
 
 def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: dict[str, bytes],
-          migrating: bool) -> tuple[Manifest, list[tuple[Key, Key]]]:
+          migrating: bool, adopt: bool = False) -> tuple[Manifest, list[tuple[Key, Key]]]:
     """Every row that authenticates and that the manifest expects becomes a key again; the others, and
     manifest entries without a row, are reported (never their contents).
 
@@ -165,8 +167,9 @@ def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: di
     ``migrating``: the store was written before it kept a manifest; one is built from the rows as
     loaded.  A store sealed as before version 3 (a LegacySealer) is written nothing here: ``_upgrade``
     seals it again whole, the manifest with it, and a check value that says it keeps one.  Also returns
-    the persistent keyrings linked under another of their uid's (KeyStore.restore), whose rows the
-    journal writes once it is attached.
+    the persistent keyrings linked under another of their uid's (KeyStore.restore), and with ``adopt`` the
+    keyrings orphans were filed in, with what holds them: pairs whose rows the journal writes once it is
+    attached.
     """
     if migrating:
         trusted, floors, root_ok = {}, dict.fromkeys(range(BUCKETS), 0), False
@@ -201,13 +204,18 @@ def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: di
     missing = sorted(serial for bucket in trusted.values() for serial in bucket.entries if serial not in present)
     for serial in missing:
         log.error("stored key %d is missing: its row was deleted outside keyden", serial)
-    orphans, merged = store.restore(keys, links, roots, skipped + missing)  # missing serials: entries kept
+    orphans, merged, adopted = store.restore(keys, links, roots, skipped + missing, adopt)  # missing: entries kept
     for holder, linked in merged:
         log.error("two persistent keyrings of one uid on disk (a row restored after a new one was made): %d, "
                   "the newer, is now linked into %d, the older; move what you need out of %d and unlink it",
                   linked.serial, holder.serial, linked.serial)
     for serial in orphans:
-        log.error("stored key %d skipped: it is under no persistent keyring any more", serial)
+        log.error("stored key %d skipped: it is under no persistent keyring any more%s", serial,
+                  "" if adopt else " (`keyden serve --adopt-orphans` files it under its owner's)")
+    for ring, filed in adopted:
+        log.warning("adopted %d stored keys under no persistent keyring into %d (%s, uid %d): %s", len(filed),
+                    ring.serial, ring.description, ring.uid, " ".join(str(key.serial) for key in filed))
+        merged += [(holder, ring) for holder in ring.parents]
     log.info("loaded %d persistent keys from %s%s%s", len(keys) - len(orphans), db.path,
              f" ({len(skipped) + len(orphans)} skipped)" if skipped or orphans else "",
              f" ({len(missing)} missing)" if missing else "")

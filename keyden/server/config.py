@@ -102,6 +102,7 @@ class ServerConfig:
     master_key_file: str = ""  # default <state_dir>/master.key
     passphrase_file: str = ""  # derive the master key from this passphrase instead (or $KEYDEN_PASSPHRASE_FILE)
     master_key_kernel: str = ""  # also hold the master key in root's kernel user keyring under this description
+    adopt_orphans: bool = False  # `serve --adopt-orphans` only, for one start (never from the file): docs/persistence.md
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def check(self) -> None:
@@ -162,6 +163,8 @@ class ServerConfig:
         quota = data.pop("quota", {})
         if not isinstance(quota, dict):
             raise E.EINVAL(f"{path}: quota must be a table ([quota] with its settings)")
+        if "adopt_orphans" in data:  # a recovery an operator asks for once, not a standing policy
+            raise E.EINVAL(f"{path}: adopt_orphans is for one start: pass --adopt-orphans to keyden serve")
         _apply(self, data, path, skip={"store"})
         _apply(self.store, quota, path, table="quota")
 
