@@ -57,6 +57,8 @@ PLAIN_SOCKET_BUFFER = 1 << 20
 MAX_REPORTED_CERT = 64 * 1024  # a larger peer certificate is not repeated in TLS_ESTABLISHED
 CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
 DRAIN_TIMEOUT = 30.0  # the application is gone: seconds its data may wait for a peer that reads nothing
+STALE_DEADLINES = 64  # deadlines no longer due (replaced, or their session closed) a loop keeps at most ...
+#                       beyond one per descriptor watched (Loop.at)
 MAX_ENDED_REMEMBERED = 4096  # ended sessions whose peer's end TLS_PEER_END can still tell (all uids together)
 
 READ, WRITE = "read", "write"
@@ -427,7 +429,16 @@ class Loop:
         self.epoll.unregister(fd)
 
     def at(self, when: float, session: "Session") -> None:
-        """Call ``session.deadline_passed(when)`` once ``when`` has come.  Loop thread only."""
+        """Call ``session.deadline_passed(when)`` once ``when`` has come.  Loop thread only.
+
+        A deadline replaced, or a session closed, leaves its entry behind until its time comes (up to
+        DRAIN_TIMEOUT or a handshake's timeout): past a few more entries than there are descriptors
+        watched, the heap is rebuilt from the entries still due, so it holds no more closed sessions
+        than that however many end meanwhile."""
+        if len(self.deadlines) > STALE_DEADLINES + len(self.owners):
+            self.deadlines = [entry for entry in self.deadlines
+                              if not entry[2].closed and entry[2].deadline == entry[0]]
+            heapq.heapify(self.deadlines)
         heapq.heappush(self.deadlines, (when, next(self._order), session))
 
     def _run(self) -> None:
@@ -688,6 +699,10 @@ class Session:
             self.watched.clear()
             descriptors.release_socket(self.tls, self.owner)  # the application's socket: its close may linger
             self.plain.close()
+            # What a session holds goes now, not when the session object does (a deadline may keep it for
+            # DRAIN_TIMEOUT, at many sessions a second): the buffers, and OpenSSL's connection with its own.
+            self.up = self.down = memoryview(b"")
+            self.tls.close()  # (its descriptor is detached already: this frees the SSL object alone)
         finally:
             self.on_close()  # the session's count is given back whatever failed above
 
