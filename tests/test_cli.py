@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from keyden import errors as E
 from keyden.cli import commands
 from keyden.server.handlers import keyctl as keyctl_handlers
 from tests.conftest import REPO
@@ -180,6 +181,19 @@ def test_read_print_pipe_and_hex_input(keyden, client):
     assert client.read(text) == b"AB"
 
 
+def test_a_description_the_locale_cannot_encode_is_escaped_not_a_traceback(keyden, client, daemon):
+    """Under a locale whose encoding lacks a description's characters (ISO-8859-1 and a CA's "E-Tuğra", an
+    emoji), the listing stopped half-way with a traceback (found by review)."""
+    serial = client.add("user", "emoji😀é", b"v", "@s")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               KEYDEN_SESSION=client.session_token, PYTHONIOENCODING="latin-1")
+    for args in (["describe", str(serial)], ["list", "@s"], ["show", "@s"], ["rdescribe", str(serial)]):
+        proc = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, *args],
+                              capture_output=True, env=env, timeout=60)
+        assert proc.returncode == 0 and b"Traceback" not in proc.stderr, (args, proc.stderr)
+        assert "emoji\\U0001f600\xe9".encode("latin-1") in proc.stdout, (args, proc.stdout)
+
+
 def test_errors_are_keyctl_function_and_strerror(keyden, client):
     missing = keyden("read", "12345")
     assert (missing.rc, missing.out, missing.err) == (1, "", "keyctl_read_alloc: Required key not available\n")
@@ -290,6 +304,9 @@ def test_keys_shows_every_viewable_key_with_its_time_left_as_proc_keys(keyden, c
     assert lines[f"{timed:08x}"].split()[1:5] == ["I--Q---", "1", "2h", "3f010000"]
     assert lines[f"{timed:08x}"].endswith(" user      kd-keys-timed: 5")
     assert lines[f"{logon:08x}"].split()[3] == "perm" and lines[f"{logon:08x}"].endswith(" kd:keys: 7")
+    week = client.add("user", "kd-keys-week", b"x", "@s")
+    client.timeout(week, 604799)  # a second short of a week: the kernel shows 6d (keyden rounded up to 1w)
+    assert {line.split()[0]: line for line in ok(keyden("keys")).splitlines()}[f"{week:08x}"].split()[3] == "6d"
     r = keyden("keys", "extra")
     assert (r.rc, r.err) == (2, "Format:\n  keyden keys\n")
 
@@ -508,6 +525,15 @@ def test_add_encrypted_pkcs8_with_password(keyden, client, tmp_path):
     expected_spki = private.public_key().public_bytes(serialization.Encoding.DER,
                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
     assert client.public_key_bytes(int(key2))[0] == expected_spki
+    # Found by review: with both, the file won silently; with a key no password unlocks, it was dropped.
+    both = keyden("padd", "--password", "wrong", "--password-file", str(password_file), "asymmetric", "", "@s",
+                  stdin=pem)
+    assert both.rc == 2 and "--password or --password-file, not both" in both.err
+    for kind, data in (("user", "v"), ("logon", "v"), ("keyring", "")):
+        unused = keyden("add", "--password", "x", kind, "cli:pw-" + kind, data, "@s")
+        assert unused.rc == 1 and unused.err == "add_key: Invalid argument\n"  # keyctl's form
+        with pytest.raises(E.EINVAL, match=f"a password is for an encrypted private key, not a {kind} key"):
+            client.add(kind, "cli:pw-" + kind, data.encode(), "@s", password="x")
 
 
 def test_public_key_gives_openssl_what_it_needs_to_verify(keyden, tmp_path):
@@ -529,7 +555,7 @@ def test_public_key_gives_openssl_what_it_needs_to_verify(keyden, tmp_path):
     assert serialization.load_der_public_key(der).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode() == pem
     no_cert = keyden("public_key", "--cert", key)
-    assert no_cert.rc == 1 and "the key has no certificate" in no_cert.err
+    assert no_cert.rc == 1 and no_cert.err.startswith("public_key: No data available (the key has no certificate")
     user = ok(keyden("add", "user", "kd-not-asymmetric", "x", "@s")).strip()
     refused = keyden("public_key", user)
     assert refused.rc == 1 and "Operation not supported" in refused.err
@@ -562,6 +588,14 @@ def test_hostile_words_are_usage_errors_not_tracebacks(keyden, client, tmp_path)
          "-o takes a file name"),
         (("aead", "encrypt", "%logon:cli:fuzz-aead", "-o", "/dev/fd/77"), 1, "/dev/fd/77: No such file or directory"),
         (("rekey", "--passphrase-file", str(empty)), 1, "must hold 1..4096 bytes"),
+        # Empty values taken for "not given" (found by review): --host "" verified for no name at all,
+        # --peer-file "" fell back on the peer argument; the files failed as ": No such file", status 1.
+        (("x509_verify", key, "@s", "--host", ""), 2, "--host takes a host name, not an empty string"),
+        (("derive", key, key, "@s", "--peer-file", ""), 2, "--peer-file takes a file name, not an empty string"),
+        (("padd", "--password-file", "", "asymmetric", "x", "@s"), 2, "--password-file takes a file name"),
+        (("rekey", "--passphrase-file", ""), 2, "--passphrase-file takes a file name"),
+        (("export", key, "--to-public-key", ""), 2, "--to-public-key takes a file name"),
+        (("import", "", "--unwrap-with", key, "@s"), 2, "import takes a file name (or - for stdin)"),
     ]
     for args, rc, said in cases:
         result = keyden(*args)
@@ -584,7 +618,6 @@ def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatc
     import threading
 
     import keyden
-    from keyden import errors as E
     from keyden.client import common
 
     monkeypatch.setattr(common, "HELLO_TIMEOUT", 0.5)

@@ -352,6 +352,8 @@ def test_cipher_hash_hmac_commands(keyden, client, tmp_path):
           "keyden_hmac_verify: Invalid argument "
           "(hmac(sha256): tag must be 32 bytes, not 16; truncated HMAC tags are not supported)\n")
     fails(keyden("hmac_verify", mac_serial, "zz"), 1, "Bad hex doublet\n")
+    fails(keyden("hmac_verify", mac_serial, ""), 1,  # (it said no more than "Invalid argument")
+          "keyden_hmac_verify: Invalid argument (a tag to check, in hex, is required)\n")
 
 
 def test_closed_standard_streams_are_an_error_not_a_traceback(daemon, client):

@@ -216,7 +216,10 @@ def test_usage_errors(daemon):
                  *(["--listen", "127.0.0.1:0", "--handshake-timeout", t, *whole] for t in ("0", "500", "nan")),
                  *(["--listen", "127.0.0.1:0", "--close-timeout", t, *whole] for t in ("0", "-1", "4000", "nan", "x")),
                  *(["--listen", "127.0.0.1:0", "--idle-timeout", t, *whole] for t in ("-1", "0.5", "1e9", "nan", "x")),
-                 *(["--listen", "127.0.0.1:0", "--shutdown-timeout", t, *whole] for t in ("-1", "1e9", "nan", "x"))):
+                 *(["--listen", "127.0.0.1:0", "--shutdown-timeout", t, *whole] for t in ("-1", "1e9", "nan", "x")),
+                 # a backend that cannot be: it failed each connection, not the start (found by review)
+                 *(["--listen", "127.0.0.1:0", "--keyring", "@s", "--forward", f] for f in ("unix:", ":80",
+                                                                                           "127.0.0.1:0", "[]:80"))):
         out = subprocess.run([sys.executable, "-m", "keyden", "--socket", daemon.socket, "tls-proxy", *args],
                              capture_output=True, timeout=TIMEOUT, cwd=REPO)
         assert out.returncode == 2, (args, out.stderr.decode())

@@ -49,6 +49,8 @@ def payload(data: bytes, opts: dict) -> bytes:
 
 def password(opts: dict) -> bytes | None:
     """--password PASS or --password-file FILE (keyden): unlocks an encrypted PKCS#8 key."""
+    if "--password-file" in opts and "--password" in opts:
+        raise Usage("--password or --password-file, not both")
     if "--password-file" in opts:
         return read_file(str(opts["--password-file"])).rstrip(b"\r\n")
     if "--password" in opts:
@@ -228,7 +230,7 @@ def cmd_public_key(ctx, args):
     expect(args, 1)
     spki, cert = call("public_key", ctx.client.public_key_bytes, ctx.key(args[0]))
     if opts.get("--cert") and not cert:
-        raise Exit(1, "public_key: the key has no certificate (load one with padd asymmetric)")
+        raise failure("public_key", E.ENODATA(), "the key has no certificate: load one with padd asymmetric")
     if opts.get("--der"):
         write_bytes(cert if opts.get("--cert") else spki)
     elif opts.get("--cert"):

@@ -341,6 +341,6 @@ def cmd_hmac_verify(ctx: Context, args: list[str]) -> int:
     expect(words, 2)
     expected = hex_arg(words[1])
     if not expected:
-        raise failure("keyden_hmac_verify", E.EINVAL())
+        raise failure("keyden_hmac_verify", E.EINVAL(), "a tag to check, in hex, is required")
     _mac_of_stdin(ctx, "keyden_hmac_verify", words[0], str(opts.get("-a", "hmac(sha256)")), expected)
     return 0

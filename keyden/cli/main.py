@@ -124,6 +124,15 @@ def _reopen_closed_std_streams() -> None:
         sys.stdout = io.TextIOWrapper(_ClosedStream("stdout"), write_through=True)
 
 
+def _never_unencodable() -> None:
+    """A description the locale's encoding cannot hold (a CA's "E-Tuğra" under ISO-8859-1) is written with
+    backslash escapes: a line that stopped half-way with a traceback was worse.  (Binary output goes to
+    sys.stdout.buffer, untouched.)"""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's flush at exit has nothing left to fail on."""
     try:
@@ -135,6 +144,7 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _reopen_closed_std_streams()
+    _never_unencodable()
     note_inherited_descriptors()  # before any of our own: what -o /dev/fd/N may name
     try:
         status = run(argv)

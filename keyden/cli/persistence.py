@@ -68,8 +68,8 @@ def cmd_rekey(ctx, args):
         except OSError as exc:
             raise failure(path, exc) from None
         if mode & 0o077:  # a passphrase others may read is spent before it is used; the daemon would refuse it too
-            raise Exit(1, f"rekey: the passphrase file {path} has mode {mode:04o}, open to group or others "
-                          f"(chmod 600 {path}, after checking nobody else read it)")
+            raise failure("rekey", E.EACCES(), f"the passphrase file {path} has mode {mode:04o}, open to group or "
+                                               f"others: chmod 600 {path}, after checking nobody else read it")
         from keyden.persist.master import MAX_PASSPHRASE, normalize_passphrase  # (the key store: not for every command)
 
         passphrase = normalize_passphrase(read_file(path))
@@ -102,6 +102,8 @@ def cmd_import(ctx, args):
     named, rest = options(args, ("--no-export", "--contents"), ("--unwrap-with",), anywhere=True)
     if len(rest) != 2 or "--unwrap-with" not in named:
         raise Usage()
+    if not rest[0]:
+        raise Exit(2, "import takes a file name (or - for stdin), not an empty string")
     limit = ctx.client.max_frame  # an export is made to fit one reply; its import, one request
     blob = read_stdin(limit) if rest[0] == "-" else read_file(rest[0], limit)
     unwrap, ring = ctx.key(named["--unwrap-with"]), ctx.key(rest[1])

@@ -45,13 +45,19 @@ class NoDaemon(Exception):
     """The daemon cannot be reached at all."""
 
 
+#: Options whose empty value is refused (exit 2), never taken for "not given": what each takes.  (An empty
+#: --host verified a certificate for no name at all; an empty --peer-file fell back on the peer argument.)
+NOT_EMPTY = {"-o": "a file name", "--password-file": "a file name", "--peer-file": "a file name",
+             "--passphrase-file": "a file name", "--to-public-key": "a file name", "--host": "a host name"}
+
+
 def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...] = (), *,
             anywhere: bool = False) -> tuple[dict[str, str | bool], list[str]]:
     """The options (flags: True; valued: '--name value' or '--name=value') and the other words, in order.
 
     keyctl's commands take options leading only, and each once, as keyctl takes '-x' (and so do the options
     keyden adds to them): later words are data, even if they start with '-'.  keyden's own commands take them
-    ``anywhere``, up to a '--'.
+    ``anywhere``, up to a '--'.  An option of NOT_EMPTY's given an empty value is exit 2.
     """
     found: dict[str, str | bool] = {}
     words: list[str] = []
@@ -80,6 +86,9 @@ def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...
             words += args[at:]
             break
         at += 1
+    for name, takes in NOT_EMPTY.items():
+        if found.get(name) == "":
+            raise Exit(2, f"{name} takes {takes}, not an empty string")
     return found, words
 
 
@@ -89,11 +98,12 @@ def expect(words: list[str], *counts: int) -> None:
         raise Usage()
 
 
-def failure(function: str, exc: BaseException) -> Exit:
-    """keyctl's perror(function) and exit(1), for a keyden or an OS error."""
+def failure(function: str, exc: BaseException, reason: str = "") -> Exit:
+    """keyctl's perror(function) and exit(1), for a keyden or an OS error; keyden's own commands add
+    their ``reason`` after it, as ``call`` adds the daemon's."""
     code = getattr(exc, "code", None) if isinstance(exc, E.KeydenError) else getattr(exc, "errno", None)
     text = os.strerror(code) if code else str(exc)
-    return Exit(1, f"{function}: {text}")
+    return Exit(1, f"{function}: {text}" + (f" ({reason})" if reason else ""))
 
 
 #: keyutils library calls: their failures print exactly as keyctl's, which scripts may match

@@ -17,7 +17,7 @@ from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 def cmd_tls_proxy(ctx, args) -> int:
     opts = _parse(args)
     listen = _address(opts.listen, "--listen")
-    forward = opts.forward if opts.forward.startswith("unix:") else _address(opts.forward, "--forward")
+    forward = _forward(opts.forward)
     tls_options = {"client_trust": ctx.key(opts.client_trust) if opts.client_trust else 0,
                    "require_client_cert": opts.require_client_cert,
                    "alpn": _alpn(opts.alpn),
@@ -147,6 +147,19 @@ def _address(text: str, option: str) -> tuple[str, int]:
             or not (host.isascii() and host.isprintable()):
         raise Exit(2, f"tls-proxy: {option} takes HOST:PORT (a port up to 65535), not {text[:300]!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _forward(text: str) -> str | tuple[str, int]:
+    """--forward: a host and a port to connect to (neither may be left out: "listen anywhere" and "any
+    port" mean nothing to connect to), or unix:/path.  Refused at start, not at every connection."""
+    if text.startswith("unix:"):
+        if len(text) == len("unix:"):
+            raise Exit(2, "tls-proxy: --forward unix: takes a socket path, not an empty string")
+        return text
+    host, port = _address(text, "--forward")
+    if not text.rpartition(":")[0].strip("[]") or not port:
+        raise Exit(2, f"tls-proxy: --forward takes HOST:PORT with a host and a port from 1, not {text[:300]!r}")
+    return host, port
 
 
 def _alpn(text: str | None) -> list[str] | None:

@@ -349,6 +349,8 @@ class Operations(ABC):
         if (to_public_key is None) == (wrapping_key is None):
             raise E.EINVAL("give exactly one of to_public_key and wrapping_key")
         if isinstance(to_public_key, (bytes, bytearray)):
+            if not to_public_key:  # (on the wire, no recipient at all)
+                raise E.EINVAL("to_public_key is empty: give a public key's PEM or DER, or a key")
             return self._call(Op.EXPORT, Ref(key), bytes(to_public_key), 0, 0)
         if to_public_key is not None:
             return self._call(Op.EXPORT, Ref(key), b"", Ref(to_public_key), 0)

@@ -92,6 +92,7 @@ class UserType(KeyType):
     revoke_discards_payload = True
 
     def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
+        _no_password(self.name, secret)
         if not 0 < len(payload) <= MAX_USER_PAYLOAD:
             raise E.EINVAL(f"{self.name} payload must be 1..{MAX_USER_PAYLOAD} bytes")
         return bytearray(payload), len(payload)
@@ -128,9 +129,16 @@ class KeyringType(KeyType):
     is_keyring = True
 
     def preparse(self, payload: bytes, secret: bytes | None = None) -> tuple[Any, int]:
+        _no_password(self.name, secret)
         if payload:
             raise E.EINVAL("a keyring takes no data")
         return None, 0
+
+
+def _no_password(type_name: str, secret: bytes | None) -> None:
+    """A password unlocks an encrypted private key; given with anything else it was dropped unread."""
+    if secret:
+        raise E.EINVAL(f"a password is for an encrypted private key, not a {type_name} key")
 
 
 class AsymmetricType(KeyType):

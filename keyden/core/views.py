@@ -67,10 +67,11 @@ class KeyStatus:
             return "expd"
         if not self.expiry:
             return "perm"
-        left = self.expiry - now
+        # Whole seconds at both ends, as the kernel counts (its expiry is the second a timeout was set in,
+        # plus the timeout): 604799 s from now is 6d, not 1w.
+        left = math.floor(self.expiry) - math.floor(now)
         if self.expired or left <= 0:
             return "expd"
-        left = math.ceil(left)  # whole seconds, as the kernel's: a key not yet expired has at least 1s
         for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
             if left >= size:
                 return f"{left // size}{unit}"

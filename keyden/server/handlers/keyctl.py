@@ -84,7 +84,7 @@ def _keys(ctx, after):
     records, size = [], _KEYS_REPLY_FIXED
     for k in found:
         record = KEY_RECORD.encode((k.serial, k.type, k.uid, k.gid, k.perm, _state_bits(k), k.usage,
-                                    math.ceil(k.expiry), k.description, k.summary))
+                                    math.floor(k.expiry), k.description, k.summary))
         size += 4 + len(record)
         if records and size > ctx.max_frame:  # the rest come in the next page
             after = found[len(records) - 1].serial
