@@ -1400,7 +1400,7 @@ def test_adopted_orphans_go_under_their_owners_persistent_keyring_one_of_a_name_
     assert store.search(root, store.get_persistent(root, 1000, SESSION), "user", "k") == theirs.serial
 
 
-def test_orphans_not_adopted_are_dropped_and_their_serials_reserved(store):
+def test_orphans_not_adopted_are_dropped_and_their_serials_reserved(store, monkeypatch):
     from keyden.core import keytypes as T
     from keyden.core.store import PERSISTENT_KEYRING_PERM, Key
 
@@ -1411,3 +1411,44 @@ def test_orphans_not_adopted_are_dropped_and_their_serials_reserved(store):
     assert orphans == [lost.serial] and adopted == []
     root = session(store, ROOT)
     assert not alive(store, root, lost.serial) and home.links == {}
+    monkeypatch.setattr(store_module, "secrets", ScriptedRandom([lost.serial] * 5 + [1_234_567]))
+    assert add_user(store, root, "new") == 1_234_567  # its row stays on disk: the serial is never handed out
+
+
+def test_adoption_passes_over_a_recovered_keyring_that_is_not_as_made_and_never_makes_a_loop(store):
+    """Found by review: an earlier 'keyden:recovered' given a timeout took the adopted keys and, expiring,
+    had them collected (their rows deleted); one linked into another uid's keyring, or restricted, would have
+    shared or refused them; and an orphan keyring holding the recovered keyring, or the persistent keyring
+    itself, made a loop nothing could reach or collect."""
+    from keyden.core import keytypes as T
+    from keyden.core.store import PERSISTENT_KEYRING_PERM, RECOVERED_KEYRING, Key
+
+    def ring_key(serial, desc, uid=0, perm=0x3F3F0000):
+        return Key(serial, T.KEYRING, desc, uid, 0, perm, None, 0)
+
+    home = Key(2_000_001, T.KEYRING, "_persistent.0", 0, P.NO_GID, PERSISTENT_KEYRING_PERM, None, 0, charged=False)
+    timed = ring_key(2_000_002, RECOVERED_KEYRING, perm=PERSISTENT_KEYRING_PERM)
+    timed.expiry = 2_000_000.0  # its owner set a timeout on it
+    holds_home, other = ring_key(2_000_003, "holds-home"), ring_key(2_000_004, "other")
+    value, quota_len = T.lookup("user").preparse(b"x", None)
+    plain = Key(2_000_005, T.lookup("user"), "k", 0, 0, 0x3F3F0000, value, quota_len)
+    links = [(home.serial, timed.serial), (holds_home.serial, home.serial)]
+    orphans, _merged, adopted = store.restore([home, timed, holds_home, other, plain], links, [home.serial],
+                                              [2_000_009], adopt=True)
+    assert orphans == [holds_home.serial]  # filing it under the keyring it holds would make a loop
+    assert {ring.description for ring, _filed in adopted} == {f"{RECOVERED_KEYRING}.2"}  # not the timed one
+    second = home.links[("keyring", f"{RECOVERED_KEYRING}.2")]
+    assert {k.serial for k in second.links.values()} == {other.serial, plain.serial} and not timed.links
+    assert not any(_reaches(k, k) for k in (home, second, other))
+
+
+def _reaches(start, target) -> bool:
+    todo, seen = list(start.links.values()), set()
+    while todo:
+        key = todo.pop()
+        if key is target:
+            return True
+        if key.links is not None and key.serial not in seen:
+            seen.add(key.serial)
+            todo += key.links.values()
+    return False

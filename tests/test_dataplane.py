@@ -965,6 +965,12 @@ def test_a_shared_buffer_of_a_size_no_region_can_have_is_einval_before_any_memor
     with client.shared_buffer(1) as shm:  # the smallest, on the same connection
         assert len(shm.view) == 1
 
+    class IndexLike:  # numpy's integers: mmap took them, so must this
+        def __index__(self):
+            return 4096
+    with client.shared_buffer(IndexLike()) as shm:
+        assert len(shm.view) == 4096
+
 
 def test_shared_memory_ranges_are_checked_before_any_work(fresh_daemon):
     """An output range outside the region is refused before the input is read or any output is made,

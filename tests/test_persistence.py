@@ -2011,8 +2011,8 @@ def test_keys_under_a_damaged_keyring_row_come_back_when_an_operator_asks(fresh_
     d.args = (*d.args, "--adopt-orphans")
     log = start_and_read_log(d)
     assert f"stored key {sub} skipped: authentication failed" in log  # its row stays, reported, as evidence
-    assert re.search(r"WARNING keyden\.persist: adopted 4 stored keys under no persistent keyring into \d+ "
-                     r"\(keyden:recovered, uid 0\)", log)
+    assert re.search(r"WARNING keyden\.persist: adopted 4 stored keys under no persistent keyring, with what "
+                     r"hangs below them, into \d+ \(keyden:recovered, uid 0\)", log)
     assert "under no persistent keyring any more" not in log
     d.stop(signal.SIGKILL)  # what the start wrote is all there is
     d.args = d.args[:-1]

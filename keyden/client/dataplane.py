@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import mmap
+import operator
 import os
 import threading
 import weakref
@@ -68,8 +69,12 @@ class SharedBuffer:
 
     def __init__(self, client, size: int):
         """Raises ENOMEM when the daemon's shared-memory budget (per uid, or in all) has no room for ``size``."""
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_SHARED_REGION:
-            raise E.EINVAL(f"a shared buffer is 1..{MAX_SHARED_REGION} bytes, not {size!r}"[:200])
+        try:  # an int, or what stands for one (numpy's); never a float, a str or a bool
+            size = -1 if isinstance(size, bool) else operator.index(size)
+        except TypeError:
+            size = -1
+        if not 0 < size <= MAX_SHARED_REGION:
+            raise E.EINVAL(f"a shared buffer is 1..{MAX_SHARED_REGION} bytes")
         _detach_abandoned(client)
         fd = os.memfd_create("keyden-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self.map = None

@@ -1737,16 +1737,17 @@ class KeyStore:
             return orphans, merged, adopted
 
     def _adopt_orphans(self, orphans: list[Key]) -> list[tuple[Key, list[Key]]]:
-        """Each orphan that no other orphan holds (every keyring that held it was skipped: damaged, rolled
-        back) is filed, with what hangs below it, in a keyring RECOVERED_KEYRING in its owner's persistent
-        keyring, made for the uid if it has none; a second of a name goes into "<name>.2", and so on (a
-        keyring holds one key of a name).  Only for an operator who asks: the key's owner comes to possess
-        it, where before whoever reached the skipped keyring did.  A uid whose persistent keyring is revoked
-        keeps its orphans out (replacing it here would rewrite rows before the journal is attached).
-        Returns (keyring, keys filed in it) pairs."""
+        """Each live orphan that no other orphan holds (every keyring that held it was skipped: damaged,
+        rolled back) is filed, with what hangs below it, in a keyring RECOVERED_KEYRING in its owner's
+        persistent keyring, made for the uid if it has none; a second of a name goes into "<name>.2", and so
+        on (a keyring holds one key of a name).  Only for an operator who asks: the top's owner comes to
+        possess it and what hangs below it, where before whoever reached the skipped keyring did.  Left out:
+        a key whose owner's persistent keyring is revoked (replacing it here would rewrite rows before the
+        journal is attached), and a keyring that holds that persistent keyring (filing it there would make
+        a loop).  Returns (keyring, keys filed in it) pairs."""
         tops: dict[int, list[Key]] = {}
         for key in orphans:
-            if not key.parents:  # (an orphan's holders are orphans too: else it would persist)
+            if not key.parents and not key.defunct:  # (an orphan's holders are orphans: else it would persist)
                 tops.setdefault(key.uid, []).append(key)
         filed: dict[int, tuple[Key, list[Key]]] = {}  # recovered keyring's serial -> it, and what went in
         for uid, keys in tops.items():
@@ -1757,13 +1758,17 @@ class KeyStore:
                 home = self._persistent_keyring(uid)
                 home.expiry = self._persistent_deadline()  # as restore's own
             for key in keys:
+                if key.links is not None and _holds(key, home):
+                    continue
                 ring = self._recovered_keyring(home, key)
                 self._link_raw(ring, key, check_quota=False)
                 filed.setdefault(ring.serial, (ring, []))[1].append(key)
         return list(filed.values())
 
     def _recovered_keyring(self, home: Key, key: Key) -> Key:
-        """The first live RECOVERED_KEYRING[.n] in ``home`` with no key of ``key``'s name, made if need be."""
+        """The first RECOVERED_KEYRING[.n] in ``home`` that is one keyden made and left as made (its owner's,
+        held by ``home`` alone, its mask, no expiry, no restriction: nothing that would collect, share or
+        refuse what goes in) with room for ``key``'s name and no loop through ``key``; made if need be."""
         for n in itertools.count(1):
             name = RECOVERED_KEYRING if n == 1 else f"{RECOVERED_KEYRING}.{n}"
             ring = home.links.get((T.KEYRING.name, name))
@@ -1772,7 +1777,9 @@ class KeyStore:
                                     0, quota=NOT_IN_QUOTA)
                 self._link_raw(home, ring, check_quota=False)
                 return ring
-            if not ring.defunct and key.index not in ring.links:
+            as_made = (ring.uid == home.uid and ring.parents == {home} and ring.perm == PERSISTENT_KEYRING_PERM
+                       and not ring.expiry and ring.restriction is None and not ring.defunct)
+            if as_made and key.index not in ring.links and not (key.links is not None and _holds(key, ring)):
                 return ring
         raise AssertionError("unreachable")
 

@@ -105,8 +105,10 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
         try:
             journal.flush()
         except E.KeydenError as exc:  # kept in memory, and written with the next write (or merged again)
-            log.warning("the keyrings this start linked (persistent keyrings under an older one, adopted keys) "
-                        "could not be written yet (%s)", exc.message)
+            log.warning("the keyrings this start linked (persistent keyrings under an older one, keys adopted by "
+                        "--adopt-orphans) could not be written yet (%s): they are written with the next write "
+                        "that succeeds; adopted keys need --adopt-orphans again if keyden stops before that",
+                        exc.message)
     return journal
 
 
@@ -213,8 +215,9 @@ def _load(db: Database, sealer: Sealer | LegacySealer, store: KeyStore, meta: di
         log.error("stored key %d skipped: it is under no persistent keyring any more%s", serial,
                   "" if adopt else " (`keyden serve --adopt-orphans` files it under its owner's)")
     for ring, filed in adopted:
-        log.warning("adopted %d stored keys under no persistent keyring into %d (%s, uid %d): %s", len(filed),
-                    ring.serial, ring.description, ring.uid, " ".join(str(key.serial) for key in filed))
+        log.warning("adopted %d stored keys under no persistent keyring, with what hangs below them, into %d "
+                    "(%s, uid %d): %s", len(filed), ring.serial, ring.description, ring.uid,
+                    " ".join(str(key.serial) for key in filed))
         merged += [(holder, ring) for holder in ring.parents]
     log.info("loaded %d persistent keys from %s%s%s", len(keys) - len(orphans), db.path,
              f" ({len(skipped) + len(orphans)} skipped)" if skipped or orphans else "",
