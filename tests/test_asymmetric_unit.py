@@ -542,6 +542,27 @@ def test_rsa_signatures_interoperate_with_pyca(keys, parsed):
     parsed["rsa-pub"].verify("enc=pss hash=sha256", _digest("sha256", msg), pss)
 
 
+def test_pkcs1_verify_without_a_hash_checks_the_whole_encoded_payload_as_the_kernel(keys, parsed):
+    """The kernel's pkcs1pad(rsa) without hash= verifies the payload the padding wraps, DigestInfo and
+    digest as given (keyctl pkey_verify ... enc=pkcs1): keyden refused it, EINVAL (found by a differential
+    run against the kernel).  Signing without a hash stays refused: keyden signs a digest."""
+    msg = b"hello"
+    sig = keys["rsa"].sign(msg, padding.PKCS1v15(), hashes.SHA256())
+    digest_info = bytes.fromhex("3031300d060960864801650304020105000420") + _digest("sha256", msg)  # RFC 8017
+    parsed["rsa-pub"].verify("enc=pkcs1", digest_info, sig)
+    for wrong in (digest_info[:-1] + b"\x00", digest_info[:-1], _digest("sha256", msg)):
+        with pytest.raises(E.EKEYREJECTED):
+            parsed["rsa-pub"].verify("enc=pkcs1", wrong, sig)
+    with pytest.raises(E.EKEYREJECTED):  # no PKCS#1 block at all (the kernel tells a few such apart; not keyden)
+        parsed["rsa-pub"].verify("enc=pkcs1", digest_info, bytes(255) + b"\x01")
+    with pytest.raises(E.EINVAL, match="the key's size"):
+        parsed["rsa-pub"].verify("enc=pkcs1", digest_info, sig[1:])
+    with pytest.raises(E.EINVAL, match="hash= is required"):
+        parsed["rsa"].sign("enc=pkcs1", digest_info)
+    with pytest.raises(E.EINVAL, match="hash= is required"):
+        parsed["rsa-pub"].verify("enc=pss", digest_info, sig)
+
+
 @pytest.mark.parametrize("curve", ["p256", "p384"])
 @pytest.mark.parametrize("enc", ["", "enc=x962", "enc=p1363"])
 def test_ecdsa_sign_verify(parsed, keys, curve, enc):
@@ -679,7 +700,7 @@ def test_size_limits(parsed):
             parsed["p256"].sign("", bad_digest)
     with pytest.raises(E.EINVAL):
         rsa_pub.verify("enc=pkcs1 hash=sha256", digest, bytes(257))
-    with pytest.raises(E.EKEYREJECTED):
+    with pytest.raises(E.EINVAL, match="the key's size"):  # as the kernel's pkcs1pad (it was EKEYREJECTED)
         rsa_pub.verify("enc=pkcs1 hash=sha256", digest, bytes(255))
     with pytest.raises(E.EINVAL, match="longer than p256"):
         parsed["p256"].sign("hash=sha384", _digest("sha384"))
