@@ -85,6 +85,9 @@ def test_help_lists_every_command_and_usage_errors_print_the_synopsis(keyden):
         assert ok(keyden("purge", word)) == ok(keyden("help", "purge"))
         assert ok(keyden("aead", word)).startswith("Format:\n  keyden aead encrypt|decrypt <key>")
     assert "--max-connections MAX_CONNECTIONS" in ok(keyden("tls-proxy", "--help"))  # argparse's, fuller
+    for name in ("serve", "init", "tls-proxy"):  # `help <command>` as `<command> --help` (it gave only the synopsis)
+        assert ok(keyden("help", name)) == ok(keyden(name, "--help")) and "options:" in ok(keyden("help", name))
+    assert "--adopt-orphans" in ok(keyden("help")) and "--adopt-orphans" in ok(keyden("help", "serve"))
     from keyden import __version__
     assert ok(keyden("--version")) == f"keyden {__version__}\n"
     assert keyden("--version", "extra").rc == 2  # a word too many was ignored

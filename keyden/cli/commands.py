@@ -630,9 +630,12 @@ def cmd_help(ctx, args):
         sys.stdout.write(format_help())
         return
     try:
-        sys.stdout.write(format_usage(find(args[0]).name))
+        command = find(args[0])
     except LookupError as exc:
         raise Exit(2, str(exc)) from None
+    if command.own_help:  # its option parser says more than the synopsis (and exits 0)
+        return command.handler(ctx, ["--help"])
+    sys.stdout.write(format_usage(command.name))
 
 
 # ------------------------------------------------------------------- table
@@ -703,7 +706,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("rlist", "<keyring>", cmd_rlist),
     Command("search", "<keyring> <type> <desc> [<dest_keyring>]", cmd_search),
     Command("serve", "[--socket <path>] [--state-dir <dir>] [--config <file>] [--passphrase-file <file>] "
-            "[--log-level <level>] [--no-harden]",
+            "[--log-level <level>] [--no-harden] [--adopt-orphans]",
             cmd_serve, extension=True, own_help=True),
     Command("session", "", cmd_session),
     Command("session", "- [<prog> <arg1> <arg2> ...]"),
