@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.x509.oid import NameOID
 
 from keyden import errors as E
+from keyden import protocol as W
 from keyden.client import tls as client_tls
 from keyden.protocol import Op
 from tests.conftest import eventually
@@ -1476,6 +1477,7 @@ def test_neither_the_private_key_nor_traffic_secrets_reach_the_application(daemo
 def engine_session(pki, eng):
     """The TLS engine in this process, serving one connection from a Python ssl peer: (app, peer)."""
     from keyden.tls import contexts
+    from keyden.tls.transport import TlsTransport
 
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # as keyden's own contexts (contexts._base)
@@ -1486,8 +1488,7 @@ def engine_session(pki, eng):
     with listener, socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw:
         theirs, _ = listener.accept()
         theirs.setblocking(False)
-        tls = server_ctx.wrap_socket(theirs, server_side=True, do_handshake_on_connect=False,
-                                     suppress_ragged_eofs=False)  # (as the handlers wrap them)
+        tls = TlsTransport.wrap(theirs, server_ctx, server_side=True)  # (as the handlers wrap them)
         app = eng.start(4242, tls, TIMEOUT, lambda chain: None)
         with app, client_ctx.wrap_socket(raw, server_hostname="a.test") as peer:
             app.settimeout(TIMEOUT)
@@ -1559,21 +1560,23 @@ def test_a_session_whose_application_left_ends_when_the_peer_reads_nothing(pki, 
         assert not eng._per_uid.get(4242), "the session outlived its application and its drain timeout"
 
 
-def test_a_peer_reset_between_the_checks_and_the_wrap_is_econnreset_not_einval(pki):
-    """The peer sent its ClientHello and reset after the request's checks saw the socket connected: the
-    wrap found it unconnected with data waiting, and the application was told EINVAL, its own mistake
-    (found by review: 2 in ~3,200 accepts under churn).  Here the reset comes first, for certain."""
-    import functools
-
+def test_a_peer_that_resets_before_the_handshake_is_econnreset_not_einval(pki):
+    """The peer sent the start of a ClientHello and reset after the request's checks saw the socket
+    connected: wrapping it, ssl found it unconnected with data waiting, and the application was told
+    EINVAL, its own mistake (found by review: 2 in ~3,200 accepts under churn).  The wrap touches the
+    socket no more; the handshake meets the reset and says so."""
     from keyden.server.handlers.tls import _wrap
+    from keyden.tls import engine as tls_engine
+    from keyden.tls.transport import TlsTransport
 
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    eng = tls_engine.Engine(threads=1)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         raw = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
         theirs, _ = listener.accept()
         with theirs:
-            raw.sendall(b"\x16\x03\x01\x00\x05hello")  # a record's start: data waiting unread
+            raw.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start, unread
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             raw.close()  # a reset
             deadline = time.monotonic() + TIMEOUT
@@ -1583,9 +1586,75 @@ def test_a_peer_reset_between_the_checks_and_the_wrap_is_econnreset_not_einval(p
                 except OSError:
                     break
                 time.sleep(0.01)
-            with pytest.raises(E.ECONNRESET, match="before the handshake began"):
-                _wrap(theirs, functools.partial(server_ctx.wrap_socket, server_side=True,
-                                                do_handshake_on_connect=False))
+            tls = _wrap(theirs, lambda dup: TlsTransport.wrap(dup, server_ctx, server_side=True))
+            app = eng.start(4242, tls, TIMEOUT, lambda chain: None)
+            with app:
+                app.settimeout(TIMEOUT)
+                decoder = W.FrameDecoder()
+                decoder.feed(app.recv(65536))
+                assert next(decoder.frames()).status == E.ECONNRESET.code
+
+
+def test_an_application_that_clears_o_nonblock_on_its_socket_cannot_stall_a_tls_loop(pki):
+    """keyden drives a duplicate of the application's socket: one open file description, whose O_NONBLOCK
+    the application may clear after the hand-over.  A peer that then sent one byte of a record held the
+    loop's thread in a blocking read, and every session on that loop with it (found by review: two such
+    sessions denied TLS to every user).  Every read and write now carries MSG_DONTWAIT."""
+    import fcntl
+
+    from keyden.tls import engine as tls_engine
+    from keyden.tls.transport import TlsTransport
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    eng = tls_engine.Engine(threads=1)
+    handed, peer = socket.socketpair()
+    kept = os.dup(handed.fileno())  # the application's own copy of the open file description
+    try:
+        wedge = eng.start(4242, TlsTransport.wrap(handed.dup(), server_ctx, server_side=True), TIMEOUT,
+                          lambda chain: None)
+        fcntl.fcntl(kept, fcntl.F_SETFL, fcntl.fcntl(kept, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        peer.sendall(b"\x16")  # one byte of a record, and no more
+        time.sleep(0.2)  # the loop has read it by now
+        with engine_session(pki, eng) as (app, other_peer):  # the same loop serves another session
+            other_peer.sendall(b"still served\n")
+            assert read_until(app, b"\n") == b"still served\n"
+    finally:
+        os.close(kept)
+        handed.close()
+        peer.close()
+    wedge.close()
+
+
+def test_descriptors_planted_in_a_sessions_plaintext_socket_are_closed_off_the_tls_loop(pki):
+    """The application can queue descriptors in keyden's end of its plaintext socket (SCM_RIGHTS) that
+    nobody reads before the handshake ends; closing that end was their last close, on the TLS loop's
+    thread: a TCP socket lingering over unsent data held the loop, and every session on it, for as long
+    as its SO_LINGER said (found by review).  The end goes to the uid's closers instead."""
+    from keyden.tls import engine as tls_engine
+    from keyden.tls.transport import TlsTransport
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    eng = tls_engine.Engine(threads=1)
+    with socket.create_server(("127.0.0.1", 0)) as sink:  # accepts (the backlog) and never reads
+        lingering = socket.create_connection(sink.getsockname())
+        lingering.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                lingering.send(b"x" * 65536)  # until its send buffer is full: a close must wait to send it
+        lingering.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3 * TIMEOUT))
+        handed, silent_peer = socket.socketpair()
+        with handed, silent_peer:
+            app = eng.start(4242, TlsTransport.wrap(handed.dup(), server_ctx, server_side=True), 0.2,
+                            lambda chain: None)  # a handshake that never comes: over in 0.2 s
+            with app:
+                app.sendmsg([b"z"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", lingering.fileno()))])
+                lingering.close()  # keyden's queue now holds its last reference
+                time.sleep(0.5)  # the session has timed out and closed its end
+                with engine_session(pki, eng) as (served, peer):  # the same loop serves another session
+                    peer.sendall(b"still served\n")
+                    assert read_until(served, b"\n") == b"still served\n"
 
 
 def test_ended_sessions_let_go_of_their_buffers_and_tls_state_at_once(pki):
@@ -1612,7 +1681,7 @@ def test_ended_sessions_let_go_of_their_buffers_and_tls_state_at_once(pki):
     assert ended, "no ended session to look at"  # (the heap keeps a few)
     for session in ended:
         assert len(session.up) == len(session.down) == 0
-        assert session.tls.version() is None  # its SSL object is gone
+        assert session.tls.obj is None  # its SSL object is gone
 
 
 def test_an_application_that_shuts_its_reading_side_still_answers(pki, monkeypatch):
@@ -1696,13 +1765,14 @@ def test_a_session_is_registered_before_its_deadline_and_always_gives_back_its_c
     """A deadline already passed when the loop adopts a session closes it there: the socket must be
     registered by then, and a close that finds it unregistered still releases the session's count."""
     from keyden.tls.engine import Session
+    from keyden.tls.transport import TlsTransport
 
     released = []
     loop = _StubLoop()
     peer, ours = socket.socketpair()
     app, plain = socket.socketpair()
     ours.setblocking(False)
-    tls = ssl.create_default_context().wrap_socket(ours, server_hostname="x.example", do_handshake_on_connect=False)
+    tls = TlsTransport.wrap(ours, ssl.create_default_context(), server_side=False, server_hostname="x.example")
     session = Session(loop, 0, tls, plain, 0.001, lambda chain: None, lambda: released.append(1))
     session.start()  # sends its ClientHello and waits for the peer
     assert loop.arrivals == [session] and not session.closed

@@ -28,6 +28,7 @@ from keyden import errors as E
 from keyden.crypto import asymmetric
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
 from keyden.tls.material import Identity, choose, identities
+from keyden.tls.transport import TlsObject
 
 MAX_CACHED = 64
 #: The key exchanges keyden's TLS 1.2 suites may use: (EC)DHE, where the identity key only signs.  RSA key
@@ -195,6 +196,7 @@ def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
     # (TLS_PEER_END), after end of file on its plaintext socket as for any end.
     ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     ctx.sslsocket_class = TlsSocket
+    ctx.sslobject_class = TlsObject  # what the engine drives (transport.TlsTransport)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx

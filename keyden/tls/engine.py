@@ -40,6 +40,7 @@ from keyden.hosts import host_of
 from keyden import protocol as W
 from keyden.crypto.x509 import subject_of
 from keyden.protocol import TLS_PEER_CLOSE_NOTIFY, TLS_PEER_OPEN, TLS_PEER_TRUNCATED, Op
+from keyden.tls.transport import TlsTransport
 
 log = logging.getLogger("keyden.tls")
 
@@ -53,7 +54,7 @@ MAX_HANDSHAKES_PER_SERVICE = 256
 MAX_HANDSHAKES_PER_PEER = 32
 BUFFER = 64 * 1024  # per direction and session
 WRITE_CHUNK = 64 * 1024  # plaintext handed to one SSL_write
-PLAIN_SOCKET_BUFFER = 1 << 20
+PLAIN_SOCKET_BUFFER = 256 << 10
 MAX_REPORTED_CERT = 64 * 1024  # a larger peer certificate is not repeated in TLS_ESTABLISHED
 CLOSE_GRACE = 5.0  # seconds to get our close_notify out before closing anyway
 DRAIN_TIMEOUT = 30.0  # the application is gone: seconds its data may wait for a peer that reads nothing
@@ -109,7 +110,7 @@ def _sni(server_hostname: str | None) -> str:
     return ""
 
 
-def negotiated(tls: ssl.SSLSocket) -> tuple:
+def negotiated(tls: TlsTransport) -> tuple:
     """TLS_ESTABLISHED's fields: version, cipher, server name, ALPN, peer subject, peer certificate."""
     der = tls.getpeercert(binary_form=True) or b""
     try:
@@ -121,13 +122,12 @@ def negotiated(tls: ssl.SSLSocket) -> tuple:
             der if len(der) <= MAX_REPORTED_CERT else b"")
 
 
-def verified_chain(tls: ssl.SSLSocket) -> list[bytes]:
+def verified_chain(tls: TlsTransport) -> list[bytes]:
     """The peer's chain as OpenSSL verified it, leaf first; empty when the peer sent no certificate.
 
     A resumed session was not verified again and has no chain: then just the leaf it remembers.
     """
-    get = getattr(tls, "get_verified_chain", None) or tls._sslobj.get_verified_chain  # public from 3.13
-    chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in (get() or ())]
+    chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in (tls.get_verified_chain() or ())]
     leaf = tls.getpeercert(binary_form=True)
     return chain or ([leaf] if leaf else [])
 
@@ -209,7 +209,7 @@ class Engine:
     def _start(self) -> None:  # (two descriptors per session: the server raised the descriptor limit for them)
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
 
-    def start(self, uid: int, tls: ssl.SSLSocket, timeout: float, check: ChainCheck,
+    def start(self, uid: int, tls: TlsTransport, timeout: float, check: ChainCheck,
               report: Callable[[int], None] = lambda status: None) -> socket.socket:
         """Run a session on ``tls`` (handshake not begun); return the application's plaintext end.
 
@@ -341,7 +341,7 @@ def _identity(sock: socket.socket) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def _handshake_slots(uid: int, tls: ssl.SSLSocket) -> tuple[tuple, ...]:
+def _handshake_slots(uid: int, tls: TlsTransport) -> tuple[tuple, ...]:
     """What a server-side handshake on ``tls`` counts against: its uid's service (a TCP port, whichever
     local address the peer reached it by; a Unix socket's path), and that with the peer (an IPv4
     address, an IPv6 /64: one host's share; a Unix socket's peers have none).  A client-side one, which
@@ -491,7 +491,7 @@ class Session:
     over the deadline, only the loop's thread touches the session.
     """
 
-    def __init__(self, loop: Loop, owner: int, tls: ssl.SSLSocket, plain: socket.socket, timeout: float,
+    def __init__(self, loop: Loop, owner: int, tls: TlsTransport, plain: socket.socket, timeout: float,
                  check: ChainCheck, on_close: Callable[[], None], report: Callable[[int], None] = lambda status: None):
         self.loop = loop
         self.owner = owner  # the uid whose session it is: its descriptors go to the closers on its share
@@ -616,6 +616,8 @@ class Session:
 
     def _advance(self) -> None:
         try:
+            if self.tls.unsent and not self.lingering:
+                self.tls.flush()  # records that waited for room: first out, as they were written first
             if self.lingering:
                 self._drain()
             elif self.closing:
@@ -663,7 +665,7 @@ class Session:
         self._report(0)
         self.up_blocked = None
         self.up, self.down = memoryview(bytearray(BUFFER)), memoryview(bytearray(BUFFER))
-        if self.plain.send(outcome) != len(outcome):  # an empty 1 MiB socket buffer takes it whole
+        if self.plain.send(outcome) != len(outcome):  # an empty socket buffer (256 KiB, doubled) takes it whole
             raise BlockingIOError("plaintext socket full before the first frame")
 
     def _fail(self, error: E.KeydenError) -> None:
@@ -698,7 +700,9 @@ class Session:
                     pass
             self.watched.clear()
             descriptors.release_socket(self.tls, self.owner)  # the application's socket: its close may linger
-            self.plain.close()
+            # Ours too: the application can queue descriptors in it (SCM_RIGHTS) that nobody read, and its
+            # close would be their last, a lingering TCP socket's on this loop's thread.
+            descriptors.release_socket(self.plain, self.owner)
             # What a session holds goes now, not when the session object does (a deadline may keep it for
             # DRAIN_TIMEOUT, at many sessions a second): the buffers, and OpenSSL's connection with its own.
             self.up = self.down = memoryview(b"")
@@ -866,7 +870,7 @@ class Session:
 
     def _watch(self) -> None:
         blocked = (self.up_blocked, self.down_blocked)
-        self._set(self.tls.fileno(), READ in blocked, WRITE in blocked)
+        self._set(self.tls.fileno(), READ in blocked, WRITE in blocked or self.tls.unsent)
         if self.closing:
             self._set(self.plain.fileno(), False, False)
         elif self.established:

@@ -24,6 +24,7 @@ from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
 from keyden.server.handlers.base import handles
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT, contexts, material
 from keyden.tls.engine import engine
+from keyden.tls.transport import TlsTransport
 
 _KNOWN_FLAGS = TLS_REQUIRE_CLIENT_CERT | TLS13_ONLY
 _STREAM_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
@@ -37,8 +38,7 @@ def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
         keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
         tls_ctx = contexts.server_context(keys, anchors, flags, protocols)
-        tls = _wrap(sock, lambda dup: tls_ctx.wrap_socket(dup, server_side=True, do_handshake_on_connect=False,
-                                                          suppress_ragged_eofs=False))
+        tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=True))
         _start(ctx, tls, timeout_ms)
     return ()
 
@@ -54,8 +54,8 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
         tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
-        tls = _wrap(sock, lambda dup: tls_ctx.wrap_socket(dup, server_hostname=server_hostname,
-                                                          do_handshake_on_connect=False, suppress_ragged_eofs=False))
+        tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=False,
+                                                        server_hostname=server_hostname))
         _start(ctx, tls, timeout_ms)
     return ()
 
@@ -88,21 +88,19 @@ def _check_host_name(name: str) -> None:
         raise E.EINVAL(f"the server name is not a valid host name (at most {MAX_HOST_NAME} bytes)")
 
 
-def _wrap(sock: socket.socket, wrap) -> ssl.SSLSocket:
-    """``wrap`` (an SSLContext.wrap_socket) applied to a duplicate of ``sock``.  What it refuses, it
-    closes there and then, on this thread: a duplicate's close is never the last one (``sock`` is still
-    open, and _passed_socket gives it to a closer), so it cannot wait on the application's linger."""
+def _wrap(sock: socket.socket, wrap) -> TlsTransport:
+    """``wrap`` (TlsTransport.wrap) applied to a duplicate of ``sock``.  What it refuses, the duplicate is
+    closed there and then, on this thread: its close is never the last one (``sock`` is still open, and
+    _passed_socket gives it to a closer), so it cannot wait on the application's linger.  (Nothing is
+    read or written here: a peer's reset meets the handshake, which says ECONNRESET.)"""
     try:
         dup = sock.dup()
     except OSError as exc:
         raise E.EMFILE(f"cannot take the socket over: {exc.strerror}") from None
     try:
         return wrap(dup)
-    except (ValueError, UnicodeError, TypeError, OSError) as exc:  # (ssl.SSLError is an OSError)
-        if _reset_by_peer(sock):  # since _passed_socket looked: the wrap found it unconnected
-            raise E.ECONNRESET(_RESET_BEFORE_HANDSHAKE) from None
-        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
-            raise
+    except (ValueError, UnicodeError, TypeError, ssl.SSLError):  # what the checks before did not foresee
+        dup.close()
         raise E.EINVAL("the socket cannot be set up for TLS with these arguments") from None
 
 

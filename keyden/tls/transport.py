@@ -1,0 +1,185 @@
+"""TLS over a socket the application shares with keyden, never blocking on it.
+
+keyden drives a duplicate of the application's socket: one open file description, so O_NONBLOCK is the
+application's to clear too, after the hand-over.  An ``ssl.SSLSocket`` then reads and writes a blocking
+descriptor from a TLS loop thread, which a peer that sends one byte of a record holds there for as long
+as it likes, and every session on that loop with it.  Here OpenSSL works on memory (``MemoryBIO``), and
+every read and write of the socket itself carries MSG_DONTWAIT, whatever the description's flags say.
+
+``TlsTransport`` offers what the engine and the handlers use of an ``SSLSocket``, with its semantics on
+a non-blocking socket: SSLWantReadError when a record is not all there, SSLWantWriteError while what
+OpenSSL wrote waits for room (``unsent``: the engine watches for it), 0 from ``recv_into`` at the peer's
+close_notify, an ``SSLEOFError`` at a TCP end without one.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+READ_CHUNK = 64 * 1024  # ciphertext read from the socket at a time
+
+
+class TlsObject(ssl.SSLObject):
+    """An SSLObject that remembers the name the client asked for (SNI)."""
+
+    requested_name = ""
+
+
+class TlsTransport:
+    """One TLS connection: an ``SSLObject`` and the socket its records travel on."""
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO):
+        self.sock = sock
+        self.obj: ssl.SSLObject | None = obj
+        self._in, self._out = incoming, outgoing
+        self._unsent = b""  # records OpenSSL wrote that the socket has not taken yet
+
+    @classmethod
+    def wrap(cls, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
+             server_hostname: str | None = None) -> "TlsTransport":
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
+        return cls(sock, obj, incoming, outgoing)
+
+    # -- the socket, as the engine sets it up and hands it back
+
+    @property
+    def family(self) -> int:
+        return self.sock.family
+
+    @property
+    def proto(self) -> int:
+        return self.sock.proto
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def getsockname(self):
+        return self.sock.getsockname()
+
+    def getpeername(self):
+        return self.sock.getpeername()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def setsockopt(self, *args) -> None:
+        self.sock.setsockopt(*args)
+
+    def detach(self) -> int:
+        return self.sock.detach()
+
+    def close(self) -> None:
+        """Let go of OpenSSL's connection and its buffers (the socket's descriptor is closed, or detached,
+        by whoever owns it)."""
+        self.obj = self._in = self._out = None
+        self._unsent = b""
+        self.sock.close()
+
+    # -- TLS
+
+    @property
+    def unsent(self) -> bool:
+        """Records wait for room in the socket: watch it for writing, then ``flush``."""
+        return bool(self._unsent)
+
+    def flush(self) -> bool:
+        """Send what OpenSSL wrote, as far as the socket takes it now; True once all is out."""
+        if self._out is not None and self._out.pending:
+            self._unsent += self._out.read()
+        while self._unsent:
+            try:
+                sent = self.sock.send(self._unsent, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            self._unsent = self._unsent[sent:]
+        return True
+
+    def _fill(self) -> None:
+        """Give OpenSSL what the socket has; SSLWantReadError if it has nothing yet."""
+        if self._in.eof:  # (OpenSSL asking again after the end it was given: an end it cannot take)
+            raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
+        try:
+            data = self.sock.recv(READ_CHUNK, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            raise ssl.SSLWantReadError("the socket has nothing to read yet") from None
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()  # OpenSSL tells a close_notify before it from a truncation
+
+    def _run(self, step):
+        """``step()`` on the SSLObject, feeding it from the socket until it is done or must wait."""
+        while True:
+            try:
+                result = step()
+            except ssl.SSLWantReadError:
+                if not self.flush():
+                    raise ssl.SSLWantWriteError("the socket has no room for what must go first") from None
+                self._fill()  # (raises SSLWantReadError when there is nothing more)
+                continue
+            self.flush()  # what it wrote, as far as the socket takes it: the rest waits for room (unsent)
+            return result
+
+    def do_handshake(self) -> None:
+        self._run(self.obj.do_handshake)
+        if not self.flush():  # our last flight must be out before the session counts as established
+            raise ssl.SSLWantWriteError("the handshake's last flight waits for room")
+
+    def recv_into(self, buffer) -> int:
+        return self._run(lambda: self.obj.read(len(buffer), buffer))
+
+    def send(self, data) -> int:
+        if not self.flush():
+            raise ssl.SSLWantWriteError("earlier records wait for room")
+        return self._run(lambda: self.obj.write(data))
+
+    def unwrap(self) -> None:
+        """Our close_notify, written and sent (the peer's is not waited for)."""
+        try:
+            self.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # ours is written; the peer's would follow
+        if not self.flush():
+            raise ssl.SSLWantWriteError("the close_notify waits for room")
+
+    def shutdown(self, how: int) -> None:
+        """Shut the socket itself: from SHUT_WR on, what follows is not TLS to us (``recv`` drops it)."""
+        self.flush()
+        self.obj = None
+        self.sock.shutdown(how)
+
+    def recv(self, size: int) -> bytes:
+        """The socket's bytes as they are (after ``shutdown``: what the peer still sends, to drop)."""
+        return self.sock.recv(size, socket.MSG_DONTWAIT)
+
+    # -- what was negotiated
+
+    @property
+    def server_side(self) -> bool:
+        return self.obj.server_side
+
+    @property
+    def server_hostname(self) -> str | None:
+        return self.obj.server_hostname
+
+    @property
+    def requested_name(self) -> str:
+        return getattr(self.obj, "requested_name", "")
+
+    def getpeercert(self, binary_form: bool = False):
+        return self.obj.getpeercert(binary_form)
+
+    def version(self) -> str | None:
+        return self.obj.version()
+
+    def cipher(self):
+        return self.obj.cipher()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self.obj.selected_alpn_protocol()
+
+    def get_verified_chain(self):
+        get = getattr(self.obj, "get_verified_chain", None) or self.obj._sslobj.get_verified_chain  # public from 3.13
+        return get()
