@@ -1657,6 +1657,126 @@ def test_descriptors_planted_in_a_sessions_plaintext_socket_are_closed_off_the_t
                     assert read_until(served, b"\n") == b"still served\n"
 
 
+@contextlib.contextmanager
+def small_buffer_session(pki, eng, server_ctx=None, client_ctx=None, tcp_buffer=32768):
+    """engine_session with small TCP buffers on both sides, so that records wait for room in keyden."""
+    from keyden.tls.transport import TlsTransport
+
+    if server_ctx is None:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+        server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    client_ctx = client_ctx or ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tcp_buffer)
+        raw.connect(listener.getsockname())
+        theirs, _ = listener.accept()
+        theirs.setblocking(False)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, tcp_buffer)
+        app = eng.start(4242, TlsTransport.wrap(theirs, server_ctx, server_side=True), TIMEOUT, lambda chain: None)
+        with app, client_ctx.wrap_socket(raw, server_hostname="a.test", suppress_ragged_eofs=False,
+                                          do_handshake_on_connect=False) as peer:
+            peer.settimeout(TIMEOUT)
+            app.settimeout(TIMEOUT)
+            yield app, peer
+
+
+def test_a_full_duplex_session_never_waits_on_itself(pki):
+    """Found by review of the non-blocking transport: reading stopped while records waited for room, so a
+    peer that sends its whole upload before reading and an application that answers as it reads waited
+    for each other for good (tls-proxy included).  Reading goes on, with records waiting."""
+    from keyden.tls import engine as tls_engine
+
+    size = 8 << 20
+    with small_buffer_session(pki, tls_engine.Engine(threads=1)) as (app, peer):
+        peer.do_handshake()
+        assert app.recv(65536)  # TLS_ESTABLISHED
+        got = []
+
+        def application():
+            writer = threading.Thread(target=app.sendall, args=(b"d" * size,), daemon=True)
+            writer.start()
+            n = 0
+            while n < size:
+                n += len(app.recv(1 << 16))
+            writer.join(TIMEOUT)
+            got.append(n)
+        worker = threading.Thread(target=application, daemon=True)
+        worker.start()
+        peer.sendall(b"u" * size)  # all of the upload first
+        received = 0
+        while received < size:
+            received += len(peer.recv(1 << 16))
+        worker.join(TIMEOUT)
+        assert got == [size] and received == size
+
+
+def test_an_answer_waiting_for_a_slow_reader_all_arrives_before_close_notify(pki, monkeypatch):
+    """Found by review: the end of an answer could still wait for room in keyden when the application
+    closed, and CLOSE_GRACE (the time close_notify gets) then dropped it: a slow reader got a truncation.
+    The session closes only once all of the answer is out."""
+    from keyden.tls import engine as tls_engine
+
+    monkeypatch.setattr(tls_engine, "CLOSE_GRACE", 0.2)
+    size = 6 * tls_engine.WRITE_CHUNK  # the last write a whole chunk: it waits for room as the app closes
+    with small_buffer_session(pki, tls_engine.Engine(threads=1), tcp_buffer=65536) as (app, peer):
+        peer.do_handshake()
+        assert app.recv(65536)
+        app.sendall(b"a" * size)
+        app.shutdown(socket.SHUT_WR)
+        received = 0
+        while chunk := peer.recv(4096):  # about 100 KB/s: the last records wait longer than CLOSE_GRACE
+            received += len(chunk)
+            time.sleep(0.04)
+        assert received == size  # and the end was close_notify (a truncation raises)
+
+
+def test_an_abort_sends_what_the_application_wrote_then_ends_without_spinning(pki):
+    """Found by review: an abort shut the socket with records still waiting for room (lost), and the loop
+    then spun on EPOLLOUT.  What the application wrote goes out, then the end without close_notify."""
+    from keyden.tls import engine as tls_engine
+
+    eng = tls_engine.Engine(threads=1)
+    with small_buffer_session(pki, eng) as (app, peer):
+        peer.do_handshake()
+        assert app.recv(65536)
+        app.sendall(b"a" * 300_000)
+        eng.abort(app)
+        received = 0
+        while received < 100_000:
+            received += len(peer.recv(min(1 << 16, 100_000 - received)))
+        loop_thread = next(t for t in threading.enumerate() if t.name == "keyden-tls-0")
+        cpu_before = _thread_cpu(loop_thread)
+        time.sleep(1.0)  # the peer reads nothing meanwhile
+        assert _thread_cpu(loop_thread) - cpu_before < 0.5  # it waited, not spun
+        with pytest.raises(ssl.SSLEOFError):  # no close_notify: a truncation, after all of it
+            while chunk := peer.recv(1 << 16):
+                received += len(chunk)
+        assert received == 300_000
+
+
+def _thread_cpu(thread) -> float:
+    with open(f"/proc/self/task/{thread.native_id}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_refused_handshake_still_tells_the_peer_why(pki):
+    """Found by review: the alert OpenSSL wrote when a handshake failed stayed in memory, and the peer saw
+    a bare end.  A client without the certificate required hears certificate_required."""
+    from keyden.tls import engine as tls_engine
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(cadata=pki.ca.cert_pem.decode())
+    with small_buffer_session(pki, tls_engine.Engine(threads=1), server_ctx=server_ctx) as (app, peer):
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            peer.do_handshake()
+            peer.recv(1)  # (TLS 1.3: the server's verdict comes after the client's flight)
+
+
 def test_ended_sessions_let_go_of_their_buffers_and_tls_state_at_once(pki):
     """A closed session's deadline entries stayed in its loop's heap until their time came (the handshake
     timeout, or DRAIN_TIMEOUT after its application left), and the session with them: its two 64 KiB

@@ -616,8 +616,11 @@ class Session:
 
     def _advance(self) -> None:
         try:
-            if self.tls.unsent and not self.lingering:
-                self.tls.flush()  # records that waited for room: first out, as they were written first
+            if self.tls.unsent and not self.lingering:  # records that waited for room: first out
+                waiting = self.tls.unsent
+                self.tls.flush()
+                if self.app_gone and self.tls.unsent < waiting:  # the peer still reads what it left
+                    self.progress_at = time.monotonic()
             if self.lingering:
                 self._drain()
             elif self.closing:
@@ -628,6 +631,9 @@ class Session:
                 self._pump()
         except (OSError, ssl.SSLError) as exc:  # the peer reset or broke the protocol, or the app vanished
             log.debug("TLS session ended: %s", exc.__class__.__name__)
+            if not self.established:  # (a flight's send, say): the application hears why, as from the handshake
+                self._fail(failure(exc))
+                return
             if self.peer_end == TLS_PEER_OPEN:  # (seen on a write: the peer is gone without close_notify)
                 self.peer_end = TLS_PEER_TRUNCATED
             self._close()
@@ -671,6 +677,7 @@ class Session:
     def _fail(self, error: E.KeydenError) -> None:
         """Tell the application why (one error frame), then drop both connections."""
         log.debug("TLS handshake refused: %s", error)
+        self.tls.fail()  # OpenSSL's alert, if it wrote one: the peer hears why too
         self._report(error.code)
         try:
             self.plain.send(W.encode_error(0, Op.TLS_ESTABLISHED, error))
@@ -715,7 +722,7 @@ class Session:
     def _pump(self) -> None:
         self._peer_to_app()
         self._app_to_peer()
-        if self.app_eof and self.down_start == self.down_end:
+        if self.app_eof and self.down_start == self.down_end and not self.tls.unsent:  # all of it out first
             self.closing = True
             self._send_close_notify()
             if not self.closed:  # our close_notify is not out yet: give it a little while
@@ -836,6 +843,9 @@ class Session:
         sends until it closes too (or CLOSE_GRACE runs out).  Closing at once, with its data unread, would
         send it a reset, and a reset can destroy the answer it has not read yet (an early "413" to a large
         upload)."""
+        if not self.tls.flush():  # what the application wrote goes out before our FIN (aborted too)
+            self.up_blocked = WRITE
+            return
         if self.peer_eof:
             self._close()
             return
@@ -870,7 +880,7 @@ class Session:
 
     def _watch(self) -> None:
         blocked = (self.up_blocked, self.down_blocked)
-        self._set(self.tls.fileno(), READ in blocked, WRITE in blocked or self.tls.unsent)
+        self._set(self.tls.fileno(), READ in blocked, WRITE in blocked or bool(self.tls.unsent and not self.lingering))
         if self.closing:
             self._set(self.plain.fileno(), False, False)
         elif self.established:

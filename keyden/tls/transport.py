@@ -18,6 +18,11 @@ import socket
 import ssl
 
 READ_CHUNK = 64 * 1024  # ciphertext read from the socket at a time
+#: Records a read may leave waiting for room before reading stops too.  Only what reads make goes past
+#: ``send``'s own bound (it writes nothing while anything waits): key-update answers, alerts.  Reading
+#: must not wait for the other direction below it, or a peer that sends all before it reads (an upload)
+#: and an application that answers as it reads would wait for each other for good.
+UNSENT_CAP = 256 * 1024
 
 
 class TlsObject(ssl.SSLObject):
@@ -34,6 +39,7 @@ class TlsTransport:
         self.obj: ssl.SSLObject | None = obj
         self._in, self._out = incoming, outgoing
         self._unsent = b""  # records OpenSSL wrote that the socket has not taken yet
+        self._failed: OSError | None = None  # the socket's error met sending after a step that succeeded
 
     @classmethod
     def wrap(cls, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
@@ -80,9 +86,9 @@ class TlsTransport:
     # -- TLS
 
     @property
-    def unsent(self) -> bool:
-        """Records wait for room in the socket: watch it for writing, then ``flush``."""
-        return bool(self._unsent)
+    def unsent(self) -> int:
+        """Bytes of records waiting for room in the socket (0: none): watch it for writing, then ``flush``."""
+        return len(self._unsent) + (self._out.pending if self._out is not None else 0)
 
     def flush(self) -> bool:
         """Send what OpenSSL wrote, as far as the socket takes it now; True once all is out."""
@@ -109,23 +115,46 @@ class TlsTransport:
         else:
             self._in.write_eof()  # OpenSSL tells a close_notify before it from a truncation
 
-    def _run(self, step):
-        """``step()`` on the SSLObject, feeding it from the socket until it is done or must wait."""
+    def _run(self, step, strict: bool = False):
+        """``step()`` on the SSLObject, feeding it from the socket until it is done or must wait.
+
+        What it wrote goes out as far as the socket takes it; the rest waits (``unsent``).  ``strict``
+        (the handshake): nothing more is read while anything waits, as a flight answers the last."""
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         while True:
             try:
                 result = step()
             except ssl.SSLWantReadError:
-                if not self.flush():
+                if not self.flush() and (strict or len(self._unsent) > UNSENT_CAP):
                     raise ssl.SSLWantWriteError("the socket has no room for what must go first") from None
                 self._fill()  # (raises SSLWantReadError when there is nothing more)
                 continue
-            self.flush()  # what it wrote, as far as the socket takes it: the rest waits for room (unsent)
+            except OSError:  # an alert OpenSSL wrote on its way out: the peer hears why, if it can
+                self._try_flush()
+                raise
+            try:
+                self.flush()
+            except OSError as exc:  # what the step gave (a read's plaintext) stands; the error is next
+                self._failed = exc
             return result
 
+    def _try_flush(self) -> None:
+        try:
+            self.flush()
+        except OSError:
+            pass
+
     def do_handshake(self) -> None:
-        self._run(self.obj.do_handshake)
+        self._run(self.obj.do_handshake, strict=True)
         if not self.flush():  # our last flight must be out before the session counts as established
             raise ssl.SSLWantWriteError("the handshake's last flight waits for room")
+
+    def fail(self) -> None:
+        """The handshake failed: what OpenSSL wrote (its alert) goes out if the socket takes it now."""
+        if self.obj is not None:
+            self._try_flush()
 
     def recv_into(self, buffer) -> int:
         return self._run(lambda: self.obj.read(len(buffer), buffer))
@@ -145,9 +174,10 @@ class TlsTransport:
             raise ssl.SSLWantWriteError("the close_notify waits for room")
 
     def shutdown(self, how: int) -> None:
-        """Shut the socket itself: from SHUT_WR on, what follows is not TLS to us (``recv`` drops it)."""
-        self.flush()
+        """Shut the socket itself: from SHUT_WR on, what follows is not TLS to us (``recv`` drops it).
+        The caller has flushed: records still waiting are dropped."""
         self.obj = None
+        self._unsent = b""
         self.sock.shutdown(how)
 
     def recv(self, size: int) -> bytes:
