@@ -18,11 +18,12 @@ import socket
 import ssl
 
 READ_CHUNK = 64 * 1024  # ciphertext read from the socket at a time
-#: Records a read may leave waiting for room before reading stops too.  Only what reads make goes past
-#: ``send``'s own bound (it writes nothing while anything waits): key-update answers, alerts.  Reading
-#: must not wait for the other direction below it, or a peer that sends all before it reads (an upload)
-#: and an application that answers as it reads would wait for each other for good.
-UNSENT_CAP = 256 * 1024
+#: Records a read may leave waiting for room before reading stops too: one of ``send``'s writes (it writes
+#: nothing while anything waits: the engine's 64 KiB and its records' overhead) and some room for what
+#: reads make (key-update answers, alerts), which a peer that never reads could otherwise pile up here.
+#: Reading must not wait for the other direction below it, or a peer that sends all before it reads (an
+#: upload) and an application that answers as it reads would wait for each other for good.
+UNSENT_CAP = 96 * 1024
 
 
 class TlsObject(ssl.SSLObject):
