@@ -1473,16 +1473,23 @@ def test_neither_the_private_key_nor_traffic_secrets_reach_the_application(daemo
         app.stderr.close()
 
 
-@contextlib.contextmanager
-def engine_session(pki, eng):
-    """The TLS engine in this process, serving one connection from a Python ssl peer: (app, peer)."""
+def engine_server_ctx(pki) -> ssl.SSLContext:
+    """A server context for the engine in this process, as keyden's own in what matters here."""
     from keyden.tls import contexts
-    from keyden.tls.transport import TlsTransport
 
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # as keyden's own contexts (contexts._base)
     assert not contexts._base(ssl.PROTOCOL_TLS_SERVER, 0, ()).options & ssl.OP_IGNORE_UNEXPECTED_EOF
     server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    return server_ctx
+
+
+@contextlib.contextmanager
+def engine_session(pki, eng):
+    """The TLS engine in this process, serving one connection from a Python ssl peer: (app, peer)."""
+    from keyden.tls.transport import TlsTransport
+
+    server_ctx = engine_server_ctx(pki)
     client_ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw:
@@ -1569,8 +1576,7 @@ def test_a_peer_that_resets_before_the_handshake_is_econnreset_not_einval(pki):
     from keyden.tls import engine as tls_engine
     from keyden.tls.transport import TlsTransport
 
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    server_ctx = engine_server_ctx(pki)
     eng = tls_engine.Engine(threads=1)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         raw = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
@@ -1605,8 +1611,7 @@ def test_an_application_that_clears_o_nonblock_on_its_socket_cannot_stall_a_tls_
     from keyden.tls import engine as tls_engine
     from keyden.tls.transport import TlsTransport
 
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    server_ctx = engine_server_ctx(pki)
     eng = tls_engine.Engine(threads=1)
     handed, peer = socket.socketpair()
     kept = os.dup(handed.fileno())  # the application's own copy of the open file description
@@ -1634,8 +1639,7 @@ def test_descriptors_planted_in_a_sessions_plaintext_socket_are_closed_off_the_t
     from keyden.tls import engine as tls_engine
     from keyden.tls.transport import TlsTransport
 
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    server_ctx = engine_server_ctx(pki)
     eng = tls_engine.Engine(threads=1)
     with socket.create_server(("127.0.0.1", 0)) as sink:  # accepts (the backlog) and never reads
         lingering = socket.create_connection(sink.getsockname())
@@ -1662,10 +1666,7 @@ def small_buffer_session(pki, eng, server_ctx=None, client_ctx=None, tcp_buffer=
     """engine_session with small TCP buffers on both sides, so that records wait for room in keyden."""
     from keyden.tls.transport import TlsTransport
 
-    if server_ctx is None:
-        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
-        server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    server_ctx = server_ctx or engine_server_ctx(pki)
     client_ctx = client_ctx or ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
     with socket.create_server(("127.0.0.1", 0)) as listener:
         raw = socket.socket()
@@ -1767,8 +1768,7 @@ def test_a_refused_handshake_still_tells_the_peer_why(pki):
     a bare end.  A client without the certificate required hears certificate_required."""
     from keyden.tls import engine as tls_engine
 
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    server_ctx = engine_server_ctx(pki)
     server_ctx.verify_mode = ssl.CERT_REQUIRED
     server_ctx.load_verify_locations(cadata=pki.ca.cert_pem.decode())
     with small_buffer_session(pki, tls_engine.Engine(threads=1), server_ctx=server_ctx) as (app, peer):

@@ -141,12 +141,13 @@ def _preflight(client, keyring: int, tls_options: dict) -> None:
         raise Exit(1, f"tls-proxy: keyden refuses this configuration: {refused.message or refused.strerror()}")
 
 
-def _address(text: str, option: str) -> tuple[str, int]:
+def _address(text: str, option: str, no_host: str = "0.0.0.0") -> tuple[str, int]:
+    """HOST:PORT (``no_host`` for an empty host: listening anywhere)."""
     host, colon, port = text.rpartition(":")
     if not colon or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535 \
             or not (host.isascii() and host.isprintable()):
         raise Exit(2, f"tls-proxy: {option} takes HOST:PORT (a port up to 65535), not {text[:300]!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or no_host, int(port)
 
 
 def _forward(text: str) -> str | tuple[str, int]:
@@ -156,8 +157,8 @@ def _forward(text: str) -> str | tuple[str, int]:
         if len(text) == len("unix:"):
             raise Exit(2, "tls-proxy: --forward unix: takes a socket path, not an empty string")
         return text
-    host, port = _address(text, "--forward")
-    if not text.rpartition(":")[0].strip("[]") or not port:
+    host, port = _address(text, "--forward", no_host="")
+    if not host or not port:
         raise Exit(2, f"tls-proxy: --forward takes HOST:PORT with a host and a port from 1, not {text[:300]!r}")
     return host, port
 

@@ -41,12 +41,6 @@ TLS12_KEY_EXCHANGES = ("kx-ecdhe", "kx-dhe")
 TLS12_AUTHENTICATIONS = ("auth-rsa", "auth-ecdsa")
 
 
-class TlsSocket(ssl.SSLSocket):
-    """An SSLSocket that remembers the name the client asked for (SNI)."""
-
-    requested_name = ""
-
-
 _cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -122,7 +116,7 @@ def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
             contexts.append(ctx)
         names = [i.names for i in idents]
 
-        def by_sni(sock: TlsSocket, server_name: str | None, _ctx) -> None:
+        def by_sni(sock: TlsObject, server_name: str | None, _ctx) -> None:
             chosen = contexts[0]
             if server_name:
                 sock.requested_name = server_name
@@ -195,7 +189,6 @@ def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
     # OP_IGNORE_UNEXPECTED_EOF makes of it): the engine tells the application it was a truncation
     # (TLS_PEER_END), after end of file on its plaintext socket as for any end.
     ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
-    ctx.sslsocket_class = TlsSocket
     ctx.sslobject_class = TlsObject  # what the engine drives (transport.TlsTransport)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))

@@ -677,7 +677,6 @@ class Session:
     def _fail(self, error: E.KeydenError) -> None:
         """Tell the application why (one error frame), then drop both connections."""
         log.debug("TLS handshake refused: %s", error)
-        self.tls.fail()  # OpenSSL's alert, if it wrote one: the peer hears why too
         self._report(error.code)
         try:
             self.plain.send(W.encode_error(0, Op.TLS_ESTABLISHED, error))

@@ -14,6 +14,7 @@ close_notify, an ``SSLEOFError`` at a TCP end without one.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 
@@ -133,7 +134,8 @@ class TlsTransport:
                 self._fill()  # (raises SSLWantReadError when there is nothing more)
                 continue
             except OSError:  # an alert OpenSSL wrote on its way out: the peer hears why, if it can
-                self._try_flush()
+                with contextlib.suppress(OSError):
+                    self.flush()
                 raise
             try:
                 self.flush()
@@ -141,21 +143,10 @@ class TlsTransport:
                 self._failed = exc
             return result
 
-    def _try_flush(self) -> None:
-        try:
-            self.flush()
-        except OSError:
-            pass
-
     def do_handshake(self) -> None:
         self._run(self.obj.do_handshake, strict=True)
         if not self.flush():  # our last flight must be out before the session counts as established
             raise ssl.SSLWantWriteError("the handshake's last flight waits for room")
-
-    def fail(self) -> None:
-        """The handshake failed: what OpenSSL wrote (its alert) goes out if the socket takes it now."""
-        if self.obj is not None:
-            self._try_flush()
 
     def recv_into(self, buffer) -> int:
         return self._run(lambda: self.obj.read(len(buffer), buffer))

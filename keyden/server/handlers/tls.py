@@ -104,20 +104,6 @@ def _wrap(sock: socket.socket, wrap) -> TlsTransport:
         raise E.EINVAL("the socket cannot be set up for TLS with these arguments") from None
 
 
-_RESET_BEFORE_HANDSHAKE = "the peer closed the connection before the handshake began"
-
-
-def _reset_by_peer(sock: socket.socket) -> bool:
-    """A TCP socket that had a connection and has none: the peer's reset ended it, which no application
-    should take for its own mistake (EINVAL)."""
-    try:
-        sock.getpeername()
-        return False
-    except OSError:
-        return sock.family != socket.AF_UNIX and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) \
-            and bool(sock.getsockname()[1])
-
-
 def _own_keys(ctx, keyring: int) -> list:
     """The keys we may present: a certificate on the blacklist is never served, ours included."""
     return [k for k in material.keyring_keys(ctx.store, ctx.caller, keyring)
@@ -159,8 +145,9 @@ def _passed_socket(ctx) -> Iterator[socket.socket]:
         except OSError:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 raise E.EINVAL("a listening socket: pass a connection accepted from it") from None
-            if _reset_by_peer(sock):
-                raise E.ECONNRESET(_RESET_BEFORE_HANDSHAKE) from None
+            if sock.family != socket.AF_UNIX and sock.getsockname()[1]:  # it had a connection: the peer's
+                # reset ended it before keyden took it, which no application should take for its own mistake
+                raise E.ECONNRESET("the peer closed the connection before the handshake began") from None
             raise E.EINVAL("the socket is not connected") from None
         yield sock
 
