@@ -91,6 +91,13 @@ def test_unknown_opcode_is_enosys(conn):
     assert f.status == E.ENOSYS.code and not conn.closed
 
 
+def test_an_op_that_is_never_a_request_is_eproto(conn):
+    """TLS_ESTABLISHED is a known opcode (the first frame on a plaintext socket), but no request."""
+    (f,) = responses(conn.receive(W.encode_frame(5, Op.TLS_ESTABLISHED, 0, b"")))
+    assert f.status == E.EPROTO.code and not conn.closed
+    assert "TLS_ESTABLISHED" in W.error_of(f).message
+
+
 def test_oversized_frame_closes_the_connection(conn):
     data = conn.receive(W.HEADER.pack(9000, 8, Op.PING, 0))
     (f,) = responses(data)

@@ -809,6 +809,7 @@ def test_anonymous_sessions_are_new_keyrings(store):
     assert (d.serial, d.description, d.perm) == (first, "_ses", 0x3F030000)  # the kernel's: no user link
     named, token = store.join_session(Caller(ALICE), "work")
     assert store.describe(Caller(ALICE, session_token=token), SESSION).perm == 0x3F130000
+    assert token not in repr(Caller(ALICE, session_token=token))  # a bearer capability: kept out of reprs
 
 
 def test_sessions_count_in_the_quota_and_reserved_names_are_refused(clock):

@@ -444,6 +444,14 @@ def test_generate_key(spec, size, hint, use):
     assert use in {s.key_use for s in S.ALGORITHMS.values()}  # a use some algorithm asks for
 
 
+def test_a_generated_key_shows_no_material_and_cannot_be_pickled():
+    made = S.generate_key("hmac:256")
+    assert repr(made) == "<GeneratedKey hmac256>" and not _message_reveals(ValueError(repr(made)), made.material)
+    for dump in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="cannot be pickled or copied"):
+            dump(made)
+
+
 def test_generated_keys_fit_their_algorithms():
     S.aead(GCM, S.generate_key("aes:192").material)
     S.aead("gcm-siv(aes)", S.generate_key("aes-gcm-siv:256").material)

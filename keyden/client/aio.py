@@ -325,7 +325,7 @@ class AsyncClient(Operations):
             if frame.status:
                 raise W.error_of(frame)
             values = W.response_schema(op).decode(frame.body)
-            future.set_result(common.shape(op, values, args))
+            future.set_result(common.shape(op, values))
         except E.KeydenError as exc:
             future.set_exception(exc)
 

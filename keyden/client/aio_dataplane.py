@@ -171,7 +171,7 @@ class AsyncAead(KeyedAlgorithm):
 
     async def decrypt_batch(self, nonces: Sequence[bytes] | None, items: Sequence[bytes],
                             associated_data: Sequence[bytes] | None = ()) -> list[bytes | E.KeydenError]:
-        """Per item: the plaintext, or the EBADMSG it failed with."""
+        """Per item: the plaintext, or the error it failed with (``AuthenticationFailed`` for a bad tag)."""
         status, out = await self._client.batch(self.alg, self.serial, items, ivs=nonces or (),
                                                aads=associated_data or (), decrypt=True, random_nonce=nonces is None)
         return [o if s == 0 else item_error(s) for s, o in zip(status, out)]

@@ -151,7 +151,7 @@ _SINGLE = {Op.ADD, Op.REQUEST, Op.SEARCH, Op.GET_KEYRING_ID, Op.FIND, Op.GENKEY,
            Op.IMPORT, Op.ADD_FLAGS, Op.GENKEY_FLAGS, Op.KEY_ALGORITHM}
 
 
-def shape(op: Op, values: tuple, args: tuple):
+def shape(op: Op, values: tuple):
     """Turn an op's response fields into what the method returns."""
     if op in _SINGLE:
         return values[0]

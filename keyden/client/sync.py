@@ -299,7 +299,7 @@ class Client(Operations):
 
     def _call(self, op: Op, *args: Any):
         args = self._resolve(args)
-        return common.shape(op, self._round_trip(op, args), args)
+        return common.shape(op, self._round_trip(op, args))
 
     def _round_trip(self, op: Op, args: tuple) -> tuple:
         """One request, its response fields: ``_exchange`` for the common case, with nothing to spare.
@@ -370,8 +370,8 @@ class Client(Operations):
                 answers = self._exchange([(op, fields) for _, op, fields in batch], raise_errors=False)
             except E.KeydenError as exc:  # no connection to send them on: each of them gets why
                 answers = [type(exc)(exc.message) for _ in batch]
-            for (i, op, fields), answer in zip(batch, answers):
-                results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer, fields)
+            for (i, op, _), answer in zip(batch, answers):
+                results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer)
 
         recorder = _Recorder()
         for i, call in enumerate(calls):

@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from keyden import errors as E
@@ -84,7 +84,7 @@ class Caller:
 
     cred: Credentials
     process: tuple[int, int] | None = None  # (pid, start time): with the credentials, names its process keyring
-    session_token: str | None = None
+    session_token: str | None = field(default=None, repr=False)  # a bearer capability: never in a repr or log
 
     @property
     def uid(self) -> int:

@@ -104,10 +104,6 @@ class SystemKeyrings:
 _SYSTEM: "weakref.WeakKeyDictionary[KeyStore, SystemKeyrings]" = weakref.WeakKeyDictionary()
 
 
-def system_keyrings(store: KeyStore) -> SystemKeyrings | None:
-    return _SYSTEM.get(store)
-
-
 def _descriptions(item) -> list[str]:
     if isinstance(item, x509.Certificate):
         return X.blacklist_descriptions(item)
@@ -155,7 +151,7 @@ class _BlacklistOnly(Restriction):
 # ------------------------------------------------------- keys a keyring holds
 
 
-def _held(store: KeyStore, ring: Key, usable) -> Iterator[Key]:
+def _held(ring: Key, usable) -> Iterator[Key]:
     """Asymmetric keys in ``ring`` and the keyrings below it (MAX_NESTING deep) that ``usable`` admits."""
     seen = {ring.serial}
 
@@ -201,7 +197,7 @@ def trusted_keys(store: KeyStore, caller: Caller, keyring: int) -> list[tuple[in
     """(serial, parsed key) of every asymmetric key the caller may search for in a keyring tree."""
     with store.lock:
         ring = _keyring(store, caller, keyring)
-        return [(key.serial, key.payload) for key in _held(store, ring, _visible(store, caller))]
+        return [(key.serial, key.payload) for key in _held(ring, _visible(store, caller))]
 
 
 def trusted_certificates(store: KeyStore, caller: Caller, keyring: int) -> list[x509.Certificate]:
@@ -254,7 +250,7 @@ class SignedBy(Restriction):
         candidates = []
         if trusted is not None and trusted.links is not None:  # a keyring: what it holds (nothing once gone)
             if not trusted.dead:
-                candidates = X.signer_candidates(cert, [k.payload for k in _held(store, trusted, live)])
+                candidates = X.signer_candidates(cert, [k.payload for k in _held(trusted, live)])
         elif trusted is not None and self._names is not None:  # a key: is it the issuer?  Then its state counts
             if X.signer_candidates(cert, [self._names]):
                 unusable = trusted.state_error(store.clock())
@@ -262,7 +258,7 @@ class SignedBy(Restriction):
                     raise unusable or E.ENOKEY(f"trusted key {trusted.serial} is gone")
                 candidates = [trusted.payload]
         if not candidates and self.check_dest:
-            candidates = X.signer_candidates(cert, [k.payload for k in _held(store, keyring, live)])
+            candidates = X.signer_candidates(cert, [k.payload for k in _held(keyring, live)])
         if not candidates:
             raise E.ENOKEY("no trusted key is the certificate's issuer")
         for signer in candidates:

@@ -24,7 +24,6 @@ import os
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import NamedTuple
 
 from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -561,10 +560,17 @@ KEY_SPECS = "aes[-gcm-siv|-cbc|-ctr]:128|192|256, chacha20 or hmac:BITS"
 KEY_SPEC_PREFIXES = ("aes:", "aes-", "chacha20", "hmac:")
 
 
-class GeneratedKey(NamedTuple):
-    material: bytes
-    hint: str  # "aes256", "aes256-ctr", "chacha20", "hmac512": short, safe in a key description
-    use: str  # the one AlgorithmSpec.key_use it serves
+class GeneratedKey(_Sealed):
+    """A new random key on its way into a logon key: like the engines, it prints no material and cannot
+    be pickled or copied."""
+
+    __slots__ = ("material", "hint", "use", "name")
+
+    def __init__(self, material: bytes, hint: str, use: str):
+        self.material = material
+        self.hint = hint  # "aes256", "aes256-ctr", "chacha20", "hmac512": short, safe in a key description
+        self.use = use  # the one AlgorithmSpec.key_use it serves
+        self.name = hint  # what repr shows
 
 
 def generate_key(key_spec: str) -> GeneratedKey:

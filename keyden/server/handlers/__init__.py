@@ -12,6 +12,7 @@ keyring).
 from __future__ import annotations
 
 from keyden import errors as E
+from keyden import protocol as W
 from keyden.server.handlers import dataplane, keyctl, persist, pkey, session_keys, tls, trust  # noqa: F401 (registering)
 from keyden.server.handlers.base import HANDLERS, MAX_PENDING_FDS, Context, DescriptorQueue
 
@@ -20,6 +21,6 @@ __all__ = ["Context", "DescriptorQueue", "HANDLERS", "MAX_PENDING_FDS", "dispatc
 
 def dispatch(ctx: Context, op: int, args: tuple) -> tuple:
     handler = HANDLERS.get(op)  # keyed by Op, an IntEnum: a plain int finds its entry
-    if handler is None:
-        raise E.ENOSYS(f"unknown opcode {op}")
+    if handler is None:  # (unknown opcodes are ENOSYS already, from request_schema)
+        raise E.EPROTO(f"opcode {op} ({W.Op(op).name}) is never a request")
     return handler(ctx, *args)  # the caller makes any change to persistent keyrings durable before replying

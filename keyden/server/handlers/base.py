@@ -81,7 +81,7 @@ class Context:
     regions: dict[int, Any] = field(default_factory=dict)
     fds: DescriptorQueue = field(default_factory=DescriptorQueue)  # the connection's
     out_fds: list[int] = field(default_factory=list)  # to pass back with the next reply (SCM_RIGHTS); sent, then closed
-    max_frame: int = DEFAULT_MAX_FRAME  # the largest reply body the client accepts (announced in HELLO)
+    max_frame: int = DEFAULT_MAX_FRAME  # the daemon's frame cap, announced in HELLO: it bounds replies too
     audit: Any = None  # the connection's ConnectionAudit: outcomes that come later (a TLS handshake) are logged
     after_audit: list[Callable[[], None]] = field(default_factory=list)  # run once the request's line is written
     audit_keys: list[int] | None = None  # the request's keys when its fields do not name them (a stream's)
