@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import keyden
 from keyden import errors as E
-from keyden.persist import kernel
+from keyden.persist import files, kernel
 from keyden.persist.manifest import BUCKETS
 from keyden.persist.master import Sealer
 
@@ -894,8 +894,8 @@ def test_a_kernel_copy_of_a_stranded_rekey_key_never_costs_its_file(tmp_path, mo
     monkeypatch.setattr(kernel, "store", held.__setitem__)
     path = str(tmp_path / "master.key")
     old, new = secrets.token_bytes(32), secrets.token_bytes(32)
-    master.write_secret_file(path, old)
-    master.write_secret_file(path + ".new", new)
+    files.write_secret_file(path, old)
+    files.write_secret_file(path + ".new", new)
     check = Sealer(new).make_check("key")
 
     def no_rename(src, dst):  # master.key made immutable (chattr +i), say
@@ -1526,7 +1526,7 @@ def test_a_start_that_cannot_finish_an_interrupted_rekey_still_opens_the_store(t
     from keyden.persist import master
 
     path = str(tmp_path / "master.key")
-    master.write_secret_file(path + ".new", key := secrets.token_bytes(32))
+    files.write_secret_file(path + ".new", key := secrets.token_bytes(32))
     check = Sealer(key).make_check("key")
     source = master.FileKey(path)
 
@@ -1543,7 +1543,7 @@ def test_a_start_that_cannot_finish_an_interrupted_rekey_still_opens_the_store(t
     rotation.finish()
     assert not os.path.exists(path + ".new")
 
-    master.write_secret_file(path + ".new", secrets.token_bytes(32))  # a rekey that never committed
+    files.write_secret_file(path + ".new", secrets.token_bytes(32))  # a rekey that never committed
     monkeypatch.setattr(master.os, "unlink", lambda p: no_rename(p, p))
     check = Sealer(open(path, "rb").read()).make_check("key")
     with caplog.at_level(logging.WARNING, "keyden"):

@@ -16,7 +16,7 @@ import stat
 from typing import Iterable, Iterator
 
 from keyden.errors import StartupError
-from keyden.persist.master import make_dirs, require_own, require_safe_directory
+from keyden.persist.files import make_dirs, require_own, require_safe_directory
 from keyden.persist.records import COLUMNS, Row, read_text
 
 SCHEMA = """

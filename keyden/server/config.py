@@ -13,7 +13,7 @@ from pathlib import Path
 from keyden import errors as E
 from keyden.core.store import StoreConfig
 from keyden.errors import StartupError
-from keyden.persist.master import make_dirs, require_own, require_safe_parents
+from keyden.persist.files import make_dirs, require_own, require_safe_parents
 from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE
 from keyden.protocol.transport import MAX_BUSY_POLL, default_socket_path
 

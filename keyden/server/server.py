@@ -29,7 +29,7 @@ from keyden.core.store import KeyStore
 from keyden.logs import Throttled
 from keyden.persist import SealedJournal, open_durable
 from keyden.errors import StartupError
-from keyden.persist.master import make_dirs
+from keyden.persist.files import make_dirs
 from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
 from keyden.server.config import ServerConfig

@@ -1,8 +1,10 @@
 """Operation handlers: decoded request fields in, response fields out.
 
 One table (``HANDLERS``, base.py) maps each opcode to a function of (context, *fields).  Handlers know
-field order and nothing else of the wire, and nothing of sockets; they translate between the wire's
-fields and the store and crypto engines.  Each module registers its handlers as it is imported: keyctl
+field order and nothing else of the wire; they translate between the wire's fields and the store and
+crypto engines.  The descriptors a request brings are theirs to take: the TLS handlers hand a socket
+to the TLS engine, the shared-memory ones map a memfd (``Region``); the connection's own socket they
+never see.  Each module registers its handlers as it is imported: keyctl
 (keys and keyrings, restrictions), pkey (asymmetric keys by serial), session_keys (agreement and key
 transport into new keys), dataplane (ciphers, hashes, streams, shared memory), persist (persistent
 keyrings, export and import, rekey), trust (X.509 path validation) and tls (TLS by
