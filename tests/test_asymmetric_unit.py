@@ -250,6 +250,34 @@ def test_an_asymmetric_key_costs_100_bytes_unless_its_payload_is_oversized(keys)
     assert asymmetric.preparse(padded)[1] == 100 + 20000 - 16384
 
 
+def glued(pem: bytes, where: str) -> bytes:
+    """``pem`` with its first base64 line on the BEGIN line, or its last on the END line: pyca reads both."""
+    lines = pem.rstrip(b"\n").split(b"\n")
+    if where == "begin":
+        return b"\n".join([lines[0] + lines[1], *lines[2:]]) + b"\n"
+    return b"\n".join([*lines[:-2], lines[-2] + lines[-1]]) + b"\n"
+
+
+def test_pem_read_as_pyca_reads_it(keys):
+    """base64 on the BEGIN or END line is part of the block, as for pyca; the contents must be what the
+    label says; openssl ecparam -genkey's EC PARAMETERS block before the key is passed over."""
+    priv = keys["p256"]
+    for data in (pkcs8(priv, PEM), spki(priv, PEM), make_cert(priv).public_bytes(PEM),
+                 priv.private_bytes(PEM, S.PrivateFormat.TraditionalOpenSSL, NOENC)):
+        for where in ("begin", "end"):
+            assert A.parse(glued(data, where)).key_ids == A.parse(data).key_ids
+    public = spki(priv, PEM)
+    with pytest.raises(E.EBADMSG, match="not what its label"):
+        A.parse(public.replace(b"PUBLIC KEY", b"PRIVATE KEY"))
+    with pytest.raises(E.EBADMSG, match="not what its label"):
+        A.parse(pkcs8(keys["rsa"], PEM).replace(b"PRIVATE KEY", b"RSA PRIVATE KEY"))
+    made = subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey"], check=True,
+                          capture_output=True).stdout
+    assert made.startswith(b"-----BEGIN EC PARAMETERS-----")
+    key = A.parse(made)
+    assert (key.source, key.algo, key.has_private) == ("pem", "ecdsa", True)
+
+
 def test_pem_with_surrounding_text_and_multiple_blocks(keys):
     block = spki(keys["ed25519"], PEM)
     data = b"Bag Attributes\n    friendlyName: x\n" + block + b"\ntrailing words\n"
@@ -336,7 +364,11 @@ def test_costly_key_encryption_is_refused_before_running_the_kdf():
     for der in costly:
         pem = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n%s-----END ENCRYPTED PRIVATE KEY-----\n" % (
             base64.encodebytes(der))
-        for data in (der, pem):
+        # pyca reads base64 on the BEGIN and END lines too: the check must see the same bytes (it once read
+        # the lines between, and a low-cost decoy there let pyca run any iteration count)
+        one_line = b"-----BEGIN ENCRYPTED PRIVATE KEY-----%s-----END ENCRYPTED PRIVATE KEY-----" % (
+            base64.b64encode(der))
+        for data in (der, pem, one_line, glued(pem, "begin"), glued(pem, "end")):
             with pytest.raises(E.EINVAL, match="too costly"):
                 A.parse(data, b"pw")
     # Cheap parameters get through to the (failing) decryption.

@@ -256,6 +256,9 @@ def _check_kdf_cost(der: bytes) -> None:
 # algorithm SEQUENCE, OCTET STRING; SPKI: algorithm SEQUENCE, BIT STRING.
 # Traditional DER (PKCS#1 RSAPrivateKey, SEC1) is refused, like the kernel does.
 _DER_SHAPES = {(0x30, 0x30): "x509", (0x02, 0x30): "pkcs8", (0x30, 0x04): "pkcs8-enc", (0x30, 0x03): "spki"}
+#: the shapes a traditional PEM key's DER may have: PKCS#1 RSAPrivateKey (version, modulus), SEC1 (version,
+#: private key OCTET STRING)
+_TRADITIONAL = {(0x02, 0x02), (0x02, 0x04)}
 _PEM_LABELS = {
     "CERTIFICATE": "x509", "PRIVATE KEY": "pkcs8", "ENCRYPTED PRIVATE KEY": "pkcs8-enc",
     "RSA PRIVATE KEY": "pem", "EC PRIVATE KEY": "pem", "PUBLIC KEY": "spki",
@@ -264,21 +267,30 @@ _PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
 
 
 def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
-    labels = _PEM_BEGIN.findall(data)
-    if len(labels) > 1:
+    """One PEM block, decoded here and handed to pyca's DER loaders: the checks made before a loader runs
+    (a password KDF's cost, a key restricted to PSS) must see the very bytes it reads.  (pyca's PEM reader
+    takes base64 on the BEGIN and END lines too, which a reader of the lines between them would not see.)
+    Only an encrypted traditional key goes to pyca as PEM: its headers say how to decrypt it, with one
+    round of a hash, and the key inside has no algorithm to check."""
+    labels = [label for label in _PEM_BEGIN.findall(data) if label != b"EC PARAMETERS"]  # (openssl ecparam
+    if len(labels) > 1:                                                                  # -genkey's first block)
         raise E.EINVAL("more than one PEM block; give one key or certificate")
     if not labels:
         raise E.EBADMSG("malformed PEM")
     label = re.escape(labels[0])
-    match = re.search(rb"-----BEGIN " + label + rb"-----.*?-----END " + label + rb"-----", data, re.S)
+    match = re.search(rb"-----BEGIN " + label + rb"-----(.*?)-----END " + label + rb"-----", data, re.S)
     kind = _PEM_LABELS.get(labels[0].decode("ascii"))
     if match is None or kind is None:
         raise E.EBADMSG("unrecognised PEM block")
-    block = match.group(0)
+    if kind == "pem" and b"Proc-Type: 4,ENCRYPTED" in match[1]:
+        return _load(kind, match[0], True, password, True)
+    der = _pem_der(match[1])
+    tags = _der_child_tags(der)
+    if not (tags in _TRADITIONAL if kind == "pem" else _DER_SHAPES.get(tags) == kind):
+        raise E.EBADMSG(f"the PEM block's contents are not what its label ({labels[0].decode()}) says")
     if kind == "pkcs8-enc" and password is not None:
-        _check_kdf_cost(_pem_body(block))
-    encrypted = kind == "pkcs8-enc" or (kind == "pem" and b"Proc-Type: 4,ENCRYPTED" in block)
-    return _load(kind, block, True, password, encrypted)
+        _check_kdf_cost(der)
+    return _load(kind, der, False, password, kind == "pkcs8-enc")
 
 
 def _key_algorithm(der: bytes, kind: str) -> bytes | None:
@@ -326,26 +338,25 @@ def _check_signature_algorithm(cert: x509.Certificate) -> None:
         raise E.EBADMSG("malformed certificate: its signature algorithm's parameters cannot be read") from None
 
 
-def _pem_body(block: bytes) -> bytes:
-    """The DER inside a PEM block, for the checks made before pyca's loader sees it."""
-    body = re.sub(rb"\s+", b"", b"".join(block.splitlines()[1:-1]))
+def _pem_der(body: bytes) -> bytes:
+    """The DER a PEM block's base64 encodes: strictly, with nothing else between its BEGIN and END lines."""
     try:
-        return base64.b64decode(body, validate=True)
-    except ValueError:   # fail closed: never hand pyca a body the checks could not see
+        return base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
+    except ValueError:
         raise E.EBADMSG("malformed PEM") from None
 
 
 def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> ParsedKey:
-    """Run the one pyca loader for ``kind`` and turn its errors into errnos."""
+    """Run the one pyca loader for ``kind`` and turn its errors into errnos.  ``blob`` is DER, but for an
+    encrypted traditional key (``pem``: the PEM block, whose headers say how to decrypt it)."""
     if kind in ("x509", "spki") and password is not None:
         raise E.EINVAL("a password was given but the data is not an encrypted private key")
     if kind in ("spki", "pkcs8"):
-        _refuse_pss_restricted(_pem_body(blob) if pem else blob, kind)
+        _refuse_pss_restricted(blob, kind)
     try:
         if kind == "x509":
-            load_cert = x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate
             try:
-                cert = load_cert(blob)
+                cert = x509.load_der_x509_certificate(blob)
             except ValueError:
                 raise E.EBADMSG("malformed certificate, or an encoding keyden's X.509 parser refuses "
                                 "(e.g. a PrintableString holding '@')") from None
@@ -358,8 +369,7 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> Parse
                                "RSASSA-PSS (keyden could not enforce the restriction)")
             return _build(cert.public_key(), None, cert, "x509")
         if kind == "spki":
-            load_pub = serialization.load_pem_public_key if pem else serialization.load_der_public_key
-            return _build(load_pub(blob), None, None, "spki")
+            return _build(serialization.load_der_public_key(blob), None, None, "spki")
         load_priv = serialization.load_pem_private_key if pem else serialization.load_der_private_key
         priv = load_priv(blob, password, unsafe_skip_rsa_key_validation=True)
         if isinstance(priv, rsa.RSAPrivateKey):
