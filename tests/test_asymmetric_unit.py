@@ -517,9 +517,9 @@ def test_parse_info_errors(info, match):
 @pytest.mark.parametrize("name,expected", [
     ("rsa-pub", (A.OP_ENCRYPT | A.OP_VERIFY, 2048, 256, 256, 256, 256)),
     ("rsa", (15, 2048, 256, 256, 256, 256)),
-    ("p256-pub", (A.OP_VERIFY, 256, 32, 72, 0, 0)),
-    ("p256", (A.OP_SIGN | A.OP_VERIFY, 256, 32, 72, 0, 0)),
-    ("p384", (A.OP_SIGN | A.OP_VERIFY, 384, 48, 104, 0, 0)),
+    ("p256-pub", (A.OP_VERIFY, 256, 64, 72, 0, 0)),  # max_data_size: SHA-512's, as the kernel (6.13)
+    ("p256", (A.OP_SIGN | A.OP_VERIFY, 256, 64, 72, 0, 0)),
+    ("p384", (A.OP_SIGN | A.OP_VERIFY, 384, 64, 104, 0, 0)),
     ("ed25519-pub", (A.OP_VERIFY, 256, 16 * 1024 * 1024, 64, 0, 0)),
     ("ed25519", (A.OP_SIGN | A.OP_VERIFY, 256, 16 * 1024 * 1024, 64, 0, 0)),
 ])
@@ -589,6 +589,9 @@ def test_pkcs1_verify_without_a_hash_checks_the_whole_encoded_payload_as_the_ker
         parsed["rsa-pub"].verify("enc=pkcs1", digest_info, bytes(255) + b"\x01")
     with pytest.raises(E.EINVAL, match="the key's size"):
         parsed["rsa-pub"].verify("enc=pkcs1", digest_info, sig[1:])
+    for oversized in (bytes(257), bytes(1 << 20)):  # over max_data_size: EINVAL, as the kernel (EKEYREJECTED)
+        with pytest.raises(E.EINVAL, match="longer than the key size"):
+            parsed["rsa-pub"].verify("enc=pkcs1", oversized, sig)
     with pytest.raises(E.EINVAL, match="hash= is required"):
         parsed["rsa"].sign("enc=pkcs1", digest_info)
     with pytest.raises(E.EINVAL, match="hash= is required"):
@@ -713,7 +716,7 @@ def test_cert_public_half_encrypts_for_pkcs8_private_half(keys):
     assert A.parse(pkcs8(keys["rsa"], PEM)).decrypt("enc=oaep", ct) == b"secret"
 
 
-def test_size_limits(parsed):
+def test_size_limits(keys, parsed):
     rsa_key, rsa_pub = parsed["rsa"], parsed["rsa-pub"]
     assert len(rsa_pub.encrypt("enc=pkcs1", bytes(245))) == 256
     assert len(rsa_pub.encrypt("enc=oaep", bytes(190))) == 256
@@ -734,8 +737,10 @@ def test_size_limits(parsed):
         rsa_pub.verify("enc=pkcs1 hash=sha256", digest, bytes(257))
     with pytest.raises(E.EINVAL, match="the key's size"):  # as the kernel's pkcs1pad (it was EKEYREJECTED)
         rsa_pub.verify("enc=pkcs1 hash=sha256", digest, bytes(255))
-    with pytest.raises(E.EINVAL, match="longer than p256"):
-        parsed["p256"].sign("hash=sha384", _digest("sha384"))
+    for name, pyca_hash in (("sha384", hashes.SHA384()), ("sha512", hashes.SHA512())):  # cut to the curve's size
+        signature = parsed["p256"].sign(f"hash={name}", _digest(name))  # (FIPS 186), as the kernel and OpenSSL
+        keys["p256"].public_key().verify(signature, _digest(name), ec.ECDSA(utils.Prehashed(pyca_hash)))
+        parsed["p256-pub"].verify(f"hash={name}", _digest(name), signature)
     with pytest.raises(E.EINVAL):
         parsed["p256-pub"].verify("", digest, b"\x30" + bytes(72))
     assert len(parsed["ed25519"].sign("", bytes(65537))) == 64  # any message up to a frame's worth

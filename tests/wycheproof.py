@@ -156,6 +156,9 @@ FILES = [
     VectorFile("Signature", "ecdsa_secp256r1_sha256_p1363_test.json", "publicKeyDer", _ecdsa("p1363")),
     VectorFile("Signature", "ecdsa_secp384r1_sha384_test.json", "publicKeyDer", _ecdsa("x962")),
     VectorFile("Signature", "ecdsa_secp384r1_sha384_p1363_test.json", "publicKeyDer", _ecdsa("p1363")),
+    # Digests longer than the curve, cut to its size inside (FIPS 186), as the kernel takes them.
+    VectorFile("Signature", "ecdsa_secp256r1_sha512_test.json", "publicKeyDer", _ecdsa("x962")),
+    VectorFile("Signature", "ecdsa_secp384r1_sha512_p1363_test.json", "publicKeyDer", _ecdsa("p1363")),
     VectorFile("Signature", "ed25519_test.json", "publicKeyDer", _ed25519),
 ]
 

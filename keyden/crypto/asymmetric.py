@@ -54,7 +54,11 @@ _HASHES = {  # protocol.PKEY_HASHES names the same, for the clients
 }
 
 # curve -> (pyca curve class, byte length = max digest accepted, max DER signature size, default hash)
+#: curve -> (pyca curve, its byte length, the largest DER signature, the default hash)
 _CURVES = {"p256": (ec.SECP256R1, 32, 72, "sha256"), "p384": (ec.SECP384R1, 48, 104, "sha384")}
+#: ECDSA's max_data_size, the kernel's (ecdsa_digest_size, 6.13): SHA-512's, whatever the curve.  A digest
+#: longer than the curve is cut to its leftmost bits, as FIPS 186 says and OpenSSL does (SHA-384 on P-256).
+ECDSA_MAX_DATA = 64
 _CURVE_BY_PYCA_NAME = {"secp256r1": "p256", "secp384r1": "p384"}
 
 # Encodings each algorithm knows (first = the kernel default when enc= is absent),
@@ -666,8 +670,7 @@ class ParsedKey:
             return PkeyQuery(0, 256, 0, 0, 0, 0)
         ops = OP_VERIFY | (OP_SIGN if self.has_private else 0)
         if self.algo == "ecdsa":
-            _, data_max, sig_max, _ = _CURVES[self.curve]
-            return PkeyQuery(ops, self.key_bits, data_max, sig_max, 0, 0)
+            return PkeyQuery(ops, self.key_bits, ECDSA_MAX_DATA, _CURVES[self.curve][2], 0, 0)
         return PkeyQuery(ops, 256, ED25519_MAX_DATA, 64, 0, 0)
 
     def _prepare(self, op: int, info: str) -> tuple[str, Mapping[str, str]]:
@@ -733,12 +736,12 @@ class ParsedKey:
             if h is None:  # verify, enc=pkcs1, no hash: what the signature's padding wraps, DigestInfo and all
                 if not data:
                     raise E.EINVAL("data to verify is required")
+                size = self._limits().max_data_size  # as keyctl_pkey_params_get_2 checks
+                if len(data) > size:
+                    raise E.EINVAL(f"data longer than the key size ({size} bytes)")
                 return pad, None
         else:
-            _, data_max, _, default = _CURVES[self.curve]
-            h = _hash(opts.get("hash", default))
-            if h.digest_size > data_max:
-                raise E.EINVAL(f"hash={h.name} is longer than {self.curve} accepts ({data_max} bytes)")
+            h = _hash(opts.get("hash", _CURVES[self.curve][3]))  # (no digest is over ECDSA_MAX_DATA)
         if len(data) != h.digest_size:
             raise E.EINVAL(f"data must be a {h.name} digest of {h.digest_size} bytes")
         return pad, h
