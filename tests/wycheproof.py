@@ -144,8 +144,12 @@ FILES = [
     VectorFile("Signature", "rsa_pss_2048_sha256_mgf1_32_test.json", "publicKeyDer", _rsa_pss),
     VectorFile("Signature", "rsa_pss_2048_sha256_mgf1_0_test.json", "publicKeyDer", _rsa_pss),
     VectorFile("Signature", "rsa_pss_2048_sha1_mgf1_20_test.json", "publicKeyDer", _rsa_pss),
+    VectorFile("Signature", "rsa_pss_4096_sha512_mgf1_64_test.json", "publicKeyDer", _rsa_pss),
+    VectorFile("Signature", "rsa_pss_misc_test.json", "publicKeyDer", _rsa_pss),
+    VectorFile("Signature", "rsa_signature_2048_sha3_256_test.json", "publicKeyDer", _rsa_pkcs1),
     VectorFile("Cipher", "rsa_oaep_2048_sha256_mgf1sha256_test.json", "privateKeyPkcs8", _rsa_oaep),
     VectorFile("Cipher", "rsa_oaep_2048_sha256_mgf1sha1_test.json", "privateKeyPkcs8", _rsa_oaep),
+    VectorFile("Cipher", "rsa_oaep_2048_sha384_mgf1sha384_test.json", "privateKeyPkcs8", _rsa_oaep),
     # Mixed key sizes: 1024/1536/8192 are outside the 2048..4096 policy and skipped.  The
     # 3072/4096-bit groups are left out only because validating 45 such private keys
     # takes ~12 s; the 2048..4096 OAEP files above and below cover those paths.
@@ -159,6 +163,7 @@ FILES = [
     # Digests longer than the curve, cut to its size inside (FIPS 186), as the kernel takes them.
     VectorFile("Signature", "ecdsa_secp256r1_sha512_test.json", "publicKeyDer", _ecdsa("x962")),
     VectorFile("Signature", "ecdsa_secp384r1_sha512_p1363_test.json", "publicKeyDer", _ecdsa("p1363")),
+    VectorFile("Signature", "ecdsa_secp256r1_sha3_256_test.json", "publicKeyDer", _ecdsa("x962")),
     VectorFile("Signature", "ed25519_test.json", "publicKeyDer", _ed25519),
 ]
 
