@@ -870,6 +870,68 @@ def test_a_blacklisted_key_refuses_every_certificate_for_it(system, pki):
     assert refused(lambda: add_cert(c, sha384)) is E.EKEYREJECTED
 
 
+def ecdsa_twin(cert: x509.Certificate, order: int) -> bytes:
+    """``cert`` (ECDSA with SHA-256) with its signature (r, s) as (r, order - s): as valid, and anyone can
+    make it."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+    from cryptography.x509.oid import SignatureAlgorithmOID
+
+    def tlv(tag: int, body: bytes) -> bytes:
+        n, size = len(body), (len(body).bit_length() + 7) // 8
+        return bytes([tag]) + (bytes([n]) if n < 128 else bytes([0x80 | size]) + n.to_bytes(size, "big")) + body
+    assert cert.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256
+    r, s_ = decode_dss_signature(cert.signature)
+    algorithm = tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040302")))  # 1.2.840.10045.4.3.2, no parameters
+    return tlv(0x30, cert.tbs_certificate_bytes + algorithm + tlv(0x03, b"\x00" + encode_dss_signature(r, order - s_)))
+
+
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def test_a_bin_ban_refuses_an_ecdsa_certificates_twin(system, pki):
+    """ECDSA's (r, s) and (r, n - s) both verify: from a banned certificate alone anyone made its twin,
+    whose whole-DER hash differs, and a "bin:" ban let the twin in, vouch and build chains (found by the
+    X.509 hunt)."""
+    c = system.client
+    blacklist = c.find("keyring", ".blacklist")
+    inter_key = ec_key()
+    inter_cert = certificate("Twin Intermediate", inter_key, ("Test Root", pki.root_key), ca=True)
+    twin = ecdsa_twin(inter_cert, P256_ORDER)
+    x509.load_der_x509_certificate(twin).verify_directly_issued_by(pki.root)  # a valid certificate
+    assert twin != inter_cert.public_bytes(serialization.Encoding.DER)
+    trust, restricted = c.newring("tw trust", "@s"), c.newring("tw ring", "@s")
+    add_cert(c, pki.root, trust)
+    c.restrict_keyring(restricted, "asymmetric", f"key_or_keyring:{trust}:chain")
+    c.add("blacklist", bin_(inter_cert.public_bytes(serialization.Encoding.DER)), b"", blacklist)
+    for blob in (inter_cert.public_bytes(serialization.Encoding.DER), twin):
+        for keyring in ("@s", restricted):
+            assert refused(lambda: c.add("asymmetric", "", blob, keyring)) is E.EKEYREJECTED
+
+
+def test_a_banned_copy_of_a_signer_does_not_shadow_an_unbanned_one(system, pki):
+    """Two certificates for one CA key, the older banned by tbs: whether the CA vouched depended on which
+    was linked first (only the first copy of a key was tried; found by the X.509 hunt).  With the banned
+    copy alone, the signer is blacklisted."""
+    c = system.client
+    blacklist = c.find("keyring", ".blacklist")
+    ca_key = ec_key()
+    old = certificate("Renewed CA 2025", ca_key, ("Test Root", pki.root_key), ca=True)  # (descriptions differ:
+    current = certificate("Renewed CA", ca_key, ("Test Root", pki.root_key), ca=True)   # one keyring holds both)
+    leaf_cert = certificate("renewed leaf", ec_key(), ("Renewed CA", ca_key), eku=[SERVER], san=("example.com",))
+    restricted = []
+    for i, order in enumerate(((old, current), (current, old), (old,))):  # all linked before the ban (after
+        trust = c.newring(f"renewed trust {i}", "@s")                     # it, refused)
+        for cert in order:
+            add_cert(c, cert, trust)
+        ring = c.newring(f"renewed ring {i}", "@s")
+        c.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{trust}")
+        restricted.append(ring)
+    c.add("blacklist", tbs(old), b"", blacklist)
+    add_cert(c, leaf_cert, restricted[0])
+    add_cert(c, leaf_cert, restricted[1])
+    assert rejection(lambda: add_cert(c, leaf_cert, restricted[2])) == "the certificate's signer is blacklisted"
+
+
 def test_blacklist_entries_are_checked_and_live_in_blacklist_only(system):
     c = system.client
     blacklist = c.find("keyring", ".blacklist")

@@ -63,5 +63,5 @@ def cmd_x509_hashes(ctx: Context, args: list[str]):
     from keyden.crypto.x509 import blacklist_descriptions
 
     cert = x509.load_der_x509_certificate(der) if der else None
-    for description in blacklist_descriptions(cert, spki):
+    for description in blacklist_descriptions(cert, spki, twins=False):  # (a ban refuses the twins too)
         print(description)

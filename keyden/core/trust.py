@@ -248,9 +248,13 @@ class SignedBy(Restriction):
         live = _live(store)
         trusted = self._trusted(store)
         candidates = []
+
+        def banned(signer) -> bool:
+            return is_blacklisted(store, signer)
+
         if trusted is not None and trusted.links is not None:  # a keyring: what it holds (nothing once gone)
             if not trusted.dead:
-                candidates = X.signer_candidates(cert, [k.payload for k in _held(trusted, live)])
+                candidates = X.signer_candidates(cert, [k.payload for k in _held(trusted, live)], banned)
         elif trusted is not None and self._names is not None:  # a key: is it the issuer?  Then its state counts
             if X.signer_candidates(cert, [self._names]):
                 unusable = trusted.state_error(store.clock())
@@ -258,7 +262,7 @@ class SignedBy(Restriction):
                     raise unusable or E.ENOKEY(f"trusted key {trusted.serial} is gone")
                 candidates = [trusted.payload]
         if not candidates and self.check_dest:
-            candidates = X.signer_candidates(cert, [k.payload for k in _held(keyring, live)])
+            candidates = X.signer_candidates(cert, [k.payload for k in _held(keyring, live)], banned)
         if not candidates:
             raise E.ENOKEY("no trusted key is the certificate's issuer")
         for signer in candidates:

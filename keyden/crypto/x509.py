@@ -14,12 +14,13 @@ import datetime
 import hashlib
 import ipaddress
 import re
-from typing import Container, Iterable, Sequence
+from typing import Callable, Container, Iterable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509 import verification as V
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -79,15 +80,68 @@ def _spki_of(cert: x509.Certificate) -> bytes:
         return b""
 
 
-def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"") -> list[str]:
+def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"", twins: bool = True) -> list[str]:
     """Every blacklist description that would refuse this certificate or bare key.  A certificate is
     named by its TBS, its DER and its key: blacklisting a key ("bin:" of its SPKI) refuses every
-    certificate for that key too."""
+    certificate for that key too.  With ``twins``, an ECDSA-signed certificate is named by the DER of
+    its twins as well (``signature_twins``): anyone may make one, and a "bin:" ban must refuse them all."""
     if cert is None:
         return [f"bin:{bin_hash(None, spki_der).hex()}"]
     names = [f"tbs:{digest.hex()}" for digest in tbs_hashes(cert)] + [f"bin:{bin_hash(cert).hex()}"]
+    if twins:
+        names += [f"bin:{hashlib.sha256(twin).hexdigest()}" for twin in signature_twins(cert)]
     spki_der = spki_der or _spki_of(cert)
     return names + ([f"bin:{bin_hash(None, spki_der).hex()}"] if spki_der else [])
+
+
+#: The orders of the curves an ECDSA signer of a certificate may have here (FIPS 186-4 D.1.2.3, D.1.2.4).
+_CURVE_ORDERS = (
+    0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973,
+)
+
+
+def signature_twins(cert: x509.Certificate) -> list[bytes]:
+    """The other DER encodings of ``cert`` whose signature verifies wherever its own does: for ECDSA, (r, s)
+    and (r, n - s) are both valid, so anyone holding a certificate can make its twin (one per curve its
+    signer may be on: the certificate does not say which).  RSA and Ed25519 signatures have no such twin
+    (OpenSSL refuses s >= n), nor does the DER around them (pyca refuses any other encoding)."""
+    if not isinstance(_signature_parameters(cert), ec.ECDSA):
+        return []
+    try:
+        r, s = decode_dss_signature(cert.signature)
+    except ValueError:
+        return []
+    der = cert.public_bytes(serialization.Encoding.DER)
+    signed = der[_der_content_start(der):len(der) - len(_bit_string(cert.signature))]  # TBS and algorithm
+    return [_der_sequence(signed + _bit_string(encode_dss_signature(r, n - s)))
+            for n in _CURVE_ORDERS if 0 < s < n and n - s != s]
+
+
+def _signature_parameters(cert: x509.Certificate):
+    try:
+        return cert.signature_algorithm_parameters
+    except (UnsupportedAlgorithm, ValueError):
+        return None
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    size = (n.bit_length() + 7) // 8
+    return bytes([0x80 | size]) + n.to_bytes(size, "big")
+
+
+def _der_content_start(der: bytes) -> int:
+    return 2 + (der[1] & 0x7F if der[1] & 0x80 else 0)
+
+
+def _bit_string(content: bytes) -> bytes:
+    return b"\x03" + _der_length(len(content) + 1) + b"\x00" + content
+
+
+def _der_sequence(content: bytes) -> bytes:
+    return b"\x30" + _der_length(len(content)) + content
 
 
 # ---------------------------------------------------------------------------
@@ -159,15 +213,20 @@ def _names_issuer(akid: x509.AuthorityKeyIdentifier | None, cert: x509.Certifica
 MAX_SIGNER_CANDIDATES = 8
 
 
-def signer_candidates(cert: x509.Certificate, keys: Iterable) -> list:
+def signer_candidates(cert: x509.Certificate, keys: Iterable, banned: Callable[[object], bool] = lambda k: False
+                      ) -> list:
     """The keys (ParsedKey-like: ``key_ids``, ``certificate``) that ``cert`` names as its issuer, in order,
     the first of each public key only (copies and renewals of one key need one check; ``key_ids[0]`` is
-    the hash of the key); EKEYREJECTED past MAX_SIGNER_CANDIDATES, before any signature is checked."""
+    the hash of the key), but a copy ``banned`` refuses gives way to a later one it does not: the answer
+    does not depend on which was linked first.  EKEYREJECTED past MAX_SIGNER_CANDIDATES, before any
+    signature is checked."""
     akid = _authority_key_id(cert)
     by_key: dict[bytes, object] = {}
     for k in keys:
         if _names_issuer(akid, cert, k.key_ids, k.certificate):
-            by_key.setdefault(k.key_ids[0], k)
+            first = by_key.setdefault(k.key_ids[0], k)
+            if first is not k and banned(first) and not banned(k):
+                by_key[k.key_ids[0]] = k
     found = list(by_key.values())
     if len(found) > MAX_SIGNER_CANDIDATES:
         raise E.EKEYREJECTED(f"{len(found)} trusted keys claim to be the certificate's issuer (at most "
