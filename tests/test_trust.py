@@ -406,8 +406,8 @@ def test_asymmetric_keys_are_found_by_their_key_ids(client, pki):
     assert client.search(ring, "asymmetric", f"ex:{skid}", "@s") == serial and serial in client.read("@s")
     for miss in (f"ex:{skid[-8:]}", f"id:{skid[:8]}00"):  # ex: is whole; id: is a tail
         assert refused(lambda: client.search(ring, "asymmetric", miss)) is E.ENOKEY
-    for bad in ("id:", "id:abc", "id:zz", "ex:"):
-        assert refused(lambda: client.search(ring, "asymmetric", bad)) is E.EINVAL
+    for bad in ("id:", "id:abc", "id:zz", "ex:", f"id:{skid[-8:]}  ", f"ex:{skid[:2]} {skid[2:]}"):
+        assert refused(lambda: client.search(ring, "asymmetric", bad)) is E.EINVAL  # (spaces: as hex2bin)
 
 
 def test_restriction_strings_and_cycles(client):
@@ -421,6 +421,11 @@ def test_restriction_strings_and_cycles(client):
     other = client.newring("other", "@s")
     client.restrict_keyring(other, "asymmetric", f"key_or_keyring:{hex(ring)}:chain")  # kstrtos32 takes 0x
     assert refused(lambda: client.restrict_keyring(ring, "asymmetric", f"key_or_keyring:{other}")) is E.EDEADLK
+    # A trusted key that is neither a keyring nor an asymmetric key: each certificate is EOPNOTSUPP, as the
+    # kernel's key_or_keyring_common answers (it was ENOKEY, "no trusted key is the issuer")
+    by_user_key = client.newring("by a user key", "@s")
+    client.restrict_keyring(by_user_key, "asymmetric", f"key_or_keyring:{client.add('user', 'u', b'x', '@s')}")
+    assert refused(lambda: add_cert(client, certificate("any", ec_key(), ca=True), by_user_key)) is E.EOPNOTSUPP
     client.restrict_keyring(ring)  # no type: nothing may be linked any more
     assert refused(lambda: client.add("user", "u", b"x", ring)) is E.EPERM
 
@@ -738,6 +743,19 @@ def system(pki):
                           files=files)
     c.close()
     d.cleanup()
+
+
+def test_system_keyrings_hold_their_files_whatever_keyring_max_links():
+    """A CA bundle (or blacklist file) longer than keyring_max_links stopped the daemon ("keyring ... is
+    full", naming neither): the cap bounds users' keyrings, and the daemon's own take what root gives."""
+    from keyden.core import trust as core_trust
+    from keyden.core.store import KeyStore, StoreConfig
+
+    store = KeyStore(StoreConfig(keyring_max_links=2))
+    bundle = b"".join(pem(certificate(f"Bundle CA {i}", ec_key(), ca=True)) for i in range(3))
+    bans = "".join(f"tbs:{i:02x}{'00' * 31}\n" for i in range(3)).encode()
+    system = core_trust.install_system_keyrings(store, ("ca.pem", bundle), ("blacklist", bans))
+    assert len(system.builtin.links) == 3 and len(system.blacklist.links) == 3
 
 
 def test_system_keyrings_are_made_at_start_and_cannot_be_removed(system, pki):

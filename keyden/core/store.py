@@ -643,8 +643,14 @@ class KeyStore:
         if adds_link and ring.charged:
             self._check_quota(ring.uid, 0, LINK_BYTES)
         self._check_restriction(ring, ktype, payload)
-        if adds_link and len(ring.links) >= self.config.keyring_max_links:
-            raise E.ENFILE(f"keyring {ring.serial} is full")
+        if adds_link:
+            self._check_room(ring)
+
+    def _check_room(self, ring: Key) -> None:
+        """keyring_max_links, which bounds the memory users' keyrings take; the daemon's own keyrings (the
+        system keyrings: its CA bundle, its blacklist file) hold what root gives them."""
+        if len(ring.links) >= self.config.keyring_max_links and not ring.keep:
+            raise E.ENFILE(f"keyring {ring.serial} is full (keyring_max_links, {self.config.keyring_max_links})")
 
     def _check_restriction(self, ring: Key, ktype: T.KeyType, payload: Any) -> None:
         for check in ADMISSION_CHECKS:
@@ -1319,8 +1325,8 @@ class KeyStore:
             if displaces and exclusive:
                 raise E.EEXIST(f"keyring {dst.serial} already holds a key of type {key.type.name} described "
                                f"{key.description!r}")
-            if not displaces and len(dst.links) >= self.config.keyring_max_links:
-                raise E.ENFILE(f"keyring {dst.serial} is full")
+            if not displaces:
+                self._check_room(dst)
             self._check_restriction(dst, key.type, key.payload)
             self._check_nesting(dst, key)
             key.pins += 1  # keep it alive between unlink and link

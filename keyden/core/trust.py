@@ -247,6 +247,8 @@ class SignedBy(Restriction):
             raise E.ENOKEY("a bare key carries no signature for a trusted key to vouch for")
         live = _live(store)
         trusted = self._trusted(store)
+        if trusted is not None and trusted.links is None and trusted.type is not ASYMMETRIC:
+            raise E.EOPNOTSUPP(f"trusted key {trusted.serial} is neither a keyring nor an asymmetric key")
         candidates = []
 
         def banned(signer) -> bool:
