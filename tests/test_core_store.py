@@ -14,6 +14,7 @@ import pytest
 
 from keyden import errors as E
 from keyden.core import perm as P
+from keyden.core import keytypes as T
 from keyden.core import store as store_module
 from keyden.core.flags import NO_EXPORT
 from keyden.core.perm import Credentials
@@ -499,6 +500,39 @@ def test_collect_reaps_revoked_and_expired_keys_after_the_gc_delay(store, alice,
     revoked_cost = len("r") + 1 + 4  # revoking freed its payload already; description and link remain
     expiring_cost = len("e") + 1 + 5 + 4
     assert store.quota_usage(1000)[:2] == (usage[0] - 2, usage[1] - revoked_cost - expiring_cost)
+
+
+def test_collect_follows_timeouts_set_changed_and_cleared(store, alice, clock):
+    """collect looks only at keys that may die: each way a key gets or loses its death time counts."""
+    cleared, extended = add_user(store, alice, "c"), add_user(store, alice, "x")
+    at_add = store.create_internal(alice, T.REGISTRY["logon"], "s:a", b"v", 1, SESSION, timeout=5)  # as derive
+    store.set_timeout(alice, cleared, 5)
+    store.set_timeout(alice, cleared, 0)
+    store.set_timeout(alice, extended, 5)
+    store.set_timeout(alice, extended, 1000)
+    updated = add_user(store, alice, "u")
+    store.set_timeout(alice, updated, 5)
+    store.update(alice, updated, b"new")  # user_update clears the timeout
+    clock.advance(5 + GC_DELAY)
+    assert store.collect() == 1 and not alive(store, alice, at_add)
+    assert all(alive(store, alice, k) for k in (cleared, extended, updated))
+    clock.advance(1000)
+    assert store.collect() == 1 and not alive(store, alice, extended)
+
+
+def test_collect_asks_about_processes_without_holding_the_store(store, alice):
+    """Whether a process lives is a /proc read each; under the store's lock a uid's thousands of process
+    keyrings held every request up while it ran."""
+    store.resolve(alice, PROCESS, create=True)
+    free = []
+
+    def alive_and_lock_free(pid, start):
+        grab = threading.Thread(target=lambda: free.append(store.lock.acquire(timeout=5) and store.lock.release()))
+        grab.start()
+        grab.join()
+        return True
+    store.collect(process_alive=alive_and_lock_free)
+    assert free == [None]  # acquired (and released) by another thread while collect asked
 
 
 def test_a_reaped_process_keyring_linked_elsewhere_is_possessed_no_more(store, alice):
@@ -1000,6 +1034,13 @@ def test_find_falls_back_to_any_key_the_caller_may_view(store, alice):
     assert store.find(elsewhere, "user", "findme") == key  # alice may view her own keys
     with pytest.raises(E.ENOKEY):
         store.find(session(store, CAROL), "user", "findme")  # other: no view
+    # The first namesake in serial order, whatever was made or destroyed since (the store indexes names)
+    more = sorted([key] + [add_user(store, session(store, ALICE), "findme", perm=0x3F3F0000) for _ in range(3)])
+    assert store.find(elsewhere, "user", "findme") == more[0]
+    store.invalidate(alice, more[0])
+    assert store.find(elsewhere, "user", "findme") == more[1]
+    with pytest.raises(E.ENOKEY):
+        store.find(elsewhere, "logon", "findme")  # another type's name
 
 
 def test_find_passes_over_revoked_and_expired_keys(store, alice, clock):
@@ -1218,7 +1259,6 @@ def test_material_is_a_copy_that_a_later_update_or_revoke_cannot_wipe(store, ali
 def test_a_generated_key_keys_only_its_use(store, alice):
     """FOR_USE: set at creation, checked for material and cached engines alike; None (wrapping) takes any
     key, and keys made without a use key anything."""
-    from keyden.core import keytypes as T
     from keyden.core.flags import FOR_USE
     assert len(set(FOR_USE.values())) == len(FOR_USE) and not sum(FOR_USE.values()) & (NO_EXPORT | ~0xff)
     logon = T.REGISTRY["logon"]
@@ -1338,7 +1378,6 @@ def test_possession_is_recomputed_after_the_tree_changes(store):
 def test_an_unnamed_key_made_inside_never_takes_a_name_its_keyring_files(store, monkeypatch):
     """Derived and generated keys without a description get '<prefix><8 hex>'; a clash of the random part
     (birthday odds grow with the keyring) must pick another name, not displace and destroy the older key."""
-    from keyden.core import keytypes as T
     alice = session(store, Credentials(1000, 1000))
     names = iter(["00c0ffee", "00c0ffee", "00c0ffee", "0badf00d"])
     monkeypatch.setattr(store_module.secrets, "token_hex", lambda n: next(names))
@@ -1356,7 +1395,6 @@ def test_an_internal_key_never_displaces_a_namesake(store):
     """A key the daemon made (generated, derived, imported) may be the only copy of one it would displace:
     the check and the filing are one step under the lock, so a key another client filed under the same
     name meanwhile is refused, not displaced and destroyed."""
-    from keyden.core import keytypes as T
     alice = session(store, Credentials(1000, 1000))
     logon = T.REGISTRY["logon"]
     there = store.add(alice, "logon", "app:k", b"first", SESSION)
@@ -1373,7 +1411,6 @@ def test_adopted_orphans_go_under_their_owners_persistent_keyring_one_of_a_name_
     """restore(adopt=True), for an operator's one start: keys whose keyrings were skipped (damaged, rolled
     back) are filed, with what hangs below them, in 'keyden:recovered' in their owner's persistent keyring
     (made for a uid that has none); a second key of a name goes into 'keyden:recovered.2'."""
-    from keyden.core import keytypes as T
     from keyden.core.store import PERSISTENT_KEYRING_PERM, Key
 
     def user_key(serial, uid, desc):
@@ -1402,7 +1439,6 @@ def test_adopted_orphans_go_under_their_owners_persistent_keyring_one_of_a_name_
 
 
 def test_orphans_not_adopted_are_dropped_and_their_serials_reserved(store, monkeypatch):
-    from keyden.core import keytypes as T
     from keyden.core.store import PERSISTENT_KEYRING_PERM, Key
 
     home = Key(1_000_001, T.KEYRING, "_persistent.0", 0, P.NO_GID, PERSISTENT_KEYRING_PERM, None, 0, charged=False)
@@ -1421,7 +1457,6 @@ def test_adoption_passes_over_a_recovered_keyring_that_is_not_as_made_and_never_
     had them collected (their rows deleted); one linked into another uid's keyring, or restricted, would have
     shared or refused them; and an orphan keyring holding the recovered keyring, or the persistent keyring
     itself, made a loop nothing could reach or collect."""
-    from keyden.core import keytypes as T
     from keyden.core.store import PERSISTENT_KEYRING_PERM, RECOVERED_KEYRING, Key
 
     def ring_key(serial, desc, uid=0, perm=0x3F3F0000):

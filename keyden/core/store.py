@@ -336,7 +336,9 @@ class KeyStore:
         self.clock = clock
         self.lock = threading.RLock()
         self._keys: dict[int, Key] = {}  # creation order: named sessions rely on it
-        self._serial_order: list[int] | None = None  # self._keys' serials sorted, made again after a change
+        self._serial_order: list[int] | None = None  # self._keys' serials sorted (made on first use, then kept)
+        self._by_name: dict[tuple[str, str], set[int]] = {}  # (type, description) -> serials: find's fallback
+        self._mortal: set[int] = set()  # keys given an expiry or revoked: all that collect looks through
         self._quota: dict[int, _Quota] = {}
         self._user_keyrings: dict[int, Key] = {}
         self._user_session_keyrings: dict[int, Key] = {}
@@ -418,9 +420,31 @@ class KeyStore:
                   charged=quota != NOT_IN_QUOTA, ctime=self.clock())
         if key.charged:
             self._charge(key.uid, 1, key.cost, check=quota == IN_QUOTA)
-        self._keys[key.serial] = key
-        self._serial_order = None
+        self._file(key)
         return key
+
+    # The registry of every live key.  Finding one by name, and listing them in serial order, cost what
+    # is found, not the number of keys in the daemon (any uid can ask, and root may hold a million).
+
+    def _file(self, key: Key) -> None:
+        self._keys[key.serial] = key
+        if self._serial_order is not None:
+            bisect.insort(self._serial_order, key.serial)
+        self._by_name.setdefault((key.type.name, key.description), set()).add(key.serial)
+        if key.expiry or key.revoked_at is not None:  # (a restored key)
+            self._mortal.add(key.serial)
+
+    def _unfile(self, key: Key) -> None:
+        if self._keys.pop(key.serial, None) is None:
+            return
+        order = self._serial_order
+        if order is not None:
+            del order[bisect.bisect_left(order, key.serial)]
+        self._mortal.discard(key.serial)
+        namesakes = self._by_name[key.type.name, key.description]
+        namesakes.discard(key.serial)
+        if not namesakes:
+            del self._by_name[key.type.name, key.description]
 
     def _destroy(self, key: Key) -> None:
         """Drop a key nobody references any more: free its quota, wipe its payload.
@@ -444,8 +468,7 @@ class KeyStore:
             return
         self._changed()
         key.dead = True
-        self._keys.pop(key.serial, None)
-        self._serial_order = None
+        self._unfile(key)
         if key.persisted:
             key.persisted = False
             self.journal.on_forget(key.serial)
@@ -989,7 +1012,7 @@ class KeyStore:
                            value, quota_len)
         key.flags = flags
         if timeout:
-            key.expiry = self.clock() + timeout
+            self._expire_at(key, self.clock() + timeout)
         try:
             self._link_raw(ring, key)  # no cycle check: a new key holds no keyrings
         except BaseException:  # the link's bytes may not fit once the key itself is charged
@@ -1235,10 +1258,9 @@ class KeyStore:
             except E.KeydenError as exc:
                 error = exc
             now = self.clock()
-            for serial in self._serials_in_order():  # keyutils skips a key its describe fails on: revoked, expired
-                key = self._keys[serial]
-                if key.type is ktype and key.description == description and key.state_error(now) is None \
-                        and self._permits(caller, key, None, P.VIEW):
+            for serial in sorted(self._by_name.get((ktype.name, description), ())):  # /proc/keys order
+                key = self._keys[serial]  # keyutils skips a key its describe fails on: revoked, expired
+                if key.state_error(now) is None and self._permits(caller, key, None, P.VIEW):
                     return key.serial
             raise error
 
@@ -1354,6 +1376,7 @@ class KeyStore:
             _kept(key)
             self._changed()
             key.revoked_at = self.clock()
+            self._mortal.add(key.serial)
             if key.links is not None:
                 self._empty(key)
             elif key.type.revoke_discards_payload:
@@ -1379,7 +1402,7 @@ class KeyStore:
             key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
             _kept(key)
             self._changed()
-            key.expiry = self.clock() + timeout if timeout else 0.0
+            self._expire_at(key, self.clock() + timeout if timeout else 0.0)
             self._journal(key)
 
     # ------------------------------------------------------------ attributes
@@ -1619,7 +1642,7 @@ class KeyStore:
             self._link_checked(dest_ring, ring, any_depth=True)
             self._changed()
             # Not written: every start sets it afresh (restore), so a full disk never costs a user their keys.
-            ring.expiry = self._persistent_deadline()
+            self._expire_at(ring, self._persistent_deadline())
             return ring.serial
 
     def _persistent_deadline(self) -> float:
@@ -1686,8 +1709,7 @@ class KeyStore:
             for key in keys:
                 if key.serial in self._keys or not MIN_SERIAL <= key.serial <= MAX_SERIAL:
                     raise E.EEXIST(f"serial {key.serial} is taken or out of range")
-                self._keys[key.serial] = key
-                self._serial_order = None
+                self._file(key)
                 restored.append(key)
                 if key.charged:
                     self._charge(key.uid, 1, key.cost, check=False)
@@ -1732,7 +1754,7 @@ class KeyStore:
                     # A start counts as a get_persistent: the time the daemon was down is nobody's
                     # inactivity, and the keys must not go before their owners can reach them again.  (What
                     # the store holds is never used: get_persistent does not write the expiry it sets.)
-                    ring.expiry = self._persistent_deadline()
+                    self._expire_at(ring, self._persistent_deadline())
             adopted = self._adopt_orphans([key for key in restored if not key.persisted]) if adopt else []
             orphans = [key.serial for key in restored if not key.persisted]
             self._reserved.update(orphans)
@@ -1762,7 +1784,7 @@ class KeyStore:
                 continue
             if home is None:
                 home = self._persistent_keyring(uid)
-                home.expiry = self._persistent_deadline()  # as restore's own
+                self._expire_at(home, self._persistent_deadline())  # as restore's own
             for key in keys:
                 if key.links is not None and _holds(key, home):
                     continue
@@ -1957,18 +1979,30 @@ class KeyStore:
 
     # ------------------------------------------------------------------ garbage
 
+    def _expire_at(self, key: Key, when: float) -> None:
+        """Set ``key``'s expiry (0: never); one that may expire is one ``collect`` looks at."""
+        key.expiry = when
+        if when:
+            self._mortal.add(key.serial)
+
     def collect(self, process_alive: Callable[[int, int], bool] | None = None) -> int:
-        """Reap dead processes' keyrings, and keys revoked or expired more than gc_delay ago."""
+        """Reap dead processes' keyrings, and keys revoked or expired more than gc_delay ago.  What it
+        costs follows the keys that may die, not the daemon's size: the store stays locked for as long."""
+        if process_alive is not None:
+            with self.lock:
+                processes = {ident[0] for ident in self._process_keyrings}
+            gone = {process for process in processes if not process_alive(*process)}  # /proc: not under the lock
         with self.lock:
             before = len(self._keys)
             if process_alive is not None:
-                for ident in list(self._process_keyrings):
-                    if not process_alive(*ident[0]):  # ((pid, start time), uid, gid)
-                        self._reap_process_keyring(ident)
+                for ident in [ident for ident in self._process_keyrings if ident[0] in gone]:
+                    self._reap_process_keyring(ident)  # ((pid, start time), uid, gid)
             cutoff = self.clock() - self.config.gc_delay
-            for key in list(self._keys.values()):
-                died = min(t for t in (key.revoked_at, key.expiry or None, float("inf")) if t is not None)
-                if not key.dead and died <= cutoff:
+            for serial in list(self._mortal):
+                key = self._keys.get(serial)
+                if key is None or (not key.expiry and key.revoked_at is None):  # gone, or its timeout cleared
+                    self._mortal.discard(serial)
+                elif min(t for t in (key.revoked_at, key.expiry or None) if t is not None) <= cutoff:
                     self._force_destroy(key)
             return before - len(self._keys)
 
