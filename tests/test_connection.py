@@ -222,7 +222,18 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(batch(1000, aads=[b"a"] * 1000)) is Cost.HEAVY  # 8 KiB, but a thousand items
     assert conn.cost(batch(65536, [bytes(32)] * 65536)) is Cost.SLOW
     assert conn.cost(batch(65536)) is Cost.SLOW
-    assert conn.cost(batch(2, item=bytes(1 << 20))) is Cost.HEAVY  # few items, many bytes: by size
+    assert conn.cost(batch(2, item=bytes(512 << 10))) is Cost.HEAVY  # few items, many bytes: by size
+    assert conn.cost(batch(2000)) is Cost.SLOW  # 2000 CBC blocks held the loop ~16 ms: past HEAVY_ITEMS
+    # By the algorithm's speed: AES-GCM's 16 MiB takes ~2 ms, another cipher's, a hash's or a MAC's 11-70
+    assert conn.cost(shm(16 << 20)) is Cost.HEAVY
+    slow_shm = frame(Op.SHM_CIPHER, 1, "cbc(aes)", 5, 0, bytes(16), b"", 0, 16 << 20, 16 << 20)
+    assert conn.cost(slow_shm) is Cost.SLOW
+    assert conn.cost(frame(Op.CIPHER, "gcm(aes)", 5, 0, bytes(12), b"", bytes(4 << 20))) is Cost.HEAVY
+    for big in (frame(Op.CIPHER, "ctr(aes)", 5, 0, bytes(16), b"", bytes(4 << 20)),
+                frame(Op.MAC, "hmac(sha512)", 5, bytes(4 << 20)), frame(Op.DIGEST, "sha1", bytes(4 << 20)),
+                frame(Op.STREAM_UPDATE, 1, bytes(4 << 20)), batch(2, item=bytes(2 << 20))):
+        assert conn.cost(big) is Cost.SLOW
+    assert conn.cost(frame(Op.MAC, "hmac(sha512)", 5, bytes(1 << 20))) is Cost.HEAVY
     assert conn.cost(W.Frame(1, Op.BATCH, 0, b"\xff" * 30)) is Cost.QUICK  # malformed: EPROTO at once
     hostile = W.request_schema(Op.BATCH).encode(("hmac(sha256)", 5, 0, [b""] * 70000, [], []))
     assert conn.cost(W.Frame(1, Op.BATCH, 0, hostile)) is Cost.QUICK  # over the limit: E2BIG, nothing summed

@@ -53,10 +53,16 @@ PKEY_OPS = frozenset({W.Op.PKEY_SIGN, W.Op.PKEY_DECRYPT, W.Op.PKEY_ENCRYPT, W.Op
 ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS})
 BULK_BYTES = 64 * 1024  # more data than this in one request is heavy (pyca releases the GIL for bulk work)
 #: A batch's cost is its items (1-12 µs each, however small): past QUICK_ITEMS it is heavy, past
-#: HEAVY_ITEMS (tens of ms) slow.  65536 empty items fit in 260 KiB and took the loop for up to 0.9 s.
+#: HEAVY_ITEMS (~10 ms) slow.  65536 empty items fit in 260 KiB and took the loop for up to 0.9 s.
 QUICK_ITEMS = 256
-HEAVY_ITEMS = 4096
-HEAVY_BYTES = 16 * 1024 * 1024  # up to a frame's worth (~10 ms at most) may run on the loop; more is slow
+HEAVY_ITEMS = 1024
+#: How much data a heavy request may bring, by how fast its algorithm runs (measured here, 16 MiB): AES-GCM
+#: at ~10 GB/s takes a frame's worth in ~2 ms; CBC, CTR, ChaCha20, hashes and MACs run at 0.5-1.5 GB/s
+#: (16 MiB: 11-33 ms, and an HMAC-SHA-512 over the socket held the loop 70 ms), so 2 MiB of them.  More is
+#: slow: a worker, while the loop serves the others.  A stream's algorithm is not in its frames: the lower.
+FAST_BULK = b"gcm(aes)"
+HEAVY_BYTES = 16 * 1024 * 1024
+HEAVY_BYTES_OTHER = 2 * 1024 * 1024
 _PLAIN_OPS = frozenset(W.Op) - SLOW_OPS - PKEY_OPS - ADD_OPS - {W.Op.SHM_CIPHER, W.Op.BATCH}  # cost: size alone
 _ASYMMETRIC_TYPE = struct.pack("<I", 10) + b"asymmetric"  # an ADD's first field, the type, length-prefixed
 _I32 = struct.Struct("<i")
@@ -77,14 +83,14 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
         items = batch_items(body)
         if items is None:  # its first list is over the limit: refused before any item is made
             return Cost.QUICK
-        return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body)), Cost.HEAVY if items > QUICK_ITEMS
-                                                         else Cost.QUICK)
+        return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body), _fast(body, 0)),
+                                                         Cost.HEAVY if items > QUICK_ITEMS else Cost.QUICK)
+    if op == W.Op.SHM_CIPHER:  # its length field: in_offset, length, out_offset end the body
+        return _bulk(_U64.unpack_from(body, len(body) - 16)[0], _fast(body, 4)) if len(body) >= 16 else Cost.QUICK
     if len(body) > BULK_BYTES:
-        return _bulk(len(body))
+        return _bulk(len(body), op == W.Op.CIPHER and _fast(body, 0))
     if op in PKEY_OPS:
         return Cost.HEAVY if len(body) >= 4 and store.slow_asymmetric(_I32.unpack_from(body)[0]) else Cost.QUICK
-    if op == W.Op.SHM_CIPHER:  # its length field: in_offset, length, out_offset end the body
-        return _bulk(_U64.unpack_from(body, len(body) - 16)[0]) if len(body) >= 16 else Cost.QUICK
     return Cost.QUICK
 
 
@@ -111,8 +117,15 @@ def batch_items(body: bytes) -> int | None:
         return 0
 
 
-def _bulk(size: int) -> Cost:
-    return Cost.QUICK if size <= BULK_BYTES else Cost.HEAVY if size <= HEAVY_BYTES else Cost.SLOW
+def _bulk(size: int, fast: bool) -> Cost:
+    return Cost.QUICK if size <= BULK_BYTES else \
+        Cost.HEAVY if size <= (HEAVY_BYTES if fast else HEAVY_BYTES_OTHER) else Cost.SLOW
+
+
+def _fast(body: bytes, at: int) -> bool:
+    """Is the algorithm named by the STR field at ``at`` one that runs at memory speed (FAST_BULK)?"""
+    return body[at + 4:at + 4 + len(FAST_BULK)] == FAST_BULK and \
+        body[at:at + 4] == _U32.pack(len(FAST_BULK))
 
 
 class Connection:
