@@ -271,6 +271,9 @@ def test_pem_read_as_pyca_reads_it(keys):
         A.parse(public.replace(b"PUBLIC KEY", b"PRIVATE KEY"))
     with pytest.raises(E.EBADMSG, match="not what its label"):
         A.parse(pkcs8(keys["rsa"], PEM).replace(b"PRIVATE KEY", b"RSA PRIVATE KEY"))
+    ec_traditional = priv.private_bytes(PEM, S.PrivateFormat.TraditionalOpenSSL, NOENC)
+    with pytest.raises(E.EBADMSG, match="not what its label"):
+        A.parse(ec_traditional.replace(b"EC PRIVATE KEY", b"RSA PRIVATE KEY"))
     made = subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey"], check=True,
                           capture_output=True).stdout
     assert made.startswith(b"-----BEGIN EC PARAMETERS-----")

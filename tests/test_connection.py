@@ -228,6 +228,8 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(shm(16 << 20)) is Cost.HEAVY
     slow_shm = frame(Op.SHM_CIPHER, 1, "cbc(aes)", 5, 0, bytes(16), b"", 0, 16 << 20, 16 << 20)
     assert conn.cost(slow_shm) is Cost.SLOW
+    big_aad = frame(Op.SHM_CIPHER, 1, "gcm-siv(aes)", 5, 0, bytes(12), bytes(15 << 20), 0, 16, 4096)
+    assert conn.cost(big_aad) is Cost.SLOW  # its associated data comes in the frame: that counts too
     assert conn.cost(frame(Op.CIPHER, "gcm(aes)", 5, 0, bytes(12), b"", bytes(4 << 20))) is Cost.HEAVY
     for big in (frame(Op.CIPHER, "ctr(aes)", 5, 0, bytes(16), b"", bytes(4 << 20)),
                 frame(Op.MAC, "hmac(sha512)", 5, bytes(4 << 20)), frame(Op.DIGEST, "sha1", bytes(4 << 20)),

@@ -7,6 +7,7 @@ test's users get their own session keyrings, as processes would.
 from __future__ import annotations
 
 import itertools
+import random
 import secrets
 import threading
 
@@ -500,6 +501,46 @@ def test_collect_reaps_revoked_and_expired_keys_after_the_gc_delay(store, alice,
     revoked_cost = len("r") + 1 + 4  # revoking freed its payload already; description and link remain
     expiring_cost = len("e") + 1 + 5 + 4
     assert store.quota_usage(1000)[:2] == (usage[0] - 2, usage[1] - revoked_cost - expiring_cost)
+
+
+def test_keys_lists_every_live_key_once_in_order_through_any_churn(clock, monkeypatch):
+    """The serial order is kept across changes (merged, gone keys skipped), not sorted again each time:
+    whatever is made, destroyed and made again under a serial used before, a listing shows each live key
+    once, in order."""
+    store = KeyStore(StoreConfig(maxkeys=10_000, maxbytes=10**8), clock=clock)
+    alice = session(store, ALICE)
+    rng = random.Random(7)
+    reuse: list[int] = []
+    plain_new = store._new_serial
+    reused = []
+
+    def new_serial() -> int:
+        if reuse and reuse[-1] not in store._keys:
+            reused.append(reuse.pop())
+            return reused[-1]
+        return plain_new()
+    monkeypatch.setattr(store, "_new_serial", new_serial)
+    live: list[int] = []
+
+    def listing() -> list[int]:
+        seen, after = [], 0
+        while True:
+            page, after = store.keys(alice, after, limit=7, scan=11)
+            seen += [status.serial for status in page]
+            if not after:
+                return seen
+    for step in range(400):
+        if live and rng.random() < 0.4:
+            gone = live.pop(rng.randrange(len(live)))
+            store.invalidate(alice, gone)
+            if rng.random() < 0.5:
+                reuse.append(gone)  # the next key made takes this serial again
+        else:
+            live.append(add_user(store, alice, f"k{step}"))
+        if step % 37 == 0:
+            mine = [s for s in listing() if s in live]
+            assert mine == sorted(live) and len(set(listing())) == len(listing())
+    assert [s for s in listing() if s in live] == sorted(live) and len(reused) > 20
 
 
 def test_collect_follows_timeouts_set_changed_and_cleared(store, alice, clock):

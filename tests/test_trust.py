@@ -926,6 +926,45 @@ def test_a_bin_ban_refuses_an_ecdsa_certificates_twin(system, pki):
             assert refused(lambda: c.add("asymmetric", "", blob, keyring)) is E.EKEYREJECTED
 
 
+@pytest.mark.parametrize("curve", sorted(X.CURVE_ORDERS))
+def test_an_ecdsa_certificate_has_a_twin_for_its_signers_curve(curve):
+    """Each curve order keyden knows makes the twin a verifier accepts (a wrong constant would not), and a
+    ban of either one names the other: P-521, brainpool and secp256k1 signers reach keyden in TLS chains."""
+    curves = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1, "secp521r1": ec.SECP521R1,
+              "secp256k1": ec.SECP256K1, "brainpoolP256r1": ec.BrainpoolP256R1,
+              "brainpoolP384r1": ec.BrainpoolP384R1, "brainpoolP512r1": ec.BrainpoolP512R1}
+    issuer_key = ec.generate_private_key(curves[curve]())
+    issuer = certificate("Curve Issuer", issuer_key, ca=True)
+    leaf = certificate("curve leaf", ec_key(), ("Curve Issuer", issuer_key))
+    twins = X.signature_twins(leaf)
+    verifying = [t for t in twins if _verifies(x509.load_der_x509_certificate(t), issuer)]
+    assert len(verifying) == 1 and verifying[0] != leaf.public_bytes(serialization.Encoding.DER)
+    twin = x509.load_der_x509_certificate(verifying[0])
+    assert bin_(leaf.public_bytes(serialization.Encoding.DER)) in X.blacklist_descriptions(twin)
+    assert bin_(verifying[0]) in X.blacklist_descriptions(leaf)
+
+
+def _verifies(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except Exception:
+        return False
+
+
+def test_a_signature_with_unused_bits_is_refused(client, pki):
+    """pyca takes a signature BIT STRING with 1-7 unused bits and hands back the same signature: the same
+    certificate with another DER, and another "bin:" hash (for RSA and Ed25519 too).  OpenSSL refuses it."""
+    der = next(d for d in (certificate("padded", ec_key(), ("Test Root", pki.root_key)).public_bytes(
+        serialization.Encoding.DER) for _ in range(64)) if d[-1] % 2 == 0)
+    assert der[-len(x509.load_der_x509_certificate(der).signature) - 1] == 0  # the unused-bits byte
+    padded = bytearray(der)
+    padded[-len(x509.load_der_x509_certificate(der).signature) - 1] = 1
+    assert x509.load_der_x509_certificate(bytes(padded)).signature == x509.load_der_x509_certificate(der).signature
+    with pytest.raises(E.EBADMSG, match="unused bits"):
+        client.add("asymmetric", "", bytes(padded), "@s")
+
+
 def test_a_banned_copy_of_a_signer_does_not_shadow_an_unbanned_one(system, pki):
     """Two certificates for one CA key, the older banned by tbs: whether the CA vouched depended on which
     was linked first (only the first copy of a key was tried; found by the X.509 hunt).  With the banned

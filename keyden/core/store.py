@@ -336,7 +336,9 @@ class KeyStore:
         self.clock = clock
         self.lock = threading.RLock()
         self._keys: dict[int, Key] = {}  # creation order: named sessions rely on it
-        self._serial_order: list[int] | None = None  # self._keys' serials sorted (made on first use, then kept)
+        self._serial_order: list[int] | None = None  # serials sorted, made on first use (see _file)
+        self._unsorted: set[int] = set()  # serials filed since: merged into it at its next use
+        self._stale = 0  # serials in it whose keys are gone (skipped, dropped when half of it is)
         self._by_name: dict[tuple[str, str], set[int]] = {}  # (type, description) -> serials: find's fallback
         self._mortal: set[int] = set()  # keys given an expiry or revoked: all that collect looks through
         self._quota: dict[int, _Quota] = {}
@@ -428,8 +430,13 @@ class KeyStore:
 
     def _file(self, key: Key) -> None:
         self._keys[key.serial] = key
-        if self._serial_order is not None:
-            bisect.insort(self._serial_order, key.serial)
+        order = self._serial_order
+        if order is not None:  # a serial used again may still be there; the others wait to be merged
+            at = bisect.bisect_left(order, key.serial)
+            if at < len(order) and order[at] == key.serial:
+                self._stale -= 1
+            else:
+                self._unsorted.add(key.serial)
         self._by_name.setdefault((key.type.name, key.description), set()).add(key.serial)
         if key.expiry or key.revoked_at is not None:  # (a restored key)
             self._mortal.add(key.serial)
@@ -437,9 +444,11 @@ class KeyStore:
     def _unfile(self, key: Key) -> None:
         if self._keys.pop(key.serial, None) is None:
             return
-        order = self._serial_order
-        if order is not None:
-            del order[bisect.bisect_left(order, key.serial)]
+        if self._serial_order is not None:  # (a shift of the list each: a clear of many keys took seconds)
+            if key.serial in self._unsorted:
+                self._unsorted.discard(key.serial)
+            else:
+                self._stale += 1
         self._mortal.discard(key.serial)
         namesakes = self._by_name[key.type.name, key.description]
         namesakes.discard(key.serial)
@@ -1279,8 +1288,8 @@ class KeyStore:
             end = min(len(serials), start + scan)
             found: list[KeyStatus] = []
             for at in range(start, end):
-                key = self._keys[serials[at]]
-                if self._permits(caller, key, key.serial in possessed, P.VIEW):
+                key = self._keys.get(serials[at])
+                if key is not None and self._permits(caller, key, key.serial in possessed, P.VIEW):
                     found.append(self._status(key, now))
                     if len(found) == limit:
                         end = at + 1
@@ -1288,9 +1297,17 @@ class KeyStore:
             return found, serials[end - 1] if end < len(serials) else 0
 
     def _serials_in_order(self) -> list[int]:
-        if self._serial_order is None:
-            self._serial_order = sorted(self._keys)
-        return self._serial_order
+        """Every live serial, in order, and some of keys gone (callers skip those): one merge of what was
+        filed since the last use (sorting a sorted list and a few more is linear), not a sort of all."""
+        order = self._serial_order
+        if order is None or self._stale > len(order) // 2:
+            order, self._stale = sorted(self._keys), 0
+            self._unsorted.clear()
+        elif self._unsorted:
+            order = sorted(order + list(self._unsorted))
+            self._unsorted.clear()
+        self._serial_order = order
+        return order
 
     def _status(self, key: Key, now: float) -> KeyStatus:
         if key.links is not None:  # keyring_describe

@@ -53,7 +53,6 @@ _HASHES = {  # protocol.PKEY_HASHES names the same, for the clients
     "sha3-384": hashes.SHA3_384, "sha3-512": hashes.SHA3_512,
 }
 
-# curve -> (pyca curve class, byte length = max digest accepted, max DER signature size, default hash)
 #: curve -> (pyca curve, its byte length, the largest DER signature, the default hash)
 _CURVES = {"p256": (ec.SECP256R1, 32, 72, "sha256"), "p384": (ec.SECP384R1, 48, 104, "sha384")}
 #: ECDSA's max_data_size, the kernel's (ecdsa_digest_size, 6.13): SHA-512's, whatever the curve.  A digest
@@ -260,9 +259,9 @@ def _check_kdf_cost(der: bytes) -> None:
 # algorithm SEQUENCE, OCTET STRING; SPKI: algorithm SEQUENCE, BIT STRING.
 # Traditional DER (PKCS#1 RSAPrivateKey, SEC1) is refused, like the kernel does.
 _DER_SHAPES = {(0x30, 0x30): "x509", (0x02, 0x30): "pkcs8", (0x30, 0x04): "pkcs8-enc", (0x30, 0x03): "spki"}
-#: the shapes a traditional PEM key's DER may have: PKCS#1 RSAPrivateKey (version, modulus), SEC1 (version,
-#: private key OCTET STRING)
-_TRADITIONAL = {(0x02, 0x02), (0x02, 0x04)}
+#: a traditional PEM label -> the shape its DER must have: PKCS#1 RSAPrivateKey (version, modulus), SEC1
+#: ECPrivateKey (version, private key OCTET STRING)
+_TRADITIONAL = {b"RSA PRIVATE KEY": (0x02, 0x02), b"EC PRIVATE KEY": (0x02, 0x04)}
 _PEM_LABELS = {
     "CERTIFICATE": "x509", "PRIVATE KEY": "pkcs8", "ENCRYPTED PRIVATE KEY": "pkcs8-enc",
     "RSA PRIVATE KEY": "pem", "EC PRIVATE KEY": "pem", "PUBLIC KEY": "spki",
@@ -290,7 +289,7 @@ def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
         return _load(kind, match[0], True, password, True)
     der = _pem_der(match[1])
     tags = _der_child_tags(der)
-    if not (tags in _TRADITIONAL if kind == "pem" else _DER_SHAPES.get(tags) == kind):
+    if not (tags == _TRADITIONAL[labels[0]] if kind == "pem" else _DER_SHAPES.get(tags) == kind):
         raise E.EBADMSG(f"the PEM block's contents are not what its label ({labels[0].decode()}) says")
     if kind == "pkcs8-enc" and password is not None:
         _check_kdf_cost(der)
@@ -326,6 +325,17 @@ def _signature_fields_agree(der: bytes) -> bool:
     except (ValueError, IndexError):
         return False
     return outer[0] == inner[0] and der[outer[1]:outer[1] + outer[2]] == der[inner[1]:inner[1] + inner[2]]
+
+
+def _signature_bits_whole(der: bytes) -> bool:
+    """Does the certificate's signatureValue BIT STRING say 0 unused bits?  pyca takes 1-7 and hands back
+    the same signature, so the same certificate had another DER, a "bin:" ban's hash another value;
+    OpenSSL's X509_verify refuses it (so the kernel cannot meet it)."""
+    try:
+        value = _der_children(der, _der_header(der, 0))[2]
+    except (ValueError, IndexError):
+        return False
+    return value[0] == 0x03 and value[2] >= 1 and der[value[1]] == 0
 
 
 def _check_signature_algorithm(cert: x509.Certificate) -> None:
@@ -364,6 +374,9 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> Parse
             except ValueError:
                 raise E.EBADMSG("malformed certificate, or an encoding keyden's X.509 parser refuses "
                                 "(e.g. a PrintableString holding '@')") from None
+            if not _signature_bits_whole(blob):
+                raise E.EBADMSG("malformed certificate: its signature is not a whole number of bytes (unused "
+                                "bits in its BIT STRING), which OpenSSL refuses")
             if not _signature_fields_agree(cert.public_bytes(serialization.Encoding.DER)):
                 raise E.EBADMSG("malformed certificate: its signatureAlgorithm differs from the signature "
                                 "field inside what was signed")

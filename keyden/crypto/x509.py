@@ -94,18 +94,28 @@ def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"",
     return names + ([f"bin:{bin_hash(None, spki_der).hex()}"] if spki_der else [])
 
 
-#: The orders of the curves an ECDSA signer of a certificate may have here (FIPS 186-4 D.1.2.3, D.1.2.4).
-_CURVE_ORDERS = (
-    0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-    0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973,
-)
+#: The orders of the curves an ECDSA signer of a certificate may have: keyden's own (P-256, P-384), and
+#: those OpenSSL also verifies in a TLS peer's chain (P-521, secp256k1, brainpool r1).  (SEC 2; RFC 5639)
+CURVE_ORDERS = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973,
+    "secp521r1": int("6864797660130609714981900799081393217269435300143305409394463459185543183397655394245057"
+                     "746333217197532963996371363321113864768612440380340372808892707005449"),
+    "secp256k1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+    "brainpoolP256r1": 0xA9FB57DBA1EEA9BC3E660A909D838D718C397AA3B561A6F7901E0E82974856A7,
+    "brainpoolP384r1": int("8CB91E82A3386D280F5D6F7E50E641DF152F7109ED5456B31F166E6CAC0425A7CF3AB6AF6B7FC3103B8832"
+                           "02E9046565", 16),
+    "brainpoolP512r1": int("AADD9DB8DBE9C48B3FD4E6AE33C9FC07CB308DB3B3C9D20ED6639CCA70330870553E5C414CA92619418661"
+                           "197FAC10471DB1D381085DDADDB58796829CA90069", 16),
+}
 
 
 def signature_twins(cert: x509.Certificate) -> list[bytes]:
     """The other DER encodings of ``cert`` whose signature verifies wherever its own does: for ECDSA, (r, s)
     and (r, n - s) are both valid, so anyone holding a certificate can make its twin (one per curve its
     signer may be on: the certificate does not say which).  RSA and Ed25519 signatures have no such twin
-    (OpenSSL refuses s >= n), nor does the DER around them (pyca refuses any other encoding)."""
+    (OpenSSL refuses s >= n); nor does the DER around them, pyca's parser being strict, but for unused
+    bits in the signature's BIT STRING, which the asymmetric parser refuses as OpenSSL does."""
     if not isinstance(_signature_parameters(cert), ec.ECDSA):
         return []
     try:
@@ -115,7 +125,7 @@ def signature_twins(cert: x509.Certificate) -> list[bytes]:
     der = cert.public_bytes(serialization.Encoding.DER)
     signed = der[_der_content_start(der):len(der) - len(_bit_string(cert.signature))]  # TBS and algorithm
     return [_der_sequence(signed + _bit_string(encode_dss_signature(r, n - s)))
-            for n in _CURVE_ORDERS if 0 < s < n and n - s != s]
+            for n in CURVE_ORDERS.values() if 0 < s < n]
 
 
 def _signature_parameters(cert: x509.Certificate):

@@ -85,8 +85,11 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
             return Cost.QUICK
         return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body), _fast(body, 0)),
                                                          Cost.HEAVY if items > QUICK_ITEMS else Cost.QUICK)
-    if op == W.Op.SHM_CIPHER:  # its length field: in_offset, length, out_offset end the body
-        return _bulk(_U64.unpack_from(body, len(body) - 16)[0], _fast(body, 4)) if len(body) >= 16 else Cost.QUICK
+    if op == W.Op.SHM_CIPHER:  # its length field (in_offset, length, out_offset end the body), or its own size
+        if len(body) < 16:        # (associated data comes in the frame)
+            return Cost.QUICK
+        fast = _fast(body, 4)
+        return max(_bulk(_U64.unpack_from(body, len(body) - 16)[0], fast), _bulk(len(body), fast))
     if len(body) > BULK_BYTES:
         return _bulk(len(body), op == W.Op.CIPHER and _fast(body, 0))
     if op in PKEY_OPS:
