@@ -1230,6 +1230,29 @@ def test_a_non_exportable_key_is_eperm_only_to_whoever_may_view_it(store, alice)
         store.export_tree(alice, shown)
 
 
+def test_an_export_reads_each_key_by_its_own_possession(store, alice):
+    """The exported keyring's possession was lent to every key below it: a key granting its possessor no
+    search, or under a keyring granting none, each EACCES alone, left inside an export of the keyring, to a
+    wrapping key the caller holds (with another uid's key linked in: its bytes; found by a hunt)."""
+    top = newring(store, alice, "top")
+    no_search = add_user(store, alice, "no search", ring=top)
+    store.setperm(alice, no_search, 0x37000000)  # possessor: all but search (never possessed by a search)
+    closed = newring(store, alice, "closed", top)
+    below = add_user(store, alice, "below", ring=closed)
+    store.setperm(alice, below, 0x3F000000)
+    store.setperm(alice, closed, 0x37230000)  # possessor: all but search; owner: view, read, setattr
+    for key in (no_search, below):
+        with pytest.raises(E.EACCES):
+            store.export_tree(alice, key)
+    with pytest.raises(E.EACCES):
+        store.export_tree(alice, top)
+    store.unlink(alice, no_search, top)
+    with pytest.raises(E.EACCES):  # "below" still: "closed" is read by its owner bits, "below" is not possessed
+        store.export_tree(alice, top)
+    store.setperm(alice, closed, 0x3F010000)
+    assert {e.description for e in store.export_tree(alice, top)[0]} == {"top", "closed", "below"}
+
+
 def test_a_non_exportable_key_is_found_first_however_the_tree_reaches_it(store, alice, clock):
     """EPERM comes first for a non-exportable key anywhere the caller may read, even where the walk first
     meets its keyring at the depth limit (it is looked into from the least depth it is met at), and never

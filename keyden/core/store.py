@@ -1835,8 +1835,8 @@ class KeyStore:
 
         Returns the keys (the one asked for first) and the links between
         them as (keyring index, member index).  Every key needs read
-        permission by its mask (possession counts, from the first key down,
-        as in a search); the type's readability does not matter, since a
+        permission by its mask (possession counts: each key's own, as a
+        search from the caller's keyrings finds it); the type's readability does not matter, since a
         wrapped export is how unreadable keys move.  A key marked NO_EXPORT
         anywhere in the tree refuses the whole export (EPERM), as does a
         revoked or expired one; to a caller who may view the key, before
@@ -1848,6 +1848,17 @@ class KeyStore:
             top, possessed = self._lookup(caller, key_id)
             possessed = self._possessed(caller, top, possessed)
             now = self.clock()
+            held: set[int] | None = None
+
+            def possession(key: Key) -> bool:
+                """Each key's own (the top's possession once reached every key below it, through keyrings
+                and to keys that grant a possessor no search: a search would have found none of them)."""
+                nonlocal held
+                if key is top:
+                    return possessed
+                if held is None:
+                    held = self._possessed_serials(caller)
+                return key.serial in held
             index: dict[int, int] = {}
             out: list[Exported] = []
             links: list[tuple[int, int]] = []
@@ -1858,7 +1869,7 @@ class KeyStore:
                 err = key.state_error(now)
                 if err is None and key.flags & NO_EXPORT:
                     err = E.EPERM(f"key {key.serial} is marked non-exportable")
-                if err is not None and self._permits(caller, key, possessed if key is top else None, P.VIEW):
+                if err is not None and self._permits(caller, key, possession(key), P.VIEW):
                     raise err
                 return err
 
@@ -1873,14 +1884,14 @@ class KeyStore:
                     continue
                 shallowest[key.serial] = depth
                 if refusal(key) is None and key.links is not None and depth <= MAX_NESTING \
-                        and self._permits(caller, key, possessed, P.READ):
+                        and self._permits(caller, key, possession(key), P.READ):
                     todo.extend((member, depth + 1) for member in key.links.values())
 
             def take(key: Key, depth: int) -> int:
                 if key.serial in index:
                     return index[key.serial]
                 err = refusal(key)
-                self._require(caller, key, possessed, P.READ)
+                self._require(caller, key, possession(key), P.READ)
                 if err is not None:
                     raise err
                 if key.restriction is not None:  # the copy would take any link the original refuses
