@@ -532,6 +532,16 @@ def test_a_blob_of_millions_of_entries_or_links_is_refused_before_any_is_made(tr
     assert peak < 1 << 20
 
 
+@pytest.mark.parametrize("links", [[(0, 1), (1, 2), (2, 1)], [(0, 1), (1, 1)], [(0, 1), (1, 2), (2, 3), (3, 1)]],
+                         ids=["two", "self", "three"])
+def test_a_blob_whose_keyrings_hold_one_another_is_malformed(links):
+    """persistence.md: no loops, and a malformed tree is EBADMSG (a loop reached the build, EDEADLK)."""
+    rings = [X.ENTRY.encode(("keyring", f"r{i}", READABLE, b"", 0)) for i in range(1 + max(map(max, links)))]
+    plaintext = X.TREE.encode((rings, [n for link in links for n in link]))
+    with pytest.raises(E.EBADMSG, match="loop"):
+        X.decode_tree(plaintext, X.VERSION)
+
+
 def test_a_tree_too_large_to_import_is_not_exported():
     """A blob no keyden would open is refused when it is made, not when it is needed."""
     key = X.Exported("user", "k", 0x3f010000, b"v", 0)
@@ -580,6 +590,44 @@ def test_an_import_reaches_a_persistent_keyring_whole_in_one_step():
     assert set(described) == {"bundle", "inner"} | {f"k{i}" for i in range(5)}
     assert all(perm != persist_handlers.BUILDING_PERM for _, perm in journal.seen)
     assert ctx.store.read(ctx.caller, persistent) == [top]
+
+
+def test_an_import_is_built_while_no_other_request_can_see_it(monkeypatch):
+    """Its keys wear BUILDING_PERM (the owner may read and re-mask them) until the masks go on at the end:
+    another connection of the importer's uid listed and exported hundreds of them meanwhile, masks the blob
+    denies (found by a hunt).  The build holds the store: another thread cannot get in until it is over."""
+    import threading
+
+    ctx, persistent = _importing(_WatchingJournal())
+    entries = [X.Entry("keyring", "bundle", 0x3F010000, b"")]
+    entries += [X.Entry("logon", f"s:k{i}", 0x09090000, b"v") for i in range(3)]
+    others_got_in = []
+    plain_setperm = ctx.store.setperm
+
+    def setperm(*args):
+        if not others_got_in:  # mid-build: every key is made, none has its mask yet
+            def try_the_store():
+                got = ctx.store.lock.acquire(timeout=0.3)
+                if got:
+                    ctx.store.lock.release()
+                others_got_in.append(got)
+            other = threading.Thread(target=try_the_store)
+            other.start()
+            other.join()
+        return plain_setperm(*args)
+    monkeypatch.setattr(ctx.store, "setperm", setperm)
+    persist_handlers._make_tree(ctx, entries, [(0, 1), (0, 2), (0, 3)], persistent, 0)
+    assert others_got_in == [False]
+
+
+def test_an_imported_asymmetric_key_without_a_description_gets_the_kernels():
+    """A blob's top entry with an empty description made a key described "" (a member got the default),
+    and a second such import then failed with EEXIST."""
+    ctx, persistent = _importing(_WatchingJournal())
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    made = persist_handlers._make_tree(ctx, [X.Entry("asymmetric", "", READABLE, pem)], [], persistent, 0)
+    assert ctx.store.describe(ctx.caller, made).description.startswith("ECDSA-P256 private key: ")
 
 
 def test_an_import_that_fails_leaves_nothing():

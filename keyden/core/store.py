@@ -1081,6 +1081,7 @@ class KeyStore:
         """
         try:
             _check_new_key(ktype, perm, flags, 0)
+            description = description or ktype.default_description(value)  # as create_internal names it
             T.check_description_size(description)
             ktype.check_description(description)
             ktype.check_uses(value, uses_of(flags & ASYMMETRIC_USE_FLAGS))

@@ -144,7 +144,26 @@ def decode_tree(plaintext: bytes, version: int) -> tuple[list[Entry], list[tuple
         reached.add(member)
     if len(reached) != len(entries) or len(set(links)) != len(links):
         raise E.EBADMSG("the export's keys do not form one tree")
+    if not _acyclic(len(entries), links):  # (store.link would say EDEADLK, half-way through the build)
+        raise E.EBADMSG("the export's keyrings hold one another (a loop)")
     return entries, links
+
+
+def _acyclic(count: int, links: list[tuple[int, int]]) -> bool:
+    """Do the links (keyring, member) make no loop?  Kahn's order: every key is reached once all that hold
+    it are, from the top (which nothing holds); a key on a loop never is."""
+    holders, members = [0] * count, [[] for _ in range(count)]
+    for ring, member in links:
+        members[ring].append(member)
+        holders[member] += 1
+    ready, ordered = [0], 0
+    while ready:
+        ordered += 1
+        for member in members[ready.pop()]:
+            holders[member] -= 1
+            if not holders[member]:
+                ready.append(member)
+    return ordered == count
 
 
 # ------------------------------------------------------------------ wrapping

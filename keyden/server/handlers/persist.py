@@ -66,24 +66,39 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
         first_parent.setdefault(member, ring)
     depth = _depths(first_parent)
     order = sorted(first_parent, key=depth.__getitem__)
-    top = _make(ctx, entries[0], keyring, flags, detached=True, filed=not contents)
-    serials: dict[int, int] = {0: top}
-    try:
-        for index in order[1:]:
-            serials[index] = _make(ctx, entries[index], serials[first_parent[index]], flags)
-        for ring, member in links:
-            if first_parent[member] != ring:
-                ctx.store.link(ctx.caller, serials[member], serials[ring])
-        for index, serial in serials.items():
-            if index != 0:
-                ctx.store.setperm(ctx.caller, serial, entries[index].perm)
-        if contents:
-            return ctx.store.attach_members(ctx.caller, top, keyring)
-        ctx.store.attach(ctx.caller, top, keyring, entries[0].perm)
-    except BaseException:
-        ctx.store.discard_detached(top)
-        raise
-    return top
+    values = {index: _preparse(entries[index]) for index in order}  # (an RSA key's checks: before the lock)
+    # One hold of the store's lock for the whole build: while the keys wear BUILDING_PERM, no other request
+    # (another connection of the same uid) may find, export or re-mask them.
+    with ctx.store.lock:
+        try:
+            top = _make(ctx, entries[0], values.pop(0), keyring, flags, detached=True, filed=not contents)
+        except BaseException:
+            _destroy_unmade(entries, values)
+            raise
+        serials: dict[int, int] = {0: top}
+        try:
+            for index in order[1:]:  # (the store destroys a value it was given and could not make a key of)
+                serials[index] = _make(ctx, entries[index], values.pop(index), serials[first_parent[index]], flags)
+            for ring, member in links:
+                if first_parent[member] != ring:
+                    ctx.store.link(ctx.caller, serials[member], serials[ring])
+            for index, serial in serials.items():
+                if index != 0:
+                    ctx.store.setperm(ctx.caller, serial, entries[index].perm)
+            if contents:
+                return ctx.store.attach_members(ctx.caller, top, keyring)
+            ctx.store.attach(ctx.caller, top, keyring, entries[0].perm)
+        except BaseException:
+            ctx.store.discard_detached(top)
+            _destroy_unmade(entries, values)
+            raise
+        return top
+
+
+def _destroy_unmade(entries: list[export.Entry], values: dict[int, tuple]) -> None:
+    """Wipe the payloads preparsed for keys a failed import never made (the made ones die with its top)."""
+    for index, (value, _quota) in values.items():
+        T.lookup(entries[index].type).destroy(value)
 
 
 def _depths(first_parent: dict[int, int]) -> dict[int, int]:
@@ -103,14 +118,20 @@ def _depths(first_parent: dict[int, int]) -> dict[int, int]:
     return depth
 
 
-def _make(ctx, entry: export.Entry, parent: int, flags: int, detached: bool = False, filed: bool = True) -> int:
+def _preparse(entry: export.Entry) -> tuple:
+    ktype = T.lookup(entry.type)
+    if ktype.is_keyring and entry.description.startswith("."):
+        raise E.EPERM("keyring names beginning with '.' are reserved")
+    return ktype.preparse(entry.payload)
+
+
+def _make(ctx, entry: export.Entry, preparsed: tuple, parent: int, flags: int, detached: bool = False,
+          filed: bool = True) -> int:
     """One key of the tree, with the import's ``flags`` (NO_EXPORT) and the uses it was exported with, so
     the copy does only what the original did."""
     flags |= entry.flags  # decode_tree let through only uses the store binds a key of this type to
     ktype = T.lookup(entry.type)
-    if ktype.is_keyring and entry.description.startswith("."):
-        raise E.EPERM("keyring names beginning with '.' are reserved")
-    value, quota = ktype.preparse(entry.payload)
+    value, quota = preparsed
     if detached:
         return ctx.store.create_detached(ctx.caller, ktype, entry.description, value, quota, parent, BUILDING_PERM,
                                          flags, filed=filed)
