@@ -1251,6 +1251,15 @@ def test_an_export_reads_each_key_by_its_own_possession(store, alice):
         store.export_tree(alice, top)
     store.setperm(alice, closed, 0x3F010000)
     assert {e.description for e in store.export_tree(alice, top)[0]} == {"top", "closed", "below"}
+    # A possessed top lends possession as a search from it would: @u, which the session does not link, and
+    # keys deeper than a search from @s reaches but within its reach from the top (exports that must work)
+    add_user(store, alice, "in @u", ring=USER)
+    assert len(store.export_tree(alice, USER)[0]) == 2
+    ring = persistent = store.get_persistent(alice, -1, SESSION)
+    for depth in range(6):
+        ring = newring(store, alice, f"d{depth}", ring)
+    add_user(store, alice, "deep", ring=ring)
+    assert len(store.export_tree(alice, persistent)[0]) == 8
 
 
 def test_a_non_exportable_key_is_found_first_however_the_tree_reaches_it(store, alice, clock):

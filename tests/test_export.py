@@ -630,6 +630,21 @@ def test_an_imported_asymmetric_key_without_a_description_gets_the_kernels():
     assert ctx.store.describe(ctx.caller, made).description.startswith("ECDSA-P256 private key: ")
 
 
+def test_an_import_refused_while_parsing_wipes_what_it_parsed(monkeypatch):
+    """Payloads are parsed before the build: one refused there left the ones parsed before it unwiped."""
+    from keyden.core import keytypes as T
+
+    ctx, persistent = _importing(_WatchingJournal())
+    parsed = []
+    plain = T.UserType.preparse
+    monkeypatch.setattr(T.UserType, "preparse", lambda self, *a: parsed.append(plain(self, *a)) or parsed[-1])
+    entries = [X.Entry("keyring", "top", 0x3F010000, b""), X.Entry("user", "a", READABLE, b"secret-a"),
+               X.Entry("keyring", "sub", 0x3F010000, b""), X.Entry("keyring", ".bad", 0x3F010000, b"")]
+    with pytest.raises(E.EPERM):
+        persist_handlers._make_tree(ctx, entries, [(0, 1), (0, 2), (2, 3)], persistent, 0)
+    assert [bytes(value) for value, _ in parsed] == [bytes(8)]
+
+
 def test_an_import_that_fails_leaves_nothing():
     """A key the import cannot make (here a reserved '.' keyring name) destroys what was made before it."""
     journal = _WatchingJournal()

@@ -1836,8 +1836,8 @@ class KeyStore:
 
         Returns the keys (the one asked for first) and the links between
         them as (keyring index, member index).  Every key needs read
-        permission by its mask (possession counts: each key's own, as a
-        search from the caller's keyrings finds it); the type's readability does not matter, since a
+        permission by its mask (possession counts, as a search finds it:
+        from the caller's keyrings, or from the exported key down); the type's readability does not matter, since a
         wrapped export is how unreadable keys move.  A key marked NO_EXPORT
         anywhere in the tree refuses the whole export (EPERM), as does a
         revoked or expired one; to a caller who may view the key, before
@@ -1852,13 +1852,18 @@ class KeyStore:
             held: set[int] | None = None
 
             def possession(key: Key) -> bool:
-                """Each key's own (the top's possession once reached every key below it, through keyrings
-                and to keys that grant a possessor no search: a search would have found none of them)."""
+                """Possessed, as a search finds keys: from the caller's keyrings, or from the top if it is
+                possessed, through keyrings that grant a possessor search, to keys that grant it too.  (The
+                top's possession once reached every key below it, ones a search passes over included.)"""
                 nonlocal held
                 if key is top:
                     return possessed
                 if held is None:
                     held = self._possessed_serials(caller)
+                    if possessed and self._rights(caller, top, True) & P.SEARCH:
+                        for ring in self._rings_searched(caller, top, True):
+                            held.update(k.serial for k in ring.links.values()
+                                        if self._rights(caller, k, True) & P.SEARCH)
                 return key.serial in held
             index: dict[int, int] = {}
             out: list[Exported] = []

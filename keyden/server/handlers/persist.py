@@ -66,7 +66,13 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
         first_parent.setdefault(member, ring)
     depth = _depths(first_parent)
     order = sorted(first_parent, key=depth.__getitem__)
-    values = {index: _preparse(entries[index]) for index in order}  # (an RSA key's checks: before the lock)
+    values: dict[int, tuple] = {}
+    try:
+        for index in order:  # (an RSA key's checks: before the lock)
+            values[index] = _preparse(entries[index])
+    except BaseException:
+        _destroy_unmade(entries, values)
+        raise
     # One hold of the store's lock for the whole build: while the keys wear BUILDING_PERM, no other request
     # (another connection of the same uid) may find, export or re-mask them.
     with ctx.store.lock:
