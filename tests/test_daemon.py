@@ -575,6 +575,24 @@ def test_signals_after_the_loop_or_during_a_stop_are_harmless(tmp_path):
     assert done.wait(10) and server._stop_signalled
 
 
+def test_the_daemon_is_hardened_before_it_reads_a_secret(tmp_path, monkeypatch):
+    """No core dump or ptrace may catch the master key: hardening came after the store was opened (the
+    master key read, every persistent key decrypted), and a crash there dumped them (found by a hunt)."""
+    from keyden.server import server as server_module
+    from keyden.server.config import ServerConfig
+
+    order = []
+    monkeypatch.setattr(server_module.harden, "harden", lambda lock_memory: order.append("harden") or {})
+    opened = server_module.open_durable
+    monkeypatch.setattr(server_module, "open_durable", lambda cfg, store: order.append("store") or opened(cfg, store))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    server = server_module.Server(ServerConfig(socket=str(tmp_path / "k.sock"), state_dir=str(state), harden=True))
+    server._open_store()
+    server.journal.close()
+    assert order == ["harden", "store"]
+
+
 def test_sighup_reopens_the_audit_file_and_the_daemon_serves_on(fresh_daemon):
     """logrotate moves the file and sends SIGHUP: lines go to a new file at the same path."""
     d = fresh_daemon('audit = "audit.log"\n')
@@ -668,6 +686,10 @@ def test_state_dir_in_a_named_config_file_applies(tmp_path):
     ("[quota]\nidle_timeout = 600", "unknown setting 'idle_timeout' in [quota]"),  # appended after [quota]
     ('[quota]\nmaxkeys = "5"', "[quota] maxkeys must be an int, not str"),
     ("adopt_orphans = true", "adopt_orphans is for one start: pass --adopt-orphans to keyden serve"),  # not a policy
+    ('audit = "a\\u0000b"', "audit contains a NUL character"),  # (was a traceback: open() raised ValueError)
+    ('master_key_kernel = "a:\\u0000b"', "master_key_kernel contains a NUL character"),
+    ('state_dir = ""', "state_dir takes a path, not an empty string"),  # (was the current directory)
+    ('socket = ""', "socket takes a path, not an empty string"),
 ])
 def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, said):
     state = tmp_path / "state"

@@ -203,7 +203,18 @@ def _apply(target, values: dict, path, skip=(), table: str = "") -> None:
             where = f" in [{table}] (the daemon's own settings go above the first [table])" if table else ""
             raise E.EINVAL(f"{path}: unknown setting {name!r}{where}")
         what = f"{path}: [{table}] {name}" if table else f"{path}: {name}"
-        setattr(target, name, _in_range(name, _typed(value, type(getattr(target, name)), what), what))
+        value = _in_range(name, _typed(value, type(getattr(target, name)), what), what)
+        if isinstance(value, str):
+            if "\0" in value:  # no path or name holds one (open() would raise ValueError)
+                raise E.EINVAL(f"{what} contains a NUL character")
+            if not value and name in _NOT_EMPTY:  # "" is the current directory to the file system
+                raise E.EINVAL(f"{what} takes a path, not an empty string")
+        setattr(target, name, value)
+
+
+#: paths an empty string must not stand for (the current directory: a state directory wherever the daemon
+#: was started, or a socket bound to no name)
+_NOT_EMPTY = frozenset({"socket", "state_dir"})
 
 
 #: settings with a floor above zero (every number must be finite and at least 0, and at most its ceiling).

@@ -164,13 +164,14 @@ class Server:
 
     def _open_store(self) -> None:
         """The persistent keys, then the system keyrings.  Before any key is made, so restored serials are
-        free; refuses (StartupError) without the master key."""
+        free; refuses (StartupError) without the master key.  Hardened first: no core dump or ptrace may
+        catch the master key or a key being decrypted."""
         cfg = self.config
-        cfg.prepare_state_dir()
-        self.journal = open_durable(cfg, self.store)
         if cfg.harden:
             applied = harden.harden(cfg.lock_memory)
             log.info("hardening: %s", ", ".join(f"{k}={v}" for k, v in applied.items()))
+        cfg.prepare_state_dir()
+        self.journal = open_durable(cfg, self.store)
         trust.install_system_keyrings(self.store, _trust_file(cfg.ca_bundle, "CA bundle"),
                                       _trust_file(cfg.blacklist_file, "blacklist file"))
 
