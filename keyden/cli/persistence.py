@@ -36,6 +36,10 @@ def cmd_init(ctx, args):
     parsed = p.parse_args(args)
     try:
         config = load_config(parsed)
+        if config.harden:  # it reads or makes the master key too: as the daemon, no core dump may hold it
+            from keyden.server import harden
+
+            harden.harden(lock_memory=False)
         config.prepare_state_dir()
         journal = open_durable(config, KeyStore(config.store), check_only=True)
     except StartupError as exc:
