@@ -1796,7 +1796,9 @@ def test_ended_sessions_let_go_of_their_buffers_and_tls_state_at_once(pki):
         time.sleep(0.05)
     assert not eng._per_uid.get(4242)
     loop = eng._loops[0]
-    assert len(loop.deadlines) <= tls_engine.STALE_DEADLINES + len(loop.owners) + 1
+    # Bounded, not one per session (192 here): the heap is rebuilt when it passes STALE_DEADLINES plus the
+    # sessions open then, and one ending as the next begins may still have been open (a CI run saw 66).
+    assert len(loop.deadlines) <= tls_engine.STALE_DEADLINES + 4
     ended = [obj for obj in gc.get_objects() if isinstance(obj, tls_engine.Session) and obj.closed]
     assert ended, "no ended session to look at"  # (the heap keeps a few)
     for session in ended:
