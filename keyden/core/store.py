@@ -861,11 +861,12 @@ class KeyStore:
 
         return walk(ring, 0)
 
-    def _possessed_serials(self, caller: Caller) -> set[int]:
+    def _possessed_serials(self, caller: Caller, also: Key | None = None) -> set[int]:
         """Every key ``_is_possessed`` would find, from one walk of the caller's keyrings (a listing asks
-        about every key: one search per key would cost the keys times the caller's keyrings)."""
+        about every key: one search per key would cost the keys times the caller's keyrings); with ``also``
+        (a key the caller possesses), what a search from it finds too."""
         found: set[int] = set()
-        for root in self._possession_roots(caller):
+        for root in (*self._possession_roots(caller), *((also,) if also is not None else ())):
             if not self._rights(caller, root, True) & P.SEARCH:
                 continue
             found.add(root.serial)
@@ -1853,17 +1854,13 @@ class KeyStore:
 
             def possession(key: Key) -> bool:
                 """Possessed, as a search finds keys: from the caller's keyrings, or from the top if it is
-                possessed, through keyrings that grant a possessor search, to keys that grant it too.  (The
-                top's possession once reached every key below it, ones a search passes over included.)"""
+                possessed.  (The top's possession once reached every key below it, ones a search passes
+                over included.)"""
                 nonlocal held
                 if key is top:
                     return possessed
                 if held is None:
-                    held = self._possessed_serials(caller)
-                    if possessed and self._rights(caller, top, True) & P.SEARCH:
-                        for ring in self._rings_searched(caller, top, True):
-                            held.update(k.serial for k in ring.links.values()
-                                        if self._rights(caller, k, True) & P.SEARCH)
+                    held = self._possessed_serials(caller, top if possessed else None)
                 return key.serial in held
             index: dict[int, int] = {}
             out: list[Exported] = []

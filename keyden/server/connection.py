@@ -63,6 +63,7 @@ HEAVY_ITEMS = 1024
 FAST_BULK = b"gcm(aes)"
 HEAVY_BYTES = 16 * 1024 * 1024
 HEAVY_BYTES_OTHER = 2 * 1024 * 1024
+_FAST_BULK_FIELD = struct.pack("<I", len(FAST_BULK)) + FAST_BULK  # FAST_BULK as a STR field, length first
 _PLAIN_OPS = frozenset(W.Op) - SLOW_OPS - PKEY_OPS - ADD_OPS - {W.Op.SHM_CIPHER, W.Op.BATCH}  # cost: size alone
 _ASYMMETRIC_TYPE = struct.pack("<I", 10) + b"asymmetric"  # an ADD's first field, the type, length-prefixed
 _I32 = struct.Struct("<i")
@@ -83,15 +84,14 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
         items = batch_items(body)
         if items is None:  # its first list is over the limit: refused before any item is made
             return Cost.QUICK
-        return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body), _fast(body, 0)),
+        return Cost.SLOW if items > HEAVY_ITEMS else max(_bulk(len(body), body, 0),
                                                          Cost.HEAVY if items > QUICK_ITEMS else Cost.QUICK)
     if op == W.Op.SHM_CIPHER:  # its length field (in_offset, length, out_offset end the body), or its own size
         if len(body) < 16:        # (associated data comes in the frame)
             return Cost.QUICK
-        fast = _fast(body, 4)
-        return max(_bulk(_U64.unpack_from(body, len(body) - 16)[0], fast), _bulk(len(body), fast))
+        return max(_bulk(_U64.unpack_from(body, len(body) - 16)[0], body, 4), _bulk(len(body), body, 4))
     if len(body) > BULK_BYTES:
-        return _bulk(len(body), op == W.Op.CIPHER and _fast(body, 0))
+        return _bulk(len(body), body, 0 if op == W.Op.CIPHER else None)
     if op in PKEY_OPS:
         return Cost.HEAVY if len(body) >= 4 and store.slow_asymmetric(_I32.unpack_from(body)[0]) else Cost.QUICK
     return Cost.QUICK
@@ -120,15 +120,13 @@ def batch_items(body: bytes) -> int | None:
         return 0
 
 
-def _bulk(size: int, fast: bool) -> Cost:
-    return Cost.QUICK if size <= BULK_BYTES else \
-        Cost.HEAVY if size <= (HEAVY_BYTES if fast else HEAVY_BYTES_OTHER) else Cost.SLOW
-
-
-def _fast(body: bytes, at: int) -> bool:
-    """Is the algorithm named by the STR field at ``at`` one that runs at memory speed (FAST_BULK)?"""
-    return body[at + 4:at + 4 + len(FAST_BULK)] == FAST_BULK and \
-        body[at:at + 4] == _U32.pack(len(FAST_BULK))
+def _bulk(size: int, body: bytes, alg_at: int | None) -> Cost:
+    """The cost of ``size`` bytes of data, by the speed of the algorithm the STR field at ``alg_at`` names
+    (None: a frame that names none), looked at only for more than BULK_BYTES."""
+    if size <= BULK_BYTES:
+        return Cost.QUICK
+    fast = alg_at is not None and body.startswith(_FAST_BULK_FIELD, alg_at)
+    return Cost.HEAVY if size <= (HEAVY_BYTES if fast else HEAVY_BYTES_OTHER) else Cost.SLOW
 
 
 class Connection:

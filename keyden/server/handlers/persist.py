@@ -66,39 +66,34 @@ def _make_tree(ctx, entries: list[export.Entry], links: list[tuple[int, int]], k
         first_parent.setdefault(member, ring)
     depth = _depths(first_parent)
     order = sorted(first_parent, key=depth.__getitem__)
-    values: dict[int, tuple] = {}
+    values: dict[int, tuple] = {}  # entry index -> its parsed payload, until a key is made of it
     try:
-        for index in order:  # (an RSA key's checks: before the lock)
+        for index in order:  # (before the lock: an RSA key's checks)
             values[index] = _preparse(entries[index])
-    except BaseException:
-        _destroy_unmade(entries, values)
-        raise
-    # One hold of the store's lock for the whole build: while the keys wear BUILDING_PERM, no other request
-    # (another connection of the same uid) may find, export or re-mask them.
-    with ctx.store.lock:
-        try:
+        # One hold of the store's lock for the whole build: while the keys wear BUILDING_PERM, no other
+        # request (another connection of the same uid) may find, export or re-mask them.
+        with ctx.store.lock:
             top = _make(ctx, entries[0], values.pop(0), keyring, flags, detached=True, filed=not contents)
-        except BaseException:
-            _destroy_unmade(entries, values)
-            raise
-        serials: dict[int, int] = {0: top}
-        try:
-            for index in order[1:]:  # (the store destroys a value it was given and could not make a key of)
-                serials[index] = _make(ctx, entries[index], values.pop(index), serials[first_parent[index]], flags)
-            for ring, member in links:
-                if first_parent[member] != ring:
-                    ctx.store.link(ctx.caller, serials[member], serials[ring])
-            for index, serial in serials.items():
-                if index != 0:
-                    ctx.store.setperm(ctx.caller, serial, entries[index].perm)
-            if contents:
-                return ctx.store.attach_members(ctx.caller, top, keyring)
-            ctx.store.attach(ctx.caller, top, keyring, entries[0].perm)
-        except BaseException:
-            ctx.store.discard_detached(top)
-            _destroy_unmade(entries, values)
-            raise
-        return top
+            serials: dict[int, int] = {0: top}
+            try:
+                for index in order[1:]:  # (the store destroys a value it could not make a key of)
+                    serials[index] = _make(ctx, entries[index], values.pop(index), serials[first_parent[index]],
+                                           flags)
+                for ring, member in links:
+                    if first_parent[member] != ring:
+                        ctx.store.link(ctx.caller, serials[member], serials[ring])
+                for index, serial in serials.items():
+                    if index != 0:
+                        ctx.store.setperm(ctx.caller, serial, entries[index].perm)
+                if contents:
+                    return ctx.store.attach_members(ctx.caller, top, keyring)
+                ctx.store.attach(ctx.caller, top, keyring, entries[0].perm)
+            except BaseException:
+                ctx.store.discard_detached(top)
+                raise
+            return top
+    finally:
+        _destroy_unmade(entries, values)  # what a failure left unmade (nothing once the tree is whole)
 
 
 def _destroy_unmade(entries: list[export.Entry], values: dict[int, tuple]) -> None:
