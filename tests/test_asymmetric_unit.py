@@ -580,7 +580,8 @@ def test_rsa_signatures_interoperate_with_pyca(keys, parsed):
 def test_pkcs1_verify_without_a_hash_checks_the_whole_encoded_payload_as_the_kernel(keys, parsed):
     """The kernel's pkcs1pad(rsa) without hash= verifies the payload the padding wraps, DigestInfo and
     digest as given (keyctl pkey_verify ... enc=pkcs1): keyden refused it, EINVAL (found by a differential
-    run against the kernel).  Signing without a hash stays refused: keyden signs a digest."""
+    run against the kernel).  Signing without one pads the data as given, as the kernel's pkcs1pad and
+    OpenSSL's rsautl -sign (TLS 1.1's MD5+SHA-1 signatures are such), up to the key size less 11 bytes."""
     msg = b"hello"
     sig = keys["rsa"].sign(msg, padding.PKCS1v15(), hashes.SHA256())
     digest_info = bytes.fromhex("3031300d060960864801650304020105000420") + _digest("sha256", msg)  # RFC 8017
@@ -595,8 +596,21 @@ def test_pkcs1_verify_without_a_hash_checks_the_whole_encoded_payload_as_the_ker
     for oversized in (bytes(257), bytes(1 << 20)):  # over max_data_size: EINVAL, as the kernel (EKEYREJECTED)
         with pytest.raises(E.EINVAL, match="longer than the key size"):
             parsed["rsa-pub"].verify("enc=pkcs1", oversized, sig)
+    assert parsed["rsa"].sign("enc=pkcs1", digest_info) == sig  # PKCS#1 v1.5 signatures are deterministic
+    md5_sha1 = _digest("md5", msg) + _digest("sha1", msg)
+    raw = parsed["rsa"].sign("enc=pkcs1", md5_sha1)
+    assert keys["rsa"].public_key().recover_data_from_signature(raw, padding.PKCS1v15(), None) == md5_sha1
+    parsed["rsa-pub"].verify("enc=pkcs1", md5_sha1, raw)
+    size = keys["rsa"].key_size // 8
+    assert len(parsed["rsa"].sign("enc=pkcs1", bytes(size - 11))) == size
+    with pytest.raises(E.EOVERFLOW, match="less PKCS#1's 11 bytes"):
+        parsed["rsa"].sign("enc=pkcs1", bytes(size - 10))
+    with pytest.raises(E.EINVAL, match="longer than the key size"):
+        parsed["rsa"].sign("enc=pkcs1", bytes(size + 1))
+    with pytest.raises(E.EINVAL, match="required"):
+        parsed["rsa"].sign("enc=pkcs1", b"")
     with pytest.raises(E.EINVAL, match="hash= is required"):
-        parsed["rsa"].sign("enc=pkcs1", digest_info)
+        parsed["rsa"].sign("enc=pss", digest_info)
     with pytest.raises(E.EINVAL, match="hash= is required"):
         parsed["rsa-pub"].verify("enc=pss", digest_info, sig)
 
@@ -757,7 +771,6 @@ def test_size_limits(keys, parsed):
 
 @pytest.mark.parametrize("name,method,info", [
     ("rsa", "sign", "enc=pss"),                              # hash required
-    ("rsa", "sign", "enc=pkcs1"),
     ("rsa", "sign", "enc=oaep hash=sha256"),                 # encryption scheme for a signature
     ("rsa", "encrypt", "enc=pss hash=sha256"),               # signature scheme for encryption
     ("rsa", "sign", "enc=pkcs1 hash=sha256 saltlen=32"),     # saltlen only for pss

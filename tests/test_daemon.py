@@ -575,6 +575,40 @@ def test_signals_after_the_loop_or_during_a_stop_are_harmless(tmp_path):
     assert done.wait(10) and server._stop_signalled
 
 
+def test_a_request_a_worker_holds_at_sigterm_gets_its_answer(fresh_daemon):
+    """A stop lets the requests under way finish and sends their answers before it closes: such a request
+    may have made a key (here one whose password takes 2^21 PBKDF2 rounds to undo, on a worker), and a
+    client told ECONNRESET instead would retry it and make a second (found by the lifecycle hunt)."""
+    from keyden.crypto.asymmetric import MAX_KDF_ITERATIONS
+
+    key = subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                         capture_output=True, check=True).stdout
+    pem = subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-iter", str(MAX_KDF_ITERATIONS),
+                          "-passout", "pass:pw"], input=key, capture_output=True, check=True).stdout
+    d = fresh_daemon()
+    answers = []
+    with d.connect() as c, d.connect() as idle:
+        assert idle.ping() is not None
+        adding = threading.Thread(target=lambda: answers.append(_outcome(
+            lambda: c.add("asymmetric", "slow", pem, "@u", password=b"pw"))))
+        adding.start()
+        time.sleep(0.2)
+        assert adding.is_alive(), "the import was not slow enough to be under way at the stop"
+        started = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        adding.join(30)
+        assert d.proc.wait(30) == 0
+    assert answers and isinstance(answers[0], int), answers
+    assert time.monotonic() - started < 4, "the idle connection held the stop"
+
+
+def _outcome(call):
+    try:
+        return call()
+    except keyden.KeydenError as exc:
+        return exc
+
+
 def test_the_daemon_is_hardened_before_it_reads_a_secret(tmp_path, monkeypatch):
     """No core dump or ptrace may catch the master key: hardening came after the store was opened (the
     master key read, every persistent key decrypted), and a crash there dumped them (found by a hunt)."""

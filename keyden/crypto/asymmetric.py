@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import constant_time, hashes, serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils, x25519
 from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
@@ -697,12 +697,10 @@ class ParsedKey:
         if op in (OP_SIGN, OP_VERIFY):
             if enc not in ("pkcs1", "pss"):
                 raise E.EINVAL(f"enc={enc} is an encryption scheme; sign/verify take pkcs1 or pss")
-            if "hash" not in opts and enc == "pkcs1" and op == OP_VERIFY:
+            if "hash" not in opts and enc == "pkcs1":
                 return padding.PKCS1v15(), None  # the kernel's pkcs1pad(rsa): data is the whole encoded payload
             if "hash" not in opts:
-                raise E.EINVAL("hash= is required for RSA signatures" + (
-                    " (keyden signs a digest; verify alone takes a whole encoded payload without one)"
-                    if enc == "pkcs1" else ""))
+                raise E.EINVAL("hash= is required for PSS signatures")
             h = _hash(opts["hash"])
             if enc == "pkcs1":
                 return padding.PKCS1v15(), h
@@ -746,12 +744,14 @@ class ParsedKey:
             return None, None
         if self.algo == "rsa":
             pad, h = self._rsa_padding(op, enc, opts)
-            if h is None:  # verify, enc=pkcs1, no hash: what the signature's padding wraps, DigestInfo and all
+            if h is None:  # enc=pkcs1, no hash: what the signature's padding wraps, DigestInfo and all
                 if not data:
-                    raise E.EINVAL("data to verify is required")
+                    raise E.EINVAL("data to sign or verify is required")
                 size = self._limits().max_data_size  # as keyctl_pkey_params_get_2 checks
                 if len(data) > size:
                     raise E.EINVAL(f"data longer than the key size ({size} bytes)")
+                if op == OP_SIGN and len(data) > size - 11:  # as pkcs1pad's sign: no room for the padding
+                    raise E.EOVERFLOW(f"data longer than the key size less PKCS#1's 11 bytes ({size - 11})")
                 return pad, None
         else:
             h = _hash(opts.get("hash", _CURVES[self.curve][3]))  # (no digest is over ECDSA_MAX_DATA)
@@ -816,7 +816,7 @@ class ParsedKey:
             if self.algo == "ed25519":
                 return priv.sign(data)
             if self.algo == "rsa":
-                return priv.sign(data, pad, utils.Prehashed(h))
+                return priv.sign(data, pad, utils.NoDigestInfo() if h is None else utils.Prehashed(h))
             der = priv.sign(data, ec.ECDSA(utils.Prehashed(h)))
             if enc == "x962":
                 return der
@@ -843,12 +843,7 @@ class ParsedKey:
             elif self.algo == "rsa":
                 if len(sig) != limits.max_sig_size:  # as the kernel's pkcs1pad: malformed, not a mismatch
                     raise E.EINVAL(f"an RSA signature is the key's size, {limits.max_sig_size} bytes")
-                if h is None:
-                    recovered = self.public_key.recover_data_from_signature(sig, pad, None)
-                    if not constant_time.bytes_eq(recovered, bytes(data)):
-                        raise InvalidSignature
-                else:
-                    self.public_key.verify(sig, data, pad, utils.Prehashed(h))
+                self.public_key.verify(sig, data, pad, utils.NoDigestInfo() if h is None else utils.Prehashed(h))
             else:
                 self.public_key.verify(self._ecdsa_der(enc, sig), data, ec.ECDSA(utils.Prehashed(h)))
         except (InvalidSignature, ValueError, TypeError, OverflowError, UnsupportedAlgorithm):

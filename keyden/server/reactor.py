@@ -69,6 +69,7 @@ ANCILLARY_SPACE = descriptors.ANCILLARY_SPACE
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
 TURN_FRAMES = 64  # requests one connection has answered in a row before the others get the loop ...
 TURN_SECONDS = 0.001  # ... or loop time it has taken (checked between requests)
+STOP_GRACE = 5.0  # seconds a stop waits for the answers to requests already with a worker to be sent
 _clock = time.monotonic
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
@@ -137,7 +138,7 @@ class Reactor:
     # -------------------------------------------------------------- lifecycle
 
     def run(self, listener: socket.socket) -> None:
-        """Serve until ``stop``; then close every channel."""
+        """Serve until ``stop``; then send the answers to what workers hold (``_drain``) and close every channel."""
         listener.setblocking(False)
         self._listener = listener
         self._epoll.register(listener.fileno(), _IN)
@@ -183,20 +184,56 @@ class Reactor:
                 next_sweep = now + TICK
                 self._sweep(now)
         runnable.clear()
+        self._drain(STOP_GRACE)
         for ch in list(channels.values()):
             self._close(ch)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._completions()
-        for waiting in self._waiting_work.values():  # never started: their channels are closed already
-            for ch, _work in waiting:
-                ch.busy = False
-                self._release(ch)
-        self._waiting_work.clear()
         if self._audit is not None:
             self._audit.flush()
         self._epoll.close()
         fd, self._wake_fd = self._wake_fd, -1  # a signal from now on wakes nobody (its number may be reused)
         os.close(fd)
+
+    def _drain(self, seconds: float) -> None:
+        """After ``stop``: the requests workers already hold finish, and every reply made goes out, for up to
+        ``seconds``; nothing more is read, started or accepted.
+
+        A request under way may have made a key or changed a persistent one: its client must hear the
+        answer, or it may retry and do it twice.  Requests not started yet are not done, and get no answer.
+        """
+        if self._listener is not None:
+            self._epoll.unregister(self._listener.fileno())
+            self._listener = None
+        for waiting in self._waiting_work.values():  # never started: their channels close unanswered
+            for ch, _work in waiting:
+                ch.busy = False
+                self._busy -= 1
+                if not self._alive(ch):  # its client left while it waited: finish the close
+                    self._release(ch)
+        self._waiting_work.clear()
+        channels = self._channels
+        for ch in list(channels.values()):
+            ch.closing = True  # _serve reads no more frames; _flush closes it once its replies are out
+            if not ch.busy:
+                self._flush(ch)
+        deadline = _clock() + seconds
+        while channels and (left := deadline - _clock()) > 0:
+            try:
+                events = self._epoll.poll(left)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                ch = channels.get(fd)
+                if ch is not None:
+                    if ev & _OUT:
+                        self._flush(ch)
+                    elif ev & _GONE:
+                        self._close(ch)
+                elif fd == self._wake_fd:
+                    self._completions()
+            if self._ready:
+                self._send_round()
 
     def _event(self, ch: Channel, ev: int) -> None:
         if ev & _OUT and self._flush(ch) and not ch.busy and not ch.queued:
