@@ -8,11 +8,14 @@ buffers processed in shared memory.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import fcntl
 import hashlib
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,9 +26,12 @@ from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV, ChaCha20Poly1305
 
+import keyden
 from keyden import errors as E
 from keyden.client import dataplane
 from keyden.protocol import MAX_SHARED_REGION, Op
+
+from conftest import REPO
 
 GCM, CHACHA, GCM_SIV = "gcm(aes)", "rfc7539(chacha20,poly1305)", "gcm-siv(aes)"
 AUTH_FAILED = "authentication failed"
@@ -229,6 +235,47 @@ def test_a_stream_piece_whose_reply_could_pass_the_frame_cap_changes_nothing(fre
             sealed = b"".join(stream.finalize(data))
         assert sealed == AESGCM(key).encrypt(nonce, data, None)
         assert c.ping(b"still connected") == b"still connected"
+
+
+def test_helpers_and_the_cli_fit_their_requests_to_a_small_frame_cap(fresh_daemon):
+    """max_frame may be set down to 8192: the AESGCM-shaped helper takes data over it through a shared
+    region, and a stream's update (the CLI sends 1 MiB reads) goes in pieces the cap takes, in both
+    clients (they sent it in one request: EMSGSIZE on a 100 kB message; found by the data-plane hunt)."""
+    d = fresh_daemon("max_frame = 65536\n")
+    key, nonce, data = os.urandom(32), os.urandom(12), os.urandom(150_000)
+    sealed = AESGCM(key).encrypt(nonce, data, b"ad")
+    ctr = Cipher(algorithms.AES(key), modes.CTR(nonce + bytes(4))).encryptor().update(data)
+    with d.connect() as c:
+        assert c.max_frame == 65536
+        serial = c.add("logon", "test:aes", key, "@u")
+        aead = c.aead(serial, GCM)
+        assert aead.encrypt(nonce, data, b"ad") == sealed
+        assert aead.decrypt(nonce, sealed, b"ad") == data
+        assert aead.decrypt_random(aead.encrypt_random(data, b"ad"), b"ad") == data
+        into = bytearray(len(sealed))
+        assert aead.encrypt_into(nonce, data, b"ad", into) == len(sealed) and into == sealed
+        with c.stream("ctr(aes)", serial, iv=nonce + bytes(4)) as stream:
+            assert stream.update(data) + stream.finalize()[0] == ctr
+
+        async def streamed():
+            a = await keyden.aconnect(d.socket)
+            try:
+                async with await a.stream("ctr(aes)", serial, iv=nonce + bytes(4)) as stream:
+                    return await stream.update(data) + (await stream.finalize())[0]
+            finally:
+                await a.close()
+        assert asyncio.run(streamed()) == ctr
+
+    def cli(*args, stdin=data):
+        env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SOCKET=d.socket)
+        env.pop("KEYDEN_SESSION", None)
+        r = subprocess.run([sys.executable, "-m", "keyden", *args], input=stdin, capture_output=True, env=env,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    assert cli("aead", "decrypt", str(serial), stdin=cli("aead", "encrypt", str(serial))) == data
+    assert cli("cipher", "encrypt", str(serial), "-a", "ctr(aes)", "--iv", (nonce + bytes(4)).hex()) == ctr
+    assert cli("hash", "sha256").decode().strip() == hashlib.sha256(data).hexdigest()
 
 
 def test_hash_and_hmac_one_shot(client):
@@ -1208,17 +1255,28 @@ def test_handles_do_not_pickle_or_show_keys(client, aes):
 def test_a_stream_whose_finish_never_went_out_can_still_be_closed(client):
     """finalize() refused before sending (bad arguments, over the frame cap) leaves the stream open in
     keyden: the with-block must still close it, or 64 such blocks lock the connection out of streams."""
-    mac = client.hmac(client.add("logon", "stream:leak", os.urandom(32)))
+    key = os.urandom(32)
+    mac = client.hmac(client.add("logon", "stream:leak", key))
     for _ in range(70):
         with mac.stream(verify=True) as stream:
             stream.update(b"data")
             with pytest.raises(E.EINVAL):
                 stream.finalize(tag=None)
-    with mac.stream() as stream:
-        with pytest.raises(E.EMSGSIZE):
-            stream.finalize(b"x" * (client.max_frame + 1))
+    for _ in range(70):
+        with mac.stream(verify=True) as stream:
+            with pytest.raises(E.EMSGSIZE):
+                stream.finalize(tag=b"x" * (client.max_frame + 1))
+    big = b"x" * (client.max_frame + 1)
+    with mac.stream() as stream:  # data over the cap is no mistake: it goes through update, in pieces
+        assert stream.finalize(big)[1] == pyca_hmac_of(key, big)
     with client.hash() as stream:  # streams still open: none leaked
         assert stream.finalize(b"abc")[1] == hashlib.sha256(b"abc").digest()
+
+
+def pyca_hmac_of(key: bytes, data: bytes) -> bytes:
+    h = pyca_hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    return h.finalize()
 
 
 def test_hmac_of_data_larger_than_a_frame_streams(client):

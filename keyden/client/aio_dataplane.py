@@ -243,8 +243,18 @@ class AsyncStream:
         return type(self)(client, handle, self.nonce, self.alg, self.decrypt)
 
     async def update(self, data) -> bytes:
+        """The output so far; data more than one request may carry under the daemon's frame cap goes in
+        pieces, one after the other."""
         _still_open(self)
-        sent = self._client.stream_update(self.handle, binary(data))  # on the wire: it happens, or not
+        data = binary(data)
+        piece = self._client.max_frame - _OVERHEAD
+        if len(data) <= piece:
+            return await self._update(data)
+        view = memoryview(data)
+        return b"".join([await self._update(view[at:at + piece]) for at in range(0, len(data), piece)])
+
+    async def _update(self, data) -> bytes:
+        sent = self._client.stream_update(self.handle, data)  # on the wire: it happens, or not
         try:
             return await sent
         except E.EMSGSIZE:  # refused before anything was processed: the stream is still open

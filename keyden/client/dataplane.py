@@ -276,7 +276,7 @@ class Aead(KeyedAlgorithm):
     def _crypt(self, nonce, data, aad, decrypt: bool, random_nonce: bool, into):
         data = data if type(data) is bytes else _view(data)
         nonce, aad = binary(nonce, "nonce"), binary(aad or b"", "associated_data")
-        if len(data) < BULK_THRESHOLD:
+        if self._in_request(data, aad):
             out = self._client.cipher(self.alg, self.serial, data, iv=nonce, aad=aad or b"", decrypt=decrypt,
                                       random_nonce=random_nonce)
             if into is None:
@@ -297,6 +297,11 @@ class Aead(KeyedAlgorithm):
             if self._client.generation == generation:
                 raise
         return self._through_region(data, nonce, aad, decrypt, random_nonce, into, out_len)
+
+    def _in_request(self, data, aad: bytes) -> bool:
+        """Small data goes in the request itself; larger, or more than the daemon's frame cap takes (a
+        setting), through a shared region, whose request carries only offsets and the associated data."""
+        return len(data) < BULK_THRESHOLD and _one_request(self._client, data, aad)
 
     def _through_region(self, data, nonce, aad, decrypt: bool, random_nonce: bool, into, out_len: int):
         n = len(data)
@@ -336,7 +341,7 @@ class Aead(KeyedAlgorithm):
     def decrypt_random(self, blob, associated_data=None) -> bytes:
         """Takes nonce || ct || tag, as encrypt_random makes it."""
         blob = blob if type(blob) is bytes else _view(blob)
-        if len(blob) < BULK_THRESHOLD:
+        if self._in_request(blob, binary(associated_data or b"", "associated_data")):
             return self._run(b"", blob, associated_data, True, random_nonce=True)
         # shared memory takes the nonce as an IV: split it off here
         return self._run(bytes(blob[:self.nonce_size]), memoryview(blob)[self.nonce_size:], associated_data, True)
@@ -442,8 +447,17 @@ class Stream:
         return twin
 
     def update(self, data) -> bytes:
+        """The output so far; data more than one request may carry under the daemon's frame cap goes in
+        pieces (the CLI's 1 MiB reads, say, when ``max_frame`` is set lower)."""
         _still_open(self)
         data = binary(data)
+        piece = self._client.max_frame - _OVERHEAD
+        if len(data) > piece:
+            view = memoryview(data)
+            return b"".join([self._update(view[at:at + piece]) for at in range(0, len(data), piece)])
+        return self._update(data)
+
+    def _update(self, data) -> bytes:
         try:
             return self._client.stream_update(self.handle, data)
         except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
