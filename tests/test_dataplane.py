@@ -278,6 +278,59 @@ def test_helpers_and_the_cli_fit_their_requests_to_a_small_frame_cap(fresh_daemo
     assert cli("hash", "sha256").decode().strip() == hashlib.sha256(data).hexdigest()
 
 
+def test_turns_lost_to_interrupts_never_hang_later_large_calls(client):
+    """A KeyboardInterrupt (any exception a signal handler raises) between RegionPool.take and the try
+    that gives the region back lost its turn for good, and four such losses hung every later large call
+    of the client (found by the client hunt).  A turn is now its thread's: the thread finds its own
+    again, and the turn of a thread that ended is taken back."""
+    key = os.urandom(32)
+    aead = client.aead(client.add("logon", "test:turns", key), GCM)
+    pool, nonce, data = client.region_pool, os.urandom(12), os.urandom(dataplane.BULK_THRESHOLD)
+    sealed = []
+
+    def in_a_thread(work):
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "a large call waits for a turn forever"
+
+    def lose_turns_then_encrypt():
+        for _ in range(dataplane.POOLED_REGIONS):
+            pool.take(len(data))  # interrupted before its try: never given back
+        sealed.append(aead.encrypt(nonce, data, None))
+    in_a_thread(lose_turns_then_encrypt)
+    for _ in range(dataplane.POOLED_REGIONS):
+        in_a_thread(lambda: pool.take(len(data)))  # threads that end holding a turn
+    in_a_thread(lambda: sealed.append(aead.encrypt(nonce, data, None)))
+    assert sealed == [AESGCM(key).encrypt(nonce, data, None)] * 2
+
+
+def test_a_buffer_of_two_dimensions_is_einval_and_a_shared_buffer_with_a_view_in_use_stays_open(client):
+    """Found by the client hunt: a 2-D memoryview as a batch's items or call_many's calls raised
+    NotImplementedError; a shared buffer closed while a slice of its view lived was detached in the
+    daemon, then failed to unmap here, half closed."""
+    grid = memoryview(bytes(12)).cast("B", (3, 4))
+    with pytest.raises(E.EINVAL, match="sequence"):
+        client.batch("sha256", 0, grid)
+    with pytest.raises(E.EINVAL, match="sequence"):
+        client.call_many(grid)
+    assert client.ping(b"still connected") == b"still connected"
+
+    key = os.urandom(32)
+    serial = client.add("logon", "test:view", key)
+    shm = client.shared_buffer(4096)
+    piece = shm.view[:16]
+    with pytest.raises(BufferError, match="still in use"):
+        shm.close()
+    piece[:] = bytes(range(16))
+    assert shm.cipher("ctr(aes)", serial, 0, 16, 16, iv=bytes(16))[0] == 16  # still attached, still mapped
+    local = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    assert bytes(shm.view[16:32]) == local.update(bytes(range(16)))
+    piece.release()
+    shm.close()
+    shm.close()  # once closed, again is nothing
+
+
 def test_hash_and_hmac_one_shot(client):
     data = os.urandom(777)
     for alg in ("sha1", "sha224", "sha256", "sha384", "sha512"):

@@ -14,6 +14,7 @@ import mmap
 import operator
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from typing import Iterable, Sequence
@@ -107,17 +108,23 @@ class SharedBuffer:
                                  binary(aad or b"", "associated_data"), in_offset, length, out_offset)
 
     def close(self) -> None:
+        """Unmap the region here and detach it in the daemon.  BufferError, with nothing closed, while a
+        slice of ``view`` is still in use (as mmap's close)."""
         if self.map is None:
             return
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            self.view = memoryview(self.map)
+            raise BufferError("a view of this shared buffer is still in use: release it before close()") from None
+        self.map = None
         self._dropped.detach()
         try:
             if not _stale(self.client, self.generation):  # else it went with its connection
                 self.client._call(Op.SHM_DETACH, self.region)
         except E.KeydenError:
             pass
-        self.view.release()
-        self.map.close()
-        self.map = None
 
     def __enter__(self):
         return self
@@ -129,6 +136,7 @@ class SharedBuffer:
 #: regions a client keeps for its helpers' large calls, and the largest it keeps after a call (a bigger one is
 #: given back to the daemon at once: a region pins its size in both processes and in the uid's budget)
 POOLED_REGIONS = 4
+TURN_WAIT = 0.0005  # seconds a large call waits before it looks again for a free turn (RegionPool.take)
 POOLED_REGION_MAX = 64 << 20
 
 
@@ -145,18 +153,37 @@ class RegionPool:
     def __init__(self, client):
         self._client = client
         self._free: list[SharedBuffer] = []
-        self._lock = threading.Lock()  # for _free only: never held across a request
-        self._turns = threading.BoundedSemaphore(POOLED_REGIONS)  # regions in use or kept, at most
+        self._lock = threading.Lock()  # for _free and _turns: never held across a request
+        self._turns: set[int] = set()  # the threads whose call has a region: POOLED_REGIONS at most
 
     def take(self, size: int) -> "SharedBuffer":
         """A region of at least ``size`` bytes over the current connection, for one call (``give_back``
-        it after)."""
-        self._turns.acquire()
+        it after).
+
+        A turn is its thread's, not a count: a KeyboardInterrupt (or any exception a signal handler
+        raises) between ``take`` and the ``try`` that gives the region back loses no turn for good, as
+        the thread's next call finds its own, and the turn of a thread that ended is taken back.  Nor
+        does a waiter hold a Python-level lock (threading.Semaphore's could stay locked): with every
+        turn taken, it sleeps a little and looks again, which only a client making more than
+        POOLED_REGIONS large calls at once on as many threads ever does.
+        """
+        me = threading.get_ident()
+        while True:
+            with self._lock:
+                if me in self._turns or len(self._turns) < POOLED_REGIONS:
+                    self._turns.add(me)
+                    break
+                self._turns &= {thread.ident for thread in threading.enumerate()}
+            time.sleep(TURN_WAIT)
         try:
             return self._take(size)
         except BaseException:
-            self._turns.release()
+            self._end_turn()
             raise
+
+    def _end_turn(self) -> None:
+        with self._lock:
+            self._turns.discard(threading.get_ident())
 
     def _take(self, size: int) -> "SharedBuffer":
         with self._lock:
@@ -183,7 +210,7 @@ class RegionPool:
             else:
                 shm.close()
         finally:
-            self._turns.release()
+            self._end_turn()
 
     def close(self) -> None:
         with self._lock:
@@ -305,9 +332,9 @@ class Aead(KeyedAlgorithm):
 
     def _through_region(self, data, nonce, aad, decrypt: bool, random_nonce: bool, into, out_len: int):
         n = len(data)
-        pool = self._client.region_pool
-        shm = pool.take(n + max(out_len, 0))
+        pool, shm = self._client.region_pool, None
         try:
+            shm = pool.take(n + max(out_len, 0))
             shm.view[:n] = data
             written, chosen = shm.cipher(self.alg, self.serial, 0, n, n, iv=nonce, aad=aad, decrypt=decrypt,
                                          random_nonce=random_nonce)
@@ -316,7 +343,8 @@ class Aead(KeyedAlgorithm):
             into[:written] = shm.view[n:n + written]  # one copy, straight from the region
             return written
         finally:
-            pool.give_back(shm)
+            if shm is not None:
+                pool.give_back(shm)
 
     def encrypt(self, nonce, data, associated_data=None) -> bytes:
         return self._run(nonce, data, associated_data, False)

@@ -66,7 +66,7 @@ def _binary_list(values, what: str = "items") -> list:
     if type(values) is not list:
         try:
             values = list(values)
-        except TypeError:
+        except (TypeError, NotImplementedError):  # (a memoryview of more than one dimension says the latter)
             raise NotBytes(f"{what} must be a sequence of bytes-like objects, not {type(values).__name__}") \
                 from None
     if not set(map(type, values)) <= _BYTES_TYPES:  # the usual case, checked at C speed

@@ -360,6 +360,11 @@ class Client(Operations):
         an earlier call made; those calls then go in more than one round trip.  If the connection fails
         under a round trip, its calls all get that error and none is sent again.
         """
+        try:
+            calls = list(calls)
+        except (TypeError, NotImplementedError):  # (a memoryview of more than one dimension says the latter)
+            raise E.EINVAL(f"calls must be a sequence of (name, args[, kwargs]) tuples, not {type(calls).__name__}") \
+                from None
         results: list[Any] = [None] * len(calls)
         ready: list[tuple[int, Op, tuple]] = []  # (index, op, fields) to send together
 
