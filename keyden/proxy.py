@@ -35,6 +35,7 @@ CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 10.0  # default seconds the other side has to finish and close once one side closed (splice)
 MAX_CLOSE_TIMEOUT = 3600.0
 MAX_PER_HOST = 32  # connections one client address holds at once: an eighth of the default 256
+MAX_CONNECTIONS = 1 << 18  # --max-connections' ceiling: their descriptors fit Linux's default nr_open (2^20)
 IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
 MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
 #: default seconds a stop waits for open connections to end, then cuts them: under Kubernetes' 30 s grace

@@ -76,7 +76,7 @@ def test_help_genkey_specs_and_unreadable_keys(keyden, client):
     named = serial_of(keyden("genkey", "aes:128", "app:named", "@s"))
     assert client.describe(named).description == "app:named"
     fails(keyden("genkey", "aes:100", "@s"), 1,  # keyden's own commands say the daemon's reason too
-          "genkey: Invalid argument (unknown key spec 'aes:100'; use aes[-gcm-siv|-cbc|-ctr]:128|192|256, chacha20 or hmac:BITS)\n")
+          "genkey: Invalid argument (unknown key spec 'aes:100'; use aes[-cbc|-ctr]:128|192|256, aes-gcm-siv:128|256, chacha20 or hmac:BITS)\n")
 
     derived = serial_of(keyden("derive", str(made["x25519"]), str(made["x25519"]), "@s"))
     for command in ("read", "print", "pipe"):

@@ -108,7 +108,7 @@ def cmd_padd(ctx, args):
 
 
 def cmd_genkey(ctx, args):
-    opts, args = options(args, ("--no-export",), ("--use",))
+    opts, args = options(args, ("--no-export",), ("--use",), anywhere=True)
     expect(args, 2, 3)
     use = key_use(opts)
     spec, desc, ring = (args[0], "", args[1]) if len(args) == 2 else args

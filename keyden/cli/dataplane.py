@@ -24,6 +24,7 @@ from keyden import errors as E
 from keyden.cli.support import (Context, Exit, Output, Usage, call, expect, failure, hex_to_bytes, hexdump, number,
                                 options, pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
 from keyden.crypto import symmetric
+from keyden.crypto.agreement import MAX_KDF_OUTPUT
 
 ONE_SHOT_LIMIT = 64 << 20  # AEADs pyca cannot stream (ChaCha20-Poly1305) take the whole input at once
 KEY_OPTIONS = ("--kdf", "--salt", "--info", "--length", "--desc", "--perm", "--timeout")
@@ -47,7 +48,7 @@ def new_key_options(opts: dict) -> dict:
         if name in opts:
             out[name[2:]] = hex_arg(opts[name])
     if "--length" in opts:
-        out["length"] = number(opts["--length"], "length", 10)
+        out["length"] = unsigned32(opts["--length"], "length", 10, low=1, high=MAX_KDF_OUTPUT)
     if "--desc" in opts:
         out["description"] = opts["--desc"]
     if "--perm" in opts:
@@ -57,12 +58,14 @@ def new_key_options(opts: dict) -> dict:
     return out
 
 
-def unsigned32(text: str, what: str, base: int = 0) -> int:
-    """A keyden option's u32: a negative or oversized value is refused (keyctl's own commands wrap them,
-    as C's strtoul does, and keep doing so; keyden's are free to say no)."""
+def unsigned32(text: str, what: str, base: int = 0, low: int = 0, high: int = 0xFFFFFFFF) -> int:
+    """A keyden option's u32: empty, negative or out of range is refused (keyctl's own commands take ''
+    as 0 and wrap the others, as C's strtoul does, and keep doing so; keyden's are free to say no)."""
+    if not text.strip():
+        raise Exit(2, f"Unparsable {what}: '{text}'")
     value = number(text, what, base)
-    if text.lstrip().startswith("-") or value > 0xFFFFFFFF:
-        raise Exit(2, f"Out of range {what}: '{text}' (0 to 4294967295)")
+    if text.lstrip().startswith("-") or not low <= value <= high:
+        raise Exit(2, f"Out of range {what}: '{text}' ({low} to {high})")
     return value
 
 

@@ -86,7 +86,8 @@ def run(argv: list[str]) -> int:
             print(exc.message, file=sys.stderr)
         return exc.code
     except NoDaemon as exc:
-        print(f"keyden: {exc} (is the daemon running?)", file=sys.stderr)
+        hint = "" if str(exc).endswith("?)") else " (is the daemon running?)"  # (not after "(is it keyden?)")
+        print(f"keyden: {exc}{hint}", file=sys.stderr)
         return 1
     except E.KeydenError as exc:  # an operation without a keyctl function name to report
         print(f"keyden: {os.strerror(exc.code)}", file=sys.stderr)

@@ -9,8 +9,8 @@ import time
 
 from keyden import proxy
 from keyden.cli.support import Exit
-from keyden.proxy import (CLOSE_TIMEOUT, IDLE_TIMEOUT, MAX_CLOSE_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PER_HOST,
-                          MAX_SHUTDOWN_TIMEOUT, MIN_IDLE_TIMEOUT, SHUTDOWN_TIMEOUT)
+from keyden.proxy import (CLOSE_TIMEOUT, IDLE_TIMEOUT, MAX_CLOSE_TIMEOUT, MAX_CONNECTIONS, MAX_IDLE_TIMEOUT,
+                          MAX_PER_HOST, MAX_SHUTDOWN_TIMEOUT, MIN_IDLE_TIMEOUT, SHUTDOWN_TIMEOUT)
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 
@@ -92,7 +92,8 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--require-client-cert", action="store_true", help="refuse clients without a certificate")
     p.add_argument("--alpn", metavar="P1,P2", help="ALPN protocols offered, in preference order")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
-    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help=f"connections open at once, handshaking or not (default 256; at most {MAX_CONNECTIONS})")
     p.add_argument("--max-connections-per-host", type=int, default=MAX_PER_HOST, metavar="N",
                    help="connections one client address may hold at once, handshaking or not, so that one "
                         f"host cannot hold every slot (default {MAX_PER_HOST}; at most --max-connections)")
@@ -117,10 +118,10 @@ def _parse(args: list[str]) -> argparse.Namespace:
         raise Exit(2 if exc.code else 0) from None
     if opts.client_trust == "":  # not "no client certificates", silently
         raise Exit(2, "tls-proxy: --client-trust takes a keyring")
-    if opts.max_connections < 1:
-        raise Exit(2, "tls-proxy: --max-connections takes a number of connections, at least 1")
-    if opts.max_connections_per_host < 1:
-        raise Exit(2, "tls-proxy: --max-connections-per-host takes a number of connections, at least 1")
+    if not 1 <= opts.max_connections <= MAX_CONNECTIONS:
+        raise Exit(2, f"tls-proxy: --max-connections takes a number of connections, 1 to {MAX_CONNECTIONS}")
+    if not 1 <= opts.max_connections_per_host <= MAX_CONNECTIONS:
+        raise Exit(2, f"tls-proxy: --max-connections-per-host takes a number of connections, 1 to {MAX_CONNECTIONS}")
     if not 0 < opts.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:  # nan fails too
         raise Exit(2, f"tls-proxy: --handshake-timeout takes seconds, more than 0 and at most "
                       f"{MAX_HANDSHAKE_TIMEOUT:g}")
@@ -167,6 +168,7 @@ def _alpn(text: str | None) -> list[str] | None:
     """--alpn P1,P2: protocol names are printable ASCII (RFC 7301 allows any bytes; none in use is else)."""
     if text is None:
         return None
-    if not (text.isascii() and text.isprintable()):
+    names = [p for p in text.split(",") if p]
+    if not names or not (text.isascii() and text.isprintable()):
         raise Exit(2, f"tls-proxy: --alpn takes protocol names in printable ASCII, not {text[:300]!r}")
-    return [p for p in text.split(",") if p] or None
+    return names

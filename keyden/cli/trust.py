@@ -13,14 +13,16 @@ import datetime
 from keyden import errors as E
 from keyden.cli.support import Context, Exit, Usage, call, options
 
+LAST_SECOND = 253402300799  # 9999-12-31T23:59:59Z: the last time X.509's GeneralizedTime can name
 PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so other commands start fast
 
 
 def unix_time(text: str) -> int:
     """--at: Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
     if text.isascii() and text.isdigit():  # (isdigit alone takes '²' and other scripts' digits)
-        if len(text) > 12:
-            raise Exit(2, f"Unparsable time: '{text[:32]}...' (past the year 33658)")
+        if len(text) > 12 or int(text) > LAST_SECOND:
+            shown = text if len(text) <= 32 else text[:32] + "..."
+            raise Exit(2, f"Out of range time: '{shown}' (0 to {LAST_SECOND}, the end of the year 9999)")
         return int(text)
     try:
         when = datetime.datetime.fromisoformat(text)

@@ -556,7 +556,7 @@ _KEY_SPEC = re.compile(r"(aes(?:-gcm-siv|-cbc|-ctr)?):(128|192|256)|(chacha20)|(
 _SPEC_USES = {"aes": "gcm(aes)", "aes-gcm-siv": "gcm-siv(aes)", "aes-cbc": "cbc(aes)", "aes-ctr": "ctr(aes)",
               "chacha20": "rfc7539(chacha20,poly1305)", "hmac": "hmac"}
 #: the specs generate_key takes, for messages; and how they begin (any other spec names a key pair)
-KEY_SPECS = "aes[-gcm-siv|-cbc|-ctr]:128|192|256, chacha20 or hmac:BITS"
+KEY_SPECS = "aes[-cbc|-ctr]:128|192|256, aes-gcm-siv:128|256, chacha20 or hmac:BITS"
 KEY_SPEC_PREFIXES = ("aes:", "aes-", "chacha20", "hmac:")
 
 

@@ -21,6 +21,8 @@ log = logging.getLogger("keyden.config")
 
 DEFAULT_CONFIG_TEXT = """\
 # keyden daemon configuration (created on first start; every setting optional).
+# state_dir = "/var/lib/keyden"  # keys.db, master.key, audit.log (not root: $XDG_STATE_HOME/keyden); set here,
+#                               #   it moves them elsewhere (docs/operations.md)
 # socket = "/run/keyden/keyden.sock"
 # max_frame = 16781312          # bytes in one frame body
 # max_connections = 1024        # all uids together

@@ -203,7 +203,10 @@ class Reactor:
         answer, or it may retry and do it twice.  Requests not started yet are not done, and get no answer.
         """
         if self._listener is not None:
-            self._epoll.unregister(self._listener.fileno())
+            try:
+                self._epoll.unregister(self._listener.fileno())
+            except OSError:  # not watched for a moment: out of descriptors (_admit_failed)
+                pass
             self._listener = None
         for waiting in self._waiting_work.values():  # never started: their channels close unanswered
             for ch, _work in waiting:
@@ -318,7 +321,11 @@ class Reactor:
 
         def rearm():
             time.sleep(0.05)
-            self.call_soon(lambda: self._epoll.register(listener.fileno(), _IN))
+            self.call_soon(watch)
+
+        def watch():
+            if self._listener is listener:  # (a stop under way no longer accepts)
+                self._epoll.register(listener.fileno(), _IN)
         threading.Thread(target=rearm, daemon=True).start()
 
     def _readable(self, ch: Channel, ev: int) -> None:
