@@ -409,6 +409,50 @@ def test_key_encryption_whose_cost_is_not_bounded_here_is_refused_unrun():
         assert A.parse(der, b"pw").public_key.public_numbers() == legit.public_key().public_numbers()
 
 
+def _openssl_pkcs8(priv, *args: str) -> bytes:
+    return subprocess.run(["openssl", "pkcs8", "-topk8", *args, "-passout", "pass:pw", "-outform", "DER"],
+                          input=priv.private_bytes(PEM, S.PrivateFormat.PKCS8, NOENC), capture_output=True,
+                          check=True).stdout
+
+
+def test_every_pbes2_scheme_openssl_writes_is_decrypted_by_keyden():
+    """keyden decrypts PBES2 itself with pyca's primitives (pyca's loader holds the GIL through the KDF, and
+    every client waited up to a second): each cipher and PBKDF2 hash openssl offers, and scrypt, must give
+    the same key, and a wrong password EKEYREJECTED."""
+    legit = ec.generate_private_key(ec.SECP256R1())
+    ciphers = ("aes-128-cbc", "aes-192-cbc", "aes-256-cbc", "des3")
+    made = [_openssl_pkcs8(legit, "-v2", cipher, "-v2prf", prf, "-iter", "1000")
+            for cipher in ciphers for prf in ("hmacWithSHA1", "hmacWithSHA224", "hmacWithSHA256",
+                                              "hmacWithSHA384", "hmacWithSHA512")]
+    made += [_openssl_pkcs8(legit, "-v2", cipher, "-scrypt", "-scrypt_N", "1024") for cipher in ciphers]
+    for der in made:
+        assert A.parse(der, b"pw").public_key.public_numbers() == legit.public_key().public_numbers()
+        with pytest.raises(E.EKEYREJECTED, match="wrong password"):
+            A.parse(der, b"not it")
+    camellia = _openssl_pkcs8(legit, "-v2", "camellia-256-cbc", "-iter", "1000")
+    with pytest.raises(E.EINVAL, match="cipher keyden does not take"):
+        A.parse(camellia, b"pw")
+    salt = _tlv(0x04, os.urandom(16))
+    sm3 = _epki("2a864886f70d01050c", _tlv(0x30, salt + _int(1000) + _tlv(0x30, _oid("2a811ccf550183750a"))))
+    with pytest.raises(E.EINVAL, match="PBKDF2 hash keyden does not take"):
+        A.parse(sm3, b"pw")
+    for bad in (_int(0), _tlv(0x02, b"\xff")):  # 0 and -1 iterations
+        with pytest.raises(E.EBADMSG, match="malformed"):
+            A.parse(_epki("2a864886f70d01050c", _tlv(0x30, salt + bad)), b"pw")
+
+
+def test_a_key_restricted_to_pss_is_refused_inside_an_encrypted_pkcs8_too(tmp_path):
+    """pyca decrypted and loaded it as plain RSA, so it signed with PKCS#1 v1.5 and decrypted: the check
+    for the restriction read only unencrypted keys (found by review)."""
+    pss = subprocess.run(["openssl", "genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048"],
+                         capture_output=True, check=True).stdout
+    encrypted = subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-passout", "pass:pw"],
+                               input=pss, capture_output=True, check=True).stdout
+    for data in (pss, encrypted):
+        with pytest.raises(E.EINVAL, match="restricted to RSASSA-PSS"):
+            A.parse(data, b"pw" if data is encrypted else None)
+
+
 def _all_valid_encodings(keys):
     out = []
     for priv in keys.values():
@@ -609,6 +653,10 @@ def test_pkcs1_verify_without_a_hash_checks_the_whole_encoded_payload_as_the_ker
         parsed["rsa"].sign("enc=pkcs1", bytes(size + 1))
     with pytest.raises(E.EINVAL, match="required"):
         parsed["rsa"].sign("enc=pkcs1", b"")
+    md5_info = bytes.fromhex("3020300c06082a864886f70d020505000410") + _digest("md5", msg)  # hash=md5 is refused:
+    with pytest.raises(E.EINVAL, match="MD5 DigestInfo"):                                   # so is its DigestInfo
+        parsed["rsa"].sign("enc=pkcs1", md5_info)
+    parsed["rsa-pub"].verify("enc=pkcs1", md5_info, keys["rsa"].sign(md5_info, padding.PKCS1v15(), utils.NoDigestInfo()))
     with pytest.raises(E.EINVAL, match="hash= is required"):
         parsed["rsa"].sign("enc=pss", digest_info)
     with pytest.raises(E.EINVAL, match="hash= is required"):

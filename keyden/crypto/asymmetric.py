@@ -20,8 +20,13 @@ from typing import Callable, Iterable, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils, x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
 from keyden import errors as E
@@ -146,7 +151,7 @@ def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
         kind = _DER_SHAPES.get(_der_child_tags(data))
         if kind is not None:
             if kind == "pkcs8-enc" and password is not None:
-                _check_kdf_cost(data)
+                return _load_encrypted(data, password)
             return _load(kind, data, False, password, kind == "pkcs8-enc")
         if b"-----BEGIN" in data:
             return _parse_pem(data, password)
@@ -208,21 +213,26 @@ _OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")        # 1.2.840.113549.1.5.12
 _OID_SCRYPT = bytes.fromhex("2b06010401da47040b")        # 1.3.6.1.4.1.11591.4.11
 _OID_PKCS12_PBE = bytes.fromhex("2a864886f70d010c01")    # 1.2.840.113549.1.12.1.*
 _OID_RSASSA_PSS = bytes.fromhex("2a864886f70d01010a")    # 1.2.840.113549.1.1.10
-MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256; common settings are 2048..1.3M
+MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256 on a worker; common settings are 2048..1.3M
+MAX_PKCS12_ITERATIONS = 1 << 14   # pyca's loader runs the PKCS#12 KDF holding the GIL: ~10 ms; usual: 2048
 MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
 
 
-def _check_kdf_cost(der: bytes) -> None:
-    """Refuse an EncryptedPrivateKeyInfo unless its password KDF is one whose cost is bounded here: PBES2
-    with PBKDF2 or scrypt, or PKCS#12 PBE.
+def _decrypt_pkcs8(der: bytes, password: bytes) -> bytes | None:
+    """An EncryptedPrivateKeyInfo's PrivateKeyInfo, decrypted here with pyca's primitives (PBES2: PBKDF2 or
+    scrypt, then AES- or 3DES-CBC and PKCS#7 unpadding); None for PKCS#12 PBE, which pyca's loader
+    decrypts, its KDF having been checked.
 
-    pyca runs PBKDF2, the PKCS#12 KDF and PBES1's with any iteration count
-    and scrypt with no memory limit, so a few hundred bytes could pin a core
-    for days or allocate gigabytes inside the daemon.  So this fails closed:
-    PBES1 (obsolete DES and RC2), a KDF not named above, and parameters that
-    do not read as expected are refused before pyca sees them.
+    Why not pyca's loader for all: it holds the GIL through the KDF, ~1 s at the 2^21 PBKDF2 rounds
+    allowed, in which the loop, and so every client, waits; pyca's KDF primitives release it.  Why
+    check the cost first: pyca runs PBKDF2, the PKCS#12 KDF and PBES1's with any iteration count and
+    scrypt with no memory limit, so a few hundred bytes could pin a core for days or allocate
+    gigabytes inside the daemon.  So this fails closed: PBES1 (obsolete DES and RC2), a KDF or cipher
+    not named above, and parameters that do not read as expected are refused before any KDF runs.
     """
-    def raw(tlv):
+    def raw(tlv, tag=None):
+        if tag is not None and tlv[0] != tag:
+            raise ValueError("unexpected tag")
         return der[tlv[1]:tlv[1] + tlv[2]]
 
     def integer(tlv):
@@ -231,27 +241,87 @@ def _check_kdf_cost(der: bytes) -> None:
         return int.from_bytes(raw(tlv), "big", signed=True) if tlv[2] <= 8 else 1 << 64
 
     try:
-        algorithm = _der_children(der, _der_children(der, _der_header(der, 0))[0])
-        oid, params = raw(algorithm[0]), algorithm[1]
-        if oid == _OID_PBES2:
-            kdf = _der_children(der, _der_children(der, params)[0])
-            kdf_params = _der_children(der, kdf[1])
-            if raw(kdf[0]) == _OID_SCRYPT:   # salt, N, r, p
-                n, r, p = (integer(t) for t in kdf_params[1:4])
-                costly = 128 * n * r * p > MAX_SCRYPT_COST
-            elif raw(kdf[0]) == _OID_PBKDF2:  # salt, iterations, ...
-                costly = integer(kdf_params[1]) > MAX_KDF_ITERATIONS
-            else:
-                raise E.EINVAL("key encrypted with a PBES2 KDF other than PBKDF2 or scrypt; not supported")
-        elif oid.startswith(_OID_PKCS12_PBE):  # salt, iterations
-            costly = integer(_der_children(der, params)[1]) > MAX_KDF_ITERATIONS
-        else:
+        outer = _der_children(der, _der_header(der, 0))
+        algorithm = _der_children(der, outer[0])
+        oid, params = raw(algorithm[0], 0x06), algorithm[1]
+        if oid.startswith(_OID_PKCS12_PBE):  # salt, iterations
+            if integer(_der_children(der, params)[1]) > MAX_PKCS12_ITERATIONS:
+                raise E.EINVAL("key encryption too costly to undo (PKCS#12 PBE iterations)")
+            return None
+        if oid != _OID_PBES2:
             raise E.EINVAL("key encryption not supported (PBES1's DES and RC2 are obsolete): re-encrypt it with "
                            "PBES2, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
-    except (ValueError, IndexError):
+        kdf, scheme = (_der_children(der, tlv) for tlv in _der_children(der, params)[:2])
+        kdf_params = _der_children(der, kdf[1])
+        salt = raw(kdf_params[0], 0x04)
+        if raw(kdf[0]) == _OID_SCRYPT:  # salt, N, r, p, keyLength?
+            n, r, p = (integer(t) for t in kdf_params[1:4])
+            if min(n, r, p) < 1:
+                raise ValueError("scrypt parameters below 1")
+            if 128 * n * r * p > MAX_SCRYPT_COST:
+                raise E.EINVAL("key encryption too costly to undo (scrypt memory)")
+            length = integer(kdf_params[4]) if len(kdf_params) > 4 else None
+            kdf_of = functools.partial(Scrypt, salt, n=n, r=r, p=p)
+        elif raw(kdf[0]) == _OID_PBKDF2:  # salt, iterations, keyLength?, prf? (hmacWithSHA1 by default)
+            iterations, rest = integer(kdf_params[1]), kdf_params[2:]
+            if iterations < 1:
+                raise ValueError("no PBKDF2 iterations")
+            if iterations > MAX_KDF_ITERATIONS:
+                raise E.EINVAL("key encryption too costly to undo (PBKDF2 iterations)")
+            length = integer(rest.pop(0)) if rest and rest[0][0] == 0x02 else None
+            prf = _PBKDF2_PRFS.get(raw(_der_children(der, rest[0])[0])) if rest else hashes.SHA1
+            if prf is None:
+                raise E.EINVAL("key encrypted with a PBKDF2 hash keyden does not take (SHA-1 or SHA-2): "
+                               "re-encrypt it, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
+            kdf_of = functools.partial(PBKDF2HMAC, prf(), salt=salt, iterations=iterations)
+        else:
+            raise E.EINVAL("key encrypted with a PBES2 KDF other than PBKDF2 or scrypt; not supported")
+        cipher = _PBES2_CIPHERS.get(raw(scheme[0]))
+        if cipher is None:
+            raise E.EINVAL("key encrypted with a cipher keyden does not take (AES-CBC or 3DES-CBC): re-encrypt "
+                           "it, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
+        algorithm_of, key_size = cipher
+        iv, data = raw(scheme[1], 0x04), raw(outer[1], 0x04)
+        if length not in (None, key_size):
+            raise ValueError("a key length other than the cipher's")
+        kdf_run = kdf_of(length=key_size)
+        mode = modes.CBC(iv)
+    except (ValueError, IndexError, TypeError):
         raise E.EBADMSG("malformed encrypted private key") from None
-    if costly:
-        raise E.EINVAL("key encryption too costly to undo (KDF iterations or scrypt memory)")
+    try:
+        algorithm_run = algorithm_of(kdf_run.derive(password))
+        decryptor = Cipher(algorithm_run, mode).decryptor()
+        unpadder = sym_padding.PKCS7(algorithm_of.block_size).unpadder()
+        return unpadder.update(decryptor.update(data) + decryptor.finalize()) + unpadder.finalize()
+    except ValueError:  # the data or IV not whole blocks, or the padding a wrong password leaves
+        raise E.EKEYREJECTED("wrong password, or corrupt encrypted key") from None
+
+
+def _load_encrypted(der: bytes, password: bytes) -> ParsedKey:
+    """An encrypted PKCS#8 key, decrypted (``_decrypt_pkcs8``), then loaded and checked as an unencrypted
+    one is (a key restricted to RSASSA-PSS inside was loaded as plain RSA when pyca decrypted it)."""
+    plain = _decrypt_pkcs8(der, password)
+    if plain is None:
+        return _load("pkcs8-enc", der, False, password, True)
+    if _DER_SHAPES.get(_der_child_tags(plain)) != "pkcs8":
+        raise E.EKEYREJECTED("wrong password, or corrupt encrypted key")
+    try:
+        return _load("pkcs8", plain, False, None, False)
+    except E.EBADMSG:  # what a wrong password decrypts to, with padding that happened to look right
+        raise E.EKEYREJECTED("wrong password, or corrupt encrypted key") from None
+
+
+_PBKDF2_PRFS = {  # RFC 8018 B.1.2: hmacWithSHA1 .. hmacWithSHA512 (1.2.840.113549.2.7-11)
+    bytes.fromhex("2a864886f70d0207"): hashes.SHA1, bytes.fromhex("2a864886f70d0208"): hashes.SHA224,
+    bytes.fromhex("2a864886f70d0209"): hashes.SHA256, bytes.fromhex("2a864886f70d020a"): hashes.SHA384,
+    bytes.fromhex("2a864886f70d020b"): hashes.SHA512,
+}
+_PBES2_CIPHERS = {  # RFC 8018 B.2 and RFC 3565: the scheme's OID -> (pyca algorithm, key bytes)
+    bytes.fromhex("608648016503040102"): (algorithms.AES, 16),  # aes128-CBC 2.16.840.1.101.3.4.1.2
+    bytes.fromhex("608648016503040116"): (algorithms.AES, 24),  # aes192-CBC ...1.22
+    bytes.fromhex("60864801650304012a"): (algorithms.AES, 32),  # aes256-CBC ...1.42
+    bytes.fromhex("2a864886f70d0307"): (TripleDES, 24),         # des-EDE3-CBC 1.2.840.113549.3.7
+}
 
 
 # (first, second) child tags -> container.  Certificate: tbs SEQUENCE, algorithm
@@ -292,7 +362,7 @@ def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
     if not (tags == _TRADITIONAL[labels[0]] if kind == "pem" else _DER_SHAPES.get(tags) == kind):
         raise E.EBADMSG(f"the PEM block's contents are not what its label ({labels[0].decode()}) says")
     if kind == "pkcs8-enc" and password is not None:
-        _check_kdf_cost(der)
+        return _load_encrypted(der, password)
     return _load(kind, der, False, password, kind == "pkcs8-enc")
 
 
@@ -437,6 +507,18 @@ def _der_contents(der: bytes) -> bytes:
     """A DER element's contents, without its tag and length (what the kernel's ASN.1 actions are given)."""
     size = der[1]
     return der[2 + (size & 0x7F if size & 0x80 else 0):]
+
+
+def _weak_digest_info(data: bytes) -> bool:
+    """Is ``data`` a DigestInfo of MD2, MD4 or MD5 (1.2.840.113549.2.2/4/5), with or without the NULL
+    parameters?  Signing one without hash= would make the signatures hash= refuses to."""
+    for last in (0x02, 0x04, 0x05):
+        oid = bytes.fromhex("06082a864886f70d02") + bytes([last])
+        for algorithm in (b"\x30\x0c" + oid + b"\x05\x00", b"\x30\x0a" + oid):
+            prefix = bytes([0x30, len(algorithm) + 18]) + algorithm + b"\x04\x10"
+            if len(data) == len(prefix) + 16 and data.startswith(prefix):
+                return True
+    return False
 
 
 def _check_rsa_bits(bits: int) -> int:
@@ -752,6 +834,9 @@ class ParsedKey:
                     raise E.EINVAL(f"data longer than the key size ({size} bytes)")
                 if op == OP_SIGN and len(data) > size - 11:  # as pkcs1pad's sign: no room for the padding
                     raise E.EOVERFLOW(f"data longer than the key size less PKCS#1's 11 bytes ({size - 11})")
+                if op == OP_SIGN and _weak_digest_info(data):
+                    raise E.EINVAL("an MD2, MD4 or MD5 DigestInfo: keyden signs no such digest (hash= refuses "
+                                   "them too)")
                 return pad, None
         else:
             h = _hash(opts.get("hash", _CURVES[self.curve][3]))  # (no digest is over ECDSA_MAX_DATA)
