@@ -7,6 +7,7 @@ made locally are decrypted inside keyden; PyJWT signs with a key it never sees.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import pickle
 
@@ -205,12 +206,21 @@ def test_rsa_prehashed_sends_the_digest(rsa_pair):
         remote.sign(digest[:-1], padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 
 
+def test_rsa_signs_with_no_digest_info_as_pyca(rsa_pair):
+    """PKCS#1 v1.5 over the data as given (TLS 1.1's MD5 || SHA-1, a DigestInfo made elsewhere): pyca's
+    NoDigestInfo, the kernel's pkcs1pad without hash= (it was EOPNOTSUPP)."""
+    local, remote = rsa_pair
+    md5_sha1 = hashlib.md5(MESSAGE).digest() + hashlib.sha1(MESSAGE).digest()
+    signature = remote.sign(md5_sha1, padding.PKCS1v15(), utils.NoDigestInfo())
+    assert signature == local.sign(md5_sha1, padding.PKCS1v15(), utils.NoDigestInfo())
+
+
 def test_rsa_sign_rejects_what_keyden_cannot_do(rsa_pair):
     _local, remote = rsa_pair
     with pytest.raises(E.EINVAL, match="AUTO"):
         remote.sign(MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.AUTO), hashes.SHA256())
-    with pytest.raises(E.EOPNOTSUPP):
-        remote.sign(MESSAGE, padding.PKCS1v15(), utils.NoDigestInfo())
+    with pytest.raises(E.EINVAL, match="PKCS1v15 padding only"):
+        remote.sign(MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), 32), utils.NoDigestInfo())
     with pytest.raises(E.EINVAL):
         remote.sign(MESSAGE, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None), hashes.SHA256())
     with pytest.raises(E.EINVAL, match="unsupported hash"):

@@ -579,12 +579,7 @@ def test_a_request_a_worker_holds_at_sigterm_gets_its_answer(fresh_daemon):
     """A stop lets the requests under way finish and sends their answers before it closes: such a request
     may have made a key (here one whose password takes 2^21 PBKDF2 rounds to undo, on a worker), and a
     client told ECONNRESET instead would retry it and make a second (found by the lifecycle hunt)."""
-    from keyden.crypto.asymmetric import MAX_KDF_ITERATIONS
-
-    key = subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-                         capture_output=True, check=True).stdout
-    pem = subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-iter", str(MAX_KDF_ITERATIONS),
-                          "-passout", "pass:pw"], input=key, capture_output=True, check=True).stdout
+    pem = _slow_pem()
     d = fresh_daemon()
     answers = []
     with d.connect() as c, d.connect() as idle:
@@ -600,6 +595,66 @@ def test_a_request_a_worker_holds_at_sigterm_gets_its_answer(fresh_daemon):
         assert d.proc.wait(30) == 0
     assert answers and isinstance(answers[0], int), answers
     assert time.monotonic() - started < 4, "the idle connection held the stop"
+
+
+def test_a_persistent_change_whose_fsync_waits_for_a_worker_at_sigterm_gets_its_answer(fresh_daemon):
+    """A change made on the loop leaves only its fsync for a worker; with its uid's share of workers busy
+    (two slow imports of four workers), that waited, and the stop dropped it as never started: the key
+    was made, and written at the shutdown, but its client heard ECONNRESET (found by review)."""
+    pem = _slow_pem()
+    d = fresh_daemon("workers = 4\n")
+    answers = {}
+    with d.connect() as setup:
+        persistent = setup.get_persistent("@u")
+    clients = [d.connect() for _ in range(3)]
+    try:
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, _outcome(
+            lambda: clients[i].add("asymmetric", f"slow{i}", pem, "@u", password=b"pw")))) for i in range(2)]
+        threads.append(threading.Thread(target=lambda: answers.__setitem__("add", _outcome(
+            lambda: clients[2].add("user", "made-at-stop", b"v", persistent)))))
+        for thread in threads:
+            thread.start()
+            time.sleep(0.1)
+        assert all(thread.is_alive() for thread in threads), "the imports were not slow enough"
+        d.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert d.proc.wait(30) == 0
+    finally:
+        for c in clients:
+            c.close()
+    assert all(isinstance(answer, int) for answer in answers.values()) and len(answers) == 3, answers
+    d.start()
+    with d.connect() as c:
+        assert c.search(c.get_persistent("@u"), "user", "made-at-stop") == answers["add"]
+
+
+def test_other_clients_are_answered_while_a_key_password_is_undone(fresh_daemon):
+    """pyca's key loader holds the GIL through the password's KDF: at the 2^21 PBKDF2 rounds allowed, every
+    client of the daemon waited about a second per import (found by review).  keyden runs the KDF with
+    pyca's primitives, which release it, so the loop answers others meanwhile."""
+    pem = _slow_pem()
+    d = fresh_daemon()
+    with d.connect() as c, d.connect() as other:
+        importing = threading.Thread(target=lambda: c.add("asymmetric", "slow", pem, "@u", password=b"pw"))
+        importing.start()
+        time.sleep(0.1)
+        pings = 0
+        while importing.is_alive():
+            other.ping()
+            pings += 1
+        importing.join()
+    assert pings >= 20, f"{pings} pings answered during the import"
+
+
+def _slow_pem() -> bytes:
+    """A P-256 key whose password takes 2^21 PBKDF2 rounds to undo: ~0.5 s on a worker."""
+    from keyden.crypto.asymmetric import MAX_KDF_ITERATIONS
+
+    key = subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                         capture_output=True, check=True).stdout
+    return subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-iter", str(MAX_KDF_ITERATIONS),
+                           "-passout", "pass:pw"], input=key, capture_output=True, check=True).stdout
 
 
 def _outcome(call):

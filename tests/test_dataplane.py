@@ -261,10 +261,13 @@ def test_helpers_and_the_cli_fit_their_requests_to_a_small_frame_cap(fresh_daemo
             a = await keyden.aconnect(d.socket)
             try:
                 async with await a.stream("ctr(aes)", serial, iv=nonce + bytes(4)) as stream:
-                    return await stream.update(data) + (await stream.finalize())[0]
+                    out = await stream.update(data) + (await stream.finalize())[0]
+                hashing = await a.hash("sha256")  # a large update's pieces and the next update, made at once
+                await asyncio.gather(hashing.update(data), hashing.update(b"tail"))
+                return out, (await hashing.finalize())[1]
             finally:
                 await a.close()
-        assert asyncio.run(streamed()) == ctr
+        assert asyncio.run(streamed()) == (ctr, hashlib.sha256(data + b"tail").digest())
 
     def cli(*args, stdin=data):
         env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SOCKET=d.socket)

@@ -20,7 +20,7 @@ PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so ot
 def unix_time(text: str) -> int:
     """--at: Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
     if text.isascii() and text.isdigit():  # (isdigit alone takes '²' and other scripts' digits)
-        if len(text) > 12 or int(text) > LAST_SECOND:
+        if len(text.lstrip("0")) > 12 or int(text) > LAST_SECOND:
             shown = text if len(text) <= 32 else text[:32] + "..."
             raise Exit(2, f"Out of range time: '{shown}' (0 to {LAST_SECOND}, the end of the year 9999)")
         return int(text)
@@ -33,6 +33,8 @@ def unix_time(text: str) -> int:
     seconds = int(when.timestamp())
     if seconds < 0:
         raise Exit(2, f"Time before 1970: '{text}'")
+    if seconds > LAST_SECOND:  # (the year 9999 in another zone)
+        raise Exit(2, f"Out of range time: '{text}' (0 to {LAST_SECOND}, the end of the year 9999)")
     return seconds
 
 

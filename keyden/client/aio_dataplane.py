@@ -224,6 +224,7 @@ class AsyncStream:
         self.alg, self.decrypt = alg, decrypt
         self.generation = client.generation  # the connection it is open on
         self.done = False
+        self._in_order = asyncio.Lock()  # held while an update larger than a frame sends its pieces
         # Dropped unfinished (pyca's hash contexts need no cleanup, so code does drop them): queued, and
         # aborted before the client's next stream opens (a finalizer cannot await).
         self._dropped = weakref.finalize(self, client.abandoned_streams.append, (handle, self.generation))
@@ -244,17 +245,20 @@ class AsyncStream:
 
     async def update(self, data) -> bytes:
         """The output so far; data more than one request may carry under the daemon's frame cap goes in
-        pieces, one after the other."""
+        pieces, one after the other, and no other update or finalize of the stream comes between them."""
         _still_open(self)
         data = binary(data)
         piece = self._client.max_frame - _OVERHEAD
-        if len(data) <= piece:
-            return await self._update(data)
-        view = memoryview(data)
-        return b"".join([await self._update(view[at:at + piece]) for at in range(0, len(data), piece)])
+        async with self._in_order:  # (taken at once when free: a piece goes out as the call is made)
+            if len(data) > piece:
+                view = memoryview(data)
+                return b"".join([await self._answer(self._client.stream_update(self.handle, view[at:at + piece]))
+                                 for at in range(0, len(data), piece)])
+            sent = self._client.stream_update(self.handle, data)
+        return await self._answer(sent)
 
-    async def _update(self, data) -> bytes:
-        sent = self._client.stream_update(self.handle, data)  # on the wire: it happens, or not
+    async def _answer(self, sent: Awaitable[bytes]) -> bytes:
+        """An update's output; its request is on the wire already: it happens, or not."""
         try:
             return await sent
         except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
@@ -284,8 +288,10 @@ class AsyncStream:
         head = b""
         if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag
             head, data = await self.update(data), b""
+        async with self._in_order:
+            sent = self._client.stream_final(self.handle, data, tag)
         try:
-            out, last = await self._client.stream_final(self.handle, data, tag)
+            out, last = await sent
         except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
             raise
         except BaseException:

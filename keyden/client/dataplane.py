@@ -140,6 +140,15 @@ TURN_WAIT = 0.0005  # seconds a large call waits before it looks again for a fre
 POOLED_REGION_MAX = 64 << 20
 
 
+class _Turn:
+    """A thread's turn in a RegionPool (in a thread-local, so it goes when its thread does): [held?]."""
+
+    __slots__ = ("held", "__weakref__")
+
+    def __init__(self):
+        self.held = [False]
+
+
 class RegionPool:
     """The shared regions behind one client's ``Aead`` helpers: a call takes one, gives it back after.
 
@@ -153,37 +162,45 @@ class RegionPool:
     def __init__(self, client):
         self._client = client
         self._free: list[SharedBuffer] = []
-        self._lock = threading.Lock()  # for _free and _turns: never held across a request
-        self._turns: set[int] = set()  # the threads whose call has a region: POOLED_REGIONS at most
+        self._lock = threading.Lock()  # for _free and the count of turns: never held across a request
+        self._turns = 0  # threads holding a turn: POOLED_REGIONS at most
+        self._mine = threading.local()  # this thread's _Turn (see take)
 
     def take(self, size: int) -> "SharedBuffer":
         """A region of at least ``size`` bytes over the current connection, for one call (``give_back``
         it after).
 
-        A turn is its thread's, not a count: a KeyboardInterrupt (or any exception a signal handler
-        raises) between ``take`` and the ``try`` that gives the region back loses no turn for good, as
-        the thread's next call finds its own, and the turn of a thread that ended is taken back.  Nor
-        does a waiter hold a Python-level lock (threading.Semaphore's could stay locked): with every
-        turn taken, it sleeps a little and looks again, which only a client making more than
-        POOLED_REGIONS large calls at once on as many threads ever does.
+        A turn is its thread's, kept in a thread-local: a KeyboardInterrupt (or any exception a signal
+        handler raises) between ``take`` and the ``try`` that gives the region back loses no turn for
+        good, as the thread's next call finds its own, and a thread that ends gives its turn back (the
+        thread-local goes with it).  Nor does a waiter hold a Python-level lock (threading.Semaphore's
+        could stay locked): with every turn taken, it sleeps a little and looks again, which only a
+        client making more than POOLED_REGIONS large calls at once on as many threads ever does.
         """
-        me = threading.get_ident()
-        while True:
+        turn = getattr(self._mine, "turn", None)
+        if turn is None:
+            turn = self._mine.turn = _Turn()
+            weakref.finalize(turn, self._end_turn, turn.held)  # when its thread ends
+        held = turn.held
+        while not held[0]:
             with self._lock:
-                if me in self._turns or len(self._turns) < POOLED_REGIONS:
-                    self._turns.add(me)
+                if self._turns < POOLED_REGIONS:
+                    self._turns += 1
+                    held[0] = True
                     break
-                self._turns &= {thread.ident for thread in threading.enumerate()}
             time.sleep(TURN_WAIT)
         try:
             return self._take(size)
         except BaseException:
-            self._end_turn()
+            self._end_turn(held)
             raise
 
-    def _end_turn(self) -> None:
+    def _end_turn(self, held: list | None = None) -> None:
+        held = held or self._mine.turn.held
         with self._lock:
-            self._turns.discard(threading.get_ident())
+            if held[0]:
+                self._turns -= 1
+                held[0] = False
 
     def _take(self, size: int) -> "SharedBuffer":
         with self._lock:
@@ -204,10 +221,13 @@ class RegionPool:
 
     def give_back(self, shm: "SharedBuffer") -> None:
         try:
+            kept = False
             if shm.size <= POOLED_REGION_MAX and not _stale(self._client, shm.generation):
                 with self._lock:
-                    self._free.append(shm)  # at most POOLED_REGIONS: each was taken in a turn
-            else:
+                    if len(self._free) < POOLED_REGIONS:  # (a call from a signal handler inside another
+                        self._free.append(shm)            # may have taken one on its thread's turn)
+                        kept = True
+            if not kept:
                 shm.close()
         finally:
             self._end_turn()

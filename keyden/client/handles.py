@@ -209,8 +209,8 @@ def _digest(data, algorithm) -> tuple[bytes, str]:
         if len(data) != algorithm.digest_size:  # as pyca: a prehashed digest is exactly the hash's size
             raise InvalidArgument(f"prehashed data must be a {name} digest of {algorithm.digest_size} bytes")
         return data, name
-    if isinstance(algorithm, utils.NoDigestInfo):
-        raise E.EOPNOTSUPP("keyden signs with a DigestInfo; NoDigestInfo is not offered")
+    if isinstance(algorithm, utils.NoDigestInfo):  # (RemoteRSAPrivateKey.sign takes it, with PKCS#1 v1.5)
+        raise E.EOPNOTSUPP("NoDigestInfo is for RSA with PKCS1v15 padding only")
     name = _hash_name(algorithm)
     h = hashes.Hash(algorithm)
     h.update(data)
@@ -238,6 +238,9 @@ def _pss_saltlen(pad: padding.PSS) -> str:
 def _padding(pad) -> None:
     if not isinstance(pad, padding.AsymmetricPadding):
         raise TypeError("Padding must be an instance of AsymmetricPadding.")  # pyca's words
+
+
+_PKCS1V15 = padding.PKCS1v15
 
 
 def _rsa_sign_info(pad, hash_name: str) -> str:
@@ -323,6 +326,10 @@ class RemoteRSAPrivateKey(_RemoteKey, rsa.RSAPrivateKey):
         return self._public.key_size
 
     def sign(self, data, padding, algorithm) -> bytes:
+        if isinstance(algorithm, utils.NoDigestInfo):  # the data as given in the block: TLS 1.1's MD5 || SHA-1
+            if not isinstance(padding, _PKCS1V15):
+                raise InvalidArgument("NoDigestInfo is for PKCS1v15 padding only")
+            return self._sign("enc=pkcs1", binary(data))
         digest, hash_name = _digest(data, algorithm)
         return self._sign(_rsa_sign_info(padding, hash_name), digest)
 

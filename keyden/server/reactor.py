@@ -125,7 +125,8 @@ class Reactor:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="keyden-worker")
         self._per_uid_workers = max(1, workers // 2)  # one uid's slow requests never hold every worker
         self._working: collections.Counter[int] = collections.Counter()  # uid -> its requests with a worker
-        self._waiting_work: dict[int, collections.deque] = {}  # uid -> (channel, work) over its share, in order
+        # uid -> (channel, work, handled: see _submit) over its share, in order
+        self._waiting_work: dict[int, collections.deque] = {}
         self._small = memoryview(bytearray(SMALL_RECV_CHUNK))
         self._large: memoryview | None = None
         self._stopping = False
@@ -200,7 +201,8 @@ class Reactor:
         ``seconds``; nothing more is read, started or accepted.
 
         A request under way may have made a key or changed a persistent one: its client must hear the
-        answer, or it may retry and do it twice.  Requests not started yet are not done, and get no answer.
+        answer, or it may retry and do it twice.  So one whose change is made and whose fsync waited for a
+        worker has it done here.  Requests not started yet are not done, and get no answer.
         """
         if self._listener is not None:
             try:
@@ -208,16 +210,20 @@ class Reactor:
             except OSError:  # not watched for a moment: out of descriptors (_admit_failed)
                 pass
             self._listener = None
-        for waiting in self._waiting_work.values():  # never started: their channels close unanswered
-            for ch, _work in waiting:
-                ch.busy = False
+        channels = self._channels
+        for ch in channels.values():
+            ch.closing = True  # _serve reads no more frames; _flush closes it once its replies are out
+        waiting, self._waiting_work = self._waiting_work, {}
+        for queue in waiting.values():
+            for ch, work, handled in queue:
+                if handled:  # made its change on the loop; its fsync waited for a worker: done here
+                    self._finished(ch, self._run_here(ch, work), started=False)
+                    continue
+                ch.busy = False  # never started: its channel closes unanswered
                 self._busy -= 1
                 if not self._alive(ch):  # its client left while it waited: finish the close
                     self._release(ch)
-        self._waiting_work.clear()
-        channels = self._channels
         for ch in list(channels.values()):
-            ch.closing = True  # _serve reads no more frames; _flush closes it once its replies are out
             if not ch.busy:
                 self._flush(ch)
         deadline = _clock() + seconds
@@ -401,7 +407,7 @@ class Reactor:
             reply = conn.handle(frame)
             if conn.needs_sync():  # a persistent keyring changed: the fsync goes to a worker, the reply after it
                 self._submit(ch, lambda frame=frame, reply=reply, upto=conn.unsynced, changed=conn.changed:
-                             conn.durable(frame, reply, upto, changed))
+                             conn.durable(frame, reply, upto, changed), handled=True)
                 break
             frame = None
             if conn.closed:
@@ -642,14 +648,15 @@ class Reactor:
 
     # ---------------------------------------------------------------- workers
 
-    def _submit(self, ch: Channel, work: Callable[[], bytes]) -> None:
-        """Hand a request to a worker; it waits for one if its uid already has its share of them."""
+    def _submit(self, ch: Channel, work: Callable[[], bytes], handled: bool = False) -> None:
+        """Hand a request to a worker; it waits for one if its uid already has its share of them.
+        ``handled``: the request is done, only the fsync that makes it durable is left (``_drain``)."""
         ch.busy = True
         self._busy += 1
         self._watch(ch, 0)
         uid = ch.conn.peer.uid
         if self._working[uid] >= self._per_uid_workers:
-            self._waiting_work.setdefault(uid, collections.deque()).append((ch, work))
+            self._waiting_work.setdefault(uid, collections.deque()).append((ch, work, handled))
             return
         self._start(ch, work)
 
@@ -657,15 +664,20 @@ class Reactor:
         self._working[ch.conn.peer.uid] += 1
 
         def run() -> None:
-            try:
-                reply = work()
-                result = lambda: self._finished(ch, reply)
-            except BaseException:  # handle() and durable() turn errors into replies: this is a bug
-                log.exception("%s: worker failed", ch.name)
-                result = lambda: self._finished(ch, None)
-            self._done.append((ch, result))
+            reply = self._run_here(ch, work)
+            self._done.append((ch, lambda: self._finished(ch, reply)))
             self._wake()
         self._pool.submit(run)
+
+    @staticmethod
+    def _run_here(ch: Channel, work: Callable[[], bytes]) -> bytes | None:
+        """``work()``'s reply, or None for a failure (its connection is then closed): handle() and durable()
+        turn errors into replies, so that is a bug."""
+        try:
+            return work()
+        except BaseException:
+            log.exception("%s: worker failed", ch.name)
+            return None
 
     def _completions(self) -> None:
         try:
@@ -683,7 +695,7 @@ class Reactor:
             del self._working[uid]
         waiting = self._waiting_work.get(uid)
         while waiting:
-            ch, work = waiting.popleft()
+            ch, work, _handled = waiting.popleft()
             if self._alive(ch):
                 self._start(ch, work)
                 break
