@@ -1324,6 +1324,57 @@ def test_a_state_directory_under_a_directory_others_may_write_is_refused(tmp_pat
     assert proc.returncode == 1 and f"is under {shared}, owned by uid 4242" in proc.stderr
 
 
+def test_a_symbolic_link_on_the_way_to_the_state_directory_is_held_to_the_same_rule(tmp_path):
+    """Only the resolved path's directories were checked: a symlink in a directory others may write (or
+    one another uid owns in a sticky directory) could be pointed at an empty directory, and the daemon
+    made a new, empty store there (found by the persistence hunt)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.pop("KEYDEN_PASSPHRASE_FILE", None)
+    real = os.path.join(tmp_path, "safe", "state")
+    os.makedirs(real, 0o700)
+
+    def init(state: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "keyden", "init", "--state-dir", state],
+                              capture_output=True, text=True, env=env)
+    assert init(real).returncode == 0
+    open_dir = os.path.join(tmp_path, "open")
+    os.mkdir(open_dir)
+    os.chmod(open_dir, 0o777)
+    os.symlink(real, os.path.join(open_dir, "state"))
+    proc = init(os.path.join(open_dir, "state"))
+    assert proc.returncode == 1 and f"is under {open_dir}, mode 0777, writable by group or others" in proc.stderr
+    sticky = os.path.join(tmp_path, "sticky")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    theirs = os.path.join(sticky, "state")
+    os.symlink(real, theirs)
+    os.lchown(theirs, 4242, 4242)  # in a sticky directory its owner may still replace it
+    proc = init(theirs)
+    assert proc.returncode == 1 and f"reached through {theirs}, a symbolic link owned by uid 4242" in proc.stderr
+    hop = os.path.join(open_dir, "hop")  # a safe link to a link in an open directory
+    os.symlink(real, hop)
+    ours = os.path.join(tmp_path, "safe", "via")
+    os.symlink(hop, ours)
+    proc = init(ours)
+    assert proc.returncode == 1 and f"is under {open_dir}" in proc.stderr
+    os.lchown(theirs, 0, 0)
+    assert init(theirs).returncode == 0, "root's link in a sticky directory is fine"
+
+
+def test_a_sealed_column_holding_an_integer_skips_its_row_and_never_stops_a_start(fresh_daemon):
+    """bytes() of the integer: -1 was a ValueError traceback that stopped every start, 2**40 a MemoryError
+    (found by the persistence hunt)."""
+    d = fresh_daemon()
+    ring, keys = keys_in(d, 3)
+    bad, other = list(keys)[:2]
+    d.stop(signal.SIGKILL)
+    sql(d, "UPDATE keys SET sealed = -1 WHERE serial = ?", bad)
+    sql(d, "UPDATE manifest SET sealed = ? WHERE bucket = ?", 1 << 40, other % BUCKETS)
+    log = start_and_read_log(d)
+    assert f"stored key {bad} skipped" in log and "Traceback" not in log
+    assert_loaded(d, ring, {serial: payload for serial, payload in keys.items() if serial != bad})
+
+
 def test_store_files_configured_in_a_directory_others_may_write_are_refused(tmp_path):
     """db_path and master_key_file outside the state directory: whoever may write in the directory holding
     one could rename an older copy over it (the whole store rolled back), delete it (a new, empty store) or

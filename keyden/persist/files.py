@@ -49,28 +49,65 @@ def make_dirs(path: str, mode: int = 0o700) -> None:
 
 def require_safe_parents(path: str, what: str) -> None:
     """Refuse, as sshd's StrictModes does for a home directory, a ``path`` another user could swap out:
-    each directory above it must be owned by root or the daemon's uid and writable by neither group nor
-    others, unless sticky (as /tmp, where only an entry's owner may rename it)."""
+    each directory in which a name on the way to it is looked up must be owned by root or the daemon's
+    uid and writable by neither group nor others, unless sticky (as /tmp, where only an entry's owner may
+    rename it); a symbolic link on the way must be root's or the daemon's, and is followed (a link in a
+    safe directory that leads into an unsafe one, or that its owner may repoint, was passed over when
+    only the resolved path's directories were checked: an empty directory swapped in made a new, empty
+    store)."""
     uid = os.geteuid()
-    directory = os.path.dirname(os.path.realpath(path))
-    while True:
+    for directory, link in _lookups(path, what):
         try:
-            st = os.stat(directory)
-        except FileNotFoundError:  # still to be made (make_dirs): the daemon's own, writable by it alone
-            directory = os.path.dirname(directory)
-            continue
+            st = os.lstat(link) if link else os.stat(directory)
         except OSError as exc:
-            raise StartupError(f"cannot examine {directory}, above the {what} {path}: {exc.strerror}") from None
+            raise StartupError(f"cannot examine {link or directory}, on the way to the {what} {path}: "
+                               f"{exc.strerror}") from None
+        if link:
+            if st.st_uid not in (0, uid):
+                raise StartupError(f"the {what} {path} is reached through {link}, a symbolic link owned by uid "
+                                   f"{st.st_uid}, who could point it elsewhere; refusing to start")
+            continue
         loose = stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX
         if st.st_uid not in (0, uid) or loose:
             owner = f"owned by uid {st.st_uid}" if st.st_uid not in (0, uid) else \
                 f"mode {stat.S_IMODE(st.st_mode):04o}, writable by group or others"
             raise StartupError(f"the {what} {path} is under {directory}, {owner}: whoever may rename entries "
                                f"there could put a {what} of their own in its place; refusing to start")
-        parent = os.path.dirname(directory)
-        if parent == directory:
+
+
+def _lookups(path: str, what: str):
+    """What resolving ``path`` looks at, as the kernel walks it: (directory, "") for each directory a name
+    is looked up in, and (directory, link) for each symbolic link met, whose target is walked in turn.
+    The walk ends at the first name that does not exist yet (make_dirs makes the rest, privately)."""
+    pending = [part for part in path.split("/") if part][::-1]  # the next name last
+    current = "/" if path.startswith("/") else os.getcwd()
+    links = 0
+    while pending:
+        name = pending.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        yield current, ""
+        entry = os.path.join(current, name)
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
             return
-        directory = parent
+        except OSError as exc:
+            raise StartupError(f"cannot examine {entry}, on the way to the {what} {path}: {exc.strerror}") from None
+        if not stat.S_ISLNK(st.st_mode):
+            current = entry
+            continue
+        links += 1
+        if links > 40:  # the kernel's own bound (ELOOP)
+            raise StartupError(f"the {what} {path}: too many symbolic links on the way")
+        yield current, entry
+        target = os.readlink(entry)
+        if target.startswith("/"):
+            current = "/"
+        pending += [part for part in target.split("/") if part][::-1]
 
 
 def require_safe_directory(path: str, what: str) -> None:

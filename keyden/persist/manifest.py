@@ -96,7 +96,7 @@ def _open(sealed: object, aad: bytes, sealer: Sealer) -> bytes:
     if sealed is None:
         raise BadManifest("is missing")
     try:
-        return sealer.open(bytes(sealed), aad)
+        return sealer.open(sealed, aad)
     except (InvalidTag, TypeError):
         raise BadManifest("failed authentication") from None
 

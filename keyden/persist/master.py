@@ -48,6 +48,7 @@ NONCE_BYTES = 12
 PASSPHRASE_ENV = "KEYDEN_PASSPHRASE_FILE"
 SCRYPT_COST = (2**15, 8, 1)  # n, r, p: 32 MiB, about 0.1 s
 MAX_SCRYPT_N = 2**20
+MAX_SCRYPT_MEMORY = 256 << 20  # 128 * n * r bytes a store's passphrase parameters may ask (it writes 32 MiB)
 CHECK_PLAINTEXT = b"keyden master key check"
 SALT_BYTES = 32
 #: The store's version, sealed into its check value.  1: no manifest (see manifest.py); 2: a manifest;
@@ -93,7 +94,9 @@ class Sealer:
         return salt_nonce + self._aead(salt_nonce[:SALT_BYTES]).encrypt(salt_nonce[SALT_BYTES:], plaintext, aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
-        """The plaintext; InvalidTag if the key, the blob or the associated data is not the one sealed."""
+        """The plaintext; InvalidTag if the key, the blob or the associated data is not the one sealed,
+        TypeError if ``sealed`` (a column's value) is no BLOB."""
+        sealed = _blob(sealed)
         start = SALT_BYTES + NONCE_BYTES
         if len(sealed) < start + 16:
             raise InvalidTag()
@@ -134,6 +137,7 @@ class LegacySealer:
     __reduce__ = Sealer.__reduce__
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
+        sealed = _blob(sealed)
         if len(sealed) < NONCE_BYTES + 16:
             raise InvalidTag()
         return self._master.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
@@ -374,7 +378,8 @@ class PassphraseKey(KeySource):
             n, r, p = (int(v) for v in meta.get("scrypt", b"").decode().split(","))
         except ValueError:
             raise StartupError("the key store's passphrase parameters are unreadable") from None
-        if not (1 < n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 0 < r <= 32 and 0 < p <= 16):
+        if not (1 < n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 0 < r <= 32 and 0 < p <= 4
+                and 128 * n * r <= MAX_SCRYPT_MEMORY):  # (a row edited to 4 GiB x 16 hung the start)
             raise StartupError("the key store's passphrase parameters are out of range")
         self.cost = (n, r, p)
         sealer = Sealer(derive(self.passphrase, self.salt, self.cost)).for_store(check, self.source, self.salt)
@@ -396,6 +401,14 @@ class PassphraseKey(KeySource):
 
         meta = {"salt": salt, "scrypt": ",".join(map(str, SCRYPT_COST)).encode()}
         return Rotation(sealer, meta, finish)
+
+
+def _blob(value: object) -> bytes:
+    """A sealed column's bytes; TypeError for any other SQL type (bytes() of an integer, from a row edited
+    outside keyden, would allocate that many zeros, or fail with ValueError or MemoryError)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a {type(value).__name__} where a BLOB belongs")
+    return bytes(value)
 
 
 def derive(passphrase: bytes, salt: bytes, cost: tuple[int, int, int]) -> bytes:

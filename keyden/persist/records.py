@@ -137,7 +137,7 @@ def open_sealed(row: Row, sealer: Sealer | LegacySealer) -> tuple[bytes, bytes]:
     except (struct.error, TypeError, AttributeError, UnicodeError, OverflowError):
         raise Unusable("metadata columns of the wrong type or out of range") from None
     try:
-        return aad, sealer.open(bytes(row.sealed), aad)
+        return aad, sealer.open(row.sealed, aad)
     except (InvalidTag, TypeError):
         raise Unusable("authentication failed: tampered with, or sealed under another key") from None
 
