@@ -482,8 +482,8 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             try:
                 if truncated is not None and truncated():
                     truncation_seen.append(True)
-            except Exception:  # (keyden lost: nothing is known) as before: a half-close
-                pass
+            except Exception:  # keyden cannot say (lost, or the session just ended): fail closed, as a cut
+                truncation_seen.append(True)
         return bool(truncation_seen)
 
     def a_ended(broke: bool) -> None:

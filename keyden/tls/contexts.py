@@ -15,9 +15,11 @@ a fresh front context (``_front``).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import ssl
 import threading
+import time
 from collections import OrderedDict
 from typing import Iterator
 
@@ -27,10 +29,11 @@ from cryptography.hazmat.primitives import serialization
 from keyden import errors as E
 from keyden.crypto import asymmetric
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
-from keyden.tls.material import Identity, choose, identities
+from keyden.tls.material import Identity, choose, identities, valid_at
 from keyden.tls.transport import TlsObject
 
 MAX_CACHED = 64
+SESSION_EPOCH = 300  # seconds: a server's contexts, and the sessions they could resume, are made anew so often
 #: The key exchanges keyden's TLS 1.2 suites may use: (EC)DHE, where the identity key only signs.  RSA key
 #: transport would have an RSA identity key decrypt the client's premaster secret (a ``decrypt`` use of a key
 #: that may be bound to ``sign``, flags.ASYMMETRIC_USE); PSK and SRP suites authenticate with no key at all.
@@ -45,7 +48,8 @@ _cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _cached(key: tuple, build) -> ssl.SSLContext:
+def _cached(key: tuple, build, replaces=None) -> ssl.SSLContext:
+    """The context cached under ``key``, or ``build()``'s, cached; it drops those whose key ``replaces``."""
     with _cache_lock:
         ctx = _cache.get(key)
         if ctx is not None:
@@ -53,6 +57,9 @@ def _cached(key: tuple, build) -> ssl.SSLContext:
             return ctx
     ctx = build()  # outside the lock: a key load can take a millisecond; a duplicate build is harmless
     with _cache_lock:  # _forget runs under it too: a key released before this is seen here, after it is dropped
+        if replaces is not None:
+            for old in [k for k in _cache if k != key and replaces(k)]:
+                del _cache[old]
         if not any(k.released for k in _parsed_keys(key)):  # else: used this once, kept not
             _cache[key] = ctx
             while len(_cache) > MAX_CACHED:
@@ -92,17 +99,21 @@ def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
     if trust is not None and not trust:
         raise E.ENOKEY("no certificates in the client trust keyring")
 
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = tuple(valid_at(k.certificate, now) for k in keys if k.certificate is not None)
+
     def build() -> ssl.SSLContext:
-        idents = identities(keys)
+        idents = identities(keys, now)
         if not idents:
             raise E.ENOKEY("no certificate with its private key in the keyring")
         contexts = []
         for ident in idents:
             ctx = _base(ssl.PROTOCOL_TLS_SERVER, flags, alpn)
             _load_identity(ctx, ident)
-            # Sessions stay in the server's own cache (300 s), never in tickets sealed with a key that
-            # lives as long as the context: a TLS 1.2 ticket carries the master secret, so whoever later
-            # got that key could read every session recorded with one (no forward secrecy).
+            # Sessions stay in the server's own cache, never in tickets sealed with a key that lives as
+            # long as the context: a TLS 1.2 ticket carries the master secret, so whoever later got that
+            # key could read every session recorded with one (no forward secrecy).  The cache goes with
+            # its context, made anew every SESSION_EPOCH (OpenSSL's own entries last 7200 s).
             ctx.options |= ssl.OP_NO_TICKET
             if trust:
                 _load_trust(ctx, trust)
@@ -127,7 +138,11 @@ def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
         contexts[0].sni_callback = by_sni
         return contexts[0]
 
-    default = _cached(("server", tuple(keys), tuple(trust or ()), flags, alpn), build)
+    material = ("server", tuple(keys), tuple(trust or ()), flags, alpn)
+    # The validity of each certificate (one expiring reorders the identities: ``identities``) and the
+    # session epoch are part of the key; a new one drops the contexts, and session caches, of earlier ones.
+    generation = (valid, int(time.time() // SESSION_EPOCH))
+    default = _cached(material + (generation,), build, replaces=lambda key: key[:-1] == material)
     return default if trust is None else _front(default, flags, alpn)
 
 
@@ -177,7 +192,9 @@ def client_context(trust: list[x509.Certificate], identity_keys: list | None, fl
         return ctx
 
     identity = tuple(identity_keys) if identity_keys is not None else None
-    return _cached(("client", tuple(trust), identity, flags, alpn), build)
+    valid = tuple(valid_at(k.certificate) for k in identity or () if k.certificate is not None)  # see server_context
+    material = ("client", tuple(trust), identity, flags, alpn)
+    return _cached(material + (valid,), build, replaces=lambda key: key[:-1] == material)
 
 
 def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:

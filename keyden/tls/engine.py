@@ -707,7 +707,14 @@ class Session:
             self.watched.clear()
             descriptors.release_socket(self.tls, self.owner)  # the application's socket: its close may linger
             # Ours too: the application can queue descriptors in it (SCM_RIGHTS) that nobody read, and its
-            # close would be their last, a lingering TCP socket's on this loop's thread.
+            # close would be their last, a lingering TCP socket's on this loop's thread.  Shut here first:
+            # the application's end reads as hung up at once, as TLS_PEER_END's lookup of an ended session
+            # expects (until the closer's close, it answered EBADF, and tls-proxy took a truncated upload
+            # for a whole one; found by the TLS hunt).
+            try:
+                self.plain.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             descriptors.release_socket(self.plain, self.owner)
             # What a session holds goes now, not when the session object does (a deadline may keep it for
             # DRAIN_TIMEOUT, at many sessions a second): the buffers, and OpenSSL's connection with its own.

@@ -10,6 +10,7 @@ Trust anchors and the blacklist are keyden.core.trust's.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -60,11 +61,20 @@ def _pairs(keys: list) -> list[tuple]:
     return [(k, private[k.key_ids[0]]) for k in keys if k.certificate is not None and k.key_ids[0] in private]
 
 
-def identities(keys: list) -> list[Identity]:
-    """Each certificate whose private key is among ``keys``, with its chain, in keyring order."""
+def identities(keys: list, now: datetime.datetime | None = None) -> list[Identity]:
+    """Each certificate whose private key is among ``keys``, with its chain: those valid ``now`` first,
+    each group in keyring order (a renewal that made a new key leaves the old certificate and key
+    beside the new ones, and the expired one came first).  Where the name is the same, the first wins."""
     pool = [k.certificate for k in keys if k.certificate is not None]
+    pairs = sorted(_pairs(keys), key=lambda pair: not valid_at(pair[0].certificate, now))  # (stable)
     return [Identity(k.certificate, _chain(k.certificate, pool), private, dns_names(k.certificate))
-            for k, private in _pairs(keys)]
+            for k, private in pairs]
+
+
+def valid_at(cert: x509.Certificate, now: datetime.datetime | None = None) -> bool:
+    """Is ``now`` (default: this moment) within the certificate's validity?"""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
 def _chain(leaf: x509.Certificate, pool: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
