@@ -385,7 +385,7 @@ def test_costly_key_encryption_is_refused_before_running_the_kdf():
 
 def test_key_encryption_whose_cost_is_not_bounded_here_is_refused_unrun():
     """Fail closed: pyca runs PBES1's pbeWithMD5AndDES-CBC with any iteration count (2**40: days), and
-    would run whatever else it learns; only PBES2 (PBKDF2, scrypt) and PKCS#12 PBE are checked and let in."""
+    would run whatever else it learns; only PBES2 (PBKDF2, scrypt) is let in, and keyden decrypts it."""
     seq = lambda *parts: _tlv(0x30, b"".join(parts))  # noqa: E731
     salt = _tlv(0x04, os.urandom(8))
     for pbes1 in ("2a864886f70d010503", "2a864886f70d01050a", "2a864886f70d010501"):  # MD5-DES, SHA1-DES, MD2-DES
@@ -405,8 +405,9 @@ def test_key_encryption_whose_cost_is_not_bounded_here_is_refused_unrun():
         ["openssl", "pkcs8", "-topk8", "-v1", "PBE-SHA1-3DES", "-passout", "pass:pw", "-outform", "DER"],
         input=legit.private_bytes(PEM, S.PrivateFormat.PKCS8, NOENC), capture_output=True, check=True).stdout
     assert bytes.fromhex("2a864886f70d010c0103") in pkcs12_pbe[:20]  # pbeWithSHAAnd3-KeyTripleDES-CBC
-    for der in (pbes2, pkcs12_pbe):
-        assert A.parse(der, b"pw").public_key.public_numbers() == legit.public_key().public_numbers()
+    assert A.parse(pbes2, b"pw").public_key.public_numbers() == legit.public_key().public_numbers()
+    with pytest.raises(E.EINVAL, match="PKCS#12 PBE are legacy"):  # only pyca's loader undoes it, and that
+        A.parse(pkcs12_pbe, b"pw")                              # hides the key's algorithm (RSASSA-PSS)
 
 
 def _openssl_pkcs8(priv, *args: str) -> bytes:
@@ -439,6 +440,16 @@ def test_every_pbes2_scheme_openssl_writes_is_decrypted_by_keyden():
     for bad in (_int(0), _tlv(0x02, b"\xff")):  # 0 and -1 iterations
         with pytest.raises(E.EBADMSG, match="malformed"):
             A.parse(_epki("2a864886f70d01050c", _tlv(0x30, salt + bad)), b"pw")
+    sound = _epki("2a864886f70d01050c", _tlv(0x30, salt + _int(1000)))
+    for iv, data in ((bytes(8), bytes(64)), (b"", bytes(64)), (bytes(16), bytes(47)), (bytes(16), b"")):
+        seq = lambda *parts: _tlv(0x30, b"".join(parts))  # noqa: E731
+        odd = seq(seq(_oid("2a864886f70d01050d"), seq(seq(_oid("2a864886f70d01050c"), _tlv(0x30, salt + _int(1000))),
+                                                      seq(_oid("60864801650304012a"), _tlv(0x04, iv)))),
+                  _tlv(0x04, data))
+        with pytest.raises(E.EBADMSG, match="malformed"):  # before the KDF runs, not a "wrong password"
+            A.parse(odd, b"pw")
+    with pytest.raises(E.EKEYREJECTED):
+        A.parse(sound, b"pw")
 
 
 def test_a_key_restricted_to_pss_is_refused_inside_an_encrypted_pkcs8_too(tmp_path):

@@ -308,6 +308,22 @@ def test_turns_lost_to_interrupts_never_hang_later_large_calls(client):
     assert sealed == [AESGCM(key).encrypt(nonce, data, None)] * 2
 
 
+def test_a_client_that_made_large_calls_is_freed_once_dropped(daemon, client):
+    """A turn's finalizer held its pool, and so the client, for as long as the thread that made the call
+    lived: the main thread's, forever (found by review)."""
+    import gc
+    import weakref
+
+    other = daemon.connect(session=client.session_token)
+    aead = other.aead(other.add("logon", "test:freed", os.urandom(32), "@s"), GCM)
+    aead.encrypt_random(bytes(dataplane.BULK_THRESHOLD))
+    gone = weakref.ref(other)
+    other.close()
+    del other, aead
+    gc.collect()
+    assert gone() is None
+
+
 def test_a_buffer_of_two_dimensions_is_einval_and_a_shared_buffer_with_a_view_in_use_stays_open(client):
     """Found by the client hunt: a 2-D memoryview as a batch's items or call_many's calls raised
     NotImplementedError; a shared buffer closed while a slice of its view lived was detached in the

@@ -1359,6 +1359,10 @@ def test_a_symbolic_link_on_the_way_to_the_state_directory_is_held_to_the_same_r
     assert proc.returncode == 1 and f"is under {open_dir}" in proc.stderr
     os.lchown(theirs, 0, 0)
     assert init(theirs).returncode == 0, "root's link in a sticky directory is fine"
+    lent = os.path.join(tmp_path, "safe", "lent")
+    os.symlink(real, lent)
+    os.lchown(lent, 4242, 4242)  # where only root may write, nobody else can replace it, whoever owns it
+    assert init(lent).returncode == 0
 
 
 def test_a_sealed_column_holding_an_integer_skips_its_row_and_never_stops_a_start(fresh_daemon):

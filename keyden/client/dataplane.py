@@ -149,6 +149,13 @@ class _Turn:
         self.held = [False]
 
 
+def _thread_ended(pool_ref, held: list) -> None:
+    """A thread that had a turn in a pool ended: the turn is given back, if the pool is still there."""
+    pool = pool_ref()
+    if pool is not None:
+        pool._end_turn(held)
+
+
 class RegionPool:
     """The shared regions behind one client's ``Aead`` helpers: a call takes one, gives it back after.
 
@@ -180,7 +187,7 @@ class RegionPool:
         turn = getattr(self._mine, "turn", None)
         if turn is None:
             turn = self._mine.turn = _Turn()
-            weakref.finalize(turn, self._end_turn, turn.held)  # when its thread ends
+            weakref.finalize(turn, _thread_ended, weakref.ref(self), turn.held)  # (not self: the pool may go first)
         held = turn.held
         while not held[0]:
             with self._lock:

@@ -211,24 +211,23 @@ def _der_child_tags(data: bytes):
 _OID_PBES2 = bytes.fromhex("2a864886f70d01050d")         # 1.2.840.113549.1.5.13
 _OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")        # 1.2.840.113549.1.5.12
 _OID_SCRYPT = bytes.fromhex("2b06010401da47040b")        # 1.3.6.1.4.1.11591.4.11
-_OID_PKCS12_PBE = bytes.fromhex("2a864886f70d010c01")    # 1.2.840.113549.1.12.1.*
 _OID_RSASSA_PSS = bytes.fromhex("2a864886f70d01010a")    # 1.2.840.113549.1.1.10
 MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256 on a worker; common settings are 2048..1.3M
-MAX_PKCS12_ITERATIONS = 1 << 14   # pyca's loader runs the PKCS#12 KDF holding the GIL: ~10 ms; usual: 2048
 MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
 
 
-def _decrypt_pkcs8(der: bytes, password: bytes) -> bytes | None:
-    """An EncryptedPrivateKeyInfo's PrivateKeyInfo, decrypted here with pyca's primitives (PBES2: PBKDF2 or
-    scrypt, then AES- or 3DES-CBC and PKCS#7 unpadding); None for PKCS#12 PBE, which pyca's loader
-    decrypts, its KDF having been checked.
+def _decrypt_pkcs8(der: bytes, password: bytes) -> bytes:
+    """An EncryptedPrivateKeyInfo's PrivateKeyInfo, decrypted here with pyca's primitives: PBES2, with
+    PBKDF2 or scrypt, then AES- or 3DES-CBC and PKCS#7 unpadding.
 
-    Why not pyca's loader for all: it holds the GIL through the KDF, ~1 s at the 2^21 PBKDF2 rounds
-    allowed, in which the loop, and so every client, waits; pyca's KDF primitives release it.  Why
-    check the cost first: pyca runs PBKDF2, the PKCS#12 KDF and PBES1's with any iteration count and
-    scrypt with no memory limit, so a few hundred bytes could pin a core for days or allocate
-    gigabytes inside the daemon.  So this fails closed: PBES1 (obsolete DES and RC2), a KDF or cipher
-    not named above, and parameters that do not read as expected are refused before any KDF runs.
+    Why not pyca's loader: it holds the GIL through the KDF, ~1 s at the 2^21 PBKDF2 rounds allowed,
+    in which the loop, and so every client, waits (pyca's KDF primitives release it); and it hides
+    the algorithm of the key inside, so an RSA key restricted to RSASSA-PSS loaded as plain RSA.  Why
+    check the cost first: a KDF runs with any iteration count or memory it is given, so a few hundred
+    bytes could pin a core for days or allocate gigabytes inside the daemon.  So this fails closed:
+    PBES1 (obsolete DES and RC2), PKCS#12 PBE (legacy, and only pyca's loader undoes it), a KDF or
+    cipher not named above, and parameters that do not read as expected are refused before any KDF
+    runs.
     """
     def raw(tlv, tag=None):
         if tag is not None and tlv[0] != tag:
@@ -244,17 +243,13 @@ def _decrypt_pkcs8(der: bytes, password: bytes) -> bytes | None:
         outer = _der_children(der, _der_header(der, 0))
         algorithm = _der_children(der, outer[0])
         oid, params = raw(algorithm[0], 0x06), algorithm[1]
-        if oid.startswith(_OID_PKCS12_PBE):  # salt, iterations
-            if integer(_der_children(der, params)[1]) > MAX_PKCS12_ITERATIONS:
-                raise E.EINVAL("key encryption too costly to undo (PKCS#12 PBE iterations)")
-            return None
         if oid != _OID_PBES2:
-            raise E.EINVAL("key encryption not supported (PBES1's DES and RC2 are obsolete): re-encrypt it with "
-                           "PBES2, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
+            raise E.EINVAL("key encryption not supported (PBES1's DES and RC2 and PKCS#12 PBE are legacy): "
+                           "re-encrypt it with PBES2, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
         kdf, scheme = (_der_children(der, tlv) for tlv in _der_children(der, params)[:2])
         kdf_params = _der_children(der, kdf[1])
         salt = raw(kdf_params[0], 0x04)
-        if raw(kdf[0]) == _OID_SCRYPT:  # salt, N, r, p, keyLength?
+        if raw(kdf[0], 0x06) == _OID_SCRYPT:  # salt, N, r, p, keyLength?
             n, r, p = (integer(t) for t in kdf_params[1:4])
             if min(n, r, p) < 1:
                 raise ValueError("scrypt parameters below 1")
@@ -262,28 +257,29 @@ def _decrypt_pkcs8(der: bytes, password: bytes) -> bytes | None:
                 raise E.EINVAL("key encryption too costly to undo (scrypt memory)")
             length = integer(kdf_params[4]) if len(kdf_params) > 4 else None
             kdf_of = functools.partial(Scrypt, salt, n=n, r=r, p=p)
-        elif raw(kdf[0]) == _OID_PBKDF2:  # salt, iterations, keyLength?, prf? (hmacWithSHA1 by default)
+        elif raw(kdf[0], 0x06) == _OID_PBKDF2:  # salt, iterations, keyLength?, prf? (hmacWithSHA1 by default)
             iterations, rest = integer(kdf_params[1]), kdf_params[2:]
             if iterations < 1:
                 raise ValueError("no PBKDF2 iterations")
             if iterations > MAX_KDF_ITERATIONS:
                 raise E.EINVAL("key encryption too costly to undo (PBKDF2 iterations)")
             length = integer(rest.pop(0)) if rest and rest[0][0] == 0x02 else None
-            prf = _PBKDF2_PRFS.get(raw(_der_children(der, rest[0])[0])) if rest else hashes.SHA1
+            prf = _PBKDF2_PRFS.get(raw(_der_children(der, rest[0])[0], 0x06)) if rest else hashes.SHA1
             if prf is None:
                 raise E.EINVAL("key encrypted with a PBKDF2 hash keyden does not take (SHA-1 or SHA-2): "
                                "re-encrypt it, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
             kdf_of = functools.partial(PBKDF2HMAC, prf(), salt=salt, iterations=iterations)
         else:
             raise E.EINVAL("key encrypted with a PBES2 KDF other than PBKDF2 or scrypt; not supported")
-        cipher = _PBES2_CIPHERS.get(raw(scheme[0]))
+        cipher = _PBES2_CIPHERS.get(raw(scheme[0], 0x06))
         if cipher is None:
             raise E.EINVAL("key encrypted with a cipher keyden does not take (AES-CBC or 3DES-CBC): re-encrypt "
                            "it, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
         algorithm_of, key_size = cipher
         iv, data = raw(scheme[1], 0x04), raw(outer[1], 0x04)
-        if length not in (None, key_size):
-            raise ValueError("a key length other than the cipher's")
+        block = algorithm_of.block_size // 8
+        if length not in (None, key_size) or len(iv) != block or not data or len(data) % block:
+            raise ValueError("a key length, IV or ciphertext the cipher does not take")
         kdf_run = kdf_of(length=key_size)
         mode = modes.CBC(iv)
     except (ValueError, IndexError, TypeError):
@@ -301,8 +297,6 @@ def _load_encrypted(der: bytes, password: bytes) -> ParsedKey:
     """An encrypted PKCS#8 key, decrypted (``_decrypt_pkcs8``), then loaded and checked as an unencrypted
     one is (a key restricted to RSASSA-PSS inside was loaded as plain RSA when pyca decrypted it)."""
     plain = _decrypt_pkcs8(der, password)
-    if plain is None:
-        return _load("pkcs8-enc", der, False, password, True)
     if _DER_SHAPES.get(_der_child_tags(plain)) != "pkcs8":
         raise E.EKEYREJECTED("wrong password, or corrupt encrypted key")
     try:

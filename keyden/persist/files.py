@@ -51,11 +51,12 @@ def require_safe_parents(path: str, what: str) -> None:
     """Refuse, as sshd's StrictModes does for a home directory, a ``path`` another user could swap out:
     each directory in which a name on the way to it is looked up must be owned by root or the daemon's
     uid and writable by neither group nor others, unless sticky (as /tmp, where only an entry's owner may
-    rename it); a symbolic link on the way must be root's or the daemon's, and is followed (a link in a
-    safe directory that leads into an unsafe one, or that its owner may repoint, was passed over when
+    rename it, so a symbolic link there must be root's or the daemon's); links are followed (a link in a
+    safe directory that leads into an unsafe one, or that its owner may replace, was passed over when
     only the resolved path's directories were checked: an empty directory swapped in made a new, empty
     store)."""
     uid = os.geteuid()
+    sticky = False  # the directory the last name was looked up in
     for directory, link in _lookups(path, what):
         try:
             st = os.lstat(link) if link else os.stat(directory)
@@ -63,11 +64,12 @@ def require_safe_parents(path: str, what: str) -> None:
             raise StartupError(f"cannot examine {link or directory}, on the way to the {what} {path}: "
                                f"{exc.strerror}") from None
         if link:
-            if st.st_uid not in (0, uid):
+            if sticky and st.st_uid not in (0, uid):
                 raise StartupError(f"the {what} {path} is reached through {link}, a symbolic link owned by uid "
-                                   f"{st.st_uid}, who could point it elsewhere; refusing to start")
+                                   f"{st.st_uid} in a sticky directory, who could replace it; refusing to start")
             continue
-        loose = stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX
+        sticky = bool(st.st_mode & stat.S_ISVTX)
+        loose = stat.S_IMODE(st.st_mode) & 0o022 and not sticky
         if st.st_uid not in (0, uid) or loose:
             owner = f"owned by uid {st.st_uid}" if st.st_uid not in (0, uid) else \
                 f"mode {stat.S_IMODE(st.st_mode):04o}, writable by group or others"
@@ -79,8 +81,12 @@ def _lookups(path: str, what: str):
     """What resolving ``path`` looks at, as the kernel walks it: (directory, "") for each directory a name
     is looked up in, and (directory, link) for each symbolic link met, whose target is walked in turn.
     The walk ends at the first name that does not exist yet (make_dirs makes the rest, privately)."""
-    pending = [part for part in path.split("/") if part][::-1]  # the next name last
-    current = "/" if path.startswith("/") else os.getcwd()
+    try:
+        full = path if path.startswith("/") else os.path.join(os.getcwd(), path)  # (the way to the cwd too)
+    except OSError as exc:
+        raise StartupError(f"cannot find the current directory, for the {what} {path}: {exc.strerror}") from None
+    pending = [part for part in full.split("/") if part][::-1]  # the next name last
+    current = "/"
     links = 0
     while pending:
         name = pending.pop()
@@ -104,7 +110,10 @@ def _lookups(path: str, what: str):
         if links > 40:  # the kernel's own bound (ELOOP)
             raise StartupError(f"the {what} {path}: too many symbolic links on the way")
         yield current, entry
-        target = os.readlink(entry)
+        try:
+            target = os.readlink(entry)
+        except OSError as exc:
+            raise StartupError(f"cannot read {entry}, on the way to the {what} {path}: {exc.strerror}") from None
         if target.startswith("/"):
             current = "/"
         pending += [part for part in target.split("/") if part][::-1]

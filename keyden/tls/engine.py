@@ -295,7 +295,10 @@ class Engine:
         with self._lock:
             session = self._by_app_end.get(identity)
             ended = self._ended.get(identity)
-        if session is None and not _ended_session(app_end):
+        # An ended session is told by its record as soon as it has one (its end of the socketpair may still
+        # be on its way to the closer: waiting for the hang-up answered EBADF, and tls-proxy then took a
+        # truncated upload for a whole one; found by the TLS hunt), else by the hang-up (a record forgotten).
+        if session is None and not (_ours(app_end) and (ended is not None or _hung_up(app_end))):
             raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
         return session, ended
 
@@ -325,13 +328,13 @@ class Engine:
                     del self._handshaking[slot]
 
 
-def _ended_session(sock: socket.socket) -> bool:
-    """Is ``sock`` the application's end of a session that has ended: one of this daemon's socketpairs
-    (its peer credentials are ours, for good), its other end closed?"""
+def _ours(sock: socket.socket) -> bool:
+    """Is ``sock`` the application's end of one of this daemon's socketpairs (its peer credentials are
+    ours, for good)?  Its identity is then unique while the application holds it."""
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         return False
     pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid == os.getpid() and _hung_up(sock)
+    return pid == os.getpid()
 
 
 def _identity(sock: socket.socket) -> tuple[int, int]:
@@ -707,14 +710,7 @@ class Session:
             self.watched.clear()
             descriptors.release_socket(self.tls, self.owner)  # the application's socket: its close may linger
             # Ours too: the application can queue descriptors in it (SCM_RIGHTS) that nobody read, and its
-            # close would be their last, a lingering TCP socket's on this loop's thread.  Shut here first:
-            # the application's end reads as hung up at once, as TLS_PEER_END's lookup of an ended session
-            # expects (until the closer's close, it answered EBADF, and tls-proxy took a truncated upload
-            # for a whole one; found by the TLS hunt).
-            try:
-                self.plain.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            # close would be their last, a lingering TCP socket's on this loop's thread.
             descriptors.release_socket(self.plain, self.owner)
             # What a session holds goes now, not when the session object does (a deadline may keep it for
             # DRAIN_TIMEOUT, at many sessions a second): the buffers, and OpenSSL's connection with its own.
