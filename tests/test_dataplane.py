@@ -1065,6 +1065,21 @@ def test_only_sealed_memfds_are_attached(client):
             os.close(fd)
 
 
+def test_a_hugetlb_memfd_is_not_attached(client):
+    """A hugetlb memfd takes the seals, but a hole punched in it, with the huge-page pool used up
+    elsewhere, made the daemon's next touch of the region a SIGBUS: any uid could kill the daemon on a
+    host with huge pages (found by a local-attacker hunt).  Only memfds on the kernel's tmpfs are taken."""
+    huge = os.memfd_create("probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    try:
+        os.ftruncate(huge, 2 << 20)
+        fcntl.fcntl(huge, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        with pytest.raises(E.EBADF, match="hugetlb"):
+            client._call_with_fds(Op.SHM_ATTACH, (2 << 20,), [huge])
+    finally:
+        os.close(huge)
+    assert client.ping(b"still connected") == b"still connected"
+
+
 def test_shared_regions_are_limited_per_connection(client):
     buffers = [client.shared_buffer(4096) for _ in range(8)]
     with pytest.raises(E.EMFILE):

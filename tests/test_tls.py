@@ -1117,6 +1117,58 @@ def test_a_session_that_just_ended_is_still_told_not_ebadf(client, server_ring, 
     assert told == {"truncated": 100}, told
 
 
+def test_descriptors_sent_on_a_unix_network_socket_never_stall_a_tls_loop(client, pki):
+    """The network side may be a Unix socket, whose peer can send descriptors with its bytes: read with a
+    plain recv, the kernel dropped them and ran their last close on the TLS loop's thread, a TCP socket's
+    linger (as long as the sender set it) in which every session of that loop waited (found by a
+    local-attacker hunt).  They go to the closers now."""
+    from keyden.client.tls import _hand_over, established
+    from keyden.protocol import Op
+    from keyden.tls.engine import LOOP_THREADS
+
+    trust = client.newring("unix-trust")
+    load(client, pki.ca, ring=trust, with_keys=False)
+    never_read = socket.socket()
+    never_read.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    never_read.bind(("127.0.0.1", 0))
+    never_read.listen(8)
+    held = []
+
+    def lingering() -> socket.socket:
+        tcp = socket.create_connection(never_read.getsockname())
+        tcp.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                tcp.send(bytes(65536))
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 4))
+        return tcp
+    started = time.monotonic()
+    try:
+        for _ in range(LOOP_THREADS):  # one on each loop
+            ours, theirs = socket.socketpair()
+            held += [theirs, _hand_over(client, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)]
+            ours.close()
+            theirs.settimeout(TIMEOUT)
+            theirs.recv(65536)  # the ClientHello: the session is on its loop
+            tcp = lingering()
+            theirs.sendmsg([b"\x16"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", tcp.fileno()))])
+            tcp.close()  # the copy in flight is the last
+        time.sleep(0.3)  # the loops read the byte and what came with it
+        ours, theirs = socket.socketpair()
+        held += [theirs, _hand_over(client, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)]
+        ours.close()
+        theirs.settimeout(TIMEOUT)
+        theirs.recv(65536)
+        theirs.sendall(b"not TLS at all\r\n\r\n" * 4)
+        with pytest.raises(E.KeydenError):
+            established(held[-1], TIMEOUT)
+        assert time.monotonic() - started < 3, "a TLS loop waited on a close that lingers (4 s)"
+    finally:
+        for sock in held:
+            sock.close()
+        never_read.close()
+
+
 def test_a_certificate_out_of_date_gives_way_to_a_valid_one_for_the_same_name(client, app_factory, pki):
     """A renewal with a new key (certbot's default) leaves the old certificate and key beside the new
     ones: the expired one, linked first, was served (found by the TLS hunt).  Valid ones come first."""

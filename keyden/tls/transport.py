@@ -18,6 +18,8 @@ import contextlib
 import socket
 import ssl
 
+from keyden import descriptors
+
 READ_CHUNK = 64 * 1024  # ciphertext read from the socket at a time
 #: Records a read may leave waiting for room before reading stops too: one of ``send``'s writes (it writes
 #: nothing while anything waits: the engine's 64 KiB and its records' overhead) and some room for what
@@ -36,8 +38,11 @@ class TlsObject(ssl.SSLObject):
 class TlsTransport:
     """One TLS connection: an ``SSLObject`` and the socket its records travel on."""
 
-    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO):
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 owner: int = descriptors.NOBODY):
         self.sock = sock
+        self.owner = owner  # the uid whose socket it is: descriptors it sends go to the closers as its
+        self._unix = sock.family == socket.AF_UNIX  # a Unix socket can carry descriptors (SCM_RIGHTS)
         self.obj: ssl.SSLObject | None = obj
         self._in, self._out = incoming, outgoing
         self._unsent = b""  # records OpenSSL wrote that the socket has not taken yet
@@ -45,10 +50,10 @@ class TlsTransport:
 
     @classmethod
     def wrap(cls, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
-             server_hostname: str | None = None) -> "TlsTransport":
+             server_hostname: str | None = None, owner: int = descriptors.NOBODY) -> "TlsTransport":
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
-        return cls(sock, obj, incoming, outgoing)
+        return cls(sock, obj, incoming, outgoing, owner)
 
     # -- the socket, as the engine sets it up and hands it back
 
@@ -109,7 +114,7 @@ class TlsTransport:
         if self._in.eof:  # (OpenSSL asking again after the end it was given: an end it cannot take)
             raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
         try:
-            data = self.sock.recv(READ_CHUNK, socket.MSG_DONTWAIT)
+            data = self._read(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
             raise ssl.SSLWantReadError("the socket has nothing to read yet") from None
         if data:
@@ -174,7 +179,20 @@ class TlsTransport:
 
     def recv(self, size: int) -> bytes:
         """The socket's bytes as they are (after ``shutdown``: what the peer still sends, to drop)."""
-        return self.sock.recv(size, socket.MSG_DONTWAIT)
+        return self._read(size)
+
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes, never waiting.  Descriptors a Unix socket's peer sent with them are taken
+        and go to the closers: a plain recv makes the kernel drop them, and run their last close (a TCP
+        socket's linger, as long as the sender set it) on the TLS loop's thread, and every session of the
+        loop waits (found by a local-attacker hunt)."""
+        if not self._unix:
+            return self.sock.recv(size, socket.MSG_DONTWAIT)
+        data, ancdata, _flags, _address = self.sock.recvmsg(size, descriptors.ANCILLARY_SPACE,
+                                                            socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        if ancdata:
+            descriptors.release(descriptors.passed(ancdata), self.owner)
+        return data
 
     # -- what was negotiated
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import weakref
@@ -380,14 +381,32 @@ class Region:
 
 def _sealed_size(fd: int) -> int:
     """The memfd's size, which must stay as it is: sealed against shrinking, or the client could make us
-    fault (SIGBUS), and against growing, or what our mapping keeps alive could grow past what is charged."""
+    fault (SIGBUS), and against growing, or what our mapping keeps alive could grow past what is charged.
+
+    And an ordinary memfd, on the kernel's own tmpfs: a hugetlb one (MFD_HUGETLB) takes the seals too,
+    but a hole punched in it takes its huge page away, and with the pool used up elsewhere our next touch
+    of the region is a SIGBUS that kills the daemon (found by a local-attacker hunt); a hole punched in
+    a tmpfs memfd reads back as zeros."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         raise E.EBADF("the descriptor is not a memfd (create it with MFD_ALLOW_SEALING)") from None
+    st = os.fstat(fd)
+    if st.st_dev != _memfd_device():
+        raise E.EBADF("the descriptor is not a memfd on the kernel's tmpfs (a hugetlb memfd is not taken)")
     if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW:
         raise E.EPERM("seal the memfd with F_SEAL_SHRINK and F_SEAL_GROW before attaching it")
-    return os.fstat(fd).st_size
+    return st.st_size
+
+
+@functools.cache
+def _memfd_device() -> int:
+    """The device of the kernel's internal tmpfs mount, where every memfd made without MFD_HUGETLB lives."""
+    fd = os.memfd_create("keyden-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
 
 
 @handles(Op.SHM_ATTACH)
