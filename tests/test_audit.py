@@ -276,6 +276,33 @@ def test_a_deleted_log_is_started_anew_not_grown_unseen(fresh_daemon):
     assert "rotation failed" not in d.read_log()
 
 
+def test_a_line_a_full_disk_cut_short_before_a_restart_is_ended_before_the_next(tmp_path):
+    """The daemon the disk stopped left `..."exe":` with no line break: the next start's first line was
+    glued to it, and lost too (found by an operator walk)."""
+    path = tmp_path / "audit.log"
+    path.write_bytes(b'{"ts": 1, "op": "add"}\n{"ts": 2, "op": "re')
+    path.chmod(0o600)
+    log = AuditLog.open(str(path), str(tmp_path))
+    log.write(b'{"ts": 3, "op": "hello"}\n')
+    log.close()
+    assert path.read_bytes().splitlines()[-1] == b'{"ts": 3, "op": "hello"}'
+
+
+def test_a_reopen_that_fails_is_not_reported_as_done(fresh_daemon):
+    """SIGHUP with a file at the path the daemon may not open: it said the audit log was reopened, lines
+    went on to the rotated file (found by an operator walk)."""
+    d = fresh_daemon('audit = "audit.log"\n')
+    log_path = os.path.join(d.state_dir, "audit.log")
+    with d.connect() as c:
+        c.whoami()
+        os.rename(log_path, log_path + ".1")
+        os.mkdir(log_path)  # what stands at the path now cannot be opened for writing
+        d.proc.send_signal(signal.SIGHUP)
+        whoami_until(c, lambda: "reopen failed" in d.read_log())
+    log = d.read_log()
+    assert "writing on to the file we hold" in log and "SIGHUP: audit log" not in log
+
+
 def test_a_log_moved_away_without_sighup_is_followed_by_a_new_file(fresh_daemon, tmp_path):
     """logrotate without the reload (and audit_max_bytes = 0): the moved file keeps what was written before,
     a new file at the path takes the rest, within about a second."""

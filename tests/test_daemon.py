@@ -94,6 +94,8 @@ def test_first_start_creates_state_and_serves_on_xdg_runtime_dir(tmp_path):
         out = proc.communicate(timeout=10)[0].decode()
     assert proc.returncode == 0, out
     assert not (runtime / "keyden.sock").exists(), "graceful shutdown removes the socket"
+    # root's login-session directory: other users' clients will not look there (found by an operator walk)
+    assert ("in root's login-session directory" in out) == (os.geteuid() == 0), out
 
 
 def test_daemon_hardens_itself(daemon):

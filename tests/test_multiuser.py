@@ -668,7 +668,7 @@ def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypa
             listener.bind(path)
             listener.listen(4)
             os.write(ready_w, b"1")
-            for _ in range(4):  # the blocking client, the asyncio one, the CLI without and with a token
+            for _ in range(5):  # the blocking client, the asyncio one, the CLI without and with a token, a name
                 listener.accept()[0].close()
         finally:
             os._exit(0)
@@ -686,6 +686,9 @@ def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypa
                                  text=True, env=dict(os.environ, PYTHONPATH=REPO, **token), timeout=60)
             assert cli.returncode == 1 and "neither root nor you" in cli.stderr
             assert "KEYDEN_SESSION" not in cli.stderr, cli.stderr  # no HELLO went out: no token is blamed
+        monkeypatch.setenv("KEYDEN_DAEMON_UID", users.a.name)  # a user name was ignored, and the message
+        with pytest.raises(E.EINVAL, match="is a uid, a number"):  # then asked for what was set
+            keyden.connect(path)
         monkeypatch.setenv("KEYDEN_DAEMON_UID", str(users.a.uid))  # trusted by name: it gets the HELLO
         with pytest.raises(E.ECONNRESET):
             keyden.connect(path)

@@ -2113,6 +2113,21 @@ def test_a_store_deleted_under_its_master_key_is_said_at_start(fresh_daemon):
     assert "exists but the key database" in log and "its key store is gone" in log
 
 
+def test_a_new_store_made_beside_an_unused_one_is_said_at_start(fresh_daemon, tmp_path):
+    """db_path set elsewhere (the generated config's "<state_dir>/keys.db" uncommented made a directory of
+    that name) started an empty store with an INFO line, the state directory's keys.db unused (found by an
+    operator walk).  The template now says keys.db, and a start that leaves one unused warns."""
+    d = fresh_daemon()
+    keys_in(d, 2)
+    d.stop(signal.SIGTERM)
+    other = tmp_path / "elsewhere"
+    other.mkdir(mode=0o700)
+    with open(d.config, "a") as f:
+        f.write(f'db_path = "{other}/keys.db"\nmaster_key_file = "{other}/master.key"\n')
+    log = start_and_read_log(d)
+    assert f"the state directory holds another, {d.state_dir}/keys.db, which is not used" in log
+
+
 def test_an_asymmetric_key_stored_by_an_older_version_is_charged_as_now():
     """Earlier versions charged an asymmetric key its size; a stored row brings that number back, but
     the key is charged the kernel's flat 100 bytes, as a key added now is."""

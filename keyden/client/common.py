@@ -77,6 +77,11 @@ def check_daemon(sock, path: str) -> None:
     trusted = os.environ.get(DAEMON_UID_ENV, "")
     if uid in (0, os.geteuid()) or trusted.isdigit() and uid == int(trusted):
         return
+    if trusted and not trusted.isdigit():  # (a name was ignored, and the message asked for what was set)
+        error = E.EINVAL(f"{DAEMON_UID_ENV} is a uid, a number, not {trusted[:64]!r} (the socket {path} is "
+                         f"served by uid {uid})")
+        error.before_hello = True
+        raise error
     error = E.EACCES(f"the socket {path} is served by uid {uid}, neither root nor you: not talking to it "
                      f"(if that uid runs your keyden, set {DAEMON_UID_ENV}={uid})")
     error.before_hello = True

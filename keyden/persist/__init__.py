@@ -71,6 +71,11 @@ def open_durable(config, store: KeyStore, check_only: bool = False) -> SealedJou
             if source.source == "key" and os.path.exists(key_path):
                 log.warning("the master key %s exists but the key database %s is new: if keyden ran here before, "
                             "its key store is gone (deleted or replaced)", key_path, db_path)
+            beside = os.path.join(config.state_dir, "keys.db")
+            if os.path.abspath(beside) != os.path.abspath(db_path) and os.path.exists(beside):
+                log.warning("a new, empty key store %s is made while the state directory holds another, %s, "
+                            "which is not used: if its keys are wanted, point db_path (and master_key_file) at "
+                            "it, or move it there", db_path, beside)
             sealer = source.create()
             manifest = Manifest()
             buckets, root = manifest.seal(manifest.buckets(), sealer)

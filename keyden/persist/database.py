@@ -70,6 +70,7 @@ class Database:
             self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             verdict = self.conn.execute("PRAGMA quick_check").fetchone()[0]
             if verdict != "ok":
+                verdict = " ".join(verdict.split())  # (SQLite's is several lines: the start's error is one)
                 raise StartupError(f"{path} is damaged ({verdict}); refusing to start")
             stored = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if stored > STORE_FORMAT:

@@ -72,7 +72,9 @@ class AuditLog:
         self._size = os.fstat(fd).st_size if path else 0
         self._lock = threading.Lock()  # one writer at a time: a line's rest, and the swap of the descriptor
         self._next_check = time.monotonic() + PATH_CHECK_INTERVAL  # when to look whether the path is still ours
-        self._torn = False  # the file ends inside a line (a write was cut short): the next write ends it first
+        # The file ends inside a line (a write was cut short, here or by a daemon the disk stopped before):
+        # the next write ends it first, or the first line written would be glued to the torn one.
+        self._torn = bool(path) and _ends_inside_a_line(path)
         self._failing = False
         self._lost = 0  # lines not written (or cut short) since writes began failing
         self._path_errors = Throttled(log)
@@ -206,13 +208,17 @@ class AuditLog:
             self._path_errors.error("audit log rotation failed: %s", reason(exc))
             self._size = 0  # tried again after another max_bytes
 
-    def reopen(self) -> None:
-        """The file at our path anew, on the same descriptor (SIGHUP after logrotate moved it away)."""
+    def reopen(self) -> bool:
+        """The file at our path anew, on the same descriptor (SIGHUP after logrotate moved it away);
+        False, said why, if it cannot be opened (lines go on to the file we hold)."""
         with self._lock:
             try:
                 self._open_path()
             except (OSError, NotOurs) as exc:
-                log.error("audit log reopen failed: %s", reason(exc))
+                log.error("audit log %s reopen failed (%s); writing on to the file we hold, wherever it was "
+                          "moved", self.path, reason(exc))
+                return False
+            return True
 
     def _open_path(self) -> None:
         """The file at our path takes over our descriptor number (dup2 is atomic: no line is lost)."""
@@ -235,6 +241,21 @@ class AuditLog:
 
 class NotOurs(Exception):
     """The audit file at the path belongs to another uid, who could read every user's activity in it."""
+
+
+def _ends_inside_a_line(path: str) -> bool:
+    """Does the regular file at ``path`` end with anything but a line break (a line cut short)?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        return stat.S_ISREG(st.st_mode) and st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _open_append(path: str) -> int:

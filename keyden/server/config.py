@@ -22,7 +22,7 @@ log = logging.getLogger("keyden.config")
 DEFAULT_CONFIG_TEXT = """\
 # keyden daemon configuration (created on first start; every setting optional).
 # state_dir = "/var/lib/keyden"  # keys.db, master.key, audit.log (not root: $XDG_STATE_HOME/keyden); set here,
-#                               #   it moves them elsewhere (docs/operations.md)
+#                               #   the daemon uses another directory: copy keys.db and master.key there first
 # socket = "/run/keyden/keyden.sock"
 # max_frame = 16781312          # bytes in one frame body
 # max_connections = 1024        # all uids together
@@ -44,8 +44,8 @@ DEFAULT_CONFIG_TEXT = """\
 # lock_memory = true            # mlockall: keys never reach swap (a warning, not a stop, if the limit is too low)
 # harden = true                 # PR_SET_DUMPABLE 0 (no core dumps, no ptrace, no /proc/<pid>/mem) and lock_memory;
 #                               #   false only to debug (same as serve --no-harden)
-# db_path = "<state_dir>/keys.db"       # persistent keyrings, sealed (docs/persistence.md); relative: under state_dir
-# master_key_file = "<state_dir>/master.key"
+# db_path = "keys.db"                  # persistent keyrings, sealed (docs/persistence.md); relative: under state_dir
+# master_key_file = "master.key"       # relative: under state_dir
 # passphrase_file = ""                 # derive the master key from a passphrase instead
 # master_key_kernel = ""               # e.g. "keyden:master": also hold it in the kernel keyring
 

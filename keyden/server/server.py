@@ -30,6 +30,7 @@ from keyden.logs import Throttled
 from keyden.persist import SealedJournal, open_durable
 from keyden.errors import StartupError
 from keyden.persist.files import make_dirs
+from keyden.protocol.transport import SYSTEM_SOCKET
 from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
 from keyden.server.config import ServerConfig
@@ -200,6 +201,12 @@ class Server:
         self._socket_id = (st.st_dev, st.st_ino)  # shutdown removes this socket, not one bound there since
         os.chmod(path, 0o666)  # any local process may connect; identity comes from SO_PEERCRED
         sock.listen(512)
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if os.geteuid() == 0 and runtime and os.path.dirname(os.path.abspath(path)) == os.path.abspath(runtime):
+            log.warning("listening on %s, in root's login-session directory: other users' clients look in "
+                        "their own and in %s, so they will not find this daemon (serve --socket %s, or "
+                        "unset XDG_RUNTIME_DIR, for a daemon of the whole machine)", path, SYSTEM_SOCKET,
+                        SYSTEM_SOCKET)
 
     def _start_background(self, watched: int) -> None:
         """The exit watcher (process keyrings go when their process does) and the garbage collector."""
@@ -253,8 +260,8 @@ class Server:
     def reopen_logs(self) -> None:
         """SIGHUP: a rotated-away audit file is closed and its path opened anew (logrotate's postrotate)."""
         if self.audit is not None and self.audit.path:
-            self.audit.reopen()
-            log.info("SIGHUP: audit log %s reopened", self.audit.path)
+            if self.audit.reopen():
+                log.info("SIGHUP: audit log %s reopened", self.audit.path)
         else:
             log.info("SIGHUP: no audit file to reopen")
 
