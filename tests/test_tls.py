@@ -1142,27 +1142,26 @@ def test_descriptors_sent_on_a_unix_network_socket_never_stall_a_tls_loop(client
                 tcp.send(bytes(65536))
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 4))
         return tcp
-    started = time.monotonic()
     try:
-        for _ in range(LOOP_THREADS):  # one on each loop
-            ours, theirs = socket.socketpair()
-            held += [theirs, _hand_over(client, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)]
+        sessions = []  # (the peer's end, the plaintext socket): attackers, then victims, one on each loop
+        for _ in range(2 * LOOP_THREADS):  # every hand-over first: the kernel may hold one that passes a
+            ours, theirs = socket.socketpair()  # descriptor while a close of one in flight lingers
+            sessions.append((theirs, _hand_over(client, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)))
+            held += sessions[-1]
             ours.close()
             theirs.settimeout(TIMEOUT)
             theirs.recv(65536)  # the ClientHello: the session is on its loop
+        for theirs, _plain in sessions[:LOOP_THREADS]:
             tcp = lingering()
             theirs.sendmsg([b"\x16"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", tcp.fileno()))])
             tcp.close()  # the copy in flight is the last
         time.sleep(0.3)  # the loops read the byte and what came with it
-        ours, theirs = socket.socketpair()
-        held += [theirs, _hand_over(client, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)]
-        ours.close()
-        theirs.settimeout(TIMEOUT)
-        theirs.recv(65536)
-        theirs.sendall(b"not TLS at all\r\n\r\n" * 4)
-        with pytest.raises(E.KeydenError):
-            established(held[-1], TIMEOUT)
-        assert time.monotonic() - started < 3, "a TLS loop waited on a close that lingers (4 s)"
+        started = time.monotonic()
+        for theirs, plain in sessions[LOOP_THREADS:]:
+            theirs.sendall(b"not TLS at all\r\n\r\n" * 4)
+            with pytest.raises(E.KeydenError):
+                established(plain, TIMEOUT)  # the loop's answer: the handshake failed
+        assert time.monotonic() - started < 2, "a TLS loop waited on a close that lingers (4 s)"
     finally:
         for sock in held:
             sock.close()
