@@ -57,11 +57,15 @@ _closers = 0
 _idle = 0
 
 
+SCM_PIDFD = 0x04  # (Linux 6.5; not in Python 3.11's socket module): a pidfd installed with a message
+
+
 def passed(ancdata) -> list[int]:
-    """The descriptors that came with a message (SCM_RIGHTS); anything else is ignored."""
+    """The descriptors that came with a message (SCM_RIGHTS, and the pidfd SO_PASSPIDFD asks for, which the
+    kernel installs too); anything else is ignored."""
     fds = array.array("i")
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == socket.SOL_SOCKET and kind in (socket.SCM_RIGHTS, SCM_PIDFD):
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return list(fds)
 

@@ -1146,15 +1146,21 @@ def test_descriptors_sent_on_a_unix_network_socket_never_stall_a_tls_loop(client
         sessions = []  # (the peer's end, the plaintext socket): attackers, then victims, one on each loop
         for _ in range(2 * LOOP_THREADS):  # every hand-over first: the kernel may hold one that passes a
             ours, theirs = socket.socketpair()  # descriptor while a close of one in flight lingers
+            # The application's own options on the socket it shares with keyden take room in each read's
+            # control data: what did not fit, the kernel closed in the read (found by review).
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             sessions.append((theirs, _hand_over(client, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)))
             held += sessions[-1]
             ours.close()
             theirs.settimeout(TIMEOUT)
             theirs.recv(65536)  # the ClientHello: the session is on its loop
+        null = os.open(os.devnull, os.O_RDONLY)
         for theirs, _plain in sessions[:LOOP_THREADS]:
             tcp = lingering()
-            theirs.sendmsg([b"\x16"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", tcp.fileno()))])
+            fds = [null] * 252 + [tcp.fileno()]  # as many as one message carries, the lingering one last
+            theirs.sendmsg([b"\x16"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("253i", *fds))])
             tcp.close()  # the copy in flight is the last
+        os.close(null)
         time.sleep(0.3)  # the loops read the byte and what came with it
         started = time.monotonic()
         for theirs, plain in sessions[LOOP_THREADS:]:
@@ -1166,6 +1172,41 @@ def test_descriptors_sent_on_a_unix_network_socket_never_stall_a_tls_loop(client
         for sock in held:
             sock.close()
         never_read.close()
+
+
+SO_PASSPIDFD = 76  # (Linux 6.5; not in Python 3.11's socket module)
+
+
+def test_a_pidfd_the_application_asks_the_network_socket_for_is_closed(fresh_daemon, pki):
+    """SO_PASSPIDFD set by the application on the socket it shares with keyden had each of keyden's reads
+    install a pidfd, which nothing closed: any uid could use up the daemon's descriptors (found by review)."""
+    from keyden.client.tls import _hand_over
+    from keyden.protocol import Op
+
+    d = fresh_daemon()
+    with d.connect() as c:
+        trust = c.newring("trust")
+        load(c, pki.ca, ring=trust, with_keys=False)
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
+        plain = _hand_over(c, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)
+        ours.close()
+        theirs.settimeout(TIMEOUT)
+        theirs.recv(65536)
+
+        def pidfds() -> int:
+            fds = f"/proc/{d.proc.pid}/fd"
+            return sum(1 for fd in os.listdir(fds) if os.readlink(f"{fds}/{fd}") == "anon_inode:[pidfd]")
+        before = pidfds()
+        theirs.send(b"\x16\x03\x03\x40\x00")  # a 16 KiB record's header: OpenSSL reads on, a byte at a time
+        for i in range(300):
+            theirs.send(b"\x02")
+            if i % 50 == 0:
+                time.sleep(0.005)
+        time.sleep(0.3)
+        assert eventually(lambda: pidfds() <= before + 2), (before, pidfds())
+        theirs.close()
+        plain.close()
 
 
 def test_a_certificate_out_of_date_gives_way_to_a_valid_one_for_the_same_name(client, app_factory, pki):

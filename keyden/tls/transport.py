@@ -27,6 +27,10 @@ READ_CHUNK = 64 * 1024  # ciphertext read from the socket at a time
 #: Reading must not wait for the other direction below it, or a peer that sends all before it reads (an
 #: upload) and an application that answers as it reads would wait for each other for good.
 UNSENT_CAP = 96 * 1024
+#: Ancillary room for a read of a Unix network socket: descriptors.ANCILLARY_SPACE (SCM_RIGHTS), and room
+#: for credentials (SCM_CREDENTIALS), a pidfd (SCM_PIDFD) and a security label (SCM_SECURITY).
+UNIX_ANCILLARY_SPACE = (descriptors.ANCILLARY_SPACE + socket.CMSG_SPACE(12) + socket.CMSG_SPACE(4)
+                        + socket.CMSG_SPACE(4096))
 
 
 class TlsObject(ssl.SSLObject):
@@ -185,13 +189,17 @@ class TlsTransport:
         """Up to ``size`` bytes, never waiting.  Descriptors a Unix socket's peer sent with them are taken
         and go to the closers: a plain recv makes the kernel drop them, and run their last close (a TCP
         socket's linger, as long as the sender set it) on the TLS loop's thread, and every session of the
-        loop waits (found by a local-attacker hunt)."""
+        loop waits (found by a local-attacker hunt).  The room holds all one message may carry, and what
+        the application may ask of the socket it shares with us (SO_PASSCRED, SO_PASSPIDFD: a pidfd
+        installed here on each read, SO_PASSSEC): what did not fit would be closed in the kernel, here."""
         if not self._unix:
             return self.sock.recv(size, socket.MSG_DONTWAIT)
-        data, ancdata, _flags, _address = self.sock.recvmsg(size, descriptors.ANCILLARY_SPACE,
-                                                            socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        data, ancdata, flags, _address = self.sock.recvmsg(size, UNIX_ANCILLARY_SPACE,
+                                                           socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
         if ancdata:
             descriptors.release(descriptors.passed(ancdata), self.owner)
+        if flags & socket.MSG_CTRUNC:  # (cannot be, with this room; if it were, the session ends)
+            raise ConnectionResetError("control data cut short on the network socket")
         return data
 
     # -- what was negotiated

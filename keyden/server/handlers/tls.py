@@ -21,6 +21,7 @@ from keyden import errors as E
 from keyden.core.trust import is_blacklisted, trusted_certificates
 from keyden.crypto.x509 import subject_of
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
+from keyden.server import peer
 from keyden.server.handlers.base import handles
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT, contexts, material
 from keyden.tls.engine import engine
@@ -38,7 +39,7 @@ def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
         keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
         tls_ctx = contexts.server_context(keys, anchors, flags, protocols)
-        tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=True, owner=ctx.caller.uid))
+        tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=True, owner=_sender(dup)))
         _start(ctx, tls, timeout_ms)
     return ()
 
@@ -55,7 +56,7 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         identity_keys = _own_keys(ctx, identity) if identity else None
         tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
         tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=False,
-                                                        server_hostname=server_hostname, owner=ctx.caller.uid))
+                                                        server_hostname=server_hostname, owner=_sender(dup)))
         _start(ctx, tls, timeout_ms)
     return ()
 
@@ -102,6 +103,13 @@ def _wrap(sock: socket.socket, wrap) -> TlsTransport:
     except (ValueError, UnicodeError, TypeError, ssl.SSLError):  # what the checks before did not foresee
         dup.close()
         raise E.EINVAL("the socket cannot be set up for TLS with these arguments") from None
+
+
+def _sender(sock: socket.socket) -> int:
+    """Whose are descriptors that arrive on a network socket: its peer's, who sends them (a Unix socket's;
+    charged to the application, any uid that may connect to it could fill the closers in its name and
+    have its connections to keyden refused; found by review)."""
+    return peer.uid_of(sock) if sock.family == socket.AF_UNIX else descriptors.NOBODY
 
 
 def _own_keys(ctx, keyring: int) -> list:
