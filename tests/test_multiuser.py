@@ -18,8 +18,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +29,7 @@ import pytest
 import keyden
 from keyden import errors as E
 from keyden import protocol as W
+from tests.conftest import eventually
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -697,3 +700,95 @@ def test_clients_talk_only_to_a_daemon_run_by_root_or_themselves(users, monkeypa
         os.waitpid(pid, 0)
         os.close(ready_r)
         shutil.rmtree(public)
+
+
+# ----------------------------------------------------------------- descriptors and their senders
+
+
+def self_signed_ca() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kdtest CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_descriptors_sent_on_a_tls_network_socket_are_charged_to_their_sender(fresh_daemon, users):
+    """A Unix socket given as a TLS session's network side may carry descriptors from its peer, and those
+    go to the closers.  Charged to the application that handed the socket over, any uid that could
+    connect to it could back the application's closes up and have its connections to keyden refused
+    (found by review).  They are the sender's: its connections are refused, the application's are not."""
+    from keyden.client.tls import _hand_over
+    from keyden.descriptors import MAX_BACKLOG, PER_OWNER, SCM_MAX_FD
+    from keyden.protocol import Op
+
+    d = fresh_daemon()
+    address = f"\0kdtest-tls-network-{os.getpid()}"  # abstract: any uid may connect
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)
+    never_read = socket.socket()  # where the sender's lingering sockets send what is never acknowledged
+    never_read.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    never_read.bind(("127.0.0.1", 0))
+    never_read.listen(PER_OWNER)
+    with d.connect() as app:
+        trust = app.newring("trust")
+        app.add("asymmetric", "", self_signed_ca(), trust)
+
+        def connect_and_wait():
+            """The peer (another uid): connects, and sends once the session reads."""
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.connect(address)
+            peer.settimeout(10)
+            peer.recv(65536)  # the ClientHello: keyden reads the socket now
+            lingering = []
+            for _ in range(PER_OWNER):  # each close waits for its unsent data (for 10 s, or until the test
+                tcp = socket.socket()  # resets it): every close of the sender's in progress (create_connection
+                tcp.connect(never_read.getsockname())  # needs the idna codec, which this uid may not reach)
+                tcp.setblocking(False)
+                try:
+                    while True:
+                        tcp.send(bytes(65536))
+                except BlockingIOError:
+                    pass
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 10))
+                lingering.append(tcp)
+            null = os.open(os.devnull, os.O_RDONLY)
+            first = [t.fileno() for t in lingering] + [null] * (SCM_MAX_FD - PER_OWNER)
+            for record, fds in ((b"\x16", first), (b"\x03", [null] * SCM_MAX_FD)):  # more than MAX_BACKLOG
+                peer.sendmsg([record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+            for tcp in lingering:
+                tcp.close()  # the copies in flight are the last
+            os.close(null)
+            peer.close()
+            return "sent"
+
+        result = {}
+        t = threading.Thread(target=lambda: result.update(sent=run_as(users.a, connect_and_wait)))
+        t.start()
+        try:
+            ours, _ = listener.accept()
+            assert struct.unpack("3i", ours.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1] == users.a.uid
+            plain = _hand_over(app, Op.TLS_CONNECT, ("a.test", trust, 0, 0, [], 60000), ours)
+        finally:
+            t.join(30)
+        assert result == {"sent": "sent"}
+        assert 2 * SCM_MAX_FD >= MAX_BACKLOG + PER_OWNER
+        # The sender's closes back up, and it is refused while they wait; the application is not.
+        assert eventually(lambda: run_as(users.a, connect_outcome, d.socket) == "EMFILE", timeout=5)
+        assert connect_outcome(d.socket) == "ok"
+        app.ping()
+        plain.close()
+    listener.close()
+    never_read.close()  # its connections, never accepted, are reset: the closes end, and the sender may connect
+    assert eventually(lambda: run_as(users.a, connect_outcome, d.socket) == "ok", timeout=15)
