@@ -13,7 +13,9 @@ see each other's keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import select
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -792,3 +795,75 @@ def test_descriptors_sent_on_a_tls_network_socket_are_charged_to_their_sender(fr
     listener.close()
     never_read.close()  # its connections, never accepted, are reset: the closes end, and the sender may connect
     assert eventually(lambda: run_as(users.a, connect_outcome, d.socket) == "ok", timeout=15)
+
+
+# ----------------------------------------------------------------- fairness between uids
+
+
+def test_a_uid_with_many_connections_gets_a_uids_share_of_the_loop_not_a_share_per_connection(fresh_daemon, users):
+    """Turns were per connection: a uid keeping 128 connections busy with requests the loop answers (a
+    batch of 256 SHA-512s, ~1 ms each) had 128 turns for each of another uid's, whose ping waited for all
+    of them (0.1 ms -> 600 ms; found by a fairness hunt).  Each uid now gets a share of each round.
+    Measured without a clock: how many of the flood's answers went out while one ping waited."""
+    import mmap
+
+    d = fresh_daemon()
+    connections = 128
+    request = W.encode_request(7, W.Op.BATCH, "sha512", 0, 0, [], [], [b"q" * 240] * 256)
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(d.socket)
+        hello, answer = raw_calls(probe, (W.Op.HELLO, 1, 1, "", "fairness"), (W.Op.BATCH, "sha512", 0, 0, [], [],
+                                                                               [b"q" * 240] * 256))
+        assert hello.status == 0 and answer.status == 0
+        answer_size = W.HEADER_SIZE + len(answer.body)
+    received = mmap.mmap(-1, 8)  # bytes the flood has received, shared with its process
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the flood, as user a: every connection keeps requests coming, and takes its answers
+        try:
+            os.close(stop_w)
+            os.setgroups(list(users.a.groups)), os.setgid(users.a.gid), os.setuid(users.a.uid)
+            ep = select.epoll()
+            ep.register(stop_r, select.EPOLLIN)
+            socks, unsent = {}, {}
+            for _ in range(connections):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(d.socket)
+                assert raw_calls(s, (W.Op.HELLO, 1, 1, "", "flood"))[0].status == 0
+                s.setblocking(False)
+                socks[s.fileno()], unsent[s.fileno()] = s, request * 4
+                ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+            total = 0
+            while True:
+                for fd, ev in ep.poll():
+                    if fd == stop_r:
+                        os._exit(0)
+                    if ev & select.EPOLLIN:
+                        got = len(socks[fd].recv(1 << 20))
+                        total += got
+                        received[:8] = total.to_bytes(8, "little")
+                        unsent[fd] += request * (got // answer_size + 1)  # about one for each answer taken
+                    if unsent[fd]:
+                        with contextlib.suppress(BlockingIOError):
+                            unsent[fd] = unsent[fd][socks[fd].send(unsent[fd]):]
+                    ep.modify(fd, select.EPOLLIN | (select.EPOLLOUT if unsent[fd] else 0))
+        finally:
+            os._exit(1)
+    os.close(stop_r)
+    try:
+        def answered() -> int:
+            return int.from_bytes(received[:8], "little") // answer_size
+
+        assert eventually(lambda: answered() > 4 * connections, timeout=30), "the flood did not get going"
+        during = []
+        with d.connect() as b:
+            for _ in range(30):
+                before = answered()
+                b.ping()
+                during.append(answered() - before)
+                time.sleep(0.005)
+        during.sort()
+        assert during[len(during) // 2] < connections // 4, during  # was ~connections: one turn each
+    finally:
+        os.close(stop_w)
+        os.waitpid(pid, 0)

@@ -22,6 +22,12 @@ in its decoder, it goes to the back of a run-queue, unread, and the next poll
 does not block, so every other ready connection is served (and its replies
 sent) before its next turn.
 
+Turns are shared by uid, then by connection: in each round a uid's
+connections take turns until it has had UID_SHARE of the loop, and the rest
+of them wait on its run-queue, unread, for the next round's share.  Shared
+per connection, a uid that kept 128 connections busy had 128 turns for each
+one of another uid's (a ping waited 600 ms; found by a fairness hunt).
+
 Per connection, requests are answered in order: while one of its requests
 is with a worker, or its replies are not being read, the loop reads nothing
 more from it.  That also bounds what a connection can make the daemon hold.
@@ -69,6 +75,7 @@ ANCILLARY_SPACE = descriptors.ANCILLARY_SPACE
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
 TURN_FRAMES = 64  # requests one connection has answered in a row before the others get the loop ...
 TURN_SECONDS = 0.001  # ... or loop time it has taken (checked between requests)
+UID_SHARE = 0.002  # loop time one uid's connections take in a round before the rest of them wait for the next
 STOP_GRACE = 5.0  # seconds a stop waits for the answers to requests already with a worker to be sent
 _clock = time.monotonic
 
@@ -80,7 +87,8 @@ class Channel:
     """One client socket in the loop: its Connection (the protocol), its unsent replies and its deadlines."""
 
     __slots__ = ("sock", "fd", "conn", "on_close", "out", "unsent", "busy", "closing", "mask", "greeted",
-                 "deadline", "send_deadline", "name", "ready", "reserved", "admitted", "parked", "queued")
+                 "deadline", "send_deadline", "name", "ready", "reserved", "admitted", "parked", "queued",
+                 "unread", "uid")
 
     def __init__(self, sock: socket.socket, conn: Connection, on_close: Callable[[], None]):
         self.sock = sock
@@ -101,6 +109,8 @@ class Channel:
         self.admitted = False  # the large frame arriving is the one ``reserved`` was charged for
         self.parked = False  # a large frame's header is in, but the budget has no room for it yet: not read
         self.queued = False  # on the run-queue: its turn ended with requests left in its decoder; not read
+        self.unread = False  # on the run-queue with requests not read yet: its uid had had its share of the round
+        self.uid = conn.peer.uid
 
 
 class Reactor:
@@ -115,7 +125,10 @@ class Reactor:
         self._ready: list[Channel] = []  # channels with replies queued this round
         self._round_size = 0  # events in this round: more than one, and others wait behind a heavy request
         self._busy = 0  # channels whose request is with a worker
-        self._runnable: collections.deque[Channel] = collections.deque()  # the run-queue: see _take_turns
+        # The run-queue (see _take_turns): uid -> its channels waiting for a turn, in order; uids in turn order.
+        self._runnable: dict[int, collections.deque[Channel]] = {}
+        self._queued = 0  # channels on the run-queue
+        self._spent: collections.Counter[int] = collections.Counter()  # uid -> loop time this round (UID_SHARE)
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -147,10 +160,11 @@ class Reactor:
         timed = cfg.handshake_timeout > 0 or cfg.idle_timeout > 0 or cfg.send_timeout > 0
         next_sweep = time.monotonic() + TICK
         channels = self._channels
-        runnable = self._runnable
         poll_window = cfg.busy_poll / 1e6  # config busy_poll, in µs
         while not self._stopping:
-            turns = len(runnable)  # channels queued before this round's events (later ones wait a round)
+            turns = self._queued  # channels queued before this round's events
+            if self._spent:
+                self._spent.clear()  # a new round: a new share for every uid
             try:
                 if turns:
                     events = self._epoll.poll(0)
@@ -176,7 +190,7 @@ class Reactor:
             if turns:
                 if self._ready:
                     self._send_round()  # the replies just made go out before the queued turns, not after
-                self._take_turns(turns)
+                self._take_turns()
             if self._ready:
                 self._send_round()
             elif self._audit is not None and self._audit.holding:
@@ -184,7 +198,8 @@ class Reactor:
             if timed and (now := time.monotonic()) >= next_sweep:
                 next_sweep = now + TICK
                 self._sweep(now)
-        runnable.clear()
+        self._runnable.clear()
+        self._queued = 0
         self._drain(STOP_GRACE)
         for ch in list(channels.values()):
             self._close(ch)
@@ -246,7 +261,7 @@ class Reactor:
 
     def _event(self, ch: Channel, ev: int) -> None:
         if ev & _OUT and self._flush(ch) and not ch.busy and not ch.queued:
-            self._serve(ch)  # room again: answer what arrived while we waited
+            self._fair_turn(ch)  # room again: answer what arrived while we waited
         if not self._alive(ch):
             return
         if ch.busy or ch.queued:  # with a worker, or waiting for its turn: read nothing more, but notice a
@@ -254,7 +269,23 @@ class Reactor:
                 self._close(ch)
             return
         if ev & (_IN | _GONE):
+            self._fair_turn(ch, ev)
+
+    def _fair_turn(self, ch: Channel, ev: int = 0) -> None:
+        """A turn for ``ch`` now (reading first, for ``ev``), charged to its uid's share of the round; or, if
+        the uid has had it or others of its channels wait, a place at the back of its run-queue."""
+        uid = ch.uid
+        if uid in self._runnable or self._spent[uid] >= UID_SHARE:
+            if ev or ch.conn.decoder.pending and not ch.closing:
+                ch.unread = bool(ev)
+                self._requeue(ch)
+                return
+        started = _clock()
+        if ev:
             self._readable(ch, ev)
+        else:
+            self._serve(ch)
+        self._spent[uid] += _clock() - started
 
     def _alive(self, ch: Channel) -> bool:
         """Still in the loop?  (By identity: a closed channel's descriptor number may be reused at once.)"""
@@ -425,40 +456,61 @@ class Reactor:
             self._flush(ch)  # nothing queued: close now
 
     def _requeue(self, ch: Channel) -> None:
-        """End ``ch``'s turn with requests still in its decoder: it waits, unread, on the run-queue."""
-        self._runnable.append(ch)
+        """End ``ch``'s turn with requests still in its decoder (or, ``unread``, in its socket): it waits,
+        unread, on its uid's run-queue."""
+        queue = self._runnable.get(ch.uid)
+        if queue is None:
+            queue = self._runnable[ch.uid] = collections.deque()
+        queue.append(ch)
+        self._queued += 1
         if not ch.queued:  # (a turn taken from the queue keeps the flag, and epoll's mask, meanwhile)
             ch.queued = True
             if not ch.out:  # else _flush watches for room (and then for nothing while it is queued)
                 self._watch(ch, 0)
 
-    def _take_turns(self, turns: int) -> None:
-        """One turn for each of the first ``turns`` channels on the run-queue, in order; those not done go
-        to its back again.
+    def _take_turns(self) -> None:
+        """Each uid on the run-queue, in turn, has its channels take turns, in order, until it has had its
+        share of the round (UID_SHARE, with what its new requests took); those not done go to the back of
+        its queue again, and a uid with channels left goes to the back of the uids.
 
         A channel whose replies the client has not taken yet leaves the queue: it is served once they are
         written, as after any backlog (_event).
         """
-        runnable = self._runnable
-        for _ in range(turns):
-            ch = runnable.popleft()
-            if not self._alive(ch) or ch.busy or ch.closing or ch.out:
+        runnable, spent = self._runnable, self._spent
+        for uid in list(runnable):
+            queue = runnable[uid]
+            for _ in range(len(queue)):  # each channel queued now at most once in this round
+                if spent[uid] >= UID_SHARE:
+                    break
+                ch = queue.popleft()
+                self._queued -= 1
+                unread, ch.unread = ch.unread, False
+                if not self._alive(ch) or ch.busy or ch.closing or ch.out:
+                    ch.queued = False  # (unread: _flush, or _watch below, watches for its requests again)
+                    continue
+                self._refresh_idle(ch)  # it waited on us, not the other way round
+                waiting = self._queued
+                started = _clock()
+                try:
+                    if unread:
+                        self._readable(ch, _IN)
+                    else:
+                        self._serve(ch)  # ch.queued stays set meanwhile: a flush does not watch for input
+                except Exception:  # a bug must cost one connection, not the daemon
+                    ch.queued = False
+                    log.exception("%s: internal error; closing the connection", ch.name)
+                    self._close(ch)
+                    continue
+                finally:
+                    spent[uid] += _clock() - started
+                if self._queued > waiting:  # back in the queue
+                    continue
                 ch.queued = False
-                continue
-            self._refresh_idle(ch)  # it waited on us, not the other way round
-            waiting = len(runnable)
-            try:
-                self._serve(ch)  # ch.queued stays set meanwhile: a flush does not watch for input
-            except Exception:  # a bug must cost one connection, not the daemon
-                ch.queued = False
-                log.exception("%s: internal error; closing the connection", ch.name)
-                self._close(ch)
-                continue
-            if len(runnable) > waiting:  # back in the queue
-                continue
-            ch.queued = False
-            if not ch.ready and not ch.busy and self._alive(ch):
-                self._watch(ch, _IN)  # nothing for _flush to send (the rest was not a whole frame): read again
+                if not ch.ready and not ch.busy and not ch.parked and self._alive(ch):
+                    self._watch(ch, _IN)  # nothing for _flush to send (the rest was not a whole frame): read again
+            del runnable[uid]
+            if queue:
+                runnable[uid] = queue  # its next share comes after the others'
 
     def _queue(self, ch: Channel, reply: bytes) -> None:
         ctx = ch.conn.context
@@ -484,7 +536,7 @@ class Reactor:
                 ch.ready = False
                 if (self._alive(ch) and self._flush(ch) and not ch.busy and not ch.closing and not ch.queued
                         and ch.conn.decoder.pending):
-                    self._serve(ch)
+                    self._fair_turn(ch)
 
     def _flush(self, ch: Channel) -> bool:
         """Write what we can without blocking; True if nothing is left.  Watches for room otherwise."""
@@ -719,7 +771,7 @@ class Reactor:
         self._queue(ch, reply)
         if ch.conn.closed:
             ch.closing = True
-        self._serve(ch)  # frames that arrived meanwhile (their replies queue behind this one)
+        self._fair_turn(ch)  # frames that arrived meanwhile (their replies queue behind this one)
 
     # --------------------------------------------------------------- timeouts
 
