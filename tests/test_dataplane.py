@@ -649,6 +649,23 @@ def test_fields_an_operation_does_not_take_are_refused(client, aes):
         client.stream("hmac(sha256)", serial, iv=bytes(16))
 
 
+def test_an_hmac_takes_a_tag_only_to_verify_it(client):
+    """Without DECRYPT, a tag in the IV field was ignored and the MAC came back, status 0: a caller who
+    forgot decrypt=True read every tag, wrong ones too, as verified (found by a fuzzing hunt)."""
+    key = client.add("logon", "mac:no-iv", os.urandom(32))
+    tag = client.mac("hmac(sha256)", key, b"data")
+    wrong = bytes(32)
+    with pytest.raises(E.EINVAL, match="with DECRYPT"):
+        client.cipher("hmac(sha256)", key, b"data", iv=wrong)
+    assert client.batch("hmac(sha256)", key, [b"data", b"data"], ivs=[tag, wrong]) == ([E.EINVAL.code] * 2, [b""] * 2)
+    assert client.batch("hmac(sha256)", key, [b"data", b"data"], ivs=[tag, wrong], decrypt=True)[0] == [
+        0, E.EBADMSG.code]
+    with client.shared_buffer(4096) as shm:
+        with pytest.raises(E.EINVAL, match="with DECRYPT"):
+            shm.cipher("hmac(sha256)", key, 0, 100, 200, iv=wrong)
+        assert shm.cipher("hmac(sha256)", key, 0, 100, 200) == (32, b"")
+
+
 def test_closed_streams_are_ebadf_and_streams_are_limited_per_connection(client, daemon):
     finished = client.hash("sha256")
     finished.finalize()

@@ -94,6 +94,8 @@ def one_shot(ctx, alg: str, serial: int, flags: int) -> Callable[[bytes, bytes, 
         if decrypt:  # verify: the expected MAC travels in the IV field
             symmetric.hmac_verify(alg, key, data, iv)
             return b""
+        if iv:  # a tag sent without DECRYPT would be ignored, and the MAC read as its verdict (a fuzzing hunt)
+            raise E.EINVAL(f"{alg} takes no IV: a MAC to verify goes there with DECRYPT")
         return symmetric.hmac(alg, key, data)
     return run
 
