@@ -615,6 +615,34 @@ def test_requests_made_while_reconnecting_keep_their_call_order(fresh_daemon):
     assert asyncio.run(scenario()) == (b"D", 1)
 
 
+def test_requests_made_one_a_turn_across_a_reconnect_share_the_one_new_connection_in_call_order(fresh_daemon):
+    """A request made while the reconnect was under way waited in a task of its own; that task, first run
+    after the gate had opened again, opened a second connection over the healthy new one, whose
+    requests then waited for good, and the old socket stayed open (found by an asyncio hunt; 3 runs in
+    10 of this).  Requests now join the reconnect's queue when they are made, and go out in call order."""
+    d = fresh_daemon("idle_timeout = 0.5\n")
+
+    async def scenario():
+        async with await aio.connect(d.socket) as c:
+            key = await c.add("user", "kd-aio-gate", b"start", "@u")
+            before = _sockets_open()
+            outcomes = []
+            for round_ in range(8):
+                await asyncio.sleep(1.0)  # the daemon closes the silent connection
+                calls = []
+                for i in range(50):  # one request a turn of the loop, while the new connection opens
+                    calls.append(asyncio.ensure_future(c.update(key, b"%d.%d" % (round_, i))))
+                    await asyncio.sleep(0)
+                done, hung = await asyncio.wait(calls, timeout=10)
+                outcomes.append((len(hung), sum(f.exception() is not None for f in done), await c.read(key)))
+            await asyncio.sleep(0.2)
+            return outcomes, c.generation, before, _sockets_open()
+
+    outcomes, generation, before, after = asyncio.run(scenario())
+    assert outcomes == [(0, 0, b"%d.49" % r) for r in range(8)]  # none hung or failed; the last written last
+    assert generation == 8 and after == before
+
+
 def test_closing_during_a_reconnect_leaves_the_client_closed(fresh_daemon):
     d = fresh_daemon("idle_timeout = 0.5\n")
 

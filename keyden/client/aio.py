@@ -51,6 +51,14 @@ def _failed(error: E.KeydenError) -> asyncio.Future:
     return future
 
 
+def _fail_all(gated: deque, error: Callable[[], BaseException]) -> None:
+    """Fail the requests queued for a new connection (AsyncClient._behind_gate) that are still awaited."""
+    while gated:
+        future = gated.popleft()[2]
+        if not future.done():
+            future.set_exception(error())
+
+
 _CLIENTS: "weakref.WeakSet[AsyncClient]" = weakref.WeakSet()
 
 
@@ -128,8 +136,8 @@ class AsyncClient(Operations):
         self._pending: dict[int, tuple[asyncio.Future, Op, tuple]] = {}
         self._lost: E.KeydenError | None = E.ECONNRESET("not connected yet")
         self._closed = False  # by its owner: never reopened
-        self._reopening: asyncio.Future | None = None  # the new connection being opened: requests wait for it
-        self._waiting = 0  # requests waiting for it
+        self._reopening: asyncio.Task | None = None  # the new connection being opened: requests wait for it
+        self._gated: deque[tuple[Op, tuple, asyncio.Future]] = deque()  # ... here, in call order (_behind_gate)
         self.max_frame = W.DEFAULT_MAX_FRAME
         self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # large aead/hmac calls at once (aio_dataplane)
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
@@ -177,41 +185,45 @@ class AsyncClient(Operations):
         self.version, self.max_frame, self.uid, self.gid, self.pid = hello
         self.generation += reconnecting
 
-    async def _reopen_then_send(self, op: Op, args: tuple) -> Any:
-        """Wait for the new connection (the first request to find the old one gone opens it), then write:
-        once, so a daemon that keeps dropping us costs each request one attempt, not a loop.  The gate
-        stays shut until every request that waited is written, so none is overtaken by a later one."""
+    def _behind_gate(self, op: Op, args: tuple, future: asyncio.Future | None = None) -> asyncio.Future:
+        """Queue a request for the new connection, and open it if no request has yet: the queue is written
+        after its HELLO, in call order, before any later request.  Queued here, at call time: a request
+        that waited in a task of its own could find the gate open again once its task ran, and open a
+        second connection over the healthy one, whose requests then waited for good (found by a hunt)."""
+        if future is None:
+            future = self._loop.create_future()
+        self._gated.append((op, args, future))
         if self._reopening is None:
-            self._reopening = asyncio.ensure_future(self._open(reconnecting=True))
-            self._reopening.add_done_callback(self._reopened)
-        reopening = self._reopening
-        self._waiting += 1
+            self._reopening = asyncio.ensure_future(self._reopen(self._gated))
+        return future
+
+    async def _reopen(self, gated: deque) -> None:
+        """Open the new connection, then write the requests queued for it: once, so a daemon that keeps
+        dropping us costs each request one attempt, not a loop.  If it cannot be opened, they fail with why.
+        A request cancelled meanwhile is not sent; the connection is opened all the same (were it not,
+        the next request would open a second one, and the first would be left open)."""
+        reopening = asyncio.current_task()
         try:
-            try:
-                await asyncio.shield(reopening)
-            except E.KeydenError as exc:
-                raise copy.copy(exc) from None  # one exception object per request, as _lost_error
-            if self._closed:
-                raise E.ECONNRESET("the client is closed")
-            future = self._write(op, args)
+            await self._open(reconnecting=True)
+        except E.KeydenError as exc:
+            _fail_all(gated, lambda exc=exc: copy.copy(exc))  # one exception object per request, as _lost_error
+        except asyncio.CancelledError:  # the loop is shutting down
+            while gated:
+                gated.popleft()[2].cancel()
+            raise
+        except BaseException as exc:
+            _fail_all(gated, lambda exc=exc: exc)
+        else:
+            while gated:
+                op, args, future = gated.popleft()
+                if self._closed:
+                    if not future.done():
+                        future.set_exception(E.ECONNRESET("the client is closed"))
+                elif not future.done():
+                    self._write(op, args, future=future)
         finally:
-            self._waiting -= 1
-            self._open_gate(reopening)
-        return await future
-
-    def _reopened(self, reopening: asyncio.Future) -> None:
-        """The new connection is open, or failed: its outcome is taken here (never 'never retrieved'), and
-        the gate opens if no request waits any more (all of them cancelled meanwhile)."""
-        if not reopening.cancelled():
-            reopening.exception()
-        self._open_gate(reopening)
-
-    def _open_gate(self, reopening: asyncio.Future) -> None:
-        """Let requests be written directly again: once the new connection is open (or failed) and every
-        request that waited for it is written.  Not before it is open, even if every waiter was cancelled:
-        the next request would open a second connection, and the first would be left open."""
-        if not self._waiting and reopening.done() and self._reopening is reopening:
-            self._reopening = None
+            if self._reopening is reopening:
+                self._reopening = None
 
     # ------------------------------------------------------------ transport
 
@@ -225,12 +237,14 @@ class AsyncClient(Operations):
         if self._lost is None and not self._closed and self._transport.is_closing():
             self._lose(E.ECONNRESET("the daemon closed the connection"))  # before the loop told us
         if not self._closed and (self._reopening is not None or self._lost is not None and self.reconnect):
-            return asyncio.ensure_future(self._reopen_then_send(op, args))
+            return self._behind_gate(op, args)
         return self._write(op, args, resend=self.reconnect)
 
-    def _write(self, op: Op, args: tuple, resend: bool = False) -> asyncio.Future:
-        """Write one request; the future gets the op's shaped result or its KeydenError.  ``resend``: if the
-        write finds the daemon gone (nothing of the request went out), write it on a new connection."""
+    def _write(self, op: Op, args: tuple, resend: bool = False, future: asyncio.Future | None = None
+               ) -> asyncio.Future:
+        """Write one request; the future (``future``, or a new one) gets the op's shaped result or its
+        KeydenError.  ``resend``: if the write finds the daemon gone (nothing of the request went out),
+        write it on a new connection."""
         try:
             if self._lost is not None:
                 raise self._lost_error()
@@ -241,8 +255,12 @@ class AsyncClient(Operations):
             if len(frame) - W.HEADER_SIZE > self.max_frame:
                 raise E.EMSGSIZE(f"request of {len(frame)} bytes exceeds the daemon's {self.max_frame}-byte cap")
         except E.KeydenError as exc:
-            return _failed(exc)
-        future = self._loop.create_future()
+            if future is None:
+                return _failed(exc)
+            future.set_exception(exc)
+            return future
+        if future is None:
+            future = self._loop.create_future()
         self._pending[rid] = (future, op, args)
         transport = self._transport
         sent_whole_or_failed = transport.get_write_buffer_size() == 0  # the transport tries one send at once
@@ -251,7 +269,7 @@ class AsyncClient(Operations):
             # That send failed (EPIPE: the daemon closed before we noticed), so none of it went out.
             del self._pending[rid]
             self._lose(E.ECONNRESET("the daemon closed the connection"))
-            return asyncio.ensure_future(self._reopen_then_send(op, args))
+            return self._behind_gate(op, args, future)
         return future
 
     def _guard_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -308,7 +326,7 @@ class AsyncClient(Operations):
         if self._sock is not None:
             self._sock.close()
         self._transport, self._sock, self._loop, self._lost = None, None, None, error
-        self._pending, self._reopening, self._waiting = {}, None, 0
+        self._pending, self._reopening, self._gated = {}, None, deque()
         self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # a semaphore binds to its first loop
 
     def _deliver(self, frame: W.Frame) -> None:
@@ -440,6 +458,7 @@ class AsyncClient(Operations):
         self._end_guard()
         self._lose(E.ECONNRESET("connection closed by the client"))
         self._lost = E.ECONNRESET("the client is closed")  # whatever the connection died of before
+        _fail_all(self._gated, self._lost_error)
         return _CLOSED
 
     async def __aenter__(self) -> "AsyncClient":
