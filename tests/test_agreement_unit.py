@@ -175,8 +175,11 @@ def test_dh_compute_rejects_bad_bases_and_private_values():
     for private in (b"", b"\0", _be(q, 256), _be(2 * q, 256)):
         with pytest.raises(E.EINVAL):
             A.dh_compute(private, prime, b"\x07")
-    with pytest.raises(E.EINVAL):
+    with pytest.raises(E.EINVAL, match="private value longer"):
         A.dh_compute(b"\x01" * 257, prime, b"\x02")           # longer than the prime
+    with pytest.raises(E.EINVAL, match="base longer"):  # its value in range, its bytes not: the kernel
+        A.dh_compute(b"\x01\x23", prime, b"\0" + _be(7, 256))  # refuses it (a differential hunt)
+    assert A.dh_compute(b"\x01\x23", prime, _be(7, 256)) == _be(pow(7, 0x123, MODP_2048), 256)
     for bad in ("text", 5, None):
         with pytest.raises(E.EINVAL):
             A.dh_compute(bad, prime, b"\x02")

@@ -147,8 +147,8 @@ def dh_compute(private, prime, base) -> bytes:
     g = int.from_bytes(base, "big")
     if not 2 <= g <= p - 2:
         raise E.EINVAL("base must be in [2, prime - 2]")
-    if len(private) > len(prime):
-        raise E.EINVAL("private value longer than the prime")
+    if len(private) > len(prime) or len(base) > len(prime):  # the kernel's crypto_dh_decode_key, in bytes
+        raise E.EINVAL(f"{'private value' if len(private) > len(prime) else 'base'} longer than the prime")
     x = int.from_bytes(private, "big")
     # For a safe prime p = 2q + 1 and such a base, base**x is 1 or p - 1 exactly
     # when q divides x.  OpenSSL refuses those results, but pyca (48-50) turns that
