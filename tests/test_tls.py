@@ -1240,6 +1240,22 @@ def test_a_servers_sessions_last_one_epoch_then_its_contexts_are_made_anew(pki, 
     assert second is not first and first not in contexts._cache.values()
 
 
+def test_a_uid_making_contexts_by_the_dozen_pushes_out_its_own_not_anothers(pki):
+    """The context cache dropped the least recently used of all: one uid serving from keyrings by the
+    dozen pushed every other uid's server contexts out, and their sessions with them (noted by a
+    fairness hunt).  Past the limit, the least recently used of the uid holding the most goes."""
+    from keyden.crypto import asymmetric
+    from keyden.tls import contexts
+
+    keys = [asymmetric.parse(pki.ec_server.cert_pem), asymmetric.parse(pki.ec_server.key_pem)]
+    theirs = contexts.server_context(keys, None, 0, (), uid=4242)
+    for i in range(2 * contexts.MAX_CACHED):
+        contexts.server_context(keys, None, 0, (f"proto-{i}",), uid=4343)  # another context each
+    assert len(contexts._cache) <= contexts.MAX_CACHED
+    assert contexts.server_context(keys, None, 0, (), uid=4242) is theirs  # still cached
+    assert contexts._held[4242] == 1 and sum(contexts._held.values()) == len(contexts._cache)
+
+
 def test_a_uid_that_ends_sessions_by_the_thousand_forgets_its_own_peer_ends_not_anothers():
     """Past the limit, the oldest record of the uid holding the most goes: another uid's session can
     still be asked about (one shared first-in-first-out list let anyone push it out)."""

@@ -20,7 +20,7 @@ import os
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Iterator
 
 from cryptography import x509
@@ -44,12 +44,17 @@ TLS12_KEY_EXCHANGES = ("kx-ecdhe", "kx-dhe")
 TLS12_AUTHENTICATIONS = ("auth-rsa", "auth-ecdsa")
 
 
-_cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()
+_cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()  # least recently used first
+_owners: dict[tuple, int] = {}  # cache key -> the uid whose request built it
+_held: Counter[int] = Counter()  # uid -> contexts of its in the cache
 _cache_lock = threading.Lock()
 
 
-def _cached(key: tuple, build, replaces=None) -> ssl.SSLContext:
-    """The context cached under ``key``, or ``build()``'s, cached; it drops those whose key ``replaces``."""
+def _cached(key: tuple, build, replaces=None, uid: int = -1) -> ssl.SSLContext:
+    """The context cached under ``key``, or ``build()``'s, cached for ``uid``; it drops those whose key
+    ``replaces``.  Past MAX_CACHED, the least recently used of the uid holding the most goes: with the
+    least recently used of all, one uid making contexts by the dozen pushed every other uid's out, and
+    their sessions with them."""
     with _cache_lock:
         ctx = _cache.get(key)
         if ctx is not None:
@@ -59,12 +64,23 @@ def _cached(key: tuple, build, replaces=None) -> ssl.SSLContext:
     with _cache_lock:  # _forget runs under it too: a key released before this is seen here, after it is dropped
         if replaces is not None:
             for old in [k for k in _cache if k != key and replaces(k)]:
-                del _cache[old]
-        if not any(k.released for k in _parsed_keys(key)):  # else: used this once, kept not
-            _cache[key] = ctx
+                _drop(old)
+        if not any(k.released for k in _parsed_keys(key)) and key not in _cache:  # else: used this once, kept not
+            _cache[key], _owners[key] = ctx, uid
+            _held[uid] += 1
             while len(_cache) > MAX_CACHED:
-                _cache.popitem(last=False)
+                most = max(_held, key=_held.__getitem__)
+                _drop(next(k for k in _cache if _owners[k] == most))
     return ctx
+
+
+def _drop(key: tuple) -> None:
+    """Take ``key``'s context out of the cache (lock held)."""
+    del _cache[key]
+    uid = _owners.pop(key)
+    _held[uid] -= 1
+    if not _held[uid]:
+        del _held[uid]
 
 
 def _parsed_keys(cache_key: tuple):
@@ -79,14 +95,14 @@ def _forget(released) -> None:
     """A key was destroyed: drop every cached context built with it (they hold it loaded in OpenSSL)."""
     with _cache_lock:
         for cache_key in [k for k in _cache if any(p is released for p in _parsed_keys(k))]:
-            del _cache[cache_key]
+            _drop(cache_key)
 
 
 asymmetric.on_release(_forget)
 
 
 def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
-                   alpn: tuple[str, ...]) -> ssl.SSLContext:
+                   alpn: tuple[str, ...], uid: int = -1) -> ssl.SSLContext:
     """The context to wrap one connection of a TLS server with the identities among ``keys`` (parsed
     asymmetric keys).
 
@@ -142,7 +158,7 @@ def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
     # The validity of each certificate (one expiring reorders the identities: ``identities``) and the
     # session epoch are part of the key; a new one drops the contexts, and session caches, of earlier ones.
     generation = (valid, int(time.time() // SESSION_EPOCH))
-    default = _cached(material + (generation,), build, replaces=lambda key: key[:-1] == material)
+    default = _cached(material + (generation,), build, replaces=lambda key: key[:-1] == material, uid=uid)
     return default if trust is None else _front(default, flags, alpn)
 
 
@@ -172,7 +188,7 @@ def _front(default: ssl.SSLContext, flags: int, alpn: tuple[str, ...]) -> ssl.SS
 
 
 def client_context(trust: list[x509.Certificate], identity_keys: list | None, flags: int,
-                   alpn: tuple[str, ...]) -> ssl.SSLContext:
+                   alpn: tuple[str, ...], uid: int = -1) -> ssl.SSLContext:
     """A TLS client that trusts only ``trust`` and checks the server's name.
 
     ``identity_keys``: parsed keys holding a certificate and its private key, to answer client-auth.
@@ -194,7 +210,7 @@ def client_context(trust: list[x509.Certificate], identity_keys: list | None, fl
     identity = tuple(identity_keys) if identity_keys is not None else None
     valid = tuple(valid_at(k.certificate) for k in identity or () if k.certificate is not None)  # see server_context
     material = ("client", tuple(trust), identity, flags, alpn)
-    return _cached(material + (valid,), build, replaces=lambda key: key[:-1] == material)
+    return _cached(material + (valid,), build, replaces=lambda key: key[:-1] == material, uid=uid)
 
 
 def _base(protocol: int, flags: int, alpn: tuple[str, ...]) -> ssl.SSLContext:

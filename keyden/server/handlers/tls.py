@@ -38,7 +38,7 @@ def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
         protocols = _protocols(alpn)
         keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
-        tls_ctx = contexts.server_context(keys, anchors, flags, protocols)
+        tls_ctx = contexts.server_context(keys, anchors, flags, protocols, ctx.caller.uid)
         tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=True, owner=_sender(dup)))
         _start(ctx, tls, timeout_ms)
     return ()
@@ -54,7 +54,7 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         protocols = _protocols(alpn)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
-        tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols)
+        tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols, ctx.caller.uid)
         tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=False,
                                                         server_hostname=server_hostname, owner=_sender(dup)))
         _start(ctx, tls, timeout_ms)
