@@ -913,6 +913,26 @@ def test_session_names_and_find_descriptions_have_the_kernel_s_size_limit(store,
         store.find(alice, "user", "d" * 4095)
 
 
+def test_a_name_joins_the_oldest_keyring_of_that_name_the_caller_may_search(clock):
+    """As the kernel's find_keyring_by_name: the oldest first, one that grants search without possession;
+    a keyring of the name that does not is passed over, a key of another type never matches."""
+    store = KeyStore(clock=clock)
+    made = []
+    for _ in range(3):  # the default mask grants search to no one: each join makes one
+        made.append(store.join_session(Caller(BOB), "team"))
+        clock.advance(1)
+    (first, bobs), (second, _), (third, _) = made
+    for _serial, token in made[1:]:
+        store.setperm(Caller(BOB, session_token=token), SESSION, 0x3f3f3f3f)
+    store.add(Caller(ALICE), "user", "team", b"not a keyring", USER)
+    assert len({first, second, third}) == 3
+    assert store.join_session(Caller(ALICE), "team")[0] == second  # the oldest alice may search
+    store.setperm(Caller(BOB, session_token=bobs), SESSION, 0x3f3f3f3f)
+    assert store.join_session(Caller(ALICE), "team")[0] == first
+    store.invalidate(Caller(BOB, session_token=bobs), SESSION)
+    assert store.join_session(Caller(ALICE), "team")[0] == second  # a dead one is passed over
+
+
 def test_joining_a_named_keyring_again_and_again_is_bounded_too(clock):
     """A join of an existing keyring makes no key, only a token, and a token outlives its connection: a uid
     holds at most as many as it may hold keys.  The tokens are indexed, so destroying their keyring or

@@ -1587,9 +1587,12 @@ class KeyStore:
     def _keyring_by_name(self, caller: Caller, name: str) -> Key | None:
         if name.startswith("."):
             return None  # never published by name
-        for key in self._keys.values():
-            if key.links is not None and key.description == name and not key.defunct \
-                    and self._rights(caller, key, False) & P.SEARCH:
+        # The oldest first, as the kernel's list of named keyrings; from the name index, not every key of
+        # every uid (a join by name was a walk through the whole store, on the loop).
+        namesakes = sorted((self._keys[serial] for serial in self._by_name.get((T.KEYRING.name, name), ())),
+                           key=lambda key: (key.ctime, key.serial))
+        for key in namesakes:
+            if not key.defunct and self._rights(caller, key, False) & P.SEARCH:
                 return key
         return None
 
