@@ -808,15 +808,12 @@ def test_descriptors_sent_on_a_tls_network_socket_are_charged_to_their_sender(fr
 # ----------------------------------------------------------------- fairness between uids
 
 
-def test_a_uid_with_many_connections_gets_a_uids_share_of_the_loop_not_a_share_per_connection(fresh_daemon, users):
-    """Turns were per connection: a uid keeping 128 connections busy with requests the loop answers (a
-    batch of 256 SHA-512s, ~1 ms each) had 128 turns for each of another uid's, whose ping waited for all
-    of them (0.1 ms -> 600 ms; found by a fairness hunt).  Each uid now gets a share of each round.
-    Measured without a clock: how many of the flood's answers went out while one ping waited."""
+@contextlib.contextmanager
+def flood_of_batches(d, user, connections: int = 128):
+    """``user`` keeps ``connections`` connections busy with requests the loop answers (a batch of 256
+    SHA-512s, ~1 ms each), each taking its answers; yields how many answers it has had so far."""
     import mmap
 
-    d = fresh_daemon()
-    connections = 128
     request = W.encode_request(7, W.Op.BATCH, "sha512", 0, 0, [], [], [b"q" * 240] * 256)
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(d.socket)
@@ -827,10 +824,10 @@ def test_a_uid_with_many_connections_gets_a_uids_share_of_the_loop_not_a_share_p
     received = mmap.mmap(-1, 8)  # bytes the flood has received, shared with its process
     stop_r, stop_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the flood, as user a: every connection keeps requests coming, and takes its answers
+    if pid == 0:
         try:
             os.close(stop_w)
-            os.setgroups(list(users.a.groups)), os.setgid(users.a.gid), os.setuid(users.a.uid)
+            os.setgroups(list(user.groups)), os.setgid(user.gid), os.setuid(user.uid)
             ep = select.epoll()
             ep.register(stop_r, select.EPOLLIN)
             socks, unsent = {}, {}
@@ -863,18 +860,47 @@ def test_a_uid_with_many_connections_gets_a_uids_share_of_the_loop_not_a_share_p
             return int.from_bytes(received[:8], "little") // answer_size
 
         assert eventually(lambda: answered() > 4 * connections, timeout=30), "the flood did not get going"
-        during = []
-        with d.connect() as b:
-            for _ in range(30):
-                before = answered()
-                b.ping()
-                during.append(answered() - before)
-                time.sleep(0.005)
-        during.sort()
-        assert during[len(during) // 2] < connections // 4, during  # was ~connections: one turn each
+        yield answered
     finally:
         os.close(stop_w)
         os.waitpid(pid, 0)
+
+
+def test_a_uid_with_many_connections_gets_a_uids_share_of_the_loop_not_a_share_per_connection(fresh_daemon, users):
+    """Turns were per connection: a uid keeping 128 connections busy with requests the loop answers had
+    128 turns for each of another uid's, whose ping waited for all of them (0.1 ms -> 600 ms; found by
+    a fairness hunt).  Each uid now gets a share of each round.  Measured without a clock: how many of
+    the flood's answers went out while one ping waited."""
+    d = fresh_daemon()
+    connections = 128
+    with flood_of_batches(d, users.a, connections) as answered, d.connect() as b:
+        during = []
+        for _ in range(30):
+            before = answered()
+            b.ping()
+            during.append(answered() - before)
+            time.sleep(0.005)
+    during.sort()
+    assert during[len(during) // 2] < connections // 4, during  # was ~connections: one turn each
+
+
+def test_requests_sent_whole_before_a_close_are_done_while_their_uid_waits_its_turn(fresh_daemon, users):
+    """A connection of a uid whose others wait their turn waits too, unread; one that sent whole requests
+    and closed was closed on its hang-up, its requests never read (found by review: 40 of 100 lost)."""
+    d = fresh_daemon()
+
+    def one_shot_adds(socket_path: str) -> int:
+        for i in range(40):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(socket_path)
+                assert raw_calls(s, (W.Op.HELLO, 1, 1, "", "one-shot"))[0].status == 0
+                s.sendall(W.encode_request(2, W.Op.ADD, "user", f"kd:one-shot-{i}", b"x", -4, b""))  # @u
+        time.sleep(1)  # (the daemon reads them in their uid's turns)
+        with keyden.connect(socket_path) as c:
+            return sum(outcome(lambda i=i: c.find("user", f"kd:one-shot-{i}")) != "ENOKEY" for i in range(40))
+
+    with flood_of_batches(d, users.a):
+        assert run_as(users.a, one_shot_adds, d.socket) == 40
 
 
 def test_a_uid_starting_costly_tls_handshakes_gets_a_uids_share_of_each_tls_loop(fresh_daemon, users):

@@ -128,7 +128,7 @@ class Reactor:
         # The run-queue (see _take_turns): uid -> its channels waiting for a turn, in order; uids in turn order.
         self._runnable: dict[int, collections.deque[Channel]] = {}
         self._queued = 0  # channels on the run-queue
-        self._spent: collections.Counter[int] = collections.Counter()  # uid -> loop time this round (UID_SHARE)
+        self._spent: dict[int, float] = {}  # uid -> loop time this round (UID_SHARE)
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -265,27 +265,31 @@ class Reactor:
         if not self._alive(ch):
             return
         if ch.busy or ch.queued:  # with a worker, or waiting for its turn: read nothing more, but notice a
-            if ev & _GONE:        # client that left
-                self._close(ch)
+            if ev & _GONE and not ch.unread:  # client that left (one waiting unread is read first: it may have
+                self._close(ch)               # sent whole requests, then closed; found by review)
             return
         if ev & (_IN | _GONE):
             self._fair_turn(ch, ev)
 
     def _fair_turn(self, ch: Channel, ev: int = 0) -> None:
         """A turn for ``ch`` now (reading first, for ``ev``), charged to its uid's share of the round; or, if
-        the uid has had it or others of its channels wait, a place at the back of its run-queue."""
-        uid = ch.uid
-        if uid in self._runnable or self._spent[uid] >= UID_SHARE:
+        the uid has had it or others of its channels wait, a place at the back of its run-queue.  (Alone
+        in its round, with no one waiting, a turn is not timed: no other uid's turn is to be weighed.)"""
+        uid, spent = ch.uid, self._spent
+        if self._queued and uid in self._runnable or spent and spent.get(uid, 0.0) >= UID_SHARE:
             if ev or ch.conn.decoder.pending and not ch.closing:
                 ch.unread = bool(ev)
                 self._requeue(ch)
                 return
+        if self._round_size <= 1 and not self._queued:
+            self._readable(ch, ev) if ev else self._serve(ch)
+            return
         started = _clock()
         if ev:
             self._readable(ch, ev)
         else:
             self._serve(ch)
-        self._spent[uid] += _clock() - started
+        spent[uid] = spent.get(uid, 0.0) + _clock() - started
 
     def _alive(self, ch: Channel) -> bool:
         """Still in the loop?  (By identity: a closed channel's descriptor number may be reused at once.)"""
@@ -430,7 +434,7 @@ class Reactor:
             ch.admitted = False  # whole: its share is held until it is answered and the reply written
             handled += 1
             cost = conn.cost(frame)
-            if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1 or self._runnable
+            if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1 or self._queued
                                                              or conn.decoder.pending):
                 self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced,
                                                                   conn.changed))
@@ -480,7 +484,7 @@ class Reactor:
         for uid in list(runnable):
             queue = runnable[uid]
             for _ in range(len(queue)):  # each channel queued now at most once in this round
-                if spent[uid] >= UID_SHARE:
+                if spent.get(uid, 0.0) >= UID_SHARE:
                     break
                 ch = queue.popleft()
                 self._queued -= 1
@@ -502,7 +506,7 @@ class Reactor:
                     self._close(ch)
                     continue
                 finally:
-                    spent[uid] += _clock() - started
+                    spent[uid] = spent.get(uid, 0.0) + _clock() - started
                 if self._queued > waiting:  # back in the queue
                     continue
                 ch.queued = False
