@@ -14,7 +14,9 @@ other owners': one message of lingering sockets used to hold every closer,
 and from then on the daemon closed nothing for anyone, its own sockets of
 departed clients included, until it ran out of descriptors.  Now a uid that
 does so only waits for its own.  A closer starts whenever work could run and
-none is free, up to MAX_CLOSERS (idle ones wait for more).
+none is free, up to MAX_CLOSERS; an idle one waits for more, and ends after
+IDLE_EXIT seconds without (a burst of connections ending used to leave every
+closer it started for good; found by a leak hunt).
 
 The socket's own options are left alone: its linger belongs to the open
 file, which the application may still share.
@@ -40,11 +42,12 @@ MAX_CLOSERS = 64
 PER_OWNER = 4  # closes of one owner's in progress at once
 MAX_BACKLOG = 256  # closes of one owner's waiting or in progress, past which it is in ``backlogged``
 NOBODY = -1  # the owner of descriptors whose sender is not known (SO_PEERCRED could not say: peer.uid_of)
+IDLE_EXIT = 30.0  # seconds an idle closer waits for work before it ends
 
 _Work = Union[int, Callable[[], None]]  # a descriptor to close, or a close of another kind to run
 
 _lock = threading.Lock()
-_work_queued = threading.Condition(_lock)  # for idle closers
+_sleeping: collections.deque[threading.Event] = collections.deque()  # idle closers, each waiting on its own
 _work_done = threading.Condition(_lock)  # for drain
 _waiting: dict[int, collections.deque[_Work]] = {}  # owner -> its work not begun, in order
 _turns: collections.deque[int] = collections.deque()  # owners with work waiting, in the order they get a closer
@@ -54,7 +57,6 @@ _running: collections.Counter[int] = collections.Counter()  # owner -> its close
 #: it (a membership test needs no lock); an owner leaves it once half its closes are done.
 backlogged: set[int] = set()
 _closers = 0
-_idle = 0
 
 
 SCM_PIDFD = 0x04  # (Linux 6.5; not in Python 3.11's socket module): a pidfd installed with a message
@@ -118,7 +120,7 @@ def _queue(work: list[_Work], owner: int) -> None:
     """Queue ``work``; as many closers as may run it (the owner's share) are woken or started."""
     if not work:
         return
-    global _closers, _idle
+    global _closers
     with _lock:
         if owner not in _waiting:
             _waiting[owner] = collections.deque()
@@ -127,9 +129,9 @@ def _queue(work: list[_Work], owner: int) -> None:
         if len(_waiting[owner]) + _running[owner] >= MAX_BACKLOG:
             backlogged.add(owner)
         wanted = min(len(work), PER_OWNER - _running[owner])
-        woken = min(max(wanted, 0), _idle)
-        _idle -= woken  # (counted off here: Condition.wait has no spurious wake-ups, so each wakes for work)
-        _work_queued.notify(woken)
+        woken = min(max(wanted, 0), len(_sleeping))
+        for _ in range(woken):
+            _sleeping.pop().set()  # the last to go idle first: the longest idle may end (IDLE_EXIT)
         started = max(0, min(wanted - woken, MAX_CLOSERS - _closers))
         _closers += started
         first = _closers - started
@@ -160,12 +162,24 @@ def _next() -> tuple[int, _Work] | None:
 
 
 def _close_forever() -> None:
-    global _idle
+    global _closers
+    wake = threading.Event()  # set by _queue, which takes us off _sleeping, when it has work for us
     while True:
         with _lock:
             while (taken := _next()) is None:
-                _idle += 1  # until _queue wakes us for work
-                _work_queued.wait()
+                wake.clear()
+                _sleeping.append(wake)
+                _lock.release()
+                try:
+                    woken = wake.wait(IDLE_EXIT)
+                finally:
+                    _lock.acquire()
+                if not woken and wake in _sleeping:  # no work came (if _queue has just set us, some did)
+                    _sleeping.remove(wake)
+                    if (taken := _next()) is None:
+                        _closers -= 1
+                        return
+                    break
         owner, item = taken
         try:
             os.close(item) if isinstance(item, int) else item()

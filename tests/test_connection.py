@@ -152,6 +152,29 @@ def test_closing_releases_every_region_and_fd_even_if_one_fails(caplog):
     assert "kd-secret" not in caplog.text
 
 
+def test_idle_closers_end_and_new_ones_start_for_new_work(monkeypatch):
+    """Each burst of closes could start closers, up to 64, and none ever ended (found by a leak hunt):
+    an idle closer now ends after IDLE_EXIT seconds without work."""
+    import threading
+    import time
+
+    monkeypatch.setattr(descriptors, "IDLE_EXIT", 0.2)
+
+    def closers() -> int:
+        return sum(t.name.startswith("keyden-closer-") for t in threading.enumerate())
+
+    for _round in range(2):
+        null = os.open(os.devnull, os.O_RDONLY)
+        for owner in range(16):  # 64 closes at once: every idle closer is woken (and waits 0.2 s from now)
+            descriptors.release([os.dup(null) for _ in range(descriptors.PER_OWNER)], 70000 + owner)
+        os.close(null)
+        assert descriptors.drain() and closers() > 0
+        deadline = time.monotonic() + 10
+        while closers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert closers() == 0 and descriptors._closers == 0 and not descriptors._sleeping
+
+
 def _memfd(size: int) -> int:
     fd = os.memfd_create("kd-test", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
