@@ -643,6 +643,29 @@ def test_requests_made_one_a_turn_across_a_reconnect_share_the_one_new_connectio
     assert generation == 8 and after == before
 
 
+def test_a_reconnect_cancelled_before_it_ran_leaves_the_client_usable(daemon):
+    """A shutdown sweep that cancels every other task cancelled the reconnect before its first step; its
+    body never ran, the gate stayed shut, and every later request of the client waited for good
+    (found by review).  The request queued behind it fails; the next one reconnects."""
+    import socket
+
+    async def scenario():
+        async with await aio.connect(daemon.socket) as c:
+            key = await c.add("user", "kd-aio-swept", b"x", "@u")
+            c._sock.shutdown(socket.SHUT_RDWR)
+            await asyncio.sleep(0.05)  # the loop has seen the connection go
+            queued = c.read(key)  # starts the reconnect, which has not run yet
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            with pytest.raises(E.ECONNRESET):
+                await asyncio.wait_for(queued, 10)
+            return await asyncio.wait_for(c.read(key), 10)
+
+    assert asyncio.run(scenario()) == b"x"
+
+
 def test_closing_during_a_reconnect_leaves_the_client_closed(fresh_daemon):
     d = fresh_daemon("idle_timeout = 0.5\n")
 

@@ -1256,6 +1256,45 @@ def test_a_uid_making_contexts_by_the_dozen_pushes_out_its_own_not_anothers(pki)
     assert contexts._held[4242] == 1 and sum(contexts._held.values()) == len(contexts._cache)
 
 
+def test_a_loop_steps_every_ready_session_of_a_uid_in_turn_past_a_polls_default_cap():
+    """A loop's shares by uid keep the descriptors a uid could not step in a round waiting, first in line
+    for the next; one not reported by the next poll is taken for no longer ready.  With more ready than
+    a poll's default cap (1023), most were never reported, and never stepped (found by review)."""
+    import resource
+    import select
+    import time
+
+    from keyden.tls.engine import Loop
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    stepped: dict[int, int] = {}
+
+    class Busy:  # a session always ready, whose steps take long enough to use up its uid's share
+        owner, established, closed = 4444, True, False
+
+        def step(self, fd, events):
+            stepped[fd] = stepped.get(fd, 0) + 1
+            time.sleep(0.0001)
+
+    loop = Loop("kdtest-loop")
+    ready = [os.eventfd(1, os.EFD_NONBLOCK) for _ in range(1100)]  # readable until read: always ready
+    try:
+        for fd in ready:
+            loop.register(fd, Busy(), select.EPOLLIN)
+        deadline = time.monotonic() + 20
+        while len(stepped) < len(ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stepped) == len(ready)
+    finally:
+        loop.stopping = True
+        loop.call_soon(lambda: None)
+        loop.stopped.wait(5)
+        for fd in ready:
+            os.close(fd)
+
+
 def test_a_uid_that_ends_sessions_by_the_thousand_forgets_its_own_peer_ends_not_anothers():
     """Past the limit, the oldest record of the uid holding the most goes: another uid's session can
     still be asked about (one shared first-in-first-out list let anyone push it out)."""

@@ -195,7 +195,15 @@ class AsyncClient(Operations):
         self._gated.append((op, args, future))
         if self._reopening is None:
             self._reopening = asyncio.ensure_future(self._reopen(self._gated))
+            self._reopening.add_done_callback(functools.partial(self._reopened, self._gated))
         return future
+
+    def _reopened(self, gated: deque, reopening: asyncio.Task) -> None:
+        """However the reopen ended (a task cancelled before its first step never ran its body: the
+        gate stayed shut for good; found by review), the gate opens, and nothing waits behind it."""
+        if self._reopening is reopening:
+            self._reopening = None
+        _fail_all(gated, lambda: E.ECONNRESET("the reconnect was cancelled"))
 
     async def _reopen(self, gated: deque) -> None:
         """Open the new connection, then write the requests queued for it: once, so a daemon that keeps
@@ -207,15 +215,13 @@ class AsyncClient(Operations):
             await self._open(reconnecting=True)
         except E.KeydenError as exc:
             _fail_all(gated, lambda exc=exc: copy.copy(exc))  # one exception object per request, as _lost_error
-        except asyncio.CancelledError:  # the loop is shutting down
-            while gated:
-                gated.popleft()[2].cancel()
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             _fail_all(gated, lambda exc=exc: exc)
-        else:
+        else:  # (a cancellation, or KeyboardInterrupt, goes on up: _reopened fails what waits)
             while gated:
                 op, args, future = gated.popleft()
+                if self._lost is None and self._transport.is_closing():  # lost already: fail, not write
+                    self._lose(E.ECONNRESET("the daemon closed the connection"))
                 if self._closed:
                     if not future.done():
                         future.set_exception(E.ECONNRESET("the client is closed"))

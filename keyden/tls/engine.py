@@ -462,7 +462,9 @@ class Loop:
                 when, _, session = heapq.heappop(self.deadlines)
                 self._call(session.deadline_passed, when)
             wait = min(self.MAX_SLEEP, self.deadlines[0][0] - now) if self.deadlines else self.MAX_SLEEP
-            self._round(self.epoll.poll(max(wait, 0.0) if not self.waiting else 0.0))
+            # Room for every descriptor watched (and some registered meanwhile): a waiting one not reported
+            # is taken for no longer ready, so a poll's default cap (1023) left some unstepped (review).
+            self._round(self.epoll.poll(max(wait, 0.0) if not self.waiting else 0.0, len(self.owners) + 64))
         # The daemon is stopping: a handshake still running is told so (its application and the audit log
         # hear an outcome); established sessions end with the process.
         for session in set(self.owners.values()):
