@@ -176,10 +176,11 @@ def _close_forever() -> None:
                     _lock.acquire()
                 if not woken and wake in _sleeping:  # no work came (if _queue has just set us, some did)
                     _sleeping.remove(wake)
-                    if (taken := _next()) is None:
-                        _closers -= 1
+                    if (taken := _next()) is not None:
+                        break
+                    if _closers > 1:  # the last one stays: work whose own closer cannot start (no more
+                        _closers -= 1  # threads: _queue) must find one (found by review)
                         return
-                    break
         owner, item = taken
         try:
             os.close(item) if isinstance(item, int) else item()

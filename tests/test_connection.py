@@ -154,7 +154,7 @@ def test_closing_releases_every_region_and_fd_even_if_one_fails(caplog):
 
 def test_idle_closers_end_and_new_ones_start_for_new_work(monkeypatch):
     """Each burst of closes could start closers, up to 64, and none ever ended (found by a leak hunt):
-    an idle closer now ends after IDLE_EXIT seconds without work."""
+    an idle closer now ends after IDLE_EXIT seconds without work, all but the last."""
     import threading
     import time
 
@@ -170,9 +170,9 @@ def test_idle_closers_end_and_new_ones_start_for_new_work(monkeypatch):
         os.close(null)
         assert descriptors.drain() and closers() > 0
         deadline = time.monotonic() + 10
-        while closers() and time.monotonic() < deadline:
+        while closers() > 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert closers() == 0 and descriptors._closers == 0 and not descriptors._sleeping
+        assert closers() <= 1 and descriptors._closers == closers() == len(descriptors._sleeping)  # the last stays
 
 
 def _memfd(size: int) -> int:

@@ -339,7 +339,8 @@ class KeyStore:
         self._serial_order: list[int] | None = None  # serials sorted, made on first use (see _file)
         self._unsorted: set[int] = set()  # serials filed since: merged into it at its next use
         self._stale = 0  # serials in it whose keys are gone (skipped, dropped when half of it is)
-        self._by_name: dict[tuple[str, str], set[int]] = {}  # (type, description) -> serials: find's fallback
+        # (type, description) -> serials, in the order they were filed: find's fallback, a join by name
+        self._by_name: dict[tuple[str, str], dict[int, None]] = {}
         self._mortal: set[int] = set()  # keys given an expiry or revoked: all that collect looks through
         self._quota: dict[int, _Quota] = {}
         self._user_keyrings: dict[int, Key] = {}
@@ -437,7 +438,7 @@ class KeyStore:
                 self._stale -= 1
             else:
                 self._unsorted.add(key.serial)
-        self._by_name.setdefault((key.type.name, key.description), set()).add(key.serial)
+        self._by_name.setdefault((key.type.name, key.description), {})[key.serial] = None
         if key.expiry or key.revoked_at is not None:  # (a restored key)
             self._mortal.add(key.serial)
 
@@ -451,7 +452,7 @@ class KeyStore:
                 self._stale += 1
         self._mortal.discard(key.serial)
         namesakes = self._by_name[key.type.name, key.description]
-        namesakes.discard(key.serial)
+        namesakes.pop(key.serial, None)
         if not namesakes:
             del self._by_name[key.type.name, key.description]
 
@@ -1587,11 +1588,10 @@ class KeyStore:
     def _keyring_by_name(self, caller: Caller, name: str) -> Key | None:
         if name.startswith("."):
             return None  # never published by name
-        # The oldest first, as the kernel's list of named keyrings; from the name index, not every key of
-        # every uid (a join by name was a walk through the whole store, on the loop).
-        namesakes = sorted((self._keys[serial] for serial in self._by_name.get((T.KEYRING.name, name), ())),
-                           key=lambda key: (key.ctime, key.serial))
-        for key in namesakes:
+        # The oldest first (in the order they were filed), as the kernel's list of named keyrings; from the
+        # name index, not every key of every uid (a join by name was a walk through the whole store, on the loop).
+        for serial in self._by_name.get((T.KEYRING.name, name), ()):
+            key = self._keys[serial]
             if not key.defunct and self._rights(caller, key, False) & P.SEARCH:
                 return key
         return None
