@@ -460,6 +460,42 @@ def test_a_reply_that_may_show_a_change_not_yet_on_disk_waits_for_it():
     assert responses(c.durable(frame, reply, c.unsynced, True))[0].status == E.EIO.code
 
 
+def test_a_reply_that_shows_no_persistent_key_does_not_wait_for_others_writes():
+    """Every request waited for any pending write, whatever it showed: one uid making persistent changes
+    back to back slowed every other uid's pings and cipher calls to its writes' pace (found by a fairness
+    hunt).  A request that reads no key, or uses one in no persistent keyring, now goes at once; one that
+    uses a key in a persistent keyring, or one that is gone, still waits."""
+    from keyden.core.journal import NullJournal
+
+    class Pending(NullJournal):
+        def pending(self) -> int:
+            return 7  # another connection's change, its write still to come
+
+        def synced(self, upto: int) -> bool:
+            return upto <= 0
+
+    store = KeyStore()
+    store.journal = Pending()
+    c = Connection(store, PEER)
+    assert hello(c).status == 0
+    key = responses(c.handle(W.Frame(2, Op.ADD, 0, W.request_schema(Op.ADD).encode(
+        ("user", "kd:plain", b"k" * 32, -4, b"")))))[0]
+    serial = W.response_schema(Op.ADD).decode(key.body)[0]
+
+    def waits(op, *args) -> bool:
+        reply = responses(c.handle(W.Frame(3, op, 0, W.request_schema(op).encode(args))))[0]
+        assert reply.status == 0 or op == Op.MAC and args[1] == 2**31 - 1, reply
+        return c.needs_sync()
+
+    assert not waits(Op.PING, b"x")
+    assert not waits(Op.DIGEST, "sha256", b"x")
+    assert not waits(Op.MAC, "hmac(sha256)", serial, b"x")  # a key in no persistent keyring
+    assert waits(Op.MAC, "hmac(sha256)", 2**31 - 1, b"x")  # gone: its removal may be the change on its way
+    assert waits(Op.DESCRIBE, serial)  # not one of the single-key uses: as before
+    store._keys[serial].persisted = True  # as if linked under a persistent keyring
+    assert waits(Op.MAC, "hmac(sha256)", serial, b"x")
+
+
 def test_a_batch_over_the_item_limit_is_refused_on_the_loop_at_once():
     """Refused by the decoder before any item is made, it is cheap: no worker is spent on it."""
     from keyden.server.connection import Cost, request_cost

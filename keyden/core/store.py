@@ -1930,6 +1930,16 @@ class KeyStore:
             key, _ = self._lookup(caller, key_id, need)
             return key
 
+    def shows_persisted(self, key_id: int) -> bool:
+        """Could a request that used ``key_id`` have shown a change to a persistent keyring (one the disk may
+        not have yet)?  Yes for a key in one, for a key that is gone (its removal may be such a change) and
+        for a special keyring's id; no for no key (0) and for a key in none."""
+        if key_id == 0:
+            return False
+        with self.lock:
+            key = self._keys.get(key_id) if key_id > 0 else None
+            return key is None or key.persisted
+
     def material(self, caller: Caller, key_id: int, use: str | None) -> bytes:
         """The raw key bytes for an in-daemon ``use`` (FOR_USE's names; None: any key, as wrapping takes)
         keyed by serial; search permission suffices.

@@ -18,9 +18,19 @@ from keyden import errors as E
 from keyden import protocol as W
 from keyden.core.store import Caller, KeyStore
 from keyden.logs import Throttled
+from keyden.protocol import Op
 from keyden.server.audit import ConnectionAudit
 from keyden.server.handlers import Context, DescriptorQueue, dispatch
 from keyden.server.peer import Peer
+
+#: Requests that show nothing of the key store (DIGEST and streams' later steps use no key; a stream's key
+#: was used at its init).
+SHOWS_NO_KEY = frozenset({Op.PING, Op.CAPABILITIES, Op.DIGEST, Op.STREAM_UPDATE, Op.STREAM_FINAL, Op.STREAM_ABORT,
+                          Op.STREAM_COPY, Op.SHM_ATTACH, Op.SHM_DETACH})
+#: Requests that use one key, and show that key alone: op -> where its "key" argument is.
+USES_ONE_KEY = {op: W.request_schema(op).names.index("key") for op in (
+    Op.CIPHER, Op.MAC, Op.MAC_VERIFY, Op.BATCH, Op.STREAM_INIT, Op.SHM_CIPHER, Op.KEY_ALGORITHM, Op.PKEY_SIGN,
+    Op.PKEY_VERIFY, Op.PKEY_ENCRYPT, Op.PKEY_DECRYPT, Op.PKEY_QUERY, Op.PUBLIC_KEY)}
 
 log = logging.getLogger("keyden.connection")
 _oversized_frames = Throttled(log)  # one for the daemon: a flood comes on many connections
@@ -223,6 +233,16 @@ class Connection:
             self.fds.release_through(self.answered)
         return reply
 
+    def _shows_nothing_persisted(self, op: int, args: tuple | None) -> bool:
+        """Can this request's reply show no change to a persistent keyring?  A request that reads no key
+        (a ping, a hash, a stream's next piece), or uses one key that is in no persistent keyring, need
+        not wait for others' changes to reach the disk: every request of every uid waited behind one
+        uid's persistent changes, and for as long as it made each write take (found by a fairness hunt)."""
+        if op in SHOWS_NO_KEY:
+            return True
+        at = USES_ONE_KEY.get(op)
+        return at is not None and args is not None and not self.store.shows_persisted(args[at])
+
     def _answer(self, frame: W.Frame) -> bytes:
         journal = self.store.journal
         before = journal.mark()
@@ -246,7 +266,12 @@ class Connection:
         # What this request changed, or else whatever is still on its way to disk: its reply may show
         # another connection's change (a read of a key just updated), which a crash now would undo.
         self.changed = after != before
-        self.unsynced = after if self.changed else journal.pending()
+        if self.changed:
+            self.unsynced = after
+        elif self._shows_nothing_persisted(frame.op, args):
+            self.unsynced = 0
+        else:
+            self.unsynced = journal.pending()
         context = self.context
         keys = context.audit_keys
         if keys is not None:
