@@ -11,6 +11,7 @@ import pytest
 from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
+from keyden.core.journal import NullJournal
 from keyden.core.store import Caller, KeyStore
 from keyden.protocol import Op
 from keyden.server.connection import Connection
@@ -426,23 +427,24 @@ def test_descriptors_piled_onto_a_handshake_are_bounded():
     assert not any(map(_is_open, sent)) and c.context.fds == []  # they came with HELLO, which took none
 
 
+class _Pending(NullJournal):
+    """A journal whose change ``noted`` (a mark) is on its way to disk, and never gets there."""
+
+    noted = 0
+
+    def pending(self) -> int:
+        return self.noted
+
+    def synced(self, upto: int) -> bool:
+        return upto <= 0
+
+
 def test_a_reply_that_may_show_a_change_not_yet_on_disk_waits_for_it():
     """Another connection's persistent change, noted but not yet written: a read now could hand out a
     value a crash would take back, so this reply waits for the same write (and a quiet store costs
     nothing)."""
-    from keyden.core.journal import NullJournal
-
-    class Pending(NullJournal):
-        noted = 0
-
-        def pending(self) -> int:
-            return self.noted
-
-        def synced(self, upto: int) -> bool:
-            return upto <= 0
-
     store = KeyStore()
-    store.journal = Pending()
+    store.journal = _Pending()
     c = Connection(store, PEER)
     assert hello(c).status == 0
     c.handle(W.Frame(2, Op.WHOAMI, 0, b""))
@@ -465,17 +467,9 @@ def test_a_reply_that_shows_no_persistent_key_does_not_wait_for_others_writes():
     back to back slowed every other uid's pings and cipher calls to its writes' pace (found by a fairness
     hunt).  A request that reads no key, or uses one in no persistent keyring, now goes at once; one that
     uses a key in a persistent keyring, or one that is gone, still waits."""
-    from keyden.core.journal import NullJournal
-
-    class Pending(NullJournal):
-        def pending(self) -> int:
-            return 7  # another connection's change, its write still to come
-
-        def synced(self, upto: int) -> bool:
-            return upto <= 0
-
     store = KeyStore()
-    store.journal = Pending()
+    store.journal = _Pending()
+    store.journal.noted = 7  # another connection's change, its write still to come
     c = Connection(store, PEER)
     assert hello(c).status == 0
     key = responses(c.handle(W.Frame(2, Op.ADD, 0, W.request_schema(Op.ADD).encode(
