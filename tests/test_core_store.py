@@ -637,7 +637,7 @@ def test_collect_process_reaps_that_processs_keyrings_and_tells_of_each_made(sto
     """What the daemon calls when a watched process exits: the sweep's reaping, for that process alone, every
     keyring it had (one per uid and gid it ran as); keys linked elsewhere too stay."""
     made = []
-    store.on_process_keyring = made.append
+    store.on_process_keyring = lambda process, uid: made.append(process)
     ring = store.resolve(alice, PROCESS, create=True)
     only = add_user(store, alice, "only-in-p", ring=PROCESS)
     shared = add_user(store, alice, "also-in-s", ring=THREAD)  # @t is @p

@@ -988,3 +988,44 @@ def test_a_uid_starting_costly_tls_handshakes_gets_a_uids_share_of_each_tls_loop
     finally:
         os.close(stop_w)
         os.waitpid(pid, 0)
+
+
+def test_a_uid_whose_idle_processes_hold_process_keyrings_takes_only_its_share_of_the_exit_watcher(fresh_daemon,
+                                                                                                  users):
+    """The daemon follows the exit of each process with a process keyring, up to max_connections at once,
+    for all uids together: a uid's idle processes took every slot, and other uids' process keyrings then
+    outlived their processes, charged to their quota, until the next sweep (found by a fairness hunt).
+    One uid now gets max_connections_per_uid of them."""
+    d = fresh_daemon("max_connections = 4\nmax_connections_per_uid = 2\ngc_interval = 300\n")
+    release_r, release_w = os.pipe()
+    idle = []
+    for _ in range(4):  # each makes its @p, closes its connection and lives on
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(release_w), os.close(ready_r)
+                os.setgroups(list(users.a.groups)), os.setgid(users.a.gid), os.setuid(users.a.uid)
+                with keyden.connect(d.socket) as c:
+                    c.get_keyring_id("@p", create=True)
+                os.write(ready_w, b"1")
+                os.read(release_r, 1)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"1"
+        os.close(ready_r)
+        idle.append(pid)
+    try:
+        def b_leaves_a_key_in_its_process_keyring() -> int:
+            with keyden.connect(d.socket) as c:
+                return c.add("user", "kd:in-p", b"x", "@p")
+
+        key = run_as(users.b, b_leaves_a_key_in_its_process_keyring)  # b's process has exited now
+        with d.connect() as root:
+            assert eventually(lambda: outcome(lambda: root.describe(key)) == "ENOKEY", timeout=5), \
+                "b's process keyring outlived b's process (gone at the next sweep, 300 s on)"
+    finally:
+        os.close(release_w), os.close(release_r)
+        for pid in idle:
+            os.waitpid(pid, 0)

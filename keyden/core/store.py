@@ -350,7 +350,7 @@ class KeyStore:
         self._destroying = False  # ... while an outer _destroy works the queue off
         #: Told (process) each time a process keyring is made, with the lock held: it must only take note
         #: (the server watches that process's exit, and then calls ``collect_process``).
-        self.on_process_keyring: Callable[[tuple[int, int]], None] | None = None
+        self.on_process_keyring: Callable[[tuple[int, int], int], None] | None = None
         self._sessions: dict[str, _Session] = {}
         # ... indexed by keyring serial and by uid, so destroying a key or listing a uid's sessions never
         # walks every token of every user (joining a named keyring mints one each time)
@@ -734,7 +734,7 @@ class KeyStore:
             self._process_keyrings[ident] = ring
             notify = self.on_process_keyring  # read once: the server may unset it as it stops
             if notify is not None:
-                notify(caller.process)
+                notify(caller.process, caller.cred.uid)
         return ring
 
     def _session_keyring(self, caller: Caller, create: bool = True) -> Key | None:

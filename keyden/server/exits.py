@@ -26,7 +26,10 @@ stays as it is, and this thread costs nothing while no watched process exits.
 Bounds: one pidfd per live process that made a process keyring (a process
 that never had one is never watched), closed when it exits, however many
 connections it opened; at most ``limit`` at once (the server gives
-max_connections and counts them in the descriptors it asks for).  A process
+max_connections and counts them in the descriptors it asks for), and at most
+``per_uid`` of one uid's (max_connections_per_uid: a uid whose idle processes
+held every slot had other uids' process keyrings outlive their processes, and
+count against their quota, until the next sweep; found by a fairness hunt).  A process
 not watched (over the limit, a pidfd refused, a kernel without pidfd_open:
 Linux < 5.3) is left to the periodic sweep, which stays as the backstop.
 """
@@ -38,6 +41,7 @@ import logging
 import os
 import select
 import threading
+from collections import Counter
 from typing import Callable
 
 from keyden.logs import Throttled
@@ -49,18 +53,20 @@ Process = tuple[int, int]  # (pid, start time), as Peer.process names it
 
 
 class ExitWatcher:
-    def __init__(self, on_exit: Callable[[Process], None], limit: int):
+    def __init__(self, on_exit: Callable[[Process], None], limit: int, per_uid: int | None = None):
         self._on_exit = on_exit  # called on the watcher's thread, once per exit seen
         self._limit = limit
+        self._per_uid = limit if per_uid is None else per_uid
         self._lock = threading.Lock()  # guards _pending and _closed, and with them the wake eventfd's life
-        self._pending: set[Process] = set()  # made a process keyring; not looked at yet
+        self._pending: dict[Process, int] = {}  # made a process keyring (-> its uid); not looked at yet
         self._closed = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         # Only the watcher's thread touches these.
-        self._pidfds: dict[int, Process] = {}  # pidfd -> the process it watches
+        self._pidfds: dict[int, tuple[Process, int]] = {}  # pidfd -> the process it watches, and its uid
         self._watched: set[Process] = set()
+        self._of_uid: Counter[int] = Counter()  # uid -> its processes watched
         self._refusals = Throttled(log)
         self._supported = hasattr(os, "pidfd_open")
         if not self._supported:
@@ -71,13 +77,13 @@ class ExitWatcher:
     def start(self) -> None:
         self._thread.start()
 
-    def watch(self, process: Process) -> None:
+    def watch(self, process: Process, uid: int) -> None:
         """``process`` has a process keyring: collect it when the process exits.  From any thread, and
         cheap: the store calls this with its lock held."""
         with self._lock:
             if self._closed or process in self._pending:
                 return
-            self._pending.add(process)
+            self._pending[process] = uid
             os.eventfd_write(self._wake_fd, 1)
 
     def stop(self) -> None:
@@ -117,19 +123,23 @@ class ExitWatcher:
                     except BlockingIOError:
                         pass
                     continue
-                process = self._pidfds.pop(fd, None)
-                if process is not None:
+                entry = self._pidfds.pop(fd, None)
+                if entry is not None:
+                    process, uid = entry
                     self._epoll.unregister(fd)
                     os.close(fd)
                     self._watched.discard(process)
+                    self._of_uid[uid] -= 1
+                    if not self._of_uid[uid]:
+                        del self._of_uid[uid]
                     exited[process] = None
             with self._lock:
                 if self._closed:
                     return
-                pending, self._pending = self._pending, set()
-            for process in pending:
+                pending, self._pending = self._pending, {}
+            for process, uid in pending.items():
                 # Already watched: its exit is still to come, and will collect this keyring too.
-                if process not in self._watched and not self._start(process):
+                if process not in self._watched and not self._start(process, uid):
                     exited[process] = None
             for process in exited:
                 try:
@@ -137,13 +147,14 @@ class ExitWatcher:
                 except Exception:  # a bug must not end the watching
                     log.exception("collecting the keyrings of pid %d failed", process[0])
 
-    def _start(self, process: Process) -> bool:
-        """Watch ``process``; False if it has exited already (its keyrings go now)."""
+    def _start(self, process: Process, uid: int) -> bool:
+        """Watch ``process`` of ``uid``; False if it has exited already (its keyrings go now)."""
         if not self._supported:
             return True
-        if len(self._pidfds) >= self._limit:
-            self._refusals.warning("%d processes with process keyrings are watched already: pid %d's goes at "
-                                   "the next sweep after it exits", self._limit, process[0])
+        if len(self._pidfds) >= self._limit or self._of_uid[uid] >= self._per_uid:
+            self._refusals.warning("%d processes with process keyrings are watched already (%d of uid %d): pid "
+                                   "%d's goes at the next sweep after it exits", len(self._pidfds),
+                                   self._of_uid[uid], uid, process[0])
             return True
         try:
             pidfd = peer.open_pidfd(process)
@@ -158,7 +169,8 @@ class ExitWatcher:
             return True
         if pidfd is None:
             return False
-        self._pidfds[pidfd] = process
+        self._pidfds[pidfd] = (process, uid)
         self._watched.add(process)
+        self._of_uid[uid] += 1
         self._epoll.register(pidfd, select.EPOLLIN)
         return True

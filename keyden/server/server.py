@@ -210,7 +210,7 @@ class Server:
 
     def _start_background(self, watched: int) -> None:
         """The exit watcher (process keyrings go when their process does) and the garbage collector."""
-        self.exits = ExitWatcher(self._process_exited, watched)
+        self.exits = ExitWatcher(self._process_exited, watched, self.config.max_connections_per_uid)
         self.exits.start()
         self.store.on_process_keyring = self.exits.watch
         gc = threading.Thread(target=self._gc_loop, name="keyden-gc", daemon=True)
