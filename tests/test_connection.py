@@ -431,9 +431,13 @@ class _Pending(NullJournal):
     """A journal whose change ``noted`` (a mark) is on its way to disk, and never gets there."""
 
     noted = 0
+    dirty: set[int] = set()  # keys with a change noted
 
     def pending(self) -> int:
         return self.noted
+
+    def pending_for(self, serial: int) -> bool:
+        return serial in self.dirty
 
     def synced(self, upto: int) -> bool:
         return upto <= 0
@@ -488,6 +492,15 @@ def test_a_reply_that_shows_no_persistent_key_does_not_wait_for_others_writes():
     assert waits(Op.DESCRIBE, serial)  # not one of the single-key uses: as before
     store._keys[serial].persisted = True  # as if linked under a persistent keyring
     assert waits(Op.MAC, "hmac(sha256)", serial, b"x")
+    store._keys[serial].persisted = False
+    store.journal.dirty = {serial}  # no longer persistent, but its unlink (or an update before) not yet written
+    assert waits(Op.MAC, "hmac(sha256)", serial, b"x")  # (found by review)
+    store.journal.dirty = set()
+    stream = W.response_schema(Op.STREAM_INIT).decode(responses(c.handle(W.Frame(
+        4, Op.STREAM_INIT, 0, W.request_schema(Op.STREAM_INIT).encode(("hmac(sha256)", serial, 0, b"", b"")))))[0].body)[0]
+    assert not waits(Op.STREAM_UPDATE, stream, b"more")
+    store.journal.dirty = {serial}  # a stream's step checks its key again: a revoke on its way shows there
+    assert waits(Op.STREAM_UPDATE, stream, b"more")  # (found by review)
 
 
 def test_a_batch_over_the_item_limit_is_refused_on_the_loop_at_once():

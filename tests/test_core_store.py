@@ -933,6 +933,21 @@ def test_a_name_joins_the_oldest_keyring_of_that_name_the_caller_may_search(cloc
     assert store.join_session(Caller(ALICE), "team")[0] == second  # a dead one is passed over
 
 
+def test_restored_keyrings_of_a_name_are_joined_oldest_first_whatever_their_serials(clock):
+    """Rows come back in serial order, and serials are random: filed so, a join by name after a restart
+    took the keyring with the lowest serial, not the oldest (found by review)."""
+    from keyden.core.store import PERSISTENT_KEYRING_PERM, Key
+
+    store = KeyStore(clock=clock)
+    home = Key(3_000_001, T.KEYRING, "_persistent.0", 0, P.NO_GID, PERSISTENT_KEYRING_PERM, None, 0, charged=False)
+    older = Key(3_000_900, T.KEYRING, "team", 0, 0, 0x3F3F3F3F, None, 0, ctime=100.0)
+    newer = Key(3_000_100, T.KEYRING, "team", 0, 0, 0x3F3F3F3F, None, 0, ctime=200.0)
+    sub = Key(3_000_002, T.KEYRING, "more", 0, 0, 0x3F3F0000, None, 0, ctime=150.0)
+    store.restore([home, sub, newer, older], [(home.serial, older.serial), (home.serial, sub.serial),
+                                              (sub.serial, newer.serial)], [home.serial])
+    assert store.join_session(Caller(ALICE), "team")[0] == older.serial
+
+
 def test_joining_a_named_keyring_again_and_again_is_bounded_too(clock):
     """A join of an existing keyring makes no key, only a token, and a token outlives its connection: a uid
     holds at most as many as it may hold keys.  The tokens are indexed, so destroying their keyring or

@@ -189,6 +189,34 @@ def test_only_what_hangs_under_a_persistent_keyring_survives(fresh_daemon):
     assert c.get_persistent("@s") == ring and c.read(ring) == []
 
 
+def test_the_journal_says_which_keys_have_a_change_on_its_way_to_disk(tmp_path):
+    """A key's change noted and not yet written (an unlink from a persistent keyring clears ``persisted``
+    at once): a request that uses the key waits for the write (Connection; found by review)."""
+    from keyden import persist
+    from keyden.core.store import Caller, KeyStore
+    from keyden.core.perm import Credentials
+    from keyden.server.config import ServerConfig
+
+    os.makedirs(tmp_path / "state", mode=0o700)
+    config = ServerConfig(state_dir=str(tmp_path / "state"))
+    store = KeyStore(config.store)
+    journal = persist.open_durable(config, store)
+    try:
+        root = Caller(Credentials(0, 0, frozenset({0})), (os.getpid(), 1))
+        ring = store.get_persistent(root, 0, -3)
+        key = store.add(root, "user", "kd:on-its-way", b"v1", ring)
+        store.link(root, key, -4)  # in @u too: it stays when it leaves the persistent keyring
+        assert store.shows_persisted(key) and journal.pending_for(key)
+        journal.flush()
+        assert store.shows_persisted(key) and not journal.pending_for(key)  # in a persistent keyring
+        store.unlink(root, key, ring)
+        assert not store._keys[key].persisted and store.shows_persisted(key)  # its unlink is on its way
+        journal.flush()
+        assert not store.shows_persisted(key)
+    finally:
+        journal.close()
+
+
 def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatch):
     """As a relative ``audit`` is: a daemon started from / (systemd) or from a shell finds the same files."""
     from keyden.errors import StartupError

@@ -44,6 +44,10 @@ class Journal(ABC):
         nobody acts on a value a crash would take back."""
         return 0
 
+    def pending_for(self, serial: int) -> bool:
+        """Is a change to this key noted and not on disk yet?  (Store lock held.)"""
+        return False
+
     def synced(self, upto: int) -> bool:
         """Are the changes up to mark ``upto`` on disk?  (Cheap: asked after such requests.)"""
         return True

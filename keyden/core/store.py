@@ -1729,7 +1729,9 @@ class KeyStore:
         with self.lock:
             self._reserved.update(s for s in unusable if MIN_SERIAL <= s <= MAX_SERIAL)
             restored = []
-            for key in keys:
+            # Filed in the order they were made (rows come in serial order, and serials are random): a join
+            # by name takes the oldest keyring of that name (_keyring_by_name; found by review).
+            for key in sorted(keys, key=lambda key: (key.ctime, key.serial)):
                 if key.serial in self._keys or not MIN_SERIAL <= key.serial <= MAX_SERIAL:
                     raise E.EEXIST(f"serial {key.serial} is taken or out of range")
                 self._file(key)
@@ -1933,13 +1935,15 @@ class KeyStore:
 
     def shows_persisted(self, key_id: int) -> bool:
         """Could a request that used ``key_id`` have shown a change to a persistent keyring (one the disk may
-        not have yet)?  Yes for a key in one, for a key that is gone (its removal may be such a change) and
-        for a special keyring's id; no for no key (0) and for a key in none."""
+        not have yet)?  Yes for a key in one, for a key a change of which is still to be written (an unlink
+        from one, which clears ``persisted`` at once, or what came before it; found by review), for a key
+        that is gone (its removal may be such a change) and for a special keyring's id; no for no key (0)
+        and for a key in none, with nothing of its on its way to disk."""
         if key_id == 0:
             return False
         with self.lock:
             key = self._keys.get(key_id) if key_id > 0 else None
-            return key is None or key.persisted
+            return key is None or key.persisted or self.journal.pending_for(key_id)
 
     def material(self, caller: Caller, key_id: int, use: str | None) -> bytes:
         """The raw key bytes for an in-daemon ``use`` (FOR_USE's names; None: any key, as wrapping takes)

@@ -48,6 +48,7 @@ class SealedJournal(Journal):
         self.source = source
         self._manifest = manifest  # serial -> version of its row, as on disk
         self._dirty: dict[int, Key | None] = {}
+        self._writing: dict[int, Key | None] = {}  # the batch _write_pending took from _dirty, until it is written
         self._seq = 0  # changes noted so far
         self._durable = 0  # changes on disk
         self._local = _ThreadMark()
@@ -66,6 +67,9 @@ class SealedJournal(Journal):
     def on_store(self, key: Key) -> None:
         self._dirty[key.serial] = key
         self._note()
+
+    def pending_for(self, serial: int) -> bool:
+        return serial in self._dirty or serial in self._writing
 
     def on_forget(self, serial: int) -> None:
         self._dirty[serial] = None
@@ -121,6 +125,7 @@ class SealedJournal(Journal):
             raise E.EIO("the key database is closed")
         with self.store.lock:
             batch, self._dirty = self._dirty, {}
+            self._writing = batch
             upto = self._seq
             upserts, deletes = self._seal(batch)
         changes: dict[int, int | None] = {serial: None for serial in deletes}
@@ -133,6 +138,7 @@ class SealedJournal(Journal):
             with self.store.lock:
                 for serial, key in batch.items():
                     self._dirty.setdefault(serial, key)  # retried with the next write; newer notes win
+                self._writing = {}
             error = write_failure(exc)
             full = error is E.ENOSPC
             self._failing = True
@@ -143,6 +149,7 @@ class SealedJournal(Journal):
                         "succeeds, unless the daemon stops first") from None
         self._manifest.adopt(buckets)
         self._durable = upto
+        self._writing = {}
         if self._failing:
             self._failing = False
             log.info("the key database is written again: the changes kept in memory are on disk")

@@ -25,8 +25,10 @@ from keyden.server.peer import Peer
 
 #: Requests that show nothing of the key store (DIGEST and streams' later steps use no key; a stream's key
 #: was used at its init).
-SHOWS_NO_KEY = frozenset({Op.PING, Op.CAPABILITIES, Op.DIGEST, Op.STREAM_UPDATE, Op.STREAM_FINAL, Op.STREAM_ABORT,
-                          Op.STREAM_COPY, Op.SHM_ATTACH, Op.SHM_DETACH})
+SHOWS_NO_KEY = frozenset({Op.PING, Op.CAPABILITIES, Op.DIGEST, Op.STREAM_ABORT, Op.SHM_ATTACH, Op.SHM_DETACH})
+#: A stream's later steps check its key again (a revoke stops the stream): they show that key alone, which
+#: they name in the audit (Context.audit_keys).
+USES_STREAM_KEY = frozenset({Op.STREAM_UPDATE, Op.STREAM_FINAL, Op.STREAM_COPY})
 #: Requests that use one key, and show that key alone: op -> where its "key" argument is.
 USES_ONE_KEY = {op: W.request_schema(op).names.index("key") for op in (
     Op.CIPHER, Op.MAC, Op.MAC_VERIFY, Op.BATCH, Op.STREAM_INIT, Op.SHM_CIPHER, Op.KEY_ALGORITHM, Op.PKEY_SIGN,
@@ -233,13 +235,15 @@ class Connection:
             self.fds.release_through(self.answered)
         return reply
 
-    def _shows_nothing_persisted(self, op: int, args: tuple | None) -> bool:
+    def _shows_nothing_persisted(self, op: int, args: tuple | None, keys: list[int] | None) -> bool:
         """Can this request's reply show no change to a persistent keyring?  A request that reads no key
         (a ping, a hash, a stream's next piece), or uses one key that is in no persistent keyring, need
         not wait for others' changes to reach the disk: every request of every uid waited behind one
         uid's persistent changes, and for as long as it made each write take (found by a fairness hunt)."""
         if op in SHOWS_NO_KEY:
             return True
+        if op in USES_STREAM_KEY:  # (no key named: a hash's stream, or no such stream)
+            return not any(self.store.shows_persisted(key) for key in keys or ())
         at = USES_ONE_KEY.get(op)
         return at is not None and args is not None and not self.store.shows_persisted(args[at])
 
@@ -266,16 +270,16 @@ class Connection:
         # What this request changed, or else whatever is still on its way to disk: its reply may show
         # another connection's change (a read of a key just updated), which a crash now would undo.
         self.changed = after != before
-        if self.changed:
-            self.unsynced = after
-        elif self._shows_nothing_persisted(frame.op, args):
-            self.unsynced = 0
-        else:
-            self.unsynced = journal.pending()
         context = self.context
         keys = context.audit_keys
         if keys is not None:
             context.audit_keys = None
+        if self.changed:
+            self.unsynced = after
+        elif self._shows_nothing_persisted(frame.op, args, keys):
+            self.unsynced = 0
+        else:
+            self.unsynced = journal.pending()
         if self.audit is not None:
             self.audit.record(frame.op, args, error, result, keys)
         after = context.after_audit
