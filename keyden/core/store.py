@@ -348,7 +348,7 @@ class KeyStore:
         self._process_keyrings: dict[tuple[tuple[int, int], int, int], Key] = {}  # (process, uid, gid) -> @p
         self._dying: list[Key] = []  # keys whose destruction is queued (_destroy) ...
         self._destroying = False  # ... while an outer _destroy works the queue off
-        #: Told (process) each time a process keyring is made, with the lock held: it must only take note
+        #: Told (process, uid) each time a process keyring is made, with the lock held: it must only take note
         #: (the server watches that process's exit, and then calls ``collect_process``).
         self.on_process_keyring: Callable[[tuple[int, int], int], None] | None = None
         self._sessions: dict[str, _Session] = {}

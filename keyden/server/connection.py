@@ -23,8 +23,8 @@ from keyden.server.audit import ConnectionAudit
 from keyden.server.handlers import Context, DescriptorQueue, dispatch
 from keyden.server.peer import Peer
 
-#: Requests that show nothing of the key store (DIGEST and streams' later steps use no key; a stream's key
-#: was used at its init).
+#: Requests that show nothing of the key store (a hash takes no key; a stream's abort and shared regions touch
+#: none).
 SHOWS_NO_KEY = frozenset({Op.PING, Op.CAPABILITIES, Op.DIGEST, Op.STREAM_ABORT, Op.SHM_ATTACH, Op.SHM_DETACH})
 #: A stream's later steps check its key again (a revoke stops the stream): they show that key alone, which
 #: they name in the audit (Context.audit_keys).
@@ -237,8 +237,8 @@ class Connection:
 
     def _shows_nothing_persisted(self, op: int, args: tuple | None, keys: list[int] | None) -> bool:
         """Can this request's reply show no change to a persistent keyring?  A request that reads no key
-        (a ping, a hash, a stream's next piece), or uses one key that is in no persistent keyring, need
-        not wait for others' changes to reach the disk: every request of every uid waited behind one
+        (a ping, a hash), or uses one key in no persistent keyring with nothing of its on the way to disk,
+        need not wait for others' changes to reach the disk: every request of every uid waited behind one
         uid's persistent changes, and for as long as it made each write take (found by a fairness hunt)."""
         if op in SHOWS_NO_KEY:
             return True
