@@ -281,15 +281,14 @@ class Reactor:
                 ch.unread = bool(ev)
                 self._requeue(ch)
                 return
-        if self._round_size <= 1 and not self._queued:
-            self._readable(ch, ev) if ev else self._serve(ch)
-            return
-        started = _clock()
+        timed = self._round_size > 1 or self._queued
+        started = _clock() if timed else 0.0
         if ev:
             self._readable(ch, ev)
         else:
             self._serve(ch)
-        spent[uid] = spent.get(uid, 0.0) + _clock() - started
+        if timed:
+            spent[uid] = spent.get(uid, 0.0) + _clock() - started
 
     def _alive(self, ch: Channel) -> bool:
         """Still in the loop?  (By identity: a closed channel's descriptor number may be reused at once.)"""
