@@ -20,7 +20,6 @@ import os
 import ssl
 import threading
 import time
-from collections import Counter, OrderedDict
 from typing import Iterator
 
 from cryptography import x509
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from keyden import errors as E
 from keyden.crypto import asymmetric
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
+from keyden.tls.fair import FairMap
 from keyden.tls.material import Identity, choose, identities, valid_at
 from keyden.tls.transport import TlsObject
 
@@ -44,43 +44,29 @@ TLS12_KEY_EXCHANGES = ("kx-ecdhe", "kx-dhe")
 TLS12_AUTHENTICATIONS = ("auth-rsa", "auth-ecdsa")
 
 
-_cache: OrderedDict[tuple, ssl.SSLContext] = OrderedDict()  # least recently used first
-_owners: dict[tuple, int] = {}  # cache key -> the uid whose request built it
-_held: Counter[int] = Counter()  # uid -> contexts of its in the cache
+_cache = FairMap(MAX_CACHED)  # cache key -> context, held by the uid whose request built it
+_held = _cache.held  # uid -> contexts of its in the cache
 _cache_lock = threading.Lock()
 
 
 def _cached(key: tuple, build, replaces=None, uid: int = -1) -> ssl.SSLContext:
     """The context cached under ``key``, or ``build()``'s, cached for ``uid``; it drops those whose key
-    ``replaces``.  Past MAX_CACHED, the least recently used of the uid holding the most goes: with the
-    least recently used of all, one uid making contexts by the dozen pushed every other uid's out, and
-    their sessions with them."""
+    ``replaces``.  Past MAX_CACHED, the least recently used of the uid holding the most goes (FairMap):
+    with the least recently used of all, one uid making contexts by the dozen pushed every other uid's
+    out, and their sessions with them."""
     with _cache_lock:
         ctx = _cache.get(key)
         if ctx is not None:
-            _cache.move_to_end(key)
+            _cache.touch(key)
             return ctx
     ctx = build()  # outside the lock: a key load can take a millisecond; a duplicate build is harmless
     with _cache_lock:  # _forget runs under it too: a key released before this is seen here, after it is dropped
         if replaces is not None:
             for old in [k for k in _cache if k != key and replaces(k)]:
-                _drop(old)
-        if not any(k.released for k in _parsed_keys(key)) and key not in _cache:  # else: used this once, kept not
-            _cache[key], _owners[key] = ctx, uid
-            _held[uid] += 1
-            while len(_cache) > MAX_CACHED:
-                most = max(_held, key=_held.__getitem__)
-                _drop(next(k for k in _cache if _owners[k] == most))
+                _cache.pop(old)
+        if not any(k.released for k in _parsed_keys(key)):  # else: used this once, kept not
+            _cache.put(uid, key, ctx)
     return ctx
-
-
-def _drop(key: tuple) -> None:
-    """Take ``key``'s context out of the cache (lock held)."""
-    del _cache[key]
-    uid = _owners.pop(key)
-    _held[uid] -= 1
-    if not _held[uid]:
-        del _held[uid]
 
 
 def _parsed_keys(cache_key: tuple):
@@ -95,7 +81,7 @@ def _forget(released) -> None:
     """A key was destroyed: drop every cached context built with it (they hold it loaded in OpenSSL)."""
     with _cache_lock:
         for cache_key in [k for k in _cache if any(p is released for p in _parsed_keys(k))]:
-            _drop(cache_key)
+            _cache.pop(cache_key)
 
 
 asymmetric.on_release(_forget)

@@ -29,7 +29,7 @@ import ssl
 import struct
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from typing import Callable
 
 from cryptography import x509
@@ -40,6 +40,7 @@ from keyden.hosts import host_of
 from keyden import protocol as W
 from keyden.crypto.x509 import subject_of
 from keyden.protocol import TLS_PEER_CLOSE_NOTIFY, TLS_PEER_OPEN, TLS_PEER_TRUNCATED, Op
+from keyden.tls.fair import FairMap
 from keyden.tls.transport import TlsTransport
 
 log = logging.getLogger("keyden.tls")
@@ -137,58 +138,23 @@ class EndedSessions:
     """How the peers of the last MAX_ENDED_REMEMBERED established sessions ended, by their plaintext
     socket's identity, for TLS_PEER_END after the session is gone.
 
-    Past the limit the oldest record of the uid holding the most goes first: a uid that ends sessions
-    by the thousand forgets its own once it holds more than any other, and can push another's out only
-    down to an equal share.  Each uid sits in a bucket by its number of records, so finding the uid
-    holding the most takes no scan.  (Not thread-safe: the engine's lock guards it.)
+    Past the limit the oldest record of the uid holding the most goes first (FairMap): a uid that ends
+    sessions by the thousand forgets its own once it holds more than any other, and can push another's
+    out only down to an equal share.  (Not thread-safe: the engine's lock guards it.)
     """
 
     def __init__(self, limit: int = MAX_ENDED_REMEMBERED):
-        self.limit = limit
-        self._peer_end: dict[tuple[int, int], tuple[int, int]] = {}  # identity -> (uid, how its peer ended)
-        self._by_uid: dict[int, OrderedDict[tuple[int, int], None]] = {}  # each uid's identities, oldest first
-        self._uids_holding: dict[int, dict[int, None]] = {}  # a number of records -> the uids holding that many
-        self._most = 0  # the largest number of records a uid holds
+        self._peer_end = FairMap(limit)  # identity -> how its peer ended, held by the session's uid
 
     def remember(self, uid: int, identity: tuple[int, int], peer_end: int) -> None:
-        self._forget(identity)  # (an identity reused: the newest record stands, and goes last)
-        self._peer_end[identity] = (uid, peer_end)
-        held = self._by_uid.setdefault(uid, OrderedDict())
-        held[identity] = None
-        self._recount(uid, len(held) - 1, len(held))
-        if len(self._peer_end) > self.limit:
-            most = next(iter(self._uids_holding[self._most]))
-            self._forget(next(iter(self._by_uid[most])))
+        self._peer_end.put(uid, identity, peer_end)  # (an identity reused: the newest record stands, and goes last)
 
     def get(self, identity: tuple[int, int]) -> int | None:
         """How the peer ended (TLS_PEER_*), or None if that was never known or is forgotten."""
-        known = self._peer_end.get(identity)
-        return None if known is None else known[1]
+        return self._peer_end.get(identity)
 
     def __len__(self) -> int:
         return len(self._peer_end)
-
-    def _forget(self, identity: tuple[int, int]) -> None:
-        known = self._peer_end.pop(identity, None)
-        if known is not None:
-            uid = known[0]
-            held = self._by_uid[uid]
-            del held[identity]
-            self._recount(uid, len(held) + 1, len(held))
-            if not held:
-                del self._by_uid[uid]
-
-    def _recount(self, uid: int, was: int, now: int) -> None:
-        """Move ``uid`` from the bucket of ``was`` records to that of ``now`` (one more or one fewer)."""
-        if was:
-            bucket = self._uids_holding[was]
-            del bucket[uid]
-            if not bucket:
-                del self._uids_holding[was]
-        if now:
-            self._uids_holding.setdefault(now, {})[uid] = None
-        if now > self._most or was == self._most and was not in self._uids_holding:
-            self._most = now  # (a count moves by one: the bucket below an emptied top holds this uid)
 
 
 class Engine:
