@@ -2,9 +2,9 @@
 
 The store reports changes with its lock held; they are only noted (serial ->
 live key, or None to delete).  ``sync``, called by the server before it
-answers, seals the noted keys' current state under the store lock (so a
-batch holds whole operations) and writes them in one synced transaction
-outside it.  Requests that arrive while a write is in progress wait for the
+answers, copies the noted keys' current state under the store lock (so a
+batch holds whole operations), then seals and writes them in one synced
+transaction outside it.  Requests that arrive while a write is in progress wait for the
 next one, which takes all of their changes at once: one fsync for many
 operations.  A request only waits if it made changes not yet on disk (the
 thread that ran it marks them), and only a failed write of its own changes
@@ -127,11 +127,12 @@ class SealedJournal(Journal):
             batch, self._dirty = self._dirty, {}
             self._writing = batch
             upto = self._seq
-            upserts, deletes = self._seal(batch)
-        changes: dict[int, int | None] = {serial: None for serial in deletes}
-        changes.update((row.serial, row.version) for row in upserts)
-        buckets = self._manifest.with_changes(changes)
+            snapshots, deletes = self._snapshot(batch)
         try:
+            upserts = self._seal(snapshots)  # outside the lock: requests go on while a large batch is sealed
+            changes: dict[int, int | None] = {serial: None for serial in deletes}
+            changes.update((row.serial, row.version) for row in upserts)
+            buckets = self._manifest.with_changes(changes)
             sealed, root = self._manifest.seal(buckets, self.sealer)
             self.db.write(upserts, deletes, {"manifest": root} if buckets else None, sealed)
         except Exception as exc:
@@ -154,18 +155,27 @@ class SealedJournal(Journal):
             self._failing = False
             log.info("the key database is written again: the changes kept in memory are on disk")
 
-    def _seal(self, batch: dict[int, Key | None]) -> tuple[list[records.Row], list[int]]:
-        upserts, deletes = [], []
+    def _snapshot(self, batch: dict[int, Key | None]) -> tuple[list[tuple[records.Row, bytearray]], list[int]]:
+        """The batch's rows as they are now, unsealed, and the serials to delete (store lock held)."""
+        snapshots, deletes = [], []
         for serial, key in batch.items():
             if key is None or key.dead or not key.persisted:
                 deletes.append(serial)
                 continue
             try:
                 root = self.store.is_persistent_keyring(key)
-                upserts.append(records.seal(key, self._manifest.next_version(serial), root, self.sealer))
+                snapshots.append(records.snapshot(key, self._manifest.next_version(serial), root))
             except records.NotStorable as exc:
                 log.warning("not persisted: %s", exc)
-        return upserts, deletes
+        return snapshots, deletes
+
+    def _seal(self, snapshots: list[tuple[records.Row, bytearray]]) -> list[records.Row]:
+        """Each snapshot's row, sealed; every plaintext is wiped, also those a failure left unsealed."""
+        try:
+            return [records.seal(row, plaintext, self.sealer) for row, plaintext in snapshots]
+        finally:
+            for _row, plaintext in snapshots:
+                plaintext[:] = bytes(len(plaintext))
 
     # --------------------------------------------------------------- rekey
 

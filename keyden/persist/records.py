@@ -11,6 +11,7 @@ serials in link order.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -94,8 +95,9 @@ class Row:
                          _LEN.pack(len(kind)), kind, _LEN.pack(len(desc)), desc))
 
 
-def seal(key: Key, version: int, root: bool, sealer: Sealer) -> Row:
-    """The row for ``key`` now (call with the store lock held: this reads the live payload)."""
+def snapshot(key: Key, version: int, root: bool) -> tuple[Row, bytearray]:
+    """The row for ``key`` now, not sealed yet, and its plaintext (call with the store lock held: this reads
+    the live key).  Sealing (``seal``) needs no lock: a batch of rows is sealed while requests go on."""
     flags = key.flags & KEY_FLAGS
     flags |= (ROOT if root else 0) | (CHARGED if key.charged else 0)
     if key.restriction is not None:
@@ -104,22 +106,22 @@ def seal(key: Key, version: int, root: bool, sealer: Sealer) -> Row:
         flags |= RESTRICTED
     row = Row(key.serial, key.type.name, key.description, key.uid, key.gid, key.perm, key.expiry, flags, version,
               key.revoked_at, key.ctime, key.quota_len, b"")
-    plaintext = _storage_form(key)
-    try:
-        sealed = sealer.seal(plaintext, row.associated_data())
-    finally:
-        if isinstance(plaintext, bytearray):
-            plaintext[:] = bytes(len(plaintext))
-    return Row(*(getattr(row, c) for c in COLUMNS[:-1]), sealed)
+    return row, _storage_form(key)
 
 
-def _storage_form(key: Key) -> bytes | bytearray:
+def seal(row: Row, plaintext: bytearray, sealer: Sealer) -> Row:
+    """``row`` with ``plaintext`` sealed into it (the caller wipes the plaintext)."""
+    return dataclasses.replace(row, sealed=sealer.seal(plaintext, row.associated_data()))
+
+
+def _storage_form(key: Key) -> bytearray:
+    """A copy of what ``key`` holds, which the caller wipes."""
     if key.links is not None:
         members = [k.serial for k in key.links.values()] + list(key.held_back)
-        return struct.pack(f"<{len(members)}i", *members)
+        return bytearray(struct.pack(f"<{len(members)}i", *members))
     payload = key.payload
     if payload is None:
-        return b""  # revoked, payload already discarded
+        return bytearray()  # revoked, payload already discarded
     if isinstance(payload, (bytes, bytearray)):
         return bytearray(payload)
     storage_der = getattr(payload, "storage_der", None)
