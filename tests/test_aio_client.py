@@ -666,6 +666,25 @@ def test_a_reconnect_cancelled_before_it_ran_leaves_the_client_usable(daemon):
     assert asyncio.run(scenario()) == b"x"
 
 
+def test_a_request_retried_as_soon_as_a_reconnect_failed_goes_out_on_the_next_one(fresh_daemon):
+    """The daemon is restarted: the first reconnect is refused, and the application retries at once, as
+    its failure wakes it, before the failed reconnect's clean-up ran.  That clean-up failed the retry too
+    ("the reconnect was cancelled"), which it took for its own (found by a review): each reconnect now
+    has a queue of its own."""
+    d = fresh_daemon()
+
+    async def scenario():
+        async with await aio.connect(d.socket) as c:
+            await c.ping(b"")
+            d.stop()
+            with pytest.raises(E.ECONNRESET, match="cannot connect"):
+                await c.ping(b"first")  # finds the daemon gone; its reconnect is refused
+            d.start()  # (blocks the loop: the failed reconnect's clean-up has not run yet)
+            return await asyncio.wait_for(c.ping(b"retry"), 10)
+
+    assert asyncio.run(scenario()) == b"retry"
+
+
 def test_closing_during_a_reconnect_leaves_the_client_closed(fresh_daemon):
     d = fresh_daemon("idle_timeout = 0.5\n")
 

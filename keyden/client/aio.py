@@ -192,10 +192,11 @@ class AsyncClient(Operations):
         second connection over the healthy one, whose requests then waited for good (found by a hunt)."""
         if future is None:
             future = self._loop.create_future()
-        self._gated.append((op, args, future))
-        if self._reopening is None:
+        if self._reopening is None:  # each reconnect has a queue of its own, which its clean-up empties
+            self._gated = deque()
             self._reopening = asyncio.ensure_future(self._reopen(self._gated))
             self._reopening.add_done_callback(functools.partial(self._reopened, self._gated))
+        self._gated.append((op, args, future))
         return future
 
     def _reopened(self, gated: deque, reopening: asyncio.Task) -> None:
