@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import errno
 import hashlib
 import ipaddress
 import os
@@ -2121,6 +2122,35 @@ def test_a_session_is_registered_before_its_deadline_and_always_gives_back_its_c
     assert session.closed and released == [1] and plain.fileno() == -1
     for s in (peer, app):
         s.close()
+
+
+def test_a_session_whose_start_fails_after_its_handshake_ended_gives_its_handshake_slot_back_once(pki,
+                                                                                                 monkeypatch):
+    """A handshake whose end was told in the session's first step had its slots given back then; a start
+    that fails after that (its socket not registered: ENOSPC, out of epoll watches) gave them back again,
+    taking another handshake's count on the same service, so the caps could be passed (found by a review)."""
+    from keyden.tls import engine as tls_engine
+    from keyden.tls.transport import TlsTransport
+
+    def start_then_fail(session):
+        report, session.report = session.report, None
+        report(0)  # the handshake's end, told in the first step
+        raise OSError(errno.ENOSPC, "no more epoll watches")
+
+    monkeypatch.setattr(tls_engine.Session, "start", start_then_fail)
+    eng = tls_engine.Engine(threads=1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
+        theirs, _ = listener.accept()
+        tls = TlsTransport.wrap(theirs, engine_server_ctx(pki), server_side=True)
+        slots = tls_engine._handshake_slots(4242, tls)
+        eng._handshaking.update(slots)  # another handshake on the same service, from the same host
+        with pytest.raises(OSError):
+            eng.start(4242, tls, TIMEOUT, lambda chain: None)
+        assert all(eng._handshaking[slot] == 1 for slot in slots)  # the other one's, still counted
+        assert eng._per_uid[4242] == 0
+        theirs.close()
+    eng.stop()
 
 
 def test_a_stopped_engine_is_replaced_not_reused(monkeypatch):

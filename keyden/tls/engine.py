@@ -225,9 +225,10 @@ class Engine:
             session.start()
         except BaseException:  # nothing counted may stay counted: a session never started ends here
             if session is None or not session.closed:
+                if session is None or session.report is not None:  # else its end was told, and its slots went
+                    self._release_handshake(handshake)
                 if session is not None:
                     session.report = None  # its outcome is this exception, told by the caller
-                self._release_handshake(handshake)
                 self._release(uid, app_end)  # (never established: nothing to remember)
                 for end in (app, mine):
                     if end is not None:
@@ -394,8 +395,8 @@ class Loop:
             os.eventfd_write(self._wake, 1)
 
     def register(self, fd: int, session: "Session", mask: int) -> None:
-        self.owners[fd] = session
         self.epoll.register(fd, mask)
+        self.owners[fd] = session  # not before: a register that fails (ENOSPC) must leave no owner behind
 
     def modify(self, fd: int, mask: int) -> None:
         self.epoll.modify(fd, mask)
