@@ -5,12 +5,14 @@ Python at a time, and threads that each wake for one small request spend
 more time handing the GIL to each other than answering.  One loop answers
 whatever is ready on any socket without a hand-off, so small requests from
 many clients share a core at full speed.  What would hold the loop longer
-goes to a small pool of worker threads (connection.Cost): slow requests
-(key generation, scrypt, TLS set-up, the fsync that makes a persistent
-change durable) always; heavy ones (RSA private keys, bulk ciphers: pyca
+goes to a small pool of worker threads (cost.Cost): slow requests
+(key generation, scrypt, TLS set-up) always; heavy ones (RSA private keys, bulk ciphers: pyca
 releases the GIL for these) when other requests are waiting, so they run in
 parallel on other cores.  Alone, a heavy request is answered by the loop:
-handing it to a thread and back costs a wake-up on each side.
+handing it to a thread and back costs a wake-up on each side.  The fsync
+that makes a persistent change durable has a thread of its own, so it never
+waits behind anyone's slow requests (the journal writes one batch at a time
+anyway, and each write takes every change noted before it).
 
 Replies are queued and sent at the end of each round, right after the audit
 lines of that round are written (one write for all of them).
@@ -61,17 +63,14 @@ from keyden import protocol as W
 from keyden.core.budget import ByteBudget
 from keyden.logs import Throttled
 from keyden.server import limits
-from keyden.server.connection import Connection, Cost
+from keyden.server.connection import Connection
+from keyden.server.cost import Cost
 
 log = logging.getLogger("keyden.server")
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_CHUNK = 1024 * 1024  # reads while a large frame is arriving
 SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise
-# Room for as many descriptors as one message can carry (descriptors.ANCILLARY_SPACE): what the room
-# cannot hold, the kernel closes inside recvmsg, on the loop, where a close that lingers would stop every
-# client.  A request takes one; the others go to the closers at once (DescriptorQueue.add).
-ANCILLARY_SPACE = descriptors.ANCILLARY_SPACE
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
 TURN_FRAMES = 64  # requests one connection has answered in a row before the others get the loop ...
 TURN_SECONDS = 0.001  # ... or loop time it has taken (checked between requests)
@@ -133,13 +132,13 @@ class Reactor:
         self._channels: dict[int, Channel] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
-        self._done: collections.deque[tuple[Channel, Callable[[], None]]] = collections.deque()
+        self._done: collections.deque[Callable[[], None]] = collections.deque()
         workers = config.workers or max(4, 2 * (os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="keyden-worker")
         self._per_uid_workers = max(1, workers // 2)  # one uid's slow requests never hold every worker
         self._working: collections.Counter[int] = collections.Counter()  # uid -> its requests with a worker
-        # uid -> (channel, work, handled: see _submit) over its share, in order
-        self._waiting_work: dict[int, collections.deque] = {}
+        self._waiting_work: dict[int, collections.deque] = {}  # uid -> (channel, work) over its share, in order
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="keyden-sync")  # fsyncs (_sync)
         self._small = memoryview(bytearray(SMALL_RECV_CHUNK))
         self._large: memoryview | None = None
         self._stopping = False
@@ -158,7 +157,7 @@ class Reactor:
         self._epoll.register(listener.fileno(), _IN)
         cfg = self.config
         timed = cfg.handshake_timeout > 0 or cfg.idle_timeout > 0 or cfg.send_timeout > 0
-        next_sweep = time.monotonic() + TICK
+        next_sweep = _clock() + TICK
         channels = self._channels
         poll_window = cfg.busy_poll / 1e6  # config busy_poll, in µs
         while not self._stopping:
@@ -195,7 +194,7 @@ class Reactor:
                 self._send_round()
             elif self._audit is not None and self._audit.holding:
                 self._audit.flush()
-            if timed and (now := time.monotonic()) >= next_sweep:
+            if timed and (now := _clock()) >= next_sweep:
                 next_sweep = now + TICK
                 self._sweep(now)
         self._runnable.clear()
@@ -204,6 +203,7 @@ class Reactor:
         for ch in list(channels.values()):
             self._close(ch)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._syncer.shutdown(wait=True, cancel_futures=True)
         self._completions()
         if self._audit is not None:
             self._audit.flush()
@@ -216,8 +216,10 @@ class Reactor:
         ``seconds``; nothing more is read, started or accepted.
 
         A request under way may have made a key or changed a persistent one: its client must hear the
-        answer, or it may retry and do it twice.  So one whose change is made and whose fsync waited for a
-        worker has it done here.  Requests not started yet are not done, and get no answer.
+        answer, or it may retry and do it twice.  So a change made whose fsync is still to come gets it
+        (_sync: its thread has no queue of slow work to wait behind).  Requests not started yet are not
+        done, and get no answer: not those waiting for their uid's share, nor those a worker takes up
+        after the stop (_start).
         """
         if self._listener is not None:
             try:
@@ -230,10 +232,7 @@ class Reactor:
             ch.closing = True  # _serve reads no more frames; _flush closes it once its replies are out
         waiting, self._waiting_work = self._waiting_work, {}
         for queue in waiting.values():
-            for ch, work, handled in queue:
-                if handled:  # made its change on the loop; its fsync waited for a worker: done here
-                    self._finished(ch, self._run_here(ch, work), started=False)
-                    continue
+            for ch, _work in queue:
                 ch.busy = False  # never started: its channel closes unanswered
                 self._busy -= 1
                 if not self._alive(ch):  # its client left while it waited: finish the close
@@ -301,7 +300,7 @@ class Reactor:
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop between rounds; safe from a signal handler or another thread."""
-        self._done.append((None, fn))
+        self._done.append(fn)
         self._wake()
 
     def _wake(self) -> None:
@@ -348,7 +347,7 @@ class Reactor:
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
             if self.config.handshake_timeout > 0:
-                ch.deadline = time.monotonic() + self.config.handshake_timeout
+                ch.deadline = _clock() + self.config.handshake_timeout
             self._channels[ch.fd] = ch
             ch.mask = _IN
             self._epoll.register(ch.fd, _IN)
@@ -370,8 +369,8 @@ class Reactor:
 
     def _readable(self, ch: Channel, ev: int) -> None:
         conn = ch.conn
-        if conn.peer.uid in descriptors.backlogged:  # what it sends now would stay with us: nothing is read
-            self._refuse(ch, limits.backlogged(conn.peer.uid))
+        if ch.uid in descriptors.backlogged:  # what it sends now would stay with us: nothing is read
+            self._refuse(ch, limits.backlogged(ch.uid))
             return
         view = self._small
         if conn.decoder.pending and (needed := conn.decoder.needed()) > SMALL_RECV_CHUNK:  # a large frame is arriving
@@ -382,7 +381,7 @@ class Reactor:
             self._large = self._large or memoryview(bytearray(RECV_CHUNK))
             view = self._large[:needed] if needed < RECV_CHUNK else self._large  # nothing past the admitted frame
         try:
-            n, ancdata, _flags, _addr = ch.sock.recvmsg_into([view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+            n, ancdata, _flags, _addr = ch.sock.recvmsg_into([view], descriptors.ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             if ev & _GONE and not ev & _IN:
                 self._close(ch)
@@ -392,11 +391,10 @@ class Reactor:
             return
         fds = descriptors.passed(ancdata) if ancdata else None
         if n == 0:
-            descriptors.release(fds or (), ch.conn.peer.uid)
+            descriptors.release(fds or (), ch.uid)
             self._close(ch)
             return
-        if self.config.idle_timeout > 0 and ch.greeted:
-            ch.deadline = time.monotonic() + self.config.idle_timeout
+        self._refresh_idle(ch)
         if n >= W.HEADER_SIZE and not fds and not conn.decoder.pending and not ch.busy:
             length, rid, op, status = W.HEADER.unpack_from(view)
             if n == W.HEADER_SIZE + length and length <= conn.max_frame:  # one whole frame: skip the decoder
@@ -440,8 +438,8 @@ class Reactor:
                 break
             reply = conn.handle(frame)
             if conn.needs_sync():  # a persistent keyring changed: the fsync goes to a worker, the reply after it
-                self._submit(ch, lambda frame=frame, reply=reply, upto=conn.unsynced, changed=conn.changed:
-                             conn.durable(frame, reply, upto, changed), handled=True)
+                self._sync(ch, lambda frame=frame, reply=reply, upto=conn.unsynced, changed=conn.changed:
+                           conn.durable(frame, reply, upto, changed))
                 break
             frame = None
             if conn.closed:
@@ -454,7 +452,7 @@ class Reactor:
                     break  # the client is not reading: neither do we (_send_round serves it again)
         if not ch.greeted and conn.context is not None:
             ch.greeted = True
-            ch.deadline = time.monotonic() + self.config.idle_timeout if self.config.idle_timeout > 0 else 0.0
+            ch.deadline = _clock() + self.config.idle_timeout if self.config.idle_timeout > 0 else 0.0
         if ch.closing and not ch.ready and self._alive(ch):
             self._flush(ch)  # nothing queued: close now
 
@@ -576,7 +574,7 @@ class Reactor:
             return False
         if out:
             if not ch.send_deadline and self.config.send_timeout > 0:
-                ch.send_deadline = time.monotonic() + self.config.send_timeout
+                ch.send_deadline = _clock() + self.config.send_timeout
             self._watch(ch, _OUT)
             return False
         ch.send_deadline = 0.0
@@ -604,7 +602,7 @@ class Reactor:
                 out[0] = (memoryview(data)[sent:], fds)
                 sent = 0
         if ch.send_deadline:
-            ch.send_deadline = time.monotonic() + self.config.send_timeout  # progress: the clock restarts
+            ch.send_deadline = _clock() + self.config.send_timeout  # progress: the clock restarts
 
     def _watch(self, ch: Channel, mask: int) -> None:
         if ch.mask != mask and self._alive(ch):
@@ -619,7 +617,7 @@ class Reactor:
             self._release_share(ch)
         size = ch.conn.decoder.frame_size()
         if not ch.parked:
-            if not self._parked and self._receiving.try_charge(ch.conn.peer.uid, size) == "":
+            if not self._parked and self._receiving.try_charge(ch.uid, size) == "":
                 ch.reserved, ch.admitted = size, True
                 return True
             ch.parked = True  # behind the others that wait, or over a cap
@@ -628,7 +626,7 @@ class Reactor:
             self._refresh_idle(ch)
             self._budget_warnings.warning(
                 "%s: a %d-byte frame waits: large frames being received are at their limit for uid %d "
-                "(%d bytes) or for all (%d bytes)", ch.name, size, ch.conn.peer.uid,
+                "(%d bytes) or for all (%d bytes)", ch.name, size, ch.uid,
                 self._receiving.per_uid, self._receiving.total)
             self._admit_waiting()
         return ch.admitted
@@ -639,7 +637,7 @@ class Reactor:
             ch.parked = False
             del self._parked[ch]
         if ch.reserved:
-            self._receiving.refund(ch.conn.peer.uid, ch.reserved)
+            self._receiving.refund(ch.uid, ch.reserved)
             ch.reserved, ch.admitted = 0, False
             self._admit_waiting()
 
@@ -648,7 +646,7 @@ class Reactor:
         the scan stops, so a large frame is not passed over forever by smaller ones behind it."""
         full: set[int] = set()
         for ch, size in list(self._parked.items()):
-            uid = ch.conn.peer.uid
+            uid = ch.uid
             if uid in full:
                 continue
             refused = self._receiving.try_charge(uid, size)
@@ -666,7 +664,7 @@ class Reactor:
 
     def _refresh_idle(self, ch: Channel) -> None:
         if ch.greeted and self.config.idle_timeout > 0:
-            ch.deadline = time.monotonic() + self.config.idle_timeout
+            ch.deadline = _clock() + self.config.idle_timeout
 
     def _close(self, ch: Channel) -> None:
         if not self._alive(ch):
@@ -697,32 +695,46 @@ class Reactor:
         # Its last close frees descriptors sent and not yet read; until it is done, it counts against its uid.
         closed = lambda: self.call_soon(ch.on_close)  # noqa: E731
         if error is None:
-            descriptors.release_socket(ch.sock, ch.conn.peer.uid, then=closed)
+            descriptors.release_socket(ch.sock, ch.uid, then=closed)
         else:
-            limits.refuse(ch.sock, error, ch.conn.peer.uid, then=closed)
+            limits.refuse(ch.sock, error, ch.uid, then=closed)
 
     # ---------------------------------------------------------------- workers
 
-    def _submit(self, ch: Channel, work: Callable[[], bytes], handled: bool = False) -> None:
-        """Hand a request to a worker; it waits for one if its uid already has its share of them.
-        ``handled``: the request is done, only the fsync that makes it durable is left (``_drain``)."""
-        ch.busy = True
-        self._busy += 1
-        self._watch(ch, 0)
-        uid = ch.conn.peer.uid
+    def _submit(self, ch: Channel, work: Callable[[], bytes]) -> None:
+        """Hand a request to a worker; it waits for one if its uid already has its share of them."""
+        self._hand_off(ch)
+        uid = ch.uid
         if self._working[uid] >= self._per_uid_workers:
-            self._waiting_work.setdefault(uid, collections.deque()).append((ch, work, handled))
+            self._waiting_work.setdefault(uid, collections.deque()).append((ch, work))
             return
         self._start(ch, work)
 
     def _start(self, ch: Channel, work: Callable[[], bytes]) -> None:
-        self._working[ch.conn.peer.uid] += 1
+        self._working[ch.uid] += 1
 
         def run() -> None:
-            reply = self._run_here(ch, work)
-            self._done.append((ch, lambda: self._finished(ch, reply)))
+            reply = None if self._stopping else self._run_here(ch, work)  # taken up after the stop: not done
+            self._done.append(lambda: self._finished(ch, reply))
             self._wake()
         self._pool.submit(run)
+
+    def _sync(self, ch: Channel, durable: Callable[[], bytes]) -> None:
+        """The request made its change; the fsync that makes it durable, then the reply (``durable``), go to
+        the sync thread.  A stop waits for it (_drain): its client must hear that the change was made."""
+        self._hand_off(ch)
+
+        def run() -> None:
+            reply = self._run_here(ch, durable)
+            self._done.append(lambda: self._finished(ch, reply, held_worker=False))
+            self._wake()
+        self._syncer.submit(run)
+
+    def _hand_off(self, ch: Channel) -> None:
+        """``ch``'s request leaves the loop: nothing more is read from it until its reply comes back."""
+        ch.busy = True
+        self._busy += 1
+        self._watch(ch, 0)
 
     @staticmethod
     def _run_here(ch: Channel, work: Callable[[], bytes]) -> bytes | None:
@@ -740,8 +752,7 @@ class Reactor:
         except OSError:
             pass
         while self._done:
-            _ch, finish = self._done.popleft()
-            finish()
+            self._done.popleft()()
 
     def _next_work(self, uid: int) -> None:
         """A worker came back from one of ``uid``'s requests: start its next waiting one, if any."""
@@ -750,24 +761,25 @@ class Reactor:
             del self._working[uid]
         waiting = self._waiting_work.get(uid)
         while waiting:
-            ch, work, _handled = waiting.popleft()
+            ch, work = waiting.popleft()
             if self._alive(ch):
                 self._start(ch, work)
                 break
-            self._finished(ch, None, started=False)  # closed while it waited: finish the close
+            self._finished(ch, None, held_worker=False)  # closed while it waited: finish the close
         if not waiting:
             self._waiting_work.pop(uid, None)
 
-    def _finished(self, ch: Channel, reply: bytes | None, started: bool = True) -> None:
-        if started:
-            self._next_work(ch.conn.peer.uid)
+    def _finished(self, ch: Channel, reply: bytes | None, held_worker: bool = True) -> None:
+        """Back on the loop from a worker or the sync thread: the reply goes out (None: the connection
+        closes unanswered), and the channel is served again."""
+        if held_worker:
+            self._next_work(ch.uid)
         ch.busy = False
         self._busy -= 1
         if not self._alive(ch):  # closed while the worker ran
             self._release(ch)
             return
-        if self.config.idle_timeout > 0:  # it was busy, not idle
-            ch.deadline = time.monotonic() + self.config.idle_timeout
+        self._refresh_idle(ch)  # it was busy, not idle
         if reply is None:
             self._close(ch)
             return
