@@ -10,13 +10,13 @@ is closed on a closer thread.
 
 Each descriptor is released on behalf of an owner (the uid that sent it),
 and one owner's closes run at most PER_OWNER at a time, in turn with the
-other owners': one message of lingering sockets used to hold every closer,
-and from then on the daemon closed nothing for anyone, its own sockets of
-departed clients included, until it ran out of descriptors.  Now a uid that
-does so only waits for its own.  A closer starts whenever work could run and
+other owners': else one message of lingering sockets would hold every
+closer, and the daemon would close nothing for anyone, its own sockets of
+departed clients included, until it ran out of descriptors.  A uid that
+sends such sockets only waits for its own.  A closer starts whenever work could run and
 none is free, up to MAX_CLOSERS; an idle one waits for more, and ends after
-IDLE_EXIT seconds without (a burst of connections ending used to leave every
-closer it started for good; found by a leak hunt).
+IDLE_EXIT seconds without (else a burst of connections ending would leave
+every closer it started for good).
 
 The socket's own options are left alone: its linger belongs to the open
 file, which the application may still share.
@@ -179,7 +179,7 @@ def _close_forever() -> None:
                     if (taken := _next()) is not None:
                         break
                     if _closers > 1:  # the last one stays: work whose own closer cannot start (no more
-                        _closers -= 1  # threads: _queue) must find one (found by review)
+                        _closers -= 1  # threads: _queue) must find one
                         return
         owner, item = taken
         try:

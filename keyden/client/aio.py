@@ -189,7 +189,7 @@ class AsyncClient(Operations):
         """Queue a request for the new connection, and open it if no request has yet: the queue is written
         after its HELLO, in call order, before any later request.  Queued here, at call time: a request
         that waited in a task of its own could find the gate open again once its task ran, and open a
-        second connection over the healthy one, whose requests then waited for good (found by a hunt)."""
+        second connection over the healthy one, whose requests then waited for good."""
         if future is None:
             future = self._loop.create_future()
         if self._reopening is None:  # each reconnect has a queue of its own, which its clean-up empties
@@ -201,7 +201,7 @@ class AsyncClient(Operations):
 
     def _reopened(self, gated: deque, reopening: asyncio.Task) -> None:
         """However the reopen ended (a task cancelled before its first step never ran its body: the
-        gate stayed shut for good; found by review), the gate opens, and nothing waits behind it."""
+        gate stayed shut for good), the gate opens, and nothing waits behind it."""
         if self._reopening is reopening:
             self._reopening = None
         _fail_all(gated, lambda: E.ECONNRESET("the reconnect was cancelled"))

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from keyden.core.store import Key
+    from keyden.core.key import Key
 
 
 class Journal(ABC):

@@ -35,7 +35,8 @@ from cryptography.utils import CryptographyDeprecationWarning
 from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core import perm as P
-from keyden.core.store import ADMISSION_CHECKS, MAX_NESTING, RESTRICTION_FACTORIES, Caller, Key, KeyStore, Restriction
+from keyden.core.key import Caller, Key, Restriction
+from keyden.core.store import ADMISSION_CHECKS, MAX_NESTING, RESTRICTION_FACTORIES, KeyStore
 from keyden.crypto import asymmetric
 from keyden.crypto import x509 as X
 

@@ -15,7 +15,8 @@ import os
 import sqlite3
 
 from keyden import errors as E
-from keyden.core.store import Key, KeyStore
+from keyden.core.key import Key
+from keyden.core.store import KeyStore
 from keyden.errors import StartupError
 from keyden.persist import records
 from keyden.persist.database import Database

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from keyden import errors as E
 from keyden.core import keytypes
 from keyden.core.flags import BINDING_FLAGS, FOR_USE, USE_FLAGS, flags_for
-from keyden.core.store import Exported
+from keyden.core.key import Exported
 from keyden.crypto import RESERVED_CONTEXT, asymmetric
 from keyden.protocol import Kind as K
 from keyden.protocol import Schema

@@ -22,7 +22,8 @@ import threading
 
 from keyden import errors as E
 from keyden.core.journal import Journal
-from keyden.core.store import Key, KeyStore
+from keyden.core.key import Key
+from keyden.core.store import KeyStore
 from keyden.logs import Throttled, reason
 from keyden.persist import records
 from keyden.persist.database import Database

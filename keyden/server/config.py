@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from keyden import errors as E
-from keyden.core.store import StoreConfig
+from keyden.core.key import StoreConfig
 from keyden.errors import StartupError
 from keyden.persist.files import make_dirs, require_own, require_safe_parents
 from keyden.protocol import DEFAULT_MAX_FRAME, HEADER_SIZE

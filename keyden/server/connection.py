@@ -14,7 +14,8 @@ from typing import Iterator
 from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
-from keyden.core.store import Caller, KeyStore
+from keyden.core.key import Caller
+from keyden.core.store import KeyStore
 from keyden.logs import Throttled
 from keyden.protocol import Op
 from keyden.server.audit import ConnectionAudit
@@ -135,7 +136,7 @@ class Connection:
         """Can this request's reply show no change to a persistent keyring?  A request that reads no key
         (a ping, a hash), or uses one key in no persistent keyring with nothing of its on the way to disk,
         need not wait for others' changes to reach the disk: every request of every uid waited behind one
-        uid's persistent changes, and for as long as it made each write take (found by a fairness hunt)."""
+        uid's persistent changes, and for as long as it made each write take."""
         if op in SHOWS_NO_KEY:
             return True
         if op in USES_STREAM_KEY:  # (no key named: a hash's stream, or no such stream)

@@ -29,7 +29,7 @@ connections it opened; at most ``limit`` at once (the server gives
 max_connections and counts them in the descriptors it asks for), and at most
 ``per_uid`` of one uid's (max_connections_per_uid: a uid whose idle processes
 held every slot had other uids' process keyrings outlive their processes, and
-count against their quota, until the next sweep; found by a fairness hunt).  A process
+count against their quota, until the next sweep).  A process
 not watched (over the limit, a pidfd refused, a kernel without pidfd_open:
 Linux < 5.3) is left to the periodic sweep, which stays as the backstop.
 """
@@ -101,11 +101,6 @@ class ExitWatcher:
         self._watched.clear()
         self._epoll.close()
         os.close(self._wake_fd)
-
-    @property
-    def watching(self) -> int:
-        """How many processes are watched now (pidfds held)."""
-        return len(self._pidfds)
 
     # ------------------------------------------------------- the thread
 

@@ -28,7 +28,7 @@ Turns are shared by uid, then by connection: in each round a uid's
 connections take turns until it has had UID_SHARE of the loop, and the rest
 of them wait on its run-queue, unread, for the next round's share.  Shared
 per connection, a uid that kept 128 connections busy had 128 turns for each
-one of another uid's (a ping waited 600 ms; found by a fairness hunt).
+one of another uid's (a ping waited 600 ms).
 
 Per connection, requests are answered in order: while one of its requests
 is with a worker, or its replies are not being read, the loop reads nothing
@@ -265,7 +265,7 @@ class Reactor:
             return
         if ch.busy or ch.queued:  # with a worker, or waiting for its turn: read nothing more, but notice a
             if ev & _GONE and not ch.unread:  # client that left (one waiting unread is read first: it may have
-                self._close(ch)               # sent whole requests, then closed; found by review)
+                self._close(ch)               # sent whole requests, then closed)
             return
         if ev & (_IN | _GONE):
             self._fair_turn(ch, ev)

@@ -265,7 +265,7 @@ class Engine:
             ended = self._ended.get(identity)
         # An ended session is told by its record as soon as it has one (its end of the socketpair may still
         # be on its way to the closer: waiting for the hang-up answered EBADF, and tls-proxy then took a
-        # truncated upload for a whole one; found by the TLS hunt), else by the hang-up (a record forgotten).
+        # truncated upload for a whole one), else by the hang-up (a record forgotten).
         if session is None and not (_ours(app_end) and (ended is not None or _hung_up(app_end))):
             raise E.EBADF("not the plaintext socket of a TLS session keyden runs")
         return session, ended

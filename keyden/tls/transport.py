@@ -189,7 +189,7 @@ class TlsTransport:
         """Up to ``size`` bytes, never waiting.  Descriptors a Unix socket's peer sent with them are taken
         and go to the closers: a plain recv makes the kernel drop them, and run their last close (a TCP
         socket's linger, as long as the sender set it) on the TLS loop's thread, and every session of the
-        loop waits (found by a local-attacker hunt).  The room holds all one message may carry, and what
+        loop waits.  The room holds all one message may carry, and what
         the application may ask of the socket it shares with us (SO_PASSCRED, SO_PASSPIDFD: a pidfd
         installed here on each read, SO_PASSSEC): what did not fit would be closed in the kernel, here."""
         if not self._unix:

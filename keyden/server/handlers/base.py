@@ -14,7 +14,8 @@ from keyden import descriptors
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.core import flags as F
-from keyden.core.store import Caller, KeyStore
+from keyden.core.key import Caller
+from keyden.core.store import KeyStore
 from keyden.protocol import DEFAULT_MAX_FRAME, Op
 
 MAX_PENDING_FDS = 4  # descriptor messages waiting for the requests that take them

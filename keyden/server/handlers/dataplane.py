@@ -387,7 +387,7 @@ def _sealed_size(fd: int) -> int:
 
     And an ordinary memfd, on the kernel's own tmpfs: a hugetlb one (MFD_HUGETLB) takes the seals too,
     but a hole punched in it takes its huge page away, and with the pool used up elsewhere our next touch
-    of the region is a SIGBUS that kills the daemon (found by a local-attacker hunt); a hole punched in
+    of the region is a SIGBUS that kills the daemon; a hole punched in
     a tmpfs memfd reads back as zeros."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)

@@ -108,7 +108,7 @@ def _wrap(sock: socket.socket, wrap) -> TlsTransport:
 def _sender(sock: socket.socket) -> int:
     """Whose are descriptors that arrive on a network socket: its peer's, who sends them (a Unix socket's;
     charged to the application, any uid that may connect to it could fill the closers in its name and
-    have its connections to keyden refused; found by review)."""
+    have its connections to keyden refused)."""
     return peer.uid_of(sock) if sock.family == socket.AF_UNIX else descriptors.NOBODY
 
 
