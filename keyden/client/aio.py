@@ -181,7 +181,7 @@ class AsyncClient(Operations):
         except BaseException:
             self._lose(self._lost or E.ECONNRESET("connection to keyden lost during HELLO"))
             raise
-        wire.decoder.max_frame = 1 << 31
+        wire.decoder.max_frame = common.MAX_REPLY_FRAME
         self.version, self.max_frame, self.uid, self.gid, self.pid = hello
         self.generation += reconnecting
 
@@ -388,10 +388,7 @@ class AsyncClient(Operations):
 
     async def key(self, ref) -> KeyHandle:
         """A handle for a serial, '@s'-style name or '%type:description' (found first, as the blocking client)."""
-        key = common.key_id(ref)
-        if isinstance(key, tuple):
-            key = await self._send(Op.FIND, key)
-        return KeyHandle(self, key)
+        return KeyHandle(self, await self._serial(ref))
 
     async def keys(self) -> list:
         """Every key you may view, as /proc/keys lists them (KeyStatus), serial order."""

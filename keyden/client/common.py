@@ -7,13 +7,12 @@ import math
 import numbers
 import os
 import re
-import socket
 import struct
 
 from keyden import errors as E
 from keyden.core.views import Description, KeyStatus, PkeyQuery
 from keyden.protocol import KEY_RECORD, KEY_STATE_BITS, Op
-from keyden.protocol.transport import MAX_BUSY_POLL, client_socket_path
+from keyden.protocol.transport import MAX_BUSY_POLL, client_socket_path, peer_credentials
 
 SPECIAL = {"@t": -1, "@p": -2, "@s": -3, "@u": -4, "@us": -5, "@g": -6, "@a": -7}
 SESSION_ENV = "KEYDEN_SESSION"
@@ -32,6 +31,8 @@ def socket_path(path: str | None = None) -> str:
 
 HELLO_TIMEOUT = 30.0  # seconds for the HELLO's answer, which keyden gives at once (not for connecting)
 HELLO_REPLY_MAX = 64 * 1024  # bytes of the HELLO's answer (tens, or an error message)
+#: Bytes of any later reply: the daemon, whose uid check_daemon checked, bounds its replies by its own cap.
+MAX_REPLY_FRAME = 1 << 31
 
 
 def request_timeout(timeout) -> float | None:
@@ -67,13 +68,12 @@ def connect_failed(path: str, exc: OSError) -> E.KeydenError:
 
 
 DAEMON_UID_ENV = "KEYDEN_DAEMON_UID"
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def check_daemon(sock, path: str) -> None:
     """Talk only to a daemon run by root or by ourselves (or the uid in $KEYDEN_DAEMON_UID): whoever binds
     the socket path first in a directory others may write to (/tmp) would otherwise receive our keys."""
-    _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    _pid, uid, _gid = peer_credentials(sock)
     trusted = os.environ.get(DAEMON_UID_ENV, "")
     if uid in (0, os.geteuid()) or trusted.isdigit() and uid == int(trusted):
         return

@@ -80,7 +80,7 @@ class Client(Operations):
         except OSError:
             pass
         self._pending = {}
-        self._decoder = W.FrameDecoder(1 << 31)
+        self._decoder = W.FrameDecoder(common.MAX_REPLY_FRAME)
         self.region_pool = RegionPool(self)  # the parent's regions are its own (MAP_SHARED)
         self.abandoned_streams = deque()
         self.abandoned_regions = deque()
@@ -128,7 +128,7 @@ class Client(Operations):
             sock.close()
             raise
         sock.settimeout(self._timeout)
-        self._decoder.max_frame = 1 << 31
+        self._decoder.max_frame = common.MAX_REPLY_FRAME
         if self._closed:  # close() from another thread while we reconnected
             sock.close()
             raise E.ECONNRESET("the client is closed")

@@ -1,9 +1,12 @@
-"""Where the daemon's socket is: the defaults both ends agree on (docs/protocol.md, Transport)."""
+"""Where the daemon's socket is, and who is at the other end of it: what both ends agree on
+(docs/protocol.md, Transport)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import struct
 
 SOCKET_ENV = "KEYDEN_SOCKET"
 SYSTEM_SOCKET = "/run/keyden/keyden.sock"
@@ -39,3 +42,12 @@ def _is_socket(path: str) -> bool:
         return stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+_UCRED = struct.Struct("3i")  # struct ucred
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, as the kernel recorded them when
+    it connected (SO_PEERCRED): OSError if the socket cannot say."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))

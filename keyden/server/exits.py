@@ -134,7 +134,7 @@ class ExitWatcher:
                 pending, self._pending = self._pending, {}
             for process, uid in pending.items():
                 # Already watched: its exit is still to come, and will collect this keyring too.
-                if process not in self._watched and not self._start(process, uid):
+                if process not in self._watched and not self._begin_watching(process, uid):
                     exited[process] = None
             for process in exited:
                 try:
@@ -142,7 +142,7 @@ class ExitWatcher:
                 except Exception:  # a bug must not end the watching
                     log.exception("collecting the keyrings of pid %d failed", process[0])
 
-    def _start(self, process: Process, uid: int) -> bool:
+    def _begin_watching(self, process: Process, uid: int) -> bool:
         """Watch ``process`` of ``uid``; False if it has exited already (its keyrings go now)."""
         if not self._supported:
             return True

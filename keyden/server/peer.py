@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from keyden import descriptors
 from keyden.core.perm import Credentials
+from keyden.protocol.transport import peer_credentials
 
 log = logging.getLogger("keyden.peer")
 
-_UCRED = struct.Struct("3i")
 # Linux >= 4.13; Python's socket module does not export it everywhere.
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _GID = struct.Struct("=I")  # the kernel hands back native-endian gid_t (u32)
@@ -218,12 +218,12 @@ def peer_process(sock: socket.socket, pid: int) -> tuple[int, str | None]:
 def uid_of(sock: socket.socket) -> int:
     """The peer's uid alone (SO_PEERCRED: no /proc read), or descriptors.NOBODY if the socket cannot say."""
     try:
-        return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+        return peer_credentials(sock)[1]
     except OSError:
         return descriptors.NOBODY
 
 
 def peer_of(sock: socket.socket) -> Peer:
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    pid, uid, gid = peer_credentials(sock)
     start, exe = peer_process(sock, pid)
     return Peer(pid, uid, gid, peer_groups(sock, pid), start, exe)

@@ -26,7 +26,6 @@ import os
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import Counter, deque
@@ -40,6 +39,7 @@ from keyden.hosts import host_of
 from keyden import protocol as W
 from keyden.crypto.x509 import subject_of
 from keyden.protocol import TLS_PEER_CLOSE_NOTIFY, TLS_PEER_OPEN, TLS_PEER_TRUNCATED, Op
+from keyden.protocol.transport import peer_credentials
 from keyden.tls.fair import FairMap
 from keyden.tls.transport import TlsTransport
 
@@ -301,8 +301,7 @@ def _ours(sock: socket.socket) -> bool:
     ours, for good)?  Its identity is then unique while the application holds it."""
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         return False
-    pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid == os.getpid()
+    return peer_credentials(sock)[0] == os.getpid()
 
 
 def _identity(sock: socket.socket) -> tuple[int, int]:
