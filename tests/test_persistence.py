@@ -217,6 +217,19 @@ def test_the_journal_says_which_keys_have_a_change_on_its_way_to_disk(tmp_path):
         journal.close()
 
 
+def payloads_after_a_restart(config, keys: list[int]) -> list:
+    """What a store opened anew from ``config``'s state directory holds for ``keys``."""
+    from keyden import persist
+    from keyden.core.store import KeyStore
+
+    store = KeyStore(config.store)
+    journal = persist.open_durable(config, store)
+    try:
+        return [store._keys[k].payload for k in keys]
+    finally:
+        journal.close()
+
+
 def test_requests_go_on_while_the_journal_seals_a_batch(tmp_path):
     """Sealing a large batch took the store lock for milliseconds (3.7 ms for 335 rows, found by the leak
     hunt), pausing every request: the rows are copied under the lock and sealed outside it, and each copy
@@ -262,12 +275,48 @@ def test_requests_go_on_while_the_journal_seals_a_batch(tmp_path):
         assert all(p == bytes(len(p)) and len(p) for p in plaintexts)  # wiped
     finally:
         journal.close()
+    assert payloads_after_a_restart(config, keys) == [b"secret-0", b"secret-1", b"secret-2"]
+
+
+def test_a_batch_whose_copy_fails_is_kept_for_the_next_write_and_its_copies_wiped(tmp_path, monkeypatch):
+    """A failure while the batch's rows were copied under the store lock lost the batch: its keys stayed
+    'on their way to disk' for good (every request using them waited for a write that never took them),
+    and the copies made were never wiped (found by review)."""
+    from keyden import persist
+    from keyden.core.store import Caller, KeyStore
+    from keyden.core.perm import Credentials
+    from keyden.persist import records
+    from keyden.server.config import ServerConfig
+
+    os.makedirs(tmp_path / "state", mode=0o700)
+    config = ServerConfig(state_dir=str(tmp_path / "state"))
     store = KeyStore(config.store)
     journal = persist.open_durable(config, store)
+    plain_snapshot, copies = records.snapshot, []
+
+    def snapshot_then_fail(key, version, root):
+        if copies:
+            raise MemoryError  # the second copy cannot be made
+        row, plaintext = plain_snapshot(key, version, root)
+        copies.append(plaintext)
+        return row, plaintext
+
     try:
-        assert [store._keys[k].payload for k in keys] == [b"secret-0", b"secret-1", b"secret-2"]
+        root = Caller(Credentials(0, 0, frozenset({0})), (os.getpid(), 1))
+        ring = store.get_persistent(root, 0, -3)
+        journal.flush()
+        keys = [store.add(root, "user", f"kd:kept-{i}", b"secret-%d" % i, ring) for i in range(3)]
+        monkeypatch.setattr(records, "snapshot", snapshot_then_fail)
+        with pytest.raises(E.EIO, match="not on disk yet"):
+            journal.flush()
+        assert len(copies) == 1 and copies[0] == bytes(len(copies[0]))  # the one made is wiped
+        assert all(journal.pending_for(k) for k in keys) and not journal._writing
+        monkeypatch.setattr(records, "snapshot", plain_snapshot)
+        journal.flush()
+        assert not any(journal.pending_for(k) for k in keys)
     finally:
         journal.close()
+    assert payloads_after_a_restart(config, keys) == [b"secret-0", b"secret-1", b"secret-2"]
 
 
 def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatch):

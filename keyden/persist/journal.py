@@ -121,16 +121,26 @@ class SealedJournal(Journal):
                 self.db.close()
 
     def _write_pending(self) -> None:
-        """Seal and write the noted changes (write lock held)."""
+        """Seal and write the noted changes (write lock held).  If that fails, they are kept for the next
+        write, and the error says the change is made but not on disk yet."""
         if self._closed:
             raise E.EIO("the key database is closed")
+        snapshots: list[tuple[records.Row, bytearray]] = []
         with self.store.lock:
             batch, self._dirty = self._dirty, {}
             self._writing = batch
             upto = self._seq
-            snapshots, deletes = self._snapshot(batch)
+            try:
+                deletes = self._snapshot(batch, snapshots)
+            except Exception as exc:
+                _wipe(snapshots)
+                self._keep(batch)
+                raise self._write_failed(exc, len(batch)) from None
         try:
-            upserts = self._seal(snapshots)  # outside the lock: requests go on while a large batch is sealed
+            try:
+                upserts = [records.seal(row, plaintext, self.sealer) for row, plaintext in snapshots]
+            finally:  # outside the lock: requests go on while a large batch is sealed
+                _wipe(snapshots)
             changes: dict[int, int | None] = {serial: None for serial in deletes}
             changes.update((row.serial, row.version) for row in upserts)
             buckets = self._manifest.with_changes(changes)
@@ -138,17 +148,8 @@ class SealedJournal(Journal):
             self.db.write(upserts, deletes, {"manifest": root} if buckets else None, sealed)
         except Exception as exc:
             with self.store.lock:
-                for serial, key in batch.items():
-                    self._dirty.setdefault(serial, key)  # retried with the next write; newer notes win
-                self._writing = {}
-            error = write_failure(exc)
-            full = error is E.ENOSPC
-            self._failing = True
-            self._write_failures.error("writing the key database failed (%s: %s); %d changes kept for the next "
-                                       "attempt", type(exc).__name__, reason(exc), len(batch))
-            raise error("the change is made but not on disk yet: the key database could not be written"
-                        f"{' (the disk is full)' if full else ''}; it is written with the next write that "
-                        "succeeds, unless the daemon stops first") from None
+                self._keep(batch)
+            raise self._write_failed(exc, len(batch)) from None
         self._manifest.adopt(buckets)
         self._durable = upto
         self._writing = {}
@@ -156,9 +157,10 @@ class SealedJournal(Journal):
             self._failing = False
             log.info("the key database is written again: the changes kept in memory are on disk")
 
-    def _snapshot(self, batch: dict[int, Key | None]) -> tuple[list[tuple[records.Row, bytearray]], list[int]]:
-        """The batch's rows as they are now, unsealed, and the serials to delete (store lock held)."""
-        snapshots, deletes = [], []
+    def _snapshot(self, batch: dict[int, Key | None], snapshots: list[tuple[records.Row, bytearray]]) -> list[int]:
+        """Add the batch's rows as they are now, unsealed, to ``snapshots`` (as they are made: a failure
+        leaves the caller those to wipe); return the serials to delete.  Store lock held."""
+        deletes = []
         for serial, key in batch.items():
             if key is None or key.dead or not key.persisted:
                 deletes.append(serial)
@@ -168,15 +170,24 @@ class SealedJournal(Journal):
                 snapshots.append(records.snapshot(key, self._manifest.next_version(serial), root))
             except records.NotStorable as exc:
                 log.warning("not persisted: %s", exc)
-        return snapshots, deletes
+        return deletes
 
-    def _seal(self, snapshots: list[tuple[records.Row, bytearray]]) -> list[records.Row]:
-        """Each snapshot's row, sealed; every plaintext is wiped, also those a failure left unsealed."""
-        try:
-            return [records.seal(row, plaintext, self.sealer) for row, plaintext in snapshots]
-        finally:
-            for _row, plaintext in snapshots:
-                plaintext[:] = bytes(len(plaintext))
+    def _keep(self, batch: dict[int, Key | None]) -> None:
+        """A batch not written goes back for the next write (store lock held); newer notes win."""
+        for serial, key in batch.items():
+            self._dirty.setdefault(serial, key)
+        self._writing = {}
+
+    def _write_failed(self, exc: Exception, changes: int) -> E.KeydenError:
+        """Log a failed write (throttled) and make the error its requests get."""
+        error = write_failure(exc)
+        self._failing = True
+        self._write_failures.error("writing the key database failed (%s: %s); %d changes kept for the next "
+                                   "attempt", type(exc).__name__, reason(exc), changes)
+        return error("the change is made but not on disk yet: the key database could not be written"
+                     f"{' (the disk is full)' if error is E.ENOSPC else ''}; it is written with the next write "
+                     "that succeeds, unless the daemon stops first")
+
 
     # --------------------------------------------------------------- rekey
 
@@ -239,3 +250,8 @@ def reseal(db: Database, manifest: Manifest, old: Sealer | LegacySealer, new: Se
     buckets, root = manifest.seal(manifest.buckets(), new)
     db.write(resealed, (), dict(meta, manifest=root), buckets)
     return len(resealed), stuck
+
+
+def _wipe(snapshots: list[tuple[records.Row, bytearray]]) -> None:
+    for _row, plaintext in snapshots:
+        plaintext[:] = bytes(len(plaintext))

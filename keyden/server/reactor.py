@@ -200,11 +200,17 @@ class Reactor:
         self._runnable.clear()
         self._queued = 0
         self._drain(STOP_GRACE)
+        with_workers = [ch for ch in channels.values() if ch.busy]
         for ch in list(channels.values()):
             self._close(ch)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._syncer.shutdown(wait=True, cancel_futures=True)
         self._completions()
+        for ch in with_workers:
+            if ch.busy:  # its work was cancelled, never to come back: what it holds is released here
+                ch.busy = False
+                self._busy -= 1
+                self._release(ch)
         if self._audit is not None:
             self._audit.flush()
         self._epoll.close()
@@ -714,10 +720,25 @@ class Reactor:
         self._working[ch.uid] += 1
 
         def run() -> None:
-            reply = None if self._stopping else self._run_here(ch, work)  # taken up after the stop: not done
-            self._done.append(lambda: self._finished(ch, reply))
+            if self._stopping:  # taken up after the stop: not done (_drain)
+                self._done.append(lambda: self._not_started(ch))
+            else:
+                reply = self._run_here(ch, work)
+                self._done.append(lambda: self._finished(ch, reply))
             self._wake()
         self._pool.submit(run)
+
+    def _not_started(self, ch: Channel) -> None:
+        """A request a worker took up after the stop, not done: its connection closes unanswered, once the
+        replies to what it did before are out (_drain flushes them as it does every channel's)."""
+        self._next_work(ch.uid)
+        ch.busy = False
+        self._busy -= 1
+        if not self._alive(ch):
+            self._release(ch)
+            return
+        ch.closing = True
+        self._flush(ch)
 
     def _sync(self, ch: Channel, durable: Callable[[], bytes]) -> None:
         """The request made its change; the fsync that makes it durable, then the reply (``durable``), go to
