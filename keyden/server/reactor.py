@@ -71,6 +71,8 @@ log = logging.getLogger("keyden.server")
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_CHUNK = 1024 * 1024  # reads while a large frame is arriving
 SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise
+COALESCE_BELOW = 64 * 1024  # replies smaller than this, queued together, go out in one write ...
+COALESCE_MAX = 256 * 1024  # ... of at most this much
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
 TURN_FRAMES = 64  # requests one connection has answered in a row before the others get the loop ...
 TURN_SECONDS = 0.001  # ... or loop time it has taken (checked between requests)
@@ -562,14 +564,9 @@ class Reactor:
             while out:
                 data, fds = out[0]
                 if fds:
-                    sent = ch.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                    for fd in fds:
-                        os.close(fd)
-                    fds.clear()
-                elif len(out) > 1 and len(data) < 65536:  # small replies: one write for the lot
-                    sent = ch.sock.send(b"".join(d for d, f in _small_run(out)))
-                    self._consume(ch, sent)
-                    continue
+                    sent = _send_with_fds(ch.sock, data, fds)
+                elif len(out) > 1 and len(data) < COALESCE_BELOW:  # small replies: one write for the lot
+                    sent = ch.sock.send(b"".join(d for d, _fds in _small_run(out)))
                 else:
                     sent = ch.sock.send(data)
                 self._consume(ch, sent)
@@ -824,10 +821,20 @@ class Reactor:
 
 
 def _small_run(out):
-    """The leading run of small, descriptor-free replies (what one send can carry)."""
+    """The leading run of small, descriptor-free replies, up to COALESCE_MAX bytes (one write's worth)."""
     total = 0
     for data, fds in out:
-        if fds or total + len(data) > 4 * 65536:
+        if fds or total + len(data) > COALESCE_MAX:
             break
         total += len(data)
         yield data, fds
+
+
+def _send_with_fds(sock: socket.socket, data, fds: list[int]) -> int:
+    """Send ``data`` with the descriptors a reply passes back; ours are closed once they are on their way
+    (with the first byte: the rest of the reply, if any, goes without them)."""
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+    return sent
