@@ -43,6 +43,8 @@ PER_OWNER = 4  # closes of one owner's in progress at once
 MAX_BACKLOG = 256  # closes of one owner's waiting or in progress, past which it is in ``backlogged``
 NOBODY = -1  # the owner of descriptors whose sender is not known (SO_PEERCRED could not say: peer.uid_of)
 IDLE_EXIT = 30.0  # seconds an idle closer waits for work before it ends
+SCM_PIDFD = 0x04  # (Linux 6.5; not in Python 3.11's socket module): a pidfd installed with a message
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
 
 _Work = Union[int, Callable[[], None]]  # a descriptor to close, or a close of another kind to run
 
@@ -57,9 +59,6 @@ _running: collections.Counter[int] = collections.Counter()  # owner -> its close
 #: it (a membership test needs no lock); an owner leaves it once half its closes are done.
 backlogged: set[int] = set()
 _closers = 0
-
-
-SCM_PIDFD = 0x04  # (Linux 6.5; not in Python 3.11's socket module): a pidfd installed with a message
 
 
 def passed(ancdata) -> list[int]:
@@ -97,9 +96,6 @@ def reset_on_close(sock: socket.socket) -> None:
     """Make the last close of a TCP socket send a reset, not a FIN (SO_LINGER on, 0 s): for a connection
     whose end must not pass for a clean one.  It also makes that close immediate."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-
-
-_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
 
 
 def _close_then(fd: int, then: Callable[[], None]) -> None:
