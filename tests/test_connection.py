@@ -373,7 +373,7 @@ def test_one_uid_never_holds_every_worker(tmp_path):
     release["a2"].set()
     bench.wait_until(lambda: not a[2].busy)
     assert started == ["a1", "b1", "a2"] and a[2].sock.fileno() == -1
-    assert reactor._busy == 0 and not reactor._working and not reactor._waiting_work
+    assert not reactor._busy and not reactor._working and not reactor._waiting_work
     bench.close()
 
 
@@ -405,6 +405,35 @@ def test_requests_a_worker_takes_up_after_the_stop_are_not_done_and_fsyncs_wait_
     release["b1"].set()
     bench.wait_until(lambda: not b.busy)
     bench.close()
+
+
+def test_work_a_stop_cancels_releases_its_connection(tmp_path):
+    """Slow requests whose clients left, one still waiting for a worker: the stop cancels that one, whose
+    completion then never came, so its connection was never released (its regions, descriptors and
+    connection count kept for good, in an embedding process; found by a lifecycle hunt)."""
+    import socket
+    import threading
+
+    bench = WorkerBench(tmp_path)
+    reactor, release = bench.reactor, bench.release
+    a, b, c = (bench.channel(uid) for uid in (1001, 1002, 1003))
+    for ch, name in ((a, "a1"), (b, "b1"), (c, "c1")):
+        reactor._submit(ch, bench.work(name))  # c1 waits in the pool's queue
+    closed = []
+    for ch in (a, b, c):
+        ch.conn.close = lambda closed_conn=ch.conn, plain=ch.conn.close: (closed.append(closed_conn), plain())
+        reactor._close(ch)  # its client left: released once its work comes back
+    threading.Timer(0.3, lambda: (release["a1"].set(), release["b1"].set())).start()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "listening"))
+    listener.listen()
+    reactor.stop()
+    reactor.run(listener)  # a1 and b1 come back; c1 is cancelled
+    assert "c1" not in bench.started and not reactor._busy
+    assert sorted(map(id, closed)) == sorted(map(id, (a.conn, b.conn, c.conn)))  # each released once
+    listener.close()
+    for end in bench.peer_ends:
+        end.close()
 
 
 def _is_open(fd: int) -> bool:

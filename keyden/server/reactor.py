@@ -125,7 +125,7 @@ class Reactor:
             audit.hold()
         self._ready: list[Channel] = []  # channels with replies queued this round
         self._round_size = 0  # events in this round: more than one, and others wait behind a heavy request
-        self._busy = 0  # channels whose request is with a worker
+        self._busy: set[Channel] = set()  # channels whose request is with a worker or the sync thread
         # The run-queue (see _take_turns): uid -> its channels waiting for a turn, in order; uids in turn order.
         self._runnable: dict[int, collections.deque[Channel]] = {}
         self._queued = 0  # channels on the run-queue
@@ -133,6 +133,7 @@ class Reactor:
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.RLock()  # the eventfd is closed once, and never written after (_wake)
         self._epoll.register(self._wake_fd, _IN)
         self._done: collections.deque[Callable[[], None]] = collections.deque()
         workers = config.workers or max(4, 2 * (os.cpu_count() or 1))
@@ -202,22 +203,20 @@ class Reactor:
         self._runnable.clear()
         self._queued = 0
         self._drain(STOP_GRACE)
-        with_workers = [ch for ch in channels.values() if ch.busy]
         for ch in list(channels.values()):
             self._close(ch)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._syncer.shutdown(wait=True, cancel_futures=True)
         self._completions()
-        for ch in with_workers:
-            if ch.busy:  # its work was cancelled, never to come back: what it holds is released here
-                ch.busy = False
-                self._busy -= 1
-                self._release(ch)
+        for ch in list(self._busy):  # its work was cancelled, never to come back: what it holds goes here
+            self._back(ch)
+            self._release(ch)
         if self._audit is not None:
             self._audit.flush()
         self._epoll.close()
-        fd, self._wake_fd = self._wake_fd, -1  # a signal from now on wakes nobody (its number may be reused)
-        os.close(fd)
+        with self._wake_lock:  # from now on nobody writes to the number, which may be reused at once
+            fd, self._wake_fd = self._wake_fd, -1
+            os.close(fd)
 
     def _drain(self, seconds: float) -> None:
         """After ``stop``: the requests workers already hold finish, and every reply made goes out, for up to
@@ -241,8 +240,7 @@ class Reactor:
         waiting, self._waiting_work = self._waiting_work, {}
         for queue in waiting.values():
             for ch, _work in queue:
-                ch.busy = False  # never started: its channel closes unanswered
-                self._busy -= 1
+                self._back(ch)  # never started: its channel closes unanswered
                 if not self._alive(ch):  # its client left while it waited: finish the close
                     self._release(ch)
         for ch in list(channels.values()):
@@ -312,12 +310,13 @@ class Reactor:
         self._wake()
 
     def _wake(self) -> None:
-        if self._wake_fd < 0:  # the loop is over
-            return
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
+        with self._wake_lock:  # (reentrant: a signal handler may wake the loop from a thread inside it)
+            if self._wake_fd < 0:  # the loop is over
+                return
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass
 
     def _poll_busily(self, seconds: float, timeout: float) -> list[tuple[int, int]]:
         """epoll's events, looked for without sleeping for up to ``seconds``, then waited for.
@@ -729,8 +728,7 @@ class Reactor:
         """A request a worker took up after the stop, not done: its connection closes unanswered, once the
         replies to what it did before are out (_drain flushes them as it does every channel's)."""
         self._next_work(ch.uid)
-        ch.busy = False
-        self._busy -= 1
+        self._back(ch)
         if not self._alive(ch):
             self._release(ch)
             return
@@ -751,8 +749,13 @@ class Reactor:
     def _hand_off(self, ch: Channel) -> None:
         """``ch``'s request leaves the loop: nothing more is read from it until its reply comes back."""
         ch.busy = True
-        self._busy += 1
+        self._busy.add(ch)
         self._watch(ch, 0)
+
+    def _back(self, ch: Channel) -> None:
+        """``ch``'s request is back on the loop (answered, not started, or cancelled)."""
+        ch.busy = False
+        self._busy.discard(ch)
 
     @staticmethod
     def _run_here(ch: Channel, work: Callable[[], bytes]) -> bytes | None:
@@ -792,8 +795,7 @@ class Reactor:
         closes unanswered), and the channel is served again."""
         if held_worker:
             self._next_work(ch.uid)
-        ch.busy = False
-        self._busy -= 1
+        self._back(ch)
         if not self._alive(ch):  # closed while the worker ran
             self._release(ch)
             return
