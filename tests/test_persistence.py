@@ -235,16 +235,9 @@ def test_requests_go_on_while_the_journal_seals_a_batch(tmp_path):
     hunt), pausing every request: the rows are copied under the lock and sealed outside it, and each copy
     of a payload is wiped once sealed."""
     import threading
-    from keyden import persist
-    from keyden.core.store import Caller, KeyStore
-    from keyden.core.perm import Credentials
     from keyden.persist import records
-    from keyden.server.config import ServerConfig
 
-    os.makedirs(tmp_path / "state", mode=0o700)
-    config = ServerConfig(state_dir=str(tmp_path / "state"))
-    store = KeyStore(config.store)
-    journal = persist.open_durable(config, store)
+    config, store, journal, root, ring = a_durable_store(tmp_path)
     lock_was_free, plaintexts = [], []
 
     def take_the_lock():  # as the request loop would, while the journal seals
@@ -267,8 +260,6 @@ def test_requests_go_on_while_the_journal_seals_a_batch(tmp_path):
 
     journal.sealer = Watching(journal.sealer)
     try:
-        root = Caller(Credentials(0, 0, frozenset({0})), (os.getpid(), 1))
-        ring = store.get_persistent(root, 0, -3)
         keys = [store.add(root, "user", f"kd:batch-{i}", b"secret-%d" % i, ring) for i in range(3)]
         journal.flush()
         assert lock_was_free == [True] * 3
@@ -278,36 +269,46 @@ def test_requests_go_on_while_the_journal_seals_a_batch(tmp_path):
     assert payloads_after_a_restart(config, keys) == [b"secret-0", b"secret-1", b"secret-2"]
 
 
-def test_a_batch_whose_copy_fails_is_kept_for_the_next_write_and_its_copies_wiped(tmp_path, monkeypatch):
-    """A failure while the batch's rows were copied under the store lock lost the batch: its keys stayed
-    'on their way to disk' for good (every request using them waited for a write that never took them),
-    and the copies made were never wiped (found by review)."""
+def a_durable_store(tmp_path):
+    """(config, store, journal, root's caller, root's persistent keyring) on a fresh state directory."""
     from keyden import persist
-    from keyden.core.store import Caller, KeyStore
     from keyden.core.perm import Credentials
-    from keyden.persist import records
+    from keyden.core.store import Caller, KeyStore
     from keyden.server.config import ServerConfig
 
     os.makedirs(tmp_path / "state", mode=0o700)
     config = ServerConfig(state_dir=str(tmp_path / "state"))
     store = KeyStore(config.store)
     journal = persist.open_durable(config, store)
+    root = Caller(Credentials(0, 0, frozenset({0})), (os.getpid(), 1))
+    ring = store.get_persistent(root, 0, -3)
+    journal.flush()
+    return config, store, journal, root, ring
+
+
+@pytest.mark.parametrize("failure, raised", [(MemoryError, E.EIO), (KeyboardInterrupt, KeyboardInterrupt)])
+def test_a_batch_whose_copy_fails_is_kept_for_the_next_write_and_its_copies_wiped(tmp_path, monkeypatch,
+                                                                                  failure, raised):
+    """A failure while the batch's rows were copied under the store lock lost the batch: its keys stayed
+    'on their way to disk' for good (every request using them waited for a write that never took them),
+    and the copies made were never wiped; an interrupt there, or in the write, lost it silently (the next
+    write counted it as written).  Found by two reviews."""
+    from keyden.persist import records
+
+    config, store, journal, root, ring = a_durable_store(tmp_path)
     plain_snapshot, copies = records.snapshot, []
 
     def snapshot_then_fail(key, version, root):
         if copies:
-            raise MemoryError  # the second copy cannot be made
+            raise failure  # the second copy cannot be made
         row, plaintext = plain_snapshot(key, version, root)
         copies.append(plaintext)
         return row, plaintext
 
     try:
-        root = Caller(Credentials(0, 0, frozenset({0})), (os.getpid(), 1))
-        ring = store.get_persistent(root, 0, -3)
-        journal.flush()
         keys = [store.add(root, "user", f"kd:kept-{i}", b"secret-%d" % i, ring) for i in range(3)]
         monkeypatch.setattr(records, "snapshot", snapshot_then_fail)
-        with pytest.raises(E.EIO, match="not on disk yet"):
+        with pytest.raises(raised):
             journal.flush()
         assert len(copies) == 1 and copies[0] == bytes(len(copies[0]))  # the one made is wiped
         assert all(journal.pending_for(k) for k in keys) and not journal._writing
@@ -317,6 +318,29 @@ def test_a_batch_whose_copy_fails_is_kept_for_the_next_write_and_its_copies_wipe
     finally:
         journal.close()
     assert payloads_after_a_restart(config, keys) == [b"secret-0", b"secret-1", b"secret-2"]
+
+
+def test_a_key_that_never_copies_is_left_out_and_the_others_are_written(tmp_path, monkeypatch, caplog):
+    """Kept for the next write, a key whose copy fails for good (a bug) would fail every later write of
+    every key: it is left out, loudly, as a key that cannot be stored is."""
+    from keyden.persist import records
+
+    config, store, journal, root, ring = a_durable_store(tmp_path)
+    plain_snapshot = records.snapshot
+
+    def snapshot(key, version, root):
+        if key.serial == keys[1]:
+            raise ValueError
+        return plain_snapshot(key, version, root)
+
+    try:
+        keys = [store.add(root, "user", f"kd:kept-{i}", b"secret-%d" % i, ring) for i in range(3)]
+        monkeypatch.setattr(records, "snapshot", snapshot)
+        journal.flush()
+        assert f"key {keys[1]} not persisted: its state could not be copied (ValueError)" in caplog.text
+    finally:
+        journal.close()
+    assert payloads_after_a_restart(config, [keys[0], keys[2]]) == [b"secret-0", b"secret-2"]
 
 
 def test_relative_store_paths_are_under_the_state_directory(tmp_path, monkeypatch):

@@ -126,16 +126,21 @@ class SealedJournal(Journal):
         if self._closed:
             raise E.EIO("the key database is closed")
         snapshots: list[tuple[records.Row, bytearray]] = []
+        failure: Exception | None = None
         with self.store.lock:
             batch, self._dirty = self._dirty, {}
             self._writing = batch
             upto = self._seq
             try:
                 deletes = self._snapshot(batch, snapshots)
-            except Exception as exc:
+            except BaseException as exc:  # (an interrupt too: nothing may stay unwiped, no batch be lost)
                 _wipe(snapshots)
                 self._keep(batch)
-                raise self._write_failed(exc, len(batch)) from None
+                if not isinstance(exc, Exception):
+                    raise
+                failure = exc
+        if failure is not None:  # logged outside the lock
+            raise self._write_failed(failure, len(batch)) from None
         try:
             try:
                 upserts = [records.seal(row, plaintext, self.sealer) for row, plaintext in snapshots]
@@ -146,9 +151,11 @@ class SealedJournal(Journal):
             buckets = self._manifest.with_changes(changes)
             sealed, root = self._manifest.seal(buckets, self.sealer)
             self.db.write(upserts, deletes, {"manifest": root} if buckets else None, sealed)
-        except Exception as exc:
+        except BaseException as exc:
             with self.store.lock:
                 self._keep(batch)
+            if not isinstance(exc, Exception):
+                raise
             raise self._write_failed(exc, len(batch)) from None
         self._manifest.adopt(buckets)
         self._durable = upto
@@ -170,6 +177,10 @@ class SealedJournal(Journal):
                 snapshots.append(records.snapshot(key, self._manifest.next_version(serial), root))
             except records.NotStorable as exc:
                 log.warning("not persisted: %s", exc)
+            except MemoryError:
+                raise  # for now: the batch is kept for the next write
+            except Exception as exc:  # a key that never copies must not fail every later write of every key
+                log.error("key %d not persisted: its state could not be copied (%s)", serial, type(exc).__name__)
         return deletes
 
     def _keep(self, batch: dict[int, Key | None]) -> None:
