@@ -370,6 +370,18 @@ def test_closed_standard_streams_are_an_error_not_a_traceback(daemon, client):
         assert said in proc.stderr.decode() and "Traceback" not in proc.stderr.decode(), (args, closed)
 
 
+def test_with_standard_error_closed_a_failure_says_nothing_on_stdout_and_keeps_its_status(daemon, client):
+    """`id=$(keyden request user nope 2>&-)` put keyctl's error line into $id, and a usage error exited 1
+    (print() falls back to stdout when sys.stderr is None; found by a CLI hunt).  As with keyctl, what
+    goes to a closed stderr is lost, and nothing else changes."""
+    env = dict(os.environ, PYTHONPATH=REPO, KEYDEN_SESSION=client.session_token)
+    base = " ".join([shlex.quote(sys.executable), "-m", "keyden", "--socket", daemon.socket])
+    for args, status in (("request user kd:never-there", 1), ("describe @x", 2), ("list", 2), ("", 2),
+                         ("--socket /nonexistent/keyden.sock list @s", 1)):
+        proc = subprocess.run(["sh", "-c", f"{base} {args} 2>&-"], capture_output=True, env=env, timeout=60)
+        assert (proc.returncode, proc.stdout) == (status, b""), (args, proc.stdout)
+
+
 def test_a_reader_that_goes_away_or_a_full_disk_is_not_a_traceback(daemon, client):
     """`keyden print k | head -c1` ends quietly with keyctl's status, 141 (it dies of SIGPIPE); a full stdout
     is said, exit 1."""

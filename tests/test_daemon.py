@@ -351,6 +351,32 @@ def test_a_busy_polling_daemon_polls_between_requests_and_sleeps_when_they_stop(
     assert polling > 0.15 and idle < 0.05, (polling, idle)  # (without polling: ~0.01 s for the 100 pings)
 
 
+@pytest.mark.parametrize("answer", [b"\xff" * 12, b""])
+def test_a_socket_that_answers_hello_as_keyden_never_does_is_said_to_be_no_keyden(tmp_path, answer):
+    """A server that sent garbage ("frame of 4294967295 bytes exceeds the 65536-byte cap") or closed at once
+    ("connection to keyden lost: [Errno 104] ...") was reported as if keyden had said so; the CLI then
+    asked whether the daemon was running (found by a CLI hunt)."""
+    path = str(tmp_path / "impostor.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def answer_once():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        with pytest.raises(E.EPROTO, match=f"^EPROTO: {path} .* \\(is it keyden\\?\\)$"):
+            keyden.connect(path, timeout=5)
+    finally:
+        thread.join(10)
+        server.close()
+
+
 def test_a_busy_polling_client_polls_for_its_answer_only_as_long_as_it_was_told(tmp_path, monkeypatch):
     """A client's busy_poll bounds its polling: waiting on a server that never answers, it looks for the
     answer for 10 ms, then sleeps until its timeout; without busy_poll it does not look at all."""

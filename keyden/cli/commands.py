@@ -21,8 +21,8 @@ from typing import Callable
 
 from keyden import errors as E
 from keyden.cli import dataplane, persistence, tls, tree, trust
-from keyden.cli.support import (Context, Exit, Usage, call, expect, failure, hex_to_bytes, hexdump, id32, number,
-                                options, pkey_info, pkey_password, read_file, read_stdin, write_bytes)
+from keyden.cli.support import (Context, Exit, Usage, arguments, call, expect, failure, hex_to_bytes, hexdump, id32,
+                                number, options, pkey_info, pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
 from keyden.client.operations import key_flags
 from keyden.protocol import CAPABILITY_BITS
@@ -226,7 +226,7 @@ def cmd_public_key(ctx, args):
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    opts, args = options(args, ("--der", "--cert"))
+    opts, args = options(args, ("--der", "--cert"), anywhere=True)
     expect(args, 1)
     spki, cert = call("public_key", ctx.client.public_key_bytes, ctx.key(args[0]))
     if opts.get("--cert") and not cert:
@@ -284,6 +284,7 @@ def cmd_describe(ctx, args):
 def cmd_keys(ctx, args):
     """Every key you may view, one /proc/keys line each: serial (hex), flags, usage, time left (perm, expd,
     or 59s/5m/2h/3d/1w), permissions, uid, gid, type, description and what its type adds."""
+    args = arguments(args)
     expect(args, 0)
     now = time.time()
     for status in call("keys", ctx.client.keys):
@@ -431,6 +432,7 @@ def cmd_new_session(ctx, args):
 
 
 def cmd_leave_session(ctx, args):
+    args = arguments(args)
     expect(args, 0, 1)
     token = args[0] if args else os.environ.get(SESSION_ENV, "")
     if not token:
@@ -441,13 +443,14 @@ def cmd_leave_session(ctx, args):
 
 def cmd_sessions(ctx, args):
     """Your uid's sessions, tokens lost with their shells included: one '<serial> <name>' per line."""
-    expect(args, 0)
+    expect(arguments(args), 0)
     for serial, name in call("sessions", ctx.sessionless.sessions):
         print(serial, name)
 
 
 def cmd_end_session(ctx, args):
     """leave_session for a session whose token is lost, by its keyring's serial (from `sessions`)."""
+    args = arguments(args)
     expect(args, 1)
     call("end_session", ctx.client.end_session, ctx.key(args[0]))
 
@@ -625,6 +628,7 @@ def cmd_version(ctx, args):
 
 
 def cmd_help(ctx, args):
+    args = arguments(args)
     expect(args, 0, 1)
     if not args:
         sys.stdout.write(format_help())

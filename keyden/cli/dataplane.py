@@ -21,8 +21,8 @@ import os
 from typing import Iterator
 
 from keyden import errors as E
-from keyden.cli.support import (Context, Exit, Output, Usage, call, expect, failure, hex_to_bytes, hexdump, number,
-                                options, pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
+from keyden.cli.support import (Context, Exit, Output, Usage, arguments, call, expect, failure, hex_to_bytes, hexdump,
+                                number, options, pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
 from keyden.crypto import symmetric
 from keyden.crypto.agreement import MAX_KDF_OUTPUT
 
@@ -314,6 +314,7 @@ def cmd_cipher(ctx: Context, args: list[str]) -> None:
 
 
 def cmd_hash(ctx: Context, args: list[str]) -> None:
+    args = arguments(args)
     expect(args, 1)
     spec = algorithm("keyden_hash", args[0], "hash")
     stream = call("keyden_hash", ctx.client.hash, spec.name)

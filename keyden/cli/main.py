@@ -116,13 +116,26 @@ class _ClosedStream(io.RawIOBase):
         raise OSError(errno.EBADF, os.strerror(errno.EBADF), self.name)
 
 
+class _LostStream(io.RawIOBase):
+    """Stands in for a standard error closed before we started (``2>&-``): what is said there is lost, as
+    C's keyctl's is, and nothing else changes (print() would otherwise fall back to stdout)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return len(data)
+
+
 def _reopen_closed_std_streams() -> None:
-    """Python leaves sys.stdin/stdout None when fd 0/1 was closed: make using them fail as C's keyctl
-    does (EBADF, said on stderr), not with a traceback."""
+    """Python leaves sys.stdin/stdout/stderr None when fd 0/1/2 was closed: make using them do what C's
+    keyctl meets (EBADF, said on stderr; a message to a closed stderr lost), not a traceback."""
     if sys.stdin is None:
         sys.stdin = io.TextIOWrapper(io.BufferedReader(_ClosedStream("stdin")))
     if sys.stdout is None:  # unbuffered: the write fails where it is made, nothing is left to fail at exit
         sys.stdout = io.TextIOWrapper(_ClosedStream("stdout"), write_through=True)
+    if sys.stderr is None:
+        sys.stderr = io.TextIOWrapper(_LostStream(), write_through=True)
 
 
 def _never_unencodable() -> None:

@@ -92,6 +92,12 @@ def options(args: list[str], flags: tuple[str, ...] = (), valued: tuple[str, ...
     return found, words
 
 
+def arguments(args: list[str]) -> list[str]:
+    """The words of one of keyden's own commands that takes no options: a '--' among them is dropped, as
+    ``options`` drops it for those that take some."""
+    return options(args, anywhere=True)[1]
+
+
 def expect(words: list[str], *counts: int) -> None:
     """Usage unless there are as many words as one of ``counts``."""
     if len(words) not in counts:

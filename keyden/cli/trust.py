@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 
 from keyden import errors as E
-from keyden.cli.support import Context, Exit, Usage, call, options
+from keyden.cli.support import Context, Exit, Usage, arguments, call, options
 
 LAST_SECOND = 253402300799  # 9999-12-31T23:59:59Z: the last time X.509's GeneralizedTime can name
 PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so other commands start fast
@@ -58,6 +58,7 @@ def cmd_x509_verify(ctx: Context, args: list[str]):
 
 
 def cmd_x509_hashes(ctx: Context, args: list[str]):
+    args = arguments(args)
     if len(args) != 1:
         raise Usage()
     key = ctx.key(args[0])

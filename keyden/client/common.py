@@ -59,6 +59,12 @@ def no_hello(path: str, waited: float) -> E.KeydenError:
     return E.ETIMEDOUT(f"no answer within {waited:g} s from {path} (is it keyden?)")
 
 
+def not_keyden(path: str, what: str) -> E.KeydenError:
+    """A server that answered HELLO with what keyden never sends (a frame over the cap, or nothing at all
+    before it closed): whatever it is, it is no keyden."""
+    return E.EPROTO(f"{path} {what} (is it keyden?)")
+
+
 def connect_failed(path: str, exc: OSError) -> E.KeydenError:
     """A socket we may not use is EACCES (as keyctl would say); no daemon there, or none answering, ECONNRESET."""
     error = (E.EACCES if exc.errno in (errno.EACCES, errno.EPERM) else E.ECONNRESET)(

@@ -122,8 +122,13 @@ class Client(Operations):
         except TimeoutError:
             sock.close()
             raise common.no_hello(self.socket_path, hello_timeout) from None
-        except OSError as exc:
-            raise self._lost(exc) from None
+        except W.FrameTooLarge:
+            sock.close()
+            raise common.not_keyden(self.socket_path, "answered with what keyden never sends") from None
+        except OSError:
+            farewell = self._farewell()  # keyden says why it closes (a limit): what says nothing is no keyden
+            sock.close()
+            raise farewell or common.not_keyden(self.socket_path, "closed the connection without answering") from None
         except E.KeydenError:
             sock.close()
             raise

@@ -388,7 +388,8 @@ class Reactor:
             self._large = self._large or memoryview(bytearray(RECV_CHUNK))
             view = self._large[:needed] if needed < RECV_CHUNK else self._large  # nothing past the admitted frame
         try:
-            n, ancdata, _flags, _addr = ch.sock.recvmsg_into([view], descriptors.ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+            n, ancdata, _flags, _addr = ch.sock.recvmsg_into([view], descriptors.ANCILLARY_SPACE,
+                                                             socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             if ev & _GONE and not ev & _IN:
                 self._close(ch)
