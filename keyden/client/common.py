@@ -59,10 +59,10 @@ def no_hello(path: str, waited: float) -> E.KeydenError:
     return E.ETIMEDOUT(f"no answer within {waited:g} s from {path} (is it keyden?)")
 
 
-def not_keyden(path: str, what: str) -> E.KeydenError:
+def not_keyden(path: str, what: str, error: type[E.KeydenError] = E.EPROTO) -> E.KeydenError:
     """A server that answered HELLO with what keyden never sends (a frame over the cap, or nothing at all
-    before it closed): whatever it is, it is no keyden."""
-    return E.EPROTO(f"{path} {what} (is it keyden?)")
+    before it closed): whatever it is, it may be no keyden."""
+    return error(f"{path} {what} (is it keyden?)")
 
 
 def connect_failed(path: str, exc: OSError) -> E.KeydenError:

@@ -128,7 +128,8 @@ class Client(Operations):
         except OSError:
             farewell = self._farewell()  # keyden says why it closes (a limit): what says nothing is no keyden
             sock.close()
-            raise farewell or common.not_keyden(self.socket_path, "closed the connection without answering") from None
+            raise farewell or common.not_keyden(self.socket_path, "closed the connection without answering",
+                                                E.ECONNRESET) from None
         except E.KeydenError:
             sock.close()
             raise
