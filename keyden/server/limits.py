@@ -28,15 +28,24 @@ def refuse(sock: socket.socket, error: E.KeydenError, owner: int, then: Callable
     """Tell a connection why it is being closed (a connection-level error frame: request id 0, op 0), then close it.
 
     Never blocks: the frame is small and the socket buffer empty, and if it
-    does not fit the client just sees the close.  Shut both ways, so that
-    nothing more can arrive, a socket whose unread bytes carry no descriptor is
-    closed here (``_carries_descriptors``).  Otherwise the close goes to a
-    closer thread, on ``owner``'s share: it is the last close of the
-    descriptors the client sent and we never read, which may linger
-    (descriptors.release).  ``then`` runs once it is closed.
+    does not fit the client just sees the close.
     """
     try:
         sock.send(W.encode_error(0, 0, error), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    close(sock, owner, then)
+
+
+def close(sock: socket.socket, owner: int, then: Callable[[], None] | None = None) -> None:
+    """Close a client's connection.  Shut both ways, so that nothing more can arrive, a socket whose unread
+    bytes carry no descriptor is closed here (``_carries_descriptors``), as nearly every one is.  Otherwise
+    the close goes to a closer thread, on ``owner``'s share: it is the last close of the descriptors the
+    client sent and we never read, which may linger (descriptors.release).  ``then`` runs once it is closed.
+
+    (Sent to the closers, every close would count against its uid's backlog: a client closing 500
+    connections at once would have its other connections refused, EMFILE, until they caught up.)"""
+    try:
         sock.shutdown(socket.SHUT_RDWR)
         carries = _carries_descriptors(sock)
     except OSError:

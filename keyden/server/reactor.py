@@ -698,7 +698,7 @@ class Reactor:
         # Its last close frees descriptors sent and not yet read; until it is done, it counts against its uid.
         closed = lambda: self.call_soon(ch.on_close)  # noqa: E731
         if error is None:
-            descriptors.release_socket(ch.sock, ch.uid, then=closed)
+            limits.close(ch.sock, ch.uid, then=closed)
         else:
             limits.refuse(ch.sock, error, ch.uid, then=closed)
 
