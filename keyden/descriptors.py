@@ -13,8 +13,8 @@ and one owner's closes run at most PER_OWNER at a time, in turn with the
 other owners': else one message of lingering sockets would hold every
 closer, and the daemon would close nothing for anyone, its own sockets of
 departed clients included, until it ran out of descriptors.  A uid that
-sends such sockets only waits for its own.  A closer starts whenever work could run and
-none is free, up to MAX_CLOSERS; an idle one waits for more, and ends after
+sends such sockets only waits for its own.  A closer starts whenever work
+could run and none is free, up to MAX_CLOSERS; an idle one waits for more, and ends after
 IDLE_EXIT seconds without (else a burst of connections ending would leave
 every closer it started for good).
 

@@ -126,22 +126,13 @@ class SealedJournal(Journal):
         if self._closed:
             raise E.EIO("the key database is closed")
         snapshots: list[tuple[records.Row, bytearray]] = []
-        failure: Exception | None = None
-        with self.store.lock:
-            batch, self._dirty = self._dirty, {}
-            self._writing = batch
-            upto = self._seq
-            try:
-                deletes = self._snapshot(batch, snapshots)
-            except BaseException as exc:  # (an interrupt too: nothing may stay unwiped, no batch be lost)
-                _wipe(snapshots)
-                self._keep(batch)
-                if not isinstance(exc, Exception):
-                    raise
-                failure = exc
-        if failure is not None:  # logged outside the lock
-            raise self._write_failed(failure, len(batch)) from None
+        batch: dict[int, Key | None] = {}
         try:
+            with self.store.lock:  # one hold: the batch, and the state it is copied in, hold whole operations
+                batch, self._dirty = self._dirty, {}
+                self._writing = batch
+                upto = self._seq
+                deletes = self._snapshot(batch, snapshots)
             try:
                 upserts = [records.seal(row, plaintext, self.sealer) for row, plaintext in snapshots]
             finally:  # outside the lock: requests go on while a large batch is sealed
@@ -151,12 +142,13 @@ class SealedJournal(Journal):
             buckets = self._manifest.with_changes(changes)
             sealed, root = self._manifest.seal(buckets, self.sealer)
             self.db.write(upserts, deletes, {"manifest": root} if buckets else None, sealed)
-        except BaseException as exc:
+        except BaseException as exc:  # (an interrupt too: no copy may stay unwiped, no batch be lost)
+            _wipe(snapshots)  # (a copy that failed before sealing)
             with self.store.lock:
                 self._keep(batch)
             if not isinstance(exc, Exception):
                 raise
-            raise self._write_failed(exc, len(batch)) from None
+            raise self._write_failed(exc, len(batch)) from None  # logged outside the lock
         self._manifest.adopt(buckets)
         self._durable = upto
         self._writing = {}

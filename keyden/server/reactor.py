@@ -5,9 +5,9 @@ Python at a time, and threads that each wake for one small request spend
 more time handing the GIL to each other than answering.  One loop answers
 whatever is ready on any socket without a hand-off, so small requests from
 many clients share a core at full speed.  What would hold the loop longer
-goes to a small pool of worker threads (cost.Cost): slow requests
-(key generation, scrypt, TLS set-up) always; heavy ones (RSA private keys, bulk ciphers: pyca
-releases the GIL for these) when other requests are waiting, so they run in
+goes to a small pool of worker threads (cost.Cost): slow requests (key
+generation, scrypt, TLS set-up) always; heavy ones (RSA private keys, bulk
+ciphers: pyca releases the GIL for these) when other requests are waiting, so they run in
 parallel on other cores.  Alone, a heavy request is answered by the loop:
 handing it to a thread and back costs a wake-up on each side.  The fsync
 that makes a persistent change durable has a thread of its own, so it never
@@ -445,7 +445,7 @@ class Reactor:
                                                                   conn.changed))
                 break
             reply = conn.handle(frame)
-            if conn.needs_sync():  # a persistent keyring changed: the fsync goes to a worker, the reply after it
+            if conn.needs_sync():  # a persistent keyring changed: the fsync goes to the sync thread, the reply after it
                 self._sync(ch, lambda frame=frame, reply=reply, upto=conn.unsynced, changed=conn.changed:
                            conn.durable(frame, reply, upto, changed))
                 break
