@@ -344,6 +344,32 @@ def aead_1mib(ctx: Context) -> Row:
     return _aead_bulk(ctx, 1 << 20, 0.5)
 
 
+PIPELINED = 8  # 1 MiB calls aead-1MiB-x8 sends at once
+
+
+@benchmark("aead-1MiB-x8")
+def aead_1mib_x8(ctx: Context) -> Row:
+    """8 AES-256-GCM calls of 1 MiB each sent at once (SharedBuffer.cipher_many) vs 8 in-process calls,
+    each side over 8 distinct inputs into 8 distinct outputs (the same 16 MiB working set: re-encrypting
+    one cache-warm MiB runs ~20 % faster here)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    size, n = 1 << 20, PIPELINED
+    nonce = bytes(12)  # fixed, as in _aead_bulk: fine for timing, never for real data
+    data = [os.urandom(size) for _ in range(n)]
+    local, outs = AESGCM(AESGCM.generate_key(256)), [bytearray(size + 16) for _ in range(n)]
+    ranges = [(i * size, size, n * size + i * (size + 16)) for i in range(n)]
+    with ctx.connect() as c:
+        key = c.generate("aes:256", "bench:aead-pipelined", "@s")
+        with c.shared_buffer(2 * n * size + n * 16) as shm:
+            for i in range(n):
+                shm.view[i * size:(i + 1) * size] = data[i]
+            keyden_s, local_s = ctx.paired(
+                ctx.calls(lambda: shm.cipher_many("gcm(aes)", key, ranges, ivs=[nonce] * n)),
+                ctx.calls(lambda: [local.encrypt_into(nonce, d, None, o) for d, o in zip(data, outs)]))
+    return Row(n * size / keyden_s / 2**20, n * size / local_s / 2**20, "MiB/s", 0.5, "pyca, 1 thread")
+
+
 BATCH_ITEMS = [os.urandom(64) for _ in range(256)]  # 256 messages of 64 bytes for the batch rows
 
 

@@ -230,9 +230,12 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(frame(Op.PKEY_SIGN, user, "", bytes(64))) is Cost.QUICK  # refused at once (not asymmetric)
     assert conn.cost(frame(Op.PKEY_SIGN, 0x7FFF_FFF0, "", bytes(64))) is Cost.QUICK  # no such key: ENOKEY
     assert conn.cost(frame(Op.PKEY_SIGN, rsa, "enc=pkcs1 hash=sha256", bytes(32))) is Cost.HEAVY
-    assert conn.cost(frame(Op.CIPHER, "gcm(aes)", 5, 0, bytes(12), b"", bytes(100_000))) is Cost.HEAVY
+    assert conn.cost(frame(Op.CIPHER, "gcm(aes)", 5, 0, bytes(12), b"", bytes(100_000))) is Cost.SHORT
     assert conn.cost(shm(4096)) is Cost.QUICK
-    assert conn.cost(shm(1 << 20)) is Cost.HEAVY
+    assert conn.cost(shm(1 << 20)) is Cost.SHORT
+    assert conn.cost(shm(2 << 20)) is Cost.SHORT
+    assert conn.cost(shm((2 << 20) + 1)) is Cost.HEAVY
+    assert conn.cost(frame(Op.MAC, "hmac(sha512)", 5, bytes(200 << 10))) is Cost.SHORT  # 0.2-0.5 ms
     assert conn.cost(shm(256 << 20)) is Cost.SLOW  # never on the loop: it would stall every other client
     assert conn.cost(frame(Op.GENKEY, "ed25519", "x", -3)) is Cost.SLOW
     assert conn.cost(frame(Op.SHM_DETACH, 7)) is Cost.SLOW  # the last unmap of a GiB memfd frees all of it
@@ -349,6 +352,32 @@ class WorkerBench:
         self.reactor._syncer.shutdown()
         for end in self.peer_ends:
             end.close()
+
+
+@pytest.mark.parametrize("cost, events, on_the_loop", [
+    ("SHORT", 1, ["r1", "r2", "r3"]), ("HEAVY", 1, []), ("SHORT", 2, []), ("QUICK", 2, ["r1", "r2", "r3"])])
+def test_a_connections_own_pipeline_sends_only_heavy_requests_to_a_worker(tmp_path, cost, events, on_the_loop):
+    """Requests waiting behind a short one on its own connection would wait for it on a worker too: it
+    stays on the loop (a hand-off cost a pipelined 1 MiB AES-GCM call as much as the AES).  A heavy one
+    (an RSA-4096 signature: 6 ms) still goes, so the loop stays free for the others; and a short one
+    goes too when other connections are waiting (two events in the round)."""
+    from keyden.server.cost import Cost
+
+    bench = WorkerBench(tmp_path)
+    reactor = bench.reactor
+    ch = bench.channel(1001)
+    conn = ch.conn
+    handled, submitted = [], []
+    conn.cost = lambda frame: Cost[cost]
+    conn.handle = lambda frame: (handled.append(f"r{frame.request_id}"), W.encode_response(
+        frame.request_id, Op.PING, (b"",)))[1]
+    reactor._submit = lambda ch, work: (submitted.append(work), setattr(ch, "busy", True))
+    conn.feed(b"".join(W.encode_request(i, Op.PING, b"") for i in (1, 2, 3)))
+    reactor._round_size = events
+    reactor._serve(ch)
+    assert handled == on_the_loop
+    assert len(submitted) == (0 if on_the_loop else 1)
+    bench.close()
 
 
 def test_one_uid_never_holds_every_worker(tmp_path):

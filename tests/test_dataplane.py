@@ -1050,6 +1050,49 @@ def test_shared_buffer_cipher_in_place_ranges(client, aes):
         client._call(Op.SHM_CIPHER, region, "ctr(aes)", serial, 0, iv, b"", 0, 16, 16)
 
 
+def test_shared_buffer_cipher_many_seals_and_opens_pieces_in_one_round_trip(client, aes):
+    """Each piece as its own cipher() call would make it; a bad piece costs only itself."""
+    key, serial = aes
+    piece, n = 64 << 10, 6
+    out = n * piece
+    records = [os.urandom(piece) for _ in range(n)]
+    with client.shared_buffer(2 * out + n * 16) as shm:
+        for i, record in enumerate(records):
+            shm.view[i * piece:(i + 1) * piece] = record
+        sealed_at = [out + i * (piece + 16) for i in range(n)]
+        ranges = [(i * piece, piece, sealed_at[i]) for i in range(n)]
+        aads = [b"record %d" % i for i in range(n)]
+        results = shm.cipher_many(GCM, serial, ranges, aads=aads, random_nonce=True)
+        nonces = [nonce for _, nonce in results]
+        assert [w for w, _ in results] == [piece + 16] * n and len(set(nonces)) == n
+        for i, nonce in enumerate(nonces):
+            assert AESGCM(key).decrypt(nonce, bytes(shm.view[sealed_at[i]:sealed_at[i] + piece + 16]),
+                                       aads[i]) == records[i]
+        shm.view[:out] = bytes(out)
+        shm.view[sealed_at[2]] ^= 1  # one record tampered with
+        aads[4] = b"another record's"  # one opened with the wrong associated data
+        opened = shm.cipher_many(GCM, serial, [(at, piece + 16, i * piece) for i, at in enumerate(sealed_at)],
+                                 ivs=nonces, aads=aads, decrypt=True)
+        assert [type(r) for r in opened] == [tuple, tuple, E.EBADMSG, tuple, E.EBADMSG, tuple]
+        for i in (0, 1, 3, 5):
+            assert opened[i] == (piece, b"") and shm.view[i * piece:(i + 1) * piece] == records[i]
+        for i in (2, 4):  # no unauthenticated plaintext left behind
+            assert shm.view[i * piece:(i + 1) * piece] == bytes(piece)
+        mixed = shm.cipher_many("ctr(aes)", serial, [(0, 16, 100), (0, 100, 50), (0, 16, 2**40)],
+                                ivs=[bytes(16)] * 3)
+        assert mixed[0] == (16, b"") and isinstance(mixed[1], E.EINVAL) and isinstance(mixed[2], E.EINVAL)
+        assert "overlap" in mixed[1].message and "outside" in mixed[2].message
+        for bad, match in (([], "1..1024"), ([(0, 16, 32)] * 1025, "1..1024"), (b"\x00" * 3, "sequence"),
+                           ([(0, 16)], "in_offset, length, out_offset"), (5, "sequence")):
+            with pytest.raises(E.EINVAL, match=match):
+                shm.cipher_many(GCM, serial, bad, random_nonce=True)
+        with pytest.raises(E.EINVAL, match="one entry per range"):
+            shm.cipher_many(GCM, serial, ranges, ivs=nonces[:2])
+        with pytest.raises(E.EINVAL, match="nonce"):
+            shm.cipher_many(GCM, serial, ranges[:1], ivs=["text"])
+    assert client.ping(b"still in step") == b"still in step"
+
+
 def test_only_sealed_memfds_are_attached(client):
     def memfd(seals: int) -> int:
         fd = os.memfd_create("probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

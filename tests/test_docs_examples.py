@@ -221,6 +221,13 @@ def check_shared_memory(doc, code, out):
     assert ns["client"].aead(ns["key"]).decrypt(ns["nonce"], ns["sealed"], None) == ns["data"]
 
 
+def check_cipher_many(doc, code, out):
+    ns = doc.namespace
+    aead = ns["client"].aead(ns["key"])
+    assert [aead.decrypt(nonce, sealed, None) for nonce, sealed in ns["pieces"]] == ns["records"]
+    assert len({nonce for nonce, _ in ns["pieces"]}) == 8   # each piece its own nonce
+
+
 def check_blocking_client(doc, code, out):
     assert re.fullmatch(r" *\d+: alswrv-\S+ +\d+ +\d+ user: db:password\n", out)
 
@@ -292,6 +299,7 @@ CHECKS = [
     ("README.md", "encrypt_random(b\"attack at dawn\")", check_readme_session_keys),
     ("docs/dataplane.md", "client.aead(key)", check_dataplane),
     ("docs/dataplane.md", "client.shared_buffer(", check_shared_memory),
+    ("docs/dataplane.md", "cipher_many(", check_cipher_many),
     ("docs/python-api.md", "c.add(\"user\", \"db:password\"", check_blocking_client),
     ("docs/python-api.md", "c.pkey_sign(", check_pkey),
     ("docs/python-api.md", "use=\"sign\")", check_asymmetric_use),

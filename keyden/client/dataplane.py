@@ -22,10 +22,12 @@ from typing import Iterable, Sequence
 from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidTag
 
 from keyden import errors as E
+from keyden.client import common
 from keyden.client.operations import Ref, as_value_error, binary
 from keyden.core.flags import FOR_USE
 from keyden.crypto import symmetric
 from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
+
 
 class AuthenticationFailed(E.EBADMSG, InvalidTag):
     """An AEAD helper's EBADMSG, also pyca's ``InvalidTag``: code written for ``AESGCM`` catches it as is."""
@@ -46,6 +48,9 @@ HMAC_FAILED = "HMAC verification failed"  # the daemon's own words for a mismatc
 
 #: buffers at least this large go through shared memory
 BULK_THRESHOLD = 256 * 1024
+#: calls one SharedBuffer.cipher_many sends at once: their replies (~40 bytes each) must fit the socket's
+#: buffer, as the client reads none of them before it has written every request
+MAX_PIPELINED = 1024
 #: MAC data at least this large goes in stream pieces of this size (smaller pieces under a small frame cap)
 PIECE = 1 << 20
 #: what a request carries besides its data and associated data (names, fields, lengths), generously
@@ -106,6 +111,35 @@ class SharedBuffer:
         _same_connection(self.client, self.generation, "shared buffer")
         return self.client._call(Op.SHM_CIPHER, self.region, alg, Ref(key), flags, binary(iv, "nonce"),
                                  binary(aad or b"", "associated_data"), in_offset, length, out_offset)
+
+    def cipher_many(self, alg: str, key, ranges: Iterable[tuple[int, int, int]], *, ivs=None, aads=None,
+                    decrypt: bool = False, random_nonce: bool = False) -> list[tuple[int, bytes] | E.KeydenError]:
+        """``cipher`` for each ``(in_offset, length, out_offset)`` of ``ranges`` (at most MAX_PIPELINED), with
+        the IV and associated data at the same place in ``ivs`` and ``aads`` (None: none for any), all sent
+        at once: one round trip, and the daemon goes from one to the next without waiting for the client.
+
+        Each result is what ``cipher`` returns, or the KeydenError that call got (EBADMSG for a decryption
+        that failed: its output range is zeroed), so one bad piece loses none of the others.
+        """
+        ranges = _sequence(ranges, "ranges")
+        count = len(ranges)
+        if not 0 < count <= MAX_PIPELINED:
+            raise E.EINVAL(f"cipher_many takes 1..{MAX_PIPELINED} ranges")
+        ivs = [b""] * count if ivs is None else _sequence(ivs, "ivs")
+        aads = [b""] * count if aads is None else _sequence(aads, "aads")
+        if len(ivs) != count or len(aads) != count:
+            raise E.EINVAL("ivs and aads, when given, have one entry per range")
+        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        _same_connection(self.client, self.generation, "shared buffer")
+        serial = self.client._resolve((Ref(key),))[0]
+        calls = []
+        for entry, iv, aad in zip(ranges, ivs, aads):
+            if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+                raise E.EINVAL("each range is (in_offset, length, out_offset)")
+            calls.append((Op.SHM_CIPHER, (self.region, alg, serial, flags, binary(iv, "nonce"),
+                                          binary(aad or b"", "associated_data"), *entry)))
+        return [r if isinstance(r, E.KeydenError) else common.shape(Op.SHM_CIPHER, r)
+                for r in self.client._exchange(calls, raise_errors=False)]
 
     def close(self) -> None:
         """Unmap the region here and detach it in the daemon.  BufferError, with nothing closed, while a
@@ -601,6 +635,16 @@ def _in_pieces(stream: Stream, data: bytes, tag: bytes = b"") -> tuple[bytes, by
     for i in range(0, len(view), piece):
         stream.update(view[i:i + piece])
     return stream.finalize(tag=tag)
+
+
+def _sequence(values, name: str) -> Sequence:
+    """A list of ``values`` (any iterable but text or bytes); EINVAL, naming ``name``, for anything else."""
+    if isinstance(values, (str, bytes, bytearray, memoryview)):
+        raise E.EINVAL(f"{name} must be a sequence, one entry per range")
+    try:
+        return list(values)
+    except TypeError:
+        raise E.EINVAL(f"{name} must be a sequence, one entry per range") from None
 
 
 def _view(data) -> memoryview:

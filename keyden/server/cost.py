@@ -16,9 +16,14 @@ class Cost(enum.IntEnum):
     """How long a request may hold whoever answers it: the loop decides from this where it runs."""
 
     QUICK = 0  # microseconds: always answered by the loop itself
-    HEAVY = 1  # a few bounded milliseconds that pyca spends outside the GIL (RSA and P-384 keys, ciphers
+    SHORT = 1  # a few tenths of a millisecond that pyca spends outside the GIL (AES-GCM on up to 2 MiB, other
+    #            ciphers on up to 256 KiB): as HEAVY, but the connection's own requests waiting behind it do
+    #            not send it to a worker (they would wait for it either way, and the hand-off costs about
+    #            what the work does: 8 pipelined 1 MiB AES-GCM calls took 319 µs of the daemon's CPU each
+    #            through workers, 156 on the loop)
+    HEAVY = 2  # a few bounded milliseconds that pyca spends outside the GIL (RSA and P-384 keys, ciphers
     #            on up to 16 MiB): answered by the loop when nobody else is waiting, else by a worker
-    SLOW = 2  # unbounded or blocking (key generation, a password KDF, the disk, TLS set-up): always a worker
+    SLOW = 3  # unbounded or blocking (key generation, a password KDF, the disk, TLS set-up): always a worker
 
 
 #: Requests that may take long whatever their size: key generation, finite-field DH, key agreement and
@@ -37,7 +42,7 @@ PKEY_OPS = frozenset({W.Op.PKEY_SIGN, W.Op.PKEY_DECRYPT, W.Op.PKEY_ENCRYPT, W.Op
 #: Requests that parse what they are given: an asymmetric key may be an encrypted PKCS#8 (a password KDF).
 #: (UPDATE is not among them: only user-like keys are updatable, and a page of their payload is stored as is.)
 ADD_OPS = frozenset({W.Op.ADD, W.Op.ADD_FLAGS})
-BULK_BYTES = 64 * 1024  # more data than this in one request is heavy (pyca releases the GIL for bulk work)
+BULK_BYTES = 64 * 1024  # more data than this in one request is not quick (pyca releases the GIL for bulk work)
 #: A batch's cost is its items (1-12 µs each, however small): past QUICK_ITEMS it is heavy, past
 #: HEAVY_ITEMS (~10 ms) slow.  65536 empty items fit in 260 KiB and took the loop for up to 0.9 s.
 QUICK_ITEMS = 256
@@ -46,7 +51,10 @@ HEAVY_ITEMS = 1024
 #: at ~10 GB/s takes a frame's worth in ~2 ms; CBC, CTR, ChaCha20, hashes and MACs run at 0.5-1.5 GB/s
 #: (16 MiB: 11-33 ms, and an HMAC-SHA-512 over the socket held the loop 70 ms), so 2 MiB of them.  More is
 #: slow: a worker, while the loop serves the others.  A stream's algorithm is not in its frames: the lower.
+#: An eighth of that (AES-GCM's 2 MiB, the others' 256 KiB: 0.2-0.5 ms) is short.
 FAST_BULK = b"gcm(aes)"
+SHORT_BYTES = 2 * 1024 * 1024
+SHORT_BYTES_OTHER = 256 * 1024
 HEAVY_BYTES = 16 * 1024 * 1024
 HEAVY_BYTES_OTHER = 2 * 1024 * 1024
 _FAST_BULK_FIELD = struct.pack("<I", len(FAST_BULK)) + FAST_BULK  # FAST_BULK as a STR field, length first
@@ -112,4 +120,6 @@ def _bulk(size: int, body: bytes, alg_at: int | None) -> Cost:
     if size <= BULK_BYTES:
         return Cost.QUICK
     fast = alg_at is not None and body.startswith(_FAST_BULK_FIELD, alg_at)
+    if size <= (SHORT_BYTES if fast else SHORT_BYTES_OTHER):
+        return Cost.SHORT
     return Cost.HEAVY if size <= (HEAVY_BYTES if fast else HEAVY_BYTES_OTHER) else Cost.SLOW

@@ -439,8 +439,8 @@ class Reactor:
             ch.admitted = False  # whole: its share is held until it is answered and the reply written
             handled += 1
             cost = conn.cost(frame)
-            if cost is Cost.SLOW or cost is Cost.HEAVY and (self._busy or self._round_size > 1 or self._queued
-                                                             or conn.decoder.pending):
+            if cost is Cost.SLOW or cost is not Cost.QUICK and (self._busy or self._round_size > 1 or self._queued
+                                                                 or cost is Cost.HEAVY and conn.decoder.pending):
                 self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced,
                                                                   conn.changed))
                 break
