@@ -39,7 +39,11 @@ def default_hangup_and_term() -> None:
 class Daemon:
     """A `keyden serve` subprocess on a socket in a world-traversable temp dir (other uids connect too)."""
 
-    def __init__(self, extra_config: str = "", args: tuple[str, ...] = ()):
+    def __init__(self, extra_config: str = "", args: tuple[str, ...] = (), program: tuple[str, ...] = ("-m", "keyden"),
+                 env: dict[str, str] | None = None):
+        """``program``: what follows the interpreter, ``serve`` and its options after it (``-c`` with code that
+        injects a fault, then runs keyden.cli.main); ``env``: variables added to the environment."""
+        self.program, self.env = program, env or {}
         self.dir = tempfile.mkdtemp(prefix="keyden-test-")
         os.chmod(self.dir, 0o755)
         self.socket = os.path.join(self.dir, "keyden.sock")
@@ -53,11 +57,11 @@ class Daemon:
 
     def start(self, **popen) -> "Daemon":
         """Start and wait until it answers; ``popen`` goes to subprocess.Popen (preexec_fn=...)."""
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env)
         env.pop("KEYDEN_SESSION", None)
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keyden", "serve", "--socket", self.socket, "--state-dir", self.state_dir,
+            [sys.executable, *self.program, "serve", "--socket", self.socket, "--state-dir", self.state_dir,
              "--config", self.config, *self.args],
             stdout=self._logf, stderr=subprocess.STDOUT, env=env, **popen)
         deadline = time.monotonic() + 20

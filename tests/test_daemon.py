@@ -287,6 +287,17 @@ def test_pipelined_calls_return_values_and_errors_in_order(client):
     assert client.describe(derived).type == "logon"
 
 
+def test_many_pipelined_calls_never_wait_on_their_own_answers(daemon):
+    """The client wrote every request before it read an answer; the daemon stops reading a client whose
+    answers back up unread, so once both sockets' buffers were full each waited on the other for good
+    (20 MiB of pings here; a stock kernel's smaller buffers took ~550 pieces of cipher_many: found by
+    review).  The answers are read while the requests are written."""
+    with daemon.connect(timeout=30) as c:
+        payloads = [i.to_bytes(4, "big") * 256 for i in range(20000)]
+        assert c.call_many([("ping", (p,)) for p in payloads]) == payloads
+        assert c.ping(b"in step") == b"in step"
+
+
 def test_call_many_finds_names_in_call_order_and_reports_every_failure_per_call(client):
     """A '%type:name' is looked up after the calls before it (so it finds a key they made); bad arguments,
     names that are not operations and failed lookups are that call's result, and the others still run."""
@@ -699,6 +710,66 @@ def test_other_clients_are_answered_while_a_key_password_is_undone(fresh_daemon)
             pings += 1
         importing.join()
     assert pings >= 20, f"{pings} pings answered during the import"
+
+
+#: `keyden serve` with a key database whose writes hang while the file $STALL exists (a disk that stopped
+#: answering): the real daemon, with one fault injected
+STALLING_DISK = """
+import os, sys, time
+from keyden.persist import database
+from keyden.cli.main import main
+plain_write = database.Database.write
+def write(self, *args, **kw):
+    while os.path.exists(os.environ["STALL"]):
+        time.sleep(0.05)
+    return plain_write(self, *args, **kw)
+database.Database.write = write
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_does_not_wait_for_a_disk_that_does_not_answer(tmp_path):
+    """A persistent change whose write never returns held the stop until it did (for good, with a dead
+    disk), the socket still there and new clients hanging on it.  The stop now waits its grace, then
+    exits, the socket removed; the change its client never heard of is lost, as in a crash, and the key
+    database opens whole at the next start."""
+    from keyden.server.reactor import STOP_GRACE
+    from keyden.server.server import JOURNAL_CLOSE_WAIT
+
+    stall = tmp_path / "stall"
+    d = Daemon(program=("-c", STALLING_DISK), env={"STALL": str(stall)})
+    try:
+        d.start()
+        answers = []
+        with d.connect() as c:
+            persistent = c.get_persistent("@u")
+            before = c.add("user", "written", b"v1", persistent)
+            stall.touch()
+            adding = threading.Thread(target=lambda: answers.append(_outcome(
+                lambda: c.add("user", "stalled", b"v2", persistent))))
+            adding.start()
+            time.sleep(0.3)
+            assert adding.is_alive(), "the change was answered: its write did not stall"
+            started = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(STOP_GRACE + JOURNAL_CLOSE_WAIT + 10) == 0
+            took = time.monotonic() - started
+            adding.join(10)
+        assert STOP_GRACE - 0.5 < took < STOP_GRACE + JOURNAL_CLOSE_WAIT + 3, took
+        assert isinstance(answers[0], E.ECONNRESET) and not os.path.exists(d.socket)
+        log = d.read_log()
+        assert "stopping with 1 requests still running" in log and "could not be closed" in log
+        stall.unlink()
+        d.start()
+        with d.connect() as c:
+            persistent = c.get_persistent("@u")
+            assert c.search(persistent, "user", "written") == before and c.read(before) == b"v1"
+            with pytest.raises(E.ENOKEY):
+                c.search(persistent, "user", "stalled")
+        assert "quick_check" not in d.read_log() and "damaged" not in d.read_log()
+    finally:
+        stall.unlink(missing_ok=True)
+        d.cleanup()
 
 
 def _slow_pem() -> bytes:

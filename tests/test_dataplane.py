@@ -1082,8 +1082,11 @@ def test_shared_buffer_cipher_many_seals_and_opens_pieces_in_one_round_trip(clie
                                 ivs=[bytes(16)] * 3)
         assert mixed[0] == (16, b"") and isinstance(mixed[1], E.EINVAL) and isinstance(mixed[2], E.EINVAL)
         assert "overlap" in mixed[1].message and "outside" in mixed[2].message
-        for bad, match in (([], "1..1024"), ([(0, 16, 32)] * 1025, "1..1024"), (b"\x00" * 3, "sequence"),
-                           ([(0, 16)], "in_offset, length, out_offset"), (5, "sequence")):
+        endless = ((0, 16, 32) for _ in iter(int, 1))
+        for bad, match in (([], "1..1024"), ([(0, 16, 32)] * 1025, "1..1024"), (endless, "1..1024"),
+                           (b"\x00" * 3, "sequence"), (5, "sequence"), ([(0, 16)], "in_offset, length, out_offset"),
+                           ([(0, 16, -1)], "none negative"), ([(0, "16", 32)], "three integers"),
+                           ([(True, 16, 32)], "three integers")):
             with pytest.raises(E.EINVAL, match=match):
                 shm.cipher_many(GCM, serial, bad, random_nonce=True)
         with pytest.raises(E.EINVAL, match="one entry per range"):

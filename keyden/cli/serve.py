@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from keyden import errors as E
@@ -63,11 +64,18 @@ def serve(argv: list[str]) -> int:
         config.adopt_orphans = args.adopt_orphans
         server = Server(config)
         server.run()
+        status = 0
     except (StartupError, E.KeydenError, OSError) as exc:  # one line, never a traceback
         phase = "stopping" if server is not None and server.started else "not starting"
         print(f"keyden: {phase}: {_reason(exc)}", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    if server is not None and server.abandoned:
+        # Requests the stop did not wait for still hold worker threads, which the interpreter would wait for
+        # at exit (a disk that never answers: for good).  Everything else is closed: exit now.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _reason(exc: Exception) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import mmap
 import operator
 import os
@@ -48,8 +49,7 @@ HMAC_FAILED = "HMAC verification failed"  # the daemon's own words for a mismatc
 
 #: buffers at least this large go through shared memory
 BULK_THRESHOLD = 256 * 1024
-#: calls one SharedBuffer.cipher_many sends at once: their replies (~40 bytes each) must fit the socket's
-#: buffer, as the client reads none of them before it has written every request
+#: pieces one SharedBuffer.cipher_many sends at once (it holds the client's connection until the last answer)
 MAX_PIPELINED = 1024
 #: MAC data at least this large goes in stream pieces of this size (smaller pieces under a small frame cap)
 PIECE = 1 << 20
@@ -107,19 +107,21 @@ class SharedBuffer:
     def cipher(self, alg: str, key, in_offset: int, length: int, out_offset: int, *, iv=b"", aad=b"",
                decrypt: bool = False, random_nonce: bool = False) -> tuple[int, bytes]:
         """Process view[in_offset:+length] into view[out_offset:] inside keyden: (bytes written, nonce chosen)."""
-        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
         _same_connection(self.client, self.generation, "shared buffer")
-        return self.client._call(Op.SHM_CIPHER, self.region, alg, Ref(key), flags, binary(iv, "nonce"),
-                                 binary(aad or b"", "associated_data"), in_offset, length, out_offset)
+        return self.client._call(Op.SHM_CIPHER, *self._fields(alg, Ref(key), decrypt, random_nonce, iv, aad,
+                                                              (in_offset, length, out_offset)))
 
     def cipher_many(self, alg: str, key, ranges: Iterable[tuple[int, int, int]], *, ivs=None, aads=None,
                     decrypt: bool = False, random_nonce: bool = False) -> list[tuple[int, bytes] | E.KeydenError]:
         """``cipher`` for each ``(in_offset, length, out_offset)`` of ``ranges`` (at most MAX_PIPELINED), with
         the IV and associated data at the same place in ``ivs`` and ``aads`` (None: none for any), all sent
-        at once: one round trip, and the daemon goes from one to the next without waiting for the client.
+        at once: one round trip (after a lookup, for a key named by description), and the daemon goes from
+        one to the next, in order, without waiting for the client.
 
-        Each result is what ``cipher`` returns, or the KeydenError that call got (EBADMSG for a decryption
-        that failed: its output range is zeroed), so one bad piece loses none of the others.
+        Each result is what ``cipher`` returns, or the KeydenError that piece got (EBADMSG for a decryption
+        that failed: its output range is zeroed; EINVAL for a range outside the region), so one bad piece
+        loses none of the others: check each before using its output.  Arguments of the wrong shape are
+        refused whole, before anything is sent.
         """
         ranges = _sequence(ranges, "ranges")
         count = len(ranges)
@@ -129,17 +131,17 @@ class SharedBuffer:
         aads = [b""] * count if aads is None else _sequence(aads, "aads")
         if len(ivs) != count or len(aads) != count:
             raise E.EINVAL("ivs and aads, when given, have one entry per range")
-        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
         _same_connection(self.client, self.generation, "shared buffer")
         serial = self.client._resolve((Ref(key),))[0]
-        calls = []
-        for entry, iv, aad in zip(ranges, ivs, aads):
-            if not isinstance(entry, (tuple, list)) or len(entry) != 3:
-                raise E.EINVAL("each range is (in_offset, length, out_offset)")
-            calls.append((Op.SHM_CIPHER, (self.region, alg, serial, flags, binary(iv, "nonce"),
-                                          binary(aad or b"", "associated_data"), *entry)))
+        calls = [(Op.SHM_CIPHER, self._fields(alg, serial, decrypt, random_nonce, iv, aad, _range(entry)))
+                 for entry, iv, aad in zip(ranges, ivs, aads)]
         return [r if isinstance(r, E.KeydenError) else common.shape(Op.SHM_CIPHER, r)
                 for r in self.client._exchange(calls, raise_errors=False)]
+
+    def _fields(self, alg: str, key, decrypt: bool, random_nonce: bool, iv, aad, offsets: tuple) -> tuple:
+        """An SHM_CIPHER request's fields."""
+        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        return (self.region, alg, key, flags, binary(iv, "nonce"), binary(aad or b"", "associated_data"), *offsets)
 
     def close(self) -> None:
         """Unmap the region here and detach it in the daemon.  BufferError, with nothing closed, while a
@@ -637,14 +639,28 @@ def _in_pieces(stream: Stream, data: bytes, tag: bytes = b"") -> tuple[bytes, by
     return stream.finalize(tag=tag)
 
 
-def _sequence(values, name: str) -> Sequence:
-    """A list of ``values`` (any iterable but text or bytes); EINVAL, naming ``name``, for anything else."""
+def _sequence(values, name: str) -> list:
+    """The first MAX_PIPELINED + 1 of ``values`` (any iterable but text or bytes: an endless generator is
+    not run for ever), as a list; EINVAL, naming ``name``, for anything else."""
     if isinstance(values, (str, bytes, bytearray, memoryview)):
         raise E.EINVAL(f"{name} must be a sequence, one entry per range")
     try:
-        return list(values)
+        return list(itertools.islice(values, MAX_PIPELINED + 1))
     except TypeError:
         raise E.EINVAL(f"{name} must be a sequence, one entry per range") from None
+
+
+def _range(entry) -> tuple[int, int, int]:
+    """One ``(in_offset, length, out_offset)`` of cipher_many, checked for its shape (whether it lies in
+    the region is the daemon's to say, per piece)."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        try:
+            values = tuple(operator.index(v) for v in entry if not isinstance(v, bool))
+        except TypeError:
+            values = ()
+        if len(values) == 3 and min(values) >= 0:
+            return values
+    raise E.EINVAL("each range is (in_offset, length, out_offset): three integers, none negative")
 
 
 def _view(data) -> memoryview:

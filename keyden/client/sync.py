@@ -140,9 +140,10 @@ class Client(Operations):
             raise E.ECONNRESET("the client is closed")
         self.version, self.max_frame, self.uid, self.gid, self.pid = W.response_schema(Op.HELLO).decode(frame.body)
 
-    def _send(self, data: bytes, fds: list[int] | None = None) -> None:
+    def _send(self, data: bytes, fds: list[int] | None = None, read_meanwhile: bool = False) -> None:
         """Write requests; if the connection was gone before any byte of them went out, write them on a new
-        one (see the module)."""
+        one (see the module).  ``read_meanwhile``: many requests, whose answers are read (for ``_wait``)
+        while the rest is written (``_send_reading``)."""
         if self._closed:
             raise E.ECONNRESET("the client is closed")
         for fd in fds or ():
@@ -163,7 +164,47 @@ class Client(Operations):
             self.generation += 1
             sent = self._write_first(data, fds)
         if sent < len(data):  # a failure from here on is the caller's: some of the requests may be done
-            self._sock.sendall(memoryview(data)[sent:])
+            if read_meanwhile:
+                self._send_reading(memoryview(data)[sent:])
+            else:
+                self._sock.sendall(memoryview(data)[sent:])
+
+    def _send_reading(self, rest: memoryview) -> None:
+        """Write ``rest``, reading the answers that come meanwhile into the pending table.  The daemon stops
+        reading a client whose answers back up unread: a client that wrote every request before reading any
+        waited on it for good once its requests and their answers filled both sockets' buffers."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLOUT)
+        wait_ms = None if self._timeout is None else self._timeout * 1000
+        view = memoryview(self._buf)
+        sock = self._sock
+        sock.setblocking(False)  # (with a timeout, a socket's send waits for room itself: not here)
+        try:
+            while rest:
+                ready = poller.poll(wait_ms)
+                if not ready:
+                    raise TimeoutError("timed out writing requests to keyden")
+                events = ready[0][1]
+                if events & select.POLLIN:
+                    try:
+                        n = sock.recv_into(view)
+                    except BlockingIOError:
+                        n = -1
+                    if n == 0:
+                        raise OSError("daemon closed the connection")
+                    if n > 0:
+                        self._decoder.feed(view[:n])
+                    for frame in self._decoder.frames():
+                        if frame.status and frame.op == 0:  # connection-level: the daemon closes
+                            raise W.error_of(frame)
+                        self._pending[frame.request_id] = frame
+                if events & ~select.POLLIN:  # room, or POLLHUP/POLLERR: the write says what went wrong
+                    try:
+                        rest = rest[sock.send(rest):]
+                    except BlockingIOError:
+                        pass
+        finally:
+            sock.settimeout(self._timeout)
 
     def _gone(self, exc: OSError) -> bool:
         """Has the daemon closed the connection, or have we, after a request failed on it?  (Not: a timeout.)"""
@@ -214,7 +255,7 @@ class Client(Operations):
             frames: list = []
             try:
                 if out:
-                    self._send(b"".join(out), fds)
+                    self._send(b"".join(out), fds, read_meanwhile=len(out) > 1 and received is None)
                 for rid in ids:
                     frames.append(self._wait(rid, received) if type(rid) is int else rid)
             except OSError as exc:

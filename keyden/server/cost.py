@@ -16,11 +16,11 @@ class Cost(enum.IntEnum):
     """How long a request may hold whoever answers it: the loop decides from this where it runs."""
 
     QUICK = 0  # microseconds: always answered by the loop itself
-    SHORT = 1  # a few tenths of a millisecond that pyca spends outside the GIL (AES-GCM on up to 2 MiB, other
-    #            ciphers on up to 256 KiB): as HEAVY, but the connection's own requests waiting behind it do
-    #            not send it to a worker (they would wait for it either way, and the hand-off costs about
-    #            what the work does: 8 pipelined 1 MiB AES-GCM calls took 319 µs of the daemon's CPU each
-    #            through workers, 156 on the loop)
+    SHORT = 1  # a few tenths of a millisecond that pyca spends outside the GIL (AES-GCM on up to 2 MiB): as
+    #            HEAVY, but the connection's own requests waiting behind it do not send it to a worker (they
+    #            would wait for it either way, and the hand-off costs about what the work does: 8 pipelined
+    #            1 MiB AES-GCM calls took 319 µs of the daemon's CPU each through workers, 156 on the loop;
+    #            for slower algorithms the work is several hand-offs' worth, and the loop is others' too)
     HEAVY = 2  # a few bounded milliseconds that pyca spends outside the GIL (RSA and P-384 keys, ciphers
     #            on up to 16 MiB): answered by the loop when nobody else is waiting, else by a worker
     SLOW = 3  # unbounded or blocking (key generation, a password KDF, the disk, TLS set-up): always a worker
@@ -51,10 +51,9 @@ HEAVY_ITEMS = 1024
 #: at ~10 GB/s takes a frame's worth in ~2 ms; CBC, CTR, ChaCha20, hashes and MACs run at 0.5-1.5 GB/s
 #: (16 MiB: 11-33 ms, and an HMAC-SHA-512 over the socket held the loop 70 ms), so 2 MiB of them.  More is
 #: slow: a worker, while the loop serves the others.  A stream's algorithm is not in its frames: the lower.
-#: An eighth of that (AES-GCM's 2 MiB, the others' 256 KiB: 0.2-0.5 ms) is short.
+#: An eighth of AES-GCM's (2 MiB, ~0.2 ms) is short.
 FAST_BULK = b"gcm(aes)"
 SHORT_BYTES = 2 * 1024 * 1024
-SHORT_BYTES_OTHER = 256 * 1024
 HEAVY_BYTES = 16 * 1024 * 1024
 HEAVY_BYTES_OTHER = 2 * 1024 * 1024
 _FAST_BULK_FIELD = struct.pack("<I", len(FAST_BULK)) + FAST_BULK  # FAST_BULK as a STR field, length first
@@ -120,6 +119,6 @@ def _bulk(size: int, body: bytes, alg_at: int | None) -> Cost:
     if size <= BULK_BYTES:
         return Cost.QUICK
     fast = alg_at is not None and body.startswith(_FAST_BULK_FIELD, alg_at)
-    if size <= (SHORT_BYTES if fast else SHORT_BYTES_OTHER):
+    if fast and size <= SHORT_BYTES:
         return Cost.SHORT
     return Cost.HEAVY if size <= (HEAVY_BYTES if fast else HEAVY_BYTES_OTHER) else Cost.SLOW

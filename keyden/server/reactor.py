@@ -54,7 +54,7 @@ import select
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from keyden import descriptors
@@ -142,6 +142,8 @@ class Reactor:
         self._working: collections.Counter[int] = collections.Counter()  # uid -> its requests with a worker
         self._waiting_work: dict[int, collections.deque] = {}  # uid -> (channel, work) over its share, in order
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="keyden-sync")  # fsyncs (_sync)
+        self._work: dict[Channel, Future] = {}  # what each busy channel's request is, on a worker or the sync thread
+        self.abandoned = 0  # requests still running when run() returned: a stop does not wait past its grace
         self._small = memoryview(bytearray(SMALL_RECV_CHUNK))
         self._large: memoryview | None = None
         self._stopping = False
@@ -205,12 +207,22 @@ class Reactor:
         self._drain(STOP_GRACE)
         for ch in list(channels.values()):
             self._close(ch)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._syncer.shutdown(wait=True, cancel_futures=True)
+        # Work not started is cancelled; work still running past the grace (a disk that does not answer, a
+        # DH of a minute) is not waited for: it keeps its connection until the process ends.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._syncer.shutdown(wait=False, cancel_futures=True)
         self._completions()
-        for ch in list(self._busy):  # its work was cancelled, never to come back: what it holds goes here
-            self._back(ch)
-            self._release(ch)
+        for ch in list(self._busy):
+            work = self._work.get(ch)
+            if work is None or work.cancelled():  # never started, never to come back: what it holds goes here
+                self._back(ch)
+                self._release(ch)
+            elif not work.done():
+                self.abandoned += 1
+        self._completions()  # what finished since the last look
+        if self.abandoned:
+            log.warning("stopping with %d requests still running after the %g s grace: they are not waited for, "
+                        "and their clients get no answer", self.abandoned, STOP_GRACE)
         if self._audit is not None:
             self._audit.flush()
         self._epoll.close()
@@ -247,7 +259,7 @@ class Reactor:
             if not ch.busy:
                 self._flush(ch)
         deadline = _clock() + seconds
-        while channels and (left := deadline - _clock()) > 0:
+        while (channels or self._busy) and (left := deadline - _clock()) > 0:  # (a client gone, its work not)
             try:
                 events = self._epoll.poll(left)
             except InterruptedError:
@@ -723,7 +735,7 @@ class Reactor:
                 reply = self._run_here(ch, work)
                 self._done.append(lambda: self._finished(ch, reply))
             self._wake()
-        self._pool.submit(run)
+        self._work[ch] = self._pool.submit(run)
 
     def _not_started(self, ch: Channel) -> None:
         """A request a worker took up after the stop, not done: its connection closes unanswered, once the
@@ -745,7 +757,7 @@ class Reactor:
             reply = self._run_here(ch, durable)
             self._done.append(lambda: self._finished(ch, reply, held_worker=False))
             self._wake()
-        self._syncer.submit(run)
+        self._work[ch] = self._syncer.submit(run)
 
     def _hand_off(self, ch: Channel) -> None:
         """``ch``'s request leaves the loop: nothing more is read from it until its reply comes back."""
@@ -757,6 +769,7 @@ class Reactor:
         """``ch``'s request is back on the loop (answered, not started, or cancelled)."""
         ch.busy = False
         self._busy.discard(ch)
+        self._work.pop(ch, None)
 
     @staticmethod
     def _run_here(ch: Channel, work: Callable[[], bytes]) -> bytes | None:

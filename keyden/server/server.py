@@ -43,6 +43,7 @@ from keyden.tls import engine as tls_engine
 
 log = logging.getLogger("keyden.server")
 
+JOURNAL_CLOSE_WAIT = 2.0  # seconds a stop that left requests running waits for the key database to close
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
 FD_HEADROOM = 64  # descriptors besides connections' and sessions': the audit file, state files, the loop
 #: What one connection may make us hold at most: its socket, descriptors sent ahead of their requests
@@ -295,8 +296,30 @@ class Server:
             if self.listener is not None:
                 self._close_listener()
             if self.journal is not None:
-                self.journal.close()
+                if self.abandoned:  # one of them may be in the journal's write, for good: not waited for past
+                    self._close_journal_within(JOURNAL_CLOSE_WAIT)  # a moment (SQLite keeps the file whole)
+                else:
+                    self.journal.close()
             log.info("keyden stopped")
+
+    @property
+    def abandoned(self) -> int:
+        """Requests still running when serving stopped (see Reactor.run): the process should exit without them."""
+        return self.reactor.abandoned if self.reactor is not None else 0
+
+    def _close_journal_within(self, seconds: float) -> None:
+        closing = threading.Thread(target=self._close_journal, name="keyden-journal-close", daemon=True)
+        closing.start()
+        closing.join(seconds)
+        if closing.is_alive():
+            log.error("the key database could not be closed within %g s (a write under way has not returned); "
+                      "stopping without it: changes not yet written are lost, as in a crash", seconds)
+
+    def _close_journal(self) -> None:
+        try:
+            self.journal.close()
+        except Exception as exc:  # (its messages name no key material)
+            log.error("closing the key database: %s", exc)
 
     def run(self) -> None:
         """startup, serve until SIGTERM/SIGINT, shutdown.  SIGHUP reopens the audit file (logrotate)."""
