@@ -287,14 +287,22 @@ def test_pipelined_calls_return_values_and_errors_in_order(client):
     assert client.describe(derived).type == "logon"
 
 
-def test_many_pipelined_calls_never_wait_on_their_own_answers(daemon):
+@pytest.mark.parametrize("timeout", [None, 30])
+def test_many_pipelined_calls_never_wait_on_their_own_answers(daemon, timeout):
     """The client wrote every request before it read an answer; the daemon stops reading a client whose
     answers back up unread, so once both sockets' buffers were full each waited on the other for good
     (20 MiB of pings here; a stock kernel's smaller buffers took ~550 pieces of cipher_many: found by
-    review).  The answers are read while the requests are written."""
-    with daemon.connect(timeout=30) as c:
-        payloads = [i.to_bytes(4, "big") * 256 for i in range(20000)]
-        assert c.call_many([("ping", (p,)) for p in payloads]) == payloads
+    review).  The answers are read while the requests are written, with or without a timeout (without
+    one, the socket blocks: its first write waited for room for all of them, found by a second review)."""
+    payloads = [i.to_bytes(4, "big") * 256 for i in range(20000)]
+    answers = []
+    with daemon.connect(timeout=timeout) as c:
+        calling = threading.Thread(target=lambda: answers.append(c.call_many([("ping", (p,)) for p in payloads])),
+                                   daemon=True)
+        calling.start()
+        calling.join(60)
+        assert not calling.is_alive(), "the client and the daemon wait on each other"
+        assert answers == [payloads]
         assert c.ping(b"in step") == b"in step"
 
 
@@ -728,37 +736,53 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_stop_does_not_wait_for_a_disk_that_does_not_answer(tmp_path):
+@pytest.mark.parametrize("exit_meanwhile", [False, True])
+def test_a_stop_does_not_wait_for_a_disk_that_does_not_answer(tmp_path, exit_meanwhile):
     """A persistent change whose write never returns held the stop until it did (for good, with a dead
     disk), the socket still there and new clients hanging on it.  The stop now waits its grace, then
     exits, the socket removed; the change its client never heard of is lost, as in a crash, and the key
-    database opens whole at the next start."""
+    database opens whole at the next start.  So too when a process exits meanwhile: the collection of
+    its keyrings waits on the same write, and the stop waited for it (found by review)."""
     from keyden.server.reactor import STOP_GRACE
     from keyden.server.server import JOURNAL_CLOSE_WAIT
 
     stall = tmp_path / "stall"
     d = Daemon(program=("-c", STALLING_DISK), env={"STALL": str(stall)})
+    env = dict(os.environ, PYTHONPATH=REPO)
     try:
         d.start()
         answers = []
         with d.connect() as c:
             persistent = c.get_persistent("@u")
             before = c.add("user", "written", b"v1", persistent)
+            with_keyring = subprocess.Popen(
+                [sys.executable, "-c", f"import keyden, sys; keyden.connect({d.socket!r}).add('user', 'p', b'x', "
+                                       "'@p'); print('ready', flush=True); sys.stdin.readline()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            assert with_keyring.stdout.readline() == b"ready\n"
             stall.touch()
             adding = threading.Thread(target=lambda: answers.append(_outcome(
                 lambda: c.add("user", "stalled", b"v2", persistent))))
             adding.start()
             time.sleep(0.3)
             assert adding.is_alive(), "the change was answered: its write did not stall"
+            if exit_meanwhile:  # its process keyring goes: the watcher's collection waits on the write
+                with_keyring.stdin.close()
+                assert with_keyring.wait(10) == 0
+                time.sleep(0.3)
             started = time.monotonic()
             d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(STOP_GRACE + JOURNAL_CLOSE_WAIT + 10) == 0
+            longest = STOP_GRACE + 2 * JOURNAL_CLOSE_WAIT
+            assert d.proc.wait(longest + 10) == 0
             took = time.monotonic() - started
             adding.join(10)
-        assert STOP_GRACE - 0.5 < took < STOP_GRACE + JOURNAL_CLOSE_WAIT + 3, took
+            with_keyring.stdin.close()
+            with_keyring.wait(10)
+        assert STOP_GRACE - 0.5 < took < longest + 3, took
         assert isinstance(answers[0], E.ECONNRESET) and not os.path.exists(d.socket)
         log = d.read_log()
         assert "stopping with 1 requests still running" in log and "could not be closed" in log
+        assert ("process-exit watcher did not stop" in log) == exit_meanwhile
         stall.unlink()
         d.start()
         with d.connect() as c:

@@ -69,9 +69,15 @@ def serve(argv: list[str]) -> int:
         phase = "stopping" if server is not None and server.started else "not starting"
         print(f"keyden: {phase}: {_reason(exc)}", file=sys.stderr)
         status = 1
-    if server is not None and server.abandoned:
-        # Requests the stop did not wait for still hold worker threads, which the interpreter would wait for
-        # at exit (a disk that never answers: for good).  Everything else is closed: exit now.
+    except BaseException:
+        if server is None or not server.unfinished:
+            raise
+        logging.getLogger("keyden").exception("keyden: stopping")  # (a bug: its traceback, then the exit below)
+        status = 1
+    if server is not None and server.unfinished:
+        # What the stop could not finish still holds threads (worker threads among them, which the
+        # interpreter would wait for at exit: for good, on a disk that never answers).  Everything else
+        # is closed: exit now.
         logging.shutdown()
         sys.stderr.flush()
         os._exit(status)

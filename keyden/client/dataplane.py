@@ -131,10 +131,13 @@ class SharedBuffer:
         aads = [b""] * count if aads is None else _sequence(aads, "aads")
         if len(ivs) != count or len(aads) != count:
             raise E.EINVAL("ivs and aads, when given, have one entry per range")
+        offsets = [_range(entry) for entry in ranges]
+        ivs = [binary(iv, "nonce") for iv in ivs]
+        aads = [binary(aad or b"", "associated_data") for aad in aads]
         _same_connection(self.client, self.generation, "shared buffer")
         serial = self.client._resolve((Ref(key),))[0]
-        calls = [(Op.SHM_CIPHER, self._fields(alg, serial, decrypt, random_nonce, iv, aad, _range(entry)))
-                 for entry, iv, aad in zip(ranges, ivs, aads)]
+        calls = [(Op.SHM_CIPHER, self._fields(alg, serial, decrypt, random_nonce, iv, aad, where))
+                 for where, iv, aad in zip(offsets, ivs, aads)]
         return [r if isinstance(r, E.KeydenError) else common.shape(Op.SHM_CIPHER, r)
                 for r in self.client._exchange(calls, raise_errors=False)]
 

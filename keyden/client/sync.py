@@ -152,7 +152,7 @@ class Client(Operations):
             except OSError:
                 raise E.EBADF(f"descriptor {fd} is not open") from None
         try:
-            sent = self._write_first(data, fds)
+            sent = self._write_first(data, fds, read_meanwhile)
         except OSError as exc:
             if not self.reconnect and self._sock.fileno() == -1:  # else: EBADF, in our own words
                 raise E.ECONNRESET("the connection to keyden was lost earlier, and this client does not "
@@ -162,7 +162,7 @@ class Client(Operations):
             self._sock.close()
             self._open()  # KeydenError if the daemon is not there, or the session is gone with a restart
             self.generation += 1
-            sent = self._write_first(data, fds)
+            sent = self._write_first(data, fds, read_meanwhile)
         if sent < len(data):  # a failure from here on is the caller's: some of the requests may be done
             if read_meanwhile:
                 self._send_reading(memoryview(data)[sent:])
@@ -230,11 +230,19 @@ class Client(Operations):
         self._sock.close()
         return error
 
-    def _write_first(self, data: bytes, fds: list[int] | None) -> int:
-        """One write (descriptors ride on its first byte): fails whole, or tells how much went out."""
-        if fds:
-            return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        return self._sock.send(data)
+    def _write_first(self, data: bytes, fds: list[int] | None, now: bool = False) -> int:
+        """One write (descriptors ride on its first byte): fails whole, or tells how much went out.  ``now``:
+        as much as fits at once (a blocking socket's send would wait until all of it went)."""
+        flags = socket.MSG_DONTWAIT if now else 0
+        try:
+            if fds:
+                return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                                          flags)
+            return self._sock.send(data, flags)
+        except BlockingIOError:
+            if not now:
+                raise
+            return 0
 
     def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True,
                   fds: list[int] | None = None, received: list[int] | None = None) -> list[Any]:
@@ -255,7 +263,7 @@ class Client(Operations):
             frames: list = []
             try:
                 if out:
-                    self._send(b"".join(out), fds, read_meanwhile=len(out) > 1 and received is None)
+                    self._send(b"".join(out), fds, read_meanwhile=len(out) > 1 and received is None and not fds)
                 for rid in ids:
                     frames.append(self._wait(rid, received) if type(rid) is int else rid)
             except OSError as exc:

@@ -86,21 +86,26 @@ class ExitWatcher:
             self._pending[process] = uid
             os.eventfd_write(self._wake_fd, 1)
 
-    def stop(self) -> None:
-        """Stop watching (the periodic sweep, or nothing at shutdown, collects what is left); idempotent."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop watching (the periodic sweep, or nothing at shutdown, collects what is left); idempotent.
+        False if the thread is still in a collection after ``timeout`` seconds (its write to a disk that does
+        not answer, say): its descriptors are then left to it."""
         with self._lock:
             if self._closed:
-                return
+                return not self._thread.is_alive()
             self._closed = True
             os.eventfd_write(self._wake_fd, 1)
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
         for fd in self._pidfds:
             os.close(fd)
         self._pidfds.clear()
         self._watched.clear()
         self._epoll.close()
         os.close(self._wake_fd)
+        return True
 
     # ------------------------------------------------------- the thread
 

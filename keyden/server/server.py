@@ -116,6 +116,8 @@ class Server:
         self._shutdown_lock = threading.Lock()
         self.started = False  # run() got past startup: a failure from then on is in stopping
         self._shut_down = False
+        self._left_running: list[str] = []  # what the stop could not finish (shutdown: unfinished)
+        self._close_failure: E.KeydenError | None = None  # the key database's close, on its thread
         self._reopen_pending = False  # a SIGHUP came before the loop was there
         self._stop_signalled = False  # SIGTERM/SIGINT came (set by the handler, lock-free)
         self.journal: SealedJournal | None = None
@@ -283,43 +285,57 @@ class Server:
             self.reactor.stop()
 
     def shutdown(self) -> None:
-        """Stop serving, close every connection, remove the socket.  Idempotent."""
+        """Stop serving, close every connection, remove the socket.  Idempotent.
+
+        Nothing here waits long for a disk that does not answer: a step still blocked after
+        JOURNAL_CLOSE_WAIT is left to its thread, and ``unfinished`` says so (the process should then exit
+        without it: cli/serve.py).
+        """
         with self._shutdown_lock:
             if self._shut_down:
                 return
             self._shut_down = True
             self.request_stop()
+            if self.listener is not None:
+                self._close_listener()  # first: the socket goes even if a step below cannot finish
             tls_engine.stop()  # handshakes still running hear why, and are audited
             if self.exits is not None:
                 self.store.on_process_keyring = None
-                self.exits.stop()  # before the journal closes: a collection under way flushes it
-            if self.listener is not None:
-                self._close_listener()
+                # before the journal closes: a collection under way flushes it (or is stuck in that write)
+                if not self.exits.stop(JOURNAL_CLOSE_WAIT):
+                    self._left_running.append("the process-exit watcher")
+                    log.error("the process-exit watcher did not stop within %g s (its write to the key "
+                              "database has not returned); stopping without it", JOURNAL_CLOSE_WAIT)
             if self.journal is not None:
-                if self.abandoned:  # one of them may be in the journal's write, for good: not waited for past
-                    self._close_journal_within(JOURNAL_CLOSE_WAIT)  # a moment (SQLite keeps the file whole)
-                else:
-                    self.journal.close()
+                self._close_journal_within(JOURNAL_CLOSE_WAIT)
             log.info("keyden stopped")
 
     @property
-    def abandoned(self) -> int:
-        """Requests still running when serving stopped (see Reactor.run): the process should exit without them."""
-        return self.reactor.abandoned if self.reactor is not None else 0
+    def unfinished(self) -> bool:
+        """Did the stop leave work running (requests past the grace, a write that has not returned)?  The
+        threads doing it would keep an exiting interpreter waiting for them."""
+        return bool(self._left_running or self.reactor is not None and self.reactor.abandoned)
 
     def _close_journal_within(self, seconds: float) -> None:
+        """Close the key database (writing what changes are noted), unless that takes over ``seconds``: a
+        write that does not return holds it.  SQLite keeps the file whole either way."""
         closing = threading.Thread(target=self._close_journal, name="keyden-journal-close", daemon=True)
         closing.start()
         closing.join(seconds)
         if closing.is_alive():
+            self._left_running.append("the key database's close")
             log.error("the key database could not be closed within %g s (a write under way has not returned); "
                       "stopping without it: changes not yet written are lost, as in a crash", seconds)
+        elif self._close_failure is not None:
+            raise self._close_failure
 
     def _close_journal(self) -> None:
         try:
             self.journal.close()
-        except Exception as exc:  # (its messages name no key material)
-            log.error("closing the key database: %s", exc)
+        except E.KeydenError as exc:  # "N changes to persistent keyrings are lost: ..." (no key material)
+            self._close_failure = exc
+        except Exception:
+            log.exception("closing the key database failed")
 
     def run(self) -> None:
         """startup, serve until SIGTERM/SIGINT, shutdown.  SIGHUP reopens the audit file (logrotate)."""
