@@ -595,8 +595,9 @@ def test_hostile_words_are_usage_errors_not_tracebacks(keyden, client, tmp_path)
         # genkey's options anywhere, as for keyden's other commands
         (("x509_verify", key, "@s", "--at", "999999999999"), 2, "Out of range time: '999999999999' (0 to 253402300799"),
         (("x509_verify", key, "@s", "--at", "9999-12-31T23:00:00-05:00"), 2, "Out of range time"),
-        (("kdf", key, "@s", "--length", "-1"), 2, "Out of range length: '-1' (1 to 8160)"),
+        (("kdf", key, "@s", "--length", "-1"), 2, "Out of range length: '-1' (16 to 8160)"),
         (("kdf", key, "@s", "--length", "8161"), 2, "Out of range length"),
+        (("kdf", key, "@s", "--length", "15"), 2, "Out of range length: '15' (16 to 8160)"),  # (session-keys.md)
         (("kdf", key, "@s", "--length="), 2, "Unparsable length: ''"),
         (("derive", key, key, "@s", "--timeout", ""), 2, "Unparsable timeout: ''"),
         (("genkey", "ec:p256", "x", "@s", "--use", "bogus"), 2, "unknown use 'bogus'"),

@@ -593,3 +593,43 @@ def test_keys_derived_from_a_held_key_are_no_way_around_its_permissions(client):
     recipient = client.generate("x25519", "test:recipient", "@s")
     with pytest.raises(E.EPERM):
         client.export(derived, to_public_key=recipient)
+
+
+def _recovered_prefix(client, make_key) -> bytes:
+    """The attack a short derived key allowed: ``make_key(n)`` makes the n-byte key (the first n bytes of
+    the longer ones: HKDF's outputs are each other's prefixes); its HMAC of a probe, which search allows,
+    gives its last byte to 256 guesses.  Whatever bytes were recovered before a length was refused."""
+    known = b""
+    while len(known) < 4:
+        try:
+            short = make_key(len(known) + 1)
+        except E.EINVAL:
+            break
+        tag = client.mac("hmac(sha256)", short, b"probe")
+        known += next(bytes([b]) for b in range(256)
+                      if pyca_hmac_sha256(known + bytes([b]), b"probe") == tag)
+        client.invalidate(short)
+    return known
+
+
+def pyca_hmac_sha256(key: bytes, data: bytes) -> bytes:
+    h = pyca_hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def test_a_derived_key_cannot_be_told_a_byte_at_a_time_by_whoever_may_only_use_its_source(client):
+    """kdf and derive took lengths from 1 byte: with search on a master key (all a user of it needs), one
+    made the 1-byte key, MACed a probe with it, guessed its byte, then the 2-byte key, and so on, and read
+    out every per-tenant key kdf made from the master, and through derive any session key a private key
+    agreed (found by a security hunt).  A key keyden keeps is 16 bytes or more."""
+    master = client.generate("hmac:256", "test:master", "@s")
+    assert _recovered_prefix(client, lambda n: client.kdf(master, info=b"tenant-7", length=n)) == b""
+    mine, theirs = client.generate("p256", "test:mine", "@s"), ec.generate_private_key(ec.SECP256R1())
+    point = theirs.public_key().public_bytes(serialization.Encoding.X962,
+                                             serialization.PublicFormat.UncompressedPoint)
+    assert _recovered_prefix(client, lambda n: client.derive(mine, point, length=n)) == b""
+    for make in (lambda n: client.kdf(master, length=n), lambda n: client.derive(mine, point, length=n)):
+        with pytest.raises(E.EINVAL, match="16..8160"):
+            make(15)
+        client.mac("hmac(sha256)", make(16), b"16 bytes are made")

@@ -24,7 +24,7 @@ from keyden import errors as E
 from keyden.cli.support import (Context, Exit, Output, Usage, arguments, call, expect, failure, hex_to_bytes, hexdump,
                                 number, options, pkey_info, pkey_password, read_file, read_stdin, stdin_chunks)
 from keyden.crypto import symmetric
-from keyden.crypto.agreement import MAX_KDF_OUTPUT
+from keyden.crypto.agreement import MAX_KDF_OUTPUT, MIN_DERIVED_KEY
 
 ONE_SHOT_LIMIT = 64 << 20  # AEADs pyca cannot stream (ChaCha20-Poly1305) take the whole input at once
 KEY_OPTIONS = ("--kdf", "--salt", "--info", "--length", "--desc", "--perm", "--timeout")
@@ -48,7 +48,7 @@ def new_key_options(opts: dict) -> dict:
         if name in opts:
             out[name[2:]] = hex_arg(opts[name])
     if "--length" in opts:
-        out["length"] = unsigned32(opts["--length"], "length", 10, low=1, high=MAX_KDF_OUTPUT)
+        out["length"] = unsigned32(opts["--length"], "length", 10, low=MIN_DERIVED_KEY, high=MAX_KDF_OUTPUT)
     if "--desc" in opts:
         out["description"] = opts["--desc"]
     if "--perm" in opts:

@@ -233,15 +233,13 @@ class Client(Operations):
     def _write_first(self, data: bytes, fds: list[int] | None, now: bool = False) -> int:
         """One write (descriptors ride on its first byte): fails whole, or tells how much went out.  ``now``:
         as much as fits at once (a blocking socket's send would wait until all of it went)."""
-        flags = socket.MSG_DONTWAIT if now else 0
+        if fds:
+            return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        if not now:
+            return self._sock.send(data)
         try:
-            if fds:
-                return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-                                          flags)
-            return self._sock.send(data, flags)
+            return self._sock.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            if not now:
-                raise
             return 0
 
     def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True,

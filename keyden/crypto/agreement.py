@@ -24,7 +24,7 @@ from keyden.crypto import check_context
 
 __all__ = [
     "CURVES", "ecdh", "DH_MIN_PRIME_BITS", "DH_MAX_PRIME_BITS", "dh_compute",
-    "KDFS", "MAX_KDF_OUTPUT", "MAX_KDF_INPUT", "kdf",
+    "KDFS", "MAX_KDF_OUTPUT", "MAX_KDF_INPUT", "MIN_DERIVED_KEY", "kdf",
 ]
 
 # pyca curve name -> (curve class, field size in bytes)
@@ -41,6 +41,10 @@ DH_MIN_PRIME_BITS, DH_MAX_PRIME_BITS = 1536, 4096
 warnings.filterwarnings("ignore", "Diffie-Hellman over finite fields", CryptographyDeprecationWarning)
 
 MAX_KDF_OUTPUT = 8160           # 255 * 32: HKDF-SHA256's limit, applied to every KDF
+#: bytes, at least, of a key derive or kdf makes (kept in keyden).  Each length's output is the start of the
+#: next's, and a key of 1 byte used for an HMAC gives its byte away to 256 guesses: a shorter key would
+#: let whoever may only use the source recover the longer ones a byte at a time (found by a security hunt).
+MIN_DERIVED_KEY = 16
 MAX_KDF_INPUT = 65536           # secret, salt, info, otherinfo: each at most this many bytes
 
 

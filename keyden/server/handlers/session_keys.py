@@ -44,6 +44,7 @@ def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, 
     key itself: using it needs only search, and what it protects must not
     leave through a key made from it.  (The peer's half is public.)
     """
+    _key_length(length)
     mine, flags = ctx.store.asymmetric_source(ctx.caller, private, "derive")
     if mine.algo not in AGREEING:
         raise E.EOPNOTSUPP(f"{mine.algo} keys cannot agree on keys; use EC P-256/P-384 or X25519")
@@ -53,6 +54,15 @@ def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, 
     shared = agreement.ecdh(mine.private_key_for_internal_use(), their)
     material = _kdf(kdf, shared, length, salt, info)
     return (store_secret(ctx, material, description, keyring, perm, timeout, flags=flags),)
+
+
+def _key_length(length: int) -> None:
+    """A key kept in keyden is at least MIN_DERIVED_KEY bytes: a shorter one would give the longer ones made
+    from the same source away, a byte at a time, to whoever may use the source."""
+    if isinstance(length, int) and not isinstance(length, bool) and 0 < length < agreement.MIN_DERIVED_KEY:
+        raise E.EINVAL(f"a key derive or kdf makes is {agreement.MIN_DERIVED_KEY}..{agreement.MAX_KDF_OUTPUT} "
+                       "bytes (with a shorter one, whoever may use it could recover a longer one made the same "
+                       "way, a byte at a time)")
 
 
 def _kdf(kdf: str, secret: bytes, length: int, salt: bytes, info: bytes) -> bytes:
@@ -73,6 +83,7 @@ def _kdf_from_key(ctx, key, kdf, salt, info, length, description, keyring, perm,
     """
     if kdf == "raw":
         raise E.EINVAL("the raw KDF would copy the key; derive with hkdf-* or sp800-56a-*")
+    _key_length(length)
     derived = _kdf(kdf, ctx.store.material(ctx.caller, key, "hmac"), length, salt, info)  # HMAC-based KDFs
     return (store_secret(ctx, derived, description, keyring, perm, timeout, flags=NO_EXPORT),)
 
