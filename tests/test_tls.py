@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -1381,6 +1382,14 @@ def test_a_peer_certificate_pyca_cannot_parse_is_refused_not_an_internal_error(p
     refuse_blacklisted(store, [pki.ca.cert.public_bytes(serialization.Encoding.DER), der])  # fine: no error
     with pytest.raises(E.EKEYREJECTED, match="cannot parse"):
         refuse_blacklisted(store, [weird])
+    # A key pyca cannot load (here an algorithm it does not know) has no "bin:" name: a ban of it could not
+    # be checked, so the chain is refused, not passed (found by a security hunt)
+    ec_public_key = bytes.fromhex("06072a8648ce3d0201")  # the SPKI's algorithm: 1.2.840.10045.2.1
+    unknown_key = der.replace(ec_public_key, bytes.fromhex("06072a8648ce3d0209"), 1)
+    with pytest.raises(UnsupportedAlgorithm):
+        x509.load_der_x509_certificate(unknown_key).public_key()
+    with pytest.raises(E.EKEYREJECTED, match="whose key keyden cannot read"):
+        refuse_blacklisted(store, [unknown_key])
 
 
 def test_a_server_name_that_is_not_ascii_is_refused_without_a_traceback(app_factory, server_ring, pki, daemon):

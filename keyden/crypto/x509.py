@@ -70,7 +70,7 @@ def bin_hash(cert: x509.Certificate | None, spki_der: bytes = b"") -> bytes:
     return hashlib.sha256(blob).digest()
 
 
-def _spki_of(cert: x509.Certificate) -> bytes:
+def spki_of(cert: x509.Certificate) -> bytes:
     """The certificate's key as SubjectPublicKeyInfo DER, as a bare key of it is hashed; b"" if pyca
     cannot load the key (OpenSSL took it in a TLS handshake)."""
     try:
@@ -90,7 +90,7 @@ def blacklist_descriptions(cert: x509.Certificate | None, spki_der: bytes = b"",
     names = [f"tbs:{digest.hex()}" for digest in tbs_hashes(cert)] + [f"bin:{bin_hash(cert).hex()}"]
     if twins:
         names += [f"bin:{hashlib.sha256(twin).hexdigest()}" for twin in signature_twins(cert)]
-    spki_der = spki_der or _spki_of(cert)
+    spki_der = spki_der or spki_of(cert)
     return names + ([f"bin:{bin_hash(None, spki_der).hex()}"] if spki_der else [])
 
 

@@ -19,7 +19,7 @@ from cryptography import x509
 from keyden import descriptors
 from keyden import errors as E
 from keyden.core.trust import is_blacklisted, trusted_certificates
-from keyden.crypto.x509 import subject_of
+from keyden.crypto.x509 import spki_of, subject_of
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
 from keyden.server import peer
 from keyden.server.handlers.base import handles
@@ -195,7 +195,8 @@ def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
 def refuse_blacklisted(store, chain: list[bytes]) -> None:
     """EKEYREJECTED if the peer's verified chain holds a blacklisted certificate, or one that cannot be
     checked: OpenSSL takes some encodings pyca refuses (a PrintableString with '@' in a name), and a
-    certificate that cannot be parsed cannot be looked up in the blacklist."""
+    certificate that cannot be parsed cannot be looked up in the blacklist; nor can a key ban ("bin:" of
+    its SPKI) be checked for a key pyca cannot load."""
     for der in chain:
         try:
             cert = x509.load_der_x509_certificate(der)
@@ -203,6 +204,9 @@ def refuse_blacklisted(store, chain: list[bytes]) -> None:
         except ValueError:
             raise E.EKEYREJECTED("the peer's certificate chain holds a certificate keyden cannot parse "
                                  "(OpenSSL accepted its encoding), so it cannot be checked") from None
+        if not spki_of(cert):
+            raise E.EKEYREJECTED(f"the peer's certificate chain holds a certificate whose key keyden cannot "
+                                 f"read (OpenSSL accepted it), so a ban of that key cannot be checked: {subject}")
         if blacklisted:
             raise E.EKEYREJECTED(f"peer certificate chain holds a blacklisted certificate: {subject}")
 
