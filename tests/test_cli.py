@@ -588,6 +588,7 @@ def test_hostile_words_are_usage_errors_not_tracebacks(keyden, client, tmp_path)
     empty.chmod(0o600)
     cases = [
         (("describe", nines), 1, "Required key not available"),  # strtoul saturates, as in C
+        (("describe", b"k\xff"), 2, "Unparsable key: 'k\\xff'"),  # the byte given, not Python's '\udcff'
         (("describe", "-" + nines), 1, "Required key not available"),  # at ULONG_MAX too, not at 1
         (("x509_verify", key, "@s", "--at", "\u00b2"), 2, "Unparsable time"),
         (("x509_verify", key, "@s", "--at", nines), 2, "Out of range time"),

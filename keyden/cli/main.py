@@ -8,6 +8,7 @@ unknown capability).  The commands themselves live in ``commands``.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
 import os
@@ -138,13 +139,25 @@ def _reopen_closed_std_streams() -> None:
         sys.stderr = io.TextIOWrapper(_LostStream(), write_through=True)
 
 
+def _escaped(exc: UnicodeError) -> tuple[str, int]:
+    """What the output's encoding cannot hold, as backslash escapes; a byte of the command line that was
+    not text (Python holds it as a lone surrogate) as the byte it was, ``\xff``, not ``\udcff``."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else
+                   c.encode("ascii", "backslashreplace").decode() for c in exc.object[exc.start:exc.end]), exc.end
+
+
+codecs.register_error("keyden-escape", _escaped)
+
+
 def _never_unencodable() -> None:
     """A description the locale's encoding cannot hold (a CA's "E-Tuğra" under ISO-8859-1) is written with
     backslash escapes: a line that stopped half-way with a traceback was worse.  (Binary output goes to
     sys.stdout.buffer, untouched.)"""
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="keyden-escape")
 
 
 def _silence_stdout() -> None:
