@@ -347,17 +347,21 @@ class Proxy:
         except E.KeydenError as exc:  # the handshake's: the peer's doing, or the network's, or keyden stopping
             self._failed(peer, exc, listener, request=False)
             return
+        # Each failure below ends the client's session without close_notify: a clean end after no answer
+        # would pass for a whole, empty one where an answer ends with its connection (HTTP/1.0, a stream).
         header = b""
         if self.proxy_protocol:
             try:
                 header = proxy_v2_header(info, family, peer, local)
             except (ValueError, OSError) as exc:  # a value too long for its length field: no corrupt header
-                _report(peer, f"no PROXY header for this connection: {exc}; closed")
+                self._abort(plain)
+                _report(peer, f"no PROXY header for this connection: {exc}; ended")
                 return
         where = self.forward if isinstance(self.forward, str) else "%s:%d" % self.forward
         try:
             upstream = self._connect_forward()
         except OSError as exc:
+            self._abort(plain)
             _report(peer, f"cannot reach {where}: {exc.strerror}")
             return
         with upstream, self._in_cuts_reach(upstream):
@@ -365,13 +369,15 @@ class Proxy:
                 try:
                     upstream.sendall(header)  # in one piece, as the spec asks, before any of the client's bytes
                 except OSError as exc:
+                    self._abort(plain)
                     _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
                     return
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout,
                        abort=lambda: self._abort(plain), truncated=lambda: self._truncated(plain))
-            except RuntimeError as exc:  # no thread to be had for the other direction: closed
-                _report(peer, f"cannot relay the connection: {exc}; closed")
+            except RuntimeError as exc:  # no thread to be had for the other direction
+                self._abort(plain)
+                _report(peer, f"cannot relay the connection: {exc}; ended")
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:

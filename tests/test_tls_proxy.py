@@ -174,10 +174,15 @@ def test_mutual_tls_through_the_proxy(client, proxy, upstream, pki):
     assert again.returncode == 0 and again.stdout == b"hello from upstream, /path"
 
 
-def test_unreachable_upstream_closes_the_connection(proxy, pki):
+def test_unreachable_upstream_ends_the_connection_without_close_notify(proxy, pki):
+    """An answer nobody gave must not look whole: the client got close_notify and no data, an empty and
+    complete answer where one ends with its connection (found by a hunt).  Its session is aborted."""
     port = proxy("--forward", "unix:/nonexistent/keyden-test.sock")
     out = curl(port, pki)
     assert out.returncode != 0 and out.stdout == b""
+    with tls_to(port, pki) as tls:
+        tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert how_it_ended(tls) == "FIN"
 
 
 def test_a_configuration_keyden_refuses_stops_the_proxy_at_start(daemon, client):
