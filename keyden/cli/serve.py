@@ -70,12 +70,12 @@ def serve(argv: list[str]) -> int:
         print(f"keyden: {phase}: {_reason(exc)}", file=sys.stderr)
         status = 1
     except BaseException:
-        if server is None or not server.unfinished:
+        if server is None or not server.left_running:
             raise
-        logging.getLogger("keyden").exception("keyden: stopping")  # (a bug: its traceback, then the exit below)
+        logging.getLogger("keyden").exception("stopping")  # (a bug: its traceback, then the exit below)
         status = 1
-    if server is not None and server.unfinished:
-        # What the stop could not finish still holds threads (worker threads among them, which the
+    if server is not None and server.left_running:
+        # What the stop did not wait for still holds threads (worker threads among them, which the
         # interpreter would wait for at exit: for good, on a disk that never answers).  Everything else
         # is closed: exit now.
         logging.shutdown()

@@ -143,7 +143,8 @@ class Client(Operations):
     def _send(self, data: bytes, fds: list[int] | None = None, read_meanwhile: bool = False) -> None:
         """Write requests; if the connection was gone before any byte of them went out, write them on a new
         one (see the module).  ``read_meanwhile``: many requests, whose answers are read (for ``_wait``)
-        while the rest is written (``_send_reading``)."""
+        while the rest is written (``_send_reading``); not with descriptors, which ride on the first write."""
+        read_meanwhile = read_meanwhile and not fds
         if self._closed:
             raise E.ECONNRESET("the client is closed")
         for fd in fds or ():
@@ -194,10 +195,7 @@ class Client(Operations):
                         raise OSError("daemon closed the connection")
                     if n > 0:
                         self._decoder.feed(view[:n])
-                    for frame in self._decoder.frames():
-                        if frame.status and frame.op == 0:  # connection-level: the daemon closes
-                            raise W.error_of(frame)
-                        self._pending[frame.request_id] = frame
+                    self._take_frames()
                 if events & ~select.POLLIN:  # room, or POLLHUP/POLLERR: the write says what went wrong
                     try:
                         rest = rest[sock.send(rest):]
@@ -230,12 +228,12 @@ class Client(Operations):
         self._sock.close()
         return error
 
-    def _write_first(self, data: bytes, fds: list[int] | None, now: bool = False) -> int:
-        """One write (descriptors ride on its first byte): fails whole, or tells how much went out.  ``now``:
-        as much as fits at once (a blocking socket's send would wait until all of it went)."""
+    def _write_first(self, data: bytes, fds: list[int] | None, without_waiting: bool = False) -> int:
+        """One write (descriptors ride on its first byte): fails whole, or tells how much went out.
+        ``without_waiting``: as much as fits now (a blocking socket's send waits until all of it went)."""
         if fds:
             return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        if not now:
+        if not without_waiting:
             return self._sock.send(data)
         try:
             return self._sock.send(data, socket.MSG_DONTWAIT)
@@ -244,7 +242,8 @@ class Client(Operations):
 
     def _exchange(self, calls: Sequence[tuple[Op, tuple]], raise_errors: bool = True,
                   fds: list[int] | None = None, received: list[int] | None = None) -> list[Any]:
-        """Send every request, then collect every response (pipelined); descriptors passed back go to ``received``."""
+        """Send every request (reading answers meanwhile, when there are many), then collect the rest
+        (pipelined); descriptors passed back go to ``received``."""
         with self._lock:
             ids: list[int | E.KeydenError] = []  # a request that cannot be encoded is its own error, not sent
             out = []
@@ -261,15 +260,17 @@ class Client(Operations):
             frames: list = []
             try:
                 if out:
-                    self._send(b"".join(out), fds, read_meanwhile=len(out) > 1 and received is None and not fds)
+                    self._send(b"".join(out), fds, read_meanwhile=len(out) > 1 and received is None)
                 for rid in ids:
                     frames.append(self._wait(rid, received) if type(rid) is int else rid)
             except OSError as exc:
                 lost = self._lost(exc)
                 if raise_errors:
                     raise lost from None
-                # answers already read stand; each call still unanswered gets the error (never sent again)
-                frames += [type(lost)(lost.message) if type(rid) is int else rid for rid in ids[len(frames):]]
+                # answers already read stand (some were, while the rest was written); each call still
+                # unanswered gets the error (never sent again)
+                frames += [self._pending.pop(rid, None) or type(lost)(lost.message) if type(rid) is int else rid
+                           for rid in ids[len(frames):]]
             except E.KeydenError:
                 raise
             except BaseException:
@@ -317,13 +318,18 @@ class Client(Operations):
                 os.sched_yield()
         return self._sock.recv_into(view)
 
+    def _take_frames(self) -> None:
+        """The answers decoded so far into the pending table; a connection-level error (a limit, a timeout:
+        the daemon closes) is raised."""
+        for frame in self._decoder.frames():
+            if frame.status and frame.op == 0:
+                raise W.error_of(frame)
+            self._pending[frame.request_id] = frame
+
     def _wait(self, rid: int, received: list[int] | None = None) -> W.Frame:
         view = memoryview(self._buf)
         while rid not in self._pending:
-            for frame in self._decoder.frames():
-                if frame.status and frame.op == 0:  # connection-level error (a limit, a timeout): the daemon closes
-                    raise W.error_of(frame)
-                self._pending[frame.request_id] = frame
+            self._take_frames()
             if rid in self._pending:
                 break
             n = self._receive(view) if received is None else tls.receive_with_fds(self._sock, view, received)

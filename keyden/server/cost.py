@@ -17,10 +17,8 @@ class Cost(enum.IntEnum):
 
     QUICK = 0  # microseconds: always answered by the loop itself
     SHORT = 1  # a few tenths of a millisecond that pyca spends outside the GIL (AES-GCM on up to 2 MiB): as
-    #            HEAVY, but the connection's own requests waiting behind it do not send it to a worker (they
-    #            would wait for it either way, and the hand-off costs about what the work does: 8 pipelined
-    #            1 MiB AES-GCM calls took 319 µs of the daemon's CPU each through workers, 156 on the loop;
-    #            for slower algorithms the work is several hand-offs' worth, and the loop is others' too)
+    #            HEAVY, but its own connection's waiting requests do not send it to a worker: they would wait
+    #            for it there too, and the hand-off costs about what the work does (docs/operations.md)
     HEAVY = 2  # a few bounded milliseconds that pyca spends outside the GIL (RSA and P-384 keys, ciphers
     #            on up to 16 MiB): answered by the loop when nobody else is waiting, else by a worker
     SLOW = 3  # unbounded or blocking (key generation, a password KDF, the disk, TLS set-up): always a worker

@@ -89,27 +89,33 @@ class ExitWatcher:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop watching (the periodic sweep, or nothing at shutdown, collects what is left); idempotent.
         False if the thread is still in a collection after ``timeout`` seconds (its write to a disk that does
-        not answer, say): its descriptors are then left to it."""
+        not answer, say).  The thread closes the descriptors on its way out, whenever that is."""
         with self._lock:
-            if self._closed:
-                return not self._thread.is_alive()
-            self._closed = True
-            os.eventfd_write(self._wake_fd, 1)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                return False
+            if not self._closed:
+                self._closed = True
+                os.eventfd_write(self._wake_fd, 1)  # (the thread, which closes it, sees _closed first)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _close_descriptors(self) -> None:
         for fd in self._pidfds:
             os.close(fd)
         self._pidfds.clear()
         self._watched.clear()
         self._epoll.close()
         os.close(self._wake_fd)
-        return True
 
     # ------------------------------------------------------- the thread
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            with self._lock:
+                self._closed = True  # (a stop from now on writes to no descriptor)
+                self._close_descriptors()
+
+    def _watch(self) -> None:
         while True:
             try:
                 events = self._epoll.poll()

@@ -6,10 +6,12 @@ more time handing the GIL to each other than answering.  One loop answers
 whatever is ready on any socket without a hand-off, so small requests from
 many clients share a core at full speed.  What would hold the loop longer
 goes to a small pool of worker threads (cost.Cost): slow requests (key
-generation, scrypt, TLS set-up) always; heavy ones (RSA private keys, bulk
-ciphers: pyca releases the GIL for these) when other requests are waiting, so they run in
-parallel on other cores.  Alone, a heavy request is answered by the loop:
-handing it to a thread and back costs a wake-up on each side.  The fsync
+generation, scrypt, TLS set-up) always; heavy and short ones (RSA private keys,
+bulk ciphers: pyca releases the GIL for these) when other requests are waiting,
+so they run in parallel on other cores.  Alone, such a request is answered by
+the loop: handing it to a thread and back costs a wake-up on each side.  (A
+short one, AES-GCM up to 2 MiB, counts only other connections as waiting: its
+own connection's next requests would wait for it on a worker too.)  The fsync
 that makes a persistent change durable has a thread of its own, so it never
 waits behind anyone's slow requests (the journal writes one batch at a time
 anyway, and each write takes every change noted before it).
@@ -19,7 +21,8 @@ lines of that round are written (one write for all of them).
 
 One read may bring thousands of pipelined requests.  A connection gets a turn
 of at most TURN_FRAMES requests or TURN_SECONDS of the loop (and a heavy
-request runs on the loop only as the last one it has waiting): if more wait
+request runs on the loop only as the last one it has waiting; a short one need
+not be): if more wait
 in its decoder, it goes to the back of a run-queue, unread, and the next poll
 does not block, so every other ready connection is served (and its replies
 sent) before its next turn.
@@ -124,8 +127,10 @@ class Reactor:
         if audit is not None:
             audit.hold()
         self._ready: list[Channel] = []  # channels with replies queued this round
-        self._round_size = 0  # events in this round: more than one, and others wait behind a heavy request
-        self._busy: set[Channel] = set()  # channels whose request is with a worker or the sync thread
+        self._round_size = 0  # events in this round: more than one, and others wait behind a heavy or short request
+        # channels whose request left the loop -> its work on a worker or the sync thread (None: waiting for
+        # its uid's share of the workers)
+        self._busy: dict[Channel, Future | None] = {}
         # The run-queue (see _take_turns): uid -> its channels waiting for a turn, in order; uids in turn order.
         self._runnable: dict[int, collections.deque[Channel]] = {}
         self._queued = 0  # channels on the run-queue
@@ -142,8 +147,8 @@ class Reactor:
         self._working: collections.Counter[int] = collections.Counter()  # uid -> its requests with a worker
         self._waiting_work: dict[int, collections.deque] = {}  # uid -> (channel, work) over its share, in order
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="keyden-sync")  # fsyncs (_sync)
-        self._work: dict[Channel, Future] = {}  # what each busy channel's request is, on a worker or the sync thread
         self.abandoned = 0  # requests still running when run() returned: a stop does not wait past its grace
+        self._late = threading.Lock()  # their channels' release, on their threads, once they end (_release_late)
         self._small = memoryview(bytearray(SMALL_RECV_CHUNK))
         self._large: memoryview | None = None
         self._stopping = False
@@ -156,7 +161,8 @@ class Reactor:
     # -------------------------------------------------------------- lifecycle
 
     def run(self, listener: socket.socket) -> None:
-        """Serve until ``stop``; then send the answers to what workers hold (``_drain``) and close every channel."""
+        """Serve until ``stop``; then send the answers to what workers hold (``_drain``) and close every channel
+        but those whose request still runs after STOP_GRACE (``abandoned``: released when it ends)."""
         listener.setblocking(False)
         self._listener = listener
         self._epoll.register(listener.fileno(), _IN)
@@ -212,14 +218,15 @@ class Reactor:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._syncer.shutdown(wait=False, cancel_futures=True)
         self._completions()
-        for ch in list(self._busy):
-            work = self._work.get(ch)
+        for ch, work in list(self._busy.items()):
             if work is None or work.cancelled():  # never started, never to come back: what it holds goes here
                 self._back(ch)
                 self._release(ch)
-            elif not work.done():
-                self.abandoned += 1
         self._completions()  # what finished since the last look
+        left = list(self._busy.items())
+        self.abandoned = len(left)
+        for ch, work in left:  # an embedding process goes on: each is released when it ends
+            work.add_done_callback(lambda _work, ch=ch: self._release_late(ch))
         if self.abandoned:
             log.warning("stopping with %d requests still running after the %g s grace: they are not waited for, "
                         "and their clients get no answer", self.abandoned, STOP_GRACE)
@@ -243,8 +250,8 @@ class Reactor:
         if self._listener is not None:
             try:
                 self._epoll.unregister(self._listener.fileno())
-            except OSError:  # not watched for a moment: out of descriptors (_admit_failed)
-                pass
+            except (OSError, ValueError):  # not watched for a moment: out of descriptors (_admit_failed); or
+                pass                       # closed already (-1: ValueError), by a shutdown from another thread
             self._listener = None
         channels = self._channels
         for ch in channels.values():
@@ -451,8 +458,9 @@ class Reactor:
             ch.admitted = False  # whole: its share is held until it is answered and the reply written
             handled += 1
             cost = conn.cost(frame)
-            if cost is Cost.SLOW or cost is not Cost.QUICK and (self._busy or self._round_size > 1 or self._queued
-                                                                 or cost is Cost.HEAVY and conn.decoder.pending):
+            if cost is not Cost.QUICK and (cost is Cost.SLOW  # (others wait, or only for a heavy one, its own next)
+                                           or self._busy or self._round_size > 1 or self._queued
+                                           or cost is Cost.HEAVY and conn.decoder.pending):
                 self._submit(ch, lambda frame=frame: conn.durable(frame, conn.handle(frame), conn.unsynced,
                                                                   conn.changed))
                 break
@@ -735,7 +743,7 @@ class Reactor:
                 reply = self._run_here(ch, work)
                 self._done.append(lambda: self._finished(ch, reply))
             self._wake()
-        self._work[ch] = self._pool.submit(run)
+        self._busy[ch] = self._pool.submit(run)
 
     def _not_started(self, ch: Channel) -> None:
         """A request a worker took up after the stop, not done: its connection closes unanswered, once the
@@ -757,19 +765,26 @@ class Reactor:
             reply = self._run_here(ch, durable)
             self._done.append(lambda: self._finished(ch, reply, held_worker=False))
             self._wake()
-        self._work[ch] = self._syncer.submit(run)
+        self._busy[ch] = self._syncer.submit(run)
+
+    def _release_late(self, ch: Channel) -> None:
+        """A request the stop did not wait for has ended, on its thread, after the loop did: its connection
+        is released now (in an embedding process, which goes on, it would be held for good)."""
+        with self._late:
+            ch.busy = False
+            self._busy.pop(ch, None)
+            self._release(ch)
 
     def _hand_off(self, ch: Channel) -> None:
         """``ch``'s request leaves the loop: nothing more is read from it until its reply comes back."""
         ch.busy = True
-        self._busy.add(ch)
+        self._busy[ch] = None
         self._watch(ch, 0)
 
     def _back(self, ch: Channel) -> None:
         """``ch``'s request is back on the loop (answered, not started, or cancelled)."""
         ch.busy = False
-        self._busy.discard(ch)
-        self._work.pop(ch, None)
+        self._busy.pop(ch, None)
 
     @staticmethod
     def _run_here(ch: Channel, work: Callable[[], bytes]) -> bytes | None:

@@ -43,7 +43,11 @@ from keyden.tls import engine as tls_engine
 
 log = logging.getLogger("keyden.server")
 
-JOURNAL_CLOSE_WAIT = 2.0  # seconds a stop that left requests running waits for the key database to close
+#: seconds a stop waits for the key database's close (its last write), however loaded the disk; and, once
+#: something was already left running, for each step that may sit in a write that never returns (the exit
+#: watcher's collection, that close)
+JOURNAL_CLOSE_WAIT = 30.0
+STUCK_STEP_WAIT = 2.0
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
 FD_HEADROOM = 64  # descriptors besides connections' and sessions': the audit file, state files, the loop
 #: What one connection may make us hold at most: its socket, descriptors sent ahead of their requests
@@ -116,8 +120,7 @@ class Server:
         self._shutdown_lock = threading.Lock()
         self.started = False  # run() got past startup: a failure from then on is in stopping
         self._shut_down = False
-        self._left_running: list[str] = []  # what the stop could not finish (shutdown: unfinished)
-        self._close_failure: E.KeydenError | None = None  # the key database's close, on its thread
+        self.left_running: list[str] = []  # what the stop did not wait for (shutdown), left to its threads
         self._reopen_pending = False  # a SIGHUP came before the loop was there
         self._stop_signalled = False  # SIGTERM/SIGINT came (set by the handler, lock-free)
         self.journal: SealedJournal | None = None
@@ -287,9 +290,9 @@ class Server:
     def shutdown(self) -> None:
         """Stop serving, close every connection, remove the socket.  Idempotent.
 
-        Nothing here waits long for a disk that does not answer: a step still blocked after
-        JOURNAL_CLOSE_WAIT is left to its thread, and ``unfinished`` says so (the process should then exit
-        without it: cli/serve.py).
+        Nothing here waits for ever on a disk that does not answer: a step still blocked after its bound
+        is left to its thread, and named in ``left_running`` (the process should then exit without it:
+        cli/serve.py).  A key database whose close was left raises, as one that failed to close does.
         """
         with self._shutdown_lock:
             if self._shut_down:
@@ -298,44 +301,40 @@ class Server:
             self.request_stop()
             if self.listener is not None:
                 self._close_listener()  # first: the socket goes even if a step below cannot finish
+            if self.reactor is not None and self.reactor.abandoned:
+                self.left_running.append(f"{self.reactor.abandoned} requests")
             tls_engine.stop()  # handshakes still running hear why, and are audited
             if self.exits is not None:
                 self.store.on_process_keyring = None
                 # before the journal closes: a collection under way flushes it (or is stuck in that write)
-                if not self.exits.stop(JOURNAL_CLOSE_WAIT):
-                    self._left_running.append("the process-exit watcher")
-                    log.error("the process-exit watcher did not stop within %g s (its write to the key "
-                              "database has not returned); stopping without it", JOURNAL_CLOSE_WAIT)
+                if not self.exits.stop(STUCK_STEP_WAIT):
+                    self.left_running.append("the process-exit watcher")
+                    log.error("the process-exit watcher did not stop within %g s (its write to the key database "
+                              "has not returned); stopping without it", STUCK_STEP_WAIT)
             if self.journal is not None:
-                self._close_journal_within(JOURNAL_CLOSE_WAIT)
+                self._close_journal_within(STUCK_STEP_WAIT if self.left_running else JOURNAL_CLOSE_WAIT)
             log.info("keyden stopped")
-
-    @property
-    def unfinished(self) -> bool:
-        """Did the stop leave work running (requests past the grace, a write that has not returned)?  The
-        threads doing it would keep an exiting interpreter waiting for them."""
-        return bool(self._left_running or self.reactor is not None and self.reactor.abandoned)
 
     def _close_journal_within(self, seconds: float) -> None:
         """Close the key database (writing what changes are noted), unless that takes over ``seconds``: a
         write that does not return holds it.  SQLite keeps the file whole either way."""
-        closing = threading.Thread(target=self._close_journal, name="keyden-journal-close", daemon=True)
+        failure: list[BaseException] = []
+
+        def close() -> None:
+            try:
+                self.journal.close()
+            except BaseException as exc:  # carried to the caller, as if it had closed it itself
+                failure.append(exc)
+        closing = threading.Thread(target=close, name="keyden-journal-close", daemon=True)
         closing.start()
         closing.join(seconds)
         if closing.is_alive():
-            self._left_running.append("the key database's close")
-            log.error("the key database could not be closed within %g s (a write under way has not returned); "
-                      "stopping without it: changes not yet written are lost, as in a crash", seconds)
-        elif self._close_failure is not None:
-            raise self._close_failure
-
-    def _close_journal(self) -> None:
-        try:
-            self.journal.close()
-        except E.KeydenError as exc:  # "N changes to persistent keyrings are lost: ..." (no key material)
-            self._close_failure = exc
-        except Exception:
-            log.exception("closing the key database failed")
+            self.left_running.append("the key database's close")
+            raise E.EIO(f"the key database could not be closed within {seconds:g} s (a write under way has not "
+                        f"returned; stopping without waiting for: {', '.join(self.left_running)}): changes not "
+                        f"yet written are lost, as in a crash")
+        if failure:
+            raise failure[0]
 
     def run(self) -> None:
         """startup, serve until SIGTERM/SIGINT, shutdown.  SIGHUP reopens the audit file (logrotate)."""

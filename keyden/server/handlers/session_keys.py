@@ -59,7 +59,7 @@ def _derive(ctx, private, peer, peer_key, kdf, salt, info, length, description, 
 def _key_length(length: int) -> None:
     """A key kept in keyden is at least MIN_DERIVED_KEY bytes: a shorter one would give the longer ones made
     from the same source away, a byte at a time, to whoever may use the source."""
-    if isinstance(length, int) and not isinstance(length, bool) and 0 < length < agreement.MIN_DERIVED_KEY:
+    if not agreement.MIN_DERIVED_KEY <= length <= agreement.MAX_KDF_OUTPUT:  # (a U32 field: an int)
         raise E.EINVAL(f"a key derive or kdf makes is {agreement.MIN_DERIVED_KEY}..{agreement.MAX_KDF_OUTPUT} "
                        "bytes (with a shorter one, whoever may use it could recover a longer one made the same "
                        "way, a byte at a time)")

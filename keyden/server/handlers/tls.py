@@ -200,13 +200,14 @@ def refuse_blacklisted(store, chain: list[bytes]) -> None:
     for der in chain:
         try:
             cert = x509.load_der_x509_certificate(der)
-            blacklisted, subject = is_blacklisted(store, cert), subject_of(cert)
+            subject = subject_of(cert)
+            if not spki_of(cert):  # (refused whether or not anything is banned: whether it is cannot be known)
+                raise E.EKEYREJECTED(f"the peer's certificate chain holds a certificate whose key keyden cannot "
+                                     f"read (OpenSSL accepted it), so a ban of that key cannot be checked: {subject}")
+            blacklisted = is_blacklisted(store, cert)
         except ValueError:
             raise E.EKEYREJECTED("the peer's certificate chain holds a certificate keyden cannot parse "
                                  "(OpenSSL accepted its encoding), so it cannot be checked") from None
-        if not spki_of(cert):
-            raise E.EKEYREJECTED(f"the peer's certificate chain holds a certificate whose key keyden cannot "
-                                 f"read (OpenSSL accepted it), so a ban of that key cannot be checked: {subject}")
         if blacklisted:
             raise E.EKEYREJECTED(f"peer certificate chain holds a blacklisted certificate: {subject}")
 
