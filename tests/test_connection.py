@@ -21,6 +21,8 @@ from keyden.server.handlers import Context
 from keyden.server.handlers.dataplane import Region
 from keyden.server.peer import Peer
 
+from conftest import eventually
+
 PEER = Peer(pid=4242, uid=1000, gid=1000, groups=frozenset(), start_time=99)
 
 
@@ -498,7 +500,10 @@ def test_a_stop_does_not_wait_past_its_grace_for_work_still_running(tmp_path, mo
     assert reactor.abandoned == 2 and bench.started == ["stuck", "done", "also stuck"]
     assert closed == [d.conn]  # the cancelled one is released; the running ones keep their connections
     release["stuck"].set()
-    release["also stuck"].set()
+    release["also stuck"].set()  # ... until they end: then they are released (an embedding process goes on)
+    assert eventually(lambda: len(closed) == 3) and {id(conn) for conn in closed} == {id(a.conn), id(c.conn),
+                                                                                       id(d.conn)}
+    assert not reactor._busy
     listener.close()
     for end in bench.peer_ends:
         end.close()
