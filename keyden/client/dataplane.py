@@ -24,10 +24,10 @@ from cryptography.exceptions import AlreadyFinalized, InvalidSignature, InvalidT
 
 from keyden import errors as E
 from keyden.client import common
-from keyden.client.operations import Ref, as_value_error, binary
+from keyden.client.operations import Ref, as_value_error, binary, cipher_flags
 from keyden.core.flags import FOR_USE
 from keyden.crypto import symmetric
-from keyden.protocol import DECRYPT, MAX_SHARED_REGION, RANDOM_NONCE, Op
+from keyden.protocol import MAX_SHARED_REGION, Op
 
 
 class AuthenticationFailed(E.EBADMSG, InvalidTag):
@@ -108,8 +108,9 @@ class SharedBuffer:
                decrypt: bool = False, random_nonce: bool = False) -> tuple[int, bytes]:
         """Process view[in_offset:+length] into view[out_offset:] inside keyden: (bytes written, nonce chosen)."""
         _same_connection(self.client, self.generation, "shared buffer")
-        return self.client._call(Op.SHM_CIPHER, *self._fields(alg, Ref(key), decrypt, random_nonce, iv, aad,
-                                                              (in_offset, length, out_offset)))
+        fields = self._fields(alg, Ref(key), cipher_flags(decrypt, random_nonce), binary(iv, "nonce"),
+                              binary(aad or b"", "associated_data"), (in_offset, length, out_offset))
+        return self.client._call(Op.SHM_CIPHER, *fields)
 
     def cipher_many(self, alg: str, key, ranges: Iterable[tuple[int, int, int]], *, ivs=None, aads=None,
                     decrypt: bool = False, random_nonce: bool = False) -> list[tuple[int, bytes] | E.KeydenError]:
@@ -135,16 +136,15 @@ class SharedBuffer:
         ivs = [binary(iv, "nonce") for iv in ivs]
         aads = [binary(aad or b"", "associated_data") for aad in aads]
         _same_connection(self.client, self.generation, "shared buffer")
-        serial = self.client._resolve((Ref(key),))[0]
-        calls = [(Op.SHM_CIPHER, self._fields(alg, serial, decrypt, random_nonce, iv, aad, where))
+        serial, flags = self.client._resolve((Ref(key),))[0], cipher_flags(decrypt, random_nonce)
+        calls = [(Op.SHM_CIPHER, self._fields(alg, serial, flags, iv, aad, where))
                  for where, iv, aad in zip(offsets, ivs, aads)]
         return [r if isinstance(r, E.KeydenError) else common.shape(Op.SHM_CIPHER, r)
                 for r in self.client._exchange(calls, raise_errors=False)]
 
-    def _fields(self, alg: str, key, decrypt: bool, random_nonce: bool, iv, aad, offsets: tuple) -> tuple:
-        """An SHM_CIPHER request's fields."""
-        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
-        return (self.region, alg, key, flags, binary(iv, "nonce"), binary(aad or b"", "associated_data"), *offsets)
+    def _fields(self, alg: str, key, flags: int, iv: bytes, aad: bytes, offsets: tuple) -> tuple:
+        """An SHM_CIPHER request's fields (the IV and associated data already checked as bytes)."""
+        return (self.region, alg, key, flags, iv, aad, *offsets)
 
     def close(self) -> None:
         """Unmap the region here and detach it in the daemon.  BufferError, with nothing closed, while a

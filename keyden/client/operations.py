@@ -84,6 +84,11 @@ def _aad_list(values) -> list:
                         "associated data")
 
 
+def cipher_flags(decrypt: bool, random_nonce: bool) -> int:
+    """The flags field of CIPHER, BATCH, STREAM_INIT and SHM_CIPHER."""
+    return (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+
+
 class InvalidArgument(E.EINVAL, ValueError):
     """EINVAL for an argument pyca would refuse with ValueError (a nonce, a salt length, a ciphertext of the
     wrong size): code written for pyca's classes catches it unchanged."""
@@ -291,7 +296,7 @@ class Operations(ABC):
     # Data, IVs, associated data and tags are bytes-like only, as pyca takes them: text is EINVAL (its encoding
     # would be a guess), and so is a number (bytes(32) would be 32 zero bytes).
     def cipher(self, alg: str, key, data, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):
-        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        flags = cipher_flags(decrypt, random_nonce)
         return self._call(Op.CIPHER, alg, Ref(key) if key else 0, flags, binary(iv, "iv"),
                           binary(aad, "associated data"), binary(data))
 
@@ -313,13 +318,13 @@ class Operations(ABC):
 
     def batch(self, alg: str, key, items, *, ivs=(), aads=(), decrypt: bool = False, random_nonce: bool = False):
         """Many small items in one request: returns (statuses, outputs); status 0 or an errno per item."""
-        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        flags = cipher_flags(decrypt, random_nonce)
         return self._call(Op.BATCH, alg, Ref(key) if key else 0, flags, _binary_list(ivs, "ivs"), _aad_list(aads),
                           _binary_list(items))
 
     def stream_init(self, alg: str, key=0, *, iv=b"", aad=b"", decrypt: bool = False, random_nonce: bool = False):
         """Open a stream; returns (handle, nonce keyden chose or b'')."""
-        flags = (DECRYPT if decrypt else 0) | (RANDOM_NONCE if random_nonce else 0)
+        flags = cipher_flags(decrypt, random_nonce)
         return self._call(Op.STREAM_INIT, alg, Ref(key) if key else 0, flags, binary(iv, "iv"),
                           binary(aad, "associated data"))
 

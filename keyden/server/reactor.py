@@ -771,8 +771,7 @@ class Reactor:
         """A request the stop did not wait for has ended, on its thread, after the loop did: its connection
         is released now (in an embedding process, which goes on, it would be held for good)."""
         with self._late:
-            ch.busy = False
-            self._busy.pop(ch, None)
+            self._back(ch)
             self._release(ch)
 
     def _hand_off(self, ch: Channel) -> None:
