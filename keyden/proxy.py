@@ -280,21 +280,31 @@ class Proxy:
         """End the connections still open without close_notify (tls_abort): what their clients got so far
         may be half an answer.  Connections that reach the relay after this are ended as they come.  Each
         abort is made on a duplicate, taken under the lock that guards ``relaying`` (a socket leaves it
-        before it is closed), so that no abort can name a descriptor number reused meanwhile; a keyden
-        that does not answer holds the stop for at most CUT_TIMEOUT seconds."""
+        before it is closed), so that no abort can name a descriptor number reused meanwhile; a socket
+        that cannot be duplicated (no descriptor left) is aborted under that lock instead.  A keyden that
+        does not answer holds the stop for at most CUT_TIMEOUT seconds."""
+        duplicates, undoubled = [], []
         with self.per_host_lock:
             self.cutting = True
-            duplicates = [plain.dup() for plain in self.relaying]
+            for plain in self.relaying:
+                try:
+                    duplicates.append(plain.dup())
+                except OSError:  # EMFILE, ENFILE: the very state a stop may come in
+                    undoubled.append(plain)
             for upstream in self.upstreams:  # now: the proxy may exit before a relay's thread gets to it
                 _reset_on_close(upstream)
-        aborts = threading.Thread(target=self._abort_all, args=(duplicates,), daemon=True)
+        aborts = threading.Thread(target=self._abort_all, args=(duplicates, undoubled), daemon=True)
         aborts.start()
         aborts.join(CUT_TIMEOUT)
 
-    def _abort_all(self, plains: list[socket.socket]) -> None:
-        for plain in plains:
+    def _abort_all(self, duplicates: list[socket.socket], undoubled: list[socket.socket]) -> None:
+        for plain in duplicates:
             with plain:
                 self._abort(plain)
+        for plain in undoubled:
+            with self.per_host_lock:  # still relayed: not closed, its number not reused
+                if plain in self.relaying:
+                    self._abort(plain)
 
     def _abort(self, plain: socket.socket) -> None:
         """End ``plain``'s TLS session without close_notify; keyden lost, the session is gone with it."""

@@ -536,6 +536,30 @@ def test_a_connection_that_reaches_the_relay_after_a_cut_is_ended_at_once():
     a_peer.close()
 
 
+def test_a_cut_out_of_descriptors_still_aborts_every_connection():
+    """A stop that came while the descriptors had run out ended the proxy with a traceback: the cut's
+    duplicate of a relayed socket failed (EMFILE).  That socket is now aborted as it is, under the lock."""
+    import errno
+
+    from keyden import proxy as proxy_module
+
+    class Undoubled(socket.socket):
+        def dup(self):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    keyden = _RecordingKeyden()
+    relay = proxy_module.Proxy(keyden, 0, {}, None, 1)
+    a, a_peer = socket.socketpair()
+    b = Undoubled(fileno=a.detach())
+    c, c_peer = socket.socketpair()
+    relay.relaying.update((b, c))
+    relay.cut()
+    assert sorted(keyden.aborted) == sorted(os.fstat(s.fileno()).st_ino for s in (b, c))
+    assert b.fileno() != -1  # (not closed by the cut: its relay's thread closes it)
+    for s in (b, a_peer, c, c_peer):
+        s.close()
+
+
 def test_a_cut_that_keyden_does_not_answer_holds_the_stop_only_so_long(monkeypatch):
     from keyden import proxy as proxy_module
 
