@@ -215,7 +215,6 @@ def test_an_async_stream_whose_finish_never_went_out_can_still_be_closed(arun):
 def test_async_streams_dropped_unfinished_are_closed_and_never_fill_the_connection(arun):
     """pyca's hash contexts need no cleanup, so code drops them (an early return, an exception): 70 dropped
     streams must not lock the connection out of streams, nor out of large aead calls, which stream."""
-    import gc
 
     async def scenario(c):
         key = await c.add("logon", "aio:dropped", bytes(32))
@@ -223,7 +222,6 @@ def test_async_streams_dropped_unfinished_are_closed_and_never_fill_the_connecti
             stream = await c.hash()
             await stream.update(b"abandoned")
             del stream
-            gc.collect()
         async with await c.hash() as stream:
             digest = (await stream.finalize(b"abc"))[1]
         sealed = await (await c.aead(key)).encrypt(bytes(12), bytes(2 << 20), None)
@@ -326,7 +324,6 @@ def test_async_stream_copies_go_on_as_pycas_copies_do(arun):
 def test_async_copies_dropped_or_cancelled_never_fill_the_connection(arun):
     """A copy is opened as any stream: dropped unfinished, it is closed before the next stream opens; cancelled
     while it is made, it is closed when it arrives.  70 of each leave the connection its 64."""
-    import gc
 
     async def scenario(c):
         async with await c.hash() as original:
@@ -335,7 +332,6 @@ def test_async_copies_dropped_or_cancelled_never_fill_the_connection(arun):
                 copied = await original.copy()
                 await copied.update(b"dropped")
                 del copied
-                gc.collect()
             digest = (await (await original.copy()).finalize())[1]
             for _ in range(70):
                 making = asyncio.ensure_future(original.copy())

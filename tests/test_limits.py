@@ -874,8 +874,10 @@ def test_an_unread_reply_keeps_its_share_of_the_budget(fresh_daemon):
     other = Raw(d.socket)
     _large_ping(other, 6, size)
     assert not _answered_within(other, 0.5)  # the uid's share is an echo still waiting to be read
-    deaf.close()
+    deaf.sock.shutdown(socket.SHUT_RDWR)  # (a close alone would wait for the blocked send to end)
     sender.join(10)
+    assert not sender.is_alive()
+    deaf.close()
     reply = other.next_frame()
     assert (reply.request_id, reply.status) == (6, 0)
     other.close()
