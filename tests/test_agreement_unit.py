@@ -11,10 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import dh, ec, ed25519, rsa, x255
 
 from keyden import errors as E
 from keyden.crypto import agreement as A
+from keyden.crypto import dh_groups
 from dhgroups import MODP_2048
 
 # A 1536-bit safe prime that is no named group (made once with pyca's generate_parameters(2, 1536)),
-# so OpenSSL runs its full safe-prime check instead of recognising a standard group.
+# on which OpenSSL would run its full safe-prime check (seconds with the GIL held): keyden refuses it.
 UNNAMED_1536 = int(
     "d68375eb1c2160a903736118854062663a1901d39869b05ef78b861c2eb4efb12c6663f07a01cab14f12a08e6c6e82ce"
     "9dab6901555cd6de619c4f9f79fb7aff6e9f9cd0ca353cb601fa8949701a87350fa7102bb3ae56a4531cbb1244994f5b"
@@ -122,12 +123,28 @@ def test_x25519_bad_peers_are_einval():
             A.ecdh(mine, peer)
 
 
+def test_a_peer_of_another_algorithm_is_refused_before_it_is_loaded():
+    """A DH SubjectPublicKeyInfo as the peer: pyca would prove its group's prime prime as it loads it, with
+    every thread of the daemon held (seconds for 4096 bits).  Its algorithm identifier refuses it first."""
+    def tlv(tag, body):
+        return bytes([tag]) + (bytes([len(body)]) if len(body) < 128 else b"\x82" + len(body).to_bytes(2, "big")) + body
+
+    def integer(v):
+        return tlv(0x02, v.to_bytes((v.bit_length() + 8) // 8, "big"))
+    group = tlv(0x30, tlv(0x06, bytes.fromhex("2a864886f70d010301")) + tlv(0x30, integer(MODP_2048 + 2) + integer(2)))
+    dh_spki = tlv(0x30, group + tlv(0x03, b"\0" + integer(5)))
+    for mine in (x25519.X25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())):
+        with pytest.raises(E.EINVAL, match="not an EC or X25519 public key"):
+            A.ecdh(mine, dh_spki)
+
+
 # ---------------------------------------------------------------------------
 # KEYCTL_DH_COMPUTE
 
 
-@pytest.mark.parametrize("prime", [MODP_2048, UNNAMED_1536], ids=["rfc3526-2048", "unnamed-1536"])
-def test_dh_compute_matches_pyca_public_value_and_exchange(prime):
+@pytest.mark.parametrize("name", sorted(dh_groups.PRIMES))
+def test_dh_compute_matches_pyca_public_value_and_exchange(name):
+    prime = dh_groups.PRIMES[name]
     size = (prime.bit_length() + 7) // 8
     params = dh.DHParameterNumbers(prime, 2).parameters()
     alice, bob = params.generate_private_key(), params.generate_private_key()
@@ -163,6 +180,14 @@ def test_dh_compute_rejects_bad_primes():
                   _be(UNNAMED_1536 * 4 + 1, 193)):            # not a safe prime (or not prime)
         with pytest.raises(E.EINVAL):
             A.dh_compute(x, prime, b"\x02")
+
+
+def test_dh_compute_takes_named_groups_only():
+    """A safe prime OpenSSL does not know by name it proves prime on every call, holding the GIL (every
+    thread of the daemon) for seconds at 4096 bits; any uid could send one a request (a DoS hunt)."""
+    assert MODP_2048 == dh_groups.PRIMES["modp_2048"]
+    with pytest.raises(E.EINVAL, match="named safe-prime groups"):
+        A.dh_compute(b"\x01\x23", _be(UNNAMED_1536, 192), b"\x02")  # a safe prime, of no named group
 
 
 def test_dh_compute_rejects_bad_bases_and_private_values():

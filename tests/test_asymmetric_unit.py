@@ -346,6 +346,70 @@ def _oid(hexstr: str) -> bytes:
     return _tlv(0x06, bytes.fromhex(hexstr))
 
 
+_DH_OID = "2a864886f70d010301"  # PKCS #3 dhKeyAgreement
+
+
+def _dh_group(p: int) -> bytes:
+    return _tlv(0x30, _oid(_DH_OID) + _tlv(0x30, _int(p) + _int(2)))
+
+
+def _dh_certificate(spki_der: bytes) -> bytes:
+    """A signed certificate for the key ``spki_der`` (pyca builds none for a DH key: one is built for an
+    X25519 key, then its key swapped and the TBS signed again)."""
+    ca = ed25519.Ed25519PrivateKey.generate()
+    stand_in = x25519.X25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dh")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(stand_in.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)).sign(ca, None))
+    body = cert.tbs_certificate_bytes
+    body = body[2 + (body[1] & 0x7F if body[1] & 0x80 else 0):]  # the TBS SEQUENCE's contents
+    tbs = _tlv(0x30, body.replace(spki(stand_in), spki_der))
+    return _tlv(0x30, tbs + _tlv(0x30, _oid("2b6570")) + _tlv(0x03, b"\0" + ca.sign(tbs)))
+
+
+def test_a_dh_key_is_refused_unloaded():
+    """pyca proves a DH group's prime prime (OpenSSL's DH_check) as it loads the key, holding the GIL, so
+    every thread of the daemon: 2-4 s for a 4096-bit prime any uid may send (a DoS hunt).  keyden holds
+    no DH key, and refuses one by its algorithm identifier, before pyca sees it.  A composite prime shows
+    which came first: pyca's check refuses it as unreadable (EBADMSG)."""
+    from keyden.crypto import x509 as keyden_x509
+
+    composite = int.from_bytes(bytes([0xC5] * 256), "big") | 1
+    group = _dh_group(composite)
+    public = _tlv(0x30, group + _tlv(0x03, b"\0" + _int(5)))  # SubjectPublicKeyInfo
+    for data in (public, _tlv(0x30, _int(0) + group + _tlv(0x04, _int(12345))), _dh_certificate(public)):
+        with pytest.raises(E.EINVAL, match="unsupported key algorithm"):
+            A.parse(data)
+    cert = x509.load_der_x509_certificate(_dh_certificate(public))
+    assert keyden_x509.spki_of(cert) == b""  # (a TLS peer's chain: refused as a key keyden cannot read)
+
+
+def test_an_rsa_key_whose_parts_do_not_fit_is_rejected_without_openssls_key_check():
+    """OpenSSL's key check proves p and q prime, holding every thread of the daemon for 290 ms at 4096
+    bits (any uid may send keys: a DoS hunt).  keyden checks that the parts fit and that the key signs
+    what its public half verifies; a composite p fails that as surely."""
+    good = rsa.generate_private_key(65537, 2048)
+    n = good.private_numbers()
+
+    def der(p, q, d, dmp1=None, dmq1=None, iqmp=None):
+        numbers = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p) if dmp1 is None else dmp1,
+                                        rsa.rsa_crt_dmq1(d, q) if dmq1 is None else dmq1,
+                                        rsa.rsa_crt_iqmp(p, q) if iqmp is None else iqmp,
+                                        rsa.RSAPublicNumbers(65537, p * q))
+        return pkcs8(numbers.private_key(unsafe_skip_rsa_key_validation=True))
+
+    assert A.parse(der(n.p, n.q, n.d)).has_private
+    primes = [int(subprocess.run(["openssl", "prime", "-generate", "-bits", str(bits)], capture_output=True,
+                                 check=True, text=True).stdout) for bits in (512, 512, 1040)]
+    p, q = primes[0] * primes[1], primes[2]  # p composite: n = pq of 2062-2064 bits, d fits (p-1)(q-1)
+    d = pow(65537, -1, (p - 1) * (q - 1))
+    for bad in (der(n.p, n.q, n.d + 2), der(n.p, n.q, n.d, dmp1=n.dmp1 + 2), der(n.p, n.q, n.d, iqmp=n.iqmp + 1),
+                der(p, q, d)):
+        with pytest.raises(E.EKEYREJECTED, match="inconsistent RSA private key"):
+            A.parse(bad)
+
+
 def _epki(kdf_oid: str, kdf_params: bytes) -> bytes:
     """A hand-built EncryptedPrivateKeyInfo (PBES2, AES-256-CBC) with chosen KDF parameters."""
     seq = lambda *parts: _tlv(0x30, b"".join(parts))  # noqa: E731

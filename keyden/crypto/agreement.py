@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.utils import CryptographyDeprecationWarning
 
 from keyden import errors as E
-from keyden.crypto import check_context
+from keyden.crypto import asymmetric, check_context, dh_groups
 
 __all__ = [
     "CURVES", "ecdh", "DH_MIN_PRIME_BITS", "DH_MAX_PRIME_BITS", "dh_compute",
@@ -31,9 +31,8 @@ __all__ = [
 CURVES = {"secp256r1": (ec.SECP256R1, 32), "secp384r1": (ec.SECP384R1, 48)}
 MAX_PEER = 4096                 # bytes: a SubjectPublicKeyInfo for these curves is ~120
 
-# The kernel refuses primes under 1536 bits (crypto/dh.c, non-FIPS).  The upper
-# bound is ours: for a prime that is not a well-known group OpenSSL proves it
-# a safe prime on every call, ~0.5 s at 2048 bits and several seconds at 4096.
+# The kernel refuses primes under 1536 bits (crypto/dh.c, non-FIPS); the named
+# groups dh_compute takes (dh_groups) span 1536..4096.
 DH_MIN_PRIME_BITS, DH_MAX_PRIME_BITS = 1536, 4096
 # pyca 50 deprecated finite-field DH.  dh_compute is the kernel's KEYCTL_DH_COMPUTE, kept for
 # compatibility (docs/session-keys.md says to prefer ECDH): the warning would only be noise in the
@@ -87,6 +86,8 @@ def ecdh(private_key, peer) -> bytes:
 
 
 def _load_spki(data: bytes):
+    if asymmetric.spki_algorithm(data) not in (asymmetric.OID_EC, asymmetric.OID_X25519):
+        raise E.EINVAL("peer is not an EC or X25519 public key (SubjectPublicKeyInfo)")
     try:
         return serialization.load_der_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -141,13 +142,17 @@ def dh_compute(private, prime, base) -> bytes:
 
     With base = the generator this is one's public value; with base = the
     peer's public value, the shared secret.  Stricter than the kernel: the
-    prime must be a safe prime (OpenSSL validates it), base must be in
-    [2, prime - 2], and a result of 1 or prime - 1 is refused.
+    prime must be one of the named safe-prime groups (dh_groups, which says
+    why), base must be in [2, prime - 2], and a result of 1 or prime - 1 is
+    refused.
     """
     private, prime, base = _bytes(private, "private"), _bytes(prime, "prime"), _bytes(base, "base")
     p = int.from_bytes(prime, "big")
     if not DH_MIN_PRIME_BITS <= p.bit_length() <= DH_MAX_PRIME_BITS:
         raise E.EINVAL(f"prime must have {DH_MIN_PRIME_BITS}..{DH_MAX_PRIME_BITS} bits")
+    if p not in dh_groups.NAMES:
+        raise E.EINVAL("prime is not one of the named safe-prime groups keyden takes: RFC 3526 MODP 1536, "
+                       "2048, 3072, 4096 and RFC 7919 ffdhe2048, ffdhe3072, ffdhe4096")
     g = int.from_bytes(base, "big")
     if not 2 <= g <= p - 2:
         raise E.EINVAL("base must be in [2, prime - 2]")
@@ -165,10 +170,7 @@ def dh_compute(private, prime, base) -> bytes:
     # (costly) parameter validation, and exchange() computes base**x mod p in
     # OpenSSL, which also refuses a base outside the group.  Computing a real
     # public value 2**x in Python would not be constant time in the secret x.
-    try:
-        key = dh.DHPrivateNumbers(x, dh.DHPublicNumbers(g, dh.DHParameterNumbers(p, 2))).private_key()
-    except ValueError:
-        raise E.EINVAL("prime is not a safe prime (OpenSSL DH parameter check failed)") from None
+    key = dh.DHPrivateNumbers(x, dh.DHPublicNumbers(g, dh.DHParameterNumbers(p, 2))).private_key()
     try:
         shared = key.exchange(key.public_key())
     except ValueError:

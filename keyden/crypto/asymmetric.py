@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 from keyden import errors as E
 from keyden.core.views import OP_DECRYPT, OP_ENCRYPT, OP_SIGN, OP_VERIFY, PkeyQuery  # (records clients decode)
 from keyden.crypto import check_context, symmetric
+from keyden.crypto.x509 import public_key_of
 
 log = logging.getLogger("keyden.asymmetric")
 
@@ -212,6 +213,15 @@ _OID_PBES2 = bytes.fromhex("2a864886f70d01050d")         # 1.2.840.113549.1.5.13
 _OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")        # 1.2.840.113549.1.5.12
 _OID_SCRYPT = bytes.fromhex("2b06010401da47040b")        # 1.3.6.1.4.1.11591.4.11
 _OID_RSASSA_PSS = bytes.fromhex("2a864886f70d01010a")    # 1.2.840.113549.1.1.10
+#: The key algorithms keyden holds, as an SPKI or PKCS#8 names them; pyca is given no other (see _load).
+OID_RSA, OID_EC, OID_ED25519, OID_X25519 = map(bytes.fromhex, (
+    "2a864886f70d010101",  # rsaEncryption 1.2.840.113549.1.1.1
+    "2a8648ce3d0201",      # id-ecPublicKey 1.2.840.10045.2.1
+    "2b6570",              # Ed25519 1.3.101.112
+    "2b656e",              # X25519 1.3.101.110
+))
+_KEY_OIDS = frozenset({OID_RSA, OID_EC, OID_ED25519, OID_X25519})
+_UNSUPPORTED = "unsupported key algorithm; RSA, EC P-256/P-384, Ed25519 and X25519 are supported"
 MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256 on a worker; common settings are 2048..1.3M
 MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
 
@@ -370,13 +380,25 @@ def _key_algorithm(der: bytes, kind: str) -> bytes | None:
     return der[oid[1]:oid[1] + oid[2]] if oid[0] == 0x06 else None
 
 
-def _refuse_pss_restricted(der: bytes, kind: str) -> None:
-    """pyca loads an id-RSASSA-PSS key as a plain RSA key, dropping its restriction to PSS signatures;
-    keyden would then sign PKCS#1 v1.5 and decrypt with it.  Such keys are refused instead (the kernel
-    does not take them either).  An encrypted PKCS#8 key cannot be looked into before pyca decrypts it."""
-    if _key_algorithm(der, kind) == _OID_RSASSA_PSS:
+def spki_algorithm(der: bytes) -> bytes | None:
+    """The key algorithm OID (content octets, as OID_RSA...) an SPKI names, or None: what a public key
+    from a client must be checked against before pyca loads it (see _check_key_algorithm)."""
+    return _key_algorithm(der, "spki")
+
+
+def _check_key_algorithm(der: bytes, kind: str) -> None:
+    """An SPKI or PKCS#8 key of an algorithm keyden holds, known before pyca loads it: pyca validates a
+    finite-field DH group as it loads the key, which holds every thread of the daemon for seconds.  And
+    pyca loads an id-RSASSA-PSS key as a plain RSA key, dropping its restriction to PSS signatures; keyden
+    would then sign PKCS#1 v1.5 and decrypt with it, so such keys are refused (nor does the kernel take them)."""
+    oid = _key_algorithm(der, kind)
+    if oid is None:
+        raise E.EBADMSG("unrecognised key data")
+    if oid == _OID_RSASSA_PSS:
         raise E.EINVAL("unsupported key algorithm: an RSA key restricted to RSASSA-PSS "
                        "(keyden could not enforce the restriction)")
+    if oid not in _KEY_OIDS:
+        raise E.EINVAL(_UNSUPPORTED)
 
 
 def _signature_fields_agree(der: bytes) -> bool:
@@ -430,7 +452,7 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> Parse
     if kind in ("x509", "spki") and password is not None:
         raise E.EINVAL("a password was given but the data is not an encrypted private key")
     if kind in ("spki", "pkcs8"):
-        _refuse_pss_restricted(blob, kind)
+        _check_key_algorithm(blob, kind)
     try:
         if kind == "x509":
             try:
@@ -448,16 +470,14 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> Parse
             if cert.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
                 raise E.EINVAL("unsupported key algorithm: a certificate for an RSA key restricted to "
                                "RSASSA-PSS (keyden could not enforce the restriction)")
-            return _build(cert.public_key(), None, cert, "x509")
+            return _build(public_key_of(cert), None, cert, "x509")
         if kind == "spki":
             return _build(serialization.load_der_public_key(blob), None, None, "spki")
         load_priv = serialization.load_pem_private_key if pem else serialization.load_der_private_key
         priv = load_priv(blob, password, unsafe_skip_rsa_key_validation=True)
         if isinstance(priv, rsa.RSAPrivateKey):
-            # Size first: OpenSSL's key check costs seconds at 8192 bits and grows
-            # steeply.  Within policy, load again with pyca's full validation.
             _check_rsa_bits(priv.key_size)
-            priv = load_priv(blob, password)
+            _check_rsa_consistent(priv)
     except TypeError:
         if kind in ("x509", "spki"):
             raise E.EBADMSG("unrecognised key data") from None
@@ -515,6 +535,34 @@ def _weak_digest_info(data: bytes) -> bool:
     return False
 
 
+def _check_rsa_consistent(priv: rsa.RSAPrivateKey) -> None:
+    """EKEYREJECTED for an RSA key whose parts do not fit together, which OpenSSL might mishandle.
+
+    Not pyca's own validation (OpenSSL's RSA_check_key): its primality tests of p and q hold the GIL, so
+    every thread of the daemon, for 40 ms at 2048 bits and 290 ms at 4096, and any uid may send keys.
+    Instead, as Go's rsa.PrivateKey.Validate: n = pq, e odd, and each CRT part what pyca computes from d,
+    p and q; then a signature made with the key must verify under its public half (OpenSSL, GIL free).
+    """
+    n = priv.private_numbers()
+    pub = n.public_numbers
+    try:
+        whole = (1 < n.p < pub.n and 1 < n.q < pub.n and n.p * n.q == pub.n and n.p != n.q
+                 and pub.e % 2 == 1 and 3 <= pub.e < pub.n and 0 < n.d < pub.n
+                 and n.dmp1 == rsa.rsa_crt_dmp1(n.d, n.p) and n.dmq1 == rsa.rsa_crt_dmq1(n.d, n.q)
+                 and n.iqmp == rsa.rsa_crt_iqmp(n.p, n.q)
+                 and pub.e * n.dmp1 % (n.p - 1) == 1 and pub.e * n.dmq1 % (n.q - 1) == 1)
+    except ValueError:  # (q has no inverse mod p)
+        whole = False
+    if not whole:
+        raise E.EKEYREJECTED("inconsistent RSA private key")
+    probe = b"keyden: does this key sign what its public half verifies?"
+    try:
+        priv.public_key().verify(priv.sign(probe, padding.PKCS1v15(), hashes.SHA256()), probe,
+                                 padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, ValueError):
+        raise E.EKEYREJECTED("inconsistent RSA private key") from None
+
+
 def _check_rsa_bits(bits: int) -> int:
     if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
         raise E.EINVAL(f"unsupported RSA size ({bits} bits; {RSA_MIN_BITS}..{RSA_MAX_BITS} supported)")
@@ -536,7 +584,7 @@ def _build(pub, priv, cert, source: str) -> ParsedKey:
     elif isinstance(pub, x25519.X25519PublicKey):
         algo, curve, bits, label = "x25519", None, 256, "X25519"  # key agreement only (derive)
     else:
-        raise E.EINVAL("unsupported key algorithm; RSA, EC P-256/P-384, Ed25519 and X25519 are supported")
+        raise E.EINVAL(_UNSUPPORTED)
 
     # RFC 5280 4.2.1.2 method 1: SHA-1 of the subjectPublicKey bits.  A certificate
     # and its private key therefore share this id.

@@ -70,12 +70,25 @@ def bin_hash(cert: x509.Certificate | None, spki_der: bytes = b"") -> bytes:
     return hashlib.sha256(blob).digest()
 
 
+#: Finite-field DH (PKCS #3 dhKeyAgreement, X9.42 dhpublicnumber): loading such a key, pyca runs OpenSSL's
+#: DH_check on its group, primality tests that hold the GIL, and so every thread of the daemon, for seconds
+#: on a 4096-bit prime anyone may choose.  keyden holds no such key, so none is ever loaded.
+DH_KEY_OIDS = frozenset({"1.2.840.113549.1.3.1", "1.2.840.10046.2.1"})
+
+
+def public_key_of(cert: x509.Certificate):
+    """``cert.public_key()``, but UnsupportedAlgorithm for a DH key, which it does not load."""
+    if cert.public_key_algorithm_oid.dotted_string in DH_KEY_OIDS:
+        raise UnsupportedAlgorithm("finite-field DH keys are not loaded")
+    return cert.public_key()
+
+
 def spki_of(cert: x509.Certificate) -> bytes:
     """The certificate's key as SubjectPublicKeyInfo DER, as a bare key of it is hashed; b"" if pyca
-    cannot load the key (OpenSSL took it in a TLS handshake)."""
+    cannot load the key (OpenSSL took it in a TLS handshake), or keyden does not (DH)."""
     try:
-        return cert.public_key().public_bytes(serialization.Encoding.DER,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        return public_key_of(cert).public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     except (ValueError, UnsupportedAlgorithm):
         return b""
 
@@ -431,7 +444,7 @@ def _path_candidates(leaf: x509.Certificate, anchors: Container[x509.Certificate
 
 def _rsa_exponent_bits(cert: x509.Certificate) -> int:
     try:
-        key = cert.public_key()
+        key = public_key_of(cert)
     except (ValueError, UnsupportedAlgorithm):
         return 0
     return key.public_numbers().e.bit_length() if isinstance(key, rsa.RSAPublicKey) else 0
