@@ -344,6 +344,11 @@ def test_setperm_chown_chgrp_timeout_move_search_request(keyden, client):
     assert (r.rc, r.err) == (1, "keyctl_chown: Required key not available\n")
     r = keyden("chown", str(key), "x")
     assert (r.rc, r.err) == (2, "Unparsable uid: 'x'\n")
+    high = client.add("user", "high", b"v", "@s")  # ids of 2**31 and more print as the kernel's %d does
+    ok(keyden("chown", str(high), "4294967294"))
+    ok(keyden("chgrp", str(high), "4294967293"))
+    assert ok(keyden("rdescribe", str(high))) == "user;-2;-3;3f010000;high\n"
+    assert ok(keyden("describe", str(high))).endswith(" -2    -3 user: high\n")
     ok(keyden("timeout", str(key), "3600"))
 
     ring = client.newring("dest", "@s")

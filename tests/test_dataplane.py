@@ -1463,7 +1463,7 @@ def test_helpers_take_bytes_like_data_only_and_copy_as_handles(client, aes):
                  lambda: aead.encrypt_batch([os.urandom(12)], ["hello"]),
                  lambda: aead.encrypt_batch(["n" * 12], [b"hello"]),
                  lambda: aead.decrypt_batch([os.urandom(12)], [b"x" * 20], ["aad"]),
-                 lambda: client.hmac(serial).mac_batch(["hello"]),
+                 lambda: client.hmac(serial).mac_batch(["hello"]), lambda: client.hmac(serial).mac_batch(None),
                  lambda: client.digest("sha256", "text"), lambda: client.mac("hmac(sha256)", serial, "text"),
                  lambda: client.cipher("gcm(aes)", serial, "text", iv=os.urandom(12)),
                  lambda: client.cipher("gcm(aes)", serial, b"x", iv="twelve bytes")):
@@ -1478,6 +1478,8 @@ def test_helpers_take_bytes_like_data_only_and_copy_as_handles(client, aes):
             assert isinstance(refused.value, E.EINVAL)
         with pytest.raises(ValueError):
             ChaCha20Poly1305(key).encrypt(nonce, b"x", None)
+    with pytest.raises(E.EINVAL, match="must be a str, not NoneType"):  # (it was ENOENT: unknown algorithm)
+        client.hash(None)
     nonce = os.urandom(12)
     assert aead.encrypt(nonce, bytearray(b"ok"), memoryview(b"h")) == AESGCM(key).encrypt(nonce, b"ok", b"h")
     import copy

@@ -841,6 +841,14 @@ def test_refusals_before_the_handshake_leave_the_socket_with_the_app(client, pki
     with pytest.raises(E.EINVAL, match="not connected"):
         client.tls_accept(unconnected)
     unconnected.close()
+    for wrong in ("x", None, 1.5):  # (they were AttributeErrors: found by a docs hunt)
+        for call in (client.tls_accept, client.tls_abort, client.tls_peer_end,
+                     lambda s: client.tls_connect(s, "host.test", trust="@s")):
+            with pytest.raises(E.EINVAL, match="a socket or a descriptor"):
+                call(wrong)
+    c, d = socket.socketpair()
+    with c, d, pytest.raises(E.EINVAL, match="number of seconds"):
+        client.tls_accept(c, handshake_timeout="5")  # (a TypeError)
     # A remote peer's reset before keyden took the socket is the peer's doing, not a bad argument (an
     # application that stops its accept loop on EINVAL could be knocked over from outside).
     with socket.create_server(("127.0.0.1", 0)) as listener:

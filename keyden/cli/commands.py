@@ -25,6 +25,7 @@ from keyden.cli.support import (Context, Exit, Usage, arguments, call, expect, f
                                 number, options, pkey_info, pkey_password, read_file, read_stdin, write_bytes)
 from keyden.client.common import SESSION_ENV
 from keyden.client.operations import key_flags
+from keyden.core.views import as_kernel_prints
 from keyden.protocol import CAPABILITY_BITS
 from keyden.protocol.transport import SOCKET_ENV
 
@@ -266,7 +267,8 @@ def cmd_list(ctx, args):
         except E.KeydenError as exc:
             print(f"{key:9d}: key inaccessible ({os.strerror(exc.code)})")
             continue
-        print(f"{key:9d}: {tree.granted_mask(d)} {d.uid:5d} {d.gid:5d} {d.type}: {d.description}")
+        print(f"{key:9d}: {tree.granted_mask(d)} {as_kernel_prints(d.uid):5d} {as_kernel_prints(d.gid):5d} "
+              f"{d.type}: {d.description}")
 
 
 def cmd_rlist(ctx, args):

@@ -15,6 +15,7 @@ from typing import Callable
 from keyden import errors as E
 from keyden.client.common import KeyDescription
 from keyden.core import perm as P
+from keyden.core.views import as_kernel_prints
 from keyden.cli.support import Context, call, failure
 
 SESSION = -3
@@ -114,7 +115,8 @@ def _show(ctx: Context, key: int, indent: str, more: bool, hex_ids: bool) -> Non
         return
     serial = f"0x{key & 0xFFFFFFFF:08x}" if hex_ids else f"{key:10d}"
     branch = "\\_ " if indent else ""
-    print(f"{serial} {granted_mask(d)}  {d.uid:5d} {d.gid:5d}  {indent}{branch}{d.type}: {d.description}")
+    print(f"{serial} {granted_mask(d)}  {as_kernel_prints(d.uid):5d} {as_kernel_prints(d.gid):5d}  {indent}{branch}"
+          f"{d.type}: {d.description}")
     if d.type != "keyring":
         return
     children = call("keyctl_read_alloc", ctx.client.read, key)

@@ -207,7 +207,7 @@ class AsyncMac(KeyedAlgorithm):
             raise MacMismatch(exc.message) from None
 
     async def mac_batch(self, items: Sequence[bytes]) -> list[bytes]:
-        status, out = await self._client.batch(self.alg, self.serial, list(items))
+        status, out = await self._client.batch(self.alg, self.serial, items)  # (any iterable, or EINVAL)
         return _raise_first(status, out)
 
     async def stream(self, verify: bool = False) -> "AsyncStream":

@@ -487,7 +487,7 @@ class Mac(KeyedAlgorithm):
             raise MacMismatch(exc.message) from None
 
     def mac_batch(self, items: Iterable[bytes]) -> list[bytes]:
-        status, out = self._client.batch(self.alg, self.serial, list(items))
+        status, out = self._client.batch(self.alg, self.serial, items)  # (which takes any iterable, or EINVAL)
         return _raise_first(status, out)
 
     def stream(self, verify: bool = False) -> "Stream":

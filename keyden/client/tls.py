@@ -140,13 +140,20 @@ def _alpn(alpn: list[str] | None) -> list[bytes]:
 
 
 def _ms(seconds: float) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise E.EINVAL(f"handshake_timeout must be a number of seconds, not {type(seconds).__name__}")
     if not 0 < seconds <= MAX_HANDSHAKE_TIMEOUT:
         raise E.EINVAL(f"handshake_timeout is more than 0 and at most {MAX_HANDSHAKE_TIMEOUT:g} seconds")
     return max(1, round(seconds * 1000))
 
 
 def _fileno(sock) -> int:
-    return sock if isinstance(sock, int) else sock.fileno()
+    """A socket object's descriptor, or a descriptor itself; EINVAL for anything else."""
+    if isinstance(sock, int) and not isinstance(sock, bool):
+        return sock
+    if not callable(getattr(sock, "fileno", None)):
+        raise E.EINVAL(f"sock must be a socket or a descriptor, not {type(sock).__name__}")
+    return sock.fileno()
 
 
 def _hand_over(client, op: Op, args: tuple, sock) -> socket.socket:

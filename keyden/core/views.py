@@ -12,6 +12,11 @@ from keyden.core import perm as P
 OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY = 1, 2, 4, 8
 
 
+def as_kernel_prints(ident: int) -> int:
+    """A uid or gid as the kernel prints it in describe and /proc/keys (%d of an id_t): 4294967294 is -2."""
+    return ident - (1 << 32) if ident >= 1 << 31 else ident
+
+
 @dataclass(frozen=True)
 class Description:
     """What keyctl describe shows."""
@@ -25,12 +30,13 @@ class Description:
 
     def keyctl(self) -> str:
         """keyctl describe's line."""
-        return (f"{self.serial:9d}: {P.describe_mask(self.perm)} {self.uid:5d} {self.gid:5d} "
-                f"{self.type}: {self.description}")
+        return (f"{self.serial:9d}: {P.describe_mask(self.perm)} {as_kernel_prints(self.uid):5d} "
+                f"{as_kernel_prints(self.gid):5d} {self.type}: {self.description}")
 
     def raw(self, sep: str = ";") -> str:
         """keyctl rdescribe's line: type;uid;gid;perm;description."""
-        return sep.join((self.type, str(self.uid), str(self.gid), f"{self.perm:08x}", self.description))
+        return sep.join((self.type, str(as_kernel_prints(self.uid)), str(as_kernel_prints(self.gid)),
+                         f"{self.perm:08x}", self.description))
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class KeyStatus:
         flags = f"I{'R' if self.revoked else '-'}-{'Q' if self.in_quota else '-'}---"
         described = f"{self.description}: {self.summary}" if self.summary else self.description
         return (f"{self.serial:08x} {flags} {self.usage:5d} {self.time_left(now):>4} {self.perm:08x} "
-                f"{self.uid:5d} {self.gid:5d} {self.type:<9.9} {described}")
+                f"{as_kernel_prints(self.uid):5d} {as_kernel_prints(self.gid):5d} {self.type:<9.9} {described}")
 
     def time_left(self, now: float) -> str:
         """/proc/keys' expiry column: perm, expd, or what is left in its largest unit (s, m, h, d, w).  A

@@ -113,7 +113,9 @@ def spec(name: str, want_kind: str | None = None) -> AlgorithmSpec:
     ENOENT for both, as the kernel's crypto_alloc_*() when no algorithm of
     that name and type exists.
     """
-    found = ALGORITHMS.get(name) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        raise E.EINVAL(f"an algorithm's name must be a str, not {type(name).__name__}")
+    found = ALGORITHMS.get(name)
     if found is None:
         raise E.ENOENT(f"unknown algorithm {_show(name)}")
     if want_kind is not None and found.kind != want_kind:
