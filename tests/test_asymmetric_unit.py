@@ -373,22 +373,34 @@ def test_a_dh_key_is_refused_unloaded():
     every thread of the daemon: 2-4 s for a 4096-bit prime any uid may send (a DoS hunt).  keyden holds
     no DH key, and refuses one by its algorithm identifier, before pyca sees it.  A composite prime shows
     which came first: pyca's check refuses it as unreadable (EBADMSG)."""
-    from keyden.crypto import x509 as keyden_x509
-
     composite = int.from_bytes(bytes([0xC5] * 256), "big") | 1
     group = _dh_group(composite)
     public = _tlv(0x30, group + _tlv(0x03, b"\0" + _int(5)))  # SubjectPublicKeyInfo
     for data in (public, _tlv(0x30, _int(0) + group + _tlv(0x04, _int(12345))), _dh_certificate(public)):
         with pytest.raises(E.EINVAL, match="unsupported key algorithm"):
             A.parse(data)
-    cert = x509.load_der_x509_certificate(_dh_certificate(public))
-    assert keyden_x509.spki_of(cert) == b""  # (a TLS peer's chain: refused as a key keyden cannot read)
+
+
+def test_a_tls_peers_dh_certificate_is_not_loaded():
+    """A TLS peer's chain: each certificate's key is read (a ban of it may exist), but a DH key's is not
+    loaded (pyca would prove its group's prime prime, every thread held): it reads as one keyden cannot
+    read, which refuses the chain."""
+    from keyden.crypto import x509 as keyden_x509
+
+    class DHCertificate:  # (pyca's certificates cannot be told to refuse a load: this one fails the test)
+        public_key_algorithm_oid = x509.ObjectIdentifier("1.2.840.10046.2.1")
+
+        def public_key(self):
+            raise AssertionError("the DH key was loaded")
+
+    assert keyden_x509.spki_of(DHCertificate()) == b""
 
 
 def test_an_rsa_key_whose_parts_do_not_fit_is_rejected_without_openssls_key_check():
     """OpenSSL's key check proves p and q prime, holding every thread of the daemon for 290 ms at 4096
     bits (any uid may send keys: a DoS hunt).  keyden checks that the parts fit and that the key signs
-    what its public half verifies; a composite p fails that as surely."""
+    what its public half verifies, which a composite p fails unless d fits its factors too (a multi-prime
+    key: it then signs correctly, so OpenSSL's fallback from a CRT result it checks)."""
     good = rsa.generate_private_key(65537, 2048)
     n = good.private_numbers()
 

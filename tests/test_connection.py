@@ -247,6 +247,7 @@ def test_the_cost_of_a_request_decides_where_it_runs(conn):
     assert conn.cost(frame(Op.ADD, "asymmetrical", "x", b"y", -3, b"")) is Cost.QUICK  # no such type: EINVAL
     # decoding and checking a 16 MiB description (refused: EINVAL) took the loop 16-37 ms (a DoS hunt)
     assert conn.cost(frame(Op.ADD, "user", "x" * (1 << 20), b"y", -3, b"")) is Cost.HEAVY
+    assert conn.cost(frame(Op.ADD, "user", "x" * (3 << 20), b"y", -3, b"")) is Cost.SLOW  # as any 3 MiB request
     assert conn.cost(frame(Op.ADD_FLAGS, "asymmetric", "", b"pem", -3, b"", 1)) is Cost.SLOW
     # a batch costs its items, however small: 65536 empty HMAC verifications held the loop for 0.9 s
     batch = lambda n, ivs=(), aads=(), item=b"": frame(Op.BATCH, "hmac(sha256)", 5, 0,  # noqa: E731

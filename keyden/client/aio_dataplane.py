@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import Awaitable, Callable, Iterable, Sequence, TypeVar
 
 from keyden import errors as E
 from keyden.client.dataplane import (_OVERHEAD, DEFAULT_AEAD, HMAC_FAILED, PIECE, KeyedAlgorithm, MacMismatch,
@@ -206,7 +206,7 @@ class AsyncMac(KeyedAlgorithm):
         except E.EBADMSG as exc:
             raise MacMismatch(exc.message) from None
 
-    async def mac_batch(self, items: Sequence[bytes]) -> list[bytes]:
+    async def mac_batch(self, items: Iterable[bytes]) -> list[bytes]:
         status, out = await self._client.batch(self.alg, self.serial, items)  # (any iterable, or EINVAL)
         return _raise_first(status, out)
 

@@ -32,7 +32,6 @@ from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 from keyden import errors as E
 from keyden.core.views import OP_DECRYPT, OP_ENCRYPT, OP_SIGN, OP_VERIFY, PkeyQuery  # (records clients decode)
 from keyden.crypto import check_context, symmetric
-from keyden.crypto.x509 import public_key_of
 
 log = logging.getLogger("keyden.asymmetric")
 
@@ -213,14 +212,16 @@ _OID_PBES2 = bytes.fromhex("2a864886f70d01050d")         # 1.2.840.113549.1.5.13
 _OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")        # 1.2.840.113549.1.5.12
 _OID_SCRYPT = bytes.fromhex("2b06010401da47040b")        # 1.3.6.1.4.1.11591.4.11
 _OID_RSASSA_PSS = bytes.fromhex("2a864886f70d01010a")    # 1.2.840.113549.1.1.10
-#: The key algorithms keyden holds, as an SPKI or PKCS#8 names them; pyca is given no other (see _load).
-OID_RSA, OID_EC, OID_ED25519, OID_X25519 = map(bytes.fromhex, (
-    "2a864886f70d010101",  # rsaEncryption 1.2.840.113549.1.1.1
-    "2a8648ce3d0201",      # id-ecPublicKey 1.2.840.10045.2.1
-    "2b6570",              # Ed25519 1.3.101.112
-    "2b656e",              # X25519 1.3.101.110
-))
-_KEY_OIDS = frozenset({OID_RSA, OID_EC, OID_ED25519, OID_X25519})
+#: The key algorithms keyden holds: dotted, as pyca names a certificate's, -> DER content octets, as an
+#: SPKI or PKCS#8 is read for before pyca loads it.  pyca is given no other (see _check_key_algorithm).
+_KEY_ALGORITHMS = {
+    "1.2.840.113549.1.1.1": bytes.fromhex("2a864886f70d010101"),  # rsaEncryption
+    "1.2.840.10045.2.1": bytes.fromhex("2a8648ce3d0201"),         # id-ecPublicKey
+    "1.3.101.112": bytes.fromhex("2b6570"),                       # Ed25519
+    "1.3.101.110": bytes.fromhex("2b656e"),                       # X25519
+}
+OID_RSA, OID_EC, OID_ED25519, OID_X25519 = _KEY_ALGORITHMS.values()
+_KEY_OIDS = frozenset(_KEY_ALGORITHMS.values())
 _UNSUPPORTED = "unsupported key algorithm; RSA, EC P-256/P-384, Ed25519 and X25519 are supported"
 MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256 on a worker; common settings are 2048..1.3M
 MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
@@ -470,7 +471,9 @@ def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> Parse
             if cert.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
                 raise E.EINVAL("unsupported key algorithm: a certificate for an RSA key restricted to "
                                "RSASSA-PSS (keyden could not enforce the restriction)")
-            return _build(public_key_of(cert), None, cert, "x509")
+            if cert.public_key_algorithm_oid.dotted_string not in _KEY_ALGORITHMS:
+                raise E.EINVAL(_UNSUPPORTED)  # (unloaded, as in _check_key_algorithm)
+            return _build(cert.public_key(), None, cert, "x509")
         if kind == "spki":
             return _build(serialization.load_der_public_key(blob), None, None, "spki")
         load_priv = serialization.load_pem_private_key if pem else serialization.load_der_private_key
@@ -542,12 +545,14 @@ def _check_rsa_consistent(priv: rsa.RSAPrivateKey) -> None:
     every thread of the daemon, for 40 ms at 2048 bits and 290 ms at 4096, and any uid may send keys.
     Instead, as Go's rsa.PrivateKey.Validate: n = pq, e odd, and each CRT part what pyca computes from d,
     p and q; then a signature made with the key must verify under its public half (OpenSSL, GIL free).
+    A composite p or q gets through only with a d that fits its factors: a multi-prime key, which signs
+    and decrypts correctly (OpenSSL checks each CRT result and falls back to d itself).
     """
     n = priv.private_numbers()
     pub = n.public_numbers
     try:
         whole = (1 < n.p < pub.n and 1 < n.q < pub.n and n.p * n.q == pub.n and n.p != n.q
-                 and pub.e % 2 == 1 and 3 <= pub.e < pub.n and 0 < n.d < pub.n
+                 and pub.e % 2 == 1 and 3 <= pub.e < pub.n and n.d > 0
                  and n.dmp1 == rsa.rsa_crt_dmp1(n.d, n.p) and n.dmq1 == rsa.rsa_crt_dmq1(n.d, n.q)
                  and n.iqmp == rsa.rsa_crt_iqmp(n.p, n.q)
                  and pub.e * n.dmp1 % (n.p - 1) == 1 and pub.e * n.dmq1 % (n.q - 1) == 1)
@@ -555,12 +560,19 @@ def _check_rsa_consistent(priv: rsa.RSAPrivateKey) -> None:
         whole = False
     if not whole:
         raise E.EKEYREJECTED("inconsistent RSA private key")
+    if pub.n.bit_length() > _RSA_SMALL_MODULUS_BITS and pub.e.bit_length() > _RSA_MAX_PUBEXP_BITS:
+        return  # OpenSSL takes no public operation with such a key: it signs, nobody verifies
     probe = b"keyden: does this key sign what its public half verifies?"
     try:
         priv.public_key().verify(priv.sign(probe, padding.PKCS1v15(), hashes.SHA256()), probe,
                                  padding.PKCS1v15(), hashes.SHA256())
     except (InvalidSignature, ValueError):
         raise E.EKEYREJECTED("inconsistent RSA private key") from None
+
+
+#: OpenSSL's OPENSSL_RSA_SMALL_MODULUS_BITS and OPENSSL_RSA_MAX_PUBEXP_BITS: past 3072 bits of modulus it
+#: refuses public exponents of more than 64 bits.
+_RSA_SMALL_MODULUS_BITS, _RSA_MAX_PUBEXP_BITS = 3072, 64
 
 
 def _check_rsa_bits(bits: int) -> int:

@@ -4,8 +4,8 @@ RFC 7919 (FFDHE) within keyden's size bounds, all with generator 2.
 Why a fixed list: pyca validates a DH group each time it builds a key on it (OpenSSL's DH_check, which
 tests p and (p - 1) / 2 for primality), except for the groups OpenSSL knows by name.  That test holds
 the GIL, so every thread of the daemon, for about 4 s on a 4096-bit prime, and any uid may name one.
-OpenSSL recognizes these groups and skips the test (each costs microseconds), and they are the groups
-NIST SP 800-56A rev. 3 approves for finite-field DH, and the only ones the kernel takes in FIPS mode.
+OpenSSL recognizes these groups and skips the test (each costs microseconds); they are the safe-prime
+groups NIST SP 800-56A rev. 3 approves (of 2048 bits and more), and MODP 1536, the kernel's smallest.
 """
 
 from __future__ import annotations

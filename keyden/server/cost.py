@@ -70,9 +70,7 @@ def request_cost(store: KeyStore, frame: W.Frame) -> Cost:
     if op in SLOW_OPS:
         return Cost.SLOW
     if op in ADD_OPS:  # asymmetric payloads are parsed (maybe decrypted); any other is as its size
-        if body[:14] == _ASYMMETRIC_TYPE:
-            return Cost.SLOW
-        return Cost.QUICK if len(body) <= BULK_BYTES else Cost.HEAVY
+        return Cost.SLOW if body[:14] == _ASYMMETRIC_TYPE else _bulk(len(body), body, None)
     if op == W.Op.BATCH:  # the larger of what its items and its bytes cost
         items = batch_items(body)
         if items is None:  # its first list is over the limit: refused before any item is made
