@@ -52,12 +52,14 @@ def keys():
     }
 
 
-def make_cert(priv, *, name=None, skid="spki", serial=None):
+def make_cert(priv, *, name=None, skid="spki", serial=None, extensions=()):
     name = name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Signer")])
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                .public_key(priv.public_key()).serial_number(serial or x509.random_serial_number())
                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical)
     if skid == "spki":
         builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(priv.public_key()), False)
     elif skid is not None:
@@ -323,6 +325,19 @@ def test_x25519_keys_are_for_key_agreement_only():
         with pytest.raises(E.EOPNOTSUPP, match="derive"):
             key.verify("", b"m", b"s" * 64)
     assert A.generate("x25519").has_private
+
+
+def test_a_certificate_over_64_kib_is_refused_before_it_is_parsed(keys):
+    """pyca holds the GIL through parts of a certificate's parse (40-50 ms at a stretch on 820 KB of 60000
+    extensions, every thread of the daemon stopped: a GIL hunt).  1000 subjectAltNames still fit."""
+    names = x509.SubjectAlternativeName([x509.DNSName(f"host{i}.example.com") for i in range(1000)])
+    fits = make_cert(keys["p256"], extensions=[(names, False)]).public_bytes(DER)
+    assert 20_000 < len(fits) <= A.MAX_CERTIFICATE and A.parse(fits).source == "x509"
+    names = x509.SubjectAlternativeName([x509.DNSName(f"host{i}.example.com") for i in range(4000)])
+    big = make_cert(keys["p256"], extensions=[(names, False)])
+    for data in (big.public_bytes(DER), big.public_bytes(PEM)):
+        with pytest.raises(E.EINVAL, match="certificate larger than 64 KiB"):
+            A.parse(data)
 
 
 def test_huge_rsa_private_key_refused_before_validation():

@@ -478,3 +478,24 @@ def test_generate_key_bad_spec_is_einval(spec):
 def test_an_hmac_size_out_of_range_says_the_range(spec):
     with pytest.raises(E.EINVAL, match="multiple of 8 bits in 128..1024"):
         S.generate_key(spec)
+
+
+def test_many_items_run_in_pieces_and_each_gets_its_own_answer():
+    """crypt_many runs pyca from map() in runs of MAP_RUN items (one map of 65536 held every thread of the
+    daemon 40-90 ms: a GIL hunt): every item's answer is its own across the runs' seams, and one bad item
+    in a late run fails alone."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    key = os.urandom(32)
+    n = 2 * S.MAP_RUN + 3
+    nonces = [os.urandom(12) for _ in range(n)]
+    items = [os.urandom(i % 40) for i in range(n)]
+    aads = [b"aad %d" % i for i in range(n)]
+    engine = S.aead(CHACHA, key)
+    status, sealed = engine.crypt_many(nonces, items, aads, False)
+    assert status == [0] * n
+    assert sealed == [ChaCha20Poly1305(key).encrypt(*args) for args in zip(nonces, items, aads)]
+    sealed[-2] = bytes(len(sealed[-2]))  # in the last run
+    status, opened = engine.crypt_many(nonces, sealed, aads, True)
+    assert status == [0] * (n - 2) + [E.EBADMSG.code, 0]
+    assert opened[:-2] == items[:-2] and opened[-2:] == [b"", items[-1]]

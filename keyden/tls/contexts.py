@@ -228,7 +228,10 @@ def _keep_key_exchanges(ctx: ssl.SSLContext) -> bool:
 
 
 def _load_trust(ctx: ssl.SSLContext, trust: list[x509.Certificate]) -> None:
-    ctx.load_verify_locations(cadata=b"".join(c.public_bytes(serialization.Encoding.DER) for c in trust))
+    # From a file (a memfd), not cadata: Python's ssl parses cadata holding the GIL, and so every thread
+    # of the daemon (25 ms for the 143 certificates of .builtin_trusted_keys), a file with it released.
+    with _memory_file(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in trust)) as path:
+        ctx.load_verify_locations(cafile=path)
     # Every certificate in a trust keyring is an anchor, as in the kernel: an intermediate need not
     # be followed up to a self-signed root.
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
