@@ -1313,6 +1313,80 @@ def test_a_loop_steps_every_ready_session_of_a_uid_in_turn_past_a_polls_default_
             os.close(fd)
 
 
+def test_a_peer_that_never_stops_sending_holds_no_loop(client, server_ring, pki):
+    """A peer that kept its socket full of 1-byte records, to an application that read them all, held a
+    step of its session, so its TLS loop and every session on it (every uid's), for as long as it went on
+    (a remote-peer hunt: one connection per loop froze all of keyden's TLS).  A step now makes at most
+    STEP_CALLS reads and writes, and the loop steps the others in between.  Told without a clock: a new
+    session's handshake and round trip end while every loop's flood still runs."""
+    from keyden.tls.engine import LOOP_THREADS
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop, sinks = threading.Event(), []
+
+    def serve():  # one thread hands every connection over, in order: the floods', then the victim's
+        for i in range(LOOP_THREADS + 1):
+            conn, _ = listener.accept()
+            plain, _info = client.tls_accept(conn)
+            if i == LOOP_THREADS:
+                with plain:
+                    plain.settimeout(TIMEOUT)
+                    echo_line(plain)
+                return
+            sinks.append(plain)
+            threading.Thread(target=lambda p=plain: _read_all(p, stop), daemon=True).start()
+
+    def flood(flooding: threading.Event, outlasted: list) -> None:
+        ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="a.test")
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    incoming.write(raw.recv(65536))
+            raw.sendall(outgoing.read())
+            deadline = time.monotonic() + 15
+            while not stop.is_set():
+                for _ in range(2000):
+                    tls.write(b"x")  # a record each
+                raw.sendall(outgoing.read())
+                flooding.set()
+                if time.monotonic() > deadline:
+                    outlasted.append(True)  # the victim waited for the flood's end
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    outlasted: list = []
+    floods = [threading.Event() for _ in range(LOOP_THREADS)]
+    threads = [threading.Thread(target=flood, args=(flooding, outlasted), daemon=True) for flooding in floods]
+    try:
+        for thread, flooding in zip(threads, floods):  # one after another: one session on each loop
+            thread.start()
+            assert flooding.wait(TIMEOUT)
+        _, reply = python_peer(port, "a.test", pki.ca)
+        ended_first = not outlasted
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        listener.close()
+        for plain in sinks:
+            plain.close()
+    assert reply == b"echo: hello\n" and ended_first
+
+
+def _read_all(plain: socket.socket, stop: threading.Event) -> None:
+    plain.settimeout(1)
+    with contextlib.suppress(OSError):
+        while not stop.is_set() and plain.recv(1 << 20):
+            pass
+
+
 def test_a_uid_that_ends_sessions_by_the_thousand_forgets_its_own_peer_ends_not_anothers():
     """Past the limit, the oldest record of the uid holding the most goes: another uid's session can
     still be asked about (one shared first-in-first-out list let anyone push it out)."""

@@ -63,6 +63,11 @@ STALE_DEADLINES = 64  # deadlines no longer due (replaced, or their session clos
 #                       beyond one per descriptor watched (Loop.at)
 MAX_ENDED_REMEMBERED = 4096  # ended sessions whose peer's end TLS_PEER_END can still tell (all uids together)
 UID_SHARE = 0.002  # a loop's time one uid's sessions take in a round before the rest of them wait for the next
+#: Reads and writes (a record read or written, a read of the application's socket) one step of a session
+#: makes at most; then it waits for the loop's next round (Loop.again).  A peer that kept its socket full of
+#: 1-byte records, to an application that read them all, held one step, so its loop and every session on
+#: it, every uid's, for as long as it went on (a remote-peer hunt).  64 records of 16 KiB are 1 MiB.
+STEP_CALLS = 64
 
 READ, WRITE = "read", "write"
 #: the alerts (OpenSSL's reason names) that say the peer refused a certificate, ours or its trust in it
@@ -378,6 +383,9 @@ class Loop:
         self._order = itertools.count()
         self.calls: deque[Callable[[], None]] = deque()  # call_soon's, run on the loop's thread
         self.waiting: list[int] = []  # descriptors ready last round whose uid had had its share, in order
+        self.again: dict[Session, None] = {}  # sessions whose step stopped at STEP_CALLS, in order: stepped
+        #                                       next round whatever epoll says (what they have left may be
+        #                                       records already read, which make the socket ready no more)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()  # (no call_soon writes to the eventfd once the loop has closed it)
         self.epoll.register(self._wake, select.EPOLLIN)
@@ -430,7 +438,8 @@ class Loop:
             wait = min(self.MAX_SLEEP, self.deadlines[0][0] - now) if self.deadlines else self.MAX_SLEEP
             # Room for every descriptor watched (and some registered meanwhile): a waiting one not reported
             # is taken for no longer ready, so a poll's default cap (1023) left some unstepped (review).
-            self._round(self.epoll.poll(max(wait, 0.0) if not self.waiting else 0.0, len(self.owners) + 64))
+            busy = self.waiting or self.again
+            self._round(self.epoll.poll(max(wait, 0.0) if not busy else 0.0, len(self.owners) + 64))
         # The daemon is stopping: a handshake still running is told so (its application and the audit log
         # hear an outcome); established sessions end with the process.
         for session in set(self.owners.values()):
@@ -447,17 +456,24 @@ class Loop:
         ready = dict(events)
         waited = [(fd, ready.pop(fd)) for fd in self.waiting if fd in ready]  # (gone, if no longer ready)
         self.waiting = []
+        again, self.again = self.again, {}
         spent: Counter[int] = Counter()
-        for fd, events in itertools.chain(waited, ready.items()):
+        for fd, events in itertools.chain(waited, ((-1, session) for session in again), ready.items()):
             if fd == self._wake:
                 self._run_calls()
-            elif (session := self.owners.get(fd)) is not None:
-                if spent[session.owner] >= UID_SHARE:
+                continue
+            session = events if fd == -1 else self.owners.get(fd)  # (-1: a session stepped again, unasked)
+            if session is None or session.closed:
+                continue
+            if spent[session.owner] >= UID_SHARE:
+                if fd == -1:
+                    self.again[session] = None
+                else:
                     self.waiting.append(fd)
-                    continue
-                started = time.monotonic()
-                self._call(session.step, fd, events)
-                spent[session.owner] += time.monotonic() - started
+                continue
+            started = time.monotonic()
+            self._call(session.step, fd, 0 if fd == -1 else events)
+            spent[session.owner] += time.monotonic() - started
 
     def _run_calls(self) -> None:
         try:
@@ -515,6 +531,7 @@ class Session:
         self.app_read_shut = False  # it shut its reading side: nothing more is delivered, but it still writes
         self.progress_at = 0.0  # when the peer last took some of the application's data (app_gone only)
         self.abort_requested = False  # set by abort(), from any thread
+        self.calls_left = 0  # reads and writes this step may still make (STEP_CALLS at each step)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -592,9 +609,17 @@ class Session:
             return
         if events & select.EPOLLHUP and self.established and fd == self.plain.fileno():
             self._app_left()  # closed whole (its unread data may still wait in our queue: read below)
+        self.calls_left = STEP_CALLS
         self._advance()
         if not self.closed:
             self._watch()
+            if self.calls_left <= 0:  # stopped with work maybe left: the loop's next round goes on with it
+                self.loop.again[self] = None
+
+    def _spend(self) -> bool:
+        """One read or write more in this step, if it has any left."""
+        self.calls_left -= 1
+        return self.calls_left >= 0
 
     def _app_left(self) -> None:
         """The application closed its socket: what it wrote still goes out, for as long as the peer reads."""
@@ -725,7 +750,7 @@ class Session:
             self._decrypt()
             if not self._deliver():
                 return  # the application is not reading: neither are we
-            if self.up_blocked or self.peer_eof:
+            if self.up_blocked or self.peer_eof or self.calls_left <= 0:
                 break
         if self.peer_eof and not self.app_write_shut and not self.app_gone:
             self.plain.shutdown(socket.SHUT_WR)
@@ -734,7 +759,7 @@ class Session:
     def _decrypt(self) -> None:
         """Read records into ``up`` until it is full, the socket has no more, or the peer ended."""
         self.up_blocked = None
-        while not self.peer_eof and self.up_end < BUFFER:
+        while not self.peer_eof and self.up_end < BUFFER and self._spend():
             try:
                 n = self.tls.recv_into(self.up[self.up_end:])
             except ssl.SSLWantReadError:
@@ -772,12 +797,12 @@ class Session:
     def _app_to_peer(self) -> None:
         while True:
             dry = self._gather()
-            if not self._encrypt() or dry or self.app_eof:
+            if not self._encrypt() or dry or self.app_eof or self.calls_left <= 0:
                 return
 
     def _gather(self) -> bool:
         """Read plaintext into ``down`` until full or the application has no more; True if it ran dry."""
-        while not self.app_eof and self.down_end < BUFFER:
+        while not self.app_eof and self.down_end < BUFFER and self._spend():
             try:
                 # recvmsg, with room for what an application may send along: recv would have the kernel
                 # drop those descriptors here, on this TLS loop, where a close that lingers stops every session
@@ -798,7 +823,7 @@ class Session:
     def _encrypt(self) -> bool:
         """Write ``down`` to the peer as records; True once it is all gone."""
         self.down_blocked = None
-        while self.down_start < self.down_end:
+        while self.down_start < self.down_end and self._spend():
             length = self.pinned or min(WRITE_CHUNK, self.down_end - self.down_start)
             try:
                 sent = self.tls.send(self.down[self.down_start:self.down_start + length])
@@ -812,6 +837,8 @@ class Session:
             self.down_start += sent
             if self.app_gone:
                 self.progress_at = time.monotonic()
+        if self.down_start < self.down_end:  # (the step's calls ran out)
+            return False
         self.down_start = self.down_end = 0
         return True
 
@@ -856,7 +883,7 @@ class Session:
         self._drain()
 
     def _drain(self) -> None:
-        while True:
+        while self._spend():
             try:
                 n = len(self.tls.recv(65536))
             except BlockingIOError:

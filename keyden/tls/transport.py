@@ -21,6 +21,10 @@ import ssl
 from keyden import descriptors
 
 READ_CHUNK = 64 * 1024  # ciphertext read from the socket at a time
+#: Reads of the socket one step of OpenSSL's may make: records that carry no data (key updates, say) it
+#: takes without returning, so a peer sending nothing else held one read for as long as it went on.  Then
+#: SSLWantReadError: what is left waits in the socket, which makes it ready again.
+MAX_FILLS = 2
 #: Records a read may leave waiting for room before reading stops too: one of ``send``'s writes (it writes
 #: nothing while anything waits: the engine's 64 KiB and its records' overhead) and some room for what
 #: reads make (key-update answers, alerts), which a peer that never reads could otherwise pile up here.
@@ -134,12 +138,16 @@ class TlsTransport:
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed
+        fills = 0
         while True:
             try:
                 result = step()
             except ssl.SSLWantReadError:
                 if not self.flush() and (strict or len(self._unsent) > UNSENT_CAP):
                     raise ssl.SSLWantWriteError("the socket has no room for what must go first") from None
+                if fills == MAX_FILLS:
+                    raise
+                fills += 1
                 self._fill()  # (raises SSLWantReadError when there is nothing more)
                 continue
             except OSError:  # an alert OpenSSL wrote on its way out: the peer hears why, if it can
