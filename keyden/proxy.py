@@ -38,6 +38,11 @@ MAX_PER_HOST = 32  # connections one client address holds at once: an eighth of 
 MAX_CONNECTIONS = 1 << 18  # --max-connections' ceiling: their descriptors fit Linux's default nr_open (2^20)
 IDLE_TIMEOUT = 43200.0  # default seconds a connection may move no byte either way (stunnel's TIMEOUTidle)
 MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 7 * 86400.0
+#: default seconds without a byte after which a relayed connection gives way to a new one when every slot is
+#: taken: the per-host share keeps one host from holding the proxy shut, not eight (or an IPv6 attacker's
+#: many /64s) with silent connections for the idle timeout's twelve hours
+EVICT_IDLE = 60.0
+EVICT_WAIT = 1.0  # seconds a new connection waits for the slot an evicted one gives back
 #: default seconds a stop waits for open connections to end, then cuts them: under Kubernetes' 30 s grace
 #: period and systemd's 90 s stop timeout, so that the cut is the proxy's own
 SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT = 25.0, 86400.0
@@ -156,7 +161,8 @@ FDS_PER_CONNECTION, FD_HEADROOM = 3, 64
 class Proxy:
     def __init__(self, client, keyring: int, tls_options: dict, forward, max_connections: int,
                  proxy_protocol: bool = False, close_timeout: float = CLOSE_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT, max_per_host: int = MAX_PER_HOST):
+                 idle_timeout: float = IDLE_TIMEOUT, max_per_host: int = MAX_PER_HOST,
+                 evict_idle: float = EVICT_IDLE):
         self.client = client
         self.keyring = keyring
         self.tls_options = tls_options
@@ -164,6 +170,8 @@ class Proxy:
         self.proxy_protocol = proxy_protocol
         self.close_timeout = close_timeout
         self.idle_timeout = idle_timeout
+        self.evict_idle = evict_idle  # 0: never
+        self.idle_since: dict[socket.socket, Relay] = {}  # relayed connections (per_host_lock): who gives way
         self.slots = threading.BoundedSemaphore(max_connections)
         self.max_per_host = max_per_host
         self.per_host: collections.Counter[str] = collections.Counter()  # host_of(client) -> connections held
@@ -242,13 +250,23 @@ class Proxy:
 
     def _admit(self, peer) -> str:
         """Take a slot for a connection from ``peer``, and one of its host's (an IPv6 /64 is one host);
-        why not, if not."""
+        why not, if not.  With every slot taken, the relayed connection idle longest gives way, if it has
+        been idle for evict_idle seconds."""
         host = host_of(peer[0])
         with self.per_host_lock:
             if self.per_host[host] >= self.max_per_host:  # (finished handshakes, then silence, held every slot)
                 return f"too many connections from {host} (--max-connections-per-host); closed"
-            if not self.slots.acquire(blocking=False):
+            if self.slots.acquire(blocking=False):
+                self.per_host[host] += 1
+                return ""
+            idlest = min(self.idle_since.values(), key=Relay.last_moved, default=None)
+            if idlest is None or not self.evict_idle or time.monotonic() - idlest.last_moved() < self.evict_idle:
                 return "too many connections; closed"
+            del self.idle_since[idlest.socket]  # (one eviction per connection)
+        idlest.end()  # its relay ends as at its idle timeout, and gives its slot back
+        if not self.slots.acquire(timeout=EVICT_WAIT):
+            return "too many connections (the idlest one evicted has not let go yet); closed"
+        with self.per_host_lock:
             self.per_host[host] += 1
         return ""
 
@@ -382,12 +400,18 @@ class Proxy:
                     self._abort(plain)
                     _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
                     return
+            relay = Relay(plain)
+            with self.per_host_lock:
+                self.idle_since[plain] = relay
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout,
-                       abort=lambda: self._abort(plain), truncated=lambda: self._truncated(plain))
+                       abort=lambda: self._abort(plain), truncated=lambda: self._truncated(plain), relay=relay)
             except RuntimeError as exc:  # no thread to be had for the other direction
                 self._abort(plain)
                 _report(peer, f"cannot relay the connection: {exc}; ended")
+            finally:
+                with self.per_host_lock:
+                    self.idle_since.pop(plain, None)
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
@@ -464,9 +488,22 @@ class Proxy:
         return sock
 
 
+class Relay:
+    """A relayed connection as the proxy's admission sees it: when a byte last moved, and how to end it
+    (``splice`` fills both in as it starts)."""
+
+    def __init__(self, plain: socket.socket):
+        self.socket = plain
+        self.moved = [time.monotonic()]
+        self.end: Callable[[], None] = lambda: None
+
+    def last_moved(self) -> float:
+        return self.moved[0]
+
+
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
            idle_timeout: float = 0.0, abort: Callable[[], None] | None = None,
-           truncated: Callable[[], bool] | None = None) -> None:
+           truncated: Callable[[], bool] | None = None, relay: Relay | None = None) -> None:
     """Copy both ways until both ends are done, passing each end-of-file on as a half-close; the caller
     closes both sockets after.
 
@@ -481,7 +518,8 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     take half a request for a whole one.  With an
     ``idle_timeout``, a connection on which no byte moved either way for that long ends too: a side that
     stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
-    connection's slot for ever.
+    connection's slot for ever.  ``relay`` (if given) is kept told when a byte last moved, and how to end
+    the connection as its idle timeout would.
     """
     def end_both() -> None:
         for s in (a, b):
@@ -548,7 +586,9 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             a.shutdown(socket.SHUT_WR)
 
     grace: list[threading.Timer] = []
-    moved = [time.monotonic()]  # when a byte last moved, either way
+    moved = [time.monotonic()] if relay is None else relay.moved  # when a byte last moved, either way
+    if relay is not None:
+        relay.end = end_both
     finished = threading.Event()
 
     def copy(src: socket.socket, send, ended) -> None:

@@ -174,6 +174,27 @@ def test_mutual_tls_through_the_proxy(client, proxy, upstream, pki):
     assert again.returncode == 0 and again.stdout == b"hello from upstream, /path"
 
 
+def test_with_every_slot_taken_the_connection_idle_longest_gives_way(proxy, upstream, pki):
+    """Eight hosts within their per-host share (or an IPv6 attacker's many /64s) held every slot with
+    silent connections, for the idle timeout's twelve hours (a remote-peer hunt).  With every slot taken,
+    the relayed connection idle longest now gives way to a new one, once idle for --evict-idle seconds; it
+    ends as at its idle timeout (close_notify)."""
+    port = proxy("--forward", upstream, "--max-connections", "2", "--evict-idle", "2")  # (hosts: 32 each)
+    with tls_to(port, pki) as first, tls_to(port, pki) as second:  # handshakes done, then silence
+        first.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")  # (relayed: an answer comes back)
+        assert b"hello from upstream" in first.recv(4096)
+        second.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        assert b"hello from upstream" in second.recv(4096)
+        refused = curl(port, pki)  # not idle for two seconds yet: no slot
+        assert refused.returncode != 0
+        time.sleep(2.5)
+        second.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")  # the second moved bytes since
+        assert b"hello from upstream" in second.recv(4096)
+        out = curl(port, pki)
+        assert out.stdout == b"hello from upstream, /path", out.stderr.decode()
+        assert how_it_ended(first) == "close_notify"
+
+
 def test_unreachable_upstream_ends_the_connection_without_close_notify(proxy, pki):
     """An answer nobody gave must not look whole: the client got close_notify and no data, an empty and
     complete answer where one ends with its connection (found by a hunt).  Its session is aborted."""

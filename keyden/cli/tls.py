@@ -9,7 +9,7 @@ import time
 
 from keyden import proxy
 from keyden.cli.support import Exit
-from keyden.proxy import (CLOSE_TIMEOUT, IDLE_TIMEOUT, MAX_CLOSE_TIMEOUT, MAX_CONNECTIONS, MAX_IDLE_TIMEOUT,
+from keyden.proxy import (CLOSE_TIMEOUT, EVICT_IDLE, IDLE_TIMEOUT, MAX_CLOSE_TIMEOUT, MAX_CONNECTIONS, MAX_IDLE_TIMEOUT,
                           MAX_PER_HOST, MAX_SHUTDOWN_TIMEOUT, MIN_IDLE_TIMEOUT, SHUTDOWN_TIMEOUT)
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
@@ -35,7 +35,7 @@ def cmd_tls_proxy(ctx, args) -> int:
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     running = proxy.Proxy(client, keyring, tls_options, forward, opts.max_connections, opts.proxy_protocol,
-                          opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host)
+                          opts.close_timeout, opts.idle_timeout, opts.max_connections_per_host, opts.evict_idle)
 
     first_stop: list[float] = []
 
@@ -105,6 +105,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
                         "that stopped reading but keeps its end open included; megabytes of buffers lie between "
                         "the proxy and each peer, so keep it well above what the slowest peer takes to read "
                         f"them (default {IDLE_TIMEOUT:g}; 0: never)")
+    p.add_argument("--evict-idle", type=float, default=EVICT_IDLE, metavar="SECONDS",
+                   help="when every slot is taken, the relayed connection idle longest gives way to a new one if "
+                        f"no byte has moved on it for this long (default {EVICT_IDLE:g}; 0: never)")
     p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM or SIGINT, stop accepting and give the open connections this long to end by "
                         f"themselves before cutting them (default {SHUTDOWN_TIMEOUT:g}; 0: cut them at once; "
@@ -129,6 +132,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
         raise Exit(2, f"tls-proxy: --close-timeout takes seconds, more than 0 and at most {MAX_CLOSE_TIMEOUT:g}")
     if not (opts.idle_timeout == 0 or MIN_IDLE_TIMEOUT <= opts.idle_timeout <= MAX_IDLE_TIMEOUT):
         raise Exit(2, f"tls-proxy: --idle-timeout takes seconds, {MIN_IDLE_TIMEOUT:g} up to {MAX_IDLE_TIMEOUT:g}, "
+                      "or 0 (never)")
+    if not (opts.evict_idle == 0 or MIN_IDLE_TIMEOUT <= opts.evict_idle <= MAX_IDLE_TIMEOUT):
+        raise Exit(2, f"tls-proxy: --evict-idle takes seconds, {MIN_IDLE_TIMEOUT:g} up to {MAX_IDLE_TIMEOUT:g}, "
                       "or 0 (never)")
     if not 0 <= opts.shutdown_timeout <= MAX_SHUTDOWN_TIMEOUT:
         raise Exit(2, f"tls-proxy: --shutdown-timeout takes seconds, 0 up to {MAX_SHUTDOWN_TIMEOUT:g}")
