@@ -171,7 +171,8 @@ class Proxy:
         self.close_timeout = close_timeout
         self.idle_timeout = idle_timeout
         self.evict_idle = evict_idle  # 0: never
-        self.idle_since: dict[socket.socket, Relay] = {}  # relayed connections (per_host_lock): who gives way
+        self.relays: dict[socket.socket, Relay] = {}  # relayed connections (per_host_lock): who gives way
+        self.evicted: set[socket.socket] = set()  # ... and those that gave it (per_host_lock): cut short
         self.slots = threading.BoundedSemaphore(max_connections)
         self.max_per_host = max_per_host
         self.per_host: collections.Counter[str] = collections.Counter()  # host_of(client) -> connections held
@@ -250,8 +251,8 @@ class Proxy:
 
     def _admit(self, peer) -> str:
         """Take a slot for a connection from ``peer``, and one of its host's (an IPv6 /64 is one host);
-        why not, if not.  With every slot taken, the relayed connection idle longest gives way, if it has
-        been idle for evict_idle seconds."""
+        why not, if not.  With every slot taken, a relayed connection idle for evict_idle seconds gives
+        way (``_evict``)."""
         host = host_of(peer[0])
         with self.per_host_lock:
             if self.per_host[host] >= self.max_per_host:  # (finished handshakes, then silence, held every slot)
@@ -259,16 +260,37 @@ class Proxy:
             if self.slots.acquire(blocking=False):
                 self.per_host[host] += 1
                 return ""
-            idlest = min(self.idle_since.values(), key=Relay.last_moved, default=None)
-            if idlest is None or not self.evict_idle or time.monotonic() - idlest.last_moved() < self.evict_idle:
-                return "too many connections; closed"
-            del self.idle_since[idlest.socket]  # (one eviction per connection)
-        idlest.end()  # its relay ends as at its idle timeout, and gives its slot back
+            duplicate = self._evict()
+        if duplicate is None:
+            return "too many connections; closed"
+        with duplicate:
+            self._abort(duplicate)  # its relay then ends, and gives its slot back
         if not self.slots.acquire(timeout=EVICT_WAIT):
-            return "too many connections (the idlest one evicted has not let go yet); closed"
+            return "too many connections (the connection evicted has not let go yet); closed"
         with self.per_host_lock:
             self.per_host[host] += 1
         return ""
+
+    def _evict(self) -> socket.socket | None:
+        """Under per_host_lock: pick the connection to give way, of those idle for evict_idle seconds, from
+        the host holding the most (a host with one connection loses it last), the idlest of its; mark it
+        cut short (its backend gets a reset, as at a stop's cut: a request may be waiting for its answer) and
+        return a duplicate of its plaintext socket, for an abort: its client gets no close_notify, so a
+        half-given answer cannot pass for a whole one.  None if there is none (or no descriptor to spare)."""
+        if not self.evict_idle:
+            return None
+        now = time.monotonic()
+        idle = [relay for relay in self.relays.values() if now - relay.moved[0] >= self.evict_idle]
+        if not idle:
+            return None
+        chosen = max(idle, key=lambda relay: (self.per_host[relay.host], now - relay.moved[0]))
+        try:
+            duplicate = chosen.socket.dup()  # (under the lock: it is still relayed, its number not reused)
+        except OSError:
+            return None
+        del self.relays[chosen.socket]  # (one eviction per connection)
+        self.evicted.add(chosen.socket)
+        return duplicate
 
     def _left(self, peer) -> None:
         """Give back what ``_admit`` took."""
@@ -349,8 +371,9 @@ class Proxy:
 
     def _truncated(self, plain: socket.socket) -> bool:
         """At the end of a client's data: may it be cut short?  Yes if its peer ended without close_notify,
-        or if a stop cut it (what the backend got so far may be half a request)."""
-        return self.cutting or client_tls.tls_peer_end(self.client, plain) == "truncated"
+        or if a stop cut it or it was evicted (what the backend got so far may be half a request)."""
+        return (self.cutting or plain in self.evicted
+                or client_tls.tls_peer_end(self.client, plain) == "truncated")
 
     @contextlib.contextmanager
     def _held(self, plain: socket.socket):
@@ -400,18 +423,19 @@ class Proxy:
                     self._abort(plain)
                     _report(peer, f"cannot send the PROXY header to {where}: {exc.strerror}")
                     return
-            relay = Relay(plain)
+            relay = Relay(plain, host_of(peer[0]))
             with self.per_host_lock:
-                self.idle_since[plain] = relay
+                self.relays[plain] = relay
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout,
-                       abort=lambda: self._abort(plain), truncated=lambda: self._truncated(plain), relay=relay)
+                       abort=lambda: self._abort(plain), truncated=lambda: self._truncated(plain), moved=relay.moved)
             except RuntimeError as exc:  # no thread to be had for the other direction
                 self._abort(plain)
                 _report(peer, f"cannot relay the connection: {exc}; ended")
             finally:
                 with self.per_host_lock:
-                    self.idle_since.pop(plain, None)
+                    self.relays.pop(plain, None)
+                    self.evicted.discard(plain)
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
@@ -489,21 +513,18 @@ class Proxy:
 
 
 class Relay:
-    """A relayed connection as the proxy's admission sees it: when a byte last moved, and how to end it
-    (``splice`` fills both in as it starts)."""
+    """A relayed connection as the proxy's admission sees it: its plaintext socket, its client's host,
+    and when a byte last moved on it (``splice`` keeps that up to date)."""
 
-    def __init__(self, plain: socket.socket):
+    def __init__(self, plain: socket.socket, host: str):
         self.socket = plain
+        self.host = host
         self.moved = [time.monotonic()]
-        self.end: Callable[[], None] = lambda: None
-
-    def last_moved(self) -> float:
-        return self.moved[0]
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
            idle_timeout: float = 0.0, abort: Callable[[], None] | None = None,
-           truncated: Callable[[], bool] | None = None, relay: Relay | None = None) -> None:
+           truncated: Callable[[], bool] | None = None, moved: list[float] | None = None) -> None:
     """Copy both ways until both ends are done, passing each end-of-file on as a half-close; the caller
     closes both sockets after.
 
@@ -518,8 +539,7 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     take half a request for a whole one.  With an
     ``idle_timeout``, a connection on which no byte moved either way for that long ends too: a side that
     stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
-    connection's slot for ever.  ``relay`` (if given) is kept told when a byte last moved, and how to end
-    the connection as its idle timeout would.
+    connection's slot for ever.  ``moved`` (if given): a one-item list kept set to when a byte last moved.
     """
     def end_both() -> None:
         for s in (a, b):
@@ -586,9 +606,7 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
             a.shutdown(socket.SHUT_WR)
 
     grace: list[threading.Timer] = []
-    moved = [time.monotonic()] if relay is None else relay.moved  # when a byte last moved, either way
-    if relay is not None:
-        relay.end = end_both
+    moved = moved if moved is not None else [time.monotonic()]  # when a byte last moved, either way
     finished = threading.Event()
 
     def copy(src: socket.socket, send, ended) -> None:
