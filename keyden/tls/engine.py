@@ -532,6 +532,7 @@ class Session:
         self.progress_at = 0.0  # when the peer last took some of the application's data (app_gone only)
         self.abort_requested = False  # set by abort(), from any thread
         self.calls_left = 0  # reads and writes this step may still make (STEP_CALLS at each step)
+        self.out_of_calls = False  # this step stopped somewhere for want of them: the loop comes back to it
 
     # ------------------------------------------------------------ lifecycle
 
@@ -609,17 +610,20 @@ class Session:
             return
         if events & select.EPOLLHUP and self.established and fd == self.plain.fileno():
             self._app_left()  # closed whole (its unread data may still wait in our queue: read below)
-        self.calls_left = STEP_CALLS
+        self.calls_left, self.out_of_calls = STEP_CALLS, False
         self._advance()
         if not self.closed:
             self._watch()
-            if self.calls_left <= 0:  # stopped with work maybe left: the loop's next round goes on with it
+            if self.out_of_calls:  # stopped with work maybe left: the loop's next round goes on with it
                 self.loop.again[self] = None
 
     def _spend(self) -> bool:
         """One read or write more in this step, if it has any left."""
+        if self.calls_left <= 0:
+            self.out_of_calls = True
+            return False
         self.calls_left -= 1
-        return self.calls_left >= 0
+        return True
 
     def _app_left(self) -> None:
         """The application closed its socket: what it wrote still goes out, for as long as the peer reads."""
@@ -736,7 +740,10 @@ class Session:
     # ------------------------------------------------------------- the pump
 
     def _pump(self) -> None:
+        calls = self.calls_left  # half each way: a flood of tiny records one way holds the other back no longer
+        self.calls_left = calls // 2
         self._peer_to_app()
+        self.calls_left += calls - calls // 2
         self._app_to_peer()
         if self.app_eof and self.down_start == self.down_end and not self.tls.unsent:  # all of it out first
             self.closing = True
@@ -750,7 +757,10 @@ class Session:
             self._decrypt()
             if not self._deliver():
                 return  # the application is not reading: neither are we
-            if self.up_blocked or self.peer_eof or self.calls_left <= 0:
+            if self.up_blocked or self.peer_eof:
+                break
+            if self.calls_left <= 0:  # (records may wait in OpenSSL's buffer, which epoll cannot see)
+                self.out_of_calls = True
                 break
         if self.peer_eof and not self.app_write_shut and not self.app_gone:
             self.plain.shutdown(socket.SHUT_WR)
@@ -797,7 +807,10 @@ class Session:
     def _app_to_peer(self) -> None:
         while True:
             dry = self._gather()
-            if not self._encrypt() or dry or self.app_eof or self.calls_left <= 0:
+            if not self._encrypt() or dry or self.app_eof:
+                return
+            if self.calls_left <= 0:
+                self.out_of_calls = True
                 return
 
     def _gather(self) -> bool:
