@@ -51,6 +51,10 @@ class KeyType:
         """Validate ``payload``; return (kept payload, bytes charged to quota)."""
         raise E.EOPNOTSUPP(f"keys of type {self.name!r} cannot be instantiated with data")
 
+    def restore(self, payload: bytes) -> tuple[Any, int]:
+        """``preparse`` for a payload keyden stored itself: what an earlier version took, this one takes back."""
+        return self.preparse(payload)
+
     def read(self, payload: Any) -> bytes:
         raise E.EOPNOTSUPP(f"keys of type {self.name!r} cannot be read")
 
@@ -157,6 +161,11 @@ class AsymmetricType(KeyType):
         from keyden.crypto import asymmetric
 
         return asymmetric.parse(bytes(payload), password=secret or None), asymmetric_quota(len(payload))
+
+    def restore(self, payload: bytes) -> tuple[Any, int]:
+        from keyden.crypto import asymmetric
+
+        return asymmetric.parse(bytes(payload), stored=True), asymmetric_quota(len(payload))
 
     def default_description(self, payload: Any) -> str:
         return payload.default_description

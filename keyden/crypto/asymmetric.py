@@ -137,7 +137,7 @@ def parse_info(info: str) -> dict[str, str]:
 # parsing
 
 
-def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
+def parse(data: bytes, password: bytes | None = None, *, stored: bool = False) -> ParsedKey:
     """Parse key data the way the kernel's asymmetric parsers would, plus PEM.
 
     Recognised: X.509 certificates, PKCS#8 private keys (optionally
@@ -156,9 +156,9 @@ def parse(data: bytes, password: bytes | None = None) -> ParsedKey:
         if kind is not None:
             if kind == "pkcs8-enc" and password is not None:
                 return _load_encrypted(data, password)
-            return _load(kind, data, False, password, kind == "pkcs8-enc")
+            return _load(kind, data, False, password, kind == "pkcs8-enc", stored)
         if b"-----BEGIN" in data:
-            return _parse_pem(data, password)
+            return _parse_pem(data, password, stored)
         raise E.EBADMSG("unrecognised key data")
     except E.KeydenError:
         raise
@@ -348,7 +348,7 @@ _PEM_LABELS = {
 _PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
 
 
-def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
+def _parse_pem(data: bytes, password: bytes | None, stored: bool = False) -> ParsedKey:
     """One PEM block, decoded here and handed to pyca's DER loaders: the checks made before a loader runs
     (a password KDF's cost, a key restricted to PSS) must see the very bytes it reads.  (pyca's PEM reader
     takes base64 on the BEGIN and END lines too, which a reader of the lines between them would not see.)
@@ -372,7 +372,7 @@ def _parse_pem(data: bytes, password: bytes | None) -> ParsedKey:
         raise E.EBADMSG(f"the PEM block's contents are not what its label ({labels[0].decode()}) says")
     if kind == "pkcs8-enc" and password is not None:
         return _load_encrypted(der, password)
-    return _load(kind, der, False, password, kind == "pkcs8-enc")
+    return _load(kind, der, False, password, kind == "pkcs8-enc", stored)
 
 
 def _key_algorithm(der: bytes, kind: str) -> bytes | None:
@@ -451,16 +451,18 @@ def _pem_der(body: bytes) -> bytes:
         raise E.EBADMSG("malformed PEM") from None
 
 
-def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool) -> ParsedKey:
+def _load(kind: str, blob: bytes, pem: bool, password, encrypted: bool, stored: bool = False) -> ParsedKey:
     """Run the one pyca loader for ``kind`` and turn its errors into errnos.  ``blob`` is DER, but for an
-    encrypted traditional key (``pem``: the PEM block, whose headers say how to decrypt it)."""
+    encrypted traditional key (``pem``: the PEM block, whose headers say how to decrypt it).  ``stored``:
+    taken back from keyden's own store, where an earlier version may have put a certificate over
+    MAX_CERTIFICATE: it loads still (a restart must lose no key)."""
     if kind in ("x509", "spki") and password is not None:
         raise E.EINVAL("a password was given but the data is not an encrypted private key")
     if kind in ("spki", "pkcs8"):
         _check_key_algorithm(blob, kind)
     try:
         if kind == "x509":
-            if len(blob) > MAX_CERTIFICATE:
+            if len(blob) > MAX_CERTIFICATE and not stored:
                 raise E.EINVAL(f"certificate larger than {MAX_CERTIFICATE >> 10} KiB")
             try:
                 cert = x509.load_der_x509_certificate(blob)

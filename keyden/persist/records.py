@@ -161,7 +161,7 @@ def open_row(row: Row, sealer: Sealer | LegacySealer) -> tuple[Key, list[int]]:
         elif not plaintext and row.revoked_at is not None:
             payload = None
         else:
-            payload, charge = ktype.preparse(plaintext)
+            payload, charge = ktype.restore(plaintext)
             if ktype.name == "asymmetric":  # charged as this version charges (the kernel's flat 100)
                 quota_len = charge
     except E.KeydenError as exc:
