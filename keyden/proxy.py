@@ -172,7 +172,6 @@ class Proxy:
         self.idle_timeout = idle_timeout
         self.evict_idle = evict_idle  # 0: never
         self.relays: dict[socket.socket, Relay] = {}  # relayed connections (per_host_lock): who gives way
-        self.evicted: set[socket.socket] = set()  # ... and those that gave it (per_host_lock): cut short
         self.slots = threading.BoundedSemaphore(max_connections)
         self.max_per_host = max_per_host
         self.per_host: collections.Counter[str] = collections.Counter()  # host_of(client) -> connections held
@@ -280,7 +279,8 @@ class Proxy:
         if not self.evict_idle:
             return None
         now = time.monotonic()
-        idle = [relay for relay in self.relays.values() if now - relay.moved[0] >= self.evict_idle]
+        idle = [relay for relay in self.relays.values()
+                if not relay.evicted and now - relay.moved[0] >= self.evict_idle]
         if not idle:
             return None
         chosen = max(idle, key=lambda relay: (self.per_host[relay.host], now - relay.moved[0]))
@@ -288,8 +288,7 @@ class Proxy:
             duplicate = chosen.socket.dup()  # (under the lock: it is still relayed, its number not reused)
         except OSError:
             return None
-        del self.relays[chosen.socket]  # (one eviction per connection)
-        self.evicted.add(chosen.socket)
+        chosen.evicted = True  # (once)
         return duplicate
 
     def _left(self, peer) -> None:
@@ -372,7 +371,8 @@ class Proxy:
     def _truncated(self, plain: socket.socket) -> bool:
         """At the end of a client's data: may it be cut short?  Yes if its peer ended without close_notify,
         or if a stop cut it or it was evicted (what the backend got so far may be half a request)."""
-        return (self.cutting or plain in self.evicted
+        relay = self.relays.get(plain)
+        return (self.cutting or (relay is not None and relay.evicted)
                 or client_tls.tls_peer_end(self.client, plain) == "truncated")
 
     @contextlib.contextmanager
@@ -434,8 +434,7 @@ class Proxy:
                 _report(peer, f"cannot relay the connection: {exc}; ended")
             finally:
                 with self.per_host_lock:
-                    self.relays.pop(plain, None)
-                    self.evicted.discard(plain)
+                    del self.relays[plain]
 
     def _serve(self, conn: socket.socket, peer, listener: socket.socket) -> None:
         try:
@@ -514,12 +513,14 @@ class Proxy:
 
 class Relay:
     """A relayed connection as the proxy's admission sees it: its plaintext socket, its client's host,
-    and when a byte last moved on it (``splice`` keeps that up to date)."""
+    when a byte last moved on it (``splice`` keeps that up to date), and whether it was evicted (then it
+    is cut short)."""
 
     def __init__(self, plain: socket.socket, host: str):
         self.socket = plain
         self.host = host
         self.moved = [time.monotonic()]
+        self.evicted = False
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,

@@ -106,8 +106,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
                         "the proxy and each peer, so keep it well above what the slowest peer takes to read "
                         f"them (default {IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--evict-idle", type=float, default=EVICT_IDLE, metavar="SECONDS",
-                   help="when every slot is taken, the relayed connection idle longest gives way to a new one if "
-                        f"no byte has moved on it for this long (default {EVICT_IDLE:g}; 0: never)")
+                   help="when every slot is taken, a relayed connection on which no byte has moved for this long "
+                        "gives way to a new one: the idlest of the host holding the most, cut short as at a stop "
+                        f"(default {EVICT_IDLE:g}; 0: never)")
     p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM or SIGINT, stop accepting and give the open connections this long to end by "
                         f"themselves before cutting them (default {SHUTDOWN_TIMEOUT:g}; 0: cut them at once; "

@@ -619,11 +619,16 @@ class Session:
 
     def _spend(self) -> bool:
         """One read or write more in this step, if it has any left."""
-        if self.calls_left <= 0:
-            self.out_of_calls = True
+        if self._ran_out():
             return False
         self.calls_left -= 1
         return True
+
+    def _ran_out(self) -> bool:
+        """Has this step (or its direction's half) no calls left?  Then the loop comes back to it."""
+        if self.calls_left <= 0:
+            self.out_of_calls = True
+        return self.calls_left <= 0
 
     def _app_left(self) -> None:
         """The application closed its socket: what it wrote still goes out, for as long as the peer reads."""
@@ -757,11 +762,8 @@ class Session:
             self._decrypt()
             if not self._deliver():
                 return  # the application is not reading: neither are we
-            if self.up_blocked or self.peer_eof:
-                break
-            if self.calls_left <= 0:  # (records may wait in OpenSSL's buffer, which epoll cannot see)
-                self.out_of_calls = True
-                break
+            if self.up_blocked or self.peer_eof or self._ran_out():  # (records may wait in OpenSSL's buffer,
+                break                                                   # which epoll cannot see)
         if self.peer_eof and not self.app_write_shut and not self.app_gone:
             self.plain.shutdown(socket.SHUT_WR)
             self.app_write_shut = True
@@ -807,10 +809,7 @@ class Session:
     def _app_to_peer(self) -> None:
         while True:
             dry = self._gather()
-            if not self._encrypt() or dry or self.app_eof:
-                return
-            if self.calls_left <= 0:
-                self.out_of_calls = True
+            if not self._encrypt() or dry or self.app_eof or self._ran_out():
                 return
 
     def _gather(self) -> bool:
