@@ -505,6 +505,38 @@ def test_x509_verify_purpose_follows_extended_key_usage(client, pki, rings):
         assert client.x509_verify(leaf, *args)[0][0] == leaf
 
 
+def test_x509_verify_takes_no_any_extended_key_usage_for_a_purpose_as_openssl_and_tls(client, pki, rings):
+    """An intermediate whose EKU is anyExtendedKeyUsage only: OpenSSL and keyden's TLS refuse its leaves
+    for server or client use; x509_verify refused them only for a server without a host (pyca's own
+    profiles, used for the rest, take it on a CA)."""
+    any_eku = x509.ObjectIdentifier("2.5.29.37.0")
+    inter_key = ec_key()
+    inter = certificate("Any EKU CA", inter_key, ("Test Root", pki.root_key), ca=True, eku=[any_eku])
+    leaf = add_cert(client, certificate("both", ec_key(), ("Any EKU CA", inter_key), eku=[SERVER, CLIENT],
+                                        san=("example.com",)))
+    chain = client.newring("any eku chain", "@s")
+    add_cert(client, inter, chain)
+    for how in ({"purpose": "server"}, {"purpose": "server", "host": "example.com"}, {"purpose": "client"}):
+        assert "wrong purpose" in rejection(lambda: client.x509_verify(leaf, rings.trust, chain, **how)), how
+    assert len(client.x509_verify(leaf, rings.trust, chain)) == 3  # no purpose: any EKU
+
+
+def test_x509_verify_takes_no_wildcard_over_a_single_label_as_openssl_and_tls(client, pki, rings):
+    """pyca matches "*.com" to example.com; OpenSSL (and so keyden's TLS) wants two labels under a
+    wildcard."""
+    issuer = ("Test Intermediate", pki.inter_key)
+    args = (rings.trust, rings.chain)
+    wide = add_cert(client, certificate("wide", ec_key(), issuer, eku=[SERVER], san=("*.com",)))
+    assert "hostname mismatch" in rejection(lambda: client.x509_verify(wide, *args, host="example.com"))
+    assert "hostname mismatch" in rejection(
+        lambda: client.x509_verify(wide, *args, host="example.com", purpose="server"))
+    both = add_cert(client, certificate("both", ec_key(), issuer, eku=[SERVER], san=("*.com", "Example.com")))
+    assert client.x509_verify(both, *args, host="example.com")[0][0] == both  # named itself
+    two = add_cert(client, certificate("two", ec_key(), issuer, eku=[SERVER], san=("*.example.com",)))
+    assert client.x509_verify(two, *args, host="www.example.com")[0][0] == two
+    assert "hostname mismatch" in rejection(lambda: client.x509_verify(two, *args, host="example.com"))
+
+
 def _der(tag: int, body: bytes) -> bytes:
     size = len(body)
     length = bytes([size]) if size < 0x80 else bytes([0x80 | (size.bit_length() + 7) // 8]) + \

@@ -275,8 +275,9 @@ def subject_of(cert: x509.Certificate) -> str:
 
 
 def _eku_validator(purpose_oid):
-    """An EKU check for paths validated without a host: present EKUs must name ``purpose_oid``
-    (anyExtendedKeyUsage does not do, as pyca's and OpenSSL's server and client profiles decide)."""
+    """An EKU check for every certificate of a path: present EKUs must name ``purpose_oid``.
+    anyExtendedKeyUsage does not do, on a CA either, as OpenSSL (and so keyden's TLS) decides; pyca's
+    own profiles take it on a CA, so they are never left to decide."""
     def check(policy, cert, eku):
         if eku is not None and purpose_oid not in eku:
             raise ValueError("wrong purpose")
@@ -294,16 +295,14 @@ def _subject(host: str):
     return V.DNSName(host)
 
 
+_PURPOSE_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+
+
 def _verifier(anchors: list[x509.Certificate], at: datetime.datetime, subject, purpose: str):
-    """pyca's verifier for this purpose: server (serverAuth EKU), client (clientAuth EKU) or any."""
+    """pyca's verifier for this purpose: server (serverAuth EKU), client (clientAuth EKU) or any, with
+    the name checked if given (and, for any purpose without one, no subjectAltName required)."""
     builder = V.PolicyBuilder().store(V.Store(anchors)).time(at).max_chain_depth(MAX_DEPTH)
-    if purpose == "server" and subject is not None:
-        return builder.build_server_verifier(subject)
-    if purpose == "client":
-        return builder.build_client_verifier()
-    # Server without a host, or any purpose: the EKU rule replaced, the name checked only if given
-    # (and, for any purpose, no subjectAltName required).
-    eku = None if purpose == "" else _eku_validator(ExtendedKeyUsageOID.SERVER_AUTH)
+    eku = _eku_validator(_PURPOSE_EKU[purpose]) if purpose else None
     ca_policy, ee_policy = (base().may_be_present(x509.ExtendedKeyUsage, V.Criticality.AGNOSTIC, eku)
                             for base in (V.ExtensionPolicy.webpki_defaults_ca, V.ExtensionPolicy.webpki_defaults_ee))
     if purpose == "" and subject is None:
@@ -312,6 +311,16 @@ def _verifier(anchors: list[x509.Certificate], at: datetime.datetime, subject, p
     if subject is not None:
         return builder.build_server_verifier(subject)
     return builder.build_client_verifier()
+
+
+def _wildcard_over_one_label(leaf: x509.Certificate, subject) -> bool:
+    """Whether only a wildcard over a single label (``*.com``) named the host pyca matched: pyca takes
+    one, OpenSSL (and so keyden's TLS) does not.  A two-label host matched by no SAN of its own can only
+    have been matched by one."""
+    if not isinstance(subject, V.DNSName) or subject.value.count(".") != 1:
+        return False
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return subject.value.lower() not in (n.lower() for n in names.get_values_for_type(x509.DNSName))
 
 
 #: pyca's VerificationError texts (substrings) and what they mean, first match wins.
@@ -544,4 +553,6 @@ def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermedia
         raise E.EKEYREJECTED(_reason(str(exc), host, purpose)) from None
     except ValueError:  # pyca refusing an extension it cannot decode
         raise E.EKEYREJECTED("a certificate in the chain is malformed") from None
+    if _wildcard_over_one_label(leaf, subject):
+        raise E.EKEYREJECTED(_reason("no matching subjectAltName", host, purpose))
     return list(result.chain if isinstance(result, V.VerifiedClient) else result)
