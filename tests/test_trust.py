@@ -492,6 +492,44 @@ def test_x509_verify_validity_periods_and_the_time_of_validation(client, pki, ri
         lambda: client.x509_verify(add_cert(client, long_leaf), *args, at=ts(NOW + 400 * DAY)))
 
 
+def test_a_trust_keyring_holds_what_a_search_from_it_finds(client, pki, rings):
+    """A keyring named by a special ID (@u) is possessed, and so is what a search from it finds: a CA
+    there with the default mask (search for its possessor only) is an anchor, as `search @u` finds it.
+    x509_verify left it out: it asked whether the caller's own keyrings (a session here) possessed it."""
+    leaf = add_cert(client, pki.server)
+    root = add_cert(client, pki.root, "@u")
+    try:
+        client.unlink(root, "@s")  # (add_cert links nothing else; make sure only @u holds it)
+    except E.KeydenError:
+        pass
+    try:
+        assert client.search("@u", "asymmetric", client.describe(root).description) == root
+        assert [s for s, _ in client.x509_verify(leaf, "@u", rings.chain)] == [leaf, rings.inter, root]
+    finally:
+        client.unlink(root, "@u")
+
+
+def test_a_keyring_met_deep_first_is_entered_from_its_shallowest_link(client, pki):
+    """top -> r0 -> ... -> r5, and a keyring of CAs linked below r5 (7 levels: past the search's 6) and
+    then into top itself: the CAs are one level down, whatever the order the links were made in.  The
+    trust walk marked the keyring seen at its deep link and never entered it from top."""
+    top = client.newring("deep top", "@s")
+    below = top
+    for level in range(6):
+        below = client.newring(f"deep r{level}", below)
+    cas = client.newring("deep CAs", "@s")
+    add_cert(client, pki.root, cas)
+    client.link(cas, below)
+    client.link(cas, top)
+    chain = client.newring("deep chain", "@s")
+    inter = add_cert(client, pki.inter, chain)
+    leaf = add_cert(client, pki.server)
+    assert [s for s, _ in client.x509_verify(leaf, top, chain)][:2] == [leaf, inter]
+    restricted = client.newring("deep restricted", "@s")
+    client.restrict_keyring(restricted, "asymmetric", f"key_or_keyring:{top}")
+    assert add_cert(client, pki.inter, restricted)  # the root, one level below top, signed it
+
+
 def test_x509_verify_purpose_follows_extended_key_usage(client, pki, rings):
     args = (rings.trust, rings.chain)
     server, tls_client = add_cert(client, pki.server), add_cert(client, pki.client)

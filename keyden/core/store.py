@@ -682,10 +682,16 @@ class KeyStore:
                     return key, None
         return None, last_skip[0]
 
-    def _rings_searched(self, caller: Caller, ring: Key, possessed: bool) -> Iterator[Key]:
+    def _grants_search(self, caller: Caller, key: Key, possessed: bool, own: bool) -> bool:
+        """Search on ``key`` in a search whose start keyring is ``possessed`` or not; with ``own``, also
+        where the caller's own keyrings possess it (as for a use of it by serial)."""
+        return bool(self._rights(caller, key, possessed) & P.SEARCH) or own and self._permits(caller, key, None,
+                                                                                               P.SEARCH)
+
+    def _rings_searched(self, caller: Caller, ring: Key, possessed: bool, own: bool = False) -> Iterator[Key]:
         """The keyrings a search from ``ring`` (granting search) looks in, in order: each one's own keys are
         tried before the keyrings below it.  Revoked or invalidated keyrings are not entered, nor keyrings
-        that do not grant search, nor any more than MAX_NESTING levels down."""
+        that do not grant search (see ``_grants_search``), nor any more than MAX_NESTING levels down."""
         seen: dict[int, int] = {}
 
         def walk(current: Key, depth: int) -> Iterator[Key]:
@@ -695,7 +701,7 @@ class KeyStore:
             if depth >= MAX_NESTING:
                 return
             for sub in list(current.links.values()):
-                if sub.links is None or not self._rights(caller, sub, possessed) & P.SEARCH:
+                if sub.links is None or not self._grants_search(caller, sub, possessed, own):
                     continue
                 if seen.get(sub.serial, MAX_NESTING + 1) <= depth + 1:
                     continue  # already searched from at least this high up: nothing new below
@@ -1100,6 +1106,24 @@ class KeyStore:
                 self._require(caller, found, possessed, P.LINK)
                 self._link_checked(dest_ring, found)
             return found.serial
+
+    def searchable(self, caller: Caller, keyring: int, ktype: T.KeyType) -> list[Key]:
+        """Every live key of ``ktype`` a KEYCTL_SEARCH from ``keyring`` could find, or the caller could use by
+        serial, in search order (a search stops at the first, a trust keyring vouches with them all).  A
+        possessed start keyring makes what is below it possessed; each keyring counts from its shallowest link."""
+        with self.lock:
+            ring, possessed = self._lookup(caller, keyring, P.SEARCH)
+            possessed = self._possessed(caller, ring, possessed)
+            if ring.links is None:
+                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            now = self.clock()
+            found: dict[int, Key] = {}
+            for current in self._rings_searched(caller, ring, possessed, own=True):
+                for key in list(current.links.values()):
+                    if (key.type is ktype and not key.dead and key.state_error(now) is None
+                            and self._grants_search(caller, key, possessed, own=True)):
+                        found.setdefault(key.serial, key)
+            return list(found.values())
 
     def find(self, caller: Caller, type_name: str, description: str) -> int:
         """keyutils' find_key_by_type_and_desc: request_key, else the first key it may view (/proc/keys order)."""

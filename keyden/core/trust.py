@@ -27,7 +27,7 @@ import types
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
@@ -152,53 +152,34 @@ class _BlacklistOnly(Restriction):
 # ------------------------------------------------------- keys a keyring holds
 
 
-def _held(ring: Key, usable) -> Iterator[Key]:
-    """Asymmetric keys in ``ring`` and the keyrings below it (MAX_NESTING deep) that ``usable`` admits."""
-    seen = {ring.serial}
-
-    def walk(current: Key, depth: int) -> Iterator[Key]:
-        for key in list(current.links.values()):
-            if key.serial in seen or not usable(key):
-                continue
-            seen.add(key.serial)
-            if key.links is not None:
-                if depth < MAX_NESTING:
-                    yield from walk(key, depth + 1)
-            elif key.type is ASYMMETRIC:
-                yield key
-
-    if usable(ring):
-        yield from walk(ring, 0)
-
-
-def _live(store: KeyStore):
+def _held(store: KeyStore, ring: Key) -> list[Key]:
+    """Live asymmetric keys in a live ``ring`` and the live keyrings below it (MAX_NESTING deep), each
+    keyring entered from its shallowest link, as a search does (met deep first, it is entered again
+    from higher up, where more of what is below it is in reach)."""
     now = store.clock()
-    return lambda key: not key.dead and key.state_error(now) is None
+    live = lambda key: not key.dead and key.state_error(now) is None  # noqa: E731
+    shallowest: dict[int, int] = {ring.serial: 0}
+    found: dict[int, Key] = {}
 
+    def walk(current: Key, depth: int) -> None:
+        for key in list(current.links.values()):
+            if not live(key):
+                continue
+            if key.links is None:
+                if key.type is ASYMMETRIC:
+                    found.setdefault(key.serial, key)
+            elif depth < MAX_NESTING and shallowest.get(key.serial, MAX_NESTING + 1) > depth + 1:
+                shallowest[key.serial] = depth + 1
+                walk(key, depth + 1)
 
-def _visible(store: KeyStore, caller: Caller):
-    """A key the caller may search for (and that is live): what KEYCTL_SEARCH would enter or find."""
-    def usable(key: Key) -> bool:
-        try:
-            store.operand(caller, key.serial, P.SEARCH)
-            return True
-        except E.KeydenError:
-            return False
-    return usable
-
-
-def _keyring(store: KeyStore, caller: Caller, serial: int) -> Key:
-    ring = store.operand(caller, serial, P.SEARCH)
-    if ring.links is None:
-        raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
-    return ring
+    if live(ring):
+        walk(ring, 0)
+    return list(found.values())
 
 
 def trusted_keys(store: KeyStore, caller: Caller, keyring: int) -> list[tuple[int, asymmetric.ParsedKey]]:
-    """(serial, parsed key) of every asymmetric key the caller may search for in a keyring tree."""
-    with store.lock:
-        ring = _keyring(store, caller, keyring)
-        return [(key.serial, key.payload) for key in _held(ring, _visible(store, caller))]
+    """(serial, parsed key) of every asymmetric key a KEYCTL_SEARCH from the keyring could find."""
+    return [(key.serial, key.payload) for key in store.searchable(caller, keyring, ASYMMETRIC)]
 
 
 def trusted_certificates(store: KeyStore, caller: Caller, keyring: int) -> list[x509.Certificate]:
@@ -246,7 +227,6 @@ class SignedBy(Restriction):
         cert = payload.certificate
         if cert is None:
             raise E.ENOKEY("a bare key carries no signature for a trusted key to vouch for")
-        live = _live(store)
         trusted = self._trusted(store)
         if trusted is not None and trusted.links is None and trusted.type is not ASYMMETRIC:
             raise E.EOPNOTSUPP(f"trusted key {trusted.serial} is neither a keyring nor an asymmetric key")
@@ -257,7 +237,7 @@ class SignedBy(Restriction):
 
         if trusted is not None and trusted.links is not None:  # a keyring: what it holds (nothing once gone)
             if not trusted.dead:
-                candidates = X.signer_candidates(cert, [k.payload for k in _held(trusted, live)], banned)
+                candidates = X.signer_candidates(cert, [k.payload for k in _held(store, trusted)], banned)
         elif trusted is not None and self._names is not None:  # a key: is it the issuer?  Then its state counts
             if X.signer_candidates(cert, [self._names]):
                 unusable = trusted.state_error(store.clock())
@@ -265,7 +245,7 @@ class SignedBy(Restriction):
                     raise unusable or E.ENOKEY(f"trusted key {trusted.serial} is gone")
                 candidates = [trusted.payload]
         if not candidates and self.check_dest:
-            candidates = X.signer_candidates(cert, [k.payload for k in _held(keyring, live)], banned)
+            candidates = X.signer_candidates(cert, [k.payload for k in _held(store, keyring)], banned)
         if not candidates:
             raise E.ENOKEY("no trusted key is the certificate's issuer")
         for signer in candidates:
