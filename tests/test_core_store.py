@@ -1350,6 +1350,21 @@ def test_an_export_reaches_as_deep_as_a_search_and_says_what_to_export_instead(s
     assert [k.description for k in keys] == ["level7", "level8"] and links == [(0, 1)]
 
 
+def test_an_export_counts_a_keyring_from_its_shallowest_link(store, alice):
+    """A keyring linked 7 down (below a chain of six) and then one down: the export took it at 7 (the
+    first link it met) and refused the tree, ELOOP, where linking it the other way round exported it."""
+    top = ring = newring(store, alice, "top")
+    for depth in range(1, 7):
+        ring = store.add(alice, "keyring", f"level{depth}", b"", ring, perm=0x3f3f0000)
+    shared = store.add(alice, "keyring", "shared", b"", ring, perm=0x3f3f0000)
+    store.add(alice, "user", "inside", b"x", shared, perm=0x3f3f0000)
+    store.link(alice, shared, top)
+    keys, links = store.export_tree(alice, top)
+    assert sorted(k.description for k in keys) == sorted(
+        ["top", "shared", "inside", *(f"level{d}" for d in range(1, 7))])
+    assert len(links) == 9  # the chain's 6, "shared" in level6 and in top, "inside" in "shared"
+
+
 def test_an_empty_asymmetric_key_id_matches_nothing_it_is_einval(store, alice):
     """asymmetric_key_hex_to_key_id refuses an empty id; "id:" matched every key (a suffix of any id)."""
     for wanted in ("id:", "ex:"):

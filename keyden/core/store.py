@@ -1762,7 +1762,7 @@ class KeyStore:
                         and self._permits(caller, key, possession(key), P.READ):
                     todo.extend((member, depth + 1) for member in key.links.values())
 
-            def take(key: Key, depth: int) -> int:
+            def take(key: Key) -> int:
                 if key.serial in index:
                     return index[key.serial]
                 err = refusal(key)
@@ -1776,14 +1776,14 @@ class KeyStore:
                 index[key.serial] = len(out)
                 out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & BINDING_FLAGS))
                 if key.links is not None:
-                    if depth > MAX_NESTING:  # where possession, counted from the top, ends for a search too
+                    if shallowest[key.serial] > MAX_NESTING:  # where a search from the top stops too
                         raise E.ELOOP(f"keyring {key.serial} is more than {MAX_NESTING} levels below the exported "
                                       "key, as deep as an export (and a search) goes: export it on its own")
                     for member in list(key.links.values()):
-                        links.append((index[key.serial], take(member, depth + 1)))
+                        links.append((index[key.serial], take(member)))
                 return index[key.serial]
 
-            take(top, 0)
+            take(top)
             return out, links
 
     # ----------------------------------------------------- keys used by serial
