@@ -189,6 +189,27 @@ def test_only_what_hangs_under_a_persistent_keyring_survives(fresh_daemon):
     assert c.get_persistent("@s") == ring and c.read(ring) == []
 
 
+def test_a_system_key_filed_in_a_persistent_keyring_stays_a_system_key(fresh_daemon):
+    """A CA of .builtin_trusted_keys linked into a persistent keyring (its mask lets anyone search, and so
+    invalidate, all but a system key) came back from a restart an ordinary key: any uid could then
+    invalidate it out of everyone's keyrings.  It stays KEY_FLAG_KEEP; its holder may still unlink it."""
+    d = fresh_daemon()
+    c = persistent(d)
+    ring = c.get_persistent("@s")
+    ca = c.read(c.find("keyring", ".builtin_trusted_keys"))[0]
+    c.link(ca, ring)
+    restart(d)
+    c = persistent(d)
+    assert c.read(ring) == [ca]
+    assert c.describe(ca).uid == 0
+    with pytest.raises(E.EPERM, match="system key"):
+        c.invalidate(ca)  # (search is all it asks of the mask)
+    with pytest.raises(E.EACCES):
+        c.revoke(ca)  # (the mask grants neither write nor setattr)
+    c.unlink(ca, ring)
+    assert c.read(ring) == []
+
+
 def test_the_journal_says_which_keys_have_a_change_on_its_way_to_disk(tmp_path):
     """A key's change noted and not yet written (an unlink from a persistent keyring clears ``persisted``
     at once): a request that uses the key waits for the write (Connection; found by review)."""

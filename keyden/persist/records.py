@@ -28,7 +28,8 @@ FORMAT = b"keyden-record-v1\0"
 ROOT = 0x100  # a uid's persistent keyring
 RESTRICTED = 0x200  # a keyring refusing all links (KEYCTL_RESTRICT_KEYRING with no type)
 CHARGED = 0x400  # counts against its owner's quota
-assert not KEY_FLAGS & (ROOT | RESTRICTED | CHARGED), "a key flag would be read back as a row's, and the reverse"
+KEEP = 0x10000  # KEY_FLAG_KEEP: a system key (a CA of .builtin_trusted_keys) someone filed in a persistent keyring
+assert not KEY_FLAGS & (ROOT | RESTRICTED | CHARGED | KEEP), "a key flag would be read back as a row's, and the reverse"
 COLUMNS = ("serial", "type", "description", "uid", "gid", "perm", "expiry", "flags", "version", "revoked_at",
            "ctime", "quota_len", "sealed")
 _FIXED = struct.Struct("<iqqIdIQddQ")
@@ -99,7 +100,7 @@ def snapshot(key: Key, version: int, root: bool) -> tuple[Row, bytearray]:
     """The row for ``key`` now, not sealed yet, and its plaintext (call with the store lock held: this reads
     the live key).  Sealing (``seal``) needs no lock: a batch of rows is sealed while requests go on."""
     flags = key.flags & KEY_FLAGS
-    flags |= (ROOT if root else 0) | (CHARGED if key.charged else 0)
+    flags |= (ROOT if root else 0) | (CHARGED if key.charged else 0) | (KEEP if key.keep else 0)
     if key.restriction is not None:
         if not isinstance(key.restriction, DenyAll):
             raise NotStorable(f"keyring {key.serial}'s restriction cannot be stored")
@@ -171,6 +172,7 @@ def open_row(row: Row, sealer: Sealer | LegacySealer) -> tuple[Key, list[int]]:
     key.expiry = row.expiry
     key.revoked_at = row.revoked_at
     key.flags = row.flags & KEY_FLAGS
+    key.keep = key.keep or bool(row.flags & KEEP)  # no one may revoke, invalidate or time out a system key
     if row.flags & RESTRICTED:
         key.restriction = DenyAll()
     return key, members
