@@ -386,6 +386,32 @@ def test_keys_made_inside_never_displace_a_namesake(client):
     assert client.describe(client.generate("aes:256", "app:dbkey-2", "@s")).description == "app:dbkey-2"
 
 
+def test_a_revoked_or_expired_namesake_gives_way(client):
+    """"To replace a key, unlink or revoke it first" (session-keys.md): a revoked or expired namesake still
+    refused genkey, derive, kdf and pkey_decrypt --into with EEXIST until the garbage collector took it
+    (gc_delay, 5 minutes), where add_key's update passes it over.  Now it gives way; a live one does not."""
+    x, master = client.generate("x25519", "app:x", "@s"), client.generate("hmac:256", "app:master", "@s")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    transport = client.add("asymmetric", "app:rsa", pkcs8(rsa_key), "@s")
+    makers = {"genkey": lambda name: client.generate("aes:256", name, "@s"),
+              "derive": lambda name: client.derive(x, peer_key=x, description=name),
+              "kdf": lambda name: client.kdf(master, description=name),
+              "pkey_decrypt --into": lambda name: client.pkey_decrypt_into(
+                  transport, "enc=oaep hash=sha256", rsa_key.public_key().encrypt(os.urandom(32), oaep), name)}
+    for how, make in makers.items():
+        old = make(f"app:{how}")
+        with pytest.raises(E.EEXIST):
+            make(f"app:{how}")
+        client.revoke(old)
+        new = make(f"app:{how}")
+        assert new != old and client.search("@s", "logon", f"app:{how}") == new, how
+    expiring = client.generate("aes:256", "app:expiring", "@s")
+    client.timeout(expiring, 1)
+    time.sleep(1.1)
+    assert client.generate("aes:256", "app:expiring", "@s") != expiring
+
+
 def test_derive_options_description_keyring_perm_timeout(client):
     a, b = client.generate("ec:p256", "a", "@s"), client.generate("ec:p256", "b", "@s")
     ring = client.newring("sessions")

@@ -157,9 +157,11 @@ def _holds(ring: Key, target: Key) -> bool:
     return False
 
 
-def _refuse_namesake(ring: Key, ktype: T.KeyType, description: str) -> None:
-    """EEXIST rather than displace (and so destroy) a key of this type and description."""
-    if (ktype.name, description) in ring.links:
+def _refuse_namesake(ring: Key, ktype: T.KeyType, description: str, now: float) -> None:
+    """EEXIST rather than displace (and so destroy) a usable key of this type and description; a revoked,
+    invalidated or expired one gives way, as add_key's (whose update passes them over) does."""
+    namesake = ring.links.get((ktype.name, description))
+    if namesake is not None and namesake.state_error(now) is None:
         raise E.EEXIST(f"keyring {ring.serial} already holds a key of type {ktype.name} and that description "
                        f"(unlink it first, or choose another description)")
 
@@ -906,7 +908,7 @@ class KeyStore:
                     description = _unused_name(ring, ktype.name, unique_prefix)
                 description = description or ktype.default_description(value)
                 T.check_description_size(description)
-                _refuse_namesake(ring, ktype, description)
+                _refuse_namesake(ring, ktype, description, self.clock())
                 self._admit(ring, ktype, description, value)
                 key = self._add_new(caller, ktype, description, value, quota_len, ring, perm, flags, timeout)
                 value = None
@@ -938,7 +940,7 @@ class KeyStore:
             with self.lock:
                 ring, _ = self._target_keyring(caller, keyring)
                 if filed:
-                    _refuse_namesake(ring, ktype, description)
+                    _refuse_namesake(ring, ktype, description, self.clock())
                     self._admit(ring, ktype, description, value)
                 # A top never filed only carries its members for the request: charging it (and its links'
                 # bytes) would refuse an import that ends exactly at the quota.
@@ -964,7 +966,7 @@ class KeyStore:
                 raise E.ENOKEY(f"no detached key with serial {key_id}")
             self._still_whole(key)
             ring, _ = self._target_keyring(caller, keyring)
-            _refuse_namesake(ring, key.type, key.description)
+            _refuse_namesake(ring, key.type, key.description, self.clock())
             key.perm = perm
             del self._detached[key_id]  # first: _link_checked links no detached key
             try:
@@ -986,8 +988,9 @@ class KeyStore:
             self._still_whole(top)
             ring, _ = self._target_keyring(caller, keyring)
             members = list(top.links.values())
+            now = self.clock()
             for member in members:
-                _refuse_namesake(ring, member.type, member.description)
+                _refuse_namesake(ring, member.type, member.description, now)
             linked: list[Key] = []
             try:
                 for member in members:
