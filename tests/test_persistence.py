@@ -210,6 +210,40 @@ def test_a_system_key_filed_in_a_persistent_keyring_stays_a_system_key(fresh_dae
     assert c.read(ring) == []
 
 
+def test_a_client_that_reconnects_after_a_restart_links_its_persistent_keyring_again(fresh_daemon):
+    """A service linked its persistent keyring into @s once and used a key in it by serial; the daemon
+    restarted, the client reconnected on its own, and every use was EACCES: the new daemon's @s is a new
+    keyring, the link gone with the old one, and the default mask lets only a possessor search.  Both
+    clients make the links again as they reconnect."""
+    import asyncio
+    from keyden.client import aio
+
+    d = fresh_daemon()
+    c = d.connect()  # no session token: @s is the uid's user session keyring, made anew by each daemon
+    key = c.generate("aes:256", "app:relinked", c.get_persistent("@s"))
+    sealed = c.aead(key).encrypt_random(b"kept across a restart")
+
+    async def linked():
+        client = await aio.connect(d.socket)
+        await client.get_persistent("@s")
+        return client
+
+    async def after_restart(client):
+        async with client:
+            return await (await client.aead(key)).decrypt_random(sealed), client.generation
+
+    loop = asyncio.new_event_loop()
+    try:
+        async_client = loop.run_until_complete(linked())
+        restart(d)
+        assert c.aead(key).decrypt_random(sealed) == b"kept across a restart"
+        assert c.generation == 1
+        assert loop.run_until_complete(after_restart(async_client)) == (b"kept across a restart", 1)
+    finally:
+        loop.close()
+        c.close()
+
+
 def test_the_journal_says_which_keys_have_a_change_on_its_way_to_disk(tmp_path):
     """A key's change noted and not yet written (an unlink from a persistent keyring clears ``persisted``
     at once): a request that uses the key waits for the write (Connection; found by review)."""

@@ -142,6 +142,7 @@ class AsyncClient(Operations):
         self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # large aead/hmac calls at once (aio_dataplane)
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
         self._guard = None  # see _guard_loop
+        self._relinks: set[tuple[int, int]] = set()  # (uid, special keyring) of get_persistent: made again
         _CLIENTS.add(self)
 
     @classmethod
@@ -183,6 +184,11 @@ class AsyncClient(Operations):
             raise
         wire.decoder.max_frame = common.MAX_REPLY_FRAME
         self.version, self.max_frame, self.uid, self.gid, self.pid = hello
+        for uid, keyring in list(self._relinks):  # see get_persistent: before any request waiting at the gate
+            try:
+                await asyncio.wait_for(self._write(Op.GET_PERSISTENT, (uid, keyring)), common.HELLO_TIMEOUT)
+            except (E.KeydenError, TimeoutError):
+                pass  # a refusal, or a lost connection, is left for the requests that need the link to meet
         self.generation += reconnecting
 
     def _behind_gate(self, op: Op, args: tuple, future: asyncio.Future | None = None) -> asyncio.Future:

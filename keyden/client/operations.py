@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from keyden import errors as E
+from keyden.client import common
 from keyden.protocol import DECRYPT, IMPORT_CONTENTS, KEY_USES, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
 
 
@@ -345,7 +346,14 @@ class Operations(ABC):
 
     # persistent keyrings, export and import (docs/persistence.md)
     def get_persistent(self, keyring="@s", uid: int = -1):
-        """KEYCTL_GET_PERSISTENT: link the uid's persistent keyring (-1: the caller's) into ``keyring``; its serial."""
+        """KEYCTL_GET_PERSISTENT: link the uid's persistent keyring (-1: the caller's) into ``keyring``; its serial.
+
+        Into a special keyring (@s, @u...), the link is made again on every connection the client opens
+        after a lost one: a restarted daemon's @s is a new keyring, and without the link the persistent
+        keys (possessed through it) would refuse their owner, EACCES, under the default masks."""
+        special = common.SPECIAL.get(keyring) if isinstance(keyring, str) else keyring
+        if type(special) is int and special < 0 and type(uid) is int:
+            self._relinks.add((uid, special))
         return self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
 
     def export(self, key, *, to_public_key=None, wrapping_key=None) -> bytes:

@@ -68,6 +68,7 @@ class Client(Operations):
         self.region_pool = RegionPool(self)  # the shared regions behind the aead helpers' large calls
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
         self.abandoned_regions: deque[tuple[int, int]] = deque()  # (region, generation) of shared buffers dropped
+        self._relinks: set[tuple[int, int]] = set()  # (uid, special keyring) of get_persistent: made again
         self._open()
         _CLIENTS.add(self)
 
@@ -139,6 +140,21 @@ class Client(Operations):
             sock.close()
             raise E.ECONNRESET("the client is closed")
         self.version, self.max_frame, self.uid, self.gid, self.pid = W.response_schema(Op.HELLO).decode(frame.body)
+        try:
+            self._relink()
+        except OSError as exc:
+            raise self._lost(exc) from None
+        except BaseException:
+            sock.close()
+            raise
+
+    def _relink(self) -> None:
+        """Link the persistent keyrings again into the special keyrings the client linked them into (see
+        ``get_persistent``); a refusal is left for the requests that need the link to meet."""
+        for uid, keyring in list(self._relinks):
+            rid = next(self._ids) & 0xFFFFFFFF or 1
+            self._sock.sendall(self._request(rid, Op.GET_PERSISTENT, (uid, keyring)))
+            self._wait(rid)
 
     def _send(self, data: bytes, fds: list[int] | None = None, read_meanwhile: bool = False) -> None:
         """Write requests; if the connection was gone before any byte of them went out, write them on a new
