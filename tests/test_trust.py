@@ -58,16 +58,19 @@ def name(cn: str) -> x509.Name:
 
 
 def certificate(cn: str, key, issuer: tuple[str, object] | None = None, *, ca: bool = False, eku=None,
-                san: tuple[str, ...] = (), not_before=None, not_after=None, signer=None,
-                akid: bool = True) -> x509.Certificate:
+                san: tuple = (), not_before=None, not_after=None, signer=None,
+                akid: bool = True, email: str = "", constraints: x509.NameConstraints | None = None
+                ) -> x509.Certificate:
     """A certificate for ``key``, issued by (issuer name, issuer key), else self-signed.
 
     ``signer`` signs instead of the issuer's key while the names and the
     authority key identifier still point at the issuer: a forgery.  ``akid=False``: no authority key
-    identifier, only the issuer's name.
+    identifier, only the issuer's name.  ``san``: DNS names, or general names of any kind; ``email``: an
+    emailAddress in the subject, after its common name.
     """
     issuer_cn, issuer_key = issuer or (cn, key)
-    b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(issuer_cn))
+    subject = x509.Name([*name(cn), *([x509.NameAttribute(NameOID.EMAIL_ADDRESS, email)] if email else [])])
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(name(issuer_cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(not_before or NOW - 365 * DAY).not_valid_after(not_after or NOW + 365 * DAY)
          .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
@@ -81,7 +84,10 @@ def certificate(cn: str, key, issuer: tuple[str, object] | None = None, *, ca: b
     if eku:
         b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     if san:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in san]), critical=False)
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) if isinstance(s, str) else s
+                                                          for s in san]), critical=False)
+    if constraints is not None:
+        b = b.add_extension(constraints, critical=True)
     signing_key = signer or issuer_key
     return b.sign(signing_key, None if isinstance(signing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
 
@@ -492,6 +498,36 @@ def test_x509_verify_validity_periods_and_the_time_of_validation(client, pki, ri
         lambda: client.x509_verify(add_cert(client, long_leaf), *args, at=ts(NOW + 400 * DAY)))
 
 
+def test_x509_verify_applies_name_constraints_to_subjects_as_openssl_and_tls(client, pki, rings):
+    """pyca checks an issuer's name constraints against subjectAltNames only: a CA constrained to
+    good.example issued leaves x509_verify took for CN=evil.example (no SAN), or for a client whose
+    subject's emailAddress is boss@evil.example (its SAN in bounds).  OpenSSL and keyden's TLS refuse
+    them: subjects' emailAddress, and the leaf's host-like common names when it has no DNS SAN, count."""
+    inter_key = ec_key()
+    constraints = x509.NameConstraints(
+        permitted_subtrees=[x509.DNSName("good.example"), x509.RFC822Name("good.example")],
+        excluded_subtrees=[x509.DNSName("bad.good.example")])
+    chain = client.newring("constrained chain", "@s")
+    add_cert(client, certificate("Constrained CA", inter_key, ("Test Root", pki.root_key), ca=True,
+                                 constraints=constraints), chain)
+
+    def leaf(cn: str, email: str = "", sans=(), eku=CLIENT):
+        return add_cert(client, certificate(cn, ec_key(), ("Constrained CA", inter_key), eku=[eku], san=sans,
+                                            email=email))
+
+    verify = lambda serial, **kw: client.x509_verify(serial, rings.trust, chain, **kw)  # noqa: E731
+    for refused_leaf, kw in ((leaf("evil.example"), {}),
+                             (leaf("x.bad.good.example"), {}),
+                             (leaf("Boss", "boss@evil.example", [x509.RFC822Name("a@good.example")]),
+                              {"purpose": "client"})):
+        assert "name constraints" in rejection(lambda: verify(refused_leaf, **kw))
+    assert len(verify(leaf("www.good.example"))) == 3
+    assert len(verify(leaf("Alice Smith", "alice@good.example", [x509.RFC822Name("alice@good.example")]),
+                      purpose="client")) == 3  # a common name no host name: not a DNS name to check
+    assert len(verify(leaf("evil.example", sans=[x509.DNSName("www.good.example")], eku=SERVER),
+                      host="www.good.example", purpose="server")) == 3  # a DNS SAN: the CN is not a name
+
+
 def test_a_trust_keyring_holds_what_a_search_from_it_finds(client, pki, rings):
     """A keyring named by a special ID (@u) is possessed, and so is what a search from it finds: a CA
     there with the default mask (search for its possessor only) is an anchor, as `search @u` finds it.
@@ -683,16 +719,7 @@ def test_x509_verify_name_constraints_and_their_cost(client, pki, rings):
         key = ec_key()
         constraints = x509.NameConstraints([x509.DNSName(d) for d in permitted] or None,
                                            [x509.DNSName(d) for d in excluded or ()] or None)
-        b = (x509.CertificateBuilder().subject_name(name(label)).issuer_name(name("Test Root"))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(NOW - DAY).not_valid_after(NOW + 30 * DAY)
-             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.root_key.public_key()),
-                            critical=False)
-             .add_extension(constraints, critical=True))
-        return key, b.sign(pki.root_key, hashes.SHA256())
+        return key, certificate(label, key, ("Test Root", pki.root_key), ca=True, constraints=constraints)
 
     key, ca = constrained_ca("Constrained CA", ["example.com"], ["bad.example.com"])
     chain = client.newring("nc chain", "@s")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509 import verification as V
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyden import errors as E
 
@@ -319,8 +319,56 @@ def _wildcard_over_one_label(leaf: x509.Certificate, subject) -> bool:
     have been matched by one."""
     if not isinstance(subject, V.DNSName) or subject.value.count(".") != 1:
         return False
-    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return subject.value.lower() not in (n.lower() for n in names.get_values_for_type(x509.DNSName))
+    return subject.value.lower() not in (n.lower() for n in _sans(leaf, x509.DNSName))
+
+
+def _within(name: str, constraint: str, kind) -> bool:
+    """OpenSSL's nc_dns and nc_email: a DNS name in a constraint's domain (itself or below it; below only,
+    for ".domain"), and a mail address that is the constraint, or whose domain is the constraint's (or
+    below it, for ".domain"), case aside but for a mailbox's local part."""
+    if kind is x509.DNSName:
+        name, constraint = name.lower(), constraint.lower()
+        if not constraint or constraint.startswith("."):
+            return name.endswith(constraint)
+        return name == constraint or name.endswith("." + constraint)
+    local, at, domain = name.rpartition("@")
+    if not at:
+        return False
+    if "@" in constraint:
+        c_local, _, c_domain = constraint.rpartition("@")
+        return local == c_local and domain.lower() == c_domain.lower()
+    domain, constraint = domain.lower(), constraint.lower()
+    return domain.endswith(constraint) if constraint.startswith(".") else domain == constraint
+
+
+def _subject_name_outside(chain: Sequence[x509.Certificate]) -> str | None:
+    """A name in a subject that an issuer's name constraints exclude, or None.  pyca checks the
+    subjectAltName only; OpenSSL (and so keyden's TLS) also checks each subject's emailAddress, and the
+    leaf's common names that look like host names when it has no DNS subjectAltName."""
+    for at, issuer in enumerate(chain[1:], 1):
+        try:
+            constraints = issuer.extensions.get_extension_for_class(x509.NameConstraints).value
+        except (x509.ExtensionNotFound, ValueError):
+            continue
+        for cert in chain[:at]:
+            names = [(a.value, x509.RFC822Name) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+            if cert is chain[0] and not _sans(cert, x509.DNSName):
+                names += [(a.value, x509.DNSName) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+                          if isinstance(a.value, str) and "." in a.value and _DNS_NAME.fullmatch(a.value)]
+            for name, kind in names:
+                permitted = [t.value for t in constraints.permitted_subtrees or () if isinstance(t, kind)]
+                excluded = [t.value for t in constraints.excluded_subtrees or () if isinstance(t, kind)]
+                if any(_within(name, c, kind) for c in excluded) or \
+                        permitted and not any(_within(name, c, kind) for c in permitted):
+                    return name
+    return None
+
+
+def _sans(cert: x509.Certificate, kind) -> list:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(kind)
+    except (x509.ExtensionNotFound, ValueError):
+        return []
 
 
 #: pyca's VerificationError texts (substrings) and what they mean, first match wins.
@@ -553,6 +601,11 @@ def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermedia
         raise E.EKEYREJECTED(_reason(str(exc), host, purpose)) from None
     except ValueError:  # pyca refusing an extension it cannot decode
         raise E.EKEYREJECTED("a certificate in the chain is malformed") from None
+    chain = list(result.chain if isinstance(result, V.VerifiedClient) else result)
     if _wildcard_over_one_label(leaf, subject):
         raise E.EKEYREJECTED(_reason("no matching subjectAltName", host, purpose))
-    return list(result.chain if isinstance(result, V.VerifiedClient) else result)
+    outside = _subject_name_outside(chain)
+    if outside is not None:
+        raise E.EKEYREJECTED(f"name constraints: a subject in the chain names {printable(outside[:253])!r}, "
+                             "which an issuer's name constraints exclude")
+    return chain
