@@ -932,7 +932,10 @@ def test_blacklist_refuses_keys_wherever_they_would_enter(system, pki):
     bare = c.add("asymmetric", "", spki(bare_key), "@s")
     assert c.x509_verify(leaf, trust, chain)[0][0] == leaf
 
-    c.add("blacklist", tbs(client_cert), b"", blacklist)  # root may add; the key already held is now refused
+    entry = c.add("blacklist", tbs(client_cert), b"", blacklist)  # root may add; the key held is now refused
+    with pytest.raises(E.EPERM):  # as the kernel's blacklist_key_update: the entry stays (it was replaced)
+        c.add("blacklist", tbs(client_cert), b"", blacklist)
+    assert c.search(blacklist, "blacklist", tbs(client_cert)) == entry
     assert refused(lambda: c.link(leaf, trust)) is E.EKEYREJECTED
     assert refused(lambda: c.move(leaf, "@s", chain)) is E.EKEYREJECTED
     assert refused(lambda: add_cert(c, client_cert, chain)) is E.EKEYREJECTED

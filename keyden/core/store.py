@@ -849,6 +849,8 @@ class KeyStore:
                 if not description:
                     raise E.EINVAL("a description is required")
                 existing = ring.links.get((ktype.name, description))
+                if existing is not None and existing.keep and ring.keep:
+                    _kept(existing)  # kept in kept is never unlinked: EPERM, as blacklist_key_update answers
                 self._admit(ring, ktype, description, value)
                 if existing is not None and ktype.updatable and not existing.defunct:
                     # find_key_to_update: the key counts as possessed if the keyring is.
