@@ -162,6 +162,16 @@ def test_pyca_private_keys_need_the_blocking_client(arun):
     assert arun(scenario) == b"still fine"
 
 
+def test_tls_needs_the_blocking_client_and_says_how(arun):
+    """The asyncio client passes no descriptors: its tls_* were an AttributeError."""
+    async def scenario(c):
+        for method in (c.tls_accept, c.tls_connect, c.tls_abort, c.tls_peer_end):
+            with pytest.raises(E.EOPNOTSUPP, match="asyncio.to_thread"):
+                method(None)
+        return await c.ping(b"still fine")
+    assert arun(scenario) == b"still fine"
+
+
 def test_bad_arguments_fail_at_await_as_daemon_errors_do(arun):
     """A call returns its future; argument errors (numbers or None for data, bad references) surface when
     it is awaited, and a number is never taken as that many zero bytes."""
