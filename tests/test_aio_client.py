@@ -189,6 +189,8 @@ def test_bad_arguments_fail_at_await_as_daemon_errors_do(arun):
                 await call()
         with pytest.raises(E.ENOKEY):
             await c.find("user", "aio:zeros")
+        ring = await c.add("keyring", "aio:ring", None)  # None is add_key's NULL: a keyring takes it
+        assert (await c.describe(ring)).type == "keyring"
         return errors
 
     errors = arun(scenario)

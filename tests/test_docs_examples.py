@@ -245,6 +245,7 @@ def check_asymmetric_use(doc, code, out):
 
 def check_asyncio(doc, code, out):
     assert out.startswith("b'abc' Description(") and "description='token'" in out
+    assert ", perm=0x3f010000," in out  # the mask in hex, as keyctl writes it (not 1056964608)
 
 
 def check_key_handles(doc, code, out):

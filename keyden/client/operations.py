@@ -139,8 +139,10 @@ class Operations(ABC):
             no_export: bool = False, use=None):
         """add_key: returns the new (or updated) key's serial.  ``no_export``: never exportable, for good.
         ``use``: an asymmetric key does only that, for good ("sign", "decrypt", "derive", or several:
-        "sign,derive" or ("sign", "derive"); see ``key_flags``)."""
+        "sign,derive" or ("sign", "derive"); see ``key_flags``).  ``payload`` None is no payload (add_key's
+        NULL): what a keyring takes, and the types that need one refuse."""
         secret = _bytes(password) if password else b""
+        payload = b"" if payload is None else payload
         flags = key_flags(no_export, use)
         if flags:
             return self._call(Op.ADD_FLAGS, type, description, _bytes(payload), Ref(keyring), secret, flags)

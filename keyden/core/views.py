@@ -28,6 +28,10 @@ class Description:
     perm: int
     description: str
 
+    def __repr__(self) -> str:  # the mask in hex, as keyctl and the kernel's interfaces write it
+        return (f"Description(serial={self.serial}, type={self.type!r}, uid={self.uid}, gid={self.gid}, "
+                f"perm=0x{self.perm:08x}, description={self.description!r})")
+
     def keyctl(self) -> str:
         """keyctl describe's line."""
         return (f"{self.serial:9d}: {P.describe_mask(self.perm)} {as_kernel_prints(self.uid):5d} "
