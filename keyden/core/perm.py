@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from keyden import errors as E
+
 VIEW = 0x01
 READ = 0x02
 WRITE = 0x04
@@ -22,6 +24,12 @@ ALL = 0x3F
 POS_SHIFT, USR_SHIFT, GRP_SHIFT, OTH_SHIFT = 24, 16, 8, 0
 VALID_MASK = 0x3F3F3F3F
 NO_GID = -1  # a key without a group (the kernel's INVALID_GID): group bits never apply
+
+
+def check_mask(perm: int) -> None:
+    """EINVAL for bits outside the four bytes' six rights each (keyctl_setperm_key's check)."""
+    if perm & ~VALID_MASK:
+        raise E.EINVAL("permission bits outside 0x3f3f3f3f")
 
 DEFAULT_USER = 0x3F010000
 DEFAULT_KEYRING = 0x3F010000

@@ -1,8 +1,11 @@
 """The key store: keys, keyrings, possession, quotas and garbage collection.
 
-Every public method is one keyctl operation with keyctl's argument order and
-the kernel's checks, in the kernel's order (security/keys/keyctl.c), evaluated
-for a ``Caller``.  Pure: no sockets, no asyncio.  The server supplies who is
+The public methods named after keyctl operations take keyctl's argument order
+and make the kernel's checks, in the kernel's order (security/keys/keyctl.c),
+for a ``Caller``; the others serve the daemon's own work on keys by serial
+(``operand``, ``material``, ``engine``), export and import (``export_tree``,
+``create_detached``, ``attach``) and start-up (``restore``).  Pure: no sockets,
+no asyncio.  The server supplies who is
 calling; this module decides what they may do.  Changes to keys under a
 persistent keyring are reported to ``journal`` (core/journal.py), which the
 server backs with the sealed database (keyden/persist).
@@ -68,7 +71,7 @@ RESTRICTION_FACTORIES: dict[str, Callable[["KeyStore", Caller, str], Restriction
 ADMISSION_CHECKS: list[Callable[["KeyStore", "Key", T.KeyType, Any], None]] = []
 
 
-def _kept(key: "Key") -> None:
+def _refuse_kept(key: "Key") -> None:
     if key.keep:
         raise E.EPERM(f"key {key.serial} is a system key and cannot be removed or changed")
 
@@ -123,6 +126,11 @@ class _Match:
         return self.ktype.matches(key.description, key.payload, self.description)
 
 
+def _require_keyring(key: Key) -> None:
+    if key.links is None:
+        raise E.ENOTDIR(f"key {key.serial} is not a keyring")
+
+
 def _id_arg(value: int, what: str) -> int:
     """A uid/gid argument to chown: -1 (or its 32-bit form) leaves the field alone."""
     if value in (-1, 0xFFFFFFFF):
@@ -134,8 +142,8 @@ def _id_arg(value: int, what: str) -> int:
 
 def _check_new_key(ktype: T.KeyType, perm: int | None, flags: int, timeout: int) -> None:
     check_flags(ktype, flags)
-    if perm is not None and perm & ~P.VALID_MASK:
-        raise E.EINVAL("permission bits outside 0x3f3f3f3f")
+    if perm is not None:
+        P.check_mask(perm)
     if timeout < 0:
         raise E.EINVAL("timeout must not be negative")
 
@@ -482,8 +490,7 @@ class KeyStore:
         ``any_depth``: a loop is still EDEADLK, but no depth is ELOOP."""
         if key.serial in self._detached:
             raise E.EBUSY(f"key {key.serial} is an import still being built")
-        if ring.links is None:
-            raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+        _require_keyring(ring)
         if ring.revoked:
             raise E.EKEYREVOKED(f"keyring {ring.serial} has been revoked")
         self._admit(ring, key.type, key.description, key.payload)
@@ -519,7 +526,7 @@ class KeyStore:
         adds_link = ring.links.get((ktype.name, description)) is None
         if adds_link and ring.charged:
             self._check_quota(ring.uid, 0, LINK_BYTES)
-        self._check_restriction(ring, ktype, payload)
+        self._check_admission(ring, ktype, payload)
         if adds_link:
             self._check_room(ring)
 
@@ -529,7 +536,8 @@ class KeyStore:
         if len(ring.links) >= self.config.keyring_max_links and not ring.keep:
             raise E.ENFILE(f"keyring {ring.serial} is full (keyring_max_links, {self.config.keyring_max_links})")
 
-    def _check_restriction(self, ring: Key, ktype: T.KeyType, payload: Any) -> None:
+    def _check_admission(self, ring: Key, ktype: T.KeyType, payload: Any) -> None:
+        """What every link runs (ADMISSION_CHECKS: the blacklist), then the keyring's own restriction."""
         for check in ADMISSION_CHECKS:
             check(self, ring, ktype, payload)
         if ring.restriction is not None:
@@ -839,8 +847,7 @@ class KeyStore:
             ring, _ = self._lookup(caller, keyring, P.WRITE, create=True)
             ktype = T.lookup(type_name)  # as key_create_or_update: an unknown type before a non-keyring
             check_flags(ktype, flags)
-            if ring.links is None:
-                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            _require_keyring(ring)
         value, quota_len = ktype.preparse(payload, secret)  # may be slow (asymmetric): outside the lock
         try:
             with self.lock:
@@ -850,7 +857,7 @@ class KeyStore:
                     raise E.EINVAL("a description is required")
                 existing = ring.links.get((ktype.name, description))
                 if existing is not None and existing.keep and ring.keep:
-                    _kept(existing)  # kept in kept is never unlinked: EPERM, as blacklist_key_update answers
+                    _refuse_kept(existing)  # kept in kept is never unlinked: EPERM, as blacklist_key_update answers
                 self._admit(ring, ktype, description, value)
                 if existing is not None and ktype.updatable and not existing.defunct:
                     # find_key_to_update: the key counts as possessed if the keyring is.
@@ -886,8 +893,7 @@ class KeyStore:
     def _target_keyring(self, caller: Caller, keyring: int) -> tuple[Key, bool | None]:
         """The keyring a new key goes into: write permission, and it must be a keyring."""
         ring, possessed = self._lookup(caller, keyring, P.WRITE, create=True)
-        if ring.links is None:
-            raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+        _require_keyring(ring)
         return ring, possessed
 
     def create_internal(self, caller: Caller, ktype: T.KeyType, description: str, value: Any, quota_len: int,
@@ -960,8 +966,7 @@ class KeyStore:
     def attach(self, caller: Caller, key_id: int, keyring: int, perm: int) -> None:
         """File a detached key (``create_detached``) in ``keyring`` with its final ``perm``: EEXIST rather
         than displace a namesake.  The link, and so the whole tree's first journal record, is one step."""
-        if perm & ~P.VALID_MASK:
-            raise E.EINVAL("permission bits outside 0x3f3f3f3f")
+        P.check_mask(perm)
         with self.lock:
             key = self._detached.get(key_id)
             if key is None or key.uid != caller.uid or not key.charged:  # (uncharged: made to carry members)
@@ -1102,8 +1107,7 @@ class KeyStore:
             dest_ring = self._lookup(caller, dest, P.WRITE, create=True)[0] if dest else None
             ktype = T.lookup(type_name, missing=E.ENOKEY)
             match = _Match.search(ktype, description)
-            if ring.links is None:
-                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            _require_keyring(ring)
             found, err = self._search(caller, ring, possessed, match)
             if found is None:
                 raise err or E.ENOKEY(f"no {ktype.name} key {description!r} found")
@@ -1119,8 +1123,7 @@ class KeyStore:
         with self.lock:
             ring, possessed = self._lookup(caller, keyring, P.SEARCH)
             possessed = self._possessed(caller, ring, possessed)
-            if ring.links is None:
-                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            _require_keyring(ring)
             now = self.clock()
             found: dict[int, Key] = {}
             for current in self._rings_searched(caller, ring, possessed, own=True):
@@ -1209,12 +1212,11 @@ class KeyStore:
         with self.lock:
             ring, _ = self._lookup(caller, keyring, P.WRITE)
             key, _ = self._lookup(caller, key_id, check_state=False)
-            if ring.links is None:
-                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            _require_keyring(ring)
             if ring.links.get(key.index) is not key:
                 raise E.ENOENT(f"key {key.serial} is not linked into keyring {ring.serial}")
             if ring.keep:
-                _kept(key)
+                _refuse_kept(key)
             self._unlink_raw(ring, key)
 
     def move(self, caller: Caller, key_id: int, from_ring: int, to_ring: int, exclusive: bool = True) -> None:
@@ -1230,7 +1232,7 @@ class KeyStore:
             if src.links.get(key.index) is not key:
                 raise E.ENOENT(f"key {key.serial} is not linked into keyring {src.serial}")
             if src.keep:
-                _kept(key)
+                _refuse_kept(key)
             if dst.revoked:
                 raise E.EKEYREVOKED(f"keyring {dst.serial} has been revoked")
             displaces = key.index in dst.links
@@ -1241,7 +1243,7 @@ class KeyStore:
                                f"{key.description!r}")
             if not displaces:
                 self._check_room(dst)
-            self._check_restriction(dst, key.type, key.payload)
+            self._check_admission(dst, key.type, key.payload)
             self._check_nesting(dst, key)
             key.pins += 1  # keep it alive between unlink and link
             try:
@@ -1253,7 +1255,7 @@ class KeyStore:
     def clear(self, caller: Caller, keyring: int) -> None:
         with self.lock:
             ring, _ = self._target_keyring(caller, keyring)
-            _kept(ring)
+            _refuse_kept(ring)
             self._empty(ring)
 
     # ------------------------------------------------------------ key state
@@ -1265,7 +1267,7 @@ class KeyStore:
                 key, _ = self._lookup(caller, key_id, P.WRITE)
             except E.EACCES:
                 key, _ = self._lookup(caller, key_id, P.SETATTR)
-            _kept(key)
+            _refuse_kept(key)
             self._changed()
             key.revoked_at = self.clock()
             self._mortal.add(key.serial)
@@ -1281,7 +1283,7 @@ class KeyStore:
         """KEYCTL_INVALIDATE: search permission; the key is gone from every keyring at once."""
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SEARCH)
-            _kept(key)
+            _refuse_kept(key)
             self._changed()
             key.invalidated = True
             self._force_destroy(key)
@@ -1292,7 +1294,7 @@ class KeyStore:
             raise E.EINVAL("timeout must not be negative")
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
-            _kept(key)
+            _refuse_kept(key)
             self._changed()
             self._expire_at(key, self.clock() + timeout if timeout else 0.0)
             self._journal(key)
@@ -1371,8 +1373,7 @@ class KeyStore:
 
     def setperm(self, caller: Caller, key_id: int, perm: int) -> None:
         """KEYCTL_SETPERM: needs setattr, and ownership unless the caller is root."""
-        if perm & ~P.VALID_MASK:
-            raise E.EINVAL("permission bits outside 0x3f3f3f3f")
+        P.check_mask(perm)
         with self.lock:
             key, _ = self._lookup(caller, key_id, P.SETATTR, create=True)
             if key.uid != caller.uid and caller.uid != 0:
@@ -1389,8 +1390,7 @@ class KeyStore:
                 raise E.EINVAL("a key type and a restriction go together")
             if type_name:
                 T.check_type_name(type_name)
-            if ring.links is None:
-                raise E.ENOTDIR(f"key {ring.serial} is not a keyring")
+            _require_keyring(ring)
             if not type_name:
                 rule: Restriction = DenyAll()
             else:
@@ -1527,8 +1527,7 @@ class KeyStore:
             raise E.EPERM("only root may get another user's persistent keyring")
         with self.lock:
             dest_ring, _ = self._lookup(caller, dest, P.WRITE, create=True)
-            if dest_ring.links is None:
-                raise E.ENOTDIR(f"key {dest_ring.serial} is not a keyring")
+            _require_keyring(dest_ring)
             ring = self._persistent_keyring(uid)
             self._require(caller, ring, True, P.LINK)  # the register's reference counts as possessed
             # However deep its tree grew (a link checks only below what it files, so a chain made top-down

@@ -179,9 +179,9 @@ class Connection:
             self.unsynced = journal.pending()
         if self.audit is not None:
             self.audit.record(frame.op, args, error, result, keys)
-        after = context.after_audit
-        while after:  # what must come after this request's line (a TLS handshake's outcome)
-            after.pop(0)()
+        callbacks = context.after_audit
+        while callbacks:  # what must come after this request's line (a TLS handshake's outcome)
+            callbacks.pop(0)()
         return reply
 
     def _hello(self, frame: W.Frame) -> bytes:
