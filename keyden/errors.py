@@ -39,6 +39,11 @@ class KeydenError(Exception):
     def strerror(cls) -> str:
         return _os.strerror(cls.code)
 
+    @property
+    def errno(self) -> int:
+        """The errno value, under OSError's name for it, for code that asks any error for one."""
+        return self.code
+
     def __str__(self) -> str:
         return f"{self.name}: {self.message}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
 import struct
@@ -134,8 +135,9 @@ def test_error_frames_carry_errno_and_message():
     dec.feed(frame_bytes)
     (frame,) = list(dec.frames())
     assert frame.status == E.ENOKEY.code == 126
-    with pytest.raises(E.ENOKEY, match="no key with serial 5"):
+    with pytest.raises(E.ENOKEY, match="no key with serial 5") as info:
         raise W.error_of(frame)
+    assert info.value.errno == errno.ENOKEY  # as OSError names it
 
 
 def test_an_error_message_is_cut_so_an_error_reply_stays_small():
