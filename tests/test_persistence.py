@@ -244,6 +244,24 @@ def test_a_client_that_reconnects_after_a_restart_links_its_persistent_keyring_a
         c.close()
 
 
+def test_a_reconnecting_client_makes_again_only_the_links_it_lost(fresh_daemon):
+    """What the client unlinked stays unlinked: after a reconnect to the same daemon (its @s still the
+    one it linked into, nothing to make again), and after a restart (it took the link away itself)."""
+    d = fresh_daemon("idle_timeout = 0.5\n")
+    c = d.connect()
+    persistent = c.get_persistent("@s")
+    c.unlink(persistent, "@s")
+    time.sleep(1.0)  # the daemon closes the idle connection: the next request opens a new one
+    assert persistent not in c.read("@s") and c.generation == 1
+    assert c.get_persistent("@s") == persistent  # linked again by hand, and made again after a restart...
+    restart(d)
+    assert persistent in c.read("@s")
+    c.move(persistent, "@s", "@u")  # ... unless moved (or unlinked, cleared, revoked) away
+    restart(d)
+    assert persistent not in c.read("@s")
+    c.close()
+
+
 def test_the_journal_says_which_keys_have_a_change_on_its_way_to_disk(tmp_path):
     """A key's change noted and not yet written (an unlink from a persistent keyring clears ``persisted``
     at once): a request that uses the key waits for the write (Connection; found by review)."""

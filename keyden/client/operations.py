@@ -18,6 +18,12 @@ from keyden.client import common
 from keyden.protocol import DECRYPT, IMPORT_CONTENTS, KEY_USES, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
 
 
+def _special_id(keyring) -> int | None:
+    """The special ID a keyring argument names ("@s" or -3 itself), or None for any other."""
+    special = common.SPECIAL.get(keyring) if isinstance(keyring, str) else keyring
+    return special if type(special) is int and special < 0 else None
+
+
 class Ref:
     """A key argument still to be resolved to a serial."""
 
@@ -130,6 +136,10 @@ class Operations(ABC):
     """Every keyctl operation, as arguments checked and shaped for the wire: a client adds the transport
     (``_call``, which sends one request and returns its result, or a future of it)."""
 
+    #: (uid, special ID) -> (persistent keyring, special keyring's serial): the links get_persistent made,
+    #: made again on a reconnect (a client's; None for what only records requests)
+    _relinks: dict[tuple[int, int], tuple[int, int]] | None = None
+
     @abstractmethod
     def _call(self, op: Op, *args: Any):
         """Send ``op`` with ``args`` (Ref values resolved to serials first) and return its shaped result."""
@@ -158,21 +168,26 @@ class Operations(ABC):
         return self._call(Op.UPDATE, Ref(key), _bytes(payload))
 
     def revoke(self, key):
+        self._unlinking(key)
         return self._call(Op.REVOKE, Ref(key))
 
     def invalidate(self, key):
+        self._unlinking(key)
         return self._call(Op.INVALIDATE, Ref(key))
 
     def clear(self, keyring):
+        self._unlinking(None, keyring)
         return self._call(Op.CLEAR, Ref(keyring))
 
     def link(self, key, keyring):
         return self._call(Op.LINK, Ref(key), Ref(keyring))
 
     def unlink(self, key, keyring):
+        self._unlinking(key, keyring)
         return self._call(Op.UNLINK, Ref(key), Ref(keyring))
 
     def move(self, key, from_keyring, to_keyring, force: bool = False):
+        self._unlinking(key, from_keyring)
         return self._call(Op.MOVE, Ref(key), Ref(from_keyring), Ref(to_keyring), 0 if force else MOVE_EXCL)
 
     def search(self, keyring, type: str, description: str, dest=0):
@@ -350,13 +365,29 @@ class Operations(ABC):
     def get_persistent(self, keyring="@s", uid: int = -1):
         """KEYCTL_GET_PERSISTENT: link the uid's persistent keyring (-1: the caller's) into ``keyring``; its serial.
 
-        Into a special keyring (@s, @u...), the link is made again on every connection the client opens
-        after a lost one: a restarted daemon's @s is a new keyring, and without the link the persistent
-        keys (possessed through it) would refuse their owner, EACCES, under the default masks."""
-        special = common.SPECIAL.get(keyring) if isinstance(keyring, str) else keyring
-        if type(special) is int and special < 0 and type(uid) is int:
-            self._relinks.add((uid, special))
-        return self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
+        Into a special keyring (@s, @u...), the client makes the link again when it reconnects to a keyring
+        of that name that is not the one it linked into (a restarted daemon's @s is a new keyring, and the
+        persistent keys, possessed through the link, would refuse their owner EACCES under the default
+        masks), unless it took the link away itself (unlink, move, clear; revoke, invalidate)."""
+        special = _special_id(keyring)
+        if special is None or type(uid) is not int or self._relinks is None:
+            return self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
+        return self._linking_persistent(uid, special)
+
+    def _linking_persistent(self, uid: int, special: int):
+        """GET_PERSISTENT into a special keyring, remembered in ``_relinks`` once it succeeded as
+        (uid, special ID) -> (persistent keyring, the special keyring's serial)."""
+        return self._call(Op.GET_PERSISTENT, uid, special)
+
+    def _unlinking(self, key, keyring=None) -> None:
+        """A request that may take a remembered persistent keyring (``key``: a serial; anything else may be
+        one) out of ``keyring`` (a special ID's; None: out of every keyring): never linked again."""
+        special = None if keyring is None else _special_id(keyring)
+        if self._relinks is None or keyring is not None and special is None:
+            return
+        for (uid, ring), (persistent, _serial) in list(self._relinks.items()):
+            if (special is None or ring == special) and (key is None or type(key) is not int or key == persistent):
+                del self._relinks[(uid, ring)]
 
     def export(self, key, *, to_public_key=None, wrapping_key=None) -> bytes:
         """A wrapped copy of a key or keyring tree: to a public key (PEM/DER bytes, or a key in keyden),

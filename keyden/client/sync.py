@@ -68,7 +68,7 @@ class Client(Operations):
         self.region_pool = RegionPool(self)  # the shared regions behind the aead helpers' large calls
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
         self.abandoned_regions: deque[tuple[int, int]] = deque()  # (region, generation) of shared buffers dropped
-        self._relinks: set[tuple[int, int]] = set()  # (uid, special keyring) of get_persistent: made again
+        self._relinks = {}  # see Operations._relinks
         self._open()
         _CLIENTS.add(self)
 
@@ -149,12 +149,29 @@ class Client(Operations):
             raise
 
     def _relink(self) -> None:
-        """Link the persistent keyrings again into the special keyrings the client linked them into (see
-        ``get_persistent``); a refusal is left for the requests that need the link to meet."""
-        for uid, keyring in list(self._relinks):
+        """On a new connection: link the persistent keyrings again into the special keyrings the client
+        linked them into, where such a keyring is now another (see ``get_persistent``).  A refusal is left
+        for the requests that need the link to meet."""
+        def ask(op: Op, *args) -> tuple | None:
             rid = next(self._ids) & 0xFFFFFFFF or 1
-            self._sock.sendall(self._request(rid, Op.GET_PERSISTENT, (uid, keyring)))
-            self._wait(rid)
+            self._sock.sendall(self._request(rid, op, args))
+            frame = self._wait(rid)
+            return None if frame.status else W.response_schema(op).decode(frame.body)
+
+        for (uid, special), (_persistent, serial) in list(self._relinks.items()):
+            now = ask(Op.GET_KEYRING_ID, special, 1)
+            if now is not None and now[0] == serial:
+                continue  # the keyring it linked into: as the client left it
+            linked = None if now is None else ask(Op.GET_PERSISTENT, uid, special)
+            if linked is None:
+                del self._relinks[(uid, special)]
+            else:
+                self._relinks[(uid, special)] = (linked[0], now[0])
+
+    def _linking_persistent(self, uid: int, special: int):
+        persistent = self._call(Op.GET_PERSISTENT, uid, special)
+        self._relinks[(uid, special)] = (persistent, self._call(Op.GET_KEYRING_ID, special, 0))
+        return persistent
 
     def _send(self, data: bytes, fds: list[int] | None = None, read_meanwhile: bool = False) -> None:
         """Write requests; if the connection was gone before any byte of them went out, write them on a new
