@@ -167,7 +167,7 @@ def test_tls_needs_the_blocking_client_and_says_how(arun):
     async def scenario(c):
         for method in (c.tls_accept, c.tls_connect, c.tls_abort, c.tls_peer_end):
             with pytest.raises(E.EOPNOTSUPP, match="asyncio.to_thread"):
-                method(None)
+                await method(None)
         return await c.ping(b"still fine")
     assert arun(scenario) == b"still fine"
 

@@ -9,6 +9,7 @@ the private key nor a traffic secret ever reached the application's memory.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import errno
@@ -251,6 +252,30 @@ def test_python_client_both_versions_and_key_types(app_factory, server_ring, pki
     assert info.server_name == name
     assert session["subject"] == f"CN={name}" and isinstance(session["key"], key_type)
     assert info.peer_subject == "" and info.peer_certificate == b""
+
+
+def test_tls_from_asyncio_as_tls_md_shows(client, server_ring, pki):
+    """The asyncio client has no TLS (it passes no descriptors); tls.md's way: a blocking client's
+    tls_accept in a thread, then asyncio's streams over the plaintext socket."""
+    import asyncio
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+
+    async def serve_one():
+        sock, _ = await asyncio.get_running_loop().sock_accept(listener)
+        plain, info = await asyncio.to_thread(client.tls_accept, sock, "@s")  # the handshake, in keyden
+        reader, writer = await asyncio.open_connection(sock=plain)              # plaintext from here on
+        writer.write(b"echo: " + await reader.readline())
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        return info.server_name
+
+    with listener, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        served = pool.submit(asyncio.run, serve_one())
+        _session, reply = python_peer(listener.getsockname()[1], "a.test", pki.ca)
+        assert reply == b"echo: hello\n" and served.result(TIMEOUT) == "a.test"
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])

@@ -444,10 +444,12 @@ class AsyncClient(Operations):
         raise E.EOPNOTSUPP("pyca key objects are synchronous: use a blocking client (keyden.connect) "
                            "for private_key(), or pkey_sign/pkey_decrypt here")
 
-    def _no_tls(self, *args, **kwargs):
-        raise E.EOPNOTSUPP("the asyncio client passes no descriptors, so it has no TLS: run a blocking client's "
-                           "(keyden.connect) in a thread, plain = await asyncio.to_thread(c.tls_accept, sock, ...), "
-                           "then reader, writer = await asyncio.open_connection(sock=plain) (docs/tls.md)")
+    def _no_tls(self, *args, **kwargs) -> asyncio.Future:
+        """EOPNOTSUPP at ``await``, as the operations' refusals, with how to do it instead."""
+        return _failed(E.EOPNOTSUPP(
+            "the asyncio client passes no descriptors, so it has no TLS: run a blocking client's (keyden.connect) "
+            "in a thread, plain, info = await asyncio.to_thread(c.tls_accept, sock, ...), then "
+            "reader, writer = await asyncio.open_connection(sock=plain) (docs/tls.md)"))
 
     tls_accept = tls_connect = tls_abort = tls_peer_end = _no_tls
 
