@@ -59,17 +59,17 @@ def name(cn: str) -> x509.Name:
 
 def certificate(cn: str, key, issuer: tuple[str, object] | None = None, *, ca: bool = False, eku=None,
                 san: tuple = (), not_before=None, not_after=None, signer=None,
-                akid: bool = True, email: str = "", constraints: x509.NameConstraints | None = None
+                akid: bool = True, emails: tuple[str, ...] = (), constraints: x509.NameConstraints | None = None
                 ) -> x509.Certificate:
     """A certificate for ``key``, issued by (issuer name, issuer key), else self-signed.
 
     ``signer`` signs instead of the issuer's key while the names and the
     authority key identifier still point at the issuer: a forgery.  ``akid=False``: no authority key
-    identifier, only the issuer's name.  ``san``: DNS names, or general names of any kind; ``email``: an
-    emailAddress in the subject, after its common name.
+    identifier, only the issuer's name.  ``san``: DNS names, or general names of any kind; ``emails``:
+    emailAddress attributes in the subject, after its common name.
     """
     issuer_cn, issuer_key = issuer or (cn, key)
-    subject = x509.Name([*name(cn), *([x509.NameAttribute(NameOID.EMAIL_ADDRESS, email)] if email else [])])
+    subject = x509.Name([*name(cn), *(x509.NameAttribute(NameOID.EMAIL_ADDRESS, e) for e in emails)])
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(name(issuer_cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(not_before or NOW - 365 * DAY).not_valid_after(not_after or NOW + 365 * DAY)
@@ -511,9 +511,9 @@ def test_x509_verify_applies_name_constraints_to_subjects_as_openssl_and_tls(cli
     add_cert(client, certificate("Constrained CA", inter_key, ("Test Root", pki.root_key), ca=True,
                                  constraints=constraints), chain)
 
-    def leaf(cn: str, email: str = "", sans=(), eku=CLIENT):
-        return add_cert(client, certificate(cn, ec_key(), ("Constrained CA", inter_key), eku=[eku], san=sans,
-                                            email=email))
+    def leaf(cn: str, email: str = "", sans=(), eku=CLIENT, issuer=("Constrained CA", inter_key)):
+        return add_cert(client, certificate(cn, ec_key(), issuer, eku=[eku], san=sans,
+                                            emails=(email,) if email else ()))
 
     verify = lambda serial, **kw: client.x509_verify(serial, rings.trust, chain, **kw)  # noqa: E731
     for refused_leaf, kw in ((leaf("evil.example"), {}),
@@ -526,6 +526,18 @@ def test_x509_verify_applies_name_constraints_to_subjects_as_openssl_and_tls(cli
                       purpose="client")) == 3  # a common name no host name: not a DNS name to check
     assert len(verify(leaf("evil.example", sans=[x509.DNSName("www.good.example")], eku=SERVER),
                       host="www.good.example", purpose="server")) == 3  # a DNS SAN: the CN is not a name
+
+    # Excluded subtrees only, as OpenSSL reads them: a common name with "_" is still a host name, "@domain"
+    # excludes every mailbox there, and an emailAddress without "@" cannot be checked, so it is refused.
+    banning_key = ec_key()
+    add_cert(client, certificate("Banning CA", banning_key, ("Test Root", pki.root_key), ca=True,
+                                 constraints=x509.NameConstraints(None, [x509.DNSName("evil.example"),
+                                                                         x509.RFC822Name("@evil.example")])), chain)
+    banning = ("Banning CA", banning_key)
+    for refused_leaf in (leaf("evil_x.evil.example", issuer=banning), leaf("Boss", "boss@evil.example", issuer=banning),
+                         leaf("Boss", "bossevil.example", issuer=banning)):
+        assert "name constraints" in rejection(lambda: verify(refused_leaf)), refused_leaf
+    assert len(verify(leaf("Boss", "boss@fine.example", issuer=banning))) == 3
 
 
 def test_a_trust_keyring_holds_what_a_search_from_it_finds(client, pki, rings):
@@ -738,6 +750,15 @@ def test_x509_verify_name_constraints_and_their_cost(client, pki, rings):
     add_cert(client, wide, wide_chain)
     many = certificate("many", ec_key(), ("Wide CA", key), eku=[SERVER], san=tuple(f"h{i}.d1.example" for i in range(300)))
     reason = rejection(lambda: client.x509_verify(add_cert(client, many), rings.trust, wide_chain))
+    assert reason.startswith("name constraints too costly to check"), reason
+    # A subject's names count too: pyca leaves them to keyden, which compares each with each constraint.
+    key = ec_key()
+    mail_ca = certificate("Mail CA", key, ("Test Root", pki.root_key), ca=True, constraints=x509.NameConstraints(
+        None, [x509.RFC822Name(f"m{i}.example") for i in range(300)]))
+    add_cert(client, mail_ca, wide_chain)
+    mailer = certificate("mailer", ec_key(), ("Mail CA", key), eku=[CLIENT], emails=tuple(f"u{i}@x.example"
+                                                                                          for i in range(300)))
+    reason = rejection(lambda: client.x509_verify(add_cert(client, mailer), rings.trust, wide_chain))
     assert reason.startswith("name constraints too costly to check"), reason
 
 

@@ -322,45 +322,82 @@ def _wildcard_over_one_label(leaf: x509.Certificate, subject) -> bool:
     return subject.value.lower() not in (n.lower() for n in _sans(leaf, x509.DNSName))
 
 
+class _Unsupported(Exception):
+    """A name a name constraint cannot be checked against (OpenSSL's X509_V_ERR_UNSUPPORTED_NAME_SYNTAX):
+    refused, where a constraint of its kind applies."""
+
+
 def _within(name: str, constraint: str, kind) -> bool:
     """OpenSSL's nc_dns and nc_email: a DNS name in a constraint's domain (itself or below it; below only,
-    for ".domain"), and a mail address that is the constraint, or whose domain is the constraint's (or
-    below it, for ".domain"), case aside but for a mailbox's local part."""
+    for ".domain"); a mail address that is the constraint ("box@domain"), or at its domain ("domain",
+    "@domain"), or below it (".domain"), case aside but for a mailbox's local part."""
     if kind is x509.DNSName:
         name, constraint = name.lower(), constraint.lower()
         if not constraint or constraint.startswith("."):
             return name.endswith(constraint)
         return name == constraint or name.endswith("." + constraint)
-    local, at, domain = name.rpartition("@")
-    if not at:
+    if not isinstance(name, str) or "@" not in name or not name.isascii():
+        raise _Unsupported()
+    local, _, host = name.rpartition("@")
+    if "@" not in constraint and constraint.startswith("."):
+        return name.lower().endswith(constraint.lower())
+    c_local, _, c_host = constraint.rpartition("@")
+    return (not c_local or local == c_local) and host.lower() == c_host.lower()
+
+
+def _host_like(cn: str) -> bool:
+    """OpenSSL's cn2dnsid: letters, digits and "_", with "-" and "." inside, no "." next to "." or "-",
+    and two labels at least."""
+    dots = 0
+    for i, c in enumerate(cn):
+        if c.isascii() and (c.isalnum() or c == "_"):
+            continue
+        if not 0 < i < len(cn) - 1:
+            return False
+        if c == "-":
+            continue
+        if c == "." and cn[i + 1] not in ".-" and cn[i - 1] != "-":
+            dots += 1
+            continue
         return False
-    if "@" in constraint:
-        c_local, _, c_domain = constraint.rpartition("@")
-        return local == c_local and domain.lower() == c_domain.lower()
-    domain, constraint = domain.lower(), constraint.lower()
-    return domain.endswith(constraint) if constraint.startswith(".") else domain == constraint
+    return dots > 0
+
+
+def _subject_names(cert: x509.Certificate, leaf: bool) -> list[tuple[str | bytes, type]]:
+    """The names in a subject that name constraints govern besides the subjectAltName: its emailAddress
+    attributes and, for a leaf with no DNS subjectAltName, its host-like common names."""
+    names = [(a.value, x509.RFC822Name) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+    if leaf and not _sans(cert, x509.DNSName):
+        names += [(a.value, x509.DNSName) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+                  if isinstance(a.value, str) and _host_like(a.value)]
+    return names
 
 
 def _subject_name_outside(chain: Sequence[x509.Certificate]) -> str | None:
-    """A name in a subject that an issuer's name constraints exclude, or None.  pyca checks the
-    subjectAltName only; OpenSSL (and so keyden's TLS) also checks each subject's emailAddress, and the
-    leaf's common names that look like host names when it has no DNS subjectAltName."""
+    """Why a name in a subject breaks an issuer's name constraints, or None.  pyca checks the
+    subjectAltName only; OpenSSL (and so keyden's TLS) also checks subjects (``_subject_names``), below
+    each issuer but self-issued intermediates, as nc_match does: within a permitted subtree of its kind
+    if there are any, within no excluded one."""
     for at, issuer in enumerate(chain[1:], 1):
         try:
             constraints = issuer.extensions.get_extension_for_class(x509.NameConstraints).value
         except (x509.ExtensionNotFound, ValueError):
             continue
-        for cert in chain[:at]:
-            names = [(a.value, x509.RFC822Name) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
-            if cert is chain[0] and not _sans(cert, x509.DNSName):
-                names += [(a.value, x509.DNSName) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-                          if isinstance(a.value, str) and "." in a.value and _DNS_NAME.fullmatch(a.value)]
-            for name, kind in names:
-                permitted = [t.value for t in constraints.permitted_subtrees or () if isinstance(t, kind)]
-                excluded = [t.value for t in constraints.excluded_subtrees or () if isinstance(t, kind)]
-                if any(_within(name, c, kind) for c in excluded) or \
-                        permitted and not any(_within(name, c, kind) for c in permitted):
-                    return name
+        subtrees = {kind: ([t.value for t in constraints.permitted_subtrees or () if isinstance(t, kind)],
+                           [t.value for t in constraints.excluded_subtrees or () if isinstance(t, kind)])
+                    for kind in (x509.DNSName, x509.RFC822Name)}
+        for index, cert in enumerate(chain[:at]):
+            if index and cert.subject == cert.issuer:
+                continue  # self-issued: RFC 5280 and OpenSSL leave it out
+            for name, kind in _subject_names(cert, leaf=index == 0):
+                permitted, excluded = subtrees[kind]
+                try:
+                    if permitted and not any(_within(name, c, kind) for c in permitted):
+                        return f"{printable(name[:253])!r}, outside the subtrees an issuer's name constraints permit"
+                    if any(_within(name, c, kind) for c in excluded):
+                        return f"{printable(name[:253])!r}, in a subtree an issuer's name constraints exclude"
+                except _Unsupported:
+                    return "an emailAddress that is no mail address, under an issuer's mail name constraints"
     return None
 
 
@@ -443,7 +480,7 @@ def _check_name_constraint_cost(leaf: x509.Certificate, issuers: Iterable[x509.C
     than MAX_NAME_CHECKS comparisons.  The path is not known yet, so every candidate counts: the leaf's
     and every issuer's names (and subjects) against every issuer's constraints."""
     issuers = set(issuers)
-    names = sum(_names_in(c) + 1 for c in (leaf, *issuers))
+    names = sum(_names_in(c) + 1 + len(c.subject) for c in (leaf, *issuers))  # (each subject, and its names)
     subtrees = sum(_subtrees_in(c) for c in issuers)
     if names * subtrees > MAX_NAME_CHECKS:
         raise E.EKEYREJECTED(f"name constraints too costly to check: {names} names in the chain's "
@@ -606,6 +643,5 @@ def validate(leaf: x509.Certificate, anchors: list[x509.Certificate], intermedia
         raise E.EKEYREJECTED(_reason("no matching subjectAltName", host, purpose))
     outside = _subject_name_outside(chain)
     if outside is not None:
-        raise E.EKEYREJECTED(f"name constraints: a subject in the chain names {printable(outside[:253])!r}, "
-                             "which an issuer's name constraints exclude")
+        raise E.EKEYREJECTED(f"name constraints: a subject in the chain names {outside}")
     return chain
