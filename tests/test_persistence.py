@@ -9,6 +9,7 @@ would: by editing its rows while the daemon is down.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import hmac
@@ -208,6 +209,23 @@ def test_a_system_key_filed_in_a_persistent_keyring_stays_a_system_key(fresh_dae
         c.revoke(ca)  # (the mask grants neither write nor setattr)
     c.unlink(ca, ring)
     assert c.read(ring) == []
+
+
+def test_a_system_key_stored_before_rows_carried_keep_comes_back_a_system_key():
+    """Rows written before the KEEP flag hold system keys without it: root's, in no quota and no keyring,
+    which only system keys are, is what tells one (as it came back, any uid could invalidate it)."""
+    from keyden.core import keytypes as T
+    from keyden.core.store import KeyStore
+    from keyden.persist import records
+
+    store = KeyStore()
+    system = store.add_system_key(T.lookup("user"), "a system key", b"payload", 7, 0x1B1B1B1B)
+    sealer = Sealer(bytes(32))
+    for key, kept in ((system, True), (store.add_system_key(T.KEYRING, "a system keyring", None, 0, 0x1B1B1B1B),
+                                       False)):
+        row, plaintext = records.snapshot(key, 1, False)
+        row = records.seal(dataclasses.replace(row, flags=row.flags & ~records.KEEP), plaintext, sealer)
+        assert records.open_row(row, sealer)[0].keep is kept  # (a keyring: a persistent one is no system key)
 
 
 def test_a_client_that_reconnects_after_a_restart_links_its_persistent_keyring_again(fresh_daemon):

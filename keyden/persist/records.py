@@ -172,7 +172,11 @@ def open_row(row: Row, sealer: Sealer | LegacySealer) -> tuple[Key, list[int]]:
     key.expiry = row.expiry
     key.revoked_at = row.revoked_at
     key.flags = row.flags & KEY_FLAGS
-    key.keep = key.keep or bool(row.flags & KEEP)  # no one may revoke, invalidate or time out a system key
+    # A system key: no one may revoke, invalidate or time out one.  A row stored before rows carried KEEP
+    # tells one by what only system keys are: root's, in no quota, and no keyring (a persistent keyring
+    # is in none, but a keyring; every other key a uid makes is charged to it).
+    key.keep = key.keep or bool(row.flags & KEEP) or (row.uid == 0 and not row.flags & CHARGED
+                                                      and not ktype.is_keyring)
     if row.flags & RESTRICTED:
         key.restriction = DenyAll()
     return key, members
