@@ -163,6 +163,19 @@ def test_what_may_not_be_exported(client):
             client.export(tree, wrapping_key=wrap)
 
 
+@pytest.mark.parametrize("u", [0, 1])
+def test_an_export_to_a_low_order_x25519_key_is_einval(client, u):
+    """A low-order X25519 recipient makes an all-zero shared secret, which pyca refuses with a ValueError:
+    the export was EIO "internal error" (a traceback in the daemon's log), given as bytes or as a key."""
+    low = x25519.X25519PublicKey.from_public_bytes(u.to_bytes(32, "little")).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key = client.add("user", "to a low-order point", b"stays home", "@s")
+    with pytest.raises(E.EINVAL, match="low-order"):
+        client.export(key, to_public_key=low)
+    with pytest.raises(E.EINVAL, match="low-order"):
+        client.export(key, to_public_key=client.add("asymmetric", "", low, "@s"))
+
+
 def test_hostile_and_mismatched_blobs_are_refused(client):
     wrap = client.genkey("aes:256", "backup:a", "@s")
     other = client.genkey("aes:256", "backup:b", "@s")

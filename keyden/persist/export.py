@@ -10,11 +10,11 @@ open.  The content key depends on the mode:
 
 - 1 X25519 and 2 ECDH (P-256/P-384): a fresh ephemeral key pair; the mode
   field is its public key (raw, or an uncompressed point); content key =
-  HKDF-SHA256(shared secret, info = label | ephemeral public | recipient SPKI).
+  HKDF-SHA256(shared secret, info = label | " agreement" NUL | ephemeral public | recipient SPKI).
 - 3 RSA-OAEP: a random content key, OAEP(SHA-256, label) encrypted to the
   recipient; the mode field is that ciphertext.
 - 4 wrapping key: a key held in keyden (logon, at least 16 bytes); the mode
-  field is a random salt; content key = HKDF-SHA256(wrapping key, salt, info = label).
+  field is a random salt; content key = HKDF-SHA256(wrapping key, salt, info = label | " wrapping key").
 
 The plaintext is the tree: protocol ``Schema`` encodings of each key (type,
 description, perm, payload; an asymmetric key as DER from
@@ -46,7 +46,7 @@ from keyden import errors as E
 from keyden.core import keytypes
 from keyden.core.flags import BINDING_FLAGS, FOR_USE, USE_FLAGS, flags_for
 from keyden.core.key import Exported
-from keyden.crypto import RESERVED_CONTEXT, asymmetric
+from keyden.crypto import RESERVED_CONTEXT, agreement, asymmetric
 from keyden.protocol import Kind as K
 from keyden.protocol import Schema
 
@@ -185,22 +185,27 @@ def opening_use(parsed) -> str:
 def _transports(parsed) -> bool:
     """RSA (key transport) or not (X25519, EC: key agreement); EINVAL first for a key that can do neither
     (Ed25519), whatever it is bound to."""
-    return isinstance(_encryption_key(parsed.public_key), rsa.RSAPublicKey)
+    return isinstance(recipient(parsed.public_key), rsa.RSAPublicKey)
 
 
 def recipient_key(data: bytes):
     """A recipient's public key from PEM or DER (SPKI, certificate, or a private key's public half)."""
-    return _encryption_key(asymmetric.parse(data).public_key)
+    return recipient(asymmetric.parse(data).public_key)
 
 
-def _encryption_key(public):
-    if isinstance(public, (x25519.X25519PublicKey, ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+def recipient(public):
+    """``public``, if an export may go to it (checked before the tree is copied): an X25519 key that is
+    no low-order point, an EC P-256/P-384 or an RSA key; else EINVAL."""
+    if isinstance(public, x25519.X25519PublicKey):
+        agreement.ecdh(x25519.X25519PrivateKey.generate(), public)  # EINVAL for a low-order point
+        return public
+    if isinstance(public, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
         return public
     raise E.EINVAL("exports go to an X25519, EC P-256/P-384 or RSA public key")
 
 
 def wrap_to_public_key(plaintext: bytes, public) -> bytes:
-    public = _encryption_key(public)
+    public = recipient(public)
     spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if isinstance(public, rsa.RSAPublicKey):
         content_key = AESGCM.generate_key(8 * CONTENT_KEY)
@@ -209,13 +214,11 @@ def wrap_to_public_key(plaintext: bytes, public) -> bytes:
         ephemeral = x25519.X25519PrivateKey.generate()
         mode, field = X25519, ephemeral.public_key().public_bytes(serialization.Encoding.Raw,
                                                                   serialization.PublicFormat.Raw)
-        shared = ephemeral.exchange(public)
     else:
         ephemeral = ec.generate_private_key(public.curve)
         mode, field = ECDH, ephemeral.public_key().public_bytes(serialization.Encoding.X962,
                                                                serialization.PublicFormat.UncompressedPoint)
-        shared = ephemeral.exchange(ec.ECDH(), public)
-    return _seal(mode, field, _agreed_key(shared, field, spki), plaintext)
+    return _seal(mode, field, _agreed_key(agreement.ecdh(ephemeral, public), field, spki), plaintext)
 
 
 def wrap_with_key(plaintext: bytes, wrapping_key: bytes) -> bytes:

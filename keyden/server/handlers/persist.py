@@ -26,7 +26,7 @@ def _export(ctx, key, recipient, recipient_key, wrapping_key):
         material = ctx.store.material(ctx.caller, wrapping_key, None)  # any key: it goes through HKDF
         public = None
     elif recipient_key:
-        public = ctx.store.asymmetric(ctx.caller, recipient_key, export.recipient_use).public_key
+        public = export.recipient(ctx.store.asymmetric(ctx.caller, recipient_key, export.recipient_use).public_key)
     else:
         public = export.recipient_key(recipient)
     keys, links = ctx.store.export_tree(ctx.caller, key)
