@@ -442,13 +442,19 @@ def skcipher(name: str, key, iv, decrypt: bool = False) -> SkcipherStream:
     return SkcipherStream(alg.name, cipher.decryptor() if decrypt else cipher.encryptor())
 
 
+def _whole_blocks(stream: "SkcipherStream", data):
+    """``data``, if whole blocks of the stream's cipher (cbc(aes)'s 16 bytes; ctr(aes)'s 1): else EINVAL,
+    before any of it is processed."""
+    data = _buffer(data, "data")
+    if len(data) % ALGORITHMS[stream.name].block_size:
+        raise E.EINVAL(f"{stream.name}: data is not a multiple of the block size")
+    return data
+
+
 def skcipher_crypt(name: str, key, iv, data, decrypt: bool = False) -> bytes:
     """One-shot skcipher; cbc(aes) data must be whole blocks (EINVAL, nothing processed)."""
     stream = skcipher(name, key, iv, decrypt)
-    data = _buffer(data, "data")
-    block = ALGORITHMS[stream.name].block_size
-    if len(data) % block:
-        raise E.EINVAL(f"{stream.name}: data is not a multiple of the block size")
+    data = _whole_blocks(stream, data)
     return stream.update(data) + stream.finalize()
 
 
@@ -459,9 +465,7 @@ def skcipher_crypt_into(name: str, key, iv, data, out, decrypt: bool = False) ->
     """``skcipher_crypt`` written into ``out`` (len(data) bytes) a MiB at a time: for shared memory, where
     the data may be a gigabyte and the daemon's memory is locked, never a copy of the whole."""
     stream = skcipher(name, key, iv, decrypt)
-    data = _buffer(data, "data")
-    if len(data) % ALGORITHMS[stream.name].block_size:
-        raise E.EINVAL(f"{stream.name}: data is not a multiple of the block size")
+    data = _whole_blocks(stream, data)
     pos = 0
     for start in range(0, len(data), _PIECE):
         piece = stream.update(data[start:start + _PIECE])

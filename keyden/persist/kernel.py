@@ -83,7 +83,7 @@ def store(description: str, payload: bytes) -> int:
 
 
 def remove(description: str) -> None:
-    """Unlink the key from root's user keyring (tests and `keyden` tooling)."""
+    """Unlink the key from root's user keyring (for the tests, which put one there)."""
     syscall, (_add, _request, keyctl) = _syscall()
     found = syscall(keyctl, KEYCTL_SEARCH, ctypes.c_int(KEY_SPEC_USER_KEYRING), b"user", description.encode(), 0)
     if found >= 0:
