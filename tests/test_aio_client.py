@@ -487,6 +487,18 @@ def test_connecting_waits_while_the_daemons_listen_queue_is_full(tmp_path):
         asyncio.run(scenario())
 
 
+def test_a_blocking_client_with_a_timeout_waits_while_the_listen_queue_is_full(tmp_path):
+    """With a timeout (a non-blocking socket underneath), a full queue's EAGAIN was ECONNRESET "cannot
+    connect" at once, where a client without one waits: it waits, up to its timeout."""
+    path = str(tmp_path / "busy.sock")
+    with unserved_listener(path) as (_server, queued):
+        queued.extend(fill_listen_queue(path))
+        started = time.monotonic()
+        with pytest.raises(E.ETIMEDOUT, match="listen queue is full"):
+            keyden.connect(path, timeout=0.3)
+        assert time.monotonic() - started >= 0.3
+
+
 def test_closing_a_client_whose_reconnect_waits_on_a_full_listen_queue_ends_the_wait(tmp_path):
     """A reconnect waiting for room in the daemon's listen queue went on polling after close(), and connected
     (then dropped the connection) whenever room appeared."""

@@ -48,6 +48,28 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """connect(), waiting while the daemon's listen queue is full, as a blocking connect waits: a socket with
+    a timeout is non-blocking underneath, and such a queue is EAGAIN at once.  ETIMEDOUT after ``timeout``."""
+    if timeout is None:
+        sock.connect(path)
+        return
+    deadline, delay = _clock() + timeout, 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            left = deadline - _clock()
+            if left <= 0:
+                error = E.ETIMEDOUT(f"keyden at {path} took no new connection within {timeout:g} s "
+                                    "(its listen queue is full)")
+                error.before_hello = True
+                raise error from None
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 0.05)
+
+
 class Client(Operations):
     def __init__(self, socket_path: str | None = None, *, session: str | None = None,
                  timeout: float | None = None, client_name: str = "keyden-python", reconnect: bool = True,
@@ -94,11 +116,10 @@ class Client(Operations):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         hello_timeout = common.HELLO_TIMEOUT if self._timeout is None else min(self._timeout, common.HELLO_TIMEOUT)
         try:
-            sock.settimeout(self._timeout)  # (with a timeout, a full listen queue is EAGAIN at once: a busy
-            #                                  daemon's queue is waited on, as a connect without one does)
+            sock.settimeout(self._timeout)
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-            sock.connect(self.socket_path)
+            _connect(sock, self.socket_path, self._timeout)
             common.check_daemon(sock, self.socket_path)
             sock.settimeout(hello_timeout)  # keyden answers HELLO at once: whatever does not is no keyden
         except OSError as exc:
