@@ -274,9 +274,19 @@ def test_a_reconnecting_client_makes_again_only_the_links_it_lost(fresh_daemon):
     assert c.get_persistent("@s") == persistent  # linked again by hand, and made again after a restart...
     restart(d)
     assert persistent in c.read("@s")
+    with pytest.raises(E.ENOKEY):
+        c.move(persistent, "@s", 2)  # refused: the link stays, and is made again
+    restart(d)
+    assert persistent in c.read("@s")
     c.move(persistent, "@s", "@u")  # ... unless moved (or unlinked, cleared, revoked) away
     restart(d)
     assert persistent not in c.read("@s")
+    assert c.call_many([("get_persistent", ("@s",)), ("unlink", (persistent, "@s"))]) == [persistent, None]
+    restart(d)
+    assert persistent not in c.read("@s")  # call_many's unlink counts too
+    assert c.call_many([("get_persistent", ("@s",))]) == [persistent]
+    restart(d)
+    assert persistent in c.read("@s")  # and its get_persistent
     c.close()
 
 

@@ -206,15 +206,14 @@ class AsyncClient(Operations):
                     raise
                 del self._relinks[(uid, special)]
 
-    def _linking_persistent(self, uid: int, special: int):
-        linked, ring = self._call(Op.GET_PERSISTENT, uid, special), self._call(Op.GET_KEYRING_ID, special, 0)
+    def _then(self, future: asyncio.Future, action) -> asyncio.Future:
+        future.add_done_callback(lambda done: done.cancelled() or done.exception() is not None
+                                 or action(done.result()))
+        return future
 
-        def remember(both: asyncio.Future) -> None:
-            if not both.cancelled() and not any(isinstance(r, BaseException) for r in both.result()):
-                self._relinks[(uid, special)] = tuple(both.result())
-
-        asyncio.gather(linked, ring, return_exceptions=True).add_done_callback(remember)
-        return linked
+    def _remember_link(self, uid: int, special: int, persistent: int) -> None:
+        ring = self._call(Op.GET_KEYRING_ID, special, 0)
+        self._then(ring, lambda serial: self._relinks.__setitem__((uid, special), (persistent, serial)))
 
     def _behind_gate(self, op: Op, args: tuple, future: asyncio.Future | None = None) -> asyncio.Future:
         """Queue a request for the new connection, and open it if no request has yet: the queue is written

@@ -168,27 +168,23 @@ class Operations(ABC):
         return self._call(Op.UPDATE, Ref(key), _bytes(payload))
 
     def revoke(self, key):
-        self._unlinking(key)
-        return self._call(Op.REVOKE, Ref(key))
+        return self._then(self._call(Op.REVOKE, Ref(key)), lambda _: self._unlinking(key))
 
     def invalidate(self, key):
-        self._unlinking(key)
-        return self._call(Op.INVALIDATE, Ref(key))
+        return self._then(self._call(Op.INVALIDATE, Ref(key)), lambda _: self._unlinking(key))
 
     def clear(self, keyring):
-        self._unlinking(None, keyring)
-        return self._call(Op.CLEAR, Ref(keyring))
+        return self._then(self._call(Op.CLEAR, Ref(keyring)), lambda _: self._unlinking(None, keyring))
 
     def link(self, key, keyring):
         return self._call(Op.LINK, Ref(key), Ref(keyring))
 
     def unlink(self, key, keyring):
-        self._unlinking(key, keyring)
-        return self._call(Op.UNLINK, Ref(key), Ref(keyring))
+        return self._then(self._call(Op.UNLINK, Ref(key), Ref(keyring)), lambda _: self._unlinking(key, keyring))
 
     def move(self, key, from_keyring, to_keyring, force: bool = False):
-        self._unlinking(key, from_keyring)
-        return self._call(Op.MOVE, Ref(key), Ref(from_keyring), Ref(to_keyring), 0 if force else MOVE_EXCL)
+        return self._then(self._call(Op.MOVE, Ref(key), Ref(from_keyring), Ref(to_keyring), 0 if force else MOVE_EXCL),
+                          lambda _: self._unlinking(key, from_keyring))
 
     def search(self, keyring, type: str, description: str, dest=0):
         return self._call(Op.SEARCH, Ref(keyring), type, description, Ref(dest) if dest else 0)
@@ -369,15 +365,22 @@ class Operations(ABC):
         of that name that is not the one it linked into (a restarted daemon's @s is a new keyring, and the
         persistent keys, possessed through the link, would refuse their owner EACCES under the default
         masks), unless it took the link away itself (unlink, move, clear; revoke, invalidate)."""
+        linked = self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
         special = _special_id(keyring)
-        if special is None or type(uid) is not int or self._relinks is None:
-            return self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
-        return self._linking_persistent(uid, special)
+        if special is None or type(uid) is not int:
+            return linked
+        return self._then(linked, lambda persistent: self._remember_link(uid, special, persistent))
 
-    def _linking_persistent(self, uid: int, special: int):
-        """GET_PERSISTENT into a special keyring, remembered in ``_relinks`` once it succeeded as
-        (uid, special ID) -> (persistent keyring, the special keyring's serial)."""
-        return self._call(Op.GET_PERSISTENT, uid, special)
+    def _then(self, result, action):
+        """``result`` of a ``_call``, with ``action(value)`` once the call succeeded: at once for the blocking
+        client (its ``_call`` raised otherwise); the asyncio client's future runs it when it is done."""
+        action(result)
+        return result
+
+    def _remember_link(self, uid: int, special: int, persistent: int) -> None:
+        """A get_persistent into a special keyring succeeded: remember it, with which keyring that is now."""
+        if self._relinks is not None:
+            self._relinks[(uid, special)] = (persistent, self._call(Op.GET_KEYRING_ID, special, 0))
 
     def _unlinking(self, key, keyring=None) -> None:
         """A request that may take a remembered persistent keyring (``key``: a serial; anything else may be

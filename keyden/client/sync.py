@@ -54,13 +54,14 @@ def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
     if timeout is None:
         sock.connect(path)
         return
-    deadline, delay = _clock() + timeout, 0.001
+    deadline, delay = None, 0.001
     while True:
         try:
             sock.connect(path)
             return
         except BlockingIOError:
-            left = deadline - _clock()
+            deadline = deadline or time.monotonic() + timeout
+            left = deadline - time.monotonic()
             if left <= 0:
                 error = E.ETIMEDOUT(f"keyden at {path} took no new connection within {timeout:g} s "
                                     "(its listen queue is full)")
@@ -188,11 +189,6 @@ class Client(Operations):
                 del self._relinks[(uid, special)]
             else:
                 self._relinks[(uid, special)] = (linked[0], now[0])
-
-    def _linking_persistent(self, uid: int, special: int):
-        persistent = self._call(Op.GET_PERSISTENT, uid, special)
-        self._relinks[(uid, special)] = (persistent, self._call(Op.GET_KEYRING_ID, special, 0))
-        return persistent
 
     def _send(self, data: bytes, fds: list[int] | None = None, read_meanwhile: bool = False) -> None:
         """Write requests; if the connection was gone before any byte of them went out, write them on a new
@@ -480,6 +476,7 @@ class Client(Operations):
                 from None
         results: list[Any] = [None] * len(calls)
         ready: list[tuple[int, Op, tuple]] = []  # (index, op, fields) to send together
+        then: dict[int, Any] = {}  # index -> what its method does once it succeeded
 
         def send_ready() -> None:
             batch = ready[:]
@@ -491,10 +488,13 @@ class Client(Operations):
             for (i, op, _), answer in zip(batch, answers):
                 results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer)
 
-        recorder = _Recorder()
+        recorder = _Recorder(self)
         for i, call in enumerate(calls):
             try:
+                recorder.then = None
                 op, raw = recorder.record(call)
+                if recorder.then is not None:
+                    then[i] = recorder.then
                 needs_find = any(type(a) is Ref and isinstance(common.key_id(a.value), tuple) for a in raw)
             except E.KeydenError as exc:
                 results[i] = exc
@@ -509,6 +509,9 @@ class Client(Operations):
             ready.append((i, op, fields))
         if ready:
             send_ready()
+        for i, action in then.items():
+            if not isinstance(results[i], E.KeydenError):
+                action(results[i])
         return results
 
     # --------------------------------------------------------------- handles
@@ -605,12 +608,25 @@ class Client(Operations):
 
 
 class _Recorder(Operations):
-    """Captures the (op, fields) a method would send, for call_many."""
+    """Captures the (op, fields) a method would send, for call_many, and what the client does once it
+    succeeded (``then``: get_persistent's bookkeeping, see Operations._relinks)."""
 
     last: tuple
+    then = None
+
+    def __init__(self, client: Client):
+        self._client = client
+        self._relinks = client._relinks
 
     def _call(self, op, *args):
         self.last = (op, args)
+
+    def _then(self, result, action):
+        self.then = action
+        return result
+
+    def _remember_link(self, uid: int, special: int, persistent: int) -> None:
+        self._client._remember_link(uid, special, persistent)
 
     def record(self, call) -> tuple[Op, tuple]:
         """(op, fields) of a call_many entry ``(name, args[, kwargs])``; EINVAL for a malformed entry, bad
