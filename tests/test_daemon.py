@@ -177,6 +177,16 @@ def test_broken_frames_close_only_that_connection(daemon, client):
     assert client.read(serial) == b"still here"
 
 
+def test_a_secret_read_is_not_left_in_the_clients_receive_buffer(client):
+    """The blocking client reads every reply into one reused 1 MiB buffer: a key's payload stayed there
+    until a longer reply came (short ones never overwrote it)."""
+    secret = os.urandom(48)
+    serial = client.add("user", "wiped from the buffer", secret, "@s")
+    assert client.read(serial) == secret
+    client.ping(b"x")
+    assert bytes(client._buf).find(secret) == -1
+
+
 def test_request_id_0_and_a_second_hello_are_protocol_errors(daemon):
     """Id 0 is the daemon's, for connection-level errors: a request carrying it was answered, and its
     answer could not be told from "the daemon is closing".  It now is that: EPROTO, then the close.

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 RECV_CHUNK = 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
 _clock = time.monotonic
+#: Replies that carry a secret the caller asked for (a key's payload, a shared secret, a plaintext): wiped
+#: from the client's receive buffer once decoded.
+_SECRET_REPLIES = frozenset((Op.READ, Op.DH_COMPUTE, Op.DH_COMPUTE_KDF, Op.PKEY_DECRYPT))
 
 _CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
 
@@ -432,7 +435,10 @@ class Client(Operations):
                         if n == W.HEADER_SIZE + length and got == rid and got_op == op:
                             if status:
                                 raise E.error_for_code(status, W.decode_error(view[W.HEADER_SIZE:n]))
-                            return response.decode(bytes(view[W.HEADER_SIZE:n]))
+                            fields = response.decode(bytes(view[W.HEADER_SIZE:n]))
+                            if op in _SECRET_REPLIES:  # not left in the buffer until a longer reply comes
+                                view[:n] = bytes(n)
+                            return fields
                     if n == 0:
                         raise OSError("daemon closed the connection")
                     self._decoder.feed(view[:n])
