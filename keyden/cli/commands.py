@@ -725,7 +725,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("tls-proxy", "--listen <host:port> --keyring <keyring> --forward <host:port>|unix:<path> "
             "[--client-trust <keyring>] [--require-client-cert] [--alpn <p1,p2>] [--handshake-timeout <secs>] "
             "[--max-connections <n>] [--max-connections-per-host <n>] [--close-timeout <secs>] "
-            "[--idle-timeout <secs>] [--shutdown-timeout <secs>] [--proxy-protocol]",
+            "[--idle-timeout <secs>] [--evict-idle <secs>] [--shutdown-timeout <secs>] [--proxy-protocol]",
             tls.cmd_tls_proxy, extension=True, own_help=True),
     Command("unlink", "<key> [<keyring>]", cmd_unlink),
     Command("update", "[-x] <key> <data>", cmd_update),
