@@ -147,6 +147,9 @@ FILES = [
     VectorFile("Signature", "rsa_pss_4096_sha512_mgf1_64_test.json", "publicKeyDer", _rsa_pss),
     VectorFile("Signature", "rsa_pss_misc_test.json", "publicKeyDer", _rsa_pss),
     VectorFile("Signature", "rsa_signature_2048_sha3_256_test.json", "publicKeyDer", _rsa_pkcs1),
+    VectorFile("Signature", "rsa_signature_2048_sha512_test.json", "publicKeyDer", _rsa_pkcs1),
+    VectorFile("Signature", "rsa_pss_2048_sha384_mgf1_48_test.json", "publicKeyDer", _rsa_pss),
+    VectorFile("Signature", "rsa_pss_3072_sha256_mgf1_32_test.json", "publicKeyDer", _rsa_pss),
     VectorFile("Cipher", "rsa_oaep_2048_sha256_mgf1sha256_test.json", "privateKeyPkcs8", _rsa_oaep),
     VectorFile("Cipher", "rsa_oaep_2048_sha256_mgf1sha1_test.json", "privateKeyPkcs8", _rsa_oaep),
     VectorFile("Cipher", "rsa_oaep_2048_sha384_mgf1sha384_test.json", "privateKeyPkcs8", _rsa_oaep),
@@ -164,6 +167,9 @@ FILES = [
     VectorFile("Signature", "ecdsa_secp256r1_sha512_test.json", "publicKeyDer", _ecdsa("x962")),
     VectorFile("Signature", "ecdsa_secp384r1_sha512_p1363_test.json", "publicKeyDer", _ecdsa("p1363")),
     VectorFile("Signature", "ecdsa_secp256r1_sha3_256_test.json", "publicKeyDer", _ecdsa("x962")),
+    # A digest shorter than the curve (SHA-256 on P-384), and SHA-3 on P-384.
+    VectorFile("Signature", "ecdsa_secp384r1_sha256_test.json", "publicKeyDer", _ecdsa("x962")),
+    VectorFile("Signature", "ecdsa_secp384r1_sha3_384_test.json", "publicKeyDer", _ecdsa("x962")),
     VectorFile("Signature", "ed25519_test.json", "publicKeyDer", _ed25519),
 ]
 
