@@ -528,6 +528,15 @@ def test_a_stream_left_unfinished_by_a_with_block_is_closed(client, aes):
         assert h.finalize()[1] == hashlib.sha256(b"abc").digest()  # finalized: leaving the block is a no-op
 
 
+def test_an_algorithm_where_a_key_belongs_says_so(client, aes):
+    """(alg, key) swapped (the helpers take (key, alg)) was "a string must be a serial": it names the swap."""
+    _key, serial = aes
+    for swapped in (lambda: client.cipher(serial, GCM, b"x"), lambda: client.aead(GCM, serial),
+                    lambda: client.mac(serial, "hmac(sha256)", b"x")):
+        with pytest.raises(E.EINVAL, match="an algorithm's name where a key belongs"):
+            swapped()
+
+
 def test_digest_and_mac_take_only_their_own_kind(client, aes):
     _key, serial = aes
     for wrong in (lambda: client.digest("hmac(sha256)", b"x"), lambda: client.mac("sha256", serial, b"x"),

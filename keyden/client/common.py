@@ -123,6 +123,11 @@ def key_id(ref) -> int | tuple[str, str]:
         try:
             return key_id(int(ref, 0))
         except ValueError:
+            from keyden.crypto.symmetric import ALGORITHMS
+
+            if ref in ALGORITHMS:  # (a name of ours, so safe to echo) the data plane's (alg, key) swapped
+                raise E.EINVAL(f"bad key reference {ref!r}: an algorithm's name where a key belongs (the "
+                               "data plane's calls take (alg, key); aead() and hmac() take (key, alg))") from None
             hint = f" {ref!r}" if _LOOKS_SPECIAL.fullmatch(ref) else ""  # a mistyped special name, nothing longer
             raise E.EINVAL(f"bad key reference{hint}: a string must be a serial, one of "
                            f"{', '.join(SPECIAL)} or %type:description") from None
