@@ -231,8 +231,8 @@ def test_a_system_key_stored_before_rows_carried_keep_comes_back_a_system_key():
 def test_a_client_that_reconnects_after_a_restart_links_its_persistent_keyring_again(fresh_daemon):
     """A service linked its persistent keyring into @s once and used a key in it by serial; the daemon
     restarted, the client reconnected on its own, and every use was EACCES: the new daemon's @s is a new
-    keyring, the link gone with the old one, and the default mask lets only a possessor search.  Both
-    clients make the links again as they reconnect."""
+    keyring, the link gone with the old one, and the default mask lets only a possessor search.  The link
+    is stored with the persistent keyring, and made again as the new daemon makes the user keyrings."""
     import asyncio
     from keyden.client import aio
 
@@ -262,31 +262,27 @@ def test_a_client_that_reconnects_after_a_restart_links_its_persistent_keyring_a
         c.close()
 
 
-def test_a_reconnecting_client_makes_again_only_the_links_it_lost(fresh_daemon):
-    """What the client unlinked stays unlinked: after a reconnect to the same daemon (its @s still the
-    one it linked into, nothing to make again), and after a restart (it took the link away itself)."""
-    d = fresh_daemon("idle_timeout = 0.5\n")
+def test_a_restart_links_the_persistent_keyring_again_only_where_it_was(fresh_daemon):
+    """The user keyrings (@u, and @us: @s of a connection with no session) are made anew by each daemon;
+    the persistent keyring's links into them are stored with it and made again, the ones taken away
+    (unlink, move; through call_many too) are not, and a refused move takes none away."""
+    d = fresh_daemon()
     c = d.connect()
     persistent = c.get_persistent("@s")
     c.unlink(persistent, "@s")
-    time.sleep(1.0)  # the daemon closes the idle connection: the next request opens a new one
-    assert persistent not in c.read("@s") and c.generation == 1
-    assert c.get_persistent("@s") == persistent  # linked again by hand, and made again after a restart...
-    restart(d)
-    assert persistent in c.read("@s")
-    with pytest.raises(E.ENOKEY):
-        c.move(persistent, "@s", 2)  # refused: the link stays, and is made again
-    restart(d)
-    assert persistent in c.read("@s")
-    c.move(persistent, "@s", "@u")  # ... unless moved (or unlinked, cleared, revoked) away
     restart(d)
     assert persistent not in c.read("@s")
-    assert c.call_many([("get_persistent", ("@s",)), ("unlink", (persistent, "@s"))]) == [persistent, None]
+    assert c.get_persistent("@s") == persistent
+    with pytest.raises(E.ENOKEY):
+        c.move(persistent, "@s", 2)
     restart(d)
-    assert persistent not in c.read("@s")  # call_many's unlink counts too
-    assert c.call_many([("get_persistent", ("@s",))]) == [persistent]
+    assert persistent in c.read("@s")
+    c.move(persistent, "@s", "@u")
     restart(d)
-    assert persistent in c.read("@s")  # and its get_persistent
+    assert persistent not in c.read("@s") and persistent in c.read("@u")
+    assert c.call_many([("unlink", (persistent, "@u"))]) == [None]
+    restart(d)
+    assert persistent not in c.read("@u")
     c.close()
 
 

@@ -142,7 +142,6 @@ class AsyncClient(Operations):
         self.helper_streams = asyncio.Semaphore(MAX_HELPER_STREAMS)  # large aead/hmac calls at once (aio_dataplane)
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
         self._guard = None  # see _guard_loop
-        self._relinks = {}  # see Operations._relinks
         _CLIENTS.add(self)
 
     @classmethod
@@ -184,36 +183,7 @@ class AsyncClient(Operations):
             raise
         wire.decoder.max_frame = common.MAX_REPLY_FRAME
         self.version, self.max_frame, self.uid, self.gid, self.pid = hello
-        if self._relinks:  # before any request waiting at the gate
-            try:
-                await asyncio.wait_for(self._relink(), common.HELLO_TIMEOUT)
-            except (E.KeydenError, TimeoutError):
-                pass  # a lost connection is the next request's to meet
         self.generation += reconnecting
-
-    async def _relink(self) -> None:
-        """Link the persistent keyrings again into the special keyrings the client linked them into, where
-        such a keyring is now another (see ``get_persistent``); a refusal is left for the requests that
-        need the link to meet."""
-        for (uid, special), (_persistent, serial) in list(self._relinks.items()):
-            try:
-                now = await self._write(Op.GET_KEYRING_ID, (special, 1))
-                if now == serial:
-                    continue  # the keyring it linked into: as the client left it
-                self._relinks[(uid, special)] = (await self._write(Op.GET_PERSISTENT, (uid, special)), now)
-            except E.KeydenError:
-                if self._lost is not None:
-                    raise
-                del self._relinks[(uid, special)]
-
-    def _then(self, future: asyncio.Future, action) -> asyncio.Future:
-        future.add_done_callback(lambda done: done.cancelled() or done.exception() is not None
-                                 or action(done.result()))
-        return future
-
-    def _remember_link(self, uid: int, special: int, persistent: int) -> None:
-        ring = self._call(Op.GET_KEYRING_ID, special, 0)
-        self._then(ring, lambda serial: self._relinks.__setitem__((uid, special), (persistent, serial)))
 
     def _behind_gate(self, op: Op, args: tuple, future: asyncio.Future | None = None) -> asyncio.Future:
         """Queue a request for the new connection, and open it if no request has yet: the queue is written

@@ -14,14 +14,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from keyden import errors as E
-from keyden.client import common
 from keyden.protocol import DECRYPT, IMPORT_CONTENTS, KEY_USES, MOVE_EXCL, NO_EXPORT, RANDOM_NONCE, Op
-
-
-def _special_id(keyring) -> int | None:
-    """The special ID a keyring argument names ("@s" or -3 itself), or None for any other."""
-    special = common.SPECIAL.get(keyring) if isinstance(keyring, str) else keyring
-    return special if type(special) is int and special < 0 else None
 
 
 class Ref:
@@ -136,10 +129,6 @@ class Operations(ABC):
     """Every keyctl operation, as arguments checked and shaped for the wire: a client adds the transport
     (``_call``, which sends one request and returns its result, or a future of it)."""
 
-    #: (uid, special ID) -> (persistent keyring, special keyring's serial): the links get_persistent made,
-    #: made again on a reconnect (a client's; None for what only records requests)
-    _relinks: dict[tuple[int, int], tuple[int, int]] | None = None
-
     @abstractmethod
     def _call(self, op: Op, *args: Any):
         """Send ``op`` with ``args`` (Ref values resolved to serials first) and return its shaped result."""
@@ -168,23 +157,22 @@ class Operations(ABC):
         return self._call(Op.UPDATE, Ref(key), _bytes(payload))
 
     def revoke(self, key):
-        return self._then(self._call(Op.REVOKE, Ref(key)), lambda _: self._unlinking(key))
+        return self._call(Op.REVOKE, Ref(key))
 
     def invalidate(self, key):
-        return self._then(self._call(Op.INVALIDATE, Ref(key)), lambda _: self._unlinking(key))
+        return self._call(Op.INVALIDATE, Ref(key))
 
     def clear(self, keyring):
-        return self._then(self._call(Op.CLEAR, Ref(keyring)), lambda _: self._unlinking(None, keyring))
+        return self._call(Op.CLEAR, Ref(keyring))
 
     def link(self, key, keyring):
         return self._call(Op.LINK, Ref(key), Ref(keyring))
 
     def unlink(self, key, keyring):
-        return self._then(self._call(Op.UNLINK, Ref(key), Ref(keyring)), lambda _: self._unlinking(key, keyring))
+        return self._call(Op.UNLINK, Ref(key), Ref(keyring))
 
     def move(self, key, from_keyring, to_keyring, force: bool = False):
-        return self._then(self._call(Op.MOVE, Ref(key), Ref(from_keyring), Ref(to_keyring), 0 if force else MOVE_EXCL),
-                          lambda _: self._unlinking(key, from_keyring))
+        return self._call(Op.MOVE, Ref(key), Ref(from_keyring), Ref(to_keyring), 0 if force else MOVE_EXCL)
 
     def search(self, keyring, type: str, description: str, dest=0):
         return self._call(Op.SEARCH, Ref(keyring), type, description, Ref(dest) if dest else 0)
@@ -359,38 +347,8 @@ class Operations(ABC):
 
     # persistent keyrings, export and import (docs/persistence.md)
     def get_persistent(self, keyring="@s", uid: int = -1):
-        """KEYCTL_GET_PERSISTENT: link the uid's persistent keyring (-1: the caller's) into ``keyring``; its serial.
-
-        Into a special keyring (@s, @u...), the client makes the link again when it reconnects to a keyring
-        of that name that is not the one it linked into (a restarted daemon's @s is a new keyring, and the
-        persistent keys, possessed through the link, would refuse their owner EACCES under the default
-        masks), unless it took the link away itself (unlink, move, clear; revoke, invalidate)."""
-        linked = self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
-        special = _special_id(keyring)
-        if special is None or type(uid) is not int:
-            return linked
-        return self._then(linked, lambda persistent: self._remember_link(uid, special, persistent))
-
-    def _then(self, result, action):
-        """``result`` of a ``_call``, with ``action(value)`` once the call succeeded: at once for the blocking
-        client (its ``_call`` raised otherwise); the asyncio client's future runs it when it is done."""
-        action(result)
-        return result
-
-    def _remember_link(self, uid: int, special: int, persistent: int) -> None:
-        """A get_persistent into a special keyring succeeded: remember it, with which keyring that is now."""
-        if self._relinks is not None:
-            self._relinks[(uid, special)] = (persistent, self._call(Op.GET_KEYRING_ID, special, 0))
-
-    def _unlinking(self, key, keyring=None) -> None:
-        """A request that may take a remembered persistent keyring (``key``: a serial; anything else may be
-        one) out of ``keyring`` (a special ID's; None: out of every keyring): never linked again."""
-        special = None if keyring is None else _special_id(keyring)
-        if self._relinks is None or keyring is not None and special is None:
-            return
-        for (uid, ring), (persistent, _serial) in list(self._relinks.items()):
-            if (special is None or ring == special) and (key is None or type(key) is not int or key == persistent):
-                del self._relinks[(uid, ring)]
+        """KEYCTL_GET_PERSISTENT: link the uid's persistent keyring (-1: the caller's) into ``keyring``; its serial."""
+        return self._call(Op.GET_PERSISTENT, uid, Ref(keyring))
 
     def export(self, key, *, to_public_key=None, wrapping_key=None) -> bytes:
         """A wrapped copy of a key or keyring tree: to a public key (PEM/DER bytes, or a key in keyden),

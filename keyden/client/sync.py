@@ -94,7 +94,6 @@ class Client(Operations):
         self.region_pool = RegionPool(self)  # the shared regions behind the aead helpers' large calls
         self.abandoned_streams: deque[tuple[int, int]] = deque()  # (handle, generation) of streams dropped open
         self.abandoned_regions: deque[tuple[int, int]] = deque()  # (region, generation) of shared buffers dropped
-        self._relinks = {}  # see Operations._relinks
         self._open()
         _CLIENTS.add(self)
 
@@ -165,33 +164,6 @@ class Client(Operations):
             sock.close()
             raise E.ECONNRESET("the client is closed")
         self.version, self.max_frame, self.uid, self.gid, self.pid = W.response_schema(Op.HELLO).decode(frame.body)
-        try:
-            self._relink()
-        except OSError as exc:
-            raise self._lost(exc) from None
-        except BaseException:
-            sock.close()
-            raise
-
-    def _relink(self) -> None:
-        """On a new connection: link the persistent keyrings again into the special keyrings the client
-        linked them into, where such a keyring is now another (see ``get_persistent``).  A refusal is left
-        for the requests that need the link to meet."""
-        def ask(op: Op, *args) -> tuple | None:
-            rid = next(self._ids) & 0xFFFFFFFF or 1
-            self._sock.sendall(self._request(rid, op, args))
-            frame = self._wait(rid)
-            return None if frame.status else W.response_schema(op).decode(frame.body)
-
-        for (uid, special), (_persistent, serial) in list(self._relinks.items()):
-            now = ask(Op.GET_KEYRING_ID, special, 1)
-            if now is not None and now[0] == serial:
-                continue  # the keyring it linked into: as the client left it
-            linked = None if now is None else ask(Op.GET_PERSISTENT, uid, special)
-            if linked is None:
-                del self._relinks[(uid, special)]
-            else:
-                self._relinks[(uid, special)] = (linked[0], now[0])
 
     def _send(self, data: bytes, fds: list[int] | None = None, read_meanwhile: bool = False) -> None:
         """Write requests; if the connection was gone before any byte of them went out, write them on a new
@@ -482,7 +454,6 @@ class Client(Operations):
                 from None
         results: list[Any] = [None] * len(calls)
         ready: list[tuple[int, Op, tuple]] = []  # (index, op, fields) to send together
-        then: dict[int, Any] = {}  # index -> what its method does once it succeeded
 
         def send_ready() -> None:
             batch = ready[:]
@@ -494,13 +465,10 @@ class Client(Operations):
             for (i, op, _), answer in zip(batch, answers):
                 results[i] = answer if isinstance(answer, E.KeydenError) else common.shape(op, answer)
 
-        recorder = _Recorder(self)
+        recorder = _Recorder()
         for i, call in enumerate(calls):
             try:
-                recorder.then = None
                 op, raw = recorder.record(call)
-                if recorder.then is not None:
-                    then[i] = recorder.then
                 needs_find = any(type(a) is Ref and isinstance(common.key_id(a.value), tuple) for a in raw)
             except E.KeydenError as exc:
                 results[i] = exc
@@ -515,9 +483,6 @@ class Client(Operations):
             ready.append((i, op, fields))
         if ready:
             send_ready()
-        for i, action in then.items():
-            if not isinstance(results[i], E.KeydenError):
-                action(results[i])
         return results
 
     # --------------------------------------------------------------- handles
@@ -614,25 +579,13 @@ class Client(Operations):
 
 
 class _Recorder(Operations):
-    """Captures the (op, fields) a method would send, for call_many, and what the client does once it
-    succeeded (``then``: get_persistent's bookkeeping, see Operations._relinks)."""
+    """Captures the (op, fields) a method would send, for call_many."""
 
     last: tuple
-    then = None
-
-    def __init__(self, client: Client):
-        self._client = client
-        self._relinks = client._relinks
 
     def _call(self, op, *args):
         self.last = (op, args)
 
-    def _then(self, result, action):
-        self.then = action
-        return result
-
-    def _remember_link(self, uid: int, special: int, persistent: int) -> None:
-        self._client._remember_link(uid, special, persistent)
 
     def record(self, call) -> tuple[Op, tuple]:
         """(op, fields) of a call_many entry ``(name, args[, kwargs])``; EINVAL for a malformed entry, bad

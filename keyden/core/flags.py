@@ -26,8 +26,8 @@ USE_FLAGS = sum(FOR_USE.values())
 #: permission is an oracle against its own signatures (and the reverse).  sign: pkey_sign, pkey_verify, TLS
 #: handshakes; decrypt: pkey_encrypt, pkey_decrypt (--into too), exports to and imports by an RSA key;
 #: derive: key agreement (derive's private key), imports by an EC or X25519 key.  Stored with
-#: persistent keys and in exports: never reused, and never 0x100-0x400 or 0x10000, a stored key's row's own bits
-#: (persist/records.py).
+#: persistent keys and in exports: never reused, and never 0x100-0x400 or 0x10000-0x40000, a stored key's
+#: row's own bits (persist/records.py).
 ASYMMETRIC_USE = {"sign": 0x800, "decrypt": 0x1000, "derive": 0x2000}
 ASYMMETRIC_USE_FLAGS = sum(ASYMMETRIC_USE.values())
 #: What a key is bound to, the one thing of its flags that goes with it into an export.

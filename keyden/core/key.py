@@ -58,7 +58,7 @@ class Key:
     __slots__ = (
         "serial", "type", "description", "uid", "gid", "perm", "expiry", "payload", "quota_len",
         "revoked_at", "invalidated", "dead", "links", "parents", "pins", "restriction", "charged", "ctime",
-        "flags", "persisted", "keep", "held_back", "engines", "__weakref__",
+        "flags", "persisted", "keep", "held_back", "engines", "in_user_keyrings", "__weakref__",
     )
 
     def __init__(self, serial: int, ktype: T.KeyType, description: str, uid: int, gid: int, perm: int,
@@ -87,6 +87,9 @@ class Key:
         # A stored keyring's members whose records were skipped at start (reserved serials): still written
         # in its member list, so that a record an operator accepts later finds its place again.
         self.held_back: tuple[int, ...] = ()
+        # A persistent keyring's links from its uid's user keyrings (USER_KEYRING, USER_SESSION_KEYRING bits):
+        # stored with it, and made again in the keyrings a restarted daemon makes (KeyStore._note_user_link).
+        self.in_user_keyrings = 0
         # Objects made from the payload (cipher engines, keyed by algorithm): dropped with it, so no copy
         # of the key outlives an update, a revoke or the key (KeyStore.engine).
         self.engines: dict[str, Any] | None = None

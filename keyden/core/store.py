@@ -56,6 +56,9 @@ RECOVERED_KEYRING = "keyden:recovered"
 #: giving one (or None), or None for public data.
 AsymmetricUse = str | Callable[[Any], str | None] | None
 
+# Key.in_user_keyrings: a persistent keyring linked into its uid's _uid.N, _uid_ses.N.
+USER_KEYRING, USER_SESSION_KEYRING = 0x1, 0x2
+
 # How a new key counts against its owner's quota (KEY_ALLOC_IN_QUOTA / _QUOTA_OVERRUN / _NOT_IN_QUOTA).
 IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
 
@@ -384,6 +387,7 @@ class KeyStore:
         if ring.persisted:
             self._persist_tree(key)
             self.journal.on_link(ring, key)
+        self._note_user_link(ring, key)
         if old is not None:
             self._drop_parent(old, ring)
 
@@ -410,9 +414,23 @@ class KeyStore:
 
     def _drop_parent(self, child: Key, parent: Key) -> None:
         child.parents.discard(parent)
+        self._note_user_link(parent, child)
         self._maybe_destroy(child)
         if child.persisted:
             self._recheck_persisted(child)
+
+    def _note_user_link(self, ring: Key, key: Key) -> None:
+        """A uid's persistent keyring linked into, or out of, one of its user keyrings (@u, @us: @s of a
+        connection with no session): noted on it, and written, so that a restarted daemon links it there
+        again as it makes them (``_install_user_keyrings``): its keys stay possessed, as they were."""
+        if self._persistent_keyrings.get(key.uid) is not key:
+            return
+        bit = (USER_KEYRING if ring is self._user_keyrings.get(key.uid)
+               else USER_SESSION_KEYRING if ring is self._user_session_keyrings.get(key.uid) else 0)
+        held = key.in_user_keyrings | bit if ring in key.parents else key.in_user_keyrings & ~bit
+        if bit and held != key.in_user_keyrings:
+            key.in_user_keyrings = held
+            self._journal(key)
 
     # ------------------------------------------------------------ persistence
 
@@ -563,6 +581,13 @@ class KeyStore:
             ring = self._pinned_keyring(f"_uid_ses.{uid}", owner, P.DEFAULT_UID_KEYRING)
             self._link_raw(ring, self._user_keyrings[uid], check_quota=False)
             self._user_session_keyrings[uid] = ring
+        persistent = self._persistent_keyrings.get(uid)
+        if persistent is not None and persistent.in_user_keyrings and not persistent.defunct:
+            # Where it was linked before a restart (_note_user_link): as the keyrings are made again.
+            for bit, ring in ((USER_KEYRING, self._user_keyrings[uid]),
+                              (USER_SESSION_KEYRING, self._user_session_keyrings[uid])):
+                if persistent.in_user_keyrings & bit and ring not in persistent.parents:
+                    self._link_raw(ring, persistent, check_quota=False)
 
     def _user_keyring(self, uid: int) -> Key:
         self._install_user_keyrings(uid)
@@ -1650,6 +1675,9 @@ class KeyStore:
                     # inactivity, and the keys must not go before their owners can reach them again.  (What
                     # the store holds is never used: get_persistent does not write the expiry it sets.)
                     self._expire_at(ring, self._persistent_deadline())
+            for uid, ring in list(self._persistent_keyrings.items()):
+                if ring.in_user_keyrings and not ring.defunct:
+                    self._install_user_keyrings(uid)  # which links it where it was (possession needs them made)
             adopted = self._adopt_orphans([key for key in restored if not key.persisted]) if adopt else []
             orphans = [key.serial for key in restored if not key.persisted]
             self._reserved.update(orphans)

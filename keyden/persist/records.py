@@ -21,6 +21,7 @@ from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core.flags import KEY_FLAGS
 from keyden.core.key import DenyAll, Key
+from keyden.core.store import USER_KEYRING, USER_SESSION_KEYRING
 from keyden.persist.master import LegacySealer, Sealer
 
 FORMAT = b"keyden-record-v1\0"
@@ -29,7 +30,11 @@ ROOT = 0x100  # a uid's persistent keyring
 RESTRICTED = 0x200  # a keyring refusing all links (KEYCTL_RESTRICT_KEYRING with no type)
 CHARGED = 0x400  # counts against its owner's quota
 KEEP = 0x10000  # KEY_FLAG_KEEP: a system key (a CA of .builtin_trusted_keys) someone filed in a persistent keyring
-assert not KEY_FLAGS & (ROOT | RESTRICTED | CHARGED | KEEP), "a key flag would be read back as a row's, and the reverse"
+# A persistent keyring linked into its uid's user keyring, and user session keyring (Key.in_user_keyrings).
+IN_USER_KEYRING, IN_USER_SESSION_KEYRING = 0x20000, 0x40000
+_IN_USER = ((USER_KEYRING, IN_USER_KEYRING), (USER_SESSION_KEYRING, IN_USER_SESSION_KEYRING))
+assert not KEY_FLAGS & (ROOT | RESTRICTED | CHARGED | KEEP | IN_USER_KEYRING | IN_USER_SESSION_KEYRING), \
+    "a key flag would be read back as a row's, and the reverse"
 COLUMNS = ("serial", "type", "description", "uid", "gid", "perm", "expiry", "flags", "version", "revoked_at",
            "ctime", "quota_len", "sealed")
 _FIXED = struct.Struct("<iqqIdIQddQ")
@@ -101,6 +106,7 @@ def snapshot(key: Key, version: int, root: bool) -> tuple[Row, bytearray]:
     the live key).  Sealing (``seal``) needs no lock: a batch of rows is sealed while requests go on."""
     flags = key.flags & KEY_FLAGS
     flags |= (ROOT if root else 0) | (CHARGED if key.charged else 0) | (KEEP if key.keep else 0)
+    flags |= sum(row_bit for bit, row_bit in _IN_USER if key.in_user_keyrings & bit)
     if key.restriction is not None:
         if not isinstance(key.restriction, DenyAll):
             raise NotStorable(f"keyring {key.serial}'s restriction cannot be stored")
@@ -179,4 +185,5 @@ def open_row(row: Row, sealer: Sealer | LegacySealer) -> tuple[Key, list[int]]:
                                                       and not ktype.is_keyring)
     if row.flags & RESTRICTED:
         key.restriction = DenyAll()
+    key.in_user_keyrings = sum(bit for bit, row_bit in _IN_USER if row.flags & row_bit)
     return key, members
