@@ -166,8 +166,10 @@ def test_tls_needs_the_blocking_client_and_says_how(arun):
     """The asyncio client passes no descriptors: its tls_* were an AttributeError."""
     async def scenario(c):
         for method in (c.tls_accept, c.tls_connect, c.tls_abort, c.tls_peer_end):
+            refused = method(None)
+            assert asyncio.isfuture(refused)  # refused at await, as the operations' refusals are
             with pytest.raises(E.EOPNOTSUPP, match="asyncio.to_thread"):
-                await method(None)
+                await refused
         return await c.ping(b"still fine")
     assert arun(scenario) == b"still fine"
 

@@ -59,18 +59,19 @@ def name(cn: str) -> x509.Name:
 
 def certificate(cn: str, key, issuer: tuple[str, object] | None = None, *, ca: bool = False, eku=None,
                 san: tuple = (), not_before=None, not_after=None, signer=None,
-                akid: bool = True, emails: tuple[str, ...] = (), constraints: x509.NameConstraints | None = None
-                ) -> x509.Certificate:
+                akid: bool = True, emails: tuple[str, ...] = (), constraints: x509.NameConstraints | None = None,
+                subject: x509.Name | None = None, issuer_subject: x509.Name | None = None) -> x509.Certificate:
     """A certificate for ``key``, issued by (issuer name, issuer key), else self-signed.
 
     ``signer`` signs instead of the issuer's key while the names and the
     authority key identifier still point at the issuer: a forgery.  ``akid=False``: no authority key
     identifier, only the issuer's name.  ``san``: DNS names, or general names of any kind; ``emails``:
-    emailAddress attributes in the subject, after its common name.
+    emailAddress attributes in the subject, after its common name; ``subject``, ``issuer_subject``: whole
+    names instead of the common names'.
     """
     issuer_cn, issuer_key = issuer or (cn, key)
-    subject = x509.Name([*name(cn), *(x509.NameAttribute(NameOID.EMAIL_ADDRESS, e) for e in emails)])
-    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(name(issuer_cn))
+    subject = subject or x509.Name([*name(cn), *(x509.NameAttribute(NameOID.EMAIL_ADDRESS, e) for e in emails)])
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_subject or name(issuer_cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(not_before or NOW - 365 * DAY).not_valid_after(not_after or NOW + 365 * DAY)
          .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
@@ -538,6 +539,26 @@ def test_x509_verify_applies_name_constraints_to_subjects_as_openssl_and_tls(cli
                          leaf("Boss", "bossevil.example", issuer=banning)):
         assert "name constraints" in rejection(lambda: verify(refused_leaf)), refused_leaf
     assert len(verify(leaf("Boss", "boss@fine.example", issuer=banning))) == 3
+    # As OpenSSL's cn2dnsid and NAME_CONSTRAINTS_check: trailing NULs are cut from a common name, one inside
+    # it cannot be checked, nor can an emailAddress that is no IA5String: refused under any constraint.
+    utf8_mail = x509.Name([*name("Boss"), x509.NameAttribute(NameOID.EMAIL_ADDRESS, "boss@fine.example",
+                                                             _type=x509.name._ASN1Type.UTF8String)])
+    for refused_leaf in (leaf("www.evil.example\0", issuer=banning), leaf("www.evil.example\0.x", issuer=banning),
+                         add_cert(client, certificate("", ec_key(), banning, eku=[CLIENT], subject=utf8_mail))):
+        assert "name constraints" in rejection(lambda: verify(refused_leaf)), refused_leaf
+
+    # A self-issued intermediate (a CA's new key, certified by its old one) is left out, as RFC 5280 and
+    # OpenSSL leave it: its subject, the CA's own, names what the CA's own constraints exclude.
+    mail_ca = x509.Name([*name("Mail CA"), x509.NameAttribute(NameOID.EMAIL_ADDRESS, "ca@evil.example")])
+    old_key, new_key = ec_key(), ec_key()
+    add_cert(client, certificate("", old_key, ("Test Root", pki.root_key), ca=True, subject=mail_ca,
+                                 constraints=x509.NameConstraints(None, [x509.RFC822Name("@evil.example")])), chain)
+    add_cert(client, certificate("", new_key, ("", old_key), ca=True, subject=mail_ca, issuer_subject=mail_ca),
+             chain)
+    below = add_cert(client, certificate("", ec_key(), ("", new_key), eku=[CLIENT], issuer_subject=mail_ca,
+                                         subject=x509.Name([*name("Boss"), x509.NameAttribute(
+                                             NameOID.EMAIL_ADDRESS, "boss@fine.example")])))
+    assert len(verify(below)) >= 4
 
 
 def test_a_trust_keyring_holds_what_a_search_from_it_finds(client, pki, rings):

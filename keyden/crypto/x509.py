@@ -322,6 +322,9 @@ def _wildcard_over_one_label(leaf: x509.Certificate, subject) -> bool:
     return subject.value.lower() not in (n.lower() for n in _sans(leaf, x509.DNSName))
 
 
+_IA5 = getattr(getattr(x509.name, "_ASN1Type", None), "IA5String", None)
+
+
 class _Unsupported(Exception):
     """A name a name constraint cannot be checked against (OpenSSL's X509_V_ERR_UNSUPPORTED_NAME_SYNTAX):
     refused, where a constraint of its kind applies."""
@@ -347,7 +350,10 @@ def _within(name: str, constraint: str, kind) -> bool:
 
 def _host_like(cn: str) -> bool:
     """OpenSSL's cn2dnsid: letters, digits and "_", with "-" and "." inside, no "." next to "." or "-",
-    and two labels at least."""
+    and two labels at least (trailing NULs dropped first; one inside cannot be checked: _Unsupported)."""
+    cn = cn.rstrip("\0")
+    if "\0" in cn:
+        raise _Unsupported()
     dots = 0
     for i, c in enumerate(cn):
         if c.isascii() and (c.isalnum() or c == "_"):
@@ -365,10 +371,17 @@ def _host_like(cn: str) -> bool:
 
 def _subject_names(cert: x509.Certificate, leaf: bool) -> list[tuple[str | bytes, type]]:
     """The names in a subject that name constraints govern besides the subjectAltName: its emailAddress
-    attributes and, for a leaf with no DNS subjectAltName, its host-like common names."""
-    names = [(a.value, x509.RFC822Name) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+    attributes and, for a leaf with no DNS subjectAltName, its host-like common names (cut at trailing
+    NULs).  _Unsupported, as OpenSSL refuses them under any name constraint: an emailAddress that is no
+    IA5String, a common name with a NUL inside."""
+    names: list[tuple[str | bytes, type]] = []
+    for attribute in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
+        if _IA5 is not None and getattr(attribute, "_type", _IA5) is not _IA5:  # (pyca's only record of it)
+            raise _Unsupported()
+        names.append((attribute.value, x509.RFC822Name))
     if leaf and not _sans(cert, x509.DNSName):
-        names += [(a.value, x509.DNSName) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        names += [(a.value.rstrip("\0"), x509.DNSName)
+                  for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
                   if isinstance(a.value, str) and _host_like(a.value)]
     return names
 
@@ -389,7 +402,11 @@ def _subject_name_outside(chain: Sequence[x509.Certificate]) -> str | None:
         for index, cert in enumerate(chain[:at]):
             if index and cert.subject == cert.issuer:
                 continue  # self-issued: RFC 5280 and OpenSSL leave it out
-            for name, kind in _subject_names(cert, leaf=index == 0):
+            try:
+                names = _subject_names(cert, leaf=index == 0)
+            except _Unsupported:
+                return "a name no name constraint can be checked against (an emailAddress not IA5String, a NUL)"
+            for name, kind in names:
                 permitted, excluded = subtrees[kind]
                 try:
                     if permitted and not any(_within(name, c, kind) for c in permitted):
