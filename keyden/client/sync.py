@@ -51,9 +51,10 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+def _connect(sock: socket.socket, path: str, timeout: float | None, closed) -> None:
     """connect(), waiting while the daemon's listen queue is full, as a blocking connect waits: a socket with
-    a timeout is non-blocking underneath, and such a queue is EAGAIN at once.  ETIMEDOUT after ``timeout``."""
+    a timeout is non-blocking underneath, and such a queue is EAGAIN at once.  ETIMEDOUT after ``timeout``;
+    ECONNRESET once ``closed()`` (the client closed by another thread meanwhile)."""
     if timeout is None:
         sock.connect(path)
         return
@@ -63,6 +64,8 @@ def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
             sock.connect(path)
             return
         except BlockingIOError:
+            if closed():
+                raise E.ECONNRESET("the client is closed") from None
             deadline = deadline or time.monotonic() + timeout
             left = deadline - time.monotonic()
             if left <= 0:
@@ -122,7 +125,7 @@ class Client(Operations):
             sock.settimeout(self._timeout)
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-            _connect(sock, self.socket_path, self._timeout)
+            _connect(sock, self.socket_path, self._timeout, lambda: self._closed)
             common.check_daemon(sock, self.socket_path)
             sock.settimeout(hello_timeout)  # keyden answers HELLO at once: whatever does not is no keyden
         except OSError as exc:
