@@ -283,6 +283,15 @@ def test_a_restart_links_the_persistent_keyring_again_only_where_it_was(fresh_da
     assert c.call_many([("unlink", (persistent, "@u"))]) == [None]
     restart(d)
     assert persistent not in c.read("@u")
+    # An invalidated user keyring takes its links with it, as a revoked one does: its replacement (made at
+    # the next lookup) starts empty, now and after a restart.
+    for ring in ("@u", "@us"):
+        c.get_persistent(ring)
+        old = c.get_keyring_id(ring)
+        c.invalidate(ring)
+        assert c.get_keyring_id(ring) != old and persistent not in c.read(ring), ring
+        restart(d)
+        assert persistent not in c.read(ring), ring
     c.close()
 
 

@@ -361,6 +361,11 @@ class KeyStore:
         self._destroy(key)
 
     def _release_roots(self, key: Key) -> None:
+        for bit, table in ((USER_KEYRING, self._user_keyrings), (USER_SESSION_KEYRING, self._user_session_keyrings)):
+            persistent = self._persistent_keyrings.get(key.uid)
+            if table.get(key.uid) is key and persistent is not None and persistent.in_user_keyrings & bit:
+                persistent.in_user_keyrings &= ~bit  # a user keyring gone (invalidated, expired) takes its links
+                self._journal(persistent)            # with it: its replacement starts empty, as the kernel's
         for table in (self._user_keyrings, self._user_session_keyrings, self._process_keyrings,
                       self._persistent_keyrings):
             for ident, ring in list(table.items()):
