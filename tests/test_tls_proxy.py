@@ -256,11 +256,12 @@ def test_usage_errors(daemon):
 
 
 @pytest.mark.parametrize("keep", ["session", "persistent"])
-def test_a_proxy_whose_daemon_restarts_without_its_keyring_stops_with_exit_1(pki, upstream, keep):
+def test_a_proxy_whose_daemon_restarts_stops_with_exit_1_unless_its_keyring_is_there_again(pki, upstream, keep):
     """docs/tls.md: if the daemon goes away, the proxy stops with exit 1 at the next connection, so that its
     supervisor starts it again.  Its client used to reconnect by itself and the proxy refused every client
-    from then on, alive: a keyring named by serial is gone with the old daemon, and the persistent keyring
-    is no longer linked into the session until get_persistent runs again."""
+    from then on, alive: a keyring named by serial is gone with the old daemon's session.  In the persistent
+    keyring, linked into @s with no session (the unit's ExecStartPre), it is there again, linked again by
+    the new daemon: the proxy goes on serving."""
     from tests.conftest import Daemon
 
     d = Daemon().start()
@@ -287,7 +288,11 @@ def test_a_proxy_whose_daemon_restarts_without_its_keyring_stops_with_exit_1(pki
         port = int(line.split(":")[2].split(",")[0])
         assert curl(port, pki).stdout == b"hello from upstream, /path"
         d.stop()
-        d.start()  # the same socket and state: the persistent keyring is back, not linked into any session
+        d.start()  # the same socket and state: the persistent keyring is back, linked into @us again
+        if keep == "persistent":
+            assert curl(port, pki).stdout == b"hello from upstream, /path"
+            assert proc.poll() is None
+            return
         assert curl(port, pki).returncode != 0
         assert proc.wait(TIMEOUT) == 1
         said = proc.stderr.read().decode()
