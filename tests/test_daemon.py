@@ -706,7 +706,7 @@ def test_a_persistent_change_whose_fsync_waits_for_a_worker_at_sigterm_gets_its_
             lambda: clients[2].add("user", "made-at-stop", b"v", persistent)))))
         for thread in threads:
             thread.start()
-            time.sleep(0.1)
+            time.sleep(0.03)  # in order; an import takes 0.3-0.5 s (the second must be running at the check)
         assert all(thread.is_alive() for thread in threads[:2]), "the imports were not slow enough"
         d.proc.send_signal(signal.SIGTERM)
         for thread in threads:
