@@ -52,6 +52,11 @@ class Caller:
         return self.cred.uid
 
 
+#: Key.in_user_keyrings: a persistent keyring linked into its uid's user keyring (_uid.N, @u) and user
+#: session keyring (_uid_ses.N, @us).
+USER_KEYRING, USER_SESSION_KEYRING = 0x1, 0x2
+
+
 class Key:
     """A key as the store keeps it.  Never leaves the daemon."""
 

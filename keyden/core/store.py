@@ -34,7 +34,8 @@ from keyden.core.budget import ByteBudget
 from keyden.core.flags import (ASYMMETRIC_USE, ASYMMETRIC_USE_FLAGS, BINDING_FLAGS, FOR_USE, KEY_FLAGS, NO_EXPORT,
                                USE_FLAGS, check_flags, refuse_use, uses_of)
 from keyden.core.journal import Journal, NullJournal
-from keyden.core.key import Caller, DenyAll, Exported, Key, Restriction, StoreConfig
+from keyden.core.key import (USER_KEYRING, USER_SESSION_KEYRING, Caller, DenyAll, Exported, Key, Restriction,
+                             StoreConfig)
 from keyden.core.perm import Credentials
 from keyden.core.views import Description, KeyStatus
 
@@ -55,9 +56,6 @@ RECOVERED_KEYRING = "keyden:recovered"
 #: What an asymmetric key is handed out for (KeyStore.asymmetric): a use, a function of the parsed key
 #: giving one (or None), or None for public data.
 AsymmetricUse = str | Callable[[Any], str | None] | None
-
-# Key.in_user_keyrings: a persistent keyring linked into its uid's _uid.N, _uid_ses.N.
-USER_KEYRING, USER_SESSION_KEYRING = 0x1, 0x2
 
 # How a new key counts against its owner's quota (KEY_ALLOC_IN_QUOTA / _QUOTA_OVERRUN / _NOT_IN_QUOTA).
 IN_QUOTA, QUOTA_OVERRUN, NOT_IN_QUOTA = "in", "overrun", "none"
@@ -361,11 +359,11 @@ class KeyStore:
         self._destroy(key)
 
     def _release_roots(self, key: Key) -> None:
-        for bit, table in ((USER_KEYRING, self._user_keyrings), (USER_SESSION_KEYRING, self._user_session_keyrings)):
-            persistent = self._persistent_keyrings.get(key.uid)
-            if table.get(key.uid) is key and persistent is not None and persistent.in_user_keyrings & bit:
-                persistent.in_user_keyrings &= ~bit  # a user keyring gone (invalidated, expired) takes its links
-                self._journal(persistent)            # with it: its replacement starts empty, as the kernel's
+        persistent = self._persistent_keyrings.get(key.uid)
+        bit = self._user_keyring_bit(key)
+        if persistent is not None and persistent.in_user_keyrings & bit:
+            persistent.in_user_keyrings &= ~bit  # a user keyring gone (invalidated, expired) takes its links
+            self._journal(persistent)            # with it: its replacement starts empty, as the kernel's
         for table in (self._user_keyrings, self._user_session_keyrings, self._process_keyrings,
                       self._persistent_keyrings):
             for ident, ring in list(table.items()):
@@ -428,14 +426,19 @@ class KeyStore:
         """A uid's persistent keyring linked into, or out of, one of its user keyrings (@u, @us: @s of a
         connection with no session): noted on it, and written, so that a restarted daemon links it there
         again as it makes them (``_install_user_keyrings``): its keys stay possessed, as they were."""
-        if self._persistent_keyrings.get(key.uid) is not key:
+        if self._persistent_keyrings.get(key.uid) is not key or ring.uid != key.uid:
             return
-        bit = (USER_KEYRING if ring is self._user_keyrings.get(key.uid)
-               else USER_SESSION_KEYRING if ring is self._user_session_keyrings.get(key.uid) else 0)
+        bit = self._user_keyring_bit(ring)
         held = key.in_user_keyrings | bit if ring in key.parents else key.in_user_keyrings & ~bit
-        if bit and held != key.in_user_keyrings:
+        if held != key.in_user_keyrings:
             key.in_user_keyrings = held
             self._journal(key)
+
+    def _user_keyring_bit(self, ring: Key) -> int:
+        """USER_KEYRING or USER_SESSION_KEYRING if ``ring`` is its owner's user or user session keyring, else 0."""
+        if ring is self._user_keyrings.get(ring.uid):
+            return USER_KEYRING
+        return USER_SESSION_KEYRING if ring is self._user_session_keyrings.get(ring.uid) else 0
 
     # ------------------------------------------------------------ persistence
 
@@ -716,22 +719,17 @@ class KeyStore:
             if verdict is not None:
                 return (ring, None) if verdict else (None, last_skip[0])
 
-        for current in self._rings_searched(caller, ring, possessed):
+        for current in self._rings_searched(ring, lambda sub: self._rights(caller, sub, possessed) & P.SEARCH):
             for key in match.candidates(current):
                 if consider(key):
                     return key, None
         return None, last_skip[0]
 
-    def _grants_search(self, caller: Caller, key: Key, possessed: bool, own: bool) -> bool:
-        """Search on ``key`` in a search whose start keyring is ``possessed`` or not; with ``own``, also
-        where the caller's own keyrings possess it (as for a use of it by serial)."""
-        return bool(self._rights(caller, key, possessed) & P.SEARCH) or own and self._permits(caller, key, None,
-                                                                                               P.SEARCH)
-
-    def _rings_searched(self, caller: Caller, ring: Key, possessed: bool, own: bool = False) -> Iterator[Key]:
-        """The keyrings a search from ``ring`` (granting search) looks in, in order: each one's own keys are
-        tried before the keyrings below it.  Revoked or invalidated keyrings are not entered, nor keyrings
-        that do not grant search (see ``_grants_search``), nor any more than MAX_NESTING levels down."""
+    def _rings_searched(self, ring: Key, enters: Callable[[Key], Any]) -> Iterator[Key]:
+        """The keyrings a search from ``ring`` looks in, in order: each one's own keys are tried before the
+        keyrings below it.  Revoked or invalidated keyrings are not entered, nor keyrings ``enters`` refuses
+        (a search's: those that do not grant it search), nor any more than MAX_NESTING levels down; each is
+        entered from its shallowest link."""
         seen: dict[int, int] = {}
 
         def walk(current: Key, depth: int) -> Iterator[Key]:
@@ -741,7 +739,7 @@ class KeyStore:
             if depth >= MAX_NESTING:
                 return
             for sub in list(current.links.values()):
-                if sub.links is None or not self._grants_search(caller, sub, possessed, own):
+                if sub.links is None or not enters(sub):
                     continue
                 if seen.get(sub.serial, MAX_NESTING + 1) <= depth + 1:
                     continue  # already searched from at least this high up: nothing new below
@@ -759,7 +757,7 @@ class KeyStore:
             if not self._rights(caller, root, True) & P.SEARCH:
                 continue
             found.add(root.serial)
-            for ring in self._rings_searched(caller, root, True):
+            for ring in self._rings_searched(root, lambda sub: self._rights(caller, sub, True) & P.SEARCH):
                 found.update(key.serial for key in ring.links.values() if self._rights(caller, key, True) & P.SEARCH)
         return found
 
@@ -1149,19 +1147,37 @@ class KeyStore:
     def searchable(self, caller: Caller, keyring: int, ktype: T.KeyType) -> list[Key]:
         """Every live key of ``ktype`` a KEYCTL_SEARCH from ``keyring`` could find, or the caller could use by
         serial, in search order (a search stops at the first, a trust keyring vouches with them all).  A
-        possessed start keyring makes what is below it possessed; each keyring counts from its shallowest link."""
+        possessed start keyring makes what is below it possessed."""
         with self.lock:
             ring, possessed = self._lookup(caller, keyring, P.SEARCH)
             possessed = self._possessed(caller, ring, possessed)
             _require_keyring(ring)
-            now = self.clock()
-            found: dict[int, Key] = {}
-            for current in self._rings_searched(caller, ring, possessed, own=True):
+
+            def grants(key: Key) -> bool:  # search, in this search or by the caller's own possession
+                return bool(self._rights(caller, key, possessed) & P.SEARCH) or self._permits(caller, key, None,
+                                                                                               P.SEARCH)
+            return self._live_below(ring, ktype, grants)
+
+    def held(self, ring: Key, ktype: T.KeyType) -> list[Key]:
+        """Every live key of ``ktype`` in a live ``ring`` and the live keyrings below it, whoever may search
+        them (a restriction's check, as the kernel's restrict_link_by_signature); in search order."""
+        with self.lock:
+            return self._live_below(ring, ktype, lambda key: True)
+
+    def _live_below(self, ring: Key, ktype: T.KeyType, takes: Callable[[Key], bool]) -> list[Key]:
+        """The live keys of ``ktype`` a walk from a live ``ring`` finds (``_rings_searched``), entering and
+        taking only live ones that ``takes``, each once."""
+        now = self.clock()
+
+        def live(key: Key) -> bool:
+            return not key.dead and key.state_error(now) is None and takes(key)
+        found: dict[int, Key] = {}
+        if live(ring):
+            for current in self._rings_searched(ring, live):
                 for key in list(current.links.values()):
-                    if (key.type is ktype and not key.dead and key.state_error(now) is None
-                            and self._grants_search(caller, key, possessed, own=True)):
+                    if key.type is ktype and live(key):
                         found.setdefault(key.serial, key)
-            return list(found.values())
+        return list(found.values())
 
     def find(self, caller: Caller, type_name: str, description: str) -> int:
         """keyutils' find_key_by_type_and_desc: request_key, else the first key it may view (/proc/keys order)."""
@@ -1680,9 +1696,8 @@ class KeyStore:
                     # inactivity, and the keys must not go before their owners can reach them again.  (What
                     # the store holds is never used: get_persistent does not write the expiry it sets.)
                     self._expire_at(ring, self._persistent_deadline())
-            for uid, ring in list(self._persistent_keyrings.items()):
-                if ring.in_user_keyrings and not ring.defunct:
-                    self._install_user_keyrings(uid)  # which links it where it was (possession needs them made)
+                    if ring.in_user_keyrings:  # made now, which links it where it was: possession needs them
+                        self._install_user_keyrings(ring.uid)
             adopted = self._adopt_orphans([key for key in restored if not key.persisted]) if adopt else []
             orphans = [key.serial for key in restored if not key.persisted]
             self._reserved.update(orphans)

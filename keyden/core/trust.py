@@ -36,7 +36,7 @@ from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core import perm as P
 from keyden.core.key import Caller, Key, Restriction
-from keyden.core.store import ADMISSION_CHECKS, MAX_NESTING, RESTRICTION_FACTORIES, KeyStore
+from keyden.core.store import ADMISSION_CHECKS, RESTRICTION_FACTORIES, KeyStore
 from keyden.crypto import asymmetric
 from keyden.crypto import x509 as X
 
@@ -152,31 +152,6 @@ class _BlacklistOnly(Restriction):
 # ------------------------------------------------------- keys a keyring holds
 
 
-def _held(store: KeyStore, ring: Key) -> list[Key]:
-    """Live asymmetric keys in a live ``ring`` and the live keyrings below it (MAX_NESTING deep), each
-    keyring entered from its shallowest link, as a search does (met deep first, it is entered again
-    from higher up, where more of what is below it is in reach)."""
-    now = store.clock()
-    live = lambda key: not key.dead and key.state_error(now) is None  # noqa: E731
-    shallowest: dict[int, int] = {ring.serial: 0}
-    found: dict[int, Key] = {}
-
-    def walk(current: Key, depth: int) -> None:
-        for key in list(current.links.values()):
-            if not live(key):
-                continue
-            if key.links is None:
-                if key.type is ASYMMETRIC:
-                    found.setdefault(key.serial, key)
-            elif depth < MAX_NESTING and shallowest.get(key.serial, MAX_NESTING + 1) > depth + 1:
-                shallowest[key.serial] = depth + 1
-                walk(key, depth + 1)
-
-    if live(ring):
-        walk(ring, 0)
-    return list(found.values())
-
-
 def trusted_keys(store: KeyStore, caller: Caller, keyring: int) -> list[tuple[int, asymmetric.ParsedKey]]:
     """(serial, parsed key) of every asymmetric key a KEYCTL_SEARCH from the keyring could find."""
     return [(key.serial, key.payload) for key in store.searchable(caller, keyring, ASYMMETRIC)]
@@ -237,7 +212,7 @@ class SignedBy(Restriction):
 
         if trusted is not None and trusted.links is not None:  # a keyring: what it holds (nothing once gone)
             if not trusted.dead:
-                candidates = X.signer_candidates(cert, [k.payload for k in _held(store, trusted)], banned)
+                candidates = X.signer_candidates(cert, [k.payload for k in store.held(trusted, ASYMMETRIC)], banned)
         elif trusted is not None and self._names is not None:  # a key: is it the issuer?  Then its state counts
             if X.signer_candidates(cert, [self._names]):
                 unusable = trusted.state_error(store.clock())
@@ -245,7 +220,7 @@ class SignedBy(Restriction):
                     raise unusable or E.ENOKEY(f"trusted key {trusted.serial} is gone")
                 candidates = [trusted.payload]
         if not candidates and self.check_dest:
-            candidates = X.signer_candidates(cert, [k.payload for k in _held(store, keyring)], banned)
+            candidates = X.signer_candidates(cert, [k.payload for k in store.held(keyring, ASYMMETRIC)], banned)
         if not candidates:
             raise E.ENOKEY("no trusted key is the certificate's issuer")
         for signer in candidates:

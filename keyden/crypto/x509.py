@@ -348,9 +348,10 @@ def _within(name: str, constraint: str, kind) -> bool:
     return (not c_local or local == c_local) and host.lower() == c_host.lower()
 
 
-def _host_like(cn: str) -> bool:
-    """OpenSSL's cn2dnsid: letters, digits and "_", with "-" and "." inside, no "." next to "." or "-",
-    and two labels at least (trailing NULs dropped first; one inside cannot be checked: _Unsupported)."""
+def _dns_id(cn: str) -> str | None:
+    """OpenSSL's cn2dnsid: the common name as a host name, or None if it does not look like one (letters,
+    digits and "_", with "-" and "." inside, no "." next to "." or "-", two labels at least).  Trailing
+    NULs are dropped first; one inside cannot be checked: _Unsupported."""
     cn = cn.rstrip("\0")
     if "\0" in cn:
         raise _Unsupported()
@@ -359,14 +360,14 @@ def _host_like(cn: str) -> bool:
         if c.isascii() and (c.isalnum() or c == "_"):
             continue
         if not 0 < i < len(cn) - 1:
-            return False
+            return None
         if c == "-":
             continue
         if c == "." and cn[i + 1] not in ".-" and cn[i - 1] != "-":
             dots += 1
             continue
-        return False
-    return dots > 0
+        return None
+    return cn if dots else None
 
 
 def _subject_names(cert: x509.Certificate, leaf: bool) -> list[tuple[str | bytes, type]]:
@@ -380,9 +381,10 @@ def _subject_names(cert: x509.Certificate, leaf: bool) -> list[tuple[str | bytes
             raise _Unsupported()
         names.append((attribute.value, x509.RFC822Name))
     if leaf and not _sans(cert, x509.DNSName):
-        names += [(a.value.rstrip("\0"), x509.DNSName)
-                  for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-                  if isinstance(a.value, str) and _host_like(a.value)]
+        for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            host = _dns_id(attribute.value) if isinstance(attribute.value, str) else None
+            if host is not None:
+                names.append((host, x509.DNSName))
     return names
 
 

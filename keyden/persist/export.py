@@ -185,7 +185,7 @@ def opening_use(parsed) -> str:
 def _transports(parsed) -> bool:
     """RSA (key transport) or not (X25519, EC: key agreement); EINVAL first for a key that can do neither
     (Ed25519), whatever it is bound to."""
-    return isinstance(recipient(parsed.public_key), rsa.RSAPublicKey)
+    return isinstance(_encryption_key(parsed.public_key), rsa.RSAPublicKey)
 
 
 def recipient_key(data: bytes):
@@ -194,18 +194,21 @@ def recipient_key(data: bytes):
 
 
 def recipient(public):
-    """``public``, if an export may go to it (checked before the tree is copied): an X25519 key that is
-    no low-order point, an EC P-256/P-384 or an RSA key; else EINVAL."""
-    if isinstance(public, x25519.X25519PublicKey):
+    """``public``, if an export may go to it, checked before the tree is copied: an X25519 key that is no
+    low-order point (which the wrap's own agreement would refuse only then), an EC or an RSA key."""
+    if isinstance(_encryption_key(public), x25519.X25519PublicKey):
         agreement.ecdh(x25519.X25519PrivateKey.generate(), public)  # EINVAL for a low-order point
-        return public
-    if isinstance(public, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+    return public
+
+
+def _encryption_key(public):
+    if isinstance(public, (x25519.X25519PublicKey, ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
         return public
     raise E.EINVAL("exports go to an X25519, EC P-256/P-384 or RSA public key")
 
 
 def wrap_to_public_key(plaintext: bytes, public) -> bytes:
-    public = recipient(public)
+    public = _encryption_key(public)
     spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if isinstance(public, rsa.RSAPublicKey):
         content_key = AESGCM.generate_key(8 * CONTENT_KEY)

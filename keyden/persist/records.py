@@ -20,8 +20,7 @@ from cryptography.exceptions import InvalidTag
 from keyden import errors as E
 from keyden.core import keytypes as T
 from keyden.core.flags import KEY_FLAGS
-from keyden.core.key import DenyAll, Key
-from keyden.core.store import USER_KEYRING, USER_SESSION_KEYRING
+from keyden.core.key import USER_KEYRING, USER_SESSION_KEYRING, DenyAll, Key
 from keyden.persist.master import LegacySealer, Sealer
 
 FORMAT = b"keyden-record-v1\0"
