@@ -542,28 +542,100 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
     connection's slot for ever.  ``moved`` (if given): a one-item list kept set to when a byte last moved.
     """
-    def end_both() -> None:
-        for s in (a, b):
+    _Splice(a, b, close_timeout, idle_timeout, abort, truncated, moved).run()
+
+
+class _Splice:
+    """One ``splice``: the client's side ``a`` copied to the backend ``b`` on the caller's thread, ``b`` to
+    ``a`` on another, and (with an idle timeout) a third that watches for no byte moving."""
+
+    def __init__(self, a: socket.socket, b: socket.socket, close_timeout: float, idle_timeout: float,
+                 abort: Callable[[], None] | None, truncated: Callable[[], bool] | None,
+                 moved: list[float] | None):
+        self.a, self.b = a, b
+        self.close_timeout, self.idle_timeout = close_timeout, idle_timeout
+        self.abort, self.truncated = abort, truncated
+        self.moved = moved if moved is not None else [time.monotonic()]  # when a byte last moved, either way
+        self.truncation_seen = False
+        # A reset of b's is reported once, maybe to the thread writing to b: the other then reads a plain end
+        # of file.  So at b's end of file, a write to b still under way is waited for (briefly: one that
+        # blocks has taken no error) before the end is taken for a clean one.
+        self.b_reset = threading.Event()
+        self.writing_b = threading.Lock()
+        self.grace: list[threading.Timer] = []
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        watch = threading.Thread(target=self.end_when_idle, daemon=True) if self.idle_timeout else None
+        back = threading.Thread(target=self.copy, args=(self.b, self.a.sendall, self.b_ended), daemon=True)
+        try:
+            if watch is not None:
+                watch.start()
+            back.start()  # (RuntimeError with no thread to be had: the connection ends; the caller closes it)
+            self.copy(self.a, self.write_b, self.a_ended)
+            back.join()
+        finally:
+            self.finished.set()
+            for timer in self.grace:
+                timer.cancel()
+                timer.join()  # one already firing finishes before the descriptors close (numbers are reused)
+            if watch is not None and watch.ident is not None:
+                watch.join()
+
+    def copy(self, src: socket.socket, send: Callable, ended: Callable[[bool], None]) -> None:
+        moved = self.moved
+        try:
+            while chunk := src.recv(CHUNK):
+                moved[0] = time.monotonic()
+                try:
+                    send(chunk)
+                except OSError:  # dst is closed: this direction is over; the other carries its answer
+                    self.cut_short_later()
+                    return
+                moved[0] = time.monotonic()
+            ended(False)
+        except OSError:  # src broke (or its end could not be passed on): end both directions
+            ended(True)
+
+    def cut_short_later(self) -> None:
+        """The direction still open gets ``close_timeout`` seconds to finish, then it is cut short."""
+        timer = threading.Timer(self.close_timeout, self.b_ended, (True,))
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError:  # no thread for the grace: none, then
+            self.b_ended(True)
+            return
+        self.grace.append(timer)
+
+    def end_when_idle(self) -> None:
+        moved, idle_timeout = self.moved, self.idle_timeout
+        while not self.finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
+            if time.monotonic() - moved[0] >= idle_timeout:
+                self.end_both()
+                return
+
+    def end_both(self) -> None:
+        for s in (self.a, self.b):
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
-    truncation_seen = []
-
-    def a_truncated() -> bool:
-        """(Asked at every end of a, including ones the proxy caused: a truncation, once known, is kept.)"""
-        if not truncation_seen:
+    def a_truncated(self) -> bool:
+        """Whether a's data may be cut short.  (Asked at every end of a, including ones the proxy caused: a
+        truncation, once known, is kept.)"""
+        if not self.truncation_seen and self.truncated is not None:
             try:
-                if truncated is not None and truncated():
-                    truncation_seen.append(True)
+                self.truncation_seen = bool(self.truncated())
             except Exception:  # keyden cannot say (lost, or the session just ended): fail closed, as a cut
-                truncation_seen.append(True)
-        return bool(truncation_seen)
+                self.truncation_seen = True
+        return self.truncation_seen
 
-    def a_ended(broke: bool) -> None:
+    def a_ended(self, broke: bool) -> None:
         """The client's end reaches b as it came: a truncation as a reset (where b is TCP), else a FIN."""
-        if a_truncated() and b.family != socket.AF_UNIX:
+        a, b = self.a, self.b
+        if self.a_truncated() and b.family != socket.AF_UNIX:
             try:  # closed with SO_LINGER 0 by the caller, never shut for writing: no FIN first
                 descriptors.reset_on_close(b)
                 b.shutdown(socket.SHUT_RD)  # (sends nothing; the other direction reads its end of file)
@@ -574,84 +646,31 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
         elif not broke:
             b.shutdown(socket.SHUT_WR)
             return
-        end_both()
+        self.end_both()
 
-    # A reset of b's is reported once, maybe to the thread writing to b: the other then reads a plain end of
-    # file.  So at b's end of file, a write to b still under way is waited for (briefly: one that blocks
-    # has taken no error) before the end is taken for a clean one.
-    b_reset = threading.Event()
-    writing_b = threading.Lock()
-
-    def write_b(chunk) -> None:
-        with writing_b:
+    def write_b(self, chunk) -> None:
+        with self.writing_b:
             try:
-                b.sendall(chunk)
+                self.b.sendall(chunk)
             except ConnectionResetError:
-                b_reset.set()
+                self.b_reset.set()
                 raise
 
-    def b_ended(broke: bool) -> None:
+    def b_ended(self, broke: bool) -> None:
         """b's end reaches the client as it came: a reset (or the proxy's cut) as an abort, else close_notify.
         (TCP's state cannot tell a reset: a backend that sends a FIN, then closes with our data unread,
         resets a connection that had ended cleanly.)"""
-        if not broke and writing_b.acquire(timeout=RESET_WAIT):
-            writing_b.release()
-        if (broke or b_reset.is_set()) and abort is not None:
+        if not broke and self.writing_b.acquire(timeout=RESET_WAIT):
+            self.writing_b.release()
+        if (broke or self.b_reset.is_set()) and self.abort is not None:
             try:
-                abort()
+                self.abort()
             except Exception:  # (keyden lost: the session is gone with it) the shutdown ends it anyway
                 pass
         if broke:
-            end_both()
+            self.end_both()
         else:
-            a.shutdown(socket.SHUT_WR)
-
-    grace: list[threading.Timer] = []
-    moved = moved if moved is not None else [time.monotonic()]  # when a byte last moved, either way
-    finished = threading.Event()
-
-    def copy(src: socket.socket, send, ended) -> None:
-        try:
-            while chunk := src.recv(CHUNK):
-                moved[0] = time.monotonic()
-                try:
-                    send(chunk)
-                except OSError:  # dst is closed: this direction is over; the other carries its answer
-                    timer = threading.Timer(close_timeout, b_ended, (True,))  # then it is cut short
-                    timer.daemon = True
-                    try:
-                        timer.start()
-                    except RuntimeError:  # no thread for the grace: none, then
-                        b_ended(True)
-                        return
-                    grace.append(timer)
-                    return
-                moved[0] = time.monotonic()
-            ended(False)
-        except OSError:  # src broke (or its end could not be passed on): end both directions
-            ended(True)
-
-    def end_when_idle() -> None:
-        while not finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
-            if time.monotonic() - moved[0] >= idle_timeout:
-                end_both()
-                return
-
-    watch = threading.Thread(target=end_when_idle, daemon=True) if idle_timeout else None
-    back = threading.Thread(target=copy, args=(b, a.sendall, b_ended), daemon=True)
-    try:
-        if watch is not None:
-            watch.start()
-        back.start()  # (RuntimeError with no thread to be had: the connection ends; the caller closes it)
-        copy(a, write_b, a_ended)
-        back.join()
-    finally:
-        finished.set()
-        for timer in grace:
-            timer.cancel()
-            timer.join()  # one already firing finishes before the descriptors close (their numbers are reused)
-        if watch is not None and watch.ident is not None:
-            watch.join()
+            self.a.shutdown(socket.SHUT_WR)
 
 
 def _reset_on_close(sock: socket.socket) -> None:
