@@ -1644,51 +1644,9 @@ class KeyStore:
         """
         with self.lock:
             self._reserved.update(s for s in unusable if MIN_SERIAL <= s <= MAX_SERIAL)
-            restored = []
-            # Filed in the order they were made (rows come in serial order, and serials are random): a join
-            # by name takes the oldest keyring of that name (_keyring_by_name).
-            for key in sorted(keys, key=lambda key: (key.ctime, key.serial)):
-                if key.serial in self._keys or not MIN_SERIAL <= key.serial <= MAX_SERIAL:
-                    raise E.EEXIST(f"serial {key.serial} is taken or out of range")
-                self._file(key)
-                restored.append(key)
-                if key.charged:
-                    self._charge(key.uid, 1, key.cost, check=False)
-            for ring_serial, key_serial in links:
-                ring, key = self._keys.get(ring_serial), self._keys.get(key_serial)
-                if key is None and ring is not None and ring.links is not None and key_serial in self._reserved:
-                    ring.held_back += (key_serial,)  # its record was skipped: keep its place, not the key
-                    continue
-                if ring is None or key is None or ring.links is None or key.index in ring.links:
-                    continue
-                if key.links is not None:
-                    try:
-                        self._detect_cycle(ring, key, any_depth=True)
-                    except E.EDEADLK:  # a loop: not linked
-                        continue
-                self._link_raw(ring, key, check_quota=False)
-            rings = [self._keys[s] for s in roots if s in self._keys and self._keys[s].links is not None]
-            merged: list[tuple[Key, Key]] = []
-            for ring in sorted(rings, key=lambda r: (r.defunct, r.ctime)):  # live, then oldest, first
-                holder = self._persistent_keyrings.get(ring.uid)
-                if holder is None:
-                    ring.pins += 1
-                    self._persistent_keyrings[ring.uid] = ring
-                    continue
-                if ring.defunct:  # a revoked one replaced before a crash may still carry the flag: its tree goes
-                    continue
-                # Down the chain of those linked in before (at this start or an earlier one; the restored
-                # links have no loops), to its end.
-                while (there := holder.links.get(ring.index)) is not None and there is not ring:
-                    holder = there
-                if there is None:
-                    try:
-                        self._detect_cycle(holder, ring, any_depth=True)
-                    except E.EDEADLK:  # it holds the one before it: left out, its keys reported as skipped
-                        continue
-                    self._link_raw(holder, ring, check_quota=False)
-                ring.expiry = 0.0  # get_persistent's deadline, stored with it: an ordinary keyring's now
-                merged.append((holder, ring))
+            restored = self._file_restored(keys)
+            self._link_restored(links)
+            merged = self._take_persistent_roots(roots)
             for ring in self._persistent_keyrings.values():
                 self._persist_tree(ring)
                 if ring.revoked_at is None and not ring.invalidated:
@@ -1706,6 +1664,64 @@ class KeyStore:
                 if key is not None:
                     self._force_destroy(key)
             return orphans, merged, adopted
+
+    def _file_restored(self, keys: Iterable[Key]) -> list[Key]:
+        """(restore) The keys filed under their own serials, in the order they were made (rows come in serial
+        order, and serials are random): a join by name takes the oldest keyring of that name
+        (_keyring_by_name)."""
+        restored = []
+        for key in sorted(keys, key=lambda key: (key.ctime, key.serial)):
+            if key.serial in self._keys or not MIN_SERIAL <= key.serial <= MAX_SERIAL:
+                raise E.EEXIST(f"serial {key.serial} is taken or out of range")
+            self._file(key)
+            restored.append(key)
+            if key.charged:
+                self._charge(key.uid, 1, key.cost, check=False)
+        return restored
+
+    def _link_restored(self, links: Iterable[tuple[int, int]]) -> None:
+        """(restore) The links back, but one that would loop; one to a key whose record was skipped keeps its
+        place."""
+        for ring_serial, key_serial in links:
+            ring, key = self._keys.get(ring_serial), self._keys.get(key_serial)
+            if key is None and ring is not None and ring.links is not None and key_serial in self._reserved:
+                ring.held_back += (key_serial,)
+                continue
+            if ring is None or key is None or ring.links is None or key.index in ring.links:
+                continue
+            if key.links is not None:
+                try:
+                    self._detect_cycle(ring, key, any_depth=True)
+                except E.EDEADLK:  # a loop: not linked
+                    continue
+            self._link_raw(ring, key, check_quota=False)
+
+    def _take_persistent_roots(self, roots: Iterable[int]) -> list[tuple[Key, Key]]:
+        """(restore) Each uid's oldest live persistent keyring becomes its persistent keyring again; a newer
+        one is linked into the end of the chain of those before it.  Returns the (holder, linked) pairs."""
+        rings = [self._keys[s] for s in roots if s in self._keys and self._keys[s].links is not None]
+        merged: list[tuple[Key, Key]] = []
+        for ring in sorted(rings, key=lambda r: (r.defunct, r.ctime)):  # live, then oldest, first
+            holder = self._persistent_keyrings.get(ring.uid)
+            if holder is None:
+                ring.pins += 1
+                self._persistent_keyrings[ring.uid] = ring
+                continue
+            if ring.defunct:  # a revoked one replaced before a crash may still carry the flag: its tree goes
+                continue
+            # Down the chain of those linked in before (at this start or an earlier one; the restored links
+            # have no loops), to its end.
+            while (there := holder.links.get(ring.index)) is not None and there is not ring:
+                holder = there
+            if there is None:
+                try:
+                    self._detect_cycle(holder, ring, any_depth=True)
+                except E.EDEADLK:  # it holds the one before it: left out, its keys reported as skipped
+                    continue
+                self._link_raw(holder, ring, check_quota=False)
+            ring.expiry = 0.0  # get_persistent's deadline, stored with it: an ordinary keyring's now
+            merged.append((holder, ring))
+        return merged
 
     def _adopt_orphans(self, orphans: list[Key]) -> list[tuple[Key, list[Key]]]:
         """Each live orphan that no other orphan holds (every keyring that held it was skipped: damaged,
