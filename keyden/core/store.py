@@ -1788,71 +1788,7 @@ class KeyStore:
         """
         with self.lock:
             top, possessed = self._lookup(caller, key_id)
-            possessed = self._possessed(caller, top, possessed)
-            now = self.clock()
-            held: set[int] | None = None
-
-            def possession(key: Key) -> bool:
-                """Possessed, as a search finds keys: from the caller's keyrings, or from the top if it is
-                possessed.  (The top's possession once reached every key below it, ones a search passes
-                over included.)"""
-                nonlocal held
-                if key is top:
-                    return possessed
-                if held is None:
-                    held = self._possessed_serials(caller, top if possessed else None)
-                return key.serial in held
-            index: dict[int, int] = {}
-            out: list[Exported] = []
-            links: list[tuple[int, int]] = []
-
-            def refusal(key: Key) -> E.KeydenError | None:
-                """What keeps a key in whatever its mask says (its state, NO_EXPORT): told first to whoever
-                may view the key, as its listing shows both; to others, only after the mask's refusal."""
-                err = key.state_error(now)
-                if err is None and key.flags & NO_EXPORT:
-                    err = E.EPERM(f"key {key.serial} is marked non-exportable")
-                if err is not None and self._permits(caller, key, possession(key), P.VIEW):
-                    raise err
-                return err
-
-            # First the whole tree, as far as the caller may read it, for a key that can never leave: an owner
-            # must not open every key with setperm only to learn that the export cannot happen.
-            # (Into keyrings the caller may read and that may be used, each from the least depth it is met at.)
-            shallowest: dict[int, int] = {}
-            todo = [(top, 0)]
-            while todo:
-                key, depth = todo.pop()
-                if shallowest.get(key.serial, MAX_NESTING + 2) <= depth:
-                    continue
-                shallowest[key.serial] = depth
-                if refusal(key) is None and key.links is not None and depth <= MAX_NESTING \
-                        and self._permits(caller, key, possession(key), P.READ):
-                    todo.extend((member, depth + 1) for member in key.links.values())
-
-            def take(key: Key) -> int:
-                if key.serial in index:
-                    return index[key.serial]
-                err = refusal(key)
-                self._require(caller, key, possession(key), P.READ)
-                if err is not None:
-                    raise err
-                if key.restriction is not None:  # the copy would take any link the original refuses
-                    raise E.EOPNOTSUPP(f"keyring {key.serial} is restricted, and an export cannot carry a "
-                                       "restriction: export what it holds")
-                payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
-                index[key.serial] = len(out)
-                out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & BINDING_FLAGS))
-                if key.links is not None:
-                    if shallowest[key.serial] > MAX_NESTING:  # where a search from the top stops too
-                        raise E.ELOOP(f"keyring {key.serial} is more than {MAX_NESTING} levels below the exported "
-                                      "key, as deep as an export (and a search) goes: export it on its own")
-                    for member in list(key.links.values()):
-                        links.append((index[key.serial], take(member)))
-                return index[key.serial]
-
-            take(top)
-            return out, links
+            return _TreeExport(self, caller, top, self._possessed(caller, top, possessed)).run()
 
     # ----------------------------------------------------- keys used by serial
 
@@ -2010,3 +1946,77 @@ class KeyStore:
         """A snapshot of the live keys, for diagnostics: look, do not touch payloads."""
         with self.lock:
             return list(self._keys.values())
+
+
+class _TreeExport:
+    """One ``KeyStore.export_tree``, under the store's lock: the tree checked as far as the caller may read
+    it, then copied out top-down."""
+
+    def __init__(self, store: KeyStore, caller: Caller, top: Key, possessed: bool):
+        self.store, self.caller, self.top, self.top_possessed = store, caller, top, possessed
+        self.now = store.clock()
+        self.held: set[int] | None = None
+        self.shallowest: dict[int, int] = {}  # serial -> the least depth below the top it is met at
+        self.index: dict[int, int] = {}  # serial -> its place in out
+        self.out: list[Exported] = []
+        self.links: list[tuple[int, int]] = []
+
+    def run(self) -> tuple[list[Exported], list[tuple[int, int]]]:
+        self.survey()
+        self.take(self.top)
+        return self.out, self.links
+
+    def possession(self, key: Key) -> bool:
+        """Possessed, as a search finds keys: from the caller's keyrings, or from the top if it is possessed.
+        (The top's possession once reached every key below it, ones a search passes over included.)"""
+        if key is self.top:
+            return self.top_possessed
+        if self.held is None:
+            self.held = self.store._possessed_serials(self.caller, self.top if self.top_possessed else None)
+        return key.serial in self.held
+
+    def refusal(self, key: Key) -> E.KeydenError | None:
+        """What keeps a key in whatever its mask says (its state, NO_EXPORT): told first to whoever may view
+        the key, as its listing shows both; to others, only after the mask's refusal."""
+        err = key.state_error(self.now)
+        if err is None and key.flags & NO_EXPORT:
+            err = E.EPERM(f"key {key.serial} is marked non-exportable")
+        if err is not None and self.store._permits(self.caller, key, self.possession(key), P.VIEW):
+            raise err
+        return err
+
+    def survey(self) -> None:
+        """First the whole tree, as far as the caller may read it, for a key that can never leave: an owner
+        must not open every key with setperm only to learn that the export cannot happen.  (Into keyrings
+        the caller may read and that may be used, each from the least depth it is met at.)"""
+        shallowest, todo = self.shallowest, [(self.top, 0)]
+        while todo:
+            key, depth = todo.pop()
+            if shallowest.get(key.serial, MAX_NESTING + 2) <= depth:
+                continue
+            shallowest[key.serial] = depth
+            if self.refusal(key) is None and key.links is not None and depth <= MAX_NESTING \
+                    and self.store._permits(self.caller, key, self.possession(key), P.READ):
+                todo.extend((member, depth + 1) for member in key.links.values())
+
+    def take(self, key: Key) -> int:
+        """The key copied out (once), then what it links to; its place in ``out``."""
+        if key.serial in self.index:
+            return self.index[key.serial]
+        err = self.refusal(key)
+        self.store._require(self.caller, key, self.possession(key), P.READ)
+        if err is not None:
+            raise err
+        if key.restriction is not None:  # the copy would take any link the original refuses
+            raise E.EOPNOTSUPP(f"keyring {key.serial} is restricted, and an export cannot carry a "
+                               "restriction: export what it holds")
+        payload = bytes(key.payload) if isinstance(key.payload, (bytes, bytearray)) else key.payload
+        place = self.index[key.serial] = len(self.out)
+        self.out.append(Exported(key.type.name, key.description, key.perm, payload, key.flags & BINDING_FLAGS))
+        if key.links is not None:
+            if self.shallowest[key.serial] > MAX_NESTING:  # where a search from the top stops too
+                raise E.ELOOP(f"keyring {key.serial} is more than {MAX_NESTING} levels below the exported "
+                              "key, as deep as an export (and a search) goes: export it on its own")
+            for member in list(key.links.values()):
+                self.links.append((place, self.take(member)))
+        return place
