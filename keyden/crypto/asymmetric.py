@@ -197,6 +197,20 @@ def _der_children(data: bytes, tlv) -> list:
     return items
 
 
+def _der_value(data: bytes, tlv, tag: int | None = None) -> bytes:
+    """The content octets of a TLV; ValueError if its tag is not ``tag`` (when given)."""
+    if tag is not None and tlv[0] != tag:
+        raise ValueError("unexpected tag")
+    return data[tlv[1]:tlv[1] + tlv[2]]
+
+
+def _der_count(data: bytes, tlv) -> int:
+    """A small INTEGER's value (a count, a cost); one over 8 bytes reads as 2^64, over any limit."""
+    if tlv[0] != 0x02:
+        raise ValueError("not an INTEGER")
+    return int.from_bytes(_der_value(data, tlv), "big", signed=True) if tlv[2] <= 8 else 1 << 64
+
+
 def _der_child_tags(data: bytes):
     """Tags of the first two elements inside the outer DER SEQUENCE, or None.
 
@@ -231,6 +245,36 @@ MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256 on a worker; common 
 MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
 
 
+def _pbes2_kdf(der: bytes, kdf: list) -> tuple[Callable, int | None]:
+    """A PBES2 keyDerivationFunc's KDF, as a constructor still to be given its length, and the key length
+    it names (None if none); its cost is checked here, before it can run.  ValueError where it does not
+    read as expected."""
+    kdf_params = _der_children(der, kdf[1])
+    salt = _der_value(der, kdf_params[0], 0x04)
+    oid = _der_value(der, kdf[0], 0x06)
+    if oid == _OID_SCRYPT:  # salt, N, r, p, keyLength?
+        n, r, p = (_der_count(der, t) for t in kdf_params[1:4])
+        if min(n, r, p) < 1:
+            raise ValueError("scrypt parameters below 1")
+        if 128 * n * r * p > MAX_SCRYPT_COST:
+            raise E.EINVAL("key encryption too costly to undo (scrypt memory)")
+        length = _der_count(der, kdf_params[4]) if len(kdf_params) > 4 else None
+        return functools.partial(Scrypt, salt, n=n, r=r, p=p), length
+    if oid == _OID_PBKDF2:  # salt, iterations, keyLength?, prf? (hmacWithSHA1 by default)
+        iterations, rest = _der_count(der, kdf_params[1]), kdf_params[2:]
+        if iterations < 1:
+            raise ValueError("no PBKDF2 iterations")
+        if iterations > MAX_KDF_ITERATIONS:
+            raise E.EINVAL("key encryption too costly to undo (PBKDF2 iterations)")
+        length = _der_count(der, rest.pop(0)) if rest and rest[0][0] == 0x02 else None
+        prf = _PBKDF2_PRFS.get(_der_value(der, _der_children(der, rest[0])[0], 0x06)) if rest else hashes.SHA1
+        if prf is None:
+            raise E.EINVAL("key encrypted with a PBKDF2 hash keyden does not take (SHA-1 or SHA-2): "
+                           "re-encrypt it, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
+        return functools.partial(PBKDF2HMAC, prf(), salt=salt, iterations=iterations), length
+    raise E.EINVAL("key encrypted with a PBES2 KDF other than PBKDF2 or scrypt; not supported")
+
+
 def _decrypt_pkcs8(der: bytes, password: bytes) -> bytes:
     """An EncryptedPrivateKeyInfo's PrivateKeyInfo, decrypted here with pyca's primitives: PBES2, with
     PBKDF2 or scrypt, then AES- or 3DES-CBC and PKCS#7 unpadding.
@@ -244,54 +288,21 @@ def _decrypt_pkcs8(der: bytes, password: bytes) -> bytes:
     cipher not named above, and parameters that do not read as expected are refused before any KDF
     runs.
     """
-    def raw(tlv, tag=None):
-        if tag is not None and tlv[0] != tag:
-            raise ValueError("unexpected tag")
-        return der[tlv[1]:tlv[1] + tlv[2]]
-
-    def integer(tlv):
-        if tlv[0] != 0x02:
-            raise ValueError("not an INTEGER")
-        return int.from_bytes(raw(tlv), "big", signed=True) if tlv[2] <= 8 else 1 << 64
-
     try:
         outer = _der_children(der, _der_header(der, 0))
         algorithm = _der_children(der, outer[0])
-        oid, params = raw(algorithm[0], 0x06), algorithm[1]
+        oid, params = _der_value(der, algorithm[0], 0x06), algorithm[1]
         if oid != _OID_PBES2:
             raise E.EINVAL("key encryption not supported (PBES1's DES and RC2 and PKCS#12 PBE are legacy): "
                            "re-encrypt it with PBES2, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
         kdf, scheme = (_der_children(der, tlv) for tlv in _der_children(der, params)[:2])
-        kdf_params = _der_children(der, kdf[1])
-        salt = raw(kdf_params[0], 0x04)
-        if raw(kdf[0], 0x06) == _OID_SCRYPT:  # salt, N, r, p, keyLength?
-            n, r, p = (integer(t) for t in kdf_params[1:4])
-            if min(n, r, p) < 1:
-                raise ValueError("scrypt parameters below 1")
-            if 128 * n * r * p > MAX_SCRYPT_COST:
-                raise E.EINVAL("key encryption too costly to undo (scrypt memory)")
-            length = integer(kdf_params[4]) if len(kdf_params) > 4 else None
-            kdf_of = functools.partial(Scrypt, salt, n=n, r=r, p=p)
-        elif raw(kdf[0], 0x06) == _OID_PBKDF2:  # salt, iterations, keyLength?, prf? (hmacWithSHA1 by default)
-            iterations, rest = integer(kdf_params[1]), kdf_params[2:]
-            if iterations < 1:
-                raise ValueError("no PBKDF2 iterations")
-            if iterations > MAX_KDF_ITERATIONS:
-                raise E.EINVAL("key encryption too costly to undo (PBKDF2 iterations)")
-            length = integer(rest.pop(0)) if rest and rest[0][0] == 0x02 else None
-            prf = _PBKDF2_PRFS.get(raw(_der_children(der, rest[0])[0], 0x06)) if rest else hashes.SHA1
-            if prf is None:
-                raise E.EINVAL("key encrypted with a PBKDF2 hash keyden does not take (SHA-1 or SHA-2): "
-                               "re-encrypt it, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
-            kdf_of = functools.partial(PBKDF2HMAC, prf(), salt=salt, iterations=iterations)
-        else:
-            raise E.EINVAL("key encrypted with a PBES2 KDF other than PBKDF2 or scrypt; not supported")
-        cipher = _PBES2_CIPHERS.get(raw(scheme[0], 0x06))
+        kdf_of, length = _pbes2_kdf(der, kdf)
+        cipher = _PBES2_CIPHERS.get(_der_value(der, scheme[0], 0x06))
         if cipher is None:
             raise E.EINVAL("key encrypted with a cipher keyden does not take (AES-CBC or 3DES-CBC): re-encrypt "
                            "it, e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc")
         algorithm_of, key_size = cipher
-        iv, data = raw(scheme[1], 0x04), raw(outer[1], 0x04)
+        iv, data = _der_value(der, scheme[1], 0x04), _der_value(der, outer[1], 0x04)
         block = algorithm_of.block_size // 8
         if length not in (None, key_size) or len(iv) != block or not data or len(data) % block:
             raise ValueError("a key length, IV or ciphertext the cipher does not take")
@@ -382,7 +393,7 @@ def _key_algorithm(der: bytes, kind: str) -> bytes | None:
         oid = _der_children(der, algorithm)[0]
     except (ValueError, IndexError):
         return None
-    return der[oid[1]:oid[1] + oid[2]] if oid[0] == 0x06 else None
+    return _der_value(der, oid) if oid[0] == 0x06 else None
 
 
 def spki_algorithm(der: bytes) -> bytes | None:
@@ -415,7 +426,7 @@ def _signature_fields_agree(der: bytes) -> bool:
         inner = fields[2] if fields[0][0] == 0xA0 else fields[1]  # after [0] version (if any) and serial
     except (ValueError, IndexError):
         return False
-    return outer[0] == inner[0] and der[outer[1]:outer[1] + outer[2]] == der[inner[1]:inner[1] + inner[2]]
+    return outer[0] == inner[0] and _der_value(der, outer) == _der_value(der, inner)
 
 
 def _signature_bits_whole(der: bytes) -> bool:
