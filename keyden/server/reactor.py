@@ -208,10 +208,15 @@ class Reactor:
             if timed and (now := _clock()) >= next_sweep:
                 next_sweep = now + TICK
                 self._sweep(now)
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """(run, once stopped) Answers to what workers hold, every channel closed, the pools ended; work still
+        running past the grace is left to end on its own."""
         self._runnable.clear()
         self._queued = 0
         self._drain(STOP_GRACE)
-        for ch in list(channels.values()):
+        for ch in list(self._channels.values()):
             self._close(ch)
         # Work not started is cancelled; work still running past the grace (a disk that does not answer, a
         # DH of a minute) is not waited for: it keeps its connection until the process ends.
