@@ -20,7 +20,7 @@ import threading
 import time
 
 import pytest
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV, ChaCh
 
 import keyden
 from keyden import errors as E
-from keyden.client import dataplane
+from keyden.client import aio, dataplane
 from keyden.protocol import MAX_SHARED_REGION, Op
 
 from conftest import REPO
@@ -1571,3 +1571,53 @@ def test_failed_authentication_is_catchable_as_pyca_code_expects(client, aes):
     assert isinstance(info.value, E.EBADMSG)
     with pytest.raises(E.EBADMSG):  # decrypting something that is not AEAD output stays a plain EBADMSG check
         aead.decrypt(nonce, bytes(4), None)
+
+
+def test_updates_in_pieces_from_two_threads_or_tasks_are_not_interleaved(fresh_daemon):
+    """An update over the frame cap goes in pieces; another thread's (or task's) update or finalize of
+    the same stream waits for the last of them, so each call's output is a whole part of the stream (and
+    a hash of it, the hash of the two inputs one after the other)."""
+    d = fresh_daemon("max_frame = 8192\n")
+    with d.connect() as c:
+        key = os.urandom(32)
+        serial = c.add("logon", "test:aes", key)
+        parts = {name: name.encode() * (5 * c.max_frame) for name in "AB"}  # 6 pieces each
+
+        def whole_parts(outputs: dict, last: bytes, tag: bytes, nonce: bytes) -> bool:
+            """One output then the other (either may have gone first) is the sealing of one input then the other."""
+            for x, y in ("AB", "BA"):
+                try:
+                    if AESGCM(key).decrypt(nonce, outputs[x] + outputs[y] + last + tag, None) == parts[x] + parts[y]:
+                        return True
+                except InvalidTag:
+                    pass
+            return False
+
+        for _ in range(3):
+            stream, outputs = c.stream(GCM, serial, random_nonce=True), {}
+            threads = [threading.Thread(target=lambda n=n: outputs.__setitem__(n, stream.update(parts[n])))
+                       for n in "AB"]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert whole_parts(outputs, *stream.finalize(), stream.nonce)
+
+        async def tasks() -> list:
+            async with await aio.connect(d.socket) as ac:
+                runs = []
+                for _ in range(3):
+                    stream = await ac.stream(GCM, serial, random_nonce=True)
+                    a, b = await asyncio.gather(stream.update(parts["A"]), stream.update(parts["B"]))
+                    runs.append(({"A": a, "B": b}, *(await stream.finalize()), stream.nonce))
+                digest = await ac.stream("sha256")  # a finalize in pieces: the update behind it comes too late
+                _, (_, last), late = await asyncio.gather(digest.update(parts["A"]), digest.finalize(parts["B"]),
+                                                          digest.update(b"late"), return_exceptions=True)
+                return runs, last, late
+
+        runs, digest, late = asyncio.run(tasks())
+        for run in runs:
+            assert whole_parts(*run)
+        assert digest == hashlib.sha256(parts["A"] + parts["B"]).digest()
+        assert isinstance(late, dataplane.StreamFinished)
+

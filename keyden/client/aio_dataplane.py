@@ -224,7 +224,7 @@ class AsyncStream:
         self.alg, self.decrypt = alg, decrypt
         self.generation = client.generation  # the connection it is open on
         self.done = False
-        self._in_order = asyncio.Lock()  # held while an update larger than a frame sends its pieces
+        self._in_order = asyncio.Lock()  # held while an update or finalize larger than a frame sends its pieces
         # Dropped unfinished (pyca's hash contexts need no cleanup, so code does drop them): queued, and
         # aborted before the client's next stream opens (a finalizer cannot await).
         self._dropped = weakref.finalize(self, client.abandoned_streams.append, (handle, self.generation))
@@ -240,7 +240,9 @@ class AsyncStream:
         ``Stream.copy``, awaitable; cancelled while the copy is made, the copy is closed)."""
         _still_open(self)
         client = self._client
-        handle = await _new_stream(client, lambda: client.stream_copy(self.handle), lambda handle: handle)
+        async with self._in_order:  # not halfway through another task's update
+            _still_open(self)
+            handle = await _new_stream(client, lambda: client.stream_copy(self.handle), lambda handle: handle)
         return type(self)(client, handle, self.nonce, self.alg, self.decrypt)
 
     async def update(self, data) -> bytes:
@@ -248,14 +250,18 @@ class AsyncStream:
         pieces, one after the other, and no other update or finalize of the stream comes between them."""
         _still_open(self)
         data = binary(data)
-        piece = self._client.max_frame - _OVERHEAD
         async with self._in_order:  # (taken at once when free: a piece goes out as the call is made)
-            if len(data) > piece:
-                view = memoryview(data)
-                return b"".join([await self._answer(self._client.stream_update(self.handle, view[at:at + piece]))
-                                 for at in range(0, len(data), piece)])
+            _still_open(self)  # (finalized while this waited)
+            if len(data) > self._client.max_frame - _OVERHEAD:
+                return await self._update_in_pieces(data)
             sent = self._client.stream_update(self.handle, data)
         return await self._answer(sent)
+
+    async def _update_in_pieces(self, data) -> bytes:
+        """(Holding ``_in_order``.)  ``data`` in frame-sized updates, one answer awaited before the next."""
+        view, piece = memoryview(data), self._client.max_frame - _OVERHEAD
+        return b"".join([await self._answer(self._client.stream_update(self.handle, view[at:at + piece]))
+                         for at in range(0, len(view), piece)])
 
     async def _answer(self, sent: Awaitable[bytes]) -> bytes:
         """An update's output; its request is on the wire already: it happens, or not."""
@@ -286,18 +292,20 @@ class AsyncStream:
         _still_open(self)
         data, tag = _final_fields(self, data, tag)
         head = b""
-        if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag
-            head, data = await self.update(data), b""
+        # Held through the pieces and the answer: no update comes between them and the end, and one waiting
+        # behind finds the stream finished.
         async with self._in_order:
-            sent = self._client.stream_final(self.handle, data, tag)
-        try:
-            out, last = await sent
-        except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
-            raise
-        except BaseException:
+            _still_open(self)
+            if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit: output and tag
+                head, data = await self._update_in_pieces(data), b""
+            try:
+                out, last = await self._client.stream_final(self.handle, data, tag)
+            except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
+                raise
+            except BaseException:
+                self._over()
+                raise
             self._over()
-            raise
-        self._over()
         return (head + out if head else out), last
 
     def _over(self) -> None:

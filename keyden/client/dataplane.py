@@ -525,6 +525,7 @@ class Stream:
         self.alg, self.decrypt = alg, decrypt
         self.generation = client.generation  # the connection it is open on
         self.done = False
+        self._in_order = threading.Lock()  # the stream's requests one at a time: an update's pieces are not split
         # Dropped unfinished (pyca's contexts need no cleanup, so code does drop them): queued, and aborted
         # by the client's next stream (a request from a finalizer could run inside another on this thread).
         self._dropped = weakref.finalize(self, client.abandoned_streams.append, (handle, self.generation))
@@ -537,19 +538,27 @@ class Stream:
         _still_open(self)
         _abort_abandoned(self._client)
         twin = type(self).__new__(type(self))
-        twin._opened(self._client, self._client.stream_copy(self.handle), self.nonce, self.alg, self.decrypt)
+        with self._in_order:  # not halfway through another thread's update
+            _still_open(self)
+            twin._opened(self._client, self._client.stream_copy(self.handle), self.nonce, self.alg, self.decrypt)
         return twin
 
     def update(self, data) -> bytes:
         """The output so far; data more than one request may carry under the daemon's frame cap goes in
-        pieces (the CLI's 1 MiB reads, say, when ``max_frame`` is set lower)."""
+        pieces (the CLI's 1 MiB reads, say, when ``max_frame`` is set lower), one after the other, and no
+        other thread's update or finalize of the stream comes between them."""
         _still_open(self)
         data = binary(data)
-        piece = self._client.max_frame - _OVERHEAD
-        if len(data) > piece:
-            view = memoryview(data)
-            return b"".join([self._update(view[at:at + piece]) for at in range(0, len(data), piece)])
-        return self._update(data)
+        with self._in_order:
+            _still_open(self)  # (finalized while this waited)
+            if len(data) <= self._client.max_frame - _OVERHEAD:
+                return self._update(data)
+            return self._update_in_pieces(data)
+
+    def _update_in_pieces(self, data) -> bytes:
+        """(Holding ``_in_order``.)  ``data`` in frame-sized updates."""
+        view, piece = memoryview(data), self._client.max_frame - _OVERHEAD
+        return b"".join([self._update(view[at:at + piece]) for at in range(0, len(view), piece)])
 
     def _update(self, data) -> bytes:
         try:
@@ -570,16 +579,18 @@ class Stream:
         _still_open(self)
         data, tag = _final_fields(self, data, tag)
         head = b""
-        if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit too: output and tag
-            head, data = self.update(data), b""
-        try:
-            out, last = self._client.stream_final(self.handle, data, tag)
-        except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
-            raise
-        except BaseException:
+        with self._in_order:
+            _still_open(self)
+            if len(data) + len(tag) + _OVERHEAD > self._client.max_frame:  # the reply must fit: output and tag
+                head, data = self._update_in_pieces(data), b""
+            try:
+                out, last = self._client.stream_final(self.handle, data, tag)
+            except E.EMSGSIZE:  # refused before anything was processed: the stream is still open
+                raise
+            except BaseException:
+                self._over()
+                raise
             self._over()
-            raise
-        self._over()
         return (head + out if head else out), last
 
     def _over(self) -> None:
