@@ -601,6 +601,11 @@ def test_hostile_words_are_usage_errors_not_tracebacks(keyden, client, tmp_path)
         # genkey's options anywhere, as for keyden's other commands
         (("x509_verify", key, "@s", "--at", "999999999999"), 2, "Out of range time: '999999999999' (0 to 253402300799"),
         (("x509_verify", key, "@s", "--at", "9999-12-31T23:00:00-05:00"), 2, "Out of range time"),
+        # Found by a docs walk: Unix seconds before 1970, and ISO times whose fraction of a second took them
+        # to 0, which is now
+        (("x509_verify", key, "@s", "--at", "-5"), 2, "Time before 1970: '-5'"),
+        (("x509_verify", key, "@s", "--at", "1969-12-31T23:59:59.5"), 2, "Time before 1970"),
+        (("x509_verify", key, "@s", "--at", "1970-01-01T00:00:00.5"), 2, "Time in the epoch's first second"),
         (("kdf", key, "@s", "--length", "-1"), 2, "Out of range length: '-1' (16 to 8160)"),
         (("kdf", key, "@s", "--length", "8161"), 2, "Out of range length"),
         (("kdf", key, "@s", "--length", "15"), 2, "Out of range length: '15' (16 to 8160)"),  # (session-keys.md)

@@ -223,9 +223,11 @@ def check_shared_memory(doc, code, out):
 
 def check_cipher_many(doc, code, out):
     ns = doc.namespace
-    aead = ns["client"].aead(ns["key"])
-    assert [aead.decrypt(nonce, sealed, None) for nonce, sealed in ns["pieces"]] == ns["records"]
-    assert len({nonce for nonce, _ in ns["pieces"]}) == 8   # each piece its own nonce
+    aead, pieces, aads = ns["client"].aead(ns["key"]), ns["pieces"], ns["aads"]
+    assert [aead.decrypt(nonce, sealed, aad) for (nonce, sealed), aad in zip(pieces, aads)] == ns["records"]
+    assert len({nonce for nonce, _ in pieces}) == 8   # each piece its own nonce
+    with pytest.raises(E.EBADMSG):  # a record out of its place (or a last one dropped: the one before says
+        aead.decrypt(*pieces[1], aads[0])  # it is not the last) does not open
 
 
 def check_blocking_client(doc, code, out):

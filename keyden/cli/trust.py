@@ -9,6 +9,7 @@ prints the two blacklist descriptions of a key, ready for the latter.
 from __future__ import annotations
 
 import datetime
+import math
 
 from keyden import errors as E
 from keyden.cli.support import Context, Exit, Usage, arguments, call, options
@@ -19,22 +20,28 @@ PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so ot
 
 def unix_time(text: str) -> int:
     """--at: Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone)."""
-    if text.isascii() and text.isdigit():  # (isdigit alone takes '²' and other scripts' digits)
-        if len(text.lstrip("0")) > 12 or int(text) > LAST_SECOND:
-            shown = text if len(text) <= 32 else text[:32] + "..."
+    shown = text if len(text) <= 32 else text[:32] + "..."
+    digits = text[1:] if text.startswith("-") else text
+    if digits.isascii() and digits.isdigit():  # (isdigit alone takes '²' and other scripts' digits)
+        if text.startswith("-") and digits.strip("0"):
+            raise Exit(2, f"Time before 1970: '{shown}'")
+        if len(digits.lstrip("0")) > 12 or int(digits) > LAST_SECOND:
             raise Exit(2, f"Out of range time: '{shown}' (0 to {LAST_SECOND}, the end of the year 9999)")
-        return int(text)
+        return int(digits)
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise Exit(2, f"Unparsable time: '{text}' (use Unix seconds or ISO 8601)") from None
+        raise Exit(2, f"Unparsable time: '{shown}' (use Unix seconds or ISO 8601)") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    seconds = int(when.timestamp())
+    seconds = math.floor(when.timestamp())  # (a fraction of a second before 1970 is before it too)
     if seconds < 0:
-        raise Exit(2, f"Time before 1970: '{text}'")
+        raise Exit(2, f"Time before 1970: '{shown}'")
+    if seconds == 0:  # which --at takes for now
+        raise Exit(2, f"Time in the epoch's first second: '{shown}' (0 means now; no certificate in use was "
+                      "valid then)")
     if seconds > LAST_SECOND:  # (the year 9999 in another zone)
-        raise Exit(2, f"Out of range time: '{text}' (0 to {LAST_SECOND}, the end of the year 9999)")
+        raise Exit(2, f"Out of range time: '{shown}' (0 to {LAST_SECOND}, the end of the year 9999)")
     return seconds
 
 

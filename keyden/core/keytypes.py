@@ -216,7 +216,7 @@ KEYRING = REGISTRY["keyring"]
 def check_type_name(type_name: str) -> None:
     """key_get_type_from_user: 1..31 bytes, and names starting with '.' are the kernel's own."""
     if not type_name or len(type_name.encode()) > MAX_TYPE_LEN or "\0" in type_name:
-        raise E.EINVAL("type names are 1..31 characters")
+        raise E.EINVAL("type names are 1..31 bytes (UTF-8), with no NUL")
     if type_name.startswith("."):
         raise E.EPERM("types beginning with '.' are internal")
 
