@@ -729,6 +729,22 @@ def test_rsa_keys_restricted_to_pss_are_refused_not_used_as_plain_rsa(client, tm
             assert client.describe(client.add("asymmetric", "", der, "@s")).description.startswith("RSA-2048")
 
 
+def test_a_certificate_with_a_negative_serial_loads_without_a_warning_in_the_log(fresh_daemon, tmp_path):
+    """Old roots (in the CA bundle too) have non-positive serials: pyca parses them with a deprecation
+    warning, which went to the daemon's stderr, a raw traceback line in its log at each parse (the bundle's
+    load alone silenced it)."""
+    key, cert = str(tmp_path / "neg.key"), str(tmp_path / "neg.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=negative", "-days", "2", "-set_serial", "-5"],
+                   check=True, capture_output=True)
+    d = fresh_daemon()
+    with d.connect() as c, open(cert, "rb") as f:
+        serial = c.add("asymmetric", "", f.read(), "@s")
+        assert c.describe(serial).description.startswith("negative: ")
+        assert c.pkey_query(serial).max_sig_size > 0
+    assert "Warning" not in d.read_log()
+
+
 def test_x509_verify_any_extended_key_usage_is_not_server_or_client_auth(client, pki, rings):
     """A leaf whose only EKU is anyExtendedKeyUsage passed purpose=server without a host (with one, pyca
     refused it; so does openssl)."""

@@ -24,13 +24,11 @@ from __future__ import annotations
 import logging
 import re
 import types
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
 
 from keyden import errors as E
 from keyden.core import keytypes as T
@@ -293,23 +291,21 @@ def _load_bundle(store: KeyStore, ring: Key, pem: bytes) -> tuple[int, int, int,
     replaced).  ``replaced`` counts certificates that took the place of an earlier one with the same
     description (subject and key id: a root re-issued with its key), as add_key would."""
     loaded = refused = blacklisted = replaced = 0
-    with warnings.catch_warnings():  # old roots with negative serials: pyca warns, the parser copes
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        for block in _PEM_CERT.findall(pem):
-            try:
-                parsed = asymmetric.parse(block)
-            except E.KeydenError:
-                refused += 1
-                continue
-            with store.lock:
-                again = (ASYMMETRIC.name, parsed.default_description) in ring.links
-            try:
-                store.add_system_key(ASYMMETRIC, parsed.default_description, parsed, T.asymmetric_quota(len(block)),
-                                     SYSTEM_CERT_PERM, keyring=ring)
-                loaded += 1
-                replaced += again
-            except E.EKEYREJECTED:
-                blacklisted += 1
+    for block in _PEM_CERT.findall(pem):
+        try:
+            parsed = asymmetric.parse(block)
+        except E.KeydenError:
+            refused += 1
+            continue
+        with store.lock:
+            again = (ASYMMETRIC.name, parsed.default_description) in ring.links
+        try:
+            store.add_system_key(ASYMMETRIC, parsed.default_description, parsed, T.asymmetric_quota(len(block)),
+                                 SYSTEM_CERT_PERM, keyring=ring)
+            loaded += 1
+            replaced += again
+        except E.EKEYREJECTED:
+            blacklisted += 1
     return loaded, refused, blacklisted, replaced
 
 

@@ -15,6 +15,7 @@ import functools
 import logging
 import re
 import types
+import warnings
 from dataclasses import replace
 from typing import Callable, Iterable, Mapping
 
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID
 
 from keyden import errors as E
@@ -240,6 +242,11 @@ _KEY_ALGORITHMS = {
 }
 OID_RSA, OID_EC, OID_ED25519, OID_X25519 = _KEY_ALGORITHMS.values()
 _KEY_OIDS = frozenset(_KEY_ALGORITHMS.values())
+# Old roots (the CA bundle's, and any a user loads) have non-positive serials, which RFC 5280 forbids: pyca
+# parses them with a deprecation warning, a raw line on the daemon's stderr at each parse.  One filter, set
+# once (catch_warnings around a parse is not thread-safe).
+warnings.filterwarnings("ignore", "Parsed a serial number which wasn't positive", CryptographyDeprecationWarning)
+
 _UNSUPPORTED = "unsupported key algorithm; RSA, EC P-256/P-384, Ed25519 and X25519 are supported"
 MAX_KDF_ITERATIONS = 1 << 21      # ~0.5 s of PBKDF2-SHA256 on a worker; common settings are 2048..1.3M
 MAX_SCRYPT_COST = 64 << 20        # 128*N*r*p bytes; OpenSSL's default N=16384,r=8,p=1 is 16 MiB
