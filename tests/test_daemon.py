@@ -1169,3 +1169,47 @@ def test_a_connect_waits_for_room_in_a_busy_daemons_listen_queue(fresh_daemon):
         os.kill(d.proc.pid, signal.SIGCONT)
         for s in filling:
             s.close()
+
+
+def test_a_destroyed_keys_payload_and_a_password_do_not_stay_in_the_daemons_receive_buffers(fresh_daemon):
+    """The daemon reads requests into buffers it keeps: a revoked key's payload, or the password of an
+    encrypted private key (taken or refused), stayed there, verbatim, until a longer request came (on a
+    quiet daemon, never).  Received bytes are wiped once they are taken out of the read buffers (the frame
+    decoder's: test_protocol).  (Freed Python objects keep copies until their memory is reused, which
+    connections that come and go do: so the daemon is looked at once they have gone.)"""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.test_session_keys import memory_contains
+
+    d = fresh_daemon()
+    marks = {name: name.encode() + b"-" + os.urandom(8).hex().encode() for name in
+             ("payload", "piecewise", "password", "wrong")}
+    with d.connect() as c:
+        c.revoke(c.add("logon", "test:small", marks["payload"], "@s"))
+        pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(marks["password"]))
+        c.invalidate(c.add("asymmetric", "", pem, "@s", password=marks["password"]))
+        with pytest.raises(E.EKEYREJECTED):
+            c.add("asymmetric", "", pem, "@s", password=marks["wrong"])
+    frame = W.encode_request(2, Op.ADD, "logon", "test:pieces", marks["piecewise"], -3, b"")  # (-3: @s)
+    with socket.socket(socket.AF_UNIX) as raw:  # one request in two reads: through the decoder
+        raw.connect(d.socket)
+        raw.sendall(W.encode_request(1, Op.HELLO, W.VERSION, W.VERSION, "", "test"))
+        decoder = W.FrameDecoder()
+        raw.sendall(frame[:20])
+        time.sleep(0.1)
+        raw.sendall(frame[20:])
+        frames: list = []
+        while len(frames) < 2:
+            decoder.feed(raw.recv(4096))
+            frames += decoder.frames()
+        (serial,) = W.response_schema(Op.ADD).decode(frames[1].body)
+        raw.sendall(W.encode_request(3, Op.REVOKE, serial))
+        decoder.feed(raw.recv(4096))
+        (revoked,) = decoder.frames()
+    assert frames[1].status == revoked.status == 0
+    with d.connect() as c:
+        c.ping(b"x")
+    assert memory_contains(d.proc.pid, list(marks.values())) == set()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
+import os
 import random
 import struct
 
@@ -190,6 +192,29 @@ def test_decoder_reassembles_frames_fed_byte_by_byte():
         got += [W.request_schema(f.op).decode(f.body)[0] for f in dec.frames()]
     assert got == [bytes([i]) * i for i in range(1, 20)]
     assert dec.pending == 0
+
+
+def _allocation(buf: bytearray) -> bytes:
+    """All the memory a bytearray holds, before its logical start too (CPython's PyByteArrayObject:
+    ob_alloc and ob_bytes follow the variable-size object header)."""
+    alloc, start = ctypes.c_ssize_t.from_address(id(buf) + 24).value, ctypes.c_void_p.from_address(id(buf) + 32).value
+    return ctypes.string_at(start, alloc) if start else b""
+
+
+def test_decoder_wipes_the_frames_it_has_given():
+    """A decoded frame's bytes are zeroed before they leave the buffer: deleting the front of a bytearray
+    only moves its start (while most of it stays in use), so a payload or password stayed in the daemon's
+    (or a client's) memory behind a large frame still arriving."""
+    secrets = [os.urandom(16).hex().encode() for _ in range(2)]
+    small = [W.encode_request(i + 1, Op.ADD, "logon", "t:x", secret, -3, b"") for i, secret in enumerate(secrets)]
+    large = W.encode_request(3, Op.PING, bytes(4000))
+    decoder = W.FrameDecoder()
+    decoder.feed(small[0] + large[:2000])
+    assert [f.request_id for f in decoder.frames()] == [1]
+    decoder.feed(large[2000:] + small[1] + large[:2000])
+    assert decoder.next_frame().request_id == 3 and decoder.next_frame().request_id == 2
+    held = _allocation(decoder._buf)
+    assert len(held) > 2000 and not any(secret in held for secret in secrets)
 
 
 def test_decoder_refuses_oversized_frames_before_buffering_them():

@@ -522,6 +522,13 @@ class FrameTooLarge(E.EMSGSIZE):
     """Raised by the decoder: the peer announced a body over the cap; close the connection."""
 
 
+def _take(buf: bytearray, n: int) -> None:
+    """The first ``n`` bytes, decoded, off the buffer, wiped first: deleting the front of a bytearray only
+    moves its start, and a payload or password left behind would stay until the memory was reused."""
+    buf[:n] = bytes(n)
+    del buf[:n]
+
+
 class FrameDecoder:
     """Incremental frame parser: feed bytes, take whole frames.  Sans-IO, so it can be tested alone."""
 
@@ -547,7 +554,7 @@ class FrameDecoder:
                 pos = end
         finally:
             if pos:
-                del buf[:pos]
+                _take(buf, pos)
 
     def next_frame(self) -> Frame | None:
         """The first whole frame, or None until one has arrived (one at a time, for a caller that may pause)."""
@@ -561,7 +568,7 @@ class FrameDecoder:
         if len(buf) < end:
             return None
         frame = Frame(rid, op, status, bytes(buf[HEADER_SIZE:end]))
-        del buf[:end]
+        _take(buf, end)
         return frame
 
     @property
