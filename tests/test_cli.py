@@ -606,6 +606,11 @@ def test_hostile_words_are_usage_errors_not_tracebacks(keyden, client, tmp_path)
         (("x509_verify", key, "@s", "--at", "-5"), 2, "Time before 1970: '-5'"),
         (("x509_verify", key, "@s", "--at", "1969-12-31T23:59:59.5"), 2, "Time before 1970"),
         (("x509_verify", key, "@s", "--at", "1970-01-01T00:00:00.5"), 2, "Time in the epoch's first second"),
+        # and by a review of that: a float timestamp rounded the last second of 9999 past it, and int() took
+        # no more than 4300 digits, leading zeros included (a traceback)
+        (("x509_verify", key, "@s", "--at", "9999-12-31T23:59:59.99999-00:01"), 2, "Out of range time"),
+        (("x509_verify", key, "@s", "--at", "0" * 5000 + "99999999999999"), 2, "Out of range time: '00000"),
+        (("x509_verify", key, "@s", "--at", "-" + "0" * 5000 + "1"), 2, "Time before 1970: '-0000"),
         (("kdf", key, "@s", "--length", "-1"), 2, "Out of range length: '-1' (16 to 8160)"),
         (("kdf", key, "@s", "--length", "8161"), 2, "Out of range length"),
         (("kdf", key, "@s", "--length", "15"), 2, "Out of range length: '15' (16 to 8160)"),  # (session-keys.md)
@@ -681,3 +686,12 @@ def test_a_server_that_is_not_keyden_is_an_error_not_a_hang(tmp_path, monkeypatc
         server.close()
         for conn in held:
             conn.close()
+
+
+def test_at_takes_the_last_second_of_9999_and_the_first_after_the_epoch_exactly():
+    """(A float timestamp rounded 23:59:59.99999 up, past the last second: Out of range time.)"""
+    from keyden.cli.trust import LAST_SECOND, unix_time
+
+    assert unix_time("9999-12-31T23:59:59.99999") == unix_time(str(LAST_SECOND)) == LAST_SECOND
+    assert unix_time("1970-01-01T00:00:01.999999") == unix_time("0" * 5000 + "1") == 1
+    assert unix_time("1970-01-01T01:00:01+01:00") == 1

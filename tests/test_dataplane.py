@@ -1593,15 +1593,32 @@ def test_updates_in_pieces_from_two_threads_or_tasks_are_not_interleaved(fresh_d
                     pass
             return False
 
-        for _ in range(3):
-            stream, outputs = c.stream(GCM, serial, random_nonce=True), {}
-            threads = [threading.Thread(target=lambda n=n: outputs.__setitem__(n, stream.update(parts[n])))
-                       for n in "AB"]
+        def in_threads(*calls) -> list:
+            """Each call in a thread of its own, 20 ms apart (a piece takes 10 ms: they overlap); the results."""
+            results: list = [None] * len(calls)
+
+            def run(i):
+                try:
+                    results[i] = calls[i]()
+                except Exception as exc:
+                    results[i] = exc
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
             for t in threads:
                 t.start()
+                time.sleep(0.02)
             for t in threads:
                 t.join()
-            assert whole_parts(outputs, *stream.finalize(), stream.nonce)
+            return results
+
+        update = c.stream_update
+        c.stream_update = lambda *args: (time.sleep(0.01), update(*args))[1]  # each piece's request, slowly
+        stream = c.stream(GCM, serial, random_nonce=True)
+        a, b = in_threads(lambda: stream.update(parts["A"]), lambda: stream.update(parts["B"]))
+        assert whole_parts({"A": a, "B": b}, *stream.finalize(), stream.nonce)
+        digest = c.stream("sha256")
+        (_, last), late = in_threads(lambda: digest.finalize(parts["A"]), lambda: digest.update(b"late"))
+        assert last == hashlib.sha256(parts["A"]).digest() and isinstance(late, dataplane.StreamFinished)
+        del c.stream_update
 
         async def tasks() -> list:
             async with await aio.connect(d.socket) as ac:

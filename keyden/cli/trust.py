@@ -9,12 +9,12 @@ prints the two blacklist descriptions of a key, ready for the latter.
 from __future__ import annotations
 
 import datetime
-import math
 
 from keyden import errors as E
 from keyden.cli.support import Context, Exit, Usage, arguments, call, options
 
 LAST_SECOND = 253402300799  # 9999-12-31T23:59:59Z: the last time X.509's GeneralizedTime can name
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 PURPOSES = ("server", "client", "")  # keyden.crypto.x509's; not imported, so other commands start fast
 
 
@@ -25,7 +25,8 @@ def unix_time(text: str) -> int:
     if digits.isascii() and digits.isdigit():  # (isdigit alone takes '²' and other scripts' digits)
         if text.startswith("-") and digits.strip("0"):
             raise Exit(2, f"Time before 1970: '{shown}'")
-        if len(digits.lstrip("0")) > 12 or int(digits) > LAST_SECOND:
+        digits = digits.lstrip("0") or "0"  # (int() refuses more than 4300 digits, zeros too)
+        if len(digits) > 12 or int(digits) > LAST_SECOND:
             raise Exit(2, f"Out of range time: '{shown}' (0 to {LAST_SECOND}, the end of the year 9999)")
         return int(digits)
     try:
@@ -34,7 +35,9 @@ def unix_time(text: str) -> int:
         raise Exit(2, f"Unparsable time: '{shown}' (use Unix seconds or ISO 8601)") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    seconds = math.floor(when.timestamp())  # (a fraction of a second before 1970 is before it too)
+    # Whole seconds since the epoch, rounded down (a fraction of a second before 1970 is before it too),
+    # counted exactly: a float timestamp rounds 9999-12-31T23:59:59.99999 up past the last second.
+    seconds = (when - _EPOCH) // datetime.timedelta(seconds=1)
     if seconds < 0:
         raise Exit(2, f"Time before 1970: '{shown}'")
     if seconds == 0:  # which --at takes for now
