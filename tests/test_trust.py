@@ -729,6 +729,21 @@ def test_rsa_keys_restricted_to_pss_are_refused_not_used_as_plain_rsa(client, tm
             assert client.describe(client.add("asymmetric", "", der, "@s")).description.startswith("RSA-2048")
 
 
+def test_a_pkcs12_file_is_refused_as_one_not_as_a_key_of_an_unsupported_algorithm(client, tmp_path):
+    """A PFX reads as a PKCS#8 key whose algorithm is its content type: "unsupported key algorithm" (for an
+    RSA key) sent its user looking in the wrong place."""
+    key, cert, pfx = (str(tmp_path / n) for n in ("k.pem", "c.pem", "f.p12"))
+    for command in (["req", "-x509", "-newkey", "rsa:2048", "-noenc", "-keyout", key, "-out", cert, "-subj", "/CN=p12",
+                     "-days", "2"],
+                    ["pkcs12", "-export", "-inkey", key, "-in", cert, "-out", pfx, "-passout", "pass:secret"]):
+        subprocess.run(["openssl", *command], check=True, capture_output=True)
+    with open(pfx, "rb") as f:
+        data = f.read()
+    for password in (None, "secret"):
+        with pytest.raises(E.EINVAL, match="a PKCS#12 file is not taken: give its key and its certificate apart"):
+            client.add("asymmetric", "", data, "@s", password=password)
+
+
 def test_a_certificate_with_a_negative_serial_loads_without_a_warning_in_the_log(fresh_daemon, tmp_path):
     """Old roots (in the CA bundle too) have non-positive serials: pyca parses them with a deprecation
     warning, which went to the daemon's stderr, a raw traceback line in its log at each parse (the bundle's

@@ -232,6 +232,7 @@ _OID_PBES2 = bytes.fromhex("2a864886f70d01050d")         # 1.2.840.113549.1.5.13
 _OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")        # 1.2.840.113549.1.5.12
 _OID_SCRYPT = bytes.fromhex("2b06010401da47040b")        # 1.3.6.1.4.1.11591.4.11
 _OID_RSASSA_PSS = bytes.fromhex("2a864886f70d01010a")    # 1.2.840.113549.1.1.10
+_OID_PKCS7_DATA = bytes.fromhex("2a864886f70d010701")     # 1.2.840.113549.1.7.1: a PKCS#12 file's content
 #: The key algorithms keyden holds: dotted, as pyca names a certificate's, -> DER content octets, as an
 #: SPKI or PKCS#8 is read for before pyca loads it.  pyca is given no other (see _check_key_algorithm).
 _KEY_ALGORITHMS = {
@@ -420,6 +421,9 @@ def _check_key_algorithm(der: bytes, kind: str) -> None:
     if oid == _OID_RSASSA_PSS:
         raise E.EINVAL("unsupported key algorithm: an RSA key restricted to RSASSA-PSS "
                        "(keyden could not enforce the restriction)")
+    if oid == _OID_PKCS7_DATA:  # (a PFX reads as a PKCS#8 key whose algorithm is its content type)
+        raise E.EINVAL("a PKCS#12 file is not taken: give its key and its certificate apart (PEM or DER), e.g. "
+                       "openssl pkcs12 -in file.p12 -nocerts -noenc, and -nokeys for the certificate")
     if oid not in _KEY_OIDS:
         raise E.EINVAL(_UNSUPPORTED)
 
