@@ -617,6 +617,59 @@ def test_first_start_under_a_loose_umask_makes_files_it_accepts_again(tmp_path):
         d.cleanup()
 
 
+#: `keyden serve` whose socket, once bound, a "local attacker" swaps for a symbolic link to $TARGET (as one
+#: with write access to the socket's directory could, racing the daemon)
+SWAPPED_SOCKET = """
+import os, socket, sys, types
+from keyden.server import server
+from keyden.cli.main import main
+class Swapped(socket.socket):
+    def bind(self, path):
+        super().bind(path)
+        os.symlink(os.environ["TARGET"], path + ".swap")
+        os.rename(path + ".swap", path)
+        open(os.environ["TARGET"] + ".bound", "w").close()
+server.socket = types.ModuleType("socket")
+server.socket.__dict__.update(vars(socket), socket=Swapped)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_socket_gets_its_mode_from_the_bind_not_from_a_chmod_that_follows_a_swapped_link(tmp_path):
+    """The socket was bound, then chmod-ed 0666 by its path: whoever could rename a symbolic link onto that
+    path in between had the daemon (root) make any file world-writable.  Its mode now comes from the umask
+    of the bind (0666 under any umask of the daemon's), and a directory others may write is refused."""
+    target = tmp_path / "shadow"
+    target.write_text("secret")
+    target.chmod(0o600)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    d = Daemon()  # (its directories; started here, as it never answers on its socket)
+    d.proc = subprocess.Popen([sys.executable, "-c", SWAPPED_SOCKET, "serve", "--socket", str(run / "k.sock"),
+                               "--state-dir", d.state_dir, "--config", d.config],
+                              env=dict(os.environ, PYTHONPATH=REPO, TARGET=str(target)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert eventually(lambda: os.path.exists(f"{target}.bound"))
+        time.sleep(0.5)  # (where the chmod came, at once)
+        assert d.proc.poll() is None and oct(target.stat().st_mode & 0o777) == "0o600"
+    finally:
+        d.stop()
+        d.cleanup()
+    for umask in (0o077, 0o000):
+        d = Daemon(args=("--socket", str(run / "k.sock")))
+        d.socket = str(run / "k.sock")
+        try:
+            d.start(preexec_fn=lambda: os.umask(umask))
+            assert oct(os.stat(d.socket).st_mode & 0o777) == "0o666"
+        finally:
+            d.cleanup()
+    run.chmod(0o777)
+    said = _serve_refused("--socket", str(run / "k.sock"), "--state-dir", str(tmp_path / "state"))
+    assert f"the socket {run / 'k.sock'} is under {run}, mode 0777, writable by group or others" in said
+    assert not (tmp_path / "state").exists()  # said before a store was made
+
+
 def test_keyden_serve_ignores_hangups_from_its_first_import():
     """A reload while the interpreter is still importing must not kill the daemon (SIGHUP's default);
     other commands keep the default."""

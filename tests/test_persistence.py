@@ -2401,3 +2401,24 @@ def test_an_asymmetric_key_stored_by_an_older_version_is_charged_as_now():
     user = Key(424243, T.REGISTRY["user"], "u", 1000, 1000, 0x3F010000, b"12345", 5)
     assert records.open_row(records.seal(*records.snapshot(old, 1, False), sealer), sealer)[0].quota_len == 100
     assert records.open_row(records.seal(*records.snapshot(user, 1, False), sealer), sealer)[0].quota_len == 5
+
+
+def test_make_dirs_sets_the_mode_of_what_it_made_not_of_a_link_renamed_onto_it(tmp_path, monkeypatch):
+    """Each directory was made, then chmod-ed by its name, which follows a symbolic link renamed onto it
+    in between: the mode went to the link's target (0755 for the socket's directories, any directory)."""
+    from keyden.persist import files
+
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    made = tmp_path / "made"
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swapped(path, mode=0o777):
+        real_mkdir(path, mode)
+        os.rename(path, f"{path}.moved")
+        os.symlink(target, path)
+    monkeypatch.setattr(files.os, "mkdir", mkdir_then_swapped)
+    with pytest.raises(OSError) as raised:
+        files.make_dirs(str(made), 0o755)
+    assert raised.value.errno in (errno.ELOOP, errno.ENOTDIR)  # (O_NOFOLLOW with O_DIRECTORY: the latter)
+    assert oct(target.stat().st_mode & 0o777) == "0o700"

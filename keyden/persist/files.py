@@ -44,7 +44,13 @@ def make_dirs(path: str, mode: int = 0o700) -> None:
     for index, directory in enumerate(reversed(missing)):
         wanted = mode if index == len(missing) - 1 else 0o755
         os.mkdir(directory, wanted)
-        os.chmod(directory, wanted)
+        # The mode set on what was made, not on what the name leads to now: a directory renamed away and a
+        # symbolic link put in its place (ENOTDIR here) must not pass the mode on to the link's target.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, wanted)
+        finally:
+            os.close(fd)
 
 
 def require_safe_parents(path: str, what: str) -> None:

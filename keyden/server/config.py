@@ -23,7 +23,7 @@ DEFAULT_CONFIG_TEXT = """\
 # keyden daemon configuration (created on first start; every setting optional).
 # state_dir = "/var/lib/keyden"  # keys.db, master.key, audit.log (not root: $XDG_STATE_HOME/keyden); set here,
 #                               #   the daemon uses another directory: copy keys.db and master.key there first
-# socket = "/run/keyden/keyden.sock"
+# socket = "/run/keyden/keyden.sock"  # (not root: $XDG_RUNTIME_DIR/keyden.sock, if set; $KEYDEN_SOCKET first)
 # max_frame = 16781312          # bytes in one frame body
 # max_connections = 1024        # all uids together
 # max_connections_per_uid = 256
@@ -31,9 +31,9 @@ DEFAULT_CONFIG_TEXT = """\
 # receive_total_maxbytes = 1073741824   # ... and for all uids together
 # max_in_flight = 64            # pipelined requests answered before their replies are written
 # workers = 0                   # threads for slow operations (key generation, RSA, bulk, disk); 0 = 2 x CPUs, >= 4
-# handshake_timeout = 10        # seconds a new connection has to send its HELLO
+# handshake_timeout = 10        # seconds a new connection has to send its HELLO; 0 = forever
 # idle_timeout = 0              # seconds a connection may stay silent after HELLO; 0 = forever
-# send_timeout = 600            # seconds a reply may wait on a client that does not read; then it is dropped
+# send_timeout = 600            # seconds a reply may wait on a client that does not read (then dropped); 0 = forever
 # busy_poll = 0                 # microseconds the loop keeps looking for the next request before it sleeps
 #                               #   (up to 10000; 0 = sleep at once): lower latency for a CPU's worth of polling
 # audit = "audit.log"           # JSON lines; relative to the state dir, or "/path", "stderr", "off"

@@ -29,7 +29,7 @@ from keyden.core.store import KeyStore
 from keyden.logs import Throttled
 from keyden.persist import SealedJournal, open_durable
 from keyden.errors import StartupError
-from keyden.persist.files import make_dirs
+from keyden.persist.files import make_dirs, require_safe_parents
 from keyden.protocol.transport import SYSTEM_SOCKET
 from keyden.server import harden, limits, peer
 from keyden.server.audit import AuditLog
@@ -78,7 +78,9 @@ def _make_socket_dirs(directory: str) -> None:
         raise StartupError(f"cannot make the socket's directory {exc.filename}: it exists and is not a "
                            "directory") from None
     except OSError as exc:
-        raise StartupError(f"cannot make the socket's directory {directory}: {exc.strerror}") from None
+        hint = " (give one you may write: serve --socket PATH, or set $KEYDEN_SOCKET or $XDG_RUNTIME_DIR)" \
+            if isinstance(exc, PermissionError) else ""
+        raise StartupError(f"cannot make the socket's directory {directory}: {exc.strerror}{hint}") from None
 
 
 def _trust_file(path: str, what: str) -> tuple[str, bytes] | None:
@@ -160,7 +162,11 @@ class Server:
     def _startup(self) -> None:
         cfg = self.config
         cfg.check()
-        self._clear_stale_socket(cfg.socket)  # a daemon already there: say so before making a store
+        # The socket's path first: a mistake there (an unsafe or unmakeable directory, a daemon already there)
+        # is said before a store is made.
+        require_safe_parents(cfg.socket, "socket")  # (else its directory's other writers could take its place)
+        _make_socket_dirs(os.path.dirname(cfg.socket))
+        self._clear_stale_socket(cfg.socket)
         self._open_store()
         watched = cfg.max_connections * WATCHED_PER_CONNECTION  # processes the exit watcher may follow
         self._raise_fd_limit(watched)
@@ -194,18 +200,22 @@ class Server:
                         tls_engine.MAX_SESSIONS)
 
     def _listen(self, path: str) -> None:
-        _make_socket_dirs(os.path.dirname(path))
-        self._clear_stale_socket(path)
+        self._clear_stale_socket(path)  # (again: one may have died since)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Made 0666 (any local process may connect; identity comes from SO_PEERCRED) by the umask, not by a
+        # chmod of the path after the bind, which would follow whatever was renamed onto it since.  (Nothing
+        # else makes files yet, so the process-wide umask is ours for the call.)
+        umask = os.umask(0o111)
         try:
             sock.bind(path)
         except OSError as exc:
             sock.close()
             raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(umask)
         self.listener = sock
         st = os.lstat(path)
         self._socket_id = (st.st_dev, st.st_ino)  # shutdown removes this socket, not one bound there since
-        os.chmod(path, 0o666)  # any local process may connect; identity comes from SO_PEERCRED
         sock.listen(512)
         runtime = os.environ.get("XDG_RUNTIME_DIR")
         if os.geteuid() == 0 and runtime and os.path.dirname(os.path.abspath(path)) == os.path.abspath(runtime):
@@ -240,7 +250,11 @@ class Server:
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)  # nobody listening: a leftover from a crash
+            try:
+                os.unlink(path)  # nobody listening: a leftover from a crash
+            except OSError as exc:
+                raise StartupError(f"{path} is a socket nobody listens on, of uid {st.st_uid}, and it cannot be "
+                                   f"removed ({exc.strerror}): remove it, or serve --socket elsewhere") from None
         else:
             raise StartupError(f"a daemon is already listening on {path} (its socket belongs to uid {st.st_uid})")
         finally:
