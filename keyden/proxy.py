@@ -165,7 +165,9 @@ class Proxy:
                  evict_idle: float = EVICT_IDLE):
         self.client = client
         self.keyring = keyring
-        self.tls_options = tls_options
+        # A session's close_notify only when the backend's answer ended cleanly (splice's finish): a proxy
+        # that dies mid-answer leaves its clients a truncation, not a whole (the kernel closes its sockets).
+        self.tls_options = {**tls_options, "explicit_close": True}
         self.forward = forward
         self.proxy_protocol = proxy_protocol
         self.close_timeout = close_timeout
@@ -427,8 +429,9 @@ class Proxy:
             with self.per_host_lock:
                 self.relays[plain] = relay
             try:
-                splice(plain, upstream, self.close_timeout, self.idle_timeout,
-                       abort=lambda: self._abort(plain), truncated=lambda: self._truncated(plain), moved=relay.moved)
+                splice(plain, upstream, self.close_timeout, self.idle_timeout, abort=lambda: self._abort(plain),
+                       truncated=lambda: self._truncated(plain), moved=relay.moved,
+                       finish=lambda: client_tls.tls_close_notify(self.client, plain))
             except RuntimeError as exc:  # no thread to be had for the other direction
                 self._abort(plain)
                 _report(peer, f"cannot relay the connection: {exc}; ended")
@@ -525,7 +528,8 @@ class Relay:
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
            idle_timeout: float = 0.0, abort: Callable[[], None] | None = None,
-           truncated: Callable[[], bool] | None = None, moved: list[float] | None = None) -> None:
+           truncated: Callable[[], bool] | None = None, moved: list[float] | None = None,
+           finish: Callable[[], None] | None = None) -> None:
     """Copy both ways until both ends are done, passing each end-of-file on as a half-close; the caller
     closes both sockets after.
 
@@ -541,8 +545,10 @@ def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIME
     ``idle_timeout``, a connection on which no byte moved either way for that long ends too: a side that
     stops reading but keeps its end open (a write to it blocks, never fails) must not hold the
     connection's slot for ever.  ``moved`` (if given): a one-item list kept set to when a byte last moved.
+    ``finish`` (if given) passes ``b``'s clean end on to ``a`` in place of a half-close (``a``'s TLS session's
+    close_notify, for a session that sends none on a bare end of file); if it fails, the half-close.
     """
-    _Splice(a, b, close_timeout, idle_timeout, abort, truncated, moved).run()
+    _Splice(a, b, close_timeout, idle_timeout, abort, truncated, moved, finish).run()
 
 
 class _Splice:
@@ -551,10 +557,10 @@ class _Splice:
 
     def __init__(self, a: socket.socket, b: socket.socket, close_timeout: float, idle_timeout: float,
                  abort: Callable[[], None] | None, truncated: Callable[[], bool] | None,
-                 moved: list[float] | None):
+                 moved: list[float] | None, finish: Callable[[], None] | None):
         self.a, self.b = a, b
         self.close_timeout, self.idle_timeout = close_timeout, idle_timeout
-        self.abort, self.truncated = abort, truncated
+        self.abort, self.truncated, self.finish = abort, truncated, finish
         self.moved = moved if moved is not None else [time.monotonic()]  # when a byte last moved, either way
         self.truncation_seen = False
         # A reset of b's is reported once, maybe to the thread writing to b: the other then reads a plain end
@@ -609,9 +615,13 @@ class _Splice:
         self.grace.append(timer)
 
     def end_when_idle(self) -> None:
+        """After hours without a byte it is an idle keep-alive connection, which ends cleanly (``finish``)."""
         moved, idle_timeout = self.moved, self.idle_timeout
         while not self.finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
             if time.monotonic() - moved[0] >= idle_timeout:
+                if self.finish is not None:
+                    with contextlib.suppress(Exception):  # (keyden lost: the session is gone with it)
+                        self.finish()
                 self.end_both()
                 return
 
@@ -669,8 +679,14 @@ class _Splice:
                 pass
         if broke:
             self.end_both()
-        else:
-            self.a.shutdown(socket.SHUT_WR)
+            return
+        if self.finish is not None and not self.b_reset.is_set():
+            try:
+                self.finish()
+                return
+            except Exception:  # (keyden lost: the session is gone with it) the half-close, as without
+                pass
+        self.a.shutdown(socket.SHUT_WR)
 
 
 def _reset_on_close(sock: socket.socket) -> None:

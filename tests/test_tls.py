@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import socket
 import ssl
 import struct
@@ -1030,6 +1031,61 @@ def test_an_aborted_session_ends_without_close_notify_where_a_close_ends_it_clea
             got += tls.recv(1 << 16)
         assert got == b"the first half\n" + bytes(2 << 20)  # all of it, abort or not
         assert how_it_ended(tls) == ("FIN" if how == "abort" else "close_notify")
+
+
+@pytest.mark.parametrize("how", ["died", "close_notify"])
+def test_with_explicit_close_an_application_that_dies_mid_answer_leaves_its_peer_a_truncation(
+        client, app_factory, server_ring, pki, how):
+    """A close of the plaintext socket was always a graceful end, so an application killed mid-answer (the
+    kernel closes its sockets) had keyden send close_notify: its peer took half an answer for a whole one,
+    where an in-process TLS stack dies with its process and sends none.  With explicit_close only
+    tls_close_notify sends it; a bare end of file is a truncation (found by a TLS hunt)."""
+    def answer(plain: socket.socket) -> None:
+        read_until(plain, b"\n")
+        plain.sendall(b"the answer\n" + bytes(1 << 20))
+        if how == "close_notify":
+            client.tls_close_notify(plain)
+            with pytest.raises(BrokenPipeError):
+                plain.sendall(b"more")  # the write side is shut from the answer on
+    app = app_factory(explicit_close=True)
+    app.serve(reply=answer)  # (then the plaintext socket is closed: what the kernel does at a death too)
+    with strict_peer(app.port, pki.ca) as tls:
+        tls.sendall(b"question\n")
+        got = b""
+        while len(got) < len(b"the answer\n") + (1 << 20):
+            got += tls.recv(1 << 16)
+        assert how_it_ended(tls) == ("FIN" if how == "died" else "close_notify")
+
+
+#: an application (its session from KEYDEN_SESSION) that takes one connection with explicit_close, answers
+#: half of what it means to, and is killed
+KILLED_APP = """
+import os, signal, socket, sys, keyden
+listener = socket.socket(fileno=int(sys.argv[2]))
+conn, _ = listener.accept()
+plain, _ = keyden.connect(sys.argv[1]).tls_accept(conn, "@s", explicit_close=True)
+plain.recv(100)
+plain.sendall(b"half an answer")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_application_killed_mid_answer_with_explicit_close(daemon, client, server_ring, pki):
+    """The same, with a real death: a process that took the session, wrote half its answer and was killed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    env = dict(os.environ, KEYDEN_SESSION=client.session_token,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    app = subprocess.Popen([sys.executable, "-c", KILLED_APP, daemon.socket, str(listener.fileno())], env=env,
+                           pass_fds=(listener.fileno(),))
+    try:
+        with strict_peer(listener.getsockname()[1], pki.ca) as tls:
+            tls.sendall(b"question\n")
+            assert read_until(tls, b"answer") == b"half an answer"
+            assert how_it_ended(tls) == "FIN"
+        assert app.wait(TIMEOUT) == -signal.SIGKILL
+    finally:
+        app.kill()
+        listener.close()
 
 
 def test_abort_during_the_handshake_and_after_the_end(client, server_ring, pki, daemon):

@@ -1056,6 +1056,30 @@ def test_an_upstream_that_breaks_mid_answer_ends_the_client_without_close_notify
             assert how_it_ended(tls) == "FIN"
 
 
+@pytest.mark.parametrize("how", ["proxy killed", "answer ended"])
+def test_a_proxy_killed_mid_answer_leaves_its_client_a_truncation(proxy, pki, how):
+    """The kernel closes a killed proxy's plaintext sockets, and keyden took such an end for a graceful
+    one: close_notify after half an answer of unknown length.  The proxy's sessions now send close_notify
+    only when the backend's answer ended (explicit close; found by a TLS hunt)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def half_then_wait(conn, release):
+        read_until(conn, b"\r\n\r\n")
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nthe first half")  # a body that ends where the connection does
+        if how == "proxy killed":
+            release.wait(TIMEOUT)
+
+    with one_connection_backend(half_then_wait, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}")
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_until(tls, b"the first half").endswith(b"the first half")
+            if how == "proxy killed":
+                (proc,) = proxy.procs
+                proc.kill()
+            assert how_it_ended(tls) == ("FIN" if how == "proxy killed" else "close_notify")
+
+
 @pytest.mark.parametrize("how", ["truncated", "close_notify"])
 def test_a_clients_end_reaches_a_tcp_backend_as_a_reset_only_if_truncated(proxy, pki, how):
     """The other way round: half a request, then the client's TCP end without close_notify, must not reach
@@ -1233,6 +1257,16 @@ def test_idle_timeout_ends_a_connection_to_a_backend_that_neither_reads_nor_clos
                     tls.sendall(bytes(64 << 10))
             tls.settimeout(5)  # well under the default idle timeout of 12 hours
             assert tls.recv(100) == b""  # the proxy let go: keyden's close_notify
+
+
+def test_idle_timeout_ends_an_idle_keep_alive_connection_with_close_notify(proxy, upstream, pki):
+    """After its answer, a keep-alive connection that says nothing more is idle, not cut short: the idle
+    timeout ends it cleanly (the proxy's sessions send close_notify only when it asks)."""
+    port = proxy("--forward", upstream, "--idle-timeout", "1")
+    with _tls_to(port, pki) as tls:
+        tls.sendall(b"GET /kept HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        read_until(tls, b"hello from upstream, /kept")
+        assert how_it_ended(tls) == "close_notify"
 
 
 def test_idle_timeout_spares_a_connection_whose_bytes_keep_moving(proxy, pki, tmp_path):

@@ -420,7 +420,7 @@ class AsyncClient(Operations):
             "in a thread, plain, info = await asyncio.to_thread(c.tls_accept, sock, ...), then "
             "reader, writer = await asyncio.open_connection(sock=plain) (docs/tls.md)"))
 
-    tls_accept = tls_connect = tls_abort = tls_peer_end = _no_tls
+    tls_accept = tls_connect = tls_abort = tls_close_notify = tls_peer_end = _no_tls
 
     # ---------------------------------------------------- data shoveling by serial
 

@@ -552,6 +552,7 @@ class Client(Operations):
     tls_accept = tls.tls_accept
     tls_connect = tls.tls_connect
     tls_abort = tls.tls_abort
+    tls_close_notify = tls.tls_close_notify
     tls_peer_end = tls.tls_peer_end
 
     def shared_buffer(self, size: int) -> SharedBuffer:

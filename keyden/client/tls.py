@@ -6,7 +6,9 @@ pass the socket to keyden, which runs the handshake and the record layer
 with keys that never leave it, and return ``(plaintext_socket, TlsInfo)``.
 Closing the plaintext socket ends the session with close_notify;
 ``client.tls_abort(plaintext_socket)`` first ends it without close_notify
-(the peer sees a truncation).
+(the peer sees a truncation).  With ``explicit_close=True`` only
+``client.tls_close_notify(plaintext_socket)`` sends close_notify, so that an
+application that dies mid-answer leaves its peer a truncation, not a whole.
 Only the short request holds the client's connection: the handshake's
 outcome arrives as the first frame on the plaintext socket, so threads
 sharing one client wait on their own sockets.  See docs/tls.md.
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 from keyden import errors as E
 from keyden import protocol as W
 from keyden.client.operations import Ref
-from keyden.protocol import (TLS13_ONLY, TLS_PEER_CLOSE_NOTIFY, TLS_PEER_OPEN, TLS_PEER_TRUNCATED,
-                             TLS_REQUIRE_CLIENT_CERT, Op)
+from keyden.protocol import (TLS13_ONLY, TLS_EXPLICIT_CLOSE, TLS_PEER_CLOSE_NOTIFY, TLS_PEER_OPEN,
+                             TLS_PEER_TRUNCATED, TLS_REQUIRE_CLIENT_CERT, Op)
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT
 
 OUTCOME_GRACE = 5.0  # beyond the handshake timeout: the daemon's own timer fires first
@@ -51,38 +53,44 @@ class TlsInfo:
 
 def tls_accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: bool = False,
            alpn: list[str] | None = None, min_version: str = "1.2",
-           handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> tuple[socket.socket, TlsInfo]:
+           handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, explicit_close: bool = False
+           ) -> tuple[socket.socket, TlsInfo]:
     """Serve TLS on the connected ``sock`` with a certificate and key from ``keyring`` (chosen by SNI).
 
     ``client_trust``: a keyring whose certificates client certificates must chain to (mTLS);
-    ``require_client_cert`` refuses clients without one.  Once keyden has taken ``sock`` it is
-    closed here; if the request is refused it stays open and the caller's.
+    ``require_client_cert`` refuses clients without one; ``explicit_close``: see ``tls_close_notify``.
+    Once keyden has taken ``sock`` it is closed here; if the request is refused it stays open and the
+    caller's.
     """
     plain = start_accept(client, sock, keyring, client_trust=client_trust, require_client_cert=require_client_cert,
-                         alpn=alpn, min_version=min_version, handshake_timeout=handshake_timeout)
+                         alpn=alpn, min_version=min_version, handshake_timeout=handshake_timeout,
+                         explicit_close=explicit_close)
     return plain, _outcome(plain, handshake_timeout)
 
 
 def start_accept(client, sock, keyring="@s", *, client_trust=0, require_client_cert: bool = False,
                  alpn: list[str] | None = None, min_version: str = "1.2",
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> socket.socket:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, explicit_close: bool = False) -> socket.socket:
     """``tls_accept``'s request alone: the plaintext socket, whose first frame is the handshake's outcome
     (``established`` reads it).  An error here is the request's (keyrings, permissions, limits); one from
     ``established`` is the handshake's, which the peer can cause."""
-    flags = _version_flag(min_version) | (TLS_REQUIRE_CLIENT_CERT if require_client_cert else 0)
+    flags = _version_flag(min_version) | (TLS_REQUIRE_CLIENT_CERT if require_client_cert else 0) \
+        | (TLS_EXPLICIT_CLOSE if explicit_close else 0)
     args = (Ref(keyring), Ref(client_trust) if client_trust else 0, flags, _alpn(alpn), _ms(handshake_timeout))
     return _hand_over(client, Op.TLS_ACCEPT, args, sock)
 
 
 def tls_connect(client, sock, server_hostname: str, *, trust, identity=0, alpn: list[str] | None = None,
-            min_version: str = "1.2", handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-            ) -> tuple[socket.socket, TlsInfo]:
+            min_version: str = "1.2", handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+            explicit_close: bool = False) -> tuple[socket.socket, TlsInfo]:
     """Speak TLS to the server at the other end of ``sock``, checking its certificate for ``server_hostname``.
 
     ``trust``: the keyring whose certificates are the accepted CAs; ``identity``: a keyring
-    holding a client certificate and its private key, for servers that ask for one.
+    holding a client certificate and its private key, for servers that ask for one;
+    ``explicit_close``: see ``tls_close_notify``.
     """
-    args = (server_hostname, Ref(trust), Ref(identity) if identity else 0, _version_flag(min_version), _alpn(alpn),
+    flags = _version_flag(min_version) | (TLS_EXPLICIT_CLOSE if explicit_close else 0)
+    args = (server_hostname, Ref(trust), Ref(identity) if identity else 0, flags, _alpn(alpn),
             _ms(handshake_timeout))
     plain = _hand_over(client, Op.TLS_CONNECT, args, sock)
     return plain, _outcome(plain, handshake_timeout)
@@ -99,6 +107,20 @@ def tls_abort(client, plain) -> None:
     error.
     """
     client._call_with_fds(Op.TLS_ABORT, (), [_fileno(plain)])
+
+
+def tls_close_notify(client, plain) -> None:
+    """End the TLS session behind ``plain`` deliberately: what was written to ``plain`` goes out, then
+    close_notify, which tells the peer it has everything.  From the return on, writes to ``plain`` fail
+    (it is shut for writing, as by ``plain.shutdown(SHUT_WR)``); the caller still closes it.
+
+    A session opened with ``explicit_close=True`` sends close_notify only after this: its plaintext
+    socket's end of file alone (the application exited or crashed mid-answer; the kernel closes its
+    sockets either way) ends it as ``tls_abort`` does, so the peer sees a truncation, as it would of an
+    in-process TLS stack that died with its process.  Without the flag a close is graceful, and this is
+    the same as ``plain.shutdown(SHUT_WR)``.  A session that has already ended is no error.
+    """
+    client._call_with_fds(Op.TLS_CLOSE_NOTIFY, (), [_fileno(plain)])
 
 
 _PEER_ENDS = {TLS_PEER_OPEN: "open", TLS_PEER_CLOSE_NOTIFY: "close_notify", TLS_PEER_TRUNCATED: "truncated"}

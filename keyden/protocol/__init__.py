@@ -97,6 +97,7 @@ class Op(enum.IntEnum):
     TLS_ESTABLISHED = 92  # never requested: the first frame on the plaintext socket TLS_* pass back
     TLS_ABORT = 93  # the plaintext socket, passed back: its session ends without close_notify (a FIN)
     TLS_PEER_END = 94  # the plaintext socket, passed back: how the peer ended (close_notify or a truncation)
+    TLS_CLOSE_NOTIFY = 95  # the plaintext socket, passed back: its data, then close_notify (TLS_EXPLICIT_CLOSE)
     # Persistent keyrings and the sealed store (docs/persistence.md).
     GET_PERSISTENT = 100
     EXPORT = 101
@@ -405,6 +406,7 @@ SCHEMAS: dict[Op, tuple[Schema, Schema]] = {
                                        ("alpn", K.STR), ("peer_subject", K.STR), ("peer_certificate", K.BYTES))),
     Op.TLS_ABORT: (_NONE, _NONE),
     Op.TLS_PEER_END: (_NONE, Schema(("peer_end", K.U32))),
+    Op.TLS_CLOSE_NOTIFY: (_NONE, _NONE),
     Op.GET_PERSISTENT: (Schema(("uid", K.I64), _RING), Schema(("serial", K.I32))),
     Op.EXPORT: (Schema(_KEY, ("recipient", K.BYTES), ("recipient_key", K.I32), ("wrapping_key", K.I32)),
                 Schema(("blob", K.BYTES))),
@@ -467,6 +469,9 @@ MAX_PKEY_INFO = 4096
 # TLS_ACCEPT / TLS_CONNECT flags.
 TLS_REQUIRE_CLIENT_CERT = 1  # TLS_ACCEPT: refuse a client without a certificate the client trust keyring accepts
 TLS13_ONLY = 2  # no TLS 1.2
+#: close_notify only after TLS_CLOSE_NOTIFY: the application's end of file without it (a crash, a kill) ends the
+#: session as TLS_ABORT does, a truncation the peer can see
+TLS_EXPLICIT_CLOSE = 4
 # TLS_PEER_END: how the peer's side of a session ended.
 TLS_PEER_OPEN = 0  # it has not
 TLS_PEER_CLOSE_NOTIFY = 1  # with close_notify: all it sent has arrived

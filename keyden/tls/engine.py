@@ -182,11 +182,12 @@ class Engine:
         self._loops = [Loop(f"keyden-tls-{i}") for i in range(self.threads)]
 
     def start(self, uid: int, tls: TlsTransport, timeout: float, check: ChainCheck,
-              report: Callable[[int], None] = lambda status: None) -> socket.socket:
+              report: Callable[[int], None] = lambda status: None, explicit_close: bool = False) -> socket.socket:
         """Run a session on ``tls`` (handshake not begun); return the application's plaintext end.
 
         ``report`` hears the handshake's outcome once, on the session's thread: 0, or the errno the
-        application is told (for the audit log)."""
+        application is told (for the audit log).  ``explicit_close``: close_notify only after
+        ``close_notify`` (TLS_EXPLICIT_CLOSE)."""
         handshake = _handshake_slots(uid, tls)
         with self._lock:
             if not self._loops:
@@ -224,7 +225,7 @@ class Engine:
                 tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             app_end = _identity(app)
             session = Session(loop, uid, tls, mine, timeout, check, lambda: self._release(uid, app_end, session),
-                              handshake_over)
+                              handshake_over, explicit_close)
             with self._lock:
                 self._by_app_end[app_end] = session
             session.start()
@@ -247,6 +248,13 @@ class Engine:
         session, _ended = self._named_by(app_end)
         if session is not None:
             session.abort(app_end)
+
+    def close_notify(self, app_end: socket.socket) -> None:
+        """End with close_notify the session whose plaintext socket ``app_end`` is (Session.close_notify).  A
+        session that has already ended is left so."""
+        session, _ended = self._named_by(app_end)
+        if session is not None:
+            session.close_notify(app_end)
 
     def peer_end(self, app_end: socket.socket) -> int:
         """How the peer of the session whose plaintext socket ``app_end`` is ended (TLS_PEER_*), while the
@@ -500,7 +508,8 @@ class Session:
     """
 
     def __init__(self, loop: Loop, owner: int, tls: TlsTransport, plain: socket.socket, timeout: float,
-                 check: ChainCheck, on_close: Callable[[], None], report: Callable[[int], None] = lambda status: None):
+                 check: ChainCheck, on_close: Callable[[], None], report: Callable[[int], None] = lambda status: None,
+                 explicit_close: bool = False):
         self.loop = loop
         self.owner = owner  # the uid whose session it is: its descriptors go to the closers on its share
         self.report = report  # the handshake's outcome, once (then None)
@@ -531,6 +540,9 @@ class Session:
         self.app_read_shut = False  # it shut its reading side: nothing more is delivered, but it still writes
         self.progress_at = 0.0  # when the peer last took some of the application's data (app_gone only)
         self.abort_requested = False  # set by abort(), from any thread
+        # TLS_EXPLICIT_CLOSE: an end of file of the application's is a truncation (a crash ends it so, as it
+        # would an in-process TLS stack's) until close_notify() says the end is deliberate (from any thread)
+        self.close_unasked = explicit_close
         self.calls_left = 0  # reads and writes this step may still make (STEP_CALLS at each step)
         self.out_of_calls = False  # this step stopped somewhere for want of them: the loop comes back to it
 
@@ -589,6 +601,18 @@ class Session:
         except OSError:
             pass
         self.loop.call_soon(self._abort)
+
+    def close_notify(self, app_end: socket.socket) -> None:
+        """From any thread (TLS_CLOSE_NOTIFY, with ``app_end``): end the session deliberately, whether or not
+        TLS_EXPLICIT_CLOSE asked for this.  At once the application's writes end (``app_end`` shut for
+        writing: its reads go on as after its own shutdown(SHUT_WR)); what it wrote before goes out, then
+        close_notify.  After an abort the abort stands."""
+        self.close_unasked = False
+        try:
+            app_end.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.loop.call_soon(self.step)
 
     def _abort(self) -> None:
         if self.closed:
@@ -856,7 +880,7 @@ class Session:
 
     def _send_close_notify(self) -> None:
         """Our close_notify, once the application's data is out; then the session ends."""
-        if self.abort_requested:  # ended without close_notify: a FIN alone, which TLS peers take for a truncation
+        if self.abort_requested or self.close_unasked:  # a FIN alone, which TLS peers take for a truncation
             self._linger()
             return
         try:

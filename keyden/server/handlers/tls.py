@@ -20,14 +20,14 @@ from keyden import descriptors
 from keyden import errors as E
 from keyden.core.trust import is_blacklisted, trusted_certificates
 from keyden.crypto.x509 import spki_of, subject_of
-from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT, Op
+from keyden.protocol import TLS13_ONLY, TLS_EXPLICIT_CLOSE, TLS_REQUIRE_CLIENT_CERT, Op
 from keyden.server import peer
 from keyden.server.handlers.base import handles
 from keyden.tls import DEFAULT_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT, contexts, material
 from keyden.tls.engine import engine
 from keyden.tls.transport import TlsTransport
 
-_KNOWN_FLAGS = TLS_REQUIRE_CLIENT_CERT | TLS13_ONLY
+_KNOWN_FLAGS = TLS_REQUIRE_CLIENT_CERT | TLS13_ONLY | TLS_EXPLICIT_CLOSE
 _STREAM_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 
@@ -38,26 +38,27 @@ def _tls_accept(ctx, keyring, client_trust, flags, alpn, timeout_ms):
         protocols = _protocols(alpn)
         keys = _own_keys(ctx, keyring)
         anchors = trusted_certificates(ctx.store, ctx.caller, client_trust) if client_trust else None
-        tls_ctx = contexts.server_context(keys, anchors, flags, protocols, ctx.caller.uid)
+        tls_ctx = contexts.server_context(keys, anchors, flags & ~TLS_EXPLICIT_CLOSE, protocols, ctx.caller.uid)
         tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=True, owner=_sender(dup)))
-        _start(ctx, tls, timeout_ms)
+        _start(ctx, tls, timeout_ms, bool(flags & TLS_EXPLICIT_CLOSE))
     return ()
 
 
 @handles(Op.TLS_CONNECT)
 def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms):
     with _passed_socket(ctx) as sock:
-        _check(flags, TLS13_ONLY)
+        _check(flags, TLS13_ONLY | TLS_EXPLICIT_CLOSE)
         if not server_hostname:
             raise E.EINVAL("a server name is required: it is what the certificate is checked against")
         _check_host_name(server_hostname)
         protocols = _protocols(alpn)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
-        tls_ctx = contexts.client_context(anchors, identity_keys, flags, protocols, ctx.caller.uid)
+        tls_ctx = contexts.client_context(anchors, identity_keys, flags & ~TLS_EXPLICIT_CLOSE, protocols,
+                                          ctx.caller.uid)
         tls = _wrap(sock, lambda dup: TlsTransport.wrap(dup, tls_ctx, server_side=False,
                                                         server_hostname=server_hostname, owner=_sender(dup)))
-        _start(ctx, tls, timeout_ms)
+        _start(ctx, tls, timeout_ms, bool(flags & TLS_EXPLICIT_CLOSE))
     return ()
 
 
@@ -66,6 +67,14 @@ def _tls_abort(ctx):
     """The plaintext socket sent with the request names the session: whoever holds it may end it."""
     with _taken_socket(ctx, "the plaintext socket") as sock:  # (a duplicate: the application still holds its own)
         engine().abort(sock)
+    return ()
+
+
+@handles(Op.TLS_CLOSE_NOTIFY)
+def _tls_close_notify(ctx):
+    """The session's deliberate end (its close_notify), asked for by whoever holds the plaintext socket."""
+    with _taken_socket(ctx, "the plaintext socket") as sock:
+        engine().close_notify(sock)
     return ()
 
 
@@ -175,7 +184,7 @@ def _taken_socket(ctx, what: str) -> Iterator[socket.socket]:
         descriptors.release_socket(sock, ctx.caller.uid)
 
 
-def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
+def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int, explicit_close: bool) -> None:
     if timeout_ms > MAX_HANDSHAKE_TIMEOUT * 1000:
         descriptors.release_socket(tls, ctx.caller.uid)
         raise E.EINVAL(f"the handshake timeout is at most {MAX_HANDSHAKE_TIMEOUT * 1000:.0f} ms (0: the default)")
@@ -185,7 +194,7 @@ def _start(ctx, tls: ssl.SSLSocket, timeout_ms: int) -> None:
     ctx.after_audit.append(outcome.release)
     try:
         app = engine().start(ctx.caller.uid, tls, timeout, lambda chain: refuse_blacklisted(store, chain),
-                             outcome.report)
+                             outcome.report, explicit_close)
     except BaseException:
         descriptors.release_socket(tls, ctx.caller.uid)
         raise
