@@ -1266,3 +1266,15 @@ def test_a_destroyed_keys_payload_and_a_password_do_not_stay_in_the_daemons_rece
     with d.connect() as c:
         c.ping(b"x")
     assert memory_contains(d.proc.pid, list(marks.values())) == set()
+
+
+def test_the_client_wipes_its_receive_buffer_of_every_reply(client):
+    """The blocking client's receive buffer is kept for the next read: a key's payload or a plaintext in a
+    reply stayed there unless it came in one read by itself (call_many, pipelined replies, the decoder's
+    path).  Found by a review."""
+    marks = [f"mark-{i}-".encode() + os.urandom(8).hex().encode() for i in range(3)]
+    serials = [client.add("user", f"test:wipe{i}", mark) for i, mark in enumerate(marks)]
+    assert client.read(serials[0]) == marks[0]  # one reply, one read
+    assert client.call_many([("read", (s,)) for s in serials[1:]] + [("ping", (b"x",))]) == marks[1:] + [b"x"]
+    assert not any(mark in bytes(client._buf) for mark in marks)
+    assert not any(mark in bytes(client._decoder._buf) for mark in marks)

@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 RECV_CHUNK = 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
 _clock = time.monotonic
-#: Replies that carry a secret the caller asked for (a key's payload, a shared secret, a plaintext): wiped
-#: from the client's receive buffer once decoded.
-_SECRET_REPLIES = frozenset((Op.READ, Op.DH_COMPUTE, Op.DH_COMPUTE_KDF, Op.PKEY_DECRYPT))
 
 _CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
 
@@ -222,7 +219,7 @@ class Client(Operations):
                     if n == 0:
                         raise OSError("daemon closed the connection")
                     if n > 0:
-                        self._decoder.feed(view[:n])
+                        self._feed(view, n)
                     self._take_frames()
                 if events & ~select.POLLIN:  # room, or POLLHUP/POLLERR: the write says what went wrong
                     try:
@@ -346,6 +343,11 @@ class Client(Operations):
                 os.sched_yield()
         return self._sock.recv_into(view)
 
+    def _feed(self, view: memoryview, n: int) -> None:
+        """What a read brought, to the decoder, and out of the receive buffer (which the next read reuses)."""
+        self._decoder.feed(view[:n])
+        W.wipe(view, n)
+
     def _take_frames(self) -> None:
         """The answers decoded so far into the pending table; a connection-level error (a limit, a timeout:
         the daemon closes) is raised."""
@@ -363,7 +365,7 @@ class Client(Operations):
             n = self._receive(view) if received is None else tls.receive_with_fds(self._sock, view, received)
             if n == 0:
                 raise OSError("daemon closed the connection")
-            self._decoder.feed(view[:n])
+            self._feed(view, n)
         frame = self._pending.pop(rid)
         if frame.status and frame.op == 0:  # connection-level error: the daemon closes
             raise W.error_of(frame)
@@ -408,15 +410,14 @@ class Client(Operations):
                     if n >= W.HEADER_SIZE:
                         length, got, got_op, status = W.HEADER.unpack_from(view)
                         if n == W.HEADER_SIZE + length and got == rid and got_op == op:
+                            body = bytes(view[W.HEADER_SIZE:n])
+                            W.wipe(view, n)  # a key's payload, a plaintext: not left until a longer reply
                             if status:
-                                raise E.error_for_code(status, W.decode_error(view[W.HEADER_SIZE:n]))
-                            fields = response.decode(bytes(view[W.HEADER_SIZE:n]))
-                            if op in _SECRET_REPLIES:  # not left in the buffer until a longer reply comes
-                                view[:n] = bytes(n)
-                            return fields
+                                raise E.error_for_code(status, W.decode_error(body))
+                            return response.decode(body)
                     if n == 0:
                         raise OSError("daemon closed the connection")
-                    self._decoder.feed(view[:n])
+                    self._feed(view, n)
                     frame = self._wait(rid)
             except OSError as exc:
                 raise self._lost(exc) from None

@@ -423,7 +423,8 @@ def _check_key_algorithm(der: bytes, kind: str) -> None:
                        "(keyden could not enforce the restriction)")
     if oid == _OID_PKCS7_DATA:  # (a PFX reads as a PKCS#8 key whose algorithm is its content type)
         raise E.EINVAL("a PKCS#12 file is not taken: give its key and its certificate apart (PEM or DER), e.g. "
-                       "openssl pkcs12 -in file.p12 -nocerts -noenc, and -nokeys for the certificate")
+                       "openssl pkcs12 -in file.p12 -nocerts -nodes, and -nokeys for the certificate (with "
+                       "OpenSSL 3, -legacy for an old RC2-encrypted file)")
     if oid not in _KEY_OIDS:
         raise E.EINVAL(_UNSUPPORTED)
 

@@ -527,11 +527,31 @@ class FrameTooLarge(E.EMSGSIZE):
     """Raised by the decoder: the peer announced a body over the cap; close the connection."""
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def wipe(view: memoryview, n: int) -> None:
+    """Zero ``view[:n]``: what a request or reply brought must not stay in a buffer kept for the next one.
+    (From a zero page made once: a new ``bytes(n)`` each time cost 10 ms for 16 MiB, and a bytearray's own
+    slice assignment 0.45 ms for 1 MiB.)"""
+    for at in range(0, n, len(_ZEROS)):
+        end = min(n, at + len(_ZEROS))
+        view[at:end] = _ZEROS[:end - at]
+
+
 def _take(buf: bytearray, n: int) -> None:
     """The first ``n`` bytes, decoded, off the buffer, wiped first: deleting the front of a bytearray only
-    moves its start, and a payload or password left behind would stay until the memory was reused."""
-    buf[:n] = bytes(n)
+    moves its start, and a payload or password left behind would stay until the memory was reused.  (What
+    the buffer left behind when it grew is in freed memory, as Python's objects are.)"""
+    with memoryview(buf) as view:
+        wipe(view, n)
     del buf[:n]
+
+
+def _copy(buf: bytearray, start: int, end: int) -> bytes:
+    """``bytes(buf[start:end])`` without the bytearray that slice makes (a second copy, freed unwiped)."""
+    with memoryview(buf) as view:
+        return bytes(view[start:end])
 
 
 class FrameDecoder:
@@ -555,7 +575,7 @@ class FrameDecoder:
                 end = pos + HEADER_SIZE + length
                 if len(buf) < end:
                     break
-                yield Frame(rid, op, status, bytes(buf[pos + HEADER_SIZE:end]))
+                yield Frame(rid, op, status, _copy(buf, pos + HEADER_SIZE, end))
                 pos = end
         finally:
             if pos:
@@ -572,7 +592,7 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(buf) < end:
             return None
-        frame = Frame(rid, op, status, bytes(buf[HEADER_SIZE:end]))
+        frame = Frame(rid, op, status, _copy(buf, HEADER_SIZE, end))
         _take(buf, end)
         return frame
 

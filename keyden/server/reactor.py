@@ -74,9 +74,6 @@ log = logging.getLogger("keyden.server")
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_CHUNK = 1024 * 1024  # reads while a large frame is arriving
 SMALL_RECV_CHUNK = 64 * 1024  # reads otherwise
-#: what a read buffer is wiped with once its bytes are taken out: a request's payload, password or plaintext
-#: must not stay in a buffer the daemon keeps until a longer request comes
-_ZEROS = memoryview(bytes(RECV_CHUNK))
 COALESCE_BELOW = 64 * 1024  # replies smaller than this, queued together, go out in one write ...
 COALESCE_MAX = 256 * 1024  # ... of at most this much
 TICK = 0.25  # seconds between timeout sweeps when any timeout is set
@@ -435,11 +432,11 @@ class Reactor:
             if n == W.HEADER_SIZE + length and length <= conn.max_frame:  # one whole frame: skip the decoder
                 conn.fed += n
                 frame = W.Frame(rid, op, status, bytes(view[W.HEADER_SIZE:n]))
-                view[:n] = _ZEROS[:n]
+                W.wipe(view, n)  # a payload, a password, a plaintext: not kept until a longer request comes
                 self._serve(ch, frame)
                 return
         conn.feed(view[:n], fds)
-        view[:n] = _ZEROS[:n]
+        W.wipe(view, n)
         self._serve(ch)
 
     def _serve(self, ch: Channel, frame: W.Frame | None = None) -> None:
