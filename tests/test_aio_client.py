@@ -1095,3 +1095,64 @@ def test_a_users_async_generator_may_use_the_client_while_asyncio_run_ends(daemo
     assert done == [0]
     with pytest.raises(E.ENOKEY):
         client.search("@s", "user", "aio:lease")
+
+
+def test_close_from_another_thread_fails_what_is_in_flight_on_the_clients_loop(daemon):
+    """close() from a thread other than the loop's left the loop's calls waiting for good (the transport
+    aborted from the wrong thread, the loop never woken): it is handed to the loop now (found by an asyncio
+    hunt)."""
+    import queue
+    import threading
+
+    made: queue.Queue = queue.Queue()
+
+    async def owner():
+        client = await aio.connect(daemon.socket)
+        in_flight = client.generate("rsa:4096", "", "@s")  # long enough to be in flight at the close
+        made.put(client)
+        try:
+            return await in_flight
+        except E.KeydenError as exc:
+            return exc
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(asyncio.run(owner())), daemon=True)
+    thread.start()
+    client = made.get(timeout=10)
+    client.close()
+    thread.join(10)
+    assert not thread.is_alive() and isinstance(outcome[0], E.ECONNRESET) and client.closed
+
+
+def test_a_call_without_a_running_loop_is_einval_not_asyncios_runtime_error(daemon):
+    async def connect():
+        return await aio.connect(daemon.socket)
+    client = asyncio.run(connect())
+    for call in (lambda: client.ping(b"x"), lambda: client.describe("%user:nothing")):
+        with pytest.raises(E.EINVAL, match="called in a running event loop"):
+            call()
+
+
+def test_a_stream_of_a_loop_that_stopped_says_so_at_its_next_call(daemon):
+    """The stream's first call in a second asyncio.run went out with its old handle on the new connection
+    (the daemon's bare EBADF), or waited on a lock of the old loop (RuntimeError): its connection is gone,
+    and the stream says so first (found by an asyncio hunt)."""
+    async def first(client):
+        stream = await client.stream("sha256")
+        await asyncio.gather(stream.update(b"a" * (3 << 20)), stream.update(b"b"))  # its lock taken, in turn
+        return stream
+
+    async def connect():
+        return await aio.connect(daemon.socket)
+    client = asyncio.run(connect())
+    stream = asyncio.run(first(client))
+
+    async def second():
+        return await asyncio.gather(stream.update(b"c"), stream.update(b"d"), stream.finalize(),
+                                    return_exceptions=True)
+    results = asyncio.run(second())
+    assert all(isinstance(r, E.EBADF) and "has since closed" in r.message for r in results), results
+
+    async def again():  # the client itself opens a new connection on the new loop
+        return await client.ping(b"still")
+    assert asyncio.run(again()) == b"still"
+    client.close()

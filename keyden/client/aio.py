@@ -44,11 +44,29 @@ from keyden.protocol import Op
 __all__ = ["AsyncClient", "connect"]
 
 
+def _running_loop() -> asyncio.AbstractEventLoop:
+    """The loop a call is made in: the methods return futures of it, so there must be one (EINVAL, not
+    asyncio's RuntimeError, for a call from plain code or another thread)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise E.EINVAL("the asyncio client's methods are called in a running event loop (inside a coroutine: "
+                       "asyncio.run(main()), or from another thread asyncio.run_coroutine_threadsafe(main(), "
+                       "loop)); without one, use the blocking client, keyden.connect") from None
+
+
 def _failed(error: E.KeydenError) -> asyncio.Future:
     """An already-failed future: errors reach the caller at ``await``, like the daemon's."""
-    future = asyncio.get_running_loop().create_future()
+    future = _running_loop().create_future()
     future.set_exception(error)
     return future
+
+
+def _runs_here(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _fail_all(gated: deque, error: Callable[[], BaseException]) -> None:
@@ -236,7 +254,7 @@ class AsyncClient(Operations):
 
     def _send(self, op: Op, args: tuple) -> asyncio.Future:
         """One request, written now, or after the new connection's HELLO if the old one is gone."""
-        if self._loop is not asyncio.get_running_loop() and not self._closed:
+        if self._loop is not _running_loop() and not self._closed:
             try:
                 self._move_to_running_loop()
             except E.KeydenError as exc:
@@ -377,7 +395,7 @@ class AsyncClient(Operations):
             return _failed(exc)
         if not any(isinstance(k, tuple) for k in keys):
             return self._send(op, tuple(keys))
-        return asyncio.ensure_future(self._resolve_then_send(op, keys))
+        return _running_loop().create_task(self._resolve_then_send(op, keys))
 
     async def _resolve_then_send(self, op: Op, keys: list) -> Any:
         found = await asyncio.gather(*(self._send(Op.FIND, k) for k in keys if isinstance(k, tuple)))
@@ -462,8 +480,21 @@ class AsyncClient(Operations):
 
     def close(self) -> "_Closed":
         """Close now; requests still in flight fail with ECONNRESET.  Done when it returns, and may be
-        awaited too (``await c.close()``, as other asyncio clients are closed)."""
+        awaited too (``await c.close()``, as other asyncio clients are closed).  From another thread than
+        the one its loop runs in, the close is handed to that loop (its transport and futures are that
+        loop's alone): done soon after it returns."""
         self._closed = True
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _runs_here(loop):
+            try:
+                loop.call_soon_threadsafe(self._close_here)
+                return _CLOSED
+            except RuntimeError:  # the loop closed meanwhile: nothing runs there any more
+                pass
+        self._close_here()
+        return _CLOSED
+
+    def _close_here(self) -> None:
         if self._loop is not None and not self._loop.is_running():  # a stopped loop would never close it
             if self._transport is not None and not self._loop.is_closed():
                 self._transport.abort()  # unregistered from the loop's selector now; the socket closes here
@@ -472,7 +503,13 @@ class AsyncClient(Operations):
         self._lose(E.ECONNRESET("connection closed by the client"))
         self._lost = E.ECONNRESET("the client is closed")  # whatever the connection died of before
         _fail_all(self._gated, self._lost_error)
-        return _CLOSED
+
+    def on_connection(self, generation: int) -> bool:
+        """Is the connection of ``generation`` (a stream's, a shared buffer's) still this client's, and alive?
+        Not once it was lost, or its loop stopped (the next call opens a new one): then a stream of it says
+        so at once, instead of sending its handle over the new connection, or waiting on the old loop's lock."""
+        return self.generation == generation and self._lost is None and self._loop is not None \
+            and self._loop.is_running()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

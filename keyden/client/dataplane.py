@@ -702,15 +702,15 @@ def item_error(status: int) -> E.KeydenError:
 
 
 def _stale(client, generation: int) -> bool:
-    """Has the client reconnected since ``generation``?  Streams and shared buffers die with their connection."""
-    return client.generation != generation
+    """Has the connection of ``generation`` gone?  Streams and shared buffers die with their connection."""
+    return not client.on_connection(generation)
 
 
 def _same_connection(client, generation: int, what: str) -> None:
     """After a reconnect, a stream or shared buffer says so (EBADF) instead of naming nothing."""
     if _stale(client, generation):
-        raise E.EBADF(f"this {what} belonged to a connection to keyden that has since closed "
-                      "(the client reconnected); open a new one")
+        raise E.EBADF(f"this {what} belonged to a connection to keyden that has since closed (the daemon "
+                      "went, or the client's event loop stopped, or it reconnected); open a new one")
 
 
 def _room(buf, needed: int) -> memoryview:

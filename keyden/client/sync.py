@@ -112,6 +112,10 @@ class Client(Operations):
         self.abandoned_regions = deque()
         self.generation += 1
 
+    def on_connection(self, generation: int) -> bool:
+        """Is the connection of ``generation`` (a stream's, a shared buffer's) still this client's?"""
+        return self.generation == generation
+
     # ------------------------------------------------------------ transport
 
     def _open(self) -> None:
