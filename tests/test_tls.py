@@ -350,6 +350,44 @@ def test_without_sni_or_with_an_unknown_name_the_first_certificate_answers(app_f
         assert app.outcome().server_name == asked
 
 
+def test_an_sni_that_is_no_host_name_ends_the_handshake(app_factory, server_ring, pki):
+    """An SNI of any bytes reached the application (TlsInfo.server_name) and a PROXY header's authority:
+    CR LF, spaces, '/'.  Such a name is refused with an alert (found by a TLS hunt); a fully-qualified one
+    is a name like any other."""
+    app = app_factory()
+    app.serve(count=2)
+    bad = run(["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "evil\r\nX-Injected: 1"],
+              stdin=b"hi\n")
+    assert b"illegal parameter" in bad.stdout + bad.stderr and b"echo: hi" not in bad.stdout
+    assert isinstance(app.outcome(), E.KeydenError)
+    good = run(["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "rsa.test.", "-ign_eof"],
+               stdin=b"hi\n")
+    assert b"echo: hi" in good.stdout and app.outcome().server_name == "rsa.test."
+
+
+def test_tls_connect_takes_a_fully_qualified_name_as_curl_does(client, trust_ring, pki):
+    """"www.example." names the host "www.example": it failed the certificate's check (and went out as SNI
+    with its dot, which RFC 6066 forbids); the dot is taken off (found by a TLS hunt)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki.ec_server.cert_path, pki.ec_server.key_path)
+    names = []
+    ctx.sni_callback = lambda _sock, name, _ctx: names.append(name)
+
+    def serve():
+        conn, _ = listener.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"hi")
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    sock = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+    plain, info = client.tls_connect(sock, "a.test.", trust=trust_ring)
+    with plain:
+        assert plain.recv(10) == b"hi" and names == ["a.test"] and info.server_name == "a.test"
+    server.join(TIMEOUT)
+    listener.close()
+
+
 def test_curl_https(app_factory, server_ring, pki):
     app = app_factory(alpn=["http/1.1"])
     app.serve(reply=http_hello)
@@ -2342,7 +2380,7 @@ def test_a_stopped_engine_is_replaced_not_reused(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["a..b", ".a.test", "a\0b.test", "x" * 300, ".".join(["a" * 63] * 4) + ".ab",
-                                  ".".join(["a" * 63] * 5)])
+                                  ".".join(["a" * 63] * 5), "a b.test", "a.test/x", "*.a.test", "a.test\r\nX: 1"])
 def test_a_server_name_wrap_socket_would_refuse_is_einval_before_it_takes_the_socket(client, trust_ring, name):
     """Labels of 63 bytes make a name IDNA takes and OpenSSL's SNI (255 bytes at most) does not: that was
     EIO "internal error" with a traceback, and ssl closed the application's socket on the worker."""

@@ -29,7 +29,7 @@ from keyden import errors as E
 from keyden.crypto import asymmetric
 from keyden.protocol import TLS13_ONLY, TLS_REQUIRE_CLIENT_CERT
 from keyden.tls.fair import FairMap
-from keyden.tls.material import Identity, choose, identities, valid_at
+from keyden.tls.material import Identity, choose, identities, is_host_name, valid_at
 from keyden.tls.transport import TlsObject
 
 MAX_CACHED = 64
@@ -129,13 +129,16 @@ def server_context(keys: list, trust: list[x509.Certificate] | None, flags: int,
             contexts.append(ctx)
         names = [i.names for i in idents]
 
-        def by_sni(sock: TlsObject, server_name: str | None, _ctx) -> None:
+        def by_sni(sock: TlsObject, server_name: str | None, _ctx) -> int | None:
             chosen = contexts[0]
             if server_name:
+                if not is_host_name(server_name):  # (CR LF and the like would reach the application, and a
+                    return ssl.ALERT_DESCRIPTION_ILLEGAL_PARAMETER  # PROXY header's authority)
                 sock.requested_name = server_name
                 chosen = contexts[choose(names, server_name)]
             if chosen is not sock.context:
                 sock.context = chosen
+            return None
 
         contexts[0].sni_callback = by_sni
         return contexts[0]

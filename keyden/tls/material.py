@@ -11,6 +11,7 @@ Trust anchors and the blacklist are keyden.core.trust's.
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -118,6 +119,18 @@ def name_matches(pattern: str, name: str) -> bool:
         label, dot, rest = name.partition(".")
         return bool(label and dot) and rest == pattern[2:]
     return False
+
+
+MAX_HOST_NAME = 253  # DNS's bound (RFC 1035), under OpenSSL's 255 for the SNI extension
+#: a host name as SNI carries it (RFC 6066 3: ASCII, A-labels for IDNs; a trailing dot taken off): labels of
+#: letters, digits and hyphens (underscores too, which some names in use have), 1..63 bytes each
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def is_host_name(name: str) -> bool:
+    """Whether ``name`` (ASCII) is a host name: what an SNI may carry, and so a certificate's name be
+    checked against.  Anything else (spaces, CR LF, '/', NUL) would reach applications and PROXY headers."""
+    return len(name.rstrip(".")) <= MAX_HOST_NAME and _HOST_NAME.fullmatch(name) is not None
 
 
 def choose(names_per_identity: list[tuple[str, ...]], server_name: str) -> int:

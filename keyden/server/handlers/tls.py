@@ -9,6 +9,7 @@ once.  Its outcome is the first frame on the returned socket (docs/tls.md).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import ssl
 import threading
@@ -50,7 +51,7 @@ def _tls_connect(ctx, server_hostname, trust, identity, flags, alpn, timeout_ms)
         _check(flags, TLS13_ONLY | TLS_EXPLICIT_CLOSE)
         if not server_hostname:
             raise E.EINVAL("a server name is required: it is what the certificate is checked against")
-        _check_host_name(server_hostname)
+        server_hostname = _server_name(server_hostname)
         protocols = _protocols(alpn)
         anchors = trusted_certificates(ctx.store, ctx.caller, trust)
         identity_keys = _own_keys(ctx, identity) if identity else None
@@ -84,18 +85,27 @@ def _tls_peer_end(ctx):
         return (engine().peer_end(sock),)
 
 
-MAX_HOST_NAME = 253  # DNS's bound (RFC 1035), under OpenSSL's 255 for the SNI extension
-
-
-def _check_host_name(name: str) -> None:
-    """EINVAL for a name wrap_socket would refuse, checked as it checks (IDNA, no NUL, no leading dot, at
-    most 255 bytes: DNS's 253 here), so that the refusal says why."""
+def _server_name(name: str) -> str:
+    """The name sent as SNI and checked against the server's certificate: an IP address, or a host name
+    (IDNA for Unicode), a trailing dot taken off (a fully-qualified name names the same host, and SNI
+    carries none: RFC 6066 3); EINVAL, saying why, for anything else."""
     try:
-        encoded = name.encode("idna")
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        pass
+    if len(name) > material.MAX_HOST_NAME + 1:  # (at most as many characters as bytes, a trailing dot besides)
+        raise E.EINVAL(f"the server name is not a valid host name (at most {material.MAX_HOST_NAME} bytes)")
+    try:
+        encoded = name.encode("idna").decode("ascii")
     except UnicodeError:
-        raise E.EINVAL("the server name is not a valid host name") from None
-    if "\0" in name or name.startswith(".") or len(encoded) > MAX_HOST_NAME:
-        raise E.EINVAL(f"the server name is not a valid host name (at most {MAX_HOST_NAME} bytes)")
+        raise E.EINVAL("the server name is not a valid host name (IDNA cannot encode it)") from None
+    if len(encoded.rstrip(".")) > material.MAX_HOST_NAME:
+        raise E.EINVAL(f"the server name is not a valid host name (at most {material.MAX_HOST_NAME} bytes)")
+    if not material.is_host_name(encoded):
+        raise E.EINVAL("the server name is not a valid host name (labels of letters, digits and hyphens, "
+                       "separated by dots) or IP address")
+    return name[:-1] if name.endswith(".") else name
 
 
 def _wrap(sock: socket.socket, wrap) -> TlsTransport:
