@@ -1278,3 +1278,20 @@ def test_the_client_wipes_its_receive_buffer_of_every_reply(client):
     assert client.call_many([("read", (s,)) for s in serials[1:]] + [("ping", (b"x",))]) == marks[1:] + [b"x"]
     assert not any(mark in bytes(client._buf) for mark in marks)
     assert not any(mark in bytes(client._decoder._buf) for mark in marks)
+
+
+def test_a_config_file_made_by_another_start_meanwhile_is_taken_as_there(tmp_path, monkeypatch):
+    """Two daemons started at once on a new state directory: the one whose O_EXCL create lost stopped with
+    "cannot create the config file ...: File exists" (found by an operations hunt)."""
+    import pathlib
+
+    from keyden.server.config import DEFAULT_CONFIG_TEXT, ServerConfig
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "keyden.toml").write_text("# the other start's\n")
+    cfg = ServerConfig(socket=str(tmp_path / "k.sock"), state_dir=str(state))
+    real_exists = pathlib.Path.exists
+    monkeypatch.setattr(pathlib.Path, "exists", lambda p: False if p.name == "keyden.toml" else real_exists(p))
+    cfg.prepare_state_dir()  # looked for it before the other start made it
+    assert (state / "keyden.toml").read_text() == "# the other start's\n" != DEFAULT_CONFIG_TEXT

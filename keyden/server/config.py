@@ -131,7 +131,12 @@ class ServerConfig:
         if not self.config_file.exists():  # 0644 whatever the umask: a group-writable one is refused at start
             try:
                 fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except OSError as exc:  # a dangling symlink, say
+            except FileExistsError:
+                if self.config_file.is_symlink() or not self.config_file.is_file():  # a dangling symlink, say
+                    raise StartupError(f"cannot create the config file {self.config_file}: it exists and is not "
+                                       "a file") from None
+                return  # made since we looked (another start at the same time): as if it had been there
+            except OSError as exc:
                 raise StartupError(f"cannot create the config file {self.config_file}: {exc.strerror}") from None
             try:
                 with os.fdopen(fd, "w") as f:
