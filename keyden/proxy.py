@@ -568,12 +568,13 @@ class _Splice:
         # blocks has taken no error) before the end is taken for a clean one.
         self.b_reset = threading.Event()
         self.writing_b = threading.Lock()
+        self.writing_a = False  # a write of b's answer to a is under way (blocked, if the idle timeout finds it)
         self.grace: list[threading.Timer] = []
         self.finished = threading.Event()
 
     def run(self) -> None:
         watch = threading.Thread(target=self.end_when_idle, daemon=True) if self.idle_timeout else None
-        back = threading.Thread(target=self.copy, args=(self.b, self.a.sendall, self.b_ended), daemon=True)
+        back = threading.Thread(target=self.copy, args=(self.b, self.write_a, self.b_ended), daemon=True)
         try:
             if watch is not None:
                 watch.start()
@@ -615,13 +616,15 @@ class _Splice:
         self.grace.append(timer)
 
     def end_when_idle(self) -> None:
-        """After hours without a byte it is an idle keep-alive connection, which ends cleanly (``finish``)."""
+        """After hours without a byte it is an idle keep-alive connection, which ends cleanly (``finish``);
+        but where a write of b's answer to a is still waiting, that answer is cut short (``abort``)."""
         moved, idle_timeout = self.moved, self.idle_timeout
         while not self.finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
             if time.monotonic() - moved[0] >= idle_timeout:
-                if self.finish is not None:
+                end = self.abort if self.writing_a else self.finish
+                if end is not None:
                     with contextlib.suppress(Exception):  # (keyden lost: the session is gone with it)
-                        self.finish()
+                        end()
                 self.end_both()
                 return
 
@@ -657,6 +660,13 @@ class _Splice:
             b.shutdown(socket.SHUT_WR)
             return
         self.end_both()
+
+    def write_a(self, chunk) -> None:
+        self.writing_a = True
+        try:
+            self.a.sendall(chunk)
+        finally:
+            self.writing_a = False
 
     def write_b(self, chunk) -> None:
         with self.writing_b:

@@ -1156,3 +1156,26 @@ def test_a_stream_of_a_loop_that_stopped_says_so_at_its_next_call(daemon):
         return await client.ping(b"still")
     assert asyncio.run(again()) == b"still"
     client.close()
+
+
+def test_a_close_handed_to_a_loop_that_stops_first_still_fails_later_calls(daemon):
+    """close() from another thread hands the rest to the client's loop: if that loop stopped before it got
+    to it, a later call (on a new loop) went out on the old connection's socket (found by a review)."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    client = asyncio.run_coroutine_threadsafe(aio.connect(daemon.socket), loop).result(10)
+    inside = threading.Event()
+    loop.call_soon_threadsafe(lambda: (loop.stop(), inside.set(), time.sleep(0.3)))  # its last round
+    assert inside.wait(10)
+    client.close()  # handed over, to a round that never comes
+    thread.join(10)
+    loop.close()
+
+    async def later():
+        return await client.ping(b"x")
+    with pytest.raises(E.ECONNRESET):
+        asyncio.run(later())
+    assert client.closed

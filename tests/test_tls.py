@@ -359,7 +359,7 @@ def test_an_sni_that_is_no_host_name_ends_the_handshake(app_factory, server_ring
     bad = run(["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "evil\r\nX-Injected: 1"],
               stdin=b"hi\n")
     assert b"illegal parameter" in bad.stdout + bad.stderr and b"echo: hi" not in bad.stdout
-    assert isinstance(app.outcome(), E.KeydenError)
+    assert isinstance(refused := app.outcome(), E.EPROTO) and "SNI is no host name" in refused.message
     good = run(["openssl", "s_client", "-connect", f"127.0.0.1:{app.port}", "-servername", "rsa.test.", "-ign_eof"],
                stdin=b"hi\n")
     assert b"echo: hi" in good.stdout and app.outcome().server_name == "rsa.test."
@@ -386,6 +386,19 @@ def test_tls_connect_takes_a_fully_qualified_name_as_curl_does(client, trust_rin
         assert plain.recv(10) == b"hi" and names == ["a.test"] and info.server_name == "a.test"
     server.join(TIMEOUT)
     listener.close()
+
+
+def test_names_in_use_pass_and_a_zone_is_taken_off_an_address():
+    """Hyphens at a label's ends and underscores are in names in use (browsers take them); an IPv6 zone
+    (fe80::1%eth0) is the local host's, in no certificate: it went out as an SNI (found by a review)."""
+    from keyden.server.handlers.tls import _server_name
+    from keyden.tls.material import is_host_name
+
+    assert all(is_host_name(n) for n in ("x-.a.test", "-x.a.test", "_srv.a.test", "localhost", "A.TEST.",
+                                         "xn--strae-oqa"))
+    assert not any(is_host_name(n) for n in ("a b", "a\r\nb", "a/b", "a..b", ".a", "a:b", "*.a", "x" * 64))
+    assert [_server_name(n) for n in ("fe80::1%eth0", "::ffff:127.0.0.1", "a.test.", "b\u00fccher.test")] == \
+        ["fe80::1", "::ffff:127.0.0.1", "a.test", "b\u00fccher.test"]
 
 
 def test_curl_https(app_factory, server_ring, pki):

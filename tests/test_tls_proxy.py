@@ -1077,6 +1077,7 @@ def test_a_proxy_killed_mid_answer_leaves_its_client_a_truncation(proxy, pki, ho
             if how == "proxy killed":
                 (proc,) = proxy.procs
                 proc.kill()
+                proc.wait(TIMEOUT)  # (reaped: the fixture stops only what still runs)
             assert how_it_ended(tls) == ("FIN" if how == "proxy killed" else "close_notify")
 
 
@@ -1267,6 +1268,29 @@ def test_idle_timeout_ends_an_idle_keep_alive_connection_with_close_notify(proxy
         tls.sendall(b"GET /kept HTTP/1.1\r\nHost: a.test\r\n\r\n")
         read_until(tls, b"hello from upstream, /kept")
         assert how_it_ended(tls) == "close_notify"
+
+
+def test_idle_timeout_cuts_an_answer_the_client_stopped_reading_without_close_notify(proxy, pki):
+    """The idle timeout ends an idle keep-alive connection cleanly, but an answer still waiting to be written
+    to a client that stopped reading is cut short: no close_notify may vouch for it (found by a review)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def endless(conn, release):
+        read_until(conn, b"\r\n\r\n")
+        with contextlib.suppress(OSError):
+            conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + bytes(64 << 20))  # more than every buffer on the way
+        release.wait(TIMEOUT)
+
+    with one_connection_backend(endless, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}", "--idle-timeout", "1")
+        context = ssl.create_default_context(cafile=pki.ca.cert_path)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        with context.wrap_socket(raw, server_hostname="a.test", suppress_ragged_eofs=False) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            time.sleep(3)  # reads nothing: the proxy's write waits, and no byte moves
+            with pytest.raises(ssl.SSLEOFError):  # a truncation, after what was on its way
+                while tls.recv(1 << 16):
+                    pass
 
 
 def test_idle_timeout_spares_a_connection_whose_bytes_keep_moving(proxy, pki, tmp_path):

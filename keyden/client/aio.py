@@ -190,6 +190,7 @@ class AsyncClient(Operations):
             transport.close()
             raise E.ECONNRESET("the client is closed")
         self._transport, self._sock, self._lost = transport, sock, None
+        self.generation += reconnecting  # (now: a stream of the old connection must not pass for this one's)
         self._guard_loop(loop)
         try:
             hello = await asyncio.wait_for(self._write(Op.HELLO, self._hello), common.HELLO_TIMEOUT)
@@ -201,7 +202,6 @@ class AsyncClient(Operations):
             raise
         wire.decoder.max_frame = common.MAX_REPLY_FRAME
         self.version, self.max_frame, self.uid, self.gid, self.pid = hello
-        self.generation += reconnecting
 
     def _behind_gate(self, op: Op, args: tuple, future: asyncio.Future | None = None) -> asyncio.Future:
         """Queue a request for the new connection, and open it if no request has yet: the queue is written
@@ -486,6 +486,8 @@ class AsyncClient(Operations):
         self._closed = True
         loop = self._loop
         if loop is not None and loop.is_running() and not _runs_here(loop):
+            if self._lost is None:  # later calls fail at once, whether or not the loop gets to the rest
+                self._lost = E.ECONNRESET("the client is closed")
             try:
                 loop.call_soon_threadsafe(self._close_here)
                 return _CLOSED

@@ -89,6 +89,8 @@ def failure(exc: OSError) -> E.KeydenError:
             or "unknown reason"
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return E.ENOKEY("the peer sent no certificate, and one is required")
+        if reason == "CALLBACK_FAILED":  # (the one callback that refuses: the server's SNI, contexts.by_sni)
+            return E.EPROTO("TLS handshake failed: the client's SNI is no host name (refused: illegal_parameter)")
         code = reason.upper().replace(" ", "_")  # OpenSSL's code, or its text ("tlsv1 alert no application ...")
         if "ALERT" in code and any(word in code for word in _CERTIFICATE_ALERTS):
             return E.EKEYREJECTED(f"the peer refused our certificate: {reason}")
@@ -605,8 +607,8 @@ class Session:
     def close_notify(self, app_end: socket.socket) -> None:
         """From any thread (TLS_CLOSE_NOTIFY, with ``app_end``): end the session deliberately, whether or not
         TLS_EXPLICIT_CLOSE asked for this.  At once the application's writes end (``app_end`` shut for
-        writing: its reads go on as after its own shutdown(SHUT_WR)); what it wrote before goes out, then
-        close_notify.  After an abort the abort stands."""
+        writing: it then reads what was passed to it, then end of file, as after its own shutdown(SHUT_WR));
+        what it wrote before goes out, then close_notify.  After an abort the abort stands."""
         self.close_unasked = False
         try:
             app_end.shutdown(socket.SHUT_WR)

@@ -123,8 +123,9 @@ def name_matches(pattern: str, name: str) -> bool:
 
 MAX_HOST_NAME = 253  # DNS's bound (RFC 1035), under OpenSSL's 255 for the SNI extension
 #: a host name as SNI carries it (RFC 6066 3: ASCII, A-labels for IDNs; a trailing dot taken off): labels of
-#: letters, digits and hyphens (underscores too, which some names in use have), 1..63 bytes each
-_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+#: letters, digits and hyphens, 1..63 bytes each (underscores too, and hyphens at a label's ends, which
+#: names in use have and browsers take)
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
 def is_host_name(name: str) -> bool:

@@ -89,9 +89,10 @@ def _server_name(name: str) -> str:
     """The name sent as SNI and checked against the server's certificate: an IP address, or a host name
     (IDNA for Unicode), a trailing dot taken off (a fully-qualified name names the same host, and SNI
     carries none: RFC 6066 3); EINVAL, saying why, for anything else."""
-    try:
-        ipaddress.ip_address(name)
-        return name
+    address = name.partition("%")[0] if ":" in name else name  # (fe80::1%eth0: a zone is the local host's
+    try:                                                       # business, in no certificate)
+        ipaddress.ip_address(address)
+        return address
     except ValueError:
         pass
     if len(name) > material.MAX_HOST_NAME + 1:  # (at most as many characters as bytes, a trailing dot besides)
