@@ -76,8 +76,14 @@ class Database:
             if stored > STORE_FORMAT:
                 raise StartupError(f"{path} was written by a newer keyden (store format {stored}; this one "
                                    f"reads format {STORE_FORMAT}): run that version, or one that reads it")
-            self.conn.executescript(SCHEMA)
-            self._format = stored  # numbered by the first write: opening writes nothing
+            tables = {name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            self._tables_made = {"meta", "keys", "manifest"} <= tables
+            if "keys" not in tables:  # a new store: nothing in it to keep as it was
+                self.conn.executescript(SCHEMA)
+                self._tables_made = True
+            self._has_manifest = "manifest" in tables or self._tables_made
+            self._format = stored  # numbered, and an older store's tables completed, by the first write: opening
+            #                        writes nothing (a store kept as a way back stays as that version left it)
         except sqlite3.DatabaseError as exc:
             self._give_up()
             raise StartupError(f"{path} is not a usable key database: {exc}") from None
@@ -111,12 +117,16 @@ class Database:
             yield Row(*values)
 
     def manifest(self) -> dict[int, object]:
-        """Bucket number -> sealed bucket, as stored (``manifest.open_bucket`` judges them)."""
-        return dict(self.conn.execute("SELECT bucket, sealed FROM manifest"))
+        """Bucket number -> sealed bucket, as stored (``manifest.open_bucket`` judges them); none in a store
+        from before the manifest."""
+        return dict(self.conn.execute("SELECT bucket, sealed FROM manifest")) if self._has_manifest else {}
 
     def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None,
               buckets: dict[int, bytes] | None = None) -> None:
         """One transaction (rows, manifest buckets and meta together); on disk (WAL synced) when this returns."""
+        if not self._tables_made:  # (a store from before the manifest: its table first, a transaction apart)
+            self.conn.executescript(SCHEMA)
+            self._tables_made = self._has_manifest = True
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
