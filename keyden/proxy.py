@@ -372,10 +372,21 @@ class Proxy:
 
     def _truncated(self, plain: socket.socket) -> bool:
         """At the end of a client's data: may it be cut short?  Yes if its peer ended without close_notify,
-        or if a stop cut it or it was evicted (what the backend got so far may be half a request)."""
+        if a stop cut it or it was evicted (what the backend got so far may be half a request), or if the
+        session ended with our close_notify (the backend's answer was over) before the client's own end:
+        keyden drops what the client still sends, and a backend reading on would take the rest for none."""
         relay = self.relays.get(plain)
-        return (self.cutting or (relay is not None and relay.evicted)
-                or client_tls.tls_peer_end(self.client, plain) == "truncated")
+        if self.cutting or (relay is not None and relay.evicted):
+            return True
+        end = client_tls.tls_peer_end(self.client, plain)
+        return end == "truncated" or (end != "close_notify" and relay is not None and relay.finished)
+
+    def _finish(self, plain: socket.socket) -> None:
+        """The backend's answer ended cleanly: the client's session ends with close_notify."""
+        relay = self.relays.get(plain)
+        if relay is not None:
+            relay.finished = True
+        client_tls.tls_close_notify(self.client, plain)
 
     @contextlib.contextmanager
     def _held(self, plain: socket.socket):
@@ -431,7 +442,7 @@ class Proxy:
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout, abort=lambda: self._abort(plain),
                        truncated=lambda: self._truncated(plain), moved=relay.moved,
-                       finish=lambda: client_tls.tls_close_notify(self.client, plain))
+                       finish=lambda: self._finish(plain))
             except RuntimeError as exc:  # no thread to be had for the other direction
                 self._abort(plain)
                 _report(peer, f"cannot relay the connection: {exc}; ended")
@@ -524,6 +535,7 @@ class Relay:
         self.host = host
         self.moved = [time.monotonic()]
         self.evicted = False
+        self.finished = False  # its session ended with our close_notify: what the client sent after is dropped
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
@@ -568,13 +580,12 @@ class _Splice:
         # blocks has taken no error) before the end is taken for a clean one.
         self.b_reset = threading.Event()
         self.writing_b = threading.Lock()
-        self.writing_a = False  # a write of b's answer to a is under way (blocked, if the idle timeout finds it)
         self.grace: list[threading.Timer] = []
         self.finished = threading.Event()
 
     def run(self) -> None:
         watch = threading.Thread(target=self.end_when_idle, daemon=True) if self.idle_timeout else None
-        back = threading.Thread(target=self.copy, args=(self.b, self.write_a, self.b_ended), daemon=True)
+        back = threading.Thread(target=self.copy, args=(self.b, self.a.sendall, self.b_ended), daemon=True)
         try:
             if watch is not None:
                 watch.start()
@@ -616,15 +627,15 @@ class _Splice:
         self.grace.append(timer)
 
     def end_when_idle(self) -> None:
-        """After hours without a byte it is an idle keep-alive connection, which ends cleanly (``finish``);
-        but where a write of b's answer to a is still waiting, that answer is cut short (``abort``)."""
+        """No byte moved for so long: cut short (``abort``).  An idle keep-alive connection cannot be told
+        from an answer that stalled half-way (a backend that paused, a client that stopped reading): no
+        close_notify may vouch for the latter, and a client between requests takes a cut as a close."""
         moved, idle_timeout = self.moved, self.idle_timeout
         while not self.finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
             if time.monotonic() - moved[0] >= idle_timeout:
-                end = self.abort if self.writing_a else self.finish
-                if end is not None:
+                if self.abort is not None:
                     with contextlib.suppress(Exception):  # (keyden lost: the session is gone with it)
-                        end()
+                        self.abort()
                 self.end_both()
                 return
 
@@ -660,13 +671,6 @@ class _Splice:
             b.shutdown(socket.SHUT_WR)
             return
         self.end_both()
-
-    def write_a(self, chunk) -> None:
-        self.writing_a = True
-        try:
-            self.a.sendall(chunk)
-        finally:
-            self.writing_a = False
 
     def write_b(self, chunk) -> None:
         with self.writing_b:

@@ -1260,14 +1260,23 @@ def test_idle_timeout_ends_a_connection_to_a_backend_that_neither_reads_nor_clos
             assert tls.recv(100) == b""  # the proxy let go: keyden's close_notify
 
 
-def test_idle_timeout_ends_an_idle_keep_alive_connection_with_close_notify(proxy, upstream, pki):
-    """After its answer, a keep-alive connection that says nothing more is idle, not cut short: the idle
-    timeout ends it cleanly (the proxy's sessions send close_notify only when it asks)."""
-    port = proxy("--forward", upstream, "--idle-timeout", "1")
-    with _tls_to(port, pki) as tls:
-        tls.sendall(b"GET /kept HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        read_until(tls, b"hello from upstream, /kept")
-        assert how_it_ended(tls) == "close_notify"
+def test_idle_timeout_cuts_without_close_notify_as_it_cannot_tell_idle_from_stalled(proxy, pki):
+    """An idle keep-alive connection and an answer whose backend paused half-way look the same to the proxy:
+    the idle timeout gave both close_notify, which vouched for half an answer (found by a reliability
+    hunt).  Both are cut now; a client between requests takes that as a close."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def half_then_pause(conn, release):
+        read_until(conn, b"\r\n\r\n")
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nthe first half")  # a body that ends where the connection does
+        release.wait(TIMEOUT)
+
+    with one_connection_backend(half_then_pause, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}", "--idle-timeout", "1")
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_until(tls, b"the first half").endswith(b"the first half")
+            assert how_it_ended(tls) == "FIN"
 
 
 def test_idle_timeout_cuts_an_answer_the_client_stopped_reading_without_close_notify(proxy, pki):
@@ -1291,6 +1300,34 @@ def test_idle_timeout_cuts_an_answer_the_client_stopped_reading_without_close_no
             with pytest.raises(ssl.SSLEOFError):  # a truncation, after what was on its way
                 while tls.recv(1 << 16):
                     pass
+
+
+def test_an_upload_the_proxys_close_notify_cut_reaches_the_backend_as_a_reset(proxy, pki):
+    """A backend that answers at once and half-closes, reading on: the answer's end is the session's
+    (close_notify), after which keyden drops what the client still sends, and the backend read a FIN: a
+    cut upload taken for a whole one (found by a reliability hunt).  It gets a reset now."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list = []
+
+    def answer_then_read(conn, release):
+        got = len(conn.recv(1 << 16))  # the request's start: answered at once
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\naccepted")
+        conn.shutdown(socket.SHUT_WR)
+        try:
+            while chunk := conn.recv(1 << 16):
+                got += len(chunk)
+            seen.append(("FIN", got))
+        except ConnectionResetError:
+            seen.append(("reset", got))
+
+    body = 50 << 20
+    with one_connection_backend(answer_then_read, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}")
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"POST / HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % body + bytes(1 << 20))  # the start
+            assert read_until(tls, b"accepted").endswith(b"accepted")
+    (how, got), = seen  # (the backend's thread has ended: one_connection_backend joined it)
+    assert how == "reset" or got >= body, seen
 
 
 def test_idle_timeout_spares_a_connection_whose_bytes_keep_moving(proxy, pki, tmp_path):
