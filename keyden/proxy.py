@@ -372,21 +372,10 @@ class Proxy:
 
     def _truncated(self, plain: socket.socket) -> bool:
         """At the end of a client's data: may it be cut short?  Yes if its peer ended without close_notify,
-        if a stop cut it or it was evicted (what the backend got so far may be half a request), or if the
-        session ended with our close_notify (the backend's answer was over) before the client's own end:
-        keyden drops what the client still sends, and a backend reading on would take the rest for none."""
+        or if a stop cut it or it was evicted (what the backend got so far may be half a request)."""
         relay = self.relays.get(plain)
-        if self.cutting or (relay is not None and relay.evicted):
-            return True
-        end = client_tls.tls_peer_end(self.client, plain)
-        return end == "truncated" or (end != "close_notify" and relay is not None and relay.finished)
-
-    def _finish(self, plain: socket.socket) -> None:
-        """The backend's answer ended cleanly: the client's session ends with close_notify."""
-        relay = self.relays.get(plain)
-        if relay is not None:
-            relay.finished = True
-        client_tls.tls_close_notify(self.client, plain)
+        return (self.cutting or (relay is not None and relay.evicted)
+                or client_tls.tls_peer_end(self.client, plain) == "truncated")
 
     @contextlib.contextmanager
     def _held(self, plain: socket.socket):
@@ -442,7 +431,7 @@ class Proxy:
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout, abort=lambda: self._abort(plain),
                        truncated=lambda: self._truncated(plain), moved=relay.moved,
-                       finish=lambda: self._finish(plain))
+                       finish=lambda: client_tls.tls_close_notify(self.client, plain))
             except RuntimeError as exc:  # no thread to be had for the other direction
                 self._abort(plain)
                 _report(peer, f"cannot relay the connection: {exc}; ended")
@@ -535,7 +524,6 @@ class Relay:
         self.host = host
         self.moved = [time.monotonic()]
         self.evicted = False
-        self.finished = False  # its session ended with our close_notify: what the client sent after is dropped
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
@@ -633,9 +621,16 @@ class _Splice:
         moved, idle_timeout = self.moved, self.idle_timeout
         while not self.finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
             if time.monotonic() - moved[0] >= idle_timeout:
+                self.truncation_seen = True  # (so a's end, which follows, reaches b as a reset too: a_ended)
                 if self.abort is not None:
                     with contextlib.suppress(Exception):  # (keyden lost: the session is gone with it)
                         self.abort()
+                if self.b.family != socket.AF_UNIX:  # an upload that stalled must not reach a TCP backend as whole
+                    with contextlib.suppress(OSError):
+                        descriptors.reset_on_close(self.b)  # (the caller closes it: a reset, no FIN first)
+                        self.b.shutdown(socket.SHUT_RD)
+                        self.a.shutdown(socket.SHUT_RDWR)
+                        return
                 self.end_both()
                 return
 

@@ -1178,4 +1178,4 @@ def test_a_close_handed_to_a_loop_that_stops_first_still_fails_later_calls(daemo
         return await client.ping(b"x")
     with pytest.raises(E.ECONNRESET):
         asyncio.run(later())
-    assert client.closed
+    assert client.closed and client._sock is None  # (its socket closed then, not kept for the client's life)

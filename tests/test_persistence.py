@@ -2424,6 +2424,16 @@ def test_make_dirs_sets_the_mode_of_what_it_made_not_of_a_link_renamed_onto_it(t
     assert oct(target.stat().st_mode & 0o777) == "0o700"
 
 
+def test_a_store_whose_meta_table_was_dropped_is_refused_in_one_line(fresh_daemon):
+    """(Opening no longer makes missing tables: a store with keys and no meta table was a traceback.)"""
+    d = fresh_daemon()
+    keys_in(d, 2)
+    d.stop(signal.SIGKILL)
+    sql(d, "DROP TABLE meta")
+    proc = run_init(d)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "refusing to start" in proc.stderr
+
+
 def test_opening_a_store_from_before_the_manifest_writes_nothing_to_it(fresh_daemon):
     """`keyden init` on an existing store checks, and writes nothing: on a store from before the manifest
     it added the table (a store kept as the way back to that version was changed); the daemon's first write

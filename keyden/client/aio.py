@@ -254,6 +254,8 @@ class AsyncClient(Operations):
 
     def _send(self, op: Op, args: tuple) -> asyncio.Future:
         """One request, written now, or after the new connection's HELLO if the old one is gone."""
+        if self._closed and self._sock is not None and not (self._loop and self._loop.is_running()):
+            self._close_here()  # a close handed to a loop that stopped first: its socket goes now
         if self._loop is not _running_loop() and not self._closed:
             try:
                 self._move_to_running_loop()

@@ -82,6 +82,7 @@ class Database:
                 self.conn.executescript(SCHEMA)
                 self._tables_made = True
             self._has_manifest = "manifest" in tables or self._tables_made
+            self._has_meta = "meta" in tables or self._tables_made
             self._format = stored  # numbered, and an older store's tables completed, by the first write: opening
             #                        writes nothing (a store kept as a way back stays as that version left it)
         except sqlite3.DatabaseError as exc:
@@ -105,6 +106,8 @@ class Database:
     def meta(self) -> dict[str, bytes]:
         """Values keyden wrote (blobs); another kind (edited outside keyden) counts as missing, which
         refuses the start or is reported, as the value it replaced would be if deleted."""
+        if not self._has_meta:  # (a table dropped outside keyden: the start says what is missing)
+            return {}
         return {name: value for name, value in self.conn.execute("SELECT name, value FROM meta")
                 if isinstance(value, bytes)}
 
@@ -124,12 +127,12 @@ class Database:
     def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None,
               buckets: dict[int, bytes] | None = None) -> None:
         """One transaction (rows, manifest buckets and meta together); on disk (WAL synced) when this returns."""
-        if not self._tables_made:  # (a store from before the manifest: its table first, a transaction apart)
-            self.conn.executescript(SCHEMA)
-            self._tables_made = self._has_manifest = True
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            if not self._tables_made:  # (a store from before the manifest: its table, in the same transaction)
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    cur.execute(statement)
             cur.executemany("DELETE FROM keys WHERE serial = ?", [(s,) for s in deletes])
             cur.executemany(_UPSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in upserts])
             if buckets:
@@ -141,6 +144,7 @@ class Database:
                 cur.execute(f"PRAGMA user_version = {STORE_FORMAT}")
             cur.execute("COMMIT")
             self._format = STORE_FORMAT
+            self._tables_made = self._has_manifest = self._has_meta = True
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")

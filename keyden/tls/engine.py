@@ -89,8 +89,8 @@ def failure(exc: OSError) -> E.KeydenError:
             or "unknown reason"
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return E.ENOKEY("the peer sent no certificate, and one is required")
-        if reason == "CALLBACK_FAILED":  # (the one callback that refuses: the server's SNI, contexts.by_sni)
-            return E.EPROTO("TLS handshake failed: the client's SNI is no host name (refused: illegal_parameter)")
+        if reason == "CALLBACK_FAILED":  # (the server's SNI callback: contexts.by_sni, or Python's own before it)
+            return E.EPROTO("TLS handshake failed: the client's SNI was refused (not a host name, or not ASCII)")
         code = reason.upper().replace(" ", "_")  # OpenSSL's code, or its text ("tlsv1 alert no application ...")
         if "ALERT" in code and any(word in code for word in _CERTIFICATE_ALERTS):
             return E.EKEYREJECTED(f"the peer refused our certificate: {reason}")
