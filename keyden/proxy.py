@@ -372,10 +372,23 @@ class Proxy:
 
     def _truncated(self, plain: socket.socket) -> bool:
         """At the end of a client's data: may it be cut short?  Yes if its peer ended without close_notify,
-        or if a stop cut it or it was evicted (what the backend got so far may be half a request)."""
+        if a stop cut it or it was evicted (what the backend got so far may be half a request), or if the
+        session ended with our close_notify (the backend's answer was over) before the client's own end:
+        keyden drops what the client still sends, and a backend reading on must not take that for the end
+        (a backend that reads on after its answer only to close gently reads a reset there instead of end
+        of file: what it logs, if anything, costs less than a cut upload taken for whole)."""
         relay = self.relays.get(plain)
-        return (self.cutting or (relay is not None and relay.evicted)
-                or client_tls.tls_peer_end(self.client, plain) == "truncated")
+        if self.cutting or (relay is not None and relay.evicted):
+            return True
+        end = client_tls.tls_peer_end(self.client, plain)
+        return end == "truncated" or (end != "close_notify" and relay is not None and relay.finished)
+
+    def _finish(self, plain: socket.socket) -> None:
+        """The backend's answer ended cleanly: the client's session ends with close_notify."""
+        relay = self.relays.get(plain)
+        if relay is not None:
+            relay.finished = True
+        client_tls.tls_close_notify(self.client, plain)
 
     @contextlib.contextmanager
     def _held(self, plain: socket.socket):
@@ -431,7 +444,7 @@ class Proxy:
             try:
                 splice(plain, upstream, self.close_timeout, self.idle_timeout, abort=lambda: self._abort(plain),
                        truncated=lambda: self._truncated(plain), moved=relay.moved,
-                       finish=lambda: client_tls.tls_close_notify(self.client, plain))
+                       finish=lambda: self._finish(plain))
             except RuntimeError as exc:  # no thread to be had for the other direction
                 self._abort(plain)
                 _report(peer, f"cannot relay the connection: {exc}; ended")
@@ -524,6 +537,7 @@ class Relay:
         self.host = host
         self.moved = [time.monotonic()]
         self.evicted = False
+        self.finished = False  # its session ended with our close_notify: what the client sent after is dropped
 
 
 def splice(a: socket.socket, b: socket.socket, close_timeout: float = CLOSE_TIMEOUT,
@@ -629,7 +643,11 @@ class _Splice:
                     with contextlib.suppress(OSError):
                         descriptors.reset_on_close(self.b)  # (the caller closes it: a reset, no FIN first)
                         self.b.shutdown(socket.SHUT_RD)
-                        self.a.shutdown(socket.SHUT_RDWR)
+                        if self.writing_b.acquire(blocking=False):
+                            self.writing_b.release()
+                        else:  # a write to b is blocked (b reads nothing): it must fail, or it holds the slot.
+                            self.b.shutdown(socket.SHUT_WR)  # (its FIN waits behind what b never read; the
+                        self.a.shutdown(socket.SHUT_RDWR)    # reset at the close goes first)
                         return
                 self.end_both()
                 return

@@ -1325,6 +1325,59 @@ def test_an_upload_the_idle_timeout_cut_reaches_a_tcp_backend_as_a_reset(proxy, 
     assert [how for how, _got in seen] == ["reset"], seen
 
 
+def test_an_upload_the_proxys_close_notify_cut_reaches_the_backend_as_a_reset(proxy, pki):
+    """A backend that answers at once and half-closes, reading on: the answer's end is the session's
+    (close_notify), after which keyden drops what the client still sends, and the backend read a FIN: a
+    cut upload taken for a whole one (found by a reliability hunt).  It gets a reset now."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list = []
+
+    def answer_then_read(conn, release):
+        got = len(conn.recv(1 << 16))  # the request's start: answered at once
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\naccepted")
+        conn.shutdown(socket.SHUT_WR)
+        try:
+            while chunk := conn.recv(1 << 16):
+                got += len(chunk)
+            seen.append(("FIN", got))
+        except ConnectionResetError:
+            seen.append(("reset", got))
+
+    body = 50 << 20
+    with one_connection_backend(answer_then_read, listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}")
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"POST / HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % body + bytes(1 << 20))  # the start
+            assert read_until(tls, b"accepted").endswith(b"accepted")
+    (how, got), = seen  # (the backend's thread has ended: one_connection_backend joined it)
+    assert how == "reset" or got >= body, seen
+
+
+def test_idle_timeout_lets_go_of_an_upload_to_a_tcp_backend_that_reads_nothing():
+    """splice, in-process: the idle cut shut a TCP backend's socket for reading only, and a write to it,
+    blocked for good (it reads nothing), kept the relay's thread, both sockets and the connection's slot
+    (found by a review)."""
+    from keyden import proxy as proxy_module
+
+    client_side, plain = socket.socketpair()
+    listener = socket.create_server(("127.0.0.1", 0))
+    upstream = socket.create_connection(listener.getsockname())
+    backend, _ = listener.accept()  # reads nothing
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    spliced = threading.Thread(target=proxy_module.splice, args=(plain, upstream, 10.0, 1.0), daemon=True)
+    spliced.start()
+
+    def upload():
+        with contextlib.suppress(OSError):
+            while True:
+                client_side.sendall(bytes(1 << 16))
+    threading.Thread(target=upload, daemon=True).start()
+    spliced.join(6)  # the idle timeout (1 s), well under the close timeout (10 s)
+    assert not spliced.is_alive()
+    for s in (client_side, plain, upstream, backend, listener):
+        s.close()
+
+
 def test_idle_timeout_spares_a_connection_whose_bytes_keep_moving(proxy, pki, tmp_path):
     """Traffic in either direction keeps a connection alive past --idle-timeout: it is not a lifetime."""
     path = str(tmp_path / "echo.sock")
