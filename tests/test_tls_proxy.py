@@ -1302,22 +1302,24 @@ def test_idle_timeout_cuts_an_answer_the_client_stopped_reading_without_close_no
                     pass
 
 
+def _read_to_the_end(conn: socket.socket) -> tuple[str, int]:
+    """A backend's reading of an upload to its end: ("FIN" or "reset", bytes read)."""
+    got = 0
+    try:
+        while chunk := conn.recv(1 << 16):
+            got += len(chunk)
+        return "FIN", got
+    except ConnectionResetError:
+        return "reset", got
+
+
 def test_an_upload_the_idle_timeout_cut_reaches_a_tcp_backend_as_a_reset(proxy, pki):
     """A client that stalls mid-upload: the idle timeout ended the backend's side with a FIN, which a
     backend reading to its end of file took for the whole upload (found by a review)."""
     listener = socket.create_server(("127.0.0.1", 0))
     seen: list = []
 
-    def read_to_the_end(conn, release):
-        got = 0
-        try:
-            while chunk := conn.recv(1 << 16):
-                got += len(chunk)
-            seen.append(("FIN", got))
-        except ConnectionResetError:
-            seen.append(("reset", got))
-
-    with one_connection_backend(read_to_the_end, listener):
+    with one_connection_backend(lambda conn, _release: seen.append(_read_to_the_end(conn)), listener):
         port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}", "--idle-timeout", "1")
         with tls_to(port, pki) as tls:
             tls.sendall(b"POST / HTTP/1.0\r\n\r\n" + bytes(1000))  # a body that ends where the connection does
@@ -1336,12 +1338,8 @@ def test_an_upload_the_proxys_close_notify_cut_reaches_the_backend_as_a_reset(pr
         got = len(conn.recv(1 << 16))  # the request's start: answered at once
         conn.sendall(b"HTTP/1.0 200 OK\r\n\r\naccepted")
         conn.shutdown(socket.SHUT_WR)
-        try:
-            while chunk := conn.recv(1 << 16):
-                got += len(chunk)
-            seen.append(("FIN", got))
-        except ConnectionResetError:
-            seen.append(("reset", got))
+        how, rest = _read_to_the_end(conn)
+        seen.append((how, got + rest))
 
     body = 50 << 20
     with one_connection_backend(answer_then_read, listener):
