@@ -635,20 +635,9 @@ class _Splice:
         moved, idle_timeout = self.moved, self.idle_timeout
         while not self.finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
             if time.monotonic() - moved[0] >= idle_timeout:
-                self.truncation_seen = True  # (so a's end, which follows, reaches b as a reset too: a_ended)
                 if self.abort is not None:
                     with contextlib.suppress(Exception):  # (keyden lost: the session is gone with it)
                         self.abort()
-                if self.b.family != socket.AF_UNIX:  # an upload that stalled must not reach a TCP backend as whole
-                    with contextlib.suppress(OSError):
-                        descriptors.reset_on_close(self.b)  # (the caller closes it: a reset, no FIN first)
-                        self.b.shutdown(socket.SHUT_RD)
-                        if self.writing_b.acquire(blocking=False):
-                            self.writing_b.release()
-                        else:  # a write to b is blocked (b reads nothing): it must fail, or it holds the slot.
-                            self.b.shutdown(socket.SHUT_WR)  # (its FIN waits behind what b never read; the
-                        self.a.shutdown(socket.SHUT_RDWR)    # reset at the close goes first)
-                        return
                 self.end_both()
                 return
 
