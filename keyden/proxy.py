@@ -635,9 +635,21 @@ class _Splice:
         moved, idle_timeout = self.moved, self.idle_timeout
         while not self.finished.wait(max(0.0, moved[0] + idle_timeout - time.monotonic())):
             if time.monotonic() - moved[0] >= idle_timeout:
+                tcp = self.b.family != socket.AF_UNIX
+                if tcp:  # first: a's end, which the abort brings at once, is a cut too (a_ended sends no FIN)
+                    self.truncation_seen = True
                 if self.abort is not None:
                     with contextlib.suppress(Exception):  # (keyden lost: the session is gone with it)
                         self.abort()
+                if tcp:  # an upload that stalled must not reach a TCP backend as whole
+                    try:
+                        descriptors.disconnect(self.b)  # the reset now; a write to b under way or to come fails
+                    except OSError:
+                        pass  # (b ended already, or a kernel without it: the FIN below, as before)
+                    else:
+                        with contextlib.suppress(OSError):
+                            self.a.shutdown(socket.SHUT_RDWR)
+                        return
                 self.end_both()
                 return
 

@@ -1313,6 +1313,19 @@ def _read_to_the_end(conn: socket.socket) -> tuple[str, int]:
         return "reset", got
 
 
+def test_an_upload_the_idle_timeout_cut_reaches_a_tcp_backend_as_a_reset(proxy, pki):
+    """A client that stalls mid-upload: the idle timeout ended the backend's side with a FIN, which a
+    backend reading to its end of file took for the whole upload (found by a review)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list = []
+    with one_connection_backend(lambda conn, _release: seen.append(_read_to_the_end(conn)), listener):
+        port = proxy("--forward", f"127.0.0.1:{listener.getsockname()[1]}", "--idle-timeout", "1")
+        with tls_to(port, pki) as tls:
+            tls.sendall(b"POST / HTTP/1.0\r\n\r\n" + bytes(1000))  # a body that ends where the connection does
+            assert tls.recv(100) == b""  # (then it stalls: the idle timeout ends the connection)
+    assert [how for how, _got in seen] == ["reset"], seen
+
+
 def test_an_upload_the_proxys_close_notify_cut_reaches_the_backend_as_a_reset(proxy, pki):
     """A backend that answers at once and half-closes, reading on: the answer's end is the session's
     (close_notify), after which keyden drops what the client still sends, and the backend read a FIN: a
