@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import collections
+import ctypes
 import functools
 import os
 import resource
@@ -101,18 +102,15 @@ def reset_on_close(sock: socket.socket) -> None:
 _UNSPEC = struct.pack("H14x", socket.AF_UNSPEC)  # a sockaddr of family AF_UNSPEC: connect(2)'s "disconnect"
 
 
-@functools.cache
-def _libc():
-    import ctypes
-    return ctypes.CDLL(None, use_errno=True)
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def disconnect(sock: socket.socket) -> None:
     """End a TCP connection now with a reset, whatever its queues hold: connect(2) to AF_UNSPEC, which
     Python's socket module cannot ask for.  A write blocked on it, or one to come, fails (no FIN ever goes
-    out, as one behind unsent data would after a shutdown); OSError if the kernel refuses."""
-    import ctypes
-    if _libc().connect(sock.fileno(), _UNSPEC, len(_UNSPEC)) != 0:
+    out, as one behind unsent data would after a shutdown).  OSError if the kernel refuses: EBUSY from
+    kernels 5.10-6.5 while another thread waits on the socket, EINVAL for one that is not TCP."""
+    if _LIBC.connect(sock.fileno(), _UNSPEC, len(_UNSPEC)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -582,6 +582,7 @@ class _Splice:
         # blocks has taken no error) before the end is taken for a clean one.
         self.b_reset = threading.Event()
         self.writing_b = threading.Lock()
+        self.b_cut = False  # the idle timeout cut b (cut_b): no more writes to it
         self.grace: list[threading.Timer] = []
         self.finished = threading.Event()
 
@@ -642,16 +643,33 @@ class _Splice:
                     with contextlib.suppress(Exception):  # (keyden lost: the session is gone with it)
                         self.abort()
                 if tcp:  # an upload that stalled must not reach a TCP backend as whole
-                    try:
-                        descriptors.disconnect(self.b)  # the reset now; a write to b under way or to come fails
-                    except OSError:
-                        pass  # (b ended already, or a kernel without it: the FIN below, as before)
-                    else:
-                        with contextlib.suppress(OSError):
-                            self.a.shutdown(socket.SHUT_RDWR)
-                        return
+                    self.cut_b()
+                    with contextlib.suppress(OSError):
+                        self.a.shutdown(socket.SHUT_RDWR)
+                    return
                 self.end_both()
                 return
+
+    def cut_b(self) -> None:
+        """End the TCP backend's connection with a reset, and every write to it: at once (disconnect), else
+        as a_ended does (a reset at the close), with writes to come refused and one blocked failed."""
+        self.b_cut = True  # (write_b checks it under writing_b: no write starts from now on)
+        try:
+            descriptors.disconnect(self.b)  # the reset now; a write under way fails
+            return
+        except OSError:  # (EBUSY: a kernel that refuses while the reader waits on b)
+            pass
+        with contextlib.suppress(OSError):
+            descriptors.reset_on_close(self.b)  # (the caller closes it: a reset, no FIN first)
+            self.b.shutdown(socket.SHUT_RD)  # wakes the reader; sends nothing
+        with contextlib.suppress(OSError):
+            descriptors.disconnect(self.b)  # (nobody waits to read now)
+            return
+        if not self.writing_b.acquire(blocking=False):  # a write blocked on b (it reads nothing): it must
+            with contextlib.suppress(OSError):          # fail, its FIN behind what b never read, the reset
+                self.b.shutdown(socket.SHUT_WR)         # at the close first
+        else:
+            self.writing_b.release()
 
     def end_both(self) -> None:
         for s in (self.a, self.b):
@@ -688,6 +706,8 @@ class _Splice:
 
     def write_b(self, chunk) -> None:
         with self.writing_b:
+            if self.b_cut:
+                raise BrokenPipeError(errno.EPIPE, "the backend's connection was cut")
             try:
                 self.b.sendall(chunk)
             except ConnectionResetError:

@@ -8,6 +8,7 @@ loaded by the test.  Upstream is Python's http.server over TCP or a Unix socket,
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import ipaddress
 import os
@@ -1353,28 +1354,41 @@ def test_an_upload_the_proxys_close_notify_cut_reaches_the_backend_as_a_reset(pr
     assert how == "reset" or got >= body, seen
 
 
-def test_idle_timeout_lets_go_of_an_upload_to_a_tcp_backend_that_reads_nothing():
-    """splice, in-process: the idle cut shut a TCP backend's socket for reading only, and a write to it,
-    blocked for good (it reads nothing), kept the relay's thread, both sockets and the connection's slot
-    (found by a review)."""
+@pytest.mark.parametrize("disconnect", ["kernel", "refused"])
+@pytest.mark.parametrize("backend", ["reads nothing", "reads to the end"])
+def test_the_idle_cut_lets_go_and_ends_a_tcp_backend_with_a_reset(monkeypatch, disconnect, backend):
+    """splice, in-process: the idle cut of an upload to a TCP backend.  Shut for reading only, a write to a
+    backend that reads nothing blocked for good and held the connection's slot; shut for writing, a FIN
+    could reach a backend reading to its end first, which took the stalled upload for whole (found by
+    reviews).  Disconnected at once now; where the kernel refuses that (EBUSY on 5.10-6.5 while a thread
+    waits on the socket), a reset at the close, with a blocked write failed."""
     from keyden import proxy as proxy_module
 
+    if disconnect == "refused":
+        def refused(sock):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        monkeypatch.setattr(proxy_module.descriptors, "disconnect", refused)
     client_side, plain = socket.socketpair()
     listener = socket.create_server(("127.0.0.1", 0))
     upstream = socket.create_connection(listener.getsockname())
-    backend, _ = listener.accept()  # reads nothing
+    backend_side, _ = listener.accept()
     upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
     spliced = threading.Thread(target=proxy_module.splice, args=(plain, upstream, 10.0, 1.0), daemon=True)
     spliced.start()
-
-    def upload():
-        with contextlib.suppress(OSError):
-            while True:
-                client_side.sendall(bytes(1 << 16))
-    threading.Thread(target=upload, daemon=True).start()
+    if backend == "reads nothing":
+        def upload():
+            with contextlib.suppress(OSError):
+                while True:
+                    client_side.sendall(bytes(1 << 16))
+        threading.Thread(target=upload, daemon=True).start()
+    else:
+        client_side.sendall(bytes(1000))  # then it stalls
     spliced.join(6)  # the idle timeout (1 s), well under the close timeout (10 s)
     assert not spliced.is_alive()
-    for s in (client_side, plain, upstream, backend, listener):
+    upstream.close()  # (the caller's close, as the proxy's)
+    backend_side.settimeout(TIMEOUT)
+    assert _read_to_the_end(backend_side)[0] == "reset"
+    for s in (client_side, plain, backend_side, listener):
         s.close()
 
 
