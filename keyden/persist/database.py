@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE TABLE IF NOT EXISTS manifest (bucket INTEGER PRIMARY KEY, sealed BLOB NOT NULL);
 """
+_TABLES = frozenset({"meta", "keys", "manifest"})
 #: The layout of tables and rows this code reads and writes, kept in SQLite's user_version.  A store of a
 #: newer format is refused before anything is written to it: an older keyden must not take a newer one's
 #: rows for damaged ones.  1: this layout (0: a store from before the number was kept); 2: rows whose flags
@@ -76,13 +77,11 @@ class Database:
             if stored > STORE_FORMAT:
                 raise StartupError(f"{path} was written by a newer keyden (store format {stored}; this one "
                                    f"reads format {STORE_FORMAT}): run that version, or one that reads it")
-            tables = {name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            self._tables_made = {"meta", "keys", "manifest"} <= tables
-            if "keys" not in tables:  # a new store: nothing in it to keep as it was
+            listed = self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            self._tables = {name for (name,) in listed}
+            if "keys" not in self._tables:  # a new store: nothing in it to keep as it was
                 self.conn.executescript(SCHEMA)
-                self._tables_made = True
-            self._has_manifest = "manifest" in tables or self._tables_made
-            self._has_meta = "meta" in tables or self._tables_made
+                self._tables = set(_TABLES)
             self._format = stored  # numbered, and an older store's tables completed, by the first write: opening
             #                        writes nothing (a store kept as a way back stays as that version left it)
         except sqlite3.DatabaseError as exc:
@@ -106,7 +105,7 @@ class Database:
     def meta(self) -> dict[str, bytes]:
         """Values keyden wrote (blobs); another kind (edited outside keyden) counts as missing, which
         refuses the start or is reported, as the value it replaced would be if deleted."""
-        if not self._has_meta:  # (a table dropped outside keyden: the start says what is missing)
+        if "meta" not in self._tables:  # (a table dropped outside keyden: the start says what is missing)
             return {}
         return {name: value for name, value in self.conn.execute("SELECT name, value FROM meta")
                 if isinstance(value, bytes)}
@@ -122,7 +121,7 @@ class Database:
     def manifest(self) -> dict[int, object]:
         """Bucket number -> sealed bucket, as stored (``manifest.open_bucket`` judges them); none in a store
         from before the manifest."""
-        return dict(self.conn.execute("SELECT bucket, sealed FROM manifest")) if self._has_manifest else {}
+        return dict(self.conn.execute("SELECT bucket, sealed FROM manifest")) if "manifest" in self._tables else {}
 
     def write(self, upserts: Iterable[Row], deletes: Iterable[int], meta: dict[str, bytes] | None = None,
               buckets: dict[int, bytes] | None = None) -> None:
@@ -130,7 +129,7 @@ class Database:
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if not self._tables_made:  # (a store from before the manifest: its table, in the same transaction)
+            if self._tables < _TABLES:  # (a store from before the manifest: its table, in the same transaction)
                 for statement in filter(str.strip, SCHEMA.split(";")):
                     cur.execute(statement)
             cur.executemany("DELETE FROM keys WHERE serial = ?", [(s,) for s in deletes])
@@ -144,7 +143,7 @@ class Database:
                 cur.execute(f"PRAGMA user_version = {STORE_FORMAT}")
             cur.execute("COMMIT")
             self._format = STORE_FORMAT
-            self._tables_made = self._has_manifest = self._has_meta = True
+            self._tables |= _TABLES
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")

@@ -95,16 +95,16 @@ def _server_name(name: str) -> str:
         return address
     except ValueError:
         pass
+    too_long = f"the server name is not a valid host name (at most {material.MAX_HOST_NAME} bytes)"
     if len(name) > material.MAX_HOST_NAME + 1:  # (at most as many characters as bytes, a trailing dot besides)
-        raise E.EINVAL(f"the server name is not a valid host name (at most {material.MAX_HOST_NAME} bytes)")
+        raise E.EINVAL(too_long)
     try:
         encoded = name.encode("idna").decode("ascii")
     except UnicodeError:
         raise E.EINVAL("the server name is not a valid host name (IDNA cannot encode it)") from None
-    if len(encoded.rstrip(".")) > material.MAX_HOST_NAME:
-        raise E.EINVAL(f"the server name is not a valid host name (at most {material.MAX_HOST_NAME} bytes)")
     if not material.is_host_name(encoded):
-        raise E.EINVAL("the server name is not a valid host name (labels of letters, digits and hyphens, "
+        raise E.EINVAL(too_long if len(encoded.rstrip(".")) > material.MAX_HOST_NAME else
+                       "the server name is not a valid host name (labels of letters, digits and hyphens, "
                        "separated by dots) or IP address")
     return name[:-1] if name.endswith(".") else name
 
